@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The local APIC, as far as the hypervisor needs it: this core's id and the INIT and
+//! STARTUP IPIs that wake application processors. x2APIC (MSR access, 32-bit ids) when
+//! the processor has it, xAPIC (MMIO) otherwise; the driver logic is the `x86` crate's.
+
+use raw_cpuid::CpuId;
+use x86::apic::{x2apic::X2APIC, xapic::XAPIC, ApicControl, ApicId};
+
+/// This core's initial APIC id: CPUID leaf 0xB (x2APIC id, 32 bits) where present, else
+/// leaf 1 EBX[31:24].
+pub fn current_id() -> u32 {
+    let cpuid = CpuId::new();
+    if let Some(mut topo) = cpuid.get_extended_topology_info() {
+        if let Some(level) = topo.next() {
+            return level.x2apic_id();
+        }
+    }
+    cpuid
+        .get_feature_info()
+        .map(|f| f.initial_local_apic_id() as u32)
+        .unwrap_or(0)
+}
+
+/// Whether this processor supports x2APIC mode.
+pub fn has_x2apic() -> bool {
+    CpuId::new().get_feature_info().is_some_and(|f| f.has_x2apic())
+}
+
+/// The bootstrap processor's handle to its local APIC, for sending IPIs.
+pub enum LocalApic {
+    X2(X2APIC),
+    X(XAPIC),
+}
+
+impl LocalApic {
+    /// Enables this core's local APIC, in x2APIC mode when available.
+    ///
+    /// # Safety
+    /// Called once, on the BSP, before any IPI; the xAPIC MMIO page (from IA32_APIC_BASE) is
+    /// identity-mapped uncached by the boot page tables.
+    pub unsafe fn enable() -> Self {
+        if has_x2apic() {
+            let mut apic = X2APIC::new();
+            apic.attach();
+            LocalApic::X2(apic)
+        } else {
+            // SAFETY: IA32_APIC_BASE exists on every processor with an APIC.
+            let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) } & !0xfff;
+            // SAFETY: the 4-KiB register page at `base` is MMIO mapped by the boot tables,
+            // used only through this (single) handle.
+            let regs = unsafe { core::slice::from_raw_parts_mut(base as *mut u32, 1024) };
+            let mut apic = XAPIC::new(regs);
+            apic.attach();
+            LocalApic::X(apic)
+        }
+    }
+
+    fn id(&self, apic_id: u32) -> ApicId {
+        match self {
+            LocalApic::X2(_) => ApicId::X2Apic(apic_id),
+            LocalApic::X(_) => ApicId::XApic(apic_id as u8),
+        }
+    }
+
+    fn ctl(&mut self) -> &mut dyn ApicControl {
+        match self {
+            LocalApic::X2(a) => a,
+            LocalApic::X(a) => a,
+        }
+    }
+
+    /// Sends INIT (assert, then the level de-assert older processors need).
+    ///
+    /// # Safety
+    /// `apic_id` is an application processor that may be reset: nothing of ours runs on it.
+    pub unsafe fn send_init(&mut self, apic_id: u32) {
+        let id = self.id(apic_id);
+        // SAFETY: the caller guarantees the target may be reset.
+        unsafe {
+            self.ctl().ipi_init(id);
+            self.ctl().ipi_init_deassert();
+        }
+    }
+
+    /// Sends a STARTUP IPI with `vector` (the AP starts at `vector << 12` in real mode).
+    ///
+    /// # Safety
+    /// The trampoline must be installed at that page; `apic_id` is in wait-for-SIPI state.
+    pub unsafe fn send_sipi(&mut self, apic_id: u32, vector: u8) {
+        let id = self.id(apic_id);
+        // SAFETY: the caller guarantees the trampoline is in place.
+        unsafe { self.ctl().ipi_startup(id, vector) };
+    }
+}

@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Multiboot2 header and the bootstrap processor's way from 32-bit protected mode (as GRUB
+//! leaves it: paging off, flat segments, EAX = magic, EBX = information address) to long
+//! mode and [`crate::hv_entry_bsp`].
+//!
+//! The boot page tables identity-map the first 4 GiB with 2-MiB pages; the last GiB (local
+//! APIC, I/O APIC, other MMIO) is mapped uncached. Every core, the APs included, runs on
+//! these tables: the hypervisor's own address space is identity.
+
+core::arch::global_asm!(
+    r#"
+    .section .multiboot2_header, "a"
+    .balign 8
+mb2_header_start:
+    .long 0xe85250d6                                   # multiboot2 magic
+    .long 0                                            # architecture: i386 protected mode
+    .long mb2_header_end - mb2_header_start
+    .long 0x100000000 - (0xe85250d6 + 0 + (mb2_header_end - mb2_header_start))
+    .balign 8
+    .short 0, 0                                        # end tag
+    .long 8
+mb2_header_end:
+
+    .section .bss.boot_tables, "aw", @nobits
+    .balign 4096
+    .global boot_pml4
+boot_pml4:  .skip 4096
+boot_pdpt:  .skip 4096
+boot_pd:    .skip 4096 * 4
+    .balign 16
+boot_stack_bottom:
+    .skip 65536
+boot_stack_top:
+
+    .section .rodata
+    .balign 16
+boot_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff                           # 0x08: 64-bit code
+    .quad 0x00cf92000000ffff                           # 0x10: data
+boot_gdt_end:
+boot_gdt_ptr:
+    .short boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+no_long_mode_msg:
+    .asciz "mkvisor: this processor has no long mode; halting\r\n"
+
+    .section .text.boot, "ax"
+    .code32
+    .global _start
+_start:
+    cli
+    cld
+    movl $boot_stack_top, %esp
+    movl %eax, %edi                                    # multiboot2 magic
+    movl %ebx, %esi                                    # multiboot2 information address
+
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $0x80000001, %eax
+    jb 9f
+    movl $0x80000001, %eax
+    cpuid
+    btl $29, %edx                                      # CPUID.80000001H:EDX.LM
+    jnc 9f
+
+    movl $boot_pdpt, %eax
+    orl $0x3, %eax
+    movl %eax, boot_pml4
+    movl $boot_pd, %eax
+    orl $0x3, %eax
+    movl %eax, boot_pdpt
+    addl $4096, %eax
+    movl %eax, boot_pdpt + 8
+    addl $4096, %eax
+    movl %eax, boot_pdpt + 16
+    addl $4096, %eax
+    movl %eax, boot_pdpt + 24
+
+    xorl %ecx, %ecx
+1:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax                                    # present, writable, 2-MiB page
+    cmpl $1536, %ecx
+    jb 2f
+    orl $0x18, %eax                                    # 4th GiB: PCD|PWT (MMIO)
+2:  movl %eax, boot_pd(,%ecx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jb 1b
+
+    movl %cr4, %eax
+    orl $0x20, %eax                                    # CR4.PAE
+    movl %eax, %cr4
+    movl $boot_pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx                             # IA32_EFER
+    rdmsr
+    orl $0x100, %eax                                   # EFER.LME
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80010001, %eax                              # CR0.PG | CR0.WP | CR0.PE
+    movl %eax, %cr0
+    lgdt boot_gdt_ptr
+    ljmp $0x08, $3f
+
+9:  movl $no_long_mode_msg, %esi
+    movw $0x3f8, %dx
+4:  lodsb
+    testb %al, %al
+    jz 5f
+    outb %al, %dx
+    jmp 4b
+5:  hlt
+    jmp 5b
+
+    .code64
+3:  movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    movl %edi, %edi                                    # upper halves are undefined after
+    movl %esi, %esi                                    # the switch: zero-extend both
+    movq $boot_stack_top, %rsp
+    xorl %ebp, %ebp
+    call hv_entry_bsp
+6:  cli
+    hlt
+    jmp 6b
+"#,
+    options(att_syntax)
+);

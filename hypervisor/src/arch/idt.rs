@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Per-core IDT. Every vector has a stub that pushes (error code, vector) in a common frame
+//! and calls [`crate::fault::exception`], which reports vector, error code, RIP and core,
+//! then parks the core. The hypervisor runs with interrupts disabled; anything arriving
+//! here is a bug or a fault and is reported as one.
+
+use super::gdt::{CODE_SELECTOR, IST_CRITICAL};
+
+/// What the stubs hand to the Rust handler: the vector and error code they push, then the
+/// frame the processor pushed (SDM Vol. 3A 6.14.1: 64-bit mode stack frame).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ExceptionFrame {
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+const _: () = assert!(core::mem::size_of::<ExceptionFrame>() == 56);
+
+/// One 16-byte interrupt gate.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug)]
+pub struct Gate([u64; 2]);
+
+/// The gate for a 64-bit interrupt gate (type 0xE, present, DPL 0) to `handler` on `ist`
+/// (0 = no stack switch).
+pub const fn interrupt_gate(handler: u64, ist: u8) -> Gate {
+    let low = (handler & 0xffff)
+        | (CODE_SELECTOR as u64) << 16
+        | ((ist as u64) & 7) << 32
+        | 0x8e << 40
+        | ((handler >> 16) & 0xffff) << 48;
+    Gate([low, handler >> 32])
+}
+
+/// A core's IDT.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct Idt([Gate; 256]);
+const _: () = assert!(core::mem::size_of::<Idt>() == 4096);
+
+/// Vectors whose handlers run on the IST stack: #NMI (2), #DF (8), #MC (18).
+const fn uses_ist(vector: usize) -> bool {
+    matches!(vector, 2 | 8 | 18)
+}
+
+impl Idt {
+    /// An IDT with every vector routed to its reporting stub.
+    pub fn new() -> Self {
+        let mut gates = [Gate([0, 0]); 256];
+        for (v, g) in gates.iter_mut().enumerate() {
+            let ist = if uses_ist(v) { IST_CRITICAL } else { 0 };
+            *g = interrupt_gate(stubs::address(v), ist);
+        }
+        Idt(gates)
+    }
+
+    /// Loads this IDT on the current core.
+    ///
+    /// # Safety
+    /// `self` must live for the rest of the core's life and the GDT with [`CODE_SELECTOR`]
+    /// and the IST stack must already be loaded.
+    pub unsafe fn load(&'static self) {
+        let ptr = x86::dtables::DescriptorTablePointer::new(&self.0);
+        // SAFETY: the table is 'static and every gate points to a valid stub.
+        unsafe { x86::dtables::lidt(&ptr) };
+    }
+}
+
+impl Default for Idt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(target_os = "none")]
+mod stubs {
+    core::arch::global_asm!(
+        r#"
+        .section .text
+        .macro EXC_NOERR n
+        .balign 16
+        exc_stub_\n:
+            pushq $0
+            pushq $\n
+            jmp exc_common
+        .endm
+        .macro EXC_ERR n
+        .balign 16
+        exc_stub_\n:
+            pushq $\n
+            jmp exc_common
+        .endm
+
+        .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+        EXC_NOERR \n
+        .endr
+        .irp n, 8,10,11,12,13,14,17,21,29,30
+        EXC_ERR \n
+        .endr
+
+        # Vectors 32..255: no error code; 16 bytes each from irq_stubs.
+        .balign 16
+        .global irq_stubs
+        irq_stubs:
+        .set vec, 32
+        .rept 224
+        .balign 16
+            pushq $0
+            pushq $vec
+            jmp exc_common
+        .set vec, vec + 1
+        .endr
+
+        exc_common:
+            movq %rsp, %rdi
+            andq $-16, %rsp
+            call exception_entry
+        1:  cli
+            hlt
+            jmp 1b
+
+        .section .rodata
+        .balign 8
+        .global exc_stub_table
+        exc_stub_table:
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .quad exc_stub_\n
+        .endr
+        "#,
+        options(att_syntax)
+    );
+
+    extern "C" {
+        static exc_stub_table: [u64; 32];
+        static irq_stubs: u8;
+    }
+
+    pub fn address(vector: usize) -> u64 {
+        if vector < 32 {
+            // SAFETY: the table is immutable data filled by the assembler.
+            unsafe { exc_stub_table[vector] }
+        } else {
+            let base = core::ptr::addr_of!(irq_stubs) as u64;
+            base + 16 * (vector as u64 - 32)
+        }
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+mod stubs {
+    /// Host builds (tests) have no stubs; gates get a recognisable fake address.
+    pub fn address(vector: usize) -> u64 {
+        0xffff_8000_0000_0000 | (vector as u64) << 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_encodes_handler_selector_and_ist() {
+        let g = interrupt_gate(0x1234_5678_9abc_def0, 1);
+        assert_eq!(g.0[0] & 0xffff, 0xdef0);
+        assert_eq!(g.0[0] >> 16 & 0xffff, CODE_SELECTOR as u64);
+        assert_eq!(g.0[0] >> 32 & 7, 1);
+        assert_eq!(g.0[0] >> 40 & 0xff, 0x8e);
+        assert_eq!(g.0[0] >> 48, 0x9abc);
+        assert_eq!(g.0[1], 0x1234_5678);
+    }
+
+    #[test]
+    fn critical_vectors_use_the_ist() {
+        let idt = Idt::new();
+        for v in 0..256 {
+            let ist = idt.0[v].0[0] >> 32 & 7;
+            assert_eq!(ist == 1, matches!(v, 2 | 8 | 18), "vector {v}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The x86-64 layer: every privileged-instruction wrapper and all assembly of the hypervisor.
+//! The rest of the hypervisor is ordinary Rust that calls into here.
+//!
+//! Wrappers whose misuse can break memory safety or crash the machine are `unsafe fn` with
+//! a `# Safety` section; those that cannot (reading the TSC, CPUID, pausing) are safe.
+
+pub mod apic;
+#[cfg(target_os = "none")]
+mod boot;
+pub mod gdt;
+pub mod idt;
+pub mod tsc;
+pub mod trampoline;
+
+use core::arch::asm;
+
+pub use x86::msr;
+
+/// Reads a model-specific register.
+///
+/// # Safety
+/// `msr` must exist on this processor (else #GP); the caller checked CPUID or the
+/// architectural guarantee that covers it.
+#[inline]
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: the caller guarantees the MSR exists.
+    unsafe { x86::msr::rdmsr(msr) }
+}
+
+/// Writes a model-specific register.
+///
+/// # Safety
+/// `msr` must exist and accept `value`; the write must not break an invariant the
+/// hypervisor relies on (paging, segmentation, APIC state in use).
+#[inline]
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the MSR exists and the value is acceptable.
+    unsafe { x86::msr::wrmsr(msr, value) }
+}
+
+/// Reads CR0.
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effect; the hypervisor runs at CPL 0.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The new value must keep protected mode, paging and every other mode the running code
+/// depends on.
+pub unsafe fn write_cr0(v: u64) {
+    // SAFETY: the caller guarantees the value keeps the execution environment valid.
+    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Reads CR3.
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effect.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Reads CR4.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effect.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CR4.
+///
+/// # Safety
+/// The new value must keep PAE (long mode) and anything else the running code depends on.
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: the caller guarantees the value keeps the execution environment valid.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Reads CR2, the faulting linear address of the last page fault.
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes one byte to an I/O port.
+///
+/// # Safety
+/// The port's device must tolerate the write; some ports reset or power off the machine.
+#[inline]
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller guarantees the port write is acceptable.
+    unsafe { x86::io::outb(port, value) }
+}
+
+/// Writes four bytes to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller guarantees the port write is acceptable.
+    unsafe { x86::io::outl(port, value) }
+}
+
+/// Reads one byte from an I/O port.
+///
+/// # Safety
+/// Reads of some ports have side effects (they acknowledge or consume data).
+#[inline]
+pub unsafe fn inb(port: u16) -> u8 {
+    // SAFETY: the caller guarantees the port read is acceptable.
+    unsafe { x86::io::inb(port) }
+}
+
+/// The time-stamp counter. Inside Bochs with `clock: sync=none` it counts emulated
+/// instructions, exactly.
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is allowed at CPL 0 and has no side effect.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Spin-loop hint.
+#[inline]
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Stops this core for good: interrupts off, halt forever. NMIs wake HLT, hence the loop.
+pub fn park() -> ! {
+    loop {
+        // SAFETY: CLI; HLT only stops this core; nothing is left half-done by design of
+        // the callers (they report before parking).
+        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Writes the GS base, which holds this core's [`crate::percpu`] pointer.
+///
+/// # Safety
+/// `base` must point to this core's `PerCore` for the rest of its life.
+pub unsafe fn write_gs_base(base: u64) {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 processor; the caller vouches for `base`.
+    unsafe { wrmsr(x86::msr::IA32_GS_BASE, base) }
+}
+
+/// Reads the GS base.
+pub fn read_gs_base() -> u64 {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 processor.
+    unsafe { rdmsr(x86::msr::IA32_GS_BASE) }
+}
+
+/// Enters VMX operation (SDM Vol. 3C 24.7: VMXON, 24.11.5: VMXON region).
+///
+/// # Safety
+/// `region` is the physical address of a 4-KiB-aligned, zeroed page owned by this core with
+/// the VMCS revision id in its first dword; CR0/CR4 satisfy the VMX fixed bits and
+/// CR4.VMXE is set; IA32_FEATURE_CONTROL allows VMXON outside SMX.
+pub unsafe fn vmxon(region: u64) -> Result<(), x86::vmx::VmFail> {
+    // SAFETY: the caller upholds the VMXON preconditions.
+    unsafe { x86::bits64::vmx::vmxon(region) }
+}

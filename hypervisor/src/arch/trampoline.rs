@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The application processors' way from real mode to long mode.
+//!
+//! A STARTUP IPI starts an AP in real mode at `vector << 12`, so the code must sit below
+//! 1 MiB at a page boundary. It is assembled inside the image (section `.ap_trampoline`,
+//! never executed in place) and copied to [`BASE`]; all its absolute addresses are written
+//! as `BASE + (label - start)`, constants the assembler resolves.
+//!
+//! The bootstrap processor starts one AP at a time, so one copy with one parameter block
+//! suffices: before each SIPI it writes the CR3 (the boot page tables, below 4 GiB), the
+//! AP's stack top, the 64-bit entry point and its argument into the block at the end.
+
+/// Physical address of the trampoline page; SIPI vector [`SIPI_VECTOR`].
+pub const BASE: u64 = 0x8000;
+/// The STARTUP IPI vector that makes an AP start at [`BASE`].
+pub const SIPI_VECTOR: u8 = (BASE >> 12) as u8;
+
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    r#"
+    .section .ap_trampoline, "a"
+    .global ap_trampoline_start, ap_trampoline_end, ap_tramp_params
+    .code16
+ap_trampoline_start:
+    cli
+    cld
+    xorw %ax, %ax
+    movw %ax, %ds
+    lgdtl 0x8000 + ap_gdt_ptr - ap_trampoline_start
+    movl %cr0, %eax
+    orl $1, %eax                                       # CR0.PE
+    movl %eax, %cr0
+    ljmpl $0x18, $(0x8000 + ap_pm32 - ap_trampoline_start)
+
+    .code32
+ap_pm32:
+    movw $0x20, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl %cr4, %eax
+    orl $0x20, %eax                                    # CR4.PAE
+    movl %eax, %cr4
+    movl 0x8000 + ap_tramp_params - ap_trampoline_start, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx                             # IA32_EFER.LME
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80010000, %eax                              # CR0.PG | CR0.WP
+    movl %eax, %cr0
+    ljmp $0x08, $(0x8000 + ap_lm64 - ap_trampoline_start)
+
+    .code64
+ap_lm64:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    movq 0x8000 + ap_tramp_params - ap_trampoline_start + 8, %rsp
+    movq 0x8000 + ap_tramp_params - ap_trampoline_start + 24, %rdi
+    movq 0x8000 + ap_tramp_params - ap_trampoline_start + 16, %rax
+    xorl %ebp, %ebp
+    callq *%rax
+1:  cli
+    hlt
+    jmp 1b
+
+    .balign 8
+ap_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff                           # 0x08: 64-bit code
+    .quad 0x00cf92000000ffff                           # 0x10: data
+    .quad 0x00cf9a000000ffff                           # 0x18: 32-bit code
+    .quad 0x00cf92000000ffff                           # 0x20: 32-bit data
+ap_gdt_end:
+ap_gdt_ptr:
+    .short ap_gdt_end - ap_gdt - 1
+    .long 0x8000 + ap_gdt - ap_trampoline_start
+    .balign 8
+ap_tramp_params:                                       # struct Params, written by the BSP
+    .quad 0, 0, 0, 0
+ap_trampoline_end:
+"#,
+    options(att_syntax)
+);
+
+/// The parameter block at `ap_tramp_params`; its layout is fixed by the assembly above.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// Page-table root for the AP (must be below 4 GiB: loaded in 32-bit mode).
+    pub cr3: u64,
+    /// Initial stack pointer (16-byte aligned top of the AP's stack).
+    pub stack_top: u64,
+    /// `extern "C" fn(arg: u64) -> !` to call in long mode.
+    pub entry: u64,
+    /// Argument passed in RDI.
+    pub arg: u64,
+}
+const _: () = assert!(core::mem::size_of::<Params>() == 32);
+
+#[cfg(target_os = "none")]
+mod install {
+    use super::{Params, BASE};
+
+    extern "C" {
+        static ap_trampoline_start: u8;
+        static ap_trampoline_end: u8;
+        static ap_tramp_params: u8;
+    }
+
+    fn bounds() -> (usize, usize, usize) {
+        // Only the addresses of the linker symbols are taken, never their contents.
+        (
+            core::ptr::addr_of!(ap_trampoline_start) as usize,
+            core::ptr::addr_of!(ap_trampoline_end) as usize,
+            core::ptr::addr_of!(ap_tramp_params) as usize,
+        )
+    }
+
+    /// Copies the trampoline to [`BASE`] and fills its parameter block.
+    ///
+    /// # Safety
+    /// The page at [`BASE`] is usable RAM that nothing else uses, identity-mapped, and no AP
+    /// is executing from it (the BSP starts APs one at a time and waits for each to leave).
+    pub unsafe fn install(params: Params) {
+        let (start, end, params_at) = bounds();
+        let len = end - start;
+        assert!(len <= 4096, "AP trampoline larger than a page");
+        let dst = BASE as *mut u8;
+        // SAFETY: the caller guarantees the page is ours; `len` fits in it (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(start as *const u8, dst, len) };
+        let slot = (BASE as usize + (params_at - start)) as *mut Params;
+        // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`; volatile
+        // because the only reader is another processor running the copied code.
+        unsafe { core::ptr::write_volatile(slot, params) };
+    }
+}
+#[cfg(target_os = "none")]
+pub use install::install;

@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! What the bootloader tells us, copied out of the multiboot2 information (which GRUB places
+//! in gaps between our segments, memory we may reuse later) into fixed-size values that
+//! the hypervisor owns: memory map, command line, ACPI root pointer.
+
+use core::fmt;
+
+/// Most memory-map entries kept; the rest are counted and reported.
+pub const MAX_REGIONS: usize = 64;
+/// Longest command line kept.
+pub const MAX_CMDLINE: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemKind {
+    Usable,
+    Reserved,
+    AcpiReclaimable,
+    AcpiNvs,
+    Defective,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemRegion {
+    pub start: u64,
+    pub end: u64,
+    pub kind: MemKind,
+}
+
+/// Where the ACPI tables start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcpiRoot {
+    /// ACPI 1.0: RSDT (32-bit pointers).
+    Rsdt(u64),
+    /// ACPI 2.0+: XSDT (64-bit pointers).
+    Xsdt(u64),
+}
+
+/// Options from the hypervisor command line (`multiboot2 /boot/mkvisor cpus=2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Bring up at most this many cores (the BSP included).
+    pub cpus: Option<usize>,
+    /// Log the raw VMX capability MSRs at boot.
+    pub vmxcaps: bool,
+}
+
+/// A command-line word the hypervisor does not understand. Reported and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadOption<'a> {
+    pub word: &'a str,
+    pub why: &'static str,
+}
+
+impl fmt::Display for BadOption<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command line: `{}`: {}", self.word, self.why)
+    }
+}
+
+/// Parses the command line; good words set options, bad ones go to `bad`.
+pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -> Options {
+    let mut o = Options::default();
+    for word in cmdline.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match key {
+            "cpus" => match value.parse::<usize>() {
+                Ok(n) if n >= 1 => o.cpus = Some(n),
+                _ => bad(BadOption { word, why: "expected cpus=N with N >= 1" }),
+            },
+            "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
+            "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
+            _ => bad(BadOption { word, why: "unknown option" }),
+        }
+    }
+    o
+}
+
+/// Everything we keep from the multiboot2 information.
+pub struct BootParams {
+    cmdline: [u8; MAX_CMDLINE],
+    cmdline_len: usize,
+    regions: [MemRegion; MAX_REGIONS],
+    region_count: usize,
+    /// Memory-map entries beyond [`MAX_REGIONS`], dropped.
+    pub regions_dropped: usize,
+    pub acpi: Option<AcpiRoot>,
+    /// The bootloader's name, if it said.
+    loader: [u8; 32],
+    loader_len: usize,
+}
+
+impl BootParams {
+    pub fn cmdline(&self) -> &str {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("")
+    }
+    pub fn loader(&self) -> &str {
+        core::str::from_utf8(&self.loader[..self.loader_len]).unwrap_or("")
+    }
+    pub fn regions(&self) -> &[MemRegion] {
+        &self.regions[..self.region_count]
+    }
+    /// Whether `[start, end)` lies entirely inside one usable region.
+    pub fn is_usable(&self, start: u64, end: u64) -> bool {
+        self.regions().iter().any(|r| r.kind == MemKind::Usable && r.start <= start && end <= r.end)
+    }
+    /// Total usable bytes.
+    pub fn usable_bytes(&self) -> u64 {
+        self.regions().iter().filter(|r| r.kind == MemKind::Usable).map(|r| r.end - r.start).sum()
+    }
+}
+
+fn copy_str(dst: &mut [u8], s: &str) -> usize {
+    // Truncate on a character boundary so the copy stays valid UTF-8.
+    let mut n = s.len().min(dst.len());
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+    n
+}
+
+/// Why the multiboot2 information is unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootInfoError {
+    BadMagic(u32),
+    Unreadable,
+    NoMemoryMap,
+}
+
+impl fmt::Display for BootInfoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootInfoError::BadMagic(m) => {
+                write!(f, "not started by a multiboot2 loader (EAX = {m:#x}, expected 0x36d76289)")
+            }
+            BootInfoError::Unreadable => f.write_str("multiboot2 information is malformed"),
+            BootInfoError::NoMemoryMap => f.write_str("multiboot2 information has no memory map"),
+        }
+    }
+}
+
+/// The EAX value a multiboot2 loader hands over.
+pub const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
+
+/// Copies what we need out of the multiboot2 information at `mbi`.
+///
+/// # Safety
+/// `mbi` is the address GRUB passed in EBX, identity-mapped and not yet overwritten.
+pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
+    use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
+    if magic != MULTIBOOT2_MAGIC {
+        return Err(BootInfoError::BadMagic(magic));
+    }
+    // SAFETY: the caller guarantees `mbi` is the loader's untouched information block.
+    let info = unsafe { BootInformation::load(mbi as *const BootInformationHeader) }
+        .map_err(|_| BootInfoError::Unreadable)?;
+    let mut p = BootParams {
+        cmdline: [0; MAX_CMDLINE],
+        cmdline_len: 0,
+        regions: [MemRegion { start: 0, end: 0, kind: MemKind::Reserved }; MAX_REGIONS],
+        region_count: 0,
+        regions_dropped: 0,
+        acpi: None,
+        loader: [0; 32],
+        loader_len: 0,
+    };
+    if let Some(Ok(s)) = info.command_line_tag().map(|t| t.cmdline()) {
+        p.cmdline_len = copy_str(&mut p.cmdline, s);
+    }
+    if let Some(Ok(s)) = info.boot_loader_name_tag().map(|t| t.name()) {
+        p.loader_len = copy_str(&mut p.loader, s);
+    }
+    let mmap = info.memory_map_tag().ok_or(BootInfoError::NoMemoryMap)?;
+    for area in mmap.memory_areas() {
+        let kind = match MemoryAreaType::from(area.typ()) {
+            MemoryAreaType::Available => MemKind::Usable,
+            MemoryAreaType::AcpiAvailable => MemKind::AcpiReclaimable,
+            MemoryAreaType::ReservedHibernate => MemKind::AcpiNvs,
+            MemoryAreaType::Defective => MemKind::Defective,
+            _ => MemKind::Reserved,
+        };
+        let r = MemRegion { start: area.start_address(), end: area.end_address(), kind };
+        if p.region_count < MAX_REGIONS {
+            p.regions[p.region_count] = r;
+            p.region_count += 1;
+        } else {
+            p.regions_dropped += 1;
+        }
+    }
+    p.acpi = if let Some(t) = info.rsdp_v2_tag().filter(|t| t.checksum_is_valid()) {
+        Some(AcpiRoot::Xsdt(t.xsdt_address() as u64))
+    } else {
+        info.rsdp_v1_tag()
+            .filter(|t| t.checksum_is_valid())
+            .map(|t| AcpiRoot::Rsdt(t.rsdt_address() as u64))
+    };
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> (Options, Vec<String>) {
+        let mut bad = Vec::new();
+        let o = parse_options(s, |b| bad.push(b.to_string()));
+        (o, bad)
+    }
+
+    #[test]
+    fn cpus_cap() {
+        assert_eq!(opts("cpus=2").0.cpus, Some(2));
+        assert_eq!(opts("").0, Options::default());
+        assert_eq!(opts("  cpus=8   vmxcaps ").0, Options { cpus: Some(8), vmxcaps: true });
+    }
+
+    #[test]
+    fn bad_words_are_named_and_ignored() {
+        let (o, bad) = opts("cpus=0 cpus=x frob vmxcaps=2");
+        assert_eq!(o, Options::default());
+        assert_eq!(bad.len(), 4);
+        assert!(bad[0].contains("`cpus=0`"));
+        assert!(bad[2].contains("`frob`: unknown option"));
+    }
+
+    #[test]
+    fn copy_str_truncates_on_char_boundary() {
+        let mut buf = [0u8; 3];
+        let n = copy_str(&mut buf, "aλλ");
+        assert_eq!(core::str::from_utf8(&buf[..n]).unwrap(), "aλ");
+    }
+}

@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! mkvisor: a thin VT-x hypervisor for a multikernel of guests.
+//!
+//! Boot flow on the bootstrap processor (BSP), from [`hv_entry_bsp`]:
+//! 1. console, per-core tables (GDT/TSS/IDT, GS), multiboot2 information copied out;
+//! 2. the core list from the ACPI MADT, cross-checked with CPUID, capped by `cpus=`;
+//! 3. the VMX feature probe: a missing requirement ends the run as `refused`, cleanly;
+//! 4. each AP is woken, enters long mode on its own stack and does VMXON on itself;
+//! 5. the BSP does VMXON, collects every core's mailbox, prints the records and ends the
+//!    run through the emulator's exit port.
+//!
+//! Each core owns its state ([`percpu`]); cores talk through single-writer mailboxes.
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+// Host builds (unit tests) compile the bare-metal paths without their callers, which live in
+// `boot` below; only there would they count as dead. The x86_64-unknown-none build is strict.
+#![cfg_attr(not(target_os = "none"), allow(dead_code))]
+
+mod arch;
+mod bootinfo;
+mod console;
+mod cores;
+mod fault;
+mod percpu;
+mod power;
+mod smp;
+mod vmx;
+
+#[cfg(target_os = "none")]
+mod boot {
+    use crate::power::{end_run, Outcome};
+    use crate::{arch, bootinfo, console, cores, percpu, record, smp, vmx};
+    use vmcall_proto::record::{core_state, kind, Quoted};
+
+    /// Entered from `arch::boot` in long mode, on the boot stack.
+    #[no_mangle]
+    extern "C" fn hv_entry_bsp(magic: u32, mbi: u64) -> ! {
+        let tsc_entry = arch::rdtsc();
+        // SAFETY: first code on the BSP; no other core runs yet.
+        unsafe { console::init() };
+        let bsp_apic = arch::apic::current_id();
+        // SAFETY: the BSP's one initialisation of slot 0.
+        unsafe { percpu::init_this_core(0, bsp_apic) };
+        log::info!("mkvisor {} starting (ABI {})", env!("CARGO_PKG_VERSION"), vmcall_proto::ABI_VERSION);
+
+        // SAFETY: `mbi` is GRUB's information block, untouched so far.
+        let boot = match unsafe { bootinfo::parse(magic, mbi) } {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("{e}");
+                end_run(Outcome::Failed)
+            }
+        };
+        record!(kind::BOOT, "abi={} tsc={} cmdline={}", vmcall_proto::ABI_VERSION, tsc_entry, Quoted(boot.cmdline()));
+        let opts = bootinfo::parse_options(boot.cmdline(), |bad| log::warn!("{bad} (ignored)"));
+        log::info!(
+            "loader {:?}, {} MiB usable in {} regions{}",
+            boot.loader(),
+            boot.usable_bytes() >> 20,
+            boot.regions().len(),
+            if boot.regions_dropped > 0 { " (some dropped)" } else { "" }
+        );
+
+        // SAFETY: single core; PIT channel 2 is ours.
+        match unsafe { arch::tsc::calibrate() } {
+            Some(t) => log::info!("TSC: {t} ticks/ms"),
+            None => log::warn!("TSC calibration failed (PIT silent); using {} ticks/ms", arch::tsc::ticks_per_ms()),
+        }
+
+        let list = match discover_cores(&boot, bsp_apic, opts.cpus) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot list the cores: {e}");
+                end_run(Outcome::Failed)
+            }
+        };
+
+        let raw = vmx::features::read();
+        if opts.vmxcaps {
+            log::info!("VMX capabilities: {raw:#x?}");
+        }
+        let features = match vmx::features::decode(&raw) {
+            Ok(f) => f,
+            Err(missing) => {
+                log::error!("mkvisor needs {missing}; this machine lacks it. Nothing started.");
+                record!(kind::REFUSED, "missing={}", Quoted(missing));
+                end_run(Outcome::Refused)
+            }
+        };
+        log::info!(
+            "VMX: revision {:#x}, EPT 2M={} 1G={} A/D={}, preemption timer={}, feature control {:?}",
+            features.revision,
+            features.ept_2m_pages,
+            features.ept_1g_pages,
+            features.ept_accessed_dirty,
+            features.preemption_timer,
+            features.feature_control
+        );
+        smp::publish_features(features);
+
+        start_aps(&boot, &list);
+        smp::enable_vmx_and_report(0);
+        let all_up = collect(&list);
+        log::info!("all cores reported in: {} ticks since hypervisor entry", arch::rdtsc() - tsc_entry);
+        end_run(if all_up { Outcome::Ok } else { Outcome::Failed })
+    }
+
+    fn discover_cores(
+        boot: &bootinfo::BootParams,
+        bsp_apic: u32,
+        cap: Option<usize>,
+    ) -> Result<cores::CoreList, &'static str> {
+        let root = boot.acpi.ok_or("the loader passed no ACPI RSDP")?;
+        // SAFETY: the root table address comes from a checksummed RSDP; ACPI tables are in
+        // identity-mapped memory below 4 GiB on the machines we boot.
+        let tables = unsafe {
+            match root {
+                bootinfo::AcpiRoot::Rsdt(a) => acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 0, a as usize),
+                bootinfo::AcpiRoot::Xsdt(a) => acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 2, a as usize),
+            }
+        }
+        .map_err(|_| "the ACPI root table is invalid")?;
+        let madt = tables.find_table::<acpi::madt::Madt>().map_err(|_| "no valid MADT")?;
+        cores::check_madt_entries(madt.get()).map_err(|e| {
+            log::error!("{e}");
+            "the MADT is malformed"
+        })?;
+        let x2apic = arch::apic::has_x2apic();
+        let list = cores::CoreList::build(cores::madt_cpus(madt.get()), bsp_apic, cap, |id| x2apic || id < 0xff)
+            .map_err(|e| {
+                log::error!("{e}");
+                "MADT and CPUID disagree"
+            })?;
+        let cpuid_logical = raw_cpuid::CpuId::new()
+            .get_feature_info()
+            .map(|f| f.max_logical_processor_ids() as usize)
+            .unwrap_or(1);
+        log::info!(
+            "MADT: {} enabled processors ({} disabled), BSP APIC id {bsp_apic}, x2APIC {}; \
+             CPUID allows {} logical ids per package; using {}",
+            list.enabled,
+            list.skipped_disabled,
+            if x2apic { "yes" } else { "no" },
+            cpuid_logical,
+            list.len()
+        );
+        if list.skipped_capped > 0 {
+            log::info!("cpus={} leaves {} cores idle", cap.unwrap_or(0), list.skipped_capped);
+        }
+        if list.skipped_unaddressable > 0 {
+            log::warn!("{} cores have APIC ids unreachable without x2APIC", list.skipped_unaddressable);
+        }
+        record!(
+            kind::CPUS,
+            "count={} enabled={} used={} bsp_apic={} x2apic={}",
+            list.enabled + list.skipped_disabled,
+            list.enabled,
+            list.len(),
+            bsp_apic,
+            x2apic as u8
+        );
+        Ok(list)
+    }
+
+    fn start_aps(boot: &bootinfo::BootParams, list: &cores::CoreList) {
+        use arch::trampoline::BASE;
+        if list.len() == 1 {
+            return;
+        }
+        if !boot.is_usable(BASE, BASE + 4096) {
+            log::error!("the AP trampoline page {BASE:#x} is not usable RAM; running on the BSP only");
+            return;
+        }
+        // SAFETY: called once, on the BSP, before any IPI.
+        let mut apic = unsafe { arch::apic::LocalApic::enable() };
+        for (index, core) in list.cores().iter().enumerate().skip(1) {
+            // SAFETY: BSP only, each AP once, one at a time, trampoline page checked above.
+            let answered = unsafe { smp::start_ap(&mut apic, index, core.apic_id) };
+            if !answered {
+                log::error!("core {index} (APIC id {}) did not answer its STARTUP IPI", core.apic_id);
+            }
+        }
+    }
+
+    /// Waits (bounded) for every started core's final state, prints one record per core.
+    /// Returns whether every core is up with VMX on.
+    fn collect(list: &cores::CoreList) -> bool {
+        let deadline = arch::tsc::deadline_us(2_000_000);
+        loop {
+            let pending = (0..list.len()).any(|i| smp::mailbox(i).read().state == smp::state::ALIVE);
+            if !pending || arch::rdtsc() >= deadline {
+                break;
+            }
+            arch::pause();
+        }
+        let mut all_up = true;
+        for (i, core) in list.cores().iter().enumerate() {
+            let s = smp::mailbox(i).read();
+            let (state, reason) = match s.state {
+                smp::state::UP => (core_state::UP, ""),
+                smp::state::EMPTY => (core_state::SILENT, "no answer to INIT-SIPI-SIPI"),
+                smp::state::ALIVE => (core_state::FAILED, "answered but never finished bring-up"),
+                _ => (core_state::FAILED, s.failure.as_str()),
+            };
+            all_up &= s.state == smp::state::UP && s.vmx_on;
+            record!(
+                kind::CORE,
+                "index={i} apic={} state={state} vmx={} reason={}",
+                core.apic_id,
+                if s.vmx_on { "on" } else { "off" },
+                Quoted(reason)
+            );
+        }
+        let up = (0..list.len()).filter(|&i| smp::mailbox(i).read().vmx_on).count();
+        log::info!("{up}/{} cores in VMX root operation", list.len());
+        all_up
+    }
+}

@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Per-core state. Each hypervisor instance owns its [`PerCore`]: the BSP fills in nothing
+//! but the slot number it hands an AP, and from then on only that core touches its slot.
+//! GS base points at the slot, so `current_index()` is one load.
+//!
+//! What a core tells the others goes through [`Mailbox`]es (one writer each), never by
+//! writing into another core's state.
+
+use crate::arch::gdt::{Gdt, IST_CRITICAL};
+use crate::arch::idt::Idt;
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use x86::bits64::task::TaskStateSegment;
+
+/// Most cores the hypervisor will bring up; a machine with more is capped, with a warning.
+pub const MAX_CORES: usize = 64;
+/// Each core's main stack.
+pub const STACK_SIZE: usize = 64 * 1024;
+/// Each core's IST stack for #DF, NMI and #MC.
+pub const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// One core's own state. `index` must stay the first field: it is read as `gs:[0]`.
+#[repr(C, align(4096))]
+pub struct PerCore {
+    pub index: u64,
+    pub apic_id: u64,
+    /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
+    pub vmxon_region: VmxPage,
+    pub idt: Idt,
+    pub tss: TaskStateSegment,
+    pub gdt: MaybeUninit<Gdt>,
+}
+
+/// A page-aligned 4-KiB page handed to the processor (VMXON region, VMCS). Written by its
+/// owning core only, hence the cell.
+#[repr(C, align(4096))]
+pub struct VmxPage(UnsafeCell<[u8; 4096]>);
+const _: () = assert!(core::mem::size_of::<VmxPage>() == 4096);
+
+impl VmxPage {
+    /// Zeroes the page and writes the VMCS revision identifier into its first dword
+    /// (SDM Vol. 3C 25.2: bit 31 clear for a VMXON region or ordinary VMCS).
+    ///
+    /// # Safety
+    /// The processor does not use the page yet (before VMXON/VMPTRLD), and only the owning
+    /// core calls this.
+    pub unsafe fn prepare(&self, revision: u32) -> u64 {
+        let p = self.0.get();
+        // SAFETY: owned by the calling core and not yet handed to the processor.
+        unsafe {
+            p.write_bytes(0, 1);
+            (p as *mut u32).write(revision & 0x7fff_ffff);
+        }
+        p as u64
+    }
+}
+
+#[repr(C, align(16))]
+struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
+
+struct Slot(UnsafeCell<MaybeUninit<PerCore>>);
+
+// SAFETY: slot i is written only by core i (or by the BSP before core i exists), see the
+// module comment; no two cores ever access the same slot.
+unsafe impl Sync for Slot {}
+// SAFETY: each stack is used by exactly one core, as handed out by `stack_top`.
+unsafe impl<const N: usize> Sync for Stack<N> {}
+
+static SLOTS: [Slot; MAX_CORES] = [const { Slot(UnsafeCell::new(MaybeUninit::uninit())) }; MAX_CORES];
+static STACKS: [Stack<STACK_SIZE>; MAX_CORES] =
+    [const { Stack(UnsafeCell::new([0; STACK_SIZE])) }; MAX_CORES];
+static IST_STACKS: [Stack<IST_STACK_SIZE>; MAX_CORES] =
+    [const { Stack(UnsafeCell::new([0; IST_STACK_SIZE])) }; MAX_CORES];
+
+/// The top of core `index`'s main stack (the BSP keeps its boot stack; index 0 is unused).
+pub fn stack_top(index: usize) -> u64 {
+    STACKS[index].0.get() as u64 + STACK_SIZE as u64
+}
+
+/// Sets up the calling core's slot `index`: descriptor tables, TSS, GS base.
+///
+/// # Safety
+/// Called once per core, on that core, with an index no other core uses.
+pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
+    assert!(index < MAX_CORES);
+    let slot = SLOTS[index].0.get();
+    let ist_top = IST_STACKS[index].0.get() as u64 + IST_STACK_SIZE as u64;
+    // SAFETY: the slot is this core's alone (caller's guarantee); it is initialised field
+    // by field in place (the IDT is 4 KiB, too large to build on the stack twice), then
+    // only shared references are handed out.
+    unsafe {
+        let p = (*slot).as_mut_ptr();
+        core::ptr::addr_of_mut!((*p).index).write(index as u64);
+        core::ptr::addr_of_mut!((*p).apic_id).write(apic_id as u64);
+        core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
+        core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
+        let mut tss = TaskStateSegment::new();
+        tss.set_ist(IST_CRITICAL as usize - 1, ist_top);
+        tss.iomap_base = core::mem::size_of::<TaskStateSegment>() as u16;
+        core::ptr::addr_of_mut!((*p).tss).write(tss);
+        let tss_ref: &'static TaskStateSegment = &*core::ptr::addr_of!((*p).tss);
+        core::ptr::addr_of_mut!((*p).gdt).write(MaybeUninit::new(Gdt::new(tss_ref)));
+        let me: &'static PerCore = &*p;
+        me.gdt.assume_init_ref().load();
+        me.idt.load();
+        crate::arch::write_gs_base(p as u64);
+        me
+    }
+}
+
+/// The calling core's slot index, or `None` before its `init_this_core`.
+pub fn current_index() -> Option<usize> {
+    if crate::arch::read_gs_base() == 0 {
+        return None;
+    }
+    let v: u64;
+    // SAFETY: GS base points at this core's PerCore whose first field is `index`.
+    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    Some(v as usize)
+}
+
+/// The calling core's own state.
+///
+/// # Safety
+/// `init_this_core` has run on this core.
+pub unsafe fn this_core() -> &'static PerCore {
+    let i = current_index().expect("per-core state not initialised");
+    // SAFETY: initialised (caller's guarantee) and never mutated through another path.
+    unsafe { (*SLOTS[i].0.get()).assume_init_ref() }
+}
+
+

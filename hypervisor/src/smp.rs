@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Bringing up the application processors, and how each core reports back.
+//!
+//! The BSP wakes APs one at a time with INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1) through the
+//! real-mode trampoline, waiting a bounded time for each to answer; a core that stays
+//! silent is reported, not waited for. From then on the cores share nothing but messages:
+//! each core posts its state to its own [`Mailbox`] (single writer), and the BSP reads them.
+
+use crate::vmx::Features;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// Mailbox states, in the order a core goes through them.
+pub mod state {
+    pub const EMPTY: u32 = 0;
+    pub const ALIVE: u32 = 1;
+    pub const UP: u32 = 2;
+    pub const FAILED: u32 = 3;
+}
+
+/// Why a core failed, as posted in its mailbox.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    None = 0,
+    FeatureControl = 1,
+    FixedBits = 2,
+    Vmxon = 3,
+    Exception = 4,
+    Panic = 5,
+}
+
+impl Failure {
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Failure::FeatureControl,
+            2 => Failure::FixedBits,
+            3 => Failure::Vmxon,
+            4 => Failure::Exception,
+            5 => Failure::Panic,
+            _ => Failure::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::None => "",
+            Failure::FeatureControl => "feature-control locked off",
+            Failure::FixedBits => "CR0/CR4 fixed bits conflict",
+            Failure::Vmxon => "VMXON failed",
+            Failure::Exception => "exception (see the core's log line)",
+            Failure::Panic => "panic (see the core's log line)",
+        }
+    }
+}
+
+impl From<crate::vmx::VmxError> for Failure {
+    fn from(e: crate::vmx::VmxError) -> Self {
+        match e {
+            crate::vmx::VmxError::FeatureControlLocked => Failure::FeatureControl,
+            crate::vmx::VmxError::FixedBits => Failure::FixedBits,
+            crate::vmx::VmxError::VmxonFailed => Failure::Vmxon,
+        }
+    }
+}
+
+/// One core's outbox to the BSP: written only by its core, read by the BSP. One cache
+/// line, the state word written last (release) so the rest is visible when it changes.
+#[repr(C, align(64))]
+pub struct Mailbox {
+    vmx_on: AtomicU32,
+    failure: AtomicU32,
+    state: AtomicU32,
+}
+const _: () = assert!(core::mem::size_of::<Mailbox>() == 64);
+
+/// What the BSP reads out of a mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreStatus {
+    pub state: u32,
+    pub vmx_on: bool,
+    pub failure: Failure,
+}
+
+impl Mailbox {
+    const fn new() -> Self {
+        Mailbox { vmx_on: AtomicU32::new(0), failure: AtomicU32::new(0), state: AtomicU32::new(0) }
+    }
+
+    /// Posts this core's state. Only the owning core calls this.
+    pub fn post(&self, state: u32, vmx_on: bool, failure: Failure) {
+        self.vmx_on.store(vmx_on as u32, Ordering::Relaxed);
+        self.failure.store(failure as u32, Ordering::Relaxed);
+        self.state.store(state, Ordering::Release);
+    }
+
+    pub fn read(&self) -> CoreStatus {
+        let state = self.state.load(Ordering::Acquire);
+        CoreStatus {
+            state,
+            vmx_on: self.vmx_on.load(Ordering::Relaxed) != 0,
+            failure: Failure::from_u32(self.failure.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+static MAILBOXES: [Mailbox; crate::percpu::MAX_CORES] =
+    [const { Mailbox::new() }; crate::percpu::MAX_CORES];
+
+/// The features the BSP probed: written once before any AP starts, then read-only.
+static FEATURES: spin::Once<Features> = spin::Once::new();
+
+pub fn mailbox(index: usize) -> &'static Mailbox {
+    &MAILBOXES[index]
+}
+
+/// Records the probed features for the APs. Called once, before [`start_ap`].
+pub fn publish_features(f: Features) {
+    FEATURES.call_once(|| f);
+}
+
+/// Brings this core into VMX root operation and posts the result.
+pub fn enable_vmx_and_report(index: usize) {
+    let Some(f) = FEATURES.get() else {
+        mailbox(index).post(state::FAILED, false, Failure::Panic);
+        return;
+    };
+    #[cfg(target_os = "none")]
+    // SAFETY: called once per core after init_this_core, with the BSP's features.
+    let result = unsafe { crate::vmx::enable_on_this_core(f) };
+    #[cfg(not(target_os = "none"))]
+    let result: Result<(), crate::vmx::VmxError> = {
+        let _ = f;
+        Ok(())
+    };
+    match result {
+        Ok(()) => {
+            log::info!("VMX root operation on (VMXON region revision {:#x})", f.revision);
+            mailbox(index).post(state::UP, true, Failure::None);
+        }
+        Err(e) => {
+            log::error!("VMX could not be enabled: {e}");
+            mailbox(index).post(state::FAILED, false, e.into());
+        }
+    }
+}
+
+/// Called by a core that cannot go on (exception, panic): an AP posts the failure and
+/// parks; the BSP ends the run, since it is the one that would report.
+pub fn this_core_failed(failure: Failure) -> ! {
+    match crate::percpu::current_index() {
+        Some(0) | None => {
+            mailbox(0).post(state::FAILED, false, failure);
+            crate::power::end_run(crate::power::Outcome::Failed)
+        }
+        Some(i) => {
+            let vmx = mailbox(i).read().vmx_on;
+            mailbox(i).post(state::FAILED, vmx, failure);
+            crate::arch::park()
+        }
+    }
+}
+
+/// Where an AP lands in long mode, on its own stack, with its slot index.
+#[cfg(target_os = "none")]
+extern "C" fn ap_entry(index: u64) -> ! {
+    let index = index as usize;
+    let apic_id = crate::arch::apic::current_id();
+    // SAFETY: the BSP handed this index to this core alone; first thing the core does.
+    unsafe { crate::percpu::init_this_core(index, apic_id) };
+    mailbox(index).post(state::ALIVE, false, Failure::None);
+    log::info!("online: APIC id {apic_id}");
+    enable_vmx_and_report(index);
+    // Guests arrive with the next layer; until then an AP has nothing else to do.
+    crate::arch::park()
+}
+
+/// How long an AP may take to enter Rust code after its SIPI, in microseconds of TSC time.
+pub const AP_ANSWER_US: u64 = 200_000;
+
+/// Wakes the AP with `apic_id` as slot `index` and waits (bounded) until it answers.
+/// Returns whether it did.
+///
+/// # Safety
+/// Called on the BSP only, for each AP once, one at a time; the trampoline page is free RAM.
+#[cfg(target_os = "none")]
+pub unsafe fn start_ap(apic: &mut crate::arch::apic::LocalApic, index: usize, apic_id: u32) -> bool {
+    use crate::arch::{tsc, trampoline};
+    // SAFETY: only this BSP uses the trampoline page, and the previous AP has left it
+    // (it answered, or it never started).
+    unsafe {
+        trampoline::install(trampoline::Params {
+            cr3: crate::arch::read_cr3(),
+            stack_top: crate::percpu::stack_top(index),
+            entry: ap_entry as *const () as u64,
+            arg: index as u64,
+        })
+    };
+    let answered = || mailbox(index).read().state != state::EMPTY;
+    // SAFETY: the target is an AP nothing of ours runs on; the trampoline is installed.
+    unsafe {
+        apic.send_init(apic_id);
+        tsc::delay_us(10_000);
+        apic.send_sipi(apic_id, trampoline::SIPI_VECTOR);
+        tsc::delay_us(200);
+        if !answered() {
+            apic.send_sipi(apic_id, trampoline::SIPI_VECTOR);
+        }
+    }
+    let deadline = tsc::deadline_us(AP_ANSWER_US);
+    while crate::arch::rdtsc() < deadline {
+        if answered() {
+            return true;
+        }
+        crate::arch::pause();
+    }
+    answered()
+}

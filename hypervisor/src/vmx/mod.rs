@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! VMX operation on one core: feature control, the CR0/CR4 fixed bits and VMXON
+//! (SDM Vol. 3C 24.7, 24.8). Each core runs this on itself with its own VMXON region.
+
+pub mod features;
+
+pub use features::Features;
+
+use core::fmt;
+
+/// Why VMXON did not happen on a core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmxError {
+    /// This core's IA32_FEATURE_CONTROL differs from the BSP's and is locked off.
+    FeatureControlLocked,
+    /// The VMX fixed bits of CR0 or CR4 would clear a bit the hypervisor needs.
+    FixedBits,
+    /// VMXON itself failed (VMfailInvalid or VMfailValid).
+    VmxonFailed,
+}
+
+impl VmxError {
+    /// Short reason for the core record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmxError::FeatureControlLocked => "feature-control locked off",
+            VmxError::FixedBits => "CR0/CR4 fixed bits conflict",
+            VmxError::VmxonFailed => "VMXON failed",
+        }
+    }
+}
+
+impl fmt::Display for VmxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(target_os = "none")]
+/// Enters VMX root operation on the calling core.
+///
+/// # Safety
+/// Called once per core, after `percpu::init_this_core`, with the BSP's decoded features.
+pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
+    use crate::arch::{msr, rdmsr, read_cr0, read_cr4, write_cr0, write_cr4, wrmsr};
+    use features::feature_control::{LOCK, VMX_OUTSIDE_SMX};
+
+    // SAFETY: IA32_FEATURE_CONTROL exists (CPUID.VMX checked by the probe on the BSP; all
+    // cores of a machine share a model).
+    let fc = unsafe { rdmsr(msr::IA32_FEATURE_CONTROL) };
+    if fc & LOCK == 0 {
+        // SAFETY: setting VMX-outside-SMX and the lock is the architected enabling sequence.
+        unsafe { wrmsr(msr::IA32_FEATURE_CONTROL, fc | VMX_OUTSIDE_SMX | LOCK) };
+    } else if fc & VMX_OUTSIDE_SMX == 0 {
+        return Err(VmxError::FeatureControlLocked);
+    }
+
+    const CR0_KEEP: u64 = (1 << 31) | (1 << 16) | 1; // PG, WP, PE
+    const CR4_KEEP: u64 = 1 << 5; // PAE
+    const CR4_VMXE: u64 = 1 << 13;
+    let raw = &f.raw;
+    let cr0 = features::fix_cr(read_cr0(), raw.cr0_fixed0, raw.cr0_fixed1, CR0_KEEP)
+        .ok_or(VmxError::FixedBits)?;
+    let cr4 = features::fix_cr(read_cr4() | CR4_VMXE, raw.cr4_fixed0, raw.cr4_fixed1, CR4_KEEP | CR4_VMXE)
+        .ok_or(VmxError::FixedBits)?;
+    // SAFETY: both values keep PG/PE/WP/PAE (checked by fix_cr) and only add what VMX needs.
+    unsafe {
+        write_cr0(cr0);
+        write_cr4(cr4);
+    }
+    // SAFETY: init_this_core ran (caller's guarantee), so this core's slot exists.
+    let me = unsafe { crate::percpu::this_core() };
+    // SAFETY: the region belongs to this core and the processor does not use it yet.
+    let region = unsafe { me.vmxon_region.prepare(f.revision) };
+    // SAFETY: region prepared above; CR0/CR4/feature control satisfy VMXON's requirements.
+    unsafe { crate::arch::vmxon(region) }.map_err(|_| VmxError::VmxonFailed)
+}

@@ -1,0 +1,15 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The mkvisor ABI: everything that crosses a boundary between the hypervisor, the guest
+//! kernel and the host tools. Nothing here depends on another crate of ours, and nothing
+//! is copied by hand across that boundary: each side imports it from here.
+//!
+//! * [`record`]: the machine-readable lines the hypervisor writes to its serial console,
+//!   which `cargo xtask run` turns into the run report.
+//! * [`platform`]: the emulator/firmware ports the hypervisor uses to end a run.
+#![cfg_attr(not(test), no_std)]
+
+pub mod platform;
+pub mod record;
+
+/// Version of this ABI. Bumped on any incompatible change to a layout or a record.
+pub const ABI_VERSION: u32 = 1;

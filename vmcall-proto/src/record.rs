@@ -1,0 +1,284 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Serial records: the machine-readable half of the hypervisor's console.
+//!
+//! Human-readable log lines and records share COM1. A record is one line:
+//!
+//! ```text
+//! #mkv <kind> <key>=<value> <key>="a quoted value" ...
+//! ```
+//!
+//! Values are bare tokens without spaces, or double-quoted strings in which `"` and `\`
+//! are escaped with `\`. The hypervisor writes records with [`Quoted`] and plain
+//! `Display` values; host tools read them with [`parse`]. A line that is not a well-formed
+//! record is ignored by [`parse`] (it is log text), never half-read: a malformed field
+//! makes the whole record `None`.
+
+use core::fmt;
+
+/// Every record line starts with this prefix.
+pub const PREFIX: &str = "#mkv ";
+
+/// Record kinds written by the hypervisor.
+pub mod kind {
+    /// The hypervisor is running: `abi`, `tsc` (time-stamp counter at entry), `cmdline`.
+    pub const BOOT: &str = "boot";
+    /// The processors the firmware lists: `count`, `bsp_apic`, `x2apic`, `capped`.
+    pub const CPUS: &str = "cpus";
+    /// One core's final state: `index`, `apic`, `state` (see [`super::core_state`]),
+    /// `vmx` (`on`, `off`, `failed`), optionally `reason`.
+    pub const CORE: &str = "core";
+    /// A required feature is missing: `missing` (what, in one phrase).
+    pub const REFUSED: &str = "refused";
+    /// The run is over: `outcome` (see [`super::outcome`]), `cores`, `vmx_on`, `tsc`.
+    pub const END: &str = "end";
+}
+
+/// Values of the `state` field of a [`kind::CORE`] record.
+pub mod core_state {
+    /// The core reported in and finished its bring-up.
+    pub const UP: &str = "up";
+    /// INIT-SIPI-SIPI was sent but the core never answered.
+    pub const SILENT: &str = "silent";
+    /// The core answered but hit an error during its bring-up.
+    pub const FAILED: &str = "failed";
+    /// The core was left out by the `cpus=` cap or is disabled in the MADT.
+    pub const SKIPPED: &str = "skipped";
+}
+
+/// Values of the `outcome` field of a [`kind::END`] record.
+pub mod outcome {
+    pub const OK: &str = "ok";
+    pub const FAILED: &str = "failed";
+    pub const REFUSED: &str = "refused";
+}
+
+/// A `Display` wrapper that writes its content as a quoted record value.
+#[derive(Debug, Clone, Copy)]
+pub struct Quoted<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Quoted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Escaper<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaper<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                for c in s.chars() {
+                    match c {
+                        '"' | '\\' => {
+                            self.0.write_str("\\")?;
+                            fmt::Write::write_char(self.0, c)?;
+                        }
+                        // A record is one line: newlines inside a value become spaces.
+                        '\n' | '\r' => self.0.write_str(" ")?,
+                        c => fmt::Write::write_char(self.0, c)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+        f.write_str("\"")?;
+        fmt::write(&mut Escaper(f), format_args!("{}", self.0))?;
+        f.write_str("\"")
+    }
+}
+
+/// A parsed record: its kind and the raw field text, read lazily with [`Record::fields`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub kind: &'a str,
+    rest: &'a str,
+}
+
+/// One field value. Quoted values keep their escapes until [`Value::unescape_into`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Value<'a> {
+    raw: &'a str,
+    quoted: bool,
+}
+
+impl<'a> Value<'a> {
+    /// The value as written between the quotes (escapes still in place), or the bare token.
+    pub fn raw(&self) -> &'a str {
+        self.raw
+    }
+
+    /// Appends the unescaped value to `out` through a callback, so no allocation is needed.
+    pub fn unescape_into(&self, mut out: impl FnMut(char)) {
+        let mut escaped = false;
+        for c in self.raw.chars() {
+            if self.quoted && !escaped && c == '\\' {
+                escaped = true;
+                continue;
+            }
+            escaped = false;
+            out(c);
+        }
+    }
+}
+
+/// Why a line that starts with [`PREFIX`] is not a valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// No kind after the prefix.
+    NoKind,
+    /// A field without `=`, or with an empty key, at this byte offset of the line.
+    BadField(usize),
+    /// A quoted value that never ends, starting at this byte offset.
+    Unterminated(usize),
+}
+
+/// Parses one console line. `Ok(None)` when the line is not a record at all.
+pub fn parse(line: &str) -> Result<Option<Record<'_>>, ParseError> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let Some(body) = line.strip_prefix(PREFIX) else {
+        return Ok(None);
+    };
+    let body = body.trim_start_matches(' ');
+    let (kind, rest) = body.split_once(' ').unwrap_or((body, ""));
+    if kind.is_empty() {
+        return Err(ParseError::NoKind);
+    }
+    let record = Record { kind, rest };
+    // Validate every field up front so that callers never see half a record.
+    let base = line.len() - rest.len();
+    let mut fields = record.fields_raw(base);
+    for f in &mut fields {
+        f?;
+    }
+    Ok(Some(record))
+}
+
+impl<'a> Record<'a> {
+    /// The fields in order. Only valid records are handed out by [`parse`], so this cannot fail.
+    pub fn fields(&self) -> impl Iterator<Item = (&'a str, Value<'a>)> + 'a {
+        self.fields_raw(0).map_while(Result::ok)
+    }
+
+    /// The first field called `key`.
+    pub fn get(&self, key: &str) -> Option<Value<'a>> {
+        self.fields().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    fn fields_raw(&self, base: usize) -> Fields<'a> {
+        Fields { rest: self.rest, offset: base }
+    }
+}
+
+struct Fields<'a> {
+    rest: &'a str,
+    offset: usize,
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(&'a str, Value<'a>), ParseError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let trimmed = self.rest.trim_start_matches(' ');
+        self.offset += self.rest.len() - trimmed.len();
+        self.rest = trimmed;
+        if self.rest.is_empty() {
+            return None;
+        }
+        let start = self.offset;
+        let Some(eq) = self.rest.find('=') else {
+            self.rest = "";
+            return Some(Err(ParseError::BadField(start)));
+        };
+        let key = &self.rest[..eq];
+        if key.is_empty() || key.contains(' ') {
+            self.rest = "";
+            return Some(Err(ParseError::BadField(start)));
+        }
+        let after = &self.rest[eq + 1..];
+        let (value, consumed) = if let Some(q) = after.strip_prefix('"') {
+            let mut escaped = false;
+            let mut end = None;
+            for (i, c) in q.char_indices() {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    end = Some(i);
+                    break;
+                }
+            }
+            let Some(end) = end else {
+                self.rest = "";
+                return Some(Err(ParseError::Unterminated(start)));
+            };
+            (Value { raw: &q[..end], quoted: true }, eq + 1 + 1 + end + 1)
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (Value { raw: &after[..end], quoted: false }, eq + 1 + end)
+        };
+        self.rest = &self.rest[consumed..];
+        self.offset += consumed;
+        Some(Ok((key, value)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn unescape(v: Value<'_>) -> String {
+        let mut s = String::new();
+        v.unescape_into(|c| s.push(c));
+        s
+    }
+
+    #[test]
+    fn plain_lines_are_not_records() {
+        assert_eq!(parse("[c0] hello"), Ok(None));
+        assert_eq!(parse("#mkvx core"), Ok(None));
+    }
+
+    #[test]
+    fn parses_bare_and_quoted_fields() {
+        let r = parse("#mkv core index=1 apic=2 vmx=on reason=\"no \\\"EPT\\\" here\"\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.kind, "core");
+        let f: Vec<_> = r.fields().map(|(k, v)| (k, unescape(v))).collect();
+        assert_eq!(
+            f,
+            [
+                ("index", "1".to_string()),
+                ("apic", "2".into()),
+                ("vmx", "on".into()),
+                ("reason", "no \"EPT\" here".into())
+            ]
+        );
+        assert_eq!(r.get("apic").unwrap().raw(), "2");
+        assert!(r.get("missing").is_none());
+    }
+
+    #[test]
+    fn malformed_records_are_rejected_whole() {
+        assert_eq!(parse("#mkv "), Err(ParseError::NoKind));
+        assert_eq!(parse("#mkv core index=1 junk"), Err(ParseError::BadField(16)));
+        assert_eq!(parse("#mkv core =1"), Err(ParseError::BadField(10)));
+        assert_eq!(parse("#mkv core a=\"open"), Err(ParseError::Unterminated(10)));
+    }
+
+    proptest! {
+        /// Whatever the hypervisor writes with `Quoted` reads back unchanged (newlines aside).
+        #[test]
+        fn quoted_round_trip(s in "[ -~\u{e9}\u{3bb}]{0,40}", key in "[a-z_]{1,8}") {
+            let line = format!("{PREFIX}test {key}={} after=1", Quoted(&s));
+            let r = parse(&line).unwrap().unwrap();
+            let (k, v) = r.fields().next().unwrap();
+            prop_assert_eq!(k, key.as_str());
+            prop_assert_eq!(unescape(v), s);
+            prop_assert_eq!(r.get("after").unwrap().raw(), "1");
+        }
+
+        /// No input line makes the parser panic.
+        #[test]
+        fn never_panics(s in ".{0,80}") {
+            let _ = parse(&format!("{PREFIX}{s}"));
+            let _ = parse(&s);
+        }
+    }
+}
