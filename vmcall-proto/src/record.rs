@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn malformed_records_are_rejected_whole() {
         assert_eq!(parse("#mkv "), Err(ParseError::NoKind));
-        assert_eq!(parse("#mkv core index=1 junk"), Err(ParseError::BadField(16)));
+        assert_eq!(parse("#mkv core index=1 junk"), Err(ParseError::BadField(18)));
         assert_eq!(parse("#mkv core =1"), Err(ParseError::BadField(10)));
         assert_eq!(parse("#mkv core a=\"open"), Err(ParseError::Unterminated(10)));
     }
