@@ -65,11 +65,20 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
         match key {
             "cpus" => match value.parse::<usize>() {
                 Ok(n) if n >= 1 => o.cpus = Some(n),
-                _ => bad(BadOption { word, why: "expected cpus=N with N >= 1" }),
+                _ => bad(BadOption {
+                    word,
+                    why: "expected cpus=N with N >= 1",
+                }),
             },
             "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
-            "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
-            _ => bad(BadOption { word, why: "unknown option" }),
+            "vmxcaps" => bad(BadOption {
+                word,
+                why: "expected vmxcaps or vmxcaps=1",
+            }),
+            _ => bad(BadOption {
+                word,
+                why: "unknown option",
+            }),
         }
     }
     o
@@ -101,11 +110,17 @@ impl BootParams {
     }
     /// Whether `[start, end)` lies entirely inside one usable region.
     pub fn is_usable(&self, start: u64, end: u64) -> bool {
-        self.regions().iter().any(|r| r.kind == MemKind::Usable && r.start <= start && end <= r.end)
+        self.regions()
+            .iter()
+            .any(|r| r.kind == MemKind::Usable && r.start <= start && end <= r.end)
     }
     /// Total usable bytes.
     pub fn usable_bytes(&self) -> u64 {
-        self.regions().iter().filter(|r| r.kind == MemKind::Usable).map(|r| r.end - r.start).sum()
+        self.regions()
+            .iter()
+            .filter(|r| r.kind == MemKind::Usable)
+            .map(|r| r.end - r.start)
+            .sum()
     }
 }
 
@@ -131,7 +146,10 @@ impl fmt::Display for BootInfoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BootInfoError::BadMagic(m) => {
-                write!(f, "not started by a multiboot2 loader (EAX = {m:#x}, expected 0x36d76289)")
+                write!(
+                    f,
+                    "not started by a multiboot2 loader (EAX = {m:#x}, expected 0x36d76289)"
+                )
             }
             BootInfoError::Unreadable => f.write_str("multiboot2 information is malformed"),
             BootInfoError::NoMemoryMap => f.write_str("multiboot2 information has no memory map"),
@@ -157,7 +175,11 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
     let mut p = BootParams {
         cmdline: [0; MAX_CMDLINE],
         cmdline_len: 0,
-        regions: [MemRegion { start: 0, end: 0, kind: MemKind::Reserved }; MAX_REGIONS],
+        regions: [MemRegion {
+            start: 0,
+            end: 0,
+            kind: MemKind::Reserved,
+        }; MAX_REGIONS],
         region_count: 0,
         regions_dropped: 0,
         acpi: None,
@@ -179,7 +201,11 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
             MemoryAreaType::Defective => MemKind::Defective,
             _ => MemKind::Reserved,
         };
-        let r = MemRegion { start: area.start_address(), end: area.end_address(), kind };
+        let r = MemRegion {
+            start: area.start_address(),
+            end: area.end_address(),
+            kind,
+        };
         if p.region_count < MAX_REGIONS {
             p.regions[p.region_count] = r;
             p.region_count += 1;
@@ -211,7 +237,13 @@ mod tests {
     fn cpus_cap() {
         assert_eq!(opts("cpus=2").0.cpus, Some(2));
         assert_eq!(opts("").0, Options::default());
-        assert_eq!(opts("  cpus=8   vmxcaps ").0, Options { cpus: Some(8), vmxcaps: true });
+        assert_eq!(
+            opts("  cpus=8   vmxcaps ").0,
+            Options {
+                cpus: Some(8),
+                vmxcaps: true
+            }
+        );
     }
 
     #[test]

@@ -83,7 +83,12 @@ pub fn line(args: fmt::Arguments<'_>) {
 
 /// Writes a record line: `#mkv <kind> <fields>`.
 pub fn record(kind: &str, fields: fmt::Arguments<'_>) {
-    line(format_args!("{}{} {}", vmcall_proto::record::PREFIX, kind, fields));
+    line(format_args!(
+        "{}{} {}",
+        vmcall_proto::record::PREFIX,
+        kind,
+        fields
+    ));
 }
 
 /// Writes a record: `record!(kind::CORE, "index={} vmx=on", i)`.

@@ -132,7 +132,10 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
     let len = { madt.header.length } as usize;
     let head = core::mem::size_of::<acpi::madt::Madt>();
     if len < head {
-        return Err(MadtFault { offset: 0, what: "table shorter than its header" });
+        return Err(MadtFault {
+            offset: 0,
+            what: "table shorter than its header",
+        });
     }
     // SAFETY: the table was found and checksummed over `length` bytes by the acpi crate, so
     // all of them are mapped and readable.
@@ -140,11 +143,17 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
     let mut at = head;
     while at < len {
         if len - at < 2 {
-            return Err(MadtFault { offset: at, what: "truncated entry header" });
+            return Err(MadtFault {
+                offset: at,
+                what: "truncated entry header",
+            });
         }
         let (ty, elen) = (bytes[at], bytes[at + 1] as usize);
         if elen < 2 || elen > len - at {
-            return Err(MadtFault { offset: at, what: "entry length out of bounds" });
+            return Err(MadtFault {
+                offset: at,
+                what: "entry length out of bounds",
+            });
         }
         let want = match ty {
             0 => 8,
@@ -152,7 +161,10 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
             _ => elen,
         };
         if elen != want {
-            return Err(MadtFault { offset: at, what: "processor entry of the wrong size" });
+            return Err(MadtFault {
+                offset: at,
+                what: "processor entry of the wrong size",
+            });
         }
         at += elen;
     }
@@ -173,9 +185,7 @@ impl fmt::Display for MadtFault {
 }
 
 /// The processor entries of a MADT, in table order. Call [`check_madt_entries`] first.
-pub fn madt_cpus(
-    madt: core::pin::Pin<&acpi::madt::Madt>,
-) -> impl Iterator<Item = MadtCpu> + '_ {
+pub fn madt_cpus(madt: core::pin::Pin<&acpi::madt::Madt>) -> impl Iterator<Item = MadtCpu> + '_ {
     use acpi::madt::MadtEntry;
     const ENABLED: u32 = 1;
     madt.entries().filter_map(|e| match e {
@@ -204,7 +214,8 @@ impl acpi::AcpiHandler for IdentityMapped {
         physical_address: usize,
         size: usize,
     ) -> acpi::PhysicalMapping<Self, T> {
-        let ptr = core::ptr::NonNull::new(physical_address as *mut T).expect("ACPI table at address 0");
+        let ptr =
+            core::ptr::NonNull::new(physical_address as *mut T).expect("ACPI table at address 0");
         // SAFETY: identity mapping: the physical range is accessible at the same address;
         // the caller (the acpi crate) guarantees a valid T lives there.
         unsafe { acpi::PhysicalMapping::new(physical_address, ptr, size, size, *self) }
@@ -218,7 +229,11 @@ mod tests {
     use super::*;
 
     fn cpu(apic_id: u32, enabled: bool) -> MadtCpu {
-        MadtCpu { apic_id, enabled, x2apic_entry: false }
+        MadtCpu {
+            apic_id,
+            enabled,
+            x2apic_entry: false,
+        }
     }
     fn ids(l: &CoreList) -> Vec<u32> {
         l.cores().iter().map(|c| c.apic_id).collect()
@@ -226,16 +241,31 @@ mod tests {
 
     #[test]
     fn bsp_first_then_madt_order() {
-        let l = CoreList::build([cpu(0, true), cpu(1, true), cpu(2, true), cpu(3, true)], 2, None, |_| true)
-            .unwrap();
+        let l = CoreList::build(
+            [cpu(0, true), cpu(1, true), cpu(2, true), cpu(3, true)],
+            2,
+            None,
+            |_| true,
+        )
+        .unwrap();
         assert_eq!(ids(&l), [2, 0, 1, 3]);
         assert_eq!(l.enabled, 4);
     }
 
     #[test]
     fn disabled_and_duplicate_entries() {
-        let x2 = MadtCpu { apic_id: 1, enabled: true, x2apic_entry: true };
-        let l = CoreList::build([cpu(0, true), cpu(1, true), x2, cpu(5, false)], 0, None, |_| true).unwrap();
+        let x2 = MadtCpu {
+            apic_id: 1,
+            enabled: true,
+            x2apic_entry: true,
+        };
+        let l = CoreList::build(
+            [cpu(0, true), cpu(1, true), x2, cpu(5, false)],
+            0,
+            None,
+            |_| true,
+        )
+        .unwrap();
         assert_eq!(ids(&l), [0, 1]);
         assert_eq!(l.skipped_disabled, 1);
     }
@@ -256,8 +286,14 @@ mod tests {
             CoreList::build([cpu(0, true), cpu(1, true)], 7, None, |_| true).unwrap_err(),
             CoreListError::BspNotListed(7)
         );
-        assert_eq!(CoreList::build([cpu(0, false)], 0, None, |_| true).unwrap_err(), CoreListError::Empty);
-        assert_eq!(CoreList::build([], 0, None, |_| true).unwrap_err(), CoreListError::Empty);
+        assert_eq!(
+            CoreList::build([cpu(0, false)], 0, None, |_| true).unwrap_err(),
+            CoreListError::Empty
+        );
+        assert_eq!(
+            CoreList::build([], 0, None, |_| true).unwrap_err(),
+            CoreListError::Empty
+        );
     }
 
     #[test]
@@ -298,34 +334,56 @@ mod tests {
     #[test]
     fn malformed_entry_lists_are_rejected() {
         let zero = madt_bytes(&[&[0, 8, 0, 0, 1, 0, 0, 0], &[3, 0]]);
-        assert_eq!(check_madt_entries(as_madt(&zero)).unwrap_err().what, "entry length out of bounds");
+        assert_eq!(
+            check_madt_entries(as_madt(&zero)).unwrap_err().what,
+            "entry length out of bounds"
+        );
         let long = madt_bytes(&[&[0, 200, 0, 0, 1, 0, 0, 0]]);
         assert_eq!(check_madt_entries(as_madt(&long)).unwrap_err().offset, 44);
         let short_lapic = madt_bytes(&[&[0, 6, 0, 0, 1, 0]]);
-        assert_eq!(check_madt_entries(as_madt(&short_lapic)).unwrap_err().what, "processor entry of the wrong size");
+        assert_eq!(
+            check_madt_entries(as_madt(&short_lapic)).unwrap_err().what,
+            "processor entry of the wrong size"
+        );
         let tail = madt_bytes(&[&[0, 8, 0, 0, 1, 0, 0, 0], &[7]]);
-        assert_eq!(check_madt_entries(as_madt(&tail)).unwrap_err().what, "truncated entry header");
+        assert_eq!(
+            check_madt_entries(as_madt(&tail)).unwrap_err().what,
+            "truncated entry header"
+        );
     }
 
     /// A MADT as the Bochs BIOS builds it for 4 CPUs, plus an x2APIC entry and a disabled
     /// processor, parsed by the `acpi` crate from raw bytes.
     #[test]
     fn parses_raw_madt_bytes() {
-        let x2: Vec<u8> = [&[9u8, 16, 0, 0][..], &260u32.to_le_bytes(), &1u32.to_le_bytes(), &5u32.to_le_bytes()].concat();
+        let x2: Vec<u8> = [
+            &[9u8, 16, 0, 0][..],
+            &260u32.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &5u32.to_le_bytes(),
+        ]
+        .concat();
         let words = madt_bytes(&[
             &[0, 8, 0, 0, 1, 0, 0, 0],
             &[0, 8, 1, 1, 1, 0, 0, 0],
             &[0, 8, 2, 2, 1, 0, 0, 0],
             &[0, 8, 3, 3, 1, 0, 0, 0],
-            &[0, 8, 4, 4, 0, 0, 0, 0],                         // disabled
-            &[1, 12, 4, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0],      // I/O APIC
+            &[0, 8, 4, 4, 0, 0, 0, 0],                    // disabled
+            &[1, 12, 4, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0], // I/O APIC
             &x2,
         ]);
         let pinned = as_madt(&words);
         check_madt_entries(pinned).unwrap();
         let cpus: Vec<MadtCpu> = madt_cpus(pinned).collect();
         assert_eq!(cpus.len(), 6);
-        assert_eq!(cpus[5], MadtCpu { apic_id: 260, enabled: true, x2apic_entry: true });
+        assert_eq!(
+            cpus[5],
+            MadtCpu {
+                apic_id: 260,
+                enabled: true,
+                x2apic_entry: true
+            }
+        );
         let l = CoreList::build(cpus, 0, None, |_| true).unwrap();
         assert_eq!(ids(&l), [0, 1, 2, 3, 260]);
         assert_eq!(l.skipped_disabled, 1);

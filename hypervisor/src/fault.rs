@@ -6,14 +6,38 @@ use crate::arch::idt::ExceptionFrame;
 use crate::smp::{this_core_failed, Failure};
 
 const NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
-    "#BR bound range", "#UD invalid opcode", "#NM device not available", "#DF double fault",
-    "coprocessor segment overrun", "#TS invalid TSS", "#NP segment not present",
-    "#SS stack fault", "#GP general protection", "#PF page fault", "reserved 15",
-    "#MF x87 error", "#AC alignment check", "#MC machine check", "#XM SIMD error",
-    "#VE virtualization exception", "#CP control protection", "reserved 22", "reserved 23",
-    "reserved 24", "reserved 25", "reserved 26", "reserved 27", "#HV hypervisor injection",
-    "#VC VMM communication", "#SX security exception", "reserved 31",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization exception",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security exception",
+    "reserved 31",
 ];
 
 /// Called by the stubs in `arch::idt` with the frame they built.
@@ -26,8 +50,15 @@ extern "C" fn exception_entry(frame: &ExceptionFrame) -> ! {
 
 fn report(f: &ExceptionFrame) {
     crate::console::force_unlock_for_panic();
-    let name = NAMES.get(f.vector as usize).copied().unwrap_or("unexpected interrupt");
-    let cr2 = if f.vector == 14 { crate::arch::read_cr2() } else { 0 };
+    let name = NAMES
+        .get(f.vector as usize)
+        .copied()
+        .unwrap_or("unexpected interrupt");
+    let cr2 = if f.vector == 14 {
+        crate::arch::read_cr2()
+    } else {
+        0
+    };
     log::error!(
         "hypervisor exception: {name} (vector {}) error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
         f.vector, f.error_code, f.rip, f.cs, f.rflags, f.rsp, cr2

@@ -41,7 +41,11 @@ mod boot {
         let bsp_apic = arch::apic::current_id();
         // SAFETY: the BSP's one initialisation of slot 0.
         unsafe { percpu::init_this_core(0, bsp_apic) };
-        log::info!("mkvisor {} starting (ABI {})", env!("CARGO_PKG_VERSION"), vmcall_proto::ABI_VERSION);
+        log::info!(
+            "mkvisor {} starting (ABI {})",
+            env!("CARGO_PKG_VERSION"),
+            vmcall_proto::ABI_VERSION
+        );
 
         // SAFETY: `mbi` is GRUB's information block, untouched so far.
         let boot = match unsafe { bootinfo::parse(magic, mbi) } {
@@ -51,29 +55,34 @@ mod boot {
                 end_run(Outcome::Failed)
             }
         };
-        record!(kind::BOOT, "abi={} tsc={} cmdline={}", vmcall_proto::ABI_VERSION, tsc_entry, Quoted(boot.cmdline()));
+        record!(
+            kind::BOOT,
+            "abi={} tsc={} cmdline={}",
+            vmcall_proto::ABI_VERSION,
+            tsc_entry,
+            Quoted(boot.cmdline())
+        );
         let opts = bootinfo::parse_options(boot.cmdline(), |bad| log::warn!("{bad} (ignored)"));
         log::info!(
             "loader {:?}, {} MiB usable in {} regions{}",
             boot.loader(),
             boot.usable_bytes() >> 20,
             boot.regions().len(),
-            if boot.regions_dropped > 0 { " (some dropped)" } else { "" }
+            if boot.regions_dropped > 0 {
+                " (some dropped)"
+            } else {
+                ""
+            }
         );
 
         // SAFETY: single core; PIT channel 2 is ours.
         match unsafe { arch::tsc::calibrate() } {
             Some(t) => log::info!("TSC: {t} ticks/ms"),
-            None => log::warn!("TSC calibration failed (PIT silent); using {} ticks/ms", arch::tsc::ticks_per_ms()),
+            None => log::warn!(
+                "TSC calibration failed (PIT silent); using {} ticks/ms",
+                arch::tsc::ticks_per_ms()
+            ),
         }
-
-        let list = match discover_cores(&boot, bsp_apic, opts.cpus) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("cannot list the cores: {e}");
-                end_run(Outcome::Failed)
-            }
-        };
 
         let raw = vmx::features::read();
         if opts.vmxcaps {
@@ -96,12 +105,24 @@ mod boot {
             features.preemption_timer,
             features.feature_control
         );
+        let list = match discover_cores(&boot, bsp_apic, opts.cpus) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot list the cores: {e}");
+                end_run(Outcome::Failed)
+            }
+        };
+
         smp::publish_features(features);
+        record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 
         start_aps(&boot, &list);
         smp::enable_vmx_and_report(0);
         let all_up = collect(&list);
-        log::info!("all cores reported in: {} ticks since hypervisor entry", arch::rdtsc() - tsc_entry);
+        log::info!(
+            "all cores reported in: {} ticks since hypervisor entry",
+            arch::rdtsc() - tsc_entry
+        );
         end_run(if all_up { Outcome::Ok } else { Outcome::Failed })
     }
 
@@ -115,22 +136,30 @@ mod boot {
         // identity-mapped memory below 4 GiB on the machines we boot.
         let tables = unsafe {
             match root {
-                bootinfo::AcpiRoot::Rsdt(a) => acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 0, a as usize),
-                bootinfo::AcpiRoot::Xsdt(a) => acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 2, a as usize),
+                bootinfo::AcpiRoot::Rsdt(a) => {
+                    acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 0, a as usize)
+                }
+                bootinfo::AcpiRoot::Xsdt(a) => {
+                    acpi::AcpiTables::from_rsdt(cores::IdentityMapped, 2, a as usize)
+                }
             }
         }
         .map_err(|_| "the ACPI root table is invalid")?;
-        let madt = tables.find_table::<acpi::madt::Madt>().map_err(|_| "no valid MADT")?;
+        let madt = tables
+            .find_table::<acpi::madt::Madt>()
+            .map_err(|_| "no valid MADT")?;
         cores::check_madt_entries(madt.get()).map_err(|e| {
             log::error!("{e}");
             "the MADT is malformed"
         })?;
         let x2apic = arch::apic::has_x2apic();
-        let list = cores::CoreList::build(cores::madt_cpus(madt.get()), bsp_apic, cap, |id| x2apic || id < 0xff)
-            .map_err(|e| {
-                log::error!("{e}");
-                "MADT and CPUID disagree"
-            })?;
+        let list = cores::CoreList::build(cores::madt_cpus(madt.get()), bsp_apic, cap, |id| {
+            x2apic || id < 0xff
+        })
+        .map_err(|e| {
+            log::error!("{e}");
+            "MADT and CPUID disagree"
+        })?;
         let cpuid_logical = raw_cpuid::CpuId::new()
             .get_feature_info()
             .map(|f| f.max_logical_processor_ids() as usize)
@@ -145,10 +174,17 @@ mod boot {
             list.len()
         );
         if list.skipped_capped > 0 {
-            log::info!("cpus={} leaves {} cores idle", cap.unwrap_or(0), list.skipped_capped);
+            log::info!(
+                "cpus={} leaves {} cores idle",
+                cap.unwrap_or(0),
+                list.skipped_capped
+            );
         }
         if list.skipped_unaddressable > 0 {
-            log::warn!("{} cores have APIC ids unreachable without x2APIC", list.skipped_unaddressable);
+            log::warn!(
+                "{} cores have APIC ids unreachable without x2APIC",
+                list.skipped_unaddressable
+            );
         }
         record!(
             kind::CPUS,
@@ -168,7 +204,9 @@ mod boot {
             return;
         }
         if !boot.is_usable(BASE, BASE + 4096) {
-            log::error!("the AP trampoline page {BASE:#x} is not usable RAM; running on the BSP only");
+            log::error!(
+                "the AP trampoline page {BASE:#x} is not usable RAM; running on the BSP only"
+            );
             return;
         }
         // SAFETY: called once, on the BSP, before any IPI.
@@ -177,7 +215,10 @@ mod boot {
             // SAFETY: BSP only, each AP once, one at a time, trampoline page checked above.
             let answered = unsafe { smp::start_ap(&mut apic, index, core.apic_id) };
             if !answered {
-                log::error!("core {index} (APIC id {}) did not answer its STARTUP IPI", core.apic_id);
+                log::error!(
+                    "core {index} (APIC id {}) did not answer its STARTUP IPI",
+                    core.apic_id
+                );
             }
         }
     }
@@ -187,7 +228,8 @@ mod boot {
     fn collect(list: &cores::CoreList) -> bool {
         let deadline = arch::tsc::deadline_us(2_000_000);
         loop {
-            let pending = (0..list.len()).any(|i| smp::mailbox(i).read().state == smp::state::ALIVE);
+            let pending =
+                (0..list.len()).any(|i| smp::mailbox(i).read().state == smp::state::ALIVE);
             if !pending || arch::rdtsc() >= deadline {
                 break;
             }
@@ -211,7 +253,9 @@ mod boot {
                 Quoted(reason)
             );
         }
-        let up = (0..list.len()).filter(|&i| smp::mailbox(i).read().vmx_on).count();
+        let up = (0..list.len())
+            .filter(|&i| smp::mailbox(i).read().vmx_on)
+            .count();
         log::info!("{up}/{} cores in VMX root operation", list.len());
         all_up
     }

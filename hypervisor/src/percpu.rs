@@ -66,7 +66,8 @@ unsafe impl Sync for Slot {}
 // SAFETY: each stack is used by exactly one core, as handed out by `stack_top`.
 unsafe impl<const N: usize> Sync for Stack<N> {}
 
-static SLOTS: [Slot; MAX_CORES] = [const { Slot(UnsafeCell::new(MaybeUninit::uninit())) }; MAX_CORES];
+static SLOTS: [Slot; MAX_CORES] =
+    [const { Slot(UnsafeCell::new(MaybeUninit::uninit())) }; MAX_CORES];
 static STACKS: [Stack<STACK_SIZE>; MAX_CORES] =
     [const { Stack(UnsafeCell::new([0; STACK_SIZE])) }; MAX_CORES];
 static IST_STACKS: [Stack<IST_STACK_SIZE>; MAX_CORES] =
@@ -115,7 +116,9 @@ pub fn current_index() -> Option<usize> {
     }
     let v: u64;
     // SAFETY: GS base points at this core's PerCore whose first field is `index`.
-    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags))
+    };
     Some(v as usize)
 }
 
@@ -128,5 +131,3 @@ pub unsafe fn this_core() -> &'static PerCore {
     // SAFETY: initialised (caller's guarantee) and never mutated through another path.
     unsafe { (*SLOTS[i].0.get()).assume_init_ref() }
 }
-
-

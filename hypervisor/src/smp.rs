@@ -83,7 +83,11 @@ pub struct CoreStatus {
 
 impl Mailbox {
     const fn new() -> Self {
-        Mailbox { vmx_on: AtomicU32::new(0), failure: AtomicU32::new(0), state: AtomicU32::new(0) }
+        Mailbox {
+            vmx_on: AtomicU32::new(0),
+            failure: AtomicU32::new(0),
+            state: AtomicU32::new(0),
+        }
     }
 
     /// Posts this core's state. Only the owning core calls this.
@@ -134,7 +138,10 @@ pub fn enable_vmx_and_report(index: usize) {
     };
     match result {
         Ok(()) => {
-            log::info!("VMX root operation on (VMXON region revision {:#x})", f.revision);
+            log::info!(
+                "VMX root operation on (VMXON region revision {:#x})",
+                f.revision
+            );
             mailbox(index).post(state::UP, true, Failure::None);
         }
         Err(e) => {
@@ -168,7 +175,10 @@ extern "C" fn ap_entry(index: u64) -> ! {
     // SAFETY: the BSP handed this index to this core alone; first thing the core does.
     unsafe { crate::percpu::init_this_core(index, apic_id) };
     mailbox(index).post(state::ALIVE, false, Failure::None);
-    log::info!("online: APIC id {apic_id}");
+    crate::record!(
+        vmcall_proto::record::kind::ONLINE,
+        "index={index} apic={apic_id}"
+    );
     enable_vmx_and_report(index);
     // Guests arrive with the next layer; until then an AP has nothing else to do.
     crate::arch::park()
@@ -183,8 +193,12 @@ pub const AP_ANSWER_US: u64 = 200_000;
 /// # Safety
 /// Called on the BSP only, for each AP once, one at a time; the trampoline page is free RAM.
 #[cfg(target_os = "none")]
-pub unsafe fn start_ap(apic: &mut crate::arch::apic::LocalApic, index: usize, apic_id: u32) -> bool {
-    use crate::arch::{tsc, trampoline};
+pub unsafe fn start_ap(
+    apic: &mut crate::arch::apic::LocalApic,
+    index: usize,
+    apic_id: u32,
+) -> bool {
+    use crate::arch::{trampoline, tsc};
     // SAFETY: only this BSP uses the trampoline page, and the previous AP has left it
     // (it answered, or it never started).
     unsafe {

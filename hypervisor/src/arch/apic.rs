@@ -23,7 +23,9 @@ pub fn current_id() -> u32 {
 
 /// Whether this processor supports x2APIC mode.
 pub fn has_x2apic() -> bool {
-    CpuId::new().get_feature_info().is_some_and(|f| f.has_x2apic())
+    CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_x2apic())
 }
 
 /// The bootstrap processor's handle to its local APIC, for sending IPIs.

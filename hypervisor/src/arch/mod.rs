@@ -10,8 +10,8 @@ pub mod apic;
 mod boot;
 pub mod gdt;
 pub mod idt;
-pub mod tsc;
 pub mod trampoline;
+pub mod tsc;
 
 use core::arch::asm;
 

@@ -61,8 +61,13 @@ pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
     let raw = &f.raw;
     let cr0 = features::fix_cr(read_cr0(), raw.cr0_fixed0, raw.cr0_fixed1, CR0_KEEP)
         .ok_or(VmxError::FixedBits)?;
-    let cr4 = features::fix_cr(read_cr4() | CR4_VMXE, raw.cr4_fixed0, raw.cr4_fixed1, CR4_KEEP | CR4_VMXE)
-        .ok_or(VmxError::FixedBits)?;
+    let cr4 = features::fix_cr(
+        read_cr4() | CR4_VMXE,
+        raw.cr4_fixed0,
+        raw.cr4_fixed1,
+        CR4_KEEP | CR4_VMXE,
+    )
+    .ok_or(VmxError::FixedBits)?;
     // SAFETY: both values keep PG/PE/WP/PAE (checked by fix_cr) and only add what VMX needs.
     unsafe {
         write_cr0(cr0);

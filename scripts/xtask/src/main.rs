@@ -1,1 +1,68 @@
-fn main() {}
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `cargo xtask`: see `xtask::cli`.
+
+use anyhow::Result;
+use clap::Parser;
+use std::process::{Command, ExitCode};
+use xtask::cli::{Cli, Command as Cmd};
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(xtask::workspace_root());
+    c
+}
+
+fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
+    // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
+    let host = cargo()
+        .args([
+            "test",
+            "-p",
+            "vmcall-proto",
+            "-p",
+            "xtask",
+            "-p",
+            "hypervisor",
+            "-p",
+            "guestkernel",
+        ])
+        .status()?;
+    if !host.success() || args.host_only {
+        return Ok(host.success());
+    }
+    xtask::setup::ensure_packages(&[xtask::setup::BUILD, xtask::setup::BOCHS, xtask::setup::QEMU])?;
+    // Build once up front so the parallel system tests do not all wait on cargo's lock.
+    xtask::build::images(false)?;
+    let system = cargo()
+        .args(["test", "-p", "systests", "--", "--test-threads=2"])
+        .status()?;
+    Ok(system.success())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Setup => xtask::setup::all().map(|_| true),
+        Cmd::Build(b) => (|| {
+            let images = xtask::build::images(b.debug)?;
+            let dir = xtask::target_dir().join("mkvisor-iso");
+            std::fs::create_dir_all(&dir)?;
+            let iso = xtask::build::iso(&images, &dir, "")?;
+            println!("{}", iso.display());
+            Ok(true)
+        })(),
+        Cmd::Run(r) => xtask::run::run(r).map(|report| {
+            eprint!("{}", xtask::run::summary(&report));
+            report.outcome == "ok"
+        }),
+        Cmd::Test(t) => test(t),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Building the bare-metal images and the bootable GRUB ISO.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// The two bare-metal ELF images.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub hypervisor: PathBuf,
+    pub guest: PathBuf,
+}
+
+/// Builds the hypervisor and the guest kernel for `x86_64-unknown-none`.
+pub fn images(debug: bool) -> Result<Images> {
+    crate::setup::ensure_rust_target()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(crate::workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "hypervisor",
+        "-p",
+        "guestkernel",
+        "--target",
+        TARGET,
+    ]);
+    if !debug {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("cannot run cargo")?;
+    if !status.success() {
+        bail!("building the bare-metal images failed");
+    }
+    let dir = crate::target_dir()
+        .join(TARGET)
+        .join(if debug { "debug" } else { "release" });
+    Ok(Images {
+        hypervisor: dir.join("mkvisor"),
+        guest: dir.join("guestkernel"),
+    })
+}
+
+/// The GRUB configuration: no menu, console on COM1 so the host sees GRUB's progress too.
+pub fn grub_cfg(cmdline: &str) -> String {
+    let cmdline = cmdline.replace(['\n', '\r', '"', '\''], " ");
+    format!(
+        "set timeout=0\n\
+         set timeout_style=hidden\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial\n\
+         terminal_output serial\n\
+         menuentry \"mkvisor\" {{\n\
+         \x20 echo \"{GRUB_MARKER}\"\n\
+         \x20 multiboot2 /boot/mkvisor {cmdline}\n\
+         \x20 module2 /boot/guestkernel guestkernel\n\
+         \x20 boot\n\
+         }}\n"
+    )
+}
+
+/// What GRUB prints on the serial console right before it loads the hypervisor.
+pub const GRUB_MARKER: &str = "mkvisor: GRUB is loading the hypervisor";
+
+/// Lays out an ISO tree in `dir` and writes `dir/mkvisor.iso`.
+pub fn iso(images: &Images, dir: &Path, cmdline: &str) -> Result<PathBuf> {
+    crate::setup::ensure_packages(&[crate::setup::BUILD])?;
+    let tree = dir.join("iso");
+    let boot = tree.join("boot");
+    std::fs::create_dir_all(boot.join("grub"))?;
+    std::fs::copy(&images.hypervisor, boot.join("mkvisor"))
+        .with_context(|| format!("copying {}", images.hypervisor.display()))?;
+    std::fs::copy(&images.guest, boot.join("guestkernel"))
+        .with_context(|| format!("copying {}", images.guest.display()))?;
+    std::fs::write(boot.join("grub/grub.cfg"), grub_cfg(cmdline))?;
+    let iso = dir.join("mkvisor.iso");
+    let out = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&tree)
+        .output()
+        .context("cannot run grub-mkrescue")?;
+    if !out.status.success() {
+        bail!(
+            "grub-mkrescue failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(iso)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_cfg_passes_the_command_line_and_module() {
+        let cfg = grub_cfg("cpus=2 vmxcaps");
+        assert!(cfg.contains("multiboot2 /boot/mkvisor cpus=2 vmxcaps\n"));
+        assert!(cfg.contains("module2 /boot/guestkernel guestkernel\n"));
+        assert!(cfg.contains("set timeout=0\n"));
+    }
+
+    #[test]
+    fn grub_cfg_cannot_be_broken_out_of() {
+        let cfg = grub_cfg("a\nboot\" b");
+        assert!(cfg.contains("multiboot2 /boot/mkvisor a boot  b\n"));
+    }
+}

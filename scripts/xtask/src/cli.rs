@@ -1,0 +1,149 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Command-line interface of `cargo xtask`.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Build, boot and test mkvisor")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install what is missing: Debian packages (Bochs, GRUB, xorriso, QEMU) and the Rust target.
+    Setup,
+    /// Build the hypervisor, the guest kernel and a bootable GRUB ISO under target/.
+    Build(BuildArgs),
+    /// Build if needed, boot in an emulator, stream the console, end on completion or timeout.
+    Run(RunArgs),
+    /// Run the host tests, then the whole-system tests.
+    Test(TestArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// Build the bare-metal images with the dev profile instead of release.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    /// Bochs 2.7 with emulated VT-x (EPT, VPID): the test bed.
+    Bochs,
+    /// QEMU with TCG: no VT-x, so the hypervisor must refuse cleanly.
+    Qemu,
+    /// QEMU with KVM and `-cpu host`: only where /dev/kvm offers nested VMX.
+    QemuKvm,
+}
+
+impl Emulator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Bochs => "bochs",
+            Emulator::Qemu => "qemu",
+            Emulator::QemuKvm => "qemu-kvm",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Which emulator boots the image.
+    #[arg(long, value_enum, default_value_t = Emulator::Bochs)]
+    pub emulator: Emulator,
+    /// Number of emulated CPUs.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// CPU model: a Bochs `cpu: model=` name, or a QEMU `-cpu` name.
+    #[arg(long)]
+    pub cpu_model: Option<String>,
+    /// Wall-clock limit in seconds; the run is stopped and reported as `timeout` after it.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
+    /// Write the JSON run report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Extra words for the hypervisor command line (e.g. `cpus=2 vmxcaps`).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Do not stream the console (the report and the saved log still have everything).
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub build: BuildArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TestArgs {
+    /// Only the host tests (no emulator).
+    #[arg(long)]
+    pub host_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["cargo xtask", "run"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v)?.command {
+            Command::Run(r) => Ok(r),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_defaults() {
+        let r = run_args(&[]).unwrap();
+        assert_eq!(r.emulator, Emulator::Bochs);
+        assert_eq!(r.cpus, 4);
+        assert_eq!(r.cpu_model, None);
+        assert!(r.report.is_none());
+        assert!(!r.build.debug);
+    }
+
+    #[test]
+    fn run_options() {
+        let r = run_args(&[
+            "--emulator",
+            "qemu-kvm",
+            "--cpus",
+            "2",
+            "--cpu-model",
+            "tigerlake",
+            "--timeout",
+            "30",
+            "--report",
+            "r.json",
+            "--cmdline",
+            "cpus=1",
+        ])
+        .unwrap();
+        assert_eq!(r.emulator, Emulator::QemuKvm);
+        assert_eq!((r.cpus, r.timeout), (2, 30));
+        assert_eq!(r.cpu_model.as_deref(), Some("tigerlake"));
+        assert_eq!(r.report.unwrap(), PathBuf::from("r.json"));
+        assert_eq!(r.cmdline, "cpus=1");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(run_args(&["--cpus", "0"]).is_err());
+        assert!(run_args(&["--cpus", "65"]).is_err());
+        assert!(run_args(&["--emulator", "vmware"]).is_err());
+        assert!(run_args(&["--timeout", "0"]).is_err());
+        assert!(run_args(&["--frobnicate"]).is_err());
+        assert!(Cli::try_parse_from(["cargo xtask"]).is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

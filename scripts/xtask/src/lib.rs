@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The mkvisor host tool behind `cargo xtask`: installs prerequisites, builds the
+//! bare-metal images and the GRUB ISO, boots it in an emulator, streams the serial console
+//! and turns the hypervisor's records into a JSON report. The whole-system tests under
+//! `tests/` use this library directly.
+
+pub mod build;
+pub mod cli;
+pub mod report;
+pub mod run;
+pub mod setup;
+
+use std::path::PathBuf;
+
+/// The workspace root (this crate lives in `scripts/xtask`).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .and_then(|p| p.parent())
+        .expect("xtask sits two levels below the root")
+        .to_path_buf()
+}
+
+/// The cargo target directory of the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}

@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The run report: what the hypervisor's records say, checked for consistency, as JSON.
+
+use serde::{Deserialize, Serialize};
+use vmcall_proto::record::{self, kind, outcome};
+
+/// One core, from its `core` record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CoreReport {
+    pub index: u32,
+    pub apic_id: u32,
+    /// `on` once VMXON succeeded on that core, else `off`.
+    pub vmx: String,
+    /// `up`, `silent`, `failed` (see `vmcall_proto::record::core_state`).
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Time-stamp counter values the hypervisor reported (in Bochs: emulated instructions).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tsc {
+    /// At hypervisor entry: firmware and GRUB took this long.
+    pub hypervisor_entry: Option<u64>,
+    /// At the end record.
+    pub end: Option<u64>,
+    /// `end - hypervisor_entry`: the hypervisor's own boot, all cores included.
+    pub hypervisor_boot: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Report {
+    /// `ok`, `failed`, `refused` or `timeout`.
+    pub outcome: String,
+    pub emulator: String,
+    pub cpu_model: String,
+    /// Emulated CPUs requested.
+    pub cpus: u32,
+    /// Processors the firmware listed and the run used (from the `cpus` record).
+    pub cpus_listed: Option<u32>,
+    pub cores_used: Option<u32>,
+    pub cores: Vec<CoreReport>,
+    /// What the machine lacks, when the outcome is `refused`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
+    pub tsc: Tsc,
+    pub wall_seconds: f64,
+    pub serial_log: String,
+    /// Anything inconsistent or malformed seen in the console output.
+    pub problems: Vec<String>,
+}
+
+/// The phases of a run, as the console shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Firmware,
+    Grub,
+    Hypervisor,
+    Cores { online: u32, total: u32 },
+    Ended,
+}
+
+/// Accumulates console lines into the report's content.
+#[derive(Debug, Default)]
+pub struct Console {
+    grub_seen: bool,
+    boot_seen: bool,
+    pub cpus_listed: Option<u32>,
+    pub cores_used: Option<u32>,
+    pub online: u32,
+    pub cores: Vec<CoreReport>,
+    pub missing: Option<String>,
+    pub end_outcome: Option<String>,
+    pub tsc: Tsc,
+    pub problems: Vec<String>,
+}
+
+fn unescape(v: record::Value<'_>) -> String {
+    let mut s = String::new();
+    v.unescape_into(|c| s.push(c));
+    s
+}
+
+fn num<T: std::str::FromStr>(r: &record::Record<'_>, key: &str) -> Option<T> {
+    r.get(key).and_then(|v| v.raw().parse().ok())
+}
+
+impl Console {
+    /// Reads one console line. Returns whether it was a record.
+    pub fn feed(&mut self, line: &str) -> bool {
+        if line.contains(crate::build::GRUB_MARKER) {
+            self.grub_seen = true;
+        }
+        let r = match record::parse(line) {
+            Ok(Some(r)) => r,
+            Ok(None) => return false,
+            Err(e) => {
+                self.problems
+                    .push(format!("malformed record ({e:?}): {line}"));
+                return true;
+            }
+        };
+        match r.kind {
+            kind::BOOT => {
+                self.boot_seen = true;
+                self.tsc.hypervisor_entry = num(&r, "tsc");
+            }
+            kind::CPUS => {
+                self.cpus_listed = num(&r, "count");
+                self.cores_used = num(&r, "used");
+            }
+            kind::ONLINE => self.online += 1,
+            kind::CORE => {
+                let core = (|| {
+                    Some(CoreReport {
+                        index: num(&r, "index")?,
+                        apic_id: num(&r, "apic")?,
+                        vmx: r.get("vmx")?.raw().to_string(),
+                        state: r.get("state")?.raw().to_string(),
+                        reason: r.get("reason").map(unescape).filter(|s| !s.is_empty()),
+                    })
+                })();
+                match core {
+                    Some(c) => self.cores.push(c),
+                    None => self
+                        .problems
+                        .push(format!("core record without its fields: {line}")),
+                }
+            }
+            kind::REFUSED => self.missing = r.get("missing").map(unescape),
+            kind::END => {
+                self.end_outcome = r.get("outcome").map(|v| v.raw().to_string());
+                self.tsc.end = num(&r, "tsc");
+            }
+            other => self.problems.push(format!("unknown record kind `{other}`")),
+        }
+        true
+    }
+
+    pub fn phase(&self) -> Phase {
+        if self.end_outcome.is_some() {
+            Phase::Ended
+        } else if let Some(total) = self.cores_used {
+            Phase::Cores {
+                online: self.online,
+                total,
+            }
+        } else if self.boot_seen {
+            Phase::Hypervisor
+        } else if self.grub_seen {
+            Phase::Grub
+        } else {
+            Phase::Firmware
+        }
+    }
+
+    /// The run's outcome, cross-checked: an `ok` end record must come with one `core`
+    /// record per core used, each with VMX on.
+    pub fn outcome(&mut self, timed_out: bool) -> String {
+        let Some(end) = self.end_outcome.clone() else {
+            if !timed_out {
+                self.problems
+                    .push("the emulator stopped without an end record".into());
+            }
+            return if timed_out {
+                "timeout".into()
+            } else {
+                outcome::FAILED.into()
+            };
+        };
+        if end == outcome::OK {
+            let used = self.cores_used.unwrap_or(0) as usize;
+            if self.cores.len() != used || used == 0 {
+                self.problems.push(format!(
+                    "{} core records for {used} cores used",
+                    self.cores.len()
+                ));
+                return outcome::FAILED.into();
+            }
+            if let Some(c) = self.cores.iter().find(|c| c.vmx != "on" || c.state != "up") {
+                self.problems.push(format!(
+                    "end says ok but core {} is {} with VMX {}",
+                    c.index, c.state, c.vmx
+                ));
+                return outcome::FAILED.into();
+            }
+        }
+        if end == outcome::REFUSED && self.missing.is_none() {
+            self.problems
+                .push("refused without saying what is missing".into());
+        }
+        end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN_OK: &str = "\
+  Booting `mkvisor'
+mkvisor: GRUB is loading the hypervisor
+[c0] mkvisor 0.1.0 starting (ABI 1)
+#mkv boot abi=1 tsc=100 cmdline=\"\"
+#mkv cpus count=2 enabled=2 used=2 bsp_apic=0 x2apic=1
+#mkv online index=0 apic=0
+#mkv online index=1 apic=1
+#mkv core index=0 apic=0 state=up vmx=on reason=\"\"
+#mkv core index=1 apic=1 state=up vmx=on reason=\"\"
+#mkv end outcome=ok tsc=250
+";
+
+    fn feed(text: &str) -> Console {
+        let mut c = Console::default();
+        for l in text.lines() {
+            c.feed(l);
+        }
+        c
+    }
+
+    #[test]
+    fn phases_follow_the_console() {
+        let mut c = Console::default();
+        assert_eq!(c.phase(), Phase::Firmware);
+        let mut seen = vec![];
+        for l in RUN_OK.lines() {
+            c.feed(l);
+            if seen.last() != Some(&c.phase()) {
+                seen.push(c.phase());
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                Phase::Firmware,
+                Phase::Grub,
+                Phase::Hypervisor,
+                Phase::Cores {
+                    online: 0,
+                    total: 2
+                },
+                Phase::Cores {
+                    online: 1,
+                    total: 2
+                },
+                Phase::Cores {
+                    online: 2,
+                    total: 2
+                },
+                Phase::Ended
+            ]
+        );
+    }
+
+    #[test]
+    fn ok_run() {
+        let mut c = feed(RUN_OK);
+        assert_eq!(c.outcome(false), "ok");
+        assert_eq!(c.cores.len(), 2);
+        assert_eq!(c.cores[1].apic_id, 1);
+        assert_eq!(c.cores[1].reason, None);
+        assert_eq!(c.tsc.hypervisor_entry, Some(100));
+        assert_eq!(c.tsc.end, Some(250));
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+    }
+
+    #[test]
+    fn ok_end_with_a_failed_core_is_failed() {
+        let mut c = feed(&RUN_OK.replace(
+            "index=1 apic=1 state=up vmx=on reason=\"\"",
+            "index=1 apic=1 state=silent vmx=off reason=\"no answer\"",
+        ));
+        assert_eq!(c.outcome(false), "failed");
+        assert_eq!(c.cores[1].reason.as_deref(), Some("no answer"));
+        let mut c =
+            feed(&RUN_OK.replace("#mkv core index=1 apic=1 state=up vmx=on reason=\"\"\n", ""));
+        assert_eq!(c.outcome(false), "failed");
+    }
+
+    #[test]
+    fn refused_run() {
+        let mut c = feed("#mkv boot abi=1 tsc=5\n#mkv refused missing=\"VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)\"\n#mkv end outcome=refused tsc=9\n");
+        assert_eq!(c.outcome(false), "refused");
+        assert!(c.missing.as_deref().unwrap().starts_with("VT-x"));
+    }
+
+    #[test]
+    fn no_end_record() {
+        let mut c = feed("#mkv boot abi=1 tsc=5\n");
+        assert_eq!(c.outcome(true), "timeout");
+        let mut c = feed("#mkv boot abi=1 tsc=5\n");
+        assert_eq!(c.outcome(false), "failed");
+        assert_eq!(c.problems.len(), 1);
+    }
+
+    #[test]
+    fn malformed_records_are_problems_not_crashes() {
+        let c = feed(
+            "#mkv core index=1 junk\n#mkv core index=x apic=1 vmx=on state=up\n#mkv martian a=1\n",
+        );
+        assert_eq!(c.problems.len(), 3);
+        assert!(c.cores.is_empty());
+    }
+}

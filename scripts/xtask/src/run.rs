@@ -1,0 +1,382 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Booting the ISO in an emulator: the run directory, the emulator's command line, the live
+//! console, the progress line, and the end of the run (end record, emulator exit, timeout).
+
+use crate::cli::{Emulator, RunArgs};
+use crate::report::{Console, Phase, Report};
+use anyhow::{bail, Context, Result};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Default Bochs CPU model: has EPT, VPID, unrestricted guest (see shared/EMULATORS.md).
+pub const DEFAULT_BOCHS_MODEL: &str = "corei7_skylake_x";
+/// Default QEMU CPU model under TCG.
+pub const DEFAULT_QEMU_MODEL: &str = "max";
+/// After the end record, how long the emulator gets to exit by itself.
+const EXIT_GRACE: Duration = Duration::from_secs(15);
+
+/// A fresh directory for one run's files (ISO, emulator config, serial log, emulator log).
+pub fn run_dir(tag: &str) -> Result<PathBuf> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = crate::target_dir()
+        .join("xtask")
+        .join(format!("{tag}-{}-{n}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Why QEMU with KVM cannot run mkvisor here, if it cannot.
+pub fn kvm_vmx_unavailable() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let vmx = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx"));
+    if !vmx {
+        return Some(
+            "the host CPU has no `vmx` flag in /proc/cpuinfo, so KVM cannot give a guest VT-x \
+             (this /dev/kvm is not a VMX-capable KVM); use --emulator bochs"
+                .into(),
+        );
+    }
+    let nested =
+        std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested").unwrap_or_default();
+    if !matches!(nested.trim(), "Y" | "1") {
+        return Some("kvm_intel is not loaded with nested=1, so guests get no VT-x".into());
+    }
+    None
+}
+
+fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str) -> String {
+    format!(
+        "megs: 256\n\
+         romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n\
+         vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         cpu: model={model}, count={cpus}, ips=4000000, reset_on_triple_fault=0\n\
+         clock: sync=none\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         com1: enabled=1, mode=file, dev={serial}\n\
+         log: {log}\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         info: action=report\n\
+         debug: action=ignore\n\
+         sound: driver=dummy\n",
+        iso = iso.display(),
+        serial = dir.join("serial.txt").display(),
+        log = dir.join("bochs.log").display(),
+    )
+}
+
+fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
+    let out = std::fs::File::create(dir.join("emulator.out"))?;
+    let err = out.try_clone()?;
+    let mut cmd = match args.emulator {
+        Emulator::Bochs => {
+            std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, args.cpus, model))?;
+            std::fs::write(dir.join("cont.rc"), "c\n")?;
+            let mut c = Command::new("bochs");
+            c.arg("-q")
+                .arg("-f")
+                .arg(dir.join("bochsrc"))
+                .arg("-rc")
+                .arg(dir.join("cont.rc"));
+            c
+        }
+        Emulator::Qemu | Emulator::QemuKvm => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args([
+                "-machine",
+                "pc",
+                "-m",
+                "256",
+                "-smp",
+                &args.cpus.to_string(),
+            ])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .arg("-serial")
+            .arg(format!("file:{}", dir.join("serial.txt").display()))
+            .arg("-cdrom")
+            .arg(iso);
+            if args.emulator == Emulator::QemuKvm {
+                c.args(["-enable-kvm", "-cpu", "host"]);
+            } else {
+                c.args(["-cpu", model]);
+            }
+            c
+        }
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .current_dir(dir);
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", args.emulator.name()))
+}
+
+/// Removes terminal control sequences (GRUB clears the screen on the serial console).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if ('\x40'..='\x7e').contains(&d) {
+                        break;
+                    }
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Prints console lines live, colouring cores on a terminal.
+struct Printer {
+    quiet: bool,
+    tty: bool,
+    status_shown: bool,
+}
+
+impl Printer {
+    fn clear_status(&mut self) {
+        if self.status_shown {
+            eprint!("\r\x1b[K");
+            self.status_shown = false;
+        }
+    }
+
+    fn line(&mut self, line: &str, is_record: bool) {
+        if self.quiet {
+            return;
+        }
+        self.clear_status();
+        let mut out = std::io::stdout().lock();
+        if !self.tty {
+            let _ = writeln!(out, "{line}");
+            return;
+        }
+        if is_record {
+            let _ = writeln!(out, "\x1b[2m{line}\x1b[0m");
+        } else if let Some(core) = line
+            .strip_prefix("[c")
+            .and_then(|r| r.split(']').next())
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
+            let _ = writeln!(
+                out,
+                "\x1b[{}m{line}\x1b[0m",
+                COLOURS[core as usize % COLOURS.len()]
+            );
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    fn status(&mut self, started: Instant, phase: Phase) {
+        let what = match phase {
+            Phase::Firmware => "firmware (BIOS) starting".to_string(),
+            Phase::Grub => "GRUB loading the hypervisor".to_string(),
+            Phase::Hypervisor => "hypervisor initialising".to_string(),
+            Phase::Cores { online, total } => format!("cores coming up: {online}/{total} online"),
+            Phase::Ended => "run ended".to_string(),
+        };
+        let t = started.elapsed().as_secs_f64();
+        if self.tty && !self.quiet {
+            eprint!("\r\x1b[K\x1b[1m[{t:6.1}s] {what}\x1b[0m");
+            self.status_shown = true;
+        } else {
+            eprintln!("[{t:6.1}s] {what}");
+        }
+    }
+}
+
+/// Boots the image described by `args` and returns the report (also written to
+/// `args.report` when given). Fails only when the run could not be attempted at all.
+pub fn run(args: &RunArgs) -> Result<Report> {
+    let model = args.cpu_model.clone().unwrap_or_else(|| {
+        match args.emulator {
+            Emulator::Bochs => DEFAULT_BOCHS_MODEL,
+            Emulator::Qemu => DEFAULT_QEMU_MODEL,
+            Emulator::QemuKvm => "host",
+        }
+        .to_string()
+    });
+    match args.emulator {
+        Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
+        Emulator::Qemu => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
+        Emulator::QemuKvm => {
+            if let Some(why) = kvm_vmx_unavailable() {
+                bail!("cannot run under qemu-kvm: {why}");
+            }
+            crate::setup::ensure_packages(&[crate::setup::QEMU])?;
+        }
+    }
+    let images = crate::build::images(args.build.debug)?;
+    let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), args.cpus))?;
+    let iso = crate::build::iso(&images, &dir, &args.cmdline)?;
+    let serial_path = dir.join("serial.txt");
+    std::fs::write(&serial_path, b"")?;
+
+    let mut printer = Printer {
+        quiet: args.quiet,
+        tty: std::io::stderr().is_terminal(),
+        status_shown: false,
+    };
+    let started = Instant::now();
+    let mut child = spawn(args, &iso, &dir, &model)?;
+    let mut console = Console::default();
+    let mut serial = std::fs::File::open(&serial_path)?;
+    let mut pending = Vec::new();
+    let mut offset = 0u64;
+    let mut last_phase = None;
+    let mut ended_at: Option<Instant> = None;
+    let deadline = started + Duration::from_secs(args.timeout);
+    let mut timed_out = false;
+
+    loop {
+        let exited = child.try_wait()?.is_some();
+        // Read what the emulator appended since last time; keep an unfinished line.
+        serial.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        serial.read_to_end(&mut buf)?;
+        offset += buf.len() as u64;
+        pending.extend_from_slice(&buf);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = pending.drain(..=nl).collect();
+            let line = strip_ansi(&String::from_utf8_lossy(&raw[..raw.len() - 1]));
+            if line.trim().is_empty() {
+                continue;
+            }
+            let is_record = console.feed(&line);
+            printer.line(&line, is_record);
+        }
+        let phase = console.phase();
+        if last_phase != Some(phase) {
+            printer.status(started, phase);
+            last_phase = Some(phase);
+        }
+        if phase == Phase::Ended && ended_at.is_none() {
+            ended_at = Some(Instant::now());
+        }
+        if exited {
+            break;
+        }
+        if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
+            console
+                .problems
+                .push("the emulator did not exit after the end record; killed".into());
+            let _ = child.kill();
+        } else if Instant::now() > deadline {
+            timed_out = true;
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.wait();
+    if !pending.is_empty() {
+        let line = strip_ansi(&String::from_utf8_lossy(&pending));
+        let is_record = console.feed(&line);
+        printer.line(&line, is_record);
+    }
+    printer.clear_status();
+
+    let outcome = console.outcome(timed_out);
+    let mut tsc = console.tsc.clone();
+    if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
+        tsc.hypervisor_boot = b.checked_sub(a);
+    }
+    let report = Report {
+        outcome,
+        emulator: args.emulator.name().into(),
+        cpu_model: model,
+        cpus: args.cpus,
+        cpus_listed: console.cpus_listed,
+        cores_used: console.cores_used,
+        cores: console.cores,
+        missing: console.missing,
+        tsc,
+        wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        serial_log: serial_path.display().to_string(),
+        problems: console.problems,
+    };
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// One-paragraph summary for the end of `cargo xtask run`.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "mkvisor run: outcome {} ({} with {} CPUs, model {}, {:.1} s wall)\n",
+        r.outcome, r.emulator, r.cpus, r.cpu_model, r.wall_seconds
+    );
+    for c in &r.cores {
+        s += &format!(
+            "  core {:2}  APIC id {:3}  {:7} VMX {}{}\n",
+            c.index,
+            c.apic_id,
+            c.state,
+            c.vmx,
+            c.reason
+                .as_deref()
+                .map(|x| format!("  ({x})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(m) = &r.missing {
+        s += &format!("  refused: this machine lacks {m}\n");
+    }
+    if let (Some(e), Some(b)) = (r.tsc.hypervisor_entry, r.tsc.hypervisor_boot) {
+        s += &format!("  TSC: firmware+GRUB {e}, hypervisor boot to end {b}\n");
+    }
+    for p in &r.problems {
+        s += &format!("  problem: {p}\n");
+    }
+    s += &format!("  serial log: {}\n", r.serial_log);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_grub_screen_control() {
+        assert_eq!(
+            strip_ansi("\x1b[H\x1b[J\x1b[1;1H  Booting `mkvisor'\r"),
+            "  Booting `mkvisor'"
+        );
+        assert_eq!(strip_ansi("plain"), "plain");
+        assert_eq!(strip_ansi("a\x1b"), "a");
+    }
+
+    #[test]
+    fn bochsrc_has_the_requested_machine() {
+        let rc = bochsrc(Path::new("/x/m.iso"), Path::new("/x"), 2, "tigerlake");
+        assert!(rc.contains("cpu: model=tigerlake, count=2,"));
+        assert!(rc.contains("path=/x/m.iso"));
+        assert!(rc.contains("com1: enabled=1, mode=file, dev=/x/serial.txt"));
+        assert!(rc.contains("clock: sync=none"));
+    }
+}

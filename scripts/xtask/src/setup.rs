@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Prerequisites: Debian packages and the Rust target. Each command asks for what it needs;
+//! only what is missing is installed, and the tool says what and why.
+
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+/// A Debian package and why mkvisor needs it.
+pub struct Package {
+    pub name: &'static str,
+    pub why: &'static str,
+}
+
+/// Packages to build the ISO.
+pub const BUILD: &[Package] = &[
+    Package {
+        name: "grub-pc-bin",
+        why: "GRUB's BIOS modules for the boot ISO",
+    },
+    Package {
+        name: "grub-common",
+        why: "grub-mkrescue",
+    },
+    Package {
+        name: "xorriso",
+        why: "ISO 9660 image writer for grub-mkrescue",
+    },
+    Package {
+        name: "mtools",
+        why: "FAT image tools for grub-mkrescue",
+    },
+];
+/// Packages to boot in Bochs.
+pub const BOCHS: &[Package] = &[
+    Package {
+        name: "bochs",
+        why: "the VT-x emulator mkvisor is tested on",
+    },
+    Package {
+        name: "bochsbios",
+        why: "Bochs BIOS",
+    },
+    Package {
+        name: "vgabios",
+        why: "Bochs VGA BIOS",
+    },
+];
+/// Packages to boot in QEMU.
+pub const QEMU: &[Package] = &[Package {
+    name: "qemu-system-x86",
+    why: "QEMU (the no-VT-x path)",
+}];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Installs the missing packages among `sets`.
+pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
+    let missing: Vec<&Package> = sets
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|p| !installed(p.name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for p in &missing {
+        eprintln!("setup: installing {} ({})", p.name, p.why);
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut c = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(apt(&["update", "-q"]).stdout(std::process::Stdio::null()))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(missing.iter().map(|p| p.name));
+    install.stdout(std::process::Stdio::null());
+    run(&mut install).context("installing Debian packages (run `cargo xtask setup` as root)")
+}
+
+/// Installs the x86_64-unknown-none target if rustup lacks it.
+pub fn ensure_rust_target() -> Result<()> {
+    let root = crate::workspace_root();
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(&root)
+        .output()
+        .context("rustup is needed to install the x86_64-unknown-none target")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == "x86_64-unknown-none")
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing Rust target x86_64-unknown-none (bare-metal hypervisor and guest)"
+    );
+    run(Command::new("rustup")
+        .args(["target", "add", "x86_64-unknown-none"])
+        .current_dir(&root))
+}
+
+/// Everything, for `cargo xtask setup`.
+pub fn all() -> Result<()> {
+    ensure_rust_target()?;
+    ensure_packages(&[BUILD, BOCHS, QEMU])?;
+    eprintln!("setup: everything is in place");
+    Ok(())
+}
