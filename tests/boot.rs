@@ -1,1 +1,74 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Whole-system tests of the boot layer: real ISO, real emulator, assertions on the report
+//! and the serial log (never on timing).
 
+use systests::boot;
+use xtask::cli::Emulator;
+
+#[test]
+fn bochs_one_cpu_vmx_on() {
+    boot(Emulator::Bochs, 1, None, "").assert_all_cores_vmx_on(1);
+}
+
+#[test]
+fn bochs_two_cpus_vmx_on() {
+    boot(Emulator::Bochs, 2, None, "").assert_all_cores_vmx_on(2);
+}
+
+#[test]
+fn bochs_four_cpus_vmx_on() {
+    let b = boot(Emulator::Bochs, 4, None, "");
+    b.assert_all_cores_vmx_on(4);
+    assert_eq!(b.report.cpus_listed, Some(4));
+}
+
+#[test]
+fn bochs_tigerlake_model_vmx_on() {
+    let b = boot(Emulator::Bochs, 2, Some("tigerlake"), "");
+    b.assert_all_cores_vmx_on(2);
+    assert_eq!(b.report.cpu_model, "tigerlake");
+    // The VMCS revision differs between models; the hypervisor reads it, not assumes it.
+    assert!(b.serial.contains("VMX: revision 0x4,"), "tigerlake reports VMCS revision 4");
+}
+
+#[test]
+fn cpus_option_caps_the_cores() {
+    let b = boot(Emulator::Bochs, 4, None, "cpus=2");
+    b.assert_all_cores_vmx_on(2);
+    assert_eq!(b.report.cpus_listed, Some(4));
+    assert_eq!(b.report.cores_used, Some(2));
+}
+
+#[test]
+fn a_silent_core_is_reported_not_waited_for() {
+    let b = boot(Emulator::Bochs, 2, None, "inject=silent-ap");
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed");
+    assert_eq!(r.cores.len(), 2);
+    assert_eq!((r.cores[0].state.as_str(), r.cores[0].vmx.as_str()), ("up", "on"));
+    assert_eq!((r.cores[1].state.as_str(), r.cores[1].vmx.as_str()), ("silent", "off"));
+    assert_eq!(r.cores[1].reason.as_deref(), Some("no answer to INIT-SIPI-SIPI"));
+}
+
+#[test]
+fn an_exception_on_an_ap_is_reported_and_contained() {
+    let b = boot(Emulator::Bochs, 2, None, "inject=ap-fault");
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed");
+    assert_eq!((r.cores[0].state.as_str(), r.cores[0].vmx.as_str()), ("up", "on"));
+    assert_eq!(r.cores[1].state, "failed");
+    let reason = r.cores[1].reason.as_deref().unwrap_or_default();
+    assert!(reason.starts_with("exception #UD invalid opcode (vector 6) at rip=0x"), "{reason}");
+    // The faulting core printed vector, error code, RIP under its own prefix.
+    assert!(b.serial.contains("[c1] ERROR hypervisor exception: #UD invalid opcode (vector 6)"));
+}
+
+#[test]
+fn qemu_tcg_is_refused_with_the_missing_feature() {
+    let b = boot(Emulator::Qemu, 2, None, "");
+    let r = &b.report;
+    assert_eq!(r.outcome, "refused", "{}", b.serial);
+    assert_eq!(r.missing.as_deref(), Some("VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)"));
+    assert!(b.serial.contains("mkvisor needs VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)"));
+    assert!(r.cores.is_empty(), "no core may be started when refusing");
+}

@@ -1,1 +1,53 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Helpers for the whole-system tests: boot the real ISO in an emulator through the same
+//! code path as `cargo xtask run`, and hand back the report and the serial log.
 
+use xtask::cli::{BuildArgs, Emulator, RunArgs};
+use xtask::report::Report;
+
+/// A finished boot: the report and the serial console text.
+pub struct Boot {
+    pub report: Report,
+    pub serial: String,
+}
+
+/// Boots with `cpus` emulated CPUs and the given hypervisor command line.
+pub fn boot(emulator: Emulator, cpus: u32, model: Option<&str>, cmdline: &str) -> Boot {
+    let args = RunArgs {
+        emulator,
+        cpus,
+        cpu_model: model.map(str::to_string),
+        // Generous: the boots take seconds; this only bounds a hang on a loaded machine.
+        timeout: 300,
+        report: None,
+        cmdline: cmdline.to_string(),
+        quiet: true,
+        build: BuildArgs { debug: false },
+    };
+    let report = xtask::run::run(&args).expect("the run could not be attempted");
+    let serial = std::fs::read_to_string(&report.serial_log).expect("serial log");
+    eprintln!("{}", xtask::run::summary(&report));
+    Boot { report, serial }
+}
+
+impl Boot {
+    /// Asserts the run ended by itself with `ok` and every one of `n` cores in VMX operation.
+    pub fn assert_all_cores_vmx_on(&self, n: usize) {
+        let r = &self.report;
+        assert_eq!(r.outcome, "ok", "problems: {:?}\n{}", r.problems, self.serial);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.cores.len(), n, "{:?}", r.cores);
+        let mut apic_ids: Vec<u32> = r.cores.iter().map(|c| c.apic_id).collect();
+        apic_ids.sort_unstable();
+        apic_ids.dedup();
+        assert_eq!(apic_ids.len(), n, "APIC ids must be distinct: {:?}", r.cores);
+        for (i, c) in r.cores.iter().enumerate() {
+            assert_eq!(c.index as usize, i);
+            assert_eq!((c.state.as_str(), c.vmx.as_str()), ("up", "on"), "core {i}: {c:?}");
+            // Each core says so itself, on its own log prefix.
+            let own_line = format!("[c{i}] VMX root operation on");
+            assert!(self.serial.contains(&own_line), "no `{own_line}` in the serial log");
+        }
+        assert!(r.tsc.hypervisor_boot.is_some_and(|t| t > 0));
+    }
+}

@@ -42,6 +42,18 @@ pub struct Options {
     pub cpus: Option<usize>,
     /// Log the raw VMX capability MSRs at boot.
     pub vmxcaps: bool,
+    /// A fault to inject, for the whole-system tests of the failure paths.
+    pub inject: Option<Inject>,
+}
+
+/// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
+/// reporting paths are tested on the real system rather than assumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inject {
+    /// The BSP sends no STARTUP IPI to the last core: it must be reported silent.
+    SilentAp,
+    /// Core 1 executes UD2 once online: its exception must be reported, the run failed.
+    ApFault,
 }
 
 /// A command-line word the hypervisor does not understand. Reported and ignored.
@@ -65,20 +77,16 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
         match key {
             "cpus" => match value.parse::<usize>() {
                 Ok(n) if n >= 1 => o.cpus = Some(n),
-                _ => bad(BadOption {
-                    word,
-                    why: "expected cpus=N with N >= 1",
-                }),
+                _ => bad(BadOption { word, why: "expected cpus=N with N >= 1" }),
             },
             "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
-            "vmxcaps" => bad(BadOption {
-                word,
-                why: "expected vmxcaps or vmxcaps=1",
-            }),
-            _ => bad(BadOption {
-                word,
-                why: "unknown option",
-            }),
+            "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
+            "inject" => match value {
+                "silent-ap" => o.inject = Some(Inject::SilentAp),
+                "ap-fault" => o.inject = Some(Inject::ApFault),
+                _ => bad(BadOption { word, why: "expected inject=silent-ap or inject=ap-fault" }),
+            },
+            _ => bad(BadOption { word, why: "unknown option" }),
         }
     }
     o
@@ -110,17 +118,11 @@ impl BootParams {
     }
     /// Whether `[start, end)` lies entirely inside one usable region.
     pub fn is_usable(&self, start: u64, end: u64) -> bool {
-        self.regions()
-            .iter()
-            .any(|r| r.kind == MemKind::Usable && r.start <= start && end <= r.end)
+        self.regions().iter().any(|r| r.kind == MemKind::Usable && r.start <= start && end <= r.end)
     }
     /// Total usable bytes.
     pub fn usable_bytes(&self) -> u64 {
-        self.regions()
-            .iter()
-            .filter(|r| r.kind == MemKind::Usable)
-            .map(|r| r.end - r.start)
-            .sum()
+        self.regions().iter().filter(|r| r.kind == MemKind::Usable).map(|r| r.end - r.start).sum()
     }
 }
 
@@ -146,10 +148,7 @@ impl fmt::Display for BootInfoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BootInfoError::BadMagic(m) => {
-                write!(
-                    f,
-                    "not started by a multiboot2 loader (EAX = {m:#x}, expected 0x36d76289)"
-                )
+                write!(f, "not started by a multiboot2 loader (EAX = {m:#x}, expected 0x36d76289)")
             }
             BootInfoError::Unreadable => f.write_str("multiboot2 information is malformed"),
             BootInfoError::NoMemoryMap => f.write_str("multiboot2 information has no memory map"),
@@ -175,11 +174,7 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
     let mut p = BootParams {
         cmdline: [0; MAX_CMDLINE],
         cmdline_len: 0,
-        regions: [MemRegion {
-            start: 0,
-            end: 0,
-            kind: MemKind::Reserved,
-        }; MAX_REGIONS],
+        regions: [MemRegion { start: 0, end: 0, kind: MemKind::Reserved }; MAX_REGIONS],
         region_count: 0,
         regions_dropped: 0,
         acpi: None,
@@ -201,11 +196,7 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
             MemoryAreaType::Defective => MemKind::Defective,
             _ => MemKind::Reserved,
         };
-        let r = MemRegion {
-            start: area.start_address(),
-            end: area.end_address(),
-            kind,
-        };
+        let r = MemRegion { start: area.start_address(), end: area.end_address(), kind };
         if p.region_count < MAX_REGIONS {
             p.regions[p.region_count] = r;
             p.region_count += 1;
@@ -239,11 +230,11 @@ mod tests {
         assert_eq!(opts("").0, Options::default());
         assert_eq!(
             opts("  cpus=8   vmxcaps ").0,
-            Options {
-                cpus: Some(8),
-                vmxcaps: true
-            }
+            Options { cpus: Some(8), vmxcaps: true, inject: None }
         );
+        assert_eq!(opts("inject=ap-fault").0.inject, Some(Inject::ApFault));
+        assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));
+        assert_eq!(opts("inject=everything").1.len(), 1);
     }
 
     #[test]

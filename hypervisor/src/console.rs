@@ -7,6 +7,7 @@
 //! bare, one per line, for the host tools.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Mutex;
 use vmcall_proto::platform::COM1_PORT;
 
@@ -61,6 +62,22 @@ impl Write for Uart {
 }
 
 static CONSOLE: Mutex<Uart> = Mutex::new(Uart { port: COM1_PORT });
+/// Which core holds [`CONSOLE`] (its index), or `NOBODY`: lets a dying core tell whether it
+/// is the one that must break the lock.
+static OWNER: AtomicUsize = AtomicUsize::new(NOBODY);
+const NOBODY: usize = usize::MAX;
+const UNKNOWN_CORE: usize = usize::MAX - 1;
+
+fn me() -> usize {
+    crate::percpu::current_index().unwrap_or(UNKNOWN_CORE)
+}
+
+fn with_console(f: impl FnOnce(&mut Uart)) {
+    let mut c = CONSOLE.lock();
+    OWNER.store(me(), Ordering::Relaxed);
+    f(&mut c);
+    OWNER.store(NOBODY, Ordering::Relaxed);
+}
 
 /// Initialises COM1 and installs the logger.
 ///
@@ -76,19 +93,15 @@ pub unsafe fn init() {
 
 /// Writes one whole line (a newline is appended).
 pub fn line(args: fmt::Arguments<'_>) {
-    let mut c = CONSOLE.lock();
-    let _ = c.write_fmt(args);
-    let _ = c.write_str("\n");
+    with_console(|c| {
+        let _ = c.write_fmt(args);
+        let _ = c.write_str("\n");
+    });
 }
 
 /// Writes a record line: `#mkv <kind> <fields>`.
 pub fn record(kind: &str, fields: fmt::Arguments<'_>) {
-    line(format_args!(
-        "{}{} {}",
-        vmcall_proto::record::PREFIX,
-        kind,
-        fields
-    ));
+    line(format_args!("{}{} {}", vmcall_proto::record::PREFIX, kind, fields));
 }
 
 /// Writes a record: `record!(kind::CORE, "index={} vmx=on", i)`.
@@ -99,12 +112,14 @@ macro_rules! record {
     };
 }
 
-/// Breaks the console lock if the current core died holding it (used only on the way to
-/// parking or ending the run, when nothing else will run on this core).
+/// Breaks the console lock if the calling core died holding it (a fault while printing).
+/// Used only on the way to parking or ending the run. A lock held by another core is left
+/// alone: that core releases it when its line is written.
 pub fn force_unlock_for_panic() {
-    if CONSOLE.is_locked() {
-        // SAFETY: called only from the panic/exception path. If this core holds the lock it
-        // will never release it; if another core holds it, a garbled line is the worst case.
+    if CONSOLE.is_locked() && OWNER.load(Ordering::Relaxed) == me() {
+        OWNER.store(NOBODY, Ordering::Relaxed);
+        // SAFETY: this core holds the lock and will never return to the code that would
+        // release it; no other core can be inside the critical section.
         unsafe { CONSOLE.force_unlock() };
     }
 }

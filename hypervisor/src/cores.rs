@@ -132,10 +132,7 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
     let len = { madt.header.length } as usize;
     let head = core::mem::size_of::<acpi::madt::Madt>();
     if len < head {
-        return Err(MadtFault {
-            offset: 0,
-            what: "table shorter than its header",
-        });
+        return Err(MadtFault { offset: 0, what: "table shorter than its header" });
     }
     // SAFETY: the table was found and checksummed over `length` bytes by the acpi crate, so
     // all of them are mapped and readable.
@@ -143,17 +140,11 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
     let mut at = head;
     while at < len {
         if len - at < 2 {
-            return Err(MadtFault {
-                offset: at,
-                what: "truncated entry header",
-            });
+            return Err(MadtFault { offset: at, what: "truncated entry header" });
         }
         let (ty, elen) = (bytes[at], bytes[at + 1] as usize);
         if elen < 2 || elen > len - at {
-            return Err(MadtFault {
-                offset: at,
-                what: "entry length out of bounds",
-            });
+            return Err(MadtFault { offset: at, what: "entry length out of bounds" });
         }
         let want = match ty {
             0 => 8,
@@ -161,10 +152,7 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
             _ => elen,
         };
         if elen != want {
-            return Err(MadtFault {
-                offset: at,
-                what: "processor entry of the wrong size",
-            });
+            return Err(MadtFault { offset: at, what: "processor entry of the wrong size" });
         }
         at += elen;
     }
@@ -229,11 +217,7 @@ mod tests {
     use super::*;
 
     fn cpu(apic_id: u32, enabled: bool) -> MadtCpu {
-        MadtCpu {
-            apic_id,
-            enabled,
-            x2apic_entry: false,
-        }
+        MadtCpu { apic_id, enabled, x2apic_entry: false }
     }
     fn ids(l: &CoreList) -> Vec<u32> {
         l.cores().iter().map(|c| c.apic_id).collect()
@@ -254,18 +238,9 @@ mod tests {
 
     #[test]
     fn disabled_and_duplicate_entries() {
-        let x2 = MadtCpu {
-            apic_id: 1,
-            enabled: true,
-            x2apic_entry: true,
-        };
-        let l = CoreList::build(
-            [cpu(0, true), cpu(1, true), x2, cpu(5, false)],
-            0,
-            None,
-            |_| true,
-        )
-        .unwrap();
+        let x2 = MadtCpu { apic_id: 1, enabled: true, x2apic_entry: true };
+        let l = CoreList::build([cpu(0, true), cpu(1, true), x2, cpu(5, false)], 0, None, |_| true)
+            .unwrap();
         assert_eq!(ids(&l), [0, 1]);
         assert_eq!(l.skipped_disabled, 1);
     }
@@ -290,10 +265,7 @@ mod tests {
             CoreList::build([cpu(0, false)], 0, None, |_| true).unwrap_err(),
             CoreListError::Empty
         );
-        assert_eq!(
-            CoreList::build([], 0, None, |_| true).unwrap_err(),
-            CoreListError::Empty
-        );
+        assert_eq!(CoreList::build([], 0, None, |_| true).unwrap_err(), CoreListError::Empty);
     }
 
     #[test]
@@ -346,23 +318,16 @@ mod tests {
             "processor entry of the wrong size"
         );
         let tail = madt_bytes(&[&[0, 8, 0, 0, 1, 0, 0, 0], &[7]]);
-        assert_eq!(
-            check_madt_entries(as_madt(&tail)).unwrap_err().what,
-            "truncated entry header"
-        );
+        assert_eq!(check_madt_entries(as_madt(&tail)).unwrap_err().what, "truncated entry header");
     }
 
     /// A MADT as the Bochs BIOS builds it for 4 CPUs, plus an x2APIC entry and a disabled
     /// processor, parsed by the `acpi` crate from raw bytes.
     #[test]
     fn parses_raw_madt_bytes() {
-        let x2: Vec<u8> = [
-            &[9u8, 16, 0, 0][..],
-            &260u32.to_le_bytes(),
-            &1u32.to_le_bytes(),
-            &5u32.to_le_bytes(),
-        ]
-        .concat();
+        let x2: Vec<u8> =
+            [&[9u8, 16, 0, 0][..], &260u32.to_le_bytes(), &1u32.to_le_bytes(), &5u32.to_le_bytes()]
+                .concat();
         let words = madt_bytes(&[
             &[0, 8, 0, 0, 1, 0, 0, 0],
             &[0, 8, 1, 1, 1, 0, 0, 0],
@@ -376,14 +341,7 @@ mod tests {
         check_madt_entries(pinned).unwrap();
         let cpus: Vec<MadtCpu> = madt_cpus(pinned).collect();
         assert_eq!(cpus.len(), 6);
-        assert_eq!(
-            cpus[5],
-            MadtCpu {
-                apic_id: 260,
-                enabled: true,
-                x2apic_entry: true
-            }
-        );
+        assert_eq!(cpus[5], MadtCpu { apic_id: 260, enabled: true, x2apic_entry: true });
         let l = CoreList::build(cpus, 0, None, |_| true).unwrap();
         assert_eq!(ids(&l), [0, 1, 2, 3, 260]);
         assert_eq!(l.skipped_disabled, 1);

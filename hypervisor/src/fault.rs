@@ -45,20 +45,18 @@ const NAMES: [&str; 32] = [
 #[no_mangle]
 extern "C" fn exception_entry(frame: &ExceptionFrame) -> ! {
     report(frame);
-    this_core_failed(Failure::Exception)
+    this_core_failed(Failure::Exception, frame.vector as u32, frame.rip)
+}
+
+/// The mnemonic and name of an exception vector.
+pub fn exception_name(vector: u64) -> &'static str {
+    NAMES.get(vector as usize).copied().unwrap_or("unexpected interrupt")
 }
 
 fn report(f: &ExceptionFrame) {
     crate::console::force_unlock_for_panic();
-    let name = NAMES
-        .get(f.vector as usize)
-        .copied()
-        .unwrap_or("unexpected interrupt");
-    let cr2 = if f.vector == 14 {
-        crate::arch::read_cr2()
-    } else {
-        0
-    };
+    let name = exception_name(f.vector);
+    let cr2 = if f.vector == 14 { crate::arch::read_cr2() } else { 0 };
     log::error!(
         "hypervisor exception: {name} (vector {}) error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
         f.vector, f.error_code, f.rip, f.cs, f.rflags, f.rsp, cr2
@@ -70,5 +68,5 @@ fn report(f: &ExceptionFrame) {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     crate::console::force_unlock_for_panic();
     log::error!("hypervisor panic: {info}");
-    this_core_failed(Failure::Panic)
+    this_core_failed(Failure::Panic, 0, 0)
 }

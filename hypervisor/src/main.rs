@@ -68,11 +68,7 @@ mod boot {
             boot.loader(),
             boot.usable_bytes() >> 20,
             boot.regions().len(),
-            if boot.regions_dropped > 0 {
-                " (some dropped)"
-            } else {
-                ""
-            }
+            if boot.regions_dropped > 0 { " (some dropped)" } else { "" }
         );
 
         // SAFETY: single core; PIT channel 2 is ours.
@@ -114,9 +110,10 @@ mod boot {
         };
 
         smp::publish_features(features);
+        smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 
-        start_aps(&boot, &list);
+        start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
         smp::enable_vmx_and_report(0);
         let all_up = collect(&list);
         log::info!(
@@ -145,9 +142,7 @@ mod boot {
             }
         }
         .map_err(|_| "the ACPI root table is invalid")?;
-        let madt = tables
-            .find_table::<acpi::madt::Madt>()
-            .map_err(|_| "no valid MADT")?;
+        let madt = tables.find_table::<acpi::madt::Madt>().map_err(|_| "no valid MADT")?;
         cores::check_madt_entries(madt.get()).map_err(|e| {
             log::error!("{e}");
             "the MADT is malformed"
@@ -174,11 +169,7 @@ mod boot {
             list.len()
         );
         if list.skipped_capped > 0 {
-            log::info!(
-                "cpus={} leaves {} cores idle",
-                cap.unwrap_or(0),
-                list.skipped_capped
-            );
+            log::info!("cpus={} leaves {} cores idle", cap.unwrap_or(0), list.skipped_capped);
         }
         if list.skipped_unaddressable > 0 {
             log::warn!(
@@ -198,7 +189,7 @@ mod boot {
         Ok(list)
     }
 
-    fn start_aps(boot: &bootinfo::BootParams, list: &cores::CoreList) {
+    fn start_aps(boot: &bootinfo::BootParams, list: &cores::CoreList, silence_last: bool) {
         use arch::trampoline::BASE;
         if list.len() == 1 {
             return;
@@ -212,6 +203,10 @@ mod boot {
         // SAFETY: called once, on the BSP, before any IPI.
         let mut apic = unsafe { arch::apic::LocalApic::enable() };
         for (index, core) in list.cores().iter().enumerate().skip(1) {
+            if silence_last && index == list.len() - 1 {
+                log::warn!("inject=silent-ap: core {index} gets no STARTUP IPI");
+                continue;
+            }
             // SAFETY: BSP only, each AP once, one at a time, trampoline page checked above.
             let answered = unsafe { smp::start_ap(&mut apic, index, core.apic_id) };
             if !answered {
@@ -238,12 +233,12 @@ mod boot {
         let mut all_up = true;
         for (i, core) in list.cores().iter().enumerate() {
             let s = smp::mailbox(i).read();
-            let (state, reason) = match s.state {
-                smp::state::UP => (core_state::UP, ""),
-                smp::state::EMPTY => (core_state::SILENT, "no answer to INIT-SIPI-SIPI"),
-                smp::state::ALIVE => (core_state::FAILED, "answered but never finished bring-up"),
-                _ => (core_state::FAILED, s.failure.as_str()),
+            let state = match s.state {
+                smp::state::UP => core_state::UP,
+                smp::state::EMPTY => core_state::SILENT,
+                _ => core_state::FAILED,
             };
+            let reason = ReasonOf(&s);
             all_up &= s.state == smp::state::UP && s.vmx_on;
             record!(
                 kind::CORE,
@@ -253,10 +248,22 @@ mod boot {
                 Quoted(reason)
             );
         }
-        let up = (0..list.len())
-            .filter(|&i| smp::mailbox(i).read().vmx_on)
-            .count();
+        let up = (0..list.len()).filter(|&i| smp::mailbox(i).read().vmx_on).count();
         log::info!("{up}/{} cores in VMX root operation", list.len());
         all_up
+    }
+
+    /// The `reason` field of a core record.
+    struct ReasonOf<'a>(&'a smp::CoreStatus);
+
+    impl core::fmt::Display for ReasonOf<'_> {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0.state {
+                smp::state::UP => Ok(()),
+                smp::state::EMPTY => f.write_str("no answer to INIT-SIPI-SIPI"),
+                smp::state::ALIVE => f.write_str("answered but never finished bring-up"),
+                _ => write!(f, "{}", self.0.reason()),
+            }
+        }
     }
 }

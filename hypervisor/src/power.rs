@@ -34,12 +34,7 @@ impl Outcome {
 /// Prints the end record and leaves the emulator. Never returns.
 pub fn end_run(o: Outcome) -> ! {
     crate::console::force_unlock_for_panic();
-    crate::record!(
-        kind::END,
-        "outcome={} tsc={}",
-        o.as_str(),
-        crate::arch::rdtsc()
-    );
+    crate::record!(kind::END, "outcome={} tsc={}", o.as_str(), crate::arch::rdtsc());
     // SAFETY: these ports belong to the emulators' exit devices; writing them ends the run,
     // which is the intent. Elsewhere they are unclaimed and the writes are ignored.
     unsafe {

@@ -7,7 +7,8 @@
 //! each core posts its state to its own [`Mailbox`] (single writer), and the BSP reads them.
 
 use crate::vmx::Features;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Mailbox states, in the order a core goes through them.
 pub mod state {
@@ -47,7 +48,7 @@ impl Failure {
             Failure::FeatureControl => "feature-control locked off",
             Failure::FixedBits => "CR0/CR4 fixed bits conflict",
             Failure::Vmxon => "VMXON failed",
-            Failure::Exception => "exception (see the core's log line)",
+            Failure::Exception => "exception",
             Failure::Panic => "panic (see the core's log line)",
         }
     }
@@ -69,6 +70,9 @@ impl From<crate::vmx::VmxError> for Failure {
 pub struct Mailbox {
     vmx_on: AtomicU32,
     failure: AtomicU32,
+    /// For [`Failure::Exception`]: the vector and the faulting RIP.
+    vector: AtomicU32,
+    rip: AtomicU64,
     state: AtomicU32,
 }
 const _: () = assert!(core::mem::size_of::<Mailbox>() == 64);
@@ -79,6 +83,31 @@ pub struct CoreStatus {
     pub state: u32,
     pub vmx_on: bool,
     pub failure: Failure,
+    pub vector: u32,
+    pub rip: u64,
+}
+
+impl CoreStatus {
+    /// Why the core failed, for its record.
+    pub fn reason(&self) -> impl fmt::Display + '_ {
+        struct R<'a>(&'a CoreStatus);
+        impl fmt::Display for R<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let s = self.0;
+                match s.failure {
+                    Failure::Exception => write!(
+                        f,
+                        "exception {} (vector {}) at rip={:#x}",
+                        crate::fault::exception_name(s.vector as u64),
+                        s.vector,
+                        s.rip
+                    ),
+                    other => f.write_str(other.as_str()),
+                }
+            }
+        }
+        R(self)
+    }
 }
 
 impl Mailbox {
@@ -86,12 +115,21 @@ impl Mailbox {
         Mailbox {
             vmx_on: AtomicU32::new(0),
             failure: AtomicU32::new(0),
+            vector: AtomicU32::new(0),
+            rip: AtomicU64::new(0),
             state: AtomicU32::new(0),
         }
     }
 
     /// Posts this core's state. Only the owning core calls this.
     pub fn post(&self, state: u32, vmx_on: bool, failure: Failure) {
+        self.post_fault(state, vmx_on, failure, 0, 0);
+    }
+
+    /// [`Mailbox::post`] with the vector and RIP of an exception.
+    pub fn post_fault(&self, state: u32, vmx_on: bool, failure: Failure, vector: u32, rip: u64) {
+        self.vector.store(vector, Ordering::Relaxed);
+        self.rip.store(rip, Ordering::Relaxed);
         self.vmx_on.store(vmx_on as u32, Ordering::Relaxed);
         self.failure.store(failure as u32, Ordering::Relaxed);
         self.state.store(state, Ordering::Release);
@@ -103,6 +141,8 @@ impl Mailbox {
             state,
             vmx_on: self.vmx_on.load(Ordering::Relaxed) != 0,
             failure: Failure::from_u32(self.failure.load(Ordering::Relaxed)),
+            vector: self.vector.load(Ordering::Relaxed),
+            rip: self.rip.load(Ordering::Relaxed),
         }
     }
 }
@@ -112,6 +152,13 @@ static MAILBOXES: [Mailbox; crate::percpu::MAX_CORES] =
 
 /// The features the BSP probed: written once before any AP starts, then read-only.
 static FEATURES: spin::Once<Features> = spin::Once::new();
+/// Set once by the BSP before APs start (`inject=ap-fault`): core 1 faults on purpose.
+static INJECT_AP_FAULT: spin::Once<bool> = spin::Once::new();
+
+/// Arms the `inject=ap-fault` test fault. Called once, before [`start_ap`].
+pub fn inject_ap_fault(on: bool) {
+    INJECT_AP_FAULT.call_once(|| on);
+}
 
 pub fn mailbox(index: usize) -> &'static Mailbox {
     &MAILBOXES[index]
@@ -138,10 +185,7 @@ pub fn enable_vmx_and_report(index: usize) {
     };
     match result {
         Ok(()) => {
-            log::info!(
-                "VMX root operation on (VMXON region revision {:#x})",
-                f.revision
-            );
+            log::info!("VMX root operation on (VMXON region revision {:#x})", f.revision);
             mailbox(index).post(state::UP, true, Failure::None);
         }
         Err(e) => {
@@ -152,16 +196,17 @@ pub fn enable_vmx_and_report(index: usize) {
 }
 
 /// Called by a core that cannot go on (exception, panic): an AP posts the failure and
-/// parks; the BSP ends the run, since it is the one that would report.
-pub fn this_core_failed(failure: Failure) -> ! {
+/// parks; the BSP ends the run, since it is the one that would report. `vector` and `rip`
+/// describe an exception (0 otherwise).
+pub fn this_core_failed(failure: Failure, vector: u32, rip: u64) -> ! {
     match crate::percpu::current_index() {
         Some(0) | None => {
-            mailbox(0).post(state::FAILED, false, failure);
+            mailbox(0).post_fault(state::FAILED, false, failure, vector, rip);
             crate::power::end_run(crate::power::Outcome::Failed)
         }
         Some(i) => {
             let vmx = mailbox(i).read().vmx_on;
-            mailbox(i).post(state::FAILED, vmx, failure);
+            mailbox(i).post_fault(state::FAILED, vmx, failure, vector, rip);
             crate::arch::park()
         }
     }
@@ -175,10 +220,12 @@ extern "C" fn ap_entry(index: u64) -> ! {
     // SAFETY: the BSP handed this index to this core alone; first thing the core does.
     unsafe { crate::percpu::init_this_core(index, apic_id) };
     mailbox(index).post(state::ALIVE, false, Failure::None);
-    crate::record!(
-        vmcall_proto::record::kind::ONLINE,
-        "index={index} apic={apic_id}"
-    );
+    crate::record!(vmcall_proto::record::kind::ONLINE, "index={index} apic={apic_id}");
+    if index == 1 && INJECT_AP_FAULT.get() == Some(&true) {
+        log::warn!("inject=ap-fault: executing UD2 during bring-up");
+        // SAFETY: deliberately raises #UD, which the IDT reports; nothing is corrupted.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
     enable_vmx_and_report(index);
     // Guests arrive with the next layer; until then an AP has nothing else to do.
     crate::arch::park()

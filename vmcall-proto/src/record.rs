@@ -161,10 +161,7 @@ impl<'a> Record<'a> {
     }
 
     fn fields_raw(&self, base: usize) -> Fields<'a> {
-        Fields {
-            rest: self.rest,
-            offset: base,
-        }
+        Fields { rest: self.rest, offset: base }
     }
 }
 
@@ -211,22 +208,10 @@ impl<'a> Iterator for Fields<'a> {
                 self.rest = "";
                 return Some(Err(ParseError::Unterminated(start)));
             };
-            (
-                Value {
-                    raw: &q[..end],
-                    quoted: true,
-                },
-                eq + 1 + 1 + end + 1,
-            )
+            (Value { raw: &q[..end], quoted: true }, eq + 1 + 1 + end + 1)
         } else {
             let end = after.find(' ').unwrap_or(after.len());
-            (
-                Value {
-                    raw: &after[..end],
-                    quoted: false,
-                },
-                eq + 1 + end,
-            )
+            (Value { raw: &after[..end], quoted: false }, eq + 1 + end)
         };
         self.rest = &self.rest[consumed..];
         self.offset += consumed;
@@ -274,15 +259,9 @@ mod tests {
     #[test]
     fn malformed_records_are_rejected_whole() {
         assert_eq!(parse("#mkv "), Err(ParseError::NoKind));
-        assert_eq!(
-            parse("#mkv core index=1 junk"),
-            Err(ParseError::BadField(18))
-        );
+        assert_eq!(parse("#mkv core index=1 junk"), Err(ParseError::BadField(18)));
         assert_eq!(parse("#mkv core =1"), Err(ParseError::BadField(10)));
-        assert_eq!(
-            parse("#mkv core a=\"open"),
-            Err(ParseError::Unterminated(10))
-        );
+        assert_eq!(parse("#mkv core a=\"open"), Err(ParseError::Unterminated(10)));
     }
 
     proptest! {

@@ -15,17 +15,12 @@ pub fn current_id() -> u32 {
             return level.x2apic_id();
         }
     }
-    cpuid
-        .get_feature_info()
-        .map(|f| f.initial_local_apic_id() as u32)
-        .unwrap_or(0)
+    cpuid.get_feature_info().map(|f| f.initial_local_apic_id() as u32).unwrap_or(0)
 }
 
 /// Whether this processor supports x2APIC mode.
 pub fn has_x2apic() -> bool {
-    CpuId::new()
-        .get_feature_info()
-        .is_some_and(|f| f.has_x2apic())
+    CpuId::new().get_feature_info().is_some_and(|f| f.has_x2apic())
 }
 
 /// The bootstrap processor's handle to its local APIC, for sending IPIs.

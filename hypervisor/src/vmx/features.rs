@@ -203,9 +203,7 @@ pub fn fix_cr(value: u64, fixed0: u64, fixed1: u64, keep: u64) -> Option<u64> {
 /// Reads the raw capabilities of the calling core.
 pub fn read() -> RawCaps {
     use crate::arch::{msr::*, rdmsr};
-    let cpuid_vmx = raw_cpuid::CpuId::new()
-        .get_feature_info()
-        .is_some_and(|f| f.has_vmx());
+    let cpuid_vmx = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_vmx());
     if !cpuid_vmx {
         return RawCaps::default();
     }
@@ -297,29 +295,17 @@ pub(crate) mod tests {
 
     #[test]
     fn locked_feature_control_without_vmx() {
-        let raw = RawCaps {
-            feature_control: feature_control::LOCK,
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw = RawCaps { feature_control: feature_control::LOCK, ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::VmxLockedOff));
         // Locked with only the SMX bit (bit 1) is still off outside SMX.
-        let raw = RawCaps {
-            feature_control: 0x3,
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw = RawCaps { feature_control: 0x3, ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::VmxLockedOff));
     }
 
     #[test]
     fn unlocked_feature_control_is_ours_to_set() {
-        let raw = RawCaps {
-            feature_control: 0,
-            ..BOCHS_SKYLAKE_X
-        };
-        assert_eq!(
-            decode(&raw).unwrap().feature_control,
-            FeatureControl::Unlocked
-        );
+        let raw = RawCaps { feature_control: 0, ..BOCHS_SKYLAKE_X };
+        assert_eq!(decode(&raw).unwrap().feature_control, FeatureControl::Unlocked);
     }
 
     #[test]
@@ -336,44 +322,30 @@ pub(crate) mod tests {
 
     #[test]
     fn machine_without_vpid_or_unrestricted_guest() {
-        let raw = RawCaps {
-            procbased2: BOCHS_SKYLAKE_X.procbased2 & !(1 << 37),
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw =
+            RawCaps { procbased2: BOCHS_SKYLAKE_X.procbased2 & !(1 << 37), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::Vpid));
-        let raw = RawCaps {
-            procbased2: BOCHS_SKYLAKE_X.procbased2 & !(1 << 39),
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw =
+            RawCaps { procbased2: BOCHS_SKYLAKE_X.procbased2 & !(1 << 39), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::UnrestrictedGuest));
     }
 
     #[test]
     fn ept_capability_gaps() {
-        let raw = RawCaps {
-            ept_vpid_cap: BOCHS_SKYLAKE_X.ept_vpid_cap & !(1 << 6),
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw =
+            RawCaps { ept_vpid_cap: BOCHS_SKYLAKE_X.ept_vpid_cap & !(1 << 6), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::EptFourLevel));
-        let raw = RawCaps {
-            ept_vpid_cap: BOCHS_SKYLAKE_X.ept_vpid_cap & !(1 << 14),
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw =
+            RawCaps { ept_vpid_cap: BOCHS_SKYLAKE_X.ept_vpid_cap & !(1 << 14), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::EptWriteBack));
-        let raw = RawCaps {
-            basic: BOCHS_SKYLAKE_X.basic & !(1 << 55),
-            ..BOCHS_SKYLAKE_X
-        };
+        let raw = RawCaps { basic: BOCHS_SKYLAKE_X.basic & !(1 << 55), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::TrueControls));
     }
 
     #[test]
     fn cr_fixing_keeps_paging() {
         let cr0 = 0x8001_0033;
-        assert_eq!(
-            fix_cr(cr0, 0x8000_0021, 0xffff_ffff, 0x8000_0001),
-            Some(0x8001_0033)
-        );
+        assert_eq!(fix_cr(cr0, 0x8000_0021, 0xffff_ffff, 0x8000_0001), Some(0x8001_0033));
         // A fixed1 that forbids PG cannot be honoured.
         assert_eq!(fix_cr(cr0, 0x21, 0x7fff_ffff, 0x8000_0001), None);
         // CR4.VMXE (bit 13) gets forced on by fixed0.

@@ -36,13 +36,8 @@ pub fn images(debug: bool) -> Result<Images> {
     if !status.success() {
         bail!("building the bare-metal images failed");
     }
-    let dir = crate::target_dir()
-        .join(TARGET)
-        .join(if debug { "debug" } else { "release" });
-    Ok(Images {
-        hypervisor: dir.join("mkvisor"),
-        guest: dir.join("guestkernel"),
-    })
+    let dir = crate::target_dir().join(TARGET).join(if debug { "debug" } else { "release" });
+    Ok(Images { hypervisor: dir.join("mkvisor"), guest: dir.join("guestkernel") })
 }
 
 /// The GRUB configuration: no menu, console on COM1 so the host sees GRUB's progress too.
@@ -85,10 +80,7 @@ pub fn iso(images: &Images, dir: &Path, cmdline: &str) -> Result<PathBuf> {
         .output()
         .context("cannot run grub-mkrescue")?;
     if !out.status.success() {
-        bail!(
-            "grub-mkrescue failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("grub-mkrescue failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(iso)
 }

@@ -33,9 +33,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     xtask::setup::ensure_packages(&[xtask::setup::BUILD, xtask::setup::BOCHS, xtask::setup::QEMU])?;
     // Build once up front so the parallel system tests do not all wait on cargo's lock.
     xtask::build::images(false)?;
-    let system = cargo()
-        .args(["test", "-p", "systests", "--", "--test-threads=2"])
-        .status()?;
+    let system = cargo().args(["test", "-p", "systests", "--", "--test-threads=2"]).status()?;
     Ok(system.success())
 }
 

@@ -95,8 +95,7 @@ impl Console {
             Ok(Some(r)) => r,
             Ok(None) => return false,
             Err(e) => {
-                self.problems
-                    .push(format!("malformed record ({e:?}): {line}"));
+                self.problems.push(format!("malformed record ({e:?}): {line}"));
                 return true;
             }
         };
@@ -122,9 +121,7 @@ impl Console {
                 })();
                 match core {
                     Some(c) => self.cores.push(c),
-                    None => self
-                        .problems
-                        .push(format!("core record without its fields: {line}")),
+                    None => self.problems.push(format!("core record without its fields: {line}")),
                 }
             }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
@@ -141,10 +138,7 @@ impl Console {
         if self.end_outcome.is_some() {
             Phase::Ended
         } else if let Some(total) = self.cores_used {
-            Phase::Cores {
-                online: self.online,
-                total,
-            }
+            Phase::Cores { online: self.online, total }
         } else if self.boot_seen {
             Phase::Hypervisor
         } else if self.grub_seen {
@@ -159,22 +153,15 @@ impl Console {
     pub fn outcome(&mut self, timed_out: bool) -> String {
         let Some(end) = self.end_outcome.clone() else {
             if !timed_out {
-                self.problems
-                    .push("the emulator stopped without an end record".into());
+                self.problems.push("the emulator stopped without an end record".into());
             }
-            return if timed_out {
-                "timeout".into()
-            } else {
-                outcome::FAILED.into()
-            };
+            return if timed_out { "timeout".into() } else { outcome::FAILED.into() };
         };
         if end == outcome::OK {
             let used = self.cores_used.unwrap_or(0) as usize;
             if self.cores.len() != used || used == 0 {
-                self.problems.push(format!(
-                    "{} core records for {used} cores used",
-                    self.cores.len()
-                ));
+                self.problems
+                    .push(format!("{} core records for {used} cores used", self.cores.len()));
                 return outcome::FAILED.into();
             }
             if let Some(c) = self.cores.iter().find(|c| c.vmx != "on" || c.state != "up") {
@@ -186,8 +173,7 @@ impl Console {
             }
         }
         if end == outcome::REFUSED && self.missing.is_none() {
-            self.problems
-                .push("refused without saying what is missing".into());
+            self.problems.push("refused without saying what is missing".into());
         }
         end
     }
@@ -235,18 +221,9 @@ mkvisor: GRUB is loading the hypervisor
                 Phase::Firmware,
                 Phase::Grub,
                 Phase::Hypervisor,
-                Phase::Cores {
-                    online: 0,
-                    total: 2
-                },
-                Phase::Cores {
-                    online: 1,
-                    total: 2
-                },
-                Phase::Cores {
-                    online: 2,
-                    total: 2
-                },
+                Phase::Cores { online: 0, total: 2 },
+                Phase::Cores { online: 1, total: 2 },
+                Phase::Cores { online: 2, total: 2 },
                 Phase::Ended
             ]
         );

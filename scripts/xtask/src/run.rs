@@ -22,9 +22,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(15);
 pub fn run_dir(tag: &str) -> Result<PathBuf> {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = crate::target_dir()
-        .join("xtask")
-        .join(format!("{tag}-{}-{n}", std::process::id()));
+    let dir = crate::target_dir().join("xtask").join(format!("{tag}-{}-{n}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -88,29 +86,18 @@ fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
             std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, args.cpus, model))?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
-            c.arg("-q")
-                .arg("-f")
-                .arg(dir.join("bochsrc"))
-                .arg("-rc")
-                .arg(dir.join("cont.rc"));
+            c.arg("-q").arg("-f").arg(dir.join("bochsrc")).arg("-rc").arg(dir.join("cont.rc"));
             c
         }
         Emulator::Qemu | Emulator::QemuKvm => {
             let mut c = Command::new("qemu-system-x86_64");
-            c.args([
-                "-machine",
-                "pc",
-                "-m",
-                "256",
-                "-smp",
-                &args.cpus.to_string(),
-            ])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-            .arg("-serial")
-            .arg(format!("file:{}", dir.join("serial.txt").display()))
-            .arg("-cdrom")
-            .arg(iso);
+            c.args(["-machine", "pc", "-m", "256", "-smp", &args.cpus.to_string()])
+                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                .arg("-serial")
+                .arg(format!("file:{}", dir.join("serial.txt").display()))
+                .arg("-cdrom")
+                .arg(iso);
             if args.emulator == Emulator::QemuKvm {
                 c.args(["-enable-kvm", "-cpu", "host"]);
             } else {
@@ -119,12 +106,8 @@ fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
             c
         }
     };
-    cmd.stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .current_dir(dir);
-    cmd.spawn()
-        .with_context(|| format!("cannot start {}", args.emulator.name()))
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+    cmd.spawn().with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
 /// Removes terminal control sequences (GRUB clears the screen on the serial console).
@@ -181,11 +164,7 @@ impl Printer {
             .and_then(|n| n.parse::<u32>().ok())
         {
             const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
-            let _ = writeln!(
-                out,
-                "\x1b[{}m{line}\x1b[0m",
-                COLOURS[core as usize % COLOURS.len()]
-            );
+            let _ = writeln!(out, "\x1b[{}m{line}\x1b[0m", COLOURS[core as usize % COLOURS.len()]);
         } else {
             let _ = writeln!(out, "{line}");
         }
@@ -236,11 +215,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
-    let mut printer = Printer {
-        quiet: args.quiet,
-        tty: std::io::stderr().is_terminal(),
-        status_shown: false,
-    };
+    let mut printer =
+        Printer { quiet: args.quiet, tty: std::io::stderr().is_terminal(), status_shown: false };
     let started = Instant::now();
     let mut child = spawn(args, &iso, &dir, &model)?;
     let mut console = Console::default();
@@ -281,9 +257,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             break;
         }
         if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
-            console
-                .problems
-                .push("the emulator did not exit after the end record; killed".into());
+            console.problems.push("the emulator did not exit after the end record; killed".into());
             let _ = child.kill();
         } else if Instant::now() > deadline {
             timed_out = true;
@@ -338,10 +312,7 @@ pub fn summary(r: &Report) -> String {
             c.apic_id,
             c.state,
             c.vmx,
-            c.reason
-                .as_deref()
-                .map(|x| format!("  ({x})"))
-                .unwrap_or_default()
+            c.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
         );
     }
     if let Some(m) = &r.missing {
@@ -363,10 +334,7 @@ mod tests {
 
     #[test]
     fn strips_grub_screen_control() {
-        assert_eq!(
-            strip_ansi("\x1b[H\x1b[J\x1b[1;1H  Booting `mkvisor'\r"),
-            "  Booting `mkvisor'"
-        );
+        assert_eq!(strip_ansi("\x1b[H\x1b[J\x1b[1;1H  Booting `mkvisor'\r"), "  Booting `mkvisor'");
         assert_eq!(strip_ansi("plain"), "plain");
         assert_eq!(strip_ansi("a\x1b"), "a");
     }

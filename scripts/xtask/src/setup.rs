@@ -13,43 +13,19 @@ pub struct Package {
 
 /// Packages to build the ISO.
 pub const BUILD: &[Package] = &[
-    Package {
-        name: "grub-pc-bin",
-        why: "GRUB's BIOS modules for the boot ISO",
-    },
-    Package {
-        name: "grub-common",
-        why: "grub-mkrescue",
-    },
-    Package {
-        name: "xorriso",
-        why: "ISO 9660 image writer for grub-mkrescue",
-    },
-    Package {
-        name: "mtools",
-        why: "FAT image tools for grub-mkrescue",
-    },
+    Package { name: "grub-pc-bin", why: "GRUB's BIOS modules for the boot ISO" },
+    Package { name: "grub-common", why: "grub-mkrescue" },
+    Package { name: "xorriso", why: "ISO 9660 image writer for grub-mkrescue" },
+    Package { name: "mtools", why: "FAT image tools for grub-mkrescue" },
 ];
 /// Packages to boot in Bochs.
 pub const BOCHS: &[Package] = &[
-    Package {
-        name: "bochs",
-        why: "the VT-x emulator mkvisor is tested on",
-    },
-    Package {
-        name: "bochsbios",
-        why: "Bochs BIOS",
-    },
-    Package {
-        name: "vgabios",
-        why: "Bochs VGA BIOS",
-    },
+    Package { name: "bochs", why: "the VT-x emulator mkvisor is tested on" },
+    Package { name: "bochsbios", why: "Bochs BIOS" },
+    Package { name: "vgabios", why: "Bochs VGA BIOS" },
 ];
 /// Packages to boot in QEMU.
-pub const QEMU: &[Package] = &[Package {
-    name: "qemu-system-x86",
-    why: "QEMU (the no-VT-x path)",
-}];
+pub const QEMU: &[Package] = &[Package { name: "qemu-system-x86", why: "QEMU (the no-VT-x path)" }];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
@@ -63,9 +39,7 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -74,22 +48,16 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Installs the missing packages among `sets`.
 pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
-    let missing: Vec<&Package> = sets
-        .iter()
-        .flat_map(|s| s.iter())
-        .filter(|p| !installed(p.name))
-        .collect();
+    let missing: Vec<&Package> =
+        sets.iter().flat_map(|s| s.iter()).filter(|p| !installed(p.name)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     for p in &missing {
         eprintln!("setup: installing {} ({})", p.name, p.why);
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
+    let root =
+        Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
     let apt = |args: &[&str]| {
         let mut c = if root {
             Command::new("apt-get")
@@ -116,18 +84,13 @@ pub fn ensure_rust_target() -> Result<()> {
         .current_dir(&root)
         .output()
         .context("rustup is needed to install the x86_64-unknown-none target")?;
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.trim() == "x86_64-unknown-none")
-    {
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "x86_64-unknown-none") {
         return Ok(());
     }
     eprintln!(
         "setup: installing Rust target x86_64-unknown-none (bare-metal hypervisor and guest)"
     );
-    run(Command::new("rustup")
-        .args(["target", "add", "x86_64-unknown-none"])
-        .current_dir(&root))
+    run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]).current_dir(&root))
 }
 
 /// Everything, for `cargo xtask setup`.
