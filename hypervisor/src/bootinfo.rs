@@ -189,7 +189,7 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
     }
     let mmap = info.memory_map_tag().ok_or(BootInfoError::NoMemoryMap)?;
     for area in mmap.memory_areas() {
-        let kind = match MemoryAreaType::from(area.typ()) {
+        let kind = match area.typ() {
             MemoryAreaType::Available => MemKind::Usable,
             MemoryAreaType::AcpiAvailable => MemKind::AcpiReclaimable,
             MemoryAreaType::ReservedHibernate => MemKind::AcpiNvs,

@@ -3,7 +3,6 @@
 //! and RIP are printed, then the core stops (an AP parks, the BSP ends the run as failed).
 
 use crate::arch::idt::ExceptionFrame;
-use crate::smp::{this_core_failed, Failure};
 
 const NAMES: [&str; 32] = [
     "#DE divide error",
@@ -45,7 +44,7 @@ const NAMES: [&str; 32] = [
 #[no_mangle]
 extern "C" fn exception_entry(frame: &ExceptionFrame) -> ! {
     report(frame);
-    this_core_failed(Failure::Exception, frame.vector as u32, frame.rip)
+    crate::smp::this_core_failed(crate::smp::Failure::Exception, frame.vector as u32, frame.rip)
 }
 
 /// The mnemonic and name of an exception vector.
@@ -68,5 +67,5 @@ fn report(f: &ExceptionFrame) {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     crate::console::force_unlock_for_panic();
     log::error!("hypervisor panic: {info}");
-    this_core_failed(Failure::Panic, 0, 0)
+    crate::smp::this_core_failed(crate::smp::Failure::Panic, 0, 0)
 }

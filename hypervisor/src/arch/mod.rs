@@ -15,8 +15,6 @@ pub mod tsc;
 
 use core::arch::asm;
 
-pub use x86::msr;
-
 /// Reads a model-specific register.
 ///
 /// # Safety

@@ -202,7 +202,8 @@ pub fn fix_cr(value: u64, fixed0: u64, fixed1: u64, keep: u64) -> Option<u64> {
 #[cfg(target_os = "none")]
 /// Reads the raw capabilities of the calling core.
 pub fn read() -> RawCaps {
-    use crate::arch::{msr::*, rdmsr};
+    use crate::arch::rdmsr;
+    use x86::msr::*;
     let cpuid_vmx = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_vmx());
     if !cpuid_vmx {
         return RawCaps::default();

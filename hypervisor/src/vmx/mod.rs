@@ -42,8 +42,9 @@ impl fmt::Display for VmxError {
 /// # Safety
 /// Called once per core, after `percpu::init_this_core`, with the BSP's decoded features.
 pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
-    use crate::arch::{msr, rdmsr, read_cr0, read_cr4, write_cr0, write_cr4, wrmsr};
+    use crate::arch::{rdmsr, read_cr0, read_cr4, write_cr0, write_cr4, wrmsr};
     use features::feature_control::{LOCK, VMX_OUTSIDE_SMX};
+    use x86::msr;
 
     // SAFETY: IA32_FEATURE_CONTROL exists (CPUID.VMX checked by the probe on the BSP; all
     // cores of a machine share a model).

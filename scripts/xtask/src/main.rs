@@ -13,6 +13,44 @@ fn cargo() -> Command {
 }
 
 fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
+    xtask::setup::ensure_rust_target()?;
+    // Style and lints first: formatting, then clippy on the host crates, the bare-metal
+    // crates' host tests, and the bare-metal crates for their real target.
+    let lints: [&[&str]; 4] = [
+        &["fmt", "--all", "--check"],
+        &[
+            "clippy",
+            "--all-targets",
+            "-p",
+            "vmcall-proto",
+            "-p",
+            "xtask",
+            "-p",
+            "systests",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &["clippy", "--tests", "-p", "hypervisor", "-p", "guestkernel", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "-p",
+            "hypervisor",
+            "-p",
+            "guestkernel",
+            "--target",
+            xtask::build::TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ];
+    for l in lints {
+        if !cargo().args(l).status()?.success() {
+            eprintln!("xtask test: `cargo {}` failed", l.join(" "));
+            return Ok(false);
+        }
+    }
     // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
     let host = cargo()
         .args([
