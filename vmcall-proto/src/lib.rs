@@ -6,8 +6,15 @@
 //! * [`record`]: the machine-readable lines the hypervisor writes to its serial console,
 //!   which `cargo xtask run` turns into the run report.
 //! * [`platform`]: the emulator/firmware ports the hypervisor uses to end a run.
+//! * [`hypercall`]: the VMCALL ABI (numbers, registers, error codes).
+//! * [`guest`]: a guest's memory layout and its boot-info structure.
+//! * [`config`]: the machine description blob handed to the hypervisor.
 #![cfg_attr(not(test), no_std)]
 
+pub mod config;
+pub mod fixed;
+pub mod guest;
+pub mod hypercall;
 pub mod platform;
 pub mod record;
 
