@@ -35,6 +35,9 @@ pub const MIN_PARTITION: u64 = 4 << 20;
 /// Largest partition the boot page tables cover (one PD).
 pub const MAX_PARTITION: u64 = 1 << 30;
 
+/// Workloads the guest kernel implements (its registry); configs may name only these.
+pub const WORKLOADS: &[&str] = &["hello", "spin", "fault"];
+
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
 pub const BOOT_INFO_VERSION: u32 = 1;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod config;
 pub mod report;
 pub mod run;
 pub mod setup;

@@ -1,0 +1,576 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Machine descriptions: TOML configs under `configs/`, validated with every error located
+//! (file, line, column, field), compiled into the binary blob of `vmcall_proto::config`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use toml::Spanned;
+use vmcall_proto::config as blob;
+
+/// Memory the hypervisor, firmware and low memory keep for themselves, MiB.
+pub const RESERVED_MIB: u32 = 32;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub machine: Machine,
+    #[serde(default, rename = "guest")]
+    pub guests: Vec<Guest>,
+    #[serde(default, rename = "channel")]
+    pub channels: Vec<Channel>,
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<Grant>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// CPUs the machine has (the emulator gets this many unless `--cpus` says otherwise).
+    pub cpus: Spanned<u32>,
+    /// Machine memory, MiB.
+    pub memory_mib: Spanned<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    pub name: Spanned<String>,
+    pub core: Spanned<u32>,
+    pub memory_mib: Spanned<u32>,
+    pub workload: Spanned<String>,
+    #[serde(default)]
+    pub args: Option<Spanned<BTreeMap<String, ArgValue>>>,
+}
+
+static NO_ARGS: BTreeMap<String, ArgValue> = BTreeMap::new();
+
+impl Guest {
+    fn args(&self) -> &BTreeMap<String, ArgValue> {
+        self.args.as_ref().map_or(&NO_ARGS, |a| a.get_ref())
+    }
+    fn args_span(&self) -> std::ops::Range<usize> {
+        self.args.as_ref().map_or(self.workload.span(), |a| a.span())
+    }
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum ArgValue {
+    Int(i64),
+    Bool(bool),
+    Str(String),
+}
+
+impl fmt::Display for ArgValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgValue::Int(i) => write!(f, "{i}"),
+            ArgValue::Bool(b) => write!(f, "{b}"),
+            ArgValue::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    pub name: Spanned<String>,
+    pub between: Spanned<[Spanned<String>; 2]>,
+    pub slots: Spanned<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub name: Spanned<String>,
+    pub guest: Spanned<String>,
+    pub memory_mib: Spanned<u32>,
+}
+
+/// One problem in a config, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// The field, as a path (`guest[1].core`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.field, self.message)
+    }
+}
+
+/// All the errors of one config, in source order.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{e}")?;
+        }
+        write!(f, "{} error(s) in the config", self.0.len())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+struct Errors<'a> {
+    file: &'a str,
+    src: &'a str,
+    list: Vec<(usize, ConfigError)>,
+}
+
+impl Errors<'_> {
+    fn at(
+        &mut self,
+        span: std::ops::Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = line_col(self.src, span.start);
+        self.list.push((
+            span.start,
+            ConfigError {
+                file: self.file.to_string(),
+                line,
+                column,
+                field: field.into(),
+                message: message.into(),
+            },
+        ));
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A validated config with its compiled blob.
+pub struct Compiled {
+    pub config: Config,
+    pub blob: Vec<u8>,
+    /// Non-fatal remarks (e.g. a guest on a core the machine may lack).
+    pub warnings: Vec<String>,
+}
+
+/// Parses and validates `src` (named `file` in errors) and compiles it.
+pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
+    let mut errs = Errors { file, src, list: Vec::new() };
+    let config: Config = match toml::from_str(src) {
+        Ok(c) => c,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().to_string();
+            // serde names the offending key in the message; keep it as the field.
+            let field = msg
+                .split('`')
+                .nth(1)
+                .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
+                .unwrap_or("(syntax)")
+                .to_string();
+            errs.at(span, field, msg);
+            return Err(ConfigErrors(errs.list.into_iter().map(|(_, e)| e).collect()));
+        }
+    };
+    let mut warnings = Vec::new();
+    let m = &config.machine;
+    if *m.cpus.get_ref() == 0 || *m.cpus.get_ref() > 64 {
+        errs.at(m.cpus.span(), "machine.cpus", "must be between 1 and 64");
+    }
+    if *m.memory_mib.get_ref() < 64 || *m.memory_mib.get_ref() > 2048 {
+        errs.at(m.memory_mib.span(), "machine.memory_mib", "must be between 64 and 2048 MiB");
+    }
+    if config.guests.is_empty() {
+        errs.at(0..0, "guest", "a config needs at least one [[guest]]");
+    }
+    if config.guests.len() > blob::MAX_GUESTS {
+        errs.at(config.guests[blob::MAX_GUESTS].name.span(), "guest", "too many guests");
+    }
+    let mut total_mib: u64 = 0;
+    for (i, g) in config.guests.iter().enumerate() {
+        let f = |k: &str| format!("guest[{i}].{k}");
+        let name = g.name.get_ref();
+        if !valid_name(name) || name.len() > 32 {
+            errs.at(g.name.span(), f("name"), "use 1 to 32 letters, digits, '-' or '_'");
+        }
+        if let Some(prev) = config.guests[..i].iter().find(|o| o.name.get_ref() == name) {
+            let (l, _) = line_col(src, prev.name.span().start);
+            errs.at(
+                g.name.span(),
+                f("name"),
+                format!("duplicate guest name `{name}` (first on line {l})"),
+            );
+        }
+        let core = *g.core.get_ref();
+        if let Some(prev) = config.guests[..i].iter().find(|o| *o.core.get_ref() == core) {
+            errs.at(
+                g.core.span(),
+                f("core"),
+                format!(
+                    "core {core} already runs guest `{}`: one guest per core",
+                    prev.name.get_ref()
+                ),
+            );
+        }
+        if core >= *m.cpus.get_ref() {
+            warnings.push(format!(
+                "guest `{name}` asks for core {core} but machine.cpus is {}: the hypervisor will skip it",
+                m.cpus.get_ref()
+            ));
+        }
+        let mem = *g.memory_mib.get_ref();
+        if !(blob::MIN_GUEST_MIB..=blob::MAX_GUEST_MIB).contains(&mem) {
+            errs.at(
+                g.memory_mib.span(),
+                f("memory_mib"),
+                format!(
+                    "{mem} MiB is out of bounds ({}..={} MiB)",
+                    blob::MIN_GUEST_MIB,
+                    blob::MAX_GUEST_MIB
+                ),
+            );
+        } else if mem % 2 != 0 {
+            errs.at(
+                g.memory_mib.span(),
+                f("memory_mib"),
+                format!("{mem} MiB is not a multiple of 2 MiB"),
+            );
+        }
+        total_mib += mem as u64;
+        let w = g.workload.get_ref();
+        if !vmcall_proto::guest::WORKLOADS.contains(&w.as_str()) {
+            errs.at(
+                g.workload.span(),
+                f("workload"),
+                format!(
+                    "unknown workload `{w}` (known: {})",
+                    vmcall_proto::guest::WORKLOADS.join(", ")
+                ),
+            );
+        }
+        let args = args_string(g.args());
+        if args.len() > 127 || args.contains('\0') {
+            errs.at(
+                g.args_span(),
+                f("args"),
+                "arguments longer than 127 bytes when written as key=value words",
+            );
+        }
+        for (k, v) in g.args() {
+            if !valid_name(k) || v.to_string().contains(char::is_whitespace) {
+                errs.at(
+                    g.args_span(),
+                    f("args"),
+                    format!("argument `{k}` must be a plain word = a value without spaces"),
+                );
+            }
+        }
+    }
+    let mut grant_mib: u64 = 0;
+    for g in &config.grants {
+        grant_mib += *g.memory_mib.get_ref() as u64;
+    }
+    let usable = (*m.memory_mib.get_ref()).saturating_sub(RESERVED_MIB) as u64;
+    if total_mib + grant_mib > usable {
+        let span = config.guests.last().map_or(m.memory_mib.span(), |g| g.memory_mib.span());
+        errs.at(
+            span,
+            "guest[*].memory_mib",
+            format!(
+                "guests ({total_mib} MiB) and grants ({grant_mib} MiB) exceed the machine's {} MiB \
+                 less {RESERVED_MIB} MiB for the hypervisor and firmware",
+                m.memory_mib.get_ref()
+            ),
+        );
+    }
+    let guest_index = |n: &str| config.guests.iter().position(|g| g.name.get_ref() == n);
+    for (i, c) in config.channels.iter().enumerate() {
+        let f = |k: &str| format!("channel[{i}].{k}");
+        let name = c.name.get_ref();
+        if !valid_name(name) || name.len() > 32 {
+            errs.at(c.name.span(), f("name"), "use 1 to 32 letters, digits, '-' or '_'");
+        }
+        if config.channels[..i].iter().any(|o| o.name.get_ref() == name) {
+            errs.at(c.name.span(), f("name"), format!("duplicate channel name `{name}`"));
+        }
+        let [a, b] = c.between.get_ref();
+        for end in [a, b] {
+            if guest_index(end.get_ref()).is_none() {
+                errs.at(end.span(), f("between"), format!("unknown guest `{}`", end.get_ref()));
+            }
+        }
+        if a.get_ref() == b.get_ref() {
+            errs.at(c.between.span(), f("between"), "a channel joins two different guests");
+        }
+        let s = *c.slots.get_ref();
+        if s == 0 || s > blob::MAX_SLOTS || !s.is_power_of_two() {
+            errs.at(
+                c.slots.span(),
+                f("slots"),
+                format!("{s}: must be a power of two in 1..={}", blob::MAX_SLOTS),
+            );
+        }
+    }
+    for (i, g) in config.grants.iter().enumerate() {
+        let f = |k: &str| format!("grant[{i}].{k}");
+        let name = g.name.get_ref();
+        if !valid_name(name) || name.len() > 32 {
+            errs.at(g.name.span(), f("name"), "use 1 to 32 letters, digits, '-' or '_'");
+        }
+        if config.grants[..i].iter().any(|o| o.name.get_ref() == name) {
+            errs.at(g.name.span(), f("name"), format!("duplicate grant name `{name}`"));
+        }
+        if guest_index(g.guest.get_ref()).is_none() {
+            errs.at(g.guest.span(), f("guest"), format!("unknown guest `{}`", g.guest.get_ref()));
+        }
+        let mem = *g.memory_mib.get_ref();
+        if mem == 0 || mem > blob::MAX_GRANT_MIB || mem % 2 != 0 {
+            errs.at(
+                g.memory_mib.span(),
+                f("memory_mib"),
+                format!("{mem} MiB: must be even, 2..={}", blob::MAX_GRANT_MIB),
+            );
+        }
+    }
+    if !errs.list.is_empty() {
+        errs.list.sort_by_key(|(at, _)| *at);
+        return Err(ConfigErrors(errs.list.into_iter().map(|(_, e)| e).collect()));
+    }
+    let blob = encode(&config).map_err(|m| {
+        ConfigErrors(vec![ConfigError {
+            file: file.into(),
+            line: 1,
+            column: 1,
+            field: "(whole config)".into(),
+            message: m,
+        }])
+    })?;
+    Ok(Compiled { config, blob, warnings })
+}
+
+fn args_string(args: &BTreeMap<String, ArgValue>) -> String {
+    args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+fn encode(c: &Config) -> Result<Vec<u8>, String> {
+    let idx = |n: &str| c.guests.iter().position(|g| g.name.get_ref() == n).unwrap_or(0) as u16;
+    let guests = c
+        .guests
+        .iter()
+        .map(|g| {
+            blob::guest_entry(
+                g.name.get_ref(),
+                g.workload.get_ref(),
+                &args_string(g.args()),
+                *g.core.get_ref(),
+                *g.memory_mib.get_ref(),
+            )
+            .ok_or_else(|| format!("guest `{}` does not fit the blob", g.name.get_ref()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let channels: Vec<blob::ChannelEntry> = c
+        .channels
+        .iter()
+        .map(|ch| blob::ChannelEntry {
+            name: vmcall_proto::fixed::put(ch.name.get_ref()).unwrap_or([0; 32]),
+            a: idx(ch.between.get_ref()[0].get_ref()),
+            b: idx(ch.between.get_ref()[1].get_ref()),
+            slots: *ch.slots.get_ref(),
+            _reserved: [0; 8],
+        })
+        .collect();
+    let grants: Vec<blob::GrantEntry> = c
+        .grants
+        .iter()
+        .map(|g| blob::GrantEntry {
+            name: vmcall_proto::fixed::put(g.name.get_ref()).unwrap_or([0; 32]),
+            guest: idx(g.guest.get_ref()),
+            _reserved0: 0,
+            memory_mib: *g.memory_mib.get_ref(),
+            _reserved: [0; 8],
+        })
+        .collect();
+    let mut out = vec![0; blob::blob_len(guests.len(), channels.len(), grants.len())];
+    blob::encode(&guests, &channels, &grants, &mut out).ok_or("counts too large for the blob")?;
+    // The hypervisor validates the same blob again; check here that it will accept it.
+    blob::parse(&out).map_err(|e| format!("compiled blob rejected: {e}"))?;
+    Ok(out)
+}
+
+/// Reads and compiles a config file.
+pub fn load(path: &Path) -> anyhow::Result<Compiled> {
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    Ok(compile(&path.display().to_string(), &src)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[machine]
+cpus = 4
+memory_mib = 256
+
+[[guest]]
+name = "alpha"
+core = 0
+memory_mib = 16
+workload = "hello"
+
+[[guest]]
+name = "beta"
+core = 1
+memory_mib = 8
+workload = "spin"
+args = { ms = 5 }
+
+[[channel]]
+name = "ab"
+between = ["alpha", "beta"]
+slots = 64
+
+[[grant]]
+name = "pool"
+guest = "beta"
+memory_mib = 4
+"#;
+
+    fn errors(src: &str) -> Vec<ConfigError> {
+        match compile("t.toml", src) {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.0,
+        }
+    }
+
+    fn one_error(src: &str) -> ConfigError {
+        let e = errors(src);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        e.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn good_config_compiles_to_a_valid_blob() {
+        let c = compile("t.toml", GOOD).unwrap();
+        let b = blob::parse(&c.blob).unwrap();
+        assert_eq!(b.guest_count(), 2);
+        assert_eq!(vmcall_proto::fixed::get(&b.guest(1).args), Some("ms=5"));
+        let ch = b.channels().next().unwrap();
+        assert_eq!((ch.a, ch.b, ch.slots), (0, 1, 64));
+        assert_eq!(b.grants().next().unwrap().guest, 1);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_key() {
+        let e = one_error(&GOOD.replace("memory_mib = 8", "memroy_mib = 8"));
+        assert_eq!((e.line, e.field.as_str()), (15, "memroy_mib"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e.to_string().starts_with("t.toml:15:1: memroy_mib: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let errs = errors(&GOOD.replace("name = \"beta\"", "name = \"alpha\""));
+        let dup = errs.iter().find(|e| e.field == "guest[1].name").expect("duplicate reported");
+        assert_eq!((dup.line, dup.column), (13, 8));
+        assert!(dup.message.contains("duplicate guest name `alpha` (first on line 7)"));
+    }
+
+    #[test]
+    fn two_guests_on_one_core() {
+        let e = one_error(&GOOD.replace("core = 1", "core = 0"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (14, 8, "guest[1].core"));
+        assert!(e.message.contains("already runs guest `alpha`"));
+    }
+
+    #[test]
+    fn zero_absurd_and_odd_memory() {
+        let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 0"));
+        assert_eq!((e.line, e.field.as_str()), (9, "guest[0].memory_mib"));
+        let e = errors(&GOOD.replace("memory_mib = 16", "memory_mib = 100000"));
+        assert!(e[0].message.contains("out of bounds"), "{e:?}");
+        assert!(e[1].message.contains("exceed the machine"), "{e:?}");
+        let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 7"));
+        assert!(e.message.contains("multiple of 2"));
+    }
+
+    #[test]
+    fn total_memory_over_the_machine() {
+        let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 220"));
+        assert_eq!(e.field, "guest[*].memory_mib");
+        assert!(e.message.contains("exceed the machine's 256 MiB"), "{e}");
+    }
+
+    #[test]
+    fn references_to_unknown_guests() {
+        let e = one_error(&GOOD.replace("[\"alpha\", \"beta\"]", "[\"alpha\", \"gamma\"]"));
+        assert_eq!((e.line, e.field.as_str()), (21, "channel[0].between"));
+        assert!(e.message.contains("unknown guest `gamma`"));
+        let e = one_error(&GOOD.replace("guest = \"beta\"", "guest = \"delta\""));
+        assert_eq!((e.line, e.field.as_str()), (26, "grant[0].guest"));
+    }
+
+    #[test]
+    fn channel_rules() {
+        let e = one_error(&GOOD.replace("[\"alpha\", \"beta\"]", "[\"alpha\", \"alpha\"]"));
+        assert!(e.message.contains("two different guests"));
+        let e = one_error(&GOOD.replace("slots = 64", "slots = 0"));
+        assert_eq!((e.line, e.field.as_str()), (22, "channel[0].slots"));
+    }
+
+    #[test]
+    fn unknown_workload_and_syntax_errors() {
+        let e = one_error(&GOOD.replace("\"spin\"", "\"spinn\""));
+        assert_eq!((e.line, e.field.as_str()), (16, "guest[1].workload"));
+        let e = one_error(&GOOD.replace("cpus = 4", "cpus = "));
+        assert_eq!((e.line, e.field.as_str()), (3, "(syntax)"));
+        let e = one_error(&GOOD.replace("workload = \"hello\"\n", ""));
+        assert!(e.message.contains("missing field `workload`"), "{e}");
+    }
+
+    #[test]
+    fn every_error_is_reported_not_just_the_first() {
+        let bad = GOOD.replace("core = 1", "core = 0").replace("slots = 64", "slots = 3");
+        let e = errors(&bad);
+        assert_eq!(e.len(), 2);
+        assert!(e[0].line < e[1].line, "in source order");
+    }
+
+    #[test]
+    fn missing_core_is_a_warning() {
+        let c = compile("t.toml", &GOOD.replace("core = 1", "core = 9")).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn shipped_configs_compile() {
+        let dir = crate::workspace_root().join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml")
+                && !p.file_name().unwrap().to_string_lossy().starts_with("bad-")
+            {
+                load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "default and at least two others");
+    }
+}
