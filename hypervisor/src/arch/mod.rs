@@ -12,6 +12,7 @@ pub mod gdt;
 pub mod idt;
 pub mod trampoline;
 pub mod tsc;
+pub mod vmx;
 
 use core::arch::asm;
 
