@@ -13,8 +13,21 @@ pub struct Boot {
 
 /// Boots with `cpus` emulated CPUs and the given hypervisor command line.
 pub fn boot(emulator: Emulator, cpus: u32, model: Option<&str>, cmdline: &str) -> Boot {
+    boot_config(emulator, Some(cpus), model, cmdline, None)
+}
+
+/// Boots `config` (a path under configs/), or no config (cores only) when `None`.
+pub fn boot_config(
+    emulator: Emulator,
+    cpus: Option<u32>,
+    model: Option<&str>,
+    cmdline: &str,
+    config: Option<&str>,
+) -> Boot {
     let args = RunArgs {
         emulator,
+        config: config.unwrap_or("configs/default.toml").into(),
+        no_config: config.is_none(),
         cpus,
         cpu_model: model.map(str::to_string),
         // Generous: the boots take seconds; this only bounds a hang on a loaded machine.

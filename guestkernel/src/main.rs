@@ -1,28 +1,53 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! The minimal per-core guest kernel. For now it only boots and halts: the hypervisor does
-//! not launch guests yet (that is the next layer), but the image is built and shipped on
-//! the ISO so the pipeline is in place.
+//! The minimal per-core guest kernel. The hypervisor starts it in 64-bit mode with the
+//! boot-info address in RDI (`vmcall_proto::guest`); it installs its own GDT, IDT and page
+//! tables, logs through the console hypercall, and runs the workload its config names.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
+#![cfg_attr(not(target_os = "none"), allow(dead_code))]
+
+mod arch;
+mod console;
+mod hypercall;
+mod workloads;
+
+use vmcall_proto::guest::{BootInfo, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 
 #[cfg(target_os = "none")]
-mod entry {
-    /// Entered in 64-bit mode by the hypervisor.
-    #[no_mangle]
-    #[link_section = ".text.entry"]
-    extern "C" fn guest_start() -> ! {
-        halt_forever()
-    }
+core::arch::global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global guest_start
+guest_start:
+    cli
+    xorl %ebp, %ebp
+    call guest_main
+1:  hlt
+    jmp 1b
+"#,
+    options(att_syntax)
+);
 
-    fn halt_forever() -> ! {
-        loop {
-            // SAFETY: HLT only stops this virtual CPU until the next event.
-            unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
-        }
+/// Entered from `guest_start` with the hypervisor's RDI and RSP.
+#[cfg(target_os = "none")]
+#[no_mangle]
+extern "C" fn guest_main(boot_info: u64) -> ! {
+    console::init();
+    arch::init();
+    // SAFETY: the hypervisor wrote a BootInfo at this address of our memory (our page
+    // tables identity-map it); we only read it, once, into our own copy.
+    let bi: BootInfo = unsafe { core::ptr::read_volatile(boot_info as *const BootInfo) };
+    if bi.magic != BOOT_INFO_MAGIC || bi.version != BOOT_INFO_VERSION {
+        log::error!("bad boot info (magic {:#x}, version {})", bi.magic, bi.version);
+        hypercall::exit(0xb0);
     }
+    let status = workloads::run(&bi);
+    hypercall::exit(status)
+}
 
-    #[panic_handler]
-    fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
-        halt_forever()
-    }
+#[cfg(all(target_os = "none", not(test)))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    log::error!("guest panic: {info}");
+    hypercall::exit(0xdead)
 }

@@ -44,6 +44,8 @@ pub struct Options {
     pub vmxcaps: bool,
     /// A fault to inject, for the whole-system tests of the failure paths.
     pub inject: Option<Inject>,
+    /// Each guest's run budget in milliseconds of TSC time; past it the guest is stopped.
+    pub budget_ms: Option<u64>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -81,6 +83,10 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
             },
             "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
             "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
+            "budget_ms" => match value.parse::<u64>() {
+                Ok(n) if n >= 1 => o.budget_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected budget_ms=N with N >= 1" }),
+            },
             "inject" => match value {
                 "silent-ap" => o.inject = Some(Inject::SilentAp),
                 "ap-fault" => o.inject = Some(Inject::ApFault),
@@ -92,8 +98,40 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
     o
 }
 
+/// Most multiboot2 modules kept.
+pub const MAX_MODULES: usize = 8;
+
+/// A multiboot2 module: where GRUB put it and the name on its `module2` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module {
+    pub start: u64,
+    pub end: u64,
+    name: [u8; 32],
+    name_len: usize,
+}
+
+impl Module {
+    pub fn name(&self) -> &str {
+        core::str::from_utf8(&self.name[..self.name_len]).unwrap_or("")
+    }
+    /// The module's bytes.
+    ///
+    /// # Safety
+    /// The module memory is identity-mapped and reserved (never handed to a partition).
+    pub unsafe fn bytes(&self) -> &'static [u8] {
+        // SAFETY: the caller guarantees the range is mapped and stays untouched.
+        unsafe {
+            core::slice::from_raw_parts(self.start as *const u8, (self.end - self.start) as usize)
+        }
+    }
+}
+
 /// Everything we keep from the multiboot2 information.
 pub struct BootParams {
+    modules: [Module; MAX_MODULES],
+    module_count: usize,
+    /// Where the multiboot2 information itself lies (reserved until parsed).
+    pub mbi: (u64, u64),
     cmdline: [u8; MAX_CMDLINE],
     cmdline_len: usize,
     regions: [MemRegion; MAX_REGIONS],
@@ -115,6 +153,12 @@ impl BootParams {
     }
     pub fn regions(&self) -> &[MemRegion] {
         &self.regions[..self.region_count]
+    }
+    pub fn modules(&self) -> &[Module] {
+        &self.modules[..self.module_count]
+    }
+    pub fn module(&self, name: &str) -> Option<&Module> {
+        self.modules().iter().find(|m| m.name() == name)
     }
     /// Whether `[start, end)` lies entirely inside one usable region.
     pub fn is_usable(&self, start: u64, end: u64) -> bool {
@@ -172,6 +216,9 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
     let info = unsafe { BootInformation::load(mbi as *const BootInformationHeader) }
         .map_err(|_| BootInfoError::Unreadable)?;
     let mut p = BootParams {
+        modules: [Module { start: 0, end: 0, name: [0; 32], name_len: 0 }; MAX_MODULES],
+        module_count: 0,
+        mbi: (info.start_address() as u64, info.end_address() as u64),
         cmdline: [0; MAX_CMDLINE],
         cmdline_len: 0,
         regions: [MemRegion { start: 0, end: 0, kind: MemKind::Reserved }; MAX_REGIONS],
@@ -186,6 +233,19 @@ pub unsafe fn parse(magic: u32, mbi: u64) -> Result<BootParams, BootInfoError> {
     }
     if let Some(Ok(s)) = info.boot_loader_name_tag().map(|t| t.name()) {
         p.loader_len = copy_str(&mut p.loader, s);
+    }
+    for m in info.module_tags().take(MAX_MODULES) {
+        let mut module = Module {
+            start: m.start_address() as u64,
+            end: m.end_address() as u64,
+            name: [0; 32],
+            name_len: 0,
+        };
+        module.name_len = copy_str(&mut module.name, m.cmdline().unwrap_or(""));
+        if module.start < module.end {
+            p.modules[p.module_count] = module;
+            p.module_count += 1;
+        }
     }
     let mmap = info.memory_map_tag().ok_or(BootInfoError::NoMemoryMap)?;
     for area in mmap.memory_areas() {
@@ -230,7 +290,7 @@ mod tests {
         assert_eq!(opts("").0, Options::default());
         assert_eq!(
             opts("  cpus=8   vmxcaps ").0,
-            Options { cpus: Some(8), vmxcaps: true, inject: None }
+            Options { cpus: Some(8), vmxcaps: true, inject: None, budget_ms: None }
         );
         assert_eq!(opts("inject=ap-fault").0.inject, Some(Inject::ApFault));
         assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));

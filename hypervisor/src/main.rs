@@ -24,6 +24,8 @@ mod ept;
 mod exits;
 mod fault;
 mod guest;
+#[cfg(target_os = "none")]
+mod guests;
 mod memory;
 mod percpu;
 mod power;
@@ -33,7 +35,7 @@ mod vmx;
 #[cfg(target_os = "none")]
 mod boot {
     use crate::power::{end_run, Outcome};
-    use crate::{arch, bootinfo, console, cores, percpu, record, smp, vmx};
+    use crate::{arch, bootinfo, console, cores, guests, percpu, record, smp, vmx};
     use vmcall_proto::record::{core_state, kind, Quoted};
 
     /// Entered from `arch::boot` in long mode, on the boot stack.
@@ -117,6 +119,14 @@ mod boot {
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 
+        let plan =
+            match guests::plan(&boot, &list, opts.budget_ms.unwrap_or(guests::DEFAULT_BUDGET_MS)) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error!("{e}");
+                    end_run(Outcome::Failed)
+                }
+            };
         start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
         smp::enable_vmx_and_report(0);
         let all_up = collect(&list);
@@ -124,7 +134,10 @@ mod boot {
             "all cores reported in: {} ticks since hypervisor entry",
             arch::rdtsc() - tsc_entry
         );
-        end_run(if all_up { Outcome::Ok } else { Outcome::Failed })
+        let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
+        smp::run_guest(0);
+        let all_exited = guests::collect(&plan);
+        end_run(if all_up && all_exited { Outcome::Ok } else { Outcome::Failed })
     }
 
     fn discover_cores(

@@ -152,6 +152,41 @@ static MAILBOXES: [Mailbox; crate::percpu::MAX_CORES] =
 
 /// The features the BSP probed: written once before any AP starts, then read-only.
 static FEATURES: spin::Once<Features> = spin::Once::new();
+/// The BSP's launch message to each core (written before the core starts, once).
+static LAUNCHES: [spin::Once<crate::guest::Launch>; crate::percpu::MAX_CORES] =
+    [const { spin::Once::new() }; crate::percpu::MAX_CORES];
+/// Each core's report when its guest has ended (written once by that core).
+static REPORTS: [spin::Once<crate::guest::GuestReport>; crate::percpu::MAX_CORES] =
+    [const { spin::Once::new() }; crate::percpu::MAX_CORES];
+
+/// Tells core `index` which guest to run. Called by the BSP before the core starts.
+pub fn post_launch(index: usize, l: crate::guest::Launch) {
+    LAUNCHES[index].call_once(|| l);
+}
+
+pub fn launch_of(index: usize) -> Option<&'static crate::guest::Launch> {
+    LAUNCHES[index].get()
+}
+
+pub fn report_of(index: usize) -> Option<&'static crate::guest::GuestReport> {
+    REPORTS[index].get()
+}
+
+/// Runs this core's guest, if it has one and VMX is on, and posts the report.
+pub fn run_guest(index: usize) {
+    let (Some(l), Some(f)) = (launch_of(index), FEATURES.get()) else { return };
+    if !mailbox(index).read().vmx_on {
+        return;
+    }
+    #[cfg(target_os = "none")]
+    {
+        let r = crate::guest::run(l, f, index as u32);
+        REPORTS[index].call_once(|| r);
+    }
+    #[cfg(not(target_os = "none"))]
+    let _ = (l, f);
+}
+
 /// Set once by the BSP before APs start (`inject=ap-fault`): core 1 faults on purpose.
 static INJECT_AP_FAULT: spin::Once<bool> = spin::Once::new();
 
@@ -227,7 +262,7 @@ extern "C" fn ap_entry(index: u64) -> ! {
         unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
     }
     enable_vmx_and_report(index);
-    // Guests arrive with the next layer; until then an AP has nothing else to do.
+    run_guest(index);
     crate::arch::park()
 }
 

@@ -29,6 +29,10 @@ pub mod kind {
     /// One core's final state: `index`, `apic`, `state` (see [`super::core_state`]),
     /// `vmx` (`on`, `off`, `failed`), optionally `reason`.
     pub const CORE: &str = "core";
+    /// One guest's end: `index`, `name`, `core`, `state` (see [`super::guest_state`]),
+    /// `exit_status`, `exits` (quoted `reason:count` words), `fault` (quoted, when stopped),
+    /// `hypercalls`, `tsc_first_entry`, `tsc_end`.
+    pub const GUEST: &str = "guest";
     /// A required feature is missing: `missing` (what, in one phrase).
     pub const REFUSED: &str = "refused";
     /// The run is over: `outcome` (see [`super::outcome`]), `cores`, `vmx_on`, `tsc`.
@@ -45,6 +49,16 @@ pub mod core_state {
     pub const FAILED: &str = "failed";
     /// The core was left out by the `cpus=` cap or is disabled in the MADT.
     pub const SKIPPED: &str = "skipped";
+}
+
+/// Values of the `state` field of a [`kind::GUEST`] record.
+pub mod guest_state {
+    /// The guest called the exit hypercall; `exit_status` is its status.
+    pub const EXITED: &str = "exited";
+    /// The hypervisor stopped it; `fault` says why and where.
+    pub const STOPPED: &str = "stopped";
+    /// It never ran; `fault` says why (no such core, no memory, core failed).
+    pub const NOT_STARTED: &str = "not_started";
 }
 
 /// Values of the `outcome` field of a [`kind::END`] record.

@@ -1,2 +1,592 @@
-//! placeholder
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! One guest on one core: its partition, EPT and VMCS, and the loop that runs it.
+//!
+//! The BSP decides at boot which guest goes where and posts each core a [`Launch`] message
+//! (partition and private frames carved from the memory map). From then on everything here
+//! runs on the guest's own core, on memory only that core touches: the core zeroes its
+//! partition, loads the kernel ELF, writes the boot-info and boot page tables, builds the
+//! EPT and VMCS in its private region, and runs the guest until it exits or is stopped. The
+//! result goes back as a [`GuestReport`] message.
+
 pub mod loader;
+
+use crate::exits::{self, Action, StopReason, REASONS};
+
+/// What the BSP tells a core: run this guest here.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch {
+    pub guest_id: u32,
+    pub entry: vmcall_proto::config::GuestEntry,
+    /// Host-physical partition: guest-physical 0 maps here.
+    pub partition: u64,
+    pub partition_size: u64,
+    /// Host-physical region for this core's EPT tables, VMCS and bitmaps.
+    pub private: u64,
+    pub private_size: u64,
+    /// The guest kernel ELF (a multiboot2 module; read-only, shared by all cores).
+    pub kernel: (u64, u64),
+    pub watchdog_ms: u64,
+}
+
+/// How a guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Exited(u64),
+    Stopped(StopReason),
+}
+
+/// What a core tells the BSP when its guest is over.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestReport {
+    pub ending: Ending,
+    pub exits: [u32; REASONS],
+    pub exits_other: u32,
+    pub hypercalls: u32,
+    /// TSC at the first VM entry (0 if never entered).
+    pub tsc_first_entry: u64,
+    pub tsc_end: u64,
+}
+
+/// The guest's name as text.
+pub fn name(l: &Launch) -> &str {
+    vmcall_proto::fixed::get(&l.entry.name).unwrap_or("?")
+}
+
+#[cfg(target_os = "none")]
+pub use run::run;
+
+#[cfg(target_os = "none")]
+mod run {
+    use super::*;
+    use crate::arch::{self, vmx::GuestRegs};
+    use crate::ept;
+    use crate::exits::{ConsoleSink, Event, Field, GuestCtx, Vcpu, VmExit};
+    use crate::vmx::vmcs::{ctl, exit, g, h};
+    use crate::vmx::Features;
+    use vmcall_proto::guest::*;
+    use vmcall_proto::hypercall::HvError;
+    use x86::vmx::vmcs::control::{
+        EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
+    };
+    use zerocopy::{FromZeros, IntoBytes};
+
+    /// Frames for page tables and VMX structures, bumped out of the core's private region.
+    struct Private {
+        next: u64,
+        end: u64,
+    }
+
+    impl ept::Frames for Private {
+        fn alloc(&mut self) -> Option<u64> {
+            if self.next + 4096 > self.end {
+                return None;
+            }
+            let pa = self.next;
+            self.next += 4096;
+            // SAFETY: the private region belongs to this core alone and is identity-mapped.
+            unsafe { (pa as *mut u8).write_bytes(0, 4096) };
+            Some(pa)
+        }
+        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+            // SAFETY: `pa` was handed out by `alloc` from this core's private region; only
+            // the EPT code of this core reaches it, one table at a time.
+            unsafe { &mut *(pa as *mut [u64; 512]) }
+        }
+    }
+
+    /// The partition, seen from the host: bounds-checked copies only, never references.
+    struct Partition {
+        base: u64,
+        size: u64,
+    }
+
+    impl Partition {
+        fn check(&self, gpa: u64, len: u64) -> Result<u64, HvError> {
+            let end = gpa.checked_add(len).ok_or(HvError::BadAddress)?;
+            if end > self.size {
+                return Err(HvError::BadAddress);
+            }
+            Ok(self.base + gpa)
+        }
+        fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), HvError> {
+            let hpa = self.check(gpa, bytes.len() as u64)?;
+            // SAFETY: inside this core's partition (checked), identity-mapped host memory;
+            // the guest is not running while its core is in the hypervisor.
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), hpa as *mut u8, bytes.len()) };
+            Ok(())
+        }
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError> {
+            let hpa = self.check(gpa, buf.len() as u64)?;
+            // SAFETY: as for `write`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len())
+            };
+            Ok(())
+        }
+        fn zero(&self) {
+            // SAFETY: the whole partition belongs to this core and is not yet in use.
+            unsafe { (self.base as *mut u8).write_bytes(0, self.size as usize) };
+        }
+        fn write_u64(&self, gpa: u64, v: u64) -> Result<(), HvError> {
+            self.write(gpa, &v.to_le_bytes())
+        }
+    }
+
+    /// The vCPU of the current VMCS.
+    struct VmcsVcpu<'a> {
+        regs: GuestRegs,
+        part: &'a Partition,
+        procbased: u32,
+        injected: bool,
+    }
+
+    fn field(f: Field) -> crate::vmx::vmcs::Rw {
+        match f {
+            Field::Rip => g::RIP,
+            Field::Rsp => g::RSP,
+            Field::Rflags => g::RFLAGS,
+            Field::Cr0 => g::CR0,
+            Field::Cr0Shadow => ctl::CR0_SHADOW,
+            Field::Cr4 => g::CR4,
+            Field::Cr4Shadow => ctl::CR4_SHADOW,
+            Field::Efer => g::EFER,
+            Field::FsBase => g::FS_BASE,
+            Field::GsBase => g::GS_BASE,
+            Field::Pat => g::PAT,
+            Field::Interruptibility => g::INTERRUPTIBILITY,
+            Field::SsAccessRights => g::SS_AR,
+        }
+    }
+
+    impl Vcpu for VmcsVcpu<'_> {
+        fn regs(&mut self) -> &mut GuestRegs {
+            &mut self.regs
+        }
+        fn read(&mut self, f: Field) -> u64 {
+            // SAFETY: this core's guest VMCS is current for the whole run loop.
+            unsafe { field(f).read() }
+        }
+        fn write(&mut self, f: Field, v: u64) {
+            // SAFETY: current VMCS; the exit handlers validated `v`.
+            let _ = unsafe { field(f).write(v) };
+        }
+        fn inject(&mut self, e: Event) {
+            let info: u64 = match e {
+                Event::Exception { vector, error_code: Some(_) } => {
+                    (1 << 31) | (1 << 11) | (3 << 8) | vector as u64
+                }
+                Event::Exception { vector, error_code: None } => {
+                    (1 << 31) | (3 << 8) | vector as u64
+                }
+                Event::Interrupt(vector) => (1 << 31) | vector as u64,
+            };
+            // SAFETY: current VMCS; a well-formed interruption-information value.
+            unsafe {
+                let _ = ctl::ENTRY_INTR_INFO.write(info);
+                if let Event::Exception { error_code: Some(code), .. } = e {
+                    let _ = ctl::ENTRY_EXCEPTION_ERR.write(code as u64);
+                }
+            }
+            self.injected = true;
+        }
+        fn set_interrupt_window(&mut self, on: bool) {
+            let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+            let new = if on { self.procbased | bit } else { self.procbased & !bit };
+            if new != self.procbased {
+                self.procbased = new;
+                // SAFETY: current VMCS; interrupt-window exiting is allowed (checked at setup).
+                let _ = unsafe { ctl::PROCBASED.write(new as u64) };
+            }
+        }
+        fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError> {
+            self.part.read(gpa, buf)
+        }
+        fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+            let r = raw_cpuid::native_cpuid::cpuid_count(leaf, subleaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        }
+        fn now(&mut self) -> u64 {
+            arch::rdtsc()
+        }
+    }
+
+    struct Console<'a> {
+        name: &'a str,
+        core: u32,
+    }
+
+    impl ConsoleSink for Console<'_> {
+        fn line(&mut self, text: &str) {
+            crate::console::line(format_args!("[{}@c{}] {}", self.name, self.core, text));
+        }
+    }
+
+    fn adjust(caps: u64, wanted: u32, what: &'static str) -> Result<u32, &'static str> {
+        let (must, may) = (caps as u32, (caps >> 32) as u32);
+        if wanted & !may != 0 {
+            return Err(what);
+        }
+        Ok(wanted | must)
+    }
+
+    /// Writes the guest's boot page tables (see `vmcall_proto::guest`).
+    fn boot_page_tables(p: &Partition) -> Result<(), HvError> {
+        const PW: u64 = 0x3;
+        p.write_u64(BOOT_PML4_GPA, BOOT_PDPT_GPA | PW)?;
+        p.write_u64(BOOT_PDPT_GPA, BOOT_PD_GPA | PW)?;
+        p.write_u64(BOOT_PD_GPA, BOOT_PT_GPA | PW)?;
+        for i in 1..512u64 {
+            p.write_u64(BOOT_PT_GPA + 8 * i, (i << 12) | PW)?;
+        }
+        for j in 1..(p.size >> 21) {
+            p.write_u64(BOOT_PD_GPA + 8 * j, (j << 21) | PW | 0x80)?;
+        }
+        Ok(())
+    }
+
+    fn setup_vmcs(
+        l: &Launch,
+        f: &Features,
+        frames: &mut Private,
+        eptp: u64,
+        entry: u64,
+    ) -> Result<u32, &'static str> {
+        let raw = &f.raw;
+        let pin = adjust(
+            raw.pinbased,
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VMX_PREEMPTION_TIMER)
+                .bits(),
+            "pin-based controls",
+        )?;
+        let cr8 = (1 << 19) | (1 << 20); // CR8-load and CR8-store exiting
+        let proc = adjust(
+            raw.procbased,
+            (PrimaryControls::HLT_EXITING
+                | PrimaryControls::UNCOND_IO_EXITING
+                | PrimaryControls::USE_MSR_BITMAPS
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::MONITOR_EXITING
+                | PrimaryControls::SECONDARY_CONTROLS)
+                .bits()
+                | cr8,
+            "primary processor-based controls",
+        )?;
+        adjust(
+            raw.procbased,
+            PrimaryControls::INTERRUPT_WINDOW_EXITING.bits(),
+            "interrupt-window exiting",
+        )?;
+        let mut want2 = SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID;
+        if (raw.procbased2 >> 32) as u32 & SecondaryControls::ENABLE_RDTSCP.bits() != 0 {
+            want2 |= SecondaryControls::ENABLE_RDTSCP;
+        }
+        let proc2 = adjust(raw.procbased2, want2.bits(), "secondary controls")?;
+        let exitc = adjust(
+            raw.exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::ACK_INTERRUPT_ON_EXIT
+                | ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER
+                | ExitControls::SAVE_IA32_PAT
+                | ExitControls::LOAD_IA32_PAT)
+                .bits(),
+            "exit controls",
+        )?;
+        let entryc = adjust(
+            raw.entry,
+            (EntryControls::IA32E_MODE_GUEST
+                | EntryControls::LOAD_IA32_EFER
+                | EntryControls::LOAD_IA32_PAT)
+                .bits(),
+            "entry controls",
+        )?;
+
+        // MSR bitmap: every access exits but the pass-through list (SDM Vol. 3C 25.6.9).
+        let bitmap = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+        // SAFETY: a frame of this core's private region, identity-mapped.
+        let bm = unsafe { core::slice::from_raw_parts_mut(bitmap as *mut u8, 4096) };
+        bm.fill(0xff);
+        for msr in exits::MSR_PASSTHROUGH {
+            let bit = (msr & 0x1fff) as usize;
+            let high = if msr >= 0xc000_0000 { 1024 } else { 0 };
+            for base in [high, 2048 + high] {
+                bm[base + bit / 8] &= !(1 << (bit % 8));
+            }
+        }
+
+        // SAFETY: this core's slot is initialised; reading its own tables' addresses.
+        let me = unsafe { crate::percpu::this_core() };
+        let efer = unsafe { arch::rdmsr(x86::msr::IA32_EFER) };
+        let pat = unsafe { arch::rdmsr(x86::msr::IA32_PAT) };
+        let guest_cr0 =
+            crate::vmx::features::fix_cr(0x8001_0033, raw.cr0_fixed0, raw.cr0_fixed1, 0x8000_0001)
+                .ok_or("guest CR0 fixed bits")?;
+        let guest_cr4 = (0x20 | raw.cr4_fixed0) & raw.cr4_fixed1;
+        let w = |fld: crate::vmx::vmcs::Rw, v: u64| -> Result<(), &'static str> {
+            // SAFETY: this core's fresh VMCS is current; values computed above from the
+            // capability MSRs and our own tables.
+            unsafe { fld.write(v) }.map_err(|_| "VMWRITE failed")
+        };
+        w(ctl::PINBASED, pin as u64)?;
+        w(ctl::PROCBASED, proc as u64)?;
+        w(ctl::PROCBASED2, proc2 as u64)?;
+        w(ctl::EXIT, exitc as u64)?;
+        w(ctl::ENTRY, entryc as u64)?;
+        w(ctl::EXCEPTION_BITMAP, 0)?;
+        w(ctl::CR3_TARGET_COUNT, 0)?;
+        w(ctl::MSR_BITMAP, bitmap)?;
+        w(ctl::EPTP, eptp)?;
+        w(ctl::VPID, (l.guest_id + 1) as u64)?;
+        w(ctl::CR0_MASK, exits::CR0_MASK)?;
+        w(ctl::CR0_SHADOW, guest_cr0)?;
+        w(ctl::CR4_MASK, exits::CR4_MASK)?;
+        w(ctl::CR4_SHADOW, guest_cr4 & !(1 << 13))?;
+
+        w(h::CR0, arch::read_cr0())?;
+        w(h::CR3, arch::read_cr3())?;
+        w(h::CR4, arch::read_cr4())?;
+        w(h::CS_SEL, crate::arch::gdt::CODE_SELECTOR as u64)?;
+        for s in [h::SS_SEL, h::DS_SEL, h::ES_SEL] {
+            w(s, crate::arch::gdt::DATA_SELECTOR as u64)?;
+        }
+        w(h::FS_SEL, 0)?;
+        w(h::GS_SEL, 0)?;
+        w(h::TR_SEL, crate::arch::gdt::TSS_SELECTOR as u64)?;
+        w(h::FS_BASE, 0)?;
+        w(h::GS_BASE, arch::read_gs_base())?;
+        w(h::TR_BASE, &me.tss as *const _ as u64)?;
+        w(h::GDTR_BASE, me.gdt.as_ptr() as u64)?;
+        w(h::IDTR_BASE, &me.idt as *const _ as u64)?;
+        w(h::EFER, efer)?;
+        w(h::PAT, pat)?;
+        w(h::SYSENTER_CS, 0)?;
+        w(h::SYSENTER_ESP, 0)?;
+        w(h::SYSENTER_EIP, 0)?;
+        w(h::RIP, arch::vmx::exit_landing())?;
+
+        w(g::CR0, guest_cr0)?;
+        w(g::CR3, BOOT_PML4_GPA)?;
+        w(g::CR4, guest_cr4)?;
+        w(g::DR7, 0x400)?;
+        w(g::RSP, BOOT_STACK_TOP)?;
+        w(g::RIP, entry)?;
+        w(g::RFLAGS, 0x2)?;
+        w(g::CS_SEL, 0x08)?;
+        w(g::CS_BASE, 0)?;
+        w(g::CS_LIMIT, 0xffff_ffff)?;
+        w(g::CS_AR, 0xa09b)?;
+        for (sel, base, limit, ar) in [
+            (g::SS_SEL, g::SS_BASE, g::SS_LIMIT, g::SS_AR),
+            (g::DS_SEL, g::DS_BASE, g::DS_LIMIT, g::DS_AR),
+            (g::ES_SEL, g::ES_BASE, g::ES_LIMIT, g::ES_AR),
+            (g::FS_SEL, g::FS_BASE, g::FS_LIMIT, g::FS_AR),
+            (g::GS_SEL, g::GS_BASE, g::GS_LIMIT, g::GS_AR),
+        ] {
+            w(sel, 0x10)?;
+            w(base, 0)?;
+            w(limit, 0xffff_ffff)?;
+            w(ar, 0xc093)?;
+        }
+        w(g::LDTR_SEL, 0)?;
+        w(g::LDTR_BASE, 0)?;
+        w(g::LDTR_LIMIT, 0)?;
+        w(g::LDTR_AR, 0x1_0000)?; // unusable
+        w(g::TR_SEL, 0)?;
+        w(g::TR_BASE, 0)?;
+        w(g::TR_LIMIT, 0x67)?;
+        w(g::TR_AR, 0x8b)?; // busy 64-bit TSS
+        w(g::GDTR_BASE, 0)?;
+        w(g::GDTR_LIMIT, 0)?;
+        w(g::IDTR_BASE, 0)?;
+        w(g::IDTR_LIMIT, 0)?;
+        w(g::EFER, 0x500)?; // LME | LMA
+        w(g::PAT, pat)?;
+        w(g::INTERRUPTIBILITY, 0)?;
+        w(g::ACTIVITY, 0)?;
+        w(g::PENDING_DBG, 0)?;
+        w(g::LINK_PTR, u64::MAX)?;
+        w(g::SYSENTER_CS, 0)?;
+        w(g::SYSENTER_ESP, 0)?;
+        w(g::SYSENTER_EIP, 0)?;
+        Ok(proc)
+    }
+
+    fn read_exit() -> VmExit {
+        // SAFETY: the guest's VMCS is current; exit-information fields are readable.
+        unsafe {
+            let reason = exit::REASON.read();
+            VmExit {
+                reason: reason as u16,
+                entry_failed: reason & (1 << 31) != 0,
+                qualification: exit::QUALIFICATION.read(),
+                instruction_len: exit::INSTRUCTION_LEN.read(),
+                rip: g::RIP.read(),
+                guest_physical: exit::GUEST_PHYSICAL.read(),
+                guest_linear: exit::GUEST_LINEAR.read(),
+            }
+        }
+    }
+
+    fn report(ctx: &GuestCtx, ending: Ending, first: u64) -> GuestReport {
+        GuestReport {
+            ending,
+            exits: ctx.exits,
+            exits_other: ctx.exits_other,
+            hypercalls: ctx.hypercalls,
+            tsc_first_entry: first,
+            tsc_end: arch::rdtsc(),
+        }
+    }
+
+    /// Sets up and runs the guest of `l` on this core until it ends.
+    pub fn run(l: &Launch, f: &Features, core: u32) -> GuestReport {
+        let tsc_per_ms = arch::tsc::ticks_per_ms();
+        let watchdog = arch::rdtsc().saturating_add(l.watchdog_ms.saturating_mul(tsc_per_ms));
+        let mut ctx = GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog);
+        let stop = |ctx: &GuestCtx, why: &'static str| {
+            report(ctx, Ending::Stopped(StopReason::Setup(why)), 0)
+        };
+        let part = Partition { base: l.partition, size: l.partition_size };
+        let mut frames = Private { next: l.private, end: l.private + l.private_size };
+
+        // SAFETY: the kernel module is reserved memory, identity-mapped, never written.
+        let image = unsafe {
+            core::slice::from_raw_parts(l.kernel.0 as *const u8, (l.kernel.1 - l.kernel.0) as usize)
+        };
+        let plan = match loader::plan(image, part.size) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("guest {}: kernel ELF rejected: {e}", name(l));
+                return stop(&ctx, "kernel ELF rejected");
+            }
+        };
+        part.zero();
+        for s in plan.segments() {
+            let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
+            if part.write(s.gpa, data).is_err() {
+                return stop(&ctx, "kernel segment outside the partition");
+            }
+        }
+        let mut bi = BootInfo::new_zeroed();
+        bi.magic = BOOT_INFO_MAGIC;
+        bi.version = BOOT_INFO_VERSION;
+        bi.guest_id = l.guest_id;
+        bi.core = core;
+        bi.memory_bytes = part.size;
+        bi.tsc_per_ms = tsc_per_ms;
+        bi.name = l.entry.name;
+        bi.workload = l.entry.workload;
+        bi.args = l.entry.args;
+        if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() || boot_page_tables(&part).is_err() {
+            return stop(&ctx, "partition too small for the boot structures");
+        }
+
+        let eptp = match ept::new_root(&mut frames)
+            .and_then(|root| ept::map(&mut frames, root, 0, part.base, part.size).map(|()| root))
+        {
+            Ok(root) => ept::eptp(root),
+            Err(_) => return stop(&ctx, "EPT construction failed"),
+        };
+        let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
+            return stop(&ctx, "private region exhausted");
+        };
+        // SAFETY: a fresh page of this core's private region; VMX is on for this core.
+        let loaded = unsafe {
+            (vmcs as *mut u32).write(f.revision);
+            arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
+        };
+        if loaded.is_err() {
+            return stop(&ctx, "VMCLEAR/VMPTRLD failed");
+        }
+        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation.
+        unsafe {
+            arch::vmx::invvpid_single((l.guest_id + 1) as u16);
+            arch::vmx::invept_single(eptp);
+        }
+        let procbased = match setup_vmcs(l, f, &mut frames, eptp, plan.entry) {
+            Ok(p) => p,
+            Err(what) => {
+                log::error!("guest {}: VMCS setup: {what}", name(l));
+                return stop(&ctx, "VMCS setup failed");
+            }
+        };
+        let mut sink = Console { name: name(l), core };
+        let mut vcpu = VmcsVcpu {
+            regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
+            part: &part,
+            procbased,
+            injected: false,
+        };
+        log::info!(
+            "guest {} (id {}): {} MiB at {:#x}, kernel entry {:#x}, workload {:?}",
+            name(l),
+            l.guest_id,
+            part.size >> 20,
+            part.base,
+            plan.entry,
+            bi.workload()
+        );
+        let mut launched = false;
+        let mut first_entry = 0;
+        let ending = loop {
+            vcpu.injected = false;
+            let timer = match ctx.before_entry(&mut vcpu) {
+                Ok(t) => t,
+                Err(why) => break Ending::Stopped(why),
+            };
+            // SAFETY: current VMCS; the preemption timer counts at the TSC rate shifted
+            // by IA32_VMX_MISC[4:0].
+            let _ = unsafe {
+                g::PREEMPTION_TIMER.write((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
+            };
+            if !launched {
+                first_entry = arch::rdtsc();
+            }
+            // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
+            if unsafe { arch::vmx::run(&mut vcpu.regs, launched) }.is_err() {
+                // SAFETY: current VMCS.
+                let code = unsafe { exit::INSTRUCTION_ERROR.read() };
+                log::error!("guest {}: VM entry failed, VM-instruction error {code}", name(l));
+                break Ending::Stopped(StopReason::Setup("VM entry failed (VM-instruction error)"));
+            }
+            launched = true;
+            let e = read_exit();
+            vcpu.injected = false;
+            match exits::handle(&mut ctx, &mut vcpu, &e, &mut sink) {
+                Action::Resume => {}
+                Action::Exit(status) => break Ending::Exited(status),
+                Action::Stop(why) => break Ending::Stopped(why),
+            }
+            reinject_vectoring(&mut vcpu);
+        };
+        ctx.flush_line(&mut sink);
+        // SAFETY: the VMCS is this core's; clearing it ends its use.
+        let _ = unsafe { arch::vmx::vmclear(vmcs) };
+        report(&ctx, ending, first_entry)
+    }
+
+    /// An exit during event delivery leaves the event in the IDT-vectoring field; it must be
+    /// delivered again unless a handler injected something itself (SDM Vol. 3C 28.2.4).
+    fn reinject_vectoring(v: &mut VmcsVcpu<'_>) {
+        if v.injected {
+            return;
+        }
+        // SAFETY: current VMCS.
+        let info = unsafe { crate::vmx::vmcs::Ro(x86::vmx::vmcs::ro::IDT_VECTORING_INFO).read() };
+        if info & (1 << 31) == 0 {
+            return;
+        }
+        // SAFETY: current VMCS; re-delivering the processor's own event description.
+        unsafe {
+            let _ = ctl::ENTRY_INTR_INFO.write(info & !(1 << 12));
+            if info & (1 << 11) != 0 {
+                let code = crate::vmx::vmcs::Ro(x86::vmx::vmcs::ro::IDT_VECTORING_ERR_CODE).read();
+                let _ = ctl::ENTRY_EXCEPTION_ERR.write(code);
+            }
+            let len = exit::INSTRUCTION_LEN.read();
+            let _ = ctl::ENTRY_INSTR_LEN.write(len);
+        }
+    }
+}

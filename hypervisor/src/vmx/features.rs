@@ -25,6 +25,8 @@ pub struct RawCaps {
     pub cr0_fixed1: u64,
     pub cr4_fixed0: u64,
     pub cr4_fixed1: u64,
+    /// IA32_VMX_MISC: bits 4:0 give the preemption-timer rate.
+    pub misc: u64,
 }
 
 /// IA32_FEATURE_CONTROL bits (SDM Vol. 3C 24.7).
@@ -95,6 +97,8 @@ pub struct Features {
     pub ept_accessed_dirty: bool,
     pub preemption_timer: bool,
     pub apic_register_virtualization: bool,
+    /// The VMX preemption timer counts down once every 2^shift TSC ticks.
+    pub preemption_timer_shift: u32,
     pub raw: RawCaps,
 }
 
@@ -188,6 +192,7 @@ pub fn decode(raw: &RawCaps) -> Result<Features, Missing> {
         ept_accessed_dirty: cap & EPT_AD != 0,
         preemption_timer: ControlCaps(raw.pinbased).allows(PIN_PREEMPTION_TIMER),
         apic_register_virtualization: proc2.allows(PROC2_APIC_REG_VIRT),
+        preemption_timer_shift: (raw.misc & 0x1f) as u32,
         raw: *raw,
     })
 }
@@ -219,6 +224,7 @@ pub fn read() -> RawCaps {
             cr0_fixed1: rdmsr(IA32_VMX_CR0_FIXED1),
             cr4_fixed0: rdmsr(IA32_VMX_CR4_FIXED0),
             cr4_fixed1: rdmsr(IA32_VMX_CR4_FIXED1),
+            misc: rdmsr(IA32_VMX_MISC),
             ..RawCaps::default()
         }
     };
@@ -263,6 +269,9 @@ pub(crate) mod tests {
 
     /// Recorded from Bochs 2.7, `cpu: model=corei7_skylake_x` (the hypervisor logs these
     /// at boot with `vmxcaps=1` on its command line).
+    /// IA32_VMX_MISC as Bochs reports it (logged with `vmxcaps`).
+    const MISC_RECORDED: u64 = 0;
+
     pub const BOCHS_SKYLAKE_X: RawCaps = RawCaps {
         cpuid_vmx: true,
         feature_control: 0x5,
@@ -277,6 +286,7 @@ pub(crate) mod tests {
         cr0_fixed1: 0xffff_ffff,
         cr4_fixed0: 0x2000,
         cr4_fixed1: 0x0037_27ff,
+        misc: MISC_RECORDED,
     };
 
     #[test]

@@ -3,6 +3,7 @@
 //! (SDM Vol. 3C 24.7, 24.8). Each core runs this on itself with its own VMXON region.
 
 pub mod features;
+pub mod vmcs;
 
 pub use features::Features;
 

@@ -41,7 +41,7 @@ pub fn images(debug: bool) -> Result<Images> {
 }
 
 /// The GRUB configuration: no menu, console on COM1 so the host sees GRUB's progress too.
-pub fn grub_cfg(cmdline: &str) -> String {
+pub fn grub_cfg(cmdline: &str, with_config: bool) -> String {
     let cmdline = cmdline.replace(['\n', '\r', '"', '\''], " ");
     format!(
         "set timeout=0\n\
@@ -53,8 +53,10 @@ pub fn grub_cfg(cmdline: &str) -> String {
          \x20 echo \"{GRUB_MARKER}\"\n\
          \x20 multiboot2 /boot/mkvisor {cmdline}\n\
          \x20 module2 /boot/guestkernel guestkernel\n\
+         {config}\
          \x20 boot\n\
-         }}\n"
+         }}\n",
+        config = if with_config { "  module2 /boot/config.bin config\n" } else { "" }
     )
 }
 
@@ -62,7 +64,7 @@ pub fn grub_cfg(cmdline: &str) -> String {
 pub const GRUB_MARKER: &str = "mkvisor: GRUB is loading the hypervisor";
 
 /// Lays out an ISO tree in `dir` and writes `dir/mkvisor.iso`.
-pub fn iso(images: &Images, dir: &Path, cmdline: &str) -> Result<PathBuf> {
+pub fn iso(images: &Images, dir: &Path, cmdline: &str, config: Option<&[u8]>) -> Result<PathBuf> {
     crate::setup::ensure_packages(&[crate::setup::BUILD])?;
     let tree = dir.join("iso");
     let boot = tree.join("boot");
@@ -71,7 +73,10 @@ pub fn iso(images: &Images, dir: &Path, cmdline: &str) -> Result<PathBuf> {
         .with_context(|| format!("copying {}", images.hypervisor.display()))?;
     std::fs::copy(&images.guest, boot.join("guestkernel"))
         .with_context(|| format!("copying {}", images.guest.display()))?;
-    std::fs::write(boot.join("grub/grub.cfg"), grub_cfg(cmdline))?;
+    if let Some(blob) = config {
+        std::fs::write(boot.join("config.bin"), blob)?;
+    }
+    std::fs::write(boot.join("grub/grub.cfg"), grub_cfg(cmdline, config.is_some()))?;
     let iso = dir.join("mkvisor.iso");
     let out = Command::new("grub-mkrescue")
         .arg("-o")
@@ -91,7 +96,9 @@ mod tests {
 
     #[test]
     fn grub_cfg_passes_the_command_line_and_module() {
-        let cfg = grub_cfg("cpus=2 vmxcaps");
+        let cfg = grub_cfg("cpus=2 vmxcaps", true);
+        assert!(cfg.contains("module2 /boot/config.bin config\n"));
+        assert!(!grub_cfg("", false).contains("config.bin"));
         assert!(cfg.contains("multiboot2 /boot/mkvisor cpus=2 vmxcaps\n"));
         assert!(cfg.contains("module2 /boot/guestkernel guestkernel\n"));
         assert!(cfg.contains("set timeout=0\n"));
@@ -99,7 +106,7 @@ mod tests {
 
     #[test]
     fn grub_cfg_cannot_be_broken_out_of() {
-        let cfg = grub_cfg("a\nboot\" b");
+        let cfg = grub_cfg("a\nboot\" b", false);
         assert!(cfg.contains("multiboot2 /boot/mkvisor a boot  b\n"));
     }
 }

@@ -55,9 +55,15 @@ pub struct RunArgs {
     /// Which emulator boots the image.
     #[arg(long, value_enum, default_value_t = Emulator::Bochs)]
     pub emulator: Emulator,
-    /// Number of emulated CPUs.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub cpus: u32,
+    /// Machine description (TOML) to boot; see configs/ and the README's config reference.
+    #[arg(long, default_value = "configs/default.toml", conflicts_with = "no_config")]
+    pub config: PathBuf,
+    /// Boot without a config: bring up the cores only, no guests.
+    #[arg(long)]
+    pub no_config: bool,
+    /// Number of emulated CPUs (default: the config's `machine.cpus`, or 4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
     /// CPU model: a Bochs `cpu: model=` name, or a QEMU `-cpu` name.
     #[arg(long)]
     pub cpu_model: Option<String>,
@@ -101,7 +107,9 @@ mod tests {
     fn run_defaults() {
         let r = run_args(&[]).unwrap();
         assert_eq!(r.emulator, Emulator::Bochs);
-        assert_eq!(r.cpus, 4);
+        assert_eq!(r.cpus, None);
+        assert_eq!(r.config, PathBuf::from("configs/default.toml"));
+        assert!(!r.no_config);
         assert_eq!(r.cpu_model, None);
         assert!(r.report.is_none());
         assert!(!r.build.debug);
@@ -125,7 +133,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(r.emulator, Emulator::QemuKvm);
-        assert_eq!((r.cpus, r.timeout), (2, 30));
+        assert_eq!((r.cpus, r.timeout), (Some(2), 30));
         assert_eq!(r.cpu_model.as_deref(), Some("tigerlake"));
         assert_eq!(r.report.unwrap(), PathBuf::from("r.json"));
         assert_eq!(r.cmdline, "cpus=1");
@@ -138,6 +146,7 @@ mod tests {
         assert!(run_args(&["--emulator", "vmware"]).is_err());
         assert!(run_args(&["--timeout", "0"]).is_err());
         assert!(run_args(&["--frobnicate"]).is_err());
+        assert!(run_args(&["--no-config", "--config", "x.toml"]).is_err());
         assert!(Cli::try_parse_from(["cargo xtask"]).is_err());
     }
 

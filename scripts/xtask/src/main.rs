@@ -83,7 +83,8 @@ fn main() -> ExitCode {
             let images = xtask::build::images(b.debug)?;
             let dir = xtask::target_dir().join("mkvisor-iso");
             std::fs::create_dir_all(&dir)?;
-            let iso = xtask::build::iso(&images, &dir, "")?;
+            let cfg = xtask::config::load(&xtask::workspace_root().join("configs/default.toml"))?;
+            let iso = xtask::build::iso(&images, &dir, "", Some(&cfg.blob))?;
             println!("{}", iso.display());
             Ok(true)
         })(),

@@ -2,6 +2,7 @@
 //! The run report: what the hypervisor's records say, checked for consistency, as JSON.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use vmcall_proto::record::{self, kind, outcome};
 
 /// One core, from its `core` record.
@@ -17,6 +18,24 @@ pub struct CoreReport {
     pub reason: Option<String>,
 }
 
+/// One guest, from its `guest` record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GuestReport {
+    pub name: String,
+    pub core: u32,
+    /// `exited`, `stopped` or `not_started`.
+    pub state: String,
+    pub exit_status: u64,
+    /// VM exits by reason name.
+    pub exits: BTreeMap<String, u64>,
+    /// Why the hypervisor stopped it (and where), or why it never started.
+    pub fault: Option<String>,
+    pub hypercalls: u64,
+    /// TSC at its first VM entry and at its end.
+    pub tsc_first_entry: u64,
+    pub tsc_end: u64,
+}
+
 /// Time-stamp counter values the hypervisor reported (in Bochs: emulated instructions).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tsc {
@@ -26,6 +45,8 @@ pub struct Tsc {
     pub end: Option<u64>,
     /// `end - hypervisor_entry`: the hypervisor's own boot, all cores included.
     pub hypervisor_boot: Option<u64>,
+    /// From hypervisor entry to the last guest's first VM entry: all guests running.
+    pub to_all_guests_running: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -40,6 +61,9 @@ pub struct Report {
     pub cpus_listed: Option<u32>,
     pub cores_used: Option<u32>,
     pub cores: Vec<CoreReport>,
+    /// The config booted (absent for a cores-only run).
+    pub config: Option<String>,
+    pub guests: Vec<GuestReport>,
     /// What the machine lacks, when the outcome is `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
@@ -69,6 +93,7 @@ pub struct Console {
     pub cores_used: Option<u32>,
     pub online: u32,
     pub cores: Vec<CoreReport>,
+    pub guests: Vec<GuestReport>,
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
@@ -124,6 +149,33 @@ impl Console {
                     None => self.problems.push(format!("core record without its fields: {line}")),
                 }
             }
+            kind::GUEST => {
+                let guest = (|| {
+                    let exits = unescape(r.get("exits")?);
+                    let exits = exits
+                        .split_whitespace()
+                        .map(|w| {
+                            let (k, v) = w.split_once(':')?;
+                            Some((k.to_string(), v.parse().ok()?))
+                        })
+                        .collect::<Option<BTreeMap<_, _>>>()?;
+                    Some(GuestReport {
+                        name: unescape(r.get("name")?),
+                        core: num(&r, "core")?,
+                        state: r.get("state")?.raw().to_string(),
+                        exit_status: num(&r, "exit_status")?,
+                        exits,
+                        fault: r.get("fault").map(unescape).filter(|s| !s.is_empty()),
+                        hypercalls: num(&r, "hypercalls")?,
+                        tsc_first_entry: num(&r, "tsc_first_entry")?,
+                        tsc_end: num(&r, "tsc_end")?,
+                    })
+                })();
+                match guest {
+                    Some(g) => self.guests.push(g),
+                    None => self.problems.push(format!("guest record without its fields: {line}")),
+                }
+            }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
             kind::END => {
                 self.end_outcome = r.get("outcome").map(|v| v.raw().to_string());
@@ -162,6 +214,14 @@ impl Console {
             if self.cores.len() != used || used == 0 {
                 self.problems
                     .push(format!("{} core records for {used} cores used", self.cores.len()));
+                return outcome::FAILED.into();
+            }
+            if let Some(g) = self.guests.iter().find(|g| g.state != "exited" || g.exit_status != 0)
+            {
+                self.problems.push(format!(
+                    "end says ok but guest {} is {} with status {}",
+                    g.name, g.state, g.exit_status
+                ));
                 return outcome::FAILED.into();
             }
             if let Some(c) = self.cores.iter().find(|c| c.vmx != "on" || c.state != "up") {
@@ -252,6 +312,25 @@ mkvisor: GRUB is loading the hypervisor
         let mut c =
             feed(&RUN_OK.replace("#mkv core index=1 apic=1 state=up vmx=on reason=\"\"\n", ""));
         assert_eq!(c.outcome(false), "failed");
+    }
+
+    #[test]
+    fn guest_records() {
+        let mut c = feed(&RUN_OK.replace(
+            "#mkv end",
+            "#mkv guest index=0 name=alpha core=0 state=exited exit_status=0 exits=\"cpuid:2 vmcall:9\" fault=\"\" hypercalls=9 tsc_first_entry=150 tsc_end=200\n\
+             #mkv guest index=1 name=mallory core=1 state=stopped exit_status=0 exits=\"ept_violation:1\" fault=\"EPT violation: read at guest-physical 0xa00000\" hypercalls=1 tsc_first_entry=160 tsc_end=210\n\
+             #mkv end",
+        ));
+        assert_eq!(c.guests.len(), 2);
+        assert_eq!(c.guests[0].exits.get("vmcall"), Some(&9));
+        assert_eq!(
+            c.guests[1].fault.as_deref(),
+            Some("EPT violation: read at guest-physical 0xa00000")
+        );
+        assert_eq!(c.outcome(false), "failed", "a stopped guest is not an ok run");
+        let c = feed("#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"cpuid\" fault=\"\" hypercalls=0 tsc_first_entry=0 tsc_end=0\n");
+        assert_eq!(c.problems.len(), 1, "exits without counts are malformed");
     }
 
     #[test]

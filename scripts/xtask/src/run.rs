@@ -55,9 +55,9 @@ pub fn kvm_vmx_unavailable() -> Option<String> {
     None
 }
 
-fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str) -> String {
+fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String {
     format!(
-        "megs: 256\n\
+        "megs: {megs}\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n\
          vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
@@ -78,12 +78,12 @@ fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str) -> String {
     )
 }
 
-fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
+fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
     let out = std::fs::File::create(dir.join("emulator.out"))?;
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
         Emulator::Bochs => {
-            std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, args.cpus, model))?;
+            std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, m.cpus, model, m.memory_mib))?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
             c.arg("-q").arg("-f").arg(dir.join("bochsrc")).arg("-rc").arg(dir.join("cont.rc"));
@@ -91,13 +91,20 @@ fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
         }
         Emulator::Qemu | Emulator::QemuKvm => {
             let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-machine", "pc", "-m", "256", "-smp", &args.cpus.to_string()])
-                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                .arg("-serial")
-                .arg(format!("file:{}", dir.join("serial.txt").display()))
-                .arg("-cdrom")
-                .arg(iso);
+            c.args([
+                "-machine",
+                "pc",
+                "-m",
+                &m.memory_mib.to_string(),
+                "-smp",
+                &m.cpus.to_string(),
+            ])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .arg("-serial")
+            .arg(format!("file:{}", dir.join("serial.txt").display()))
+            .arg("-cdrom")
+            .arg(iso);
             if args.emulator == Emulator::QemuKvm {
                 c.args(["-enable-kvm", "-cpu", "host"]);
             } else {
@@ -108,6 +115,13 @@ fn spawn(args: &RunArgs, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
     cmd.spawn().with_context(|| format!("cannot start {}", args.emulator.name()))
+}
+
+/// The emulated machine: CPUs and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    pub cpus: u32,
+    pub memory_mib: u32,
 }
 
 /// Removes terminal control sequences (GRUB clears the screen on the serial console).
@@ -129,6 +143,13 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// The core a console line comes from: `[c2] ...` (hypervisor) or `[name@c2] ...` (guest).
+pub fn line_core(line: &str) -> Option<u32> {
+    let tag = line.strip_prefix('[')?.split(']').next()?;
+    let core = tag.rsplit_once("@c").map_or_else(|| tag.strip_prefix('c'), |(_, c)| Some(c))?;
+    core.parse().ok()
 }
 
 /// Prints console lines live, colouring cores on a terminal.
@@ -158,11 +179,7 @@ impl Printer {
         }
         if is_record {
             let _ = writeln!(out, "\x1b[2m{line}\x1b[0m");
-        } else if let Some(core) = line
-            .strip_prefix("[c")
-            .and_then(|r| r.split(']').next())
-            .and_then(|n| n.parse::<u32>().ok())
-        {
+        } else if let Some(core) = line_core(line) {
             const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
             let _ = writeln!(out, "\x1b[{}m{line}\x1b[0m", COLOURS[core as usize % COLOURS.len()]);
         } else {
@@ -209,16 +226,39 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             crate::setup::ensure_packages(&[crate::setup::QEMU])?;
         }
     }
+    // A malformed config stops here, before anything is built or booted.
+    let compiled = if args.no_config {
+        None
+    } else {
+        let path = if args.config.is_relative() && !args.config.exists() {
+            crate::workspace_root().join(&args.config)
+        } else {
+            args.config.clone()
+        };
+        let c = crate::config::load(&path)?;
+        for w in &c.warnings {
+            eprintln!("config: warning: {w}");
+        }
+        Some((path, c))
+    };
+    let machine = Machine {
+        cpus: args
+            .cpus
+            .or(compiled.as_ref().map(|(_, c)| *c.config.machine.cpus.get_ref()))
+            .unwrap_or(4),
+        memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
+    };
     let images = crate::build::images(args.build.debug)?;
-    let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), args.cpus))?;
-    let iso = crate::build::iso(&images, &dir, &args.cmdline)?;
+    let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
+    let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
+    let iso = crate::build::iso(&images, &dir, &args.cmdline, blob)?;
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
     let mut printer =
         Printer { quiet: args.quiet, tty: std::io::stderr().is_terminal(), status_shown: false };
     let started = Instant::now();
-    let mut child = spawn(args, &iso, &dir, &model)?;
+    let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
     let mut serial = std::fs::File::open(&serial_path)?;
     let mut pending = Vec::new();
@@ -278,14 +318,24 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
         tsc.hypervisor_boot = b.checked_sub(a);
     }
+    let entered: Vec<u64> =
+        console.guests.iter().map(|g| g.tsc_first_entry).filter(|t| *t > 0).collect();
+    let meant_to_run = console.guests.iter().filter(|g| g.state != "not_started").count();
+    if let (Some(a), true) =
+        (tsc.hypervisor_entry, !entered.is_empty() && entered.len() == meant_to_run)
+    {
+        tsc.to_all_guests_running = entered.iter().max().and_then(|m| m.checked_sub(a));
+    }
     let report = Report {
         outcome,
         emulator: args.emulator.name().into(),
         cpu_model: model,
-        cpus: args.cpus,
+        cpus: machine.cpus,
         cpus_listed: console.cpus_listed,
         cores_used: console.cores_used,
         cores: console.cores,
+        config: compiled.as_ref().map(|(p, _)| p.display().to_string()),
+        guests: console.guests,
         missing: console.missing,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -315,6 +365,26 @@ pub fn summary(r: &Report) -> String {
             c.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
         );
     }
+    for g in &r.guests {
+        let exits: Vec<String> = g.exits.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        s += &format!(
+            "  guest {:<10} core {:2}  {:11} status {:<6} exits {}\n",
+            g.name,
+            g.core,
+            g.state,
+            g.exit_status,
+            exits.join(" ")
+        );
+        if let Some(f) = &g.fault {
+            s += &format!(
+                "        {}: {f}\n",
+                if g.state == "not_started" { "why" } else { "fault" }
+            );
+        }
+    }
+    if let Some(t) = r.tsc.to_all_guests_running {
+        s += &format!("  TSC: hypervisor entry to all guests running {t}\n");
+    }
     if let Some(m) = &r.missing {
         s += &format!("  refused: this machine lacks {m}\n");
     }
@@ -340,8 +410,18 @@ mod tests {
     }
 
     #[test]
+    fn console_lines_are_attributed_to_cores() {
+        assert_eq!(line_core("[c2] online"), Some(2));
+        assert_eq!(line_core("[alpha@c3] hello"), Some(3));
+        assert_eq!(line_core("[we@ird@c1] x"), Some(1));
+        assert_eq!(line_core("#mkv core"), None);
+        assert_eq!(line_core("[alpha] x"), None);
+    }
+
+    #[test]
     fn bochsrc_has_the_requested_machine() {
-        let rc = bochsrc(Path::new("/x/m.iso"), Path::new("/x"), 2, "tigerlake");
+        let rc = bochsrc(Path::new("/x/m.iso"), Path::new("/x"), 2, "tigerlake", 512);
+        assert!(rc.contains("megs: 512\n"));
         assert!(rc.contains("cpu: model=tigerlake, count=2,"));
         assert!(rc.contains("path=/x/m.iso"));
         assert!(rc.contains("com1: enabled=1, mode=file, dev=/x/serial.txt"));

@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Hypercalls (see `vmcall_proto::hypercall` for the ABI).
+
+use vmcall_proto::hypercall::{HvError, Hypercall};
+
+/// Issues VMCALL `nr` with two arguments; returns RAX.
+#[cfg(target_os = "none")]
+pub fn raw(nr: u64, a0: u64, a1: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes
+    // only RAX; memory passed by address is only read.
+    unsafe {
+        core::arch::asm!("vmcall", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1,
+            in("rdx") 0u64, in("r10") 0u64, options(nostack));
+    }
+    ret
+}
+
+#[cfg(not(target_os = "none"))]
+pub fn raw(_nr: u64, _a0: u64, _a1: u64) -> u64 {
+    HvError::UnknownCall.to_rax()
+}
+
+pub fn call(h: Hypercall, a0: u64, a1: u64) -> Result<u64, Result<HvError, i64>> {
+    HvError::from_rax(raw(h as u64, a0, a1))
+}
+
+/// Writes console bytes (at most `CONSOLE_MAX` per call).
+pub fn console_write(bytes: &[u8]) {
+    for chunk in bytes.chunks(vmcall_proto::hypercall::CONSOLE_MAX as usize) {
+        let _ = call(Hypercall::ConsoleWrite, chunk.as_ptr() as u64, chunk.len() as u64);
+    }
+}
+
+/// Ends this guest with `status`.
+pub fn exit(status: u64) -> ! {
+    let _ = call(Hypercall::Exit, status, 0);
+    // The hypervisor never resumes a guest that exited; if it did, stop here.
+    loop {
+        core::hint::spin_loop();
+    }
+}

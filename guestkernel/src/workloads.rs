@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The workload registry: the `workload` of a guest's config picks one of these. Each
+//! returns the exit status the guest reports.
+//!
+//! * `hello`: prints its identity, checks what the hypervisor shows it (boot-info against
+//!   the guest-info hypercall, the CPUID signature, VMX hidden, a bad hypercall refused),
+//!   computes `sum(1..=n)` two ways (`n` from its args) and exits 0 only if all agree.
+//! * `spin`: takes timer interrupts every millisecond until its budget (`ms`) is used up,
+//!   then exits 0.
+//! * `fault`: reads guest-physical memory past the end of its partition. The hypervisor
+//!   must stop it there; if the read ever returns, it exits 1.
+
+use crate::hypercall::{self, call};
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::{HvError, Hypercall};
+
+type Workload = fn(&BootInfo) -> u64;
+
+const REGISTRY: [(&str, Workload); 3] = [("hello", hello), ("spin", spin), ("fault", fault)];
+const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
+
+pub fn run(bi: &BootInfo) -> u64 {
+    match REGISTRY.iter().find(|(n, _)| *n == bi.workload()) {
+        Some((_, w)) => w(bi),
+        None => {
+            log::error!("unknown workload {:?}", bi.workload());
+            0xbad
+        }
+    }
+}
+
+fn arg(bi: &BootInfo, key: &str, default: u64) -> u64 {
+    bi.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The hypervisor's CPUID signature leaf, and whether CPUID.1:ECX.VMX is visible.
+fn cpuid_view() -> ([u8; 12], bool) {
+    let sig = core::arch::x86_64::__cpuid(vmcall_proto::hypercall::CPUID_SIGNATURE_LEAF);
+    let mut s = [0u8; 12];
+    s[..4].copy_from_slice(&sig.ebx.to_le_bytes());
+    s[4..8].copy_from_slice(&sig.ecx.to_le_bytes());
+    s[8..].copy_from_slice(&sig.edx.to_le_bytes());
+    let vmx = core::arch::x86_64::__cpuid(1).ecx & (1 << 5) != 0;
+    (s, vmx)
+}
+
+fn hello(bi: &BootInfo) -> u64 {
+    let n = arg(bi, "n", 100);
+    log::info!(
+        "hello from {} (guest {}) on core {}: {} MiB, args {:?}",
+        bi.name(),
+        bi.guest_id,
+        bi.core,
+        bi.memory_bytes >> 20,
+        bi.args()
+    );
+    let mut ok = true;
+    let info = call(Hypercall::GuestInfo, 0, 0).unwrap_or(0);
+    let (id, core, mib) = (info & 0xffff, (info >> 16) & 0xffff, info >> 32);
+    if (id, core, mib) != (bi.guest_id as u64, bi.core as u64, bi.memory_bytes >> 20) {
+        log::error!("guest-info hypercall says id {id} core {core} {mib} MiB; boot-info disagrees");
+        ok = false;
+    }
+    let (sig, vmx) = cpuid_view();
+    let sig_ok = &sig[..7] == b"mkvisor";
+    log::info!(
+        "cpuid: signature {:?}, VMX {}",
+        core::str::from_utf8(&sig[..7]).unwrap_or("?"),
+        if vmx { "visible" } else { "hidden" }
+    );
+    ok &= sig_ok && !vmx;
+    let bad = hypercall::raw(0xffff, 0, 0);
+    let refused = HvError::from_rax(bad) == Err(Ok(HvError::UnknownCall));
+    let oob = call(Hypercall::ConsoleWrite, bi.memory_bytes - 4, 16);
+    let oob_refused = oob == Err(Ok(HvError::BadAddress));
+    log::info!(
+        "bad hypercalls refused: unknown number {refused}, buffer past my memory {oob_refused}"
+    );
+    ok &= refused && oob_refused;
+    let mut sum: u64 = 0;
+    for i in 1..=n {
+        sum = sum.wrapping_add(core::hint::black_box(i));
+    }
+    let closed = n * (n + 1) / 2;
+    log::info!("result: sum(1..={n}) = {sum} (closed form {closed})");
+    ok &= sum == closed;
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn spin(bi: &BootInfo) -> u64 {
+    use core::sync::atomic::Ordering;
+    let ms = arg(bi, "ms", 10).max(1);
+    let tick = bi.tsc_per_ms;
+    log::info!("spin: {ms} ms budget, 1 ms timer ticks ({tick} TSC ticks each)");
+    let start = crate::arch::rdtsc();
+    let mut spins: u64 = 0;
+    while crate::arch::TICKS.load(Ordering::Relaxed) < ms {
+        let before = crate::arch::TICKS.load(Ordering::Relaxed);
+        if call(Hypercall::TimerOneshot, tick, crate::arch::TIMER_VECTOR as u64).is_err() {
+            log::error!("timer hypercall refused");
+            return 1;
+        }
+        while crate::arch::TICKS.load(Ordering::Relaxed) == before {
+            // Busy half the tick, then sleep until the interrupt.
+            let t = crate::arch::rdtsc();
+            while crate::arch::rdtsc() - t < tick / 2 {
+                spins += 1;
+            }
+            crate::arch::wait_for_interrupt();
+        }
+    }
+    let elapsed = crate::arch::rdtsc() - start;
+    log::info!(
+        "spin: {} ticks, {} TSC ticks elapsed ({} ms), {spins} spins",
+        crate::arch::TICKS.load(Ordering::Relaxed),
+        elapsed,
+        elapsed / tick.max(1)
+    );
+    0
+}
+
+fn fault(bi: &BootInfo) -> u64 {
+    let target = bi.memory_bytes + (2 << 20);
+    log::info!(
+        "fault: reading guest-physical {target:#x}, past the end of my {} MiB",
+        bi.memory_bytes >> 20
+    );
+    // SAFETY: deliberately out of bounds: our page tables map it, EPT does not. The
+    // hypervisor stops this guest at the read.
+    let v = unsafe { core::ptr::read_volatile(target as *const u64) };
+    log::error!("fault: the read returned {v:#x}: memory outside the partition is reachable");
+    1
+}

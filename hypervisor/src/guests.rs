@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The BSP's part in running guests: at boot, check the config blob and the guest kernel,
+//! carve a partition and a private region per guest and post each core its launch
+//! message; at the end, collect each core's report and print the records and the summary.
+//! Between the two the BSP is just another core running its own guest.
+
+use crate::bootinfo::BootParams;
+use crate::cores::CoreList;
+use crate::exits::{StopReason, REASON_NAMES};
+use crate::guest::{Ending, GuestReport, Launch};
+use crate::memory::{PhysAlloc, Range};
+use crate::{arch, record, smp};
+use core::fmt;
+use vmcall_proto::config::{self, MAX_GUESTS};
+use vmcall_proto::record::{guest_state, kind, Quoted};
+
+/// Default per-guest run budget (milliseconds of TSC time).
+pub const DEFAULT_BUDGET_MS: u64 = 10_000;
+/// Private region per guest: EPT tables, VMCS, MSR bitmap.
+const PRIVATE_SIZE: u64 = 2 << 20;
+const ALIGN_2M: u64 = 2 << 20;
+
+/// One configured guest, as planned.
+#[derive(Clone, Copy, Debug)]
+pub struct Planned {
+    pub name: [u8; 32],
+    pub core: u32,
+    /// The core index running it, or why it will not run.
+    pub slot: Result<usize, &'static str>,
+}
+
+pub struct Plan {
+    guests: [Option<Planned>; MAX_GUESTS],
+    count: usize,
+    pub budget_ms: u64,
+}
+
+/// Why no guest can be planned at all.
+pub enum PlanError {
+    BadBlob(config::BlobError),
+    NoKernel,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanError::BadBlob(e) => write!(f, "config blob rejected: {e}; no guest started"),
+            PlanError::NoKernel => {
+                f.write_str("a config but no `guestkernel` module; no guest started")
+            }
+        }
+    }
+}
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// Plans the guests of the `config` module. `Ok(None)` when there is no config (the
+/// platform-only run).
+pub fn plan(
+    boot: &BootParams,
+    cores: &CoreList,
+    budget_ms: u64,
+) -> Result<Option<Plan>, PlanError> {
+    let Some(cfg_mod) = boot.module("config") else {
+        log::info!("no config module: bringing up cores only");
+        return Ok(None);
+    };
+    // SAFETY: module memory is identity-mapped and reserved from the allocator below.
+    let blob = unsafe { cfg_mod.bytes() };
+    let cfg = config::parse(blob).map_err(PlanError::BadBlob)?;
+    let kernel = boot.module("guestkernel").ok_or(PlanError::NoKernel)?;
+
+    let mut taken = [Range { start: 0, end: 0 }; 2 + crate::bootinfo::MAX_MODULES];
+    taken[0] = Range {
+        start: core::ptr::addr_of!(__image_start) as u64,
+        end: core::ptr::addr_of!(__image_end) as u64,
+    };
+    taken[1] = Range { start: boot.mbi.0, end: boot.mbi.1 };
+    for (t, m) in taken[2..].iter_mut().zip(boot.modules()) {
+        *t = Range { start: m.start & !0xfff, end: (m.end + 0xfff) & !0xfff };
+    }
+    let usable = boot
+        .regions()
+        .iter()
+        .filter(|r| r.kind == crate::bootinfo::MemKind::Usable)
+        .map(|r| Range { start: r.start, end: r.end });
+    let mut mem = PhysAlloc::new(usable, &taken);
+    log::info!(
+        "config: {} guests, {} channels, {} grants; {} MiB free for partitions",
+        cfg.guest_count(),
+        cfg.channels().count(),
+        cfg.grants().count(),
+        mem.free_bytes() >> 20
+    );
+
+    let mut plan = Plan { guests: [None; MAX_GUESTS], count: cfg.guest_count(), budget_ms };
+    for (i, e) in cfg.guests().enumerate() {
+        let name = vmcall_proto::fixed::get(&e.name).unwrap_or("?");
+        let slot = if e.core as usize >= cores.len() {
+            log::warn!(
+                "guest {name} asks for core {} but only {} cores run: not started",
+                e.core,
+                cores.len()
+            );
+            Err("its core does not exist on this machine")
+        } else {
+            let size = e.memory_mib as u64 * (1 << 20);
+            match (mem.alloc(size, ALIGN_2M), mem.alloc(PRIVATE_SIZE, ALIGN_2M)) {
+                (Some(partition), Some(private)) => {
+                    smp::post_launch(
+                        e.core as usize,
+                        Launch {
+                            guest_id: i as u32,
+                            entry: e,
+                            partition,
+                            partition_size: size,
+                            private,
+                            private_size: PRIVATE_SIZE,
+                            kernel: (kernel.start, kernel.end),
+                            watchdog_ms: budget_ms,
+                        },
+                    );
+                    Ok(e.core as usize)
+                }
+                _ => {
+                    log::warn!("guest {name}: no {} MiB of memory left: not started", e.memory_mib);
+                    Err("not enough free memory for its partition")
+                }
+            }
+        };
+        plan.guests[i] = Some(Planned { name: e.name, core: e.core, slot });
+    }
+    Ok(Some(plan))
+}
+
+struct Exits<'a>(&'a GuestReport);
+
+impl fmt::Display for Exits<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (n, c) in REASON_NAMES.iter().zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
+            write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
+            first = false;
+        }
+        if self.0.exits_other > 0 {
+            write!(f, "{}other:{}", if first { "" } else { " " }, self.0.exits_other)?;
+        }
+        Ok(())
+    }
+}
+
+struct Why(StopReason);
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            StopReason::EptViolation { gpa, rip, qualification } => {
+                let access = match qualification & 7 {
+                    q if q & 4 != 0 => "fetch",
+                    q if q & 2 != 0 => "write",
+                    _ => "read",
+                };
+                write!(f, "EPT violation: {access} at guest-physical {gpa:#x} (outside its partition), rip={rip:#x}")
+            }
+            StopReason::EptMisconfig { gpa, rip } => {
+                write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
+            }
+            StopReason::TripleFault { rip } => write!(f, "triple fault, rip={rip:#x}"),
+            StopReason::Init { rip } => write!(f, "INIT signal, rip={rip:#x}"),
+            StopReason::EntryFailed { reason, rip } => {
+                write!(f, "VM entry failed (reason {reason}), rip={rip:#x}")
+            }
+            StopReason::HaltedForever { rip } => {
+                write!(
+                    f,
+                    "HLT with no timer armed or interrupts off: would never wake, rip={rip:#x}"
+                )
+            }
+            StopReason::Watchdog { rip } => write!(f, "exceeded its run budget, rip={rip:#x}"),
+            StopReason::Unexpected { reason, rip } => {
+                write!(f, "unexpected VM exit reason {reason}, rip={rip:#x}")
+            }
+            StopReason::Setup(what) => write!(f, "setup failed: {what}"),
+        }
+    }
+}
+
+/// Waits (bounded) for every running guest's report, prints one record per guest and a
+/// summary. Returns whether every guest exited with status 0.
+pub fn collect(plan: &Plan) -> bool {
+    let deadline = arch::tsc::deadline_us((plan.budget_ms + 2_000) * 1000);
+    let guests = || plan.guests[..plan.count].iter().flatten();
+    while guests().any(|g| g.slot.is_ok_and(|s| smp::report_of(s).is_none()))
+        && arch::rdtsc() < deadline
+    {
+        arch::pause();
+    }
+    let mut all_ok = true;
+    log::info!("guest summary:");
+    for (i, g) in guests().enumerate() {
+        let name = vmcall_proto::fixed::get(&g.name).unwrap_or("?");
+        let report = g.slot.ok().and_then(smp::report_of);
+        match (g.slot, report) {
+            (Ok(_), Some(r)) => {
+                let (state, status) = match r.ending {
+                    Ending::Exited(s) => (guest_state::EXITED, s),
+                    Ending::Stopped(_) => (guest_state::STOPPED, 0),
+                };
+                all_ok &= matches!(r.ending, Ending::Exited(0));
+                let fault = match r.ending {
+                    Ending::Stopped(why) => Some(Why(why)),
+                    Ending::Exited(_) => None,
+                };
+                log::info!(
+                    "  {name:<12} core {:<2} {state:<8} status {status:<4} exits: {}{}",
+                    g.core,
+                    Exits(r),
+                    CommaWhy(fault.as_ref())
+                );
+                record!(
+                    kind::GUEST,
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={}",
+                    g.core,
+                    Quoted(Exits(r)),
+                    Quoted(OptWhy(fault.as_ref())),
+                    r.hypercalls,
+                    r.tsc_first_entry,
+                    r.tsc_end
+                );
+            }
+            (slot, _) => {
+                all_ok = false;
+                let why = match slot {
+                    Err(why) => why,
+                    Ok(s) if !smp::mailbox(s).read().vmx_on => {
+                        "its core did not come up in VMX operation"
+                    }
+                    Ok(_) => "its core never reported back",
+                };
+                log::info!("  {name:<12} core {:<2} not started: {why}", g.core);
+                record!(
+                    kind::GUEST,
+                    "index={i} name={name} core={} state={} exit_status=0 exits=\"\" fault={} hypercalls=0 tsc_first_entry=0 tsc_end=0",
+                    g.core,
+                    guest_state::NOT_STARTED,
+                    Quoted(why)
+                );
+            }
+        }
+    }
+    all_ok
+}
+
+struct OptWhy<'a>(Option<&'a Why>);
+impl fmt::Display for OptWhy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(w) => write!(f, "{w}"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct CommaWhy<'a>(Option<&'a Why>);
+impl fmt::Display for CommaWhy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(w) => write!(f, "; stopped: {w}"),
+            None => Ok(()),
+        }
+    }
+}
