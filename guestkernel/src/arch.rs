@@ -9,7 +9,7 @@
 //! so the hypervisor keeps sole control of the physical one and nothing needs intercepting.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
 
 pub const TIMER_VECTOR: u8 = 32;
 
@@ -127,7 +127,7 @@ extern "C" {
 #[cfg(target_os = "none")]
 #[no_mangle]
 extern "C" fn guest_timer_tick() {
-    TICKS.fetch_add(1, Ordering::Relaxed);
+    TICKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(target_os = "none")]

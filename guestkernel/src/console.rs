@@ -43,9 +43,9 @@ impl log::Log for Logger {
     fn log(&self, r: &log::Record<'_>) {
         let mut l = Line::new();
         let _ = match r.level() {
-            log::Level::Error => write!(l, "ERROR {}\n", r.args()),
-            log::Level::Warn => write!(l, "WARN {}\n", r.args()),
-            _ => write!(l, "{}\n", r.args()),
+            log::Level::Error => writeln!(l, "ERROR {}", r.args()),
+            log::Level::Warn => writeln!(l, "WARN {}", r.args()),
+            _ => writeln!(l, "{}", r.args()),
         };
         l.flush();
     }

@@ -11,8 +11,6 @@ mod console;
 mod hypercall;
 mod workloads;
 
-use vmcall_proto::guest::{BootInfo, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
-
 #[cfg(target_os = "none")]
 core::arch::global_asm!(
     r#"
@@ -32,6 +30,7 @@ guest_start:
 #[cfg(target_os = "none")]
 #[no_mangle]
 extern "C" fn guest_main(boot_info: u64) -> ! {
+    use vmcall_proto::guest::{BootInfo, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
     console::init();
     arch::init();
     // SAFETY: the hypervisor wrote a BootInfo at this address of our memory (our page

@@ -77,6 +77,12 @@ mod boot {
             if boot.regions_dropped > 0 { " (some dropped)" } else { "" }
         );
 
+        // The legacy 8259 PICs would interrupt whichever guest runs on the BSP; nothing of
+        // ours uses them. SAFETY: writing the interrupt-mask registers masks every line.
+        unsafe {
+            arch::outb(0x21, 0xff);
+            arch::outb(0xa1, 0xff);
+        }
         // SAFETY: single core; PIT channel 2 is ours.
         match unsafe { arch::tsc::calibrate() } {
             Some(t) => log::info!("TSC: {t} ticks/ms"),

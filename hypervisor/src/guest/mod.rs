@@ -10,7 +10,7 @@
 
 pub mod loader;
 
-use crate::exits::{self, Action, StopReason, REASONS};
+use crate::exits::{StopReason, REASONS};
 
 /// What the BSP tells a core: run this guest here.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +60,7 @@ mod run {
     use super::*;
     use crate::arch::{self, vmx::GuestRegs};
     use crate::ept;
+    use crate::exits::{self, Action};
     use crate::exits::{ConsoleSink, Event, Field, GuestCtx, Vcpu, VmExit};
     use crate::vmx::vmcs::{ctl, exit, g, h};
     use crate::vmx::Features;
@@ -318,8 +319,9 @@ mod run {
 
         // SAFETY: this core's slot is initialised; reading its own tables' addresses.
         let me = unsafe { crate::percpu::this_core() };
-        let efer = unsafe { arch::rdmsr(x86::msr::IA32_EFER) };
-        let pat = unsafe { arch::rdmsr(x86::msr::IA32_PAT) };
+        // SAFETY: EFER and PAT exist on every processor with long mode and VMX.
+        let (efer, pat) =
+            unsafe { (arch::rdmsr(x86::msr::IA32_EFER), arch::rdmsr(x86::msr::IA32_PAT)) };
         let guest_cr0 =
             crate::vmx::features::fix_cr(0x8001_0033, raw.cr0_fixed0, raw.cr0_fixed1, 0x8000_0001)
                 .ok_or("guest CR0 fixed bits")?;
@@ -486,8 +488,16 @@ mod run {
         let eptp = match ept::new_root(&mut frames)
             .and_then(|root| ept::map(&mut frames, root, 0, part.base, part.size).map(|()| root))
         {
-            Ok(root) => ept::eptp(root),
-            Err(_) => return stop(&ctx, "EPT construction failed"),
+            // Isolation self-check: the tables map exactly the partition, at its base.
+            Ok(root)
+                if ept::mapped_bytes(&mut frames, root) == part.size
+                    && ept::translate(&mut frames, root, part.size - 1)
+                        == Some(part.base + part.size - 1)
+                    && ept::translate(&mut frames, root, part.size).is_none() =>
+            {
+                ept::eptp(root)
+            }
+            _ => return stop(&ctx, "EPT construction failed"),
         };
         let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
             return stop(&ctx, "private region exhausted");
@@ -520,11 +530,13 @@ mod run {
             injected: false,
         };
         log::info!(
-            "guest {} (id {}): {} MiB at {:#x}, kernel entry {:#x}, workload {:?}",
+            "guest {} (id {}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
             name(l),
             l.guest_id,
             part.size >> 20,
             part.base,
+            vmcall_proto::guest::KERNEL_BASE,
+            plan.end(),
             plan.entry,
             bi.workload()
         );
@@ -574,7 +586,7 @@ mod run {
             return;
         }
         // SAFETY: current VMCS.
-        let info = unsafe { crate::vmx::vmcs::Ro(x86::vmx::vmcs::ro::IDT_VECTORING_INFO).read() };
+        let info = unsafe { exit::IDT_VECTORING_INFO.read() };
         if info & (1 << 31) == 0 {
             return;
         }
@@ -582,7 +594,7 @@ mod run {
         unsafe {
             let _ = ctl::ENTRY_INTR_INFO.write(info & !(1 << 12));
             if info & (1 << 11) != 0 {
-                let code = crate::vmx::vmcs::Ro(x86::vmx::vmcs::ro::IDT_VECTORING_ERR_CODE).read();
+                let code = exit::IDT_VECTORING_ERR.read();
                 let _ = ctl::ENTRY_EXCEPTION_ERR.write(code);
             }
             let len = exit::INSTRUCTION_LEN.read();

@@ -269,8 +269,8 @@ pub(crate) mod tests {
 
     /// Recorded from Bochs 2.7, `cpu: model=corei7_skylake_x` (the hypervisor logs these
     /// at boot with `vmxcaps=1` on its command line).
-    /// IA32_VMX_MISC as Bochs reports it (logged with `vmxcaps`).
-    const MISC_RECORDED: u64 = 0;
+    /// IA32_VMX_MISC as Bochs reports it (logged with `vmxcaps`): preemption-timer rate 0.
+    const MISC_RECORDED: u64 = 0x6004_01e0;
 
     pub const BOCHS_SKYLAKE_X: RawCaps = RawCaps {
         cpuid_vmx: true,
@@ -297,6 +297,7 @@ pub(crate) mod tests {
         assert_eq!(f.feature_control, FeatureControl::LockedOn);
         assert!(f.ept_2m_pages && f.ept_1g_pages && f.ept_accessed_dirty);
         assert!(f.preemption_timer && f.apic_register_virtualization);
+        assert_eq!(f.preemption_timer_shift, 0);
     }
 
     #[test]
