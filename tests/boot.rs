@@ -3,6 +3,8 @@
 //! and the serial log (never on timing).
 
 use systests::boot;
+
+// These runs carry no config: the platform layer alone (cores and VMX).
 use xtask::cli::Emulator;
 
 #[test]

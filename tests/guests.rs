@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Whole-system tests of the guests layer: one guest kernel per core, each in its own EPT
+//! partition, described by a config. Assertions are on the report and on what each guest
+//! printed through the hypervisor's console, never on timing.
+
+use systests::{boot_config, Boot};
+use xtask::cli::Emulator;
+use xtask::report::GuestReport;
+
+fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
+    b.report
+        .guests
+        .iter()
+        .find(|g| g.name == name)
+        .unwrap_or_else(|| panic!("no guest {name}: {:?}", b.report.guests))
+}
+
+/// What a `hello` guest must have printed: its identity, the checks, the right sum.
+fn assert_hello(b: &Boot, name: &str, id: u32, core: u32, n: u64) {
+    let g = guest(b, name);
+    assert_eq!((g.state.as_str(), g.exit_status, g.core), ("exited", 0, core), "{g:?}");
+    let tag = format!("[{name}@c{core}] ");
+    let said = |s: &str| b.serial.contains(&format!("{tag}{s}"));
+    assert!(
+        said(&format!("hello from {name} (guest {id}) on core {core}: 16 MiB")),
+        "{name} identity"
+    );
+    assert!(said("cpuid: signature \"mkvisor\", VMX hidden"));
+    assert!(said("bad hypercalls refused: unknown number true, buffer past my memory true"));
+    assert!(said(&format!("result: sum(1..={n}) = {} (closed form", n * (n + 1) / 2)));
+    assert!(g.exits.get("vmcall").copied().unwrap_or(0) >= 5, "{:?}", g.exits);
+    assert_eq!(g.exits.get("cpuid"), Some(&2), "the two CPUID probes of hello");
+    assert!(g.fault.is_none());
+}
+
+#[test]
+fn default_config_four_guests_on_four_cores() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/default.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    assert_eq!(r.guests.len(), 4);
+    assert_hello(&b, "alpha", 0, 0, 1000);
+    assert_hello(&b, "beta", 1, 1, 2000);
+    assert_hello(&b, "gamma", 2, 2, 3000);
+    // The spin guest slept on its virtual timer: one HLT exit per tick of its 20 ms budget.
+    let delta = guest(&b, "delta");
+    assert_eq!((delta.state.as_str(), delta.exit_status), ("exited", 0));
+    assert_eq!(delta.exits.get("hlt"), Some(&20), "{:?}", delta.exits);
+    assert!(b.serial.contains("[delta@c3] spin: 20 ticks,"));
+    // Distinct partitions: every guest started, each one's first entry after boot.
+    assert!(r.tsc.to_all_guests_running.is_some());
+    // No stray exits: the legacy PIC is masked and nothing else interrupts a guest.
+    assert!(r.guests.iter().all(|g| !g.exits.contains_key("external_interrupt")), "{:?}", r.guests);
+}
+
+#[test]
+fn a_faulting_guest_is_stopped_and_the_others_finish() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/fault.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed", "a stopped guest makes the run not ok");
+    assert!(r.problems.iter().all(|p| p.contains("mallory")), "{:?}", r.problems);
+    let m = guest(&b, "mallory");
+    assert_eq!(m.state, "stopped");
+    assert_eq!(m.exits.get("ept_violation"), Some(&1));
+    // 8 MiB partition; the guest reads 2 MiB past its end.
+    let fault = m.fault.as_deref().unwrap_or_default();
+    assert!(fault.starts_with("EPT violation: read at guest-physical 0xa00000"), "{fault}");
+    assert!(b.serial.contains("[mallory@c1] fault: reading guest-physical 0xa00000"));
+    assert!(!b.serial.contains("[mallory@c1] ERROR fault: the read returned"));
+    assert_hello(&b, "alpha", 0, 0, 1000);
+    assert_hello(&b, "gamma", 2, 2, 3000);
+    assert_eq!(guest(&b, "delta").exit_status, 0);
+}
+
+#[test]
+fn a_guest_on_a_missing_core_is_reported_and_skipped() {
+    // The default config wants 4 cores; the machine has 2.
+    let b = boot_config(Emulator::Bochs, Some(2), None, "", Some("configs/default.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed");
+    assert_hello(&b, "alpha", 0, 0, 1000);
+    assert_hello(&b, "beta", 1, 1, 2000);
+    for name in ["gamma", "delta"] {
+        let g = guest(&b, name);
+        assert_eq!(g.state, "not_started");
+        assert_eq!(g.fault.as_deref(), Some("its core does not exist on this machine"));
+    }
+}
+
+#[test]
+fn a_malformed_config_is_rejected_before_any_boot() {
+    let args = xtask::cli::RunArgs {
+        emulator: Emulator::Bochs,
+        config: "configs/bad-two-guests-one-core.toml".into(),
+        no_config: false,
+        cpus: None,
+        cpu_model: None,
+        timeout: 60,
+        report: None,
+        cmdline: String::new(),
+        quiet: true,
+        build: xtask::cli::BuildArgs { debug: false },
+    };
+    let err = xtask::run::run(&args).err().expect("a bad config must not boot").to_string();
+    assert!(
+        err.contains(
+            "bad-two-guests-one-core.toml:14:8: guest[1].core: core 1 already runs guest `one`"
+        ),
+        "{err}"
+    );
+    assert!(err.contains(":16:12: guest[1].workload: unknown workload `hullo`"), "{err}");
+}
+
+#[test]
+fn two_core_config_with_a_large_partition() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/pair.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}", b.report.problems);
+    let big = guest(&b, "big");
+    assert_eq!((big.state.as_str(), big.exit_status), ("exited", 0));
+    assert!(b.serial.contains("[big@c0] hello from big (guest 0) on core 0: 64 MiB"));
+    assert!(b.serial.contains("[big@c0] result: sum(1..=100000) = 5000050000"));
+    assert_eq!(guest(&b, "small").exit_status, 0);
+}
