@@ -101,7 +101,7 @@ fn a_malformed_config_is_rejected_before_any_boot() {
         quiet: true,
         build: xtask::cli::BuildArgs { debug: false },
     };
-    let err = xtask::run::run(&args).err().expect("a bad config must not boot").to_string();
+    let err = xtask::run::run(&args).expect_err("a bad config must not boot").to_string();
     assert!(
         err.contains(
             "bad-two-guests-one-core.toml:14:8: guest[1].core: core 1 already runs guest `one`"
