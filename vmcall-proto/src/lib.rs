@@ -9,8 +9,10 @@
 //! * [`hypercall`]: the VMCALL ABI (numbers, registers, error codes).
 //! * [`guest`]: a guest's memory layout and its boot-info structure.
 //! * [`config`]: the machine description blob handed to the hypervisor.
+//! * [`channel`]: the shared-memory message ring guests talk through.
 #![cfg_attr(not(test), no_std)]
 
+pub mod channel;
 pub mod config;
 pub mod fixed;
 pub mod guest;

@@ -65,8 +65,18 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
             "guestkernel",
         ])
         .status()?;
-    if !host.success() || args.host_only {
-        return Ok(host.success());
+    if !host.success() {
+        return Ok(false);
+    }
+    // The channel ring's memory ordering, model-checked with loom (own target dir: the
+    // cfg changes every dependency's build).
+    let loom = cargo()
+        .args(["test", "-q", "-p", "vmcall-proto", "--release", "--lib", "loom_tests"])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", xtask::target_dir().join("loom"))
+        .status()?;
+    if !loom.success() || args.host_only {
+        return Ok(loom.success());
     }
     xtask::setup::ensure_packages(&[xtask::setup::BUILD, xtask::setup::BOCHS, xtask::setup::QEMU])?;
     // Build once up front so the parallel system tests do not all wait on cargo's lock.
