@@ -28,9 +28,13 @@ static PML4: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PDPT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PD: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
+/// Maps the channel windows: guest-physical 2 GiB to 3 GiB.
+static PD_CHANNELS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 
 /// Timer interrupts taken.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
+/// Doorbell interrupts taken.
+pub static DOORBELLS: AtomicU64 = AtomicU64::new(0);
 
 #[repr(C)]
 #[derive(Debug)]
@@ -97,6 +101,29 @@ core::arch::global_asm!(
         popq %rax
         iretq
 
+    .global guest_doorbell_stub
+    guest_doorbell_stub:
+        pushq %rax
+        pushq %rcx
+        pushq %rdx
+        pushq %rsi
+        pushq %rdi
+        pushq %r8
+        pushq %r9
+        pushq %r10
+        pushq %r11
+        call guest_doorbell
+        popq %r11
+        popq %r10
+        popq %r9
+        popq %r8
+        popq %rdi
+        popq %rsi
+        popq %rdx
+        popq %rcx
+        popq %rax
+        iretq
+
     .global guest_unexpected_stub
     guest_unexpected_stub:
         pushq $0
@@ -118,6 +145,7 @@ core::arch::global_asm!(
 extern "C" {
     static gexc_table: [u64; 32];
     fn guest_timer_stub();
+    fn guest_doorbell_stub();
     fn guest_unexpected_stub();
 }
 
@@ -128,6 +156,18 @@ extern "C" {
 #[no_mangle]
 extern "C" fn guest_timer_tick() {
     TICKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// A channel doorbell: count it and acknowledge it at the (real) local APIC. Writing the
+/// x2APIC EOI register is the one APIC access the hypervisor lets through.
+#[cfg(target_os = "none")]
+#[no_mangle]
+extern "C" fn guest_doorbell() {
+    DOORBELLS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: WRMSR to x2APIC EOI (0x80b) with 0 retires the doorbell in service.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") 0x80bu32, in("eax") 0u32, in("edx") 0u32, options(nostack))
+    };
 }
 
 #[cfg(target_os = "none")]
@@ -168,6 +208,8 @@ pub fn init() {
                 gexc_table[v]
             } else if v == TIMER_VECTOR as usize {
                 guest_timer_stub as *const () as u64
+            } else if v == vmcall_proto::guest::DOORBELL_VECTOR as usize {
+                guest_doorbell_stub as *const () as u64
             } else {
                 guest_unexpected_stub as *const () as u64
             };
@@ -184,6 +226,8 @@ pub fn init() {
         for j in 1..512u64 {
             pd.0[j as usize] = (j << 21) | 0x83;
         }
+        let pdc = &mut *PD_CHANNELS.0.get();
+        pdtp_channels(pdpt, pdc);
         let gdtr = x86_ptr(GDT.as_ptr() as u64, core::mem::size_of_val(&GDT));
         let idtr = x86_ptr(idt.as_ptr() as u64, core::mem::size_of_val(idt));
         core::arch::asm!(
@@ -204,6 +248,16 @@ pub fn init() {
             cr3 = in(reg) pml4 as *const Table as u64,
             tmp = out(reg) _,
         );
+    }
+}
+
+/// Identity-maps guest-physical 2..3 GiB (the channel windows) with 2-MiB pages. Only the
+/// windows of this guest's channels are backed (EPT); touching another is a fault.
+fn pdtp_channels(pdpt: &mut Table, pd: &mut Table) {
+    const BASE: u64 = vmcall_proto::guest::CHANNEL_WINDOW_GPA;
+    pdpt.0[(BASE >> 30) as usize] = pd as *const Table as u64 | 3;
+    for j in 0..512u64 {
+        pd.0[j as usize] = (BASE + (j << 21)) | 0x83;
     }
 }
 

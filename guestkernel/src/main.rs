@@ -7,8 +7,10 @@
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
 mod arch;
+mod channel;
 mod console;
 mod hypercall;
+mod netloads;
 mod workloads;
 
 #[cfg(target_os = "none")]

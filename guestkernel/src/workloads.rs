@@ -16,7 +16,20 @@ use vmcall_proto::hypercall::{HvError, Hypercall};
 
 type Workload = fn(&BootInfo) -> u64;
 
-const REGISTRY: [(&str, Workload); 3] = [("hello", hello), ("spin", spin), ("fault", fault)];
+use crate::netloads;
+
+const REGISTRY: [(&str, Workload); 10] = [
+    ("hello", hello),
+    ("spin", spin),
+    ("fault", fault),
+    ("ping", netloads::ping),
+    ("pong", netloads::pong),
+    ("stream", netloads::stream),
+    ("sink", netloads::sink),
+    ("relay", netloads::relay),
+    ("scribble", netloads::scribble),
+    ("trespass", netloads::trespass),
+];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 
 pub fn run(bi: &BootInfo) -> u64 {

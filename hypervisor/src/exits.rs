@@ -197,6 +197,8 @@ pub trait Vcpu {
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
     /// The time-stamp counter now.
     fn now(&mut self) -> u64;
+    /// Sends a fixed interrupt `vector` to the core with x2APIC id `apic`.
+    fn send_ipi(&mut self, apic: u32, vector: u8);
 }
 
 /// Where a guest's console lines go.
@@ -220,6 +222,9 @@ pub struct GuestCtx {
     pub watchdog: u64,
     pub cr8: u64,
     pub hypercalls: u32,
+    /// Per channel of this guest (boot-info order): the peer core's APIC id, if the peer runs.
+    pub doorbells: [Option<u32>; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+    pub doorbells_rung: u32,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -248,6 +253,8 @@ impl GuestCtx {
             watchdog,
             cr8: 0,
             hypercalls: 0,
+            doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+            doorbells_rung: 0,
         }
     }
 
@@ -524,6 +531,17 @@ fn vmcall(
             }
         }
         Ok(Hypercall::TscPerMs) => Ok(ctx.tsc_per_ms),
+        Ok(Hypercall::ExitCount) => {
+            Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
+        }
+        Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
+            Some(apic) => {
+                v.send_ipi(apic, vmcall_proto::guest::DOORBELL_VECTOR);
+                ctx.doorbells_rung = ctx.doorbells_rung.saturating_add(1);
+                Ok(0)
+            }
+            None => Err(HvError::BadArgument),
+        },
     };
     v.regs().rax = match result {
         Ok(x) => x,
@@ -676,6 +694,9 @@ fn xsetbv(v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
+/// The x2APIC EOI register: written directly by guests that take doorbells.
+pub const MSR_X2APIC_EOI: u32 = 0x80b;
+
 /// The MSRs a guest may access without an exit (the host never uses them).
 pub const MSR_PASSTHROUGH: [u32; 5] =
     [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0102];
@@ -693,6 +714,7 @@ mod tests {
         window: bool,
         mem: Vec<u8>,
         tsc: u64,
+        ipis: Vec<(u32, u8)>,
     }
 
     impl FakeVcpu {
@@ -713,6 +735,7 @@ mod tests {
                 window: false,
                 mem: vec![0; 1 << 20],
                 tsc: 1000,
+                ipis: vec![],
             }
         }
         fn key(f: Field) -> &'static str {
@@ -766,6 +789,9 @@ mod tests {
         }
         fn now(&mut self) -> u64 {
             self.tsc
+        }
+        fn send_ipi(&mut self, apic: u32, vector: u8) {
+            self.ipis.push((apic, vector));
         }
     }
 
@@ -849,6 +875,21 @@ mod tests {
         assert_eq!(c.timer, Some((1500, 40)));
         v.regs = GuestRegs { rax: 2, rdi: 7, ..Default::default() };
         assert_eq!(handle(&mut c, &mut v, &exit(18, 3), &mut s), Action::Exit(7));
+    }
+
+    #[test]
+    fn doorbells_ring_only_channel_peers() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        c.doorbells[0] = Some(7);
+        c.doorbells[1] = None; // a channel whose peer never started
+        let bad = HvError::BadArgument.to_rax();
+        for (ch, want) in [(0u64, 0u64), (1, bad), (16, bad), (u64::MAX, bad)] {
+            v.regs = GuestRegs { rax: 6, rdi: ch, ..Default::default() };
+            assert_eq!(handle(&mut c, &mut v, &exit(18, 3), &mut s), Action::Resume);
+            assert_eq!(v.regs.rax, want, "channel {ch}");
+        }
+        assert_eq!(v.ipis, [(7, vmcall_proto::guest::DOORBELL_VECTOR)]);
+        assert_eq!(c.doorbells_rung, 1);
     }
 
     #[test]

@@ -7,12 +7,15 @@
 use crate::bootinfo::BootParams;
 use crate::cores::CoreList;
 use crate::exits::{StopReason, REASON_NAMES};
-use crate::guest::{Ending, GuestReport, Launch};
+use crate::guest::{ChanMap, Ending, GuestReport, Launch};
 use crate::memory::{PhysAlloc, Range};
 use crate::{arch, record, smp};
 use core::fmt;
+use vmcall_proto::channel;
 use vmcall_proto::config::{self, MAX_GUESTS};
+use vmcall_proto::guest::ChannelDesc;
 use vmcall_proto::record::{guest_state, kind, Quoted};
+use zerocopy::FromZeros;
 
 /// Default per-guest run budget (milliseconds of TSC time).
 pub const DEFAULT_BUDGET_MS: u64 = 10_000;
@@ -33,6 +36,18 @@ pub struct Plan {
     guests: [Option<Planned>; MAX_GUESTS],
     count: usize,
     pub budget_ms: u64,
+    channels: [Option<ChanInfo>; config::MAX_CHANNELS],
+    channel_count: usize,
+}
+
+/// A channel as the BSP keeps it, to report its counters at the end.
+#[derive(Clone, Copy, Debug)]
+struct ChanInfo {
+    name: [u8; 32],
+    a: u16,
+    b: u16,
+    hpa: u64,
+    slots: u32,
 }
 
 /// Why no guest can be planned at all.
@@ -57,13 +72,20 @@ extern "C" {
     static __image_end: u8;
 }
 
+/// The plan, built once by the BSP at boot and read-only afterwards.
+static PLAN: spin::Once<Plan> = spin::Once::new();
+/// The launch messages while the BSP builds them, before they are posted one per core:
+/// 64 guests with 16 channels each are far more than a stack should carry. Only the BSP
+/// takes this lock, once, at boot.
+static LAUNCHES: spin::Mutex<[Option<Launch>; MAX_GUESTS]> = spin::Mutex::new([None; MAX_GUESTS]);
+
 /// Plans the guests of the `config` module. `Ok(None)` when there is no config (the
-/// platform-only run).
+/// platform-only run). Called once, on the BSP.
 pub fn plan(
     boot: &BootParams,
     cores: &CoreList,
     budget_ms: u64,
-) -> Result<Option<Plan>, PlanError> {
+) -> Result<Option<&'static Plan>, PlanError> {
     let Some(cfg_mod) = boot.module("config") else {
         log::info!("no config module: bringing up cores only");
         return Ok(None);
@@ -96,7 +118,14 @@ pub fn plan(
         mem.free_bytes() >> 20
     );
 
-    let mut plan = Plan { guests: [None; MAX_GUESTS], count: cfg.guest_count(), budget_ms };
+    let mut plan = Plan {
+        guests: [None; MAX_GUESTS],
+        count: cfg.guest_count(),
+        budget_ms,
+        channels: [None; config::MAX_CHANNELS],
+        channel_count: 0,
+    };
+    let mut launches = LAUNCHES.lock();
     for (i, e) in cfg.guests().enumerate() {
         let name = vmcall_proto::fixed::get(&e.name).unwrap_or("?");
         let slot = if e.core as usize >= cores.len() {
@@ -110,19 +139,24 @@ pub fn plan(
             let size = e.memory_mib as u64 * (1 << 20);
             match (mem.alloc(size, ALIGN_2M), mem.alloc(PRIVATE_SIZE, ALIGN_2M)) {
                 (Some(partition), Some(private)) => {
-                    smp::post_launch(
-                        e.core as usize,
-                        Launch {
-                            guest_id: i as u32,
-                            entry: e,
-                            partition,
-                            partition_size: size,
-                            private,
-                            private_size: PRIVATE_SIZE,
-                            kernel: (kernel.start, kernel.end),
-                            watchdog_ms: budget_ms,
-                        },
-                    );
+                    launches[i] = Some(Launch {
+                        guest_id: i as u32,
+                        entry: e,
+                        partition,
+                        partition_size: size,
+                        private,
+                        private_size: PRIVATE_SIZE,
+                        kernel: (kernel.start, kernel.end),
+                        watchdog_ms: budget_ms,
+                        channels: [ChanMap {
+                            desc: ChannelDesc::new_zeroed(),
+                            hpa: 0,
+                            size: 0,
+                            peer_apic: None,
+                        };
+                            vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+                        channel_count: 0,
+                    });
                     Ok(e.core as usize)
                 }
                 _ => {
@@ -133,7 +167,54 @@ pub fn plan(
         };
         plan.guests[i] = Some(Planned { name: e.name, core: e.core, slot });
     }
-    Ok(Some(plan))
+    for (k, c) in cfg.channels().enumerate() {
+        let size = channel::channel_bytes(c.slots);
+        let Some(hpa) = mem.alloc(size, 4096) else {
+            log::warn!("channel {k}: no memory for its rings: not created");
+            continue;
+        };
+        // SAFETY: just allocated from usable RAM no one else owns, identity-mapped; zero is
+        // the empty ring.
+        unsafe { (hpa as *mut u8).write_bytes(0, size as usize) };
+        let ring = channel::ring_pages_bytes(c.slots);
+        let window = vmcall_proto::guest::channel_window(k as u32);
+        let apic_of = |g: u16| {
+            plan.guests[g as usize].and_then(|p| p.slot.ok()).map(|s| cores.cores()[s].apic_id)
+        };
+        for (me, peer, tx, rx) in [(c.a, c.b, 0, ring), (c.b, c.a, ring, 0)] {
+            let peer_apic = if launches[peer as usize].is_some() { apic_of(peer) } else { None };
+            let Some(l) = launches[me as usize].as_mut() else { continue };
+            if l.channel_count == vmcall_proto::guest::MAX_CHANNELS_PER_GUEST {
+                log::warn!(
+                    "guest {}: more than {} channels; channel {k} left out",
+                    me,
+                    l.channel_count
+                );
+                continue;
+            }
+            l.channels[l.channel_count] = ChanMap {
+                desc: ChannelDesc {
+                    name: c.name,
+                    peer: peer as u32,
+                    slots: c.slots,
+                    tx_gpa: window + tx,
+                    rx_gpa: window + rx,
+                    index: k as u32,
+                    _reserved: [0; 4],
+                },
+                hpa,
+                size,
+                peer_apic,
+            };
+            l.channel_count += 1;
+        }
+        plan.channels[k] = Some(ChanInfo { name: c.name, a: c.a, b: c.b, hpa, slots: c.slots });
+        plan.channel_count = k + 1;
+    }
+    for l in launches.iter().flatten() {
+        smp::post_launch(l.entry.core as usize, *l);
+    }
+    Ok(Some(PLAN.call_once(|| plan)))
 }
 
 struct Exits<'a>(&'a GuestReport);
@@ -251,7 +332,42 @@ pub fn collect(plan: &Plan) -> bool {
             }
         }
     }
+    for c in plan.channels[..plan.channel_count].iter().flatten() {
+        report_channel(plan, c);
+    }
     all_ok
+}
+
+/// Prints a channel's counters as its two guests left them in the ring headers: values a
+/// guest wrote, so reported, not trusted.
+fn report_channel(plan: &Plan, c: &ChanInfo) {
+    let ring = channel::ring_pages_bytes(c.slots);
+    // SAFETY: the rings were allocated and zeroed by this BSP and stay mapped; the guests
+    // that wrote them have ended (their reports are in). Reads only.
+    let (ab, ba) = unsafe {
+        (
+            channel::Ring::from_raw(c.hpa as *mut u8, c.slots),
+            channel::Ring::from_raw((c.hpa + ring) as *mut u8, c.slots),
+        )
+    };
+    let name_of = |g: u16| {
+        plan.guests[g as usize]
+            .map(|p| p.name)
+            .and_then(|n| vmcall_proto::fixed::get(&n).map(|_| n))
+    };
+    let (an, bn) = (name_of(c.a).unwrap_or([0; 32]), name_of(c.b).unwrap_or([0; 32]));
+    record!(
+        kind::CHANNEL,
+        "name={} a={} b={} slots={} a_sent={} b_received={} b_sent={} a_received={}",
+        vmcall_proto::fixed::get(&c.name).unwrap_or("?"),
+        vmcall_proto::fixed::get(&an).unwrap_or("?"),
+        vmcall_proto::fixed::get(&bn).unwrap_or("?"),
+        c.slots,
+        ab.sent(),
+        ab.received(),
+        ba.sent(),
+        ba.received()
+    );
 }
 
 struct OptWhy<'a>(Option<&'a Why>);

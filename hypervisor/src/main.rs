@@ -142,7 +142,7 @@ mod boot {
         );
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
         smp::run_guest(0);
-        let all_exited = guests::collect(&plan);
+        let all_exited = guests::collect(plan);
         end_run(if all_up && all_exited { Outcome::Ok } else { Outcome::Failed })
     }
 

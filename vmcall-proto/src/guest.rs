@@ -35,8 +35,23 @@ pub const MIN_PARTITION: u64 = 4 << 20;
 /// Largest partition the boot page tables cover (one PD).
 pub const MAX_PARTITION: u64 = 1 << 30;
 
+/// Guest-physical base of the channel windows. Channel `k` of the config (global index)
+/// has its window at `CHANNEL_WINDOW_GPA + k * CHANNEL_STRIDE` in both of its guests and is
+/// mapped nowhere else: a guest touching another pair's window hits unmapped EPT.
+pub const CHANNEL_WINDOW_GPA: u64 = 0x8000_0000;
+/// Distance between channel windows (a channel of 4096 slots needs 2 x 260 KiB).
+pub const CHANNEL_STRIDE: u64 = 1 << 20;
+/// Interrupt vector of a channel doorbell, delivered through the guest's own IDT.
+pub const DOORBELL_VECTOR: u8 = 0xf0;
+
+/// The window of channel `index`.
+pub const fn channel_window(index: u32) -> u64 {
+    CHANNEL_WINDOW_GPA + index as u64 * CHANNEL_STRIDE
+}
+
 /// Workloads the guest kernel implements (its registry); configs may name only these.
-pub const WORKLOADS: &[&str] = &["hello", "spin", "fault"];
+pub const WORKLOADS: &[&str] =
+    &["hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass"];
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
 pub const BOOT_INFO_VERSION: u32 = 1;
@@ -56,7 +71,9 @@ pub struct ChannelDesc {
     pub tx_gpa: u64,
     /// Guest-physical address of the ring this guest receives on.
     pub rx_gpa: u64,
-    pub _reserved: [u8; 8],
+    /// The channel's index in the config (its window is `channel_window(index)`).
+    pub index: u32,
+    pub _reserved: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<ChannelDesc>() == 64);
 
@@ -95,6 +112,10 @@ impl BootInfo {
     /// The value of `key=value` in the arguments.
     pub fn arg(&self, key: &str) -> Option<&str> {
         self.args().split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+    /// The channels of this guest.
+    pub fn channels(&self) -> &[ChannelDesc] {
+        &self.channels[..(self.channel_count as usize).min(MAX_CHANNELS_PER_GUEST)]
     }
 }
 

@@ -28,6 +28,13 @@ pub enum Hypercall {
     TimerOneshot = 4,
     /// `tsc_per_ms() -> ticks`: the TSC rate the hypervisor calibrated.
     TscPerMs = 5,
+    /// `doorbell(channel: u64) -> 0`: interrupt the peer of the caller's channel number
+    /// `channel` (its position in the boot-info channel table) with `DOORBELL_VECTOR`.
+    /// Only a channel peer can be rung; anything else is `BadArgument`.
+    Doorbell = 6,
+    /// `exit_count() -> n`: VM exits this guest has taken so far (this call's included), for
+    /// measuring exits per operation from inside.
+    ExitCount = 7,
 }
 
 impl TryFrom<u64> for Hypercall {
@@ -40,6 +47,8 @@ impl TryFrom<u64> for Hypercall {
             3 => Hypercall::Yield,
             4 => Hypercall::TimerOneshot,
             5 => Hypercall::TscPerMs,
+            6 => Hypercall::Doorbell,
+            7 => Hypercall::ExitCount,
             _ => return Err(HvError::UnknownCall),
         })
     }
@@ -95,10 +104,10 @@ mod tests {
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {
-        for n in 0..6 {
+        for n in 0..8 {
             assert_eq!(Hypercall::try_from(n).unwrap() as u64, n);
         }
-        assert_eq!(Hypercall::try_from(6), Err(HvError::UnknownCall));
+        assert_eq!(Hypercall::try_from(8), Err(HvError::UnknownCall));
         assert_eq!(Hypercall::try_from(u64::MAX), Err(HvError::UnknownCall));
     }
 

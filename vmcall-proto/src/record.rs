@@ -33,6 +33,9 @@ pub mod kind {
     /// `exit_status`, `exits` (quoted `reason:count` words), `fault` (quoted, when stopped),
     /// `hypercalls`, `tsc_first_entry`, `tsc_end`.
     pub const GUEST: &str = "guest";
+    /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,
+    /// `a_sent`, `b_received`, `b_sent`, `a_received`.
+    pub const CHANNEL: &str = "channel";
     /// A required feature is missing: `missing` (what, in one phrase).
     pub const REFUSED: &str = "refused";
     /// The run is over: `outcome` (see [`super::outcome`]), `cores`, `vmx_on`, `tsc`.

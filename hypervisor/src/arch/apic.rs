@@ -39,6 +39,9 @@ impl LocalApic {
         if has_x2apic() {
             let mut apic = X2APIC::new();
             apic.attach();
+            // attach() leaves spurious vector 15, an exception vector; use 0xff instead.
+            // SAFETY: x2APIC mode is on; the SIVR accepts any vector with bit 8 set.
+            unsafe { super::wrmsr(MSR_X2APIC_SIVR, SIVR_ENABLED) };
             LocalApic::X2(apic)
         } else {
             // SAFETY: IA32_APIC_BASE exists on every processor with an APIC.
@@ -88,4 +91,36 @@ impl LocalApic {
         // SAFETY: the caller guarantees the trampoline is in place.
         unsafe { self.ctl().ipi_startup(id, vector) };
     }
+}
+
+const MSR_X2APIC_SIVR: u32 = 0x80f;
+const MSR_X2APIC_ICR: u32 = 0x830;
+/// Spurious-interrupt vector: APIC software-enabled, spurious vector 0xff.
+const SIVR_ENABLED: u64 = 0x1ff;
+
+/// Puts this core's local APIC in x2APIC mode and software-enables it, so that it accepts
+/// fixed IPIs (doorbells for the guest running here). Returns whether it could.
+///
+/// # Safety
+/// Called once per core during bring-up, before the core's guest runs.
+pub unsafe fn enable_x2apic_this_core() -> bool {
+    if !has_x2apic() {
+        return false;
+    }
+    // SAFETY: IA32_APIC_BASE exists (CPUID says x2APIC); setting EN and EXTD is the
+    // architected switch to x2APIC mode; the SIVR write enables the APIC with vector 0xff.
+    unsafe {
+        let base = super::rdmsr(x86::msr::IA32_APIC_BASE);
+        super::wrmsr(x86::msr::IA32_APIC_BASE, base | (1 << 11) | (1 << 10));
+        super::wrmsr(MSR_X2APIC_SIVR, SIVR_ENABLED);
+    }
+    true
+}
+
+/// Sends a fixed, physical-destination interrupt `vector` to x2APIC id `apic`.
+pub fn send_fixed_ipi(apic: u32, vector: u8) {
+    // SAFETY: every core runs its APIC in x2APIC mode (enable_x2apic_this_core, or the BSP's
+    // LocalApic::enable); a fixed IPI to a core only raises `vector` there, which its guest
+    // handles through its own IDT.
+    unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | vector as u64) };
 }

@@ -29,7 +29,7 @@ boot_pdpt:  .skip 4096
 boot_pd:    .skip 4096 * 4
     .balign 16
 boot_stack_bottom:
-    .skip 65536
+    .skip 262144
 boot_stack_top:
 
     .section .rodata

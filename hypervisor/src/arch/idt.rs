@@ -43,9 +43,10 @@ pub const fn interrupt_gate(handler: u64, ist: u8) -> Gate {
 pub struct Idt([Gate; 256]);
 const _: () = assert!(core::mem::size_of::<Idt>() == 4096);
 
-/// Vectors whose handlers run on the IST stack: #NMI (2), #DF (8), #MC (18).
+/// Vectors whose handlers run on the IST stack: NMI (2), #DF (8), #PF (14: a stack
+/// overflow faults on the stack itself), #MC (18).
 const fn uses_ist(vector: usize) -> bool {
-    matches!(vector, 2 | 8 | 18)
+    matches!(vector, 2 | 8 | 14 | 18)
 }
 
 impl Idt {
@@ -179,7 +180,7 @@ mod tests {
         let idt = Idt::new();
         for v in 0..256 {
             let ist = idt.0[v].0[0] >> 32 & 7;
-            assert_eq!(ist == 1, matches!(v, 2 | 8 | 18), "vector {v}");
+            assert_eq!(ist == 1, matches!(v, 2 | 8 | 14 | 18), "vector {v}");
         }
     }
 }

@@ -26,6 +26,26 @@ pub struct Launch {
     /// The guest kernel ELF (a multiboot2 module; read-only, shared by all cores).
     pub kernel: (u64, u64),
     pub watchdog_ms: u64,
+    /// The guest's channels, in boot-info order.
+    pub channels: [ChanMap; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+    pub channel_count: usize,
+}
+
+/// One channel endpoint: what the guest is told, and where its window's memory is.
+#[derive(Clone, Copy, Debug)]
+pub struct ChanMap {
+    pub desc: vmcall_proto::guest::ChannelDesc,
+    /// Host-physical base of the channel's two rings (mapped at `channel_window(index)`).
+    pub hpa: u64,
+    pub size: u64,
+    /// The peer's core APIC id, when the peer runs (doorbells go there).
+    pub peer_apic: Option<u32>,
+}
+
+impl Launch {
+    pub fn channels(&self) -> &[ChanMap] {
+        &self.channels[..self.channel_count]
+    }
 }
 
 /// How a guest ended.
@@ -189,6 +209,9 @@ mod run {
                 }
             }
             self.injected = true;
+            // A guest halted without HLT exiting wakes for the injected event.
+            // SAFETY: current VMCS; 0 is the active state.
+            let _ = unsafe { g::ACTIVITY.write(0) };
         }
         fn set_interrupt_window(&mut self, on: bool) {
             let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
@@ -208,6 +231,9 @@ mod run {
         }
         fn now(&mut self) -> u64 {
             arch::rdtsc()
+        }
+        fn send_ipi(&mut self, apic: u32, vector: u8) {
+            arch::apic::send_fixed_ipi(apic, vector);
         }
     }
 
@@ -253,18 +279,20 @@ mod run {
         entry: u64,
     ) -> Result<u32, &'static str> {
         let raw = &f.raw;
-        let pin = adjust(
-            raw.pinbased,
-            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
-                | PinbasedControls::NMI_EXITING
-                | PinbasedControls::VMX_PREEMPTION_TIMER)
-                .bits(),
-            "pin-based controls",
-        )?;
+        // A guest with channels takes its doorbells straight through its own IDT: no exit
+        // for external interrupts, and HLT really halts until the doorbell (or the
+        // preemption timer) comes. Guests without channels keep both exits, so that a HLT
+        // that can never wake is caught at once.
+        let direct = l.channel_count > 0;
+        let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
+        if !direct {
+            pin_want |= PinbasedControls::EXTERNAL_INTERRUPT_EXITING;
+        }
+        let pin = adjust(raw.pinbased, pin_want.bits(), "pin-based controls")?;
         let cr8 = (1 << 19) | (1 << 20); // CR8-load and CR8-store exiting
         let proc = adjust(
             raw.procbased,
-            (PrimaryControls::HLT_EXITING
+            (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
                 | PrimaryControls::UNCOND_IO_EXITING
                 | PrimaryControls::USE_MSR_BITMAPS
                 | PrimaryControls::MWAIT_EXITING
@@ -315,6 +343,13 @@ mod run {
             for base in [high, 2048 + high] {
                 bm[base + bit / 8] &= !(1 << (bit % 8));
             }
+        }
+        if direct {
+            // Writes to the x2APIC EOI register: the doorbell handler acknowledges its own
+            // interrupt. EOI only retires the highest in-service vector, which on this core
+            // can only be the guest's own doorbell: the hypervisor takes no interrupts.
+            let bit = exits::MSR_X2APIC_EOI as usize;
+            bm[2048 + bit / 8] &= !(1 << (bit % 8));
         }
 
         // SAFETY: this core's slot is initialised; reading its own tables' addresses.
@@ -481,7 +516,7 @@ mod run {
         bi.name = l.entry.name;
         bi.workload = l.entry.workload;
         bi.args = l.entry.args;
-        if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() || boot_page_tables(&part).is_err() {
+        if boot_page_tables(&part).is_err() {
             return stop(&ctx, "partition too small for the boot structures");
         }
 
@@ -499,6 +534,18 @@ mod run {
             }
             _ => return stop(&ctx, "EPT construction failed"),
         };
+        for (i, ch) in l.channels().iter().enumerate() {
+            let gpa = vmcall_proto::guest::channel_window(ch.desc.index);
+            if ept::map(&mut frames, eptp & !0xfff, gpa, ch.hpa, ch.size).is_err() {
+                return stop(&ctx, "channel window mapping failed");
+            }
+            bi.channels[i] = ch.desc;
+            ctx.doorbells[i] = ch.peer_apic;
+        }
+        bi.channel_count = l.channel_count as u32;
+        if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
+            return stop(&ctx, "partition too small for the boot structures");
+        }
         let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
             return stop(&ctx, "private region exhausted");
         };

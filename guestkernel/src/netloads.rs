@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Channel workloads. Every message carries (sequence, origin) and five words derived from
+//! them, so each receiver checks content and order; every figure printed is a `bench` line
+//! the host tool reads (TSC ticks are emulated instructions under Bochs).
+//!
+//! * `ping` / `pong`: `n` round trips; ping measures the round trip and the cost of a send,
+//!   pong the cost of a receive. `mode=poll` spins, `mode=doorbell` blocks on the doorbell.
+//!   Both count the VM exits they took during the exchange (`exit_count` hypercall).
+//! * `stream` / `sink`: `n` messages one way; instructions and exits per message.
+//! * `relay`: forwards messages around a ring of `guests` guests (`from`, `to` channels);
+//!   each originates `n` messages with at most `window` in flight, and checks that its own
+//!   come back complete, once, in order.
+//! * `scribble`: sends three messages, then writes garbage over the next control word.
+//! * `trespass`: reads the window of channel `window`, which it is not part of.
+//!
+//! Exit statuses: 0 success, 1 a check failed, 2 the channel was corrupted (reported).
+
+use crate::arch::rdtsc;
+use crate::channel::{self, Chan};
+use crate::hypercall::call;
+use vmcall_proto::channel::{ChannelError, Payload, WORDS};
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::Hypercall;
+
+const CORRUPT: u64 = 2;
+const MAX_SAMPLES: usize = 4096;
+
+fn arg(bi: &BootInfo, key: &str, default: u64) -> u64 {
+    bi.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The message `seq` from `origin`.
+pub fn message(seq: u64, origin: u64) -> Payload {
+    let mut m = [0u64; WORDS];
+    m[0] = seq;
+    m[1] = origin;
+    for (j, w) in m.iter_mut().enumerate().skip(2) {
+        *w = (seq ^ origin << 48).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(j as u32 * 7);
+    }
+    m
+}
+
+fn exits() -> u64 {
+    call(Hypercall::ExitCount, 0, 0).unwrap_or(0)
+}
+
+fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
+    let c = channel::open(bi, bi.arg(name_key));
+    if c.is_none() {
+        log::error!("no channel {:?} in my boot info", bi.arg(name_key));
+    }
+    c.map(|mut c| {
+        c.doorbells = bi.arg("mode") == Some("doorbell");
+        c
+    })
+}
+
+fn corrupt(what: &str, e: ChannelError) -> u64 {
+    log::error!("{what}: channel corrupted: {e:?}; stopping cleanly");
+    CORRUPT
+}
+
+struct Stats {
+    samples: [u32; MAX_SAMPLES],
+    n: usize,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats { samples: [0; MAX_SAMPLES], n: 0 }
+    }
+    fn add(&mut self, v: u64) {
+        if self.n < MAX_SAMPLES {
+            self.samples[self.n] = v.min(u32::MAX as u64) as u32;
+            self.n += 1;
+        }
+    }
+    /// (median, 99th percentile).
+    fn summary(&mut self) -> (u32, u32) {
+        let s = &mut self.samples[..self.n];
+        if s.is_empty() {
+            return (0, 0);
+        }
+        s.sort_unstable();
+        (s[s.len() / 2], s[(s.len() * 99 / 100).min(s.len() - 1)])
+    }
+}
+
+/// Doorbell mode: poll this many times before sleeping (`polls=`, default 0: always sleep,
+/// which is what the doorbell measurement wants).
+fn polls(bi: &BootInfo) -> u32 {
+    arg(bi, "polls", 0) as u32
+}
+
+fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
+    if c.doorbells {
+        c.wait(polls)
+    } else {
+        c.recv()
+    }
+}
+
+pub fn ping(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let n = arg(bi, "n", 1000);
+    let (mut rtt, mut send) = (Stats::new(), Stats::new());
+    let e0 = exits();
+    for i in 0..n {
+        let t0 = rdtsc();
+        if let Err(e) = c.send(&message(i, 0)) {
+            return corrupt("ping", e);
+        }
+        let t1 = rdtsc();
+        let reply = match receive(&mut c, polls(bi)) {
+            Ok(m) => m,
+            Err(e) => return corrupt("ping", e),
+        };
+        let t2 = rdtsc();
+        if reply != message(i, 1) {
+            log::error!("ping: reply {i} wrong: {:?}", &reply[..2]);
+            return 1;
+        }
+        send.add(t1 - t0);
+        rtt.add(t2 - t0);
+    }
+    let e = exits() - e0 - 1;
+    c.rx.flush_ack();
+    let ((rm, rp), (sm, _)) = (rtt.summary(), send.summary());
+    let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
+    log::info!(
+        "bench ping mode={} n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} exits={e} \
+         doorbells_rung={} doorbells_taken={d}",
+        bi.arg("mode").unwrap_or("poll"),
+        c.rung
+    );
+    0
+}
+
+pub fn pong(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let n = arg(bi, "n", 1000);
+    let mut recv = Stats::new();
+    let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
+    let e0 = exits();
+    for i in 0..n {
+        let m = if c.doorbells {
+            match c.wait(polls(bi)) {
+                Ok(m) => m,
+                Err(e) => return corrupt("pong", e),
+            }
+        } else {
+            // Time only the successful receive: polling misses are not a receive's cost.
+            loop {
+                let t0 = rdtsc();
+                match c.try_recv() {
+                    Ok(Some(m)) => {
+                        recv.add(rdtsc() - t0);
+                        break m;
+                    }
+                    Ok(None) => core::hint::spin_loop(),
+                    Err(e) => return corrupt("pong", e),
+                }
+            }
+        };
+        if m != message(i, 0) {
+            log::error!("pong: message {i} wrong: {:?}", &m[..2]);
+            return 1;
+        }
+        if let Err(e) = c.send(&message(i, 1)) {
+            return corrupt("pong", e);
+        }
+    }
+    let e = exits() - e0 - 1;
+    c.rx.flush_ack();
+    let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed) - d0;
+    log::info!(
+        "bench pong mode={} n={n} recv_median={} exits={e} doorbells_taken={d} doorbells_rung={}",
+        bi.arg("mode").unwrap_or("poll"),
+        recv.summary().0,
+        c.rung
+    );
+    0
+}
+
+pub fn stream(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let n = arg(bi, "n", 10_000);
+    let e0 = exits();
+    let t0 = rdtsc();
+    for i in 0..n {
+        if let Err(e) = c.send(&message(i, 0)) {
+            return corrupt("stream", e);
+        }
+    }
+    let t = rdtsc() - t0;
+    let e = exits() - e0 - 1;
+    log::info!(
+        "bench stream n={n} instr_per_msg={} exits={e} doorbells_rung={}",
+        t / n.max(1),
+        c.rung
+    );
+    0
+}
+
+pub fn sink(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let n = arg(bi, "n", 10_000);
+    let e0 = exits();
+    let t0 = rdtsc();
+    let (mut lost, mut dup, mut bad) = (0u64, 0u64, 0u64);
+    let mut expect = 0u64;
+    while expect < n {
+        let m = match receive(&mut c, polls(bi)) {
+            Ok(m) => m,
+            Err(e) => {
+                c.rx.flush_ack();
+                return corrupt("sink", e);
+            }
+        };
+        match m[0] {
+            s if s == expect => {}
+            s if s < expect => dup += 1,
+            s => lost += s - expect,
+        }
+        if m != message(m[0], 0) {
+            bad += 1;
+        }
+        expect = expect.max(m[0] + 1);
+    }
+    let t = rdtsc() - t0;
+    c.rx.flush_ack();
+    let e = exits() - e0 - 1;
+    log::info!(
+        "bench sink n={n} instr_per_msg={} exits={e} lost={lost} duplicated={dup} damaged={bad}",
+        t / n.max(1)
+    );
+    if lost + dup + bad == 0 {
+        0
+    } else {
+        1
+    }
+}
+
+pub fn relay(bi: &BootInfo) -> u64 {
+    let (Some(mut to), Some(mut from)) = (open(bi, "to"), open(bi, "from")) else { return 1 };
+    let n = arg(bi, "n", 1000);
+    let guests = arg(bi, "guests", 4).max(2);
+    let window = arg(bi, "window", 16).max(1);
+    let me = bi.guest_id as u64;
+    let (mut originated, mut returned, mut forwarded) = (0u64, 0u64, 0u64);
+    let (mut dup, mut lost, mut reordered, mut damaged) = (0u64, 0u64, 0u64, 0u64);
+    let must_forward = (guests - 1) * n;
+    let t0 = rdtsc();
+    while returned < n || forwarded < must_forward {
+        if originated < n && originated - returned < window {
+            match to.try_send(&message(originated, me)) {
+                Ok(()) => originated += 1,
+                Err(ChannelError::Full) => {}
+                Err(e) => return corrupt("relay", e),
+            }
+        }
+        let m = match from.try_recv() {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => return corrupt("relay", e),
+        };
+        if m != message(m[0], m[1]) {
+            damaged += 1;
+        }
+        if m[1] == me {
+            match m[0] {
+                s if s == returned => {}
+                s if s < returned => dup += 1,
+                s if s >= originated => lost += 1,
+                _ => reordered += 1,
+            }
+            returned += 1;
+        } else {
+            if let Err(e) = to.send(&m) {
+                return corrupt("relay", e);
+            }
+            forwarded += 1;
+        }
+    }
+    from.rx.flush_ack();
+    log::info!(
+        "relay: originated {originated}, returned {returned}, forwarded {forwarded}; lost {lost}, \
+         duplicated {dup}, reordered {reordered}, damaged {damaged}; {} instructions",
+        rdtsc() - t0
+    );
+    if lost + dup + reordered + damaged == 0 {
+        0
+    } else {
+        1
+    }
+}
+
+pub fn scribble(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    for i in 0..3 {
+        if c.send(&message(i, 0)).is_err() {
+            return 1;
+        }
+    }
+    let d = bi.channels()[c.number];
+    let control = d.tx_gpa + vmcall_proto::channel::HEADER_BYTES as u64 + 64 * 3 + 56;
+    log::info!("scribble: writing garbage over the control word of slot 3 at {control:#x}");
+    // SAFETY: deliberately corrupting our own outgoing ring (shared memory we may write);
+    // the peer must detect it. Volatile: the write must happen.
+    unsafe { core::ptr::write_volatile(control as *mut u64, 0xdead_beef_dead_beef) };
+    0
+}
+
+pub fn trespass(bi: &BootInfo) -> u64 {
+    let k = arg(bi, "window", 0) as u32;
+    let addr = vmcall_proto::guest::channel_window(k);
+    if bi.channels().iter().any(|d| d.index == k) {
+        log::error!("trespass: channel {k} is mine; nothing to prove");
+        return 1;
+    }
+    log::info!("trespass: reading the window of channel {k} at {addr:#x}, which is not mine");
+    // SAFETY: deliberately touching memory EPT does not back for us; the hypervisor must
+    // stop this guest here.
+    let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
+    log::error!("trespass: read {v:#x}: another pair's channel is reachable");
+    1
+}
