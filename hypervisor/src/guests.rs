@@ -244,7 +244,7 @@ impl fmt::Display for Why {
                     q if q & 2 != 0 => "write",
                     _ => "read",
                 };
-                write!(f, "EPT violation: {access} at guest-physical {gpa:#x} (outside its partition), rip={rip:#x}")
+                write!(f, "EPT violation: {access} at guest-physical {gpa:#x} (not mapped for this guest), rip={rip:#x}")
             }
             StopReason::EptMisconfig { gpa, rip } => {
                 write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
