@@ -325,6 +325,24 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             );
         }
     }
+    for (gi, g) in config.guests.iter().enumerate() {
+        let n = config
+            .channels
+            .iter()
+            .filter(|c| c.between.get_ref().iter().any(|e| e.get_ref() == g.name.get_ref()))
+            .count();
+        if n > vmcall_proto::guest::MAX_CHANNELS_PER_GUEST {
+            errs.at(
+                g.name.span(),
+                format!("guest[{gi}].name"),
+                format!(
+                    "`{}` is an endpoint of {n} channels; at most {}",
+                    g.name.get_ref(),
+                    vmcall_proto::guest::MAX_CHANNELS_PER_GUEST
+                ),
+            );
+        }
+    }
     for (i, g) in config.grants.iter().enumerate() {
         let f = |k: &str| format!("grant[{i}].{k}");
         let name = g.name.get_ref();
@@ -532,6 +550,27 @@ memory_mib = 4
         assert!(e.message.contains("two different guests"));
         let e = one_error(&GOOD.replace("slots = 64", "slots = 0"));
         assert_eq!((e.line, e.field.as_str()), (22, "channel[0].slots"));
+    }
+
+    #[test]
+    fn duplicate_channels_and_too_many_per_guest() {
+        let two = GOOD.replace(
+            "[[grant]]",
+            "[[channel]]\nname = \"ab\"\nbetween = [\"beta\", \"alpha\"]\nslots = 8\n\n[[grant]]",
+        );
+        let e = one_error(&two);
+        assert_eq!((e.line, e.column, e.field.as_str()), (25, 8, "channel[1].name"));
+        assert!(e.message.contains("duplicate channel name `ab`"));
+        let mut many = GOOD.to_string();
+        for k in 0..16 {
+            many += &format!(
+                "\n[[channel]]\nname = \"x{k}\"\nbetween = [\"alpha\", \"beta\"]\nslots = 8\n"
+            );
+        }
+        let errs = errors(&many);
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs[0].message.contains("`alpha` is an endpoint of 17 channels; at most 16"));
+        assert_eq!(errs[0].line, 7);
     }
 
     #[test]

@@ -36,6 +36,20 @@ pub struct GuestReport {
     pub tsc_end: u64,
 }
 
+/// One channel's counters at the end, as its two guests left them in the ring headers.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChannelReport {
+    pub name: String,
+    pub a: String,
+    pub b: String,
+    pub slots: u32,
+    /// Messages `a` sent and `b` received (on the a-to-b ring), and the reverse.
+    pub a_sent: u64,
+    pub b_received: u64,
+    pub b_sent: u64,
+    pub a_received: u64,
+}
+
 /// Time-stamp counter values the hypervisor reported (in Bochs: emulated instructions).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tsc {
@@ -64,6 +78,7 @@ pub struct Report {
     /// The config booted (absent for a cores-only run).
     pub config: Option<String>,
     pub guests: Vec<GuestReport>,
+    pub channels: Vec<ChannelReport>,
     /// What the machine lacks, when the outcome is `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
@@ -94,6 +109,7 @@ pub struct Console {
     pub online: u32,
     pub cores: Vec<CoreReport>,
     pub guests: Vec<GuestReport>,
+    pub channels: Vec<ChannelReport>,
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
@@ -174,6 +190,26 @@ impl Console {
                 match guest {
                     Some(g) => self.guests.push(g),
                     None => self.problems.push(format!("guest record without its fields: {line}")),
+                }
+            }
+            kind::CHANNEL => {
+                let ch = (|| {
+                    Some(ChannelReport {
+                        name: unescape(r.get("name")?),
+                        a: unescape(r.get("a")?),
+                        b: unescape(r.get("b")?),
+                        slots: num(&r, "slots")?,
+                        a_sent: num(&r, "a_sent")?,
+                        b_received: num(&r, "b_received")?,
+                        b_sent: num(&r, "b_sent")?,
+                        a_received: num(&r, "a_received")?,
+                    })
+                })();
+                match ch {
+                    Some(c) => self.channels.push(c),
+                    None => {
+                        self.problems.push(format!("channel record without its fields: {line}"))
+                    }
                 }
             }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
@@ -329,6 +365,11 @@ mkvisor: GRUB is loading the hypervisor
             Some("EPT violation: read at guest-physical 0xa00000")
         );
         assert_eq!(c.outcome(false), "failed", "a stopped guest is not an ok run");
+        let c = feed(
+            "#mkv channel name=ab a=x b=y slots=64 a_sent=5 b_received=4 b_sent=0 a_received=0\n",
+        );
+        assert_eq!(c.channels[0].b_received, 4);
+        assert!(c.problems.is_empty());
         let c = feed("#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"cpuid\" fault=\"\" hypercalls=0 tsc_first_entry=0 tsc_end=0\n");
         assert_eq!(c.problems.len(), 1, "exits without counts are malformed");
     }

@@ -336,6 +336,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         cores: console.cores,
         config: compiled.as_ref().map(|(p, _)| p.display().to_string()),
         guests: console.guests,
+        channels: console.channels,
         missing: console.missing,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -381,6 +382,12 @@ pub fn summary(r: &Report) -> String {
                 if g.state == "not_started" { "why" } else { "fault" }
             );
         }
+    }
+    for c in &r.channels {
+        s += &format!(
+            "  channel {:<10} {}->{}: sent {} received {}; {}->{}: sent {} received {}\n",
+            c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
+        );
     }
     if let Some(t) = r.tsc.to_all_guests_running {
         s += &format!("  TSC: hypervisor entry to all guests running {t}\n");

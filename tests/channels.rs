@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Whole-system tests of the channels layer: message rings between guests on different
+//! cores, doorbells, and guests that misbehave on them. Assertions are on what the guests
+//! checked and printed, the report's channel counters and exit counts, never on timing.
+
+use systests::{boot_config, Boot};
+use xtask::cli::Emulator;
+use xtask::report::GuestReport;
+
+fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
+    b.report.guests.iter().find(|g| g.name == name).unwrap_or_else(|| panic!("no guest {name}"))
+}
+
+/// The `key=value` of a guest's `bench` line.
+fn bench(b: &Boot, name: &str, key: &str) -> u64 {
+    let line = b
+        .serial
+        .lines()
+        .find(|l| l.starts_with(&format!("[{name}@")) && l.contains("] bench "))
+        .unwrap_or_else(|| panic!("no bench line from {name}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn four_guests_relay_ten_thousand_messages_each_around_a_ring() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/relay.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}", b.report.problems);
+    for (i, name) in ["r0", "r1", "r2", "r3"].iter().enumerate() {
+        let g = guest(&b, name);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+        let want = format!(
+            "[{name}@c{i}] relay: originated 10000, returned 10000, forwarded 30000; lost 0, duplicated 0, reordered 0, damaged 0;"
+        );
+        assert!(b.serial.contains(&want), "missing: {want}");
+        // Polling relay: the message path takes no VM exit at all.
+        assert_eq!(
+            g.exits.values().sum::<u64>(),
+            g.exits.get("vmcall").copied().unwrap_or(0),
+            "{:?}",
+            g.exits
+        );
+    }
+    assert_eq!(b.report.channels.len(), 4);
+    for c in &b.report.channels {
+        assert_eq!((c.a_sent, c.b_received), (40_000, 40_000), "{c:?}");
+    }
+}
+
+#[test]
+fn ping_pong_polls_without_exits_and_doorbells_cost_one_exit_on_the_sender() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/pingpong.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}", b.report.problems);
+    // Polling mode: zero VM exits on both sides during the 1000 round trips.
+    assert_eq!(bench(&b, "ping", "exits"), 0);
+    assert_eq!(bench(&b, "pong", "exits"), 0);
+    // Doorbell mode: every exit during the exchange is a doorbell hypercall by the sender,
+    // and taking a doorbell costs the receiver no exit.
+    let (rung_p, rung_q) =
+        (bench(&b, "dping", "doorbells_rung"), bench(&b, "dpong", "doorbells_rung"));
+    assert!(rung_p + rung_q > 0, "the doorbell pair must actually have slept");
+    assert_eq!(bench(&b, "dping", "exits"), rung_p);
+    assert_eq!(bench(&b, "dpong", "exits"), rung_q);
+    let taken = bench(&b, "dping", "doorbells_taken") + bench(&b, "dpong", "doorbells_taken");
+    assert!(taken > 0 && taken <= rung_p + rung_q, "taken {taken}, rung {}", rung_p + rung_q);
+    for c in &b.report.channels {
+        assert_eq!(
+            (c.a_sent, c.b_received, c.b_sent, c.a_received),
+            (c.a_sent, c.a_sent, c.a_sent, c.a_sent),
+            "{c:?}"
+        );
+    }
+}
+
+#[test]
+fn a_scribbler_cannot_crash_its_peer_and_a_trespasser_is_stopped() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/misbehave.toml"));
+    // The victim detects the corruption and exits cleanly with status 2.
+    let v = guest(&b, "victim");
+    assert_eq!((v.state.as_str(), v.exit_status), ("exited", 2), "{v:?}");
+    assert!(b.serial.contains("[victim@c1] ERROR sink: channel corrupted: Corrupt { slot: 3, expected: 4, found: 16045690984833335023 }"));
+    assert_eq!(guest(&b, "scribbler").exit_status, 0);
+    // Reading another pair's channel window: stopped at the EPT violation.
+    let t = guest(&b, "trespasser");
+    assert_eq!(t.state, "stopped");
+    let f = t.fault.as_deref().unwrap_or_default();
+    assert!(
+        f.starts_with(
+            "EPT violation: read at guest-physical 0x80000000 (not mapped for this guest)"
+        ),
+        "{f}"
+    );
+    // The others carry on.
+    let by = guest(&b, "bystander");
+    assert_eq!((by.state.as_str(), by.exit_status), ("exited", 0));
+    let dirty = b.report.channels.iter().find(|c| c.name == "dirty").expect("dirty channel");
+    assert_eq!((dirty.a_sent, dirty.b_received), (3, 3));
+}
