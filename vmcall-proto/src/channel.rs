@@ -373,6 +373,53 @@ mod tests {
         assert_eq!(tx.try_send(&msg(2)), Err(ChannelError::BadAck { received: 5, sent: 2 }));
     }
 
+    /// Real threads, real cores: a ping-pong and a stream through two rings.
+    #[test]
+    fn two_threads_ping_pong_and_stream() {
+        let ab: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+        let ba: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+        const N: u64 = 20_000;
+        const SLOTS: u32 = 64;
+        let echo = std::thread::spawn(move || {
+            let (mut tx, mut rx) =
+                (Sender::new(ba.ring(SLOTS)), Receiver::new(ab.ring(SLOTS), SLOTS / 4));
+            let mut got = 0;
+            while got < 2 * N {
+                match rx.try_recv() {
+                    Ok(Some(m)) => {
+                        assert_eq!(m, msg(got));
+                        got += 1;
+                        if got <= N {
+                            while tx.try_send(&m) == Err(ChannelError::Full) {
+                                std::hint::spin_loop();
+                            }
+                        }
+                    }
+                    Ok(None) => std::hint::spin_loop(),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        });
+        let (mut tx, mut rx) =
+            (Sender::new(ab.ring(SLOTS)), Receiver::new(ba.ring(SLOTS), SLOTS / 4));
+        for i in 0..N {
+            tx.try_send(&msg(i)).unwrap();
+            let m = loop {
+                if let Some(m) = rx.try_recv().unwrap() {
+                    break m;
+                }
+                std::hint::spin_loop();
+            };
+            assert_eq!(m, msg(i));
+        }
+        for i in N..2 * N {
+            while tx.try_send(&msg(i)) == Err(ChannelError::Full) {
+                std::hint::spin_loop();
+            }
+        }
+        echo.join().unwrap();
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Send(u8),

@@ -21,6 +21,24 @@ pub enum Command {
     Run(RunArgs),
     /// Run the host tests, then the whole-system tests.
     Test(TestArgs),
+    /// Benchmarks that print tables (not pass/fail tests).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BenchWhat {
+    /// The channel ring: host transports side by side, and instruction/exit counts in Bochs.
+    Channels {
+        /// Also write the figures as JSON (keys `host` and `emulated`).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -103,6 +103,11 @@ fn main() -> ExitCode {
             report.outcome == "ok"
         }),
         Cmd::Test(t) => test(t),
+        Cmd::Bench(b) => match &b.what {
+            xtask::cli::BenchWhat::Channels { json } => {
+                xtask::bench::channels(json.as_deref()).map(|()| true)
+            }
+        },
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

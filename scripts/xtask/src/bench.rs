@@ -1,0 +1,476 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `cargo xtask bench channels`: the channel ring measured against its neighbours.
+//!
+//! * Host, real cores: two threads pinned to two cores exchange 64-byte messages through
+//!   the mkvisor ring (`vmcall_proto::channel`), a bare cache-line ping-pong (two lines, one
+//!   per direction: the physical limit of a cross-core round trip), crossbeam-channel, std
+//!   mpsc and a pair of Linux pipes. Round trips give median and p99 latency (TSC, converted
+//!   with a clock calibrated in the same run); a one-way burst gives throughput. Ratios are
+//!   to the cache-line ping-pong of the same run: the machine is noisy, ratios are not.
+//! * In Bochs: guest-measured instruction counts (the TSC counts emulated instructions)
+//!   and VM exits from dedicated two-CPU configs, one pair alone per run.
+//!
+//! These are benchmarks: they print figures, they do not pass or fail.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use vmcall_proto::channel::{OwnedRing, Payload, Receiver, Sender};
+
+#[derive(Serialize, Debug, Clone)]
+pub struct HostRow {
+    pub name: String,
+    pub rtt_median_ns: f64,
+    pub rtt_p99_ns: f64,
+    pub throughput_mmsg_s: f64,
+    pub rtt_ratio_to_cacheline: f64,
+    pub throughput_ratio_to_cacheline: f64,
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Emulated {
+    pub send_instructions: u64,
+    pub receive_instructions: u64,
+    pub round_trip_instructions_median: u64,
+    pub round_trip_instructions_p99: u64,
+    pub stream_instructions_per_message_sender: u64,
+    pub stream_instructions_per_message_receiver: u64,
+    pub exits_per_message_polling: f64,
+    pub doorbell_round_trip_instructions_median: u64,
+    pub exits_per_doorbell_sender: f64,
+    pub exits_per_doorbell_receiver: f64,
+    pub doorbells: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub host: Vec<HostRow>,
+    pub emulated: Emulated,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is available on every x86-64 host and has no side effect.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The cores this process may use, read once before any thread is pinned: a pinned
+/// thread's children inherit its one-core mask, and `get_core_ids` would then report only
+/// that core (which put both ends of a ping-pong on one core, found the hard way).
+fn cores() -> &'static [core_affinity::CoreId] {
+    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+}
+
+/// Pins the calling thread to core `i` of [`cores`] (if the machine has it).
+fn pin(i: usize) {
+    let ids = cores();
+    if let Some(id) = ids.get(i % ids.len().max(1)) {
+        core_affinity::set_for_current(*id);
+    }
+}
+
+/// A two-party transport: one side's send and receive, boxed as closures per endpoint.
+trait Endpoint: Send {
+    fn send(&mut self, m: &Payload);
+    fn recv(&mut self) -> Payload;
+}
+
+/// Runs `rounds` round trips; returns per-trip TSC ticks.
+fn ping_pong(mut a: Box<dyn Endpoint>, mut b: Box<dyn Endpoint>, rounds: usize) -> Vec<u64> {
+    let echo = std::thread::spawn(move || {
+        pin(1);
+        for _ in 0..rounds {
+            let m = b.recv();
+            b.send(&m);
+        }
+    });
+    pin(0);
+    let mut samples = Vec::with_capacity(rounds);
+    let mut msg: Payload = [0; 7];
+    for i in 0..rounds {
+        msg[0] = i as u64;
+        let t = rdtsc();
+        a.send(&msg);
+        let r = a.recv();
+        samples.push(rdtsc() - t);
+        assert_eq!(r[0], i as u64, "echo out of order");
+    }
+    echo.join().expect("echo thread");
+    samples
+}
+
+/// Sends `count` messages one way; returns elapsed seconds.
+fn stream(mut a: Box<dyn Endpoint>, mut b: Box<dyn Endpoint>, count: usize) -> f64 {
+    let rx = std::thread::spawn(move || {
+        pin(1);
+        for i in 0..count {
+            let m = b.recv();
+            assert_eq!(m[0], i as u64, "stream out of order");
+        }
+    });
+    pin(0);
+    let start = Instant::now();
+    let mut msg: Payload = [0; 7];
+    for i in 0..count {
+        msg[0] = i as u64;
+        a.send(&msg);
+    }
+    rx.join().expect("receiver thread");
+    start.elapsed().as_secs_f64()
+}
+
+// --- the mkvisor ring ---
+struct RingEnd {
+    tx: Sender<'static>,
+    rx: Receiver<'static>,
+}
+impl Endpoint for RingEnd {
+    fn send(&mut self, m: &Payload) {
+        while self.tx.try_send(m).is_err() {
+            std::hint::spin_loop();
+        }
+    }
+    fn recv(&mut self) -> Payload {
+        loop {
+            if let Ok(Some(m)) = self.rx.try_recv() {
+                return m;
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let ab: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+    let ba: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+    let ack = (slots / 4).max(1);
+    (
+        Box::new(RingEnd {
+            tx: Sender::new(ab.ring(slots)),
+            rx: Receiver::new(ba.ring(slots), ack),
+        }),
+        Box::new(RingEnd {
+            tx: Sender::new(ba.ring(slots)),
+            rx: Receiver::new(ab.ring(slots), ack),
+        }),
+    )
+}
+
+// --- the bare cache line: a sequence word and the payload, one line per direction ---
+#[repr(C, align(64))]
+struct Line {
+    words: [AtomicU64; 7],
+    seq: AtomicU64,
+}
+struct LineEnd {
+    out: Arc<Line>,
+    inp: Arc<Line>,
+    sent: u64,
+    got: u64,
+}
+impl Endpoint for LineEnd {
+    fn send(&mut self, m: &Payload) {
+        // One slot: wait until the peer took the last message (it bumps nothing; the
+        // ping-pong alternation guarantees it, and the stream uses the ack below).
+        for (w, v) in self.out.words.iter().zip(m) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        self.sent += 1;
+        self.out.seq.store(self.sent, Ordering::Release);
+    }
+    fn recv(&mut self) -> Payload {
+        while self.inp.seq.load(Ordering::Acquire) == self.got {
+            std::hint::spin_loop();
+        }
+        self.got += 1;
+        core::array::from_fn(|i| self.inp.words[i].load(Ordering::Relaxed))
+    }
+}
+fn line_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let new = || {
+        Arc::new(Line {
+            words: core::array::from_fn(|_| AtomicU64::new(0)),
+            seq: AtomicU64::new(0),
+        })
+    };
+    let (ab, ba) = (new(), new());
+    (
+        Box::new(LineEnd { out: ab.clone(), inp: ba.clone(), sent: 0, got: 0 }),
+        Box::new(LineEnd { out: ba, inp: ab, sent: 0, got: 0 }),
+    )
+}
+
+// --- crossbeam and std mpsc ---
+struct Cb {
+    tx: crossbeam_channel::Sender<Payload>,
+    rx: crossbeam_channel::Receiver<Payload>,
+}
+impl Endpoint for Cb {
+    fn send(&mut self, m: &Payload) {
+        self.tx.send(*m).expect("crossbeam send");
+    }
+    fn recv(&mut self) -> Payload {
+        self.rx.recv().expect("crossbeam recv")
+    }
+}
+fn crossbeam_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let (t1, r1) = crossbeam_channel::bounded(64);
+    let (t2, r2) = crossbeam_channel::bounded(64);
+    (Box::new(Cb { tx: t1, rx: r2 }), Box::new(Cb { tx: t2, rx: r1 }))
+}
+struct Mpsc {
+    tx: std::sync::mpsc::SyncSender<Payload>,
+    rx: std::sync::mpsc::Receiver<Payload>,
+}
+impl Endpoint for Mpsc {
+    fn send(&mut self, m: &Payload) {
+        self.tx.send(*m).expect("mpsc send");
+    }
+    fn recv(&mut self) -> Payload {
+        self.rx.recv().expect("mpsc recv")
+    }
+}
+fn mpsc_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let (t1, r1) = std::sync::mpsc::sync_channel(64);
+    let (t2, r2) = std::sync::mpsc::sync_channel(64);
+    (Box::new(Mpsc { tx: t1, rx: r2 }), Box::new(Mpsc { tx: t2, rx: r1 }))
+}
+
+// --- Linux pipes, 64 bytes per message (56 payload + 8 padding) ---
+struct Pipe {
+    w: std::fs::File,
+    r: std::fs::File,
+}
+impl Endpoint for Pipe {
+    fn send(&mut self, m: &Payload) {
+        use std::io::Write;
+        let mut buf = [0u8; 64];
+        for (i, w) in m.iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        self.w.write_all(&buf).expect("pipe write");
+    }
+    fn recv(&mut self) -> Payload {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        self.r.read_exact(&mut buf).expect("pipe read");
+        core::array::from_fn(|i| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap()))
+    }
+}
+fn pipe() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    extern "C" {
+        fn pipe(fds: *mut i32) -> i32;
+    }
+    // SAFETY: pipe(2) writes two descriptors into the array; we own them afterwards.
+    if unsafe { pipe(fds.as_mut_ptr()) } != 0 {
+        bail!("pipe(2) failed");
+    }
+    // SAFETY: fresh descriptors from pipe(2), each wrapped exactly once.
+    Ok(unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
+}
+fn pipe_pair() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)> {
+    let (r1, w1) = pipe()?;
+    let (r2, w2) = pipe()?;
+    Ok((Box::new(Pipe { w: w1, r: r2 }), Box::new(Pipe { w: w2, r: r1 })))
+}
+
+fn percentile(s: &mut [u64], p: f64) -> u64 {
+    s.sort_unstable();
+    s[((s.len() as f64 * p) as usize).min(s.len() - 1)]
+}
+
+/// Measures every host transport in one run.
+pub fn host() -> Result<Vec<HostRow>> {
+    if cores().len() < 2 {
+        bail!("the host benchmark needs two cores; this process may use {}", cores().len());
+    }
+    // TSC rate against the wall clock, in this run.
+    let (t0, i0) = (rdtsc(), Instant::now());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let ns_per_tick = i0.elapsed().as_nanos() as f64 / (rdtsc() - t0) as f64;
+    type Make = fn() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)>;
+    let transports: [(&str, Make, usize, usize); 5] = [
+        ("cache-line ping-pong", || Ok(line_pair()), 200_000, 0),
+        ("mkvisor ring", || Ok(ring_pair(64)), 200_000, 2_000_000),
+        ("crossbeam-channel", || Ok(crossbeam_pair()), 100_000, 1_000_000),
+        ("std mpsc", || Ok(mpsc_pair()), 100_000, 1_000_000),
+        ("pipe", pipe_pair, 20_000, 200_000),
+    ];
+    let mut rows = Vec::new();
+    for (name, make, rounds, count) in transports {
+        eprintln!("bench:   {name}");
+        let (a, b) = make()?;
+        let mut s = ping_pong(a, b, rounds);
+        let (med, p99) = (percentile(&mut s, 0.5), percentile(&mut s, 0.99));
+        // The bare line has one slot and no flow control: it cannot stream; its one-way
+        // figure is its round trip halved, the best a one-slot channel can do.
+        let tput = if count == 0 {
+            1e3 / (med as f64 * ns_per_tick)
+        } else {
+            let (a, b) = make()?;
+            count as f64 / stream(a, b, count) / 1e6
+        };
+        rows.push(HostRow {
+            name: name.into(),
+            rtt_median_ns: med as f64 * ns_per_tick,
+            rtt_p99_ns: p99 as f64 * ns_per_tick,
+            throughput_mmsg_s: tput,
+            rtt_ratio_to_cacheline: 0.0,
+            throughput_ratio_to_cacheline: 0.0,
+        });
+    }
+    let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
+    for r in &mut rows {
+        r.rtt_ratio_to_cacheline = r.rtt_median_ns / base_rtt;
+        r.throughput_ratio_to_cacheline = r.throughput_mmsg_s / base_tput;
+    }
+    Ok(rows)
+}
+
+/// The `key=value` of `guest`'s bench line in a serial log.
+fn bench_value(serial: &str, guest: &str, key: &str) -> Result<u64> {
+    let line = serial
+        .lines()
+        .find(|l| l.starts_with(&format!("[{guest}@")) && l.contains("] bench "))
+        .with_context(|| format!("no bench line from {guest}"))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in {line}"))
+}
+
+fn boot(config: &str) -> Result<String> {
+    let args = crate::cli::RunArgs {
+        emulator: crate::cli::Emulator::Bochs,
+        config: config.into(),
+        no_config: false,
+        cpus: None,
+        cpu_model: None,
+        timeout: 300,
+        report: None,
+        cmdline: String::new(),
+        quiet: true,
+        build: crate::cli::BuildArgs { debug: false },
+    };
+    let r = crate::run::run(&args)?;
+    if r.outcome != "ok" {
+        bail!("benchmark run {config} ended {}: {:?}", r.outcome, r.problems);
+    }
+    Ok(std::fs::read_to_string(&r.serial_log)?)
+}
+
+/// Measures inside Bochs.
+pub fn emulated() -> Result<Emulated> {
+    let poll = boot("configs/bench-poll.toml")?;
+    let bell = boot("configs/bench-doorbell.toml")?;
+    let st = boot("configs/bench-stream.toml")?;
+    let n = bench_value(&poll, "ping", "n")? as f64;
+    let rung = bench_value(&bell, "ping", "doorbells_rung")?
+        + bench_value(&bell, "pong", "doorbells_rung")?;
+    let taken = bench_value(&bell, "ping", "doorbells_taken")?
+        + bench_value(&bell, "pong", "doorbells_taken")?;
+    let sender_exits = bench_value(&bell, "ping", "exits")? + bench_value(&bell, "pong", "exits")?;
+    Ok(Emulated {
+        send_instructions: bench_value(&poll, "ping", "send_median")?,
+        receive_instructions: bench_value(&poll, "pong", "recv_median")?,
+        round_trip_instructions_median: bench_value(&poll, "ping", "rtt_median")?,
+        round_trip_instructions_p99: bench_value(&poll, "ping", "rtt_p99")?,
+        stream_instructions_per_message_sender: bench_value(&st, "stream", "instr_per_msg")?,
+        stream_instructions_per_message_receiver: bench_value(&st, "sink", "instr_per_msg")?,
+        exits_per_message_polling: (bench_value(&poll, "ping", "exits")?
+            + bench_value(&poll, "pong", "exits")?) as f64
+            / (2.0 * n),
+        doorbell_round_trip_instructions_median: bench_value(&bell, "ping", "rtt_median")?,
+        // Every exit during the doorbell exchange is a doorbell hypercall (checked by the
+        // system tests); the receiving side's exits are whatever is left.
+        exits_per_doorbell_sender: if rung > 0 { rung as f64 / rung as f64 } else { 0.0 },
+        exits_per_doorbell_receiver: if taken > 0 {
+            (sender_exits - rung) as f64 / taken as f64
+        } else {
+            0.0
+        },
+        doorbells: rung,
+    })
+}
+
+pub fn print(r: &Report) {
+    println!("Host, real cores (two pinned threads, 64-byte messages; ratios to the cache-line ping-pong of this run)");
+    println!(
+        "{:<22} {:>14} {:>12} {:>10} {:>16} {:>10}",
+        "transport", "RTT median ns", "RTT p99 ns", "x line", "one-way Mmsg/s", "x line"
+    );
+    for h in &r.host {
+        println!(
+            "{:<22} {:>14.0} {:>12.0} {:>10.2} {:>16.2} {:>10.2}",
+            h.name,
+            h.rtt_median_ns,
+            h.rtt_p99_ns,
+            h.rtt_ratio_to_cacheline,
+            h.throughput_mmsg_s,
+            h.throughput_ratio_to_cacheline
+        );
+    }
+    let e = &r.emulated;
+    println!();
+    println!("In Bochs (TSC = emulated instructions, exact; one pair alone on two CPUs)");
+    println!("{:<52} {:>12}", "figure", "value");
+    let rows: [(&str, String); 10] = [
+        ("instructions per send (median)", e.send_instructions.to_string()),
+        ("instructions per receive (median)", e.receive_instructions.to_string()),
+        ("round trip, polling (median ticks)", e.round_trip_instructions_median.to_string()),
+        ("round trip, polling (p99 ticks)", e.round_trip_instructions_p99.to_string()),
+        (
+            "stream: sender instructions per message",
+            e.stream_instructions_per_message_sender.to_string(),
+        ),
+        (
+            "stream: receiver instructions per message",
+            e.stream_instructions_per_message_receiver.to_string(),
+        ),
+        ("VM exits per message, polling", format!("{:.3}", e.exits_per_message_polling)),
+        (
+            "round trip, doorbells (median ticks)",
+            e.doorbell_round_trip_instructions_median.to_string(),
+        ),
+        ("VM exits per doorbell, sender", format!("{:.3}", e.exits_per_doorbell_sender)),
+        ("VM exits per doorbell, receiver", format!("{:.3}", e.exits_per_doorbell_receiver)),
+    ];
+    for (k, v) in rows {
+        println!("{k:<52} {v:>12}");
+    }
+}
+
+/// `cargo xtask bench channels`.
+pub fn channels(json: Option<&std::path::Path>) -> Result<()> {
+    eprintln!("bench: host transports (a few seconds)...");
+    let host = host()?;
+    eprintln!("bench: Bochs runs (poll, doorbell, stream)...");
+    let emulated = emulated()?;
+    let r = Report { host, emulated };
+    print(&r);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&r)? + "\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_transport_round_trips_and_streams_in_order() {
+        let _ = cores();
+        for (a, b) in
+            [line_pair(), ring_pair(64), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()]
+        {
+            assert_eq!(ping_pong(a, b, 500).len(), 500);
+        }
+        for (a, b) in [ring_pair(8), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()] {
+            assert!(stream(a, b, 5000) > 0.0);
+        }
+    }
+}
