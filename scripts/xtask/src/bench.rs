@@ -39,9 +39,13 @@ pub struct Emulated {
     pub stream_instructions_per_message_receiver: u64,
     pub exits_per_message_polling: f64,
     pub doorbell_round_trip_instructions_median: u64,
-    pub exits_per_doorbell_sender: f64,
+    /// All VM exits both guests took during the doorbell exchange, per doorbell rung.
+    pub exits_per_doorbell_both_sides: f64,
+    /// Of those, the ones that were not the ringing hypercall itself, per doorbell taken:
+    /// what receiving a doorbell costs in exits.
     pub exits_per_doorbell_receiver: f64,
-    pub doorbells: u64,
+    pub doorbells_rung: u64,
+    pub doorbells_taken: u64,
 }
 
 #[derive(Serialize, Debug)]
