@@ -10,8 +10,10 @@
 //! * [`guest`]: a guest's memory layout and its boot-info structure.
 //! * [`config`]: the machine description blob handed to the hypervisor.
 //! * [`channel`]: the shared-memory message ring guests talk through.
+//! * [`caps`]: capabilities and the per-guest capability space.
 #![cfg_attr(not(test), no_std)]
 
+pub mod caps;
 pub mod channel;
 pub mod config;
 pub mod fixed;
