@@ -62,8 +62,70 @@ fn next(f: &mut impl Frames, table: u64, i: usize) -> Result<u64, EptError> {
     Ok(t)
 }
 
-/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`.
+/// Access a mapping allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Perm {
+    ReadWriteExecute,
+    ReadWrite,
+    Read,
+}
+
+impl Perm {
+    const fn bits(self) -> u64 {
+        match self {
+            Perm::ReadWriteExecute => RWX,
+            Perm::ReadWrite => READ | WRITE,
+            Perm::Read => READ,
+        }
+    }
+}
+
+/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`, RWX.
 pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Result<(), EptError> {
+    map_with(f, root, gpa, hpa, len, Perm::ReadWriteExecute)
+}
+
+/// Removes the leaves covering `[gpa, gpa + len)` (exactly as they were mapped: a large
+/// page must be removed whole). Returns the bytes unmapped; the caller must INVEPT.
+pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, EptError> {
+    if (gpa | len) % SIZE_4K != 0 || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
+        return Err(EptError::Misaligned);
+    }
+    let mut off = 0;
+    while off < len {
+        let g = gpa + off;
+        let mut table = root;
+        let mut done = false;
+        for level in (1..4).rev() {
+            let e = f.table(table)[index(g, level)];
+            if e & RWX == 0 {
+                return Err(EptError::Overlap(g));
+            }
+            if level == 1 && e & LARGE != 0 {
+                if g % SIZE_2M != 0 || len - off < SIZE_2M {
+                    return Err(EptError::Misaligned);
+                }
+                f.table(table)[index(g, 1)] = 0;
+                off += SIZE_2M;
+                done = true;
+                break;
+            }
+            table = e & ADDR_MASK;
+        }
+        if !done {
+            let slot = &mut f.table(table)[index(g, 0)];
+            if *slot & RWX == 0 {
+                return Err(EptError::Overlap(g));
+            }
+            *slot = 0;
+            off += SIZE_4K;
+        }
+    }
+    Ok(len)
+}
+
+/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with `perm`.
+pub fn map_with(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64, perm: Perm) -> Result<(), EptError> {
     if (gpa | hpa | len) % SIZE_4K != 0 || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
         return Err(EptError::Misaligned);
     }
@@ -77,7 +139,7 @@ pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Resu
             if *slot & RWX != 0 {
                 return Err(EptError::Overlap(g));
             }
-            *slot = h | RWX | MEMTYPE_WB | LARGE;
+            *slot = h | perm.bits() | MEMTYPE_WB | LARGE;
             off += SIZE_2M;
         } else {
             let pt = next(f, pd, index(g, 1)).map_err(|_| EptError::Overlap(g))?;
@@ -85,7 +147,7 @@ pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Resu
             if *slot & RWX != 0 {
                 return Err(EptError::Overlap(g));
             }
-            *slot = h | RWX | MEMTYPE_WB;
+            *slot = h | perm.bits() | MEMTYPE_WB;
             off += SIZE_4K;
         }
     }
@@ -94,6 +156,11 @@ pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Resu
 
 /// Translates `gpa` through the EPT at `root`: the host-physical address, or `None`.
 pub fn translate(f: &mut impl Frames, root: u64, gpa: u64) -> Option<u64> {
+    translate_perm(f, root, gpa).map(|(h, _)| h)
+}
+
+/// Like [`translate`], with the leaf's permission bits (R=1, W=2, X=4).
+pub fn translate_perm(f: &mut impl Frames, root: u64, gpa: u64) -> Option<(u64, u64)> {
     let mut table = root;
     for level in (0..4).rev() {
         let e = f.table(table)[index(gpa, level)];
@@ -102,7 +169,7 @@ pub fn translate(f: &mut impl Frames, root: u64, gpa: u64) -> Option<u64> {
         }
         if level == 0 || (level == 1 && e & LARGE != 0) {
             let page = if level == 0 { SIZE_4K } else { SIZE_2M };
-            return Some((e & ADDR_MASK & !(page - 1)) + gpa % page);
+            return Some(((e & ADDR_MASK & !(page - 1)) + gpa % page, e & RWX));
         }
         table = e & ADDR_MASK;
     }
@@ -163,6 +230,24 @@ pub(crate) mod tests {
         assert_eq!(mapped_bytes(&mut f, root), 16 << 20);
         // PML4, PDPT, PD: nothing more for 2-MiB pages.
         assert_eq!(f.tables.len(), 3);
+    }
+
+    #[test]
+    fn permissions_and_unmap() {
+        let mut f = HostFrames::default();
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x4000_0000, 4 << 20).unwrap();
+        map_with(&mut f, root, 0xc000_0000, 0x8000_0000, 2 << 20, Perm::Read).unwrap();
+        map_with(&mut f, root, 0xc020_0000, 0x8020_0000, 8192, Perm::ReadWrite).unwrap();
+        assert_eq!(translate_perm(&mut f, root, 0xc000_1234), Some((0x8000_1234, 1)));
+        assert_eq!(translate_perm(&mut f, root, 0xc020_1000), Some((0x8020_1000, 3)));
+        assert_eq!(mapped_bytes(&mut f, root), (6 << 20) + 8192);
+        assert_eq!(unmap(&mut f, root, 0xc020_0000, 8192), Ok(8192));
+        assert_eq!(translate(&mut f, root, 0xc020_0000), None);
+        assert_eq!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Misaligned), "half a large page");
+        assert_eq!(unmap(&mut f, root, 0xc000_0000, 2 << 20), Ok(2 << 20));
+        assert!(matches!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Overlap(_))), "nothing there");
+        assert_eq!(mapped_bytes(&mut f, root), 4 << 20, "the partition is untouched");
     }
 
     #[test]

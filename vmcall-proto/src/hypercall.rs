@@ -35,7 +35,19 @@ pub enum Hypercall {
     /// `exit_count() -> n`: VM exits this guest has taken so far (this call's included), for
     /// measuring exits per operation from inside.
     ExitCount = 7,
+    /// `cap_identify(slot) -> type | rights << 8 | pages << 16`.
+    CapIdentify = 8,
+    /// `cap_split(slot, offset) -> new slot`: a memory cap in two at a page offset.
+    CapSplit = 9,
+    /// `cap_map(slot, gpa, rights) -> 0`: map a memory cap into the caller's grant window
+    /// (`GRANT_WINDOW`) at a page-aligned free address with at most the cap's rights.
+    CapMap = 10,
+    /// `cap_unmap(slot) -> gpa`: undo a mapping; returns where it was.
+    CapUnmap = 11,
 }
+
+/// Guest-physical window where capabilities are mapped: 3 GiB to 4 GiB.
+pub const GRANT_WINDOW: (u64, u64) = (0xc000_0000, 0x1_0000_0000);
 
 impl TryFrom<u64> for Hypercall {
     type Error = HvError;
@@ -49,6 +61,10 @@ impl TryFrom<u64> for Hypercall {
             5 => Hypercall::TscPerMs,
             6 => Hypercall::Doorbell,
             7 => Hypercall::ExitCount,
+            8 => Hypercall::CapIdentify,
+            9 => Hypercall::CapSplit,
+            10 => Hypercall::CapMap,
+            11 => Hypercall::CapUnmap,
             _ => return Err(HvError::UnknownCall),
         })
     }
@@ -69,7 +85,70 @@ pub enum HvError {
     BadLength = -3,
     /// Another argument out of range (e.g. a timer vector below 32).
     BadArgument = -4,
+    /// No capability in that slot.
+    NoSuchSlot = -5,
+    /// The slot's capability was revoked.
+    Revoked = -6,
+    /// The capability is not of the type the call needs.
+    WrongType = -7,
+    /// The call asks for rights the capability does not carry.
+    RightsEscalation = -8,
+    /// The capability space is full.
+    NoSpace = -9,
+    /// An address or offset not page-aligned.
+    Misaligned = -10,
+    /// The guest-physical range is already used by another mapping.
+    AddressInUse = -11,
+    /// The capability is not mapped.
+    NotMapped = -12,
+    /// The capability is mapped (and must not be for this call, or is already).
+    AlreadyMapped = -13,
+    /// The capability has live copies.
+    HasCopies = -14,
+    /// No room to record another copy.
+    TooManyCopies = -15,
+    /// A split offset outside the region.
+    BadOffset = -16,
 }
+
+impl From<crate::caps::CapError> for HvError {
+    fn from(e: crate::caps::CapError) -> Self {
+        use crate::caps::CapError as C;
+        match e {
+            C::NoSuchSlot => HvError::NoSuchSlot,
+            C::Revoked => HvError::Revoked,
+            C::WrongType => HvError::WrongType,
+            C::RightsEscalation => HvError::RightsEscalation,
+            C::NoSpace => HvError::NoSpace,
+            C::Misaligned => HvError::Misaligned,
+            C::AddressInUse => HvError::AddressInUse,
+            C::NotMapped => HvError::NotMapped,
+            C::AlreadyMapped => HvError::AlreadyMapped,
+            C::HasCopies => HvError::HasCopies,
+            C::TooManyCopies => HvError::TooManyCopies,
+            C::BadOffset => HvError::BadOffset,
+        }
+    }
+}
+
+const ALL_ERRORS: [HvError; 16] = [
+    HvError::UnknownCall,
+    HvError::BadAddress,
+    HvError::BadLength,
+    HvError::BadArgument,
+    HvError::NoSuchSlot,
+    HvError::Revoked,
+    HvError::WrongType,
+    HvError::RightsEscalation,
+    HvError::NoSpace,
+    HvError::Misaligned,
+    HvError::AddressInUse,
+    HvError::NotMapped,
+    HvError::AlreadyMapped,
+    HvError::HasCopies,
+    HvError::TooManyCopies,
+    HvError::BadOffset,
+];
 
 impl HvError {
     /// The RAX value for this error.
@@ -83,13 +162,7 @@ impl HvError {
         if v >= 0 {
             return Ok(rax);
         }
-        Err(match v {
-            -1 => Ok(HvError::UnknownCall),
-            -2 => Ok(HvError::BadAddress),
-            -3 => Ok(HvError::BadLength),
-            -4 => Ok(HvError::BadArgument),
-            other => Err(other),
-        })
+        Err(ALL_ERRORS.iter().find(|e| **e as i64 == v).copied().ok_or(v))
     }
 }
 
@@ -104,18 +177,17 @@ mod tests {
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {
-        for n in 0..8 {
+        for n in 0..12 {
             assert_eq!(Hypercall::try_from(n).unwrap() as u64, n);
         }
-        assert_eq!(Hypercall::try_from(8), Err(HvError::UnknownCall));
+        assert_eq!(Hypercall::try_from(12), Err(HvError::UnknownCall));
         assert_eq!(Hypercall::try_from(u64::MAX), Err(HvError::UnknownCall));
     }
 
     #[test]
     fn errors_are_negative_in_rax() {
-        for e in
-            [HvError::UnknownCall, HvError::BadAddress, HvError::BadLength, HvError::BadArgument]
-        {
+        for (i, e) in ALL_ERRORS.into_iter().enumerate() {
+            assert_eq!(e as i64, -(i as i64) - 1, "codes are dense and stable");
             assert!((e.to_rax() as i64) < 0);
             assert_eq!(HvError::from_rax(e.to_rax()), Err(Ok(e)));
         }
