@@ -30,6 +30,8 @@ static PD: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 /// Maps the channel windows: guest-physical 2 GiB to 3 GiB.
 static PD_CHANNELS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
+/// Maps the grant window (capability mappings): guest-physical 3 GiB to 4 GiB.
+static PD_GRANTS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 
 /// Timer interrupts taken.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -227,7 +229,9 @@ pub fn init() {
             pd.0[j as usize] = (j << 21) | 0x83;
         }
         let pdc = &mut *PD_CHANNELS.0.get();
-        pdtp_channels(pdpt, pdc);
+        identity_gib(pdpt, pdc, vmcall_proto::guest::CHANNEL_WINDOW_GPA);
+        let pdg = &mut *PD_GRANTS.0.get();
+        identity_gib(pdpt, pdg, vmcall_proto::hypercall::GRANT_WINDOW.0);
         let gdtr = x86_ptr(GDT.as_ptr() as u64, core::mem::size_of_val(&GDT));
         let idtr = x86_ptr(idt.as_ptr() as u64, core::mem::size_of_val(idt));
         core::arch::asm!(
@@ -251,13 +255,12 @@ pub fn init() {
     }
 }
 
-/// Identity-maps guest-physical 2..3 GiB (the channel windows) with 2-MiB pages. Only the
-/// windows of this guest's channels are backed (EPT); touching another is a fault.
-fn pdtp_channels(pdpt: &mut Table, pd: &mut Table) {
-    const BASE: u64 = vmcall_proto::guest::CHANNEL_WINDOW_GPA;
-    pdpt.0[(BASE >> 30) as usize] = pd as *const Table as u64 | 3;
+/// Identity-maps the GiB at `base` with 2-MiB pages (the channel windows, the grant
+/// window). Only what the hypervisor backed in EPT is reachable; anything else faults.
+fn identity_gib(pdpt: &mut Table, pd: &mut Table, base: u64) {
+    pdpt.0[(base >> 30) as usize] = pd as *const Table as u64 | 3;
     for j in 0..512u64 {
-        pd.0[j as usize] = (BASE + (j << 21)) | 0x83;
+        pd.0[j as usize] = (base + (j << 21)) | 0x83;
     }
 }
 

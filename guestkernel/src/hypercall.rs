@@ -4,25 +4,34 @@
 use vmcall_proto::hypercall::{HvError, Hypercall};
 
 /// Issues VMCALL `nr` with two arguments; returns RAX.
-#[cfg(target_os = "none")]
 pub fn raw(nr: u64, a0: u64, a1: u64) -> u64 {
+    raw3(nr, a0, a1, 0)
+}
+
+/// Issues VMCALL `nr` with three arguments; returns RAX.
+#[cfg(target_os = "none")]
+pub fn raw3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let ret: u64;
     // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes
     // only RAX; memory passed by address is only read.
     unsafe {
         core::arch::asm!("vmcall", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1,
-            in("rdx") 0u64, in("r10") 0u64, options(nostack));
+            in("rdx") a2, in("r10") 0u64, options(nostack));
     }
     ret
 }
 
 #[cfg(not(target_os = "none"))]
-pub fn raw(_nr: u64, _a0: u64, _a1: u64) -> u64 {
+pub fn raw3(_nr: u64, _a0: u64, _a1: u64, _a2: u64) -> u64 {
     HvError::UnknownCall.to_rax()
 }
 
 pub fn call(h: Hypercall, a0: u64, a1: u64) -> Result<u64, Result<HvError, i64>> {
     HvError::from_rax(raw(h as u64, a0, a1))
+}
+
+pub fn call3(h: Hypercall, a0: u64, a1: u64, a2: u64) -> Result<u64, Result<HvError, i64>> {
+    HvError::from_rax(raw3(h as u64, a0, a1, a2))
 }
 
 /// Writes console bytes (at most `CONSOLE_MAX` per call).

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 10] = [
+const REGISTRY: [(&str, Workload); 11] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -29,6 +29,7 @@ const REGISTRY: [(&str, Workload); 10] = [
     ("relay", netloads::relay),
     ("scribble", netloads::scribble),
     ("trespass", netloads::trespass),
+    ("pool", crate::capload::pool),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -125,7 +125,14 @@ pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, 
 }
 
 /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with `perm`.
-pub fn map_with(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64, perm: Perm) -> Result<(), EptError> {
+pub fn map_with(
+    f: &mut impl Frames,
+    root: u64,
+    gpa: u64,
+    hpa: u64,
+    len: u64,
+    perm: Perm,
+) -> Result<(), EptError> {
     if (gpa | hpa | len) % SIZE_4K != 0 || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
         return Err(EptError::Misaligned);
     }
@@ -244,9 +251,16 @@ pub(crate) mod tests {
         assert_eq!(mapped_bytes(&mut f, root), (6 << 20) + 8192);
         assert_eq!(unmap(&mut f, root, 0xc020_0000, 8192), Ok(8192));
         assert_eq!(translate(&mut f, root, 0xc020_0000), None);
-        assert_eq!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Misaligned), "half a large page");
+        assert_eq!(
+            unmap(&mut f, root, 0xc000_0000, 4096),
+            Err(EptError::Misaligned),
+            "half a large page"
+        );
         assert_eq!(unmap(&mut f, root, 0xc000_0000, 2 << 20), Ok(2 << 20));
-        assert!(matches!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Overlap(_))), "nothing there");
+        assert!(
+            matches!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Overlap(_))),
+            "nothing there"
+        );
         assert_eq!(mapped_bytes(&mut f, root), 4 << 20, "the partition is untouched");
     }
 

@@ -23,8 +23,9 @@
 //!   else the guest is stopped (it would never wake).
 
 use crate::arch::vmx::GuestRegs;
+use vmcall_proto::caps::{CSpace, Rights};
 use vmcall_proto::hypercall::{
-    HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
+    HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF, GRANT_WINDOW,
 };
 
 /// Basic exit reasons (SDM Vol. 3D appendix C) that have names in reports.
@@ -199,6 +200,11 @@ pub trait Vcpu {
     fn now(&mut self) -> u64;
     /// Sends a fixed interrupt `vector` to the core with x2APIC id `apic`.
     fn send_ipi(&mut self, apic: u32, vector: u8);
+    /// Maps host-physical `[hpa, hpa + size)` at guest-physical `gpa` in this guest's EPT,
+    /// read-only or read-write, and flushes the EPT translations.
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError>;
+    /// Unmaps `[gpa, gpa + size)` from this guest's EPT and flushes its translations.
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
 }
 
 /// Where a guest's console lines go.
@@ -225,6 +231,8 @@ pub struct GuestCtx {
     /// Per channel of this guest (boot-info order): the peer core's APIC id, if the peer runs.
     pub doorbells: [Option<u32>; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub doorbells_rung: u32,
+    /// This guest's capability space, owned by its core.
+    pub caps: CSpace,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -255,6 +263,7 @@ impl GuestCtx {
             hypercalls: 0,
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
+            caps: CSpace::new(core as u16),
         }
     }
 
@@ -531,6 +540,20 @@ fn vmcall(
             }
         }
         Ok(Hypercall::TscPerMs) => Ok(ctx.tsc_per_ms),
+        Ok(Hypercall::CapIdentify) => {
+            ctx.caps.get(r.rdi).map(|c| c.identify()).map_err(HvError::from)
+        }
+        Ok(Hypercall::CapSplit) => {
+            ctx.caps.split(r.rdi, r.rsi).map(u64::from).map_err(HvError::from)
+        }
+        Ok(Hypercall::CapMap) => cap_map(ctx, v, r.rdi, r.rsi, r.rdx),
+        Ok(Hypercall::CapUnmap) => match ctx.caps.unmap(r.rdi) {
+            Ok(c) => {
+                let gpa = c.mapped_at.unwrap_or(0);
+                v.ept_unmap(gpa, c.size).map(|()| gpa)
+            }
+            Err(e) => Err(e.into()),
+        },
         Ok(Hypercall::ExitCount) => {
             Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
         }
@@ -549,6 +572,41 @@ fn vmcall(
     };
     advance(v, e);
     Action::Resume
+}
+
+/// `cap_map(slot, gpa, rights)`: only inside the grant window, only where nothing else of
+/// this guest is mapped, only with rights the cap carries (checked by the CSpace).
+fn cap_map(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    slot: u64,
+    gpa: u64,
+    rights: u64,
+) -> Result<u64, HvError> {
+    let rights = u8::try_from(rights)
+        .ok()
+        .and_then(Rights::from_bits)
+        .filter(|r| !r.contains(Rights::GRANT))
+        .ok_or(HvError::BadArgument)?;
+    let size = ctx.caps.get(slot)?.size;
+    let end = gpa.checked_add(size).ok_or(HvError::BadAddress)?;
+    if gpa < GRANT_WINDOW.0 || end > GRANT_WINDOW.1 {
+        return Err(HvError::BadAddress);
+    }
+    let busy = ctx
+        .caps
+        .live()
+        .filter_map(|(_, c)| c.mapped_at.map(|m| (m, m + c.size)))
+        .any(|(m, e)| gpa < e && m < end);
+    if busy {
+        return Err(HvError::AddressInUse);
+    }
+    let c = ctx.caps.map(slot, gpa, rights)?;
+    if let Err(e) = v.ept_map(gpa, c.base, c.size, rights.contains(Rights::WRITE)) {
+        let _ = ctx.caps.unmap(slot);
+        return Err(e);
+    }
+    Ok(0)
 }
 
 fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
@@ -715,6 +773,7 @@ mod tests {
         mem: Vec<u8>,
         tsc: u64,
         ipis: Vec<(u32, u8)>,
+        maps: Vec<(u64, u64, u64, bool)>,
     }
 
     impl FakeVcpu {
@@ -736,6 +795,7 @@ mod tests {
                 mem: vec![0; 1 << 20],
                 tsc: 1000,
                 ipis: vec![],
+                maps: vec![],
             }
         }
         fn key(f: Field) -> &'static str {
@@ -792,6 +852,19 @@ mod tests {
         }
         fn send_ipi(&mut self, apic: u32, vector: u8) {
             self.ipis.push((apic, vector));
+        }
+        fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
+            self.maps.push((gpa, hpa, size, write));
+            Ok(())
+        }
+        fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+            let i = self
+                .maps
+                .iter()
+                .position(|m| m.0 == gpa && m.2 == size)
+                .ok_or(HvError::NotMapped)?;
+            self.maps.remove(i);
+            Ok(())
         }
     }
 
@@ -890,6 +963,64 @@ mod tests {
         }
         assert_eq!(v.ipis, [(7, vmcall_proto::guest::DOORBELL_VECTOR)]);
         assert_eq!(c.doorbells_rung, 1);
+    }
+
+    fn call(c: &mut GuestCtx, v: &mut FakeVcpu, nr: u64, a: u64, b: u64, d: u64) -> u64 {
+        v.regs = GuestRegs { rax: nr, rdi: a, rsi: b, rdx: d, ..Default::default() };
+        let mut s = Lines::default();
+        assert_eq!(handle(c, v, &exit(18, 3), &mut s), Action::Resume);
+        v.regs.rax
+    }
+
+    #[test]
+    fn capability_hypercalls_check_everything() {
+        use vmcall_proto::caps::{Cap, CapType};
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        let all = Rights::all();
+        c.caps.insert(Cap::new(CapType::Memory, all, 0x4000_0000, 2 << 20)).unwrap();
+        c.caps.insert(Cap::new(CapType::Memory, Rights::READ, 0x5000_0000, 0x1000)).unwrap();
+        let err = |e: HvError| e.to_rax();
+        assert_eq!(call(&mut c, &mut v, 8, 0, 0, 0), 1 | 7 << 8 | 512 << 16);
+        assert_eq!(call(&mut c, &mut v, 8, 63, 0, 0), err(HvError::NoSuchSlot));
+        assert_eq!(call(&mut c, &mut v, 8, u64::MAX, 0, 0), err(HvError::NoSuchSlot));
+        // Split in two, map one half read-write in the window.
+        assert_eq!(call(&mut c, &mut v, 9, 0, 0x1000, 0), 2);
+        assert_eq!(call(&mut c, &mut v, 10, 0, 0xc000_0000, 3), 0);
+        assert_eq!(v.maps, [(0xc000_0000, 0x4000_0000, 0x1000, true)]);
+        // Outside the window, overlapping, misaligned, escalating, bad rights value.
+        assert_eq!(call(&mut c, &mut v, 10, 2, 0x1000_0000, 1), err(HvError::BadAddress));
+        assert_eq!(call(&mut c, &mut v, 10, 2, 0xffff_f000, 1), err(HvError::BadAddress));
+        assert_eq!(call(&mut c, &mut v, 10, 2, 0xc000_0000, 1), err(HvError::AddressInUse));
+        assert_eq!(call(&mut c, &mut v, 10, 2, 0xc010_0800, 1), err(HvError::Misaligned));
+        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 3), err(HvError::RightsEscalation));
+        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 4), err(HvError::BadArgument));
+        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 256), err(HvError::BadArgument));
+        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 1), 0);
+        assert_eq!(v.maps.len(), 2);
+        // Unmap returns where it was; a second unmap is an error.
+        assert_eq!(call(&mut c, &mut v, 11, 0, 0, 0), 0xc000_0000);
+        assert_eq!(call(&mut c, &mut v, 11, 0, 0, 0), err(HvError::NotMapped));
+        assert_eq!(v.maps.len(), 1);
+        assert!(v.injected.is_empty(), "bad arguments are errors, never faults");
+    }
+
+    proptest::proptest! {
+        /// Random hypercall numbers and arguments only ever produce a result in RAX (an
+        /// error code for nonsense): never a panic, never an injected fault, never a stop.
+        #[test]
+        fn random_hypercalls_only_give_error_codes(nr in 0u64..16, a: u64, b: u64, d: u64) {
+            use vmcall_proto::caps::{Cap, CapType};
+            let (mut c, mut v) = (ctx(), FakeVcpu::new());
+            c.caps.insert(Cap::new(CapType::Memory, Rights::all(), 0x4000_0000, 2 << 20)).unwrap();
+            if nr == 2 {
+                return Ok(()); // exit: ends the guest by design
+            }
+            v.regs = GuestRegs { rax: nr, rdi: a, rsi: b, rdx: d, ..Default::default() };
+            let mut s = Lines::default();
+            let act = handle(&mut c, &mut v, &exit(18, 3), &mut s);
+            proptest::prop_assert_eq!(act, Action::Resume);
+            proptest::prop_assert!(v.injected.is_empty());
+        }
     }
 
     #[test]

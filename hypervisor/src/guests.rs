@@ -156,6 +156,8 @@ pub fn plan(
                         };
                             vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
                         channel_count: 0,
+                        grants: [(0, 0); crate::guest::MAX_GRANTS_PER_GUEST],
+                        grant_count: 0,
                     });
                     Ok(e.core as usize)
                 }
@@ -210,6 +212,27 @@ pub fn plan(
         }
         plan.channels[k] = Some(ChanInfo { name: c.name, a: c.a, b: c.b, hpa, slots: c.slots });
         plan.channel_count = k + 1;
+    }
+    for (k, gr) in cfg.grants().enumerate() {
+        let size = gr.memory_mib as u64 * (1 << 20);
+        let Some(l) = launches[gr.guest as usize].as_mut() else { continue };
+        if l.grant_count == crate::guest::MAX_GRANTS_PER_GUEST {
+            log::warn!(
+                "grant {k}: guest {} already has {} grants; left out",
+                gr.guest,
+                l.grant_count
+            );
+            continue;
+        }
+        let Some(base) = mem.alloc(size, ALIGN_2M) else {
+            log::warn!("grant {k}: no {} MiB of memory left: not granted", gr.memory_mib);
+            continue;
+        };
+        // SAFETY: just allocated from usable RAM nobody else owns, identity-mapped; a grant
+        // must not leak a previous owner's data.
+        unsafe { (base as *mut u8).write_bytes(0, size as usize) };
+        l.grants[l.grant_count] = (base, size);
+        l.grant_count += 1;
     }
     for l in launches.iter().flatten() {
         smp::post_launch(l.entry.core as usize, *l);

@@ -15,7 +15,7 @@ use x86::bits64::task::TaskStateSegment;
 /// Most cores the hypervisor will bring up; a machine with more is capped, with a warning.
 pub const MAX_CORES: usize = 64;
 /// Each core's main stack.
-pub const STACK_SIZE: usize = 64 * 1024;
+pub const STACK_SIZE: usize = 256 * 1024;
 /// Each core's IST stack for #DF, NMI and #MC.
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 

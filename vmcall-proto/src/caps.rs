@@ -91,6 +91,9 @@ impl Cap {
     }
 }
 
+// Slots live inline in a fixed array: there is no allocator in the hypervisor to box into,
+// and the table's size is fixed either way.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Slot {
     Empty,

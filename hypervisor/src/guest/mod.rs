@@ -29,7 +29,14 @@ pub struct Launch {
     /// The guest's channels, in boot-info order.
     pub channels: [ChanMap; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub channel_count: usize,
+    /// Memory granted by the config (`[[grant]]`): host-physical base and size, zeroed.
+    /// Each becomes a memory capability (read, write, grant) in slot order.
+    pub grants: [(u64, u64); MAX_GRANTS_PER_GUEST],
+    pub grant_count: usize,
 }
+
+/// Grants one guest can receive from the config.
+pub const MAX_GRANTS_PER_GUEST: usize = 8;
 
 /// One channel endpoint: what the guest is told, and where its window's memory is.
 #[derive(Clone, Copy, Debug)]
@@ -159,6 +166,8 @@ mod run {
         part: &'a Partition,
         procbased: u32,
         injected: bool,
+        frames: &'a mut Private,
+        eptp: u64,
     }
 
     fn field(f: Field) -> crate::vmx::vmcs::Rw {
@@ -234,6 +243,21 @@ mod run {
         }
         fn send_ipi(&mut self, apic: u32, vector: u8) {
             arch::apic::send_fixed_ipi(apic, vector);
+        }
+        fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
+            let perm = if write { ept::Perm::ReadWrite } else { ept::Perm::Read };
+            ept::map_with(self.frames, self.eptp & !0xfff, gpa, hpa, size, perm)
+                .map_err(|_| HvError::AddressInUse)?;
+            // SAFETY: VMX on; this guest's EPTP.
+            unsafe { arch::vmx::invept_single(self.eptp) };
+            Ok(())
+        }
+        fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+            ept::unmap(self.frames, self.eptp & !0xfff, gpa, size)
+                .map_err(|_| HvError::NotMapped)?;
+            // SAFETY: VMX on; this guest's EPTP: no stale translation survives the unmap.
+            unsafe { arch::vmx::invept_single(self.eptp) };
+            Ok(())
         }
     }
 
@@ -570,11 +594,27 @@ mod run {
             }
         };
         let mut sink = Console { name: name(l), core };
+        for &(base, size) in &l.grants[..l.grant_count] {
+            use vmcall_proto::caps::{Cap, CapType, Rights};
+            if ctx.caps.insert(Cap::new(CapType::Memory, Rights::all(), base, size)).is_err() {
+                return stop(&ctx, "capability space full");
+            }
+        }
+        for ch in l.channels() {
+            use vmcall_proto::caps::{Cap, CapType, Rights};
+            let cap =
+                Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, ch.desc.index as u64, 0);
+            if ctx.caps.insert(cap).is_err() {
+                return stop(&ctx, "capability space full");
+            }
+        }
         let mut vcpu = VmcsVcpu {
             regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
             part: &part,
             procbased,
             injected: false,
+            frames: &mut frames,
+            eptp,
         };
         log::info!(
             "guest {} (id {}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",

@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `pool`: uses the memory capability its config grants it (slot 0) and checks every
+//! answer the hypervisor gives: identify, split, map read-write, write and read back, unmap,
+//! map read-only, and the refusals (forged slot, busy address, misaligned address, outside
+//! the grant window, GRANT as a mapping right, splitting a mapped cap, mapping an endpoint).
+//! With `touch_after_unmap=1` it finally reads its region after unmapping it, and must be
+//! stopped there.
+//!
+//! Exit status 0 when every answer was the expected one, 1 otherwise.
+
+use crate::hypercall::{call, call3};
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
+
+const R: u64 = 1;
+const RW: u64 = 3;
+
+fn expect(
+    what: &str,
+    got: Result<u64, Result<HvError, i64>>,
+    want: Result<u64, HvError>,
+    ok: &mut bool,
+) {
+    let got_simple = got.map_err(|e| e.ok());
+    let want_simple = want.map_err(Some);
+    if got_simple == want_simple {
+        log::info!("cap: {what}: {got:?} as expected");
+    } else {
+        log::error!("cap: {what}: got {got:?}, expected {want:?}");
+        *ok = false;
+    }
+}
+
+pub fn pool(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let base = GRANT_WINDOW.0;
+    let info = call(Hypercall::CapIdentify, 0, 0);
+    let Ok(info) = info else {
+        log::error!("cap: no capability in slot 0: {info:?}");
+        return 1;
+    };
+    let (kind, rights, pages) = (info & 0xff, (info >> 8) & 0xff, info >> 16);
+    log::info!("cap: slot 0 is type {kind}, rights {rights:#b}, {} KiB", pages * 4);
+    ok &= kind == 1 && rights == 0b111 && pages >= 512;
+    let half = pages / 2 * 4096;
+    expect(
+        "split slot 0 in half",
+        call(Hypercall::CapSplit, 0, half),
+        Ok(1 + bi.channel_count as u64),
+        &mut ok,
+    );
+    let second = 1 + bi.channel_count as u64;
+    expect("map slot 0 read-write", call3(Hypercall::CapMap, 0, base, RW), Ok(0), &mut ok);
+    // SAFETY: slot 0 is now mapped read-write at `base` for `half` bytes (checked above).
+    unsafe {
+        for i in 0..(half / 4096) {
+            core::ptr::write_volatile((base + i * 4096) as *mut u64, 0x5eed_0000 + i);
+        }
+    }
+    // SAFETY: as above.
+    let back = unsafe { core::ptr::read_volatile((base + half - 4096) as *const u64) };
+    ok &= back == 0x5eed_0000 + half / 4096 - 1;
+    log::info!("cap: wrote {} pages through the mapping, read back {back:#x}", half / 4096);
+    expect(
+        "identify a forged slot",
+        call(Hypercall::CapIdentify, 40, 0),
+        Err(HvError::NoSuchSlot),
+        &mut ok,
+    );
+    expect(
+        "map over a busy address",
+        call3(Hypercall::CapMap, second, base, R),
+        Err(HvError::AddressInUse),
+        &mut ok,
+    );
+    expect(
+        "map misaligned",
+        call3(Hypercall::CapMap, second, base + half + 0x800, R),
+        Err(HvError::Misaligned),
+        &mut ok,
+    );
+    expect(
+        "map outside the grant window",
+        call3(Hypercall::CapMap, second, 0x4000_0000, R),
+        Err(HvError::BadAddress),
+        &mut ok,
+    );
+    expect(
+        "map with GRANT as a right",
+        call3(Hypercall::CapMap, second, base + half, 4),
+        Err(HvError::BadArgument),
+        &mut ok,
+    );
+    expect(
+        "split a mapped cap",
+        call(Hypercall::CapSplit, 0, 4096),
+        Err(HvError::AlreadyMapped),
+        &mut ok,
+    );
+    if bi.channel_count > 0 {
+        let ep = 1;
+        let t = call(Hypercall::CapIdentify, ep, 0).map(|i| i & 0xff);
+        expect("identify the channel endpoint", t, Ok(2), &mut ok);
+        expect(
+            "map an endpoint",
+            call3(Hypercall::CapMap, ep, base + half, R),
+            Err(HvError::WrongType),
+            &mut ok,
+        );
+    }
+    expect("unmap slot 0", call(Hypercall::CapUnmap, 0, 0), Ok(base), &mut ok);
+    expect("unmap it again", call(Hypercall::CapUnmap, 0, 0), Err(HvError::NotMapped), &mut ok);
+    expect("map slot 0 read-only", call3(Hypercall::CapMap, 0, base + half, R), Ok(0), &mut ok);
+    // SAFETY: slot 0 is mapped read-only at `base + half`; reading is allowed.
+    let again = unsafe { core::ptr::read_volatile((base + half) as *const u64) };
+    ok &= again == 0x5eed_0000;
+    log::info!("cap: the same memory, read-only at {:#x}: {again:#x}", base + half);
+    expect("unmap slot 0 again", call(Hypercall::CapUnmap, 0, 0), Ok(base + half), &mut ok);
+    if bi.arg("touch_after_unmap") == Some("1") {
+        log::info!("cap: reading {base:#x} after unmapping it");
+        // SAFETY: deliberately touching memory no longer mapped for us: must be stopped.
+        let v = unsafe { core::ptr::read_volatile(base as *const u64) };
+        log::error!("cap: read {v:#x} after unmap: the mapping survived");
+        return 1;
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
