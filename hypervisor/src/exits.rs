@@ -205,6 +205,12 @@ pub trait Vcpu {
     fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError>;
     /// Unmaps `[gpa, gpa + size)` from this guest's EPT and flushes its translations.
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
+    /// Puts a message on the inter-core ring to core `to`; `false` if the ring is full.
+    fn x_send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool;
+    /// The next inter-core message for this core, with its sender.
+    fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)>;
+    /// Kicks core `to` (an NMI).
+    fn x_kick(&mut self, to: usize);
 }
 
 /// Where a guest's console lines go.
@@ -233,6 +239,17 @@ pub struct GuestCtx {
     pub doorbells_rung: u32,
     /// This guest's capability space, owned by its core.
     pub caps: CSpace,
+    /// This guest's channels: (global channel index, peer's core if the peer runs).
+    pub chan_peers: [(u32, Option<usize>); vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+    pub chan_count: usize,
+    /// Inter-core protocol state: last request number, replies kept for an outer wait.
+    pub next_req: u32,
+    pub stash: [Option<(usize, vmcall_proto::channel::Payload)>; 8],
+    /// The guest has ended: inserts into its space are refused.
+    pub ended: bool,
+    pub transfers: u32,
+    /// Caps revoked in this space on other cores' behalf.
+    pub revoked_here: u64,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -264,6 +281,13 @@ impl GuestCtx {
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
             caps: CSpace::new(core as u16),
+            chan_peers: [(0, None); vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
+            chan_count: 0,
+            next_req: 0,
+            stash: [None; 8],
+            ended: false,
+            transfers: 0,
+            revoked_here: 0,
         }
     }
 
@@ -554,6 +578,8 @@ fn vmcall(
             }
             Err(e) => Err(e.into()),
         },
+        Ok(Hypercall::CapTransfer) => crate::capproto::transfer(ctx, v, r.rdi, r.rsi, r.rdx),
+        Ok(Hypercall::CapRevoke) => crate::capproto::revoke(ctx, v, r.rdi),
         Ok(Hypercall::ExitCount) => {
             Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
         }
@@ -857,6 +883,13 @@ mod tests {
             self.maps.push((gpa, hpa, size, write));
             Ok(())
         }
+        fn x_send(&mut self, _to: usize, _m: &vmcall_proto::channel::Payload) -> bool {
+            false
+        }
+        fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+            None
+        }
+        fn x_kick(&mut self, _to: usize) {}
         fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
             let i = self
                 .maps

@@ -153,6 +153,7 @@ pub fn plan(
                             hpa: 0,
                             size: 0,
                             peer_apic: None,
+                            peer_core: None,
                         };
                             vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
                         channel_count: 0,
@@ -185,6 +186,11 @@ pub fn plan(
         };
         for (me, peer, tx, rx) in [(c.a, c.b, 0, ring), (c.b, c.a, ring, 0)] {
             let peer_apic = if launches[peer as usize].is_some() { apic_of(peer) } else { None };
+            let peer_core = if launches[peer as usize].is_some() {
+                plan.guests[peer as usize].and_then(|p| p.slot.ok()).map(|s| s as u16)
+            } else {
+                None
+            };
             let Some(l) = launches[me as usize].as_mut() else { continue };
             if l.channel_count == vmcall_proto::guest::MAX_CHANNELS_PER_GUEST {
                 log::warn!(
@@ -207,6 +213,7 @@ pub fn plan(
                 hpa,
                 size,
                 peer_apic,
+                peer_core,
             };
             l.channel_count += 1;
         }
@@ -290,6 +297,16 @@ impl fmt::Display for Why {
             StopReason::Setup(what) => write!(f, "setup failed: {what}"),
         }
     }
+}
+
+/// Whether some started guest has not reported yet.
+pub fn pending() -> bool {
+    PLAN.get().is_some_and(|plan| {
+        plan.guests[..plan.count]
+            .iter()
+            .flatten()
+            .any(|g| g.slot.is_ok_and(|s| smp::report_of(s).is_none()))
+    })
 }
 
 /// Waits (bounded) for every running guest's report, prints one record per guest and a

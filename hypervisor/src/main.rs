@@ -18,6 +18,7 @@
 
 mod arch;
 mod bootinfo;
+mod capproto;
 mod console;
 mod cores;
 mod ept;
@@ -31,11 +32,12 @@ mod percpu;
 mod power;
 mod smp;
 mod vmx;
+mod xcore;
 
 #[cfg(target_os = "none")]
 mod boot {
     use crate::power::{end_run, Outcome};
-    use crate::{arch, bootinfo, console, cores, guests, percpu, record, smp, vmx};
+    use crate::{arch, bootinfo, console, cores, guests, percpu, record, smp, vmx, xcore};
     use vmcall_proto::record::{core_state, kind, Quoted};
 
     /// Entered from `arch::boot` in long mode, on the boot stack.
@@ -122,6 +124,11 @@ mod boot {
         };
 
         smp::publish_features(features);
+        let mut apics = [0u32; percpu::MAX_CORES];
+        for (a, c) in apics.iter_mut().zip(list.cores()) {
+            *a = c.apic_id;
+        }
+        xcore::publish_cores(&apics[..list.len()]);
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 

@@ -180,8 +180,18 @@ pub fn run_guest(index: usize) {
     }
     #[cfg(target_os = "none")]
     {
-        let r = crate::guest::run(l, f, index as u32);
-        REPORTS[index].call_once(|| r);
+        // APs serve their inbox for the rest of the run; the BSP until every guest reported
+        // (then it ends the run).
+        let keep = || index != 0 || crate::guests::pending();
+        crate::guest::run(
+            l,
+            f,
+            index as u32,
+            |r| {
+                REPORTS[index].call_once(|| r);
+            },
+            keep,
+        );
     }
     #[cfg(not(target_os = "none"))]
     let _ = (l, f);

@@ -44,6 +44,15 @@ pub enum Hypercall {
     CapMap = 10,
     /// `cap_unmap(slot) -> gpa`: undo a mapping; returns where it was.
     CapUnmap = 11,
+    /// `cap_transfer(slot, endpoint_slot, mode) -> slot in the peer's space`: give a
+    /// capability to the peer of a channel endpoint the caller holds. `mode` bit 0: 0 move
+    /// (the caller loses it and its mapping), 1 copy; bits 8-15: the copy's rights (at most
+    /// the source's). Needs GRANT on the source.
+    CapTransfer = 12,
+    /// `cap_revoke(slot) -> n`: take back every copy derived from this capability, on every
+    /// core, unmapped and their EPT translations invalidated before the call returns;
+    /// returns how many were revoked.
+    CapRevoke = 13,
 }
 
 /// Guest-physical window where capabilities are mapped: 3 GiB to 4 GiB.
@@ -65,6 +74,8 @@ impl TryFrom<u64> for Hypercall {
             9 => Hypercall::CapSplit,
             10 => Hypercall::CapMap,
             11 => Hypercall::CapUnmap,
+            12 => Hypercall::CapTransfer,
+            13 => Hypercall::CapRevoke,
             _ => return Err(HvError::UnknownCall),
         })
     }
@@ -109,6 +120,8 @@ pub enum HvError {
     TooManyCopies = -15,
     /// A split offset outside the region.
     BadOffset = -16,
+    /// The channel peer is not running (never started, or ended).
+    PeerGone = -17,
 }
 
 impl From<crate::caps::CapError> for HvError {
@@ -131,7 +144,7 @@ impl From<crate::caps::CapError> for HvError {
     }
 }
 
-const ALL_ERRORS: [HvError; 16] = [
+const ALL_ERRORS: [HvError; 17] = [
     HvError::UnknownCall,
     HvError::BadAddress,
     HvError::BadLength,
@@ -148,6 +161,7 @@ const ALL_ERRORS: [HvError; 16] = [
     HvError::HasCopies,
     HvError::TooManyCopies,
     HvError::BadOffset,
+    HvError::PeerGone,
 ];
 
 impl HvError {
@@ -177,10 +191,10 @@ mod tests {
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {
-        for n in 0..12 {
+        for n in 0..14 {
             assert_eq!(Hypercall::try_from(n).unwrap() as u64, n);
         }
-        assert_eq!(Hypercall::try_from(12), Err(HvError::UnknownCall));
+        assert_eq!(Hypercall::try_from(14), Err(HvError::UnknownCall));
         assert_eq!(Hypercall::try_from(u64::MAX), Err(HvError::UnknownCall));
     }
 

@@ -124,3 +124,10 @@ pub fn send_fixed_ipi(apic: u32, vector: u8) {
     // handles through its own IDT.
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | vector as u64) };
 }
+
+/// Sends an NMI to x2APIC id `apic` (the inter-core kick).
+pub fn send_nmi(apic: u32) {
+    // SAFETY: x2APIC mode on every core; an NMI to a core makes its guest exit or runs the
+    // hypervisor's NMI handler, which only returns: the kicked core then reads its inbox.
+    unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | 4 << 8) };
+}

@@ -57,6 +57,9 @@ impl Idt {
             let ist = if uses_ist(v) { IST_CRITICAL } else { 0 };
             *g = interrupt_gate(stubs::address(v), ist);
         }
+        // NMIs are inter-core kicks (see xcore): the handler only returns; the kicked core
+        // reads its inbox on its own path. A hardware NMI is therefore not reported.
+        gates[2] = interrupt_gate(stubs::nmi(), IST_CRITICAL);
         Idt(gates)
     }
 
@@ -117,6 +120,10 @@ mod stubs {
         .set vec, vec + 1
         .endr
 
+        .global nmi_kick_stub
+        nmi_kick_stub:
+            iretq
+
         exc_common:
             movq %rsp, %rdi
             andq $-16, %rsp
@@ -139,6 +146,11 @@ mod stubs {
     extern "C" {
         static exc_stub_table: [u64; 32];
         static irq_stubs: u8;
+        static nmi_kick_stub: u8;
+    }
+
+    pub fn nmi() -> u64 {
+        core::ptr::addr_of!(nmi_kick_stub) as u64
     }
 
     pub fn address(vector: usize) -> u64 {
@@ -157,6 +169,9 @@ mod stubs {
     /// Host builds (tests) have no stubs; gates get a recognisable fake address.
     pub fn address(vector: usize) -> u64 {
         0xffff_8000_0000_0000 | (vector as u64) << 4
+    }
+    pub fn nmi() -> u64 {
+        0xffff_8000_0000_0000 | 2 << 4
     }
 }
 

@@ -47,6 +47,8 @@ pub struct ChanMap {
     pub size: u64,
     /// The peer's core APIC id, when the peer runs (doorbells go there).
     pub peer_apic: Option<u32>,
+    /// The peer's core index, when the peer runs (capability transfers go there).
+    pub peer_core: Option<u16>,
 }
 
 impl Launch {
@@ -168,6 +170,7 @@ mod run {
         injected: bool,
         frames: &'a mut Private,
         eptp: u64,
+        link: crate::xcore::Link,
     }
 
     fn field(f: Field) -> crate::vmx::vmcs::Rw {
@@ -251,6 +254,15 @@ mod run {
             // SAFETY: VMX on; this guest's EPTP.
             unsafe { arch::vmx::invept_single(self.eptp) };
             Ok(())
+        }
+        fn x_send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
+            self.link.try_send(to, m)
+        }
+        fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+            self.link.try_recv()
+        }
+        fn x_kick(&mut self, to: usize) {
+            self.link.kick(to);
         }
         fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
             ept::unmap(self.frames, self.eptp & !0xfff, gpa, size)
@@ -501,13 +513,24 @@ mod run {
         }
     }
 
-    /// Sets up and runs the guest of `l` on this core until it ends.
-    pub fn run(l: &Launch, f: &Features, core: u32) -> GuestReport {
+    /// Sets up and runs the guest of `l` on this core until it ends, hands its report to
+    /// `post`, then keeps serving inter-core requests while `keep_serving` says so.
+    pub fn run(
+        l: &Launch,
+        f: &Features,
+        core: u32,
+        post: impl FnOnce(GuestReport),
+        keep_serving: impl Fn() -> bool,
+    ) {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let watchdog = arch::rdtsc().saturating_add(l.watchdog_ms.saturating_mul(tsc_per_ms));
         let mut ctx = GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog);
-        let stop = |ctx: &GuestCtx, why: &'static str| {
-            report(ctx, Ending::Stopped(StopReason::Setup(why)), 0)
+        // Setup failures end the guest before it ran: report and return (no caps to serve).
+        let mut post = Some(post);
+        let mut stop = |ctx: &GuestCtx, why: &'static str| {
+            if let Some(p) = post.take() {
+                p(report(ctx, Ending::Stopped(StopReason::Setup(why)), 0));
+            }
         };
         let part = Partition { base: l.partition, size: l.partition_size };
         let mut frames = Private { next: l.private, end: l.private + l.private_size };
@@ -565,6 +588,8 @@ mod run {
             }
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
+            ctx.chan_peers[i] = (ch.desc.index, ch.peer_core.map(usize::from));
+            ctx.chan_count = i + 1;
         }
         bi.channel_count = l.channel_count as u32;
         if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
@@ -615,6 +640,7 @@ mod run {
             injected: false,
             frames: &mut frames,
             eptp,
+            link: crate::xcore::Link::new(core as usize),
         };
         log::info!(
             "guest {} (id {}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
@@ -630,6 +656,7 @@ mod run {
         let mut launched = false;
         let mut first_entry = 0;
         let ending = loop {
+            crate::capproto::serve(&mut ctx, &mut vcpu);
             vcpu.injected = false;
             let timer = match ctx.before_entry(&mut vcpu) {
                 Ok(t) => t,
@@ -661,9 +688,18 @@ mod run {
             reinject_vectoring(&mut vcpu);
         };
         ctx.flush_line(&mut sink);
+        ctx.ended = true;
+        if let Some(p) = post.take() {
+            p(report(&ctx, ending, first_entry));
+        }
+        // The guest is gone but its capabilities may have copies elsewhere, and other cores
+        // may revoke copies held here: keep answering until told to stop.
+        while keep_serving() {
+            crate::capproto::serve(&mut ctx, &mut vcpu);
+            arch::pause();
+        }
         // SAFETY: the VMCS is this core's; clearing it ends its use.
         let _ = unsafe { arch::vmx::vmclear(vmcs) };
-        report(&ctx, ending, first_entry)
     }
 
     /// An exit during event delivery leaves the event in the IDT-vectoring field; it must be
