@@ -8,6 +8,7 @@
 
 mod arch;
 mod capload;
+mod capxfer;
 mod channel;
 mod console;
 mod hypercall;

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 11] = [
+const REGISTRY: [(&str, Workload); 13] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -30,6 +30,8 @@ const REGISTRY: [(&str, Workload); 11] = [
     ("scribble", netloads::scribble),
     ("trespass", netloads::trespass),
     ("pool", crate::capload::pool),
+    ("giver", crate::capxfer::giver),
+    ("taker", crate::capxfer::taker),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -142,6 +142,14 @@ pub fn park() -> ! {
     }
 }
 
+/// Runs the host NMI handler (`INT 2`). After a VM exit caused by an NMI the processor keeps
+/// NMIs blocked until an IRET; the handler's IRET ends that, so later kicks get through
+/// (KVM does the same).
+pub fn unblock_nmis() {
+    // SAFETY: vector 2's gate is the kick handler, which only returns (IRETQ).
+    unsafe { asm!("int 2", options(nomem)) };
+}
+
 /// Writes the GS base, which holds this core's [`crate::percpu`] pointer.
 ///
 /// # Safety

@@ -679,6 +679,19 @@ mod run {
             }
             launched = true;
             let e = read_exit();
+            // SAFETY: current VMCS.
+            let intr = unsafe { exit::INTR_INFO.read() };
+            if e.reason == 0 && intr & (1 << 31) != 0 && (intr >> 8) & 7 == 2 {
+                // The NMI was a kick for this core's hypervisor, not the guest's: do not let
+                // the guest inherit NMI blocking (it would hold every later kick until the
+                // guest happens to IRET), and unblock NMIs on the host side.
+                // SAFETY: current VMCS; clearing "blocking by NMI" (bit 3) only.
+                unsafe {
+                    let s = g::INTERRUPTIBILITY.read();
+                    let _ = g::INTERRUPTIBILITY.write(s & !(1 << 3));
+                }
+                arch::unblock_nmis();
+            }
             vcpu.injected = false;
             match exits::handle(&mut ctx, &mut vcpu, &e, &mut sink) {
                 Action::Resume => {}

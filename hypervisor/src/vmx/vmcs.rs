@@ -152,6 +152,7 @@ pub mod exit {
     pub const GUEST_PHYSICAL: Ro = Ro(ro::GUEST_PHYSICAL_ADDR_FULL);
     pub const INSTRUCTION_ERROR: Ro = Ro(ro::VM_INSTRUCTION_ERROR);
     pub const REASON: Ro = Ro(ro::EXIT_REASON);
+    pub const INTR_INFO: Ro = Ro(ro::VMEXIT_INTERRUPTION_INFO);
     pub const IDT_VECTORING_INFO: Ro = Ro(ro::IDT_VECTORING_INFO);
     pub const IDT_VECTORING_ERR: Ro = Ro(ro::IDT_VECTORING_ERR_CODE);
     pub const INSTRUCTION_LEN: Ro = Ro(ro::VMEXIT_INSTRUCTION_LEN);

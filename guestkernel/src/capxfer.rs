@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Capability transfers between guests, scripted over their channels.
+//!
+//! `giver` (A), with a granted region in slot 0 and channels to B and C:
+//! 1. splits its region, fills the first half and *moves* it to B (announced on the channel);
+//! 2. maps the second half, fills it, *copies* it read-only to B and C;
+//! 3. after both confirm, *revokes*: the call returns the number of copies taken back; A still
+//!    reads its own mapping;
+//! 4. checks refusals on the way (forged slot, a memory cap used as an endpoint, a copy with
+//!    rights it lacks, the moved slot used again);
+//! 5. at the very end reads the address where the moved half used to be mapped: it must be
+//!    stopped there.
+//!
+//! `taker` (B or C): maps what it receives, verifies the content, checks that a read-only
+//! copy can be neither mapped writable nor passed on, and after the revoke finds its slot
+//! `Revoked` and, reading its old mapping, must be stopped.
+
+use crate::channel::{self, Chan};
+use crate::hypercall::{call, call3};
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
+
+const MOVED: u64 = 1;
+const COPIED: u64 = 2;
+const VERIFIED: u64 = 3;
+const REVOKED: u64 = 4;
+const R: u64 = 1;
+const RW: u64 = 3;
+
+type Res = Result<u64, Result<HvError, i64>>;
+
+fn check(what: &str, got: Res, want: Result<u64, HvError>, ok: &mut bool) {
+    if got.map_err(|e| e.ok()) == want.map_err(Some) {
+        log::info!("xfer: {what}: {got:?} as expected");
+    } else {
+        log::error!("xfer: {what}: got {got:?}, expected {want:?}");
+        *ok = false;
+    }
+}
+
+/// The endpoint-cap slot of the channel called `name` (endpoint caps follow the grants, in
+/// boot-info channel order).
+fn endpoint(bi: &BootInfo, name: &str) -> Option<u64> {
+    let first =
+        (0..16u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))?;
+    let pos = bi.channels().iter().position(|d| vmcall_proto::fixed::get(&d.name) == Some(name))?;
+    Some(first + pos as u64)
+}
+
+fn fill(at: u64, pages: u64, seed: u64) {
+    for i in 0..pages {
+        // SAFETY: the caller mapped `pages` pages read-write at `at`.
+        unsafe { core::ptr::write_volatile((at + i * 4096) as *mut u64, seed ^ i) };
+    }
+}
+
+fn verify(at: u64, pages: u64, seed: u64) -> bool {
+    // SAFETY: the caller mapped `pages` pages (at least readable) at `at`.
+    (0..pages)
+        .all(|i| unsafe { core::ptr::read_volatile((at + i * 4096) as *const u64) } == seed ^ i)
+}
+
+fn recv(c: &mut Chan) -> [u64; 7] {
+    c.recv().unwrap_or([0; 7])
+}
+
+pub fn giver(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let (Some(mut to_b), Some(mut to_c)) =
+        (channel::open(bi, Some("ab")), channel::open(bi, Some("ac")))
+    else {
+        return 1;
+    };
+    let (Some(ep_b), Some(ep_c)) = (endpoint(bi, "ab"), endpoint(bi, "ac")) else { return 1 };
+    let pages = (call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16) / 2;
+    let half = pages * 4096;
+    let second = call(Hypercall::CapSplit, 0, half).unwrap_or(99);
+    let (w1, w2) = (GRANT_WINDOW.0, GRANT_WINDOW.0 + half);
+    // 1. Fill the first half and move it to B.
+    check("map the first half", call3(Hypercall::CapMap, 0, w1, RW), Ok(0), &mut ok);
+    fill(w1, pages, 0xa11ce);
+    let moved = call3(Hypercall::CapTransfer, 0, ep_b, 0);
+    log::info!("xfer: moved the first half to B: {moved:?}");
+    let Ok(b_slot) = moved else { return 1 };
+    let _ = to_b.send(&[MOVED, b_slot, 0xa11ce, pages, 0, 0, 0]);
+    check(
+        "use the moved slot again",
+        call(Hypercall::CapIdentify, 0, 0),
+        Err(HvError::NoSuchSlot),
+        &mut ok,
+    );
+    // Refusals: forged slot, a memory cap as the endpoint, rights the cap lacks.
+    check(
+        "transfer a forged slot",
+        call3(Hypercall::CapTransfer, 40, ep_b, 1 | 1 << 8),
+        Err(HvError::NoSuchSlot),
+        &mut ok,
+    );
+    check(
+        "transfer through a memory cap",
+        call3(Hypercall::CapTransfer, second, second, 1 | 1 << 8),
+        Err(HvError::WrongType),
+        &mut ok,
+    );
+    // 2. Fill the second half; copy it read-only to B and C.
+    check("map the second half", call3(Hypercall::CapMap, second, w2, RW), Ok(0), &mut ok);
+    fill(w2, pages, 0xb0b);
+    for (c, ep, who) in [(&mut to_b, ep_b, "B"), (&mut to_c, ep_c, "C")] {
+        let r = call3(Hypercall::CapTransfer, second, ep, 1 | R << 8);
+        log::info!("xfer: copied the second half read-only to {who}: {r:?}");
+        let Ok(s) = r else { return 1 };
+        let _ = c.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
+    }
+    for c in [&mut to_b, &mut to_c] {
+        ok &= recv(c)[0] == VERIFIED;
+    }
+    // 3. Revoke: both copies gone everywhere before the call returns.
+    let n = call(Hypercall::CapRevoke, second, 0);
+    check("revoke the copies", n, Ok(2), &mut ok);
+    let mine = verify(w2, pages, 0xb0b);
+    log::info!("xfer: after the revoke my own mapping still reads back: {mine}");
+    ok &= mine;
+    for c in [&mut to_b, &mut to_c] {
+        let _ = c.send(&[REVOKED, 0, 0, 0, 0, 0, 0]);
+    }
+    for c in [&mut to_b, &mut to_c] {
+        ok &= recv(c)[0] == VERIFIED;
+    }
+    if !ok {
+        return 1;
+    }
+    // 5. The moved half is no longer ours: reading where it was must stop us.
+    log::info!("xfer: all checks passed; reading {w1:#x}, where the moved half was");
+    // SAFETY: deliberately touching memory moved away from us.
+    let v = unsafe { core::ptr::read_volatile(w1 as *const u64) };
+    log::error!("xfer: read {v:#x} from a moved region");
+    1
+}
+
+pub fn taker(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let Some(mut from_a) = channel::open(bi, None) else { return 1 };
+    let ep = (0..16u64)
+        .find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
+        .unwrap_or(0);
+    let base = GRANT_WINDOW.0;
+    let mut copy_at = 0;
+    let mut copy_slot = 0;
+    loop {
+        let m = recv(&mut from_a);
+        match m[0] {
+            MOVED => {
+                check(
+                    "map the moved region",
+                    call3(Hypercall::CapMap, m[1], base, RW),
+                    Ok(0),
+                    &mut ok,
+                );
+                let good = verify(base, m[3], m[2]);
+                log::info!("xfer: the moved region holds A's data: {good}");
+                ok &= good;
+            }
+            COPIED => {
+                copy_slot = m[1];
+                copy_at = base + (m[3] * 4096).max(2 << 20);
+                let info = call(Hypercall::CapIdentify, copy_slot, 0).unwrap_or(0);
+                log::info!(
+                    "xfer: got a copy in slot {copy_slot}, rights {:#b}",
+                    (info >> 8) & 0xff
+                );
+                check(
+                    "map the read-only copy writable",
+                    call3(Hypercall::CapMap, copy_slot, copy_at, RW),
+                    Err(HvError::RightsEscalation),
+                    &mut ok,
+                );
+                check(
+                    "pass the copy on",
+                    call3(Hypercall::CapTransfer, copy_slot, ep, 1 | R << 8),
+                    Err(HvError::RightsEscalation),
+                    &mut ok,
+                );
+                check(
+                    "map the copy read-only",
+                    call3(Hypercall::CapMap, copy_slot, copy_at, R),
+                    Ok(0),
+                    &mut ok,
+                );
+                let good = verify(copy_at, m[3], m[2]);
+                log::info!("xfer: the copy holds A's data: {good}");
+                ok &= good;
+                let _ = from_a.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+            }
+            REVOKED => {
+                check(
+                    "identify the revoked copy",
+                    call(Hypercall::CapIdentify, copy_slot, 0),
+                    Err(HvError::Revoked),
+                    &mut ok,
+                );
+                let _ = from_a.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+                break;
+            }
+            other => {
+                log::error!("xfer: unexpected message {other}");
+                return 1;
+            }
+        }
+    }
+    if !ok {
+        return 1;
+    }
+    log::info!("xfer: all checks passed; reading {copy_at:#x}, where the revoked copy was");
+    // SAFETY: deliberately touching a mapping that was revoked: must be stopped here.
+    let v = unsafe { core::ptr::read_volatile(copy_at as *const u64) };
+    log::error!("xfer: read {v:#x} from a revoked copy");
+    1
+}
