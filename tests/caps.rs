@@ -32,3 +32,35 @@ fn granted_memory_is_mapped_only_through_its_capability() {
     let f = spent.fault.as_deref().unwrap_or_default();
     assert!(f.starts_with("EPT violation: read at guest-physical 0xc0000000"), "{f}");
 }
+
+#[test]
+fn move_copy_and_revoke_across_cores() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/transfer.toml"));
+    let s = &b.serial;
+    let said = |who: &str, what: &str| s.contains(&format!("[{who}] xfer: {what}"));
+    // A moves a filled region to B; B maps it and finds A's data; A's slot is gone.
+    assert!(said("a@c0", "moved the first half to B: Ok(1)"));
+    assert!(said("b@c1", "the moved region holds A's data: true"));
+    assert!(said("a@c0", "use the moved slot again: Err(Ok(NoSuchSlot)) as expected"));
+    // Refusals, and the guests that tried keep going.
+    assert!(said("a@c0", "transfer a forged slot: Err(Ok(NoSuchSlot)) as expected"));
+    assert!(said("a@c0", "transfer through a memory cap: Err(Ok(WrongType)) as expected"));
+    for who in ["b@c1", "c@c2"] {
+        assert!(said(who, "map the read-only copy writable: Err(Ok(RightsEscalation)) as expected"));
+        assert!(said(who, "pass the copy on: Err(Ok(RightsEscalation)) as expected"));
+        assert!(said(who, "the copy holds A's data: true"));
+        // After the revoke: the slot reads Revoked...
+        assert!(said(who, "identify the revoked copy: Err(Ok(Revoked)) as expected"));
+    }
+    // ...the revoke took back both copies before returning, and A keeps its own access.
+    assert!(said("a@c0", "revoke the copies: Ok(2) as expected"));
+    assert!(said("a@c0", "after the revoke my own mapping still reads back: true"));
+    assert!(!s.contains("ERROR xfer"), "a check failed:\n{s}");
+    // Every later access is contained: B and C at their revoked copies, A at the moved half.
+    for (name, gpa) in [("a", "0xc0000000"), ("b", "0xc0200000"), ("c", "0xc0200000")] {
+        let g = b.report.guests.iter().find(|g| g.name == name).expect("guest");
+        assert_eq!(g.state, "stopped", "{g:?}");
+        let f = g.fault.as_deref().unwrap_or_default();
+        assert!(f.starts_with(&format!("EPT violation: read at guest-physical {gpa}")), "{name}: {f}");
+    }
+}
