@@ -46,7 +46,10 @@ fn move_copy_and_revoke_across_cores() {
     assert!(said("a@c0", "transfer a forged slot: Err(Ok(NoSuchSlot)) as expected"));
     assert!(said("a@c0", "transfer through a memory cap: Err(Ok(WrongType)) as expected"));
     for who in ["b@c1", "c@c2"] {
-        assert!(said(who, "map the read-only copy writable: Err(Ok(RightsEscalation)) as expected"));
+        assert!(said(
+            who,
+            "map the read-only copy writable: Err(Ok(RightsEscalation)) as expected"
+        ));
         assert!(said(who, "pass the copy on: Err(Ok(RightsEscalation)) as expected"));
         assert!(said(who, "the copy holds A's data: true"));
         // After the revoke: the slot reads Revoked...
@@ -61,6 +64,24 @@ fn move_copy_and_revoke_across_cores() {
         let g = b.report.guests.iter().find(|g| g.name == name).expect("guest");
         assert_eq!(g.state, "stopped", "{g:?}");
         let f = g.fault.as_deref().unwrap_or_default();
-        assert!(f.starts_with(&format!("EPT violation: read at guest-physical {gpa}")), "{name}: {f}");
+        assert!(
+            f.starts_with(&format!("EPT violation: read at guest-physical {gpa}")),
+            "{name}: {f}"
+        );
+    }
+}
+
+#[test]
+fn two_revokes_racing_in_opposite_directions_both_complete() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/race.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
+    for who in ["x@c0", "y@c1"] {
+        for line in [
+            "revoke while my peer revokes: Ok(1) as expected",
+            "identify my peer's revoked copy: Err(Ok(Revoked)) as expected",
+            "racing revokes done; my own region intact: true",
+        ] {
+            assert!(b.serial.contains(&format!("[{who}] xfer: {line}")), "{who}: {line}");
+        }
     }
 }

@@ -216,3 +216,145 @@ pub fn taker(bi: &BootInfo) -> u64 {
     log::error!("xfer: read {v:#x} from a revoked copy");
     1
 }
+
+/// `racer`: two guests each copy their granted region to the other, map the other's copy,
+/// then revoke at the same moment: two revokes crossing between two cores. Each must
+/// return 1 (its one copy), find the peer's copy revoked, and keep its own region.
+pub fn racer(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let Some(mut ch) = channel::open(bi, None) else { return 1 };
+    let Some(ep) =
+        (0..16u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
+    else {
+        return 1;
+    };
+    let pages = call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16;
+    let (mine, theirs) = (GRANT_WINDOW.0, GRANT_WINDOW.0 + (pages << 12));
+    check("map my region", call3(Hypercall::CapMap, 0, mine, RW), Ok(0), &mut ok);
+    fill(mine, pages, bi.guest_id as u64);
+    let copy = call3(Hypercall::CapTransfer, 0, ep, 1 | R << 8);
+    let Ok(slot) = copy else {
+        log::error!("xfer: copy to my peer failed: {copy:?}");
+        return 1;
+    };
+    let _ = ch.send(&[COPIED, slot, bi.guest_id as u64, pages, 0, 0, 0]);
+    let m = recv(&mut ch);
+    check("map my peer's copy", call3(Hypercall::CapMap, m[1], theirs, R), Ok(0), &mut ok);
+    ok &= verify(theirs, m[3], m[2]);
+    // Meet, then revoke together.
+    let _ = ch.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+    ok &= recv(&mut ch)[0] == VERIFIED;
+    check("revoke while my peer revokes", call(Hypercall::CapRevoke, 0, 0), Ok(1), &mut ok);
+    let _ = ch.send(&[REVOKED, 0, 0, 0, 0, 0, 0]);
+    ok &= recv(&mut ch)[0] == REVOKED;
+    check(
+        "identify my peer's revoked copy",
+        call(Hypercall::CapIdentify, m[1], 0),
+        Err(HvError::Revoked),
+        &mut ok,
+    );
+    ok &= verify(mine, pages, bi.guest_id as u64);
+    log::info!(
+        "xfer: racing revokes done; my own region intact: {}",
+        verify(mine, pages, bi.guest_id as u64)
+    );
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+const DONE: u64 = 5;
+
+fn ticks<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let t = crate::arch::rdtsc();
+    let r = f();
+    (r, crate::arch::rdtsc() - t)
+}
+
+fn exits() -> u64 {
+    call(Hypercall::ExitCount, 0, 0).unwrap_or(0)
+}
+
+/// `capowner` (benchmark): costs of map, unmap, copy to each of its `k` holders (every
+/// channel it has), revoke of all copies, and a move; printed as one `bench caps` line.
+pub fn capowner(bi: &BootInfo) -> u64 {
+    let k = bi.channels().len();
+    let Some(first_ep) =
+        (0..24u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
+    else {
+        return 1;
+    };
+    let mut chans: [Option<Chan>; 16] = Default::default();
+    for (i, c) in chans.iter_mut().enumerate().take(k) {
+        *c = channel::open(bi, vmcall_proto::fixed::get(&bi.channels()[i].name));
+    }
+    let half = (call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16) / 2 * 4096;
+    let spare = call(Hypercall::CapSplit, 0, half).unwrap_or(99);
+    let w = GRANT_WINDOW.0;
+    let (r, map) = ticks(|| call3(Hypercall::CapMap, 0, w, RW));
+    let (u, unmap) = ticks(|| call(Hypercall::CapUnmap, 0, 0));
+    if r.is_err() || u.is_err() {
+        log::error!("bench caps: map {r:?} unmap {u:?}");
+        return 1;
+    }
+    let mut copy_total = 0;
+    for (i, chan) in chans.iter_mut().enumerate().take(k) {
+        let (s, t) = ticks(|| call3(Hypercall::CapTransfer, 0, first_ep + i as u64, 1 | R << 8));
+        copy_total += t;
+        let Ok(s) = s else {
+            log::error!("bench caps: copy to holder {i}: {s:?}");
+            return 1;
+        };
+        if let Some(c) = chan.as_mut() {
+            let _ = c.send(&[COPIED, s, 0, half / 4096, 0, 0, 0]);
+        }
+    }
+    for c in chans.iter_mut().take(k).flatten() {
+        if recv(c)[0] != VERIFIED {
+            return 1;
+        }
+    }
+    let e0 = exits();
+    let (n, revoke) = ticks(|| call(Hypercall::CapRevoke, 0, 0));
+    let revoke_exits = exits() - e0 - 1;
+    if n != Ok(k as u64) {
+        log::error!("bench caps: revoke returned {n:?} for {k} copies");
+        return 1;
+    }
+    let (m, mv) = ticks(|| call3(Hypercall::CapTransfer, spare, first_ep, 0));
+    if m.is_err() {
+        log::error!("bench caps: move: {m:?}");
+        return 1;
+    }
+    for c in chans.iter_mut().take(k).flatten() {
+        let _ = c.send(&[DONE, 0, 0, 0, 0, 0, 0]);
+    }
+    log::info!(
+        "bench caps k={k} map={map} unmap={unmap} copy={} revoke={revoke} revoke_exits={revoke_exits} move={mv}",
+        copy_total / k.max(1) as u64
+    );
+    0
+}
+
+/// `holder` (benchmark): maps the copy it is given, reads it, confirms, and keeps running
+/// (polling its channel) until told it is done, so the revoke reaches a running guest.
+pub fn holder(bi: &BootInfo) -> u64 {
+    let Some(mut c) = channel::open(bi, None) else { return 1 };
+    loop {
+        let m = recv(&mut c);
+        match m[0] {
+            COPIED => {
+                if call3(Hypercall::CapMap, m[1], GRANT_WINDOW.0, R).is_err() {
+                    return 1;
+                }
+                // SAFETY: just mapped read-only.
+                let _ = unsafe { core::ptr::read_volatile(GRANT_WINDOW.0 as *const u64) };
+                let _ = c.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+            }
+            DONE => return 0,
+            _ => {}
+        }
+    }
+}

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 13] = [
+const REGISTRY: [(&str, Workload); 16] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -32,6 +32,9 @@ const REGISTRY: [(&str, Workload); 13] = [
     ("pool", crate::capload::pool),
     ("giver", crate::capxfer::giver),
     ("taker", crate::capxfer::taker),
+    ("racer", crate::capxfer::racer),
+    ("capowner", crate::capxfer::capowner),
+    ("holder", crate::capxfer::holder),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -343,13 +343,15 @@ pub fn collect(plan: &Plan) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
                     r.hypercalls,
                     r.tsc_first_entry,
-                    r.tsc_end
+                    r.tsc_end,
+                    r.xmsgs,
+                    r.nmis
                 );
             }
             (slot, _) => {

@@ -74,6 +74,9 @@ pub struct GuestReport {
     /// TSC at the first VM entry (0 if never entered).
     pub tsc_first_entry: u64,
     pub tsc_end: u64,
+    /// Inter-core messages and NMI kicks this core sent while running the guest.
+    pub xmsgs: u64,
+    pub nmis: u64,
 }
 
 /// The guest's name as text.
@@ -510,6 +513,8 @@ mod run {
             hypercalls: ctx.hypercalls,
             tsc_first_entry: first,
             tsc_end: arch::rdtsc(),
+            xmsgs: 0,
+            nmis: 0,
         }
     }
 
@@ -703,7 +708,10 @@ mod run {
         ctx.flush_line(&mut sink);
         ctx.ended = true;
         if let Some(p) = post.take() {
-            p(report(&ctx, ending, first_entry));
+            let mut r = report(&ctx, ending, first_entry);
+            r.xmsgs = vcpu.link.sent;
+            r.nmis = vcpu.link.nmis;
+            p(r);
         }
         // The guest is gone but its capabilities may have copies elsewhere, and other cores
         // may revoke copies held here: keep answering until told to stop.

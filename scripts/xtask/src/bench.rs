@@ -491,3 +491,113 @@ mod tests {
         }
     }
 }
+
+/// One row of `bench caps`.
+#[derive(Serialize, Debug, Clone)]
+pub struct CapsRow {
+    pub k: u64,
+    pub map: u64,
+    pub unmap: u64,
+    pub copy_per_copy: u64,
+    pub move_: u64,
+    pub revoke: u64,
+    pub revoke_per_copy: u64,
+    /// VM exits the owner took during its revoke (its own hypercall included; the replies'
+    /// kicks arrive while it waits in the hypervisor and cost no exit).
+    pub revoke_exits_owner: u64,
+    /// NMI exits the holders took over the whole run (kicks for inserts and revokes).
+    pub holder_nmi_exits: u64,
+    /// NMI kicks and inter-core messages sent by the owner's core.
+    pub owner_nmis: u64,
+    pub owner_messages: u64,
+}
+
+fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
+    let args = crate::cli::RunArgs {
+        emulator: crate::cli::Emulator::Bochs,
+        config: config.into(),
+        no_config: false,
+        cpus: None,
+        cpu_model: None,
+        timeout: 300,
+        report: None,
+        cmdline: String::new(),
+        quiet: true,
+        build: crate::cli::BuildArgs { debug: false },
+    };
+    let r = crate::run::run(&args)?;
+    if r.outcome != "ok" {
+        bail!("benchmark run {config} ended {}: {:?}", r.outcome, r.problems);
+    }
+    let serial = std::fs::read_to_string(&r.serial_log)?;
+    Ok((r, serial))
+}
+
+/// `cargo xtask bench caps`: capability operations in Bochs, for 1, 2, 4 and 7 copies.
+pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
+    let mut rows = Vec::new();
+    for k in [1u64, 2, 4, 7] {
+        eprintln!("bench: caps with {k} holders (8 emulated CPUs)...");
+        let (r, serial) = run_report(&format!("configs/bench-caps-k{k}.toml"))?;
+        let v = |key: &str| bench_value(&serial, "owner", key);
+        let owner = r.guests.iter().find(|g| g.name == "owner").context("owner guest")?;
+        let holders: u64 = r
+            .guests
+            .iter()
+            .filter(|g| g.name.starts_with('h'))
+            .map(|g| g.exits.get("exception_nmi").copied().unwrap_or(0))
+            .sum();
+        let revoke = v("revoke")?;
+        rows.push(CapsRow {
+            k,
+            map: v("map")?,
+            unmap: v("unmap")?,
+            copy_per_copy: v("copy")?,
+            move_: v("move")?,
+            revoke,
+            revoke_per_copy: revoke / k,
+            revoke_exits_owner: v("revoke_exits")?,
+            holder_nmi_exits: holders,
+            owner_nmis: owner.nmis,
+            owner_messages: owner.xmsgs,
+        });
+    }
+    println!("Capability operations in Bochs (TSC = emulated instructions; one owner, k holders on k other cores;");
+    println!(
+        "revoke kicks every holder at once: all REVOKE messages and NMIs first, then the replies)"
+    );
+    println!(
+        "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
+        "k",
+        "map",
+        "unmap",
+        "copy/each",
+        "move",
+        "revoke",
+        "revoke/k",
+        "owner exits",
+        "holder NMIs",
+        "owner NMIs",
+        "owner msgs"
+    );
+    for r in &rows {
+        println!(
+            "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
+            r.k,
+            r.map,
+            r.unmap,
+            r.copy_per_copy,
+            r.move_,
+            r.revoke,
+            r.revoke_per_copy,
+            r.revoke_exits_owner,
+            r.holder_nmi_exits,
+            r.owner_nmis,
+            r.owner_messages
+        );
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
+    }
+    Ok(())
+}

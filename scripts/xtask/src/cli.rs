@@ -39,6 +39,12 @@ pub enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Capability map, copy, move and revoke for 1, 2, 4 and 7 copies (8 emulated CPUs).
+    Caps {
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -107,6 +107,9 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Channels { json } => {
                 xtask::bench::channels(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Caps { json } => {
+                xtask::bench::caps(json.as_deref()).map(|()| true)
+            }
         },
     };
     match result {

@@ -34,6 +34,11 @@ pub struct GuestReport {
     /// TSC at its first VM entry and at its end.
     pub tsc_first_entry: u64,
     pub tsc_end: u64,
+    /// Inter-core messages and NMI kicks the guest's core sent (capability protocol).
+    #[serde(default)]
+    pub xmsgs: u64,
+    #[serde(default)]
+    pub nmis: u64,
 }
 
 /// One channel's counters at the end, as its two guests left them in the ring headers.
@@ -185,6 +190,8 @@ impl Console {
                         hypercalls: num(&r, "hypercalls")?,
                         tsc_first_entry: num(&r, "tsc_first_entry")?,
                         tsc_end: num(&r, "tsc_end")?,
+                        xmsgs: num(&r, "xmsgs").unwrap_or(0),
+                        nmis: num(&r, "nmis").unwrap_or(0),
                     })
                 })();
                 match guest {
