@@ -114,9 +114,25 @@ pub fn giver(bi: &BootInfo) -> u64 {
     for c in [&mut to_b, &mut to_c] {
         ok &= recv(c)[0] == VERIFIED;
     }
-    // 3. Revoke: both copies gone everywhere before the call returns.
+    // Optionally a third copy to D, which gets itself stopped before the revoke: its core
+    // must still take the copy back.
+    let mut copies = 2;
+    if let (Some(mut to_d), Some(ep_d)) = (channel::open(bi, Some("ad")), endpoint(bi, "ad")) {
+        let r = call3(Hypercall::CapTransfer, second, ep_d, 1 | R << 8);
+        log::info!("xfer: copied the second half read-only to D: {r:?}");
+        let Ok(s) = r else { return 1 };
+        let _ = to_d.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
+        ok &= recv(&mut to_d)[0] == VERIFIED;
+        // D stops itself right after confirming; give its core time to stop it.
+        let t = crate::arch::rdtsc();
+        while crate::arch::rdtsc() - t < 200 * bi.tsc_per_ms {
+            core::hint::spin_loop();
+        }
+        copies = 3;
+    }
+    // 3. Revoke: every copy gone everywhere before the call returns.
     let n = call(Hypercall::CapRevoke, second, 0);
-    check("revoke the copies", n, Ok(2), &mut ok);
+    check("revoke the copies", n, Ok(copies), &mut ok);
     let mine = verify(w2, pages, 0xb0b);
     log::info!("xfer: after the revoke my own mapping still reads back: {mine}");
     ok &= mine;
@@ -357,4 +373,22 @@ pub fn holder(bi: &BootInfo) -> u64 {
             _ => {}
         }
     }
+}
+
+/// `doomed`: takes a copy, maps and verifies it, confirms, then reads outside its memory and
+/// is stopped, still holding the copy: the revoke must not depend on it.
+pub fn doomed(bi: &BootInfo) -> u64 {
+    let Some(mut c) = channel::open(bi, None) else { return 1 };
+    let m = recv(&mut c);
+    let at = GRANT_WINDOW.0;
+    let mapped = call3(Hypercall::CapMap, m[1], at, R);
+    let good = mapped.is_ok() && verify(at, m[3], m[2]);
+    log::info!(
+        "xfer: got my copy, mapped {mapped:?}, holds A's data: {good}; now faulting on purpose"
+    );
+    let _ = c.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+    // SAFETY: deliberately out of bounds: the hypervisor stops this guest here.
+    let v = unsafe { core::ptr::read_volatile((bi.memory_bytes + (2 << 20)) as *const u64) };
+    log::error!("xfer: read {v:#x} outside my memory");
+    1
 }

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 16] = [
+const REGISTRY: [(&str, Workload); 17] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -35,6 +35,7 @@ const REGISTRY: [(&str, Workload); 16] = [
     ("racer", crate::capxfer::racer),
     ("capowner", crate::capxfer::capowner),
     ("holder", crate::capxfer::holder),
+    ("doomed", crate::capxfer::doomed),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 
