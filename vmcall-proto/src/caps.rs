@@ -427,6 +427,48 @@ mod tests {
             }
         }
 
+        /// Copies of copies across three spaces (the protocol's recursion, played out here):
+        /// a revoke at the root leaves no descendant alive anywhere, and every copy along the
+        /// way had at most its parent's rights.
+        #[test]
+        fn revoke_removes_every_descendant(steps in prop::collection::vec((0usize..3, 0usize..3, 0u8..8), 1..40)) {
+            let mut spaces = [CSpace::new(0), CSpace::new(1), CSpace::new(2)];
+            let root = pool(&mut spaces[0]);
+            let root_id = spaces[0].get(root).unwrap().id;
+            for (from, to, r) in steps {
+                if from == to { continue; }
+                let r = Rights::from_bits_truncate(r);
+                // Copy from any live cap of `from` that descends from the root.
+                let src: Vec<(u32, Rights)> = spaces[from].live().map(|(s, c)| (s, c.rights)).collect();
+                let Some(&(slot, rights)) = src.first() else { continue };
+                if let Ok(c) = spaces[from].copy_of(slot as u64, r) {
+                    prop_assert!(rights.contains(c.rights), "rights grew");
+                    if let Ok((_, id)) = spaces[to].insert(c) {
+                        spaces[from].add_child(slot as u64, Child { core: to as u16, id }).unwrap();
+                    }
+                }
+            }
+            // Revoke at the root: walk the tree through every space, as the cores would.
+            fn walk(spaces: &mut [CSpace; 3], children: [Option<Child>; MAX_CHILDREN]) {
+                for ch in children.into_iter().flatten() {
+                    if let Some(c) = spaces[ch.core as usize].revoke_id(ch.id) {
+                        let mut next = [None; MAX_CHILDREN];
+                        for (d, x) in next.iter_mut().zip(c.children()) {
+                            *d = Some(x);
+                        }
+                        walk(spaces, next);
+                    }
+                }
+            }
+            let slot = spaces[0].slot_of(root_id).unwrap() as u64;
+            let children = spaces[0].take_children(slot).unwrap();
+            walk(&mut spaces, children);
+            prop_assert_eq!(spaces[1].live().count(), 0);
+            prop_assert_eq!(spaces[2].live().count(), 0);
+            prop_assert!(spaces[0].get(slot).is_ok(), "the root itself stays");
+            prop_assert_eq!(spaces[0].live().count(), 1, "copies that came back to the root's space go too");
+        }
+
         /// Any slot number a guest may pass gives a cap or an error, never a panic.
         #[test]
         fn forged_slots_are_errors(slot: u64, off: u64, gpa: u64, r: u8) {
