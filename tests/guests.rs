@@ -89,18 +89,8 @@ fn a_guest_on_a_missing_core_is_reported_and_skipped() {
 
 #[test]
 fn a_malformed_config_is_rejected_before_any_boot() {
-    let args = xtask::cli::RunArgs {
-        emulator: Emulator::Bochs,
-        config: "configs/bad-two-guests-one-core.toml".into(),
-        no_config: false,
-        cpus: None,
-        cpu_model: None,
-        timeout: 60,
-        report: None,
-        cmdline: String::new(),
-        quiet: true,
-        build: xtask::cli::BuildArgs { debug: false },
-    };
+    let args =
+        xtask::cli::RunArgs::quiet(Emulator::Bochs, Some("configs/bad-two-guests-one-core.toml"));
     let err = xtask::run::run(&args).expect_err("a bad config must not boot").to_string();
     assert!(
         err.contains(

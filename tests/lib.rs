@@ -2,7 +2,7 @@
 //! Helpers for the whole-system tests: boot the real ISO in an emulator through the same
 //! code path as `cargo xtask run`, and hand back the report and the serial log.
 
-use xtask::cli::{BuildArgs, Emulator, RunArgs};
+use xtask::cli::{Emulator, RunArgs};
 use xtask::report::Report;
 
 /// A finished boot: the report and the serial console text.
@@ -25,17 +25,10 @@ pub fn boot_config(
     config: Option<&str>,
 ) -> Boot {
     let args = RunArgs {
-        emulator,
-        config: config.unwrap_or("configs/default.toml").into(),
-        no_config: config.is_none(),
         cpus,
         cpu_model: model.map(str::to_string),
-        // Generous: the boots take seconds; this only bounds a hang on a loaded machine.
-        timeout: 300,
-        report: None,
         cmdline: cmdline.to_string(),
-        quiet: true,
-        build: BuildArgs { debug: false },
+        ..RunArgs::quiet(emulator, config)
     };
     let report = xtask::run::run(&args).expect("the run could not be attempted");
     let serial = std::fs::read_to_string(&report.serial_log).expect("serial log");

@@ -80,8 +80,10 @@ core::arch::global_asm!(
     1:  hlt
         jmp 1b
 
-    .global guest_timer_stub
-    guest_timer_stub:
+    # An interrupt handler in Rust: caller-saved registers around the call, then IRETQ.
+    .macro GINTR name, handler
+    .global \name
+    \name:
         pushq %rax
         pushq %rcx
         pushq %rdx
@@ -91,7 +93,7 @@ core::arch::global_asm!(
         pushq %r9
         pushq %r10
         pushq %r11
-        call guest_timer_tick
+        call \handler
         popq %r11
         popq %r10
         popq %r9
@@ -102,29 +104,9 @@ core::arch::global_asm!(
         popq %rcx
         popq %rax
         iretq
-
-    .global guest_doorbell_stub
-    guest_doorbell_stub:
-        pushq %rax
-        pushq %rcx
-        pushq %rdx
-        pushq %rsi
-        pushq %rdi
-        pushq %r8
-        pushq %r9
-        pushq %r10
-        pushq %r11
-        call guest_doorbell
-        popq %r11
-        popq %r10
-        popq %r9
-        popq %r8
-        popq %rdi
-        popq %rsi
-        popq %rdx
-        popq %rcx
-        popq %rax
-        iretq
+    .endm
+    GINTR guest_timer_stub, guest_timer_tick
+    GINTR guest_doorbell_stub, guest_doorbell
 
     .global guest_unexpected_stub
     guest_unexpected_stub:

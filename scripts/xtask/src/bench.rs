@@ -353,23 +353,7 @@ fn bench_value(serial: &str, guest: &str, key: &str) -> Result<u64> {
 }
 
 fn boot(config: &str) -> Result<String> {
-    let args = crate::cli::RunArgs {
-        emulator: crate::cli::Emulator::Bochs,
-        config: config.into(),
-        no_config: false,
-        cpus: None,
-        cpu_model: None,
-        timeout: 300,
-        report: None,
-        cmdline: String::new(),
-        quiet: true,
-        build: crate::cli::BuildArgs { debug: false },
-    };
-    let r = crate::run::run(&args)?;
-    if r.outcome != "ok" {
-        bail!("benchmark run {config} ended {}: {:?}", r.outcome, r.problems);
-    }
-    Ok(std::fs::read_to_string(&r.serial_log)?)
+    run_report(config).map(|(_, serial)| serial)
 }
 
 /// Measures inside Bochs.
@@ -513,18 +497,7 @@ pub struct CapsRow {
 }
 
 fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
-    let args = crate::cli::RunArgs {
-        emulator: crate::cli::Emulator::Bochs,
-        config: config.into(),
-        no_config: false,
-        cpus: None,
-        cpu_model: None,
-        timeout: 300,
-        report: None,
-        cmdline: String::new(),
-        quiet: true,
-        build: crate::cli::BuildArgs { debug: false },
-    };
+    let args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, Some(config));
     let r = crate::run::run(&args)?;
     if r.outcome != "ok" {
         bail!("benchmark run {config} ended {}: {:?}", r.outcome, r.problems);

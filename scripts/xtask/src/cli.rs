@@ -107,6 +107,25 @@ pub struct RunArgs {
     pub build: BuildArgs,
 }
 
+impl RunArgs {
+    /// A quiet run of `config` (`None`: cores only) with the defaults of `cargo xtask run`:
+    /// what the benchmarks and the system tests start from.
+    pub fn quiet(emulator: Emulator, config: Option<&str>) -> Self {
+        RunArgs {
+            emulator,
+            config: config.unwrap_or("configs/default.toml").into(),
+            no_config: config.is_none(),
+            cpus: None,
+            cpu_model: None,
+            timeout: 300,
+            report: None,
+            cmdline: String::new(),
+            quiet: true,
+            build: BuildArgs { debug: false },
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct TestArgs {
     /// Only the host tests (no emulator).
