@@ -64,7 +64,7 @@ fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String 
          boot: cdrom\n\
          cpu: model={model}, count={cpus}, ips=4000000, reset_on_triple_fault=0\n\
          clock: sync=none\n\
-         display_library: rfb, options=\"timeout=0\"\n\
+         display_library: term\n\
          com1: enabled=1, mode=file, dev={serial}\n\
          log: {log}\n\
          panic: action=fatal\n\
@@ -86,6 +86,9 @@ fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Re
             std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, m.cpus, model, m.memory_mib))?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
+            // The `term` display needs no TCP port (rfb binds one per instance, and parallel
+            // runs once exhausted 5900-5949) and no tty, only a TERM.
+            c.env("TERM", "dumb");
             c.arg("-q").arg("-f").arg(dir.join("bochsrc")).arg("-rc").arg(dir.join("cont.rc"));
             c
         }

@@ -21,6 +21,7 @@ pub const BUILD: &[Package] = &[
 /// Packages to boot in Bochs.
 pub const BOCHS: &[Package] = &[
     Package { name: "bochs", why: "the VT-x emulator mkvisor is tested on" },
+    Package { name: "bochs-term", why: "Bochs's headless text display (no TCP port per run)" },
     Package { name: "bochsbios", why: "Bochs BIOS" },
     Package { name: "vgabios", why: "Bochs VGA BIOS" },
 ];
@@ -47,9 +48,21 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Installs the missing packages among `sets`.
+///
+/// Parallel callers (the system tests) take turns on a lock file and check again once they
+/// hold it, so apt runs once.
 pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
-    let missing: Vec<&Package> =
-        sets.iter().flat_map(|s| s.iter()).filter(|p| !installed(p.name)).collect();
+    let missing = || -> Vec<&Package> {
+        sets.iter().flat_map(|s| s.iter()).filter(|p| !installed(p.name)).collect()
+    };
+    if missing().is_empty() {
+        return Ok(());
+    }
+    let dir = crate::target_dir().join("xtask");
+    std::fs::create_dir_all(&dir)?;
+    let lock = std::fs::File::create(dir.join("setup.lock"))?;
+    lock.lock().context("locking target/xtask/setup.lock")?;
+    let missing = missing();
     if missing.is_empty() {
         return Ok(());
     }
