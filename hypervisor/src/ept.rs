@@ -88,7 +88,7 @@ pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Resu
 /// Removes the leaves covering `[gpa, gpa + len)` (exactly as they were mapped: a large
 /// page must be removed whole). Returns the bytes unmapped; the caller must INVEPT.
 pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, EptError> {
-    if (gpa | len) % SIZE_4K != 0 || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
+    if !(gpa | len).is_multiple_of(SIZE_4K) || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
         return Err(EptError::Misaligned);
     }
     let mut off = 0;
@@ -102,7 +102,7 @@ pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, 
                 return Err(EptError::Overlap(g));
             }
             if level == 1 && e & LARGE != 0 {
-                if g % SIZE_2M != 0 || len - off < SIZE_2M {
+                if !g.is_multiple_of(SIZE_2M) || len - off < SIZE_2M {
                     return Err(EptError::Misaligned);
                 }
                 f.table(table)[index(g, 1)] = 0;
@@ -133,7 +133,9 @@ pub fn map_with(
     len: u64,
     perm: Perm,
 ) -> Result<(), EptError> {
-    if (gpa | hpa | len) % SIZE_4K != 0 || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
+    if !(gpa | hpa | len).is_multiple_of(SIZE_4K)
+        || gpa.checked_add(len).is_none_or(|e| e > 1 << 48)
+    {
         return Err(EptError::Misaligned);
     }
     let mut off = 0;

@@ -181,7 +181,7 @@ impl CSpace {
         if c.kind != CapType::Memory {
             return Err(CapError::WrongType);
         }
-        if offset == 0 || offset >= c.size || offset % PAGE != 0 {
+        if offset == 0 || offset >= c.size || !offset.is_multiple_of(PAGE) {
             return Err(CapError::BadOffset);
         }
         if c.mapped_at.is_some() {
@@ -210,7 +210,7 @@ impl CSpace {
             // EPT cannot express write-only.
             return Err(CapError::RightsEscalation);
         }
-        if gpa % PAGE != 0 {
+        if !gpa.is_multiple_of(PAGE) {
             return Err(CapError::Misaligned);
         }
         if c.mapped_at.is_some() {

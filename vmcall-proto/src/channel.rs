@@ -237,7 +237,7 @@ impl<'a> Receiver<'a> {
             return Err(ChannelError::Torn { slot: index });
         }
         self.next += 1;
-        if self.next % self.ack_every == 0 {
+        if self.next.is_multiple_of(self.ack_every) {
             self.ring.consumer.received.store(self.next, Ordering::Release);
         }
         Ok(Some(msg))

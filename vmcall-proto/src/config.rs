@@ -244,7 +244,9 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if fixed::get(&e.args).is_none() {
             return Err(BadArgs(i));
         }
-        if !(MIN_GUEST_MIB..=MAX_GUEST_MIB).contains(&e.memory_mib) || e.memory_mib % 2 != 0 {
+        if !(MIN_GUEST_MIB..=MAX_GUEST_MIB).contains(&e.memory_mib)
+            || !e.memory_mib.is_multiple_of(2)
+        {
             return Err(BadMemory("guest", i));
         }
         if (0..i).any(|j| cfg.guest(j).core == e.core) {
