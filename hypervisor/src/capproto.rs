@@ -256,3 +256,255 @@ pub fn revoke(ctx: &mut GuestCtx, v: &mut impl Vcpu, slot: u64) -> Result<u64, H
     let children = ctx.caps.take_children(slot)?;
     Ok(revoke_children(ctx, v, &children))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The protocol on real threads: one thread per "core", each owning its guest context;
+    //! messages travel over std channels. The hypercalls go through the real dispatcher.
+    use super::*;
+    use crate::arch::vmx::GuestRegs;
+    use crate::exits::{handle, Action, ConsoleSink, Event, Field, VmExit};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::{Arc, Mutex};
+    use vmcall_proto::caps::Cap;
+
+    /// What each core's guest has mapped in its EPT, visible to the test afterwards.
+    type Maps = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    struct TestVcpu {
+        regs: GuestRegs,
+        inbox: Receiver<(usize, Payload)>,
+        peers: Vec<Sender<(usize, Payload)>>,
+        me: usize,
+        maps: Maps,
+    }
+
+    impl Vcpu for TestVcpu {
+        fn regs(&mut self) -> &mut GuestRegs {
+            &mut self.regs
+        }
+        fn read(&mut self, _f: Field) -> u64 {
+            0
+        }
+        fn write(&mut self, _f: Field, _v: u64) {}
+        fn inject(&mut self, e: Event) {
+            panic!("unexpected injection {e:?}");
+        }
+        fn set_interrupt_window(&mut self, _on: bool) {}
+        fn read_guest(&mut self, _gpa: u64, _buf: &mut [u8]) -> Result<(), HvError> {
+            Err(HvError::BadAddress)
+        }
+        fn host_cpuid(&mut self, _l: u32, _s: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn now(&mut self) -> u64 {
+            0
+        }
+        fn send_ipi(&mut self, _apic: u32, _vector: u8) {}
+        fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _write: bool) -> Result<(), HvError> {
+            self.maps.lock().unwrap().push((gpa, size));
+            Ok(())
+        }
+        fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+            let mut m = self.maps.lock().unwrap();
+            let i = m.iter().position(|&x| x == (gpa, size)).ok_or(HvError::NotMapped)?;
+            m.remove(i);
+            Ok(())
+        }
+        fn x_send(&mut self, to: usize, m: &Payload) -> bool {
+            self.peers[to].send((self.me, *m)).is_ok()
+        }
+        fn x_recv(&mut self) -> Option<(usize, Payload)> {
+            self.inbox.try_recv().ok()
+        }
+        fn x_kick(&mut self, _to: usize) {}
+    }
+
+    struct NoConsole;
+    impl ConsoleSink for NoConsole {
+        fn line(&mut self, _t: &str) {}
+    }
+
+    /// `n` cores all joined by channels (channel k joins cores a and b as listed), each with
+    /// one 64 KiB memory cap in slot 0 and endpoint caps from slot 1 in channel order.
+    fn cores(n: usize, channels: &[(usize, usize)]) -> Vec<(GuestCtx, TestVcpu, Maps)> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| channel()).unzip();
+        let mut out = Vec::new();
+        for (me, inbox) in rxs.into_iter().enumerate() {
+            let mut ctx = GuestCtx::new(me as u32, me as u32, 16, 1, u64::MAX);
+            ctx.caps
+                .insert(Cap::new(
+                    CapType::Memory,
+                    Rights::all(),
+                    0x100_0000 * (me as u64 + 1),
+                    0x1_0000,
+                ))
+                .unwrap();
+            for (k, &(a, b)) in channels.iter().enumerate() {
+                let peer = if a == me {
+                    b
+                } else if b == me {
+                    a
+                } else {
+                    continue;
+                };
+                ctx.caps
+                    .insert(Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, k as u64, 0))
+                    .unwrap();
+                ctx.chan_peers[ctx.chan_count] = (k as u32, Some(peer));
+                ctx.chan_count += 1;
+            }
+            let maps = Maps::default();
+            let v = TestVcpu {
+                regs: GuestRegs::default(),
+                inbox,
+                peers: txs.clone(),
+                me,
+                maps: maps.clone(),
+            };
+            out.push((ctx, v, maps));
+        }
+        out
+    }
+
+    fn hypercall(
+        ctx: &mut GuestCtx,
+        v: &mut TestVcpu,
+        nr: u64,
+        a: u64,
+        b: u64,
+        d: u64,
+    ) -> Result<u64, HvError> {
+        v.regs = GuestRegs { rax: nr, rdi: a, rsi: b, rdx: d, ..Default::default() };
+        let e = VmExit { reason: 18, instruction_len: 3, ..VmExit::default() };
+        assert_eq!(handle(ctx, v, &e, &mut NoConsole), Action::Resume);
+        HvError::from_rax(v.regs.rax).map_err(|e| e.unwrap())
+    }
+
+    /// Runs `work` on each core's thread; a core whose work is done keeps serving until all
+    /// are done (as a real core keeps serving after its guest ended).
+    fn run(
+        cores: Vec<(GuestCtx, TestVcpu, Maps)>,
+        work: fn(usize, &mut GuestCtx, &mut TestVcpu),
+    ) -> Vec<GuestCtx> {
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = cores.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles: Vec<_> = cores
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut ctx, mut v, _))| {
+                let (done, stop) = (done.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    work(i, &mut ctx, &mut v);
+                    if done.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    while !stop.load(Ordering::SeqCst) {
+                        serve(&mut ctx, &mut v);
+                        std::thread::yield_now();
+                    }
+                    serve(&mut ctx, &mut v);
+                    ctx
+                })
+            })
+            .collect();
+        // A protocol that never finishes must fail the test, not hang it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !handles.iter().all(|h| h.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the protocol did not finish in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        handles.into_iter().map(|h| h.join().expect("core thread")).collect()
+    }
+
+    #[test]
+    fn copies_to_two_cores_are_revoked_everywhere() {
+        let cs = cores(3, &[(0, 1), (0, 2)]);
+        let maps: Vec<Maps> = cs.iter().map(|c| c.2.clone()).collect();
+        static SLOTS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let ctxs = run(cs, |i, ctx, v| {
+            if i == 0 {
+                // Copy read-only to cores 1 and 2 (endpoint slots 1 and 2).
+                let s1 = hypercall(ctx, v, 12, 0, 1, 1 | 1 << 8).unwrap();
+                let s2 = hypercall(ctx, v, 12, 0, 2, 1 | 1 << 8).unwrap();
+                SLOTS.lock().unwrap().extend([s1, s2]);
+                // A forged endpoint and a memory cap used as one.
+                assert_eq!(hypercall(ctx, v, 12, 0, 9, 1 | 1 << 8), Err(HvError::NoSuchSlot));
+                assert_eq!(hypercall(ctx, v, 12, 0, 0, 1 | 1 << 8), Err(HvError::WrongType));
+                // Give the holders time to map their copies, then revoke.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                assert_eq!(hypercall(ctx, v, 13, 0, 0, 0), Ok(2));
+            } else {
+                // Wait for the copy to arrive (serving), map it read-only.
+                let slot = loop {
+                    serve(ctx, v);
+                    if let Some((s, _)) = ctx
+                        .caps
+                        .live()
+                        .find(|(_, c)| c.kind == CapType::Memory && c.rights == Rights::READ)
+                    {
+                        break s as u64;
+                    }
+                    std::thread::yield_now();
+                };
+                assert_eq!(hypercall(ctx, v, 10, slot, 0xc000_0000, 1), Ok(0));
+                assert_eq!(
+                    hypercall(ctx, v, 10, slot, 0xc010_0000, 3),
+                    Err(HvError::RightsEscalation)
+                );
+                assert_eq!(
+                    hypercall(ctx, v, 10, slot, 0xc010_0000, 1),
+                    Err(HvError::AlreadyMapped)
+                );
+            }
+        });
+        // Every copy is gone: tombstoned slots, no mapping left on cores 1 and 2.
+        for (i, ctx) in ctxs.iter().enumerate().skip(1) {
+            assert!(
+                ctx.caps.live().all(|(_, c)| c.kind != CapType::Memory || c.rights != Rights::READ),
+                "core {i}"
+            );
+            assert!(maps[i].lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
+        }
+        assert_eq!(ctxs[0].caps.get(0).unwrap().children().count(), 0);
+    }
+
+    #[test]
+    fn racing_revokes_in_opposite_directions_finish() {
+        // Both cores meet here, serving while they wait, once each holds the other's copy.
+        static READY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        for _ in 0..50 {
+            READY.store(0, Ordering::SeqCst);
+            let cs = cores(2, &[(0, 1)]);
+            let ctxs = run(cs, |i, ctx, v| {
+                let _ = i;
+                hypercall(ctx, v, 12, 0, 1, 1 | 1 << 8).unwrap();
+                // Wait until the peer's copy has arrived here too, then revoke at once.
+                loop {
+                    serve(ctx, v);
+                    if ctx
+                        .caps
+                        .live()
+                        .any(|(_, c)| c.kind == CapType::Memory && c.rights == Rights::READ)
+                    {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+                READY.fetch_add(1, Ordering::SeqCst);
+                while READY.load(Ordering::SeqCst) < 2 {
+                    serve(ctx, v);
+                    std::thread::yield_now();
+                }
+                assert_eq!(hypercall(ctx, v, 13, 0, 0, 0), Ok(1));
+            });
+            for ctx in &ctxs {
+                // Own region kept, the peer's copy revoked.
+                assert!(ctx.caps.get(0).is_ok());
+                assert_eq!(ctx.caps.live().count(), 2, "own region and the endpoint");
+            }
+        }
+    }
+}
