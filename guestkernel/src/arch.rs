@@ -183,8 +183,8 @@ fn gate(handler: u64) -> [u64; 2] {
 /// Installs the GDT, IDT and page tables. Called once, first thing, interrupts off.
 #[cfg(target_os = "none")]
 pub fn init() {
-    // SAFETY: single-threaded init with interrupts off: nothing else reads these statics
-    // while they are written; the tables are 'static and correctly aligned.
+    // The tables are 'static and correctly aligned.
+    // SAFETY: single-threaded init with interrupts off: nothing else reads these statics.
     unsafe {
         let idt = &mut *IDT.0.get();
         for (v, g) in idt.iter_mut().enumerate() {

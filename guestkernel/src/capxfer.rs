@@ -55,9 +55,11 @@ fn fill(at: u64, pages: u64, seed: u64) {
 }
 
 fn verify(at: u64, pages: u64, seed: u64) -> bool {
-    // SAFETY: the caller mapped `pages` pages (at least readable) at `at`.
-    (0..pages)
-        .all(|i| unsafe { core::ptr::read_volatile((at + i * 4096) as *const u64) } == seed ^ i)
+    (0..pages).all(|i| {
+        // SAFETY: the caller mapped `pages` pages (at least readable) at `at`.
+        let v = unsafe { core::ptr::read_volatile((at + i * 4096) as *const u64) };
+        v == seed ^ i
+    })
 }
 
 fn recv(c: &mut Chan) -> [u64; 7] {

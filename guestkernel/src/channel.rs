@@ -29,9 +29,9 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
         .iter()
         .enumerate()
         .find(|(_, d)| name.is_none_or(|n| vmcall_proto::fixed::get(&d.name) == Some(n)))?;
-    // SAFETY: the hypervisor mapped both rings at these guest-physical addresses (EPT) and
-    // our page tables identity-map the channel windows; the memory is only accessed through
-    // the ring's atomics, here and by the peer; it stays mapped for the guest's life.
+    // The hypervisor mapped both rings here (EPT) for the guest's life; our page tables
+    // identity-map the windows.
+    // SAFETY: both rings are mapped memory, accessed only through the ring's atomics.
     let (tx, rx) = unsafe {
         (Ring::from_raw(d.tx_gpa as *mut u8, d.slots), Ring::from_raw(d.rx_gpa as *mut u8, d.slots))
     };

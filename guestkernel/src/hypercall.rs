@@ -12,8 +12,8 @@ pub fn raw(nr: u64, a0: u64, a1: u64) -> u64 {
 #[cfg(target_os = "none")]
 pub fn raw3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let ret: u64;
-    // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes
-    // only RAX; memory passed by address is only read.
+    // Memory passed by address is only read.
+    // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes only RAX.
     unsafe {
         core::arch::asm!("vmcall", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1,
             in("rdx") a2, in("r10") 0u64, options(nostack));

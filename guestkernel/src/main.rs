@@ -37,8 +37,9 @@ extern "C" fn guest_main(boot_info: u64) -> ! {
     use vmcall_proto::guest::{BootInfo, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
     console::init();
     arch::init();
-    // SAFETY: the hypervisor wrote a BootInfo at this address of our memory (our page
-    // tables identity-map it); we only read it, once, into our own copy.
+    // The hypervisor wrote a BootInfo at this address; our page tables identity-map it. We
+    // read it once, into our own copy.
+    // SAFETY: a readable, aligned BootInfo (any bit pattern is valid) lives at `boot_info`.
     let bi: BootInfo = unsafe { core::ptr::read_volatile(boot_info as *const BootInfo) };
     if bi.magic != BOOT_INFO_MAGIC || bi.version != BOOT_INFO_VERSION {
         log::error!("bad boot info (magic {:#x}, version {})", bi.magic, bi.version);

@@ -305,8 +305,8 @@ pub fn scribble(bi: &BootInfo) -> u64 {
     let d = bi.channels()[c.number];
     let control = d.tx_gpa + vmcall_proto::channel::HEADER_BYTES as u64 + 64 * 3 + 56;
     log::info!("scribble: writing garbage over the control word of slot 3 at {control:#x}");
-    // SAFETY: deliberately corrupting our own outgoing ring (shared memory we may write);
-    // the peer must detect it. Volatile: the write must happen.
+    // The peer must detect it. Volatile: the write must happen.
+    // SAFETY: deliberately corrupting our own outgoing ring (shared memory we may write).
     unsafe { core::ptr::write_volatile(control as *mut u64, 0xdead_beef_dead_beef) };
     0
 }
@@ -319,8 +319,8 @@ pub fn trespass(bi: &BootInfo) -> u64 {
         return 1;
     }
     log::info!("trespass: reading the window of channel {k} at {addr:#x}, which is not mine");
-    // SAFETY: deliberately touching memory EPT does not back for us; the hypervisor must
-    // stop this guest here.
+    // Deliberately touching memory EPT does not back for us: the hypervisor must stop us here.
+    // SAFETY: our page tables map the address, so the read itself is valid.
     let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
     log::error!("trespass: read {v:#x}: another pair's channel is reachable");
     1

@@ -149,8 +149,8 @@ fn fault(bi: &BootInfo) -> u64 {
         "fault: reading guest-physical {target:#x}, past the end of my {} MiB",
         bi.memory_bytes >> 20
     );
-    // SAFETY: deliberately out of bounds: our page tables map it, EPT does not. The
-    // hypervisor stops this guest at the read.
+    // Deliberately out of bounds: the hypervisor stops this guest at the read.
+    // SAFETY: our page tables map the address (EPT does not), so the read itself is valid.
     let v = unsafe { core::ptr::read_volatile(target as *const u64) };
     log::error!("fault: the read returned {v:#x}: memory outside the partition is reachable");
     1

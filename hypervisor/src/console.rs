@@ -35,8 +35,8 @@ impl Uart {
     }
 
     fn put(&mut self, b: u8) {
-        // SAFETY: reading LSR and writing THR of the UART we own; bounded wait so a
-        // missing UART cannot hang the hypervisor.
+        // Bounded wait so a missing UART cannot hang the hypervisor.
+        // SAFETY: reading LSR and writing THR of the UART we own.
         unsafe {
             for _ in 0..100_000 {
                 if crate::arch::inb(self.port + 5) & 0x20 != 0 {
@@ -118,8 +118,8 @@ macro_rules! record {
 pub fn force_unlock_for_panic() {
     if CONSOLE.is_locked() && OWNER.load(Ordering::Relaxed) == me() {
         OWNER.store(NOBODY, Ordering::Relaxed);
-        // SAFETY: this core holds the lock and will never return to the code that would
-        // release it; no other core can be inside the critical section.
+        // No other core can be inside the critical section.
+        // SAFETY: this core holds the lock and will never return to the code that would release it.
         unsafe { CONSOLE.force_unlock() };
     }
 }

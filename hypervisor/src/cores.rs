@@ -134,8 +134,8 @@ pub fn check_madt_entries(madt: core::pin::Pin<&acpi::madt::Madt>) -> Result<(),
     if len < head {
         return Err(MadtFault { offset: 0, what: "table shorter than its header" });
     }
-    // SAFETY: the table was found and checksummed over `length` bytes by the acpi crate, so
-    // all of them are mapped and readable.
+    // The acpi crate found and checksummed the table over its `length` bytes.
+    // SAFETY: all `len` bytes of the table are therefore mapped and readable.
     let bytes = unsafe { core::slice::from_raw_parts(&*madt as *const _ as *const u8, len) };
     let mut at = head;
     while at < len {
@@ -204,8 +204,8 @@ impl acpi::AcpiHandler for IdentityMapped {
     ) -> acpi::PhysicalMapping<Self, T> {
         let ptr =
             core::ptr::NonNull::new(physical_address as *mut T).expect("ACPI table at address 0");
-        // SAFETY: identity mapping: the physical range is accessible at the same address;
-        // the caller (the acpi crate) guarantees a valid T lives there.
+        // The caller (the acpi crate) guarantees a valid T lives there.
+        // SAFETY: identity mapping: the physical range is accessible at the same address.
         unsafe { acpi::PhysicalMapping::new(physical_address, ptr, size, size, *self) }
     }
 
@@ -298,8 +298,8 @@ mod tests {
     }
 
     fn as_madt(words: &[u64]) -> core::pin::Pin<&acpi::madt::Madt> {
-        // SAFETY: test only: the buffer holds a MADT built by `madt_bytes`, never moved while
-        // the returned reference lives.
+        // Test only.
+        // SAFETY: the buffer holds a MADT built by `madt_bytes`, never moved while borrowed.
         unsafe { core::pin::Pin::new_unchecked(&*(words.as_ptr() as *const acpi::madt::Madt)) }
     }
 

@@ -176,8 +176,8 @@ pub fn plan(
             log::warn!("channel {k}: no memory for its rings: not created");
             continue;
         };
-        // SAFETY: just allocated from usable RAM no one else owns, identity-mapped; zero is
-        // the empty ring.
+        // Zero is the empty ring.
+        // SAFETY: just allocated from usable RAM no one else owns, identity-mapped.
         unsafe { (hpa as *mut u8).write_bytes(0, size as usize) };
         let ring = channel::ring_pages_bytes(c.slots);
         let window = vmcall_proto::guest::channel_window(k as u32);
@@ -235,8 +235,8 @@ pub fn plan(
             log::warn!("grant {k}: no {} MiB of memory left: not granted", gr.memory_mib);
             continue;
         };
-        // SAFETY: just allocated from usable RAM nobody else owns, identity-mapped; a grant
-        // must not leak a previous owner's data.
+        // A grant must not leak a previous owner's data.
+        // SAFETY: just allocated from usable RAM nobody else owns, identity-mapped.
         unsafe { (base as *mut u8).write_bytes(0, size as usize) };
         l.grants[l.grant_count] = (base, size);
         l.grant_count += 1;
@@ -384,8 +384,8 @@ pub fn collect(plan: &Plan) -> bool {
 /// guest wrote, so reported, not trusted.
 fn report_channel(plan: &Plan, c: &ChanInfo) {
     let ring = channel::ring_pages_bytes(c.slots);
-    // SAFETY: the rings were allocated and zeroed by this BSP and stay mapped; the guests
-    // that wrote them have ended (their reports are in). Reads only.
+    // The guests that wrote them have ended (their reports are in). Reads only.
+    // SAFETY: the rings were allocated and zeroed by this BSP and stay mapped.
     let (ab, ba) = unsafe {
         (
             channel::Ring::from_raw(c.hpa as *mut u8, c.slots),

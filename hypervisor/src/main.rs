@@ -159,8 +159,8 @@ mod boot {
         cap: Option<usize>,
     ) -> Result<cores::CoreList, &'static str> {
         let root = boot.acpi.ok_or("the loader passed no ACPI RSDP")?;
-        // SAFETY: the root table address comes from a checksummed RSDP; ACPI tables are in
-        // identity-mapped memory below 4 GiB on the machines we boot.
+        // ACPI tables are in identity-mapped memory below 4 GiB on the machines we boot.
+        // SAFETY: the root table address comes from a checksummed RSDP.
         let tables = unsafe {
             match root {
                 bootinfo::AcpiRoot::Rsdt(a) => {

@@ -86,9 +86,9 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
     assert!(index < MAX_CORES);
     let slot = SLOTS[index].0.get();
     let ist_top = IST_STACKS[index].0.get() as u64 + IST_STACK_SIZE as u64;
-    // SAFETY: the slot is this core's alone (caller's guarantee); it is initialised field
-    // by field in place (the IDT is 4 KiB, too large to build on the stack twice), then
-    // only shared references are handed out.
+    // It is initialised field by field in place (the IDT is 4 KiB, too large to build on the stack
+    // twice), then only shared references are handed out.
+    // SAFETY: the slot is this core's alone (caller's guarantee).
     unsafe {
         let p = (*slot).as_mut_ptr();
         core::ptr::addr_of_mut!((*p).index).write(index as u64);

@@ -35,8 +35,9 @@ impl Outcome {
 pub fn end_run(o: Outcome) -> ! {
     crate::console::force_unlock_for_panic();
     crate::record!(kind::END, "outcome={} tsc={}", o.as_str(), crate::arch::rdtsc());
-    // SAFETY: these ports belong to the emulators' exit devices; writing them ends the run,
-    // which is the intent. Elsewhere they are unclaimed and the writes are ignored.
+    // Writing them ends the run, which is the intent. Elsewhere they are unclaimed and the writes
+    // are ignored.
+    // SAFETY: these ports belong to the emulators' exit devices.
     unsafe {
         crate::arch::outl(QEMU_DEBUG_EXIT_PORT, o.code() as u32);
         for &b in BOCHS_SHUTDOWN_MAGIC {

@@ -295,8 +295,8 @@ pub unsafe fn start_ap(
     apic_id: u32,
 ) -> bool {
     use crate::arch::{trampoline, tsc};
-    // SAFETY: only this BSP uses the trampoline page, and the previous AP has left it
-    // (it answered, or it never started).
+    // The previous AP has left the trampoline page (it answered, or it never started).
+    // SAFETY: only this BSP uses the page now.
     unsafe {
         trampoline::install(trampoline::Params {
             cr3: crate::arch::read_cr3(),

@@ -103,8 +103,8 @@ impl<'a> Ring<'a> {
     /// (by this side and the peer). `slots` is at least 1.
     #[cfg(not(loom))]
     pub unsafe fn from_raw(base: *mut u8, slots: u32) -> Ring<'a> {
-        // SAFETY: the caller guarantees alignment, size and lifetime; every bit pattern is a
-        // valid AtomicU64.
+        // Every bit pattern is a valid AtomicU64.
+        // SAFETY: the caller guarantees alignment, size and lifetime.
         unsafe {
             Ring {
                 producer: &*(base as *const ProducerLine),

@@ -46,8 +46,8 @@ impl LocalApic {
         } else {
             // SAFETY: IA32_APIC_BASE exists on every processor with an APIC.
             let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) } & !0xfff;
-            // SAFETY: the 4-KiB register page at `base` is MMIO mapped by the boot tables,
-            // used only through this (single) handle.
+            // The boot tables map the 4-KiB register page at `base` (uncached MMIO).
+            // SAFETY: it is used only through this single handle.
             let regs = unsafe { core::slice::from_raw_parts_mut(base as *mut u32, 1024) };
             let mut apic = XAPIC::new(regs);
             apic.attach();
@@ -107,8 +107,9 @@ pub unsafe fn enable_x2apic_this_core() -> bool {
     if !has_x2apic() {
         return false;
     }
-    // SAFETY: IA32_APIC_BASE exists (CPUID says x2APIC); setting EN and EXTD is the
-    // architected switch to x2APIC mode; the SIVR write enables the APIC with vector 0xff.
+    // Setting EN and EXTD is the architected switch to x2APIC mode; the SIVR write enables the APIC
+    // with vector 0xff.
+    // SAFETY: IA32_APIC_BASE exists (CPUID says x2APIC).
     unsafe {
         let base = super::rdmsr(x86::msr::IA32_APIC_BASE);
         super::wrmsr(x86::msr::IA32_APIC_BASE, base | (1 << 11) | (1 << 10));
@@ -119,15 +120,16 @@ pub unsafe fn enable_x2apic_this_core() -> bool {
 
 /// Sends a fixed, physical-destination interrupt `vector` to x2APIC id `apic`.
 pub fn send_fixed_ipi(apic: u32, vector: u8) {
-    // SAFETY: every core runs its APIC in x2APIC mode (enable_x2apic_this_core, or the BSP's
-    // LocalApic::enable); a fixed IPI to a core only raises `vector` there, which its guest
-    // handles through its own IDT.
+    // Every core runs its APIC in x2APIC mode (enable_x2apic_this_core, LocalApic::enable); a
+    // fixed IPI only raises `vector` on its target, whose guest handles it through its own IDT.
+    // SAFETY: writing this core's x2APIC ICR only sends that IPI.
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | vector as u64) };
 }
 
 /// Sends an NMI to x2APIC id `apic` (the inter-core kick).
 pub fn send_nmi(apic: u32) {
-    // SAFETY: x2APIC mode on every core; an NMI to a core makes its guest exit or runs the
-    // hypervisor's NMI handler, which only returns: the kicked core then reads its inbox.
+    // An NMI to a core makes its guest exit or runs the hypervisor's NMI handler, which only
+    // returns: the kicked core then reads its inbox.
+    // SAFETY: x2APIC mode on every core; writing the ICR only sends the NMI.
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | 4 << 8) };
 }

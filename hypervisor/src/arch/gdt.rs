@@ -53,9 +53,9 @@ impl Gdt {
         let ptr = x86::dtables::DescriptorTablePointer::new(&self.0);
         // SAFETY: the table is 'static and valid; the selectors used below index it.
         unsafe { x86::dtables::lgdt(&ptr) };
-        // SAFETY: CODE/DATA selectors are valid 64-bit descriptors of the table just
-        // loaded; the far return reloads CS, then the data segments follow; LTR marks the
-        // TSS busy, which the caller guarantees happens once.
+        // The far return reloads CS, then the data segments follow; LTR marks the TSS busy, which
+        // the caller guarantees happens once.
+        // SAFETY: CODE/DATA selectors are valid 64-bit descriptors of the table just loaded.
         unsafe {
             asm!(
                 "push {cs}",

@@ -136,8 +136,8 @@ pub fn pause() {
 /// Stops this core for good: interrupts off, halt forever. NMIs wake HLT, hence the loop.
 pub fn park() -> ! {
     loop {
-        // SAFETY: CLI; HLT only stops this core; nothing is left half-done by design of
-        // the callers (they report before parking).
+        // Callers report before parking, so nothing is left half-done.
+        // SAFETY: CLI; HLT only stops this core.
         unsafe { asm!("cli; hlt", options(nomem, nostack)) };
     }
 }

@@ -136,8 +136,8 @@ mod install {
         // SAFETY: the caller guarantees the page is ours; `len` fits in it (checked above).
         unsafe { core::ptr::copy_nonoverlapping(start as *const u8, dst, len) };
         let slot = (BASE as usize + (params_at - start)) as *mut Params;
-        // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`; volatile
-        // because the only reader is another processor running the copied code.
+        // Volatile because the only reader is another processor running the copied code.
+        // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`.
         unsafe { core::ptr::write_volatile(slot, params) };
     }
 }

@@ -23,8 +23,8 @@ static TICKS_PER_MS: AtomicU64 = AtomicU64::new(FALLBACK_TICKS_PER_MS);
 pub unsafe fn calibrate() -> Option<u64> {
     use super::{inb, outb, rdtsc};
     let count = (PIT_HZ * CAL_MS / 1000) as u16;
-    // SAFETY: port 0x61 bit 0 gates PIT channel 2, bit 1 drives the speaker (kept off);
     // 0x43/0x42 program channel 2 in mode 0 (interrupt on terminal count), lobyte/hibyte.
+    // SAFETY: port 0x61 bit 0 gates PIT channel 2, bit 1 drives the speaker (kept off).
     let ok = unsafe {
         let ctl = inb(0x61);
         outb(0x61, (ctl & !0x02) | 0x01);

@@ -75,8 +75,8 @@ pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
 /// VMX is on; `eptp` is an EPTP this core uses or used.
 pub unsafe fn invept_single(eptp: u64) {
     let desc: [u64; 2] = [eptp, 0];
-    // SAFETY: the descriptor is valid for the instruction's duration; INVEPT only drops
-    // cached translations.
+    // INVEPT only drops cached translations.
+    // SAFETY: the descriptor is valid for the instruction's duration.
     unsafe {
         core::arch::asm!("invept {}, [{}]", in(reg) 1u64, in(reg) &desc, options(nostack));
     }
@@ -200,8 +200,8 @@ pub unsafe fn run(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
     extern "C" {
         fn vmx_run_asm(regs: *mut GuestRegs, launched: u64) -> u64;
     }
-    // SAFETY: the caller guarantees the VMCS; the assembly preserves every callee-saved
-    // register and returns on this stack.
+    // The assembly preserves every callee-saved register and returns on this stack.
+    // SAFETY: the caller guarantees the VMCS.
     match unsafe { vmx_run_asm(regs, launched as u64) } {
         0 => Ok(()),
         _ => Err(()),

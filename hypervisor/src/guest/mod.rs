@@ -121,8 +121,8 @@ mod run {
             Some(pa)
         }
         fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-            // SAFETY: `pa` was handed out by `alloc` from this core's private region; only
-            // the EPT code of this core reaches it, one table at a time.
+            // Only the EPT code of this core reaches it, one table at a time.
+            // SAFETY: `pa` was handed out by `alloc` from this core's private region.
             unsafe { &mut *(pa as *mut [u64; 512]) }
         }
     }
@@ -143,8 +143,8 @@ mod run {
         }
         fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), HvError> {
             let hpa = self.check(gpa, bytes.len() as u64)?;
-            // SAFETY: inside this core's partition (checked), identity-mapped host memory;
-            // the guest is not running while its core is in the hypervisor.
+            // The guest is not running while its core is in the hypervisor.
+            // SAFETY: inside this core's partition (checked), identity-mapped host memory.
             unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), hpa as *mut u8, bytes.len()) };
             Ok(())
         }
@@ -393,16 +393,17 @@ mod run {
 
         // SAFETY: this core's slot is initialised; reading its own tables' addresses.
         let me = unsafe { crate::percpu::this_core() };
-        // SAFETY: EFER and PAT exist on every processor with long mode and VMX.
-        let (efer, pat) =
-            unsafe { (arch::rdmsr(x86::msr::IA32_EFER), arch::rdmsr(x86::msr::IA32_PAT)) };
+        // SAFETY: EFER exists on every processor with long mode.
+        let efer = unsafe { arch::rdmsr(x86::msr::IA32_EFER) };
+        // SAFETY: PAT exists on every processor with VMX (the VMCS has a field for it).
+        let pat = unsafe { arch::rdmsr(x86::msr::IA32_PAT) };
         let guest_cr0 =
             crate::vmx::features::fix_cr(0x8001_0033, raw.cr0_fixed0, raw.cr0_fixed1, 0x8000_0001)
                 .ok_or("guest CR0 fixed bits")?;
         let guest_cr4 = (0x20 | raw.cr4_fixed0) & raw.cr4_fixed1;
         let w = |fld: crate::vmx::vmcs::Rw, v: u64| -> Result<(), &'static str> {
-            // SAFETY: this core's fresh VMCS is current; values computed above from the
-            // capability MSRs and our own tables.
+            // Values computed above from the capability MSRs and our own tables.
+            // SAFETY: this core's fresh VMCS is current.
             unsafe { fld.write(v) }.map_err(|_| "VMWRITE failed")
         };
         w(ctl::PINBASED, pin as u64)?;
@@ -667,8 +668,8 @@ mod run {
                 Ok(t) => t,
                 Err(why) => break Ending::Stopped(why),
             };
-            // SAFETY: current VMCS; the preemption timer counts at the TSC rate shifted
-            // by IA32_VMX_MISC[4:0].
+            // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
+            // SAFETY: current VMCS.
             let _ = unsafe {
                 g::PREEMPTION_TIMER.write((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };

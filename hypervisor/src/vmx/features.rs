@@ -213,8 +213,8 @@ pub fn read() -> RawCaps {
     if !cpuid_vmx {
         return RawCaps::default();
     }
-    // SAFETY: CPUID.VMX = 1 guarantees IA32_FEATURE_CONTROL and the basic VMX capability
-    // MSRs 0x480-0x48a (SDM Vol. 3D A.1).
+    // SDM Vol. 3D A.1: CPUID.VMX = 1 guarantees these MSRs.
+    // SAFETY: IA32_FEATURE_CONTROL and the basic VMX capability MSRs 0x480-0x48a exist.
     let mut raw = unsafe {
         RawCaps {
             cpuid_vmx,

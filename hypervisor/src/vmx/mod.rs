@@ -47,8 +47,8 @@ pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
     use features::feature_control::{LOCK, VMX_OUTSIDE_SMX};
     use x86::msr;
 
-    // SAFETY: IA32_FEATURE_CONTROL exists (CPUID.VMX checked by the probe on the BSP; all
-    // cores of a machine share a model).
+    // CPUID.VMX was checked by the probe on the BSP; all cores of a machine share a model.
+    // SAFETY: IA32_FEATURE_CONTROL exists.
     let fc = unsafe { rdmsr(msr::IA32_FEATURE_CONTROL) };
     if fc & LOCK == 0 {
         // SAFETY: setting VMX-outside-SMX and the lock is the architected enabling sequence.
