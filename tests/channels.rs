@@ -13,15 +13,7 @@ fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
 
 /// The `key=value` of a guest's `bench` line.
 fn bench(b: &Boot, name: &str, key: &str) -> u64 {
-    let line = b
-        .serial
-        .lines()
-        .find(|l| l.starts_with(&format!("[{name}@")) && l.contains("] bench "))
-        .unwrap_or_else(|| panic!("no bench line from {name}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
+    xtask::bench::bench_value(&b.serial, name, key).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]

@@ -8,28 +8,12 @@
 //!
 //! Exit status 0 when every answer was the expected one, 1 otherwise.
 
-use crate::hypercall::{call, call3};
+use crate::hypercall::{call, call3, check};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
 
 const R: u64 = 1;
 const RW: u64 = 3;
-
-fn expect(
-    what: &str,
-    got: Result<u64, Result<HvError, i64>>,
-    want: Result<u64, HvError>,
-    ok: &mut bool,
-) {
-    let got_simple = got.map_err(|e| e.ok());
-    let want_simple = want.map_err(Some);
-    if got_simple == want_simple {
-        log::info!("cap: {what}: {got:?} as expected");
-    } else {
-        log::error!("cap: {what}: got {got:?}, expected {want:?}");
-        *ok = false;
-    }
-}
 
 pub fn pool(bi: &BootInfo) -> u64 {
     let mut ok = true;
@@ -43,14 +27,15 @@ pub fn pool(bi: &BootInfo) -> u64 {
     log::info!("cap: slot 0 is type {kind}, rights {rights:#b}, {} KiB", pages * 4);
     ok &= kind == 1 && rights == 0b111 && pages >= 512;
     let half = pages / 2 * 4096;
-    expect(
+    check(
+        "cap",
         "split slot 0 in half",
         call(Hypercall::CapSplit, 0, half),
         Ok(1 + bi.channel_count as u64),
         &mut ok,
     );
     let second = 1 + bi.channel_count as u64;
-    expect("map slot 0 read-write", call3(Hypercall::CapMap, 0, base, RW), Ok(0), &mut ok);
+    check("cap", "map slot 0 read-write", call3(Hypercall::CapMap, 0, base, RW), Ok(0), &mut ok);
     // SAFETY: slot 0 is now mapped read-write at `base` for `half` bytes (checked above).
     unsafe {
         for i in 0..(half / 4096) {
@@ -61,37 +46,43 @@ pub fn pool(bi: &BootInfo) -> u64 {
     let back = unsafe { core::ptr::read_volatile((base + half - 4096) as *const u64) };
     ok &= back == 0x5eed_0000 + half / 4096 - 1;
     log::info!("cap: wrote {} pages through the mapping, read back {back:#x}", half / 4096);
-    expect(
+    check(
+        "cap",
         "identify a forged slot",
         call(Hypercall::CapIdentify, 40, 0),
         Err(HvError::NoSuchSlot),
         &mut ok,
     );
-    expect(
+    check(
+        "cap",
         "map over a busy address",
         call3(Hypercall::CapMap, second, base, R),
         Err(HvError::AddressInUse),
         &mut ok,
     );
-    expect(
+    check(
+        "cap",
         "map misaligned",
         call3(Hypercall::CapMap, second, base + half + 0x800, R),
         Err(HvError::Misaligned),
         &mut ok,
     );
-    expect(
+    check(
+        "cap",
         "map outside the grant window",
         call3(Hypercall::CapMap, second, 0x4000_0000, R),
         Err(HvError::BadAddress),
         &mut ok,
     );
-    expect(
+    check(
+        "cap",
         "map with GRANT as a right",
         call3(Hypercall::CapMap, second, base + half, 4),
         Err(HvError::BadArgument),
         &mut ok,
     );
-    expect(
+    check(
+        "cap",
         "split a mapped cap",
         call(Hypercall::CapSplit, 0, 4096),
         Err(HvError::AlreadyMapped),
@@ -100,22 +91,35 @@ pub fn pool(bi: &BootInfo) -> u64 {
     if bi.channel_count > 0 {
         let ep = 1;
         let t = call(Hypercall::CapIdentify, ep, 0).map(|i| i & 0xff);
-        expect("identify the channel endpoint", t, Ok(2), &mut ok);
-        expect(
+        check("cap", "identify the channel endpoint", t, Ok(2), &mut ok);
+        check(
+            "cap",
             "map an endpoint",
             call3(Hypercall::CapMap, ep, base + half, R),
             Err(HvError::WrongType),
             &mut ok,
         );
     }
-    expect("unmap slot 0", call(Hypercall::CapUnmap, 0, 0), Ok(base), &mut ok);
-    expect("unmap it again", call(Hypercall::CapUnmap, 0, 0), Err(HvError::NotMapped), &mut ok);
-    expect("map slot 0 read-only", call3(Hypercall::CapMap, 0, base + half, R), Ok(0), &mut ok);
+    check("cap", "unmap slot 0", call(Hypercall::CapUnmap, 0, 0), Ok(base), &mut ok);
+    check(
+        "cap",
+        "unmap it again",
+        call(Hypercall::CapUnmap, 0, 0),
+        Err(HvError::NotMapped),
+        &mut ok,
+    );
+    check(
+        "cap",
+        "map slot 0 read-only",
+        call3(Hypercall::CapMap, 0, base + half, R),
+        Ok(0),
+        &mut ok,
+    );
     // SAFETY: slot 0 is mapped read-only at `base + half`; reading is allowed.
     let again = unsafe { core::ptr::read_volatile((base + half) as *const u64) };
     ok &= again == 0x5eed_0000;
     log::info!("cap: the same memory, read-only at {:#x}: {again:#x}", base + half);
-    expect("unmap slot 0 again", call(Hypercall::CapUnmap, 0, 0), Ok(base + half), &mut ok);
+    check("cap", "unmap slot 0 again", call(Hypercall::CapUnmap, 0, 0), Ok(base + half), &mut ok);
     if bi.arg("touch_after_unmap") == Some("1") {
         log::info!("cap: reading {base:#x} after unmapping it");
         // SAFETY: deliberately touching memory no longer mapped for us: must be stopped.

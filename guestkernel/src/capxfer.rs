@@ -16,7 +16,7 @@
 //! `Revoked` and, reading its old mapping, must be stopped.
 
 use crate::channel::{self, Chan};
-use crate::hypercall::{call, call3};
+use crate::hypercall::{call, call3, check, exit_count, first_endpoint};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
 
@@ -27,22 +27,10 @@ const REVOKED: u64 = 4;
 const R: u64 = 1;
 const RW: u64 = 3;
 
-type Res = Result<u64, Result<HvError, i64>>;
-
-fn check(what: &str, got: Res, want: Result<u64, HvError>, ok: &mut bool) {
-    if got.map_err(|e| e.ok()) == want.map_err(Some) {
-        log::info!("xfer: {what}: {got:?} as expected");
-    } else {
-        log::error!("xfer: {what}: got {got:?}, expected {want:?}");
-        *ok = false;
-    }
-}
-
 /// The endpoint-cap slot of the channel called `name` (endpoint caps follow the grants, in
 /// boot-info channel order).
 fn endpoint(bi: &BootInfo, name: &str) -> Option<u64> {
-    let first =
-        (0..16u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))?;
+    let first = first_endpoint()?;
     let pos = bi.channels().iter().position(|d| vmcall_proto::fixed::get(&d.name) == Some(name))?;
     Some(first + pos as u64)
 }
@@ -79,13 +67,14 @@ pub fn giver(bi: &BootInfo) -> u64 {
     let second = call(Hypercall::CapSplit, 0, half).unwrap_or(99);
     let (w1, w2) = (GRANT_WINDOW.0, GRANT_WINDOW.0 + half);
     // 1. Fill the first half and move it to B.
-    check("map the first half", call3(Hypercall::CapMap, 0, w1, RW), Ok(0), &mut ok);
+    check("xfer", "map the first half", call3(Hypercall::CapMap, 0, w1, RW), Ok(0), &mut ok);
     fill(w1, pages, 0xa11ce);
     let moved = call3(Hypercall::CapTransfer, 0, ep_b, 0);
     log::info!("xfer: moved the first half to B: {moved:?}");
     let Ok(b_slot) = moved else { return 1 };
     let _ = to_b.send(&[MOVED, b_slot, 0xa11ce, pages, 0, 0, 0]);
     check(
+        "xfer",
         "use the moved slot again",
         call(Hypercall::CapIdentify, 0, 0),
         Err(HvError::NoSuchSlot),
@@ -93,19 +82,21 @@ pub fn giver(bi: &BootInfo) -> u64 {
     );
     // Refusals: forged slot, a memory cap as the endpoint, rights the cap lacks.
     check(
+        "xfer",
         "transfer a forged slot",
         call3(Hypercall::CapTransfer, 40, ep_b, 1 | 1 << 8),
         Err(HvError::NoSuchSlot),
         &mut ok,
     );
     check(
+        "xfer",
         "transfer through a memory cap",
         call3(Hypercall::CapTransfer, second, second, 1 | 1 << 8),
         Err(HvError::WrongType),
         &mut ok,
     );
     // 2. Fill the second half; copy it read-only to B and C.
-    check("map the second half", call3(Hypercall::CapMap, second, w2, RW), Ok(0), &mut ok);
+    check("xfer", "map the second half", call3(Hypercall::CapMap, second, w2, RW), Ok(0), &mut ok);
     fill(w2, pages, 0xb0b);
     for (c, ep, who) in [(&mut to_b, ep_b, "B"), (&mut to_c, ep_c, "C")] {
         let r = call3(Hypercall::CapTransfer, second, ep, 1 | R << 8);
@@ -134,7 +125,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
     }
     // 3. Revoke: every copy gone everywhere before the call returns.
     let n = call(Hypercall::CapRevoke, second, 0);
-    check("revoke the copies", n, Ok(copies), &mut ok);
+    check("xfer", "revoke the copies", n, Ok(copies), &mut ok);
     let mine = verify(w2, pages, 0xb0b);
     log::info!("xfer: after the revoke my own mapping still reads back: {mine}");
     ok &= mine;
@@ -158,9 +149,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
 pub fn taker(bi: &BootInfo) -> u64 {
     let mut ok = true;
     let Some(mut from_a) = channel::open(bi, None) else { return 1 };
-    let ep = (0..16u64)
-        .find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
-        .unwrap_or(0);
+    let ep = first_endpoint().unwrap_or(0);
     let base = GRANT_WINDOW.0;
     let mut copy_at = 0;
     let mut copy_slot = 0;
@@ -169,6 +158,7 @@ pub fn taker(bi: &BootInfo) -> u64 {
         match m[0] {
             MOVED => {
                 check(
+                    "xfer",
                     "map the moved region",
                     call3(Hypercall::CapMap, m[1], base, RW),
                     Ok(0),
@@ -187,18 +177,21 @@ pub fn taker(bi: &BootInfo) -> u64 {
                     (info >> 8) & 0xff
                 );
                 check(
+                    "xfer",
                     "map the read-only copy writable",
                     call3(Hypercall::CapMap, copy_slot, copy_at, RW),
                     Err(HvError::RightsEscalation),
                     &mut ok,
                 );
                 check(
+                    "xfer",
                     "pass the copy on",
                     call3(Hypercall::CapTransfer, copy_slot, ep, 1 | R << 8),
                     Err(HvError::RightsEscalation),
                     &mut ok,
                 );
                 check(
+                    "xfer",
                     "map the copy read-only",
                     call3(Hypercall::CapMap, copy_slot, copy_at, R),
                     Ok(0),
@@ -211,6 +204,7 @@ pub fn taker(bi: &BootInfo) -> u64 {
             }
             REVOKED => {
                 check(
+                    "xfer",
                     "identify the revoked copy",
                     call(Hypercall::CapIdentify, copy_slot, 0),
                     Err(HvError::Revoked),
@@ -241,14 +235,10 @@ pub fn taker(bi: &BootInfo) -> u64 {
 pub fn racer(bi: &BootInfo) -> u64 {
     let mut ok = true;
     let Some(mut ch) = channel::open(bi, None) else { return 1 };
-    let Some(ep) =
-        (0..16u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
-    else {
-        return 1;
-    };
+    let Some(ep) = first_endpoint() else { return 1 };
     let pages = call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16;
     let (mine, theirs) = (GRANT_WINDOW.0, GRANT_WINDOW.0 + (pages << 12));
-    check("map my region", call3(Hypercall::CapMap, 0, mine, RW), Ok(0), &mut ok);
+    check("xfer", "map my region", call3(Hypercall::CapMap, 0, mine, RW), Ok(0), &mut ok);
     fill(mine, pages, bi.guest_id as u64);
     let copy = call3(Hypercall::CapTransfer, 0, ep, 1 | R << 8);
     let Ok(slot) = copy else {
@@ -257,15 +247,16 @@ pub fn racer(bi: &BootInfo) -> u64 {
     };
     let _ = ch.send(&[COPIED, slot, bi.guest_id as u64, pages, 0, 0, 0]);
     let m = recv(&mut ch);
-    check("map my peer's copy", call3(Hypercall::CapMap, m[1], theirs, R), Ok(0), &mut ok);
+    check("xfer", "map my peer's copy", call3(Hypercall::CapMap, m[1], theirs, R), Ok(0), &mut ok);
     ok &= verify(theirs, m[3], m[2]);
     // Meet, then revoke together.
     let _ = ch.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
     ok &= recv(&mut ch)[0] == VERIFIED;
-    check("revoke while my peer revokes", call(Hypercall::CapRevoke, 0, 0), Ok(1), &mut ok);
+    check("xfer", "revoke while my peer revokes", call(Hypercall::CapRevoke, 0, 0), Ok(1), &mut ok);
     let _ = ch.send(&[REVOKED, 0, 0, 0, 0, 0, 0]);
     ok &= recv(&mut ch)[0] == REVOKED;
     check(
+        "xfer",
         "identify my peer's revoked copy",
         call(Hypercall::CapIdentify, m[1], 0),
         Err(HvError::Revoked),
@@ -291,19 +282,11 @@ fn ticks<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (r, crate::arch::rdtsc() - t)
 }
 
-fn exits() -> u64 {
-    call(Hypercall::ExitCount, 0, 0).unwrap_or(0)
-}
-
 /// `capowner` (benchmark): costs of map, unmap, copy to each of its `k` holders (every
 /// channel it has), revoke of all copies, and a move; printed as one `bench caps` line.
 pub fn capowner(bi: &BootInfo) -> u64 {
     let k = bi.channels().len();
-    let Some(first_ep) =
-        (0..24u64).find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
-    else {
-        return 1;
-    };
+    let Some(first_ep) = first_endpoint() else { return 1 };
     let mut chans: [Option<Chan>; 16] = Default::default();
     for (i, c) in chans.iter_mut().enumerate().take(k) {
         *c = channel::open(bi, vmcall_proto::fixed::get(&bi.channels()[i].name));
@@ -334,9 +317,9 @@ pub fn capowner(bi: &BootInfo) -> u64 {
             return 1;
         }
     }
-    let e0 = exits();
+    let e0 = exit_count();
     let (n, revoke) = ticks(|| call(Hypercall::CapRevoke, 0, 0));
-    let revoke_exits = exits() - e0 - 1;
+    let revoke_exits = exit_count() - e0 - 1;
     if n != Ok(k as u64) {
         log::error!("bench caps: revoke returned {n:?} for {k} copies");
         return 1;

@@ -41,6 +41,34 @@ pub fn console_write(bytes: &[u8]) {
     }
 }
 
+/// VM exits this guest has taken so far (this call's included).
+pub fn exit_count() -> u64 {
+    call(Hypercall::ExitCount, 0, 0).unwrap_or(0)
+}
+
+/// The first slot holding a channel endpoint capability (they follow the grants, in
+/// boot-info channel order).
+pub fn first_endpoint() -> Option<u64> {
+    (0..vmcall_proto::caps::MAX_SLOTS as u64)
+        .find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
+}
+
+/// Logs whether a hypercall answered `want` (`tag: what: ...`); clears `ok` if not.
+pub fn check(
+    tag: &str,
+    what: &str,
+    got: Result<u64, Result<HvError, i64>>,
+    want: Result<u64, HvError>,
+    ok: &mut bool,
+) {
+    if got.map_err(|e| e.ok()) == want.map_err(Some) {
+        log::info!("{tag}: {what}: {got:?} as expected");
+    } else {
+        log::error!("{tag}: {what}: got {got:?}, expected {want:?}");
+        *ok = false;
+    }
+}
+
 /// Ends this guest with `status`.
 pub fn exit(status: u64) -> ! {
     let _ = call(Hypercall::Exit, status, 0);

@@ -17,17 +17,12 @@
 
 use crate::arch::rdtsc;
 use crate::channel::{self, Chan};
-use crate::hypercall::call;
+use crate::hypercall::exit_count;
 use vmcall_proto::channel::{ChannelError, Payload, WORDS};
 use vmcall_proto::guest::BootInfo;
-use vmcall_proto::hypercall::Hypercall;
 
 const CORRUPT: u64 = 2;
 const MAX_SAMPLES: usize = 4096;
-
-fn arg(bi: &BootInfo, key: &str, default: u64) -> u64 {
-    bi.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// The message `seq` from `origin`.
 pub fn message(seq: u64, origin: u64) -> Payload {
@@ -38,10 +33,6 @@ pub fn message(seq: u64, origin: u64) -> Payload {
         *w = (seq ^ origin << 48).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(j as u32 * 7);
     }
     m
-}
-
-fn exits() -> u64 {
-    call(Hypercall::ExitCount, 0, 0).unwrap_or(0)
 }
 
 fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
@@ -89,7 +80,7 @@ impl Stats {
 /// Doorbell mode: poll this many times before sleeping (`polls=`, default 0: always sleep,
 /// which is what the doorbell measurement wants).
 fn polls(bi: &BootInfo) -> u32 {
-    arg(bi, "polls", 0) as u32
+    bi.arg_u64("polls", 0) as u32
 }
 
 fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
@@ -102,9 +93,9 @@ fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
 
 pub fn ping(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = arg(bi, "n", 1000);
+    let n = bi.arg_u64("n", 1000);
     let (mut rtt, mut send) = (Stats::new(), Stats::new());
-    let e0 = exits();
+    let e0 = exit_count();
     for i in 0..n {
         let t0 = rdtsc();
         if let Err(e) = c.send(&message(i, 0)) {
@@ -123,7 +114,7 @@ pub fn ping(bi: &BootInfo) -> u64 {
         send.add(t1 - t0);
         rtt.add(t2 - t0);
     }
-    let e = exits() - e0 - 1;
+    let e = exit_count() - e0 - 1;
     c.rx.flush_ack();
     let ((rm, rp), (sm, _)) = (rtt.summary(), send.summary());
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
@@ -138,10 +129,10 @@ pub fn ping(bi: &BootInfo) -> u64 {
 
 pub fn pong(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = arg(bi, "n", 1000);
+    let n = bi.arg_u64("n", 1000);
     let mut recv = Stats::new();
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
-    let e0 = exits();
+    let e0 = exit_count();
     for i in 0..n {
         let m = if c.doorbells {
             match c.wait(polls(bi)) {
@@ -170,7 +161,7 @@ pub fn pong(bi: &BootInfo) -> u64 {
             return corrupt("pong", e);
         }
     }
-    let e = exits() - e0 - 1;
+    let e = exit_count() - e0 - 1;
     c.rx.flush_ack();
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed) - d0;
     log::info!(
@@ -184,8 +175,8 @@ pub fn pong(bi: &BootInfo) -> u64 {
 
 pub fn stream(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = arg(bi, "n", 10_000);
-    let e0 = exits();
+    let n = bi.arg_u64("n", 10_000);
+    let e0 = exit_count();
     let t0 = rdtsc();
     for i in 0..n {
         if let Err(e) = c.send(&message(i, 0)) {
@@ -193,7 +184,7 @@ pub fn stream(bi: &BootInfo) -> u64 {
         }
     }
     let t = rdtsc() - t0;
-    let e = exits() - e0 - 1;
+    let e = exit_count() - e0 - 1;
     log::info!(
         "bench stream n={n} instr_per_msg={} exits={e} doorbells_rung={}",
         t / n.max(1),
@@ -204,8 +195,8 @@ pub fn stream(bi: &BootInfo) -> u64 {
 
 pub fn sink(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = arg(bi, "n", 10_000);
-    let e0 = exits();
+    let n = bi.arg_u64("n", 10_000);
+    let e0 = exit_count();
     let t0 = rdtsc();
     let (mut lost, mut dup, mut bad) = (0u64, 0u64, 0u64);
     let mut expect = 0u64;
@@ -229,7 +220,7 @@ pub fn sink(bi: &BootInfo) -> u64 {
     }
     let t = rdtsc() - t0;
     c.rx.flush_ack();
-    let e = exits() - e0 - 1;
+    let e = exit_count() - e0 - 1;
     log::info!(
         "bench sink n={n} instr_per_msg={} exits={e} lost={lost} duplicated={dup} damaged={bad}",
         t / n.max(1)
@@ -243,9 +234,9 @@ pub fn sink(bi: &BootInfo) -> u64 {
 
 pub fn relay(bi: &BootInfo) -> u64 {
     let (Some(mut to), Some(mut from)) = (open(bi, "to"), open(bi, "from")) else { return 1 };
-    let n = arg(bi, "n", 1000);
-    let guests = arg(bi, "guests", 4).max(2);
-    let window = arg(bi, "window", 16).max(1);
+    let n = bi.arg_u64("n", 1000);
+    let guests = bi.arg_u64("guests", 4).max(2);
+    let window = bi.arg_u64("window", 16).max(1);
     let me = bi.guest_id as u64;
     let (mut originated, mut returned, mut forwarded) = (0u64, 0u64, 0u64);
     let (mut dup, mut lost, mut reordered, mut damaged) = (0u64, 0u64, 0u64, 0u64);
@@ -312,7 +303,7 @@ pub fn scribble(bi: &BootInfo) -> u64 {
 }
 
 pub fn trespass(bi: &BootInfo) -> u64 {
-    let k = arg(bi, "window", 0) as u32;
+    let k = bi.arg_u64("window", 0) as u32;
     let addr = vmcall_proto::guest::channel_window(k);
     if bi.channels().iter().any(|d| d.index == k) {
         log::error!("trespass: channel {k} is mine; nothing to prove");

@@ -49,10 +49,6 @@ pub fn run(bi: &BootInfo) -> u64 {
     }
 }
 
-fn arg(bi: &BootInfo, key: &str, default: u64) -> u64 {
-    bi.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// The hypervisor's CPUID signature leaf, and whether CPUID.1:ECX.VMX is visible.
 fn cpuid_view() -> ([u8; 12], bool) {
     let sig = core::arch::x86_64::__cpuid(vmcall_proto::hypercall::CPUID_SIGNATURE_LEAF);
@@ -65,7 +61,7 @@ fn cpuid_view() -> ([u8; 12], bool) {
 }
 
 fn hello(bi: &BootInfo) -> u64 {
-    let n = arg(bi, "n", 100);
+    let n = bi.arg_u64("n", 100);
     log::info!(
         "hello from {} (guest {}) on core {}: {} MiB, args {:?}",
         bi.name(),
@@ -113,7 +109,7 @@ fn hello(bi: &BootInfo) -> u64 {
 
 fn spin(bi: &BootInfo) -> u64 {
     use core::sync::atomic::Ordering;
-    let ms = arg(bi, "ms", 10).max(1);
+    let ms = bi.arg_u64("ms", 10).max(1);
     let tick = bi.tsc_per_ms;
     log::info!("spin: {ms} ms budget, 1 ms timer ticks ({tick} TSC ticks each)");
     let start = crate::arch::rdtsc();

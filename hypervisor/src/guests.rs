@@ -394,16 +394,16 @@ fn report_channel(plan: &Plan, c: &ChanInfo) {
     };
     let name_of = |g: u16| {
         plan.guests[g as usize]
-            .map(|p| p.name)
-            .and_then(|n| vmcall_proto::fixed::get(&n).map(|_| n))
+            .as_ref()
+            .and_then(|p| vmcall_proto::fixed::get(&p.name))
+            .unwrap_or("?")
     };
-    let (an, bn) = (name_of(c.a).unwrap_or([0; 32]), name_of(c.b).unwrap_or([0; 32]));
     record!(
         kind::CHANNEL,
         "name={} a={} b={} slots={} a_sent={} b_received={} b_sent={} a_received={}",
         vmcall_proto::fixed::get(&c.name).unwrap_or("?"),
-        vmcall_proto::fixed::get(&an).unwrap_or("?"),
-        vmcall_proto::fixed::get(&bn).unwrap_or("?"),
+        name_of(c.a),
+        name_of(c.b),
         c.slots,
         ab.sent(),
         ab.received(),

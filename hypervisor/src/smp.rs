@@ -45,9 +45,9 @@ impl Failure {
     pub fn as_str(self) -> &'static str {
         match self {
             Failure::None => "",
-            Failure::FeatureControl => "feature-control locked off",
-            Failure::FixedBits => "CR0/CR4 fixed bits conflict",
-            Failure::Vmxon => "VMXON failed",
+            Failure::FeatureControl => crate::vmx::VmxError::FeatureControlLocked.as_str(),
+            Failure::FixedBits => crate::vmx::VmxError::FixedBits.as_str(),
+            Failure::Vmxon => crate::vmx::VmxError::VmxonFailed.as_str(),
             Failure::Exception => "exception",
             Failure::Panic => "panic (see the core's log line)",
         }

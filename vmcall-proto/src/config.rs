@@ -181,10 +181,14 @@ impl<'a> Config<'a> {
     }
 }
 
-fn valid_name(field: &[u8]) -> bool {
-    fixed::get(field).is_some_and(|s| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    })
+/// The rule for guest, channel and grant names (and argument keys): letters, digits, `-`
+/// and `_`, at least one. Host tools check it on the TOML, the hypervisor on the blob.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn valid_name_field(field: &[u8]) -> bool {
+    fixed::get(field).is_some_and(valid_name)
 }
 
 /// Total blob length for these counts.
@@ -232,13 +236,13 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
     let cfg = Config { header, blob };
     for i in 0..g {
         let e = cfg.guest(i);
-        if !valid_name(&e.name) {
+        if !valid_name_field(&e.name) {
             return Err(BadName("guest", i));
         }
         if (0..i).any(|j| cfg.guest(j).name == e.name) {
             return Err(DuplicateName("guest", i));
         }
-        if !valid_name(&e.workload) {
+        if !valid_name_field(&e.workload) {
             return Err(BadWorkload(i));
         }
         if fixed::get(&e.args).is_none() {
@@ -255,7 +259,7 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
     }
     for i in 0..c {
         let e = cfg.channel(i);
-        if !valid_name(&e.name) {
+        if !valid_name_field(&e.name) {
             return Err(BadName("channel", i));
         }
         if (0..i).any(|j| cfg.channel(j).name == e.name) {
@@ -269,7 +273,7 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         }
     }
     for (i, e) in cfg.grants().enumerate() {
-        if !valid_name(&e.name) {
+        if !valid_name_field(&e.name) {
             return Err(BadName("grant", i));
         }
         if cfg.grants().take(i).any(|o| o.name == e.name) {

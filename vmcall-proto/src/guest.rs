@@ -115,6 +115,10 @@ impl BootInfo {
     pub fn arg(&self, key: &str) -> Option<&str> {
         self.args().split_ascii_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
     }
+    /// The numeric value of `key=value` in the arguments, or `default`.
+    pub fn arg_u64(&self, key: &str, default: u64) -> u64 {
+        self.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+    }
     /// The channels of this guest.
     pub fn channels(&self) -> &[ChannelDesc] {
         &self.channels[..(self.channel_count as usize).min(MAX_CHANNELS_PER_GUEST)]
@@ -134,6 +138,7 @@ mod tests {
         assert_eq!(b.arg("mode"), Some("fast"));
         assert_eq!(b.arg("nn"), Some("3"));
         assert_eq!(b.arg("x"), None);
+        assert_eq!((b.arg_u64("n", 7), b.arg_u64("mode", 7), b.arg_u64("x", 7)), (10, 7, 7));
     }
 
     #[test]

@@ -288,11 +288,7 @@ mod run {
     }
 
     fn adjust(caps: u64, wanted: u32, what: &'static str) -> Result<u32, &'static str> {
-        let (must, may) = (caps as u32, (caps >> 32) as u32);
-        if wanted & !may != 0 {
-            return Err(what);
-        }
-        Ok(wanted | must)
+        crate::vmx::features::ControlCaps(caps).adjust(wanted).ok_or(what)
     }
 
     /// Writes the guest's boot page tables (see `vmcall_proto::guest`).

@@ -114,6 +114,11 @@ impl ControlCaps {
     pub fn allows(self, bits: u32) -> bool {
         self.may_be_one() & bits == bits
     }
+    /// `wanted` with the bits that must be one added; `None` if it asks for a bit that may
+    /// not be one.
+    pub fn adjust(self, wanted: u32) -> Option<u32> {
+        (wanted & !self.may_be_one() == 0).then_some(wanted | self.0 as u32)
+    }
 }
 
 mod bits {
@@ -352,6 +357,13 @@ pub(crate) mod tests {
         assert_eq!(decode(&raw), Err(Missing::EptWriteBack));
         let raw = RawCaps { basic: BOCHS_SKYLAKE_X.basic & !(1 << 55), ..BOCHS_SKYLAKE_X };
         assert_eq!(decode(&raw), Err(Missing::TrueControls));
+    }
+
+    #[test]
+    fn control_adjustment() {
+        let caps = ControlCaps(0x0000_00ff_0000_0016);
+        assert_eq!(caps.adjust(0x40), Some(0x56));
+        assert_eq!(caps.adjust(0x100), None);
     }
 
     #[test]

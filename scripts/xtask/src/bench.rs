@@ -340,8 +340,8 @@ pub fn host() -> Result<Vec<HostRow>> {
     Ok(rows)
 }
 
-/// The `key=value` of `guest`'s bench line in a serial log.
-fn bench_value(serial: &str, guest: &str, key: &str) -> Result<u64> {
+/// The `key=value` of `guest`'s `bench` line in a serial log (what the guest workloads print).
+pub fn bench_value(serial: &str, guest: &str, key: &str) -> Result<u64> {
     let line = serial
         .lines()
         .find(|l| l.starts_with(&format!("[{guest}@")) && l.contains("] bench "))

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::Path;
 use toml::Spanned;
 use vmcall_proto::config as blob;
+use vmcall_proto::config::valid_name;
 
 /// Memory the hypervisor, firmware and low memory keep for themselves, MiB.
 pub const RESERVED_MIB: u32 = 32;
@@ -153,10 +154,6 @@ impl Errors<'_> {
             },
         ));
     }
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A validated config with its compiled blob.
