@@ -14,6 +14,7 @@ fn cargo() -> Command {
 
 fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     xtask::setup::ensure_rust_target()?;
+    xtask::setup::ensure_rust_components()?;
     // Style and lints first: formatting, then clippy on the host crates, the bare-metal
     // crates' host tests, and the bare-metal crates for their real target.
     let lints: [&[&str]; 4] = [

@@ -106,9 +106,29 @@ pub fn ensure_rust_target() -> Result<()> {
     run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]).current_dir(&root))
 }
 
+/// Installs rustfmt and clippy if rustup lacks them (`cargo xtask test` runs both; with
+/// RUSTUP_AUTO_INSTALL=0 nothing installs what rust-toolchain.toml lists).
+pub fn ensure_rust_components() -> Result<()> {
+    let root = crate::workspace_root();
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .current_dir(&root)
+        .output()
+        .context("rustup is needed to install rustfmt and clippy")?;
+    let have = String::from_utf8_lossy(&out.stdout).into_owned();
+    for c in ["rustfmt", "clippy"] {
+        if !have.lines().any(|l| l.starts_with(c)) {
+            eprintln!("setup: installing Rust component {c} (cargo xtask test lints with it)");
+            run(Command::new("rustup").args(["component", "add", c]).current_dir(&root))?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything, for `cargo xtask setup`.
 pub fn all() -> Result<()> {
     ensure_rust_target()?;
+    ensure_rust_components()?;
     ensure_packages(&[BUILD, BOCHS, QEMU])?;
     eprintln!("setup: everything is in place");
     Ok(())
