@@ -53,6 +53,10 @@ pub enum Hypercall {
     /// core, unmapped and their EPT translations invalidated before the call returns;
     /// returns how many were revoked.
     CapRevoke = 13,
+    /// `cap_accept(endpoint_slot, n) -> previous quota`: the caller agrees to receive up to
+    /// `n` more capabilities through this endpoint (0 refuses all). Transfers to a guest
+    /// that has not accepted are refused with `NotAccepted` and cost it nothing.
+    CapAccept = 14,
 }
 
 /// Guest-physical window where capabilities are mapped: 3 GiB to 4 GiB.
@@ -76,6 +80,7 @@ impl TryFrom<u64> for Hypercall {
             11 => Hypercall::CapUnmap,
             12 => Hypercall::CapTransfer,
             13 => Hypercall::CapRevoke,
+            14 => Hypercall::CapAccept,
             _ => return Err(HvError::UnknownCall),
         })
     }
@@ -122,6 +127,16 @@ pub enum HvError {
     BadOffset = -16,
     /// The channel peer is not running (never started, or ended).
     PeerGone = -17,
+    /// The hypervisor has no memory left for this operation (e.g. EPT table frames).
+    NoMemory = -18,
+    /// A core did not answer within the protocol's deadline; it is now fenced (failed).
+    Timeout = -19,
+    /// The operation needs an original capability, not a copy (e.g. moving a copy).
+    NotOwner = -20,
+    /// Copies of copies go at most `caps::MAX_DEPTH` deep.
+    TooDeep = -21,
+    /// The receiver has not accepted capabilities on that endpoint (see `cap_accept`).
+    NotAccepted = -22,
 }
 
 impl From<crate::caps::CapError> for HvError {
@@ -144,7 +159,7 @@ impl From<crate::caps::CapError> for HvError {
     }
 }
 
-const ALL_ERRORS: [HvError; 17] = [
+const ALL_ERRORS: [HvError; 22] = [
     HvError::UnknownCall,
     HvError::BadAddress,
     HvError::BadLength,
@@ -162,6 +177,11 @@ const ALL_ERRORS: [HvError; 17] = [
     HvError::TooManyCopies,
     HvError::BadOffset,
     HvError::PeerGone,
+    HvError::NoMemory,
+    HvError::Timeout,
+    HvError::NotOwner,
+    HvError::TooDeep,
+    HvError::NotAccepted,
 ];
 
 impl HvError {
@@ -191,10 +211,10 @@ mod tests {
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {
-        for n in 0..14 {
+        for n in 0..15 {
             assert_eq!(Hypercall::try_from(n).unwrap() as u64, n);
         }
-        assert_eq!(Hypercall::try_from(14), Err(HvError::UnknownCall));
+        assert_eq!(Hypercall::try_from(15), Err(HvError::UnknownCall));
         assert_eq!(Hypercall::try_from(u64::MAX), Err(HvError::UnknownCall));
     }
 
