@@ -16,7 +16,7 @@
 //! `Revoked` and, reading its old mapping, must be stopped.
 
 use crate::channel::{self, Chan};
-use crate::hypercall::{call, call3, check, exit_count, first_endpoint};
+use crate::hypercall::{accept_all, call, call3, check, exit_count, first_endpoint, transfer};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
 
@@ -55,6 +55,7 @@ fn recv(c: &mut Chan) -> [u64; 7] {
 }
 
 pub fn giver(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let mut ok = true;
     let (Some(mut to_b), Some(mut to_c)) =
         (channel::open(bi, Some("ab")), channel::open(bi, Some("ac")))
@@ -69,7 +70,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
     // 1. Fill the first half and move it to B.
     check("xfer", "map the first half", call3(Hypercall::CapMap, 0, w1, RW), Ok(0), &mut ok);
     fill(w1, pages, 0xa11ce);
-    let moved = call3(Hypercall::CapTransfer, 0, ep_b, 0);
+    let moved = transfer(0, ep_b, 0, 2000);
     log::info!("xfer: moved the first half to B: {moved:?}");
     let Ok(b_slot) = moved else { return 1 };
     let _ = to_b.send(&[MOVED, b_slot, 0xa11ce, pages, 0, 0, 0]);
@@ -99,7 +100,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
     check("xfer", "map the second half", call3(Hypercall::CapMap, second, w2, RW), Ok(0), &mut ok);
     fill(w2, pages, 0xb0b);
     for (c, ep, who) in [(&mut to_b, ep_b, "B"), (&mut to_c, ep_c, "C")] {
-        let r = call3(Hypercall::CapTransfer, second, ep, 1 | R << 8);
+        let r = transfer(second, ep, 1 | R << 8, 2000);
         log::info!("xfer: copied the second half read-only to {who}: {r:?}");
         let Ok(s) = r else { return 1 };
         let _ = c.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
@@ -111,7 +112,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
     // must still take the copy back.
     let mut copies = 2;
     if let (Some(mut to_d), Some(ep_d)) = (channel::open(bi, Some("ad")), endpoint(bi, "ad")) {
-        let r = call3(Hypercall::CapTransfer, second, ep_d, 1 | R << 8);
+        let r = transfer(second, ep_d, 1 | R << 8, 2000);
         log::info!("xfer: copied the second half read-only to D: {r:?}");
         let Ok(s) = r else { return 1 };
         let _ = to_d.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
@@ -147,6 +148,7 @@ pub fn giver(bi: &BootInfo) -> u64 {
 }
 
 pub fn taker(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let mut ok = true;
     let Some(mut from_a) = channel::open(bi, None) else { return 1 };
     let ep = first_endpoint().unwrap_or(0);
@@ -233,6 +235,7 @@ pub fn taker(bi: &BootInfo) -> u64 {
 /// then revoke at the same moment: two revokes crossing between two cores. Each must
 /// return 1 (its one copy), find the peer's copy revoked, and keep its own region.
 pub fn racer(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let mut ok = true;
     let Some(mut ch) = channel::open(bi, None) else { return 1 };
     let Some(ep) = first_endpoint() else { return 1 };
@@ -240,7 +243,7 @@ pub fn racer(bi: &BootInfo) -> u64 {
     let (mine, theirs) = (GRANT_WINDOW.0, GRANT_WINDOW.0 + (pages << 12));
     check("xfer", "map my region", call3(Hypercall::CapMap, 0, mine, RW), Ok(0), &mut ok);
     fill(mine, pages, bi.guest_id as u64);
-    let copy = call3(Hypercall::CapTransfer, 0, ep, 1 | R << 8);
+    let copy = transfer(0, ep, 1 | R << 8, 2000);
     let Ok(slot) = copy else {
         log::error!("xfer: copy to my peer failed: {copy:?}");
         return 1;
@@ -285,6 +288,7 @@ fn ticks<T>(f: impl FnOnce() -> T) -> (T, u64) {
 /// `capowner` (benchmark): costs of map, unmap, copy to each of its `k` holders (every
 /// channel it has), revoke of all copies, and a move; printed as one `bench caps` line.
 pub fn capowner(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let k = bi.channels().len();
     let Some(first_ep) = first_endpoint() else { return 1 };
     let mut chans: [Option<Chan>; 16] = Default::default();
@@ -302,7 +306,7 @@ pub fn capowner(bi: &BootInfo) -> u64 {
     }
     let mut copy_total = 0;
     for (i, chan) in chans.iter_mut().enumerate().take(k) {
-        let (s, t) = ticks(|| call3(Hypercall::CapTransfer, 0, first_ep + i as u64, 1 | R << 8));
+        let (s, t) = ticks(|| transfer(0, first_ep + i as u64, 1 | R << 8, 2000));
         copy_total += t;
         let Ok(s) = s else {
             log::error!("bench caps: copy to holder {i}: {s:?}");
@@ -324,7 +328,7 @@ pub fn capowner(bi: &BootInfo) -> u64 {
         log::error!("bench caps: revoke returned {n:?} for {k} copies");
         return 1;
     }
-    let (m, mv) = ticks(|| call3(Hypercall::CapTransfer, spare, first_ep, 0));
+    let (m, mv) = ticks(|| transfer(spare, first_ep, 0, 2000));
     if m.is_err() {
         log::error!("bench caps: move: {m:?}");
         return 1;
@@ -342,6 +346,7 @@ pub fn capowner(bi: &BootInfo) -> u64 {
 /// `holder` (benchmark): maps the copy it is given, reads it, confirms, and keeps running
 /// (polling its channel) until told it is done, so the revoke reaches a running guest.
 pub fn holder(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let Some(mut c) = channel::open(bi, None) else { return 1 };
     loop {
         let m = recv(&mut c);
@@ -363,6 +368,7 @@ pub fn holder(bi: &BootInfo) -> u64 {
 /// `doomed`: takes a copy, maps and verifies it, confirms, then reads outside its memory and
 /// is stopped, still holding the copy: the revoke must not depend on it.
 pub fn doomed(bi: &BootInfo) -> u64 {
+    accept_all(16);
     let Some(mut c) = channel::open(bi, None) else { return 1 };
     let m = recv(&mut c);
     let at = GRANT_WINDOW.0;

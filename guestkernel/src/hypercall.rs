@@ -53,6 +53,36 @@ pub fn first_endpoint() -> Option<u64> {
         .find(|&s| call(Hypercall::CapIdentify, s, 0).is_ok_and(|i| i & 0xff == 2))
 }
 
+/// Agrees to receive up to `n` capabilities through every channel endpoint this guest
+/// holds (`cap_accept`): without it, peers' transfers are refused with `NotAccepted`.
+pub fn accept_all(n: u64) {
+    let Some(first) = first_endpoint() else { return };
+    let mut ep = first;
+    while call(Hypercall::CapAccept, ep, n).is_ok() {
+        ep += 1;
+    }
+}
+
+/// `cap_transfer`, retried while the peer has not accepted yet (it may still be starting),
+/// for at most `ms` milliseconds.
+pub fn transfer(slot: u64, ep: u64, mode: u64, ms: u64) -> Result<u64, Result<HvError, i64>> {
+    let r = call3(Hypercall::CapTransfer, slot, ep, mode);
+    if r != Err(Ok(HvError::NotAccepted)) {
+        return r;
+    }
+    let tsc_per_ms = call(Hypercall::TscPerMs, 0, 0).unwrap_or(1);
+    let start = crate::arch::rdtsc();
+    loop {
+        let r = call3(Hypercall::CapTransfer, slot, ep, mode);
+        if r != Err(Ok(HvError::NotAccepted))
+            || crate::arch::rdtsc().wrapping_sub(start) > ms * tsc_per_ms
+        {
+            return r;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Logs whether a hypercall answered `want` (`tag: what: ...`); clears `ok` if not.
 pub fn check(
     tag: &str,

@@ -23,9 +23,9 @@
 //!   else the guest is stopped (it would never wake).
 
 use crate::arch::vmx::GuestRegs;
-use vmcall_proto::caps::{CSpace, Rights};
+use crate::caps::{HvCaps, Policy};
 use vmcall_proto::hypercall::{
-    HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF, GRANT_WINDOW,
+    HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
 };
 
 /// Basic exit reasons (SDM Vol. 3D appendix C) that have names in reports.
@@ -213,6 +213,33 @@ pub trait Vcpu {
     fn x_kick(&mut self, to: usize);
 }
 
+/// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
+pub struct CapEnv<'a, V: Vcpu>(pub &'a mut V);
+
+impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
+    fn now(&mut self) -> u64 {
+        self.0.now()
+    }
+    fn send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
+        self.0.x_send(to, m)
+    }
+    fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+        self.0.x_recv()
+    }
+    fn kick(&mut self, to: usize) {
+        self.0.x_kick(to)
+    }
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
+        self.0.ept_map(gpa, hpa, size, write)
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        self.0.ept_unmap(gpa, size)
+    }
+    fn relax(&mut self) {
+        crate::arch::pause();
+    }
+}
+
 /// Where a guest's console lines go.
 pub trait ConsoleSink {
     fn line(&mut self, text: &str);
@@ -237,19 +264,10 @@ pub struct GuestCtx {
     /// Per channel of this guest (boot-info order): the peer core's APIC id, if the peer runs.
     pub doorbells: [Option<u32>; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub doorbells_rung: u32,
-    /// This guest's capability space, owned by its core.
-    pub caps: CSpace,
-    /// This guest's channels: (global channel index, peer's core if the peer runs).
-    pub chan_peers: [(u32, Option<usize>); vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
-    pub chan_count: usize,
-    /// Inter-core protocol state: last request number, replies kept for an outer wait.
-    pub next_req: u32,
-    pub stash: [Option<(usize, vmcall_proto::channel::Payload)>; 8],
-    /// The guest has ended: inserts into its space are refused.
-    pub ended: bool,
-    pub transfers: u32,
-    /// Caps revoked in this space on other cores' behalf.
-    pub revoked_here: u64,
+    /// This guest's capabilities and this core's part of the capability protocol.
+    pub caps: HvCaps,
+    /// TSC ticks spent on other cores' behalf while this guest ran (not charged to it).
+    pub foreign_tsc: u64,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -280,14 +298,8 @@ impl GuestCtx {
             hypercalls: 0,
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
-            caps: CSpace::new(core as u16),
-            chan_peers: [(0, None); vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
-            chan_count: 0,
-            next_req: 0,
-            stash: [None; 8],
-            ended: false,
-            transfers: 0,
-            revoked_here: 0,
+            caps: HvCaps::new(core as u16, Policy::from_tsc_per_ms(tsc_per_ms)),
+            foreign_tsc: 0,
         }
     }
 
@@ -564,24 +576,18 @@ fn vmcall(
             }
         }
         Ok(Hypercall::TscPerMs) => Ok(ctx.tsc_per_ms),
-        Ok(Hypercall::CapIdentify) => {
-            ctx.caps.get(r.rdi).map(|c| c.identify()).map_err(HvError::from)
-        }
-        Ok(Hypercall::CapSplit) => {
-            ctx.caps.split(r.rdi, r.rsi).map(u64::from).map_err(HvError::from)
-        }
-        Ok(Hypercall::CapMap) => cap_map(ctx, v, r.rdi, r.rsi, r.rdx),
-        Ok(Hypercall::CapUnmap) => match ctx.caps.unmap(r.rdi) {
-            Ok(c) => {
-                let gpa = c.mapped_at.unwrap_or(0);
-                v.ept_unmap(gpa, c.size).map(|()| gpa)
-            }
-            Err(e) => Err(e.into()),
-        },
-        Ok(Hypercall::CapTransfer) => crate::capproto::transfer(ctx, v, r.rdi, r.rsi, r.rdx),
-        Ok(Hypercall::CapRevoke) => crate::capproto::revoke(ctx, v, r.rdi),
-        // Not implemented yet (issue 8): refused like an unknown call.
-        Ok(Hypercall::CapAccept) => Err(HvError::UnknownCall),
+        Ok(
+            call @ (Hypercall::CapIdentify
+            | Hypercall::CapSplit
+            | Hypercall::CapMap
+            | Hypercall::CapUnmap
+            | Hypercall::CapTransfer
+            | Hypercall::CapRevoke
+            | Hypercall::CapAccept),
+        ) => ctx
+            .caps
+            .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
+            .unwrap_or(Err(HvError::UnknownCall)),
         Ok(Hypercall::ExitCount) => {
             Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
         }
@@ -600,41 +606,6 @@ fn vmcall(
     };
     advance(v, e);
     Action::Resume
-}
-
-/// `cap_map(slot, gpa, rights)`: only inside the grant window, only where nothing else of
-/// this guest is mapped, only with rights the cap carries (checked by the CSpace).
-fn cap_map(
-    ctx: &mut GuestCtx,
-    v: &mut impl Vcpu,
-    slot: u64,
-    gpa: u64,
-    rights: u64,
-) -> Result<u64, HvError> {
-    let rights = u8::try_from(rights)
-        .ok()
-        .and_then(Rights::from_bits)
-        .filter(|r| !r.contains(Rights::GRANT))
-        .ok_or(HvError::BadArgument)?;
-    let size = ctx.caps.get(slot)?.size;
-    let end = gpa.checked_add(size).ok_or(HvError::BadAddress)?;
-    if gpa < GRANT_WINDOW.0 || end > GRANT_WINDOW.1 {
-        return Err(HvError::BadAddress);
-    }
-    let busy = ctx
-        .caps
-        .live()
-        .filter_map(|(_, c)| c.mapped_at.map(|m| (m, m + c.size)))
-        .any(|(m, e)| gpa < e && m < end);
-    if busy {
-        return Err(HvError::AddressInUse);
-    }
-    let c = ctx.caps.map(slot, gpa, rights)?;
-    if let Err(e) = v.ept_map(gpa, c.base, c.size, rights.contains(Rights::WRITE)) {
-        let _ = ctx.caps.unmap(slot);
-        return Err(e);
-    }
-    Ok(0)
 }
 
 fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
@@ -1007,46 +978,13 @@ mod tests {
         v.regs.rax
     }
 
-    #[test]
-    fn capability_hypercalls_check_everything() {
-        use vmcall_proto::caps::{Cap, CapType};
-        let (mut c, mut v) = (ctx(), FakeVcpu::new());
-        let all = Rights::all();
-        c.caps.insert(Cap::new(CapType::Memory, all, 0x4000_0000, 2 << 20)).unwrap();
-        c.caps.insert(Cap::new(CapType::Memory, Rights::READ, 0x5000_0000, 0x1000)).unwrap();
-        let err = |e: HvError| e.to_rax();
-        assert_eq!(call(&mut c, &mut v, 8, 0, 0, 0), 1 | 7 << 8 | 512 << 16);
-        assert_eq!(call(&mut c, &mut v, 8, 63, 0, 0), err(HvError::NoSuchSlot));
-        assert_eq!(call(&mut c, &mut v, 8, u64::MAX, 0, 0), err(HvError::NoSuchSlot));
-        // Split in two, map one half read-write in the window.
-        assert_eq!(call(&mut c, &mut v, 9, 0, 0x1000, 0), 2);
-        assert_eq!(call(&mut c, &mut v, 10, 0, 0xc000_0000, 3), 0);
-        assert_eq!(v.maps, [(0xc000_0000, 0x4000_0000, 0x1000, true)]);
-        // Outside the window, overlapping, misaligned, escalating, bad rights value.
-        assert_eq!(call(&mut c, &mut v, 10, 2, 0x1000_0000, 1), err(HvError::BadAddress));
-        assert_eq!(call(&mut c, &mut v, 10, 2, 0xffff_f000, 1), err(HvError::BadAddress));
-        assert_eq!(call(&mut c, &mut v, 10, 2, 0xc000_0000, 1), err(HvError::AddressInUse));
-        assert_eq!(call(&mut c, &mut v, 10, 2, 0xc010_0800, 1), err(HvError::Misaligned));
-        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 3), err(HvError::RightsEscalation));
-        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 4), err(HvError::BadArgument));
-        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 256), err(HvError::BadArgument));
-        assert_eq!(call(&mut c, &mut v, 10, 1, 0xc020_0000, 1), 0);
-        assert_eq!(v.maps.len(), 2);
-        // Unmap returns where it was; a second unmap is an error.
-        assert_eq!(call(&mut c, &mut v, 11, 0, 0, 0), 0xc000_0000);
-        assert_eq!(call(&mut c, &mut v, 11, 0, 0, 0), err(HvError::NotMapped));
-        assert_eq!(v.maps.len(), 1);
-        assert!(v.injected.is_empty(), "bad arguments are errors, never faults");
-    }
-
     proptest::proptest! {
         /// Random hypercall numbers and arguments only ever produce a result in RAX (an
         /// error code for nonsense): never a panic, never an injected fault, never a stop.
         #[test]
-        fn random_hypercalls_only_give_error_codes(nr in 0u64..16, a: u64, b: u64, d: u64) {
-            use vmcall_proto::caps::{Cap, CapType};
+        fn random_hypercalls_only_give_error_codes(nr in 0u64..17, a: u64, b: u64, d: u64) {
             let (mut c, mut v) = (ctx(), FakeVcpu::new());
-            c.caps.insert(Cap::new(CapType::Memory, Rights::all(), 0x4000_0000, 2 << 20)).unwrap();
+            c.caps.grant(0x4000_0000, 2 << 20).unwrap();
             if nr == 2 {
                 return Ok(()); // exit: ends the guest by design
             }

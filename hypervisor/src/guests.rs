@@ -343,7 +343,7 @@ pub fn collect(plan: &Plan) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -351,7 +351,11 @@ pub fn collect(plan: &Plan) -> bool {
                     r.tsc_first_entry,
                     r.tsc_end,
                     r.xmsgs,
-                    r.nmis
+                    r.nmis,
+                    Quoted(PerPeer(&r.caps.requests_from)),
+                    r.caps.refused,
+                    r.foreign_tsc,
+                    Quoted(Fenced(r.caps.fenced))
                 );
             }
             (slot, _) => {
@@ -410,6 +414,32 @@ fn report_channel(plan: &Plan, c: &ChanInfo) {
         ba.sent(),
         ba.received()
     );
+}
+
+/// Per-core counters as `core:count` words, zeros left out.
+struct PerPeer<'a>(&'a [u32]);
+impl fmt::Display for PerPeer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for (core, n) in self.0.iter().enumerate().filter(|(_, n)| **n > 0) {
+            write!(f, "{sep}{core}:{n}")?;
+            sep = " ";
+        }
+        Ok(())
+    }
+}
+
+/// A core bitmask as the list of its core indices.
+struct Fenced(u64);
+impl fmt::Display for Fenced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for core in (0..64).filter(|c| self.0 & (1 << c) != 0) {
+            write!(f, "{sep}{core}")?;
+            sep = " ";
+        }
+        Ok(())
+    }
 }
 
 struct OptWhy<'a>(Option<&'a Why>);

@@ -18,7 +18,7 @@
 
 mod arch;
 mod bootinfo;
-mod capproto;
+mod caps;
 mod console;
 mod cores;
 mod ept;

@@ -5,14 +5,15 @@
 //! to the target core: a running guest takes an NMI exit, a core in the hypervisor takes
 //! the NMI through its IDT (which just returns); either way the core looks at its inbox
 //! before it next enters its guest or while it waits for a reply. Nothing else is shared
-//! between cores on these paths: no lock, no table another core writes.
+//! between cores on these paths: no lock, no table another core writes. What travels here
+//! (the capability protocol) is defined in `caps::proto`; this module only carries it.
 
 use crate::percpu::MAX_CORES;
 use core::cell::UnsafeCell;
 use vmcall_proto::channel::{self, Payload, Receiver, Ring, Sender};
 
-/// Slots per inter-core ring.
-pub const SLOTS: u32 = 8;
+/// Slots per inter-core ring: what the capability protocol's flow control needs.
+pub const SLOTS: u32 = crate::caps::proto::RING_SLOTS;
 const RING_BYTES: usize = channel::ring_bytes(SLOTS) as usize;
 
 #[repr(C, align(64))]
@@ -39,24 +40,6 @@ pub fn publish_cores(apics: &[u32]) {
 fn ring(from: usize, to: usize) -> Ring<'static> {
     // SAFETY: static, 64-byte aligned, RING_BYTES long, accessed only through the ring.
     unsafe { Ring::from_raw(RINGS[from][to].0.get() as *mut u8, SLOTS) }
-}
-
-/// Message kinds (word 0, bits 0-7; the request number is in bits 32-63).
-pub mod op {
-    pub const INSERT: u64 = 1;
-    pub const INSERT_REPLY: u64 = 2;
-    pub const REVOKE: u64 = 3;
-    pub const REVOKE_REPLY: u64 = 4;
-}
-
-pub fn header(op: u64, req: u32) -> u64 {
-    op | (req as u64) << 32
-}
-pub fn op_of(m: &Payload) -> u64 {
-    m[0] & 0xff
-}
-pub fn req_of(m: &Payload) -> u32 {
-    (m[0] >> 32) as u32
 }
 
 /// One core's ends of all its rings, and its counters. Lives in the core's guest context.

@@ -91,7 +91,7 @@ pub const CONSOLE_MAX: u64 = 256;
 
 /// Hypercall error codes, returned negated in RAX.
 #[repr(i64)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HvError {
     /// No such hypercall.
     UnknownCall = -1,
@@ -155,6 +155,8 @@ impl From<crate::caps::CapError> for HvError {
             C::HasCopies => HvError::HasCopies,
             C::TooManyCopies => HvError::TooManyCopies,
             C::BadOffset => HvError::BadOffset,
+            C::NotOwner => HvError::NotOwner,
+            C::TooDeep => HvError::TooDeep,
         }
     }
 }

@@ -77,6 +77,10 @@ pub struct GuestReport {
     /// Inter-core messages and NMI kicks this core sent while running the guest.
     pub xmsgs: u64,
     pub nmis: u64,
+    /// The capability system's counters (requests per peer, refusals, fences).
+    pub caps: crate::caps::Stats,
+    /// TSC ticks spent serving other cores while the guest ran.
+    pub foreign_tsc: u64,
 }
 
 /// The guest's name as text.
@@ -512,6 +516,8 @@ mod run {
             tsc_end: arch::rdtsc(),
             xmsgs: 0,
             nmis: 0,
+            caps: ctx.caps.stats,
+            foreign_tsc: ctx.foreign_tsc,
         }
     }
 
@@ -590,8 +596,6 @@ mod run {
             }
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
-            ctx.chan_peers[i] = (ch.desc.index, ch.peer_core.map(usize::from));
-            ctx.chan_count = i + 1;
         }
         bi.channel_count = l.channel_count as u32;
         if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
@@ -622,16 +626,12 @@ mod run {
         };
         let mut sink = Console { name: name(l), core };
         for &(base, size) in &l.grants[..l.grant_count] {
-            use vmcall_proto::caps::{Cap, CapType, Rights};
-            if ctx.caps.insert(Cap::new(CapType::Memory, Rights::all(), base, size)).is_err() {
+            if ctx.caps.grant(base, size).is_err() {
                 return stop(&ctx, "capability space full");
             }
         }
         for ch in l.channels() {
-            use vmcall_proto::caps::{Cap, CapType, Rights};
-            let cap =
-                Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, ch.desc.index as u64, 0);
-            if ctx.caps.insert(cap).is_err() {
+            if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
                 return stop(&ctx, "capability space full");
             }
         }
@@ -657,8 +657,20 @@ mod run {
         );
         let mut launched = false;
         let mut first_entry = 0;
+        // Hypervisor time spent on other cores' behalf (serving their requests, taking their
+        // NMI kicks) is not the guest's: its budget is extended by it.
+        let mut kicked_at: Option<u64> = None;
         let ending = loop {
-            crate::capproto::serve(&mut ctx, &mut vcpu);
+            let t0 = arch::rdtsc();
+            let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
+            let t1 = arch::rdtsc();
+            let foreign = match kicked_at.take() {
+                Some(t) => t1.saturating_sub(t),
+                None if served > 0 => t1.saturating_sub(t0),
+                None => 0,
+            };
+            ctx.watchdog = ctx.watchdog.saturating_add(foreign);
+            ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
             vcpu.injected = false;
             let timer = match ctx.before_entry(&mut vcpu) {
                 Ok(t) => t,
@@ -680,10 +692,12 @@ mod run {
                 break Ending::Stopped(StopReason::Setup("VM entry failed (VM-instruction error)"));
             }
             launched = true;
+            let t_exit = arch::rdtsc();
             let e = read_exit();
             // SAFETY: current VMCS.
             let intr = unsafe { exit::INTR_INFO.read() };
             if e.reason == 0 && intr & (1 << 31) != 0 && (intr >> 8) & 7 == 2 {
+                kicked_at = Some(t_exit);
                 // The NMI was a kick for this core's hypervisor, not the guest's: do not let
                 // the guest inherit NMI blocking (it would hold every later kick until the
                 // guest happens to IRET), and unblock NMIs on the host side.
@@ -703,7 +717,7 @@ mod run {
             reinject_vectoring(&mut vcpu);
         };
         ctx.flush_line(&mut sink);
-        ctx.ended = true;
+        ctx.caps.end();
         if let Some(p) = post.take() {
             let mut r = report(&ctx, ending, first_entry);
             r.xmsgs = vcpu.link.sent;
@@ -713,7 +727,7 @@ mod run {
         // The guest is gone but its capabilities may have copies elsewhere, and other cores
         // may revoke copies held here: keep answering until told to stop.
         while keep_serving() {
-            crate::capproto::serve(&mut ctx, &mut vcpu);
+            ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             arch::pause();
         }
         // SAFETY: the VMCS is this core's; clearing it ends its use.

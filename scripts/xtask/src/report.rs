@@ -39,6 +39,19 @@ pub struct GuestReport {
     pub xmsgs: u64,
     #[serde(default)]
     pub nmis: u64,
+    /// Capability-protocol requests this guest's core received, by sending core index.
+    #[serde(default)]
+    pub requests_from: BTreeMap<String, u64>,
+    /// Transfers into this guest that its core refused (not accepted, no room, ended).
+    #[serde(default)]
+    pub cap_refused: u64,
+    /// TSC ticks its core spent serving other cores while it ran (not charged to its
+    /// budget).
+    #[serde(default)]
+    pub foreign_tsc: u64,
+    /// Cores its core declared failed (fenced) for not answering in time.
+    #[serde(default)]
+    pub fenced: Vec<u32>,
 }
 
 /// One channel's counters at the end, as its two guests left them in the ring headers.
@@ -192,6 +205,25 @@ impl Console {
                         tsc_end: num(&r, "tsc_end")?,
                         xmsgs: num(&r, "xmsgs").unwrap_or(0),
                         nmis: num(&r, "nmis").unwrap_or(0),
+                        requests_from: r
+                            .get("requests_from")
+                            .map(unescape)
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .filter_map(|w| {
+                                let (k, v) = w.split_once(':')?;
+                                Some((k.to_string(), v.parse().ok()?))
+                            })
+                            .collect(),
+                        cap_refused: num(&r, "cap_refused").unwrap_or(0),
+                        foreign_tsc: num(&r, "foreign_tsc").unwrap_or(0),
+                        fenced: r
+                            .get("fenced")
+                            .map(unescape)
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .filter_map(|w| w.parse().ok())
+                            .collect(),
                     })
                 })();
                 match guest {

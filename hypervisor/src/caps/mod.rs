@@ -1,0 +1,479 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The capability system on one core: the guest's capability space, its channels' accept
+//! quotas, and this core's half of the cross-core protocol ([`proto`]). One [`CapCore`]
+//! per core, owned by that core; no other core reads or writes it. The rest of the
+//! hypervisor reaches it through [`CapCore::hypercall`] (the `cap_*` hypercalls),
+//! [`CapCore::poll`] (serve the inbox) and the setup calls; it reaches the hardware only
+//! through [`Env`] (the EPT of this core's guest and the inter-core transport), so the
+//! same code runs in the hypervisor, in host tests and in the model checker.
+//!
+//! May call: `vmcall_proto` (the capability space and ABI), [`proto`]. Nothing else of
+//! the hypervisor: `exits` calls into this module, never the other way.
+
+#[cfg(test)]
+mod model;
+pub mod proto;
+#[cfg(test)]
+mod tests;
+
+use proto::Proto;
+pub use proto::Verdict;
+use vmcall_proto::caps::{CSpace, Cap, CapType, Child, Rights};
+use vmcall_proto::channel::Payload;
+use vmcall_proto::guest::MAX_CHANNELS_PER_GUEST;
+use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
+
+/// Cores the protocol can address (the hypervisor's `percpu::MAX_CORES`).
+pub const MAX_PEERS: usize = 64;
+
+/// What the capability system needs from its core.
+pub trait Env {
+    /// The time-stamp counter now.
+    fn now(&mut self) -> u64;
+    /// Puts a message on the inter-core ring to core `to`; `false` if it is full (which
+    /// the protocol's flow control rules out; treated as that core failing).
+    fn send(&mut self, to: usize, m: &Payload) -> bool;
+    /// The next inter-core message for this core, with its sender.
+    fn recv(&mut self) -> Option<(usize, Payload)>;
+    /// Tells core `to` it has mail (an NMI).
+    fn kick(&mut self, to: usize);
+    /// Maps host-physical `[hpa, hpa + size)` at `gpa` in this core's guest's EPT, never
+    /// executable, and flushes its translations; all or nothing.
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError>;
+    /// Unmaps `[gpa, gpa + size)` and flushes the guest's EPT translations.
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
+    /// Waits a little while an operation is in flight (a PAUSE on hardware).
+    fn relax(&mut self) {}
+}
+
+/// Tunables, from the hypervisor command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Policy {
+    /// Per-level protocol deadline, in TSC ticks: a core that does not answer within it
+    /// (scaled by the levels below, see [`proto`]) is declared failed and fenced.
+    pub deadline: u64,
+    /// Least TSC ticks between two transfers from this core to the same core: bounds the
+    /// request rate any one guest can aim at another.
+    pub transfer_gap: u64,
+}
+
+impl Policy {
+    /// 50 ms per level and at most 100 transfers per millisecond per peer.
+    pub fn from_tsc_per_ms(tsc_per_ms: u64) -> Self {
+        Policy { deadline: tsc_per_ms.saturating_mul(50), transfer_gap: tsc_per_ms / 100 }
+    }
+}
+
+/// Counters of this core's capability work, reported with its guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Stats {
+    pub transfers: u32,
+    /// Caps revoked in this space on other cores' behalf.
+    pub revoked_here: u64,
+    /// Requests received from each core (INSERT and REVOKE).
+    pub requests_from: [u32; MAX_PEERS],
+    /// INSERTs refused (no accept quota, no room, guest ended).
+    pub refused: u32,
+    /// Cores this one declared failed.
+    pub fenced: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            transfers: 0,
+            revoked_here: 0,
+            requests_from: [0; MAX_PEERS],
+            refused: 0,
+            fenced: 0,
+        }
+    }
+}
+
+/// One channel of this core's guest, as the capability system sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+struct Chan {
+    /// The channel's number in the config.
+    index: u32,
+    /// The peer's core, if the peer runs.
+    peer: Option<u16>,
+    /// Caps the guest still accepts through this channel (`cap_accept`).
+    accept: u32,
+}
+
+/// A guest's capability state on its core. `E` is the protocol's table size (see
+/// [`proto::entries_for`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CapCore<const E: usize> {
+    space: CSpace,
+    chans: [Chan; MAX_CHANNELS_PER_GUEST],
+    nchans: usize,
+    /// The guest has ended: inserts are refused, revokes still served.
+    ended: bool,
+    proto: Proto<E>,
+    last_transfer: [u64; MAX_PEERS],
+    pub stats: Stats,
+    pub policy: Policy,
+    #[cfg(test)]
+    pub bug: Bug,
+}
+
+/// A transfer in flight, for [`CapCore::transfer_finish`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Transfer {
+    h: u64,
+    peer: u16,
+    id: Option<u64>,
+}
+
+/// A bug to put in on purpose, to show the model checker finds it.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Bug {
+    #[default]
+    None,
+    /// The copy's record is added when the peer confirms, not before the INSERT leaves
+    /// (the bug that let a copy in flight survive a revoke).
+    RecordAfterReply,
+}
+
+/// The hypervisor's instance: room for every core's requests.
+pub type HvCaps = CapCore<{ proto::entries_for(MAX_PEERS) }>;
+
+impl<const E: usize> CapCore<E> {
+    pub fn new(core: u16, policy: Policy) -> Self {
+        CapCore {
+            space: CSpace::new(core),
+            chans: [Chan::default(); MAX_CHANNELS_PER_GUEST],
+            nchans: 0,
+            ended: false,
+            proto: Proto::new(core),
+            last_transfer: [0; MAX_PEERS],
+            stats: Stats::default(),
+            policy,
+            #[cfg(test)]
+            bug: Bug::None,
+        }
+    }
+
+    pub fn space(&self) -> &CSpace {
+        &self.space
+    }
+
+    /// A config grant: memory the guest owns (read, write, grant), in the next slot.
+    pub fn grant(&mut self, base: u64, size: u64) -> Result<u64, HvError> {
+        let cap = Cap::new(CapType::Memory, Rights::all(), base, size);
+        Ok(self.space.insert(cap, None)?.0)
+    }
+
+    /// One of the guest's channels (boot-info order), with its endpoint cap in the next
+    /// slot. `peer`: the core running the other end, if it runs.
+    pub fn add_channel(&mut self, index: u32, peer: Option<u16>) -> Result<u64, HvError> {
+        let chan = self.chans.get_mut(self.nchans).ok_or(HvError::NoSpace)?;
+        *chan = Chan { index, peer, accept: 0 };
+        self.nchans += 1;
+        let cap = Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, index as u64, 0);
+        Ok(self.space.insert(cap, None)?.0)
+    }
+
+    /// The guest has ended: no more caps come in. Its own caps stay until revoked (their
+    /// owners may still take them back, and that must keep working).
+    pub fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether this core is waiting on nothing (no request of its own or of others open).
+    pub fn idle(&self) -> bool {
+        self.proto.idle()
+    }
+
+    /// Serves the inbox: every message waiting, then deadlines. Returns how many messages
+    /// were handled (the caller charges that time to nobody's guest).
+    pub fn poll(&mut self, env: &mut impl Env) -> u32 {
+        let mut n = 0;
+        while let Some((from, m)) = env.recv() {
+            n += 1;
+            self.deliver(env, from, &m);
+        }
+        let now = env.now();
+        self.proto.expire(env, now, &mut self.stats);
+        n
+    }
+
+    /// One inter-core message.
+    pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if from < MAX_PEERS && proto::is_request(m) {
+            self.stats.requests_from[from] = self.stats.requests_from[from].saturating_add(1);
+        }
+        let Some(ins) =
+            self.proto.deliver(env, from, m, &mut self.space, &self.policy, &mut self.stats)
+        else {
+            return;
+        };
+        let result = self.accept_insert(&ins);
+        if result.is_err() {
+            self.stats.refused = self.stats.refused.saturating_add(1);
+        }
+        self.proto.reply_insert(env, ins.from, ins.req, result, &mut self.stats);
+    }
+
+    /// Decides an `INSERT`: the channel must join this guest and the sender's core, the
+    /// guest must have accepted a cap on it, and its space must have room. A refusal costs
+    /// this guest nothing but the reply.
+    fn accept_insert(&mut self, ins: &proto::InsertRequest) -> Result<u64, HvError> {
+        if self.ended {
+            return Err(HvError::PeerGone);
+        }
+        let from = ins.from;
+        let c = self.chans[..self.nchans]
+            .iter_mut()
+            .find(|c| c.index == ins.channel && c.peer.map(usize::from) == Some(from))
+            .ok_or(HvError::BadArgument)?;
+        let cap = ins.cap;
+        if cap.kind != CapType::Memory
+            || cap.size == 0
+            || !(cap.base | cap.size).is_multiple_of(vmcall_proto::caps::PAGE)
+        {
+            return Err(HvError::WrongType);
+        }
+        // A copy's id is minted by its sender's core: no core can name another's nodes.
+        if ins.id.is_some_and(|id| id >> 48 != from as u64 || id == 0) {
+            return Err(HvError::BadArgument);
+        }
+        if c.accept == 0 {
+            return Err(HvError::NotAccepted);
+        }
+        let (h, _) = self.space.insert(cap, ins.id)?;
+        c.accept -= 1;
+        Ok(h)
+    }
+
+    /// A `cap_*` hypercall; `None` if `call` is not one.
+    pub fn hypercall(
+        &mut self,
+        env: &mut impl Env,
+        call: Hypercall,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Option<Result<u64, HvError>> {
+        Some(match call {
+            Hypercall::CapIdentify => self.space.get(a).map(|c| c.identify()).map_err(Into::into),
+            Hypercall::CapSplit => self.space.split(a, b).map_err(Into::into),
+            Hypercall::CapMap => self.map(env, a, b, c),
+            Hypercall::CapUnmap => self.unmap(env, a),
+            Hypercall::CapTransfer => self.transfer(env, a, b, c),
+            Hypercall::CapRevoke => self.revoke(env, a),
+            Hypercall::CapAccept => self.accept(a, b),
+            _ => return None,
+        })
+    }
+
+    /// `cap_map(slot, gpa, rights)`: only inside the grant window, only where nothing else
+    /// of this guest is mapped, only with rights the cap carries. The EPT is written only
+    /// after every check passed; if the EPT writer fails, it changed nothing and neither
+    /// does this.
+    fn map(&mut self, env: &mut impl Env, h: u64, gpa: u64, rights: u64) -> Result<u64, HvError> {
+        let rights = u8::try_from(rights)
+            .ok()
+            .and_then(Rights::from_bits)
+            .filter(|r| !r.contains(Rights::GRANT))
+            .ok_or(HvError::BadArgument)?;
+        let cap = *self.space.get(h)?;
+        if cap.kind != CapType::Memory {
+            return Err(HvError::WrongType);
+        }
+        let end = gpa.checked_add(cap.size).ok_or(HvError::BadAddress)?;
+        if gpa < GRANT_WINDOW.0 || end > GRANT_WINDOW.1 {
+            return Err(HvError::BadAddress);
+        }
+        let busy = self
+            .space
+            .live()
+            .filter_map(|(_, c)| c.mapped_at.map(|m| (m, m + c.size)))
+            .any(|(m, e)| gpa < e && m < end);
+        if busy {
+            return Err(HvError::AddressInUse);
+        }
+        // Check everything the space checks, on a copy, before the EPT changes.
+        let mut trial = self.space.clone();
+        trial.map(h, gpa, rights)?;
+        env.ept_map(gpa, cap.base, cap.size, rights.contains(Rights::WRITE))?;
+        self.space = trial;
+        Ok(0)
+    }
+
+    /// `cap_unmap(slot) -> gpa`.
+    fn unmap(&mut self, env: &mut impl Env, h: u64) -> Result<u64, HvError> {
+        let c = *self.space.get(h)?;
+        let gpa = c.mapped_at.ok_or(HvError::NotMapped)?;
+        env.ept_unmap(gpa, c.size)?;
+        self.space.unmap(h)?;
+        Ok(gpa)
+    }
+
+    /// `cap_accept(endpoint, n) -> previous`.
+    fn accept(&mut self, ep: u64, n: u64) -> Result<u64, HvError> {
+        let idx = self.endpoint(ep)?;
+        let n = u32::try_from(n).map_err(|_| HvError::BadArgument)?;
+        let chan = &mut self.chans[idx];
+        Ok(core::mem::replace(&mut chan.accept, n) as u64)
+    }
+
+    /// The position in `chans` of the channel behind endpoint handle `ep`.
+    fn endpoint(&self, ep: u64) -> Result<usize, HvError> {
+        let e = self.space.get(ep)?;
+        if e.kind != CapType::Endpoint {
+            return Err(HvError::WrongType);
+        }
+        self.chans[..self.nchans]
+            .iter()
+            .position(|c| c.index as u64 == e.base)
+            .ok_or(HvError::BadArgument)
+    }
+
+    /// `cap_transfer(slot, endpoint, mode)`: a copy (mode bit 0 set; bits 8-15 its rights)
+    /// or a move of `slot` to the peer behind `endpoint`. Waits for the answer, serving.
+    fn transfer(&mut self, env: &mut impl Env, h: u64, ep: u64, mode: u64) -> Result<u64, HvError> {
+        let t = self.transfer_start(env, h, ep, mode)?;
+        let v = self.wait(env);
+        Ok(self.transfer_finish(t, v)?)
+    }
+
+    /// The checks and records of a transfer, and its `INSERT` on the way.
+    pub fn transfer_start(
+        &mut self,
+        env: &mut impl Env,
+        h: u64,
+        ep: u64,
+        mode: u64,
+    ) -> Result<Transfer, HvError> {
+        let chan = self.chans[self.endpoint(ep)?];
+        let peer = chan.peer.ok_or(HvError::PeerGone)?;
+        if mode & !0xff01 != 0 {
+            return Err(HvError::BadArgument);
+        }
+        let copy = mode & 1 == 1;
+        let src = *self.space.get(h)?;
+        if src.kind != CapType::Memory {
+            return Err(HvError::WrongType);
+        }
+        if self.proto.fenced(peer as usize) {
+            return Err(HvError::PeerGone);
+        }
+        let (cap, id) = if copy {
+            let rights = Rights::from_bits((mode >> 8) as u8).ok_or(HvError::BadArgument)?;
+            let cap = self.space.copy_of(h, rights)?;
+            (cap, Some(self.space.mint()))
+        } else {
+            // Everything take_for_move checks, before the mapping goes.
+            self.space.clone().take_for_move(h)?;
+            (src, None)
+        };
+        // Bound the rate at which this guest can aim requests at one peer: it waits
+        // (serving), on its own budget.
+        let gap = self.policy.transfer_gap;
+        while gap > 0 && env.now().wrapping_sub(self.last_transfer[peer as usize]) < gap {
+            self.poll(env);
+            env.relax();
+        }
+        self.last_transfer[peer as usize] = env.now();
+        if let Some(gpa) = src.mapped_at.filter(|_| !copy) {
+            // The receiver may map it at once: this guest's access goes first.
+            env.ept_unmap(gpa, src.size)?;
+            self.space.unmap(h)?;
+        }
+        if let Some(id) = id {
+            #[cfg(test)]
+            let early = self.bug != Bug::RecordAfterReply;
+            #[cfg(not(test))]
+            let early = true;
+            // Recorded before it is sent: a revoke of `h` from now on reaches the copy,
+            // even while it is in flight (the REVOKE follows the INSERT on the same ring).
+            if early {
+                self.space.add_child(h, Child { core: peer, id })?;
+            }
+        }
+        let now = env.now();
+        self.proto.start_insert(env, now, peer, &cap, id, chan.index, &self.policy);
+        Ok(Transfer { h, peer, id })
+    }
+
+    /// The end of a transfer, once the protocol has a verdict.
+    pub fn transfer_finish(&mut self, t: Transfer, v: Verdict) -> Result<u64, HvError> {
+        let copy = t.id.is_some();
+        match v {
+            Verdict::Inserted(slot) => {
+                #[cfg(test)]
+                if let (Bug::RecordAfterReply, Some(id)) = (self.bug, t.id) {
+                    let _ = self.space.add_child(t.h, Child { core: t.peer, id });
+                }
+                if !copy {
+                    let _ = self.space.take_for_move(t.h);
+                }
+                self.stats.transfers = self.stats.transfers.saturating_add(1);
+                Ok(slot)
+            }
+            Verdict::Refused(e) => {
+                if let Some(id) = t.id {
+                    self.space.remove_child(Child { core: t.peer, id });
+                }
+                // A refused move leaves the cap here, unmapped.
+                Err(e)
+            }
+            Verdict::Unconfirmed => {
+                // The peer was fenced before it answered: it may hold the cap. A copy stays
+                // recorded (a later revoke reports it unconfirmed); a move is given up by
+                // this side too, so at most the fenced core holds it.
+                if !copy {
+                    let _ = self.space.take_for_move(t.h);
+                }
+                Err(HvError::Timeout)
+            }
+            Verdict::Revoked(_) => Err(HvError::PeerGone),
+        }
+    }
+
+    /// `cap_revoke(slot) -> copies revoked`: every copy derived from `slot`, on every core,
+    /// gone (unmapped, translations flushed) before it returns; `Timeout` if some core did
+    /// not confirm within the deadline (that core is fenced and reported).
+    fn revoke(&mut self, env: &mut impl Env, h: u64) -> Result<u64, HvError> {
+        if !self.revoke_start(env, h)? {
+            return Ok(0);
+        }
+        let v = self.wait(env);
+        Self::revoke_finish(v)
+    }
+
+    /// Starts a revoke; `false` if `h` has no copies (nothing to wait for).
+    pub fn revoke_start(&mut self, env: &mut impl Env, h: u64) -> Result<bool, HvError> {
+        let depth = self.space.get(h)?.depth;
+        let children = self.space.take_children(h)?;
+        if children.iter().all(Option::is_none) {
+            return Ok(false);
+        }
+        let now = env.now();
+        self.proto.start_revoke(env, now, depth, children, &self.policy, &mut self.stats);
+        Ok(true)
+    }
+
+    pub fn revoke_finish(v: Verdict) -> Result<u64, HvError> {
+        match v {
+            Verdict::Revoked((n, false)) => Ok(n),
+            Verdict::Revoked((_, true)) | Verdict::Unconfirmed => Err(HvError::Timeout),
+            Verdict::Inserted(_) | Verdict::Refused(_) => Err(HvError::PeerGone),
+        }
+    }
+
+    /// Serves until this core's own operation is decided (the protocol's deadlines bound
+    /// the wait: `expire` decides it at the latest then).
+    fn wait(&mut self, env: &mut impl Env) -> Verdict {
+        loop {
+            self.poll(env);
+            if let Some(v) = self.proto.take_local() {
+                return v;
+            }
+            env.relax();
+        }
+    }
+}

@@ -1,0 +1,513 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The cross-core capability protocol: one instance per core, a state machine driven by
+//! messages (no nested waits), model-checked in `caps::model` with the very same code.
+//!
+//! Messages (64-byte ring slots; word 0 = op | request << 32):
+//! * `INSERT` [kind | rights << 8 | depth << 16 | copy << 24, base, size, channel, id]: put
+//!   a cap into the receiver's guest space (a copy under the id its sender minted and has
+//!   already recorded as a child; a move under a fresh id). Answered by `INSERT_REPLY`
+//!   [handle or error].
+//! * `REVOKE` [id]: revoke node `id` in the receiver's space (every piece: unmapped and
+//!   flushed), then the node's own children, and answer `REVOKE_REPLY` [nodes revoked,
+//!   incomplete] only when all of them answered.
+//!
+//! Invariants, and why the protocol cannot hang or overflow:
+//! * **Records before copies.** A copy's child record exists before its `INSERT` leaves,
+//!   and rings are FIFO per core pair, so a `REVOKE` that follows can only be served after
+//!   the `INSERT` it chases: revoke misses no copy in flight.
+//! * **Flow control.** A core has at most [`CREDITS`] requests outstanding to any one core.
+//!   So a ring from `a` to `b` holds at most `CREDITS` requests of `a` plus `CREDITS`
+//!   replies to `b`'s requests: with ring slots = 2 x CREDITS a send never finds the ring
+//!   full, and a core serves at most `CREDITS` requests per peer at once, which is what
+//!   sizes the entry table ([`entries_for`]): there is no drop-on-full path.
+//! * **No nested waits.** A request that needs further requests (a revoke with children)
+//!   becomes an entry; replies complete entries; nothing blocks inside a handler, so two
+//!   revokes racing in opposite directions, or a revoke meeting a transfer, both progress.
+//! * **Deadlines.** Every entry has one. An entry revoking children of depth `c` waits at
+//!   most `deadline x (MAX_DEPTH - c + 2)`: deeper entries expire first, so a silent core
+//!   is blamed by the core waiting on it directly, not by its ancestors. When an entry
+//!   expires, every core it still waits for is *fenced*: declared failed, its messages
+//!   ignored from then on, no request sent to it again; the operations that waited on it
+//!   finish as incomplete (`cap_revoke` returns `Timeout`), and the fence is reported.
+//!
+//! May call: `vmcall_proto`, the [`Env`](super::Env) of its core.
+
+use super::{Env, Policy, Stats, MAX_PEERS};
+use vmcall_proto::caps::{CSpace, Cap, CapType, Child, Rights, MAX_CHILDREN, MAX_DEPTH};
+use vmcall_proto::channel::Payload;
+use vmcall_proto::hypercall::HvError;
+
+/// Requests outstanding from one core to another at most.
+pub const CREDITS: u8 = 4;
+/// Inter-core ring slots needed for [`CREDITS`] (see the module header).
+pub const RING_SLOTS: u32 = 2 * CREDITS as u32;
+
+/// Entries a core needs with `cores` cores: its own operation, and the requests of every
+/// other core it may be serving at once.
+pub const fn entries_for(cores: usize) -> usize {
+    1 + CREDITS as usize * (cores - 1)
+}
+
+pub mod op {
+    pub const INSERT: u64 = 1;
+    pub const INSERT_REPLY: u64 = 2;
+    pub const REVOKE: u64 = 3;
+    pub const REVOKE_REPLY: u64 = 4;
+}
+
+fn header(op: u64, req: u32) -> u64 {
+    op | (req as u64) << 32
+}
+fn op_of(m: &Payload) -> u64 {
+    m[0] & 0xff
+}
+fn req_of(m: &Payload) -> u32 {
+    (m[0] >> 32) as u32
+}
+
+/// Whether `m` asks something (as opposed to answering).
+pub fn is_request(m: &Payload) -> bool {
+    matches!(op_of(m), op::INSERT | op::REVOKE)
+}
+
+/// Request numbers name the entry and the child they belong to, and the entry's use.
+fn req(entry: usize, child: usize, seq: u16) -> u32 {
+    (entry as u32) << 20 | (child as u32) << 16 | seq as u32
+}
+
+/// How this core's own operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// The peer took the cap: its handle there.
+    Inserted(u64),
+    /// The peer refused it.
+    Refused(HvError),
+    /// A revoke finished: nodes revoked, and whether some core could not confirm.
+    Revoked((u64, bool)),
+    /// The peer was fenced before it answered.
+    Unconfirmed,
+}
+
+/// An `INSERT` for the capability layer to decide on ([`Proto::reply_insert`] answers it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InsertRequest {
+    pub from: usize,
+    pub req: u32,
+    pub cap: Cap,
+    /// The copy's id (minted by the sender), or `None` for a move.
+    pub id: Option<u64>,
+    pub channel: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Free,
+    LocalInsert,
+    LocalRevoke,
+    /// Serving a peer's `REVOKE`: answer `req` to core `to` when done.
+    Forward {
+        to: u16,
+        req: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Entry {
+    kind: Kind,
+    seq: u16,
+    ids: [u64; MAX_CHILDREN],
+    cores: [u16; MAX_CHILDREN],
+    n: u8,
+    sent: u16,
+    done: u16,
+    total: u64,
+    incomplete: bool,
+    deadline: u64,
+}
+
+const FREE: Entry = Entry {
+    kind: Kind::Free,
+    seq: 0,
+    ids: [0; MAX_CHILDREN],
+    cores: [0; MAX_CHILDREN],
+    n: 0,
+    sent: 0,
+    done: 0,
+    total: 0,
+    incomplete: false,
+    deadline: 0,
+};
+
+impl Entry {
+    fn complete(&self) -> bool {
+        self.done.count_ones() == self.n as u32
+    }
+}
+
+/// A bug to put into the protocol on purpose, to show the model checker finds it.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Bug {
+    #[default]
+    None,
+    /// A served `REVOKE` does not go on to the node's own children.
+    NoRecursion,
+}
+
+/// This core's protocol state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Proto<const E: usize> {
+    me: u16,
+    entries: [Entry; E],
+    /// Requests outstanding to each core.
+    outstanding: [u8; MAX_PEERS],
+    fenced: u64,
+    local: Option<Verdict>,
+    /// The `INSERT` of this core's own transfer, until it is sent.
+    insert: Payload,
+    seq: u16,
+    #[cfg(test)]
+    pub bug: Bug,
+}
+
+/// Deadline levels for an entry revoking children of depth `child_depth`.
+fn levels(child_depth: u8) -> u64 {
+    (MAX_DEPTH as u64 + 2).saturating_sub(child_depth as u64).max(1)
+}
+
+impl<const E: usize> Proto<E> {
+    pub fn new(me: u16) -> Self {
+        Proto {
+            me,
+            entries: [FREE; E],
+            outstanding: [0; MAX_PEERS],
+            fenced: 0,
+            local: None,
+            insert: [0; 7],
+            seq: 0,
+            #[cfg(test)]
+            bug: Bug::None,
+        }
+    }
+
+    pub fn fenced(&self, core: usize) -> bool {
+        core >= MAX_PEERS || self.fenced & (1 << core) != 0
+    }
+
+    pub fn idle(&self) -> bool {
+        self.entries.iter().all(|e| e.kind == Kind::Free) && self.local.is_none()
+    }
+
+    /// The verdict of this core's own operation, once there is one.
+    pub fn take_local(&mut self) -> Option<Verdict> {
+        self.local.take()
+    }
+
+    fn claim(&mut self, i: usize, kind: Kind, deadline: u64) {
+        self.seq = self.seq.wrapping_add(1);
+        self.entries[i] = Entry { kind, seq: self.seq, deadline, ..FREE };
+    }
+
+    fn set_children(&mut self, i: usize, children: &[Option<Child>; MAX_CHILDREN]) {
+        let e = &mut self.entries[i];
+        for ch in children.iter().flatten() {
+            e.ids[e.n as usize] = ch.id;
+            e.cores[e.n as usize] = ch.core;
+            e.n += 1;
+        }
+    }
+
+    /// Starts this core's transfer of `cap` to `peer` (the caller checked and recorded it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_insert(
+        &mut self,
+        env: &mut impl Env,
+        now: u64,
+        peer: u16,
+        cap: &Cap,
+        id: Option<u64>,
+        channel: u32,
+        policy: &Policy,
+    ) {
+        self.local = None;
+        self.claim(0, Kind::LocalInsert, now.saturating_add(policy.deadline.saturating_mul(2)));
+        let e = &mut self.entries[0];
+        e.cores[0] = peer;
+        e.ids[0] = id.unwrap_or(0);
+        e.n = 1;
+        let flags = cap.kind as u64
+            | (cap.rights.bits() as u64) << 8
+            | (cap.depth as u64) << 16
+            | (id.is_some() as u64) << 24;
+        self.insert = [0, flags, cap.base, cap.size, channel as u64, id.unwrap_or(0), 0];
+        self.pump(env, &mut Stats::default());
+    }
+
+    /// Starts this core's revoke of `children` (copies of a cap of depth `depth`).
+    pub fn start_revoke(
+        &mut self,
+        env: &mut impl Env,
+        now: u64,
+        depth: u8,
+        children: [Option<Child>; MAX_CHILDREN],
+        policy: &Policy,
+        stats: &mut Stats,
+    ) {
+        self.local = None;
+        let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
+        self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
+        self.set_children(0, &children);
+        self.pump(env, stats);
+        self.finish_complete(env, stats);
+    }
+
+    /// Sends whatever entries still have to send, as far as credits allow.
+    fn pump(&mut self, env: &mut impl Env, stats: &mut Stats) {
+        for i in 0..E {
+            if self.entries[i].kind == Kind::Free {
+                continue;
+            }
+            for j in 0..self.entries[i].n as usize {
+                let bit = 1 << j;
+                let e = self.entries[i];
+                if e.sent & bit != 0 {
+                    continue;
+                }
+                let to = e.cores[j] as usize;
+                if self.fenced(to) {
+                    let e = &mut self.entries[i];
+                    e.sent |= bit;
+                    e.done |= bit;
+                    e.incomplete = true;
+                    continue;
+                }
+                if self.outstanding[to] >= CREDITS {
+                    continue;
+                }
+                let r = req(i, j, e.seq);
+                let m = match e.kind {
+                    Kind::LocalInsert => {
+                        let mut m = self.insert;
+                        m[0] = header(op::INSERT, r);
+                        m
+                    }
+                    _ => [header(op::REVOKE, r), e.ids[j], 0, 0, 0, 0, 0],
+                };
+                self.entries[i].sent |= bit;
+                if env.send(to, &m) {
+                    self.outstanding[to] += 1;
+                    env.kick(to);
+                } else {
+                    // Flow control makes this impossible with a live peer.
+                    self.fence(env, to, stats);
+                }
+            }
+        }
+    }
+
+    /// Finishes every entry whose children all answered.
+    fn finish_complete(&mut self, env: &mut impl Env, stats: &mut Stats) {
+        for i in 0..E {
+            let e = self.entries[i];
+            if e.kind == Kind::Free || !e.complete() {
+                continue;
+            }
+            self.entries[i].kind = Kind::Free;
+            match e.kind {
+                Kind::Forward { to, req } => {
+                    let m =
+                        [header(op::REVOKE_REPLY, req), e.total, e.incomplete as u64, 0, 0, 0, 0];
+                    self.answer(env, to as usize, &m, stats);
+                }
+                Kind::LocalRevoke => self.local = Some(Verdict::Revoked((e.total, e.incomplete))),
+                // Decided by its reply or by a fence, never by completion alone.
+                Kind::LocalInsert => self.local = Some(Verdict::Unconfirmed),
+                Kind::Free => {}
+            }
+        }
+    }
+
+    /// Sends a reply (always room: see the module header).
+    fn answer(&mut self, env: &mut impl Env, to: usize, m: &Payload, stats: &mut Stats) {
+        if self.fenced(to) {
+            return;
+        }
+        if env.send(to, m) {
+            env.kick(to);
+        } else {
+            self.fence(env, to, stats);
+        }
+    }
+
+    /// Declares `core` failed: nothing more is sent to it or taken from it, and whatever
+    /// waited on it finishes as incomplete.
+    pub fn fence(&mut self, env: &mut impl Env, core: usize, stats: &mut Stats) {
+        if self.fenced(core) {
+            return;
+        }
+        log::error!("core {core} did not answer the capability protocol in time: fenced");
+        self.fenced |= 1 << core;
+        stats.fenced |= 1 << core;
+        self.outstanding[core] = 0;
+        for e in self.entries.iter_mut().filter(|e| e.kind != Kind::Free) {
+            for j in 0..e.n as usize {
+                if e.cores[j] as usize == core && e.done & (1 << j) == 0 {
+                    e.sent |= 1 << j;
+                    e.done |= 1 << j;
+                    e.incomplete = true;
+                }
+            }
+        }
+        self.finish_complete(env, stats);
+    }
+
+    /// Fences every core an expired entry still waits for.
+    pub fn expire(&mut self, env: &mut impl Env, now: u64, stats: &mut Stats) {
+        for i in 0..E {
+            let e = self.entries[i];
+            if e.kind == Kind::Free || now <= e.deadline {
+                continue;
+            }
+            for j in 0..e.n as usize {
+                if e.done & (1 << j) == 0 {
+                    self.fence(env, e.cores[j] as usize, stats);
+                }
+            }
+        }
+    }
+
+    /// Answers an `INSERT` the capability layer decided on.
+    pub fn reply_insert(
+        &mut self,
+        env: &mut impl Env,
+        to: usize,
+        req: u32,
+        result: Result<u64, HvError>,
+        stats: &mut Stats,
+    ) {
+        let code = match result {
+            Ok(h) => h,
+            Err(e) => e.to_rax(),
+        };
+        self.answer(env, to, &[header(op::INSERT_REPLY, req), code, 0, 0, 0, 0, 0], stats);
+    }
+
+    /// One message from core `from`. Revokes and replies are handled here; an `INSERT` is
+    /// handed back for the capability layer to decide (then [`Self::reply_insert`]).
+    pub fn deliver(
+        &mut self,
+        env: &mut impl Env,
+        from: usize,
+        m: &Payload,
+        space: &mut CSpace,
+        policy: &Policy,
+        stats: &mut Stats,
+    ) -> Option<InsertRequest> {
+        if from == self.me as usize || self.fenced(from) {
+            return None;
+        }
+        let r = req_of(m);
+        match op_of(m) {
+            op::INSERT => return Some(decode_insert(from, r, m)),
+            op::REVOKE => self.serve_revoke(env, from, r, m[1], space, policy, stats),
+            op::INSERT_REPLY | op::REVOKE_REPLY => self.take_reply(env, from, r, m, stats),
+            other => log::error!("unknown inter-core message {other} from core {from}"),
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve_revoke(
+        &mut self,
+        env: &mut impl Env,
+        from: usize,
+        r: u32,
+        id: u64,
+        space: &mut CSpace,
+        policy: &Policy,
+        stats: &mut Stats,
+    ) {
+        let removed = space.revoke_id(id, |c| {
+            if let Err(e) = env.ept_unmap(c.mapped_at.unwrap_or(0), c.size) {
+                log::error!("revoke of {id:#x}: EPT unmap failed: {e:?}");
+            }
+        });
+        let mut children = removed.children;
+        #[cfg(test)]
+        if self.bug == Bug::NoRecursion {
+            children = [None; MAX_CHILDREN];
+        }
+        let found = (removed.pieces > 0) as u64;
+        stats.revoked_here = stats.revoked_here.saturating_add(found);
+        let reply = |total, incomplete: bool| {
+            [header(op::REVOKE_REPLY, r), total, incomplete as u64, 0, 0, 0, 0]
+        };
+        if children.iter().all(Option::is_none) {
+            self.answer(env, from, &reply(found, false), stats);
+            return;
+        }
+        let Some(i) = (1..E).find(|&i| self.entries[i].kind == Kind::Free) else {
+            // Flow control bounds what a core serves at once; this is a broken invariant.
+            log::error!("capability protocol: no entry for a revoke from core {from}");
+            self.answer(env, from, &reply(found, true), stats);
+            children = [None; MAX_CHILDREN];
+            let _ = children;
+            return;
+        };
+        let wait = policy.deadline.saturating_mul(levels(removed.depth.saturating_add(1)));
+        self.claim(i, Kind::Forward { to: from as u16, req: r }, env.now().saturating_add(wait));
+        self.set_children(i, &children);
+        self.entries[i].total = found;
+        self.pump(env, stats);
+        self.finish_complete(env, stats);
+    }
+
+    fn take_reply(
+        &mut self,
+        env: &mut impl Env,
+        from: usize,
+        r: u32,
+        m: &Payload,
+        stats: &mut Stats,
+    ) {
+        let (i, j, seq) = ((r >> 20) as usize, (r >> 16 & 0xf) as usize, r as u16);
+        let Some(e) = self.entries.get(i).copied() else { return };
+        let bit = 1 << j;
+        let expected = e.kind != Kind::Free
+            && e.seq == seq
+            && j < e.n as usize
+            && e.sent & bit != 0
+            && e.done & bit == 0
+            && e.cores[j] as usize == from
+            && (op_of(m) == op::INSERT_REPLY) == (e.kind == Kind::LocalInsert);
+        if !expected {
+            log::warn!("stale or unexpected reply {r:#x} from core {from}: ignored");
+            return;
+        }
+        self.outstanding[from] = self.outstanding[from].saturating_sub(1);
+        let e = &mut self.entries[i];
+        e.done |= bit;
+        if e.kind == Kind::LocalInsert {
+            e.kind = Kind::Free;
+            self.local = Some(match HvError::from_rax(m[1]) {
+                Ok(h) => Verdict::Inserted(h),
+                Err(Ok(err)) => Verdict::Refused(err),
+                Err(Err(_)) => Verdict::Refused(HvError::PeerGone),
+            });
+        } else {
+            e.total = e.total.saturating_add(m[1]);
+            e.incomplete |= m[2] != 0;
+        }
+        self.pump(env, stats);
+        self.finish_complete(env, stats);
+    }
+}
+
+fn decode_insert(from: usize, req: u32, m: &Payload) -> InsertRequest {
+    let kind =
+        if m[1] & 0xff == CapType::Endpoint as u64 { CapType::Endpoint } else { CapType::Memory };
+    let mut cap = Cap::new(kind, Rights::from_bits_truncate((m[1] >> 8) as u8), m[2], m[3]);
+    cap.depth = ((m[1] >> 16) as u8).min(MAX_DEPTH);
+    let copy = (m[1] >> 24) & 1 == 1;
+    InsertRequest { from, req, cap, id: copy.then_some(m[5]), channel: m[4] as u32 }
+}
