@@ -592,12 +592,15 @@ mod tests {
 
     // ---- Property test against a reference model --------------------------------------
 
+    /// (id, base, size, rights, mapped rights, depth)
+    type Entry = (CapId, u64, u64, Rights, Option<Rights>, u8);
+
     /// The reference: a flat list of caps with explicit parent links (what the CSpace's
     /// records must be equivalent to).
     #[derive(Clone, Debug, Default)]
     struct Model {
         /// handle -> (space, id, base, size, rights, mapped rights, depth)
-        caps: HashMap<(usize, u64), (CapId, u64, u64, Rights, Option<Rights>, u8)>,
+        caps: HashMap<(usize, u64), Entry>,
         /// child node -> (its parent node, the space and handle of the piece copied from)
         parent: HashMap<CapId, (CapId, (usize, u64))>,
     }

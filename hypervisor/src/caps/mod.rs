@@ -126,6 +126,14 @@ pub struct Transfer {
     id: Option<u64>,
 }
 
+impl Transfer {
+    /// The copy's id (`None` for a move).
+    #[cfg(test)]
+    pub fn id(&self) -> Option<u64> {
+        self.id
+    }
+}
+
 /// A bug to put in on purpose, to show the model checker finds it.
 #[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -156,6 +164,7 @@ impl<const E: usize> CapCore<E> {
         }
     }
 
+    #[cfg(test)]
     pub fn space(&self) -> &CSpace {
         &self.space
     }
@@ -182,7 +191,19 @@ impl<const E: usize> CapCore<E> {
         self.ended = true;
     }
 
+    /// The verdict of this core's own operation, once the protocol has one.
+    pub fn take_verdict(&mut self) -> Option<Verdict> {
+        self.proto.take_local()
+    }
+
+    /// Puts a protocol bug in on purpose (the model checker must find it).
+    #[cfg(test)]
+    pub fn set_proto_bug(&mut self, b: proto::Bug) {
+        self.proto.bug = b;
+    }
+
     /// Whether this core is waiting on nothing (no request of its own or of others open).
+    #[cfg(test)]
     pub fn idle(&self) -> bool {
         self.proto.idle()
     }
@@ -337,7 +358,7 @@ impl<const E: usize> CapCore<E> {
     fn transfer(&mut self, env: &mut impl Env, h: u64, ep: u64, mode: u64) -> Result<u64, HvError> {
         let t = self.transfer_start(env, h, ep, mode)?;
         let v = self.wait(env);
-        Ok(self.transfer_finish(t, v)?)
+        self.transfer_finish(t, v)
     }
 
     /// The checks and records of a transfer, and its `INSERT` on the way.
@@ -366,8 +387,12 @@ impl<const E: usize> CapCore<E> {
             let cap = self.space.copy_of(h, rights)?;
             (cap, Some(self.space.mint()))
         } else {
-            // Everything take_for_move checks, before the mapping goes.
-            self.space.clone().take_for_move(h)?;
+            // Everything take_for_move checks (with the mapping gone), before it goes.
+            let mut trial = self.space.clone();
+            if src.mapped_at.is_some() {
+                trial.unmap(h)?;
+            }
+            trial.take_for_move(h)?;
             (src, None)
         };
         // Bound the rate at which this guest can aim requests at one peer: it waits
@@ -447,13 +472,13 @@ impl<const E: usize> CapCore<E> {
 
     /// Starts a revoke; `false` if `h` has no copies (nothing to wait for).
     pub fn revoke_start(&mut self, env: &mut impl Env, h: u64) -> Result<bool, HvError> {
-        let depth = self.space.get(h)?.depth;
+        let c = *self.space.get(h)?;
         let children = self.space.take_children(h)?;
         if children.iter().all(Option::is_none) {
             return Ok(false);
         }
         let now = env.now();
-        self.proto.start_revoke(env, now, depth, children, &self.policy, &mut self.stats);
+        self.proto.start_revoke(env, now, c.id, c.depth, children, &self.policy, &mut self.stats);
         Ok(true)
     }
 
@@ -470,7 +495,7 @@ impl<const E: usize> CapCore<E> {
     fn wait(&mut self, env: &mut impl Env) -> Verdict {
         loop {
             self.poll(env);
-            if let Some(v) = self.proto.take_local() {
+            if let Some(v) = self.take_verdict() {
                 return v;
             }
             env.relax();

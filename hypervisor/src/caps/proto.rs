@@ -115,6 +115,8 @@ enum Kind {
 struct Entry {
     kind: Kind,
     seq: u16,
+    /// The node whose copies this entry revokes (0 for an insert).
+    node: u64,
     ids: [u64; MAX_CHILDREN],
     cores: [u16; MAX_CHILDREN],
     n: u8,
@@ -128,6 +130,7 @@ struct Entry {
 const FREE: Entry = Entry {
     kind: Kind::Free,
     seq: 0,
+    node: 0,
     ids: [0; MAX_CHILDREN],
     cores: [0; MAX_CHILDREN],
     n: 0,
@@ -194,6 +197,7 @@ impl<const E: usize> Proto<E> {
         core >= MAX_PEERS || self.fenced & (1 << core) != 0
     }
 
+    #[cfg(test)]
     pub fn idle(&self) -> bool {
         self.entries.iter().all(|e| e.kind == Kind::Free) && self.local.is_none()
     }
@@ -211,10 +215,30 @@ impl<const E: usize> Proto<E> {
     fn set_children(&mut self, i: usize, children: &[Option<Child>; MAX_CHILDREN]) {
         let e = &mut self.entries[i];
         for ch in children.iter().flatten() {
-            e.ids[e.n as usize] = ch.id;
-            e.cores[e.n as usize] = ch.core;
-            e.n += 1;
+            let dup = (0..e.n as usize).any(|j| e.ids[j] == ch.id && e.cores[j] == ch.core);
+            if !dup && (e.n as usize) < MAX_CHILDREN {
+                e.ids[e.n as usize] = ch.id;
+                e.cores[e.n as usize] = ch.core;
+                e.n += 1;
+            }
         }
+    }
+
+    /// The copies of `node` that revokes still in progress here are taking back: a new
+    /// revoke of `node` must not answer before they are gone too.
+    fn in_progress(&self, node: u64) -> [Option<Child>; MAX_CHILDREN] {
+        let mut out = [None; MAX_CHILDREN];
+        let mut k = 0;
+        for e in self.entries.iter().filter(|e| e.kind != Kind::Free && e.node == node) {
+            for j in 0..e.n as usize {
+                let ch = Child { core: e.cores[j], id: e.ids[j] };
+                if k < MAX_CHILDREN && !out[..k].contains(&Some(ch)) {
+                    out[k] = Some(ch);
+                    k += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Starts this core's transfer of `cap` to `peer` (the caller checked and recorded it).
@@ -243,11 +267,14 @@ impl<const E: usize> Proto<E> {
         self.pump(env, &mut Stats::default());
     }
 
-    /// Starts this core's revoke of `children` (copies of a cap of depth `depth`).
+    /// Starts this core's revoke of `children` (copies of a cap of node `node`, depth
+    /// `depth`).
+    #[allow(clippy::too_many_arguments)]
     pub fn start_revoke(
         &mut self,
         env: &mut impl Env,
         now: u64,
+        node: u64,
         depth: u8,
         children: [Option<Child>; MAX_CHILDREN],
         policy: &Policy,
@@ -256,6 +283,7 @@ impl<const E: usize> Proto<E> {
         self.local = None;
         let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
         self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
+        self.entries[0].node = node;
         self.set_children(0, &children);
         self.pump(env, stats);
         self.finish_complete(env, stats);
@@ -432,7 +460,18 @@ impl<const E: usize> Proto<E> {
                 log::error!("revoke of {id:#x}: EPT unmap failed: {e:?}");
             }
         });
+        // The node's children, and those a revoke of the node already under way here is
+        // taking back: chasing them again (revoke is idempotent, and the earlier REVOKE is
+        // ahead on the same ring) makes this answer wait until they are gone.
         let mut children = removed.children;
+        let pending = self.in_progress(id);
+        for ch in pending.iter().flatten() {
+            if !children.contains(&Some(*ch)) {
+                if let Some(free) = children.iter_mut().find(|c| c.is_none()) {
+                    *free = Some(*ch);
+                }
+            }
+        }
         #[cfg(test)]
         if self.bug == Bug::NoRecursion {
             children = [None; MAX_CHILDREN];
@@ -454,8 +493,20 @@ impl<const E: usize> Proto<E> {
             let _ = children;
             return;
         };
-        let wait = policy.deadline.saturating_mul(levels(removed.depth.saturating_add(1)));
-        self.claim(i, Kind::Forward { to: from as u16, req: r }, env.now().saturating_add(wait));
+        let deadline = if removed.pieces > 0 {
+            let wait = policy.deadline.saturating_mul(levels(removed.depth.saturating_add(1)));
+            env.now().saturating_add(wait)
+        } else {
+            // Only chasing a revoke under way: its deadline is ours.
+            self.entries
+                .iter()
+                .filter(|e| e.kind != Kind::Free && e.node == id)
+                .map(|e| e.deadline)
+                .max()
+                .unwrap_or(0)
+        };
+        self.claim(i, Kind::Forward { to: from as u16, req: r }, deadline);
+        self.entries[i].node = id;
         self.set_children(i, &children);
         self.entries[i].total = found;
         self.pump(env, stats);

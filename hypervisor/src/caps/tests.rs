@@ -1,1 +1,523 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Host tests of the capability system: the hypercalls' checks, the receiver's consent,
+//! fencing of a silent core, flow control, and the protocol on real threads (with a
+//! deadline: a protocol that hangs fails the test instead of hanging CI).
 
+use super::proto::CREDITS;
+use super::*;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Core = CapCore<{ proto::entries_for(4) }>;
+const ALL: u64 = 7;
+
+/// A deterministic network of cores: messages wait in per-pair queues until delivered.
+struct Net {
+    cores: Vec<Core>,
+    queues: Vec<VecDeque<Payload>>,
+    ept: Vec<BTreeSet<(u64, u64)>>,
+    now: u64,
+    /// EPT writes fail with this error while set.
+    ept_fails: Option<HvError>,
+    sends: Vec<(usize, usize)>,
+}
+
+struct NetEnv<'a> {
+    me: usize,
+    n: usize,
+    queues: &'a mut Vec<VecDeque<Payload>>,
+    ept: &'a mut BTreeSet<(u64, u64)>,
+    now: u64,
+    ept_fails: Option<HvError>,
+    sends: &'a mut Vec<(usize, usize)>,
+}
+
+impl Env for NetEnv<'_> {
+    fn now(&mut self) -> u64 {
+        self.now
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        let q = &mut self.queues[self.me * self.n + to];
+        if q.len() >= proto::RING_SLOTS as usize {
+            return false;
+        }
+        q.push_back(*m);
+        self.sends.push((self.me, to));
+        true
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        None
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _w: bool) -> Result<(), HvError> {
+        if let Some(e) = self.ept_fails {
+            return Err(e);
+        }
+        self.ept.insert((gpa, size));
+        Ok(())
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        self.ept.remove(&(gpa, size)).then_some(()).ok_or(HvError::NotMapped)
+    }
+}
+
+/// The channel between cores `a` and `b` of `n` (one per pair).
+fn chan(n: usize, a: usize, b: usize) -> u32 {
+    let (a, b) = (a.min(b), a.max(b));
+    (a * n + b) as u32
+}
+
+impl Net {
+    /// `n` cores, all joined; core 0 holds a 64 KiB grant in slot 0; endpoints follow in
+    /// peer order. Every guest accepts `accept` caps per channel.
+    fn new(n: usize, accept: u64) -> Self {
+        let policy = Policy { deadline: 1000, transfer_gap: 0 };
+        let mut net = Net {
+            cores: (0..n).map(|c| Core::new(c as u16, policy)).collect(),
+            queues: vec![VecDeque::new(); n * n],
+            ept: vec![BTreeSet::new(); n],
+            now: 0,
+            ept_fails: None,
+            sends: vec![],
+        };
+        net.cores[0].grant(0x100_0000, 0x1_0000).unwrap();
+        for c in 0..n {
+            for p in (0..n).filter(|&p| p != c) {
+                let ep = net.cores[c].add_channel(chan(n, c, p), Some(p as u16)).unwrap();
+                if accept > 0 {
+                    assert_eq!(net.call(c, Hypercall::CapAccept, ep, accept, 0), Ok(0));
+                }
+            }
+        }
+        net
+    }
+
+    fn with<R>(&mut self, c: usize, f: impl FnOnce(&mut Core, &mut NetEnv) -> R) -> R {
+        let n = self.cores.len();
+        let mut env = NetEnv {
+            me: c,
+            n,
+            queues: &mut self.queues,
+            ept: &mut self.ept[c],
+            now: self.now,
+            ept_fails: self.ept_fails,
+            sends: &mut self.sends,
+        };
+        f(&mut self.cores[c], &mut env)
+    }
+
+    fn call(&mut self, c: usize, h: Hypercall, a: u64, b: u64, d: u64) -> Result<u64, HvError> {
+        self.with(c, |core, env| core.hypercall(env, h, a, b, d)).unwrap()
+    }
+
+    /// The endpoint handle core `c` holds for its channel to `p`.
+    fn ep(&self, c: usize, p: usize) -> u64 {
+        let idx = chan(self.cores.len(), c, p) as u64;
+        self.cores[c]
+            .space()
+            .live()
+            .find(|(_, k)| k.kind == CapType::Endpoint && k.base == idx)
+            .map(|(h, _)| h)
+            .unwrap()
+    }
+
+    /// Delivers one message from `from` to `to`, if one waits.
+    fn deliver(&mut self, from: usize, to: usize) -> bool {
+        let n = self.cores.len();
+        let Some(m) = self.queues[from * n + to].pop_front() else { return false };
+        self.with(to, |core, env| core.deliver(env, from, &m));
+        true
+    }
+
+    /// Delivers everything, except what goes to or comes from `deaf`, until quiet.
+    fn settle(&mut self, deaf: Option<usize>) {
+        let n = self.cores.len();
+        while (0..n * n).any(|i| {
+            let (f, t) = (i / n, i % n);
+            Some(f) != deaf && Some(t) != deaf && self.deliver(f, t)
+        }) {}
+    }
+
+    fn transfer(&mut self, c: usize, h: u64, p: usize, mode: u64) -> Result<u64, HvError> {
+        let ep = self.ep(c, p);
+        let t = self.with(c, |core, env| core.transfer_start(env, h, ep, mode))?;
+        self.settle(None);
+        let v = self.cores[c].take_verdict().expect("the transfer was answered");
+        self.cores[c].transfer_finish(t, v)
+    }
+
+    fn revoke(&mut self, c: usize, h: u64, deaf: Option<usize>) -> Result<u64, HvError> {
+        if !self.with(c, |core, env| core.revoke_start(env, h))? {
+            return Ok(0);
+        }
+        self.settle(deaf);
+        if let Some(v) = self.cores[c].take_verdict() {
+            return Core::revoke_finish(v);
+        }
+        // Nobody answered: let the deadline pass.
+        self.now += 100_000;
+        self.with(c, |core, env| core.poll(env));
+        self.settle(deaf);
+        Core::revoke_finish(self.cores[c].take_verdict().expect("decided at the deadline"))
+    }
+
+    fn live_memory(&self, c: usize) -> usize {
+        self.cores[c].space().live().filter(|(_, k)| k.kind == CapType::Memory).count()
+    }
+}
+
+#[test]
+fn map_checks_everything_before_the_ept_changes() {
+    let mut net = Net::new(2, 0);
+    let c = &mut net;
+    let piece = c.call(0, Hypercall::CapSplit, 0, 0x1000, 0).unwrap();
+    assert_eq!(piece, 2, "after the grant and the endpoint");
+    let err = Err;
+    assert_eq!(c.call(0, Hypercall::CapMap, 0, 0xc000_0000, 3), Ok(0));
+    assert!(c.ept[0].contains(&(0xc000_0000, 0x1000)));
+    let m = |c: &mut Net, h, gpa, r| c.call(0, Hypercall::CapMap, h, gpa, r);
+    assert_eq!(m(c, piece, 0x1000_0000, 1), err(HvError::BadAddress), "outside the window");
+    assert_eq!(m(c, piece, 0xffff_f000, 1), err(HvError::BadAddress), "runs past it");
+    assert_eq!(m(c, piece, u64::MAX - 0xfff, 1), err(HvError::BadAddress), "wraps");
+    assert_eq!(m(c, piece, 0xc000_0000, 1), err(HvError::AddressInUse));
+    assert_eq!(m(c, piece, 0xbfff_f000, 1), err(HvError::BadAddress));
+    assert_eq!(m(c, piece, 0xc010_0800, 1), err(HvError::Misaligned));
+    assert_eq!(m(c, piece, 0xc010_0000, 4), err(HvError::BadArgument), "GRANT is not a map right");
+    assert_eq!(m(c, piece, 0xc010_0000, 256), err(HvError::BadArgument));
+    assert_eq!(m(c, piece, 0xc010_0000, 2), err(HvError::RightsEscalation), "write-only");
+    assert_eq!(m(c, piece, 0xc010_0000, 0), err(HvError::RightsEscalation));
+    let ep = c.ep(0, 1);
+    assert_eq!(m(c, ep, 0xc010_0000, 1), err(HvError::WrongType));
+    assert_eq!(m(c, 99, 0xc010_0000, 1), err(HvError::NoSuchSlot));
+    assert_eq!(c.ept[0].len(), 1, "no refused map touched the EPT");
+    // The EPT writer fails (no table frames): the cap stays unmapped, the error is precise.
+    c.ept_fails = Some(HvError::NoMemory);
+    assert_eq!(m(c, piece, 0xc010_0000, 1), err(HvError::NoMemory));
+    assert_eq!(c.cores[0].space().get(piece).unwrap().mapped_at, None);
+    c.ept_fails = None;
+    assert_eq!(m(c, piece, 0xc010_0000, 1), Ok(0), "and it can be mapped later");
+    assert_eq!(c.call(0, Hypercall::CapUnmap, 0, 0, 0), Ok(0xc000_0000));
+    assert_eq!(c.call(0, Hypercall::CapUnmap, 0, 0, 0), err(HvError::NotMapped));
+    assert_eq!(c.ept[0].len(), 1);
+}
+
+#[test]
+fn a_receiver_takes_only_what_it_accepted() {
+    let mut net = Net::new(2, 0);
+    let copy = 1 | 1 << 8;
+    assert_eq!(net.transfer(0, 0, 1, copy), Err(HvError::NotAccepted));
+    assert_eq!(net.cores[1].stats.refused, 1);
+    assert_eq!(net.live_memory(1), 0);
+    assert_eq!(net.cores[0].space().get(0).unwrap().children().count(), 0, "record removed");
+    let ep = net.ep(1, 0);
+    assert_eq!(net.call(1, Hypercall::CapAccept, ep, 1, 0), Ok(0));
+    assert!(net.transfer(0, 0, 1, copy).is_ok());
+    assert_eq!(net.transfer(0, 0, 1, copy), Err(HvError::NotAccepted), "quota used up");
+    assert_eq!(net.live_memory(1), 1);
+    assert_eq!(net.call(0, Hypercall::CapAccept, 0, 1, 0), Err(HvError::WrongType));
+    assert_eq!(net.call(1, Hypercall::CapAccept, 99, 1, 0), Err(HvError::NoSuchSlot));
+    assert_eq!(net.call(1, Hypercall::CapAccept, ep, 1 << 40, 0), Err(HvError::BadArgument));
+    assert_eq!(net.call(1, Hypercall::CapAccept, ep, 3, 0), Ok(0), "returns the old quota");
+    assert_eq!(net.call(1, Hypercall::CapAccept, ep, 0, 0), Ok(3));
+    // A move refused: the cap stays with its owner, unmapped.
+    assert_eq!(net.transfer(0, 0, 1, 0), Err(HvError::HasCopies));
+    assert_eq!(net.revoke(0, 0, None), Ok(1));
+    net.call(0, Hypercall::CapMap, 0, 0xc000_0000, 3).unwrap();
+    assert_eq!(net.transfer(0, 0, 1, 0), Err(HvError::NotAccepted));
+    let kept = *net.cores[0].space().get(0).unwrap();
+    assert_eq!(kept.mapped_at, None);
+    assert!(net.ept[0].is_empty());
+    // The receiver ended: refused with PeerGone.
+    net.call(1, Hypercall::CapAccept, ep, 5, 0).unwrap();
+    net.cores[1].end();
+    assert_eq!(net.transfer(0, 0, 1, 0), Err(HvError::PeerGone));
+}
+
+#[test]
+fn forged_inserts_are_refused() {
+    let mut net = Net::new(3, 4);
+    // An INSERT naming a copy id minted by another core than its sender.
+    let ch = chan(3, 0, 1) as u64;
+    let evil = [1 | 42 << 32, 1 | 7 << 8 | 1 << 24, 0x5000_0000, 0x1000, ch, 2 << 48 | 9, 0];
+    net.with(1, |core, env| core.deliver(env, 0, &evil));
+    // Through a channel that does not join the two cores (channel of 1-2 from core 0).
+    let mut wrong = evil;
+    wrong[5] = 9;
+    wrong[4] = chan(3, 1, 2) as u64;
+    net.with(1, |core, env| core.deliver(env, 0, &wrong));
+    // An endpoint, and a misaligned region.
+    let mut ep = evil;
+    ep[1] = 2 | 7 << 8;
+    net.with(1, |core, env| core.deliver(env, 0, &ep));
+    let mut odd = evil;
+    odd[5] = 9;
+    odd[3] = 0x1001;
+    net.with(1, |core, env| core.deliver(env, 0, &odd));
+    assert_eq!(net.live_memory(1), 0);
+    let replies: Vec<u64> = net.queues[3].iter().map(|m| m[1]).collect();
+    assert_eq!(
+        replies,
+        [
+            HvError::BadArgument.to_rax(),
+            HvError::BadArgument.to_rax(),
+            HvError::WrongType.to_rax(),
+            HvError::WrongType.to_rax()
+        ]
+    );
+    assert_eq!(net.cores[1].stats.refused, 4);
+    assert_eq!(net.cores[1].stats.requests_from[0], 4);
+}
+
+#[test]
+fn revoke_reaches_split_pieces_and_copies_of_copies() {
+    let mut net = Net::new(3, 4);
+    let c1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    // The holder splits its copy and passes a piece on; maps the other.
+    let p2 = net.call(1, Hypercall::CapSplit, c1, 0x8000, 0).unwrap();
+    net.call(1, Hypercall::CapMap, c1, 0xc000_0000, 1).unwrap();
+    let c2 = net.transfer(1, p2, 2, 1 | ALL << 8).unwrap();
+    net.call(2, Hypercall::CapMap, c2, 0xc000_0000, 3).unwrap();
+    // A copy cannot move on.
+    assert_eq!(net.transfer(2, c2, 0, 0), Err(HvError::NotOwner));
+    assert_eq!(net.revoke(0, 0, None), Ok(2));
+    assert_eq!((net.live_memory(1), net.live_memory(2)), (0, 0));
+    assert!(net.ept[1].is_empty() && net.ept[2].is_empty(), "every mapping gone");
+    assert_eq!(net.call(1, Hypercall::CapIdentify, c1, 0, 0), Err(HvError::Revoked));
+    assert_eq!(net.call(1, Hypercall::CapIdentify, p2, 0, 0), Err(HvError::Revoked));
+    assert!(net.cores[0].idle() && net.cores[1].idle() && net.cores[2].idle());
+}
+
+#[test]
+fn copies_go_only_so_deep() {
+    let mut net = Net::new(2, 16);
+    let mut h = 0;
+    let mut on = 0;
+    for _ in 0..vmcall_proto::caps::MAX_DEPTH {
+        h = net.transfer(on, h, 1 - on, 1 | ALL << 8).unwrap();
+        on = 1 - on;
+    }
+    assert_eq!(net.transfer(on, h, 1 - on, 1 | ALL << 8), Err(HvError::TooDeep));
+    assert_eq!(net.revoke(0, 0, None), Ok(4));
+}
+
+#[test]
+fn a_silent_core_is_fenced_and_revoke_returns_timeout() {
+    let mut net = Net::new(3, 4);
+    net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    net.transfer(0, 0, 2, 1 | 1 << 8).unwrap();
+    // Core 2 stops answering: the revoke ends at its deadline, core 2 fenced.
+    assert_eq!(net.revoke(0, 0, Some(2)), Err(HvError::Timeout));
+    assert_eq!(net.cores[0].stats.fenced, 1 << 2);
+    assert_eq!(net.live_memory(1), 0, "the answering holder's copy is gone");
+    assert!(net.cores[0].idle());
+    // Nothing more goes to a fenced core; what it sends late is ignored.
+    assert_eq!(net.transfer(0, 0, 2, 1 | 1 << 8), Err(HvError::PeerGone));
+    net.settle(None);
+    assert!(net.cores[0].idle());
+    // The others still work.
+    assert!(net.transfer(0, 0, 1, 1 | 1 << 8).is_ok());
+    assert_eq!(net.revoke(0, 0, None), Ok(1));
+}
+
+#[test]
+fn flow_control_keeps_rings_from_overflowing() {
+    // Sixteen copies on one core: the revoke sends at most CREDITS at a time.
+    let mut net = Net::new(2, 64);
+    for _ in 0..vmcall_proto::caps::MAX_CHILDREN {
+        net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    }
+    assert_eq!(net.transfer(0, 0, 1, 1 | 1 << 8), Err(HvError::TooManyCopies));
+    net.sends.clear();
+    assert!(net.with(0, |core, env| core.revoke_start(env, 0)).unwrap());
+    assert_eq!(net.queues[1].len(), CREDITS as usize, "only CREDITS in flight");
+    net.settle(None);
+    let v = net.cores[0].take_verdict().unwrap();
+    assert_eq!(Core::revoke_finish(v), Ok(16));
+    assert_eq!(net.live_memory(1), 0);
+    // Revoked slots are reused: the holder can take sixteen more.
+    for _ in 0..16 {
+        net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    }
+}
+
+#[test]
+fn racing_a_revoke_against_the_holders_own_revoke() {
+    // The case the model checker found: the holder revokes its copy's copies while the
+    // owner revokes the holder's copy; the owner's revoke must not return first.
+    let mut net = Net::new(3, 4);
+    let c1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    net.transfer(1, c1, 2, 1 | ALL << 8).unwrap();
+    assert!(net.with(1, |core, env| core.revoke_start(env, c1)).unwrap());
+    assert!(net.with(0, |core, env| core.revoke_start(env, 0)).unwrap());
+    // Owner's REVOKE reaches the holder before the holder's own REVOKE reaches core 2.
+    assert!(net.deliver(0, 1));
+    assert!(net.deliver(1, 0) || net.cores[0].take_verdict().is_none());
+    assert_eq!(net.cores[0].take_verdict(), None, "the owner waits for core 2");
+    assert_eq!(net.live_memory(2), 1);
+    net.settle(None);
+    assert_eq!(net.live_memory(2), 0);
+    assert_eq!(Core::revoke_finish(net.cores[0].take_verdict().unwrap()), Ok(1));
+}
+
+// ---- The protocol on real threads ---------------------------------------------------
+
+type Maps = Arc<Mutex<Vec<(u64, u64)>>>;
+
+struct ThreadEnv {
+    me: usize,
+    inbox: Receiver<(usize, Payload)>,
+    peers: Vec<Sender<(usize, Payload)>>,
+    maps: Arc<Mutex<Vec<(u64, u64)>>>,
+    start: Instant,
+}
+
+impl Env for ThreadEnv {
+    fn now(&mut self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.peers[to].send((self.me, *m)).is_ok()
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        self.inbox.try_recv().ok()
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _w: bool) -> Result<(), HvError> {
+        self.maps.lock().unwrap().push((gpa, size));
+        Ok(())
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        let mut m = self.maps.lock().unwrap();
+        let i = m.iter().position(|&x| x == (gpa, size)).ok_or(HvError::NotMapped)?;
+        m.remove(i);
+        Ok(())
+    }
+    fn relax(&mut self) {
+        std::thread::yield_now();
+    }
+}
+
+/// Runs `work` on one thread per core; each keeps serving until all are done. Fails (does
+/// not hang) if the protocol does not finish within 60 s.
+fn threads(n: usize, work: fn(usize, &mut Core, &mut ThreadEnv)) -> Vec<(Core, Maps)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| channel()).unzip();
+    let done = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = rxs
+        .into_iter()
+        .enumerate()
+        .map(|(me, inbox)| {
+            let peers = txs.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                // 1 s per level: generous, so only a real hang trips it.
+                let policy = Policy { deadline: 1_000_000, transfer_gap: 0 };
+                let mut core = Core::new(me as u16, policy);
+                core.grant(0x100_0000 * (me as u64 + 1), 0x1_0000).unwrap();
+                for p in (0..n).filter(|&p| p != me) {
+                    let ep = core.add_channel(chan(n, me, p), Some(p as u16)).unwrap();
+                    let mut env = ThreadEnv {
+                        me,
+                        inbox: channel().1,
+                        peers: vec![],
+                        maps: Default::default(),
+                        start: Instant::now(),
+                    };
+                    core.hypercall(&mut env, Hypercall::CapAccept, ep, 100, 0);
+                }
+                let maps = Arc::new(Mutex::new(Vec::new()));
+                let mut env =
+                    ThreadEnv { me, inbox, peers, maps: maps.clone(), start: Instant::now() };
+                work(me, &mut core, &mut env);
+                done.fetch_add(1, Ordering::SeqCst);
+                while done.load(Ordering::SeqCst) < n {
+                    core.poll(&mut env);
+                    std::thread::yield_now();
+                }
+                core.poll(&mut env);
+                (core, maps)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !handles.iter().all(|h| h.is_finished()) {
+        assert!(Instant::now() < deadline, "the protocol did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handles.into_iter().map(|h| h.join().expect("core thread")).collect()
+}
+
+fn ep_of(core: &Core, n: usize, me: usize, p: usize) -> u64 {
+    let idx = chan(n, me, p) as u64;
+    core.space()
+        .live()
+        .find(|(_, k)| k.kind == CapType::Endpoint && k.base == idx)
+        .map(|(h, _)| h)
+        .unwrap()
+}
+
+#[test]
+fn copies_to_two_cores_are_revoked_everywhere_on_threads() {
+    let out = threads(3, |me, core, env| {
+        if me == 0 {
+            for p in [1, 2] {
+                let ep = ep_of(core, 3, 0, p);
+                core.hypercall(env, Hypercall::CapTransfer, 0, ep, 1 | 1 << 8).unwrap().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let n = core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0).unwrap();
+            assert_eq!(n, Ok(2));
+        } else {
+            // Wait for the copy (serving), map it.
+            let h = loop {
+                core.poll(env);
+                let got = core.space().live().find(|(_, k)| k.rights == Rights::READ);
+                if let Some((h, _)) = got {
+                    break h;
+                }
+                std::thread::yield_now();
+            };
+            assert_eq!(core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1), Some(Ok(0)));
+        }
+    });
+    for (i, (core, maps)) in out.iter().enumerate().skip(1) {
+        assert!(core.space().live().all(|(_, k)| k.rights != Rights::READ), "core {i}");
+        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
+    }
+}
+
+#[test]
+fn racing_revokes_in_opposite_directions_finish_on_threads() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static READY: AtomicUsize = AtomicUsize::new(0);
+    for _ in 0..30 {
+        READY.store(0, Ordering::SeqCst);
+        let out = threads(2, |me, core, env| {
+            let ep = ep_of(core, 2, me, 1 - me);
+            core.hypercall(env, Hypercall::CapTransfer, 0, ep, 1 | 5 << 8).unwrap().unwrap();
+            // Wait until the peer's copy arrived, then pass it back and revoke at once.
+            let h = loop {
+                core.poll(env);
+                if let Some((h, _)) = core.space().live().find(|(_, k)| k.depth == 1) {
+                    break h;
+                }
+                std::thread::yield_now();
+            };
+            let _ = core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 1 << 8);
+            READY.fetch_add(1, Ordering::SeqCst);
+            while READY.load(Ordering::SeqCst) < 2 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+            let r = core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0).unwrap();
+            assert!(r.is_ok(), "{r:?}");
+        });
+        for (core, _) in &out {
+            assert!(core.space().get(0).is_ok(), "own region kept");
+            assert!(core.space().live().all(|(_, k)| k.depth == 0), "no copy survives");
+            assert!(core.idle());
+        }
+    }
+}
