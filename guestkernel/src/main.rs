@@ -7,6 +7,7 @@
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
 mod arch;
+mod capattack;
 mod capload;
 mod capxfer;
 mod channel;

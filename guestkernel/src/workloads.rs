@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 17] = [
+const REGISTRY: [(&str, Workload); 23] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -36,6 +36,12 @@ const REGISTRY: [(&str, Workload); 17] = [
     ("capowner", crate::capxfer::capowner),
     ("holder", crate::capxfer::holder),
     ("doomed", crate::capxfer::doomed),
+    ("revoker", crate::capattack::revoker),
+    ("splitter", crate::capattack::splitter),
+    ("passer", crate::capattack::passer),
+    ("far", crate::capattack::far),
+    ("flooder", crate::capattack::flooder),
+    ("quiet", crate::capattack::quiet),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

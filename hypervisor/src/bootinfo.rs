@@ -46,6 +46,9 @@ pub struct Options {
     pub inject: Option<Inject>,
     /// Each guest's run budget in milliseconds of TSC time; past it the guest is stopped.
     pub budget_ms: Option<u64>,
+    /// The capability protocol's deadline per level, in milliseconds (default 50): a core
+    /// that does not answer within it is fenced.
+    pub caps_deadline_ms: Option<u64>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -56,6 +59,9 @@ pub enum Inject {
     SilentAp,
     /// Core 1 executes UD2 once online: its exception must be reported, the run failed.
     ApFault,
+    /// Core N's hypervisor silently drops capability revokes (it still takes transfers;
+    /// its guest runs on): the revoking core must fence it and finish.
+    DeafCore(usize),
 }
 
 /// A command-line word the hypervisor does not understand. Reported and ignored.
@@ -87,10 +93,23 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 Ok(n) if n >= 1 => o.budget_ms = Some(n),
                 _ => bad(BadOption { word, why: "expected budget_ms=N with N >= 1" }),
             },
-            "inject" => match value {
-                "silent-ap" => o.inject = Some(Inject::SilentAp),
-                "ap-fault" => o.inject = Some(Inject::ApFault),
-                _ => bad(BadOption { word, why: "expected inject=silent-ap or inject=ap-fault" }),
+            "caps_deadline_ms" => match value.parse::<u64>() {
+                Ok(n) if (1..=60_000).contains(&n) => o.caps_deadline_ms = Some(n),
+                _ => {
+                    bad(BadOption { word, why: "expected caps_deadline_ms=N with 1 <= N <= 60000" })
+                }
+            },
+            "inject" => match value.split_once(':') {
+                None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
+                None if value == "ap-fault" => o.inject = Some(Inject::ApFault),
+                Some(("deaf-core", n)) if n.parse::<usize>().is_ok_and(|n| n >= 1) => {
+                    o.inject = n.parse().ok().map(Inject::DeafCore)
+                }
+                _ => bad(BadOption {
+                    word,
+                    why:
+                        "expected inject=silent-ap, inject=ap-fault or inject=deaf-core:N (N >= 1)",
+                }),
             },
             _ => bad(BadOption { word, why: "unknown option" }),
         }
@@ -290,11 +309,23 @@ mod tests {
         assert_eq!(opts("").0, Options::default());
         assert_eq!(
             opts("  cpus=8   vmxcaps ").0,
-            Options { cpus: Some(8), vmxcaps: true, inject: None, budget_ms: None }
+            Options {
+                cpus: Some(8),
+                vmxcaps: true,
+                inject: None,
+                budget_ms: None,
+                caps_deadline_ms: None
+            }
         );
         assert_eq!(opts("inject=ap-fault").0.inject, Some(Inject::ApFault));
         assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));
         assert_eq!(opts("inject=everything").1.len(), 1);
+        assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
+        for bad in ["inject=deaf-core:0", "inject=deaf-core:x", "inject=deaf-core"] {
+            assert_eq!(opts(bad).1.len(), 1, "{bad}");
+        }
+        assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));
+        assert_eq!(opts("caps_deadline_ms=0").1.len(), 1);
     }
 
     #[test]

@@ -84,8 +84,13 @@ static LAUNCHES: spin::Mutex<[Option<Launch>; MAX_GUESTS]> = spin::Mutex::new([N
 pub fn plan(
     boot: &BootParams,
     cores: &CoreList,
-    budget_ms: u64,
+    opts: &crate::bootinfo::Options,
 ) -> Result<Option<&'static Plan>, PlanError> {
+    let budget_ms = opts.budget_ms.unwrap_or(DEFAULT_BUDGET_MS);
+    let deaf = match opts.inject {
+        Some(crate::bootinfo::Inject::DeafCore(n)) => Some(n),
+        _ => None,
+    };
     let Some(cfg_mod) = boot.module("config") else {
         log::info!("no config module: bringing up cores only");
         return Ok(None);
@@ -148,6 +153,8 @@ pub fn plan(
                         private_size: PRIVATE_SIZE,
                         kernel: (kernel.start, kernel.end),
                         watchdog_ms: budget_ms,
+                        caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
+                        deaf: deaf == Some(e.core as usize),
                         channels: [ChanMap {
                             desc: ChannelDesc::new_zeroed(),
                             hpa: 0,

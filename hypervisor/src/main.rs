@@ -132,14 +132,13 @@ mod boot {
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 
-        let plan =
-            match guests::plan(&boot, &list, opts.budget_ms.unwrap_or(guests::DEFAULT_BUDGET_MS)) {
-                Ok(p) => p,
-                Err(e) => {
-                    log::error!("{e}");
-                    end_run(Outcome::Failed)
-                }
-            };
+        let plan = match guests::plan(&boot, &list, &opts) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{e}");
+                end_run(Outcome::Failed)
+            }
+        };
         start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
         smp::enable_vmx_and_report(0);
         let all_up = collect(&list);

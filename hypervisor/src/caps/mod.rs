@@ -110,6 +110,8 @@ pub struct CapCore<const E: usize> {
     nchans: usize,
     /// The guest has ended: inserts are refused, revokes still served.
     ended: bool,
+    /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
+    deaf: bool,
     proto: Proto<E>,
     last_transfer: [u64; MAX_PEERS],
     pub stats: Stats,
@@ -155,6 +157,7 @@ impl<const E: usize> CapCore<E> {
             chans: [Chan::default(); MAX_CHANNELS_PER_GUEST],
             nchans: 0,
             ended: false,
+            deaf: false,
             proto: Proto::new(core),
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
@@ -191,6 +194,12 @@ impl<const E: usize> CapCore<E> {
         self.ended = true;
     }
 
+    /// Fault injection (`inject=deaf-core:N`): from now on this core drops every revoke
+    /// request without an answer, as a core hung in the middle of the protocol would.
+    pub fn deafen(&mut self) {
+        self.deaf = true;
+    }
+
     /// The verdict of this core's own operation, once the protocol has one.
     pub fn take_verdict(&mut self) -> Option<Verdict> {
         self.proto.take_local()
@@ -225,6 +234,9 @@ impl<const E: usize> CapCore<E> {
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         if from < MAX_PEERS && proto::is_request(m) {
             self.stats.requests_from[from] = self.stats.requests_from[from].saturating_add(1);
+        }
+        if self.deaf && proto::is_revoke(m) {
+            return;
         }
         let Some(ins) =
             self.proto.deliver(env, from, m, &mut self.space, &self.policy, &mut self.stats)

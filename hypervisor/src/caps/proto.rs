@@ -70,6 +70,11 @@ pub fn is_request(m: &Payload) -> bool {
     matches!(op_of(m), op::INSERT | op::REVOKE)
 }
 
+/// Whether `m` is a `REVOKE`.
+pub fn is_revoke(m: &Payload) -> bool {
+    op_of(m) == op::REVOKE
+}
+
 /// Request numbers name the entry and the child they belong to, and the entry's use.
 fn req(entry: usize, child: usize, seq: u16) -> u32 {
     (entry as u32) << 20 | (child as u32) << 16 | seq as u32

@@ -26,6 +26,11 @@ pub struct Launch {
     /// The guest kernel ELF (a multiboot2 module; read-only, shared by all cores).
     pub kernel: (u64, u64),
     pub watchdog_ms: u64,
+    /// The capability protocol's deadline per level.
+    pub caps_deadline_ms: u64,
+    /// Fault injection: this core never answers capability revokes
+    /// (`inject=deaf-core:N`).
+    pub deaf: bool,
     /// The guest's channels, in boot-info order.
     pub channels: [ChanMap; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub channel_count: usize,
@@ -533,6 +538,11 @@ mod run {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let watchdog = arch::rdtsc().saturating_add(l.watchdog_ms.saturating_mul(tsc_per_ms));
         let mut ctx = GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog);
+        ctx.caps.policy.deadline = l.caps_deadline_ms.saturating_mul(tsc_per_ms);
+        if l.deaf {
+            log::warn!("fault injection: this core will not answer capability revokes");
+            ctx.caps.deafen();
+        }
         // Setup failures end the guest before it ran: report and return (no caps to serve).
         let mut post = Some(post);
         let mut stop = |ctx: &GuestCtx, why: &'static str| {

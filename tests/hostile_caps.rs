@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Hostile guests against the capability system (guestkernel/src/capattack.rs): each
+//! class of break found before gets its attack, its defined outcome, and bystanders that
+//! finish intact.
+
+use systests::boot_config;
+use xtask::cli::Emulator;
+use xtask::report::GuestReport;
+
+fn guest<'a>(b: &'a systests::Boot, name: &str) -> &'a GuestReport {
+    b.report.guests.iter().find(|g| g.name == name).unwrap_or_else(|| panic!("no guest {name}"))
+}
+
+fn said(b: &systests::Boot, who: &str, what: &str) -> bool {
+    b.serial.lines().any(|l| l.starts_with(&format!("[{who}@")) && l.contains(what))
+}
+
+fn assert_no_errors(b: &systests::Boot) {
+    let bad: Vec<&str> = b.serial.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+#[test]
+fn revoke_reaches_split_pieces_and_copies_of_copies() {
+    let b =
+        boot_config(Emulator::Bochs, None, None, "", Some("configs/hostile/caps-derivation.toml"));
+    assert_no_errors(&b);
+    let owner = guest(&b, "owner");
+    assert_eq!((owner.state.as_str(), owner.exit_status), ("exited", 0), "{owner:?}");
+    assert!(said(&b, "owner", "revoke split pieces and copies of copies: Ok(3) as expected"));
+    assert!(said(&b, "owner", "my own mapping after the revoke: Ok(6210279) as expected"));
+    assert!(said(&b, "passer", "move a copy on: Err(Ok(NotOwner)) as expected"));
+    assert!(said(&b, "passer", "copy with more rights than mine: Err(Ok(RightsEscalation))"));
+    assert!(said(&b, "passer", "identify my revoked copy: Err(Ok(Revoked)) as expected"));
+    assert!(said(&b, "splitter", "identify a revoked piece: Err(Ok(Revoked)) as expected"));
+    let passer = guest(&b, "passer");
+    assert_eq!((passer.state.as_str(), passer.exit_status), ("exited", 0), "{passer:?}");
+    // The split piece and the copy of a copy: reading them after the revoke is stopped at
+    // exactly the address where they were mapped.
+    for (who, gpa) in [("splitter", 0xc080_0000u64), ("far", 0xc000_0000)] {
+        let g = guest(&b, who);
+        assert_eq!(g.state, "stopped", "{g:?}");
+        let f = g.fault.as_deref().unwrap_or_default();
+        assert!(
+            f.starts_with(&format!("EPT violation: read at guest-physical {gpa:#x}")),
+            "{who}: {f}"
+        );
+    }
+    // The owner's core sent the revokes; the holders' cores each got theirs.
+    assert!(guest(&b, "splitter").requests_from.get("0").is_some_and(|n| *n >= 2));
+    assert!(guest(&b, "far").requests_from.get("2").is_some_and(|n| *n >= 2));
+}
+
+#[test]
+fn a_flood_of_unwanted_copies_costs_the_target_nothing() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/hostile/caps-flood.toml"));
+    assert_no_errors(&b);
+    for who in ["flooder", "quiet"] {
+        let g = guest(&b, who);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+    assert!(said(&b, "flooder", "copies at a guest that accepted none: refused: Ok(2000)"));
+    assert!(said(&b, "quiet", "split my grant after the flood: Ok(16) as expected"));
+    assert!(said(&b, "quiet", "split again into the revoked slots: Ok(40) as expected"));
+    assert!(said(&b, "flooder", "take them all back: Ok(16) as expected"));
+    let quiet = guest(&b, "quiet");
+    assert!(quiet.cap_refused >= 2000, "{quiet:?}");
+    // The time its core spent refusing was not charged to it.
+    assert!(quiet.foreign_tsc > 0, "{quiet:?}");
+}
+
+#[test]
+fn a_core_that_stops_answering_is_fenced_and_the_run_finishes() {
+    let b = boot_config(
+        Emulator::Bochs,
+        None,
+        None,
+        "inject=deaf-core:1 caps_deadline_ms=20",
+        Some("configs/hostile/caps-deaf.toml"),
+    );
+    assert_no_errors(&b);
+    assert!(said(&b, "owner", "revoke while one holder's core is silent: Err(Ok(Timeout))"));
+    assert!(said(&b, "owner", "copy to a fenced core: Err(Ok(PeerGone)) as expected"));
+    let owner = guest(&b, "owner");
+    assert_eq!((owner.state.as_str(), owner.exit_status), ("exited", 0), "{owner:?}");
+    assert_eq!(owner.fenced, [1], "{owner:?}");
+    // The answering branch was revoked all the same.
+    assert!(said(&b, "passer", "identify my revoked copy: Err(Ok(Revoked)) as expected"));
+    let far = guest(&b, "far");
+    assert_eq!(far.state, "stopped", "{far:?}");
+    // Every guest has its record: the run did not hang on the silent core.
+    assert_eq!(b.report.guests.len(), 4);
+    for who in ["splitter", "passer"] {
+        let g = guest(&b, who);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+}
