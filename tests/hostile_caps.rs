@@ -15,8 +15,13 @@ fn said(b: &systests::Boot, who: &str, what: &str) -> bool {
     b.serial.lines().any(|l| l.starts_with(&format!("[{who}@")) && l.contains(what))
 }
 
+/// No guest reported a check that failed (guest lines are `[name@cN] ...`).
 fn assert_no_errors(b: &systests::Boot) {
-    let bad: Vec<&str> = b.serial.lines().filter(|l| l.contains("ERROR")).collect();
+    let bad: Vec<&str> = b
+        .serial
+        .lines()
+        .filter(|l| l.split(']').next().is_some_and(|t| t.contains('@')) && l.contains("ERROR"))
+        .collect();
     assert!(bad.is_empty(), "{bad:#?}");
 }
 
@@ -79,6 +84,9 @@ fn a_core_that_stops_answering_is_fenced_and_the_run_finishes() {
         Some("configs/hostile/caps-deaf.toml"),
     );
     assert_no_errors(&b);
+    assert!(b
+        .serial
+        .contains("[c0] ERROR core 1 did not answer the capability protocol in time: fenced"));
     assert!(said(&b, "owner", "revoke while one holder's core is silent: Err(Ok(Timeout))"));
     assert!(said(&b, "owner", "copy to a fenced core: Err(Ok(PeerGone)) as expected"));
     let owner = guest(&b, "owner");
