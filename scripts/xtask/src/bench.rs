@@ -506,11 +506,12 @@ fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
     Ok((r, serial))
 }
 
-/// `cargo xtask bench caps`: capability operations in Bochs, for 1, 2, 4 and 7 copies.
+/// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
+/// Bochs's limit, for 14).
 pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
     let mut rows = Vec::new();
-    for k in [1u64, 2, 4, 7] {
-        eprintln!("bench: caps with {k} holders (8 emulated CPUs)...");
+    for k in [1u64, 2, 4, 7, 10, 14] {
+        eprintln!("bench: caps with {k} holders...");
         let (r, serial) = run_report(&format!("configs/bench-caps-k{k}.toml"))?;
         let v = |key: &str| bench_value(&serial, "owner", key);
         let owner = r.guests.iter().find(|g| g.name == "owner").context("owner guest")?;
