@@ -536,7 +536,8 @@ mod run {
         keep_serving: impl Fn() -> bool,
     ) {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
-        let watchdog = arch::rdtsc().saturating_add(l.watchdog_ms.saturating_mul(tsc_per_ms));
+        let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
+        let watchdog = arch::rdtsc().saturating_add(budget_ticks);
         let mut ctx = GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog);
         ctx.caps.policy.deadline = l.caps_deadline_ms.saturating_mul(tsc_per_ms);
         if l.deaf {
@@ -679,7 +680,10 @@ mod run {
                 None if served > 0 => t1.saturating_sub(t0),
                 None => 0,
             };
-            ctx.watchdog = ctx.watchdog.saturating_add(foreign);
+            // At most one budget's worth: a guest's life stays bounded (the BSP's
+            // collection waits two budgets).
+            let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
+            ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
             vcpu.injected = false;
             let timer = match ctx.before_entry(&mut vcpu) {
