@@ -372,7 +372,20 @@ impl CSpace {
     /// record points), carry GRANT, have no copies and be unmapped (the caller unmaps
     /// first). The slot becomes free.
     pub fn take_for_move(&mut self, h: u64) -> Result<Cap, CapError> {
+        self.movable(h)?;
         let c = *self.get(h)?;
+        if c.mapped_at.is_some() {
+            return Err(CapError::AlreadyMapped);
+        }
+        let i = self.index(h)?;
+        // The next occupant gets a new generation: this handle will not name it.
+        self.slots[i].state = State::Moved;
+        Ok(c)
+    }
+
+    /// Whether `h` may move once unmapped: an original with GRANT and no copies.
+    pub fn movable(&self, h: u64) -> Result<(), CapError> {
+        let c = self.get(h)?;
         if !c.rights.contains(Rights::GRANT) {
             return Err(CapError::RightsEscalation);
         }
@@ -382,13 +395,7 @@ impl CSpace {
         if c.children().next().is_some() {
             return Err(CapError::HasCopies);
         }
-        if c.mapped_at.is_some() {
-            return Err(CapError::AlreadyMapped);
-        }
-        let i = self.index(h)?;
-        // The next occupant gets a new generation: this handle will not name it.
-        self.slots[i].state = State::Moved;
-        Ok(c)
+        Ok(())
     }
 
     /// Takes the list of copies of `h` (the revoke walk sends each a revoke message).

@@ -225,8 +225,10 @@ impl<const E: usize> CapCore<E> {
             n += 1;
             self.deliver(env, from, &m);
         }
-        let now = env.now();
-        self.proto.expire(env, now, &mut self.stats);
+        if self.proto.busy() {
+            let now = env.now();
+            self.proto.expire(env, now, &mut self.stats);
+        }
         n
     }
 
@@ -328,11 +330,13 @@ impl<const E: usize> CapCore<E> {
         if busy {
             return Err(HvError::AddressInUse);
         }
-        // Check everything the space checks, on a copy, before the EPT changes.
-        let mut trial = self.space.clone();
-        trial.map(h, gpa, rights)?;
-        env.ept_map(gpa, cap.base, cap.size, rights.contains(Rights::WRITE))?;
-        self.space = trial;
+        // The record first (it checks rights and alignment), then the EPT, which changes
+        // nothing if it fails: then the record is undone and nothing changed at all.
+        self.space.map(h, gpa, rights)?;
+        if let Err(e) = env.ept_map(gpa, cap.base, cap.size, rights.contains(Rights::WRITE)) {
+            let _ = self.space.unmap(h);
+            return Err(e);
+        }
         Ok(0)
     }
 
@@ -399,12 +403,8 @@ impl<const E: usize> CapCore<E> {
             let cap = self.space.copy_of(h, rights)?;
             (cap, Some(self.space.mint()))
         } else {
-            // Everything take_for_move checks (with the mapping gone), before it goes.
-            let mut trial = self.space.clone();
-            if src.mapped_at.is_some() {
-                trial.unmap(h)?;
-            }
-            trial.take_for_move(h)?;
+            // Everything take_for_move checks but the mapping, before the mapping goes.
+            self.space.movable(h)?;
             (src, None)
         };
         // Bound the rate at which this guest can aim requests at one peer: it waits

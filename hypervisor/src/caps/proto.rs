@@ -174,6 +174,8 @@ pub struct Proto<const E: usize> {
     /// The `INSERT` of this core's own transfer, until it is sent.
     insert: Payload,
     seq: u16,
+    /// Entries in use: when 0 (almost always), polling costs nothing but the inbox check.
+    open: u32,
     #[cfg(test)]
     pub bug: Bug,
 }
@@ -193,6 +195,7 @@ impl<const E: usize> Proto<E> {
             local: None,
             insert: [0; 7],
             seq: 0,
+            open: 0,
             #[cfg(test)]
             bug: Bug::None,
         }
@@ -204,7 +207,14 @@ impl<const E: usize> Proto<E> {
 
     #[cfg(test)]
     pub fn idle(&self) -> bool {
-        self.entries.iter().all(|e| e.kind == Kind::Free) && self.local.is_none()
+        let free = self.entries.iter().all(|e| e.kind == Kind::Free);
+        assert_eq!(free, self.open == 0, "the open count follows the table");
+        free && self.local.is_none()
+    }
+
+    /// Whether some entry is open (something to wait for, a deadline to watch).
+    pub fn busy(&self) -> bool {
+        self.open > 0
     }
 
     /// The verdict of this core's own operation, once there is one.
@@ -213,6 +223,9 @@ impl<const E: usize> Proto<E> {
     }
 
     fn claim(&mut self, i: usize, kind: Kind, deadline: u64) {
+        if self.entries[i].kind == Kind::Free {
+            self.open += 1;
+        }
         self.seq = self.seq.wrapping_add(1);
         self.entries[i] = Entry { kind, seq: self.seq, deadline, ..FREE };
     }
@@ -346,6 +359,7 @@ impl<const E: usize> Proto<E> {
                 continue;
             }
             self.entries[i].kind = Kind::Free;
+            self.open -= 1;
             match e.kind {
                 Kind::Forward { to, req } => {
                     let m =
@@ -396,6 +410,9 @@ impl<const E: usize> Proto<E> {
 
     /// Fences every core an expired entry still waits for.
     pub fn expire(&mut self, env: &mut impl Env, now: u64, stats: &mut Stats) {
+        if self.open == 0 {
+            return;
+        }
         for i in 0..E {
             let e = self.entries[i];
             if e.kind == Kind::Free || now <= e.deadline {
@@ -545,6 +562,7 @@ impl<const E: usize> Proto<E> {
         e.done |= bit;
         if e.kind == Kind::LocalInsert {
             e.kind = Kind::Free;
+            self.open -= 1;
             self.local = Some(match HvError::from_rax(m[1]) {
                 Ok(h) => Verdict::Inserted(h),
                 Err(Ok(err)) => Verdict::Refused(err),
