@@ -147,7 +147,8 @@ mod boot {
             arch::rdtsc() - tsc_entry
         );
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
-        smp::run_guest(0);
+        // The BSP serves until every guest has reported, then ends the run.
+        smp::run_guest(0, guests::pending);
         let all_exited = guests::collect(plan);
         end_run(if all_up && all_exited { Outcome::Ok } else { Outcome::Failed })
     }

@@ -98,7 +98,7 @@ impl CoreStatus {
                     Failure::Exception => write!(
                         f,
                         "exception {} (vector {}) at rip={:#x}",
-                        crate::fault::exception_name(s.vector as u64),
+                        crate::arch::idt::exception_name(s.vector as u64),
                         s.vector,
                         s.rip
                     ),
@@ -172,17 +172,15 @@ pub fn report_of(index: usize) -> Option<&'static crate::guest::GuestReport> {
     REPORTS[index].get()
 }
 
-/// Runs this core's guest, if it has one and VMX is on, and posts the report.
-pub fn run_guest(index: usize) {
+/// Runs this core's guest, if it has one and VMX is on, and posts the report; then serves
+/// the capability protocol while `keep` says so.
+pub fn run_guest(index: usize, keep: impl Fn() -> bool) {
     let (Some(l), Some(f)) = (launch_of(index), FEATURES.get()) else { return };
     if !mailbox(index).read().vmx_on {
         return;
     }
     #[cfg(target_os = "none")]
     {
-        // APs serve their inbox for the rest of the run; the BSP until every guest reported
-        // (then it ends the run).
-        let keep = || index != 0 || crate::guests::pending();
         crate::guest::run(
             l,
             f,
@@ -194,7 +192,7 @@ pub fn run_guest(index: usize) {
         );
     }
     #[cfg(not(target_os = "none"))]
-    let _ = (l, f);
+    let _ = (l, f, keep);
 }
 
 /// Set once by the BSP before APs start (`inject=ap-fault`): core 1 faults on purpose.
@@ -276,7 +274,8 @@ extern "C" fn ap_entry(index: u64) -> ! {
         unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
     }
     enable_vmx_and_report(index);
-    run_guest(index);
+    // An AP serves its inbox for the rest of the run (the BSP ends it).
+    run_guest(index, || true);
     crate::arch::park()
 }
 
