@@ -175,31 +175,6 @@ mod stubs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gate_encodes_handler_selector_and_ist() {
-        let g = interrupt_gate(0x1234_5678_9abc_def0, 1);
-        assert_eq!(g.0[0] & 0xffff, 0xdef0);
-        assert_eq!(g.0[0] >> 16 & 0xffff, CODE_SELECTOR as u64);
-        assert_eq!(g.0[0] >> 32 & 7, 1);
-        assert_eq!(g.0[0] >> 40 & 0xff, 0x8e);
-        assert_eq!(g.0[0] >> 48, 0x9abc);
-        assert_eq!(g.0[1], 0x1234_5678);
-    }
-
-    #[test]
-    fn critical_vectors_use_the_ist() {
-        let idt = Idt::new();
-        for v in 0..256 {
-            let ist = idt.0[v].0[0] >> 32 & 7;
-            assert_eq!(ist == 1, matches!(v, 2 | 8 | 14 | 18), "vector {v}");
-        }
-    }
-}
-
 const NAMES: [&str; 32] = [
     "#DE divide error",
     "#DB debug",
@@ -238,4 +213,29 @@ const NAMES: [&str; 32] = [
 /// The mnemonic and name of an exception vector.
 pub fn exception_name(vector: u64) -> &'static str {
     NAMES.get(vector as usize).copied().unwrap_or("unexpected interrupt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_encodes_handler_selector_and_ist() {
+        let g = interrupt_gate(0x1234_5678_9abc_def0, 1);
+        assert_eq!(g.0[0] & 0xffff, 0xdef0);
+        assert_eq!(g.0[0] >> 16 & 0xffff, CODE_SELECTOR as u64);
+        assert_eq!(g.0[0] >> 32 & 7, 1);
+        assert_eq!(g.0[0] >> 40 & 0xff, 0x8e);
+        assert_eq!(g.0[0] >> 48, 0x9abc);
+        assert_eq!(g.0[1], 0x1234_5678);
+    }
+
+    #[test]
+    fn critical_vectors_use_the_ist() {
+        let idt = Idt::new();
+        for v in 0..256 {
+            let ist = idt.0[v].0[0] >> 32 & 7;
+            assert_eq!(ist == 1, matches!(v, 2 | 8 | 14 | 18), "vector {v}");
+        }
+    }
 }
