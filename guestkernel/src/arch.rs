@@ -16,7 +16,8 @@ pub const TIMER_VECTOR: u8 = 32;
 /// Statics written only during single-threaded init (the guest has one vCPU and these are
 /// set up before interrupts are enabled).
 struct InitOnly<T>(UnsafeCell<T>);
-// SAFETY: one vCPU; written only in `init` before anything else can observe them.
+// SAFETY: one vCPU; written only in `init` before anything else can observe them, and in
+// `map_identity_2m`, whose caller guarantees that nothing else touches them meanwhile.
 unsafe impl<T> Sync for InitOnly<T> {}
 
 #[repr(C, align(4096))]
@@ -32,6 +33,52 @@ static PT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PD_CHANNELS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 /// Maps the grant window (capability mappings): guest-physical 3 GiB to 4 GiB.
 static PD_GRANTS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
+
+/// The armed probe (see [`probe!`]): landing RIP (0: disarmed), RSP at the probe, then
+/// the vector and error code of the exception that ended it ([`NO_FAULT`] if none). Read and
+/// written by `gexc_common` with interrupts off, on the one vCPU.
+pub static RECOVER: [AtomicU64; 4] =
+    [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(NO_FAULT), AtomicU64::new(0)];
+/// `RECOVER[2]` when the probed instructions completed without an exception.
+pub const NO_FAULT: u64 = u64::MAX;
+
+/// Runs instructions that may raise an exception, and resumes after them if they do.
+///
+/// Expands to an `asm!` statement (so it must be used inside `unsafe`, whose `SAFETY`
+/// comment covers the probed instructions) followed by [`last_fault`]: `None` if the
+/// instructions completed, else `Some((vector, error code))`. The probe stores a landing
+/// address (the end of the same `asm!` block) and RSP in [`RECOVER`]; the exception stub
+/// finds them armed and IRETQs to the landing instead of reporting the exception, so
+/// control never leaves the `asm!` block through a Rust frame. Operands are those of
+/// `asm!`; use `out`/`inout` for explicit registers (never `lateout`: the probe keeps its
+/// own register live across the instructions), and do not change RSP.
+macro_rules! probe {
+    ($($tpl:literal),+ $(, $($ops:tt)*)?) => {{
+        $crate::arch::RECOVER[2].store($crate::arch::NO_FAULT, core::sync::atomic::Ordering::Relaxed);
+        core::arch::asm!(
+            "lea {probe_tmp}, [rip + 2f]",
+            "mov qword ptr [{probe_rec}], {probe_tmp}",
+            "mov qword ptr [{probe_rec} + 8], rsp",
+            $($tpl),+ ,
+            "mov qword ptr [{probe_rec}], 0",
+            "2:",
+            probe_rec = in(reg) $crate::arch::RECOVER.as_ptr(),
+            probe_tmp = out(reg) _,
+            $($($ops)*)?
+        );
+        $crate::arch::last_fault()
+    }};
+}
+pub(crate) use probe;
+
+/// What ended the last [`probe!`]: `None` if nothing did, else (vector, error code).
+pub fn last_fault() -> Option<(u8, u64)> {
+    use core::sync::atomic::Ordering::Relaxed;
+    match RECOVER[2].load(Relaxed) {
+        NO_FAULT => None,
+        v => Some((v as u8, RECOVER[3].load(Relaxed))),
+    }
+}
 
 /// Timer interrupts taken.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -74,11 +121,29 @@ core::arch::global_asm!(
     GEXC_ERR \n
     .endr
     gexc_common:
+        cmpq $0, {recover}(%rip)
+        jne 3f
         movq %rsp, %rdi
         andq $-16, %rsp
         call guest_exception
     1:  hlt
         jmp 1b
+    # A probe is armed (see `probe!`): record the vector and error code, disarm, and
+    # resume at the probe's landing with the probe's RSP. Only RAX is used, and restored;
+    # IRETQ restores RFLAGS, CS and SS from the frame.
+    3:  pushq %rax
+        movq 8(%rsp), %rax
+        movq %rax, {recover}+16(%rip)
+        movq 16(%rsp), %rax
+        movq %rax, {recover}+24(%rip)
+        movq {recover}(%rip), %rax
+        movq %rax, 24(%rsp)
+        movq {recover}+8(%rip), %rax
+        movq %rax, 48(%rsp)
+        movq $0, {recover}(%rip)
+        popq %rax
+        addq $16, %rsp
+        iretq
 
     # An interrupt handler in Rust: caller-saved registers around the call, then IRETQ.
     .macro GINTR name, handler
@@ -122,6 +187,7 @@ core::arch::global_asm!(
     .quad gexc_\n
     .endr
 "#,
+    recover = sym RECOVER,
     options(att_syntax)
 );
 
@@ -235,6 +301,55 @@ pub fn init() {
             tmp = out(reg) _,
         );
     }
+}
+
+/// Spare page tables for [`map_identity_2m`].
+static SPARE_PDPT: InitOnly<[Table; 2]> =
+    InitOnly(UnsafeCell::new([Table([0; 512]), Table([0; 512])]));
+static SPARE_PD: InitOnly<[Table; 2]> =
+    InitOnly(UnsafeCell::new([Table([0; 512]), Table([0; 512])]));
+static SPARES_USED: AtomicU64 = AtomicU64::new(0);
+
+/// Identity-maps the 2-MiB page holding `gpa` in the guest's own page tables, wherever it
+/// is (below the guest's MAXPHYADDR), so that a workload can touch guest-physical addresses
+/// the boot mapping leaves out (4 GiB, the top of the physical address space). Whether the
+/// access then works is for EPT to decide. Takes intermediate tables from a small spare
+/// pool; returns `false` when it is exhausted.
+///
+/// # Safety
+/// Called after [`init`], from the one vCPU, with no reference to the page tables alive.
+pub unsafe fn map_identity_2m(gpa: u64) -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    let used = SPARES_USED.load(Relaxed);
+    // SAFETY: the caller guarantees exclusive access to the page-table statics.
+    let (pml4, spare_pdpt, spare_pd) =
+        unsafe { (&mut *PML4.0.get(), &mut *SPARE_PDPT.0.get(), &mut *SPARE_PD.0.get()) };
+    let (i4, i3, i2) =
+        ((gpa >> 39) as usize & 511, (gpa >> 30) as usize & 511, (gpa >> 21) as usize & 511);
+    let (mut pdpts, mut pds) = (used & 0xff, used >> 8);
+    if pml4.0[i4] & 1 == 0 {
+        let Some(t) = spare_pdpt.get(pdpts as usize) else { return false };
+        pml4.0[i4] = t as *const Table as u64 | 3;
+        pdpts += 1;
+    }
+    let pdpt = (pml4.0[i4] & 0x000f_ffff_ffff_f000) as *mut Table;
+    // SAFETY: a PDPT of ours (boot or spare), identity-mapped, not otherwise referenced.
+    let pdpt = unsafe { &mut *pdpt };
+    if pdpt.0[i3] & 1 == 0 {
+        let Some(t) = spare_pd.get(pds as usize) else { return false };
+        pdpt.0[i3] = t as *const Table as u64 | 3;
+        pds += 1;
+    }
+    let pd = (pdpt.0[i3] & 0x000f_ffff_ffff_f000) as *mut Table;
+    // SAFETY: as above, for the PD.
+    let pd = unsafe { &mut *pd };
+    pd.0[i2] = (gpa & !0x1f_ffff) | 0x83;
+    SPARES_USED.store(pdpts | pds << 8, Relaxed);
+    // SAFETY: reloading CR3 with its own value flushes the TLB; the tables stay valid.
+    unsafe {
+        core::arch::asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
+    }
+    true
 }
 
 /// Identity-maps the GiB at `base` with 2-MiB pages (the channel windows, the grant

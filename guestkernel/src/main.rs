@@ -11,6 +11,7 @@ mod capload;
 mod capxfer;
 mod channel;
 mod console;
+mod hostile;
 mod hypercall;
 mod netloads;
 mod workloads;

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 17] = [
+const REGISTRY: [(&str, Workload); 18] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -36,6 +36,7 @@ const REGISTRY: [(&str, Workload); 17] = [
     ("capowner", crate::capxfer::capowner),
     ("holder", crate::capxfer::holder),
     ("doomed", crate::capxfer::doomed),
+    ("attack", crate::hostile::attack),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -52,7 +52,7 @@ pub const fn channel_window(index: u32) -> u64 {
 /// Workloads the guest kernel implements (its registry); configs may name only these.
 pub const WORKLOADS: &[&str] = &[
     "hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass",
-    "pool", "giver", "taker", "racer", "capowner", "holder", "doomed",
+    "pool", "giver", "taker", "racer", "capowner", "holder", "doomed", "attack",
 ];
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
