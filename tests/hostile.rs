@@ -44,13 +44,23 @@ fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
     b.report.guests.iter().find(|g| g.name == name).unwrap_or_else(|| panic!("no guest {name}"))
 }
 
+/// Whether the serial log has a line starting with `start` (lines end in CR LF).
+fn has_line(b: &Boot, start: &str) -> bool {
+    b.serial.lines().any(|l| l.starts_with(start))
+}
+
+/// Whether the serial log has exactly this line.
+fn has_exact_line(b: &Boot, line: &str) -> bool {
+    b.serial.lines().any(|l| l == line)
+}
+
 /// Asserts `name` exited with status 0 and printed every one of `lines`.
 fn finished_intact(b: &Boot, name: &str, lines: &[&str]) {
     let g = guest(b, name);
     assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{name}: {g:?}");
     let tag = format!("[{name}@c{}] ", g.core);
     for l in lines {
-        assert!(b.serial.contains(&format!("{tag}{l}")), "{name} did not print `{l}`");
+        assert!(has_line(b, &format!("{tag}{l}")), "{name} did not print `{l}...`");
     }
     assert!(!b.serial.contains(&format!("{tag}ERROR")), "{name} reported an error");
 }
@@ -61,7 +71,7 @@ fn stopped(b: &Boot, name: &str, attack: &str, fault: &str) {
     let g = guest(b, name);
     let tag = format!("[{name}@c{}] ", g.core);
     let announced = format!("{tag}attack {attack}: expecting to be stopped by the hypervisor");
-    assert!(b.serial.contains(&announced), "{name} never ran {attack}");
+    assert!(has_exact_line(b, &announced), "{name} never ran {attack}");
     assert!(!b.serial.contains(&format!("{tag}ERROR")), "{name} survived {attack}");
     assert_eq!(g.state, "stopped", "{name} ({attack}): {g:?}");
     let f = g.fault.as_deref().unwrap_or_default();
@@ -222,8 +232,8 @@ fn every_batch_attack_gets_its_defined_outcome() {
     let tag = "[mallory@c1] ";
     let mut wrong = vec![];
     for (name, outcome) in BATCH {
-        let want = format!("{tag}attack {name}: {outcome} as expected\n");
-        if !b.serial.contains(&want) {
+        let want = format!("{tag}attack {name}: {outcome} as expected");
+        if !has_exact_line(b, &want) {
             let got = b
                 .serial
                 .lines()
@@ -240,10 +250,10 @@ fn every_batch_attack_gets_its_defined_outcome() {
     );
     let n = BATCH.len();
     let done = format!("{tag}attacks done: {n} run, {n} as expected");
-    assert!(b.serial.contains(&done), "missing `{done}`");
+    assert!(has_exact_line(b, &done), "missing `{done}`");
     assert!(!b.serial.contains("UNEXPECTED"));
     let storm = "attack hc-storm: 2000 calls:";
-    assert!(b.serial.contains(&format!("{tag}{storm}")), "the storm did not finish");
+    assert!(has_line(b, &format!("{tag}{storm}")), "the storm did not finish");
     let m = guest(b, "mallory");
     assert_eq!((m.state.as_str(), m.exit_status), ("exited", 0), "{m:?}");
     // Every refusal was an exit the hypervisor handled: none reached the hardware.
@@ -312,7 +322,7 @@ fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
 #[test]
 fn cache_flushes_are_emulated_as_counted_no_ops() {
     let b = batch();
-    assert!(b.serial.contains("[mallory@c1] attack wbinvd: completed as expected"));
+    assert!(has_exact_line(b, "[mallory@c1] attack wbinvd: completed as expected"));
     let m = guest(b, "mallory");
     assert!(
         m.exits.get("wbinvd").copied().unwrap_or(0) >= 1,
@@ -414,14 +424,19 @@ fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_
 }
 
 #[test]
-fn ept_enforces_read_only_capabilities_and_non_executable_channel_windows() {
-    let b = devices();
+fn ept_enforces_a_read_only_capability_mapping() {
     stopped(
-        b,
+        devices(),
         "forger",
         "write-readonly-cap",
         "EPT violation: write at guest-physical 0xc0000000 (mapped read-only), rip=",
     );
+}
+
+#[test]
+fn channel_windows_are_not_executable() {
+    let b = devices();
+    assert!(has_exact_line(b, &format!("[runner@c4] attack: calling guest-physical {RUNNER_RET}")));
     stopped(
         b,
         "runner",
@@ -440,6 +455,9 @@ fn guests_that_never_end_are_stopped_and_the_others_finish() {
     stopped(b, "sleeper", "halt-forever", never);
     stopped(b, "dozer", "halt-timer-masked", never);
     stopped(b, "spinner", "spin-forever", "exceeded its run budget, rip=");
+    // With a channel, HLT does not exit (the guest halts natively until a doorbell): the
+    // run budget still ends it.
+    stopped(b, "napper", "halt-forever", "exceeded its run budget, rip=");
     finished_intact(b, "bystander", &["spin: 20 ticks"]);
     assert!(b.report.problems.is_empty(), "{:?}", b.report.problems);
 }
