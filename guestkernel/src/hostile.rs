@@ -109,6 +109,7 @@ impl<'a> Env<'a> {
     /// Receives the fence's read-only copy (if there is a `loot` channel) and maps our own
     /// grant, for the capability attacks.
     fn setup(&mut self) {
+        log::info!("attack setup: CR0 reads {:#x}, CR4 reads {:#x}", read_cr0(), read_cr4());
         if call(Hypercall::CapIdentify, 0, 0).is_ok_and(|i| i & 0xff == 1) {
             let m = call3(Hypercall::CapMap, 0, OWN_MAP, RW);
             log::info!("attack setup: my grant (slot 0) mapped read-write at {OWN_MAP:#x}: {m:?}");
