@@ -162,6 +162,7 @@ const BATCH: &[(&str, &str)] = &[
     ("monitor", "#UD"),
     ("mwait", "#UD"),
     ("getsec", "#UD"),
+    ("vmcall-from-ring3", "#GP"),
     ("xsetbv-xcr1", "#GP"),
     ("xsetbv-xcr0-avx", "#GP"),
     ("xsetbv-xcr0-zero", "#GP"),

@@ -462,6 +462,32 @@ fn storm(env: &mut Env<'_>) -> Seen {
     Seen::Value(CALLS)
 }
 
+/// VMCALL from ring 3: the hypervisor must answer #GP instead of serving the call. If it
+/// served it, the UD2 after it raises #UD (the probe reports either).
+fn vmcall_from_ring3() -> Seen {
+    // SAFETY: after init, on our one vCPU with interrupts off; no page-table or GDT
+    // reference is alive.
+    let Some(user_stack) = (unsafe { crate::arch::user_mode_setup() }) else {
+        return Seen::NoSetup("the kernel image is not in the first 2 MiB");
+    };
+    // SAFETY: IRETQ to ring 3 at the VMCALL below (user-accessible, as is the stack); the
+    // exception it raises returns to ring 0 through the TSS and the probe's landing.
+    let f = unsafe {
+        probe!(
+            // One template string: `probe!` takes a single one when operands follow.
+            "push {ss}\n push {usp}\n push 0x2\n push {cs}\n lea {t}, [rip + 3f]\n push {t}
+             iretq
+             3: mov eax, 1\n vmcall\n ud2",
+            ss = in(reg) crate::arch::USER_SS,
+            usp = in(reg) user_stack,
+            cs = in(reg) crate::arch::USER_CS,
+            t = out(reg) _,
+            out("rax") _,
+        )
+    };
+    seen(f, 0)
+}
+
 // ---- Attacks that stop the attacker (each in its own guest) ----
 
 fn read_at(gpa: u64) -> Seen {
@@ -763,6 +789,8 @@ pub static ATTACKS: &[Attack] = &[
     batch("mwait", UD, |_| vmx_insn!("mwait", in("eax") 0u32, in("ecx") 0u32)),
     // GETSEC would write EBX, which LLVM reserves; it never completes here (CR4.SMXE is 0).
     batch("getsec", UD, |_| vmx_insn!("getsec", inout("eax") 0u32 => _)),
+    // Hypercalls from ring 3: #GP.
+    batch("vmcall-from-ring3", GP, |_| vmcall_from_ring3()),
     // XSETBV: only XCR0 = 1.
     batch("xsetbv-xcr1", GP, |_| xsetbv(1, 1)),
     batch("xsetbv-xcr0-avx", GP, |_| xsetbv(0, 7)),
