@@ -224,6 +224,12 @@ const BATCH: &[(&str, &str)] = &[
     ("console-bidi", "completed"),
     ("console-invalid-utf8", "completed"),
     ("console-e9-escape", "completed"),
+    ("console-e9-bidi", "completed"),
+    ("console-split-bidi", "completed"),
+    ("console-split-c1", "completed"),
+    ("console-overlong-escape", "completed"),
+    ("console-format-controls", "completed"),
+    ("console-truncated-at-newline", "completed"),
     ("hc-storm", "completed"),
 ];
 
@@ -302,6 +308,12 @@ fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
         ("console-bidi", "<<A?B>>"),
         ("console-invalid-utf8", "<<A?B>>"),
         ("console-e9-escape", "<<A?[31mB>>"),
+        ("console-e9-bidi", "<<A?B>>"),
+        ("console-split-bidi", "<<A?B>>"),
+        ("console-split-c1", "<<A?2JB>>"),
+        ("console-overlong-escape", "<<A?B>>"),
+        ("console-format-controls", "<<A?B>>"),
+        ("console-truncated-at-newline", "<<A?"),
     ] {
         let head = format!("[mallory@c1] attack {name} payload: ");
         match b.serial.lines().find(|l| l.starts_with(&head)) {
@@ -319,7 +331,10 @@ fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
         };
         let bad = text.trim_end_matches('\r').chars().find(|&c| {
             (c.is_control() && c != '\t')
-                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+                || matches!(
+                    c,
+                    '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                )
         });
         if let Some(c) = bad {
             wrong.push(format!("raw {c:?} in {text:?}"));

@@ -937,6 +937,43 @@ pub static ATTACKS: &[Attack] = &[
     batch("console-e9-escape", Expect::Completes, |_| {
         e9_text(b"attack console-e9-escape payload: <<A\x1b[31mB>>\n")
     }),
+    batch("console-e9-bidi", Expect::Completes, |_| {
+        e9_text("attack console-e9-bidi payload: <<A\u{202e}B>>\n".as_bytes())
+    }),
+    batch("console-split-bidi", Expect::Completes, |_| {
+        // U+202E cut between three console writes: the filter must see the whole character.
+        let parts: [&[u8]; 3] =
+            [b"attack console-split-bidi payload: <<A\xe2", b"\x80", b"\xaeB>>\n"];
+        for p in parts {
+            if let s @ (Seen::Fault(_) | Seen::Error(_) | Seen::BadCode(_)) = console(p) {
+                return s;
+            }
+        }
+        Seen::Value(0)
+    }),
+    batch("console-split-c1", Expect::Completes, |_| {
+        let parts: [&[u8]; 2] = [b"attack console-split-c1 payload: <<A\xc2", b"\x9b2JB>>\n"];
+        for p in parts {
+            if let s @ (Seen::Fault(_) | Seen::Error(_) | Seen::BadCode(_)) = console(p) {
+                return s;
+            }
+        }
+        Seen::Value(0)
+    }),
+    batch("console-overlong-escape", Expect::Completes, |_| {
+        // ESC as overlong 2- and 3-byte sequences.
+        console(b"attack console-overlong-escape payload: <<A\xc0\x9b\xe0\x80\x9bB>>\n")
+    }),
+    batch("console-format-controls", Expect::Completes, |_| {
+        console(
+            "attack console-format-controls payload: <<A\u{2066}\u{2067}\u{2068}\u{2069}\u{200e}\u{200f}\u{61c}B>>\n"
+                .as_bytes(),
+        )
+    }),
+    batch("console-truncated-at-newline", Expect::Completes, |_| {
+        // A sequence cut short by the end of the line must not swallow or glue lines.
+        console(b"attack console-truncated-at-newline payload: <<A\xe2\x80\nB>>\n")
+    }),
     // Last: random hypercalls (they may unmap or move our caps).
     batch("hc-storm", Expect::Completes, storm),
     // Attacks that stop the attacker, each in its own guest.
