@@ -682,6 +682,13 @@ pub static ATTACKS: &[Attack] = &[
     batch("msr-random-read", GP, |_| rdmsr(0xdead_beef)),
     batch("msr-hyperv-guest-os-id-write", GP, |_| wrmsr(0x4000_0000, 1)),
     batch("msr-amd-vm-cr-read", GP, |_| rdmsr(0xc001_0114)),
+    batch("msr-x2apic-eoi-read", GP, |_| rdmsr(0x80b)),
+    batch("msr-tsc-deadline-write", GP, |_| wrmsr(0x6e0, 1)),
+    batch("msr-spec-ctrl-write", GP, |_| wrmsr(0x48, 1)),
+    batch("msr-xss-write", GP, |_| wrmsr(0xda0, 1 << 8)),
+    // Pass-through MSRs still refuse what the CPU refuses.
+    batch("msr-kernel-gs-base-noncanonical", GP, |_| wrmsr(0xc000_0102, 0x0000_8000_0000_0000)),
+    batch("msr-lstar-noncanonical", GP, |_| wrmsr(0xc000_0082, 0x0000_8000_0000_0000)),
     batch("msr-efer-clear-lme", GP, |_| wrmsr(0xc000_0080, efer() & !(1 << 8))),
     batch("msr-efer-clear-lma", GP, |_| wrmsr(0xc000_0080, efer() & !(1 << 10))),
     batch("msr-efer-set-svme", GP, |_| wrmsr(0xc000_0080, efer() | 1 << 12)),
@@ -738,6 +745,8 @@ pub static ATTACKS: &[Attack] = &[
     batch("cr0-set-cd", GP, |_| write_cr0(read_cr0() | CR0_CD)),
     batch("cr0-set-nw", GP, |_| write_cr0(read_cr0() | CR0_NW)),
     batch("cr0-set-cd-nw", GP, |_| write_cr0(read_cr0() | CR0_CD | CR0_NW)),
+    batch("cr0-set-reserved-bit-32", GP, |_| write_cr0(read_cr0() | 1 << 32)),
+    batch("cr4-set-reserved-bit-63", GP, |_| write_cr4(read_cr4() | 1 << 63)),
     batch("cr4-set-vmxe", GP, |_| write_cr4(read_cr4() | 1 << 13)),
     batch("cr4-clear-pae", GP, |_| write_cr4(read_cr4() & !(1 << 5))),
     batch("cr8-reserved", GP, |_| {
