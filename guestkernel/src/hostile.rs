@@ -19,9 +19,11 @@
 //! `attacks done: N run, M as expected`; the exit status is 0 only if M == N.
 //!
 //! Adding an attack: one entry in [`ATTACKS`] (name, expected outcome, kind, a function
-//! from [`Env`] to what it [`Seen`]), its name in the README's list, and its outcome line
-//! in `tests/hostile.rs` (batch attacks are checked by name from the table's output; an
-//! `Own` attack also needs a guest in a `configs/hostile/*.toml` and its fault text).
+//! from [`Env`] to what it [`Seen`]) before `hc-storm`, its name in the README's list, and
+//! its outcome line in `BATCH` in `tests/hostile.rs` (an `Own` attack instead needs a guest
+//! in a `configs/hostile/*.toml` and a check of its fault text). Capability attacks find
+//! the attacker's grant mapped at [`OWN_MAP`], a read-only copy of the fence's grant and
+//! the endpoint it came through in [`Env`] (`need_loot`, `loot_call`).
 
 use crate::arch::probe;
 use crate::hypercall::{call, call3, first_endpoint};
@@ -983,7 +985,8 @@ pub static ATTACKS: &[Attack] = &[
         // A sequence cut short by the end of the line must not swallow or glue lines.
         console(b"attack console-truncated-at-newline payload: <<A\xe2\x80\nB>>\n")
     }),
-    // Last: random hypercalls (they may unmap or move our caps).
+    // Keep this the last batch attack: its random hypercalls may split, unmap or move the
+    // attacker's capabilities, which the attacks above rely on.
     batch("hc-storm", Expect::Completes, storm),
     // Attacks that stop the attacker, each in its own guest.
     own("read-past-end", Expect::Stopped, |e| read_at(e.bi.memory_bytes)),
