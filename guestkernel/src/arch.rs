@@ -16,7 +16,8 @@ pub const TIMER_VECTOR: u8 = 32;
 /// Statics written only during single-threaded init (the guest has one vCPU and these are
 /// set up before interrupts are enabled).
 struct InitOnly<T>(UnsafeCell<T>);
-// SAFETY: one vCPU; written only in `init` before anything else can observe them.
+// SAFETY: one vCPU; written only in `init` before anything else can observe them, and in
+// `map_identity_2m`, whose caller guarantees that nothing else touches them meanwhile.
 unsafe impl<T> Sync for InitOnly<T> {}
 
 #[repr(C, align(4096))]
@@ -32,6 +33,53 @@ static PT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PD_CHANNELS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 /// Maps the grant window (capability mappings): guest-physical 3 GiB to 4 GiB.
 static PD_GRANTS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
+
+/// The armed probe (see [`probe!`]): landing RIP (0: disarmed), RSP at the probe, then
+/// the vector and error code of the exception that ended it ([`NO_FAULT`] if none). Read and
+/// written by `gexc_common` with interrupts off, on the one vCPU.
+pub static RECOVER: [AtomicU64; 4] =
+    [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(NO_FAULT), AtomicU64::new(0)];
+/// `RECOVER[2]` when the probed instructions completed without an exception.
+pub const NO_FAULT: u64 = u64::MAX;
+
+/// Runs instructions that may raise an exception, and resumes after them if they do.
+///
+/// Expands to an `asm!` statement (so it must be used inside `unsafe`, whose `SAFETY`
+/// comment covers the probed instructions) followed by [`last_fault`]: `None` if the
+/// instructions completed, else `Some((vector, error code))`. The probe stores a landing
+/// address (the end of the same `asm!` block) and RSP in [`RECOVER`]; the exception stub
+/// finds them armed and IRETQs to the landing instead of reporting the exception, so
+/// control never leaves the `asm!` block through a Rust frame. Operands are those of
+/// `asm!`; use `out`/`inout` for explicit registers (never `lateout`: the probe keeps its
+/// own register live across the instructions), and leave RSP as it was if they complete
+/// (an exception restores it). With operands, give the instructions as one string.
+macro_rules! probe {
+    ($($tpl:literal),+ $(, $($ops:tt)*)?) => {{
+        $crate::arch::RECOVER[2].store($crate::arch::NO_FAULT, core::sync::atomic::Ordering::Relaxed);
+        core::arch::asm!(
+            "lea {probe_tmp}, [rip + 2f]",
+            "mov qword ptr [{probe_rec}], {probe_tmp}",
+            "mov qword ptr [{probe_rec} + 8], rsp",
+            $($tpl),+ ,
+            "mov qword ptr [{probe_rec}], 0",
+            "2:",
+            probe_rec = in(reg) $crate::arch::RECOVER.as_ptr(),
+            probe_tmp = out(reg) _,
+            $($($ops)*)?
+        );
+        $crate::arch::last_fault()
+    }};
+}
+pub(crate) use probe;
+
+/// What ended the last [`probe!`]: `None` if nothing did, else (vector, error code).
+pub fn last_fault() -> Option<(u8, u64)> {
+    use core::sync::atomic::Ordering::Relaxed;
+    match RECOVER[2].load(Relaxed) {
+        NO_FAULT => None,
+        v => Some((v as u8, RECOVER[3].load(Relaxed))),
+    }
+}
 
 /// Timer interrupts taken.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -74,11 +122,31 @@ core::arch::global_asm!(
     GEXC_ERR \n
     .endr
     gexc_common:
+        cmpq $0, {recover}(%rip)
+        jne 3f
         movq %rsp, %rdi
         andq $-16, %rsp
         call guest_exception
     1:  hlt
         jmp 1b
+    # A probe is armed (see `probe!`): record the vector and error code, disarm, and
+    # resume at the probe's landing with the probe's RSP, in ring 0 (a probe may have gone
+    # to ring 3). Only RAX is used, and restored; IRETQ restores RFLAGS from the frame.
+    3:  pushq %rax
+        movq 8(%rsp), %rax
+        movq %rax, {recover}+16(%rip)
+        movq 16(%rsp), %rax
+        movq %rax, {recover}+24(%rip)
+        movq {recover}(%rip), %rax
+        movq %rax, 24(%rsp)
+        movq {recover}+8(%rip), %rax
+        movq %rax, 48(%rsp)
+        movq $0x08, 32(%rsp)
+        movq $0x10, 56(%rsp)
+        movq $0, {recover}(%rip)
+        popq %rax
+        addq $16, %rsp
+        iretq
 
     # An interrupt handler in Rust: caller-saved registers around the call, then IRETQ.
     .macro GINTR name, handler
@@ -122,6 +190,7 @@ core::arch::global_asm!(
     .quad gexc_\n
     .endr
 "#,
+    recover = sym RECOVER,
     options(att_syntax)
 );
 
@@ -235,6 +304,139 @@ pub fn init() {
             tmp = out(reg) _,
         );
     }
+}
+
+/// Spare page tables for [`map_identity_2m`].
+static SPARE_PDPT: InitOnly<[Table; 2]> =
+    InitOnly(UnsafeCell::new([Table([0; 512]), Table([0; 512])]));
+static SPARE_PD: InitOnly<[Table; 2]> =
+    InitOnly(UnsafeCell::new([Table([0; 512]), Table([0; 512])]));
+static SPARES_USED: AtomicU64 = AtomicU64::new(0);
+
+/// Identity-maps the 2-MiB page holding `gpa` in the guest's own page tables, wherever it
+/// is (below the guest's MAXPHYADDR), so that a workload can touch guest-physical addresses
+/// the boot mapping leaves out (4 GiB, the top of the physical address space). Whether the
+/// access then works is for EPT to decide. Takes intermediate tables from a small spare
+/// pool; returns `false` when it is exhausted.
+///
+/// # Safety
+/// Called after [`init`], from the one vCPU, with no reference to the page tables alive.
+pub unsafe fn map_identity_2m(gpa: u64) -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    let used = SPARES_USED.load(Relaxed);
+    // SAFETY: the caller guarantees exclusive access to the page-table statics.
+    let (pml4, spare_pdpt, spare_pd) =
+        unsafe { (&mut *PML4.0.get(), &mut *SPARE_PDPT.0.get(), &mut *SPARE_PD.0.get()) };
+    let (i4, i3, i2) =
+        ((gpa >> 39) as usize & 511, (gpa >> 30) as usize & 511, (gpa >> 21) as usize & 511);
+    let (mut pdpts, mut pds) = (used & 0xff, used >> 8);
+    if pml4.0[i4] & 1 == 0 {
+        let Some(t) = spare_pdpt.get(pdpts as usize) else { return false };
+        pml4.0[i4] = t as *const Table as u64 | 3;
+        pdpts += 1;
+    }
+    let pdpt = (pml4.0[i4] & 0x000f_ffff_ffff_f000) as *mut Table;
+    // SAFETY: a PDPT of ours (boot or spare), identity-mapped, not otherwise referenced.
+    let pdpt = unsafe { &mut *pdpt };
+    if pdpt.0[i3] & 1 == 0 {
+        let Some(t) = spare_pd.get(pds as usize) else { return false };
+        pdpt.0[i3] = t as *const Table as u64 | 3;
+        pds += 1;
+    }
+    let pd = (pdpt.0[i3] & 0x000f_ffff_ffff_f000) as *mut Table;
+    // SAFETY: as above, for the PD.
+    let pd = unsafe { &mut *pd };
+    pd.0[i2] = (gpa & !0x1f_ffff) | 0x83;
+    SPARES_USED.store(pdpts | pds << 8, Relaxed);
+    // SAFETY: reloading CR3 with its own value flushes the TLB; the tables stay valid.
+    unsafe {
+        core::arch::asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
+    }
+    true
+}
+
+/// Ring-3 code and stack segment selectors (RPL 3), valid after [`user_mode_setup`].
+pub const USER_CS: u64 = 0x1b;
+pub const USER_SS: u64 = 0x23;
+const TSS_SELECTOR: u16 = 0x28;
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// The GDT with user segments and a TSS: kernel code and data as in [`GDT`], user code,
+/// user data, then the 16-byte TSS descriptor.
+static USER_GDT: InitOnly<[u64; 7]> = InitOnly(UnsafeCell::new([0; 7]));
+/// A 64-bit TSS (104 bytes as 26 doublewords): only RSP0 and the I/O-map base are set.
+static TSS: InitOnly<[u32; 26]> = InitOnly(UnsafeCell::new([0; 26]));
+/// The ring-0 stack for exceptions taken in ring 3 (TSS.RSP0), and the ring-3 stack.
+static RING0_STACK: InitOnly<[Page; 2]> =
+    InitOnly(UnsafeCell::new([Page([0; 4096]), Page([0; 4096])]));
+static RING3_STACK: InitOnly<Page> = InitOnly(UnsafeCell::new(Page([0; 4096])));
+static USER_MODE: AtomicU64 = AtomicU64::new(0);
+
+/// Makes ring 3 reachable: a GDT with user segments and a TSS (RSP0 on a stack of its own,
+/// so that an exception in ring 3 reaches the IDT's handlers), and the first 2 MiB of the
+/// guest's page tables user-accessible (the kernel image, so that code in it can run in
+/// ring 3). Returns the top of a ring-3 stack, or `None` if the image does not fit in those
+/// 2 MiB. Idempotent.
+///
+/// # Safety
+/// Called after [`init`], from the one vCPU with interrupts off, with no reference to the
+/// page tables or the GDT alive.
+pub unsafe fn user_mode_setup() -> Option<u64> {
+    use core::sync::atomic::Ordering::Relaxed;
+    let ring3_top = RING3_STACK.0.get() as u64 + 4096;
+    if ring3_top > 2 << 20 {
+        return None;
+    }
+    if USER_MODE.swap(1, Relaxed) == 1 {
+        return Some(ring3_top);
+    }
+    // SAFETY: the caller guarantees exclusive access to these statics.
+    let (gdt, tss, pml4, pdpt, pd, pt) = unsafe {
+        (
+            &mut *USER_GDT.0.get(),
+            &mut *TSS.0.get(),
+            &mut *PML4.0.get(),
+            &mut *PDPT.0.get(),
+            &mut *PD.0.get(),
+            &mut *PT.0.get(),
+        )
+    };
+    gdt[..3].copy_from_slice(&GDT);
+    gdt[3] = 0x00af_fb00_0000_ffff; // 64-bit code, DPL 3
+    gdt[4] = 0x00cf_f300_0000_ffff; // data, DPL 3
+    let rsp0 = RING0_STACK.0.get() as u64 + 2 * 4096;
+    tss[1] = rsp0 as u32;
+    tss[2] = (rsp0 >> 32) as u32;
+    tss[25] = 104 << 16; // I/O-map base past the limit: no I/O bitmap
+    let (base, limit) = (tss.as_ptr() as u64, 103u64);
+    gdt[5] = limit | (base & 0xff_ffff) << 16 | 0x89 << 40 | (base >> 24 & 0xff) << 56;
+    gdt[6] = base >> 32;
+    // The U bit on every level of the first 2 MiB.
+    pml4.0[0] |= 4;
+    pdpt.0[0] |= 4;
+    pd.0[0] |= 4;
+    for e in pt.0.iter_mut().skip(1) {
+        *e |= 4;
+    }
+    let gdtr = x86_ptr(gdt.as_ptr() as u64, core::mem::size_of_val(gdt));
+    // SAFETY: the new GDT keeps selectors 0x08 and 0x10 as they were, so the loaded segment
+    // registers stay valid; the TSS descriptor is fresh (not busy) for LTR; reloading CR3
+    // flushes the page-table changes.
+    unsafe {
+        core::arch::asm!(
+            "lgdt [{gdtr}]",
+            "ltr {sel:x}",
+            "mov {t}, cr3",
+            "mov cr3, {t}",
+            gdtr = in(reg) &gdtr,
+            sel = in(reg) TSS_SELECTOR,
+            t = out(reg) _,
+            options(nostack)
+        );
+    }
+    Some(ring3_top)
 }
 
 /// Identity-maps the GiB at `base` with 2-MiB pages (the channel windows, the grant

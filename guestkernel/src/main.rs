@@ -12,6 +12,7 @@ mod capload;
 mod capxfer;
 mod channel;
 mod console;
+mod hostile;
 mod hypercall;
 mod netloads;
 mod workloads;

@@ -18,7 +18,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 23] = [
+const REGISTRY: [(&str, Workload); 24] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -42,6 +42,7 @@ const REGISTRY: [(&str, Workload); 23] = [
     ("far", crate::capattack::far),
     ("flooder", crate::capattack::flooder),
     ("quiet", crate::capattack::quiet),
+    ("attack", crate::hostile::attack),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -53,7 +53,7 @@ pub const fn channel_window(index: u32) -> u64 {
 pub const WORKLOADS: &[&str] = &[
     "hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass",
     "pool", "giver", "taker", "racer", "capowner", "holder", "doomed", "revoker", "splitter",
-    "passer", "far", "flooder", "quiet",
+    "passer", "far", "flooder", "quiet", "attack",
 ];
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
