@@ -198,11 +198,6 @@ impl CSpace {
         Ok(i)
     }
 
-    /// Free slots (what a receiver can still take).
-    pub fn free_slots(&self) -> usize {
-        self.slots.iter().filter(|s| !matches!(s.state, State::Live(_))).count()
-    }
-
     /// Puts `cap` in the lowest free slot, under `id` if given (a copy whose id its sender
     /// minted) or a fresh one; returns (handle, id). The mapping and children are cleared.
     pub fn insert(&mut self, mut cap: Cap, id: Option<CapId>) -> Result<(u64, CapId), CapError> {
@@ -251,11 +246,6 @@ impl CSpace {
             State::Live(c) => Some((handle(i, s.generation), c)),
             _ => None,
         })
-    }
-
-    /// Whether any piece of node `id` lives here.
-    pub fn holds(&self, id: CapId) -> bool {
-        self.live().any(|(_, c)| c.id == id)
     }
 
     /// Splits a memory cap at `offset` bytes: the slot keeps `[base, base + offset)`, a new
@@ -463,6 +453,9 @@ mod tests {
         assert_eq!(cs.split(s, 3), Err(CapError::BadOffset));
         assert_eq!(cs.split(s, 4 * PAGE), Err(CapError::BadOffset));
         assert_eq!(cs.split(s, 0), Err(CapError::BadOffset));
+        assert_eq!(cs.map(t, 0xc000_0000, RW).unwrap().mapped_rights, RW, "read-write maps");
+        cs.unmap(t).unwrap();
+        assert_eq!(cs.map(t, 0xc000_0000, Rights::WRITE), Err(CapError::RightsEscalation));
         cs.map(t, 0xc000_0000, Rights::READ).unwrap();
         assert_eq!(cs.map(t, 0xc000_0000, Rights::READ), Err(CapError::AlreadyMapped));
         assert_eq!(cs.split(t, PAGE), Err(CapError::AlreadyMapped));
@@ -526,7 +519,6 @@ mod tests {
             cs.insert(Cap::new(CapType::Memory, RW, 0, PAGE), Some(id)).unwrap();
             ids.push(id);
         }
-        assert_eq!(cs.free_slots(), 0);
         let c = Cap::new(CapType::Memory, RW, 0, PAGE);
         assert_eq!(cs.insert(c, None), Err(CapError::NoSpace));
         // Revoke and refill many times over: the space never fills with tombstones.
