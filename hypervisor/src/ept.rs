@@ -592,6 +592,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn eptp_and_leaf_entries_have_the_architected_bits() {
+        // EPTP: memory type WB (6) in bits 2:0, walk length minus one (3) in bits 5:3.
+        assert_eq!(eptp(0x1234_5000), 0x1234_501e);
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x4000_0000, 2 << 20).unwrap();
+        map_with(&mut f, root, 0x20_0000, 0x8000_1000, 4096, Perm::Read).unwrap();
+        let pdpt = f.table(root)[0];
+        assert_eq!(pdpt & 0xfff, 7, "non-leaf entries: RWX, nothing else");
+        let pd = f.table(pdpt & ADDR_MASK)[0];
+        // A 2-MiB leaf: RWX, memory type WB in bits 5:3, "ignore PAT" clear, bit 7 large.
+        assert_eq!(f.table(pd & ADDR_MASK)[0], 0x4000_0000 | 7 | 6 << 3 | 1 << 7);
+        let pt = f.table(pd & ADDR_MASK)[1] & ADDR_MASK;
+        assert_eq!(f.table(pt)[0], 0x8000_1000 | 1 | 6 << 3, "a 4-KiB leaf, read-only");
+    }
+
+    #[test]
     fn errors_map_to_the_abi() {
         assert_eq!(HvError::from(EptError::OutOfFrames), HvError::NoMemory);
         assert_eq!(HvError::from(EptError::Misaligned), HvError::Misaligned);

@@ -1679,6 +1679,258 @@ mod tests {
     }
 
     #[test]
+    fn dispatch_table() {
+        let stop = |a: Action| matches!(a, Action::Stop(_));
+        for (reason, want_ud) in
+            [(19u16, true), (27, true), (50, true), (53, true), (59, true), (36, true), (39, true)]
+        {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            assert_eq!(handle(&mut c, &mut v, &exit(reason, 3), &mut s), Action::Resume);
+            assert_eq!(v.injected == [UD], want_ud, "reason {reason}");
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "#UD is on the instruction");
+        }
+        for reason in [0u16, 1, 7, 52] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.window = true;
+            assert_eq!(handle(&mut c, &mut v, &exit(reason, 3), &mut s), Action::Resume);
+            assert!(v.injected.is_empty(), "reason {reason}");
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "nothing executed: reason {reason}");
+            assert_eq!(v.window, reason != 7, "only the interrupt window closes it");
+            assert_eq!(c.exits[reason as usize], 1);
+        }
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        let mut e = exit(49, 0);
+        e.guest_physical = 0x5000;
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EptMisconfig { gpa: 0x5000, rip: 0x10_0000 })
+        );
+        assert_eq!(
+            handle(&mut c, &mut v, &exit(3, 0), &mut s),
+            Action::Stop(StopReason::Init { rip: 0x10_0000 })
+        );
+        let mut e = exit(48, 0);
+        (e.guest_physical, e.qualification) = (0x9000, 0x1a);
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EptViolation {
+                gpa: 0x9000,
+                rip: 0x10_0000,
+                qualification: 0x1a
+            })
+        );
+        // A failed entry is reported as such whatever the reason number says.
+        let mut e = exit(10, 2);
+        e.entry_failed = true;
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EntryFailed { reason: 10, rip: 0x10_0000 })
+        );
+        assert!(stop(handle(&mut c, &mut v, &exit(REASONS as u16, 0), &mut s)));
+        assert_eq!(c.exits_other, 1, "reasons past the table are counted apart");
+        c.exits_other = u32::MAX;
+        handle(&mut c, &mut v, &exit(500, 0), &mut s);
+        assert_eq!(c.exits_other, u32::MAX, "saturating");
+        c.exits[10] = u32::MAX;
+        v.regs.rax = 0x8000_0000;
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!(c.exits[10], u32::MAX);
+    }
+
+    /// Register `n` of the encoding (SDM Vol. 3C Table 28-3), RSP (4) being in the VMCS.
+    fn reg(r: &mut GuestRegs, n: u64) -> Option<&mut u64> {
+        Some(match n {
+            0 => &mut r.rax,
+            1 => &mut r.rcx,
+            2 => &mut r.rdx,
+            3 => &mut r.rbx,
+            4 => return None,
+            5 => &mut r.rbp,
+            6 => &mut r.rsi,
+            7 => &mut r.rdi,
+            8 => &mut r.r8,
+            9 => &mut r.r9,
+            10 => &mut r.r10,
+            11 => &mut r.r11,
+            12 => &mut r.r12,
+            13 => &mut r.r13,
+            14 => &mut r.r14,
+            _ => &mut r.r15,
+        })
+    }
+
+    #[test]
+    fn every_register_is_addressed_by_its_number() {
+        // CR8 writes and reads go through the register number of the qualification.
+        for n in 0..16u64 {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            // Every register holds a value out of range for CR8 but register n.
+            for m in 0..16 {
+                if let Some(r) = reg(&mut v.regs, m) {
+                    *r = 20 + m;
+                }
+            }
+            v.write(Field::Rsp, 24);
+            match reg(&mut v.regs, n) {
+                Some(r) => *r = 7,
+                None => v.write(Field::Rsp, 7),
+            }
+            handle(&mut c, &mut v, &cr_exit(8, 0, n, 0), &mut s);
+            assert_eq!((c.cr8, v.injected.len()), (7, 0), "mov cr8, r{n}");
+            c.cr8 = 9;
+            let (before, rsp) = (v.regs, v.get(Field::Rsp));
+            handle(&mut c, &mut v, &cr_exit(8, 1, n, 0), &mut s);
+            let mut want = before;
+            match reg(&mut want, n) {
+                Some(r) => *r = 9,
+                None => assert_eq!(v.get(Field::Rsp), 9, "mov rsp, cr8"),
+            }
+            assert_eq!(v.regs, want, "mov r{n}, cr8 changes r{n} only");
+            if n != 4 {
+                assert_eq!(v.get(Field::Rsp), rsp);
+            }
+        }
+    }
+
+    #[test]
+    fn an_emulated_instruction_ends_sti_blocking() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Interruptibility, 0b1011); // STI, MOV SS and NMI blocking
+        handle(&mut c, &mut v, &exit(54, 2), &mut s);
+        assert_eq!(v.get(Field::Interruptibility), 0b1000, "NMI blocking stays");
+        v.write(Field::Interruptibility, 0b0010);
+        handle(&mut c, &mut v, &exit(54, 2), &mut s);
+        assert_eq!(v.get(Field::Interruptibility), 0);
+    }
+
+    #[test]
+    fn cpuid_leaves_are_filtered() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        let mut q = |leaf: u64, sub: u64| {
+            v.regs = GuestRegs { rax: leaf, rcx: sub, ..Default::default() };
+            handle(&mut c, &mut v, &exit(10, 2), &mut s);
+            let r = v.regs;
+            [r.rax, r.rbx, r.rcx, r.rdx]
+        };
+        let l1 = q(1, 0);
+        assert_eq!(l1[1], 0x0301_ffff, "APIC id = core 3, one logical CPU, low half kept");
+        assert_eq!(l1[2], 0xfedf_ffd7, "VMX, MONITOR, x2APIC, TSC deadline hidden");
+        assert_eq!(l1[3], 0xefff_ffff, "HTT hidden");
+        assert_eq!(q(4, 0)[0], 0x3fff, "no sharing cores or threads");
+        assert_eq!(q(0xb, 0), [0, 1, 1 << 8, 3]);
+        assert_eq!(q(0x1f, 1), [0, 0, 1, 3]);
+        assert_eq!(q(0xb, 0x1ff), [0, 0, 0xff, 3]);
+        assert_eq!(q(CPUID_SIGNATURE_LEAF as u64, 0)[0], CPUID_SIGNATURE_LEAF as u64 + 1);
+        assert_eq!(q(0x4000_0001, 0), [0; 4]);
+        assert_eq!(q(0x4000_00ff, 0), [0; 4]);
+        assert_eq!(q(0x4000_0100, 0), [0xffff_ffff; 4], "outside our range: passed through");
+        assert_eq!(q(7, 0), [0xffff_ffff; 4]);
+    }
+
+    #[test]
+    fn simple_hypercalls() {
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        assert_eq!(call(&mut c, &mut v, 3, 0, 0, 0), 0, "yield");
+        assert_eq!(call(&mut c, &mut v, 5, 0, 0, 0), 4000, "tsc_per_ms");
+        c.memory_mib = 0x1_0000;
+        c.id = 0x1_0002; // only the low 16 bits are reported
+        assert_eq!(call(&mut c, &mut v, 1, 0, 0, 0), 2 | 3 << 16 | 0x1_0000 << 32);
+        c.exits = [0; REASONS];
+        c.exits[18] = 4;
+        c.exits_other = 2;
+        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 7, "exit_count: this one, the others");
+        assert_eq!(c.hypercalls, 4);
+        // timer_oneshot: vector bounds, delta 0 disarms.
+        assert_eq!(call(&mut c, &mut v, 4, 10, 31, 0), HvError::BadArgument.to_rax());
+        assert_eq!(call(&mut c, &mut v, 4, 10, 256, 0), HvError::BadArgument.to_rax());
+        assert_eq!(call(&mut c, &mut v, 4, 10, 32, 0), 0);
+        assert_eq!(c.timer, Some((1010, 32)));
+        assert_eq!(call(&mut c, &mut v, 4, u64::MAX, 255, 0), 0);
+        assert_eq!(c.timer, Some((u64::MAX, 255)), "saturating deadline");
+        assert_eq!(call(&mut c, &mut v, 4, 0, 255, 0), 0);
+        assert_eq!(c.timer, None);
+        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9);
+        // Exit flushes a partial console line first.
+        let mut s = Lines::default();
+        c.console_bytes(b"partial", &mut s);
+        v.regs = GuestRegs { rax: 2, rdi: 9, ..Default::default() };
+        assert_eq!(handle(&mut c, &mut v, &exit(18, 3), &mut s), Action::Exit(9));
+        assert_eq!(s.0, ["partial"]);
+    }
+
+    #[test]
+    fn only_cpl0_may_call() {
+        for (ar, ok) in
+            [(0x0093u64, true), (0x20f3, false), (0x40f3, false), (0x60f3, false), (0x8093, true)]
+        {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.write(Field::SsAccessRights, ar);
+            v.regs.rax = 3;
+            handle(&mut c, &mut v, &exit(18, 3), &mut s);
+            assert_eq!(v.injected.is_empty(), ok, "SS AR {ar:#x}");
+            assert_eq!(c.hypercalls, ok as u32);
+        }
+    }
+
+    #[test]
+    fn io_ports_sizes_and_directions() {
+        // (port, input, string, size-1, allowed)
+        for (port, input, string, size, ok) in [
+            (0xe9u64, false, false, 0u64, true),
+            (0xe9, false, false, 1, false), // a word to the console
+            (0xe9, true, false, 0, false),
+            (0xe9, false, true, 0, false), // OUTSB
+            (0x80, false, false, 0, true),
+            (0x80, false, false, 3, true),
+            (0x80, true, false, 0, false),
+            (0x80, false, true, 0, false),
+            (0x81, false, false, 0, false),
+            (0x3f8, false, false, 0, false),
+        ] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            let mut e = exit(30, 1);
+            e.qualification = port << 16 | (string as u64) << 4 | (input as u64) << 3 | size;
+            v.regs.rax = b'Z' as u64;
+            handle(&mut c, &mut v, &e, &mut s);
+            assert_eq!(
+                v.injected.is_empty(),
+                ok,
+                "port {port:#x} in={input} str={string} size={size}"
+            );
+            assert_eq!(v.get(Field::Rip), 0x10_0000 + ok as u64);
+            c.flush_line(&mut s);
+            let printed: &[&str] = if ok && port == 0xe9 { &["Z"] } else { &[] };
+            assert_eq!(s.0, printed);
+        }
+    }
+
+    #[test]
+    fn before_entry_programs_the_nearest_deadline() {
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        c.watchdog = 10_000;
+        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog only");
+        c.timer = Some((3000, 40));
+        assert_eq!(c.before_entry(&mut v), Ok(2000), "timer first");
+        c.timer = Some((20_000, 40));
+        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog first");
+        // Due, interruptible, but in an STI shadow: wait for the window.
+        c.timer = Some((1000, 40));
+        v.write(Field::Rflags, 0x202);
+        v.write(Field::Interruptibility, 1);
+        assert_eq!(c.before_entry(&mut v), Ok(9000));
+        assert!(v.window && v.injected.is_empty());
+        v.write(Field::Interruptibility, 2);
+        c.before_entry(&mut v).unwrap();
+        assert!(v.injected.is_empty(), "MOV SS shadow too");
+        v.write(Field::Interruptibility, 8); // NMI blocking does not hold interrupts
+        c.before_entry(&mut v).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)]);
+        assert!(!v.window);
+        c.watchdog = 1000;
+        assert_eq!(c.before_entry(&mut v), Err(StopReason::Watchdog { rip: 0x10_0000 }));
+    }
+
+    #[test]
     fn io_allow_list_and_stops() {
         let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
         for b in b"hi\n" {
