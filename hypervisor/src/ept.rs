@@ -523,6 +523,10 @@ pub(crate) mod tests {
         assert!(snapshot(&f).0 != before.0 || snapshot(&f).1 == before.1);
         assert_eq!(f.in_use(), before.1);
         assert_eq!(map(&mut f, root, 0x1234, 0, 4096), Err(EptError::Misaligned));
+        // Misaligned by the same amount: still misaligned (no bit trick may cancel them).
+        assert_eq!(map(&mut f, root, 0x1000_0800, 0x8000_0800, 4096), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 0x1000_0000, 0x8000_0800, 0x800), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 0x1000_0800, 0x8000_0000, 0x800), Err(EptError::Misaligned));
         assert_eq!(map(&mut f, root, 0x1000, 0, 0x800), Err(EptError::Misaligned));
         assert_eq!(map(&mut f, root, 1 << 48, 0, 4096), Err(EptError::OutOfRange));
         assert_eq!(map(&mut f, root, (1 << 48) - 4096, 0, 8192), Err(EptError::OutOfRange));
@@ -587,6 +591,10 @@ pub(crate) mod tests {
         assert_eq!(e, Err(EptError::OutOfFrames));
         assert!(snapshot(&f) == before);
         assert_eq!(HvError::from(EptError::OutOfFrames), HvError::NoMemory);
+        // 2 MiB and a 4-KiB tail, aligned: the tail needs a PT there is no frame for.
+        let e = map_with(&mut f, root, 0x40_0000, 0x40_0000, (2 << 20) + 4096, Perm::Read);
+        assert_eq!(e, Err(EptError::OutOfFrames));
+        assert!(snapshot(&f) == before);
         // A 2-MiB page in the existing PD needs no frame at all.
         assert_eq!(map_with(&mut f, root, 0x40_0000, 0x40_0000, 2 << 20, Perm::Read), Ok(()));
     }
