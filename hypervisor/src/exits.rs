@@ -1120,6 +1120,9 @@ mod tests {
         v.regs = GuestRegs { rax: 0, rdi: u64::MAX - 2, rsi: 8, ..Default::default() };
         handle(&mut c, &mut v, &exit(18, 3), &mut s);
         assert_eq!(v.regs.rax, HvError::BadAddress.to_rax(), "wrap-around is an error");
+        v.regs = GuestRegs { rax: 0, rdi: 0x2000, rsi: CONSOLE_MAX, ..Default::default() };
+        handle(&mut c, &mut v, &exit(18, 3), &mut s);
+        assert_eq!(v.regs.rax, CONSOLE_MAX, "the largest write");
         v.regs = GuestRegs { rax: 0, rdi: 0x2000, rsi: CONSOLE_MAX + 1, ..Default::default() };
         handle(&mut c, &mut v, &exit(18, 3), &mut s);
         assert_eq!(v.regs.rax, HvError::BadLength.to_rax());
@@ -1446,14 +1449,14 @@ mod tests {
         v.write(Field::Rflags, 0x202);
         c.timer = Some((5000, 40));
         assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
-        assert!(v.tsc >= 5000, "slept until the timer");
+        assert_eq!(v.tsc, 5000, "slept until the timer, not a tick longer");
         assert!(v.recv_polls >= 30, "the inbox was polled while waiting: {}", v.recv_polls);
         assert_eq!(v.get(Field::Rip), 0x10_0001);
         // A far timer: the wait ends at the watchdog, and the guest is then stopped.
         c.timer = Some((u64::MAX, 40));
         c.watchdog = 9000;
         assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
-        assert!((9000..9200).contains(&v.tsc), "stopped waiting at the watchdog: {}", v.tsc);
+        assert_eq!(v.tsc, 9000, "stopped waiting at the watchdog");
         assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
         // Interrupts off: it would never wake.
         v.write(Field::Rflags, 0x2);
