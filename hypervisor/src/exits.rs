@@ -1386,6 +1386,10 @@ mod tests {
         assert!(v.injected.is_empty());
         assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2620, 0x620));
         assert_eq!(v.get(Field::Rip), 0x10_0003);
+        // Clearing them again clears them in the real CR4 too.
+        v.write(Field::Rsp, 0x20);
+        handle(&mut c, &mut v, &cr_exit(4, 0, 4, 0), &mut s);
+        assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2020, 0x20));
     }
 
     #[test]
