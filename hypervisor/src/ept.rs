@@ -431,7 +431,8 @@ pub(crate) mod tests {
 
     impl FrameMemory for HostMem {
         fn frame(&mut self, pa: u64) -> &mut [u64; 512] {
-            self.0.entry(pa).or_insert_with(|| Box::new([0x5a5a_5a5a_5a5a_5a5a; 512]))
+            // Fresh memory is neither zero nor a present entry: alloc must clear it.
+            self.0.entry(pa).or_insert_with(|| Box::new([0x5a5a_5a5a_5a5a_5a58; 512]))
         }
     }
 
