@@ -967,6 +967,8 @@ mod tests {
         tick: u64,
         /// How often the inter-core inbox was polled.
         recv_polls: u32,
+        /// What the host's CPUID returns for every leaf.
+        cpuid: [u32; 4],
     }
 
     impl FakeVcpu {
@@ -991,6 +993,7 @@ mod tests {
                 maps: vec![],
                 tick: 0,
                 recv_polls: 0,
+                cpuid: [0xffff_ffff; 4],
             }
         }
         fn key(f: Field) -> &'static str {
@@ -1040,7 +1043,7 @@ mod tests {
             Ok(())
         }
         fn host_cpuid(&mut self, _leaf: u32, _sub: u32) -> [u32; 4] {
-            [0xffff_ffff; 4]
+            self.cpuid
         }
         fn now(&mut self) -> u64 {
             self.tsc += self.tick;
@@ -1805,9 +1808,11 @@ mod tests {
         v.write(Field::Interruptibility, 0b1011); // STI, MOV SS and NMI blocking
         handle(&mut c, &mut v, &exit(54, 2), &mut s);
         assert_eq!(v.get(Field::Interruptibility), 0b1000, "NMI blocking stays");
-        v.write(Field::Interruptibility, 0b0010);
-        handle(&mut c, &mut v, &exit(54, 2), &mut s);
-        assert_eq!(v.get(Field::Interruptibility), 0);
+        for blocking in [0b0010, 0b0001, 0b0011] {
+            v.write(Field::Interruptibility, blocking);
+            handle(&mut c, &mut v, &exit(54, 2), &mut s);
+            assert_eq!(v.get(Field::Interruptibility), 0, "{blocking:#b}");
+        }
     }
 
     #[test]
@@ -1832,6 +1837,11 @@ mod tests {
         assert_eq!(q(0x4000_00ff, 0), [0; 4]);
         assert_eq!(q(0x4000_0100, 0), [0xffff_ffff; 4], "outside our range: passed through");
         assert_eq!(q(7, 0), [0xffff_ffff; 4]);
+        // On a host with nothing set, the hypervisor bit and the topology still appear.
+        v.cpuid = [0; 4];
+        v.regs = GuestRegs { rax: 1, ..Default::default() };
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!([v.regs.rbx, v.regs.rcx, v.regs.rdx], [0x0301_0000, 1 << 31, 0]);
     }
 
     #[test]
