@@ -14,7 +14,13 @@ fn bochs_one_cpu_vmx_on() {
 
 #[test]
 fn bochs_two_cpus_vmx_on() {
-    boot(Emulator::Bochs, 2, None, "").assert_all_cores_vmx_on(2);
+    let b = boot(Emulator::Bochs, 2, None, "");
+    b.assert_all_cores_vmx_on(2);
+    // Every core turned its caches on and reset its PAT itself, whatever firmware left.
+    for i in 0..2 {
+        let line = format!("[c{i}] caches on: CR0.CD=0 NW=0 PAT=0x7040600070406");
+        assert!(b.serial.contains(&line), "core {i}: no `{line}`\n{}", b.serial);
+    }
 }
 
 #[test]

@@ -1,17 +1,126 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Extended page tables (SDM Vol. 3C 29.3): building a guest's EPT and walking it.
+//! Extended page tables (SDM Vol. 3C 29.3): building a guest's EPT, changing it, walking it.
 //!
-//! Page-table frames come from a [`Frames`] source, so the same builder runs on the
-//! hypervisor's identity-mapped memory and, in tests, on host memory. Mappings are
-//! read/write/execute, write-back; 2-MiB pages where both addresses and the length allow,
-//! 4-KiB pages otherwise. Nothing is mapped that the caller did not ask for.
+//! Page-table frames come from a [`Frames`] source, so the same code runs on the
+//! hypervisor's identity-mapped memory and, in tests, on host memory; [`FramePool`] is the
+//! source both use: one contiguous region, freed frames reused before the untouched rest.
+//!
+//! Invariants:
+//! * [`map_with`] and [`unmap`] are all-or-nothing: they check the whole range first
+//!   (alignment of the guest-physical address, the host-physical address and the length;
+//!   the range inside the 48-bit guest-physical space; for a map nothing mapped anywhere in
+//!   the range and no large page in the way; for an unmap everything mapped, large pages
+//!   whole) and count the table frames a map needs against what the source can still hand
+//!   out, and only then write. A call that fails leaves every table byte-identical.
+//! * Every table below the root holds at least one present entry: an unmap frees the tables
+//!   it empties (never the root), so map/unmap cycles do not grow frame use.
+//! * Leaves are write-back, 2-MiB pages where both addresses and the remaining length allow,
+//!   4-KiB pages otherwise: nothing is mapped that the caller did not ask for. Only the
+//!   partition itself is executable ([`map`]); everything else is mapped with a [`Perm`]
+//!   without execute (W^X for shared memory).
+
+use vmcall_proto::hypercall::HvError;
 
 /// Where page-table frames come from and how to reach them.
 pub trait Frames {
     /// A zeroed 4-KiB frame's physical address.
     fn alloc(&mut self) -> Option<u64>;
+    /// Gives back a frame `alloc` handed out and nothing references any more.
+    fn free(&mut self, pa: u64);
+    /// How many more frames `alloc` will hand out for certain.
+    fn available(&self) -> u64;
     /// The table stored in frame `pa`.
     fn table(&mut self, pa: u64) -> &mut [u64; 512];
+}
+
+/// Reaching a frame's memory by its physical address (identity map on the hypervisor).
+pub trait FrameMemory {
+    fn frame(&mut self, pa: u64) -> &mut [u64; 512];
+}
+
+/// Frames carved from one region `[start, end)`: a free list (linked through each free
+/// frame's first word) is used before the never-used rest of the region. Accounting: frames
+/// in use now, the most ever in use, and the limit (the region's size in frames).
+pub struct FramePool<M> {
+    mem: M,
+    start: u64,
+    next: u64,
+    end: u64,
+    free_head: Option<u64>,
+    free_count: u64,
+    in_use: u64,
+    peak: u64,
+}
+
+/// Marks the end of the free list inside a free frame.
+const FREE_END: u64 = u64::MAX;
+
+impl<M: FrameMemory> FramePool<M> {
+    /// A pool over `[start, end)` (4-KiB aligned) reached through `mem`.
+    pub fn new(mem: M, start: u64, end: u64) -> Self {
+        FramePool {
+            mem,
+            start,
+            next: start,
+            end,
+            free_head: None,
+            free_count: 0,
+            in_use: 0,
+            peak: 0,
+        }
+    }
+    /// Frames handed out and not freed.
+    pub fn in_use(&self) -> u64 {
+        self.in_use
+    }
+    /// The most frames ever in use at once.
+    pub fn peak(&self) -> u64 {
+        self.peak
+    }
+    /// The most frames the pool can ever hand out at once.
+    pub fn limit(&self) -> u64 {
+        (self.end - self.start) / SIZE_4K
+    }
+}
+
+impl<M: FrameMemory> Frames for FramePool<M> {
+    fn alloc(&mut self) -> Option<u64> {
+        let pa = match self.free_head {
+            Some(pa) => {
+                let link = self.mem.frame(pa)[0];
+                self.free_head = (link != FREE_END).then_some(link);
+                self.free_count -= 1;
+                pa
+            }
+            None if self.next < self.end => {
+                self.next += SIZE_4K;
+                self.next - SIZE_4K
+            }
+            None => return None,
+        };
+        self.mem.frame(pa).fill(0);
+        self.in_use += 1;
+        self.peak = self.peak.max(self.in_use);
+        Some(pa)
+    }
+    fn free(&mut self, pa: u64) {
+        // A frame from elsewhere would corrupt the list: a broken caller invariant.
+        assert!(
+            pa >= self.start && pa < self.next && pa.is_multiple_of(SIZE_4K),
+            "freeing a frame the pool never handed out: {pa:#x}"
+        );
+        let link = self.free_head.unwrap_or(FREE_END);
+        self.mem.frame(pa)[0] = link;
+        self.free_head = Some(pa);
+        self.free_count += 1;
+        self.in_use -= 1;
+    }
+    fn available(&self) -> u64 {
+        self.free_count + (self.end - self.next) / SIZE_4K
+    }
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        self.mem.frame(pa)
+    }
 }
 
 const READ: u64 = 1 << 0;
@@ -23,15 +132,36 @@ const LARGE: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_4K: u64 = 4096;
+/// The guest-physical space a 4-level EPT translates.
+const GPA_LIMIT: u64 = 1 << 48;
+/// The host-physical addresses an EPT entry can hold (bits 51:12).
+const HPA_LIMIT: u64 = 1 << 52;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EptError {
-    /// No frame for a page table.
+    /// Not enough frames for the page tables the mapping needs.
     OutOfFrames,
-    /// Addresses or length not 4-KiB aligned, or beyond the 48-bit guest-physical space.
+    /// An address or the length not 4-KiB aligned, or part of a large page asked for.
     Misaligned,
-    /// Part of the range is already mapped.
+    /// The range is empty or reaches past the 48-bit guest-physical (52-bit host-physical)
+    /// space.
+    OutOfRange,
+    /// Part of the range is already mapped (the first such guest-physical address).
     Overlap(u64),
+    /// Part of the range is not mapped (the first such guest-physical address).
+    NotMapped(u64),
+}
+
+impl From<EptError> for HvError {
+    fn from(e: EptError) -> Self {
+        match e {
+            EptError::OutOfFrames => HvError::NoMemory,
+            EptError::Misaligned => HvError::Misaligned,
+            EptError::OutOfRange => HvError::BadAddress,
+            EptError::Overlap(_) => HvError::AddressInUse,
+            EptError::NotMapped(_) => HvError::NotMapped,
+        }
+    }
 }
 
 /// The EPT pointer for a 4-level table at `pml4` (write-back, walk length 4).
@@ -48,30 +178,31 @@ fn index(gpa: u64, level: u32) -> usize {
     ((gpa >> (12 + 9 * level)) & 0x1ff) as usize
 }
 
-/// The next-level table under entry `i` of `table`, created if absent.
-fn next(f: &mut impl Frames, table: u64, i: usize) -> Result<u64, EptError> {
-    let e = f.table(table)[i];
-    if e & RWX != 0 {
-        if e & LARGE != 0 {
-            return Err(EptError::Overlap(0));
-        }
-        return Ok(e & ADDR_MASK);
-    }
-    let t = f.alloc().ok_or(EptError::OutOfFrames)?;
-    f.table(table)[i] = t | RWX;
-    Ok(t)
+fn present(e: u64) -> bool {
+    e & RWX != 0
 }
 
 /// Access a mapping allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Perm {
+    /// The partition only: the guest's own code runs from it.
     ReadWriteExecute,
     ReadWrite,
     Read,
 }
 
 impl Perm {
-    const fn bits(self) -> u64 {
+    /// Memory shared with or granted by others: read-only or read-write, never executable.
+    pub const fn shared(write: bool) -> Perm {
+        if write {
+            Perm::ReadWrite
+        } else {
+            Perm::Read
+        }
+    }
+
+    /// The entry's permission bits (R=1, W=2, X=4).
+    pub const fn bits(self) -> u64 {
         match self {
             Perm::ReadWriteExecute => RWX,
             Perm::ReadWrite => READ | WRITE,
@@ -80,51 +211,91 @@ impl Perm {
     }
 }
 
-/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`, RWX.
+/// Checks alignment and range shared by map and unmap.
+fn check_range(gpa: u64, hpa: u64, len: u64) -> Result<(), EptError> {
+    if !(gpa | hpa | len).is_multiple_of(SIZE_4K) {
+        return Err(EptError::Misaligned);
+    }
+    let fits = |a: u64, limit: u64| a.checked_add(len).is_some_and(|e| e <= limit);
+    if len == 0 || !fits(gpa, GPA_LIMIT) || !fits(hpa, HPA_LIMIT) {
+        return Err(EptError::OutOfRange);
+    }
+    Ok(())
+}
+
+/// Whether the chunk at offset `off` of a mapping is a 2-MiB page.
+fn large_chunk(g: u64, h: u64, left: u64) -> bool {
+    g.is_multiple_of(SIZE_2M) && h.is_multiple_of(SIZE_2M) && left >= SIZE_2M
+}
+
+/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`, RWX: the
+/// partition only.
 pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Result<(), EptError> {
     map_with(f, root, gpa, hpa, len, Perm::ReadWriteExecute)
 }
 
-/// Removes the leaves covering `[gpa, gpa + len)` (exactly as they were mapped: a large
-/// page must be removed whole). Returns the bytes unmapped; the caller must INVEPT.
-pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, EptError> {
-    if !(gpa | len).is_multiple_of(SIZE_4K) || gpa.checked_add(len).is_none_or(|e| e > 1 << 48) {
-        return Err(EptError::Misaligned);
-    }
+/// The table frames mapping `[gpa, gpa + len)` (chunked as for `hpa`) would add, or why it
+/// cannot be mapped. Writes nothing.
+fn tables_needed(
+    f: &mut impl Frames,
+    root: u64,
+    gpa: u64,
+    hpa: u64,
+    len: u64,
+) -> Result<u64, EptError> {
+    // Tables to create, identified by the address bits above what they translate; the walk
+    // goes upwards through the range, so remembering the last one counted suffices.
+    let mut last_new = [u64::MAX; 3]; // PDPT (per 512 GiB), PD (per 1 GiB), PT (per 2 MiB)
+    let mut needed = 0;
     let mut off = 0;
     while off < len {
-        let g = gpa + off;
-        let mut table = root;
-        let mut done = false;
-        for level in (1..4).rev() {
-            let e = f.table(table)[index(g, level)];
-            if e & RWX == 0 {
-                return Err(EptError::Overlap(g));
-            }
-            if level == 1 && e & LARGE != 0 {
-                if !g.is_multiple_of(SIZE_2M) || len - off < SIZE_2M {
-                    return Err(EptError::Misaligned);
+        let (g, h) = (gpa + off, hpa + off);
+        let large = large_chunk(g, h, len - off);
+        let levels = if large { 2 } else { 3 }; // tables between the root and the leaf
+        let mut table = Some(root);
+        for (depth, level) in (1..4).rev().take(levels).enumerate() {
+            let key = g >> (12 + 9 * level);
+            if let Some(t) = table {
+                let e = f.table(t)[index(g, level)];
+                if present(e) {
+                    if e & LARGE != 0 {
+                        return Err(EptError::Overlap(g));
+                    }
+                    table = Some(e & ADDR_MASK);
+                    continue;
                 }
-                f.table(table)[index(g, 1)] = 0;
-                off += SIZE_2M;
-                done = true;
-                break;
+                table = None;
             }
-            table = e & ADDR_MASK;
+            if last_new[depth] != key {
+                last_new[depth] = key;
+                needed += 1;
+            }
         }
-        if !done {
-            let slot = &mut f.table(table)[index(g, 0)];
-            if *slot & RWX == 0 {
+        let leaf_level = if large { 1 } else { 0 };
+        if let Some(t) = table {
+            if present(f.table(t)[index(g, leaf_level)]) {
                 return Err(EptError::Overlap(g));
             }
-            *slot = 0;
-            off += SIZE_4K;
         }
+        off += if large { SIZE_2M } else { SIZE_4K };
     }
-    Ok(len)
+    Ok(needed)
 }
 
-/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with `perm`.
+/// The next-level table under entry `i` of `table`, created if absent. Callers counted
+/// and reserved every frame this can need.
+fn next_or_new(f: &mut impl Frames, table: u64, i: usize) -> u64 {
+    let e = f.table(table)[i];
+    if present(e) {
+        return e & ADDR_MASK;
+    }
+    let t = f.alloc().expect("frames reserved before the first write");
+    f.table(table)[i] = t | RWX;
+    t
+}
+
+/// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with `perm`,
+/// all or nothing.
 pub fn map_with(
     f: &mut impl Frames,
     root: u64,
@@ -133,36 +304,82 @@ pub fn map_with(
     len: u64,
     perm: Perm,
 ) -> Result<(), EptError> {
-    if !(gpa | hpa | len).is_multiple_of(SIZE_4K)
-        || gpa.checked_add(len).is_none_or(|e| e > 1 << 48)
-    {
-        return Err(EptError::Misaligned);
+    check_range(gpa, hpa, len)?;
+    if tables_needed(f, root, gpa, hpa, len)? > f.available() {
+        return Err(EptError::OutOfFrames);
     }
     let mut off = 0;
     while off < len {
         let (g, h) = (gpa + off, hpa + off);
-        let pdpt = next(f, root, index(g, 3))?;
-        let pd = next(f, pdpt, index(g, 2))?;
-        if g % SIZE_2M == 0 && h % SIZE_2M == 0 && len - off >= SIZE_2M {
-            let slot = &mut f.table(pd)[index(g, 1)];
-            if *slot & RWX != 0 {
-                return Err(EptError::Overlap(g));
-            }
-            *slot = h | perm.bits() | MEMTYPE_WB | LARGE;
+        let pdpt = next_or_new(f, root, index(g, 3));
+        let pd = next_or_new(f, pdpt, index(g, 2));
+        if large_chunk(g, h, len - off) {
+            f.table(pd)[index(g, 1)] = h | perm.bits() | MEMTYPE_WB | LARGE;
             off += SIZE_2M;
         } else {
-            let pt = next(f, pd, index(g, 1)).map_err(|_| EptError::Overlap(g))?;
-            let slot = &mut f.table(pt)[index(g, 0)];
-            if *slot & RWX != 0 {
-                return Err(EptError::Overlap(g));
-            }
-            *slot = h | perm.bits() | MEMTYPE_WB;
+            let pt = next_or_new(f, pd, index(g, 1));
+            f.table(pt)[index(g, 0)] = h | perm.bits() | MEMTYPE_WB;
             off += SIZE_4K;
         }
     }
     Ok(())
 }
 
+/// The leaf covering `g`: its level (0 or 1) and the tables from the root down to it.
+fn leaf(f: &mut impl Frames, root: u64, g: u64) -> Option<(u32, [u64; 4])> {
+    let mut path = [root, 0, 0, 0];
+    for level in (0..4).rev() {
+        let table = path[3 - level as usize];
+        let e = f.table(table)[index(g, level)];
+        if !present(e) {
+            return None;
+        }
+        if level == 0 || (level == 1 && e & LARGE != 0) {
+            return Some((level, path));
+        }
+        path[4 - level as usize] = e & ADDR_MASK;
+    }
+    None
+}
+
+/// Removes the leaves covering `[gpa, gpa + len)` (exactly as they were mapped: a large
+/// page must be removed whole), all or nothing, and frees the tables that become empty.
+/// Returns the bytes unmapped; the caller must INVEPT.
+pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, EptError> {
+    check_range(gpa, 0, len)?;
+    let mut off = 0;
+    while off < len {
+        let g = gpa + off;
+        match leaf(f, root, g) {
+            None => return Err(EptError::NotMapped(g)),
+            Some((1, _)) if !g.is_multiple_of(SIZE_2M) || len - off < SIZE_2M => {
+                return Err(EptError::Misaligned)
+            }
+            Some((1, _)) => off += SIZE_2M,
+            Some(_) => off += SIZE_4K,
+        }
+    }
+    let mut off = 0;
+    while off < len {
+        let g = gpa + off;
+        let (level, path) = leaf(f, root, g).expect("checked above");
+        f.table(path[3 - level as usize])[index(g, level)] = 0;
+        off += if level == 1 { SIZE_2M } else { SIZE_4K };
+        // Leaving a table (or the range): free the tables this emptied, bottom up.
+        let leaving = off >= len || (gpa + off) >> 21 != g >> 21;
+        if leaving {
+            for tl in level..3 {
+                let (table, parent) = (path[(3 - tl) as usize], path[(2 - tl) as usize]);
+                if f.table(table).iter().any(|&e| present(e)) {
+                    break;
+                }
+                f.table(parent)[index(g, tl + 1)] = 0;
+                f.free(table);
+            }
+        }
+    }
+    Ok(len)
+}
 /// Translates `gpa` through the EPT at `root`: the host-physical address, or `None`.
 pub fn translate(f: &mut impl Frames, root: u64, gpa: u64) -> Option<u64> {
     translate_perm(f, root, gpa).map(|(h, _)| h)
@@ -206,44 +423,55 @@ pub fn mapped_bytes(f: &mut impl Frames, root: u64) -> u64 {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
 
-    /// Frames on the host heap, at fake physical addresses.
-    #[derive(Default)]
-    pub struct HostFrames {
-        tables: HashMap<u64, Box<[u64; 512]>>,
-        next: u64,
+    /// Frame memory on the host heap, at fake physical addresses.
+    #[derive(Clone, Default, PartialEq, Eq, Debug)]
+    pub struct HostMem(HashMap<u64, Box<[u64; 512]>>);
+
+    impl FrameMemory for HostMem {
+        fn frame(&mut self, pa: u64) -> &mut [u64; 512] {
+            // Fresh memory is neither zero nor a present entry: alloc must clear it.
+            self.0.entry(pa).or_insert_with(|| Box::new([0x5a5a_5a5a_5a5a_5a58; 512]))
+        }
     }
 
-    impl Frames for HostFrames {
-        fn alloc(&mut self) -> Option<u64> {
-            self.next += SIZE_4K;
-            let pa = 0x7000_0000_0000 + self.next;
-            self.tables.insert(pa, Box::new([0; 512]));
-            Some(pa)
-        }
-        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-            self.tables.get_mut(&pa).expect("a table frame")
-        }
+    const POOL_BASE: u64 = 0x7000_0000_0000;
+
+    pub type HostFrames = FramePool<HostMem>;
+
+    /// A pool of `n` frames on the host.
+    pub fn host_frames(n: u64) -> HostFrames {
+        FramePool::new(HostMem::default(), POOL_BASE, POOL_BASE + n * SIZE_4K)
+    }
+
+    fn pool() -> HostFrames {
+        host_frames(512)
+    }
+
+    /// Everything that could change: every frame's bytes and the pool's counters.
+    fn snapshot(f: &HostFrames) -> (HostMem, u64, u64, Option<u64>, u64) {
+        (f.mem.clone(), f.in_use, f.next, f.free_head, f.free_count)
     }
 
     #[test]
     fn partition_is_mapped_with_large_pages() {
-        let mut f = HostFrames::default();
+        let mut f = pool();
         let root = new_root(&mut f).unwrap();
         map(&mut f, root, 0, 0x4000_0000, 16 << 20).unwrap();
         assert_eq!(translate(&mut f, root, 0), Some(0x4000_0000));
         assert_eq!(translate(&mut f, root, 0x12_3456), Some(0x4012_3456));
         assert_eq!(translate(&mut f, root, (16 << 20) - 1), Some(0x40ff_ffff));
         assert_eq!(translate(&mut f, root, 16 << 20), None);
+        assert_eq!(translate_perm(&mut f, root, 0x12_3456), Some((0x4012_3456, 7)));
         assert_eq!(mapped_bytes(&mut f, root), 16 << 20);
         // PML4, PDPT, PD: nothing more for 2-MiB pages.
-        assert_eq!(f.tables.len(), 3);
+        assert_eq!(f.in_use(), 3);
     }
 
     #[test]
     fn permissions_and_unmap() {
-        let mut f = HostFrames::default();
+        let mut f = pool();
         let root = new_root(&mut f).unwrap();
         map(&mut f, root, 0, 0x4000_0000, 4 << 20).unwrap();
         map_with(&mut f, root, 0xc000_0000, 0x8000_0000, 2 << 20, Perm::Read).unwrap();
@@ -253,30 +481,352 @@ pub(crate) mod tests {
         assert_eq!(mapped_bytes(&mut f, root), (6 << 20) + 8192);
         assert_eq!(unmap(&mut f, root, 0xc020_0000, 8192), Ok(8192));
         assert_eq!(translate(&mut f, root, 0xc020_0000), None);
+        let before = snapshot(&f);
         assert_eq!(
             unmap(&mut f, root, 0xc000_0000, 4096),
             Err(EptError::Misaligned),
             "half a large page"
         );
+        assert_eq!(
+            unmap(&mut f, root, 0xc000_0000, (2 << 20) + 4096),
+            Err(EptError::NotMapped(0xc020_0000)),
+            "a hole after the large page"
+        );
+        assert!(snapshot(&f) == before, "failed unmaps change nothing");
         assert_eq!(unmap(&mut f, root, 0xc000_0000, 2 << 20), Ok(2 << 20));
-        assert!(
-            matches!(unmap(&mut f, root, 0xc000_0000, 4096), Err(EptError::Overlap(_))),
+        assert_eq!(
+            unmap(&mut f, root, 0xc000_0000, 4096),
+            Err(EptError::NotMapped(0xc000_0000)),
             "nothing there"
         );
         assert_eq!(mapped_bytes(&mut f, root), 4 << 20, "the partition is untouched");
+        assert_eq!(f.in_use(), 3, "the window's PDPT entry and tables are gone again");
     }
 
     #[test]
     fn overlaps_and_misalignment_are_refused() {
-        let mut f = HostFrames::default();
+        let mut f = pool();
         let root = new_root(&mut f).unwrap();
         map(&mut f, root, 0, 0x20_0000, 4 << 20).unwrap();
-        assert!(matches!(map(&mut f, root, 0x20_0000, 0x80_0000, 4096), Err(EptError::Overlap(_))));
+        let before = snapshot(&f);
+        let e = map(&mut f, root, 0x20_0000, 0x80_0000, 4096);
+        assert_eq!(e, Err(EptError::Overlap(0x20_0000)), "inside a large page");
+        let e = map(&mut f, root, 0x3f_f000, 0x80_0000, 8192);
+        assert_eq!(e, Err(EptError::Overlap(0x3f_f000)), "straddling a large page");
+        // Free at the start, mapped at the end: refused, and the free part stays free.
+        let e = map(&mut f, root, 0x1000_0000, 0x1000_0000, 4096);
+        assert_eq!(e, Ok(()));
+        let mid = snapshot(&f);
+        let e = map(&mut f, root, 0xff_f000, 0x80_0000, 0x0f00_2000);
+        assert_eq!(e, Err(EptError::Overlap(0x1000_0000)));
+        assert!(snapshot(&f) == mid, "nothing written before the overlap either");
+        assert_eq!(unmap(&mut f, root, 0x1000_0000, 4096), Ok(4096));
+        assert!(snapshot(&f).0 != before.0 || snapshot(&f).1 == before.1);
+        assert_eq!(f.in_use(), before.1);
         assert_eq!(map(&mut f, root, 0x1234, 0, 4096), Err(EptError::Misaligned));
-        assert_eq!(map(&mut f, root, 1 << 48, 0, 4096), Err(EptError::Misaligned));
+        // Misaligned by the same amount: still misaligned (no bit trick may cancel them).
+        assert_eq!(map(&mut f, root, 0x1000_0800, 0x8000_0800, 4096), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 0x1000_0000, 0x8000_0800, 0x800), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 0x1000_0800, 0x8000_0000, 0x800), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 0x1000, 0, 0x800), Err(EptError::Misaligned));
+        assert_eq!(map(&mut f, root, 1 << 48, 0, 4096), Err(EptError::OutOfRange));
+        assert_eq!(map(&mut f, root, (1 << 48) - 4096, 0, 8192), Err(EptError::OutOfRange));
+        assert_eq!(map(&mut f, root, !0xfff, 0, 8192), Err(EptError::OutOfRange));
+        assert_eq!(map(&mut f, root, 0x1000_0000, 0, 0), Err(EptError::OutOfRange), "empty");
+        assert_eq!(unmap(&mut f, root, 0x800, 4096), Err(EptError::Misaligned));
+        assert_eq!(unmap(&mut f, root, 0, 0x800), Err(EptError::Misaligned));
+        assert_eq!(unmap(&mut f, root, 1 << 48, 4096), Err(EptError::OutOfRange));
+    }
+
+    #[test]
+    fn misaligned_or_too_wide_hpa_never_reaches_an_entry() {
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        let before = snapshot(&f);
+        // The low bits would be permissions and memory type, the high ones "suppress #VE".
+        for hpa in [0x8000_0007, 0x8000_0800, 0x8000_0001, 0x8000_0040] {
+            let e = map_with(&mut f, root, 0xc000_0000, hpa, 4096, Perm::Read);
+            assert_eq!(e, Err(EptError::Misaligned), "hpa {hpa:#x}");
+        }
+        for hpa in [1 << 52, (1 << 63) | 0x8000_0000, (1 << 52) - 4096] {
+            let e = map_with(&mut f, root, 0xc000_0000, hpa, 8192, Perm::Read);
+            assert_eq!(e, Err(EptError::OutOfRange), "hpa {hpa:#x}");
+        }
+        assert!(snapshot(&f) == before);
+        assert_eq!(map_with(&mut f, root, 0, (1 << 52) - 4096, 4096, Perm::Read), Ok(()));
+        assert_eq!(translate(&mut f, root, 0x123), Some((1 << 52) - 4096 + 0x123));
+    }
+
+    #[test]
+    fn a_short_tail_maps_exactly_that_much() {
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        let (g, h) = (0x4000_0000, 0x8000_0000);
+        map_with(&mut f, root, g, h, (2 << 20) + 4096, Perm::ReadWrite).unwrap();
+        assert_eq!(mapped_bytes(&mut f, root), (2 << 20) + 4096);
+        assert_eq!(translate(&mut f, root, g + (2 << 20)), Some(h + (2 << 20)));
+        assert_eq!(translate(&mut f, root, g + (2 << 20) + 4096), None);
+        assert_eq!(translate(&mut f, root, g + (4 << 20) - 1), None);
+        // One 2-MiB page and one 4-KiB page: PML4, PDPT, PD and one PT.
+        assert_eq!(f.in_use(), 4);
+        // The same with the host side not 2-MiB aligned: 4-KiB pages throughout.
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        map_with(&mut f, root, g, h + 4096, (2 << 20) + 4096, Perm::ReadWrite).unwrap();
+        assert_eq!(mapped_bytes(&mut f, root), (2 << 20) + 4096);
+        assert_eq!(translate(&mut f, root, g + (2 << 20) + 4096), None);
+        assert_eq!(translate(&mut f, root, g + 0x1234), Some(h + 0x2234));
+    }
+
+    #[test]
+    fn out_of_frames_changes_nothing_and_says_so() {
+        // Root + PDPT + PD fit; the PT a 4-KiB mapping needs does not.
+        let mut f = host_frames(3);
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x20_0000, 2 << 20).unwrap();
+        let before = snapshot(&f);
+        let e = map_with(&mut f, root, 0x40_0000, 0x40_0000, 4096, Perm::Read);
+        assert_eq!(e, Err(EptError::OutOfFrames));
+        // A new PDPT and PD would be needed far away: also refused, also untouched.
+        let e = map_with(&mut f, root, 1 << 40, 0, 2 << 20, Perm::Read);
+        assert_eq!(e, Err(EptError::OutOfFrames));
+        assert!(snapshot(&f) == before);
+        assert_eq!(HvError::from(EptError::OutOfFrames), HvError::NoMemory);
+        // 2 MiB and a 4-KiB tail, aligned: the tail needs a PT there is no frame for.
+        let e = map_with(&mut f, root, 0x40_0000, 0x40_0000, (2 << 20) + 4096, Perm::Read);
+        assert_eq!(e, Err(EptError::OutOfFrames));
+        assert!(snapshot(&f) == before);
+        // A 2-MiB page in the existing PD needs no frame at all.
+        assert_eq!(map_with(&mut f, root, 0x40_0000, 0x40_0000, 2 << 20, Perm::Read), Ok(()));
+    }
+
+    #[test]
+    fn eptp_and_leaf_entries_have_the_architected_bits() {
+        // EPTP: memory type WB (6) in bits 2:0, walk length minus one (3) in bits 5:3.
+        assert_eq!(eptp(0x1234_5000), 0x1234_501e);
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x4000_0000, 2 << 20).unwrap();
+        map_with(&mut f, root, 0x20_0000, 0x8000_1000, 4096, Perm::Read).unwrap();
+        let pdpt = f.table(root)[0];
+        assert_eq!(pdpt & 0xfff, 7, "non-leaf entries: RWX, nothing else");
+        let pd = f.table(pdpt & ADDR_MASK)[0];
+        // A 2-MiB leaf: RWX, memory type WB in bits 5:3, "ignore PAT" clear, bit 7 large.
+        assert_eq!(f.table(pd & ADDR_MASK)[0], 0x4000_0000 | 7 | 6 << 3 | 1 << 7);
+        let pt = f.table(pd & ADDR_MASK)[1] & ADDR_MASK;
+        assert_eq!(f.table(pt)[0], 0x8000_1000 | 1 | 6 << 3, "a 4-KiB leaf, read-only");
+    }
+
+    #[test]
+    fn errors_map_to_the_abi() {
+        assert_eq!(HvError::from(EptError::OutOfFrames), HvError::NoMemory);
+        assert_eq!(HvError::from(EptError::Misaligned), HvError::Misaligned);
+        assert_eq!(HvError::from(EptError::OutOfRange), HvError::BadAddress);
+        assert_eq!(HvError::from(EptError::Overlap(0)), HvError::AddressInUse);
+        assert_eq!(HvError::from(EptError::NotMapped(0)), HvError::NotMapped);
+    }
+
+    #[test]
+    fn map_unmap_cycles_do_not_grow_frame_use() {
+        let mut f = host_frames(8);
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x20_0000, 16 << 20).unwrap();
+        let base = f.in_use();
+        for i in 0..1000u64 {
+            // A 2-MiB page in a fresh PDPT slot (1 TiB away), then 512 4-KiB pages.
+            let g = (1 << 40) + (i % 7) * (1 << 30);
+            map_with(&mut f, root, g, 0x8000_0000, 2 << 20, Perm::ReadWrite).unwrap();
+            assert_eq!(unmap(&mut f, root, g, 2 << 20), Ok(2 << 20));
+            assert_eq!(f.in_use(), base, "cycle {i}, 2 MiB");
+            map_with(&mut f, root, 0xc000_0000, 0x8000_1000, 2 << 20, Perm::Read).unwrap();
+            assert_eq!(unmap(&mut f, root, 0xc000_0000, 2 << 20), Ok(2 << 20));
+            assert_eq!(f.in_use(), base, "cycle {i}, 4 KiB");
+        }
+        assert_eq!(f.peak(), base + 2, "a PDPT and a PD, or a PD and a PT");
+        assert_eq!(mapped_bytes(&mut f, root), 16 << 20);
+    }
+
+    #[test]
+    fn pool_reuses_freed_frames_first_and_keeps_count() {
+        let mut f = host_frames(3);
+        assert_eq!((f.limit(), f.available(), f.in_use()), (3, 3, 0));
+        let a = f.alloc().unwrap();
+        let b = f.alloc().unwrap();
+        assert_eq!((a, b), (POOL_BASE, POOL_BASE + 4096));
+        f.table(b)[7] = 99;
+        f.free(a);
+        f.free(b);
+        assert_eq!((f.available(), f.in_use(), f.peak()), (3, 0, 2));
+        assert_eq!(f.alloc(), Some(b), "last freed first");
+        assert!(f.table(b).iter().all(|&e| e == 0), "handed out zeroed");
+        assert_eq!(f.alloc(), Some(a));
+        assert_eq!(f.alloc(), Some(POOL_BASE + 8192), "then the untouched rest");
+        assert_eq!(f.alloc(), None);
+        assert_eq!((f.available(), f.in_use(), f.peak()), (0, 3, 3));
+        f.free(a);
+        assert_eq!(f.available(), 1);
+        assert_eq!(f.alloc(), Some(a));
+        assert_eq!(f.alloc(), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "never handed out")]
+    fn pool_refuses_foreign_frames() {
+        let mut f = host_frames(3);
+        f.alloc();
+        f.free(POOL_BASE + 4096);
+    }
+
+    /// One leaf of the model: where its page starts and how big it is.
+    #[derive(Clone, Copy, Debug)]
+    struct Leaf {
+        start: u64,
+        size: u64,
+        hpa: u64,
+        perm: u64,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Map { gpa: u64, hpa: u64, len: u64, perm: Perm },
+        Unmap { gpa: u64, len: u64 },
+    }
+
+    /// Guest-physical regions the operations land in: low memory, across a 1-GiB and a
+    /// 512-GiB boundary, and the top of the 48-bit space.
+    const REGIONS: [u64; 4] =
+        [0, (1 << 30) - (4 << 20), (1 << 39) - (4 << 20), (1 << 48) - (8 << 20)];
+
+    fn addr() -> impl Strategy<Value = u64> {
+        (0..REGIONS.len(), 0u64..2048, prop::bool::weighted(0.3))
+            .prop_map(|(r, page, big)| REGIONS[r] + if big { (page % 4) << 21 } else { page << 12 })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let len = prop_oneof![1u64..4, 510u64..515, Just(1024u64)].prop_map(|p| p << 12);
+        let perm = prop_oneof![Just(Perm::Read), Just(Perm::ReadWrite)];
+        let hpa = prop_oneof![(1u64..64).prop_map(|m| m << 21), (1u64..4096).prop_map(|p| p << 12)];
+        prop_oneof![
+            (addr(), hpa, len.clone(), perm).prop_map(|(gpa, hpa, len, perm)| Op::Map {
+                gpa,
+                hpa,
+                len,
+                perm
+            }),
+            (addr(), len).prop_map(|(gpa, len)| Op::Unmap { gpa, len }),
+        ]
+    }
+
+    /// The model: guest-physical page -> its leaf.
+    type Model = BTreeMap<u64, Leaf>;
+
+    fn model_map(m: &mut Model, gpa: u64, hpa: u64, len: u64, perm: Perm) -> Result<(), EptError> {
+        if !(gpa | hpa | len).is_multiple_of(SIZE_4K) {
+            return Err(EptError::Misaligned);
+        }
+        if gpa + len > GPA_LIMIT {
+            return Err(EptError::OutOfRange);
+        }
+        if let Some((&p, _)) = m.range(gpa..gpa + len).next() {
+            // The first chunk of the request that touches p.
+            let mut off = 0;
+            while off < len {
+                let size =
+                    if large_chunk(gpa + off, hpa + off, len - off) { SIZE_2M } else { SIZE_4K };
+                if p < gpa + off + size {
+                    return Err(EptError::Overlap(gpa + off));
+                }
+                off += size;
+            }
+        }
+        let mut off = 0;
+        while off < len {
+            let size = if large_chunk(gpa + off, hpa + off, len - off) { SIZE_2M } else { SIZE_4K };
+            let leaf = Leaf { start: gpa + off, size, hpa: hpa + off, perm: perm.bits() };
+            for p in (0..size).step_by(SIZE_4K as usize) {
+                m.insert(gpa + off + p, leaf);
+            }
+            off += size;
+        }
+        Ok(())
+    }
+
+    fn model_unmap(m: &mut Model, gpa: u64, len: u64) -> Result<u64, EptError> {
+        if gpa + len > GPA_LIMIT {
+            return Err(EptError::OutOfRange);
+        }
+        let mut off = 0;
+        while off < len {
+            let Some(l) = m.get(&(gpa + off)) else {
+                return Err(EptError::NotMapped(gpa + off));
+            };
+            if l.start != gpa + off || l.size > len - off {
+                return Err(EptError::Misaligned);
+            }
+            off += l.size;
+        }
+        for p in (gpa..gpa + len).step_by(SIZE_4K as usize) {
+            m.remove(&p);
+        }
+        Ok(len)
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Random maps and unmaps against the model: a failed call leaves every table
+        /// byte-identical, translations equal the model's after every call, and unmapping
+        /// everything brings frame use back to the root alone.
+        #[test]
+        fn map_unmap_matches_the_model(ops in prop::collection::vec(op(), 1..40), frames in 4u64..24) {
+            let mut f = host_frames(frames);
+            let root = new_root(&mut f).unwrap();
+            let mut m = Model::new();
+            for op in ops {
+                let before = snapshot(&f);
+                let mut model = m.clone();
+                let (got, want) = match op {
+                    Op::Map { gpa, hpa, len, perm } => (
+                        map_with(&mut f, root, gpa, hpa, len, perm).map(|()| len),
+                        model_map(&mut model, gpa, hpa, len, perm).map(|()| len),
+                    ),
+                    Op::Unmap { gpa, len } => {
+                        (unmap(&mut f, root, gpa, len), model_unmap(&mut model, gpa, len))
+                    }
+                };
+                if got == Err(EptError::OutOfFrames) {
+                    prop_assert!(want.is_ok(), "out of frames only where the model maps");
+                } else {
+                    prop_assert_eq!(got, want, "{:?}", op);
+                    m = model;
+                }
+                if got.is_err() {
+                    prop_assert!(snapshot(&f) == before, "failed {:?} changed the tables", op);
+                }
+                prop_assert_eq!(mapped_bytes(&mut f, root), m.len() as u64 * SIZE_4K);
+                for (&p, l) in m.iter().step_by(7) {
+                    let want = (l.hpa + (p - l.start) + 0x123, l.perm);
+                    prop_assert_eq!(translate_perm(&mut f, root, p + 0x123), Some(want));
+                }
+                for r in REGIONS {
+                    for p in (r..r + (8 << 20)).step_by(61 * SIZE_4K as usize) {
+                        if !m.contains_key(&p) {
+                            prop_assert_eq!(translate(&mut f, root, p), None);
+                        }
+                    }
+                }
+            }
+            let leaves: Vec<Leaf> = m.values().copied().collect();
+            for l in leaves {
+                if m.contains_key(&l.start) {
+                    prop_assert_eq!(unmap(&mut f, root, l.start, l.size), Ok(l.size));
+                    prop_assert_eq!(model_unmap(&mut m, l.start, l.size), Ok(l.size));
+                }
+            }
+            prop_assert_eq!(f.in_use(), 1, "only the root is left");
+            prop_assert_eq!(mapped_bytes(&mut f, root), 0);
+        }
+
         /// The EPT maps exactly the partition: every guest-physical address inside it goes
         /// to the same offset in the host range, nothing outside it is mapped, and the total
         /// mapped equals the partition size.
@@ -288,7 +838,7 @@ pub(crate) mod tests {
         ) {
             let size = pages_4k * SIZE_4K;
             let base = 0x1_0000_0000 + base_4k * SIZE_4K;
-            let mut f = HostFrames::default();
+            let mut f = pool();
             let root = new_root(&mut f).unwrap();
             map(&mut f, root, 0, base, size).unwrap();
             prop_assert_eq!(mapped_bytes(&mut f, root), size);

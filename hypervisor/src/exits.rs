@@ -13,14 +13,30 @@
 //! * MSRs: EFER (read; writes may only toggle SCE and NXE), FS/GS base, PAT (valid memory
 //!   types only), TSC (read); the syscall MSRs and KERNEL_GS_BASE pass through (the host
 //!   never uses them). Anything else gets #GP.
-//! * CR0/CR4: the bits VMX or long mode depend on (PE, PG, NE, CD, NW; PAE, VMXE) are owned
-//!   by the hypervisor; the guest sees CR4.VMXE clear; attempts to change them get #GP.
+//! * CR0/CR4: the bits VMX, long mode or the caches depend on (CR0: PE, NE, NW, CD, PG;
+//!   CR4: PAE, VMXE) are owned by the hypervisor: they are in the guest/host masks
+//!   ([`CR0_MASK`], [`CR4_MASK`]), a guest write is checked against the read shadow (what
+//!   the guest sees) and any attempt to change an owned bit gets #GP. The real CR0 never has
+//!   CD or NW set: a guest can neither run uncached (slowing the memory bus for every core)
+//!   nor put its core in an invalid cache mode. The other bits (MP, EM, TS, ET, WP, AM;
+//!   CR4: OSFXSR and friends) are the guest's. MOV to CR0 with bits 63:32 set is #GP as on
+//!   hardware. CLTS and LMSW are emulated (LMSW cannot clear PE, SDM Vol. 3C 26.1.3).
 //!   CR8 is emulated (a stored value).
 //! * VMX instructions, MONITOR/MWAIT: #UD. XSETBV: only XCR0 = 1 (x87, the reset value).
+//! * INVD and WBINVD: emulated as no-ops that advance RIP and are counted (INVD always
+//!   exits, SDM Vol. 3C 26.1.2; WBINVD exits because "WBINVD exiting" is on where the
+//!   processor allows it). Caches stay coherent without them; executed for real, WBINVD
+//!   flushes caches shared with other guests (a noisy-neighbour lever) and INVD would
+//!   discard other guests' dirty lines.
 //! * EPT violation, EPT misconfiguration, triple fault, INIT, a failed VM entry, and any
-//!   unknown exit: the guest is stopped and reported; the other guests carry on.
-//! * HLT: sleeps until the guest's one-shot timer if it has one and interrupts are on,
-//!   else the guest is stopped (it would never wake).
+//!   unknown exit: the guest is stopped and reported; the other guests carry on. An EPT
+//!   violation's report says what the access was and what the mapping allowed
+//!   ([`EptViolation`], from the exit qualification).
+//! * HLT: sleeps until the guest's one-shot timer (or the watchdog, whichever is first) if
+//!   it has a timer and interrupts are on, else the guest is stopped (it would never wake).
+//!   While it sleeps the core keeps serving its inter-core inbox, so other cores'
+//!   capability requests are answered.
+//! * Console (hypercall and port 0xE9): printable text only, see [`GuestCtx::console_bytes`].
 
 use crate::arch::vmx::GuestRegs;
 use crate::caps::{HvCaps, Policy};
@@ -177,6 +193,49 @@ pub enum StopReason {
     Setup(&'static str),
 }
 
+/// An EPT violation in words: what the guest tried and what its mapping there allowed,
+/// from the exit qualification (SDM Vol. 3C 28.2.1, Table 28-7: bits 0-2 the access —
+/// read, write, instruction fetch; bits 3-5 whether the entry allowed read, write,
+/// execute; all three clear when nothing is mapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EptViolation {
+    pub gpa: u64,
+    pub rip: u64,
+    pub qualification: u64,
+}
+
+impl core::fmt::Display for EptViolation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let q = self.qualification;
+        let access = if q & 4 != 0 {
+            "execute"
+        } else if q & 2 != 0 {
+            "write"
+        } else {
+            "read"
+        };
+        write!(f, "EPT violation: {access} at guest-physical {:#x} (", self.gpa)?;
+        match (q >> 3) & 7 {
+            0 => f.write_str("not mapped for this guest")?,
+            allowed => {
+                let name = match allowed {
+                    1 => "read-only",
+                    3 => "read-write",
+                    5 => "read-execute",
+                    7 => "read-write-execute",
+                    4 => "execute-only",
+                    _ => "write-only",
+                };
+                write!(f, "mapped {name}")?;
+                if access == "execute" && allowed & 4 == 0 {
+                    f.write_str(", not executable")?;
+                }
+            }
+        }
+        write!(f, "), rip={:#x}", self.rip)
+    }
+}
+
 /// What happens after an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -255,6 +314,11 @@ pub struct GuestCtx {
     pub exits_other: u32,
     line: [u8; CONSOLE_MAX as usize],
     line_len: usize,
+    /// A UTF-8 sequence begun by one console byte and not yet complete: its bytes so far
+    /// and how many it needs in all.
+    utf8: [u8; 4],
+    utf8_len: usize,
+    utf8_need: usize,
     /// The one-shot timer: TSC deadline and vector.
     pub timer: Option<(u64, u8)>,
     /// Past this TSC value the guest is stopped.
@@ -271,7 +335,13 @@ pub struct GuestCtx {
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
-const CR0_OWNED: u64 = (1 << 0) | (1 << 5) | (1 << 29) | (1 << 30) | (1 << 31); // PE NE NW CD PG
+const CR0_PE: u64 = 1 << 0;
+const CR0_TS: u64 = 1 << 3;
+const CR0_NE: u64 = 1 << 5;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+const CR0_OWNED: u64 = CR0_PE | CR0_NE | CR0_NW | CR0_CD | CR0_PG;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OWNED: u64 = (1 << 5) | CR4_VMXE; // PAE, VMXE
 pub const CR0_MASK: u64 = CR0_OWNED;
@@ -292,6 +362,9 @@ impl GuestCtx {
             exits_other: 0,
             line: [0; CONSOLE_MAX as usize],
             line_len: 0,
+            utf8: [0; 4],
+            utf8_len: 0,
+            utf8_need: 0,
             timer: None,
             watchdog,
             cr8: 0,
@@ -303,39 +376,92 @@ impl GuestCtx {
         }
     }
 
-    /// Appends console bytes; complete lines go to `sink`. Control characters are replaced,
-    /// so a guest cannot drive the host's terminal.
-    fn console_bytes(&mut self, bytes: &[u8], sink: &mut impl ConsoleSink) {
+    /// Appends console bytes; complete lines go to `sink`. Only printable text passes, so
+    /// a guest cannot drive the host's terminal or disguise its text:
+    /// * tab and ASCII 0x20-0x7E pass; `\n` ends the line, `\r` is dropped;
+    /// * a valid UTF-8 character passes if it is U+00A0 or above and not a bidirectional or
+    ///   format control (U+061C, U+200B-U+200F, U+202A-U+202E, U+2060-U+2064,
+    ///   U+2066-U+2069, U+FEFF, U+FFF9-U+FFFB);
+    /// * everything else becomes one `?`: C0 controls (ESC included), DEL, C1 controls
+    ///   (U+0080-U+009F), the controls above, and invalid UTF-8 (a stray continuation
+    ///   byte, an impossible lead byte, an overlong form, a surrogate, a sequence cut short
+    ///   by a byte that does not continue it).
+    ///
+    /// A character may be split across calls: its first bytes wait here for the rest. A
+    /// line never ends inside a character.
+    pub fn console_bytes(&mut self, bytes: &[u8], sink: &mut impl ConsoleSink) {
         for &b in bytes {
+            if self.utf8_need > 0 {
+                if b & 0xc0 == 0x80 {
+                    self.utf8[self.utf8_len] = b;
+                    self.utf8_len += 1;
+                    if self.utf8_len == self.utf8_need {
+                        self.utf8_need = 0;
+                        self.finish_char(sink);
+                    }
+                    continue;
+                }
+                // Cut short: the partial character is invalid, `b` starts afresh.
+                self.utf8_need = 0;
+                self.push(b"?", sink);
+            }
             match b {
-                b'\n' => self.flush_line(sink),
+                b'\n' => self.emit_line(sink),
                 b'\r' => {}
-                b'\t' | 0x20..=0x7e | 0x80..=0xff => self.push(b, sink),
-                _ => self.push(b'?', sink),
+                b'\t' | 0x20..=0x7e => self.push(&[b], sink),
+                0xc2..=0xf4 => {
+                    self.utf8[0] = b;
+                    self.utf8_len = 1;
+                    self.utf8_need = match b {
+                        0xc2..=0xdf => 2,
+                        0xe0..=0xef => 3,
+                        _ => 4,
+                    };
+                }
+                _ => self.push(b"?", sink),
             }
         }
     }
 
-    fn push(&mut self, b: u8, sink: &mut impl ConsoleSink) {
-        if self.line_len == self.line.len() {
-            self.flush_line(sink);
+    /// A complete sequence in `utf8`: the character if valid and printable, else `?`.
+    fn finish_char(&mut self, sink: &mut impl ConsoleSink) {
+        let seq = self.utf8;
+        let seq = &seq[..self.utf8_len];
+        match core::str::from_utf8(seq).ok().and_then(|s| s.chars().next()) {
+            Some(c) if printable(c) => self.push(seq, sink),
+            _ => self.push(b"?", sink),
         }
-        self.line[self.line_len] = b;
-        self.line_len += 1;
     }
 
-    /// Writes out a partial line (at guest end).
-    pub fn flush_line(&mut self, sink: &mut impl ConsoleSink) {
+    /// Appends a whole character's bytes, starting a new line first if they do not fit.
+    fn push(&mut self, bytes: &[u8], sink: &mut impl ConsoleSink) {
+        if self.line_len + bytes.len() > self.line.len() {
+            self.emit_line(sink);
+        }
+        self.line[self.line_len..self.line_len + bytes.len()].copy_from_slice(bytes);
+        self.line_len += bytes.len();
+    }
+
+    /// Sends the line so far to `sink` (nothing if empty).
+    fn emit_line(&mut self, sink: &mut impl ConsoleSink) {
         if self.line_len == 0 {
             return;
         }
-        let bytes = &self.line[..self.line_len];
-        // Cut at the last complete UTF-8 character; invalid text is shown as such.
-        match core::str::from_utf8(bytes) {
+        // Only whole, valid characters are ever pushed.
+        match core::str::from_utf8(&self.line[..self.line_len]) {
             Ok(s) => sink.line(s),
             Err(_) => sink.line("(invalid UTF-8 console output)"),
         }
         self.line_len = 0;
+    }
+
+    /// Writes out a partial line (at guest end); a character cut short there is a `?`.
+    pub fn flush_line(&mut self, sink: &mut impl ConsoleSink) {
+        if self.utf8_need > 0 {
+            self.utf8_need = 0;
+            self.push(b"?", sink);
+        }
+        self.emit_line(sink);
     }
 
     /// Work before each VM entry: deliver a due timer interrupt (or ask for an interrupt
@@ -371,6 +497,21 @@ impl GuestCtx {
             None => self.exits_other = self.exits_other.saturating_add(1),
         }
     }
+}
+
+/// Whether a non-ASCII character may reach the console (see [`GuestCtx::console_bytes`]).
+fn printable(c: char) -> bool {
+    c >= '\u{a0}'
+        && !matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
 }
 
 fn advance(v: &mut impl Vcpu, e: &VmExit) {
@@ -451,6 +592,11 @@ pub fn handle(
         }
         10 => cpuid(ctx, v, e),
         12 => hlt(ctx, v, e),
+        // INVD, WBINVD: no-ops (counted above); see the policy in the module header.
+        13 | 54 => {
+            advance(v, e);
+            Action::Resume
+        }
         18 => vmcall(ctx, v, e, sink),
         19..=27 | 50 | 53 | 59 => {
             v.inject(UD);
@@ -518,8 +664,10 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     advance(v, e);
     match ctx.timer {
         Some((deadline, _)) if v.read(Field::Rflags) & RFLAGS_IF != 0 => {
-            // Sleep until the timer; before_entry then injects it.
+            // Sleep until the timer (before_entry then injects it) or the watchdog (then
+            // it stops the guest), answering other cores meanwhile.
             while v.now() < deadline.min(ctx.watchdog) {
+                ctx.caps.poll(&mut CapEnv(v));
                 crate::arch::pause();
             }
             Action::Resume
@@ -608,20 +756,40 @@ fn vmcall(
     Action::Resume
 }
 
+/// Sets the guest's CR0 to `new` as the guest sees it (the read shadow), keeping the
+/// owned bits of the real CR0 the hypervisor's, with the caches always on. Callers checked
+/// that `new` changes no owned bit.
+fn set_cr0(v: &mut impl Vcpu, new: u64) {
+    let real = v.read(Field::Cr0);
+    let keep = real & CR0_OWNED & !(CR0_CD | CR0_NW);
+    v.write(Field::Cr0, (new & !CR0_OWNED) | keep);
+    v.write(Field::Cr0Shadow, new);
+}
+
+/// Control-register accesses (exit qualification: SDM Vol. 3C 28.2.1, Table 28-3).
 fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     let q = e.qualification;
     let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
-    match (cr, kind) {
-        (0, 0) => {
-            let new = gpr(v, reg);
-            let real = v.read(Field::Cr0);
-            if (new ^ real) & CR0_OWNED != 0 {
-                v.inject(GP);
-                return Action::Resume;
-            }
-            v.write(Field::Cr0, (new & !CR0_OWNED) | (real & CR0_OWNED));
-            v.write(Field::Cr0Shadow, new);
+    let shadow0 = v.read(Field::Cr0Shadow);
+    // The value CR0 gets, as the guest sees it, for the three kinds that write CR0.
+    let new_cr0 = match (cr, kind) {
+        (0, 0) => Some(gpr(v, reg)),
+        (0, 2) => Some(shadow0 & !CR0_TS), // CLTS
+        // LMSW loads CR0[3:0] from its operand (bits 31:16 of the qualification) but can
+        // set PE, never clear it.
+        (_, 3) => Some((shadow0 & !0xf) | ((q >> 16) & 0xf) | (shadow0 & CR0_PE)),
+        _ => None,
+    };
+    if let Some(new) = new_cr0 {
+        if (new ^ shadow0) & CR0_OWNED != 0 || new >> 32 != 0 {
+            v.inject(GP);
+            return Action::Resume;
         }
+        set_cr0(v, new);
+        advance(v, e);
+        return Action::Resume;
+    }
+    match (cr, kind) {
         (4, 0) => {
             let new = gpr(v, reg);
             let shadow = v.read(Field::Cr4Shadow);
@@ -645,14 +813,7 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
             let val = ctx.cr8;
             set_gpr(v, reg, val);
         }
-        // CLTS and LMSW touch only TS / the low CR0 bits we do not own...
-        (0, 2) => {
-            let real = v.read(Field::Cr0);
-            v.write(Field::Cr0, real & !(1 << 3));
-            let sh = v.read(Field::Cr0Shadow);
-            v.write(Field::Cr0Shadow, sh & !(1 << 3));
-        }
-        // ...but LMSW could clear PE: refuse it, rare in 64-bit code anyway.
+        // Nothing else exits with our controls (reads of CR0/CR4 come from the shadows).
         _ => {
             v.inject(GP);
             return Action::Resume;
@@ -773,6 +934,12 @@ mod tests {
         tsc: u64,
         ipis: Vec<(u32, u8)>,
         maps: Vec<(u64, u64, u64, bool)>,
+        /// How far the TSC moves at each reading.
+        tick: u64,
+        /// How often the inter-core inbox was polled.
+        recv_polls: u32,
+        /// What the host's CPUID returns for every leaf.
+        cpuid: [u32; 4],
     }
 
     impl FakeVcpu {
@@ -795,6 +962,9 @@ mod tests {
                 tsc: 1000,
                 ipis: vec![],
                 maps: vec![],
+                tick: 0,
+                recv_polls: 0,
+                cpuid: [0xffff_ffff; 4],
             }
         }
         fn key(f: Field) -> &'static str {
@@ -844,9 +1014,10 @@ mod tests {
             Ok(())
         }
         fn host_cpuid(&mut self, _leaf: u32, _sub: u32) -> [u32; 4] {
-            [0xffff_ffff; 4]
+            self.cpuid
         }
         fn now(&mut self) -> u64 {
+            self.tsc += self.tick;
             self.tsc
         }
         fn send_ipi(&mut self, apic: u32, vector: u8) {
@@ -860,6 +1031,7 @@ mod tests {
             false
         }
         fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+            self.recv_polls += 1;
             None
         }
         fn x_kick(&mut self, _to: usize) {}
@@ -922,6 +1094,9 @@ mod tests {
         v.regs = GuestRegs { rax: 0, rdi: u64::MAX - 2, rsi: 8, ..Default::default() };
         handle(&mut c, &mut v, &exit(18, 3), &mut s);
         assert_eq!(v.regs.rax, HvError::BadAddress.to_rax(), "wrap-around is an error");
+        v.regs = GuestRegs { rax: 0, rdi: 0x2000, rsi: CONSOLE_MAX, ..Default::default() };
+        handle(&mut c, &mut v, &exit(18, 3), &mut s);
+        assert_eq!(v.regs.rax, CONSOLE_MAX, "the largest write");
         v.regs = GuestRegs { rax: 0, rdi: 0x2000, rsi: CONSOLE_MAX + 1, ..Default::default() };
         handle(&mut c, &mut v, &exit(18, 3), &mut s);
         assert_eq!(v.regs.rax, HvError::BadLength.to_rax());
@@ -1068,6 +1243,646 @@ mod tests {
         e.qualification = 3 << 8;
         handle(&mut c, &mut v, &e, &mut s);
         assert_eq!(v.injected, [GP]);
+    }
+
+    /// `mov crN, reg` (kind 0), `mov reg, crN` (1), CLTS (2), LMSW (3) qualifications.
+    fn cr_exit(cr: u64, kind: u64, reg: u64, lmsw_src: u64) -> VmExit {
+        let mut e = exit(28, 3);
+        e.qualification = cr | kind << 4 | reg << 8 | lmsw_src << 16;
+        e
+    }
+
+    const GUEST_CR0: u64 = 0x8005_0033; // PG WP NE ET MP PE
+
+    #[test]
+    fn masks_cover_exactly_the_owned_bits() {
+        // CR0: PE (0), NE (5), NW (29), CD (30), PG (31). CR4: PAE (5), VMXE (13).
+        assert_eq!(CR0_MASK, 1 | 1 << 5 | 1 << 29 | 1 << 30 | 1 << 31);
+        assert_eq!(CR4_MASK, 1 << 5 | 1 << 13);
+    }
+
+    #[test]
+    fn every_owned_cr0_and_cr4_bit_is_refused_alone_and_together() {
+        let (pe, ne, nw, cd, pg) = (1u64, 1 << 5, 1 << 29, 1 << 30, 1 << 31);
+        for flip in [cd, nw, cd | nw, pg, pe, ne, pe | pg, cd | nw | pg, ne | cd] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.regs.rbx = GUEST_CR0 ^ flip;
+            assert_eq!(handle(&mut c, &mut v, &cr_exit(0, 0, 3, 0), &mut s), Action::Resume);
+            assert_eq!(v.injected, [GP], "CR0 ^ {flip:#x}");
+            assert_eq!((v.get(Field::Cr0), v.get(Field::Cr0Shadow)), (GUEST_CR0, GUEST_CR0));
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "not advanced");
+        }
+        let (pae, vmxe) = (1u64 << 5, 1u64 << 13);
+        for flip in [vmxe, pae, vmxe | pae] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.regs.rdx = 0x20 ^ flip;
+            handle(&mut c, &mut v, &cr_exit(4, 0, 2, 0), &mut s);
+            assert_eq!(v.injected, [GP], "CR4 ^ {flip:#x}");
+            assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2020, 0x20));
+        }
+        // Bits 63:32 of CR0 are reserved: #GP, as on hardware.
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.regs.rax = GUEST_CR0 | 1 << 32;
+        handle(&mut c, &mut v, &cr_exit(0, 0, 0, 0), &mut s);
+        assert_eq!(v.injected, [GP]);
+    }
+
+    #[test]
+    fn cr0_checks_use_the_shadow_and_the_real_cr0_keeps_caches_on() {
+        let (cd, nw) = (1u64 << 30, 1u64 << 29);
+        // A real CR0 that somehow has CD and NW (what the old check let in): a write of the
+        // value the guest sees still works, and the real value loses both bits.
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Cr0, GUEST_CR0 | cd | nw);
+        v.regs.rax = GUEST_CR0 & !(1 << 16); // clear WP
+        assert_eq!(handle(&mut c, &mut v, &cr_exit(0, 0, 0, 0), &mut s), Action::Resume);
+        assert!(v.injected.is_empty());
+        assert_eq!(v.get(Field::Cr0), GUEST_CR0 & !(1 << 16), "CD and NW gone, WP cleared");
+        assert_eq!(v.get(Field::Cr0Shadow), GUEST_CR0 & !(1 << 16));
+        assert_eq!(v.get(Field::Rip), 0x10_0003);
+        // Writing CD|NW to match that real value is refused: the shadow has neither.
+        v.write(Field::Cr0, GUEST_CR0 | cd | nw);
+        v.regs.rax = GUEST_CR0 | cd | nw;
+        handle(&mut c, &mut v, &cr_exit(0, 0, 0, 0), &mut s);
+        assert_eq!(v.injected, [GP]);
+    }
+
+    #[test]
+    fn guest_owned_cr0_and_cr4_bits_go_through() {
+        let (mp, ts, am, wp, et) = (1u64 << 1, 1u64 << 3, 1u64 << 18, 1u64 << 16, 1u64 << 4);
+        for flip in [wp, ts, mp, am, et, ts | mp, wp | am] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            // A real CR0 that differs from the shadow in an owned bit keeps its own.
+            v.write(Field::Cr0, GUEST_CR0 & !(1 << 5));
+            v.regs.r9 = GUEST_CR0 ^ flip;
+            handle(&mut c, &mut v, &cr_exit(0, 0, 9, 0), &mut s);
+            assert!(v.injected.is_empty(), "CR0 ^ {flip:#x}");
+            assert_eq!(v.get(Field::Cr0Shadow), GUEST_CR0 ^ flip);
+            assert_eq!(v.get(Field::Cr0), (GUEST_CR0 ^ flip) & !(1 << 5));
+        }
+        // CR4.OSFXSR (9) and OSXMMEXCPT (10): VMXE stays set in the real CR4 only.
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Rsp, 0x620); // register 4 is RSP, read from the VMCS field
+        handle(&mut c, &mut v, &cr_exit(4, 0, 4, 0), &mut s);
+        assert!(v.injected.is_empty());
+        assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2620, 0x620));
+        assert_eq!(v.get(Field::Rip), 0x10_0003);
+        // Clearing them again clears them in the real CR4 too.
+        v.write(Field::Rsp, 0x20);
+        handle(&mut c, &mut v, &cr_exit(4, 0, 4, 0), &mut s);
+        assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2020, 0x20));
+    }
+
+    #[test]
+    fn clts_and_lmsw_are_emulated() {
+        let (mp, em, ts) = (1u64 << 1, 1u64 << 2, 1u64 << 3);
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Cr0, GUEST_CR0 | ts);
+        v.write(Field::Cr0Shadow, GUEST_CR0 | ts);
+        assert_eq!(handle(&mut c, &mut v, &cr_exit(0, 2, 0, 0), &mut s), Action::Resume);
+        assert_eq!((v.get(Field::Cr0), v.get(Field::Cr0Shadow)), (GUEST_CR0, GUEST_CR0));
+        assert_eq!(v.get(Field::Rip), 0x10_0003);
+        // LMSW loads MP, EM, TS...
+        handle(&mut c, &mut v, &cr_exit(0, 3, 0, 1 | em | ts), &mut s);
+        let want = (GUEST_CR0 & !mp) | em | ts;
+        assert_eq!((v.get(Field::Cr0), v.get(Field::Cr0Shadow)), (want, want));
+        // ...but cannot clear PE; the upper bits of its operand are ignored.
+        handle(&mut c, &mut v, &cr_exit(0, 3, 0, 0xfff0), &mut s);
+        assert_eq!(v.get(Field::Cr0Shadow), GUEST_CR0 & !mp);
+        assert!(v.injected.is_empty());
+        assert_eq!(v.get(Field::Rip), 0x10_0009);
+        // A guest whose shadow lost PE (not possible here, but LMSW would set it): refused.
+        v.write(Field::Cr0Shadow, GUEST_CR0 & !1);
+        handle(&mut c, &mut v, &cr_exit(0, 3, 0, 1), &mut s);
+        assert_eq!(v.injected, [GP]);
+    }
+
+    #[test]
+    fn cr8_is_a_stored_value() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.regs.r12 = 16;
+        handle(&mut c, &mut v, &cr_exit(8, 0, 12, 0), &mut s);
+        assert_eq!((v.injected.as_slice(), c.cr8), ([GP].as_slice(), 0));
+        v.injected.clear();
+        v.regs.r12 = 15;
+        handle(&mut c, &mut v, &cr_exit(8, 0, 12, 0), &mut s);
+        assert_eq!(c.cr8, 15);
+        handle(&mut c, &mut v, &cr_exit(8, 1, 13, 0), &mut s);
+        assert_eq!(v.regs.r13, 15);
+        assert!(v.injected.is_empty());
+        assert_eq!(v.get(Field::Rip), 0x10_0006);
+        // Reading CR3 or CR0 does not exit with our controls: refused if it ever does.
+        handle(&mut c, &mut v, &cr_exit(3, 1, 0, 0), &mut s);
+        assert_eq!(v.injected, [GP]);
+    }
+
+    #[test]
+    fn invd_and_wbinvd_are_counted_no_ops() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        assert_eq!(handle(&mut c, &mut v, &exit(13, 2), &mut s), Action::Resume);
+        assert_eq!(handle(&mut c, &mut v, &exit(54, 2), &mut s), Action::Resume);
+        assert_eq!(handle(&mut c, &mut v, &exit(54, 3), &mut s), Action::Resume);
+        assert_eq!((c.exits[13], c.exits[54]), (1, 2));
+        assert_eq!(v.get(Field::Rip), 0x10_0007, "each advanced by its own length");
+        assert!(v.injected.is_empty());
+    }
+
+    #[test]
+    fn hlt_serves_the_inbox_until_the_timer_or_the_watchdog() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.tick = 100;
+        v.write(Field::Rflags, 0x202);
+        c.timer = Some((5000, 40));
+        assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
+        assert_eq!(v.tsc, 5000, "slept until the timer, not a tick longer");
+        assert!(v.recv_polls >= 30, "the inbox was polled while waiting: {}", v.recv_polls);
+        assert_eq!(v.get(Field::Rip), 0x10_0001);
+        // A far timer: the wait ends at the watchdog, and the guest is then stopped.
+        c.timer = Some((u64::MAX, 40));
+        c.watchdog = 9000;
+        assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
+        assert_eq!(v.tsc, 9000, "stopped waiting at the watchdog");
+        assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
+        // Interrupts off: it would never wake.
+        v.write(Field::Rflags, 0x2);
+        assert!(matches!(
+            handle(&mut c, &mut v, &exit(12, 1), &mut s),
+            Action::Stop(StopReason::HaltedForever { rip: 0x10_0000 })
+        ));
+    }
+
+    #[test]
+    fn ept_violation_says_what_the_access_was_and_what_was_allowed() {
+        let t =
+            |gpa, qualification| EptViolation { gpa, rip: 0x10_0717, qualification }.to_string();
+        assert_eq!(
+            t(0xa0_0000, 0b000_001),
+            "EPT violation: read at guest-physical 0xa00000 (not mapped for this guest), rip=0x100717"
+        );
+        assert_eq!(
+            t(0xc000_0000, 0b001_010),
+            "EPT violation: write at guest-physical 0xc0000000 (mapped read-only), rip=0x100717"
+        );
+        assert_eq!(
+            t(0x8000_0000, 0b011_100),
+            "EPT violation: execute at guest-physical 0x80000000 (mapped read-write, not executable), rip=0x100717"
+        );
+        assert_eq!(
+            t(0xc000_0000, 0b001_100),
+            "EPT violation: execute at guest-physical 0xc0000000 (mapped read-only, not executable), rip=0x100717"
+        );
+        // A read and write together (a locked RMW) is reported as the write.
+        assert!(t(0, 0b001_011)
+            .starts_with("EPT violation: write at guest-physical 0x0 (mapped read-only)"));
+        assert!(t(0, 0b100_001).contains("(mapped execute-only)"));
+        assert!(t(0, 0b101_010).contains("(mapped read-execute)"));
+        assert!(t(0, 0b111_010).contains("(mapped read-write-execute)"));
+        assert!(t(0, 0b010_001).contains("(mapped write-only)"));
+        // Bits above 5 (e.g. "linear address valid", bit 7) do not change the text.
+        assert_eq!(t(0xa0_0000, 0b1000_0001), t(0xa0_0000, 1));
+    }
+
+    fn console(chunks: &[&[u8]]) -> Vec<String> {
+        let (mut c, mut s) = (ctx(), Lines::default());
+        for ch in chunks {
+            c.console_bytes(ch, &mut s);
+        }
+        c.flush_line(&mut s);
+        s.0
+    }
+
+    #[test]
+    fn console_passes_printable_text_only() {
+        assert_eq!(console(&[b"tab\there ~ok~\n"]), ["tab\there ~ok~"]);
+        assert_eq!(console(&[b"a\x00b\x07c\x1b[31md\x7fe\r\n"]), ["a?b?c?[31md?e"]);
+        // Latin-1 and beyond, two-, three- and four-byte forms.
+        assert_eq!(
+            console(&["caf\u{e9} \u{a0}\u{20ac} \u{1f600}".as_bytes()]),
+            ["caf\u{e9} \u{a0}\u{20ac} \u{1f600}"]
+        );
+        // C1 controls (U+0085, U+009B CSI) as UTF-8, and as raw bytes.
+        assert_eq!(console(&["x\u{85}y\u{9b}z".as_bytes()]), ["x?y?z"]);
+        assert_eq!(console(&[b"x\x85y\x9bz\xa0"]), ["x?y?z?"]);
+        // Invalid UTF-8: stray continuation, impossible leads, overlong, surrogate, too big.
+        assert_eq!(console(&[b"a\x80b\xc0\xafc\xf8d\xffe"]), ["a?b??c?d?e"]);
+        assert_eq!(console(&[b"\xe0\x80\xaf|\xed\xa0\x80|\xf4\x90\x80\x80"]), ["?|?|?"]);
+        // Cut short by a byte that does not continue it: one `?`, then that byte.
+        assert_eq!(console(&[b"\xe2\x82a\xf0\x9f\n"]), ["?a?"]);
+        // Cut short by the end of the output.
+        assert_eq!(console(&[b"ok\xe2\x82"]), ["ok?"]);
+    }
+
+    #[test]
+    fn console_refuses_bidi_and_format_controls() {
+        for c in [
+            '\u{061c}', '\u{200b}', '\u{200d}', '\u{200f}', '\u{202a}', '\u{202e}', '\u{2060}',
+            '\u{2064}', '\u{2066}', '\u{2069}', '\u{feff}', '\u{fff9}', '\u{fffb}',
+        ] {
+            let text = format!("a{c}b");
+            assert_eq!(console(&[text.as_bytes()]), ["a?b"], "U+{:04X}", c as u32);
+        }
+        // Their neighbours are ordinary characters.
+        for c in [
+            '\u{061b}', '\u{200a}', '\u{2010}', '\u{2029}', '\u{202f}', '\u{2065}', '\u{206a}',
+            '\u{fefe}', '\u{fff8}', '\u{fffc}',
+        ] {
+            let text = format!("a{c}b");
+            assert_eq!(console(&[text.as_bytes()]), [text.as_str()], "U+{:04X}", c as u32);
+        }
+    }
+
+    #[test]
+    fn console_characters_may_span_calls_and_never_span_lines() {
+        let euro = "\u{20ac}".as_bytes();
+        assert_eq!(console(&[b"1", &euro[..1], &euro[1..2], &euro[2..], b"2\n"]), ["1\u{20ac}2"]);
+        // Through the hypercall, one byte per call.
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        for (i, b) in "\u{1f600}!\n".bytes().enumerate() {
+            v.mem[0x3000 + i] = b;
+            v.regs = GuestRegs { rax: 0, rdi: 0x3000 + i as u64, rsi: 1, ..Default::default() };
+            handle(&mut c, &mut v, &exit(18, 3), &mut s);
+        }
+        assert_eq!(s.0, ["\u{1f600}!"]);
+        // A full line: a character that does not fit starts the next line whole.
+        let max = CONSOLE_MAX as usize;
+        let mut text = vec![b'x'; max - 2];
+        text.extend_from_slice(euro);
+        let lines = console(&[&text]);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], "x".repeat(max - 2));
+        assert_eq!(lines[1], "\u{20ac}");
+        let lines = console(&[&vec![b'y'; max + 1]]);
+        assert_eq!((lines[0].len(), lines[1].as_str()), (max, "y"));
+    }
+
+    #[test]
+    fn xsetbv_accepts_only_xcr0_x87() {
+        let cases = [
+            (0u64, 1u64, 0u64, true),
+            (0, 0xffff_ffff_0000_0001, 0, true), // RAX's upper half is not part of the value
+            (0, 3, 0, false),                    // SSE state
+            (0, 0, 0, false),                    // x87 off
+            (0, 1, 1, false),                    // EDX:EAX = 1 << 32 | 1
+            (1, 1, 0, false),                    // XCR1
+            (1 << 32, 1, 0, true),               // ECX is 32 bits
+        ];
+        for (rcx, rax, rdx, ok) in cases {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.regs = GuestRegs { rcx, rax, rdx, ..Default::default() };
+            assert_eq!(handle(&mut c, &mut v, &exit(55, 3), &mut s), Action::Resume);
+            assert_eq!(v.injected.is_empty(), ok, "ecx={rcx:#x} edx:eax={rdx:#x}:{rax:#x}");
+            assert_eq!(v.get(Field::Rip), if ok { 0x10_0003 } else { 0x10_0000 });
+        }
+    }
+
+    fn wrmsr_ok(v: &mut FakeVcpu, msr: u32, val: u64) -> bool {
+        let mut c = ctx();
+        v.injected.clear();
+        v.regs = GuestRegs {
+            rcx: msr as u64,
+            rax: val & 0xffff_ffff,
+            rdx: val >> 32,
+            ..Default::default()
+        };
+        handle(&mut c, v, &exit(32, 2), &mut Lines::default());
+        v.injected.is_empty()
+    }
+
+    fn rdmsr_val(v: &mut FakeVcpu, msr: u32) -> u64 {
+        let mut c = ctx();
+        v.regs = GuestRegs { rcx: msr as u64, rax: !0, rdx: !0, ..Default::default() };
+        handle(&mut c, v, &exit(31, 2), &mut Lines::default());
+        v.regs.rdx << 32 | v.regs.rax
+    }
+
+    #[test]
+    fn pat_writes_take_valid_memory_types_only() {
+        let mut v = FakeVcpu::new();
+        let pat = 0x0007_0406_0007_0406u64;
+        for byte in 0..8 {
+            for t in [2u64, 3, 8, 0x10, 0x80, 0xff] {
+                let val = pat & !(0xff << (8 * byte)) | t << (8 * byte);
+                let before = v.get(Field::Pat);
+                assert!(!wrmsr_ok(&mut v, MSR_PAT, val), "type {t:#x} in entry {byte}");
+                assert_eq!(v.get(Field::Pat), before);
+            }
+            for t in [0u64, 1, 4, 5, 6, 7] {
+                let val = pat & !(0xff << (8 * byte)) | t << (8 * byte);
+                assert!(wrmsr_ok(&mut v, MSR_PAT, val), "type {t} in entry {byte}");
+                assert_eq!(v.get(Field::Pat), val);
+                assert_eq!(rdmsr_val(&mut v, MSR_PAT), val);
+            }
+        }
+        assert_eq!(v.get(Field::Rip), 0x10_0000 + 2 * 2 * 6 * 8);
+    }
+
+    #[test]
+    fn fs_and_gs_base_must_be_canonical() {
+        let mut v = FakeVcpu::new();
+        for (msr, field) in [(MSR_FS_BASE, Field::FsBase), (MSR_GS_BASE, Field::GsBase)] {
+            for good in [0, 0x0000_7fff_ffff_ffff, 0xffff_8000_0000_0000, 0x1234_5678, u64::MAX] {
+                assert!(wrmsr_ok(&mut v, msr, good), "{msr:#x} <- {good:#x}");
+                assert_eq!(v.get(field), good);
+                assert_eq!(rdmsr_val(&mut v, msr), good);
+            }
+            for bad in
+                [0x0000_8000_0000_0000, 0xffff_7fff_ffff_ffff, 1 << 63, 0x0001_0000_0000_0000]
+            {
+                assert!(!wrmsr_ok(&mut v, msr, bad), "{msr:#x} <- {bad:#x}");
+                assert_eq!(v.get(field), u64::MAX, "unchanged");
+            }
+        }
+        assert_eq!(v.get(Field::FsBase), u64::MAX);
+        assert!(wrmsr_ok(&mut v, MSR_GS_BASE, 7));
+        assert_eq!((v.get(Field::FsBase), v.get(Field::GsBase)), (u64::MAX, 7), "each its own");
+    }
+
+    #[test]
+    fn efer_writes_may_toggle_sce_and_nxe_only() {
+        let mut v = FakeVcpu::new();
+        let efer = 0xd00; // NXE LMA LME
+        for (val, ok) in [
+            (efer | 1, true),           // SCE on
+            (efer, true),               // SCE off
+            (efer & !(1 << 11), true),  // NXE off
+            (efer | 1, true),           // NXE on again, SCE on
+            (efer & !(1 << 8), false),  // LME
+            (efer & !(1 << 10), false), // LMA
+            (efer | 1 << 12, false),    // SVME
+            (efer | 1 << 14, false),    // FFXSR
+            (efer | 1 << 32, false),
+        ] {
+            let before = v.get(Field::Efer);
+            assert_eq!(wrmsr_ok(&mut v, MSR_EFER, val), ok, "EFER <- {val:#x}");
+            assert_eq!(v.get(Field::Efer), if ok { val } else { before });
+            assert_eq!(rdmsr_val(&mut v, MSR_EFER), v.get(Field::Efer));
+        }
+        // TSC reads are the vCPU's clock; unknown MSRs are #GP both ways.
+        v.tsc = 0x1_2345_6789;
+        assert_eq!(rdmsr_val(&mut v, MSR_TSC), 0x1_2345_6789);
+        assert!(!wrmsr_ok(&mut v, MSR_TSC, 0));
+        v.injected.clear();
+        rdmsr_val(&mut v, 0x1b);
+        assert_eq!(v.injected, [GP]);
+    }
+
+    #[test]
+    fn dispatch_table() {
+        let stop = |a: Action| matches!(a, Action::Stop(_));
+        for (reason, want_ud) in
+            [(19u16, true), (27, true), (50, true), (53, true), (59, true), (36, true), (39, true)]
+        {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            assert_eq!(handle(&mut c, &mut v, &exit(reason, 3), &mut s), Action::Resume);
+            assert_eq!(v.injected == [UD], want_ud, "reason {reason}");
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "#UD is on the instruction");
+        }
+        for reason in [0u16, 1, 7, 52] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.window = true;
+            assert_eq!(handle(&mut c, &mut v, &exit(reason, 3), &mut s), Action::Resume);
+            assert!(v.injected.is_empty(), "reason {reason}");
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "nothing executed: reason {reason}");
+            assert_eq!(v.window, reason != 7, "only the interrupt window closes it");
+            assert_eq!(c.exits[reason as usize], 1);
+        }
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        let mut e = exit(49, 0);
+        e.guest_physical = 0x5000;
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EptMisconfig { gpa: 0x5000, rip: 0x10_0000 })
+        );
+        assert_eq!(
+            handle(&mut c, &mut v, &exit(3, 0), &mut s),
+            Action::Stop(StopReason::Init { rip: 0x10_0000 })
+        );
+        let mut e = exit(48, 0);
+        (e.guest_physical, e.qualification) = (0x9000, 0x1a);
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EptViolation {
+                gpa: 0x9000,
+                rip: 0x10_0000,
+                qualification: 0x1a
+            })
+        );
+        // A failed entry is reported as such whatever the reason number says.
+        let mut e = exit(10, 2);
+        e.entry_failed = true;
+        assert_eq!(
+            handle(&mut c, &mut v, &e, &mut s),
+            Action::Stop(StopReason::EntryFailed { reason: 10, rip: 0x10_0000 })
+        );
+        assert!(stop(handle(&mut c, &mut v, &exit(REASONS as u16, 0), &mut s)));
+        assert_eq!(c.exits_other, 1, "reasons past the table are counted apart");
+        c.exits_other = u32::MAX;
+        handle(&mut c, &mut v, &exit(500, 0), &mut s);
+        assert_eq!(c.exits_other, u32::MAX, "saturating");
+        c.exits[10] = u32::MAX;
+        v.regs.rax = 0x8000_0000;
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!(c.exits[10], u32::MAX);
+    }
+
+    /// Register `n` of the encoding (SDM Vol. 3C Table 28-3), RSP (4) being in the VMCS.
+    fn reg(r: &mut GuestRegs, n: u64) -> Option<&mut u64> {
+        Some(match n {
+            0 => &mut r.rax,
+            1 => &mut r.rcx,
+            2 => &mut r.rdx,
+            3 => &mut r.rbx,
+            4 => return None,
+            5 => &mut r.rbp,
+            6 => &mut r.rsi,
+            7 => &mut r.rdi,
+            8 => &mut r.r8,
+            9 => &mut r.r9,
+            10 => &mut r.r10,
+            11 => &mut r.r11,
+            12 => &mut r.r12,
+            13 => &mut r.r13,
+            14 => &mut r.r14,
+            _ => &mut r.r15,
+        })
+    }
+
+    #[test]
+    fn every_register_is_addressed_by_its_number() {
+        // CR8 writes and reads go through the register number of the qualification.
+        for n in 0..16u64 {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            // Every register holds a value out of range for CR8 but register n.
+            for m in 0..16 {
+                if let Some(r) = reg(&mut v.regs, m) {
+                    *r = 20 + m;
+                }
+            }
+            v.write(Field::Rsp, 24);
+            match reg(&mut v.regs, n) {
+                Some(r) => *r = 7,
+                None => v.write(Field::Rsp, 7),
+            }
+            handle(&mut c, &mut v, &cr_exit(8, 0, n, 0), &mut s);
+            assert_eq!((c.cr8, v.injected.len()), (7, 0), "mov cr8, r{n}");
+            c.cr8 = 9;
+            let (before, rsp) = (v.regs, v.get(Field::Rsp));
+            handle(&mut c, &mut v, &cr_exit(8, 1, n, 0), &mut s);
+            let mut want = before;
+            match reg(&mut want, n) {
+                Some(r) => *r = 9,
+                None => assert_eq!(v.get(Field::Rsp), 9, "mov rsp, cr8"),
+            }
+            assert_eq!(v.regs, want, "mov r{n}, cr8 changes r{n} only");
+            if n != 4 {
+                assert_eq!(v.get(Field::Rsp), rsp);
+            }
+        }
+    }
+
+    #[test]
+    fn an_emulated_instruction_ends_sti_blocking() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Interruptibility, 0b1011); // STI, MOV SS and NMI blocking
+        handle(&mut c, &mut v, &exit(54, 2), &mut s);
+        assert_eq!(v.get(Field::Interruptibility), 0b1000, "NMI blocking stays");
+        for blocking in [0b0010, 0b0001, 0b0011] {
+            v.write(Field::Interruptibility, blocking);
+            handle(&mut c, &mut v, &exit(54, 2), &mut s);
+            assert_eq!(v.get(Field::Interruptibility), 0, "{blocking:#b}");
+        }
+    }
+
+    #[test]
+    fn cpuid_leaves_are_filtered() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        let mut q = |leaf: u64, sub: u64| {
+            v.regs = GuestRegs { rax: leaf, rcx: sub, ..Default::default() };
+            handle(&mut c, &mut v, &exit(10, 2), &mut s);
+            let r = v.regs;
+            [r.rax, r.rbx, r.rcx, r.rdx]
+        };
+        let l1 = q(1, 0);
+        assert_eq!(l1[1], 0x0301_ffff, "APIC id = core 3, one logical CPU, low half kept");
+        assert_eq!(l1[2], 0xfedf_ffd7, "VMX, MONITOR, x2APIC, TSC deadline hidden");
+        assert_eq!(l1[3], 0xefff_ffff, "HTT hidden");
+        assert_eq!(q(4, 0)[0], 0x3fff, "no sharing cores or threads");
+        assert_eq!(q(0xb, 0), [0, 1, 1 << 8, 3]);
+        assert_eq!(q(0x1f, 1), [0, 0, 1, 3]);
+        assert_eq!(q(0xb, 0x1ff), [0, 0, 0xff, 3]);
+        assert_eq!(q(CPUID_SIGNATURE_LEAF as u64, 0)[0], CPUID_SIGNATURE_LEAF as u64 + 1);
+        assert_eq!(q(0x4000_0001, 0), [0; 4]);
+        assert_eq!(q(0x4000_00ff, 0), [0; 4]);
+        assert_eq!(q(0x4000_0100, 0), [0xffff_ffff; 4], "outside our range: passed through");
+        assert_eq!(q(7, 0), [0xffff_ffff; 4]);
+        // On a host with nothing set, the hypervisor bit and the topology still appear.
+        v.cpuid = [0; 4];
+        v.regs = GuestRegs { rax: 1, ..Default::default() };
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!([v.regs.rbx, v.regs.rcx, v.regs.rdx], [0x0301_0000, 1 << 31, 0]);
+    }
+
+    #[test]
+    fn simple_hypercalls() {
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        assert_eq!(call(&mut c, &mut v, 3, 0, 0, 0), 0, "yield");
+        assert_eq!(call(&mut c, &mut v, 5, 0, 0, 0), 4000, "tsc_per_ms");
+        c.memory_mib = 0x1_0000;
+        c.id = 0x1_0002; // only the low 16 bits are reported
+        assert_eq!(call(&mut c, &mut v, 1, 0, 0, 0), 2 | 3 << 16 | 0x1_0000 << 32);
+        c.exits = [0; REASONS];
+        c.exits[18] = 4;
+        c.exits_other = 2;
+        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 7, "exit_count: this one, the others");
+        assert_eq!(c.hypercalls, 4);
+        // timer_oneshot: vector bounds, delta 0 disarms.
+        assert_eq!(call(&mut c, &mut v, 4, 10, 31, 0), HvError::BadArgument.to_rax());
+        assert_eq!(call(&mut c, &mut v, 4, 10, 256, 0), HvError::BadArgument.to_rax());
+        assert_eq!(call(&mut c, &mut v, 4, 10, 32, 0), 0);
+        assert_eq!(c.timer, Some((1010, 32)));
+        assert_eq!(call(&mut c, &mut v, 4, u64::MAX, 255, 0), 0);
+        assert_eq!(c.timer, Some((u64::MAX, 255)), "saturating deadline");
+        assert_eq!(call(&mut c, &mut v, 4, 0, 255, 0), 0);
+        assert_eq!(c.timer, None);
+        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9);
+        // Exit flushes a partial console line first.
+        let mut s = Lines::default();
+        c.console_bytes(b"partial", &mut s);
+        v.regs = GuestRegs { rax: 2, rdi: 9, ..Default::default() };
+        assert_eq!(handle(&mut c, &mut v, &exit(18, 3), &mut s), Action::Exit(9));
+        assert_eq!(s.0, ["partial"]);
+    }
+
+    #[test]
+    fn only_cpl0_may_call() {
+        for (ar, ok) in
+            [(0x0093u64, true), (0x20f3, false), (0x40f3, false), (0x60f3, false), (0x8093, true)]
+        {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.write(Field::SsAccessRights, ar);
+            v.regs.rax = 3;
+            handle(&mut c, &mut v, &exit(18, 3), &mut s);
+            assert_eq!(v.injected.is_empty(), ok, "SS AR {ar:#x}");
+            assert_eq!(c.hypercalls, ok as u32);
+        }
+    }
+
+    #[test]
+    fn io_ports_sizes_and_directions() {
+        // (port, input, string, size-1, allowed)
+        for (port, input, string, size, ok) in [
+            (0xe9u64, false, false, 0u64, true),
+            (0xe9, false, false, 1, false), // a word to the console
+            (0xe9, true, false, 0, false),
+            (0xe9, false, true, 0, false), // OUTSB
+            (0x80, false, false, 0, true),
+            (0x80, false, false, 3, true),
+            (0x80, true, false, 0, false),
+            (0x80, false, true, 0, false),
+            (0x81, false, false, 0, false),
+            (0x3f8, false, false, 0, false),
+        ] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            let mut e = exit(30, 1);
+            e.qualification = port << 16 | (string as u64) << 4 | (input as u64) << 3 | size;
+            v.regs.rax = b'Z' as u64;
+            handle(&mut c, &mut v, &e, &mut s);
+            assert_eq!(
+                v.injected.is_empty(),
+                ok,
+                "port {port:#x} in={input} str={string} size={size}"
+            );
+            assert_eq!(v.get(Field::Rip), 0x10_0000 + ok as u64);
+            c.flush_line(&mut s);
+            let printed: &[&str] = if ok && port == 0xe9 { &["Z"] } else { &[] };
+            assert_eq!(s.0, printed);
+        }
+    }
+
+    #[test]
+    fn before_entry_programs_the_nearest_deadline() {
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        c.watchdog = 10_000;
+        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog only");
+        c.timer = Some((3000, 40));
+        assert_eq!(c.before_entry(&mut v), Ok(2000), "timer first");
+        c.timer = Some((20_000, 40));
+        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog first");
+        // Due, interruptible, but in an STI shadow: wait for the window.
+        c.timer = Some((1000, 40));
+        v.write(Field::Rflags, 0x202);
+        v.write(Field::Interruptibility, 1);
+        assert_eq!(c.before_entry(&mut v), Ok(9000));
+        assert!(v.window && v.injected.is_empty());
+        v.write(Field::Interruptibility, 2);
+        c.before_entry(&mut v).unwrap();
+        assert!(v.injected.is_empty(), "MOV SS shadow too");
+        v.write(Field::Interruptibility, 8); // NMI blocking does not hold interrupts
+        c.before_entry(&mut v).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)]);
+        assert!(!v.window);
+        c.watchdog = 1000;
+        assert_eq!(c.before_entry(&mut v), Err(StopReason::Watchdog { rip: 0x10_0000 }));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::bootinfo::BootParams;
 use crate::cores::CoreList;
-use crate::exits::{StopReason, REASON_NAMES};
+use crate::exits::{EptViolation, StopReason, REASON_NAMES};
 use crate::guest::{ChanMap, Ending, GuestReport, Launch};
 use crate::memory::{PhysAlloc, Range};
 use crate::{arch, record, smp};
@@ -276,12 +276,7 @@ impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             StopReason::EptViolation { gpa, rip, qualification } => {
-                let access = match qualification & 7 {
-                    q if q & 4 != 0 => "fetch",
-                    q if q & 2 != 0 => "write",
-                    _ => "read",
-                };
-                write!(f, "EPT violation: {access} at guest-physical {gpa:#x} (not mapped for this guest), rip={rip:#x}")
+                EptViolation { gpa, rip, qualification }.fmt(f)
             }
             StopReason::EptMisconfig { gpa, rip } => {
                 write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")

@@ -229,6 +229,11 @@ pub fn enable_vmx_and_report(index: usize) {
     match result {
         Ok(()) => {
             log::info!("VMX root operation on (VMXON region revision {:#x})", f.revision);
+            #[cfg(target_os = "none")]
+            {
+                let (cd, nw, pat) = crate::arch::cache_state();
+                log::info!("caches on: CR0.CD={} NW={} PAT={pat:#x}", cd as u8, nw as u8);
+            }
             mailbox(index).post(state::UP, true, Failure::None);
         }
         Err(e) => {

@@ -3,6 +3,10 @@
 //! leaves it: paging off, flat segments, EAX = magic, EBX = information address) to long
 //! mode and [`crate::hv_entry_bsp`].
 //!
+//! Its first instructions turn the caches on (CR0.CD = CR0.NW = 0) and reset IA32_PAT, as
+//! `arch::caches_on` describes: the reset value of CR0 has both cache bits set, and the
+//! hypervisor never relies on firmware having cleared them.
+//!
 //! The boot page tables identity-map the first 4 GiB with 2-MiB pages; the last GiB (local
 //! APIC, I/O APIC, other MMIO) is mapped uncached. Every core, the APs included, runs on
 //! these tables: the hypervisor's own address space is identity.
@@ -51,9 +55,21 @@ no_long_mode_msg:
 _start:
     cli
     cld
-    movl $boot_stack_top, %esp
     movl %eax, %edi                                    # multiboot2 magic
     movl %ebx, %esi                                    # multiboot2 information address
+
+    # Caches on, PAT at its power-on value, before anything else (see arch::caches_on,
+    # SDM Vol. 3A 11.11.8 / 11.12.4 / Table 11-5). Paging is off: no TLB entry to flush.
+    wbinvd
+    movl $0x277, %ecx                                  # IA32_PAT
+    movl $0x00070406, %eax
+    movl $0x00070406, %edx
+    wrmsr
+    movl %cr0, %eax
+    andl $0x9fffffff, %eax                             # clear CR0.CD (30) and CR0.NW (29)
+    movl %eax, %cr0
+
+    movl $boot_stack_top, %esp
 
     movl $0x80000000, %eax
     cpuid

@@ -81,6 +81,48 @@ pub unsafe fn write_cr4(v: u64) {
     unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
 }
 
+/// CR0.NW (not write-through) and CR0.CD (cache disable), SDM Vol. 3A 2.5, Table 11-5.
+pub const CR0_NW: u64 = 1 << 29;
+pub const CR0_CD: u64 = 1 << 30;
+/// IA32_PAT's architectural power-on value (SDM Vol. 3A 11.12.4, Table 11-12): entries
+/// WB, WT, UC-, UC, WB, WT, UC-, UC.
+pub const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
+
+/// Turns this core's caches on in normal mode and resets its PAT, whatever firmware or an
+/// earlier owner left (the reset value of CR0 has CD = NW = 1). The same steps, in the same
+/// order, run in 32-bit assembly on the BSP's and the APs' first instructions
+/// (`arch::boot`, `arch::trampoline`); this is the long-mode copy, run again before VMXON.
+///
+/// The order follows SDM Vol. 3A 11.11.8 ("MTRR considerations in MP systems"), which
+/// 11.12.4 prescribes for changing the PAT: write back and invalidate the caches (WBINVD)
+/// so no line cached under an old memory type survives, write IA32_PAT, flush the TLBs
+/// (reloading CR3) so no translation carries an old PAT type, then clear CR0.CD and CR0.NW
+/// together (Table 11-5: CD = 0, NW = 0 is normal cache mode; CD = 0 with NW = 1 is invalid,
+/// 11.5.3 "Preventing caching" describes the reverse path).
+///
+/// # Safety
+/// Paging is on with identity tables that stay valid across a CR3 reload; IA32_PAT exists
+/// (every processor with VMX has it).
+pub unsafe fn caches_on() {
+    // SAFETY: WBINVD only writes back and drops cache lines; memory stays coherent.
+    unsafe { asm!("wbinvd", options(nostack, preserves_flags)) };
+    // SAFETY: the caller guarantees IA32_PAT exists; the power-on value is always valid.
+    unsafe { wrmsr(x86::msr::IA32_PAT, PAT_POWER_ON) };
+    let cr3 = read_cr3();
+    // SAFETY: reloading the current CR3 keeps every mapping; it only flushes the TLBs.
+    unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) };
+    // SAFETY: only the cache-mode bits change; PE, PG, WP and the rest are kept.
+    unsafe { write_cr0(read_cr0() & !(CR0_CD | CR0_NW)) };
+}
+
+/// This core's cache state: (CR0.CD, CR0.NW, IA32_PAT), for the boot log.
+pub fn cache_state() -> (bool, bool, u64) {
+    let cr0 = read_cr0();
+    // SAFETY: IA32_PAT exists on every processor with VMX (the only ones that get this far).
+    let pat = unsafe { rdmsr(x86::msr::IA32_PAT) };
+    (cr0 & CR0_CD != 0, cr0 & CR0_NW != 0, pat)
+}
+
 /// Reads CR2, the faulting linear address of the last page fault.
 pub fn read_cr2() -> u64 {
     let v: u64;

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The application processors' way from real mode to long mode.
 //!
+//! Its first instructions turn the caches on and reset IA32_PAT (an AP comes out of INIT
+//! with CR0.CD = CR0.NW = 1); `arch::caches_on` explains the order.
+//!
 //! A STARTUP IPI starts an AP in real mode at `vector << 12`, so the code must sit below
 //! 1 MiB at a page boundary. It is assembled inside the image (section `.ap_trampoline`,
 //! never executed in place) and copied to [`BASE`]; all its absolute addresses are written
@@ -24,6 +27,16 @@ core::arch::global_asm!(
 ap_trampoline_start:
     cli
     cld
+    # Caches on, PAT at its power-on value, before anything else (see arch::caches_on,
+    # SDM Vol. 3A 11.11.8 / 11.12.4 / Table 11-5). An AP leaves INIT with CR0.CD = NW = 1.
+    wbinvd
+    movl $0x277, %ecx                                  # IA32_PAT
+    movl $0x00070406, %eax
+    movl $0x00070406, %edx
+    wrmsr
+    movl %cr0, %eax
+    andl $0x9fffffff, %eax                             # clear CR0.CD (30) and CR0.NW (29)
+    movl %eax, %cr0
     xorw %ax, %ax
     movw %ax, %ds
     lgdtl 0x8000 + ap_gdt_ptr - ap_trampoline_start

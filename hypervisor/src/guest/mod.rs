@@ -10,6 +10,7 @@
 
 pub mod loader;
 
+use crate::ept;
 use crate::exits::{StopReason, REASONS};
 
 /// What the BSP tells a core: run this guest here.
@@ -93,6 +94,57 @@ pub fn name(l: &Launch) -> &str {
     vmcall_proto::fixed::get(&l.entry.name).unwrap_or("?")
 }
 
+/// Builds a guest's EPT in `f`: the partition `[base, base + size)` read-write-execute at
+/// guest-physical 0, then each channel window `(gpa, hpa, size)` read-write and never
+/// executable (W^X: memory another guest writes must not become code here). Then checks
+/// what it built (the isolation self-check): exactly the partition and the windows are
+/// mapped, each at its base and with its permissions, nothing past the partition's end.
+/// Returns the root table.
+pub fn build_ept(
+    f: &mut impl ept::Frames,
+    base: u64,
+    size: u64,
+    windows: impl Iterator<Item = (u64, u64, u64)> + Clone,
+) -> Result<u64, &'static str> {
+    const FAILED: &str = "EPT construction failed";
+    let root = ept::new_root(f).map_err(|_| FAILED)?;
+    ept::map(f, root, 0, base, size).map_err(|_| FAILED)?;
+    for (gpa, hpa, len) in windows.clone() {
+        ept::map_with(f, root, gpa, hpa, len, ept::Perm::ReadWrite)
+            .map_err(|_| "channel window mapping failed")?;
+    }
+    let rw = ept::Perm::ReadWrite.bits();
+    let rwx = ept::Perm::ReadWriteExecute.bits();
+    let mut ok = ept::translate_perm(f, root, 0) == Some((base, rwx))
+        && ept::translate_perm(f, root, size - 1) == Some((base + size - 1, rwx))
+        && ept::translate(f, root, size).is_none();
+    let mut total = size;
+    for (gpa, hpa, len) in windows {
+        ok &= ept::translate_perm(f, root, gpa) == Some((hpa, rw))
+            && ept::translate_perm(f, root, gpa + len - 1) == Some((hpa + len - 1, rw));
+        total += len;
+    }
+    if !ok || ept::mapped_bytes(f, root) != total {
+        return Err("EPT self-check failed");
+    }
+    Ok(root)
+}
+
+/// The secondary processor-based controls (SDM Vol. 3C 25.6.2, Table 25-7) for `caps`
+/// (IA32_VMX_PROCBASED_CTLS2): EPT and VPID, required; RDTSCP where allowed (else it is
+/// #UD in the guest); WBINVD exiting where allowed, so WBINVD is a counted no-op like INVD
+/// instead of a cache flush that hits every core (the exit policy in `exits`).
+pub fn secondary_controls(caps: crate::vmx::features::ControlCaps) -> Option<u32> {
+    use x86::vmx::vmcs::control::SecondaryControls as S;
+    let mut want = S::ENABLE_EPT | S::ENABLE_VPID;
+    for optional in [S::ENABLE_RDTSCP, S::WBINVD_EXITING] {
+        if caps.allows(optional.bits()) {
+            want |= optional;
+        }
+    }
+    caps.adjust(want.bits())
+}
+
 #[cfg(target_os = "none")]
 pub use run::run;
 
@@ -100,41 +152,30 @@ pub use run::run;
 mod run {
     use super::*;
     use crate::arch::{self, vmx::GuestRegs};
-    use crate::ept;
     use crate::exits::{self, Action};
     use crate::exits::{ConsoleSink, Event, Field, GuestCtx, Vcpu, VmExit};
     use crate::vmx::vmcs::{ctl, exit, g, h};
     use crate::vmx::Features;
     use vmcall_proto::guest::*;
     use vmcall_proto::hypercall::HvError;
-    use x86::vmx::vmcs::control::{
-        EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
-    };
+    use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
     use zerocopy::{FromZeros, IntoBytes};
 
-    /// Frames for page tables and VMX structures, bumped out of the core's private region.
-    struct Private {
-        next: u64,
-        end: u64,
-    }
+    /// This core's private region, reached through the identity map.
+    struct Identity;
 
-    impl ept::Frames for Private {
-        fn alloc(&mut self) -> Option<u64> {
-            if self.next + 4096 > self.end {
-                return None;
-            }
-            let pa = self.next;
-            self.next += 4096;
-            // SAFETY: the private region belongs to this core alone and is identity-mapped.
-            unsafe { (pa as *mut u8).write_bytes(0, 4096) };
-            Some(pa)
-        }
-        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-            // Only the EPT code of this core reaches it, one table at a time.
-            // SAFETY: `pa` was handed out by `alloc` from this core's private region.
+    impl ept::FrameMemory for Identity {
+        fn frame(&mut self, pa: u64) -> &mut [u64; 512] {
+            // Only the frame pool and the EPT code of this core reach it, one table at a time.
+            // SAFETY: `pa` is a frame of this core's private region (the pool hands out and
+            // takes back only those; EPT entries hold only table frames it handed out).
             unsafe { &mut *(pa as *mut [u64; 512]) }
         }
     }
+
+    /// Frames for page tables and VMX structures: this core's private region, freed table
+    /// frames reused first.
+    type Private = ept::FramePool<Identity>;
 
     /// The partition, seen from the host: bounds-checked copies only, never references.
     struct Partition {
@@ -260,9 +301,8 @@ mod run {
             arch::apic::send_fixed_ipi(apic, vector);
         }
         fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
-            let perm = if write { ept::Perm::ReadWrite } else { ept::Perm::Read };
-            ept::map_with(self.frames, self.eptp & !0xfff, gpa, hpa, size, perm)
-                .map_err(|_| HvError::AddressInUse)?;
+            let perm = ept::Perm::shared(write);
+            ept::map_with(self.frames, self.eptp & !0xfff, gpa, hpa, size, perm)?;
             // SAFETY: VMX on; this guest's EPTP.
             unsafe { arch::vmx::invept_single(self.eptp) };
             Ok(())
@@ -277,8 +317,7 @@ mod run {
             self.link.kick(to);
         }
         fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-            ept::unmap(self.frames, self.eptp & !0xfff, gpa, size)
-                .map_err(|_| HvError::NotMapped)?;
+            ept::unmap(self.frames, self.eptp & !0xfff, gpa, size)?;
             // SAFETY: VMX on; this guest's EPTP: no stale translation survives the unmap.
             unsafe { arch::vmx::invept_single(self.eptp) };
             Ok(())
@@ -351,11 +390,8 @@ mod run {
             PrimaryControls::INTERRUPT_WINDOW_EXITING.bits(),
             "interrupt-window exiting",
         )?;
-        let mut want2 = SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID;
-        if (raw.procbased2 >> 32) as u32 & SecondaryControls::ENABLE_RDTSCP.bits() != 0 {
-            want2 |= SecondaryControls::ENABLE_RDTSCP;
-        }
-        let proc2 = adjust(raw.procbased2, want2.bits(), "secondary controls")?;
+        let proc2 = secondary_controls(crate::vmx::features::ControlCaps(raw.procbased2))
+            .ok_or("secondary controls")?;
         let exitc = adjust(
             raw.exit,
             (ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -552,7 +588,7 @@ mod run {
             }
         };
         let part = Partition { base: l.partition, size: l.partition_size };
-        let mut frames = Private { next: l.private, end: l.private + l.private_size };
+        let mut frames = Private::new(Identity, l.private, l.private + l.private_size);
 
         // SAFETY: the kernel module is reserved memory, identity-mapped, never written.
         let image = unsafe {
@@ -586,25 +622,15 @@ mod run {
             return stop(&ctx, "partition too small for the boot structures");
         }
 
-        let eptp = match ept::new_root(&mut frames)
-            .and_then(|root| ept::map(&mut frames, root, 0, part.base, part.size).map(|()| root))
-        {
-            // Isolation self-check: the tables map exactly the partition, at its base.
-            Ok(root)
-                if ept::mapped_bytes(&mut frames, root) == part.size
-                    && ept::translate(&mut frames, root, part.size - 1)
-                        == Some(part.base + part.size - 1)
-                    && ept::translate(&mut frames, root, part.size).is_none() =>
-            {
-                ept::eptp(root)
-            }
-            _ => return stop(&ctx, "EPT construction failed"),
+        let windows = l
+            .channels()
+            .iter()
+            .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
+        let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
+            Ok(root) => ept::eptp(root),
+            Err(why) => return stop(&ctx, why),
         };
         for (i, ch) in l.channels().iter().enumerate() {
-            let gpa = vmcall_proto::guest::channel_window(ch.desc.index);
-            if ept::map(&mut frames, eptp & !0xfff, gpa, ch.hpa, ch.size).is_err() {
-                return stop(&ctx, "channel window mapping failed");
-            }
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
         }
@@ -732,6 +758,13 @@ mod run {
         };
         ctx.flush_line(&mut sink);
         ctx.caps.end();
+        log::info!(
+            "guest {}: private frames in use {}, peak {}, limit {}",
+            name(l),
+            vcpu.frames.in_use(),
+            vcpu.frames.peak(),
+            vcpu.frames.limit()
+        );
         if let Some(p) = post.take() {
             let mut r = report(&ctx, ending, first_entry);
             r.xmsgs = vcpu.link.sent;
@@ -769,5 +802,57 @@ mod run {
             let len = exit::INSTRUCTION_LEN.read();
             let _ = ctl::ENTRY_INSTR_LEN.write(len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ept::tests::host_frames;
+    use vmcall_proto::guest::channel_window;
+
+    #[test]
+    fn channel_windows_are_read_write_never_executable() {
+        let mut f = host_frames(64);
+        let windows =
+            [(channel_window(0), 0x9000_0000, 0x2000), (channel_window(3), 0x9100_0000, 0x4000)];
+        let root = build_ept(&mut f, 0x4000_0000, 16 << 20, windows.into_iter()).unwrap();
+        for (gpa, hpa, len) in windows {
+            for g in [gpa, gpa + len - 1] {
+                let t = ept::translate_perm(&mut f, root, g);
+                assert_eq!(t, Some((hpa + g - gpa, 3)), "window at {gpa:#x}: RW, no X");
+            }
+        }
+        assert_eq!(ept::translate_perm(&mut f, root, 0x1234), Some((0x4000_1234, 7)));
+        assert_eq!(ept::mapped_bytes(&mut f, root), (16 << 20) + 0x6000);
+        // A window over the partition is refused, not merged.
+        let bad = [(0x10_0000, 0x9000_0000, 0x1000)];
+        let mut f = host_frames(64);
+        assert_eq!(
+            build_ept(&mut f, 0x4000_0000, 16 << 20, bad.into_iter()),
+            Err("channel window mapping failed")
+        );
+    }
+
+    #[test]
+    fn wbinvd_exits_where_the_processor_allows_it() {
+        use crate::vmx::features::ControlCaps;
+        let (ept, vpid, rdtscp, wbinvd) = (1u64 << 1, 1u64 << 5, 1u64 << 3, 1u64 << 6);
+        let all = ControlCaps((ept | vpid | rdtscp | wbinvd) << 32);
+        assert_eq!(secondary_controls(all), Some((ept | vpid | rdtscp | wbinvd) as u32));
+        let no_wbinvd = ControlCaps((ept | vpid | rdtscp) << 32);
+        assert_eq!(secondary_controls(no_wbinvd), Some((ept | vpid | rdtscp) as u32));
+        let bare = ControlCaps((ept | vpid) << 32);
+        assert_eq!(secondary_controls(bare), Some((ept | vpid) as u32));
+        assert_eq!(secondary_controls(ControlCaps(ept << 32)), None, "VPID is required");
+    }
+
+    #[test]
+    fn shared_memory_permissions_never_execute() {
+        for p in [ept::Perm::Read, ept::Perm::ReadWrite] {
+            assert_eq!(p.bits() & 4, 0, "{p:?}");
+        }
+        assert_eq!(ept::Perm::shared(false), ept::Perm::Read);
+        assert_eq!(ept::Perm::shared(true), ept::Perm::ReadWrite);
     }
 }

@@ -57,10 +57,19 @@ pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
         return Err(VmxError::FeatureControlLocked);
     }
 
+    // Whatever ran on this core since boot, VMX starts from caches on and the reset PAT:
+    // the host never runs with CR0.CD or CR0.NW set (a guest cannot change them either).
+    // SAFETY: paging is on with the boot identity tables; IA32_PAT exists with VMX.
+    unsafe { crate::arch::caches_on() };
+
     const CR0_KEEP: u64 = (1 << 31) | (1 << 16) | 1; // PG, WP, PE
     const CR4_KEEP: u64 = 1 << 5; // PAE
     const CR4_VMXE: u64 = 1 << 13;
     let raw = &f.raw;
+    let no_cache_bits = crate::arch::CR0_CD | crate::arch::CR0_NW;
+    if raw.cr0_fixed0 & no_cache_bits != 0 {
+        return Err(VmxError::FixedBits);
+    }
     let cr0 = features::fix_cr(read_cr0(), raw.cr0_fixed0, raw.cr0_fixed1, CR0_KEEP)
         .ok_or(VmxError::FixedBits)?;
     let cr4 = features::fix_cr(
