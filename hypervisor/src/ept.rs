@@ -128,6 +128,11 @@ const WRITE: u64 = 1 << 1;
 const EXEC: u64 = 1 << 2;
 const RWX: u64 = READ | WRITE | EXEC;
 const MEMTYPE_WB: u64 = 6 << 3;
+/// "Ignore PAT memory type" (SDM Vol. 3C 29.3.7.2): the EPT's write-back type applies
+/// whatever the guest's PAT and page tables say. Set on shared memory, so that no guest can
+/// access a page another guest also maps with a different memory type (SDM Vol. 3A 11.12.4:
+/// aliased memory types can break coherency).
+const IPAT: u64 = 1 << 6;
 const LARGE: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const SIZE_2M: u64 = 2 << 20;
@@ -198,6 +203,15 @@ impl Perm {
             Perm::ReadWrite
         } else {
             Perm::Read
+        }
+    }
+
+    /// The entry's memory-type bits: write-back, and for shared memory (never executable)
+    /// the guest's PAT ignored.
+    pub const fn memtype(self) -> u64 {
+        match self {
+            Perm::ReadWriteExecute => MEMTYPE_WB,
+            Perm::ReadWrite | Perm::Read => MEMTYPE_WB | IPAT,
         }
     }
 
@@ -314,11 +328,11 @@ pub fn map_with(
         let pdpt = next_or_new(f, root, index(g, 3));
         let pd = next_or_new(f, pdpt, index(g, 2));
         if large_chunk(g, h, len - off) {
-            f.table(pd)[index(g, 1)] = h | perm.bits() | MEMTYPE_WB | LARGE;
+            f.table(pd)[index(g, 1)] = h | perm.bits() | perm.memtype() | LARGE;
             off += SIZE_2M;
         } else {
             let pt = next_or_new(f, pd, index(g, 1));
-            f.table(pt)[index(g, 0)] = h | perm.bits() | MEMTYPE_WB;
+            f.table(pt)[index(g, 0)] = h | perm.bits() | perm.memtype();
             off += SIZE_4K;
         }
     }
@@ -614,7 +628,11 @@ pub(crate) mod tests {
         // A 2-MiB leaf: RWX, memory type WB in bits 5:3, "ignore PAT" clear, bit 7 large.
         assert_eq!(f.table(pd & ADDR_MASK)[0], 0x4000_0000 | 7 | 6 << 3 | 1 << 7);
         let pt = f.table(pd & ADDR_MASK)[1] & ADDR_MASK;
-        assert_eq!(f.table(pt)[0], 0x8000_1000 | 1 | 6 << 3, "a 4-KiB leaf, read-only");
+        // Shared memory: read-only, WB, "ignore PAT" set (no memory-type aliasing).
+        assert_eq!(f.table(pt)[0], 0x8000_1000 | 1 | 6 << 3 | 1 << 6, "a 4-KiB leaf, read-only");
+        map_with(&mut f, root, 0x40_0000, 0x8020_0000, 2 << 20, Perm::ReadWrite).unwrap();
+        let big = f.table(pd & ADDR_MASK)[2];
+        assert_eq!(big, 0x8020_0000 | 3 | 6 << 3 | 1 << 6 | 1 << 7, "a shared 2-MiB leaf");
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub enum StopReason {
     },
     /// The hypervisor could not set up or enter the guest (VMCS/ELF/memory problem).
     Setup(&'static str),
+    /// Stopped because its isolation could no longer be guaranteed (e.g. a revoked
+    /// capability could not be unmapped from its EPT).
+    Isolation(&'static str),
 }
 
 /// An EPT violation in words: what the guest tried and what its mapping there allowed,

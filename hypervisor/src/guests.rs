@@ -297,6 +297,7 @@ impl fmt::Display for Why {
                 write!(f, "unexpected VM exit reason {reason}, rip={rip:#x}")
             }
             StopReason::Setup(what) => write!(f, "setup failed: {what}"),
+            StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct Stats {
     pub refused: u32,
     /// Cores this one declared failed.
     pub fenced: u64,
+    /// A revoke could not unmap a piece from this guest's EPT: the guest may still reach
+    /// memory it no longer holds, so its core stops it.
+    pub unmap_failed: bool,
 }
 
 impl Default for Stats {
@@ -86,6 +89,7 @@ impl Default for Stats {
             requests_from: [0; MAX_PEERS],
             refused: 0,
             fenced: 0,
+            unmap_failed: false,
         }
     }
 }

@@ -477,11 +477,14 @@ impl<const E: usize> Proto<E> {
         policy: &Policy,
         stats: &mut Stats,
     ) {
+        let mut unmap_failed = false;
         let removed = space.revoke_id(id, |c| {
             if let Err(e) = env.ept_unmap(c.mapped_at.unwrap_or(0), c.size) {
                 log::error!("revoke of {id:#x}: EPT unmap failed: {e:?}");
+                unmap_failed = true;
             }
         });
+        stats.unmap_failed |= unmap_failed;
         // The node's children, and those a revoke of the node already under way here is
         // taking back: chasing them again (revoke is idempotent, and the earlier REVOKE is
         // ahead on the same ring) makes this answer wait until they are gone.

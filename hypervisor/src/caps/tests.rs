@@ -521,3 +521,17 @@ fn racing_revokes_in_opposite_directions_finish_on_threads() {
         }
     }
 }
+
+#[test]
+fn a_revoke_that_cannot_unmap_marks_the_guest_for_stopping() {
+    let mut net = Net::new(2, 4);
+    let h = net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    net.call(1, Hypercall::CapMap, h, 0xc000_0000, 1).unwrap();
+    assert!(!net.cores[1].stats.unmap_failed);
+    // The EPT and the record disagree (a broken invariant): the revoke still completes,
+    // and the holder's core learns it must stop its guest.
+    net.ept[1].clear();
+    assert_eq!(net.revoke(0, 0, None), Ok(1));
+    assert!(net.cores[1].stats.unmap_failed);
+    assert!(!net.cores[0].stats.unmap_failed);
+}

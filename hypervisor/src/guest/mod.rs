@@ -711,6 +711,11 @@ mod run {
             let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            if ctx.caps.stats.unmap_failed {
+                break Ending::Stopped(StopReason::Isolation(
+                    "a revoked capability could not be unmapped from its EPT",
+                ));
+            }
             vcpu.injected = false;
             let timer = match ctx.before_entry(&mut vcpu) {
                 Ok(t) => t,
