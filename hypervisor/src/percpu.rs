@@ -10,6 +10,7 @@ use crate::arch::gdt::{Gdt, IST_CRITICAL};
 use crate::arch::idt::Idt;
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicU64, Ordering};
 use x86::bits64::task::TaskStateSegment;
 
 /// Most cores the hypervisor will bring up; a machine with more is capped, with a warning.
@@ -19,11 +20,18 @@ pub const STACK_SIZE: usize = 256 * 1024;
 /// Each core's IST stack for #DF, NMI and #MC.
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 
-/// One core's own state. `index` must stay the first field: it is read as `gs:[0]`.
+/// One core's own state. `index` must stay the first field: it is read as `gs:[0]`; the
+/// NMI handler reads `vmcs_live` as `gs:[16]` and writes `kicked` as `gs:[24]`.
 #[repr(C, align(4096))]
 pub struct PerCore {
     pub index: u64,
     pub apic_id: u64,
+    /// Non-zero while this core has a current guest VMCS: then an NMI kick that arrives in
+    /// the hypervisor zeroes the guest's preemption timer (see `arch::idt`), so the next
+    /// VM entry exits at once and the inbox is read.
+    pub vmcs_live: AtomicU64,
+    /// Set by the NMI handler on every kick taken in the hypervisor.
+    pub kicked: AtomicU64,
     /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
     pub vmxon_region: VmxPage,
     pub idt: Idt,
@@ -36,6 +44,15 @@ pub struct PerCore {
 #[repr(C, align(4096))]
 pub struct VmxPage(UnsafeCell<[u8; 4096]>);
 const _: () = assert!(core::mem::size_of::<VmxPage>() == 4096);
+const _: () = assert!(core::mem::offset_of!(PerCore, vmcs_live) == 16);
+const _: () = assert!(core::mem::offset_of!(PerCore, kicked) == 24);
+
+impl PerCore {
+    /// Whether a kick arrived while this core was in the hypervisor since the last call.
+    pub fn take_kick(&self) -> bool {
+        self.kicked.swap(0, Ordering::AcqRel) != 0
+    }
+}
 
 impl VmxPage {
     /// Zeroes the page and writes the VMCS revision identifier into its first dword
@@ -93,6 +110,8 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         let p = (*slot).as_mut_ptr();
         core::ptr::addr_of_mut!((*p).index).write(index as u64);
         core::ptr::addr_of_mut!((*p).apic_id).write(apic_id as u64);
+        core::ptr::addr_of_mut!((*p).vmcs_live).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).kicked).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
         core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
         let mut tss = TaskStateSegment::new();

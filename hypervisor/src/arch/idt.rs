@@ -120,9 +120,26 @@ mod stubs {
         .set vec, vec + 1
         .endr
 
+        // An NMI taken in the hypervisor is a kick whose message the core may already have
+        // missed (it read its inbox, then the kick came before the VM entry). If the core has
+        // a current guest VMCS (gs:[16], PerCore::vmcs_live), zero the guest's
+        // VMX-preemption timer (field 0x482E): the next VM entry exits before the guest runs
+        // an instruction (SDM Vol. 3C 26.7.4), and the core reads its inbox. gs:[24]
+        // (PerCore::kicked) tells the run loop, which rewrites the timer after this. IRETQ
+        // restores RFLAGS, which VMWRITE changes.
         .global nmi_kick_stub
         nmi_kick_stub:
-            iretq
+            cmpq $0, %gs:16
+            je 1f
+            movq $1, %gs:24
+            pushq %rax
+            pushq %rcx
+            movl $0x482e, %eax
+            xorl %ecx, %ecx
+            vmwrite %rcx, %rax
+            popq %rcx
+            popq %rax
+        1:  iretq
 
         exc_common:
             movq %rsp, %rdi

@@ -697,7 +697,13 @@ mod run {
         // Hypervisor time spent on other cores' behalf (serving their requests, taking their
         // NMI kicks) is not the guest's: its budget is extended by it.
         let mut kicked_at: Option<u64> = None;
+        // SAFETY: this core's slot is initialised.
+        let me = unsafe { crate::percpu::this_core() };
+        // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
+        me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
         let ending = loop {
+            // Kicks from here on are seen by this poll, or zero the timer below.
+            me.take_kick();
             let t0 = arch::rdtsc();
             let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             let t1 = arch::rdtsc();
@@ -726,6 +732,13 @@ mod run {
             let _ = unsafe {
                 g::PREEMPTION_TIMER.write((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };
+            if me.take_kick() {
+                // A kick came after the poll: its message waits. Enter for no instruction
+                // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
+                // after this line zeroes the timer itself (arch::idt).
+                // SAFETY: current VMCS.
+                let _ = unsafe { g::PREEMPTION_TIMER.write(0) };
+            }
             if !launched {
                 first_entry = arch::rdtsc();
             }
@@ -752,6 +765,9 @@ mod run {
                     let _ = g::INTERRUPTIBILITY.write(s & !(1 << 3));
                 }
                 arch::unblock_nmis();
+                // That INT 2 ran the kick handler, which marked a kick: this one is being
+                // served (the loop polls next), so it needs no extra exit.
+                me.take_kick();
             }
             vcpu.injected = false;
             match exits::handle(&mut ctx, &mut vcpu, &e, &mut sink) {
@@ -782,6 +798,7 @@ mod run {
             ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             arch::pause();
         }
+        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
         // SAFETY: the VMCS is this core's; clearing it ends its use.
         let _ = unsafe { arch::vmx::vmclear(vmcs) };
     }
