@@ -535,3 +535,64 @@ fn a_revoke_that_cannot_unmap_marks_the_guest_for_stopping() {
     assert!(net.cores[1].stats.unmap_failed);
     assert!(!net.cores[0].stats.unmap_failed);
 }
+
+#[test]
+fn policy_defaults_follow_the_tsc_rate() {
+    let p = Policy::from_tsc_per_ms(4000);
+    assert_eq!(p, Policy { deadline: 200_000, transfer_gap: 40 }, "50 ms per level, 100/ms");
+}
+
+#[test]
+fn endpoints_carry_read_and_write_only() {
+    let net = Net::new(2, 0);
+    let ep = net.ep(0, 1);
+    let cap = *net.cores[0].space().get(ep).unwrap();
+    assert_eq!((cap.kind, cap.rights), (CapType::Endpoint, Rights::READ | Rights::WRITE));
+}
+
+#[test]
+fn a_deafened_core_drops_revokes_and_is_fenced() {
+    let mut net = Net::new(2, 4);
+    net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    net.cores[1].deafen();
+    assert_eq!(net.revoke(0, 0, None), Err(HvError::Timeout));
+    assert_eq!(net.cores[0].stats.fenced, 1 << 1);
+    assert_eq!(net.live_memory(1), 1, "the deaf core never revoked its copy");
+}
+
+/// An Env whose inbox is a queue, to see what `poll` does with it.
+struct Inbox(VecDeque<(usize, Payload)>, Vec<(usize, Payload)>);
+
+impl Env for Inbox {
+    fn now(&mut self) -> u64 {
+        0
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.1.push((to, *m));
+        true
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        self.0.pop_front()
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, _g: u64, _h: u64, _s: u64, _w: bool) -> Result<(), HvError> {
+        Ok(())
+    }
+    fn ept_unmap(&mut self, _g: u64, _s: u64) -> Result<(), HvError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn poll_serves_every_waiting_message_and_counts_them() {
+    let mut core = Core::new(1, Policy { deadline: 10, transfer_gap: 0 });
+    let revoke = |req: u64| [proto::op::REVOKE | req << 32, 0xdead, 0, 0, 0, 0, 0];
+    let mut env = Inbox((1..=3).map(|r| (0, revoke(r))).collect(), vec![]);
+    assert_eq!(core.poll(&mut env), 3);
+    assert_eq!(core.poll(&mut env), 0);
+    // Each unknown id is answered at once: nothing revoked, complete.
+    let replies: Vec<(u64, u64, u64)> =
+        env.1.iter().map(|(to, m)| (*to as u64, m[0] & 0xff, m[1])).collect();
+    assert_eq!(replies, [(0, proto::op::REVOKE_REPLY, 0); 3]);
+    assert_eq!(core.stats.requests_from[0], 3);
+}
