@@ -166,8 +166,9 @@ pub fn package_of(root: &Path, file: &str) -> Result<String> {
 }
 
 /// Extra cargo-mutants arguments for a package. The bare-metal crates' binaries build only
-/// for `x86_64-unknown-none`; on the host only their unit tests do, so cargo-mutants builds
-/// and runs exactly those (`--bins`) and nothing that would link the bare-metal binary.
+/// for `x86_64-unknown-none`; on the host only their unit-test harness does. cargo-mutants
+/// builds with `cargo test --no-run -p PKG`, which builds just that harness, and the tests
+/// run as `cargo test -p PKG --bins` (what follows `--` goes to `cargo test`).
 fn extra_args(package: &str) -> &'static [&'static str] {
     match package {
         "hypervisor" | "guestkernel" => &["--", "--bins"],
