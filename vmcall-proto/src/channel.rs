@@ -322,6 +322,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
 
     fn msg(n: u64) -> Payload {
         core::array::from_fn(|i| n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64)
@@ -373,7 +375,290 @@ mod tests {
         assert_eq!(tx.try_send(&msg(2)), Err(ChannelError::BadAck { received: 5, sent: 2 }));
     }
 
-    /// Real threads, real cores: a ping-pong and a stream through two rings.
+    #[test]
+    fn memory_sizes_follow_the_layout() {
+        // Two header lines, then one line per slot.
+        assert_eq!(
+            HEADER_BYTES,
+            core::mem::size_of::<ProducerLine>() + core::mem::size_of::<ConsumerLine>()
+        );
+        assert_eq!(ring_bytes(1), 128 + 64);
+        assert_eq!(ring_bytes(64), 128 + 64 * 64);
+        assert_eq!(ring_bytes(4096), 128 + 4096 * 64);
+        assert_eq!(ring_bytes(u32::MAX), 128 + 64 * u32::MAX as u64, "no 32-bit overflow");
+        // Whole pages, the fewest that hold the ring.
+        assert_eq!(ring_pages_bytes(1), 4096);
+        assert_eq!(ring_pages_bytes(62), 4096, "128 + 62 * 64 is exactly one page");
+        assert_eq!(ring_pages_bytes(63), 8192);
+        assert_eq!(ring_pages_bytes(64), 8192);
+        assert_eq!(ring_pages_bytes(4096), 4096 * 65);
+        // Two rings, each on its own pages.
+        assert_eq!(channel_bytes(1), 2 * 4096);
+        assert_eq!(channel_bytes(64), 2 * 8192);
+        assert_eq!(channel_bytes(4096), 2 * 4096 * 65);
+        for slots in (1..=4096).chain([u32::MAX]) {
+            let (ring, pages) = (ring_bytes(slots), ring_pages_bytes(slots));
+            assert!(pages.is_multiple_of(4096) && pages >= ring && pages - ring < 4096);
+            assert_eq!(channel_bytes(slots), 2 * pages);
+        }
+    }
+
+    #[test]
+    fn from_raw_lays_the_ring_out_as_documented() {
+        #[repr(C, align(4096))]
+        struct Mem([u8; 4096]);
+        let mut mem = Box::new(Mem([0; 4096]));
+        let base = mem.0.as_mut_ptr();
+        // SAFETY: 4096-byte aligned, ring_bytes(4) = 384 bytes, accessed only through the
+        // ring while it lives.
+        let ring = unsafe { Ring::from_raw(base, 4) };
+        assert_eq!(ring.slots(), 4);
+        let (mut tx, mut rx) = (Sender::new(ring), Receiver::new(ring, 1));
+        tx.try_send(&[0x1111; WORDS]).unwrap();
+        tx.try_send(&[0x2222; WORDS]).unwrap();
+        rx.try_recv().unwrap().unwrap();
+        let word = |i: usize| u64::from_le_bytes(mem.0[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_eq!(word(0), 2, "line 0: sent");
+        assert_eq!(word(8), 1, "line 1: received");
+        // Slot 1 is line 3: seven payload words, then its control word (message 1 + 1).
+        assert!((24..31).all(|i| word(i) == 0x2222));
+        assert_eq!(word(31), 2);
+        assert_eq!(word(23), 1, "slot 0's control word ends line 2");
+    }
+
+    #[test]
+    fn counts_and_statistics() {
+        let st = Box::new(OwnedRing::new());
+        assert_eq!(st.ring(8).slots(), 8);
+        assert_eq!(st.ring(0).slots(), 1, "a ring has at least one slot");
+        assert_eq!(st.ring(u32::MAX).slots(), OwnedRing::MAX_SLOTS as u32);
+        let (mut tx, mut rx) = (Sender::new(st.ring(8)), Receiver::new(st.ring(8), 1));
+        for i in 0..6 {
+            assert_eq!((tx.sent(), st.ring(8).sent()), (i, i), "sent is published per message");
+            tx.try_send(&msg(i)).unwrap();
+        }
+        for i in 0..4 {
+            assert_eq!((rx.received(), st.ring(8).received()), (i, i));
+            rx.try_recv().unwrap().unwrap();
+        }
+        assert_eq!((tx.sent(), rx.received()), (6, 4));
+        assert_eq!((st.ring(8).sent(), st.ring(8).received()), (6, 4));
+    }
+
+    #[test]
+    fn received_is_published_every_ack_every_messages_and_on_flush() {
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(8)), Receiver::new(st.ring(8), 3));
+        for i in 0..8 {
+            tx.try_send(&msg(i)).unwrap();
+        }
+        let mut published = vec![];
+        for _ in 0..7 {
+            rx.try_recv().unwrap().unwrap();
+            published.push(st.ring(8).received());
+        }
+        assert_eq!(published, [0, 0, 3, 3, 3, 6, 6]);
+        rx.flush_ack();
+        assert_eq!(st.ring(8).received(), 7);
+        // The sender sees only what was published: with 3 acknowledged, 3 slots are free.
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(4)), Receiver::new(st.ring(4), 2));
+        (0..4).for_each(|i| tx.try_send(&msg(i)).unwrap());
+        rx.try_recv().unwrap().unwrap();
+        assert_eq!(tx.try_send(&msg(4)), Err(ChannelError::Full), "nothing published yet");
+        rx.try_recv().unwrap().unwrap();
+        rx.try_recv().unwrap().unwrap();
+        assert_eq!(st.ring(4).received(), 2);
+        tx.try_send(&msg(4)).unwrap();
+        tx.try_send(&msg(5)).unwrap();
+        assert_eq!(tx.try_send(&msg(6)), Err(ChannelError::Full));
+        rx.flush_ack();
+        tx.try_send(&msg(6)).unwrap();
+        assert_eq!(tx.try_send(&msg(7)), Err(ChannelError::Full));
+    }
+
+    #[test]
+    fn ack_every_is_clamped_to_the_ring() {
+        // 0 means every message; more than the ring holds would never free a slot, so it is
+        // cut to the slot count.
+        for (slots, asked, every) in [(4, 0, 1), (4, 1, 1), (4, 4, 4), (4, 5, 4), (4, 99, 4)] {
+            let st = Box::new(OwnedRing::new());
+            let (mut tx, mut rx) =
+                (Sender::new(st.ring(slots)), Receiver::new(st.ring(slots), asked));
+            let mut published = vec![];
+            for i in 0..8 {
+                tx.try_send(&msg(i)).unwrap();
+                rx.try_recv().unwrap().unwrap();
+                published.push(st.ring(slots).received());
+            }
+            let want: Vec<u64> = (1..=8).map(|n| n - n % every).collect();
+            assert_eq!(published, want, "slots {slots}, ack_every {asked}");
+        }
+    }
+
+    #[test]
+    fn the_sender_reads_received_only_when_its_own_count_says_full() {
+        // The consumer's line is not touched while the sender knows of free slots (no
+        // cache-line traffic per message), so a lie there is not even looked at...
+        let st = Box::new(OwnedRing::new());
+        let mut tx = Sender::new(st.ring(4));
+        tx.try_send(&msg(0)).unwrap();
+        st.consumer().received.store(99, Ordering::Relaxed);
+        tx.try_send(&msg(1)).unwrap();
+        tx.try_send(&msg(2)).unwrap();
+        tx.try_send(&msg(3)).unwrap();
+        // ...until the sender needs it, and then it is refused.
+        assert_eq!(tx.try_send(&msg(4)), Err(ChannelError::BadAck { received: 99, sent: 4 }));
+        assert_eq!(tx.sent(), 4);
+        // The same once the sender has seen progress: with 2 of 5 acknowledged it knows of
+        // a free slot and does not look.
+        let st = Box::new(OwnedRing::new());
+        let mut tx = Sender::new(st.ring(4));
+        (0..4).for_each(|i| tx.try_send(&msg(i)).unwrap());
+        st.consumer().received.store(2, Ordering::Relaxed);
+        tx.try_send(&msg(4)).unwrap();
+        st.consumer().received.store(99, Ordering::Relaxed);
+        tx.try_send(&msg(5)).unwrap();
+        assert_eq!(tx.try_send(&msg(6)), Err(ChannelError::BadAck { received: 99, sent: 6 }));
+    }
+
+    #[test]
+    fn a_received_count_going_backwards_is_bad_ack() {
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(2)), Receiver::new(st.ring(2), 1));
+        for i in 0..2 {
+            tx.try_send(&msg(i)).unwrap();
+        }
+        rx.try_recv().unwrap().unwrap();
+        rx.try_recv().unwrap().unwrap();
+        tx.try_send(&msg(2)).unwrap(); // the sender has now seen received = 2
+        tx.try_send(&msg(3)).unwrap();
+        assert_eq!(tx.try_send(&msg(4)), Err(ChannelError::Full), "2 acknowledged, 4 sent");
+        st.consumer().received.store(1, Ordering::Relaxed);
+        assert_eq!(tx.try_send(&msg(4)), Err(ChannelError::BadAck { received: 1, sent: 4 }));
+        // The limits themselves are honest: everything received, or nothing new.
+        st.consumer().received.store(2, Ordering::Relaxed);
+        assert_eq!(tx.try_send(&msg(4)), Err(ChannelError::Full));
+        st.consumer().received.store(4, Ordering::Relaxed);
+        tx.try_send(&msg(4)).unwrap();
+        // One past what was sent is a lie.
+        tx.try_send(&msg(5)).unwrap();
+        st.consumer().received.store(7, Ordering::Relaxed);
+        assert_eq!(tx.try_send(&msg(6)), Err(ChannelError::BadAck { received: 7, sent: 6 }));
+        // A refused send stores nothing.
+        assert_eq!(tx.sent(), 6);
+        assert_eq!(st.slot(0).control.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn only_the_expected_value_is_a_message_and_only_the_last_lap_is_empty() {
+        for slots in [1u32, 2, 3, 4, 8] {
+            let n = slots as u64;
+            for laps in 0..4u64 {
+                let st = Box::new(OwnedRing::new());
+                let (mut tx, mut rx) =
+                    (Sender::new(st.ring(slots)), Receiver::new(st.ring(slots), 1));
+                for i in 0..laps * n {
+                    tx.try_send(&msg(i)).unwrap();
+                    assert_eq!(rx.try_recv(), Ok(Some(msg(i))));
+                }
+                let next = laps * n; // message `next` goes in slot 0
+                let expected = next + 1;
+                let empty = if laps == 0 { 0 } else { expected - n };
+                let control = &st.slot(0).control;
+                assert_eq!(control.load(Ordering::Relaxed), empty);
+                assert_eq!(rx.try_recv(), Ok(None));
+                let mut bad = vec![expected + 1, expected + n, u64::MAX, empty + 1];
+                bad.extend([empty.wrapping_sub(1), empty.wrapping_sub(n), 0].iter().copied());
+                for found in bad.into_iter().filter(|&v| v != empty && v != expected) {
+                    control.store(found, Ordering::Relaxed);
+                    assert_eq!(
+                        rx.try_recv(),
+                        Err(ChannelError::Corrupt { slot: 0, expected, found }),
+                        "slots {slots}, lap {laps}"
+                    );
+                }
+                control.store(empty, Ordering::Relaxed);
+                tx.try_send(&msg(next)).unwrap();
+                assert_eq!(rx.try_recv(), Ok(Some(msg(next))));
+                assert_eq!(rx.received(), next + 1);
+            }
+        }
+        // The error names the slot: message 5 of a 4-slot ring is in slot 1.
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(4)), Receiver::new(st.ring(4), 1));
+        for i in 0..5 {
+            tx.try_send(&msg(i)).unwrap();
+            rx.try_recv().unwrap().unwrap();
+        }
+        tx.try_send(&msg(5)).unwrap();
+        st.slot(1).control.store(3, Ordering::Relaxed);
+        assert_eq!(rx.try_recv(), Err(ChannelError::Corrupt { slot: 1, expected: 6, found: 3 }));
+    }
+
+    #[test]
+    fn the_sleeping_flag() {
+        let st = Box::new(OwnedRing::new());
+        let (tx, rx) = (Sender::new(st.ring(4)), Receiver::new(st.ring(4), 1));
+        assert!(!tx.peer_sleeping());
+        rx.set_sleeping(true);
+        assert_eq!(st.consumer().sleeping.load(Ordering::Relaxed), 1);
+        assert!(tx.peer_sleeping());
+        rx.set_sleeping(false);
+        assert_eq!(st.consumer().sleeping.load(Ordering::Relaxed), 0);
+        assert!(!tx.peer_sleeping());
+        // Any non-zero value is asleep: the flag is the consumer's word, not a bool.
+        st.consumer().sleeping.store(2, Ordering::Relaxed);
+        assert!(tx.peer_sleeping());
+    }
+
+    /// How long a threaded test waits for one step (a message, a free slot, the other
+    /// thread's end) before it fails: a broken ring fails the test instead of hanging it.
+    const STALL: Duration = Duration::from_secs(5);
+
+    /// Polls `f` until it gives a value, spinning first and then yielding the core (the
+    /// test machine may have fewer free cores than threads); panics after [`STALL`].
+    fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        for spins in 0u64.. {
+            if let Some(v) = f() {
+                return v;
+            }
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+                assert!(start.elapsed() < STALL, "{what}: no progress in {STALL:?}");
+            }
+        }
+        unreachable!()
+    }
+
+    /// Sends `m`, waiting for a free slot; any error but `Full` fails.
+    fn send(tx: &mut Sender<'_>, m: &Payload, what: &str) {
+        wait_for(what, || match tx.try_send(m) {
+            Ok(()) => Some(()),
+            Err(ChannelError::Full) => None,
+            Err(e) => panic!("{what}: {e:?}"),
+        })
+    }
+
+    /// The next message, waiting for it; an error fails.
+    fn recv(rx: &mut Receiver<'_>, what: &str) -> Payload {
+        wait_for(what, || rx.try_recv().unwrap_or_else(|e| panic!("{what}: {e:?}")))
+    }
+
+    /// Joins `h` within [`STALL`], passing its panic on.
+    fn join_within(h: std::thread::JoinHandle<()>, what: &str) {
+        wait_for(what, || h.is_finished().then_some(()));
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// Real threads, real cores: a ping-pong and a stream through two rings. Every wait is
+    /// bounded by [`STALL`], so a ring that loses a message or an acknowledgement fails here
+    /// within seconds.
     #[test]
     fn two_threads_ping_pong_and_stream() {
         let ab: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
@@ -383,41 +668,75 @@ mod tests {
         let echo = std::thread::spawn(move || {
             let (mut tx, mut rx) =
                 (Sender::new(ba.ring(SLOTS)), Receiver::new(ab.ring(SLOTS), SLOTS / 4));
-            let mut got = 0;
-            while got < 2 * N {
-                match rx.try_recv() {
-                    Ok(Some(m)) => {
-                        assert_eq!(m, msg(got));
-                        got += 1;
-                        if got <= N {
-                            while tx.try_send(&m) == Err(ChannelError::Full) {
-                                std::hint::spin_loop();
-                            }
-                        }
-                    }
-                    Ok(None) => std::hint::spin_loop(),
-                    Err(e) => panic!("{e:?}"),
+            for got in 0..2 * N {
+                let m = recv(&mut rx, "echo: waiting for a message");
+                assert_eq!(m, msg(got));
+                if got < N {
+                    send(&mut tx, &m, "echo: waiting for a slot");
                 }
             }
         });
         let (mut tx, mut rx) =
             (Sender::new(ab.ring(SLOTS)), Receiver::new(ba.ring(SLOTS), SLOTS / 4));
         for i in 0..N {
-            tx.try_send(&msg(i)).unwrap();
-            let m = loop {
-                if let Some(m) = rx.try_recv().unwrap() {
-                    break m;
-                }
-                std::hint::spin_loop();
-            };
-            assert_eq!(m, msg(i));
+            send(&mut tx, &msg(i), "main: waiting for a slot");
+            assert_eq!(recv(&mut rx, "main: waiting for the echo"), msg(i));
         }
         for i in N..2 * N {
-            while tx.try_send(&msg(i)) == Err(ChannelError::Full) {
-                std::hint::spin_loop();
+            send(&mut tx, &msg(i), "main: waiting for a slot (stream)");
+        }
+        join_within(echo, "main: waiting for the echo thread to end");
+        assert_eq!((tx.sent(), rx.received()), (2 * N, N));
+    }
+
+    /// A control word that changes while the payload is being copied is reported as torn
+    /// (never as a message nor as corruption of the slot's value itself): one thread keeps
+    /// flipping slot 0 between the expected value and garbage while receivers read it.
+    #[test]
+    fn a_control_word_changing_during_the_copy_is_torn() {
+        let st: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+        let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        st.slot(0).control.store(1, Ordering::Relaxed);
+        let flipper = std::thread::spawn(move || {
+            let mut spins = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Each value stays a while, about as long as a receiver's copy.
+                for v in [0x7777, 1] {
+                    st.slot(0).control.store(v, Ordering::Relaxed);
+                    (0..4).for_each(|_| std::hint::spin_loop());
+                }
+                spins += 1;
+                if spins.is_multiple_of(4096) {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        // Stops the flipper however this test ends.
+        struct Stop(&'static AtomicBool);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
             }
         }
-        echo.join().unwrap();
+        let stopper = Stop(stop);
+        // No yielding here: a torn read needs both threads on a core at once, and a reader
+        // that gives its core up whenever it fails would rarely be running (on a loaded
+        // machine, for seconds). It takes milliseconds; the limit is for a broken ring.
+        let (start, limit) = (Instant::now(), Duration::from_secs(10));
+        for tries in 1u64.. {
+            // A fresh receiver each time, so it always expects message 0 in slot 0.
+            match Receiver::new(st.ring(4), 1).try_recv() {
+                Err(ChannelError::Torn { slot: 0 }) => break,
+                Ok(Some(_))
+                | Err(ChannelError::Corrupt { slot: 0, expected: 1, found: 0x7777 }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            if tries.is_multiple_of(4096) {
+                assert!(start.elapsed() < limit, "no torn read in {tries} tries ({limit:?})");
+            }
+        }
+        drop(stopper);
+        join_within(flipper, "waiting for the flipper");
     }
 
     #[derive(Debug, Clone)]
@@ -484,10 +803,13 @@ mod tests {
                         if word == 7 { st.slot(slot).control.store(v, Ordering::Relaxed); }
                     }
                 }
-                while let Ok(Some(m)) = rx.try_recv() {
-                    // Control words are guarded; payload words are the application's to check.
-                    let _ = m;
-                    next_expected += 1;
+                // Bounded: a receiver handing out phantoms forever fails here, not hangs.
+                // Control words are guarded; payload words are the application's to check.
+                for _ in 0..=tx.sent() - next_expected {
+                    match rx.try_recv() {
+                        Ok(Some(_)) => next_expected += 1,
+                        _ => break,
+                    }
                 }
                 prop_assert!(next_expected <= tx.sent());
             }

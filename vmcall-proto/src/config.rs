@@ -11,6 +11,7 @@
 //! and reference) before handing out any of it; the hypervisor uses nothing else.
 
 use crate::fixed;
+use crate::guest::MAX_CHANNELS_PER_GUEST;
 use core::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -81,8 +82,14 @@ pub enum BlobError {
     TooShort,
     BadMagic,
     BadVersion(u32),
-    BadLength { header: u32, actual: usize },
-    BadChecksum { header: u32, computed: u32 },
+    BadLength {
+        header: u32,
+        actual: usize,
+    },
+    BadChecksum {
+        header: u32,
+        computed: u32,
+    },
     TooMany(&'static str),
     NoGuests,
     BadName(&'static str, usize),
@@ -93,6 +100,8 @@ pub enum BlobError {
     SharedCore(usize),
     BadEndpoint(usize),
     BadSlots(usize),
+    /// A guest is an endpoint of more channels than its boot-info table holds.
+    GuestChannels(usize),
     BadGrantGuest(usize),
 }
 
@@ -118,6 +127,9 @@ impl fmt::Display for BlobError {
             BadEndpoint(i) => write!(f, "channel {i}: endpoint is not another guest"),
             BadSlots(i) => {
                 write!(f, "channel {i}: slots must be a power of two in 1..={MAX_SLOTS}")
+            }
+            GuestChannels(i) => {
+                write!(f, "guest {i}: endpoint of more than {MAX_CHANNELS_PER_GUEST} channels")
             }
             BadGrantGuest(i) => write!(f, "grant {i}: unknown guest"),
         }
@@ -270,6 +282,12 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         }
         if e.slots == 0 || e.slots > MAX_SLOTS || !e.slots.is_power_of_two() {
             return Err(BadSlots(i));
+        }
+    }
+    for i in 0..g {
+        let ends = cfg.channels().filter(|e| e.a as usize == i || e.b as usize == i).count();
+        if ends > MAX_CHANNELS_PER_GUEST {
+            return Err(GuestChannels(i));
         }
     }
     for (i, e) in cfg.grants().enumerate() {
@@ -439,6 +457,407 @@ mod tests {
         g2[0].name[3] = b' ';
         assert_eq!(parse(&blob(&g2, &c, &r)).unwrap_err(), BlobError::BadName("guest", 0));
         assert_eq!(parse(&blob(&[], &[], &[])).unwrap_err(), BlobError::NoGuests);
+    }
+
+    fn guests(n: usize) -> Vec<GuestEntry> {
+        (0..n).map(|i| guest_entry(&format!("g{i}"), "hello", "", i as u32, 4).unwrap()).collect()
+    }
+
+    fn chan(name: &str, a: u16, b: u16, slots: u32) -> ChannelEntry {
+        ChannelEntry { name: fixed::put(name).unwrap(), a, b, slots, _reserved: [0; 8] }
+    }
+
+    fn grant(name: &str, guest: u16, memory_mib: u32) -> GrantEntry {
+        let name = fixed::put(name).unwrap();
+        GrantEntry { name, guest, _reserved0: 0, memory_mib, _reserved: [0; 8] }
+    }
+
+    /// Recomputes the checksum after a test edited the blob.
+    fn reseal(b: &mut [u8]) {
+        let sum = checksum(b);
+        b[16..20].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    fn parsed(g: &[GuestEntry], c: &[ChannelEntry], r: &[GrantEntry]) -> Result<(), BlobError> {
+        parse(&blob(g, c, r)).map(|_| ())
+    }
+
+    /// FNV-1a, 32-bit, written out from its definition.
+    fn fnv1a(bytes: &[u8]) -> u32 {
+        bytes.iter().fold(2_166_136_261u32, |h, &b| (h ^ b as u32).wrapping_mul(16_777_619))
+    }
+
+    #[test]
+    fn checksum_is_fnv1a_with_the_checksum_field_read_as_zero() {
+        assert_eq!(core::mem::offset_of!(Header, checksum), 16);
+        // Published FNV-1a test vectors (no byte falls in the checksum field).
+        assert_eq!(checksum(b""), 0x811c_9dc5);
+        assert_eq!(checksum(b"a"), 0xe40c_292c);
+        assert_eq!(checksum(b"foobar"), 0xbf9c_f968);
+        let bytes: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+        let mut zeroed = bytes.clone();
+        zeroed[16..20].fill(0);
+        assert_eq!(checksum(&bytes), fnv1a(&zeroed));
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x5a;
+            let in_field = (16..20).contains(&i);
+            assert_eq!(checksum(&b) == checksum(&bytes), in_field, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn header_fields_are_checked_in_order() {
+        let (g, c, r) = sample();
+        let good = blob(&g, &c, &r);
+        let len = good.len();
+        assert_eq!(len, blob_len(2, 1, 1));
+        assert_eq!(len, 32 + 2 * 208 + 48 + 48);
+        assert_eq!(u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize, len);
+        assert_eq!(parse(&good[..31]).unwrap_err(), BlobError::TooShort);
+        assert_eq!(parse(&[]).unwrap_err(), BlobError::TooShort);
+        for i in 0..8 {
+            let mut b = good.clone();
+            b[i] ^= 0x20;
+            assert_eq!(parse(&b).unwrap_err(), BlobError::BadMagic, "magic byte {i}");
+        }
+        for v in [0, 2, u32::MAX] {
+            let mut b = good.clone();
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(parse(&b).unwrap_err(), BlobError::BadVersion(v));
+        }
+        // The length field against the bytes handed over: short, long, or edited.
+        let header = len as u32;
+        assert_eq!(
+            parse(&good[..len - 1]).unwrap_err(),
+            BlobError::BadLength { header, actual: len - 1 }
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(parse(&long).unwrap_err(), BlobError::BadLength { header, actual: len + 1 });
+        let mut b = good.clone();
+        b[12..16].copy_from_slice(&(header + 48).to_le_bytes());
+        assert_eq!(
+            parse(&b).unwrap_err(),
+            BlobError::BadLength { header: header + 48, actual: len }
+        );
+        // The checksum covers every byte, the header included.
+        let stored = u32::from_le_bytes(good[16..20].try_into().unwrap());
+        for i in (0..len).filter(|i| !(16..20).contains(i) && !(8..16).contains(i)) {
+            let mut b = good.clone();
+            b[i] ^= 0x01;
+            let computed = checksum(&b);
+            let want = if i < 8 {
+                BlobError::BadMagic
+            } else {
+                BlobError::BadChecksum { header: stored, computed }
+            };
+            assert_eq!(parse(&b).unwrap_err(), want, "byte {i}");
+        }
+        let mut b = good.clone();
+        b[16] ^= 1;
+        let header = stored ^ 1;
+        assert_eq!(parse(&b).unwrap_err(), BlobError::BadChecksum { header, computed: stored });
+    }
+
+    #[test]
+    fn counts_must_match_the_length() {
+        let (g, c, r) = sample();
+        let good = blob(&g, &c, &r);
+        // (offset of the count, value): each disagrees with the 2/1/1 entries present.
+        for (at, n, counts) in
+            [(20, 3u16, (3, 1, 1)), (20, 1, (1, 1, 1)), (22, 2, (2, 2, 1)), (24, 0, (2, 1, 0))]
+        {
+            let mut b = good.clone();
+            b[at..at + 2].copy_from_slice(&n.to_le_bytes());
+            reseal(&mut b);
+            let actual = blob_len(counts.0, counts.1, counts.2);
+            assert_eq!(
+                parse(&b).unwrap_err(),
+                BlobError::BadLength { header: good.len() as u32, actual },
+                "count at {at} = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn table_limits() {
+        assert_eq!((MAX_GUESTS, MAX_CHANNELS, MAX_GRANTS), (64, 256, 256));
+        let g = guests(64);
+        assert_eq!(parsed(&g, &[], &[]), Ok(()));
+        assert_eq!(parsed(&guests(65), &[], &[]), Err(BlobError::TooMany("guests")));
+        // 256 channels spread over 64 guests (8 each), then one more.
+        let ring = |k: usize| chan(&format!("c{k}"), (k % 64) as u16, ((k + 1) % 64) as u16, 1);
+        let c: Vec<_> = (0..256).map(ring).collect();
+        assert_eq!(parsed(&g, &c, &[]), Ok(()));
+        let c: Vec<_> = (0..257).map(ring).collect();
+        assert_eq!(parsed(&g, &c, &[]), Err(BlobError::TooMany("channels")));
+        let r: Vec<_> = (0..256).map(|k| grant(&format!("r{k}"), (k % 64) as u16, 2)).collect();
+        assert_eq!(parsed(&g, &[], &r), Ok(()));
+        let r: Vec<_> = (0..257).map(|k| grant(&format!("r{k}"), (k % 64) as u16, 2)).collect();
+        assert_eq!(parsed(&g, &[], &r), Err(BlobError::TooMany("grants")));
+        assert_eq!(parsed(&[], &[], &[]), Err(BlobError::NoGuests));
+        assert_eq!(parsed(&guests(1), &[], &[]), Ok(()));
+    }
+
+    #[test]
+    fn at_most_sixteen_channels_per_guest() {
+        assert_eq!(MAX_CHANNELS_PER_GUEST, 16);
+        let g = guests(20);
+        // Guest 0 is `a` of 16 channels, guest 19 is `b` of 16: the limit itself is fine.
+        let mut c: Vec<_> = (1..=16).map(|k| chan(&format!("a{k}"), 0, k as u16, 1)).collect();
+        c.extend((1..=16).map(|k| chan(&format!("b{k}"), k as u16 + 1, 19, 1)));
+        assert_eq!(parsed(&g, &c, &[]), Ok(()));
+        let mut more = c.clone();
+        more.push(chan("a17", 0, 17, 1));
+        assert_eq!(parsed(&g, &more, &[]), Err(BlobError::GuestChannels(0)));
+        let mut more = c.clone();
+        more.push(chan("b17", 0, 19, 1));
+        // Guest 0 now has 17 too; the first guest over the limit is reported.
+        assert_eq!(parsed(&g, &more, &[]), Err(BlobError::GuestChannels(0)));
+        let mut more = c;
+        more.push(chan("b17", 18, 19, 1));
+        assert_eq!(parsed(&g, &more, &[]), Err(BlobError::GuestChannels(19)));
+    }
+
+    #[test]
+    fn guest_memory_bounds() {
+        assert_eq!((MIN_GUEST_MIB, MAX_GUEST_MIB), (4, 1024));
+        for (mib, ok) in [
+            (0, false),
+            (2, false),
+            (3, false),
+            (4, true),
+            (5, false),
+            (6, true),
+            (1022, true),
+            (1023, false),
+            (1024, true),
+            (1026, false),
+            (u32::MAX, false),
+        ] {
+            let mut g = guests(2);
+            g[1].memory_mib = mib;
+            let want = if ok { Ok(()) } else { Err(BlobError::BadMemory("guest", 1)) };
+            assert_eq!(parsed(&g, &[], &[]), want, "{mib} MiB");
+        }
+    }
+
+    #[test]
+    fn names_workloads_and_args() {
+        for good in ["a", "A-z_09", "x-", "_", "n".repeat(32).as_str()] {
+            assert!(valid_name(good), "{good:?}");
+        }
+        for bad in ["", " ", "a b", "a.b", "a/b", "é", "a\n", "a:b"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        // Each table's name field: empty, a bad character, junk after the NUL, not UTF-8.
+        let spoil: [fn(&mut [u8; 32]); 4] =
+            [|n| *n = [0; 32], |n| n[0] = b'.', |n| n[10] = b'x', |n| n[0] = 0xff];
+        for s in spoil {
+            let mut g = guests(3);
+            s(&mut g[2].name);
+            assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadName("guest", 2)));
+            let mut c = vec![chan("c0", 0, 1, 1), chan("c1", 1, 2, 1)];
+            s(&mut c[1].name);
+            assert_eq!(parsed(&guests(3), &c, &[]), Err(BlobError::BadName("channel", 1)));
+            let mut r = vec![grant("r0", 0, 2), grant("r1", 1, 2)];
+            s(&mut r[1].name);
+            assert_eq!(parsed(&guests(3), &[], &r), Err(BlobError::BadName("grant", 1)));
+            let mut g = guests(3);
+            s(&mut g[1].workload);
+            assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadWorkload(1)));
+        }
+        // A 32-byte name needs no NUL.
+        let mut g = guests(2);
+        g[1].name = [b'n'; 32];
+        assert_eq!(parsed(&g, &[], &[]), Ok(()));
+        // Arguments are free text, but NUL-padded UTF-8.
+        let mut g = guests(2);
+        g[1].args = fixed::put("n=5 flag=true word=x-y").unwrap();
+        assert_eq!(parsed(&g, &[], &[]), Ok(()));
+        g[1].args[100] = b'x';
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadArgs(1)));
+        g[1].args = [0; 128];
+        g[1].args[0] = 0xc3;
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadArgs(1)));
+    }
+
+    #[test]
+    fn names_and_cores_are_unique() {
+        let mut g = guests(3);
+        g[2].name = g[0].name;
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::DuplicateName("guest", 2)));
+        let mut g = guests(3);
+        g[2].core = 0;
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::SharedCore(2)));
+        let mut g = guests(3);
+        g[1].core = 7;
+        g[2].core = 7;
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::SharedCore(2)));
+        let c = [chan("x", 0, 1, 1), chan("y", 1, 2, 1), chan("x", 0, 2, 1)];
+        assert_eq!(parsed(&guests(3), &c, &[]), Err(BlobError::DuplicateName("channel", 2)));
+        let r = [grant("x", 0, 2), grant("y", 1, 2), grant("x", 2, 2)];
+        assert_eq!(parsed(&guests(3), &[], &r), Err(BlobError::DuplicateName("grant", 2)));
+        // The tables are separate name spaces.
+        let (c, r) = ([chan("g0", 0, 1, 1)], [grant("g0", 0, 2)]);
+        assert_eq!(parsed(&guests(3), &c, &r), Ok(()));
+    }
+
+    #[test]
+    fn channel_endpoints_and_slots() {
+        let g = guests(3);
+        for (a, b, ok) in
+            [(0, 2, true), (2, 0, true), (3, 0, false), (0, 3, false), (1, 1, false), (9, 9, false)]
+        {
+            let c = [chan("ok", 0, 1, 1), chan("c", a, b, 1)];
+            let want = if ok { Ok(()) } else { Err(BlobError::BadEndpoint(1)) };
+            assert_eq!(parsed(&g, &c, &[]), want, "{a} - {b}");
+        }
+        assert_eq!(MAX_SLOTS, 4096);
+        for (slots, ok) in [
+            (0, false),
+            (1, true),
+            (2, true),
+            (3, false),
+            (64, true),
+            (96, false),
+            (4096, true),
+            (4095, false),
+            (8192, false),
+            (1 << 31, false),
+        ] {
+            let c = [chan("ok", 0, 1, 1), chan("c", 1, 2, slots)];
+            let want = if ok { Ok(()) } else { Err(BlobError::BadSlots(1)) };
+            assert_eq!(parsed(&g, &c, &[]), want, "{slots} slots");
+        }
+    }
+
+    #[test]
+    fn grant_guests_and_sizes() {
+        assert_eq!(MAX_GRANT_MIB, 1024);
+        let g = guests(3);
+        assert_eq!(parsed(&g, &[], &[grant("ok", 0, 2), grant("r", 2, 2)]), Ok(()));
+        assert_eq!(
+            parsed(&g, &[], &[grant("ok", 0, 2), grant("r", 3, 2)]),
+            Err(BlobError::BadGrantGuest(1))
+        );
+        for (mib, ok) in [
+            (0, false),
+            (1, false),
+            (2, true),
+            (3, false),
+            (1022, true),
+            (1023, false),
+            (1024, true),
+            (1025, false),
+            (1026, false),
+            (u32::MAX, false),
+        ] {
+            let r = [grant("ok", 0, 2), grant("r", 1, mib)];
+            let want = if ok { Ok(()) } else { Err(BlobError::BadMemory("grant", 1)) };
+            assert_eq!(parsed(&g, &[], &r), want, "{mib} MiB");
+        }
+    }
+
+    #[test]
+    fn every_entry_reads_back_as_written() {
+        let g: Vec<_> = (0..3)
+            .map(|i| {
+                let args = format!("n={i}");
+                guest_entry(&format!("guest{i}"), "spin", &args, 2 - i, 4 + 2 * i).unwrap()
+            })
+            .collect();
+        let c = [chan("c0", 0, 1, 1), chan("c1", 1, 2, 2), chan("c2", 2, 0, 4)];
+        let r = [grant("r0", 2, 2), grant("r1", 0, 6)];
+        let b = blob(&g, &c, &r);
+        let cfg = parse(&b).unwrap();
+        assert_eq!(cfg.guest_count(), 3);
+        assert_eq!(cfg.header.guest_count, 3);
+        assert_eq!(cfg.header.channel_count, 3);
+        assert_eq!(cfg.header.grant_count, 2);
+        assert_eq!(cfg.header.length as usize, b.len());
+        for (i, e) in cfg.guests().enumerate() {
+            assert_eq!(e.as_bytes(), g[i].as_bytes());
+            assert_eq!(cfg.guest(i).as_bytes(), g[i].as_bytes());
+        }
+        assert_eq!(cfg.guests().count(), 3);
+        for (i, e) in cfg.channels().enumerate() {
+            assert_eq!(e.as_bytes(), c[i].as_bytes());
+            assert_eq!(cfg.channel(i).as_bytes(), c[i].as_bytes());
+        }
+        assert_eq!(cfg.channels().count(), 3);
+        let got: Vec<_> = cfg.grants().map(|e| e.as_bytes().to_vec()).collect();
+        assert_eq!(got, r.iter().map(|e| e.as_bytes().to_vec()).collect::<Vec<_>>());
+        // The layout: header, guests, channels, grants, back to back.
+        assert_eq!(&b[32..32 + 208], g[0].as_bytes());
+        assert_eq!(&b[32 + 3 * 208..32 + 3 * 208 + 48], c[0].as_bytes());
+        assert_eq!(&b[b.len() - 48..], r[1].as_bytes());
+    }
+
+    #[test]
+    fn encode_refuses_a_wrong_buffer_or_counts_past_u16() {
+        let (g, c, r) = sample();
+        let len = blob_len(2, 1, 1);
+        for wrong in [0, len - 1, len + 1] {
+            let mut out = vec![0; wrong];
+            assert_eq!(encode(&g, &c, &r, &mut out), None, "{wrong} bytes");
+        }
+        let mut out = vec![0xaa; len];
+        assert_eq!(encode(&g, &c, &r, &mut out), Some(()));
+        assert_eq!(out, blob(&g, &c, &r), "every byte is written");
+        // u16::MAX entries fit the header's counts; one more does not.
+        let max = u16::MAX as usize;
+        for n in [max, max + 1] {
+            let fits = n == max;
+            let gs = vec![g[0]; n];
+            let mut out = vec![0; blob_len(n, 0, 0)];
+            assert_eq!(encode(&gs, &[], &[], &mut out).is_some(), fits, "{n} guests");
+            let cs = vec![c[0]; n];
+            let mut out = vec![0; blob_len(1, n, 0)];
+            assert_eq!(encode(&g[..1], &cs, &[], &mut out).is_some(), fits, "{n} channels");
+            let rs = vec![r[0]; n];
+            let mut out = vec![0; blob_len(1, 0, n)];
+            assert_eq!(encode(&g[..1], &[], &rs, &mut out).is_some(), fits, "{n} grants");
+        }
+    }
+
+    #[test]
+    fn guest_entry_refuses_what_does_not_fit() {
+        let e = guest_entry("n", "w", "a=1", 3, 8).unwrap();
+        assert_eq!((fixed::get(&e.name), fixed::get(&e.workload)), (Some("n"), Some("w")));
+        assert_eq!((fixed::get(&e.args), e.core, e.memory_mib), (Some("a=1"), 3, 8));
+        let (n32, n33) = ("n".repeat(32), "n".repeat(33));
+        assert!(guest_entry(&n32, &n32, &"a".repeat(128), 0, 4).is_some());
+        assert!(guest_entry(&n33, "w", "", 0, 4).is_none());
+        assert!(guest_entry("n", &n33, "", 0, 4).is_none());
+        assert!(guest_entry("n", "w", &"a".repeat(129), 0, 4).is_none());
+    }
+
+    #[test]
+    fn errors_say_what_and_where() {
+        let cases = [
+            (BlobError::TooShort, "shorter than its header"),
+            (BlobError::BadMagic, "bad magic"),
+            (BlobError::BadVersion(7), "version 7, expected 1"),
+            (BlobError::BadLength { header: 9, actual: 8 }, "length field 9 but 8 bytes"),
+            (BlobError::BadChecksum { header: 1, computed: 2 }, "0x00000001, computed 0x00000002"),
+            (BlobError::TooMany("guests"), "too many guests"),
+            (BlobError::NoGuests, "no guests"),
+            (BlobError::BadName("channel", 3), "channel 3: bad name"),
+            (BlobError::DuplicateName("grant", 4), "grant 4: duplicate name"),
+            (BlobError::BadWorkload(5), "guest 5: bad workload"),
+            (BlobError::BadArgs(6), "guest 6: bad arguments"),
+            (BlobError::BadMemory("grant", 7), "grant 7: memory size"),
+            (BlobError::SharedCore(8), "guest 8: core already taken"),
+            (BlobError::BadEndpoint(9), "channel 9: endpoint"),
+            (BlobError::BadSlots(10), "channel 10: slots must be a power of two in 1..=4096"),
+            (BlobError::GuestChannels(11), "guest 11: endpoint of more than 16 channels"),
+            (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
+        ];
+        for (e, text) in cases {
+            assert!(e.to_string().contains(text), "{e:?}: {e}");
+        }
     }
 
     proptest! {

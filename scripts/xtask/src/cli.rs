@@ -23,6 +23,31 @@ pub enum Command {
     Test(TestArgs),
     /// Benchmarks that print tables (not pass/fail tests).
     Bench(BenchArgs),
+    /// Mutation testing (cargo-mutants) of the files that guard isolation: a table per file,
+    /// failing under a threshold. Slow; not part of `test`.
+    Mutants(MutantsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MutantsArgs {
+    /// A source file to mutate, relative to the workspace root (repeat for several; default:
+    /// caps.rs, channel.rs and config.rs of vmcall-proto, exits.rs and ept.rs of the
+    /// hypervisor).
+    #[arg(long = "file", value_name = "PATH")]
+    pub files: Vec<String>,
+    /// Fail if a file has fewer than this percentage of its viable mutants caught.
+    #[arg(long, default_value_t = 90.0, value_parser = percent)]
+    pub min: f64,
+    /// Mutants built and tested at once (each in its own copy of the tree).
+    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{s}` is not a percentage in 0..=100")),
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -191,6 +216,27 @@ mod tests {
         assert!(run_args(&["--frobnicate"]).is_err());
         assert!(run_args(&["--no-config", "--config", "x.toml"]).is_err());
         assert!(Cli::try_parse_from(["cargo xtask"]).is_err());
+    }
+
+    #[test]
+    fn mutants_arguments() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["cargo xtask", "mutants"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v)?.command {
+                Command::Mutants(m) => Ok::<_, clap::Error>(m),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        let m = parse(&[]).unwrap();
+        assert!(m.files.is_empty());
+        assert_eq!((m.min, m.jobs), (90.0, 1));
+        let m = parse(&["--file", "a.rs", "--file", "b.rs", "--min", "75.5", "-j", "2"]).unwrap();
+        assert_eq!(m.files, ["a.rs", "b.rs"]);
+        assert_eq!((m.min, m.jobs), (75.5, 2));
+        for bad in [&["--min", "101"][..], &["--min", "-1"], &["--min", "x"], &["-j", "0"]] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -120,6 +120,7 @@ fn main() -> ExitCode {
                 xtask::bench::caps(json.as_deref()).map(|()| true)
             }
         },
+        Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
