@@ -25,6 +25,8 @@ pub const MIN_GUEST_MIB: u32 = (crate::guest::MIN_PARTITION >> 20) as u32;
 pub const MAX_GUEST_MIB: u32 = (crate::guest::MAX_PARTITION >> 20) as u32;
 pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
+/// Grants one guest may receive (they become its first capability slots).
+pub const MAX_GRANTS_PER_GUEST: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -103,6 +105,8 @@ pub enum BlobError {
     /// A guest is an endpoint of more channels than its boot-info table holds.
     GuestChannels(usize),
     BadGrantGuest(usize),
+    /// A guest receives more grants than the capability slots set aside for them.
+    GuestGrants(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -132,6 +136,7 @@ impl fmt::Display for BlobError {
                 write!(f, "guest {i}: endpoint of more than {MAX_CHANNELS_PER_GUEST} channels")
             }
             BadGrantGuest(i) => write!(f, "grant {i}: unknown guest"),
+            GuestGrants(i) => write!(f, "guest {i}: more than {MAX_GRANTS_PER_GUEST} grants"),
         }
     }
 }
@@ -302,6 +307,11 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         }
         if e.memory_mib == 0 || e.memory_mib > MAX_GRANT_MIB || e.memory_mib % 2 != 0 {
             return Err(BadMemory("grant", i));
+        }
+    }
+    for i in 0..g {
+        if cfg.grants().filter(|e| e.guest as usize == i).count() > MAX_GRANTS_PER_GUEST {
+            return Err(GuestGrants(i));
         }
     }
     Ok(cfg)
@@ -598,6 +608,18 @@ mod tests {
         assert_eq!(parsed(&g, &[], &r), Err(BlobError::TooMany("grants")));
         assert_eq!(parsed(&[], &[], &[]), Err(BlobError::NoGuests));
         assert_eq!(parsed(&guests(1), &[], &[]), Ok(()));
+    }
+
+    #[test]
+    fn at_most_eight_grants_per_guest() {
+        assert_eq!(MAX_GRANTS_PER_GUEST, 8);
+        let g = guests(3);
+        let r: Vec<_> = (0..8).map(|k| grant(&format!("r{k}"), 2, 2)).collect();
+        assert_eq!(parsed(&g, &[], &r), Ok(()));
+        let mut more = r.clone();
+        more.push(grant("r8", 2, 2));
+        assert_eq!(parsed(&g, &[], &more), Err(BlobError::GuestGrants(2)));
+        assert_eq!(BlobError::GuestGrants(2).to_string(), "guest 2: more than 8 grants");
     }
 
     #[test]

@@ -41,8 +41,8 @@ pub struct Launch {
     pub grant_count: usize,
 }
 
-/// Grants one guest can receive from the config.
-pub const MAX_GRANTS_PER_GUEST: usize = 8;
+/// Grants one guest can receive from the config (checked in the blob).
+pub use vmcall_proto::config::MAX_GRANTS_PER_GUEST;
 
 /// One channel endpoint: what the guest is told, and where its window's memory is.
 #[derive(Clone, Copy, Debug)]

@@ -340,6 +340,20 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             );
         }
     }
+    for (gi, g) in config.guests.iter().enumerate() {
+        let n = config.grants.iter().filter(|gr| gr.guest.get_ref() == g.name.get_ref()).count();
+        if n > blob::MAX_GRANTS_PER_GUEST {
+            errs.at(
+                g.name.span(),
+                format!("guest[{gi}].name"),
+                format!(
+                    "`{}` receives {n} grants; at most {}",
+                    g.name.get_ref(),
+                    blob::MAX_GRANTS_PER_GUEST
+                ),
+            );
+        }
+    }
     for (i, g) in config.grants.iter().enumerate() {
         let f = |k: &str| format!("grant[{i}].{k}");
         let name = g.name.get_ref();
@@ -539,6 +553,19 @@ memory_mib = 4
         assert!(e.message.contains("unknown guest `gamma`"));
         let e = one_error(&GOOD.replace("guest = \"beta\"", "guest = \"delta\""));
         assert_eq!((e.line, e.field.as_str()), (26, "grant[0].guest"));
+    }
+
+    #[test]
+    fn at_most_eight_grants_per_guest() {
+        let grants = |n: usize| {
+            (0..n)
+                .map(|k| format!("[[grant]]\nname = \"g{k}\"\nguest = \"beta\"\nmemory_mib = 2\n"))
+                .collect::<String>()
+        };
+        assert!(compile("t.toml", &format!("{GOOD}{}", grants(7))).is_ok(), "eight is fine");
+        let e = one_error(&format!("{GOOD}{}", grants(8)));
+        assert_eq!((e.line, e.field.as_str()), (13, "guest[1].name"));
+        assert!(e.message.contains("`beta` receives 9 grants; at most 8"), "{e}");
     }
 
     #[test]
