@@ -595,4 +595,10 @@ fn poll_serves_every_waiting_message_and_counts_them() {
         env.1.iter().map(|(to, m)| (*to as u64, m[0] & 0xff, m[1])).collect();
     assert_eq!(replies, [(0, proto::op::REVOKE_REPLY, 0); 3]);
     assert_eq!(core.stats.requests_from[0], 3);
+    // A stray reply is no request; a message from beyond the last core is ignored.
+    let reply = [proto::op::REVOKE_REPLY | 9 << 32, 1, 0, 0, 0, 0, 0];
+    let mut env = Inbox([(0, reply), (MAX_PEERS, revoke(4))].into_iter().collect(), vec![]);
+    assert_eq!(core.poll(&mut env), 2);
+    assert_eq!(core.stats.requests_from[0], 3, "replies are not counted as requests");
+    assert!(env.1.is_empty(), "nothing answered");
 }
