@@ -8,6 +8,7 @@ pub mod bench;
 pub mod build;
 pub mod cli;
 pub mod config;
+pub mod exit;
 pub mod report;
 pub mod run;
 pub mod setup;

@@ -107,10 +107,7 @@ fn main() -> ExitCode {
             println!("{}", iso.display());
             Ok(true)
         })(),
-        Cmd::Run(r) => xtask::run::run(r).map(|report| {
-            eprint!("{}", xtask::run::summary(&report));
-            report.outcome == "ok"
-        }),
+        Cmd::Run(r) => return xtask::run::command(r),
         Cmd::Test(t) => test(t),
         Cmd::Bench(b) => match &b.what {
             xtask::cli::BenchWhat::Channels { json } => {
@@ -124,9 +121,6 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("xtask: error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => xtask::exit::report_error(&e),
     }
 }

@@ -5,10 +5,12 @@
 use crate::cli::{Emulator, RunArgs};
 use crate::report::{Console, Phase, Report};
 use anyhow::{bail, Context, Result};
+use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Default Bochs CPU model: has EPT, VPID, unrestricted guest (see shared/EMULATORS.md).
@@ -78,7 +80,98 @@ fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String 
     )
 }
 
-fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
+/// Set by SIGINT, SIGTERM or SIGHUP (see [`catch_interrupts`]); the run loop stops on it.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process groups of the emulators running now, for the signal handler and the panic hook.
+static GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Kills every running emulator's whole process group (SIGKILL: Bochs ignores SIGTERM).
+pub fn kill_all_emulators() {
+    let groups = GROUPS.lock().map(|g| g.clone()).unwrap_or_default();
+    for pgid in groups {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// For the `cargo xtask` process only (not for the library users, whose test harness owns
+/// the signals): SIGINT, SIGTERM and SIGHUP end the run in progress as `interrupted` (the
+/// loop kills the emulator and writes the report); a second signal kills the emulators and
+/// exits at once. A panic kills the emulators too (release builds abort, so no `Drop` runs).
+pub fn catch_interrupts() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            kill_all_emulators();
+            std::process::exit(crate::exit::INTERRUPTED.into());
+        }
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        kill_all_emulators();
+        previous(info);
+    }));
+    Ok(())
+}
+
+/// A running emulator in its own process group (so a terminal's Ctrl-C reaches only
+/// xtask, and every process it starts can be killed at once). Dropping it kills the group
+/// and reaps it, whichever way the run ends: normal end, timeout, signal, error, unwinding.
+struct EmulatorProcess {
+    child: Box<dyn ChildWrapper>,
+    pgid: u32,
+}
+
+impl EmulatorProcess {
+    fn start(cmd: Command) -> std::io::Result<Self> {
+        let mut wrap = CommandWrap::from(cmd);
+        wrap.wrap(ProcessGroup::leader());
+        // Registered before the child can run long: the lock is held across the spawn so a
+        // signal handler that kills all groups cannot miss it.
+        let mut groups = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
+        let child = wrap.spawn()?;
+        // The leader's pid is the group id.
+        let pgid = child.id();
+        groups.push(pgid);
+        Ok(EmulatorProcess { child, pgid })
+    }
+
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for EmulatorProcess {
+    fn drop(&mut self) {
+        // Whatever is still in the group goes, even after the leader has exited.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pgid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+        if let Ok(mut g) = GROUPS.lock() {
+            g.retain(|&p| p != self.pgid);
+        }
+    }
+}
+
+fn spawn(
+    args: &RunArgs,
+    m: &Machine,
+    iso: &Path,
+    dir: &Path,
+    model: &str,
+) -> Result<EmulatorProcess> {
     let out = std::fs::File::create(dir.join("emulator.out"))?;
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
@@ -117,7 +210,7 @@ fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Re
         }
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
-    cmd.spawn().with_context(|| format!("cannot start {}", args.emulator.name()))
+    EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
 /// The emulated machine: CPUs and memory.
@@ -211,6 +304,10 @@ impl Printer {
 /// Boots the image described by `args` and returns the report (also written to
 /// `args.report` when given). Fails only when the run could not be attempted at all.
 pub fn run(args: &RunArgs) -> Result<Report> {
+    // Found now rather than after a boot of several minutes.
+    if let Some(path) = &args.report {
+        check_writable(path).map_err(|e| crate::exit::coded(crate::exit::REPORT_PATH, e))?;
+    }
     let model = args.cpu_model.clone().unwrap_or_else(|| {
         match args.emulator {
             Emulator::Bochs => DEFAULT_BOCHS_MODEL,
@@ -238,7 +335,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         } else {
             args.config.clone()
         };
-        let c = crate::config::load(&path)?;
+        let c =
+            crate::config::load(&path).map_err(|e| crate::exit::coded(crate::exit::CONFIG, e))?;
         for w in &c.warnings {
             eprintln!("config: warning: {w}");
         }
@@ -270,6 +368,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let mut ended_at: Option<Instant> = None;
     let deadline = started + Duration::from_secs(args.timeout);
     let mut timed_out = false;
+    let mut interrupted = false;
 
     loop {
         let exited = child.try_wait()?.is_some();
@@ -299,16 +398,20 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         if exited {
             break;
         }
-        if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            child.kill();
+        } else if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
             console.problems.push("the emulator did not exit after the end record; killed".into());
-            let _ = child.kill();
+            child.kill();
         } else if Instant::now() > deadline {
             timed_out = true;
-            let _ = child.kill();
+            child.kill();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.wait();
+    let status = child.wait();
+    drop(child);
     if !pending.is_empty() {
         let line = strip_ansi(&String::from_utf8_lossy(&pending));
         let is_record = console.feed(&line);
@@ -316,7 +419,16 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     }
     printer.clear_status();
 
-    let outcome = console.outcome(timed_out);
+    let outcome = if interrupted {
+        console.problems.push(format!(
+            "interrupted by a signal after {:.1} s; the emulator was killed",
+            started.elapsed().as_secs_f64()
+        ));
+        "interrupted".to_string()
+    } else {
+        console.outcome(timed_out)
+    };
+    let _ = status;
     let mut tsc = console.tsc.clone();
     if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
         tsc.hypervisor_boot = b.checked_sub(a);
@@ -351,6 +463,38 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Checks that the report can be written to `path` without leaving anything behind: an
+/// existing file is opened for writing (not truncated), a new one created and removed.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let fail =
+        |e: std::io::Error| anyhow::anyhow!("cannot write the report to {}: {e}", path.display());
+    if path.is_dir() {
+        bail!("cannot write the report to {}: it is a directory", path.display());
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new().write(true).open(path).map_err(fail)?;
+    } else {
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(fail)?;
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// `cargo xtask run`: the run, its summary, and the exit code of its outcome (see
+/// `crate::exit`); signals end it as `interrupted` with the report written.
+pub fn command(args: &RunArgs) -> std::process::ExitCode {
+    if let Err(e) = catch_interrupts() {
+        return crate::exit::report_error(&e);
+    }
+    match run(args) {
+        Ok(report) => {
+            eprint!("{}", summary(&report));
+            std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
+        }
+        Err(e) => crate::exit::report_error(&e),
+    }
 }
 
 /// One-paragraph summary for the end of `cargo xtask run`.
@@ -426,6 +570,32 @@ mod tests {
         assert_eq!(line_core("[we@ird@c1] x"), Some(1));
         assert_eq!(line_core("#mkv core"), None);
         assert_eq!(line_core("[alpha] x"), None);
+    }
+
+    #[test]
+    fn an_unwritable_report_path_stops_the_run_before_anything_else() {
+        // The config does not exist either: the report path must be the first thing checked.
+        let args = RunArgs {
+            report: Some("/nonexistent-dir/r.json".into()),
+            ..RunArgs::quiet(Emulator::Bochs, Some("configs/does-not-exist.toml"))
+        };
+        let e = run(&args).expect_err("an unwritable report path must stop the run");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::REPORT_PATH, "{e:#}");
+        assert!(e.to_string().contains("/nonexistent-dir/r.json"), "{e:#}");
+    }
+
+    #[test]
+    fn report_path_check_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let new = dir.join("new.json");
+        check_writable(&new).unwrap();
+        assert!(!new.exists(), "the check must not leave an empty report");
+        std::fs::write(&new, "keep").unwrap();
+        check_writable(&new).unwrap();
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "keep", "nor truncate an old one");
+        assert!(check_writable(&dir).is_err(), "a directory is not a report file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
