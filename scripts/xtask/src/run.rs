@@ -57,6 +57,112 @@ pub fn kvm_vmx_unavailable() -> Option<String> {
     None
 }
 
+/// The CPU models Bochs 2.7 knows (`bochs -help cpu`); any other name stops it at once.
+pub const BOCHS_MODELS: &[&str] = &[
+    "bx_generic",
+    "pentium",
+    "pentium_mmx",
+    "amd_k6_2_chomper",
+    "p2_klamath",
+    "p3_katmai",
+    "p4_willamette",
+    "core_duo_t2400_yonah",
+    "atom_n270",
+    "p4_prescott_celeron_336",
+    "athlon64_clawhammer",
+    "athlon64_venice",
+    "turion64_tyler",
+    "phenom_8650_toliman",
+    "core2_penryn_t9600",
+    "corei5_lynnfield_750",
+    "corei5_arrandale_m520",
+    "corei7_sandy_bridge_2600k",
+    "zambezi",
+    "trinity_apu",
+    "ryzen",
+    "corei7_ivy_bridge_3770k",
+    "corei7_haswell_4770",
+    "broadwell_ult",
+    "corei7_skylake_x",
+    "corei3_cnl",
+    "corei7_icelake_u",
+    "tigerlake",
+];
+
+/// Bochs 2.7 stops at once with 16 CPUs or more (`register_timer: too many registered
+/// timers`; see shared/EMULATORS.md).
+pub const BOCHS_MAX_CPUS: u32 = 15;
+
+/// What the emulator would reject or misread, found before anything is built: an unknown
+/// Bochs CPU model, more CPUs than Bochs supports, a run directory Bochs cannot name in its
+/// config (its values are quoted, which works for spaces and commas, not for `"`).
+pub fn check_emulator_args(
+    emulator: Emulator,
+    cpus: u32,
+    model: &str,
+    runs_under: &Path,
+) -> std::result::Result<(), String> {
+    if emulator != Emulator::Bochs {
+        return Ok(());
+    }
+    if !BOCHS_MODELS.contains(&model) {
+        return Err(format!(
+            "--cpu-model: Bochs 2.7 has no CPU model `{model}`; it knows {}",
+            BOCHS_MODELS.join(", ")
+        ));
+    }
+    if cpus > BOCHS_MAX_CPUS {
+        return Err(format!(
+            "{cpus} CPUs: Bochs 2.7 supports at most {BOCHS_MAX_CPUS} (at 16 it stops with \
+             `register_timer: too many registered timers`)"
+        ));
+    }
+    let dir = runs_under.display().to_string();
+    if dir.contains(['"', '\n', '\r']) {
+        return Err(format!(
+            "the run directory {dir:?} contains a quote or a line break, which a Bochs config \
+             cannot hold; set CARGO_TARGET_DIR to another directory"
+        ));
+    }
+    Ok(())
+}
+
+/// Why the emulator stopped, in its own words: Bochs' PANIC lines and its exit message, or
+/// else its first error lines, from its log and its console output.
+pub fn emulator_diagnosis(texts: &[&str]) -> Vec<String> {
+    // `00000000000p[SYS   ] >>PANIC<< register_timer: ...` -> `register_timer: ...`
+    fn message(line: &str) -> &str {
+        let rest = line.split_once("] ").map_or(line, |(_, r)| r);
+        rest.trim_start_matches(">>PANIC<<").trim()
+    }
+    let is_level = |line: &str, level: char| {
+        let digits = line.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && line[digits..].starts_with(level) && line[digits + 1..].starts_with('[')
+    };
+    let mut panics = vec![];
+    let mut errors = vec![];
+    for text in texts {
+        for line in text.lines() {
+            let line = line.trim_end();
+            if is_level(line, 'p') || line.contains(">>PANIC<<") {
+                panics.push(format!("Bochs panic: {}", message(line)));
+            } else if is_level(line, 'e') && !line.contains("notify called") {
+                errors.push(format!("Bochs error: {}", message(line)));
+            }
+        }
+    }
+    let mut out = if panics.is_empty() { errors } else { panics };
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|l| seen.insert(l.clone()));
+    out.truncate(4);
+    out
+}
+
+/// A value of a Bochs config line: quoted, so that spaces and commas in paths survive.
+fn bochs_quoted(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
 fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String {
     format!(
         "megs: {megs}\n\
@@ -74,9 +180,9 @@ fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String 
          info: action=report\n\
          debug: action=ignore\n\
          sound: driver=dummy\n",
-        iso = iso.display(),
-        serial = dir.join("serial.txt").display(),
-        log = dir.join("bochs.log").display(),
+        iso = bochs_quoted(iso),
+        serial = bochs_quoted(&dir.join("serial.txt")),
+        log = bochs_quoted(&dir.join("bochs.log")),
     )
 }
 
@@ -349,6 +455,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .unwrap_or(4),
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
     };
+    check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
+        .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
     let images = crate::build::images(args.build.debug)?;
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
@@ -428,7 +536,20 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     } else {
         console.outcome(timed_out)
     };
-    let _ = status;
+    if outcome == outcome_failed() && console.end_outcome.is_none() && !timed_out {
+        // The emulator stopped by itself before the hypervisor ended the run: say why.
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let (log, out) = (read("bochs.log"), read("emulator.out"));
+        let mut why = emulator_diagnosis(&[&log, &out]);
+        if why.is_empty() && args.emulator != Emulator::Bochs {
+            why =
+                out.lines().filter(|l| !l.trim().is_empty()).take(3).map(str::to_string).collect();
+        }
+        if let Some(st) = status {
+            console.problems.push(format!("the emulator exited with {st}"));
+        }
+        console.problems.extend(why);
+    }
     let mut tsc = console.tsc.clone();
     if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
         tsc.hypervisor_boot = b.checked_sub(a);
@@ -495,6 +616,10 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
         }
         Err(e) => crate::exit::report_error(&e),
     }
+}
+
+fn outcome_failed() -> &'static str {
+    vmcall_proto::record::outcome::FAILED
 }
 
 /// One-paragraph summary for the end of `cargo xtask run`.
@@ -585,6 +710,59 @@ mod tests {
     }
 
     #[test]
+    fn emulator_arguments_bochs_cannot_take_are_refused() {
+        let ok = |cpus, model: &str, dir: &str| {
+            check_emulator_args(Emulator::Bochs, cpus, model, Path::new(dir))
+        };
+        assert_eq!(ok(4, "corei7_skylake_x", "/w/target"), Ok(()));
+        assert_eq!(ok(15, "tigerlake", "/my target, with commas"), Ok(()));
+        let e = ok(4, "nonsense", "/w").unwrap_err();
+        assert!(e.contains("no CPU model `nonsense`") && e.contains("tigerlake"), "{e}");
+        let e = ok(16, "tigerlake", "/w").unwrap_err();
+        assert!(e.contains("at most 15"), "{e}");
+        assert!(ok(4, "tigerlake", "/w/\"odd\"").unwrap_err().contains("quote"));
+        // QEMU names its own models; Bochs' limits do not apply.
+        assert_eq!(check_emulator_args(Emulator::Qemu, 16, "max", Path::new("/w")), Ok(()));
+        // Refused before anything is built, with the usage exit code.
+        let args =
+            RunArgs { cpu_model: Some("nonsense".into()), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("an unknown model must not boot");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        let args = RunArgs { cpus: Some(16), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("16 CPUs must not boot in Bochs");
+        assert!(e.to_string().contains("at most 15"), "{e:#}");
+    }
+
+    #[test]
+    fn the_emulators_own_words_name_the_failure() {
+        // Captured from Bochs 2.7: 16 CPUs, an unknown model, a path it could not open.
+        let log16 = "00000000000i[      ] reading configuration\n\
+                     00000000000p[SYS   ] >>PANIC<< register_timer: too many registered timers\n";
+        assert_eq!(
+            emulator_diagnosis(&[log16]),
+            ["Bochs panic: register_timer: too many registered timers"]
+        );
+        let out_model = "00000000000e[      ] rcm:6: wrong value for parameter 'model'\n\
+            00000000000p[      ] >>PANIC<< rcm:6: cpu directive malformed.\n\
+            00000000000e[SIM   ] notify called, but no bxevent_callback function is registered\n\
+            [      ] rcm:6: cpu directive malformed.\n";
+        assert_eq!(
+            emulator_diagnosis(&["", out_model]),
+            ["Bochs panic: rcm:6: cpu directive malformed."]
+        );
+        let log_path =
+            "00000000000e[CD1   ] open cd failed for '/tmp/myiso.iso': No such file or directory\n\
+            00004341935p[BIOS  ] >>PANIC<< No bootable device.\n";
+        assert_eq!(emulator_diagnosis(&[log_path]), ["Bochs panic: No bootable device."]);
+        let errors_only = "00000000000e[CD1   ] open cd failed for '/x': No such file\n";
+        assert_eq!(
+            emulator_diagnosis(&[errors_only]),
+            ["Bochs error: open cd failed for '/x': No such file"]
+        );
+        assert!(emulator_diagnosis(&["plain text\n(0) [0x0] f000:fff0: jmpf\n"]).is_empty());
+    }
+
+    #[test]
     fn report_path_check_leaves_nothing_behind() {
         let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -603,8 +781,13 @@ mod tests {
         let rc = bochsrc(Path::new("/x/m.iso"), Path::new("/x"), 2, "tigerlake", 512);
         assert!(rc.contains("megs: 512\n"));
         assert!(rc.contains("cpu: model=tigerlake, count=2,"));
-        assert!(rc.contains("path=/x/m.iso"));
-        assert!(rc.contains("com1: enabled=1, mode=file, dev=/x/serial.txt"));
+        assert!(rc.contains("path=\"/x/m.iso\""));
+        assert!(rc.contains("com1: enabled=1, mode=file, dev=\"/x/serial.txt\""));
+        assert!(rc.contains("log: \"/x/bochs.log\""));
+        // Bochs drops unquoted spaces from a value: every path is quoted.
+        let rc = bochsrc(Path::new("/my runs/m.iso"), Path::new("/my runs"), 2, "tigerlake", 512);
+        assert!(rc.contains("path=\"/my runs/m.iso\""), "{rc}");
+        assert!(rc.contains("dev=\"/my runs/serial.txt\""), "{rc}");
         assert!(rc.contains("clock: sync=none"));
     }
 }
