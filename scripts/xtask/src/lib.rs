@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod build;
 pub mod cli;
+pub mod cmdline;
 pub mod config;
 pub mod exit;
 pub mod report;

@@ -152,7 +152,12 @@ impl Console {
         }
         let r = match record::parse(line) {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => {
+                if let Some(p) = crate::cmdline::ignored_by_hypervisor(line) {
+                    self.problems.push(p);
+                }
+                return false;
+            }
             Err(e) => {
                 self.problems.push(format!("malformed record ({e:?}): {line}"));
                 return true;
@@ -427,6 +432,18 @@ mkvisor: GRUB is loading the hypervisor
         let mut c = feed("#mkv boot abi=1 tsc=5\n");
         assert_eq!(c.outcome(false), "failed");
         assert_eq!(c.problems.len(), 1);
+    }
+
+    #[test]
+    fn ignored_command_line_words_are_problems() {
+        let c = feed(&RUN_OK.replace(
+            "#mkv cpus",
+            "[c0] WARN command line: `frob`: unknown option (ignored)\n#mkv cpus",
+        ));
+        assert_eq!(
+            c.problems,
+            ["the hypervisor ignored a word of its command line: `frob`: unknown option"]
+        );
     }
 
     #[test]

@@ -432,6 +432,12 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             crate::setup::ensure_packages(&[crate::setup::QEMU])?;
         }
     }
+    let bad = crate::cmdline::check(&args.cmdline);
+    if !bad.is_empty() {
+        let list: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        let e = anyhow::anyhow!("--cmdline: the hypervisor would ignore {}", list.join("; "));
+        return Err(crate::exit::coded(crate::exit::USAGE, e));
+    }
     // A malformed config stops here, before anything is built or booted.
     let compiled = if args.no_config {
         None
@@ -760,6 +766,15 @@ mod tests {
             ["Bochs error: open cd failed for '/x': No such file"]
         );
         assert!(emulator_diagnosis(&["plain text\n(0) [0x0] f000:fff0: jmpf\n"]).is_empty());
+    }
+
+    #[test]
+    fn a_bad_command_line_stops_the_run_before_anything_is_built() {
+        let args =
+            RunArgs { cmdline: "cpus=2 vmxcap".into(), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("an unknown option must not boot");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        assert!(e.to_string().contains("`vmxcap`: unknown option"), "{e:#}");
     }
 
     #[test]
