@@ -354,17 +354,23 @@ pub fn line_core(line: &str) -> Option<u32> {
     core.parse().ok()
 }
 
-/// Prints console lines live, colouring cores on a terminal.
-struct Printer {
+/// Prints console lines live, one colour per core. Colour follows each stream on its own
+/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`); the
+/// progress line is redrawn in place only when stderr is a terminal.
+struct Printer<O: Write, E: Write> {
+    out: O,
+    err: E,
     quiet: bool,
-    tty: bool,
+    /// stderr is a terminal: the progress line is one line, redrawn in place.
+    live: bool,
     status_shown: bool,
 }
 
-impl Printer {
+impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
         if self.status_shown {
-            eprint!("\r\x1b[K");
+            // Cursor control, not colour: only ever written to a terminal (`live`).
+            let _ = write!(self.err, "\r\x1b[K");
             self.status_shown = false;
         }
     }
@@ -374,19 +380,23 @@ impl Printer {
             return;
         }
         self.clear_status();
-        let mut out = std::io::stdout().lock();
-        if !self.tty {
-            let _ = writeln!(out, "{line}");
-            return;
-        }
-        if is_record {
-            let _ = writeln!(out, "\x1b[2m{line}\x1b[0m");
+        use anstyle::{AnsiColor, Style};
+        const COLOURS: [AnsiColor; 6] = [
+            AnsiColor::Cyan,
+            AnsiColor::Yellow,
+            AnsiColor::Green,
+            AnsiColor::Magenta,
+            AnsiColor::Blue,
+            AnsiColor::Red,
+        ];
+        let style = if is_record {
+            Style::new().dimmed()
         } else if let Some(core) = line_core(line) {
-            const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
-            let _ = writeln!(out, "\x1b[{}m{line}\x1b[0m", COLOURS[core as usize % COLOURS.len()]);
+            Style::new().fg_color(Some(COLOURS[core as usize % COLOURS.len()].into()))
         } else {
-            let _ = writeln!(out, "{line}");
-        }
+            Style::new()
+        };
+        let _ = writeln!(self.out, "{style}{line}{style:#}");
     }
 
     fn status(&mut self, started: Instant, phase: Phase) {
@@ -398,11 +408,13 @@ impl Printer {
             Phase::Ended => "run ended".to_string(),
         };
         let t = started.elapsed().as_secs_f64();
-        if self.tty && !self.quiet {
-            eprint!("\r\x1b[K\x1b[1m[{t:6.1}s] {what}\x1b[0m");
+        if self.live && !self.quiet {
+            let bold = anstyle::Style::new().bold();
+            let _ = write!(self.err, "\r\x1b[K{bold}[{t:6.1}s] {what}{bold:#}");
+            let _ = self.err.flush();
             self.status_shown = true;
         } else {
-            eprintln!("[{t:6.1}s] {what}");
+            let _ = writeln!(self.err, "[{t:6.1}s] {what}");
         }
     }
 }
@@ -470,8 +482,13 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
-    let mut printer =
-        Printer { quiet: args.quiet, tty: std::io::stderr().is_terminal(), status_shown: false };
+    let mut printer = Printer {
+        out: anstream::stdout(),
+        err: anstream::stderr(),
+        quiet: args.quiet,
+        live: std::io::stderr().is_terminal(),
+        status_shown: false,
+    };
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
@@ -775,6 +792,38 @@ mod tests {
         let e = run(&args).expect_err("an unknown option must not boot");
         assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
         assert!(e.to_string().contains("`vmxcap`: unknown option"), "{e:#}");
+    }
+
+    #[test]
+    fn colour_follows_each_stream() {
+        use anstream::{AutoStream, ColorChoice};
+        // stderr a terminal, stdout a pipe: the console lines on stdout carry no colour.
+        let mut p = Printer {
+            out: AutoStream::new(Vec::new(), ColorChoice::Never),
+            err: AutoStream::new(Vec::new(), ColorChoice::Always),
+            quiet: false,
+            live: true,
+            status_shown: false,
+        };
+        p.line("[c2] online", false);
+        p.line("#mkv end outcome=ok tsc=1", true);
+        p.status(Instant::now(), Phase::Grub);
+        let out = String::from_utf8(p.out.into_inner()).unwrap();
+        assert_eq!(out, "[c2] online\n#mkv end outcome=ok tsc=1\n");
+        assert!(String::from_utf8(p.err.into_inner()).unwrap().contains("\x1b[1m"));
+        // A terminal that wants colour gets one per core.
+        let mut p = Printer {
+            out: AutoStream::new(Vec::new(), ColorChoice::Always),
+            err: Vec::new(),
+            quiet: false,
+            live: false,
+            status_shown: false,
+        };
+        p.line("[c2] online", false);
+        p.status(Instant::now(), Phase::Grub);
+        assert_eq!(String::from_utf8(p.out.into_inner()).unwrap(), "\x1b[32m[c2] online\x1b[0m\n");
+        let err = String::from_utf8(p.err).unwrap();
+        assert!(!err.contains('\x1b') && err.ends_with("GRUB loading the hypervisor\n"), "{err:?}");
     }
 
     #[test]
