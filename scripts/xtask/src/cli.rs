@@ -103,6 +103,10 @@ pub struct RunArgs {
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
+    /// Boot even when the machine (`--cpus`, `cpus=N`) has fewer cores than the config's
+    /// guests need; those guests are then `not_started` and the run `failed`.
+    #[arg(long)]
+    pub allow_missing_cores: bool,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -121,6 +125,7 @@ impl RunArgs {
             report: None,
             cmdline: String::new(),
             quiet: true,
+            allow_missing_cores: false,
             build: BuildArgs { debug: false },
         }
     }

@@ -127,6 +127,27 @@ pub fn check_emulator_args(
     Ok(())
 }
 
+/// The config's guests whose core the machine will not have: the emulated CPUs, capped by
+/// the hypervisor's `cpus=N` (its last one wins, as in the hypervisor).
+pub fn guests_without_a_core(
+    config: &crate::config::Config,
+    cpus: u32,
+    cmdline: &str,
+) -> (u32, Vec<(String, u32)>) {
+    let cap = cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("cpus=")?.parse::<u32>().ok())
+        .next_back();
+    let cores = cap.map_or(cpus, |c| c.min(cpus));
+    let missing = config
+        .guests
+        .iter()
+        .filter(|g| *g.core.get_ref() >= cores)
+        .map(|g| (g.name.get_ref().clone(), *g.core.get_ref()))
+        .collect();
+    (cores, missing)
+}
+
 /// Why the emulator stopped, in its own words: Bochs' PANIC lines and its exit message, or
 /// else its first error lines, from its log and its console output.
 pub fn emulator_diagnosis(texts: &[&str]) -> Vec<String> {
@@ -473,6 +494,21 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .unwrap_or(4),
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
     };
+    if let Some((_, c)) = &compiled {
+        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &args.cmdline);
+        if !missing.is_empty() && !args.allow_missing_cores {
+            let list: Vec<String> =
+                missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
+            let e = anyhow::anyhow!(
+                "the machine has {cores} cores but the config runs {}; give --cpus {} or more, \
+                 or --allow-missing-cores to boot anyway (those guests will not start and the \
+                 run will fail)",
+                list.join(", "),
+                missing.iter().map(|(_, core)| core + 1).max().unwrap_or(cores)
+            );
+            return Err(crate::exit::coded(crate::exit::USAGE, e));
+        }
+    }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
     let images = crate::build::images(args.build.debug)?;
@@ -824,6 +860,33 @@ mod tests {
         assert_eq!(String::from_utf8(p.out.into_inner()).unwrap(), "\x1b[32m[c2] online\x1b[0m\n");
         let err = String::from_utf8(p.err).unwrap();
         assert!(!err.contains('\x1b') && err.ends_with("GRUB loading the hypervisor\n"), "{err:?}");
+    }
+
+    #[test]
+    fn fewer_cores_than_the_config_needs_is_refused_unless_allowed() {
+        let cfg = crate::config::load(&crate::workspace_root().join("configs/default.toml"))
+            .unwrap()
+            .config;
+        assert_eq!(guests_without_a_core(&cfg, 4, ""), (4, vec![]));
+        let names = |cpus, cmdline| {
+            let (n, m) = guests_without_a_core(&cfg, cpus, cmdline);
+            (n, m.into_iter().map(|(g, _)| g).collect::<Vec<_>>())
+        };
+        assert_eq!(names(2, ""), (2, vec!["gamma".into(), "delta".into()]));
+        assert_eq!(names(4, "cpus=3"), (3, vec!["delta".to_string()]));
+        assert_eq!(names(4, "cpus=1 cpus=8"), (4, vec![]));
+        let args = RunArgs {
+            cpus: Some(2),
+            ..RunArgs::quiet(Emulator::Bochs, Some("configs/default.toml"))
+        };
+        let e = run(&args).expect_err("a guest without its core must not boot unasked");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`gamma` on core 2, `delta` on core 3") && msg.contains("--cpus 4"),
+            "{msg}"
+        );
+        assert!(msg.contains("--allow-missing-cores"), "{msg}");
     }
 
     #[test]
