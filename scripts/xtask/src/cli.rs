@@ -23,6 +23,15 @@ pub enum Command {
     Test(TestArgs),
     /// Benchmarks that print tables (not pass/fail tests).
     Bench(BenchArgs),
+    /// Remove the run folders under target/xtask/ (runs in progress are kept).
+    Clean(CleanArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CleanArgs {
+    /// Keep this many of the newest run folders.
+    #[arg(long, default_value_t = 0)]
+    pub keep: usize,
 }
 
 #[derive(clap::Args, Debug, Clone)]

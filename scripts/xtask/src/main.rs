@@ -109,6 +109,7 @@ fn main() -> ExitCode {
         })(),
         Cmd::Run(r) => return xtask::run::command(r),
         Cmd::Test(t) => test(t),
+        Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
             xtask::cli::BenchWhat::Channels { json } => {
                 xtask::bench::channels(json.as_deref()).map(|()| true)

@@ -20,11 +20,83 @@ pub const DEFAULT_QEMU_MODEL: &str = "max";
 /// After the end record, how long the emulator gets to exit by itself.
 const EXIT_GRACE: Duration = Duration::from_secs(15);
 
+/// Run folders kept under `target/xtask/` when `MKVISOR_KEEP_RUNS` does not say.
+pub const DEFAULT_KEEP_RUNS: usize = 20;
+
+/// Where the run folders live.
+pub fn runs_root() -> PathBuf {
+    crate::target_dir().join("xtask")
+}
+
+/// How many run folders to keep: `MKVISOR_KEEP_RUNS`, else [`DEFAULT_KEEP_RUNS`].
+pub fn keep_runs() -> Result<usize> {
+    match std::env::var("MKVISOR_KEEP_RUNS") {
+        Ok(v) => v.trim().parse().map_err(|_| {
+            crate::exit::coded(
+                crate::exit::USAGE,
+                anyhow::anyhow!("MKVISOR_KEEP_RUNS={v:?}: expected a number of run folders"),
+            )
+        }),
+        Err(_) => Ok(DEFAULT_KEEP_RUNS),
+    }
+}
+
+/// The process that made a run folder `<tag>-<pid>-<n>`, if the name says.
+fn run_owner(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let _n: u32 = parts.next()?.parse().ok()?;
+    parts.next()?.parse().ok()
+}
+
+/// Removes the run folders under `root` except the `keep` newest, and except any whose
+/// process is still alive (a run in progress, here or in another `cargo xtask`). Returns
+/// what it removed.
+pub fn prune_runs(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(vec![]) };
+    let mut runs = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = run_owner(&name) else { continue };
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        let modified = e.metadata().and_then(|m| m.modified()).ok();
+        runs.push((modified, alive, e.path()));
+    }
+    // Newest first.
+    runs.sort_by_key(|r| std::cmp::Reverse(r.0));
+    let mut removed = vec![];
+    for (_, alive, path) in runs.into_iter().skip(keep) {
+        if !alive {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// `cargo xtask clean`: removes the run folders but the `keep` newest (and those of runs in
+/// progress).
+pub fn clean(keep: usize) -> Result<()> {
+    let removed = prune_runs(&runs_root(), keep)?;
+    eprintln!(
+        "xtask clean: removed {} run folder(s) under {}",
+        removed.len(),
+        runs_root().display()
+    );
+    Ok(())
+}
+
 /// A fresh directory for one run's files (ISO, emulator config, serial log, emulator log).
+/// Older run folders beyond `MKVISOR_KEEP_RUNS` (default 20) go first.
 pub fn run_dir(tag: &str) -> Result<PathBuf> {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = crate::target_dir().join("xtask").join(format!("{tag}-{}-{n}", std::process::id()));
+    // One slot for the new folder.
+    prune_runs(&runs_root(), keep_runs()?.saturating_sub(1))?;
+    let dir = runs_root().join(format!("{tag}-{}-{n}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -887,6 +959,33 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("--allow-missing-cores"), "{msg}");
+    }
+
+    #[test]
+    fn old_run_folders_are_pruned_but_not_live_ones() {
+        let root = std::env::temp_dir().join(format!("xtask-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        // pid 0x7fffffff is never alive; our own pid is.
+        let dead = |n: u32| root.join(format!("bochs-4cpu-2147483647-{n}"));
+        for n in 0..5 {
+            std::fs::create_dir(dead(n)).unwrap();
+            // Distinct modification times, oldest first.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mine = root.join(format!("qemu-2cpu-{}-0", std::process::id()));
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::create_dir(root.join("not-a-run")).unwrap();
+        std::fs::create_dir(&mine.with_file_name("bochs-1cpu-x-0")).unwrap();
+        // Keep 2: the live one and dead 4 are the newest; 0..=3 go.
+        let mut gone = prune_runs(&root, 2).unwrap();
+        gone.sort();
+        assert_eq!(gone, (0..4).map(dead).collect::<Vec<_>>());
+        assert!(dead(4).exists() && mine.exists() && root.join("not-a-run").exists());
+        // Keep 0: a live run's folder is never removed.
+        assert_eq!(prune_runs(&root, 0).unwrap(), [dead(4)]);
+        assert!(mine.exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
