@@ -976,7 +976,7 @@ mod tests {
         let mine = root.join(format!("qemu-2cpu-{}-0", std::process::id()));
         std::fs::create_dir(&mine).unwrap();
         std::fs::create_dir(root.join("not-a-run")).unwrap();
-        std::fs::create_dir(&mine.with_file_name("bochs-1cpu-x-0")).unwrap();
+        std::fs::create_dir(mine.with_file_name("bochs-1cpu-x-0")).unwrap();
         // Keep 2: the live one and dead 4 are the newest; 0..=3 go.
         let mut gone = prune_runs(&root, 2).unwrap();
         gone.sort();
