@@ -5,7 +5,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "Build, boot and test mkvisor")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about = "Build, boot and test mkvisor"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -205,6 +210,19 @@ mod tests {
         assert!(run_args(&["--frobnicate"]).is_err());
         assert!(run_args(&["--no-config", "--config", "x.toml"]).is_err());
         assert!(Cli::try_parse_from(["cargo xtask"]).is_err());
+    }
+
+    #[test]
+    fn usage_names_cargo_xtask_and_version_is_offered() {
+        // Whatever path the binary was started by, usage says how to call it.
+        let e = Cli::try_parse_from(["/w/target/release/xtask", "run", "--frob"]).unwrap_err();
+        assert!(e.to_string().contains("Usage: cargo xtask run"), "{e}");
+        let e = Cli::try_parse_from(["xtask", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(e.to_string().contains(env!("CARGO_PKG_VERSION")), "{e}");
+        assert_eq!(e.exit_code(), 0);
+        let e = Cli::try_parse_from(["xtask", "run", "--frob"]).unwrap_err();
+        assert_eq!(e.exit_code(), i32::from(crate::exit::USAGE));
     }
 
     #[test]

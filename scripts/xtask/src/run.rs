@@ -776,7 +776,7 @@ pub fn summary(r: &Report) -> String {
             g.name,
             g.core,
             g.state,
-            g.exit_status,
+            if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
             exits.join(" ")
         );
         if let Some(f) = &g.fault {
