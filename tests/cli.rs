@@ -101,3 +101,25 @@ fn sigint_kills_the_emulator_and_reports_interrupted() {
     let left = processes_mentioning(&run_dir);
     assert!(left.is_empty(), "still running: {left:?}");
 }
+
+#[test]
+fn an_emulator_that_stops_at_once_is_named_in_the_report() {
+    // Bochs' own refusals are caught before building; QEMU's CPU models are its own, so an
+    // unknown one reaches the emulator, which exits with its reason on stderr.
+    let args = xtask::cli::RunArgs {
+        cpu_model: Some("nonsense".into()),
+        ..xtask::cli::RunArgs::quiet(xtask::cli::Emulator::Qemu, None)
+    };
+    let r = xtask::run::run(&args).expect("the run is attempted");
+    assert_eq!(r.outcome, "failed");
+    assert!(
+        r.problems.iter().any(|p| p.starts_with("the emulator exited with")),
+        "{:?}",
+        r.problems
+    );
+    assert!(
+        r.problems.iter().any(|p| p.contains("unable to find CPU model 'nonsense'")),
+        "{:?}",
+        r.problems
+    );
+}
