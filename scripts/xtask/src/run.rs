@@ -988,6 +988,52 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// Processes whose command line contains `marker`.
+    fn alive_with(marker: &str) -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+            })
+            .count()
+    }
+
+    /// A leader that starts a grandchild and waits: both carry `marker` in their arguments.
+    fn family(marker: &str) -> EmulatorProcess {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("sh -c 'sleep 300; : {marker}' & sleep 300; : {marker}"));
+        let p = EmulatorProcess::start(c).unwrap();
+        let t = Instant::now();
+        while alive_with(marker) < 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // (For a moment the forked subshell is a third copy before its exec.)
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(alive_with(marker) >= 2, "leader and grandchild running");
+        p
+    }
+
+    #[test]
+    fn the_emulators_whole_process_group_is_killed() {
+        // Dropped (normal end, error, timeout, unwinding): the group goes, grandchildren too.
+        let marker = format!("xtask-group-drop-{}", std::process::id());
+        drop(family(&marker));
+        assert_eq!(alive_with(&marker), 0);
+        // A signal or a panic: every registered group is killed from outside the run loop.
+        let marker = format!("xtask-group-kill-{}", std::process::id());
+        let mut p = family(&marker);
+        kill_all_emulators();
+        assert!(p.wait().is_some());
+        let t = Instant::now();
+        while alive_with(&marker) > 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(alive_with(&marker), 0);
+        drop(p);
+    }
+
     #[test]
     fn report_path_check_leaves_nothing_behind() {
         let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
