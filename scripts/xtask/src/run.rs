@@ -745,6 +745,11 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
             eprint!("{}", summary(&report));
             std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
         }
+        // A Ctrl-C during the build also reaches cargo, whose failure is then only an echo.
+        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("xtask: interrupted before the emulator started ({e:#})");
+            std::process::ExitCode::from(crate::exit::INTERRUPTED)
+        }
         Err(e) => crate::exit::report_error(&e),
     }
 }
