@@ -572,7 +572,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             let list: Vec<String> =
                 missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
             let e = anyhow::anyhow!(
-                "the machine has {cores} cores but the config runs {}; give --cpus {} or more, \
+                "the machine has {cores} cores (--cpus or machine.cpus, capped by any cpus=N) but \
+                 the config runs {}; give --cpus {} or more, \
                  or --allow-missing-cores to boot anyway (those guests will not start and the \
                  run will fail)",
                 list.join(", "),
