@@ -74,8 +74,12 @@ fn a_faulting_guest_is_stopped_and_the_others_finish() {
 
 #[test]
 fn a_guest_on_a_missing_core_is_reported_and_skipped() {
-    // The default config wants 4 cores; the machine has 2.
-    let b = boot_config(Emulator::Bochs, Some(2), None, "", Some("configs/default.toml"));
+    // The default config wants 4 cores; the machine has 2, and the user asked to boot anyway.
+    let b = systests::boot_args(xtask::cli::RunArgs {
+        cpus: Some(2),
+        allow_missing_cores: true,
+        ..xtask::cli::RunArgs::quiet(Emulator::Bochs, Some("configs/default.toml"))
+    });
     let r = &b.report;
     assert_eq!(r.outcome, "failed");
     assert_hello(&b, "alpha", 0, 0, 1000);

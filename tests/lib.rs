@@ -30,6 +30,11 @@ pub fn boot_config(
         cmdline: cmdline.to_string(),
         ..RunArgs::quiet(emulator, config)
     };
+    boot_args(args)
+}
+
+/// Boots with exactly these arguments.
+pub fn boot_args(args: RunArgs) -> Boot {
     let report = xtask::run::run(&args).expect("the run could not be attempted");
     let serial = std::fs::read_to_string(&report.serial_log).expect("serial log");
     eprintln!("{}", xtask::run::summary(&report));

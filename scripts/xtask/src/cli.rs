@@ -5,7 +5,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "Build, boot and test mkvisor")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about = "Build, boot and test mkvisor"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,6 +31,8 @@ pub enum Command {
     /// Mutation testing (cargo-mutants) of the files that guard isolation: a table per file,
     /// failing under a threshold. Slow; not part of `test`.
     Mutants(MutantsArgs),
+    /// Remove the run folders under target/xtask/ (runs in progress are kept).
+    Clean(CleanArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -48,6 +55,13 @@ fn percent(s: &str) -> Result<f64, String> {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(format!("`{s}` is not a percentage in 0..=100")),
     }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CleanArgs {
+    /// Keep this many of the newest run folders.
+    #[arg(long, default_value_t = 0)]
+    pub keep: usize,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -128,6 +142,10 @@ pub struct RunArgs {
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
+    /// Boot even when the machine (`--cpus`, `cpus=N`) has fewer cores than the config's
+    /// guests need; those guests are then `not_started` and the run `failed`.
+    #[arg(long)]
+    pub allow_missing_cores: bool,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -146,6 +164,7 @@ impl RunArgs {
             report: None,
             cmdline: String::new(),
             quiet: true,
+            allow_missing_cores: false,
             build: BuildArgs { debug: false },
         }
     }
@@ -237,6 +256,19 @@ mod tests {
         for bad in [&["--min", "101"][..], &["--min", "-1"], &["--min", "x"], &["-j", "0"]] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn usage_names_cargo_xtask_and_version_is_offered() {
+        // Whatever path the binary was started by, usage says how to call it.
+        let e = Cli::try_parse_from(["/w/target/release/xtask", "run", "--frob"]).unwrap_err();
+        assert!(e.to_string().contains("Usage: cargo xtask run"), "{e}");
+        let e = Cli::try_parse_from(["xtask", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(e.to_string().contains(env!("CARGO_PKG_VERSION")), "{e}");
+        assert_eq!(e.exit_code(), 0);
+        let e = Cli::try_parse_from(["xtask", "run", "--frob"]).unwrap_err();
+        assert_eq!(e.exit_code(), i32::from(crate::exit::USAGE));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 pub mod bench;
 pub mod build;
 pub mod cli;
+pub mod cmdline;
 pub mod config;
+pub mod exit;
 pub mod mutants;
 pub mod report;
 pub mod run;

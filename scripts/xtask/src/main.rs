@@ -107,11 +107,9 @@ fn main() -> ExitCode {
             println!("{}", iso.display());
             Ok(true)
         })(),
-        Cmd::Run(r) => xtask::run::run(r).map(|report| {
-            eprint!("{}", xtask::run::summary(&report));
-            report.outcome == "ok"
-        }),
+        Cmd::Run(r) => return xtask::run::command(r),
         Cmd::Test(t) => test(t),
+        Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
             xtask::cli::BenchWhat::Channels { json } => {
                 xtask::bench::channels(json.as_deref()).map(|()| true)
@@ -125,9 +123,6 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("xtask: error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => xtask::exit::report_error(&e),
     }
 }

@@ -19,20 +19,29 @@ pub struct CoreReport {
 }
 
 /// One guest, from its `guest` record.
+///
+/// In JSON, `exit_status` is `null` unless the guest `exited`, and the two TSC values are
+/// `null` for a guest that never entered (the hypervisor's record says 0 for "none"); the
+/// Rust fields keep 0 for those, and reading either form back gives the same value.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(into = "GuestJson")]
 pub struct GuestReport {
     pub name: String,
     pub core: u32,
     /// `exited`, `stopped` or `not_started`.
     pub state: String,
+    /// Its exit status when `exited`, else 0 (`null` in JSON).
+    #[serde(deserialize_with = "null_as_zero")]
     pub exit_status: u64,
     /// VM exits by reason name.
     pub exits: BTreeMap<String, u64>,
     /// Why the hypervisor stopped it (and where), or why it never started.
     pub fault: Option<String>,
     pub hypercalls: u64,
-    /// TSC at its first VM entry and at its end.
+    /// TSC at its first VM entry and at its end; 0 (`null` in JSON) if it never entered.
+    #[serde(deserialize_with = "null_as_zero")]
     pub tsc_first_entry: u64,
+    #[serde(deserialize_with = "null_as_zero")]
     pub tsc_end: u64,
     /// Inter-core messages and NMI kicks the guest's core sent (capability protocol).
     #[serde(default)]
@@ -52,6 +61,53 @@ pub struct GuestReport {
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
+}
+
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or(0))
+}
+
+/// The JSON form of [`GuestReport`]: what was never there is `null`, not 0.
+#[derive(Serialize)]
+struct GuestJson {
+    name: String,
+    core: u32,
+    state: String,
+    exit_status: Option<u64>,
+    exits: BTreeMap<String, u64>,
+    fault: Option<String>,
+    hypercalls: u64,
+    tsc_first_entry: Option<u64>,
+    tsc_end: Option<u64>,
+    xmsgs: u64,
+    nmis: u64,
+    requests_from: BTreeMap<String, u64>,
+    cap_refused: u64,
+    foreign_tsc: u64,
+    fenced: Vec<u32>,
+}
+
+impl From<GuestReport> for GuestJson {
+    fn from(g: GuestReport) -> Self {
+        let entered = g.tsc_first_entry != 0;
+        GuestJson {
+            exit_status: (g.state == "exited").then_some(g.exit_status),
+            tsc_first_entry: entered.then_some(g.tsc_first_entry),
+            tsc_end: (entered && g.tsc_end != 0).then_some(g.tsc_end),
+            name: g.name,
+            core: g.core,
+            state: g.state,
+            exits: g.exits,
+            fault: g.fault,
+            hypercalls: g.hypercalls,
+            xmsgs: g.xmsgs,
+            nmis: g.nmis,
+            requests_from: g.requests_from,
+            cap_refused: g.cap_refused,
+            foreign_tsc: g.foreign_tsc,
+            fenced: g.fenced,
+        }
+    }
 }
 
 /// One channel's counters at the end, as its two guests left them in the ring headers.
@@ -152,7 +208,12 @@ impl Console {
         }
         let r = match record::parse(line) {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => {
+                if let Some(p) = crate::cmdline::ignored_by_hypervisor(line) {
+                    self.problems.push(p);
+                }
+                return false;
+            }
             Err(e) => {
                 self.problems.push(format!("malformed record ({e:?}): {line}"));
                 return true;
@@ -427,6 +488,43 @@ mkvisor: GRUB is loading the hypervisor
         let mut c = feed("#mkv boot abi=1 tsc=5\n");
         assert_eq!(c.outcome(false), "failed");
         assert_eq!(c.problems.len(), 1);
+    }
+
+    #[test]
+    fn ignored_command_line_words_are_problems() {
+        let c = feed(&RUN_OK.replace(
+            "#mkv cpus",
+            "[c0] WARN command line: `frob`: unknown option (ignored)\n#mkv cpus",
+        ));
+        assert_eq!(
+            c.problems,
+            ["the hypervisor ignored a word of its command line: `frob`: unknown option"]
+        );
+    }
+
+    #[test]
+    fn what_a_guest_never_had_is_null_in_json() {
+        let c = feed(
+            "#mkv guest index=0 name=a core=0 state=exited exit_status=3 exits=\"\" fault=\"\" hypercalls=1 tsc_first_entry=10 tsc_end=20\n\
+             #mkv guest index=1 name=b core=9 state=not_started exit_status=0 exits=\"\" fault=\"its core does not exist on this machine\" hypercalls=0 tsc_first_entry=0 tsc_end=0\n\
+             #mkv guest index=2 name=c core=1 state=stopped exit_status=0 exits=\"\" fault=\"triple fault\" hypercalls=0 tsc_first_entry=11 tsc_end=30\n",
+        );
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let json = serde_json::to_value(&c.guests).unwrap();
+        assert_eq!(json[0]["exit_status"], 3);
+        assert_eq!(
+            (json[0]["tsc_first_entry"].as_u64(), json[0]["tsc_end"].as_u64()),
+            (Some(10), Some(20))
+        );
+        assert!(json[1]["exit_status"].is_null(), "{json}");
+        assert!(json[1]["tsc_first_entry"].is_null() && json[1]["tsc_end"].is_null(), "{json}");
+        assert!(json[2]["exit_status"].is_null(), "a stopped guest has no exit status: {json}");
+        assert_eq!(json[2]["tsc_end"], 30);
+        // Read back (and reports written before the change, with 0s): the same values.
+        let back: Vec<GuestReport> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, c.guests);
+        let old = serde_json::to_string(&c.guests[1]).unwrap().replace("null", "0");
+        assert_eq!(serde_json::from_str::<GuestReport>(&old).unwrap(), c.guests[1]);
     }
 
     #[test]

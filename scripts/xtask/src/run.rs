@@ -5,10 +5,12 @@
 use crate::cli::{Emulator, RunArgs};
 use crate::report::{Console, Phase, Report};
 use anyhow::{bail, Context, Result};
+use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Default Bochs CPU model: has EPT, VPID, unrestricted guest (see shared/EMULATORS.md).
@@ -18,11 +20,83 @@ pub const DEFAULT_QEMU_MODEL: &str = "max";
 /// After the end record, how long the emulator gets to exit by itself.
 const EXIT_GRACE: Duration = Duration::from_secs(15);
 
+/// Run folders kept under `target/xtask/` when `MKVISOR_KEEP_RUNS` does not say.
+pub const DEFAULT_KEEP_RUNS: usize = 20;
+
+/// Where the run folders live.
+pub fn runs_root() -> PathBuf {
+    crate::target_dir().join("xtask")
+}
+
+/// How many run folders to keep: `MKVISOR_KEEP_RUNS`, else [`DEFAULT_KEEP_RUNS`].
+pub fn keep_runs() -> Result<usize> {
+    match std::env::var("MKVISOR_KEEP_RUNS") {
+        Ok(v) => v.trim().parse().map_err(|_| {
+            crate::exit::coded(
+                crate::exit::USAGE,
+                anyhow::anyhow!("MKVISOR_KEEP_RUNS={v:?}: expected a number of run folders"),
+            )
+        }),
+        Err(_) => Ok(DEFAULT_KEEP_RUNS),
+    }
+}
+
+/// The process that made a run folder `<tag>-<pid>-<n>`, if the name says.
+fn run_owner(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let _n: u32 = parts.next()?.parse().ok()?;
+    parts.next()?.parse().ok()
+}
+
+/// Removes the run folders under `root` except the `keep` newest, and except any whose
+/// process is still alive (a run in progress, here or in another `cargo xtask`). Returns
+/// what it removed.
+pub fn prune_runs(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(vec![]) };
+    let mut runs = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = run_owner(&name) else { continue };
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        let modified = e.metadata().and_then(|m| m.modified()).ok();
+        runs.push((modified, alive, e.path()));
+    }
+    // Newest first.
+    runs.sort_by_key(|r| std::cmp::Reverse(r.0));
+    let mut removed = vec![];
+    for (_, alive, path) in runs.into_iter().skip(keep) {
+        if !alive {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// `cargo xtask clean`: removes the run folders but the `keep` newest (and those of runs in
+/// progress).
+pub fn clean(keep: usize) -> Result<()> {
+    let removed = prune_runs(&runs_root(), keep)?;
+    eprintln!(
+        "xtask clean: removed {} run folder(s) under {}",
+        removed.len(),
+        runs_root().display()
+    );
+    Ok(())
+}
+
 /// A fresh directory for one run's files (ISO, emulator config, serial log, emulator log).
+/// Older run folders beyond `MKVISOR_KEEP_RUNS` (default 20) go first.
 pub fn run_dir(tag: &str) -> Result<PathBuf> {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = crate::target_dir().join("xtask").join(format!("{tag}-{}-{n}", std::process::id()));
+    // One slot for the new folder.
+    prune_runs(&runs_root(), keep_runs()?.saturating_sub(1))?;
+    let dir = runs_root().join(format!("{tag}-{}-{n}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -55,6 +129,133 @@ pub fn kvm_vmx_unavailable() -> Option<String> {
     None
 }
 
+/// The CPU models Bochs 2.7 knows (`bochs -help cpu`); any other name stops it at once.
+pub const BOCHS_MODELS: &[&str] = &[
+    "bx_generic",
+    "pentium",
+    "pentium_mmx",
+    "amd_k6_2_chomper",
+    "p2_klamath",
+    "p3_katmai",
+    "p4_willamette",
+    "core_duo_t2400_yonah",
+    "atom_n270",
+    "p4_prescott_celeron_336",
+    "athlon64_clawhammer",
+    "athlon64_venice",
+    "turion64_tyler",
+    "phenom_8650_toliman",
+    "core2_penryn_t9600",
+    "corei5_lynnfield_750",
+    "corei5_arrandale_m520",
+    "corei7_sandy_bridge_2600k",
+    "zambezi",
+    "trinity_apu",
+    "ryzen",
+    "corei7_ivy_bridge_3770k",
+    "corei7_haswell_4770",
+    "broadwell_ult",
+    "corei7_skylake_x",
+    "corei3_cnl",
+    "corei7_icelake_u",
+    "tigerlake",
+];
+
+/// Bochs 2.7 stops at once with 16 CPUs or more (`register_timer: too many registered
+/// timers`; see shared/EMULATORS.md).
+pub const BOCHS_MAX_CPUS: u32 = 15;
+
+/// What the emulator would reject or misread, found before anything is built: an unknown
+/// Bochs CPU model, more CPUs than Bochs supports, a run directory Bochs cannot name in its
+/// config (its values are quoted, which works for spaces and commas, not for `"`).
+pub fn check_emulator_args(
+    emulator: Emulator,
+    cpus: u32,
+    model: &str,
+    runs_under: &Path,
+) -> std::result::Result<(), String> {
+    if emulator != Emulator::Bochs {
+        return Ok(());
+    }
+    if !BOCHS_MODELS.contains(&model) {
+        return Err(format!(
+            "--cpu-model: Bochs 2.7 has no CPU model `{model}`; it knows {}",
+            BOCHS_MODELS.join(", ")
+        ));
+    }
+    if cpus > BOCHS_MAX_CPUS {
+        return Err(format!(
+            "{cpus} CPUs: Bochs 2.7 supports at most {BOCHS_MAX_CPUS} (at 16 it stops with \
+             `register_timer: too many registered timers`)"
+        ));
+    }
+    let dir = runs_under.display().to_string();
+    if dir.contains(['"', '\n', '\r']) {
+        return Err(format!(
+            "the run directory {dir:?} contains a quote or a line break, which a Bochs config \
+             cannot hold; set CARGO_TARGET_DIR to another directory"
+        ));
+    }
+    Ok(())
+}
+
+/// The config's guests whose core the machine will not have: the emulated CPUs, capped by
+/// the hypervisor's `cpus=N` (its last one wins, as in the hypervisor).
+pub fn guests_without_a_core(
+    config: &crate::config::Config,
+    cpus: u32,
+    cmdline: &str,
+) -> (u32, Vec<(String, u32)>) {
+    let cap = cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("cpus=")?.parse::<u32>().ok())
+        .next_back();
+    let cores = cap.map_or(cpus, |c| c.min(cpus));
+    let missing = config
+        .guests
+        .iter()
+        .filter(|g| *g.core.get_ref() >= cores)
+        .map(|g| (g.name.get_ref().clone(), *g.core.get_ref()))
+        .collect();
+    (cores, missing)
+}
+
+/// Why the emulator stopped, in its own words: Bochs' PANIC lines and its exit message, or
+/// else its first error lines, from its log and its console output.
+pub fn emulator_diagnosis(texts: &[&str]) -> Vec<String> {
+    // `00000000000p[SYS   ] >>PANIC<< register_timer: ...` -> `register_timer: ...`
+    fn message(line: &str) -> &str {
+        let rest = line.split_once("] ").map_or(line, |(_, r)| r);
+        rest.trim_start_matches(">>PANIC<<").trim()
+    }
+    let is_level = |line: &str, level: char| {
+        let digits = line.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && line[digits..].starts_with(level) && line[digits + 1..].starts_with('[')
+    };
+    let mut panics = vec![];
+    let mut errors = vec![];
+    for text in texts {
+        for line in text.lines() {
+            let line = line.trim_end();
+            if is_level(line, 'p') || line.contains(">>PANIC<<") {
+                panics.push(format!("Bochs panic: {}", message(line)));
+            } else if is_level(line, 'e') && !line.contains("notify called") {
+                errors.push(format!("Bochs error: {}", message(line)));
+            }
+        }
+    }
+    let mut out = if panics.is_empty() { errors } else { panics };
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|l| seen.insert(l.clone()));
+    out.truncate(4);
+    out
+}
+
+/// A value of a Bochs config line: quoted, so that spaces and commas in paths survive.
+fn bochs_quoted(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
 fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String {
     format!(
         "megs: {megs}\n\
@@ -72,13 +273,104 @@ fn bochsrc(iso: &Path, dir: &Path, cpus: u32, model: &str, megs: u32) -> String 
          info: action=report\n\
          debug: action=ignore\n\
          sound: driver=dummy\n",
-        iso = iso.display(),
-        serial = dir.join("serial.txt").display(),
-        log = dir.join("bochs.log").display(),
+        iso = bochs_quoted(iso),
+        serial = bochs_quoted(&dir.join("serial.txt")),
+        log = bochs_quoted(&dir.join("bochs.log")),
     )
 }
 
-fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Result<Child> {
+/// Set by SIGINT, SIGTERM or SIGHUP (see [`catch_interrupts`]); the run loop stops on it.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process groups of the emulators running now, for the signal handler and the panic hook.
+static GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Kills every running emulator's whole process group (SIGKILL: Bochs ignores SIGTERM).
+pub fn kill_all_emulators() {
+    let groups = GROUPS.lock().map(|g| g.clone()).unwrap_or_default();
+    for pgid in groups {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// For the `cargo xtask` process only (not for the library users, whose test harness owns
+/// the signals): SIGINT, SIGTERM and SIGHUP end the run in progress as `interrupted` (the
+/// loop kills the emulator and writes the report); a second signal kills the emulators and
+/// exits at once. A panic kills the emulators too (release builds abort, so no `Drop` runs).
+pub fn catch_interrupts() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            kill_all_emulators();
+            std::process::exit(crate::exit::INTERRUPTED.into());
+        }
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        kill_all_emulators();
+        previous(info);
+    }));
+    Ok(())
+}
+
+/// A running emulator in its own process group (so a terminal's Ctrl-C reaches only
+/// xtask, and every process it starts can be killed at once). Dropping it kills the group
+/// and reaps it, whichever way the run ends: normal end, timeout, signal, error, unwinding.
+struct EmulatorProcess {
+    child: Box<dyn ChildWrapper>,
+    pgid: u32,
+}
+
+impl EmulatorProcess {
+    fn start(cmd: Command) -> std::io::Result<Self> {
+        let mut wrap = CommandWrap::from(cmd);
+        wrap.wrap(ProcessGroup::leader());
+        // Registered before the child can run long: the lock is held across the spawn so a
+        // signal handler that kills all groups cannot miss it.
+        let mut groups = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
+        let child = wrap.spawn()?;
+        // The leader's pid is the group id.
+        let pgid = child.id();
+        groups.push(pgid);
+        Ok(EmulatorProcess { child, pgid })
+    }
+
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for EmulatorProcess {
+    fn drop(&mut self) {
+        // Whatever is still in the group goes, even after the leader has exited.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pgid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+        if let Ok(mut g) = GROUPS.lock() {
+            g.retain(|&p| p != self.pgid);
+        }
+    }
+}
+
+fn spawn(
+    args: &RunArgs,
+    m: &Machine,
+    iso: &Path,
+    dir: &Path,
+    model: &str,
+) -> Result<EmulatorProcess> {
     let out = std::fs::File::create(dir.join("emulator.out"))?;
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
@@ -117,7 +409,7 @@ fn spawn(args: &RunArgs, m: &Machine, iso: &Path, dir: &Path, model: &str) -> Re
         }
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
-    cmd.spawn().with_context(|| format!("cannot start {}", args.emulator.name()))
+    EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
 /// The emulated machine: CPUs and memory.
@@ -155,17 +447,23 @@ pub fn line_core(line: &str) -> Option<u32> {
     core.parse().ok()
 }
 
-/// Prints console lines live, colouring cores on a terminal.
-struct Printer {
+/// Prints console lines live, one colour per core. Colour follows each stream on its own
+/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`); the
+/// progress line is redrawn in place only when stderr is a terminal.
+struct Printer<O: Write, E: Write> {
+    out: O,
+    err: E,
     quiet: bool,
-    tty: bool,
+    /// stderr is a terminal: the progress line is one line, redrawn in place.
+    live: bool,
     status_shown: bool,
 }
 
-impl Printer {
+impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
         if self.status_shown {
-            eprint!("\r\x1b[K");
+            // Cursor control, not colour: only ever written to a terminal (`live`).
+            let _ = write!(self.err, "\r\x1b[K");
             self.status_shown = false;
         }
     }
@@ -175,19 +473,23 @@ impl Printer {
             return;
         }
         self.clear_status();
-        let mut out = std::io::stdout().lock();
-        if !self.tty {
-            let _ = writeln!(out, "{line}");
-            return;
-        }
-        if is_record {
-            let _ = writeln!(out, "\x1b[2m{line}\x1b[0m");
+        use anstyle::{AnsiColor, Style};
+        const COLOURS: [AnsiColor; 6] = [
+            AnsiColor::Cyan,
+            AnsiColor::Yellow,
+            AnsiColor::Green,
+            AnsiColor::Magenta,
+            AnsiColor::Blue,
+            AnsiColor::Red,
+        ];
+        let style = if is_record {
+            Style::new().dimmed()
         } else if let Some(core) = line_core(line) {
-            const COLOURS: [u8; 6] = [36, 33, 32, 35, 34, 31];
-            let _ = writeln!(out, "\x1b[{}m{line}\x1b[0m", COLOURS[core as usize % COLOURS.len()]);
+            Style::new().fg_color(Some(COLOURS[core as usize % COLOURS.len()].into()))
         } else {
-            let _ = writeln!(out, "{line}");
-        }
+            Style::new()
+        };
+        let _ = writeln!(self.out, "{style}{line}{style:#}");
     }
 
     fn status(&mut self, started: Instant, phase: Phase) {
@@ -199,11 +501,13 @@ impl Printer {
             Phase::Ended => "run ended".to_string(),
         };
         let t = started.elapsed().as_secs_f64();
-        if self.tty && !self.quiet {
-            eprint!("\r\x1b[K\x1b[1m[{t:6.1}s] {what}\x1b[0m");
+        if self.live && !self.quiet {
+            let bold = anstyle::Style::new().bold();
+            let _ = write!(self.err, "\r\x1b[K{bold}[{t:6.1}s] {what}{bold:#}");
+            let _ = self.err.flush();
             self.status_shown = true;
         } else {
-            eprintln!("[{t:6.1}s] {what}");
+            let _ = writeln!(self.err, "[{t:6.1}s] {what}");
         }
     }
 }
@@ -211,6 +515,10 @@ impl Printer {
 /// Boots the image described by `args` and returns the report (also written to
 /// `args.report` when given). Fails only when the run could not be attempted at all.
 pub fn run(args: &RunArgs) -> Result<Report> {
+    // Found now rather than after a boot of several minutes.
+    if let Some(path) = &args.report {
+        check_writable(path).map_err(|e| crate::exit::coded(crate::exit::REPORT_PATH, e))?;
+    }
     let model = args.cpu_model.clone().unwrap_or_else(|| {
         match args.emulator {
             Emulator::Bochs => DEFAULT_BOCHS_MODEL,
@@ -229,6 +537,12 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             crate::setup::ensure_packages(&[crate::setup::QEMU])?;
         }
     }
+    let bad = crate::cmdline::check(&args.cmdline);
+    if !bad.is_empty() {
+        let list: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        let e = anyhow::anyhow!("--cmdline: the hypervisor would ignore {}", list.join("; "));
+        return Err(crate::exit::coded(crate::exit::USAGE, e));
+    }
     // A malformed config stops here, before anything is built or booted.
     let compiled = if args.no_config {
         None
@@ -238,7 +552,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         } else {
             args.config.clone()
         };
-        let c = crate::config::load(&path)?;
+        let c =
+            crate::config::load(&path).map_err(|e| crate::exit::coded(crate::exit::CONFIG, e))?;
         for w in &c.warnings {
             eprintln!("config: warning: {w}");
         }
@@ -251,6 +566,24 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .unwrap_or(4),
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
     };
+    if let Some((_, c)) = &compiled {
+        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &args.cmdline);
+        if !missing.is_empty() && !args.allow_missing_cores {
+            let list: Vec<String> =
+                missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
+            let e = anyhow::anyhow!(
+                "the machine has {cores} cores (--cpus or machine.cpus, capped by any cpus=N) but \
+                 the config runs {}; give --cpus {} or more, \
+                 or --allow-missing-cores to boot anyway (those guests will not start and the \
+                 run will fail)",
+                list.join(", "),
+                missing.iter().map(|(_, core)| core + 1).max().unwrap_or(cores)
+            );
+            return Err(crate::exit::coded(crate::exit::USAGE, e));
+        }
+    }
+    check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
+        .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
     let images = crate::build::images(args.build.debug)?;
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
@@ -258,8 +591,13 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
-    let mut printer =
-        Printer { quiet: args.quiet, tty: std::io::stderr().is_terminal(), status_shown: false };
+    let mut printer = Printer {
+        out: anstream::stdout(),
+        err: anstream::stderr(),
+        quiet: args.quiet,
+        live: std::io::stderr().is_terminal(),
+        status_shown: false,
+    };
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
@@ -270,6 +608,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let mut ended_at: Option<Instant> = None;
     let deadline = started + Duration::from_secs(args.timeout);
     let mut timed_out = false;
+    let mut interrupted = false;
 
     loop {
         let exited = child.try_wait()?.is_some();
@@ -299,16 +638,20 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         if exited {
             break;
         }
-        if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            child.kill();
+        } else if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
             console.problems.push("the emulator did not exit after the end record; killed".into());
-            let _ = child.kill();
+            child.kill();
         } else if Instant::now() > deadline {
             timed_out = true;
-            let _ = child.kill();
+            child.kill();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.wait();
+    let status = child.wait();
+    drop(child);
     if !pending.is_empty() {
         let line = strip_ansi(&String::from_utf8_lossy(&pending));
         let is_record = console.feed(&line);
@@ -316,7 +659,29 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     }
     printer.clear_status();
 
-    let outcome = console.outcome(timed_out);
+    let outcome = if interrupted {
+        console.problems.push(format!(
+            "interrupted by a signal after {:.1} s; the emulator was killed",
+            started.elapsed().as_secs_f64()
+        ));
+        "interrupted".to_string()
+    } else {
+        console.outcome(timed_out)
+    };
+    if outcome == outcome_failed() && console.end_outcome.is_none() && !timed_out {
+        // The emulator stopped by itself before the hypervisor ended the run: say why.
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let (log, out) = (read("bochs.log"), read("emulator.out"));
+        let mut why = emulator_diagnosis(&[&log, &out]);
+        if why.is_empty() && args.emulator != Emulator::Bochs {
+            why =
+                out.lines().filter(|l| !l.trim().is_empty()).take(3).map(str::to_string).collect();
+        }
+        if let Some(st) = status {
+            console.problems.push(format!("the emulator exited with {st}"));
+        }
+        console.problems.extend(why);
+    }
     let mut tsc = console.tsc.clone();
     if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
         tsc.hypervisor_boot = b.checked_sub(a);
@@ -353,6 +718,47 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     Ok(report)
 }
 
+/// Checks that the report can be written to `path` without leaving anything behind: an
+/// existing file is opened for writing (not truncated), a new one created and removed.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let fail =
+        |e: std::io::Error| anyhow::anyhow!("cannot write the report to {}: {e}", path.display());
+    if path.is_dir() {
+        bail!("cannot write the report to {}: it is a directory", path.display());
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new().write(true).open(path).map_err(fail)?;
+    } else {
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(fail)?;
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// `cargo xtask run`: the run, its summary, and the exit code of its outcome (see
+/// `crate::exit`); signals end it as `interrupted` with the report written.
+pub fn command(args: &RunArgs) -> std::process::ExitCode {
+    if let Err(e) = catch_interrupts() {
+        return crate::exit::report_error(&e);
+    }
+    match run(args) {
+        Ok(report) => {
+            eprint!("{}", summary(&report));
+            std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
+        }
+        // A Ctrl-C during the build also reaches cargo, whose failure is then only an echo.
+        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("xtask: interrupted before the emulator started ({e:#})");
+            std::process::ExitCode::from(crate::exit::INTERRUPTED)
+        }
+        Err(e) => crate::exit::report_error(&e),
+    }
+}
+
+fn outcome_failed() -> &'static str {
+    vmcall_proto::record::outcome::FAILED
+}
+
 /// One-paragraph summary for the end of `cargo xtask run`.
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
@@ -376,7 +782,7 @@ pub fn summary(r: &Report) -> String {
             g.name,
             g.core,
             g.state,
-            g.exit_status,
+            if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
             exits.join(" ")
         );
         if let Some(f) = &g.fault {
@@ -429,12 +835,237 @@ mod tests {
     }
 
     #[test]
+    fn an_unwritable_report_path_stops_the_run_before_anything_else() {
+        // The config does not exist either: the report path must be the first thing checked.
+        let args = RunArgs {
+            report: Some("/nonexistent-dir/r.json".into()),
+            ..RunArgs::quiet(Emulator::Bochs, Some("configs/does-not-exist.toml"))
+        };
+        let e = run(&args).expect_err("an unwritable report path must stop the run");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::REPORT_PATH, "{e:#}");
+        assert!(e.to_string().contains("/nonexistent-dir/r.json"), "{e:#}");
+    }
+
+    #[test]
+    fn emulator_arguments_bochs_cannot_take_are_refused() {
+        let ok = |cpus, model: &str, dir: &str| {
+            check_emulator_args(Emulator::Bochs, cpus, model, Path::new(dir))
+        };
+        assert_eq!(ok(4, "corei7_skylake_x", "/w/target"), Ok(()));
+        assert_eq!(ok(15, "tigerlake", "/my target, with commas"), Ok(()));
+        let e = ok(4, "nonsense", "/w").unwrap_err();
+        assert!(e.contains("no CPU model `nonsense`") && e.contains("tigerlake"), "{e}");
+        let e = ok(16, "tigerlake", "/w").unwrap_err();
+        assert!(e.contains("at most 15"), "{e}");
+        assert!(ok(4, "tigerlake", "/w/\"odd\"").unwrap_err().contains("quote"));
+        // QEMU names its own models; Bochs' limits do not apply.
+        assert_eq!(check_emulator_args(Emulator::Qemu, 16, "max", Path::new("/w")), Ok(()));
+        // Refused before anything is built, with the usage exit code.
+        let args =
+            RunArgs { cpu_model: Some("nonsense".into()), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("an unknown model must not boot");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        let args = RunArgs { cpus: Some(16), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("16 CPUs must not boot in Bochs");
+        assert!(e.to_string().contains("at most 15"), "{e:#}");
+    }
+
+    #[test]
+    fn the_emulators_own_words_name_the_failure() {
+        // Captured from Bochs 2.7: 16 CPUs, an unknown model, a path it could not open.
+        let log16 = "00000000000i[      ] reading configuration\n\
+                     00000000000p[SYS   ] >>PANIC<< register_timer: too many registered timers\n";
+        assert_eq!(
+            emulator_diagnosis(&[log16]),
+            ["Bochs panic: register_timer: too many registered timers"]
+        );
+        let out_model = "00000000000e[      ] rcm:6: wrong value for parameter 'model'\n\
+            00000000000p[      ] >>PANIC<< rcm:6: cpu directive malformed.\n\
+            00000000000e[SIM   ] notify called, but no bxevent_callback function is registered\n\
+            [      ] rcm:6: cpu directive malformed.\n";
+        assert_eq!(
+            emulator_diagnosis(&["", out_model]),
+            ["Bochs panic: rcm:6: cpu directive malformed."]
+        );
+        let log_path =
+            "00000000000e[CD1   ] open cd failed for '/tmp/myiso.iso': No such file or directory\n\
+            00004341935p[BIOS  ] >>PANIC<< No bootable device.\n";
+        assert_eq!(emulator_diagnosis(&[log_path]), ["Bochs panic: No bootable device."]);
+        let errors_only = "00000000000e[CD1   ] open cd failed for '/x': No such file\n";
+        assert_eq!(
+            emulator_diagnosis(&[errors_only]),
+            ["Bochs error: open cd failed for '/x': No such file"]
+        );
+        assert!(emulator_diagnosis(&["plain text\n(0) [0x0] f000:fff0: jmpf\n"]).is_empty());
+    }
+
+    #[test]
+    fn a_bad_command_line_stops_the_run_before_anything_is_built() {
+        let args =
+            RunArgs { cmdline: "cpus=2 vmxcap".into(), ..RunArgs::quiet(Emulator::Bochs, None) };
+        let e = run(&args).expect_err("an unknown option must not boot");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        assert!(e.to_string().contains("`vmxcap`: unknown option"), "{e:#}");
+    }
+
+    #[test]
+    fn colour_follows_each_stream() {
+        use anstream::{AutoStream, ColorChoice};
+        // stderr a terminal, stdout a pipe: the console lines on stdout carry no colour.
+        let mut p = Printer {
+            out: AutoStream::new(Vec::new(), ColorChoice::Never),
+            err: AutoStream::new(Vec::new(), ColorChoice::Always),
+            quiet: false,
+            live: true,
+            status_shown: false,
+        };
+        p.line("[c2] online", false);
+        p.line("#mkv end outcome=ok tsc=1", true);
+        p.status(Instant::now(), Phase::Grub);
+        let out = String::from_utf8(p.out.into_inner()).unwrap();
+        assert_eq!(out, "[c2] online\n#mkv end outcome=ok tsc=1\n");
+        assert!(String::from_utf8(p.err.into_inner()).unwrap().contains("\x1b[1m"));
+        // A terminal that wants colour gets one per core.
+        let mut p = Printer {
+            out: AutoStream::new(Vec::new(), ColorChoice::Always),
+            err: Vec::new(),
+            quiet: false,
+            live: false,
+            status_shown: false,
+        };
+        p.line("[c2] online", false);
+        p.status(Instant::now(), Phase::Grub);
+        assert_eq!(String::from_utf8(p.out.into_inner()).unwrap(), "\x1b[32m[c2] online\x1b[0m\n");
+        let err = String::from_utf8(p.err).unwrap();
+        assert!(!err.contains('\x1b') && err.ends_with("GRUB loading the hypervisor\n"), "{err:?}");
+    }
+
+    #[test]
+    fn fewer_cores_than_the_config_needs_is_refused_unless_allowed() {
+        let cfg = crate::config::load(&crate::workspace_root().join("configs/default.toml"))
+            .unwrap()
+            .config;
+        assert_eq!(guests_without_a_core(&cfg, 4, ""), (4, vec![]));
+        let names = |cpus, cmdline| {
+            let (n, m) = guests_without_a_core(&cfg, cpus, cmdline);
+            (n, m.into_iter().map(|(g, _)| g).collect::<Vec<_>>())
+        };
+        assert_eq!(names(2, ""), (2, vec!["gamma".into(), "delta".into()]));
+        assert_eq!(names(4, "cpus=3"), (3, vec!["delta".to_string()]));
+        assert_eq!(names(4, "cpus=1 cpus=8"), (4, vec![]));
+        let args = RunArgs {
+            cpus: Some(2),
+            ..RunArgs::quiet(Emulator::Bochs, Some("configs/default.toml"))
+        };
+        let e = run(&args).expect_err("a guest without its core must not boot unasked");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::USAGE, "{e:#}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`gamma` on core 2, `delta` on core 3") && msg.contains("--cpus 4"),
+            "{msg}"
+        );
+        assert!(msg.contains("--allow-missing-cores"), "{msg}");
+    }
+
+    #[test]
+    fn old_run_folders_are_pruned_but_not_live_ones() {
+        let root = std::env::temp_dir().join(format!("xtask-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        // pid 0x7fffffff is never alive; our own pid is.
+        let dead = |n: u32| root.join(format!("bochs-4cpu-2147483647-{n}"));
+        for n in 0..5 {
+            std::fs::create_dir(dead(n)).unwrap();
+            // Distinct modification times, oldest first.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mine = root.join(format!("qemu-2cpu-{}-0", std::process::id()));
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::create_dir(root.join("not-a-run")).unwrap();
+        std::fs::create_dir(mine.with_file_name("bochs-1cpu-x-0")).unwrap();
+        // Keep 2: the live one and dead 4 are the newest; 0..=3 go.
+        let mut gone = prune_runs(&root, 2).unwrap();
+        gone.sort();
+        assert_eq!(gone, (0..4).map(dead).collect::<Vec<_>>());
+        assert!(dead(4).exists() && mine.exists() && root.join("not-a-run").exists());
+        // Keep 0: a live run's folder is never removed.
+        assert_eq!(prune_runs(&root, 0).unwrap(), [dead(4)]);
+        assert!(mine.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Processes whose command line contains `marker`.
+    fn alive_with(marker: &str) -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+            })
+            .count()
+    }
+
+    /// A leader that starts a grandchild and waits: both carry `marker` in their arguments.
+    fn family(marker: &str) -> EmulatorProcess {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("sh -c 'sleep 300; : {marker}' & sleep 300; : {marker}"));
+        let p = EmulatorProcess::start(c).unwrap();
+        let t = Instant::now();
+        while alive_with(marker) < 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // (For a moment the forked subshell is a third copy before its exec.)
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(alive_with(marker) >= 2, "leader and grandchild running");
+        p
+    }
+
+    #[test]
+    fn the_emulators_whole_process_group_is_killed() {
+        // Dropped (normal end, error, timeout, unwinding): the group goes, grandchildren too.
+        let marker = format!("xtask-group-drop-{}", std::process::id());
+        drop(family(&marker));
+        assert_eq!(alive_with(&marker), 0);
+        // A signal or a panic: every registered group is killed from outside the run loop.
+        let marker = format!("xtask-group-kill-{}", std::process::id());
+        let mut p = family(&marker);
+        kill_all_emulators();
+        assert!(p.wait().is_some());
+        let t = Instant::now();
+        while alive_with(&marker) > 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(alive_with(&marker), 0);
+        drop(p);
+    }
+
+    #[test]
+    fn report_path_check_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let new = dir.join("new.json");
+        check_writable(&new).unwrap();
+        assert!(!new.exists(), "the check must not leave an empty report");
+        std::fs::write(&new, "keep").unwrap();
+        check_writable(&new).unwrap();
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "keep", "nor truncate an old one");
+        assert!(check_writable(&dir).is_err(), "a directory is not a report file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bochsrc_has_the_requested_machine() {
         let rc = bochsrc(Path::new("/x/m.iso"), Path::new("/x"), 2, "tigerlake", 512);
         assert!(rc.contains("megs: 512\n"));
         assert!(rc.contains("cpu: model=tigerlake, count=2,"));
-        assert!(rc.contains("path=/x/m.iso"));
-        assert!(rc.contains("com1: enabled=1, mode=file, dev=/x/serial.txt"));
+        assert!(rc.contains("path=\"/x/m.iso\""));
+        assert!(rc.contains("com1: enabled=1, mode=file, dev=\"/x/serial.txt\""));
+        assert!(rc.contains("log: \"/x/bochs.log\""));
+        // Bochs drops unquoted spaces from a value: every path is quoted.
+        let rc = bochsrc(Path::new("/my runs/m.iso"), Path::new("/my runs"), 2, "tigerlake", 512);
+        assert!(rc.contains("path=\"/my runs/m.iso\""), "{rc}");
+        assert!(rc.contains("dev=\"/my runs/serial.txt\""), "{rc}");
         assert!(rc.contains("clock: sync=none"));
     }
 }

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The hypervisor's command line (`--cmdline`), checked before anything is built.
+//!
+//! The grammar is the hypervisor's (`hypervisor/src/bootinfo.rs::parse_options`, which logs
+//! any word it cannot use as ``command line: `word`: why (ignored)``). This mirrors it so that
+//! a typo stops the run before a boot of minutes; should the two ever drift apart, the
+//! hypervisor's own "ignored" lines still reach the report's `problems` (`report::Console`).
+
+/// One word the hypervisor would ignore, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadWord {
+    pub word: String,
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for BadWord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.word, self.why)
+    }
+}
+
+/// Every word of `cmdline` the hypervisor would not accept.
+pub fn check(cmdline: &str) -> Vec<BadWord> {
+    let mut bad = vec![];
+    for word in cmdline.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        let n = value.parse::<u64>().ok();
+        let why = match key {
+            "cpus" if n.is_some_and(|n| n >= 1) => None,
+            "cpus" => Some("expected cpus=N with N >= 1"),
+            "vmxcaps" if value.is_empty() || value == "1" => None,
+            "vmxcaps" => Some("expected vmxcaps or vmxcaps=1"),
+            "budget_ms" if n.is_some_and(|n| n >= 1) => None,
+            "budget_ms" => Some("expected budget_ms=N with N >= 1"),
+            "caps_deadline_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
+            "caps_deadline_ms" => Some("expected caps_deadline_ms=N with 1 <= N <= 60000"),
+            "inject" => match value.split_once(':') {
+                None if value == "silent-ap" || value == "ap-fault" => None,
+                Some(("deaf-core", k)) if k.parse::<usize>().is_ok_and(|k| k >= 1) => None,
+                _ => Some(
+                    "expected inject=silent-ap, inject=ap-fault or inject=deaf-core:N (N >= 1)",
+                ),
+            },
+            _ => Some(
+                "unknown option (known: cpus=N, vmxcaps, budget_ms=N, caps_deadline_ms=N, \
+                 inject=silent-ap|ap-fault|deaf-core:N)",
+            ),
+        };
+        if let Some(why) = why {
+            bad.push(BadWord { word: word.to_string(), why });
+        }
+    }
+    bad
+}
+
+/// A line the hypervisor logged about a command-line word it ignored, as a report problem.
+pub fn ignored_by_hypervisor(line: &str) -> Option<String> {
+    let at = line.find("command line: `")?;
+    let what = line[at..].strip_suffix("(ignored)")?.trim_end();
+    Some(format!("the hypervisor ignored a word of its {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(cmdline: &str) -> Vec<String> {
+        check(cmdline).into_iter().map(|b| b.word).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn good_options_pass() {
+        assert!(check("").is_empty());
+        let all = "cpus=2 vmxcaps vmxcaps=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
+                   inject=silent-ap inject=ap-fault inject=deaf-core:1";
+        assert_eq!(check(all), []);
+    }
+
+    #[test]
+    fn unknown_and_malformed_options_are_named() {
+        assert_eq!(words("cpu=2 vmxcap --verbose"), ["cpu=2", "vmxcap", "--verbose"]);
+        assert_eq!(
+            words("cpus=0 cpus=x cpus vmxcaps=2 budget_ms=0 budget_ms=-1"),
+            ["cpus=0", "cpus=x", "cpus", "vmxcaps=2", "budget_ms=0", "budget_ms=-1"]
+        );
+        assert_eq!(
+            words("caps_deadline_ms=0 caps_deadline_ms=60001 inject inject=deaf-core:0 inject=x"),
+            [
+                "caps_deadline_ms=0",
+                "caps_deadline_ms=60001",
+                "inject",
+                "inject=deaf-core:0",
+                "inject=x"
+            ]
+        );
+        let b = &check("cpus=2 frob")[0];
+        assert_eq!(b.word, "frob");
+        assert!(b.to_string().starts_with("`frob`: unknown option"), "{b}");
+    }
+
+    #[test]
+    fn the_hypervisors_ignored_lines_become_problems() {
+        assert_eq!(
+            ignored_by_hypervisor("[c0] WARN command line: `frob`: unknown option (ignored)")
+                .as_deref(),
+            Some("the hypervisor ignored a word of its command line: `frob`: unknown option")
+        );
+        assert_eq!(ignored_by_hypervisor("[c0] command line: cpus=2"), None);
+        assert_eq!(ignored_by_hypervisor("[alpha@c0] hello"), None);
+    }
+}
