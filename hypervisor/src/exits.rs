@@ -39,7 +39,7 @@
 //! * Console (hypercall and port 0xE9): printable text only, see [`GuestCtx::console_bytes`].
 
 use crate::arch::vmx::GuestRegs;
-use crate::caps::{HvCaps, Policy};
+use crate::caps::HvCaps;
 use vmcall_proto::hypercall::{
     HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
 };
@@ -331,8 +331,9 @@ pub struct GuestCtx {
     /// Per channel of this guest (boot-info order): the peer core's APIC id, if the peer runs.
     pub doorbells: [Option<u32>; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub doorbells_rung: u32,
-    /// This guest's capabilities and this core's part of the capability protocol.
-    pub caps: HvCaps,
+    /// This guest's capabilities and this core's part of the capability protocol (in the
+    /// core's static storage: tens of KiB).
+    pub caps: &'static mut HvCaps,
     /// TSC ticks spent on other cores' behalf while this guest ran (not charged to it).
     pub foreign_tsc: u64,
 }
@@ -355,7 +356,14 @@ const GP: Event = Event::Exception { vector: 13, error_code: Some(0) };
 const UD: Event = Event::Exception { vector: 6, error_code: None };
 
 impl GuestCtx {
-    pub fn new(id: u32, core: u32, memory_mib: u32, tsc_per_ms: u64, watchdog: u64) -> Self {
+    pub fn new(
+        id: u32,
+        core: u32,
+        memory_mib: u32,
+        tsc_per_ms: u64,
+        watchdog: u64,
+        caps: &'static mut HvCaps,
+    ) -> Self {
         GuestCtx {
             id,
             core,
@@ -374,7 +382,7 @@ impl GuestCtx {
             hypercalls: 0,
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
-            caps: HvCaps::new(core as u16, Policy::from_tsc_per_ms(tsc_per_ms)),
+            caps,
             foreign_tsc: 0,
         }
     }
@@ -1058,7 +1066,9 @@ mod tests {
     }
 
     fn ctx() -> GuestCtx {
-        GuestCtx::new(2, 3, 16, 4000, u64::MAX)
+        let policy = crate::caps::Policy::from_tsc_per_ms(4000);
+        let caps = Box::leak(Box::new(HvCaps::new(3, policy)));
+        GuestCtx::new(2, 3, 16, 4000, u64::MAX, caps)
     }
     fn exit(reason: u16, len: u64) -> VmExit {
         VmExit { reason, instruction_len: len, rip: 0x10_0000, ..VmExit::default() }

@@ -155,6 +155,32 @@ pub enum Bug {
 pub type HvCaps = CapCore<{ proto::entries_for(MAX_PEERS) }>;
 
 impl<const E: usize> CapCore<E> {
+    /// Writes a fresh instance at `p`, in place (see [`Proto::init_at`]): the hypervisor
+    /// keeps each core's instance in static storage, not on its stack.
+    ///
+    /// # Safety
+    /// `p` is valid for writes of a `CapCore<E>` and properly aligned.
+    pub unsafe fn init_at(p: *mut Self, core: u16, policy: Policy) {
+        use core::ptr::addr_of_mut;
+        // SAFETY: the caller vouches for `p`; every field is written before any read.
+        unsafe {
+            addr_of_mut!((*p).space).write(CSpace::new(core));
+            addr_of_mut!((*p).chans).write([Chan::default(); MAX_CHANNELS_PER_GUEST]);
+            addr_of_mut!((*p).nchans).write(0);
+            addr_of_mut!((*p).ended).write(false);
+            addr_of_mut!((*p).deaf).write(false);
+            Proto::init_at(addr_of_mut!((*p).proto), core);
+            addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
+            addr_of_mut!((*p).stats).write(Stats::default());
+            addr_of_mut!((*p).policy).write(policy);
+            #[cfg(test)]
+            addr_of_mut!((*p).bug).write(Bug::None);
+        }
+    }
+
+    /// A fresh instance by value (host tests and the model; the hypervisor uses
+    /// [`Self::init_at`]).
+    #[cfg(test)]
     pub fn new(core: u16, policy: Policy) -> Self {
         CapCore {
             space: CSpace::new(core),

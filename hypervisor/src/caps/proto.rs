@@ -186,6 +186,32 @@ fn levels(child_depth: u8) -> u64 {
 }
 
 impl<const E: usize> Proto<E> {
+    /// Writes a fresh instance at `p` without building one on the stack first (the entry
+    /// table is tens of KiB: a by-value chain of constructors can overflow a hypervisor
+    /// stack in unoptimised builds).
+    ///
+    /// # Safety
+    /// `p` is valid for writes of a `Proto<E>` and properly aligned.
+    pub unsafe fn init_at(p: *mut Self, me: u16) {
+        // SAFETY: the caller vouches for `p`; every field is written before any read.
+        unsafe {
+            core::ptr::addr_of_mut!((*p).me).write(me);
+            let entries = core::ptr::addr_of_mut!((*p).entries) as *mut Entry;
+            for i in 0..E {
+                entries.add(i).write(FREE);
+            }
+            core::ptr::addr_of_mut!((*p).outstanding).write([0; MAX_PEERS]);
+            core::ptr::addr_of_mut!((*p).fenced).write(0);
+            core::ptr::addr_of_mut!((*p).local).write(None);
+            core::ptr::addr_of_mut!((*p).insert).write([0; 7]);
+            core::ptr::addr_of_mut!((*p).seq).write(0);
+            core::ptr::addr_of_mut!((*p).open).write(0);
+            #[cfg(test)]
+            core::ptr::addr_of_mut!((*p).bug).write(Bug::None);
+        }
+    }
+
+    #[cfg(test)]
     pub fn new(me: u16) -> Self {
         Proto {
             me,

@@ -602,3 +602,15 @@ fn poll_serves_every_waiting_message_and_counts_them() {
     assert_eq!(core.stats.requests_from[0], 3, "replies are not counted as requests");
     assert!(env.1.is_empty(), "nothing answered");
 }
+
+#[test]
+fn in_place_initialisation_equals_a_fresh_instance() {
+    let policy = Policy { deadline: 7, transfer_gap: 3 };
+    let mut slot = Box::new(core::mem::MaybeUninit::<Core>::uninit());
+    // SAFETY: a boxed, aligned slot for exactly one Core.
+    let built = unsafe {
+        Core::init_at(slot.as_mut_ptr(), 5, policy);
+        slot.assume_init_ref().clone()
+    };
+    assert_eq!(built, Core::new(5, policy));
+}

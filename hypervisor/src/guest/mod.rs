@@ -173,6 +173,29 @@ mod run {
         }
     }
 
+    /// Each core's capability state, in static storage (tens of KiB: a stack is no place for
+    /// it), owned by that core.
+    struct CapsSlot(core::cell::UnsafeCell<core::mem::MaybeUninit<crate::caps::HvCaps>>);
+    // SAFETY: slot i is touched only by core i, in `caps_of_this_core`, once per run.
+    unsafe impl Sync for CapsSlot {}
+    static CAPS: [CapsSlot; crate::percpu::MAX_CORES] =
+        [const { CapsSlot(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit())) };
+            crate::percpu::MAX_CORES];
+
+    /// Initialises and hands out this core's capability state. Called once per core.
+    fn caps_of_this_core(
+        core: usize,
+        policy: crate::caps::Policy,
+    ) -> &'static mut crate::caps::HvCaps {
+        let p = CAPS[core].0.get() as *mut crate::caps::HvCaps;
+        // SAFETY: slot `core` belongs to this core, which runs its guest once (so this is the
+        // only reference); the slot is static, aligned, and initialised here in place.
+        unsafe {
+            crate::caps::HvCaps::init_at(p, core as u16, policy);
+            &mut *p
+        }
+    }
+
     /// Frames for page tables and VMX structures: this core's private region, freed table
     /// frames reused first.
     type Private = ept::FramePool<Identity>;
@@ -574,7 +597,10 @@ mod run {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
         let watchdog = arch::rdtsc().saturating_add(budget_ticks);
-        let mut ctx = GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog);
+        let policy = crate::caps::Policy::from_tsc_per_ms(tsc_per_ms);
+        let caps = caps_of_this_core(core as usize, policy);
+        let mut ctx =
+            GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
         ctx.caps.policy.deadline = l.caps_deadline_ms.saturating_mul(tsc_per_ms);
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
