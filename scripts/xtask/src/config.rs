@@ -10,9 +10,6 @@ use toml::Spanned;
 use vmcall_proto::config as blob;
 use vmcall_proto::config::valid_name;
 
-/// Memory the hypervisor, firmware and low memory keep for themselves, MiB.
-pub const RESERVED_MIB: u32 = 32;
-
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -197,7 +194,6 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     if config.guests.len() > blob::MAX_GUESTS {
         errs.at(config.guests[blob::MAX_GUESTS].name.span(), "guest", "too many guests");
     }
-    let mut total_mib: u64 = 0;
     for (i, g) in config.guests.iter().enumerate() {
         let f = |k: &str| format!("guest[{i}].{k}");
         let name = g.name.get_ref();
@@ -247,7 +243,6 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 format!("{mem} MiB is not a multiple of 2 MiB"),
             );
         }
-        total_mib += mem as u64;
         let w = g.workload.get_ref();
         if !vmcall_proto::guest::WORKLOADS.contains(&w.as_str()) {
             errs.at(
@@ -277,20 +272,28 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             }
         }
     }
-    let mut grant_mib: u64 = 0;
-    for g in &config.grants {
-        grant_mib += *g.memory_mib.get_ref() as u64;
-    }
-    let usable = (*m.memory_mib.get_ref()).saturating_sub(RESERVED_MIB) as u64;
-    if total_mib + grant_mib > usable {
+    let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
+    let grant_mib: u64 = config.grants.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
+    let needed = blob::memory_needed(
+        config.guests.iter().map(|g| *g.memory_mib.get_ref()),
+        config.grants.iter().map(|g| *g.memory_mib.get_ref()),
+        config.channels.iter().map(|c| *c.slots.get_ref()),
+    );
+    let available = blob::available_bytes(*m.memory_mib.get_ref());
+    if needed > available {
         let span = config.guests.last().map_or(m.memory_mib.span(), |g| g.memory_mib.span());
+        let mib = |b: u64| b.div_ceil(1 << 20);
         errs.at(
             span,
             "guest[*].memory_mib",
             format!(
-                "guests ({total_mib} MiB) and grants ({grant_mib} MiB) exceed the machine's {} MiB \
-                 less {RESERVED_MIB} MiB for the hypervisor and firmware",
-                m.memory_mib.get_ref()
+                "guests ({total_mib} MiB, plus {} MiB private to each for its EPT tables and \
+                 VMCS), grants ({grant_mib} MiB) and channel rings need {} MiB, more than the \
+                 machine's {} MiB less {} MiB for the hypervisor and firmware",
+                blob::GUEST_PRIVATE_BYTES >> 20,
+                mib(needed),
+                m.memory_mib.get_ref(),
+                blob::HOST_RESERVED_MIB
             ),
         );
     }
@@ -534,7 +537,7 @@ memory_mib = 4
         assert_eq!((e.line, e.field.as_str()), (9, "guest[0].memory_mib"));
         let e = errors(&GOOD.replace("memory_mib = 16", "memory_mib = 100000"));
         assert!(e[0].message.contains("out of bounds"), "{e:?}");
-        assert!(e[1].message.contains("exceed the machine"), "{e:?}");
+        assert!(e[1].message.contains("more than the machine"), "{e:?}");
         let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 7"));
         assert!(e.message.contains("multiple of 2"));
     }
@@ -543,7 +546,25 @@ memory_mib = 4
     fn total_memory_over_the_machine() {
         let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 220"));
         assert_eq!(e.field, "guest[*].memory_mib");
-        assert!(e.message.contains("exceed the machine's 256 MiB"), "{e}");
+        assert!(e.message.contains("more than the machine's 256 MiB"), "{e}");
+    }
+
+    #[test]
+    fn private_regions_count_against_the_machine() {
+        // 4 x 56 MiB is exactly 256 - 32, but each guest also needs its 2-MiB private
+        // region: the hypervisor would leave the fourth guest `not_started`.
+        let guest = |k: u32| {
+            format!(
+                "[[guest]]\nname = \"g{k}\"\ncore = {k}\nmemory_mib = 56\nworkload = \"spin\"\n"
+            )
+        };
+        let four: String = (0..4).map(guest).collect();
+        let src = format!("[machine]\ncpus = 4\nmemory_mib = 256\n\n{four}");
+        let e = one_error(&src);
+        assert_eq!(e.field, "guest[*].memory_mib");
+        assert!(e.message.contains("need 232 MiB"), "{e}");
+        let fits = src.replace("memory_mib = 56", "memory_mib = 54");
+        assert!(compile("t.toml", &fits).is_ok());
     }
 
     #[test]
