@@ -3,6 +3,11 @@
 //! leaves it: paging off, flat segments, EAX = magic, EBX = information address) to long
 //! mode and [`crate::hv_entry_bsp`].
 //!
+//! A processor without long mode is refused here, in 32-bit code, the way the 64-bit
+//! feature probe refuses a missing VMX feature: one line, the `refused` and `end` records
+//! (see `vmcall_proto::record`), written to COM1 byte by byte once the transmitter is empty,
+//! then the emulators' exit ports (`vmcall_proto::platform`).
+//!
 //! Its first instructions turn the caches on (CR0.CD = CR0.NW = 0) and reset IA32_PAT, as
 //! `arch::caches_on` describes: the reset value of CR0 has both cache bits set, and the
 //! hypervisor never relies on firmware having cleared them.
