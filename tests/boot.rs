@@ -80,3 +80,17 @@ fn qemu_tcg_is_refused_with_the_missing_feature() {
     assert!(b.serial.contains("mkvisor needs VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)"));
     assert!(r.cores.is_empty(), "no core may be started when refusing");
 }
+
+#[test]
+fn bochs_without_long_mode_is_refused_with_the_missing_feature() {
+    // A Pentium 4 (Willamette) has no long mode: the 32-bit boot code must say so on the
+    // serial port and end the run, not hang until the timeout.
+    let b = boot(Emulator::Bochs, 1, Some("p4_willamette"), "");
+    let r = &b.report;
+    assert_eq!(r.outcome, "refused", "{:?}\n{}", r.problems, b.serial);
+    let missing = "long mode (CPUID.80000001H:EDX.LM[bit 29] is 0)";
+    assert_eq!(r.missing.as_deref(), Some(missing));
+    assert!(b.serial.contains(&format!("mkvisor needs {missing}; this machine lacks it.")));
+    assert!(r.cores.is_empty(), "no core may be started when refusing");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}

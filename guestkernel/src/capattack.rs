@@ -60,7 +60,7 @@ fn touch_revoked(at: u64) -> u64 {
 /// splitter's core is the silent one).
 pub fn revoker(bi: &BootInfo) -> u64 {
     let mut ok = true;
-    let deaf = bi.arg_u64("deaf", 0) == 1;
+    let deaf = bi.arg_int("deaf") == 1;
     let (Some(mut s), Some(mut p)) = (channel::open(bi, Some("os")), channel::open(bi, Some("op")))
     else {
         return 1;
@@ -138,7 +138,7 @@ pub fn splitter(bi: &BootInfo) -> u64 {
     }
     check("capattack", "the owner's data through my copy", Ok(peek(w)), Ok(0x0a11), &mut ok);
     send(&mut o, READY, 0);
-    let deaf = bi.arg_u64("deaf", 0) == 1;
+    let deaf = bi.arg_int("deaf") == 1;
     if recv(&mut o)[0] != REVOKED || !ok {
         return 1;
     }
@@ -241,7 +241,7 @@ pub fn flooder(bi: &BootInfo) -> u64 {
     let mut ok = true;
     let Some(mut q) = channel::open(bi, None) else { return 1 };
     let Some(ep) = first_endpoint() else { return 1 };
-    let n = bi.arg_u64("n", 2000);
+    let n = bi.arg_int("n");
     let refused = (0..n)
         .filter(|_| {
             call3(Hypercall::CapTransfer, 0, ep, 1 | R << 8) == Err(Ok(HvError::NotAccepted))

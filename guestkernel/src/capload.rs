@@ -120,7 +120,7 @@ pub fn pool(bi: &BootInfo) -> u64 {
     ok &= again == 0x5eed_0000;
     log::info!("cap: the same memory, read-only at {:#x}: {again:#x}", base + half);
     check("cap", "unmap slot 0 again", call(Hypercall::CapUnmap, 0, 0), Ok(base + half), &mut ok);
-    if bi.arg("touch_after_unmap") == Some("1") {
+    if bi.arg_int("touch_after_unmap") == 1 {
         log::info!("cap: reading {base:#x} after unmapping it");
         // SAFETY: deliberately touching memory no longer mapped for us: must be stopped.
         let v = unsafe { core::ptr::read_volatile(base as *const u64) };

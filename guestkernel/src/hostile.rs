@@ -154,7 +154,7 @@ impl<'a> Env<'a> {
 
 /// The workload `attack`.
 pub fn attack(bi: &BootInfo) -> u64 {
-    let which = bi.arg("which").unwrap_or("all");
+    let which = bi.arg_word("which");
     if which == "fence" {
         return fence(bi);
     }
@@ -580,7 +580,7 @@ fn rep_stos_across_end(bi: &BootInfo) -> Seen {
 }
 
 fn foreign_channel(bi: &BootInfo) -> Seen {
-    let k = bi.arg_u64("window", 0) as u32;
+    let k = bi.arg_int("window") as u32;
     if bi.channels().iter().any(|d| d.index == k) {
         return Seen::NoSetup("that channel is mine");
     }
@@ -609,7 +609,7 @@ fn exec_channel(bi: &BootInfo) -> Seen {
 fn doorbell_flood(env: &mut Env<'_>) -> Seen {
     let bi = env.bi;
     let Some(mut c) = crate::channel::open(bi, None) else { return Seen::NoSetup("no channel") };
-    let (n, rings) = (bi.arg_u64("n", 100), bi.arg_u64("rings", 50));
+    let (n, rings) = (bi.arg_int("n"), bi.arg_int("rings"));
     log::info!("attack: {n} messages to my peer, each followed by {rings} doorbells");
     let mut rung = 0;
     for i in 0..n {
@@ -1028,5 +1028,12 @@ mod tests {
             assert!(a.name != "all" && a.name != "fence");
         }
         assert!(ATTACKS.iter().filter(|a| a.kind == Kind::Batch).count() >= 25);
+    }
+
+    #[test]
+    fn attack_names_are_the_config_table_s() {
+        // `cargo xtask` checks `which=` against vmcall-proto's list: it must be this table.
+        let names: Vec<&str> = ATTACKS.iter().map(|a| a.name).collect();
+        assert_eq!(names, vmcall_proto::guest::ATTACK_NAMES);
     }
 }

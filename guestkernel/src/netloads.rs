@@ -41,7 +41,7 @@ fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
         log::error!("no channel {:?} in my boot info", bi.arg(name_key));
     }
     c.map(|mut c| {
-        c.doorbells = bi.arg("mode") == Some("doorbell");
+        c.doorbells = bi.arg_word("mode") == "doorbell";
         c
     })
 }
@@ -80,7 +80,7 @@ impl Stats {
 /// Doorbell mode: poll this many times before sleeping (`polls=`, default 0: always sleep,
 /// which is what the doorbell measurement wants).
 fn polls(bi: &BootInfo) -> u32 {
-    bi.arg_u64("polls", 0) as u32
+    bi.arg_int("polls") as u32
 }
 
 fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
@@ -93,7 +93,7 @@ fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
 
 pub fn ping(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = bi.arg_u64("n", 1000);
+    let n = bi.arg_int("n");
     let (mut rtt, mut send) = (Stats::new(), Stats::new());
     let e0 = exit_count();
     for i in 0..n {
@@ -121,7 +121,7 @@ pub fn ping(bi: &BootInfo) -> u64 {
     log::info!(
         "bench ping mode={} n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} exits={e} \
          doorbells_rung={} doorbells_taken={d}",
-        bi.arg("mode").unwrap_or("poll"),
+        bi.arg_word("mode"),
         c.rung
     );
     0
@@ -129,7 +129,7 @@ pub fn ping(bi: &BootInfo) -> u64 {
 
 pub fn pong(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = bi.arg_u64("n", 1000);
+    let n = bi.arg_int("n");
     let mut recv = Stats::new();
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
     let e0 = exit_count();
@@ -166,7 +166,7 @@ pub fn pong(bi: &BootInfo) -> u64 {
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed) - d0;
     log::info!(
         "bench pong mode={} n={n} recv_median={} exits={e} doorbells_taken={d} doorbells_rung={}",
-        bi.arg("mode").unwrap_or("poll"),
+        bi.arg_word("mode"),
         recv.summary().0,
         c.rung
     );
@@ -175,7 +175,7 @@ pub fn pong(bi: &BootInfo) -> u64 {
 
 pub fn stream(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = bi.arg_u64("n", 10_000);
+    let n = bi.arg_int("n");
     let e0 = exit_count();
     let t0 = rdtsc();
     for i in 0..n {
@@ -195,7 +195,7 @@ pub fn stream(bi: &BootInfo) -> u64 {
 
 pub fn sink(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
-    let n = bi.arg_u64("n", 10_000);
+    let n = bi.arg_int("n");
     let e0 = exit_count();
     let t0 = rdtsc();
     let (mut lost, mut dup, mut bad) = (0u64, 0u64, 0u64);
@@ -234,9 +234,9 @@ pub fn sink(bi: &BootInfo) -> u64 {
 
 pub fn relay(bi: &BootInfo) -> u64 {
     let (Some(mut to), Some(mut from)) = (open(bi, "to"), open(bi, "from")) else { return 1 };
-    let n = bi.arg_u64("n", 1000);
-    let guests = bi.arg_u64("guests", 4).max(2);
-    let window = bi.arg_u64("window", 16).max(1);
+    let n = bi.arg_int("n");
+    let guests = bi.arg_int("guests").max(2);
+    let window = bi.arg_int("window").max(1);
     let me = bi.guest_id as u64;
     let (mut originated, mut returned, mut forwarded) = (0u64, 0u64, 0u64);
     let (mut dup, mut lost, mut reordered, mut damaged) = (0u64, 0u64, 0u64, 0u64);
@@ -303,7 +303,7 @@ pub fn scribble(bi: &BootInfo) -> u64 {
 }
 
 pub fn trespass(bi: &BootInfo) -> u64 {
-    let k = bi.arg_u64("window", 0) as u32;
+    let k = bi.arg_int("window") as u32;
     let addr = vmcall_proto::guest::channel_window(k);
     if bi.channels().iter().any(|d| d.index == k) {
         log::error!("trespass: channel {k} is mine; nothing to prove");

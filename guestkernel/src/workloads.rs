@@ -68,7 +68,7 @@ fn cpuid_view() -> ([u8; 12], bool) {
 }
 
 fn hello(bi: &BootInfo) -> u64 {
-    let n = bi.arg_u64("n", 100);
+    let n = bi.arg_int("n");
     log::info!(
         "hello from {} (guest {}) on core {}: {} MiB, args {:?}",
         bi.name(),
@@ -116,7 +116,7 @@ fn hello(bi: &BootInfo) -> u64 {
 
 fn spin(bi: &BootInfo) -> u64 {
     use core::sync::atomic::Ordering;
-    let ms = bi.arg_u64("ms", 10).max(1);
+    let ms = bi.arg_int("ms").max(1);
     let tick = bi.tsc_per_ms;
     log::info!("spin: {ms} ms budget, 1 ms timer ticks ({tick} TSC ticks each)");
     let start = crate::arch::rdtsc();

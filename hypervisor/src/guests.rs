@@ -19,9 +19,9 @@ use zerocopy::FromZeros;
 
 /// Default per-guest run budget (milliseconds of TSC time).
 pub const DEFAULT_BUDGET_MS: u64 = 10_000;
-/// Private region per guest: EPT tables, VMCS, MSR bitmap.
-const PRIVATE_SIZE: u64 = 2 << 20;
-const ALIGN_2M: u64 = 2 << 20;
+/// Private region per guest: EPT tables, VMCS, MSR bitmap (the config check counts it too).
+const PRIVATE_SIZE: u64 = config::GUEST_PRIVATE_BYTES;
+const ALIGN_2M: u64 = config::REGION_ALIGN;
 
 /// One configured guest, as planned.
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +122,18 @@ pub fn plan(
         cfg.grants().count(),
         mem.free_bytes() >> 20
     );
+    let needed = config::memory_needed(
+        cfg.guests().map(|g| g.memory_mib),
+        cfg.grants().map(|g| g.memory_mib),
+        cfg.channels().map(|c| c.slots),
+    );
+    if needed > mem.free_bytes() {
+        log::warn!(
+            "config: needs {} MiB for partitions, private regions, grants and channels: \
+             some of it will not be created",
+            needed.div_ceil(1 << 20)
+        );
+    }
 
     let mut plan = Plan {
         guests: [None; MAX_GUESTS],

@@ -28,6 +28,40 @@ pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
 
+/// Private region the hypervisor carves for each guest next to its partition: EPT tables,
+/// VMCS, MSR bitmap.
+pub const GUEST_PRIVATE_BYTES: u64 = 2 << 20;
+/// Alignment of partitions, private regions and grants (EPT maps them with 2-MiB pages).
+pub const REGION_ALIGN: u64 = 2 << 20;
+/// Machine memory a config may not count on, MiB: the hypervisor image, the firmware and
+/// ACPI tables, the first MiB, the multiboot2 modules and the alignment lost between them.
+pub const HOST_RESERVED_MIB: u32 = 32;
+
+const fn align_up(n: u64, to: u64) -> u64 {
+    (n + to - 1) & !(to - 1)
+}
+
+/// Bytes of machine memory the hypervisor carves for a config: every guest's partition
+/// and private region, every grant (each 2-MiB aligned) and every channel's rings. The
+/// config check and the hypervisor's plan both use this; a config fits a machine of
+/// `machine_mib` when it is at most [`available_bytes`]`(machine_mib)`.
+pub fn memory_needed(
+    guest_mib: impl IntoIterator<Item = u32>,
+    grant_mib: impl IntoIterator<Item = u32>,
+    channel_slots: impl IntoIterator<Item = u32>,
+) -> u64 {
+    let mib = |m: u32| align_up(m as u64 * (1 << 20), REGION_ALIGN);
+    let guests: u64 = guest_mib.into_iter().map(|m| mib(m) + GUEST_PRIVATE_BYTES).sum();
+    let grants: u64 = grant_mib.into_iter().map(mib).sum();
+    let channels: u64 = channel_slots.into_iter().map(crate::channel::channel_bytes).sum();
+    guests + grants + channels
+}
+
+/// Bytes a config may use on a machine of `machine_mib`: all but [`HOST_RESERVED_MIB`].
+pub const fn available_bytes(machine_mib: u32) -> u64 {
+    (machine_mib.saturating_sub(HOST_RESERVED_MIB) as u64) << 20
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Header {
@@ -378,6 +412,21 @@ pub fn guest_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_needed_counts_private_regions_and_alignment() {
+        const MIB: u64 = 1 << 20;
+        // Four 56-MiB guests on 256 MiB: the partitions alone fit in 224 MiB, with their
+        // private regions they do not (the fourth guest would not start).
+        let four = memory_needed([56; 4], [], []);
+        assert_eq!(four, 4 * 58 * MIB);
+        assert!(four > available_bytes(256));
+        assert!(memory_needed([54; 4], [], []) <= available_bytes(256));
+        // Odd sizes are carved as whole 2-MiB pages; channels take their ring pages.
+        assert_eq!(memory_needed([5], [3], []), (6 + 2 + 4) * MIB);
+        assert_eq!(memory_needed([], [], [1, 1]), 4 * 4096);
+        assert_eq!(available_bytes(16), 0);
+    }
     use proptest::prelude::*;
 
     fn sample() -> (Vec<GuestEntry>, Vec<ChannelEntry>, Vec<GrantEntry>) {

@@ -56,6 +56,451 @@ pub const WORKLOADS: &[&str] = &[
     "passer", "far", "flooder", "quiet", "attack",
 ];
 
+/// What values a workload argument takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// A whole number in `min..=max`.
+    Int { min: u64, max: u64 },
+    /// One of these words.
+    Word(&'static [&'static str]),
+    /// The name of one of the guest's own channels.
+    Channel,
+}
+
+/// What a guest gets when its config leaves an argument out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgDefault {
+    /// The config must give it.
+    Required,
+    Int(u64),
+    Word(&'static str),
+    /// The guest's first channel (the config must give the guest at least one).
+    FirstChannel,
+}
+
+/// One argument a workload reads from its `args`.
+#[derive(Clone, Copy, Debug)]
+pub struct ArgSpec {
+    pub key: &'static str,
+    pub kind: ArgKind,
+    pub default: ArgDefault,
+    pub meaning: &'static str,
+}
+
+/// A workload: its name (as in [`WORKLOADS`], same order), what it does, every argument
+/// its code reads.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkloadSpec {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub args: &'static [ArgSpec],
+}
+
+impl WorkloadSpec {
+    pub fn arg(&self, key: &str) -> Option<&'static ArgSpec> {
+        self.args.iter().find(|a| a.key == key)
+    }
+}
+
+/// The spec of workload `name`.
+pub fn workload_spec(name: &str) -> Option<&'static WorkloadSpec> {
+    WORKLOAD_SPECS.iter().find(|w| w.name == name)
+}
+
+const fn int(
+    key: &'static str,
+    min: u64,
+    max: u64,
+    default: u64,
+    meaning: &'static str,
+) -> ArgSpec {
+    ArgSpec { key, kind: ArgKind::Int { min, max }, default: ArgDefault::Int(default), meaning }
+}
+const fn flag(key: &'static str, meaning: &'static str) -> ArgSpec {
+    int(key, 0, 1, 0, meaning)
+}
+const fn channel(key: &'static str, default: ArgDefault, meaning: &'static str) -> ArgSpec {
+    ArgSpec { key, kind: ArgKind::Channel, default, meaning }
+}
+
+const MODE: ArgSpec = ArgSpec {
+    key: "mode",
+    kind: ArgKind::Word(&["poll", "doorbell"]),
+    default: ArgDefault::Word("poll"),
+    meaning: "`poll` the ring, or sleep until the peer rings the doorbell",
+};
+const POLLS: ArgSpec =
+    int("polls", 0, u32::MAX as u64, 0, "in doorbell mode, polls before sleeping");
+const CHANNEL: ArgSpec = channel("channel", ArgDefault::FirstChannel, "the channel to use");
+const DEAF: ArgSpec =
+    flag("deaf", "1: the run injects a silent core (the revoke must time out, not hang)");
+/// Channel indexes a config can have.
+const CHANNEL_INDEX: u64 = crate::config::MAX_CHANNELS as u64 - 1;
+
+/// The attacks of workload `attack` (`which=`), in the order the guest kernel's table has
+/// them; `all` runs the batch ones, `fence` serves the capability attacks.
+pub const ATTACK_NAMES: &[&str] = &[
+    "msr-apic-base-read",
+    "msr-apic-base-write",
+    "msr-feature-control-read",
+    "msr-feature-control-write",
+    "msr-vmx-basic-read",
+    "msr-vmx-ept-vpid-cap-read",
+    "msr-vmx-true-procbased-read",
+    "msr-vmx-basic-write",
+    "msr-sysenter-cs-read",
+    "msr-sysenter-esp-write",
+    "msr-sysenter-eip-write",
+    "msr-mtrr-cap-read",
+    "msr-mtrr-def-type-write",
+    "msr-mtrr-physbase0-write",
+    "msr-misc-enable-read",
+    "msr-debugctl-write",
+    "msr-smm-monitor-ctl-write",
+    "msr-tsc-write",
+    "msr-tsc-adjust-write",
+    "msr-x2apic-id-read",
+    "msr-x2apic-tpr-write",
+    "msr-x2apic-icr-init",
+    "msr-x2apic-icr-sipi",
+    "msr-x2apic-icr-nmi",
+    "msr-x2apic-self-ipi",
+    "msr-random-read",
+    "msr-hyperv-guest-os-id-write",
+    "msr-amd-vm-cr-read",
+    "msr-x2apic-eoi-read",
+    "msr-tsc-deadline-write",
+    "msr-spec-ctrl-write",
+    "msr-xss-write",
+    "msr-kernel-gs-base-noncanonical",
+    "msr-lstar-noncanonical",
+    "msr-efer-clear-lme",
+    "msr-efer-clear-lma",
+    "msr-efer-set-svme",
+    "msr-efer-set-reserved",
+    "msr-pat-type-2",
+    "msr-pat-type-3",
+    "msr-pat-type-8",
+    "msr-pat-type-ff",
+    "msr-fs-base-noncanonical",
+    "msr-gs-base-noncanonical",
+    "io-com1-out",
+    "io-com1-in",
+    "io-pic-eoi",
+    "io-pic-mask",
+    "io-pit-mode",
+    "io-pit-read",
+    "io-pci-config-address",
+    "io-pci-config-data",
+    "io-keyboard-reset",
+    "io-reset-control",
+    "io-fast-a20-reset",
+    "io-apm-smi",
+    "io-qemu-debug-exit",
+    "io-bochs-shutdown",
+    "io-e9-word",
+    "io-e9-dword",
+    "io-e9-rep-outsb",
+    "io-e9-in",
+    "io-80-in",
+    "cr0-clear-pe",
+    "cr0-clear-pg",
+    "cr0-clear-ne",
+    "cr0-set-cd",
+    "cr0-set-nw",
+    "cr0-set-cd-nw",
+    "cr0-set-reserved-bit-32",
+    "cr4-set-reserved-bit-63",
+    "cr4-set-vmxe",
+    "cr4-clear-pae",
+    "cr8-reserved",
+    "vmxon",
+    "vmxoff",
+    "vmlaunch",
+    "vmresume",
+    "vmread",
+    "vmwrite",
+    "vmptrld",
+    "vmptrst",
+    "vmclear",
+    "invept",
+    "invvpid",
+    "vmfunc",
+    "monitor",
+    "mwait",
+    "getsec",
+    "vmcall-from-ring3",
+    "xsetbv-xcr1",
+    "xsetbv-xcr0-avx",
+    "xsetbv-xcr0-zero",
+    "xsetbv-xcr0-reserved",
+    "wbinvd",
+    "invd",
+    "hc-unknown-15",
+    "hc-unknown-max",
+    "hc-unknown-2pow32",
+    "hc-unknown-exit-high-bit",
+    "hc-console-past-end",
+    "hc-console-straddle-end",
+    "hc-console-wrap",
+    "hc-console-too-long",
+    "hc-console-len-max",
+    "hc-console-channel-window",
+    "hc-console-grant-window",
+    "hc-console-lapic",
+    "hc-timer-vector-31",
+    "hc-timer-vector-nmi",
+    "hc-timer-vector-256",
+    "hc-timer-vector-max",
+    "hc-doorbell-channel-not-mine",
+    "hc-doorbell-channel-16",
+    "hc-doorbell-channel-max",
+    "cap-identify-slot-64",
+    "cap-identify-slot-2pow40",
+    "cap-identify-slot-max",
+    "cap-map-slot-64",
+    "cap-map-slot-max",
+    "cap-unmap-slot-2pow40",
+    "cap-split-slot-max",
+    "cap-revoke-slot-64",
+    "cap-transfer-slot-max",
+    "cap-map-readonly-copy-writable",
+    "cap-map-write-only",
+    "cap-map-no-rights",
+    "cap-map-grant-right",
+    "cap-map-unknown-right",
+    "cap-map-rights-above-byte",
+    "cap-map-over-kernel",
+    "cap-map-over-channel-window",
+    "cap-map-below-window",
+    "cap-map-across-4gib",
+    "cap-map-above-4gib",
+    "cap-map-wrapping",
+    "cap-map-over-own-mapping",
+    "cap-map-overlapping-own-mapping",
+    "cap-map-misaligned",
+    "cap-unmap-not-mapped",
+    "cap-split-endpoint",
+    "cap-split-misaligned",
+    "cap-transfer-through-memory-cap",
+    "cap-copy-more-rights",
+    "cap-move-without-grant",
+    "cap-transfer-bad-mode",
+    "console-c0",
+    "console-ansi",
+    "console-c1",
+    "console-bidi",
+    "console-invalid-utf8",
+    "console-e9-escape",
+    "console-e9-bidi",
+    "console-split-bidi",
+    "console-split-c1",
+    "console-overlong-escape",
+    "console-format-controls",
+    "console-truncated-at-newline",
+    "hc-storm",
+    "read-past-end",
+    "write-past-end",
+    "exec-past-end",
+    "rep-stos-across-end",
+    "read-4gib",
+    "read-top-of-physical",
+    "lapic-icr-init",
+    "ioapic-write",
+    "foreign-channel",
+    "write-readonly-cap",
+    "exec-channel-window",
+    "triple-fault",
+    "halt-forever",
+    "halt-timer-masked",
+    "spin-forever",
+    "doorbell-flood",
+];
+
+const WHICH: &[&str] = &{
+    let mut out = [""; ATTACK_NAMES.len() + 2];
+    out[0] = "all";
+    out[1] = "fence";
+    let mut i = 0;
+    while i < ATTACK_NAMES.len() {
+        out[i + 2] = ATTACK_NAMES[i];
+        i += 1;
+    }
+    out
+};
+
+/// Every workload's arguments. `cargo xtask` checks configs against it and generates the
+/// README's workload list from it; the guest kernel reads defaults from it
+/// ([`BootInfo::arg_int`], [`BootInfo::arg_word`]).
+pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
+    WorkloadSpec {
+        name: "hello",
+        summary: "prints its identity, checks what the hypervisor shows it (boot info against \
+                  the guest-info hypercall, CPUID, bad hypercalls refused), computes \
+                  `sum(1..=n)` two ways; exits 0 if all agree",
+        args: &[int("n", 0, 1_000_000_000, 100, "the sum's upper bound")],
+    },
+    WorkloadSpec {
+        name: "spin",
+        summary: "takes 1-ms virtual-timer interrupts until `ms` are used, exits 0",
+        args: &[int("ms", 1, 3_600_000, 10, "milliseconds of timer ticks to take")],
+    },
+    WorkloadSpec {
+        name: "fault",
+        summary: "reads 2 MiB past the end of its partition; must be stopped there",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "ping",
+        summary: "sends `n` messages on its channel, waits for each reply, prints round-trip \
+                  figures",
+        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS],
+    },
+    WorkloadSpec {
+        name: "pong",
+        summary: "answers `n` messages of a `ping`",
+        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS],
+    },
+    WorkloadSpec {
+        name: "stream",
+        summary: "sends `n` messages as fast as the ring takes them",
+        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE],
+    },
+    WorkloadSpec {
+        name: "sink",
+        summary: "receives `n` messages of a `stream`, counts lost, duplicated and damaged ones",
+        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE, POLLS],
+    },
+    WorkloadSpec {
+        name: "relay",
+        summary: "one guest of a ring: originates `n` messages on `to`, forwards the others' \
+                  from `from` to `to`, checks its own come back in order",
+        args: &[
+            channel("to", ArgDefault::Required, "the channel to the next guest of the ring"),
+            channel("from", ArgDefault::Required, "the channel from the previous guest"),
+            int("n", 1, 100_000_000, 1000, "messages this guest originates"),
+            int("guests", 2, 64, 4, "guests in the ring"),
+            int("window", 1, 4096, 16, "own messages in flight at most"),
+            MODE,
+        ],
+    },
+    WorkloadSpec {
+        name: "scribble",
+        summary: "sends three messages, then overwrites a control word of its ring (the peer \
+                  must detect it)",
+        args: &[CHANNEL, MODE],
+    },
+    WorkloadSpec {
+        name: "trespass",
+        summary: "reads the window of another pair's channel; must be stopped there",
+        args: &[int("window", 0, CHANNEL_INDEX, 0, "index of the channel whose window to read")],
+    },
+    WorkloadSpec {
+        name: "pool",
+        summary: "uses its granted memory capability (identify, split, map, unmap) and \
+                  checks every answer and refusal",
+        args: &[flag("touch_after_unmap", "1: touch a grant after unmapping it (must be stopped)")],
+    },
+    WorkloadSpec {
+        name: "giver",
+        summary: "splits its grant, moves one half and copies the other read-only to its \
+                  `taker`s over channels `ab` and `ac`, then revokes",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "taker",
+        summary: "maps what a `giver` sends, verifies it, must be stopped after the revoke",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "racer",
+        summary: "copies its grant to its peer and revokes at the same moment as the peer",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "capowner",
+        summary: "benchmark: costs of map, unmap, copy to each holder, revoke and move",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "holder",
+        summary: "benchmark: maps the copy it is given and keeps running until told to stop",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "doomed",
+        summary: "takes and verifies a copy, then is stopped holding it",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "revoker",
+        summary: "copies its grant to a `splitter` (`os`) and a `passer` (`op`), revokes \
+                  all of it",
+        args: &[DEAF],
+    },
+    WorkloadSpec {
+        name: "splitter",
+        summary: "splits its read-only copy in three and maps the pieces",
+        args: &[DEAF],
+    },
+    WorkloadSpec {
+        name: "passer",
+        summary: "tries to move its copy on (refused), copies it to `far` over `pf`",
+        args: &[],
+    },
+    WorkloadSpec { name: "far", summary: "holds a copy of a copy", args: &[] },
+    WorkloadSpec {
+        name: "flooder",
+        summary: "fires `n` copies at a `quiet` guest, then fills and revokes its slots",
+        args: &[int("n", 1, 1_000_000, 2000, "requests")],
+    },
+    WorkloadSpec {
+        name: "quiet",
+        summary: "accepts nothing at first; its space and budget must stay untouched",
+        args: &[],
+    },
+    WorkloadSpec {
+        name: "attack",
+        summary: "runs attacks on the hypervisor, one (`which=NAME`) or the batch \
+                  (`which=all`); each must end as the policy says",
+        args: &[
+            ArgSpec {
+                key: "which",
+                kind: ArgKind::Word(WHICH),
+                default: ArgDefault::Word("all"),
+                meaning: "`all`, `fence` (serve the capability attacks) or one attack's name",
+            },
+            int("window", 0, CHANNEL_INDEX, 0, "`foreign-channel`: the channel index to read"),
+            int("n", 1, 1_000_000, 100, "`doorbell-flood`: messages"),
+            int("rings", 0, 1_000_000, 50, "`doorbell-flood`: doorbells per message"),
+        ],
+    },
+];
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const _: () = {
+    assert!(WORKLOAD_SPECS.len() == WORKLOADS.len());
+    let mut i = 0;
+    while i < WORKLOADS.len() {
+        assert!(str_eq(WORKLOAD_SPECS[i].name, WORKLOADS[i]));
+        i += 1;
+    }
+};
+
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
 pub const BOOT_INFO_VERSION: u32 = 1;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.
@@ -120,6 +565,25 @@ impl BootInfo {
     pub fn arg_u64(&self, key: &str, default: u64) -> u64 {
         self.arg(key).and_then(|v| v.parse().ok()).unwrap_or(default)
     }
+    /// Integer argument `key` of this guest's workload, or its default from
+    /// [`WORKLOAD_SPECS`] (0 for a key the table does not declare: `cargo xtask` refuses
+    /// configs that give one).
+    pub fn arg_int(&self, key: &str) -> u64 {
+        let default = match workload_spec(self.workload()).and_then(|w| w.arg(key)) {
+            Some(ArgSpec { default: ArgDefault::Int(d), .. }) => *d,
+            _ => 0,
+        };
+        self.arg_u64(key, default)
+    }
+    /// Word argument `key` of this guest's workload, or its default from
+    /// [`WORKLOAD_SPECS`] (`""` when it has none).
+    pub fn arg_word(&self, key: &str) -> &str {
+        let default = match workload_spec(self.workload()).and_then(|w| w.arg(key)) {
+            Some(ArgSpec { default: ArgDefault::Word(d), .. }) => d,
+            _ => "",
+        };
+        self.arg(key).unwrap_or(default)
+    }
     /// The channels of this guest.
     pub fn channels(&self) -> &[ChannelDesc] {
         &self.channels[..(self.channel_count as usize).min(MAX_CHANNELS_PER_GUEST)]
@@ -140,6 +604,35 @@ mod tests {
         assert_eq!(b.arg("nn"), Some("3"));
         assert_eq!(b.arg("x"), None);
         assert_eq!((b.arg_u64("n", 7), b.arg_u64("mode", 7), b.arg_u64("x", 7)), (10, 7, 7));
+    }
+
+    #[test]
+    fn arguments_default_from_the_workload_table() {
+        let mut b = BootInfo::new_zeroed();
+        b.workload = crate::fixed::put("relay").unwrap();
+        b.args = crate::fixed::put("n=10 mode=doorbell").unwrap();
+        assert_eq!((b.arg_int("n"), b.arg_int("window"), b.arg_int("guests")), (10, 16, 4));
+        assert_eq!(b.arg_word("mode"), "doorbell");
+        b.workload = crate::fixed::put("attack").unwrap();
+        b.args = [0; 128];
+        assert_eq!((b.arg_word("which"), b.arg_int("rings"), b.arg_int("nope")), ("all", 50, 0));
+    }
+
+    #[test]
+    fn workload_specs_are_consistent() {
+        for w in WORKLOAD_SPECS {
+            for (i, a) in w.args.iter().enumerate() {
+                assert!(w.args[..i].iter().all(|b| b.key != a.key), "{}: {} twice", w.name, a.key);
+                let ok = match (a.kind, a.default) {
+                    (ArgKind::Int { min, max }, ArgDefault::Int(d)) => min <= d && d <= max,
+                    (ArgKind::Word(ws), ArgDefault::Word(d)) => ws.contains(&d),
+                    (ArgKind::Channel, ArgDefault::Required | ArgDefault::FirstChannel) => true,
+                    (_, ArgDefault::Required) => true,
+                    _ => false,
+                };
+                assert!(ok, "{}: {}'s default does not fit its kind", w.name, a.key);
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! leaves it: paging off, flat segments, EAX = magic, EBX = information address) to long
 //! mode and [`crate::hv_entry_bsp`].
 //!
+//! A processor without long mode is refused here, in 32-bit code, the way the 64-bit
+//! feature probe refuses a missing VMX feature: one line, the `refused` and `end` records
+//! (see `vmcall_proto::record`), written to COM1 byte by byte once the transmitter is empty,
+//! then the emulators' exit ports (`vmcall_proto::platform`).
+//!
 //! Its first instructions turn the caches on (CR0.CD = CR0.NW = 0) and reset IA32_PAT, as
 //! `arch::caches_on` describes: the reset value of CR0 has both cache bits set, and the
 //! hypervisor never relies on firmware having cleared them.
@@ -12,7 +17,7 @@
 //! these tables: the hypervisor's own address space is identity.
 
 core::arch::global_asm!(
-    r#"
+    r##"
     .section .multiboot2_header, "a"
     .balign 8
 mb2_header_start:
@@ -46,8 +51,13 @@ boot_gdt_end:
 boot_gdt_ptr:
     .short boot_gdt_end - boot_gdt - 1
     .long boot_gdt
+    # The refusal, as the 64-bit probe words it (main.rs), then the records of
+    # vmcall_proto::record: `refused` with what is missing, `end` with outcome=refused.
 no_long_mode_msg:
-    .asciz "mkvisor: this processor has no long mode; halting\r\n"
+    .ascii "mkvisor needs long mode (CPUID.80000001H:EDX.LM[bit 29] is 0); "
+    .ascii "this machine lacks it. Nothing started.\r\n"
+    .ascii "#mkv refused missing=\"long mode (CPUID.80000001H:EDX.LM[bit 29] is 0)\"\r\n"
+    .asciz "#mkv end outcome=refused\r\n"
 
     .section .text.boot, "ax"
     .code32
@@ -120,15 +130,31 @@ _start:
     lgdt boot_gdt_ptr
     ljmp $0x08, $3f
 
+    # No long mode: say so on COM1 (waiting for the transmitter before every byte, or the
+    # UART drops what it cannot hold), then leave the emulator as power::end_run does.
 9:  movl $no_long_mode_msg, %esi
-    movw $0x3f8, %dx
-4:  lodsb
+4:  movw ${com1} + 5, %dx                              # line status register
+7:  inb %dx, %al
+    testb $0x20, %al                                   # THR empty
+    jz 7b
+    lodsb
     testb %al, %al
     jz 5f
+    movw ${com1}, %dx
     outb %al, %dx
     jmp 4b
-5:  hlt
-    jmp 5b
+5:  movw ${qemu_exit}, %dx
+    movl ${refused}, %eax
+    outl %eax, %dx
+    movl ${magic}, %esi
+    movl ${magic_len}, %ecx
+    movw ${bochs_port}, %dx
+8:  lodsb
+    outb %al, %dx
+    loop 8b
+10: cli
+    hlt
+    jmp 10b
 
     .code64
 3:  movw $0x10, %ax
@@ -146,6 +172,27 @@ _start:
 6:  cli
     hlt
     jmp 6b
-"#,
+"##,
+    com1 = const COM1_PORT,
+    qemu_exit = const QEMU_DEBUG_EXIT_PORT,
+    refused = const ExitCode::Refused as u32,
+    bochs_port = const BOCHS_SHUTDOWN_PORT,
+    magic = sym BOCHS_MAGIC,
+    magic_len = const BOCHS_SHUTDOWN_MAGIC.len(),
     options(att_syntax)
 );
+
+use vmcall_proto::platform::{
+    ExitCode, BOCHS_SHUTDOWN_MAGIC, BOCHS_SHUTDOWN_PORT, COM1_PORT, QEMU_DEBUG_EXIT_PORT,
+};
+
+/// [`BOCHS_SHUTDOWN_MAGIC`] where the 32-bit refusal path can read it.
+static BOCHS_MAGIC: [u8; BOCHS_SHUTDOWN_MAGIC.len()] = {
+    let mut out = [0; BOCHS_SHUTDOWN_MAGIC.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = BOCHS_SHUTDOWN_MAGIC[i];
+        i += 1;
+    }
+    out
+};

@@ -33,6 +33,15 @@ pub enum Command {
     Mutants(MutantsArgs),
     /// Remove the run folders under target/xtask/ (runs in progress are kept).
     Clean(CleanArgs),
+    /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
+    Workloads(WorkloadsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkloadsArgs {
+    /// Rewrite the README's generated workload section instead of printing it.
+    #[arg(long)]
+    pub update_readme: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -9,9 +9,7 @@ use std::path::Path;
 use toml::Spanned;
 use vmcall_proto::config as blob;
 use vmcall_proto::config::valid_name;
-
-/// Memory the hypervisor, firmware and low memory keep for themselves, MiB.
-pub const RESERVED_MIB: u32 = 32;
+use vmcall_proto::guest::WorkloadSpec;
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -42,13 +40,16 @@ pub struct Guest {
     pub memory_mib: Spanned<u32>,
     pub workload: Spanned<String>,
     #[serde(default)]
-    pub args: Option<Spanned<BTreeMap<String, ArgValue>>>,
+    pub args: Option<Spanned<Args>>,
 }
 
-static NO_ARGS: BTreeMap<String, ArgValue> = BTreeMap::new();
+/// A guest's `args` table, each key and value with its place in the file.
+pub type Args = BTreeMap<Spanned<String>, Spanned<ArgValue>>;
+
+static NO_ARGS: Args = BTreeMap::new();
 
 impl Guest {
-    fn args(&self) -> &BTreeMap<String, ArgValue> {
+    fn args(&self) -> &Args {
         self.args.as_ref().map_or(&NO_ARGS, |a| a.get_ref())
     }
     fn args_span(&self) -> std::ops::Range<usize> {
@@ -197,7 +198,6 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     if config.guests.len() > blob::MAX_GUESTS {
         errs.at(config.guests[blob::MAX_GUESTS].name.span(), "guest", "too many guests");
     }
-    let mut total_mib: u64 = 0;
     for (i, g) in config.guests.iter().enumerate() {
         let f = |k: &str| format!("guest[{i}].{k}");
         let name = g.name.get_ref();
@@ -247,7 +247,6 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 format!("{mem} MiB is not a multiple of 2 MiB"),
             );
         }
-        total_mib += mem as u64;
         let w = g.workload.get_ref();
         if !vmcall_proto::guest::WORKLOADS.contains(&w.as_str()) {
             errs.at(
@@ -268,29 +267,43 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             );
         }
         for (k, v) in g.args() {
-            if !valid_name(k) || v.to_string().contains(char::is_whitespace) {
+            if !valid_name(k.get_ref()) || v.get_ref().to_string().contains(char::is_whitespace) {
                 errs.at(
-                    g.args_span(),
+                    k.span(),
                     f("args"),
-                    format!("argument `{k}` must be a plain word = a value without spaces"),
+                    format!(
+                        "argument `{}` must be a plain word = a value without spaces",
+                        k.get_ref()
+                    ),
                 );
             }
         }
+        if let Some(spec) = vmcall_proto::guest::workload_spec(w) {
+            check_args(&mut errs, &config, g, spec, &f("args"));
+        }
     }
-    let mut grant_mib: u64 = 0;
-    for g in &config.grants {
-        grant_mib += *g.memory_mib.get_ref() as u64;
-    }
-    let usable = (*m.memory_mib.get_ref()).saturating_sub(RESERVED_MIB) as u64;
-    if total_mib + grant_mib > usable {
+    let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
+    let grant_mib: u64 = config.grants.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
+    let needed = blob::memory_needed(
+        config.guests.iter().map(|g| *g.memory_mib.get_ref()),
+        config.grants.iter().map(|g| *g.memory_mib.get_ref()),
+        config.channels.iter().map(|c| *c.slots.get_ref()),
+    );
+    let available = blob::available_bytes(*m.memory_mib.get_ref());
+    if needed > available {
         let span = config.guests.last().map_or(m.memory_mib.span(), |g| g.memory_mib.span());
+        let mib = |b: u64| b.div_ceil(1 << 20);
         errs.at(
             span,
             "guest[*].memory_mib",
             format!(
-                "guests ({total_mib} MiB) and grants ({grant_mib} MiB) exceed the machine's {} MiB \
-                 less {RESERVED_MIB} MiB for the hypervisor and firmware",
-                m.memory_mib.get_ref()
+                "guests ({total_mib} MiB, plus {} MiB private to each for its EPT tables and \
+                 VMCS), grants ({grant_mib} MiB) and channel rings need {} MiB, more than the \
+                 machine's {} MiB less {} MiB for the hypervisor and firmware",
+                blob::GUEST_PRIVATE_BYTES >> 20,
+                mib(needed),
+                m.memory_mib.get_ref(),
+                blob::HOST_RESERVED_MIB
             ),
         );
     }
@@ -391,8 +404,100 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     Ok(Compiled { config, blob, warnings })
 }
 
-fn args_string(args: &BTreeMap<String, ArgValue>) -> String {
-    args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+fn args_string(args: &Args) -> String {
+    args.iter()
+        .map(|(k, v)| format!("{}={}", k.get_ref(), v.get_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `a, b, c`, or the first eight and how many there are.
+fn word_list(words: &[&str]) -> String {
+    if words.len() <= 8 {
+        words.join(", ")
+    } else {
+        format!("{}, ... ({} words; see the README)", words[..8].join(", "), words.len())
+    }
+}
+
+/// Checks a guest's `args` against its workload's declared arguments
+/// (`vmcall_proto::guest::WORKLOAD_SPECS`): known keys, types, ranges, channel names that
+/// are the guest's own channels, required arguments present.
+fn check_args(errs: &mut Errors<'_>, config: &Config, g: &Guest, spec: &WorkloadSpec, field: &str) {
+    use vmcall_proto::guest::{ArgDefault, ArgKind};
+    let w = spec.name;
+    let known = || {
+        if spec.args.is_empty() {
+            format!("`{w}` takes no arguments")
+        } else {
+            let keys: Vec<_> = spec.args.iter().map(|a| a.key).collect();
+            format!("`{w}` takes {}", keys.join(", "))
+        }
+    };
+    let own_channels: Vec<&str> = config
+        .channels
+        .iter()
+        .filter(|c| c.between.get_ref().iter().any(|e| e.get_ref() == g.name.get_ref()))
+        .map(|c| c.name.get_ref().as_str())
+        .collect();
+    for (k, v) in g.args() {
+        let key = k.get_ref();
+        let field = format!("{field}.{key}");
+        let Some(a) = spec.arg(key) else {
+            errs.at(k.span(), field, format!("unknown argument `{key}`: {}", known()));
+            continue;
+        };
+        let problem = match (a.kind, v.get_ref()) {
+            (ArgKind::Int { min, max }, ArgValue::Int(n)) => (u64::try_from(*n)
+                .map_or(true, |n| n < min || n > max))
+            .then(|| format!("{n} is out of range {min}..={max}")),
+            (ArgKind::Int { min, max }, other) => {
+                Some(format!("`{other}` is not a whole number (expected {min}..={max})"))
+            }
+            (ArgKind::Word(words), ArgValue::Str(s)) => (!words.contains(&s.as_str()))
+                .then(|| format!("`{s}` is not one of {}", word_list(words))),
+            (ArgKind::Word(words), other) => {
+                Some(format!("`{other}` is not a word (expected one of {})", word_list(words)))
+            }
+            (ArgKind::Channel, ArgValue::Str(s)) => {
+                (!own_channels.contains(&s.as_str())).then(|| {
+                    if own_channels.is_empty() {
+                        format!("no channel `{s}`: guest `{}` has no channels", g.name.get_ref())
+                    } else {
+                        format!(
+                            "no channel `{s}` of guest `{}` (its channels: {})",
+                            g.name.get_ref(),
+                            own_channels.join(", ")
+                        )
+                    }
+                })
+            }
+            (ArgKind::Channel, other) => Some(format!("`{other}` is not a channel name")),
+        };
+        if let Some(p) = problem {
+            errs.at(v.span(), field, format!("{p}: {}", a.meaning));
+        }
+    }
+    for a in spec.args {
+        let given = g.args().keys().any(|k| k.get_ref() == a.key);
+        match a.default {
+            ArgDefault::Required if !given => errs.at(
+                g.args_span(),
+                field.to_string(),
+                format!("workload `{w}` needs argument `{}` ({})", a.key, a.meaning),
+            ),
+            ArgDefault::FirstChannel if !given && own_channels.is_empty() => errs.at(
+                g.workload.span(),
+                field.to_string(),
+                format!(
+                    "workload `{w}` uses a channel (`{}`) but guest `{}` has none",
+                    a.key,
+                    g.name.get_ref()
+                ),
+            ),
+            _ => {}
+        }
+    }
 }
 
 fn encode(c: &Config) -> Result<Vec<u8>, String> {
@@ -534,7 +639,7 @@ memory_mib = 4
         assert_eq!((e.line, e.field.as_str()), (9, "guest[0].memory_mib"));
         let e = errors(&GOOD.replace("memory_mib = 16", "memory_mib = 100000"));
         assert!(e[0].message.contains("out of bounds"), "{e:?}");
-        assert!(e[1].message.contains("exceed the machine"), "{e:?}");
+        assert!(e[1].message.contains("more than the machine"), "{e:?}");
         let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 7"));
         assert!(e.message.contains("multiple of 2"));
     }
@@ -543,7 +648,25 @@ memory_mib = 4
     fn total_memory_over_the_machine() {
         let e = one_error(&GOOD.replace("memory_mib = 16", "memory_mib = 220"));
         assert_eq!(e.field, "guest[*].memory_mib");
-        assert!(e.message.contains("exceed the machine's 256 MiB"), "{e}");
+        assert!(e.message.contains("more than the machine's 256 MiB"), "{e}");
+    }
+
+    #[test]
+    fn private_regions_count_against_the_machine() {
+        // 4 x 56 MiB is exactly 256 - 32, but each guest also needs its 2-MiB private
+        // region: the hypervisor would leave the fourth guest `not_started`.
+        let guest = |k: u32| {
+            format!(
+                "[[guest]]\nname = \"g{k}\"\ncore = {k}\nmemory_mib = 56\nworkload = \"spin\"\n"
+            )
+        };
+        let four: String = (0..4).map(guest).collect();
+        let src = format!("[machine]\ncpus = 4\nmemory_mib = 256\n\n{four}");
+        let e = one_error(&src);
+        assert_eq!(e.field, "guest[*].memory_mib");
+        assert!(e.message.contains("need 232 MiB"), "{e}");
+        let fits = src.replace("memory_mib = 56", "memory_mib = 54");
+        assert!(compile("t.toml", &fits).is_ok());
     }
 
     #[test]
@@ -623,17 +746,107 @@ memory_mib = 4
 
     #[test]
     fn shipped_configs_compile() {
-        let dir = crate::workspace_root().join("configs");
+        let root = crate::workspace_root().join("configs");
         let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "toml")
-                && !p.file_name().unwrap().to_string_lossy().starts_with("bad-")
-            {
-                load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                n += 1;
+        for dir in [root.clone(), root.join("hostile")] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "toml")
+                    && !p.file_name().unwrap().to_string_lossy().starts_with("bad-")
+                {
+                    load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    n += 1;
+                }
             }
         }
-        assert!(n >= 3, "default and at least two others");
+        assert!(n >= 10, "configs/ and configs/hostile/");
+    }
+
+    const RELAY: &str = r#"
+[machine]
+cpus = 2
+memory_mib = 256
+
+[[guest]]
+name = "a"
+core = 0
+memory_mib = 8
+workload = "relay"
+args = { to = "ab", from = "ba" }
+
+[[guest]]
+name = "b"
+core = 1
+memory_mib = 8
+workload = "relay"
+args = { to = "ba", from = "ab", n = 10 }
+
+[[channel]]
+name = "ab"
+between = ["a", "b"]
+slots = 8
+
+[[channel]]
+name = "ba"
+between = ["b", "a"]
+slots = 8
+"#;
+
+    #[test]
+    fn workload_arguments_are_checked() {
+        assert!(compile("t.toml", RELAY).is_ok());
+        // Negative, out of range, wrong type: located at the value.
+        let e = one_error(&GOOD.replace("ms = 5", "ms = -5"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (17, 15, "guest[1].args.ms"));
+        assert!(e.message.starts_with("-5 is out of range 1..=3600000"), "{e}");
+        let e = one_error(&GOOD.replace("ms = 5", "ms = \"fast\""));
+        assert!(e.message.starts_with("`fast` is not a whole number"), "{e}");
+        let e = one_error(&RELAY.replace("n = 10", "n = true"));
+        assert_eq!(e.field, "guest[1].args.n");
+        // A misspelt key: located at the key, with the keys the workload knows.
+        let e = one_error(&GOOD.replace("ms = 5", "msec = 5"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (17, 10, "guest[1].args.msec"));
+        assert_eq!(e.message, "unknown argument `msec`: `spin` takes ms");
+        let e = one_error(
+            &GOOD.replace("workload = \"hello\"", "workload = \"fault\"\nargs = { n = 1 }"),
+        );
+        assert!(e.message.contains("`fault` takes no arguments"), "{e}");
+        // Words.
+        let attack = GOOD.replace("\"spin\"", "\"attack\"").replace("ms = 5", "which = \"vmxon\"");
+        assert!(compile("t.toml", &attack).is_ok());
+        let e = one_error(&attack.replace("vmxon", "vmxonn"));
+        assert!(e.message.starts_with("`vmxonn` is not one of all, fence, msr-"), "{e}");
+    }
+
+    #[test]
+    fn channel_arguments_name_the_guest_s_own_channels() {
+        let e =
+            one_error(&RELAY.replace("to = \"ab\", from = \"ba\"", "to = \"ab\", from = \"bx\""));
+        assert_eq!((e.line, e.field.as_str()), (11, "guest[0].args.from"));
+        assert!(
+            e.message.starts_with("no channel `bx` of guest `a` (its channels: ab, ba)"),
+            "{e}"
+        );
+        // A channel that exists but joins two other guests is not this guest's.
+        let three = format!(
+            "{RELAY}\n[[guest]]\nname = \"c\"\ncore = 2\nmemory_mib = 8\nworkload = \"hello\"\n\n\
+             [[channel]]\nname = \"bc\"\nbetween = [\"b\", \"c\"]\nslots = 8\n"
+        )
+        .replace("from = \"ba\" }", "from = \"bc\" }");
+        let e = one_error(&three);
+        assert!(e.message.starts_with("no channel `bc` of guest `a`"), "{e}");
+        // Required arguments; a channel workload without a channel.
+        let e = one_error(&RELAY.replace("to = \"ab\", from = \"ba\"", "to = \"ab\""));
+        assert_eq!(e.field, "guest[0].args");
+        assert!(e.message.starts_with("workload `relay` needs argument `from`"), "{e}");
+        let e = one_error(&GOOD.replace("\"hello\"", "\"ping\"").replace(
+            "[[channel]]\nname = \"ab\"\nbetween = [\"alpha\", \"beta\"]\nslots = 64\n",
+            "",
+        ));
+        assert!(
+            e.message
+                .contains("workload `ping` uses a channel (`channel`) but guest `alpha` has none"),
+            "{e}"
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod mutants;
 pub mod report;
 pub mod run;
 pub mod setup;
+pub mod workloads;
 
 use std::path::PathBuf;
 

@@ -119,6 +119,15 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
+        Cmd::Workloads(w) => {
+            if w.update_readme {
+                xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))
+                    .map(|()| true)
+            } else {
+                println!("{}", xtask::workloads::markdown());
+                Ok(true)
+            }
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
