@@ -509,7 +509,17 @@ impl<const E: usize> CapCore<E> {
             return Ok(0);
         }
         let v = self.wait(env);
+        self.restore_unconfirmed(h);
         Self::revoke_finish(v)
+    }
+
+    /// Records again, under `h`, the copies the last revoke of `h` could not confirm: a
+    /// later revoke tries them again (and reports `Timeout` again), never `Ok(0)` over a copy
+    /// that may still live. If `h` itself is gone meanwhile, its parent's revoke chased them.
+    pub fn restore_unconfirmed(&mut self, h: u64) {
+        for ch in self.proto.take_unconfirmed().into_iter().flatten() {
+            let _ = self.space.add_child(h, ch);
+        }
     }
 
     /// Starts a revoke; `false` if `h` has no copies (nothing to wait for).

@@ -166,6 +166,7 @@ impl CapModel {
                 let _ = s.cores[c].transfer_finish(t, v);
             }
             Busy::Revoke(core, h) => {
+                s.cores[c].restore_unconfirmed(h);
                 if Core::revoke_finish(v).is_ok() {
                     let gone = Self::descendants(s, (core, h));
                     let live =

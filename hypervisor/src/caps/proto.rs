@@ -15,11 +15,17 @@
 //! * **Records before copies.** A copy's child record exists before its `INSERT` leaves,
 //!   and rings are FIFO per core pair, so a `REVOKE` that follows can only be served after
 //!   the `INSERT` it chases: revoke misses no copy in flight.
-//! * **Flow control.** A core has at most [`CREDITS`] requests outstanding to any one core.
-//!   So a ring from `a` to `b` holds at most `CREDITS` requests of `a` plus `CREDITS`
-//!   replies to `b`'s requests: with ring slots = 2 x CREDITS a send never finds the ring
-//!   full, and a core serves at most `CREDITS` requests per peer at once, which is what
-//!   sizes the entry table ([`entries_for`]): there is no drop-on-full path.
+//! * **Flow control, by class.** Requests travel in credit classes: `INSERT` in class 0, a
+//!   `REVOKE` of a node of depth `d` in class `d`. A core has at most [`CREDITS`] requests
+//!   of each class outstanding to any one core. An entry serving a class-`d` request only
+//!   waits for class-`d + 1` requests, and nodes of depth `MAX_DEPTH` have no copies: the
+//!   waits form no cycle, so two cores revoking chains of copies that alternate between them
+//!   cannot hold each other's credits for ever (one shared class could: a colluding pair of
+//!   guests made an honest revoke time out that way). A ring from `a` to `b` then holds at
+//!   most `CREDITS x CLASSES` requests of `a` plus as many replies to `b`'s: with
+//!   [`RING_SLOTS`] a send never finds the ring full, and a core serves at most `CREDITS x
+//!   MAX_DEPTH` revokes per peer at once, which sizes the entry table ([`entries_for`]):
+//!   there is no drop-on-full path.
 //! * **No nested waits.** A request that needs further requests (a revoke with children)
 //!   becomes an entry; replies complete entries; nothing blocks inside a handler, so two
 //!   revokes racing in opposite directions, or a revoke meeting a transfer, both progress.
@@ -29,6 +35,11 @@
 //!   expires, every core it still waits for is *fenced*: declared failed, its messages
 //!   ignored from then on, no request sent to it again; the operations that waited on it
 //!   finish as incomplete (`cap_revoke` returns `Timeout`), and the fence is reported.
+//! * **Incompleteness is sticky.** A local revoke that could not confirm a copy puts that
+//!   copy's record back (a later revoke tries again and again reports `Timeout`, never `Ok`
+//!   over a copy that may live); a core that ever finished a revoke incomplete has lost
+//!   track of what lies below the nodes it removed, so it answers a revoke of a node it does
+//!   not hold as incomplete too, and an ancestor's revoke cannot return `Ok` past it.
 //!
 //! May call: `vmcall_proto`, the [`Env`](super::Env) of its core.
 
@@ -37,15 +48,18 @@ use vmcall_proto::caps::{CSpace, Cap, CapType, Child, Rights, MAX_CHILDREN, MAX_
 use vmcall_proto::channel::Payload;
 use vmcall_proto::hypercall::HvError;
 
-/// Requests outstanding from one core to another at most.
-pub const CREDITS: u8 = 4;
-/// Inter-core ring slots needed for [`CREDITS`] (see the module header).
-pub const RING_SLOTS: u32 = 2 * CREDITS as u32;
+/// Requests of one class outstanding from one core to another at most.
+pub const CREDITS: u8 = 1;
+/// Credit classes: `INSERT`, and a `REVOKE` for each depth 1..=MAX_DEPTH.
+pub const CLASSES: usize = MAX_DEPTH as usize + 1;
+/// Inter-core ring slots needed (see the module header): requests and replies of every
+/// class, rounded up to the power of two the ring wants.
+pub const RING_SLOTS: u32 = (2 * CREDITS as u32 * CLASSES as u32).next_power_of_two();
 
 /// Entries a core needs with `cores` cores: its own operation, and the requests of every
 /// other core it may be serving at once.
 pub const fn entries_for(cores: usize) -> usize {
-    1 + CREDITS as usize * (cores - 1)
+    1 + CREDITS as usize * MAX_DEPTH as usize * (cores - 1)
 }
 
 pub mod op {
@@ -122,6 +136,11 @@ struct Entry {
     seq: u16,
     /// The node whose copies this entry revokes (0 for an insert).
     node: u64,
+    /// The credit class of what it sends: 0 for an insert, the children's depth for a
+    /// revoke.
+    class: u8,
+    /// Children that were not confirmed (their core fenced, or their own revoke incomplete).
+    failed: u16,
     ids: [u64; MAX_CHILDREN],
     cores: [u16; MAX_CHILDREN],
     n: u8,
@@ -136,6 +155,8 @@ const FREE: Entry = Entry {
     kind: Kind::Free,
     seq: 0,
     node: 0,
+    class: 0,
+    failed: 0,
     ids: [0; MAX_CHILDREN],
     cores: [0; MAX_CHILDREN],
     n: 0,
@@ -167,8 +188,12 @@ pub enum Bug {
 pub struct Proto<const E: usize> {
     me: u16,
     entries: [Entry; E],
-    /// Requests outstanding to each core.
-    outstanding: [u8; MAX_PEERS],
+    /// Requests outstanding to each core, per credit class.
+    outstanding: [[u8; CLASSES]; MAX_PEERS],
+    /// Some revoke here finished incomplete: what lay below the nodes it removed may live.
+    lost_track: bool,
+    /// Copies a local revoke could not confirm, for the capability layer to record again.
+    unconfirmed: [Option<Child>; MAX_CHILDREN],
     fenced: u64,
     local: Option<Verdict>,
     /// The `INSERT` of this core's own transfer, until it is sent.
@@ -178,6 +203,11 @@ pub struct Proto<const E: usize> {
     open: u32,
     #[cfg(test)]
     pub bug: Bug,
+}
+
+/// The credit class of a revoke of a node of depth `d` (inserts are class 0).
+fn class_of(d: u8) -> u8 {
+    d.clamp(1, MAX_DEPTH)
 }
 
 /// Deadline levels for an entry revoking children of depth `child_depth`.
@@ -200,7 +230,9 @@ impl<const E: usize> Proto<E> {
             for i in 0..E {
                 entries.add(i).write(FREE);
             }
-            core::ptr::addr_of_mut!((*p).outstanding).write([0; MAX_PEERS]);
+            core::ptr::addr_of_mut!((*p).outstanding).write([[0; CLASSES]; MAX_PEERS]);
+            core::ptr::addr_of_mut!((*p).lost_track).write(false);
+            core::ptr::addr_of_mut!((*p).unconfirmed).write([None; MAX_CHILDREN]);
             core::ptr::addr_of_mut!((*p).fenced).write(0);
             core::ptr::addr_of_mut!((*p).local).write(None);
             core::ptr::addr_of_mut!((*p).insert).write([0; 7]);
@@ -216,7 +248,9 @@ impl<const E: usize> Proto<E> {
         Proto {
             me,
             entries: [FREE; E],
-            outstanding: [0; MAX_PEERS],
+            outstanding: [[0; CLASSES]; MAX_PEERS],
+            lost_track: false,
+            unconfirmed: [None; MAX_CHILDREN],
             fenced: 0,
             local: None,
             insert: [0; 7],
@@ -236,6 +270,11 @@ impl<const E: usize> Proto<E> {
         let free = self.entries.iter().all(|e| e.kind == Kind::Free);
         assert_eq!(free, self.open == 0, "the open count follows the table");
         free && self.local.is_none()
+    }
+
+    /// The copies the last local revoke could not confirm (their records go back).
+    pub fn take_unconfirmed(&mut self) -> [Option<Child>; MAX_CHILDREN] {
+        core::mem::replace(&mut self.unconfirmed, [None; MAX_CHILDREN])
     }
 
     /// Whether some entry is open (something to wait for, a deadline to watch).
@@ -328,6 +367,7 @@ impl<const E: usize> Proto<E> {
         let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
         self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
         self.entries[0].node = node;
+        self.entries[0].class = class_of(depth.saturating_add(1));
         self.set_children(0, &children);
         self.pump(env, stats);
         self.finish_complete(env, stats);
@@ -350,10 +390,12 @@ impl<const E: usize> Proto<E> {
                     let e = &mut self.entries[i];
                     e.sent |= bit;
                     e.done |= bit;
+                    e.failed |= bit;
                     e.incomplete = true;
                     continue;
                 }
-                if self.outstanding[to] >= CREDITS {
+                let class = e.class as usize;
+                if self.outstanding[to][class] >= CREDITS {
                     continue;
                 }
                 let r = req(i, j, e.seq);
@@ -363,11 +405,12 @@ impl<const E: usize> Proto<E> {
                         m[0] = header(op::INSERT, r);
                         m
                     }
-                    _ => [header(op::REVOKE, r), e.ids[j], 0, 0, 0, 0, 0],
+                    // Word 2: the target node's depth, its credit class.
+                    _ => [header(op::REVOKE, r), e.ids[j], e.class as u64, 0, 0, 0, 0],
                 };
                 self.entries[i].sent |= bit;
                 if env.send(to, &m) {
-                    self.outstanding[to] += 1;
+                    self.outstanding[to][class] += 1;
                     env.kick(to);
                 } else {
                     // Flow control makes this impossible with a live peer.
@@ -386,6 +429,15 @@ impl<const E: usize> Proto<E> {
             }
             self.entries[i].kind = Kind::Free;
             self.open -= 1;
+            if e.incomplete {
+                self.lost_track = true;
+            }
+            if e.kind == Kind::LocalRevoke {
+                self.unconfirmed = [None; MAX_CHILDREN];
+                for j in (0..e.n as usize).filter(|j| e.failed & (1 << j) != 0) {
+                    self.unconfirmed[j] = Some(Child { core: e.cores[j], id: e.ids[j] });
+                }
+            }
             match e.kind {
                 Kind::Forward { to, req } => {
                     let m =
@@ -421,12 +473,13 @@ impl<const E: usize> Proto<E> {
         log::error!("core {core} did not answer the capability protocol in time: fenced");
         self.fenced |= 1 << core;
         stats.fenced |= 1 << core;
-        self.outstanding[core] = 0;
+        self.outstanding[core] = [0; CLASSES];
         for e in self.entries.iter_mut().filter(|e| e.kind != Kind::Free) {
             for j in 0..e.n as usize {
                 if e.cores[j] as usize == core && e.done & (1 << j) == 0 {
                     e.sent |= 1 << j;
                     e.done |= 1 << j;
+                    e.failed |= 1 << j;
                     e.incomplete = true;
                 }
             }
@@ -485,7 +538,7 @@ impl<const E: usize> Proto<E> {
         let r = req_of(m);
         match op_of(m) {
             op::INSERT => return Some(decode_insert(from, r, m)),
-            op::REVOKE => self.serve_revoke(env, from, r, m[1], space, policy, stats),
+            op::REVOKE => self.serve_revoke(env, from, r, (m[1], m[2]), space, policy, stats),
             op::INSERT_REPLY | op::REVOKE_REPLY => self.take_reply(env, from, r, m, stats),
             other => log::error!("unknown inter-core message {other} from core {from}"),
         }
@@ -498,7 +551,7 @@ impl<const E: usize> Proto<E> {
         env: &mut impl Env,
         from: usize,
         r: u32,
-        id: u64,
+        (id, depth): (u64, u64),
         space: &mut CSpace,
         policy: &Policy,
         stats: &mut Stats,
@@ -533,7 +586,9 @@ impl<const E: usize> Proto<E> {
             [header(op::REVOKE_REPLY, r), total, incomplete as u64, 0, 0, 0, 0]
         };
         if children.iter().all(Option::is_none) {
-            self.answer(env, from, &reply(found, false), stats);
+            // Not here (any more): complete, unless this core lost track of what it removed.
+            let unsure = removed.pieces == 0 && self.lost_track;
+            self.answer(env, from, &reply(found, unsure), stats);
             return;
         }
         let Some(i) = (1..E).find(|&i| self.entries[i].kind == Kind::Free) else {
@@ -558,6 +613,9 @@ impl<const E: usize> Proto<E> {
         };
         self.claim(i, Kind::Forward { to: from as u16, req: r }, deadline);
         self.entries[i].node = id;
+        // The node's depth: what it holds says, else what the sender said (a chase).
+        let node_depth = if removed.pieces > 0 { removed.depth as u64 } else { depth };
+        self.entries[i].class = class_of(node_depth.min(MAX_DEPTH as u64) as u8 + 1);
         self.set_children(i, &children);
         self.entries[i].total = found;
         self.pump(env, stats);
@@ -586,7 +644,8 @@ impl<const E: usize> Proto<E> {
             log::warn!("stale or unexpected reply {r:#x} from core {from}: ignored");
             return;
         }
-        self.outstanding[from] = self.outstanding[from].saturating_sub(1);
+        let class = e.class as usize;
+        self.outstanding[from][class] = self.outstanding[from][class].saturating_sub(1);
         let e = &mut self.entries[i];
         e.done |= bit;
         if e.kind == Kind::LocalInsert {
@@ -599,7 +658,10 @@ impl<const E: usize> Proto<E> {
             });
         } else {
             e.total = e.total.saturating_add(m[1]);
-            e.incomplete |= m[2] != 0;
+            if m[2] != 0 {
+                e.incomplete = true;
+                e.failed |= bit;
+            }
         }
         self.pump(env, stats);
         self.finish_complete(env, stats);

@@ -153,14 +153,18 @@ impl Net {
             return Ok(0);
         }
         self.settle(deaf);
-        if let Some(v) = self.cores[c].take_verdict() {
-            return Core::revoke_finish(v);
-        }
-        // Nobody answered: let the deadline pass.
-        self.now += 100_000;
-        self.with(c, |core, env| core.poll(env));
-        self.settle(deaf);
-        Core::revoke_finish(self.cores[c].take_verdict().expect("decided at the deadline"))
+        let v = match self.cores[c].take_verdict() {
+            Some(v) => v,
+            None => {
+                // Nobody answered: let the deadline pass.
+                self.now += 100_000;
+                self.with(c, |core, env| core.poll(env));
+                self.settle(deaf);
+                self.cores[c].take_verdict().expect("decided at the deadline")
+            }
+        };
+        self.cores[c].restore_unconfirmed(h);
+        Core::revoke_finish(v)
     }
 
     fn live_memory(&self, c: usize) -> usize {
@@ -316,9 +320,67 @@ fn a_silent_core_is_fenced_and_revoke_returns_timeout() {
     assert_eq!(net.transfer(0, 0, 2, 1 | 1 << 8), Err(HvError::PeerGone));
     net.settle(None);
     assert!(net.cores[0].idle());
-    // The others still work.
+    // The copy on the fenced core may still live: its record came back, so revoking again
+    // says Timeout again, never Ok over it.
+    let root = *net.cores[0].space().get(0).unwrap();
+    assert_eq!(root.children().collect::<Vec<_>>().len(), 1, "the unconfirmed copy's record");
+    // The others still work; the revoke takes back the new copy and still reports the
+    // unconfirmed one.
     assert!(net.transfer(0, 0, 1, 1 | 1 << 8).is_ok());
-    assert_eq!(net.revoke(0, 0, None), Ok(1));
+    assert_eq!(net.revoke(0, 0, None), Err(HvError::Timeout));
+    assert_eq!(net.live_memory(1), 0);
+}
+
+#[test]
+fn copies_alternating_between_two_cores_do_not_deadlock_a_revoke() {
+    // The review's attack: chains of copies that alternate between two colluding cores,
+    // deeper than the credits: with one shared credit class the walk deadlocked until the
+    // deadline (Timeout, a fenced core), and a later ancestor revoke returned Ok over live
+    // copies. Credit classes by depth make it complete.
+    let mut net = Net::new(3, 100);
+    let a1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    for i in 0..4u64 {
+        let b2 = net.transfer(1, a1, 2, 1 | ALL << 8).unwrap();
+        let a3 = net.transfer(2, b2, 1, 1 | ALL << 8).unwrap();
+        let b4 = net.transfer(1, a3, 2, 1 | 3 << 8).unwrap();
+        net.call(2, Hypercall::CapMap, b4, 0xc000_0000 + (i << 20), 3).unwrap();
+    }
+    // The holder revokes its own copy's copies while the owner revokes the holder's copy.
+    assert!(net.with(1, |core, env| core.revoke_start(env, a1)).unwrap());
+    assert!(net.with(0, |core, env| core.revoke_start(env, 0)).unwrap());
+    net.settle(None);
+    // Between them the two revokes took back all 13 nodes (a1, and 4 chains of 3).
+    let owner = Core::revoke_finish(net.cores[0].take_verdict().unwrap()).unwrap();
+    let holder = Core::revoke_finish(net.cores[1].take_verdict().unwrap()).unwrap();
+    assert_eq!(owner + holder, 13, "owner {owner}, holder {holder}");
+    assert_eq!((net.live_memory(1), net.live_memory(2)), (0, 0));
+    assert!(net.ept[2].is_empty(), "no copy of a copy stays mapped");
+    assert_eq!(net.cores.iter().map(|c| c.stats.fenced).sum::<u64>(), 0, "nobody fenced");
+}
+
+#[test]
+fn the_owner_alone_takes_back_alternating_chains() {
+    let mut net = Net::new(3, 100);
+    let a1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    for _ in 0..4 {
+        let b2 = net.transfer(1, a1, 2, 1 | ALL << 8).unwrap();
+        let a3 = net.transfer(2, b2, 1, 1 | ALL << 8).unwrap();
+        net.transfer(1, a3, 2, 1 | 3 << 8).unwrap();
+    }
+    assert_eq!(net.revoke(0, 0, None), Ok(13));
+    assert_eq!((net.live_memory(1), net.live_memory(2)), (0, 0));
+}
+
+#[test]
+fn after_an_incomplete_revoke_an_ancestor_never_gets_ok() {
+    // Owner 0 copies to 1, 1 copies on to 2, and 2 stops answering revokes. The holder's
+    // own revoke is incomplete; the owner's later revoke must not return Ok past it.
+    let mut net = Net::new(3, 4);
+    let a1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    net.transfer(1, a1, 2, 1 | 1 << 8).unwrap();
+    net.cores[2].deafen();
+    assert_eq!(net.revoke(1, a1, None), Err(HvError::Timeout));
+    assert_eq!(net.revoke(0, 0, None), Err(HvError::Timeout), "core 1 knows it lost track");
 }
 
 #[test]
