@@ -381,11 +381,12 @@ impl<const E: usize> Proto<E> {
             }
             for j in 0..self.entries[i].n as usize {
                 let bit = 1 << j;
-                let e = self.entries[i];
+                let e = &self.entries[i];
                 if e.sent & bit != 0 {
                     continue;
                 }
-                let to = e.cores[j] as usize;
+                let (to, id, class, kind, seq) =
+                    (e.cores[j] as usize, e.ids[j], e.class, e.kind, e.seq);
                 if self.fenced(to) {
                     let e = &mut self.entries[i];
                     e.sent |= bit;
@@ -394,23 +395,22 @@ impl<const E: usize> Proto<E> {
                     e.incomplete = true;
                     continue;
                 }
-                let class = e.class as usize;
-                if self.outstanding[to][class] >= CREDITS {
+                if self.outstanding[to][class as usize] >= CREDITS {
                     continue;
                 }
-                let r = req(i, j, e.seq);
-                let m = match e.kind {
+                let r = req(i, j, seq);
+                let m = match kind {
                     Kind::LocalInsert => {
                         let mut m = self.insert;
                         m[0] = header(op::INSERT, r);
                         m
                     }
                     // Word 2: the target node's depth, its credit class.
-                    _ => [header(op::REVOKE, r), e.ids[j], e.class as u64, 0, 0, 0, 0],
+                    _ => [header(op::REVOKE, r), id, class as u64, 0, 0, 0, 0],
                 };
                 self.entries[i].sent |= bit;
                 if env.send(to, &m) {
-                    self.outstanding[to][class] += 1;
+                    self.outstanding[to][class as usize] += 1;
                     env.kick(to);
                 } else {
                     // Flow control makes this impossible with a live peer.
@@ -423,10 +423,12 @@ impl<const E: usize> Proto<E> {
     /// Finishes every entry whose children all answered.
     fn finish_complete(&mut self, env: &mut impl Env, stats: &mut Stats) {
         for i in 0..E {
-            let e = self.entries[i];
-            if e.kind == Kind::Free || !e.complete() {
+            // Look before copying: the table is large and mostly free.
+            let live = &self.entries[i];
+            if live.kind == Kind::Free || !live.complete() {
                 continue;
             }
+            let e = *live;
             self.entries[i].kind = Kind::Free;
             self.open -= 1;
             if e.incomplete {
@@ -493,13 +495,14 @@ impl<const E: usize> Proto<E> {
             return;
         }
         for i in 0..E {
-            let e = self.entries[i];
-            if e.kind == Kind::Free || now <= e.deadline {
+            let live = &self.entries[i];
+            if live.kind == Kind::Free || now <= live.deadline {
                 continue;
             }
-            for j in 0..e.n as usize {
-                if e.done & (1 << j) == 0 {
-                    self.fence(env, e.cores[j] as usize, stats);
+            let (n, done, cores) = (live.n, live.done, live.cores);
+            for (j, &core) in cores.iter().enumerate().take(n as usize) {
+                if done & (1 << j) == 0 {
+                    self.fence(env, core as usize, stats);
                 }
             }
         }
