@@ -324,8 +324,8 @@ static SPARES_USED: AtomicU64 = AtomicU64::new(0);
 pub unsafe fn map_identity_2m(gpa: u64) -> bool {
     use core::sync::atomic::Ordering::Relaxed;
     let used = SPARES_USED.load(Relaxed);
-    // SAFETY: the caller guarantees exclusive access to the page-table statics.
     let (pml4, spare_pdpt, spare_pd) =
+        // SAFETY: the caller guarantees exclusive access to the page-table statics.
         unsafe { (&mut *PML4.0.get(), &mut *SPARE_PDPT.0.get(), &mut *SPARE_PD.0.get()) };
     let (i4, i3, i2) =
         ((gpa >> 39) as usize & 511, (gpa >> 30) as usize & 511, (gpa >> 21) as usize & 511);
@@ -421,9 +421,9 @@ pub unsafe fn user_mode_setup() -> Option<u64> {
         *e |= 4;
     }
     let gdtr = x86_ptr(gdt.as_ptr() as u64, core::mem::size_of_val(gdt));
-    // SAFETY: the new GDT keeps selectors 0x08 and 0x10 as they were, so the loaded segment
-    // registers stay valid; the TSS descriptor is fresh (not busy) for LTR; reloading CR3
-    // flushes the page-table changes.
+    // The new GDT keeps selectors 0x08 and 0x10 as they were (the loaded segment registers
+    // stay valid), the TSS descriptor is fresh (not busy), CR3 is reloaded with itself.
+    // SAFETY: per the line above: valid selectors, a non-busy TSS, only a TLB flush.
     unsafe {
         core::arch::asm!(
             "lgdt [{gdtr}]",

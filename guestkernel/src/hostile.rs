@@ -254,8 +254,8 @@ fn seen(f: Option<(u8, u64)>, value: u64) -> Seen {
 
 fn hc(nr: u64, a: u64, b: u64, c: u64) -> Seen {
     let ret: u64;
-    // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes
-    // only RAX; an exception it injects instead is caught by the probe.
+    // VMCALL traps to the hypervisor, which validates every argument and changes only RAX.
+    // SAFETY: as above; an exception it injects instead is caught by the probe.
     let f = unsafe {
         probe!("vmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, in("r10") 0u64)
     };
@@ -271,18 +271,17 @@ fn hc(nr: u64, a: u64, b: u64, c: u64) -> Seen {
 
 fn rdmsr(msr: u32) -> Seen {
     let (lo, hi): (u32, u32);
-    // SAFETY: RDMSR only reads; an MSR outside the guest's allow-list must raise #GP, which
-    // the probe catches.
+    // SAFETY: RDMSR only reads; a refused MSR raises #GP, which the probe catches.
     let f = unsafe { probe!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
     seen(f, (hi as u64) << 32 | lo as u64)
 }
 
 fn wrmsr(msr: u32, v: u64) -> Seen {
-    // SAFETY: the hypervisor intercepts every MSR write outside its pass-through list and
-    // must refuse these with #GP (caught by the probe); were it to let one through, that is
-    // the hole this suite exists to find.
-    let f =
-        unsafe { probe!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+    // The hypervisor intercepts every MSR write outside its pass-through list and must
+    // refuse these with #GP; were it to let one through, that is the hole this suite finds.
+    let (lo, hi) = (v as u32, (v >> 32) as u32);
+    // SAFETY: as above; the #GP is caught by the probe.
+    let f = unsafe { probe!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi) };
     seen(f, 0)
 }
 
@@ -340,8 +339,8 @@ fn read_cr4() -> u64 {
 }
 
 fn write_cr0(v: u64) -> Seen {
-    // SAFETY: the hypervisor owns PE, PG, NE, CD and NW and must refuse a change with #GP;
-    // the values written differ from the current CR0 only in those bits.
+    // The values written differ from the current CR0 only in PE, PG, NE, CD or NW.
+    // SAFETY: the hypervisor owns those bits and must refuse the change with #GP (probed).
     let f = unsafe { probe!("mov cr0, {v}", v = in(reg) v) };
     seen(f, 0)
 }
@@ -370,10 +369,9 @@ fn xsetbv(xcr: u32, v: u64) -> Seen {
     if let Err(s) = osxsave() {
         return s;
     }
-    // SAFETY: XSETBV is intercepted; the hypervisor allows only XCR0 = 1 and must refuse
-    // these with #GP.
-    let f =
-        unsafe { probe!("xsetbv", in("ecx") xcr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+    let (lo, hi) = (v as u32, (v >> 32) as u32);
+    // SAFETY: XSETBV always exits; the hypervisor allows only XCR0 = 1, else #GP (probed).
+    let f = unsafe { probe!("xsetbv", in("ecx") xcr, in("eax") lo, in("edx") hi) };
     seen(f, 0)
 }
 
@@ -383,8 +381,8 @@ static VMX_OPERAND: [u64; 2] = [0x1000, 0];
 /// Runs one VMX (or other always-intercepted) instruction; it must raise #UD.
 macro_rules! vmx_insn {
     ($($t:tt)*) => {{
-        // SAFETY: VMX instructions in VMX non-root operation exit, and the hypervisor
-        // injects #UD (caught by the probe); the operands point at a harmless static.
+        // VMX instructions exit in VMX non-root operation; operands point at a harmless static.
+        // SAFETY: the hypervisor injects #UD, which the probe catches.
         let f = unsafe { probe!($($t)*) };
         seen(f, 0)
     }};
@@ -467,13 +465,12 @@ fn storm(env: &mut Env<'_>) -> Seen {
 /// VMCALL from ring 3: the hypervisor must answer #GP instead of serving the call. If it
 /// served it, the UD2 after it raises #UD (the probe reports either).
 fn vmcall_from_ring3() -> Seen {
-    // SAFETY: after init, on our one vCPU with interrupts off; no page-table or GDT
-    // reference is alive.
+    // SAFETY: after init, on our one vCPU, interrupts off, no page-table/GDT reference alive.
     let Some(user_stack) = (unsafe { crate::arch::user_mode_setup() }) else {
         return Seen::NoSetup("the kernel image is not in the first 2 MiB");
     };
-    // SAFETY: IRETQ to ring 3 at the VMCALL below (user-accessible, as is the stack); the
-    // exception it raises returns to ring 0 through the TSS and the probe's landing.
+    // IRETQ to ring 3 at the VMCALL below (user-accessible, as is the stack).
+    // SAFETY: the #GP it raises returns to ring 0 through the TSS and the probe's landing.
     let f = unsafe {
         probe!(
             // One template string: `probe!` takes a single one when operands follow.
@@ -508,8 +505,8 @@ fn write_at(gpa: u64, v: u32) -> Seen {
 
 fn exec_at(gpa: u64) -> Seen {
     log::info!("attack: calling guest-physical {gpa:#x}");
-    // SAFETY: our page tables map `gpa` executable; EPT must refuse the fetch and stop us.
-    // Were it to run, it must be a function (it is a RET where we call this).
+    // Our page tables map `gpa` executable; EPT must refuse the fetch and stop us.
+    // SAFETY: were it to run, it is a function (a RET is written there before the call).
     unsafe { core::arch::asm!("call {a}", a = in(reg) gpa, clobber_abi("C")) };
     Seen::Value(0)
 }
@@ -531,8 +528,8 @@ fn phys_bits() -> u32 {
 fn triple_fault() -> Seen {
     let empty: [u16; 5] = [0; 5];
     log::info!("attack: loading an empty IDT, then raising #UD");
-    // SAFETY: deliberately unrecoverable: with no IDT, #UD becomes #DF becomes a triple
-    // fault, which the hypervisor must turn into a stop. Nothing after it runs.
+    // Deliberately unrecoverable: with no IDT, #UD becomes #DF becomes a triple fault.
+    // SAFETY: the hypervisor must turn it into a stop; nothing after it runs.
     unsafe {
         core::arch::asm!("lidt [{p}]", "ud2", "2: jmp 2b", p = in(reg) empty.as_ptr(), options(noreturn))
     }
@@ -545,8 +542,8 @@ fn halt(timer: bool) -> Seen {
     } else {
         log::info!("attack: halting with interrupts off and no timer");
     }
-    // SAFETY: CLI; HLT with nothing to wake us: the hypervisor must stop us (it would never
-    // wake). Were it to resume us, we carry on.
+    // CLI; HLT with nothing to wake us: the hypervisor must stop us (it would never wake).
+    // SAFETY: touches no memory; were it to resume us, we carry on.
     unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
     Seen::Value(0)
 }
@@ -571,8 +568,8 @@ fn lapic_init() -> Seen {
 fn rep_stos_across_end(bi: &BootInfo) -> Seen {
     let start = bi.memory_bytes - 16;
     log::info!("attack: rep stosb of 64 bytes from {start:#x}, across the end of my memory");
-    // SAFETY: the first 16 bytes are ours and unused; the rest is past the partition, which
-    // EPT does not map: the hypervisor stops us at its first byte.
+    // The first 16 bytes are ours and unused; the rest is past the partition.
+    // SAFETY: EPT does not map the rest: the hypervisor stops us at its first byte.
     unsafe {
         core::arch::asm!("rep stosb", inout("rdi") start => _, inout("rcx") 64u64 => _, in("al") 0xa5u8, options(nostack))
     };
@@ -814,8 +811,8 @@ pub static ATTACKS: &[Attack] = &[
         seen(f, 0)
     }),
     own("invd", Expect::Completes, |_| {
-        // SAFETY: INVD would discard dirty cache lines (the hypervisor's among them) if it
-        // ran; it always exits, and the hypervisor emulates it as a no-op.
+        // INVD would discard dirty cache lines (the hypervisor's among them) if it ran.
+        // SAFETY: it always exits, and the hypervisor emulates it as a no-op.
         let f = unsafe { probe!("invd") };
         seen(f, 0)
     }),

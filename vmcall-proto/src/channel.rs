@@ -409,8 +409,7 @@ mod tests {
         struct Mem([u8; 4096]);
         let mut mem = Box::new(Mem([0; 4096]));
         let base = mem.0.as_mut_ptr();
-        // SAFETY: 4096-byte aligned, ring_bytes(4) = 384 bytes, accessed only through the
-        // ring while it lives.
+        // SAFETY: 4096-byte aligned, 384 bytes needed, used only through the ring meanwhile.
         let ring = unsafe { Ring::from_raw(base, 4) };
         assert_eq!(ring.slots(), 4);
         let (mut tx, mut rx) = (Sender::new(ring), Receiver::new(ring, 1));

@@ -167,8 +167,9 @@ mod run {
     impl ept::FrameMemory for Identity {
         fn frame(&mut self, pa: u64) -> &mut [u64; 512] {
             // Only the frame pool and the EPT code of this core reach it, one table at a time.
-            // SAFETY: `pa` is a frame of this core's private region (the pool hands out and
-            // takes back only those; EPT entries hold only table frames it handed out).
+            // The pool hands out and takes back only this core's private frames, and EPT
+            // entries hold only table frames it handed out.
+            // SAFETY: so `pa` is a frame of this core's private region, identity-mapped.
             unsafe { &mut *(pa as *mut [u64; 512]) }
         }
     }
@@ -188,8 +189,8 @@ mod run {
         policy: crate::caps::Policy,
     ) -> &'static mut crate::caps::HvCaps {
         let p = CAPS[core].0.get() as *mut crate::caps::HvCaps;
-        // SAFETY: slot `core` belongs to this core, which runs its guest once (so this is the
-        // only reference); the slot is static, aligned, and initialised here in place.
+        // Slot `core` belongs to this core, which runs its guest once.
+        // SAFETY: so this is the only reference; the slot is static and aligned, set up here.
         unsafe {
             crate::caps::HvCaps::init_at(p, core as u16, policy);
             &mut *p
