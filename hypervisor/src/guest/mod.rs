@@ -598,11 +598,13 @@ mod run {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
         let watchdog = arch::rdtsc().saturating_add(budget_ticks);
-        let policy = crate::caps::Policy::from_tsc_per_ms(tsc_per_ms);
+        let policy = crate::caps::Policy {
+            deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
+            ..crate::caps::Policy::from_tsc_per_ms(tsc_per_ms)
+        };
         let caps = caps_of_this_core(core as usize, policy);
         let mut ctx =
             GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
-        ctx.caps.policy.deadline = l.caps_deadline_ms.saturating_mul(tsc_per_ms);
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
             ctx.caps.deafen();

@@ -335,36 +335,31 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             );
         }
     }
+    // Per-guest limits of the boot-info channel table and the grant slots.
     for (gi, g) in config.guests.iter().enumerate() {
-        let n = config
+        let name = g.name.get_ref();
+        let channels = config
             .channels
             .iter()
-            .filter(|c| c.between.get_ref().iter().any(|e| e.get_ref() == g.name.get_ref()))
+            .filter(|c| c.between.get_ref().iter().any(|e| e.get_ref() == name))
             .count();
-        if n > vmcall_proto::guest::MAX_CHANNELS_PER_GUEST {
-            errs.at(
-                g.name.span(),
-                format!("guest[{gi}].name"),
-                format!(
-                    "`{}` is an endpoint of {n} channels; at most {}",
-                    g.name.get_ref(),
-                    vmcall_proto::guest::MAX_CHANNELS_PER_GUEST
-                ),
-            );
-        }
-    }
-    for (gi, g) in config.guests.iter().enumerate() {
-        let n = config.grants.iter().filter(|gr| gr.guest.get_ref() == g.name.get_ref()).count();
-        if n > blob::MAX_GRANTS_PER_GUEST {
-            errs.at(
-                g.name.span(),
-                format!("guest[{gi}].name"),
-                format!(
-                    "`{}` receives {n} grants; at most {}",
-                    g.name.get_ref(),
-                    blob::MAX_GRANTS_PER_GUEST
-                ),
-            );
+        let grants = config.grants.iter().filter(|gr| gr.guest.get_ref() == name).count();
+        for (n, max, what, noun) in [
+            (
+                channels,
+                vmcall_proto::guest::MAX_CHANNELS_PER_GUEST,
+                "is an endpoint of",
+                "channels",
+            ),
+            (grants, blob::MAX_GRANTS_PER_GUEST, "receives", "grants"),
+        ] {
+            if n > max {
+                errs.at(
+                    g.name.span(),
+                    format!("guest[{gi}].name"),
+                    format!("`{name}` {what} {n} {noun}; at most {max}"),
+                );
+            }
         }
     }
     for (i, g) in config.grants.iter().enumerate() {

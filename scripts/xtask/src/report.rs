@@ -18,6 +18,16 @@ pub struct CoreReport {
     pub reason: Option<String>,
 }
 
+/// `name:count` words (a record's `exits` or `requests_from`), or `None` if one is not.
+fn counts(text: &str) -> Option<BTreeMap<String, u64>> {
+    text.split_whitespace()
+        .map(|w| {
+            let (k, v) = w.split_once(':')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
 /// One guest, from its `guest` record.
 ///
 /// In JSON, `exit_status` is `null` unless the guest `exited`, and the two TSC values are
@@ -246,14 +256,7 @@ impl Console {
             }
             kind::GUEST => {
                 let guest = (|| {
-                    let exits = unescape(r.get("exits")?);
-                    let exits = exits
-                        .split_whitespace()
-                        .map(|w| {
-                            let (k, v) = w.split_once(':')?;
-                            Some((k.to_string(), v.parse().ok()?))
-                        })
-                        .collect::<Option<BTreeMap<_, _>>>()?;
+                    let exits = counts(&unescape(r.get("exits")?))?;
                     Some(GuestReport {
                         name: unescape(r.get("name")?),
                         core: num(&r, "core")?,
@@ -268,14 +271,8 @@ impl Console {
                         nmis: num(&r, "nmis").unwrap_or(0),
                         requests_from: r
                             .get("requests_from")
-                            .map(unescape)
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .filter_map(|w| {
-                                let (k, v) = w.split_once(':')?;
-                                Some((k.to_string(), v.parse().ok()?))
-                            })
-                            .collect(),
+                            .and_then(|v| counts(&unescape(v)))
+                            .unwrap_or_default(),
                         cap_refused: num(&r, "cap_refused").unwrap_or(0),
                         foreign_tsc: num(&r, "foreign_tsc").unwrap_or(0),
                         fenced: r
