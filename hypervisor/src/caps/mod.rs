@@ -124,6 +124,17 @@ pub struct CapCore<const E: usize> {
     pub bug: Bug,
 }
 
+/// What a guest's death took back ([`CapCore::retire`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retired {
+    /// Copies of its caps revoked on other cores.
+    pub revoked: u64,
+    /// Caps whose revoke some core did not confirm (fenced; their records are kept).
+    pub unconfirmed: u32,
+    /// Copies it held, dropped.
+    pub dropped: u32,
+}
+
 /// A transfer in flight, for [`CapCore::transfer_finish`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Transfer {
@@ -222,6 +233,52 @@ impl<const E: usize> CapCore<E> {
     /// owners may still take them back, and that must keep working).
     pub fn end(&mut self) {
         self.ended = true;
+    }
+
+    /// The guest has died: every copy made from its caps is revoked on every core (as
+    /// `cap_revoke` would, bounded by the deadlines), every copy it held is dropped, every
+    /// original is unmapped and kept for a next incarnation, and no channel accepts caps.
+    /// Inserts are refused from here on until [`Self::reborn`].
+    pub fn retire(&mut self, env: &mut impl Env) -> Retired {
+        self.ended = true;
+        let mut out = Retired::default();
+        let mut owners = [None; vmcall_proto::caps::MAX_SLOTS];
+        for (o, (h, _)) in
+            owners.iter_mut().zip(self.space.live().filter(|(_, c)| c.children().next().is_some()))
+        {
+            *o = Some(h);
+        }
+        for h in owners.into_iter().flatten() {
+            match self.revoke(env, h) {
+                Ok(n) => out.revoked += n,
+                Err(_) => out.unconfirmed += 1,
+            }
+        }
+        let mut failed = false;
+        out.dropped = self.space.retire(|c| {
+            if let Some(gpa) = c.mapped_at {
+                failed |= env.ept_unmap(gpa, c.size).is_err();
+            }
+        });
+        self.stats.unmap_failed |= failed;
+        for c in &mut self.chans[..self.nchans] {
+            c.accept = 0;
+        }
+        out
+    }
+
+    /// A new incarnation of the guest runs on what [`Self::retire`] left: caps come in again.
+    pub fn reborn(&mut self) {
+        self.ended = false;
+    }
+
+    /// Memory caps this space owns (originals): the next incarnation inherits them, so the
+    /// hypervisor scrubs them first.
+    pub fn owned_memory(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.space
+            .live()
+            .filter(|(_, c)| c.depth == 0 && c.kind == CapType::Memory)
+            .map(|(_, c)| (c.base, c.size))
     }
 
     /// Fault injection (`inject=deaf-core:N`): from now on this core drops every revoke

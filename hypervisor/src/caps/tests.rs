@@ -676,3 +676,69 @@ fn in_place_initialisation_equals_a_fresh_instance() {
     };
     assert_eq!(built, Core::new(5, policy));
 }
+
+/// Three cores: 0 copies its region to 1, 1 copies on to 2 (each maps what it got). Then
+/// 1 dies: its own copy is dropped and unmapped, 2's copy (made from 1's) is revoked.
+/// Then 0 revokes: nothing is left on 1 or 2, so it returns at once, having taken nothing. Then 0 dies holding copies of nothing: nothing to revoke.
+#[test]
+fn a_dying_guest_takes_its_copies_with_it_and_leaves_its_originals() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    fn wait_step(core: &mut Core, env: &mut ThreadEnv, s: usize) {
+        while STEP.load(Ordering::SeqCst) < s {
+            core.poll(env);
+            std::thread::yield_now();
+        }
+    }
+    fn copy_arrives(core: &mut Core, env: &mut ThreadEnv) -> u64 {
+        loop {
+            core.poll(env);
+            if let Some((h, _)) = core.space().live().find(|(_, k)| k.depth > 0) {
+                return h;
+            }
+            std::thread::yield_now();
+        }
+    }
+    STEP.store(0, Ordering::SeqCst);
+    let out = threads(3, |me, core, env| match me {
+        0 => {
+            let ep = ep_of(core, 3, 0, 1);
+            core.hypercall(env, Hypercall::CapTransfer, 0, ep, 1 | 7 << 8).unwrap().unwrap();
+            wait_step(core, env, 2);
+            // 1 died: its copy and the copy made from it are gone already, so the revoke
+            // finds nothing to take (0) and returns as soon as core 1 answers.
+            assert_eq!(core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0), Some(Ok(0)));
+            let r = core.retire(env);
+            assert_eq!(r, Retired::default(), "nothing left to take back");
+            assert!(core.space().get(0).is_ok(), "the original stays");
+            STEP.store(3, Ordering::SeqCst);
+        }
+        1 => {
+            let h = copy_arrives(core, env);
+            core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 3).unwrap().unwrap();
+            let ep = ep_of(core, 3, 1, 2);
+            core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 1 << 8).unwrap().unwrap();
+            wait_step(core, env, 1);
+            let r = core.retire(env);
+            assert_eq!(r, Retired { revoked: 1, unconfirmed: 0, dropped: 1 });
+            assert_eq!(core.space().get(h).err(), Some(vmcall_proto::caps::CapError::Revoked));
+            assert!(core.space().get(0).is_ok(), "its own grant stays for the next incarnation");
+            // Dead: a new copy is refused until it is reborn.
+            STEP.store(2, Ordering::SeqCst);
+            wait_step(core, env, 3);
+        }
+        _ => {
+            let h = copy_arrives(core, env);
+            core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1).unwrap().unwrap();
+            STEP.store(1, Ordering::SeqCst);
+            wait_step(core, env, 2);
+            assert!(core.space().live().all(|(_, k)| k.depth == 0), "the copy of a copy went");
+            wait_step(core, env, 3);
+        }
+    });
+    for (i, (core, maps)) in out.iter().enumerate() {
+        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a copy");
+        assert!(core.space().live().all(|(_, k)| k.depth == 0), "core {i}");
+        assert!(core.idle(), "core {i}");
+    }
+}
