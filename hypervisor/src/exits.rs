@@ -196,6 +196,36 @@ pub enum StopReason {
     Isolation(&'static str),
 }
 
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            StopReason::EptViolation { gpa, rip, qualification } => {
+                EptViolation { gpa, rip, qualification }.fmt(f)
+            }
+            StopReason::EptMisconfig { gpa, rip } => {
+                write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
+            }
+            StopReason::TripleFault { rip } => write!(f, "triple fault, rip={rip:#x}"),
+            StopReason::Init { rip } => write!(f, "INIT signal, rip={rip:#x}"),
+            StopReason::EntryFailed { reason, rip } => {
+                write!(f, "VM entry failed (reason {reason}), rip={rip:#x}")
+            }
+            StopReason::HaltedForever { rip } => {
+                write!(
+                    f,
+                    "HLT with no timer armed or interrupts off: would never wake, rip={rip:#x}"
+                )
+            }
+            StopReason::Watchdog { rip } => write!(f, "exceeded its run budget, rip={rip:#x}"),
+            StopReason::Unexpected { reason, rip } => {
+                write!(f, "unexpected VM exit reason {reason}, rip={rip:#x}")
+            }
+            StopReason::Setup(what) => write!(f, "setup failed: {what}"),
+            StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
+        }
+    }
+}
+
 /// An EPT violation in words: what the guest tried and what its mapping there allowed,
 /// from the exit qualification (SDM Vol. 3C 28.2.1, Table 28-7: bits 0-2 the access —
 /// read, write, instruction fetch; bits 3-5 whether the entry allowed read, write,

@@ -53,7 +53,7 @@ pub const fn channel_window(index: u32) -> u64 {
 pub const WORKLOADS: &[&str] = &[
     "hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass",
     "pool", "giver", "taker", "racer", "capowner", "holder", "doomed", "revoker", "splitter",
-    "passer", "far", "flooder", "quiet", "attack",
+    "passer", "far", "flooder", "quiet", "attack", "phoenix",
 ];
 
 /// What values a workload argument takes.
@@ -475,6 +475,14 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("rings", 0, 1_000_000, 50, "`doorbell-flood`: doorbells per message"),
         ],
     },
+    WorkloadSpec {
+        name: "phoenix",
+        summary: "checks that nothing of an earlier incarnation is left (a mark in its last \
+                  page and in its first grant, mapped), leaves its own mark, then faults on \
+                  purpose (reads past its partition) until incarnation `live_at`, where it \
+                  exits 0 if every check held",
+        args: &[int("live_at", 1, 1001, 4, "the incarnation that exits instead of faulting")],
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {
@@ -502,7 +510,7 @@ const _: () = {
 };
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.
 pub const MAX_CHANNELS_PER_GUEST: usize = 16;
 
@@ -543,8 +551,11 @@ pub struct BootInfo {
     /// Workload arguments, `key=value` words separated by spaces, NUL-padded.
     pub args: [u8; 128],
     pub channels: [ChannelDesc; MAX_CHANNELS_PER_GUEST],
+    /// Which start of this guest this is: 1, then 2 after its first restart, ...
+    pub incarnation: u32,
+    pub _reserved: [u8; 60],
 }
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 232 + 64 * MAX_CHANNELS_PER_GUEST);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 296 + 64 * MAX_CHANNELS_PER_GUEST);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_PML4_GPA - BOOT_INFO_GPA);
 
 impl BootInfo {

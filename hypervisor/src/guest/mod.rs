@@ -87,6 +87,27 @@ pub struct GuestReport {
     pub caps: crate::caps::Stats,
     /// TSC ticks spent serving other cores while the guest ran.
     pub foreign_tsc: u64,
+    /// How many times the guest was started (1 + restarts).
+    pub incarnations: u32,
+}
+
+impl GuestReport {
+    /// Adds a later incarnation: its ending and end time, every counter summed.
+    pub fn absorb(&mut self, later: &GuestReport) {
+        self.ending = later.ending;
+        for (a, b) in self.exits.iter_mut().zip(later.exits) {
+            *a = a.saturating_add(b);
+        }
+        self.exits_other = self.exits_other.saturating_add(later.exits_other);
+        self.hypercalls = self.hypercalls.saturating_add(later.hypercalls);
+        if self.tsc_first_entry == 0 {
+            self.tsc_first_entry = later.tsc_first_entry;
+        }
+        self.tsc_end = later.tsc_end;
+        self.caps = later.caps;
+        self.foreign_tsc = self.foreign_tsc.saturating_add(later.foreign_tsc);
+        self.incarnations += 1;
+    }
 }
 
 /// The guest's name as text.
@@ -183,7 +204,8 @@ mod run {
         [const { CapsSlot(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit())) };
             crate::percpu::MAX_CORES];
 
-    /// Initialises and hands out this core's capability state. Called once per core.
+    /// Initialises and hands out this core's capability state. Called once per core (a
+    /// restarted guest goes on with the state its predecessor's death left).
     fn caps_of_this_core(
         core: usize,
         policy: crate::caps::Policy,
@@ -247,7 +269,7 @@ mod run {
         injected: bool,
         frames: &'a mut Private,
         eptp: u64,
-        link: crate::xcore::Link,
+        link: &'a mut crate::xcore::Link,
     }
 
     fn field(f: Field) -> crate::vmx::vmcs::Rw {
@@ -583,11 +605,54 @@ mod run {
             nmis: 0,
             caps: ctx.caps.stats,
             foreign_tsc: ctx.foreign_tsc,
+            incarnations: 1,
         }
     }
 
-    /// Sets up and runs the guest of `l` on this core until it ends, hands its report to
-    /// `post`, then keeps serving inter-core requests while `keep_serving` says so.
+    /// The hypervisor side of a core once its guest is over for good: no guest to enter,
+    /// no EPT to change (the dead guest's space holds nothing mapped and takes nothing in).
+    struct Serving<'a>(&'a mut crate::xcore::Link);
+
+    impl crate::caps::Env for Serving<'_> {
+        fn now(&mut self) -> u64 {
+            arch::rdtsc()
+        }
+        fn send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
+            self.0.try_send(to, m)
+        }
+        fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+            self.0.try_recv()
+        }
+        fn kick(&mut self, to: usize) {
+            self.0.kick(to)
+        }
+        fn ept_map(&mut self, _: u64, _: u64, _: u64, _: bool) -> Result<(), HvError> {
+            Err(HvError::PeerGone)
+        }
+        fn ept_unmap(&mut self, _: u64, _: u64) -> Result<(), HvError> {
+            Err(HvError::NotMapped)
+        }
+        fn relax(&mut self) {
+            arch::pause();
+        }
+    }
+
+    /// Whether a guest that ended so is started again under `policy` (see
+    /// `vmcall_proto::config::restart`). A guest the hypervisor could not set up, or stopped
+    /// to keep isolation, never is.
+    pub(super) fn restart_wanted(policy: u8, ending: Ending) -> bool {
+        use vmcall_proto::config::restart;
+        match ending {
+            Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_)) => false,
+            Ending::Exited(0) => policy == restart::ALWAYS,
+            Ending::Exited(_) | Ending::Stopped(_) => policy != restart::NEVER,
+        }
+    }
+
+    /// Sets up and runs the guest of `l` on this core, again as its restart policy says
+    /// (each time a new incarnation from the same kernel and config, after a clean death of
+    /// the last one), hands its report to `post`, then keeps serving inter-core requests
+    /// while `keep_serving` says so.
     pub fn run(
         l: &Launch,
         f: &Features,
@@ -596,25 +661,77 @@ mod run {
         keep_serving: impl Fn() -> bool,
     ) {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
-        let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
-        let watchdog = arch::rdtsc().saturating_add(budget_ticks);
         let policy = crate::caps::Policy {
             deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
             ..crate::caps::Policy::from_tsc_per_ms(tsc_per_ms)
         };
-        let caps = caps_of_this_core(core as usize, policy);
-        let mut ctx =
-            GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
+        let mut caps = caps_of_this_core(core as usize, policy);
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
-            ctx.caps.deafen();
+            caps.deafen();
         }
-        // Setup failures end the guest before it ran: report and return (no caps to serve).
-        let mut post = Some(post);
-        let mut stop = |ctx: &GuestCtx, why: &'static str| {
-            if let Some(p) = post.take() {
-                p(report(ctx, Ending::Stopped(StopReason::Setup(why)), 0));
+        let mut link = crate::xcore::Link::new(core as usize);
+        let mut total: Option<GuestReport> = None;
+        let mut n = 0u32;
+        loop {
+            n += 1;
+            let (r, back) = incarnation(l, f, core, n, caps, &mut link);
+            caps = back;
+            let t = total.get_or_insert(r);
+            if n > 1 {
+                t.absorb(&r);
             }
+            let again =
+                restart_wanted(l.entry.restart, r.ending) && n <= u32::from(l.entry.max_restarts);
+            if !again {
+                break;
+            }
+            // The next incarnation inherits what this one owned: nothing of its data.
+            for (base, size) in caps.owned_memory() {
+                // SAFETY: memory this core's guest owns (a grant or a region moved to it),
+                // identity-mapped; its guest is not running and nothing maps it now.
+                unsafe { (base as *mut u8).write_bytes(0, size as usize) };
+            }
+            caps.reborn();
+            log::info!("guest {}: restarting ({} of {})", name(l), n, l.entry.max_restarts);
+        }
+        if let Some(mut r) = total {
+            r.xmsgs = link.sent;
+            r.nmis = link.nmis;
+            post(r);
+        }
+        // The guest is gone but other cores may still revoke copies they made (their
+        // requests find nothing here and are answered at once): keep answering until told
+        // to stop.
+        while keep_serving() {
+            caps.poll(&mut Serving(&mut link));
+            arch::pause();
+        }
+    }
+
+    /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
+    /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
+    /// private region goes back whole, the partition is zeroed before the next use).
+    /// Returns its report and the capability state for the next incarnation.
+    fn incarnation(
+        l: &Launch,
+        f: &Features,
+        core: u32,
+        n: u32,
+        caps: &'static mut crate::caps::HvCaps,
+        link: &mut crate::xcore::Link,
+    ) -> (GuestReport, &'static mut crate::caps::HvCaps) {
+        let tsc_start = arch::rdtsc();
+        let tsc_per_ms = arch::tsc::ticks_per_ms();
+        let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
+        let watchdog = arch::rdtsc().saturating_add(budget_ticks);
+        let mut ctx =
+            GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
+        // Setup failures end the incarnation before it ran.
+        let stop = |ctx: GuestCtx, why: &'static str| {
+            let r = report(&ctx, Ending::Stopped(StopReason::Setup(why)), 0);
+            incarnation_record(l, n, &r, tsc_start, 0, &Default::default());
+            (r, ctx.caps)
         };
         let part = Partition { base: l.partition, size: l.partition_size };
         let mut frames = Private::new(Identity, l.private, l.private + l.private_size);
@@ -627,14 +744,15 @@ mod run {
             Ok(p) => p,
             Err(e) => {
                 log::error!("guest {}: kernel ELF rejected: {e}", name(l));
-                return stop(&ctx, "kernel ELF rejected");
+                return stop(ctx, "kernel ELF rejected");
             }
         };
+        // Nothing of a previous incarnation (or of whoever had the memory before) survives.
         part.zero();
         for s in plan.segments() {
             let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
             if part.write(s.gpa, data).is_err() {
-                return stop(&ctx, "kernel segment outside the partition");
+                return stop(ctx, "kernel segment outside the partition");
             }
         }
         let mut bi = BootInfo::new_zeroed();
@@ -647,8 +765,9 @@ mod run {
         bi.name = l.entry.name;
         bi.workload = l.entry.workload;
         bi.args = l.entry.args;
+        bi.incarnation = n;
         if boot_page_tables(&part).is_err() {
-            return stop(&ctx, "partition too small for the boot structures");
+            return stop(ctx, "partition too small for the boot structures");
         }
 
         let windows = l
@@ -657,7 +776,7 @@ mod run {
             .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
         let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
             Ok(root) => ept::eptp(root),
-            Err(why) => return stop(&ctx, why),
+            Err(why) => return stop(ctx, why),
         };
         for (i, ch) in l.channels().iter().enumerate() {
             bi.channels[i] = ch.desc;
@@ -665,10 +784,10 @@ mod run {
         }
         bi.channel_count = l.channel_count as u32;
         if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
-            return stop(&ctx, "partition too small for the boot structures");
+            return stop(ctx, "partition too small for the boot structures");
         }
         let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
-            return stop(&ctx, "private region exhausted");
+            return stop(ctx, "private region exhausted");
         };
         // SAFETY: a fresh page of this core's private region; VMX is on for this core.
         let loaded = unsafe {
@@ -676,9 +795,10 @@ mod run {
             arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
         };
         if loaded.is_err() {
-            return stop(&ctx, "VMCLEAR/VMPTRLD failed");
+            return stop(ctx, "VMCLEAR/VMPTRLD failed");
         }
-        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation.
+        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation
+        // (a previous incarnation's included).
         unsafe {
             arch::vmx::invvpid_single((l.guest_id + 1) as u16);
             arch::vmx::invept_single(eptp);
@@ -687,20 +807,23 @@ mod run {
             Ok(p) => p,
             Err(what) => {
                 log::error!("guest {}: VMCS setup: {what}", name(l));
-                return stop(&ctx, "VMCS setup failed");
+                return stop(ctx, "VMCS setup failed");
             }
         };
         let mut sink = Console { name: name(l), core };
-        for &(base, size) in &l.grants[..l.grant_count] {
-            if ctx.caps.grant(base, size).is_err() {
-                return stop(&ctx, "capability space full");
+        if n == 1 {
+            for &(base, size) in &l.grants[..l.grant_count] {
+                if ctx.caps.grant(base, size).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for ch in l.channels() {
+                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
+                    return stop(ctx, "capability space full");
+                }
             }
         }
-        for ch in l.channels() {
-            if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                return stop(&ctx, "capability space full");
-            }
-        }
+        let frames_at_start = frames.in_use();
         let mut vcpu = VmcsVcpu {
             regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
             part: &part,
@@ -708,10 +831,10 @@ mod run {
             injected: false,
             frames: &mut frames,
             eptp,
-            link: crate::xcore::Link::new(core as usize),
+            link,
         };
         log::info!(
-            "guest {} (id {}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
+            "guest {} (id {}, incarnation {n}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
             name(l),
             l.guest_id,
             part.size >> 20,
@@ -807,7 +930,15 @@ mod run {
             reinject_vectoring(&mut vcpu);
         };
         ctx.flush_line(&mut sink);
-        ctx.caps.end();
+        let mut r = report(&ctx, ending, first_entry);
+        // The clean death: every copy made from its caps revoked everywhere, every copy it
+        // held dropped, its originals unmapped (while its EPT still exists to unmap them).
+        let retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
+        r.caps = ctx.caps.stats;
+        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
+        // SAFETY: the VMCS is this core's; clearing it ends its use (the frame goes back with
+        // the private region).
+        let _ = unsafe { arch::vmx::vmclear(vmcs) };
         log::info!(
             "guest {}: private frames in use {}, peak {}, limit {}",
             name(l),
@@ -815,21 +946,44 @@ mod run {
             vcpu.frames.peak(),
             vcpu.frames.limit()
         );
-        if let Some(p) = post.take() {
-            let mut r = report(&ctx, ending, first_entry);
-            r.xmsgs = vcpu.link.sent;
-            r.nmis = vcpu.link.nmis;
-            p(r);
+        incarnation_record(l, n, &r, tsc_start, frames_at_start, &retired);
+        (r, ctx.caps)
+    }
+
+    /// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`).
+    fn incarnation_record(
+        l: &Launch,
+        n: u32,
+        r: &GuestReport,
+        tsc_start: u64,
+        frames: u64,
+        retired: &crate::caps::Retired,
+    ) {
+        let (ending, status, fault) = match r.ending {
+            Ending::Exited(s) => ("exited", s, None),
+            Ending::Stopped(why) => ("stopped", 0, Some(why)),
+        };
+        crate::record!(
+            vmcall_proto::record::kind::INCARNATION,
+            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={}",
+            name(l),
+            vmcall_proto::record::Quoted(OptFault(fault)),
+            r.tsc_first_entry,
+            r.tsc_end,
+            retired.revoked,
+            retired.unconfirmed,
+            retired.dropped
+        );
+    }
+
+    struct OptFault(Option<StopReason>);
+    impl core::fmt::Display for OptFault {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                Some(w) => w.fmt(f),
+                None => Ok(()),
+            }
         }
-        // The guest is gone but its capabilities may have copies elsewhere, and other cores
-        // may revoke copies held here: keep answering until told to stop.
-        while keep_serving() {
-            ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
-            arch::pause();
-        }
-        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-        // SAFETY: the VMCS is this core's; clearing it ends its use.
-        let _ = unsafe { arch::vmx::vmclear(vmcs) };
     }
 
     /// An exit during event delivery leaves the event in the IDT-vectoring field; it must be
