@@ -61,3 +61,35 @@ fn restarts_follow_the_policy_and_leave_nothing_behind() {
         }
     }
 }
+
+/// `mgr` runs `worker` and `sleeper` through guest-control capabilities: it restarts the
+/// worker each time the hypervisor stops it (three faults, then it lives), and stops the
+/// sleeper while it runs, finds it held, starts it again (a second start is refused).
+#[test]
+fn a_supervisor_restarts_stops_and_starts_guests_by_capability() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/supervise.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    let said = |s: &str| b.serial.contains(&format!("[mgr@c0] supervisor: {s}"));
+    for s in [
+        "an unknown operation: Err(Ok(BadArgument)) as expected",
+        "a forged slot: Err(Ok(NoSuchSlot)) as expected",
+        "stop slot 1: held in incarnation 1 (status 0)",
+        "query slot 1: held in incarnation 1 (status 0)",
+        "start slot 1: running in incarnation 2 (status 0)",
+        "start it again: Err(Ok(Busy)) as expected",
+        "slot 0 stopped in incarnation 3: restart: running in incarnation 4 (status 0)",
+        "slot 0 exited (status 0) in incarnation 4 after 3 restarts",
+        "slot 1 exited (status 0) in incarnation 2 after 0 restarts",
+    ] {
+        assert!(said(s), "missing: {s}\n{}", b.serial);
+    }
+    let w = guest(&b, "worker");
+    assert_eq!((w.state.as_str(), w.exit_status, w.incarnations.len()), ("exited", 0, 4));
+    let s = guest(&b, "sleeper");
+    assert_eq!(s.incarnations.len(), 2);
+    assert_eq!(s.incarnations[0].fault.as_deref(), Some("stopped by its controller on core 0"));
+    assert_eq!(s.incarnations[1].exit_status, Some(0));
+    // The sleeper's second incarnation ran its whole 200 ms again from the start.
+    assert!(s.exits.get("hlt").copied().unwrap_or(0) > 200, "{:?}", s.exits);
+}

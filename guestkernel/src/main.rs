@@ -15,6 +15,7 @@ mod console;
 mod hostile;
 mod hypercall;
 mod netloads;
+mod supervise;
 mod workloads;
 
 #[cfg(target_os = "none")]

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 25] = [
+const REGISTRY: [(&str, Workload); 26] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -46,6 +46,7 @@ const REGISTRY: [(&str, Workload); 25] = [
     ("quiet", crate::capattack::quiet),
     ("attack", crate::hostile::attack),
     ("phoenix", phoenix),
+    ("supervisor", crate::supervise::supervisor),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -194,6 +194,10 @@ pub enum StopReason {
     /// Stopped because its isolation could no longer be guaranteed (e.g. a revoked
     /// capability could not be unmapped from its EPT).
     Isolation(&'static str),
+    /// A controlling guest (on core `by`) asked for it to stop or restart.
+    Requested {
+        by: u16,
+    },
 }
 
 impl core::fmt::Display for StopReason {
@@ -222,6 +226,7 @@ impl core::fmt::Display for StopReason {
             }
             StopReason::Setup(what) => write!(f, "setup failed: {what}"),
             StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
+            StopReason::Requested { by } => write!(f, "stopped by its controller on core {by}"),
         }
     }
 }
@@ -772,7 +777,8 @@ fn vmcall(
             | Hypercall::CapUnmap
             | Hypercall::CapTransfer
             | Hypercall::CapRevoke
-            | Hypercall::CapAccept),
+            | Hypercall::CapAccept
+            | Hypercall::GuestControl),
         ) => ctx
             .caps
             .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)

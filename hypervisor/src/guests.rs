@@ -36,7 +36,9 @@ pub struct Plan {
     guests: [Option<Planned>; MAX_GUESTS],
     count: usize,
     /// How long the longest guest life can last, ms: every incarnation its budget and as
-    /// much again of time served to other cores, plus a second for its death.
+    /// much again of time served to other cores, plus a second for its death; twice that
+    /// with controllers (a controlled guest lives at most as long as one of them, then its
+    /// own life once more).
     life_ms: u64,
     channels: [Option<ChanInfo>; config::MAX_CHANNELS],
     channel_count: usize,
@@ -147,7 +149,9 @@ pub fn plan(
                 (1 + e.max_restarts as u64) * (2 * budget + 1_000)
             })
             .max()
-            .unwrap_or(0),
+            .unwrap_or(0)
+            // A controlled guest may be started again until its controller is gone.
+            .saturating_mul(if cfg.guests().any(|e| e.controls != 0) { 2 } else { 1 }),
         channels: [None; config::MAX_CHANNELS],
         channel_count: 0,
     };
@@ -187,6 +191,9 @@ pub fn plan(
                         channel_count: 0,
                         grants: [(0, 0); crate::guest::MAX_GRANTS_PER_GUEST],
                         grant_count: 0,
+                        targets: [(0, 0); MAX_GUESTS],
+                        target_count: 0,
+                        controllers: 0,
                     });
                     Ok(e.core as usize)
                 }
@@ -197,6 +204,22 @@ pub fn plan(
             }
         };
         plan.guests[i] = Some(Planned { name: e.name, core: e.core, slot });
+    }
+    // Control (`[[control]]`): a cap per running target in the controller's space, the
+    // controllers' cores in each target's launch.
+    let core_of = |g: usize| plan.guests[g].and_then(|p| p.slot.ok());
+    for (i, e) in cfg.guests().enumerate() {
+        let Some(ctl_core) = core_of(i) else { continue };
+        for t in (0..cfg.guest_count()).filter(|t| e.controls & (1u64 << t) != 0) {
+            let Some(t_core) = core_of(t) else { continue };
+            if let Some(l) = launches[i].as_mut() {
+                l.targets[l.target_count] = (t_core as u16, t as u16);
+                l.target_count += 1;
+            }
+            if let Some(tl) = launches[t].as_mut() {
+                tl.controllers |= 1u64 << ctl_core;
+            }
+        }
     }
     for (k, c) in cfg.channels().enumerate() {
         let size = channel::channel_bytes(c.slots);

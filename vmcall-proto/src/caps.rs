@@ -45,6 +45,9 @@ pub enum CapType {
     Memory = 1,
     /// A channel endpoint (`base` is the channel's number in the config).
     Endpoint = 2,
+    /// Control over another guest (`base`: the core it runs on, `size`: its guest index);
+    /// from the config's `[[control]]`, never transferred.
+    Control = 3,
 }
 
 /// Slots per capability space.

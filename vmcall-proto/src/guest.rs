@@ -51,9 +51,32 @@ pub const fn channel_window(index: u32) -> u64 {
 
 /// Workloads the guest kernel implements (its registry); configs may name only these.
 pub const WORKLOADS: &[&str] = &[
-    "hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass",
-    "pool", "giver", "taker", "racer", "capowner", "holder", "doomed", "revoker", "splitter",
-    "passer", "far", "flooder", "quiet", "attack", "phoenix",
+    "hello",
+    "spin",
+    "fault",
+    "ping",
+    "pong",
+    "stream",
+    "sink",
+    "relay",
+    "scribble",
+    "trespass",
+    "pool",
+    "giver",
+    "taker",
+    "racer",
+    "capowner",
+    "holder",
+    "doomed",
+    "revoker",
+    "splitter",
+    "passer",
+    "far",
+    "flooder",
+    "quiet",
+    "attack",
+    "phoenix",
+    "supervisor",
 ];
 
 /// What values a workload argument takes.
@@ -482,6 +505,17 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   purpose (reads past its partition) until incarnation `live_at`, where it \
                   exits 0 if every check held",
         args: &[int("live_at", 1, 1001, 4, "the incarnation that exits instead of faulting")],
+    },
+    WorkloadSpec {
+        name: "supervisor",
+        summary: "runs the guests it controls (`[[control]]`): waits while one runs, restarts \
+                  one the hypervisor stopped (at most `tries` times), is done when it exited; \
+                  exits 0 if each exited 0. With `hold = 1` it first stops its last guest, \
+                  checks it is held, starts it again",
+        args: &[
+            int("tries", 0, 1000, 10, "restarts it asks for, per guest"),
+            flag("hold", "stop and start the last guest first"),
+        ],
     },
 ];
 

@@ -7,9 +7,10 @@
 //! through [`Env`] (the EPT of this core's guest and the inter-core transport), so the
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
-//! May call: `vmcall_proto` (the capability space and ABI), [`proto`]. Nothing else of
+//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`]. Nothing else of
 //! the hypervisor: `exits` calls into this module, never the other way.
 
+pub mod control;
 #[cfg(test)]
 mod model;
 pub mod proto;
@@ -117,6 +118,8 @@ pub struct CapCore<const E: usize> {
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
+    /// Guest control: this core's own request, and requests for its guest.
+    pub ctl: control::Control,
     last_transfer: [u64; MAX_PEERS],
     pub stats: Stats,
     pub policy: Policy,
@@ -181,6 +184,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).ended).write(false);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
+            addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
             addr_of_mut!((*p).stats).write(Stats::default());
             addr_of_mut!((*p).policy).write(policy);
@@ -200,6 +204,7 @@ impl<const E: usize> CapCore<E> {
             ended: false,
             deaf: false,
             proto: Proto::new(core),
+            ctl: control::Control::default(),
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
             policy,
@@ -217,6 +222,45 @@ impl<const E: usize> CapCore<E> {
     pub fn grant(&mut self, base: u64, size: u64) -> Result<u64, HvError> {
         let cap = Cap::new(CapType::Memory, Rights::all(), base, size);
         Ok(self.space.insert(cap, None)?.0)
+    }
+
+    /// Control over guest `guest`, which runs on core `core` (the config's `[[control]]`),
+    /// in the next slot.
+    pub fn add_control(&mut self, core: u16, guest: u32) -> Result<u64, HvError> {
+        let cap =
+            Cap::new(CapType::Control, Rights::READ | Rights::WRITE, core as u64, guest as u64);
+        Ok(self.space.insert(cap, None)?.0)
+    }
+
+    /// Cores of the guests this one controls (to release them when it is gone for good).
+    pub fn control_targets(&self) -> u64 {
+        self.space
+            .live()
+            .filter(|(_, c)| c.kind == CapType::Control)
+            .fold(0, |m, (_, c)| m | 1u64.checked_shl(c.base as u32).unwrap_or(0))
+    }
+
+    /// `guest_control(slot, op)`: sent to the target's core, answered from there; the wait
+    /// serves every other request meanwhile and ends at the deadline (64 protocol levels:
+    /// the target's clean death may have revokes of its own to finish).
+    fn control(&mut self, env: &mut impl Env, h: u64, operation: u64) -> Result<u64, HvError> {
+        let c = *self.space.get(h)?;
+        if c.kind != CapType::Control {
+            return Err(HvError::WrongType);
+        }
+        let core = c.base as u16;
+        if self.proto.fenced(core as usize) {
+            return Err(HvError::PeerGone);
+        }
+        let deadline = self.policy.deadline.saturating_mul(64);
+        self.ctl.start(env, core, operation, deadline)?;
+        loop {
+            self.poll(env);
+            if let Some(r) = self.ctl.outcome(env.now()) {
+                return r;
+            }
+            env.relax();
+        }
     }
 
     /// One of the guest's channels (boot-info order), with its endpoint cap in the next
@@ -322,6 +366,12 @@ impl<const E: usize> CapCore<E> {
 
     /// One inter-core message.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if control::is_control(m) {
+            if from != self.proto.me() && !self.proto.fenced(from) {
+                self.ctl.deliver(from, m);
+            }
+            return;
+        }
         if from < MAX_PEERS && proto::is_request(m) {
             self.stats.requests_from[from] = self.stats.requests_from[from].saturating_add(1);
         }
@@ -388,6 +438,7 @@ impl<const E: usize> CapCore<E> {
             Hypercall::CapTransfer => self.transfer(env, a, b, c),
             Hypercall::CapRevoke => self.revoke(env, a),
             Hypercall::CapAccept => self.accept(a, b),
+            Hypercall::GuestControl => self.control(env, a, b),
             _ => return None,
         })
     }

@@ -742,3 +742,67 @@ fn a_dying_guest_takes_its_copies_with_it_and_leaves_its_originals() {
         assert!(core.idle(), "core {i}");
     }
 }
+
+/// Guest control on threads: core 0 controls core 1's guest. Core 1 answers its first
+/// request; it sits on the second past the deadline (`Timeout`), a third request while that
+/// one is unanswered is `Busy`, and once the late answer is in, requests work again. Bad
+/// requests are refused before anything is sent.
+#[test]
+fn guest_control_is_answered_bounded_and_one_at_a_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    STEP.store(0, Ordering::SeqCst);
+    let out = threads(2, |me, core, env| {
+        let word = vmcall_proto::hypercall::control::state_word(1, 1, 0);
+        if me == 0 {
+            core.policy.deadline = 2_000; // µs in this harness: 128 ms to answer
+            let h = core.add_control(1, 1).unwrap();
+            let call = |core: &mut Core, env: &mut ThreadEnv, h, op| {
+                core.hypercall(env, Hypercall::GuestControl, h, op, 0).unwrap()
+            };
+            assert_eq!(call(core, env, 0, 0), Err(HvError::WrongType), "a memory cap");
+            assert_eq!(call(core, env, h | 1 << 32, 0), Err(HvError::NoSuchSlot));
+            assert_eq!(call(core, env, h, 4), Err(HvError::BadArgument));
+            let ep = ep_of(core, 2, 0, 1);
+            let moved = core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 7 << 8);
+            assert_eq!(moved, Some(Err(HvError::WrongType)), "control is never passed on");
+            assert_eq!(call(core, env, h, 0), Ok(word));
+            assert_eq!(call(core, env, h, 0), Err(HvError::Timeout), "core 1 sits on it");
+            assert_eq!(call(core, env, h, 0), Err(HvError::Busy), "one at a time");
+            STEP.store(1, Ordering::SeqCst);
+            while STEP.load(Ordering::SeqCst) < 2 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+            core.poll(env);
+            assert_eq!(call(core, env, h, 0), Ok(word), "the late answer cleared the way");
+            STEP.store(3, Ordering::SeqCst);
+        } else {
+            let take = |core: &mut Core, env: &mut ThreadEnv| loop {
+                core.poll(env);
+                if let Some(r) = core.ctl.take() {
+                    return r;
+                }
+                std::thread::yield_now();
+            };
+            let (from, req, op) = take(core, env);
+            assert_eq!((from, op), (0, 0));
+            control::Control::answer(env, from, req, Ok(word));
+            let (from, late, _) = take(core, env);
+            while STEP.load(Ordering::SeqCst) < 1 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+            assert!(core.ctl.take().is_none(), "the Busy call sent nothing");
+            control::Control::answer(env, from, late, Ok(word));
+            STEP.store(2, Ordering::SeqCst);
+            let (from, req, _) = take(core, env);
+            control::Control::answer(env, from, req, Ok(word));
+            while STEP.load(Ordering::SeqCst) < 3 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+        }
+    });
+    assert_eq!(out[0].0.ctl.released, 0);
+}

@@ -39,6 +39,13 @@ pub struct Launch {
     /// Each becomes a memory capability (read, write, grant) in slot order.
     pub grants: [(u64, u64); MAX_GRANTS_PER_GUEST],
     pub grant_count: usize,
+    /// Guests this one controls (`[[control]]`) that run: (core, guest index), each a
+    /// guest-control capability after the endpoints.
+    pub targets: [(u16, u16); vmcall_proto::config::MAX_GUESTS],
+    pub target_count: usize,
+    /// Cores of the guests that control this one (their requests are served, no one
+    /// else's; it is reported once all of them have let go).
+    pub controllers: u64,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
@@ -643,16 +650,41 @@ mod run {
     pub(super) fn restart_wanted(policy: u8, ending: Ending) -> bool {
         use vmcall_proto::config::restart;
         match ending {
-            Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_)) => false,
+            Ending::Stopped(
+                StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::Requested { .. },
+            ) => false,
             Ending::Exited(0) => policy == restart::ALWAYS,
             Ending::Exited(_) | Ending::Stopped(_) => policy != restart::NEVER,
         }
     }
 
-    /// Sets up and runs the guest of `l` on this core, again as its restart policy says
-    /// (each time a new incarnation from the same kernel and config, after a clean death of
-    /// the last one), hands its report to `post`, then keeps serving inter-core requests
-    /// while `keep_serving` says so.
+    /// The state word a controller's query gets for a guest that is down after `ending`.
+    fn down_word(ending: Ending, n: u32) -> u64 {
+        use vmcall_proto::hypercall::control;
+        match ending {
+            Ending::Exited(s) => control::state_word(control::EXITED, n, s),
+            Ending::Stopped(StopReason::Requested { .. }) => {
+                control::state_word(control::HELD, n, 0)
+            }
+            Ending::Stopped(_) => control::state_word(control::STOPPED, n, 0),
+        }
+    }
+
+    /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
+    /// capabilities accepted again.
+    fn rebirth(caps: &mut crate::caps::HvCaps) {
+        for (base, size) in caps.owned_memory() {
+            // SAFETY: memory this core's guest owns (a grant or a region moved to it),
+            // identity-mapped; its guest is not running and nothing maps it now.
+            unsafe { (base as *mut u8).write_bytes(0, size as usize) };
+        }
+        caps.reborn();
+    }
+
+    /// Sets up and runs the guest of `l` on this core, again as its restart policy and its
+    /// controllers say (each time a new incarnation from the same kernel and config, after a
+    /// clean death of the last one), hands its report to `post` once it is down for good,
+    /// then keeps serving inter-core requests while `keep_serving` says so.
     pub fn run(
         l: &Launch,
         f: &Features,
@@ -660,6 +692,8 @@ mod run {
         post: impl FnOnce(GuestReport),
         keep_serving: impl Fn() -> bool,
     ) {
+        use crate::caps::control::Control;
+        use vmcall_proto::hypercall::control;
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let policy = crate::caps::Policy {
             deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
@@ -673,27 +707,76 @@ mod run {
         let mut link = crate::xcore::Link::new(core as usize);
         let mut total: Option<GuestReport> = None;
         let mut n = 0u32;
-        loop {
-            n += 1;
-            let (r, back) = incarnation(l, f, core, n, caps, &mut link);
-            caps = back;
-            let t = total.get_or_insert(r);
-            if n > 1 {
-                t.absorb(&r);
+        let mut restarts = 0u32;
+        let mut ending;
+        // A controller's START or RESTART, answered once the new incarnation runs.
+        let mut starting: Option<(usize, u32)> = None;
+        'life: loop {
+            loop {
+                n += 1;
+                let (r, back, asked) = incarnation(l, f, core, n, caps, &mut link, &mut starting);
+                caps = back;
+                ending = r.ending;
+                match &mut total {
+                    Some(t) => t.absorb(&r),
+                    None => total = Some(r),
+                }
+                if let Some((to, req)) = starting.take() {
+                    // It never ran (setup failed): say so.
+                    Control::answer(&mut Serving(&mut link), to, req, Ok(down_word(ending, n)));
+                }
+                match asked {
+                    Some((from, req, control::RESTART)) => {
+                        starting = Some((from, req));
+                        rebirth(caps);
+                        log::info!("guest {}: restarting (its controller asked)", name(l));
+                        continue;
+                    }
+                    Some((from, req, _)) => {
+                        let word = down_word(ending, n);
+                        Control::answer(&mut Serving(&mut link), from, req, Ok(word));
+                        break;
+                    }
+                    None => {}
+                }
+                if !restart_wanted(l.entry.restart, ending)
+                    || restarts >= u32::from(l.entry.max_restarts)
+                {
+                    break;
+                }
+                restarts += 1;
+                rebirth(caps);
+                log::info!(
+                    "guest {}: restarting ({restarts} of {})",
+                    name(l),
+                    l.entry.max_restarts
+                );
             }
-            let again =
-                restart_wanted(l.entry.restart, r.ending) && n <= u32::from(l.entry.max_restarts);
-            if !again {
-                break;
+            // Down. Its controllers may start it again until each has let go.
+            while l.controllers & !caps.ctl.released != 0 && keep_serving() {
+                caps.poll(&mut Serving(&mut link));
+                let Some((from, req, operation)) = caps.ctl.take() else {
+                    arch::pause();
+                    continue;
+                };
+                let env = &mut Serving(&mut link);
+                if l.controllers & (1 << from) == 0 {
+                    Control::answer(env, from, req, Err(HvError::NotOwner));
+                } else if matches!(operation, control::START | control::RESTART) {
+                    starting = Some((from, req));
+                    rebirth(caps);
+                    log::info!("guest {}: starting again (its controller asked)", name(l));
+                    continue 'life;
+                } else {
+                    Control::answer(env, from, req, Ok(down_word(ending, n)));
+                }
             }
-            // The next incarnation inherits what this one owned: nothing of its data.
-            for (base, size) in caps.owned_memory() {
-                // SAFETY: memory this core's guest owns (a grant or a region moved to it),
-                // identity-mapped; its guest is not running and nothing maps it now.
-                unsafe { (base as *mut u8).write_bytes(0, size as usize) };
-            }
-            caps.reborn();
-            log::info!("guest {}: restarting ({} of {})", name(l), n, l.entry.max_restarts);
+            break;
+        }
+        // Gone for good: the guests it controlled no longer wait for it.
+        let targets = caps.control_targets();
+        for t in (0..64).filter(|t| targets & (1u64 << t) != 0) {
+            Control::release(&mut Serving(&mut link), t);
         }
         if let Some(mut r) = total {
             r.xmsgs = link.sent;
@@ -701,10 +784,14 @@ mod run {
             post(r);
         }
         // The guest is gone but other cores may still revoke copies they made (their
-        // requests find nothing here and are answered at once): keep answering until told
-        // to stop.
+        // requests find nothing here and are answered at once), or ask about it: keep
+        // answering until told to stop.
         while keep_serving() {
             caps.poll(&mut Serving(&mut link));
+            if let Some((from, req, _)) = caps.ctl.take() {
+                let word = down_word(ending, n);
+                Control::answer(&mut Serving(&mut link), from, req, Ok(word));
+            }
             arch::pause();
         }
     }
@@ -712,7 +799,10 @@ mod run {
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
     /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
     /// private region goes back whole, the partition is zeroed before the next use).
-    /// Returns its report and the capability state for the next incarnation.
+    /// `starting`: a controller to answer once it runs. Returns its report, the capability
+    /// state for the next incarnation, and the controller's request that ended it, if one
+    /// did: (core, request, operation).
+    #[allow(clippy::type_complexity)]
     fn incarnation(
         l: &Launch,
         f: &Features,
@@ -720,7 +810,10 @@ mod run {
         n: u32,
         caps: &'static mut crate::caps::HvCaps,
         link: &mut crate::xcore::Link,
-    ) -> (GuestReport, &'static mut crate::caps::HvCaps) {
+        starting: &mut Option<(usize, u32)>,
+    ) -> (GuestReport, &'static mut crate::caps::HvCaps, Option<(usize, u32, u64)>) {
+        use crate::caps::control::Control;
+        use vmcall_proto::hypercall::control;
         let tsc_start = arch::rdtsc();
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
@@ -731,7 +824,7 @@ mod run {
         let stop = |ctx: GuestCtx, why: &'static str| {
             let r = report(&ctx, Ending::Stopped(StopReason::Setup(why)), 0);
             incarnation_record(l, n, &r, tsc_start, 0, &Default::default());
-            (r, ctx.caps)
+            (r, ctx.caps, None)
         };
         let part = Partition { base: l.partition, size: l.partition_size };
         let mut frames = Private::new(Identity, l.private, l.private + l.private_size);
@@ -822,6 +915,11 @@ mod run {
                     return stop(ctx, "capability space full");
                 }
             }
+            for &(core, guest) in &l.targets[..l.target_count] {
+                if ctx.caps.add_control(core, guest as u32).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
         }
         let frames_at_start = frames.in_use();
         let mut vcpu = VmcsVcpu {
@@ -853,6 +951,11 @@ mod run {
         let me = unsafe { crate::percpu::this_core() };
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+        if let Some((to, req)) = starting.take() {
+            let word = control::state_word(control::RUNNING, n, 0);
+            Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
+        }
+        let mut asked = None;
         let ending = loop {
             // Kicks from here on are seen by this poll, or zero the timer below.
             me.take_kick();
@@ -869,6 +972,21 @@ mod run {
             let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            if let Some((from, req, operation)) = ctx.caps.ctl.take() {
+                let env = &mut exits::CapEnv(&mut vcpu);
+                let running = control::state_word(control::RUNNING, n, 0);
+                match operation {
+                    _ if l.controllers & (1 << from) == 0 => {
+                        Control::answer(env, from, req, Err(HvError::NotOwner))
+                    }
+                    control::QUERY => Control::answer(env, from, req, Ok(running)),
+                    control::START => Control::answer(env, from, req, Err(HvError::Busy)),
+                    _ => {
+                        asked = Some((from, req, operation));
+                        break Ending::Stopped(StopReason::Requested { by: from as u16 });
+                    }
+                }
+            }
             if ctx.caps.stats.unmap_failed {
                 break Ending::Stopped(StopReason::Isolation(
                     "a revoked capability could not be unmapped from its EPT",
@@ -947,7 +1065,7 @@ mod run {
             vcpu.frames.limit()
         );
         incarnation_record(l, n, &r, tsc_start, frames_at_start, &retired);
-        (r, ctx.caps)
+        (r, ctx.caps, asked)
     }
 
     /// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`).
