@@ -93,3 +93,31 @@ fn a_supervisor_restarts_stops_and_starts_guests_by_capability() {
     // The sleeper's second incarnation ran its whole 200 ms again from the start.
     assert!(s.exits.get("hlt").copied().unwrap_or(0) > 200, "{:?}", s.exits);
 }
+
+/// Channels across a restart: `echo` dies after 30 echoes and is restarted; `source` sees
+/// the peer gone, counts the message the dead incarnation took as lost, rejoins the next
+/// epoch and finishes. Every message is echoed once, in order, or counted lost; the rings
+/// were reset once, before the new incarnation ran, and their counters at the end are the
+/// new epoch's.
+#[test]
+fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/rejoin.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    for s in [
+        "[echo@c1] echo: message 30 taken, dying before its echo",
+        "[source@c0] stream: peer gone at message 30 (epoch 0)",
+        "[source@c0] stream: rejoined in epoch 1 at message 31",
+        "[echo@c1] echo: incarnation 2 in epoch 1",
+        "[echo@c1] echo: 69 echoed, end",
+        "[source@c0] stream: sent 100, echoed 99, lost 1 in 1 resets, bad 0",
+    ] {
+        assert!(b.serial.contains(s), "missing: {s}\n{}", b.serial);
+    }
+    let echo = guest(&b, "echo");
+    assert_eq!(echo.incarnations.len(), 2);
+    let second = &echo.incarnations[1];
+    assert_eq!((second.link_resets, second.link_lost), (1, 0), "{second:?}");
+    let c = &r.channels[0];
+    assert_eq!((c.a_sent, c.b_received, c.b_sent, c.a_received), (70, 70, 69, 69), "{c:?}");
+}

@@ -14,6 +14,7 @@ mod channel;
 mod console;
 mod hostile;
 mod hypercall;
+mod linkloads;
 mod netloads;
 mod supervise;
 mod workloads;

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 26] = [
+const REGISTRY: [(&str, Workload); 28] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -47,6 +47,8 @@ const REGISTRY: [(&str, Workload); 26] = [
     ("attack", crate::hostile::attack),
     ("phoenix", phoenix),
     ("supervisor", crate::supervise::supervisor),
+    ("streamer", crate::linkloads::streamer),
+    ("echoer", crate::linkloads::echoer),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -151,6 +151,10 @@ pub enum ChannelError {
     Torn { slot: u32 },
     /// The consumer's `received` count went backwards or past what was sent.
     BadAck { received: u64, sent: u64 },
+    /// The peer is down (its guest died; a new incarnation is not up yet).
+    PeerGone,
+    /// The channel was reset into a new epoch: resynchronise (new sender and receiver).
+    Reset,
 }
 
 /// Bits of a control word or `received` count below the epoch tag.

@@ -171,8 +171,6 @@ pub enum BlobError {
     BadLifecycle(usize),
     /// A guest controls itself or a guest that does not exist.
     BadControl(usize),
-    /// A guest that may be restarted (by its policy or a controller) has channels.
-    RestartWithChannels(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -209,10 +207,6 @@ impl fmt::Display for BlobError {
                  (at most {MAX_BUDGET_MS}) out of range"
             ),
             BadControl(i) => write!(f, "guest {i}: controls itself or a guest that does not exist"),
-            RestartWithChannels(i) => write!(
-                f,
-                "guest {i}: may be restarted (restart policy or [[control]]) but has channels"
-            ),
         }
     }
 }
@@ -380,12 +374,6 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         let ends = cfg.channels().filter(|e| e.a as usize == i || e.b as usize == i).count();
         if ends > MAX_CHANNELS_PER_GUEST {
             return Err(GuestChannels(i));
-        }
-        // A guest that can come back needs its channels reset between incarnations with
-        // its peers' agreement: not supported yet, so refused.
-        let controlled = (0..g).any(|j| cfg.guest(j).controls & (1u64 << i) != 0);
-        if ends > 0 && (cfg.guest(i).restart != restart::NEVER || controlled) {
-            return Err(RestartWithChannels(i));
         }
     }
     for (i, e) in cfg.grants().enumerate() {
@@ -844,15 +832,11 @@ mod tests {
         let mut g = guests(64);
         g[63].controls = u64::MAX >> 1;
         assert_eq!(parsed(&g, &[], &[]), Ok(()), "all 63 others");
-        // Restartable guests have no channels (yet): by policy or by a controller.
+        // Restartable and controlled guests may have channels (reset between epochs).
         let c = [chan("ab", 0, 1, 4)];
         let mut g = guests(3);
         g[1].restart = restart::ON_FAULT;
-        assert_eq!(parsed(&g, &c, &[]), Err(BlobError::RestartWithChannels(1)));
-        let mut g = guests(3);
         g[2].controls = 0b1;
-        assert_eq!(parsed(&g, &c, &[]), Err(BlobError::RestartWithChannels(0)));
-        g[2].controls = 0b0;
         assert_eq!(parsed(&g, &c, &[]), Ok(()));
     }
 
@@ -1029,7 +1013,6 @@ mod tests {
             (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
             (BlobError::BadLifecycle(13), "guest 13: restart policy"),
             (BlobError::BadControl(14), "guest 14: controls itself"),
-            (BlobError::RestartWithChannels(15), "guest 15: may be restarted"),
         ];
         for (e, text) in cases {
             assert!(e.to_string().contains(text), "{e:?}: {e}");

@@ -11,6 +11,7 @@
 //! the hypervisor: `exits` calls into this module, never the other way.
 
 pub mod control;
+pub mod links;
 #[cfg(test)]
 mod model;
 pub mod proto;
@@ -104,6 +105,8 @@ struct Chan {
     peer: Option<u16>,
     /// Caps the guest still accepts through this channel (`cap_accept`).
     accept: u32,
+    /// What this core knows of the peer (see [`links`]).
+    link: links::Link,
 }
 
 /// A guest's capability state on its core. `E` is the protocol's table size (see
@@ -115,6 +118,8 @@ pub struct CapCore<const E: usize> {
     nchans: usize,
     /// The guest has ended: inserts are refused, revokes still served.
     ended: bool,
+    /// The guest's incarnation (1 for its first start).
+    inc: u32,
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
@@ -182,6 +187,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).chans).write([Chan::default(); MAX_CHANNELS_PER_GUEST]);
             addr_of_mut!((*p).nchans).write(0);
             addr_of_mut!((*p).ended).write(false);
+            addr_of_mut!((*p).inc).write(1);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
             addr_of_mut!((*p).ctl).write(control::Control::default());
@@ -202,6 +208,7 @@ impl<const E: usize> CapCore<E> {
             chans: [Chan::default(); MAX_CHANNELS_PER_GUEST],
             nchans: 0,
             ended: false,
+            inc: 1,
             deaf: false,
             proto: Proto::new(core),
             ctl: control::Control::default(),
@@ -267,7 +274,8 @@ impl<const E: usize> CapCore<E> {
     /// slot. `peer`: the core running the other end, if it runs.
     pub fn add_channel(&mut self, index: u32, peer: Option<u16>) -> Result<u64, HvError> {
         let chan = self.chans.get_mut(self.nchans).ok_or(HvError::NoSpace)?;
-        *chan = Chan { index, peer, accept: 0 };
+        let link = links::Link { peer_up: peer.is_some(), peer_inc: 1, ..Default::default() };
+        *chan = Chan { index, peer, accept: 0, link };
         self.nchans += 1;
         let cap = Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, index as u64, 0);
         Ok(self.space.insert(cap, None)?.0)
@@ -315,6 +323,134 @@ impl<const E: usize> CapCore<E> {
     /// A new incarnation of the guest runs on what [`Self::retire`] left: caps come in again.
     pub fn reborn(&mut self) {
         self.ended = false;
+        self.inc += 1;
+    }
+
+    /// Capabilities in the guest's space.
+    pub fn live_caps(&self) -> usize {
+        self.space.live().count()
+    }
+
+    /// The guest's incarnation.
+    pub fn incarnation(&self) -> u32 {
+        self.inc
+    }
+
+    /// A `LINK_*` message from core `from` about channels it is the peer's core of. A
+    /// `LINK_DOWN` is acknowledged at once if this guest is dead, else by [`Self::links_ack`]
+    /// once the run loop has reset the rings (before the guest runs again).
+    fn link_message(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        let (kind, inc, alive) = (m[0] & 0xff, m[5] as u32, m[6] != 0);
+        let mut down = false;
+        for c in self.chans[..self.nchans].iter_mut() {
+            if c.peer.map(usize::from) != Some(from) || !links::names(m, c.index) {
+                continue;
+            }
+            let l = &mut c.link;
+            l.peer_inc = inc;
+            l.changed = true;
+            match kind {
+                proto::op::LINK_DOWN => {
+                    l.peer_up = false;
+                    l.ack = !self.ended;
+                    down = true;
+                }
+                proto::op::LINK_ACK => {
+                    l.acked = true;
+                    l.peer_up = alive;
+                }
+                _ => l.peer_up = true,
+            }
+        }
+        if down && self.ended {
+            let dead = self.chans[..self.nchans]
+                .iter()
+                .filter(|c| c.peer.map(usize::from) == Some(from) && links::names(m, c.index));
+            let ack = links::message(proto::op::LINK_ACK, dead.map(|c| c.index), self.inc, false);
+            links::send(env, from, &ack);
+        }
+    }
+
+    /// Acknowledges the `LINK_DOWN`s of the channels at boot-info positions `reset` (a
+    /// bitmask), now shown down in the status page: one `LINK_ACK` per peer core.
+    pub fn links_ack(&mut self, env: &mut impl Env, reset: u32) {
+        let mut done = 0u64;
+        for i in (0..self.nchans).filter(|i| reset & (1 << i) != 0) {
+            let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
+            if done & (1u64 << (peer % 64)) != 0 {
+                continue;
+            }
+            done |= 1u64 << (peer % 64);
+            let same = (0..self.nchans)
+                .filter(|j| reset & (1 << j) != 0)
+                .filter(|&j| self.chans[j].peer.map(usize::from) == Some(peer))
+                .map(|j| self.chans[j].index);
+            let ack = links::message(proto::op::LINK_ACK, same, self.inc, true);
+            links::send(env, peer, &ack);
+        }
+    }
+
+    /// Tells the peers' cores that the guest died (`LINK_DOWN`), one message per core.
+    pub fn links_down(&mut self, env: &mut impl Env) {
+        self.links_send(env, proto::op::LINK_DOWN);
+    }
+
+    /// Tells the peers' cores that a new incarnation runs (`LINK_UP`).
+    pub fn links_up(&mut self, env: &mut impl Env) {
+        self.links_send(env, proto::op::LINK_UP);
+    }
+
+    fn links_send(&mut self, env: &mut impl Env, kind: u64) {
+        let mut done = 0u64;
+        for i in 0..self.nchans {
+            let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
+            if done & (1u64 << (peer % 64)) != 0 {
+                continue;
+            }
+            done |= 1u64 << (peer % 64);
+            let to_peer =
+                self.chans[..self.nchans].iter().filter(|c| c.peer.map(usize::from) == Some(peer));
+            let m = links::message(kind, to_peer.map(|c| c.index), self.inc, !self.ended);
+            let sent = !self.proto.fenced(peer) && links::send(env, peer, &m);
+            for c in self.chans[..self.nchans]
+                .iter_mut()
+                .filter(|c| c.peer.map(usize::from) == Some(peer))
+            {
+                // A fenced or unreachable peer is taken as down and done with.
+                c.link.acked = !sent || kind != proto::op::LINK_DOWN;
+                if !sent {
+                    c.link.peer_up = false;
+                }
+            }
+        }
+    }
+
+    /// Whether every peer core acknowledged the last `LINK_DOWN`.
+    pub fn links_acked(&self) -> bool {
+        self.chans[..self.nchans].iter().all(|c| c.peer.is_none() || c.link.acked)
+    }
+
+    /// Gives up on the acks still missing: those peers count as down.
+    pub fn links_give_up(&mut self) {
+        for c in self.chans[..self.nchans].iter_mut().filter(|c| !c.link.acked) {
+            c.link.acked = true;
+            c.link.peer_up = false;
+        }
+    }
+
+    /// The link of the guest's channel at boot-info position `pos`, taking its `changed`
+    /// and `ack` marks.
+    pub fn take_link(&mut self, pos: usize) -> Option<links::Link> {
+        let c = self.chans.get_mut(pos).filter(|_| pos < self.nchans)?;
+        let l = c.link;
+        c.link.changed = false;
+        c.link.ack = false;
+        Some(l)
+    }
+
+    /// Whether any link changed since the run loop last looked.
+    pub fn links_changed(&self) -> bool {
+        self.chans[..self.nchans].iter().any(|c| c.link.changed)
     }
 
     /// Memory caps this space owns (originals): the next incarnation inherits them, so the
@@ -366,6 +502,12 @@ impl<const E: usize> CapCore<E> {
 
     /// One inter-core message.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if links::is_link(m) {
+            if from != self.proto.me() && !self.proto.fenced(from) {
+                self.link_message(env, from, m);
+            }
+            return;
+        }
         if control::is_control(m) {
             if from != self.proto.me() && !self.proto.fenced(from) {
                 self.ctl.deliver(from, m);

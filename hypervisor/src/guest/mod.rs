@@ -711,10 +711,12 @@ mod run {
         let mut ending;
         // A controller's START or RESTART, answered once the new incarnation runs.
         let mut starting: Option<(usize, u32)> = None;
+        let mut counts = [LinkCount::default(); MAX_CHANNELS_PER_GUEST];
         'life: loop {
             loop {
                 n += 1;
-                let (r, back, asked) = incarnation(l, f, core, n, caps, &mut link, &mut starting);
+                let (r, back, asked) =
+                    incarnation(l, f, core, n, caps, &mut link, &mut starting, &mut counts);
                 caps = back;
                 ending = r.ending;
                 match &mut total {
@@ -796,13 +798,68 @@ mod run {
         }
     }
 
+    /// A channel's counters across incarnations: messages lost to resets, resets.
+    #[derive(Clone, Copy, Default)]
+    struct LinkCount {
+        lost: u64,
+        resets: u64,
+    }
+
+    /// Resets a channel's rings (zeroes both) and returns how many messages were in flight
+    /// (sent and not received, both directions, as the guest-written counters say). Only
+    /// before a new incarnation starts, once the peer's core acknowledged the channel down
+    /// (or its guest is dead or its core does not answer: the epoch tags keep what it
+    /// writes late out of the new epoch).
+    fn reset_rings(ch: &ChanMap) -> u64 {
+        let slots = ch.desc.slots;
+        let ring = vmcall_proto::channel::ring_pages_bytes(slots);
+        // The channel's rings: allocated by the BSP, identity-mapped, `ch.size` bytes.
+        // SAFETY: reads through the ring's atomics only, then zeroed while nobody uses it.
+        let lost = unsafe {
+            let a = vmcall_proto::channel::Ring::from_raw(ch.hpa as *mut u8, slots);
+            let b = vmcall_proto::channel::Ring::from_raw((ch.hpa + ring) as *mut u8, slots);
+            a.sent().saturating_sub(a.received()) + b.sent().saturating_sub(b.received())
+        };
+        // SAFETY: as above; no end is using the rings (the caller's condition).
+        unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
+        lost
+    }
+
+    /// Brings the status page at `page` up to date with what this core knows of the
+    /// channels' peers. Returns the channels whose peer's `LINK_DOWN` now shows (boot-info
+    /// positions, a bitmask) for the caller to acknowledge.
+    fn publish_links(
+        page: u64,
+        l: &Launch,
+        caps: &mut crate::caps::HvCaps,
+        counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
+    ) -> u32 {
+        let n = caps.incarnation();
+        let mut ack = 0;
+        for pos in 0..l.channel_count {
+            let Some(link) = caps.take_link(pos) else { continue };
+            if link.ack {
+                ack |= 1 << pos;
+            }
+            // A frame of this core's private region, identity-mapped; the guest maps it
+            // read-only and is not running now.
+            // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
+            let sp = unsafe { &mut *(page as *mut StatusPage) };
+            let ls = &mut sp.links[pos];
+            ls.word = link_word(link.peer_up, link.epoch(n));
+            ls.lost = counts[pos].lost;
+            ls.resets = counts[pos].resets;
+        }
+        ack
+    }
+
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
     /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
     /// private region goes back whole, the partition is zeroed before the next use).
     /// `starting`: a controller to answer once it runs. Returns its report, the capability
     /// state for the next incarnation, and the controller's request that ended it, if one
     /// did: (core, request, operation).
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn incarnation(
         l: &Launch,
         f: &Features,
@@ -811,6 +868,7 @@ mod run {
         caps: &'static mut crate::caps::HvCaps,
         link: &mut crate::xcore::Link,
         starting: &mut Option<(usize, u32)>,
+        counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
     ) -> (GuestReport, &'static mut crate::caps::HvCaps, Option<(usize, u32, u64)>) {
         use crate::caps::control::Control;
         use vmcall_proto::hypercall::control;
@@ -823,7 +881,8 @@ mod run {
         // Setup failures end the incarnation before it ran.
         let stop = |ctx: GuestCtx, why: &'static str| {
             let r = report(&ctx, Ending::Stopped(StopReason::Setup(why)), 0);
-            incarnation_record(l, n, &r, tsc_start, 0, &Default::default());
+            let start = Start { tsc: tsc_start, frames: 0, caps: 0 };
+            incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
             (r, ctx.caps, None)
         };
         let part = Partition { base: l.partition, size: l.partition_size };
@@ -871,6 +930,17 @@ mod run {
             Ok(root) => ept::eptp(root),
             Err(why) => return stop(ctx, why),
         };
+        // The status page: a private frame, read-only to the guest.
+        let Some(status) = ept::Frames::alloc(&mut frames) else {
+            return stop(ctx, "private region exhausted");
+        };
+        // SAFETY: a fresh frame of this core's private region, identity-mapped.
+        unsafe { (status as *mut u8).write_bytes(0, 4096) };
+        if ept::map_with(&mut frames, eptp & !0xfff, STATUS_GPA, status, 4096, ept::Perm::Read)
+            .is_err()
+        {
+            return stop(ctx, "status page mapping failed");
+        }
         for (i, ch) in l.channels().iter().enumerate() {
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
@@ -922,6 +992,7 @@ mod run {
             }
         }
         let frames_at_start = frames.in_use();
+        let caps_at_start = ctx.caps.live_caps();
         let mut vcpu = VmcsVcpu {
             regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
             part: &part,
@@ -951,6 +1022,19 @@ mod run {
         let me = unsafe { crate::percpu::this_core() };
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+        if n > 1 {
+            // The last incarnation's death took the channels down and every peer's core
+            // acknowledged (or was given up on): nobody uses the rings. Start them over.
+            for (pos, ch) in l.channels().iter().enumerate() {
+                counts[pos].lost += reset_rings(ch);
+                counts[pos].resets += 1;
+            }
+        }
+        let acks = publish_links(status, l, ctx.caps, counts);
+        ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+        if n > 1 {
+            ctx.caps.links_up(&mut exits::CapEnv(&mut vcpu));
+        }
         if let Some((to, req)) = starting.take() {
             let word = control::state_word(control::RUNNING, n, 0);
             Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
@@ -972,6 +1056,12 @@ mod run {
             let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            if ctx.caps.links_changed() {
+                let acks = publish_links(status, l, ctx.caps, counts);
+                ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+                // Wake the guest if it sleeps on a doorbell: its channel changed.
+                arch::apic::send_fixed_ipi(arch::apic::current_id(), DOORBELL_VECTOR);
+            }
             if let Some((from, req, operation)) = ctx.caps.ctl.take() {
                 let env = &mut exits::CapEnv(&mut vcpu);
                 let running = control::state_word(control::RUNNING, n, 0);
@@ -1053,6 +1143,22 @@ mod run {
         // held dropped, its originals unmapped (while its EPT still exists to unmap them).
         let retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
         r.caps = ctx.caps.stats;
+        // Its channels go down: each peer's core acknowledges once its guest knows (or is
+        // given up on); the rings are reset only if a next incarnation starts.
+        if l.channel_count > 0 {
+            let env = &mut exits::CapEnv(&mut vcpu);
+            ctx.caps.links_down(env);
+            let deadline =
+                arch::rdtsc().saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
+            while !ctx.caps.links_acked() && arch::rdtsc() < deadline {
+                ctx.caps.poll(env);
+                arch::pause();
+            }
+            if !ctx.caps.links_acked() {
+                log::warn!("guest {}: a channel peer's core did not acknowledge in time", name(l));
+                ctx.caps.links_give_up();
+            }
+        }
         me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
         // SAFETY: the VMCS is this core's; clearing it ends its use (the frame goes back with
         // the private region).
@@ -1064,8 +1170,21 @@ mod run {
             vcpu.frames.peak(),
             vcpu.frames.limit()
         );
-        incarnation_record(l, n, &r, tsc_start, frames_at_start, &retired);
+        let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
+            lost: a.lost + c.lost,
+            resets: a.resets + c.resets,
+        });
+        let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
+        incarnation_record(l, n, &r, start, &retired, links);
         (r, ctx.caps, asked)
+    }
+
+    /// An incarnation's start: TSC when its setup began, private frames and live caps when
+    /// it was first entered (equal for every incarnation unless something leaks).
+    struct Start {
+        tsc: u64,
+        frames: u64,
+        caps: usize,
     }
 
     /// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`).
@@ -1073,24 +1192,28 @@ mod run {
         l: &Launch,
         n: u32,
         r: &GuestReport,
-        tsc_start: u64,
-        frames: u64,
+        start: Start,
         retired: &crate::caps::Retired,
+        links: LinkCount,
     ) {
+        let Start { tsc: tsc_start, frames, caps: caps_live } = start;
         let (ending, status, fault) = match r.ending {
             Ending::Exited(s) => ("exited", s, None),
             Ending::Stopped(why) => ("stopped", 0, Some(why)),
         };
         crate::record!(
             vmcall_proto::record::kind::INCARNATION,
-            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={}",
+            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={}",
             name(l),
             vmcall_proto::record::Quoted(OptFault(fault)),
             r.tsc_first_entry,
             r.tsc_end,
             retired.revoked,
             retired.unconfirmed,
-            retired.dropped
+            retired.dropped,
+            caps_live,
+            links.resets,
+            links.lost
         );
     }
 

@@ -311,7 +311,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         if let Some(spec) = vmcall_proto::guest::workload_spec(w) {
             check_args(&mut errs, &config, g, spec, &f("args"));
         }
-        check_lifecycle(&mut errs, &config, g, &f);
+        check_lifecycle(&mut errs, g, &f);
     }
     check_controls(&mut errs, &config);
     let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
@@ -528,33 +528,7 @@ fn check_args(errs: &mut Errors<'_>, config: &Config, g: &Guest, spec: &Workload
 }
 
 /// `restart`, `max_restarts`, `budget_ms` of one guest.
-fn check_lifecycle(errs: &mut Errors, c: &Config, g: &Guest, f: &impl Fn(&str) -> String) {
-    let name = g.name.get_ref();
-    let has_channels =
-        c.channels.iter().any(|ch| ch.between.get_ref().iter().any(|e| e.get_ref() == name));
-    if has_channels {
-        if let Some(r) = g.restart.as_ref().filter(|r| r.get_ref() != "never") {
-            errs.at(
-                r.span(),
-                f("restart"),
-                format!(
-                    "guest `{name}` has channels: a guest with channels cannot be restarted yet \
-                     (its peers would need its rings reset with their agreement)"
-                ),
-            );
-        }
-        for (i, ctl) in c.controls.iter().enumerate() {
-            for (j, o) in ctl.over.get_ref().iter().enumerate() {
-                if o.get_ref() == name {
-                    errs.at(
-                        o.span(),
-                        format!("control[{i}].over[{j}]"),
-                        format!("guest `{name}` has channels: it cannot be controlled yet"),
-                    );
-                }
-            }
-        }
-    }
+fn check_lifecycle(errs: &mut Errors, g: &Guest, f: &impl Fn(&str) -> String) {
     if let Some(r) = &g.restart {
         if g.restart_policy().is_none() {
             errs.at(
@@ -848,12 +822,8 @@ memory_mib = 4
         assert!(bad("over = [\"beta\"]", "over = []").message.contains("names no guest"));
         let e = one_error(&src.replace("over = [\"beta\"]", "over = [\"beta\"]\nextra = 1"));
         assert!(e.message.contains("unknown field `extra`"), "{e}");
-        // Guests with channels can be neither restarted nor controlled (yet).
-        let e = errors(&format!("{src}{AB}"));
-        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["guest[1].restart", "control[0].over[0]"], "{e:#?}");
-        assert!(e[0].message.contains("cannot be restarted yet"), "{}", e[0]);
-        assert!(e[1].message.contains("cannot be controlled yet"), "{}", e[1]);
+        // Guests with channels may be restarted and controlled (their channels are reset).
+        assert!(compile("t.toml", &format!("{src}{AB}")).is_ok());
     }
 
     #[test]

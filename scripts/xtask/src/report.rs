@@ -100,6 +100,16 @@ pub struct IncarnationReport {
     pub caps_revoked: u64,
     pub caps_unconfirmed: u64,
     pub caps_dropped: u64,
+    /// Capabilities in its space when it was first entered (equal for every incarnation
+    /// unless the hypervisor leaks slots).
+    #[serde(default)]
+    pub caps_live: u64,
+    /// Channel resets so far (one per channel per restart) and the messages they found
+    /// in flight (lost to the restart), as this guest's core counted them.
+    #[serde(default)]
+    pub link_resets: u64,
+    #[serde(default)]
+    pub link_lost: u64,
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -367,6 +377,9 @@ impl Console {
                             caps_revoked: num(&r, "caps_revoked")?,
                             caps_unconfirmed: num(&r, "caps_unconfirmed")?,
                             caps_dropped: num(&r, "caps_dropped")?,
+                            caps_live: num(&r, "caps_live").unwrap_or(0),
+                            link_resets: num(&r, "link_resets").unwrap_or(0),
+                            link_lost: num(&r, "link_lost").unwrap_or(0),
                         },
                     ))
                 })();
