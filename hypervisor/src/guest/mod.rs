@@ -832,11 +832,11 @@ mod run {
         page: u64,
         l: &Launch,
         caps: &mut crate::caps::HvCaps,
-        counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
+        counts: &[LinkCount; MAX_CHANNELS_PER_GUEST],
     ) -> u32 {
         let n = caps.incarnation();
         let mut ack = 0;
-        for pos in 0..l.channel_count {
+        for (pos, count) in counts.iter().enumerate().take(l.channel_count) {
             let Some(link) = caps.take_link(pos) else { continue };
             if link.ack {
                 ack |= 1 << pos;
@@ -847,8 +847,8 @@ mod run {
             let sp = unsafe { &mut *(page as *mut StatusPage) };
             let ls = &mut sp.links[pos];
             ls.word = link_word(link.peer_up, link.epoch(n));
-            ls.lost = counts[pos].lost;
-            ls.resets = counts[pos].resets;
+            ls.lost = count.lost;
+            ls.resets = count.resets;
         }
         ack
     }
