@@ -52,9 +52,16 @@ fn restarts_follow_the_policy_and_leave_nothing_behind() {
         .contains("[ashes@c2] phoenix: incarnation 3: earlier marks none (memory 0x0, no grant)"));
     assert!(!b.serial.contains("[ashes@c2] phoenix: incarnation 4"), "no fourth start");
 
-    for g in [p, a] {
+    // Fifty deaths in a row: the 51st lives, and it starts with what the first had.
+    let fifty = guest(&b, "fifty");
+    assert_eq!((fifty.state.as_str(), fifty.exit_status), ("exited", 0), "{fifty:?}");
+    assert_eq!(fifty.incarnations.len(), 51);
+    assert_eq!(fifty.exits.get("ept_violation"), Some(&50));
+    for g in [p, a, fifty] {
         let frames: Vec<u64> = g.incarnations.iter().map(|i| i.frames_at_start).collect();
         assert!(frames.iter().all(|f| *f == frames[0] && *f > 0), "{}: {frames:?}", g.name);
+        let caps: Vec<u64> = g.incarnations.iter().map(|i| i.caps_live).collect();
+        assert!(caps.iter().all(|c| *c == caps[0]), "{}: {caps:?}", g.name);
         // Each incarnation starts after the one before ended.
         for w in g.incarnations.windows(2) {
             assert!(w[1].tsc_start >= w[0].tsc_end, "{w:?}");

@@ -800,7 +800,14 @@ pub fn summary(r: &Report) -> String {
         }
         if g.incarnations.len() > 1 {
             s += &format!("        {} incarnations:\n", g.incarnations.len());
-            for i in &g.incarnations {
+            let many = g.incarnations.len() > 8;
+            for (k, i) in g.incarnations.iter().enumerate() {
+                if many && (3..g.incarnations.len() - 3).contains(&k) {
+                    if k == 3 {
+                        s += "          ...\n";
+                    }
+                    continue;
+                }
                 let how = match (&i.exit_status, &i.fault) {
                     (Some(st), _) => format!("exited {st}"),
                     (None, Some(f)) => format!("stopped: {f}"),
