@@ -176,7 +176,7 @@ const BATCH: &[(&str, &str)] = &[
     ("xsetbv-xcr0-zero", "#GP"),
     ("xsetbv-xcr0-reserved", "#GP"),
     ("wbinvd", "completed"),
-    ("hc-unknown-15", "UnknownCall"),
+    ("hc-unknown-16", "UnknownCall"),
     ("hc-unknown-max", "UnknownCall"),
     ("hc-unknown-2pow32", "UnknownCall"),
     ("hc-unknown-exit-high-bit", "UnknownCall"),
@@ -238,6 +238,10 @@ const BATCH: &[(&str, &str)] = &[
     ("console-overlong-escape", "completed"),
     ("console-format-controls", "completed"),
     ("console-truncated-at-newline", "completed"),
+    ("control-through-memory-cap", "WrongType"),
+    ("control-slot-64", "NoSuchSlot"),
+    ("control-stale-generation", "NoSuchSlot"),
+    ("status-page-read", "completed"),
     ("hc-storm", "completed"),
 ];
 
@@ -492,6 +496,9 @@ fn guests_that_never_end_are_stopped_and_the_others_finish() {
     // With a channel, HLT does not exit (the guest halts natively until a doorbell): the
     // run budget still ends it.
     stopped(b, "napper", "halt-forever", "exceeded its run budget, rip=");
+    // The status page is read-only: a write stops the writer.
+    let ro = "EPT violation: write at guest-physical 0xbffff000 (mapped read-only), rip=";
+    stopped(b, "scrawler", "status-page-write", ro);
     finished_intact(b, "bystander", &["spin: 20 ticks"]);
     assert!(b.report.problems.is_empty(), "{:?}", b.report.problems);
 }

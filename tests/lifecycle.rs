@@ -52,6 +52,15 @@ fn restarts_follow_the_policy_and_leave_nothing_behind() {
         .contains("[ashes@c2] phoenix: incarnation 3: earlier marks none (memory 0x0, no grant)"));
     assert!(!b.serial.contains("[ashes@c2] phoenix: incarnation 4"), "no fourth start");
 
+    // No register state crosses a restart (or comes from the firmware): the pass-through
+    // MSRs, CR2, debug and SSE registers are reset before every incarnation.
+    let ghost = guest(&b, "ghost");
+    assert_eq!((ghost.state.as_str(), ghost.exit_status), ("exited", 0), "{ghost:?}");
+    for n in 1..=3 {
+        let said = format!("[ghost@c4] ghost: incarnation {n}: earlier marks none");
+        assert!(b.serial.contains(&said), "missing: {said}\n{}", b.serial);
+    }
+    assert!(!b.serial.contains("EARLIER MARK"));
     // Fifty deaths in a row: the 51st lives, and it starts with what the first had.
     let fifty = guest(&b, "fifty");
     assert_eq!((fifty.state.as_str(), fifty.exit_status), ("exited", 0), "{fifty:?}");

@@ -419,6 +419,7 @@ const CONSOLE: u64 = Hypercall::ConsoleWrite as u64;
 const TIMER: u64 = Hypercall::TimerOneshot as u64;
 const DOORBELL: u64 = Hypercall::Doorbell as u64;
 const IDENTIFY: u64 = Hypercall::CapIdentify as u64;
+const CONTROL: u64 = Hypercall::GuestControl as u64;
 const SPLIT: u64 = Hypercall::CapSplit as u64;
 const MAP: u64 = Hypercall::CapMap as u64;
 const UNMAP: u64 = Hypercall::CapUnmap as u64;
@@ -817,7 +818,7 @@ pub static ATTACKS: &[Attack] = &[
         seen(f, 0)
     }),
     // Hypercalls with bad numbers and arguments: error codes.
-    batch("hc-unknown-15", err(HvError::UnknownCall), |_| hc(15, 0, 0, 0)),
+    batch("hc-unknown-16", err(HvError::UnknownCall), |_| hc(16, 0, 0, 0)),
     batch("hc-unknown-max", err(HvError::UnknownCall), |_| hc(u64::MAX, 0, 0, 0)),
     batch("hc-unknown-2pow32", err(HvError::UnknownCall), |_| hc(1 << 32, 0, 16, 0)),
     batch("hc-unknown-exit-high-bit", err(HvError::UnknownCall), |_| hc(1 << 63 | 2, 0, 0, 0)),
@@ -982,11 +983,17 @@ pub static ATTACKS: &[Attack] = &[
         // A sequence cut short by the end of the line must not swallow or glue lines.
         console(b"attack console-truncated-at-newline payload: <<A\xe2\x80\nB>>\n")
     }),
+    // Guest control and the status page, with no control capability.
+    batch("control-through-memory-cap", err(HvError::WrongType), |_| hc(CONTROL, 0, 0, 0)),
+    batch("control-slot-64", err(HvError::NoSuchSlot), |_| hc(CONTROL, 64, 1, 0)),
+    batch("control-stale-generation", err(HvError::NoSuchSlot), |_| hc(CONTROL, 9 << 32, 1, 0)),
+    batch("status-page-read", Expect::Completes, |_| read_at(vmcall_proto::guest::STATUS_GPA)),
     // Keep this the last batch attack: its random hypercalls may split, unmap or move the
     // attacker's capabilities, which the attacks above rely on.
     batch("hc-storm", Expect::Completes, storm),
     // Attacks that stop the attacker, each in its own guest.
     own("read-past-end", Expect::Stopped, |e| read_at(e.bi.memory_bytes)),
+    own("status-page-write", Expect::Stopped, |_| write_at(vmcall_proto::guest::STATUS_GPA, 1)),
     own("write-past-end", Expect::Stopped, |e| write_at(e.bi.memory_bytes + 0x1000, 0xbad)),
     own("exec-past-end", Expect::Stopped, |e| exec_at(e.bi.memory_bytes + 0x2000)),
     own("rep-stos-across-end", Expect::Stopped, |e| rep_stos_across_end(e.bi)),

@@ -12,6 +12,7 @@ mod capload;
 mod capxfer;
 mod channel;
 mod console;
+mod ghost;
 mod hostile;
 mod hypercall;
 mod linkloads;

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 28] = [
+const REGISTRY: [(&str, Workload); 29] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -49,6 +49,7 @@ const REGISTRY: [(&str, Workload); 28] = [
     ("supervisor", crate::supervise::supervisor),
     ("streamer", crate::linkloads::streamer),
     ("echoer", crate::linkloads::echoer),
+    ("ghost", crate::ghost::ghost),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

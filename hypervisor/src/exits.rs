@@ -371,6 +371,9 @@ pub struct GuestCtx {
     pub caps: &'static mut HvCaps,
     /// TSC ticks spent on other cores' behalf while this guest ran (not charged to it).
     pub foreign_tsc: u64,
+    /// A doorbell to deliver from the hypervisor itself (one of the guest's channels went
+    /// down or came back): injected like the timer, when the guest takes interrupts.
+    pub wake: bool,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -417,6 +420,7 @@ impl GuestCtx {
             hypercalls: 0,
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
+            wake: false,
             caps,
             foreign_tsc: 0,
         }
@@ -519,20 +523,34 @@ impl GuestCtx {
             return Err(StopReason::Watchdog { rip: v.read(Field::Rip) });
         }
         let mut next = self.watchdog;
+        let mut due = None;
         if let Some((deadline, vector)) = self.timer {
             if now >= deadline {
-                let interruptible = v.read(Field::Rflags) & RFLAGS_IF != 0
-                    && v.read(Field::Interruptibility) & 3 == 0;
-                if interruptible {
-                    v.inject(Event::Interrupt(vector));
-                    self.timer = None;
-                    v.set_interrupt_window(false);
-                } else {
-                    v.set_interrupt_window(true);
-                }
+                due = Some(vector);
             } else {
                 next = next.min(deadline);
             }
+        }
+        if due.is_some() || self.wake {
+            let interruptible =
+                v.read(Field::Rflags) & RFLAGS_IF != 0 && v.read(Field::Interruptibility) & 3 == 0;
+            if interruptible {
+                // One event per entry: the timer first, a wake-up at the next window.
+                if let Some(vector) = due {
+                    v.inject(Event::Interrupt(vector));
+                    self.timer = None;
+                } else {
+                    v.inject(Event::Interrupt(vmcall_proto::guest::DOORBELL_VECTOR));
+                    self.wake = false;
+                }
+            }
+            // A due timer waits for interrupts to come on (an exit as soon as they do). A
+            // wake-up does not: only a guest sleeping on a doorbell needs one, and it sleeps
+            // with interrupts on; one that runs reads its status page itself, and any later
+            // entry delivers it.
+            v.set_interrupt_window(due.is_some() && !interruptible);
+        } else {
+            v.set_interrupt_window(false);
         }
         Ok(next.saturating_sub(now))
     }
@@ -711,8 +729,9 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     match ctx.timer {
         Some((deadline, _)) if v.read(Field::Rflags) & RFLAGS_IF != 0 => {
             // Sleep until the timer (before_entry then injects it) or the watchdog (then
-            // it stops the guest), answering other cores meanwhile.
-            while v.now() < deadline.min(ctx.watchdog) {
+            // it stops the guest), answering other cores meanwhile; a controller's request
+            // ends the sleep (the run loop serves it).
+            while v.now() < deadline.min(ctx.watchdog) && !ctx.caps.ctl.pending() {
                 ctx.caps.poll(&mut CapEnv(v));
                 crate::arch::pause();
             }

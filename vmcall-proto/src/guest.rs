@@ -122,6 +122,7 @@ pub const WORKLOADS: &[&str] = &[
     "supervisor",
     "streamer",
     "echoer",
+    "ghost",
 ];
 
 /// What values a workload argument takes.
@@ -304,7 +305,7 @@ pub const ATTACK_NAMES: &[&str] = &[
     "xsetbv-xcr0-reserved",
     "wbinvd",
     "invd",
-    "hc-unknown-15",
+    "hc-unknown-16",
     "hc-unknown-max",
     "hc-unknown-2pow32",
     "hc-unknown-exit-high-bit",
@@ -366,8 +367,13 @@ pub const ATTACK_NAMES: &[&str] = &[
     "console-overlong-escape",
     "console-format-controls",
     "console-truncated-at-newline",
+    "control-through-memory-cap",
+    "control-slot-64",
+    "control-stale-generation",
+    "status-page-read",
     "hc-storm",
     "read-past-end",
+    "status-page-write",
     "write-past-end",
     "exec-past-end",
     "rep-stos-across-end",
@@ -575,6 +581,13 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
         summary: "echoes every message back on its first channel; its first incarnation \
                   faults on purpose after `die_after` echoes; exits 0 at the end marker",
         args: &[int("die_after", 0, 1_000_000, 30, "echoes before the first incarnation dies")],
+    },
+    WorkloadSpec {
+        name: "ghost",
+        summary: "reports register state an earlier incarnation (or the firmware) left on its \
+                  core (pass-through MSRs, CR2, DR0/DR1, XMM0), leaves its own, faults until \
+                  incarnation `live_at`, which exits 0 only if nothing was found",
+        args: &[int("live_at", 1, 1001, 2, "the incarnation that exits instead of faulting")],
     },
 ];
 

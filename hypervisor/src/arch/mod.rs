@@ -217,3 +217,65 @@ pub unsafe fn vmxon(region: u64) -> Result<(), x86::vmx::VmFail> {
     // SAFETY: the caller upholds the VMXON preconditions.
     unsafe { x86::bits64::vmx::vmxon(region) }
 }
+
+/// Puts back to their reset values the registers a guest can change without a VM exit and
+/// the VMCS does not hold, so that what one incarnation leaves on this core is not there
+/// for the next (nor what the firmware left for the first): the MSRs guests reach directly
+/// (STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE: `exits::MSR_PASSTHROUGH`), CR2, DR0-DR3,
+/// DR6 and DR7, and the x87 and SSE registers (FNINIT, XMM0-15 zeroed, MXCSR 0x1F80).
+/// SSE needs CR4.OSFXSR, set around the clearing and restored. AVX state cannot be dirty:
+/// this hypervisor never enables XSAVE (XCR0 stays x87 only), so guests cannot use it.
+///
+/// # Safety
+/// On this core, between guests (no guest state in these registers is wanted), with
+/// CR0.EM and CR0.TS clear (as the boot code leaves them).
+pub unsafe fn scrub_guest_registers(passthrough: &[u32]) {
+    for &msr in passthrough {
+        // SAFETY: architectural MSRs of every x86-64 processor; 0 is valid for each.
+        unsafe { wrmsr(msr, 0) };
+    }
+    let mxcsr: u32 = 0x1f80;
+    // SAFETY: the caller's conditions: the values are the reset values; CR4.OSFXSR is on
+    // for the SSE instructions and put back after. The compiler uses no SSE registers in
+    // this target (soft float), so clearing them clobbers nothing of ours.
+    unsafe {
+        asm!(
+            "mov cr2, {z}",
+            "mov dr0, {z}",
+            "mov dr1, {z}",
+            "mov dr2, {z}",
+            "mov dr3, {z}",
+            "mov dr6, {dr6}",
+            "mov dr7, {dr7}",
+            z = in(reg) 0u64,
+            dr6 = in(reg) 0xffff_0ff0u64,
+            dr7 = in(reg) 0x400u64,
+            options(nostack, preserves_flags)
+        );
+        let cr4 = read_cr4();
+        write_cr4(cr4 | 1 << 9);
+        asm!(
+            "fninit",
+            "xorps xmm0, xmm0",
+            "xorps xmm1, xmm1",
+            "xorps xmm2, xmm2",
+            "xorps xmm3, xmm3",
+            "xorps xmm4, xmm4",
+            "xorps xmm5, xmm5",
+            "xorps xmm6, xmm6",
+            "xorps xmm7, xmm7",
+            "xorps xmm8, xmm8",
+            "xorps xmm9, xmm9",
+            "xorps xmm10, xmm10",
+            "xorps xmm11, xmm11",
+            "xorps xmm12, xmm12",
+            "xorps xmm13, xmm13",
+            "xorps xmm14, xmm14",
+            "xorps xmm15, xmm15",
+            "ldmxcsr [{m}]",
+            m = in(reg) &mxcsr,
+            options(nostack, preserves_flags)
+        );
+        write_cr4(cr4);
+    }
+}

@@ -82,6 +82,11 @@ impl Control {
         }
     }
 
+    /// Whether a request for this core's guest waits.
+    pub fn pending(&self) -> bool {
+        self.inbox.iter().any(Option::is_some)
+    }
+
     /// The next request for this core's guest: (controller core, request, operation).
     pub fn take(&mut self) -> Option<(usize, u32, u64)> {
         let from = self.inbox.iter().position(Option::is_some)?;

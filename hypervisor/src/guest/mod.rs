@@ -1013,6 +1013,10 @@ mod run {
             plan.entry,
             bi.workload()
         );
+        // Nothing of an earlier incarnation (or the firmware) left in the registers the
+        // guest reaches without an exit.
+        // SAFETY: on this core, before its guest runs; the boot code leaves CR0.EM/TS clear.
+        unsafe { arch::scrub_guest_registers(&exits::MSR_PASSTHROUGH) };
         let mut launched = false;
         let mut first_entry = 0;
         // Hypervisor time spent on other cores' behalf (serving their requests, taking their
@@ -1060,7 +1064,7 @@ mod run {
                 let acks = publish_links(status, l, ctx.caps, counts);
                 ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
                 // Wake the guest if it sleeps on a doorbell: its channel changed.
-                arch::apic::send_fixed_ipi(arch::apic::current_id(), DOORBELL_VECTOR);
+                ctx.wake = true;
             }
             if let Some((from, req, operation)) = ctx.caps.ctl.take() {
                 let env = &mut exits::CapEnv(&mut vcpu);
