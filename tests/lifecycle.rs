@@ -137,3 +137,21 @@ fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts() {
     let c = &r.channels[0];
     assert_eq!((c.a_sent, c.b_received, c.b_sent, c.a_received), (70, 70, 69, 69), "{c:?}");
 }
+
+/// A controller whose core never comes up cannot keep the run from ending: its target (on
+/// the BSP) stops waiting at the collection's deadline, every record is written.
+#[test]
+fn a_controller_that_never_runs_does_not_hold_up_the_run() {
+    let b = boot_config(
+        Emulator::Bochs,
+        None,
+        None,
+        "inject=silent-ap",
+        Some("configs/hostile/control-silent.toml"),
+    );
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed", "the boss never started: {:?}", r.problems);
+    let t = guest(&b, "target");
+    assert_eq!((t.state.as_str(), t.exit_status), ("exited", 0), "{t:?}");
+    assert_eq!(guest(&b, "boss").state, "not_started");
+}

@@ -40,6 +40,9 @@ pub struct Plan {
     /// with controllers (a controlled guest lives at most as long as one of them, then its
     /// own life once more).
     life_ms: u64,
+    /// TSC past which nobody waits for a guest any more (the collection's deadline from
+    /// boot): the BSP stops serving, a controlled guest stops waiting for its controllers.
+    pub give_up_tsc: u64,
     channels: [Option<ChanInfo>; config::MAX_CHANNELS],
     channel_count: usize,
 }
@@ -152,9 +155,11 @@ pub fn plan(
             .unwrap_or(0)
             // A controlled guest may be started again until its controller is gone.
             .saturating_mul(if cfg.guests().any(|e| e.controls != 0) { 2 } else { 1 }),
+        give_up_tsc: 0,
         channels: [None; config::MAX_CHANNELS],
         channel_count: 0,
     };
+    plan.give_up_tsc = arch::tsc::deadline_us((plan.life_ms + 2_000) * 1000);
     let mut launches = LAUNCHES.lock();
     for (i, e) in cfg.guests().enumerate() {
         let name = vmcall_proto::fixed::get(&e.name).unwrap_or("?");
@@ -194,6 +199,7 @@ pub fn plan(
                         targets: [(0, 0); MAX_GUESTS],
                         target_count: 0,
                         controllers: 0,
+                        give_up_tsc: plan.give_up_tsc,
                     });
                     Ok(e.core as usize)
                 }
@@ -322,13 +328,14 @@ impl fmt::Display for Why {
     }
 }
 
-/// Whether some started guest has not reported yet.
+/// Whether some guest that can still report has not yet: its core is up in VMX operation
+/// and the collection's deadline has not passed.
 pub fn pending() -> bool {
     PLAN.get().is_some_and(|plan| {
-        plan.guests[..plan.count]
-            .iter()
-            .flatten()
-            .any(|g| g.slot.is_ok_and(|s| smp::report_of(s).is_none()))
+        arch::rdtsc() < plan.give_up_tsc
+            && plan.guests[..plan.count].iter().flatten().any(|g| {
+                g.slot.is_ok_and(|s| smp::mailbox(s).read().vmx_on && smp::report_of(s).is_none())
+            })
     })
 }
 

@@ -171,6 +171,8 @@ pub enum BlobError {
     BadLifecycle(usize),
     /// A guest controls itself or a guest that does not exist.
     BadControl(usize),
+    /// Guests control each other in a cycle (each would wait for the other to let go).
+    ControlCycle(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -207,6 +209,9 @@ impl fmt::Display for BlobError {
                  (at most {MAX_BUDGET_MS}) out of range"
             ),
             BadControl(i) => write!(f, "guest {i}: controls itself or a guest that does not exist"),
+            ControlCycle(i) => {
+                write!(f, "guest {i}: is in a cycle of guests controlling each other")
+            }
         }
     }
 }
@@ -276,6 +281,25 @@ pub fn valid_name(s: &str) -> bool {
 
 fn valid_name_field(field: &[u8]) -> bool {
     fixed::get(field).is_some_and(valid_name)
+}
+
+/// A guest on a cycle of control (`controls[i]`: the guests guest `i` controls, a
+/// bitmask), if there is one: a controlled guest waits for its controllers to let go, so a
+/// cycle would wait for ever. The lowest such index.
+pub fn control_cycle(controls: &[u64]) -> Option<usize> {
+    let n = controls.len().min(MAX_GUESTS);
+    let mut alive: u64 = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+    // Take away, again and again, the guests that control no guest still there: what
+    // remains is on a cycle or leads into one.
+    loop {
+        let leaves = (0..n).filter(|&i| alive & (1 << i) != 0 && controls[i] & alive == 0);
+        let gone = leaves.fold(0u64, |m, i| m | 1 << i);
+        if gone == 0 {
+            break;
+        }
+        alive &= !gone;
+    }
+    (alive != 0).then(|| alive.trailing_zeros() as usize)
 }
 
 /// Total blob length for these counts.
@@ -354,6 +378,11 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if e.controls & !others != 0 {
             return Err(BadControl(i));
         }
+    }
+    let controls: [u64; MAX_GUESTS] =
+        core::array::from_fn(|i| if i < g { cfg.guest(i).controls } else { 0 });
+    if let Some(i) = control_cycle(&controls[..g]) {
+        return Err(ControlCycle(i));
     }
     for i in 0..c {
         let e = cfg.channel(i);
@@ -832,6 +861,18 @@ mod tests {
         let mut g = guests(64);
         g[63].controls = u64::MAX >> 1;
         assert_eq!(parsed(&g, &[], &[]), Ok(()), "all 63 others");
+        // Cycles of control are refused (each guest would wait for the other to let go).
+        let mut g = guests(4);
+        g[1].controls = 0b100;
+        g[2].controls = 0b1000;
+        assert_eq!(parsed(&g, &[], &[]), Ok(()), "a chain");
+        g[3].controls = 0b10;
+        assert_eq!(parsed(&g, &[], &[]), Err(BlobError::ControlCycle(1)));
+        g[3].controls = 0b1;
+        g[0].controls = 0b1000;
+        assert_eq!(control_cycle(&[0b1000, 0b100, 0b1000, 0b1]), Some(0));
+        assert_eq!(control_cycle(&[0b10, 0b100, 0b1000, 0]), None);
+        assert_eq!(control_cycle(&[]), None);
         // Restartable and controlled guests may have channels (reset between epochs).
         let c = [chan("ab", 0, 1, 4)];
         let mut g = guests(3);
@@ -1013,6 +1054,7 @@ mod tests {
             (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
             (BlobError::BadLifecycle(13), "guest 13: restart policy"),
             (BlobError::BadControl(14), "guest 14: controls itself"),
+            (BlobError::ControlCycle(15), "guest 15: is in a cycle"),
         ];
         for (e, text) in cases {
             assert!(e.to_string().contains(text), "{e:?}: {e}");

@@ -239,14 +239,6 @@ impl<const E: usize> CapCore<E> {
         Ok(self.space.insert(cap, None)?.0)
     }
 
-    /// Cores of the guests this one controls (to release them when it is gone for good).
-    pub fn control_targets(&self) -> u64 {
-        self.space
-            .live()
-            .filter(|(_, c)| c.kind == CapType::Control)
-            .fold(0, |m, (_, c)| m | 1u64.checked_shl(c.base as u32).unwrap_or(0))
-    }
-
     /// `guest_control(slot, op)`: sent to the target's core, answered from there; the wait
     /// serves every other request meanwhile and ends at the deadline (64 protocol levels:
     /// the target's clean death may have revokes of its own to finish).

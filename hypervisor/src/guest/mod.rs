@@ -46,6 +46,9 @@ pub struct Launch {
     /// Cores of the guests that control this one (their requests are served, no one
     /// else's; it is reported once all of them have let go).
     pub controllers: u64,
+    /// TSC past which a guest that is down stops waiting for its controllers (the BSP's
+    /// collection gives up then).
+    pub give_up_tsc: u64,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
@@ -96,6 +99,8 @@ pub struct GuestReport {
     pub foreign_tsc: u64,
     /// How many times the guest was started (1 + restarts).
     pub incarnations: u32,
+    /// Revokes of its caps some core did not confirm at its (last) death.
+    pub unconfirmed: u32,
 }
 
 impl GuestReport {
@@ -114,6 +119,7 @@ impl GuestReport {
         self.caps = later.caps;
         self.foreign_tsc = self.foreign_tsc.saturating_add(later.foreign_tsc);
         self.incarnations += 1;
+        self.unconfirmed = later.unconfirmed;
     }
 }
 
@@ -613,6 +619,7 @@ mod run {
             caps: ctx.caps.stats,
             foreign_tsc: ctx.foreign_tsc,
             incarnations: 1,
+            unconfirmed: 0,
         }
     }
 
@@ -709,6 +716,7 @@ mod run {
         let mut n = 0u32;
         let mut restarts = 0u32;
         let mut ending;
+        let mut unconfirmed;
         // A controller's START or RESTART, answered once the new incarnation runs.
         let mut starting: Option<(usize, u32)> = None;
         let mut counts = [LinkCount::default(); MAX_CHANNELS_PER_GUEST];
@@ -719,6 +727,7 @@ mod run {
                     incarnation(l, f, core, n, caps, &mut link, &mut starting, &mut counts);
                 caps = back;
                 ending = r.ending;
+                unconfirmed = r.unconfirmed;
                 match &mut total {
                     Some(t) => t.absorb(&r),
                     None => total = Some(r),
@@ -741,8 +750,11 @@ mod run {
                     }
                     None => {}
                 }
+                // A copy of its memory a fenced core may still hold: never handed to a new
+                // incarnation.
                 if !restart_wanted(l.entry.restart, ending)
                     || restarts >= u32::from(l.entry.max_restarts)
+                    || unconfirmed > 0
                 {
                     break;
                 }
@@ -754,8 +766,15 @@ mod run {
                     l.entry.max_restarts
                 );
             }
-            // Down. Its controllers may start it again until each has let go.
-            while l.controllers & !caps.ctl.released != 0 && keep_serving() {
+            // Down. Its controllers may start it again until each has let go (unless the
+            // hypervisor could not set it up or keep it isolated).
+            let startable =
+                !matches!(ending, Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_)))
+                    && unconfirmed == 0;
+            while l.controllers & !caps.ctl.released != 0
+                && keep_serving()
+                && arch::rdtsc() < l.give_up_tsc
+            {
                 caps.poll(&mut Serving(&mut link));
                 let Some((from, req, operation)) = caps.ctl.take() else {
                     arch::pause();
@@ -764,6 +783,9 @@ mod run {
                 let env = &mut Serving(&mut link);
                 if l.controllers & (1 << from) == 0 {
                     Control::answer(env, from, req, Err(HvError::NotOwner));
+                } else if matches!(operation, control::START | control::RESTART) && !startable {
+                    // The hypervisor could not set it up, or could not keep it isolated.
+                    Control::answer(env, from, req, Err(HvError::Busy));
                 } else if matches!(operation, control::START | control::RESTART) {
                     starting = Some((from, req));
                     rebirth(caps);
@@ -775,10 +797,10 @@ mod run {
             }
             break;
         }
-        // Gone for good: the guests it controlled no longer wait for it.
-        let targets = caps.control_targets();
-        for t in (0..64).filter(|t| targets & (1u64 << t) != 0) {
-            Control::release(&mut Serving(&mut link), t);
+        // Gone for good: the guests it controlled no longer wait for it (all of them, even
+        // if its space never got their caps).
+        for &(t, _) in &l.targets[..l.target_count] {
+            Control::release(&mut Serving(&mut link), t as usize);
         }
         if let Some(mut r) = total {
             r.xmsgs = link.sent;
@@ -966,28 +988,36 @@ mod run {
             arch::vmx::invvpid_single((l.guest_id + 1) as u16);
             arch::vmx::invept_single(eptp);
         }
+        // From here a failure clears the VMCS before it ends the incarnation: its frame goes
+        // back to the pool, and an active VMCS must not be written as memory (SDM Vol. 3C
+        // 25.11.1).
+        let unload = |ctx: GuestCtx, why: &'static str| {
+            // SAFETY: the VMCS is this core's, current; clearing it ends its use.
+            let _ = unsafe { arch::vmx::vmclear(vmcs) };
+            stop(ctx, why)
+        };
         let procbased = match setup_vmcs(l, f, &mut frames, eptp, plan.entry) {
             Ok(p) => p,
             Err(what) => {
                 log::error!("guest {}: VMCS setup: {what}", name(l));
-                return stop(ctx, "VMCS setup failed");
+                return unload(ctx, "VMCS setup failed");
             }
         };
         let mut sink = Console { name: name(l), core };
         if n == 1 {
             for &(base, size) in &l.grants[..l.grant_count] {
                 if ctx.caps.grant(base, size).is_err() {
-                    return stop(ctx, "capability space full");
+                    return unload(ctx, "capability space full");
                 }
             }
             for ch in l.channels() {
                 if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                    return stop(ctx, "capability space full");
+                    return unload(ctx, "capability space full");
                 }
             }
             for &(core, guest) in &l.targets[..l.target_count] {
                 if ctx.caps.add_control(core, guest as u32).is_err() {
-                    return stop(ctx, "capability space full");
+                    return unload(ctx, "capability space full");
                 }
             }
         }
@@ -1017,6 +1047,8 @@ mod run {
         // guest reaches without an exit.
         // SAFETY: on this core, before its guest runs; the boot code leaves CR0.EM/TS clear.
         unsafe { arch::scrub_guest_registers(&exits::MSR_PASSTHROUGH) };
+        // The budget is the guest's time: it starts now, not before its setup.
+        ctx.watchdog = arch::rdtsc().saturating_add(budget_ticks);
         let mut launched = false;
         let mut first_entry = 0;
         // Hypervisor time spent on other cores' behalf (serving their requests, taking their
@@ -1147,6 +1179,7 @@ mod run {
         // held dropped, its originals unmapped (while its EPT still exists to unmap them).
         let retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
         r.caps = ctx.caps.stats;
+        r.unconfirmed = retired.unconfirmed;
         // Its channels go down: each peer's core acknowledges once its guest knows (or is
         // given up on); the rings are reset only if a next incarnation starts.
         if l.channel_count > 0 {

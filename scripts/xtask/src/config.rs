@@ -560,6 +560,54 @@ fn check_lifecycle(errs: &mut Errors, g: &Guest, f: &impl Fn(&str) -> String) {
 /// itself, no pair twice.
 fn check_controls(errs: &mut Errors, c: &Config) {
     let known = |n: &str| c.guests.iter().any(|g| g.name.get_ref() == n);
+    let index = |n: &str| c.guests.iter().position(|g| g.name.get_ref() == n);
+    let mut masks = vec![0u64; c.guests.len().min(blob::MAX_GUESTS)];
+    for ctl in &c.controls {
+        let Some(i) = index(ctl.guest.get_ref()).filter(|&i| i < masks.len()) else { continue };
+        for o in ctl.over.get_ref() {
+            if let Some(t) = index(o.get_ref()).filter(|&t| t < 64 && t != i) {
+                masks[i] |= 1 << t;
+            }
+        }
+    }
+    // Every cap a guest starts with has a slot: grants, then channel endpoints, then control.
+    for (i, g) in c.guests.iter().enumerate() {
+        let name = g.name.get_ref();
+        let grants = c.grants.iter().filter(|r| r.guest.get_ref() == name).count();
+        let ends = c
+            .channels
+            .iter()
+            .filter(|ch| ch.between.get_ref().iter().any(|e| e.get_ref() == name))
+            .count();
+        let controls = masks.get(i).map_or(0, |m| m.count_ones() as usize);
+        if grants + ends + controls > vmcall_proto::caps::MAX_SLOTS {
+            errs.at(
+                g.name.span(),
+                format!("guest[{i}].name"),
+                format!(
+                    "`{name}` would start with {} capabilities ({grants} grants, {ends} \
+                     channels, {controls} guests to control): at most {}",
+                    grants + ends + controls,
+                    vmcall_proto::caps::MAX_SLOTS
+                ),
+            );
+        }
+    }
+    if let Some(i) = blob::control_cycle(&masks) {
+        let who = c.guests[i].name.get_ref();
+        if let Some((k, ctl)) =
+            c.controls.iter().enumerate().find(|(_, x)| x.guest.get_ref() == who)
+        {
+            errs.at(
+                ctl.guest.span(),
+                format!("control[{k}].guest"),
+                format!(
+                    "`{who}` is in a cycle of guests controlling each other: each would wait \
+                     for the other to let go"
+                ),
+            );
+        }
+    }
     for (i, ctl) in c.controls.iter().enumerate() {
         let who = ctl.guest.get_ref();
         if !known(who) {
@@ -824,6 +872,11 @@ memory_mib = 4
         assert!(e.message.contains("unknown field `extra`"), "{e}");
         // Guests with channels may be restarted and controlled (their channels are reset).
         assert!(compile("t.toml", &format!("{src}{AB}")).is_ok());
+        // A cycle of control is refused where it starts.
+        let cycle = format!("{src}[[control]]\nguest = \"beta\"\nover = [\"alpha\"]\n");
+        let e = one_error(&cycle);
+        assert_eq!(e.field, "control[0].guest");
+        assert!(e.message.contains("`alpha` is in a cycle"), "{e}");
     }
 
     #[test]
