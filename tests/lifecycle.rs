@@ -155,3 +155,27 @@ fn a_controller_that_never_runs_does_not_hold_up_the_run() {
     assert_eq!((t.state.as_str(), t.exit_status), ("exited", 0), "{t:?}");
     assert_eq!(guest(&b, "boss").state, "not_started");
 }
+
+/// A controller at the other end of its target's channel stops and starts it five times:
+/// each stop returns with the channel already down (the target's core showed it in the
+/// controller's status page while the controller waited in its hypercall), each start with
+/// the new incarnation entered, and the channel comes back in the next epoch.
+#[test]
+fn a_controller_stops_and_starts_the_peer_of_its_channel() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/bench-lifecycle.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    for k in 0..5 {
+        assert!(b.serial.contains(&format!("[mgr@c0] lifebench: round={k} ")), "round {k}");
+    }
+    assert!(b.serial.contains("[mgr@c0] lifebench: 5 rounds, last echo true"));
+    for n in 2..=6 {
+        let said = format!("[echo@c1] echo: incarnation {n} in epoch {}", n - 1);
+        assert!(b.serial.contains(&said), "missing: {said}");
+    }
+    let echo = guest(&b, "echo");
+    assert_eq!(echo.incarnations.len(), 6);
+    assert!(echo.incarnations[..5]
+        .iter()
+        .all(|i| i.fault.as_deref() == Some("stopped by its controller on core 0")));
+}

@@ -90,3 +90,83 @@ pub fn echoer(bi: &BootInfo) -> u64 {
         echoed += 1;
     }
 }
+
+/// The guest-control slot of the first guest this one controls.
+fn first_control() -> Option<u64> {
+    (0..vmcall_proto::caps::MAX_SLOTS as u64).find(|&h| {
+        crate::hypercall::call(vmcall_proto::hypercall::Hypercall::CapIdentify, h, 0)
+            .is_ok_and(|i| i & 0xff == vmcall_proto::caps::CapType::Control as u64)
+    })
+}
+
+/// Exchanges one message with the peer, resynchronising first if the channel was reset;
+/// waits (bounded) while the peer is down.
+fn exchange(c: &mut Chan, bi: &BootInfo, seq: u64) -> bool {
+    let t = crate::arch::rdtsc();
+    while crate::arch::rdtsc() - t < 5_000 * bi.tsc_per_ms {
+        match c.send(&[seq, 0, 0, 0, 0, 0, 0]).and_then(|()| c.recv()) {
+            Ok(m) => return m[0] == seq,
+            Err(ChannelError::Reset) => {
+                let _ = c.resync();
+            }
+            Err(ChannelError::PeerGone) => core::hint::spin_loop(),
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// `lifebench`: measures, `rounds` times, a controller stopping and starting the guest at
+/// the other end of its channel: the stop call, until its own channel says `PeerGone`; the
+/// start call (answered as the new incarnation is entered), until the channel is up again in
+/// the next epoch. Prints one line per round (TSC ticks) for `cargo xtask bench lifecycle`.
+pub fn lifebench(bi: &BootInfo) -> u64 {
+    use vmcall_proto::hypercall::{control, Hypercall};
+    let rounds = bi.arg_int("rounds");
+    let (Some(mut c), Some(ctl)) = (channel::open(bi, None), first_control()) else {
+        log::error!("lifebench: needs a channel and a guest to control");
+        return 1;
+    };
+    let call = |op| crate::hypercall::call(Hypercall::GuestControl, ctl, op);
+    let now = crate::arch::rdtsc;
+    for k in 0..rounds {
+        if !exchange(&mut c, bi, k) {
+            log::error!("lifebench: round {k}: no echo");
+            return 1;
+        }
+        let t0 = now();
+        let stopped = call(control::STOP);
+        let t1 = now();
+        while c.link() != Err(ChannelError::PeerGone) {
+            if now() - t0 > 5_000 * bi.tsc_per_ms {
+                log::error!("lifebench: round {k}: the channel never went down");
+                return 1;
+            }
+        }
+        let t2 = now();
+        let started = call(control::START);
+        let t3 = now();
+        while c.resync().is_err() {
+            if now() - t2 > 5_000 * bi.tsc_per_ms {
+                log::error!("lifebench: round {k}: the channel never came back");
+                return 1;
+            }
+        }
+        let t4 = now();
+        if stopped.is_err() || started.is_err() {
+            log::error!("lifebench: round {k}: stop {stopped:?}, start {started:?}");
+            return 1;
+        }
+        log::info!(
+            "lifebench: round={k} stop_call={} peer_gone={} start_at={t2} start_call={} link_up={}",
+            t1 - t0,
+            t2 - t0,
+            t3 - t2,
+            t4 - t2
+        );
+    }
+    let ok = exchange(&mut c, bi, rounds);
+    let _ = c.send(&[END; 7]);
+    log::info!("lifebench: {rounds} rounds, last echo {ok}");
+    (!ok) as u64
+}

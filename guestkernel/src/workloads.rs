@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 29] = [
+const REGISTRY: [(&str, Workload); 30] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -50,6 +50,7 @@ const REGISTRY: [(&str, Workload); 29] = [
     ("streamer", crate::linkloads::streamer),
     ("echoer", crate::linkloads::echoer),
     ("ghost", crate::ghost::ghost),
+    ("lifebench", crate::linkloads::lifebench),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -308,6 +308,9 @@ pub trait Vcpu {
     fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)>;
     /// Kicks core `to` (an NMI).
     fn x_kick(&mut self, to: usize);
+    /// The guest's channel `channel` (config index) went down: mark it so in the guest's
+    /// status page (nothing by default: no status page).
+    fn link_down(&mut self, _channel: u32) {}
 }
 
 /// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
@@ -334,6 +337,9 @@ impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
     }
     fn relax(&mut self) {
         crate::arch::pause();
+    }
+    fn link_down(&mut self, channel: u32) {
+        self.0.link_down(channel)
     }
 }
 

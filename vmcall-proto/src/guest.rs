@@ -123,6 +123,7 @@ pub const WORKLOADS: &[&str] = &[
     "streamer",
     "echoer",
     "ghost",
+    "lifebench",
 ];
 
 /// What values a workload argument takes.
@@ -588,6 +589,14 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   core (pass-through MSRs, CR2, DR0/DR1, XMM0), leaves its own, faults until \
                   incarnation `live_at`, which exits 0 only if nothing was found",
         args: &[int("live_at", 1, 1001, 2, "the incarnation that exits instead of faulting")],
+    },
+    WorkloadSpec {
+        name: "lifebench",
+        summary: "stops and starts the guest it controls at the other end of its channel, \
+                  `rounds` times, timing the stop until its channel says the peer is gone \
+                  and the start until the channel is up again (`cargo xtask bench \
+                  lifecycle`); exits 0 if every round worked and the peer echoes at the end",
+        args: &[int("rounds", 1, 1000, 5, "stop/start rounds")],
     },
 ];
 

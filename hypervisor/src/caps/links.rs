@@ -5,9 +5,9 @@
 //! * `LINK_DOWN(mask, inc)`: the sender's guest (incarnation `inc`) died; `mask` names the
 //!   channels (config indices, 256 bits) it was an end of. The receiving core marks them
 //!   down and answers with
-//! * `LINK_ACK(mask, inc, alive)`: its own incarnation and whether its guest is alive; if it
-//!   is, only once its status page says `down` (the run loop publishes it before the guest
-//!   runs again), so from then on that guest leaves the rings alone.
+//! * `LINK_ACK(mask, inc, alive)`: its own incarnation and whether its guest is alive; sent
+//!   once the guest's status page says `down` (written on the spot: the guest does not run
+//!   while its core handles messages), so from then on that guest leaves the rings alone.
 //! * `LINK_UP(mask, inc)`: incarnation `inc` of the sender's guest runs on the channels,
 //!   whose rings the sender's core reset (zeroed, in-flight messages counted lost) after the
 //!   acks and before this message: the peer's guest starts over in the next epoch.
@@ -35,8 +35,6 @@ pub struct Link {
     pub peer_inc: u32,
     /// Changed since the run loop last looked.
     pub changed: bool,
-    /// The peer's `LINK_DOWN` waits for this core's ack (after the status page says so).
-    pub ack: bool,
     /// The peer's core acknowledged this core's last `LINK_DOWN`.
     pub acked: bool,
 }

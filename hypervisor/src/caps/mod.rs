@@ -46,6 +46,10 @@ pub trait Env {
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
     /// Waits a little while an operation is in flight (a PAUSE on hardware).
     fn relax(&mut self) {}
+    /// The guest's channel `channel` (config index) went down: show it to the guest now,
+    /// before it runs again (it is not running while its core handles messages). Nothing
+    /// to show by default (no guest, or no status page).
+    fn link_down(&mut self, _channel: u32) {}
 }
 
 /// Tunables, from the hypervisor command line.
@@ -329,8 +333,10 @@ impl<const E: usize> CapCore<E> {
     }
 
     /// A `LINK_*` message from core `from` about channels it is the peer's core of. A
-    /// `LINK_DOWN` is acknowledged at once if this guest is dead, else by [`Self::links_ack`]
-    /// once the run loop has reset the rings (before the guest runs again).
+    /// `LINK_DOWN` is shown in the guest's status page at once (the guest does not run
+    /// meanwhile, see [`Env::link_down`]) and acknowledged: from then on the guest leaves
+    /// the rings alone, whatever this core is busy with (even a wait inside one of the
+    /// guest's own hypercalls).
     fn link_message(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         let (kind, inc, alive) = (m[0] & 0xff, m[5] as u32, m[6] != 0);
         let mut down = false;
@@ -344,8 +350,10 @@ impl<const E: usize> CapCore<E> {
             match kind {
                 proto::op::LINK_DOWN => {
                     l.peer_up = false;
-                    l.ack = !self.ended;
                     down = true;
+                    if !self.ended {
+                        env.link_down(c.index);
+                    }
                 }
                 proto::op::LINK_ACK => {
                     l.acked = true;
@@ -354,31 +362,13 @@ impl<const E: usize> CapCore<E> {
                 _ => l.peer_up = true,
             }
         }
-        if down && self.ended {
-            let dead = self.chans[..self.nchans]
+        if down {
+            let named = self.chans[..self.nchans]
                 .iter()
                 .filter(|c| c.peer.map(usize::from) == Some(from) && links::names(m, c.index));
-            let ack = links::message(proto::op::LINK_ACK, dead.map(|c| c.index), self.inc, false);
+            let ack =
+                links::message(proto::op::LINK_ACK, named.map(|c| c.index), self.inc, !self.ended);
             links::send(env, from, &ack);
-        }
-    }
-
-    /// Acknowledges the `LINK_DOWN`s of the channels at boot-info positions `reset` (a
-    /// bitmask), now shown down in the status page: one `LINK_ACK` per peer core.
-    pub fn links_ack(&mut self, env: &mut impl Env, reset: u32) {
-        let mut done = 0u64;
-        for i in (0..self.nchans).filter(|i| reset & (1 << i) != 0) {
-            let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
-            if done & (1u64 << (peer % 64)) != 0 {
-                continue;
-            }
-            done |= 1u64 << (peer % 64);
-            let same = (0..self.nchans)
-                .filter(|j| reset & (1 << j) != 0)
-                .filter(|&j| self.chans[j].peer.map(usize::from) == Some(peer))
-                .map(|j| self.chans[j].index);
-            let ack = links::message(proto::op::LINK_ACK, same, self.inc, true);
-            links::send(env, peer, &ack);
         }
     }
 
@@ -431,12 +421,11 @@ impl<const E: usize> CapCore<E> {
     }
 
     /// The link of the guest's channel at boot-info position `pos`, taking its `changed`
-    /// and `ack` marks.
+    /// mark.
     pub fn take_link(&mut self, pos: usize) -> Option<links::Link> {
         let c = self.chans.get_mut(pos).filter(|_| pos < self.nchans)?;
         let l = c.link;
         c.link.changed = false;
-        c.link.ack = false;
         Some(l)
     }
 

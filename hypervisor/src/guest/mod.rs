@@ -283,6 +283,9 @@ mod run {
         frames: &'a mut Private,
         eptp: u64,
         link: &'a mut crate::xcore::Link,
+        /// The guest's status page (a private frame) and its channels, in boot-info order.
+        status: u64,
+        chans: &'a [ChanMap],
     }
 
     fn field(f: Field) -> crate::vmx::vmcs::Rw {
@@ -380,6 +383,16 @@ mod run {
             // SAFETY: VMX on; this guest's EPTP: no stale translation survives the unmap.
             unsafe { arch::vmx::invept_single(self.eptp) };
             Ok(())
+        }
+        fn link_down(&mut self, channel: u32) {
+            let Some(pos) = self.chans.iter().position(|c| c.desc.index == channel) else {
+                return;
+            };
+            // The status page: a frame of this core's private region, identity-mapped,
+            // read-only to the guest, which is not running now.
+            // SAFETY: `status` is that frame; a StatusPage is one page of u64s.
+            let sp = unsafe { &mut *(self.status as *mut StatusPage) };
+            sp.links[pos].word &= !1;
         }
     }
 
@@ -848,21 +861,16 @@ mod run {
     }
 
     /// Brings the status page at `page` up to date with what this core knows of the
-    /// channels' peers. Returns the channels whose peer's `LINK_DOWN` now shows (boot-info
-    /// positions, a bitmask) for the caller to acknowledge.
+    /// channels' peers.
     fn publish_links(
         page: u64,
         l: &Launch,
         caps: &mut crate::caps::HvCaps,
         counts: &[LinkCount; MAX_CHANNELS_PER_GUEST],
-    ) -> u32 {
+    ) {
         let n = caps.incarnation();
-        let mut ack = 0;
         for (pos, count) in counts.iter().enumerate().take(l.channel_count) {
             let Some(link) = caps.take_link(pos) else { continue };
-            if link.ack {
-                ack |= 1 << pos;
-            }
             // A frame of this core's private region, identity-mapped; the guest maps it
             // read-only and is not running now.
             // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
@@ -872,7 +880,6 @@ mod run {
             ls.lost = count.lost;
             ls.resets = count.resets;
         }
-        ack
     }
 
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
@@ -1031,6 +1038,8 @@ mod run {
             frames: &mut frames,
             eptp,
             link,
+            status,
+            chans: l.channels(),
         };
         log::info!(
             "guest {} (id {}, incarnation {n}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
@@ -1066,8 +1075,7 @@ mod run {
                 counts[pos].resets += 1;
             }
         }
-        let acks = publish_links(status, l, ctx.caps, counts);
-        ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+        publish_links(status, l, ctx.caps, counts);
         if n > 1 {
             ctx.caps.links_up(&mut exits::CapEnv(&mut vcpu));
         }
@@ -1093,8 +1101,7 @@ mod run {
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
             if ctx.caps.links_changed() {
-                let acks = publish_links(status, l, ctx.caps, counts);
-                ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+                publish_links(status, l, ctx.caps, counts);
                 // Wake the guest if it sleeps on a doorbell: its channel changed.
                 ctx.wake = true;
             }
