@@ -16,7 +16,7 @@ use core::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const MAGIC: [u8; 8] = *b"MKVCONF\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const MAX_GUESTS: usize = 64;
 pub const MAX_CHANNELS: usize = 256;
 pub const MAX_GRANTS: usize = 256;
@@ -27,6 +27,16 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
+
+/// The multiboot2 module names of the guest kernels, by [`GuestEntry::kernel`] index: 0 is
+/// the built-in `guestkernel` (the workloads), the others are kernels a config names
+/// (`kernel = ...` on a guest), one module per distinct kernel.
+pub const KERNEL_MODULES: [&str; 7] =
+    ["guestkernel", "kernel1", "kernel2", "kernel3", "kernel4", "kernel5", "kernel6"];
+/// Distinct kernels of a config's own (not counting the built-in one).
+pub const MAX_KERNELS: usize = KERNEL_MODULES.len() - 1;
+/// Largest guest kernel file, bytes (it is a multiboot2 module in machine memory).
+pub const MAX_KERNEL_BYTES: u64 = 16 << 20;
 
 /// Private region the hypervisor carves for each guest next to its partition: EPT tables,
 /// VMCS, MSR bitmap.
@@ -85,7 +95,9 @@ pub struct GuestEntry {
     /// Hypervisor core index (0 = the bootstrap processor).
     pub core: u32,
     pub memory_mib: u32,
-    pub _reserved: [u8; 8],
+    /// Which kernel the guest runs: an index into [`KERNEL_MODULES`] (0: the built-in one).
+    pub kernel: u16,
+    pub _reserved: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<GuestEntry>() == 208);
 
@@ -141,6 +153,8 @@ pub enum BlobError {
     BadGrantGuest(usize),
     /// A guest receives more grants than the capability slots set aside for them.
     GuestGrants(usize),
+    /// A guest's kernel index is past [`KERNEL_MODULES`].
+    BadKernel(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -171,6 +185,7 @@ impl fmt::Display for BlobError {
             }
             BadGrantGuest(i) => write!(f, "grant {i}: unknown guest"),
             GuestGrants(i) => write!(f, "guest {i}: more than {MAX_GRANTS_PER_GUEST} grants"),
+            BadKernel(i) => write!(f, "guest {i}: kernel index past the {MAX_KERNELS} allowed"),
         }
     }
 }
@@ -307,6 +322,9 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if (0..i).any(|j| cfg.guest(j).core == e.core) {
             return Err(SharedCore(i));
         }
+        if e.kernel as usize >= KERNEL_MODULES.len() {
+            return Err(BadKernel(i));
+        }
     }
     for i in 0..c {
         let e = cfg.channel(i);
@@ -405,7 +423,8 @@ pub fn guest_entry(
         args: fixed::put(args)?,
         core,
         memory_mib,
-        _reserved: [0; 8],
+        kernel: 0,
+        _reserved: [0; 6],
     })
 }
 
@@ -518,6 +537,16 @@ mod tests {
         assert_eq!(parse(&blob(&[], &[], &[])).unwrap_err(), BlobError::NoGuests);
     }
 
+    #[test]
+    fn kernel_index_is_bounded_by_the_module_names() {
+        let (g, c, r) = sample();
+        let mut g2 = g.clone();
+        g2[1].kernel = MAX_KERNELS as u16;
+        assert_eq!(parse(&blob(&g2, &c, &r)).unwrap().guest(1).kernel, MAX_KERNELS as u16);
+        g2[1].kernel = MAX_KERNELS as u16 + 1;
+        assert_eq!(parse(&blob(&g2, &c, &r)).unwrap_err(), BlobError::BadKernel(1));
+    }
+
     fn guests(n: usize) -> Vec<GuestEntry> {
         (0..n).map(|i| guest_entry(&format!("g{i}"), "hello", "", i as u32, 4).unwrap()).collect()
     }
@@ -580,7 +609,7 @@ mod tests {
             b[i] ^= 0x20;
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadMagic, "magic byte {i}");
         }
-        for v in [0, 2, u32::MAX] {
+        for v in [0, 1, 3, u32::MAX] {
             let mut b = good.clone();
             b[8..12].copy_from_slice(&v.to_le_bytes());
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadVersion(v));
@@ -910,7 +939,7 @@ mod tests {
         let cases = [
             (BlobError::TooShort, "shorter than its header"),
             (BlobError::BadMagic, "bad magic"),
-            (BlobError::BadVersion(7), "version 7, expected 1"),
+            (BlobError::BadVersion(7), "version 7, expected 2"),
             (BlobError::BadLength { header: 9, actual: 8 }, "length field 9 but 8 bytes"),
             (BlobError::BadChecksum { header: 1, computed: 2 }, "0x00000001, computed 0x00000002"),
             (BlobError::TooMany("guests"), "too many guests"),
@@ -925,6 +954,7 @@ mod tests {
             (BlobError::BadSlots(10), "channel 10: slots must be a power of two in 1..=4096"),
             (BlobError::GuestChannels(11), "guest 11: endpoint of more than 16 channels"),
             (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
+            (BlobError::BadKernel(13), "guest 13: kernel index past the 6 allowed"),
         ];
         for (e, text) in cases {
             assert!(e.to_string().contains(text), "{e:?}: {e}");
