@@ -8,7 +8,8 @@
 //! the receiver's re-check sees the message: no lost wake-up.
 
 use crate::hypercall::call;
-use vmcall_proto::channel::{ChannelError, Payload, Receiver, Ring, Sender};
+pub use vmcall_proto::channel::{message, ChannelError, Payload};
+use vmcall_proto::channel::{Receiver, Ring, Sender};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::Hypercall;
 

@@ -14,6 +14,8 @@ pub mod channel;
 pub mod console;
 pub mod hypercall;
 
+pub use log;
+pub use vmcall_proto;
 pub use vmcall_proto::guest::BootInfo;
 
 /// Names the guest's entry function: `fn(&BootInfo) -> u64`, called once the runtime is

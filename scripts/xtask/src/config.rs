@@ -221,6 +221,23 @@ pub struct Compiled {
     pub blob: Vec<u8>,
     /// Non-fatal remarks (e.g. a guest on a core the machine may lack).
     pub warnings: Vec<String>,
+    /// The config's file name and text, to locate errors found later (its kernels).
+    pub file: String,
+    pub src: String,
+}
+
+impl Compiled {
+    /// An error at `span` of the config's text.
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let mut errs = Errors { file: &self.file, src: &self.src, list: Vec::new() };
+        errs.at(span, field, message);
+        errs.list.remove(0).1
+    }
 }
 
 /// Parses and validates `src` (named `file` in errors) and compiles it.
@@ -470,7 +487,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             message: m,
         }])
     })?;
-    Ok(Compiled { config, blob, warnings })
+    Ok(Compiled { config, blob, warnings, file: file.into(), src: src.into() })
 }
 
 /// What the config alone can tell about a guest's `kernel` (the files are checked by

@@ -10,10 +10,12 @@ pub mod cli;
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod kernel;
 pub mod mutants;
 pub mod report;
 pub mod run;
 pub mod setup;
+pub mod template;
 pub mod workloads;
 
 use std::path::PathBuf;
