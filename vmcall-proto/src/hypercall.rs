@@ -161,7 +161,7 @@ impl From<crate::caps::CapError> for HvError {
     }
 }
 
-const ALL_ERRORS: [HvError; 22] = [
+pub const ALL_ERRORS: [HvError; 22] = [
     HvError::UnknownCall,
     HvError::BadAddress,
     HvError::BadLength,

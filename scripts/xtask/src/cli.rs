@@ -38,6 +38,8 @@ pub enum Command {
     /// Make a guest crate of your own in DIR (hello-world entry, a config that runs it next
     /// to a built-in guest, a README); then `cargo xtask run --config DIR/mkvisor.toml`.
     NewGuest(NewGuestArgs),
+    /// Regenerate the C header of the guest ABI (vmcall-proto/include/mkvisor.h) with cbindgen.
+    CHeader,
 }
 
 #[derive(clap::Args, Debug, Clone)]

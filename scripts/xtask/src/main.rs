@@ -126,6 +126,10 @@ fn main() -> ExitCode {
             println!("run it: cargo xtask run --config {}", n.dir.join("mkvisor.toml").display());
             true
         }),
+        Cmd::CHeader => xtask::cheader::write().map(|p| {
+            println!("wrote {}", p.display());
+            true
+        }),
         Cmd::Workloads(w) => {
             if w.update_readme {
                 xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))
