@@ -127,3 +127,44 @@ fn bad_kernels_are_refused_before_boot_with_located_errors() {
     assert!(!err.contains("firmware") && !text(&run.stdout).contains("outcome"), "{err}");
     assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
 }
+
+#[test]
+fn the_c_example_guest_talks_to_a_rust_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let example = xtask::workspace_root().join("examples/c-guest");
+    // Built with the system C compiler by the example's own Makefile, next to a copy of
+    // its config (kernel = "guest.elf" is relative to the config).
+    let made = Command::new("make")
+        .arg("-C")
+        .arg(&example)
+        .arg(format!("OUT={}", tmp.path().join("guest.elf").display()))
+        .output()
+        .expect("make runs");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let config = tmp.path().join("mkvisor.toml");
+    std::fs::copy(example.join("mkvisor.toml"), &config).unwrap();
+    let report = tmp.path().join("report.json");
+    let run = xtask(&[
+        "run",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let r: Report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let serial = std::fs::read_to_string(&r.serial_log).unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}\n{serial}", text(&run.stderr));
+    for name in ["cguest", "echo"] {
+        let g = r.guests.iter().find(|g| g.name == name).unwrap();
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+    // The C side checked every reply; `pong` (Rust) checked every message and exits 1 on
+    // the first wrong one.
+    assert!(serial.contains("[cguest@c0] hello from C: cguest (guest 0) on core 0"), "{serial}");
+    assert!(serial
+        .contains("[cguest@c0] C guest: 100 messages exchanged over link, every reply checked"));
+    assert!(serial.contains("[echo@c1] bench pong mode=poll n=100 "), "{serial}");
+    let link = r.channels.iter().find(|c| c.name == "link").unwrap();
+    assert_eq!((link.a_sent, link.b_received, link.b_sent, link.a_received), (100, 100, 100, 100));
+}
