@@ -52,7 +52,9 @@ fn a_new_guest_crate_boots_and_talks_to_a_builtin_guest() {
     }
     // Both sides checked every message: the new guest the replies, `pong` the requests.
     assert!(serial.contains("[mine@c0] hello from mine (guest 0) on core 0"), "{serial}");
-    assert!(serial.contains("[mine@c0] exchanged 100 messages with my peer, every reply checked"));
+    assert!(serial.contains(
+        "[mine@c0] exchanged 100 messages with my peer, every reply checked; 100 kept on a "
+    ));
     assert!(serial.contains("[echo@c1] bench pong mode=poll n=100 "), "{serial}");
     assert!(serial.contains("workload \"main\""), "the built-in kernel ran the new guest?");
     let link = r.channels.iter().find(|c| c.name == "link").unwrap();

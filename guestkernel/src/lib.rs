@@ -2,17 +2,23 @@
 //! The guest runtime: everything a guest kernel needs under mkvisor, as a library. It owns
 //! the boot path (`guest_start`, the boot-info check), the CPU tables and exception
 //! handlers ([`arch`]), the console and the `log` backend ([`console`]), hypercalls and
-//! exit ([`hypercall`]), channels ([`channel`]), and the panic handler; it may call only
-//! `vmcall_proto` and the hypervisor (through hypercalls). A guest is a crate that names
+//! exit ([`hypercall`]), the virtual timer ([`timer`]), channels ([`channel`]),
+//! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]) and the panic handler; it
+//! may call only `vmcall_proto` and the hypervisor (through hypercalls). Its linker script
+//! (`linker.ld`: the image at guest-physical 1 MiB, entry `guest_start`) is what `cargo
+//! xtask` links a guest crate with. A guest is a crate that names
 //! its one entry function with [`entry!`]: the function gets the boot information and
 //! returns the exit status. The built-in workloads (`src/main.rs`) are one such guest.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
 pub mod arch;
+pub mod caps;
 pub mod channel;
 pub mod console;
+pub mod heap;
 pub mod hypercall;
+pub mod timer;
 
 pub use log;
 pub use vmcall_proto;
@@ -66,6 +72,7 @@ extern "C" fn guest_main(boot_info: u64) -> ! {
         log::error!("bad boot info (magic {:#x}, version {})", bi.magic, bi.version);
         hypercall::exit(0xb0);
     }
+    heap::init(bi.memory_bytes);
     // SAFETY: `entry!` defines this symbol with exactly this signature; a guest without
     // `entry!` does not link.
     let status = unsafe { mkvisor_guest_entry(&bi) };
