@@ -20,6 +20,26 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Boots `config` with `cargo xtask run`, the report written next to it; asserts the run
+/// exited 0, and returns the report and the serial log.
+fn boot_ok(config: &Path) -> (Report, String) {
+    let report = config.with_extension("report.json");
+    let run = xtask(&[
+        "run",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let r: Report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap())
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", text(&run.stderr)));
+    let serial = std::fs::read_to_string(&r.serial_log).unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}\n{serial}", text(&run.stderr));
+    assert_eq!(r.outcome, "ok", "{:?}", r.problems);
+    (r, serial)
+}
+
 #[test]
 fn a_new_guest_crate_boots_and_talks_to_a_builtin_guest() {
     let tmp = tempfile::tempdir().unwrap();
@@ -29,21 +49,7 @@ fn a_new_guest_crate_boots_and_talks_to_a_builtin_guest() {
     for f in ["Cargo.toml", "src/main.rs", "mkvisor.toml", "README.md"] {
         assert!(dir.join(f).is_file(), "new-guest wrote no {f}");
     }
-    let report = tmp.path().join("report.json");
-    let config = dir.join("mkvisor.toml");
-    let run = xtask(&[
-        "run",
-        "--quiet",
-        "--config",
-        config.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    let stderr = text(&run.stderr);
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let serial = std::fs::read_to_string(&r.serial_log).unwrap();
-    assert_eq!(run.status.code(), Some(0), "{stderr}\n{serial}");
-    assert_eq!(r.outcome, "ok", "{:?}", r.problems);
+    let (r, serial) = boot_ok(&dir.join("mkvisor.toml"));
     // The crate was built in its own directory, for the guest target.
     assert!(dir.join("target/x86_64-unknown-none/release/hello-guest").is_file());
     for (name, core) in [("mine", 0), ("echo", 1)] {
@@ -145,18 +151,7 @@ fn the_c_example_guest_talks_to_a_rust_guest() {
     assert!(made.status.success(), "{}", text(&made.stderr));
     let config = tmp.path().join("mkvisor.toml");
     std::fs::copy(example.join("mkvisor.toml"), &config).unwrap();
-    let report = tmp.path().join("report.json");
-    let run = xtask(&[
-        "run",
-        "--quiet",
-        "--config",
-        config.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let serial = std::fs::read_to_string(&r.serial_log).unwrap();
-    assert_eq!(run.status.code(), Some(0), "{}\n{serial}", text(&run.stderr));
+    let (r, serial) = boot_ok(&config);
     for name in ["cguest", "echo"] {
         let g = r.guests.iter().find(|g| g.name == name).unwrap();
         assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
