@@ -67,7 +67,9 @@ static _Noreturn void leave(uint64_t status) {
         __asm__ volatile("hlt");
 }
 
-/* ---- the channel ring (vmcall-proto channel.rs: layout and memory ordering) ---- */
+/* ---- the channel ring (vmcall-proto channel.rs: layout and memory ordering) ----
+ * Epoch 0 only: this guest does not follow a peer that restarts (a new epoch's words carry
+ * its tag in their top 16 bits, and the status page at MKV_STATUS_GPA says when). */
 struct ring {
     MKV_ProducerLine *producer;
     MKV_ConsumerLine *consumer;

@@ -11,7 +11,9 @@ mod capattack;
 mod capload;
 mod capxfer;
 mod hostile;
+mod linkloads;
 mod netloads;
+mod supervise;
 mod workloads;
 
 guestkernel::entry!(workloads::run);

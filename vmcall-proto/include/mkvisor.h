@@ -13,7 +13,10 @@
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
  * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots.
+ * the slots. The status page at MKV_STATUS_GPA (read-only) is an array of MKV_LinkStatus,
+ * one per channel in boot-info order; a guest that follows restarting peers reads its
+ * epoch from there (epoch 0 until a peer restarts: control words and `received` carry the
+ * epoch in their top 16 bits, see vmcall-proto channel.rs).
  */
 
 #ifndef MKVISOR_H
@@ -34,6 +37,34 @@ typedef uint64_t MKV_word;
  * CPUID leaf with the hypervisor signature (EBX, ECX, EDX = "mkvisor\0\0\0\0\0").
  */
 #define MKV_CPUID_SIGNATURE_LEAF 1073741824
+
+#define MKV_CONTROL_QUERY 0
+
+#define MKV_CONTROL_STOP 1
+
+#define MKV_CONTROL_START 2
+
+#define MKV_CONTROL_RESTART 3
+
+/**
+ * Its incarnation is running.
+ */
+#define MKV_CONTROL_RUNNING 1
+
+/**
+ * Down: it exited (the status is in the word).
+ */
+#define MKV_CONTROL_EXITED 2
+
+/**
+ * Down: the hypervisor stopped it (fault, budget) and its policy does not restart it.
+ */
+#define MKV_CONTROL_STOPPED 3
+
+/**
+ * Down: stopped by a controller's request.
+ */
+#define MKV_CONTROL_HELD 4
 
 #define MKV_BOOT_INFO_GPA 4096
 
@@ -88,11 +119,18 @@ typedef uint64_t MKV_word;
 #define MKV_DOORBELL_VECTOR 240
 
 /**
+ * Guest-physical address of the guest's status page ([`StatusPage`]): mapped read-only,
+ * written only by the hypervisor, the last page of the GiB of channel windows (which the
+ * guest's own page tables map anyway).
+ */
+#define MKV_STATUS_GPA 3221221376
+
+/**
  * `"MKVBOOT\0"` read as a little-endian word (a literal, so the C header carries it).
  */
 #define MKV_BOOT_INFO_MAGIC 23731099877657421
 
-#define MKV_BOOT_INFO_VERSION 1
+#define MKV_BOOT_INFO_VERSION 2
 
 /**
  * Channel slots in [`BootInfo`]; the channels layer fills them.
@@ -110,6 +148,102 @@ typedef uint64_t MKV_word;
 #define MKV_HEADER_BYTES 128
 
 
+
+/**
+ * Hypercall numbers.
+ */
+enum MKV_Hypercall
+#if __STDC_VERSION__ >= 202311L
+  : uint64_t
+#endif // __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * `console_write(buf: gpa, len: u64) -> len`: one line (or part of one) of console text,
+   * at most [`CONSOLE_MAX`] bytes, valid UTF-8 not required (invalid bytes are replaced).
+   */
+  MKV_HYPERCALL_CONSOLE_WRITE = 0,
+  /**
+   * `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32`.
+   */
+  MKV_HYPERCALL_GUEST_INFO = 1,
+  /**
+   * `exit(status: u64) -> !`: the guest is done; the status is reported.
+   */
+  MKV_HYPERCALL_EXIT = 2,
+  /**
+   * `yield() -> 0`: give up the rest of the time slice (a no-op with one guest per core).
+   */
+  MKV_HYPERCALL_YIELD = 3,
+  /**
+   * `timer_oneshot(delta_tsc: u64, vector: u64) -> 0`: raise interrupt `vector` (32..=255)
+   * once, `delta_tsc` TSC ticks from now; 0 cancels. Delivered when RFLAGS.IF allows.
+   */
+  MKV_HYPERCALL_TIMER_ONESHOT = 4,
+  /**
+   * `tsc_per_ms() -> ticks`: the TSC rate the hypervisor calibrated.
+   */
+  MKV_HYPERCALL_TSC_PER_MS = 5,
+  /**
+   * `doorbell(channel: u64) -> 0`: interrupt the peer of the caller's channel number
+   * `channel` (its position in the boot-info channel table) with `DOORBELL_VECTOR`.
+   * Only a channel peer can be rung; anything else is `BadArgument`.
+   */
+  MKV_HYPERCALL_DOORBELL = 6,
+  /**
+   * `exit_count() -> n`: VM exits this guest has taken so far (this call's included), for
+   * measuring exits per operation from inside.
+   */
+  MKV_HYPERCALL_EXIT_COUNT = 7,
+  /**
+   * `cap_identify(slot) -> type | rights << 8 | pages << 16`.
+   */
+  MKV_HYPERCALL_CAP_IDENTIFY = 8,
+  /**
+   * `cap_split(slot, offset) -> new slot`: a memory cap in two at a page offset.
+   */
+  MKV_HYPERCALL_CAP_SPLIT = 9,
+  /**
+   * `cap_map(slot, gpa, rights) -> 0`: map a memory cap into the caller's grant window
+   * (`GRANT_WINDOW`) at a page-aligned free address with at most the cap's rights.
+   */
+  MKV_HYPERCALL_CAP_MAP = 10,
+  /**
+   * `cap_unmap(slot) -> gpa`: undo a mapping; returns where it was.
+   */
+  MKV_HYPERCALL_CAP_UNMAP = 11,
+  /**
+   * `cap_transfer(slot, endpoint_slot, mode) -> slot in the peer's space`: give a
+   * capability to the peer of a channel endpoint the caller holds. `mode` bit 0: 0 move
+   * (the caller loses it and its mapping), 1 copy; bits 8-15: the copy's rights (at most
+   * the source's). Needs GRANT on the source.
+   */
+  MKV_HYPERCALL_CAP_TRANSFER = 12,
+  /**
+   * `cap_revoke(slot) -> n`: take back every copy derived from this capability, on every
+   * core, unmapped and their EPT translations invalidated before the call returns;
+   * returns how many were revoked.
+   */
+  MKV_HYPERCALL_CAP_REVOKE = 13,
+  /**
+   * `cap_accept(endpoint_slot, n) -> previous quota`: the caller agrees to receive up to
+   * `n` more capabilities through this endpoint (0 refuses all). Transfers to a guest
+   * that has not accepted are refused with `NotAccepted` and cost it nothing.
+   */
+  MKV_HYPERCALL_CAP_ACCEPT = 14,
+  /**
+   * `guest_control(slot, op) -> value`: act on the guest a guest-control capability
+   * names (see [`control`]): `QUERY` returns its state word, `STOP` stops it (its clean
+   * death is over when the call returns; it stays down until started), `START` starts a
+   * new incarnation of a guest that is down, `RESTART` does both. The operation runs on
+   * the target's core; the caller waits for that core's answer (bounded: `Timeout`).
+   */
+  MKV_HYPERCALL_GUEST_CONTROL = 15,
+};
+#if __STDC_VERSION__ >= 202311L
+typedef enum MKV_Hypercall MKV_Hypercall;
+#else
+typedef uint64_t MKV_Hypercall;
+#endif // __STDC_VERSION__ >= 202311L
 
 /**
  * Hypercall error codes, returned negated in RAX.
@@ -207,99 +341,16 @@ enum MKV_HvError
    * The receiver has not accepted capabilities on that endpoint (see `cap_accept`).
    */
   MKV_HV_ERROR_NOT_ACCEPTED = -22,
+  /**
+   * The guest is in a state the operation does not apply to (e.g. starting a guest that
+   * runs), or another operation on it is still under way.
+   */
+  MKV_HV_ERROR_BUSY = -23,
 };
 #if __STDC_VERSION__ >= 202311L
 typedef enum MKV_HvError MKV_HvError;
 #else
 typedef int64_t MKV_HvError;
-#endif // __STDC_VERSION__ >= 202311L
-
-/**
- * Hypercall numbers.
- */
-enum MKV_Hypercall
-#if __STDC_VERSION__ >= 202311L
-  : uint64_t
-#endif // __STDC_VERSION__ >= 202311L
- {
-  /**
-   * `console_write(buf: gpa, len: u64) -> len`: one line (or part of one) of console text,
-   * at most [`CONSOLE_MAX`] bytes, valid UTF-8 not required (invalid bytes are replaced).
-   */
-  MKV_HYPERCALL_CONSOLE_WRITE = 0,
-  /**
-   * `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32`.
-   */
-  MKV_HYPERCALL_GUEST_INFO = 1,
-  /**
-   * `exit(status: u64) -> !`: the guest is done; the status is reported.
-   */
-  MKV_HYPERCALL_EXIT = 2,
-  /**
-   * `yield() -> 0`: give up the rest of the time slice (a no-op with one guest per core).
-   */
-  MKV_HYPERCALL_YIELD = 3,
-  /**
-   * `timer_oneshot(delta_tsc: u64, vector: u64) -> 0`: raise interrupt `vector` (32..=255)
-   * once, `delta_tsc` TSC ticks from now; 0 cancels. Delivered when RFLAGS.IF allows.
-   */
-  MKV_HYPERCALL_TIMER_ONESHOT = 4,
-  /**
-   * `tsc_per_ms() -> ticks`: the TSC rate the hypervisor calibrated.
-   */
-  MKV_HYPERCALL_TSC_PER_MS = 5,
-  /**
-   * `doorbell(channel: u64) -> 0`: interrupt the peer of the caller's channel number
-   * `channel` (its position in the boot-info channel table) with `DOORBELL_VECTOR`.
-   * Only a channel peer can be rung; anything else is `BadArgument`.
-   */
-  MKV_HYPERCALL_DOORBELL = 6,
-  /**
-   * `exit_count() -> n`: VM exits this guest has taken so far (this call's included), for
-   * measuring exits per operation from inside.
-   */
-  MKV_HYPERCALL_EXIT_COUNT = 7,
-  /**
-   * `cap_identify(slot) -> type | rights << 8 | pages << 16`.
-   */
-  MKV_HYPERCALL_CAP_IDENTIFY = 8,
-  /**
-   * `cap_split(slot, offset) -> new slot`: a memory cap in two at a page offset.
-   */
-  MKV_HYPERCALL_CAP_SPLIT = 9,
-  /**
-   * `cap_map(slot, gpa, rights) -> 0`: map a memory cap into the caller's grant window
-   * (`GRANT_WINDOW`) at a page-aligned free address with at most the cap's rights.
-   */
-  MKV_HYPERCALL_CAP_MAP = 10,
-  /**
-   * `cap_unmap(slot) -> gpa`: undo a mapping; returns where it was.
-   */
-  MKV_HYPERCALL_CAP_UNMAP = 11,
-  /**
-   * `cap_transfer(slot, endpoint_slot, mode) -> slot in the peer's space`: give a
-   * capability to the peer of a channel endpoint the caller holds. `mode` bit 0: 0 move
-   * (the caller loses it and its mapping), 1 copy; bits 8-15: the copy's rights (at most
-   * the source's). Needs GRANT on the source.
-   */
-  MKV_HYPERCALL_CAP_TRANSFER = 12,
-  /**
-   * `cap_revoke(slot) -> n`: take back every copy derived from this capability, on every
-   * core, unmapped and their EPT translations invalidated before the call returns;
-   * returns how many were revoked.
-   */
-  MKV_HYPERCALL_CAP_REVOKE = 13,
-  /**
-   * `cap_accept(endpoint_slot, n) -> previous quota`: the caller agrees to receive up to
-   * `n` more capabilities through this endpoint (0 refuses all). Transfers to a guest
-   * that has not accepted are refused with `NotAccepted` and cost it nothing.
-   */
-  MKV_HYPERCALL_CAP_ACCEPT = 14,
-};
-#if __STDC_VERSION__ >= 202311L
-typedef enum MKV_Hypercall MKV_Hypercall;
-#else
-typedef uint64_t MKV_Hypercall;
 #endif // __STDC_VERSION__ >= 202311L
 
 /**
@@ -354,7 +405,32 @@ typedef struct MKV_BootInfo {
    */
   uint8_t args[128];
   struct MKV_ChannelDesc channels[MKV_MAX_CHANNELS_PER_GUEST];
+  /**
+   * Which start of this guest this is: 1, then 2 after its first restart, ...
+   */
+  uint32_t incarnation;
+  uint8_t _reserved[60];
 } MKV_BootInfo;
+
+/**
+ * One channel's state in the [`StatusPage`].
+ */
+typedef struct MKV_LinkStatus {
+  /**
+   * `epoch << 1 | up` (see [`link_word`]).
+   */
+  uint64_t word;
+  /**
+   * Messages in flight (sent, not received, both directions) when the rings were last
+   * reset: lost because of the restart, as the ring counters said (guest-written).
+   */
+  uint64_t lost;
+  /**
+   * How many resets this channel has been through.
+   */
+  uint64_t resets;
+  uint64_t _reserved;
+} MKV_LinkStatus;
 
 /**
  * One message slot: one cache line, control word last.
@@ -383,7 +459,5 @@ typedef struct MKV_ALIGNED(64) MKV_ConsumerLine {
   MKV_word sleeping;
   MKV_word _pad[6];
 } MKV_ConsumerLine;
-
-#define MKV_ALL_ERRORS { MKV_HvError_UnknownCall, MKV_HvError_BadAddress, MKV_HvError_BadLength, MKV_HvError_BadArgument, MKV_HvError_NoSuchSlot, MKV_HvError_Revoked, MKV_HvError_WrongType, MKV_HvError_RightsEscalation, MKV_HvError_NoSpace, MKV_HvError_Misaligned, MKV_HvError_AddressInUse, MKV_HvError_NotMapped, MKV_HvError_AlreadyMapped, MKV_HvError_HasCopies, MKV_HvError_TooManyCopies, MKV_HvError_BadOffset, MKV_HvError_PeerGone, MKV_HvError_NoMemory, MKV_HvError_Timeout, MKV_HvError_NotOwner, MKV_HvError_TooDeep, MKV_HvError_NotAccepted, }
 
 #endif  /* MKVISOR_H */

@@ -18,8 +18,20 @@ const SOURCES: [&str; 3] = ["hypercall.rs", "guest.rs", "channel.rs"];
 
 /// Types exported even though no C function uses them (the header has only types and
 /// constants).
-const EXPORTED: [&str; 7] =
-    ["Hypercall", "HvError", "BootInfo", "ChannelDesc", "Slot", "ProducerLine", "ConsumerLine"];
+const EXPORTED: [&str; 8] = [
+    "Hypercall",
+    "HvError",
+    "BootInfo",
+    "ChannelDesc",
+    "LinkStatus",
+    "Slot",
+    "ProducerLine",
+    "ConsumerLine",
+];
+
+/// `hypercall::control`'s operations and states, named with their module in C.
+const CONTROL: [&str; 8] =
+    ["QUERY", "STOP", "START", "RESTART", "RUNNING", "EXITED", "STOPPED", "HELD"];
 
 const PREAMBLE: &str = "/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
@@ -36,7 +48,10 @@ const PREAMBLE: &str = "/* SPDX-License-Identifier: MIT OR Apache-2.0 */
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
  * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots.
+ * the slots. The status page at MKV_STATUS_GPA (read-only) is an array of MKV_LinkStatus,
+ * one per channel in boot-info order; a guest that follows restarting peers reads its
+ * epoch from there (epoch 0 until a peer restarts: control words and `received` carry the
+ * epoch in their top 16 bits, see vmcall-proto channel.rs).
  */";
 
 /// `MKV_word` stands for `AtomicU64`: a 64-bit word both sides access atomically (plain
@@ -59,7 +74,10 @@ pub fn generate() -> Result<String> {
         ..Default::default()
     };
     config.export.include = EXPORTED.iter().map(|s| s.to_string()).collect();
-    config.export.exclude = vec!["MAX".into()];
+    config.export.exclude = vec!["MAX".into(), "ALL_ERRORS".into()];
+    for c in CONTROL {
+        config.export.rename.insert(c.into(), format!("CONTROL_{c}"));
+    }
     config.export.prefix = Some("MKV_".into());
     config.export.rename.insert("AtomicU64".into(), "word".into());
     config.enumeration.prefix_with_name = true;
@@ -126,8 +144,10 @@ pub fn layout_check() -> String {
         name,
         workload,
         args,
-        channels
+        channels,
+        incarnation
     );
+    layout!(g::LinkStatus, "MKV_LinkStatus", word, lost, resets);
     layout!(ChannelDesc, "MKV_ChannelDesc", name, peer, slots, tx_gpa, rx_gpa, index);
     layout!(Slot, "MKV_Slot", data, control);
     layout!(ProducerLine, "MKV_ProducerLine", sent);
@@ -144,6 +164,10 @@ pub fn layout_check() -> String {
     for (name, v) in [
         ("MKV_CONSOLE_MAX", CONSOLE_MAX),
         ("MKV_BOOT_INFO_GPA", g::BOOT_INFO_GPA),
+        ("MKV_STATUS_GPA", g::STATUS_GPA),
+        ("MKV_CONTROL_QUERY", vmcall_proto::hypercall::control::QUERY),
+        ("MKV_CONTROL_RESTART", vmcall_proto::hypercall::control::RESTART),
+        ("MKV_CONTROL_HELD", vmcall_proto::hypercall::control::HELD as u64),
         ("MKV_BOOT_STACK_TOP", g::BOOT_STACK_TOP),
         ("MKV_KERNEL_BASE", g::KERNEL_BASE),
         ("MKV_MIN_PARTITION", g::MIN_PARTITION),
