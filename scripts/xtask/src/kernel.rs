@@ -273,6 +273,25 @@ mod tests {
         b
     }
 
+    #[test]
+    fn a_kernel_crate_that_is_not_a_crate_is_a_located_config_error() {
+        let dir = std::env::temp_dir().join(format!("mkvisor-kernel-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("empty")).unwrap();
+        let src = "[machine]\ncpus = 2\nmemory_mib = 128\n\n[[guest]]\nname = \"a\"\ncore = 0\n\
+                   memory_mib = 4\nkernel = { crate = \"empty\" }\n";
+        let file = dir.join("k.toml");
+        std::fs::write(&file, src).unwrap();
+        let c = crate::config::load(&file).unwrap();
+        let e = prepare(&c, false).unwrap_err();
+        let coded = e.downcast_ref::<crate::exit::Coded>().expect("a coded error");
+        assert_eq!(coded.code, crate::exit::CONFIG);
+        let text = format!("{:#}", coded.error);
+        let at = format!("{}:9:10: guest[0].kernel: crate `empty`: ", file.display());
+        assert!(text.contains(&at), "{text}");
+        assert!(text.contains("empty is not a crate (no Cargo.toml in it)"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     const MIB: u64 = 1 << 20;
     const RX: u32 = abi::PF_R | abi::PF_X;
 
