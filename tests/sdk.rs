@@ -2,7 +2,7 @@
 //! Whole-system tests of guests of one's own: a crate made by `cargo xtask new-guest`, built
 //! and booted next to a built-in guest; kernels that must be refused before anything boots.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use systests::xtask_binary;
 use xtask::report::Report;
@@ -40,15 +40,37 @@ fn boot_ok(config: &Path) -> (Report, String) {
     (r, serial)
 }
 
-#[test]
-fn a_new_guest_crate_boots_and_talks_to_a_builtin_guest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("hello-guest");
+/// `cargo xtask new-guest DIR`; returns DIR.
+fn new_guest(dir: PathBuf) -> PathBuf {
     let made = xtask(&["new-guest", dir.to_str().unwrap()]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     for f in ["Cargo.toml", "src/main.rs", "mkvisor.toml", "README.md"] {
         assert!(dir.join(f).is_file(), "new-guest wrote no {f}");
     }
+    dir
+}
+
+/// Builds the C example guest into `out` with its own Makefile (the system C compiler).
+fn make_c_guest(out: &Path) {
+    let made = Command::new("make")
+        .arg("-C")
+        .arg(xtask::workspace_root().join("examples/c-guest"))
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .expect("make runs");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+}
+
+/// The hypervisor's line for guest `name`: where its kernel's segments went.
+fn kernel_range<'a>(serial: &'a str, name: &str) -> &'a str {
+    let line = serial.lines().find(|l| l.contains(&format!("] guest {name} (id "))).unwrap();
+    line.split("kernel ").nth(1).and_then(|k| k.split(' ').next()).unwrap()
+}
+
+#[test]
+fn a_new_guest_crate_boots_and_talks_to_a_builtin_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = new_guest(tmp.path().join("hello-guest"));
     let (r, serial) = boot_ok(&dir.join("mkvisor.toml"));
     // The crate was built in its own directory, for the guest target.
     assert!(dir.join("target/x86_64-unknown-none/release/hello-guest").is_file());
@@ -140,15 +162,8 @@ fn bad_kernels_are_refused_before_boot_with_located_errors() {
 fn the_c_example_guest_talks_to_a_rust_guest() {
     let tmp = tempfile::tempdir().unwrap();
     let example = xtask::workspace_root().join("examples/c-guest");
-    // Built with the system C compiler by the example's own Makefile, next to a copy of
-    // its config (kernel = "guest.elf" is relative to the config).
-    let made = Command::new("make")
-        .arg("-C")
-        .arg(&example)
-        .arg(format!("OUT={}", tmp.path().join("guest.elf").display()))
-        .output()
-        .expect("make runs");
-    assert!(made.status.success(), "{}", text(&made.stderr));
+    // Built next to a copy of its config (kernel = "guest.elf" is relative to the config).
+    make_c_guest(&tmp.path().join("guest.elf"));
     let config = tmp.path().join("mkvisor.toml");
     std::fs::copy(example.join("mkvisor.toml"), &config).unwrap();
     let (r, serial) = boot_ok(&config);
@@ -164,4 +179,42 @@ fn the_c_example_guest_talks_to_a_rust_guest() {
     assert!(serial.contains("[echo@c1] bench pong mode=poll n=100 "), "{serial}");
     let link = r.channels.iter().find(|c| c.name == "link").unwrap();
     assert_eq!((link.a_sent, link.b_received, link.b_sent, link.a_received), (100, 100, 100, 100));
+}
+
+#[test]
+fn different_guests_run_different_kernels_in_one_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_c_guest(&tmp.path().join("guest.elf"));
+    new_guest(tmp.path().join("rusty"));
+    let guest = |name: &str, core: u32, what: &str, n: u32| {
+        format!("\n[[guest]]\nname = \"{name}\"\ncore = {core}\nmemory_mib = 8\n{what}\nargs = {{ n = {n} }}\n")
+    };
+    let config = tmp.path().join("four.toml");
+    let text = [
+        "[machine]\ncpus = 4\nmemory_mib = 256\n".to_string(),
+        guest("cguest", 0, "kernel = \"guest.elf\"", 50),
+        guest("rusty", 1, "kernel = { crate = \"rusty\" }", 60),
+        guest("echo-c", 2, "workload = \"pong\"", 50),
+        guest("echo-r", 3, "workload = \"pong\"", 60),
+        "\n[[channel]]\nname = \"to-c\"\nbetween = [\"cguest\", \"echo-c\"]\nslots = 16\n".into(),
+        "\n[[channel]]\nname = \"to-r\"\nbetween = [\"rusty\", \"echo-r\"]\nslots = 16\n".into(),
+    ]
+    .concat();
+    std::fs::write(&config, text).unwrap();
+    let (r, serial) = boot_ok(&config);
+    for g in &r.guests {
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+    assert_eq!(r.guests.len(), 4);
+    // Each guest ran its own kernel: three different images, each saying what it is.
+    let ranges: Vec<&str> = ["cguest", "rusty", "echo-c"].map(|g| kernel_range(&serial, g)).into();
+    assert!(
+        ranges[0] != ranges[1] && ranges[1] != ranges[2] && ranges[0] != ranges[2],
+        "{ranges:?}"
+    );
+    assert_eq!(kernel_range(&serial, "echo-c"), kernel_range(&serial, "echo-r"));
+    assert!(serial.contains("[cguest@c0] C guest: 50 messages exchanged over to-c"), "{serial}");
+    assert!(serial.contains("[rusty@c1] exchanged 60 messages with my peer"), "{serial}");
+    assert!(serial.contains("[echo-c@c2] bench pong mode=poll n=50 "), "{serial}");
+    assert!(serial.contains("[echo-r@c3] bench pong mode=poll n=60 "), "{serial}");
 }
