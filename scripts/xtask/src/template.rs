@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `cargo xtask new-guest DIR`: a ready guest crate (files under `scripts/xtask/template/`)
 //! with a hello-world entry that talks to a built-in guest, a config that runs the two with
-//! a channel between them, and a README. May call only the file system.
+//! a channel between them, a README, and the workspace's `Cargo.lock`. May call only the
+//! file system.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -48,6 +49,12 @@ pub fn new_guest(dir: &Path) -> Result<Vec<PathBuf>> {
         ("README.md", fill(README)),
         (".gitignore", "/target\n".to_string()),
     ];
+    // The workspace's lock file pins the runtime's dependencies to the versions it is
+    // tested with (cargo drops what the guest does not use); it also lets the first build
+    // work offline when those crates are already in cargo's cache.
+    let lock = std::fs::read_to_string(crate::workspace_root().join("Cargo.lock"))
+        .context("cannot read the workspace's Cargo.lock")?;
+    let files = files.into_iter().chain([("Cargo.lock", lock)]);
     let mut written = Vec::new();
     for (path, text) in files {
         let p = dir.join(path);
@@ -74,7 +81,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mkvisor-template-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let files = new_guest(&dir).unwrap();
-        assert_eq!(files.len(), 5);
+        assert_eq!(files.len(), 6);
+        assert!(std::fs::read_to_string(dir.join("Cargo.lock")).unwrap().contains("\"log\""));
         let manifest: toml::Value =
             toml::from_str(&std::fs::read_to_string(dir.join("Cargo.toml")).unwrap()).unwrap();
         let path = manifest["dependencies"]["guestkernel"]["path"].as_str().unwrap();
