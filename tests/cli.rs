@@ -3,22 +3,10 @@
 //! stopped from outside.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Builds the `cargo xtask` binary as `cargo xtask` does (release) and returns its path.
-fn xtask_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--package", "xtask"])
-        .current_dir(xtask::workspace_root())
-        .status()
-        .expect("cargo build")
-        .success();
-    assert!(ok, "building xtask failed");
-    xtask::target_dir().join("release/xtask")
-}
+use systests::xtask_binary;
 
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {

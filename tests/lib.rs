@@ -5,6 +5,19 @@
 use xtask::cli::{Emulator, RunArgs};
 use xtask::report::Report;
 
+/// Builds the `cargo xtask` binary as `cargo xtask` does (release) and returns its path.
+pub fn xtask_binary() -> std::path::PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--release", "--package", "xtask"])
+        .current_dir(xtask::workspace_root())
+        .status()
+        .expect("cargo build")
+        .success();
+    assert!(ok, "building xtask failed");
+    xtask::target_dir().join("release/xtask")
+}
+
 /// A finished boot: the report and the serial console text.
 pub struct Boot {
     pub report: Report,

@@ -53,6 +53,8 @@ pub const NO_FAULT: u64 = u64::MAX;
 /// `asm!`; use `out`/`inout` for explicit registers (never `lateout`: the probe keeps its
 /// own register live across the instructions), and leave RSP as it was if they complete
 /// (an exception restores it). With operands, give the instructions as one string.
+#[macro_export]
+#[doc(hidden)]
 macro_rules! probe {
     ($($tpl:literal),+ $(, $($ops:tt)*)?) => {{
         $crate::arch::RECOVER[2].store($crate::arch::NO_FAULT, core::sync::atomic::Ordering::Relaxed);
@@ -70,7 +72,7 @@ macro_rules! probe {
         $crate::arch::last_fault()
     }};
 }
-pub(crate) use probe;
+pub use crate::probe;
 
 /// What ended the last [`probe!`]: `None` if nothing did, else (vector, error code).
 pub fn last_fault() -> Option<(u8, u64)> {

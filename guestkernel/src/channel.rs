@@ -16,7 +16,8 @@
 //! link changed reports the change instead.
 
 use crate::hypercall::call;
-use vmcall_proto::channel::{ChannelError, Payload, Receiver, Ring, Sender};
+pub use vmcall_proto::channel::{message, ChannelError, Payload};
+use vmcall_proto::channel::{Receiver, Ring, Sender};
 use vmcall_proto::guest::{link_epoch, link_up, BootInfo, LinkStatus, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
 

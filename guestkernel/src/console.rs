@@ -20,6 +20,12 @@ impl Line {
     }
 }
 
+impl Default for Line {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Write for Line {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for &b in s.as_bytes() {

@@ -18,22 +18,12 @@
 use crate::arch::rdtsc;
 use crate::channel::{self, Chan};
 use crate::hypercall::exit_count;
-use vmcall_proto::channel::{ChannelError, Payload, WORDS};
+pub use vmcall_proto::channel::message;
+use vmcall_proto::channel::{ChannelError, Payload};
 use vmcall_proto::guest::BootInfo;
 
 const CORRUPT: u64 = 2;
 const MAX_SAMPLES: usize = 4096;
-
-/// The message `seq` from `origin`.
-pub fn message(seq: u64, origin: u64) -> Payload {
-    let mut m = [0u64; WORDS];
-    m[0] = seq;
-    m[1] = origin;
-    for (j, w) in m.iter_mut().enumerate().skip(2) {
-        *w = (seq ^ origin << 48).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(j as u32 * 7);
-    }
-    m
-}
 
 fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
     let c = channel::open(bi, bi.arg(name_key));

@@ -60,15 +60,16 @@ struct ChanInfo {
 /// Why no guest can be planned at all.
 pub enum PlanError {
     BadBlob(config::BlobError),
-    NoKernel,
+    /// A guest's kernel module (`config::KERNEL_MODULES`) is not there.
+    NoKernel(&'static str),
 }
 
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PlanError::BadBlob(e) => write!(f, "config blob rejected: {e}; no guest started"),
-            PlanError::NoKernel => {
-                f.write_str("a config but no `guestkernel` module; no guest started")
+            PlanError::NoKernel(m) => {
+                write!(f, "a config but no `{m}` module for its guests; no guest started")
             }
         }
     }
@@ -105,7 +106,13 @@ pub fn plan(
     // SAFETY: module memory is identity-mapped and reserved from the allocator below.
     let blob = unsafe { cfg_mod.bytes() };
     let cfg = config::parse(blob).map_err(PlanError::BadBlob)?;
-    let kernel = boot.module("guestkernel").ok_or(PlanError::NoKernel)?;
+    // Each guest's kernel: the built-in one or a module the config's kernels became.
+    let mut kernels = [(0, 0); config::KERNEL_MODULES.len()];
+    for e in cfg.guests() {
+        let m = config::KERNEL_MODULES[e.kernel as usize];
+        let k = boot.module(m).ok_or(PlanError::NoKernel(m))?;
+        kernels[e.kernel as usize] = (k.start, k.end);
+    }
 
     let mut taken = [Range { start: 0, end: 0 }; 2 + crate::bootinfo::MAX_MODULES];
     taken[0] = Range {
@@ -181,7 +188,7 @@ pub fn plan(
                         partition_size: size,
                         private,
                         private_size: PRIVATE_SIZE,
-                        kernel: (kernel.start, kernel.end),
+                        kernel: kernels[e.kernel as usize],
                         watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
                         deaf: deaf == Some(e.core as usize),

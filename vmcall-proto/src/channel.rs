@@ -45,6 +45,20 @@ pub const WORDS: usize = 7;
 /// A message payload: 56 bytes.
 pub type Payload = [u64; WORDS];
 
+/// The message `seq` from `origin` that the built-in channel workloads exchange (`ping`
+/// sends `message(i, 0)`, `pong` answers `message(i, 1)`): sequence, origin, then five
+/// words derived from both, so a receiver checks content and order. A guest of one's own
+/// (Rust or C: `mkv_message` in the C header's companion example) talks to them with it.
+pub fn message(seq: u64, origin: u64) -> Payload {
+    let mut m = [0u64; WORDS];
+    m[0] = seq;
+    m[1] = origin;
+    for (j, w) in m.iter_mut().enumerate().skip(2) {
+        *w = (seq ^ origin << 48).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(j as u32 * 7);
+    }
+    m
+}
+
 /// One message slot: one cache line, control word last.
 #[repr(C, align(64))]
 pub struct Slot {

@@ -16,7 +16,7 @@ use core::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const MAGIC: [u8; 8] = *b"MKVCONF\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const MAX_GUESTS: usize = 64;
 pub const MAX_CHANNELS: usize = 256;
 pub const MAX_GRANTS: usize = 256;
@@ -27,6 +27,16 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
+
+/// The multiboot2 module names of the guest kernels, by [`GuestEntry::kernel`] index: 0 is
+/// the built-in `guestkernel` (the workloads), the others are kernels a config names
+/// (`kernel = ...` on a guest), one module per distinct kernel.
+pub const KERNEL_MODULES: [&str; 7] =
+    ["guestkernel", "kernel1", "kernel2", "kernel3", "kernel4", "kernel5", "kernel6"];
+/// Distinct kernels of a config's own (not counting the built-in one).
+pub const MAX_KERNELS: usize = KERNEL_MODULES.len() - 1;
+/// Largest guest kernel file, bytes (it is a multiboot2 module in machine memory).
+pub const MAX_KERNEL_BYTES: u64 = 16 << 20;
 
 /// Private region the hypervisor carves for each guest next to its partition: EPT tables,
 /// VMCS, MSR bitmap.
@@ -85,7 +95,9 @@ pub struct GuestEntry {
     /// Hypervisor core index (0 = the bootstrap processor).
     pub core: u32,
     pub memory_mib: u32,
-    pub _reserved: [u8; 8],
+    /// Which kernel the guest runs: an index into [`KERNEL_MODULES`] (0: the built-in one).
+    pub kernel: u16,
+    pub _reserved: [u8; 6],
     /// Run budget of each incarnation, ms (0: the command line's `budget_ms`).
     pub budget_ms: u32,
     /// When the guest is started again: one of the [`restart`] values.
@@ -167,6 +179,8 @@ pub enum BlobError {
     BadGrantGuest(usize),
     /// A guest receives more grants than the capability slots set aside for them.
     GuestGrants(usize),
+    /// A guest's kernel index is past [`KERNEL_MODULES`].
+    BadKernel(usize),
     /// A restart policy, restart bound or budget out of range.
     BadLifecycle(usize),
     /// A guest controls itself or a guest that does not exist.
@@ -203,6 +217,7 @@ impl fmt::Display for BlobError {
             }
             BadGrantGuest(i) => write!(f, "grant {i}: unknown guest"),
             GuestGrants(i) => write!(f, "guest {i}: more than {MAX_GRANTS_PER_GUEST} grants"),
+            BadKernel(i) => write!(f, "guest {i}: kernel index past the {MAX_KERNELS} allowed"),
             BadLifecycle(i) => write!(
                 f,
                 "guest {i}: restart policy, max_restarts (at most {MAX_RESTARTS}) or budget_ms \
@@ -367,6 +382,9 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if (0..i).any(|j| cfg.guest(j).core == e.core) {
             return Err(SharedCore(i));
         }
+        if e.kernel as usize >= KERNEL_MODULES.len() {
+            return Err(BadKernel(i));
+        }
         if e.restart as usize >= restart::NAMES.len()
             || e.max_restarts > MAX_RESTARTS
             || e.budget_ms > MAX_BUDGET_MS
@@ -481,7 +499,8 @@ pub fn guest_entry(
         args: fixed::put(args)?,
         core,
         memory_mib,
-        _reserved: [0; 8],
+        kernel: 0,
+        _reserved: [0; 6],
         budget_ms: 0,
         restart: restart::NEVER,
         _reserved1: 0,
@@ -599,6 +618,16 @@ mod tests {
         assert_eq!(parse(&blob(&[], &[], &[])).unwrap_err(), BlobError::NoGuests);
     }
 
+    #[test]
+    fn kernel_index_is_bounded_by_the_module_names() {
+        let (g, c, r) = sample();
+        let mut g2 = g.clone();
+        g2[1].kernel = MAX_KERNELS as u16;
+        assert_eq!(parse(&blob(&g2, &c, &r)).unwrap().guest(1).kernel, MAX_KERNELS as u16);
+        g2[1].kernel = MAX_KERNELS as u16 + 1;
+        assert_eq!(parse(&blob(&g2, &c, &r)).unwrap_err(), BlobError::BadKernel(1));
+    }
+
     fn guests(n: usize) -> Vec<GuestEntry> {
         (0..n).map(|i| guest_entry(&format!("g{i}"), "hello", "", i as u32, 4).unwrap()).collect()
     }
@@ -661,7 +690,7 @@ mod tests {
             b[i] ^= 0x20;
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadMagic, "magic byte {i}");
         }
-        for v in [0, 1, 3, u32::MAX] {
+        for v in [0, 1, 2, 4, u32::MAX] {
             let mut b = good.clone();
             b[8..12].copy_from_slice(&v.to_le_bytes());
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadVersion(v));
@@ -1037,7 +1066,7 @@ mod tests {
         let cases = [
             (BlobError::TooShort, "shorter than its header"),
             (BlobError::BadMagic, "bad magic"),
-            (BlobError::BadVersion(7), "version 7, expected 2"),
+            (BlobError::BadVersion(7), "version 7, expected 3"),
             (BlobError::BadLength { header: 9, actual: 8 }, "length field 9 but 8 bytes"),
             (BlobError::BadChecksum { header: 1, computed: 2 }, "0x00000001, computed 0x00000002"),
             (BlobError::TooMany("guests"), "too many guests"),
@@ -1052,6 +1081,7 @@ mod tests {
             (BlobError::BadSlots(10), "channel 10: slots must be a power of two in 1..=4096"),
             (BlobError::GuestChannels(11), "guest 11: endpoint of more than 16 channels"),
             (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
+            (BlobError::BadKernel(13), "guest 13: kernel index past the 6 allowed"),
             (BlobError::BadLifecycle(13), "guest 13: restart policy"),
             (BlobError::BadControl(14), "guest 14: controls itself"),
             (BlobError::ControlCycle(15), "guest 15: is in a cycle"),

@@ -624,7 +624,9 @@ const _: () = {
     }
 };
 
-pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
+/// `"MKVBOOT\0"` read as a little-endian word (a literal, so the C header carries it).
+pub const BOOT_INFO_MAGIC: u64 = 0x0054_4f4f_4256_4b4d;
+const _: () = assert!(BOOT_INFO_MAGIC == u64::from_le_bytes(*b"MKVBOOT\0"));
 pub const BOOT_INFO_VERSION: u32 = 2;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.
 pub const MAX_CHANNELS_PER_GUEST: usize = 16;

@@ -192,7 +192,7 @@ impl From<crate::caps::CapError> for HvError {
     }
 }
 
-const ALL_ERRORS: [HvError; 23] = [
+pub const ALL_ERRORS: [HvError; 23] = [
     HvError::UnknownCall,
     HvError::BadAddress,
     HvError::BadLength,

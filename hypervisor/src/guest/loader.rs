@@ -38,6 +38,8 @@ impl LoadPlan {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ElfError {
+    /// Larger than `vmcall_proto::config::MAX_KERNEL_BYTES`.
+    TooLarge(u64),
     Unparsable,
     NotElf64,
     NotX86_64,
@@ -56,6 +58,7 @@ impl fmt::Display for ElfError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use ElfError::*;
         match self {
+            TooLarge(n) => write!(f, "{n} bytes: larger than a kernel may be"),
             Unparsable => f.write_str("not a parsable ELF file"),
             NotElf64 => f.write_str("not a 64-bit little-endian ELF"),
             NotX86_64 => f.write_str("not an x86-64 ELF"),
@@ -77,6 +80,9 @@ impl fmt::Display for ElfError {
 /// Validates `image` for a partition of `partition_size` bytes.
 pub fn plan(image: &[u8], partition_size: u64) -> Result<LoadPlan, ElfError> {
     use ElfError::*;
+    if image.len() as u64 > vmcall_proto::config::MAX_KERNEL_BYTES {
+        return Err(TooLarge(image.len() as u64));
+    }
     let file = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(|_| Unparsable)?;
     let h = &file.ehdr;
     if h.class != Class::ELF64 {
@@ -187,6 +193,15 @@ mod tests {
         assert_eq!(p.segments().len(), 2);
         assert_eq!(p.end(), M + 0x5000);
         assert!(p.segments()[0].exec && !p.segments()[1].exec);
+    }
+
+    #[test]
+    fn an_image_over_the_kernel_limit_is_refused_unread() {
+        let mut big = good();
+        big.resize(vmcall_proto::config::MAX_KERNEL_BYTES as usize + 1, 0);
+        assert_eq!(plan(&big, 1 << 30), Err(ElfError::TooLarge(big.len() as u64)));
+        big.pop();
+        assert!(plan(&big, 1 << 30).is_ok());
     }
 
     #[test]

@@ -4,14 +4,17 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use vmcall_proto::config::{KERNEL_MODULES, MAX_KERNELS};
 
 pub const TARGET: &str = "x86_64-unknown-none";
 
-/// The two bare-metal ELF images.
+/// The bare-metal ELF images: the hypervisor, the built-in guest kernel, and the kernels
+/// a config names (`crate::kernel::prepare`), in blob index order from 1.
 #[derive(Debug, Clone)]
 pub struct Images {
     pub hypervisor: PathBuf,
     pub guest: PathBuf,
+    pub kernels: Vec<PathBuf>,
 }
 
 /// Builds the hypervisor and the guest kernel for `x86_64-unknown-none`.
@@ -37,11 +40,16 @@ pub fn images(debug: bool) -> Result<Images> {
         bail!("building the bare-metal images failed");
     }
     let dir = crate::target_dir().join(TARGET).join(if debug { "debug" } else { "release" });
-    Ok(Images { hypervisor: dir.join("mkvisor"), guest: dir.join("guestkernel") })
+    Ok(Images {
+        hypervisor: dir.join("mkvisor"),
+        guest: dir.join("guestkernel"),
+        kernels: Vec::new(),
+    })
 }
 
 /// The GRUB configuration: no menu, console on COM1 so the host sees GRUB's progress too.
-pub fn grub_cfg(cmdline: &str, with_config: bool) -> String {
+/// `kernels` of the config's own kernels follow the built-in one as modules.
+pub fn grub_cfg(cmdline: &str, with_config: bool, kernels: usize) -> String {
     let cmdline = cmdline.replace(['\n', '\r', '"', '\''], " ");
     format!(
         "set timeout=0\n\
@@ -53,10 +61,13 @@ pub fn grub_cfg(cmdline: &str, with_config: bool) -> String {
          \x20 echo \"{GRUB_MARKER}\"\n\
          \x20 multiboot2 /boot/mkvisor {cmdline}\n\
          \x20 module2 /boot/guestkernel guestkernel\n\
-         {config}\
+         {own}{config}\
          \x20 boot\n\
          }}\n",
-        config = if with_config { "  module2 /boot/config.bin config\n" } else { "" }
+        config = if with_config { "  module2 /boot/config.bin config\n" } else { "" },
+        own = (1..=kernels)
+            .map(|i| format!("  module2 /boot/{m} {m}\n", m = KERNEL_MODULES[i]))
+            .collect::<String>(),
     )
 }
 
@@ -73,10 +84,18 @@ pub fn iso(images: &Images, dir: &Path, cmdline: &str, config: Option<&[u8]>) ->
         .with_context(|| format!("copying {}", images.hypervisor.display()))?;
     std::fs::copy(&images.guest, boot.join("guestkernel"))
         .with_context(|| format!("copying {}", images.guest.display()))?;
+    if images.kernels.len() > MAX_KERNELS {
+        bail!("{} kernels; at most {MAX_KERNELS}", images.kernels.len());
+    }
+    for (i, k) in images.kernels.iter().enumerate() {
+        std::fs::copy(k, boot.join(KERNEL_MODULES[i + 1]))
+            .with_context(|| format!("copying {}", k.display()))?;
+    }
     if let Some(blob) = config {
         std::fs::write(boot.join("config.bin"), blob)?;
     }
-    std::fs::write(boot.join("grub/grub.cfg"), grub_cfg(cmdline, config.is_some()))?;
+    let cfg = grub_cfg(cmdline, config.is_some(), images.kernels.len());
+    std::fs::write(boot.join("grub/grub.cfg"), cfg)?;
     let iso = dir.join("mkvisor.iso");
     let out = Command::new("grub-mkrescue")
         .arg("-o")
@@ -96,9 +115,13 @@ mod tests {
 
     #[test]
     fn grub_cfg_passes_the_command_line_and_module() {
-        let cfg = grub_cfg("cpus=2 vmxcaps", true);
+        let cfg = grub_cfg("cpus=2 vmxcaps", true, 0);
         assert!(cfg.contains("module2 /boot/config.bin config\n"));
-        assert!(!grub_cfg("", false).contains("config.bin"));
+        assert!(!grub_cfg("", false, 0).contains("config.bin"));
+        assert!(!cfg.contains("kernel1"));
+        let own = grub_cfg("", true, 2);
+        assert!(own.contains("module2 /boot/kernel1 kernel1\n  module2 /boot/kernel2 kernel2\n"));
+        assert!(!own.contains("kernel3"));
         assert!(cfg.contains("multiboot2 /boot/mkvisor cpus=2 vmxcaps\n"));
         assert!(cfg.contains("module2 /boot/guestkernel guestkernel\n"));
         assert!(cfg.contains("set timeout=0\n"));
@@ -106,7 +129,7 @@ mod tests {
 
     #[test]
     fn grub_cfg_cannot_be_broken_out_of() {
-        let cfg = grub_cfg("a\nboot\" b", false);
+        let cfg = grub_cfg("a\nboot\" b", false, 0);
         assert!(cfg.contains("multiboot2 /boot/mkvisor a boot  b\n"));
     }
 }

@@ -35,6 +35,17 @@ pub enum Command {
     Clean(CleanArgs),
     /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
     Workloads(WorkloadsArgs),
+    /// Make a guest crate of your own in DIR (hello-world entry, a config that runs it next
+    /// to a built-in guest, a README); then `cargo xtask run --config DIR/mkvisor.toml`.
+    NewGuest(NewGuestArgs),
+    /// Regenerate the C header of the guest ABI (vmcall-proto/include/mkvisor.h) with cbindgen.
+    CHeader,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NewGuestArgs {
+    /// Where to create the crate (must not exist, or be empty).
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -40,9 +40,14 @@ pub struct Guest {
     pub name: Spanned<String>,
     pub core: Spanned<u32>,
     pub memory_mib: Spanned<u32>,
-    pub workload: Spanned<String>,
+    /// A built-in workload; with a `kernel`, any name, handed to it in the boot info.
+    #[serde(default)]
+    pub workload: Option<Spanned<String>>,
     #[serde(default)]
     pub args: Option<Spanned<Args>>,
+    /// The guest's own kernel instead of the built-in one (checked by `crate::kernel`).
+    #[serde(default)]
+    pub kernel: Option<Spanned<KernelSpec>>,
     /// `never` (default), `on-fault` or `always`.
     #[serde(default)]
     pub restart: Option<Spanned<String>>,
@@ -73,6 +78,30 @@ pub struct Control {
     pub over: Spanned<Vec<Spanned<String>>>,
 }
 
+/// A `kernel = ...` of a guest: an ELF file, or a guest crate `cargo xtask` builds. Paths
+/// are relative to the config file.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum KernelSpec {
+    File(String),
+    Crate {
+        #[serde(rename = "crate")]
+        krate: String,
+    },
+}
+
+impl fmt::Display for KernelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelSpec::File(p) => write!(f, "file `{p}`"),
+            KernelSpec::Crate { krate } => write!(f, "crate `{krate}`"),
+        }
+    }
+}
+
+/// The workload name the blob carries for a guest with its own kernel and no `workload`.
+pub const OWN_KERNEL_WORKLOAD: &str = "main";
+
 /// A guest's `args` table, each key and value with its place in the file.
 pub type Args = BTreeMap<Spanned<String>, Spanned<ArgValue>>;
 
@@ -83,7 +112,36 @@ impl Guest {
         self.args.as_ref().map_or(&NO_ARGS, |a| a.get_ref())
     }
     fn args_span(&self) -> std::ops::Range<usize> {
-        self.args.as_ref().map_or(self.workload.span(), |a| a.span())
+        self.args.as_ref().map_or(self.workload_span(), |a| a.span())
+    }
+    /// Where the guest says what it runs: its `workload`, else its `kernel`, else its name.
+    fn workload_span(&self) -> std::ops::Range<usize> {
+        (self.workload.as_ref().map(|w| w.span()))
+            .or_else(|| self.kernel.as_ref().map(|k| k.span()))
+            .unwrap_or_else(|| self.name.span())
+    }
+    /// The workload name the guest's kernel gets.
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_ref().map_or(OWN_KERNEL_WORKLOAD, |w| w.get_ref())
+    }
+}
+
+impl Config {
+    /// The distinct kernels the guests name, in order of first use: kernel `i` here is
+    /// module `vmcall_proto::config::KERNEL_MODULES[i + 1]`.
+    pub fn kernels(&self) -> Vec<&KernelSpec> {
+        let mut list: Vec<&KernelSpec> = Vec::new();
+        for k in self.guests.iter().filter_map(|g| g.kernel.as_ref()) {
+            if !list.contains(&k.get_ref()) {
+                list.push(k.get_ref());
+            }
+        }
+        list
+    }
+    /// A guest's kernel index in the blob (0: the built-in kernel).
+    pub fn kernel_index(&self, g: &Guest) -> u16 {
+        let k = g.kernel.as_ref().map(|k| k.get_ref());
+        k.and_then(|k| self.kernels().iter().position(|o| *o == k)).map_or(0, |i| i as u16 + 1)
     }
 }
 
@@ -193,6 +251,23 @@ pub struct Compiled {
     pub blob: Vec<u8>,
     /// Non-fatal remarks (e.g. a guest on a core the machine may lack).
     pub warnings: Vec<String>,
+    /// The config's file name and text, to locate errors found later (its kernels).
+    pub file: String,
+    pub src: String,
+}
+
+impl Compiled {
+    /// An error at `span` of the config's text.
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let mut errs = Errors { file: &self.file, src: &self.src, list: Vec::new() };
+        errs.at(span, field, message);
+        errs.list.remove(0).1
+    }
 }
 
 /// Parses and validates `src` (named `file` in errors) and compiles it.
@@ -277,10 +352,14 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 format!("{mem} MiB is not a multiple of 2 MiB"),
             );
         }
-        let w = g.workload.get_ref();
-        if !vmcall_proto::guest::WORKLOADS.contains(&w.as_str()) {
+        let w = g.workload_name();
+        check_kernel(&mut errs, g, &f("kernel"), &f("workload"));
+        if g.kernel.is_none()
+            && g.workload.is_some()
+            && !vmcall_proto::guest::WORKLOADS.contains(&w)
+        {
             errs.at(
-                g.workload.span(),
+                g.workload_span(),
                 f("workload"),
                 format!(
                     "unknown workload `{w}` (known: {})",
@@ -308,7 +387,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 );
             }
         }
-        if let Some(spec) = vmcall_proto::guest::workload_spec(w) {
+        if let Some(spec) = vmcall_proto::guest::workload_spec(w).filter(|_| g.kernel.is_none()) {
             check_args(&mut errs, &config, g, spec, &f("args"));
         }
         check_lifecycle(&mut errs, g, &f);
@@ -337,6 +416,18 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 m.memory_mib.get_ref(),
                 blob::HOST_RESERVED_MIB
             ),
+        );
+    }
+    if let Some(g) = config
+        .guests
+        .iter()
+        .find(|g| config.kernel_index(g) as usize > blob::MAX_KERNELS)
+        .and_then(|g| g.kernel.as_ref())
+    {
+        errs.at(
+            g.span(),
+            "guest[*].kernel",
+            format!("more than {} distinct kernels in one config", blob::MAX_KERNELS),
         );
     }
     let guest_index = |n: &str| config.guests.iter().position(|g| g.name.get_ref() == n);
@@ -428,7 +519,28 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             message: m,
         }])
     })?;
-    Ok(Compiled { config, blob, warnings })
+    Ok(Compiled { config, blob, warnings, file: file.into(), src: src.into() })
+}
+
+/// What the config alone can tell about a guest's `kernel` (the files are checked by
+/// `crate::kernel`): a path at all, and a `workload` that is a valid name.
+fn check_kernel(errs: &mut Errors<'_>, g: &Guest, field: &str, workload_field: &str) {
+    if let Some(k) = &g.kernel {
+        let (KernelSpec::File(p) | KernelSpec::Crate { krate: p }) = k.get_ref();
+        if p.trim().is_empty() {
+            errs.at(k.span(), field, "an empty path: name an ELF file or `{ crate = \"dir\" }`");
+        }
+    } else if g.workload.is_none() {
+        errs.at(
+            g.name.span(),
+            workload_field,
+            "a guest needs a `workload` (built-in) or a `kernel` (its own)",
+        );
+    }
+    let bad = |w: &&Spanned<String>| !valid_name(w.get_ref()) || w.get_ref().len() > 32;
+    if let Some(w) = g.workload.as_ref().filter(bad).filter(|_| g.kernel.is_some()) {
+        errs.at(w.span(), workload_field, "use 1 to 32 letters, digits, '-' or '_'");
+    }
 }
 
 fn args_string(args: &Args) -> String {
@@ -514,7 +626,7 @@ fn check_args(errs: &mut Errors<'_>, config: &Config, g: &Guest, spec: &Workload
                 format!("workload `{w}` needs argument `{}` ({})", a.key, a.meaning),
             ),
             ArgDefault::FirstChannel if !given && own_channels.is_empty() => errs.at(
-                g.workload.span(),
+                g.workload_span(),
                 field.to_string(),
                 format!(
                     "workload `{w}` uses a channel (`{}`) but guest `{}` has none",
@@ -643,7 +755,7 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
         .map(|g| {
             blob::guest_entry(
                 g.name.get_ref(),
-                g.workload.get_ref(),
+                g.workload_name(),
                 &args_string(g.args()),
                 *g.core.get_ref(),
                 *g.memory_mib.get_ref(),
@@ -655,6 +767,7 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
                     None if e.restart != blob::restart::NEVER => DEFAULT_MAX_RESTARTS,
                     None => 0,
                 };
+                e.kernel = c.kernel_index(g);
                 e.budget_ms = g.budget_ms.as_ref().map_or(0, |b| *b.get_ref());
                 e.controls = c
                     .controls
@@ -922,13 +1035,62 @@ memory_mib = 4
     }
 
     #[test]
+    fn guests_name_their_own_kernels() {
+        let own = GOOD
+            .replace("workload = \"hello\"", "kernel = \"a.elf\"\nargs = { anything = 3 }")
+            .replace("workload = \"spin\"", "kernel = { crate = \"../g\" }\nworkload = \"x\"");
+        let c = compile("t.toml", &own).unwrap();
+        let b = blob::parse(&c.blob).unwrap();
+        assert_eq!((b.guest(0).kernel, b.guest(1).kernel), (1, 2));
+        assert_eq!(vmcall_proto::fixed::get(&b.guest(0).workload), Some(OWN_KERNEL_WORKLOAD));
+        assert_eq!(vmcall_proto::fixed::get(&b.guest(1).workload), Some("x"));
+        assert_eq!(vmcall_proto::fixed::get(&b.guest(0).args), Some("anything=3"));
+        assert_eq!(
+            c.config.kernels(),
+            [&KernelSpec::File("a.elf".into()), &KernelSpec::Crate { krate: "../g".into() }]
+        );
+        // The same kernel twice is one module; the built-in workloads stay index 0.
+        let same = GOOD
+            .replace("workload = \"hello\"", "kernel = \"a.elf\"")
+            .replace("workload = \"spin\"\nargs = { ms = 5 }", "kernel = \"a.elf\"");
+        let b = compile("t.toml", &same).unwrap().blob;
+        let b = blob::parse(&b).unwrap();
+        assert_eq!((b.guest(0).kernel, b.guest(1).kernel), (1, 1));
+        let b = compile("t.toml", GOOD).unwrap().blob;
+        assert_eq!(blob::parse(&b).unwrap().guest(0).kernel, 0);
+    }
+
+    #[test]
+    fn bad_kernel_entries_are_located() {
+        let e = one_error(&GOOD.replace("workload = \"hello\"", "kernel = \"\""));
+        assert_eq!((e.line, e.column, e.field.as_str()), (10, 10, "guest[0].kernel"));
+        assert!(e.message.contains("empty path"), "{e}");
+        let e =
+            one_error(&GOOD.replace("workload = \"hello\"", "kernel = \"k\"\nworkload = \"a b\""));
+        assert_eq!((e.line, e.field.as_str()), (11, "guest[0].workload"));
+        let e = one_error(&GOOD.replace("workload = \"hello\"", "kernel = { path = \"k\" }"));
+        assert_eq!(e.line, 10, "{e}");
+        let mut many = GOOD.replace("cpus = 4", "cpus = 16").replace("256", "1024");
+        for k in 0..=blob::MAX_KERNELS {
+            many += &format!(
+                "\n[[guest]]\nname = \"k{k}\"\ncore = {}\nmemory_mib = 4\nkernel = \"k{k}.elf\"\n",
+                k + 2
+            );
+        }
+        let e = one_error(&many);
+        assert_eq!(e.field, "guest[*].kernel");
+        assert!(e.message.contains("more than 6 distinct kernels"), "{e}");
+    }
+
+    #[test]
     fn unknown_workload_and_syntax_errors() {
         let e = one_error(&GOOD.replace("\"spin\"", "\"spinn\""));
         assert_eq!((e.line, e.field.as_str()), (16, "guest[1].workload"));
         let e = one_error(&GOOD.replace("cpus = 4", "cpus = "));
         assert_eq!((e.line, e.field.as_str()), (3, "(syntax)"));
         let e = one_error(&GOOD.replace("workload = \"hello\"\n", ""));
-        assert!(e.message.contains("missing field `workload`"), "{e}");
+        assert_eq!((e.line, e.field.as_str()), (7, "guest[0].workload"));
+        assert!(e.message.contains("needs a `workload` (built-in) or a `kernel`"), "{e}");
     }
 
     #[test]

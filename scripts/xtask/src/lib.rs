@@ -6,14 +6,17 @@
 
 pub mod bench;
 pub mod build;
+pub mod cheader;
 pub mod cli;
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod kernel;
 pub mod mutants;
 pub mod report;
 pub mod run;
 pub mod setup;
+pub mod template;
 pub mod workloads;
 
 use std::path::PathBuf;

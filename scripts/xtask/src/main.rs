@@ -119,6 +119,17 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
+        Cmd::NewGuest(n) => xtask::template::new_guest(&n.dir).map(|files| {
+            for f in files {
+                println!("created {}", f.display());
+            }
+            println!("run it: cargo xtask run --config {}", n.dir.join("mkvisor.toml").display());
+            true
+        }),
+        Cmd::CHeader => xtask::cheader::write().map(|p| {
+            println!("wrote {}", p.display());
+            true
+        }),
         Cmd::Workloads(w) => {
             if w.update_readme {
                 xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))

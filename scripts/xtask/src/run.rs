@@ -591,7 +591,12 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
-    let images = crate::build::images(args.build.debug)?;
+    // The config's own kernels: checked (and guest crates built) before anything boots.
+    let kernels = match &compiled {
+        Some((_, c)) => crate::kernel::prepare(c, args.build.debug)?,
+        None => Vec::new(),
+    };
+    let images = crate::build::Images { kernels, ..crate::build::images(args.build.debug)? };
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
     let iso = crate::build::iso(&images, &dir, &args.cmdline, blob)?;
