@@ -104,6 +104,12 @@ pub enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// A controller stopping and starting the peer of its channel, at 2, 4 and 8 CPUs.
+    Lifecycle {
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod config;
 pub mod exit;
 pub mod kernel;
+pub mod lifebench;
 pub mod mutants;
 pub mod report;
 pub mod run;

@@ -117,6 +117,9 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Caps { json } => {
                 xtask::bench::caps(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Lifecycle { json } => {
+                xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
+            }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
         Cmd::NewGuest(n) => xtask::template::new_guest(&n.dir).map(|files| {

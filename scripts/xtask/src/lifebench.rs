@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `cargo xtask bench lifecycle`: a controller stopping and starting the guest at the other
+//! end of its channel (`configs/bench-lifecycle.toml`, workload `lifebench`), at 2, 4 and 8
+//! emulated CPUs (the extra cores run a short `spin` guest, then only serve), in Bochs where
+//! the TSC counts emulated instructions. Figures are medians over the rounds of one run per
+//! CPU count; a benchmark, not a pass/fail test.
+//!
+//! Owns the config variants and the parsing of the `lifebench:` lines; calls `run`.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+/// One CPU count's medians, in emulated instructions.
+#[derive(Serialize, Debug, Clone)]
+pub struct Row {
+    pub cpus: u32,
+    pub rounds: usize,
+    /// The controller's `STOP` call (the target's clean death included).
+    pub stop_call_instructions: u64,
+    /// From the `STOP` call to the controller's own channel saying `PeerGone`.
+    pub stop_to_peer_gone_instructions: u64,
+    /// The controller's `START` call (answered as the new incarnation is entered).
+    pub start_call_instructions: u64,
+    /// From the `START` call to the new incarnation's first VM entry.
+    pub start_to_first_entry_instructions: u64,
+    /// From the `START` call to the controller's channel up again in the next epoch.
+    pub start_to_link_up_instructions: u64,
+}
+
+fn config(cpus: u32) -> Result<String> {
+    let base =
+        std::fs::read_to_string(crate::workspace_root().join("configs/bench-lifecycle.toml"))?;
+    let mut c = base.replacen("cpus = 2", &format!("cpus = {cpus}"), 1);
+    for core in 2..cpus {
+        c += &format!(
+            "\n[[guest]]\nname = \"idle{core}\"\ncore = {core}\nmemory_mib = 4\nworkload = \"spin\"\nargs = {{ ms = 5 }}\n"
+        );
+    }
+    Ok(c)
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// The `key=value` numbers of one `lifebench: round=` line.
+fn fields(line: &str) -> impl Iterator<Item = (&str, u64)> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+}
+
+fn measure(cpus: u32) -> Result<Row> {
+    let dir = crate::target_dir().join("xtask");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("bench-lifecycle-{cpus}cpu.toml"));
+    std::fs::write(&path, config(cpus)?)?;
+    let args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
+    let r = crate::run::run(&args)?;
+    if r.outcome != "ok" {
+        bail!("the lifecycle run with {cpus} CPUs ended {}: {:?}", r.outcome, r.problems);
+    }
+    let serial = std::fs::read_to_string(&r.serial_log)?;
+    let echo = r.guests.iter().find(|g| g.name == "echo").context("no echo guest")?;
+    let (mut stop, mut gone, mut start, mut first, mut up) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for line in serial.lines().filter(|l| l.contains("lifebench: round=")) {
+        let get = |k: &str| fields(line).find(|(n, _)| *n == k).map(|(_, v)| v);
+        let (Some(round), Some(at)) = (get("round"), get("start_at")) else { continue };
+        stop.push(get("stop_call").context("stop_call")?);
+        gone.push(get("peer_gone").context("peer_gone")?);
+        start.push(get("start_call").context("start_call")?);
+        up.push(get("link_up").context("link_up")?);
+        // Round k started incarnation k + 2.
+        let inc = echo.incarnations.iter().find(|i| u64::from(i.n) == round + 2);
+        if let Some(entry) = inc.and_then(|i| i.tsc_first_entry) {
+            first.push(entry.saturating_sub(at));
+        }
+    }
+    if stop.is_empty() {
+        bail!("no lifebench rounds in {}", r.serial_log);
+    }
+    Ok(Row {
+        cpus,
+        rounds: stop.len(),
+        stop_call_instructions: median(stop),
+        stop_to_peer_gone_instructions: median(gone),
+        start_call_instructions: median(start),
+        start_to_first_entry_instructions: median(first),
+        start_to_link_up_instructions: median(up),
+    })
+}
+
+pub fn lifecycle(json: Option<&std::path::Path>) -> Result<()> {
+    let mut rows = vec![];
+    for cpus in [2, 4, 8] {
+        eprintln!("bench: lifecycle with {cpus} CPUs...");
+        rows.push(measure(cpus)?);
+    }
+    println!("Guest lifecycle in Bochs (emulated instructions, medians over the rounds; a");
+    println!("controller stops and starts the guest at the other end of its channel)");
+    println!(
+        "{:>4} {:>6} {:>10} {:>12} {:>11} {:>15} {:>14}",
+        "CPUs", "rounds", "stop call", "stop->gone", "start call", "start->entry", "start->link up"
+    );
+    for r in &rows {
+        println!(
+            "{:>4} {:>6} {:>10} {:>12} {:>11} {:>15} {:>14}",
+            r.cpus,
+            r.rounds,
+            r.stop_call_instructions,
+            r.stop_to_peer_gone_instructions,
+            r.start_call_instructions,
+            r.start_to_first_entry_instructions,
+            r.start_to_link_up_instructions
+        );
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_lines_parse_and_medians_take_the_middle() {
+        let l = "[mgr@c0] lifebench: round=3 stop_call=120910 peer_gone=120915 start_at=99 x=y";
+        let f: Vec<_> = fields(l).collect();
+        assert_eq!(
+            f,
+            [("round", 3), ("stop_call", 120910), ("peer_gone", 120915), ("start_at", 99)]
+        );
+        assert_eq!(median(vec![5, 1, 9]), 5);
+        assert_eq!(median(vec![]), 0);
+    }
+
+    #[test]
+    fn configs_add_idle_guests_on_the_extra_cores() {
+        let c = config(4).unwrap();
+        assert!(c.contains("cpus = 4"));
+        assert!(c.contains("name = \"idle2\"") && c.contains("name = \"idle3\""));
+        assert!(crate::config::compile("x.toml", &c).is_ok(), "{c}");
+    }
+}
