@@ -8,11 +8,7 @@ use xtask::cli::Emulator;
 use xtask::report::GuestReport;
 
 fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
-    b.report
-        .guests
-        .iter()
-        .find(|g| g.name == name)
-        .unwrap_or_else(|| panic!("no guest {name}: {:?}", b.report.guests))
+    b.guest(name)
 }
 
 /// What a `hello` guest must have printed: its identity, the checks, the right sum.

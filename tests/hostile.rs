@@ -41,7 +41,7 @@ fn lifecycle() -> &'static Boot {
 }
 
 fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
-    b.report.guests.iter().find(|g| g.name == name).unwrap_or_else(|| panic!("no guest {name}"))
+    b.guest(name)
 }
 
 /// Whether the serial log has a line starting with `start` (lines end in CR LF).

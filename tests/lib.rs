@@ -24,6 +24,17 @@ pub struct Boot {
     pub serial: String,
 }
 
+impl Boot {
+    /// The report of guest `name` (the test fails if there is none).
+    pub fn guest(&self, name: &str) -> &xtask::report::GuestReport {
+        self.report
+            .guests
+            .iter()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("no guest {name}: {:?}", self.report.guests))
+    }
+}
+
 /// Boots with `cpus` emulated CPUs and the given hypervisor command line.
 pub fn boot(emulator: Emulator, cpus: u32, model: Option<&str>, cmdline: &str) -> Boot {
     boot_config(emulator, Some(cpus), model, cmdline, None)

@@ -7,11 +7,7 @@ use xtask::cli::Emulator;
 use xtask::report::GuestReport;
 
 fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
-    b.report
-        .guests
-        .iter()
-        .find(|g| g.name == name)
-        .unwrap_or_else(|| panic!("no guest {name}: {:?}", b.report.guests))
+    b.guest(name)
 }
 
 /// `phoenix` faults in incarnations 1-3 and lives in the 4th; `ashes` never lives and is
