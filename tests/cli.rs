@@ -123,3 +123,50 @@ fn an_emulator_that_stops_at_once_is_named_in_the_report() {
         r.problems
     );
 }
+
+/// Runs the `cargo xtask` binary with `args` and a target directory of its own (so that
+/// anything it builds or boots would show there); returns exit code, stdout, stderr.
+fn xtask_in(target: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(xtask_binary())
+        .args(args)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(xtask::workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_checks_everything_run_checks_and_builds_nothing() {
+    let target = xtask::target_dir().join("xtask-tests/check-target");
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::create_dir_all(&target).unwrap();
+    let (code, out, err) = xtask_in(&target, &["check", "configs/default.toml"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ok: 4 guest(s)") && out.contains("4 CPUs"), "{out}");
+    // Each refusal with the code `run` would give.
+    let cases: [(&[&str], u8, &str); 5] = [
+        (&["check", "configs/bad-two-guests-one-core.toml"], xtask::exit::CONFIG, "guest[1].core"),
+        (&["check", "configs/default.toml", "--cpus", "2"], xtask::exit::USAGE, "--cpus 4"),
+        (&["check", "configs/pair.toml", "--cmdline", "frob"], xtask::exit::USAGE, "`frob`"),
+        (&["check", "--no-config", "--cpu-model", "nonsense"], xtask::exit::USAGE, "nonsense"),
+        (
+            &["check", "configs/default.toml", "--report", "/nonexistent-dir/r.json"],
+            xtask::exit::REPORT_PATH,
+            "/nonexistent-dir/r.json",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let (code, out, err) = xtask_in(&target, args);
+        assert_eq!(code, Some(want.into()), "{args:?}: {out}{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Nothing was built, no run folder made.
+    let left: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "check built or booted something: {left:?}");
+}

@@ -24,6 +24,9 @@ pub enum Command {
     Build(BuildArgs),
     /// Build if needed, boot in an emulator, stream the console, end on completion or timeout.
     Run(RunArgs),
+    /// Check a config and the run options as `run` would, then stop: nothing is built or
+    /// booted. Exit code 0, or the code `run` would have refused with (2, 3, 6).
+    Check(CheckArgs),
     /// Run the host tests, then the whole-system tests.
     Test(TestArgs),
     /// Benchmarks that print tables (not pass/fail tests).
@@ -35,6 +38,27 @@ pub enum Command {
     Clean(CleanArgs),
     /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
     Workloads(WorkloadsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// The config to check (the same as `--config CONFIG`).
+    #[arg(value_name = "CONFIG", conflicts_with_all = ["config", "no_config"])]
+    pub file: Option<PathBuf>,
+    /// The options `run` would be given (emulator, CPUs, model, command line, ...).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl CheckArgs {
+    /// The run these arguments describe.
+    pub fn run_args(&self) -> RunArgs {
+        let mut r = self.run.clone();
+        if let Some(f) = &self.file {
+            r.config = f.clone();
+        }
+        r
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -108,6 +108,10 @@ fn main() -> ExitCode {
             Ok(true)
         })(),
         Cmd::Run(r) => return xtask::run::command(r),
+        Cmd::Check(c) => xtask::run::check(&c.run_args()).map(|summary| {
+            println!("{summary}");
+            true
+        }),
         Cmd::Test(t) => test(t),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {

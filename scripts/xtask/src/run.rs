@@ -519,9 +519,20 @@ impl<O: Write, E: Write> Printer<O, E> {
     }
 }
 
-/// Boots the image described by `args` and returns the report (also written to
-/// `args.report` when given). Fails only when the run could not be attempted at all.
-pub fn run(args: &RunArgs) -> Result<Report> {
+/// What `cargo xtask run` decided before building anything: every check passed.
+pub struct Prepared {
+    /// The emulator's CPU model (the default of the emulator when not given).
+    pub model: String,
+    /// The config (its path as found, and compiled), or `None` for a cores-only run.
+    pub compiled: Option<(PathBuf, crate::config::Compiled)>,
+    pub machine: Machine,
+}
+
+/// Every check `cargo xtask run` makes before it builds or boots (`cargo xtask check` runs
+/// exactly these): the report path, the hypervisor command line, the config, the cores the
+/// config needs, and what the emulator would refuse. Installs nothing; each failure carries
+/// its exit code (`crate::exit`).
+pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     // Found now rather than after a boot of several minutes.
     if let Some(path) = &args.report {
         check_writable(path).map_err(|e| crate::exit::coded(crate::exit::REPORT_PATH, e))?;
@@ -534,16 +545,6 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         }
         .to_string()
     });
-    match args.emulator {
-        Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
-        Emulator::Qemu => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
-        Emulator::QemuKvm => {
-            if let Some(why) = kvm_vmx_unavailable() {
-                bail!("cannot run under qemu-kvm: {why}");
-            }
-            crate::setup::ensure_packages(&[crate::setup::QEMU])?;
-        }
-    }
     let bad = crate::cmdline::check(&args.cmdline);
     if !bad.is_empty() {
         let list: Vec<String> = bad.iter().map(ToString::to_string).collect();
@@ -554,16 +555,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let compiled = if args.no_config {
         None
     } else {
-        let path = if args.config.is_relative() && !args.config.exists() {
-            crate::workspace_root().join(&args.config)
-        } else {
-            args.config.clone()
-        };
+        let path = config_path(&args.config);
         let c =
             crate::config::load(&path).map_err(|e| crate::exit::coded(crate::exit::CONFIG, e))?;
-        for w in &c.warnings {
-            eprintln!("config: warning: {w}");
-        }
         Some((path, c))
     };
     let machine = Machine {
@@ -591,6 +585,65 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
+    if args.emulator == Emulator::QemuKvm {
+        if let Some(why) = kvm_vmx_unavailable() {
+            bail!("cannot run under qemu-kvm: {why}");
+        }
+    }
+    Ok(Prepared { model, compiled, machine })
+}
+
+/// A config path as given, else relative to the workspace root.
+pub fn config_path(p: &Path) -> PathBuf {
+    if p.is_relative() && !p.exists() {
+        crate::workspace_root().join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// `cargo xtask check`: what `run` checks before building, and nothing else. Prints what it
+/// found (the config's warnings, the machine it would boot) and returns the summary line.
+pub fn check(args: &RunArgs) -> Result<String> {
+    let p = prepare(args)?;
+    for w in p.compiled.iter().flat_map(|(_, c)| &c.warnings) {
+        eprintln!("config: warning: {w}");
+    }
+    let what = match &p.compiled {
+        Some((path, c)) => format!(
+            "{}: ok: {} guest(s), {} channel(s), {} grant(s)",
+            path.display(),
+            c.config.guests.len(),
+            c.config.channels.len(),
+            c.config.grants.len()
+        ),
+        None => "no config: ok".to_string(),
+    };
+    Ok(format!(
+        "{what}; would boot {} with {} CPUs (model {}), {} MiB{}",
+        args.emulator.name(),
+        p.machine.cpus,
+        p.model,
+        p.machine.memory_mib,
+        if args.cmdline.trim().is_empty() {
+            String::new()
+        } else {
+            format!(", command line `{}`", args.cmdline.trim())
+        }
+    ))
+}
+
+/// Boots the image described by `args` and returns the report (also written to
+/// `args.report` when given). Fails only when the run could not be attempted at all.
+pub fn run(args: &RunArgs) -> Result<Report> {
+    let Prepared { model, compiled, machine } = prepare(args)?;
+    for w in compiled.iter().flat_map(|(_, c)| &c.warnings) {
+        eprintln!("config: warning: {w}");
+    }
+    match args.emulator {
+        Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
+        Emulator::Qemu | Emulator::QemuKvm => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
+    }
     let images = crate::build::images(args.build.debug)?;
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
