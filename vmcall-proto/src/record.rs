@@ -26,6 +26,10 @@ pub mod kind {
     pub const CPUS: &str = "cpus";
     /// A core reached long mode and its own state: `index`, `apic`.
     pub const ONLINE: &str = "online";
+    /// Every started core has reported its bring-up (the BSP's collection is over):
+    /// `tsc`. From hypervisor entry to here is the hypervisor's own boot; guests may
+    /// already run on cores that came up earlier, but no guest time is added after it.
+    pub const READY: &str = "ready";
     /// One core's final state: `index`, `apic`, `state` (see [`super::core_state`]),
     /// `vmx` (`on`, `off`, `failed`), optionally `reason`.
     pub const CORE: &str = "core";

@@ -38,6 +38,8 @@ pub enum Command {
     Clean(CleanArgs),
     /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
     Workloads(WorkloadsArgs),
+    /// Print the run report's JSON Schema (schemas/report.schema.json).
+    Schema(SchemaArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -59,6 +61,13 @@ impl CheckArgs {
         }
         r
     }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchemaArgs {
+    /// Rewrite schemas/report.schema.json instead of printing the schema.
+    #[arg(long)]
+    pub update: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

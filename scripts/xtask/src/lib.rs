@@ -10,9 +10,11 @@ pub mod cli;
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod meta;
 pub mod mutants;
 pub mod report;
 pub mod run;
+pub mod schema;
 pub mod setup;
 pub mod workloads;
 

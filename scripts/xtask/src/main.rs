@@ -123,6 +123,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
+        Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {
                 xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))

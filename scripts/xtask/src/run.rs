@@ -3,6 +3,7 @@
 //! console, the progress line, and the end of the run (end record, emulator exit, timeout).
 
 use crate::cli::{Emulator, RunArgs};
+use crate::meta;
 use crate::report::{Console, Phase, Report};
 use anyhow::{bail, Context, Result};
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
@@ -658,6 +659,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         live: std::io::stderr().is_terminal(),
         status_shown: false,
     };
+    let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
@@ -742,19 +744,13 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         }
         console.problems.extend(why);
     }
-    let mut tsc = console.tsc.clone();
-    if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
-        tsc.hypervisor_boot = b.checked_sub(a);
-    }
-    let entered: Vec<u64> =
-        console.guests.iter().map(|g| g.tsc_first_entry).filter(|t| *t > 0).collect();
-    let meant_to_run = console.guests.iter().filter(|g| g.state != "not_started").count();
-    if let (Some(a), true) =
-        (tsc.hypervisor_entry, !entered.is_empty() && entered.len() == meant_to_run)
-    {
-        tsc.to_all_guests_running = entered.iter().max().and_then(|m| m.checked_sub(a));
-    }
+    let tsc = console.tsc_figures();
+    meta.emulator_version = meta::emulator_version(
+        args.emulator.name(),
+        &std::fs::read_to_string(dir.join("emulator.out")).unwrap_or_default(),
+    );
     let report = Report {
+        schema_version: crate::report::SCHEMA_VERSION,
         outcome,
         emulator: args.emulator.name().into(),
         cpu_model: model,
@@ -769,7 +765,10 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         serial_log: serial_path.display().to_string(),
+        trace_csv: None,
         problems: console.problems,
+        tsc_unit: crate::report::tsc_unit(args.emulator.name()).to_string(),
+        meta,
     };
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
@@ -858,14 +857,20 @@ pub fn summary(r: &Report) -> String {
             c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
         );
     }
+    let unit = match r.tsc_unit.as_str() {
+        "emulated_instructions" => "emulated instructions",
+        _ => "TSC clock ticks, not instructions",
+    };
     if let Some(t) = r.tsc.to_all_guests_running {
-        s += &format!("  TSC: hypervisor entry to all guests running {t}\n");
+        s += &format!("  TSC: hypervisor entry to all guests running {t} ({unit})\n");
     }
     if let Some(m) = &r.missing {
         s += &format!("  refused: this machine lacks {m}\n");
     }
     if let (Some(e), Some(b)) = (r.tsc.hypervisor_entry, r.tsc.hypervisor_boot) {
-        s += &format!("  TSC: firmware+GRUB {e}, hypervisor boot to end {b}\n");
+        s += &format!(
+            "  TSC: firmware+GRUB {e}, hypervisor boot (entry to all cores up) {b} ({unit})\n"
+        );
     }
     for p in &r.problems {
         s += &format!("  problem: {p}\n");
