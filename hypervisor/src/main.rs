@@ -31,6 +31,7 @@ mod memory;
 mod percpu;
 mod power;
 mod smp;
+mod trace;
 mod vmx;
 mod xcore;
 
@@ -71,6 +72,7 @@ mod boot {
             Quoted(boot.cmdline())
         );
         let opts = bootinfo::parse_options(boot.cmdline(), |bad| log::warn!("{bad} (ignored)"));
+        crate::trace::enable(opts.trace);
         log::info!(
             "loader {:?}, {} MiB usable in {} regions{}",
             boot.loader(),
