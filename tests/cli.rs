@@ -170,3 +170,55 @@ fn check_checks_everything_run_checks_and_builds_nothing() {
     let left: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "check built or booted something: {left:?}");
 }
+
+#[test]
+fn trace_writes_every_exit_as_csv_and_totals_in_the_report() {
+    let dir = xtask::target_dir().join("xtask-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("traced.json");
+    let csv_path = dir.join("traced.trace.csv");
+    let _ = std::fs::remove_file(&csv_path);
+    let out = Command::new(xtask_binary())
+        .args(["run", "--config", "configs/fault.toml", "--quiet", "--trace", "--report"])
+        .arg(&report)
+        .current_dir(xtask::workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // mallory is stopped by design: the run is `failed`.
+    assert_eq!(out.status.code(), Some(xtask::exit::FAILED.into()), "{err}");
+    let r: xtask::report::Report =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    systests::assert_matches_schema(&r);
+    assert_eq!(r.trace_csv.as_deref(), Some(csv_path.to_str().unwrap()));
+    let csv = std::fs::read_to_string(&csv_path).expect("the trace CSV next to the report");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    for g in &r.guests {
+        let t = g.trace.as_ref().unwrap_or_else(|| panic!("{} has no trace totals", g.name));
+        // Every exit the guest record counts was traced, and each kept one is a row with
+        // its reason: the same counts by reason as the guest record (the ring held them all).
+        let exits: u64 = g.exits.values().sum();
+        assert_eq!(t.exits, exits, "{}: {:?}", g.name, g.exits);
+        assert_eq!(t.kept, exits.min(512), "{}", g.name);
+        let mine: Vec<_> = rows.iter().filter(|r| r[0] == g.name).collect();
+        assert_eq!(mine.len() as u64, t.kept, "{}", g.name);
+        let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+        for row in &mine {
+            *by_reason.entry(row[3].to_string()).or_default() += 1;
+        }
+        assert_eq!(by_reason, g.exits, "{}", g.name);
+        // Time in the guest and in the hypervisor fit in the guest's life.
+        let life = g.tsc_end - g.tsc_first_entry;
+        assert!(t.guest_tsc > 0 && t.guest_tsc + t.hypervisor_tsc <= life, "{}: {t:?}", g.name);
+        // Rows in time order, each exit after its entry.
+        let num = |s: &str| s.parse::<u64>().unwrap();
+        for w in mine.windows(2) {
+            assert!(num(w[0][5]) <= num(w[1][4]), "{w:?}");
+        }
+    }
+    let m = r.guests.iter().find(|g| g.name == "mallory").unwrap();
+    assert_eq!(rows.iter().rfind(|r| r[0] == "mallory").unwrap()[3], "ept_violation");
+    assert!(err.contains("trace:") && err.contains("in the hypervisor"), "{err}");
+    assert_eq!(m.state, "stopped");
+}

@@ -13,13 +13,13 @@
 //! These are benchmarks: they print figures, they do not pass or fail.
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vmcall_proto::channel::{OwnedRing, Payload, Receiver, Sender};
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HostRow {
     pub name: String,
     pub rtt_median_ns: f64,
@@ -27,9 +27,38 @@ pub struct HostRow {
     pub throughput_mmsg_s: f64,
     pub rtt_ratio_to_cacheline: f64,
     pub throughput_ratio_to_cacheline: f64,
+    /// The round trips' latency histogram: log-spaced buckets (four per doubling).
+    #[serde(default)]
+    pub rtt_histogram: Vec<Bucket>,
 }
 
-#[derive(Serialize, Debug, Clone, Default)]
+/// One histogram bucket: round trips of at most `upper_ns` (and more than the previous
+/// bucket's bound).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Bucket {
+    pub upper_ns: f64,
+    pub count: u64,
+}
+
+/// A log-spaced histogram of `samples` (ns): bounds `min * 2^(i/4)`, empty buckets kept
+/// between the first and the last sample so that the shape reads true.
+pub fn histogram(samples: &[f64]) -> Vec<Bucket> {
+    let min = samples.iter().copied().fold(f64::MAX, f64::min);
+    if samples.is_empty() || min <= 0.0 {
+        return vec![];
+    }
+    let step = 2f64.powf(0.25);
+    let index = |x: f64| ((x / min).ln() / step.ln()).ceil().max(0.0) as usize;
+    let n = samples.iter().map(|&x| index(x)).max().unwrap_or(0) + 1;
+    let mut b: Vec<Bucket> =
+        (0..n).map(|i| Bucket { upper_ns: min * step.powi(i as i32), count: 0 }).collect();
+    for &x in samples {
+        b[index(x)].count += 1;
+    }
+    b
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct Emulated {
     pub send_instructions: u64,
     pub receive_instructions: u64,
@@ -48,7 +77,7 @@ pub struct Emulated {
     pub doorbells_taken: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct Report {
     pub host: Vec<HostRow>,
     pub emulated: Emulated,
@@ -323,6 +352,7 @@ pub fn host() -> Result<Vec<HostRow>> {
             let (a, b) = make()?;
             count as f64 / stream(a, b, count) / 1e6
         };
+        let ns: Vec<f64> = s.iter().map(|&t| t as f64 * ns_per_tick).collect();
         rows.push(HostRow {
             name: name.into(),
             rtt_median_ns: med as f64 * ns_per_tick,
@@ -330,6 +360,7 @@ pub fn host() -> Result<Vec<HostRow>> {
             throughput_mmsg_s: tput,
             rtt_ratio_to_cacheline: 0.0,
             throughput_ratio_to_cacheline: 0.0,
+            rtt_histogram: histogram(&ns),
         });
     }
     let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
@@ -474,12 +505,29 @@ mod tests {
             assert!(stream(a, b, 5000) > 0.0);
         }
     }
+
+    #[test]
+    fn histogram_buckets_are_log_spaced_and_count_every_sample() {
+        let h = histogram(&[100.0, 100.0, 150.0, 400.0]);
+        assert_eq!(h.iter().map(|b| b.count).sum::<u64>(), 4);
+        assert_eq!(h[0], Bucket { upper_ns: 100.0, count: 2 });
+        // 400 = 100 * 2^(8/4): the ninth bucket, the last.
+        assert_eq!(h.len(), 9);
+        assert_eq!(h[8].count, 1);
+        assert!((h[8].upper_ns - 400.0).abs() < 1e-9);
+        // 150 lies in (100 * 2^(2/4), 100 * 2^(3/4)].
+        assert_eq!(h[3].count, 1);
+        assert!(histogram(&[]).is_empty());
+    }
 }
 
-/// One row of `bench caps`.
-#[derive(Serialize, Debug, Clone)]
+/// One row of `bench caps`: every cost in `unit` (emulated instructions).
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct CapsRow {
     pub k: u64,
+    /// The unit of the costs (`map` to `revoke_per_copy`): `emulated_instructions`.
+    #[serde(default)]
+    pub unit: String,
     pub map: u64,
     pub unmap: u64,
     pub copy_per_copy: u64,
@@ -524,6 +572,7 @@ pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
         let revoke = v("revoke")?;
         rows.push(CapsRow {
             k,
+            unit: "emulated_instructions".into(),
             map: v("map")?,
             unmap: v("unmap")?,
             copy_per_copy: v("copy")?,

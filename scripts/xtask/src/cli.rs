@@ -40,6 +40,10 @@ pub enum Command {
     Workloads(WorkloadsArgs),
     /// Print the run report's JSON Schema (schemas/report.schema.json).
     Schema(SchemaArgs),
+    /// Draw SVG figures from run reports (boot phases; exits over time with --trace) and
+    /// from `bench channels --json` (latency histograms) or `bench caps --json` (revoke
+    /// cost against k).
+    Plot(PlotArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -61,6 +65,16 @@ impl CheckArgs {
         }
         r
     }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// Report or bench JSON files.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Write the SVGs here (default: next to each file, as FILE-STEM.WHAT.svg).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -181,6 +195,13 @@ pub struct RunArgs {
     /// Extra words for the hypervisor command line (e.g. `cpus=2 vmxcaps`).
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// Trace every VM exit (the hypervisor's `trace` word): each guest's exits (reason, TSC)
+    /// go to a CSV next to the report (or in the run folder), totals into the report.
+    #[arg(long)]
+    pub trace: bool,
+    /// Also draw the run's figures (see `cargo xtask plot`) next to the report.
+    #[arg(long, requires = "report")]
+    pub plot: bool,
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
@@ -193,6 +214,18 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The hypervisor command line: `--cmdline`, and `trace` for `--trace`.
+    pub fn hypervisor_cmdline(&self) -> String {
+        let mut c = self.cmdline.trim().to_string();
+        if self.trace && !c.split_ascii_whitespace().any(|w| w == "trace" || w == "trace=1") {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c.push_str("trace");
+        }
+        c
+    }
+
     /// A quiet run of `config` (`None`: cores only) with the defaults of `cargo xtask run`:
     /// what the benchmarks and the system tests start from.
     pub fn quiet(emulator: Emulator, config: Option<&str>) -> Self {
@@ -205,6 +238,8 @@ impl RunArgs {
             timeout: 300,
             report: None,
             cmdline: String::new(),
+            trace: false,
+            plot: false,
             quiet: true,
             allow_missing_cores: false,
             build: BuildArgs { debug: false },
@@ -311,6 +346,16 @@ mod tests {
         assert_eq!(e.exit_code(), 0);
         let e = Cli::try_parse_from(["xtask", "run", "--frob"]).unwrap_err();
         assert_eq!(e.exit_code(), i32::from(crate::exit::USAGE));
+    }
+
+    #[test]
+    fn trace_adds_the_hypervisor_word() {
+        assert_eq!(run_args(&["--trace"]).unwrap().hypervisor_cmdline(), "trace");
+        let r = run_args(&["--trace", "--cmdline", "cpus=2"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "cpus=2 trace");
+        let r = run_args(&["--trace", "--cmdline", "trace"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "trace");
+        assert_eq!(run_args(&["--cmdline", "cpus=2"]).unwrap().hypervisor_cmdline(), "cpus=2");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod exit;
 pub mod meta;
 pub mod mutants;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod schema;

@@ -123,6 +123,12 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
+        Cmd::Plot(p) => xtask::plot::files(&p.files, p.out.as_deref()).map(|written| {
+            for w in written {
+                println!("{}", w.display());
+            }
+            true
+        }),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {

@@ -302,7 +302,18 @@ pub struct Console {
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
+    /// Exit traces by core (`trace` records), oldest first, and their totals.
+    pub traces: BTreeMap<u32, Vec<TraceEvent>>,
+    pub trace_sums: BTreeMap<u32, GuestTrace>,
     pub problems: Vec<String>,
+}
+
+/// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub reason: String,
+    pub entry: u64,
+    pub exit: u64,
 }
 
 fn unescape(v: record::Value<'_>) -> String {
@@ -417,6 +428,46 @@ impl Console {
             }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
             kind::READY => self.tsc.ready = num(&r, "tsc"),
+            kind::TRACE => {
+                let events = (|| {
+                    let core: u32 = num(&r, "core")?;
+                    let base: u64 = num(&r, "base")?;
+                    let ev = unescape(r.get("ev")?);
+                    let list: Option<Vec<TraceEvent>> = record::trace::events(&ev, base)
+                        .map(|e| {
+                            e.map(|e| TraceEvent {
+                                reason: e.reason.to_string(),
+                                entry: e.entry,
+                                exit: e.exit,
+                            })
+                        })
+                        .collect();
+                    Some((core, list?))
+                })();
+                match events {
+                    Some((core, list)) => self.traces.entry(core).or_default().extend(list),
+                    None => self.problems.push(format!("malformed trace record: {line}")),
+                }
+            }
+            kind::TRACE_SUM => {
+                let sum = (|| {
+                    Some((
+                        num(&r, "core")?,
+                        GuestTrace {
+                            exits: num(&r, "exits")?,
+                            kept: num(&r, "kept")?,
+                            guest_tsc: num(&r, "guest_tsc")?,
+                            hypervisor_tsc: num(&r, "hv_tsc")?,
+                        },
+                    ))
+                })();
+                match sum {
+                    Some((core, s)) => {
+                        self.trace_sums.insert(core, s);
+                    }
+                    None => self.problems.push(format!("malformed tracesum record: {line}")),
+                }
+            }
             kind::END => {
                 self.end_outcome = r.get("outcome").map(|v| v.raw().to_string());
                 self.tsc.end = num(&r, "tsc");
@@ -442,6 +493,54 @@ impl Console {
             tsc.to_all_guests_running = entered.iter().max().and_then(|m| m.checked_sub(a));
         }
         tsc
+    }
+
+    /// Each guest's trace totals (from its core's `tracesum`), and a problem for a traced
+    /// core whose records do not add up (fewer rows than it says it kept).
+    pub fn attach_traces(&mut self) {
+        for g in &mut self.guests {
+            g.trace = self.trace_sums.get(&g.core).cloned();
+            if let Some(t) = &g.trace {
+                let rows = self.traces.get(&g.core).map_or(0, Vec::len) as u64;
+                if rows != t.kept {
+                    self.problems.push(format!(
+                        "trace of guest {}: {rows} exits in its records, {} kept",
+                        g.name, t.kept
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The exit trace as CSV: one row per kept exit, guests in report order, oldest first.
+    /// Times are in the report's `tsc_unit`, relative to the hypervisor's entry (`t0`).
+    pub fn trace_csv(&self) -> String {
+        let t0 = self.tsc.hypervisor_entry.unwrap_or(0);
+        let mut out = String::from(
+            "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before\n",
+        );
+        for g in &self.guests {
+            let Some(events) = self.traces.get(&g.core) else { continue };
+            let skipped = g.trace.as_ref().map_or(0, |t| t.exits.saturating_sub(t.kept));
+            let mut prev: Option<u64> = None;
+            for (i, e) in events.iter().enumerate() {
+                let before =
+                    prev.map(|p| (e.entry.saturating_sub(p)).to_string()).unwrap_or_default();
+                out += &format!(
+                    "{},{},{},{},{},{},{},{}\n",
+                    g.name,
+                    g.core,
+                    skipped + i as u64,
+                    e.reason,
+                    e.entry.saturating_sub(t0),
+                    e.exit.saturating_sub(t0),
+                    e.exit.saturating_sub(e.entry),
+                    before
+                );
+                prev = Some(e.exit);
+            }
+        }
+        out
     }
 
     pub fn phase(&self) -> Phase {
@@ -611,6 +710,37 @@ mkvisor: GRUB is loading the hypervisor
         assert_eq!(t.end, Some(9100));
         // Without a ready record (a refusal) there is no boot figure, rather than a wrong one.
         assert_eq!(feed(RUN_OK).tsc_figures().hypervisor_boot, None);
+    }
+
+    #[test]
+    fn traces_become_csv_rows_and_guest_totals() {
+        let mut c = feed(&RUN_OK.replace(
+            "#mkv end",
+            "#mkv trace core=1 base=150 ev=\"cpuid:0:20 vmcall:5:30\"\n\
+             #mkv trace core=1 base=300 ev=\"hlt:0:1000\"\n\
+             #mkv tracesum core=1 exits=4 kept=3 guest_tsc=1060 hv_tsc=150\n\
+             #mkv guest index=0 name=a core=1 state=exited exit_status=0 exits=\"cpuid:2 vmcall:1 hlt:1\" fault=\"\" hypercalls=1 tsc_first_entry=120 tsc_end=1400\n\
+             #mkv end",
+        ));
+        c.attach_traces();
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let t = c.guests[0].trace.clone().unwrap();
+        assert_eq!((t.exits, t.kept, t.guest_tsc, t.hypervisor_tsc), (4, 3, 1060, 150));
+        let csv = c.trace_csv();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            rows[0],
+            "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before"
+        );
+        // Times from hypervisor entry (tsc=100); the first kept exit is the second traced.
+        assert_eq!(rows[1], "a,1,1,cpuid,50,70,20,");
+        assert_eq!(rows[2], "a,1,2,vmcall,75,105,30,5");
+        assert_eq!(rows[3], "a,1,3,hlt,200,1200,1000,95");
+        assert_eq!(rows.len(), 4);
+        // Records that do not add up are a problem; a malformed one too.
+        let mut c = feed("#mkv trace core=0 base=1 ev=\"cpuid:0\"\n#mkv tracesum core=0 exits=1 kept=1 guest_tsc=1 hv_tsc=0\n#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"\" fault=\"\" hypercalls=1 tsc_first_entry=1 tsc_end=2\n");
+        c.attach_traces();
+        assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
     }
 
     #[test]

@@ -546,7 +546,8 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         }
         .to_string()
     });
-    let bad = crate::cmdline::check(&args.cmdline);
+    let cmdline = args.hypervisor_cmdline();
+    let bad = crate::cmdline::check(&cmdline);
     if !bad.is_empty() {
         let list: Vec<String> = bad.iter().map(ToString::to_string).collect();
         let e = anyhow::anyhow!("--cmdline: the hypervisor would ignore {}", list.join("; "));
@@ -569,7 +570,7 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
     };
     if let Some((_, c)) = &compiled {
-        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &args.cmdline);
+        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &cmdline);
         if !missing.is_empty() && !args.allow_missing_cores {
             let list: Vec<String> =
                 missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
@@ -626,10 +627,9 @@ pub fn check(args: &RunArgs) -> Result<String> {
         p.machine.cpus,
         p.model,
         p.machine.memory_mib,
-        if args.cmdline.trim().is_empty() {
-            String::new()
-        } else {
-            format!(", command line `{}`", args.cmdline.trim())
+        match args.hypervisor_cmdline() {
+            c if c.is_empty() => String::new(),
+            c => format!(", command line `{c}`"),
         }
     ))
 }
@@ -648,7 +648,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let images = crate::build::images(args.build.debug)?;
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
-    let iso = crate::build::iso(&images, &dir, &args.cmdline, blob)?;
+    let iso = crate::build::iso(&images, &dir, &args.hypervisor_cmdline(), blob)?;
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
@@ -745,6 +745,18 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         console.problems.extend(why);
     }
     let tsc = console.tsc_figures();
+    console.attach_traces();
+    let trace_csv = if args.trace {
+        let path = match &args.report {
+            Some(r) => r.with_extension("trace.csv"),
+            None => dir.join("trace.csv"),
+        };
+        std::fs::write(&path, console.trace_csv())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Some(path.display().to_string())
+    } else {
+        None
+    };
     meta.emulator_version = meta::emulator_version(
         args.emulator.name(),
         &std::fs::read_to_string(dir.join("emulator.out")).unwrap_or_default(),
@@ -765,7 +777,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         serial_log: serial_path.display().to_string(),
-        trace_csv: None,
+        trace_csv,
         problems: console.problems,
         tsc_unit: crate::report::tsc_unit(args.emulator.name()).to_string(),
         meta,
@@ -803,6 +815,16 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
     match run(args) {
         Ok(report) => {
             eprint!("{}", summary(&report));
+            if let (true, Some(path)) = (args.plot, &args.report) {
+                match crate::plot::files(std::slice::from_ref(path), None) {
+                    Ok(written) => {
+                        for w in written {
+                            eprintln!("  plot: {}", w.display());
+                        }
+                    }
+                    Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+                }
+            }
             std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
         }
         // A Ctrl-C during the build also reaches cargo, whose failure is then only an echo.
@@ -844,6 +866,17 @@ pub fn summary(r: &Report) -> String {
             if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
             exits.join(" ")
         );
+        if let Some(t) = &g.trace {
+            let life = t.guest_tsc + t.hypervisor_tsc;
+            s += &format!(
+                "        trace: {} exits ({} kept), in the guest {}, in the hypervisor {} ({:.1}%)\n",
+                t.exits,
+                t.kept,
+                t.guest_tsc,
+                t.hypervisor_tsc,
+                if life > 0 { 100.0 * t.hypervisor_tsc as f64 / life as f64 } else { 0.0 }
+            );
+        }
         if let Some(f) = &g.fault {
             s += &format!(
                 "        {}: {f}\n",
@@ -876,6 +909,9 @@ pub fn summary(r: &Report) -> String {
         s += &format!("  problem: {p}\n");
     }
     s += &format!("  serial log: {}\n", r.serial_log);
+    if let Some(t) = &r.trace_csv {
+        s += &format!("  exit trace: {t}\n");
+    }
     s
 }
 
