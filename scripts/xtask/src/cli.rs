@@ -44,6 +44,8 @@ pub enum Command {
     /// from `bench channels --json` (latency histograms) or `bench caps --json` (revoke
     /// cost against k).
     Plot(PlotArgs),
+    /// Work with run reports: `report diff A.json B.json` compares two, figure by figure.
+    Report(ReportArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -65,6 +67,19 @@ impl CheckArgs {
         }
         r
     }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub what: ReportWhat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ReportWhat {
+    /// Two reports side by side: run figures, then per guest (state, exits by reason,
+    /// life, trace totals), with B - A and B / A.
+    Diff { a: PathBuf, b: PathBuf },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -9,6 +9,7 @@ pub mod build;
 pub mod cli;
 pub mod cmdline;
 pub mod config;
+pub mod diff;
 pub mod exit;
 pub mod meta;
 pub mod mutants;

@@ -129,6 +129,9 @@ fn main() -> ExitCode {
             }
             true
         }),
+        Cmd::Report(r) => match &r.what {
+            xtask::cli::ReportWhat::Diff { a, b } => xtask::diff::command(a, b).map(|()| true),
+        },
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {

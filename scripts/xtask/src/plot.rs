@@ -171,39 +171,46 @@ pub fn exits_over_time(csv: &str, tsc_unit: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The run's phases on one time axis: firmware and GRUB, the hypervisor's boot, then each
-/// guest from its first entry to its end.
+/// The run's phases on one time axis from hypervisor entry: the hypervisor's boot, then
+/// each guest from its first entry to its end (firmware and GRUB, before, are in the title:
+/// drawn, they would dwarf the rest).
 pub fn boot_phases(r: &Report, path: &Path) -> Result<()> {
     let Some(entry) = r.tsc.hypervisor_entry else {
         bail!("the report has no hypervisor entry TSC: nothing to plot")
     };
-    let mut bars: Vec<(String, f64, f64)> = vec![("firmware + GRUB".into(), 0.0, entry as f64)];
+    let since = |t: u64| t.saturating_sub(entry) as f64;
+    let mut bars: Vec<(String, f64, f64)> = vec![];
     if let Some(b) = r.tsc.hypervisor_boot {
-        bars.push(("hypervisor boot".into(), entry as f64, (entry + b) as f64));
+        bars.push(("hypervisor boot (all cores up)".into(), 0.0, b as f64));
     }
     for g in &r.guests {
         if g.tsc_first_entry > 0 && g.tsc_end >= g.tsc_first_entry {
             bars.push((
-                format!("guest {} (core {})", g.name, g.core),
-                g.tsc_first_entry as f64,
-                g.tsc_end as f64,
+                format!("guest {} (core {}, {})", g.name, g.core, g.state),
+                since(g.tsc_first_entry),
+                since(g.tsc_end),
             ));
         }
     }
-    let end =
-        r.tsc.end.map(|e| e as f64).unwrap_or_else(|| bars.iter().map(|b| b.2).fold(0.0, f64::max));
+    if bars.is_empty() {
+        bail!("the report has no phases after hypervisor entry");
+    }
+    let end = r.tsc.end.map(since).unwrap_or_else(|| bars.iter().map(|b| b.2).fold(0.0, f64::max));
     let n = bars.len();
-    let root = SVGBackend::new(path, (SIZE.0, 140 + 45 * n as u32)).into_drawing_area();
+    let root = SVGBackend::new(path, (SIZE.0, 150 + 45 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Run phases ({} {} CPUs, outcome {})", r.emulator, r.cpus, r.outcome),
-            ("sans-serif", 22),
+            format!(
+                "Run phases: {} {} CPUs, outcome {}; firmware + GRUB before: {:.3e}",
+                r.emulator, r.cpus, r.outcome, entry as f64
+            ),
+            ("sans-serif", 20),
         )
         .margin(15)
         .x_label_area_size(45)
-        .y_label_area_size(190)
-        .build_cartesian_2d(0.0..end * 1.02, 0.0..n as f64)
+        .y_label_area_size(230)
+        .build_cartesian_2d(0.0..end * 1.2, 0.0..n as f64)
         .map_err(err)?;
     let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
@@ -218,8 +225,8 @@ pub fn boot_phases(r: &Report, path: &Path) -> Result<()> {
                 String::new()
             }
         })
-        .x_desc(format!("TSC, {}", unit_label(&r.tsc_unit)))
-        .x_label_formatter(&|x| format!("{:.3e}", x))
+        .x_desc(format!("since hypervisor entry, {}", unit_label(&r.tsc_unit)))
+        .x_label_formatter(&|x| format!("{:.2e}", x))
         .draw()
         .map_err(err)?;
     for (i, (_, a, b)) in bars.iter().enumerate() {
@@ -233,11 +240,19 @@ pub fn boot_phases(r: &Report, path: &Path) -> Result<()> {
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{:.3e}", b - a),
-                (*b + end * 0.005, y + 0.45),
+                (*b + end * 0.01, y + 0.6),
                 ("sans-serif", 13),
             )))
             .map_err(err)?;
     }
+    // The end record.
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(end, 0.0), (end, n as f64)],
+            BLACK.stroke_width(1),
+        )))
+        .map_err(err)?
+        .label("end record");
     root.present().map_err(err)?;
     Ok(())
 }
@@ -342,4 +357,77 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{histogram, CapsRow, HostRow};
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join(name)
+    }
+
+    #[test]
+    fn each_kind_of_input_gets_its_figure() {
+        // Bench caps: revoke against k, every k a point.
+        let rows: Vec<CapsRow> = [1u64, 2, 4]
+            .iter()
+            .map(|&k| CapsRow {
+                k,
+                unit: "emulated_instructions".into(),
+                map: 100,
+                unmap: 90,
+                copy_per_copy: 500,
+                move_: 700,
+                revoke: 1000 * k,
+                revoke_per_copy: 1000,
+                revoke_exits_owner: 1,
+                holder_nmi_exits: k,
+                owner_nmis: k,
+                owner_messages: 2 * k,
+            })
+            .collect();
+        let caps = tmp("caps.json");
+        std::fs::write(&caps, serde_json::to_string(&rows).unwrap()).unwrap();
+        // Bench channels: histograms.
+        let host = vec![HostRow {
+            name: "mkvisor ring".into(),
+            rtt_median_ns: 150.0,
+            rtt_p99_ns: 300.0,
+            throughput_mmsg_s: 10.0,
+            rtt_ratio_to_cacheline: 1.1,
+            throughput_ratio_to_cacheline: 0.9,
+            rtt_histogram: histogram(&[100.0, 150.0, 150.0, 300.0]),
+        }];
+        let ch = tmp("channels.json");
+        let bench = crate::bench::Report { host, emulated: Default::default() };
+        std::fs::write(&ch, serde_json::to_string(&bench).unwrap()).unwrap();
+        let out = files(&[caps.clone(), ch.clone()], None).unwrap();
+        assert_eq!(out, [tmp("caps.revoke.svg"), tmp("channels.rtt.svg")]);
+        let svg = std::fs::read_to_string(&out[0]).unwrap();
+        assert!(svg.contains("revoke per copy") && svg.contains("copies on k other cores"));
+        assert_eq!(svg.matches("<circle").count(), 9, "three series of three k");
+        let svg = std::fs::read_to_string(&out[1]).unwrap();
+        assert!(svg.contains("mkvisor ring (median 150 ns)"), "{svg}");
+        // Something else is refused, by name.
+        let other = tmp("other.json");
+        std::fs::write(&other, "{\"x\": 1}").unwrap();
+        assert!(files(&[other], None).unwrap_err().to_string().contains("neither a run report"));
+    }
+
+    #[test]
+    fn exits_over_time_has_one_series_per_guest() {
+        let csv = "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before\n\
+                   a,0,5,vmcall,10,20,10,\na,0,6,hlt,30,40,10,10\nb,1,0,cpuid,15,25,10,\n";
+        let p = tmp("t.exits.svg");
+        exits_over_time(csv, "tsc_ticks", &p).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        // The ring dropped a's first five exits: its count starts at 6.
+        assert!(svg.contains("a (7 exits)") && svg.contains("b (1 exits)"), "{svg}");
+        assert!(svg.contains("TSC clock ticks"));
+        assert!(exits_over_time("guest\n", "tsc_ticks", &p).is_err());
+    }
 }
