@@ -333,7 +333,8 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
         .y_desc("emulated instructions")
         .draw()
         .map_err(err)?;
-    let series: [(&str, fn(&crate::bench::CapsRow) -> u64); 3] = [
+    type Figure = fn(&crate::bench::CapsRow) -> u64;
+    let series: [(&str, Figure); 3] = [
         ("revoke (total)", |r| r.revoke),
         ("revoke per copy", |r| r.revoke_per_copy),
         ("copy (each)", |r| r.copy_per_copy),
