@@ -145,15 +145,29 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// The channel ring: host transports side by side, and instruction/exit counts in Bochs.
     Channels {
-        /// Also write the figures as JSON (keys `host` and `emulated`).
+        /// Also write the figures as JSON (keys `host`, `emulated`, `meta`).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Measure the host transports this many times: medians across the repetitions,
+        /// with a distribution-free confidence interval (the Bochs figures are exact and
+        /// measured once).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+        /// Only the host transports (no Bochs runs).
+        #[arg(long)]
+        host_only: bool,
+        /// Also draw the latency histograms next to the JSON (needs --json).
+        #[arg(long, requires = "json")]
+        plot: bool,
     },
     /// Capability map, copy, move and revoke for 1, 2, 4 and 7 copies (8 emulated CPUs).
     Caps {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw revoke cost against k next to the JSON (needs --json).
+        #[arg(long, requires = "json")]
+        plot: bool,
     },
 }
 

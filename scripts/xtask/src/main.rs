@@ -115,11 +115,11 @@ fn main() -> ExitCode {
         Cmd::Test(t) => test(t),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
-            xtask::cli::BenchWhat::Channels { json } => {
-                xtask::bench::channels(json.as_deref()).map(|()| true)
+            xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {
+                xtask::bench::channels(json.as_deref(), *repeat, *host_only, *plot).map(|()| true)
             }
-            xtask::cli::BenchWhat::Caps { json } => {
-                xtask::bench::caps(json.as_deref()).map(|()| true)
+            xtask::cli::BenchWhat::Caps { json, plot } => {
+                xtask::bench::caps(json.as_deref(), *plot).map(|()| true)
             }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),

@@ -33,7 +33,7 @@ fn colour(i: usize) -> RGBColor {
 /// What a plotted file holds.
 enum Input {
     Report(Box<Report>),
-    Channels(crate::bench::Report),
+    Channels(Box<crate::bench::Report>),
     Caps(Vec<crate::bench::CapsRow>),
 }
 
@@ -46,7 +46,7 @@ fn read(path: &Path) -> Result<Input> {
         return Ok(Input::Report(Box::new(serde_json::from_value(v)?)));
     }
     if v.get("host").is_some() && v.get("emulated").is_some() {
-        return Ok(Input::Channels(serde_json::from_value(v)?));
+        return Ok(Input::Channels(Box::new(serde_json::from_value(v)?)));
     }
     if v.as_array().is_some_and(|a| a.first().is_some_and(|r| r.get("revoke").is_some())) {
         return Ok(Input::Caps(serde_json::from_value(v)?));
@@ -402,9 +402,13 @@ mod tests {
             rtt_ratio_to_cacheline: 1.1,
             throughput_ratio_to_cacheline: 0.9,
             rtt_histogram: histogram(&[100.0, 150.0, 150.0, 300.0]),
+            repeats: 1,
+            rtt_median_ns_ci: None,
+            throughput_mmsg_s_ci: None,
+            ci_confidence: 0.0,
         }];
         let ch = tmp("channels.json");
-        let bench = crate::bench::Report { host, emulated: Default::default() };
+        let bench = crate::bench::Report { host, emulated: None, meta: Default::default() };
         std::fs::write(&ch, serde_json::to_string(&bench).unwrap()).unwrap();
         let out = files(&[caps.clone(), ch.clone()], None).unwrap();
         assert_eq!(out, [tmp("caps.revoke.svg"), tmp("channels.rtt.svg")]);
