@@ -221,4 +221,37 @@ fn trace_writes_every_exit_as_csv_and_totals_in_the_report() {
     assert_eq!(rows.iter().rfind(|r| r[0] == "mallory").unwrap()[3], "ept_violation");
     assert!(err.contains("trace:") && err.contains("in the hypervisor"), "{err}");
     assert_eq!(m.state, "stopped");
+    plot_and_diff(&report);
+}
+
+/// `plot` and `report diff` on the report and trace of the run above (no boot of their
+/// own): run by the trace test, after its run.
+fn plot_and_diff(report: &Path) {
+    let dir = report.with_file_name("plots");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(xtask_binary())
+        .arg("plot")
+        .arg(report)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (what, says) in [("boot", "hypervisor boot"), ("exits", "mallory (2 exits)")] {
+        let svg = std::fs::read_to_string(dir.join(format!("traced.{what}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains(says), "{what}: {says}");
+    }
+    let out = Command::new(xtask_binary())
+        .args(["report", "diff"])
+        .arg(report)
+        .arg(report)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        table.contains("mallory.exits.ept_violation") && table.contains("delta.exits.hlt"),
+        "{table}"
+    );
+    assert!(table.contains("+0") && !table.contains("+1"), "{table}");
 }

@@ -99,7 +99,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Cmd::Setup => xtask::setup::all().map(|_| true),
         Cmd::Build(b) => (|| {
-            let images = xtask::build::images(b.debug)?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let images = xtask::build::images_with(b.debug, progress)?;
             let dir = xtask::target_dir().join("mkvisor-iso");
             std::fs::create_dir_all(&dir)?;
             let cfg = xtask::config::load(&xtask::workspace_root().join("configs/default.toml"))?;

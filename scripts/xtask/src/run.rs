@@ -456,31 +456,54 @@ pub fn line_core(line: &str) -> Option<u32> {
 }
 
 /// Prints console lines live, one colour per core. Colour follows each stream on its own
-/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`); the
-/// progress line is redrawn in place only when stderr is a terminal.
+/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`). Progress
+/// (phase, guests heard from, elapsed time) is an `indicatif` spinner when stderr is a
+/// terminal and the run is not `--quiet`, else one line per phase.
 struct Printer<O: Write, E: Write> {
     out: O,
     err: E,
     quiet: bool,
-    /// stderr is a terminal: the progress line is one line, redrawn in place.
-    live: bool,
-    status_shown: bool,
+    /// The live progress line, when there is one.
+    bar: Option<indicatif::ProgressBar>,
+    /// Guests heard from on the console so far (`[name@cN]` lines), in order.
+    guests: Vec<String>,
+    phase: Option<String>,
+}
+
+/// The spinner for a run's progress on stderr.
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// The guest a console line comes from: `[name@c2] ...`.
+fn line_guest(line: &str) -> Option<&str> {
+    let tag = line.strip_prefix('[')?.split(']').next()?;
+    tag.rsplit_once("@c").map(|(name, _)| name)
 }
 
 impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
-        if self.status_shown {
-            // Cursor control, not colour: only ever written to a terminal (`live`).
-            let _ = write!(self.err, "\r\x1b[K");
-            self.status_shown = false;
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 
     fn line(&mut self, line: &str, is_record: bool) {
+        if let Some(g) = line_guest(line) {
+            if !self.guests.iter().any(|x| x == g) {
+                self.guests.push(g.to_string());
+                self.redraw();
+            }
+        }
         if self.quiet {
             return;
         }
-        self.clear_status();
         use anstyle::{AnsiColor, Style};
         const COLOURS: [AnsiColor; 6] = [
             AnsiColor::Cyan,
@@ -497,7 +520,26 @@ impl<O: Write, E: Write> Printer<O, E> {
         } else {
             Style::new()
         };
-        let _ = writeln!(self.out, "{style}{line}{style:#}");
+        match &self.bar {
+            Some(b) => b.suspend(|| writeln!(self.out, "{style}{line}{style:#}")),
+            None => writeln!(self.out, "{style}{line}{style:#}"),
+        }
+        .unwrap_or(());
+    }
+
+    /// The progress line's text: the phase, and the guests heard from.
+    fn message(&self) -> String {
+        let mut m = self.phase.clone().unwrap_or_default();
+        if !self.guests.is_empty() {
+            m += &format!("; guests heard from: {} ({})", self.guests.len(), self.guests.join(" "));
+        }
+        m
+    }
+
+    fn redraw(&self) {
+        if let Some(b) = &self.bar {
+            b.set_message(self.message());
+        }
     }
 
     fn status(&mut self, started: Instant, phase: Phase) {
@@ -508,13 +550,11 @@ impl<O: Write, E: Write> Printer<O, E> {
             Phase::Cores { online, total } => format!("cores coming up: {online}/{total} online"),
             Phase::Ended => "run ended".to_string(),
         };
-        let t = started.elapsed().as_secs_f64();
-        if self.live && !self.quiet {
-            let bold = anstyle::Style::new().bold();
-            let _ = write!(self.err, "\r\x1b[K{bold}[{t:6.1}s] {what}{bold:#}");
-            let _ = self.err.flush();
-            self.status_shown = true;
+        self.phase = Some(what.clone());
+        if self.bar.is_some() {
+            self.redraw();
         } else {
+            let t = started.elapsed().as_secs_f64();
             let _ = writeln!(self.err, "[{t:6.1}s] {what}");
         }
     }
@@ -645,7 +685,10 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
         Emulator::Qemu | Emulator::QemuKvm => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
     }
-    let images = crate::build::images(args.build.debug)?;
+    let images = crate::build::images_with(
+        args.build.debug,
+        !args.quiet && std::io::stderr().is_terminal(),
+    )?;
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
     let iso = crate::build::iso(&images, &dir, &args.hypervisor_cmdline(), blob)?;
@@ -656,8 +699,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         out: anstream::stdout(),
         err: anstream::stderr(),
         quiet: args.quiet,
-        live: std::io::stderr().is_terminal(),
-        status_shown: false,
+        bar: (std::io::stderr().is_terminal() && !args.quiet).then(progress_bar),
+        guests: vec![],
+        phase: None,
     };
     let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
     let started = Instant::now();
@@ -1017,28 +1061,51 @@ mod tests {
             out: AutoStream::new(Vec::new(), ColorChoice::Never),
             err: AutoStream::new(Vec::new(), ColorChoice::Always),
             quiet: false,
-            live: true,
-            status_shown: false,
+            bar: Some(indicatif::ProgressBar::hidden()),
+            guests: vec![],
+            phase: None,
         };
         p.line("[c2] online", false);
         p.line("#mkv end outcome=ok tsc=1", true);
         p.status(Instant::now(), Phase::Grub);
         let out = String::from_utf8(p.out.into_inner()).unwrap();
         assert_eq!(out, "[c2] online\n#mkv end outcome=ok tsc=1\n");
-        assert!(String::from_utf8(p.err.into_inner()).unwrap().contains("\x1b[1m"));
         // A terminal that wants colour gets one per core.
         let mut p = Printer {
             out: AutoStream::new(Vec::new(), ColorChoice::Always),
             err: Vec::new(),
             quiet: false,
-            live: false,
-            status_shown: false,
+            bar: None,
+            guests: vec![],
+            phase: None,
         };
         p.line("[c2] online", false);
         p.status(Instant::now(), Phase::Grub);
         assert_eq!(String::from_utf8(p.out.into_inner()).unwrap(), "\x1b[32m[c2] online\x1b[0m\n");
         let err = String::from_utf8(p.err).unwrap();
         assert!(!err.contains('\x1b') && err.ends_with("GRUB loading the hypervisor\n"), "{err:?}");
+    }
+
+    #[test]
+    fn progress_shows_the_phase_and_the_guests_heard_from() {
+        // On a terminal the progress is the spinner's message, nothing on stderr itself.
+        let mut p = Printer {
+            out: Vec::new(),
+            err: Vec::new(),
+            quiet: true,
+            bar: Some(indicatif::ProgressBar::hidden()),
+            guests: vec![],
+            phase: None,
+        };
+        p.status(Instant::now(), Phase::Cores { online: 1, total: 4 });
+        p.line("[alpha@c0] hello", false);
+        p.line("[beta@c1] hello", false);
+        p.line("[alpha@c0] again", false);
+        let msg = p.bar.as_ref().unwrap().message();
+        assert_eq!(msg, "cores coming up: 1/4 online; guests heard from: 2 (alpha beta)");
+        assert!(p.err.is_empty() && p.out.is_empty(), "quiet: no console lines");
+        assert_eq!(line_guest("[we@ird@c1] x"), Some("we@ird"));
+        assert_eq!(line_guest("[c1] x"), None);
     }
 
     #[test]
