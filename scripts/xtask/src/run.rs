@@ -117,14 +117,10 @@ pub fn kvm_vmx_unavailable() -> Option<String> {
     if !Path::new("/dev/kvm").exists() {
         return Some("/dev/kvm does not exist".into());
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let vmx = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx"));
+    let vmx = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_vmx());
     if !vmx {
         return Some(
-            "the host CPU has no `vmx` flag in /proc/cpuinfo, so KVM cannot give a guest VT-x \
+            "the host CPU has no VMX (CPUID.01H:ECX.VMX is 0), so KVM cannot give a guest VT-x \
              (this /dev/kvm is not a VMX-capable KVM); use --emulator bochs"
                 .into(),
         );
@@ -427,25 +423,10 @@ pub struct Machine {
     pub memory_mib: u32,
 }
 
-/// Removes terminal control sequences (GRUB clears the screen on the serial console).
+/// Removes terminal control sequences (GRUB clears the screen on the serial console) and
+/// carriage returns (`anstream`'s escape-sequence parser).
 pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if ('\x40'..='\x7e').contains(&d) {
-                        break;
-                    }
-                }
-            }
-        } else if c != '\r' {
-            out.push(c);
-        }
-    }
-    out
+    anstream::adapter::strip_str(s).to_string().replace('\r', "")
 }
 
 /// The core a console line comes from: `[c2] ...` (hypervisor) or `[name@c2] ...` (guest).
