@@ -180,28 +180,7 @@ mod tests {
         for l in lines.lines() {
             c.feed(l);
         }
-        c.attach_traces();
-        Report {
-            schema_version: crate::report::SCHEMA_VERSION,
-            outcome: c.outcome(false),
-            emulator: "bochs".into(),
-            cpu_model: "corei7_skylake_x".into(),
-            cpus: 2,
-            cpus_listed: c.cpus_listed,
-            cores_used: c.cores_used,
-            cores: c.cores.clone(),
-            config: None,
-            guests: c.guests.clone(),
-            channels: vec![],
-            missing: None,
-            tsc: c.tsc_figures(),
-            tsc_unit: "emulated_instructions".into(),
-            wall_seconds: 2.0,
-            serial_log: String::new(),
-            trace_csv: None,
-            problems: c.problems.clone(),
-            meta: Default::default(),
-        }
+        crate::report::for_tests(&mut c)
     }
 
     const A: &str = "#mkv boot abi=1 tsc=100 cmdline=\"\"\n#mkv ready tsc=200\n\

@@ -112,26 +112,68 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e}")
 }
 
+/// One line with a dot per point, colour `i`, and its legend entry.
+fn series<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    points: &[(f64, f64)],
+    i: usize,
+    label: String,
+    dot: u32,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let c = colour(i);
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    chart.draw_series(points.iter().map(|&q| Circle::new(q, dot, c.filled()))).map_err(err)?;
+    Ok(())
+}
+
+/// The legend box at `at`.
+fn legend<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    at: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// Each guest's cumulative exits against time since hypervisor entry, from a trace CSV
 /// (`report::Console::trace_csv`).
 pub fn exits_over_time(csv: &str, tsc_unit: &str, path: &Path) -> Result<()> {
     // guest -> (exit time, cumulative exits), seq gives the count of exits before the ring.
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![];
+    let mut lines: Vec<(String, Vec<(f64, f64)>)> = vec![];
     for (n, line) in csv.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         let (Some(g), Some(seq), Some(exit)) = (f.first(), f.get(2), f.get(5)) else {
             bail!("trace CSV line {}: too few fields", n + 1)
         };
         let (seq, exit): (f64, f64) = (seq.parse()?, exit.parse()?);
-        match series.iter_mut().find(|s| s.0 == *g) {
+        match lines.iter_mut().find(|s| s.0 == *g) {
             Some(s) => s.1.push((exit, seq + 1.0)),
-            None => series.push((g.to_string(), vec![(exit, seq + 1.0)])),
+            None => lines.push((g.to_string(), vec![(exit, seq + 1.0)])),
         }
     }
-    if series.is_empty() {
+    if lines.is_empty() {
         bail!("the trace has no exits");
     }
-    let pts = || series.iter().flat_map(|s| s.1.iter());
+    let pts = || lines.iter().flat_map(|s| s.1.iter());
     let x_max = pts().map(|p| p.0).fold(0.0, f64::max) * 1.02;
     let x_min = pts().map(|p| p.0).fold(f64::MAX, f64::min) * 0.98;
     let y_max = pts().map(|p| p.1).fold(0.0, f64::max) * 1.1 + 1.0;
@@ -151,22 +193,11 @@ pub fn exits_over_time(csv: &str, tsc_unit: &str, path: &Path) -> Result<()> {
         .x_label_formatter(&|x| format!("{:.3e}", x))
         .draw()
         .map_err(err)?;
-    for (i, (g, p)) in series.iter().enumerate() {
-        let c = colour(i);
-        chart
-            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
-            .map_err(err)?
-            .label(format!("{g} ({} exits)", p.last().map_or(0.0, |l| l.1)))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(p.iter().map(|&q| Circle::new(q, 2, c.filled()))).map_err(err)?;
+    for (i, (g, p)) in lines.iter().enumerate() {
+        let label = format!("{g} ({} exits)", p.last().map_or(0.0, |l| l.1));
+        series(&mut chart, p, i, label, 2)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -291,22 +322,10 @@ pub fn rtt_histograms(rows: &[crate::bench::HostRow], path: &Path) -> Result<()>
         .draw()
         .map_err(err)?;
     for (i, r) in with.iter().enumerate() {
-        let c = colour(i);
-        let p = frac(r);
-        chart
-            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
-            .map_err(err)?
-            .label(format!("{} (median {:.0} ns)", r.name, r.rtt_median_ns))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(p.iter().map(|&q| Circle::new(q, 2, c.filled()))).map_err(err)?;
+        let label = format!("{} (median {:.0} ns)", r.name, r.rtt_median_ns);
+        series(&mut chart, &frac(r), i, label, 2)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -331,31 +350,20 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
         .configure_mesh()
         .x_desc("k: copies on k other cores")
         .y_desc("emulated instructions")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     type Figure = fn(&crate::bench::CapsRow) -> u64;
-    let series: [(&str, Figure); 3] = [
+    let figures: [(&str, Figure); 3] = [
         ("revoke (total)", |r| r.revoke),
         ("revoke per copy", |r| r.revoke_per_copy),
         ("copy (each)", |r| r.copy_per_copy),
     ];
-    for (i, (name, f)) in series.into_iter().enumerate() {
-        let c = colour(i);
+    for (i, (name, f)) in figures.into_iter().enumerate() {
         let p: Vec<(f64, f64)> = rows.iter().map(|r| (r.k as f64, f(r) as f64)).collect();
-        chart
-            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
-            .map_err(err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(p.iter().map(|&q| Circle::new(q, 4, c.filled()))).map_err(err)?;
+        series(&mut chart, &p, i, name.to_string(), 4)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(err)?;
     Ok(())
 }

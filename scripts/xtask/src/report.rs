@@ -278,6 +278,34 @@ pub struct Report {
     pub meta: Meta,
 }
 
+/// A report of `c` as a Bochs run on 2 CPUs would give, for the host tests of readers of
+/// reports (schema, diff).
+#[cfg(test)]
+pub(crate) fn for_tests(c: &mut Console) -> Report {
+    c.attach_traces();
+    Report {
+        schema_version: SCHEMA_VERSION,
+        outcome: c.outcome(false),
+        emulator: "bochs".into(),
+        cpu_model: "corei7_skylake_x".into(),
+        cpus: 2,
+        cpus_listed: c.cpus_listed,
+        cores_used: c.cores_used,
+        cores: c.cores.clone(),
+        config: None,
+        guests: c.guests.clone(),
+        channels: vec![],
+        missing: None,
+        tsc: c.tsc_figures(),
+        tsc_unit: tsc_unit("bochs").into(),
+        wall_seconds: 2.0,
+        serial_log: "/x/serial.txt".into(),
+        trace_csv: None,
+        problems: c.problems.clone(),
+        meta: crate::meta::collect(None),
+    }
+}
+
 /// The phases of a run, as the console shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

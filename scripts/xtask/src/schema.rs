@@ -70,27 +70,7 @@ mod tests {
         ] {
             c.feed(l);
         }
-        let report = crate::report::Report {
-            schema_version: crate::report::SCHEMA_VERSION,
-            outcome: "failed".into(),
-            emulator: "bochs".into(),
-            cpu_model: "corei7_skylake_x".into(),
-            cpus: 1,
-            cpus_listed: c.cpus_listed,
-            cores_used: c.cores_used,
-            cores: c.cores.clone(),
-            config: None,
-            guests: c.guests.clone(),
-            channels: vec![],
-            missing: None,
-            tsc: c.tsc_figures(),
-            tsc_unit: "emulated_instructions".into(),
-            wall_seconds: 1.5,
-            serial_log: "/x/serial.txt".into(),
-            trace_csv: None,
-            problems: vec![],
-            meta: crate::meta::collect(None),
-        };
+        let report = crate::report::for_tests(&mut c);
         let json = serde_json::to_value(&report).unwrap();
         let errors: Vec<String> = v.iter_errors(&json).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:?}\n{json:#}");
