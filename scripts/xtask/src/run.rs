@@ -1196,6 +1196,12 @@ mod tests {
         // Dropped (normal end, error, timeout, unwinding): the group goes, grandchildren too.
         let marker = format!("xtask-group-drop-{}", std::process::id());
         drop(family(&marker));
+        // The leader is reaped by the drop; the grandchild, killed with it, vanishes once
+        // init reaps it: a moment on a busy machine.
+        let t = Instant::now();
+        while alive_with(&marker) > 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(alive_with(&marker), 0);
         // A signal or a panic: every registered group is killed from outside the run loop.
         let marker = format!("xtask-group-kill-{}", std::process::id());
