@@ -65,6 +65,9 @@ fn default_config_four_guests_on_four_cores() {
         r.meta
     );
     systests::assert_matches_schema(r);
+    // Exit traces are off by default: no records, no totals, no CSV.
+    assert!(!b.serial.contains("#mkv trace"));
+    assert!(r.guests.iter().all(|g| g.trace.is_none()) && r.trace_csv.is_none());
     // No stray exits: the legacy PIC is masked and nothing else interrupts a guest.
     assert!(r.guests.iter().all(|g| !g.exits.contains_key("external_interrupt")), "{:?}", r.guests);
 }

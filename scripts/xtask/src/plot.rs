@@ -373,14 +373,10 @@ mod tests {
     use super::*;
     use crate::bench::{histogram, CapsRow, HostRow};
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("xtask-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d.join(name)
-    }
-
     #[test]
     fn each_kind_of_input_gets_its_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = |name: &str| dir.path().join(name);
         // Bench caps: revoke against k, every k a point.
         let rows: Vec<CapsRow> = [1u64, 2, 4]
             .iter()
@@ -433,6 +429,8 @@ mod tests {
 
     #[test]
     fn exits_over_time_has_one_series_per_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = |name: &str| dir.path().join(name);
         let csv = "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before\n\
                    a,0,5,vmcall,10,20,10,\na,0,6,hlt,30,40,10,10\nb,1,0,cpuid,15,25,10,\n";
         let p = tmp("t.exits.svg");

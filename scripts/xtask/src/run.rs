@@ -945,6 +945,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_summary_names_the_tsc_unit() {
+        let mut c = Console::default();
+        for l in ["#mkv boot abi=1 tsc=100 cmdline=\"\"", "#mkv ready tsc=150"] {
+            c.feed(l);
+        }
+        let mut r = crate::report::for_tests(&mut c);
+        assert!(summary(&r).contains("entry to all cores up) 50 (emulated instructions)"));
+        r.emulator = "qemu".into();
+        r.tsc_unit = crate::report::tsc_unit("qemu").into();
+        assert!(summary(&r).contains("50 (TSC clock ticks, not instructions)"), "{}", summary(&r));
+    }
+
+    #[test]
     fn strips_grub_screen_control() {
         assert_eq!(strip_ansi("\x1b[H\x1b[J\x1b[1;1H  Booting `mkvisor'\r"), "  Booting `mkvisor'");
         assert_eq!(strip_ansi("plain"), "plain");
@@ -1118,9 +1131,8 @@ mod tests {
 
     #[test]
     fn old_run_folders_are_pruned_but_not_live_ones() {
-        let root = std::env::temp_dir().join(format!("xtask-prune-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         // pid 0x7fffffff is never alive; our own pid is.
         let dead = |n: u32| root.join(format!("bochs-4cpu-2147483647-{n}"));
         for n in 0..5 {
@@ -1140,14 +1152,13 @@ mod tests {
         // Keep 0: a live run's folder is never removed.
         assert_eq!(prune_runs(&root, 0).unwrap(), [dead(4)]);
         assert!(mine.exists());
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn parallel_runs_pruning_the_same_folders_all_succeed() {
         // The system tests start runs from several threads at once: each prunes.
-        let root = std::env::temp_dir().join(format!("xtask-prune-par-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         for n in 0..60 {
             std::fs::create_dir_all(root.join(format!("bochs-4cpu-2147483647-{n}"))).unwrap();
         }
@@ -1161,7 +1172,6 @@ mod tests {
             assert!(t.join().unwrap().is_ok(), "a folder another thread removed is no error");
         }
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "all old folders gone");
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// Processes whose command line contains `marker`.
@@ -1218,8 +1228,8 @@ mod tests {
 
     #[test]
     fn report_path_check_leaves_nothing_behind() {
-        let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let new = dir.join("new.json");
         check_writable(&new).unwrap();
         assert!(!new.exists(), "the check must not leave an empty report");
@@ -1227,7 +1237,6 @@ mod tests {
         check_writable(&new).unwrap();
         assert_eq!(std::fs::read_to_string(&new).unwrap(), "keep", "nor truncate an old one");
         assert!(check_writable(&dir).is_err(), "a directory is not a report file");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
