@@ -6,10 +6,18 @@
 //! ring once more, then halts with interrupts on; a sender that sees `sleeping` after
 //! publishing a message rings the peer (one hypercall). Either the sender sees the flag or
 //! the receiver's re-check sees the message: no lost wake-up.
+//!
+//! Peers that come and go: every operation first reads the channel's link word in the
+//! status page (one load, no exit). A peer that died makes it `PeerGone` (the hypervisor
+//! also rings this guest's doorbell, so a sleeper wakes); once the peer's new incarnation
+//! is up, the word carries a new epoch and operations say `Reset` until [`Chan::resync`]
+//! starts over on the reset rings. A message read is always a message of this side's epoch
+//! (the ring's epoch tags see to it); a receive that finds nothing or an error while the
+//! link changed reports the change instead.
 
 use crate::hypercall::call;
 use vmcall_proto::channel::{ChannelError, Payload, Receiver, Ring, Sender};
-use vmcall_proto::guest::BootInfo;
+use vmcall_proto::guest::{link_epoch, link_up, BootInfo, LinkStatus, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
 
 pub struct Chan {
@@ -20,6 +28,20 @@ pub struct Chan {
     /// Ring the peer's doorbell when it sleeps (doorbell mode); polling mode never does.
     pub doorbells: bool,
     pub rung: u64,
+    /// The epoch this side's sender and receiver are in.
+    pub epoch: u32,
+    tx_gpa: u64,
+    rx_gpa: u64,
+    slots: u32,
+}
+
+/// The link word of the channel at boot-info position `number` (see `guest::StatusPage`).
+fn link_word(number: usize) -> u64 {
+    let at = STATUS_GPA + (number * core::mem::size_of::<LinkStatus>()) as u64;
+    // The hypervisor maps the status page read-only for the guest's whole life; our page
+    // tables identity-map it with the channel windows.
+    // SAFETY: an aligned u64 in that page; the hypervisor changes it only while we do not run.
+    unsafe { core::ptr::read_volatile(at as *const u64) }
 }
 
 /// Opens the channel called `name`, or the first one.
@@ -35,17 +57,62 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
     let (tx, rx) = unsafe {
         (Ring::from_raw(d.tx_gpa as *mut u8, d.slots), Ring::from_raw(d.rx_gpa as *mut u8, d.slots))
     };
+    let epoch = link_epoch(link_word(number));
+    // The receiver publishes its count after every message: when a peer dies, the ring
+    // counters say exactly what was in flight (the hypervisor counts it lost).
     Some(Chan {
-        tx: Sender::new(tx),
-        rx: Receiver::new(rx, (d.slots / 4).max(1)),
+        tx: Sender::with_epoch(tx, epoch),
+        rx: Receiver::with_epoch(rx, 1, epoch),
         number,
         doorbells: false,
         rung: 0,
+        epoch,
+        tx_gpa: d.tx_gpa,
+        rx_gpa: d.rx_gpa,
+        slots: d.slots,
     })
 }
 
 impl Chan {
+    /// `PeerGone` or `Reset` if the link says so, for a link word `w`.
+    fn check(&self, w: u64) -> Result<(), ChannelError> {
+        if !link_up(w) {
+            Err(ChannelError::PeerGone)
+        } else if link_epoch(w) != self.epoch {
+            Err(ChannelError::Reset)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The link as it is now: `Ok` if the peer is up in this side's epoch.
+    pub fn link(&self) -> Result<(), ChannelError> {
+        self.check(link_word(self.number))
+    }
+
+    /// Starts over in the channel's current epoch (after `Reset`): a new sender and
+    /// receiver on the reset rings. `PeerGone` while the peer is down.
+    pub fn resync(&mut self) -> Result<u32, ChannelError> {
+        let w = link_word(self.number);
+        if !link_up(w) {
+            return Err(ChannelError::PeerGone);
+        }
+        let epoch = link_epoch(w);
+        // SAFETY: the same rings as at `open`, mapped for the guest's life.
+        let (tx, rx) = unsafe {
+            (
+                Ring::from_raw(self.tx_gpa as *mut u8, self.slots),
+                Ring::from_raw(self.rx_gpa as *mut u8, self.slots),
+            )
+        };
+        self.tx = Sender::with_epoch(tx, epoch);
+        self.rx = Receiver::with_epoch(rx, 1, epoch);
+        self.epoch = epoch;
+        Ok(epoch)
+    }
+
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
+        self.link()?;
         self.tx.try_send(m)?;
         if self.doorbells && self.tx.peer_sleeping() {
             let _ = call(Hypercall::Doorbell, self.number as u64, 0);
@@ -65,13 +132,25 @@ impl Chan {
     }
 
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
-        self.rx.try_recv()
+        let w = link_word(self.number);
+        self.check(w)?;
+        match self.rx.try_recv() {
+            Ok(Some(m)) => Ok(Some(m)),
+            other => {
+                // Nothing, or an error, while the link changed: the change is the news.
+                let now = link_word(self.number);
+                if now != w {
+                    self.check(now)?;
+                }
+                other
+            }
+        }
     }
 
     /// Receives, spinning until a message comes.
     pub fn recv(&mut self) -> Result<Payload, ChannelError> {
         loop {
-            if let Some(m) = self.rx.try_recv()? {
+            if let Some(m) = self.try_recv()? {
                 return Ok(m);
             }
             core::hint::spin_loop();
@@ -82,13 +161,13 @@ impl Chan {
     pub fn wait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
         loop {
             for _ in 0..polls {
-                if let Some(m) = self.rx.try_recv()? {
+                if let Some(m) = self.try_recv()? {
                     return Ok(m);
                 }
                 core::hint::spin_loop();
             }
             self.rx.set_sleeping(true);
-            let again = self.rx.try_recv();
+            let again = self.try_recv();
             if let Ok(None) = again {
                 crate::arch::wait_for_interrupt();
             }

@@ -14,7 +14,9 @@ mod channel;
 mod console;
 mod hostile;
 mod hypercall;
+mod linkloads;
 mod netloads;
+mod supervise;
 mod workloads;
 
 #[cfg(target_os = "none")]

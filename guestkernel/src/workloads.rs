@@ -9,6 +9,8 @@
 //!   then exits 0.
 //! * `fault`: reads guest-physical memory past the end of its partition. The hypervisor
 //!   must stop it there; if the read ever returns, it exits 1.
+//! * `phoenix`: a guest that is restarted: finds no mark of an earlier incarnation (in its
+//!   memory or its grant), leaves its own, and faults until incarnation `live_at`.
 
 use crate::hypercall::{self, call};
 use vmcall_proto::guest::BootInfo;
@@ -18,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 24] = [
+const REGISTRY: [(&str, Workload); 28] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -43,6 +45,10 @@ const REGISTRY: [(&str, Workload); 24] = [
     ("flooder", crate::capattack::flooder),
     ("quiet", crate::capattack::quiet),
     ("attack", crate::hostile::attack),
+    ("phoenix", phoenix),
+    ("supervisor", crate::supervise::supervisor),
+    ("streamer", crate::linkloads::streamer),
+    ("echoer", crate::linkloads::echoer),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 
@@ -157,4 +163,59 @@ fn fault(bi: &BootInfo) -> u64 {
     let v = unsafe { core::ptr::read_volatile(target as *const u64) };
     log::error!("fault: the read returned {v:#x}: memory outside the partition is reachable");
     1
+}
+
+/// What a `phoenix` incarnation writes where the next one looks: never found if the
+/// hypervisor scrubs a dead incarnation's memory.
+const MARK: u64 = 0x9e0e_41c5_0000_0000;
+
+fn phoenix(bi: &BootInfo) -> u64 {
+    let n = bi.incarnation as u64;
+    let live_at = bi.arg_int("live_at");
+    // The last page of the partition: mapped by the boot page tables, used by nothing.
+    let last = (bi.memory_bytes - 4096) as *mut u64;
+    // SAFETY: inside this guest's partition, identity-mapped, not used by the kernel.
+    let found = unsafe { core::ptr::read_volatile(last) };
+    let mut clean = found == 0;
+    // The first grant, if it has one, mapped read-write in the grant window.
+    let window = vmcall_proto::hypercall::GRANT_WINDOW.0;
+    let grant = crate::hypercall::call3(Hypercall::CapMap, 0, window, 3).is_ok();
+    let mut in_grant = 0;
+    if grant {
+        // SAFETY: just mapped read-write at the window's base.
+        in_grant = unsafe { core::ptr::read_volatile(window as *const u64) };
+        clean &= in_grant == 0;
+    }
+    log::info!(
+        "phoenix: incarnation {n}: earlier marks {} (memory {found:#x}, {})",
+        if clean { "none" } else { "FOUND" },
+        Grant(grant.then_some(in_grant)),
+    );
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(last, MARK | n) };
+    if grant {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(window as *mut u64, MARK | n) };
+    }
+    if !clean {
+        return 2;
+    }
+    if n < live_at {
+        log::info!("phoenix: incarnation {n} faults on purpose");
+        // SAFETY: our page tables map the address (EPT does not): the hypervisor stops us.
+        unsafe { core::ptr::read_volatile((bi.memory_bytes + (2 << 20)) as *const u64) };
+        return 1;
+    }
+    log::info!("phoenix: incarnation {n} lives");
+    0
+}
+
+struct Grant(Option<u64>);
+impl core::fmt::Display for Grant {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "grant {v:#x}"),
+            None => f.write_str("no grant"),
+        }
+    }
 }

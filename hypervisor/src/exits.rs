@@ -194,6 +194,41 @@ pub enum StopReason {
     /// Stopped because its isolation could no longer be guaranteed (e.g. a revoked
     /// capability could not be unmapped from its EPT).
     Isolation(&'static str),
+    /// A controlling guest (on core `by`) asked for it to stop or restart.
+    Requested {
+        by: u16,
+    },
+}
+
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            StopReason::EptViolation { gpa, rip, qualification } => {
+                EptViolation { gpa, rip, qualification }.fmt(f)
+            }
+            StopReason::EptMisconfig { gpa, rip } => {
+                write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
+            }
+            StopReason::TripleFault { rip } => write!(f, "triple fault, rip={rip:#x}"),
+            StopReason::Init { rip } => write!(f, "INIT signal, rip={rip:#x}"),
+            StopReason::EntryFailed { reason, rip } => {
+                write!(f, "VM entry failed (reason {reason}), rip={rip:#x}")
+            }
+            StopReason::HaltedForever { rip } => {
+                write!(
+                    f,
+                    "HLT with no timer armed or interrupts off: would never wake, rip={rip:#x}"
+                )
+            }
+            StopReason::Watchdog { rip } => write!(f, "exceeded its run budget, rip={rip:#x}"),
+            StopReason::Unexpected { reason, rip } => {
+                write!(f, "unexpected VM exit reason {reason}, rip={rip:#x}")
+            }
+            StopReason::Setup(what) => write!(f, "setup failed: {what}"),
+            StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
+            StopReason::Requested { by } => write!(f, "stopped by its controller on core {by}"),
+        }
+    }
 }
 
 /// An EPT violation in words: what the guest tried and what its mapping there allowed,
@@ -742,7 +777,8 @@ fn vmcall(
             | Hypercall::CapUnmap
             | Hypercall::CapTransfer
             | Hypercall::CapRevoke
-            | Hypercall::CapAccept),
+            | Hypercall::CapAccept
+            | Hypercall::GuestControl),
         ) => ctx
             .caps
             .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)

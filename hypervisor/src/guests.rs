@@ -6,7 +6,7 @@
 
 use crate::bootinfo::BootParams;
 use crate::cores::CoreList;
-use crate::exits::{EptViolation, StopReason, REASON_NAMES};
+use crate::exits::{StopReason, REASON_NAMES};
 use crate::guest::{ChanMap, Ending, GuestReport, Launch};
 use crate::memory::{PhysAlloc, Range};
 use crate::{arch, record, smp};
@@ -35,7 +35,11 @@ pub struct Planned {
 pub struct Plan {
     guests: [Option<Planned>; MAX_GUESTS],
     count: usize,
-    pub budget_ms: u64,
+    /// How long the longest guest life can last, ms: every incarnation its budget and as
+    /// much again of time served to other cores, plus a second for its death; twice that
+    /// with controllers (a controlled guest lives at most as long as one of them, then its
+    /// own life once more).
+    life_ms: u64,
     channels: [Option<ChanInfo>; config::MAX_CHANNELS],
     channel_count: usize,
 }
@@ -138,7 +142,16 @@ pub fn plan(
     let mut plan = Plan {
         guests: [None; MAX_GUESTS],
         count: cfg.guest_count(),
-        budget_ms,
+        life_ms: cfg
+            .guests()
+            .map(|e| {
+                let budget = if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms };
+                (1 + e.max_restarts as u64) * (2 * budget + 1_000)
+            })
+            .max()
+            .unwrap_or(0)
+            // A controlled guest may be started again until its controller is gone.
+            .saturating_mul(if cfg.guests().any(|e| e.controls != 0) { 2 } else { 1 }),
         channels: [None; config::MAX_CHANNELS],
         channel_count: 0,
     };
@@ -164,7 +177,7 @@ pub fn plan(
                         private,
                         private_size: PRIVATE_SIZE,
                         kernel: (kernel.start, kernel.end),
-                        watchdog_ms: budget_ms,
+                        watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
                         deaf: deaf == Some(e.core as usize),
                         channels: [ChanMap {
@@ -178,6 +191,9 @@ pub fn plan(
                         channel_count: 0,
                         grants: [(0, 0); crate::guest::MAX_GRANTS_PER_GUEST],
                         grant_count: 0,
+                        targets: [(0, 0); MAX_GUESTS],
+                        target_count: 0,
+                        controllers: 0,
                     });
                     Ok(e.core as usize)
                 }
@@ -188,6 +204,22 @@ pub fn plan(
             }
         };
         plan.guests[i] = Some(Planned { name: e.name, core: e.core, slot });
+    }
+    // Control (`[[control]]`): a cap per running target in the controller's space, the
+    // controllers' cores in each target's launch.
+    let core_of = |g: usize| plan.guests[g].and_then(|p| p.slot.ok());
+    for (i, e) in cfg.guests().enumerate() {
+        let Some(ctl_core) = core_of(i) else { continue };
+        for t in (0..cfg.guest_count()).filter(|t| e.controls & (1u64 << t) != 0) {
+            let Some(t_core) = core_of(t) else { continue };
+            if let Some(l) = launches[i].as_mut() {
+                l.targets[l.target_count] = (t_core as u16, t as u16);
+                l.target_count += 1;
+            }
+            if let Some(tl) = launches[t].as_mut() {
+                tl.controllers |= 1u64 << ctl_core;
+            }
+        }
     }
     for (k, c) in cfg.channels().enumerate() {
         let size = channel::channel_bytes(c.slots);
@@ -286,31 +318,7 @@ struct Why(StopReason);
 
 impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            StopReason::EptViolation { gpa, rip, qualification } => {
-                EptViolation { gpa, rip, qualification }.fmt(f)
-            }
-            StopReason::EptMisconfig { gpa, rip } => {
-                write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
-            }
-            StopReason::TripleFault { rip } => write!(f, "triple fault, rip={rip:#x}"),
-            StopReason::Init { rip } => write!(f, "INIT signal, rip={rip:#x}"),
-            StopReason::EntryFailed { reason, rip } => {
-                write!(f, "VM entry failed (reason {reason}), rip={rip:#x}")
-            }
-            StopReason::HaltedForever { rip } => {
-                write!(
-                    f,
-                    "HLT with no timer armed or interrupts off: would never wake, rip={rip:#x}"
-                )
-            }
-            StopReason::Watchdog { rip } => write!(f, "exceeded its run budget, rip={rip:#x}"),
-            StopReason::Unexpected { reason, rip } => {
-                write!(f, "unexpected VM exit reason {reason}, rip={rip:#x}")
-            }
-            StopReason::Setup(what) => write!(f, "setup failed: {what}"),
-            StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
-        }
+        self.0.fmt(f)
     }
 }
 
@@ -328,8 +336,8 @@ pub fn pending() -> bool {
 /// summary. Returns whether every guest exited with status 0.
 pub fn collect(plan: &Plan) -> bool {
     // A guest runs at most its budget plus as much again of time its core spent serving
-    // other cores (see guest::run).
-    let deadline = arch::tsc::deadline_us((2 * plan.budget_ms + 2_000) * 1000);
+    // other cores (see guest::run), each incarnation.
+    let deadline = arch::tsc::deadline_us((plan.life_ms + 2_000) * 1000);
     let guests = || plan.guests[..plan.count].iter().flatten();
     while guests().any(|g| g.slot.is_ok_and(|s| smp::report_of(s).is_none()))
         && arch::rdtsc() < deadline
@@ -360,7 +368,7 @@ pub fn collect(plan: &Plan) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -372,7 +380,8 @@ pub fn collect(plan: &Plan) -> bool {
                     Quoted(PerPeer(&r.caps.requests_from)),
                     r.caps.refused,
                     r.foreign_tsc,
-                    Quoted(Fenced(r.caps.fenced))
+                    Quoted(Fenced(r.caps.fenced)),
+                    r.incarnations
                 );
             }
             (slot, _) => {

@@ -45,6 +45,9 @@ pub enum CapType {
     Memory = 1,
     /// A channel endpoint (`base` is the channel's number in the config).
     Endpoint = 2,
+    /// Control over another guest (`base`: the core it runs on, `size`: its guest index);
+    /// from the config's `[[control]]`, never transferred.
+    Control = 3,
 }
 
 /// Slots per capability space.
@@ -394,6 +397,28 @@ impl CSpace {
         Ok(core::mem::replace(&mut c.children, [None; MAX_CHILDREN]))
     }
 
+    /// Clears the space of a guest that died, once the copies made from its caps have been
+    /// revoked: every copy it held leaves its slot (old handles read `Revoked`; the owner's
+    /// later revoke finds nothing here and returns at once), every original stays, unmapped,
+    /// for the next incarnation. `unmap` is called for each cap that was mapped. Returns the
+    /// copies dropped.
+    pub fn retire(&mut self, mut unmap: impl FnMut(&Cap)) -> u32 {
+        let mut dropped = 0;
+        for s in self.slots.iter_mut() {
+            let State::Live(c) = &mut s.state else { continue };
+            if c.mapped_at.is_some() {
+                unmap(c);
+                c.mapped_at = None;
+                c.mapped_rights = Rights::empty();
+            }
+            if c.depth > 0 {
+                s.state = State::Revoked;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Revokes node `id` in this space (a copy being taken back): every piece's slot becomes
     /// free (old handles read `Revoked`); `unmap` is called for each piece that was mapped
     /// (the caller removes it from the EPT). Returns the pieces removed and their children
@@ -436,6 +461,30 @@ mod tests {
 
     fn pool(cs: &mut CSpace) -> u64 {
         cs.insert(Cap::new(CapType::Memory, ALL, 0x100_0000, 16 * PAGE), None).unwrap().0
+    }
+
+    #[test]
+    fn retire_drops_copies_and_unmaps_originals() {
+        let mut cs = CSpace::new(1);
+        let own = pool(&mut cs);
+        let piece = cs.split(own, 4 * PAGE).unwrap();
+        cs.map(piece, 0xc000_0000, RW).unwrap();
+        let mut copy = Cap::new(CapType::Memory, Rights::READ, 0x200_0000, PAGE);
+        copy.depth = 2;
+        let (held, _) = cs.insert(copy, Some(7 << 48 | 1)).unwrap();
+        cs.map(held, 0xc100_0000, Rights::READ).unwrap();
+        let mut unmapped = vec![];
+        assert_eq!(cs.retire(|c| unmapped.push((c.base, c.mapped_at))), 1);
+        unmapped.sort();
+        assert_eq!(
+            unmapped,
+            [(0x100_0000 + 4 * PAGE, Some(0xc000_0000)), (0x200_0000, Some(0xc100_0000))]
+        );
+        assert_eq!(cs.get(held), Err(CapError::Revoked), "the copy is gone");
+        assert_eq!(cs.get(piece).unwrap().mapped_at, None, "originals stay, unmapped");
+        assert_eq!(cs.get(own).unwrap().size, 4 * PAGE);
+        assert_eq!(cs.live().count(), 2);
+        assert_eq!(cs.retire(|_| panic!("nothing mapped")), 0, "idempotent");
     }
 
     #[test]

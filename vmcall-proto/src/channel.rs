@@ -20,6 +20,13 @@
 //! backwards or past what was sent. Nothing here trusts the other side: every error is
 //! returned, nothing panics, nothing waits.
 //!
+//! Epochs: a channel whose guest was restarted starts over in a new epoch (the hypervisor
+//! resets its rings and tells both sides, see `guest::StatusPage`). Each side then makes a
+//! new [`Sender`] and [`Receiver`] with the epoch's tag ([`Sender::with_epoch`]): control
+//! words and the `received` count carry the tag in their top 16 bits, so a word a side of
+//! the old epoch wrote late (after the reset) is never read as a message or an ack of the
+//! new one: a slot with another epoch's tag is empty, an ack with one says nothing.
+//!
 //! Memory ordering: the producer stores the payload (relaxed), then the control word
 //! (release). The consumer loads the control word (acquire), copies the payload (relaxed),
 //! then re-reads the control word after an acquire fence, seqlock style. The consumer
@@ -126,9 +133,10 @@ impl<'a> Ring<'a> {
         self.producer.sent.load(Ordering::Relaxed)
     }
 
-    /// What the consumer says it received (statistics; not trusted for anything).
+    /// What the consumer says it received (statistics; not trusted for anything), without
+    /// its epoch tag.
     pub fn received(&self) -> u64 {
-        self.consumer.received.load(Ordering::Relaxed)
+        self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK
     }
 }
 
@@ -143,6 +151,28 @@ pub enum ChannelError {
     Torn { slot: u32 },
     /// The consumer's `received` count went backwards or past what was sent.
     BadAck { received: u64, sent: u64 },
+    /// The peer is down (its guest died; a new incarnation is not up yet).
+    PeerGone,
+    /// The channel was reset into a new epoch: resynchronise (new sender and receiver).
+    Reset,
+}
+
+/// Bits of a control word or `received` count below the epoch tag.
+const COUNT_BITS: u32 = 48;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// The tag of epoch `epoch` as it sits in the top bits of a word.
+const fn tag_of(epoch: u32) -> u64 {
+    ((epoch & 0xffff) as u64) << COUNT_BITS
+}
+
+/// The tag of the epoch before `epoch` (none before epoch 0: `u64::MAX` matches no tag).
+const fn previous_tag(epoch: u32) -> u64 {
+    if epoch == 0 {
+        u64::MAX
+    } else {
+        tag_of(epoch - 1)
+    }
 }
 
 /// The sending end of a ring. Keeps its own count; never trusts the consumer's.
@@ -150,6 +180,8 @@ pub struct Sender<'a> {
     ring: Ring<'a>,
     next: u64,
     acked: u64,
+    tag: u64,
+    old: u64,
 }
 
 /// The receiving end of a ring.
@@ -157,11 +189,18 @@ pub struct Receiver<'a> {
     ring: Ring<'a>,
     next: u64,
     ack_every: u64,
+    tag: u64,
+    old: u64,
 }
 
 impl<'a> Sender<'a> {
     pub fn new(ring: Ring<'a>) -> Self {
-        Sender { ring, next: 0, acked: 0 }
+        Self::with_epoch(ring, 0)
+    }
+
+    /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings.
+    pub fn with_epoch(ring: Ring<'a>, epoch: u32) -> Self {
+        Sender { ring, next: 0, acked: 0, tag: tag_of(epoch), old: previous_tag(epoch) }
     }
 
     /// Messages sent so far.
@@ -173,7 +212,9 @@ impl<'a> Sender<'a> {
     pub fn try_send(&mut self, msg: &Payload) -> Result<(), ChannelError> {
         let n = self.ring.slots.len() as u64;
         if self.next - self.acked >= n {
-            let r = self.ring.consumer.received.load(Ordering::Acquire);
+            let word = self.ring.consumer.received.load(Ordering::Acquire);
+            // The last epoch's count (written late) says nothing about this one.
+            let r = if word & !COUNT_MASK == self.old { self.acked } else { word ^ self.tag };
             if r > self.next || r < self.acked {
                 return Err(ChannelError::BadAck { received: r, sent: self.next });
             }
@@ -186,7 +227,7 @@ impl<'a> Sender<'a> {
         for (w, v) in slot.data.iter().zip(msg) {
             w.store(*v, Ordering::Relaxed);
         }
-        slot.control.store(self.next + 1, Ordering::Release);
+        slot.control.store(self.tag | (self.next + 1), Ordering::Release);
         self.next += 1;
         self.ring.producer.sent.store(self.next, Ordering::Relaxed);
         Ok(())
@@ -204,8 +245,13 @@ impl<'a> Sender<'a> {
 impl<'a> Receiver<'a> {
     /// `ack_every`: how many messages between publications of `received` (1 = each).
     pub fn new(ring: Ring<'a>, ack_every: u32) -> Self {
+        Self::with_epoch(ring, ack_every, 0)
+    }
+
+    /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]).
+    pub fn with_epoch(ring: Ring<'a>, ack_every: u32, epoch: u32) -> Self {
         let ack_every = (ack_every as u64).clamp(1, ring.slots.len().max(1) as u64);
-        Receiver { ring, next: 0, ack_every }
+        Receiver { ring, next: 0, ack_every, tag: tag_of(epoch), old: previous_tag(epoch) }
     }
 
     /// Messages received so far.
@@ -218,11 +264,13 @@ impl<'a> Receiver<'a> {
         let n = self.ring.slots.len() as u64;
         let index = (self.next % n) as u32;
         let slot = &self.ring.slots[index as usize];
-        let expected = self.next + 1;
+        let expected = self.tag | (self.next + 1);
         let c = slot.control.load(Ordering::Acquire);
         if c != expected {
+            // Empty: the previous lap's message, nothing yet (a reset slot), or a word the
+            // last epoch wrote late.
             let empty = if self.next >= n { expected - n } else { 0 };
-            return if c == empty {
+            return if c == empty || c & !COUNT_MASK == self.old {
                 Ok(None)
             } else {
                 Err(ChannelError::Corrupt { slot: index, expected, found: c })
@@ -238,14 +286,14 @@ impl<'a> Receiver<'a> {
         }
         self.next += 1;
         if self.next.is_multiple_of(self.ack_every) {
-            self.ring.consumer.received.store(self.next, Ordering::Release);
+            self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
         }
         Ok(Some(msg))
     }
 
     /// Publishes the received count now (e.g. at the end, for statistics).
     pub fn flush_ack(&self) {
-        self.ring.consumer.received.store(self.next, Ordering::Release);
+        self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
     }
 
     /// Announces that this side is about to block (`true`) or is awake (`false`). After
@@ -363,6 +411,43 @@ mod tests {
         // A future lap's value is corruption too, not a message.
         st.slot(0).control.store(9, Ordering::Relaxed);
         assert!(matches!(rx.try_recv(), Err(ChannelError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_new_epoch_ignores_what_the_old_one_wrote_late() {
+        let st = Box::new(OwnedRing::new());
+        // Epoch 0 runs, then the rings are reset (zeroed) for epoch 1...
+        let mut old_tx = Sender::new(st.ring(4));
+        let mut old_rx = Receiver::new(st.ring(4), 1);
+        for i in 0..3 {
+            old_tx.try_send(&msg(i)).unwrap();
+        }
+        old_rx.try_recv().unwrap().unwrap();
+        for i in 0..4 {
+            st.slot(i).control.store(0, Ordering::Relaxed);
+        }
+        st.consumer().received.store(0, Ordering::Relaxed);
+        let (mut tx, mut rx) =
+            (Sender::with_epoch(st.ring(4), 1), Receiver::with_epoch(st.ring(4), 1, 1));
+        // ...and the old sides, not yet told, write once more: a message in slot 3 and an
+        // ack of 3. Neither is read as the new epoch's.
+        old_tx.try_send(&msg(99)).unwrap();
+        st.consumer().received.store(3, Ordering::Relaxed);
+        assert_eq!(old_rx.received(), 1);
+        assert_eq!(rx.try_recv(), Ok(None));
+        for i in 0..4 {
+            tx.try_send(&msg(10 + i)).unwrap();
+        }
+        assert_eq!(tx.try_send(&msg(14)), Err(ChannelError::Full), "the old ack freed nothing");
+        for i in 0..4 {
+            assert_eq!(rx.try_recv(), Ok(Some(msg(10 + i))), "message {i} of the new epoch");
+        }
+        assert_eq!(rx.try_recv(), Ok(None));
+        tx.try_send(&msg(14)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(Some(msg(14))));
+        // Epochs wrap at 16 bits; a tagged count reads back without its tag.
+        assert_eq!(st.ring(4).received(), 5);
+        assert_eq!(tag_of(0x1_0003), tag_of(3));
     }
 
     #[test]

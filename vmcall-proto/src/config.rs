@@ -16,7 +16,7 @@ use core::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const MAGIC: [u8; 8] = *b"MKVCONF\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const MAX_GUESTS: usize = 64;
 pub const MAX_CHANNELS: usize = 256;
 pub const MAX_GRANTS: usize = 256;
@@ -86,8 +86,34 @@ pub struct GuestEntry {
     pub core: u32,
     pub memory_mib: u32,
     pub _reserved: [u8; 8],
+    /// Run budget of each incarnation, ms (0: the command line's `budget_ms`).
+    pub budget_ms: u32,
+    /// When the guest is started again: one of the [`restart`] values.
+    pub restart: u8,
+    pub _reserved1: u8,
+    /// Restarts allowed after the first start (at most [`MAX_RESTARTS`]).
+    pub max_restarts: u16,
+    /// Guests this one controls (stop, start, restart, query), as a bitmask of guest
+    /// indices: each becomes a guest-control capability in its space.
+    pub controls: u64,
 }
-const _: () = assert!(core::mem::size_of::<GuestEntry>() == 208);
+const _: () = assert!(core::mem::size_of::<GuestEntry>() == 224);
+
+/// Restart policies ([`GuestEntry::restart`]).
+pub mod restart {
+    /// Started once.
+    pub const NEVER: u8 = 0;
+    /// Started again when it was stopped (fault, budget), not when it exited.
+    pub const ON_FAULT: u8 = 1;
+    /// Started again however it ended (until `max_restarts`).
+    pub const ALWAYS: u8 = 2;
+    /// The names the config uses, by value.
+    pub const NAMES: [&str; 3] = ["never", "on-fault", "always"];
+}
+/// Bound on `max_restarts`.
+pub const MAX_RESTARTS: u16 = 1000;
+/// Bound on a guest's `budget_ms` (one hour).
+pub const MAX_BUDGET_MS: u32 = 3_600_000;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -141,6 +167,10 @@ pub enum BlobError {
     BadGrantGuest(usize),
     /// A guest receives more grants than the capability slots set aside for them.
     GuestGrants(usize),
+    /// A restart policy, restart bound or budget out of range.
+    BadLifecycle(usize),
+    /// A guest controls itself or a guest that does not exist.
+    BadControl(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -171,6 +201,12 @@ impl fmt::Display for BlobError {
             }
             BadGrantGuest(i) => write!(f, "grant {i}: unknown guest"),
             GuestGrants(i) => write!(f, "guest {i}: more than {MAX_GRANTS_PER_GUEST} grants"),
+            BadLifecycle(i) => write!(
+                f,
+                "guest {i}: restart policy, max_restarts (at most {MAX_RESTARTS}) or budget_ms \
+                 (at most {MAX_BUDGET_MS}) out of range"
+            ),
+            BadControl(i) => write!(f, "guest {i}: controls itself or a guest that does not exist"),
         }
     }
 }
@@ -307,6 +343,17 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if (0..i).any(|j| cfg.guest(j).core == e.core) {
             return Err(SharedCore(i));
         }
+        if e.restart as usize >= restart::NAMES.len()
+            || e.max_restarts > MAX_RESTARTS
+            || e.budget_ms > MAX_BUDGET_MS
+            || e._reserved1 != 0
+        {
+            return Err(BadLifecycle(i));
+        }
+        let others = if g == 64 { u64::MAX } else { (1u64 << g) - 1 } & !(1u64 << i);
+        if e.controls & !others != 0 {
+            return Err(BadControl(i));
+        }
     }
     for i in 0..c {
         let e = cfg.channel(i);
@@ -406,6 +453,11 @@ pub fn guest_entry(
         core,
         memory_mib,
         _reserved: [0; 8],
+        budget_ms: 0,
+        restart: restart::NEVER,
+        _reserved1: 0,
+        max_restarts: 0,
+        controls: 0,
     })
 }
 
@@ -571,7 +623,7 @@ mod tests {
         let good = blob(&g, &c, &r);
         let len = good.len();
         assert_eq!(len, blob_len(2, 1, 1));
-        assert_eq!(len, 32 + 2 * 208 + 48 + 48);
+        assert_eq!(len, 32 + 2 * 224 + 48 + 48);
         assert_eq!(u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize, len);
         assert_eq!(parse(&good[..31]).unwrap_err(), BlobError::TooShort);
         assert_eq!(parse(&[]).unwrap_err(), BlobError::TooShort);
@@ -580,7 +632,7 @@ mod tests {
             b[i] ^= 0x20;
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadMagic, "magic byte {i}");
         }
-        for v in [0, 2, u32::MAX] {
+        for v in [0, 1, 3, u32::MAX] {
             let mut b = good.clone();
             b[8..12].copy_from_slice(&v.to_le_bytes());
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadVersion(v));
@@ -755,6 +807,40 @@ mod tests {
     }
 
     #[test]
+    fn restart_policy_budget_and_control_are_checked() {
+        let mut g = guests(3);
+        g[1].restart = restart::ALWAYS;
+        g[1].max_restarts = MAX_RESTARTS;
+        g[1].budget_ms = MAX_BUDGET_MS;
+        g[0].controls = 0b110;
+        assert_eq!(parsed(&g, &[], &[]), Ok(()));
+        for bad in [
+            |e: &mut GuestEntry| e.restart = 3,
+            |e: &mut GuestEntry| e.max_restarts = MAX_RESTARTS + 1,
+            |e: &mut GuestEntry| e.budget_ms = MAX_BUDGET_MS + 1,
+            |e: &mut GuestEntry| e._reserved1 = 1,
+        ] {
+            let mut g = guests(3);
+            bad(&mut g[2]);
+            assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadLifecycle(2)));
+        }
+        for mask in [0b10u64, 0b1000, 1 << 63] {
+            let mut g = guests(3);
+            g[1].controls = mask;
+            assert_eq!(parsed(&g, &[], &[]), Err(BlobError::BadControl(1)), "{mask:#b}");
+        }
+        let mut g = guests(64);
+        g[63].controls = u64::MAX >> 1;
+        assert_eq!(parsed(&g, &[], &[]), Ok(()), "all 63 others");
+        // Restartable and controlled guests may have channels (reset between epochs).
+        let c = [chan("ab", 0, 1, 4)];
+        let mut g = guests(3);
+        g[1].restart = restart::ON_FAULT;
+        g[2].controls = 0b1;
+        assert_eq!(parsed(&g, &c, &[]), Ok(()));
+    }
+
+    #[test]
     fn names_and_cores_are_unique() {
         let mut g = guests(3);
         g[2].name = g[0].name;
@@ -861,8 +947,8 @@ mod tests {
         let got: Vec<_> = cfg.grants().map(|e| e.as_bytes().to_vec()).collect();
         assert_eq!(got, r.iter().map(|e| e.as_bytes().to_vec()).collect::<Vec<_>>());
         // The layout: header, guests, channels, grants, back to back.
-        assert_eq!(&b[32..32 + 208], g[0].as_bytes());
-        assert_eq!(&b[32 + 3 * 208..32 + 3 * 208 + 48], c[0].as_bytes());
+        assert_eq!(&b[32..32 + 224], g[0].as_bytes());
+        assert_eq!(&b[32 + 3 * 224..32 + 3 * 224 + 48], c[0].as_bytes());
         assert_eq!(&b[b.len() - 48..], r[1].as_bytes());
     }
 
@@ -910,7 +996,7 @@ mod tests {
         let cases = [
             (BlobError::TooShort, "shorter than its header"),
             (BlobError::BadMagic, "bad magic"),
-            (BlobError::BadVersion(7), "version 7, expected 1"),
+            (BlobError::BadVersion(7), "version 7, expected 2"),
             (BlobError::BadLength { header: 9, actual: 8 }, "length field 9 but 8 bytes"),
             (BlobError::BadChecksum { header: 1, computed: 2 }, "0x00000001, computed 0x00000002"),
             (BlobError::TooMany("guests"), "too many guests"),
@@ -925,6 +1011,8 @@ mod tests {
             (BlobError::BadSlots(10), "channel 10: slots must be a power of two in 1..=4096"),
             (BlobError::GuestChannels(11), "guest 11: endpoint of more than 16 channels"),
             (BlobError::BadGrantGuest(12), "grant 12: unknown guest"),
+            (BlobError::BadLifecycle(13), "guest 13: restart policy"),
+            (BlobError::BadControl(14), "guest 14: controls itself"),
         ];
         for (e, text) in cases {
             assert!(e.to_string().contains(text), "{e:?}: {e}");

@@ -44,6 +44,49 @@ pub const CHANNEL_STRIDE: u64 = 1 << 20;
 /// Interrupt vector of a channel doorbell, delivered through the guest's own IDT.
 pub const DOORBELL_VECTOR: u8 = 0xf0;
 
+/// Guest-physical address of the guest's status page ([`StatusPage`]): mapped read-only,
+/// written only by the hypervisor, the last page of the GiB of channel windows (which the
+/// guest's own page tables map anyway).
+pub const STATUS_GPA: u64 = 0xbfff_f000;
+
+/// What the hypervisor tells a running guest without an exit: the state of each of its
+/// channels (boot-info order). A channel whose peer died is `down`; when the peer's new
+/// incarnation is up the channel is `up` again in a new epoch, on reset rings (see
+/// `channel` on epochs).
+#[repr(C)]
+pub struct StatusPage {
+    pub links: [LinkStatus; MAX_CHANNELS_PER_GUEST],
+    pub _reserved: [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST],
+}
+const _: () = assert!(core::mem::size_of::<StatusPage>() == 4096);
+
+/// One channel's state in the [`StatusPage`].
+#[repr(C)]
+pub struct LinkStatus {
+    /// `epoch << 1 | up` (see [`link_word`]).
+    pub word: u64,
+    /// Messages in flight (sent, not received, both directions) when the rings were last
+    /// reset: lost because of the restart, as the ring counters said (guest-written).
+    pub lost: u64,
+    /// How many resets this channel has been through.
+    pub resets: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<LinkStatus>() == 32);
+
+/// A link word: the epoch the rings are in, and whether the peer is up.
+pub const fn link_word(up: bool, epoch: u32) -> u64 {
+    (epoch as u64) << 1 | up as u64
+}
+/// The epoch of a link word.
+pub const fn link_epoch(word: u64) -> u32 {
+    (word >> 1) as u32
+}
+/// Whether a link word says the peer is up.
+pub const fn link_up(word: u64) -> bool {
+    word & 1 != 0
+}
+
 /// The window of channel `index`.
 pub const fn channel_window(index: u32) -> u64 {
     CHANNEL_WINDOW_GPA + index as u64 * CHANNEL_STRIDE
@@ -51,9 +94,34 @@ pub const fn channel_window(index: u32) -> u64 {
 
 /// Workloads the guest kernel implements (its registry); configs may name only these.
 pub const WORKLOADS: &[&str] = &[
-    "hello", "spin", "fault", "ping", "pong", "stream", "sink", "relay", "scribble", "trespass",
-    "pool", "giver", "taker", "racer", "capowner", "holder", "doomed", "revoker", "splitter",
-    "passer", "far", "flooder", "quiet", "attack",
+    "hello",
+    "spin",
+    "fault",
+    "ping",
+    "pong",
+    "stream",
+    "sink",
+    "relay",
+    "scribble",
+    "trespass",
+    "pool",
+    "giver",
+    "taker",
+    "racer",
+    "capowner",
+    "holder",
+    "doomed",
+    "revoker",
+    "splitter",
+    "passer",
+    "far",
+    "flooder",
+    "quiet",
+    "attack",
+    "phoenix",
+    "supervisor",
+    "streamer",
+    "echoer",
 ];
 
 /// What values a workload argument takes.
@@ -475,6 +543,39 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("rings", 0, 1_000_000, 50, "`doorbell-flood`: doorbells per message"),
         ],
     },
+    WorkloadSpec {
+        name: "phoenix",
+        summary: "checks that nothing of an earlier incarnation is left (a mark in its last \
+                  page and in its first grant, mapped), leaves its own mark, then faults on \
+                  purpose (reads past its partition) until incarnation `live_at`, where it \
+                  exits 0 if every check held",
+        args: &[int("live_at", 1, 1001, 4, "the incarnation that exits instead of faulting")],
+    },
+    WorkloadSpec {
+        name: "supervisor",
+        summary: "runs the guests it controls (`[[control]]`): waits while one runs, restarts \
+                  one the hypervisor stopped (at most `tries` times), is done when it exited; \
+                  exits 0 if each exited 0. With `hold = 1` it first stops its last guest, \
+                  checks it is held, starts it again",
+        args: &[
+            int("tries", 0, 1000, 10, "restarts it asks for, per guest"),
+            flag("hold", "stop and start the last guest first"),
+        ],
+    },
+    WorkloadSpec {
+        name: "streamer",
+        summary: "sends `n` numbered messages one at a time, each echoed by its peer; when the \
+                  peer dies it counts the message lost, waits for the new incarnation, \
+                  resynchronises and goes on; exits 0 if every message was echoed once, in \
+                  order, or counted lost",
+        args: &[int("n", 1, 1_000_000, 100, "messages to send")],
+    },
+    WorkloadSpec {
+        name: "echoer",
+        summary: "echoes every message back on its first channel; its first incarnation \
+                  faults on purpose after `die_after` echoes; exits 0 at the end marker",
+        args: &[int("die_after", 0, 1_000_000, 30, "echoes before the first incarnation dies")],
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {
@@ -502,7 +603,7 @@ const _: () = {
 };
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MKVBOOT\0");
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.
 pub const MAX_CHANNELS_PER_GUEST: usize = 16;
 
@@ -543,8 +644,11 @@ pub struct BootInfo {
     /// Workload arguments, `key=value` words separated by spaces, NUL-padded.
     pub args: [u8; 128],
     pub channels: [ChannelDesc; MAX_CHANNELS_PER_GUEST],
+    /// Which start of this guest this is: 1, then 2 after its first restart, ...
+    pub incarnation: u32,
+    pub _reserved: [u8; 60],
 }
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 232 + 64 * MAX_CHANNELS_PER_GUEST);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 296 + 64 * MAX_CHANNELS_PER_GUEST);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_PML4_GPA - BOOT_INFO_GPA);
 
 impl BootInfo {

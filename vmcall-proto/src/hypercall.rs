@@ -57,6 +57,33 @@ pub enum Hypercall {
     /// `n` more capabilities through this endpoint (0 refuses all). Transfers to a guest
     /// that has not accepted are refused with `NotAccepted` and cost it nothing.
     CapAccept = 14,
+    /// `guest_control(slot, op) -> value`: act on the guest a guest-control capability
+    /// names (see [`control`]): `QUERY` returns its state word, `STOP` stops it (its clean
+    /// death is over when the call returns; it stays down until started), `START` starts a
+    /// new incarnation of a guest that is down, `RESTART` does both. The operation runs on
+    /// the target's core; the caller waits for that core's answer (bounded: `Timeout`).
+    GuestControl = 15,
+}
+
+/// Operations and the state word of [`Hypercall::GuestControl`].
+pub mod control {
+    pub const QUERY: u64 = 0;
+    pub const STOP: u64 = 1;
+    pub const START: u64 = 2;
+    pub const RESTART: u64 = 3;
+
+    /// State word: `state | incarnation << 8 | last exit status (low 32 bits) << 32`.
+    pub const fn state_word(state: u8, incarnation: u32, status: u64) -> u64 {
+        state as u64 | (incarnation as u64 & 0xff_ffff) << 8 | (status & 0xffff_ffff) << 32
+    }
+    /// Its incarnation is running.
+    pub const RUNNING: u8 = 1;
+    /// Down: it exited (the status is in the word).
+    pub const EXITED: u8 = 2;
+    /// Down: the hypervisor stopped it (fault, budget) and its policy does not restart it.
+    pub const STOPPED: u8 = 3;
+    /// Down: stopped by a controller's request.
+    pub const HELD: u8 = 4;
 }
 
 /// Guest-physical window where capabilities are mapped: 3 GiB to 4 GiB.
@@ -81,6 +108,7 @@ impl TryFrom<u64> for Hypercall {
             12 => Hypercall::CapTransfer,
             13 => Hypercall::CapRevoke,
             14 => Hypercall::CapAccept,
+            15 => Hypercall::GuestControl,
             _ => return Err(HvError::UnknownCall),
         })
     }
@@ -137,6 +165,9 @@ pub enum HvError {
     TooDeep = -21,
     /// The receiver has not accepted capabilities on that endpoint (see `cap_accept`).
     NotAccepted = -22,
+    /// The guest is in a state the operation does not apply to (e.g. starting a guest that
+    /// runs), or another operation on it is still under way.
+    Busy = -23,
 }
 
 impl From<crate::caps::CapError> for HvError {
@@ -161,7 +192,7 @@ impl From<crate::caps::CapError> for HvError {
     }
 }
 
-const ALL_ERRORS: [HvError; 22] = [
+const ALL_ERRORS: [HvError; 23] = [
     HvError::UnknownCall,
     HvError::BadAddress,
     HvError::BadLength,
@@ -184,6 +215,7 @@ const ALL_ERRORS: [HvError; 22] = [
     HvError::NotOwner,
     HvError::TooDeep,
     HvError::NotAccepted,
+    HvError::Busy,
 ];
 
 impl HvError {
@@ -213,11 +245,18 @@ mod tests {
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {
-        for n in 0..15 {
+        for n in 0..16 {
             assert_eq!(Hypercall::try_from(n).unwrap() as u64, n);
         }
-        assert_eq!(Hypercall::try_from(15), Err(HvError::UnknownCall));
+        assert_eq!(Hypercall::try_from(16), Err(HvError::UnknownCall));
         assert_eq!(Hypercall::try_from(u64::MAX), Err(HvError::UnknownCall));
+    }
+
+    #[test]
+    fn control_state_word_packs_its_fields() {
+        let w = control::state_word(control::EXITED, 7, 0x1_0000_0005);
+        assert_eq!((w & 0xff, (w >> 8) & 0xff_ffff, w >> 32), (2, 7, 5));
+        assert!((w as i64) >= 0, "never read as an error");
     }
 
     #[test]

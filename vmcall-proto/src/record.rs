@@ -37,6 +37,13 @@ pub mod kind {
     /// `exit_status`, `exits` (quoted `reason:count` words), `fault` (quoted, when stopped),
     /// `hypercalls`, `tsc_first_entry`, `tsc_end`.
     pub const GUEST: &str = "guest";
+    /// One incarnation of a guest ended (printed by its core when it does): `guest`, `n`
+    /// (1 for the first start), `ending` (`exited`/`stopped`), `exit_status`, `fault`
+    /// (quoted), `tsc_start` (setup began), `tsc_first_entry`, `tsc_end`,
+    /// `frames_at_start` (private frames in use when it was entered: equal for every
+    /// incarnation, or something leaked), `caps_revoked`, `caps_unconfirmed`, `caps_dropped`
+    /// (its clean death).
+    pub const INCARNATION: &str = "incarnation";
     /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,
     /// `a_sent`, `b_received`, `b_sent`, `a_received`.
     pub const CHANNEL: &str = "channel";

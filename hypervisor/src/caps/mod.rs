@@ -7,9 +7,11 @@
 //! through [`Env`] (the EPT of this core's guest and the inter-core transport), so the
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
-//! May call: `vmcall_proto` (the capability space and ABI), [`proto`]. Nothing else of
+//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`]. Nothing else of
 //! the hypervisor: `exits` calls into this module, never the other way.
 
+pub mod control;
+pub mod links;
 #[cfg(test)]
 mod model;
 pub mod proto;
@@ -103,6 +105,8 @@ struct Chan {
     peer: Option<u16>,
     /// Caps the guest still accepts through this channel (`cap_accept`).
     accept: u32,
+    /// What this core knows of the peer (see [`links`]).
+    link: links::Link,
 }
 
 /// A guest's capability state on its core. `E` is the protocol's table size (see
@@ -114,14 +118,29 @@ pub struct CapCore<const E: usize> {
     nchans: usize,
     /// The guest has ended: inserts are refused, revokes still served.
     ended: bool,
+    /// The guest's incarnation (1 for its first start).
+    inc: u32,
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
+    /// Guest control: this core's own request, and requests for its guest.
+    pub ctl: control::Control,
     last_transfer: [u64; MAX_PEERS],
     pub stats: Stats,
     pub policy: Policy,
     #[cfg(test)]
     pub bug: Bug,
+}
+
+/// What a guest's death took back ([`CapCore::retire`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retired {
+    /// Copies of its caps revoked on other cores.
+    pub revoked: u64,
+    /// Caps whose revoke some core did not confirm (fenced; their records are kept).
+    pub unconfirmed: u32,
+    /// Copies it held, dropped.
+    pub dropped: u32,
 }
 
 /// A transfer in flight, for [`CapCore::transfer_finish`].
@@ -168,8 +187,10 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).chans).write([Chan::default(); MAX_CHANNELS_PER_GUEST]);
             addr_of_mut!((*p).nchans).write(0);
             addr_of_mut!((*p).ended).write(false);
+            addr_of_mut!((*p).inc).write(1);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
+            addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
             addr_of_mut!((*p).stats).write(Stats::default());
             addr_of_mut!((*p).policy).write(policy);
@@ -187,8 +208,10 @@ impl<const E: usize> CapCore<E> {
             chans: [Chan::default(); MAX_CHANNELS_PER_GUEST],
             nchans: 0,
             ended: false,
+            inc: 1,
             deaf: false,
             proto: Proto::new(core),
+            ctl: control::Control::default(),
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
             policy,
@@ -208,11 +231,51 @@ impl<const E: usize> CapCore<E> {
         Ok(self.space.insert(cap, None)?.0)
     }
 
+    /// Control over guest `guest`, which runs on core `core` (the config's `[[control]]`),
+    /// in the next slot.
+    pub fn add_control(&mut self, core: u16, guest: u32) -> Result<u64, HvError> {
+        let cap =
+            Cap::new(CapType::Control, Rights::READ | Rights::WRITE, core as u64, guest as u64);
+        Ok(self.space.insert(cap, None)?.0)
+    }
+
+    /// Cores of the guests this one controls (to release them when it is gone for good).
+    pub fn control_targets(&self) -> u64 {
+        self.space
+            .live()
+            .filter(|(_, c)| c.kind == CapType::Control)
+            .fold(0, |m, (_, c)| m | 1u64.checked_shl(c.base as u32).unwrap_or(0))
+    }
+
+    /// `guest_control(slot, op)`: sent to the target's core, answered from there; the wait
+    /// serves every other request meanwhile and ends at the deadline (64 protocol levels:
+    /// the target's clean death may have revokes of its own to finish).
+    fn control(&mut self, env: &mut impl Env, h: u64, operation: u64) -> Result<u64, HvError> {
+        let c = *self.space.get(h)?;
+        if c.kind != CapType::Control {
+            return Err(HvError::WrongType);
+        }
+        let core = c.base as u16;
+        if self.proto.fenced(core as usize) {
+            return Err(HvError::PeerGone);
+        }
+        let deadline = self.policy.deadline.saturating_mul(64);
+        self.ctl.start(env, core, operation, deadline)?;
+        loop {
+            self.poll(env);
+            if let Some(r) = self.ctl.outcome(env.now()) {
+                return r;
+            }
+            env.relax();
+        }
+    }
+
     /// One of the guest's channels (boot-info order), with its endpoint cap in the next
     /// slot. `peer`: the core running the other end, if it runs.
     pub fn add_channel(&mut self, index: u32, peer: Option<u16>) -> Result<u64, HvError> {
         let chan = self.chans.get_mut(self.nchans).ok_or(HvError::NoSpace)?;
-        *chan = Chan { index, peer, accept: 0 };
+        let link = links::Link { peer_up: peer.is_some(), peer_inc: 1, ..Default::default() };
+        *chan = Chan { index, peer, accept: 0, link };
         self.nchans += 1;
         let cap = Cap::new(CapType::Endpoint, Rights::READ | Rights::WRITE, index as u64, 0);
         Ok(self.space.insert(cap, None)?.0)
@@ -220,8 +283,183 @@ impl<const E: usize> CapCore<E> {
 
     /// The guest has ended: no more caps come in. Its own caps stay until revoked (their
     /// owners may still take them back, and that must keep working).
+    #[cfg(test)]
     pub fn end(&mut self) {
         self.ended = true;
+    }
+
+    /// The guest has died: every copy made from its caps is revoked on every core (as
+    /// `cap_revoke` would, bounded by the deadlines), every copy it held is dropped, every
+    /// original is unmapped and kept for a next incarnation, and no channel accepts caps.
+    /// Inserts are refused from here on until [`Self::reborn`].
+    pub fn retire(&mut self, env: &mut impl Env) -> Retired {
+        self.ended = true;
+        let mut out = Retired::default();
+        let mut owners = [None; vmcall_proto::caps::MAX_SLOTS];
+        for (o, (h, _)) in
+            owners.iter_mut().zip(self.space.live().filter(|(_, c)| c.children().next().is_some()))
+        {
+            *o = Some(h);
+        }
+        for h in owners.into_iter().flatten() {
+            match self.revoke(env, h) {
+                Ok(n) => out.revoked += n,
+                Err(_) => out.unconfirmed += 1,
+            }
+        }
+        let mut failed = false;
+        out.dropped = self.space.retire(|c| {
+            if let Some(gpa) = c.mapped_at {
+                failed |= env.ept_unmap(gpa, c.size).is_err();
+            }
+        });
+        self.stats.unmap_failed |= failed;
+        for c in &mut self.chans[..self.nchans] {
+            c.accept = 0;
+        }
+        out
+    }
+
+    /// A new incarnation of the guest runs on what [`Self::retire`] left: caps come in again.
+    pub fn reborn(&mut self) {
+        self.ended = false;
+        self.inc += 1;
+    }
+
+    /// Capabilities in the guest's space.
+    pub fn live_caps(&self) -> usize {
+        self.space.live().count()
+    }
+
+    /// The guest's incarnation.
+    pub fn incarnation(&self) -> u32 {
+        self.inc
+    }
+
+    /// A `LINK_*` message from core `from` about channels it is the peer's core of. A
+    /// `LINK_DOWN` is acknowledged at once if this guest is dead, else by [`Self::links_ack`]
+    /// once the run loop has reset the rings (before the guest runs again).
+    fn link_message(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        let (kind, inc, alive) = (m[0] & 0xff, m[5] as u32, m[6] != 0);
+        let mut down = false;
+        for c in self.chans[..self.nchans].iter_mut() {
+            if c.peer.map(usize::from) != Some(from) || !links::names(m, c.index) {
+                continue;
+            }
+            let l = &mut c.link;
+            l.peer_inc = inc;
+            l.changed = true;
+            match kind {
+                proto::op::LINK_DOWN => {
+                    l.peer_up = false;
+                    l.ack = !self.ended;
+                    down = true;
+                }
+                proto::op::LINK_ACK => {
+                    l.acked = true;
+                    l.peer_up = alive;
+                }
+                _ => l.peer_up = true,
+            }
+        }
+        if down && self.ended {
+            let dead = self.chans[..self.nchans]
+                .iter()
+                .filter(|c| c.peer.map(usize::from) == Some(from) && links::names(m, c.index));
+            let ack = links::message(proto::op::LINK_ACK, dead.map(|c| c.index), self.inc, false);
+            links::send(env, from, &ack);
+        }
+    }
+
+    /// Acknowledges the `LINK_DOWN`s of the channels at boot-info positions `reset` (a
+    /// bitmask), now shown down in the status page: one `LINK_ACK` per peer core.
+    pub fn links_ack(&mut self, env: &mut impl Env, reset: u32) {
+        let mut done = 0u64;
+        for i in (0..self.nchans).filter(|i| reset & (1 << i) != 0) {
+            let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
+            if done & (1u64 << (peer % 64)) != 0 {
+                continue;
+            }
+            done |= 1u64 << (peer % 64);
+            let same = (0..self.nchans)
+                .filter(|j| reset & (1 << j) != 0)
+                .filter(|&j| self.chans[j].peer.map(usize::from) == Some(peer))
+                .map(|j| self.chans[j].index);
+            let ack = links::message(proto::op::LINK_ACK, same, self.inc, true);
+            links::send(env, peer, &ack);
+        }
+    }
+
+    /// Tells the peers' cores that the guest died (`LINK_DOWN`), one message per core.
+    pub fn links_down(&mut self, env: &mut impl Env) {
+        self.links_send(env, proto::op::LINK_DOWN);
+    }
+
+    /// Tells the peers' cores that a new incarnation runs (`LINK_UP`).
+    pub fn links_up(&mut self, env: &mut impl Env) {
+        self.links_send(env, proto::op::LINK_UP);
+    }
+
+    fn links_send(&mut self, env: &mut impl Env, kind: u64) {
+        let mut done = 0u64;
+        for i in 0..self.nchans {
+            let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
+            if done & (1u64 << (peer % 64)) != 0 {
+                continue;
+            }
+            done |= 1u64 << (peer % 64);
+            let to_peer =
+                self.chans[..self.nchans].iter().filter(|c| c.peer.map(usize::from) == Some(peer));
+            let m = links::message(kind, to_peer.map(|c| c.index), self.inc, !self.ended);
+            let sent = !self.proto.fenced(peer) && links::send(env, peer, &m);
+            for c in self.chans[..self.nchans]
+                .iter_mut()
+                .filter(|c| c.peer.map(usize::from) == Some(peer))
+            {
+                // A fenced or unreachable peer is taken as down and done with.
+                c.link.acked = !sent || kind != proto::op::LINK_DOWN;
+                if !sent {
+                    c.link.peer_up = false;
+                }
+            }
+        }
+    }
+
+    /// Whether every peer core acknowledged the last `LINK_DOWN`.
+    pub fn links_acked(&self) -> bool {
+        self.chans[..self.nchans].iter().all(|c| c.peer.is_none() || c.link.acked)
+    }
+
+    /// Gives up on the acks still missing: those peers count as down.
+    pub fn links_give_up(&mut self) {
+        for c in self.chans[..self.nchans].iter_mut().filter(|c| !c.link.acked) {
+            c.link.acked = true;
+            c.link.peer_up = false;
+        }
+    }
+
+    /// The link of the guest's channel at boot-info position `pos`, taking its `changed`
+    /// and `ack` marks.
+    pub fn take_link(&mut self, pos: usize) -> Option<links::Link> {
+        let c = self.chans.get_mut(pos).filter(|_| pos < self.nchans)?;
+        let l = c.link;
+        c.link.changed = false;
+        c.link.ack = false;
+        Some(l)
+    }
+
+    /// Whether any link changed since the run loop last looked.
+    pub fn links_changed(&self) -> bool {
+        self.chans[..self.nchans].iter().any(|c| c.link.changed)
+    }
+
+    /// Memory caps this space owns (originals): the next incarnation inherits them, so the
+    /// hypervisor scrubs them first.
+    pub fn owned_memory(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.space
+            .live()
+            .filter(|(_, c)| c.depth == 0 && c.kind == CapType::Memory)
+            .map(|(_, c)| (c.base, c.size))
     }
 
     /// Fault injection (`inject=deaf-core:N`): from now on this core drops every revoke
@@ -264,6 +502,18 @@ impl<const E: usize> CapCore<E> {
 
     /// One inter-core message.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if links::is_link(m) {
+            if from != self.proto.me() && !self.proto.fenced(from) {
+                self.link_message(env, from, m);
+            }
+            return;
+        }
+        if control::is_control(m) {
+            if from != self.proto.me() && !self.proto.fenced(from) {
+                self.ctl.deliver(from, m);
+            }
+            return;
+        }
         if from < MAX_PEERS && proto::is_request(m) {
             self.stats.requests_from[from] = self.stats.requests_from[from].saturating_add(1);
         }
@@ -330,6 +580,7 @@ impl<const E: usize> CapCore<E> {
             Hypercall::CapTransfer => self.transfer(env, a, b, c),
             Hypercall::CapRevoke => self.revoke(env, a),
             Hypercall::CapAccept => self.accept(a, b),
+            Hypercall::GuestControl => self.control(env, a, b),
             _ => return None,
         })
     }

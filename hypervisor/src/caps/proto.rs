@@ -54,7 +54,9 @@ pub const CREDITS: u8 = 1;
 pub const CLASSES: usize = MAX_DEPTH as usize + 1;
 /// Inter-core ring slots needed (see the module header): requests and replies of every
 /// class, rounded up to the power of two the ring wants.
-pub const RING_SLOTS: u32 = (2 * CREDITS as u32 * CLASSES as u32).next_power_of_two();
+/// Guest control adds at most three per ring (one request, one answer, one release), links
+/// three (a down, an ack, an up).
+pub const RING_SLOTS: u32 = (2 * CREDITS as u32 * CLASSES as u32 + 6).next_power_of_two();
 
 /// Entries a core needs with `cores` cores: its own operation, and the requests of every
 /// other core it may be serving at once.
@@ -67,6 +69,14 @@ pub mod op {
     pub const INSERT_REPLY: u64 = 2;
     pub const REVOKE: u64 = 3;
     pub const REVOKE_REPLY: u64 = 4;
+    /// Guest control (see `caps::control`), carried on the same rings.
+    pub const CONTROL: u64 = 5;
+    pub const CONTROL_REPLY: u64 = 6;
+    pub const RELEASE: u64 = 7;
+    /// Channel links (see `caps::links`).
+    pub const LINK_DOWN: u64 = 8;
+    pub const LINK_ACK: u64 = 9;
+    pub const LINK_UP: u64 = 10;
 }
 
 fn header(op: u64, req: u32) -> u64 {
@@ -259,6 +269,11 @@ impl<const E: usize> Proto<E> {
             #[cfg(test)]
             bug: Bug::None,
         }
+    }
+
+    /// This core's index.
+    pub fn me(&self) -> usize {
+        self.me as usize
     }
 
     pub fn fenced(&self, core: usize) -> bool {

@@ -676,3 +676,133 @@ fn in_place_initialisation_equals_a_fresh_instance() {
     };
     assert_eq!(built, Core::new(5, policy));
 }
+
+/// Three cores: 0 copies its region to 1, 1 copies on to 2 (each maps what it got). Then
+/// 1 dies: its own copy is dropped and unmapped, 2's copy (made from 1's) is revoked.
+/// Then 0 revokes: nothing is left on 1 or 2, so it returns at once, having taken nothing. Then 0 dies holding copies of nothing: nothing to revoke.
+#[test]
+fn a_dying_guest_takes_its_copies_with_it_and_leaves_its_originals() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    fn wait_step(core: &mut Core, env: &mut ThreadEnv, s: usize) {
+        while STEP.load(Ordering::SeqCst) < s {
+            core.poll(env);
+            std::thread::yield_now();
+        }
+    }
+    fn copy_arrives(core: &mut Core, env: &mut ThreadEnv) -> u64 {
+        loop {
+            core.poll(env);
+            if let Some((h, _)) = core.space().live().find(|(_, k)| k.depth > 0) {
+                return h;
+            }
+            std::thread::yield_now();
+        }
+    }
+    STEP.store(0, Ordering::SeqCst);
+    let out = threads(3, |me, core, env| match me {
+        0 => {
+            let ep = ep_of(core, 3, 0, 1);
+            core.hypercall(env, Hypercall::CapTransfer, 0, ep, 1 | 7 << 8).unwrap().unwrap();
+            wait_step(core, env, 2);
+            // 1 died: its copy and the copy made from it are gone already, so the revoke
+            // finds nothing to take (0) and returns as soon as core 1 answers.
+            assert_eq!(core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0), Some(Ok(0)));
+            let r = core.retire(env);
+            assert_eq!(r, Retired::default(), "nothing left to take back");
+            assert!(core.space().get(0).is_ok(), "the original stays");
+            STEP.store(3, Ordering::SeqCst);
+        }
+        1 => {
+            let h = copy_arrives(core, env);
+            core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 3).unwrap().unwrap();
+            let ep = ep_of(core, 3, 1, 2);
+            core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 1 << 8).unwrap().unwrap();
+            wait_step(core, env, 1);
+            let r = core.retire(env);
+            assert_eq!(r, Retired { revoked: 1, unconfirmed: 0, dropped: 1 });
+            assert_eq!(core.space().get(h).err(), Some(vmcall_proto::caps::CapError::Revoked));
+            assert!(core.space().get(0).is_ok(), "its own grant stays for the next incarnation");
+            // Dead: a new copy is refused until it is reborn.
+            STEP.store(2, Ordering::SeqCst);
+            wait_step(core, env, 3);
+        }
+        _ => {
+            let h = copy_arrives(core, env);
+            core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1).unwrap().unwrap();
+            STEP.store(1, Ordering::SeqCst);
+            wait_step(core, env, 2);
+            assert!(core.space().live().all(|(_, k)| k.depth == 0), "the copy of a copy went");
+            wait_step(core, env, 3);
+        }
+    });
+    for (i, (core, maps)) in out.iter().enumerate() {
+        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a copy");
+        assert!(core.space().live().all(|(_, k)| k.depth == 0), "core {i}");
+        assert!(core.idle(), "core {i}");
+    }
+}
+
+/// Guest control on threads: core 0 controls core 1's guest. Core 1 answers its first
+/// request; it sits on the second past the deadline (`Timeout`), a third request while that
+/// one is unanswered is `Busy`, and once the late answer is in, requests work again. Bad
+/// requests are refused before anything is sent.
+#[test]
+fn guest_control_is_answered_bounded_and_one_at_a_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    STEP.store(0, Ordering::SeqCst);
+    let out = threads(2, |me, core, env| {
+        let word = vmcall_proto::hypercall::control::state_word(1, 1, 0);
+        if me == 0 {
+            core.policy.deadline = 2_000; // µs in this harness: 128 ms to answer
+            let h = core.add_control(1, 1).unwrap();
+            let call = |core: &mut Core, env: &mut ThreadEnv, h, op| {
+                core.hypercall(env, Hypercall::GuestControl, h, op, 0).unwrap()
+            };
+            assert_eq!(call(core, env, 0, 0), Err(HvError::WrongType), "a memory cap");
+            assert_eq!(call(core, env, h | 1 << 32, 0), Err(HvError::NoSuchSlot));
+            assert_eq!(call(core, env, h, 4), Err(HvError::BadArgument));
+            let ep = ep_of(core, 2, 0, 1);
+            let moved = core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 7 << 8);
+            assert_eq!(moved, Some(Err(HvError::WrongType)), "control is never passed on");
+            assert_eq!(call(core, env, h, 0), Ok(word));
+            assert_eq!(call(core, env, h, 0), Err(HvError::Timeout), "core 1 sits on it");
+            assert_eq!(call(core, env, h, 0), Err(HvError::Busy), "one at a time");
+            STEP.store(1, Ordering::SeqCst);
+            while STEP.load(Ordering::SeqCst) < 2 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+            core.poll(env);
+            assert_eq!(call(core, env, h, 0), Ok(word), "the late answer cleared the way");
+            STEP.store(3, Ordering::SeqCst);
+        } else {
+            let take = |core: &mut Core, env: &mut ThreadEnv| loop {
+                core.poll(env);
+                if let Some(r) = core.ctl.take() {
+                    return r;
+                }
+                std::thread::yield_now();
+            };
+            let (from, req, op) = take(core, env);
+            assert_eq!((from, op), (0, 0));
+            control::Control::answer(env, from, req, Ok(word));
+            let (from, late, _) = take(core, env);
+            while STEP.load(Ordering::SeqCst) < 1 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+            assert!(core.ctl.take().is_none(), "the Busy call sent nothing");
+            control::Control::answer(env, from, late, Ok(word));
+            STEP.store(2, Ordering::SeqCst);
+            let (from, req, _) = take(core, env);
+            control::Control::answer(env, from, req, Ok(word));
+            while STEP.load(Ordering::SeqCst) < 3 {
+                core.poll(env);
+                std::thread::yield_now();
+            }
+        }
+    });
+    assert_eq!(out[0].0.ctl.released, 0);
+}

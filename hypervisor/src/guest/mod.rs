@@ -39,6 +39,13 @@ pub struct Launch {
     /// Each becomes a memory capability (read, write, grant) in slot order.
     pub grants: [(u64, u64); MAX_GRANTS_PER_GUEST],
     pub grant_count: usize,
+    /// Guests this one controls (`[[control]]`) that run: (core, guest index), each a
+    /// guest-control capability after the endpoints.
+    pub targets: [(u16, u16); vmcall_proto::config::MAX_GUESTS],
+    pub target_count: usize,
+    /// Cores of the guests that control this one (their requests are served, no one
+    /// else's; it is reported once all of them have let go).
+    pub controllers: u64,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
@@ -87,6 +94,27 @@ pub struct GuestReport {
     pub caps: crate::caps::Stats,
     /// TSC ticks spent serving other cores while the guest ran.
     pub foreign_tsc: u64,
+    /// How many times the guest was started (1 + restarts).
+    pub incarnations: u32,
+}
+
+impl GuestReport {
+    /// Adds a later incarnation: its ending and end time, every counter summed.
+    pub fn absorb(&mut self, later: &GuestReport) {
+        self.ending = later.ending;
+        for (a, b) in self.exits.iter_mut().zip(later.exits) {
+            *a = a.saturating_add(b);
+        }
+        self.exits_other = self.exits_other.saturating_add(later.exits_other);
+        self.hypercalls = self.hypercalls.saturating_add(later.hypercalls);
+        if self.tsc_first_entry == 0 {
+            self.tsc_first_entry = later.tsc_first_entry;
+        }
+        self.tsc_end = later.tsc_end;
+        self.caps = later.caps;
+        self.foreign_tsc = self.foreign_tsc.saturating_add(later.foreign_tsc);
+        self.incarnations += 1;
+    }
 }
 
 /// The guest's name as text.
@@ -183,7 +211,8 @@ mod run {
         [const { CapsSlot(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit())) };
             crate::percpu::MAX_CORES];
 
-    /// Initialises and hands out this core's capability state. Called once per core.
+    /// Initialises and hands out this core's capability state. Called once per core (a
+    /// restarted guest goes on with the state its predecessor's death left).
     fn caps_of_this_core(
         core: usize,
         policy: crate::caps::Policy,
@@ -247,7 +276,7 @@ mod run {
         injected: bool,
         frames: &'a mut Private,
         eptp: u64,
-        link: crate::xcore::Link,
+        link: &'a mut crate::xcore::Link,
     }
 
     fn field(f: Field) -> crate::vmx::vmcs::Rw {
@@ -583,11 +612,79 @@ mod run {
             nmis: 0,
             caps: ctx.caps.stats,
             foreign_tsc: ctx.foreign_tsc,
+            incarnations: 1,
         }
     }
 
-    /// Sets up and runs the guest of `l` on this core until it ends, hands its report to
-    /// `post`, then keeps serving inter-core requests while `keep_serving` says so.
+    /// The hypervisor side of a core once its guest is over for good: no guest to enter,
+    /// no EPT to change (the dead guest's space holds nothing mapped and takes nothing in).
+    struct Serving<'a>(&'a mut crate::xcore::Link);
+
+    impl crate::caps::Env for Serving<'_> {
+        fn now(&mut self) -> u64 {
+            arch::rdtsc()
+        }
+        fn send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
+            self.0.try_send(to, m)
+        }
+        fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+            self.0.try_recv()
+        }
+        fn kick(&mut self, to: usize) {
+            self.0.kick(to)
+        }
+        fn ept_map(&mut self, _: u64, _: u64, _: u64, _: bool) -> Result<(), HvError> {
+            Err(HvError::PeerGone)
+        }
+        fn ept_unmap(&mut self, _: u64, _: u64) -> Result<(), HvError> {
+            Err(HvError::NotMapped)
+        }
+        fn relax(&mut self) {
+            arch::pause();
+        }
+    }
+
+    /// Whether a guest that ended so is started again under `policy` (see
+    /// `vmcall_proto::config::restart`). A guest the hypervisor could not set up, or stopped
+    /// to keep isolation, never is.
+    pub(super) fn restart_wanted(policy: u8, ending: Ending) -> bool {
+        use vmcall_proto::config::restart;
+        match ending {
+            Ending::Stopped(
+                StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::Requested { .. },
+            ) => false,
+            Ending::Exited(0) => policy == restart::ALWAYS,
+            Ending::Exited(_) | Ending::Stopped(_) => policy != restart::NEVER,
+        }
+    }
+
+    /// The state word a controller's query gets for a guest that is down after `ending`.
+    fn down_word(ending: Ending, n: u32) -> u64 {
+        use vmcall_proto::hypercall::control;
+        match ending {
+            Ending::Exited(s) => control::state_word(control::EXITED, n, s),
+            Ending::Stopped(StopReason::Requested { .. }) => {
+                control::state_word(control::HELD, n, 0)
+            }
+            Ending::Stopped(_) => control::state_word(control::STOPPED, n, 0),
+        }
+    }
+
+    /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
+    /// capabilities accepted again.
+    fn rebirth(caps: &mut crate::caps::HvCaps) {
+        for (base, size) in caps.owned_memory() {
+            // SAFETY: memory this core's guest owns (a grant or a region moved to it),
+            // identity-mapped; its guest is not running and nothing maps it now.
+            unsafe { (base as *mut u8).write_bytes(0, size as usize) };
+        }
+        caps.reborn();
+    }
+
+    /// Sets up and runs the guest of `l` on this core, again as its restart policy and its
+    /// controllers say (each time a new incarnation from the same kernel and config, after a
+    /// clean death of the last one), hands its report to `post` once it is down for good,
+    /// then keeps serving inter-core requests while `keep_serving` says so.
     pub fn run(
         l: &Launch,
         f: &Features,
@@ -595,26 +692,198 @@ mod run {
         post: impl FnOnce(GuestReport),
         keep_serving: impl Fn() -> bool,
     ) {
+        use crate::caps::control::Control;
+        use vmcall_proto::hypercall::control;
         let tsc_per_ms = arch::tsc::ticks_per_ms();
-        let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
-        let watchdog = arch::rdtsc().saturating_add(budget_ticks);
         let policy = crate::caps::Policy {
             deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
             ..crate::caps::Policy::from_tsc_per_ms(tsc_per_ms)
         };
-        let caps = caps_of_this_core(core as usize, policy);
-        let mut ctx =
-            GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
+        let mut caps = caps_of_this_core(core as usize, policy);
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
-            ctx.caps.deafen();
+            caps.deafen();
         }
-        // Setup failures end the guest before it ran: report and return (no caps to serve).
-        let mut post = Some(post);
-        let mut stop = |ctx: &GuestCtx, why: &'static str| {
-            if let Some(p) = post.take() {
-                p(report(ctx, Ending::Stopped(StopReason::Setup(why)), 0));
+        let mut link = crate::xcore::Link::new(core as usize);
+        let mut total: Option<GuestReport> = None;
+        let mut n = 0u32;
+        let mut restarts = 0u32;
+        let mut ending;
+        // A controller's START or RESTART, answered once the new incarnation runs.
+        let mut starting: Option<(usize, u32)> = None;
+        let mut counts = [LinkCount::default(); MAX_CHANNELS_PER_GUEST];
+        'life: loop {
+            loop {
+                n += 1;
+                let (r, back, asked) =
+                    incarnation(l, f, core, n, caps, &mut link, &mut starting, &mut counts);
+                caps = back;
+                ending = r.ending;
+                match &mut total {
+                    Some(t) => t.absorb(&r),
+                    None => total = Some(r),
+                }
+                if let Some((to, req)) = starting.take() {
+                    // It never ran (setup failed): say so.
+                    Control::answer(&mut Serving(&mut link), to, req, Ok(down_word(ending, n)));
+                }
+                match asked {
+                    Some((from, req, control::RESTART)) => {
+                        starting = Some((from, req));
+                        rebirth(caps);
+                        log::info!("guest {}: restarting (its controller asked)", name(l));
+                        continue;
+                    }
+                    Some((from, req, _)) => {
+                        let word = down_word(ending, n);
+                        Control::answer(&mut Serving(&mut link), from, req, Ok(word));
+                        break;
+                    }
+                    None => {}
+                }
+                if !restart_wanted(l.entry.restart, ending)
+                    || restarts >= u32::from(l.entry.max_restarts)
+                {
+                    break;
+                }
+                restarts += 1;
+                rebirth(caps);
+                log::info!(
+                    "guest {}: restarting ({restarts} of {})",
+                    name(l),
+                    l.entry.max_restarts
+                );
             }
+            // Down. Its controllers may start it again until each has let go.
+            while l.controllers & !caps.ctl.released != 0 && keep_serving() {
+                caps.poll(&mut Serving(&mut link));
+                let Some((from, req, operation)) = caps.ctl.take() else {
+                    arch::pause();
+                    continue;
+                };
+                let env = &mut Serving(&mut link);
+                if l.controllers & (1 << from) == 0 {
+                    Control::answer(env, from, req, Err(HvError::NotOwner));
+                } else if matches!(operation, control::START | control::RESTART) {
+                    starting = Some((from, req));
+                    rebirth(caps);
+                    log::info!("guest {}: starting again (its controller asked)", name(l));
+                    continue 'life;
+                } else {
+                    Control::answer(env, from, req, Ok(down_word(ending, n)));
+                }
+            }
+            break;
+        }
+        // Gone for good: the guests it controlled no longer wait for it.
+        let targets = caps.control_targets();
+        for t in (0..64).filter(|t| targets & (1u64 << t) != 0) {
+            Control::release(&mut Serving(&mut link), t);
+        }
+        if let Some(mut r) = total {
+            r.xmsgs = link.sent;
+            r.nmis = link.nmis;
+            post(r);
+        }
+        // The guest is gone but other cores may still revoke copies they made (their
+        // requests find nothing here and are answered at once), or ask about it: keep
+        // answering until told to stop.
+        while keep_serving() {
+            caps.poll(&mut Serving(&mut link));
+            if let Some((from, req, _)) = caps.ctl.take() {
+                let word = down_word(ending, n);
+                Control::answer(&mut Serving(&mut link), from, req, Ok(word));
+            }
+            arch::pause();
+        }
+    }
+
+    /// A channel's counters across incarnations: messages lost to resets, resets.
+    #[derive(Clone, Copy, Default)]
+    struct LinkCount {
+        lost: u64,
+        resets: u64,
+    }
+
+    /// Resets a channel's rings (zeroes both) and returns how many messages were in flight
+    /// (sent and not received, both directions, as the guest-written counters say). Only
+    /// before a new incarnation starts, once the peer's core acknowledged the channel down
+    /// (or its guest is dead or its core does not answer: the epoch tags keep what it
+    /// writes late out of the new epoch).
+    fn reset_rings(ch: &ChanMap) -> u64 {
+        let slots = ch.desc.slots;
+        let ring = vmcall_proto::channel::ring_pages_bytes(slots);
+        // The channel's rings: allocated by the BSP, identity-mapped, `ch.size` bytes.
+        // SAFETY: reads through the ring's atomics only, then zeroed while nobody uses it.
+        let lost = unsafe {
+            let a = vmcall_proto::channel::Ring::from_raw(ch.hpa as *mut u8, slots);
+            let b = vmcall_proto::channel::Ring::from_raw((ch.hpa + ring) as *mut u8, slots);
+            a.sent().saturating_sub(a.received()) + b.sent().saturating_sub(b.received())
+        };
+        // SAFETY: as above; no end is using the rings (the caller's condition).
+        unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
+        lost
+    }
+
+    /// Brings the status page at `page` up to date with what this core knows of the
+    /// channels' peers. Returns the channels whose peer's `LINK_DOWN` now shows (boot-info
+    /// positions, a bitmask) for the caller to acknowledge.
+    fn publish_links(
+        page: u64,
+        l: &Launch,
+        caps: &mut crate::caps::HvCaps,
+        counts: &[LinkCount; MAX_CHANNELS_PER_GUEST],
+    ) -> u32 {
+        let n = caps.incarnation();
+        let mut ack = 0;
+        for (pos, count) in counts.iter().enumerate().take(l.channel_count) {
+            let Some(link) = caps.take_link(pos) else { continue };
+            if link.ack {
+                ack |= 1 << pos;
+            }
+            // A frame of this core's private region, identity-mapped; the guest maps it
+            // read-only and is not running now.
+            // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
+            let sp = unsafe { &mut *(page as *mut StatusPage) };
+            let ls = &mut sp.links[pos];
+            ls.word = link_word(link.peer_up, link.epoch(n));
+            ls.lost = count.lost;
+            ls.resets = count.resets;
+        }
+        ack
+    }
+
+    /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
+    /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
+    /// private region goes back whole, the partition is zeroed before the next use).
+    /// `starting`: a controller to answer once it runs. Returns its report, the capability
+    /// state for the next incarnation, and the controller's request that ended it, if one
+    /// did: (core, request, operation).
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn incarnation(
+        l: &Launch,
+        f: &Features,
+        core: u32,
+        n: u32,
+        caps: &'static mut crate::caps::HvCaps,
+        link: &mut crate::xcore::Link,
+        starting: &mut Option<(usize, u32)>,
+        counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
+    ) -> (GuestReport, &'static mut crate::caps::HvCaps, Option<(usize, u32, u64)>) {
+        use crate::caps::control::Control;
+        use vmcall_proto::hypercall::control;
+        let tsc_start = arch::rdtsc();
+        let tsc_per_ms = arch::tsc::ticks_per_ms();
+        let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
+        let watchdog = arch::rdtsc().saturating_add(budget_ticks);
+        let mut ctx =
+            GuestCtx::new(l.guest_id, core, l.entry.memory_mib, tsc_per_ms, watchdog, caps);
+        // Setup failures end the incarnation before it ran.
+        let stop = |ctx: GuestCtx, why: &'static str| {
+            let r = report(&ctx, Ending::Stopped(StopReason::Setup(why)), 0);
+            let start = Start { tsc: tsc_start, frames: 0, caps: 0 };
+            incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
+            (r, ctx.caps, None)
         };
         let part = Partition { base: l.partition, size: l.partition_size };
         let mut frames = Private::new(Identity, l.private, l.private + l.private_size);
@@ -627,14 +896,15 @@ mod run {
             Ok(p) => p,
             Err(e) => {
                 log::error!("guest {}: kernel ELF rejected: {e}", name(l));
-                return stop(&ctx, "kernel ELF rejected");
+                return stop(ctx, "kernel ELF rejected");
             }
         };
+        // Nothing of a previous incarnation (or of whoever had the memory before) survives.
         part.zero();
         for s in plan.segments() {
             let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
             if part.write(s.gpa, data).is_err() {
-                return stop(&ctx, "kernel segment outside the partition");
+                return stop(ctx, "kernel segment outside the partition");
             }
         }
         let mut bi = BootInfo::new_zeroed();
@@ -647,8 +917,9 @@ mod run {
         bi.name = l.entry.name;
         bi.workload = l.entry.workload;
         bi.args = l.entry.args;
+        bi.incarnation = n;
         if boot_page_tables(&part).is_err() {
-            return stop(&ctx, "partition too small for the boot structures");
+            return stop(ctx, "partition too small for the boot structures");
         }
 
         let windows = l
@@ -657,18 +928,29 @@ mod run {
             .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
         let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
             Ok(root) => ept::eptp(root),
-            Err(why) => return stop(&ctx, why),
+            Err(why) => return stop(ctx, why),
         };
+        // The status page: a private frame, read-only to the guest.
+        let Some(status) = ept::Frames::alloc(&mut frames) else {
+            return stop(ctx, "private region exhausted");
+        };
+        // SAFETY: a fresh frame of this core's private region, identity-mapped.
+        unsafe { (status as *mut u8).write_bytes(0, 4096) };
+        if ept::map_with(&mut frames, eptp & !0xfff, STATUS_GPA, status, 4096, ept::Perm::Read)
+            .is_err()
+        {
+            return stop(ctx, "status page mapping failed");
+        }
         for (i, ch) in l.channels().iter().enumerate() {
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
         }
         bi.channel_count = l.channel_count as u32;
         if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
-            return stop(&ctx, "partition too small for the boot structures");
+            return stop(ctx, "partition too small for the boot structures");
         }
         let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
-            return stop(&ctx, "private region exhausted");
+            return stop(ctx, "private region exhausted");
         };
         // SAFETY: a fresh page of this core's private region; VMX is on for this core.
         let loaded = unsafe {
@@ -676,9 +958,10 @@ mod run {
             arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
         };
         if loaded.is_err() {
-            return stop(&ctx, "VMCLEAR/VMPTRLD failed");
+            return stop(ctx, "VMCLEAR/VMPTRLD failed");
         }
-        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation.
+        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation
+        // (a previous incarnation's included).
         unsafe {
             arch::vmx::invvpid_single((l.guest_id + 1) as u16);
             arch::vmx::invept_single(eptp);
@@ -687,20 +970,29 @@ mod run {
             Ok(p) => p,
             Err(what) => {
                 log::error!("guest {}: VMCS setup: {what}", name(l));
-                return stop(&ctx, "VMCS setup failed");
+                return stop(ctx, "VMCS setup failed");
             }
         };
         let mut sink = Console { name: name(l), core };
-        for &(base, size) in &l.grants[..l.grant_count] {
-            if ctx.caps.grant(base, size).is_err() {
-                return stop(&ctx, "capability space full");
+        if n == 1 {
+            for &(base, size) in &l.grants[..l.grant_count] {
+                if ctx.caps.grant(base, size).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for ch in l.channels() {
+                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for &(core, guest) in &l.targets[..l.target_count] {
+                if ctx.caps.add_control(core, guest as u32).is_err() {
+                    return stop(ctx, "capability space full");
+                }
             }
         }
-        for ch in l.channels() {
-            if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                return stop(&ctx, "capability space full");
-            }
-        }
+        let frames_at_start = frames.in_use();
+        let caps_at_start = ctx.caps.live_caps();
         let mut vcpu = VmcsVcpu {
             regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
             part: &part,
@@ -708,10 +1000,10 @@ mod run {
             injected: false,
             frames: &mut frames,
             eptp,
-            link: crate::xcore::Link::new(core as usize),
+            link,
         };
         log::info!(
-            "guest {} (id {}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
+            "guest {} (id {}, incarnation {n}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
             name(l),
             l.guest_id,
             part.size >> 20,
@@ -730,6 +1022,24 @@ mod run {
         let me = unsafe { crate::percpu::this_core() };
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+        if n > 1 {
+            // The last incarnation's death took the channels down and every peer's core
+            // acknowledged (or was given up on): nobody uses the rings. Start them over.
+            for (pos, ch) in l.channels().iter().enumerate() {
+                counts[pos].lost += reset_rings(ch);
+                counts[pos].resets += 1;
+            }
+        }
+        let acks = publish_links(status, l, ctx.caps, counts);
+        ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+        if n > 1 {
+            ctx.caps.links_up(&mut exits::CapEnv(&mut vcpu));
+        }
+        if let Some((to, req)) = starting.take() {
+            let word = control::state_word(control::RUNNING, n, 0);
+            Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
+        }
+        let mut asked = None;
         let ending = loop {
             // Kicks from here on are seen by this poll, or zero the timer below.
             me.take_kick();
@@ -746,6 +1056,27 @@ mod run {
             let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
             ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            if ctx.caps.links_changed() {
+                let acks = publish_links(status, l, ctx.caps, counts);
+                ctx.caps.links_ack(&mut exits::CapEnv(&mut vcpu), acks);
+                // Wake the guest if it sleeps on a doorbell: its channel changed.
+                arch::apic::send_fixed_ipi(arch::apic::current_id(), DOORBELL_VECTOR);
+            }
+            if let Some((from, req, operation)) = ctx.caps.ctl.take() {
+                let env = &mut exits::CapEnv(&mut vcpu);
+                let running = control::state_word(control::RUNNING, n, 0);
+                match operation {
+                    _ if l.controllers & (1 << from) == 0 => {
+                        Control::answer(env, from, req, Err(HvError::NotOwner))
+                    }
+                    control::QUERY => Control::answer(env, from, req, Ok(running)),
+                    control::START => Control::answer(env, from, req, Err(HvError::Busy)),
+                    _ => {
+                        asked = Some((from, req, operation));
+                        break Ending::Stopped(StopReason::Requested { by: from as u16 });
+                    }
+                }
+            }
             if ctx.caps.stats.unmap_failed {
                 break Ending::Stopped(StopReason::Isolation(
                     "a revoked capability could not be unmapped from its EPT",
@@ -808,7 +1139,31 @@ mod run {
             reinject_vectoring(&mut vcpu);
         };
         ctx.flush_line(&mut sink);
-        ctx.caps.end();
+        let mut r = report(&ctx, ending, first_entry);
+        // The clean death: every copy made from its caps revoked everywhere, every copy it
+        // held dropped, its originals unmapped (while its EPT still exists to unmap them).
+        let retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
+        r.caps = ctx.caps.stats;
+        // Its channels go down: each peer's core acknowledges once its guest knows (or is
+        // given up on); the rings are reset only if a next incarnation starts.
+        if l.channel_count > 0 {
+            let env = &mut exits::CapEnv(&mut vcpu);
+            ctx.caps.links_down(env);
+            let deadline =
+                arch::rdtsc().saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
+            while !ctx.caps.links_acked() && arch::rdtsc() < deadline {
+                ctx.caps.poll(env);
+                arch::pause();
+            }
+            if !ctx.caps.links_acked() {
+                log::warn!("guest {}: a channel peer's core did not acknowledge in time", name(l));
+                ctx.caps.links_give_up();
+            }
+        }
+        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
+        // SAFETY: the VMCS is this core's; clearing it ends its use (the frame goes back with
+        // the private region).
+        let _ = unsafe { arch::vmx::vmclear(vmcs) };
         log::info!(
             "guest {}: private frames in use {}, peak {}, limit {}",
             name(l),
@@ -816,21 +1171,61 @@ mod run {
             vcpu.frames.peak(),
             vcpu.frames.limit()
         );
-        if let Some(p) = post.take() {
-            let mut r = report(&ctx, ending, first_entry);
-            r.xmsgs = vcpu.link.sent;
-            r.nmis = vcpu.link.nmis;
-            p(r);
+        let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
+            lost: a.lost + c.lost,
+            resets: a.resets + c.resets,
+        });
+        let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
+        incarnation_record(l, n, &r, start, &retired, links);
+        (r, ctx.caps, asked)
+    }
+
+    /// An incarnation's start: TSC when its setup began, private frames and live caps when
+    /// it was first entered (equal for every incarnation unless something leaks).
+    struct Start {
+        tsc: u64,
+        frames: u64,
+        caps: usize,
+    }
+
+    /// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`).
+    fn incarnation_record(
+        l: &Launch,
+        n: u32,
+        r: &GuestReport,
+        start: Start,
+        retired: &crate::caps::Retired,
+        links: LinkCount,
+    ) {
+        let Start { tsc: tsc_start, frames, caps: caps_live } = start;
+        let (ending, status, fault) = match r.ending {
+            Ending::Exited(s) => ("exited", s, None),
+            Ending::Stopped(why) => ("stopped", 0, Some(why)),
+        };
+        crate::record!(
+            vmcall_proto::record::kind::INCARNATION,
+            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={}",
+            name(l),
+            vmcall_proto::record::Quoted(OptFault(fault)),
+            r.tsc_first_entry,
+            r.tsc_end,
+            retired.revoked,
+            retired.unconfirmed,
+            retired.dropped,
+            caps_live,
+            links.resets,
+            links.lost
+        );
+    }
+
+    struct OptFault(Option<StopReason>);
+    impl core::fmt::Display for OptFault {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                Some(w) => w.fmt(f),
+                None => Ok(()),
+            }
         }
-        // The guest is gone but its capabilities may have copies elsewhere, and other cores
-        // may revoke copies held here: keep answering until told to stop.
-        while keep_serving() {
-            ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
-            arch::pause();
-        }
-        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-        // SAFETY: the VMCS is this core's; clearing it ends its use.
-        let _ = unsafe { arch::vmx::vmclear(vmcs) };
     }
 
     /// An exit during event delivery leaves the event in the IDT-vectoring field; it must be

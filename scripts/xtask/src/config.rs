@@ -21,6 +21,8 @@ pub struct Config {
     pub channels: Vec<Channel>,
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+    #[serde(default, rename = "control")]
+    pub controls: Vec<Control>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -41,6 +43,34 @@ pub struct Guest {
     pub workload: Spanned<String>,
     #[serde(default)]
     pub args: Option<Spanned<Args>>,
+    /// `never` (default), `on-fault` or `always`.
+    #[serde(default)]
+    pub restart: Option<Spanned<String>>,
+    /// Restarts allowed after the first start (default 3 when `restart` is not `never`).
+    #[serde(default)]
+    pub max_restarts: Option<Spanned<u32>>,
+    /// Run budget of each incarnation, ms (default: the command line's `budget_ms`).
+    #[serde(default)]
+    pub budget_ms: Option<Spanned<u32>>,
+}
+
+/// Default `max_restarts` for a guest that restarts.
+pub const DEFAULT_MAX_RESTARTS: u16 = 3;
+
+impl Guest {
+    /// The restart policy's value in the blob (`None` for an unknown name).
+    fn restart_policy(&self) -> Option<u8> {
+        let name = self.restart.as_ref().map_or("never", |r| r.get_ref().as_str());
+        blob::restart::NAMES.iter().position(|n| *n == name).map(|p| p as u8)
+    }
+}
+
+/// `[[control]]`: guest `guest` controls the guests `over` (a guest-control capability each).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    pub guest: Spanned<String>,
+    pub over: Spanned<Vec<Spanned<String>>>,
 }
 
 /// A guest's `args` table, each key and value with its place in the file.
@@ -298,7 +328,9 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         if let Some(spec) = vmcall_proto::guest::workload_spec(w) {
             check_args(&mut errs, &config, g, spec, &f("args"));
         }
+        check_lifecycle(&mut errs, g, &f);
     }
+    check_controls(&mut errs, &config);
     let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
     let grant_mib: u64 = config.grants.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
     let needed = blob::memory_needed(
@@ -512,6 +544,66 @@ fn check_args(errs: &mut Errors<'_>, config: &Config, g: &Guest, spec: &Workload
     }
 }
 
+/// `restart`, `max_restarts`, `budget_ms` of one guest.
+fn check_lifecycle(errs: &mut Errors, g: &Guest, f: &impl Fn(&str) -> String) {
+    if let Some(r) = &g.restart {
+        if g.restart_policy().is_none() {
+            errs.at(
+                r.span(),
+                f("restart"),
+                format!(
+                    "unknown restart policy `{}` (known: {})",
+                    r.get_ref(),
+                    blob::restart::NAMES.join(", ")
+                ),
+            );
+        }
+    }
+    if let Some(m) = &g.max_restarts {
+        if *m.get_ref() > blob::MAX_RESTARTS as u32 {
+            errs.at(m.span(), f("max_restarts"), format!("at most {}", blob::MAX_RESTARTS));
+        } else if g.restart_policy() == Some(blob::restart::NEVER) {
+            errs.at(m.span(), f("max_restarts"), "given, but `restart` is `never` (the default)");
+        }
+    }
+    if let Some(b) = &g.budget_ms {
+        if !(1..=blob::MAX_BUDGET_MS).contains(b.get_ref()) {
+            errs.at(b.span(), f("budget_ms"), format!("must be in 1..={}", blob::MAX_BUDGET_MS));
+        }
+    }
+}
+
+/// `[[control]]` tables: the controller and every controlled guest exist, none controls
+/// itself, no pair twice.
+fn check_controls(errs: &mut Errors, c: &Config) {
+    let known = |n: &str| c.guests.iter().any(|g| g.name.get_ref() == n);
+    for (i, ctl) in c.controls.iter().enumerate() {
+        let who = ctl.guest.get_ref();
+        if !known(who) {
+            errs.at(ctl.guest.span(), format!("control[{i}].guest"), format!("no guest `{who}`"));
+        }
+        if ctl.over.get_ref().is_empty() {
+            errs.at(ctl.over.span(), format!("control[{i}].over"), "names no guest");
+        }
+        for (j, o) in ctl.over.get_ref().iter().enumerate() {
+            let field = format!("control[{i}].over[{j}]");
+            let name = o.get_ref();
+            if !known(name) {
+                errs.at(o.span(), field, format!("no guest `{name}`"));
+            } else if name == who {
+                errs.at(o.span(), field, format!("guest `{who}` cannot control itself"));
+            } else if c.controls[..=i]
+                .iter()
+                .flat_map(|p| p.over.get_ref().iter().map(move |x| (p, x)))
+                .take_while(|(_, x)| !std::ptr::eq(*x, o))
+                .any(|(p, x)| p.guest.get_ref() == who && x.get_ref() == name)
+            {
+                errs.at(o.span(), field, format!("`{who}` already controls `{name}`"));
+            }
+        }
+    }
+}
+
 fn encode(c: &Config) -> Result<Vec<u8>, String> {
     let idx = |n: &str| c.guests.iter().position(|g| g.name.get_ref() == n).unwrap_or(0) as u16;
     let guests = c
@@ -525,6 +617,22 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
                 *g.core.get_ref(),
                 *g.memory_mib.get_ref(),
             )
+            .map(|mut e| {
+                e.restart = g.restart_policy().unwrap_or(blob::restart::NEVER);
+                e.max_restarts = match &g.max_restarts {
+                    Some(m) => *m.get_ref() as u16,
+                    None if e.restart != blob::restart::NEVER => DEFAULT_MAX_RESTARTS,
+                    None => 0,
+                };
+                e.budget_ms = g.budget_ms.as_ref().map_or(0, |b| *b.get_ref());
+                e.controls = c
+                    .controls
+                    .iter()
+                    .filter(|ctl| ctl.guest.get_ref() == g.name.get_ref())
+                    .flat_map(|ctl| ctl.over.get_ref().iter())
+                    .fold(0u64, |m, o| m | 1 << idx(o.get_ref()));
+                e
+            })
             .ok_or_else(|| format!("guest `{}` does not fit the blob", g.name.get_ref()))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -691,6 +799,51 @@ memory_mib = 4
         assert!(e.message.contains("unknown guest `gamma`"));
         let e = one_error(&GOOD.replace("guest = \"beta\"", "guest = \"delta\""));
         assert_eq!((e.line, e.field.as_str()), (26, "grant[0].guest"));
+    }
+
+    #[test]
+    fn restart_policies_budgets_and_control() {
+        const AB: &str =
+            "[[channel]]\nname = \"ab\"\nbetween = [\"alpha\", \"beta\"]\nslots = 64\n";
+        assert!(GOOD.contains(AB));
+        let src = GOOD.replace(AB, "").replace(
+            "args = { ms = 5 }",
+            "args = { ms = 5 }\nrestart = \"on-fault\"\nbudget_ms = 700",
+        ) + "[[control]]\nguest = \"alpha\"\nover = [\"beta\"]\n";
+        let c = compile("t.toml", &src).unwrap();
+        let cfg = blob::parse(&c.blob).unwrap();
+        let (a, b) = (cfg.guest(0), cfg.guest(1));
+        assert_eq!((b.restart, b.max_restarts, b.budget_ms), (blob::restart::ON_FAULT, 3, 700));
+        assert_eq!((a.restart, a.max_restarts, a.budget_ms), (blob::restart::NEVER, 0, 0));
+        assert_eq!((a.controls, b.controls), (0b10, 0));
+
+        let bad = |from: &str, to: &str| one_error(&src.replace(from, to));
+        let e = bad("\"on-fault\"", "\"sometimes\"");
+        assert_eq!((e.line, e.field.as_str()), (18, "guest[1].restart"));
+        assert!(e.message.contains("unknown restart policy `sometimes` (known: never"), "{e}");
+        let e = bad("budget_ms = 700", "budget_ms = 0");
+        assert_eq!(e.field, "guest[1].budget_ms");
+        let e = bad("budget_ms = 700", "max_restarts = 1001");
+        assert!(e.message.contains("at most 1000"), "{e}");
+        let e = bad("restart = \"on-fault\"", "max_restarts = 2");
+        assert!(e.message.contains("`restart` is `never`"), "{e}");
+        let e = bad("over = [\"beta\"]", "over = [\"alpha\"]");
+        assert_eq!(e.field, "control[0].over[0]");
+        assert!(e.message.contains("cannot control itself"), "{e}");
+        let e = bad("over = [\"beta\"]", "over = [\"beta\", \"gamma\"]");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("control[0].over[1]", "no guest `gamma`")
+        );
+        let e = bad("over = [\"beta\"]", "over = [\"beta\", \"beta\"]");
+        assert!(e.message.contains("already controls"), "{e}");
+        let e = bad("guest = \"alpha\"\nover", "guest = \"nobody\"\nover");
+        assert_eq!(e.field, "control[0].guest");
+        assert!(bad("over = [\"beta\"]", "over = []").message.contains("names no guest"));
+        let e = one_error(&src.replace("over = [\"beta\"]", "over = [\"beta\"]\nextra = 1"));
+        assert!(e.message.contains("unknown field `extra`"), "{e}");
+        // Guests with channels may be restarted and controlled (their channels are reset).
+        assert!(compile("t.toml", &format!("{src}{AB}")).is_ok());
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct GuestReport {
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
+    /// Each start of the guest, in order (one unless it was restarted).
+    #[serde(default)]
+    pub incarnations: Vec<IncarnationReport>,
     /// Its exit trace's totals, when the run was traced (`--trace`).
     #[serde(default)]
     pub trace: Option<GuestTrace>,
@@ -93,6 +96,42 @@ pub struct GuestTrace {
     pub guest_tsc: u64,
     /// Time in the hypervisor between its first VM entry and its end, the rest.
     pub hypervisor_tsc: u64,
+}
+
+/// One incarnation of a guest, from its `incarnation` record: how it ended, its times
+/// (TSC), and its clean death.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct IncarnationReport {
+    /// 1 for the first start.
+    pub n: u32,
+    /// `exited` or `stopped`.
+    pub ending: String,
+    /// Its exit status when it exited.
+    pub exit_status: Option<u64>,
+    /// Why it was stopped.
+    pub fault: Option<String>,
+    /// TSC when its setup began, at its first VM entry (`null` if never entered), at its end.
+    pub tsc_start: u64,
+    pub tsc_first_entry: Option<u64>,
+    pub tsc_end: u64,
+    /// Private frames (EPT tables, VMCS, bitmaps) in use when it was first entered: the
+    /// same for every incarnation unless the hypervisor leaks.
+    pub frames_at_start: u64,
+    /// At its death: copies of its capabilities revoked on other cores, revokes not
+    /// confirmed (fenced cores), copies it held that were dropped.
+    pub caps_revoked: u64,
+    pub caps_unconfirmed: u64,
+    pub caps_dropped: u64,
+    /// Capabilities in its space when it was first entered (equal for every incarnation
+    /// unless the hypervisor leaks slots).
+    #[serde(default)]
+    pub caps_live: u64,
+    /// Channel resets so far (one per channel per restart) and the messages they found
+    /// in flight (lost to the restart), as this guest's core counted them.
+    #[serde(default)]
+    pub link_resets: u64,
+    #[serde(default)]
+    pub link_lost: u64,
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -118,6 +157,7 @@ struct GuestJson {
     cap_refused: u64,
     foreign_tsc: u64,
     fenced: Vec<u32>,
+    incarnations: Vec<IncarnationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace: Option<GuestTrace>,
 }
@@ -151,6 +191,7 @@ impl From<GuestReport> for GuestJson {
             foreign_tsc: g.foreign_tsc,
             fenced: g.fenced,
             trace: g.trace,
+            incarnations: g.incarnations,
         }
     }
 }
@@ -334,6 +375,8 @@ pub struct Console {
     pub traces: BTreeMap<u32, Vec<TraceEvent>>,
     pub trace_sums: BTreeMap<u32, GuestTrace>,
     pub problems: Vec<String>,
+    /// Incarnation records seen, by guest name, until the guest's own record takes them.
+    incarnations: BTreeMap<String, Vec<IncarnationReport>>,
 }
 
 /// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
@@ -427,8 +470,13 @@ impl Console {
                             .filter_map(|w| w.parse().ok())
                             .collect(),
                         trace: None,
+                        incarnations: vec![],
                     })
                 })();
+                let guest = guest.map(|mut g| {
+                    g.incarnations = self.incarnations.remove(&g.name).unwrap_or_default();
+                    g
+                });
                 match guest {
                     Some(g) => self.guests.push(g),
                     None => self.problems.push(format!("guest record without its fields: {line}")),
@@ -451,6 +499,39 @@ impl Console {
                     Some(c) => self.channels.push(c),
                     None => {
                         self.problems.push(format!("channel record without its fields: {line}"))
+                    }
+                }
+            }
+            kind::INCARNATION => {
+                let inc = (|| {
+                    let ending = r.get("ending")?.raw().to_string();
+                    let first: u64 = num(&r, "tsc_first_entry")?;
+                    Some((
+                        unescape(r.get("guest")?),
+                        IncarnationReport {
+                            n: num(&r, "n")?,
+                            exit_status: (ending == "exited")
+                                .then(|| num(&r, "exit_status"))
+                                .flatten(),
+                            ending,
+                            fault: r.get("fault").map(unescape).filter(|s| !s.is_empty()),
+                            tsc_start: num(&r, "tsc_start")?,
+                            tsc_first_entry: (first != 0).then_some(first),
+                            tsc_end: num(&r, "tsc_end")?,
+                            frames_at_start: num(&r, "frames_at_start")?,
+                            caps_revoked: num(&r, "caps_revoked")?,
+                            caps_unconfirmed: num(&r, "caps_unconfirmed")?,
+                            caps_dropped: num(&r, "caps_dropped")?,
+                            caps_live: num(&r, "caps_live").unwrap_or(0),
+                            link_resets: num(&r, "link_resets").unwrap_or(0),
+                            link_lost: num(&r, "link_lost").unwrap_or(0),
+                        },
+                    ))
+                })();
+                match inc {
+                    Some((g, i)) => self.incarnations.entry(g).or_default().push(i),
+                    None => {
+                        self.problems.push(format!("incarnation record without its fields: {line}"))
                     }
                 }
             }

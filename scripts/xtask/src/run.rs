@@ -908,6 +908,21 @@ pub fn summary(r: &Report) -> String {
                 if g.state == "not_started" { "why" } else { "fault" }
             );
         }
+        if g.incarnations.len() > 1 {
+            s += &format!("        {} incarnations:\n", g.incarnations.len());
+            for i in &g.incarnations {
+                let how = match (&i.exit_status, &i.fault) {
+                    (Some(st), _) => format!("exited {st}"),
+                    (None, Some(f)) => format!("stopped: {f}"),
+                    (None, None) => i.ending.clone(),
+                };
+                s += &format!(
+                    "          #{:<3} {:>12} TSC  {how}\n",
+                    i.n,
+                    i.tsc_end.saturating_sub(i.tsc_start)
+                );
+            }
+        }
     }
     for c in &r.channels {
         s += &format!(

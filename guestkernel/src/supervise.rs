@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `supervisor`: a guest that runs others through its guest-control capabilities (the
+//! config's `[[control]]`). For each guest it controls, in slot order: a guest that is
+//! `running` is waited for; one the hypervisor `stopped` (a fault, its budget) is
+//! restarted, at most `tries` times; one that `exited` is done. With `hold = 1` it first
+//! stops its last target while it runs, checks that it is held, starts it again and
+//! checks that a second start is refused. Bad requests are refused on the way.
+
+use crate::hypercall::{call, check};
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::{control, HvError, Hypercall};
+
+const CONTROL_CAP: u64 = 3;
+
+fn ctl(slot: u64, op: u64) -> Result<u64, Result<HvError, i64>> {
+    call(Hypercall::GuestControl, slot, op)
+}
+
+/// (state, incarnation, status) of a state word.
+fn fields(w: u64) -> (u8, u64, u64) {
+    ((w & 0xff) as u8, (w >> 8) & 0xff_ffff, w >> 32)
+}
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        control::RUNNING => "running",
+        control::EXITED => "exited",
+        control::STOPPED => "stopped",
+        control::HELD => "held",
+        _ => "?",
+    }
+}
+
+fn pause_ms(bi: &BootInfo, ms: u64) {
+    let t = crate::arch::rdtsc();
+    while crate::arch::rdtsc() - t < ms * bi.tsc_per_ms {
+        core::hint::spin_loop();
+    }
+}
+
+pub fn supervisor(bi: &BootInfo) -> u64 {
+    let tries = bi.arg_int("tries");
+    let hold = bi.arg_int("hold") == 1;
+    let mut ok = true;
+    let slots: [Option<u64>; 8] = {
+        let mut s = [None; 8];
+        let found = (0..vmcall_proto::caps::MAX_SLOTS as u64)
+            .filter(|&h| call(Hypercall::CapIdentify, h, 0).is_ok_and(|i| i & 0xff == CONTROL_CAP));
+        for (d, h) in s.iter_mut().zip(found) {
+            *d = Some(h);
+        }
+        s
+    };
+    let Some(first) = slots[0] else {
+        log::error!("supervisor: no guest-control capability");
+        return 1;
+    };
+    check("supervisor", "an unknown operation", ctl(first, 9), Err(HvError::BadArgument), &mut ok);
+    check(
+        "supervisor",
+        "a forged slot",
+        ctl(first | 7 << 32, 0),
+        Err(HvError::NoSuchSlot),
+        &mut ok,
+    );
+    if let Some(other) = (0..first).find(|&h| call(Hypercall::CapIdentify, h, 0).is_ok()) {
+        check(
+            "supervisor",
+            "control through another cap",
+            ctl(other, 0),
+            Err(HvError::WrongType),
+            &mut ok,
+        );
+    }
+    let last = slots.iter().flatten().last().copied().unwrap_or(first);
+    if hold {
+        // Wait until it runs, then hold it.
+        let mut w = ctl(last, control::QUERY);
+        while w.is_ok_and(|w| fields(w).0 != control::RUNNING) {
+            pause_ms(bi, 1);
+            w = ctl(last, control::QUERY);
+        }
+        let stopped = ctl(last, control::STOP);
+        log::info!("supervisor: stop slot {last}: {}", Word(stopped));
+        ok &= stopped.is_ok_and(|w| fields(w).0 == control::HELD);
+        let q = ctl(last, control::QUERY);
+        log::info!("supervisor: query slot {last}: {}", Word(q));
+        ok &= q.is_ok_and(|w| fields(w).0 == control::HELD);
+        let started = ctl(last, control::START);
+        log::info!("supervisor: start slot {last}: {}", Word(started));
+        ok &= started.is_ok_and(|w| fields(w).0 == control::RUNNING);
+        check(
+            "supervisor",
+            "start it again",
+            ctl(last, control::START),
+            Err(HvError::Busy),
+            &mut ok,
+        );
+    }
+    for h in slots.into_iter().flatten() {
+        let mut restarts = 0;
+        loop {
+            let w = match ctl(h, control::QUERY) {
+                Ok(w) => w,
+                Err(e) => {
+                    log::error!("supervisor: query slot {h}: {e:?}");
+                    ok = false;
+                    break;
+                }
+            };
+            let (state, n, status) = fields(w);
+            match state {
+                control::RUNNING => pause_ms(bi, 1),
+                control::STOPPED if restarts < tries => {
+                    restarts += 1;
+                    let r = ctl(h, control::RESTART);
+                    log::info!(
+                        "supervisor: slot {h} stopped in incarnation {n}: restart: {}",
+                        Word(r)
+                    );
+                }
+                _ => {
+                    log::info!(
+                        "supervisor: slot {h} {} (status {status}) in incarnation {n} after {restarts} restarts",
+                        state_name(state)
+                    );
+                    ok &= state == control::EXITED && status == 0;
+                    break;
+                }
+            }
+        }
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+struct Word(Result<u64, Result<HvError, i64>>);
+impl core::fmt::Display for Word {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Ok(w) => {
+                let (s, n, st) = fields(w);
+                write!(f, "{} in incarnation {n} (status {st})", state_name(s))
+            }
+            Err(e) => write!(f, "{e:?}"),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Guest control between cores: the controller's half of `guest_control` (send the request
+//! to the target's core, wait for its answer under a deadline) and the target's inbox of
+//! requests (taken by the target's run loop, which alone touches its guest). Messages:
+//! `CONTROL(op)` and its `CONTROL_REPLY(result)`, and `RELEASE`, sent once by a controller's
+//! core when its guest is gone for good (its targets no longer wait for it).
+//!
+//! Flow control: a controller has at most one request outstanding per core (a call while
+//! one is unanswered, after a timeout, is `Busy`), and sends `RELEASE` once: with the
+//! capability protocol's messages this keeps every inter-core ring within its slots (see
+//! `proto::RING_SLOTS`).
+//!
+//! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
+
+use super::proto::op;
+use super::{Env, MAX_PEERS};
+use vmcall_proto::channel::Payload;
+use vmcall_proto::hypercall::{control, HvError};
+
+/// The control state of one core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Control {
+    /// This core's own request: the target core, its number, its deadline.
+    out: Option<(u16, u32, u64)>,
+    /// The answer to it, once here.
+    answer: Option<(u32, Result<u64, HvError>)>,
+    seq: u32,
+    /// Requests from each controller core, not yet taken by the run loop.
+    inbox: [Option<(u32, u64)>; MAX_PEERS],
+    /// Controller cores that have released this core's guest.
+    pub released: u64,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control { out: None, answer: None, seq: 0, inbox: [None; MAX_PEERS], released: 0 }
+    }
+}
+
+/// Whether `m` is a control message (the capability protocol's are not).
+pub fn is_control(m: &Payload) -> bool {
+    matches!(m[0] & 0xff, op::CONTROL | op::CONTROL_REPLY | op::RELEASE)
+}
+
+fn encode(r: Result<u64, HvError>) -> (u64, u64) {
+    match r {
+        Ok(v) => (0, v),
+        Err(e) => (e.to_rax(), 0),
+    }
+}
+
+fn decode(status: u64, value: u64) -> Result<u64, HvError> {
+    if status == 0 {
+        return Ok(value);
+    }
+    match HvError::from_rax(status) {
+        Err(Ok(e)) => Err(e),
+        _ => Err(HvError::BadArgument),
+    }
+}
+
+impl Control {
+    /// Takes in a control message from core `from`.
+    pub fn deliver(&mut self, from: usize, m: &Payload) {
+        let req = (m[0] >> 32) as u32;
+        match m[0] & 0xff {
+            op::CONTROL if from < MAX_PEERS => {
+                // One outstanding per controller: a second one before the answer is a
+                // broken peer; the first stays.
+                self.inbox[from].get_or_insert((req, m[1]));
+            }
+            op::CONTROL_REPLY => {
+                if let Some((core, r, _)) = self.out {
+                    if core as usize == from && r == req {
+                        self.out = None;
+                        self.answer = Some((req, decode(m[1], m[2])));
+                    }
+                }
+            }
+            op::RELEASE if from < MAX_PEERS => self.released |= 1 << from,
+            _ => {}
+        }
+    }
+
+    /// The next request for this core's guest: (controller core, request, operation).
+    pub fn take(&mut self) -> Option<(usize, u32, u64)> {
+        let from = self.inbox.iter().position(Option::is_some)?;
+        let (req, operation) = self.inbox[from].take()?;
+        Some((from, req, operation))
+    }
+
+    /// Answers request `req` of core `to`.
+    pub fn answer(env: &mut impl Env, to: usize, req: u32, result: Result<u64, HvError>) {
+        let (status, value) = encode(result);
+        let m = [op::CONTROL_REPLY | (req as u64) << 32, status, value, 0, 0, 0, 0];
+        if env.send(to, &m) {
+            env.kick(to);
+        }
+    }
+
+    /// Tells core `to` this core's guest is gone for good: it controls nothing any more.
+    pub fn release(env: &mut impl Env, to: usize) {
+        if env.send(to, &[op::RELEASE, 0, 0, 0, 0, 0, 0]) {
+            env.kick(to);
+        }
+    }
+
+    /// Sends `operation` to core `to`; `Busy` while an earlier request there is unanswered.
+    pub fn start(
+        &mut self,
+        env: &mut impl Env,
+        to: u16,
+        operation: u64,
+        deadline: u64,
+    ) -> Result<(), HvError> {
+        if operation > control::RESTART {
+            return Err(HvError::BadArgument);
+        }
+        if self.out.is_some() {
+            return Err(HvError::Busy);
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let m = [op::CONTROL | (self.seq as u64) << 32, operation, 0, 0, 0, 0, 0];
+        if !env.send(to as usize, &m) {
+            return Err(HvError::PeerGone);
+        }
+        env.kick(to as usize);
+        self.out = Some((to, self.seq, env.now().saturating_add(deadline)));
+        self.answer = None;
+        Ok(())
+    }
+
+    /// The answer to this core's request, `Timeout` past its deadline (the request stays
+    /// outstanding: a late answer is taken and dropped), `None` while it is pending.
+    pub fn outcome(&mut self, now: u64) -> Option<Result<u64, HvError>> {
+        if let Some((_, r)) = self.answer.take() {
+            return Some(r);
+        }
+        match self.out {
+            Some((_, _, deadline)) if now > deadline => Some(Err(HvError::Timeout)),
+            Some(_) => None,
+            None => Some(Err(HvError::Timeout)),
+        }
+    }
+}
