@@ -214,11 +214,21 @@ fn trace_writes_every_exit_as_csv_and_totals_in_the_report() {
             *by_reason.entry(row[3].to_string()).or_default() += 1;
         }
         assert_eq!(by_reason, g.exits, "{}", g.name);
-        // Time in the guest and in the hypervisor fit in the guest's life.
-        let life = g.tsc_end - g.tsc_first_entry;
-        assert!(t.guest_tsc > 0 && t.guest_tsc + t.hypervisor_tsc <= life, "{}: {t:?}", g.name);
-        // Rows in time order, each exit after its entry.
+        // Time in the guest and in the hypervisor add up to the traced span, from the first
+        // exit's entry (the hypervisor's last look before the first VM entry) to the last
+        // exit, which lies within the guest's life.
         let num = |s: &str| s.parse::<u64>().unwrap();
+        let t0 = r.tsc.hypervisor_entry.unwrap();
+        let (first, last) = (num(mine[0][4]) + t0, num(mine[mine.len() - 1][5]) + t0);
+        assert!(
+            t.guest_tsc > 0 && t.guest_tsc + t.hypervisor_tsc == last - first,
+            "{}: {t:?}",
+            g.name
+        );
+        assert!(first <= g.tsc_first_entry && last <= g.tsc_end, "{}", g.name);
+        let guest_rows: u64 = mine.iter().map(|r| num(r[6])).sum();
+        assert_eq!(guest_rows, t.guest_tsc, "{}", g.name);
+        // Rows in time order, each exit after its entry.
         for w in mine.windows(2) {
             assert!(num(w[0][5]) <= num(w[1][4]), "{w:?}");
         }

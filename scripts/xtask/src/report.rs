@@ -238,7 +238,8 @@ pub struct Meta {
     pub git_dirty: Option<bool>,
     /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
     pub config: Option<ConfigMeta>,
-    /// The `cargo xtask` arguments of the run (or the library call's equivalent).
+    /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
+    /// called the library (a test binary).
     pub command_line: Vec<String>,
     /// The emulator's own version line, when it says.
     pub emulator_version: Option<String>,
