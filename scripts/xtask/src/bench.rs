@@ -798,8 +798,7 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
     println!(
         "revoke kicks every holder at once: all REVOKE messages and NMIs first, then the replies)"
     );
-    println!(
-        "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
+    let mut t = table(&[
         "k",
         "map",
         "unmap",
@@ -810,24 +809,27 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
         "owner exits",
         "holder NMIs",
         "owner NMIs",
-        "owner msgs"
-    );
+        "owner msgs",
+    ]);
     for r in &rows {
-        println!(
-            "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
-            r.k,
-            r.map,
-            r.unmap,
-            r.copy_per_copy,
-            r.move_,
-            r.revoke,
-            r.revoke_per_copy,
-            r.revoke_exits_owner,
-            r.holder_nmi_exits,
-            r.owner_nmis,
-            r.owner_messages
+        t.add_row(
+            [
+                r.k,
+                r.map,
+                r.unmap,
+                r.copy_per_copy,
+                r.move_,
+                r.revoke,
+                r.revoke_per_copy,
+                r.revoke_exits_owner,
+                r.holder_nmi_exits,
+                r.owner_nmis,
+                r.owner_messages,
+            ]
+            .map(|v| v.to_string()),
         );
     }
+    println!("{t}");
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
         if plot {
