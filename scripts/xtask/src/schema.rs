@@ -2,7 +2,8 @@
 //! The JSON Schema of the run report, generated from `report::Report` (schemars) and kept in
 //! the repository at [`REPORT_SCHEMA`] for readers in other languages. `cargo xtask schema
 //! --update` rewrites it; a host test fails while the file and the types disagree, and the
-//! system tests validate real reports against the file.
+//! system tests validate real reports against the file. Owns the file; calls only schemars
+//! on `report`'s types.
 
 use anyhow::{Context, Result};
 
