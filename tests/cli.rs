@@ -100,6 +100,12 @@ fn an_emulator_that_stops_at_once_is_named_in_the_report() {
     };
     let r = xtask::run::run(&args).expect("the run is attempted");
     assert_eq!(r.outcome, "failed");
+    // Under QEMU the TSC counts clock ticks, not instructions, and the report says so.
+    assert_eq!(r.tsc_unit, "tsc_ticks");
+    assert!(
+        xtask::run::summary(&r).contains("TSC clock ticks, not instructions")
+            || r.tsc.hypervisor_entry.is_none()
+    );
     assert!(
         r.problems.iter().any(|p| p.starts_with("the emulator exited with")),
         "{:?}",
@@ -110,4 +116,146 @@ fn an_emulator_that_stops_at_once_is_named_in_the_report() {
         "{:?}",
         r.problems
     );
+}
+
+/// Runs the `cargo xtask` binary with `args` and a target directory of its own (so that
+/// anything it builds or boots would show there); returns exit code, stdout, stderr.
+fn xtask_in(target: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(xtask_binary())
+        .args(args)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(xtask::workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_checks_everything_run_checks_and_builds_nothing() {
+    let target = xtask::target_dir().join("xtask-tests/check-target");
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::create_dir_all(&target).unwrap();
+    let (code, out, err) = xtask_in(&target, &["check", "configs/default.toml"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ok: 4 guest(s)") && out.contains("4 CPUs"), "{out}");
+    // Each refusal with the code `run` would give.
+    let cases: [(&[&str], u8, &str); 5] = [
+        (&["check", "configs/bad-two-guests-one-core.toml"], xtask::exit::CONFIG, "guest[1].core"),
+        (&["check", "configs/default.toml", "--cpus", "2"], xtask::exit::USAGE, "--cpus 4"),
+        (&["check", "configs/pair.toml", "--cmdline", "frob"], xtask::exit::USAGE, "`frob`"),
+        (&["check", "--no-config", "--cpu-model", "nonsense"], xtask::exit::USAGE, "nonsense"),
+        (
+            &["check", "configs/default.toml", "--report", "/nonexistent-dir/r.json"],
+            xtask::exit::REPORT_PATH,
+            "/nonexistent-dir/r.json",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let (code, out, err) = xtask_in(&target, args);
+        assert_eq!(code, Some(want.into()), "{args:?}: {out}{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Nothing was built, no run folder made.
+    let left: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "check built or booted something: {left:?}");
+}
+
+#[test]
+fn trace_writes_every_exit_as_csv_and_totals_in_the_report() {
+    let dir = xtask::target_dir().join("xtask-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("traced.json");
+    let csv_path = dir.join("traced.trace.csv");
+    let _ = std::fs::remove_file(&csv_path);
+    let out = Command::new(xtask_binary())
+        .args(["run", "--config", "configs/fault.toml", "--quiet", "--trace", "--report"])
+        .arg(&report)
+        .current_dir(xtask::workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // mallory is stopped by design: the run is `failed`.
+    assert_eq!(out.status.code(), Some(xtask::exit::FAILED.into()), "{err}");
+    let r: xtask::report::Report =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    systests::assert_matches_schema(&r);
+    assert_eq!(r.trace_csv.as_deref(), Some(csv_path.to_str().unwrap()));
+    let csv = std::fs::read_to_string(&csv_path).expect("the trace CSV next to the report");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    for g in &r.guests {
+        let t = g.trace.as_ref().unwrap_or_else(|| panic!("{} has no trace totals", g.name));
+        // Every exit the guest record counts was traced, and each kept one is a row with
+        // its reason: the same counts by reason as the guest record (the ring held them all).
+        let exits: u64 = g.exits.values().sum();
+        assert_eq!(t.exits, exits, "{}: {:?}", g.name, g.exits);
+        assert_eq!(t.kept, exits.min(512), "{}", g.name);
+        let mine: Vec<_> = rows.iter().filter(|r| r[0] == g.name).collect();
+        assert_eq!(mine.len() as u64, t.kept, "{}", g.name);
+        let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+        for row in &mine {
+            *by_reason.entry(row[3].to_string()).or_default() += 1;
+        }
+        assert_eq!(by_reason, g.exits, "{}", g.name);
+        // Time in the guest and in the hypervisor add up to the traced span, from the first
+        // exit's entry (the hypervisor's last look before the first VM entry) to the last
+        // exit, which lies within the guest's life.
+        let num = |s: &str| s.parse::<u64>().unwrap();
+        let t0 = r.tsc.hypervisor_entry.unwrap();
+        let (first, last) = (num(mine[0][4]) + t0, num(mine[mine.len() - 1][5]) + t0);
+        assert!(
+            t.guest_tsc > 0 && t.guest_tsc + t.hypervisor_tsc == last - first,
+            "{}: {t:?}",
+            g.name
+        );
+        assert!(first <= g.tsc_first_entry && last <= g.tsc_end, "{}", g.name);
+        let guest_rows: u64 = mine.iter().map(|r| num(r[6])).sum();
+        assert_eq!(guest_rows, t.guest_tsc, "{}", g.name);
+        // Rows in time order, each exit after its entry.
+        for w in mine.windows(2) {
+            assert!(num(w[0][5]) <= num(w[1][4]), "{w:?}");
+        }
+    }
+    let m = r.guests.iter().find(|g| g.name == "mallory").unwrap();
+    assert_eq!(rows.iter().rfind(|r| r[0] == "mallory").unwrap()[3], "ept_violation");
+    assert!(err.contains("trace:") && err.contains("in the hypervisor"), "{err}");
+    assert_eq!(m.state, "stopped");
+    plot_and_diff(&report);
+}
+
+/// `plot` and `report diff` on the report and trace of the run above (no boot of their
+/// own): run by the trace test, after its run.
+fn plot_and_diff(report: &Path) {
+    let dir = report.with_file_name("plots");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(xtask_binary())
+        .arg("plot")
+        .arg(report)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (what, says) in [("boot", "hypervisor boot"), ("exits", "mallory (2 exits)")] {
+        let svg = std::fs::read_to_string(dir.join(format!("traced.{what}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains(says), "{what}: {says}");
+    }
+    let out = Command::new(xtask_binary())
+        .args(["report", "diff"])
+        .arg(report)
+        .arg(report)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        table.contains("mallory.exits.ept_violation") && table.contains("delta.exits.hlt"),
+        "{table}"
+    );
+    assert!(table.contains("+0") && !table.contains("+1"), "{table}");
 }

@@ -45,6 +45,25 @@ fn default_config_four_guests_on_four_cores() {
     assert!(b.serial.contains("[delta@c3] spin: 20 ticks,"));
     // Distinct partitions: every guest started, each one's first entry after boot.
     assert!(r.tsc.to_all_guests_running.is_some());
+    // The hypervisor's boot ends when its cores are up: before the BSP's own guest entered,
+    // so no guest time is in it.
+    let (entry, boot) = (r.tsc.hypervisor_entry.unwrap(), r.tsc.hypervisor_boot.unwrap());
+    assert!(entry + boot <= guest(&b, "alpha").tsc_first_entry, "{:?}", r.tsc);
+    assert!(entry + boot < r.tsc.end.unwrap());
+    assert_eq!(r.tsc_unit, "emulated_instructions");
+    // The report says where it comes from, and has the layout its schema describes.
+    assert_eq!(r.schema_version, xtask::report::SCHEMA_VERSION);
+    let config = r.meta.config.as_ref().expect("config metadata");
+    assert!(config.contents.contains("[[guest]]") && config.sha256.len() == 64);
+    assert!(
+        r.meta.emulator_version.as_deref().is_some_and(|v| v.contains("Bochs")),
+        "{:?}",
+        r.meta
+    );
+    systests::assert_matches_schema(r);
+    // Exit traces are off by default: no records, no totals, no CSV.
+    assert!(!b.serial.contains("#mkv trace"));
+    assert!(r.guests.iter().all(|g| g.trace.is_none()) && r.trace_csv.is_none());
     // No stray exits: the legacy PIC is masked and nothing else interrupts a guest.
     assert!(r.guests.iter().all(|g| !g.exits.contains_key("external_interrupt")), "{:?}", r.guests);
 }

@@ -65,6 +65,20 @@ pub fn boot_args(args: RunArgs) -> Boot {
     Boot { report, serial }
 }
 
+/// Asserts that `report`, as JSON, is valid against the schema in the repository
+/// (`schemas/report.schema.json`).
+pub fn assert_matches_schema(report: &Report) {
+    let path = xtask::workspace_root().join(xtask::schema::REPORT_SCHEMA);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the report schema"))
+            .expect("the schema is JSON");
+    let json = serde_json::to_value(report).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
+    let errors: Vec<String> =
+        validator.iter_errors(&json).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    assert!(errors.is_empty(), "the report does not match {}: {errors:#?}", path.display());
+}
+
 impl Boot {
     /// Asserts the run ended by itself with `ok` and every one of `n` cores in VMX operation.
     pub fn assert_all_cores_vmx_on(&self, n: usize) {

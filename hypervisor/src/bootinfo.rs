@@ -49,6 +49,8 @@ pub struct Options {
     /// The capability protocol's deadline per level, in milliseconds (default 50): a core
     /// that does not answer within it is fenced.
     pub caps_deadline_ms: Option<u64>,
+    /// Trace every VM exit (`trace`): see `crate::trace`.
+    pub trace: bool,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -89,6 +91,8 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
             },
             "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
             "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
+            "trace" if value.is_empty() || value == "1" => o.trace = true,
+            "trace" => bad(BadOption { word, why: "expected trace or trace=1" }),
             "budget_ms" => match value.parse::<u64>() {
                 Ok(n) if n >= 1 => o.budget_ms = Some(n),
                 _ => bad(BadOption { word, why: "expected budget_ms=N with N >= 1" }),
@@ -314,9 +318,13 @@ mod tests {
                 vmxcaps: true,
                 inject: None,
                 budget_ms: None,
-                caps_deadline_ms: None
+                caps_deadline_ms: None,
+                trace: false
             }
         );
+        assert!(opts("trace").0.trace && opts("trace=1").0.trace);
+        assert!(!opts("").0.trace);
+        assert_eq!(opts("trace=yes").1.len(), 1);
         assert_eq!(opts("inject=ap-fault").0.inject, Some(Inject::ApFault));
         assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));
         assert_eq!(opts("inject=everything").1.len(), 1);

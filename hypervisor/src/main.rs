@@ -31,6 +31,7 @@ mod memory;
 mod percpu;
 mod power;
 mod smp;
+mod trace;
 mod vmx;
 mod xcore;
 
@@ -71,6 +72,7 @@ mod boot {
             Quoted(boot.cmdline())
         );
         let opts = bootinfo::parse_options(boot.cmdline(), |bad| log::warn!("{bad} (ignored)"));
+        crate::trace::enable(opts.trace);
         log::info!(
             "loader {:?}, {} MiB usable in {} regions{}",
             boot.loader(),
@@ -142,10 +144,9 @@ mod boot {
         start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
         smp::enable_vmx_and_report(0);
         let all_up = collect(&list);
-        log::info!(
-            "all cores reported in: {} ticks since hypervisor entry",
-            arch::rdtsc() - tsc_entry
-        );
+        let tsc_ready = arch::rdtsc();
+        log::info!("all cores reported in: {} ticks since hypervisor entry", tsc_ready - tsc_entry);
+        record!(kind::READY, "tsc={tsc_ready}");
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
         // The BSP serves until every guest has reported, then ends the run.
         smp::run_guest(0, guests::pending);

@@ -186,6 +186,8 @@ pub fn run_guest(index: usize, keep: impl Fn() -> bool) {
             f,
             index as u32,
             |r| {
+                // The guest has ended: its core writes its exit trace before reporting.
+                crate::trace::drain(index);
                 REPORTS[index].call_once(|| r);
             },
             keep,

@@ -26,6 +26,10 @@ pub mod kind {
     pub const CPUS: &str = "cpus";
     /// A core reached long mode and its own state: `index`, `apic`.
     pub const ONLINE: &str = "online";
+    /// Every started core has reported its bring-up (the BSP's collection is over):
+    /// `tsc`. From hypervisor entry to here is the hypervisor's own boot; guests may
+    /// already run on cores that came up earlier, but no guest time is added after it.
+    pub const READY: &str = "ready";
     /// One core's final state: `index`, `apic`, `state` (see [`super::core_state`]),
     /// `vmx` (`on`, `off`, `failed`), optionally `reason`.
     pub const CORE: &str = "core";
@@ -43,6 +47,14 @@ pub mod kind {
     /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,
     /// `a_sent`, `b_received`, `b_sent`, `a_received`.
     pub const CHANNEL: &str = "channel";
+    /// Part of one core's exit trace (cmdline word `trace`), written by that core when its
+    /// guest has ended: `core`, `base` (TSC of the first listed exit's entry), `ev` (quoted
+    /// [`super::trace`] words, oldest first). A guest's trace is its core's records in order.
+    pub const TRACE: &str = "trace";
+    /// One core's trace totals, after its `trace` records: `core`, `exits` (all traced),
+    /// `kept` (in the records; the ring keeps the newest), `guest_tsc` (summed entry-to-exit
+    /// time), `hv_tsc` (summed exit-to-next-entry time).
+    pub const TRACE_SUM: &str = "tracesum";
     /// A required feature is missing: `missing` (what, in one phrase).
     pub const REFUSED: &str = "refused";
     /// The run is over: `outcome` (see [`super::outcome`]), `cores`, `vmx_on`, `tsc`.
@@ -76,6 +88,58 @@ pub mod outcome {
     pub const OK: &str = "ok";
     pub const FAILED: &str = "failed";
     pub const REFUSED: &str = "refused";
+}
+
+/// The exit words of a [`kind::TRACE`] record: `reason:gap:guest` each, where `gap` is the
+/// time from the previous exit to this exit's VM entry (0 for a record's first word, whose
+/// entry is the record's `base`) and `guest` the time from that entry to the exit, in TSC
+/// ticks. Written by the hypervisor with [`Word`], read by host tools with [`events`].
+pub mod trace {
+    use core::fmt;
+
+    /// Exit words per record line: short lines, so a console reader never waits long.
+    pub const WORDS_PER_RECORD: usize = 16;
+
+    /// One exit as written: its reason's name and the two intervals.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Word<'a> {
+        pub reason: &'a str,
+        pub gap: u64,
+        pub guest: u64,
+    }
+
+    impl fmt::Display for Word<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{}:{}:{}", self.reason, self.gap, self.guest)
+        }
+    }
+
+    /// One exit as read back: reason, VM entry and exit TSC (absolute).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Event<'a> {
+        pub reason: &'a str,
+        pub entry: u64,
+        pub exit: u64,
+    }
+
+    /// The exits of one record's `ev` value (unescaped: it holds no quotes) with its `base`;
+    /// `None` for a malformed word (the reader drops the whole record).
+    pub fn events(ev: &str, base: u64) -> impl Iterator<Item = Option<Event<'_>>> + '_ {
+        let mut cursor = base;
+        ev.split_ascii_whitespace().map(move |w| {
+            let mut parts = w.split(':');
+            let reason = parts.next().filter(|r| !r.is_empty())?;
+            let gap: u64 = parts.next()?.parse().ok()?;
+            let guest: u64 = parts.next()?.parse().ok()?;
+            if parts.next().is_some() {
+                return None;
+            }
+            let entry = cursor.checked_add(gap)?;
+            let exit = entry.checked_add(guest)?;
+            cursor = exit;
+            Some(Event { reason, entry, exit })
+        })
+    }
 }
 
 /// A `Display` wrapper that writes its content as a quoted record value.
@@ -278,6 +342,32 @@ mod tests {
         );
         assert_eq!(r.get("apic").unwrap().raw(), "2");
         assert!(r.get("missing").is_none());
+    }
+
+    #[test]
+    fn trace_words_round_trip_to_absolute_times() {
+        use trace::{events, Event, Word};
+        let words = [
+            Word { reason: "vmcall", gap: 0, guest: 50 },
+            Word { reason: "hlt", gap: 7, guest: 1000 },
+        ];
+        let mut ev = String::new();
+        for w in words {
+            ev += &format!("{w} ");
+        }
+        let line = format!("{PREFIX}{} core=1 base=100 ev={}", kind::TRACE, Quoted(ev.trim()));
+        let r = parse(&line).unwrap().unwrap();
+        let got: Vec<_> = events(r.get("ev").unwrap().raw(), 100).collect();
+        assert_eq!(
+            got,
+            [
+                Some(Event { reason: "vmcall", entry: 100, exit: 150 }),
+                Some(Event { reason: "hlt", entry: 157, exit: 1157 })
+            ]
+        );
+        for bad in ["vmcall:1", "vmcall:x:1", ":1:2", "a:1:2:3", "a:18446744073709551615:2"] {
+            assert_eq!(events(bad, 1).next(), Some(None), "{bad}");
+        }
     }
 
     #[test]

@@ -1155,6 +1155,7 @@ mod run {
             launched = true;
             let t_exit = arch::rdtsc();
             let e = read_exit();
+            crate::trace::exit(core, e.reason, t1, t_exit);
             // SAFETY: current VMCS.
             let intr = unsafe { exit::INTR_INFO.read() };
             if e.reason == 0 && intr & (1 << 31) != 0 && (intr >> 8) & 7 == 2 {

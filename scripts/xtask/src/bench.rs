@@ -13,13 +13,13 @@
 //! These are benchmarks: they print figures, they do not pass or fail.
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vmcall_proto::channel::{OwnedRing, Payload, Receiver, Sender};
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HostRow {
     pub name: String,
     pub rtt_median_ns: f64,
@@ -27,9 +27,127 @@ pub struct HostRow {
     pub throughput_mmsg_s: f64,
     pub rtt_ratio_to_cacheline: f64,
     pub throughput_ratio_to_cacheline: f64,
+    /// The round trips' latency histogram: log-spaced buckets (four per doubling), all
+    /// repetitions together.
+    #[serde(default)]
+    pub rtt_histogram: Vec<Bucket>,
+    /// Repetitions (`--repeat`): the figures above are medians over them.
+    #[serde(default)]
+    pub repeats: u32,
+    /// Distribution-free confidence intervals of those medians (order statistics), and
+    /// their confidence (at least 0.95 from 6 repetitions; less below, `[min, max]`).
+    #[serde(default)]
+    pub rtt_median_ns_ci: Option<[f64; 2]>,
+    #[serde(default)]
+    pub throughput_mmsg_s_ci: Option<[f64; 2]>,
+    #[serde(default)]
+    pub ci_confidence: f64,
 }
 
-#[derive(Serialize, Debug, Clone, Default)]
+/// The median of `v` with a distribution-free confidence interval: the order statistics
+/// `x(j)`, `x(n-1-j)` around it, `j` as large as keeps the coverage (from the binomial
+/// distribution with p = 1/2) at least 0.95, else `[min, max]`. Returns (median, low,
+/// high, coverage).
+pub fn median_ci(v: &[f64]) -> (f64, f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN, 0.0);
+    }
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    // P(B < j) for B ~ Bin(n, 1/2).
+    let below = |j: usize| -> f64 {
+        let mut c = 1.0f64;
+        let mut sum = 0.0;
+        for i in 0..j {
+            sum += c;
+            c = c * (n - i) as f64 / (i + 1) as f64;
+        }
+        sum / 2f64.powi(n as i32)
+    };
+    // Interval [x(j), x(n-1-j)] (0-based) covers the median with 1 - 2 P(B <= j).
+    let coverage = |j: usize| 1.0 - 2.0 * below(j + 1);
+    let mut j = 0;
+    while j + 1 < n / 2 && coverage(j + 1) >= 0.95 {
+        j += 1;
+    }
+    (median, s[j], s[n - 1 - j], if n == 1 { 0.0 } else { coverage(j) })
+}
+
+/// How finely the host clocks measure: the smallest step seen between two readings.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TimerResolution {
+    /// `std::time::Instant` (CLOCK_MONOTONIC), ns.
+    pub instant_ns: f64,
+    /// The TSC as this process reads it (a VM may step it coarsely), ns.
+    pub tsc_ns: f64,
+    /// TSC ticks per ns, calibrated against `Instant` over 200 ms.
+    pub tsc_ghz: f64,
+}
+
+/// Measures [`TimerResolution`].
+pub fn timer_resolution() -> TimerResolution {
+    let (t0, i0) = (rdtsc(), Instant::now());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let ghz = (rdtsc() - t0) as f64 / i0.elapsed().as_nanos() as f64;
+    let mut instant = u128::MAX;
+    let mut tsc = u64::MAX;
+    for _ in 0..100_000 {
+        let a = Instant::now();
+        let b = Instant::now();
+        let d = (b - a).as_nanos();
+        if d > 0 {
+            instant = instant.min(d);
+        }
+        let (x, y) = (rdtsc(), rdtsc());
+        if y > x {
+            tsc = tsc.min(y - x);
+        }
+    }
+    TimerResolution { instant_ns: instant as f64, tsc_ns: tsc as f64 / ghz, tsc_ghz: ghz }
+}
+
+/// Where and when a benchmark ran.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct BenchMeta {
+    pub tool_version: String,
+    pub git_commit: Option<String>,
+    pub date_utc: String,
+    pub host: crate::report::Host,
+    /// The load average again at the end: a busy host shows in both.
+    pub load_average_after: [f64; 3],
+    pub timer: TimerResolution,
+}
+
+/// One histogram bucket: round trips of at most `upper_ns` (and more than the previous
+/// bucket's bound).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Bucket {
+    pub upper_ns: f64,
+    pub count: u64,
+}
+
+/// A log-spaced histogram of `samples` (ns) on a fixed grid: bounds `2^(i/4)` ns, so that
+/// histograms of several runs add bucket by bucket; empty buckets kept between the first
+/// and the last sample so that the shape reads true.
+pub fn histogram(samples: &[f64]) -> Vec<Bucket> {
+    // (Rounding aside: a sample on a bound belongs to the bucket below it.)
+    let index = |x: f64| (x.max(1.0).log2() * 4.0 - 1e-9).ceil() as i64;
+    let (Some(lo), Some(hi)) =
+        (samples.iter().map(|&x| index(x)).min(), samples.iter().map(|&x| index(x)).max())
+    else {
+        return vec![];
+    };
+    let mut b: Vec<Bucket> =
+        (lo..=hi).map(|i| Bucket { upper_ns: 2f64.powf(i as f64 / 4.0), count: 0 }).collect();
+    for &x in samples {
+        b[(index(x) - lo) as usize].count += 1;
+    }
+    b
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct Emulated {
     pub send_instructions: u64,
     pub receive_instructions: u64,
@@ -48,10 +166,13 @@ pub struct Emulated {
     pub doorbells_taken: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct Report {
     pub host: Vec<HostRow>,
-    pub emulated: Emulated,
+    /// Absent with `--host-only`.
+    pub emulated: Option<Emulated>,
+    #[serde(default)]
+    pub meta: BenchMeta,
 }
 
 fn rdtsc() -> u64 {
@@ -245,8 +366,8 @@ fn mpsc_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
 
 // --- Linux pipes, 64 bytes per message (56 payload + 8 padding) ---
 struct Pipe {
-    w: std::fs::File,
-    r: std::fs::File,
+    w: std::io::PipeWriter,
+    r: std::io::PipeReader,
 }
 impl Endpoint for Pipe {
     fn send(&mut self, m: &Payload) {
@@ -264,22 +385,9 @@ impl Endpoint for Pipe {
         core::array::from_fn(|i| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap()))
     }
 }
-fn pipe() -> Result<(std::fs::File, std::fs::File)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    extern "C" {
-        fn pipe(fds: *mut i32) -> i32;
-    }
-    // SAFETY: pipe(2) writes two descriptors into the array; we own them afterwards.
-    if unsafe { pipe(fds.as_mut_ptr()) } != 0 {
-        bail!("pipe(2) failed");
-    }
-    // SAFETY: fresh descriptors from pipe(2), each wrapped exactly once.
-    Ok(unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
-}
 fn pipe_pair() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)> {
-    let (r1, w1) = pipe()?;
-    let (r2, w2) = pipe()?;
+    let (r1, w1) = std::io::pipe().context("pipe(2)")?;
+    let (r2, w2) = std::io::pipe().context("pipe(2)")?;
     Ok((Box::new(Pipe { w: w1, r: r2 }), Box::new(Pipe { w: w2, r: r1 })))
 }
 
@@ -323,6 +431,7 @@ pub fn host() -> Result<Vec<HostRow>> {
             let (a, b) = make()?;
             count as f64 / stream(a, b, count) / 1e6
         };
+        let ns: Vec<f64> = s.iter().map(|&t| t as f64 * ns_per_tick).collect();
         rows.push(HostRow {
             name: name.into(),
             rtt_median_ns: med as f64 * ns_per_tick,
@@ -330,7 +439,55 @@ pub fn host() -> Result<Vec<HostRow>> {
             throughput_mmsg_s: tput,
             rtt_ratio_to_cacheline: 0.0,
             throughput_ratio_to_cacheline: 0.0,
+            rtt_histogram: histogram(&ns),
+            repeats: 1,
+            rtt_median_ns_ci: None,
+            throughput_mmsg_s_ci: None,
+            ci_confidence: 0.0,
         });
+    }
+    let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
+    for r in &mut rows {
+        r.rtt_ratio_to_cacheline = r.rtt_median_ns / base_rtt;
+        r.throughput_ratio_to_cacheline = r.throughput_mmsg_s / base_tput;
+    }
+    Ok(rows)
+}
+
+/// [`host`] `repeat` times: each figure the median over the repetitions, with its
+/// confidence interval; the histograms of all repetitions summed (bucketed afresh).
+pub fn host_repeated(repeat: u32) -> Result<Vec<HostRow>> {
+    let runs: Vec<Vec<HostRow>> = (0..repeat.max(1))
+        .map(|i| {
+            if repeat > 1 {
+                eprintln!("bench: host repetition {}/{repeat}", i + 1);
+            }
+            host()
+        })
+        .collect::<Result<_>>()?;
+    let mut rows = runs[0].clone();
+    for (t, row) in rows.iter_mut().enumerate() {
+        let pick = |f: fn(&HostRow) -> f64| runs.iter().map(|r| f(&r[t])).collect::<Vec<_>>();
+        let (rtt, rlo, rhi, conf) = median_ci(&pick(|r| r.rtt_median_ns));
+        let (tput, tlo, thi, _) = median_ci(&pick(|r| r.throughput_mmsg_s));
+        row.rtt_median_ns = rtt;
+        row.rtt_median_ns_ci = (runs.len() > 1).then_some([rlo, rhi]);
+        row.rtt_p99_ns = median_ci(&pick(|r| r.rtt_p99_ns)).0;
+        row.throughput_mmsg_s = tput;
+        row.throughput_mmsg_s_ci = (runs.len() > 1).then_some([tlo, thi]);
+        row.ci_confidence = conf;
+        row.repeats = runs.len() as u32;
+        // Sum the buckets by bound (the same first bound in every run is not guaranteed).
+        let mut merged: std::collections::BTreeMap<u64, u64> = Default::default();
+        for r in &runs {
+            for b in &r[t].rtt_histogram {
+                *merged.entry((b.upper_ns * 1000.0) as u64).or_default() += b.count;
+            }
+        }
+        row.rtt_histogram = merged
+            .into_iter()
+            .map(|(u, count)| Bucket { upper_ns: u as f64 / 1000.0, count })
+            .collect();
     }
     let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
     for r in &mut rows {
@@ -396,27 +553,53 @@ pub fn emulated() -> Result<Emulated> {
     })
 }
 
-pub fn print(r: &Report) {
-    println!("Host, real cores (two pinned threads, 64-byte messages; ratios to the cache-line ping-pong of this run)");
-    println!(
-        "{:<22} {:>14} {:>12} {:>10} {:>16} {:>10}",
-        "transport", "RTT median ns", "RTT p99 ns", "x line", "one-way Mmsg/s", "x line"
-    );
-    for h in &r.host {
-        println!(
-            "{:<22} {:>14.0} {:>12.0} {:>10.2} {:>16.2} {:>10.2}",
-            h.name,
-            h.rtt_median_ns,
-            h.rtt_p99_ns,
-            h.rtt_ratio_to_cacheline,
-            h.throughput_mmsg_s,
-            h.throughput_ratio_to_cacheline
-        );
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    for i in 1..header.len() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
     }
-    let e = &r.emulated;
+    t
+}
+
+pub fn print(r: &Report) {
+    let m = &r.meta;
+    println!(
+        "Host {} ({}, {} CPUs, load {:.2} before, {:.2} after); timer resolution: Instant {:.0} ns, TSC {:.1} ns ({:.3} GHz)",
+        m.host.hostname, m.host.cpu, m.host.cpus, m.host.load_average[0], m.load_average_after[0],
+        m.timer.instant_ns, m.timer.tsc_ns, m.timer.tsc_ghz
+    );
+    let reps = r.host.first().map_or(1, |h| h.repeats.max(1));
+    println!(
+        "Host, real cores (two pinned threads, 64-byte messages; ratios to the cache-line ping-pong of this run{})",
+        if reps > 1 {
+            format!("; medians of {reps} repetitions, [interval] at {:.0}% confidence", 100.0 * r.host[0].ci_confidence)
+        } else {
+            String::new()
+        }
+    );
+    let mut t =
+        table(&["transport", "RTT median ns", "RTT p99 ns", "x line", "one-way Mmsg/s", "x line"]);
+    for h in &r.host {
+        let ci = |v: f64, c: Option<[f64; 2]>, digits: usize| match c {
+            Some([lo, hi]) => format!("{v:.digits$} [{lo:.digits$}, {hi:.digits$}]"),
+            None => format!("{v:.digits$}"),
+        };
+        t.add_row([
+            h.name.clone(),
+            ci(h.rtt_median_ns, h.rtt_median_ns_ci, 0),
+            format!("{:.0}", h.rtt_p99_ns),
+            format!("{:.2}", h.rtt_ratio_to_cacheline),
+            ci(h.throughput_mmsg_s, h.throughput_mmsg_s_ci, 2),
+            format!("{:.2}", h.throughput_ratio_to_cacheline),
+        ]);
+    }
+    println!("{t}");
+    let Some(e) = &r.emulated else { return };
     println!();
     println!("In Bochs (TSC = emulated instructions, exact; one pair alone on two CPUs)");
-    println!("{:<52} {:>12}", "figure", "value");
     let rows: [(&str, String); 11] = [
         ("instructions per send (median)", e.send_instructions.to_string()),
         ("instructions per receive (median)", e.receive_instructions.to_string()),
@@ -439,21 +622,55 @@ pub fn print(r: &Report) {
         ("VM exits per doorbell, both sides", format!("{:.3}", e.exits_per_doorbell_both_sides)),
         ("VM exits per doorbell taken, receiver", format!("{:.3}", e.exits_per_doorbell_receiver)),
     ];
+    let mut t = table(&["figure", "value"]);
     for (k, v) in rows {
-        println!("{k:<52} {v:>12}");
+        t.add_row([k.to_string(), v]);
+    }
+    println!("{t}");
+}
+
+fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
+    BenchMeta {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: crate::meta::collect(None).git_commit,
+        date_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        host: before,
+        load_average_after: crate::meta::load_average(),
+        timer,
+    }
+}
+
+fn plot_next_to(json: &std::path::Path) {
+    match crate::plot::files(&[json.to_path_buf()], None) {
+        Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
+        Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
     }
 }
 
 /// `cargo xtask bench channels`.
-pub fn channels(json: Option<&std::path::Path>) -> Result<()> {
-    eprintln!("bench: host transports (a few seconds)...");
-    let host = host()?;
-    eprintln!("bench: Bochs runs (poll, doorbell, stream)...");
-    let emulated = emulated()?;
-    let r = Report { host, emulated };
+pub fn channels(
+    json: Option<&std::path::Path>,
+    repeat: u32,
+    host_only: bool,
+    plot: bool,
+) -> Result<()> {
+    let before = crate::meta::host();
+    let timer = timer_resolution();
+    eprintln!("bench: host transports (a few seconds per repetition)...");
+    let host = host_repeated(repeat)?;
+    let emulated = if host_only {
+        None
+    } else {
+        eprintln!("bench: Bochs runs (poll, doorbell, stream)...");
+        Some(emulated()?)
+    };
+    let r = Report { host, emulated, meta: bench_meta(timer, before) };
     print(&r);
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&r)? + "\n")?;
+        if plot {
+            plot_next_to(p);
+        }
     }
     Ok(())
 }
@@ -474,12 +691,52 @@ mod tests {
             assert!(stream(a, b, 5000) > 0.0);
         }
     }
+
+    #[test]
+    fn histogram_buckets_are_log_spaced_and_count_every_sample() {
+        let h = histogram(&[100.0, 100.0, 150.0, 400.0]);
+        assert_eq!(h.iter().map(|b| b.count).sum::<u64>(), 4);
+        // Bounds 2^(i/4): 100 falls in (2^(26/4), 2^(27/4)] = (90.5, 107.6].
+        assert!((h[0].upper_ns - 2f64.powf(6.75)).abs() < 1e-9);
+        assert_eq!(h[0].count, 2);
+        // 400 in (2^(34/4), 2^(35/4)]: nine buckets from 27 to 35.
+        assert_eq!(h.len(), 9);
+        assert_eq!(h[8].count, 1);
+        // A sample on a bound is in the bucket it bounds.
+        let h = histogram(&[128.0, 256.0]);
+        assert_eq!((h[0].upper_ns, h.last().unwrap().upper_ns), (128.0, 256.0));
+        assert!(histogram(&[]).is_empty());
+    }
+
+    #[test]
+    fn median_confidence_intervals_from_order_statistics() {
+        // 10 values: the 95% interval is [x(1), x(8)] (coverage 0.979); x(2)..x(7) would
+        // cover only 0.891.
+        let v: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        let (m, lo, hi, c) = median_ci(&v);
+        assert_eq!((m, lo, hi), (5.5, 2.0, 9.0));
+        assert!((c - 0.978_515_625).abs() < 1e-9, "{c}");
+        // 3 values cannot reach 95%: min and max, 75% coverage, said so.
+        let (m, lo, hi, c) = median_ci(&[3.0, 1.0, 2.0]);
+        assert_eq!((m, lo, hi, c), (2.0, 1.0, 3.0, 0.75));
+        assert_eq!(median_ci(&[7.0]).3, 0.0, "one run has no interval");
+    }
+
+    #[test]
+    fn timer_resolution_is_measured() {
+        let t = timer_resolution();
+        assert!(t.instant_ns > 0.0 && t.instant_ns < 1e6, "{t:?}");
+        assert!(t.tsc_ghz > 0.01 && t.tsc_ns > 0.0, "{t:?}");
+    }
 }
 
-/// One row of `bench caps`.
-#[derive(Serialize, Debug, Clone)]
+/// One row of `bench caps`: every cost in `unit` (emulated instructions).
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct CapsRow {
     pub k: u64,
+    /// The unit of the costs (`map` to `revoke_per_copy`): `emulated_instructions`.
+    #[serde(default)]
+    pub unit: String,
     pub map: u64,
     pub unmap: u64,
     pub copy_per_copy: u64,
@@ -508,7 +765,7 @@ fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
 
 /// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
 /// Bochs's limit, for 14).
-pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
+pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
     let mut rows = Vec::new();
     for k in [1u64, 2, 4, 7, 10, 14] {
         eprintln!("bench: caps with {k} holders...");
@@ -524,6 +781,7 @@ pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
         let revoke = v("revoke")?;
         rows.push(CapsRow {
             k,
+            unit: "emulated_instructions".into(),
             map: v("map")?,
             unmap: v("unmap")?,
             copy_per_copy: v("copy")?,
@@ -540,8 +798,7 @@ pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
     println!(
         "revoke kicks every holder at once: all REVOKE messages and NMIs first, then the replies)"
     );
-    println!(
-        "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
+    let mut t = table(&[
         "k",
         "map",
         "unmap",
@@ -552,26 +809,32 @@ pub fn caps(json: Option<&std::path::Path>) -> Result<()> {
         "owner exits",
         "holder NMIs",
         "owner NMIs",
-        "owner msgs"
-    );
+        "owner msgs",
+    ]);
     for r in &rows {
-        println!(
-            "{:>2} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
-            r.k,
-            r.map,
-            r.unmap,
-            r.copy_per_copy,
-            r.move_,
-            r.revoke,
-            r.revoke_per_copy,
-            r.revoke_exits_owner,
-            r.holder_nmi_exits,
-            r.owner_nmis,
-            r.owner_messages
+        t.add_row(
+            [
+                r.k,
+                r.map,
+                r.unmap,
+                r.copy_per_copy,
+                r.move_,
+                r.revoke,
+                r.revoke_per_copy,
+                r.revoke_exits_owner,
+                r.holder_nmi_exits,
+                r.owner_nmis,
+                r.owner_messages,
+            ]
+            .map(|v| v.to_string()),
         );
     }
+    println!("{t}");
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
+        if plot {
+            plot_next_to(p);
+        }
     }
     Ok(())
 }

@@ -19,6 +19,19 @@ pub struct Images {
 
 /// Builds the hypervisor and the guest kernel for `x86_64-unknown-none`.
 pub fn images(debug: bool) -> Result<Images> {
+    images_with(debug, false)
+}
+
+/// The crate a line of cargo's `--message-format=json` output says was built, if it does.
+pub fn built_artifact(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v.get("reason")? == "compiler-artifact").then_some(())?;
+    Some(v.get("target")?.get("name")?.as_str()?.to_string())
+}
+
+/// [`images`], with a spinner naming each crate as cargo finishes it when `progress` (a
+/// terminal, not `--quiet`): the first build takes about 30 s.
+pub fn images_with(debug: bool, progress: bool) -> Result<Images> {
     crate::setup::ensure_rust_target()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -35,7 +48,30 @@ pub fn images(debug: bool) -> Result<Images> {
     if !debug {
         cmd.arg("--release");
     }
-    let status = cmd.status().context("cannot run cargo")?;
+    let status = if progress {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .expect("a valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar.set_message("building the hypervisor and the guest kernel");
+        cmd.arg("--message-format=json-render-diagnostics").stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("cannot run cargo")?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut n = 0;
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if let Some(name) = built_artifact(&line) {
+                n += 1;
+                bar.set_message(format!("building: {n} crates done, last {name}"));
+            }
+        }
+        let status = child.wait()?;
+        bar.finish_and_clear();
+        status
+    } else {
+        cmd.status().context("cannot run cargo")?
+    };
     if !status.success() {
         bail!("building the bare-metal images failed");
     }

@@ -24,6 +24,9 @@ pub enum Command {
     Build(BuildArgs),
     /// Build if needed, boot in an emulator, stream the console, end on completion or timeout.
     Run(RunArgs),
+    /// Check a config and the run options as `run` would, then stop: nothing is built or
+    /// booted. Exit code 0, or the code `run` would have refused with (2, 3, 6).
+    Check(CheckArgs),
     /// Run the host tests, then the whole-system tests.
     Test(TestArgs),
     /// Benchmarks that print tables (not pass/fail tests).
@@ -40,12 +43,71 @@ pub enum Command {
     NewGuest(NewGuestArgs),
     /// Regenerate the C header of the guest ABI (vmcall-proto/include/mkvisor.h) with cbindgen.
     CHeader,
+    /// Print the run report's JSON Schema (schemas/report.schema.json).
+    Schema(SchemaArgs),
+    /// Draw SVG figures from run reports (boot phases; exits over time with --trace) and
+    /// from `bench channels --json` (latency histograms) or `bench caps --json` (revoke
+    /// cost against k).
+    Plot(PlotArgs),
+    /// Work with run reports: `report diff A.json B.json` compares two, figure by figure.
+    Report(ReportArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NewGuestArgs {
     /// Where to create the crate (must not exist, or be empty).
     pub dir: std::path::PathBuf,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// The config to check (the same as `--config CONFIG`).
+    #[arg(value_name = "CONFIG", conflicts_with_all = ["config", "no_config"])]
+    pub file: Option<PathBuf>,
+    /// The options `run` would be given (emulator, CPUs, model, command line, ...).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl CheckArgs {
+    /// The run these arguments describe.
+    pub fn run_args(&self) -> RunArgs {
+        let mut r = self.run.clone();
+        if let Some(f) = &self.file {
+            r.config = f.clone();
+        }
+        r
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub what: ReportWhat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ReportWhat {
+    /// Two reports side by side: run figures, then per guest (state, exits by reason,
+    /// life, trace totals), with B - A and B / A.
+    Diff { a: PathBuf, b: PathBuf },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// Report or bench JSON files.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Write the SVGs here (default: next to each file, as FILE-STEM.WHAT.svg).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchemaArgs {
+    /// Rewrite schemas/report.schema.json instead of printing the schema.
+    #[arg(long)]
+    pub update: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -94,15 +156,29 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// The channel ring: host transports side by side, and instruction/exit counts in Bochs.
     Channels {
-        /// Also write the figures as JSON (keys `host` and `emulated`).
+        /// Also write the figures as JSON (keys `host`, `emulated`, `meta`).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Measure the host transports this many times: medians across the repetitions,
+        /// with a distribution-free confidence interval (the Bochs figures are exact and
+        /// measured once).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+        /// Only the host transports (no Bochs runs).
+        #[arg(long)]
+        host_only: bool,
+        /// Also draw the latency histograms next to the JSON (needs --json).
+        #[arg(long, requires = "json")]
+        plot: bool,
     },
     /// Capability map, copy, move and revoke for 1, 2, 4 and 7 copies (8 emulated CPUs).
     Caps {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw revoke cost against k next to the JSON (needs --json).
+        #[arg(long, requires = "json")]
+        plot: bool,
     },
     /// A controller stopping and starting the peer of its channel, at 2, 4 and 8 CPUs.
     Lifecycle {
@@ -165,6 +241,13 @@ pub struct RunArgs {
     /// Extra words for the hypervisor command line (e.g. `cpus=2 vmxcaps`).
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// Trace every VM exit (the hypervisor's `trace` word): each guest's exits (reason, TSC)
+    /// go to a CSV next to the report (or in the run folder), totals into the report.
+    #[arg(long)]
+    pub trace: bool,
+    /// Also draw the run's figures (see `cargo xtask plot`) next to the report.
+    #[arg(long, requires = "report")]
+    pub plot: bool,
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
@@ -177,6 +260,18 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The hypervisor command line: `--cmdline`, and `trace` for `--trace`.
+    pub fn hypervisor_cmdline(&self) -> String {
+        let mut c = self.cmdline.trim().to_string();
+        if self.trace && !c.split_ascii_whitespace().any(|w| w == "trace" || w == "trace=1") {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c.push_str("trace");
+        }
+        c
+    }
+
     /// A quiet run of `config` (`None`: cores only) with the defaults of `cargo xtask run`:
     /// what the benchmarks and the system tests start from.
     pub fn quiet(emulator: Emulator, config: Option<&str>) -> Self {
@@ -189,6 +284,8 @@ impl RunArgs {
             timeout: 300,
             report: None,
             cmdline: String::new(),
+            trace: false,
+            plot: false,
             quiet: true,
             allow_missing_cores: false,
             build: BuildArgs { debug: false },
@@ -295,6 +392,16 @@ mod tests {
         assert_eq!(e.exit_code(), 0);
         let e = Cli::try_parse_from(["xtask", "run", "--frob"]).unwrap_err();
         assert_eq!(e.exit_code(), i32::from(crate::exit::USAGE));
+    }
+
+    #[test]
+    fn trace_adds_the_hypervisor_word() {
+        assert_eq!(run_args(&["--trace"]).unwrap().hypervisor_cmdline(), "trace");
+        let r = run_args(&["--trace", "--cmdline", "cpus=2"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "cpus=2 trace");
+        let r = run_args(&["--trace", "--cmdline", "trace"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "trace");
+        assert_eq!(run_args(&["--cmdline", "cpus=2"]).unwrap().hypervisor_cmdline(), "cpus=2");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "cpus" => Some("expected cpus=N with N >= 1"),
             "vmxcaps" if value.is_empty() || value == "1" => None,
             "vmxcaps" => Some("expected vmxcaps or vmxcaps=1"),
+            "trace" if value.is_empty() || value == "1" => None,
+            "trace" => Some("expected trace or trace=1"),
             "budget_ms" if n.is_some_and(|n| n >= 1) => None,
             "budget_ms" => Some("expected budget_ms=N with N >= 1"),
             "caps_deadline_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
@@ -42,8 +44,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
                 ),
             },
             _ => Some(
-                "unknown option (known: cpus=N, vmxcaps, budget_ms=N, caps_deadline_ms=N, \
-                 inject=silent-ap|ap-fault|deaf-core:N)",
+                "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
+                 caps_deadline_ms=N, inject=silent-ap|ap-fault|deaf-core:N)",
             ),
         };
         if let Some(why) = why {
@@ -71,7 +73,7 @@ mod tests {
     #[test]
     fn good_options_pass() {
         assert!(check("").is_empty());
-        let all = "cpus=2 vmxcaps vmxcaps=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
+        let all = "cpus=2 vmxcaps vmxcaps=1 trace trace=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
                    inject=silent-ap inject=ap-fault inject=deaf-core:1";
         assert_eq!(check(all), []);
     }
@@ -80,8 +82,8 @@ mod tests {
     fn unknown_and_malformed_options_are_named() {
         assert_eq!(words("cpu=2 vmxcap --verbose"), ["cpu=2", "vmxcap", "--verbose"]);
         assert_eq!(
-            words("cpus=0 cpus=x cpus vmxcaps=2 budget_ms=0 budget_ms=-1"),
-            ["cpus=0", "cpus=x", "cpus", "vmxcaps=2", "budget_ms=0", "budget_ms=-1"]
+            words("cpus=0 cpus=x cpus vmxcaps=2 budget_ms=0 budget_ms=-1 trace=2"),
+            ["cpus=0", "cpus=x", "cpus", "vmxcaps=2", "budget_ms=0", "budget_ms=-1", "trace=2"]
         );
         assert_eq!(
             words("caps_deadline_ms=0 caps_deadline_ms=60001 inject inject=deaf-core:0 inject=x"),

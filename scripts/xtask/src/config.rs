@@ -273,18 +273,35 @@ impl Compiled {
 /// Parses and validates `src` (named `file` in errors) and compiles it.
 pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     let mut errs = Errors { file, src, list: Vec::new() };
-    let config: Config = match toml::from_str(src) {
+    // serde_path_to_error keeps the path of the value that failed (`guest[1].core`), which
+    // toml's own error loses for type errors.
+    let parsed = serde_path_to_error::deserialize(toml::Deserializer::new(src)).map_err(|e| {
+        // `Spanned` values add a private segment of their own: not a field of the file.
+        let full = e.path().to_string();
+        let path = full
+            .split('.')
+            .filter(|seg| !seg.starts_with("$__serde_spanned"))
+            .collect::<Vec<_>>()
+            .join(".");
+        (path, e.into_inner())
+    });
+    let config: Config = match parsed {
         Ok(c) => c,
-        Err(e) => {
+        Err((path, e)) => {
             let span = e.span().unwrap_or(0..0);
             let msg = e.message().to_string();
-            // serde names the offending key in the message; keep it as the field.
-            let field = msg
+            // For an unknown or missing key serde names it in the message: the field is
+            // the key under its table's path.
+            let key = msg
                 .split('`')
                 .nth(1)
-                .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
-                .unwrap_or("(syntax)")
-                .to_string();
+                .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"));
+            let field = match (key, path.as_str()) {
+                (Some(k), "" | ".") => k.to_string(),
+                (Some(k), p) if !p.ends_with(k) => format!("{p}.{k}"),
+                (_, "" | ".") => "(syntax)".to_string(),
+                (_, p) => p.to_string(),
+            };
             errs.at(span, field, msg);
             return Err(ConfigErrors(errs.list.into_iter().map(|(_, e)| e).collect()));
         }
@@ -877,9 +894,12 @@ memory_mib = 4
     #[test]
     fn unknown_key() {
         let e = one_error(&GOOD.replace("memory_mib = 8", "memroy_mib = 8"));
-        assert_eq!((e.line, e.field.as_str()), (15, "memroy_mib"));
+        assert_eq!((e.line, e.field.as_str()), (15, "guest[1].memroy_mib"));
         assert!(e.message.contains("unknown field"), "{e}");
-        assert!(e.to_string().starts_with("t.toml:15:1: memroy_mib: unknown field"), "{e}");
+        assert!(
+            e.to_string().starts_with("t.toml:15:1: guest[1].memroy_mib: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1091,6 +1111,19 @@ memory_mib = 4
         let e = one_error(&GOOD.replace("workload = \"hello\"\n", ""));
         assert_eq!((e.line, e.field.as_str()), (7, "guest[0].workload"));
         assert!(e.message.contains("needs a `workload` (built-in) or a `kernel`"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_their_field_and_line() {
+        let e = one_error(&GOOD.replace("core = 1", "core = \"one\""));
+        assert_eq!((e.line, e.field.as_str()), (14, "guest[1].core"), "{e}");
+        assert!(e.message.contains("invalid type"), "{e}");
+        let e = one_error(&GOOD.replace("cpus = 4", "cpus = -4"));
+        assert_eq!((e.line, e.field.as_str()), (3, "machine.cpus"), "{e}");
+        let e = one_error(&GOOD.replace("slots = 64", "slots = [64]"));
+        assert_eq!((e.line, e.field.as_str()), (22, "channel[0].slots"), "{e}");
+        let e = one_error(&GOOD.replace("memory_mib = 4\n", "memory_mib = 4\nsize = 2\n"));
+        assert_eq!(e.field, "grant[0].size", "{e}");
     }
 
     #[test]

@@ -99,7 +99,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Cmd::Setup => xtask::setup::all().map(|_| true),
         Cmd::Build(b) => (|| {
-            let images = xtask::build::images(b.debug)?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let images = xtask::build::images_with(b.debug, progress)?;
             let dir = xtask::target_dir().join("mkvisor-iso");
             std::fs::create_dir_all(&dir)?;
             let cfg = xtask::config::load(&xtask::workspace_root().join("configs/default.toml"))?;
@@ -108,14 +109,18 @@ fn main() -> ExitCode {
             Ok(true)
         })(),
         Cmd::Run(r) => return xtask::run::command(r),
+        Cmd::Check(c) => xtask::run::check(&c.run_args()).map(|summary| {
+            println!("{summary}");
+            true
+        }),
         Cmd::Test(t) => test(t),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
-            xtask::cli::BenchWhat::Channels { json } => {
-                xtask::bench::channels(json.as_deref()).map(|()| true)
+            xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {
+                xtask::bench::channels(json.as_deref(), *repeat, *host_only, *plot).map(|()| true)
             }
-            xtask::cli::BenchWhat::Caps { json } => {
-                xtask::bench::caps(json.as_deref()).map(|()| true)
+            xtask::cli::BenchWhat::Caps { json, plot } => {
+                xtask::bench::caps(json.as_deref(), *plot).map(|()| true)
             }
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
@@ -133,6 +138,16 @@ fn main() -> ExitCode {
             println!("wrote {}", p.display());
             true
         }),
+        Cmd::Plot(p) => xtask::plot::files(&p.files, p.out.as_deref()).map(|written| {
+            for w in written {
+                println!("{}", w.display());
+            }
+            true
+        }),
+        Cmd::Report(r) => match &r.what {
+            xtask::cli::ReportWhat::Diff { a, b } => xtask::diff::command(a, b).map(|()| true),
+        },
+        Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {
                 xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))

@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The run report: what the hypervisor's records say, checked for consistency, as JSON.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use vmcall_proto::record::{self, kind, outcome};
 
+/// Version of the report's JSON layout (`schemas/report.schema.json`), raised on any change a
+/// reader must know about. Reports without the field are from before version 2.
+pub const SCHEMA_VERSION: u32 = 2;
+
 /// One core, from its `core` record.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct CoreReport {
     pub index: u32,
     pub apic_id: u32,
@@ -74,11 +79,28 @@ pub struct GuestReport {
     /// Each start of the guest, in order (one unless it was restarted).
     #[serde(default)]
     pub incarnations: Vec<IncarnationReport>,
+    /// Its exit trace's totals, when the run was traced (`--trace`).
+    #[serde(default)]
+    pub trace: Option<GuestTrace>,
+}
+
+/// A traced guest's totals (from its `tracesum` record), in `tsc_unit`. Exact whatever the
+/// ring kept: the hypervisor adds every exit to them.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestTrace {
+    /// VM exits traced (all of the guest's exits).
+    pub exits: u64,
+    /// Of those, the last ones the ring kept (the CSV's rows for this guest).
+    pub kept: u64,
+    /// Time in the guest: from the hypervisor's last look before each VM entry to its exit.
+    pub guest_tsc: u64,
+    /// Time in the hypervisor between its first VM entry and its end, the rest.
+    pub hypervisor_tsc: u64,
 }
 
 /// One incarnation of a guest, from its `incarnation` record: how it ended, its times
 /// (TSC), and its clean death.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct IncarnationReport {
     /// 1 for the first start.
     pub n: u32,
@@ -117,7 +139,8 @@ fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error>
 }
 
 /// The JSON form of [`GuestReport`]: what was never there is `null`, not 0.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
+#[schemars(rename = "Guest")]
 struct GuestJson {
     name: String,
     core: u32,
@@ -135,6 +158,17 @@ struct GuestJson {
     foreign_tsc: u64,
     fenced: Vec<u32>,
     incarnations: Vec<IncarnationReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<GuestTrace>,
+}
+
+impl JsonSchema for GuestReport {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        GuestJson::schema_name()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        GuestJson::json_schema(g)
+    }
 }
 
 impl From<GuestReport> for GuestJson {
@@ -156,13 +190,14 @@ impl From<GuestReport> for GuestJson {
             cap_refused: g.cap_refused,
             foreign_tsc: g.foreign_tsc,
             fenced: g.fenced,
+            trace: g.trace,
             incarnations: g.incarnations,
         }
     }
 }
 
 /// One channel's counters at the end, as its two guests left them in the ring headers.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct ChannelReport {
     pub name: String,
     pub a: String,
@@ -175,22 +210,83 @@ pub struct ChannelReport {
     pub a_received: u64,
 }
 
-/// Time-stamp counter values the hypervisor reported (in Bochs: emulated instructions).
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+/// Time-stamp counter values the hypervisor reported, in the report's `tsc_unit`.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tsc {
     /// At hypervisor entry: firmware and GRUB took this long.
     pub hypervisor_entry: Option<u64>,
+    /// When every core had reported its bring-up (the `ready` record).
+    #[serde(default)]
+    pub ready: Option<u64>,
     /// At the end record.
     pub end: Option<u64>,
-    /// `end - hypervisor_entry`: the hypervisor's own boot, all cores included.
+    /// `ready - hypervisor_entry`: the hypervisor's own boot, all cores up; no guest time
+    /// after it (guests on cores that came up early may run meanwhile).
     pub hypervisor_boot: Option<u64>,
     /// From hypervisor entry to the last guest's first VM entry: all guests running.
     pub to_all_guests_running: Option<u64>,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// Where a report comes from: enough to repeat the run and to tell two runs apart.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    /// `cargo xtask --version`.
+    pub tool_version: String,
+    /// The commit of the tree that was built (`git rev-parse HEAD`), if it is a git tree.
+    pub git_commit: Option<String>,
+    /// Whether the tree had uncommitted changes (`git status --porcelain`).
+    pub git_dirty: Option<bool>,
+    /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
+    pub config: Option<ConfigMeta>,
+    /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
+    /// called the library (a test binary).
+    pub command_line: Vec<String>,
+    /// The emulator's own version line, when it says.
+    pub emulator_version: Option<String>,
+    pub host: Host,
+    /// When the run started, RFC 3339, UTC.
+    pub date_utc: String,
+}
+
+/// The config of a run, as booted.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct ConfigMeta {
+    pub path: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+    pub contents: String,
+}
+
+/// The machine the emulator ran on, and how busy it was.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct Host {
+    pub hostname: String,
+    /// Kernel name and release (`uname -sr`).
+    pub os: String,
+    /// CPUID brand string.
+    pub cpu: String,
+    /// CPUs this process may use.
+    pub cpus: u32,
+    /// `/proc/loadavg` at the start of the run: 1, 5 and 15 minutes.
+    pub load_average: [f64; 3],
+}
+
+/// The unit of every `*tsc*` field of a report: exact emulated instructions in Bochs
+/// (`clock: sync=none`), clock ticks of the emulated TSC under QEMU.
+pub fn tsc_unit(emulator: &str) -> &'static str {
+    if emulator == "bochs" {
+        "emulated_instructions"
+    } else {
+        "tsc_ticks"
+    }
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
 pub struct Report {
-    /// `ok`, `failed`, `refused` or `timeout`.
+    /// The layout version, [`SCHEMA_VERSION`] (0 when read from an older report).
+    #[serde(default)]
+    pub schema_version: u32,
+    /// `ok`, `failed`, `refused`, `timeout` or `interrupted`.
     pub outcome: String,
     pub emulator: String,
     pub cpu_model: String,
@@ -208,10 +304,48 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
     pub tsc: Tsc,
+    /// The unit of every TSC figure in this report (`tsc`, guests' `tsc_*`, `foreign_tsc`,
+    /// `trace`): `emulated_instructions` (Bochs, exact) or `tsc_ticks` (QEMU: clock ticks,
+    /// not instructions).
+    #[serde(default)]
+    pub tsc_unit: String,
     pub wall_seconds: f64,
     pub serial_log: String,
+    /// The exit trace (`--trace`): CSV next to the serial log, one row per kept exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_csv: Option<String>,
     /// Anything inconsistent or malformed seen in the console output.
     pub problems: Vec<String>,
+    #[serde(default)]
+    pub meta: Meta,
+}
+
+/// A report of `c` as a Bochs run on 2 CPUs would give, for the host tests of readers of
+/// reports (schema, diff).
+#[cfg(test)]
+pub(crate) fn for_tests(c: &mut Console) -> Report {
+    c.attach_traces();
+    Report {
+        schema_version: SCHEMA_VERSION,
+        outcome: c.outcome(false),
+        emulator: "bochs".into(),
+        cpu_model: "corei7_skylake_x".into(),
+        cpus: 2,
+        cpus_listed: c.cpus_listed,
+        cores_used: c.cores_used,
+        cores: c.cores.clone(),
+        config: None,
+        guests: c.guests.clone(),
+        channels: vec![],
+        missing: None,
+        tsc: c.tsc_figures(),
+        tsc_unit: tsc_unit("bochs").into(),
+        wall_seconds: 2.0,
+        serial_log: "/x/serial.txt".into(),
+        trace_csv: None,
+        problems: c.problems.clone(),
+        meta: crate::meta::collect(None),
+    }
 }
 
 /// The phases of a run, as the console shows them.
@@ -238,9 +372,20 @@ pub struct Console {
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
+    /// Exit traces by core (`trace` records), oldest first, and their totals.
+    pub traces: BTreeMap<u32, Vec<TraceEvent>>,
+    pub trace_sums: BTreeMap<u32, GuestTrace>,
     pub problems: Vec<String>,
     /// Incarnation records seen, by guest name, until the guest's own record takes them.
     incarnations: BTreeMap<String, Vec<IncarnationReport>>,
+}
+
+/// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub reason: String,
+    pub entry: u64,
+    pub exit: u64,
 }
 
 fn unescape(v: record::Value<'_>) -> String {
@@ -325,6 +470,7 @@ impl Console {
                             .split_whitespace()
                             .filter_map(|w| w.parse().ok())
                             .collect(),
+                        trace: None,
                         incarnations: vec![],
                     })
                 })();
@@ -391,6 +537,47 @@ impl Console {
                 }
             }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
+            kind::READY => self.tsc.ready = num(&r, "tsc"),
+            kind::TRACE => {
+                let events = (|| {
+                    let core: u32 = num(&r, "core")?;
+                    let base: u64 = num(&r, "base")?;
+                    let ev = unescape(r.get("ev")?);
+                    let list: Option<Vec<TraceEvent>> = record::trace::events(&ev, base)
+                        .map(|e| {
+                            e.map(|e| TraceEvent {
+                                reason: e.reason.to_string(),
+                                entry: e.entry,
+                                exit: e.exit,
+                            })
+                        })
+                        .collect();
+                    Some((core, list?))
+                })();
+                match events {
+                    Some((core, list)) => self.traces.entry(core).or_default().extend(list),
+                    None => self.problems.push(format!("malformed trace record: {line}")),
+                }
+            }
+            kind::TRACE_SUM => {
+                let sum = (|| {
+                    Some((
+                        num(&r, "core")?,
+                        GuestTrace {
+                            exits: num(&r, "exits")?,
+                            kept: num(&r, "kept")?,
+                            guest_tsc: num(&r, "guest_tsc")?,
+                            hypervisor_tsc: num(&r, "hv_tsc")?,
+                        },
+                    ))
+                })();
+                match sum {
+                    Some((core, s)) => {
+                        self.trace_sums.insert(core, s);
+                    }
+                    None => self.problems.push(format!("malformed tracesum record: {line}")),
+                }
+            }
             kind::END => {
                 self.end_outcome = r.get("outcome").map(|v| v.raw().to_string());
                 self.tsc.end = num(&r, "tsc");
@@ -398,6 +585,72 @@ impl Console {
             other => self.problems.push(format!("unknown record kind `{other}`")),
         }
         true
+    }
+
+    /// The TSC values with the figures derived from them: `hypervisor_boot` (entry to the
+    /// `ready` record: no guest time after it) and `to_all_guests_running`.
+    pub fn tsc_figures(&self) -> Tsc {
+        let mut tsc = self.tsc.clone();
+        if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.ready) {
+            tsc.hypervisor_boot = b.checked_sub(a);
+        }
+        let entered: Vec<u64> =
+            self.guests.iter().map(|g| g.tsc_first_entry).filter(|t| *t > 0).collect();
+        let meant_to_run = self.guests.iter().filter(|g| g.state != "not_started").count();
+        if let (Some(a), true) =
+            (tsc.hypervisor_entry, !entered.is_empty() && entered.len() == meant_to_run)
+        {
+            tsc.to_all_guests_running = entered.iter().max().and_then(|m| m.checked_sub(a));
+        }
+        tsc
+    }
+
+    /// Each guest's trace totals (from its core's `tracesum`), and a problem for a traced
+    /// core whose records do not add up (fewer rows than it says it kept).
+    pub fn attach_traces(&mut self) {
+        for g in &mut self.guests {
+            g.trace = self.trace_sums.get(&g.core).cloned();
+            if let Some(t) = &g.trace {
+                let rows = self.traces.get(&g.core).map_or(0, Vec::len) as u64;
+                if rows != t.kept {
+                    self.problems.push(format!(
+                        "trace of guest {}: {rows} exits in its records, {} kept",
+                        g.name, t.kept
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The exit trace as CSV: one row per kept exit, guests in report order, oldest first.
+    /// Times are in the report's `tsc_unit`, relative to the hypervisor's entry (`t0`).
+    pub fn trace_csv(&self) -> String {
+        let t0 = self.tsc.hypervisor_entry.unwrap_or(0);
+        let mut out = String::from(
+            "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before\n",
+        );
+        for g in &self.guests {
+            let Some(events) = self.traces.get(&g.core) else { continue };
+            let skipped = g.trace.as_ref().map_or(0, |t| t.exits.saturating_sub(t.kept));
+            let mut prev: Option<u64> = None;
+            for (i, e) in events.iter().enumerate() {
+                let before =
+                    prev.map(|p| (e.entry.saturating_sub(p)).to_string()).unwrap_or_default();
+                out += &format!(
+                    "{},{},{},{},{},{},{},{}\n",
+                    g.name,
+                    g.core,
+                    skipped + i as u64,
+                    e.reason,
+                    e.entry.saturating_sub(t0),
+                    e.exit.saturating_sub(t0),
+                    e.exit.saturating_sub(e.entry),
+                    before
+                );
+                prev = Some(e.exit);
+            }
+        }
+        out
     }
 
     pub fn phase(&self) -> Phase {
@@ -550,6 +803,54 @@ mkvisor: GRUB is loading the hypervisor
         assert!(c.problems.is_empty());
         let c = feed("#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"cpuid\" fault=\"\" hypercalls=0 tsc_first_entry=0 tsc_end=0\n");
         assert_eq!(c.problems.len(), 1, "exits without counts are malformed");
+    }
+
+    #[test]
+    fn hypervisor_boot_ends_when_the_cores_are_up_not_at_the_end() {
+        // Guests ran from 300 to 9000: none of that is the hypervisor's boot.
+        let c = feed(&RUN_OK.replace(
+            "#mkv end outcome=ok tsc=250",
+            "#mkv ready tsc=180\n\
+             #mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"\" fault=\"\" hypercalls=1 tsc_first_entry=300 tsc_end=9000\n\
+             #mkv end outcome=ok tsc=9100",
+        ));
+        let t = c.tsc_figures();
+        assert_eq!(t.hypervisor_boot, Some(80));
+        assert_eq!(t.to_all_guests_running, Some(200));
+        assert_eq!(t.end, Some(9100));
+        // Without a ready record (a refusal) there is no boot figure, rather than a wrong one.
+        assert_eq!(feed(RUN_OK).tsc_figures().hypervisor_boot, None);
+    }
+
+    #[test]
+    fn traces_become_csv_rows_and_guest_totals() {
+        let mut c = feed(&RUN_OK.replace(
+            "#mkv end",
+            "#mkv trace core=1 base=150 ev=\"cpuid:0:20 vmcall:5:30\"\n\
+             #mkv trace core=1 base=300 ev=\"hlt:0:1000\"\n\
+             #mkv tracesum core=1 exits=4 kept=3 guest_tsc=1060 hv_tsc=150\n\
+             #mkv guest index=0 name=a core=1 state=exited exit_status=0 exits=\"cpuid:2 vmcall:1 hlt:1\" fault=\"\" hypercalls=1 tsc_first_entry=120 tsc_end=1400\n\
+             #mkv end",
+        ));
+        c.attach_traces();
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let t = c.guests[0].trace.clone().unwrap();
+        assert_eq!((t.exits, t.kept, t.guest_tsc, t.hypervisor_tsc), (4, 3, 1060, 150));
+        let csv = c.trace_csv();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            rows[0],
+            "guest,core,seq,reason,entry_tsc,exit_tsc,guest_tsc,hypervisor_tsc_before"
+        );
+        // Times from hypervisor entry (tsc=100); the first kept exit is the second traced.
+        assert_eq!(rows[1], "a,1,1,cpuid,50,70,20,");
+        assert_eq!(rows[2], "a,1,2,vmcall,75,105,30,5");
+        assert_eq!(rows[3], "a,1,3,hlt,200,1200,1000,95");
+        assert_eq!(rows.len(), 4);
+        // Records that do not add up are a problem; a malformed one too.
+        let mut c = feed("#mkv trace core=0 base=1 ev=\"cpuid:0\"\n#mkv tracesum core=0 exits=1 kept=1 guest_tsc=1 hv_tsc=0\n#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"\" fault=\"\" hypercalls=1 tsc_first_entry=1 tsc_end=2\n");
+        c.attach_traces();
+        assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! console, the progress line, and the end of the run (end record, emulator exit, timeout).
 
 use crate::cli::{Emulator, RunArgs};
+use crate::meta;
 use crate::report::{Console, Phase, Report};
 use anyhow::{bail, Context, Result};
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
@@ -116,14 +117,10 @@ pub fn kvm_vmx_unavailable() -> Option<String> {
     if !Path::new("/dev/kvm").exists() {
         return Some("/dev/kvm does not exist".into());
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let vmx = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx"));
+    let vmx = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_vmx());
     if !vmx {
         return Some(
-            "the host CPU has no `vmx` flag in /proc/cpuinfo, so KVM cannot give a guest VT-x \
+            "the host CPU has no VMX (CPUID.01H:ECX.VMX is 0), so KVM cannot give a guest VT-x \
              (this /dev/kvm is not a VMX-capable KVM); use --emulator bochs"
                 .into(),
         );
@@ -426,25 +423,10 @@ pub struct Machine {
     pub memory_mib: u32,
 }
 
-/// Removes terminal control sequences (GRUB clears the screen on the serial console).
+/// Removes terminal control sequences (GRUB clears the screen on the serial console) and
+/// carriage returns (`anstream`'s escape-sequence parser).
 pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if ('\x40'..='\x7e').contains(&d) {
-                        break;
-                    }
-                }
-            }
-        } else if c != '\r' {
-            out.push(c);
-        }
-    }
-    out
+    anstream::adapter::strip_str(s).to_string().replace('\r', "")
 }
 
 /// The core a console line comes from: `[c2] ...` (hypervisor) or `[name@c2] ...` (guest).
@@ -455,31 +437,54 @@ pub fn line_core(line: &str) -> Option<u32> {
 }
 
 /// Prints console lines live, one colour per core. Colour follows each stream on its own
-/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`); the
-/// progress line is redrawn in place only when stderr is a terminal.
+/// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`). Progress
+/// (phase, guests heard from, elapsed time) is an `indicatif` spinner when stderr is a
+/// terminal and the run is not `--quiet`, else one line per phase.
 struct Printer<O: Write, E: Write> {
     out: O,
     err: E,
     quiet: bool,
-    /// stderr is a terminal: the progress line is one line, redrawn in place.
-    live: bool,
-    status_shown: bool,
+    /// The live progress line, when there is one.
+    bar: Option<indicatif::ProgressBar>,
+    /// Guests heard from on the console so far (`[name@cN]` lines), in order.
+    guests: Vec<String>,
+    phase: Option<String>,
+}
+
+/// The spinner for a run's progress on stderr.
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// The guest a console line comes from: `[name@c2] ...`.
+fn line_guest(line: &str) -> Option<&str> {
+    let tag = line.strip_prefix('[')?.split(']').next()?;
+    tag.rsplit_once("@c").map(|(name, _)| name)
 }
 
 impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
-        if self.status_shown {
-            // Cursor control, not colour: only ever written to a terminal (`live`).
-            let _ = write!(self.err, "\r\x1b[K");
-            self.status_shown = false;
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 
     fn line(&mut self, line: &str, is_record: bool) {
+        if let Some(g) = line_guest(line) {
+            if !self.guests.iter().any(|x| x == g) {
+                self.guests.push(g.to_string());
+                self.redraw();
+            }
+        }
         if self.quiet {
             return;
         }
-        self.clear_status();
         use anstyle::{AnsiColor, Style};
         const COLOURS: [AnsiColor; 6] = [
             AnsiColor::Cyan,
@@ -496,7 +501,26 @@ impl<O: Write, E: Write> Printer<O, E> {
         } else {
             Style::new()
         };
-        let _ = writeln!(self.out, "{style}{line}{style:#}");
+        match &self.bar {
+            Some(b) => b.suspend(|| writeln!(self.out, "{style}{line}{style:#}")),
+            None => writeln!(self.out, "{style}{line}{style:#}"),
+        }
+        .unwrap_or(());
+    }
+
+    /// The progress line's text: the phase, and the guests heard from.
+    fn message(&self) -> String {
+        let mut m = self.phase.clone().unwrap_or_default();
+        if !self.guests.is_empty() {
+            m += &format!("; guests heard from: {} ({})", self.guests.len(), self.guests.join(" "));
+        }
+        m
+    }
+
+    fn redraw(&self) {
+        if let Some(b) = &self.bar {
+            b.set_message(self.message());
+        }
     }
 
     fn status(&mut self, started: Instant, phase: Phase) {
@@ -507,21 +531,30 @@ impl<O: Write, E: Write> Printer<O, E> {
             Phase::Cores { online, total } => format!("cores coming up: {online}/{total} online"),
             Phase::Ended => "run ended".to_string(),
         };
-        let t = started.elapsed().as_secs_f64();
-        if self.live && !self.quiet {
-            let bold = anstyle::Style::new().bold();
-            let _ = write!(self.err, "\r\x1b[K{bold}[{t:6.1}s] {what}{bold:#}");
-            let _ = self.err.flush();
-            self.status_shown = true;
+        self.phase = Some(what.clone());
+        if self.bar.is_some() {
+            self.redraw();
         } else {
+            let t = started.elapsed().as_secs_f64();
             let _ = writeln!(self.err, "[{t:6.1}s] {what}");
         }
     }
 }
 
-/// Boots the image described by `args` and returns the report (also written to
-/// `args.report` when given). Fails only when the run could not be attempted at all.
-pub fn run(args: &RunArgs) -> Result<Report> {
+/// What `cargo xtask run` decided before building anything: every check passed.
+pub struct Prepared {
+    /// The emulator's CPU model (the default of the emulator when not given).
+    pub model: String,
+    /// The config (its path as found, and compiled), or `None` for a cores-only run.
+    pub compiled: Option<(PathBuf, crate::config::Compiled)>,
+    pub machine: Machine,
+}
+
+/// Every check `cargo xtask run` makes before it builds or boots (`cargo xtask check` runs
+/// exactly these): the report path, the hypervisor command line, the config, the cores the
+/// config needs, and what the emulator would refuse. Installs nothing; each failure carries
+/// its exit code (`crate::exit`).
+pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     // Found now rather than after a boot of several minutes.
     if let Some(path) = &args.report {
         check_writable(path).map_err(|e| crate::exit::coded(crate::exit::REPORT_PATH, e))?;
@@ -534,17 +567,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         }
         .to_string()
     });
-    match args.emulator {
-        Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
-        Emulator::Qemu => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
-        Emulator::QemuKvm => {
-            if let Some(why) = kvm_vmx_unavailable() {
-                bail!("cannot run under qemu-kvm: {why}");
-            }
-            crate::setup::ensure_packages(&[crate::setup::QEMU])?;
-        }
-    }
-    let bad = crate::cmdline::check(&args.cmdline);
+    let cmdline = args.hypervisor_cmdline();
+    let bad = crate::cmdline::check(&cmdline);
     if !bad.is_empty() {
         let list: Vec<String> = bad.iter().map(ToString::to_string).collect();
         let e = anyhow::anyhow!("--cmdline: the hypervisor would ignore {}", list.join("; "));
@@ -554,16 +578,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let compiled = if args.no_config {
         None
     } else {
-        let path = if args.config.is_relative() && !args.config.exists() {
-            crate::workspace_root().join(&args.config)
-        } else {
-            args.config.clone()
-        };
+        let path = config_path(&args.config);
         let c =
             crate::config::load(&path).map_err(|e| crate::exit::coded(crate::exit::CONFIG, e))?;
-        for w in &c.warnings {
-            eprintln!("config: warning: {w}");
-        }
         Some((path, c))
     };
     let machine = Machine {
@@ -574,7 +591,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
     };
     if let Some((_, c)) = &compiled {
-        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &args.cmdline);
+        let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &cmdline);
         if !missing.is_empty() && !args.allow_missing_cores {
             let list: Vec<String> =
                 missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
@@ -591,15 +608,79 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
+    if args.emulator == Emulator::QemuKvm {
+        if let Some(why) = kvm_vmx_unavailable() {
+            bail!("cannot run under qemu-kvm: {why}");
+        }
+    }
+    Ok(Prepared { model, compiled, machine })
+}
+
+/// A config path as given, else relative to the workspace root.
+pub fn config_path(p: &Path) -> PathBuf {
+    if p.is_relative() && !p.exists() {
+        crate::workspace_root().join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// `cargo xtask check`: what `run` checks before building, and nothing else. Prints what it
+/// found (the config's warnings, the machine it would boot) and returns the summary line.
+pub fn check(args: &RunArgs) -> Result<String> {
+    let p = prepare(args)?;
+    for w in p.compiled.iter().flat_map(|(_, c)| &c.warnings) {
+        eprintln!("config: warning: {w}");
+    }
+    let what = match &p.compiled {
+        Some((path, c)) => format!(
+            "{}: ok: {} guest(s), {} channel(s), {} grant(s)",
+            path.display(),
+            c.config.guests.len(),
+            c.config.channels.len(),
+            c.config.grants.len()
+        ),
+        None => "no config: ok".to_string(),
+    };
+    Ok(format!(
+        "{what}; would boot {} with {} CPUs (model {}), {} MiB{}",
+        args.emulator.name(),
+        p.machine.cpus,
+        p.model,
+        p.machine.memory_mib,
+        match args.hypervisor_cmdline() {
+            c if c.is_empty() => String::new(),
+            c => format!(", command line `{c}`"),
+        }
+    ))
+}
+
+/// Boots the image described by `args` and returns the report (also written to
+/// `args.report` when given). Fails only when the run could not be attempted at all.
+pub fn run(args: &RunArgs) -> Result<Report> {
+    let Prepared { model, compiled, machine } = prepare(args)?;
+    for w in compiled.iter().flat_map(|(_, c)| &c.warnings) {
+        eprintln!("config: warning: {w}");
+    }
+    match args.emulator {
+        Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
+        Emulator::Qemu | Emulator::QemuKvm => crate::setup::ensure_packages(&[crate::setup::QEMU])?,
+    }
     // The config's own kernels: checked (and guest crates built) before anything boots.
     let kernels = match &compiled {
         Some((_, c)) => crate::kernel::prepare(c, args.build.debug)?,
         None => Vec::new(),
     };
-    let images = crate::build::Images { kernels, ..crate::build::images(args.build.debug)? };
+    let images = crate::build::Images {
+        kernels,
+        ..crate::build::images_with(
+            args.build.debug,
+            !args.quiet && std::io::stderr().is_terminal(),
+        )?
+    };
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
-    let iso = crate::build::iso(&images, &dir, &args.cmdline, blob)?;
+    let iso = crate::build::iso(&images, &dir, &args.hypervisor_cmdline(), blob)?;
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
@@ -607,9 +688,11 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         out: anstream::stdout(),
         err: anstream::stderr(),
         quiet: args.quiet,
-        live: std::io::stderr().is_terminal(),
-        status_shown: false,
+        bar: (std::io::stderr().is_terminal() && !args.quiet).then(progress_bar),
+        guests: vec![],
+        phase: None,
     };
+    let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
@@ -694,19 +777,25 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         }
         console.problems.extend(why);
     }
-    let mut tsc = console.tsc.clone();
-    if let (Some(a), Some(b)) = (tsc.hypervisor_entry, tsc.end) {
-        tsc.hypervisor_boot = b.checked_sub(a);
-    }
-    let entered: Vec<u64> =
-        console.guests.iter().map(|g| g.tsc_first_entry).filter(|t| *t > 0).collect();
-    let meant_to_run = console.guests.iter().filter(|g| g.state != "not_started").count();
-    if let (Some(a), true) =
-        (tsc.hypervisor_entry, !entered.is_empty() && entered.len() == meant_to_run)
-    {
-        tsc.to_all_guests_running = entered.iter().max().and_then(|m| m.checked_sub(a));
-    }
+    let tsc = console.tsc_figures();
+    console.attach_traces();
+    let trace_csv = if args.trace {
+        let path = match &args.report {
+            Some(r) => r.with_extension("trace.csv"),
+            None => dir.join("trace.csv"),
+        };
+        std::fs::write(&path, console.trace_csv())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Some(path.display().to_string())
+    } else {
+        None
+    };
+    meta.emulator_version = meta::emulator_version(
+        args.emulator.name(),
+        &std::fs::read_to_string(dir.join("emulator.out")).unwrap_or_default(),
+    );
     let report = Report {
+        schema_version: crate::report::SCHEMA_VERSION,
         outcome,
         emulator: args.emulator.name().into(),
         cpu_model: model,
@@ -721,7 +810,10 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         serial_log: serial_path.display().to_string(),
+        trace_csv,
         problems: console.problems,
+        tsc_unit: crate::report::tsc_unit(args.emulator.name()).to_string(),
+        meta,
     };
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
@@ -756,6 +848,16 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
     match run(args) {
         Ok(report) => {
             eprint!("{}", summary(&report));
+            if let (true, Some(path)) = (args.plot, &args.report) {
+                match crate::plot::files(std::slice::from_ref(path), None) {
+                    Ok(written) => {
+                        for w in written {
+                            eprintln!("  plot: {}", w.display());
+                        }
+                    }
+                    Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+                }
+            }
             std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
         }
         // A Ctrl-C during the build also reaches cargo, whose failure is then only an echo.
@@ -797,6 +899,17 @@ pub fn summary(r: &Report) -> String {
             if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
             exits.join(" ")
         );
+        if let Some(t) = &g.trace {
+            let life = t.guest_tsc + t.hypervisor_tsc;
+            s += &format!(
+                "        trace: {} exits ({} kept), in the guest {}, in the hypervisor {} ({:.1}%)\n",
+                t.exits,
+                t.kept,
+                t.guest_tsc,
+                t.hypervisor_tsc,
+                if life > 0 { 100.0 * t.hypervisor_tsc as f64 / life as f64 } else { 0.0 }
+            );
+        }
         if let Some(f) = &g.fault {
             s += &format!(
                 "        {}: {f}\n",
@@ -832,25 +945,47 @@ pub fn summary(r: &Report) -> String {
             c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
         );
     }
+    let unit = match r.tsc_unit.as_str() {
+        "emulated_instructions" => "emulated instructions",
+        _ => "TSC clock ticks, not instructions",
+    };
     if let Some(t) = r.tsc.to_all_guests_running {
-        s += &format!("  TSC: hypervisor entry to all guests running {t}\n");
+        s += &format!("  TSC: hypervisor entry to all guests running {t} ({unit})\n");
     }
     if let Some(m) = &r.missing {
         s += &format!("  refused: this machine lacks {m}\n");
     }
     if let (Some(e), Some(b)) = (r.tsc.hypervisor_entry, r.tsc.hypervisor_boot) {
-        s += &format!("  TSC: firmware+GRUB {e}, hypervisor boot to end {b}\n");
+        s += &format!(
+            "  TSC: firmware+GRUB {e}, hypervisor boot (entry to all cores up) {b} ({unit})\n"
+        );
     }
     for p in &r.problems {
         s += &format!("  problem: {p}\n");
     }
     s += &format!("  serial log: {}\n", r.serial_log);
+    if let Some(t) = &r.trace_csv {
+        s += &format!("  exit trace: {t}\n");
+    }
     s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_names_the_tsc_unit() {
+        let mut c = Console::default();
+        for l in ["#mkv boot abi=1 tsc=100 cmdline=\"\"", "#mkv ready tsc=150"] {
+            c.feed(l);
+        }
+        let mut r = crate::report::for_tests(&mut c);
+        assert!(summary(&r).contains("entry to all cores up) 50 (emulated instructions)"));
+        r.emulator = "qemu".into();
+        r.tsc_unit = crate::report::tsc_unit("qemu").into();
+        assert!(summary(&r).contains("50 (TSC clock ticks, not instructions)"), "{}", summary(&r));
+    }
 
     #[test]
     fn strips_grub_screen_control() {
@@ -950,28 +1085,51 @@ mod tests {
             out: AutoStream::new(Vec::new(), ColorChoice::Never),
             err: AutoStream::new(Vec::new(), ColorChoice::Always),
             quiet: false,
-            live: true,
-            status_shown: false,
+            bar: Some(indicatif::ProgressBar::hidden()),
+            guests: vec![],
+            phase: None,
         };
         p.line("[c2] online", false);
         p.line("#mkv end outcome=ok tsc=1", true);
         p.status(Instant::now(), Phase::Grub);
         let out = String::from_utf8(p.out.into_inner()).unwrap();
         assert_eq!(out, "[c2] online\n#mkv end outcome=ok tsc=1\n");
-        assert!(String::from_utf8(p.err.into_inner()).unwrap().contains("\x1b[1m"));
         // A terminal that wants colour gets one per core.
         let mut p = Printer {
             out: AutoStream::new(Vec::new(), ColorChoice::Always),
             err: Vec::new(),
             quiet: false,
-            live: false,
-            status_shown: false,
+            bar: None,
+            guests: vec![],
+            phase: None,
         };
         p.line("[c2] online", false);
         p.status(Instant::now(), Phase::Grub);
         assert_eq!(String::from_utf8(p.out.into_inner()).unwrap(), "\x1b[32m[c2] online\x1b[0m\n");
         let err = String::from_utf8(p.err).unwrap();
         assert!(!err.contains('\x1b') && err.ends_with("GRUB loading the hypervisor\n"), "{err:?}");
+    }
+
+    #[test]
+    fn progress_shows_the_phase_and_the_guests_heard_from() {
+        // On a terminal the progress is the spinner's message, nothing on stderr itself.
+        let mut p = Printer {
+            out: Vec::new(),
+            err: Vec::new(),
+            quiet: true,
+            bar: Some(indicatif::ProgressBar::hidden()),
+            guests: vec![],
+            phase: None,
+        };
+        p.status(Instant::now(), Phase::Cores { online: 1, total: 4 });
+        p.line("[alpha@c0] hello", false);
+        p.line("[beta@c1] hello", false);
+        p.line("[alpha@c0] again", false);
+        let msg = p.bar.as_ref().unwrap().message();
+        assert_eq!(msg, "cores coming up: 1/4 online; guests heard from: 2 (alpha beta)");
+        assert!(p.err.is_empty() && p.out.is_empty(), "quiet: no console lines");
+        assert_eq!(line_guest("[we@ird@c1] x"), Some("we@ird"));
+        assert_eq!(line_guest("[c1] x"), None);
     }
 
     #[test]
@@ -1003,9 +1161,8 @@ mod tests {
 
     #[test]
     fn old_run_folders_are_pruned_but_not_live_ones() {
-        let root = std::env::temp_dir().join(format!("xtask-prune-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         // pid 0x7fffffff is never alive; our own pid is.
         let dead = |n: u32| root.join(format!("bochs-4cpu-2147483647-{n}"));
         for n in 0..5 {
@@ -1025,14 +1182,13 @@ mod tests {
         // Keep 0: a live run's folder is never removed.
         assert_eq!(prune_runs(&root, 0).unwrap(), [dead(4)]);
         assert!(mine.exists());
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn parallel_runs_pruning_the_same_folders_all_succeed() {
         // The system tests start runs from several threads at once: each prunes.
-        let root = std::env::temp_dir().join(format!("xtask-prune-par-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         for n in 0..60 {
             std::fs::create_dir_all(root.join(format!("bochs-4cpu-2147483647-{n}"))).unwrap();
         }
@@ -1046,7 +1202,6 @@ mod tests {
             assert!(t.join().unwrap().is_ok(), "a folder another thread removed is no error");
         }
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "all old folders gone");
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// Processes whose command line contains `marker`.
@@ -1081,6 +1236,12 @@ mod tests {
         // Dropped (normal end, error, timeout, unwinding): the group goes, grandchildren too.
         let marker = format!("xtask-group-drop-{}", std::process::id());
         drop(family(&marker));
+        // The leader is reaped by the drop; the grandchild, killed with it, vanishes once
+        // init reaps it: a moment on a busy machine.
+        let t = Instant::now();
+        while alive_with(&marker) > 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(alive_with(&marker), 0);
         // A signal or a panic: every registered group is killed from outside the run loop.
         let marker = format!("xtask-group-kill-{}", std::process::id());
@@ -1097,8 +1258,8 @@ mod tests {
 
     #[test]
     fn report_path_check_leaves_nothing_behind() {
-        let dir = std::env::temp_dir().join(format!("xtask-report-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let new = dir.join("new.json");
         check_writable(&new).unwrap();
         assert!(!new.exists(), "the check must not leave an empty report");
@@ -1106,7 +1267,6 @@ mod tests {
         check_writable(&new).unwrap();
         assert_eq!(std::fs::read_to_string(&new).unwrap(), "keep", "nor truncate an old one");
         assert!(check_writable(&dir).is_err(), "a directory is not a report file");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -69,8 +69,7 @@ pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
     for p in &missing {
         eprintln!("setup: installing {} ({})", p.name, p.why);
     }
-    let root =
-        Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let root = nix::unistd::geteuid().is_root();
     let apt = |args: &[&str]| {
         let mut c = if root {
             Command::new("apt-get")
