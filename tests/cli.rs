@@ -143,6 +143,15 @@ fn check_checks_everything_run_checks_and_builds_nothing() {
     let (code, out, err) = xtask_in(&target, &["check", "configs/default.toml"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("ok: 4 guest(s)") && out.contains("4 CPUs"), "{out}");
+    // A config whose own kernel file is missing: refused like run would, nothing built.
+    let missing = target.join("missing-kernel.toml");
+    let cfg = std::fs::read_to_string(xtask::workspace_root().join("configs/pair.toml")).unwrap();
+    let cfg = cfg.replacen("workload = \"", "kernel = \"nowhere.elf\"\nworkload = \"", 1);
+    std::fs::write(&missing, cfg).unwrap();
+    let (code, _, err) = xtask_in(&target, &["check", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(xtask::exit::CONFIG.into()), "{err}");
+    assert!(err.contains("guest[0].kernel: file `nowhere.elf`"), "{err}");
+    std::fs::remove_file(&missing).unwrap();
     // Each refusal with the code `run` would give.
     let cases: [(&[&str], u8, &str); 5] = [
         (&["check", "configs/bad-two-guests-one-core.toml"], xtask::exit::CONFIG, "guest[1].core"),

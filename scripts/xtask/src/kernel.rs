@@ -174,15 +174,21 @@ pub fn build_crate(dir: &Path, debug: bool) -> Result<PathBuf> {
     elf.with_context(|| format!("the guest crate {} built no binary", dir.display()))
 }
 
-/// The config's own kernels, resolved, built and checked: file `i` is the kernel of blob
-/// index `i + 1` (module `KERNEL_MODULES[i + 1]`).
-pub fn prepare(c: &Compiled, debug: bool) -> Result<Vec<PathBuf>> {
+/// The config's own kernels and where they are (relative to the config file).
+fn kernels_of(c: &Compiled) -> (Vec<KernelSpec>, impl Fn(&KernelSpec) -> PathBuf) {
     let base = Path::new(&c.file).parent().unwrap_or(Path::new(".")).to_path_buf();
     let kernels: Vec<KernelSpec> = c.config.kernels().into_iter().cloned().collect();
-    let path_of = |k: &KernelSpec| match k {
+    let path_of = move |k: &KernelSpec| match k {
         KernelSpec::File(p) | KernelSpec::Crate { krate: p } => base.join(p),
     };
-    // First what needs no build: the files, and that each crate is a crate.
+    (kernels, path_of)
+}
+
+/// What can be checked of the config's own kernels without building anything: each file
+/// kernel completely, each crate kernel that it is a crate. Returns each kernel's file
+/// (`None` for a crate, still to be built).
+pub fn check_unbuilt(c: &Compiled) -> Result<Vec<Option<PathBuf>>> {
+    let (kernels, path_of) = kernels_of(c);
     let mut errors = Vec::new();
     let mut files: Vec<Option<PathBuf>> = Vec::new();
     for k in &kernels {
@@ -203,6 +209,14 @@ pub fn prepare(c: &Compiled, debug: bool) -> Result<Vec<PathBuf>> {
         }
     }
     fail_on(errors)?;
+    Ok(files)
+}
+
+/// The config's own kernels, resolved, built and checked: file `i` is the kernel of blob
+/// index `i + 1` (module `KERNEL_MODULES[i + 1]`).
+pub fn prepare(c: &Compiled, debug: bool) -> Result<Vec<PathBuf>> {
+    let mut files = check_unbuilt(c)?;
+    let (kernels, path_of) = kernels_of(c);
     // Then the crates, built and checked the same way.
     let mut errors = Vec::new();
     for (k, file) in kernels.iter().zip(&mut files) {

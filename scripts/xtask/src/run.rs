@@ -629,6 +629,10 @@ pub fn config_path(p: &Path) -> PathBuf {
 /// found (the config's warnings, the machine it would boot) and returns the summary line.
 pub fn check(args: &RunArgs) -> Result<String> {
     let p = prepare(args)?;
+    // The config's own kernels: files checked completely, crates only found (not built).
+    if let Some((_, c)) = &p.compiled {
+        crate::kernel::check_unbuilt(c)?;
+    }
     for w in p.compiled.iter().flat_map(|(_, c)| &c.warnings) {
         eprintln!("config: warning: {w}");
     }
