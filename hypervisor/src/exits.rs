@@ -1260,6 +1260,20 @@ mod tests {
         assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
     }
 
+    /// review-links PoC (lost wake-up): a LINK_DOWN served while the guest is between its
+    /// last link check and `sti; hlt` (IF=0) sets `wake`; nothing is injected and no
+    /// interrupt window is asked for. Guests with channels run without HLT exiting, so the
+    /// guest then halts with no exit to come: it sleeps until some other event (the peer's
+    /// LINK_UP, if it ever restarts; otherwise the budget watchdog kills it).
+    #[test]
+    fn review_a_wake_up_pending_at_if0_asks_for_a_window() {
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        c.wake = true;
+        v.write(Field::Rflags, 0x2);
+        assert!(c.before_entry(&mut v).is_ok());
+        assert!(v.injected.is_empty());
+        assert!(v.window, "IF=0 with a wake-up pending: no window, the wake-up is lost to HLT");
+    }
     #[test]
     fn hlt_without_a_way_to_wake_stops_the_guest() {
         let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());

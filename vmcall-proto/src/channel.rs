@@ -837,6 +837,91 @@ mod tests {
         join_within(flipper, "waiting for the flipper");
     }
 
+    // ---- review-links PoCs (attacker review of channels across restarts) ----
+
+    /// Zeroes a ring as `guest::reset_rings` does.
+    fn reset(st: &OwnedRing, slots: usize) {
+        st.producer.sent.store(0, Ordering::Relaxed);
+        st.consumer.received.store(0, Ordering::Relaxed);
+        st.consumer.sleeping.store(0, Ordering::Relaxed);
+        for i in 0..slots {
+            for w in &st.slot(i).data {
+                w.store(0, Ordering::Relaxed);
+            }
+            st.slot(i).control.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// R1: an honest sender of epoch E (E != 1) whose ring is full when the rings are reset
+    /// under it (it passed its link check, then was held while the peer's core reset)
+    /// reports `BadAck`, a hard error, instead of anything benign; the guest library's
+    /// `try_send` does not re-check the link word after an error (try_recv does).
+    #[test]
+    fn review_reset_under_a_full_sender_is_bad_ack() {
+        for epoch in [0u32, 2, 5] {
+            let st = Box::new(OwnedRing::new());
+            let (mut tx, mut rx) =
+                (Sender::with_epoch(st.ring(4), epoch), Receiver::with_epoch(st.ring(4), 1, epoch));
+            for i in 0..4 {
+                tx.try_send(&msg(i)).unwrap();
+            }
+            rx.try_recv().unwrap().unwrap(); // the consumer published 1
+            for i in 4..5 {
+                tx.try_send(&msg(i)).unwrap();
+            }
+            assert_eq!(tx.try_send(&msg(9)), Err(ChannelError::Full));
+            reset(&st, 4);
+            let r = tx.try_send(&msg(9));
+            assert!(
+                !matches!(r, Err(ChannelError::BadAck { .. })),
+                "epoch {epoch}: a reset ring under an honest sender gives {r:?}"
+            );
+        }
+    }
+
+    /// R2: a receiver of epoch E whose rings are reset while it still runs in E (the link
+    /// was given up on: the peer core did not ack in time / its ring was full) reads a
+    /// zeroed slot as `Corrupt` once it is past the first lap (any E), and on the first lap
+    /// unless E == 1.
+    #[test]
+    fn review_reset_under_a_live_receiver_is_corrupt() {
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) =
+            (Sender::with_epoch(st.ring(4), 3), Receiver::with_epoch(st.ring(4), 1, 3));
+        for i in 0..6 {
+            tx.try_send(&msg(i)).unwrap();
+            rx.try_recv().unwrap().unwrap();
+        }
+        reset(&st, 4);
+        let r = rx.try_recv();
+        assert_eq!(r, Ok(None), "a reset ring under a live receiver gives {r:?}");
+    }
+
+    /// R3: the epoch jumps by two (both ends restarted, or the peer died twice before this
+    /// side ran again): a late write of the survivor's epoch E lands in a ring of epoch
+    /// E + 2, whose receiver calls it `Corrupt` (only E + 1 counts as "the previous epoch").
+    #[test]
+    fn review_late_write_two_epochs_back_is_corrupt() {
+        let st = Box::new(OwnedRing::new());
+        let mut old = Sender::with_epoch(st.ring(4), 4);
+        reset(&st, 4);
+        let mut rx = Receiver::with_epoch(st.ring(4), 1, 6);
+        old.try_send(&msg(0)).unwrap(); // the late store of epoch 4
+        let r = rx.try_recv();
+        assert_eq!(r, Ok(None), "a late write two epochs back gives {r:?}");
+    }
+
+    /// R4: tags are 16 bits: epoch 65536 has epoch 0's tag, and a word written by an epoch
+    /// 65536 apart is taken as a message of this epoch.
+    #[test]
+    fn review_epoch_tags_wrap() {
+        let st = Box::new(OwnedRing::new());
+        let mut ancient = Sender::with_epoch(st.ring(4), 7);
+        let mut rx = Receiver::with_epoch(st.ring(4), 1, 7 + 65536);
+        ancient.try_send(&msg(42)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(None), "epoch 7's message accepted in epoch 65543");
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Send(u8),

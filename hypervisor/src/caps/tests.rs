@@ -806,3 +806,138 @@ fn guest_control_is_answered_bounded_and_one_at_a_time() {
     });
     assert_eq!(out[0].0.ctl.released, 0);
 }
+
+// ---- review-links PoCs (attacker review of channels across restarts) ----
+
+/// L1: a `LINK_ACK` says nothing about *which* `LINK_DOWN` it answers. After a give-up
+/// (the peer's core was slow), the peer's late ack of the first death is taken as the ack
+/// of the second: the dying core would reset the rings while the peer's guest still runs
+/// in the old epoch with its status page saying "up" (it has not seen the second DOWN).
+#[test]
+fn review_a_late_ack_answers_a_later_link_down() {
+    let mut net = Net::new(2, 0);
+    // Core 0's guest dies; core 1 is slow: core 0 gives up on the ack.
+    net.with(0, |c, env| {
+        c.retire(env);
+        c.links_down(env);
+    });
+    assert!(!net.cores[0].links_acked());
+    net.cores[0].links_give_up();
+    // Incarnation 2 starts (rings reset, LINK_UP) ...
+    net.cores[0].reborn();
+    net.with(0, |c, env| c.links_up(env));
+    // ... core 1 catches up: DOWN(1) (acked now), UP(2) ...
+    assert!(net.deliver(0, 1));
+    assert!(net.deliver(0, 1));
+    // ... and incarnation 2 dies before core 1's ack reaches core 0.
+    net.with(0, |c, env| {
+        c.retire(env);
+        c.links_down(env);
+    });
+    assert!(!net.cores[0].links_acked());
+    // The ack of DOWN(1) arrives; DOWN(2) still waits unread in the 0->1 queue.
+    assert!(net.deliver(1, 0));
+    assert_eq!(net.queues[1].len(), 1, "DOWN(2) not yet seen by core 1");
+    assert!(
+        !net.cores[0].links_acked(),
+        "core 0 counts the stale ack of DOWN(1) as the ack of DOWN(2): it would reset the \
+         rings under a peer that has not been told"
+    );
+}
+
+/// L2: how many link messages can sit in one inter-core ring when the receiving core does
+/// not serve (or is slow) while the sender's guest dies again and again (give-up after the
+/// deadline each time): one DOWN and one UP per restart, with no bound but the ring. When
+/// it is full, `links_send` takes the peer as "down and done with" and the messages the
+/// budget was reserved for (capability requests, guest control) now share a full ring.
+#[test]
+fn review_repeated_deaths_pile_link_messages_into_one_ring() {
+    let mut net = Net::new(2, 0);
+    for _ in 0..(proto::RING_SLOTS as usize) {
+        net.with(0, |c, env| {
+            c.retire(env);
+            c.links_down(env);
+        });
+        net.cores[0].links_give_up();
+        net.cores[0].reborn();
+        net.with(0, |c, env| c.links_up(env));
+    }
+    assert!(
+        net.queues[1].len() <= 3,
+        "{} link messages queued 0->1 (the ring budget reserves 3 for links)",
+        net.queues[1].len()
+    );
+}
+
+/// L3: once a core has fenced another (one revoke it waited on timed out, e.g. while that
+/// core was busy zeroing for a restart), it drops every link message from it. The fenced
+/// core's guest then dies: its `LINK_DOWN` is ignored, it waits out the ack deadline, gives
+/// up and resets the rings, while the honest guest on the fencing core still runs with its
+/// status page saying "up" in the old epoch (and never hears of the new incarnation's
+/// `LINK_UP` either): it reads the reset rings as `Corrupt`/`BadAck`, or waits for ever.
+#[test]
+fn review_a_fenced_peer_never_hears_of_a_death() {
+    let mut net = Net::new(2, 4);
+    // Core 0's guest copies a cap to core 1's; core 1 is slow to answer the revoke.
+    net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    assert_eq!(net.revoke(0, 0, Some(1)), Err(HvError::Timeout));
+    assert_eq!(net.cores[0].stats.fenced, 1 << 1);
+    net.settle(None);
+    let _ = net.cores[0].take_link(0);
+    // Core 1's guest dies (it is free to restart: the unconfirmed copy is core 0's worry).
+    net.with(1, |c, env| {
+        c.retire(env);
+        c.links_down(env);
+    });
+    net.settle(None);
+    let core1_acked = net.cores[1].links_acked();
+    let link0 = net.cores[0].take_link(0).unwrap();
+    assert!(
+        !link0.peer_up || core1_acked,
+        "core 0 ignored the LINK_DOWN (link still {link0:?}) and core 1 got no ack: it will \
+         give up after 80 deadlines and reset the rings under core 0's running guest"
+    );
+}
+
+/// Checked sound: both ends die at once and restart, every delivery order of the four
+/// messages between the deaths and the `LINK_UP`s: both ends end up in the same epoch, up.
+#[test]
+fn review_both_ends_restarting_agree_on_the_epoch() {
+    // Orders in which the two cores serve their inboxes between the steps.
+    for order in 0..8u32 {
+        let mut net = Net::new(2, 0);
+        for c in 0..2 {
+            net.with(c, |k, env| {
+                k.retire(env);
+                k.links_down(env);
+            });
+        }
+        // Acks (delivery order varies).
+        if order & 1 == 0 {
+            net.deliver(0, 1);
+            net.deliver(1, 0);
+        } else {
+            net.deliver(1, 0);
+            net.deliver(0, 1);
+        }
+        net.settle(None);
+        assert!(net.cores[0].links_acked() && net.cores[1].links_acked());
+        // Restarts: core 0 first, core 1 may see its LINK_UP before its own restart.
+        net.cores[0].reborn();
+        net.with(0, |k, env| k.links_up(env));
+        if order & 2 != 0 {
+            net.settle(None);
+        }
+        net.cores[1].reborn();
+        net.with(1, |k, env| k.links_up(env));
+        if order & 4 != 0 {
+            net.deliver(1, 0);
+        }
+        net.settle(None);
+        let l0 = net.cores[0].take_link(0).unwrap();
+        let l1 = net.cores[1].take_link(0).unwrap();
+        let (i0, i1) = (net.cores[0].incarnation(), net.cores[1].incarnation());
+        assert!(l0.peer_up && l1.peer_up, "order {order}: {l0:?} {l1:?}");
+        assert_eq!(l0.epoch(i0), l1.epoch(i1), "order {order}");
+    }
+}
