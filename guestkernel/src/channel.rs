@@ -113,8 +113,16 @@ impl Chan {
     }
 
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
-        self.link()?;
-        self.tx.try_send(m)?;
+        let w = link_word(self.number);
+        self.check(w)?;
+        if let Err(e) = self.tx.try_send(m) {
+            // An error while the link changed: the change is the news.
+            let now = link_word(self.number);
+            if now != w {
+                self.check(now)?;
+            }
+            return Err(e);
+        }
         if self.doorbells && self.tx.peer_sleeping() {
             let _ = call(Hypercall::Doorbell, self.number as u64, 0);
             self.rung += 1;

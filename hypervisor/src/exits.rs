@@ -550,11 +550,10 @@ impl GuestCtx {
                     self.wake = false;
                 }
             }
-            // A due timer waits for interrupts to come on (an exit as soon as they do). A
-            // wake-up does not: only a guest sleeping on a doorbell needs one, and it sleeps
-            // with interrupts on; one that runs reads its status page itself, and any later
-            // entry delivers it.
-            v.set_interrupt_window(due.is_some() && !interruptible);
+            // Interrupts off: exit as soon as they come on (a guest about to `sti; hlt`
+            // on a doorbell must get its wake-up then, or it sleeps through it). A second
+            // event waits for the next window the same way.
+            v.set_interrupt_window(!interruptible || (due.is_some() && self.wake));
         } else {
             v.set_interrupt_window(false);
         }
@@ -1260,19 +1259,19 @@ mod tests {
         assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
     }
 
-    /// review-links PoC (lost wake-up): a LINK_DOWN served while the guest is between its
+    /// (Review finding, fixed: lost wake-up.) A LINK_DOWN served while the guest is between its
     /// last link check and `sti; hlt` (IF=0) sets `wake`; nothing is injected and no
     /// interrupt window is asked for. Guests with channels run without HLT exiting, so the
     /// guest then halts with no exit to come: it sleeps until some other event (the peer's
     /// LINK_UP, if it ever restarts; otherwise the budget watchdog kills it).
     #[test]
-    fn review_a_wake_up_pending_at_if0_asks_for_a_window() {
+    fn a_wake_up_pending_with_interrupts_off_asks_for_a_window() {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.wake = true;
         v.write(Field::Rflags, 0x2);
         assert!(c.before_entry(&mut v).is_ok());
         assert!(v.injected.is_empty());
-        assert!(v.window, "IF=0 with a wake-up pending: no window, the wake-up is lost to HLT");
+        assert!(v.window, "IF=0 with a wake-up pending: the window must be asked for");
     }
     #[test]
     fn hlt_without_a_way_to_wake_stops_the_guest() {

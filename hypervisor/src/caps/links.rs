@@ -5,7 +5,8 @@
 //! * `LINK_DOWN(mask, inc)`: the sender's guest (incarnation `inc`) died; `mask` names the
 //!   channels (config indices, 256 bits) it was an end of. The receiving core marks them
 //!   down and answers with
-//! * `LINK_ACK(mask, inc, alive)`: its own incarnation and whether its guest is alive; sent
+//! * `LINK_ACK(mask, inc, alive)`: its own incarnation and whether its guest is alive, and
+//!   (in the header) the incarnation whose death it answers; sent
 //!   once the guest's status page says `down` (written on the spot: the guest does not run
 //!   while its core handles messages), so from then on that guest leaves the rings alone.
 //! * `LINK_UP(mask, inc)`: incarnation `inc` of the sender's guest runs on the channels,
@@ -16,7 +17,11 @@
 //! neither end uses them; a guest that is gone for good leaves its rings as they were (their
 //! counters are reported at the end).
 //!
-//! A core acts only on channels whose peer is the sender. One of each message per core
+//! A core acts only on channels whose peer is the sender, also when the capability protocol
+//! fenced that core (links ask for no wait). A death whose acks do not come in time is given
+//! up on: that peer counts as down, its core is *muted* (sent nothing more, so its ring
+//! never fills) until the late ack comes; then it is sent the current incarnation's
+//! `LINK_UP`, and both ends meet in the next epoch. One of each message per core
 //! pair is in flight at a time at most (a death waits for its acks, bounded, before the
 //! next incarnation sends `LINK_UP`), which `proto::RING_SLOTS` counts.
 //!
@@ -37,6 +42,9 @@ pub struct Link {
     pub changed: bool,
     /// The peer's core acknowledged this core's last `LINK_DOWN`.
     pub acked: bool,
+    /// A `LINK_DOWN` to the peer's core was given up on: nothing more is sent there until
+    /// its (late) ack comes, so a slow core's ring holds at most that one, and an `UP`.
+    pub muted: bool,
 }
 
 impl Link {

@@ -339,6 +339,25 @@ impl<const E: usize> CapCore<E> {
     /// guest's own hypercalls).
     fn link_message(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         let (kind, inc, alive) = (m[0] & 0xff, m[5] as u32, m[6] != 0);
+        // An ack names the death it answers: a late one for an earlier death (after a give
+        // up) is not an ack of this one, but it unmutes the peer's core, which is then told
+        // of the current incarnation (if it runs).
+        if kind == proto::op::LINK_ACK && (m[0] >> 32) as u32 != self.inc {
+            let mut unmuted = false;
+            for c in self.chans[..self.nchans].iter_mut() {
+                if c.peer.map(usize::from) == Some(from) && links::names(m, c.index) {
+                    unmuted |= c.link.muted;
+                    c.link.muted = false;
+                    c.link.peer_inc = inc;
+                    c.link.peer_up = alive;
+                    c.link.changed = true;
+                }
+            }
+            if unmuted && !self.ended {
+                self.links_send(env, proto::op::LINK_UP);
+            }
+            return;
+        }
         let mut down = false;
         for c in self.chans[..self.nchans].iter_mut() {
             if c.peer.map(usize::from) != Some(from) || !links::names(m, c.index) {
@@ -366,8 +385,9 @@ impl<const E: usize> CapCore<E> {
             let named = self.chans[..self.nchans]
                 .iter()
                 .filter(|c| c.peer.map(usize::from) == Some(from) && links::names(m, c.index));
-            let ack =
+            let mut ack =
                 links::message(proto::op::LINK_ACK, named.map(|c| c.index), self.inc, !self.ended);
+            ack[0] |= (inc as u64) << 32;
             links::send(env, from, &ack);
         }
     }
@@ -393,12 +413,15 @@ impl<const E: usize> CapCore<E> {
             let to_peer =
                 self.chans[..self.nchans].iter().filter(|c| c.peer.map(usize::from) == Some(peer));
             let m = links::message(kind, to_peer.map(|c| c.index), self.inc, !self.ended);
-            let sent = !self.proto.fenced(peer) && links::send(env, peer, &m);
+            let muted = self.chans[..self.nchans]
+                .iter()
+                .any(|c| c.peer.map(usize::from) == Some(peer) && c.link.muted);
+            let sent = !muted && links::send(env, peer, &m);
             for c in self.chans[..self.nchans]
                 .iter_mut()
                 .filter(|c| c.peer.map(usize::from) == Some(peer))
             {
-                // A fenced or unreachable peer is taken as down and done with.
+                // A muted or unreachable peer is taken as down and done with.
                 c.link.acked = !sent || kind != proto::op::LINK_DOWN;
                 if !sent {
                     c.link.peer_up = false;
@@ -412,11 +435,13 @@ impl<const E: usize> CapCore<E> {
         self.chans[..self.nchans].iter().all(|c| c.peer.is_none() || c.link.acked)
     }
 
-    /// Gives up on the acks still missing: those peers count as down.
+    /// Gives up on the acks still missing: those peers count as down, and their cores are
+    /// muted until their late acks come.
     pub fn links_give_up(&mut self) {
         for c in self.chans[..self.nchans].iter_mut().filter(|c| !c.link.acked) {
             c.link.acked = true;
             c.link.peer_up = false;
+            c.link.muted = true;
         }
     }
 
@@ -484,7 +509,9 @@ impl<const E: usize> CapCore<E> {
     /// One inter-core message.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         if links::is_link(m) {
-            if from != self.proto.me() && !self.proto.fenced(from) {
+            // Even from a core the capability protocol fenced: a link message asks for no
+            // wait, and a peer that is never told of a death would read reset rings.
+            if from != self.proto.me() && from < MAX_PEERS {
                 self.link_message(env, from, m);
             }
             return;

@@ -807,51 +807,54 @@ fn guest_control_is_answered_bounded_and_one_at_a_time() {
     assert_eq!(out[0].0.ctl.released, 0);
 }
 
-// ---- review-links PoCs (attacker review of channels across restarts) ----
+// ---- From the hostile review of channels across restarts (each failed before its fix) ----
 
-/// L1: a `LINK_ACK` says nothing about *which* `LINK_DOWN` it answers. After a give-up
-/// (the peer's core was slow), the peer's late ack of the first death is taken as the ack
-/// of the second: the dying core would reset the rings while the peer's guest still runs
-/// in the old epoch with its status page saying "up" (it has not seen the second DOWN).
+/// L1 (from the review of channels across restarts): after a give-up (the peer's core was
+/// slow), a late ack of the first death must not count for a later one, and the dying core
+/// must never reset the rings while the peer's guest may still run with the channel up.
+/// Muting the peer's core after the give-up (no `LINK_UP` until its late ack) keeps the
+/// peer's view down until it hears of the current incarnation; its late ack then brings
+/// both ends to the next epoch.
 #[test]
-fn review_a_late_ack_answers_a_later_link_down() {
+fn a_late_ack_never_answers_a_later_death() {
     let mut net = Net::new(2, 0);
-    // Core 0's guest dies; core 1 is slow: core 0 gives up on the ack.
+    let pos1 = 0; // core 1's only channel
+                  // Core 0's guest dies; core 1 is slow: core 0 gives up on the ack.
     net.with(0, |c, env| {
         c.retire(env);
         c.links_down(env);
     });
     assert!(!net.cores[0].links_acked());
     net.cores[0].links_give_up();
-    // Incarnation 2 starts (rings reset, LINK_UP) ...
+    // Incarnation 2 starts: core 1 is muted, so no LINK_UP leaves.
     net.cores[0].reborn();
     net.with(0, |c, env| c.links_up(env));
-    // ... core 1 catches up: DOWN(1) (acked now), UP(2) ...
-    assert!(net.deliver(0, 1));
-    assert!(net.deliver(0, 1));
-    // ... and incarnation 2 dies before core 1's ack reaches core 0.
+    assert_eq!(net.queues[1].len(), 1, "only DOWN(1) is queued for core 1");
+    // Incarnation 2 dies before core 1 answers: nothing is sent (muted), the peer counts
+    // as down, and core 1's guest has not been told of any incarnation after the first.
     net.with(0, |c, env| {
         c.retire(env);
         c.links_down(env);
     });
-    assert!(!net.cores[0].links_acked());
-    // The ack of DOWN(1) arrives; DOWN(2) still waits unread in the 0->1 queue.
+    assert!(net.cores[0].links_acked(), "a muted peer is given up on at once");
+    assert!(net.deliver(0, 1), "core 1 catches up: DOWN(1)");
+    assert!(!net.cores[1].take_link(pos1).unwrap().peer_up, "core 1 shows the channel down");
+    // Its late ack (of incarnation 1) unmutes core 1 and tells it of the current one.
+    net.cores[0].reborn();
     assert!(net.deliver(1, 0));
-    assert_eq!(net.queues[1].len(), 1, "DOWN(2) not yet seen by core 1");
-    assert!(
-        !net.cores[0].links_acked(),
-        "core 0 counts the stale ack of DOWN(1) as the ack of DOWN(2): it would reset the \
-         rings under a peer that has not been told"
-    );
+    assert!(net.deliver(0, 1), "LINK_UP of incarnation 3");
+    let (l0, l1) = (net.cores[0].take_link(0).unwrap(), net.cores[1].take_link(pos1).unwrap());
+    assert!(l0.peer_up && l1.peer_up, "{l0:?} {l1:?}");
+    assert_eq!(l0.epoch(net.cores[0].incarnation()), l1.epoch(net.cores[1].incarnation()));
 }
 
-/// L2: how many link messages can sit in one inter-core ring when the receiving core does
+/// L2 (fixed: a slow peer's core is muted after a give-up): how many link messages can sit in one inter-core ring when the receiving core does
 /// not serve (or is slow) while the sender's guest dies again and again (give-up after the
 /// deadline each time): one DOWN and one UP per restart, with no bound but the ring. When
 /// it is full, `links_send` takes the peer as "down and done with" and the messages the
 /// budget was reserved for (capability requests, guest control) now share a full ring.
 #[test]
-fn review_repeated_deaths_pile_link_messages_into_one_ring() {
+fn repeated_deaths_with_a_slow_peer_keep_its_ring_within_budget() {
     let mut net = Net::new(2, 0);
     for _ in 0..(proto::RING_SLOTS as usize) {
         net.with(0, |c, env| {
@@ -869,14 +872,14 @@ fn review_repeated_deaths_pile_link_messages_into_one_ring() {
     );
 }
 
-/// L3: once a core has fenced another (one revoke it waited on timed out, e.g. while that
+/// L3 (fixed: link messages pass capability fences): once a core has fenced another (one revoke it waited on timed out, e.g. while that
 /// core was busy zeroing for a restart), it drops every link message from it. The fenced
 /// core's guest then dies: its `LINK_DOWN` is ignored, it waits out the ack deadline, gives
 /// up and resets the rings, while the honest guest on the fencing core still runs with its
 /// status page saying "up" in the old epoch (and never hears of the new incarnation's
 /// `LINK_UP` either): it reads the reset rings as `Corrupt`/`BadAck`, or waits for ever.
 #[test]
-fn review_a_fenced_peer_never_hears_of_a_death() {
+fn a_fenced_peer_still_hears_of_a_death() {
     let mut net = Net::new(2, 4);
     // Core 0's guest copies a cap to core 1's; core 1 is slow to answer the revoke.
     net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
@@ -902,7 +905,7 @@ fn review_a_fenced_peer_never_hears_of_a_death() {
 /// Checked sound: both ends die at once and restart, every delivery order of the four
 /// messages between the deaths and the `LINK_UP`s: both ends end up in the same epoch, up.
 #[test]
-fn review_both_ends_restarting_agree_on_the_epoch() {
+fn both_ends_restarting_agree_on_the_epoch() {
     // Orders in which the two cores serve their inboxes between the steps.
     for order in 0..8u32 {
         let mut net = Net::new(2, 0);

@@ -853,7 +853,10 @@ mod run {
         let lost = unsafe {
             let a = vmcall_proto::channel::Ring::from_raw(ch.hpa as *mut u8, slots);
             let b = vmcall_proto::channel::Ring::from_raw((ch.hpa + ring) as *mut u8, slots);
-            a.sent().saturating_sub(a.received()) + b.sent().saturating_sub(b.received())
+            // Guest-written counters: saturating, never trusted.
+            a.sent()
+                .saturating_sub(a.received())
+                .saturating_add(b.sent().saturating_sub(b.received()))
         };
         // SAFETY: as above; no end is using the rings (the caller's condition).
         unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
@@ -1071,7 +1074,7 @@ mod run {
             // The last incarnation's death took the channels down and every peer's core
             // acknowledged (or was given up on): nobody uses the rings. Start them over.
             for (pos, ch) in l.channels().iter().enumerate() {
-                counts[pos].lost += reset_rings(ch);
+                counts[pos].lost = counts[pos].lost.saturating_add(reset_rings(ch));
                 counts[pos].resets += 1;
             }
         }
@@ -1216,8 +1219,8 @@ mod run {
             vcpu.frames.limit()
         );
         let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
-            lost: a.lost + c.lost,
-            resets: a.resets + c.resets,
+            lost: a.lost.saturating_add(c.lost),
+            resets: a.resets.saturating_add(c.resets),
         });
         let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
         incarnation_record(l, n, &r, start, &retired, links);
