@@ -87,7 +87,12 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     if !model.success() || args.host_only {
         return Ok(model.success());
     }
-    xtask::setup::ensure_packages(&[xtask::setup::BUILD, xtask::setup::BOCHS, xtask::setup::QEMU])?;
+    xtask::setup::ensure_packages(&[
+        xtask::setup::BUILD,
+        xtask::setup::BOCHS,
+        xtask::setup::QEMU,
+        xtask::setup::TEST,
+    ])?;
     // Build once up front so the parallel system tests do not all wait on cargo's lock.
     xtask::build::images(false)?;
     let system = cargo().args(["test", "-p", "systests", "--", "--test-threads=2"]).status()?;

@@ -25,6 +25,12 @@ pub const BOCHS: &[Package] = &[
     Package { name: "bochsbios", why: "Bochs BIOS" },
     Package { name: "vgabios", why: "Bochs VGA BIOS" },
 ];
+/// Packages the tests need besides: the C example guest is built with make and the
+/// system C compiler (which also checks the C header's static asserts).
+pub const TEST: &[Package] = &[
+    Package { name: "make", why: "builds the C example guest in the tests" },
+    Package { name: "gcc", why: "the system C compiler for the C guest and the header check" },
+];
 /// Packages to boot in QEMU.
 pub const QEMU: &[Package] = &[Package { name: "qemu-system-x86", why: "QEMU (the no-VT-x path)" }];
 
@@ -128,7 +134,7 @@ pub fn ensure_rust_components() -> Result<()> {
 pub fn all() -> Result<()> {
     ensure_rust_target()?;
     ensure_rust_components()?;
-    ensure_packages(&[BUILD, BOCHS, QEMU])?;
+    ensure_packages(&[BUILD, BOCHS, QEMU, TEST])?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
