@@ -354,7 +354,7 @@ impl<const E: usize> CapCore<E> {
                 }
             }
             if unmuted && !self.ended {
-                self.links_send(env, proto::op::LINK_UP);
+                self.links_send(env, proto::op::LINK_UP, Some(from));
             }
             return;
         }
@@ -394,19 +394,20 @@ impl<const E: usize> CapCore<E> {
 
     /// Tells the peers' cores that the guest died (`LINK_DOWN`), one message per core.
     pub fn links_down(&mut self, env: &mut impl Env) {
-        self.links_send(env, proto::op::LINK_DOWN);
+        self.links_send(env, proto::op::LINK_DOWN, None);
     }
 
     /// Tells the peers' cores that a new incarnation runs (`LINK_UP`).
     pub fn links_up(&mut self, env: &mut impl Env) {
-        self.links_send(env, proto::op::LINK_UP);
+        self.links_send(env, proto::op::LINK_UP, None);
     }
 
-    fn links_send(&mut self, env: &mut impl Env, kind: u64) {
+    /// Sends a `kind` link message to each peer core (only to `only`, if given).
+    fn links_send(&mut self, env: &mut impl Env, kind: u64, only: Option<usize>) {
         let mut done = 0u64;
         for i in 0..self.nchans {
             let Some(peer) = self.chans[i].peer.map(usize::from) else { continue };
-            if done & (1u64 << (peer % 64)) != 0 {
+            if only.is_some_and(|o| o != peer) || done & (1u64 << (peer % 64)) != 0 {
                 continue;
             }
             done |= 1u64 << (peer % 64);
