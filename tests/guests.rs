@@ -24,6 +24,14 @@ fn assert_hello(b: &Boot, name: &str, id: u32, core: u32, n: u64) {
     assert!(said("cpuid: signature \"mkvisor\", VMX hidden"));
     assert!(said("bad hypercalls refused: unknown number true, buffer past my memory true"));
     assert!(said(&format!("result: sum(1..={n}) = {} (closed form", n * (n + 1) / 2)));
+    // Exit-free telemetry agrees with the exit_count hypercall (which counts its own exit).
+    let line = b.serial.lines().find(|l| l.starts_with(&format!("{tag}telemetry: "))).unwrap();
+    let nums: Vec<u64> =
+        line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    let (page, entries, counted) =
+        (nums[nums.len() - 4], nums[nums.len() - 2], nums[nums.len() - 1]);
+    assert_eq!((counted, entries), (page + 1, page + 1), "{line}");
+    assert!(page >= 6, "{line}");
     assert!(g.exits.get("vmcall").copied().unwrap_or(0) >= 5, "{:?}", g.exits);
     assert_eq!(g.exits.get("cpuid"), Some(&2), "the two CPUID probes of hello");
     assert!(g.fault.is_none());

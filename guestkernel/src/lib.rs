@@ -3,7 +3,8 @@
 //! the boot path (`guest_start`, the boot-info check), the CPU tables and exception
 //! handlers ([`arch`]), the console and the `log` backend ([`console`]), hypercalls and
 //! exit ([`hypercall`]), the virtual timer ([`timer`]), channels ([`channel`]),
-//! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]) and the panic handler; it
+//! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]), its exit-free counters
+//! ([`telemetry`]) and the panic handler; it
 //! may call only `vmcall_proto` and the hypervisor (through hypercalls). Its linker script
 //! (`linker.ld`: the image at guest-physical 1 MiB, entry `guest_start`) is what `cargo
 //! xtask` links a guest crate with. A guest is a crate that names
@@ -18,6 +19,7 @@ pub mod channel;
 pub mod console;
 pub mod heap;
 pub mod hypercall;
+pub mod telemetry;
 pub mod timer;
 
 pub use log;

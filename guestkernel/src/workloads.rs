@@ -108,6 +108,16 @@ fn hello(bi: &BootInfo) -> u64 {
         "bad hypercalls refused: unknown number {refused}, buffer past my memory {oob_refused}"
     );
     ok &= refused && oob_refused;
+    // Exit-free telemetry: the page counts every exit so far; `exit_count` counts its own
+    // exit too, so it says one more.
+    let (page, (calls, entries)) =
+        (guestkernel::telemetry::exits(), guestkernel::telemetry::hypercalls_and_entries());
+    let counted = hypercall::exit_count();
+    log::info!(
+        "telemetry: the status page says {page} exits ({calls} hypercalls, {entries} entries), \
+         exit_count says {counted}"
+    );
+    ok &= counted == page + 1 && entries == page + 1 && calls > 0;
     let mut sum: u64 = 0;
     for i in 1..=n {
         sum = sum.wrapping_add(core::hint::black_box(i));

@@ -126,6 +126,12 @@ typedef uint64_t MKV_word;
 #define MKV_STATUS_GPA 3221221376
 
 /**
+ * Exit reasons the telemetry counts one by one (basic exit reasons 0..=69); the rest are
+ * counted together in [`Telemetry::exits_other`].
+ */
+#define MKV_TELEMETRY_REASONS 70
+
+/**
  * `"MKVBOOT\0"` read as a little-endian word (a literal, so the C header carries it).
  */
 #define MKV_BOOT_INFO_MAGIC 23731099877657421

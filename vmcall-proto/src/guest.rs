@@ -56,8 +56,33 @@ pub const STATUS_GPA: u64 = 0xbfff_f000;
 #[repr(C)]
 pub struct StatusPage {
     pub links: [LinkStatus; MAX_CHANNELS_PER_GUEST],
-    pub _reserved: [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST],
+    /// Exit-free telemetry, kept by the hypervisor before every VM entry: the guest reads
+    /// its own counters with plain loads (this incarnation's).
+    pub telemetry: Telemetry,
+    pub _reserved: [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST - TELEMETRY_WORDS],
 }
+
+/// Exit reasons the telemetry counts one by one (basic exit reasons 0..=69); the rest are
+/// counted together in [`Telemetry::exits_other`].
+pub const TELEMETRY_REASONS: usize = 70;
+const TELEMETRY_WORDS: usize = TELEMETRY_REASONS + 6;
+
+/// The guest's counters in its [`StatusPage`].
+#[repr(C)]
+pub struct Telemetry {
+    /// VM exits by basic exit reason (SDM Vol. 3C Appendix C).
+    pub exits: [u64; TELEMETRY_REASONS],
+    pub exits_other: u64,
+    pub hypercalls: u64,
+    /// Doorbells this guest rang.
+    pub doorbells: u64,
+    /// VM entries so far.
+    pub entries: u64,
+    /// TSC ticks spent in the hypervisor on this guest's exits (exit to the next entry).
+    pub hypervisor_tsc: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<Telemetry>() == 8 * TELEMETRY_WORDS);
 const _: () = assert!(core::mem::size_of::<StatusPage>() == 4096);
 
 /// One channel's state in the [`StatusPage`].

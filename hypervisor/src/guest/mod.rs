@@ -885,6 +885,25 @@ mod run {
         }
     }
 
+    /// Brings the telemetry in the status page at `page` up to date before a VM entry:
+    /// `reason` is the exit just handled (its counter is the only one that moved),
+    /// `hv_ticks` the hypervisor's time since that exit. A dozen stores per entry.
+    fn publish_telemetry(page: u64, ctx: &GuestCtx, hv_ticks: u64, reason: Option<u16>) {
+        // A frame of this core's private region, identity-mapped, read-only to the guest,
+        // which is not running now.
+        // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
+        let t = unsafe { &mut (*(page as *mut StatusPage)).telemetry };
+        match reason.map(usize::from) {
+            Some(r) if r < t.exits.len() && r < ctx.exits.len() => t.exits[r] = ctx.exits[r] as u64,
+            Some(_) => t.exits_other = ctx.exits_other as u64,
+            None => {}
+        }
+        t.hypercalls = ctx.hypercalls as u64;
+        t.doorbells = ctx.doorbells_rung as u64;
+        t.entries += 1;
+        t.hypervisor_tsc = t.hypervisor_tsc.saturating_add(hv_ticks);
+    }
+
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
     /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
     /// private region goes back whole, the partition is zeroed before the next use).
@@ -1063,6 +1082,10 @@ mod run {
         ctx.watchdog = arch::rdtsc().saturating_add(budget_ticks);
         let mut launched = false;
         let mut first_entry = 0;
+        // TSC and basic reason of the last VM exit (hypervisor time runs from there to the
+        // next entry).
+        let mut last_exit = arch::rdtsc();
+        let mut last_reason = None;
         // Hypervisor time spent on other cores' behalf (serving their requests, taking their
         // NMI kicks) is not the guest's: its budget is extended by it.
         let mut kicked_at: Option<u64> = None;
@@ -1145,8 +1168,11 @@ mod run {
                 // SAFETY: current VMCS.
                 let _ = unsafe { g::PREEMPTION_TIMER.write(0) };
             }
+            // Exit-free telemetry: the guest's counters as of this entry.
+            let t_entry = arch::rdtsc();
+            publish_telemetry(status, &ctx, t_entry.saturating_sub(last_exit), last_reason);
             if !launched {
-                first_entry = arch::rdtsc();
+                first_entry = t_entry;
             }
             // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
             if unsafe { arch::vmx::run(&mut vcpu.regs, launched) }.is_err() {
@@ -1157,7 +1183,9 @@ mod run {
             }
             launched = true;
             let t_exit = arch::rdtsc();
+            last_exit = t_exit;
             let e = read_exit();
+            last_reason = Some(e.reason);
             crate::trace::exit(core, e.reason, t1, t_exit);
             // SAFETY: current VMCS.
             let intr = unsafe { exit::INTR_INFO.read() };
