@@ -27,13 +27,23 @@ pub struct Control {
     seq: u32,
     /// Requests from each controller core, not yet taken by the run loop.
     inbox: [Option<(u32, u64)>; MAX_PEERS],
+    /// The cores with a request in `inbox` (so that the run loop's look on every VM exit
+    /// costs one test, not a scan).
+    waiting: u64,
     /// Controller cores that have released this core's guest.
     pub released: u64,
 }
 
 impl Default for Control {
     fn default() -> Self {
-        Control { out: None, answer: None, seq: 0, inbox: [None; MAX_PEERS], released: 0 }
+        Control {
+            out: None,
+            answer: None,
+            seq: 0,
+            inbox: [None; MAX_PEERS],
+            waiting: 0,
+            released: 0,
+        }
     }
 }
 
@@ -68,6 +78,7 @@ impl Control {
                 // One outstanding per controller: a second one before the answer is a
                 // broken peer; the first stays.
                 self.inbox[from].get_or_insert((req, m[1]));
+                self.waiting |= 1 << from;
             }
             op::CONTROL_REPLY => {
                 if let Some((core, r, _)) = self.out {
@@ -84,12 +95,16 @@ impl Control {
 
     /// Whether a request for this core's guest waits.
     pub fn pending(&self) -> bool {
-        self.inbox.iter().any(Option::is_some)
+        self.waiting != 0
     }
 
     /// The next request for this core's guest: (controller core, request, operation).
     pub fn take(&mut self) -> Option<(usize, u32, u64)> {
-        let from = self.inbox.iter().position(Option::is_some)?;
+        if self.waiting == 0 {
+            return None;
+        }
+        let from = self.waiting.trailing_zeros() as usize;
+        self.waiting &= !(1 << from);
         let (req, operation) = self.inbox[from].take()?;
         Some((from, req, operation))
     }
