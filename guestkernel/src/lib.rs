@@ -75,8 +75,8 @@ extern "C" fn guest_main(boot_info: u64) -> ! {
         hypercall::exit(0xb0);
     }
     heap::init(bi.memory_bytes);
-    // SAFETY: `entry!` defines this symbol with exactly this signature; a guest without
-    // `entry!` does not link.
+    // A guest without `entry!` does not link.
+    // SAFETY: `entry!` defines this symbol with exactly this signature.
     let status = unsafe { mkvisor_guest_entry(&bi) };
     hypercall::exit(status)
 }

@@ -92,8 +92,9 @@ impl Default for Ring {
 
 struct CoreRing(UnsafeCell<Ring>);
 
-// SAFETY: ring `i` is read and written only by core `i` (see the module header and the
-// callers of `exit` and `drain`, which pass their own core index).
+// See the module header and the callers of `exit` and `drain`, which pass their own core
+// index.
+// SAFETY: ring `i` is read and written only by core `i`.
 unsafe impl Sync for CoreRing {}
 
 static RINGS: [CoreRing; MAX_CORES] = [const { CoreRing(UnsafeCell::new(Ring::new())) }; MAX_CORES];

@@ -235,9 +235,10 @@ pub unsafe fn scrub_guest_registers(passthrough: &[u32]) {
         unsafe { wrmsr(msr, 0) };
     }
     let mxcsr: u32 = 0x1f80;
-    // SAFETY: the caller's conditions: the values are the reset values; CR4.OSFXSR is on
-    // for the SSE instructions and put back after. The compiler uses no SSE registers in
-    // this target (soft float), so clearing them clobbers nothing of ours.
+    // The values are the reset values; CR4.OSFXSR is on for the SSE instructions and put
+    // back after. The compiler uses no SSE registers in this target (soft float), so
+    // clearing them clobbers nothing of ours.
+    // SAFETY: the caller's conditions and the above.
     unsafe {
         asm!(
             "mov cr2, {z}",

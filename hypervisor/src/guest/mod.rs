@@ -694,8 +694,8 @@ mod run {
     /// capabilities accepted again.
     fn rebirth(caps: &mut crate::caps::HvCaps) {
         for (base, size) in caps.owned_memory() {
-            // SAFETY: memory this core's guest owns (a grant or a region moved to it),
-            // identity-mapped; its guest is not running and nothing maps it now.
+            // Its guest is not running and nothing maps it now.
+            // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
             unsafe { (base as *mut u8).write_bytes(0, size as usize) };
         }
         caps.reborn();
@@ -1011,8 +1011,8 @@ mod run {
         if loaded.is_err() {
             return stop(ctx, "VMCLEAR/VMPTRLD failed");
         }
-        // SAFETY: VMX on; the VPID and EPTP are this guest's; flush any stale translation
-        // (a previous incarnation's included).
+        // Flush any stale translation (a previous incarnation's included).
+        // SAFETY: VMX on; the VPID and EPTP are this guest's.
         unsafe {
             arch::vmx::invvpid_single((l.guest_id + 1) as u16);
             arch::vmx::invept_single(eptp);
@@ -1236,8 +1236,8 @@ mod run {
             }
         }
         me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-        // SAFETY: the VMCS is this core's; clearing it ends its use (the frame goes back with
-        // the private region).
+        // The frame goes back with the private region.
+        // SAFETY: the VMCS is this core's; clearing it ends its use.
         let _ = unsafe { arch::vmx::vmclear(vmcs) };
         log::info!(
             "guest {}: private frames in use {}, peak {}, limit {}",
