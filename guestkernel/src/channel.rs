@@ -18,7 +18,7 @@
 use crate::hypercall::call;
 pub use vmcall_proto::channel::{message, ChannelError, Payload};
 use vmcall_proto::channel::{Receiver, Ring, Sender};
-use vmcall_proto::guest::{link_epoch, link_up, BootInfo, LinkStatus, STATUS_GPA};
+use vmcall_proto::guest::{link_epoch, link_up, BootInfo, StatusPage, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
 
 pub struct Chan {
@@ -38,11 +38,13 @@ pub struct Chan {
 
 /// The link word of the channel at boot-info position `number` (see `guest::StatusPage`).
 fn link_word(number: usize) -> u64 {
-    let at = STATUS_GPA + (number * core::mem::size_of::<LinkStatus>()) as u64;
+    let page = STATUS_GPA as *const StatusPage;
+    let number = number.min(vmcall_proto::guest::MAX_CHANNELS_PER_GUEST - 1);
     // The hypervisor maps the status page read-only for the guest's whole life; our page
-    // tables identity-map it with the channel windows.
-    // SAFETY: an aligned u64 in that page; the hypervisor changes it only while we do not run.
-    unsafe { core::ptr::read_volatile(at as *const u64) }
+    // tables identity-map it with the channel windows. The hypervisor changes the word only
+    // while we do not run.
+    // SAFETY: an aligned u64 inside that page (`number` is clamped to the table).
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*page).links[number].word)) }
 }
 
 /// Opens the channel called `name`, or the first one.

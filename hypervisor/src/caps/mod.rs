@@ -124,6 +124,9 @@ pub struct CapCore<const E: usize> {
     ended: bool,
     /// The guest's incarnation (1 for its first start).
     inc: u32,
+    /// Some channel's link changed since the run loop last took it (one test per VM exit
+    /// instead of a look at every channel).
+    links_dirty: bool,
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
@@ -192,6 +195,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).nchans).write(0);
             addr_of_mut!((*p).ended).write(false);
             addr_of_mut!((*p).inc).write(1);
+            addr_of_mut!((*p).links_dirty).write(false);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
             addr_of_mut!((*p).ctl).write(control::Control::default());
@@ -213,6 +217,7 @@ impl<const E: usize> CapCore<E> {
             nchans: 0,
             ended: false,
             inc: 1,
+            links_dirty: false,
             deaf: false,
             proto: Proto::new(core),
             ctl: control::Control::default(),
@@ -351,6 +356,7 @@ impl<const E: usize> CapCore<E> {
                     c.link.peer_inc = inc;
                     c.link.peer_up = alive;
                     c.link.changed = true;
+                    self.links_dirty = true;
                 }
             }
             if unmuted && !self.ended {
@@ -366,6 +372,7 @@ impl<const E: usize> CapCore<E> {
             let l = &mut c.link;
             l.peer_inc = inc;
             l.changed = true;
+            self.links_dirty = true;
             match kind {
                 proto::op::LINK_DOWN => {
                     l.peer_up = false;
@@ -452,12 +459,13 @@ impl<const E: usize> CapCore<E> {
         let c = self.chans.get_mut(pos).filter(|_| pos < self.nchans)?;
         let l = c.link;
         c.link.changed = false;
+        self.links_dirty = self.chans[..self.nchans].iter().any(|c| c.link.changed);
         Some(l)
     }
 
     /// Whether any link changed since the run loop last looked.
     pub fn links_changed(&self) -> bool {
-        self.chans[..self.nchans].iter().any(|c| c.link.changed)
+        self.links_dirty
     }
 
     /// Memory caps this space owns (originals): the next incarnation inherits them, so the

@@ -553,7 +553,8 @@ pub fn emulated() -> Result<Emulated> {
     })
 }
 
-fn table(header: &[&str]) -> comfy_table::Table {
+/// A table with the bench tables' style: header, figures right-aligned.
+pub fn table(header: &[&str]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(header.to_vec());
     for i in 1..header.len() {

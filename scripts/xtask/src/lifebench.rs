@@ -100,22 +100,27 @@ pub fn lifecycle(json: Option<&std::path::Path>) -> Result<()> {
     }
     println!("Guest lifecycle in Bochs (emulated instructions, medians over the rounds; a");
     println!("controller stops and starts the guest at the other end of its channel)");
-    println!(
-        "{:>4} {:>6} {:>10} {:>12} {:>11} {:>15} {:>14}",
-        "CPUs", "rounds", "stop call", "stop->gone", "start call", "start->entry", "start->link up"
-    );
+    let mut t = crate::bench::table(&[
+        "CPUs",
+        "rounds",
+        "stop call",
+        "stop -> gone",
+        "start call",
+        "start -> entry",
+        "start -> link up",
+    ]);
     for r in &rows {
-        println!(
-            "{:>4} {:>6} {:>10} {:>12} {:>11} {:>15} {:>14}",
-            r.cpus,
-            r.rounds,
-            r.stop_call_instructions,
-            r.stop_to_peer_gone_instructions,
-            r.start_call_instructions,
-            r.start_to_first_entry_instructions,
-            r.start_to_link_up_instructions
-        );
+        t.add_row([
+            r.cpus.to_string(),
+            r.rounds.to_string(),
+            r.stop_call_instructions.to_string(),
+            r.stop_to_peer_gone_instructions.to_string(),
+            r.start_call_instructions.to_string(),
+            r.start_to_first_entry_instructions.to_string(),
+            r.start_to_link_up_instructions.to_string(),
+        ]);
     }
+    println!("{t}");
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
     }
