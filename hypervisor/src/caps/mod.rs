@@ -12,6 +12,9 @@
 
 pub mod control;
 pub mod links;
+pub mod members;
+#[cfg(test)]
+mod members_tests;
 #[cfg(test)]
 mod model;
 pub mod proto;

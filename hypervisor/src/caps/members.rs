@@ -1,0 +1,740 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Core membership: which cores make up the machine, agreed by messages between the
+//! hypervisor instances, never kept in a shared table. Each instance holds its own copy of
+//! the current *view* (a number and a set of cores) and changes it only when a view change
+//! is committed; every instance installs the same views in the same order.
+//!
+//! **Failure detector.** Every member probes the next member of its view (cyclically, by
+//! core index): `PING(seq)` with a kick, answered `PONG(seq)` by any core that serves its
+//! inbox. A probe unanswered for [`Timing::timeout`] makes the prober *suspect* that core:
+//! from then on nothing it sends is read and nothing is sent to it (it is fenced), and the
+//! coordinator removes it from the view. A core never heard from yet gets [`Timing::grace`]
+//! (cores start at different times). One probe is outstanding per prober at a time.
+//!
+//! **View change, two phases (Paxos for each view number).** The coordinator is the highest
+//! core of the view that this instance does not suspect. Members send it their wishes
+//! (`WISH`: one core's intent, in or out, numbered by that core so that a late copy never
+//! undoes a newer one, and the cores the sender suspects; acknowledged by `WISH_ACK`, one
+//! outstanding). The coordinator picks a ballot higher than any it has seen and
+//! 1. `PREPARE(ballot, n)` to every unsuspected member: each promises to take no lower
+//!    ballot and answers `PROMISE` with the proposal for view `n` it accepted before, if
+//!    any;
+//! 2. `ACCEPT(ballot, view)`: the view is the highest-ballot proposal a member reported
+//!    (a failed coordinator's change is completed, never contradicted), else its own
+//!    change; members accept it unless they promised a higher ballot (`ACCEPTED`);
+//! 3. once every member accepted, `COMMIT(view)` to the members of the old and the new view:
+//!    they install it (a core that joins learns the view it joins in).
+//!
+//! A member that answers `NACK` has promised a higher ballot (the coordinator retries above
+//! it) or has already installed view `n` or later (the coordinator installs that view: it
+//! was committed). A coordinator that stops is suspected by its prober like any core; the
+//! next highest takes over, and its `PREPARE` learns what the failed one got accepted.
+//!
+//! Model and its limit: quorums are *every* unsuspected member, so the protocol agrees as
+//! long as a suspected core has really stopped (fail-stop; the timeout is far longer than a
+//! live core's inbox latency, and every long stretch without serving the inbox is bounded
+//! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
+//! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
+//!
+//! Ring budget: per ordered core pair at most a `PING`, a `PONG`, a `WISH`, a `WISH_ACK`,
+//! two coordinator messages (a `COMMIT` and the next round's first), one answer and an
+//! `END`: 8 (counted in `proto::RING_SLOTS`).
+//!
+//! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
+
+use super::proto::op;
+use super::{Env, MAX_PEERS};
+use vmcall_proto::channel::Payload;
+
+/// A set of cores, one bit per core index.
+pub type CoreSet = u64;
+
+const fn bit(core: usize) -> CoreSet {
+    1 << core
+}
+
+/// One view of the machine: the `num`th agreed set of cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct View {
+    pub num: u32,
+    pub set: CoreSet,
+}
+
+/// The failure detector's clock, in TSC ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Timing {
+    /// Time between two probes of the same core.
+    pub period: u64,
+    /// A probe unanswered for this long, or a round's answer missing for this long,
+    /// makes the core suspected.
+    pub timeout: u64,
+    /// A core never heard from is not suspected before this long after start.
+    pub grace: u64,
+}
+
+/// What changed, for the caller to act on and to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Change {
+    pub old: View,
+    pub new: View,
+    /// The instance that coordinated it (as far as this one knows: the sender of the
+    /// `COMMIT`, or itself).
+    pub by: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Phase {
+    Prepare,
+    Accept,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Round {
+    ballot: u64,
+    phase: Phase,
+    /// Members whose answer counts (every unsuspected member of the view at the start).
+    quorum: CoreSet,
+    waiting: CoreSet,
+    /// The highest-ballot proposal for this view number a member reported.
+    best: Option<(u64, View)>,
+    value: View,
+    deadline: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+struct Probe {
+    target: Option<u8>,
+    seq: u64,
+    /// The probe in flight: when it was sent.
+    sent: Option<u64>,
+    next: u64,
+}
+
+const CHANGES: usize = 16;
+/// Intents a view change applies at most (a `COMMIT` carries their numbers).
+const INTENTS: usize = 3;
+
+/// One instance's membership state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Members {
+    me: u8,
+    view: View,
+    promised: u64,
+    /// Highest ballot seen anywhere (a retry goes above it).
+    seen: u64,
+    accepted: Option<(u64, View)>,
+    /// Cores this instance believes stopped: fenced for good.
+    suspects: CoreSet,
+    /// Cores ever heard from (the grace period is over for them).
+    heard: CoreSet,
+    /// Wishes this instance knows of: cores to take out, cores to bring in.
+    /// Each core's latest intent this instance knows: its number (0: none yet, which
+    /// means in, as configured) and whether it wants in.
+    intent_seq: [u32; MAX_PEERS],
+    wants_in: CoreSet,
+    /// What the coordinator `told.0` was told: intent numbers, suspects.
+    told: (u8, [u32; MAX_PEERS], CoreSet),
+    /// The coordinator whose `WISH_ACK` is awaited.
+    wish_out: Option<u8>,
+    /// Out of the view and asking to come in: when to ask again, whom it asked last and
+    /// whether that core acknowledged.
+    join_retry: u64,
+    join_asked: Option<(u8, bool)>,
+    round: Option<Round>,
+    probe: Probe,
+    timing: Timing,
+    start: u64,
+    ended: bool,
+    /// Removed from the view without asking to leave.
+    evicted: bool,
+    /// The last views installed, oldest first (the current one last): what a core that
+    /// is behind is sent (`CATCHUP`).
+    history: [View; 3],
+    changes: [Option<Change>; CHANGES],
+    change_head: usize,
+    change_len: usize,
+    /// Cores suspected since the caller last took them.
+    newly_suspected: CoreSet,
+}
+
+/// Whether `m` is a membership message.
+pub fn is_member(m: &Payload) -> bool {
+    (op::PING..=op::CATCHUP).contains(&(m[0] & 0xff))
+}
+
+fn msg(kind: u64, words: &[u64]) -> Payload {
+    let mut m: Payload = [0; 7];
+    m[0] = kind;
+    m[1..=words.len()].copy_from_slice(words);
+    m
+}
+
+/// The highest core of `set`.
+fn highest(set: CoreSet) -> Option<u8> {
+    (set != 0).then(|| 63 - set.leading_zeros() as u8)
+}
+
+impl Members {
+    /// The instance of core `me` at time `now`, in view 0 made of `initial` (the cores the
+    /// configuration gives a guest: the same on every core).
+    pub fn new(me: usize, initial: CoreSet, timing: Timing, now: u64) -> Self {
+        Members {
+            me: me as u8,
+            view: View { num: 0, set: initial },
+            promised: 0,
+            seen: 0,
+            accepted: None,
+            suspects: 0,
+            heard: 0,
+            intent_seq: [0; MAX_PEERS],
+            wants_in: CoreSet::MAX,
+            told: (u8::MAX, [0; MAX_PEERS], 0),
+            wish_out: None,
+            join_retry: u64::MAX,
+            join_asked: None,
+            round: None,
+            probe: Probe { next: now, ..Probe::default() },
+            timing,
+            start: now,
+            ended: false,
+            evicted: false,
+            history: [View { num: 0, set: initial }; 3],
+            changes: [None; CHANGES],
+            change_head: 0,
+            change_len: 0,
+            newly_suspected: 0,
+        }
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// Whether this core is in its own view.
+    pub fn member(&self) -> bool {
+        self.view.set & bit(self.me as usize) != 0
+    }
+
+    /// Cores this instance treats as stopped.
+    pub fn suspects(&self) -> CoreSet {
+        self.suspects
+    }
+
+    /// Whether this core was removed without asking (a false suspicion): it must stay out.
+    pub fn evicted(&self) -> bool {
+        self.evicted
+    }
+
+    /// Whether this core asked to leave and has not left yet.
+    pub fn leaving(&self) -> bool {
+        self.wants_in & bit(self.me as usize) == 0 && self.member()
+    }
+
+    /// The next view change installed here, oldest first.
+    pub fn take_change(&mut self) -> Option<Change> {
+        if self.change_len == 0 {
+            return None;
+        }
+        let c = self.changes[self.change_head].take();
+        self.change_head = (self.change_head + 1) % CHANGES;
+        self.change_len -= 1;
+        c
+    }
+
+    /// Cores suspected since the last call.
+    pub fn take_suspected(&mut self) -> CoreSet {
+        core::mem::take(&mut self.newly_suspected)
+    }
+
+    fn coordinator(&self) -> Option<u8> {
+        highest(self.view.set & !self.suspects)
+    }
+
+    /// The member this one probes: the next one above it, cyclically.
+    fn successor(&self) -> Option<u8> {
+        let others = self.view.set & !self.suspects & !bit(self.me as usize);
+        let above = others & !((bit(self.me as usize) << 1).wrapping_sub(1));
+        let pick = if above != 0 { above } else { others };
+        (pick != 0).then(|| pick.trailing_zeros() as u8)
+    }
+
+    /// Cores that asked to come in and are not in the view.
+    fn joining(&self) -> CoreSet {
+        let asked: CoreSet =
+            (0..MAX_PEERS).filter(|&c| self.intent_seq[c] != 0).map(bit).fold(0, |a, b| a | b);
+        asked & self.wants_in & !self.view.set & !self.suspects
+    }
+
+    /// The set the coordinator wants next: the suspected out, and up to [`INTENTS`] cores
+    /// in or out as they asked (what a `COMMIT` can carry). The last member stays until
+    /// another is in (an empty machine could bring nobody back).
+    fn desired(&self) -> CoreSet {
+        let live = self.view.set & !self.suspects;
+        let mut asked = (live & !self.wants_in) | self.joining();
+        while asked.count_ones() as usize > INTENTS {
+            asked &= !bit(63 - asked.leading_zeros() as usize);
+        }
+        let set = live ^ asked;
+        if set == 0 {
+            bit(self.me as usize)
+        } else {
+            set
+        }
+    }
+
+    /// The run is ending: stop probing (a core busy with the final report must not be
+    /// taken for a hung one). Rounds in progress still finish.
+    pub fn end(&mut self, env: &mut impl Env) {
+        if !self.ended && self.member() {
+            self.ended = true;
+            for c in 0..MAX_PEERS {
+                if self.view.set & !self.suspects & bit(c) != 0 && c != self.me as usize {
+                    self.send(env, c, &msg(op::END, &[]), true);
+                }
+            }
+        }
+        self.ended = true;
+    }
+
+    /// This core asks to be taken out of the view.
+    pub fn leave(&mut self, env: &mut impl Env) {
+        let me = self.me as usize;
+        self.intent_seq[me] += 1;
+        self.wants_in &= !bit(me);
+        self.advance(env);
+    }
+
+    /// This core, out of the view, asks to be brought back through `via` (a member: the core
+    /// of whoever asked, which forwards the wish to its coordinator).
+    pub fn join(&mut self, env: &mut impl Env, via: usize) {
+        self.evicted = false;
+        let me = self.me as usize;
+        self.intent_seq[me] += 1;
+        self.wants_in |= bit(me);
+        if via < MAX_PEERS && via != me {
+            self.ask_in(env, via);
+        }
+    }
+
+    /// Asks core `to` to bring this one in (again after a timeout, until it is in).
+    fn ask_in(&mut self, env: &mut impl Env, to: usize) {
+        let me = self.me as usize;
+        let num = self.view.num as u64;
+        let m = msg(op::WISH, &[me as u64, self.intent_seq[me] as u64, 1, 0, num]);
+        self.join_asked = Some((to as u8, false));
+        self.join_retry = env.now().saturating_add(self.timing.timeout);
+        self.send(env, to, &m, true);
+    }
+
+    /// When [`Members::tick`] next has something to do.
+    pub fn due(&self) -> u64 {
+        if !self.member() {
+            let joining = self.wants_in & bit(self.me as usize) != 0;
+            return if joining { self.join_retry } else { u64::MAX };
+        }
+        if self.ended {
+            return u64::MAX;
+        }
+        let probe = match (self.probe.target, self.probe.sent) {
+            (None, _) => u64::MAX,
+            (Some(_), None) => self.probe.next,
+            (Some(t), Some(sent)) => self.probe_limit(t, sent),
+        };
+        probe.min(self.round.map_or(u64::MAX, |r| r.deadline))
+    }
+
+    fn probe_limit(&self, target: u8, sent: u64) -> u64 {
+        let limit = sent.saturating_add(self.timing.timeout);
+        if self.heard & bit(target as usize) != 0 {
+            limit
+        } else {
+            limit.max(self.start.saturating_add(self.timing.grace))
+        }
+    }
+
+    /// The failure detector and the round's deadline.
+    pub fn tick(&mut self, env: &mut impl Env) {
+        let now = env.now();
+        if let Some(r) = self.round {
+            if now >= r.deadline {
+                self.round = None;
+                self.suspect(env, r.waiting);
+            }
+        }
+        if !self.member() {
+            // Out and asking to come in: not in yet, so the one asked may have stopped
+            // (or left) before passing it on: ask the next core of the latest view known
+            // (a core asked sends the views this one missed).
+            if self.wants_in & bit(self.me as usize) != 0 && now >= self.join_retry {
+                if let Some((c, false)) = self.join_asked {
+                    // No answer: taken for stopped here (this core is out: the suspicion
+                    // goes nowhere until it is in again).
+                    self.suspects |= bit(c as usize);
+                }
+                let members = self.view.set & !self.suspects & !bit(self.me as usize);
+                if let Some(c) = highest(members) {
+                    self.ask_in(env, c as usize);
+                }
+            }
+            return;
+        }
+        if self.ended {
+            return;
+        }
+        let succ = self.successor();
+        if self.probe.target != succ {
+            self.probe = Probe { target: succ, seq: self.probe.seq, sent: None, next: now };
+        }
+        if let Some(t) = succ {
+            match self.probe.sent {
+                Some(sent) if now >= self.probe_limit(t, sent) => {
+                    self.probe.sent = None;
+                    self.suspect(env, bit(t as usize));
+                }
+                Some(_) => {}
+                None if now >= self.probe.next => {
+                    self.probe.seq += 1;
+                    self.probe.sent = Some(now);
+                    let seq = self.probe.seq;
+                    let num = self.view.num as u64;
+                    self.send(env, t as usize, &msg(op::PING, &[seq, num]), true);
+                }
+                None => {}
+            }
+        }
+        self.advance(env);
+    }
+
+    fn send(&mut self, env: &mut impl Env, to: usize, m: &Payload, kick: bool) {
+        if env.send(to, m) {
+            if kick {
+                env.kick(to);
+            }
+        } else if self.suspects & bit(to) == 0 {
+            // The ring budget rules this out for a core that serves its inbox.
+            self.suspects |= bit(to);
+            self.newly_suspected |= bit(to);
+        }
+    }
+
+    fn suspect(&mut self, env: &mut impl Env, cores: CoreSet) {
+        let new = cores & !bit(self.me as usize) & !self.suspects;
+        if new == 0 {
+            return;
+        }
+        self.suspects |= new;
+        self.newly_suspected |= new;
+        if self.wish_out.is_some_and(|c| new & bit(c as usize) != 0) {
+            self.wish_out = None;
+        }
+        self.advance(env);
+    }
+
+    /// Moves things on: the coordinator starts a round if there is a change to make; any
+    /// other member tells the coordinator its wishes.
+    fn advance(&mut self, env: &mut impl Env) {
+        let Some(c) = self.coordinator() else { return };
+        let me = self.me as usize;
+        if self.member() && c as usize == me {
+            let pending = self.accepted.is_some_and(|(_, v)| v.num > self.view.num);
+            if self.round.is_none() && (self.desired() != self.view.set || pending) {
+                self.start_round(env);
+            }
+            return;
+        }
+        if !self.member() {
+            // Out: its own wish to come in goes through `join`; it passes on nothing.
+            return;
+        }
+        // Any other member passes on what the coordinator was not told: intents, then
+        // suspicions. One `WISH` in flight.
+        if self.wish_out.is_some() {
+            return;
+        }
+        if self.told.0 != c {
+            self.told = (c, [0; MAX_PEERS], 0);
+        }
+        let untold = (0..MAX_PEERS).find(|&k| self.intent_seq[k] > self.told.1[k]);
+        let suspects = self.suspects & self.view.set;
+        let num = self.view.num as u64;
+        let m = match untold {
+            Some(k) => {
+                self.told.1[k] = self.intent_seq[k];
+                let want_in = self.wants_in & bit(k) != 0;
+                msg(op::WISH, &[k as u64, self.intent_seq[k] as u64, want_in as u64, suspects, num])
+            }
+            None if suspects & !self.told.2 != 0 => {
+                msg(op::WISH, &[MAX_PEERS as u64, 0, 0, suspects, num])
+            }
+            None => return,
+        };
+        self.told.2 |= suspects;
+        self.wish_out = Some(c);
+        self.send(env, c as usize, &m, true);
+    }
+
+    fn start_round(&mut self, env: &mut impl Env) {
+        let me = self.me as usize;
+        let ballot = (((self.seen.max(self.promised) >> 8) + 1) << 8) | me as u64;
+        self.promised = ballot;
+        self.seen = ballot;
+        let quorum = self.view.set & !self.suspects;
+        let best = self.accepted.filter(|(_, v)| v.num == self.view.num + 1);
+        let deadline = env.now().saturating_add(self.timing.timeout);
+        let waiting = quorum & !bit(me);
+        self.round = Some(Round {
+            ballot,
+            phase: Phase::Prepare,
+            quorum,
+            waiting,
+            best,
+            value: View::default(),
+            deadline,
+        });
+        let num = self.view.num as u64 + 1;
+        for c in cores(waiting) {
+            self.send(env, c, &msg(op::PREPARE, &[ballot, num]), true);
+        }
+        if waiting == 0 {
+            self.phase_two(env);
+        }
+    }
+
+    fn phase_two(&mut self, env: &mut impl Env) {
+        let Some(mut r) = self.round else { return };
+        let me = self.me as usize;
+        r.value = match r.best {
+            Some((_, v)) => v,
+            None => View { num: self.view.num + 1, set: self.desired() },
+        };
+        r.phase = Phase::Accept;
+        r.waiting = r.quorum & !bit(me) & !self.suspects;
+        r.deadline = env.now().saturating_add(self.timing.timeout);
+        self.accepted = Some((r.ballot, r.value));
+        self.round = Some(r);
+        for c in cores(r.waiting) {
+            let m = msg(op::ACCEPT, &[r.ballot, r.value.num as u64, r.value.set]);
+            self.send(env, c, &m, true);
+        }
+        if r.waiting == 0 {
+            self.commit(env);
+        }
+    }
+
+    fn commit(&mut self, env: &mut impl Env) {
+        let Some(r) = self.round.take() else { return };
+        let me = self.me as usize;
+        let to = (r.quorum | r.value.set) & !self.suspects & !bit(me);
+        let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set]);
+        // The intents it applied (cores in or out not by suspicion), with their numbers:
+        // every member's table then knows them, whoever coordinates next.
+        let changed = (self.view.set ^ r.value.set) & !self.suspects;
+        for (k, c) in cores(changed).take(INTENTS).enumerate() {
+            let want_in = r.value.set & bit(c) != 0;
+            m[4 + k] =
+                1 << 63 | (self.intent_seq[c] as u64) << 16 | (want_in as u64) << 8 | c as u64;
+        }
+        for c in cores(to) {
+            self.send(env, c, &m, true);
+        }
+        // A value adopted from a failed coordinator may have moved a core this table has
+        // other news of: the view decides at the number known here.
+        self.wants_in = self.wants_in & !changed | r.value.set & changed;
+        self.install(r.value, self.me);
+        self.advance(env);
+    }
+
+    fn install(&mut self, v: View, by: u8) {
+        if v.num <= self.view.num {
+            return;
+        }
+        let me = bit(self.me as usize);
+        let old = self.view;
+        if old.set & me != 0 && v.set & me == 0 && self.wants_in & me != 0 {
+            self.evicted = true;
+        }
+        self.view = v;
+        if self.accepted.is_some_and(|(_, a)| a.num <= v.num) {
+            self.accepted = None;
+        }
+        // A round targets the view after the one installed before: now settled.
+        self.round = None;
+        if self.wish_out != self.coordinator() {
+            // Its coordinator changed: the wishes go to the new one (a late ack is ignored).
+            self.wish_out = None;
+        }
+        let slot = (self.change_head + self.change_len) % CHANGES;
+        if self.change_len == CHANGES {
+            // The caller takes changes after every poll; a full queue drops the oldest.
+            self.change_head = (self.change_head + 1) % CHANGES;
+        } else {
+            self.change_len += 1;
+        }
+        self.changes[slot] = Some(Change { old, new: v, by });
+        self.history = [self.history[1], self.history[2], v];
+    }
+
+    /// One membership message from core `from`.
+    pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
+            return;
+        }
+        self.heard |= bit(from);
+        let w = |i: usize| m[i];
+        match m[0] & 0xff {
+            op::PING => {
+                self.send(env, from, &msg(op::PONG, &[w(1)]), false);
+                self.catch_up(env, from, w(2));
+            }
+            op::PONG if self.probe.target == Some(from as u8) && w(1) == self.probe.seq => {
+                self.probe.sent = None;
+                self.probe.next = env.now().saturating_add(self.timing.period);
+            }
+            op::WISH => {
+                self.send(env, from, &msg(op::WISH_ACK, &[]), true);
+                self.catch_up(env, from, w(5));
+                if !self.member() {
+                    // Out: it cannot act on a wish (the asker tries another core).
+                    return;
+                }
+                let me = bit(self.me as usize);
+                let (core, seq) = (w(1) as usize, w(2) as u32);
+                if core < MAX_PEERS && seq > self.intent_seq[core] {
+                    self.intent_seq[core] = seq;
+                    if w(3) != 0 {
+                        self.wants_in |= bit(core);
+                    } else {
+                        self.wants_in &= !bit(core);
+                    }
+                }
+                self.suspect(env, w(4) & self.view.set & !me);
+                self.advance(env);
+            }
+            op::WISH_ACK => {
+                if self.join_asked == Some((from as u8, false)) {
+                    self.join_asked = Some((from as u8, true));
+                }
+                if self.wish_out == Some(from as u8) {
+                    self.wish_out = None;
+                    self.advance(env);
+                }
+            }
+            op::PREPARE => {
+                let (ballot, num) = (w(1), w(2));
+                self.seen = self.seen.max(ballot);
+                if num <= self.view.num as u64 || ballot <= self.promised {
+                    self.nack(env, from, ballot);
+                    return;
+                }
+                self.promised = ballot;
+                let acc = self.accepted.filter(|(_, v)| v.num as u64 == num);
+                let (ab, av) = acc.map_or((0, View::default()), |(b, v)| (b, v));
+                let mine = self.view.num as u64;
+                let m = msg(op::PROMISE, &[ballot, ab, av.num as u64, av.set, mine]);
+                self.send(env, from, &m, true);
+                // A new coordinator: it gets this member's wishes.
+                if self.told.0 as usize != from {
+                    self.wish_out = None;
+                }
+                self.advance(env);
+            }
+            op::ACCEPT => {
+                let (ballot, v) = (w(1), View { num: w(2) as u32, set: w(3) });
+                self.seen = self.seen.max(ballot);
+                if v.num <= self.view.num || ballot < self.promised {
+                    self.nack(env, from, ballot);
+                    return;
+                }
+                self.promised = ballot;
+                self.accepted = Some((ballot, v));
+                self.send(env, from, &msg(op::ACCEPTED, &[ballot]), true);
+            }
+            op::PROMISE => {
+                let Some(mut r) = self.round else { return };
+                if r.ballot != w(1) || r.phase != Phase::Prepare || r.waiting & bit(from) == 0 {
+                    return;
+                }
+                r.waiting &= !bit(from);
+                // A member that missed views gets them before the ACCEPT.
+                self.catch_up(env, from, w(5));
+                if w(2) != 0 && r.best.is_none_or(|(b, _)| w(2) > b) {
+                    r.best = Some((w(2), View { num: w(3) as u32, set: w(4) }));
+                }
+                self.round = Some(r);
+                if r.waiting == 0 {
+                    self.phase_two(env);
+                }
+            }
+            op::ACCEPTED => {
+                let Some(mut r) = self.round else { return };
+                if r.ballot != w(1) || r.phase != Phase::Accept || r.waiting & bit(from) == 0 {
+                    return;
+                }
+                r.waiting &= !bit(from);
+                self.round = Some(r);
+                if r.waiting == 0 {
+                    self.commit(env);
+                }
+            }
+            op::NACK => {
+                let Some(r) = self.round else { return };
+                if r.ballot != w(1) {
+                    return;
+                }
+                self.seen = self.seen.max(w(2));
+                self.round = None;
+                let theirs = View { num: w(3) as u32, set: w(4) };
+                if theirs.num > self.view.num {
+                    // Installed there, so committed: this coordinator was behind.
+                    self.install(theirs, from as u8);
+                }
+                self.advance(env);
+            }
+            op::COMMIT => {
+                self.seen = self.seen.max(w(1));
+                self.install(View { num: w(2) as u32, set: w(3) }, from as u8);
+                for k in 4..7 {
+                    let i = w(k);
+                    let (c, seq) = ((i & 0xff) as usize, (i >> 16) as u32);
+                    if i >> 63 != 0 && c < MAX_PEERS && seq >= self.intent_seq[c] {
+                        self.intent_seq[c] = seq;
+                        self.wants_in = self.wants_in & !bit(c) | ((i >> 8) & 1) << c;
+                    }
+                }
+                self.advance(env);
+            }
+            op::END => self.ended = true,
+            op::CATCHUP => {
+                for k in 0..3 {
+                    self.install(View { num: w(1 + 2 * k) as u32, set: w(2 + 2 * k) }, from as u8);
+                }
+                self.advance(env);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends core `to`, whose view is number `theirs`, the views it missed (the last three
+    /// at most: one further behind skips some).
+    fn catch_up(&mut self, env: &mut impl Env, to: usize, theirs: u64) {
+        if theirs >= self.view.num as u64 {
+            return;
+        }
+        let mut words = [0u64; 6];
+        for (k, v) in self.history.iter().enumerate() {
+            words[2 * k] = v.num as u64;
+            words[2 * k + 1] = v.set;
+        }
+        self.send(env, to, &msg(op::CATCHUP, &words), true);
+    }
+
+    fn nack(&mut self, env: &mut impl Env, to: usize, ballot: u64) {
+        let m = msg(op::NACK, &[ballot, self.promised, self.view.num as u64, self.view.set]);
+        self.send(env, to, &m, true);
+    }
+}
+
+/// The cores of `set`, lowest first.
+fn cores(set: CoreSet) -> impl Iterator<Item = usize> {
+    (0..MAX_PEERS).filter(move |&c| set & bit(c) != 0)
+}

@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Core membership under a simulated machine: FIFO rings per core pair, deliveries in any
+//! interleaving across pairs, cores that stop (also in the middle of a handler, after some
+//! of its sends), cores that leave and come back. Checked: every view number is installed
+//! with the same set everywhere, members that stayed log the same sequence, a stopped core
+//! is fenced within bounded time, a live one never is, and no ring holds more membership
+//! messages than the budget `proto::RING_SLOTS` counts.
+
+use super::members::{Change, CoreSet, Members, Timing, View};
+use super::*;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, VecDeque};
+
+const BUDGET: usize = 8;
+
+struct Sim {
+    n: usize,
+    cores: Vec<Members>,
+    rings: Vec<Vec<VecDeque<Payload>>>,
+    now: u64,
+    /// Stopped for good.
+    dead: Vec<bool>,
+    /// Sends a core still makes before it stops (mid-handler death).
+    sends_left: Vec<Option<u32>>,
+    last_served: Vec<u64>,
+    logs: Vec<Vec<Change>>,
+    rng: u64,
+    timing: Timing,
+}
+
+struct SimEnv<'a> {
+    me: usize,
+    now: u64,
+    rings: &'a mut Vec<Vec<VecDeque<Payload>>>,
+    sends_left: &'a mut Option<u32>,
+}
+
+impl Env for SimEnv<'_> {
+    fn now(&mut self) -> u64 {
+        self.now
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        if let Some(k) = self.sends_left {
+            if *k == 0 {
+                return true; // dead: the message never leaves
+            }
+            *k -= 1;
+        }
+        let q = &mut self.rings[self.me][to];
+        assert!(q.len() < BUDGET, "ring {}->{} over the membership budget: {q:?}", self.me, to);
+        q.push_back(*m);
+        true
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        None
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, _: u64, _: u64, _: u64, _: bool) -> Result<(), HvError> {
+        Ok(())
+    }
+    fn ept_unmap(&mut self, _: u64, _: u64) -> Result<(), HvError> {
+        Ok(())
+    }
+}
+
+impl Sim {
+    fn new(n: usize, seed: u64) -> Self {
+        let timing = Timing { period: 50, timeout: 400, grace: 400 };
+        let all: CoreSet = (1 << n) - 1;
+        Sim {
+            n,
+            cores: (0..n).map(|c| Members::new(c, all, timing, 0)).collect(),
+            rings: vec![vec![VecDeque::new(); n]; n],
+            now: 0,
+            dead: vec![false; n],
+            sends_left: vec![None; n],
+            last_served: vec![0; n],
+            logs: vec![Vec::new(); n],
+            rng: seed | 1,
+            timing,
+        }
+    }
+
+    fn rand(&mut self, below: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % below.max(1)
+    }
+
+    fn with(&mut self, c: usize, f: impl FnOnce(&mut Members, &mut SimEnv)) {
+        let mut env = SimEnv {
+            me: c,
+            now: self.now,
+            rings: &mut self.rings,
+            sends_left: &mut self.sends_left[c],
+        };
+        f(&mut self.cores[c], &mut env);
+        if self.sends_left[c] == Some(0) {
+            self.dead[c] = true;
+        }
+        while let Some(ch) = self.cores[c].take_change() {
+            self.logs[c].push(ch);
+        }
+    }
+
+    /// Core `c` serves its inbox (every ring, FIFO each, pairs in a random order) and ticks.
+    fn serve(&mut self, c: usize) {
+        if self.dead[c] {
+            return;
+        }
+        self.last_served[c] = self.now;
+        let start = self.rand(self.n as u64) as usize;
+        for k in 0..self.n {
+            let from = (start + k) % self.n;
+            // Some of what waits, not always all: deliveries interleave across pairs.
+            let take = self.rand(self.rings[from][c].len() as u64 + 1) as usize;
+            for _ in 0..take.max(usize::from(self.rand(4) == 0)) {
+                let Some(m) = self.rings[from][c].pop_front() else { break };
+                self.with(c, |mem, env| mem.deliver(env, from, &m));
+                if self.dead[c] {
+                    return;
+                }
+            }
+        }
+        self.with(c, |mem, env| mem.tick(env));
+    }
+
+    /// One step: time passes a little, a random live core serves; a core left unserved
+    /// for a quarter of the timeout is served first (a live core answers in bounded time).
+    fn step(&mut self) {
+        self.now += 1 + self.rand(3);
+        let late = (0..self.n)
+            .find(|&c| !self.dead[c] && self.now - self.last_served[c] > self.timing.timeout / 4);
+        let c = late.unwrap_or_else(|| self.rand(self.n as u64) as usize);
+        self.serve(c);
+    }
+
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.n).filter(|&c| !self.dead[c])
+    }
+
+    /// Agreement: a view number means one set, on every core that installed it (dead ones
+    /// too: what they installed was committed).
+    fn check_agreement(&self) {
+        let mut seen: BTreeMap<u32, (usize, View)> = BTreeMap::new();
+        for (c, log) in self.logs.iter().enumerate() {
+            for ch in log {
+                if let Some((d, v)) = seen.get(&ch.new.num) {
+                    assert_eq!(
+                        *v, ch.new,
+                        "view {} is {v:?} on core {d} but {:?} on core {c}",
+                        ch.new.num, ch.new
+                    );
+                } else {
+                    seen.insert(ch.new.num, (c, ch.new));
+                }
+            }
+        }
+    }
+}
+
+fn settled(sim: &Sim, parked: CoreSet, maybe: CoreSet) -> bool {
+    let must: CoreSet =
+        sim.live().filter(|&c| (parked | maybe) & (1 << c) == 0).map(|c| 1u64 << c).sum();
+    let Some(first) = sim.live().find(|&c| must & (1 << c) != 0) else { return false };
+    let v = sim.cores[first].view();
+    let maybe_live: CoreSet =
+        sim.live().filter(|&c| maybe & (1 << c) != 0).map(|c| 1u64 << c).sum();
+    v.set & !maybe_live == must
+        && sim.live().all(|c| {
+            let inside = v.set & (1 << c) != 0;
+            if inside {
+                sim.cores[c].view() == v
+            } else {
+                !sim.cores[c].member()
+            }
+        })
+}
+
+/// Runs until the live, unparked cores agree on a view of exactly themselves (cores in
+/// `maybe` may be in or out), bounded.
+fn settle_maybe(sim: &mut Sim, parked: CoreSet, maybe: CoreSet) {
+    for _ in 0..40_000 {
+        if settled(sim, parked, maybe) {
+            return;
+        }
+        sim.step();
+    }
+    let views: Vec<_> = (0..sim.n).map(|c| (sim.dead[c], sim.cores[c].view())).collect();
+    panic!("never settled (parked {parked:#b}, maybe {maybe:#b}): {views:?}");
+}
+
+fn settle(sim: &mut Sim, parked: CoreSet) {
+    settle_maybe(sim, parked, 0)
+}
+
+#[test]
+fn a_quiet_machine_keeps_view_zero() {
+    let mut sim = Sim::new(4, 7);
+    for _ in 0..5_000 {
+        sim.step();
+    }
+    for c in 0..4 {
+        assert_eq!(sim.cores[c].view(), View { num: 0, set: 0b1111 });
+        assert_eq!(sim.cores[c].suspects(), 0, "core {c} suspected a live core");
+    }
+}
+
+#[test]
+fn a_hung_core_is_fenced_in_bounded_time_and_everyone_logs_it() {
+    let mut sim = Sim::new(4, 11);
+    for _ in 0..500 {
+        sim.step();
+    }
+    sim.dead[2] = true;
+    let hung_at = sim.now;
+    settle(&mut sim, 0);
+    let fenced_at = sim.now;
+    // Detection: its prober's probe period plus timeout; then three message rounds.
+    assert!(fenced_at - hung_at < 4 * sim.timing.timeout, "took {}", fenced_at - hung_at);
+    for c in [0, 1, 3] {
+        assert_eq!(sim.cores[c].view(), View { num: 1, set: 0b1011 });
+        assert_eq!(sim.logs[c].len(), 1);
+        assert!(!sim.cores[c].evicted());
+    }
+    sim.check_agreement();
+}
+
+#[test]
+fn the_coordinator_hangs_half_way_through_its_commit() {
+    // Core 3 coordinates: core 1 leaves; core 3 dies after its first COMMIT goes out.
+    let mut sim = Sim::new(4, 5);
+    for _ in 0..200 {
+        sim.step();
+    }
+    sim.with(1, |m, env| m.leave(env));
+    // Run until core 3 has sent its ACCEPTs, then let it send one more message and die.
+    let mut armed = false;
+    for _ in 0..20_000 {
+        sim.step();
+        if !armed && sim.rings[3].iter().any(|q| q.iter().any(|m| m[0] & 0xff == proto::op::ACCEPT))
+        {
+            sim.sends_left[3] = Some(1);
+            armed = true;
+        }
+        if sim.dead[3] {
+            break;
+        }
+    }
+    assert!(sim.dead[3], "core 3 never got that far");
+    settle(&mut sim, 0b0010);
+    sim.check_agreement();
+    for c in [0, 2] {
+        assert_eq!(sim.cores[c].view().set, 0b0101, "core {c}");
+        let sets: Vec<CoreSet> = sim.logs[c].iter().map(|ch| ch.new.set).collect();
+        assert_eq!(sets, vec![0b1101, 0b0101], "core {c}: core 1 out (completed), then 3");
+    }
+    assert!(!sim.cores[1].member(), "core 1 is out");
+    assert!(!sim.cores[1].evicted(), "it asked to go");
+}
+
+#[test]
+fn a_core_taken_out_comes_back() {
+    let mut sim = Sim::new(3, 3);
+    sim.with(0, |m, env| m.leave(env));
+    settle(&mut sim, 0b001);
+    assert!(!sim.cores[0].member());
+    sim.with(0, |m, env| m.join(env, 1));
+    settle(&mut sim, 0);
+    for c in 0..3 {
+        assert_eq!(sim.cores[c].view(), View { num: 2, set: 0b111 });
+    }
+    // Core 0 logs the view it left in and the one it came back in, as the others do.
+    for c in 0..3 {
+        let sets: Vec<CoreSet> = sim.logs[c].iter().map(|ch| ch.new.set).collect();
+        assert_eq!(sets, vec![0b110, 0b111], "core {c}");
+    }
+    sim.check_agreement();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// Any interleaving, up to two stops (at any point, mid-handler too), cores leaving and
+    /// coming back: one set per view number everywhere, the members that stayed log the same
+    /// sequence, the live ones end in one view of exactly the live unparked cores, and no
+    /// live core is ever suspected.
+    #[test]
+    fn views_agree_under_any_interleaving_and_stops(
+        n in 2usize..=6,
+        seed in any::<u64>(),
+        events in proptest::collection::vec((0u8..4, 0usize..6, 1u32..6, 0u64..600), 0..6),
+    ) {
+        let mut sim = Sim::new(n, seed);
+        let mut parked: CoreSet = 0;
+        let mut joining: Vec<(usize, usize)> = Vec::new();
+        let mut stops = 0;
+        let mut events = events;
+        events.sort_by_key(|e| e.3);
+        let mut t = 0;
+        for (kind, core, k, at) in events {
+            let core = core % n;
+            while t < at {
+                sim.step();
+                t += 1;
+            }
+            if sim.dead[core] {
+                continue;
+            }
+            let dying = |c: usize| sim.sends_left[c].is_some();
+            let live_unparked =
+                sim.live().filter(|&c| parked & (1 << c) == 0 && !dying(c)).count();
+            match kind {
+                0 if stops < 2 && live_unparked > 1 && parked & (1 << core) == 0 => {
+                    // Stops now, or after k more sends (in the middle of some handler).
+                    if k == 1 { sim.dead[core] = true } else { sim.sends_left[core] = Some(k) }
+                    stops += 1;
+                }
+                1 if live_unparked > 1 && parked & (1 << core) == 0 && sim.cores[core].member() => {
+                    sim.with(core, |m, env| m.leave(env));
+                    parked |= 1 << core;
+                }
+                2 if parked & (1 << core) != 0 && !sim.cores[core].member() => {
+                    let via = sim.live().find(|&c| c != core && sim.cores[c].member());
+                    if let Some(via) = via {
+                        sim.with(core, |m, env| m.join(env, via));
+                        parked &= !(1 << core);
+                        joining.push((core, via));
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A core that died mid-handler may have left a round with it unfinished.
+        for c in 0..n {
+            if sim.sends_left[c].is_some() && !sim.dead[c] {
+                sim.dead[c] = true;
+            }
+        }
+        // A core asking to come back through a core that then stopped may stay out (the
+        // wish died with it, as a controller's request does) or come in (it was passed on).
+        let mut maybe: CoreSet = 0;
+        for &(core, via) in &joining {
+            if sim.dead[via] && !sim.dead[core] {
+                maybe |= 1 << core;
+            }
+        }
+        for c in 0..n {
+            if sim.sends_left[c].is_some() && !sim.dead[c] {
+                sim.dead[c] = true;
+            }
+            if sim.dead[c] {
+                parked &= !(1 << c);
+            }
+        }
+        // Every live core asked to leave: the last member stays (nobody could bring the
+        // others back); which one depends on the order, so take the one still in.
+        if sim.live().count() > 0 && sim.live().all(|c| (parked | maybe) & (1 << c) != 0) {
+            for _ in 0..20_000 {
+                sim.step();
+            }
+            let left: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
+            // None when the last member stopped while the others were out.
+            prop_assert!(left.len() <= 1, "one member stays at most: {:?}", left);
+            let Some(&last) = left.first() else { return Ok(()) };
+            parked &= !(1 << last);
+            maybe &= !(1 << last);
+        }
+        // A parked core whose leave is not yet committed: wait for it.
+        settle_maybe(&mut sim, parked, maybe);
+        sim.check_agreement();
+        let stayed: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
+        for &c in &stayed {
+            prop_assert!(!sim.cores[c].evicted(), "live core {} was fenced", c);
+            let dead: CoreSet = (0..n).filter(|&d| sim.dead[d]).map(|d| 1u64 << d).sum();
+            prop_assert_eq!(sim.cores[c].suspects() & !dead, 0, "core {} suspects a live core", c);
+        }
+        // Members that never left log the same sequence of views.
+        let never_left: Vec<&usize> = stayed.iter().filter(|&&c| sim.logs[c].iter().all(|ch| ch.new.set & (1 << c) != 0)).collect();
+        let seq = |c: usize| sim.logs[c].iter().map(|ch| ch.new).collect::<Vec<View>>();
+        for w in never_left.windows(2) {
+            prop_assert_eq!(seq(*w[0]), seq(*w[1]));
+        }
+    }
+}
