@@ -4,7 +4,10 @@
 //! `running` is waited for; one the hypervisor `stopped` (a fault, its budget) is
 //! restarted, at most `tries` times; one that `exited` is done. With `hold = 1` it first
 //! stops its last target while it runs, checks that it is held, starts it again and
-//! checks that a second start is refused. Bad requests are refused on the way.
+//! checks that a second start is refused. With `park = 1` it then takes that target's core
+//! out of the machine (`PARK`: the guest stopped, the core out of the membership view),
+//! checks it is parked, leaves it out for `parked_ms`, and brings it back with `START` (the
+//! core rejoins the view, a new incarnation runs). Bad requests are refused on the way.
 
 use crate::hypercall::{call, check};
 use vmcall_proto::guest::BootInfo;
@@ -27,6 +30,7 @@ fn state_name(s: u8) -> &'static str {
         control::EXITED => "exited",
         control::STOPPED => "stopped",
         control::HELD => "held",
+        control::PARKED => "parked",
         _ => "?",
     }
 }
@@ -41,6 +45,7 @@ fn pause_ms(bi: &BootInfo, ms: u64) {
 pub fn supervisor(bi: &BootInfo) -> u64 {
     let tries = bi.arg_int("tries");
     let hold = bi.arg_int("hold") == 1;
+    let park = bi.arg_int("park") == 1;
     let mut ok = true;
     let slots: [Option<u64>; 8] = {
         let mut s = [None; 8];
@@ -96,6 +101,23 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             Err(HvError::Busy),
             &mut ok,
         );
+    }
+    if park {
+        let mut w = ctl(last, control::QUERY);
+        while w.is_ok_and(|w| fields(w).0 != control::RUNNING) {
+            pause_ms(bi, 1);
+            w = ctl(last, control::QUERY);
+        }
+        let parked = ctl(last, control::PARK);
+        log::info!("supervisor: park slot {last}: {}", Word(parked));
+        ok &= parked.is_ok_and(|w| fields(w).0 == control::PARKED);
+        let q = ctl(last, control::QUERY);
+        log::info!("supervisor: query slot {last}: {}", Word(q));
+        ok &= q.is_ok_and(|w| fields(w).0 == control::PARKED);
+        pause_ms(bi, bi.arg_int("parked_ms").max(1));
+        let back = ctl(last, control::START);
+        log::info!("supervisor: start slot {last}: {}", Word(back));
+        ok &= back.is_ok_and(|w| fields(w).0 == control::RUNNING);
     }
     for h in slots.into_iter().flatten() {
         let mut restarts = 0;

@@ -51,6 +51,9 @@ pub struct Options {
     pub caps_deadline_ms: Option<u64>,
     /// Trace every VM exit (`trace`): see `crate::trace`.
     pub trace: bool,
+    /// The membership failure detector's probe period, in milliseconds (default 25; a core
+    /// unanswered for eight periods is fenced).
+    pub probe_ms: Option<u64>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -64,6 +67,9 @@ pub enum Inject {
     /// Core N's hypervisor silently drops capability revokes (it still takes transfers;
     /// its guest runs on): the revoking core must fence it and finish.
     DeafCore(usize),
+    /// Core N's hypervisor stops answering anything (interrupts off, spinning) 20 ms into
+    /// its guest's run: the others must detect it, fence it and finish.
+    HungCore(usize),
 }
 
 /// A command-line word the hypervisor does not understand. Reported and ignored.
@@ -103,16 +109,23 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                     bad(BadOption { word, why: "expected caps_deadline_ms=N with 1 <= N <= 60000" })
                 }
             },
+            "probe_ms" => match value.parse::<u64>() {
+                Ok(n) if (1..=10_000).contains(&n) => o.probe_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected probe_ms=N with 1 <= N <= 10000" }),
+            },
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
                 None if value == "ap-fault" => o.inject = Some(Inject::ApFault),
                 Some(("deaf-core", n)) if n.parse::<usize>().is_ok_and(|n| n >= 1) => {
                     o.inject = n.parse().ok().map(Inject::DeafCore)
                 }
+                Some(("hung-core", n)) if n.parse::<usize>().is_ok() => {
+                    o.inject = n.parse().ok().map(Inject::HungCore)
+                }
                 _ => bad(BadOption {
                     word,
-                    why:
-                        "expected inject=silent-ap, inject=ap-fault or inject=deaf-core:N (N >= 1)",
+                    why: "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1) \
+                          or inject=hung-core:N",
                 }),
             },
             _ => bad(BadOption { word, why: "unknown option" }),
@@ -329,6 +342,9 @@ mod tests {
         assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));
         assert_eq!(opts("inject=everything").1.len(), 1);
         assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
+        assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));
+        assert_eq!(opts("probe_ms=5").0.probe_ms, Some(5));
+        assert_eq!(opts("probe_ms=0").1.len(), 1);
         for bad in ["inject=deaf-core:0", "inject=deaf-core:x", "inject=deaf-core"] {
             assert_eq!(opts(bad).1.len(), 1, "{bad}");
         }

@@ -99,6 +99,10 @@ pub fn plan(
         Some(crate::bootinfo::Inject::DeafCore(n)) => Some(n),
         _ => None,
     };
+    let hung = match opts.inject {
+        Some(crate::bootinfo::Inject::HungCore(n)) => Some(n),
+        _ => None,
+    };
     let Some(cfg_mod) = boot.module("config") else {
         log::info!("no config module: bringing up cores only");
         return Ok(None);
@@ -192,6 +196,9 @@ pub fn plan(
                         watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
                         deaf: deaf == Some(e.core as usize),
+                        hang: hung == Some(e.core as usize),
+                        members: 0,
+                        probe_ms: opts.probe_ms.unwrap_or(25),
                         channels: [ChanMap {
                             desc: ChannelDesc::new_zeroed(),
                             hpa: 0,
@@ -233,6 +240,12 @@ pub fn plan(
                 tl.controllers |= 1u64 << ctl_core;
             }
         }
+    }
+    // Core membership starts from the cores given a guest: every core computes the same
+    // view 0 from its launch.
+    let members = launches.iter().flatten().fold(0u64, |a, l| a | 1 << l.entry.core);
+    for l in launches.iter_mut().flatten() {
+        l.members = members;
     }
     for (k, c) in cfg.channels().enumerate() {
         let size = channel::channel_bytes(c.slots);
@@ -337,23 +350,29 @@ impl fmt::Display for Why {
 
 /// Whether some guest that can still report has not yet: its core is up in VMX operation
 /// and the collection's deadline has not passed.
-pub fn pending() -> bool {
+/// `fenced`: the cores the BSP's membership view fenced (they will never report).
+pub fn pending(fenced: u64) -> bool {
     PLAN.get().is_some_and(|plan| {
         arch::rdtsc() < plan.give_up_tsc
             && plan.guests[..plan.count].iter().flatten().any(|g| {
-                g.slot.is_ok_and(|s| smp::mailbox(s).read().vmx_on && smp::report_of(s).is_none())
+                g.slot.is_ok_and(|s| {
+                    fenced & (1 << s) == 0
+                        && smp::mailbox(s).read().vmx_on
+                        && smp::report_of(s).is_none()
+                })
             })
     })
 }
 
 /// Waits (bounded) for every running guest's report, prints one record per guest and a
 /// summary. Returns whether every guest exited with status 0.
-pub fn collect(plan: &Plan) -> bool {
+pub fn collect(plan: &Plan, fenced: u64) -> bool {
     // A guest runs at most its budget plus as much again of time its core spent serving
     // other cores (see guest::run), each incarnation.
     let deadline = arch::tsc::deadline_us((plan.life_ms + 2_000) * 1000);
     let guests = || plan.guests[..plan.count].iter().flatten();
-    while guests().any(|g| g.slot.is_ok_and(|s| smp::report_of(s).is_none()))
+    while guests()
+        .any(|g| g.slot.is_ok_and(|s| fenced & (1 << s) == 0 && smp::report_of(s).is_none()))
         && arch::rdtsc() < deadline
     {
         arch::pause();
@@ -396,6 +415,18 @@ pub fn collect(plan: &Plan) -> bool {
                     r.foreign_tsc,
                     Quoted(Fenced(r.caps.fenced)),
                     r.incarnations
+                );
+            }
+            (Ok(s), None) if fenced & (1 << s) != 0 => {
+                all_ok = false;
+                let why = "its core stopped answering and was fenced out of the view";
+                log::info!("  {name:<12} core {:<2} fenced: {why}", g.core);
+                record!(
+                    kind::GUEST,
+                    "index={i} name={name} core={} state={} exit_status=0 exits=\"\" fault={} hypercalls=0 tsc_first_entry=0 tsc_end=0",
+                    g.core,
+                    guest_state::FENCED,
+                    Quoted(why)
                 );
             }
             (slot, _) => {

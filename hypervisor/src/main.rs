@@ -149,8 +149,8 @@ mod boot {
         record!(kind::READY, "tsc={tsc_ready}");
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
         // The BSP serves until every guest has reported, then ends the run.
-        smp::run_guest(0, guests::pending);
-        let all_exited = guests::collect(plan);
+        let fenced = smp::run_guest(0, guests::pending);
+        let all_exited = guests::collect(plan, fenced);
         end_run(if all_up && all_exited { Outcome::Ok } else { Outcome::Failed })
     }
 

@@ -173,15 +173,16 @@ pub fn report_of(index: usize) -> Option<&'static crate::guest::GuestReport> {
 }
 
 /// Runs this core's guest, if it has one and VMX is on, and posts the report; then serves
-/// the capability protocol while `keep` says so.
-pub fn run_guest(index: usize, keep: impl Fn() -> bool) {
-    let (Some(l), Some(f)) = (launch_of(index), FEATURES.get()) else { return };
+/// the capability protocol while `keep` (handed the cores this one's view fenced) says so.
+/// Returns the cores fenced.
+pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
+    let (Some(l), Some(f)) = (launch_of(index), FEATURES.get()) else { return 0 };
     if !mailbox(index).read().vmx_on {
-        return;
+        return 0;
     }
     #[cfg(target_os = "none")]
     {
-        crate::guest::run(
+        return crate::guest::run(
             l,
             f,
             index as u32,
@@ -194,7 +195,10 @@ pub fn run_guest(index: usize, keep: impl Fn() -> bool) {
         );
     }
     #[cfg(not(target_os = "none"))]
-    let _ = (l, f, keep);
+    {
+        let _ = (l, f, keep);
+        0
+    }
 }
 
 /// Set once by the BSP before APs start (`inject=ap-fault`): core 1 faults on purpose.
@@ -282,7 +286,7 @@ extern "C" fn ap_entry(index: u64) -> ! {
     }
     enable_vmx_and_report(index);
     // An AP serves its inbox for the rest of the run (the BSP ends it).
-    run_guest(index, || true);
+    run_guest(index, |_| true);
     crate::arch::park()
 }
 

@@ -588,10 +588,14 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
         summary: "runs the guests it controls (`[[control]]`): waits while one runs, restarts \
                   one the hypervisor stopped (at most `tries` times), is done when it exited; \
                   exits 0 if each exited 0. With `hold = 1` it first stops its last guest, \
-                  checks it is held, starts it again",
+                  checks it is held, starts it again; with `park = 1` it takes that guest's \
+                  core out of the machine, checks it is parked, and brings it back after \
+                  `parked_ms`",
         args: &[
             int("tries", 0, 1000, 10, "restarts it asks for, per guest"),
             flag("hold", "stop and start the last guest first"),
+            flag("park", "take the last guest's core out and bring it back"),
+            int("parked_ms", 1, 60_000, 50, "how long the core stays out"),
         ],
     },
     WorkloadSpec {

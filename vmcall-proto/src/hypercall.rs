@@ -71,6 +71,10 @@ pub mod control {
     pub const STOP: u64 = 1;
     pub const START: u64 = 2;
     pub const RESTART: u64 = 3;
+    /// Take the guest's core out of the machine: the guest stopped (as `STOP`), then the
+    /// core leaves the membership view and its hypervisor instance parks; `START` or
+    /// `RESTART` brings it back (into the view, with a new incarnation).
+    pub const PARK: u64 = 4;
 
     /// State word: `state | incarnation << 8 | last exit status (low 32 bits) << 32`.
     pub const fn state_word(state: u8, incarnation: u32, status: u64) -> u64 {
@@ -84,6 +88,8 @@ pub mod control {
     pub const STOPPED: u8 = 3;
     /// Down: stopped by a controller's request.
     pub const HELD: u8 = 4;
+    /// Down, and its core out of the machine (`PARK`).
+    pub const PARKED: u8 = 5;
 }
 
 /// Guest-physical window where capabilities are mapped: 3 GiB to 4 GiB.

@@ -44,6 +44,11 @@ pub mod kind {
     /// incarnation, or something leaked), `caps_revoked`, `caps_unconfirmed`, `caps_dropped`
     /// (its clean death).
     pub const INCARNATION: &str = "incarnation";
+    /// A membership view installed on a core: `core num members by tsc` (`members`: the
+    /// core indices, space-separated; `by`: the core that coordinated it).
+    pub const VIEW: &str = "view";
+    /// `inject=hung-core:N` fired: `core tsc` (the moment it stopped answering).
+    pub const HANG: &str = "hang";
     /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,
     /// `a_sent`, `b_received`, `b_sent`, `a_received`.
     pub const CHANNEL: &str = "channel";
@@ -81,6 +86,8 @@ pub mod guest_state {
     pub const STOPPED: &str = "stopped";
     /// It never ran; `fault` says why (no such core, no memory, core failed).
     pub const NOT_STARTED: &str = "not_started";
+    /// Its core stopped answering and the others fenced it out of the membership view.
+    pub const FENCED: &str = "fenced";
 }
 
 /// Values of the `outcome` field of a [`kind::END`] record.

@@ -93,6 +93,22 @@ impl Control {
         }
     }
 
+    /// Core `core` was fenced: a request of this core to it is answered `PeerGone` at once,
+    /// and it controls this core's guest no more.
+    pub fn peer_gone(&mut self, core: usize) {
+        if let Some((c, r, _)) = self.out {
+            if c as usize == core {
+                self.out = None;
+                self.answer = Some((r, Err(HvError::PeerGone)));
+            }
+        }
+        if core < MAX_PEERS {
+            self.released |= 1 << core;
+            self.inbox[core] = None;
+            self.waiting &= !(1 << core);
+        }
+    }
+
     /// Whether a request for this core's guest waits.
     pub fn pending(&self) -> bool {
         self.waiting != 0
@@ -133,7 +149,7 @@ impl Control {
         operation: u64,
         deadline: u64,
     ) -> Result<(), HvError> {
-        if operation > control::RESTART {
+        if operation > control::PARK {
             return Err(HvError::BadArgument);
         }
         if self.out.is_some() {

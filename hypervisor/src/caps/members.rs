@@ -206,6 +206,7 @@ impl Members {
         }
     }
 
+    #[cfg(test)]
     pub fn view(&self) -> View {
         self.view
     }
@@ -213,6 +214,11 @@ impl Members {
     /// Whether this core is in its own view.
     pub fn member(&self) -> bool {
         self.view.set & bit(self.me as usize) != 0
+    }
+
+    /// How long a probe or a round's answer may take.
+    pub fn timeout(&self) -> u64 {
+        self.timing.timeout
     }
 
     /// Cores this instance treats as stopped.
@@ -223,11 +229,6 @@ impl Members {
     /// Whether this core was removed without asking (a false suspicion): it must stay out.
     pub fn evicted(&self) -> bool {
         self.evicted
-    }
-
-    /// Whether this core asked to leave and has not left yet.
-    pub fn leaving(&self) -> bool {
-        self.wants_in & bit(self.me as usize) == 0 && self.member()
     }
 
     /// The next view change installed here, oldest first.

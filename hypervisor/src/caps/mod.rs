@@ -55,6 +55,9 @@ pub trait Env {
     fn link_down(&mut self, _channel: u32) {}
 }
 
+/// Membership timing before the run loop sets it (in no view, nothing is timed).
+const INERT: members::Timing = members::Timing { period: u64::MAX, timeout: u64::MAX, grace: 0 };
+
 /// Tunables, from the hypervisor command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
@@ -135,6 +138,8 @@ pub struct CapCore<const E: usize> {
     proto: Proto<E>,
     /// Guest control: this core's own request, and requests for its guest.
     pub ctl: control::Control,
+    /// Core membership: this core's copy of the view, and its part in changing it.
+    pub members: members::Members,
     last_transfer: [u64; MAX_PEERS],
     pub stats: Stats,
     pub policy: Policy,
@@ -202,6 +207,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
             addr_of_mut!((*p).ctl).write(control::Control::default());
+            addr_of_mut!((*p).members).write(members::Members::new(core as usize, 0, INERT, 0));
             addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
             addr_of_mut!((*p).stats).write(Stats::default());
             addr_of_mut!((*p).policy).write(policy);
@@ -224,6 +230,7 @@ impl<const E: usize> CapCore<E> {
             deaf: false,
             proto: Proto::new(core),
             ctl: control::Control::default(),
+            members: members::Members::new(core as usize, 0, INERT, 0),
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
             policy,
@@ -511,15 +518,45 @@ impl<const E: usize> CapCore<E> {
             n += 1;
             self.deliver(env, from, &m);
         }
+        let now = env.now();
         if self.proto.busy() {
-            let now = env.now();
             self.proto.expire(env, now, &mut self.stats);
+        }
+        if now >= self.members.due() {
+            self.members.tick(env);
+            self.members_effects(env);
         }
         n
     }
 
+    /// Acts on cores the membership protocol suspects: fenced for the capability protocol
+    /// (what waits on them ends incomplete), their guests' channels down here, their
+    /// control over this core's guest gone, a request of this core to them answered.
+    fn members_effects(&mut self, env: &mut impl Env) {
+        let suspected = self.members.take_suspected();
+        for c in (0..MAX_PEERS).filter(|&c| suspected & (1 << c) != 0) {
+            self.proto.fence(env, c, &mut self.stats);
+            self.ctl.peer_gone(c);
+            for ch in self.chans[..self.nchans].iter_mut() {
+                if ch.peer.map(usize::from) == Some(c) {
+                    ch.link.peer_up = false;
+                    ch.link.changed = true;
+                    self.links_dirty = true;
+                    if !self.ended {
+                        env.link_down(ch.index);
+                    }
+                }
+            }
+        }
+    }
+
     /// One inter-core message.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        if members::is_member(m) {
+            self.members.deliver(env, from, m);
+            self.members_effects(env);
+            return;
+        }
         if links::is_link(m) {
             // Even from a core the capability protocol fenced: a link message asks for no
             // wait, and a peer that is never told of a death would read reset rings.

@@ -32,6 +32,13 @@ pub struct Launch {
     /// Fault injection: this core never answers capability revokes
     /// (`inject=deaf-core:N`).
     pub deaf: bool,
+    /// Fault injection: this core's hypervisor hangs 20 ms into its guest's first run
+    /// (`inject=hung-core:N`).
+    pub hang: bool,
+    /// Core membership: the cores of view 0 (those given a guest) and the failure
+    /// detector's probe period in milliseconds.
+    pub members: u64,
+    pub probe_ms: u64,
     /// The guest's channels, in boot-info order.
     pub channels: [ChanMap; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub channel_count: usize,
@@ -265,9 +272,19 @@ mod run {
             };
             Ok(())
         }
-        fn zero(&self) {
-            // SAFETY: the whole partition belongs to this core and is not yet in use.
-            unsafe { (self.base as *mut u8).write_bytes(0, self.size as usize) };
+        /// Zeroes the partition a chunk at a time, calling `between` after each (the
+        /// core serves its inbox there: zeroing a large partition takes longer than a
+        /// membership probe may go unanswered).
+        fn zero(&self, mut between: impl FnMut()) {
+            const CHUNK: u64 = 1 << 20;
+            let mut at = 0;
+            while at < self.size {
+                let len = CHUNK.min(self.size - at);
+                // SAFETY: the whole partition belongs to this core and is not yet in use.
+                unsafe { ((self.base + at) as *mut u8).write_bytes(0, len as usize) };
+                at += len;
+                between();
+            }
         }
         fn write_u64(&self, gpa: u64, v: u64) -> Result<(), HvError> {
             self.write(gpa, &v.to_le_bytes())
@@ -692,11 +709,22 @@ mod run {
 
     /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
     /// capabilities accepted again.
-    fn rebirth(caps: &mut crate::caps::HvCaps) {
-        for (base, size) in caps.owned_memory() {
-            // Its guest is not running and nothing maps it now.
-            // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
-            unsafe { (base as *mut u8).write_bytes(0, size as usize) };
+    fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::xcore::Link) {
+        let mut owned = [(0u64, 0u64); vmcall_proto::caps::MAX_SLOTS];
+        let mut count = 0;
+        for m in caps.owned_memory().take(owned.len()) {
+            owned[count] = m;
+            count += 1;
+        }
+        for &(base, size) in &owned[..count] {
+            // A chunk at a time, serving the inbox between (see `Partition::zero`).
+            for at in (0..size).step_by(1 << 20) {
+                let len = (1u64 << 20).min(size - at);
+                // Its guest is not running and nothing maps it now.
+                // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
+                unsafe { ((base + at) as *mut u8).write_bytes(0, len as usize) };
+                caps.poll(&mut Serving(link));
+            }
         }
         caps.reborn();
     }
@@ -710,8 +738,8 @@ mod run {
         f: &Features,
         core: u32,
         post: impl FnOnce(GuestReport),
-        keep_serving: impl Fn() -> bool,
-    ) {
+        keep_serving: impl Fn(u64) -> bool,
+    ) -> u64 {
         use crate::caps::control::Control;
         use vmcall_proto::hypercall::control;
         let tsc_per_ms = arch::tsc::ticks_per_ms();
@@ -720,6 +748,16 @@ mod run {
             ..crate::caps::Policy::from_tsc_per_ms(tsc_per_ms)
         };
         let mut caps = caps_of_this_core(core as usize, policy);
+        let period = l.probe_ms.saturating_mul(tsc_per_ms);
+        let timing = crate::caps::members::Timing {
+            period,
+            timeout: period.saturating_mul(8),
+            // Cores start seconds apart (the BSP enters its guest after every AP is up).
+            grace: tsc_per_ms.saturating_mul(4_000),
+        };
+        caps.members =
+            crate::caps::members::Members::new(core as usize, l.members, timing, arch::rdtsc());
+        let keep_serving = |caps: &crate::caps::HvCaps| keep_serving(caps.members.suspects());
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
             caps.deafen();
@@ -750,9 +788,20 @@ mod run {
                     Control::answer(&mut Serving(&mut link), to, req, Ok(down_word(ending, n)));
                 }
                 match asked {
+                    Some((from, req, control::PARK)) => {
+                        match park(l, core, caps, &mut link, from, req, n, ending) {
+                            Some(back) => {
+                                starting = Some(back);
+                                rebirth(caps, &mut link);
+                                log::info!("guest {}: its core is back in", name(l));
+                                continue;
+                            }
+                            None => break,
+                        }
+                    }
                     Some((from, req, control::RESTART)) => {
                         starting = Some((from, req));
-                        rebirth(caps);
+                        rebirth(caps, &mut link);
                         log::info!("guest {}: restarting (its controller asked)", name(l));
                         continue;
                     }
@@ -772,7 +821,7 @@ mod run {
                     break;
                 }
                 restarts += 1;
-                rebirth(caps);
+                rebirth(caps, &mut link);
                 log::info!(
                     "guest {}: restarting ({restarts} of {})",
                     name(l),
@@ -785,10 +834,11 @@ mod run {
                 !matches!(ending, Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_)))
                     && unconfirmed == 0;
             while l.controllers & !caps.ctl.released != 0
-                && keep_serving()
+                && keep_serving(caps)
                 && arch::rdtsc() < l.give_up_tsc
             {
                 caps.poll(&mut Serving(&mut link));
+                log_views(caps, core);
                 let Some((from, req, operation)) = caps.ctl.take() else {
                     arch::pause();
                     continue;
@@ -799,9 +849,18 @@ mod run {
                 } else if matches!(operation, control::START | control::RESTART) && !startable {
                     // The hypervisor could not set it up, or could not keep it isolated.
                     Control::answer(env, from, req, Err(HvError::Busy));
+                } else if operation == control::PARK {
+                    match park(l, core, caps, &mut link, from, req, n, ending) {
+                        Some(back) => {
+                            starting = Some(back);
+                            rebirth(caps, &mut link);
+                            continue 'life;
+                        }
+                        None => break,
+                    }
                 } else if matches!(operation, control::START | control::RESTART) {
                     starting = Some((from, req));
-                    rebirth(caps);
+                    rebirth(caps, &mut link);
                     log::info!("guest {}: starting again (its controller asked)", name(l));
                     continue 'life;
                 } else {
@@ -823,14 +882,138 @@ mod run {
         // The guest is gone but other cores may still revoke copies they made (their
         // requests find nothing here and are answered at once), or ask about it: keep
         // answering until told to stop.
-        while keep_serving() {
+        while keep_serving(caps) {
             caps.poll(&mut Serving(&mut link));
+            log_views(caps, core);
             if let Some((from, req, _)) = caps.ctl.take() {
                 let word = down_word(ending, n);
                 Control::answer(&mut Serving(&mut link), from, req, Ok(word));
             }
             arch::pause();
         }
+        // The run ends: the other cores stop probing (none is taken for hung while the
+        // BSP writes the summary).
+        caps.members.end(&mut Serving(&mut link));
+        log_views(caps, core);
+        caps.members.suspects()
+    }
+
+    /// `inject=hung-core`: this core's hypervisor stops answering anything, for good
+    /// (interrupts stay off; a kick's NMI returns to the spin).
+    fn hang(core: u32) -> ! {
+        log::warn!("inject=hung-core: core {core} stops answering from now on");
+        crate::record!(vmcall_proto::record::kind::HANG, "core={core} tsc={}", arch::rdtsc());
+        loop {
+            arch::pause();
+        }
+    }
+
+    /// Logs the membership views this core installed since the last call.
+    fn log_views(caps: &mut crate::caps::HvCaps, core: u32) {
+        use vmcall_proto::record::{kind, Quoted};
+        while let Some(ch) = caps.members.take_change() {
+            let (gone, new) = (ch.old.set & !ch.new.set, ch.new.set & !ch.old.set);
+            log::info!(
+                "membership view {}: cores {} (out: {}, in: {}; coordinated by core {})",
+                ch.new.num,
+                CoreSet(ch.new.set),
+                CoreSet(gone),
+                CoreSet(new),
+                ch.by
+            );
+            crate::record!(
+                kind::VIEW,
+                "core={core} num={} members={} by={} tsc={}",
+                ch.new.num,
+                Quoted(CoreSet(ch.new.set)),
+                ch.by,
+                arch::rdtsc()
+            );
+        }
+    }
+
+    /// Core indices of a set, space-separated.
+    struct CoreSet(u64);
+
+    impl core::fmt::Display for CoreSet {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            let mut first = true;
+            for c in (0..64).filter(|c| self.0 & (1 << c) != 0) {
+                if !first {
+                    f.write_str(" ")?;
+                }
+                write!(f, "{c}")?;
+                first = false;
+            }
+            Ok(())
+        }
+    }
+
+    /// Takes this core out of the membership view after its guest's death (`PARK` from
+    /// controller core `from`, request `req`), answers once it is out, then serves parked
+    /// until a controller asks to bring it back (`START`/`RESTART`): rejoins, and returns
+    /// that request to answer once the new incarnation runs. `None`: it could not leave in
+    /// time (answered `Timeout`, the guest stays down), or the run ended while parked.
+    #[allow(clippy::too_many_arguments)]
+    fn park(
+        l: &Launch,
+        core: u32,
+        caps: &mut crate::caps::HvCaps,
+        link: &mut crate::xcore::Link,
+        from: usize,
+        req: u32,
+        n: u32,
+        ending: Ending,
+    ) -> Option<(usize, u32)> {
+        use crate::caps::control::Control;
+        use vmcall_proto::hypercall::control;
+        let wait = caps.members.timeout().saturating_mul(4);
+        caps.members.leave(&mut Serving(link));
+        let deadline = arch::rdtsc().saturating_add(wait);
+        while caps.members.member() && arch::rdtsc() < deadline {
+            caps.poll(&mut Serving(link));
+            log_views(caps, core);
+            arch::pause();
+        }
+        if caps.members.member() {
+            log::warn!("guest {}: its core could not leave the view in time", name(l));
+            Control::answer(&mut Serving(link), from, req, Err(HvError::Timeout));
+            return None;
+        }
+        log::info!("guest {}: its core is out of the view, parked", name(l));
+        let parked = control::state_word(control::PARKED, n, 0);
+        let _ = ending;
+        Control::answer(&mut Serving(link), from, req, Ok(parked));
+        // Parked: no guest, not probed; it still answers whatever other cores ask (revokes
+        // find nothing, queries say parked) until a controller brings it back.
+        while arch::rdtsc() < l.give_up_tsc {
+            caps.poll(&mut Serving(link));
+            log_views(caps, core);
+            let Some((c, r, operation)) = caps.ctl.take() else {
+                arch::pause();
+                continue;
+            };
+            let env = &mut Serving(link);
+            if l.controllers & (1 << c) == 0 {
+                Control::answer(env, c, r, Err(HvError::NotOwner));
+            } else if matches!(operation, control::START | control::RESTART) {
+                caps.members.join(env, c);
+                let deadline = arch::rdtsc().saturating_add(wait);
+                while !caps.members.member() && arch::rdtsc() < deadline {
+                    caps.poll(&mut Serving(link));
+                    log_views(caps, core);
+                    arch::pause();
+                }
+                if caps.members.member() {
+                    return Some((c, r));
+                }
+                log::warn!("guest {}: its core could not rejoin the view in time", name(l));
+                Control::answer(&mut Serving(link), c, r, Err(HvError::Timeout));
+            } else {
+                Control::answer(env, c, r, Ok(parked));
+            }
+        }
+        None
     }
 
     /// A channel's counters across incarnations: messages lost to resets, resets.
@@ -951,7 +1134,9 @@ mod run {
             }
         };
         // Nothing of a previous incarnation (or of whoever had the memory before) survives.
-        part.zero();
+        part.zero(|| {
+            ctx.caps.poll(&mut Serving(link));
+        });
         for s in plan.segments() {
             let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
             if part.write(s.gpa, data).is_err() {
@@ -1110,12 +1295,25 @@ mod run {
             Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
         }
         let mut asked = None;
+        // `inject=hung-core`: 20 ms into the guest's first run.
+        let mut hang_at = u64::MAX;
         let ending = loop {
             // Kicks from here on are seen by this poll, or zero the timer below.
             me.take_kick();
             let t0 = arch::rdtsc();
             let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             let t1 = arch::rdtsc();
+            log_views(ctx.caps, core);
+            if ctx.caps.members.evicted() {
+                // Taken for stopped while alive: the others fenced this core and go on
+                // without it, so its guest must not run again.
+                break Ending::Stopped(StopReason::Isolation(
+                    "its core was fenced out of the membership view",
+                ));
+            }
+            if l.hang && launched && t1 >= hang_at {
+                hang(core);
+            }
             let foreign = match kicked_at.take() {
                 Some(t) => t1.saturating_sub(t),
                 None if served > 0 => t1.saturating_sub(t0),
@@ -1156,6 +1354,13 @@ mod run {
                 Ok(t) => t,
                 Err(why) => break Ending::Stopped(why),
             };
+            // The membership failure detector's next probe or deadline (and an injected
+            // hang) comes even if the guest never exits.
+            let now = arch::rdtsc();
+            let mut timer = timer.min(ctx.caps.members.due().saturating_sub(now));
+            if l.hang {
+                timer = timer.min(hang_at.saturating_sub(now));
+            }
             // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
             // SAFETY: current VMCS.
             let _ = unsafe {
@@ -1180,6 +1385,9 @@ mod run {
                 let code = unsafe { exit::INSTRUCTION_ERROR.read() };
                 log::error!("guest {}: VM entry failed, VM-instruction error {code}", name(l));
                 break Ending::Stopped(StopReason::Setup("VM entry failed (VM-instruction error)"));
+            }
+            if !launched {
+                hang_at = first_entry.saturating_add(tsc_per_ms.saturating_mul(20));
             }
             launched = true;
             let t_exit = arch::rdtsc();
