@@ -332,7 +332,8 @@ mod tests {
                 inject: None,
                 budget_ms: None,
                 caps_deadline_ms: None,
-                trace: false
+                trace: false,
+                probe_ms: None
             }
         );
         assert!(opts("trace").0.trace && opts("trace=1").0.trace);

@@ -181,24 +181,23 @@ pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
         return 0;
     }
     #[cfg(target_os = "none")]
-    {
-        return crate::guest::run(
-            l,
-            f,
-            index as u32,
-            |r| {
-                // The guest has ended: its core writes its exit trace before reporting.
-                crate::trace::drain(index);
-                REPORTS[index].call_once(|| r);
-            },
-            keep,
-        );
-    }
+    let fenced = crate::guest::run(
+        l,
+        f,
+        index as u32,
+        |r| {
+            // The guest has ended: its core writes its exit trace before reporting.
+            crate::trace::drain(index);
+            REPORTS[index].call_once(|| r);
+        },
+        keep,
+    );
     #[cfg(not(target_os = "none"))]
-    {
+    let fenced = {
         let _ = (l, f, keep);
         0
-    }
+    };
+    fenced
 }
 
 /// Set once by the BSP before APs start (`inject=ap-fault`): core 1 faults on purpose.

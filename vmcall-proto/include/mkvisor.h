@@ -47,6 +47,13 @@ typedef uint64_t MKV_word;
 #define MKV_CONTROL_RESTART 3
 
 /**
+ * Take the guest's core out of the machine: the guest stopped (as `STOP`), then the
+ * core leaves the membership view and its hypervisor instance parks; `START` or
+ * `RESTART` brings it back (into the view, with a new incarnation).
+ */
+#define MKV_PARK 4
+
+/**
  * Its incarnation is running.
  */
 #define MKV_CONTROL_RUNNING 1
@@ -65,6 +72,11 @@ typedef uint64_t MKV_word;
  * Down: stopped by a controller's request.
  */
 #define MKV_CONTROL_HELD 4
+
+/**
+ * Down, and its core out of the machine (`PARK`).
+ */
+#define MKV_PARKED 5
 
 #define MKV_BOOT_INFO_GPA 4096
 

@@ -518,13 +518,16 @@ impl<const E: usize> CapCore<E> {
             n += 1;
             self.deliver(env, from, &m);
         }
-        let now = env.now();
-        if self.proto.busy() {
-            self.proto.expire(env, now, &mut self.stats);
-        }
-        if now >= self.members.due() {
-            self.members.tick(env);
-            self.members_effects(env);
+        let due = self.members.due();
+        if self.proto.busy() || due != u64::MAX {
+            let now = env.now();
+            if self.proto.busy() {
+                self.proto.expire(env, now, &mut self.stats);
+            }
+            if now >= due {
+                self.members.tick(env);
+                self.members_effects(env);
+            }
         }
         n
     }
