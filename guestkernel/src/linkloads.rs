@@ -5,7 +5,9 @@
 //!   When the peer dies (`PeerGone`) the message it was waiting on is counted lost; it waits
 //!   (bounded) for the peer's new incarnation, resynchronises and goes on with the next
 //!   number. It checks every echo (the number it sent, in order, never twice) and exits 0 if
-//!   every message was echoed once or counted lost.
+//!   every message was echoed once or counted lost. With `gone_ok = 1` a peer that does not
+//!   come back within `rejoin_ms` (its core was fenced) ends the stream early, still exit 0
+//!   if every message sent so far was accounted for.
 //! * `echoer`: echoes every message; in its first incarnation it faults on purpose after
 //!   `die_after` echoes (so it is restarted mid-stream); stops at the end marker.
 
@@ -29,6 +31,8 @@ fn rejoin(c: &mut Chan, bi: &BootInfo, ms: u64) -> bool {
 
 pub fn streamer(bi: &BootInfo) -> u64 {
     let n = bi.arg_int("n");
+    let gone_ok = bi.arg_int("gone_ok") == 1;
+    let rejoin_ms = bi.arg_int("rejoin_ms").max(1);
     let Some(mut c) = channel::open(bi, None) else { return 1 };
     let (mut echoed, mut lost, mut resets, mut bad) = (0u64, 0u64, 0u64, 0u64);
     let mut seq = 0;
@@ -44,7 +48,14 @@ pub fn streamer(bi: &BootInfo) -> u64 {
                 lost += 1;
                 resets += 1;
                 log::info!("stream: peer gone at message {seq} (epoch {})", c.epoch);
-                if !rejoin(&mut c, bi, 5_000) {
+                if !rejoin(&mut c, bi, rejoin_ms) {
+                    if gone_ok {
+                        let sent = seq + 1;
+                        log::info!(
+                            "stream: peer gone for good: sent {sent} of {n}, echoed {echoed}, lost {lost}, bad {bad}"
+                        );
+                        return (echoed + lost != sent || bad != 0) as u64;
+                    }
                     log::error!("stream: the peer did not come back");
                     return 1;
                 }

@@ -604,7 +604,11 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   peer dies it counts the message lost, waits for the new incarnation, \
                   resynchronises and goes on; exits 0 if every message was echoed once, in \
                   order, or counted lost",
-        args: &[int("n", 1, 1_000_000, 100, "messages to send")],
+        args: &[
+            int("n", 1, 1_000_000, 100, "messages to send"),
+            flag("gone_ok", "a peer that never comes back ends the stream (exit 0)"),
+            int("rejoin_ms", 1, 60_000, 5_000, "how long to wait for the peer to come back"),
+        ],
     },
     WorkloadSpec {
         name: "echoer",

@@ -127,6 +127,8 @@ pub struct Members {
     suspects: CoreSet,
     /// Cores ever heard from (the grace period is over for them).
     heard: CoreSet,
+    /// Cores of any view installed here.
+    ever: CoreSet,
     /// Wishes this instance knows of: cores to take out, cores to bring in.
     /// Each core's latest intent this instance knows: its number (0: none yet, which
     /// means in, as configured) and whether it wants in.
@@ -186,6 +188,7 @@ impl Members {
             accepted: None,
             suspects: 0,
             heard: 0,
+            ever: initial,
             intent_seq: [0; MAX_PEERS],
             wants_in: CoreSet::MAX,
             told: (u8::MAX, [0; MAX_PEERS], 0),
@@ -222,8 +225,15 @@ impl Members {
     }
 
     /// Cores this instance treats as stopped.
+    #[cfg(test)]
     pub fn suspects(&self) -> CoreSet {
         self.suspects
+    }
+
+    /// Cores fenced as far as this instance knows: those it suspects, and those a view
+    /// took out without their asking (another core suspected them).
+    pub fn fenced(&self) -> CoreSet {
+        self.suspects | (self.ever & !self.view.set & self.wants_in)
     }
 
     /// Whether this core was removed without asking (a false suspicion): it must stay out.
@@ -336,7 +346,10 @@ impl Members {
         if self.ended {
             return u64::MAX;
         }
+        let succ = self.successor();
         let probe = match (self.probe.target, self.probe.sent) {
+            // A member to probe that is not the one probed: at once.
+            (t, _) if t != succ => 0,
             (None, _) => u64::MAX,
             (Some(_), None) => self.probe.next,
             (Some(t), Some(sent)) => self.probe_limit(t, sent),
@@ -555,6 +568,7 @@ impl Members {
             self.evicted = true;
         }
         self.view = v;
+        self.ever |= v.set;
         if self.accepted.is_some_and(|(_, a)| a.num <= v.num) {
             self.accepted = None;
         }

@@ -123,7 +123,10 @@ impl Sim {
                 }
             }
         }
-        self.with(c, |mem, env| mem.tick(env));
+        // As `CapCore::poll` does: only when something is due.
+        if self.now >= self.cores[c].due() {
+            self.with(c, |mem, env| mem.tick(env));
+        }
     }
 
     /// One step: time passes a little, a random live core serves; a core left unserved

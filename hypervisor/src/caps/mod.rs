@@ -434,7 +434,8 @@ impl<const E: usize> CapCore<E> {
             let muted = self.chans[..self.nchans]
                 .iter()
                 .any(|c| c.peer.map(usize::from) == Some(peer) && c.link.muted);
-            let sent = !muted && links::send(env, peer, &m);
+            // A fenced core is down for good: nothing is sent there, nothing awaited.
+            let sent = !muted && !self.proto.fenced(peer) && links::send(env, peer, &m);
             for c in self.chans[..self.nchans]
                 .iter_mut()
                 .filter(|c| c.peer.map(usize::from) == Some(peer))
@@ -538,6 +539,7 @@ impl<const E: usize> CapCore<E> {
     fn members_effects(&mut self, env: &mut impl Env) {
         let suspected = self.members.take_suspected();
         for c in (0..MAX_PEERS).filter(|&c| suspected & (1 << c) != 0) {
+            log::error!("core {c} did not answer membership probes in time: fenced");
             self.proto.fence(env, c, &mut self.stats);
             self.ctl.peer_gone(c);
             for ch in self.chans[..self.nchans].iter_mut() {

@@ -500,7 +500,6 @@ impl<const E: usize> Proto<E> {
         if self.fenced(core) {
             return;
         }
-        log::error!("core {core} did not answer the capability protocol in time: fenced");
         self.fenced |= 1 << core;
         stats.fenced |= 1 << core;
         self.outstanding[core] = [0; CLASSES];
@@ -517,6 +516,14 @@ impl<const E: usize> Proto<E> {
         self.finish_complete(env, stats);
     }
 
+    /// [`Proto::fence`] for a core that did not answer this protocol in time.
+    fn fence_silent(&mut self, env: &mut impl Env, core: usize, stats: &mut Stats) {
+        if !self.fenced(core) {
+            log::error!("core {core} did not answer the capability protocol in time: fenced");
+        }
+        self.fence(env, core, stats);
+    }
+
     /// Fences every core an expired entry still waits for.
     pub fn expire(&mut self, env: &mut impl Env, now: u64, stats: &mut Stats) {
         if self.open == 0 {
@@ -530,7 +537,7 @@ impl<const E: usize> Proto<E> {
             let (n, done, cores) = (live.n, live.done, live.cores);
             for (j, &core) in cores.iter().enumerate().take(n as usize) {
                 if done & (1 << j) == 0 {
-                    self.fence(env, core as usize, stats);
+                    self.fence_silent(env, core as usize, stats);
                 }
             }
         }

@@ -757,7 +757,7 @@ mod run {
         };
         caps.members =
             crate::caps::members::Members::new(core as usize, l.members, timing, arch::rdtsc());
-        let keep_serving = |caps: &crate::caps::HvCaps| keep_serving(caps.members.suspects());
+        let keep_serving = |caps: &crate::caps::HvCaps| keep_serving(caps.members.fenced());
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
             caps.deafen();
@@ -895,7 +895,7 @@ mod run {
         // BSP writes the summary).
         caps.members.end(&mut Serving(&mut link));
         log_views(caps, core);
-        caps.members.suspects()
+        caps.members.fenced()
     }
 
     /// `inject=hung-core`: this core's hypervisor stops answering anything, for good

@@ -98,6 +98,28 @@ pub struct GuestTrace {
     pub hypervisor_tsc: u64,
 }
 
+/// A membership view as one core installed it (`view` record).
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct ViewReport {
+    /// The core that installed it.
+    pub core: u32,
+    /// The view's number (0 is the config's: never logged).
+    pub num: u32,
+    /// Its cores.
+    pub members: Vec<u32>,
+    /// The core that coordinated the change (as the installing core learnt it).
+    pub by: u32,
+    /// When the core installed it.
+    pub tsc: u64,
+}
+
+/// `inject=hung-core`: the core that stopped answering, and when.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct HangReport {
+    pub core: u32,
+    pub tsc: u64,
+}
+
 /// One incarnation of a guest, from its `incarnation` record: how it ended, its times
 /// (TSC), and its clean death.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
@@ -300,6 +322,12 @@ pub struct Report {
     pub config: Option<String>,
     pub guests: Vec<GuestReport>,
     pub channels: Vec<ChannelReport>,
+    /// Core membership: every view each core installed, in the order logged.
+    #[serde(default)]
+    pub views: Vec<ViewReport>,
+    /// Cores hung on purpose (`inject=hung-core`).
+    #[serde(default)]
+    pub hangs: Vec<HangReport>,
     /// What the machine lacks, when the outcome is `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
@@ -337,6 +365,8 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
         config: None,
         guests: c.guests.clone(),
         channels: vec![],
+        views: vec![],
+        hangs: vec![],
         missing: None,
         tsc: c.tsc_figures(),
         tsc_unit: tsc_unit("bochs").into(),
@@ -369,6 +399,8 @@ pub struct Console {
     pub cores: Vec<CoreReport>,
     pub guests: Vec<GuestReport>,
     pub channels: Vec<ChannelReport>,
+    pub views: Vec<ViewReport>,
+    pub hangs: Vec<HangReport>,
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
@@ -582,6 +614,29 @@ impl Console {
                 self.end_outcome = r.get("outcome").map(|v| v.raw().to_string());
                 self.tsc.end = num(&r, "tsc");
             }
+            kind::VIEW => {
+                let v = (|| {
+                    let members = unescape(r.get("members")?)
+                        .split_whitespace()
+                        .map(|w| w.parse().ok())
+                        .collect::<Option<Vec<u32>>>()?;
+                    Some(ViewReport {
+                        core: num(&r, "core")?,
+                        num: num(&r, "num")?,
+                        members,
+                        by: num(&r, "by")?,
+                        tsc: num(&r, "tsc")?,
+                    })
+                })();
+                match v {
+                    Some(v) => self.views.push(v),
+                    None => self.problems.push(format!("view record without its fields: {line}")),
+                }
+            }
+            kind::HANG => match (num(&r, "core"), num(&r, "tsc")) {
+                (Some(core), Some(tsc)) => self.hangs.push(HangReport { core, tsc }),
+                _ => self.problems.push(format!("hang record without its fields: {line}")),
+            },
             other => self.problems.push(format!("unknown record kind `{other}`")),
         }
         true

@@ -810,6 +810,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         config: compiled.as_ref().map(|(p, _)| p.display().to_string()),
         guests: console.guests,
         channels: console.channels,
+        views: console.views,
+        hangs: console.hangs,
         missing: console.missing,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -824,6 +826,31 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// The membership views of a run, one line per view number: its cores, who coordinated
+/// it, which cores logged it, and a problem line if two cores logged different sets.
+pub fn views_summary(views: &[crate::report::ViewReport]) -> String {
+    let mut by_num: std::collections::BTreeMap<u32, Vec<&crate::report::ViewReport>> =
+        Default::default();
+    for v in views {
+        by_num.entry(v.num).or_default().push(v);
+    }
+    let mut s = String::new();
+    for (num, vs) in by_num {
+        let cores: Vec<String> = vs.iter().map(|v| v.core.to_string()).collect();
+        let list = |m: &[u32]| m.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ");
+        s += &format!(
+            "  view {num}: cores {{{}}} (coordinated by core {}; logged by {})\n",
+            list(&vs[0].members),
+            vs[0].by,
+            cores.join(" ")
+        );
+        if vs.iter().any(|v| v.members != vs[0].members) {
+            s += &format!("  problem: cores disagree on view {num}\n");
+        }
+    }
+    s
 }
 
 /// Checks that the report can be written to `path` without leaving anything behind: an
@@ -949,6 +976,10 @@ pub fn summary(r: &Report) -> String {
             c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
         );
     }
+    for h in &r.hangs {
+        s += &format!("  core {} hung on purpose at TSC {}\n", h.core, h.tsc);
+    }
+    s += &views_summary(&r.views);
     let unit = match r.tsc_unit.as_str() {
         "emulated_instructions" => "emulated instructions",
         _ => "TSC clock ticks, not instructions",
