@@ -175,3 +175,87 @@ fn a_controller_stops_and_starts_the_peer_of_its_channel() {
         .iter()
         .all(|i| i.fault.as_deref() == Some("stopped by its controller on core 0")));
 }
+
+/// The views each core installed, in order: (number, members, coordinator).
+fn views_of(b: &Boot, core: u32) -> Vec<(u32, Vec<u32>, u32)> {
+    b.report
+        .views
+        .iter()
+        .filter(|v| v.core == core)
+        .map(|v| (v.num, v.members.clone(), v.by))
+        .collect()
+}
+
+/// Core membership: `mgr` parks the core of `sleeper` while it runs (the guest stopped, the
+/// core out of the view) and brings it back. Every core, the parked one included, logs the
+/// same two views; the sleeper's second incarnation runs to its end.
+#[test]
+fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/membership.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    for c in 0..3 {
+        let seq: Vec<(u32, Vec<u32>)> = views_of(&b, c).into_iter().map(|v| (v.0, v.1)).collect();
+        assert_eq!(seq, [(1, vec![0, 1]), (2, vec![0, 1, 2])], "core {c}\n{}", b.serial);
+    }
+    for said in [
+        "supervisor: park slot 0: parked in incarnation 1",
+        "supervisor: query slot 0: parked in incarnation 1",
+        "supervisor: start slot 0: running in incarnation 2",
+        "supervisor: slot 0 exited (status 0) in incarnation 2",
+    ] {
+        assert!(b.serial.contains(said), "missing: {said}\n{}", b.serial);
+    }
+    let s = guest(&b, "sleeper");
+    assert_eq!((s.state.as_str(), s.exit_status, s.incarnations.len()), ("exited", 0, 2), "{s:?}");
+    // The core was out between the two views: the second incarnation started after view 1
+    // was installed there and no earlier than view 2.
+    let out = &r.views.iter().find(|v| v.core == 2 && v.num == 1).unwrap();
+    let back = &r.views.iter().find(|v| v.core == 2 && v.num == 2).unwrap();
+    assert!(s.incarnations[0].tsc_end <= out.tsc && back.tsc <= s.incarnations[1].tsc_start);
+    assert_eq!(guest(&b, "worker").exit_status, 0);
+}
+
+/// A core that hangs (`inject=hung-core:2`, 20 ms into its guest's run) is detected by the
+/// core probing it and fenced by a view change the two others agree on (core 2 was the
+/// coordinator: core 1 takes over). Its channel peer sees it gone; the run ends with every
+/// other guest done and without waiting for the hung core.
+#[test]
+fn a_hung_core_is_detected_fenced_and_the_others_finish() {
+    let b =
+        boot_config(Emulator::Bochs, None, None, "inject=hung-core:2", Some("configs/hung.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed", "a guest was fenced");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    for c in [0, 1] {
+        assert_eq!(views_of(&b, c), [(1, vec![0, 1], 1)], "core {c}\n{}", b.serial);
+    }
+    assert!(views_of(&b, 2).is_empty(), "the hung core logs nothing");
+    let echo = guest(&b, "echo");
+    assert_eq!(echo.state, "fenced", "{echo:?}");
+    for g in ["spin", "stream"] {
+        let g = guest(&b, g);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+    assert!(b.serial.contains("stream: peer gone for good"), "{}", b.serial);
+    // Detection within the probe period plus the timeout (8 periods of 25 ms) plus the view
+    // change, in TSC ticks (the hypervisor's ticks per ms from its log).
+    let per_ms: u64 = b
+        .serial
+        .lines()
+        .find_map(|l| l.split("TSC: ").nth(1)?.strip_suffix(" ticks/ms")?.parse().ok())
+        .expect("the TSC rate line");
+    let [hang] = &r.hangs[..] else { panic!("one hang: {:?}", r.hangs) };
+    assert_eq!(hang.core, 2);
+    let fenced = r.views.iter().map(|v| v.tsc).max().unwrap();
+    assert!(fenced > hang.tsc, "fenced after the hang");
+    assert!(fenced - hang.tsc < 12 * 25 * per_ms, "took {} ticks", fenced - hang.tsc);
+    // The run did not wait for the hung core's report (its collection deadline is seconds).
+    let end = r.tsc.end.expect("end record");
+    assert!(
+        end - hang.tsc < 2_000 * per_ms,
+        "the run ended {} ticks after the hang",
+        end - hang.tsc
+    );
+}
