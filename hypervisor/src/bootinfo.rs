@@ -52,7 +52,7 @@ pub struct Options {
     /// Trace every VM exit (`trace`): see `crate::trace`.
     pub trace: bool,
     /// The membership failure detector's probe period, in milliseconds (default 25; a core
-    /// unanswered for eight periods is fenced).
+    /// unanswered for eight periods is fenced; 0 turns the detector off).
     pub probe_ms: Option<u64>,
 }
 
@@ -110,8 +110,8 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 }
             },
             "probe_ms" => match value.parse::<u64>() {
-                Ok(n) if (1..=10_000).contains(&n) => o.probe_ms = Some(n),
-                _ => bad(BadOption { word, why: "expected probe_ms=N with 1 <= N <= 10000" }),
+                Ok(n) if n <= 10_000 => o.probe_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected probe_ms=N with 0 (off) <= N <= 10000" }),
             },
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
@@ -345,7 +345,8 @@ mod tests {
         assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
         assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));
         assert_eq!(opts("probe_ms=5").0.probe_ms, Some(5));
-        assert_eq!(opts("probe_ms=0").1.len(), 1);
+        assert_eq!(opts("probe_ms=0").0.probe_ms, Some(0));
+        assert_eq!(opts("probe_ms=10001").1.len(), 1);
         for bad in ["inject=deaf-core:0", "inject=deaf-core:x", "inject=deaf-core"] {
             assert_eq!(opts(bad).1.len(), 1, "{bad}");
         }

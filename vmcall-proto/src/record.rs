@@ -47,6 +47,8 @@ pub mod kind {
     /// A membership view installed on a core: `core num members by tsc` (`members`: the
     /// core indices, space-separated; `by`: the core that coordinated it).
     pub const VIEW: &str = "view";
+    /// A core's failure detector (or a round's deadline) fenced another: `core target tsc`.
+    pub const SUSPECT: &str = "suspect";
     /// `inject=hung-core:N` fired: `core tsc` (the moment it stopped answering).
     pub const HANG: &str = "hang";
     /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,

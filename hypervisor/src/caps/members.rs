@@ -63,7 +63,8 @@ pub struct View {
 /// The failure detector's clock, in TSC ticks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Timing {
-    /// Time between two probes of the same core.
+    /// Time between two probes of the same core; 0: no failure detector (views change
+    /// only as cores ask).
     pub period: u64,
     /// A probe unanswered for this long, or a round's answer missing for this long,
     /// makes the core suspected.
@@ -346,7 +347,7 @@ impl Members {
         if self.ended {
             return u64::MAX;
         }
-        let succ = self.successor();
+        let succ = if self.timing.period == 0 { None } else { self.successor() };
         let probe = match (self.probe.target, self.probe.sent) {
             // A member to probe that is not the one probed: at once.
             (t, _) if t != succ => 0,
@@ -395,7 +396,7 @@ impl Members {
         if self.ended {
             return;
         }
-        let succ = self.successor();
+        let succ = if self.timing.period == 0 { None } else { self.successor() };
         if self.probe.target != succ {
             self.probe = Probe { target: succ, seq: self.probe.seq, sent: None, next: now };
         }

@@ -140,6 +140,8 @@ pub struct CapCore<const E: usize> {
     pub ctl: control::Control,
     /// Core membership: this core's copy of the view, and its part in changing it.
     pub members: members::Members,
+    /// Cores fenced since the run loop last logged it.
+    pub suspected_unlogged: u64,
     last_transfer: [u64; MAX_PEERS],
     pub stats: Stats,
     pub policy: Policy,
@@ -208,6 +210,7 @@ impl<const E: usize> CapCore<E> {
             Proto::init_at(addr_of_mut!((*p).proto), core);
             addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).members).write(members::Members::new(core as usize, 0, INERT, 0));
+            addr_of_mut!((*p).suspected_unlogged).write(0);
             addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
             addr_of_mut!((*p).stats).write(Stats::default());
             addr_of_mut!((*p).policy).write(policy);
@@ -231,6 +234,7 @@ impl<const E: usize> CapCore<E> {
             proto: Proto::new(core),
             ctl: control::Control::default(),
             members: members::Members::new(core as usize, 0, INERT, 0),
+            suspected_unlogged: 0,
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
             policy,
@@ -538,6 +542,7 @@ impl<const E: usize> CapCore<E> {
     /// control over this core's guest gone, a request of this core to them answered.
     fn members_effects(&mut self, env: &mut impl Env) {
         let suspected = self.members.take_suspected();
+        self.suspected_unlogged |= suspected;
         for c in (0..MAX_PEERS).filter(|&c| suspected & (1 << c) != 0) {
             log::error!("core {c} did not answer membership probes in time: fenced");
             self.proto.fence(env, c, &mut self.stats);

@@ -751,7 +751,12 @@ mod run {
         let period = l.probe_ms.saturating_mul(tsc_per_ms);
         let timing = crate::caps::members::Timing {
             period,
-            timeout: period.saturating_mul(8),
+            // Eight periods; with the detector off, what a view change's answers may take.
+            timeout: if period == 0 {
+                tsc_per_ms.saturating_mul(200)
+            } else {
+                period.saturating_mul(8)
+            },
             // Cores start seconds apart (the BSP enters its guest after every AP is up).
             grace: tsc_per_ms.saturating_mul(4_000),
         };
@@ -911,6 +916,10 @@ mod run {
     /// Logs the membership views this core installed since the last call.
     fn log_views(caps: &mut crate::caps::HvCaps, core: u32) {
         use vmcall_proto::record::{kind, Quoted};
+        let suspected = core::mem::take(&mut caps.suspected_unlogged);
+        for target in (0..64).filter(|c| suspected & (1 << c) != 0) {
+            crate::record!(kind::SUSPECT, "core={core} target={target} tsc={}", arch::rdtsc());
+        }
         while let Some(ch) = caps.members.take_change() {
             let (gone, new) = (ch.old.set & !ch.new.set, ch.new.set & !ch.old.set);
             log::info!(

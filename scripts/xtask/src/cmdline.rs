@@ -36,8 +36,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "budget_ms" => Some("expected budget_ms=N with N >= 1"),
             "caps_deadline_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "caps_deadline_ms" => Some("expected caps_deadline_ms=N with 1 <= N <= 60000"),
-            "probe_ms" if n.is_some_and(|n| (1..=10_000).contains(&n)) => None,
-            "probe_ms" => Some("expected probe_ms=N with 1 <= N <= 10000"),
+            "probe_ms" if n.is_some_and(|n| n <= 10_000) => None,
+            "probe_ms" => Some("expected probe_ms=N with 0 (off) <= N <= 10000"),
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" || value == "ap-fault" => None,
                 Some(("deaf-core", k)) if k.parse::<usize>().is_ok_and(|k| k >= 1) => None,

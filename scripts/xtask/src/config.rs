@@ -32,6 +32,11 @@ pub struct Machine {
     pub cpus: Spanned<u32>,
     /// Machine memory, MiB.
     pub memory_mib: Spanned<u32>,
+    /// The membership failure detector's probe period in ms (0: off; absent: the
+    /// hypervisor's default). Passed on as the command line's `probe_ms=N` unless that
+    /// already says.
+    #[serde(default)]
+    pub probe_ms: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -310,6 +315,11 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     let m = &config.machine;
     if *m.cpus.get_ref() == 0 || *m.cpus.get_ref() > 64 {
         errs.at(m.cpus.span(), "machine.cpus", "must be between 1 and 64");
+    }
+    if let Some(p) = &m.probe_ms {
+        if *p.get_ref() > 10_000 {
+            errs.at(p.span(), "machine.probe_ms", "must be between 0 (off) and 10000 ms");
+        }
     }
     if *m.memory_mib.get_ref() < 64 || *m.memory_mib.get_ref() > 2048 {
         errs.at(m.memory_mib.span(), "machine.memory_mib", "must be between 64 and 2048 MiB");

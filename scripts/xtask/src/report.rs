@@ -113,6 +113,16 @@ pub struct ViewReport {
     pub tsc: u64,
 }
 
+/// A core fenced by another's failure detector (`suspect` record).
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct SuspectReport {
+    /// The core that suspected.
+    pub core: u32,
+    /// The core it fenced.
+    pub target: u32,
+    pub tsc: u64,
+}
+
 /// `inject=hung-core`: the core that stopped answering, and when.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct HangReport {
@@ -328,6 +338,9 @@ pub struct Report {
     /// Cores hung on purpose (`inject=hung-core`).
     #[serde(default)]
     pub hangs: Vec<HangReport>,
+    /// Cores fenced by a failure detector, by whom and when.
+    #[serde(default)]
+    pub suspicions: Vec<SuspectReport>,
     /// What the machine lacks, when the outcome is `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
@@ -367,6 +380,7 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
         channels: vec![],
         views: vec![],
         hangs: vec![],
+        suspicions: vec![],
         missing: None,
         tsc: c.tsc_figures(),
         tsc_unit: tsc_unit("bochs").into(),
@@ -401,6 +415,7 @@ pub struct Console {
     pub channels: Vec<ChannelReport>,
     pub views: Vec<ViewReport>,
     pub hangs: Vec<HangReport>,
+    pub suspicions: Vec<SuspectReport>,
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
@@ -633,6 +648,12 @@ impl Console {
                     None => self.problems.push(format!("view record without its fields: {line}")),
                 }
             }
+            kind::SUSPECT => match (num(&r, "core"), num(&r, "target"), num(&r, "tsc")) {
+                (Some(core), Some(target), Some(tsc)) => {
+                    self.suspicions.push(SuspectReport { core, target, tsc })
+                }
+                _ => self.problems.push(format!("suspect record without its fields: {line}")),
+            },
             kind::HANG => match (num(&r, "core"), num(&r, "tsc")) {
                 (Some(core), Some(tsc)) => self.hangs.push(HangReport { core, tsc }),
                 _ => self.problems.push(format!("hang record without its fields: {line}")),

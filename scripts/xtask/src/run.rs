@@ -652,11 +652,30 @@ pub fn check(args: &RunArgs) -> Result<String> {
         p.machine.cpus,
         p.model,
         p.machine.memory_mib,
-        match args.hypervisor_cmdline() {
+        match machine_cmdline(args, p.compiled.as_ref()) {
             c if c.is_empty() => String::new(),
             c => format!(", command line `{c}`"),
         }
     ))
+}
+
+/// The hypervisor command line: `--cmdline` (and `--trace`), plus the config's
+/// `machine.probe_ms` as `probe_ms=N` when the command line does not set it.
+fn machine_cmdline(
+    args: &RunArgs,
+    compiled: Option<&(PathBuf, crate::config::Compiled)>,
+) -> String {
+    let mut c = args.hypervisor_cmdline();
+    let probe = compiled.and_then(|(_, c)| c.config.machine.probe_ms.as_ref());
+    if let Some(p) = probe {
+        if !c.split_ascii_whitespace().any(|w| w.starts_with("probe_ms=")) {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c += &format!("probe_ms={}", p.get_ref());
+        }
+    }
+    c
 }
 
 /// Boots the image described by `args` and returns the report (also written to
@@ -684,7 +703,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     };
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
     let blob = compiled.as_ref().map(|(_, c)| c.blob.as_slice());
-    let iso = crate::build::iso(&images, &dir, &args.hypervisor_cmdline(), blob)?;
+    let iso = crate::build::iso(&images, &dir, &machine_cmdline(args, compiled.as_ref()), blob)?;
     let serial_path = dir.join("serial.txt");
     std::fs::write(&serial_path, b"")?;
 
@@ -812,6 +831,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         channels: console.channels,
         views: console.views,
         hangs: console.hangs,
+        suspicions: console.suspicions,
         missing: console.missing,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -978,6 +998,9 @@ pub fn summary(r: &Report) -> String {
     }
     for h in &r.hangs {
         s += &format!("  core {} hung on purpose at TSC {}\n", h.core, h.tsc);
+    }
+    for p in &r.suspicions {
+        s += &format!("  core {} fenced core {} at TSC {}\n", p.core, p.target, p.tsc);
     }
     s += &views_summary(&r.views);
     let unit = match r.tsc_unit.as_str() {
