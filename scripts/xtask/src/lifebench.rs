@@ -3,7 +3,9 @@
 //! end of its channel (`configs/bench-lifecycle.toml`, workload `lifebench`), at 2, 4 and 8
 //! emulated CPUs (the extra cores run a short `spin` guest, then only serve), in Bochs where
 //! the TSC counts emulated instructions. Figures are medians over the rounds of one run per
-//! CPU count; a benchmark, not a pass/fail test.
+//! CPU count; a benchmark, not a pass/fail test. Then the membership protocol detecting and
+//! fencing a hung core (`inject=hung-core:N` on the highest core, the coordinator: the worst
+//! case, its successor takes over), one run per CPU count.
 //!
 //! Owns the config variants and the parsing of the `lifebench:` lines; calls `run`.
 
@@ -25,6 +27,60 @@ pub struct Row {
     pub start_to_first_entry_instructions: u64,
     /// From the `START` call to the controller's channel up again in the next epoch.
     pub start_to_link_up_instructions: u64,
+}
+
+/// Detecting and fencing a hung core, in emulated instructions.
+#[derive(Serialize, Debug, Clone)]
+pub struct HangRow {
+    pub cpus: u32,
+    /// The probe period (the detector's unit).
+    pub probe_ms: u64,
+    /// From the hang to the first core suspecting it (detection).
+    pub hang_to_suspected_instructions: u64,
+    /// From that suspicion to the new view installed by its coordinator (agreement).
+    pub suspected_to_view_instructions: u64,
+    /// From the hang to the last live core installing the view.
+    pub hang_to_all_fenced_instructions: u64,
+}
+
+/// `cpus` cores each running a `spin` guest; the last core hangs.
+fn hang_config(cpus: u32) -> String {
+    let mut c = format!("[machine]\ncpus = {cpus}\nmemory_mib = 256\n");
+    for core in 0..cpus {
+        c += &format!(
+            "\n[[guest]]\nname = \"g{core}\"\ncore = {core}\nmemory_mib = 4\nworkload = \"spin\"\nargs = {{ ms = 400 }}\n"
+        );
+    }
+    c
+}
+
+fn measure_hang(cpus: u32) -> Result<HangRow> {
+    let dir = crate::target_dir().join("xtask");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("bench-hang-{cpus}cpu.toml"));
+    std::fs::write(&path, hang_config(cpus))?;
+    let mut args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
+    args.cmdline = format!("inject=hung-core:{}", cpus - 1);
+    let r = crate::run::run(&args)?;
+    let hang = r.hangs.first().context("no hang record")?.tsc;
+    let suspect = r.suspicions.iter().map(|s| s.tsc).min().context("no core suspected it")?;
+    let first_view = r.views.iter().filter(|v| v.num == 1).map(|v| v.tsc).min();
+    let coordinator = r.views.iter().find(|v| v.num == 1 && v.core == v.by);
+    let all = r.views.iter().filter(|v| v.num == 1).map(|v| v.tsc).max();
+    let (Some(view), Some(all)) = (coordinator.map(|v| v.tsc).or(first_view), all) else {
+        bail!("no view fenced the hung core: {:?}", r.problems);
+    };
+    let logged = r.views.iter().filter(|v| v.num == 1).count() as u32;
+    if logged != cpus - 1 {
+        bail!("{logged} of {} live cores logged the view", cpus - 1);
+    }
+    Ok(HangRow {
+        cpus,
+        probe_ms: 25,
+        hang_to_suspected_instructions: suspect.saturating_sub(hang),
+        suspected_to_view_instructions: view.saturating_sub(suspect),
+        hang_to_all_fenced_instructions: all.saturating_sub(hang),
+    })
 }
 
 fn config(cpus: u32) -> Result<String> {
@@ -121,8 +177,31 @@ pub fn lifecycle(json: Option<&std::path::Path>) -> Result<()> {
         ]);
     }
     println!("{t}");
+    let mut hangs = vec![];
+    for cpus in [2, 4, 8] {
+        eprintln!("bench: a hung core with {cpus} CPUs...");
+        hangs.push(measure_hang(cpus)?);
+    }
+    println!("Detecting and fencing a hung core (emulated instructions; the highest core, the");
+    println!("membership coordinator, hangs; probes every 25 ms, a core silent for 8 is fenced)");
+    let mut t = crate::bench::table(&[
+        "CPUs",
+        "hang -> suspected",
+        "suspected -> view",
+        "hang -> all fenced",
+    ]);
+    for h in &hangs {
+        t.add_row([
+            h.cpus.to_string(),
+            h.hang_to_suspected_instructions.to_string(),
+            h.suspected_to_view_instructions.to_string(),
+            h.hang_to_all_fenced_instructions.to_string(),
+        ]);
+    }
+    println!("{t}");
     if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
+        let all = serde_json::json!({ "lifecycle": rows, "hung_core": hangs });
+        std::fs::write(p, serde_json::to_string_pretty(&all)? + "\n")?;
     }
     Ok(())
 }
@@ -141,6 +220,13 @@ mod tests {
         );
         assert_eq!(median(vec![5, 1, 9]), 5);
         assert_eq!(median(vec![]), 0);
+    }
+
+    #[test]
+    fn hang_configs_give_every_core_a_guest() {
+        let c = hang_config(4);
+        assert!(c.contains("cpus = 4") && c.contains("name = \"g3\""));
+        assert!(crate::config::compile("x.toml", &c).is_ok(), "{c}");
     }
 
     #[test]
