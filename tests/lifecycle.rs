@@ -259,3 +259,36 @@ fn a_hung_core_is_detected_fenced_and_the_others_finish() {
         end - hang.tsc
     );
 }
+
+/// Run length: with `duration_ms=1000` a guest that would spin for an hour and one that is
+/// restarted every time it exits are both stopped where they are when the second is over
+/// (state `ended`), none is restarted after it, and the run ends `ok`.
+#[test]
+fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
+    let b =
+        boot_config(Emulator::Bochs, None, None, "duration_ms=1000", Some("configs/duration.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    let forever = guest(&b, "forever");
+    assert_eq!(forever.state, "ended", "{forever:?}");
+    let cycler = guest(&b, "cycler");
+    assert_eq!(cycler.state, "ended", "{cycler:?}");
+    let n = cycler.incarnations.len();
+    assert!(n >= 3, "restarted while the run lasted: {n}");
+    let (last, before) = (&cycler.incarnations[n - 1], &cycler.incarnations[..n - 1]);
+    assert!(before.iter().all(|i| i.exit_status == Some(0)), "{before:?}");
+    assert_eq!(last.fault.as_deref(), Some("the run's duration ended"), "{last:?}");
+    // Both stopped at the end of the run's second (give or take the setup of an
+    // incarnation that had begun just before it, a few hundred thousand instructions).
+    let per_ms: u64 = b
+        .serial
+        .lines()
+        .find_map(|l| l.split("TSC: ").nth(1)?.strip_suffix(" ticks/ms")?.parse().ok())
+        .expect("the TSC rate line");
+    let (a, c) = (forever.tsc_end, last.tsc_end);
+    assert!(a.abs_diff(c) < 250 * per_ms, "ends {a} and {c} differ by {}", a.abs_diff(c));
+    // The second counts from the guests' planning, early in the hypervisor's boot.
+    let entry = r.tsc.hypervisor_entry.expect("boot record");
+    let after = a - entry;
+    assert!(after >= 1_000 * per_ms && after < 1_200 * per_ms, "ended {after} after entry");
+}

@@ -54,6 +54,9 @@ pub struct Options {
     /// The membership failure detector's probe period, in milliseconds (default 25; a core
     /// unanswered for eight periods is fenced; 0 turns the detector off).
     pub probe_ms: Option<u64>,
+    /// The run's length in milliseconds of TSC time from the guests' planning: then every
+    /// guest still running is stopped (`ended`), none restarted.
+    pub duration_ms: Option<u64>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -108,6 +111,10 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 _ => {
                     bad(BadOption { word, why: "expected caps_deadline_ms=N with 1 <= N <= 60000" })
                 }
+            },
+            "duration_ms" => match value.parse::<u64>() {
+                Ok(n) if (1..=86_400_000).contains(&n) => o.duration_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected duration_ms=N with 1 <= N <= 86400000" }),
             },
             "probe_ms" => match value.parse::<u64>() {
                 Ok(n) if n <= 10_000 => o.probe_ms = Some(n),
@@ -333,7 +340,8 @@ mod tests {
                 budget_ms: None,
                 caps_deadline_ms: None,
                 trace: false,
-                probe_ms: None
+                probe_ms: None,
+                duration_ms: None
             }
         );
         assert!(opts("trace").0.trace && opts("trace=1").0.trace);
@@ -346,6 +354,8 @@ mod tests {
         assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));
         assert_eq!(opts("probe_ms=5").0.probe_ms, Some(5));
         assert_eq!(opts("probe_ms=0").0.probe_ms, Some(0));
+        assert_eq!(opts("duration_ms=500").0.duration_ms, Some(500));
+        assert_eq!(opts("duration_ms=0").1.len(), 1);
         assert_eq!(opts("probe_ms=10001").1.len(), 1);
         for bad in ["inject=deaf-core:0", "inject=deaf-core:x", "inject=deaf-core"] {
             assert_eq!(opts(bad).1.len(), 1, "{bad}");

@@ -198,6 +198,8 @@ pub enum StopReason {
     Requested {
         by: u16,
     },
+    /// The run's length (`duration_ms`) is over: stopped where it was, not restarted.
+    RunEnded,
 }
 
 impl core::fmt::Display for StopReason {
@@ -227,6 +229,7 @@ impl core::fmt::Display for StopReason {
             StopReason::Setup(what) => write!(f, "setup failed: {what}"),
             StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
             StopReason::Requested { by } => write!(f, "stopped by its controller on core {by}"),
+            StopReason::RunEnded => write!(f, "the run's duration ended"),
         }
     }
 }

@@ -214,6 +214,9 @@ pub fn plan(
                         target_count: 0,
                         controllers: 0,
                         give_up_tsc: plan.give_up_tsc,
+                        end_tsc: opts
+                            .duration_ms
+                            .map_or(u64::MAX, |ms| arch::tsc::deadline_us(ms.saturating_mul(1000))),
                     });
                     Ok(e.core as usize)
                 }
@@ -386,10 +389,13 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
             (Ok(_), Some(r)) => {
                 let (state, status) = match r.ending {
                     Ending::Exited(s) => (guest_state::EXITED, s),
+                    Ending::Stopped(StopReason::RunEnded) => (guest_state::ENDED, 0),
                     Ending::Stopped(_) => (guest_state::STOPPED, 0),
                 };
-                all_ok &= matches!(r.ending, Ending::Exited(0));
+                all_ok &=
+                    matches!(r.ending, Ending::Exited(0) | Ending::Stopped(StopReason::RunEnded));
                 let fault = match r.ending {
+                    Ending::Stopped(StopReason::RunEnded) => None,
                     Ending::Stopped(why) => Some(Why(why)),
                     Ending::Exited(_) => None,
                 };

@@ -90,6 +90,8 @@ pub mod guest_state {
     pub const NOT_STARTED: &str = "not_started";
     /// Its core stopped answering and the others fenced it out of the membership view.
     pub const FENCED: &str = "fenced";
+    /// Still running when the run's length (`duration_ms`) was over: stopped there.
+    pub const ENDED: &str = "ended";
 }
 
 /// Values of the `outcome` field of a [`kind::END`] record.

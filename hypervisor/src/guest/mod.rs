@@ -56,6 +56,9 @@ pub struct Launch {
     /// TSC past which a guest that is down stops waiting for its controllers (the BSP's
     /// collection gives up then).
     pub give_up_tsc: u64,
+    /// TSC at which the run's length is over (`duration_ms`; `u64::MAX`: none): a guest
+    /// still running is stopped then and not started again.
+    pub end_tsc: u64,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
@@ -688,7 +691,10 @@ mod run {
         use vmcall_proto::config::restart;
         match ending {
             Ending::Stopped(
-                StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::Requested { .. },
+                StopReason::Setup(_)
+                | StopReason::Isolation(_)
+                | StopReason::Requested { .. }
+                | StopReason::RunEnded,
             ) => false,
             Ending::Exited(0) => policy == restart::ALWAYS,
             Ending::Exited(_) | Ending::Stopped(_) => policy != restart::NEVER,
@@ -822,6 +828,7 @@ mod run {
                 if !restart_wanted(l.entry.restart, ending)
                     || restarts >= u32::from(l.entry.max_restarts)
                     || unconfirmed > 0
+                    || arch::rdtsc() >= l.end_tsc
                 {
                     break;
                 }
@@ -835,9 +842,12 @@ mod run {
             }
             // Down. Its controllers may start it again until each has let go (unless the
             // hypervisor could not set it up or keep it isolated).
-            let startable =
-                !matches!(ending, Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_)))
-                    && unconfirmed == 0;
+            let startable = !matches!(
+                ending,
+                Ending::Stopped(
+                    StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::RunEnded
+                )
+            ) && unconfirmed == 0;
             while l.controllers & !caps.ctl.released != 0
                 && keep_serving(caps)
                 && arch::rdtsc() < l.give_up_tsc
@@ -995,7 +1005,7 @@ mod run {
         Control::answer(&mut Serving(link), from, req, Ok(parked));
         // Parked: no guest, not probed; it still answers whatever other cores ask (revokes
         // find nothing, queries say parked) until a controller brings it back.
-        while arch::rdtsc() < l.give_up_tsc {
+        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc) {
             caps.poll(&mut Serving(link));
             log_views(caps, core);
             let Some((c, r, operation)) = caps.ctl.take() else {
@@ -1323,6 +1333,9 @@ mod run {
             if l.hang && launched && t1 >= hang_at {
                 hang(core);
             }
+            if t1 >= l.end_tsc {
+                break Ending::Stopped(StopReason::RunEnded);
+            }
             let foreign = match kicked_at.take() {
                 Some(t) => t1.saturating_sub(t),
                 None if served > 0 => t1.saturating_sub(t0),
@@ -1366,7 +1379,9 @@ mod run {
             // The membership failure detector's next probe or deadline (and an injected
             // hang) comes even if the guest never exits.
             let now = arch::rdtsc();
-            let mut timer = timer.min(ctx.caps.members.due().saturating_sub(now));
+            let mut timer = timer
+                .min(ctx.caps.members.due().saturating_sub(now))
+                .min(l.end_tsc.saturating_sub(now));
             if l.hang {
                 timer = timer.min(hang_at.saturating_sub(now));
             }

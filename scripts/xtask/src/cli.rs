@@ -235,6 +235,11 @@ pub struct RunArgs {
     /// Wall-clock limit in seconds; the run is stopped and reported as `timeout` after it.
     #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
+    /// The run's length in the machine's own time (`500ms`, `3s`): then every guest still
+    /// running is stopped (state `ended`) and none is restarted; what `duration_ms=N` on
+    /// the hypervisor command line does.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub duration: Option<u64>,
     /// Write the JSON run report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -259,10 +264,34 @@ pub struct RunArgs {
     pub build: BuildArgs,
 }
 
+/// `500ms`, `3s`, `1.5s` (or plain milliseconds) as milliseconds, 1 ms to a day.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let ms = if let Some(v) = t.strip_suffix("ms") {
+        v.trim().parse::<f64>().ok()
+    } else if let Some(v) = t.strip_suffix('s') {
+        v.trim().parse::<f64>().ok().map(|v| v * 1000.0)
+    } else {
+        t.parse::<f64>().ok()
+    };
+    match ms {
+        Some(ms) if ms.is_finite() && (1.0..=86_400_000.0).contains(&ms.round()) => {
+            Ok(ms.round() as u64)
+        }
+        _ => Err(format!("`{s}`: expected a length like 500ms or 3s, from 1 ms to a day")),
+    }
+}
+
 impl RunArgs {
     /// The hypervisor command line: `--cmdline`, and `trace` for `--trace`.
     pub fn hypervisor_cmdline(&self) -> String {
         let mut c = self.cmdline.trim().to_string();
+        if let Some(ms) = self.duration {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c += &format!("duration_ms={ms}");
+        }
         if self.trace && !c.split_ascii_whitespace().any(|w| w == "trace" || w == "trace=1") {
             if !c.is_empty() {
                 c.push(' ');
@@ -282,6 +311,7 @@ impl RunArgs {
             cpus: None,
             cpu_model: None,
             timeout: 300,
+            duration: None,
             report: None,
             cmdline: String::new(),
             trace: false,
@@ -311,6 +341,19 @@ mod tests {
             Command::Run(r) => Ok(r),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn durations_read_as_milliseconds_and_reach_the_command_line() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("250"), Ok(250));
+        for bad in ["0ms", "-1s", "soon", "2d", "100000s", "NaNs"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+        let r = run_args(&["--duration", "2s", "--cmdline", "cpus=2"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "cpus=2 duration_ms=2000");
+        assert!(run_args(&["--duration", "0s"]).is_err());
     }
 
     #[test]

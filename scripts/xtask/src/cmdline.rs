@@ -36,6 +36,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "budget_ms" => Some("expected budget_ms=N with N >= 1"),
             "caps_deadline_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "caps_deadline_ms" => Some("expected caps_deadline_ms=N with 1 <= N <= 60000"),
+            "duration_ms" if n.is_some_and(|n| (1..=86_400_000).contains(&n)) => None,
+            "duration_ms" => Some("expected duration_ms=N with 1 <= N <= 86400000"),
             "probe_ms" if n.is_some_and(|n| n <= 10_000) => None,
             "probe_ms" => Some("expected probe_ms=N with 0 (off) <= N <= 10000"),
             "inject" => match value.split_once(':') {
@@ -49,7 +51,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             },
             _ => Some(
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
-                 caps_deadline_ms=N, probe_ms=N, inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
+                 caps_deadline_ms=N, probe_ms=N, duration_ms=N, \
+                 inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
             ),
         };
         if let Some(why) = why {

@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use vmcall_proto::record::{self, kind, outcome};
+use vmcall_proto::record::{self, guest_state, kind, outcome};
 
 /// Version of the report's JSON layout (`schemas/report.schema.json`), raised on any change a
 /// reader must know about. Reports without the field are from before version 2.
@@ -759,8 +759,12 @@ impl Console {
                     .push(format!("{} core records for {used} cores used", self.cores.len()));
                 return outcome::FAILED.into();
             }
-            if let Some(g) = self.guests.iter().find(|g| g.state != "exited" || g.exit_status != 0)
-            {
+            // Exited 0, or still running when the run's duration was over.
+            let fine = |g: &GuestReport| {
+                (g.state == guest_state::EXITED && g.exit_status == 0)
+                    || g.state == guest_state::ENDED
+            };
+            if let Some(g) = self.guests.iter().find(|g| !fine(g)) {
                 self.problems.push(format!(
                     "end says ok but guest {} is {} with status {}",
                     g.name, g.state, g.exit_status
