@@ -292,3 +292,26 @@ fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
     let after = a - entry;
     assert!(after >= 1_000 * per_ms && after < 1_200 * per_ms, "ended {after} after entry");
 }
+
+/// The relay ring with one member restarted mid-stream: `f2` dies with message 100 in hand
+/// and is restarted; its neighbours see their channels go down, wait for the new epoch and
+/// go on; `loop` counts the one message the restart took and every other message comes
+/// back once, in order.
+#[test]
+fn a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/ring-restart.toml"));
+    let r = &b.report;
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    assert!(b.serial.contains("[f2@c2] forward: message 100 taken, dying with it"));
+    assert!(b.serial.contains("[loop@c0] loop: message 100 lost in a relay's restart"));
+    assert!(b.serial.contains("[loop@c0] loop: sent 300, back 299, lost 1, bad 0"), "{}", b.serial);
+    let f2 = guest(&b, "f2");
+    assert_eq!(f2.incarnations.len(), 2, "{f2:?}");
+    assert!(f2.incarnations[0].fault.as_deref().unwrap_or("").starts_with("EPT violation"));
+    for g in ["loop", "f1", "f2", "f3"] {
+        assert_eq!(guest(&b, g).exit_status, 0, "{g}");
+    }
+    // Its neighbours each saw one outage; the ring's other member none.
+    assert!(b.serial.contains("[f1@c1] forward: 300 passed, 1 outages, end"));
+    assert!(b.serial.contains("[f3@c3] forward: 300 passed, 1 outages, end"));
+}

@@ -12,7 +12,7 @@
 //!   `die_after` echoes (so it is restarted mid-stream); stops at the end marker.
 
 use crate::channel::{self, Chan};
-use vmcall_proto::channel::ChannelError;
+use vmcall_proto::channel::{ChannelError, Payload};
 use vmcall_proto::guest::BootInfo;
 
 const END: u64 = u64::MAX;
@@ -180,4 +180,167 @@ pub fn lifebench(bi: &BootInfo) -> u64 {
     let _ = c.send(&[END; 7]);
     log::info!("lifebench: {rounds} rounds, last echo {ok}");
     (!ok) as u64
+}
+
+/// Opens the channel whose name is the argument `key`.
+fn open_arg(bi: &BootInfo, key: &str) -> Option<Chan> {
+    let c = channel::open(bi, bi.arg(key));
+    if c.is_none() {
+        log::error!("no channel {:?} in my boot info", bi.arg(key));
+    }
+    c
+}
+
+/// Waits (bounded by `ms`) until `c` is up, resynchronising it if it was reset. `false`
+/// if it stays down.
+fn settle(c: &mut Chan, bi: &BootInfo, ms: u64) -> bool {
+    let t = crate::arch::rdtsc();
+    loop {
+        match c.link() {
+            Ok(()) => return true,
+            Err(ChannelError::Reset) if c.resync().is_ok() => return true,
+            _ => {}
+        }
+        if crate::arch::rdtsc() - t > ms * bi.tsc_per_ms {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// A forwarder saw one of its channels reset (a neighbour restarted): what was in flight
+/// there may be lost. Passed on around the ring to the looper.
+const NOTICE: u64 = u64::MAX - 1;
+
+/// `looper`: originates `n` numbered messages around a ring of relays (`to`, `from`), one at
+/// a time. When a channel of the ring goes down (a relay restarting: its own channels, or a
+/// `NOTICE` from a forwarder further round), the message in flight may be lost with it: the
+/// looper waits for its own channels to settle in the new epoch, then gives what was in
+/// flight `grace_ms` to come back (a relay downstream may have had it) and counts it lost
+/// otherwise. Exits 0 if every message came back once, in order, or was
+/// counted lost, and any late one is told apart (never counted twice).
+pub fn looper(bi: &BootInfo) -> u64 {
+    let n = bi.arg_int("n");
+    let grace = bi.arg_int("grace_ms").max(1);
+    let (Some(mut to), Some(mut from)) = (open_arg(bi, "to"), open_arg(bi, "from")) else {
+        return 1;
+    };
+    let (mut back, mut lost, mut bad, mut outages) = (0u64, 0u64, 0u64, 0u64);
+    let mut seq = 0;
+    while seq < n {
+        if !settle(&mut to, bi, 5_000) || !settle(&mut from, bi, 5_000) {
+            log::error!("loop: the ring did not come back");
+            return 1;
+        }
+        if to.send(&[seq, bi.guest_id as u64, 0, 0, 0, 0, 0]).is_err() {
+            continue; // went down before it left: sent again once up
+        }
+        // Wait for it; a channel of ours going down means a relay died.
+        let mut outage = false;
+        let mut deadline: Option<u64> = None;
+        let got = loop {
+            match from.try_recv() {
+                Ok(Some(m)) if m[0] == seq => break true,
+                Ok(Some(m)) if m[0] == NOTICE => outage = true,
+                Ok(Some(m)) => {
+                    log::error!("loop: message {} while waiting for {seq}", m[0]);
+                    bad += 1;
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    outage = true;
+                    let _ = settle(&mut from, bi, 5_000);
+                }
+            }
+            if to.link().is_err() {
+                outage = true;
+                let _ = settle(&mut to, bi, 5_000);
+            }
+            if outage && deadline.is_none() {
+                deadline = Some(crate::arch::rdtsc() + grace * bi.tsc_per_ms);
+            }
+            if deadline.is_some_and(|d| crate::arch::rdtsc() > d) {
+                break false;
+            }
+            core::hint::spin_loop();
+        };
+        outages += outage as u64;
+        if got {
+            back += 1;
+        } else {
+            lost += 1;
+            log::info!("loop: message {seq} lost in a relay's restart (epoch {})", to.epoch);
+        }
+        seq += 1;
+    }
+    let _ = to.send(&[END; 7]);
+    log::info!("loop: sent {n}, back {back}, lost {lost}, bad {bad}, outages {outages}");
+    (back + lost != n || bad != 0) as u64
+}
+
+/// Sends `m` on `to`, waiting out an outage (bounded); after a reset of `to` (what was in
+/// it is gone) a `NOTICE` goes first. `false` if `to` stays down.
+fn send_settled(to: &mut Chan, bi: &BootInfo, m: &Payload, outages: &mut u64) -> bool {
+    loop {
+        match to.send(m) {
+            Ok(()) => return true,
+            Err(_) => {
+                *outages += 1;
+                if !settle(to, bi, 5_000) {
+                    return false;
+                }
+                if m[0] != NOTICE && to.send(&[NOTICE; 7]).is_err() {
+                    continue;
+                }
+            }
+        }
+    }
+}
+
+/// `forwarder`: passes every message from `from` to `to`; when either channel goes down
+/// (its neighbour restarting) it waits for it to come back in the new epoch and goes on.
+/// In its first incarnation it faults on purpose after `die_after` messages (so it is
+/// restarted mid-stream). Stops at the end marker, passing it on.
+pub fn forwarder(bi: &BootInfo) -> u64 {
+    let die_after = bi.arg_int("die_after");
+    let (Some(mut to), Some(mut from)) = (open_arg(bi, "to"), open_arg(bi, "from")) else {
+        return 1;
+    };
+    let (mut passed, mut outages) = (0u64, 0u64);
+    log::info!("forward: incarnation {} in epochs {}/{}", bi.incarnation, from.epoch, to.epoch);
+    loop {
+        let m = match from.try_recv() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                core::hint::spin_loop();
+                continue;
+            }
+            Err(_) => {
+                outages += 1;
+                if !settle(&mut from, bi, 5_000) {
+                    log::error!("forward: upstream never came back");
+                    return 1;
+                }
+                // What was in that ring is gone: tell the looper, round the ring.
+                let _ = send_settled(&mut to, bi, &[NOTICE; 7], &mut outages);
+                continue;
+            }
+        };
+        if bi.incarnation == 1 && passed == die_after {
+            log::info!("forward: message {} taken, dying with it", m[0]);
+            // SAFETY: mapped by our page tables, not by EPT: the hypervisor stops us here.
+            unsafe { core::ptr::read_volatile((bi.memory_bytes + (2 << 20)) as *const u64) };
+        }
+        // Downstream down: what we hold goes once it is back (a message is not dropped by
+        // a live relay).
+        if !send_settled(&mut to, bi, &m, &mut outages) {
+            log::error!("forward: downstream never came back");
+            return 1;
+        }
+        if m[0] == END {
+            log::info!("forward: {passed} passed, {outages} outages, end");
+            return 0;
+        }
+        passed += 1;
+    }
 }

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 30] = [
+const REGISTRY: [(&str, Workload); 32] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -51,6 +51,8 @@ const REGISTRY: [(&str, Workload); 30] = [
     ("echoer", crate::linkloads::echoer),
     ("ghost", crate::ghost::ghost),
     ("lifebench", crate::linkloads::lifebench),
+    ("looper", crate::linkloads::looper),
+    ("forwarder", crate::linkloads::forwarder),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -149,6 +149,8 @@ pub const WORKLOADS: &[&str] = &[
     "echoer",
     "ghost",
     "lifebench",
+    "looper",
+    "forwarder",
 ];
 
 /// What values a workload argument takes.
@@ -630,6 +632,38 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   and the start until the channel is up again (`cargo xtask bench \
                   lifecycle`); exits 0 if every round worked and the peer echoes at the end",
         args: &[int("rounds", 1, 1000, 5, "stop/start rounds")],
+    },
+    WorkloadSpec {
+        name: "looper",
+        summary: "originates `n` numbered messages around a ring of forwarders, one at a \
+                  time; when a channel of the ring goes down (a forwarder restarting) it \
+                  waits for the new epoch, gives the message in flight `grace_ms` to come \
+                  back and counts it lost otherwise; exits 0 if every message came back \
+                  once, in order, or was counted lost",
+        args: &[
+            channel("to", ArgDefault::Required, "the channel to the next guest of the ring"),
+            channel("from", ArgDefault::Required, "the channel from the previous guest"),
+            int("n", 1, 1_000_000, 1000, "messages to send around"),
+            int("grace_ms", 1, 10_000, 20, "how long a message in flight may still come back"),
+        ],
+    },
+    WorkloadSpec {
+        name: "forwarder",
+        summary: "passes every message from `from` to `to`, waiting out a neighbour's \
+                  restart (the new epoch) without dropping what it holds; its first \
+                  incarnation faults on purpose after `die_after` messages; exits 0 at the \
+                  end marker",
+        args: &[
+            channel("to", ArgDefault::Required, "the channel to the next guest of the ring"),
+            channel("from", ArgDefault::Required, "the channel from the previous guest"),
+            int(
+                "die_after",
+                0,
+                1_000_000_000,
+                1_000_000_000,
+                "messages before the first incarnation dies",
+            ),
+        ],
     },
 ];
 
