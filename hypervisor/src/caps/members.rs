@@ -30,15 +30,24 @@
 //! was committed). A coordinator that stops is suspected by its prober like any core; the
 //! next highest takes over, and its `PREPARE` learns what the failed one got accepted.
 //!
+//! What travels with the views: a `COMMIT` carries the coordinator's suspects (every member
+//! fences them too, not only the prober) and the intents it applied with their numbers; a
+//! `PROMISE` carries the member's own latest intent (a coordinator that learnt views without
+//! the intents behind them, by `CATCHUP`, is corrected before it picks a value); `CATCHUP`
+//! and `NACK` carry the sender's suspects. A late copy of an older intent is ignored where
+//! the newer one is known; a coordinator that knows neither may act on it once, and the
+//! core's own intent, told again, undoes it in the next view (agreement is not at stake).
+//!
 //! Model and its limit: quorums are *every* unsuspected member, so the protocol agrees as
 //! long as a suspected core has really stopped (fail-stop; the timeout is far longer than a
 //! live core's inbox latency, and every long stretch without serving the inbox is bounded
 //! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
 //! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
 //!
-//! Ring budget: per ordered core pair at most a `PING`, a `PONG`, a `WISH`, a `WISH_ACK`,
-//! two coordinator messages (a `COMMIT` and the next round's first), one answer and an
-//! `END`: 8 (counted in `proto::RING_SLOTS`).
+//! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
+//! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
+//! the next round's first, or a `CATCHUP` and an `ACCEPT`), one answer and an `END`: 10
+//! (counted in `proto::RING_SLOTS`; the simulator checks 8 queued at most).
 //!
 //! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
 
@@ -113,7 +122,7 @@ struct Probe {
 
 const CHANGES: usize = 16;
 /// Intents a view change applies at most (a `COMMIT` carries their numbers).
-const INTENTS: usize = 3;
+const INTENTS: usize = 2;
 
 /// One instance's membership state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,8 +159,8 @@ pub struct Members {
     ended: bool,
     /// Removed from the view without asking to leave.
     evicted: bool,
-    /// The last views installed, oldest first (the current one last): what a core that
-    /// is behind is sent (`CATCHUP`).
+    /// The last views installed, oldest first (the current one last): the last two are
+    /// what a core that is behind is sent (`CATCHUP`).
     history: [View; 3],
     changes: [Option<Change>; CHANGES],
     change_head: usize,
@@ -540,14 +549,14 @@ impl Members {
         let Some(r) = self.round.take() else { return };
         let me = self.me as usize;
         let to = (r.quorum | r.value.set) & !self.suspects & !bit(me);
-        let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set]);
+        // With the cores it suspects: every member fences them too.
+        let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set, self.suspects]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
         // every member's table then knows them, whoever coordinates next.
         let changed = (self.view.set ^ r.value.set) & !self.suspects;
         for (k, c) in cores(changed).take(INTENTS).enumerate() {
             let want_in = r.value.set & bit(c) != 0;
-            m[4 + k] =
-                1 << 63 | (self.intent_seq[c] as u64) << 16 | (want_in as u64) << 8 | c as u64;
+            m[5 + k] = intent(c, self.intent_seq[c], want_in);
         }
         for c in cores(to) {
             self.send(env, c, &m, true);
@@ -646,7 +655,11 @@ impl Members {
                 let acc = self.accepted.filter(|(_, v)| v.num as u64 == num);
                 let (ab, av) = acc.map_or((0, View::default()), |(b, v)| (b, v));
                 let mine = self.view.num as u64;
-                let m = msg(op::PROMISE, &[ballot, ab, av.num as u64, av.set, mine]);
+                // With this core's own latest intent: the coordinator's table may be stale
+                // (it learnt views without the intents behind them), this core is not.
+                let me = self.me as usize;
+                let intent = self.intent_word(me);
+                let m = msg(op::PROMISE, &[ballot, ab, av.num as u64, av.set, mine, intent]);
                 self.send(env, from, &m, true);
                 // A new coordinator: it gets this member's wishes.
                 if self.told.0 as usize != from {
@@ -673,6 +686,7 @@ impl Members {
                 r.waiting &= !bit(from);
                 // A member that missed views gets them before the ACCEPT.
                 self.catch_up(env, from, w(5));
+                self.merge_intent(w(6));
                 if w(2) != 0 && r.best.is_none_or(|(b, _)| w(2) > b) {
                     r.best = Some((w(2), View { num: w(3) as u32, set: w(4) }));
                 }
@@ -704,50 +718,81 @@ impl Members {
                     // Installed there, so committed: this coordinator was behind.
                     self.install(theirs, from as u8);
                 }
+                self.merge_suspects(env, w(5));
                 self.advance(env);
             }
             op::COMMIT => {
                 self.seen = self.seen.max(w(1));
                 self.install(View { num: w(2) as u32, set: w(3) }, from as u8);
-                for k in 4..7 {
-                    let i = w(k);
-                    let (c, seq) = ((i & 0xff) as usize, (i >> 16) as u32);
-                    if i >> 63 != 0 && c < MAX_PEERS && seq >= self.intent_seq[c] {
-                        self.intent_seq[c] = seq;
-                        self.wants_in = self.wants_in & !bit(c) | ((i >> 8) & 1) << c;
-                    }
+                for k in 5..7 {
+                    self.merge_intent(w(k));
                 }
+                self.merge_suspects(env, w(4));
                 self.advance(env);
             }
             op::END => self.ended = true,
             op::CATCHUP => {
-                for k in 0..3 {
+                for k in 0..2 {
                     self.install(View { num: w(1 + 2 * k) as u32, set: w(2 + 2 * k) }, from as u8);
                 }
+                self.merge_suspects(env, w(5));
                 self.advance(env);
             }
             _ => {}
         }
     }
 
-    /// Sends core `to`, whose view is number `theirs`, the views it missed (the last three
-    /// at most: one further behind skips some).
+    /// Core `c`'s latest intent as this instance knows it, as one message word.
+    fn intent_word(&self, c: usize) -> u64 {
+        intent(c, self.intent_seq[c], self.wants_in & bit(c) != 0)
+    }
+
+    /// An intent from a message word ([`intent`]): taken if at least as new as what this
+    /// instance knows.
+    fn merge_intent(&mut self, i: u64) {
+        let (c, seq) = ((i & 0xff) as usize, (i >> 16) as u32);
+        if i >> 63 != 0 && c < MAX_PEERS && seq >= self.intent_seq[c] {
+            self.intent_seq[c] = seq;
+            self.wants_in = self.wants_in & !bit(c) | ((i >> 8) & 1) << c;
+        }
+    }
+
+    /// Sends core `to`, whose view is number `theirs`, the views it missed (the last two at
+    /// most: one further behind skips some) and the cores this one suspects.
     fn catch_up(&mut self, env: &mut impl Env, to: usize, theirs: u64) {
         if theirs >= self.view.num as u64 {
             return;
         }
-        let mut words = [0u64; 6];
-        for (k, v) in self.history.iter().enumerate() {
+        let mut words = [0u64; 5];
+        for (k, v) in self.history[1..].iter().enumerate() {
             words[2 * k] = v.num as u64;
             words[2 * k + 1] = v.set;
         }
+        words[4] = self.suspects;
         self.send(env, to, &msg(op::CATCHUP, &words), true);
     }
 
     fn nack(&mut self, env: &mut impl Env, to: usize, ballot: u64) {
-        let m = msg(op::NACK, &[ballot, self.promised, self.view.num as u64, self.view.set]);
+        let v = self.view;
+        let m = msg(op::NACK, &[ballot, self.promised, v.num as u64, v.set, self.suspects]);
         self.send(env, to, &m, true);
     }
+
+    /// Cores another instance suspects (sent with a view): fenced here too, so that every
+    /// member treats a core the view change removed as failed, not only its prober. This
+    /// core among them: it was taken for stopped while alive and must stay out.
+    fn merge_suspects(&mut self, env: &mut impl Env, theirs: CoreSet) {
+        let me = bit(self.me as usize);
+        if theirs & me != 0 {
+            self.evicted = true;
+        }
+        self.suspect(env, theirs & !me);
+    }
+}
+
+/// An intent as a message word: present bit, the core's number for it, in or out, the core.
+fn intent(core: usize, seq: u32, want_in: bool) -> u64 {
+    1 << 63 | (seq as u64) << 16 | (want_in as u64) << 8 | core as u64
 }
 
 /// The cores of `set`, lowest first.

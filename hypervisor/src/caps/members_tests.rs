@@ -296,6 +296,7 @@ proptest! {
     ) {
         let mut sim = Sim::new(n, seed);
         let mut parked: CoreSet = 0;
+        let mut ever_parked: CoreSet = 0;
         let mut joining: Vec<(usize, usize)> = Vec::new();
         let mut stops = 0;
         let mut events = events;
@@ -322,6 +323,7 @@ proptest! {
                 1 if live_unparked > 1 && parked & (1 << core) == 0 && sim.cores[core].member() => {
                     sim.with(core, |m, env| m.leave(env));
                     parked |= 1 << core;
+                    ever_parked |= 1 << core;
                 }
                 2 if parked & (1 << core) != 0 && !sim.cores[core].member() => {
                     let via = sim.live().find(|&c| c != core && sim.cores[c].member());
@@ -377,6 +379,15 @@ proptest! {
             prop_assert!(!sim.cores[c].evicted(), "live core {} was fenced", c);
             let dead: CoreSet = (0..n).filter(|&d| sim.dead[d]).map(|d| 1u64 << d).sum();
             prop_assert_eq!(sim.cores[c].suspects() & !dead, 0, "core {} suspects a live core", c);
+            // Every member fences every core that stopped while in the view, not only the
+            // core that probed it (the view change tells them).
+            let stopped_members = dead & !ever_parked;
+            prop_assert_eq!(
+                sim.cores[c].suspects() & stopped_members,
+                stopped_members,
+                "core {} does not fence every stopped member",
+                c
+            );
         }
         // Members that never left log the same sequence of views.
         let never_left: Vec<&usize> = stayed.iter().filter(|&&c| sim.logs[c].iter().all(|ch| ch.new.set & (1 << c) != 0)).collect();
