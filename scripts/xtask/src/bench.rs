@@ -732,14 +732,34 @@ mod tests {
 }
 
 /// One row of `bench caps`: every cost in `unit` (emulated instructions).
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct CapsRow {
     pub k: u64,
     /// The unit of the costs (`map` to `revoke_per_copy`): `emulated_instructions`.
     #[serde(default)]
     pub unit: String,
+    /// Map and unmap of the first half of the grant (1 MiB: 4-KiB EPT pages), after the
+    /// whole grant was mapped and unmapped twice.
     pub map: u64,
     pub unmap: u64,
+    /// The same again.
+    #[serde(default)]
+    pub map_again: u64,
+    #[serde(default)]
+    pub unmap_again: u64,
+    /// The whole grant (2 MiB, aligned: one large EPT page): the guest's first map and
+    /// unmap, then a repeat.
+    #[serde(default)]
+    pub map_whole: u64,
+    #[serde(default)]
+    pub unmap_whole: u64,
+    #[serde(default)]
+    pub map_whole_again: u64,
+    #[serde(default)]
+    pub unmap_whole_again: u64,
+    /// The whole grant's size (KiB).
+    #[serde(default)]
+    pub whole_kib: u64,
     pub copy_per_copy: u64,
     pub move_: u64,
     pub revoke: u64,
@@ -766,9 +786,12 @@ fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
 
 /// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
 /// Bochs's limit, for 14).
-pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
+pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<()> {
     let mut rows = Vec::new();
     for k in [1u64, 2, 4, 7, 10, 14] {
+        if !only.is_empty() && !only.contains(&k) {
+            continue;
+        }
         eprintln!("bench: caps with {k} holders...");
         let (r, serial) = run_report(&format!("configs/bench-caps-k{k}.toml"))?;
         let v = |key: &str| bench_value(&serial, "owner", key);
@@ -785,6 +808,13 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
             unit: "emulated_instructions".into(),
             map: v("map")?,
             unmap: v("unmap")?,
+            map_again: v("map_again")?,
+            unmap_again: v("unmap_again")?,
+            map_whole: v("map_whole")?,
+            unmap_whole: v("unmap_whole")?,
+            map_whole_again: v("map_whole_again")?,
+            unmap_whole_again: v("unmap_whole_again")?,
+            whole_kib: v("whole_kib")?,
             copy_per_copy: v("copy")?,
             move_: v("move")?,
             revoke,
@@ -826,6 +856,39 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
                 r.holder_nmi_exits,
                 r.owner_nmis,
                 r.owner_messages,
+            ]
+            .map(|v| v.to_string()),
+        );
+    }
+    println!("{t}");
+    println!();
+    println!("Map and unmap (hypercall round trips from the guest, EPT change and INVEPT included):");
+    println!("the whole grant (aligned: one large EPT page) first and again, then its first half (4-KiB pages)");
+    let mut t = table(&[
+        "k",
+        "whole KiB",
+        "map first",
+        "unmap first",
+        "map again",
+        "unmap again",
+        "half: map",
+        "unmap",
+        "map again",
+        "unmap again",
+    ]);
+    for r in &rows {
+        t.add_row(
+            [
+                r.k,
+                r.whole_kib,
+                r.map_whole,
+                r.unmap_whole,
+                r.map_whole_again,
+                r.unmap_whole_again,
+                r.map,
+                r.unmap,
+                r.map_again,
+                r.unmap_again,
             ]
             .map(|v| v.to_string()),
         );

@@ -393,6 +393,7 @@ mod tests {
                 holder_nmi_exits: k,
                 owner_nmis: k,
                 owner_messages: 2 * k,
+                ..Default::default()
             })
             .collect();
         let caps = tmp("caps.json");
