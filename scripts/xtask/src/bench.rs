@@ -757,6 +757,11 @@ pub struct CapsRow {
     pub map_whole_again: u64,
     #[serde(default)]
     pub unmap_whole_again: u64,
+    /// The whole grant 4 KiB off a 2-MiB boundary: 4-KiB EPT pages.
+    #[serde(default)]
+    pub map_whole_4k: u64,
+    #[serde(default)]
+    pub unmap_whole_4k: u64,
     /// The whole grant's size (KiB).
     #[serde(default)]
     pub whole_kib: u64,
@@ -814,6 +819,8 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
             unmap_whole: v("unmap_whole")?,
             map_whole_again: v("map_whole_again")?,
             unmap_whole_again: v("unmap_whole_again")?,
+            map_whole_4k: v("map_whole_4k")?,
+            unmap_whole_4k: v("unmap_whole_4k")?,
             whole_kib: v("whole_kib")?,
             copy_per_copy: v("copy")?,
             move_: v("move")?,
@@ -863,7 +870,8 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
     println!("{t}");
     println!();
     println!("Map and unmap (hypercall round trips from the guest, EPT change and INVEPT included):");
-    println!("the whole grant (aligned: one large EPT page) first and again, then its first half (4-KiB pages)");
+    println!("the whole grant (aligned: one large EPT page) first and again, at 4 KiB past a 2-MiB boundary (4-KiB pages),");
+    println!("then its first half (4-KiB pages) twice");
     let mut t = table(&[
         "k",
         "whole KiB",
@@ -871,6 +879,8 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
         "unmap first",
         "map again",
         "unmap again",
+        "+4 KiB: map",
+        "unmap",
         "half: map",
         "unmap",
         "map again",
@@ -885,6 +895,8 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
                 r.unmap_whole,
                 r.map_whole_again,
                 r.unmap_whole_again,
+                r.map_whole_4k,
+                r.unmap_whole_4k,
                 r.map,
                 r.unmap,
                 r.map_again,
