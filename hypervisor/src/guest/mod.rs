@@ -157,6 +157,10 @@ pub fn build_ept(
         ept::map_with(f, root, gpa, hpa, len, ept::Perm::ReadWrite)
             .map_err(|_| "channel window mapping failed")?;
     }
+    // The grant window's directories, built now and kept: a 2-MiB cap_map there writes one
+    // entry, the first time as every time.
+    let (wstart, wend) = vmcall_proto::hypercall::GRANT_WINDOW;
+    ept::prebuild(f, root, wstart, wend - wstart).map_err(|_| FAILED)?;
     let rw = ept::Perm::ReadWrite.bits();
     let rwx = ept::Perm::ReadWriteExecute.bits();
     let mut ok = ept::translate_perm(f, root, 0) == Some((base, rwx))

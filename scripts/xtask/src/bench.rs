@@ -869,7 +869,9 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
     }
     println!("{t}");
     println!();
-    println!("Map and unmap (hypercall round trips from the guest, EPT change and INVEPT included):");
+    println!(
+        "Map and unmap (hypercall round trips from the guest, EPT change and INVEPT included):"
+    );
     println!("the whole grant (aligned: one large EPT page) first and again, at 4 KiB past a 2-MiB boundary (4-KiB pages),");
     println!("then its first half (4-KiB pages) twice");
     let mut t = table(&[
