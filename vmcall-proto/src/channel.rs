@@ -309,6 +309,14 @@ impl<'a> Receiver<'a> {
         Ok(Some(msg))
     }
 
+    /// The cache line the next message will be written to (its slot): what a receiver
+    /// waiting with MONITOR/MWAIT arms the monitor on. The sender's first store into it
+    /// wakes the waiter.
+    pub fn next_line(&self) -> *const u8 {
+        let n = self.ring.slots.len() as u64;
+        &self.ring.slots[(self.next % n) as usize] as *const Slot as *const u8
+    }
+
     /// Publishes the received count now (e.g. at the end, for statistics).
     pub fn flush_ack(&self) {
         self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);

@@ -168,6 +168,43 @@ pub struct Emulated {
     pub exits_per_doorbell_receiver: f64,
     pub doorbells_rung: u64,
     pub doorbells_taken: u64,
+    /// Exitless notification (`configs/bench-mwait.toml`: both sides wait in MWAIT on the
+    /// next message's line): its figures, or why there are none.
+    #[serde(default)]
+    pub mwait: Option<MwaitFigures>,
+    #[serde(default)]
+    pub mwait_problem: Option<String>,
+}
+
+/// The MWAIT ping-pong's figures.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct MwaitFigures {
+    pub round_trip_instructions_median: u64,
+    pub round_trip_instructions_p99: u64,
+    /// VM exits during the exchange per message received (each message is a notification):
+    /// the sender's and the receiver's side.
+    pub exits_per_notification_ping: f64,
+    pub exits_per_notification_pong: f64,
+    pub doorbells_rung: u64,
+}
+
+fn mwait_figures() -> Result<MwaitFigures> {
+    let (r, serial) = run_report("configs/bench-mwait.toml")?;
+    let _ = r;
+    for g in ["ping", "pong"] {
+        if bench_value(&serial, g, "mwait")? != 1 {
+            bail!("{g} did not get MONITOR/MWAIT (fell back to doorbells)");
+        }
+    }
+    let n = bench_value(&serial, "ping", "n")? as f64;
+    Ok(MwaitFigures {
+        round_trip_instructions_median: bench_value(&serial, "ping", "rtt_median")?,
+        round_trip_instructions_p99: bench_value(&serial, "ping", "rtt_p99")?,
+        exits_per_notification_ping: bench_value(&serial, "ping", "exits")? as f64 / n,
+        exits_per_notification_pong: bench_value(&serial, "pong", "exits")? as f64 / n,
+        doorbells_rung: bench_value(&serial, "ping", "doorbells_rung")?
+            + bench_value(&serial, "pong", "doorbells_rung")?,
+    })
 }
 
 /// The mkvisor ring's one-way throughput against the raw line ring's, measured in pairs
@@ -684,6 +721,9 @@ pub fn emulated() -> Result<Emulated> {
     let taken = bench_value(&bell, "ping", "doorbells_taken")?
         + bench_value(&bell, "pong", "doorbells_taken")?;
     let all_exits = bench_value(&bell, "ping", "exits")? + bench_value(&bell, "pong", "exits")?;
+    // A run that fails (e.g. a wake-up the emulator loses: see README, "Exitless
+    // notification") is reported as such, not taken for figures.
+    let mwait = mwait_figures();
     Ok(Emulated {
         send_instructions: bench_value(&poll, "ping", "send_median")?,
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
@@ -710,6 +750,8 @@ pub fn emulated() -> Result<Emulated> {
         },
         doorbells_rung: rung,
         doorbells_taken: taken,
+        mwait: mwait.as_ref().ok().cloned(),
+        mwait_problem: mwait.as_ref().err().map(|e| format!("{e:#}")),
     })
 }
 
@@ -810,6 +852,25 @@ pub fn print(r: &Report) {
     for (k, v) in rows {
         t.add_row([k.to_string(), v]);
     }
+    match (&e.mwait, &e.mwait_problem) {
+        (Some(m), _) => {
+            t.add_row([
+                "round trip, MWAIT (median ticks)".to_string(),
+                m.round_trip_instructions_median.to_string(),
+            ]);
+            t.add_row([
+                "VM exits per notification, MWAIT: ping / pong".to_string(),
+                format!(
+                    "{:.3} / {:.3}",
+                    m.exits_per_notification_ping, m.exits_per_notification_pong
+                ),
+            ]);
+        }
+        (None, Some(p)) => {
+            t.add_row(["round trip, MWAIT".to_string(), format!("no figure: {p}")]);
+        }
+        (None, None) => {}
+    }
     println!("{t}");
 }
 
@@ -847,7 +908,7 @@ pub fn channels(
     let emulated = if host_only {
         None
     } else {
-        eprintln!("bench: Bochs runs (poll, doorbell, stream)...");
+        eprintln!("bench: Bochs runs (poll, doorbell, mwait, stream)...");
         Some(emulated()?)
     };
     let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };
