@@ -494,6 +494,14 @@ pub unsafe fn mwait() {
     };
 }
 
+/// Drops this core's TLB entry for the page of `addr` (INVLPG; no VM exit: "INVLPG
+/// exiting" is off under EPT).
+pub fn invlpg(addr: *const u8) {
+    // SAFETY: INVLPG only invalidates translations of this guest's own TLB (VPID-tagged);
+    // the next access walks the page tables again. Allowed at CPL 0.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) addr, options(nostack)) };
+}
+
 /// Waits for the next interrupt with interrupts enabled.
 pub fn wait_for_interrupt() {
     // SAFETY: STI; HLT atomically enables interrupts and halts until one arrives.

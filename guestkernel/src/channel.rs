@@ -131,6 +131,9 @@ impl Chan {
             }
             return Err(e);
         }
+        if self.mwait {
+            self.nudge_monitor();
+        }
         if self.doorbells && self.tx.peer_sleeping() {
             let _ = call(Hypercall::Doorbell, self.number as u64, 0);
             self.rung += 1;
@@ -216,6 +219,22 @@ impl Chan {
                 return Ok(m);
             }
         }
+    }
+
+    /// After a send in MWAIT mode: drop our TLB entry for the message's page and store its
+    /// control word once more. Needed in Bochs 2.7 only: its MONITOR invalidates the other
+    /// CPUs' TLB entries at the monitored *physical* address taken as a linear one
+    /// (`invlpg(paddr)` in its cpu/mwait.cc), so a peer whose TLB still holds a direct
+    /// pointer to the page (any linear address under EPT) stores without the monitor check
+    /// and the waiter sleeps through the message (seen: 47 round trips, then a lost
+    /// wake-up). After INVLPG our next store refills the entry, and Bochs refuses a direct
+    /// pointer to a monitored page: the store goes through the monitor check. Either the
+    /// waiter armed its monitor before that store (it wakes) or after it, and then after the
+    /// first control store too (its check finds the message). On hardware the monitor sees
+    /// every store through cache coherence and this is a wasted TLB refill and store.
+    fn nudge_monitor(&self) {
+        crate::arch::invlpg(self.tx.last_line());
+        self.tx.restore_last();
     }
 
     fn wait_mwait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
