@@ -418,6 +418,7 @@ pub const ATTACK_NAMES: &[&str] = &[
     "halt-forever",
     "halt-timer-masked",
     "spin-forever",
+    "mwait-forever",
     "doorbell-flood",
 ];
 
