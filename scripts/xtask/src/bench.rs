@@ -3,12 +3,18 @@
 //!
 //! * Host, real cores: two threads pinned to two cores exchange 64-byte messages through
 //!   the mkvisor ring (`vmcall_proto::channel`), a bare cache-line ping-pong (two lines, one
-//!   per direction: the physical limit of a cross-core round trip), crossbeam-channel, std
+//!   per direction: the physical limit of a cross-core round trip), a raw line ring (lines
+//!   and a sequence word, nothing else: the streaming baseline), crossbeam-channel, std
 //!   mpsc and a pair of Linux pipes. Round trips give median and p99 latency (TSC, converted
 //!   with a clock calibrated in the same run); a one-way burst gives throughput. Ratios are
-//!   to the cache-line ping-pong of the same run: the machine is noisy, ratios are not.
+//!   to the cache-line ping-pong and the raw line ring of the same run, and the ring's
+//!   streaming is also measured against the raw line ring in alternating pairs: the machine
+//!   is noisy, ratios are less so. Every wait spins with a deadline.
 //! * In Bochs: guest-measured instruction counts (the TSC counts emulated instructions)
-//!   and VM exits from dedicated two-CPU configs, one pair alone per run.
+//!   and VM exits from dedicated two-CPU configs, one pair alone per run: polling,
+//!   doorbells, MWAIT (exitless notification), streaming.
+//!
+//! Calls: `crate::run` to boot, `vmcall_proto::channel` for the ring; nothing else of ours.
 //!
 //! These are benchmarks: they print figures, they do not pass or fail.
 
