@@ -993,6 +993,25 @@ memory_mib = 4
     }
 
     #[test]
+    fn mwait_is_a_flag_for_guests_with_channels() {
+        const AB: &str =
+            "[[channel]]\nname = \"ab\"\nbetween = [\"alpha\", \"beta\"]\nslots = 64\n";
+        assert!(GOOD.contains(AB));
+        let on = GOOD.replace("args = { ms = 5 }", "args = { ms = 5 }\nmwait = true");
+        let cfg = compile("t.toml", &on).unwrap();
+        let cfg = blob::parse(&cfg.blob).unwrap();
+        assert_eq!((cfg.guest(0).flags, cfg.guest(1).flags), (0, blob::flags::MWAIT));
+        let off = on.replace("mwait = true", "mwait = false");
+        let cfg = compile("t.toml", &off).unwrap();
+        assert_eq!(blob::parse(&cfg.blob).unwrap().guest(1).flags, 0);
+        let e = one_error(&on.replace(AB, ""));
+        assert_eq!(e.field, "guest[1].mwait");
+        assert!(e.message.contains("a guest with channels"), "{e}");
+        let e = one_error(&on.replace("mwait = true", "mwait = 1"));
+        assert!(e.message.contains("bool"), "{e}");
+    }
+
+    #[test]
     fn restart_policies_budgets_and_control() {
         const AB: &str =
             "[[channel]]\nname = \"ab\"\nbetween = [\"alpha\", \"beta\"]\nslots = 64\n";
