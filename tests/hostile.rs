@@ -493,6 +493,13 @@ fn guests_that_never_end_are_stopped_and_the_others_finish() {
     stopped(b, "sleeper", "halt-forever", never);
     stopped(b, "dozer", "halt-timer-masked", never);
     stopped(b, "spinner", "spin-forever", "exceeded its run budget, rip=");
+    // MWAIT without exits (mwait = true), interrupts off, a line nobody writes: the budget
+    // (VMX-preemption timer) still ends it.
+    assert!(has_exact_line(
+        b,
+        "[dreamer@c6] attack: MWAIT forever with interrupts off on a line nobody writes"
+    ));
+    stopped(b, "dreamer", "mwait-forever", "exceeded its run budget, rip=");
     // With a channel, HLT does not exit (the guest halts natively until a doorbell): the
     // run budget still ends it.
     stopped(b, "napper", "halt-forever", "exceeded its run budget, rip=");

@@ -461,6 +461,47 @@ fn x86_ptr(base: u64, size: usize) -> Dtr {
     Dtr { limit: (size - 1) as u16, base }
 }
 
+/// Whether MONITOR/MWAIT are offered (CPUID.01H:ECX[3]): the hypervisor shows them only
+/// to a guest that waits exitless (`mwait = true`). One CPUID, one VM exit.
+pub fn has_monitor() -> bool {
+    let r = core::arch::x86_64::__cpuid_count(1, 0);
+    r.ecx & (1 << 3) != 0
+}
+
+/// Arms the address monitor on the cache line of `line` (MONITOR, SDM Vol. 2B).
+///
+/// # Safety
+/// MONITOR must be offered ([`has_monitor`]), else it is #UD; `line` must be mapped (it is
+/// checked like a one-byte read).
+pub unsafe fn monitor(line: *const u8) {
+    // SAFETY: the caller checked MONITOR is there and the line is mapped; ECX = EDX = 0 (no
+    // extensions, no hints).
+    unsafe {
+        core::arch::asm!("monitor", in("rax") line, in("ecx") 0, in("edx") 0, options(nostack))
+    };
+}
+
+/// Sleeps until the monitored line is written or an interrupt comes, with interrupts
+/// enabled for the wait (STI; MWAIT; CLI, as [`wait_for_interrupt`] does with HLT). EAX = 0:
+/// the lightest sleep state (C1).
+///
+/// # Safety
+/// MWAIT must be offered ([`has_monitor`]), else it is #UD.
+pub unsafe fn mwait() {
+    // SAFETY: the caller checked MWAIT is there; EAX = ECX = 0 (C1, no extensions).
+    unsafe {
+        core::arch::asm!("sti; mwait; cli", in("eax") 0, in("ecx") 0, options(nomem, nostack))
+    };
+}
+
+/// Drops this core's TLB entry for the page of `addr` (INVLPG; no VM exit: "INVLPG
+/// exiting" is off under EPT).
+pub fn invlpg(addr: *const u8) {
+    // SAFETY: INVLPG only invalidates translations of this guest's own TLB (VPID-tagged);
+    // the next access walks the page tables again. Allowed at CPL 0.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) addr, options(nostack)) };
+}
+
 /// Waits for the next interrupt with interrupts enabled.
 pub fn wait_for_interrupt() {
     // SAFETY: STI; HLT atomically enables interrupts and halts until one arrives.

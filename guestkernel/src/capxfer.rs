@@ -296,15 +296,38 @@ pub fn capowner(bi: &BootInfo) -> u64 {
     for (i, c) in chans.iter_mut().enumerate().take(k) {
         *c = channel::open(bi, vmcall_proto::fixed::get(&bi.channels()[i].name));
     }
+    let w = GRANT_WINDOW.0;
+    let whole_kib = (call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16) * 4;
+    // The whole grant (2 MiB in the bench configs: one large EPT page), mapped and unmapped
+    // twice: the first map is this guest's first, then a repeat; then 4 KiB off a 2-MiB
+    // boundary (4-KiB EPT pages).
+    let mut whole = [0u64; 6];
+    for (i, pair) in whole.chunks_mut(2).enumerate() {
+        let at = if i == 2 { w + 4096 } else { w };
+        let (r, map) = ticks(|| call3(Hypercall::CapMap, 0, at, RW));
+        let (u, unmap) = ticks(|| call(Hypercall::CapUnmap, 0, 0));
+        if r.is_err() || u.is_err() {
+            log::error!("bench caps: whole map {r:?} unmap {u:?}");
+            return 1;
+        }
+        pair.copy_from_slice(&[map, unmap]);
+    }
     let half = (call(Hypercall::CapIdentify, 0, 0).unwrap_or(0) >> 16) / 2 * 4096;
     let spare = call(Hypercall::CapSplit, 0, half).unwrap_or(99);
-    let w = GRANT_WINDOW.0;
-    let (r, map) = ticks(|| call3(Hypercall::CapMap, 0, w, RW));
-    let (u, unmap) = ticks(|| call(Hypercall::CapUnmap, 0, 0));
-    if r.is_err() || u.is_err() {
-        log::error!("bench caps: map {r:?} unmap {u:?}");
-        return 1;
+    // Its first half (4-KiB pages where the half is not 2-MiB sized), twice as well.
+    let mut halves = [0u64; 4];
+    for pair in halves.chunks_mut(2) {
+        let (r, map) = ticks(|| call3(Hypercall::CapMap, 0, w, RW));
+        let (u, unmap) = ticks(|| call(Hypercall::CapUnmap, 0, 0));
+        if r.is_err() || u.is_err() {
+            log::error!("bench caps: map {r:?} unmap {u:?}");
+            return 1;
+        }
+        pair.copy_from_slice(&[map, unmap]);
     }
+    let [map, unmap, map_again, unmap_again] = halves;
+    let [map_whole, unmap_whole, map_whole_again, unmap_whole_again, map_whole_4k, unmap_whole_4k] =
+        whole;
     let mut copy_total = 0;
     for (i, chan) in chans.iter_mut().enumerate().take(k) {
         let (s, t) = ticks(|| transfer(0, first_ep + i as u64, 1 | R << 8, 2000));
@@ -338,7 +361,11 @@ pub fn capowner(bi: &BootInfo) -> u64 {
         let _ = c.send(&[DONE, 0, 0, 0, 0, 0, 0]);
     }
     log::info!(
-        "bench caps k={k} map={map} unmap={unmap} copy={} revoke={revoke} revoke_exits={revoke_exits} move={mv}",
+        "bench caps k={k} map={map} unmap={unmap} map_again={map_again} unmap_again={unmap_again} \
+         map_whole={map_whole} unmap_whole={unmap_whole} map_whole_again={map_whole_again} \
+         unmap_whole_again={unmap_whole_again} map_whole_4k={map_whole_4k} \
+         unmap_whole_4k={unmap_whole_4k} whole_kib={whole_kib} copy={} revoke={revoke} \
+         revoke_exits={revoke_exits} move={mv}",
         copy_total / k.max(1) as u64
     );
     0

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The guest's channel API over `vmcall_proto::channel`: `send`, `try_send`, `recv`,
-//! `try_recv`, and `wait`, which polls and then blocks on the doorbell.
+//! `try_recv`, and `wait`, which polls and then blocks on the doorbell, or with
+//! [`Chan::use_mwait`] sleeps in MWAIT on the line the next message lands in (exitless
+//! notification: no doorbell hypercall, no VM exit on either side).
 //!
 //! Doorbell protocol: a waiting receiver sets `sleeping` in its ring header, checks the
 //! ring once more, then halts with interrupts on; a sender that sees `sleeping` after
@@ -28,6 +30,9 @@ pub struct Chan {
     pub number: usize,
     /// Ring the peer's doorbell when it sleeps (doorbell mode); polling mode never does.
     pub doorbells: bool,
+    /// Wait with MONITOR/MWAIT on the next message's line instead of the doorbell (set with
+    /// [`Chan::use_mwait`]).
+    mwait: bool,
     pub rung: u64,
     /// The epoch this side's sender and receiver are in.
     pub epoch: u32,
@@ -68,6 +73,7 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
         rx: Receiver::with_epoch(rx, 1, epoch),
         number,
         doorbells: false,
+        mwait: false,
         rung: 0,
         epoch,
         tx_gpa: d.tx_gpa,
@@ -125,6 +131,9 @@ impl Chan {
             }
             return Err(e);
         }
+        if self.mwait {
+            self.nudge_monitor();
+        }
         if self.doorbells && self.tx.peer_sleeping() {
             let _ = call(Hypercall::Doorbell, self.number as u64, 0);
             self.rung += 1;
@@ -168,8 +177,31 @@ impl Chan {
         }
     }
 
+    /// Makes [`Chan::wait`] sleep in MWAIT where the hypervisor offers it exitless
+    /// (`mwait = true` for this guest: CPUID shows MONITOR); returns whether it does. Where
+    /// not, waits stay on the doorbell (and this side rings it).
+    pub fn use_mwait(&mut self) -> bool {
+        self.mwait = crate::arch::has_monitor();
+        if !self.mwait {
+            self.doorbells = true;
+        }
+        self.mwait
+    }
+
+    /// Whether waits sleep in MWAIT.
+    pub fn mwait(&self) -> bool {
+        self.mwait
+    }
+
     /// Polls `polls` times, then sleeps until a doorbell (or any interrupt) and repeats.
+    /// With [`Chan::use_mwait`], sleeps in MWAIT on the line the next message lands in
+    /// instead: MONITOR, check once more, MWAIT. A store the sender makes after the check
+    /// wakes the sleeper; one made before it is found by the check: no lost wake-up, and no
+    /// `sleeping` flag, so the sender never rings (neither side exits).
     pub fn wait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
+        if self.mwait {
+            return self.wait_mwait(polls);
+        }
         loop {
             for _ in 0..polls {
                 if let Some(m) = self.try_recv()? {
@@ -186,6 +218,42 @@ impl Chan {
             if let Some(m) = again? {
                 return Ok(m);
             }
+        }
+    }
+
+    /// After a send in MWAIT mode: drop our TLB entry for the message's page and store its
+    /// control word once more. Needed in Bochs 2.7 only: its MONITOR invalidates the other
+    /// CPUs' TLB entries at the monitored *physical* address taken as a linear one
+    /// (`invlpg(paddr)` in its cpu/mwait.cc), so a peer whose TLB still holds a direct
+    /// pointer to the page (any linear address under EPT) stores without the monitor check
+    /// and the waiter sleeps through the message (seen: 47 round trips, then a lost
+    /// wake-up). After INVLPG our next store refills the entry, and Bochs refuses a direct
+    /// pointer to a monitored page: the store goes through the monitor check. Either the
+    /// waiter armed its monitor before that store (it wakes) or after it, and then after the
+    /// first control store too (its check finds the message). On hardware the monitor sees
+    /// every store through cache coherence and this is a wasted TLB refill and store.
+    fn nudge_monitor(&self) {
+        crate::arch::invlpg(self.tx.last_line());
+        self.tx.restore_last();
+    }
+
+    fn wait_mwait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
+        loop {
+            for _ in 0..polls {
+                if let Some(m) = self.try_recv()? {
+                    return Ok(m);
+                }
+                core::hint::spin_loop();
+            }
+            // SAFETY: `use_mwait` found MONITOR offered; the line is a slot of our receive
+            // ring, mapped for the guest's life.
+            unsafe { crate::arch::monitor(self.rx.next_line()) };
+            if let Some(m) = self.try_recv()? {
+                return Ok(m);
+            }
+            // SAFETY: as above. A peer going down also wakes us: the hypervisor injects the
+            // doorbell vector, an interrupt, and MWAIT runs with interrupts on.
+            unsafe { crate::arch::mwait() };
         }
     }
 }

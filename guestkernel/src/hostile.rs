@@ -556,6 +556,28 @@ fn spin_forever() -> Seen {
     }
 }
 
+/// A line nobody writes, for `mwait-forever` to monitor.
+static QUIET_LINE: [u64; 8] = [0; 8];
+
+/// With exitless MWAIT (`mwait = true`): interrupts off, MONITOR on a line nobody writes,
+/// MWAIT without interrupts as break events: nothing but an NMI or the VMX-preemption timer
+/// ends it. The hypervisor must still stop it at its run budget.
+fn mwait_forever() -> Seen {
+    if !crate::arch::has_monitor() {
+        log::info!("attack: MONITOR/MWAIT not offered (mwait = true?)");
+        return Seen::Value(1);
+    }
+    log::info!("attack: MWAIT forever with interrupts off on a line nobody writes");
+    loop {
+        // SAFETY: MONITOR is offered; the line is our own static, mapped. CLI; MWAIT with
+        // ECX = 0: interrupts do not end it. Were it to return, we wait again.
+        unsafe {
+            crate::arch::monitor(QUIET_LINE.as_ptr() as *const u8);
+            core::arch::asm!("cli", "mwait", in("eax") 0, in("ecx") 0, options(nomem, nostack));
+        }
+    }
+}
+
 fn lapic_init() -> Seen {
     log::info!("attack: INIT to all other cores through the xAPIC ICR at 0xfee00300");
     // SAFETY: the local APIC's MMIO is not mapped for us in EPT: the first write stops us.
@@ -1017,6 +1039,7 @@ pub static ATTACKS: &[Attack] = &[
     own("halt-forever", Expect::Stopped, |_| halt(false)),
     own("halt-timer-masked", Expect::Stopped, |_| halt(true)),
     own("spin-forever", Expect::Stopped, |_| spin_forever()),
+    own("mwait-forever", Expect::Stopped, |_| mwait_forever()),
     own("doorbell-flood", Expect::Completes, doorbell_flood),
 ];
 

@@ -4,7 +4,8 @@
 //! the host tool reads (TSC ticks are emulated instructions under Bochs).
 //!
 //! * `ping` / `pong`: `n` round trips; ping measures the round trip and the cost of a send,
-//!   pong the cost of a receive. `mode=poll` spins, `mode=doorbell` blocks on the doorbell.
+//!   pong the cost of a receive. `mode=poll` spins, `mode=doorbell` blocks on the doorbell,
+//!   `mode=mwait` sleeps in MWAIT on the next message's line (exitless where offered).
 //!   Both count the VM exits they took during the exchange (`exit_count` hypercall).
 //! * `stream` / `sink`: `n` messages one way; instructions and exits per message.
 //! * `relay`: forwards messages around a ring of `guests` guests (`from`, `to` channels);
@@ -31,7 +32,13 @@ fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
         log::error!("no channel {:?} in my boot info", bi.arg(name_key));
     }
     c.map(|mut c| {
-        c.doorbells = bi.arg_word("mode") == "doorbell";
+        match bi.arg_word("mode") {
+            "doorbell" => c.doorbells = true,
+            "mwait" if !c.use_mwait() => {
+                log::warn!("mode=mwait: MONITOR/MWAIT not offered (mwait = true?): doorbells")
+            }
+            _ => {}
+        }
         c
     })
 }
@@ -74,7 +81,7 @@ fn polls(bi: &BootInfo) -> u32 {
 }
 
 fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
-    if c.doorbells {
+    if c.doorbells || c.mwait() {
         c.wait(polls)
     } else {
         c.recv()
@@ -110,9 +117,10 @@ pub fn ping(bi: &BootInfo) -> u64 {
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
     log::info!(
         "bench ping mode={} n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} exits={e} \
-         doorbells_rung={} doorbells_taken={d}",
+         doorbells_rung={} doorbells_taken={d} mwait={}",
         bi.arg_word("mode"),
-        c.rung
+        c.rung,
+        c.mwait() as u8
     );
     0
 }
@@ -124,7 +132,7 @@ pub fn pong(bi: &BootInfo) -> u64 {
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
     let e0 = exit_count();
     for i in 0..n {
-        let m = if c.doorbells {
+        let m = if c.doorbells || c.mwait() {
             match c.wait(polls(bi)) {
                 Ok(m) => m,
                 Err(e) => return corrupt("pong", e),
@@ -155,10 +163,12 @@ pub fn pong(bi: &BootInfo) -> u64 {
     c.rx.flush_ack();
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed) - d0;
     log::info!(
-        "bench pong mode={} n={n} recv_median={} exits={e} doorbells_taken={d} doorbells_rung={}",
+        "bench pong mode={} n={n} recv_median={} exits={e} doorbells_taken={d} doorbells_rung={} \
+         mwait={}",
         bi.arg_word("mode"),
         recv.summary().0,
-        c.rung
+        c.rung,
+        c.mwait() as u8
     );
     0
 }

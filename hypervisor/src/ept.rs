@@ -12,8 +12,11 @@
 //!   the range and no large page in the way; for an unmap everything mapped, large pages
 //!   whole) and count the table frames a map needs against what the source can still hand
 //!   out, and only then write. A call that fails leaves every table byte-identical.
-//! * Every table below the root holds at least one present entry: an unmap frees the tables
-//!   it empties (never the root), so map/unmap cycles do not grow frame use.
+//! * Every table below the root holds at least one present entry, except the directories
+//!   [`prebuild`] made and marked kept: an unmap frees the tables it empties (never the root,
+//!   never a kept one), so map/unmap cycles do not grow frame use.
+//! * Map and unmap work a leaf table at a time (one walk per 2 MiB, then a tight loop over
+//!   the entries), so their cost is a walk per 2 MiB plus a store per page.
 //! * Leaves are write-back, 2-MiB pages where both addresses and the remaining length allow,
 //!   4-KiB pages otherwise: nothing is mapped that the caller did not ask for. Only the
 //!   partition itself is executable ([`map`]); everything else is mapped with a [`Perm`]
@@ -134,6 +137,9 @@ const MEMTYPE_WB: u64 = 6 << 3;
 /// aliased memory types can break coherency).
 const IPAT: u64 = 1 << 6;
 const LARGE: u64 = 1 << 7;
+/// Software bit of a non-leaf entry (bit 11, ignored by the processor: SDM Vol. 3C 29.3.2,
+/// Tables 29-1 to 29-5): the table it points to was built by [`prebuild`] and stays.
+const KEEP: u64 = 1 << 11;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_4K: u64 = 4096;
@@ -185,6 +191,19 @@ fn index(gpa: u64, level: u32) -> usize {
 
 fn present(e: u64) -> bool {
     e & RWX != 0
+}
+
+/// Whether any entry of `t` is present: one OR over all of them (no branch per entry; the
+/// checks of a map and an unmap run over up to 512 entries).
+fn any_present(t: &[u64]) -> bool {
+    t.iter().fold(0, |acc, e| acc | e) & RWX != 0
+}
+
+/// Whether every entry of `t` is present. Every leaf this module writes has READ set
+/// ([`Perm::bits`]), so an AND over READ suffices for them; an entry without READ (never
+/// written here) is checked exactly.
+fn all_present(t: &[u64]) -> bool {
+    t.iter().fold(READ, |acc, e| acc & e) & READ != 0 || t.iter().all(|&e| present(e))
 }
 
 /// Access a mapping allows.
@@ -248,6 +267,34 @@ pub fn map(f: &mut impl Frames, root: u64, gpa: u64, hpa: u64, len: u64) -> Resu
     map_with(f, root, gpa, hpa, len, Perm::ReadWriteExecute)
 }
 
+/// A piece of a mapping one leaf table holds: one 2-MiB leaf in a page directory, or a run of
+/// 4-KiB leaves in one page table (never across a 2-MiB boundary of the guest side).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    g: u64,
+    h: u64,
+    large: bool,
+    /// 4-KiB pages it covers (512 for a large leaf).
+    pages: usize,
+}
+
+/// The runs of mapping `[gpa, gpa + len)` to `[hpa, hpa + len)`, chunked by
+/// [`large_chunk`]: a 2-MiB leaf where both sides are aligned and 2 MiB remain, else 4-KiB
+/// leaves up to the next 2-MiB boundary of the guest side.
+fn runs(gpa: u64, hpa: u64, len: u64) -> impl Iterator<Item = Run> {
+    let mut off = 0;
+    core::iter::from_fn(move || {
+        if off >= len {
+            return None;
+        }
+        let (g, h, left) = (gpa + off, hpa + off, len - off);
+        let large = large_chunk(g, h, left);
+        let size = if large { SIZE_2M } else { left.min(SIZE_2M - g % SIZE_2M) };
+        off += size;
+        Some(Run { g, h, large, pages: (size / SIZE_4K) as usize })
+    })
+}
+
 /// The table frames mapping `[gpa, gpa + len)` (chunked as for `hpa`) would add, or why it
 /// cannot be mapped. Writes nothing.
 fn tables_needed(
@@ -261,11 +308,9 @@ fn tables_needed(
     // goes upwards through the range, so remembering the last one counted suffices.
     let mut last_new = [u64::MAX; 3]; // PDPT (per 512 GiB), PD (per 1 GiB), PT (per 2 MiB)
     let mut needed = 0;
-    let mut off = 0;
-    while off < len {
-        let (g, h) = (gpa + off, hpa + off);
-        let large = large_chunk(g, h, len - off);
-        let levels = if large { 2 } else { 3 }; // tables between the root and the leaf
+    for r in runs(gpa, hpa, len) {
+        let g = r.g;
+        let levels = if r.large { 2 } else { 3 }; // tables between the root and the leaf
         let mut table = Some(root);
         for (depth, level) in (1..4).rev().take(levels).enumerate() {
             let key = g >> (12 + 9 * level);
@@ -285,13 +330,19 @@ fn tables_needed(
                 needed += 1;
             }
         }
-        let leaf_level = if large { 1 } else { 0 };
-        if let Some(t) = table {
-            if present(f.table(t)[index(g, leaf_level)]) {
+        let Some(t) = table else { continue };
+        if r.large {
+            if present(f.table(t)[index(g, 1)]) {
                 return Err(EptError::Overlap(g));
             }
+        } else {
+            let i0 = index(g, 0);
+            let run = &f.table(t)[i0..i0 + r.pages];
+            if any_present(run) {
+                let j = run.iter().position(|&e| present(e)).unwrap_or(0);
+                return Err(EptError::Overlap(g + j as u64 * SIZE_4K));
+            }
         }
-        off += if large { SIZE_2M } else { SIZE_4K };
     }
     Ok(needed)
 }
@@ -322,74 +373,135 @@ pub fn map_with(
     if tables_needed(f, root, gpa, hpa, len)? > f.available() {
         return Err(EptError::OutOfFrames);
     }
-    let mut off = 0;
-    while off < len {
-        let (g, h) = (gpa + off, hpa + off);
-        let pdpt = next_or_new(f, root, index(g, 3));
-        let pd = next_or_new(f, pdpt, index(g, 2));
-        if large_chunk(g, h, len - off) {
-            f.table(pd)[index(g, 1)] = h | perm.bits() | perm.memtype() | LARGE;
-            off += SIZE_2M;
+    let bits = perm.bits() | perm.memtype();
+    for r in runs(gpa, hpa, len) {
+        let pdpt = next_or_new(f, root, index(r.g, 3));
+        let pd = next_or_new(f, pdpt, index(r.g, 2));
+        if r.large {
+            f.table(pd)[index(r.g, 1)] = r.h | bits | LARGE;
         } else {
-            let pt = next_or_new(f, pd, index(g, 1));
-            f.table(pt)[index(g, 0)] = h | perm.bits() | perm.memtype();
-            off += SIZE_4K;
+            let pt = next_or_new(f, pd, index(r.g, 1));
+            let i0 = index(r.g, 0);
+            let mut h = r.h | bits;
+            for e in &mut f.table(pt)[i0..i0 + r.pages] {
+                *e = h;
+                h += SIZE_4K;
+            }
         }
     }
     Ok(())
 }
 
-/// The leaf covering `g`: its level (0 or 1) and the tables from the root down to it.
-fn leaf(f: &mut impl Frames, root: u64, g: u64) -> Option<(u32, [u64; 4])> {
-    let mut path = [root, 0, 0, 0];
-    for level in (0..4).rev() {
-        let table = path[3 - level as usize];
+/// The page directory covering `g` and its entry for `g`, if the tables down to it exist.
+fn pd_entry(f: &mut impl Frames, root: u64, g: u64) -> Option<(u64, u64)> {
+    let mut table = root;
+    for level in [3, 2] {
         let e = f.table(table)[index(g, level)];
         if !present(e) {
             return None;
         }
-        if level == 0 || (level == 1 && e & LARGE != 0) {
-            return Some((level, path));
-        }
-        path[4 - level as usize] = e & ADDR_MASK;
+        table = e & ADDR_MASK;
     }
-    None
+    Some((table, f.table(table)[index(g, 1)]))
+}
+
+/// Builds the page-directory-pointer tables and page directories for `[gpa, gpa + len)`
+/// (1-GiB aligned) ahead of any map there, and marks them kept: [`unmap`] never frees
+/// them, so a 2-MiB map in that range writes one entry and allocates nothing, the first
+/// time or the hundredth. Maps nothing (an empty directory translates nothing). All or
+/// nothing.
+pub fn prebuild(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<(), EptError> {
+    const GIB: u64 = 1 << 30;
+    check_range(gpa, 0, len)?;
+    if !(gpa | len).is_multiple_of(GIB) {
+        return Err(EptError::Misaligned);
+    }
+    // Count first: PDPTs and PDs missing (a large 1-GiB leaf is never written here).
+    let mut needed = 0;
+    let mut last_pdpt = u64::MAX;
+    for g in (gpa..gpa + len).step_by(GIB as usize) {
+        let e3 = f.table(root)[index(g, 3)];
+        if !present(e3) {
+            if last_pdpt != g >> 39 {
+                last_pdpt = g >> 39;
+                needed += 1;
+            }
+            needed += 1;
+        } else if !present(f.table(e3 & ADDR_MASK)[index(g, 2)]) {
+            needed += 1;
+        }
+    }
+    if needed > f.available() {
+        return Err(EptError::OutOfFrames);
+    }
+    for g in (gpa..gpa + len).step_by(GIB as usize) {
+        let pdpt = next_or_new(f, root, index(g, 3));
+        f.table(root)[index(g, 3)] |= KEEP;
+        next_or_new(f, pdpt, index(g, 2));
+        f.table(pdpt)[index(g, 2)] |= KEEP;
+    }
+    Ok(())
 }
 
 /// Removes the leaves covering `[gpa, gpa + len)` (exactly as they were mapped: a large
-/// page must be removed whole), all or nothing, and frees the tables that become empty.
-/// Returns the bytes unmapped; the caller must INVEPT.
+/// page must be removed whole), all or nothing, and frees the tables that become empty
+/// (unless [`prebuild`] kept them). Returns the bytes unmapped; the caller must INVEPT.
 pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, EptError> {
     check_range(gpa, 0, len)?;
+    // Check everything first: each 2-MiB step is one large leaf or one run of a page table.
     let mut off = 0;
     while off < len {
-        let g = gpa + off;
-        match leaf(f, root, g) {
-            None => return Err(EptError::NotMapped(g)),
-            Some((1, _)) if !g.is_multiple_of(SIZE_2M) || len - off < SIZE_2M => {
-                return Err(EptError::Misaligned)
+        let (g, left) = (gpa + off, len - off);
+        let e = match pd_entry(f, root, g) {
+            Some((_, e)) if present(e) => e,
+            _ => return Err(EptError::NotMapped(g)),
+        };
+        if e & LARGE != 0 {
+            if !g.is_multiple_of(SIZE_2M) || left < SIZE_2M {
+                return Err(EptError::Misaligned);
             }
-            Some((1, _)) => off += SIZE_2M,
-            Some(_) => off += SIZE_4K,
+            off += SIZE_2M;
+        } else {
+            let n = left.min(SIZE_2M - g % SIZE_2M) / SIZE_4K;
+            let i0 = index(g, 0);
+            let run = &f.table(e & ADDR_MASK)[i0..i0 + n as usize];
+            if !all_present(run) {
+                let j = run.iter().position(|&e| !present(e)).unwrap_or(0);
+                return Err(EptError::NotMapped(g + j as u64 * SIZE_4K));
+            }
+            off += n * SIZE_4K;
         }
     }
     let mut off = 0;
     while off < len {
         let g = gpa + off;
-        let (level, path) = leaf(f, root, g).expect("checked above");
-        f.table(path[3 - level as usize])[index(g, level)] = 0;
-        off += if level == 1 { SIZE_2M } else { SIZE_4K };
-        // Leaving a table (or the range): free the tables this emptied, bottom up.
-        let leaving = off >= len || (gpa + off) >> 21 != g >> 21;
-        if leaving {
-            for tl in level..3 {
-                let (table, parent) = (path[(3 - tl) as usize], path[(2 - tl) as usize]);
-                if f.table(table).iter().any(|&e| present(e)) {
-                    break;
-                }
-                f.table(parent)[index(g, tl + 1)] = 0;
-                f.free(table);
+        let pdpt = f.table(root)[index(g, 3)] & ADDR_MASK;
+        let pd = f.table(pdpt)[index(g, 2)] & ADDR_MASK;
+        let e = f.table(pd)[index(g, 1)];
+        if e & LARGE != 0 {
+            f.table(pd)[index(g, 1)] = 0;
+            off += SIZE_2M;
+        } else {
+            let n = (len - off).min(SIZE_2M - g % SIZE_2M) / SIZE_4K;
+            let (i0, pt) = (index(g, 0), e & ADDR_MASK);
+            let t = f.table(pt);
+            t[i0..i0 + n as usize].fill(0);
+            off += n * SIZE_4K;
+            // Empty unless an entry outside the run just cleared is present.
+            if any_present(&t[..i0]) || any_present(&t[i0 + n as usize..]) {
+                continue;
             }
+            f.table(pd)[index(g, 1)] = 0;
+            f.free(pt);
+        }
+        // Free the directories this emptied, bottom up, unless kept.
+        for (table, parent, level) in [(pd, pdpt, 2), (pdpt, root, 3)] {
+            let entry = f.table(parent)[index(g, level)];
+            if entry & KEEP != 0 || any_present(f.table(table)) {
+                break;
+            }
+            f.table(parent)[index(g, level)] = 0;
+            f.free(table);
         }
     }
     Ok(len)
@@ -665,6 +777,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn prebuilt_directories_stay_and_2m_maps_there_allocate_nothing() {
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x20_0000, 4 << 20).unwrap();
+        let w = 0xc000_0000;
+        let before = snapshot(&f);
+        assert_eq!(prebuild(&mut f, root, w + 4096, 1 << 30), Err(EptError::Misaligned));
+        assert_eq!(prebuild(&mut f, root, w, 1 << 20), Err(EptError::Misaligned));
+        assert_eq!(prebuild(&mut f, root, 1 << 48, 1 << 30), Err(EptError::OutOfRange));
+        assert!(snapshot(&f) == before, "a refused prebuild writes nothing");
+        prebuild(&mut f, root, w, 1 << 30).unwrap();
+        let base = f.in_use();
+        assert_eq!(base, 4, "root, PDPT and PD of the partition, the window's PD");
+        assert_eq!(mapped_bytes(&mut f, root), 4 << 20, "a kept directory maps nothing");
+        assert_eq!(translate(&mut f, root, w), None);
+        for _ in 0..3 {
+            map_with(&mut f, root, w + (4 << 20), 0x8000_0000, 2 << 20, Perm::ReadWrite).unwrap();
+            assert_eq!(f.in_use(), base, "one entry written, nothing allocated");
+            assert_eq!(translate(&mut f, root, w + (5 << 20)), Some(0x8010_0000));
+            assert_eq!(unmap(&mut f, root, w + (4 << 20), 2 << 20), Ok(2 << 20));
+            assert_eq!(f.in_use(), base, "the directory stays");
+        }
+        // 4-KiB pages need a page table, freed again; the directory stays.
+        map_with(&mut f, root, w + 4096, 0x8000_0000, 2 << 20, Perm::Read).unwrap();
+        assert_eq!(f.in_use(), base + 2, "two page tables");
+        assert_eq!(translate(&mut f, root, w + (2 << 20) + 0x123), Some(0x801f_f123));
+        assert_eq!(unmap(&mut f, root, w + 4096, 2 << 20), Ok(2 << 20));
+        assert_eq!(f.in_use(), base);
+        // Again over tables that exist: nothing more.
+        let before = snapshot(&f);
+        prebuild(&mut f, root, w, 1 << 30).unwrap();
+        assert!(snapshot(&f) == before, "prebuilding twice changes nothing");
+        // Two GiB far away need a PDPT and two PDs: with two frames left, refused whole.
+        let mut g = host_frames(3);
+        let root = new_root(&mut g).unwrap();
+        let before = snapshot(&g);
+        assert_eq!(prebuild(&mut g, root, 1 << 40, 2 << 30), Err(EptError::OutOfFrames));
+        assert!(snapshot(&g) == before);
+        assert_eq!(prebuild(&mut g, root, 1 << 40, 1 << 30), Ok(()));
+    }
+
+    #[test]
     fn pool_reuses_freed_frames_first_and_keeps_count() {
         let mut f = host_frames(3);
         assert_eq!((f.limit(), f.available(), f.in_use()), (3, 3, 0));
@@ -796,9 +950,16 @@ pub(crate) mod tests {
         /// byte-identical, translations equal the model's after every call, and unmapping
         /// everything brings frame use back to the root alone.
         #[test]
-        fn map_unmap_matches_the_model(ops in prop::collection::vec(op(), 1..40), frames in 4u64..24) {
+        fn map_unmap_matches_the_model(
+            ops in prop::collection::vec(op(), 1..40),
+            frames in 4u64..24,
+            prebuilt in prop::bool::ANY,
+        ) {
             let mut f = host_frames(frames);
             let root = new_root(&mut f).unwrap();
+            // Directories kept for the first GiB (what the grant window gets): they change
+            // nothing the model sees, and stay when emptied.
+            let kept = if prebuilt { prebuild(&mut f, root, 0, 1 << 30).unwrap(); 2 } else { 0 };
             let mut m = Model::new();
             for op in ops {
                 let before = snapshot(&f);
@@ -841,7 +1002,7 @@ pub(crate) mod tests {
                     prop_assert_eq!(model_unmap(&mut m, l.start, l.size), Ok(l.size));
                 }
             }
-            prop_assert_eq!(f.in_use(), 1, "only the root is left");
+            prop_assert_eq!(f.in_use(), 1 + kept, "only the root (and the kept tables) left");
             prop_assert_eq!(mapped_bytes(&mut f, root), 0);
         }
 

@@ -5,8 +5,9 @@
 //! backed by the VMCS (`guest::VmcsVcpu`).
 //!
 //! Policy (the guest is never trusted):
-//! * CPUID: passed through with VMX, x2APIC, MONITOR, the TSC deadline timer and the
-//!   topology hidden (the guest sees one CPU); leaf 0x4000_0000 carries "mkvisor".
+//! * CPUID: passed through with VMX, x2APIC, MONITOR (unless the guest waits exitless,
+//!   [`GuestCtx::mwait`]), the TSC deadline timer and the topology hidden (the guest sees
+//!   one CPU); leaf 0x4000_0000 carries "mkvisor".
 //! * VMCALL: the hypercall ABI of `vmcall_proto::hypercall`, from CPL 0 only (#GP otherwise).
 //! * I/O: only writes to port 0xE9 (a debug console feeding the guest's console line) and to
 //!   port 0x80 (POST, ignored); anything else gets #GP.
@@ -22,7 +23,8 @@
 //!   CR4: OSFXSR and friends) are the guest's. MOV to CR0 with bits 63:32 set is #GP as on
 //!   hardware. CLTS and LMSW are emulated (LMSW cannot clear PE, SDM Vol. 3C 26.1.3).
 //!   CR8 is emulated (a stored value).
-//! * VMX instructions, MONITOR/MWAIT: #UD. XSETBV: only XCR0 = 1 (x87, the reset value).
+//! * VMX instructions: #UD. MONITOR/MWAIT: #UD, unless the guest waits exitless (then they
+//!   cause no exit at all). XSETBV: only XCR0 = 1 (x87, the reset value).
 //! * INVD and WBINVD: emulated as no-ops that advance RIP and are counted (INVD always
 //!   exits, SDM Vol. 3C 26.1.2; WBINVD exits because "WBINVD exiting" is on where the
 //!   processor allows it). Caches stay coherent without them; executed for real, WBINVD
@@ -383,6 +385,10 @@ pub struct GuestCtx {
     /// A doorbell to deliver from the hypervisor itself (one of the guest's channels went
     /// down or came back): injected like the timer, when the guest takes interrupts.
     pub wake: bool,
+    /// MONITOR/MWAIT run without VM exits for this guest (`mwait = true` in its config, it
+    /// has channels, the processor has them): CPUID shows MONITOR. Otherwise they exit and
+    /// get #UD, and CPUID hides MONITOR.
+    pub mwait: bool,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -430,6 +436,7 @@ impl GuestCtx {
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
             wake: false,
+            mwait: false,
             caps,
             foreign_tsc: 0,
         }
@@ -701,7 +708,10 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     match leaf {
         1 => {
             r[1] = (r[1] & 0x0000_ffff) | (1 << 16) | (ctx.core << 24); // one logical CPU
-            r[2] &= !((1 << 5) | (1 << 3) | (1 << 21) | (1 << 24)); // VMX, MONITOR, x2APIC, TSC deadline
+            r[2] &= !((1 << 5) | (1 << 21) | (1 << 24)); // VMX, x2APIC, TSC deadline
+            if !ctx.mwait {
+                r[2] &= !(1 << 3); // MONITOR (MWAIT exits and is #UD)
+            }
             r[2] |= 1 << 31; // hypervisor present
             r[3] &= !(1 << 28); // HTT
         }
@@ -1856,6 +1866,17 @@ mod tests {
         assert_eq!(l1[1], 0x0301_ffff, "APIC id = core 3, one logical CPU, low half kept");
         assert_eq!(l1[2], 0xfedf_ffd7, "VMX, MONITOR, x2APIC, TSC deadline hidden");
         assert_eq!(l1[3], 0xefff_ffff, "HTT hidden");
+        c.mwait = true;
+        v.regs = GuestRegs { rax: 1, ..Default::default() };
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!(v.regs.rcx, 0xfedf_ffdf, "an exitless waiter sees MONITOR");
+        c.mwait = false;
+        let mut q = |leaf: u64, sub: u64| {
+            v.regs = GuestRegs { rax: leaf, rcx: sub, ..Default::default() };
+            handle(&mut c, &mut v, &exit(10, 2), &mut s);
+            let r = v.regs;
+            [r.rax, r.rbx, r.rcx, r.rdx]
+        };
         assert_eq!(q(4, 0)[0], 0x3fff, "no sharing cores or threads");
         assert_eq!(q(0xb, 0), [0, 1, 1 << 8, 3]);
         assert_eq!(q(0x1f, 1), [0, 0, 1, 3]);

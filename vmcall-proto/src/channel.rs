@@ -250,6 +250,26 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
+    /// The cache line of the last message sent (none yet: the first slot's).
+    pub fn last_line(&self) -> *const u8 {
+        let n = self.ring.slots.len() as u64;
+        let last = (self.next + n - 1) % n;
+        &self.ring.slots[last as usize] as *const Slot as *const u8
+    }
+
+    /// Stores the last message's control word again, the same value (nothing if none was
+    /// sent): a second store into its line that changes nothing a receiver can see (the
+    /// slot cannot have been reused: only this side writes it, and it has not sent since).
+    /// For a waiter's monitor that missed the first store (see the guest's `Chan`).
+    pub fn restore_last(&self) {
+        if self.next == 0 {
+            return;
+        }
+        let n = self.ring.slots.len() as u64;
+        let slot = &self.ring.slots[((self.next - 1) % n) as usize];
+        slot.control.store(self.tag | self.next, Ordering::Release);
+    }
+
     /// Whether the consumer said it is going to sleep (then it wants a doorbell).
     pub fn peer_sleeping(&self) -> bool {
         // Pairs with the consumer's SeqCst store before its final re-check (Dekker): either
@@ -307,6 +327,14 @@ impl<'a> Receiver<'a> {
             self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
         }
         Ok(Some(msg))
+    }
+
+    /// The cache line the next message will be written to (its slot): what a receiver
+    /// waiting with MONITOR/MWAIT arms the monitor on. The sender's first store into it
+    /// wakes the waiter.
+    pub fn next_line(&self) -> *const u8 {
+        let n = self.ring.slots.len() as u64;
+        &self.ring.slots[(self.next % n) as usize] as *const Slot as *const u8
     }
 
     /// Publishes the received count now (e.g. at the end, for statistics).
@@ -411,6 +439,22 @@ mod tests {
             assert_eq!(rx.try_recv(), Ok(None));
         }
         assert_eq!((st.ring(4).sent(), st.ring(4).received()), (20, 20));
+    }
+
+    #[test]
+    fn restoring_the_last_control_word_changes_nothing() {
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(2)), Receiver::new(st.ring(2), 1));
+        tx.restore_last();
+        assert_eq!(rx.try_recv(), Ok(None), "nothing sent: nothing stored");
+        for i in 0..5 {
+            tx.try_send(&msg(i)).unwrap();
+            tx.restore_last();
+            assert_eq!(tx.last_line(), st.slot(i as usize % 2) as *const Slot as *const u8);
+            assert_eq!(rx.try_recv(), Ok(Some(msg(i))));
+            tx.restore_last();
+            assert_eq!(rx.try_recv(), Ok(None), "no message twice");
+        }
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub struct GuestEntry {
     pub budget_ms: u32,
     /// When the guest is started again: one of the [`restart`] values.
     pub restart: u8,
-    pub _reserved1: u8,
+    /// Optional behaviours: a set of [`flags`] bits.
+    pub flags: u8,
     /// Restarts allowed after the first start (at most [`MAX_RESTARTS`]).
     pub max_restarts: u16,
     /// Guests this one controls (stop, start, restart, query), as a bitmask of guest
@@ -110,6 +111,15 @@ pub struct GuestEntry {
     pub controls: u64,
 }
 const _: () = assert!(core::mem::size_of::<GuestEntry>() == 224);
+
+/// Bits of [`GuestEntry::flags`].
+pub mod flags {
+    /// Exitless waiting (`mwait = true`): the guest may wait with MONITOR/MWAIT, which then
+    /// cause no VM exit (where the processor has them; a guest with channels only).
+    pub const MWAIT: u8 = 1;
+    /// Every bit defined.
+    pub const ALL: u8 = MWAIT;
+}
 
 /// Restart policies ([`GuestEntry::restart`]).
 pub mod restart {
@@ -220,8 +230,8 @@ impl fmt::Display for BlobError {
             BadKernel(i) => write!(f, "guest {i}: kernel index past the {MAX_KERNELS} allowed"),
             BadLifecycle(i) => write!(
                 f,
-                "guest {i}: restart policy, max_restarts (at most {MAX_RESTARTS}) or budget_ms \
-                 (at most {MAX_BUDGET_MS}) out of range"
+                "guest {i}: restart policy, max_restarts (at most {MAX_RESTARTS}), budget_ms \
+                 (at most {MAX_BUDGET_MS}) out of range, or an unknown flag"
             ),
             BadControl(i) => write!(f, "guest {i}: controls itself or a guest that does not exist"),
             ControlCycle(i) => {
@@ -388,7 +398,7 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
         if e.restart as usize >= restart::NAMES.len()
             || e.max_restarts > MAX_RESTARTS
             || e.budget_ms > MAX_BUDGET_MS
-            || e._reserved1 != 0
+            || e.flags & !flags::ALL != 0
         {
             return Err(BadLifecycle(i));
         }
@@ -503,7 +513,7 @@ pub fn guest_entry(
         _reserved: [0; 6],
         budget_ms: 0,
         restart: restart::NEVER,
-        _reserved1: 0,
+        flags: 0,
         max_restarts: 0,
         controls: 0,
     })
@@ -871,12 +881,14 @@ mod tests {
         g[1].max_restarts = MAX_RESTARTS;
         g[1].budget_ms = MAX_BUDGET_MS;
         g[0].controls = 0b110;
+        g[2].flags = flags::MWAIT;
         assert_eq!(parsed(&g, &[], &[]), Ok(()));
         for bad in [
             |e: &mut GuestEntry| e.restart = 3,
             |e: &mut GuestEntry| e.max_restarts = MAX_RESTARTS + 1,
             |e: &mut GuestEntry| e.budget_ms = MAX_BUDGET_MS + 1,
-            |e: &mut GuestEntry| e._reserved1 = 1,
+            |e: &mut GuestEntry| e.flags = 2,
+            |e: &mut GuestEntry| e.flags = 0x80,
         ] {
             let mut g = guests(3);
             bad(&mut g[2]);

@@ -222,12 +222,14 @@ const fn channel(key: &'static str, default: ArgDefault, meaning: &'static str) 
 
 const MODE: ArgSpec = ArgSpec {
     key: "mode",
-    kind: ArgKind::Word(&["poll", "doorbell"]),
+    kind: ArgKind::Word(&["poll", "doorbell", "mwait"]),
     default: ArgDefault::Word("poll"),
-    meaning: "`poll` the ring, or sleep until the peer rings the doorbell",
+    meaning: "`poll` the ring, sleep until the peer rings the doorbell, or sleep in MWAIT on \
+              the line the next message lands in (no doorbell, no VM exit; needs `mwait = true` \
+              for the guest, else the doorbell)",
 };
 const POLLS: ArgSpec =
-    int("polls", 0, u32::MAX as u64, 0, "in doorbell mode, polls before sleeping");
+    int("polls", 0, u32::MAX as u64, 0, "in doorbell and mwait modes, polls before sleeping");
 const CHANNEL: ArgSpec = channel("channel", ArgDefault::FirstChannel, "the channel to use");
 const DEAF: ArgSpec =
     flag("deaf", "1: the run injects a silent core (the revoke must time out, not hang)");
@@ -416,6 +418,7 @@ pub const ATTACK_NAMES: &[&str] = &[
     "halt-forever",
     "halt-timer-masked",
     "spin-forever",
+    "mwait-forever",
     "doorbell-flood",
 ];
 

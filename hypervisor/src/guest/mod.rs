@@ -157,6 +157,10 @@ pub fn build_ept(
         ept::map_with(f, root, gpa, hpa, len, ept::Perm::ReadWrite)
             .map_err(|_| "channel window mapping failed")?;
     }
+    // The grant window's directories, built now and kept: a 2-MiB cap_map there writes one
+    // entry, the first time as every time.
+    let (wstart, wend) = vmcall_proto::hypercall::GRANT_WINDOW;
+    ept::prebuild(f, root, wstart, wend - wstart).map_err(|_| FAILED)?;
     let rw = ept::Perm::ReadWrite.bits();
     let rwx = ept::Perm::ReadWriteExecute.bits();
     let mut ok = ept::translate_perm(f, root, 0) == Some((base, rwx))
@@ -446,6 +450,26 @@ mod run {
         Ok(())
     }
 
+    /// Whether `l`'s guest waits exitless: MONITOR and MWAIT without VM exits (SDM Vol. 3C
+    /// 26.1.3: with "MWAIT exiting" and "MONITOR exiting" 0 they execute normally in VMX
+    /// non-root operation). Only a guest with channels that asked for it (`mwait = true`),
+    /// on a processor with MONITOR/MWAIT (CPUID.01H:ECX[3]).
+    ///
+    /// What a guest can do with them, and why that is safe: MONITOR arms on a line the
+    /// guest can read (it is a read for EPT purposes: a line outside its EPT is a violation
+    /// and stops it), so it learns when a line it could poll is written, nothing more.
+    /// MWAIT sleeps its own core until that line is written or an event comes; NMIs still
+    /// exit (NMI exiting), so the inter-core kicks and the capability protocol are served
+    /// as before, and the VMX-preemption timer still ends the run budget: a guest that
+    /// sleeps forever is stopped as one that spins forever. The hints (EAX) pick the
+    /// C-state of the guest's own core; on hardware a deep one costs that core wake-up
+    /// latency and cache contents, nothing of another guest's.
+    fn exitless_mwait(l: &Launch) -> bool {
+        let asked = l.entry.flags & vmcall_proto::config::flags::MWAIT != 0;
+        let has = raw_cpuid::native_cpuid::cpuid_count(1, 0).ecx & (1 << 3) != 0;
+        asked && l.channel_count > 0 && has
+    }
+
     fn setup_vmcs(
         l: &Launch,
         f: &Features,
@@ -459,6 +483,7 @@ mod run {
         // preemption timer) comes. Guests without channels keep both exits, so that a HLT
         // that can never wake is caught at once.
         let direct = l.channel_count > 0;
+        let mwait = exitless_mwait(l);
         let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
         if !direct {
             pin_want |= PinbasedControls::EXTERNAL_INTERRUPT_EXITING;
@@ -470,8 +495,11 @@ mod run {
             (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
                 | PrimaryControls::UNCOND_IO_EXITING
                 | PrimaryControls::USE_MSR_BITMAPS
-                | PrimaryControls::MWAIT_EXITING
-                | PrimaryControls::MONITOR_EXITING
+                | if mwait {
+                    PrimaryControls::empty()
+                } else {
+                    PrimaryControls::MWAIT_EXITING | PrimaryControls::MONITOR_EXITING
+                }
                 | PrimaryControls::SECONDARY_CONTROLS)
                 .bits()
                 | cr8,
@@ -1236,6 +1264,10 @@ mod run {
                 return unload(ctx, "VMCS setup failed");
             }
         };
+        ctx.mwait = exitless_mwait(l);
+        if ctx.mwait && n == 1 {
+            log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
+        }
         let mut sink = Console { name: name(l), core };
         if n == 1 {
             for &(base, size) in &l.grants[..l.grant_count] {

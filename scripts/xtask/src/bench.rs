@@ -3,12 +3,18 @@
 //!
 //! * Host, real cores: two threads pinned to two cores exchange 64-byte messages through
 //!   the mkvisor ring (`vmcall_proto::channel`), a bare cache-line ping-pong (two lines, one
-//!   per direction: the physical limit of a cross-core round trip), crossbeam-channel, std
+//!   per direction: the physical limit of a cross-core round trip), a raw line ring (lines
+//!   and a sequence word, nothing else: the streaming baseline), crossbeam-channel, std
 //!   mpsc and a pair of Linux pipes. Round trips give median and p99 latency (TSC, converted
 //!   with a clock calibrated in the same run); a one-way burst gives throughput. Ratios are
-//!   to the cache-line ping-pong of the same run: the machine is noisy, ratios are not.
+//!   to the cache-line ping-pong and the raw line ring of the same run, and the ring's
+//!   streaming is also measured against the raw line ring in alternating pairs: the machine
+//!   is noisy, ratios are less so. Every wait spins with a deadline.
 //! * In Bochs: guest-measured instruction counts (the TSC counts emulated instructions)
-//!   and VM exits from dedicated two-CPU configs, one pair alone per run.
+//!   and VM exits from dedicated two-CPU configs, one pair alone per run: polling,
+//!   doorbells, MWAIT (exitless notification), streaming.
+//!
+//! Calls: `crate::run` to boot, `vmcall_proto::channel` for the ring; nothing else of ours.
 //!
 //! These are benchmarks: they print figures, they do not pass or fail.
 
@@ -27,6 +33,10 @@ pub struct HostRow {
     pub throughput_mmsg_s: f64,
     pub rtt_ratio_to_cacheline: f64,
     pub throughput_ratio_to_cacheline: f64,
+    /// One-way throughput as a ratio to the raw line ring's (the streaming limit) in the
+    /// same run.
+    #[serde(default)]
+    pub throughput_ratio_to_raw: f64,
     /// The round trips' latency histogram: log-spaced buckets (four per doubling), all
     /// repetitions together.
     #[serde(default)]
@@ -164,11 +174,90 @@ pub struct Emulated {
     pub exits_per_doorbell_receiver: f64,
     pub doorbells_rung: u64,
     pub doorbells_taken: u64,
+    /// Exitless notification (`configs/bench-mwait.toml`: both sides wait in MWAIT on the
+    /// next message's line): its figures, or why there are none.
+    #[serde(default)]
+    pub mwait: Option<MwaitFigures>,
+    #[serde(default)]
+    pub mwait_problem: Option<String>,
+}
+
+/// The MWAIT ping-pong's figures.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct MwaitFigures {
+    pub round_trip_instructions_median: u64,
+    pub round_trip_instructions_p99: u64,
+    /// VM exits during the exchange per message received (each message is a notification):
+    /// the sender's and the receiver's side.
+    pub exits_per_notification_ping: f64,
+    pub exits_per_notification_pong: f64,
+    pub doorbells_rung: u64,
+}
+
+fn mwait_figures() -> Result<MwaitFigures> {
+    let (r, serial) = run_report("configs/bench-mwait.toml")?;
+    let _ = r;
+    for g in ["ping", "pong"] {
+        if bench_value(&serial, g, "mwait")? != 1 {
+            bail!("{g} did not get MONITOR/MWAIT (fell back to doorbells)");
+        }
+    }
+    let n = bench_value(&serial, "ping", "n")? as f64;
+    Ok(MwaitFigures {
+        round_trip_instructions_median: bench_value(&serial, "ping", "rtt_median")?,
+        round_trip_instructions_p99: bench_value(&serial, "ping", "rtt_p99")?,
+        exits_per_notification_ping: bench_value(&serial, "ping", "exits")? as f64 / n,
+        exits_per_notification_pong: bench_value(&serial, "pong", "exits")? as f64 / n,
+        doorbells_rung: bench_value(&serial, "ping", "doorbells_rung")?
+            + bench_value(&serial, "pong", "doorbells_rung")?,
+    })
+}
+
+/// The mkvisor ring's one-way throughput against the raw line ring's, measured in pairs
+/// (raw, ring, raw, ring, ...: each pair close in time, so that a busy host slows both of
+/// a pair alike), one ratio per pair.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct StreamPairs {
+    pub pairs: u32,
+    pub messages_per_stream: u64,
+    pub ratio_median: f64,
+    pub ratio_ci: [f64; 2],
+    pub ci_confidence: f64,
+    /// Medians of the two sides' throughput over the pairs.
+    pub raw_mmsg_s_median: f64,
+    pub ring_mmsg_s_median: f64,
+}
+
+/// Streams through the raw line ring and the mkvisor ring alternately, `pairs` times.
+pub fn stream_pairs(pairs: u32, count: usize) -> StreamPairs {
+    let (mut ratios, mut raw, mut ring) = (vec![], vec![], vec![]);
+    for _ in 0..pairs {
+        let (a, b) = raw_pair();
+        let r = count as f64 / stream(a, b, count) / 1e6;
+        let (a, b) = ring_pair(64);
+        let m = count as f64 / stream(a, b, count) / 1e6;
+        raw.push(r);
+        ring.push(m);
+        ratios.push(m / r);
+    }
+    let (ratio_median, lo, hi, ci_confidence) = median_ci(&ratios);
+    StreamPairs {
+        pairs,
+        messages_per_stream: count as u64,
+        ratio_median,
+        ratio_ci: [lo, hi],
+        ci_confidence,
+        raw_mmsg_s_median: median_ci(&raw).0,
+        ring_mmsg_s_median: median_ci(&ring).0,
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Report {
     pub host: Vec<HostRow>,
+    /// The ring's streaming against the raw line ring, paired (absent in older files).
+    #[serde(default)]
+    pub stream_pairs: Option<StreamPairs>,
     /// Absent with `--host-only`.
     pub emulated: Option<Emulated>,
     #[serde(default)]
@@ -253,16 +342,18 @@ struct RingEnd {
 }
 impl Endpoint for RingEnd {
     fn send(&mut self, m: &Payload) {
+        let mut spin = Spin::new();
         while self.tx.try_send(m).is_err() {
-            std::hint::spin_loop();
+            spin.wait("a free slot");
         }
     }
     fn recv(&mut self) -> Payload {
+        let mut spin = Spin::new();
         loop {
             if let Ok(Some(m)) = self.rx.try_recv() {
                 return m;
             }
-            std::hint::spin_loop();
+            spin.wait("a message");
         }
     }
 }
@@ -307,8 +398,9 @@ impl Endpoint for LineEnd {
         self.out.seq.store(self.sent, Ordering::Release);
     }
     fn recv(&mut self) -> Payload {
+        let mut spin = Spin::new();
         while self.inp.seq.load(Ordering::Acquire) == self.got {
-            std::hint::spin_loop();
+            spin.wait("the line");
         }
         self.got += 1;
         core::array::from_fn(|i| self.inp.words[i].load(Ordering::Relaxed))
@@ -325,6 +417,108 @@ fn line_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
     (
         Box::new(LineEnd { out: ab.clone(), inp: ba.clone(), sent: 0, got: 0 }),
         Box::new(LineEnd { out: ba, inp: ab, sent: 0, got: 0 }),
+    )
+}
+
+// --- the raw line ring: the streaming limit ---
+// What one-way streaming of 64-byte lines costs with nothing but the lines themselves: a ring
+// of lines, each seven payload words and a plain sequence word (message `i` in line
+// `i % LINES` with sequence `i + 1`), and the consumer's count in a line of its own,
+// published every quarter ring (the flow control any bounded ring needs). No checks of any
+// kind: what is left of the mkvisor ring's cost above it is its checks and bookkeeping.
+const RAW_LINES: usize = 64;
+#[repr(C, align(64))]
+struct RawLine {
+    words: [AtomicU64; 7],
+    seq: AtomicU64,
+}
+#[repr(C, align(128))]
+struct RawCount(AtomicU64);
+struct RawRing {
+    lines: [RawLine; RAW_LINES],
+    consumed: RawCount,
+}
+const _: () = assert!(core::mem::size_of::<RawLine>() == 64);
+const _: () = assert!(core::mem::size_of::<RawCount>() == 128);
+
+/// Spinning with a deadline: a bench whose peer died or never answers stops with a message
+/// instead of hanging.
+/// The clock is read only once a wait has spun 65,536 times, so that a send or receive that
+/// does not wait costs nothing for it.
+struct Spin {
+    until: Option<Instant>,
+    n: u32,
+}
+impl Spin {
+    fn new() -> Self {
+        Spin { until: None, n: 0 }
+    }
+    fn wait(&mut self, what: &str) {
+        std::hint::spin_loop();
+        self.n = self.n.wrapping_add(1);
+        if self.n.is_multiple_of(1 << 16) {
+            let now = Instant::now();
+            let until = *self.until.get_or_insert(now + std::time::Duration::from_secs(30));
+            if now > until {
+                panic!("bench: no progress for 30 s waiting for {what}");
+            }
+        }
+    }
+}
+
+struct RawEnd {
+    out: Arc<RawRing>,
+    inp: Arc<RawRing>,
+    sent: u64,
+    /// The peer's consumed count as last read (the sender never rereads it before it
+    /// needs a slot).
+    acked: u64,
+    got: u64,
+}
+impl Endpoint for RawEnd {
+    fn send(&mut self, m: &Payload) {
+        let mut spin = Spin::new();
+        while self.sent - self.acked >= RAW_LINES as u64 {
+            self.acked = self.out.consumed.0.load(Ordering::Acquire);
+            if self.sent - self.acked >= RAW_LINES as u64 {
+                spin.wait("a free line");
+            }
+        }
+        let line = &self.out.lines[self.sent as usize % RAW_LINES];
+        for (w, v) in line.words.iter().zip(m) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        self.sent += 1;
+        line.seq.store(self.sent, Ordering::Release);
+    }
+    fn recv(&mut self) -> Payload {
+        let line = &self.inp.lines[self.got as usize % RAW_LINES];
+        let mut spin = Spin::new();
+        while line.seq.load(Ordering::Acquire) != self.got + 1 {
+            spin.wait("a line");
+        }
+        let m = core::array::from_fn(|i| line.words[i].load(Ordering::Relaxed));
+        self.got += 1;
+        if self.got.is_multiple_of(RAW_LINES as u64 / 4) {
+            self.inp.consumed.0.store(self.got, Ordering::Release);
+        }
+        m
+    }
+}
+fn raw_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let new = || {
+        Arc::new(RawRing {
+            lines: core::array::from_fn(|_| RawLine {
+                words: core::array::from_fn(|_| AtomicU64::new(0)),
+                seq: AtomicU64::new(0),
+            }),
+            consumed: RawCount(AtomicU64::new(0)),
+        })
+    };
+    let (ab, ba) = (new(), new());
+    (
+        Box::new(RawEnd { out: ab.clone(), inp: ba.clone(), sent: 0, acked: 0, got: 0 }),
+        Box::new(RawEnd { out: ba, inp: ab, sent: 0, acked: 0, got: 0 }),
     )
 }
 
@@ -406,8 +600,9 @@ pub fn host() -> Result<Vec<HostRow>> {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let ns_per_tick = i0.elapsed().as_nanos() as f64 / (rdtsc() - t0) as f64;
     type Make = fn() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)>;
-    let transports: [(&str, Make, usize, usize); 5] = [
+    let transports: [(&str, Make, usize, usize); 6] = [
         ("cache-line ping-pong", || Ok(line_pair()), 200_000, 0),
+        (RAW_NAME, || Ok(raw_pair()), 200_000, 2_000_000),
         ("mkvisor ring", || Ok(ring_pair(64)), 200_000, 2_000_000),
         ("crossbeam-channel", || Ok(crossbeam_pair()), 100_000, 1_000_000),
         ("std mpsc", || Ok(mpsc_pair()), 100_000, 1_000_000),
@@ -439,6 +634,7 @@ pub fn host() -> Result<Vec<HostRow>> {
             throughput_mmsg_s: tput,
             rtt_ratio_to_cacheline: 0.0,
             throughput_ratio_to_cacheline: 0.0,
+            throughput_ratio_to_raw: 0.0,
             rtt_histogram: histogram(&ns),
             repeats: 1,
             rtt_median_ns_ci: None,
@@ -446,12 +642,23 @@ pub fn host() -> Result<Vec<HostRow>> {
             ci_confidence: 0.0,
         });
     }
+    ratios(&mut rows);
+    Ok(rows)
+}
+
+/// The row name of the raw line ring.
+const RAW_NAME: &str = "raw line ring (stream limit)";
+
+/// Fills the ratio columns: to the cache-line ping-pong (the first row) and to the raw line
+/// ring's one-way throughput.
+fn ratios(rows: &mut [HostRow]) {
     let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
-    for r in &mut rows {
+    let raw = rows.iter().find(|r| r.name == RAW_NAME).map_or(f64::NAN, |r| r.throughput_mmsg_s);
+    for r in rows {
         r.rtt_ratio_to_cacheline = r.rtt_median_ns / base_rtt;
         r.throughput_ratio_to_cacheline = r.throughput_mmsg_s / base_tput;
+        r.throughput_ratio_to_raw = r.throughput_mmsg_s / raw;
     }
-    Ok(rows)
 }
 
 /// [`host`] `repeat` times: each figure the median over the repetitions, with its
@@ -489,11 +696,7 @@ pub fn host_repeated(repeat: u32) -> Result<Vec<HostRow>> {
             .map(|(u, count)| Bucket { upper_ns: u as f64 / 1000.0, count })
             .collect();
     }
-    let (base_rtt, base_tput) = (rows[0].rtt_median_ns, rows[0].throughput_mmsg_s);
-    for r in &mut rows {
-        r.rtt_ratio_to_cacheline = r.rtt_median_ns / base_rtt;
-        r.throughput_ratio_to_cacheline = r.throughput_mmsg_s / base_tput;
-    }
+    ratios(&mut rows);
     Ok(rows)
 }
 
@@ -524,6 +727,9 @@ pub fn emulated() -> Result<Emulated> {
     let taken = bench_value(&bell, "ping", "doorbells_taken")?
         + bench_value(&bell, "pong", "doorbells_taken")?;
     let all_exits = bench_value(&bell, "ping", "exits")? + bench_value(&bell, "pong", "exits")?;
+    // A run that fails (e.g. a wake-up the emulator loses: see README, "Exitless
+    // notification") is reported as such, not taken for figures.
+    let mwait = mwait_figures();
     Ok(Emulated {
         send_instructions: bench_value(&poll, "ping", "send_median")?,
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
@@ -550,6 +756,8 @@ pub fn emulated() -> Result<Emulated> {
         },
         doorbells_rung: rung,
         doorbells_taken: taken,
+        mwait: mwait.as_ref().ok().cloned(),
+        mwait_problem: mwait.as_ref().err().map(|e| format!("{e:#}")),
     })
 }
 
@@ -581,8 +789,15 @@ pub fn print(r: &Report) {
             String::new()
         }
     );
-    let mut t =
-        table(&["transport", "RTT median ns", "RTT p99 ns", "x line", "one-way Mmsg/s", "x line"]);
+    let mut t = table(&[
+        "transport",
+        "RTT median ns",
+        "RTT p99 ns",
+        "x line",
+        "one-way Mmsg/s",
+        "x line",
+        "x raw stream",
+    ]);
     for h in &r.host {
         let ci = |v: f64, c: Option<[f64; 2]>, digits: usize| match c {
             Some([lo, hi]) => format!("{v:.digits$} [{lo:.digits$}, {hi:.digits$}]"),
@@ -595,9 +810,25 @@ pub fn print(r: &Report) {
             format!("{:.2}", h.rtt_ratio_to_cacheline),
             ci(h.throughput_mmsg_s, h.throughput_mmsg_s_ci, 2),
             format!("{:.2}", h.throughput_ratio_to_cacheline),
+            format!("{:.2}", h.throughput_ratio_to_raw),
         ]);
     }
     println!("{t}");
+    if let Some(p) = &r.stream_pairs {
+        println!(
+            "Streaming, paired (raw line ring then mkvisor ring, {} pairs of {} messages, 64 lines, ack every 16):",
+            p.pairs, p.messages_per_stream
+        );
+        println!(
+            "  mkvisor ring / raw line ring = {:.2} [{:.2}, {:.2}] at {:.0}% confidence (medians: ring {:.2}, raw {:.2} Mmsg/s)",
+            p.ratio_median,
+            p.ratio_ci[0],
+            p.ratio_ci[1],
+            100.0 * p.ci_confidence,
+            p.ring_mmsg_s_median,
+            p.raw_mmsg_s_median
+        );
+    }
     let Some(e) = &r.emulated else { return };
     println!();
     println!("In Bochs (TSC = emulated instructions, exact; one pair alone on two CPUs)");
@@ -626,6 +857,25 @@ pub fn print(r: &Report) {
     let mut t = table(&["figure", "value"]);
     for (k, v) in rows {
         t.add_row([k.to_string(), v]);
+    }
+    match (&e.mwait, &e.mwait_problem) {
+        (Some(m), _) => {
+            t.add_row([
+                "round trip, MWAIT (median ticks)".to_string(),
+                m.round_trip_instructions_median.to_string(),
+            ]);
+            t.add_row([
+                "VM exits per notification, MWAIT: ping / pong".to_string(),
+                format!(
+                    "{:.3} / {:.3}",
+                    m.exits_per_notification_ping, m.exits_per_notification_pong
+                ),
+            ]);
+        }
+        (None, Some(p)) => {
+            t.add_row(["round trip, MWAIT".to_string(), format!("no figure: {p}")]);
+        }
+        (None, None) => {}
     }
     println!("{t}");
 }
@@ -659,13 +909,15 @@ pub fn channels(
     let timer = timer_resolution();
     eprintln!("bench: host transports (a few seconds per repetition)...");
     let host = host_repeated(repeat)?;
+    eprintln!("bench: raw line ring and mkvisor ring streaming, in 20 pairs...");
+    let pairs = stream_pairs(20, 1_000_000);
     let emulated = if host_only {
         None
     } else {
-        eprintln!("bench: Bochs runs (poll, doorbell, stream)...");
+        eprintln!("bench: Bochs runs (poll, doorbell, mwait, stream)...");
         Some(emulated()?)
     };
-    let r = Report { host, emulated, meta: bench_meta(timer, before) };
+    let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };
     print(&r);
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&r)? + "\n")?;
@@ -683,12 +935,19 @@ mod tests {
     #[test]
     fn every_transport_round_trips_and_streams_in_order() {
         let _ = cores();
-        for (a, b) in
-            [line_pair(), ring_pair(64), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()]
-        {
+        for (a, b) in [
+            line_pair(),
+            raw_pair(),
+            ring_pair(64),
+            crossbeam_pair(),
+            mpsc_pair(),
+            pipe_pair().unwrap(),
+        ] {
             assert_eq!(ping_pong(a, b, 500).len(), 500);
         }
-        for (a, b) in [ring_pair(8), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()] {
+        for (a, b) in
+            [raw_pair(), ring_pair(8), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()]
+        {
             assert!(stream(a, b, 5000) > 0.0);
         }
     }
@@ -732,14 +991,39 @@ mod tests {
 }
 
 /// One row of `bench caps`: every cost in `unit` (emulated instructions).
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct CapsRow {
     pub k: u64,
     /// The unit of the costs (`map` to `revoke_per_copy`): `emulated_instructions`.
     #[serde(default)]
     pub unit: String,
+    /// Map and unmap of the first half of the grant (1 MiB: 4-KiB EPT pages), after the
+    /// whole grant was mapped and unmapped twice.
     pub map: u64,
     pub unmap: u64,
+    /// The same again.
+    #[serde(default)]
+    pub map_again: u64,
+    #[serde(default)]
+    pub unmap_again: u64,
+    /// The whole grant (2 MiB, aligned: one large EPT page): the guest's first map and
+    /// unmap, then a repeat.
+    #[serde(default)]
+    pub map_whole: u64,
+    #[serde(default)]
+    pub unmap_whole: u64,
+    #[serde(default)]
+    pub map_whole_again: u64,
+    #[serde(default)]
+    pub unmap_whole_again: u64,
+    /// The whole grant 4 KiB off a 2-MiB boundary: 4-KiB EPT pages.
+    #[serde(default)]
+    pub map_whole_4k: u64,
+    #[serde(default)]
+    pub unmap_whole_4k: u64,
+    /// The whole grant's size (KiB).
+    #[serde(default)]
+    pub whole_kib: u64,
     pub copy_per_copy: u64,
     pub move_: u64,
     pub revoke: u64,
@@ -766,9 +1050,12 @@ fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
 
 /// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
 /// Bochs's limit, for 14).
-pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
+pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<()> {
     let mut rows = Vec::new();
     for k in [1u64, 2, 4, 7, 10, 14] {
+        if !only.is_empty() && !only.contains(&k) {
+            continue;
+        }
         eprintln!("bench: caps with {k} holders...");
         let (r, serial) = run_report(&format!("configs/bench-caps-k{k}.toml"))?;
         let v = |key: &str| bench_value(&serial, "owner", key);
@@ -785,6 +1072,15 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
             unit: "emulated_instructions".into(),
             map: v("map")?,
             unmap: v("unmap")?,
+            map_again: v("map_again")?,
+            unmap_again: v("unmap_again")?,
+            map_whole: v("map_whole")?,
+            unmap_whole: v("unmap_whole")?,
+            map_whole_again: v("map_whole_again")?,
+            unmap_whole_again: v("unmap_whole_again")?,
+            map_whole_4k: v("map_whole_4k")?,
+            unmap_whole_4k: v("unmap_whole_4k")?,
+            whole_kib: v("whole_kib")?,
             copy_per_copy: v("copy")?,
             move_: v("move")?,
             revoke,
@@ -826,6 +1122,46 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool) -> Result<()> {
                 r.holder_nmi_exits,
                 r.owner_nmis,
                 r.owner_messages,
+            ]
+            .map(|v| v.to_string()),
+        );
+    }
+    println!("{t}");
+    println!();
+    println!(
+        "Map and unmap (hypercall round trips from the guest, EPT change and INVEPT included):"
+    );
+    println!("the whole grant (aligned: one large EPT page) first and again, at 4 KiB past a 2-MiB boundary (4-KiB pages),");
+    println!("then its first half (4-KiB pages) twice");
+    let mut t = table(&[
+        "k",
+        "whole KiB",
+        "map first",
+        "unmap first",
+        "map again",
+        "unmap again",
+        "+4 KiB: map",
+        "unmap",
+        "half: map",
+        "unmap",
+        "map again",
+        "unmap again",
+    ]);
+    for r in &rows {
+        t.add_row(
+            [
+                r.k,
+                r.whole_kib,
+                r.map_whole,
+                r.unmap_whole,
+                r.map_whole_again,
+                r.unmap_whole_again,
+                r.map_whole_4k,
+                r.unmap_whole_4k,
+                r.map,
+                r.unmap,
+                r.map_again,
+                r.unmap_again,
             ]
             .map(|v| v.to_string()),
         );

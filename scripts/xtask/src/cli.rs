@@ -171,11 +171,16 @@ pub enum BenchWhat {
         #[arg(long, requires = "json")]
         plot: bool,
     },
-    /// Capability map, copy, move and revoke for 1, 2, 4 and 7 copies (8 emulated CPUs).
+    /// Capability map, copy, move and revoke for 1, 2, 4, 7, 10 and 14 copies (up to 15
+    /// emulated CPUs).
     Caps {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only these numbers of copies (comma-separated, of 1, 2, 4, 7, 10, 14): `--k 1`
+        /// is the quick run for the map and unmap figures.
+        #[arg(long, value_delimiter = ',', value_parser = ["1", "2", "4", "7", "10", "14"])]
+        k: Vec<String>,
         /// Also draw revoke cost against k next to the JSON (needs --json).
         #[arg(long, requires = "json")]
         plot: bool,

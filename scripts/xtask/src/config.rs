@@ -62,6 +62,9 @@ pub struct Guest {
     /// Run budget of each incarnation, ms (default: the command line's `budget_ms`).
     #[serde(default)]
     pub budget_ms: Option<Spanned<u32>>,
+    /// Exitless waiting: MONITOR/MWAIT without VM exits (a guest with channels only).
+    #[serde(default)]
+    pub mwait: Option<Spanned<bool>>,
 }
 
 /// Default `max_restarts` for a guest that restarts.
@@ -418,6 +421,20 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             check_args(&mut errs, &config, g, spec, &f("args"));
         }
         check_lifecycle(&mut errs, g, &f);
+        if let Some(m) = g.mwait.as_ref().filter(|m| *m.get_ref()) {
+            let name = g.name.get_ref();
+            if !config
+                .channels
+                .iter()
+                .any(|c| c.between.get_ref().iter().any(|e| e.get_ref() == name))
+            {
+                errs.at(
+                    m.span(),
+                    f("mwait"),
+                    "exitless waiting is for a guest with channels (it waits on a channel's line)",
+                );
+            }
+        }
     }
     check_controls(&mut errs, &config);
     let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
@@ -796,6 +813,9 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
                 };
                 e.kernel = c.kernel_index(g);
                 e.budget_ms = g.budget_ms.as_ref().map_or(0, |b| *b.get_ref());
+                if g.mwait.as_ref().is_some_and(|m| *m.get_ref()) {
+                    e.flags |= blob::flags::MWAIT;
+                }
                 e.controls = c
                     .controls
                     .iter()
@@ -970,6 +990,25 @@ memory_mib = 4
         assert!(e.message.contains("unknown guest `gamma`"));
         let e = one_error(&GOOD.replace("guest = \"beta\"", "guest = \"delta\""));
         assert_eq!((e.line, e.field.as_str()), (26, "grant[0].guest"));
+    }
+
+    #[test]
+    fn mwait_is_a_flag_for_guests_with_channels() {
+        const AB: &str =
+            "[[channel]]\nname = \"ab\"\nbetween = [\"alpha\", \"beta\"]\nslots = 64\n";
+        assert!(GOOD.contains(AB));
+        let on = GOOD.replace("args = { ms = 5 }", "args = { ms = 5 }\nmwait = true");
+        let cfg = compile("t.toml", &on).unwrap();
+        let cfg = blob::parse(&cfg.blob).unwrap();
+        assert_eq!((cfg.guest(0).flags, cfg.guest(1).flags), (0, blob::flags::MWAIT));
+        let off = on.replace("mwait = true", "mwait = false");
+        let cfg = compile("t.toml", &off).unwrap();
+        assert_eq!(blob::parse(&cfg.blob).unwrap().guest(1).flags, 0);
+        let e = one_error(&on.replace(AB, ""));
+        assert_eq!(e.field, "guest[1].mwait");
+        assert!(e.message.contains("a guest with channels"), "{e}");
+        let e = one_error(&on.replace("mwait = true", "mwait = 1"));
+        assert!(e.message.contains("bool"), "{e}");
     }
 
     #[test]

@@ -393,6 +393,7 @@ mod tests {
                 holder_nmi_exits: k,
                 owner_nmis: k,
                 owner_messages: 2 * k,
+                ..Default::default()
             })
             .collect();
         let caps = tmp("caps.json");
@@ -405,6 +406,7 @@ mod tests {
             throughput_mmsg_s: 10.0,
             rtt_ratio_to_cacheline: 1.1,
             throughput_ratio_to_cacheline: 0.9,
+            throughput_ratio_to_raw: 0.8,
             rtt_histogram: histogram(&[100.0, 150.0, 150.0, 300.0]),
             repeats: 1,
             rtt_median_ns_ci: None,
@@ -412,7 +414,12 @@ mod tests {
             ci_confidence: 0.0,
         }];
         let ch = tmp("channels.json");
-        let bench = crate::bench::Report { host, emulated: None, meta: Default::default() };
+        let bench = crate::bench::Report {
+            host,
+            stream_pairs: None,
+            emulated: None,
+            meta: Default::default(),
+        };
         std::fs::write(&ch, serde_json::to_string(&bench).unwrap()).unwrap();
         let out = files(&[caps.clone(), ch.clone()], None).unwrap();
         assert_eq!(out, [tmp("caps.revoke.svg"), tmp("channels.rtt.svg")]);
