@@ -423,7 +423,9 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                     r.incarnations
                 );
             }
-            (Ok(s), None) if fenced & (1 << s) != 0 => {
+            // A core that came up and was fenced later (one that never came up is reported
+            // as such below, even though the others fence it too).
+            (Ok(s), None) if fenced & (1 << s) != 0 && smp::mailbox(s).read().vmx_on => {
                 all_ok = false;
                 let why = "its core stopped answering and was fenced out of the view";
                 log::info!("  {name:<12} core {:<2} fenced: {why}", g.core);
