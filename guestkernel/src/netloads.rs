@@ -190,6 +190,15 @@ pub fn stream(bi: &BootInfo) -> u64 {
         t / n.max(1),
         c.rung
     );
+    // Stay until the sink says it took everything: exiting takes the channel down, and a
+    // receiver is told `PeerGone` rather than handed what is still in the ring.
+    let deadline = rdtsc() + 5_000 * bi.tsc_per_ms;
+    while rdtsc() < deadline {
+        match c.try_recv() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) => core::hint::spin_loop(),
+        }
+    }
     0
 }
 
@@ -221,6 +230,8 @@ pub fn sink(bi: &BootInfo) -> u64 {
     let t = rdtsc() - t0;
     c.rx.flush_ack();
     let e = exit_count() - e0 - 1;
+    // All taken: the stream may go.
+    let _ = c.send(&message(n, 1));
     log::info!(
         "bench sink n={n} instr_per_msg={} exits={e} lost={lost} duplicated={dup} damaged={bad}",
         t / n.max(1)
