@@ -121,7 +121,23 @@ pub const REASON_NAMES: [&str; 70] = [
 ];
 pub const REASONS: usize = REASON_NAMES.len();
 
-/// One VM exit, read once from the VMCS.
+/// What a handler may ask about the exit. Only the reason is read on every exit; each other
+/// field is read when a handler asks for it (a VMREAD each on hardware), so a cheap exit
+/// pays for the fields it uses and no more.
+pub trait ExitInfo {
+    /// Basic exit reason (bits 15:0 of the exit-reason field).
+    fn reason(&self) -> u16;
+    /// Whether the VM entry failed (bit 31 of the exit-reason field).
+    fn entry_failed(&self) -> bool;
+    fn qualification(&self) -> u64;
+    fn instruction_len(&self) -> u64;
+    /// The guest RIP of the exiting instruction (before any handler moved it).
+    fn rip(&self) -> u64;
+    fn guest_physical(&self) -> u64;
+}
+
+/// One VM exit as plain values (host tests; the hypervisor reads the VMCS on demand).
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmExit {
     pub reason: u16,
@@ -130,7 +146,35 @@ pub struct VmExit {
     pub instruction_len: u64,
     pub rip: u64,
     pub guest_physical: u64,
-    pub guest_linear: u64,
+}
+
+#[cfg(test)]
+impl ExitInfo for VmExit {
+    fn reason(&self) -> u16 {
+        self.reason
+    }
+    fn entry_failed(&self) -> bool {
+        self.entry_failed
+    }
+    fn qualification(&self) -> u64 {
+        self.qualification
+    }
+    fn instruction_len(&self) -> u64 {
+        self.instruction_len
+    }
+    fn rip(&self) -> u64 {
+        self.rip
+    }
+    fn guest_physical(&self) -> u64 {
+        self.guest_physical
+    }
+}
+
+/// Whether an exit of basic reason `reason` is caused by an instruction (SDM Vol. 3C 26.1.2,
+/// 26.1.3): such an exit never happens during event delivery, so its IDT-vectoring
+/// information is never valid (SDM Vol. 3C 28.2.4) and need not be read.
+pub fn instruction_exit(reason: u16) -> bool {
+    matches!(reason, 10..=27 | 28 | 30..=32 | 36 | 39 | 50 | 51 | 53..=55 | 57..=59 | 61)
 }
 
 /// Guest state the handlers read or change.
@@ -361,6 +405,9 @@ pub struct GuestCtx {
     pub tsc_per_ms: u64,
     pub exits: [u32; REASONS],
     pub exits_other: u32,
+    /// Every exit so far: the sum of `exits` and `exits_other`, kept so that `exit_count`
+    /// answers without adding up 71 counters.
+    exits_total: u64,
     line: [u8; CONSOLE_MAX as usize],
     line_len: usize,
     /// A UTF-8 sequence begun by one console byte and not yet complete: its bytes so far
@@ -424,6 +471,7 @@ impl GuestCtx {
             tsc_per_ms,
             exits: [0; REASONS],
             exits_other: 0,
+            exits_total: 0,
             line: [0; CONSOLE_MAX as usize],
             line_len: 0,
             utf8: [0; 4],
@@ -571,6 +619,7 @@ impl GuestCtx {
     }
 
     fn count(&mut self, reason: u16) {
+        self.exits_total += 1;
         match self.exits.get_mut(reason as usize) {
             Some(c) => *c = c.saturating_add(1),
             None => self.exits_other = self.exits_other.saturating_add(1),
@@ -593,9 +642,9 @@ fn printable(c: char) -> bool {
         )
 }
 
-fn advance(v: &mut impl Vcpu, e: &VmExit) {
+fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     let rip = v.read(Field::Rip);
-    v.write(Field::Rip, rip.wrapping_add(e.instruction_len));
+    v.write(Field::Rip, rip.wrapping_add(e.instruction_len()));
     // The emulated instruction ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5).
     let blocking = v.read(Field::Interruptibility);
     if blocking & 3 != 0 {
@@ -651,19 +700,19 @@ fn set_gpr(v: &mut impl Vcpu, n: u64, val: u64) {
 pub fn handle(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
-    e: &VmExit,
+    e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
-    ctx.count(e.reason);
-    let rip = e.rip;
-    if e.entry_failed {
-        return Action::Stop(StopReason::EntryFailed { reason: e.reason, rip });
+    let reason = e.reason();
+    ctx.count(reason);
+    if e.entry_failed() {
+        return Action::Stop(StopReason::EntryFailed { reason, rip: e.rip() });
     }
-    match e.reason {
+    match reason {
         // Our controls make these exits; there is nothing to do for the guest.
         0 | 1 => Action::Resume,
-        2 => Action::Stop(StopReason::TripleFault { rip }),
-        3 => Action::Stop(StopReason::Init { rip }),
+        2 => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
+        3 => Action::Stop(StopReason::Init { rip: e.rip() }),
         7 => {
             // Interrupt window: before_entry delivers the pending timer interrupt.
             v.set_interrupt_window(false);
@@ -690,19 +739,19 @@ pub fn handle(
             Action::Resume
         }
         48 => Action::Stop(StopReason::EptViolation {
-            gpa: e.guest_physical,
-            rip,
-            qualification: e.qualification,
+            gpa: e.guest_physical(),
+            rip: e.rip(),
+            qualification: e.qualification(),
         }),
-        49 => Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical, rip }),
+        49 => Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical(), rip: e.rip() }),
         // Preemption timer: before_entry sees the deadline that passed.
         52 => Action::Resume,
         55 => xsetbv(v, e),
-        other => Action::Stop(StopReason::Unexpected { reason: other, rip }),
+        other => Action::Stop(StopReason::Unexpected { reason: other, rip: e.rip() }),
     }
 }
 
-fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
+fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let (leaf, sub) = (v.regs().rax as u32, v.regs().rcx as u32);
     let mut r = v.host_cpuid(leaf, sub);
     match leaf {
@@ -742,7 +791,8 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
+fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
+    let rip = e.rip();
     advance(v, e);
     match ctx.timer {
         Some((deadline, _)) if v.read(Field::Rflags) & RFLAGS_IF != 0 => {
@@ -755,14 +805,14 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
             }
             Action::Resume
         }
-        _ => Action::Stop(StopReason::HaltedForever { rip: e.rip }),
+        _ => Action::Stop(StopReason::HaltedForever { rip }),
     }
 }
 
 fn vmcall(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
-    e: &VmExit,
+    e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
     if v.read(Field::SsAccessRights) >> 5 & 3 != 0 {
@@ -820,9 +870,7 @@ fn vmcall(
             .caps
             .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
             .unwrap_or(Err(HvError::UnknownCall)),
-        Ok(Hypercall::ExitCount) => {
-            Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
-        }
+        Ok(Hypercall::ExitCount) => Ok(ctx.exits_total),
         Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
             Some(apic) => {
                 v.send_ipi(apic, vmcall_proto::guest::DOORBELL_VECTOR);
@@ -851,8 +899,8 @@ fn set_cr0(v: &mut impl Vcpu, new: u64) {
 }
 
 /// Control-register accesses (exit qualification: SDM Vol. 3C 28.2.1, Table 28-3).
-fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
-    let q = e.qualification;
+fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
+    let q = e.qualification();
     let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
     let shadow0 = v.read(Field::Cr0Shadow);
     // The value CR0 gets, as the guest sees it, for the three kinds that write CR0.
@@ -907,8 +955,13 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn io(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit, sink: &mut impl ConsoleSink) -> Action {
-    let q = e.qualification;
+fn io(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    e: &impl ExitInfo,
+    sink: &mut impl ConsoleSink,
+) -> Action {
+    let q = e.qualification();
     let (size, input, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
     match (port, input, string, size) {
         (0xe9, false, false, 1) => {
@@ -931,7 +984,7 @@ const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_PAT: u32 = 0x277;
 const MSR_TSC: u32 = 0x10;
 
-fn rdmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
+fn rdmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let msr = v.regs().rcx as u32;
     let val = match msr {
         MSR_EFER => v.read(Field::Efer),
@@ -956,7 +1009,7 @@ fn canonical(a: u64) -> bool {
     top == 0 || top == -1
 }
 
-fn wrmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
+fn wrmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     let (msr, val) = (r.rcx as u32, (r.rdx << 32) | (r.rax & 0xffff_ffff));
     let ok = match msr {
@@ -986,7 +1039,7 @@ fn wrmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn xsetbv(v: &mut impl Vcpu, e: &VmExit) -> Action {
+fn xsetbv(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     if r.rcx as u32 == 0 && (r.rdx << 32 | (r.rax & 0xffff_ffff)) == 1 {
         advance(v, e);
@@ -1901,10 +1954,12 @@ mod tests {
         c.memory_mib = 0x1_0000;
         c.id = 0x1_0002; // only the low 16 bits are reported
         assert_eq!(call(&mut c, &mut v, 1, 0, 0, 0), 2 | 3 << 16 | 0x1_0000 << 32);
-        c.exits = [0; REASONS];
-        c.exits[18] = 4;
-        c.exits_other = 2;
-        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 7, "exit_count: this one, the others");
+        let mut s = Lines::default();
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        handle(&mut c, &mut v, &exit(500, 2), &mut s);
+        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 6, "exit_count: the five before, this one");
+        let each: u64 = c.exits.iter().map(|&n| u64::from(n)).sum();
+        assert_eq!(each + u64::from(c.exits_other), 6, "the total is the counters' sum");
         assert_eq!(c.hypercalls, 4);
         // timer_oneshot: vector bounds, delta 0 disarms.
         assert_eq!(call(&mut c, &mut v, 4, 10, 31, 0), HvError::BadArgument.to_rax());
@@ -1915,7 +1970,7 @@ mod tests {
         assert_eq!(c.timer, Some((u64::MAX, 255)), "saturating deadline");
         assert_eq!(call(&mut c, &mut v, 4, 0, 255, 0), 0);
         assert_eq!(c.timer, None);
-        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9);
+        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9 + 2);
         // Exit flushes a partial console line first.
         let mut s = Lines::default();
         c.console_bytes(b"partial", &mut s);

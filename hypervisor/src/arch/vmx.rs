@@ -54,9 +54,29 @@ pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
 ///
 /// # Safety
 /// A VMCS is current on this core.
+#[inline(always)]
 pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
+    let (value, cf, zf): (u64, u8, u8);
+    // The outcome is in CF (VMfailInvalid) and ZF (VMfailValid), SDM Vol. 3C 31.2: read
+    // straight from the flags (the `x86` crate's wrapper pushes and pops RFLAGS instead,
+    // several instructions more on every VM exit).
     // SAFETY: the caller guarantees a current VMCS; VMREAD has no memory side effects.
-    unsafe { x86::bits64::vmx::vmread(field) }
+    unsafe {
+        core::arch::asm!("vmread {v}, {f}", "setc {c}", "setz {z}", f = in(reg) field as u64,
+            v = lateout(reg) value, c = lateout(reg_byte) cf, z = lateout(reg_byte) zf,
+            options(nostack, readonly))
+    };
+    vm_result(cf, zf).map(|()| value)
+}
+
+/// The VMX instruction outcome of CF and ZF (SDM Vol. 3C 31.2).
+#[inline(always)]
+fn vm_result(cf: u8, zf: u8) -> Result<(), VmFail> {
+    match (cf, zf) {
+        (0, 0) => Ok(()),
+        (0, _) => Err(VmFail::VmFailValid),
+        _ => Err(VmFail::VmFailInvalid),
+    }
 }
 
 /// Writes a field of the current VMCS.
@@ -64,9 +84,16 @@ pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
 /// # Safety
 /// A VMCS is current on this core, and the value keeps the guest contained (the caller
 /// validates anything that came from the guest).
+#[inline(always)]
 pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
     // SAFETY: the caller guarantees a current VMCS and a safe value.
-    unsafe { x86::bits64::vmx::vmwrite(field, value) }
+    unsafe {
+        core::arch::asm!("vmwrite {f}, {v}", "setc {c}", "setz {z}", f = in(reg) field as u64,
+            v = in(reg) value, c = lateout(reg_byte) cf, z = lateout(reg_byte) zf,
+            options(nostack))
+    };
+    vm_result(cf, zf)
 }
 
 /// INVEPT single-context (type 1) for `eptp` (SDM Vol. 3C 29.4.3.1).

@@ -157,5 +157,4 @@ pub mod exit {
     pub const IDT_VECTORING_ERR: Ro = Ro(ro::IDT_VECTORING_ERR_CODE);
     pub const INSTRUCTION_LEN: Ro = Ro(ro::VMEXIT_INSTRUCTION_LEN);
     pub const QUALIFICATION: Ro = Ro(ro::EXIT_QUALIFICATION);
-    pub const GUEST_LINEAR: Ro = Ro(ro::GUEST_LINEAR_ADDR);
 }
