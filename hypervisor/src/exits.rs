@@ -503,6 +503,7 @@ impl GuestCtx {
     ///
     /// A character may be split across calls: its first bytes wait here for the rest. A
     /// line never ends inside a character.
+    #[inline(never)]
     pub fn console_bytes(&mut self, bytes: &[u8], sink: &mut impl ConsoleSink) {
         for &b in bytes {
             if self.utf8_need > 0 {
@@ -570,6 +571,7 @@ impl GuestCtx {
     }
 
     /// Writes out a partial line (at guest end); a character cut short there is a `?`.
+    #[inline(never)]
     pub fn flush_line(&mut self, sink: &mut impl ConsoleSink) {
         if self.utf8_need > 0 {
             self.utf8_need = 0;
@@ -581,6 +583,7 @@ impl GuestCtx {
     /// Work before each VM entry: deliver a due timer interrupt (or ask for an interrupt
     /// window), enforce the watchdog. Returns the preemption-timer value to program (TSC
     /// ticks until the next deadline), or a stop.
+    #[inline(always)]
     pub fn before_entry(&mut self, v: &mut impl Vcpu) -> Result<u64, StopReason> {
         let now = v.now();
         if now >= self.watchdog {
@@ -696,7 +699,10 @@ fn set_gpr(v: &mut impl Vcpu, n: u64, val: u64) {
     }
 }
 
-/// Handles one exit. `sink` receives the guest's console lines.
+/// Handles one exit. `sink` receives the guest's console lines. Inlined into the run loop:
+/// the common cheap exits (hypercalls that only answer, CPUID, port and MSR accesses) run
+/// without a call; the rare or long handlers stay out of line.
+#[inline(always)]
 pub fn handle(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
@@ -791,6 +797,7 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     Action::Resume
 }
 
+#[inline(never)]
 fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let rip = e.rip();
     advance(v, e);
@@ -823,19 +830,7 @@ fn vmcall(
     let r = *v.regs();
     let result: Result<u64, HvError> = match Hypercall::try_from(r.rax) {
         Err(err) => Err(err),
-        Ok(Hypercall::ConsoleWrite) => {
-            let (gpa, len) = (r.rdi, r.rsi);
-            if len > CONSOLE_MAX {
-                Err(HvError::BadLength)
-            } else {
-                let mut buf = [0u8; CONSOLE_MAX as usize];
-                let buf = &mut buf[..len as usize];
-                v.read_guest(gpa, buf).map(|()| {
-                    ctx.console_bytes(buf, sink);
-                    len
-                })
-            }
-        }
+        Ok(Hypercall::ConsoleWrite) => console_write(ctx, v, r.rdi, r.rsi, sink),
         Ok(Hypercall::GuestInfo) => Ok(ctx.id as u64 & 0xffff
             | (ctx.core as u64 & 0xffff) << 16
             | (ctx.memory_mib as u64) << 32),
@@ -888,6 +883,26 @@ fn vmcall(
     Action::Resume
 }
 
+/// The console hypercall: `len` bytes at guest-physical `gpa`.
+#[inline(never)]
+fn console_write(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    gpa: u64,
+    len: u64,
+    sink: &mut impl ConsoleSink,
+) -> Result<u64, HvError> {
+    if len > CONSOLE_MAX {
+        return Err(HvError::BadLength);
+    }
+    let mut buf = [0u8; CONSOLE_MAX as usize];
+    let buf = &mut buf[..len as usize];
+    v.read_guest(gpa, buf).map(|()| {
+        ctx.console_bytes(buf, sink);
+        len
+    })
+}
+
 /// Sets the guest's CR0 to `new` as the guest sees it (the read shadow), keeping the
 /// owned bits of the real CR0 the hypervisor's, with the caches always on. Callers checked
 /// that `new` changes no owned bit.
@@ -899,6 +914,7 @@ fn set_cr0(v: &mut impl Vcpu, new: u64) {
 }
 
 /// Control-register accesses (exit qualification: SDM Vol. 3C 28.2.1, Table 28-3).
+#[inline(never)]
 fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let q = e.qualification();
     let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
@@ -1039,6 +1055,7 @@ fn wrmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     Action::Resume
 }
 
+#[inline(never)]
 fn xsetbv(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     if r.rcx as u32 == 0 && (r.rdx << 32 | (r.rax & 0xffff_ffff)) == 1 {

@@ -50,23 +50,34 @@ pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
     unsafe { x86::bits64::vmx::vmclear(pa) }
 }
 
-/// Reads a field of the current VMCS.
+/// Reads a field of the current VMCS, 0 if the read fails (VMREAD leaves its destination
+/// unchanged on failure, SDM Vol. 3C 31.3): two instructions, for the exit path.
 ///
 /// # Safety
 /// A VMCS is current on this core.
 #[inline(always)]
-pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
-    let (value, cf, zf): (u64, u8, u8);
-    // The outcome is in CF (VMfailInvalid) and ZF (VMfailValid), SDM Vol. 3C 31.2: read
-    // straight from the flags (the `x86` crate's wrapper pushes and pops RFLAGS instead,
-    // several instructions more on every VM exit).
+pub unsafe fn vmread_or_zero(field: u32) -> u64 {
+    let mut value: u64 = 0;
     // SAFETY: the caller guarantees a current VMCS; VMREAD has no memory side effects.
     unsafe {
-        core::arch::asm!("vmread {v}, {f}", "setc {c}", "setz {z}", f = in(reg) field as u64,
-            v = lateout(reg) value, c = lateout(reg_byte) cf, z = lateout(reg_byte) zf,
+        core::arch::asm!("vmread {v}, {f}", f = in(reg) field as u64, v = inout(reg) value,
             options(nostack, readonly))
     };
-    vm_result(cf, zf).map(|()| value)
+    value
+}
+
+/// Writes a field of the current VMCS, without looking at the outcome (a field the VMCS
+/// has, on the exit path: the write cannot fail once the VMCS is current).
+///
+/// # Safety
+/// As for [`vmwrite`].
+#[inline(always)]
+pub unsafe fn vmwrite_unchecked(field: u32, value: u64) {
+    // SAFETY: the caller guarantees a current VMCS and a safe value.
+    unsafe {
+        core::arch::asm!("vmwrite {f}, {v}", f = in(reg) field as u64, v = in(reg) value,
+            options(nostack))
+    };
 }
 
 /// The VMX instruction outcome of CF and ZF (SDM Vol. 3C 31.2).

@@ -334,13 +334,15 @@ mod run {
         fn regs(&mut self) -> &mut GuestRegs {
             &mut self.regs
         }
+        #[inline(always)]
         fn read(&mut self, f: Field) -> u64 {
             // SAFETY: this core's guest VMCS is current for the whole run loop.
             unsafe { field(f).read() }
         }
+        #[inline(always)]
         fn write(&mut self, f: Field, v: u64) {
             // SAFETY: current VMCS; the exit handlers validated `v`.
-            let _ = unsafe { field(f).write(v) };
+            unsafe { field(f).set(v) };
         }
         fn inject(&mut self, e: Event) {
             let info: u64 = match e {
@@ -354,15 +356,15 @@ mod run {
             };
             // SAFETY: current VMCS; a well-formed interruption-information value.
             unsafe {
-                let _ = ctl::ENTRY_INTR_INFO.write(info);
+                ctl::ENTRY_INTR_INFO.set(info);
                 if let Event::Exception { error_code: Some(code), .. } = e {
-                    let _ = ctl::ENTRY_EXCEPTION_ERR.write(code as u64);
+                    ctl::ENTRY_EXCEPTION_ERR.set(code as u64);
                 }
             }
             self.injected = true;
             // A guest halted without HLT exiting wakes for the injected event.
             // SAFETY: current VMCS; 0 is the active state.
-            let _ = unsafe { g::ACTIVITY.write(0) };
+            unsafe { g::ACTIVITY.set(0) };
         }
         fn set_interrupt_window(&mut self, on: bool) {
             let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
@@ -370,7 +372,7 @@ mod run {
             if new != self.procbased {
                 self.procbased = new;
                 // SAFETY: current VMCS; interrupt-window exiting is allowed (checked at setup).
-                let _ = unsafe { ctl::PROCBASED.write(new as u64) };
+                unsafe { ctl::PROCBASED.set(new as u64) };
             }
         }
         fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError> {
@@ -1373,8 +1375,6 @@ mod run {
         // `inject=hung-core`: 20 ms into the guest's first run.
         let mut hang_at = u64::MAX;
         let ending = loop {
-            // Kicks from here on are seen by the look below, or zero the timer further down.
-            me.take_kick();
             // The inter-core inbox, the capability protocol's deadlines, the membership's
             // probes, link changes and controllers' requests: only when the mail word or the
             // capability state says there is something, or something is due (a few loads
@@ -1450,15 +1450,16 @@ mod run {
             }
             // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
             // SAFETY: current VMCS.
-            let _ = unsafe {
-                g::PREEMPTION_TIMER.write((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
+            unsafe {
+                g::PREEMPTION_TIMER.set((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };
             if me.take_kick() {
-                // A kick came after the poll: its message waits. Enter for no instruction
+                // A kick came since the last exit (its message may have come after the
+                // look at the mail word above): its message waits. Enter for no instruction
                 // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
                 // after this line zeroes the timer itself (arch::idt).
                 // SAFETY: current VMCS.
-                let _ = unsafe { g::PREEMPTION_TIMER.write(0) };
+                unsafe { g::PREEMPTION_TIMER.set(0) };
             }
             // Exit-free telemetry: the guest's counters as of this entry.
             let t_entry = arch::rdtsc();
