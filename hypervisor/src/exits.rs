@@ -173,8 +173,20 @@ impl ExitInfo for VmExit {
 /// Whether an exit of basic reason `reason` is caused by an instruction (SDM Vol. 3C 26.1.2,
 /// 26.1.3): such an exit never happens during event delivery, so its IDT-vectoring
 /// information is never valid (SDM Vol. 3C 28.2.4) and need not be read.
+#[inline(always)]
 pub fn instruction_exit(reason: u16) -> bool {
-    matches!(reason, 10..=27 | 28 | 30..=32 | 36 | 39 | 50 | 51 | 53..=55 | 57..=59 | 61)
+    const MASK: u64 = {
+        let mut m = 0u64;
+        let mut r = 0;
+        while r < 64 {
+            if matches!(r, 10..=28 | 30..=32 | 36 | 39 | 50 | 51 | 53..=55 | 57..=59 | 61) {
+                m |= 1 << r;
+            }
+            r += 1;
+        }
+        m
+    };
+    reason < 64 && MASK & (1 << reason) != 0
 }
 
 /// Guest state the handlers read or change.
@@ -645,6 +657,7 @@ fn printable(c: char) -> bool {
         )
 }
 
+#[inline(always)]
 fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     let rip = v.read(Field::Rip);
     v.write(Field::Rip, rip.wrapping_add(e.instruction_len()));
@@ -757,6 +770,7 @@ pub fn handle(
     }
 }
 
+#[inline(always)]
 fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let (leaf, sub) = (v.regs().rax as u32, v.regs().rcx as u32);
     let mut r = v.host_cpuid(leaf, sub);
@@ -816,6 +830,7 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     }
 }
 
+#[inline(always)]
 fn vmcall(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
@@ -861,10 +876,7 @@ fn vmcall(
             | Hypercall::CapRevoke
             | Hypercall::CapAccept
             | Hypercall::GuestControl),
-        ) => ctx
-            .caps
-            .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
-            .unwrap_or(Err(HvError::UnknownCall)),
+        ) => cap_hypercall(ctx, v, call, &r),
         Ok(Hypercall::ExitCount) => Ok(ctx.exits_total),
         Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
             Some(apic) => {
@@ -881,6 +893,19 @@ fn vmcall(
     };
     advance(v, e);
     Action::Resume
+}
+
+/// A capability hypercall (out of line: the exit path of the cheap calls stays short).
+#[inline(never)]
+fn cap_hypercall(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    call: Hypercall,
+    r: &GuestRegs,
+) -> Result<u64, HvError> {
+    ctx.caps
+        .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
+        .unwrap_or(Err(HvError::UnknownCall))
 }
 
 /// The console hypercall: `len` bytes at guest-physical `gpa`.
@@ -971,6 +996,7 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action
     Action::Resume
 }
 
+#[inline(always)]
 fn io(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
@@ -1000,6 +1026,7 @@ const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_PAT: u32 = 0x277;
 const MSR_TSC: u32 = 0x10;
 
+#[inline(always)]
 fn rdmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let msr = v.regs().rcx as u32;
     let val = match msr {
@@ -1025,6 +1052,7 @@ fn canonical(a: u64) -> bool {
     top == 0 || top == -1
 }
 
+#[inline(always)]
 fn wrmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     let (msr, val) = (r.rcx as u32, (r.rdx << 32) | (r.rax & 0xffff_ffff));
