@@ -594,14 +594,15 @@ impl GuestCtx {
 
     /// Work before each VM entry: deliver a due timer interrupt (or ask for an interrupt
     /// window), enforce the watchdog. Returns the preemption-timer value to program (TSC
-    /// ticks until the next deadline), or a stop.
+    /// ticks until the next deadline, `also` counting as one: the run loop's own), or a
+    /// stop.
     #[inline(always)]
-    pub fn before_entry(&mut self, v: &mut impl Vcpu) -> Result<u64, StopReason> {
+    pub fn before_entry(&mut self, v: &mut impl Vcpu, also: u64) -> Result<u64, StopReason> {
         let now = v.now();
         if now >= self.watchdog {
             return Err(StopReason::Watchdog { rip: v.read(Field::Rip) });
         }
-        let mut next = self.watchdog;
+        let mut next = self.watchdog.min(also);
         let mut due = None;
         if let Some((deadline, vector)) = self.timer {
             if now >= deadline {
@@ -1360,14 +1361,14 @@ mod tests {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.timer = Some((900, 40));
         v.write(Field::Rflags, 0x2);
-        assert!(c.before_entry(&mut v).is_ok());
+        assert!(c.before_entry(&mut v, u64::MAX).is_ok());
         assert!(v.window && v.injected.is_empty(), "IF=0: wait for a window");
         v.write(Field::Rflags, 0x202);
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert_eq!(v.injected, [Event::Interrupt(40)]);
         assert_eq!(c.timer, None);
         c.watchdog = 1000;
-        assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
+        assert!(matches!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { .. })));
     }
 
     /// (Review finding, fixed: lost wake-up.) A LINK_DOWN served while the guest is between its
@@ -1380,7 +1381,7 @@ mod tests {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.wake = true;
         v.write(Field::Rflags, 0x2);
-        assert!(c.before_entry(&mut v).is_ok());
+        assert!(c.before_entry(&mut v, u64::MAX).is_ok());
         assert!(v.injected.is_empty());
         assert!(v.window, "IF=0 with a wake-up pending: the window must be asked for");
     }
@@ -1600,7 +1601,7 @@ mod tests {
         c.watchdog = 9000;
         assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
         assert_eq!(v.tsc, 9000, "stopped waiting at the watchdog");
-        assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
+        assert!(matches!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { .. })));
         // Interrupts off: it would never wake.
         v.write(Field::Rflags, 0x2);
         assert!(matches!(
@@ -2074,26 +2075,26 @@ mod tests {
     fn before_entry_programs_the_nearest_deadline() {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.watchdog = 10_000;
-        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog only");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000), "watchdog only");
         c.timer = Some((3000, 40));
-        assert_eq!(c.before_entry(&mut v), Ok(2000), "timer first");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(2000), "timer first");
         c.timer = Some((20_000, 40));
-        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog first");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000), "watchdog first");
         // Due, interruptible, but in an STI shadow: wait for the window.
         c.timer = Some((1000, 40));
         v.write(Field::Rflags, 0x202);
         v.write(Field::Interruptibility, 1);
-        assert_eq!(c.before_entry(&mut v), Ok(9000));
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000));
         assert!(v.window && v.injected.is_empty());
         v.write(Field::Interruptibility, 2);
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert!(v.injected.is_empty(), "MOV SS shadow too");
         v.write(Field::Interruptibility, 8); // NMI blocking does not hold interrupts
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert_eq!(v.injected, [Event::Interrupt(40)]);
         assert!(!v.window);
         c.watchdog = 1000;
-        assert_eq!(c.before_entry(&mut v), Err(StopReason::Watchdog { rip: 0x10_0000 }));
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { rip: 0x10_0000 }));
     }
 
     #[test]

@@ -1380,7 +1380,8 @@ mod run {
             // capability state says there is something, or something is due (a few loads
             // otherwise, whatever the core count).
             let now = arch::rdtsc();
-            if kicked_at.is_some() || vcpu.link.has_mail() || ctx.caps.attention(now) {
+            let mut due = ctx.caps.members.due();
+            if kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention() {
                 let t0 = arch::rdtsc();
                 let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
                 let t1 = arch::rdtsc();
@@ -1427,6 +1428,7 @@ mod run {
                         "a revoked capability could not be unmapped from its EPT",
                     ));
                 }
+                due = ctx.caps.members.due();
             }
             if l.hang && launched && now >= hang_at {
                 hang(core);
@@ -1435,19 +1437,14 @@ mod run {
                 break Ending::Stopped(StopReason::RunEnded);
             }
             vcpu.injected = false;
-            let timer = match ctx.before_entry(&mut vcpu) {
+            // The membership failure detector's next probe or deadline, the end of the run
+            // (and an injected hang) come even if the guest never exits.
+            let also = due.min(l.end_tsc);
+            let also = if l.hang { also.min(hang_at) } else { also };
+            let timer = match ctx.before_entry(&mut vcpu, also) {
                 Ok(t) => t,
                 Err(why) => break Ending::Stopped(why),
             };
-            // The membership failure detector's next probe or deadline (and an injected
-            // hang) comes even if the guest never exits.
-            let now = arch::rdtsc();
-            let mut timer = timer
-                .min(ctx.caps.members.due().saturating_sub(now))
-                .min(l.end_tsc.saturating_sub(now));
-            if l.hang {
-                timer = timer.min(hang_at.saturating_sub(now));
-            }
             // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
             // SAFETY: current VMCS.
             unsafe {
