@@ -144,11 +144,9 @@ pub fn render(rows: &[Row], before: &[Row]) -> String {
         FLOOR.to_string(),
     ]);
     out += &format!("{t}\n");
-    out += &format!(
-        "(the floor is Bochs's own cost of the two transitions, from ../shared/EMULATORS.md, \
-         not measured here)\n\nA VM entry against the core count: the null hypercall's round \
-         trip (emulated instructions)\n"
-    );
+    out += "(the floor is Bochs's own cost of the two transitions, from ../shared/EMULATORS.md, \
+            not measured here)\n\nA VM entry against the core count: the null hypercall's round \
+            trip (emulated instructions)\n";
     let mut t = crate::bench::table(&[
         "CPUs",
         "round trip before",
