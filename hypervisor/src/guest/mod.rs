@@ -1375,6 +1375,9 @@ mod run {
         // `inject=hung-core`: 20 ms into the guest's first run.
         let mut hang_at = u64::MAX;
         let ending = loop {
+            // Kicks from here on are seen by the look below, or zero the timer further down
+            // (one taken before it is for mail the look sees: no extra exit for it).
+            me.take_kick();
             // The inter-core inbox, the capability protocol's deadlines, the membership's
             // probes, link changes and controllers' requests: only when the mail word or the
             // capability state says there is something, or something is due (a few loads
@@ -1451,8 +1454,7 @@ mod run {
                 g::PREEMPTION_TIMER.set((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };
             if me.take_kick() {
-                // A kick came since the last exit (its message may have come after the
-                // look at the mail word above): its message waits. Enter for no instruction
+                // A kick came after the look at the mail word: its message waits. Enter for no instruction
                 // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
                 // after this line zeroes the timer itself (arch::idt).
                 // SAFETY: current VMCS.
