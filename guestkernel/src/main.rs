@@ -10,6 +10,7 @@ use guestkernel::{arch, channel, hypercall};
 mod capattack;
 mod capload;
 mod capxfer;
+mod exitbench;
 mod ghost;
 mod hostile;
 mod linkloads;

@@ -37,3 +37,16 @@ pub fn hypercalls_and_entries() -> (u64, u64) {
         )
     }
 }
+
+/// The hypervisor's time on this guest's exits so far (TSC ticks) and VM entries so far.
+pub fn hypervisor_tsc_and_entries() -> (u64, u64) {
+    let p = page();
+    // SAFETY: as for `exits`.
+    unsafe {
+        let t = core::ptr::addr_of!((*p).telemetry);
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*t).hypervisor_tsc)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*t).entries)),
+        )
+    }
+}

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 32] = [
+const REGISTRY: [(&str, Workload); 33] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -53,6 +53,7 @@ const REGISTRY: [(&str, Workload); 32] = [
     ("lifebench", crate::linkloads::lifebench),
     ("looper", crate::linkloads::looper),
     ("forwarder", crate::linkloads::forwarder),
+    ("exitbench", crate::exitbench::exitbench),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -121,7 +121,23 @@ pub const REASON_NAMES: [&str; 70] = [
 ];
 pub const REASONS: usize = REASON_NAMES.len();
 
-/// One VM exit, read once from the VMCS.
+/// What a handler may ask about the exit. Only the reason is read on every exit; each other
+/// field is read when a handler asks for it (a VMREAD each on hardware), so a cheap exit
+/// pays for the fields it uses and no more.
+pub trait ExitInfo {
+    /// Basic exit reason (bits 15:0 of the exit-reason field).
+    fn reason(&self) -> u16;
+    /// Whether the VM entry failed (bit 31 of the exit-reason field).
+    fn entry_failed(&self) -> bool;
+    fn qualification(&self) -> u64;
+    fn instruction_len(&self) -> u64;
+    /// The guest RIP of the exiting instruction (before any handler moved it).
+    fn rip(&self) -> u64;
+    fn guest_physical(&self) -> u64;
+}
+
+/// One VM exit as plain values (host tests; the hypervisor reads the VMCS on demand).
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmExit {
     pub reason: u16,
@@ -130,7 +146,47 @@ pub struct VmExit {
     pub instruction_len: u64,
     pub rip: u64,
     pub guest_physical: u64,
-    pub guest_linear: u64,
+}
+
+#[cfg(test)]
+impl ExitInfo for VmExit {
+    fn reason(&self) -> u16 {
+        self.reason
+    }
+    fn entry_failed(&self) -> bool {
+        self.entry_failed
+    }
+    fn qualification(&self) -> u64 {
+        self.qualification
+    }
+    fn instruction_len(&self) -> u64 {
+        self.instruction_len
+    }
+    fn rip(&self) -> u64 {
+        self.rip
+    }
+    fn guest_physical(&self) -> u64 {
+        self.guest_physical
+    }
+}
+
+/// Whether an exit of basic reason `reason` is caused by an instruction (SDM Vol. 3C 26.1.2,
+/// 26.1.3): such an exit never happens during event delivery, so its IDT-vectoring
+/// information is never valid (SDM Vol. 3C 28.2.4) and need not be read.
+#[inline(always)]
+pub fn instruction_exit(reason: u16) -> bool {
+    const MASK: u64 = {
+        let mut m = 0u64;
+        let mut r = 0;
+        while r < 64 {
+            if matches!(r, 10..=28 | 30..=32 | 36 | 39 | 50 | 51 | 53..=55 | 57..=59 | 61) {
+                m |= 1 << r;
+            }
+            r += 1;
+        }
+        m
+    };
+    reason < 64 && MASK & (1 << reason) != 0
 }
 
 /// Guest state the handlers read or change.
@@ -361,6 +417,9 @@ pub struct GuestCtx {
     pub tsc_per_ms: u64,
     pub exits: [u32; REASONS],
     pub exits_other: u32,
+    /// Every exit so far: the sum of `exits` and `exits_other`, kept so that `exit_count`
+    /// answers without adding up 71 counters.
+    exits_total: u64,
     line: [u8; CONSOLE_MAX as usize],
     line_len: usize,
     /// A UTF-8 sequence begun by one console byte and not yet complete: its bytes so far
@@ -424,6 +483,7 @@ impl GuestCtx {
             tsc_per_ms,
             exits: [0; REASONS],
             exits_other: 0,
+            exits_total: 0,
             line: [0; CONSOLE_MAX as usize],
             line_len: 0,
             utf8: [0; 4],
@@ -455,6 +515,7 @@ impl GuestCtx {
     ///
     /// A character may be split across calls: its first bytes wait here for the rest. A
     /// line never ends inside a character.
+    #[inline(never)]
     pub fn console_bytes(&mut self, bytes: &[u8], sink: &mut impl ConsoleSink) {
         for &b in bytes {
             if self.utf8_need > 0 {
@@ -522,6 +583,7 @@ impl GuestCtx {
     }
 
     /// Writes out a partial line (at guest end); a character cut short there is a `?`.
+    #[inline(never)]
     pub fn flush_line(&mut self, sink: &mut impl ConsoleSink) {
         if self.utf8_need > 0 {
             self.utf8_need = 0;
@@ -532,13 +594,15 @@ impl GuestCtx {
 
     /// Work before each VM entry: deliver a due timer interrupt (or ask for an interrupt
     /// window), enforce the watchdog. Returns the preemption-timer value to program (TSC
-    /// ticks until the next deadline), or a stop.
-    pub fn before_entry(&mut self, v: &mut impl Vcpu) -> Result<u64, StopReason> {
+    /// ticks until the next deadline, `also` counting as one: the run loop's own), or a
+    /// stop.
+    #[inline(always)]
+    pub fn before_entry(&mut self, v: &mut impl Vcpu, also: u64) -> Result<u64, StopReason> {
         let now = v.now();
         if now >= self.watchdog {
             return Err(StopReason::Watchdog { rip: v.read(Field::Rip) });
         }
-        let mut next = self.watchdog;
+        let mut next = self.watchdog.min(also);
         let mut due = None;
         if let Some((deadline, vector)) = self.timer {
             if now >= deadline {
@@ -571,6 +635,7 @@ impl GuestCtx {
     }
 
     fn count(&mut self, reason: u16) {
+        self.exits_total += 1;
         match self.exits.get_mut(reason as usize) {
             Some(c) => *c = c.saturating_add(1),
             None => self.exits_other = self.exits_other.saturating_add(1),
@@ -593,9 +658,10 @@ fn printable(c: char) -> bool {
         )
 }
 
-fn advance(v: &mut impl Vcpu, e: &VmExit) {
+#[inline(always)]
+fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     let rip = v.read(Field::Rip);
-    v.write(Field::Rip, rip.wrapping_add(e.instruction_len));
+    v.write(Field::Rip, rip.wrapping_add(e.instruction_len()));
     // The emulated instruction ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5).
     let blocking = v.read(Field::Interruptibility);
     if blocking & 3 != 0 {
@@ -647,23 +713,26 @@ fn set_gpr(v: &mut impl Vcpu, n: u64, val: u64) {
     }
 }
 
-/// Handles one exit. `sink` receives the guest's console lines.
+/// Handles one exit. `sink` receives the guest's console lines. Inlined into the run loop:
+/// the common cheap exits (hypercalls that only answer, CPUID, port and MSR accesses) run
+/// without a call; the rare or long handlers stay out of line.
+#[inline(always)]
 pub fn handle(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
-    e: &VmExit,
+    e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
-    ctx.count(e.reason);
-    let rip = e.rip;
-    if e.entry_failed {
-        return Action::Stop(StopReason::EntryFailed { reason: e.reason, rip });
+    let reason = e.reason();
+    ctx.count(reason);
+    if e.entry_failed() {
+        return Action::Stop(StopReason::EntryFailed { reason, rip: e.rip() });
     }
-    match e.reason {
+    match reason {
         // Our controls make these exits; there is nothing to do for the guest.
         0 | 1 => Action::Resume,
-        2 => Action::Stop(StopReason::TripleFault { rip }),
-        3 => Action::Stop(StopReason::Init { rip }),
+        2 => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
+        3 => Action::Stop(StopReason::Init { rip: e.rip() }),
         7 => {
             // Interrupt window: before_entry delivers the pending timer interrupt.
             v.set_interrupt_window(false);
@@ -690,19 +759,20 @@ pub fn handle(
             Action::Resume
         }
         48 => Action::Stop(StopReason::EptViolation {
-            gpa: e.guest_physical,
-            rip,
-            qualification: e.qualification,
+            gpa: e.guest_physical(),
+            rip: e.rip(),
+            qualification: e.qualification(),
         }),
-        49 => Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical, rip }),
+        49 => Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical(), rip: e.rip() }),
         // Preemption timer: before_entry sees the deadline that passed.
         52 => Action::Resume,
         55 => xsetbv(v, e),
-        other => Action::Stop(StopReason::Unexpected { reason: other, rip }),
+        other => Action::Stop(StopReason::Unexpected { reason: other, rip: e.rip() }),
     }
 }
 
-fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
+#[inline(always)]
+fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let (leaf, sub) = (v.regs().rax as u32, v.regs().rcx as u32);
     let mut r = v.host_cpuid(leaf, sub);
     match leaf {
@@ -742,7 +812,9 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
+#[inline(never)]
+fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
+    let rip = e.rip();
     advance(v, e);
     match ctx.timer {
         Some((deadline, _)) if v.read(Field::Rflags) & RFLAGS_IF != 0 => {
@@ -755,14 +827,15 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
             }
             Action::Resume
         }
-        _ => Action::Stop(StopReason::HaltedForever { rip: e.rip }),
+        _ => Action::Stop(StopReason::HaltedForever { rip }),
     }
 }
 
+#[inline(always)]
 fn vmcall(
     ctx: &mut GuestCtx,
     v: &mut impl Vcpu,
-    e: &VmExit,
+    e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
     if v.read(Field::SsAccessRights) >> 5 & 3 != 0 {
@@ -773,19 +846,7 @@ fn vmcall(
     let r = *v.regs();
     let result: Result<u64, HvError> = match Hypercall::try_from(r.rax) {
         Err(err) => Err(err),
-        Ok(Hypercall::ConsoleWrite) => {
-            let (gpa, len) = (r.rdi, r.rsi);
-            if len > CONSOLE_MAX {
-                Err(HvError::BadLength)
-            } else {
-                let mut buf = [0u8; CONSOLE_MAX as usize];
-                let buf = &mut buf[..len as usize];
-                v.read_guest(gpa, buf).map(|()| {
-                    ctx.console_bytes(buf, sink);
-                    len
-                })
-            }
-        }
+        Ok(Hypercall::ConsoleWrite) => console_write(ctx, v, r.rdi, r.rsi, sink),
         Ok(Hypercall::GuestInfo) => Ok(ctx.id as u64 & 0xffff
             | (ctx.core as u64 & 0xffff) << 16
             | (ctx.memory_mib as u64) << 32),
@@ -816,13 +877,8 @@ fn vmcall(
             | Hypercall::CapRevoke
             | Hypercall::CapAccept
             | Hypercall::GuestControl),
-        ) => ctx
-            .caps
-            .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
-            .unwrap_or(Err(HvError::UnknownCall)),
-        Ok(Hypercall::ExitCount) => {
-            Ok(ctx.exits.iter().map(|&c| c as u64).sum::<u64>() + ctx.exits_other as u64)
-        }
+        ) => cap_hypercall(ctx, v, call, &r),
+        Ok(Hypercall::ExitCount) => Ok(ctx.exits_total),
         Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
             Some(apic) => {
                 v.send_ipi(apic, vmcall_proto::guest::DOORBELL_VECTOR);
@@ -840,6 +896,39 @@ fn vmcall(
     Action::Resume
 }
 
+/// A capability hypercall (out of line: the exit path of the cheap calls stays short).
+#[inline(never)]
+fn cap_hypercall(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    call: Hypercall,
+    r: &GuestRegs,
+) -> Result<u64, HvError> {
+    ctx.caps
+        .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
+        .unwrap_or(Err(HvError::UnknownCall))
+}
+
+/// The console hypercall: `len` bytes at guest-physical `gpa`.
+#[inline(never)]
+fn console_write(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    gpa: u64,
+    len: u64,
+    sink: &mut impl ConsoleSink,
+) -> Result<u64, HvError> {
+    if len > CONSOLE_MAX {
+        return Err(HvError::BadLength);
+    }
+    let mut buf = [0u8; CONSOLE_MAX as usize];
+    let buf = &mut buf[..len as usize];
+    v.read_guest(gpa, buf).map(|()| {
+        ctx.console_bytes(buf, sink);
+        len
+    })
+}
+
 /// Sets the guest's CR0 to `new` as the guest sees it (the read shadow), keeping the
 /// owned bits of the real CR0 the hypervisor's, with the caches always on. Callers checked
 /// that `new` changes no owned bit.
@@ -851,8 +940,9 @@ fn set_cr0(v: &mut impl Vcpu, new: u64) {
 }
 
 /// Control-register accesses (exit qualification: SDM Vol. 3C 28.2.1, Table 28-3).
-fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
-    let q = e.qualification;
+#[inline(never)]
+fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
+    let q = e.qualification();
     let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
     let shadow0 = v.read(Field::Cr0Shadow);
     // The value CR0 gets, as the guest sees it, for the three kinds that write CR0.
@@ -907,8 +997,14 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn io(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &VmExit, sink: &mut impl ConsoleSink) -> Action {
-    let q = e.qualification;
+#[inline(always)]
+fn io(
+    ctx: &mut GuestCtx,
+    v: &mut impl Vcpu,
+    e: &impl ExitInfo,
+    sink: &mut impl ConsoleSink,
+) -> Action {
+    let q = e.qualification();
     let (size, input, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
     match (port, input, string, size) {
         (0xe9, false, false, 1) => {
@@ -931,7 +1027,8 @@ const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_PAT: u32 = 0x277;
 const MSR_TSC: u32 = 0x10;
 
-fn rdmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
+#[inline(always)]
+fn rdmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let msr = v.regs().rcx as u32;
     let val = match msr {
         MSR_EFER => v.read(Field::Efer),
@@ -956,7 +1053,8 @@ fn canonical(a: u64) -> bool {
     top == 0 || top == -1
 }
 
-fn wrmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
+#[inline(always)]
+fn wrmsr(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     let (msr, val) = (r.rcx as u32, (r.rdx << 32) | (r.rax & 0xffff_ffff));
     let ok = match msr {
@@ -986,7 +1084,8 @@ fn wrmsr(v: &mut impl Vcpu, e: &VmExit) -> Action {
     Action::Resume
 }
 
-fn xsetbv(v: &mut impl Vcpu, e: &VmExit) -> Action {
+#[inline(never)]
+fn xsetbv(v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let r = *v.regs();
     if r.rcx as u32 == 0 && (r.rdx << 32 | (r.rax & 0xffff_ffff)) == 1 {
         advance(v, e);
@@ -1262,14 +1361,14 @@ mod tests {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.timer = Some((900, 40));
         v.write(Field::Rflags, 0x2);
-        assert!(c.before_entry(&mut v).is_ok());
+        assert!(c.before_entry(&mut v, u64::MAX).is_ok());
         assert!(v.window && v.injected.is_empty(), "IF=0: wait for a window");
         v.write(Field::Rflags, 0x202);
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert_eq!(v.injected, [Event::Interrupt(40)]);
         assert_eq!(c.timer, None);
         c.watchdog = 1000;
-        assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
+        assert!(matches!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { .. })));
     }
 
     /// (Review finding, fixed: lost wake-up.) A LINK_DOWN served while the guest is between its
@@ -1282,7 +1381,7 @@ mod tests {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.wake = true;
         v.write(Field::Rflags, 0x2);
-        assert!(c.before_entry(&mut v).is_ok());
+        assert!(c.before_entry(&mut v, u64::MAX).is_ok());
         assert!(v.injected.is_empty());
         assert!(v.window, "IF=0 with a wake-up pending: the window must be asked for");
     }
@@ -1502,7 +1601,7 @@ mod tests {
         c.watchdog = 9000;
         assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
         assert_eq!(v.tsc, 9000, "stopped waiting at the watchdog");
-        assert!(matches!(c.before_entry(&mut v), Err(StopReason::Watchdog { .. })));
+        assert!(matches!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { .. })));
         // Interrupts off: it would never wake.
         v.write(Field::Rflags, 0x2);
         assert!(matches!(
@@ -1901,10 +2000,12 @@ mod tests {
         c.memory_mib = 0x1_0000;
         c.id = 0x1_0002; // only the low 16 bits are reported
         assert_eq!(call(&mut c, &mut v, 1, 0, 0, 0), 2 | 3 << 16 | 0x1_0000 << 32);
-        c.exits = [0; REASONS];
-        c.exits[18] = 4;
-        c.exits_other = 2;
-        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 7, "exit_count: this one, the others");
+        let mut s = Lines::default();
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        handle(&mut c, &mut v, &exit(500, 2), &mut s);
+        assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 6, "exit_count: the five before, this one");
+        let each: u64 = c.exits.iter().map(|&n| u64::from(n)).sum();
+        assert_eq!(each + u64::from(c.exits_other), 6, "the total is the counters' sum");
         assert_eq!(c.hypercalls, 4);
         // timer_oneshot: vector bounds, delta 0 disarms.
         assert_eq!(call(&mut c, &mut v, 4, 10, 31, 0), HvError::BadArgument.to_rax());
@@ -1915,7 +2016,7 @@ mod tests {
         assert_eq!(c.timer, Some((u64::MAX, 255)), "saturating deadline");
         assert_eq!(call(&mut c, &mut v, 4, 0, 255, 0), 0);
         assert_eq!(c.timer, None);
-        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9);
+        assert_eq!(v.get(Field::Rip), 0x10_0000 + 3 * 9 + 2);
         // Exit flushes a partial console line first.
         let mut s = Lines::default();
         c.console_bytes(b"partial", &mut s);
@@ -1974,26 +2075,26 @@ mod tests {
     fn before_entry_programs_the_nearest_deadline() {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());
         c.watchdog = 10_000;
-        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog only");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000), "watchdog only");
         c.timer = Some((3000, 40));
-        assert_eq!(c.before_entry(&mut v), Ok(2000), "timer first");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(2000), "timer first");
         c.timer = Some((20_000, 40));
-        assert_eq!(c.before_entry(&mut v), Ok(9000), "watchdog first");
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000), "watchdog first");
         // Due, interruptible, but in an STI shadow: wait for the window.
         c.timer = Some((1000, 40));
         v.write(Field::Rflags, 0x202);
         v.write(Field::Interruptibility, 1);
-        assert_eq!(c.before_entry(&mut v), Ok(9000));
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Ok(9000));
         assert!(v.window && v.injected.is_empty());
         v.write(Field::Interruptibility, 2);
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert!(v.injected.is_empty(), "MOV SS shadow too");
         v.write(Field::Interruptibility, 8); // NMI blocking does not hold interrupts
-        c.before_entry(&mut v).unwrap();
+        c.before_entry(&mut v, u64::MAX).unwrap();
         assert_eq!(v.injected, [Event::Interrupt(40)]);
         assert!(!v.window);
         c.watchdog = 1000;
-        assert_eq!(c.before_entry(&mut v), Err(StopReason::Watchdog { rip: 0x10_0000 }));
+        assert_eq!(c.before_entry(&mut v, u64::MAX), Err(StopReason::Watchdog { rip: 0x10_0000 }));
     }
 
     #[test]

@@ -4,12 +4,25 @@
 //! producer of ring `[a][b]`, core `b` its only consumer. A message is followed by an NMI
 //! to the target core: a running guest takes an NMI exit, a core in the hypervisor takes
 //! the NMI through its IDT (which just returns); either way the core looks at its inbox
-//! before it next enters its guest or while it waits for a reply. Nothing else is shared
+//! before it next enters its guest or while it waits for a reply.
+//!
+//! The doorbell: each core has one mail word ([`MAIL`]`[b]`), a bitmask of the cores that
+//! put something on a ring to `b`. A sender sets its bit (Release) after the ring write and
+//! before the kick; the receiver swaps the word to 0 (Acquire) and reads only the rings it
+//! names, so a VM entry with no mail costs one load whatever the core count, not a look at
+//! every ring. The word is single-purpose message-passing signalling, never state: it is
+//! the only word other cores write that a core reads on its entry path. Mail is never
+//! lost: a bit taken means its ring is read until found empty, and a message written after
+//! that has its bit set again after it, which the next look sees. Nothing else is shared
 //! between cores on these paths: no lock, no table another core writes. What travels here
 //! (the capability protocol) is defined in `caps::proto`; this module only carries it.
+//!
+//! Owns the rings, the mail words and the core-to-APIC table. Calls `vmcall_proto::channel`
+//! (the ring) and `arch::apic` (the NMI), nothing else.
 
 use crate::percpu::MAX_CORES;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::channel::{self, Payload, Receiver, Ring, Sender};
 
 /// Slots per inter-core ring: what the capability protocol's flow control needs.
@@ -24,6 +37,17 @@ unsafe impl Sync for RingMem {}
 
 static RINGS: [[RingMem; MAX_CORES]; MAX_CORES] =
     [const { [const { RingMem(UnsafeCell::new([0; RING_BYTES])) }; MAX_CORES] }; MAX_CORES];
+
+/// One core's mail word, alone on its cache line (the senders' writes to one core's word
+/// do not disturb the others').
+#[repr(C, align(64))]
+pub struct Mail(AtomicU64);
+const _: () = assert!(core::mem::size_of::<Mail>() == 64);
+const _: () = assert!(MAX_CORES <= 64, "one bit per sending core");
+
+/// Per destination core: bit `a` set means core `a` put a message on its ring to this core
+/// since this core last took the word (see the module comment).
+pub static MAIL: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_CORES];
 
 /// Core index to APIC id, written once by the BSP before any AP starts, read-only after:
 /// replicated configuration, not shared state.
@@ -48,6 +72,8 @@ pub struct Link {
     tx: [Option<Sender<'static>>; MAX_CORES],
     rx: [Option<Receiver<'static>>; MAX_CORES],
     next_from: usize,
+    /// Rings this core took from its mail word and has not yet found empty.
+    pending: u64,
     pub sent: u64,
     pub received: u64,
     pub nmis: u64,
@@ -60,6 +86,7 @@ impl Link {
             tx: [const { None }; MAX_CORES],
             rx: [const { None }; MAX_CORES],
             next_from: 0,
+            pending: 0,
             sent: 0,
             received: 0,
             nmis: 0,
@@ -79,8 +106,19 @@ impl Link {
         let me = self.me;
         let tx = self.tx[to].get_or_insert_with(|| Sender::new(ring(me, to)));
         let ok = tx.try_send(m).is_ok();
+        if ok {
+            // After the ring write (the ring's own Release store), before the kick.
+            MAIL[to].0.fetch_or(1 << me, Ordering::Release);
+        }
         self.sent += ok as u64;
         ok
+    }
+
+    /// Whether mail may be waiting: one load of this core's mail word (and of what it took
+    /// earlier and has not drained), whatever the core count.
+    #[inline]
+    pub fn has_mail(&self) -> bool {
+        self.pending != 0 || MAIL[self.me].0.load(Ordering::Relaxed) != 0
     }
 
     /// Sends an NMI to core `to`.
@@ -93,26 +131,101 @@ impl Link {
         }
     }
 
-    /// The next message from any core (round robin), with its sender.
+    /// The next message from any core (round robin among the rings the mail word named),
+    /// with its sender.
     pub fn try_recv(&mut self) -> Option<(usize, Payload)> {
+        if self.pending == 0 {
+            // Acquire: the ring writes before each bit's Release are visible from here.
+            self.pending = MAIL[self.me].0.swap(0, Ordering::Acquire);
+        }
         let n = self.cores();
-        for k in 0..n {
-            let from = (self.next_from + k) % n;
-            if from == self.me {
+        while self.pending != 0 {
+            // The first named core at or after `next_from` (round robin), else the lowest.
+            let after = self.pending & (u64::MAX << (self.next_from % 64));
+            let from = if after != 0 { after } else { self.pending }.trailing_zeros() as usize;
+            if from >= n || from == self.me {
+                // Not a core that can send here (a corrupted word): nothing to read.
+                self.pending &= !(1 << from);
                 continue;
             }
             let me = self.me;
             let rx = self.rx[from].get_or_insert_with(|| Receiver::new(ring(from, me), 1));
             match rx.try_recv() {
                 Ok(Some(m)) => {
+                    // Its bit stays: the ring may hold more.
                     self.next_from = (from + 1) % n;
                     self.received += 1;
                     return Some((from, m));
                 }
-                Ok(None) => {}
-                Err(e) => log::error!("inter-core ring from core {from} is corrupt: {e:?}"),
+                Ok(None) => self.pending &= !(1 << from),
+                Err(e) => {
+                    self.pending &= !(1 << from);
+                    log::error!("inter-core ring from core {from} is corrupt: {e:?}")
+                }
+            }
+            if self.pending == 0 {
+                // Drained what was named: anything sent meanwhile set its bit again.
+                self.pending = MAIL[self.me].0.swap(0, Ordering::Acquire);
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cores 59..64 belong to these tests (the rings and mail words are statics).
+    fn setup() {
+        let apics: [u32; MAX_CORES] = core::array::from_fn(|i| i as u32);
+        publish_cores(&apics);
+    }
+
+    fn msg(i: u64) -> Payload {
+        let mut m: Payload = Default::default();
+        m[0] = i;
+        m
+    }
+
+    #[test]
+    fn no_mail_no_look_and_mail_is_read_from_the_named_rings_only() {
+        setup();
+        let (mut a, mut b, mut c) = (Link::new(60), Link::new(61), Link::new(62));
+        assert!(!c.has_mail() && c.try_recv().is_none());
+        assert!(a.try_send(62, &msg(1)) && b.try_send(62, &msg(2)) && a.try_send(62, &msg(3)));
+        assert!(c.has_mail());
+        let mut got = vec![];
+        while let Some((from, m)) = c.try_recv() {
+            got.push((from, m[0]));
+        }
+        got.sort();
+        assert_eq!(got, [(60, 1), (60, 3), (61, 2)]);
+        assert!(!c.has_mail(), "drained: the word and the pending set are empty");
+        assert_eq!(c.received, 3);
+    }
+
+    #[test]
+    fn mail_sent_while_the_receiver_drains_is_never_lost() {
+        setup();
+        const N: u64 = 20_000;
+        let sender = std::thread::spawn(|| {
+            let mut s = Link::new(63);
+            for i in 0..N {
+                while !s.try_send(59, &msg(i)) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let mut r = Link::new(59);
+        let mut next = 0;
+        while next < N {
+            if let Some((from, m)) = r.try_recv() {
+                assert_eq!((from, m[0]), (63, next), "in order, none lost");
+                next += 1;
+            }
+        }
+        sender.join().unwrap();
+        assert!(r.try_recv().is_none() && !r.has_mail());
     }
 }

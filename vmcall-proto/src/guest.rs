@@ -151,6 +151,7 @@ pub const WORKLOADS: &[&str] = &[
     "lifebench",
     "looper",
     "forwarder",
+    "exitbench",
 ];
 
 /// What values a workload argument takes.
@@ -667,6 +668,13 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                 "messages before the first incarnation dies",
             ),
         ],
+    },
+    WorkloadSpec {
+        name: "exitbench",
+        summary: "times `n` VM exit round trips of each kind (null and `exit_count` \
+                  hypercalls, CPUID, an I/O write, RDMSR, WRMSR) and the hypervisor's share \
+                  from its telemetry page (`cargo xtask bench exits`); exits 0",
+        args: &[int("n", 1, 2048, 1000, "round trips timed per kind")],
     },
 ];
 

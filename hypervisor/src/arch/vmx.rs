@@ -50,13 +50,44 @@ pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
     unsafe { x86::bits64::vmx::vmclear(pa) }
 }
 
-/// Reads a field of the current VMCS.
+/// Reads a field of the current VMCS, 0 if the read fails (VMREAD leaves its destination
+/// unchanged on failure, SDM Vol. 3C 31.3): two instructions, for the exit path.
 ///
 /// # Safety
 /// A VMCS is current on this core.
-pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
+#[inline(always)]
+pub unsafe fn vmread_or_zero(field: u32) -> u64 {
+    let mut value: u64 = 0;
     // SAFETY: the caller guarantees a current VMCS; VMREAD has no memory side effects.
-    unsafe { x86::bits64::vmx::vmread(field) }
+    unsafe {
+        core::arch::asm!("vmread {v}, {f}", f = in(reg) field as u64, v = inout(reg) value,
+            options(nostack, readonly))
+    };
+    value
+}
+
+/// Writes a field of the current VMCS, without looking at the outcome (a field the VMCS
+/// has, on the exit path: the write cannot fail once the VMCS is current).
+///
+/// # Safety
+/// As for [`vmwrite`].
+#[inline(always)]
+pub unsafe fn vmwrite_unchecked(field: u32, value: u64) {
+    // SAFETY: the caller guarantees a current VMCS and a safe value.
+    unsafe {
+        core::arch::asm!("vmwrite {f}, {v}", f = in(reg) field as u64, v = in(reg) value,
+            options(nostack))
+    };
+}
+
+/// The VMX instruction outcome of CF and ZF (SDM Vol. 3C 31.2).
+#[inline(always)]
+fn vm_result(cf: u8, zf: u8) -> Result<(), VmFail> {
+    match (cf, zf) {
+        (0, 0) => Ok(()),
+        (0, _) => Err(VmFail::VmFailValid),
+        _ => Err(VmFail::VmFailInvalid),
+    }
 }
 
 /// Writes a field of the current VMCS.
@@ -64,9 +95,16 @@ pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
 /// # Safety
 /// A VMCS is current on this core, and the value keeps the guest contained (the caller
 /// validates anything that came from the guest).
+#[inline(always)]
 pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
     // SAFETY: the caller guarantees a current VMCS and a safe value.
-    unsafe { x86::bits64::vmx::vmwrite(field, value) }
+    unsafe {
+        core::arch::asm!("vmwrite {f}, {v}", "setc {c}", "setz {z}", f = in(reg) field as u64,
+            v = in(reg) value, c = lateout(reg_byte) cf, z = lateout(reg_byte) zf,
+            options(nostack))
+    };
+    vm_result(cf, zf)
 }
 
 /// INVEPT single-context (type 1) for `eptp` (SDM Vol. 3C 29.4.3.1).

@@ -251,6 +251,11 @@ impl Members {
         self.evicted
     }
 
+    /// Whether a view change waits for [`Members::take_change`].
+    pub fn has_change(&self) -> bool {
+        self.change_len != 0
+    }
+
     /// The next view change installed here, oldest first.
     pub fn take_change(&mut self) -> Option<Change> {
         if self.change_len == 0 {

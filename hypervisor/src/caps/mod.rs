@@ -483,6 +483,21 @@ impl<const E: usize> CapCore<E> {
         self.links_dirty
     }
 
+    /// Whether the run loop has anything to do here before the next VM entry, inbox and
+    /// the membership's timing aside (`members.due()`, which the loop reads once per entry
+    /// anyway): an operation open (its deadlines), a view change to log or this core
+    /// evicted, a changed link, a controller's request, a failed unmap. A few loads; false
+    /// on almost every entry.
+    #[inline]
+    pub fn attention(&self) -> bool {
+        self.proto.busy()
+            || self.links_dirty
+            || self.ctl.pending()
+            || self.stats.unmap_failed
+            || self.members.has_change()
+            || self.members.evicted()
+    }
+
     /// Memory caps this space owns (originals): the next incarnation inherits them, so the
     /// hypervisor scrubs them first.
     pub fn owned_memory(&self) -> impl Iterator<Item = (u64, u64)> + '_ {

@@ -201,7 +201,7 @@ mod run {
     use super::*;
     use crate::arch::{self, vmx::GuestRegs};
     use crate::exits::{self, Action};
-    use crate::exits::{ConsoleSink, Event, Field, GuestCtx, Vcpu, VmExit};
+    use crate::exits::{ConsoleSink, Event, ExitInfo, Field, GuestCtx, Vcpu};
     use crate::vmx::vmcs::{ctl, exit, g, h};
     use crate::vmx::Features;
     use vmcall_proto::guest::*;
@@ -334,13 +334,15 @@ mod run {
         fn regs(&mut self) -> &mut GuestRegs {
             &mut self.regs
         }
+        #[inline(always)]
         fn read(&mut self, f: Field) -> u64 {
             // SAFETY: this core's guest VMCS is current for the whole run loop.
             unsafe { field(f).read() }
         }
+        #[inline(always)]
         fn write(&mut self, f: Field, v: u64) {
             // SAFETY: current VMCS; the exit handlers validated `v`.
-            let _ = unsafe { field(f).write(v) };
+            unsafe { field(f).set(v) };
         }
         fn inject(&mut self, e: Event) {
             let info: u64 = match e {
@@ -354,15 +356,15 @@ mod run {
             };
             // SAFETY: current VMCS; a well-formed interruption-information value.
             unsafe {
-                let _ = ctl::ENTRY_INTR_INFO.write(info);
+                ctl::ENTRY_INTR_INFO.set(info);
                 if let Event::Exception { error_code: Some(code), .. } = e {
-                    let _ = ctl::ENTRY_EXCEPTION_ERR.write(code as u64);
+                    ctl::ENTRY_EXCEPTION_ERR.set(code as u64);
                 }
             }
             self.injected = true;
             // A guest halted without HLT exiting wakes for the injected event.
             // SAFETY: current VMCS; 0 is the active state.
-            let _ = unsafe { g::ACTIVITY.write(0) };
+            unsafe { g::ACTIVITY.set(0) };
         }
         fn set_interrupt_window(&mut self, on: bool) {
             let bit = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
@@ -370,7 +372,7 @@ mod run {
             if new != self.procbased {
                 self.procbased = new;
                 // SAFETY: current VMCS; interrupt-window exiting is allowed (checked at setup).
-                let _ = unsafe { ctl::PROCBASED.write(new as u64) };
+                unsafe { ctl::PROCBASED.set(new as u64) };
             }
         }
         fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError> {
@@ -651,19 +653,43 @@ mod run {
         Ok(proc)
     }
 
-    fn read_exit() -> VmExit {
-        // SAFETY: the guest's VMCS is current; exit-information fields are readable.
-        unsafe {
-            let reason = exit::REASON.read();
-            VmExit {
-                reason: reason as u16,
-                entry_failed: reason & (1 << 31) != 0,
-                qualification: exit::QUALIFICATION.read(),
-                instruction_len: exit::INSTRUCTION_LEN.read(),
-                rip: g::RIP.read(),
-                guest_physical: exit::GUEST_PHYSICAL.read(),
-                guest_linear: exit::GUEST_LINEAR.read(),
-            }
+    /// The exit of the current VMCS: the reason is read at once, every other field when a
+    /// handler asks (one VMREAD each).
+    struct VmcsExit {
+        /// The full exit-reason field (bit 31: the VM entry failed).
+        raw: u64,
+    }
+
+    impl VmcsExit {
+        fn read() -> Self {
+            // SAFETY: the guest's VMCS is current; exit-information fields are readable.
+            VmcsExit { raw: unsafe { exit::REASON.read() } }
+        }
+    }
+
+    impl ExitInfo for VmcsExit {
+        fn reason(&self) -> u16 {
+            self.raw as u16
+        }
+        fn entry_failed(&self) -> bool {
+            self.raw & (1 << 31) != 0
+        }
+        fn qualification(&self) -> u64 {
+            // SAFETY: the guest's VMCS is current until the next VM entry.
+            unsafe { exit::QUALIFICATION.read() }
+        }
+        fn instruction_len(&self) -> u64 {
+            // SAFETY: as above.
+            unsafe { exit::INSTRUCTION_LEN.read() }
+        }
+        fn rip(&self) -> u64 {
+            // Handlers move RIP only after they last ask for it (`advance` ends a handler).
+            // SAFETY: as above.
+            unsafe { g::RIP.read() }
+        }
+        fn guest_physical(&self) -> u64 {
+            // SAFETY: as above.
+            unsafe { exit::GUEST_PHYSICAL.read() }
         }
     }
 
@@ -1349,85 +1375,90 @@ mod run {
         // `inject=hung-core`: 20 ms into the guest's first run.
         let mut hang_at = u64::MAX;
         let ending = loop {
-            // Kicks from here on are seen by this poll, or zero the timer below.
+            // Kicks from here on are seen by the look below, or zero the timer further down
+            // (one taken before it is for mail the look sees: no extra exit for it).
             me.take_kick();
-            let t0 = arch::rdtsc();
-            let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
-            let t1 = arch::rdtsc();
-            log_views(ctx.caps, core);
-            if ctx.caps.members.evicted() {
-                // Taken for stopped while alive: the others fenced this core and go on
-                // without it, so its guest must not run again.
-                break Ending::Stopped(StopReason::Isolation(
-                    "its core was fenced out of the membership view",
-                ));
-            }
-            if l.hang && launched && t1 >= hang_at {
-                hang(core);
-            }
-            if t1 >= l.end_tsc {
-                break Ending::Stopped(StopReason::RunEnded);
-            }
-            let foreign = match kicked_at.take() {
-                Some(t) => t1.saturating_sub(t),
-                None if served > 0 => t1.saturating_sub(t0),
-                None => 0,
-            };
-            // At most one budget's worth: a guest's life stays bounded (the BSP's
-            // collection waits two budgets).
-            let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
-            ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
-            ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
-            if ctx.caps.links_changed() {
-                publish_links(status, l, ctx.caps, counts);
-                // Wake the guest if it sleeps on a doorbell: its channel changed.
-                ctx.wake = true;
-            }
-            if let Some((from, req, operation)) = ctx.caps.ctl.take() {
-                let env = &mut exits::CapEnv(&mut vcpu);
-                let running = control::state_word(control::RUNNING, n, 0);
-                match operation {
-                    _ if l.controllers & (1 << from) == 0 => {
-                        Control::answer(env, from, req, Err(HvError::NotOwner))
-                    }
-                    control::QUERY => Control::answer(env, from, req, Ok(running)),
-                    control::START => Control::answer(env, from, req, Err(HvError::Busy)),
-                    _ => {
-                        asked = Some((from, req, operation));
-                        break Ending::Stopped(StopReason::Requested { by: from as u16 });
+            // The inter-core inbox, the capability protocol's deadlines, the membership's
+            // probes, link changes and controllers' requests: only when the mail word or the
+            // capability state says there is something, or something is due (a few loads
+            // otherwise, whatever the core count).
+            let now = arch::rdtsc();
+            let mut due = ctx.caps.members.due();
+            if kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention() {
+                let t0 = arch::rdtsc();
+                let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
+                let t1 = arch::rdtsc();
+                log_views(ctx.caps, core);
+                if ctx.caps.members.evicted() {
+                    // Taken for stopped while alive: the others fenced this core and go on
+                    // without it, so its guest must not run again.
+                    break Ending::Stopped(StopReason::Isolation(
+                        "its core was fenced out of the membership view",
+                    ));
+                }
+                let foreign = match kicked_at.take() {
+                    Some(t) => t1.saturating_sub(t),
+                    None if served > 0 => t1.saturating_sub(t0),
+                    None => 0,
+                };
+                // At most one budget's worth: a guest's life stays bounded (the BSP's
+                // collection waits two budgets).
+                let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
+                ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
+                ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+                if ctx.caps.links_changed() {
+                    publish_links(status, l, ctx.caps, counts);
+                    // Wake the guest if it sleeps on a doorbell: its channel changed.
+                    ctx.wake = true;
+                }
+                if let Some((from, req, operation)) = ctx.caps.ctl.take() {
+                    let env = &mut exits::CapEnv(&mut vcpu);
+                    let running = control::state_word(control::RUNNING, n, 0);
+                    match operation {
+                        _ if l.controllers & (1 << from) == 0 => {
+                            Control::answer(env, from, req, Err(HvError::NotOwner))
+                        }
+                        control::QUERY => Control::answer(env, from, req, Ok(running)),
+                        control::START => Control::answer(env, from, req, Err(HvError::Busy)),
+                        _ => {
+                            asked = Some((from, req, operation));
+                            break Ending::Stopped(StopReason::Requested { by: from as u16 });
+                        }
                     }
                 }
+                if ctx.caps.stats.unmap_failed {
+                    break Ending::Stopped(StopReason::Isolation(
+                        "a revoked capability could not be unmapped from its EPT",
+                    ));
+                }
+                due = ctx.caps.members.due();
             }
-            if ctx.caps.stats.unmap_failed {
-                break Ending::Stopped(StopReason::Isolation(
-                    "a revoked capability could not be unmapped from its EPT",
-                ));
+            if l.hang && launched && now >= hang_at {
+                hang(core);
+            }
+            if now >= l.end_tsc {
+                break Ending::Stopped(StopReason::RunEnded);
             }
             vcpu.injected = false;
-            let timer = match ctx.before_entry(&mut vcpu) {
+            // The membership failure detector's next probe or deadline, the end of the run
+            // (and an injected hang) come even if the guest never exits.
+            let also = due.min(l.end_tsc);
+            let also = if l.hang { also.min(hang_at) } else { also };
+            let timer = match ctx.before_entry(&mut vcpu, also) {
                 Ok(t) => t,
                 Err(why) => break Ending::Stopped(why),
             };
-            // The membership failure detector's next probe or deadline (and an injected
-            // hang) comes even if the guest never exits.
-            let now = arch::rdtsc();
-            let mut timer = timer
-                .min(ctx.caps.members.due().saturating_sub(now))
-                .min(l.end_tsc.saturating_sub(now));
-            if l.hang {
-                timer = timer.min(hang_at.saturating_sub(now));
-            }
             // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
             // SAFETY: current VMCS.
-            let _ = unsafe {
-                g::PREEMPTION_TIMER.write((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
+            unsafe {
+                g::PREEMPTION_TIMER.set((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };
             if me.take_kick() {
-                // A kick came after the poll: its message waits. Enter for no instruction
+                // A kick came after the look at the mail word: its message waits. Enter for no instruction
                 // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
                 // after this line zeroes the timer itself (arch::idt).
                 // SAFETY: current VMCS.
-                let _ = unsafe { g::PREEMPTION_TIMER.write(0) };
+                unsafe { g::PREEMPTION_TIMER.set(0) };
             }
             // Exit-free telemetry: the guest's counters as of this entry.
             let t_entry = arch::rdtsc();
@@ -1448,12 +1479,12 @@ mod run {
             launched = true;
             let t_exit = arch::rdtsc();
             last_exit = t_exit;
-            let e = read_exit();
-            last_reason = Some(e.reason);
-            crate::trace::exit(core, e.reason, t1, t_exit);
+            let e = VmcsExit::read();
+            let reason = e.reason();
+            last_reason = Some(reason);
+            crate::trace::exit(core, reason, t_entry, t_exit);
             // SAFETY: current VMCS.
-            let intr = unsafe { exit::INTR_INFO.read() };
-            if e.reason == 0 && intr & (1 << 31) != 0 && (intr >> 8) & 7 == 2 {
+            if reason == 0 && is_nmi(unsafe { exit::INTR_INFO.read() }) {
                 kicked_at = Some(t_exit);
                 // The NMI was a kick for this core's hypervisor, not the guest's: do not let
                 // the guest inherit NMI blocking (it would hold every later kick until the
@@ -1474,7 +1505,9 @@ mod run {
                 Action::Exit(status) => break Ending::Exited(status),
                 Action::Stop(why) => break Ending::Stopped(why),
             }
-            reinject_vectoring(&mut vcpu);
+            if !exits::instruction_exit(reason) {
+                reinject_vectoring(&mut vcpu);
+            }
         };
         ctx.flush_line(&mut sink);
         let mut r = report(&ctx, ending, first_entry);
@@ -1565,6 +1598,12 @@ mod run {
                 None => Ok(()),
             }
         }
+    }
+
+    /// Whether a VM-exit interruption-information value says an NMI (valid, type 2; SDM
+    /// Vol. 3C 25.9.2).
+    fn is_nmi(intr: u64) -> bool {
+        intr & (1 << 31) != 0 && (intr >> 8) & 7 == 2
     }
 
     /// An exit during event delivery leaves the event in the IDT-vectoring field; it must be

@@ -3,7 +3,7 @@
 //! guest and host state) can be read and written, [`Ro`] fields (exit information) only
 //! read. Encodings come from the `x86` crate (SDM Vol. 3D appendix B).
 
-use crate::arch::vmx::{vmread, vmwrite};
+use crate::arch::vmx::{vmread_or_zero, vmwrite, vmwrite_unchecked};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 /// A read-write VMCS field.
@@ -23,9 +23,10 @@ pub struct VmcsError {
 impl Rw {
     /// # Safety
     /// A VMCS is current on this core.
+    #[inline(always)]
     pub unsafe fn read(self) -> u64 {
         // SAFETY: caller guarantees a current VMCS; every `Rw` is a valid encoding.
-        unsafe { vmread(self.0) }.unwrap_or(0)
+        unsafe { vmread_or_zero(self.0) }
     }
     /// # Safety
     /// A VMCS is current on this core and `v` keeps the guest contained.
@@ -33,14 +34,25 @@ impl Rw {
         // SAFETY: caller guarantees a current VMCS and a safe value.
         unsafe { vmwrite(self.0, v) }.map_err(|_| VmcsError { field: self.0, write: true })
     }
+    /// Writes without looking at the outcome: for the exit path, where the VMCS is current
+    /// and the field one it has (the write cannot fail).
+    ///
+    /// # Safety
+    /// As for [`Rw::write`].
+    #[inline(always)]
+    pub unsafe fn set(self, v: u64) {
+        // SAFETY: caller guarantees a current VMCS and a safe value.
+        unsafe { vmwrite_unchecked(self.0, v) }
+    }
 }
 
 impl Ro {
     /// # Safety
     /// A VMCS is current on this core.
+    #[inline(always)]
     pub unsafe fn read(self) -> u64 {
         // SAFETY: caller guarantees a current VMCS; every `Ro` is a valid encoding.
-        unsafe { vmread(self.0) }.unwrap_or(0)
+        unsafe { vmread_or_zero(self.0) }
     }
 }
 
@@ -157,5 +169,4 @@ pub mod exit {
     pub const IDT_VECTORING_ERR: Ro = Ro(ro::IDT_VECTORING_ERR_CODE);
     pub const INSTRUCTION_LEN: Ro = Ro(ro::VMEXIT_INSTRUCTION_LEN);
     pub const QUALIFICATION: Ro = Ro(ro::EXIT_QUALIFICATION);
-    pub const GUEST_LINEAR: Ro = Ro(ro::GUEST_LINEAR_ADDR);
 }

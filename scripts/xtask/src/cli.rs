@@ -191,6 +191,19 @@ pub enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// VM exit round trips per exit reason and the hypervisor's share, at 2, 8 and 15 CPUs.
+    Exits {
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// An earlier run's `--json`: its figures go next to this run's as "before".
+        #[arg(long)]
+        before: Option<PathBuf>,
+        /// The emulated CPU counts to boot (2 to 15, Bochs's limit).
+        #[arg(long, value_delimiter = ',', default_values_t = crate::exitbench::CPUS,
+              value_parser = clap::value_parser!(u32).range(2..=15))]
+        cpus: Vec<u32>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

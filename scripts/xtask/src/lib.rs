@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod config;
 pub mod diff;
 pub mod exit;
+pub mod exitbench;
 pub mod kernel;
 pub mod lifebench;
 pub mod meta;

@@ -131,6 +131,9 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Exits { json, before, cpus } => {
+                xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)
+            }
         },
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
         Cmd::NewGuest(n) => xtask::template::new_guest(&n.dir).map(|files| {

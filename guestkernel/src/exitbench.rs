@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `exitbench` (`cargo xtask bench exits`): the cost of one VM exit and its VM entry, per
+//! exit reason, as the guest sees it (a round trip timed with RDTSC around one exiting
+//! instruction, which counts emulated instructions exactly under Bochs) and as the
+//! hypervisor spends it (its own time from the exit to the next entry, read from the
+//! telemetry page with no exit). One `bench exits kind=...` line per exit kind, parsed by
+//! `scripts/xtask/src/exitbench.rs`.
+//!
+//! Calls the hypercall wrappers, the telemetry page and `arch::rdtsc` only.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use guestkernel::arch::rdtsc;
+use guestkernel::hypercall;
+use vmcall_proto::guest::BootInfo;
+use vmcall_proto::hypercall::Hypercall;
+
+/// Round trips timed per kind (the median is printed; samples past this are not kept).
+const MAX_SAMPLES: usize = 2048;
+
+/// The exits measured: name, and one exiting instruction.
+const KINDS: [(&str, fn()); 6] = [
+    ("null_hypercall", null_hypercall),
+    ("exit_count_hypercall", exit_count_hypercall),
+    ("cpuid", cpuid),
+    ("io_out", io_out),
+    ("rdmsr", rdmsr),
+    ("wrmsr", wrmsr),
+];
+
+/// `yield`: a hypercall that does nothing and returns 0.
+fn null_hypercall() {
+    let _ = hypercall::raw(Hypercall::Yield as u64, 0, 0);
+}
+
+fn exit_count_hypercall() {
+    let _ = hypercall::raw(Hypercall::ExitCount as u64, 0, 0);
+}
+
+fn cpuid() {
+    let _ = core::hint::black_box(core::arch::x86_64::__cpuid(0));
+}
+
+/// A write to the POST port (0x80), which the hypervisor accepts and ignores.
+fn io_out() {
+    // SAFETY: port 0x80 is the POST port; the write exits and is ignored.
+    unsafe { core::arch::asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack)) };
+}
+
+const MSR_FS_BASE: u32 = 0xc000_0100;
+
+/// FS base as found at the start: `wrmsr` writes it back unchanged.
+static FS_BASE: AtomicU64 = AtomicU64::new(0);
+
+/// Reads FS base through RDMSR (it exits: only the syscall MSRs pass through).
+fn read_fs_base() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: FS base exists in long mode; the hypervisor emulates the read.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") MSR_FS_BASE, out("eax") lo, out("edx") hi,
+            options(nomem, nostack))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+fn rdmsr() {
+    core::hint::black_box(read_fs_base());
+}
+
+/// Writes FS base with the value it has (through WRMSR, which exits).
+fn wrmsr() {
+    let v = FS_BASE.load(Ordering::Relaxed);
+    // SAFETY: the value FS base already holds: nothing changes.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") MSR_FS_BASE, in("eax") v as u32,
+            in("edx") (v >> 32) as u32, options(nomem, nostack))
+    };
+}
+
+pub fn exitbench(bi: &BootInfo) -> u64 {
+    let n = (bi.arg_int("n") as usize).clamp(1, MAX_SAMPLES);
+    let mut samples = [0u32; MAX_SAMPLES];
+    FS_BASE.store(read_fs_base(), Ordering::Relaxed);
+    for (name, op) in KINDS {
+        // Warm up (the first exits of a kind touch code and data the later ones find).
+        for _ in 0..16 {
+            op();
+        }
+        let (hv0, entries0) = guestkernel::telemetry::hypervisor_tsc_and_entries();
+        for s in samples.iter_mut().take(n) {
+            let t0 = rdtsc();
+            op();
+            let t1 = rdtsc();
+            *s = t1.wrapping_sub(t0).min(u32::MAX as u64) as u32;
+        }
+        let (hv1, entries1) = guestkernel::telemetry::hypervisor_tsc_and_entries();
+        // The same instructions with no exit between the two reads: what RDTSC and the
+        // call around the exiting instruction cost by themselves.
+        let mut base = u64::MAX;
+        for _ in 0..16 {
+            let t0 = rdtsc();
+            let t1 = rdtsc();
+            base = base.min(t1.wrapping_sub(t0));
+        }
+        let s = &mut samples[..n];
+        s.sort_unstable();
+        let (median, min, max) = (s[n / 2], s[0], s[n - 1]);
+        let exits = entries1.wrapping_sub(entries0);
+        let hv = hv1.wrapping_sub(hv0).checked_div(exits).unwrap_or(0);
+        log::info!(
+            "bench exits kind={name} n={n} rtt_median={median} rtt_min={min} rtt_max={max} \
+             hv_per_exit={hv} exits={exits} rdtsc_pair={base}"
+        );
+    }
+    0
+}
