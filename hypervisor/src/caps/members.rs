@@ -167,6 +167,8 @@ pub struct Members {
     change_len: usize,
     /// Cores suspected since the caller last took them.
     newly_suspected: CoreSet,
+    /// [`Members::due`], kept up to date.
+    due_at: u64,
 }
 
 /// Whether `m` is a membership message.
@@ -190,7 +192,7 @@ impl Members {
     /// The instance of core `me` at time `now`, in view 0 made of `initial` (the cores the
     /// configuration gives a guest: the same on every core).
     pub fn new(me: usize, initial: CoreSet, timing: Timing, now: u64) -> Self {
-        Members {
+        let mut m = Members {
             me: me as u8,
             view: View { num: 0, set: initial },
             promised: 0,
@@ -216,7 +218,10 @@ impl Members {
             change_head: 0,
             change_len: 0,
             newly_suspected: 0,
-        }
+            due_at: u64::MAX,
+        };
+        m.due_at = m.compute_due();
+        m
     }
 
     #[cfg(test)]
@@ -311,6 +316,11 @@ impl Members {
     /// The run is ending: stop probing (a core busy with the final report must not be
     /// taken for a hung one). Rounds in progress still finish.
     pub fn end(&mut self, env: &mut impl Env) {
+        self.end_inner(env);
+        self.due_at = self.compute_due();
+    }
+
+    fn end_inner(&mut self, env: &mut impl Env) {
         if !self.ended && self.member() {
             self.ended = true;
             for c in 0..MAX_PEERS {
@@ -324,6 +334,11 @@ impl Members {
 
     /// This core asks to be taken out of the view.
     pub fn leave(&mut self, env: &mut impl Env) {
+        self.leave_inner(env);
+        self.due_at = self.compute_due();
+    }
+
+    fn leave_inner(&mut self, env: &mut impl Env) {
         let me = self.me as usize;
         self.intent_seq[me] += 1;
         self.wants_in &= !bit(me);
@@ -333,6 +348,11 @@ impl Members {
     /// This core, out of the view, asks to be brought back through `via` (a member: the core
     /// of whoever asked, which forwards the wish to its coordinator).
     pub fn join(&mut self, env: &mut impl Env, via: usize) {
+        self.join_inner(env, via);
+        self.due_at = self.compute_due();
+    }
+
+    fn join_inner(&mut self, env: &mut impl Env, via: usize) {
         self.evicted = false;
         let me = self.me as usize;
         self.intent_seq[me] += 1;
@@ -352,8 +372,13 @@ impl Members {
         self.send(env, to, &m, true);
     }
 
-    /// When [`Members::tick`] next has something to do.
+    /// When [`Members::tick`] next has something to do: kept by every call that changes
+    /// the state (one load on the VM entry path).
     pub fn due(&self) -> u64 {
+        self.due_at
+    }
+
+    fn compute_due(&self) -> u64 {
         if !self.member() {
             let joining = self.wants_in & bit(self.me as usize) != 0;
             return if joining { self.join_retry } else { u64::MAX };
@@ -383,6 +408,11 @@ impl Members {
 
     /// The failure detector and the round's deadline.
     pub fn tick(&mut self, env: &mut impl Env) {
+        self.tick_inner(env);
+        self.due_at = self.compute_due();
+    }
+
+    fn tick_inner(&mut self, env: &mut impl Env) {
         let now = env.now();
         if let Some(r) = self.round {
             if now >= r.deadline {
@@ -606,6 +636,11 @@ impl Members {
 
     /// One membership message from core `from`.
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        self.deliver_inner(env, from, m);
+        self.due_at = self.compute_due();
+    }
+
+    fn deliver_inner(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
             return;
         }
