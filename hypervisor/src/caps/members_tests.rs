@@ -20,6 +20,8 @@ struct Sim {
     now: u64,
     /// Stopped for good.
     dead: Vec<bool>,
+    /// Alive but not serving its inbox before this time (a slow core).
+    paused_until: Vec<u64>,
     /// Sends a core still makes before it stops (mid-handler death).
     sends_left: Vec<Option<u32>>,
     last_served: Vec<u64>,
@@ -73,6 +75,7 @@ impl Sim {
             rings: vec![vec![VecDeque::new(); n]; n],
             now: 0,
             dead: vec![false; n],
+            paused_until: vec![0; n],
             sends_left: vec![None; n],
             last_served: vec![0; n],
             logs: vec![Vec::new(); n],
@@ -106,7 +109,7 @@ impl Sim {
 
     /// Core `c` serves its inbox (every ring, FIFO each, pairs in a random order) and ticks.
     fn serve(&mut self, c: usize) {
-        if self.dead[c] {
+        if self.dead[c] || self.now < self.paused_until[c] {
             return;
         }
         self.last_served[c] = self.now;
@@ -133,8 +136,11 @@ impl Sim {
     /// for a quarter of the timeout is served first (a live core answers in bounded time).
     fn step(&mut self) {
         self.now += 1 + self.rand(3);
-        let late = (0..self.n)
-            .find(|&c| !self.dead[c] && self.now - self.last_served[c] > self.timing.timeout / 4);
+        let late = (0..self.n).find(|&c| {
+            !self.dead[c]
+                && self.now >= self.paused_until[c]
+                && self.now - self.last_served[c] > self.timing.timeout / 4
+        });
         let c = late.unwrap_or_else(|| self.rand(self.n as u64) as usize);
         self.serve(c);
     }
@@ -385,4 +391,36 @@ proptest! {
             prop_assert_eq!(seq(*w[0]), seq(*w[1]));
         }
     }
+}
+
+/// Review (issue 11): a core that is slow but alive (it serves nothing for longer than the
+/// timeout, then goes on) is fenced by the others; the README says it "learns it from the
+/// `COMMIT` that removed it and stops its guest for good". It must never install a view
+/// number with a set other than the one the others installed.
+fn a_slow_core_resumes(n: usize, slow: usize, seed: u64) -> Sim {
+    let mut sim = Sim::new(n, seed);
+    for _ in 0..500 {
+        sim.step();
+    }
+    sim.paused_until[slow] = sim.now + 3 * sim.timing.timeout;
+    for _ in 0..20_000 {
+        sim.step();
+    }
+    sim
+}
+
+#[test]
+fn a_slow_core_that_was_fenced_learns_it_two_cores() {
+    let sim = a_slow_core_resumes(2, 1, 13);
+    let views: Vec<_> = (0..2).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
+    sim.check_agreement();
+    assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{views:?}");
+}
+
+#[test]
+fn a_slow_core_that_was_fenced_learns_it_three_cores() {
+    let sim = a_slow_core_resumes(3, 1, 17);
+    let views: Vec<_> = (0..3).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
+    sim.check_agreement();
+    assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{views:?}");
 }
