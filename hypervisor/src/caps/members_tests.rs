@@ -112,7 +112,17 @@ impl Sim {
         if self.dead[c] || self.now < self.paused_until[c] {
             return;
         }
+        // Back from a pause: everything that waits is read before the tick (as
+        // `CapCore::poll` does: it drains every ring, then ticks).
+        let resumed = self.last_served[c] < self.paused_until[c];
         self.last_served[c] = self.now;
+        if resumed {
+            for from in 0..self.n {
+                while let Some(m) = self.rings[from][c].pop_front() {
+                    self.with(c, |mem, env| mem.deliver(env, from, &m));
+                }
+            }
+        }
         let start = self.rand(self.n as u64) as usize;
         for k in 0..self.n {
             let from = (start + k) % self.n;
@@ -423,4 +433,38 @@ fn a_slow_core_that_was_fenced_learns_it_three_cores() {
     let views: Vec<_> = (0..3).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
     sim.check_agreement();
     assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{views:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// Review (issue 11): any core slow for a while (up to five timeouts), at any time: one
+    /// set per view number everywhere, and the slow core is either still in the others' view
+    /// or knows it is out (evicted).
+    #[test]
+    fn a_slow_core_never_splits_the_views(
+        n in 2usize..=6,
+        seed in any::<u64>(),
+        slow in 0usize..6,
+        at in 0u64..2_000,
+        pause in 0u64..2_000,
+    ) {
+        let slow = slow % n;
+        let mut sim = Sim::new(n, seed);
+        while sim.now < at {
+            sim.step();
+        }
+        sim.paused_until[slow] = sim.now + pause;
+        for _ in 0..20_000 {
+            sim.step();
+        }
+        sim.check_agreement();
+        let others = (0..n).find(|&c| c != slow).unwrap();
+        let v = sim.cores[others].view();
+        let s = &sim.cores[slow];
+        if v.set & (1 << slow) != 0 {
+            prop_assert_eq!(s.view(), v);
+        } else {
+            prop_assert!(s.evicted() && !s.member(), "slow core {} {:?}, others {:?}", slow, s.view(), v);
+        }
+    }
 }
