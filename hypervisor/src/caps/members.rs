@@ -539,7 +539,11 @@ impl Members {
     fn commit(&mut self, env: &mut impl Env) {
         let Some(r) = self.round.take() else { return };
         let me = self.me as usize;
-        let to = (r.quorum | r.value.set) & !self.suspects & !bit(me);
+        // The old view's cores too, suspected ones included: a core fenced while it was
+        // only slow learns from this `COMMIT` that it is out (and stops for good) before it
+        // could take the others for stopped and make a view of its own. A core that has
+        // really stopped never reads it.
+        let to = (r.quorum | r.value.set | self.view.set) & !bit(me);
         let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
         // every member's table then knows them, whoever coordinates next.
