@@ -1004,8 +1004,11 @@ mod run {
         let _ = ending;
         Control::answer(&mut Serving(link), from, req, Ok(parked));
         // Parked: no guest, not probed; it still answers whatever other cores ask (revokes
-        // find nothing, queries say parked) until a controller brings it back.
-        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc) {
+        // find nothing, queries say parked) until a controller brings it back, or until none
+        // can (each let go: gone for good or fenced), as a guest that is down waits.
+        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc)
+            && l.controllers & !caps.ctl.released != 0
+        {
             caps.poll(&mut Serving(link));
             log_views(caps, core);
             let Some((c, r, operation)) = caps.ctl.take() else {
