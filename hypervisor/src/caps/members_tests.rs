@@ -504,3 +504,31 @@ fn a_view_learned_by_catchup_does_not_lose_a_join() {
     );
     assert!(!sim.cores[1].evicted(), "live core 1 counts as fenced");
 }
+
+/// Review (issue 11), found by `views_agree_under_any_interleaving_and_stops` at 200 000
+/// cases (seed kept): core 3 leaves, asks back in; the coordinator (core 2) stops half-way
+/// through the COMMIT that brings core 3 in, so core 0, leaving now, sends its wish to core
+/// 3, the next coordinator, before core 3 knows it is in: core 3 acknowledges and drops it
+/// (out of the view, it acts on no wish), core 0 never says it again, and its leave never
+/// happens (in the hypervisor `PARK` ends `Timeout`).
+#[test]
+fn a_wish_acknowledged_by_a_coordinator_still_joining_is_not_lost() {
+    let n = 4;
+    let mut sim = Sim::new(n, 886051820912619042);
+    let events = [(1u8, 3usize, 1u32, 0u64), (2, 3, 1, 419), (0, 2, 3, 452), (1, 0, 1, 468)];
+    let mut t = 0;
+    for (kind, core, k, at) in events {
+        while t < at {
+            sim.step();
+            t += 1;
+        }
+        match kind {
+            0 => sim.sends_left[core] = Some(k),
+            1 => sim.with(core, |m, env| m.leave(env)),
+            _ => sim.with(core, |m, env| m.join(env, 0)),
+        }
+    }
+    sim.dead[2] = true;
+    settle(&mut sim, 0b0001);
+    sim.check_agreement();
+}
