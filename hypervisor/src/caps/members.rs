@@ -617,10 +617,9 @@ impl Members {
             op::WISH => {
                 self.send(env, from, &msg(op::WISH_ACK, &[]), true);
                 self.catch_up(env, from, w(5));
-                if !self.member() {
-                    // Out: it cannot act on a wish (the asker tries another core).
-                    return;
-                }
+                // The intent goes into the table even here out of the view: the `WISH_ACK`
+                // tells the sender it need not say it again, and this core may be the
+                // coordinator of a view it has not installed yet (it learns it by `CATCHUP`).
                 let me = bit(self.me as usize);
                 let (core, seq) = (w(1) as usize, w(2) as u32);
                 if core < MAX_PEERS && seq > self.intent_seq[core] {
@@ -630,6 +629,10 @@ impl Members {
                     } else {
                         self.wants_in &= !bit(core);
                     }
+                }
+                if !self.member() {
+                    // Out: it cannot act on a wish (the asker tries another core).
+                    return;
                 }
                 self.suspect(env, w(4) & self.view.set & !me);
                 self.advance(env);
