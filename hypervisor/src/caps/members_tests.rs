@@ -16,7 +16,8 @@ const BUDGET: usize = 8;
 struct Sim {
     n: usize,
     cores: Vec<Members>,
-    rings: Vec<Vec<VecDeque<Payload>>>,
+    /// Each message with the time it was sent.
+    rings: Vec<Vec<VecDeque<(Payload, u64)>>>,
     now: u64,
     /// Stopped for good.
     dead: Vec<bool>,
@@ -33,7 +34,7 @@ struct Sim {
 struct SimEnv<'a> {
     me: usize,
     now: u64,
-    rings: &'a mut Vec<Vec<VecDeque<Payload>>>,
+    rings: &'a mut Vec<Vec<VecDeque<(Payload, u64)>>>,
     sends_left: &'a mut Option<u32>,
 }
 
@@ -50,7 +51,7 @@ impl Env for SimEnv<'_> {
         }
         let q = &mut self.rings[self.me][to];
         assert!(q.len() < BUDGET, "ring {}->{} over the membership budget: {q:?}", self.me, to);
-        q.push_back(*m);
+        q.push_back((*m, self.now));
         true
     }
     fn recv(&mut self) -> Option<(usize, Payload)> {
@@ -118,18 +119,31 @@ impl Sim {
         self.last_served[c] = self.now;
         if resumed {
             for from in 0..self.n {
-                while let Some(m) = self.rings[from][c].pop_front() {
+                while let Some((m, _)) = self.rings[from][c].pop_front() {
                     self.with(c, |mem, env| mem.deliver(env, from, &m));
                 }
             }
         }
         let start = self.rand(self.n as u64) as usize;
+        // A message is visible to its receiver at the latest an eighth of the timeout after
+        // it was sent (the hypervisor's poll reads every visible one): delivered now.
+        let old = self.now.saturating_sub(self.timing.timeout / 8);
+        for k in 0..self.n {
+            let from = (start + k) % self.n;
+            while self.rings[from][c].front().is_some_and(|&(_, t)| t <= old) {
+                let Some((m, _)) = self.rings[from][c].pop_front() else { break };
+                self.with(c, |mem, env| mem.deliver(env, from, &m));
+                if self.dead[c] {
+                    return;
+                }
+            }
+        }
         for k in 0..self.n {
             let from = (start + k) % self.n;
             // Some of what waits, not always all: deliveries interleave across pairs.
             let take = self.rand(self.rings[from][c].len() as u64 + 1) as usize;
             for _ in 0..take.max(usize::from(self.rand(4) == 0)) {
-                let Some(m) = self.rings[from][c].pop_front() else { break };
+                let Some((m, _)) = self.rings[from][c].pop_front() else { break };
                 self.with(c, |mem, env| mem.deliver(env, from, &m));
                 if self.dead[c] {
                     return;
@@ -258,7 +272,8 @@ fn the_coordinator_hangs_half_way_through_its_commit() {
     let mut armed = false;
     for _ in 0..20_000 {
         sim.step();
-        if !armed && sim.rings[3].iter().any(|q| q.iter().any(|m| m[0] & 0xff == proto::op::ACCEPT))
+        if !armed
+            && sim.rings[3].iter().any(|q| q.iter().any(|(m, _)| m[0] & 0xff == proto::op::ACCEPT))
         {
             sim.sends_left[3] = Some(1);
             armed = true;
