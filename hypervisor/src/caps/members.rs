@@ -572,10 +572,6 @@ impl Members {
         if old.set & me != 0 && v.set & me == 0 && self.wants_in & me != 0 {
             self.evicted = true;
         }
-        // A core the view brings in had asked in: a view learned without its intents
-        // (`CATCHUP`, `NACK`) must not leave an older "out" here, or this core, coordinating
-        // next, would take a live core out that never asked to go (it would count as evicted).
-        self.wants_in |= v.set & !old.set & !me;
         self.view = v;
         self.ever |= v.set;
         if self.accepted.is_some_and(|(_, a)| a.num <= v.num) {
