@@ -583,7 +583,11 @@ impl Members {
     fn commit(&mut self, env: &mut impl Env) {
         let Some(r) = self.round.take() else { return };
         let me = self.me as usize;
-        let to = (r.quorum | r.value.set) & !self.suspects & !bit(me);
+        // The old view's cores too, suspected ones included: a core fenced while it was
+        // only slow learns from this `COMMIT` that it is out (and stops for good) before it
+        // could take the others for stopped and make a view of its own. A core that has
+        // really stopped never reads it.
+        let to = (r.quorum | r.value.set | self.view.set) & !bit(me);
         // With the cores it suspects: every member fences them too.
         let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set, self.suspects]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
@@ -658,10 +662,9 @@ impl Members {
             op::WISH => {
                 self.send(env, from, &msg(op::WISH_ACK, &[]), true);
                 self.catch_up(env, from, w(5));
-                if !self.member() {
-                    // Out: it cannot act on a wish (the asker tries another core).
-                    return;
-                }
+                // The intent goes into the table even here out of the view: the `WISH_ACK`
+                // tells the sender it need not say it again, and this core may be the
+                // coordinator of a view it has not installed yet (it learns it by `CATCHUP`).
                 let me = bit(self.me as usize);
                 let (core, seq) = (w(1) as usize, w(2) as u32);
                 if core < MAX_PEERS && seq > self.intent_seq[core] {
@@ -671,6 +674,10 @@ impl Members {
                     } else {
                         self.wants_in &= !bit(core);
                     }
+                }
+                if !self.member() {
+                    // Out: it cannot act on a wish (the asker tries another core).
+                    return;
                 }
                 self.suspect(env, w(4) & self.view.set & !me);
                 self.advance(env);

@@ -944,3 +944,34 @@ fn both_ends_restarting_agree_on_the_epoch() {
         assert_eq!(l0.epoch(i0), l1.epoch(i1), "order {order}");
     }
 }
+
+/// Review (issue 11): a hung core is fenced by its prober and by the coordinator (they
+/// suspect it), but every other member only learns from the `COMMIT` that it is out of the
+/// view, and `members_effects` acts on suspicions alone: there, its guests' channels never go
+/// down (no `PeerGone`) and a controller's request to it is not answered at once. README:
+/// "fences that core: ... its guests' channels go down at their peers (PeerGone), its
+/// control over other guests ends, and a controller's request to it fails at once".
+#[test]
+fn a_hung_core_is_fenced_by_every_member_not_only_its_prober_and_the_coordinator() {
+    let mut net = Net::new(4, 0);
+    let timing = members::Timing { period: 50, timeout: 400, grace: 0 };
+    for c in 0..4 {
+        net.cores[c].members = members::Members::new(c, 0b1111, timing, 0);
+    }
+    // Core 2 hangs from the start: core 1 probes it, core 3 coordinates, core 0 neither.
+    let hung = 2;
+    for _ in 0..200 {
+        net.now += 10;
+        for c in [0, 1, 3] {
+            net.with(c, |k, env| k.poll(env));
+        }
+        net.settle(Some(hung));
+    }
+    for c in [0, 1, 3] {
+        let fenced = net.cores[c].members.fenced();
+        assert!(fenced & (1 << hung) != 0, "core {c}'s view has core 2 out");
+    }
+    // Core 0's channel to core 2 (its second, peers in order 1, 2, 3).
+    let link = net.cores[0].take_link(1).unwrap();
+    assert!(!link.peer_up, "core 0's guest still sees its peer on the hung core up: {link:?}");
+}

@@ -755,6 +755,18 @@ mod run {
         }
     }
 
+    /// Whether a controller may start a guest again that is down after `ending`, with
+    /// `unconfirmed` of its capabilities' revokes unconfirmed: not if the hypervisor could
+    /// not set it up or keep it isolated, nor while a fenced core may still hold a copy of its
+    /// memory (never handed to a new incarnation), whatever the way back (`START`,
+    /// `RESTART`, `PARK` then `START`).
+    fn startable(ending: Ending, unconfirmed: u32) -> bool {
+        !matches!(
+            ending,
+            Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::RunEnded)
+        ) && unconfirmed == 0
+    }
+
     /// The state word a controller's query gets for a guest that is down after `ending`.
     fn down_word(ending: Ending, n: u32) -> u64 {
         use vmcall_proto::hypercall::control;
@@ -854,7 +866,8 @@ mod run {
                 }
                 match asked {
                     Some((from, req, control::PARK)) => {
-                        match park(l, core, caps, &mut link, from, req, n, ending) {
+                        let ok = startable(ending, unconfirmed);
+                        match park(l, core, caps, &mut link, from, req, n, ok) {
                             Some(back) => {
                                 starting = Some(back);
                                 rebirth(caps, &mut link);
@@ -863,6 +876,11 @@ mod run {
                             }
                             None => break,
                         }
+                    }
+                    Some((from, req, control::RESTART)) if !startable(ending, unconfirmed) => {
+                        // A fenced core may still hold a copy of its memory: it stays down.
+                        Control::answer(&mut Serving(&mut link), from, req, Err(HvError::Busy));
+                        break;
                     }
                     Some((from, req, control::RESTART)) => {
                         starting = Some((from, req));
@@ -896,12 +914,7 @@ mod run {
             }
             // Down. Its controllers may start it again until each has let go (unless the
             // hypervisor could not set it up or keep it isolated).
-            let startable = !matches!(
-                ending,
-                Ending::Stopped(
-                    StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::RunEnded
-                )
-            ) && unconfirmed == 0;
+            let startable = startable(ending, unconfirmed);
             while l.controllers & !caps.ctl.released != 0
                 && keep_serving(caps)
                 && arch::rdtsc() < l.give_up_tsc
@@ -919,7 +932,7 @@ mod run {
                     // The hypervisor could not set it up, or could not keep it isolated.
                     Control::answer(env, from, req, Err(HvError::Busy));
                 } else if operation == control::PARK {
-                    match park(l, core, caps, &mut link, from, req, n, ending) {
+                    match park(l, core, caps, &mut link, from, req, n, startable) {
                         Some(back) => {
                             starting = Some(back);
                             rebirth(caps, &mut link);
@@ -1036,7 +1049,7 @@ mod run {
         from: usize,
         req: u32,
         n: u32,
-        ending: Ending,
+        startable: bool,
     ) -> Option<(usize, u32)> {
         use crate::caps::control::Control;
         use vmcall_proto::hypercall::control;
@@ -1055,11 +1068,13 @@ mod run {
         }
         log::info!("guest {}: its core is out of the view, parked", name(l));
         let parked = control::state_word(control::PARKED, n, 0);
-        let _ = ending;
         Control::answer(&mut Serving(link), from, req, Ok(parked));
         // Parked: no guest, not probed; it still answers whatever other cores ask (revokes
-        // find nothing, queries say parked) until a controller brings it back.
-        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc) {
+        // find nothing, queries say parked) until a controller brings it back, or until none
+        // can (each let go: gone for good or fenced), as a guest that is down waits.
+        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc)
+            && l.controllers & !caps.ctl.released != 0
+        {
             caps.poll(&mut Serving(link));
             log_views(caps, core);
             let Some((c, r, operation)) = caps.ctl.take() else {
@@ -1069,6 +1084,9 @@ mod run {
             let env = &mut Serving(link);
             if l.controllers & (1 << c) == 0 {
                 Control::answer(env, c, r, Err(HvError::NotOwner));
+            } else if matches!(operation, control::START | control::RESTART) && !startable {
+                // Parking does not launder a guest that must stay down (see `startable`).
+                Control::answer(env, c, r, Err(HvError::Busy));
             } else if matches!(operation, control::START | control::RESTART) {
                 caps.members.join(env, c);
                 let deadline = arch::rdtsc().saturating_add(wait);
