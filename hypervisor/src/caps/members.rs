@@ -338,6 +338,16 @@ impl Members {
         self.due_at = self.compute_due();
     }
 
+    /// This core takes back its wish to leave (it did not happen in time): a newer intent,
+    /// in, so that a late commit of the old one cannot take it out under a running guest.
+    pub fn stay(&mut self, env: &mut impl Env) {
+        let me = self.me as usize;
+        self.intent_seq[me] += 1;
+        self.wants_in |= bit(me);
+        self.advance(env);
+        self.due_at = self.compute_due();
+    }
+
     fn leave_inner(&mut self, env: &mut impl Env) {
         let me = self.me as usize;
         self.intent_seq[me] += 1;

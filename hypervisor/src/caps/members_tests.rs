@@ -558,3 +558,26 @@ fn a_wish_acknowledged_by_a_coordinator_still_joining_is_not_lost() {
     settle(&mut sim, 0b0001);
     sim.check_agreement();
 }
+
+/// A core that asks to leave and takes it back (its `PARK` timed out) stays in: no view
+/// without it is ever installed (without `stay`, the leave commits).
+#[test]
+fn a_leave_taken_back_at_once_leaves_the_core_in() {
+    let mut sim = Sim::new(3, 21);
+    for _ in 0..100 {
+        sim.step();
+    }
+    // Core 0 asks out, then back in before anything was delivered.
+    sim.with(0, |m, env| m.leave(env));
+    sim.with(0, |m, env| m.stay(env));
+    for _ in 0..5_000 {
+        sim.step();
+    }
+    for c in 0..3 {
+        assert!(sim.cores[c].view().set & 1 != 0, "core {c}: {:?}", sim.cores[c].view());
+        assert!(!sim.cores[c].evicted());
+        let out: Vec<_> = sim.logs[c].iter().filter(|ch| ch.new.set & 1 == 0).collect();
+        assert!(out.is_empty(), "core {c} installed a view without core 0: {out:?}");
+    }
+    sim.check_agreement();
+}

@@ -1063,6 +1063,8 @@ mod run {
         }
         if caps.members.member() {
             log::warn!("guest {}: its core could not leave the view in time", name(l));
+            // It stays: a later start must not run the guest while the old leave commits.
+            caps.members.stay(&mut Serving(link));
             Control::answer(&mut Serving(link), from, req, Err(HvError::Timeout));
             return None;
         }
