@@ -146,8 +146,10 @@ pub struct Members {
     wants_in: CoreSet,
     /// What the coordinator `told.0` was told: intent numbers, suspects.
     told: (u8, [u32; MAX_PEERS], CoreSet),
-    /// The coordinator whose `WISH_ACK` is awaited.
+    /// The coordinator whose `WISH_ACK` is awaited, and since when (told again after a
+    /// timeout: one that takes this core for stopped never answers).
     wish_out: Option<u8>,
+    wish_sent: u64,
     /// Out of the view and asking to come in: when to ask again, whom it asked last and
     /// whether that core acknowledged.
     join_retry: u64,
@@ -205,6 +207,7 @@ impl Members {
             wants_in: CoreSet::MAX,
             told: (u8::MAX, [0; MAX_PEERS], 0),
             wish_out: None,
+            wish_sent: 0,
             join_retry: u64::MAX,
             join_asked: None,
             round: None,
@@ -404,7 +407,8 @@ impl Members {
             (Some(_), None) => self.probe.next,
             (Some(t), Some(sent)) => self.probe_limit(t, sent),
         };
-        probe.min(self.round.map_or(u64::MAX, |r| r.deadline))
+        let wish = self.wish_out.map_or(u64::MAX, |_| self.wish_sent + self.timing.timeout);
+        probe.min(self.round.map_or(u64::MAX, |r| r.deadline)).min(wish)
     }
 
     fn probe_limit(&self, target: u8, sent: u64) -> u64 {
@@ -446,6 +450,10 @@ impl Members {
                 }
             }
             return;
+        }
+        if self.wish_out.is_some() && now >= self.wish_sent.saturating_add(self.timing.timeout) {
+            self.wish_out = None;
+            self.told = (u8::MAX, [0; MAX_PEERS], 0);
         }
         if self.ended {
             return;
@@ -539,6 +547,7 @@ impl Members {
         };
         self.told.2 |= suspects;
         self.wish_out = Some(c);
+        self.wish_sent = env.now();
         self.send(env, c as usize, &m, true);
     }
 
