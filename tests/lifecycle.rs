@@ -93,8 +93,24 @@ fn a_supervisor_restarts_stops_and_starts_guests_by_capability() {
         "slot 0 stopped in incarnation 3: restart: running in incarnation 4 (status 0)",
         "slot 0 exited (status 0) in incarnation 4 after 3 restarts",
         "slot 1 exited (status 0) in incarnation 2 after 0 restarts",
+        "an unknown counter: Err(Ok(BadArgument)) as expected",
     ] {
         assert!(said(s), "missing: {s}\n{}", b.serial);
+    }
+    // Each target's counters, read from its core after it exited: its last incarnation's
+    // VM exits and hypercalls, as the hypervisor's own record of that incarnation says.
+    for (slot, name) in [(0, "worker"), (1, "sleeper")] {
+        let line = b
+            .serial
+            .lines()
+            .find(|l| l.contains(&format!("supervisor: slot {slot} counters: exits Ok(")))
+            .unwrap_or_else(|| panic!("no counters for slot {slot}\n{}", b.serial));
+        let nums: Vec<u64> =
+            line.split("Ok(").skip(1).filter_map(|p| p.split(')').next()?.parse().ok()).collect();
+        assert_eq!(nums.len(), 2, "{line}");
+        assert!(nums[0] > 0 && nums[1] > 0, "{line}");
+        let g = guest(&b, name);
+        assert!(nums[0] <= g.exits.values().sum::<u64>(), "{line}: {:?}", g.exits);
     }
     let w = guest(&b, "worker");
     assert_eq!((w.state.as_str(), w.exit_status, w.incarnations.len()), ("exited", 0, 4));

@@ -63,6 +63,13 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
     check("supervisor", "an unknown operation", ctl(first, 9), Err(HvError::BadArgument), &mut ok);
     check(
         "supervisor",
+        "an unknown counter",
+        ctl(first, control::COUNTER | control::counter::COUNT << 8),
+        Err(HvError::BadArgument),
+        &mut ok,
+    );
+    check(
+        "supervisor",
         "a forged slot",
         ctl(first | 7 << 32, 0),
         Err(HvError::NoSuchSlot),
@@ -146,6 +153,14 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
                         "supervisor: slot {h} {} (status {status}) in incarnation {n} after {restarts} restarts",
                         state_name(state)
                     );
+                    // Its last incarnation's counters, read from the target's core.
+                    let count = |k: u64| ctl(h, control::COUNTER | k << 8);
+                    let (exits, calls) =
+                        (count(control::counter::EXITS), count(control::counter::HYPERCALLS));
+                    log::info!(
+                        "supervisor: slot {h} counters: exits {exits:?}, hypercalls {calls:?}"
+                    );
+                    ok &= exits.is_ok_and(|e| e > 0) && calls.is_ok_and(|c| c > 0);
                     ok &= state == control::EXITED && status == 0;
                     break;
                 }

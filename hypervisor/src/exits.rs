@@ -419,7 +419,7 @@ pub struct GuestCtx {
     pub exits_other: u32,
     /// Every exit so far: the sum of `exits` and `exits_other`, kept so that `exit_count`
     /// answers without adding up 71 counters.
-    exits_total: u64,
+    pub exits_total: u64,
     line: [u8; CONSOLE_MAX as usize],
     line_len: usize,
     /// A UTF-8 sequence begun by one console byte and not yet complete: its bytes so far

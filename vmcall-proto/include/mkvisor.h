@@ -54,6 +54,12 @@ typedef uint64_t MKV_word;
 #define MKV_PARK 4
 
 /**
+ * `COUNTER | k << 8`: counter `k` (see [`counter`]) of the target's current
+ * incarnation, or of its last one when it is down.
+ */
+#define MKV_COUNTER 5
+
+/**
  * Its incarnation is running.
  */
 #define MKV_CONTROL_RUNNING 1
@@ -77,6 +83,23 @@ typedef uint64_t MKV_word;
  * Down, and its core out of the machine (`PARK`).
  */
 #define MKV_PARKED 5
+
+/**
+ * VM exits.
+ */
+#define MKV_EXITS 0
+
+#define MKV_HYPERCALLS 1
+
+/**
+ * Doorbells it rang.
+ */
+#define MKV_DOORBELLS 2
+
+/**
+ * How many there are.
+ */
+#define MKV_COUNT 3
 
 #define MKV_BOOT_INFO_GPA 4096
 

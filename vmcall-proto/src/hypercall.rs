@@ -75,6 +75,30 @@ pub mod control {
     /// core leaves the membership view and its hypervisor instance parks; `START` or
     /// `RESTART` brings it back (into the view, with a new incarnation).
     pub const PARK: u64 = 4;
+    /// `COUNTER | k << 8`: counter `k` (see [`counter`]) of the target's current
+    /// incarnation, or of its last one when it is down.
+    pub const COUNTER: u64 = 5;
+
+    /// The counters `COUNTER` reads.
+    pub mod counter {
+        /// VM exits.
+        pub const EXITS: u64 = 0;
+        pub const HYPERCALLS: u64 = 1;
+        /// Doorbells it rang.
+        pub const DOORBELLS: u64 = 2;
+        /// How many there are.
+        pub const COUNT: u64 = 3;
+    }
+
+    /// Whether `operation` is one a controller may send.
+    pub const fn valid(operation: u64) -> bool {
+        let (op, k) = (operation & 0xff, operation >> 8);
+        match op {
+            QUERY | STOP | START | RESTART | PARK => k == 0,
+            COUNTER => k < counter::COUNT,
+            _ => false,
+        }
+    }
 
     /// State word: `state | incarnation << 8 | last exit status (low 32 bits) << 32`.
     pub const fn state_word(state: u8, incarnation: u32, status: u64) -> u64 {

@@ -149,7 +149,7 @@ impl Control {
         operation: u64,
         deadline: u64,
     ) -> Result<(), HvError> {
-        if operation > control::PARK {
+        if !control::valid(operation) {
             return Err(HvError::BadArgument);
         }
         if self.out.is_some() {

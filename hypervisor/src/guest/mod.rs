@@ -97,6 +97,8 @@ pub struct GuestReport {
     pub exits: [u32; REASONS],
     pub exits_other: u32,
     pub hypercalls: u32,
+    /// Doorbells it rang.
+    pub doorbells: u64,
     /// TSC at the first VM entry (0 if never entered).
     pub tsc_first_entry: u64,
     pub tsc_end: u64,
@@ -122,6 +124,7 @@ impl GuestReport {
         }
         self.exits_other = self.exits_other.saturating_add(later.exits_other);
         self.hypercalls = self.hypercalls.saturating_add(later.hypercalls);
+        self.doorbells = self.doorbells.saturating_add(later.doorbells);
         if self.tsc_first_entry == 0 {
             self.tsc_first_entry = later.tsc_first_entry;
         }
@@ -699,6 +702,7 @@ mod run {
             exits: ctx.exits,
             exits_other: ctx.exits_other,
             hypercalls: ctx.hypercalls,
+            doorbells: u64::from(ctx.doorbells_rung),
             tsc_first_entry: first,
             tsc_end: arch::rdtsc(),
             xmsgs: 0,
@@ -765,6 +769,28 @@ mod run {
             ending,
             Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::RunEnded)
         ) && unconfirmed == 0
+    }
+
+    /// A controller's request `operation` about a guest that is down: its state word, or
+    /// the counter it asks for (of the last incarnation, `last`).
+    fn down_answer(
+        operation: u64,
+        ending: Ending,
+        n: u32,
+        last: &[u64; 3],
+    ) -> Result<u64, HvError> {
+        use vmcall_proto::hypercall::control;
+        if operation & 0xff == control::COUNTER {
+            last.get((operation >> 8) as usize).copied().ok_or(HvError::BadArgument)
+        } else {
+            Ok(down_word(ending, n))
+        }
+    }
+
+    /// The counters `COUNTER` reads, from an incarnation's report.
+    fn counters_of(r: &GuestReport) -> [u64; 3] {
+        let exits = r.exits.iter().map(|&e| u64::from(e)).sum::<u64>() + u64::from(r.exits_other);
+        [exits, u64::from(r.hypercalls), r.doorbells]
     }
 
     /// The state word a controller's query gets for a guest that is down after `ending`.
@@ -841,6 +867,8 @@ mod run {
         }
         let mut link = crate::xcore::Link::new(core as usize);
         let mut total: Option<GuestReport> = None;
+        // The last incarnation's counters (what `COUNTER` reads while it is down).
+        let mut last;
         let mut n = 0u32;
         let mut restarts = 0u32;
         let mut ending;
@@ -856,6 +884,7 @@ mod run {
                 caps = back;
                 ending = r.ending;
                 unconfirmed = r.unconfirmed;
+                last = counters_of(&r);
                 match &mut total {
                     Some(t) => t.absorb(&r),
                     None => total = Some(r),
@@ -867,7 +896,7 @@ mod run {
                 match asked {
                     Some((from, req, control::PARK)) => {
                         let ok = startable(ending, unconfirmed);
-                        match park(l, core, caps, &mut link, from, req, n, ok) {
+                        match park(l, core, caps, &mut link, (from, req), n, ok, &last) {
                             Some(back) => {
                                 starting = Some(back);
                                 rebirth(caps, &mut link);
@@ -932,7 +961,7 @@ mod run {
                     // The hypervisor could not set it up, or could not keep it isolated.
                     Control::answer(env, from, req, Err(HvError::Busy));
                 } else if operation == control::PARK {
-                    match park(l, core, caps, &mut link, from, req, n, startable) {
+                    match park(l, core, caps, &mut link, (from, req), n, startable, &last) {
                         Some(back) => {
                             starting = Some(back);
                             rebirth(caps, &mut link);
@@ -946,7 +975,7 @@ mod run {
                     log::info!("guest {}: starting again (its controller asked)", name(l));
                     continue 'life;
                 } else {
-                    Control::answer(env, from, req, Ok(down_word(ending, n)));
+                    Control::answer(env, from, req, down_answer(operation, ending, n, &last));
                 }
             }
             break;
@@ -967,9 +996,9 @@ mod run {
         while keep_serving(caps) {
             caps.poll(&mut Serving(&mut link));
             log_views(caps, core);
-            if let Some((from, req, _)) = caps.ctl.take() {
-                let word = down_word(ending, n);
-                Control::answer(&mut Serving(&mut link), from, req, Ok(word));
+            if let Some((from, req, operation)) = caps.ctl.take() {
+                let answer = down_answer(operation, ending, n, &last);
+                Control::answer(&mut Serving(&mut link), from, req, answer);
             }
             arch::pause();
         }
@@ -1046,10 +1075,10 @@ mod run {
         core: u32,
         caps: &mut crate::caps::HvCaps,
         link: &mut crate::xcore::Link,
-        from: usize,
-        req: u32,
+        (from, req): (usize, u32),
         n: u32,
         startable: bool,
+        last: &[u64; 3],
     ) -> Option<(usize, u32)> {
         use crate::caps::control::Control;
         use vmcall_proto::hypercall::control;
@@ -1103,7 +1132,12 @@ mod run {
                 log::warn!("guest {}: its core could not rejoin the view in time", name(l));
                 Control::answer(&mut Serving(link), c, r, Err(HvError::Timeout));
             } else {
-                Control::answer(env, c, r, Ok(parked));
+                let answer = if operation & 0xff == control::COUNTER {
+                    last.get((operation >> 8) as usize).copied().ok_or(HvError::BadArgument)
+                } else {
+                    Ok(parked)
+                };
+                Control::answer(env, c, r, answer);
             }
         }
         None
@@ -1439,6 +1473,20 @@ mod run {
                             Control::answer(env, from, req, Err(HvError::NotOwner))
                         }
                         control::QUERY => Control::answer(env, from, req, Ok(running)),
+                        op if op & 0xff == control::COUNTER => {
+                            let counters = [
+                                ctx.exits_total,
+                                u64::from(ctx.hypercalls),
+                                u64::from(ctx.doorbells_rung),
+                            ];
+                            let k = (op >> 8) as usize;
+                            Control::answer(
+                                env,
+                                from,
+                                req,
+                                counters.get(k).copied().ok_or(HvError::BadArgument),
+                            )
+                        }
                         control::START => Control::answer(env, from, req, Err(HvError::Busy)),
                         _ => {
                             asked = Some((from, req, operation));
