@@ -764,7 +764,11 @@ fn guest_control_is_answered_bounded_and_one_at_a_time() {
             assert_eq!(call(core, env, h | 1 << 32, 0), Err(HvError::NoSuchSlot));
             assert_eq!(call(core, env, h, 6), Err(HvError::BadArgument));
             assert_eq!(call(core, env, h, 5 | 3 << 8), Err(HvError::BadArgument), "no counter 3");
-            assert_eq!(call(core, env, h, 1 | 1 << 8), Err(HvError::BadArgument), "STOP takes none");
+            assert_eq!(
+                call(core, env, h, 1 | 1 << 8),
+                Err(HvError::BadArgument),
+                "STOP takes none"
+            );
             let ep = ep_of(core, 2, 0, 1);
             let moved = core.hypercall(env, Hypercall::CapTransfer, h, ep, 1 | 7 << 8);
             assert_eq!(moved, Some(Err(HvError::WrongType)), "control is never passed on");
