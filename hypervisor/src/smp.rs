@@ -185,9 +185,9 @@ pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
         l,
         f,
         index as u32,
-        |r| {
+        |r, serve| {
             // The guest has ended: its core writes its exit trace before reporting.
-            crate::trace::drain(index);
+            crate::trace::drain(index, serve);
             REPORTS[index].call_once(|| r);
         },
         keep,

@@ -171,7 +171,9 @@ fn records(ring: &Ring, mut line: impl FnMut(u64, &Words<'_>)) {
 }
 
 /// Writes core `core`'s trace (the caller's own core, its guest ended) to the console.
-pub fn drain(core: usize) {
+/// `between` runs after each record: the core serves its inbox there (a long trace at UART
+/// speed must not make it look hung to the membership's failure detector).
+pub fn drain(core: usize, mut between: impl FnMut()) {
     let Some(r) = RINGS.get(core) else { return };
     if !enabled() {
         return;
@@ -180,6 +182,7 @@ pub fn drain(core: usize) {
     let ring = unsafe { &*r.0.get() };
     records(ring, |base, words| {
         crate::record!(kind::TRACE, "core={core} base={base} ev={}", Quoted(words));
+        between();
     });
     crate::record!(
         kind::TRACE_SUM,

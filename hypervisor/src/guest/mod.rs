@@ -835,7 +835,7 @@ mod run {
         l: &Launch,
         f: &Features,
         core: u32,
-        post: impl FnOnce(GuestReport),
+        post: impl FnOnce(GuestReport, &mut dyn FnMut()),
         keep_serving: impl Fn(u64) -> bool,
     ) -> u64 {
         use crate::caps::control::Control;
@@ -988,7 +988,12 @@ mod run {
         if let Some(mut r) = total {
             r.xmsgs = link.sent;
             r.nmis = link.nmis;
-            post(r);
+            // What posting writes (the exit trace) takes a while: the inbox is served
+            // between its records.
+            let caps_now = &mut *caps;
+            post(r, &mut || {
+                caps_now.poll(&mut Serving(&mut link));
+            });
         }
         // The guest is gone but other cores may still revoke copies they made (their
         // requests find nothing here and are answered at once), or ask about it: keep
