@@ -474,8 +474,8 @@ pub fn has_monitor() -> bool {
 /// MONITOR must be offered ([`has_monitor`]), else it is #UD; `line` must be mapped (it is
 /// checked like a one-byte read).
 pub unsafe fn monitor(line: *const u8) {
-    // SAFETY: the caller checked MONITOR is there and the line is mapped; ECX = EDX = 0 (no
-    // extensions, no hints).
+    // ECX = EDX = 0: no extensions, no hints.
+    // SAFETY: the caller checked MONITOR is there and the line is mapped.
     unsafe {
         core::arch::asm!("monitor", in("rax") line, in("ecx") 0, in("edx") 0, options(nostack))
     };
@@ -488,7 +488,8 @@ pub unsafe fn monitor(line: *const u8) {
 /// # Safety
 /// MWAIT must be offered ([`has_monitor`]), else it is #UD.
 pub unsafe fn mwait() {
-    // SAFETY: the caller checked MWAIT is there; EAX = ECX = 0 (C1, no extensions).
+    // EAX = ECX = 0: C1, no extensions.
+    // SAFETY: the caller checked MWAIT is there.
     unsafe {
         core::arch::asm!("sti; mwait; cli", in("eax") 0, in("ecx") 0, options(nomem, nostack))
     };
@@ -497,8 +498,8 @@ pub unsafe fn mwait() {
 /// Drops this core's TLB entry for the page of `addr` (INVLPG; no VM exit: "INVLPG
 /// exiting" is off under EPT).
 pub fn invlpg(addr: *const u8) {
-    // SAFETY: INVLPG only invalidates translations of this guest's own TLB (VPID-tagged);
-    // the next access walks the page tables again. Allowed at CPL 0.
+    // The next access walks the page tables again; allowed at CPL 0.
+    // SAFETY: INVLPG only invalidates this guest's own (VPID-tagged) TLB entry.
     unsafe { core::arch::asm!("invlpg [{}]", in(reg) addr, options(nostack)) };
 }
 

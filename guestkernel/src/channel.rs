@@ -245,14 +245,15 @@ impl Chan {
                 }
                 core::hint::spin_loop();
             }
-            // SAFETY: `use_mwait` found MONITOR offered; the line is a slot of our receive
-            // ring, mapped for the guest's life.
+            // The line is a slot of our receive ring, mapped for the guest's life.
+            // SAFETY: `use_mwait` found MONITOR offered; the line is mapped.
             unsafe { crate::arch::monitor(self.rx.next_line()) };
             if let Some(m) = self.try_recv()? {
                 return Ok(m);
             }
-            // SAFETY: as above. A peer going down also wakes us: the hypervisor injects the
-            // doorbell vector, an interrupt, and MWAIT runs with interrupts on.
+            // A peer going down also wakes us: the hypervisor injects the doorbell vector,
+            // an interrupt, and MWAIT runs with interrupts on.
+            // SAFETY: `use_mwait` found MWAIT offered.
             unsafe { crate::arch::mwait() };
         }
     }

@@ -569,8 +569,8 @@ fn mwait_forever() -> Seen {
     }
     log::info!("attack: MWAIT forever with interrupts off on a line nobody writes");
     loop {
-        // SAFETY: MONITOR is offered; the line is our own static, mapped. CLI; MWAIT with
-        // ECX = 0: interrupts do not end it. Were it to return, we wait again.
+        // CLI; MWAIT with ECX = 0: interrupts do not end it. Were it to return, we wait again.
+        // SAFETY: MONITOR is offered; the line is our own static, mapped.
         unsafe {
             crate::arch::monitor(QUIET_LINE.as_ptr() as *const u8);
             core::arch::asm!("cli", "mwait", in("eax") 0, in("ecx") 0, options(nomem, nostack));
