@@ -224,6 +224,23 @@ fn settle_maybe(sim: &mut Sim, parked: CoreSet, maybe: CoreSet) {
     panic!("never settled (parked {parked:#b}, maybe {maybe:#b}): {views:?}");
 }
 
+/// Plays a shrunk proptest case: at step `at`, core `core` stops after `k` more sends
+/// (kind 0), asks out (1), or asks in through core 0 (2).
+fn replay(sim: &mut Sim, events: &[(u8, usize, u32, u64)]) {
+    let mut t = 0;
+    for &(kind, core, k, at) in events {
+        while t < at {
+            sim.step();
+            t += 1;
+        }
+        match kind {
+            0 => sim.sends_left[core] = Some(k),
+            1 => sim.with(core, |m, env| m.leave(env)),
+            _ => sim.with(core, |m, env| m.join(env, 0)),
+        }
+    }
+}
+
 fn settle(sim: &mut Sim, parked: CoreSet) {
     settle_maybe(sim, parked, 0)
 }
@@ -446,19 +463,13 @@ fn a_slow_core_resumes(n: usize, slow: usize, seed: u64) -> Sim {
 }
 
 #[test]
-fn a_slow_core_that_was_fenced_learns_it_two_cores() {
-    let sim = a_slow_core_resumes(2, 1, 13);
-    let views: Vec<_> = (0..2).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
-    sim.check_agreement();
-    assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{views:?}");
-}
-
-#[test]
-fn a_slow_core_that_was_fenced_learns_it_three_cores() {
-    let sim = a_slow_core_resumes(3, 1, 17);
-    let views: Vec<_> = (0..3).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
-    sim.check_agreement();
-    assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{views:?}");
+fn a_slow_core_that_was_fenced_learns_it_on_two_and_three_cores() {
+    for (n, seed) in [(2, 13), (3, 17)] {
+        let sim = a_slow_core_resumes(n, 1, seed);
+        let views: Vec<_> = (0..n).map(|c| (sim.cores[c].view(), sim.cores[c].evicted())).collect();
+        sim.check_agreement();
+        assert!(sim.cores[1].evicted() && !sim.cores[1].member(), "{n} cores: {views:?}");
+    }
 }
 
 proptest! {
@@ -507,18 +518,7 @@ fn a_view_learned_by_catchup_does_not_lose_a_join() {
     let n = 4;
     let mut sim = Sim::new(n, 15927810701788556168);
     let events = [(1u8, 1usize, 1u32, 0u64), (2, 1, 1, 342), (0, 3, 4, 364), (1, 0, 1, 388)];
-    let mut t = 0;
-    for (kind, core, k, at) in events {
-        while t < at {
-            sim.step();
-            t += 1;
-        }
-        match kind {
-            0 => sim.sends_left[core] = Some(k),
-            1 => sim.with(core, |m, env| m.leave(env)),
-            _ => sim.with(core, |m, env| m.join(env, 0)),
-        }
-    }
+    replay(&mut sim, &events);
     for _ in 0..5_000 {
         sim.step();
     }
@@ -542,18 +542,7 @@ fn a_wish_acknowledged_by_a_coordinator_still_joining_is_not_lost() {
     let n = 4;
     let mut sim = Sim::new(n, 886051820912619042);
     let events = [(1u8, 3usize, 1u32, 0u64), (2, 3, 1, 419), (0, 2, 3, 452), (1, 0, 1, 468)];
-    let mut t = 0;
-    for (kind, core, k, at) in events {
-        while t < at {
-            sim.step();
-            t += 1;
-        }
-        match kind {
-            0 => sim.sends_left[core] = Some(k),
-            1 => sim.with(core, |m, env| m.leave(env)),
-            _ => sim.with(core, |m, env| m.join(env, 0)),
-        }
-    }
+    replay(&mut sim, &events);
     sim.dead[2] = true;
     settle(&mut sim, 0b0001);
     sim.check_agreement();
