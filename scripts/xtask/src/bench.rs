@@ -761,6 +761,18 @@ pub fn emulated() -> Result<Emulated> {
     })
 }
 
+/// Boots a config variant a benchmark wrote (`contents`, kept as `target/xtask/FILE` for a
+/// look afterwards) in Bochs, quietly, with `cmdline`; the run's report.
+pub fn boot_variant(file: &str, contents: &str, cmdline: &str) -> Result<crate::report::Report> {
+    let dir = crate::target_dir().join("xtask");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(file);
+    std::fs::write(&path, contents)?;
+    let mut args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
+    args.cmdline = cmdline.to_string();
+    crate::run::run(&args)
+}
+
 /// A table with the bench tables' style: header, figures right-aligned.
 pub fn table(header: &[&str]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();

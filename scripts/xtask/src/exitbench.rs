@@ -85,12 +85,7 @@ fn config(cpus: u32) -> Result<String> {
 }
 
 fn measure(cpus: u32) -> Result<Vec<Row>> {
-    let dir = crate::target_dir().join("xtask");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("bench-exits-{cpus}cpu.toml"));
-    std::fs::write(&path, config(cpus)?)?;
-    let args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
-    let r = crate::run::run(&args)?;
+    let r = crate::bench::boot_variant(&format!("bench-exits-{cpus}cpu.toml"), &config(cpus)?, "")?;
     if r.outcome != "ok" {
         bail!("the exits run with {cpus} CPUs ended {}: {:?}", r.outcome, r.problems);
     }

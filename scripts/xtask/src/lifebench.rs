@@ -55,13 +55,9 @@ fn hang_config(cpus: u32) -> String {
 }
 
 fn measure_hang(cpus: u32) -> Result<HangRow> {
-    let dir = crate::target_dir().join("xtask");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("bench-hang-{cpus}cpu.toml"));
-    std::fs::write(&path, hang_config(cpus))?;
-    let mut args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
-    args.cmdline = format!("inject=hung-core:{}", cpus - 1);
-    let r = crate::run::run(&args)?;
+    let file = format!("bench-hang-{cpus}cpu.toml");
+    let inject = format!("inject=hung-core:{}", cpus - 1);
+    let r = crate::bench::boot_variant(&file, &hang_config(cpus), &inject)?;
     let hang = r.hangs.first().context("no hang record")?.tsc;
     let suspect = r.suspicions.iter().map(|s| s.tsc).min().context("no core suspected it")?;
     let first_view = r.views.iter().filter(|v| v.num == 1).map(|v| v.tsc).min();
@@ -108,12 +104,8 @@ fn fields(line: &str) -> impl Iterator<Item = (&str, u64)> {
 }
 
 fn measure(cpus: u32) -> Result<Row> {
-    let dir = crate::target_dir().join("xtask");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("bench-lifecycle-{cpus}cpu.toml"));
-    std::fs::write(&path, config(cpus)?)?;
-    let args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str());
-    let r = crate::run::run(&args)?;
+    let file = format!("bench-lifecycle-{cpus}cpu.toml");
+    let r = crate::bench::boot_variant(&file, &config(cpus)?, "")?;
     if r.outcome != "ok" {
         bail!("the lifecycle run with {cpus} CPUs ended {}: {:?}", r.outcome, r.problems);
     }
