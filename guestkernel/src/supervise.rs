@@ -42,6 +42,21 @@ fn pause_ms(bi: &BootInfo, ms: u64) {
     }
 }
 
+/// Waits until the guest of control slot `h` runs (or a query fails).
+fn wait_running(bi: &BootInfo, h: u64) {
+    while ctl(h, control::QUERY).is_ok_and(|w| fields(w).0 != control::RUNNING) {
+        pause_ms(bi, 1);
+    }
+}
+
+/// Sends `op` to slot `h`, logs the answer as `verb slot h: ...`; whether the guest is
+/// then in state `want`.
+fn expect(h: u64, op: u64, verb: &str, want: u8) -> bool {
+    let r = ctl(h, op);
+    log::info!("supervisor: {verb} slot {h}: {}", Word(r));
+    r.is_ok_and(|w| fields(w).0 == want)
+}
+
 pub fn supervisor(bi: &BootInfo) -> u64 {
     let tries = bi.arg_int("tries");
     let hold = bi.arg_int("hold") == 1;
@@ -87,20 +102,10 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
     let last = slots.iter().flatten().last().copied().unwrap_or(first);
     if hold {
         // Wait until it runs, then hold it.
-        let mut w = ctl(last, control::QUERY);
-        while w.is_ok_and(|w| fields(w).0 != control::RUNNING) {
-            pause_ms(bi, 1);
-            w = ctl(last, control::QUERY);
-        }
-        let stopped = ctl(last, control::STOP);
-        log::info!("supervisor: stop slot {last}: {}", Word(stopped));
-        ok &= stopped.is_ok_and(|w| fields(w).0 == control::HELD);
-        let q = ctl(last, control::QUERY);
-        log::info!("supervisor: query slot {last}: {}", Word(q));
-        ok &= q.is_ok_and(|w| fields(w).0 == control::HELD);
-        let started = ctl(last, control::START);
-        log::info!("supervisor: start slot {last}: {}", Word(started));
-        ok &= started.is_ok_and(|w| fields(w).0 == control::RUNNING);
+        wait_running(bi, last);
+        ok &= expect(last, control::STOP, "stop", control::HELD);
+        ok &= expect(last, control::QUERY, "query", control::HELD);
+        ok &= expect(last, control::START, "start", control::RUNNING);
         check(
             "supervisor",
             "start it again",
@@ -110,21 +115,11 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
         );
     }
     if park {
-        let mut w = ctl(last, control::QUERY);
-        while w.is_ok_and(|w| fields(w).0 != control::RUNNING) {
-            pause_ms(bi, 1);
-            w = ctl(last, control::QUERY);
-        }
-        let parked = ctl(last, control::PARK);
-        log::info!("supervisor: park slot {last}: {}", Word(parked));
-        ok &= parked.is_ok_and(|w| fields(w).0 == control::PARKED);
-        let q = ctl(last, control::QUERY);
-        log::info!("supervisor: query slot {last}: {}", Word(q));
-        ok &= q.is_ok_and(|w| fields(w).0 == control::PARKED);
+        wait_running(bi, last);
+        ok &= expect(last, control::PARK, "park", control::PARKED);
+        ok &= expect(last, control::QUERY, "query", control::PARKED);
         pause_ms(bi, bi.arg_int("parked_ms").max(1));
-        let back = ctl(last, control::START);
-        log::info!("supervisor: start slot {last}: {}", Word(back));
-        ok &= back.is_ok_and(|w| fields(w).0 == control::RUNNING);
+        ok &= expect(last, control::START, "start", control::RUNNING);
     }
     for h in slots.into_iter().flatten() {
         let mut restarts = 0;
