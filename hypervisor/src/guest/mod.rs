@@ -771,19 +771,14 @@ mod run {
         ) && unconfirmed == 0
     }
 
-    /// A controller's request `operation` about a guest that is down: its state word, or
+    /// A controller's request `operation` about a guest that is down: its state `word`, or
     /// the counter it asks for (of the last incarnation, `last`).
-    fn down_answer(
-        operation: u64,
-        ending: Ending,
-        n: u32,
-        last: &[u64; 3],
-    ) -> Result<u64, HvError> {
+    fn down_answer(operation: u64, word: u64, last: &[u64; 3]) -> Result<u64, HvError> {
         use vmcall_proto::hypercall::control;
         if operation & 0xff == control::COUNTER {
             last.get((operation >> 8) as usize).copied().ok_or(HvError::BadArgument)
         } else {
-            Ok(down_word(ending, n))
+            Ok(word)
         }
     }
 
@@ -975,7 +970,12 @@ mod run {
                     log::info!("guest {}: starting again (its controller asked)", name(l));
                     continue 'life;
                 } else {
-                    Control::answer(env, from, req, down_answer(operation, ending, n, &last));
+                    Control::answer(
+                        env,
+                        from,
+                        req,
+                        down_answer(operation, down_word(ending, n), &last),
+                    );
                 }
             }
             break;
@@ -1002,7 +1002,7 @@ mod run {
             caps.poll(&mut Serving(&mut link));
             log_views(caps, core);
             if let Some((from, req, operation)) = caps.ctl.take() {
-                let answer = down_answer(operation, ending, n, &last);
+                let answer = down_answer(operation, down_word(ending, n), &last);
                 Control::answer(&mut Serving(&mut link), from, req, answer);
             }
             arch::pause();
@@ -1137,12 +1137,7 @@ mod run {
                 log::warn!("guest {}: its core could not rejoin the view in time", name(l));
                 Control::answer(&mut Serving(link), c, r, Err(HvError::Timeout));
             } else {
-                let answer = if operation & 0xff == control::COUNTER {
-                    last.get((operation >> 8) as usize).copied().ok_or(HvError::BadArgument)
-                } else {
-                    Ok(parked)
-                };
-                Control::answer(env, c, r, answer);
+                Control::answer(env, c, r, down_answer(operation, parked, last));
             }
         }
         None
