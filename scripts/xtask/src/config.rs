@@ -922,6 +922,20 @@ memory_mib = 4
     }
 
     #[test]
+    fn probe_ms_is_checked_and_zero_turns_the_detector_off() {
+        let with = |v: &str| {
+            GOOD.replacen("memory_mib = 256\n", &format!("memory_mib = 256\nprobe_ms = {v}\n"), 1)
+        };
+        assert!(with("0").contains("probe_ms = 0"), "GOOD has no `memory_mib = 256` line");
+        assert!(compile("t.toml", &with("0")).is_ok());
+        assert!(compile("t.toml", &with("10000")).is_ok());
+        let e = one_error(&with("10001"));
+        assert_eq!(e.field, "machine.probe_ms", "{e}");
+        assert!(e.message.contains("between 0 (off) and 10000"), "{e}");
+        assert!(!errors(&with("\"fast\"")).is_empty(), "a string is refused");
+    }
+
+    #[test]
     fn unknown_key() {
         let e = one_error(&GOOD.replace("memory_mib = 8", "memroy_mib = 8"));
         assert_eq!((e.line, e.field.as_str()), (15, "guest[1].memroy_mib"));
