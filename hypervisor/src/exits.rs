@@ -444,6 +444,9 @@ pub struct GuestCtx {
     /// A doorbell to deliver from the hypervisor itself (one of the guest's channels went
     /// down or came back): injected like the timer, when the guest takes interrupts.
     pub wake: bool,
+    /// The last entry injected an event or waits for an interrupt window: the fast exit
+    /// path stays off until the run loop's next entry (`fastexit`).
+    pub eventful: bool,
     /// MONITOR/MWAIT run without VM exits for this guest (`mwait = true` in its config, it
     /// has channels, the processor has them): CPUID shows MONITOR. Otherwise they exit and
     /// get #UD, and CPUID hides MONITOR.
@@ -496,6 +499,7 @@ impl GuestCtx {
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
             doorbells_rung: 0,
             wake: false,
+            eventful: false,
             mwait: false,
             caps,
             foreign_tsc: 0,
@@ -604,9 +608,11 @@ impl GuestCtx {
         }
         let mut next = self.watchdog.min(also);
         let mut due = None;
+        self.eventful = self.wake;
         if let Some((deadline, vector)) = self.timer {
             if now >= deadline {
                 due = Some(vector);
+                self.eventful = true;
             } else {
                 next = next.min(deadline);
             }
@@ -632,6 +638,19 @@ impl GuestCtx {
             v.set_interrupt_window(false);
         }
         Ok(next.saturating_sub(now))
+    }
+
+    /// Takes in the exits the fast path answered since the last entry the run loop made
+    /// (`fastexit`): VMCALLs (each a hypercall) and CPUIDs.
+    pub fn fold_fast(&mut self, hypercalls: u64, cpuids: u64) {
+        if hypercalls | cpuids == 0 {
+            return;
+        }
+        let (h, c) = (hypercalls as u32, cpuids as u32);
+        self.exits[18] = self.exits[18].saturating_add(h);
+        self.exits[10] = self.exits[10].saturating_add(c);
+        self.exits_total = self.exits_total.saturating_add(hypercalls + cpuids);
+        self.hypercalls = self.hypercalls.saturating_add(h);
     }
 
     fn count(&mut self, reason: u16) {
@@ -774,12 +793,25 @@ pub fn handle(
 #[inline(always)]
 fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
     let (leaf, sub) = (v.regs().rax as u32, v.regs().rcx as u32);
-    let mut r = v.host_cpuid(leaf, sub);
+    let r = cpuid_seen(leaf, sub, v.host_cpuid(leaf, sub), ctx.core, ctx.mwait);
+    let regs = v.regs();
+    regs.rax = r[0] as u64;
+    regs.rbx = r[1] as u64;
+    regs.rcx = r[2] as u64;
+    regs.rdx = r[3] as u64;
+    advance(v, e);
+    Action::Resume
+}
+
+/// What the guest on `core` sees for CPUID `leaf`/`sub`, given the processor's answer `r`
+/// (the policy in the module header). Also the fast path's (`fastexit`).
+#[inline(always)]
+pub fn cpuid_seen(leaf: u32, sub: u32, mut r: [u32; 4], core: u32, mwait: bool) -> [u32; 4] {
     match leaf {
         1 => {
-            r[1] = (r[1] & 0x0000_ffff) | (1 << 16) | (ctx.core << 24); // one logical CPU
+            r[1] = (r[1] & 0x0000_ffff) | (1 << 16) | (core << 24); // one logical CPU
             r[2] &= !((1 << 5) | (1 << 21) | (1 << 24)); // VMX, x2APIC, TSC deadline
-            if !ctx.mwait {
+            if !mwait {
                 r[2] &= !(1 << 3); // MONITOR (MWAIT exits and is #UD)
             }
             r[2] |= 1 << 31; // hypervisor present
@@ -787,7 +819,7 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
         }
         4 => r[0] &= 0x3fff, // one core, one thread per cache
         0xb | 0x1f => {
-            r = if sub == 0 { [0, 1, 1 << 8, ctx.core] } else { [0, 0, sub & 0xff, ctx.core] };
+            r = if sub == 0 { [0, 1, 1 << 8, core] } else { [0, 0, sub & 0xff, core] };
         }
         CPUID_SIGNATURE_LEAF => {
             let w = |i: usize| {
@@ -803,13 +835,7 @@ fn cpuid(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
         0x4000_0001..=0x4000_00ff => r = [0; 4],
         _ => {}
     }
-    let regs = v.regs();
-    regs.rax = r[0] as u64;
-    regs.rbx = r[1] as u64;
-    regs.rcx = r[2] as u64;
-    regs.rdx = r[3] as u64;
-    advance(v, e);
-    Action::Resume
+    r
 }
 
 #[inline(never)]

@@ -23,6 +23,7 @@ mod console;
 mod cores;
 mod ept;
 mod exits;
+mod fastexit;
 mod fault;
 mod guest;
 #[cfg(target_os = "none")]

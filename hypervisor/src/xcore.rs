@@ -49,6 +49,11 @@ const _: () = assert!(MAX_CORES <= 64, "one bit per sending core");
 /// since this core last took the word (see the module comment).
 pub static MAIL: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_CORES];
 
+/// Core `core`'s mail word, for a look that takes nothing (the fast exit path's).
+pub fn mail_word(core: usize) -> &'static AtomicU64 {
+    &MAIL[core].0
+}
+
 /// Core index to APIC id, written once by the BSP before any AP starts, read-only after:
 /// replicated configuration, not shared state.
 static APIC_OF: spin::Once<([u32; MAX_CORES], usize)> = spin::Once::new();

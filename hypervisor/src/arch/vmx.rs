@@ -150,8 +150,12 @@ core::arch::global_asm!(
     r#"
     .section .text
     .global vmx_run_asm, vmx_exit_landing
-# u64 vmx_run_asm(GuestRegs *regs /* rdi */, u64 launched /* rsi */)
-# Returns 0 after a VM exit, 1 if VMLAUNCH/VMRESUME failed (RFLAGS.CF or ZF).
+# u64 vmx_run_asm(GuestRegs *regs /* rdi */, u64 launched /* rsi */, void *fast /* rdx */)
+# After a CPUID or VMCALL exit the landing calls mkv_fast_exit(regs, fast, reason), which
+# may answer it: then the guest is resumed from here. Returns 0 after a VM exit left to the
+# caller, 1 if VMLAUNCH/VMRESUME failed
+# (RFLAGS.CF or ZF). Frame: [rsp] regs, [rsp + 8] fast, [rsp + 16] padding (the landing's
+# call needs RSP 16-byte aligned), then the callee-saved registers.
 vmx_run_asm:
     push rbx
     push rbp
@@ -159,14 +163,34 @@ vmx_run_asm:
     push r13
     push r14
     push r15
-    push rdi                                # the landing needs `regs` back
+    sub rsp, 8
+    push rdx
+    push rdi
     mov rax, 0x6c14                         # HOST_RSP
     vmwrite rax, rsp
     jc 8f
     jz 8f
     mov rax, rdi
     cmp rsi, 0
-    mov rbx, [rax + 8]
+    jne 3f
+    call 5f
+    vmlaunch
+    jmp 8f
+3:  call 5f
+    vmresume
+8:  pop rdi                                 # VM entry failed: host state is intact
+    add rsp, 16
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    mov eax, 1
+    ret
+
+# Loads the guest's registers from `regs` (in rax); returns with rax loaded last.
+5:  mov rbx, [rax + 8]
     mov rcx, [rax + 16]
     mov rdx, [rax + 24]
     mov rsi, [rax + 32]
@@ -181,21 +205,9 @@ vmx_run_asm:
     mov r14, [rax + 104]
     mov r15, [rax + 112]
     mov rax, [rax]
-    jne 2f
-    vmlaunch
-    jmp 8f
-2:  vmresume
-8:  pop rdi                                 # VM entry failed: host state is intact
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-    mov eax, 1
     ret
 
-vmx_exit_landing:                           # RSP = HOST_RSP: `regs` on top
+vmx_exit_landing:                           # RSP = HOST_RSP: the frame above
     push rax
     mov rax, [rsp + 8]
     mov [rax + 8], rbx
@@ -214,7 +226,23 @@ vmx_exit_landing:                           # RSP = HOST_RSP: `regs` on top
     mov [rax + 112], r15
     pop rbx
     mov [rax], rbx
-    pop rdi
+    mov edx, 0x4402                         # EXIT_REASON: CPUID (10) or VMCALL (18)?
+    vmread rdx, rdx
+    cmp edx, 10
+    je 6f
+    cmp edx, 18
+    jne 7f
+6:  mov rdi, rax
+    mov rsi, [rsp + 8]
+    call mkv_fast_exit                      # fastexit: answered here?
+    test eax, eax
+    jz 7f
+    mov rax, [rsp]
+    call 5b
+    vmresume
+    jmp 8b
+7:  pop rdi
+    add rsp, 16
     pop r15
     pop r14
     pop r13
@@ -232,15 +260,21 @@ vmx_exit_landing:                           # RSP = HOST_RSP: `regs` on top
 ///
 /// # Safety
 /// The current VMCS is fully set up for this core (host state of this core, guest state
-/// valid, EPT isolating the guest); `launched` says whether VMLAUNCH already succeeded.
+/// valid, EPT isolating the guest); `launched` says whether VMLAUNCH already succeeded;
+/// `regs` and `fast` (what `fastexit::mkv_fast_exit` takes, called by the landing) are
+/// valid and not otherwise used until this returns.
 #[cfg(target_os = "none")]
-pub unsafe fn run(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
+pub unsafe fn run(
+    regs: *mut GuestRegs,
+    launched: bool,
+    fast: *mut core::ffi::c_void,
+) -> Result<(), ()> {
     extern "C" {
-        fn vmx_run_asm(regs: *mut GuestRegs, launched: u64) -> u64;
+        fn vmx_run_asm(regs: *mut GuestRegs, launched: u64, fast: *mut core::ffi::c_void) -> u64;
     }
     // The assembly preserves every callee-saved register and returns on this stack.
-    // SAFETY: the caller guarantees the VMCS.
-    match unsafe { vmx_run_asm(regs, launched as u64) } {
+    // SAFETY: the caller guarantees the VMCS and the pointers.
+    match unsafe { vmx_run_asm(regs, launched as u64, fast) } {
         0 => Ok(()),
         _ => Err(()),
     }

@@ -1409,6 +1409,26 @@ mod run {
         let me = unsafe { crate::percpu::this_core() };
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+        // The exits the landing answers itself while armed (see `fastexit`).
+        // SAFETY: the status page is a frame of this core's private region, identity-mapped,
+        // alive for the whole incarnation; the guest only reads it.
+        let telemetry =
+            unsafe { core::ptr::addr_of_mut!((*(status as *mut StatusPage)).telemetry) };
+        let mut fast = crate::fastexit::FastExit::new(
+            core,
+            crate::xcore::mail_word(core as usize),
+            &me.kicked,
+            telemetry,
+        );
+        fast.timer_shift = f.preemption_timer_shift;
+        fast.mwait = ctx.mwait;
+        fast.info = u64::from(l.guest_id & 0xffff)
+            | u64::from(core & 0xffff) << 16
+            | u64::from(l.entry.memory_mib) << 32;
+        fast.tsc_per_ms = ctx.tsc_per_ms;
+        // Nothing the fast path cannot see may need an exit: exit tracing records every one,
+        // an injected hang counts entries.
+        let fast_allowed = !crate::trace::enabled() && !l.hang;
         if n > 1 {
             // The last incarnation's death took the channels down and every peer's core
             // acknowledged (or was given up on): nobody uses the rings. Start them over.
@@ -1438,7 +1458,9 @@ mod run {
             // otherwise, whatever the core count).
             let now = arch::rdtsc();
             let mut due = ctx.caps.members.due();
-            if kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention() {
+            let busy =
+                kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention();
+            if busy {
                 let t0 = arch::rdtsc();
                 let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
                 let t1 = arch::rdtsc();
@@ -1521,12 +1543,24 @@ mod run {
             unsafe {
                 g::PREEMPTION_TIMER.set((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
             };
+            // The fast path answers until the deadline the timer aims at, if nothing waits
+            // for the run loop (`now` was read before `before_entry`'s: not later than it).
+            fast.until = if fast_allowed
+                && !ctx.eventful
+                && !(busy && (ctx.caps.attention() || vcpu.link.has_mail()))
+            {
+                now.saturating_add(timer)
+            } else {
+                0
+            };
+            fast.exits_base = ctx.exits_total;
             if me.take_kick() {
                 // A kick came after the look at the mail word: its message waits. Enter for no instruction
                 // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
                 // after this line zeroes the timer itself (arch::idt).
                 // SAFETY: current VMCS.
                 unsafe { g::PREEMPTION_TIMER.set(0) };
+                fast.until = 0;
             }
             // Exit-free telemetry: the guest's counters as of this entry.
             let t_entry = arch::rdtsc();
@@ -1534,8 +1568,11 @@ mod run {
             if !launched {
                 first_entry = t_entry;
             }
-            // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
-            if unsafe { arch::vmx::run(&mut vcpu.regs, launched) }.is_err() {
+            let fast_ptr = core::ptr::addr_of_mut!(fast).cast();
+            // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest;
+            // `fast` lives on this frame and is armed for this guest (its telemetry page,
+            // this core's mail word and kick flag).
+            if unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) }.is_err() {
                 // SAFETY: current VMCS.
                 let code = unsafe { exit::INSTRUCTION_ERROR.read() };
                 log::error!("guest {}: VM entry failed, VM-instruction error {code}", name(l));
@@ -1546,6 +1583,8 @@ mod run {
             }
             launched = true;
             let t_exit = arch::rdtsc();
+            let (hypercalls, cpuids) = fast.take();
+            ctx.fold_fast(hypercalls, cpuids);
             last_exit = t_exit;
             let e = VmcsExit::read();
             let reason = e.reason();

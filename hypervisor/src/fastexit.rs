@@ -1,0 +1,424 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The exits answered in the exit landing, before the run loop sees them. Owns [`FastExit`]
+//! (what the fast path may use: armed by the run loop before each entry it makes) and
+//! [`mkv_fast_exit`], which the assembly of `arch::vmx` calls (by symbol) with every guest
+//! register saved; a `true` answer sends the guest straight back with VMRESUME.
+//! May call: `exits` (the CPUID policy), `vmx::vmcs`, `arch` (TSC, CPUID), `vmcall_proto`.
+//!
+//! What it answers: CPUID, and the hypercalls that only answer (`yield`, `guest_info`,
+//! `tsc_per_ms`, `exit_count`) from CPL 0. Everything else, and these too when the fast path
+//! is not armed, goes to the run loop as before. The run loop arms it only when nothing is
+//! pending for the guest or the core (no event to inject, no capability work, no exit
+//! tracing, no injected fault) and only until the next deadline of anything it watches (the
+//! watchdog, the guest's timer, the membership's next tick, the end of the run): the target
+//! it programs the VMX-preemption timer for. So an exit answered here is one the run loop
+//! would have answered the same way, with nothing else to do.
+//!
+//! Each answer, before it changes anything: the TSC is before the deadline; the
+//! preemption timer is programmed again for the deadline (VM entry reloads it from the
+//! VMCS: without this a guest exiting often would push it out); then the core's mail word
+//! and kick flag are both zero (a kick arriving after the timer write zeroes the timer in
+//! the NMI handler, `arch::idt`, so the guest exits at once and the run loop reads the
+//! mail). Then it answers, advances RIP (ending any STI/MOV-SS blocking, as the run loop's
+//! handlers do) and counts itself: in the telemetry page (exact whenever the guest reads
+//! it) and in counters the run loop folds into its own after its next exit.
+
+use crate::arch::vmx::GuestRegs;
+use core::sync::atomic::{AtomicU64, Ordering};
+use vmcall_proto::guest::Telemetry;
+use vmcall_proto::hypercall::Hypercall;
+
+/// The fast path's state for one vCPU, owned by the run loop of its core.
+#[repr(C)]
+pub struct FastExit {
+    /// The fast path answers exits taken before this TSC; 0 = off.
+    pub until: u64,
+    /// The preemption timer counts at the TSC rate shifted right by this (IA32_VMX_MISC).
+    pub timer_shift: u32,
+    /// Whether the guest waits exitless (its CPUID shows MONITOR).
+    pub mwait: bool,
+    pub core: u32,
+    /// The run loop's exit total at its last entry (for `exit_count`).
+    pub exits_base: u64,
+    /// Exits answered here since the run loop's last entry (it folds them in).
+    pub hypercalls: u64,
+    pub cpuids: u64,
+    /// `guest_info`'s and `tsc_per_ms`'s answers.
+    pub info: u64,
+    pub tsc_per_ms: u64,
+    /// This core's mail word and kick flag (`xcore::MAIL`, `PerCore::kicked`).
+    pub mail: *const AtomicU64,
+    pub kicked: *const AtomicU64,
+    /// The guest's telemetry (its status page, identity-mapped, read-only to the guest).
+    pub telemetry: *mut Telemetry,
+}
+
+impl FastExit {
+    /// Off until armed, answering nothing.
+    pub fn new(
+        core: u32,
+        mail: &'static AtomicU64,
+        kicked: &'static AtomicU64,
+        telemetry: *mut Telemetry,
+    ) -> FastExit {
+        FastExit {
+            until: 0,
+            timer_shift: 0,
+            mwait: false,
+            core,
+            exits_base: 0,
+            hypercalls: 0,
+            cpuids: 0,
+            info: 0,
+            tsc_per_ms: 0,
+            mail,
+            kicked,
+            telemetry,
+        }
+    }
+
+    /// The exits answered here since the last call: (hypercalls, CPUIDs).
+    pub fn take(&mut self) -> (u64, u64) {
+        let n = (self.hypercalls, self.cpuids);
+        self.hypercalls = 0;
+        self.cpuids = 0;
+        n
+    }
+}
+
+/// The VMCS fields and instructions the fast path uses (a fake in host tests).
+pub trait Cpu {
+    fn read(&mut self, f: Field) -> u64;
+    fn write(&mut self, f: Field, v: u64);
+    fn rdtsc(&mut self) -> u64;
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    SsAccessRights,
+    InstructionLen,
+    Rip,
+    Interruptibility,
+    PreemptionTimer,
+}
+
+/// Answers the exit if it can (see the module header); `false` leaves everything as it was
+/// for the run loop (the preemption timer aside, which the run loop programs anyway).
+#[inline(always)]
+pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason: u64) -> bool {
+    let t0 = c.rdtsc();
+    if t0 >= fx.until {
+        return false;
+    }
+    if reason == 18 {
+        // From CPL 0 only (the run loop injects #GP otherwise).
+        if c.read(Field::SsAccessRights) >> 5 & 3 != 0 {
+            return false;
+        }
+        let value = match regs.rax {
+            x if x == Hypercall::Yield as u64 => 0,
+            x if x == Hypercall::GuestInfo as u64 => fx.info,
+            x if x == Hypercall::TscPerMs as u64 => fx.tsc_per_ms,
+            x if x == Hypercall::ExitCount as u64 => {
+                fx.exits_base.wrapping_add(fx.hypercalls + fx.cpuids + 1)
+            }
+            _ => return false,
+        };
+        if !quiet(c, fx, t0) {
+            return false;
+        }
+        regs.rax = value;
+        fx.hypercalls += 1;
+    } else if reason == 10 {
+        if !quiet(c, fx, t0) {
+            return false;
+        }
+        let (leaf, sub) = (regs.rax as u32, regs.rcx as u32);
+        let r = crate::exits::cpuid_seen(leaf, sub, c.cpuid(leaf, sub), fx.core, fx.mwait);
+        regs.rax = r[0] as u64;
+        regs.rbx = r[1] as u64;
+        regs.rcx = r[2] as u64;
+        regs.rdx = r[3] as u64;
+        fx.cpuids += 1;
+    } else {
+        return false;
+    }
+    let rip = c.read(Field::Rip).wrapping_add(c.read(Field::InstructionLen));
+    c.write(Field::Rip, rip);
+    // The emulated instruction ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5).
+    let blocking = c.read(Field::Interruptibility);
+    if blocking & 3 != 0 {
+        c.write(Field::Interruptibility, blocking & !3);
+    }
+    // SAFETY: the run loop points `telemetry` at its guest's status page, a frame of this
+    // core's private region that outlives the vCPU; the guest is not running.
+    let t = unsafe { &mut *fx.telemetry };
+    t.exits[reason as usize] = t.exits[reason as usize].wrapping_add(1);
+    t.hypercalls = t.hypercalls.wrapping_add((reason == 18) as u64);
+    t.entries = t.entries.wrapping_add(1);
+    t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
+    true
+}
+
+/// Programs the preemption timer for the deadline, then looks at the mail word and the
+/// kick flag: whether the core has nothing to read.
+#[inline(always)]
+fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
+    c.write(Field::PreemptionTimer, ((fx.until - now) >> fx.timer_shift).min(u32::MAX as u64));
+    // SAFETY: both point at statics of this core (`FastExit::new` takes 'static refs).
+    let (mail, kicked) = unsafe { (&*fx.mail, &*fx.kicked) };
+    kicked.load(Ordering::Acquire) == 0 && mail.load(Ordering::Acquire) == 0
+}
+
+/// The processor's side (the current VMCS).
+#[cfg(target_os = "none")]
+struct Hw;
+
+#[cfg(target_os = "none")]
+impl Cpu for Hw {
+    #[inline(always)]
+    fn read(&mut self, f: Field) -> u64 {
+        use crate::vmx::vmcs::{exit, g};
+        // SAFETY: called from the exit landing: this core's guest VMCS is current.
+        unsafe {
+            match f {
+                Field::SsAccessRights => g::SS_AR.read(),
+                Field::InstructionLen => exit::INSTRUCTION_LEN.read(),
+                Field::Rip => g::RIP.read(),
+                Field::Interruptibility => g::INTERRUPTIBILITY.read(),
+                Field::PreemptionTimer => g::PREEMPTION_TIMER.read(),
+            }
+        }
+    }
+    #[inline(always)]
+    fn write(&mut self, f: Field, v: u64) {
+        use crate::vmx::vmcs::g;
+        // SAFETY: as for `read`; RIP past the answered instruction, blocking bits cleared and
+        // a timer value keep the guest contained.
+        unsafe {
+            match f {
+                Field::Rip => g::RIP.set(v),
+                Field::Interruptibility => g::INTERRUPTIBILITY.set(v),
+                Field::PreemptionTimer => g::PREEMPTION_TIMER.set(v),
+                Field::SsAccessRights | Field::InstructionLen => {}
+            }
+        }
+    }
+    #[inline(always)]
+    fn rdtsc(&mut self) -> u64 {
+        crate::arch::rdtsc()
+    }
+    #[inline(always)]
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+}
+
+/// Called by `vmx_exit_landing` (arch::vmx) after a VM exit with basic reason CPUID or
+/// VMCALL (`reason`, the exit reason field as read), the guest's registers saved in
+/// `regs`: non-zero = answered, resume the guest now.
+///
+/// # Safety
+/// Called only by the exit landing, with the pointers the run loop gave `arch::vmx::run`
+/// (both live and this core's for the whole run), its guest's VMCS current.
+#[cfg(target_os = "none")]
+#[no_mangle]
+pub unsafe extern "C" fn mkv_fast_exit(
+    regs: *mut GuestRegs,
+    fx: *mut FastExit,
+    reason: u64,
+) -> u64 {
+    // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
+    let (regs, fx) = unsafe { (&mut *regs, &mut *fx) };
+    answer(&mut Hw, regs, fx, reason) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcall_proto::guest::StatusPage;
+
+    struct Fake {
+        tsc: u64,
+        reason: u64,
+        ss_ar: u64,
+        len: u64,
+        rip: u64,
+        blocking: u64,
+        timer: Option<u64>,
+        cpuid: u32,
+    }
+    impl Cpu for Fake {
+        fn read(&mut self, f: Field) -> u64 {
+            match f {
+                Field::SsAccessRights => self.ss_ar,
+                Field::InstructionLen => self.len,
+                Field::Rip => self.rip,
+                Field::Interruptibility => self.blocking,
+                Field::PreemptionTimer => self.timer.unwrap_or(0),
+            }
+        }
+        fn write(&mut self, f: Field, v: u64) {
+            match f {
+                Field::Rip => self.rip = v,
+                Field::Interruptibility => self.blocking = v,
+                Field::PreemptionTimer => self.timer = Some(v),
+                _ => panic!("{f:?} is read-only"),
+            }
+        }
+        fn rdtsc(&mut self) -> u64 {
+            self.tsc += 7;
+            self.tsc
+        }
+        fn cpuid(&mut self, leaf: u32, _sub: u32) -> [u32; 4] {
+            self.cpuid += 1;
+            if leaf == 1 {
+                [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff]
+            } else {
+                [leaf, 2, 3, 4]
+            }
+        }
+    }
+
+    /// As the landing calls it, with the fake's exit reason.
+    fn ans(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit) -> bool {
+        let reason = c.reason;
+        answer(c, regs, fx, reason)
+    }
+
+    fn fake(reason: u64) -> Fake {
+        Fake {
+            tsc: 1000,
+            reason,
+            ss_ar: 0x93,
+            len: 3,
+            rip: 0x10_0000,
+            blocking: 0,
+            timer: None,
+            cpuid: 0,
+        }
+    }
+
+    static QUIET: AtomicU64 = AtomicU64::new(0);
+
+    fn armed(
+        page: &mut StatusPage,
+        mail: &'static AtomicU64,
+        kicked: &'static AtomicU64,
+    ) -> FastExit {
+        let mut fx = FastExit::new(3, mail, kicked, &mut page.telemetry);
+        fx.until = 1_000_000;
+        fx.timer_shift = 5;
+        fx.exits_base = 40;
+        fx.info = 0x1234;
+        fx.tsc_per_ms = 4001;
+        fx
+    }
+
+    fn page() -> Box<StatusPage> {
+        // SAFETY: StatusPage is plain u64s: all-zero is a valid value.
+        Box::new(unsafe { core::mem::zeroed() })
+    }
+
+    #[test]
+    fn the_answering_hypercalls_are_answered_counted_and_timed() {
+        let mut p = page();
+        let mut fx = armed(&mut p, &QUIET, &QUIET);
+        let mut regs = GuestRegs { rax: Hypercall::Yield as u64, rbx: 9, ..Default::default() };
+        let mut c = fake(18);
+        assert!(ans(&mut c, &mut regs, &mut fx));
+        assert_eq!((regs.rax, regs.rbx), (0, 9), "yield answers 0 and touches nothing else");
+        assert_eq!(c.rip, 0x10_0003, "RIP past the VMCALL");
+        assert_eq!(c.timer, Some((1_000_000 - 1007) >> 5), "the timer aims at the deadline");
+        for (call, want) in [
+            (Hypercall::GuestInfo, 0x1234),
+            (Hypercall::TscPerMs, 4001),
+            (Hypercall::ExitCount, 40 + 4), // three answered before it, itself included
+        ] {
+            regs.rax = call as u64;
+            assert!(ans(&mut c, &mut regs, &mut fx));
+            assert_eq!(regs.rax, want, "{call:?}");
+        }
+        assert_eq!(fx.take(), (4, 0));
+        assert_eq!(fx.take(), (0, 0), "taken once");
+        let t = &p.telemetry;
+        assert_eq!((t.exits[18], t.hypercalls, t.entries), (4, 4, 4));
+        assert_eq!(t.hypervisor_tsc, 4 * 7, "from its first TSC read to its last");
+    }
+
+    #[test]
+    fn cpuid_is_answered_with_the_run_loops_policy() {
+        let mut p = page();
+        let mut fx = armed(&mut p, &QUIET, &QUIET);
+        let mut regs = GuestRegs { rax: 1, ..Default::default() };
+        let mut c = fake(10);
+        c.len = 2;
+        assert!(ans(&mut c, &mut regs, &mut fx));
+        let want = crate::exits::cpuid_seen(1, 0, [0x806f8, 0x0004_0800, !0, !0], 3, false);
+        assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], want.map(u64::from));
+        assert_eq!(regs.rcx & (1 << 5), 0, "VMX hidden");
+        assert_eq!(c.rip, 0x10_0002);
+        assert_eq!(fx.take(), (0, 1));
+        assert_eq!((p.telemetry.exits[10], p.telemetry.hypercalls), (1, 0));
+    }
+
+    #[test]
+    fn an_sti_shadow_ends_with_the_answered_instruction() {
+        let mut p = page();
+        let mut fx = armed(&mut p, &QUIET, &QUIET);
+        let mut regs = GuestRegs { rax: 0, ..Default::default() };
+        let mut c = fake(10);
+        c.blocking = 0b1011;
+        assert!(ans(&mut c, &mut regs, &mut fx));
+        assert_eq!(c.blocking, 0b1000, "STI and MOV-SS blocking cleared, NMI blocking kept");
+    }
+
+    /// Left for the run loop, with the guest's state untouched.
+    fn declined(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit, p: &StatusPage) {
+        let (before, rip) = (*regs, c.rip);
+        assert!(!ans(c, regs, fx));
+        assert_eq!((*regs, c.rip), (before, rip));
+        assert_eq!(fx.take(), (0, 0));
+        assert_eq!(p.telemetry.entries, 0);
+        assert_eq!(c.cpuid, 0, "CPUID not even executed");
+    }
+
+    #[test]
+    fn everything_else_goes_to_the_run_loop() {
+        static MAIL: AtomicU64 = AtomicU64::new(1 << 2);
+        static KICKED: AtomicU64 = AtomicU64::new(1);
+        let mut p = page();
+        // Not armed, or past the deadline.
+        let mut fx = armed(&mut p, &QUIET, &QUIET);
+        fx.until = 0;
+        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
+        fx.until = 1007;
+        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
+        fx.until = 1008;
+        assert!(ans(&mut fake(10), &mut GuestRegs::default(), &mut fx), "one tick before");
+        fx.take();
+        p.telemetry.entries = 0;
+        // Other exits, other hypercalls, CPL 3.
+        for reason in [0, 1, 12, 30, 48, 52, 18 | 1 << 31, 10 | 1 << 31] {
+            declined(&mut fake(reason), &mut GuestRegs::default(), &mut fx, &p);
+        }
+        for call in [0, 2, 4, 6, 8, 13, 15, 16, 99, u64::MAX] {
+            let mut regs = GuestRegs { rax: call, ..Default::default() };
+            declined(&mut fake(18), &mut regs, &mut fx, &p);
+        }
+        let mut c = fake(18);
+        c.ss_ar = 0xf3; // DPL 3
+        declined(&mut c, &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+        c.ss_ar = 0x93 | 1 << 5; // DPL 1
+        declined(&mut c, &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+        // Mail or a kick waiting.
+        let mut fx = armed(&mut p, &MAIL, &QUIET);
+        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
+        declined(&mut fake(18), &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+        let mut fx = armed(&mut p, &QUIET, &KICKED);
+        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
+        declined(&mut fake(18), &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+    }
+}
