@@ -141,6 +141,12 @@ const LARGE: u64 = 1 << 7;
 /// Tables 29-1 to 29-5): the table it points to was built by [`prebuild`] and stays.
 const KEEP: u64 = 1 << 11;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// In a page-directory entry that references a page table: how many of the table's
+/// entries are present (bits 61:52, ignored by the processor, SDM Vol. 3C Table 29-5), kept
+/// by [`map_with`] and [`unmap`] so that an unmap knows the table emptied without looking at
+/// the entries it did not clear.
+const COUNT_SHIFT: u32 = 52;
+const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_4K: u64 = 4096;
 /// The guest-physical space a 4-level EPT translates.
@@ -381,6 +387,8 @@ pub fn map_with(
             f.table(pd)[index(r.g, 1)] = r.h | bits | LARGE;
         } else {
             let pt = next_or_new(f, pd, index(r.g, 1));
+            // Nothing in the run was present (checked above): the count grows by its length.
+            f.table(pd)[index(r.g, 1)] += (r.pages as u64) << COUNT_SHIFT;
             let i0 = index(r.g, 0);
             let mut h = r.h | bits;
             for e in &mut f.table(pt)[i0..i0 + r.pages] {
@@ -484,11 +492,13 @@ pub fn unmap(f: &mut impl Frames, root: u64, gpa: u64, len: u64) -> Result<u64, 
         } else {
             let n = (len - off).min(SIZE_2M - g % SIZE_2M) / SIZE_4K;
             let (i0, pt) = (index(g, 0), e & ADDR_MASK);
-            let t = f.table(pt);
-            t[i0..i0 + n as usize].fill(0);
+            f.table(pt)[i0..i0 + n as usize].fill(0);
             off += n * SIZE_4K;
-            // Empty unless an entry outside the run just cleared is present.
-            if any_present(&t[..i0]) || any_present(&t[i0 + n as usize..]) {
+            // Every entry of the run was present (checked above): the count drops by its
+            // length, and the table is empty when it reaches zero.
+            let left = (e & COUNT_MASK) - (n << COUNT_SHIFT);
+            if left != 0 {
+                f.table(pd)[index(g, 1)] = e & !COUNT_MASK | left;
                 continue;
             }
             f.table(pd)[index(g, 1)] = 0;
@@ -943,6 +953,35 @@ pub(crate) mod tests {
         Ok(len)
     }
 
+    /// The first page-directory entry whose count of present page-table entries is wrong:
+    /// (its guest-physical address, the count it holds, the entries present).
+    fn miscounted(f: &mut impl Frames, root: u64) -> Option<(u64, u64, u64)> {
+        for i3 in 0..512u64 {
+            let e3 = f.table(root)[i3 as usize];
+            if !present(e3) {
+                continue;
+            }
+            for i2 in 0..512u64 {
+                let e2 = f.table(e3 & ADDR_MASK)[i2 as usize];
+                if !present(e2) {
+                    continue;
+                }
+                for i1 in 0..512u64 {
+                    let e1 = f.table(e2 & ADDR_MASK)[i1 as usize];
+                    if !present(e1) || e1 & LARGE != 0 {
+                        continue;
+                    }
+                    let held = (e1 & COUNT_MASK) >> COUNT_SHIFT;
+                    let real = f.table(e1 & ADDR_MASK).iter().filter(|&&e| present(e)).count();
+                    if held != real as u64 {
+                        return Some((i3 << 39 | i2 << 30 | i1 << 21, held, real as u64));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -983,6 +1022,7 @@ pub(crate) mod tests {
                     prop_assert!(snapshot(&f) == before, "failed {:?} changed the tables", op);
                 }
                 prop_assert_eq!(mapped_bytes(&mut f, root), m.len() as u64 * SIZE_4K);
+                prop_assert_eq!(miscounted(&mut f, root), None);
                 for (&p, l) in m.iter().step_by(7) {
                     let want = (l.hpa + (p - l.start) + 0x123, l.perm);
                     prop_assert_eq!(translate_perm(&mut f, root, p + 0x123), Some(want));
