@@ -2159,4 +2159,158 @@ mod tests {
         ));
         assert_eq!(c.exits_other, 1);
     }
+
+    /// `fastexit::Cpu` over the fake vCPU: the fast path sees the same VMCS fields, TSC and
+    /// host CPUID as the run loop's handler.
+    struct FastCpu<'a> {
+        v: &'a mut FakeVcpu,
+        len: u64,
+    }
+    impl crate::fastexit::Cpu for FastCpu<'_> {
+        fn read(&mut self, f: crate::fastexit::Field) -> u64 {
+            use crate::fastexit::Field as F;
+            match f {
+                F::SsAccessRights => self.v.get(Field::SsAccessRights),
+                F::InstructionLen => self.len,
+                F::Rip => self.v.get(Field::Rip),
+                F::Interruptibility => self.v.get(Field::Interruptibility),
+                F::PreemptionTimer => 0,
+            }
+        }
+        fn write(&mut self, f: crate::fastexit::Field, x: u64) {
+            use crate::fastexit::Field as F;
+            match f {
+                F::Rip => self.v.write(Field::Rip, x),
+                F::Interruptibility => self.v.write(Field::Interruptibility, x),
+                _ => {}
+            }
+        }
+        fn rdtsc(&mut self) -> u64 {
+            self.v.tsc += 1;
+            self.v.tsc
+        }
+        fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+            self.v.host_cpuid(leaf, sub)
+        }
+    }
+
+    /// Hostile sweep: every hypercall number (valid, invalid, with high bits), every CPL,
+    /// with and without STI/MOV-SS/NMI blocking, CPUID leaves; whatever the fast path
+    /// answers, the run loop's handler must answer the same way (registers, RIP, blocking,
+    /// no event injected), and after the fold the counters must agree (exit_count included).
+    #[test]
+    fn the_fast_path_answers_exactly_as_the_run_loop_would() {
+        use core::sync::atomic::AtomicU64;
+        static ZERO: AtomicU64 = AtomicU64::new(0);
+        let page: &'static mut vmcall_proto::guest::StatusPage =
+            // SAFETY: plain u64s, all-zero is valid.
+            Box::leak(Box::new(unsafe { core::mem::zeroed() }));
+        let calls = (0..17u64).chain([99, 1 << 32 | 3, 1 << 32 | 7, u64::MAX]);
+        let mut answered = 0;
+        for reason in [10u16, 18] {
+            for rax in calls.clone() {
+                for ss_ar in [0x93u64, 0xb3, 0xd3, 0xf3] {
+                    for blocking in [0u64, 1, 2, 8, 9] {
+                        let (mut slow_ctx, mut slow) = (ctx(), FakeVcpu::new());
+                        let (mut fast_ctx, mut fast) = (ctx(), FakeVcpu::new());
+                        // Some history: exits the run loop counted before this entry.
+                        for c in [&mut slow_ctx, &mut fast_ctx] {
+                            c.exits_total = 41;
+                            c.exits[10] = 7;
+                            c.exits[18] = 30;
+                            c.hypercalls = 29;
+                        }
+                        for v in [&mut slow, &mut fast] {
+                            v.regs =
+                                GuestRegs { rax, rbx: 5, rcx: 1, rdx: 2, ..Default::default() };
+                            v.write(Field::SsAccessRights, ss_ar);
+                            v.write(Field::Interruptibility, blocking);
+                            v.cpuid = [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff];
+                        }
+                        let mut fx = crate::fastexit::FastExit::new(
+                            fast_ctx.core,
+                            &ZERO,
+                            &ZERO,
+                            &mut page.telemetry,
+                        );
+                        fx.until = u64::MAX;
+                        fx.mwait = fast_ctx.mwait;
+                        fx.info = u64::from(fast_ctx.id & 0xffff)
+                            | u64::from(fast_ctx.core & 0xffff) << 16
+                            | u64::from(fast_ctx.memory_mib) << 32;
+                        fx.tsc_per_ms = fast_ctx.tsc_per_ms;
+                        fx.exits_base = fast_ctx.exits_total;
+                        let len = if reason == 10 { 2 } else { 3 };
+                        let mut regs = fast.regs;
+                        let ok = crate::fastexit::answer(
+                            &mut FastCpu { v: &mut fast, len },
+                            &mut regs,
+                            &mut fx,
+                            u64::from(reason),
+                        );
+                        if !ok {
+                            continue;
+                        }
+                        answered += 1;
+                        let (h, c) = fx.take();
+                        fast_ctx.fold_fast(h, c);
+                        assert_eq!(
+                            handle(
+                                &mut slow_ctx,
+                                &mut slow,
+                                &exit(reason, len),
+                                &mut Lines::default()
+                            ),
+                            Action::Resume
+                        );
+                        let case =
+                            format!("reason {reason} rax {rax:#x} ss {ss_ar:#x} blk {blocking}");
+                        assert!(slow.injected.is_empty(), "{case}: the run loop injects");
+                        assert_eq!(regs, slow.regs, "{case}: registers");
+                        for f in [Field::Rip, Field::Interruptibility] {
+                            assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
+                        }
+                        assert_eq!(fast_ctx.exits_total, slow_ctx.exits_total, "{case}");
+                        assert_eq!(fast_ctx.exits, slow_ctx.exits, "{case}");
+                        assert_eq!(fast_ctx.hypercalls, slow_ctx.hypercalls, "{case}");
+                    }
+                }
+            }
+        }
+        // CPUID from any CPL (20 blocking/CPL combinations x 21 "leaves"), the four
+        // answering hypercalls from CPL 0 (5 blocking values).
+        assert_eq!(answered, 21 * 20 + 4 * 5);
+    }
+
+    /// `fold_fast` takes in u64 counts; the run loop's per-reason and hypercall counters are
+    /// u32 and saturate (`count`), so a count past u32::MAX must saturate them too, not be
+    /// truncated (which would leave them behind `exits_total` by 2^32).
+    #[test]
+    fn fold_fast_saturates_like_count_does() {
+        let mut c = ctx();
+        c.fold_fast((1 << 32) + 5, 1 << 32);
+        assert_eq!(c.exits_total, (1 << 33) + 5);
+        assert_eq!(c.exits[18], u32::MAX, "VMCALL exits");
+        assert_eq!(c.exits[10], u32::MAX, "CPUID exits");
+        assert_eq!(c.hypercalls, u32::MAX);
+    }
+
+    /// Pre-existing, inherited by the fast path: an instruction the hypervisor emulates
+    /// (CPUID, VMCALL, ...) with RFLAGS.TF = 1 must still end with the guest's single-step
+    /// trap (#DB with DR6.BS), as the processor would deliver after the instruction; the VM
+    /// exit suppressed it and only the VMM can deliver it (SDM Vol. 3B 18.3.1.4; KVM:
+    /// kvm_skip_emulated_instruction -> kvm_vcpu_do_singlestep).
+    #[test]
+    fn an_emulated_instruction_keeps_the_single_step_trap() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        v.write(Field::Rflags, 0x2 | 1 << 8); // TF
+        v.regs.rax = 0;
+        assert_eq!(handle(&mut c, &mut v, &exit(10, 2), &mut s), Action::Resume);
+        assert_eq!(v.get(Field::Rip), 0x10_0002);
+        assert!(
+            v.injected.iter().any(|e| matches!(e, Event::Exception { vector: 1, .. })),
+            "no single-step #DB after the emulated CPUID: {:?}",
+            v.injected
+        );
+    }
 }
