@@ -646,7 +646,9 @@ impl GuestCtx {
         if hypercalls | cpuids == 0 {
             return;
         }
-        let (h, c) = (hypercalls as u32, cpuids as u32);
+        // The per-reason and hypercall counters are u32 and saturate, as in `count`.
+        let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (h, c) = (sat(hypercalls), sat(cpuids));
         self.exits[18] = self.exits[18].saturating_add(h);
         self.exits[10] = self.exits[10].saturating_add(c);
         self.exits_total = self.exits_total.saturating_add(hypercalls + cpuids);

@@ -1572,7 +1572,12 @@ mod run {
             // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest;
             // `fast` lives on this frame and is armed for this guest (its telemetry page,
             // this core's mail word and kick flag).
-            if unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) }.is_err() {
+            let entered = unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) };
+            let t_exit = arch::rdtsc();
+            // The exits the fast path answered count even if its last VMRESUME failed.
+            let (hypercalls, cpuids) = fast.take();
+            ctx.fold_fast(hypercalls, cpuids);
+            if entered.is_err() {
                 // SAFETY: current VMCS.
                 let code = unsafe { exit::INSTRUCTION_ERROR.read() };
                 log::error!("guest {}: VM entry failed, VM-instruction error {code}", name(l));
@@ -1582,9 +1587,6 @@ mod run {
                 hang_at = first_entry.saturating_add(tsc_per_ms.saturating_mul(20));
             }
             launched = true;
-            let t_exit = arch::rdtsc();
-            let (hypercalls, cpuids) = fast.take();
-            ctx.fold_fast(hypercalls, cpuids);
             last_exit = t_exit;
             let e = VmcsExit::read();
             let reason = e.reason();
