@@ -206,6 +206,8 @@ pub enum Field {
     Interruptibility,
     /// Access rights of SS: bits 6:5 are the CPL.
     SsAccessRights,
+    /// Pending debug exceptions (bit 14, BS: a single-step trap due after the entry).
+    PendingDebug,
 }
 
 /// An event to inject at the next VM entry.
@@ -688,7 +690,20 @@ fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     if blocking & 3 != 0 {
         v.write(Field::Interruptibility, blocking & !3);
     }
+    // Executed with RFLAGS.TF set, it would have ended in a single-step trap, which the VM
+    // exit suppressed: leave it pending (BS) for the processor to deliver after the entry,
+    // DR6.BS set as for its own (SDM Vol. 3B 18.3.1.4; Vol. 3C 26.7.3). With no STI/MOV-SS
+    // blocking left, BS is allowed whatever TF is (the checks of Vol. 3C 26.3.1.5).
+    if v.read(Field::Rflags) & RFLAGS_TF != 0 {
+        let pending = v.read(Field::PendingDebug);
+        v.write(Field::PendingDebug, pending | PENDING_BS);
+    }
 }
+
+/// RFLAGS.TF (single-step).
+pub const RFLAGS_TF: u64 = 1 << 8;
+/// Pending debug exceptions: BS, a single-step trap.
+const PENDING_BS: u64 = 1 << 14;
 
 fn gpr(v: &mut impl Vcpu, n: u64) -> u64 {
     let r = *v.regs();
@@ -1193,6 +1208,7 @@ mod tests {
                 Field::Pat => "Pat",
                 Field::Interruptibility => "Intr",
                 Field::SsAccessRights => "SsAr",
+                Field::PendingDebug => "PendingDbg",
             }
         }
         fn get(&self, f: Field) -> u64 {
@@ -2173,6 +2189,7 @@ mod tests {
             use crate::fastexit::Field as F;
             match f {
                 F::SsAccessRights => self.v.get(Field::SsAccessRights),
+                F::Rflags => self.v.get(Field::Rflags),
                 F::InstructionLen => self.len,
                 F::Rip => self.v.get(Field::Rip),
                 F::Interruptibility => self.v.get(Field::Interruptibility),
@@ -2309,10 +2326,14 @@ mod tests {
         v.regs.rax = 0;
         assert_eq!(handle(&mut c, &mut v, &exit(10, 2), &mut s), Action::Resume);
         assert_eq!(v.get(Field::Rip), 0x10_0002);
-        assert!(
-            v.injected.iter().any(|e| matches!(e, Event::Exception { vector: 1, .. })),
-            "no single-step #DB after the emulated CPUID: {:?}",
-            v.injected
+        assert_eq!(
+            v.get(Field::PendingDebug),
+            1 << 14,
+            "the single-step trap (BS) is pending after the emulated CPUID"
         );
+        v.write(Field::PendingDebug, 0);
+        v.write(Field::Rflags, 0x2);
+        handle(&mut c, &mut v, &exit(10, 2), &mut s);
+        assert_eq!(v.get(Field::PendingDebug), 0, "none without TF");
     }
 }

@@ -97,6 +97,7 @@ pub trait Cpu {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Field {
     SsAccessRights,
+    Rflags,
     InstructionLen,
     Rip,
     Interruptibility,
@@ -109,6 +110,10 @@ pub enum Field {
 pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason: u64) -> bool {
     let t0 = c.rdtsc();
     if t0 >= fx.until {
+        return false;
+    }
+    // Single-stepping: the run loop leaves the trap pending (`exits::advance`).
+    if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
     if reason == 18 {
@@ -184,6 +189,7 @@ impl Cpu for Hw {
         unsafe {
             match f {
                 Field::SsAccessRights => g::SS_AR.read(),
+                Field::Rflags => g::RFLAGS.read(),
                 Field::InstructionLen => exit::INSTRUCTION_LEN.read(),
                 Field::Rip => g::RIP.read(),
                 Field::Interruptibility => g::INTERRUPTIBILITY.read(),
@@ -201,7 +207,7 @@ impl Cpu for Hw {
                 Field::Rip => g::RIP.set(v),
                 Field::Interruptibility => g::INTERRUPTIBILITY.set(v),
                 Field::PreemptionTimer => g::PREEMPTION_TIMER.set(v),
-                Field::SsAccessRights | Field::InstructionLen => {}
+                Field::SsAccessRights | Field::Rflags | Field::InstructionLen => {}
             }
         }
     }
@@ -244,6 +250,7 @@ mod tests {
         tsc: u64,
         reason: u64,
         ss_ar: u64,
+        rflags: u64,
         len: u64,
         rip: u64,
         blocking: u64,
@@ -254,6 +261,7 @@ mod tests {
         fn read(&mut self, f: Field) -> u64 {
             match f {
                 Field::SsAccessRights => self.ss_ar,
+                Field::Rflags => self.rflags,
                 Field::InstructionLen => self.len,
                 Field::Rip => self.rip,
                 Field::Interruptibility => self.blocking,
@@ -293,6 +301,7 @@ mod tests {
             tsc: 1000,
             reason,
             ss_ar: 0x93,
+            rflags: 0x202,
             len: 3,
             rip: 0x10_0000,
             blocking: 0,
@@ -413,6 +422,10 @@ mod tests {
         declined(&mut c, &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
         c.ss_ar = 0x93 | 1 << 5; // DPL 1
         declined(&mut c, &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+        // Single-stepping.
+        let mut c = fake(10);
+        c.rflags = 0x302;
+        declined(&mut c, &mut GuestRegs::default(), &mut fx, &p);
         // Mail or a kick waiting.
         let mut fx = armed(&mut p, &MAIL, &QUIET);
         declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);

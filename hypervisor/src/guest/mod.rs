@@ -330,6 +330,7 @@ mod run {
             Field::Pat => g::PAT,
             Field::Interruptibility => g::INTERRUPTIBILITY,
             Field::SsAccessRights => g::SS_AR,
+            Field::PendingDebug => g::PENDING_DBG,
         }
     }
 
