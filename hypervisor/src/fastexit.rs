@@ -170,7 +170,9 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
 /// kick flag: whether the core has nothing to read.
 #[inline(always)]
 fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
-    c.write(Field::PreemptionTimer, ((fx.until - now) >> fx.timer_shift).min(u32::MAX as u64));
+    // A 32-bit field: VMWRITE keeps the low half, so a value past it makes the timer fire
+    // early, never late (the run loop then programs it again).
+    c.write(Field::PreemptionTimer, (fx.until - now) >> fx.timer_shift);
     // SAFETY: both point at statics of this core (`FastExit::new` takes 'static refs).
     let (mail, kicked) = unsafe { (&*fx.mail, &*fx.kicked) };
     kicked.load(Ordering::Acquire) == 0 && mail.load(Ordering::Acquire) == 0
@@ -188,12 +190,12 @@ impl Cpu for Hw {
         // SAFETY: called from the exit landing: this core's guest VMCS is current.
         unsafe {
             match f {
-                Field::SsAccessRights => g::SS_AR.read(),
-                Field::Rflags => g::RFLAGS.read(),
-                Field::InstructionLen => exit::INSTRUCTION_LEN.read(),
-                Field::Rip => g::RIP.read(),
-                Field::Interruptibility => g::INTERRUPTIBILITY.read(),
-                Field::PreemptionTimer => g::PREEMPTION_TIMER.read(),
+                Field::SsAccessRights => g::SS_AR.get(),
+                Field::Rflags => g::RFLAGS.get(),
+                Field::InstructionLen => exit::INSTRUCTION_LEN.get(),
+                Field::Rip => g::RIP.get(),
+                Field::Interruptibility => g::INTERRUPTIBILITY.get(),
+                Field::PreemptionTimer => g::PREEMPTION_TIMER.get(),
             }
         }
     }

@@ -66,6 +66,23 @@ pub unsafe fn vmread_or_zero(field: u32) -> u64 {
     value
 }
 
+/// Reads a field of the current VMCS, without looking at the outcome (the fast exit path:
+/// the VMCS is current and the field one it has, so the read cannot fail).
+///
+/// # Safety
+/// As for [`vmread_or_zero`], and the read must not be able to fail.
+#[inline(always)]
+pub unsafe fn vmread_unchecked(field: u32) -> u64 {
+    let value: u64;
+    // SAFETY: the caller guarantees a current VMCS and a field it has; VMREAD has no memory
+    // side effects.
+    unsafe {
+        core::arch::asm!("vmread {v}, {f}", f = in(reg) field as u64, v = lateout(reg) value,
+            options(nostack, readonly))
+    };
+    value
+}
+
 /// Writes a field of the current VMCS, without looking at the outcome (a field the VMCS
 /// has, on the exit path: the write cannot fail once the VMCS is current).
 ///
@@ -238,7 +255,21 @@ vmx_exit_landing:                           # RSP = HOST_RSP: the frame above
     test eax, eax
     jz 7f
     mov rax, [rsp]
-    call 5b
+    mov rbx, [rax + 8]
+    mov rcx, [rax + 16]
+    mov rdx, [rax + 24]
+    mov rsi, [rax + 32]
+    mov rdi, [rax + 40]
+    mov rbp, [rax + 48]
+    mov r8,  [rax + 56]
+    mov r9,  [rax + 64]
+    mov r10, [rax + 72]
+    mov r11, [rax + 80]
+    mov r12, [rax + 88]
+    mov r13, [rax + 96]
+    mov r14, [rax + 104]
+    mov r15, [rax + 112]
+    mov rax, [rax]
     vmresume
     jmp 8b
 7:  pop rdi

@@ -3,7 +3,7 @@
 //! guest and host state) can be read and written, [`Ro`] fields (exit information) only
 //! read. Encodings come from the `x86` crate (SDM Vol. 3D appendix B).
 
-use crate::arch::vmx::{vmread_or_zero, vmwrite, vmwrite_unchecked};
+use crate::arch::vmx::{vmread_or_zero, vmread_unchecked, vmwrite, vmwrite_unchecked};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 /// A read-write VMCS field.
@@ -34,6 +34,15 @@ impl Rw {
         // SAFETY: caller guarantees a current VMCS and a safe value.
         unsafe { vmwrite(self.0, v) }.map_err(|_| VmcsError { field: self.0, write: true })
     }
+    /// Reads with no fallback value (the fast exit path).
+    ///
+    /// # Safety
+    /// A VMCS is current on this core (the read then cannot fail).
+    #[inline(always)]
+    pub unsafe fn get(self) -> u64 {
+        // SAFETY: caller guarantees a current VMCS; every `Rw` is a valid encoding.
+        unsafe { vmread_unchecked(self.0) }
+    }
     /// Writes without looking at the outcome: for the exit path, where the VMCS is current
     /// and the field one it has (the write cannot fail).
     ///
@@ -53,6 +62,15 @@ impl Ro {
     pub unsafe fn read(self) -> u64 {
         // SAFETY: caller guarantees a current VMCS; every `Ro` is a valid encoding.
         unsafe { vmread_or_zero(self.0) }
+    }
+    /// Reads with no fallback value (the fast exit path).
+    ///
+    /// # Safety
+    /// A VMCS is current on this core (the read then cannot fail).
+    #[inline(always)]
+    pub unsafe fn get(self) -> u64 {
+        // SAFETY: caller guarantees a current VMCS; every `Ro` is a valid encoding.
+        unsafe { vmread_unchecked(self.0) }
     }
 }
 
