@@ -234,6 +234,7 @@ pub const WORKLOADS: &[&str] = &[
     "looper",
     "forwarder",
     "exitbench",
+    "meter",
 ];
 
 /// What values a workload argument takes.
@@ -757,6 +758,29 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   hypercalls, CPUID, an I/O write, RDMSR, WRMSR) and the hypervisor's share \
                   from its telemetry page (`cargo xtask bench exits`); exits 0",
         args: &[int("n", 1, 2048, 1000, "round trips timed per kind")],
+    },
+    WorkloadSpec {
+        name: "meter",
+        summary: "reads exit-free telemetry: as `watched` it checks its own counters (after \
+                  `n` hypercalls, `m` messages on its first channel, the NMIs of its \
+                  controller's `queries`) and tells them to its controller; as `watcher` (its \
+                  controller) it checks them in its read-only target window, counts its own \
+                  exits while reading it (none), restarts it and reads the window of the new \
+                  incarnation; as `nosy` (no control capability) it reads the target windows' \
+                  address and must be stopped",
+        args: &[
+            ArgSpec {
+                key: "role",
+                kind: ArgKind::Word(&["watched", "watcher", "nosy"]),
+                default: ArgDefault::Required,
+                meaning: "`watched`, `watcher` (controls the watched guest, a channel to it \
+                          first) or `nosy`",
+            },
+            int("n", 1, 100_000, 100, "hypercalls counted (each incarnation of `watched`)"),
+            int("m", 1, 4096, 40, "messages `watched` sends to `watcher`"),
+            int("queries", 1, 1000, 20, "control queries `watcher` makes (NMIs at the target)"),
+            flag("write", "`watcher`: 1: write its target window at the end (must be stopped)"),
+        ],
     },
 ];
 
