@@ -84,7 +84,9 @@ fn guests_and_their_controller_read_telemetry_without_exits() {
     assert_eq!(nosy.state, "stopped", "{nosy:?}");
     let fault = nosy.fault.as_deref().unwrap_or("");
     assert!(
-        fault.starts_with("EPT violation: read at guest-physical 0xbff00000 (not mapped for this guest)"),
+        fault.starts_with(
+            "EPT violation: read at guest-physical 0xbff00000 (not mapped for this guest)"
+        ),
         "{fault}"
     );
     assert!(!s.contains("UNEXPECTED"), "{s}");

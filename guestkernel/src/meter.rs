@@ -199,9 +199,7 @@ fn watcher(bi: &BootInfo) -> u64 {
     for _ in 0..READS {
         // SAFETY: as above; one aligned word of window 0.
         hc = unsafe {
-            core::ptr::read_volatile(
-                (target_status(0) + HYPERCALLS_OFFSET) as *const u64,
-            )
+            core::ptr::read_volatile((target_status(0) + HYPERCALLS_OFFSET) as *const u64)
         };
     }
     let t2 = rdtsc();

@@ -83,10 +83,9 @@ pub unsafe fn read_page(at: u64) -> Snapshot {
     unsafe {
         let t = core::ptr::addr_of!((*p).telemetry);
         let word = |w: *const u64| core::ptr::read_volatile(w);
-        let exits = (0..TELEMETRY_REASONS)
-            .map(|i| word(core::ptr::addr_of!((*t).exits[i])))
-            .sum::<u64>()
-            + word(core::ptr::addr_of!((*t).exits_other));
+        let exits =
+            (0..TELEMETRY_REASONS).map(|i| word(core::ptr::addr_of!((*t).exits[i]))).sum::<u64>()
+                + word(core::ptr::addr_of!((*t).exits_other));
         let tr = core::ptr::addr_of!((*p).traffic[0]);
         Snapshot {
             exits,

@@ -250,8 +250,9 @@ pub fn plan(
     // Each status page reads as zeroes until its guest's core first writes it (a
     // controller may map and read it before that).
     for l in launches.iter().flatten() {
-        // SAFETY: the last frame of a private region just carved for this guest, not yet
-        // handed to its core; identity-mapped.
+        // The last frame of a private region just carved for this guest, not yet handed to
+        // its core; identity-mapped.
+        // SAFETY: so only the BSP touches it now.
         unsafe { (l.status_frame() as *mut u8).write_bytes(0, 4096) };
     }
     // Core membership starts from the cores given a guest: every core computes the same

@@ -95,11 +95,8 @@ pub struct StatusPage {
     /// Messages per channel (boot-info order), copied from the guest-written ring counters
     /// at most once per millisecond of TSC (see [`ChannelTraffic`]).
     pub traffic: [ChannelTraffic; MAX_CHANNELS_PER_GUEST],
-    pub _reserved: [u64; 512
-        - 4 * MAX_CHANNELS_PER_GUEST
-        - TELEMETRY_WORDS
-        - 2
-        - 4 * MAX_CHANNELS_PER_GUEST],
+    pub _reserved:
+        [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST - TELEMETRY_WORDS - 2 - 4 * MAX_CHANNELS_PER_GUEST],
 }
 
 /// Exit reasons the telemetry counts one by one (basic exit reasons 0..=69); the rest are

@@ -200,7 +200,9 @@ pub fn nmis_taken() -> u64 {
     // GS base points at this core's PerCore from its start (`percpu::init_this_core`), and
     // `nmis` is at offset 32 (asserted there).
     // SAFETY: an aligned load of this core's own counter.
-    unsafe { asm!("mov {}, qword ptr gs:[32]", out(reg) n, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        asm!("mov {}, qword ptr gs:[32]", out(reg) n, options(nostack, readonly, preserves_flags))
+    };
     n
 }
 

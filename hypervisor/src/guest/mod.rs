@@ -1337,8 +1337,9 @@ mod run {
         // guest (and to its controllers, through their target windows), zeroed for each
         // incarnation.
         let status = l.status_frame();
-        // SAFETY: a frame of this core's private region, identity-mapped, outside the pool;
+        // The frame is this core's private region's last, identity-mapped, outside the pool;
         // others only read it.
+        // SAFETY: so this core may write it whole.
         unsafe {
             (status as *mut u8).write_bytes(0, 4096);
             (*(status as *mut StatusPage)).incarnation = u64::from(n);
@@ -1356,10 +1357,8 @@ mod run {
         ) {
             return stop(ctx, why);
         }
-        let mut traffic = telemetry::Traffic::new(
-            l.channels(),
-            tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS),
-        );
+        let mut traffic =
+            telemetry::Traffic::new(l.channels(), tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS));
         for (i, ch) in l.channels().iter().enumerate() {
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;

@@ -163,8 +163,9 @@ mod tests {
         assert!(t.due(0), "the first copy is due at once");
         // SAFETY: zeroes are a valid StatusPage (plain u64s).
         let mut page: Box<StatusPage> = unsafe { Box::new(core::mem::zeroed()) };
-        // SAFETY: `mem` lives to the end of the test, page-aligned, and from here on is
-        // accessed only through `Ring`.
+        // `mem` lives to the end of the test, page-aligned, and from here on is accessed
+        // only through `Ring`.
+        // SAFETY: so it is a ring's memory for as long as the rings are used.
         let (tx, rx) = unsafe {
             (Ring::from_raw((base + 4096) as *mut u8, 4), Ring::from_raw(base as *mut u8, 4))
         };
