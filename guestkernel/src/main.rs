@@ -14,6 +14,7 @@ mod exitbench;
 mod ghost;
 mod hostile;
 mod linkloads;
+mod meter;
 mod netloads;
 mod supervise;
 mod workloads;

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 33] = [
+const REGISTRY: [(&str, Workload); 34] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -54,6 +54,7 @@ const REGISTRY: [(&str, Workload); 33] = [
     ("looper", crate::linkloads::looper),
     ("forwarder", crate::linkloads::forwarder),
     ("exitbench", crate::exitbench::exitbench),
+    ("meter", crate::meter::meter),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

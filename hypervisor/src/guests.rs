@@ -212,6 +212,7 @@ pub fn plan(
                         grant_count: 0,
                         targets: [(0, 0); MAX_GUESTS],
                         target_count: 0,
+                        target_status: [0; MAX_GUESTS],
                         controllers: 0,
                         give_up_tsc: plan.give_up_tsc,
                         end_tsc: opts
@@ -235,14 +236,24 @@ pub fn plan(
         let Some(ctl_core) = core_of(i) else { continue };
         for t in (0..cfg.guest_count()).filter(|t| e.controls & (1u64 << t) != 0) {
             let Some(t_core) = core_of(t) else { continue };
+            let Some(t_status) = launches[t].as_ref().map(Launch::status_frame) else { continue };
             if let Some(l) = launches[i].as_mut() {
                 l.targets[l.target_count] = (t_core as u16, t as u16);
+                l.target_status[l.target_count] = t_status;
                 l.target_count += 1;
             }
             if let Some(tl) = launches[t].as_mut() {
                 tl.controllers |= 1u64 << ctl_core;
             }
         }
+    }
+    // Each status page reads as zeroes until its guest's core first writes it (a
+    // controller may map and read it before that).
+    for l in launches.iter().flatten() {
+        // The last frame of a private region just carved for this guest, not yet handed to
+        // its core; identity-mapped.
+        // SAFETY: so only the BSP touches it now.
+        unsafe { (l.status_frame() as *mut u8).write_bytes(0, 4096) };
     }
     // Core membership starts from the cores given a guest: every core computes the same
     // view 0 from its launch.

@@ -21,7 +21,8 @@ pub const STACK_SIZE: usize = 256 * 1024;
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 
 /// One core's own state. `index` must stay the first field: it is read as `gs:[0]`; the
-/// NMI handler reads `vmcs_live` as `gs:[16]` and writes `kicked` as `gs:[24]`.
+/// NMI handler reads `vmcs_live` as `gs:[16]`, writes `kicked` as `gs:[24]` and counts
+/// `nmis` as `gs:[32]`.
 #[repr(C, align(4096))]
 pub struct PerCore {
     pub index: u64,
@@ -32,6 +33,11 @@ pub struct PerCore {
     pub vmcs_live: AtomicU64,
     /// Set by the NMI handler on every kick taken in the hypervisor.
     pub kicked: AtomicU64,
+    /// NMIs taken while `vmcs_live` is set (every kick: one that exits the guest reaches
+    /// the handler too, through `arch::unblock_nmis`). Incremented by the NMI handler only
+    /// (on this core, NMIs blocked: no other writer can interleave); its guest's telemetry
+    /// reports it, reset when an incarnation starts.
+    pub nmis: AtomicU64,
     /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
     pub vmxon_region: VmxPage,
     pub idt: Idt,
@@ -46,6 +52,7 @@ pub struct VmxPage(UnsafeCell<[u8; 4096]>);
 const _: () = assert!(core::mem::size_of::<VmxPage>() == 4096);
 const _: () = assert!(core::mem::offset_of!(PerCore, vmcs_live) == 16);
 const _: () = assert!(core::mem::offset_of!(PerCore, kicked) == 24);
+const _: () = assert!(core::mem::offset_of!(PerCore, nmis) == 32);
 
 impl PerCore {
     /// Whether a kick arrived while this core was in the hypervisor since the last call.
@@ -112,6 +119,7 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         core::ptr::addr_of_mut!((*p).apic_id).write(apic_id as u64);
         core::ptr::addr_of_mut!((*p).vmcs_live).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).kicked).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).nmis).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
         core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
         let mut tss = TaskStateSegment::new();

@@ -13,10 +13,15 @@
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
  * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots. The status page at MKV_STATUS_GPA (read-only) is an array of MKV_LinkStatus,
- * one per channel in boot-info order; a guest that follows restarting peers reads its
- * epoch from there (epoch 0 until a peer restarts: control words and `received` carry the
- * epoch in their top 16 bits, see vmcall-proto channel.rs).
+ * the slots. The status page at MKV_STATUS_GPA (read-only) starts with an array of
+ * MKV_LinkStatus, one per channel in boot-info order; a guest that follows restarting peers
+ * reads its epoch from there (epoch 0 until a peer restarts: control words and `received`
+ * carry the epoch in their top 16 bits, see vmcall-proto channel.rs). At
+ * MKV_STATUS_TELEMETRY_OFFSET it holds the guest's MKV_Telemetry, at
+ * MKV_STATUS_INCARNATION_OFFSET and MKV_STATUS_TRAFFIC_TSC_OFFSET two uint64_t, at
+ * MKV_STATUS_TRAFFIC_OFFSET an MKV_ChannelTraffic per channel. A guest holding guest-control
+ * capabilities reads its i-th target's status page, read-only, at
+ * MKV_TARGET_STATUS_GPA + i * 4096.
  */
 
 #ifndef MKVISOR_H
@@ -161,10 +166,50 @@ typedef uint64_t MKV_word;
 #define MKV_STATUS_GPA 3221221376
 
 /**
+ * Guest-physical base of the **target windows**: a guest holding guest-control
+ * capabilities (the config's `[[control]]`) sees the status page of its `i`-th target
+ * (the `i`-th guest-control capability of its space, targets in config order of guests)
+ * read-only at [`target_status`]`(i)`, with no VM exit to read it. The window stays valid
+ * across the target's restarts (its status page is one fixed frame for the whole run) and
+ * shows nothing else of the target. Windows of targets it does not have are not mapped:
+ * a guest without control capabilities has nothing here.
+ */
+#define MKV_TARGET_STATUS_GPA 3220176896
+
+/**
  * Exit reasons the telemetry counts one by one (basic exit reasons 0..=69); the rest are
  * counted together in [`Telemetry::exits_other`].
  */
 #define MKV_TELEMETRY_REASONS 70
+
+/**
+ * Byte offset of [`StatusPage::telemetry`] (a [`Telemetry`]) in the status page.
+ */
+#define MKV_STATUS_TELEMETRY_OFFSET 512
+
+/**
+ * Byte offset of [`StatusPage::incarnation`].
+ */
+#define MKV_STATUS_INCARNATION_OFFSET 1120
+
+/**
+ * Byte offset of [`StatusPage::traffic_tsc`].
+ */
+#define MKV_STATUS_TRAFFIC_TSC_OFFSET 1128
+
+/**
+ * Byte offset of [`StatusPage::traffic`] (an array of [`ChannelTraffic`]).
+ */
+#define MKV_STATUS_TRAFFIC_OFFSET 1136
+
+/**
+ * How often, at most, the hypervisor copies the ring counters into
+ * [`StatusPage::traffic`]: at the first VM entry at least this many milliseconds of TSC
+ * after the last copy, when the channels' links change, and when an incarnation ends.
+ * Staleness: `traffic` is at most this long plus the time from there to the guest's next
+ * VM exit behind the rings ([`StatusPage::traffic_tsc`] says exactly when it was taken).
+ */
+#define MKV_TRAFFIC_REFRESH_MS 1
 
 /**
  * `"MKVBOOT\0"` read as a little-endian word (a literal, so the C header carries it).
@@ -472,6 +517,61 @@ typedef struct MKV_LinkStatus {
   uint64_t resets;
   uint64_t _reserved;
 } MKV_LinkStatus;
+
+/**
+ * The guest's counters in its [`StatusPage`].
+ */
+typedef struct MKV_Telemetry {
+  /**
+   * VM exits by basic exit reason (SDM Vol. 3C Appendix C). `exits[0]` counts NMI exits
+   * only: the exception bitmap is empty, so no exception exits.
+   */
+  uint64_t exits[MKV_TELEMETRY_REASONS];
+  uint64_t exits_other;
+  uint64_t hypercalls;
+  /**
+   * Doorbells this guest rang.
+   */
+  uint64_t doorbells;
+  /**
+   * VM entries so far.
+   */
+  uint64_t entries;
+  /**
+   * TSC ticks spent in the hypervisor on this guest's exits (exit to the next entry).
+   */
+  uint64_t hypervisor_tsc;
+  /**
+   * NMIs its core took during this incarnation: the inter-core kicks (other cores'
+   * capability, control, link and membership messages), whether they interrupted the
+   * guest (a VM exit, also in `exits[0]`) or reached the hypervisor while it ran.
+   * Brought up to date before every VM entry.
+   */
+  uint64_t nmis;
+} MKV_Telemetry;
+
+/**
+ * One channel's message counts in the [`StatusPage`], copied from its rings' counters
+ * in this epoch (a ring reset starts them at 0 again). The counters are written by the
+ * guests, not by the hypervisor: these are what the guests said (reporting only), read
+ * with bounded loads of the channel's own rings.
+ */
+typedef struct MKV_ChannelTraffic {
+  /**
+   * Messages this guest sent on the channel (its sending ring's `sent`).
+   */
+  uint64_t sent;
+  /**
+   * Messages this guest received (its receiving ring's published `received`).
+   */
+  uint64_t received;
+  /**
+   * Messages the peer sent to this guest (its receiving ring's `sent`): `inbound -
+   * received` were waiting for it.
+   */
+  uint64_t inbound;
+  uint64_t _reserved;
+} MKV_ChannelTraffic;
 
 /**
  * One message slot: one cache line, control word last.

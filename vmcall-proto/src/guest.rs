@@ -49,17 +49,54 @@ pub const DOORBELL_VECTOR: u8 = 0xf0;
 /// guest's own page tables map anyway).
 pub const STATUS_GPA: u64 = 0xbfff_f000;
 
+/// Guest-physical base of the **target windows**: a guest holding guest-control
+/// capabilities (the config's `[[control]]`) sees the status page of its `i`-th target
+/// (the `i`-th guest-control capability of its space, targets in config order of guests)
+/// read-only at [`target_status`]`(i)`, with no VM exit to read it. The window stays valid
+/// across the target's restarts (its status page is one fixed frame for the whole run) and
+/// shows nothing else of the target. Windows of targets it does not have are not mapped:
+/// a guest without control capabilities has nothing here.
+pub const TARGET_STATUS_GPA: u64 = 0xbff0_0000;
+/// Target windows a guest can have (one per guest of a config).
+pub const MAX_TARGET_WINDOWS: usize = crate::config::MAX_GUESTS;
+
+/// The window of target `i` (see [`TARGET_STATUS_GPA`]).
+pub const fn target_status(i: u32) -> u64 {
+    TARGET_STATUS_GPA + i as u64 * 4096
+}
+
+// The target windows lie between the last channel window and the status page.
+const _: () = assert!(
+    CHANNEL_WINDOW_GPA + crate::config::MAX_CHANNELS as u64 * CHANNEL_STRIDE <= TARGET_STATUS_GPA
+);
+const _: () = assert!(TARGET_STATUS_GPA + MAX_TARGET_WINDOWS as u64 * 4096 <= STATUS_GPA);
+
 /// What the hypervisor tells a running guest without an exit: the state of each of its
 /// channels (boot-info order). A channel whose peer died is `down`; when the peer's new
 /// incarnation is up the channel is `up` again in a new epoch, on reset rings (see
 /// `channel` on epochs).
+///
+/// The page is one fixed frame per guest for the whole run; it is zeroed when an
+/// incarnation starts (its counters are that incarnation's) and brought up to date once
+/// more when it ends (a page of a guest that is down shows its last incarnation as it
+/// ended). Each word is written whole (aligned 8-byte stores); words are not updated
+/// together, so a reader on another core (a controller through its target window) may see
+/// one entry's counters half-updated, each word exact or one step old.
 #[repr(C)]
 pub struct StatusPage {
     pub links: [LinkStatus; MAX_CHANNELS_PER_GUEST],
     /// Exit-free telemetry, kept by the hypervisor before every VM entry: the guest reads
     /// its own counters with plain loads (this incarnation's).
     pub telemetry: Telemetry,
-    pub _reserved: [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST - TELEMETRY_WORDS],
+    /// Which incarnation the page describes (1, 2, ... as `BootInfo::incarnation`).
+    pub incarnation: u64,
+    /// TSC when [`StatusPage::traffic`] was last copied from the rings (0: not yet).
+    pub traffic_tsc: u64,
+    /// Messages per channel (boot-info order), copied from the guest-written ring counters
+    /// at most once per millisecond of TSC (see [`ChannelTraffic`]).
+    pub traffic: [ChannelTraffic; MAX_CHANNELS_PER_GUEST],
+    pub _reserved:
+        [u64; 512 - 4 * MAX_CHANNELS_PER_GUEST - TELEMETRY_WORDS - 2 - 4 * MAX_CHANNELS_PER_GUEST],
 }
 
 /// Exit reasons the telemetry counts one by one (basic exit reasons 0..=69); the rest are
@@ -70,7 +107,8 @@ const TELEMETRY_WORDS: usize = TELEMETRY_REASONS + 6;
 /// The guest's counters in its [`StatusPage`].
 #[repr(C)]
 pub struct Telemetry {
-    /// VM exits by basic exit reason (SDM Vol. 3C Appendix C).
+    /// VM exits by basic exit reason (SDM Vol. 3C Appendix C). `exits[0]` counts NMI exits
+    /// only: the exception bitmap is empty, so no exception exits.
     pub exits: [u64; TELEMETRY_REASONS],
     pub exits_other: u64,
     pub hypercalls: u64,
@@ -80,10 +118,51 @@ pub struct Telemetry {
     pub entries: u64,
     /// TSC ticks spent in the hypervisor on this guest's exits (exit to the next entry).
     pub hypervisor_tsc: u64,
-    pub _reserved: u64,
+    /// NMIs its core took during this incarnation: the inter-core kicks (other cores'
+    /// capability, control, link and membership messages), whether they interrupted the
+    /// guest (a VM exit, also in `exits[0]`) or reached the hypervisor while it ran.
+    /// Brought up to date before every VM entry.
+    pub nmis: u64,
 }
 const _: () = assert!(core::mem::size_of::<Telemetry>() == 8 * TELEMETRY_WORDS);
 const _: () = assert!(core::mem::size_of::<StatusPage>() == 4096);
+const _: () = assert!(core::mem::offset_of!(StatusPage, telemetry) == STATUS_TELEMETRY_OFFSET);
+const _: () = assert!(core::mem::offset_of!(StatusPage, incarnation) == STATUS_INCARNATION_OFFSET);
+const _: () = assert!(core::mem::offset_of!(StatusPage, traffic_tsc) == STATUS_TRAFFIC_TSC_OFFSET);
+const _: () = assert!(core::mem::offset_of!(StatusPage, traffic) == STATUS_TRAFFIC_OFFSET);
+
+/// Byte offset of [`StatusPage::telemetry`] (a [`Telemetry`]) in the status page.
+pub const STATUS_TELEMETRY_OFFSET: usize = 512;
+/// Byte offset of [`StatusPage::incarnation`].
+pub const STATUS_INCARNATION_OFFSET: usize = 1120;
+/// Byte offset of [`StatusPage::traffic_tsc`].
+pub const STATUS_TRAFFIC_TSC_OFFSET: usize = 1128;
+/// Byte offset of [`StatusPage::traffic`] (an array of [`ChannelTraffic`]).
+pub const STATUS_TRAFFIC_OFFSET: usize = 1136;
+
+/// How often, at most, the hypervisor copies the ring counters into
+/// [`StatusPage::traffic`]: at the first VM entry at least this many milliseconds of TSC
+/// after the last copy, when the channels' links change, and when an incarnation ends.
+/// Staleness: `traffic` is at most this long plus the time from there to the guest's next
+/// VM exit behind the rings ([`StatusPage::traffic_tsc`] says exactly when it was taken).
+pub const TRAFFIC_REFRESH_MS: u64 = 1;
+
+/// One channel's message counts in the [`StatusPage`], copied from its rings' counters
+/// in this epoch (a ring reset starts them at 0 again). The counters are written by the
+/// guests, not by the hypervisor: these are what the guests said (reporting only), read
+/// with bounded loads of the channel's own rings.
+#[repr(C)]
+pub struct ChannelTraffic {
+    /// Messages this guest sent on the channel (its sending ring's `sent`).
+    pub sent: u64,
+    /// Messages this guest received (its receiving ring's published `received`).
+    pub received: u64,
+    /// Messages the peer sent to this guest (its receiving ring's `sent`): `inbound -
+    /// received` were waiting for it.
+    pub inbound: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<ChannelTraffic>() == 32);
 
 /// One channel's state in the [`StatusPage`].
 #[repr(C)]
@@ -152,6 +231,7 @@ pub const WORKLOADS: &[&str] = &[
     "looper",
     "forwarder",
     "exitbench",
+    "meter",
 ];
 
 /// What values a workload argument takes.
@@ -675,6 +755,29 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   hypercalls, CPUID, an I/O write, RDMSR, WRMSR) and the hypervisor's share \
                   from its telemetry page (`cargo xtask bench exits`); exits 0",
         args: &[int("n", 1, 2048, 1000, "round trips timed per kind")],
+    },
+    WorkloadSpec {
+        name: "meter",
+        summary: "reads exit-free telemetry: as `watched` it checks its own counters (after \
+                  `n` hypercalls, `m` messages on its first channel, the NMIs of its \
+                  controller's `queries`) and tells them to its controller; as `watcher` (its \
+                  controller) it checks them in its read-only target window, counts its own \
+                  exits while reading it (none), restarts it and reads the window of the new \
+                  incarnation; as `nosy` (no control capability) it reads the target windows' \
+                  address and must be stopped",
+        args: &[
+            ArgSpec {
+                key: "role",
+                kind: ArgKind::Word(&["watched", "watcher", "nosy"]),
+                default: ArgDefault::Required,
+                meaning: "`watched`, `watcher` (controls the watched guest, a channel to it \
+                          first) or `nosy`",
+            },
+            int("n", 1, 100_000, 100, "hypercalls counted (each incarnation of `watched`)"),
+            int("m", 1, 4096, 40, "messages `watched` sends to `watcher`"),
+            int("queries", 1, 1000, 20, "control queries `watcher` makes (NMIs at the target)"),
+            flag("write", "`watcher`: 1: write its target window at the end (must be stopped)"),
+        ],
     },
 ];
 

@@ -126,11 +126,13 @@ mod stubs {
         // VMX-preemption timer (field 0x482E): the next VM entry exits before the guest runs
         // an instruction (SDM Vol. 3C 26.7.4), and the core reads its inbox. gs:[24]
         // (PerCore::kicked) tells the run loop, which rewrites the timer after this. IRETQ
-        // restores RFLAGS, which VMWRITE changes.
+        // restores RFLAGS, which VMWRITE changes. gs:[32] (PerCore::nmis) counts the
+        // kicks taken while a guest VMCS is live, for the guest's telemetry.
         .global nmi_kick_stub
         nmi_kick_stub:
             cmpq $0, %gs:16
             je 1f
+            incq %gs:32
             movq $1, %gs:24
             pushq %rax
             pushq %rcx

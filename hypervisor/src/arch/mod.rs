@@ -192,6 +192,20 @@ pub fn unblock_nmis() {
     unsafe { asm!("int 2", options(nomem)) };
 }
 
+/// NMIs this core took while a guest VMCS was live (`PerCore::nmis`, counted by the NMI
+/// handler): one load through GS, cheap enough for every VM entry.
+#[inline(always)]
+pub fn nmis_taken() -> u64 {
+    let n: u64;
+    // GS base points at this core's PerCore from its start (`percpu::init_this_core`), and
+    // `nmis` is at offset 32 (asserted there).
+    // SAFETY: an aligned load of this core's own counter.
+    unsafe {
+        asm!("mov {}, qword ptr gs:[32]", out(reg) n, options(nostack, readonly, preserves_flags))
+    };
+    n
+}
+
 /// Writes the GS base, which holds this core's [`crate::percpu`] pointer.
 ///
 /// # Safety

@@ -9,6 +9,7 @@
 //! result goes back as a [`GuestReport`] message.
 
 pub mod loader;
+pub mod telemetry;
 
 use crate::ept;
 use crate::exits::{StopReason, REASONS};
@@ -50,6 +51,9 @@ pub struct Launch {
     /// guest-control capability after the endpoints.
     pub targets: [(u16, u16); vmcall_proto::config::MAX_GUESTS],
     pub target_count: usize,
+    /// Each target's status frame ([`Launch::status_frame`] of its launch), mapped
+    /// read-only into this guest at `vmcall_proto::guest::target_status(i)`.
+    pub target_status: [u64; vmcall_proto::config::MAX_GUESTS],
     /// Cores of the guests that control this one (their requests are served, no one
     /// else's; it is reported once all of them have let go).
     pub controllers: u64,
@@ -80,6 +84,13 @@ pub struct ChanMap {
 impl Launch {
     pub fn channels(&self) -> &[ChanMap] {
         &self.channels[..self.channel_count]
+    }
+
+    /// The guest's status page: the last frame of its private region, the same frame for
+    /// every incarnation (its controllers map it once, and it stays valid across restarts).
+    /// The frame pool of an incarnation ends below it.
+    pub fn status_frame(&self) -> u64 {
+        self.private + self.private_size - 4096
     }
 }
 
@@ -1213,6 +1224,34 @@ mod run {
         t.doorbells = ctx.doorbells_rung as u64;
         t.entries += 1;
         t.hypervisor_tsc = t.hypervisor_tsc.saturating_add(hv_ticks);
+        t.nmis = arch::nmis_taken();
+    }
+
+    /// Brings every counter of the telemetry up to date once an incarnation is over (the
+    /// exit that ended it included), `hv_ticks` the hypervisor's time since that exit. Not
+    /// an entry: `entries` stays.
+    fn publish_final(page: u64, ctx: &GuestCtx, hv_ticks: u64) {
+        // SAFETY: as in `publish_telemetry`; the guest no longer runs.
+        let t = unsafe { &mut (*(page as *mut StatusPage)).telemetry };
+        for (p, &c) in t.exits.iter_mut().zip(&ctx.exits) {
+            *p = u64::from(c);
+        }
+        t.exits_other = u64::from(ctx.exits_other);
+        t.hypercalls = u64::from(ctx.hypercalls);
+        t.doorbells = u64::from(ctx.doorbells_rung);
+        t.hypervisor_tsc = t.hypervisor_tsc.saturating_add(hv_ticks);
+        t.nmis = arch::nmis_taken();
+    }
+
+    /// Copies the channels' message counts into the status page at `page` (see
+    /// `telemetry::Traffic`).
+    #[cold]
+    #[inline(never)]
+    fn refresh_traffic(traffic: &mut telemetry::Traffic, page: u64, now: u64) {
+        // The page is a frame of this core's private region, identity-mapped; the rings were
+        // allocated by the BSP for the whole run, identity-mapped, accessed atomically.
+        // SAFETY: so both `Traffic::refresh`'s condition and the reference hold.
+        unsafe { traffic.refresh(&mut *(page as *mut StatusPage), now) };
     }
 
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
@@ -1248,7 +1287,8 @@ mod run {
             (r, ctx.caps, None)
         };
         let part = Partition { base: l.partition, size: l.partition_size };
-        let mut frames = Private::new(Identity, l.private, l.private + l.private_size);
+        // The pool ends below the status frame, which stays where it is for the whole run.
+        let mut frames = Private::new(Identity, l.private, l.status_frame());
 
         // SAFETY: the kernel module is reserved memory, identity-mapped, never written.
         let image = unsafe {
@@ -1294,17 +1334,32 @@ mod run {
             Ok(root) => ept::eptp(root),
             Err(why) => return stop(ctx, why),
         };
-        // The status page: a private frame, read-only to the guest.
-        let Some(status) = ept::Frames::alloc(&mut frames) else {
-            return stop(ctx, "private region exhausted");
-        };
-        // SAFETY: a fresh frame of this core's private region, identity-mapped.
-        unsafe { (status as *mut u8).write_bytes(0, 4096) };
+        // The status page: the fixed last frame of the private region, read-only to the
+        // guest (and to its controllers, through their target windows), zeroed for each
+        // incarnation.
+        let status = l.status_frame();
+        // The frame is this core's private region's last, identity-mapped, outside the pool;
+        // others only read it.
+        // SAFETY: so this core may write it whole.
+        unsafe {
+            (status as *mut u8).write_bytes(0, 4096);
+            (*(status as *mut StatusPage)).incarnation = u64::from(n);
+        }
         if ept::map_with(&mut frames, eptp & !0xfff, STATUS_GPA, status, 4096, ept::Perm::Read)
             .is_err()
         {
             return stop(ctx, "status page mapping failed");
         }
+        // The status pages of the guests it controls, read-only, one window each.
+        if let Err(why) = telemetry::map_target_windows(
+            &mut frames,
+            eptp & !0xfff,
+            &l.target_status[..l.target_count],
+        ) {
+            return stop(ctx, why);
+        }
+        let mut traffic =
+            telemetry::Traffic::new(l.channels(), tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS));
         for (i, ch) in l.channels().iter().enumerate() {
             bi.channels[i] = ch.desc;
             ctx.doorbells[i] = ch.peer_apic;
@@ -1408,6 +1463,8 @@ mod run {
         let mut kicked_at: Option<u64> = None;
         // SAFETY: this core's slot is initialised.
         let me = unsafe { crate::percpu::this_core() };
+        // This incarnation's NMIs, for its telemetry.
+        me.nmis.store(0, core::sync::atomic::Ordering::Relaxed);
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
         // The exits the landing answers itself while armed (see `fastexit`).
@@ -1566,6 +1623,10 @@ mod run {
             // Exit-free telemetry: the guest's counters as of this entry.
             let t_entry = arch::rdtsc();
             publish_telemetry(status, &ctx, t_entry.saturating_sub(last_exit), last_reason);
+            if traffic.due(t_entry) {
+                refresh_traffic(&mut traffic, status, t_entry);
+            }
+            fast.until = fast.until.min(traffic.next_due());
             if !launched {
                 first_entry = t_entry;
             }
@@ -1620,6 +1681,11 @@ mod run {
             }
         };
         ctx.flush_line(&mut sink);
+        // The page shows the incarnation as it ended (its last exit included) while the
+        // guest is down.
+        let t_end = arch::rdtsc();
+        publish_final(status, &ctx, t_end.saturating_sub(last_exit));
+        refresh_traffic(&mut traffic, status, t_end);
         let mut r = report(&ctx, ending, first_entry);
         // The clean death: every copy made from its caps revoked everywhere, every copy it
         // held dropped, its originals unmapped (while its EPT still exists to unmap them).

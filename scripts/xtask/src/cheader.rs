@@ -18,12 +18,14 @@ const SOURCES: [&str; 3] = ["hypercall.rs", "guest.rs", "channel.rs"];
 
 /// Types exported even though no C function uses them (the header has only types and
 /// constants).
-const EXPORTED: [&str; 8] = [
+const EXPORTED: [&str; 10] = [
     "Hypercall",
     "HvError",
     "BootInfo",
     "ChannelDesc",
     "LinkStatus",
+    "Telemetry",
+    "ChannelTraffic",
     "Slot",
     "ProducerLine",
     "ConsumerLine",
@@ -48,10 +50,15 @@ const PREAMBLE: &str = "/* SPDX-License-Identifier: MIT OR Apache-2.0 */
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
  * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots. The status page at MKV_STATUS_GPA (read-only) is an array of MKV_LinkStatus,
- * one per channel in boot-info order; a guest that follows restarting peers reads its
- * epoch from there (epoch 0 until a peer restarts: control words and `received` carry the
- * epoch in their top 16 bits, see vmcall-proto channel.rs).
+ * the slots. The status page at MKV_STATUS_GPA (read-only) starts with an array of
+ * MKV_LinkStatus, one per channel in boot-info order; a guest that follows restarting peers
+ * reads its epoch from there (epoch 0 until a peer restarts: control words and `received`
+ * carry the epoch in their top 16 bits, see vmcall-proto channel.rs). At
+ * MKV_STATUS_TELEMETRY_OFFSET it holds the guest's MKV_Telemetry, at
+ * MKV_STATUS_INCARNATION_OFFSET and MKV_STATUS_TRAFFIC_TSC_OFFSET two uint64_t, at
+ * MKV_STATUS_TRAFFIC_OFFSET an MKV_ChannelTraffic per channel. A guest holding guest-control
+ * capabilities reads its i-th target's status page, read-only, at
+ * MKV_TARGET_STATUS_GPA + i * 4096.
  */";
 
 /// `MKV_word` stands for `AtomicU64`: a 64-bit word both sides access atomically (plain
@@ -148,6 +155,18 @@ pub fn layout_check() -> String {
         incarnation
     );
     layout!(g::LinkStatus, "MKV_LinkStatus", word, lost, resets);
+    layout!(
+        g::Telemetry,
+        "MKV_Telemetry",
+        exits,
+        exits_other,
+        hypercalls,
+        doorbells,
+        entries,
+        hypervisor_tsc,
+        nmis
+    );
+    layout!(g::ChannelTraffic, "MKV_ChannelTraffic", sent, received, inbound);
     layout!(ChannelDesc, "MKV_ChannelDesc", name, peer, slots, tx_gpa, rx_gpa, index);
     layout!(Slot, "MKV_Slot", data, control);
     layout!(ProducerLine, "MKV_ProducerLine", sent);
@@ -165,6 +184,12 @@ pub fn layout_check() -> String {
         ("MKV_CONSOLE_MAX", CONSOLE_MAX),
         ("MKV_BOOT_INFO_GPA", g::BOOT_INFO_GPA),
         ("MKV_STATUS_GPA", g::STATUS_GPA),
+        ("MKV_TARGET_STATUS_GPA", g::TARGET_STATUS_GPA),
+        ("MKV_STATUS_TELEMETRY_OFFSET", g::STATUS_TELEMETRY_OFFSET as u64),
+        ("MKV_STATUS_INCARNATION_OFFSET", g::STATUS_INCARNATION_OFFSET as u64),
+        ("MKV_STATUS_TRAFFIC_TSC_OFFSET", g::STATUS_TRAFFIC_TSC_OFFSET as u64),
+        ("MKV_STATUS_TRAFFIC_OFFSET", g::STATUS_TRAFFIC_OFFSET as u64),
+        ("MKV_TRAFFIC_REFRESH_MS", g::TRAFFIC_REFRESH_MS),
         ("MKV_CONTROL_QUERY", vmcall_proto::hypercall::control::QUERY),
         ("MKV_CONTROL_RESTART", vmcall_proto::hypercall::control::RESTART),
         ("MKV_CONTROL_HELD", vmcall_proto::hypercall::control::HELD as u64),
