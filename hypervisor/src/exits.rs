@@ -2253,6 +2253,7 @@ mod tests {
                             &mut page.telemetry,
                         );
                         fx.until = u64::MAX;
+                        fx.answer_until = u64::MAX;
                         fx.mwait = fast_ctx.mwait;
                         fx.info = u64::from(fast_ctx.id & 0xffff)
                             | u64::from(fast_ctx.core & 0xffff) << 16

@@ -11,8 +11,10 @@
 //! pending for the guest or the core (no event to inject, no capability work, no exit
 //! tracing, no injected fault) and only until the next deadline of anything it watches (the
 //! watchdog, the guest's timer, the membership's next tick, the end of the run): the target
-//! it programs the VMX-preemption timer for. So an exit answered here is one the run loop
-//! would have answered the same way, with nothing else to do.
+//! it programs the VMX-preemption timer for; and it stops answering (without a timer for
+//! it) when the next per-channel traffic copy for the telemetry page is due. So an exit
+//! answered here is one the run loop would have answered the same way, with nothing else
+//! to do.
 //!
 //! Each answer, before it changes anything: the TSC is before the deadline; the
 //! preemption timer is programmed again for the deadline (VM entry reloads it from the
@@ -31,8 +33,10 @@ use vmcall_proto::hypercall::Hypercall;
 /// The fast path's state for one vCPU, owned by the run loop of its core.
 #[repr(C)]
 pub struct FastExit {
-    /// The fast path answers exits taken before this TSC; 0 = off.
+    /// The deadline the preemption timer aims at (the run loop's next deadline).
     pub until: u64,
+    /// The fast path answers exits taken before this TSC (at most `until`); 0 = off.
+    pub answer_until: u64,
     /// The preemption timer counts at the TSC rate shifted right by this (IA32_VMX_MISC).
     pub timer_shift: u32,
     /// Whether the guest waits exitless (its CPUID shows MONITOR).
@@ -63,6 +67,7 @@ impl FastExit {
     ) -> FastExit {
         FastExit {
             until: 0,
+            answer_until: 0,
             timer_shift: 0,
             mwait: false,
             core,
@@ -109,7 +114,7 @@ pub enum Field {
 #[inline(always)]
 pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason: u64) -> bool {
     let t0 = c.rdtsc();
-    if t0 >= fx.until {
+    if t0 >= fx.answer_until {
         return false;
     }
     // Single-stepping: the run loop leaves the trap pending (`exits::advance`).
@@ -321,6 +326,7 @@ mod tests {
     ) -> FastExit {
         let mut fx = FastExit::new(3, mail, kicked, &mut page.telemetry);
         fx.until = 1_000_000;
+        fx.answer_until = 1_000_000;
         fx.timer_shift = 5;
         fx.exits_base = 40;
         fx.info = 0x1234;
@@ -403,12 +409,18 @@ mod tests {
         let mut p = page();
         // Not armed, or past the deadline.
         let mut fx = armed(&mut p, &QUIET, &QUIET);
-        fx.until = 0;
+        fx.answer_until = 0;
         declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
-        fx.until = 1007;
+        fx.answer_until = 1007;
         declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
-        fx.until = 1008;
-        assert!(ans(&mut fake(10), &mut GuestRegs::default(), &mut fx), "one tick before");
+        fx.answer_until = 1008;
+        let mut c = fake(10);
+        assert!(ans(&mut c, &mut GuestRegs::default(), &mut fx), "one tick before");
+        assert_eq!(
+            c.timer,
+            Some((1_000_000 - 1007) >> 5),
+            "answering stops earlier (a telemetry copy), the timer still aims at the deadline"
+        );
         fx.take();
         p.telemetry.entries = 0;
         // Other exits, other hypercalls, CPL 3.

@@ -1626,7 +1626,9 @@ mod run {
             if traffic.due(t_entry) {
                 refresh_traffic(&mut traffic, status, t_entry);
             }
-            fast.until = fast.until.min(traffic.next_due());
+            // It stops answering at the next traffic copy (the copy needs an entry of the
+            // run loop) without making the timer fire for it.
+            fast.answer_until = fast.until.min(traffic.next_due());
             if !launched {
                 first_entry = t_entry;
             }
