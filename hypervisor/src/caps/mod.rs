@@ -67,12 +67,29 @@ pub struct Policy {
     /// Least TSC ticks between two transfers from this core to the same core: bounds the
     /// request rate any one guest can aim at another.
     pub transfer_gap: u64,
+    /// How this core's own revokes reach the holders of its copies (see [`proto`]).
+    pub revoke: Revoke,
+}
+
+/// How a revoke reaches the cores holding the copies (the machine's `revoke` setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Revoke {
+    /// One `REVOKE` from the revoker to every holder's core, every answer back to it.
+    #[default]
+    Broadcast,
+    /// The revoker asks `fanout` holders' cores, each forwards to its share of the others
+    /// and answers for its whole subtree (see [`proto`], "Trees").
+    Tree { fanout: u8 },
 }
 
 impl Policy {
-    /// 50 ms per level and at most 100 transfers per millisecond per peer.
+    /// 50 ms per level and at most 100 transfers per millisecond per peer; broadcast.
     pub fn from_tsc_per_ms(tsc_per_ms: u64) -> Self {
-        Policy { deadline: tsc_per_ms.saturating_mul(50), transfer_gap: tsc_per_ms / 100 }
+        Policy {
+            deadline: tsc_per_ms.saturating_mul(50),
+            transfer_gap: tsc_per_ms / 100,
+            revoke: Revoke::Broadcast,
+        }
     }
 }
 

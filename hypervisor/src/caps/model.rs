@@ -18,7 +18,7 @@
 //! Seeded bugs ([`Bug::RecordAfterReply`], [`proto::Bug::NoRecursion`]) must be found.
 
 use super::proto::{self, entries_for, RING_SLOTS};
-use super::{Bug, CapCore, Env, Policy, Transfer};
+use super::{Bug, CapCore, Env, Policy, Revoke, Transfer};
 use stateright::{Checker, Model, Property};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use vmcall_proto::caps::{CapType, Rights};
@@ -196,7 +196,7 @@ impl Model for CapModel {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let policy = Policy { deadline: u64::MAX / 64, transfer_gap: 0 };
+        let policy = Policy { deadline: u64::MAX / 64, transfer_gap: 0, revoke: Revoke::Broadcast };
         let mut cores: Vec<Core> = (0..CORES).map(|c| Core::new(c as u16, policy)).collect();
         let mut net = vec![VecDeque::new(); CORES * CORES];
         let mut ept = vec![BTreeSet::new(); CORES];

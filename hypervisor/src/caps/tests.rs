@@ -73,7 +73,7 @@ impl Net {
     /// `n` cores, all joined; core 0 holds a 64 KiB grant in slot 0; endpoints follow in
     /// peer order. Every guest accepts `accept` caps per channel.
     fn new(n: usize, accept: u64) -> Self {
-        let policy = Policy { deadline: 1000, transfer_gap: 0 };
+        let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
         let mut net = Net {
             cores: (0..n).map(|c| Core::new(c as u16, policy)).collect(),
             queues: vec![VecDeque::new(); n * n],
@@ -475,7 +475,8 @@ fn threads(n: usize, work: fn(usize, &mut Core, &mut ThreadEnv)) -> Vec<(Core, M
             let done = done.clone();
             std::thread::spawn(move || {
                 // 1 s per level: generous, so only a real hang trips it.
-                let policy = Policy { deadline: 1_000_000, transfer_gap: 0 };
+                let policy =
+                    Policy { deadline: 1_000_000, transfer_gap: 0, revoke: Revoke::Broadcast };
                 let mut core = Core::new(me as u16, policy);
                 core.grant(0x100_0000 * (me as u64 + 1), 0x1_0000).unwrap();
                 for p in (0..n).filter(|&p| p != me) {
@@ -601,7 +602,11 @@ fn a_revoke_that_cannot_unmap_marks_the_guest_for_stopping() {
 #[test]
 fn policy_defaults_follow_the_tsc_rate() {
     let p = Policy::from_tsc_per_ms(4000);
-    assert_eq!(p, Policy { deadline: 200_000, transfer_gap: 40 }, "50 ms per level, 100/ms");
+    assert_eq!(
+        p,
+        Policy { deadline: 200_000, transfer_gap: 40, revoke: Revoke::Broadcast },
+        "50 ms per level, 100/ms"
+    );
 }
 
 #[test]
@@ -647,7 +652,8 @@ impl Env for Inbox {
 
 #[test]
 fn poll_serves_every_waiting_message_and_counts_them() {
-    let mut core = Core::new(1, Policy { deadline: 10, transfer_gap: 0 });
+    let mut core =
+        Core::new(1, Policy { deadline: 10, transfer_gap: 0, revoke: Revoke::Broadcast });
     let revoke = |req: u64| [proto::op::REVOKE | req << 32, 0xdead, 0, 0, 0, 0, 0];
     let mut env = Inbox((1..=3).map(|r| (0, revoke(r))).collect(), vec![]);
     assert_eq!(core.poll(&mut env), 3);
@@ -667,7 +673,7 @@ fn poll_serves_every_waiting_message_and_counts_them() {
 
 #[test]
 fn in_place_initialisation_equals_a_fresh_instance() {
-    let policy = Policy { deadline: 7, transfer_gap: 3 };
+    let policy = Policy { deadline: 7, transfer_gap: 3, revoke: Revoke::Broadcast };
     let mut slot = Box::new(core::mem::MaybeUninit::<Core>::uninit());
     // SAFETY: a boxed, aligned slot for exactly one Core.
     let built = unsafe {
