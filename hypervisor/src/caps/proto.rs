@@ -291,14 +291,21 @@ impl Entry {
         let mut top = 0;
         for (i, &h) in heads.iter().enumerate() {
             let g = rest.len() / f + (i < rest.len() % f) as usize;
+            let mut carried = 0;
             for (p, &x) in rest[at..at + g].iter().enumerate() {
+                // A copy on the head's own core is asked directly (a core never sends to
+                // itself).
+                if self.cores[x as usize] == self.cores[h as usize] {
+                    continue;
+                }
                 self.via[x as usize] = h;
                 self.pos[x as usize] = p as u8;
                 // Carried by the head's request.
                 self.sent |= 1 << x;
+                carried += 1;
             }
             at += g;
-            let height = tree_height(g, f);
+            let height = tree_height(carried, f);
             if height > 0 {
                 self.cls[h as usize] = MAX_DEPTH + height;
             }
