@@ -380,7 +380,9 @@ mod tests {
         assert_eq!(opts("revoke=tree").0.revoke_tree, Some(true));
         assert_eq!(opts("revoke=broadcast").0.revoke_tree, Some(false));
         assert_eq!(opts("revoke_fanout=3").0.revoke_fanout, Some(3));
-        for bad in ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17", "revoke_fanout=x"] {
+        for bad in
+            ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17", "revoke_fanout=x"]
+        {
             assert_eq!(opts(bad).1.len(), 1, "{bad}");
         }
     }

@@ -196,9 +196,7 @@ pub fn plan(
                         watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
                         revoke: match (opts.revoke_tree, opts.revoke_fanout) {
-                            (Some(true), f) => {
-                                crate::caps::Revoke::Tree { fanout: f.unwrap_or(2) }
-                            }
+                            (Some(true), f) => crate::caps::Revoke::Tree { fanout: f.unwrap_or(2) },
                             _ => crate::caps::Revoke::default(),
                         },
                         deaf: deaf == Some(e.core as usize),
