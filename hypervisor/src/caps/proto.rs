@@ -361,6 +361,9 @@ pub struct Proto<const E: usize> {
     seq: u16,
     /// Entries in use: when 0 (almost always), polling costs nothing but the inbox check.
     open: u32,
+    /// One past the highest entry claimed since the table was last empty: scans stop there
+    /// (entries are claimed lowest first, so this is the most ever open at once, not `E`).
+    hi: usize,
     #[cfg(test)]
     pub bug: Bug,
 }
@@ -398,6 +401,7 @@ impl<const E: usize> Proto<E> {
             core::ptr::addr_of_mut!((*p).insert).write([0; 7]);
             core::ptr::addr_of_mut!((*p).seq).write(0);
             core::ptr::addr_of_mut!((*p).open).write(0);
+            core::ptr::addr_of_mut!((*p).hi).write(0);
             #[cfg(test)]
             core::ptr::addr_of_mut!((*p).bug).write(Bug::None);
         }
@@ -416,6 +420,7 @@ impl<const E: usize> Proto<E> {
             insert: [0; 7],
             seq: 0,
             open: 0,
+            hi: 0,
             #[cfg(test)]
             bug: Bug::None,
         }
@@ -455,9 +460,19 @@ impl<const E: usize> Proto<E> {
     fn claim(&mut self, i: usize, kind: Kind, deadline: u64) {
         if self.entries[i].kind == Kind::Free {
             self.open += 1;
+            self.hi = self.hi.max(i + 1);
         }
         self.seq = self.seq.wrapping_add(1);
         self.entries[i] = Entry { kind, seq: self.seq, deadline, ..FREE };
+    }
+
+    /// Frees entry `i`.
+    fn release(&mut self, i: usize) {
+        self.entries[i].kind = Kind::Free;
+        self.open -= 1;
+        if self.open == 0 {
+            self.hi = 0;
+        }
     }
 
     fn set_children(&mut self, i: usize, children: &[Option<Child>; MAX_CHILDREN]) {
@@ -480,7 +495,7 @@ impl<const E: usize> Proto<E> {
     fn in_progress(&self, node: u64) -> [Option<Child>; MAX_CHILDREN] {
         let mut out = [None; MAX_CHILDREN];
         let mut k = 0;
-        for e in self.entries.iter().filter(|e| e.kind != Kind::Free && e.node == node) {
+        for e in self.entries[..self.hi].iter().filter(|e| e.kind != Kind::Free && e.node == node) {
             // The node's own copies only: members of a tree request are other nodes.
             for j in (0..e.n as usize).filter(|&j| e.up[j] == NONE) {
                 let ch = Child { core: e.cores[j], id: e.ids[j] };
@@ -563,10 +578,12 @@ impl<const E: usize> Proto<E> {
         let mut again = true;
         while again {
             again = false;
-            for i in 0..E {
+            let mut i = 0;
+            while i < self.hi {
                 if self.entries[i].kind != Kind::Free {
                     again |= self.pump_entry(env, i, stats);
                 }
+                i += 1;
             }
         }
     }
@@ -640,15 +657,17 @@ impl<const E: usize> Proto<E> {
 
     /// Finishes every entry whose children all answered.
     fn finish_complete(&mut self, env: &mut impl Env, stats: &mut Stats) {
-        for i in 0..E {
+        // `hi` is read again each time: answering may fence a core and finish others.
+        let mut i = 0;
+        while i < self.hi {
             // Look before copying: the table is large and mostly free.
             let live = &self.entries[i];
+            i += 1;
             if live.kind == Kind::Free || !live.complete() {
                 continue;
             }
             let e = *live;
-            self.entries[i].kind = Kind::Free;
-            self.open -= 1;
+            self.release(i - 1);
             // What of the node's own could not be confirmed; failed members of a served tree
             // request are reported apart (they are not below this node).
             let own = e.incomplete || e.failed & e.own_mask() != 0;
@@ -702,7 +721,7 @@ impl<const E: usize> Proto<E> {
         self.outstanding[core] = [0; CLASSES];
         let now = env.now();
         let mut unfolded = false;
-        for e in self.entries.iter_mut().filter(|e| e.kind != Kind::Free) {
+        for e in self.entries[..self.hi].iter_mut().filter(|e| e.kind != Kind::Free) {
             for j in 0..e.n as usize {
                 if e.cores[j] as usize == core && e.done & (1 << j) == 0 {
                     e.sent |= 1 << j;
@@ -735,8 +754,10 @@ impl<const E: usize> Proto<E> {
         if self.open == 0 {
             return;
         }
-        for i in 0..E {
+        let mut i = 0;
+        while i < self.hi {
             let live = &self.entries[i];
+            i += 1;
             if live.kind == Kind::Free || now <= live.deadline {
                 continue;
             }
@@ -868,7 +889,7 @@ impl<const E: usize> Proto<E> {
             env.now().saturating_add(wait)
         } else {
             // Only chasing a revoke under way: its deadline is ours.
-            self.entries
+            self.entries[..self.hi]
                 .iter()
                 .filter(|e| e.kind != Kind::Free && e.node == id)
                 .map(|e| e.deadline)
@@ -942,8 +963,7 @@ impl<const E: usize> Proto<E> {
         let e = &mut self.entries[i];
         e.done |= bit;
         if e.kind == Kind::LocalInsert {
-            e.kind = Kind::Free;
-            self.open -= 1;
+            self.release(i);
             self.local = Some(match HvError::from_rax(m[1]) {
                 Ok(h) => Verdict::Inserted(h),
                 Err(Ok(err)) => Verdict::Refused(err),
