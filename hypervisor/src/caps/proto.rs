@@ -341,6 +341,8 @@ pub enum Bug {
     None,
     /// A served `REVOKE` does not go on to the node's own children.
     NoRecursion,
+    /// A head answers for its members without asking them.
+    HeadVouches,
 }
 
 /// This core's protocol state.
@@ -827,6 +829,8 @@ impl<const E: usize> Proto<E> {
         // A tree request: the subtree's height, the fan-out, the members (see the header).
         let (height, fanout) = ((m[2] >> 8 & 0xff) as u8, (m[2] >> 16 & 0xff) as u8);
         let mut members = [None; MAX_MEMBERS];
+        #[cfg(test)]
+        let height = if self.bug == Bug::HeadVouches { 0 } else { height };
         if height > 0 {
             for (p, slot) in members.iter_mut().enumerate() {
                 let v = m[3 + p / 2] >> (32 * (p % 2)) & 0xffff_ffff;
