@@ -24,8 +24,8 @@
 //!   guests made an honest revoke time out that way). A ring from `a` to `b` then holds at
 //!   most `CREDITS x CLASSES` requests of `a` plus as many replies to `b`'s: with
 //!   [`RING_SLOTS`] a send never finds the ring full, and a core serves at most `CREDITS x
-//!   MAX_DEPTH` revokes per peer at once, which sizes the entry table ([`entries_for`]):
-//!   there is no drop-on-full path.
+//!   (MAX_DEPTH + TREE_HEIGHT)` revokes per peer at once (a class per depth and per tree
+//!   height), which sizes the entry table ([`entries_for`]): there is no drop-on-full path.
 //! * **No nested waits.** A request that needs further requests (a revoke with children)
 //!   becomes an entry; replies complete entries; nothing blocks inside a handler, so two
 //!   revokes racing in opposite directions, or a revoke meeting a transfer, both progress.
