@@ -35,7 +35,18 @@ fn granted_memory_is_mapped_only_through_its_capability() {
 
 #[test]
 fn move_copy_and_revoke_across_cores() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/transfer.toml"));
+    move_copy_and_revoke("");
+}
+
+/// The same through a revoke tree: A's revoke asks B and C, and B carries D (3 copies,
+/// fan-out 2), answering for both.
+#[test]
+fn move_copy_and_revoke_across_cores_through_a_tree() {
+    move_copy_and_revoke("revoke=tree revoke_fanout=2");
+}
+
+fn move_copy_and_revoke(cmdline: &str) {
+    let b = boot_config(Emulator::Bochs, None, None, cmdline, Some("configs/transfer.toml"));
     let s = &b.serial;
     let said = |who: &str, what: &str| s.contains(&format!("[{who}] xfer: {what}"));
     // A moves a filled region to B; B maps it and finds A's data; A's slot is gone.

@@ -57,6 +57,10 @@ pub struct Options {
     /// The run's length in milliseconds of TSC time from the guests' planning: then every
     /// guest still running is stopped (`ended`), none restarted.
     pub duration_ms: Option<u64>,
+    /// How a revoke reaches the holders' cores: `revoke=broadcast` (the default) or
+    /// `revoke=tree`, with `revoke_fanout=N` (2..=16, default 2) heads per level.
+    pub revoke_tree: Option<bool>,
+    pub revoke_fanout: Option<u8>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -119,6 +123,15 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
             "probe_ms" => match value.parse::<u64>() {
                 Ok(n) if n <= 10_000 => o.probe_ms = Some(n),
                 _ => bad(BadOption { word, why: "expected probe_ms=N with 0 (off) <= N <= 10000" }),
+            },
+            "revoke" => match value {
+                "broadcast" => o.revoke_tree = Some(false),
+                "tree" => o.revoke_tree = Some(true),
+                _ => bad(BadOption { word, why: "expected revoke=broadcast or revoke=tree" }),
+            },
+            "revoke_fanout" => match value.parse::<u8>() {
+                Ok(n) if (2..=16).contains(&n) => o.revoke_fanout = Some(n),
+                _ => bad(BadOption { word, why: "expected revoke_fanout=N with 2 <= N <= 16" }),
             },
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
@@ -341,7 +354,9 @@ mod tests {
                 caps_deadline_ms: None,
                 trace: false,
                 probe_ms: None,
-                duration_ms: None
+                duration_ms: None,
+                revoke_tree: None,
+                revoke_fanout: None,
             }
         );
         assert!(opts("trace").0.trace && opts("trace=1").0.trace);
@@ -362,6 +377,14 @@ mod tests {
         }
         assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));
         assert_eq!(opts("caps_deadline_ms=0").1.len(), 1);
+        assert_eq!(opts("revoke=tree").0.revoke_tree, Some(true));
+        assert_eq!(opts("revoke=broadcast").0.revoke_tree, Some(false));
+        assert_eq!(opts("revoke_fanout=3").0.revoke_fanout, Some(3));
+        for bad in
+            ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17", "revoke_fanout=x"]
+        {
+            assert_eq!(opts(bad).1.len(), 1, "{bad}");
+        }
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub fn plan(
                         kernel: kernels[e.kernel as usize],
                         watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
+                        revoke: match (opts.revoke_tree, opts.revoke_fanout) {
+                            (Some(true), f) => crate::caps::Revoke::Tree { fanout: f.unwrap_or(2) },
+                            _ => crate::caps::Revoke::default(),
+                        },
                         deaf: deaf == Some(e.core as usize),
                         hang: hung == Some(e.core as usize),
                         members: 0,
@@ -418,7 +422,7 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -431,7 +435,8 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                     r.caps.refused,
                     r.foreign_tsc,
                     Quoted(Fenced(r.caps.fenced)),
-                    r.incarnations
+                    r.incarnations,
+                    r.caps.revoke_tsc
                 );
             }
             // A core that came up and was fenced later (one that never came up is reported

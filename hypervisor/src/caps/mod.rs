@@ -67,12 +67,29 @@ pub struct Policy {
     /// Least TSC ticks between two transfers from this core to the same core: bounds the
     /// request rate any one guest can aim at another.
     pub transfer_gap: u64,
+    /// How this core's own revokes reach the holders of its copies (see [`proto`]).
+    pub revoke: Revoke,
+}
+
+/// How a revoke reaches the cores holding the copies (the machine's `revoke` setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Revoke {
+    /// One `REVOKE` from the revoker to every holder's core, every answer back to it.
+    #[default]
+    Broadcast,
+    /// The revoker asks `fanout` holders' cores, each forwards to its share of the others
+    /// and answers for its whole subtree (see [`proto`], "Trees").
+    Tree { fanout: u8 },
 }
 
 impl Policy {
-    /// 50 ms per level and at most 100 transfers per millisecond per peer.
+    /// 50 ms per level and at most 100 transfers per millisecond per peer; broadcast.
     pub fn from_tsc_per_ms(tsc_per_ms: u64) -> Self {
-        Policy { deadline: tsc_per_ms.saturating_mul(50), transfer_gap: tsc_per_ms / 100 }
+        Policy {
+            deadline: tsc_per_ms.saturating_mul(50),
+            transfer_gap: tsc_per_ms / 100,
+            revoke: Revoke::Broadcast,
+        }
     }
 }
 
@@ -91,6 +108,9 @@ pub struct Stats {
     /// A revoke could not unmap a piece from this guest's EPT: the guest may still reach
     /// memory it no longer holds, so its core stops it.
     pub unmap_failed: bool,
+    /// TSC ticks this core worked on its guest's own `cap_revoke`s: checks, requests and
+    /// kicks sent, replies handled; not the polls that found the inbox empty (waiting).
+    pub revoke_tsc: u64,
 }
 
 impl Default for Stats {
@@ -102,6 +122,7 @@ impl Default for Stats {
             refused: 0,
             fenced: 0,
             unmap_failed: false,
+            revoke_tsc: 0,
         }
     }
 }
@@ -736,7 +757,7 @@ impl<const E: usize> CapCore<E> {
     /// or a move of `slot` to the peer behind `endpoint`. Waits for the answer, serving.
     fn transfer(&mut self, env: &mut impl Env, h: u64, ep: u64, mode: u64) -> Result<u64, HvError> {
         let t = self.transfer_start(env, h, ep, mode)?;
-        let v = self.wait(env);
+        let (v, _) = self.wait(env);
         self.transfer_finish(t, v)
     }
 
@@ -838,12 +859,22 @@ impl<const E: usize> CapCore<E> {
     /// gone (unmapped, translations flushed) before it returns; `Timeout` if some core did
     /// not confirm within the deadline (that core is fenced and reported).
     fn revoke(&mut self, env: &mut impl Env, h: u64) -> Result<u64, HvError> {
-        if !self.revoke_start(env, h)? {
-            return Ok(0);
-        }
-        let v = self.wait(env);
-        self.restore_unconfirmed(h);
-        Self::revoke_finish(v)
+        let t0 = env.now();
+        let started = self.revoke_start(env, h);
+        let mut work = env.now().wrapping_sub(t0);
+        let v = match started {
+            Ok(true) => {
+                let (v, busy) = self.wait(env);
+                let t1 = env.now();
+                self.restore_unconfirmed(h);
+                work = work.wrapping_add(busy).wrapping_add(env.now().wrapping_sub(t1));
+                Self::revoke_finish(v)
+            }
+            Ok(false) => Ok(0),
+            Err(e) => Err(e),
+        };
+        self.stats.revoke_tsc = self.stats.revoke_tsc.saturating_add(work);
+        v
     }
 
     /// Records again, under `h`, the copies the last revoke of `h` could not confirm: a
@@ -876,12 +907,17 @@ impl<const E: usize> CapCore<E> {
     }
 
     /// Serves until this core's own operation is decided (the protocol's deadlines bound
-    /// the wait: `expire` decides it at the latest then).
-    fn wait(&mut self, env: &mut impl Env) -> Verdict {
+    /// the wait: `expire` decides it at the latest then). Also returns the ticks spent in
+    /// polls that handled messages (work, as opposed to waiting).
+    fn wait(&mut self, env: &mut impl Env) -> (Verdict, u64) {
+        let mut busy = 0u64;
         loop {
-            self.poll(env);
+            let t = env.now();
+            if self.poll(env) > 0 {
+                busy = busy.wrapping_add(env.now().wrapping_sub(t));
+            }
             if let Some(v) = self.take_verdict() {
-                return v;
+                return (v, busy);
             }
             env.relax();
         }

@@ -18,7 +18,7 @@
 //! Seeded bugs ([`Bug::RecordAfterReply`], [`proto::Bug::NoRecursion`]) must be found.
 
 use super::proto::{self, entries_for, RING_SLOTS};
-use super::{Bug, CapCore, Env, Policy, Transfer};
+use super::{Bug, CapCore, Env, Policy, Revoke, Transfer};
 use stateright::{Checker, Model, Property};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use vmcall_proto::caps::{CapType, Rights};
@@ -115,6 +115,8 @@ pub struct CapModel {
     pub budget: [u8; CORES],
     pub bug: Bug,
     pub proto_bug: proto::Bug,
+    /// How the cores' revokes reach the holders.
+    pub revoke: Revoke,
 }
 
 impl CapModel {
@@ -196,7 +198,7 @@ impl Model for CapModel {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let policy = Policy { deadline: u64::MAX / 64, transfer_gap: 0 };
+        let policy = Policy { deadline: u64::MAX / 64, transfer_gap: 0, revoke: self.revoke };
         let mut cores: Vec<Core> = (0..CORES).map(|c| Core::new(c as u16, policy)).collect();
         let mut net = vec![VecDeque::new(); CORES * CORES];
         let mut ept = vec![BTreeSet::new(); CORES];
@@ -382,8 +384,12 @@ mod tests {
     #[test]
     fn the_protocol_keeps_every_property() {
         let budget = budget();
-        let (broken, states) =
-            check(CapModel { budget, bug: Bug::None, proto_bug: proto::Bug::None });
+        let (broken, states) = check(CapModel {
+            budget,
+            bug: Bug::None,
+            proto_bug: proto::Bug::None,
+            revoke: Revoke::Broadcast,
+        });
         eprintln!("capability model, budgets {budget:?}: {states} distinct states");
         assert!(broken.is_empty(), "broken: {broken:?}");
         assert!(states > 1000, "the model explored too little to mean anything");
@@ -391,7 +397,35 @@ mod tests {
 
     /// The checker must find a seeded bug within a small budget (copy, copy on, revoke).
     fn assert_caught(bug: Bug, proto_bug: proto::Bug) {
-        let (broken, _) = check(CapModel { budget: [2, 1, 0], bug, proto_bug });
+        let (broken, _) =
+            check(CapModel { budget: [2, 1, 0], bug, proto_bug, revoke: Revoke::Broadcast });
+        assert!(broken.contains(&"revoke is complete and rings never overflow"), "{broken:?}");
+    }
+
+    /// Revoke trees: the owner makes three copies (with fan-out 2 a head carries the
+    /// third when it is on the other core) and revokes, while core 1's guest may act once
+    /// (copy on, move, revoke its own...) in release builds.
+    #[test]
+    fn revoke_trees_keep_every_property() {
+        let budget = if cfg!(debug_assertions) { [4, 0, 0] } else { [4, 1, 0] };
+        let tree = Revoke::Tree { fanout: 2 };
+        let (broken, states) =
+            check(CapModel { budget, bug: Bug::None, proto_bug: proto::Bug::None, revoke: tree });
+        eprintln!("capability model with revoke trees, budgets {budget:?}: {states} states");
+        assert!(broken.is_empty(), "broken: {broken:?}");
+        assert!(states > 1000, "the model explored too little to mean anything");
+    }
+
+    #[test]
+    fn a_head_that_answers_for_members_it_never_asked_is_caught() {
+        let tree = Revoke::Tree { fanout: 2 };
+        let model = CapModel {
+            budget: [4, 0, 0],
+            bug: Bug::None,
+            proto_bug: proto::Bug::HeadVouches,
+            revoke: tree,
+        };
+        let (broken, _) = check(model);
         assert!(broken.contains(&"revoke is complete and rings never overflow"), "{broken:?}");
     }
 

@@ -24,8 +24,8 @@
 //!   guests made an honest revoke time out that way). A ring from `a` to `b` then holds at
 //!   most `CREDITS x CLASSES` requests of `a` plus as many replies to `b`'s: with
 //!   [`RING_SLOTS`] a send never finds the ring full, and a core serves at most `CREDITS x
-//!   MAX_DEPTH` revokes per peer at once, which sizes the entry table ([`entries_for`]):
-//!   there is no drop-on-full path.
+//!   (MAX_DEPTH + TREE_HEIGHT)` revokes per peer at once (a class per depth and per tree
+//!   height), which sizes the entry table ([`entries_for`]): there is no drop-on-full path.
 //! * **No nested waits.** A request that needs further requests (a revoke with children)
 //!   becomes an entry; replies complete entries; nothing blocks inside a handler, so two
 //!   revokes racing in opposite directions, or a revoke meeting a transfer, both progress.
@@ -35,6 +35,22 @@
 //!   expires, every core it still waits for is *fenced*: declared failed, its messages
 //!   ignored from then on, no request sent to it again; the operations that waited on it
 //!   finish as incomplete (`cap_revoke` returns `Timeout`), and the fence is reported.
+//! * **Trees** (`Policy::revoke = Tree`). The revoker's own revoke may ask only `fanout`
+//!   holders' cores (*heads*), each carrying its share of the other holders (*members*, at
+//!   most 8, in the request's words 3-6); a head revokes its own copy, plans its members
+//!   the same way (heads of its own, the rest asked directly), and answers only when its
+//!   whole subtree answered: `REVOKE_REPLY` [nodes, own incomplete, members failed,
+//!   members declined] (bit `p` = the request's member `p`). A member counts as gone only
+//!   when its own core confirmed it, through the heads on the way. A request carrying a
+//!   subtree of height `h` travels in credit class `MAX_DEPTH + h` and an entry serving
+//!   it waits only for heights below `h` and for copies one level deeper, so the waits
+//!   still form no cycle. Deadlines nest: with `L` what a direct revoke of the holders
+//!   may take, an entry whose highest subtree has height `s` waits `(2s + 1) L`; a head it
+//!   asked that has not answered by then is fenced and its members are asked directly, one
+//!   `L` more; a head of height `h` thus answers within `2h L`, before its parent gives it
+//!   up. A silent, dead or slow head costs its members at most that detour, never a false
+//!   confirmation; a head without room for its members (its table full of its own
+//!   copies' children) declines them and the asker sends them directly.
 //! * **Incompleteness is sticky.** A local revoke that could not confirm a copy puts that
 //!   copy's record back (a later revoke tries again and again reports `Timeout`, never `Ok`
 //!   over a copy that may live); a core that ever finished a revoke incomplete has lost
@@ -50,8 +66,14 @@ use vmcall_proto::hypercall::HvError;
 
 /// Requests of one class outstanding from one core to another at most.
 pub const CREDITS: u8 = 1;
-/// Credit classes: `INSERT`, and a `REVOKE` for each depth 1..=MAX_DEPTH.
-pub const CLASSES: usize = MAX_DEPTH as usize + 1;
+/// Height of a revoke tree at most: `MAX_CHILDREN` (16) holders with a fan-out of 2 (the
+/// least) give heads of 7 members: 7 -> 3 -> 1 -> 0.
+pub const TREE_HEIGHT: u8 = 3;
+/// Members one tree request carries at most (words 3-6, two per word).
+const MAX_MEMBERS: usize = 8;
+/// Credit classes: `INSERT`, a `REVOKE` for each depth 1..=MAX_DEPTH, and a tree `REVOKE`
+/// for each height 1..=TREE_HEIGHT.
+pub const CLASSES: usize = MAX_DEPTH as usize + 1 + TREE_HEIGHT as usize;
 /// Inter-core ring slots needed (see the module header): requests and replies of every
 /// class, rounded up to the power of two the ring wants.
 /// Guest control adds at most three per ring (one request, one answer, one release), links
@@ -61,7 +83,7 @@ pub const RING_SLOTS: u32 = (2 * CREDITS as u32 * CLASSES as u32 + 6 + 10).next_
 /// Entries a core needs with `cores` cores: its own operation, and the requests of every
 /// other core it may be serving at once.
 pub const fn entries_for(cores: usize) -> usize {
-    1 + CREDITS as usize * MAX_DEPTH as usize * (cores - 1)
+    1 + CREDITS as usize * (MAX_DEPTH + TREE_HEIGHT) as usize * (cores - 1)
 }
 
 pub mod op {
@@ -166,13 +188,33 @@ struct Entry {
     failed: u16,
     ids: [u64; MAX_CHILDREN],
     cores: [u16; MAX_CHILDREN],
+    /// Per child: the head whose request carries it (itself when asked directly), its
+    /// position among that head's members, and the credit class of its request.
+    via: [u8; MAX_CHILDREN],
+    pos: [u8; MAX_CHILDREN],
+    cls: [u8; MAX_CHILDREN],
+    /// Per child of an entry serving a tree request: its position among the request's
+    /// members ([`NONE`] for the node's own copies).
+    up: [u8; MAX_CHILDREN],
+    /// Members of the served request this entry had no room for (bit = position).
+    declined: u16,
+    /// The fan-out its tree requests are planned with, and the credit class of a direct
+    /// request to a member (the depth of the served request's node).
+    fanout: u8,
+    mclass: u8,
     n: u8,
     sent: u16,
     done: u16,
     total: u64,
+    /// Something of the node's own is unconfirmed (beyond failed children).
     incomplete: bool,
     deadline: u64,
+    /// What a direct request of this entry may take (`L`): the detour past a silent head.
+    wait: u64,
 }
+
+/// Not a member of the served request: the node's own copy.
+const NONE: u8 = 0xff;
 
 const FREE: Entry = Entry {
     kind: Kind::Free,
@@ -182,18 +224,113 @@ const FREE: Entry = Entry {
     failed: 0,
     ids: [0; MAX_CHILDREN],
     cores: [0; MAX_CHILDREN],
+    via: [0; MAX_CHILDREN],
+    pos: [0; MAX_CHILDREN],
+    cls: [0; MAX_CHILDREN],
+    up: [NONE; MAX_CHILDREN],
+    declined: 0,
+    fanout: 0,
+    mclass: 0,
     n: 0,
     sent: 0,
     done: 0,
     total: 0,
     incomplete: false,
     deadline: 0,
+    wait: 0,
 };
 
 impl Entry {
     fn complete(&self) -> bool {
         self.done.count_ones() == self.n as u32
     }
+
+    /// The slots of the node's own copies (not members of a served tree request).
+    fn own_mask(&self) -> u16 {
+        (0..self.n as usize).filter(|&j| self.up[j] == NONE).fold(0, |m, j| m | 1 << j)
+    }
+
+    /// Whether child `j` is a head carrying members.
+    fn heads(&self, j: usize) -> bool {
+        (0..self.n as usize).any(|x| x != j && self.via[x] as usize == j)
+    }
+
+    /// Asks head `j`'s members directly, if it has not answered for them (it was fenced,
+    /// or declined them): they get `L` more.
+    fn unfold(&mut self, j: usize, now: u64) {
+        let mut any = false;
+        for x in 0..self.n as usize {
+            if x != j && self.via[x] as usize == j && self.done & (1 << x) == 0 {
+                self.via[x] = x as u8;
+                self.cls[x] = self.mclass;
+                self.sent &= !(1 << x);
+                any = true;
+            }
+        }
+        if any {
+            self.deadline = self.deadline.max(now.saturating_add(self.wait));
+        }
+    }
+
+    /// Plans how `slots` are reached: with a fan-out below their number, the first
+    /// `fanout` become heads and the rest are split evenly among them as members (sent
+    /// with their head's request); otherwise each is asked directly. Returns the highest
+    /// subtree height asked for (0: all direct).
+    fn plan(&mut self, slots: &[u8], fanout: usize) -> u8 {
+        for &x in slots {
+            let x = x as usize;
+            self.via[x] = x as u8;
+            self.cls[x] = self.mclass;
+        }
+        let f = fanout.max(2);
+        if slots.len() <= f {
+            return 0;
+        }
+        let (heads, rest) = slots.split_at(f);
+        let mut at = 0;
+        let mut top = 0;
+        for (i, &h) in heads.iter().enumerate() {
+            let g = rest.len() / f + (i < rest.len() % f) as usize;
+            let mut carried = 0;
+            for (p, &x) in rest[at..at + g].iter().enumerate() {
+                // A copy on the head's own core is asked directly (a core never sends to
+                // itself).
+                if self.cores[x as usize] == self.cores[h as usize] {
+                    continue;
+                }
+                self.via[x as usize] = h;
+                self.pos[x as usize] = p as u8;
+                // Carried by the head's request.
+                self.sent |= 1 << x;
+                carried += 1;
+            }
+            at += g;
+            let height = tree_height(carried, f);
+            if height > 0 {
+                self.cls[h as usize] = MAX_DEPTH + height;
+            }
+            top = top.max(height);
+        }
+        top
+    }
+}
+
+/// The height of the subtree below a head carrying `g` members with fan-out `f` (>= 2):
+/// 0 with none, 1 if it asks them all directly.
+pub const fn tree_height(g: usize, f: usize) -> u8 {
+    if g == 0 {
+        0
+    } else if g <= f {
+        1
+    } else {
+        1 + tree_height((g - f).div_ceil(f), f)
+    }
+}
+
+/// Members ride in 32 bits each: core + 1 (0: none) in bits 0-7, the low 24 bits of the
+/// id in bits 8-31; the rest of the id is the head's (only such members are carried).
+fn fits(member: u64, core: u16, head: u64) -> bool {
+    (member ^ head) >> 24 == 0 && core < 0xff
 }
 
 /// A bug to put into the protocol on purpose, to show the model checker finds it.
@@ -204,6 +341,8 @@ pub enum Bug {
     None,
     /// A served `REVOKE` does not go on to the node's own children.
     NoRecursion,
+    /// A head answers for its members without asking them.
+    HeadVouches,
 }
 
 /// This core's protocol state.
@@ -224,6 +363,9 @@ pub struct Proto<const E: usize> {
     seq: u16,
     /// Entries in use: when 0 (almost always), polling costs nothing but the inbox check.
     open: u32,
+    /// One past the highest entry claimed since the table was last empty: scans stop there
+    /// (entries are claimed lowest first, so this is the most ever open at once, not `E`).
+    hi: usize,
     #[cfg(test)]
     pub bug: Bug,
 }
@@ -261,6 +403,7 @@ impl<const E: usize> Proto<E> {
             core::ptr::addr_of_mut!((*p).insert).write([0; 7]);
             core::ptr::addr_of_mut!((*p).seq).write(0);
             core::ptr::addr_of_mut!((*p).open).write(0);
+            core::ptr::addr_of_mut!((*p).hi).write(0);
             #[cfg(test)]
             core::ptr::addr_of_mut!((*p).bug).write(Bug::None);
         }
@@ -279,6 +422,7 @@ impl<const E: usize> Proto<E> {
             insert: [0; 7],
             seq: 0,
             open: 0,
+            hi: 0,
             #[cfg(test)]
             bug: Bug::None,
         }
@@ -318,9 +462,19 @@ impl<const E: usize> Proto<E> {
     fn claim(&mut self, i: usize, kind: Kind, deadline: u64) {
         if self.entries[i].kind == Kind::Free {
             self.open += 1;
+            self.hi = self.hi.max(i + 1);
         }
         self.seq = self.seq.wrapping_add(1);
         self.entries[i] = Entry { kind, seq: self.seq, deadline, ..FREE };
+    }
+
+    /// Frees entry `i`.
+    fn release(&mut self, i: usize) {
+        self.entries[i].kind = Kind::Free;
+        self.open -= 1;
+        if self.open == 0 {
+            self.hi = 0;
+        }
     }
 
     fn set_children(&mut self, i: usize, children: &[Option<Child>; MAX_CHILDREN]) {
@@ -328,8 +482,11 @@ impl<const E: usize> Proto<E> {
         for ch in children.iter().flatten() {
             let dup = (0..e.n as usize).any(|j| e.ids[j] == ch.id && e.cores[j] == ch.core);
             if !dup && (e.n as usize) < MAX_CHILDREN {
-                e.ids[e.n as usize] = ch.id;
-                e.cores[e.n as usize] = ch.core;
+                let j = e.n as usize;
+                e.ids[j] = ch.id;
+                e.cores[j] = ch.core;
+                e.via[j] = j as u8;
+                e.cls[j] = e.class;
                 e.n += 1;
             }
         }
@@ -340,8 +497,9 @@ impl<const E: usize> Proto<E> {
     fn in_progress(&self, node: u64) -> [Option<Child>; MAX_CHILDREN] {
         let mut out = [None; MAX_CHILDREN];
         let mut k = 0;
-        for e in self.entries.iter().filter(|e| e.kind != Kind::Free && e.node == node) {
-            for j in 0..e.n as usize {
+        for e in self.entries[..self.hi].iter().filter(|e| e.kind != Kind::Free && e.node == node) {
+            // The node's own copies only: members of a tree request are other nodes.
+            for j in (0..e.n as usize).filter(|&j| e.up[j] == NONE) {
                 let ch = Child { core: e.cores[j], id: e.ids[j] };
                 if k < MAX_CHILDREN && !out[..k].contains(&Some(ch)) {
                     out[k] = Some(ch);
@@ -394,19 +552,48 @@ impl<const E: usize> Proto<E> {
         self.local = None;
         let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
         self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
-        self.entries[0].node = node;
-        self.entries[0].class = class_of(depth.saturating_add(1));
+        let e = &mut self.entries[0];
+        e.node = node;
+        e.class = class_of(depth.saturating_add(1));
+        e.wait = wait;
         self.set_children(0, &children);
+        if let super::Revoke::Tree { fanout } = policy.revoke {
+            // Copies whose ids ride with the first one's go in the tree, the rest direct.
+            let e = &mut self.entries[0];
+            let (first, mut slots, mut k) = (e.ids[0], [0u8; MAX_CHILDREN], 0);
+            for j in (0..e.n as usize).filter(|&j| fits(e.ids[j], e.cores[j], first)) {
+                slots[k] = j as u8;
+                k += 1;
+            }
+            e.fanout = fanout.max(2);
+            e.mclass = e.class;
+            let top = e.plan(&slots[..k], fanout as usize);
+            e.deadline = now.saturating_add(wait.saturating_mul(2 * top as u64 + 1));
+        }
         self.pump(env, stats);
         self.finish_complete(env, stats);
     }
 
     /// Sends whatever entries still have to send, as far as credits allow.
     fn pump(&mut self, env: &mut impl Env, stats: &mut Stats) {
-        for i in 0..E {
-            if self.entries[i].kind == Kind::Free {
-                continue;
+        // A fenced head's members are asked directly, possibly in an earlier slot.
+        let mut again = true;
+        while again {
+            again = false;
+            let mut i = 0;
+            while i < self.hi {
+                if self.entries[i].kind != Kind::Free {
+                    again |= self.pump_entry(env, i, stats);
+                }
+                i += 1;
             }
+        }
+    }
+
+    /// [`Self::pump`] for entry `i`; `true` if a head's members were unfolded.
+    fn pump_entry(&mut self, env: &mut impl Env, i: usize, stats: &mut Stats) -> bool {
+        let mut unfolded = false;
+        {
             for j in 0..self.entries[i].n as usize {
                 let bit = 1 << j;
                 let e = &self.entries[i];
@@ -414,13 +601,17 @@ impl<const E: usize> Proto<E> {
                     continue;
                 }
                 let (to, id, class, kind, seq) =
-                    (e.cores[j] as usize, e.ids[j], e.class, e.kind, e.seq);
+                    (e.cores[j] as usize, e.ids[j], e.cls[j], e.kind, e.seq);
                 if self.fenced(to) {
+                    let now = env.now();
                     let e = &mut self.entries[i];
                     e.sent |= bit;
                     e.done |= bit;
                     e.failed |= bit;
-                    e.incomplete = true;
+                    if e.heads(j) {
+                        e.unfold(j, now);
+                        unfolded = true;
+                    }
                     continue;
                 }
                 if self.outstanding[to][class as usize] >= CREDITS {
@@ -433,7 +624,9 @@ impl<const E: usize> Proto<E> {
                         m[0] = header(op::INSERT, r);
                         m
                     }
-                    // Word 2: the target node's depth, its credit class.
+                    // Word 2: the target node's depth class; for a head, its subtree's
+                    // height and the fan-out to plan it with, its members in words 3-6.
+                    _ if class > MAX_DEPTH => self.tree_request(i, j, r),
                     _ => [header(op::REVOKE, r), id, class as u64, 0, 0, 0, 0],
                 };
                 self.entries[i].sent |= bit;
@@ -443,23 +636,47 @@ impl<const E: usize> Proto<E> {
                 } else {
                     // Flow control makes this impossible with a live peer.
                     self.fence(env, to, stats);
+                    unfolded = true;
                 }
             }
         }
+        unfolded
+    }
+
+    /// The `REVOKE` to head `j` of entry `i`, its members in words 3-6.
+    fn tree_request(&self, i: usize, j: usize, r: u32) -> Payload {
+        let e = &self.entries[i];
+        let height = (e.cls[j] - MAX_DEPTH) as u64;
+        let word2 = e.mclass as u64 | height << 8 | (e.fanout as u64) << 16;
+        let mut m = [header(op::REVOKE, r), e.ids[j], word2, 0, 0, 0, 0];
+        for x in (0..e.n as usize).filter(|&x| x != j && e.via[x] as usize == j) {
+            let p = e.pos[x] as usize;
+            let v = (e.cores[x] as u64 + 1) | (e.ids[x] & 0xff_ffff) << 8;
+            m[3 + p / 2] |= v << (32 * (p % 2));
+        }
+        m
     }
 
     /// Finishes every entry whose children all answered.
     fn finish_complete(&mut self, env: &mut impl Env, stats: &mut Stats) {
-        for i in 0..E {
+        // `hi` is read again each time: answering may fence a core and finish others.
+        let mut i = 0;
+        while i < self.hi {
             // Look before copying: the table is large and mostly free.
             let live = &self.entries[i];
+            i += 1;
             if live.kind == Kind::Free || !live.complete() {
                 continue;
             }
             let e = *live;
-            self.entries[i].kind = Kind::Free;
-            self.open -= 1;
-            if e.incomplete {
+            self.release(i - 1);
+            // What of the node's own could not be confirmed; failed members of a served tree
+            // request are reported apart (they are not below this node).
+            let own = e.incomplete || e.failed & e.own_mask() != 0;
+            let members = (0..e.n as usize)
+                .filter(|&j| e.up[j] != NONE && e.failed & (1 << j) != 0)
+                .fold(0u64, |m, j| m | 1 << e.up[j]);
+            if own {
                 self.lost_track = true;
             }
             if e.kind == Kind::LocalRevoke {
@@ -470,11 +687,12 @@ impl<const E: usize> Proto<E> {
             }
             match e.kind {
                 Kind::Forward { to, req } => {
+                    let (total, declined) = (e.total, e.declined as u64);
                     let m =
-                        [header(op::REVOKE_REPLY, req), e.total, e.incomplete as u64, 0, 0, 0, 0];
+                        [header(op::REVOKE_REPLY, req), total, own as u64, members, declined, 0, 0];
                     self.answer(env, to as usize, &m, stats);
                 }
-                Kind::LocalRevoke => self.local = Some(Verdict::Revoked((e.total, e.incomplete))),
+                Kind::LocalRevoke => self.local = Some(Verdict::Revoked((e.total, own))),
                 // Decided by its reply or by a fence, never by completion alone.
                 Kind::LocalInsert => self.local = Some(Verdict::Unconfirmed),
                 Kind::Free => {}
@@ -503,15 +721,24 @@ impl<const E: usize> Proto<E> {
         self.fenced |= 1 << core;
         stats.fenced |= 1 << core;
         self.outstanding[core] = [0; CLASSES];
-        for e in self.entries.iter_mut().filter(|e| e.kind != Kind::Free) {
+        let now = env.now();
+        let mut unfolded = false;
+        for e in self.entries[..self.hi].iter_mut().filter(|e| e.kind != Kind::Free) {
             for j in 0..e.n as usize {
                 if e.cores[j] as usize == core && e.done & (1 << j) == 0 {
                     e.sent |= 1 << j;
                     e.done |= 1 << j;
                     e.failed |= 1 << j;
-                    e.incomplete = true;
+                    // A head's members are not lost with it: they are asked directly.
+                    if e.heads(j) {
+                        e.unfold(j, now);
+                        unfolded = true;
+                    }
                 }
             }
+        }
+        if unfolded {
+            self.pump(env, stats);
         }
         self.finish_complete(env, stats);
     }
@@ -529,14 +756,18 @@ impl<const E: usize> Proto<E> {
         if self.open == 0 {
             return;
         }
-        for i in 0..E {
+        let mut i = 0;
+        while i < self.hi {
             let live = &self.entries[i];
+            i += 1;
             if live.kind == Kind::Free || now <= live.deadline {
                 continue;
             }
-            let (n, done, cores) = (live.n, live.done, live.cores);
+            // The cores asked directly (a head's members wait on their head: when it is
+            // fenced they are asked directly and get their own time).
+            let (n, done, cores, via) = (live.n, live.done, live.cores, live.via);
             for (j, &core) in cores.iter().enumerate().take(n as usize) {
-                if done & (1 << j) == 0 {
+                if done & (1 << j) == 0 && via[j] as usize == j {
                     self.fence_silent(env, core as usize, stats);
                 }
             }
@@ -576,7 +807,7 @@ impl<const E: usize> Proto<E> {
         let r = req_of(m);
         match op_of(m) {
             op::INSERT => return Some(decode_insert(from, r, m)),
-            op::REVOKE => self.serve_revoke(env, from, r, (m[1], m[2]), space, policy, stats),
+            op::REVOKE => self.serve_revoke(env, from, r, m, space, policy, stats),
             op::INSERT_REPLY | op::REVOKE_REPLY => self.take_reply(env, from, r, m, stats),
             other => log::error!("unknown inter-core message {other} from core {from}"),
         }
@@ -589,11 +820,26 @@ impl<const E: usize> Proto<E> {
         env: &mut impl Env,
         from: usize,
         r: u32,
-        (id, depth): (u64, u64),
+        m: &Payload,
         space: &mut CSpace,
         policy: &Policy,
         stats: &mut Stats,
     ) {
+        let (id, depth) = (m[1], m[2] & 0xff);
+        // A tree request: the subtree's height, the fan-out, the members (see the header).
+        let (height, fanout) = ((m[2] >> 8 & 0xff) as u8, (m[2] >> 16 & 0xff) as u8);
+        let mut members = [None; MAX_MEMBERS];
+        #[cfg(test)]
+        let height = if self.bug == Bug::HeadVouches { 0 } else { height };
+        if height > 0 {
+            for (p, slot) in members.iter_mut().enumerate() {
+                let v = m[3 + p / 2] >> (32 * (p % 2)) & 0xffff_ffff;
+                if v & 0xff != 0 {
+                    let core = (v & 0xff) as u16 - 1;
+                    *slot = Some(Child { core, id: id & !0xff_ffff | v >> 8 });
+                }
+            }
+        }
         let mut unmap_failed = false;
         let removed = space.revoke_id(id, |c| {
             if let Err(e) = env.ept_unmap(c.mapped_at.unwrap_or(0), c.size) {
@@ -623,18 +869,23 @@ impl<const E: usize> Proto<E> {
         let reply = |total, incomplete: bool| {
             [header(op::REVOKE_REPLY, r), total, incomplete as u64, 0, 0, 0, 0]
         };
-        if children.iter().all(Option::is_none) {
-            // Not here (any more): complete, unless this core lost track of what it removed.
-            let unsure = removed.pieces == 0 && self.lost_track;
+        // Not here (any more): complete, unless this core lost track of what it removed.
+        let unsure = removed.pieces == 0 && self.lost_track;
+        if children.iter().all(Option::is_none) && members.iter().all(Option::is_none) {
             self.answer(env, from, &reply(found, unsure), stats);
             return;
         }
         let Some(i) = (1..E).find(|&i| self.entries[i].kind == Kind::Free) else {
             // Flow control bounds what a core serves at once; this is a broken invariant.
+            // Members are declined: the asker reaches them directly.
             log::error!("capability protocol: no entry for a revoke from core {from}");
-            self.answer(env, from, &reply(found, true), stats);
-            children = [None; MAX_CHILDREN];
-            let _ = children;
+            let mut m = reply(found, true);
+            m[4] = members
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_some())
+                .fold(0, |b, (p, _)| b | 1 << p);
+            self.answer(env, from, &m, stats);
             return;
         };
         let deadline = if removed.pieces > 0 {
@@ -642,7 +893,7 @@ impl<const E: usize> Proto<E> {
             env.now().saturating_add(wait)
         } else {
             // Only chasing a revoke under way: its deadline is ours.
-            self.entries
+            self.entries[..self.hi]
                 .iter()
                 .filter(|e| e.kind != Kind::Free && e.node == id)
                 .map(|e| e.deadline)
@@ -655,7 +906,35 @@ impl<const E: usize> Proto<E> {
         let node_depth = if removed.pieces > 0 { removed.depth as u64 } else { depth };
         self.entries[i].class = class_of(node_depth.min(MAX_DEPTH as u64) as u8 + 1);
         self.set_children(i, &children);
-        self.entries[i].total = found;
+        let e = &mut self.entries[i];
+        e.total = found;
+        e.incomplete = unsure;
+        if height > 0 {
+            // Members are of the node's own depth: `L` is what a direct request to them
+            // may take; this entry waits `(2s + 1) L` for subtrees of height s < height.
+            let now = env.now();
+            e.wait = policy.deadline.saturating_mul(levels(depth.min(MAX_DEPTH as u64) as u8));
+            e.fanout = fanout.max(2);
+            let member_class = class_of(depth.min(MAX_DEPTH as u64) as u8);
+            let mut slots = [0u8; MAX_MEMBERS];
+            let mut k = 0;
+            for (p, ch) in members.iter().enumerate() {
+                let Some(ch) = ch else { continue };
+                if (e.n as usize) < MAX_CHILDREN {
+                    let j = e.n as usize;
+                    (e.ids[j], e.cores[j], e.up[j]) = (ch.id, ch.core, p as u8);
+                    e.n += 1;
+                    slots[k] = j as u8;
+                    k += 1;
+                } else {
+                    e.declined |= 1 << p;
+                }
+            }
+            e.mclass = member_class;
+            let top = e.plan(&slots[..k], e.fanout as usize);
+            let until = now.saturating_add(e.wait.saturating_mul(2 * top as u64 + 1));
+            e.deadline = e.deadline.max(until);
+        }
         self.pump(env, stats);
         self.finish_complete(env, stats);
     }
@@ -682,13 +961,13 @@ impl<const E: usize> Proto<E> {
             log::warn!("stale or unexpected reply {r:#x} from core {from}: ignored");
             return;
         }
-        let class = e.class as usize;
+        let class = e.cls[j] as usize;
         self.outstanding[from][class] = self.outstanding[from][class].saturating_sub(1);
+        let now = env.now();
         let e = &mut self.entries[i];
         e.done |= bit;
         if e.kind == Kind::LocalInsert {
-            e.kind = Kind::Free;
-            self.open -= 1;
+            self.release(i);
             self.local = Some(match HvError::from_rax(m[1]) {
                 Ok(h) => Verdict::Inserted(h),
                 Err(Ok(err)) => Verdict::Refused(err),
@@ -697,8 +976,29 @@ impl<const E: usize> Proto<E> {
         } else {
             e.total = e.total.saturating_add(m[1]);
             if m[2] != 0 {
-                e.incomplete = true;
                 e.failed |= bit;
+            }
+            // Its members: confirmed through it, failed (bit set in word 3), or declined
+            // (word 4: asked directly now). Only members it was asked for count.
+            let (failed, declined) = (m[3], m[4]);
+            let mut unfold = false;
+            for x in 0..e.n as usize {
+                let xb = 1 << x;
+                if x == j || e.via[x] as usize != j || e.done & xb != 0 {
+                    continue;
+                }
+                let p = e.pos[x] as u64;
+                if declined >> p & 1 != 0 {
+                    unfold = true;
+                    continue;
+                }
+                e.done |= xb;
+                if failed >> p & 1 != 0 {
+                    e.failed |= xb;
+                }
+            }
+            if unfold {
+                e.unfold(j, now);
             }
         }
         self.pump(env, stats);

@@ -73,7 +73,7 @@ impl Net {
     /// `n` cores, all joined; core 0 holds a 64 KiB grant in slot 0; endpoints follow in
     /// peer order. Every guest accepts `accept` caps per channel.
     fn new(n: usize, accept: u64) -> Self {
-        let policy = Policy { deadline: 1000, transfer_gap: 0 };
+        let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
         let mut net = Net {
             cores: (0..n).map(|c| Core::new(c as u16, policy)).collect(),
             queues: vec![VecDeque::new(); n * n],
@@ -475,7 +475,8 @@ fn threads(n: usize, work: fn(usize, &mut Core, &mut ThreadEnv)) -> Vec<(Core, M
             let done = done.clone();
             std::thread::spawn(move || {
                 // 1 s per level: generous, so only a real hang trips it.
-                let policy = Policy { deadline: 1_000_000, transfer_gap: 0 };
+                let policy =
+                    Policy { deadline: 1_000_000, transfer_gap: 0, revoke: Revoke::Broadcast };
                 let mut core = Core::new(me as u16, policy);
                 core.grant(0x100_0000 * (me as u64 + 1), 0x1_0000).unwrap();
                 for p in (0..n).filter(|&p| p != me) {
@@ -601,7 +602,11 @@ fn a_revoke_that_cannot_unmap_marks_the_guest_for_stopping() {
 #[test]
 fn policy_defaults_follow_the_tsc_rate() {
     let p = Policy::from_tsc_per_ms(4000);
-    assert_eq!(p, Policy { deadline: 200_000, transfer_gap: 40 }, "50 ms per level, 100/ms");
+    assert_eq!(
+        p,
+        Policy { deadline: 200_000, transfer_gap: 40, revoke: Revoke::Broadcast },
+        "50 ms per level, 100/ms"
+    );
 }
 
 #[test]
@@ -647,7 +652,8 @@ impl Env for Inbox {
 
 #[test]
 fn poll_serves_every_waiting_message_and_counts_them() {
-    let mut core = Core::new(1, Policy { deadline: 10, transfer_gap: 0 });
+    let mut core =
+        Core::new(1, Policy { deadline: 10, transfer_gap: 0, revoke: Revoke::Broadcast });
     let revoke = |req: u64| [proto::op::REVOKE | req << 32, 0xdead, 0, 0, 0, 0, 0];
     let mut env = Inbox((1..=3).map(|r| (0, revoke(r))).collect(), vec![]);
     assert_eq!(core.poll(&mut env), 3);
@@ -667,7 +673,7 @@ fn poll_serves_every_waiting_message_and_counts_them() {
 
 #[test]
 fn in_place_initialisation_equals_a_fresh_instance() {
-    let policy = Policy { deadline: 7, transfer_gap: 3 };
+    let policy = Policy { deadline: 7, transfer_gap: 3, revoke: Revoke::Broadcast };
     let mut slot = Box::new(core::mem::MaybeUninit::<Core>::uninit());
     // SAFETY: a boxed, aligned slot for exactly one Core.
     let built = unsafe {
@@ -980,4 +986,225 @@ fn a_hung_core_is_fenced_by_every_member_not_only_its_prober_and_the_coordinator
     // Core 0's channel to core 2 (its second, peers in order 1, 2, 3).
     let link = net.cores[0].take_link(1).unwrap();
     assert!(!link.peer_up, "core 0's guest still sees its peer on the hung core up: {link:?}");
+}
+
+/// Trees: `n` cores revoking with fan-out `fanout`; core 0 copies its grant (read-only) to
+/// every other core.
+fn tree_net(n: usize, fanout: u8) -> Net {
+    let mut net = Net::new(n, 4);
+    for c in &mut net.cores {
+        c.policy.revoke = Revoke::Tree { fanout };
+    }
+    for p in 1..n {
+        net.transfer(0, 0, p, 1 | 1 << 8).unwrap();
+    }
+    assert!((1..n).all(|p| net.live_memory(p) == 1));
+    net
+}
+
+impl Net {
+    /// Core `c`'s revoke with time passing in steps of a tenth of a deadline unit, every core
+    /// polled at each (so each core's deadlines fire in their order, as on hardware); cores in
+    /// `deaf` get nothing delivered and say nothing.
+    fn revoke_in_time(&mut self, c: usize, h: u64, deaf: &[usize]) -> Result<u64, HvError> {
+        if !self.with(c, |core, env| core.revoke_start(env, h))? {
+            return Ok(0);
+        }
+        let n = self.cores.len();
+        for _ in 0..10_000 {
+            while (0..n * n).any(|i| {
+                let (f, t) = (i / n, i % n);
+                !deaf.contains(&f) && !deaf.contains(&t) && self.deliver(f, t)
+            }) {}
+            if let Some(v) = self.cores[c].take_verdict() {
+                self.cores[c].restore_unconfirmed(h);
+                return Core::revoke_finish(v);
+            }
+            self.now += 100;
+            for k in (0..n).filter(|k| !deaf.contains(k)) {
+                self.with(k, |core, env| core.poll(env));
+            }
+        }
+        panic!("the revoke was not decided in 1000 deadline units");
+    }
+
+    /// `REVOKE`s core `c` sent since `since` (an index into `sends`).
+    fn revokes_from(&self, c: usize, since: usize) -> usize {
+        self.sends[since..].iter().filter(|&&(f, _)| f == c).count()
+    }
+}
+
+#[test]
+fn tree_heights_follow_the_fanout() {
+    use super::proto::{tree_height, TREE_HEIGHT};
+    assert_eq!([0, 1, 2, 3, 4, 5, 7].map(|g| tree_height(g, 2)), [0, 1, 1, 2, 2, 2, 3]);
+    assert_eq!([1, 3, 4, 5].map(|g| tree_height(g, 3)), [1, 1, 2, 2]);
+    // The biggest subtree a head gets (16 copies, fan-out 2: 7 members) fits the classes.
+    let most = (2..=16usize).map(|f| tree_height((16 - f).div_ceil(f), f)).max();
+    assert_eq!(most, Some(TREE_HEIGHT));
+}
+
+#[test]
+fn a_tree_revoke_reaches_every_holder_and_the_revoker_asks_only_its_heads() {
+    for (n, fanout, asked) in [(15, 2, 2), (15, 3, 3), (8, 2, 2), (4, 3, 3), (15, 16, 14)] {
+        let mut net = tree_net(n, fanout);
+        let since = net.sends.len();
+        assert_eq!(net.revoke(0, 0, None), Ok(n as u64 - 1), "n={n} fanout={fanout}");
+        assert_eq!(net.revokes_from(0, since), asked, "n={n} fanout={fanout}");
+        assert!((1..n).all(|p| net.live_memory(p) == 0), "n={n} fanout={fanout}");
+        assert!(net.ept.iter().all(BTreeSet::is_empty));
+        assert!(net.cores.iter().all(Core::idle), "n={n} fanout={fanout}");
+        assert_eq!(net.cores[0].space().get(0).unwrap().children().count(), 0);
+        assert!(net.cores.iter().all(|c| c.stats.fenced == 0));
+    }
+}
+
+#[test]
+fn holders_mapping_their_copies_lose_the_mappings_through_the_tree() {
+    let mut net = tree_net(15, 2);
+    for p in 1..15 {
+        let h = net.cores[p].space().live().find(|(_, k)| k.rights == Rights::READ).unwrap().0;
+        assert_eq!(net.call(p, Hypercall::CapMap, h, 0xc000_0000, 1), Ok(0));
+    }
+    assert_eq!(net.revoke(0, 0, None), Ok(14));
+    assert!(net.ept.iter().all(BTreeSet::is_empty), "every mapping gone");
+}
+
+#[test]
+fn a_deaf_head_is_fenced_and_its_members_are_asked_directly() {
+    let mut net = tree_net(15, 2);
+    // Core 1 is the first head (6 members below it): it drops every revoke.
+    net.cores[1].deafen();
+    let since = net.sends.len();
+    assert_eq!(net.revoke_in_time(0, 0, &[]), Err(HvError::Timeout));
+    assert_eq!(net.cores[0].stats.fenced, 1 << 1, "only the deaf head is blamed");
+    assert_eq!(net.live_memory(1), 1, "the deaf core kept its copy");
+    assert!((2..15).all(|p| net.live_memory(p) == 0), "every other copy is gone");
+    // Its members were asked directly: 2 heads, then the first head's 6 members.
+    assert_eq!(net.revokes_from(0, since), 2 + 6);
+    // Only the deaf core's copy is still recorded: a later revoke says Timeout again.
+    let root = *net.cores[0].space().get(0).unwrap();
+    assert_eq!(root.children().map(|c| c.core).collect::<Vec<_>>(), [1]);
+    assert!(net.cores.iter().enumerate().all(|(i, c)| i == 1 || c.idle()));
+    assert_eq!(net.revoke_in_time(0, 0, &[]), Err(HvError::Timeout));
+}
+
+#[test]
+fn a_dead_intermediate_deep_in_the_tree_is_blamed_by_its_own_head() {
+    // 14 holders, fan-out 2: heads 1 and 2; head 1 carries 3..=8 and asks 3 and 4 itself,
+    // 3 carrying 5 and 6, 4 carrying 7 and 8. Core 3 is dead (nothing reaches it, nothing comes back).
+    let mut net = tree_net(15, 2);
+    assert_eq!(net.revoke_in_time(0, 0, &[3]), Err(HvError::Timeout));
+    assert_eq!(net.cores[1].stats.fenced, 1 << 3, "head 1 fenced its silent head");
+    assert_eq!(net.cores[0].stats.fenced, 0, "the revoker fenced nobody: head 1 answered");
+    assert_eq!(net.live_memory(3), 1);
+    assert!((1..15).filter(|&p| p != 3).all(|p| net.live_memory(p) == 0));
+    let root = *net.cores[0].space().get(0).unwrap();
+    assert_eq!(root.children().map(|c| c.core).collect::<Vec<_>>(), [3], "only 3 unconfirmed");
+}
+
+#[test]
+fn a_dead_head_and_a_dead_member_below_it_both_end_unconfirmed_in_bounded_time() {
+    for dead in [[1, 3], [1, 9], [2, 14], [1, 2]] {
+        let mut net = tree_net(15, 2);
+        let t0 = net.now;
+        assert_eq!(net.revoke_in_time(0, 0, &dead), Err(HvError::Timeout), "{dead:?}");
+        // Heads of height 2: (2 * 2 + 1) L before the revoker gives them up, L for their
+        // members; L = 5 units of 1000 ticks (depth 1) here.
+        assert!(net.now - t0 <= 6 * 5 * 1000 + 200, "{dead:?}: took {}", net.now - t0);
+        for p in 1..15 {
+            assert_eq!(net.live_memory(p), dead.contains(&p) as usize, "{dead:?}: core {p}");
+        }
+        let root = *net.cores[0].space().get(0).unwrap();
+        let mut left: Vec<_> = root.children().map(|c| c.core as usize).collect();
+        left.sort();
+        assert_eq!(left, dead, "exactly the dead cores' copies stay recorded");
+    }
+}
+
+#[test]
+fn a_head_fenced_by_membership_mid_revoke_hands_its_members_back() {
+    let mut net = tree_net(15, 2);
+    let since = net.sends.len();
+    assert_eq!(net.with(0, |core, env| core.revoke_start(env, 0)), Ok(true));
+    // The membership protocol declares head 2 failed before anything was delivered.
+    net.with(0, |core, env| {
+        let mut stats = Stats::default();
+        core.proto.fence(env, 2, &mut stats)
+    });
+    assert_eq!(net.revokes_from(0, since), 2 + 6, "head 2's members asked directly at once");
+    net.settle(Some(2));
+    let v = net.cores[0].take_verdict().expect("decided without a deadline");
+    net.cores[0].restore_unconfirmed(0);
+    assert_eq!(Core::revoke_finish(v), Err(HvError::Timeout));
+    assert!((1..15).filter(|&p| p != 2).all(|p| net.live_memory(p) == 0));
+}
+
+#[test]
+fn copies_of_copies_below_tree_members_are_revoked_too() {
+    // Holder 5 copies its copy on to core 9, which copies it on to core 12: the revoke
+    // through the tree takes back the whole derivation.
+    let mut net = Net::new(15, 4);
+    for c in &mut net.cores {
+        c.policy.revoke = Revoke::Tree { fanout: 2 };
+    }
+    let mut h5 = 0;
+    for p in 1..15 {
+        let h = net.transfer(0, 0, p, 1 | ALL << 8).unwrap();
+        if p == 5 {
+            h5 = h;
+        }
+    }
+    let h9 = net.transfer(5, h5, 9, 1 | ALL << 8).unwrap();
+    net.transfer(9, h9, 12, 1 | 1 << 8).unwrap();
+    assert_eq!((net.live_memory(9), net.live_memory(12)), (2, 2));
+    assert_eq!(net.revoke(0, 0, None), Ok(16));
+    assert!((1..15).all(|p| net.live_memory(p) == 0));
+    assert!(net.cores.iter().all(Core::idle));
+}
+
+#[test]
+fn several_copies_on_one_core_go_through_the_tree() {
+    // Two copies on each of cores 1..=7: the heads carry copies on their own core too.
+    let mut net = Net::new(8, 4);
+    for c in &mut net.cores {
+        c.policy.revoke = Revoke::Tree { fanout: 2 };
+    }
+    for p in (1..8).chain(1..8) {
+        net.transfer(0, 0, p, 1 | 1 << 8).unwrap();
+    }
+    assert_eq!(net.revoke(0, 0, None), Ok(14));
+    assert!((1..8).all(|p| net.live_memory(p) == 0));
+    assert!(net.cores.iter().all(Core::idle));
+}
+
+#[test]
+fn a_tree_revoke_on_threads_takes_back_every_copy() {
+    const N: usize = 9;
+    let out = threads(N, |me, core, env| {
+        if me == 0 {
+            core.policy.revoke = Revoke::Tree { fanout: 2 };
+            for p in 1..N {
+                let ep = ep_of(core, N, 0, p);
+                core.hypercall(env, Hypercall::CapTransfer, 0, ep, 1 | 1 << 8).unwrap().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let n = core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0).unwrap();
+            assert_eq!(n, Ok(N as u64 - 1));
+        } else {
+            let h = loop {
+                core.poll(env);
+                let got = core.space().live().find(|(_, k)| k.rights == Rights::READ);
+                if let Some((h, _)) = got {
+                    break h;
+                }
+                std::thread::yield_now();
+            };
+            assert_eq!(core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1), Some(Ok(0)));
+        }
+    });
+    for (i, (core, maps)) in out.iter().enumerate().skip(1) {
+        assert!(core.space().live().all(|(_, k)| k.rights != Rights::READ), "core {i}");
+        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
+    }
 }

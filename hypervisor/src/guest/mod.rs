@@ -30,6 +30,8 @@ pub struct Launch {
     pub watchdog_ms: u64,
     /// The capability protocol's deadline per level.
     pub caps_deadline_ms: u64,
+    /// How this core's revokes reach the holders (`revoke=`, `revoke_fanout=`).
+    pub revoke: crate::caps::Revoke,
     /// Fault injection: this core never answers capability revokes
     /// (`inject=deaf-core:N`).
     pub deaf: bool,
@@ -850,6 +852,7 @@ mod run {
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let policy = crate::caps::Policy {
             deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
+            revoke: l.revoke,
             ..crate::caps::Policy::from_tsc_per_ms(tsc_per_ms)
         };
         let mut caps = caps_of_this_core(core as usize, policy);

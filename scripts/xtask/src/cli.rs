@@ -172,15 +172,24 @@ pub enum BenchWhat {
         plot: bool,
     },
     /// Capability map, copy, move and revoke for 1, 2, 4, 7, 10 and 14 copies (up to 15
-    /// emulated CPUs).
+    /// emulated CPUs); with `--revoke`, revoke strategies side by side at k = 1..=14, always
+    /// on 15 CPUs.
     Caps {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Only these numbers of copies (comma-separated, of 1, 2, 4, 7, 10, 14): `--k 1`
-        /// is the quick run for the map and unmap figures.
-        #[arg(long, value_delimiter = ',', value_parser = ["1", "2", "4", "7", "10", "14"])]
-        k: Vec<String>,
+        /// Only these numbers of copies (comma-separated; of 1, 2, 4, 7, 10, 14 without
+        /// `--revoke`, any of 1..=14 with it): `--k 1` is the quick run for the map and
+        /// unmap figures.
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=14))]
+        k: Vec<u64>,
+        /// Compare revoke strategies (comma-separated: broadcast, tree) on generated configs
+        /// of 15 CPUs, k = 1..=14 unless `--k` says otherwise.
+        #[arg(long, value_delimiter = ',', value_parser = ["broadcast", "tree"])]
+        revoke: Vec<String>,
+        /// The tree's fan-out (2..=16) with `--revoke tree`.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=16))]
+        fanout: u8,
         /// Also draw revoke cost against k next to the JSON (needs --json).
         #[arg(long, requires = "json")]
         plot: bool,

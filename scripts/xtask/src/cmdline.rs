@@ -40,6 +40,10 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "duration_ms" => Some("expected duration_ms=N with 1 <= N <= 86400000"),
             "probe_ms" if n.is_some_and(|n| n <= 10_000) => None,
             "probe_ms" => Some("expected probe_ms=N with 0 (off) <= N <= 10000"),
+            "revoke" if value == "broadcast" || value == "tree" => None,
+            "revoke" => Some("expected revoke=broadcast or revoke=tree"),
+            "revoke_fanout" if n.is_some_and(|n| (2..=16).contains(&n)) => None,
+            "revoke_fanout" => Some("expected revoke_fanout=N with 2 <= N <= 16"),
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" || value == "ap-fault" => None,
                 Some(("deaf-core", k)) if k.parse::<usize>().is_ok_and(|k| k >= 1) => None,
@@ -51,7 +55,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             },
             _ => Some(
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
-                 caps_deadline_ms=N, probe_ms=N, duration_ms=N, \
+                 caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=broadcast|tree, \
+                 revoke_fanout=N, \
                  inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
             ),
         };
@@ -81,7 +86,8 @@ mod tests {
     fn good_options_pass() {
         assert!(check("").is_empty());
         let all = "cpus=2 vmxcaps vmxcaps=1 trace trace=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
-                   inject=silent-ap inject=ap-fault inject=deaf-core:1";
+                   inject=silent-ap inject=ap-fault inject=deaf-core:1 revoke=tree revoke=broadcast \
+                   revoke_fanout=2 revoke_fanout=16";
         assert_eq!(check(all), []);
     }
 
@@ -101,6 +107,10 @@ mod tests {
                 "inject=deaf-core:0",
                 "inject=x"
             ]
+        );
+        assert_eq!(
+            words("revoke=star revoke revoke_fanout=1 revoke_fanout=17"),
+            ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17"]
         );
         let b = &check("cpus=2 frob")[0];
         assert_eq!(b.word, "frob");

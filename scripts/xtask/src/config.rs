@@ -37,7 +37,18 @@ pub struct Machine {
     /// already says.
     #[serde(default)]
     pub probe_ms: Option<Spanned<u32>>,
+    /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
+    /// default) or `tree`; passed on as the command line's `revoke=...`.
+    #[serde(default)]
+    pub revoke: Option<Spanned<String>>,
+    /// Heads per level of a revoke tree (2..=16; only with `revoke = "tree"`); passed on as
+    /// `revoke_fanout=N`.
+    #[serde(default)]
+    pub revoke_fanout: Option<Spanned<u32>>,
 }
+
+/// The machine's `revoke` strategies.
+pub const REVOKE_STRATEGIES: [&str; 2] = ["broadcast", "tree"];
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -322,6 +333,23 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     if let Some(p) = &m.probe_ms {
         if *p.get_ref() > 10_000 {
             errs.at(p.span(), "machine.probe_ms", "must be between 0 (off) and 10000 ms");
+        }
+    }
+    if let Some(r) = &m.revoke {
+        if !REVOKE_STRATEGIES.contains(&r.get_ref().as_str()) {
+            let msg = format!(
+                "unknown revoke strategy `{}` (known: {})",
+                r.get_ref(),
+                REVOKE_STRATEGIES.join(", ")
+            );
+            errs.at(r.span(), "machine.revoke", msg);
+        }
+    }
+    if let Some(f) = &m.revoke_fanout {
+        if !(2..=16).contains(f.get_ref()) {
+            errs.at(f.span(), "machine.revoke_fanout", "must be between 2 and 16");
+        } else if m.revoke.as_ref().is_none_or(|r| r.get_ref() != "tree") {
+            errs.at(f.span(), "machine.revoke_fanout", "given, but `revoke` is not `tree`");
         }
     }
     if *m.memory_mib.get_ref() < 64 || *m.memory_mib.get_ref() > 2048 {
@@ -933,6 +961,30 @@ memory_mib = 4
         assert_eq!(e.field, "machine.probe_ms", "{e}");
         assert!(e.message.contains("between 0 (off) and 10000"), "{e}");
         assert!(!errors(&with("\"fast\"")).is_empty(), "a string is refused");
+    }
+
+    #[test]
+    fn revoke_strategy_and_fanout_are_checked_at_their_line() {
+        let with = |extra: &str| {
+            GOOD.replacen("memory_mib = 256\n", &format!("memory_mib = 256\n{extra}"), 1)
+        };
+        assert!(compile("t.toml", &with("revoke = \"broadcast\"\n")).is_ok());
+        assert!(compile("t.toml", &with("revoke = \"tree\"\n")).is_ok());
+        assert!(compile("t.toml", &with("revoke = \"tree\"\nrevoke_fanout = 16\n")).is_ok());
+        let line = GOOD.lines().position(|l| l == "memory_mib = 256").unwrap() + 2;
+        let e = one_error(&with("revoke = \"star\"\n"));
+        assert_eq!((e.field.as_str(), e.line), ("machine.revoke", line), "{e}");
+        assert!(e.message.contains("unknown revoke strategy `star` (known: broadcast, tree)"));
+        for bad in ["1", "17", "0"] {
+            let e = one_error(&with(&format!("revoke = \"tree\"\nrevoke_fanout = {bad}\n")));
+            assert_eq!((e.field.as_str(), e.line), ("machine.revoke_fanout", line + 1), "{e}");
+            assert!(e.message.contains("between 2 and 16"), "{e}");
+        }
+        let e = one_error(&with("revoke_fanout = 3\n"));
+        assert_eq!(e.field, "machine.revoke_fanout", "{e}");
+        assert!(e.message.contains("`revoke` is not `tree`"), "{e}");
+        assert!(!errors(&with("revoke = 2\n")).is_empty(), "a number is refused");
+        assert!(!errors(&with("revoke = \"tree\"\nrevoke_fanout = \"2\"\n")).is_empty());
     }
 
     #[test]

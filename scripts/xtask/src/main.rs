@@ -124,9 +124,12 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {
                 xtask::bench::channels(json.as_deref(), *repeat, *host_only, *plot).map(|()| true)
             }
-            xtask::cli::BenchWhat::Caps { json, plot, k } => {
-                let k: Vec<u64> = k.iter().filter_map(|k| k.parse().ok()).collect();
-                xtask::bench::caps(json.as_deref(), *plot, &k).map(|()| true)
+            xtask::cli::BenchWhat::Caps { json, plot, k, revoke, fanout } if !revoke.is_empty() => {
+                xtask::bench::caps_strategies(json.as_deref(), *plot, k, revoke, *fanout)
+                    .map(|()| true)
+            }
+            xtask::cli::BenchWhat::Caps { json, plot, k, .. } => {
+                xtask::bench::caps(json.as_deref(), *plot, k).map(|()| true)
             }
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)

@@ -90,6 +90,12 @@ pub fn files(inputs: &[PathBuf], out: Option<&Path>) -> Result<Vec<PathBuf>> {
                 rtt_histograms(&c.host, &p)?;
                 written.push(p);
             }
+            // `--revoke`: strategies side by side; otherwise the costs of one machine.
+            Input::Caps(rows) if rows.iter().any(|r| !r.strategy.is_empty()) => {
+                let p = output(input, out, "strategies");
+                revoke_strategies(&rows, &p)?;
+                written.push(p);
+            }
             Input::Caps(rows) => {
                 let p = output(input, out, "revoke");
                 revoke_against_k(&rows, &p)?;
@@ -368,6 +374,57 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
     Ok(())
 }
 
+/// Revoke latency and the revoker's own cost against k, one line per strategy (`bench caps
+/// --revoke`): two panels side by side.
+pub fn revoke_strategies(rows: &[crate::bench::CapsRow], path: &Path) -> Result<()> {
+    if rows.is_empty() {
+        bail!("no rows in this bench caps output");
+    }
+    let mut strategies: Vec<&str> = vec![];
+    for r in rows {
+        if !strategies.contains(&r.strategy.as_str()) {
+            strategies.push(&r.strategy);
+        }
+    }
+    let k_max = rows.iter().map(|r| r.k).max().unwrap_or(1) as f64;
+    let root = SVGBackend::new(path, (SIZE.0 * 3 / 2, SIZE.1)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(SIZE.0 * 3 / 4);
+    type Figure = fn(&crate::bench::CapsRow) -> u64;
+    let panels: [(_, &str, Figure); 2] = [
+        (left, "Revoke latency (until every copy confirmed)", |r| r.revoke),
+        (right, "The revoker's own cost (its core's work)", |r| r.revoke_own),
+    ];
+    for (area, title, f) in panels {
+        let y_max = rows.iter().map(f).max().unwrap_or(1).max(1) as f64 * 1.1;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..k_max + 1.0, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("k: copies on k other cores (15 CPUs)")
+            .y_desc("emulated instructions")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(err)?;
+        for (i, s) in strategies.iter().enumerate() {
+            let p: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.strategy == *s)
+                .map(|r| (r.k as f64, f(r) as f64))
+                .collect();
+            series(&mut chart, &p, i, s.to_string(), 4)?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +489,30 @@ mod tests {
         let other = tmp("other.json");
         std::fs::write(&other, "{\"x\": 1}").unwrap();
         assert!(files(&[other], None).unwrap_err().to_string().contains("neither a run report"));
+    }
+
+    #[test]
+    fn revoke_strategies_get_a_line_each_in_both_panels() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<CapsRow> = (1..=3u64)
+            .flat_map(|k| {
+                ["broadcast", "tree/2"].map(|s| CapsRow {
+                    k,
+                    revoke: 1000 * k,
+                    revoke_own: 100 * k,
+                    strategy: s.into(),
+                    cpus: 15,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let caps = dir.path().join("s.json");
+        std::fs::write(&caps, serde_json::to_string(&rows).unwrap()).unwrap();
+        let out = files(&[caps], None).unwrap();
+        assert_eq!(out, [dir.path().join("s.strategies.svg")]);
+        let svg = std::fs::read_to_string(&out[0]).unwrap();
+        assert!(svg.contains("tree/2") && svg.contains("own cost"), "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 12, "two strategies of three k, two panels");
     }
 
     #[test]

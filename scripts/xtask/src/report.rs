@@ -73,6 +73,10 @@ pub struct GuestReport {
     /// budget).
     #[serde(default)]
     pub foreign_tsc: u64,
+    /// TSC ticks its core worked on the guest's own `cap_revoke`s (requests sent, replies
+    /// handled; not the time spent waiting for them).
+    #[serde(default)]
+    pub revoke_tsc: u64,
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
@@ -188,6 +192,7 @@ struct GuestJson {
     requests_from: BTreeMap<String, u64>,
     cap_refused: u64,
     foreign_tsc: u64,
+    revoke_tsc: u64,
     fenced: Vec<u32>,
     incarnations: Vec<IncarnationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,6 +226,7 @@ impl From<GuestReport> for GuestJson {
             requests_from: g.requests_from,
             cap_refused: g.cap_refused,
             foreign_tsc: g.foreign_tsc,
+            revoke_tsc: g.revoke_tsc,
             fenced: g.fenced,
             trace: g.trace,
             incarnations: g.incarnations,
@@ -510,6 +516,7 @@ impl Console {
                             .unwrap_or_default(),
                         cap_refused: num(&r, "cap_refused").unwrap_or(0),
                         foreign_tsc: num(&r, "foreign_tsc").unwrap_or(0),
+                        revoke_tsc: num(&r, "revoke_tsc").unwrap_or(0),
                         fenced: r
                             .get("fenced")
                             .map(unescape)

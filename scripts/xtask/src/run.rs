@@ -660,19 +660,27 @@ pub fn check(args: &RunArgs) -> Result<String> {
 }
 
 /// The hypervisor command line: `--cmdline` (and `--trace`), plus the config's
-/// `machine.probe_ms` as `probe_ms=N` when the command line does not set it.
+/// `machine.probe_ms`, `machine.revoke` and `machine.revoke_fanout` as `probe_ms=N`,
+/// `revoke=...` and `revoke_fanout=N`, each when the command line does not set it.
 fn machine_cmdline(
     args: &RunArgs,
     compiled: Option<&(PathBuf, crate::config::Compiled)>,
 ) -> String {
     let mut c = args.hypervisor_cmdline();
-    let probe = compiled.and_then(|(_, c)| c.config.machine.probe_ms.as_ref());
-    if let Some(p) = probe {
-        if !c.split_ascii_whitespace().any(|w| w.starts_with("probe_ms=")) {
+    let Some((_, compiled)) = compiled else { return c };
+    let m = &compiled.config.machine;
+    let words = [
+        ("probe_ms", m.probe_ms.as_ref().map(|p| p.get_ref().to_string())),
+        ("revoke", m.revoke.as_ref().map(|r| r.get_ref().clone())),
+        ("revoke_fanout", m.revoke_fanout.as_ref().map(|f| f.get_ref().to_string())),
+    ];
+    for (key, value) in words {
+        let Some(value) = value else { continue };
+        if !c.split_ascii_whitespace().any(|w| w.starts_with(&format!("{key}="))) {
             if !c.is_empty() {
                 c.push(' ');
             }
-            c += &format!("probe_ms={}", p.get_ref());
+            c += &format!("{key}={value}");
         }
     }
     c
