@@ -171,6 +171,7 @@ const BATCH: &[(&str, &str)] = &[
     ("mwait", "#UD"),
     ("getsec", "#UD"),
     ("vmcall-from-ring3", "#GP"),
+    ("vmcall-single-stepped", "#DB"),
     ("xsetbv-xcr1", "#GP"),
     ("xsetbv-xcr0-avx", "#GP"),
     ("xsetbv-xcr0-zero", "#GP"),

@@ -133,7 +133,8 @@ core::arch::global_asm!(
         jmp 1b
     # A probe is armed (see `probe!`): record the vector and error code, disarm, and
     # resume at the probe's landing with the probe's RSP, in ring 0 (a probe may have gone
-    # to ring 3). Only RAX is used, and restored; IRETQ restores RFLAGS from the frame.
+    # to ring 3). Only RAX is used, and restored; IRETQ restores RFLAGS from the frame,
+    # single-stepping (TF) cleared (a probe may have set it).
     3:  pushq %rax
         movq 8(%rsp), %rax
         movq %rax, {recover}+16(%rip)
@@ -145,6 +146,7 @@ core::arch::global_asm!(
         movq %rax, 48(%rsp)
         movq $0x08, 32(%rsp)
         movq $0x10, 56(%rsp)
+        andq $-0x101, 40(%rsp)
         movq $0, {recover}(%rip)
         popq %rax
         addq $16, %rsp
