@@ -18,13 +18,15 @@ use vmcall_proto::hypercall::Hypercall;
 const MAX_SAMPLES: usize = 2048;
 
 /// The exits measured: name, and one exiting instruction.
-const KINDS: [(&str, fn()); 6] = [
+const KINDS: [(&str, fn()); 8] = [
     ("null_hypercall", null_hypercall),
     ("exit_count_hypercall", exit_count_hypercall),
     ("cpuid", cpuid),
     ("io_out", io_out),
     ("rdmsr", rdmsr),
     ("wrmsr", wrmsr),
+    ("rdmsr_pat", rdmsr_pat),
+    ("wrmsr_pat", wrmsr_pat),
 ];
 
 /// `yield`: a hypercall that does nothing and returns 0.
@@ -47,39 +49,53 @@ fn io_out() {
 }
 
 const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_PAT: u32 = 0x277;
 
-/// FS base as found at the start: `wrmsr` writes it back unchanged.
+/// FS base and PAT as found at the start: the writes put them back unchanged.
 static FS_BASE: AtomicU64 = AtomicU64::new(0);
+static PAT: AtomicU64 = AtomicU64::new(0);
 
-/// Reads FS base through RDMSR (it exits: only the syscall MSRs pass through).
-fn read_fs_base() -> u64 {
+/// RDMSR. FS base no longer exits (VMX switches it: it passes through); PAT does.
+fn read_msr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: FS base exists in long mode; the hypervisor emulates the read.
+    // SAFETY: FS base and PAT exist in long mode; reading them changes nothing.
     unsafe {
-        core::arch::asm!("rdmsr", in("ecx") MSR_FS_BASE, out("eax") lo, out("edx") hi,
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi,
             options(nomem, nostack))
     };
     u64::from(hi) << 32 | u64::from(lo)
 }
 
-fn rdmsr() {
-    core::hint::black_box(read_fs_base());
-}
-
-/// Writes FS base with the value it has (through WRMSR, which exits).
-fn wrmsr() {
-    let v = FS_BASE.load(Ordering::Relaxed);
-    // SAFETY: the value FS base already holds: nothing changes.
+/// WRMSR of the value `msr` already holds: nothing changes.
+fn write_msr(msr: u32, v: u64) {
+    // SAFETY: the value the MSR already holds (a valid one).
     unsafe {
-        core::arch::asm!("wrmsr", in("ecx") MSR_FS_BASE, in("eax") v as u32,
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") v as u32,
             in("edx") (v >> 32) as u32, options(nomem, nostack))
     };
+}
+
+fn rdmsr() {
+    core::hint::black_box(read_msr(MSR_FS_BASE));
+}
+
+fn wrmsr() {
+    write_msr(MSR_FS_BASE, FS_BASE.load(Ordering::Relaxed));
+}
+
+fn rdmsr_pat() {
+    core::hint::black_box(read_msr(MSR_PAT));
+}
+
+fn wrmsr_pat() {
+    write_msr(MSR_PAT, PAT.load(Ordering::Relaxed));
 }
 
 pub fn exitbench(bi: &BootInfo) -> u64 {
     let n = (bi.arg_int("n") as usize).clamp(1, MAX_SAMPLES);
     let mut samples = [0u32; MAX_SAMPLES];
-    FS_BASE.store(read_fs_base(), Ordering::Relaxed);
+    FS_BASE.store(read_msr(MSR_FS_BASE), Ordering::Relaxed);
+    PAT.store(read_msr(MSR_PAT), Ordering::Relaxed);
     for (name, op) in KINDS {
         // Warm up (the first exits of a kind touch code and data the later ones find).
         for _ in 0..16 {

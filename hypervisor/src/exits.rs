@@ -1145,6 +1145,14 @@ pub const MSR_X2APIC_EOI: u32 = 0x80b;
 pub const MSR_PASSTHROUGH: [u32; 5] =
     [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0102];
 
+/// MSRs a guest may also access without an exit because VMX switches them: FS and GS base
+/// are guest-state fields, loaded at VM entry and saved at VM exit, which loads the host's
+/// own from the host-state area (SDM Vol. 3C 25.4.1, 28.5.2), and the processor itself
+/// raises #GP for a non-canonical write (what `wrmsr` below does when they exit). Not
+/// scrubbed with [`MSR_PASSTHROUGH`]: the host's GS base is in use; each incarnation's
+/// VMCS sets the guest's.
+pub const MSR_SWITCHED: [u32; 2] = [MSR_FS_BASE, MSR_GS_BASE];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -752,8 +752,9 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "exitbench",
         summary: "times `n` VM exit round trips of each kind (null and `exit_count` \
-                  hypercalls, CPUID, an I/O write, RDMSR, WRMSR) and the hypervisor's share \
-                  from its telemetry page (`cargo xtask bench exits`); exits 0",
+                  hypercalls, CPUID, an I/O write, RDMSR and WRMSR of FS base (no exit: \
+                  VMX switches it) and of PAT) and the hypervisor's share from its \
+                  telemetry page (`cargo xtask bench exits`); exits 0",
         args: &[int("n", 1, 2048, 1000, "round trips timed per kind")],
     },
     WorkloadSpec {

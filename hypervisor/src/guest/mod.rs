@@ -551,12 +551,13 @@ mod run {
             "entry controls",
         )?;
 
-        // MSR bitmap: every access exits but the pass-through list (SDM Vol. 3C 25.6.9).
+        // MSR bitmap: every access exits but the pass-through and switched lists (SDM Vol.
+        // 3C 25.6.9).
         let bitmap = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
         // SAFETY: a frame of this core's private region, identity-mapped.
         let bm = unsafe { core::slice::from_raw_parts_mut(bitmap as *mut u8, 4096) };
         bm.fill(0xff);
-        for msr in exits::MSR_PASSTHROUGH {
+        for msr in exits::MSR_PASSTHROUGH.into_iter().chain(exits::MSR_SWITCHED) {
             let bit = (msr & 0x1fff) as usize;
             let high = if msr >= 0xc000_0000 { 1024 } else { 0 };
             for base in [high, 2048 + high] {
