@@ -263,6 +263,9 @@ mod tests {
         blocking: u64,
         timer: Option<u64>,
         cpuid: u32,
+        /// Writes of the interruptibility state (a VMWRITE the fast path spends only when
+        /// there is blocking to end).
+        blocking_writes: u32,
     }
     impl Cpu for Fake {
         fn read(&mut self, f: Field) -> u64 {
@@ -278,7 +281,10 @@ mod tests {
         fn write(&mut self, f: Field, v: u64) {
             match f {
                 Field::Rip => self.rip = v,
-                Field::Interruptibility => self.blocking = v,
+                Field::Interruptibility => {
+                    self.blocking = v;
+                    self.blocking_writes += 1;
+                }
                 Field::PreemptionTimer => self.timer = Some(v),
                 _ => panic!("{f:?} is read-only"),
             }
@@ -314,6 +320,7 @@ mod tests {
             blocking: 0,
             timer: None,
             cpuid: 0,
+            blocking_writes: 0,
         }
     }
 
@@ -390,6 +397,28 @@ mod tests {
         c.blocking = 0b1011;
         assert!(ans(&mut c, &mut regs, &mut fx));
         assert_eq!(c.blocking, 0b1000, "STI and MOV-SS blocking cleared, NMI blocking kept");
+        assert_eq!(c.blocking_writes, 1);
+        // Nothing to end: no VMWRITE spent on it.
+        for blocking in [0, 0b1000] {
+            let mut c = fake(10);
+            c.blocking = blocking;
+            assert!(ans(&mut c, &mut regs, &mut fx));
+            assert_eq!((c.blocking, c.blocking_writes), (blocking, 0));
+        }
+    }
+
+    #[test]
+    fn exit_count_counts_the_cpuids_answered_here_too() {
+        let mut p = page();
+        let mut fx = armed(&mut p, &QUIET, &QUIET);
+        let mut regs = GuestRegs::default();
+        for _ in 0..2 {
+            regs.rax = 0;
+            assert!(ans(&mut fake(10), &mut regs, &mut fx));
+        }
+        regs.rax = Hypercall::ExitCount as u64;
+        assert!(ans(&mut fake(18), &mut regs, &mut fx));
+        assert_eq!(regs.rax, 40 + 2 + 1, "the base, two CPUIDs, itself");
     }
 
     /// Left for the run loop, with the guest's state untouched.
