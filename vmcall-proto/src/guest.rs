@@ -410,6 +410,7 @@ pub const ATTACK_NAMES: &[&str] = &[
     "mwait",
     "getsec",
     "vmcall-from-ring3",
+    "vmcall-single-stepped",
     "xsetbv-xcr1",
     "xsetbv-xcr0-avx",
     "xsetbv-xcr0-zero",
