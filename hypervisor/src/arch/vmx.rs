@@ -74,8 +74,8 @@ pub unsafe fn vmread_or_zero(field: u32) -> u64 {
 #[inline(always)]
 pub unsafe fn vmread_unchecked(field: u32) -> u64 {
     let value: u64;
-    // SAFETY: the caller guarantees a current VMCS and a field it has; VMREAD has no memory
-    // side effects.
+    // VMREAD has no memory side effects.
+    // SAFETY: the caller guarantees a current VMCS and a field it has.
     unsafe {
         core::arch::asm!("vmread {v}, {f}", f = in(reg) field as u64, v = lateout(reg) value,
             options(nostack, readonly))
@@ -167,11 +167,38 @@ core::arch::global_asm!(
     r#"
     .section .text
     .global vmx_run_asm, vmx_exit_landing
+# Loads the guest's registers from `regs` (in rax), rax last.
+.macro mkv_load_guest
+    mov rbx, [rax + 8]
+    mov rcx, [rax + 16]
+    mov rdx, [rax + 24]
+    mov rsi, [rax + 32]
+    mov rdi, [rax + 40]
+    mov rbp, [rax + 48]
+    mov r8,  [rax + 56]
+    mov r9,  [rax + 64]
+    mov r10, [rax + 72]
+    mov r11, [rax + 80]
+    mov r12, [rax + 88]
+    mov r13, [rax + 96]
+    mov r14, [rax + 104]
+    mov r15, [rax + 112]
+    mov rax, [rax]
+.endm
+# Drops the frame (after its `pop rdi`) and restores the callee-saved registers.
+.macro mkv_unwind
+    add rsp, 16
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+.endm
 # u64 vmx_run_asm(GuestRegs *regs /* rdi */, u64 launched /* rsi */, void *fast /* rdx */)
 # After a CPUID or VMCALL exit the landing calls mkv_fast_exit(regs, fast, reason), which
 # may answer it: then the guest is resumed from here. Returns 0 after a VM exit left to the
-# caller, 1 if VMLAUNCH/VMRESUME failed
-# (RFLAGS.CF or ZF). Frame: [rsp] regs, [rsp + 8] fast, [rsp + 16] padding (the landing's
+# caller, 1 if VMLAUNCH/VMRESUME failed (RFLAGS.CF or ZF). Frame: [rsp] regs, [rsp + 8] fast, [rsp + 16] padding (the landing's
 # call needs RSP 16-byte aligned), then the callee-saved registers.
 vmx_run_asm:
     push rbx
@@ -190,38 +217,14 @@ vmx_run_asm:
     mov rax, rdi
     cmp rsi, 0
     jne 3f
-    call 5f
+    mkv_load_guest
     vmlaunch
     jmp 8f
-3:  call 5f
+3:  mkv_load_guest
     vmresume
 8:  pop rdi                                 # VM entry failed: host state is intact
-    add rsp, 16
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
+    mkv_unwind
     mov eax, 1
-    ret
-
-# Loads the guest's registers from `regs` (in rax); returns with rax loaded last.
-5:  mov rbx, [rax + 8]
-    mov rcx, [rax + 16]
-    mov rdx, [rax + 24]
-    mov rsi, [rax + 32]
-    mov rdi, [rax + 40]
-    mov rbp, [rax + 48]
-    mov r8,  [rax + 56]
-    mov r9,  [rax + 64]
-    mov r10, [rax + 72]
-    mov r11, [rax + 80]
-    mov r12, [rax + 88]
-    mov r13, [rax + 96]
-    mov r14, [rax + 104]
-    mov r15, [rax + 112]
-    mov rax, [rax]
     ret
 
 vmx_exit_landing:                           # RSP = HOST_RSP: the frame above
@@ -255,31 +258,11 @@ vmx_exit_landing:                           # RSP = HOST_RSP: the frame above
     test eax, eax
     jz 7f
     mov rax, [rsp]
-    mov rbx, [rax + 8]
-    mov rcx, [rax + 16]
-    mov rdx, [rax + 24]
-    mov rsi, [rax + 32]
-    mov rdi, [rax + 40]
-    mov rbp, [rax + 48]
-    mov r8,  [rax + 56]
-    mov r9,  [rax + 64]
-    mov r10, [rax + 72]
-    mov r11, [rax + 80]
-    mov r12, [rax + 88]
-    mov r13, [rax + 96]
-    mov r14, [rax + 104]
-    mov r15, [rax + 112]
-    mov rax, [rax]
+    mkv_load_guest
     vmresume
     jmp 8b
 7:  pop rdi
-    add rsp, 16
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
+    mkv_unwind
     xor eax, eax
     ret
 "#
