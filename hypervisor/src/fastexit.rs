@@ -161,8 +161,9 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     if blocking & 3 != 0 {
         c.write(Field::Interruptibility, blocking & !3);
     }
-    // SAFETY: the run loop points `telemetry` at its guest's status page, a frame of this
-    // core's private region that outlives the vCPU; the guest is not running.
+    // `telemetry` is the guest's status page, a frame of this core's private region that
+    // outlives the vCPU.
+    // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
     t.exits[reason as usize] = t.exits[reason as usize].wrapping_add(1);
     t.hypercalls = t.hypercalls.wrapping_add((reason == 18) as u64);
@@ -207,8 +208,8 @@ impl Cpu for Hw {
     #[inline(always)]
     fn write(&mut self, f: Field, v: u64) {
         use crate::vmx::vmcs::g;
-        // SAFETY: as for `read`; RIP past the answered instruction, blocking bits cleared and
-        // a timer value keep the guest contained.
+        // RIP past the answered instruction, blocking bits cleared, a timer value.
+        // SAFETY: as for `read`; those values keep the guest contained.
         unsafe {
             match f {
                 Field::Rip => g::RIP.set(v),
@@ -469,12 +470,13 @@ mod tests {
         let mut c = fake(10);
         c.rflags = 0x302;
         declined(&mut c, &mut GuestRegs::default(), &mut fx, &p);
-        // Mail or a kick waiting.
-        let mut fx = armed(&mut p, &MAIL, &QUIET);
-        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
-        declined(&mut fake(18), &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
-        let mut fx = armed(&mut p, &QUIET, &KICKED);
-        declined(&mut fake(10), &mut GuestRegs::default(), &mut fx, &p);
-        declined(&mut fake(18), &mut GuestRegs { rax: 3, ..Default::default() }, &mut fx, &p);
+        // Mail or a kick waiting, for a CPUID and a `yield`.
+        for (mail, kicked) in [(&MAIL, &QUIET), (&QUIET, &KICKED)] {
+            let mut fx = armed(&mut p, mail, kicked);
+            for (reason, rax) in [(10, 0), (18, Hypercall::Yield as u64)] {
+                let mut regs = GuestRegs { rax, ..Default::default() };
+                declined(&mut fake(reason), &mut regs, &mut fx, &p);
+            }
+        }
     }
 }

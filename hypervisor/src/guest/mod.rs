@@ -1472,10 +1472,11 @@ mod run {
         // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
         me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
         // The exits the landing answers itself while armed (see `fastexit`).
-        // SAFETY: the status page is a frame of this core's private region, identity-mapped,
-        // alive for the whole incarnation; the guest only reads it.
-        let telemetry =
-            unsafe { core::ptr::addr_of_mut!((*(status as *mut StatusPage)).telemetry) };
+        // The status page is a frame of this core's private region, identity-mapped, alive
+        // for the whole incarnation; the guest only reads it.
+        let page = status as *mut StatusPage;
+        // SAFETY: `page` is valid for the incarnation (above); no reference is made.
+        let telemetry = unsafe { core::ptr::addr_of_mut!((*page).telemetry) };
         let mut fast = crate::fastexit::FastExit::new(
             core,
             crate::xcore::mail_word(core as usize),
@@ -1637,9 +1638,9 @@ mod run {
                 first_entry = t_entry;
             }
             let fast_ptr = core::ptr::addr_of_mut!(fast).cast();
-            // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest;
-            // `fast` lives on this frame and is armed for this guest (its telemetry page,
-            // this core's mail word and kick flag).
+            // `fast` lives on this frame and is armed for this guest (its telemetry page, this
+            // core's mail word and kick flag).
+            // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
             let entered = unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) };
             let t_exit = arch::rdtsc();
             // The exits the fast path answered count even if its last VMRESUME failed.
