@@ -512,6 +512,28 @@ fn threads(n: usize, work: fn(usize, &mut Core, &mut ThreadEnv)) -> Vec<(Core, M
     handles.into_iter().map(|h| h.join().expect("core thread")).collect()
 }
 
+/// A holder's part: serve until the read-only copy arrives, then map it (the threads'
+/// harness bounds the wait).
+fn map_the_copy(core: &mut Core, env: &mut ThreadEnv) {
+    let h = loop {
+        core.poll(env);
+        let got = core.space().live().find(|(_, k)| k.rights == Rights::READ);
+        if let Some((h, _)) = got {
+            break h;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1), Some(Ok(0)));
+}
+
+/// After the revoke: no core but the owner holds or maps a copy.
+fn no_holder_keeps_a_copy(out: &[(Core, Maps)]) {
+    for (i, (core, maps)) in out.iter().enumerate().skip(1) {
+        assert!(core.space().live().all(|(_, k)| k.rights != Rights::READ), "core {i}");
+        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
+    }
+}
+
 fn ep_of(core: &Core, n: usize, me: usize, p: usize) -> u64 {
     let idx = chan(n, me, p) as u64;
     core.space()
@@ -534,21 +556,10 @@ fn copies_to_two_cores_are_revoked_everywhere_on_threads() {
             assert_eq!(n, Ok(2));
         } else {
             // Wait for the copy (serving), map it.
-            let h = loop {
-                core.poll(env);
-                let got = core.space().live().find(|(_, k)| k.rights == Rights::READ);
-                if let Some((h, _)) = got {
-                    break h;
-                }
-                std::thread::yield_now();
-            };
-            assert_eq!(core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1), Some(Ok(0)));
+            map_the_copy(core, env);
         }
     });
-    for (i, (core, maps)) in out.iter().enumerate().skip(1) {
-        assert!(core.space().live().all(|(_, k)| k.rights != Rights::READ), "core {i}");
-        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
-    }
+    no_holder_keeps_a_copy(&out);
 }
 
 #[test]
@@ -1192,19 +1203,8 @@ fn a_tree_revoke_on_threads_takes_back_every_copy() {
             let n = core.hypercall(env, Hypercall::CapRevoke, 0, 0, 0).unwrap();
             assert_eq!(n, Ok(N as u64 - 1));
         } else {
-            let h = loop {
-                core.poll(env);
-                let got = core.space().live().find(|(_, k)| k.rights == Rights::READ);
-                if let Some((h, _)) = got {
-                    break h;
-                }
-                std::thread::yield_now();
-            };
-            assert_eq!(core.hypercall(env, Hypercall::CapMap, h, 0xc000_0000, 1), Some(Ok(0)));
+            map_the_copy(core, env);
         }
     });
-    for (i, (core, maps)) in out.iter().enumerate().skip(1) {
-        assert!(core.space().live().all(|(_, k)| k.rights != Rights::READ), "core {i}");
-        assert!(maps.lock().unwrap().is_empty(), "core {i} still maps a revoked copy");
-    }
+    no_holder_keeps_a_copy(&out);
 }

@@ -903,11 +903,18 @@ fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta 
     }
 }
 
-fn plot_next_to(json: &std::path::Path) {
-    match crate::plot::files(&[json.to_path_buf()], None) {
-        Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
-        Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+/// Writes a bench's figures to `json` if asked (pretty JSON), and with `plot` draws them
+/// next to it (a failed plot is a warning: the figures are written).
+pub fn save(json: Option<&std::path::Path>, figures: &impl Serialize, plot: bool) -> Result<()> {
+    let Some(p) = json else { return Ok(()) };
+    std::fs::write(p, serde_json::to_string_pretty(figures)? + "\n")?;
+    if plot {
+        match crate::plot::files(&[p.to_path_buf()], None) {
+            Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
+            Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+        }
     }
+    Ok(())
 }
 
 /// `cargo xtask bench channels`.
@@ -931,13 +938,7 @@ pub fn channels(
     };
     let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };
     print(&r);
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&r)? + "\n")?;
-        if plot {
-            plot_next_to(p);
-        }
-    }
-    Ok(())
+    save(json, &r, plot)
 }
 
 #[cfg(test)]
@@ -1182,13 +1183,7 @@ pub fn caps_strategies(
         t.add_row(cells);
     }
     println!("{t}");
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
-        if plot {
-            plot_next_to(p);
-        }
-    }
-    Ok(())
+    save(json, &rows, plot)
 }
 
 /// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
@@ -1283,11 +1278,5 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
         );
     }
     println!("{t}");
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
-        if plot {
-            plot_next_to(p);
-        }
-    }
-    Ok(())
+    save(json, &rows, plot)
 }

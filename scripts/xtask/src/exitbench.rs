@@ -186,10 +186,7 @@ pub fn exits(
         rows.extend(measure(c)?);
     }
     print!("{}", render(&rows, &before));
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)? + "\n")?;
-    }
-    Ok(())
+    crate::bench::save(json, &rows, false)
 }
 
 #[cfg(test)]

@@ -191,11 +191,8 @@ pub fn lifecycle(json: Option<&std::path::Path>) -> Result<()> {
         ]);
     }
     println!("{t}");
-    if let Some(p) = json {
-        let all = serde_json::json!({ "lifecycle": rows, "hung_core": hangs });
-        std::fs::write(p, serde_json::to_string_pretty(&all)? + "\n")?;
-    }
-    Ok(())
+    let all = serde_json::json!({ "lifecycle": rows, "hung_core": hangs });
+    crate::bench::save(json, &all, false)
 }
 
 #[cfg(test)]
