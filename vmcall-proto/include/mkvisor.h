@@ -216,7 +216,7 @@ typedef uint64_t MKV_word;
  */
 #define MKV_BOOT_INFO_MAGIC 23731099877657421
 
-#define MKV_BOOT_INFO_VERSION 2
+#define MKV_BOOT_INFO_VERSION 3
 
 /**
  * Channel slots in [`BootInfo`]; the channels layer fills them.
@@ -234,6 +234,77 @@ typedef uint64_t MKV_word;
 #define MKV_HEADER_BYTES 128
 
 
+
+/**
+ * Devices a config may assign in all.
+ */
+#define MKV_MAX_DEVICES 16
+
+/**
+ * Devices one guest may own (its boot-info table).
+ */
+#define MKV_MAX_DEVICES_PER_GUEST 4
+
+/**
+ * Base address registers of a type-0 configuration header.
+ */
+#define MKV_MAX_BARS 6
+
+/**
+ * First interrupt vector of devices: the owner's device `i` interrupts at
+ * `DEVICE_VECTOR_BASE + i` (below the doorbell, [`crate::guest::DOORBELL_VECTOR`]).
+ */
+#define MKV_DEVICE_VECTOR_BASE 80
+
+/**
+ * Largest device number on a bus, function number in a device.
+ */
+#define MKV_MAX_DEVICE_NUMBER 31
+
+#define MKV_MAX_FUNCTION_NUMBER 7
+
+/**
+ * Configuration-mechanism-#1 ports.
+ */
+#define MKV_PCI_CONFIG_ADDRESS 3320
+
+#define MKV_PCI_CONFIG_DATA 3324
+
+/**
+ * By `bus`, `device`, `function`.
+ */
+#define MKV_ADDRESS 0
+
+/**
+ * By `vendor_id`, `device_id` and `nth` (0: the first such function in bus order).
+ */
+#define MKV_ID 1
+
+/**
+ * `dma = "unconfined"`: the owner may turn on bus mastering; the device can then reach
+ * all machine memory (no IOMMU).
+ */
+#define MKV_DMA_UNCONFINED 1
+
+/**
+ * Every bit defined.
+ */
+#define MKV_ALL MKV_DMA_UNCONFINED
+
+/**
+ * No BAR here (unimplemented, or the upper half of a 64-bit BAR).
+ */
+#define MKV_NONE 0
+
+/**
+ * Memory, mapped at [`super::BarDesc::addr`] in the device window.
+ */
+#define MKV_MEMORY 1
+
+/**
+ * I/O ports `addr..addr + size`, opened in the owner's I/O bitmap.
+ */
+#define MKV_IO 2
 
 /**
  * Hypercall numbers.
@@ -440,6 +511,57 @@ typedef int64_t MKV_HvError;
 #endif // __STDC_VERSION__ >= 202311L
 
 /**
+ * One BAR of an owned function, as its owner sees it.
+ */
+typedef struct MKV_BarDesc {
+  /**
+   * One of the [`bar_kind`] values.
+   */
+  uint32_t kind;
+  /**
+   * 1 for a 64-bit memory BAR (it also takes the next register), 0 otherwise.
+   */
+  uint32_t wide;
+  /**
+   * Guest-physical address (memory) or first port (I/O).
+   */
+  uint64_t addr;
+  /**
+   * Bytes (memory) or ports (I/O).
+   */
+  uint64_t size;
+} MKV_BarDesc;
+
+/**
+ * One function a guest owns, in its boot info.
+ */
+typedef struct MKV_DeviceDesc {
+  uint8_t bus;
+  uint8_t device;
+  uint8_t function;
+  /**
+   * Interrupt pin, 0 none, 1..=4 INTA#..INTD#.
+   */
+  uint8_t irq_pin;
+  /**
+   * The vector its interrupt arrives at in this guest (0: it has none routed).
+   */
+  uint8_t vector;
+  /**
+   * A set of [`flags`] bits.
+   */
+  uint8_t flags;
+  uint16_t _reserved0;
+  uint16_t vendor_id;
+  uint16_t device_id;
+  /**
+   * Class code, subclass and programming interface (configuration bytes 0x0b..0x09).
+   */
+  uint32_t class_;
+  struct MKV_BarDesc bars[MKV_MAX_BARS];
+} MKV_DeviceDesc;
+
+/**
  * One channel this guest is an endpoint of (filled by the channels layer).
  */
 typedef struct MKV_ChannelDesc {
@@ -495,7 +617,22 @@ typedef struct MKV_BootInfo {
    * Which start of this guest this is: 1, then 2 after its first restart, ...
    */
   uint32_t incarnation;
-  uint8_t _reserved[60];
+  /**
+   * Entries of [`BootInfo::devices`] in use.
+   */
+  uint32_t device_count;
+  /**
+   * Machine address minus guest-physical address of the partition (`0..memory_bytes`),
+   * which is contiguous in machine memory: what a driver adds to a partition address to
+   * program a device's DMA (see [`crate::device`]). Other guest-physical ranges
+   * (channel and grant windows) have no such offset.
+   */
+  uint64_t dma_offset;
+  uint8_t _reserved[48];
+  /**
+   * The PCI functions this guest owns, config order (see [`crate::device`]).
+   */
+  struct MKV_DeviceDesc devices[MKV_MAX_DEVICES_PER_GUEST];
 } MKV_BootInfo;
 
 /**

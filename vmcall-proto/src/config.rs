@@ -4,19 +4,21 @@
 //!
 //! Layout, all little-endian, no padding between parts:
 //! [`Header`] (32 bytes), then `guest_count` [`GuestEntry`], `channel_count`
-//! [`ChannelEntry`], `grant_count` [`GrantEntry`]. `length` is the whole blob; `checksum` is
+//! [`ChannelEntry`], `grant_count` [`GrantEntry`], `device_count` [`DeviceEntry`]. `length`
+//! is the whole blob; `checksum` is
 //! FNV-1a (32-bit) over the whole blob with the checksum field read as zero.
 //!
 //! [`parse`] checks everything (magic, version, length, checksum, every count, bound, name
 //! and reference) before handing out any of it; the hypervisor uses nothing else.
 
+use crate::device::{self, DeviceEntry, MAX_DEVICES, MAX_DEVICES_PER_GUEST};
 use crate::fixed;
 use crate::guest::MAX_CHANNELS_PER_GUEST;
 use core::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const MAGIC: [u8; 8] = *b"MKVCONF\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 pub const MAX_GUESTS: usize = 64;
 pub const MAX_CHANNELS: usize = 256;
 pub const MAX_GRANTS: usize = 256;
@@ -82,7 +84,8 @@ pub struct Header {
     pub guest_count: u16,
     pub channel_count: u16,
     pub grant_count: u16,
-    pub _reserved: [u8; 6],
+    pub device_count: u16,
+    pub _reserved: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Header>() == 32);
 
@@ -197,6 +200,14 @@ pub enum BlobError {
     BadControl(usize),
     /// Guests control each other in a cycle (each would wait for the other to let go).
     ControlCycle(usize),
+    /// A device entry names no guest, an unknown selector kind or flag, or an address out
+    /// of range.
+    BadDevice(usize),
+    /// A device entry names the same function (address, or identity and match) as an
+    /// earlier one.
+    DuplicateDevice(usize),
+    /// A guest owns more devices than its boot-info table holds.
+    GuestDevices(usize),
 }
 
 impl fmt::Display for BlobError {
@@ -236,6 +247,11 @@ impl fmt::Display for BlobError {
             BadControl(i) => write!(f, "guest {i}: controls itself or a guest that does not exist"),
             ControlCycle(i) => {
                 write!(f, "guest {i}: is in a cycle of guests controlling each other")
+            }
+            BadDevice(i) => write!(f, "device {i}: unknown guest, selector, flag or address"),
+            DuplicateDevice(i) => write!(f, "device {i}: names a function already assigned"),
+            GuestDevices(i) => {
+                write!(f, "guest {i}: owns more than {MAX_DEVICES_PER_GUEST} devices")
             }
         }
     }
@@ -296,6 +312,17 @@ impl<'a> Config<'a> {
     pub fn grants(&self) -> impl Iterator<Item = GrantEntry> + '_ {
         (0..self.header.grant_count as usize).map(|i| entry(self.blob, self.grants_at(), i))
     }
+    fn devices_at(&self) -> usize {
+        self.grants_at() + self.header.grant_count as usize * core::mem::size_of::<GrantEntry>()
+    }
+    /// The device assignments, in config order.
+    pub fn devices(&self) -> impl Iterator<Item = DeviceEntry> + '_ {
+        (0..self.header.device_count as usize).map(|i| entry(self.blob, self.devices_at(), i))
+    }
+    /// The devices guest `g` owns, in config order (its boot-info order).
+    pub fn devices_of(&self, g: usize) -> impl Iterator<Item = DeviceEntry> + '_ {
+        self.devices().filter(move |d| d.guest as usize == g)
+    }
 }
 
 /// The rule for guest, channel and grant names (and argument keys): letters, digits, `-`
@@ -328,11 +355,12 @@ pub fn control_cycle(controls: &[u64]) -> Option<usize> {
 }
 
 /// Total blob length for these counts.
-pub const fn blob_len(guests: usize, channels: usize, grants: usize) -> usize {
+pub const fn blob_len(guests: usize, channels: usize, grants: usize, devices: usize) -> usize {
     core::mem::size_of::<Header>()
         + guests * core::mem::size_of::<GuestEntry>()
         + channels * core::mem::size_of::<ChannelEntry>()
         + grants * core::mem::size_of::<GrantEntry>()
+        + devices * core::mem::size_of::<DeviceEntry>()
 }
 
 /// Validates a blob completely.
@@ -352,8 +380,12 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
     if computed != header.checksum {
         return Err(BadChecksum { header: header.checksum, computed });
     }
-    let (g, c, r) =
-        (header.guest_count as usize, header.channel_count as usize, header.grant_count as usize);
+    let (g, c, r, d) = (
+        header.guest_count as usize,
+        header.channel_count as usize,
+        header.grant_count as usize,
+        header.device_count as usize,
+    );
     if g > MAX_GUESTS {
         return Err(TooMany("guests"));
     }
@@ -363,11 +395,14 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
     if r > MAX_GRANTS {
         return Err(TooMany("grants"));
     }
+    if d > MAX_DEVICES {
+        return Err(TooMany("devices"));
+    }
     if g == 0 {
         return Err(NoGuests);
     }
-    if blob_len(g, c, r) != blob.len() {
-        return Err(BadLength { header: header.length, actual: blob_len(g, c, r) });
+    if blob_len(g, c, r, d) != blob.len() {
+        return Err(BadLength { header: header.length, actual: blob_len(g, c, r, d) });
     }
     let cfg = Config { header, blob };
     for i in 0..g {
@@ -452,6 +487,25 @@ pub fn parse(blob: &[u8]) -> Result<Config<'_>, BlobError> {
             return Err(GuestGrants(i));
         }
     }
+    for (i, e) in cfg.devices().enumerate() {
+        let address_ok = device::Bdf::new(e.bus, e.device, e.function).valid();
+        let select_ok = match e.select {
+            device::select::ADDRESS => address_ok,
+            device::select::ID => e.vendor_id != 0xffff,
+            _ => false,
+        };
+        if e.guest as usize >= g || !select_ok || e.flags & !device::flags::ALL != 0 {
+            return Err(BadDevice(i));
+        }
+        if cfg.devices().take(i).any(|o| o.selector() == e.selector()) {
+            return Err(DuplicateDevice(i));
+        }
+    }
+    for i in 0..g {
+        if cfg.devices_of(i).count() > MAX_DEVICES_PER_GUEST {
+            return Err(GuestDevices(i));
+        }
+    }
     Ok(cfg)
 }
 
@@ -461,12 +515,14 @@ pub fn encode(
     guests: &[GuestEntry],
     channels: &[ChannelEntry],
     grants: &[GrantEntry],
+    devices: &[DeviceEntry],
     out: &mut [u8],
 ) -> Option<()> {
-    if out.len() != blob_len(guests.len(), channels.len(), grants.len())
+    if out.len() != blob_len(guests.len(), channels.len(), grants.len(), devices.len())
         || guests.len() > u16::MAX as usize
         || channels.len() > u16::MAX as usize
         || grants.len() > u16::MAX as usize
+        || devices.len() > u16::MAX as usize
     {
         return None;
     }
@@ -478,7 +534,8 @@ pub fn encode(
         guest_count: guests.len() as u16,
         channel_count: channels.len() as u16,
         grant_count: grants.len() as u16,
-        _reserved: [0; 6],
+        device_count: devices.len() as u16,
+        _reserved: [0; 4],
     };
     let mut at = 0;
     let mut put = |bytes: &[u8]| {
@@ -489,6 +546,7 @@ pub fn encode(
     guests.iter().for_each(|e| put(e.as_bytes()));
     channels.iter().for_each(|e| put(e.as_bytes()));
     grants.iter().for_each(|e| put(e.as_bytes()));
+    devices.iter().for_each(|e| put(e.as_bytes()));
     let sum = checksum(out);
     let off = core::mem::offset_of!(Header, checksum);
     out[off..off + 4].copy_from_slice(&sum.to_le_bytes());
@@ -562,8 +620,8 @@ mod tests {
     }
 
     fn blob(g: &[GuestEntry], c: &[ChannelEntry], r: &[GrantEntry]) -> Vec<u8> {
-        let mut out = vec![0; blob_len(g.len(), c.len(), r.len())];
-        encode(g, c, r, &mut out).unwrap();
+        let mut out = vec![0; blob_len(g.len(), c.len(), r.len(), 0)];
+        encode(g, c, r, &[], &mut out).unwrap();
         out
     }
 
@@ -690,7 +748,7 @@ mod tests {
         let (g, c, r) = sample();
         let good = blob(&g, &c, &r);
         let len = good.len();
-        assert_eq!(len, blob_len(2, 1, 1));
+        assert_eq!(len, blob_len(2, 1, 1, 0));
         assert_eq!(len, 32 + 2 * 224 + 48 + 48);
         assert_eq!(u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize, len);
         assert_eq!(parse(&good[..31]).unwrap_err(), BlobError::TooShort);
@@ -700,7 +758,7 @@ mod tests {
             b[i] ^= 0x20;
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadMagic, "magic byte {i}");
         }
-        for v in [0, 1, 2, 4, u32::MAX] {
+        for v in [0, 1, 2, 3, 5, u32::MAX] {
             let mut b = good.clone();
             b[8..12].copy_from_slice(&v.to_le_bytes());
             assert_eq!(parse(&b).unwrap_err(), BlobError::BadVersion(v));
@@ -750,7 +808,7 @@ mod tests {
             let mut b = good.clone();
             b[at..at + 2].copy_from_slice(&n.to_le_bytes());
             reseal(&mut b);
-            let actual = blob_len(counts.0, counts.1, counts.2);
+            let actual = blob_len(counts.0, counts.1, counts.2, 0);
             assert_eq!(
                 parse(&b).unwrap_err(),
                 BlobError::BadLength { header: good.len() as u32, actual },
@@ -1037,27 +1095,27 @@ mod tests {
     #[test]
     fn encode_refuses_a_wrong_buffer_or_counts_past_u16() {
         let (g, c, r) = sample();
-        let len = blob_len(2, 1, 1);
+        let len = blob_len(2, 1, 1, 0);
         for wrong in [0, len - 1, len + 1] {
             let mut out = vec![0; wrong];
-            assert_eq!(encode(&g, &c, &r, &mut out), None, "{wrong} bytes");
+            assert_eq!(encode(&g, &c, &r, &[], &mut out), None, "{wrong} bytes");
         }
         let mut out = vec![0xaa; len];
-        assert_eq!(encode(&g, &c, &r, &mut out), Some(()));
+        assert_eq!(encode(&g, &c, &r, &[], &mut out), Some(()));
         assert_eq!(out, blob(&g, &c, &r), "every byte is written");
         // u16::MAX entries fit the header's counts; one more does not.
         let max = u16::MAX as usize;
         for n in [max, max + 1] {
             let fits = n == max;
             let gs = vec![g[0]; n];
-            let mut out = vec![0; blob_len(n, 0, 0)];
-            assert_eq!(encode(&gs, &[], &[], &mut out).is_some(), fits, "{n} guests");
+            let mut out = vec![0; blob_len(n, 0, 0, 0)];
+            assert_eq!(encode(&gs, &[], &[], &[], &mut out).is_some(), fits, "{n} guests");
             let cs = vec![c[0]; n];
-            let mut out = vec![0; blob_len(1, n, 0)];
-            assert_eq!(encode(&g[..1], &cs, &[], &mut out).is_some(), fits, "{n} channels");
+            let mut out = vec![0; blob_len(1, n, 0, 0)];
+            assert_eq!(encode(&g[..1], &cs, &[], &[], &mut out).is_some(), fits, "{n} channels");
             let rs = vec![r[0]; n];
-            let mut out = vec![0; blob_len(1, 0, n)];
-            assert_eq!(encode(&g[..1], &[], &rs, &mut out).is_some(), fits, "{n} grants");
+            let mut out = vec![0; blob_len(1, 0, n, 0)];
+            assert_eq!(encode(&g[..1], &[], &rs, &[], &mut out).is_some(), fits, "{n} grants");
         }
     }
 
@@ -1078,7 +1136,7 @@ mod tests {
         let cases = [
             (BlobError::TooShort, "shorter than its header"),
             (BlobError::BadMagic, "bad magic"),
-            (BlobError::BadVersion(7), "version 7, expected 3"),
+            (BlobError::BadVersion(7), "version 7, expected 4"),
             (BlobError::BadLength { header: 9, actual: 8 }, "length field 9 but 8 bytes"),
             (BlobError::BadChecksum { header: 1, computed: 2 }, "0x00000001, computed 0x00000002"),
             (BlobError::TooMany("guests"), "too many guests"),
@@ -1115,5 +1173,51 @@ mod tests {
             let _ = parse(&b);
             let _ = parse(&b[..cut.min(b.len())]);
         }
+    }
+
+    fn with_devices(d: &[DeviceEntry]) -> Result<(), BlobError> {
+        let (g, c, r) = sample();
+        let mut out = vec![0; blob_len(g.len(), c.len(), r.len(), d.len())];
+        encode(&g, &c, &r, d, &mut out).unwrap();
+        let cfg = parse(&out)?;
+        assert_eq!(cfg.devices().collect::<Vec<_>>(), d);
+        Ok(())
+    }
+
+    #[test]
+    fn device_entries_are_checked() {
+        use crate::device::{device_entry, flags as df, parse_selector, Bdf, Selector};
+        let sel = |s: &str| parse_selector(s).unwrap();
+        let a = device_entry(0, sel("00:03.0"), df::DMA_UNCONFINED);
+        let b = device_entry(1, sel("8086:100e"), 0);
+        assert_eq!(with_devices(&[a, b]), Ok(()));
+        assert_eq!(with_devices(&[a, device_entry(1, sel("8086:100e#1"), 0), b]), Ok(()));
+        // Unknown guest, selector kind, flag, out-of-range address, vendor ffff.
+        let bad_guest = device_entry(2, sel("00:04.0"), 0);
+        let mut bad_select = a;
+        bad_select.select = 2;
+        let mut bad_flag = a;
+        bad_flag.flags = 0x80;
+        let mut bad_addr = a;
+        bad_addr.device = 32;
+        let mut bad_vendor = b;
+        bad_vendor.vendor_id = 0xffff;
+        for e in [bad_guest, bad_select, bad_flag, bad_addr, bad_vendor] {
+            assert_eq!(with_devices(&[b, e]), Err(BlobError::BadDevice(1)), "{e:?}");
+        }
+        // The same function twice, even for the same guest.
+        assert_eq!(with_devices(&[a, b, a]), Err(BlobError::DuplicateDevice(2)));
+        let other = device_entry(1, Selector::Address(Bdf::new(0, 3, 0)), 0);
+        assert_eq!(with_devices(&[a, other]), Err(BlobError::DuplicateDevice(1)));
+        // Four per guest, not five; sixteen in all.
+        let mine = |n: u8| device_entry(0, Selector::Address(Bdf::new(0, n, 0)), 0);
+        let four: Vec<_> = (1..=4).map(mine).collect();
+        assert_eq!(with_devices(&four), Ok(()));
+        let five: Vec<_> = (1..=5).map(mine).collect();
+        assert_eq!(with_devices(&five), Err(BlobError::GuestDevices(0)));
+        let many: Vec<_> = (0..17)
+            .map(|n| device_entry(n % 2, Selector::Id { vendor: 1, device: 1, nth: n as u8 }, 0))
+            .collect();
+        assert_eq!(with_devices(&many), Err(BlobError::TooMany("devices")));
     }
 }

@@ -17,6 +17,7 @@
 //! RDI = [`BOOT_INFO_GPA`] and RSP = [`BOOT_STACK_TOP`]. Segment registers hold flat
 //! descriptors but the GDTR and IDTR are empty: the guest installs its own.
 
+use crate::device::{DeviceDesc, MAX_DEVICES_PER_GUEST};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const BOOT_INFO_GPA: u64 = 0x1000;
@@ -810,7 +811,7 @@ const _: () = {
 /// `"MKVBOOT\0"` read as a little-endian word (a literal, so the C header carries it).
 pub const BOOT_INFO_MAGIC: u64 = 0x0054_4f4f_4256_4b4d;
 const _: () = assert!(BOOT_INFO_MAGIC == u64::from_le_bytes(*b"MKVBOOT\0"));
-pub const BOOT_INFO_VERSION: u32 = 2;
+pub const BOOT_INFO_VERSION: u32 = 3;
 /// Channel slots in [`BootInfo`]; the channels layer fills them.
 pub const MAX_CHANNELS_PER_GUEST: usize = 16;
 
@@ -853,9 +854,21 @@ pub struct BootInfo {
     pub channels: [ChannelDesc; MAX_CHANNELS_PER_GUEST],
     /// Which start of this guest this is: 1, then 2 after its first restart, ...
     pub incarnation: u32,
-    pub _reserved: [u8; 60],
+    /// Entries of [`BootInfo::devices`] in use.
+    pub device_count: u32,
+    /// Machine address minus guest-physical address of the partition (`0..memory_bytes`),
+    /// which is contiguous in machine memory: what a driver adds to a partition address to
+    /// program a device's DMA (see [`crate::device`]). Other guest-physical ranges
+    /// (channel and grant windows) have no such offset.
+    pub dma_offset: u64,
+    pub _reserved: [u8; 48],
+    /// The PCI functions this guest owns, config order (see [`crate::device`]).
+    pub devices: [DeviceDesc; MAX_DEVICES_PER_GUEST],
 }
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 296 + 64 * MAX_CHANNELS_PER_GUEST);
+const _: () = assert!(
+    core::mem::size_of::<BootInfo>()
+        == 296 + 64 * MAX_CHANNELS_PER_GUEST + 160 * MAX_DEVICES_PER_GUEST
+);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_PML4_GPA - BOOT_INFO_GPA);
 
 impl BootInfo {
@@ -898,6 +911,10 @@ impl BootInfo {
     /// The channels of this guest.
     pub fn channels(&self) -> &[ChannelDesc] {
         &self.channels[..(self.channel_count as usize).min(MAX_CHANNELS_PER_GUEST)]
+    }
+    /// The devices this guest owns.
+    pub fn devices(&self) -> &[DeviceDesc] {
+        &self.devices[..(self.device_count as usize).min(MAX_DEVICES_PER_GUEST)]
     }
 }
 

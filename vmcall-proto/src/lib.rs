@@ -11,11 +11,13 @@
 //! * [`config`]: the machine description blob handed to the hypervisor.
 //! * [`channel`]: the shared-memory message ring guests talk through.
 //! * [`caps`]: capabilities and the per-guest capability space.
+//! * [`device`]: PCI functions guests own: config entries, boot-info descriptors, rules.
 #![cfg_attr(not(test), no_std)]
 
 pub mod caps;
 pub mod channel;
 pub mod config;
+pub mod device;
 pub mod fixed;
 pub mod guest;
 pub mod hypercall;

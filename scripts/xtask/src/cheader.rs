@@ -14,12 +14,14 @@ pub fn path() -> PathBuf {
 }
 
 /// The vmcall-proto modules the header covers.
-const SOURCES: [&str; 3] = ["hypercall.rs", "guest.rs", "channel.rs"];
+const SOURCES: [&str; 4] = ["hypercall.rs", "guest.rs", "channel.rs", "device.rs"];
 
 /// Types exported even though no C function uses them (the header has only types and
 /// constants).
-const EXPORTED: [&str; 10] = [
+const EXPORTED: [&str; 12] = [
     "Hypercall",
+    "DeviceDesc",
+    "BarDesc",
     "HvError",
     "BootInfo",
     "ChannelDesc",

@@ -23,6 +23,110 @@ pub struct Config {
     pub grants: Vec<Grant>,
     #[serde(default, rename = "control")]
     pub controls: Vec<Control>,
+    /// Network cards the emulator plugs into the machine's PCI slots, in order.
+    #[serde(default, rename = "nic")]
+    pub nics: Vec<Nic>,
+}
+
+/// `[[nic]]`: a network card `cargo xtask run` gives the emulated machine, in the next free
+/// PCI slot, with user-mode networking (Bochs `slirp`) and host ports forwarded to it.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// One of [`NIC_MODELS`].
+    pub model: Spanned<String>,
+    /// Host ports forwarded to the card's guest: `"udp:5555"` (the same port on both
+    /// sides) or `"tcp:18080-80"` (host 18080 to guest 80).
+    #[serde(default)]
+    pub forward: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// A card model `[[nic]]` may name: the Bochs device, its PCI identity, and whether it
+/// masters the bus (DMA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicModel {
+    pub name: &'static str,
+    pub vendor: u16,
+    pub device: u16,
+    pub bus_master: bool,
+}
+
+/// The models `[[nic]]` accepts.
+pub const NIC_MODELS: [NicModel; 2] = [
+    NicModel { name: "e1000", vendor: 0x8086, device: 0x100e, bus_master: true },
+    NicModel { name: "ne2k", vendor: 0x10ec, device: 0x8029, bus_master: false },
+];
+
+/// Bochs has five PCI slots; slot `k` (1-based) is device `k + 1` on bus 0 (the host
+/// bridge is 00:00.0 and the PIIX3 00:01.x).
+pub const PCI_SLOTS: usize = 5;
+
+/// The PCI address the `i`-th `[[nic]]` (0-based) gets in Bochs.
+pub fn nic_address(i: usize) -> vmcall_proto::device::Bdf {
+    vmcall_proto::device::Bdf::new(0, i as u8 + 2, 0)
+}
+
+/// A forwarded port: protocol, host port, guest port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub proto: &'static str,
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// Parses a `forward` entry (`udp:5555`, `tcp:18080-80`).
+pub fn parse_forward(s: &str) -> Option<Forward> {
+    let (proto, ports) = s.split_once(':')?;
+    let proto = ["udp", "tcp"].into_iter().find(|p| *p == proto)?;
+    let (h, g) = ports.split_once('-').unwrap_or((ports, ports));
+    let (host, guest) = (h.parse().ok()?, g.parse().ok()?);
+    (host != 0 && guest != 0).then_some(Forward { proto, host, guest })
+}
+
+impl Config {
+    /// The model of `[[nic]]` `i` (`None` for an unknown name).
+    pub fn nic_model(&self, i: usize) -> Option<NicModel> {
+        NIC_MODELS.iter().copied().find(|m| m.name == self.nics[i].model.get_ref())
+    }
+    /// The function a device selector names on the emulated machine: the `[[nic]]` index.
+    pub fn nic_for(&self, sel: vmcall_proto::device::Selector) -> Option<usize> {
+        use vmcall_proto::device::Selector;
+        match sel {
+            Selector::Address(b) => (0..self.nics.len()).find(|&i| nic_address(i) == b),
+            Selector::Id { vendor, device, nth } => (0..self.nics.len())
+                .filter(|&i| {
+                    self.nic_model(i).is_some_and(|m| m.vendor == vendor && m.device == device)
+                })
+                .nth(nth as usize),
+        }
+    }
+}
+
+/// One entry of a guest's `devices`: a selector (`"00:03.0"`, `"8086:100e"`), or a table
+/// with the selector and its DMA rule.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum DeviceSpec {
+    Plain(String),
+    Table {
+        pci: String,
+        #[serde(default)]
+        dma: Option<String>,
+    },
+}
+
+impl DeviceSpec {
+    pub fn selector_text(&self) -> &str {
+        match self {
+            DeviceSpec::Plain(s) | DeviceSpec::Table { pci: s, .. } => s,
+        }
+    }
+    pub fn dma(&self) -> Option<&str> {
+        match self {
+            DeviceSpec::Plain(_) => None,
+            DeviceSpec::Table { dma, .. } => dma.as_deref(),
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -76,6 +180,16 @@ pub struct Guest {
     /// Exitless waiting: MONITOR/MWAIT without VM exits (a guest with channels only).
     #[serde(default)]
     pub mwait: Option<Spanned<bool>>,
+    /// PCI functions this guest owns (see `vmcall_proto::device`).
+    #[serde(default)]
+    pub devices: Option<Spanned<Vec<Spanned<DeviceSpec>>>>,
+}
+
+impl Guest {
+    /// The guest's device entries (none when it has no `devices`).
+    pub fn device_specs(&self) -> &[Spanned<DeviceSpec>] {
+        self.devices.as_ref().map_or(&[], |d| d.get_ref().as_slice())
+    }
 }
 
 /// Default `max_restarts` for a guest that restarts.
@@ -465,6 +579,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         }
     }
     check_controls(&mut errs, &config);
+    check_devices(&mut errs, &config, &mut warnings);
     let total_mib: u64 = config.guests.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
     let grant_mib: u64 = config.grants.iter().map(|g| *g.memory_mib.get_ref() as u64).sum();
     let needed = blob::memory_needed(
@@ -592,6 +707,148 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         }])
     })?;
     Ok(Compiled { config, blob, warnings, file: file.into(), src: src.into() })
+}
+
+/// `[[nic]]` entries and every guest's `devices`: models and ports known, selectors well
+/// formed and present on the emulated machine, each function given to one guest once, the
+/// per-guest and total bounds, and the DMA rule (a bus-mastering card needs
+/// `dma = "unconfined"`, which is then a warning naming guest and device).
+fn check_devices(errs: &mut Errors<'_>, config: &Config, warnings: &mut Vec<String>) {
+    use vmcall_proto::device::{parse_selector, MAX_DEVICES, MAX_DEVICES_PER_GUEST};
+    if config.nics.len() > PCI_SLOTS {
+        errs.at(
+            config.nics[PCI_SLOTS].model.span(),
+            format!("nic[{PCI_SLOTS}]"),
+            format!("the emulated machine has {PCI_SLOTS} PCI slots"),
+        );
+    }
+    let mut host_ports: Vec<(&str, u16, usize)> = Vec::new();
+    for (i, n) in config.nics.iter().enumerate() {
+        if config.nic_model(i).is_none() {
+            let known: Vec<_> = NIC_MODELS.iter().map(|m| m.name).collect();
+            let msg =
+                format!("unknown model `{}` (known: {})", n.model.get_ref(), known.join(", "));
+            errs.at(n.model.span(), format!("nic[{i}].model"), msg);
+        }
+        for (j, f) in n.forward.iter().flat_map(|f| f.get_ref().iter()).enumerate() {
+            let field = format!("nic[{i}].forward[{j}]");
+            match parse_forward(f.get_ref()) {
+                None => errs.at(
+                    f.span(),
+                    field,
+                    format!(
+                        "`{}`: expected `udp:PORT`, `tcp:PORT` or `tcp:HOSTPORT-GUESTPORT` \
+                         (ports 1..=65535)",
+                        f.get_ref()
+                    ),
+                ),
+                Some(fw) => {
+                    if let Some(&(_, _, other)) =
+                        host_ports.iter().find(|(p, h, _)| *p == fw.proto && *h == fw.host)
+                    {
+                        errs.at(
+                            f.span(),
+                            field,
+                            format!(
+                                "host {} port {} is forwarded by nic[{other}] already",
+                                fw.proto, fw.host
+                            ),
+                        );
+                    }
+                    host_ports.push((fw.proto, fw.host, i));
+                }
+            }
+        }
+    }
+    let mut taken: Vec<(usize, &str, usize)> = Vec::new(); // (nic, guest, line)
+    let mut total = 0;
+    for (gi, g) in config.guests.iter().enumerate() {
+        let specs = g.device_specs();
+        if specs.len() > MAX_DEVICES_PER_GUEST {
+            errs.at(
+                specs[MAX_DEVICES_PER_GUEST].span(),
+                format!("guest[{gi}].devices"),
+                format!("a guest owns at most {MAX_DEVICES_PER_GUEST} devices"),
+            );
+        }
+        for (j, d) in specs.iter().enumerate() {
+            total += 1;
+            let field = format!("guest[{gi}].devices[{j}]");
+            if total == MAX_DEVICES + 1 {
+                errs.at(d.span(), field.clone(), format!("at most {MAX_DEVICES} devices in all"));
+            }
+            if let Some(dma) = d.get_ref().dma().filter(|d| *d != "unconfined") {
+                errs.at(
+                    d.span(),
+                    field.clone(),
+                    format!("dma = `{dma}`: the only value is \"unconfined\" (there is no IOMMU)"),
+                );
+            }
+            let text = d.get_ref().selector_text();
+            let sel = match parse_selector(text) {
+                Ok(s) => s,
+                Err(e) => {
+                    errs.at(d.span(), field, format!("`{text}`: {e}"));
+                    continue;
+                }
+            };
+            let Some(nic) = config.nic_for(sel) else {
+                let have: Vec<String> = (0..config.nics.len())
+                    .map(|i| {
+                        let m = config.nic_model(i);
+                        let id = m.map_or(String::new(), |m| {
+                            format!(" {:04x}:{:04x}", m.vendor, m.device)
+                        });
+                        format!("{} {}{id}", nic_address(i), config.nics[i].model.get_ref())
+                    })
+                    .collect();
+                let have = if have.is_empty() {
+                    "none: add a [[nic]]".to_string()
+                } else {
+                    have.join(", ")
+                };
+                errs.at(
+                    d.span(),
+                    field,
+                    format!("`{text}`: the machine has no such device to give (its cards: {have})"),
+                );
+                continue;
+            };
+            let (line, _) = line_col(errs.src, d.span().start);
+            if let Some(&(_, owner, first)) = taken.iter().find(|(n, _, _)| *n == nic) {
+                errs.at(
+                    d.span(),
+                    field.clone(),
+                    format!(
+                        "`{text}` is {} ({}), already given to `{owner}` on line {first}: a device belongs to one guest",
+                        nic_address(nic),
+                        config.nics[nic].model.get_ref()
+                    ),
+                );
+            }
+            taken.push((nic, g.name.get_ref(), line));
+            let master = config.nic_model(nic).is_some_and(|m| m.bus_master);
+            match d.get_ref().dma() {
+                None if master => errs.at(
+                    d.span(),
+                    field,
+                    format!(
+                        "`{text}` ({}) masters the bus (DMA): without an IOMMU it can reach all \
+                         memory, so say so: {{ pci = \"{text}\", dma = \"unconfined\" }}",
+                        config.nics[nic].model.get_ref()
+                    ),
+                ),
+                Some("unconfined") => warnings.push(format!(
+                    "guest `{}` owns {} ({}) with dma = \"unconfined\": without an IOMMU the device \
+                     can read and write all machine memory, other guests' and the hypervisor's",
+                    g.name.get_ref(),
+                    nic_address(nic),
+                    config.nics[nic].model.get_ref()
+                )),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// What the config alone can tell about a guest's `kernel` (the files are checked by
@@ -877,8 +1134,25 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
             _reserved: [0; 8],
         })
         .collect();
-    let mut out = vec![0; blob::blob_len(guests.len(), channels.len(), grants.len())];
-    blob::encode(&guests, &channels, &grants, &mut out).ok_or("counts too large for the blob")?;
+    let devices: Vec<vmcall_proto::device::DeviceEntry> = c
+        .guests
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, g)| g.device_specs().iter().map(move |d| (gi, d.get_ref())))
+        .filter_map(|(gi, d)| {
+            let sel = vmcall_proto::device::parse_selector(d.selector_text()).ok()?;
+            let flags = if d.dma() == Some("unconfined") {
+                vmcall_proto::device::flags::DMA_UNCONFINED
+            } else {
+                0
+            };
+            Some(vmcall_proto::device::device_entry(gi as u16, sel, flags))
+        })
+        .collect();
+    let mut out =
+        vec![0; blob::blob_len(guests.len(), channels.len(), grants.len(), devices.len())];
+    blob::encode(&guests, &channels, &grants, &devices, &mut out)
+        .ok_or("counts too large for the blob")?;
     // The hypervisor validates the same blob again; check here that it will accept it.
     blob::parse(&out).map_err(|e| format!("compiled blob rejected: {e}"))?;
     Ok(out)
@@ -1056,6 +1330,96 @@ memory_mib = 4
         assert!(e.message.contains("unknown guest `gamma`"));
         let e = one_error(&GOOD.replace("guest = \"beta\"", "guest = \"delta\""));
         assert_eq!((e.line, e.field.as_str()), (26, "grant[0].guest"));
+    }
+
+    /// GOOD with two cards and `alpha` owning `dev` (a `devices` line of its own).
+    fn with_devices(alpha: &str, beta: &str) -> String {
+        let nics =
+            "[[nic]]\nmodel = \"e1000\"\nforward = [\"udp:5555\"]\n\n[[nic]]\nmodel = \"ne2k\"\n";
+        let s = GOOD.replace("workload = \"hello\"", &format!("workload = \"hello\"\n{alpha}"));
+        let s = s.replace("args = { ms = 5 }", &format!("args = {{ ms = 5 }}\n{beta}"));
+        format!("{s}\n{nics}")
+    }
+
+    #[test]
+    fn devices_compile_into_the_blob() {
+        let src = with_devices(
+            "devices = [{ pci = \"00:02.0\", dma = \"unconfined\" }]",
+            "devices = [\"10ec:8029\"]",
+        );
+        let c = compile("t.toml", &src).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("`alpha` owns 00:02.0 (e1000) with dma")));
+        let b = blob::parse(&c.blob).unwrap();
+        let d: Vec<_> = b.devices().collect();
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].guest, d[0].select, d[0].device, d[0].flags), (0, 0, 2, 1));
+        assert_eq!(
+            (d[1].guest, d[1].vendor_id, d[1].device_id, d[1].flags),
+            (1, 0x10ec, 0x8029, 0)
+        );
+    }
+
+    #[test]
+    fn bad_devices_are_refused_at_their_line() {
+        let cases = [
+            // (alpha's devices line, beta's, field, message part)
+            ("devices = [\"00:2.0\"]", "", "guest[0].devices[0]", "expected a PCI address"),
+            ("devices = [\"00:09.0\"]", "", "guest[0].devices[0]", "no such device"),
+            ("devices = [\"8086:100e#1\"]", "", "guest[0].devices[0]", "no such device"),
+            ("devices = [\"00:02.0\"]", "", "guest[0].devices[0]", "masters the bus"),
+            (
+                "devices = [{ pci = \"00:02.0\", dma = \"iommu\" }]",
+                "",
+                "guest[0].devices[0]",
+                "the only value",
+            ),
+            (
+                "devices = [\"00:03.0\"]",
+                "devices = [\"10ec:8029\"]",
+                "guest[1].devices[0]",
+                "already given to `alpha` on line 11",
+            ),
+            (
+                "devices = [\"00:03.0\", \"00:03.0\"]",
+                "",
+                "guest[0].devices[1]",
+                "already given to `alpha`",
+            ),
+        ];
+        for (a, b, field, msg) in cases {
+            let src = with_devices(a, b);
+            let e = one_error(&src);
+            assert_eq!(e.field, field, "{a} / {b}: {e}");
+            assert!(e.message.contains(msg), "{a} / {b}: {e}");
+            let line = src.lines().position(|l| l.contains("devices")).unwrap() + 1;
+            if field == "guest[0].devices[0]" {
+                assert_eq!(e.line, line, "{e}");
+            }
+        }
+        let unknown = with_devices("", "").replace("model = \"ne2k\"", "model = \"rtl8139\"");
+        let e = one_error(&unknown);
+        assert_eq!(e.field, "nic[1].model");
+        assert!(e.message.contains("known: e1000, ne2k"), "{e}");
+        let bad_fw = with_devices("", "").replace("udp:5555", "udp:0");
+        assert_eq!(one_error(&bad_fw).field, "nic[0].forward[0]");
+        let none =
+            GOOD.replace("workload = \"hello\"", "workload = \"hello\"\ndevices = [\"00:02.0\"]");
+        assert!(one_error(&none).message.contains("none: add a [[nic]]"));
+    }
+
+    #[test]
+    fn forwards_parse() {
+        assert_eq!(
+            parse_forward("udp:5555"),
+            Some(Forward { proto: "udp", host: 5555, guest: 5555 })
+        );
+        assert_eq!(
+            parse_forward("tcp:18080-80"),
+            Some(Forward { proto: "tcp", host: 18080, guest: 80 })
+        );
+        for bad in ["", "udp", "icmp:1", "udp:0", "tcp:1-0", "tcp:70000", "udp:a"] {
+            assert_eq!(parse_forward(bad), None, "{bad}");
+        }
     }
 
     #[test]
