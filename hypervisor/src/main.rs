@@ -29,6 +29,7 @@ mod guest;
 #[cfg(target_os = "none")]
 mod guests;
 mod memory;
+mod pci;
 mod percpu;
 mod power;
 mod smp;
