@@ -151,26 +151,6 @@ pub unsafe fn outl(port: u16, value: u32) {
     unsafe { x86::io::outl(port, value) }
 }
 
-/// Writes two bytes to an I/O port.
-///
-/// # Safety
-/// As for [`outb`].
-#[inline]
-pub unsafe fn outw(port: u16, value: u16) {
-    // SAFETY: the caller guarantees the port write is acceptable.
-    unsafe { x86::io::outw(port, value) }
-}
-
-/// Reads two bytes from an I/O port.
-///
-/// # Safety
-/// As for [`inb`].
-#[inline]
-pub unsafe fn inw(port: u16) -> u16 {
-    // SAFETY: the caller guarantees the port read is acceptable.
-    unsafe { x86::io::inw(port) }
-}
-
 /// Reads four bytes from an I/O port.
 ///
 /// # Safety

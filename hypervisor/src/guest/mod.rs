@@ -65,6 +65,8 @@ pub struct Launch {
     /// TSC at which the run's length is over (`duration_ms`; `u64::MAX`: none): a guest
     /// still running is stopped then and not started again.
     pub end_tsc: u64,
+    /// The PCI functions the guest owns (`pci::assign`), config order.
+    pub devices: crate::pci::Assigned,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
