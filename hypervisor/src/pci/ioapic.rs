@@ -64,7 +64,7 @@ mod hw {
         PLATFORM.call_once(|| p);
     }
 
-    pub fn platform() -> Option<&'static Platform> {
+    fn platform() -> Option<&'static Platform> {
         PLATFORM.get().filter(|p| p.base != 0)
     }
 
@@ -126,7 +126,7 @@ mod hw {
 }
 
 #[cfg(target_os = "none")]
-pub use hw::{mask, platform, route, set_platform};
+pub use hw::{mask, route, set_platform};
 
 #[cfg(test)]
 mod tests {

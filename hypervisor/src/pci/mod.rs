@@ -25,14 +25,11 @@ pub const MAX_FUNCTIONS: usize = 64;
 pub mod reg {
     pub const VENDOR: u16 = 0x00;
     pub const COMMAND: u16 = 0x04;
-    pub const STATUS: u16 = 0x06;
     pub const CLASS: u16 = 0x08;
-    pub const HEADER_TYPE: u16 = 0x0e;
     pub const BAR0: u16 = 0x10;
     pub const ROM: u16 = 0x30;
     pub const CAP_PTR: u16 = 0x34;
     pub const INTERRUPT_LINE: u16 = 0x3c;
-    pub const INTERRUPT_PIN: u16 = 0x3d;
     /// Command register bits.
     pub const CMD_IO: u16 = 1 << 0;
     pub const CMD_MEMORY: u16 = 1 << 1;
@@ -334,6 +331,7 @@ impl Assigned {
     pub fn iter(&self) -> impl Iterator<Item = &Owned> {
         self.list[..self.count].iter().flatten()
     }
+    #[cfg(test)]
     pub fn get(&self, b: Bdf) -> Option<&Owned> {
         self.iter().find(|o| o.func.bdf == b)
     }
