@@ -380,6 +380,19 @@ fn spawn(
     let mut cmd = match args.emulator {
         Emulator::Bochs => {
             let rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            for (i, (nic, fwd)) in m.nics.iter().enumerate() {
+                for f in fwd {
+                    eprintln!(
+                        "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
+                         slirp gateway 10.0.2.2)",
+                        f.proto,
+                        f.host,
+                        nic.name,
+                        crate::config::nic_address(i),
+                        f.guest
+                    );
+                }
+            }
             std::fs::write(dir.join("bochsrc"), rc)?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
@@ -886,6 +899,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         config: compiled.as_ref().map(|(p, _)| p.display().to_string()),
         guests: console.guests,
         channels: console.channels,
+        devices: console.devices,
         views: console.views,
         hangs: console.hangs,
         suspicions: console.suspicions,
@@ -1060,6 +1074,18 @@ pub fn summary(r: &Report) -> String {
         s += &format!("  core {} fenced core {} at TSC {}\n", p.core, p.target, p.tsc);
     }
     s += &views_summary(&r.views);
+    for d in r.devices.iter().filter(|d| d.owner.is_some()) {
+        s += &format!(
+            "  device {} {} -> {} (vector {}, line {}, dma {}; BARs {})\n",
+            d.bdf,
+            d.id,
+            d.owner.as_deref().unwrap_or("?"),
+            d.vector.unwrap_or(0),
+            d.line,
+            d.dma.as_deref().unwrap_or("off"),
+            d.owner_bars.as_deref().unwrap_or("")
+        );
+    }
     let unit = match r.tsc_unit.as_str() {
         "emulated_instructions" => "emulated instructions",
         _ => "TSC clock ticks, not instructions",
