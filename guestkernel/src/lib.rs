@@ -4,7 +4,8 @@
 //! handlers ([`arch`]), the console and the `log` backend ([`console`]), hypercalls and
 //! exit ([`hypercall`]), the virtual timer ([`timer`]), channels ([`channel`]),
 //! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]), its exit-free counters
-//! ([`telemetry`]) and the panic handler; it
+//! ([`telemetry`]), the PCI functions it owns and their interrupts ([`pci`]), frames for
+//! its network cards ([`net`]) and the panic handler; it
 //! may call only `vmcall_proto` and the hypervisor (through hypercalls). Its linker script
 //! (`linker.ld`: the image at guest-physical 1 MiB, entry `guest_start`) is what `cargo
 //! xtask` links a guest crate with. A guest is a crate that names
@@ -19,6 +20,8 @@ pub mod channel;
 pub mod console;
 pub mod heap;
 pub mod hypercall;
+pub mod net;
+pub mod pci;
 pub mod telemetry;
 pub mod timer;
 
