@@ -328,6 +328,30 @@ pub fn wait_irq(i: usize, deadline: u64) -> bool {
     }
 }
 
+/// Runs `trigger` (which makes device `i` interrupt) and opens interrupts until the
+/// device's handler has run: the TSC ticks from just before `trigger` to the handler's
+/// entry (emulated instructions under Bochs), or `None` if nothing came by `deadline`.
+/// The interrupt counts as seen by [`wait_irq`].
+pub fn irq_latency(i: usize, trigger: impl FnOnce(), deadline: u64) -> Option<u64> {
+    if i >= N || ROUTED[i].load(Relaxed) == 0 {
+        return None;
+    }
+    let before = TAKEN[i].load(Relaxed);
+    let t0 = arch::rdtsc();
+    trigger();
+    loop {
+        arch::interrupt_window();
+        let taken = TAKEN[i].load(Relaxed);
+        if taken != before {
+            SEEN[i].store(taken, Relaxed);
+            return Some(LAST_TSC[i].load(Relaxed).wrapping_sub(t0));
+        }
+        if arch::rdtsc() >= deadline {
+            return None;
+        }
+    }
+}
+
 /// One function a bus scan found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Found {
