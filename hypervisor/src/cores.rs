@@ -191,6 +191,28 @@ pub fn madt_cpus(madt: core::pin::Pin<&acpi::madt::Madt>) -> impl Iterator<Item 
     })
 }
 
+/// The first I/O APIC and the ISA interrupt source overrides of a MADT (call
+/// [`check_madt_entries`] first): what device interrupts are routed through.
+pub fn madt_ioapic(madt: core::pin::Pin<&acpi::madt::Madt>) -> crate::pci::ioapic::Platform {
+    use acpi::madt::MadtEntry;
+    let mut p = crate::pci::ioapic::Platform::default();
+    for e in madt.entries() {
+        match e {
+            MadtEntry::IoApic(a) if p.base == 0 => {
+                p.base = { a.io_apic_address } as u64;
+                p.gsi_base = a.global_system_interrupt_base;
+            }
+            MadtEntry::InterruptSourceOverride(o) if p.override_count < p.overrides.len() => {
+                p.overrides[p.override_count] =
+                    ({ o.irq }, { o.global_system_interrupt }, { o.flags });
+                p.override_count += 1;
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
 /// `acpi` handler for our identity-mapped address space: a physical address is its own
 /// virtual address, so mapping is free and unmapping does nothing.
 #[derive(Clone, Copy, Debug)]

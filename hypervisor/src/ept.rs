@@ -131,6 +131,8 @@ const WRITE: u64 = 1 << 1;
 const EXEC: u64 = 1 << 2;
 const RWX: u64 = READ | WRITE | EXEC;
 const MEMTYPE_WB: u64 = 6 << 3;
+/// Uncacheable (EPT memory type 0, SDM Vol. 3C 29.3.7).
+const MEMTYPE_UC: u64 = 0;
 /// "Ignore PAT memory type" (SDM Vol. 3C 29.3.7.2): the EPT's write-back type applies
 /// whatever the guest's PAT and page tables say. Set on shared memory, so that no guest can
 /// access a page another guest also maps with a different memory type (SDM Vol. 3A 11.12.4:
@@ -219,6 +221,9 @@ pub enum Perm {
     ReadWriteExecute,
     ReadWrite,
     Read,
+    /// A device's registers (a memory BAR): read-write, never executable, uncached
+    /// whatever the guest's PAT says (SDM Vol. 3A 11.3: UC for memory-mapped I/O).
+    Device,
 }
 
 impl Perm {
@@ -237,6 +242,7 @@ impl Perm {
         match self {
             Perm::ReadWriteExecute => MEMTYPE_WB,
             Perm::ReadWrite | Perm::Read => MEMTYPE_WB | IPAT,
+            Perm::Device => MEMTYPE_UC | IPAT,
         }
     }
 
@@ -244,7 +250,7 @@ impl Perm {
     pub const fn bits(self) -> u64 {
         match self {
             Perm::ReadWriteExecute => RWX,
-            Perm::ReadWrite => READ | WRITE,
+            Perm::ReadWrite | Perm::Device => READ | WRITE,
             Perm::Read => READ,
         }
     }

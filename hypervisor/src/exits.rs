@@ -9,8 +9,11 @@
 //!   [`GuestCtx::mwait`]), the TSC deadline timer and the topology hidden (the guest sees
 //!   one CPU); leaf 0x4000_0000 carries "mkvisor".
 //! * VMCALL: the hypercall ABI of `vmcall_proto::hypercall`, from CPL 0 only (#GP otherwise).
-//! * I/O: only writes to port 0xE9 (a debug console feeding the guest's console line) and to
-//!   port 0x80 (POST, ignored); anything else gets #GP.
+//! * I/O: writes to port 0xE9 (a debug console feeding the guest's console line) and to
+//!   port 0x80 (POST, ignored); for a guest that owns PCI functions, configuration
+//!   mechanism #1 on 0xCF8/0xCFC..0xCFF through its filtered view (`pci::filter`); the I/O
+//!   BARs of its own functions pass through without an exit (its I/O bitmap). Anything
+//!   else gets #GP.
 //! * MSRs: EFER (read; writes may only toggle SCE and NXE), FS/GS base, PAT (valid memory
 //!   types only), TSC (read); the syscall MSRs and KERNEL_GS_BASE pass through (the host
 //!   never uses them). Anything else gets #GP.
@@ -374,6 +377,24 @@ pub trait Vcpu {
     /// The guest's channel `channel` (config index) went down: mark it so in the guest's
     /// status page (nothing by default: no status page).
     fn link_down(&mut self, _channel: u32) {}
+    /// Machine configuration space, for the guest's filtered view (`pci::filter`): a
+    /// dword of function `f` (all ones by default: no PCI).
+    fn pci_read32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16) -> u32 {
+        u32::MAX
+    }
+    fn pci_write32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16, _value: u32) {}
+}
+
+/// The vCPU's configuration-space access as `pci` sees it.
+struct PciEnv<'a, V: Vcpu>(&'a mut V);
+
+impl<V: Vcpu> crate::pci::ConfigSpace for PciEnv<'_, V> {
+    fn read32(&mut self, f: vmcall_proto::device::Bdf, offset: u16) -> u32 {
+        self.0.pci_read32(f, offset)
+    }
+    fn write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
+        self.0.pci_write32(f, offset, value)
+    }
 }
 
 /// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
@@ -453,6 +474,8 @@ pub struct GuestCtx {
     /// has channels, the processor has them): CPUID shows MONITOR. Otherwise they exit and
     /// get #UD, and CPUID hides MONITOR.
     pub mwait: bool,
+    /// The guest's view of PCI configuration space (its own devices; none: no PCI).
+    pub pci: crate::pci::filter::View,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -505,6 +528,7 @@ impl GuestCtx {
             mwait: false,
             caps,
             foreign_tsc: 0,
+            pci: crate::pci::filter::View::new(&crate::pci::Assigned::none()),
         }
     }
 
@@ -1055,6 +1079,25 @@ fn io(
             ctx.console_bytes(&[b], sink);
         }
         (0x80, false, false, _) => {}
+        (0xcf8..=0xcff, _, false, _) => {
+            let write = (!input).then_some(v.regs().rax as u32);
+            match ctx.pci.io(&mut PciEnv(v), port, size as u8, write) {
+                None => {
+                    v.inject(GP);
+                    return Action::Resume;
+                }
+                Some(val) if input => {
+                    // IN writes AL, AX or EAX; a 32-bit result zero-extends into RAX.
+                    let r = v.regs();
+                    r.rax = match size {
+                        4 => val as u64,
+                        2 => (r.rax & !0xffff) | (val as u64 & 0xffff),
+                        _ => (r.rax & !0xff) | (val as u64 & 0xff),
+                    };
+                }
+                Some(_) => {}
+            }
+        }
         _ => {
             v.inject(GP);
             return Action::Resume;

@@ -23,6 +23,82 @@ pub const DEFAULT_BUDGET_MS: u64 = 10_000;
 const PRIVATE_SIZE: u64 = config::GUEST_PRIVATE_BYTES;
 const ALIGN_2M: u64 = config::REGION_ALIGN;
 
+/// The BARs of a function as record words: `index:kind:base+size` (hex), with
+/// `gpa->` before the base of memory BARs mapped in an owner's device window.
+struct BarWords<'a>(&'a crate::pci::Function, Option<&'a [u64; vmcall_proto::device::MAX_BARS]>);
+
+impl fmt::Display for BarWords<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use vmcall_proto::device::bar_kind;
+        let mut first = true;
+        for (i, b) in self.0.bars.iter().enumerate().filter(|(_, b)| b.size > 0) {
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            let kind = match b.kind {
+                bar_kind::MEMORY if b.wide => "mem64",
+                bar_kind::MEMORY => "mem32",
+                _ => "io",
+            };
+            write!(f, "{i}:{kind}:")?;
+            if let Some(gpa) = self.1.filter(|_| b.kind == bar_kind::MEMORY) {
+                write!(f, "{:x}->", gpa[i])?;
+            }
+            write!(f, "{:x}+{:x}", b.base, b.size)?;
+        }
+        Ok(())
+    }
+}
+
+/// Logs every PCI function the BSP found, one record each (the report's `devices`).
+pub fn report_pci(fns: &crate::pci::Functions) {
+    for f in fns.iter() {
+        log::info!("PCI {f} pin {} line {}", f.pin, f.line);
+        record!(
+            kind::PCI,
+            "bdf={} id={:04x}:{:04x} class={:06x} header={:02x} pin={} line={} bars={}",
+            f.bdf,
+            f.vendor,
+            f.device,
+            f.class,
+            f.header_type,
+            f.pin,
+            f.line,
+            Quoted(format_args!("{}", BarWords(f, None)))
+        );
+    }
+    if fns.dropped > 0 {
+        log::warn!("PCI: {} more functions not listed (table full)", fns.dropped);
+    }
+}
+
+/// Logs the functions a guest was given (a `device` record each).
+fn report_assigned(i: usize, name: &str, l: &Launch) {
+    for o in l.devices.iter() {
+        let f = &o.func;
+        let dma = o.flags & vmcall_proto::device::flags::DMA_UNCONFINED != 0;
+        if dma {
+            log::warn!(
+                "guest {name} owns {} with dma = unconfined: no IOMMU confines its DMA",
+                f.bdf
+            );
+        }
+        record!(
+            kind::DEVICE,
+            "guest={i} name={} bdf={} id={:04x}:{:04x} vector={} line={} dma={} bars={}",
+            Quoted(name),
+            f.bdf,
+            f.vendor,
+            f.device,
+            o.vector,
+            o.line().map_or(-1, |l| l as i32),
+            if dma { "unconfined" } else { "off" },
+            Quoted(format_args!("{}", BarWords(f, Some(&o.gpa))))
+        );
+    }
+}
+
 /// One configured guest, as planned.
 #[derive(Clone, Copy, Debug)]
 pub struct Planned {
@@ -174,6 +250,11 @@ pub fn plan(
     let mut launches = LAUNCHES.lock();
     for (i, e) in cfg.guests().enumerate() {
         let name = vmcall_proto::fixed::get(&e.name).unwrap_or("?");
+        let devices = match crate::pci::functions() {
+            Some(fns) => crate::pci::assign(fns, cfg.devices(), i as u16),
+            None if cfg.devices_of(i).next().is_some() => Err(crate::pci::AssignError::Missing),
+            None => Ok(crate::pci::Assigned::none()),
+        };
         let slot = if e.core as usize >= cores.len() {
             log::warn!(
                 "guest {name} asks for core {} but only {} cores run: not started",
@@ -181,6 +262,11 @@ pub fn plan(
                 cores.len()
             );
             Err("its core does not exist on this machine")
+        } else if let Err(err) = devices {
+            for d in cfg.devices_of(i) {
+                log::warn!("guest {name}: device {}: {}: not started", d.selector(), err.reason());
+            }
+            Err(err.reason())
         } else {
             let size = e.memory_mib as u64 * (1 << 20);
             match (mem.alloc(size, ALIGN_2M), mem.alloc(PRIVATE_SIZE, ALIGN_2M)) {
@@ -222,7 +308,11 @@ pub fn plan(
                         end_tsc: opts
                             .duration_ms
                             .map_or(u64::MAX, |ms| arch::tsc::deadline_us(ms.saturating_mul(1000))),
+                        devices: devices.unwrap_or(crate::pci::Assigned::none()),
                     });
+                    if let Some(l) = launches[i].as_ref() {
+                        report_assigned(i, name, l);
+                    }
                     Ok(e.core as usize)
                 }
                 _ => {

@@ -29,6 +29,7 @@ mod guest;
 #[cfg(target_os = "none")]
 mod guests;
 mod memory;
+mod pci;
 mod percpu;
 mod power;
 mod smp;
@@ -39,7 +40,7 @@ mod xcore;
 #[cfg(target_os = "none")]
 mod boot {
     use crate::power::{end_run, Outcome};
-    use crate::{arch, bootinfo, console, cores, guests, percpu, record, smp, vmx, xcore};
+    use crate::{arch, bootinfo, console, cores, guests, pci, percpu, record, smp, vmx, xcore};
     use vmcall_proto::record::{core_state, kind, Quoted};
 
     /// Entered from `arch::boot` in long mode, on the boot stack.
@@ -135,6 +136,8 @@ mod boot {
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 
+        let fns = pci::discover(&mut pci::Cf8);
+        guests::report_pci(fns);
         let plan = match guests::plan(&boot, &list, &opts) {
             Ok(p) => p,
             Err(e) => {
@@ -179,6 +182,14 @@ mod boot {
             log::error!("{e}");
             "the MADT is malformed"
         })?;
+        let io = cores::madt_ioapic(madt.get());
+        log::info!(
+            "MADT: I/O APIC at {:#x} (GSI base {}), {} interrupt source overrides",
+            io.base,
+            io.gsi_base,
+            io.override_count
+        );
+        pci::ioapic::set_platform(io);
         let x2apic = arch::apic::has_x2apic();
         let list = cores::CoreList::build(cores::madt_cpus(madt.get()), bsp_apic, cap, |id| {
             x2apic || id < 0xff

@@ -316,7 +316,7 @@ impl<'a> Config<'a> {
         self.grants_at() + self.header.grant_count as usize * core::mem::size_of::<GrantEntry>()
     }
     /// The device assignments, in config order.
-    pub fn devices(&self) -> impl Iterator<Item = DeviceEntry> + '_ {
+    pub fn devices(&self) -> impl Iterator<Item = DeviceEntry> + Clone + '_ {
         (0..self.header.device_count as usize).map(|i| entry(self.blob, self.devices_at(), i))
     }
     /// The devices guest `g` owns, in config order (its boot-info order).

@@ -62,6 +62,12 @@ pub mod kind {
     /// `kept` (in the records; the ring keeps the newest), `guest_tsc` (summed entry-to-exit
     /// time), `hv_tsc` (summed exit-to-next-entry time).
     pub const TRACE_SUM: &str = "tracesum";
+    /// A PCI function found at boot: `bdf`, `id` (`vendor:device`), `class`, `header`,
+    /// `pin`, `line`, `bars` (quoted `index:kind:base+size` words, hex).
+    pub const PCI: &str = "pci";
+    /// A PCI function given to a guest: `guest` (index), `name`, `bdf`, `id`, `vector`,
+    /// `line`, `dma` (`unconfined` or `off`), `bars` (quoted `index:kind:gpa->base+size`).
+    pub const DEVICE: &str = "device";
     /// A required feature is missing: `missing` (what, in one phrase).
     pub const REFUSED: &str = "refused";
     /// The run is over: `outcome` (see [`super::outcome`]), `cores`, `vmx_on`, `tsc`.

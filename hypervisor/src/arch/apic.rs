@@ -133,3 +133,26 @@ pub fn send_nmi(apic: u32) {
     // SAFETY: x2APIC mode on every core; writing the ICR only sends the NMI.
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | 4 << 8) };
 }
+
+/// Acknowledges every interrupt in service on this core (x2APIC ISR, MSRs 0x810..0x817;
+/// one EOI retires the highest, SDM Vol. 3A 11.8.5) and returns how many. The hypervisor
+/// takes no interrupts itself, so whatever is in service was its guest's.
+pub fn eoi_in_service() -> u32 {
+    if !has_x2apic() {
+        return 0;
+    }
+    let mut n = 0;
+    // At most 256 vectors can be in service.
+    while n < 256 {
+        // SAFETY: x2APIC mode is on for every core that runs guests (`enable_x2apic_this_core`);
+        // the ISR registers are read-only and side-effect free.
+        let any = (0..8).any(|i| unsafe { super::rdmsr(0x810 + i) } != 0);
+        if !any {
+            break;
+        }
+        // SAFETY: writing 0 to the EOI register retires the highest in-service vector.
+        unsafe { super::wrmsr(0x80b, 0) };
+        n += 1;
+    }
+    n
+}

@@ -151,6 +151,16 @@ pub unsafe fn outl(port: u16, value: u32) {
     unsafe { x86::io::outl(port, value) }
 }
 
+/// Reads four bytes from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    // SAFETY: the caller guarantees the port read is acceptable.
+    unsafe { x86::io::inl(port) }
+}
+
 /// Reads one byte from an I/O port.
 ///
 /// # Safety

@@ -65,6 +65,8 @@ pub struct Launch {
     /// TSC at which the run's length is over (`duration_ms`; `u64::MAX`: none): a guest
     /// still running is stopped then and not started again.
     pub end_tsc: u64,
+    /// The PCI functions the guest owns (`pci::assign`), config order.
+    pub devices: crate::pci::Assigned,
 }
 
 /// Grants one guest can receive from the config (checked in the blob).
@@ -427,6 +429,12 @@ mod run {
             unsafe { arch::vmx::invept_single(self.eptp) };
             Ok(())
         }
+        fn pci_read32(&mut self, f: vmcall_proto::device::Bdf, offset: u16) -> u32 {
+            crate::pci::ConfigSpace::read32(&mut crate::pci::Cf8, f, offset)
+        }
+        fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
+            crate::pci::ConfigSpace::write32(&mut crate::pci::Cf8, f, offset, value)
+        }
         fn link_down(&mut self, channel: u32) {
             let Some(pos) = self.chans.iter().position(|c| c.desc.index == channel) else {
                 return;
@@ -489,6 +497,39 @@ mod run {
         asked && l.channel_count > 0 && has
     }
 
+    /// The ports of the guest's own I/O BARs (opened in its I/O bitmap). The configuration
+    /// ports are never among them: a BAR is sized from the device, and 0xCF8..0xCFF are
+    /// the chipset's.
+    fn io_ports(l: &Launch) -> impl Iterator<Item = u16> + '_ {
+        l.devices
+            .iter()
+            .flat_map(|o| o.func.bars.iter())
+            .filter(|b| b.kind == vmcall_proto::device::bar_kind::IO && b.size > 0)
+            .flat_map(|b| b.base..(b.base + b.size).min(0x1_0000))
+            .map(|p| p as u16)
+            .filter(|p| !(0xcf8..=0xcff).contains(p))
+    }
+
+    /// Puts the guest's devices in their boot state (no bus mastering, interrupt line
+    /// masked, nothing in service on this core): before an incarnation starts and when one
+    /// ends, before its memory is scrubbed or handed on.
+    fn quiesce_devices(l: &Launch) {
+        for o in l.devices.iter() {
+            crate::pci::quiesce(&mut crate::pci::Cf8, o);
+            if let Some(line) = o.line() {
+                crate::pci::ioapic::mask(line);
+            }
+        }
+        if l.devices.count > 0 {
+            // An interrupt the dead guest took and never acknowledged would block every
+            // lower vector for the next one, and keep its line's remote IRR set.
+            let n = crate::arch::apic::eoi_in_service();
+            if n > 0 {
+                log::info!("guest {}: {n} interrupts left in service, acknowledged", name(l));
+            }
+        }
+    }
+
     fn setup_vmcs(
         l: &Launch,
         f: &Features,
@@ -501,7 +542,7 @@ mod run {
         // for external interrupts, and HLT really halts until the doorbell (or the
         // preemption timer) comes. Guests without channels keep both exits, so that a HLT
         // that can never wake is caught at once.
-        let direct = l.channel_count > 0;
+        let direct = l.channel_count > 0 || l.devices.count > 0;
         let mwait = exitless_mwait(l);
         let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
         if !direct {
@@ -512,7 +553,11 @@ mod run {
         let proc = adjust(
             raw.procbased,
             (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
-                | PrimaryControls::UNCOND_IO_EXITING
+                | if io_ports(l).next().is_some() {
+                    PrimaryControls::USE_IO_BITMAPS
+                } else {
+                    PrimaryControls::UNCOND_IO_EXITING
+                }
                 | PrimaryControls::USE_MSR_BITMAPS
                 | if mwait {
                     PrimaryControls::empty()
@@ -595,6 +640,22 @@ mod run {
         w(ctl::EXCEPTION_BITMAP, 0)?;
         w(ctl::CR3_TARGET_COUNT, 0)?;
         w(ctl::MSR_BITMAP, bitmap)?;
+        if io_ports(l).next().is_some() {
+            // I/O bitmaps (SDM Vol. 3C 25.6.4): every port exits but the owner's I/O BARs.
+            let a = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+            let b = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+            for frame in [a, b] {
+                // SAFETY: fresh frames of this core's private region, identity-mapped.
+                unsafe { (frame as *mut u8).write_bytes(0xff, 4096) };
+            }
+            for port in io_ports(l) {
+                let (frame, bit) = if port < 0x8000 { (a, port) } else { (b, port - 0x8000) };
+                // SAFETY: as above; `bit / 8` < 4096.
+                unsafe { *((frame + bit as u64 / 8) as *mut u8) &= !(1 << (bit % 8)) };
+            }
+            w(ctl::IO_BITMAP_A, a)?;
+            w(ctl::IO_BITMAP_B, b)?;
+        }
         w(ctl::EPTP, eptp)?;
         w(ctl::VPID, (l.guest_id + 1) as u64)?;
         w(ctl::CR0_MASK, exits::CR0_MASK)?;
@@ -1326,6 +1387,11 @@ mod run {
         bi.workload = l.entry.workload;
         bi.args = l.entry.args;
         bi.incarnation = n;
+        bi.dma_offset = part.base;
+        for (d, o) in bi.devices.iter_mut().zip(l.devices.iter()) {
+            *d = o.desc();
+        }
+        bi.device_count = l.devices.count as u32;
         if boot_page_tables(&part).is_err() {
             return stop(ctx, "partition too small for the boot structures");
         }
@@ -1338,6 +1404,34 @@ mod run {
             Ok(root) => ept::eptp(root),
             Err(why) => return stop(ctx, why),
         };
+        // The owner's memory BARs in its device window, uncached, never executable; each
+        // checked as built.
+        quiesce_devices(l);
+        for o in l.devices.iter() {
+            for (b, &gpa) in o.func.bars.iter().zip(&o.gpa) {
+                if b.kind != vmcall_proto::device::bar_kind::MEMORY || b.size == 0 {
+                    continue;
+                }
+                let len = b.size.max(4096);
+                let root = eptp & !0xfff;
+                let rw = ept::Perm::Device.bits();
+                let ok = ept::map_with(&mut frames, root, gpa, b.base, len, ept::Perm::Device)
+                    .is_ok()
+                    && ept::translate_perm(&mut frames, root, gpa) == Some((b.base, rw))
+                    && ept::translate(&mut frames, root, gpa + len - 1) == Some(b.base + len - 1);
+                if !ok {
+                    return stop(ctx, "device BAR mapping failed");
+                }
+            }
+            if let Some(line) = o.line() {
+                // SAFETY: this core's slot is initialised.
+                let apic = unsafe { crate::percpu::this_core() }.apic_id as u32;
+                if let Err(why) = crate::pci::ioapic::route(line, o.vector, apic) {
+                    log::warn!("guest {}: {}: interrupt not routed: {why}", name(l), o.func.bdf);
+                }
+            }
+        }
+        ctx.pci = crate::pci::filter::View::new(&l.devices);
         // The status page: the fixed last frame of the private region, read-only to the
         // guest (and to its controllers, through their target windows), zeroed for each
         // incarnation.
@@ -1688,6 +1782,8 @@ mod run {
             }
         };
         ctx.flush_line(&mut sink);
+        // Its devices stop first: no DMA into memory about to be scrubbed or handed on.
+        quiesce_devices(l);
         // The page shows the incarnation as it ended (its last exit included) while the
         // guest is down.
         let t_end = arch::rdtsc();

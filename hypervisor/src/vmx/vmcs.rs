@@ -84,6 +84,8 @@ pub mod ctl {
     pub const ENTRY: Rw = Rw(control::VMENTRY_CONTROLS);
     pub const EXCEPTION_BITMAP: Rw = Rw(control::EXCEPTION_BITMAP);
     pub const MSR_BITMAP: Rw = Rw(control::MSR_BITMAPS_ADDR_FULL);
+    pub const IO_BITMAP_A: Rw = Rw(control::IO_BITMAP_A_ADDR_FULL);
+    pub const IO_BITMAP_B: Rw = Rw(control::IO_BITMAP_B_ADDR_FULL);
     pub const EPTP: Rw = Rw(control::EPTP_FULL);
     pub const CR0_MASK: Rw = Rw(control::CR0_GUEST_HOST_MASK);
     pub const CR4_MASK: Rw = Rw(control::CR4_GUEST_HOST_MASK);

@@ -248,6 +248,34 @@ pub struct ChannelReport {
     pub a_received: u64,
 }
 
+/// A PCI function the hypervisor found at boot, and its owner if a guest was given it.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// `bus:device.function`, hex.
+    pub bdf: String,
+    /// `vendor:device`, hex.
+    pub id: String,
+    /// Class, subclass, programming interface, hex.
+    pub class: String,
+    /// INTx pin (0 none, 1..4 INTA..INTD) and the line the firmware routed it to.
+    pub pin: u32,
+    pub line: u32,
+    /// `index:kind:base+size` words (hex) as found at boot.
+    pub bars: String,
+    /// The guest that owns it (absent: nobody).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The vector its interrupt reaches the owner at (0: none routed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector: Option<u32>,
+    /// `unconfined` (the owner may master the bus; no IOMMU) or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dma: Option<String>,
+    /// The owner's view of its memory BARs: `index:kind:gpa->base+size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_bars: Option<String>,
+}
+
 /// Time-stamp counter values the hypervisor reported, in the report's `tsc_unit`.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tsc {
@@ -338,6 +366,9 @@ pub struct Report {
     pub config: Option<String>,
     pub guests: Vec<GuestReport>,
     pub channels: Vec<ChannelReport>,
+    /// The machine's PCI functions and who owns each.
+    #[serde(default)]
+    pub devices: Vec<DeviceReport>,
     /// Core membership: every view each core installed, in the order logged.
     #[serde(default)]
     pub views: Vec<ViewReport>,
@@ -384,6 +415,7 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
         config: None,
         guests: c.guests.clone(),
         channels: vec![],
+        devices: c.devices.clone(),
         views: vec![],
         hangs: vec![],
         suspicions: vec![],
@@ -419,6 +451,7 @@ pub struct Console {
     pub cores: Vec<CoreReport>,
     pub guests: Vec<GuestReport>,
     pub channels: Vec<ChannelReport>,
+    pub devices: Vec<DeviceReport>,
     pub views: Vec<ViewReport>,
     pub hangs: Vec<HangReport>,
     pub suspicions: Vec<SuspectReport>,
@@ -535,6 +568,36 @@ impl Console {
                 match guest {
                     Some(g) => self.guests.push(g),
                     None => self.problems.push(format!("guest record without its fields: {line}")),
+                }
+            }
+            kind::PCI => {
+                let d = (|| {
+                    Some(DeviceReport {
+                        bdf: r.get("bdf")?.raw().to_string(),
+                        id: r.get("id")?.raw().to_string(),
+                        class: r.get("class")?.raw().to_string(),
+                        pin: num(&r, "pin")?,
+                        line: num(&r, "line")?,
+                        bars: unescape(r.get("bars")?),
+                        ..Default::default()
+                    })
+                })();
+                match d {
+                    Some(d) => self.devices.push(d),
+                    None => self.problems.push(format!("pci record without its fields: {line}")),
+                }
+            }
+            kind::DEVICE => {
+                let bdf = r.get("bdf").map(|v| v.raw().to_string());
+                let found = bdf.and_then(|b| self.devices.iter_mut().find(|d| d.bdf == b));
+                match (found, r.get("name"), num::<u32>(&r, "vector"), r.get("bars")) {
+                    (Some(d), Some(name), Some(vector), Some(bars)) => {
+                        d.owner = Some(unescape(name));
+                        d.vector = Some(vector);
+                        d.dma = r.get("dma").map(|v| v.raw().to_string());
+                        d.owner_bars = Some(unescape(bars));
+                    }
+                    _ => self.problems.push(format!("device record without its function: {line}")),
                 }
             }
             kind::CHANNEL => {

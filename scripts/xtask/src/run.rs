@@ -379,7 +379,21 @@ fn spawn(
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
         Emulator::Bochs => {
-            std::fs::write(dir.join("bochsrc"), bochsrc(iso, dir, m.cpus, model, m.memory_mib))?;
+            let rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            for (i, (nic, fwd)) in m.nics.iter().enumerate() {
+                for f in fwd {
+                    eprintln!(
+                        "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
+                         slirp gateway 10.0.2.2)",
+                        f.proto,
+                        f.host,
+                        nic.name,
+                        crate::config::nic_address(i),
+                        f.guest
+                    );
+                }
+            }
+            std::fs::write(dir.join("bochsrc"), rc)?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
             // The `term` display needs no TCP port (rfb binds one per instance, and parallel
@@ -416,11 +430,50 @@ fn spawn(
     EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
-/// The emulated machine: CPUs and memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The emulated machine: CPUs, memory, and the network cards in its PCI slots (model, host
+/// ports forwarded to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Machine {
     pub cpus: u32,
     pub memory_mib: u32,
+    pub nics: Vec<(crate::config::NicModel, Vec<crate::config::Forward>)>,
+}
+
+impl Machine {
+    /// The Bochs lines for the cards: the PCI slots, each card with its own user-mode
+    /// network (slirp, 10.0.2.0/24, gateway 10.0.2.2) and its config file in `dir`.
+    pub fn bochs_nics(&self, dir: &Path) -> Result<String> {
+        if self.nics.is_empty() {
+            return Ok(String::new());
+        }
+        let slots: Vec<String> = self
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, (m, _))| format!("slot{}={}", i + 1, m.name))
+            .collect();
+        let mut out = format!("pci: enabled=1, chipset=i440fx, {}\n", slots.join(", "));
+        let mut cards = std::collections::HashMap::new();
+        for (i, (m, fwd)) in self.nics.iter().enumerate() {
+            let conf = dir.join(format!("slirp{i}.conf"));
+            let mut text = String::from("# slirp config\n");
+            for f in fwd {
+                text.push_str(&format!("hostfwd = {}::{}-:{}\n", f.proto, f.host, f.guest));
+            }
+            std::fs::write(&conf, text)?;
+            let card: &mut u32 = cards.entry(m.name).or_default();
+            let extra = if m.name == "ne2k" { ", type=pci" } else { "" };
+            out.push_str(&format!(
+                "{}: card={}, enabled=1, mac=52:54:00:12:34:{:02x}, ethmod=slirp, script={}{extra}\n",
+                m.name,
+                *card,
+                0x56 + i,
+                bochs_quoted(&conf)
+            ));
+            *card += 1;
+        }
+        Ok(out)
+    }
 }
 
 /// Removes terminal control sequences (GRUB clears the screen on the serial console) and
@@ -589,6 +642,15 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
             .or(compiled.as_ref().map(|(_, c)| *c.config.machine.cpus.get_ref()))
             .unwrap_or(4),
         memory_mib: compiled.as_ref().map_or(256, |(_, c)| *c.config.machine.memory_mib.get_ref()),
+        nics: compiled.as_ref().map_or(Vec::new(), |(_, c)| {
+            (0..c.config.nics.len())
+                .filter_map(|i| {
+                    let fwd = c.config.nics[i].forward.iter().flat_map(|f| f.get_ref().iter());
+                    let fwd = fwd.filter_map(|f| crate::config::parse_forward(f.get_ref()));
+                    Some((c.config.nic_model(i)?, fwd.collect()))
+                })
+                .collect()
+        }),
     };
     if let Some((_, c)) = &compiled {
         let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &cmdline);
@@ -837,6 +899,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         config: compiled.as_ref().map(|(p, _)| p.display().to_string()),
         guests: console.guests,
         channels: console.channels,
+        devices: console.devices,
         views: console.views,
         hangs: console.hangs,
         suspicions: console.suspicions,
@@ -1011,6 +1074,18 @@ pub fn summary(r: &Report) -> String {
         s += &format!("  core {} fenced core {} at TSC {}\n", p.core, p.target, p.tsc);
     }
     s += &views_summary(&r.views);
+    for d in r.devices.iter().filter(|d| d.owner.is_some()) {
+        s += &format!(
+            "  device {} {} -> {} (vector {}, line {}, dma {}; BARs {})\n",
+            d.bdf,
+            d.id,
+            d.owner.as_deref().unwrap_or("?"),
+            d.vector.unwrap_or(0),
+            d.line,
+            d.dma.as_deref().unwrap_or("off"),
+            d.owner_bars.as_deref().unwrap_or("")
+        );
+    }
     let unit = match r.tsc_unit.as_str() {
         "emulated_instructions" => "emulated instructions",
         _ => "TSC clock ticks, not instructions",

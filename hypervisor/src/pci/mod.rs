@@ -1,0 +1,680 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! PCI: the machine's functions, found once at boot by the BSP, and the assignment of
+//! functions to guests (the rules are in `vmcall_proto::device`).
+//!
+//! Owns: the function table ([`Functions`], written once by the BSP before any guest runs,
+//! read-only afterwards), the resolution of config entries to functions ([`assign`]), and
+//! the owner's view of configuration space ([`filter`]). The logic is written against the
+//! [`ConfigSpace`] trait, so enumeration, sizing, resolution and filtering run in host tests
+//! on a fake bus; [`Cf8`] is the real one (configuration mechanism #1, PCI Local Bus
+//! Specification 3.0, 3.2.2.3.2).
+//!
+//! May call: `arch` (port I/O, in [`Cf8`] only), `vmcall_proto`. Nothing here calls guests,
+//! exits or other cores.
+
+pub mod filter;
+pub mod ioapic;
+
+use vmcall_proto::device::{self, bar_kind, Bdf, DeviceEntry, Selector, MAX_BARS};
+
+/// Functions the table holds (a machine with more lists the first ones; the rest cannot be
+/// assigned, and the log says so).
+pub const MAX_FUNCTIONS: usize = 64;
+
+/// Configuration-space offsets and bits (PCI Local Bus Specification 3.0, 6.1 and 6.2).
+pub mod reg {
+    pub const VENDOR: u16 = 0x00;
+    pub const COMMAND: u16 = 0x04;
+    pub const CLASS: u16 = 0x08;
+    pub const BAR0: u16 = 0x10;
+    pub const ROM: u16 = 0x30;
+    pub const CAP_PTR: u16 = 0x34;
+    pub const INTERRUPT_LINE: u16 = 0x3c;
+    /// Command register bits.
+    pub const CMD_IO: u16 = 1 << 0;
+    pub const CMD_MEMORY: u16 = 1 << 1;
+    pub const CMD_BUS_MASTER: u16 = 1 << 2;
+    pub const CMD_INTX_DISABLE: u16 = 1 << 10;
+    /// Status: the function has a capability list.
+    pub const STATUS_CAP_LIST: u16 = 1 << 4;
+}
+
+/// Access to configuration space, 32 bits at a time at dword-aligned offsets.
+pub trait ConfigSpace {
+    fn read32(&mut self, f: Bdf, offset: u16) -> u32;
+    fn write32(&mut self, f: Bdf, offset: u16, value: u32);
+}
+
+/// One BAR as found at boot (machine addresses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bar {
+    /// One of `bar_kind`.
+    pub kind: u32,
+    /// A 64-bit memory BAR (it takes the next register too).
+    pub wide: bool,
+    /// The low flag bits of the register (memory: type and prefetchable; I/O: bit 0).
+    pub flags: u32,
+    /// Machine address (memory) or first port (I/O).
+    pub base: u64,
+    /// Bytes or ports; 0 when unimplemented.
+    pub size: u64,
+}
+
+/// One function as found at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Function {
+    pub bdf: Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    /// Class, subclass, programming interface.
+    pub class: u32,
+    pub header_type: u8,
+    /// INTx pin (0 none, 1..=4) and the line the firmware routed it to (0xff: none).
+    pub pin: u8,
+    pub line: u8,
+    /// The command register as the firmware left it (restored at every clean death).
+    pub command: u16,
+    pub bars: [Bar; MAX_BARS],
+}
+
+impl Function {
+    /// A bridge (class 06): it forwards accesses to other functions, so it is never given
+    /// to a guest.
+    pub fn is_bridge(&self) -> bool {
+        self.class >> 16 == 0x06
+    }
+    /// A type-0 header (an endpoint; bridges and CardBus have others).
+    pub fn is_endpoint(&self) -> bool {
+        self.header_type & 0x7f == 0
+    }
+}
+
+impl core::fmt::Display for Function {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} {:04x}:{:04x} class {:06x}", self.bdf, self.vendor, self.device, self.class)
+    }
+}
+
+/// The machine's functions in bus order.
+#[derive(Clone, Copy, Debug)]
+pub struct Functions {
+    list: [Option<Function>; MAX_FUNCTIONS],
+    count: usize,
+    /// Functions past [`MAX_FUNCTIONS`] that were seen but not kept.
+    pub dropped: usize,
+}
+
+impl Functions {
+    pub const fn empty() -> Self {
+        Functions { list: [None; MAX_FUNCTIONS], count: 0, dropped: 0 }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Function> {
+        self.list[..self.count].iter().flatten()
+    }
+    pub fn get(&self, b: Bdf) -> Option<&Function> {
+        self.iter().find(|f| f.bdf == b)
+    }
+    fn push(&mut self, f: Function) {
+        if self.count < MAX_FUNCTIONS {
+            self.list[self.count] = Some(f);
+            self.count += 1;
+        } else {
+            self.dropped += 1;
+        }
+    }
+    /// The function a config selector names, if the machine has it.
+    pub fn find(&self, sel: Selector) -> Option<&Function> {
+        match sel {
+            Selector::Address(b) => self.get(b),
+            Selector::Id { vendor, device, nth } => {
+                self.iter().filter(|f| f.vendor == vendor && f.device == device).nth(nth as usize)
+            }
+        }
+    }
+}
+
+/// Sizes the BARs of an endpoint (PCI 3.0, 6.2.5.1): decoding off while each register is
+/// written all ones and read back, then the register and the command word restored.
+fn size_bars(cs: &mut impl ConfigSpace, b: Bdf, command: u16) -> [Bar; MAX_BARS] {
+    let mut bars = [Bar::default(); MAX_BARS];
+    let cmd_dword = cs.read32(b, reg::COMMAND);
+    cs.write32(
+        b,
+        reg::COMMAND,
+        (cmd_dword & 0xffff_0000) | (command & !(reg::CMD_IO | reg::CMD_MEMORY)) as u32,
+    );
+    let mut i = 0;
+    while i < MAX_BARS {
+        let off = reg::BAR0 + 4 * i as u16;
+        let orig = cs.read32(b, off);
+        cs.write32(b, off, u32::MAX);
+        let mask = cs.read32(b, off);
+        cs.write32(b, off, orig);
+        if orig & 1 == 1 {
+            let m = mask & !3 & 0xffff;
+            if m != 0 {
+                let size = (!m & 0xffff) as u64 + 1;
+                bars[i] = Bar {
+                    kind: bar_kind::IO,
+                    wide: false,
+                    flags: orig & 3,
+                    base: (orig & !3) as u64,
+                    size,
+                };
+            }
+            i += 1;
+            continue;
+        }
+        let wide = (orig >> 1) & 3 == 2 && i + 1 < MAX_BARS;
+        let (mut base, mut mask64) = ((orig & !0xf) as u64, (mask & !0xf) as u64);
+        if wide {
+            let hi_off = off + 4;
+            let hi = cs.read32(b, hi_off);
+            cs.write32(b, hi_off, u32::MAX);
+            let hi_mask = cs.read32(b, hi_off);
+            cs.write32(b, hi_off, hi);
+            base |= (hi as u64) << 32;
+            mask64 |= (hi_mask as u64) << 32;
+        } else if mask64 != 0 {
+            mask64 |= 0xffff_ffff_0000_0000;
+        }
+        if mask64 != 0 {
+            bars[i] = Bar {
+                kind: bar_kind::MEMORY,
+                wide,
+                flags: orig & 0xf,
+                base,
+                size: (!mask64).wrapping_add(1),
+            };
+        }
+        i += if wide { 2 } else { 1 };
+    }
+    cs.write32(b, reg::COMMAND, (cmd_dword & 0xffff_0000) | command as u32);
+    bars
+}
+
+fn probe(cs: &mut impl ConfigSpace, b: Bdf) -> Option<Function> {
+    let id = cs.read32(b, reg::VENDOR);
+    if id & 0xffff == 0xffff {
+        return None;
+    }
+    let class = cs.read32(b, reg::CLASS) >> 8;
+    let header_type = (cs.read32(b, 0x0c) >> 16) as u8;
+    let irq = cs.read32(b, reg::INTERRUPT_LINE);
+    let command = cs.read32(b, reg::COMMAND) as u16;
+    let mut f = Function {
+        bdf: b,
+        vendor: id as u16,
+        device: (id >> 16) as u16,
+        class,
+        header_type,
+        pin: (irq >> 8) as u8,
+        line: irq as u8,
+        command,
+        bars: [Bar::default(); MAX_BARS],
+    };
+    if f.is_endpoint() && !f.is_bridge() {
+        f.bars = size_bars(cs, b, command);
+    }
+    Some(f)
+}
+
+/// Every function on every bus reachable from bus 0 (a brute-force scan of the bus numbers
+/// bridges name: their secondary buses), in bus order.
+pub fn enumerate(cs: &mut impl ConfigSpace) -> Functions {
+    let mut out = Functions::empty();
+    let mut buses = [false; 256];
+    buses[0] = true;
+    for bus in 0..=255u8 {
+        if !buses[bus as usize] {
+            continue;
+        }
+        for dev in 0..32u8 {
+            let Some(f0) = probe(cs, Bdf::new(bus, dev, 0)) else { continue };
+            let multi = f0.header_type & 0x80 != 0;
+            for func in 0..if multi { 8 } else { 1 } {
+                let f = if func == 0 { Some(f0) } else { probe(cs, Bdf::new(bus, dev, func)) };
+                let Some(f) = f else { continue };
+                if f.header_type & 0x7f == 1 {
+                    // PCI-to-PCI bridge: its secondary bus (byte 0x19).
+                    let secondary = (cs.read32(f.bdf, 0x18) >> 8) as u8;
+                    if secondary > bus {
+                        buses[secondary as usize] = true;
+                    }
+                }
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// Why a config entry cannot be given to its guest on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AssignError {
+    /// No function matches the selector.
+    Missing,
+    /// A bridge, or not a type-0 header.
+    Bridge,
+    /// A memory BAR does not fit the device window.
+    WindowFull,
+    /// Its interrupt line is also the line of a device another guest owns.
+    SharedLine,
+}
+
+impl AssignError {
+    /// The reason the guest is reported `not_started` with.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            AssignError::Missing => "an assigned PCI device is not on this machine",
+            AssignError::Bridge => "an assigned PCI device is a bridge (never assignable)",
+            AssignError::WindowFull => "its devices' memory BARs do not fit the device window",
+            AssignError::SharedLine => {
+                "an assigned PCI device shares its interrupt line with another guest's device"
+            }
+        }
+    }
+}
+
+/// One function given to a guest: what the guest is told and where things really are.
+#[derive(Clone, Copy, Debug)]
+pub struct Owned {
+    pub func: Function,
+    /// Guest-physical address of each memory BAR in the device window (0 for others).
+    pub gpa: [u64; MAX_BARS],
+    pub flags: u8,
+    /// The vector its INTx arrives at in the owner (0: no interrupt routed).
+    pub vector: u8,
+}
+
+impl Owned {
+    /// The owner's boot-info entry.
+    pub fn desc(&self) -> device::DeviceDesc {
+        let f = &self.func;
+        let mut bars = [device::BarDesc { kind: 0, wide: 0, addr: 0, size: 0 }; MAX_BARS];
+        for (i, (d, b)) in bars.iter_mut().zip(f.bars).enumerate() {
+            let addr = if b.kind == bar_kind::MEMORY { self.gpa[i] } else { b.base };
+            *d = device::BarDesc { kind: b.kind, wide: b.wide as u32, addr, size: b.size };
+        }
+        device::DeviceDesc {
+            bus: f.bdf.bus,
+            device: f.bdf.device,
+            function: f.bdf.function,
+            irq_pin: f.pin,
+            vector: self.vector,
+            flags: self.flags,
+            _reserved0: 0,
+            vendor_id: f.vendor,
+            device_id: f.device,
+            class: f.class,
+            bars,
+        }
+    }
+    /// Whether the INTx line is routed (pin present, line set by the firmware).
+    pub fn line(&self) -> Option<u8> {
+        (self.func.pin != 0 && self.func.line != 0xff && self.func.line < 24)
+            .then_some(self.func.line)
+    }
+}
+
+/// The functions of one guest, in config order.
+#[derive(Clone, Copy, Debug)]
+pub struct Assigned {
+    pub list: [Option<Owned>; device::MAX_DEVICES_PER_GUEST],
+    pub count: usize,
+}
+
+impl Assigned {
+    pub const fn none() -> Self {
+        Assigned { list: [None; device::MAX_DEVICES_PER_GUEST], count: 0 }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Owned> {
+        self.list[..self.count].iter().flatten()
+    }
+    #[cfg(test)]
+    pub fn get(&self, b: Bdf) -> Option<&Owned> {
+        self.iter().find(|o| o.func.bdf == b)
+    }
+}
+
+/// Resolves guest `guest`'s entries of `all` against the machine's functions: each must
+/// exist and be an endpoint; memory BARs are laid out in the device window, each naturally
+/// aligned to its size; its interrupt line must not be a line of another guest's device.
+/// Pure: the caller reports the error (the guest is then not started).
+pub fn assign(
+    fns: &Functions,
+    all: impl Iterator<Item = DeviceEntry> + Clone,
+    guest: u16,
+) -> Result<Assigned, AssignError> {
+    let mut out = Assigned::none();
+    let (start, end) = device::DEVICE_WINDOW;
+    let mut next = start;
+    for (i, e) in all.clone().filter(|e| e.guest == guest).enumerate() {
+        let f = *fns.find(e.selector()).ok_or(AssignError::Missing)?;
+        if f.is_bridge() || !f.is_endpoint() {
+            return Err(AssignError::Bridge);
+        }
+        if f.pin != 0 && f.line < 24 {
+            let others = all
+                .clone()
+                .filter(|o| o.guest != guest)
+                .filter_map(|o| fns.find(o.selector()))
+                .any(|o| o.pin != 0 && o.line == f.line);
+            if others {
+                return Err(AssignError::SharedLine);
+            }
+        }
+        let mut gpa = [0; MAX_BARS];
+        for (g, b) in gpa.iter_mut().zip(f.bars) {
+            if b.kind != bar_kind::MEMORY || b.size == 0 {
+                continue;
+            }
+            // Whole pages, naturally aligned (sizes are powers of two).
+            let size = b.size.max(4096);
+            let at = next.checked_next_multiple_of(size).ok_or(AssignError::WindowFull)?;
+            if at.checked_add(size).is_none_or(|e| e > end) || b.base % 4096 != 0 {
+                return Err(AssignError::WindowFull);
+            }
+            *g = at;
+            next = at + size;
+        }
+        let owned = Owned { func: f, gpa, flags: e.flags, vector: 0 };
+        let vector = if owned.line().is_some() { device::device_vector(i) } else { 0 };
+        out.list[i] = Some(Owned { vector, ..owned });
+        out.count = i + 1;
+    }
+    Ok(out)
+}
+
+/// The machine's functions, found by the BSP at boot before any guest runs; read-only
+/// afterwards (each core reads its guest's entries from its launch message, not from here).
+static FUNCTIONS: spin::Once<Functions> = spin::Once::new();
+
+/// Enumerates the machine once (the BSP, at boot) and logs every function.
+pub fn discover(cs: &mut impl ConfigSpace) -> &'static Functions {
+    FUNCTIONS.call_once(|| enumerate(cs))
+}
+
+/// The table, once [`discover`] ran.
+pub fn functions() -> Option<&'static Functions> {
+    FUNCTIONS.get()
+}
+
+/// Configuration mechanism #1 on this machine's ports 0xCF8/0xCFC. Only the hypervisor
+/// touches these ports (guests' accesses exit and go through [`filter`]); the address and
+/// data ports are one register pair, so an access is two port operations that must not
+/// interleave with another core's: they run under one lock with interrupts as they are
+/// (the hypervisor runs with them off).
+#[cfg(target_os = "none")]
+pub struct Cf8;
+
+#[cfg(target_os = "none")]
+static CF8_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+#[cfg(target_os = "none")]
+impl ConfigSpace for Cf8 {
+    fn read32(&mut self, f: Bdf, offset: u16) -> u32 {
+        let _g = CF8_LOCK.lock();
+        // SAFETY: configuration mechanism #1: the address port, then the data port; no
+        // other core uses the pair while the lock is held.
+        unsafe {
+            crate::arch::outl(
+                device::PCI_CONFIG_ADDRESS,
+                1 << 31 | f.cf8_bits() | (offset & 0xfc) as u32,
+            );
+            crate::arch::inl(device::PCI_CONFIG_DATA)
+        }
+    }
+    fn write32(&mut self, f: Bdf, offset: u16, value: u32) {
+        let _g = CF8_LOCK.lock();
+        // SAFETY: as for `read32`; callers write only registers of functions the
+        // hypervisor decided to touch (sizing at boot, the owner's filtered writes,
+        // quiescing at death).
+        unsafe {
+            crate::arch::outl(
+                device::PCI_CONFIG_ADDRESS,
+                1 << 31 | f.cf8_bits() | (offset & 0xfc) as u32,
+            );
+            crate::arch::outl(device::PCI_CONFIG_DATA, value);
+        }
+    }
+}
+
+/// Puts an owned function in its boot state when its owner dies (before the owner's memory
+/// is scrubbed): bus mastering, memory and I/O decoding off and INTx disabled in one write
+/// (PCI 3.0, 6.2.2: with bus mastering off the function starts no new transaction), read
+/// back so the write has reached the function, then the firmware's command word restored
+/// but with bus mastering left off. Conventional PCI has no function-level reset; a
+/// function whose PCIe capability advertises FLR would get one here (none in Bochs).
+pub fn quiesce(cs: &mut impl ConfigSpace, o: &Owned) {
+    let b = o.func.bdf;
+    // The status half written as zeros: its bits are write-one-to-clear.
+    cs.write32(b, reg::COMMAND, reg::CMD_INTX_DISABLE as u32);
+    let _ = cs.read32(b, reg::COMMAND);
+    let boot = o.func.command & !reg::CMD_BUS_MASTER;
+    cs.write32(b, reg::COMMAND, boot as u32);
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A fake bus for host tests: functions with writable registers and BAR masks.
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    pub struct Bus {
+        pub regs: HashMap<(Bdf, u16), u32>,
+        /// BAR size masks: the bits a BAR register keeps when written.
+        pub masks: HashMap<(Bdf, u16), u32>,
+        pub writes: Vec<(Bdf, u16, u32)>,
+    }
+
+    impl Bus {
+        /// Adds an endpoint with BARs `(offset, value, size_mask)`.
+        pub fn add(
+            &mut self,
+            b: Bdf,
+            id: u32,
+            class: u32,
+            header: u8,
+            irq: (u8, u8),
+            bars: &[(u16, u32, u32)],
+        ) {
+            self.regs.insert((b, 0), id);
+            self.regs.insert((b, 4), 0x0010_0007);
+            self.regs.insert((b, 8), class << 8);
+            self.regs.insert((b, 0xc), (header as u32) << 16);
+            self.regs.insert((b, 0x3c), (irq.0 as u32) << 8 | irq.1 as u32);
+            // Unimplemented BARs and the ROM are hardwired to zero.
+            for off in (0x10..=0x24).step_by(4).chain([0x30]) {
+                self.masks.insert((b, off), 0);
+            }
+            for &(off, v, m) in bars {
+                self.regs.insert((b, off), v);
+                self.masks.insert((b, off), m);
+            }
+        }
+    }
+
+    impl ConfigSpace for Bus {
+        fn read32(&mut self, f: Bdf, offset: u16) -> u32 {
+            *self.regs.get(&(f, offset)).unwrap_or(if self.regs.contains_key(&(f, 0)) {
+                &0
+            } else {
+                &u32::MAX
+            })
+        }
+        fn write32(&mut self, f: Bdf, offset: u16, value: u32) {
+            self.writes.push((f, offset, value));
+            if !self.regs.contains_key(&(f, 0)) {
+                return;
+            }
+            let v = match self.masks.get(&(f, offset)) {
+                Some(&m) => {
+                    let low = self.regs.get(&(f, offset)).copied().unwrap_or(0) & !m;
+                    (value & m) | low
+                }
+                None => value,
+            };
+            self.regs.insert((f, offset), v);
+        }
+    }
+
+    /// Bochs-like: host bridge, ISA bridge, an e1000 (128 KiB memory BAR, I/O BAR, INTA on
+    /// line 11) and an NE2000 (I/O BAR, INTA on line 10).
+    pub fn bochs() -> Bus {
+        let mut bus = Bus::default();
+        bus.add(Bdf::new(0, 0, 0), 0x1237_8086, 0x06_00_00, 0, (0, 0), &[]);
+        bus.add(Bdf::new(0, 1, 0), 0x7000_8086, 0x06_01_00, 0x80, (0, 0), &[]);
+        bus.add(
+            Bdf::new(0, 2, 0),
+            0x100e_8086,
+            0x02_00_00,
+            0,
+            (1, 11),
+            &[(0x10, 0xfebc_0000, 0xfffe_0000), (0x14, 0xc001, 0xffff_ffc0)],
+        );
+        bus.add(
+            Bdf::new(0, 3, 0),
+            0x8029_10ec,
+            0x02_00_00,
+            0,
+            (1, 10),
+            &[(0x10, 0xc101, 0xffff_ffe0)],
+        );
+        bus
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcall_proto::device::{device_entry, flags, parse_selector};
+
+    #[test]
+    fn enumeration_finds_functions_and_sizes_bars() {
+        let mut bus = fake::bochs();
+        let fns = enumerate(&mut bus);
+        let list: Vec<_> = fns.iter().map(|f| f.bdf.to_string()).collect();
+        assert_eq!(list, ["00:00.0", "00:01.0", "00:02.0", "00:03.0"]);
+        let nic = fns.get(Bdf::new(0, 2, 0)).unwrap();
+        assert_eq!(
+            (nic.vendor, nic.device, nic.class, nic.pin, nic.line),
+            (0x8086, 0x100e, 0x020000, 1, 11)
+        );
+        assert_eq!(
+            nic.bars[0],
+            Bar {
+                kind: bar_kind::MEMORY,
+                wide: false,
+                flags: 0,
+                base: 0xfebc_0000,
+                size: 0x2_0000
+            }
+        );
+        assert_eq!(
+            nic.bars[1],
+            Bar { kind: bar_kind::IO, wide: false, flags: 1, base: 0xc000, size: 0x40 }
+        );
+        assert_eq!(nic.bars[2].size, 0);
+        // Sizing left every register as it was, decoding back on.
+        assert_eq!(bus.regs[&(Bdf::new(0, 2, 0), 0x10)], 0xfebc_0000);
+        assert_eq!(bus.regs[&(Bdf::new(0, 2, 0), 4)] & 3, 3);
+        // Decoding was off while a BAR held all ones.
+        let w = &bus.writes;
+        let ones = w
+            .iter()
+            .position(|&(b, o, v)| b == Bdf::new(0, 2, 0) && o == 0x10 && v == u32::MAX)
+            .unwrap();
+        let off =
+            w[..ones].iter().rposition(|&(b, o, _)| b == Bdf::new(0, 2, 0) && o == 4).unwrap();
+        assert_eq!(w[off].2 & 3, 0);
+        // Bridges are not sized.
+        assert!(fns.get(Bdf::new(0, 0, 0)).unwrap().bars.iter().all(|b| b.size == 0));
+    }
+
+    #[test]
+    fn sixty_four_bit_bars_take_two_registers() {
+        let mut bus = fake::Bus::default();
+        let b = Bdf::new(0, 5, 0);
+        bus.add(
+            b,
+            0x1234_1af4,
+            0x01_00_00,
+            0,
+            (1, 5),
+            &[(0x10, 0x8000_000c, 0xffff_c000), (0x14, 0x1, 0xffff_ffff)],
+        );
+        let f = *enumerate(&mut bus).get(b).unwrap();
+        assert_eq!(
+            (f.bars[0].kind, f.bars[0].wide, f.bars[0].base, f.bars[0].size),
+            (bar_kind::MEMORY, true, 0x1_8000_0000, 0x4000)
+        );
+        assert_eq!(f.bars[1].size, 0);
+    }
+
+    fn entries(list: &[(u16, &str)]) -> Vec<DeviceEntry> {
+        list.iter()
+            .map(|&(g, s)| device_entry(g, parse_selector(s).unwrap(), flags::DMA_UNCONFINED))
+            .collect()
+    }
+
+    #[test]
+    fn assignment_resolves_lays_out_and_refuses() {
+        let fns = enumerate(&mut fake::bochs());
+        let e = entries(&[(0, "8086:100e"), (1, "00:03.0")]);
+        let a = assign(&fns, e.iter().copied(), 0).unwrap();
+        let o = a.get(Bdf::new(0, 2, 0)).unwrap();
+        assert_eq!(o.gpa[0], device::DEVICE_WINDOW.0);
+        assert_eq!((o.vector, o.line()), (device::device_vector(0), Some(11)));
+        let d = o.desc();
+        assert_eq!(
+            (d.bars[0].addr, d.bars[0].size, d.bars[1].addr),
+            (0x4000_0000, 0x2_0000, 0xc000)
+        );
+        assert_eq!(assign(&fns, e.iter().copied(), 1).unwrap().count, 1);
+        assert_eq!(assign(&fns, e.iter().copied(), 2).unwrap().count, 0);
+        let missing = entries(&[(0, "00:09.0")]);
+        assert_eq!(assign(&fns, missing.iter().copied(), 0).unwrap_err(), AssignError::Missing);
+        let second = entries(&[(0, "8086:100e#1")]);
+        assert_eq!(assign(&fns, second.iter().copied(), 0).unwrap_err(), AssignError::Missing);
+        let bridge = entries(&[(0, "00:01.0")]);
+        assert_eq!(assign(&fns, bridge.iter().copied(), 0).unwrap_err(), AssignError::Bridge);
+        // Two guests' devices on one line.
+        let mut bus = fake::bochs();
+        bus.regs.insert((Bdf::new(0, 3, 0), 0x3c), 0x010b);
+        let fns = enumerate(&mut bus);
+        let e = entries(&[(0, "00:02.0"), (1, "00:03.0")]);
+        assert_eq!(assign(&fns, e.iter().copied(), 1).unwrap_err(), AssignError::SharedLine);
+        // ... but one guest may own both.
+        let e = entries(&[(0, "00:02.0"), (0, "00:03.0")]);
+        assert_eq!(assign(&fns, e.iter().copied(), 0).unwrap().count, 2);
+    }
+
+    #[test]
+    fn bars_that_do_not_fit_the_window_are_refused() {
+        let mut bus = fake::Bus::default();
+        let b = Bdf::new(0, 4, 0);
+        // A 2-GiB BAR: larger than the 1-GiB window.
+        bus.add(b, 0x1111_1234, 0x03_00_00, 0, (0, 0xff), &[(0x10, 0x8000_0000, 0x8000_0000)]);
+        let fns = enumerate(&mut bus);
+        let e = entries(&[(0, "00:04.0")]);
+        assert_eq!(assign(&fns, e.iter().copied(), 0).unwrap_err(), AssignError::WindowFull);
+    }
+
+    #[test]
+    fn quiescing_turns_off_mastering_and_interrupts() {
+        let mut bus = fake::bochs();
+        let fns = enumerate(&mut bus);
+        let e = entries(&[(0, "00:02.0")]);
+        let o = *assign(&fns, e.iter().copied(), 0).unwrap().get(Bdf::new(0, 2, 0)).unwrap();
+        bus.regs.insert((o.func.bdf, 4), 0x0000_0007);
+        bus.writes.clear();
+        quiesce(&mut bus, &o);
+        let (_, _, first) = bus.writes[0];
+        assert_eq!(first & 0x7, 0, "decoding and mastering off first");
+        assert_ne!(first & reg::CMD_INTX_DISABLE as u32, 0);
+        let last = bus.regs[&(o.func.bdf, 4)];
+        assert_eq!(last & reg::CMD_BUS_MASTER as u32, 0, "mastering stays off");
+    }
+}
