@@ -45,6 +45,17 @@ pub fn nic(bi: &BootInfo) -> u64 {
     for (i, d) in devs.iter().enumerate() {
         describe(i, d);
     }
+    if devs.is_empty() {
+        // Without a device there is no PCI at all: the ports may raise #GP.
+        if let Err((vector, _)) = pci::try_read_id(vmcall_proto::device::Bdf::new(0, 0, 0)) {
+            let ok = vector == 13;
+            log::info!(
+                "nic: done: no device; configuration ports raise vector {vector}{}",
+                if ok { " (#GP): no PCI at all" } else { ", not #GP" }
+            );
+            return if ok { 0 } else { ISOLATION };
+        }
+    }
     if let Err(status) = isolation(devs) {
         return status;
     }

@@ -59,6 +59,26 @@ fn select(bdf: Bdf, off: u8) {
     unsafe { arch::outl(PCI_CONFIG_ADDRESS, config_address(bdf, off)) };
 }
 
+/// Reads the vendor and device ids of `bdf` under a probe: `Err((vector, error code))`
+/// if the configuration ports fault. A guest that owns no function has no PCI at all: its
+/// accesses raise #GP (vector 13) instead of reading all ones.
+pub fn try_read_id(bdf: Bdf) -> Result<u32, (u8, u64)> {
+    let mut v: u32 = config_address(bdf, reg::VENDOR_ID);
+    // SAFETY: the configuration ports (trapped: the hypervisor filters them or raises
+    // #GP, which the probe catches); selecting and reading have no side effects.
+    let fault = unsafe {
+        crate::probe!(
+            "mov dx, 0xcf8\n out dx, eax\n mov dx, 0xcfc\n in eax, dx",
+            inout("eax") v,
+            out("edx") _
+        )
+    };
+    match fault {
+        None => Ok(v),
+        Some(f) => Err(f),
+    }
+}
+
 /// Reads 32 bits of configuration space at `off` (rounded down to a dword). Two VM exits.
 pub fn read32(bdf: Bdf, off: u8) -> u32 {
     select(bdf, off);
