@@ -2,7 +2,10 @@
 //! The guest's own CPU tables: GDT, IDT with exception handlers that report through a
 //! hypercall, and page tables identity-mapping the first GiB (page 0 left out to catch
 //! null pointers). Mapping more than the partition is deliberate: the guest may map what
-//! it likes, and EPT is what confines it.
+//! it likes, and EPT is what confines it. The device window (GiB 1, where an owner's
+//! memory BARs appear) is mapped on demand, uncached ([`map_device_window`]); the IDT
+//! sends the device vectors (`vmcall_proto::device::device_vector`) to `crate::pci`'s
+//! handler. This module also holds the port-I/O and x2APIC EOI instruction wrappers.
 //!
 //! The timer is the hypervisor's virtual one-shot timer (the `timer_oneshot` hypercall),
 //! delivered as interrupt [`TIMER_VECTOR`] through this IDT: the guest gets no local APIC,
@@ -33,6 +36,8 @@ static PT: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 static PD_CHANNELS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 /// Maps the grant window (capability mappings): guest-physical 3 GiB to 4 GiB.
 static PD_GRANTS: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
+/// Maps the device window (memory BARs): guest-physical 1 GiB to 2 GiB, uncached.
+static PD_DEVICES: InitOnly<Table> = InitOnly(UnsafeCell::new(Table([0; 512])));
 
 /// The armed probe (see [`probe!`]): landing RIP (0: disarmed), RSP at the probe, then
 /// the vector and error code of the exception that ended it ([`NO_FAULT`] if none). Read and
@@ -180,6 +185,36 @@ core::arch::global_asm!(
     GINTR guest_timer_stub, guest_timer_tick
     GINTR guest_doorbell_stub, guest_doorbell
 
+    # A device interrupt: as GINTR, with the device index (vector - 0x50) in EDI.
+    .macro GDEVINTR n
+    .global guest_device_stub_\n
+    guest_device_stub_\n:
+        pushq %rax
+        pushq %rcx
+        pushq %rdx
+        pushq %rsi
+        pushq %rdi
+        pushq %r8
+        pushq %r9
+        pushq %r10
+        pushq %r11
+        movl $\n, %edi
+        call guest_device_irq
+        popq %r11
+        popq %r10
+        popq %r9
+        popq %r8
+        popq %rdi
+        popq %rsi
+        popq %rdx
+        popq %rcx
+        popq %rax
+        iretq
+    .endm
+    .irp n, 0,1,2,3
+    GDEVINTR \n
+    .endr
+
     .global guest_unexpected_stub
     guest_unexpected_stub:
         pushq $0
@@ -204,6 +239,21 @@ extern "C" {
     fn guest_timer_stub();
     fn guest_doorbell_stub();
     fn guest_unexpected_stub();
+    fn guest_device_stub_0();
+    fn guest_device_stub_1();
+    fn guest_device_stub_2();
+    fn guest_device_stub_3();
+}
+
+/// The IDT entry of each device vector, in device order.
+#[cfg(target_os = "none")]
+fn device_stubs() -> [u64; vmcall_proto::device::MAX_DEVICES_PER_GUEST] {
+    [
+        guest_device_stub_0 as *const () as u64,
+        guest_device_stub_1 as *const () as u64,
+        guest_device_stub_2 as *const () as u64,
+        guest_device_stub_3 as *const () as u64,
+    ]
 }
 
 /// Called by `guest_timer_stub`. The processor aligns the interrupt frame to 16 bytes and
@@ -260,9 +310,13 @@ pub fn init() {
     // SAFETY: single-threaded init with interrupts off: nothing else reads these statics.
     unsafe {
         let idt = &mut *IDT.0.get();
+        let (first_device, stubs) =
+            (vmcall_proto::device::DEVICE_VECTOR_BASE as usize, device_stubs());
         for (v, g) in idt.iter_mut().enumerate() {
             let h = if v < 32 {
                 gexc_table[v]
+            } else if let Some(&stub) = v.checked_sub(first_device).and_then(|i| stubs.get(i)) {
+                stub
             } else if v == TIMER_VECTOR as usize {
                 guest_timer_stub as *const () as u64
             } else if v == vmcall_proto::guest::DOORBELL_VECTOR as usize {
@@ -452,6 +506,132 @@ fn identity_gib(pdpt: &mut Table, pd: &mut Table, base: u64) {
     }
 }
 
+/// PCD and PWT: the page is uncached (PAT entry 3, UC, with the power-on PAT the
+/// hypervisor restores).
+const UNCACHED: u64 = 0x18;
+/// Execute-disable (valid only with EFER.NXE set).
+const NX: u64 = 1 << 63;
+static DEVICE_WINDOW_MAPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Identity-maps the device window (`vmcall_proto::device::DEVICE_WINDOW`, GiB 1) with
+/// uncached 2-MiB pages, never executable when EFER.NXE is on. Only the owner's BARs are
+/// backed in EPT; anything else there stops the guest. Idempotent.
+///
+/// # Safety
+/// Called after [`init`], from the one vCPU, with no reference to the page tables alive.
+pub unsafe fn map_device_window() {
+    use core::sync::atomic::Ordering::Relaxed;
+    if DEVICE_WINDOW_MAPPED.swap(1, Relaxed) == 1 {
+        return;
+    }
+    let (base, end) = vmcall_proto::device::DEVICE_WINDOW;
+    const _: () = assert!(
+        vmcall_proto::device::DEVICE_WINDOW.1 - vmcall_proto::device::DEVICE_WINDOW.0 == 1 << 30
+    );
+    let nx = if read_efer() & (1 << 11) != 0 { NX } else { 0 };
+    // SAFETY: the caller guarantees exclusive access to the page-table statics.
+    let (pdpt, pd) = unsafe { (&mut *PDPT.0.get(), &mut *PD_DEVICES.0.get()) };
+    for j in 0..512u64 {
+        pd.0[j as usize] = (base + (j << 21)) | 0x83 | UNCACHED | nx;
+    }
+    debug_assert!(base + (512 << 21) == end);
+    pdpt.0[(base >> 30) as usize] = pd as *const Table as u64 | 3;
+    // SAFETY: reloading CR3 with its own value flushes the TLB; the tables stay valid.
+    unsafe {
+        core::arch::asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
+    }
+}
+
+/// IA32_EFER (one VM exit: the hypervisor emulates EFER accesses).
+pub fn read_efer() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reading EFER has no side effect; the hypervisor allows it.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") lo, out("edx") hi,
+            options(nomem, nostack))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Acknowledges the interrupt in service at the local APIC: WRMSR 0 to the x2APIC EOI
+/// register (0x80b), which the hypervisor passes through to guests that take interrupts
+/// directly (doorbells, devices).
+///
+/// # Safety
+/// Called from an interrupt handler, once, for the interrupt it handles: an EOI with
+/// nothing in service, or twice, retires another (higher-priority) interrupt.
+pub unsafe fn x2apic_eoi() {
+    // SAFETY: the caller is the handler of the interrupt in service.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") 0x80bu32, in("eax") 0u32, in("edx") 0u32, options(nostack))
+    };
+}
+
+/// Port input, 8/16/32 bits (IN, SDM Vol. 2A). A port outside this guest's I/O bitmap
+/// exits, and the hypervisor decides (#GP, or the filtered PCI configuration ports). Port
+/// accesses are not `nomem`: the compiler keeps memory accesses on their side of them.
+///
+/// # Safety
+/// The port belongs to this guest (a device it owns, the configuration ports) and reading
+/// it has no side effect the caller is not ready for (a read may clear device state).
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nostack)) };
+    v
+}
+
+/// See [`inb`].
+///
+/// # Safety
+/// As [`inb`].
+pub unsafe fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("in ax, dx", in("dx") port, out("ax") v, options(nostack)) };
+    v
+}
+
+/// See [`inb`].
+///
+/// # Safety
+/// As [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack)) };
+    v
+}
+
+/// Port output, 8/16/32 bits (OUT, SDM Vol. 2B).
+///
+/// # Safety
+/// The port belongs to this guest, and the write cannot make the device break memory
+/// safety (a device that masters the bus can write anywhere: its DMA addresses are the
+/// caller's responsibility).
+pub unsafe fn outb(port: u16, v: u8) {
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nostack)) };
+}
+
+/// See [`outb`].
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outw(port: u16, v: u16) {
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") v, options(nostack)) };
+}
+
+/// See [`outb`].
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outl(port: u16, v: u32) {
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") v, options(nostack)) };
+}
+
 /// A descriptor-table register image: limit then base.
 #[repr(C, packed)]
 struct Dtr {
@@ -509,6 +689,13 @@ pub fn invlpg(addr: *const u8) {
 pub fn wait_for_interrupt() {
     // SAFETY: STI; HLT atomically enables interrupts and halts until one arrives.
     unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+}
+
+/// Lets pending interrupts in for one instruction: STI; PAUSE; CLI (STI's shadow covers
+/// the PAUSE, so an interrupt is taken between PAUSE and CLI).
+pub fn interrupt_window() {
+    // SAFETY: enables interrupts for one instruction boundary; the IDT handles every vector.
+    unsafe { core::arch::asm!("sti; pause; cli", options(nomem, nostack)) };
 }
 
 pub fn rdtsc() -> u64 {

@@ -4,7 +4,9 @@
 //! handlers ([`arch`]), the console and the `log` backend ([`console`]), hypercalls and
 //! exit ([`hypercall`]), the virtual timer ([`timer`]), channels ([`channel`]),
 //! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]), its exit-free counters
-//! ([`telemetry`]) and the panic handler; it
+//! ([`telemetry`]), the PCI functions it owns and their interrupts ([`pci`]), network
+//! cards ([`nic`], with the drivers [`e1000`] and [`ne2k`]) and their frames ([`net`]), and
+//! the panic handler; it
 //! may call only `vmcall_proto` and the hypervisor (through hypercalls). Its linker script
 //! (`linker.ld`: the image at guest-physical 1 MiB, entry `guest_start`) is what `cargo
 //! xtask` links a guest crate with. A guest is a crate that names
@@ -13,12 +15,19 @@
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
+extern crate alloc;
+
 pub mod arch;
 pub mod caps;
 pub mod channel;
 pub mod console;
+pub mod e1000;
 pub mod heap;
 pub mod hypercall;
+pub mod ne2k;
+pub mod net;
+pub mod nic;
+pub mod pci;
 pub mod telemetry;
 pub mod timer;
 

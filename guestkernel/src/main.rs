@@ -16,6 +16,7 @@ mod hostile;
 mod linkloads;
 mod meter;
 mod netloads;
+mod nicload;
 mod supervise;
 mod workloads;
 

@@ -233,6 +233,7 @@ pub const WORKLOADS: &[&str] = &[
     "forwarder",
     "exitbench",
     "meter",
+    "nic",
 ];
 
 /// What values a workload argument takes.
@@ -780,6 +781,30 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("m", 1, 4096, 40, "messages `watched` sends to `watcher`"),
             int("queries", 1, 1000, 20, "control queries `watcher` makes (NMIs at the target)"),
             flag("write", "`watcher`: 1: write its target window at the end (must be stopped)"),
+        ],
+    },
+    WorkloadSpec {
+        name: "nic",
+        summary: "lists the PCI functions it owns and checks that bus 0 shows exactly those \
+                  (all ones elsewhere; a guest with no device must see none); then, on each \
+                  card (e1000 or ne2k), times software-raised interrupts, asks the slirp \
+                  gateway 10.0.2.2 its MAC address (ARP, as 10.0.2.15) and pings it; with \
+                  `udp_port`, echoes UDP datagrams to that port back to their sender (first \
+                  card); ends with a `nic: done:` line of interrupts and frames per card; \
+                  exits 0 if all of it worked",
+        args: &[
+            int("pings", 0, 1000, 3, "ICMP echo requests to the gateway, per card"),
+            int(
+                "reply_ms",
+                1,
+                600_000,
+                2000,
+                "how long a card may take to come up, and each reply",
+            ),
+            int("latency", 0, 64, 8, "software-raised interrupts timed per card (0: none)"),
+            int("udp_port", 0, 65535, 0, "0: no UDP echo; else the port whose datagrams it echoes"),
+            int("datagrams", 1, 1_000_000, 1, "datagrams to echo before it ends"),
+            int("echo_ms", 1, 3_600_000, 30_000, "how long the echo phase may last"),
         ],
     },
 ];
