@@ -17,6 +17,7 @@ mod linkloads;
 mod meter;
 mod netloads;
 mod nicload;
+mod pciattack;
 mod supervise;
 mod workloads;
 

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 35] = [
+const REGISTRY: [(&str, Workload); 36] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -56,6 +56,7 @@ const REGISTRY: [(&str, Workload); 35] = [
     ("exitbench", crate::exitbench::exitbench),
     ("meter", crate::meter::meter),
     ("nic", crate::nicload::nic),
+    ("pciattack", crate::pciattack::run),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -234,6 +234,7 @@ pub const WORKLOADS: &[&str] = &[
     "exitbench",
     "meter",
     "nic",
+    "pciattack",
 ];
 
 /// What values a workload argument takes.
@@ -806,6 +807,21 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("datagrams", 1, 1_000_000, 1, "datagrams to echo before it ends"),
             int("echo_ms", 1, 3_600_000, 30_000, "how long the echo phase may last"),
         ],
+    },
+    WorkloadSpec {
+        name: "pciattack",
+        summary: "owns a PCI function and attacks the others through configuration space \
+                  (reads, BAR moves, bus mastering, bridge windows, the reset port), its own \
+                  BAR and command register, then reads the device window where nothing of \
+                  its own is (stopped); `window` does only that, `storm` leaves its card's \
+                  interrupt asserted (stopped by its budget); one `pciattack NAME:` line \
+                  per attack",
+        args: &[ArgSpec {
+            key: "which",
+            kind: ArgKind::Word(&["all", "window", "storm"]),
+            default: ArgDefault::Word("all"),
+            meaning: "`all` (the attacks it survives, then `window`), `window` or `storm`",
+        }],
     },
 ];
 

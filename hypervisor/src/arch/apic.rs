@@ -138,7 +138,12 @@ pub fn send_nmi(apic: u32) {
 /// one EOI retires the highest, SDM Vol. 3A 11.8.5) and returns how many. The hypervisor
 /// takes no interrupts itself, so whatever is in service was its guest's.
 pub fn eoi_in_service() -> u32 {
-    if !has_x2apic() {
+    // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC (all with VMX).
+    let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) };
+    // Bits 11 (enabled) and 10 (x2APIC mode): the ISR MSRs exist only in x2APIC mode. A core
+    // left in xAPIC mode (a one-core machine never switches) has taken no guest interrupt
+    // through it that this could acknowledge.
+    if base & (3 << 10) != 3 << 10 {
         return 0;
     }
     let mut n = 0;

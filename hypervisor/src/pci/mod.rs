@@ -258,7 +258,7 @@ pub enum AssignError {
     Bridge,
     /// A memory BAR does not fit the device window.
     WindowFull,
-    /// Its interrupt line is also the line of a device another guest owns.
+    /// Its interrupt line is also the line of a device an earlier guest owns.
     SharedLine,
 }
 
@@ -339,7 +339,8 @@ impl Assigned {
 
 /// Resolves guest `guest`'s entries of `all` against the machine's functions: each must
 /// exist and be an endpoint; memory BARs are laid out in the device window, each naturally
-/// aligned to its size; its interrupt line must not be a line of another guest's device.
+/// aligned to its size; its interrupt line must not be a line of a device an earlier guest
+/// (config order) owns: the first owner keeps the line, the later one is not started.
 /// Pure: the caller reports the error (the guest is then not started).
 pub fn assign(
     fns: &Functions,
@@ -357,7 +358,7 @@ pub fn assign(
         if f.pin != 0 && f.line < 24 {
             let others = all
                 .clone()
-                .filter(|o| o.guest != guest)
+                .filter(|o| o.guest < guest)
                 .filter_map(|o| fns.find(o.selector()))
                 .any(|o| o.pin != 0 && o.line == f.line);
             if others {
@@ -646,6 +647,7 @@ mod tests {
         let fns = enumerate(&mut bus);
         let e = entries(&[(0, "00:02.0"), (1, "00:03.0")]);
         assert_eq!(assign(&fns, e.iter().copied(), 1).unwrap_err(), AssignError::SharedLine);
+        assert_eq!(assign(&fns, e.iter().copied(), 0).unwrap().count, 1, "the first keeps it");
         // ... but one guest may own both.
         let e = entries(&[(0, "00:02.0"), (0, "00:03.0")]);
         assert_eq!(assign(&fns, e.iter().copied(), 0).unwrap().count, 2);
