@@ -1217,6 +1217,8 @@ mod tests {
         recv_polls: u32,
         /// What the host's CPUID returns for every leaf.
         cpuid: [u32; 4],
+        /// The machine's configuration space (a Bochs-like bus).
+        pci: crate::pci::fake::Bus,
     }
 
     impl FakeVcpu {
@@ -1242,6 +1244,7 @@ mod tests {
                 tick: 0,
                 recv_polls: 0,
                 cpuid: [0xffff_ffff; 4],
+                pci: crate::pci::fake::bochs(),
             }
         }
         fn key(f: Field) -> &'static str {
@@ -1293,6 +1296,12 @@ mod tests {
         }
         fn host_cpuid(&mut self, _leaf: u32, _sub: u32) -> [u32; 4] {
             self.cpuid
+        }
+        fn pci_read32(&mut self, f: vmcall_proto::device::Bdf, offset: u16) -> u32 {
+            crate::pci::ConfigSpace::read32(&mut self.pci, f, offset)
+        }
+        fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
+            crate::pci::ConfigSpace::write32(&mut self.pci, f, offset, value)
         }
         fn now(&mut self) -> u64 {
             self.tsc += self.tick;
@@ -2227,6 +2236,49 @@ mod tests {
             Action::Stop(StopReason::Unexpected { reason: 999, .. })
         ));
         assert_eq!(c.exits_other, 1);
+    }
+
+    /// An I/O exit: `size` bytes at `port`, in or out, with RAX as given.
+    fn port(c: &mut GuestCtx, v: &mut FakeVcpu, port: u16, size: u64, input: bool, rax: u64) {
+        v.regs.rax = rax;
+        let mut e = exit(30, 1);
+        e.qualification = (port as u64) << 16 | (size - 1) | (input as u64) << 3;
+        assert_eq!(handle(c, v, &e, &mut Lines::default()), Action::Resume);
+    }
+
+    #[test]
+    fn configuration_ports_reach_only_the_owners_functions() {
+        use vmcall_proto::device::{device_entry, flags, parse_selector, Bdf};
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        // A guest without devices: the ports are #GP, as every other port.
+        port(&mut c, &mut v, 0xcf8, 4, false, 0x8000_1000);
+        port(&mut c, &mut v, 0xcfc, 4, true, 0);
+        assert_eq!(v.injected, [GP, GP]);
+        // The owner of the e1000 at 00:02.0.
+        let fns = crate::pci::enumerate(&mut v.pci);
+        let e = [device_entry(0, parse_selector("00:02.0").unwrap(), flags::DMA_UNCONFINED)];
+        c.pci = crate::pci::filter::View::new(&crate::pci::assign(&fns, e.into_iter(), 0).unwrap());
+        v.injected.clear();
+        v.pci.writes.clear();
+        let nic = 0x8000_0000 | Bdf::new(0, 2, 0).cf8_bits();
+        port(&mut c, &mut v, 0xcf8, 4, false, nic as u64);
+        port(&mut c, &mut v, 0xcfc, 4, true, 0xdead_beef_0000_0000);
+        assert_eq!(v.regs.rax, 0x100e_8086, "a 32-bit IN zero-extends");
+        port(&mut c, &mut v, 0xcfe, 2, true, 0xdead_beef_0000_0000);
+        assert_eq!(v.regs.rax, 0xdead_beef_0000_100e, "a 16-bit IN writes AX only");
+        port(&mut c, &mut v, 0xcf8, 4, true, 0);
+        assert_eq!(v.regs.rax, nic as u64, "the latch reads back");
+        // Another function: absent; its BAR untouched by a write.
+        let host = 0x8000_0000 | Bdf::new(0, 3, 0).cf8_bits() | 0x10;
+        port(&mut c, &mut v, 0xcf8, 4, false, host as u64);
+        port(&mut c, &mut v, 0xcfc, 4, false, 0x1234_5000);
+        port(&mut c, &mut v, 0xcfc, 1, true, 0);
+        assert_eq!(v.regs.rax, 0xff);
+        assert!(v.pci.writes.is_empty());
+        // The chipset's reset control at 0xCF9 is not a configuration port.
+        port(&mut c, &mut v, 0xcf9, 1, false, 6);
+        assert_eq!(v.injected, [GP]);
+        assert_eq!(v.fields["Rip"], 0x10_0000 + 7, "each of the 7 served accesses moved RIP on");
     }
 
     /// `fastexit::Cpu` over the fake vCPU: the fast path sees the same VMCS fields, TSC and
