@@ -11,6 +11,10 @@
 //! [`Ne2k`]'s `next` and keeps BNRY one page behind it, so the card never overwrites
 //! what is unread.
 //!
+//! Not implemented: the DP8390's recovery from a receive-ring overwrite (OVW: stop, resend,
+//! restart); the driver only counts it. Bochs never overwrites (a frame that does not fit
+//! the free pages is dropped), and a driver that reads promptly keeps the ring free.
+//!
 //! Invariant: whenever interrupts are open (only inside `pci::wait_irq`), register page
 //! 0 is selected and no remote DMA is under way; the interrupt handler relies on it (it
 //! reads ISR and writes the bits back to clear them, which drops the line).

@@ -124,8 +124,8 @@ impl Nic {
         }
     }
 
-    /// Receives the next frame into `buf` (truncated to it); returns its length on the
-    /// wire, or fails at `deadline` with `Timeout`.
+    /// Receives the next frame that fits `buf` (longer ones are dropped and counted in
+    /// [`Stats::dropped`]); returns its length, or fails at `deadline` with `Timeout`.
     pub fn recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<usize, NicError> {
         match self {
             Nic::E1000(n) => n.recv(buf, deadline),

@@ -455,6 +455,11 @@ fn card(bi: &BootInfo, i: usize) -> Result<Report, (u64, Option<Report>)> {
             return fail(&host, s);
         }
     }
+    let (wakes, lo, hi) = pci::wakes(i);
+    log::info!(
+        "bench nic-wake {name}: {wakes} waits ended by the card's interrupt, TSC ticks from \
+         handler to waiter: min {lo} max {hi}"
+    );
     if host.other > 0 {
         log::info!("nic: {name}: {} other frame(s) ignored", host.other);
     }

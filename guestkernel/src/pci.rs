@@ -218,6 +218,11 @@ static HANDLER: [AtomicU64; N] = [ZERO; N];
 static CONTEXT: [AtomicU64; N] = [ZERO; N];
 /// Causes the handler returned and nobody took yet, per device.
 static CAUSES: [AtomicU64; N] = [ZERO; N];
+/// Waits that an interrupt ended after they had halted, per device, and the TSC ticks from
+/// the handler's entry to the waiter's return: fewest and most.
+static WAKES: [AtomicU64; N] = [ZERO; N];
+static WAKE_MIN: [AtomicU64; N] = [const { AtomicU64::new(u64::MAX) }; N];
+static WAKE_MAX: [AtomicU64; N] = [ZERO; N];
 /// Interrupts taken with no handler registered (the cause stays: the line stays up).
 static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
 
@@ -243,6 +248,18 @@ pub fn unclaimed() -> u64 {
 /// TSC when device `i`'s handler last started (0: never).
 pub fn last_interrupt_tsc(i: usize) -> u64 {
     LAST_TSC.get(i).map_or(0, |t| t.load(Relaxed))
+}
+
+/// How [`wait_irq`] woke on device `i`'s interrupts: waits that had halted and an
+/// interrupt ended, and the TSC ticks from the handler's entry to the waiter's return
+/// (fewest, most; 0 and 0 with no such wait).
+pub fn wakes(i: usize) -> (u64, u64, u64) {
+    if i >= N {
+        return (0, 0, 0);
+    }
+    let n = WAKES[i].load(Relaxed);
+    let lo = if n == 0 { 0 } else { WAKE_MIN[i].load(Relaxed) };
+    (n, lo, WAKE_MAX[i].load(Relaxed))
 }
 
 /// The causes device `i`'s handler reported since the last call, cleared.
@@ -320,11 +337,17 @@ pub fn wait_irq(i: usize, deadline: u64) -> bool {
         }
         return arch::rdtsc() < deadline;
     }
-    let mut armed = false;
+    let (mut armed, mut halted) = (false, false);
     loop {
         let taken = TAKEN[i].load(Relaxed);
         if taken != SEEN[i].load(Relaxed) {
             SEEN[i].store(taken, Relaxed);
+            if halted {
+                let t = arch::rdtsc().wrapping_sub(LAST_TSC[i].load(Relaxed));
+                WAKES[i].fetch_add(1, Relaxed);
+                WAKE_MIN[i].fetch_min(t, Relaxed);
+                WAKE_MAX[i].fetch_max(t, Relaxed);
+            }
             if armed {
                 // Cancel the deadline's timer, so no stray tick ends a later sleep early.
                 let _ = crate::timer::arm(0);
@@ -341,6 +364,7 @@ pub fn wait_irq(i: usize, deadline: u64) -> bool {
         }
         if armed {
             arch::wait_for_interrupt();
+            halted = true;
         } else {
             // No timer: open an interrupt window and spin.
             arch::interrupt_window();
