@@ -235,6 +235,11 @@ mod boot {
     fn start_aps(boot: &bootinfo::BootParams, list: &cores::CoreList, silence_last: bool) {
         use arch::trampoline::BASE;
         if list.len() == 1 {
+            // No AP to wake, but the BSP's guest may still take interrupts through its own
+            // IDT (a device's) and acknowledge them at the x2APIC EOI register: x2APIC mode
+            // on, as on every core that starts APs or is one.
+            // SAFETY: once, on the BSP, before its guest runs.
+            unsafe { arch::apic::enable_x2apic_this_core() };
             return;
         }
         if !boot.is_usable(BASE, BASE + 4096) {
