@@ -129,3 +129,33 @@ fn a_guest_echoes_udp_from_the_host_through_its_card() {
         assert!(k <= sent, "{e:?}");
     }
 }
+
+#[test]
+fn a_card_owner_restarted_in_traffic_finds_its_card_quiesced_and_brings_it_up_again() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/nic-restart.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
+    let g = b.guest("phoenix");
+    assert_eq!((g.state.as_str(), g.exit_status, g.incarnations.len()), ("exited", 0, 2), "{g:?}");
+    // The guest's own #UD handler ends the first incarnation with a non-zero status, which
+    // its `on-fault` policy restarts.
+    let first = &g.incarnations[0];
+    assert!(first.exit_status.is_some_and(|s| s != 0), "{first:?}");
+    assert!(said(&b, "phoenix", "nic: crash: 8 echo requests sent, replies due"));
+    // The second found the card as the hypervisor left it at the death, its memory clean.
+    assert!(said(
+        &b,
+        "phoenix",
+        "nic: incarnation 2: 00:02.0 found with command 0x0003: bus mastering off"
+    ));
+    assert!(said(
+        &b,
+        "phoenix",
+        "nic: incarnation 2: the dead incarnation's buffer reads 0 non-zero bytes"
+    ));
+    // ... and brought the link up again: the whole exchange once more, after the restart.
+    let replies =
+        b.serial.lines().filter(|l| l.contains("e1000: echo reply from 10.0.2.2 seq 3")).count();
+    assert_eq!(replies, 2, "seq 3 answered in both incarnations");
+    assert!(said(&b, "phoenix", "nic: done: e1000 00:02.0: "));
+    assert_eq!(b.guest("bystander").exit_status, 0);
+}

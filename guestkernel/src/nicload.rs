@@ -14,6 +14,14 @@
 //!    their sender, `datagrams` of them or until `echo_ms` (a host test reaches it
 //!    through slirp's host forwarding).
 //!
+//! 4. With `crash=1` (a guest that restarts): the first incarnation, once its first card is
+//!    up and has answered, sends a burst of echo requests it does not wait for and dies
+//!    (`ud2`: its exception handler exits non-zero) with their replies due; every later
+//!    incarnation
+//!    first checks that its cards come to it as at boot (bus mastering off: the hypervisor
+//!    quiesced them at the death) and that no frame of the dead one reached its memory,
+//!    then brings them up and runs 1-3 again.
+//!
 //! A final `nic: done:` line gives each card's interrupts and frames. Exit statuses: 0
 //! success, 1 the scan saw a function it does not own (or missed its own), 2 a card did
 //! not come up, 3 no ARP reply, 4 an echo reply missing or wrong, 5 fewer datagrams
@@ -37,6 +45,12 @@ const NO_ARP: u64 = 3;
 const BAD_PING: u64 = 4;
 const UDP_SHORT: u64 = 5;
 const SEND_FAILED: u64 = 6;
+const NOT_QUIESCED: u64 = 7;
+
+/// A frame buffer the first incarnation of a `crash=1` guest hands its card (a static: the
+/// same guest-physical address in every incarnation, zeroed by the hypervisor between
+/// them). The next incarnation finds it all zero, or a frame reached it after the scrub.
+static mut LANDING: [u8; 4096] = [0; 4096];
 
 pub fn nic(bi: &BootInfo) -> u64 {
     pci::init(bi);
@@ -58,6 +72,11 @@ pub fn nic(bi: &BootInfo) -> u64 {
     }
     if let Err(status) = isolation(devs) {
         return status;
+    }
+    if bi.incarnation > 1 {
+        if let Err(status) = after_restart(bi, devs) {
+            return status;
+        }
     }
     if devs.is_empty() {
         log::info!("nic: done: no device, and none visible (all ones on bus 0)");
@@ -447,6 +466,9 @@ fn card(bi: &BootInfo, i: usize) -> Result<Report, (u64, Option<Report>)> {
             Err((s, _)) => return fail(&host, s),
         }
     }
+    if bi.arg_int("crash") == 1 && bi.incarnation == 1 && i == 0 {
+        die_in_traffic(&mut host, gw);
+    }
     let port = bi.arg_int("udp_port");
     if port != 0 && i == 0 {
         if let Err((s, _)) =
@@ -464,4 +486,55 @@ fn card(bi: &BootInfo, i: usize) -> Result<Report, (u64, Option<Report>)> {
         log::info!("nic: {name}: {} other frame(s) ignored", host.other);
     }
     Ok(report(&host.nic))
+}
+
+/// `crash=1`, first incarnation: a burst of echo requests, then death with their replies due.
+fn die_in_traffic(host: &mut Host, gw: Mac) -> ! {
+    let route = Route { src_mac: host.mac, dst_mac: gw, src_ip: MY_IP, dst_ip: GATEWAY };
+    let data = [0x5a_u8; 32];
+    let mut sent = 0;
+    for seq in 100..108u16 {
+        let req = Echo { kind: net::icmp_type::ECHO_REQUEST, ident: IDENT, seq, data: &data };
+        let mut out = [0u8; 128];
+        host.ip_id = host.ip_id.wrapping_add(1);
+        let len = net::build_echo(&mut out, &route, host.ip_id, &req).expect("fits 128 bytes");
+        sent += host.send(&out[..len]).is_ok() as u32;
+    }
+    // SAFETY: a buffer of this guest's partition; it marks what the next incarnation checks.
+    let landing = unsafe { &mut *core::ptr::addr_of_mut!(LANDING) };
+    landing.fill(0xa5);
+    log::info!("nic: crash: {sent} echo requests sent, replies due; dying now (incarnation 1)");
+    // SAFETY: UD2 raises #UD: the runtime's handler ends the guest with a non-zero status,
+    // and its policy starts it again.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+/// A later incarnation, before touching its cards: each is as the hypervisor left it at
+/// the death (bus mastering off), and nothing landed in memory the last one used.
+fn after_restart(bi: &BootInfo, devs: &[DeviceDesc]) -> Result<(), u64> {
+    for d in devs {
+        let cmd = pci::read16(d.bdf(), pci::reg::COMMAND);
+        let quiet = cmd & pci::command::BUS_MASTER == 0;
+        log::info!(
+            "nic: incarnation {}: {} found with command {cmd:#06x}: bus mastering {}",
+            bi.incarnation,
+            d.bdf(),
+            if quiet { "off (quiesced at the death)" } else { "ON" }
+        );
+        if !quiet {
+            return Err(NOT_QUIESCED);
+        }
+    }
+    // SAFETY: this incarnation has not used the buffer yet; reading it only.
+    let landing = unsafe { &*core::ptr::addr_of!(LANDING) };
+    let dirty = landing.iter().filter(|&&b| b != 0).count();
+    log::info!(
+        "nic: incarnation {}: the dead incarnation's buffer reads {} non-zero bytes",
+        bi.incarnation,
+        dirty
+    );
+    if dirty != 0 {
+        return Err(NOT_QUIESCED);
+    }
+    Ok(())
 }

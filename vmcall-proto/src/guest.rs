@@ -806,6 +806,11 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("udp_port", 0, 65535, 0, "0: no UDP echo; else the port whose datagrams it echoes"),
             int("datagrams", 1, 1_000_000, 1, "datagrams to echo before it ends"),
             int("echo_ms", 1, 3_600_000, 30_000, "how long the echo phase may last"),
+            flag(
+                "crash",
+                "1: the first incarnation dies with echo replies due; later ones check their \
+                 cards were quiesced, then run again (give the guest a restart policy)",
+            ),
         ],
     },
     WorkloadSpec {
