@@ -283,6 +283,11 @@ pub struct RunArgs {
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
+    /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
+    /// the streamed console; by default it shows the guests' and the hypervisor's own lines
+    /// only (the report and the serial log keep everything).
+    #[arg(long)]
+    pub records: bool,
     /// Boot even when the machine (`--cpus`, `cpus=N`) has fewer cores than the config's
     /// guests need; those guests are then `not_started` and the run `failed`.
     #[arg(long)]
@@ -344,6 +349,7 @@ impl RunArgs {
             trace: false,
             plot: false,
             quiet: true,
+            records: false,
             allow_missing_cores: false,
             build: BuildArgs { debug: false },
         }
