@@ -89,8 +89,22 @@ pub struct ReportArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum ReportWhat {
     /// Two reports side by side: run figures, then per guest (state, exits by reason,
-    /// life, trace totals), with B - A and B / A.
-    Diff { a: PathBuf, b: PathBuf },
+    /// life, trace totals, kernel when it differs), with B - A and B / A; warns when the
+    /// configs, the guest kernels or the outcomes differ. Exit code 0: the same (in what
+    /// `--fail-on` counts), 1: they differ, 2: trouble (a file that is not a run report).
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print the comparison as JSON (rows, warnings, the kinds that differ) instead of
+        /// a table.
+        #[arg(long)]
+        json: bool,
+        /// The kinds of difference that make the exit code 1 (comma-separated): `any`
+        /// (every kind but `host`), `none`, or of outcome, config, kernels, setup, figures,
+        /// host.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "any")]
+        fail_on: Vec<crate::diff::FailOn>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -157,7 +157,9 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Report(r) => match &r.what {
-            xtask::cli::ReportWhat::Diff { a, b } => xtask::diff::command(a, b).map(|()| true),
+            xtask::cli::ReportWhat::Diff { a, b, json, fail_on } => {
+                xtask::diff::command(a, b, *json, fail_on)
+            }
         },
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {

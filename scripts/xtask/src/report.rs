@@ -276,6 +276,10 @@ pub struct Meta {
     pub git_dirty: Option<bool>,
     /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
     pub config: Option<ConfigMeta>,
+    /// Every guest kernel the run booted (the built-in one if a guest runs it, then the
+    /// config's own in module order), with the guests that run it.
+    #[serde(default)]
+    pub kernels: Vec<KernelMeta>,
     /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
     /// called the library (a test binary).
     pub command_line: Vec<String>,
@@ -293,6 +297,27 @@ pub struct ConfigMeta {
     /// SHA-256 of the file's bytes, hex.
     pub sha256: String,
     pub contents: String,
+}
+
+/// One guest kernel of a run, as booted.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelMeta {
+    /// `builtin` (the `guestkernel` of this tree), `file` (`kernel = "x.elf"`) or `crate`
+    /// (`kernel = { crate = "dir" }`, built by `cargo xtask`).
+    pub source: String,
+    /// As the config names it (a file or a crate directory, relative to the config);
+    /// absent for the built-in kernel.
+    pub spec: Option<String>,
+    /// The ELF file booted.
+    pub path: String,
+    /// SHA-256 of the ELF's bytes, hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its entry point (guest-physical), if the file reads as an ELF.
+    pub entry: Option<u64>,
+    /// The guests that run it, in config order.
+    pub guests: Vec<String>,
 }
 
 /// The machine the emulator ran on, and how busy it was.

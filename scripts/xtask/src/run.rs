@@ -734,6 +734,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         phase: None,
     };
     let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
+    meta.kernels = meta::kernels(&images, compiled.as_ref().map(|(_, c)| &c.config));
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
     let mut console = Console::default();
