@@ -83,6 +83,14 @@ fn sigint_kills_the_emulator_and_reports_interrupted() {
     let r: xtask::report::Report = serde_json::from_str(&json).unwrap();
     assert_eq!(r.outcome, "interrupted", "{json}");
     assert!(r.problems.iter().any(|p| p.contains("interrupted by a signal")), "{json}");
+    // Every guest of the config is listed with what was seen of it (interrupted during the
+    // boot: most likely nothing yet), none as if it had ended.
+    let names: Vec<&str> = r.guests.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta", "gamma", "delta"], "{json}");
+    for g in &r.guests {
+        assert!(["running", "unknown", "exited"].contains(&g.state.as_str()), "{g:?}");
+    }
+    systests::assert_matches_schema(&r);
     // No process of that run survives: its run directory is in Bochs' arguments.
     let run_dir = Path::new(&r.serial_log).parent().unwrap().to_string_lossy().into_owned();
     std::thread::sleep(Duration::from_millis(500));

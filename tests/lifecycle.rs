@@ -309,6 +309,26 @@ fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
     assert!(after >= 1_000 * per_ms && after < 1_200 * per_ms, "ended {after} after entry");
 }
 
+/// A run's length shorter than the guests' setup: the hypervisor stops them before their
+/// first VM entry (its records: `ended`, no first entry, an `ok` end); the report says
+/// they never entered (`not_started`) and the run is not `ok`.
+#[test]
+fn a_duration_shorter_than_guest_setup_is_not_an_ok_run() {
+    let b = boot_config(Emulator::Bochs, None, None, "duration_ms=1", Some("configs/pair.toml"));
+    let r = &b.report;
+    assert!(b.serial.contains("#mkv end outcome=ok"), "the hypervisor's view: {}", b.serial);
+    assert_eq!(r.outcome, "failed", "{:?}", r.problems);
+    for g in &r.guests {
+        assert_eq!(g.state, "not_started", "{g:?}");
+        assert_eq!(g.fault.as_deref(), Some(xtask::report::NEVER_ENTERED), "{g:?}");
+        assert_eq!(g.tsc_first_entry, 0, "{g:?}");
+        assert!(!b.serial.contains(&format!("[{}@c", g.name)), "{} said something", g.name);
+    }
+    assert_eq!(r.guests.len(), 2);
+    assert!(r.problems.iter().any(|p| p.contains("never entered")), "{:?}", r.problems);
+    systests::assert_matches_schema(r);
+}
+
 /// The relay ring with one member restarted mid-stream: `f2` dies with message 100 in hand
 /// and is restarted; its neighbours see their channels go down, wait for the new epoch and
 /// go on; `loop` counts the one message the restart took and every other message comes

@@ -4,7 +4,7 @@
 
 use crate::cli::{Emulator, RunArgs};
 use crate::meta;
-use crate::report::{Console, Phase, Report};
+use crate::report::{line_guest, Console, Phase, Report};
 use anyhow::{bail, Context, Result};
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
@@ -471,12 +471,6 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// The guest a console line comes from: `[name@c2] ...`.
-fn line_guest(line: &str) -> Option<&str> {
-    let tag = line.strip_prefix('[')?.split(']').next()?;
-    tag.rsplit_once("@c").map(|(name, _)| name)
-}
-
 impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
         if let Some(b) = self.bar.take() {
@@ -818,6 +812,10 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             console.problems.push(format!("the emulator exited with {st}"));
         }
         console.problems.extend(why);
+    }
+    // A refused or unfinished run still lists the config's guests, with what was seen.
+    if let Some((_, c)) = &compiled {
+        console.account_for(&crate::report::planned(&c.config));
     }
     let tsc = console.tsc_figures();
     console.attach_traces();
