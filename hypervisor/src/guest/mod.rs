@@ -128,6 +128,24 @@ pub struct GuestReport {
     pub unconfirmed: u32,
 }
 
+/// A report's VM exits as `reason:count` words, zeros left out (the records' `exits`).
+pub struct Exits<'a>(pub &'a GuestReport);
+
+impl core::fmt::Display for Exits<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut first = true;
+        let names = crate::exits::REASON_NAMES.iter();
+        for (n, c) in names.zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
+            write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
+            first = false;
+        }
+        if self.0.exits_other > 0 {
+            write!(f, "{}other:{}", if first { "" } else { " " }, self.0.exits_other)?;
+        }
+        Ok(())
+    }
+}
+
 impl GuestReport {
     /// Adds a later incarnation: its ending and end time, every counter summed.
     pub fn absorb(&mut self, later: &GuestReport) {
@@ -1450,6 +1468,12 @@ mod run {
             plan.entry,
             bi.workload()
         );
+        crate::record!(
+            vmcall_proto::record::kind::START,
+            "guest={} n={n} core={core} tsc={}",
+            name(l),
+            arch::rdtsc()
+        );
         // Nothing of an earlier incarnation (or the firmware) left in the registers the
         // guest reaches without an exit.
         // SAFETY: on this core, before its guest runs; the boot code leaves CR0.EM/TS clear.
@@ -1759,7 +1783,7 @@ mod run {
         };
         crate::record!(
             vmcall_proto::record::kind::INCARNATION,
-            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={}",
+            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={} exits={} hypercalls={}",
             name(l),
             vmcall_proto::record::Quoted(OptFault(fault)),
             r.tsc_first_entry,
@@ -1769,7 +1793,9 @@ mod run {
             retired.dropped,
             caps_live,
             links.resets,
-            links.lost
+            links.lost,
+            vmcall_proto::record::Quoted(Exits(r)),
+            r.hypercalls
         );
     }
 

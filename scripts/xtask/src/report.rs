@@ -172,6 +172,11 @@ pub struct IncarnationReport {
     pub link_resets: u64,
     #[serde(default)]
     pub link_lost: u64,
+    /// This incarnation's VM exits by reason name, and its hypercalls.
+    #[serde(default)]
+    pub exits: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub hypercalls: u64,
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -511,6 +516,8 @@ pub struct Console {
     incarnations: BTreeMap<String, Vec<IncarnationReport>>,
     /// Guests heard from on the console (a `[name@cN]` line).
     heard: std::collections::BTreeSet<String>,
+    /// Each guest's latest start (`start` record): incarnation and core, by guest name.
+    pub starts: BTreeMap<String, (u32, u32)>,
 }
 
 /// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
@@ -670,6 +677,11 @@ impl Console {
                             caps_live: num(&r, "caps_live").unwrap_or(0),
                             link_resets: num(&r, "link_resets").unwrap_or(0),
                             link_lost: num(&r, "link_lost").unwrap_or(0),
+                            exits: match r.get("exits") {
+                                Some(v) => counts(&unescape(v))?,
+                                None => BTreeMap::new(),
+                            },
+                            hypercalls: num(&r, "hypercalls").unwrap_or(0),
                         },
                     ))
                 })();
@@ -680,6 +692,12 @@ impl Console {
                     }
                 }
             }
+            kind::START => match (r.get("guest").map(unescape), num(&r, "n"), num(&r, "core")) {
+                (Some(g), Some(n), Some(core)) => {
+                    self.starts.insert(g, (n, core));
+                }
+                _ => self.problems.push(format!("start record without its fields: {line}")),
+            },
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
             kind::READY => self.tsc.ready = num(&r, "tsc"),
             kind::TRACE => {
@@ -758,6 +776,15 @@ impl Console {
             other => self.problems.push(format!("unknown record kind `{other}`")),
         }
         true
+    }
+
+    /// The incarnations of guest `name` seen to end so far, oldest first (from its
+    /// `incarnation` records, or from its guest record once that has taken them).
+    pub fn incarnations_of(&self, name: &str) -> &[IncarnationReport] {
+        match self.guests.iter().find(|g| g.name == name) {
+            Some(g) => &g.incarnations,
+            None => self.incarnations.get(name).map_or(&[], Vec::as_slice),
+        }
     }
 
     /// Gives every guest of the config a place in the report when the hypervisor's records
