@@ -51,6 +51,28 @@ pub enum Command {
     Plot(PlotArgs),
     /// Work with run reports: `report diff A.json B.json` compares two, figure by figure.
     Report(ReportArgs),
+    /// List the runs in progress (pid, elapsed time, config, run folder).
+    Ps(PsArgs),
+    /// Follow one run: per guest its state, incarnation, restarts, hypercalls and exits by
+    /// reason, per channel its messages, refreshed as the hypervisor's records arrive.
+    Top(TopArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PsArgs {
+    /// Also the runs that are over (with their outcome) or abandoned.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TopArgs {
+    /// The run: its folder (a path, or a name under target/xtask/), or the pid of a run in
+    /// progress; default: the only run in progress.
+    pub run: Option<String>,
+    /// Print the view once (of a run in progress or over) and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

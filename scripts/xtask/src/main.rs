@@ -161,6 +161,11 @@ fn main() -> ExitCode {
                 xtask::diff::command(a, b, *json, fail_on)
             }
         },
+        Cmd::Ps(p) => {
+            print!("{}", xtask::watch::ps(&xtask::run::runs_root(), p.all));
+            Ok(true)
+        }
+        Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {

@@ -520,6 +520,15 @@ impl<O: Write, E: Write> Printer<O, E> {
         m
     }
 
+    /// A line of the tool's own on stderr (above the progress line).
+    fn note(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| writeln!(self.err, "{text}")),
+            None => writeln!(self.err, "{text}"),
+        }
+        .unwrap_or(());
+    }
+
     fn redraw(&self) {
         if let Some(b) = &self.bar {
             b.set_message(self.message());
@@ -731,6 +740,23 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     meta.kernels = meta::kernels(&images, compiled.as_ref().map(|(_, c)| &c.config));
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
+    // What `cargo xtask ps` and `top` find in the folder; a run never fails for it.
+    let info = crate::watch::RunInfo::starting(
+        child.pgid,
+        args.emulator.name(),
+        machine.cpus,
+        compiled.as_ref().map(|(p, _)| p.as_path()),
+        &serial_path,
+        args.report.as_deref(),
+    );
+    if let Err(e) = info.write(&dir) {
+        eprintln!("xtask: warning: {e:#}");
+    }
+    printer.note(&format!(
+        "run folder {} (cargo xtask top {})",
+        dir.display(),
+        dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
     let mut console = Console::default();
     let mut serial = std::fs::File::open(&serial_path)?;
     let mut pending = Vec::new();
@@ -861,6 +887,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Err(e) = crate::watch::RunInfo::finish(&dir, &report.outcome) {
+        eprintln!("xtask: warning: {e:#}");
     }
     Ok(report)
 }
