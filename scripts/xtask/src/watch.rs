@@ -442,7 +442,10 @@ pub fn top(which: Option<&str>, once: bool) -> Result<()> {
         // The elapsed time alone changes nothing worth a new view off a terminal.
         let changed = view.lines().skip(2).ne(shown.lines().skip(2));
         if tty {
-            write!(out, "\x1b[H\x1b[2J{view}")?;
+            // In place, when anything (the elapsed time included) changed.
+            if view != shown {
+                write!(out, "\x1b[H\x1b[2J{view}")?;
+            }
         } else if changed || over {
             if !shown.is_empty() {
                 writeln!(out)?;
