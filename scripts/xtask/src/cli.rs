@@ -54,7 +54,8 @@ pub enum Command {
     /// List the runs in progress (pid, elapsed time, config, run folder).
     Ps(PsArgs),
     /// Follow one run: per guest its state, incarnation, restarts, hypercalls and exits by
-    /// reason, per channel its messages, refreshed as the hypervisor's records arrive.
+    /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
+    /// the run is over. Exit code 2 when RUN names no run.
     Top(TopArgs),
 }
 

@@ -39,11 +39,17 @@ pub enum FailOn {
     Any,
     /// None: exit 0 unless the reports cannot be read.
     None,
+    /// The run's outcome, a guest's state or exit status.
     Outcome,
+    /// The config's SHA-256.
     Config,
+    /// A guest's kernel (SHA-256).
     Kernels,
+    /// Emulator, CPU model, CPUs, TSC unit, commit.
     Setup,
+    /// TSC figures, exits, hypercalls, life, trace totals.
     Figures,
+    /// `wall_seconds`.
     Host,
 }
 
