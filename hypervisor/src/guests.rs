@@ -203,6 +203,7 @@ pub fn plan(
                         hang: hung == Some(e.core as usize),
                         members: 0,
                         probe_ms: opts.probe_ms.unwrap_or(25),
+                        stats_ms: opts.stats_ms.unwrap_or(0),
                         channels: [ChanMap {
                             desc: ChannelDesc::new_zeroed(),
                             hpa: 0,

@@ -304,6 +304,11 @@ pub struct RunArgs {
     /// the hypervisor command line does.
     #[arg(long, value_parser = parse_duration_ms)]
     pub duration: Option<u64>,
+    /// Live figures for `cargo xtask top`: each core writes its guest's exits, hypercalls
+    /// and messages per channel at most this often (`100ms`, `1s`; machine time, at its
+    /// membership probes); what `stats_ms=N` on the hypervisor command line does.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub stats: Option<u64>,
     /// Write the JSON run report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -361,6 +366,12 @@ impl RunArgs {
             }
             c += &format!("duration_ms={ms}");
         }
+        if let Some(ms) = self.stats {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c += &format!("stats_ms={}", ms.min(60_000));
+        }
         if self.trace && !c.split_ascii_whitespace().any(|w| w == "trace" || w == "trace=1") {
             if !c.is_empty() {
                 c.push(' ');
@@ -381,6 +392,7 @@ impl RunArgs {
             cpu_model: None,
             timeout: 300,
             duration: None,
+            stats: None,
             report: None,
             cmdline: String::new(),
             trace: false,
@@ -423,6 +435,10 @@ mod tests {
         }
         let r = run_args(&["--duration", "2s", "--cmdline", "cpus=2"]).unwrap();
         assert_eq!(r.hypervisor_cmdline(), "cpus=2 duration_ms=2000");
+        let r = run_args(&["--stats", "100ms", "--trace"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "stats_ms=100 trace");
+        assert!(crate::cmdline::check(&r.hypervisor_cmdline()).is_empty());
+        assert_eq!(crate::cmdline::check("stats_ms=0").len(), 1);
         assert!(run_args(&["--duration", "0s"]).is_err());
     }
 

@@ -518,6 +518,20 @@ pub struct Console {
     heard: std::collections::BTreeSet<String>,
     /// Each guest's latest start (`start` record): incarnation and core, by guest name.
     pub starts: BTreeMap<String, (u32, u32)>,
+    /// Each guest's latest live figures (`stats` records, `stats_ms=N`), by guest name.
+    pub live: BTreeMap<String, LiveStats>,
+}
+
+/// A running incarnation's figures so far, from its latest `stats` record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    /// The incarnation they are of.
+    pub n: u32,
+    pub tsc: u64,
+    pub exits: BTreeMap<String, u64>,
+    pub hypercalls: u64,
+    /// Per channel of the guest: its name, messages sent and received.
+    pub traffic: Vec<(String, u64, u64)>,
 }
 
 /// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
@@ -698,6 +712,35 @@ impl Console {
                 }
                 _ => self.problems.push(format!("start record without its fields: {line}")),
             },
+            kind::STATS => {
+                let live = (|| {
+                    let traffic = unescape(r.get("traffic")?)
+                        .split_whitespace()
+                        .map(|w| {
+                            let mut p = w.rsplitn(3, ':');
+                            let received = p.next()?.parse().ok()?;
+                            let sent = p.next()?.parse().ok()?;
+                            Some((p.next()?.to_string(), sent, received))
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some((
+                        unescape(r.get("guest")?),
+                        LiveStats {
+                            n: num(&r, "n")?,
+                            tsc: num(&r, "tsc")?,
+                            exits: counts(&unescape(r.get("exits")?))?,
+                            hypercalls: num(&r, "hypercalls")?,
+                            traffic,
+                        },
+                    ))
+                })();
+                match live {
+                    Some((g, s)) => {
+                        self.live.insert(g, s);
+                    }
+                    None => self.problems.push(format!("malformed stats record: {line}")),
+                }
+            }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
             kind::READY => self.tsc.ready = num(&r, "tsc"),
             kind::TRACE => {
@@ -1292,5 +1335,22 @@ mkvisor: GRUB is loading the hypervisor
         assert_eq!(p.len(), c.guests.len());
         assert!(p.iter().any(|g| g.restart == "never" && g.max_restarts == 0), "{p:?}");
         assert!(p.iter().any(|g| g.restart != "never" && g.max_restarts > 0), "{p:?}");
+    }
+
+    #[test]
+    fn live_stats_records_keep_each_guests_latest_figures() {
+        let c = feed(
+            "#mkv stats guest=ping n=1 core=0 tsc=100 exits=\"vmcall:3\" hypercalls=3 traffic=\"ab:5:4 a:b:1:0\"\n\
+             #mkv stats guest=ping n=1 core=0 tsc=200 exits=\"vmcall:7 hlt:2\" hypercalls=7 traffic=\"ab:9:8 a:b:2:1\"\n\
+             #mkv stats guest=pong n=2 core=1 tsc=150 exits=\"\" hypercalls=0 traffic=\"\"\n\
+             #mkv stats guest=bad n=1 core=2 tsc=1 exits=\"\" hypercalls=0 traffic=\"ab:x:1\"\n",
+        );
+        let ping = &c.live["ping"];
+        assert_eq!((ping.n, ping.tsc, ping.hypercalls), (1, 200, 7));
+        assert_eq!(ping.exits.get("hlt"), Some(&2));
+        assert_eq!(ping.traffic, [("ab".to_string(), 9, 8), ("a:b".to_string(), 2, 1)]);
+        assert_eq!(c.live["pong"], LiveStats { n: 2, tsc: 150, ..Default::default() });
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        assert!(!c.live.contains_key("bad"));
     }
 }
