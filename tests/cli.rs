@@ -292,7 +292,7 @@ fn plot_and_diff(report: &Path) {
 fn a_run_is_seen_by_ps_and_followed_by_top_and_its_console_has_no_records() {
     let bin = xtask_binary();
     let mut run = Command::new(&bin)
-        .args(["run", "--config", "configs/rejoin.toml", "--timeout", "300"])
+        .args(["run", "--config", "configs/rejoin.toml", "--timeout", "300", "--stats", "10ms"])
         .current_dir(xtask::workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -332,6 +332,11 @@ fn a_run_is_seen_by_ps_and_followed_by_top_and_its_console_has_no_records() {
     let console = console.join().unwrap();
     assert!(console.contains("[echo@c1] echo: 69 echoed, end"), "{console}");
     assert!(!console.contains("#mkv"), "{console}");
+    // `--stats`: live figures in the serial log, read without a problem.
+    let serial = std::fs::read_to_string(xtask::run::runs_root().join(&name).join("serial.txt"));
+    let serial = serial.unwrap();
+    assert!(serial.contains("#mkv stats guest=source n=1 core=0 "), "{serial}");
+    assert!(!last.contains("problem"), "{view}");
     // ps no longer lists it.
     let ps = Command::new(&bin).arg("ps").output().unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).contains(&name));

@@ -286,6 +286,8 @@ pub struct GuestRow {
     pub exits: BTreeMap<String, u64>,
     /// Whether the figures are final (the guest's own record arrived).
     pub final_figures: bool,
+    /// Whether they include the running incarnation's (a `stats` record of it).
+    pub live_figures: bool,
 }
 
 /// The guests of what was read so far, by core: from the `start` and `incarnation`
@@ -319,16 +321,24 @@ pub fn guest_rows(c: &Console) -> Vec<GuestRow> {
                 (None, _) if started > 0 => "running".into(),
                 (None, _) => "starting".into(),
             };
+            // The running incarnation's latest `stats`, if it is later than every ending.
+            let live = c
+                .live
+                .get(name)
+                .filter(|l| record.is_none() && l.n > ended.last().map_or(0, |i| i.n));
             let (exits, hypercalls) = match record {
                 Some(g) => (g.exits.clone(), g.hypercalls),
                 None => {
                     let mut sum = BTreeMap::new();
-                    for i in ended {
-                        for (k, v) in &i.exits {
+                    let parts = ended.iter().map(|i| (&i.exits, i.hypercalls));
+                    let mut calls = 0;
+                    for (exits, h) in parts.chain(live.map(|l| (&l.exits, l.hypercalls))) {
+                        for (k, v) in exits {
                             *sum.entry(k.clone()).or_default() += v;
                         }
+                        calls += h;
                     }
-                    (sum, ended.iter().map(|i| i.hypercalls).sum())
+                    (sum, calls)
                 }
             };
             GuestRow {
@@ -340,6 +350,7 @@ pub fn guest_rows(c: &Console) -> Vec<GuestRow> {
                 hypercalls,
                 exits,
                 final_figures: record.is_some(),
+                live_figures: live.is_some(),
             }
         })
         .collect();
@@ -395,13 +406,34 @@ pub fn render(dir: &Path, info: Option<&RunInfo>, f: &Follower) -> String {
                 r.restarts,
                 r.hypercalls,
                 words.join(" "),
-                if r.final_figures || r.exits.is_empty() { "" } else { " (ended incarnations)" }
+                match (r.final_figures, r.live_figures) {
+                    (true, _) => "",
+                    (false, true) => " (live)",
+                    (false, false) if r.exits.is_empty() => "",
+                    (false, false) => " (ended incarnations)",
+                }
             );
         }
     }
     if c.channels.is_empty() {
-        if c.phase() != Phase::Ended {
-            out += "  channels (if any): their messages are counted at the end of the run\n";
+        // Live (`--stats`): each guest's channels as its status page last saw them.
+        let live: Vec<String> = rows
+            .iter()
+            .filter_map(|r| Some((r, c.live.get(&r.name).filter(|_| !r.final_figures)?)))
+            .flat_map(|(r, l)| {
+                l.traffic.iter().map(move |(ch, sent, received)| {
+                    format!(
+                        "  channel {ch} at {}: sent {sent} received {received} (live)\n",
+                        r.name
+                    )
+                })
+            })
+            .collect();
+        if !live.is_empty() {
+            out += &live.concat();
+        } else if c.phase() != Phase::Ended {
+            out += "  channels (if any): their messages are counted at the end of the run \
+                    (live with `run --stats`)\n";
         }
     } else {
         for ch in &c.channels {
@@ -550,6 +582,43 @@ mod tests {
         // Mid-run, the figures of ended incarnations are marked as such.
         let mid = views.iter().find(|v| v.contains("running")).expect("a view mid-run");
         assert!(mid.contains("channels (if any): their messages are counted at the end"), "{mid}");
+    }
+
+    #[test]
+    fn live_stats_move_the_running_incarnations_figures() {
+        // The recorded run to echo's restart, then the `stats` records of `--stats`.
+        let mut c = Console::default();
+        for l in REJOIN.lines().take(34) {
+            c.feed(&crate::run::strip_ansi(l));
+        }
+        for l in [
+            // Of the incarnation that ended: older than its ending, not counted again.
+            "#mkv stats guest=echo n=1 core=1 tsc=1 exits=\"vmcall:2\" hypercalls=2 traffic=\"line:0:30\"",
+            "#mkv stats guest=echo n=2 core=1 tsc=2 exits=\"vmcall:1 hlt:4\" hypercalls=1 traffic=\"line:10:11\"",
+            "#mkv stats guest=source n=1 core=0 tsc=3 exits=\"preemption_timer:2\" hypercalls=0 traffic=\"line:41:40\"",
+        ] {
+            assert!(c.feed(l));
+        }
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let rows = guest_rows(&c);
+        let echo = &rows[1];
+        assert!(echo.live_figures && !echo.final_figures);
+        // Incarnation 1 (its record) plus incarnation 2 so far (its latest stats).
+        assert_eq!(echo.hypercalls, 3);
+        let exits: Vec<(&str, u64)> = echo.exits.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(exits, [("ept_violation", 1), ("exception_nmi", 1), ("hlt", 4), ("vmcall", 3)]);
+        let f = Follower {
+            file: std::fs::File::open("/dev/null").unwrap(),
+            offset: 0,
+            pending: vec![],
+            console: c,
+            lines: 38,
+        };
+        let view = render(Path::new("/x"), None, &f);
+        assert!(view.contains("channel line at source: sent 41 received 40 (live)"), "{view}");
+        assert!(view.contains("channel line at echo: sent 10 received 11 (live)"), "{view}");
+        let echo = view.lines().find(|l| l.trim_start().starts_with("echo")).unwrap();
+        assert!(echo.ends_with("(live)"), "{echo}");
     }
 
     /// A run folder of `pid` under `root`, as `run` leaves it.
