@@ -83,6 +83,14 @@ fn sigint_kills_the_emulator_and_reports_interrupted() {
     let r: xtask::report::Report = serde_json::from_str(&json).unwrap();
     assert_eq!(r.outcome, "interrupted", "{json}");
     assert!(r.problems.iter().any(|p| p.contains("interrupted by a signal")), "{json}");
+    // Every guest of the config is listed with what was seen of it (interrupted during the
+    // boot: most likely nothing yet), none as if it had ended.
+    let names: Vec<&str> = r.guests.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta", "gamma", "delta"], "{json}");
+    for g in &r.guests {
+        assert!(["running", "unknown", "exited"].contains(&g.state.as_str()), "{g:?}");
+    }
+    systests::assert_matches_schema(&r);
     // No process of that run survives: its run directory is in Bochs' arguments.
     let run_dir = Path::new(&r.serial_log).parent().unwrap().to_string_lossy().into_owned();
     std::thread::sleep(Duration::from_millis(500));
@@ -274,4 +282,62 @@ fn plot_and_diff(report: &Path) {
         "{table}"
     );
     assert!(table.contains("+0") && !table.contains("+1"), "{table}");
+}
+
+/// A run watched from the outside: `cargo xtask run` names its folder as it starts, `ps`
+/// lists it while it runs, `top` follows it to its end; the console it streams has the
+/// guests' and the hypervisor's lines but none of the `#mkv` records (the serial log has
+/// them all).
+#[test]
+fn a_run_is_seen_by_ps_and_followed_by_top_and_its_console_has_no_records() {
+    let bin = xtask_binary();
+    let mut run = Command::new(&bin)
+        .args(["run", "--config", "configs/rejoin.toml", "--timeout", "300", "--stats", "10ms"])
+        .current_dir(xtask::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = run.stdout.take().unwrap();
+    let console = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
+    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+    // `run folder DIR (cargo xtask top NAME)`, before the firmware starts.
+    let line = err
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("run folder "))
+        .expect("the run folder on stderr");
+    let name = line
+        .strip_suffix(')')
+        .and_then(|l| l.rsplit_once("cargo xtask top "))
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|| panic!("no run folder: {line}"));
+    let ps = Command::new(&bin).arg("ps").output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let row = ps.lines().find(|l| l.ends_with(&name)).unwrap_or_else(|| panic!("{ps}"));
+    assert!(row.starts_with(&run.id().to_string()) && row.contains("configs/rejoin.toml"), "{ps}");
+    let top = Command::new(&bin).args(["top", &name]).output().unwrap();
+    let view = String::from_utf8_lossy(&top.stdout).into_owned();
+    assert!(top.status.success(), "{view}{}", String::from_utf8_lossy(&top.stderr));
+    let last = view.rsplit("mkvisor run ").next().unwrap();
+    assert!(last.contains("phase: ended: ok"), "{view}");
+    let echo = last.lines().find(|l| l.trim_start().starts_with("echo ")).expect("echo's row");
+    let cols: Vec<&str> = echo.split_whitespace().collect();
+    // Name, core, state, incarnation 2, one restart.
+    assert_eq!(&cols[..6], ["echo", "1", "exited", "0", "2", "1"], "{view}");
+    assert!(last.contains("channel line: source->echo sent "), "{view}");
+    let rest: Vec<String> = err.map_while(Result::ok).collect();
+    assert!(run.wait().unwrap().success(), "{rest:?}");
+    let console = console.join().unwrap();
+    assert!(console.contains("[echo@c1] echo: 69 echoed, end"), "{console}");
+    assert!(!console.contains("#mkv"), "{console}");
+    // `--stats`: live figures in the serial log, read without a problem.
+    let serial = std::fs::read_to_string(xtask::run::runs_root().join(&name).join("serial.txt"));
+    let serial = serial.unwrap();
+    assert!(serial.contains("#mkv stats guest=source n=1 core=0 "), "{serial}");
+    assert!(!last.contains("problem"), "{view}");
+    // ps no longer lists it.
+    let ps = Command::new(&bin).arg("ps").output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&name));
 }

@@ -215,6 +215,40 @@ fn different_guests_run_different_kernels_in_one_machine() {
         "{ranges:?}"
     );
     assert_eq!(kernel_range(&serial, "echo-c"), kernel_range(&serial, "echo-r"));
+    // The report names each kernel it booted, with the guests that ran it.
+    let kernels: Vec<(&str, Option<&str>, Vec<&str>)> = r
+        .meta
+        .kernels
+        .iter()
+        .map(|k| {
+            (k.source.as_str(), k.spec.as_deref(), k.guests.iter().map(|g| g.as_str()).collect())
+        })
+        .collect();
+    assert_eq!(
+        kernels,
+        [
+            ("builtin", None, vec!["echo-c", "echo-r"]),
+            ("file", Some("guest.elf"), vec!["cguest"]),
+            ("crate", Some("rusty"), vec!["rusty"]),
+        ]
+    );
+    for k in &r.meta.kernels {
+        let bytes = std::fs::read(&k.path).unwrap();
+        assert_eq!(
+            (k.size, k.sha256.as_str()),
+            (bytes.len() as u64, xtask::meta::sha256_hex(&bytes).as_str())
+        );
+        // The entry point the hypervisor's loader found in it.
+        let line = serial.lines().find(|l| l.contains(&format!("] guest {} (id ", k.guests[0])));
+        let entry = line.and_then(|l| l.split("entry 0x").nth(1)?.split(',').next());
+        let entry = entry.and_then(|e| u64::from_str_radix(e, 16).ok());
+        assert_eq!(k.entry, entry, "{k:?}");
+    }
+    assert!(
+        r.meta.kernels[2].path.ends_with("target/x86_64-unknown-none/release/rusty"),
+        "{:?}",
+        r.meta.kernels[2]
+    );
     assert!(serial.contains("[cguest@c0] C guest: 50 messages exchanged over to-c"), "{serial}");
     assert!(serial.contains("[rusty@c1] exchanged 60 messages with my peer"), "{serial}");
     assert!(serial.contains("[echo-c@c2] bench pong mode=poll n=50 "), "{serial}");

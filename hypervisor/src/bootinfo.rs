@@ -61,6 +61,9 @@ pub struct Options {
     /// `revoke=tree`, with `revoke_fanout=N` (2..=16, default 2) heads per level.
     pub revoke_tree: Option<bool>,
     pub revoke_fanout: Option<u8>,
+    /// Live figures (`stats_ms=N`, 1..=60000; default off): each core writes a `stats`
+    /// record of its guest at most every N ms, at its membership probes.
+    pub stats_ms: Option<u64>,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -123,6 +126,10 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
             "probe_ms" => match value.parse::<u64>() {
                 Ok(n) if n <= 10_000 => o.probe_ms = Some(n),
                 _ => bad(BadOption { word, why: "expected probe_ms=N with 0 (off) <= N <= 10000" }),
+            },
+            "stats_ms" => match value.parse::<u64>() {
+                Ok(n) if (1..=60_000).contains(&n) => o.stats_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected stats_ms=N with 1 <= N <= 60000" }),
             },
             "revoke" => match value {
                 "broadcast" => o.revoke_tree = Some(false),
@@ -357,8 +364,11 @@ mod tests {
                 duration_ms: None,
                 revoke_tree: None,
                 revoke_fanout: None,
+                stats_ms: None,
             }
         );
+        assert_eq!(opts("stats_ms=100").0.stats_ms, Some(100));
+        assert_eq!(opts("stats_ms=0").1.len(), 1);
         assert!(opts("trace").0.trace && opts("trace=1").0.trace);
         assert!(!opts("").0.trace);
         assert_eq!(opts("trace=yes").1.len(), 1);

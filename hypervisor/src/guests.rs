@@ -6,8 +6,8 @@
 
 use crate::bootinfo::BootParams;
 use crate::cores::CoreList;
-use crate::exits::{StopReason, REASON_NAMES};
-use crate::guest::{ChanMap, Ending, GuestReport, Launch};
+use crate::exits::StopReason;
+use crate::guest::{ChanMap, Ending, Exits, Launch};
 use crate::memory::{PhysAlloc, Range};
 use crate::{arch, record, smp};
 use core::fmt;
@@ -289,6 +289,7 @@ pub fn plan(
                         hang: hung == Some(e.core as usize),
                         members: 0,
                         probe_ms: opts.probe_ms.unwrap_or(25),
+                        stats_ms: opts.stats_ms.unwrap_or(0),
                         channels: [ChanMap {
                             desc: ChannelDesc::new_zeroed(),
                             hpa: 0,
@@ -430,22 +431,6 @@ pub fn plan(
         smp::post_launch(l.entry.core as usize, *l);
     }
     Ok(Some(PLAN.call_once(|| plan)))
-}
-
-struct Exits<'a>(&'a GuestReport);
-
-impl fmt::Display for Exits<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for (n, c) in REASON_NAMES.iter().zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
-            write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
-            first = false;
-        }
-        if self.0.exits_other > 0 {
-            write!(f, "{}other:{}", if first { "" } else { " " }, self.0.exits_other)?;
-        }
-        Ok(())
-    }
 }
 
 struct Why(StopReason);

@@ -42,8 +42,17 @@ pub mod kind {
     /// (quoted), `tsc_start` (setup began), `tsc_first_entry`, `tsc_end`,
     /// `frames_at_start` (private frames in use when it was entered: equal for every
     /// incarnation, or something leaked), `caps_revoked`, `caps_unconfirmed`, `caps_dropped`
-    /// (its clean death).
+    /// (its clean death), `caps_live`, `link_resets`, `link_lost`, `exits` (quoted
+    /// `reason:count` words, this incarnation's), `hypercalls`.
     pub const INCARNATION: &str = "incarnation";
+    /// An incarnation of a guest is about to be entered for the first time (printed by its
+    /// core once its setup is done): `guest`, `n` (1 for the first start), `core`, `tsc`.
+    pub const START: &str = "start";
+    /// A running incarnation's figures so far (command-line word `stats_ms=N`: at most every
+    /// N ms, at its core's membership probes): `guest`, `n`, `core`, `tsc`, `exits` (quoted
+    /// `reason:count` words), `hypercalls`, `traffic` (quoted `channel:sent:received` words,
+    /// as its status page last copied them).
+    pub const STATS: &str = "stats";
     /// A membership view installed on a core: `core num members by tsc` (`members`: the
     /// core indices, space-separated; `by`: the core that coordinated it).
     pub const VIEW: &str = "view";

@@ -42,6 +42,9 @@ pub struct Launch {
     /// detector's probe period in milliseconds.
     pub members: u64,
     pub probe_ms: u64,
+    /// Live figures: a `stats` record at most every this many milliseconds, at the
+    /// membership's probes (0: none).
+    pub stats_ms: u64,
     /// The guest's channels, in boot-info order.
     pub channels: [ChanMap; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
     pub channel_count: usize,
@@ -128,6 +131,24 @@ pub struct GuestReport {
     pub incarnations: u32,
     /// Revokes of its caps some core did not confirm at its (last) death.
     pub unconfirmed: u32,
+}
+
+/// A report's VM exits as `reason:count` words, zeros left out (the records' `exits`).
+pub struct Exits<'a>(pub &'a GuestReport);
+
+impl core::fmt::Display for Exits<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut first = true;
+        let names = crate::exits::REASON_NAMES.iter();
+        for (n, c) in names.zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
+            write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
+            first = false;
+        }
+        if self.0.exits_other > 0 {
+            write!(f, "{}other:{}", if first { "" } else { " " }, self.0.exits_other)?;
+        }
+        Ok(())
+    }
 }
 
 impl GuestReport {
@@ -1544,6 +1565,12 @@ mod run {
             plan.entry,
             bi.workload()
         );
+        crate::record!(
+            vmcall_proto::record::kind::START,
+            "guest={} n={n} core={core} tsc={}",
+            name(l),
+            arch::rdtsc()
+        );
         // Nothing of an earlier incarnation (or the firmware) left in the registers the
         // guest reaches without an exit.
         // SAFETY: on this core, before its guest runs; the boot code leaves CR0.EM/TS clear.
@@ -1603,6 +1630,10 @@ mod run {
             Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
         }
         let mut asked = None;
+        // Live figures (`stats_ms`): looked at only when the loop serves its inbox or the
+        // membership's probes (nothing on the other entries).
+        let stats_period = l.stats_ms.saturating_mul(tsc_per_ms);
+        let mut stats_next = if stats_period > 0 { arch::rdtsc() } else { u64::MAX };
         // `inject=hung-core`: 20 ms into the guest's first run.
         let mut hang_at = u64::MAX;
         let ending = loop {
@@ -1672,6 +1703,11 @@ mod run {
                             break Ending::Stopped(StopReason::Requested { by: from as u16 });
                         }
                     }
+                }
+                if now >= stats_next {
+                    stats_next = now.saturating_add(stats_period);
+                    let r = report(&ctx, Ending::Exited(0), first_entry);
+                    stats_record(l, n, core, &r, status, now);
                 }
                 if ctx.caps.stats.unmap_failed {
                     break Ending::Stopped(StopReason::Isolation(
@@ -1855,7 +1891,7 @@ mod run {
         };
         crate::record!(
             vmcall_proto::record::kind::INCARNATION,
-            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={}",
+            "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={} exits={} hypercalls={}",
             name(l),
             vmcall_proto::record::Quoted(OptFault(fault)),
             r.tsc_first_entry,
@@ -1865,7 +1901,40 @@ mod run {
             retired.dropped,
             caps_live,
             links.resets,
-            links.lost
+            links.lost,
+            vmcall_proto::record::Quoted(Exits(r)),
+            r.hypercalls
+        );
+    }
+
+    /// The live figures of a running incarnation (see `vmcall_proto::record::kind::STATS`):
+    /// its exits and hypercalls so far, and each channel's messages as its status page
+    /// last copied them.
+    #[cold]
+    #[inline(never)]
+    fn stats_record(l: &Launch, n: u32, core: u32, r: &GuestReport, page: u64, now: u64) {
+        // A frame of this core's private region, identity-mapped, read-only to the guest,
+        // which is not running now.
+        // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
+        let page = unsafe { &*(page as *const StatusPage) };
+        struct Traffic<'a>(&'a Launch, &'a StatusPage);
+        impl core::fmt::Display for Traffic<'_> {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                for (i, (c, t)) in self.0.channels().iter().zip(&self.1.traffic).enumerate() {
+                    let name = vmcall_proto::fixed::get(&c.desc.name).unwrap_or("?");
+                    let sep = if i > 0 { " " } else { "" };
+                    write!(f, "{sep}{name}:{}:{}", t.sent, t.received)?;
+                }
+                Ok(())
+            }
+        }
+        crate::record!(
+            vmcall_proto::record::kind::STATS,
+            "guest={} n={n} core={core} tsc={now} exits={} hypercalls={} traffic={}",
+            name(l),
+            vmcall_proto::record::Quoted(Exits(r)),
+            r.hypercalls,
+            vmcall_proto::record::Quoted(Traffic(l, page))
         );
     }
 

@@ -51,6 +51,29 @@ pub enum Command {
     Plot(PlotArgs),
     /// Work with run reports: `report diff A.json B.json` compares two, figure by figure.
     Report(ReportArgs),
+    /// List the runs in progress (pid, elapsed time, config, run folder).
+    Ps(PsArgs),
+    /// Follow one run: per guest its state, incarnation, restarts, hypercalls and exits by
+    /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
+    /// the run is over. Exit code 2 when RUN names no run.
+    Top(TopArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PsArgs {
+    /// Also the runs that are over (with their outcome) or abandoned.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TopArgs {
+    /// The run: its folder (a path, or a name under target/xtask/), or the pid of a run in
+    /// progress; default: the only run in progress.
+    pub run: Option<String>,
+    /// Print the view once (of a run in progress or over) and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -89,8 +112,22 @@ pub struct ReportArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum ReportWhat {
     /// Two reports side by side: run figures, then per guest (state, exits by reason,
-    /// life, trace totals), with B - A and B / A.
-    Diff { a: PathBuf, b: PathBuf },
+    /// life, trace totals, kernel when it differs), with B - A and B / A; warns when the
+    /// configs, the guest kernels or the outcomes differ. Exit code 0: the same (in what
+    /// `--fail-on` counts), 1: they differ, 2: trouble (a file that is not a run report).
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print the comparison as JSON (rows, warnings, the kinds that differ) instead of
+        /// a table.
+        #[arg(long)]
+        json: bool,
+        /// The kinds of difference that make the exit code 1 (comma-separated): `any`
+        /// (every kind but `host`), `none`, or of outcome, config, kernels, setup, figures,
+        /// host.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "any")]
+        fail_on: Vec<crate::diff::FailOn>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -267,6 +304,11 @@ pub struct RunArgs {
     /// the hypervisor command line does.
     #[arg(long, value_parser = parse_duration_ms)]
     pub duration: Option<u64>,
+    /// Live figures for `cargo xtask top`: each core writes its guest's exits, hypercalls
+    /// and messages per channel at most this often (`100ms`, `1s`; machine time, at its
+    /// membership probes); what `stats_ms=N` on the hypervisor command line does.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub stats: Option<u64>,
     /// Write the JSON run report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -283,6 +325,11 @@ pub struct RunArgs {
     /// Do not stream the console (the report and the saved log still have everything).
     #[arg(long)]
     pub quiet: bool,
+    /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
+    /// the streamed console; by default it shows the guests' and the hypervisor's own lines
+    /// only (the report and the serial log keep everything).
+    #[arg(long)]
+    pub records: bool,
     /// Boot even when the machine (`--cpus`, `cpus=N`) has fewer cores than the config's
     /// guests need; those guests are then `not_started` and the run `failed`.
     #[arg(long)]
@@ -319,6 +366,12 @@ impl RunArgs {
             }
             c += &format!("duration_ms={ms}");
         }
+        if let Some(ms) = self.stats {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c += &format!("stats_ms={}", ms.min(60_000));
+        }
         if self.trace && !c.split_ascii_whitespace().any(|w| w == "trace" || w == "trace=1") {
             if !c.is_empty() {
                 c.push(' ');
@@ -339,11 +392,13 @@ impl RunArgs {
             cpu_model: None,
             timeout: 300,
             duration: None,
+            stats: None,
             report: None,
             cmdline: String::new(),
             trace: false,
             plot: false,
             quiet: true,
+            records: false,
             allow_missing_cores: false,
             build: BuildArgs { debug: false },
         }
@@ -380,6 +435,10 @@ mod tests {
         }
         let r = run_args(&["--duration", "2s", "--cmdline", "cpus=2"]).unwrap();
         assert_eq!(r.hypervisor_cmdline(), "cpus=2 duration_ms=2000");
+        let r = run_args(&["--stats", "100ms", "--trace"]).unwrap();
+        assert_eq!(r.hypervisor_cmdline(), "stats_ms=100 trace");
+        assert!(crate::cmdline::check(&r.hypervisor_cmdline()).is_empty());
+        assert_eq!(crate::cmdline::check("stats_ms=0").len(), 1);
         assert!(run_args(&["--duration", "0s"]).is_err());
     }
 

@@ -40,6 +40,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "duration_ms" => Some("expected duration_ms=N with 1 <= N <= 86400000"),
             "probe_ms" if n.is_some_and(|n| n <= 10_000) => None,
             "probe_ms" => Some("expected probe_ms=N with 0 (off) <= N <= 10000"),
+            "stats_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
+            "stats_ms" => Some("expected stats_ms=N with 1 <= N <= 60000"),
             "revoke" if value == "broadcast" || value == "tree" => None,
             "revoke" => Some("expected revoke=broadcast or revoke=tree"),
             "revoke_fanout" if n.is_some_and(|n| (2..=16).contains(&n)) => None,
@@ -56,7 +58,7 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             _ => Some(
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
                  caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=broadcast|tree, \
-                 revoke_fanout=N, \
+                 revoke_fanout=N, stats_ms=N, \
                  inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
             ),
         };

@@ -23,6 +23,7 @@ pub mod run;
 pub mod schema;
 pub mod setup;
 pub mod template;
+pub mod watch;
 pub mod workloads;
 
 use std::path::PathBuf;

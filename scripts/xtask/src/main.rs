@@ -157,8 +157,15 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Report(r) => match &r.what {
-            xtask::cli::ReportWhat::Diff { a, b } => xtask::diff::command(a, b).map(|()| true),
+            xtask::cli::ReportWhat::Diff { a, b, json, fail_on } => {
+                xtask::diff::command(a, b, *json, fail_on)
+            }
         },
+        Cmd::Ps(p) => {
+            print!("{}", xtask::watch::ps(&xtask::run::runs_root(), p.all));
+            Ok(true)
+        }
+        Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {
             if w.update_readme {

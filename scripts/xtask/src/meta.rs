@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! A report's metadata (`report::Meta`): the tool and tree that ran, the config as booted,
-//! the host and its load, the date. Owns nothing but reads: git, `/proc`, CPUID, uname.
+//! A report's metadata (`report::Meta`): the tool and tree that ran, the config and the
+//! guest kernels as booted, the host and its load, the date. Owns nothing but reads: git,
+//! `/proc`, CPUID, uname, the kernel files.
 //! Called by `run` once per run; never fails a run (what cannot be read is `None` or empty).
 
-use crate::report::{ConfigMeta, Host, Meta};
+use crate::build::Images;
+use crate::config::{Config, KernelSpec};
+use crate::report::{ConfigMeta, Host, KernelMeta, Meta};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
@@ -21,6 +24,46 @@ pub fn config(path: &Path) -> Option<ConfigMeta> {
         sha256: sha256_hex(&bytes),
         contents: String::from_utf8_lossy(&bytes).into_owned(),
     })
+}
+
+/// One kernel file as booted: its hash, size and entry point.
+pub fn kernel(source: &str, spec: Option<String>, path: &Path, guests: Vec<String>) -> KernelMeta {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let entry =
+        elf::ElfBytes::<elf::endian::AnyEndian>::minimal_parse(&bytes).ok().map(|f| f.ehdr.e_entry);
+    KernelMeta {
+        source: source.into(),
+        spec,
+        path: path.display().to_string(),
+        sha256: sha256_hex(&bytes),
+        size: bytes.len() as u64,
+        entry,
+        guests,
+    }
+}
+
+/// The guest kernels a run boots: the built-in one (`images.guest`) if a guest of the
+/// config runs it, then each of the config's own (`images.kernels`, blob index order),
+/// each with the guests that run it. None for a cores-only run.
+pub fn kernels(images: &Images, config: Option<&Config>) -> Vec<KernelMeta> {
+    let Some(config) = config else { return vec![] };
+    let users = |index: u16| -> Vec<String> {
+        let on = config.guests.iter().filter(|g| config.kernel_index(g) == index);
+        on.map(|g| g.name.get_ref().clone()).collect()
+    };
+    let mut out = vec![];
+    let builtin = users(0);
+    if !builtin.is_empty() {
+        out.push(kernel("builtin", None, &images.guest, builtin));
+    }
+    for (i, (spec, path)) in config.kernels().into_iter().zip(&images.kernels).enumerate() {
+        let (source, spec) = match spec {
+            KernelSpec::File(p) => ("file", p.clone()),
+            KernelSpec::Crate { krate } => ("crate", krate.clone()),
+        };
+        out.push(kernel(source, Some(spec), path, users(i as u16 + 1)));
+    }
+    out
 }
 
 fn git(args: &[&str]) -> Option<String> {
@@ -75,6 +118,7 @@ pub fn collect(config_path: Option<&Path>) -> Meta {
         git_commit: git(&["rev-parse", "HEAD"]),
         git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
         config: config_path.and_then(config),
+        kernels: vec![],
         command_line: std::env::args().collect(),
         emulator_version: None,
         host: host(),
@@ -92,6 +136,67 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// The first 64 bytes of an x86-64 ELF64 executable entered at `entry`, no segments.
+    fn elf_header(entry: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        (b[4], b[5], b[6]) = (2, 1, 1);
+        b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        b[24..32].copy_from_slice(&entry.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn every_kernel_a_run_boots_is_identified_with_its_guests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let guest = |name: &str, core: u32, what: &str| {
+            format!("\n[[guest]]\nname = \"{name}\"\ncore = {core}\nmemory_mib = 4\n{what}\n")
+        };
+        let text = [
+            "[machine]\ncpus = 4\nmemory_mib = 256\n".to_string(),
+            guest("a", 0, "kernel = \"k.elf\""),
+            guest("b", 1, "workload = \"hello\""),
+            guest("c", 2, "kernel = { crate = \"g\" }"),
+            guest("d", 3, "kernel = \"k.elf\""),
+        ]
+        .concat();
+        std::fs::write(d.join("m.toml"), text).unwrap();
+        let config = crate::config::load(&d.join("m.toml")).unwrap().config;
+        let (builtin, k, g) =
+            (elf_header(0x10_0000), elf_header(0x10_2040), b"not an ELF".to_vec());
+        for (f, bytes) in [("builtin.elf", &builtin), ("k.elf", &k), ("g.elf", &g)] {
+            std::fs::write(d.join(f), bytes).unwrap();
+        }
+        let images = Images {
+            hypervisor: d.join("mkvisor"),
+            guest: d.join("builtin.elf"),
+            kernels: vec![d.join("k.elf"), d.join("g.elf")],
+        };
+        let ks = kernels(&images, Some(&config));
+        let brief: Vec<_> = ks
+            .iter()
+            .map(|k| (k.source.as_str(), k.spec.as_deref(), k.entry, k.size, k.guests.join(" ")))
+            .collect();
+        assert_eq!(
+            brief,
+            [
+                ("builtin", None, Some(0x10_0000), 64, "b".to_string()),
+                ("file", Some("k.elf"), Some(0x10_2040), 64, "a d".to_string()),
+                ("crate", Some("g"), None, 10, "c".to_string()),
+            ]
+        );
+        assert_eq!(ks[1].sha256, sha256_hex(&k));
+        assert_eq!(ks[1].path, d.join("k.elf").display().to_string());
+        assert_ne!(ks[0].sha256, ks[1].sha256, "the entry point differs, so does the hash");
+        // Cores only: no kernel.
+        assert!(kernels(&images, None).is_empty());
     }
 
     #[test]

@@ -8,7 +8,9 @@ use vmcall_proto::record::{self, guest_state, kind, outcome};
 
 /// Version of the report's JSON layout (`schemas/report.schema.json`), raised on any change a
 /// reader must know about. Reports without the field are from before version 2.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: `meta.kernels`; guest states `running` and `unknown` (unfinished runs), and
+/// `not_started` for guests the run's duration ended before their first entry.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One core, from its `core` record.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
@@ -43,7 +45,9 @@ fn counts(text: &str) -> Option<BTreeMap<String, u64>> {
 pub struct GuestReport {
     pub name: String,
     pub core: u32,
-    /// `exited`, `stopped` or `not_started`.
+    /// `exited`, `stopped`, `ended`, `fenced` or `not_started` (the hypervisor's
+    /// `vmcall_proto::record::guest_state`), or, in a run that did not reach its end
+    /// record, `running` or `unknown` ([`unfinished`]).
     pub state: String,
     /// Its exit status when `exited`, else 0 (`null` in JSON).
     #[serde(deserialize_with = "null_as_zero")]
@@ -168,6 +172,11 @@ pub struct IncarnationReport {
     pub link_resets: u64,
     #[serde(default)]
     pub link_lost: u64,
+    /// This incarnation's VM exits by reason name, and its hypercalls.
+    #[serde(default)]
+    pub exits: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub hypercalls: u64,
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -304,6 +313,10 @@ pub struct Meta {
     pub git_dirty: Option<bool>,
     /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
     pub config: Option<ConfigMeta>,
+    /// Every guest kernel the run booted (the built-in one if a guest runs it, then the
+    /// config's own in module order), with the guests that run it.
+    #[serde(default)]
+    pub kernels: Vec<KernelMeta>,
     /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
     /// called the library (a test binary).
     pub command_line: Vec<String>,
@@ -321,6 +334,27 @@ pub struct ConfigMeta {
     /// SHA-256 of the file's bytes, hex.
     pub sha256: String,
     pub contents: String,
+}
+
+/// One guest kernel of a run, as booted.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelMeta {
+    /// `builtin` (the `guestkernel` of this tree), `file` (`kernel = "x.elf"`) or `crate`
+    /// (`kernel = { crate = "dir" }`, built by `cargo xtask`).
+    pub source: String,
+    /// As the config names it (a file or a crate directory, relative to the config);
+    /// absent for the built-in kernel.
+    pub spec: Option<String>,
+    /// The ELF file booted.
+    pub path: String,
+    /// SHA-256 of the ELF's bytes, hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its entry point (guest-physical), if the file reads as an ELF.
+    pub entry: Option<u64>,
+    /// The guests that run it, in config order.
+    pub guests: Vec<String>,
 }
 
 /// The machine the emulator ran on, and how busy it was.
@@ -430,6 +464,55 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
     }
 }
 
+/// Guest states only the host tool gives, for a run that did not reach its end record
+/// (interrupted, timed out, the emulator gone): what was seen of the guest so far.
+pub mod unfinished {
+    /// Heard from (a console line of its own) or started again by its restart policy, and
+    /// its end not seen.
+    pub const RUNNING: &str = "running";
+    /// Nothing of it seen: it may not have started.
+    pub const UNKNOWN: &str = "unknown";
+}
+
+/// What the hypervisor says of a guest the run's duration ended before its first VM entry
+/// (its record: `ended`, no first entry); the report makes it `not_started`.
+pub const NEVER_ENTERED: &str =
+    "never entered: the run's duration ended during its setup, before its first VM entry";
+
+/// A guest of the config, as a report needs it when the hypervisor did not report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub name: String,
+    pub core: u32,
+    /// `never`, `on-fault` or `always`.
+    pub restart: String,
+    /// Restarts its policy allows after the first start.
+    pub max_restarts: u32,
+}
+
+/// The config's guests as [`Console::account_for`] needs them.
+pub fn planned(c: &crate::config::Config) -> Vec<Planned> {
+    c.guests
+        .iter()
+        .map(|g| {
+            let restart = g.restart.as_ref().map_or("never", |r| r.get_ref()).to_string();
+            let default = if restart == "never" { 0 } else { crate::config::DEFAULT_MAX_RESTARTS };
+            Planned {
+                name: g.name.get_ref().clone(),
+                core: *g.core.get_ref(),
+                max_restarts: g.max_restarts.as_ref().map_or(default.into(), |m| *m.get_ref()),
+                restart,
+            }
+        })
+        .collect()
+}
+
+/// The guest a console line comes from: `[name@c2] ...`.
+pub fn line_guest(line: &str) -> Option<&str> {
+    let tag = line.strip_prefix('[')?.split(']').next()?;
+    tag.rsplit_once("@c").map(|(name, _)| name)
+}
+
 /// The phases of a run, as the console shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -464,6 +547,24 @@ pub struct Console {
     pub problems: Vec<String>,
     /// Incarnation records seen, by guest name, until the guest's own record takes them.
     incarnations: BTreeMap<String, Vec<IncarnationReport>>,
+    /// Guests heard from on the console (a `[name@cN]` line).
+    heard: std::collections::BTreeSet<String>,
+    /// Each guest's latest start (`start` record): incarnation and core, by guest name.
+    pub starts: BTreeMap<String, (u32, u32)>,
+    /// Each guest's latest live figures (`stats` records, `stats_ms=N`), by guest name.
+    pub live: BTreeMap<String, LiveStats>,
+}
+
+/// A running incarnation's figures so far, from its latest `stats` record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    /// The incarnation they are of.
+    pub n: u32,
+    pub tsc: u64,
+    pub exits: BTreeMap<String, u64>,
+    pub hypercalls: u64,
+    /// Per channel of the guest: its name, messages sent and received.
+    pub traffic: Vec<(String, u64, u64)>,
 }
 
 /// One traced VM exit: reason, and the TSC at the VM entry it ended and at the exit.
@@ -495,6 +596,11 @@ impl Console {
             Ok(None) => {
                 if let Some(p) = crate::cmdline::ignored_by_hypervisor(line) {
                     self.problems.push(p);
+                }
+                if let Some(g) = line_guest(line) {
+                    if !self.heard.contains(g) {
+                        self.heard.insert(g.to_string());
+                    }
                 }
                 return false;
             }
@@ -563,6 +669,11 @@ impl Console {
                 })();
                 let guest = guest.map(|mut g| {
                     g.incarnations = self.incarnations.remove(&g.name).unwrap_or_default();
+                    // Stopped at the run's end before it ran an instruction: not started.
+                    if g.state == guest_state::ENDED && g.tsc_first_entry == 0 {
+                        g.state = guest_state::NOT_STARTED.into();
+                        g.fault = Some(NEVER_ENTERED.into());
+                    }
                     g
                 });
                 match guest {
@@ -643,6 +754,11 @@ impl Console {
                             caps_live: num(&r, "caps_live").unwrap_or(0),
                             link_resets: num(&r, "link_resets").unwrap_or(0),
                             link_lost: num(&r, "link_lost").unwrap_or(0),
+                            exits: match r.get("exits") {
+                                Some(v) => counts(&unescape(v))?,
+                                None => BTreeMap::new(),
+                            },
+                            hypercalls: num(&r, "hypercalls").unwrap_or(0),
                         },
                     ))
                 })();
@@ -651,6 +767,41 @@ impl Console {
                     None => {
                         self.problems.push(format!("incarnation record without its fields: {line}"))
                     }
+                }
+            }
+            kind::START => match (r.get("guest").map(unescape), num(&r, "n"), num(&r, "core")) {
+                (Some(g), Some(n), Some(core)) => {
+                    self.starts.insert(g, (n, core));
+                }
+                _ => self.problems.push(format!("start record without its fields: {line}")),
+            },
+            kind::STATS => {
+                let live = (|| {
+                    let traffic = unescape(r.get("traffic")?)
+                        .split_whitespace()
+                        .map(|w| {
+                            let mut p = w.rsplitn(3, ':');
+                            let received = p.next()?.parse().ok()?;
+                            let sent = p.next()?.parse().ok()?;
+                            Some((p.next()?.to_string(), sent, received))
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some((
+                        unescape(r.get("guest")?),
+                        LiveStats {
+                            n: num(&r, "n")?,
+                            tsc: num(&r, "tsc")?,
+                            exits: counts(&unescape(r.get("exits")?))?,
+                            hypercalls: num(&r, "hypercalls")?,
+                            traffic,
+                        },
+                    ))
+                })();
+                match live {
+                    Some((g, s)) => {
+                        self.live.insert(g, s);
+                    }
+                    None => self.problems.push(format!("malformed stats record: {line}")),
                 }
             }
             kind::REFUSED => self.missing = r.get("missing").map(unescape),
@@ -731,6 +882,77 @@ impl Console {
             other => self.problems.push(format!("unknown record kind `{other}`")),
         }
         true
+    }
+
+    /// The incarnations of guest `name` seen to end so far, oldest first (from its
+    /// `incarnation` records, or from its guest record once that has taken them).
+    pub fn incarnations_of(&self, name: &str) -> &[IncarnationReport] {
+        match self.guests.iter().find(|g| g.name == name) {
+            Some(g) => &g.incarnations,
+            None => self.incarnations.get(name).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// Gives every guest of the config a place in the report when the hypervisor's records
+    /// did not: a refused run lists them `not_started`, with what the machine lacks; a run
+    /// that never reached its end record (interrupted, timed out, the emulator gone) keeps
+    /// what was seen: a guest whose last incarnation ended and that its restart policy
+    /// does not start again is `exited` (with its status) or `stopped` (with its fault);
+    /// one its policy restarts, or heard from and not seen ending, is `running`; the rest
+    /// `unknown`. (A controller may still have started a guest again: not followed.)
+    pub fn account_for(&mut self, planned: &[Planned]) {
+        let refused = self.end_outcome.as_deref() == Some(outcome::REFUSED);
+        if !self.guests.is_empty() || (self.end_outcome.is_some() && !refused) {
+            return;
+        }
+        for p in planned {
+            let incarnations = self.incarnations.remove(&p.name).unwrap_or_default();
+            let mut g = GuestReport {
+                name: p.name.clone(),
+                core: p.core,
+                state: unfinished::UNKNOWN.into(),
+                exit_status: 0,
+                exits: BTreeMap::new(),
+                fault: None,
+                hypercalls: 0,
+                tsc_first_entry: incarnations.iter().find_map(|i| i.tsc_first_entry).unwrap_or(0),
+                tsc_end: 0,
+                xmsgs: 0,
+                nmis: 0,
+                requests_from: BTreeMap::new(),
+                cap_refused: 0,
+                foreign_tsc: 0,
+                revoke_tsc: 0,
+                fenced: vec![],
+                incarnations,
+                trace: None,
+            };
+            if refused {
+                g.state = guest_state::NOT_STARTED.into();
+                g.fault = Some(format!(
+                    "the hypervisor refused to run: this machine lacks {}",
+                    self.missing.as_deref().unwrap_or("something it did not name")
+                ));
+            } else if let Some(last) = g.incarnations.last().cloned() {
+                let failed = last.ending != guest_state::EXITED || last.exit_status != Some(0);
+                let policy = match p.restart.as_str() {
+                    "always" => true,
+                    "on-fault" => failed,
+                    _ => false,
+                };
+                if policy && last.n <= p.max_restarts {
+                    g.state = unfinished::RUNNING.into();
+                } else {
+                    g.state = last.ending.clone();
+                    g.exit_status = last.exit_status.unwrap_or(0);
+                    g.fault = last.fault.clone();
+                    g.tsc_end = last.tsc_end;
+                }
+            } else if self.heard.contains(&p.name) {
+                g.state = unfinished::RUNNING.into();
+            }
+            self.guests.push(g);
+        }
     }
 
     /// The TSC values with the figures derived from them: `hypervisor_boot` (entry to the
@@ -835,8 +1057,9 @@ impl Console {
                     || g.state == guest_state::ENDED
             };
             if let Some(g) = self.guests.iter().find(|g| !fine(g)) {
+                let why = g.fault.as_deref().map(|f| format!(" ({f})")).unwrap_or_default();
                 self.problems.push(format!(
-                    "end says ok but guest {} is {} with status {}",
+                    "end says ok but guest {} is {} with status {}{why}",
                     g.name, g.state, g.exit_status
                 ));
                 return outcome::FAILED.into();
@@ -1063,5 +1286,134 @@ mkvisor: GRUB is loading the hypervisor
         );
         assert_eq!(c.problems.len(), 3);
         assert!(c.cores.is_empty());
+    }
+
+    fn plan(name: &str, core: u32, restart: &str, max_restarts: u32) -> Planned {
+        Planned { name: name.into(), core, restart: restart.into(), max_restarts }
+    }
+
+    #[test]
+    fn a_guest_the_duration_ended_before_its_first_entry_is_not_started_and_the_run_failed() {
+        // As the hypervisor reports `--duration 1ms` (pair.toml): `ended`, never entered,
+        // and an `ok` end record.
+        let run = RUN_OK.replace(
+            "#mkv end",
+            "#mkv incarnation guest=big n=1 ending=stopped exit_status=0 fault=\"the run's duration ended\" tsc_start=120 tsc_first_entry=0 tsc_end=200 frames_at_start=9 caps_revoked=0 caps_unconfirmed=0 caps_dropped=0 caps_live=2 link_resets=0 link_lost=0\n\
+             #mkv guest index=0 name=big core=0 state=ended exit_status=0 exits=\"\" fault=\"\" hypercalls=0 tsc_first_entry=0 tsc_end=200 incarnations=1\n\
+             #mkv guest index=1 name=small core=1 state=ended exit_status=0 exits=\"vmcall:3\" fault=\"\" hypercalls=3 tsc_first_entry=130 tsc_end=210 incarnations=1\n\
+             #mkv end",
+        );
+        let mut c = feed(&run);
+        assert_eq!(c.outcome(false), "failed");
+        let big = &c.guests[0];
+        assert_eq!(
+            (big.state.as_str(), big.fault.as_deref()),
+            ("not_started", Some(NEVER_ENTERED))
+        );
+        assert!(c.problems[0].contains("guest big is not_started"), "{:?}", c.problems);
+        assert!(c.problems[0].contains("never entered"), "{:?}", c.problems);
+        // One that entered and was stopped by the duration is `ended`, as before: fine.
+        assert_eq!(c.guests[1].state, "ended");
+        let mut c = feed(&run.replace(
+            "tsc_first_entry=0 tsc_end=200 incarnations",
+            "tsc_first_entry=150 tsc_end=200 incarnations",
+        ));
+        assert_eq!(c.outcome(false), "ok", "{:?}", c.problems);
+    }
+
+    #[test]
+    fn an_unfinished_run_keeps_what_it_saw_of_each_guest() {
+        let inc = |g: &str, n: u32, ending: &str, status: u32, fault: &str| {
+            format!("#mkv incarnation guest={g} n={n} ending={ending} exit_status={status} fault=\"{fault}\" tsc_start=100 tsc_first_entry=110 tsc_end=300 frames_at_start=9 caps_revoked=0 caps_unconfirmed=0 caps_dropped=0\n")
+        };
+        let text = [
+            "#mkv boot abi=1 tsc=5 cmdline=\"\"\n".to_string(),
+            "[done@c0] hello\n".into(),
+            inc("done", 1, "exited", 3, ""),
+            "[talky@c1] still going\n".into(),
+            inc("phoenix", 1, "stopped", 0, "EPT violation"),
+            inc("broke", 1, "stopped", 0, "EPT violation"),
+            inc("worn", 1, "stopped", 0, "x"),
+            inc("worn", 2, "stopped", 0, "triple fault"),
+        ]
+        .concat();
+        let mut c = feed(&text);
+        assert_eq!(c.outcome(false), "failed");
+        c.account_for(&[
+            plan("done", 0, "never", 0),
+            plan("talky", 1, "never", 0),
+            plan("phoenix", 2, "on-fault", 3),
+            plan("broke", 3, "never", 0),
+            plan("worn", 4, "on-fault", 1),
+            plan("silent", 5, "never", 0),
+        ]);
+        let seen: Vec<_> = c
+            .guests
+            .iter()
+            .map(|g| (g.name.as_str(), g.core, g.state.as_str(), g.exit_status, g.fault.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("done", 0, "exited", 3, None),
+                ("talky", 1, "running", 0, None),
+                ("phoenix", 2, "running", 0, None),
+                ("broke", 3, "stopped", 0, Some("EPT violation")),
+                ("worn", 4, "stopped", 0, Some("triple fault")),
+                ("silent", 5, "unknown", 0, None),
+            ]
+        );
+        assert_eq!(c.guests[4].incarnations.len(), 2);
+        assert_eq!((c.guests[0].tsc_first_entry, c.guests[0].tsc_end), (110, 300));
+        let json = serde_json::to_value(&c.guests).unwrap();
+        assert_eq!(json[0]["exit_status"], 3);
+        assert!(json[5]["exit_status"].is_null() && json[5]["tsc_first_entry"].is_null());
+        // A run that reached its end record is the hypervisor's to report, not ours.
+        let mut c = feed(RUN_OK);
+        c.account_for(&[plan("x", 0, "never", 0)]);
+        assert!(c.guests.is_empty());
+    }
+
+    #[test]
+    fn a_refused_run_lists_the_configs_guests_not_started_with_the_reason() {
+        let mut c = feed("#mkv boot abi=1 tsc=5\n#mkv refused missing=\"VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)\"\n#mkv end outcome=refused tsc=9\n");
+        assert_eq!(c.outcome(false), "refused");
+        c.account_for(&[plan("alpha", 0, "never", 0), plan("beta", 1, "always", 3)]);
+        assert_eq!(c.guests.len(), 2);
+        for g in &c.guests {
+            assert_eq!(g.state, "not_started");
+            assert_eq!(
+                g.fault.as_deref(),
+                Some("the hypervisor refused to run: this machine lacks VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)")
+            );
+        }
+    }
+
+    #[test]
+    fn planned_guests_come_from_the_config_with_their_restart_policy() {
+        let c = crate::config::load(&crate::workspace_root().join("configs/lifecycle.toml"))
+            .unwrap()
+            .config;
+        let p = planned(&c);
+        assert_eq!(p.len(), c.guests.len());
+        assert!(p.iter().any(|g| g.restart == "never" && g.max_restarts == 0), "{p:?}");
+        assert!(p.iter().any(|g| g.restart != "never" && g.max_restarts > 0), "{p:?}");
+    }
+
+    #[test]
+    fn live_stats_records_keep_each_guests_latest_figures() {
+        let c = feed(
+            "#mkv stats guest=ping n=1 core=0 tsc=100 exits=\"vmcall:3\" hypercalls=3 traffic=\"ab:5:4 a:b:1:0\"\n\
+             #mkv stats guest=ping n=1 core=0 tsc=200 exits=\"vmcall:7 hlt:2\" hypercalls=7 traffic=\"ab:9:8 a:b:2:1\"\n\
+             #mkv stats guest=pong n=2 core=1 tsc=150 exits=\"\" hypercalls=0 traffic=\"\"\n\
+             #mkv stats guest=bad n=1 core=2 tsc=1 exits=\"\" hypercalls=0 traffic=\"ab:x:1\"\n",
+        );
+        let ping = &c.live["ping"];
+        assert_eq!((ping.n, ping.tsc, ping.hypercalls), (1, 200, 7));
+        assert_eq!(ping.exits.get("hlt"), Some(&2));
+        assert_eq!(ping.traffic, [("ab".to_string(), 9, 8), ("a:b".to_string(), 2, 1)]);
+        assert_eq!(c.live["pong"], LiveStats { n: 2, tsc: 150, ..Default::default() });
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        assert!(!c.live.contains_key("bad"));
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::cli::{Emulator, RunArgs};
 use crate::meta;
-use crate::report::{Console, Phase, Report};
+use crate::report::{line_guest, Console, Phase, Report};
 use anyhow::{bail, Context, Result};
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
@@ -489,6 +489,13 @@ pub fn line_core(line: &str) -> Option<u32> {
     core.parse().ok()
 }
 
+/// Whether a console line is streamed: the guests' and the hypervisor's own lines always,
+/// the machine records (`#mkv ...`, `--trace` records among them, malformed ones too) only
+/// when asked (`--records`). The serial log and the report keep every line either way.
+pub fn shown_on_console(is_record: bool, records: bool) -> bool {
+    !is_record || records
+}
+
 /// Prints console lines live, one colour per core. Colour follows each stream on its own
 /// (`anstream` drops it where that stream is not a terminal, or under `NO_COLOR`). Progress
 /// (phase, guests heard from, elapsed time) is an `indicatif` spinner when stderr is a
@@ -497,6 +504,8 @@ struct Printer<O: Write, E: Write> {
     out: O,
     err: E,
     quiet: bool,
+    /// Stream the machine records too (`--records`).
+    records: bool,
     /// The live progress line, when there is one.
     bar: Option<indicatif::ProgressBar>,
     /// Guests heard from on the console so far (`[name@cN]` lines), in order.
@@ -515,12 +524,6 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// The guest a console line comes from: `[name@c2] ...`.
-fn line_guest(line: &str) -> Option<&str> {
-    let tag = line.strip_prefix('[')?.split(']').next()?;
-    tag.rsplit_once("@c").map(|(name, _)| name)
-}
-
 impl<O: Write, E: Write> Printer<O, E> {
     fn clear_status(&mut self) {
         if let Some(b) = self.bar.take() {
@@ -535,7 +538,7 @@ impl<O: Write, E: Write> Printer<O, E> {
                 self.redraw();
             }
         }
-        if self.quiet {
+        if self.quiet || !shown_on_console(is_record, self.records) {
             return;
         }
         use anstyle::{AnsiColor, Style};
@@ -568,6 +571,15 @@ impl<O: Write, E: Write> Printer<O, E> {
             m += &format!("; guests heard from: {} ({})", self.guests.len(), self.guests.join(" "));
         }
         m
+    }
+
+    /// A line of the tool's own on stderr (above the progress line).
+    fn note(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| writeln!(self.err, "{text}")),
+            None => writeln!(self.err, "{text}"),
+        }
+        .unwrap_or(());
     }
 
     fn redraw(&self) {
@@ -781,13 +793,32 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         out: anstream::stdout(),
         err: anstream::stderr(),
         quiet: args.quiet,
+        records: args.records,
         bar: (std::io::stderr().is_terminal() && !args.quiet).then(progress_bar),
         guests: vec![],
         phase: None,
     };
     let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
+    meta.kernels = meta::kernels(&images, compiled.as_ref().map(|(_, c)| &c.config));
     let started = Instant::now();
     let mut child = spawn(args, &machine, &iso, &dir, &model)?;
+    // What `cargo xtask ps` and `top` find in the folder; a run never fails for it.
+    let info = crate::watch::RunInfo::starting(
+        child.pgid,
+        args.emulator.name(),
+        machine.cpus,
+        compiled.as_ref().map(|(p, _)| p.as_path()),
+        &serial_path,
+        args.report.as_deref(),
+    );
+    if let Err(e) = info.write(&dir) {
+        eprintln!("xtask: warning: {e:#}");
+    }
+    printer.note(&format!(
+        "run folder {} (cargo xtask top {})",
+        dir.display(),
+        dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
     let mut console = Console::default();
     let mut serial = std::fs::File::open(&serial_path)?;
     let mut pending = Vec::new();
@@ -870,6 +901,10 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         }
         console.problems.extend(why);
     }
+    // A refused or unfinished run still lists the config's guests, with what was seen.
+    if let Some((_, c)) = &compiled {
+        console.account_for(&crate::report::planned(&c.config));
+    }
     let tsc = console.tsc_figures();
     console.attach_traces();
     let trace_csv = if args.trace {
@@ -915,6 +950,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Err(e) = crate::watch::RunInfo::finish(&dir, &report.outcome) {
+        eprintln!("xtask: warning: {e:#}");
     }
     Ok(report)
 }
@@ -1226,6 +1264,7 @@ mod tests {
             out: AutoStream::new(Vec::new(), ColorChoice::Never),
             err: AutoStream::new(Vec::new(), ColorChoice::Always),
             quiet: false,
+            records: true,
             bar: Some(indicatif::ProgressBar::hidden()),
             guests: vec![],
             phase: None,
@@ -1240,6 +1279,7 @@ mod tests {
             out: AutoStream::new(Vec::new(), ColorChoice::Always),
             err: Vec::new(),
             quiet: false,
+            records: false,
             bar: None,
             guests: vec![],
             phase: None,
@@ -1252,12 +1292,59 @@ mod tests {
     }
 
     #[test]
+    fn records_stay_off_the_console_unless_asked() {
+        // A console as a traced run writes it: human lines, records, a trace record, and a
+        // line that looks like a record but is malformed (a problem in the report).
+        let serial = "[c0] mkvisor 0.1.0 starting (ABI 1)\n\
+            #mkv boot abi=1 tsc=100 cmdline=\"trace\"\n\
+            [alpha@c0] hello from alpha\n\
+            #mkv trace core=0 base=150 ev=\"cpuid:0:20\"\n\
+            #mkv tracesum core=0 exits=1 kept=1 guest_tsc=20 hv_tsc=0\n\
+            #mkv guest index=0 name=alpha core=0 state=exited exit_status=0 exits=\"cpuid:1\" fault=\"\" hypercalls=0 tsc_first_entry=150 tsc_end=200\n\
+            #mkv core index=0 apic=0 junk\n\
+            #mkv end outcome=ok tsc=250\n\
+            [c0] run over\n";
+        let stream = |records: bool| {
+            let mut console = Console::default();
+            let never = anstream::ColorChoice::Never;
+            let mut p = Printer {
+                out: anstream::AutoStream::new(Vec::new(), never),
+                err: Vec::new(),
+                quiet: false,
+                records,
+                bar: None,
+                guests: vec![],
+                phase: None,
+            };
+            for l in serial.lines() {
+                let is_record = console.feed(l);
+                p.line(l, is_record);
+            }
+            (String::from_utf8(p.out.into_inner()).unwrap(), console)
+        };
+        let (out, console) = stream(false);
+        assert_eq!(
+            out,
+            "[c0] mkvisor 0.1.0 starting (ABI 1)\n[alpha@c0] hello from alpha\n[c0] run over\n"
+        );
+        // Hidden, still read: the report gets the guest, its trace and the malformed line.
+        assert_eq!(console.guests.len(), 1);
+        assert_eq!(console.traces.get(&0).map(Vec::len), Some(1));
+        assert_eq!(console.problems.len(), 1, "{:?}", console.problems);
+        // `--records`: every line, in order.
+        let (out, _) = stream(true);
+        assert_eq!(out, serial);
+        assert!(shown_on_console(false, false) && !shown_on_console(true, false));
+    }
+
+    #[test]
     fn progress_shows_the_phase_and_the_guests_heard_from() {
         // On a terminal the progress is the spinner's message, nothing on stderr itself.
         let mut p = Printer {
             out: Vec::new(),
             err: Vec::new(),
             quiet: true,
+            records: true,
             bar: Some(indicatif::ProgressBar::hidden()),
             guests: vec![],
             phase: None,
