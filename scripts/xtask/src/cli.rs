@@ -231,6 +231,15 @@ pub enum BenchWhat {
         #[arg(long, requires = "json")]
         plot: bool,
     },
+    /// Two guests driving their own cards (e1000, NE2000): interrupt path, round trips, exits.
+    Devices {
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Echo requests per card.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        pings: u64,
+    },
     /// A controller stopping and starting the peer of its channel, at 2, 4 and 8 CPUs.
     Lifecycle {
         /// Also write the figures as JSON.

@@ -10,6 +10,7 @@ pub mod cheader;
 pub mod cli;
 pub mod cmdline;
 pub mod config;
+pub mod devbench;
 pub mod diff;
 pub mod exit;
 pub mod exitbench;

@@ -131,6 +131,9 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Caps { json, plot, k, .. } => {
                 xtask::bench::caps(json.as_deref(), *plot, k).map(|()| true)
             }
+            xtask::cli::BenchWhat::Devices { json, pings } => {
+                xtask::devbench::devices(json.as_deref(), *pings).map(|()| true)
+            }
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
             }
