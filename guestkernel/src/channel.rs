@@ -270,10 +270,10 @@ impl Chan {
         self.tx.restore_last();
     }
 
-    /// The MWAIT wait: after `polls` polls, say `SLEEP_MWAIT` in the ring's `sleeping`
-    /// word (store, full fence), then repeat arm (MONITOR on the next slot's line), check
-    /// (the ring once more), sleep (MWAIT, interrupts on), until a message or an error;
-    /// then clear the word.
+    /// The MWAIT wait: after `polls` polls, repeat: say `SLEEP_MWAIT` in the ring's
+    /// `sleeping` word (store, full fence), arm (MONITOR on the next slot's line), check
+    /// (the ring once more), sleep (MWAIT, interrupts on), clear the word, look again;
+    /// until a message or an error.
     ///
     /// Why no interleaving loses a wake-up. The sender publishes (control store), then
     /// fences and reads `sleeping` ([`Chan::notify`]); the receiver stores `sleeping`, fences,
@@ -287,7 +287,7 @@ impl Chan {
     /// returns at once, and a store before MONITOR is seen by the check after it; a wake
     /// for any other reason (an interrupt, a VM exit, spuriously) just runs the loop
     /// again. But the sender does not rely on it: it waits until the flag changes (the
-    /// receiver left this wait, and any later wait checks after the publication) and
+    /// receiver is up and looks at the ring after clearing it) and
     /// otherwise rings the doorbell after [`WAKE_TICKS`]; the doorbell is an interrupt,
     /// and MWAIT (after STI) wakes on it whatever the monitor did, and a doorbell that
     /// comes before the MWAIT stays pending and ends it at once. So the monitor decides
@@ -315,8 +315,8 @@ impl Chan {
             }
             core::hint::spin_loop();
         }
-        self.rx.set_sleep(SLEEP_MWAIT);
-        let got = loop {
+        loop {
+            self.rx.set_sleep(SLEEP_MWAIT);
             let line = self.rx.next_line();
             // Defect (A): make MONITOR translate `line` afresh instead of reusing a stale
             // translation (in Bochs this also resets our own monitor, armed next).
@@ -324,19 +324,28 @@ impl Chan {
             // The line is a slot of our receive ring, mapped for the guest's life.
             // SAFETY: `use_mwait` found MONITOR offered; the line is mapped.
             unsafe { crate::arch::monitor(line) };
-            match self.try_recv() {
-                Ok(None) => {}
-                Ok(Some(m)) => break Ok(m),
-                Err(e) => break Err(e),
+            let first = self.try_recv();
+            if let Ok(None) = first {
+                // Woken by the store into the line, by the doorbell (the backstop, or a
+                // peer going down: the hypervisor injects the doorbell vector), or by
+                // anything else.
+                // SAFETY: `use_mwait` found MWAIT offered.
+                unsafe { crate::arch::mwait() };
             }
-            // Woken by the store into the line, by the doorbell (the backstop, or a peer
-            // going down: the hypervisor injects the doorbell vector), or by anything else;
-            // the loop checks again.
-            // SAFETY: `use_mwait` found MWAIT offered.
-            unsafe { crate::arch::mwait() };
-        };
-        self.rx.set_sleep(0);
-        got
+            // Up: say so at once (a sender waiting to see us awake stops waiting; we look
+            // after this store, so we find what it published), then look. Woken by the
+            // store (the usual case) the message is there: no MONITOR on the round trip,
+            // and none to clear the other cores' monitors (defect B).
+            self.rx.set_sleep(0);
+            match first {
+                Ok(Some(m)) => return Ok(m),
+                Err(e) => return Err(e),
+                Ok(None) => {}
+            }
+            if let Some(m) = self.try_recv()? {
+                return Ok(m);
+            }
+        }
     }
 }
 
@@ -360,6 +369,8 @@ mod wake_model {
         Check,
         Mwait,
         Asleep,
+        Up,
+        Look,
         Done,
     }
 
@@ -420,9 +431,10 @@ mod wake_model {
                 out.push(r);
             }
             // MWAIT returns at once on a monitor that triggered or is not armed, or on a
-            // pending interrupt (the doorbell, taken: the loop arms again).
+            // pending interrupt (the doorbell, taken); then the receiver clears its flag
+            // and looks, and arms again if the ring is empty.
             R::Mwait if st.triggered || !st.armed || st.bell => {
-                (r.bell, r.r) = (false, R::Arm);
+                (r.bell, r.r) = (false, R::Up);
                 out.push(r);
             }
             R::Mwait => {
@@ -430,7 +442,15 @@ mod wake_model {
                 out.push(r);
             }
             R::Asleep if st.triggered || st.bell => {
-                (r.bell, r.r) = (false, R::Arm);
+                (r.bell, r.r) = (false, R::Up);
+                out.push(r);
+            }
+            R::Up => {
+                (r.flag, r.r) = (false, R::Look);
+                out.push(r);
+            }
+            R::Look => {
+                r.r = if st.msg { R::Done } else { R::Flag };
                 out.push(r);
             }
             R::Asleep | R::Done => {}
