@@ -279,16 +279,17 @@ impl Chan {
     /// fences and reads `sleeping` ([`Chan::notify`]); the receiver stores `sleeping`, fences,
     /// then arms and checks. The two full fences (Dekker; SDM Vol. 3A 8.2.3.4 forbids
     /// reordering a load before an earlier store once MFENCE separates them) leave two
-    /// cases. (1) The sender reads 0: its publication precedes the receiver's flag store,
-    /// so every check of this wait sees the message, and the receiver returns without
-    /// sleeping. (2) The sender reads `SLEEP_MWAIT`: the receiver may be anywhere in its
-    /// loop. The SDM's monitor (Vol. 2B MONITOR/MWAIT, Vol. 3A 8.10.4) then wakes it: a
+    /// cases. (1) The sender reads 0: the receiver's next flag store comes after the
+    /// publication, so the check after it sees the message (and a look before it either
+    /// sees it or finds the ring empty and loops to that store): it returns without
+    /// sleeping on it. (2) The sender reads `SLEEP_MWAIT`: the receiver may be anywhere
+    /// in its loop. The SDM's monitor (Vol. 2B MONITOR/MWAIT, Vol. 3A 8.10.4) then wakes it: a
     /// store to the armed line after MONITOR triggers it, MWAIT on a triggered monitor
     /// returns at once, and a store before MONITOR is seen by the check after it; a wake
     /// for any other reason (an interrupt, a VM exit, spuriously) just runs the loop
     /// again. But the sender does not rely on it: it waits until the flag changes (the
-    /// receiver is up and looks at the ring after clearing it) and
-    /// otherwise rings the doorbell after [`WAKE_TICKS`]; the doorbell is an interrupt,
+    /// receiver is up, and looks at the ring after clearing it, so after the publication)
+    /// and otherwise rings the doorbell after [`WAKE_TICKS`]; the doorbell is an interrupt,
     /// and MWAIT (after STI) wakes on it whatever the monitor did, and a doorbell that
     /// comes before the MWAIT stays pending and ends it at once. So the monitor decides
     /// only how fast the receiver wakes, never whether it does.
