@@ -90,3 +90,49 @@ fn a_scribbler_cannot_crash_its_peer_and_a_trespasser_is_stopped() {
     let dirty = b.report.channels.iter().find(|c| c.name == "dirty").expect("dirty channel");
     assert_eq!((dirty.a_sent, dirty.b_received), (3, 3));
 }
+
+/// Issue 21: six guests on six cores, three ping-pong pairs, every side waiting in MWAIT.
+/// Each ping checks the content and order of all 1000 replies and exits 0 only after the
+/// last; a lost wake-up leaves a pair asleep until its run budget ends (stopped, not 0).
+/// Probes off: nothing but the channel wakes a sleeper (no NMI or timer exit to rescue it),
+/// and every VM exit during the exchange is a backstop doorbell. Probes on: the same with
+/// the failure detector's NMIs and timer exits arriving at any point of a wait.
+fn six_mwait_guests(probe_ms: u32) {
+    let cmdline = format!("probe_ms={probe_ms}");
+    let b = boot_config(Emulator::Bochs, None, None, &cmdline, Some("configs/mwait-six.toml"));
+    let mut problems = Vec::new();
+    for pair in 0..3 {
+        for side in ["ping", "pong"] {
+            let name = format!("{side}{pair}");
+            let g = guest(&b, &name);
+            if (g.state.as_str(), g.exit_status) != ("exited", 0) {
+                problems.push(format!("{name}: {} {} {:?}", g.state, g.exit_status, g.fault));
+                continue;
+            }
+            // Really in MWAIT (not the doorbell fallback), all 1000 round trips.
+            assert_eq!(bench(&b, &name, "mwait"), 1, "{name}");
+            assert_eq!(bench(&b, &name, "n"), 1000, "{name}");
+            let (exits, rung) = (bench(&b, &name, "exits"), bench(&b, &name, "doorbells_rung"));
+            eprintln!("{name}: exits {exits}, backstop doorbells rung {rung}");
+            if probe_ms == 0 {
+                assert_eq!(exits, rung, "{name}: an exit other than a backstop doorbell");
+            }
+        }
+    }
+    assert!(problems.is_empty(), "a pair did not finish (lost wake-up?): {problems:#?}");
+    assert_eq!(b.report.outcome, "ok", "{:?}", b.report.problems);
+    assert_eq!(b.report.channels.len(), 3);
+    for c in &b.report.channels {
+        assert_eq!((c.a_sent, c.b_received, c.b_sent, c.a_received), (1000, 1000, 1000, 1000));
+    }
+}
+
+#[test]
+fn six_guests_waiting_in_mwait_lose_no_wake_up_with_probes_off() {
+    six_mwait_guests(0);
+}
+
+#[test]
+fn six_guests_waiting_in_mwait_lose_no_wake_up_with_probes_on() {
+    six_mwait_guests(25);
+}

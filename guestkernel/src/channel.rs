@@ -9,6 +9,12 @@
 //! publishing a message rings the peer (one hypercall). Either the sender sees the flag or
 //! the receiver's re-check sees the message: no lost wake-up.
 //!
+//! MWAIT protocol: the same flag (`SLEEP_MWAIT`), then arm, check, sleep. The sender's store
+//! into the armed line wakes the sleeper; the doorbell is only the backstop, rung by a
+//! sender that still sees the flag [`WAKE_TICKS`] after its send. Why no interleaving loses
+//! a wake-up, even with a monitor that forgets it was armed, is argued at
+//! [`Chan::wait_mwait`].
+//!
 //! Peers that come and go: every operation first reads the channel's link word in the
 //! status page (one load, no exit). A peer that died makes it `PeerGone` (the hypervisor
 //! also rings this guest's doorbell, so a sleeper wakes); once the peer's new incarnation
@@ -19,9 +25,16 @@
 
 use crate::hypercall::call;
 pub use vmcall_proto::channel::{message, ChannelError, Payload};
-use vmcall_proto::channel::{Receiver, Ring, Sender};
+use vmcall_proto::channel::{Receiver, Ring, Sender, SLEEP_MWAIT};
 use vmcall_proto::guest::{link_epoch, link_up, BootInfo, StatusPage, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
+
+/// How long (TSC ticks) a sender waits for a peer sleeping in MWAIT to show it woke
+/// before it rings the doorbell. The peer needs a few hundred instructions from its wake to
+/// clearing its flag (Bochs: ticks are emulated instructions; hardware: a C1 exit takes
+/// about a microsecond, a few thousand ticks); a peer whose core is in a VM exit that
+/// long is rung needlessly, which costs one exit and loses nothing.
+pub const WAKE_TICKS: u64 = 20_000;
 
 pub struct Chan {
     pub tx: Sender<'static>,
@@ -131,14 +144,37 @@ impl Chan {
             }
             return Err(e);
         }
-        if self.mwait {
-            self.nudge_monitor();
-        }
-        if self.doorbells && self.tx.peer_sleeping() {
-            let _ = call(Hypercall::Doorbell, self.number as u64, 0);
-            self.rung += 1;
+        if self.doorbells || self.mwait {
+            self.notify();
         }
         Ok(())
+    }
+
+    /// After publishing a message: wake the peer if it said it sleeps. A doorbell sleeper is
+    /// rung at once. An MWAIT sleeper was armed on the line just written (its flag came
+    /// first, see [`Chan::wait_mwait`]), so the store normally woke it: wait until it shows
+    /// it is up (its flag changes) and ring only if it has not within [`WAKE_TICKS`].
+    fn notify(&mut self) {
+        match self.tx.peer_sleep() {
+            0 => {}
+            SLEEP_MWAIT => {
+                self.nudge_monitor();
+                let t0 = crate::arch::rdtsc();
+                while self.tx.peer_sleep_now() == SLEEP_MWAIT {
+                    if crate::arch::rdtsc().wrapping_sub(t0) > WAKE_TICKS {
+                        self.ring();
+                        return;
+                    }
+                    core::hint::spin_loop();
+                }
+            }
+            _ => self.ring(),
+        }
+    }
+
+    fn ring(&mut self) {
+        let _ = call(Hypercall::Doorbell, self.number as u64, 0);
+        self.rung += 1;
     }
 
     /// Sends, spinning while the ring is full.
@@ -195,9 +231,8 @@ impl Chan {
 
     /// Polls `polls` times, then sleeps until a doorbell (or any interrupt) and repeats.
     /// With [`Chan::use_mwait`], sleeps in MWAIT on the line the next message lands in
-    /// instead: MONITOR, check once more, MWAIT. A store the sender makes after the check
-    /// wakes the sleeper; one made before it is found by the check: no lost wake-up, and no
-    /// `sleeping` flag, so the sender never rings (neither side exits).
+    /// instead (see [`Chan::wait_mwait`]): the sender's store wakes it, neither side exits
+    /// (the doorbell only as a backstop for a monitor that missed it).
     pub fn wait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
         if self.mwait {
             return self.wait_mwait(polls);
@@ -221,40 +256,289 @@ impl Chan {
         }
     }
 
-    /// After a send in MWAIT mode: drop our TLB entry for the message's page and store its
-    /// control word once more. Needed in Bochs 2.7 only: its MONITOR invalidates the other
-    /// CPUs' TLB entries at the monitored *physical* address taken as a linear one
-    /// (`invlpg(paddr)` in its cpu/mwait.cc), so a peer whose TLB still holds a direct
-    /// pointer to the page (any linear address under EPT) stores without the monitor check
-    /// and the waiter sleeps through the message (seen: 47 round trips, then a lost
-    /// wake-up). After INVLPG our next store refills the entry, and Bochs refuses a direct
-    /// pointer to a monitored page: the store goes through the monitor check. Either the
-    /// waiter armed its monitor before that store (it wakes) or after it, and then after the
-    /// first control store too (its check finds the message). On hardware the monitor sees
-    /// every store through cache coherence and this is a wasted TLB refill and store.
+    /// After a send, when the peer sleeps in MWAIT: drop our TLB entry for the message's
+    /// page and store its control word once more. Needed in Bochs 2.7 only (defect C in
+    /// [`Chan::wait_mwait`]): its MONITOR invalidates the other CPUs' TLB entries at the
+    /// monitored *physical* address taken as a linear one (`invlpg(paddr)` in its
+    /// cpu/mwait.cc), so a peer whose TLB still holds a direct pointer to the page (any
+    /// linear address under EPT) stores without the monitor check. After INVLPG our next
+    /// store refills the entry, Bochs refuses a direct pointer to a monitored page, and the
+    /// store goes through the monitor check. On hardware the monitor sees every store
+    /// through cache coherence and this is a wasted TLB refill and store.
     fn nudge_monitor(&self) {
         crate::arch::invlpg(self.tx.last_line());
         self.tx.restore_last();
     }
 
+    /// The MWAIT wait: after `polls` polls, repeat: say `SLEEP_MWAIT` in the ring's
+    /// `sleeping` word (store, full fence), arm (MONITOR on the next slot's line), check
+    /// (the ring once more), sleep (MWAIT, interrupts on), clear the word, look again;
+    /// until a message or an error.
+    ///
+    /// Why no interleaving loses a wake-up. The sender publishes (control store), then
+    /// fences and reads `sleeping` ([`Chan::notify`]); the receiver stores `sleeping`, fences,
+    /// then arms and checks. The two full fences (Dekker; SDM Vol. 3A 8.2.3.4 forbids
+    /// reordering a load before an earlier store once MFENCE separates them) leave two
+    /// cases. (1) The sender reads 0: the receiver's next flag store comes after the
+    /// publication, so the check after it sees the message (and a look before it either
+    /// sees it or finds the ring empty and loops to that store): it returns without
+    /// sleeping on it. (2) The sender reads `SLEEP_MWAIT`: the receiver may be anywhere
+    /// in its loop. The SDM's monitor (Vol. 2B MONITOR/MWAIT, Vol. 3A 8.10.4) then wakes it: a
+    /// store to the armed line after MONITOR triggers it, MWAIT on a triggered monitor
+    /// returns at once, and a store before MONITOR is seen by the check after it; a wake
+    /// for any other reason (an interrupt, a VM exit, spuriously) just runs the loop
+    /// again. But the sender does not rely on it: it waits until the flag changes (the
+    /// receiver is up, and looks at the ring after clearing it, so after the publication)
+    /// and otherwise rings the doorbell after [`WAKE_TICKS`]; the doorbell is an interrupt,
+    /// and MWAIT (after STI) wakes on it whatever the monitor did, and a doorbell that
+    /// comes before the MWAIT stays pending and ends it at once. So the monitor decides
+    /// only how fast the receiver wakes, never whether it does.
+    ///
+    /// Why the backstop is needed: Bochs 2.7's monitor has three defects, seen here. (A)
+    /// MONITOR arms the physical address of the last translation the CPU made on a TLB
+    /// *miss* (`address_xlation.paddress1`; `tickle_read_linear` does not set it on a hit),
+    /// which can be another line than the requested one (read in its source, not seen
+    /// here: our sender's INVLPG of a 2-MiB page happened to force the miss): hence the
+    /// INVLPG before MONITOR, which makes it miss. (B) MONITOR on any CPU invalidates a TLB
+    /// entry on every CPU, and that disarms every CPU's monitor without waking one already
+    /// in MWAIT (`TLB_invlpg` calls `reset_monitor`): with several pairs of guests, a
+    /// sleeper's monitor is cleared by another pair's MONITOR and the reply's store finds
+    /// nothing armed (issue 21: with three pairs on six cores every pair lost one of its
+    /// first two wake-ups; one MWAIT pair beside two polling pairs lost none). No order of
+    /// the receiver's own steps can prevent that, so the doorbell backstop is what keeps
+    /// the wake-up. (C) A sender whose TLB holds a direct pointer to the page stores
+    /// without the monitor check ([`Chan::nudge_monitor`]). Bochs fixed (A) and (B) after
+    /// 2.7 (upstream commit b8f38eb8d: a TLB invalidation wakes the CPU instead).
     fn wait_mwait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
-        loop {
-            for _ in 0..polls {
-                if let Some(m) = self.try_recv()? {
-                    return Ok(m);
-                }
-                core::hint::spin_loop();
-            }
-            // The line is a slot of our receive ring, mapped for the guest's life.
-            // SAFETY: `use_mwait` found MONITOR offered; the line is mapped.
-            unsafe { crate::arch::monitor(self.rx.next_line()) };
+        for _ in 0..polls {
             if let Some(m) = self.try_recv()? {
                 return Ok(m);
             }
-            // A peer going down also wakes us: the hypervisor injects the doorbell vector,
-            // an interrupt, and MWAIT runs with interrupts on.
-            // SAFETY: `use_mwait` found MWAIT offered.
-            unsafe { crate::arch::mwait() };
+            core::hint::spin_loop();
         }
+        loop {
+            self.rx.set_sleep(SLEEP_MWAIT);
+            let line = self.rx.next_line();
+            // Defect (A): make MONITOR translate `line` afresh instead of reusing a stale
+            // translation (in Bochs this also resets our own monitor, armed next).
+            crate::arch::invlpg(line);
+            // The line is a slot of our receive ring, mapped for the guest's life.
+            // SAFETY: `use_mwait` found MONITOR offered; the line is mapped.
+            unsafe { crate::arch::monitor(line) };
+            let first = self.try_recv();
+            if let Ok(None) = first {
+                // Woken by the store into the line, by the doorbell (the backstop, or a
+                // peer going down: the hypervisor injects the doorbell vector), or by
+                // anything else.
+                // SAFETY: `use_mwait` found MWAIT offered.
+                unsafe { crate::arch::mwait() };
+            }
+            // Up: say so at once (a sender waiting to see us awake stops waiting; we look
+            // after this store, so we find what it published), then look. Woken by the
+            // store (the usual case) the message is there: no MONITOR on the round trip,
+            // and none to clear the other cores' monitors (defect B).
+            self.rx.set_sleep(0);
+            match first {
+                Ok(Some(m)) => return Ok(m),
+                Err(e) => return Err(e),
+                Ok(None) => {}
+            }
+            if let Some(m) = self.try_recv()? {
+                return Ok(m);
+            }
+        }
+    }
+}
+
+/// The MWAIT wait ([`Chan::wait_mwait`]) and the sender's [`Chan::notify`] as a state
+/// machine, explored exhaustively: every interleaving of the receiver's steps (flag, arm,
+/// check, sleep) with the sender's (publish, read the flag, wait or ring), under sequential
+/// consistency (the full fence on each side gives it for the flag and the control word),
+/// against a monitor as good as the SDM's or as bad as Bochs 2.7's: a store that may miss it
+/// (defects A and C) and a disarm, without a wake, at any moment (defect B). A lost wake-up
+/// is a reachable state where the sender is done and the receiver sleeps with nothing left
+/// to wake it. The seeded variants (the old design without the flag, the flag without the
+/// doorbell backstop) must be found losing one, or the model proves nothing.
+#[cfg(test)]
+mod wake_model {
+    use std::collections::{HashSet, VecDeque};
+
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    enum R {
+        Flag,
+        Arm,
+        Check,
+        Mwait,
+        Asleep,
+        Up,
+        Look,
+        Done,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    enum S {
+        Publish,
+        ReadFlag,
+        Spin,
+        Done,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    struct St {
+        r: R,
+        s: S,
+        msg: bool,
+        flag: bool,
+        armed: bool,
+        triggered: bool,
+        bell: bool,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Design {
+        /// The receiver says `SLEEP_MWAIT` before it arms (the old design did not).
+        flag: bool,
+        /// A sender that still sees the flag rings the doorbell.
+        backstop: bool,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Monitor {
+        /// A store into the armed line may fail to trigger it (Bochs defects A and C).
+        misses: bool,
+        /// It may be disarmed at any moment without waking the sleeper (Bochs defect B).
+        forgets: bool,
+    }
+
+    fn next(d: Design, m: Monitor, st: St) -> Vec<St> {
+        let mut out = Vec::new();
+        let mut r = st;
+        match st.r {
+            R::Flag => {
+                r.flag = d.flag;
+                r.r = R::Arm;
+                out.push(r);
+            }
+            R::Arm => {
+                (r.armed, r.triggered, r.r) = (true, false, R::Check);
+                out.push(r);
+            }
+            R::Check if st.msg => {
+                (r.flag, r.r) = (false, R::Done);
+                out.push(r);
+            }
+            R::Check => {
+                r.r = R::Mwait;
+                out.push(r);
+            }
+            // MWAIT returns at once on a monitor that triggered or is not armed, or on a
+            // pending interrupt (the doorbell, taken); then the receiver clears its flag
+            // and looks, and arms again if the ring is empty.
+            R::Mwait if st.triggered || !st.armed || st.bell => {
+                (r.bell, r.r) = (false, R::Up);
+                out.push(r);
+            }
+            R::Mwait => {
+                r.r = R::Asleep;
+                out.push(r);
+            }
+            R::Asleep if st.triggered || st.bell => {
+                (r.bell, r.r) = (false, R::Up);
+                out.push(r);
+            }
+            R::Up => {
+                (r.flag, r.r) = (false, R::Look);
+                out.push(r);
+            }
+            R::Look => {
+                r.r = if st.msg { R::Done } else { R::Flag };
+                out.push(r);
+            }
+            R::Asleep | R::Done => {}
+        }
+        let mut s = st;
+        match st.s {
+            S::Publish => {
+                (s.msg, s.s) = (true, S::ReadFlag);
+                if st.armed {
+                    let mut woke = s;
+                    (woke.triggered, woke.armed) = (true, false);
+                    out.push(woke);
+                    if m.misses {
+                        out.push(s);
+                    }
+                } else {
+                    out.push(s);
+                }
+            }
+            S::ReadFlag => {
+                s.s = if st.flag && d.backstop { S::Spin } else { S::Done };
+                out.push(s);
+            }
+            // Waits while the flag stays (a stutter, not a state); the flag cleared: done;
+            // still set at the deadline: rings.
+            S::Spin => {
+                if st.flag {
+                    s.bell = true;
+                }
+                s.s = S::Done;
+                out.push(s);
+            }
+            S::Done => {}
+        }
+        if m.forgets && st.armed {
+            let mut f = st;
+            f.armed = false;
+            out.push(f);
+        }
+        out
+    }
+
+    /// A reachable lost wake-up, if any.
+    fn lost_wake_up(d: Design, m: Monitor) -> Option<St> {
+        let start = St {
+            r: R::Flag,
+            s: S::Publish,
+            msg: false,
+            flag: false,
+            armed: false,
+            triggered: false,
+            bell: false,
+        };
+        let (mut seen, mut todo) = (HashSet::from([start]), VecDeque::from([start]));
+        while let Some(st) = todo.pop_front() {
+            if st.s == S::Done && st.r == R::Asleep && !st.triggered && !st.bell {
+                return Some(st);
+            }
+            for n in next(d, m, st) {
+                if seen.insert(n) {
+                    todo.push_back(n);
+                }
+            }
+        }
+        assert!(seen.iter().any(|s| s.r == R::Done), "the receiver can finish");
+        None
+    }
+
+    const SDM: Monitor = Monitor { misses: false, forgets: false };
+    const BOCHS: Monitor = Monitor { misses: true, forgets: true };
+
+    #[test]
+    fn the_flag_and_the_backstop_lose_no_wake_up_even_with_bochs_monitor() {
+        let d = Design { flag: true, backstop: true };
+        for m in [SDM, Monitor { misses: true, forgets: false }, BOCHS] {
+            assert_eq!(lost_wake_up(d, m), None);
+        }
+    }
+
+    #[test]
+    fn arm_check_sleep_alone_is_sound_on_the_sdm_monitor_only() {
+        let old = Design { flag: false, backstop: false };
+        assert_eq!(lost_wake_up(old, SDM), None);
+        for m in [BOCHS, Monitor { misses: false, forgets: true }] {
+            assert!(lost_wake_up(old, m).is_some(), "seeded: the old design on Bochs");
+        }
+        let no_backstop = Design { flag: true, backstop: false };
+        assert!(lost_wake_up(no_backstop, BOCHS).is_some(), "seeded: no doorbell backstop");
     }
 }

@@ -229,6 +229,18 @@ typedef uint64_t MKV_word;
 #define MKV_WORDS 7
 
 /**
+ * `sleeping`: the consumer halts until a doorbell; a sender that sees it rings at once.
+ */
+#define MKV_SLEEP_DOORBELL 1
+
+/**
+ * `sleeping`: the consumer sleeps in MWAIT on the line of the next slot. The sender's store
+ * into that line is meant to wake it; a sender that sees the flag still set a bounded time
+ * after its send rings the doorbell all the same (the monitor is not trusted alone).
+ */
+#define MKV_SLEEP_MWAIT 2
+
+/**
  * Header bytes of a ring (the two lines).
  */
 #define MKV_HEADER_BYTES 128
@@ -732,7 +744,8 @@ typedef struct MKV_ALIGNED(64) MKV_ProducerLine {
 typedef struct MKV_ALIGNED(64) MKV_ConsumerLine {
   MKV_word received;
   /**
-   * Non-zero while the consumer is (about to be) blocked waiting for a doorbell.
+   * Non-zero while the consumer is (about to be) blocked: [`SLEEP_DOORBELL`] (halted until
+   * a doorbell) or [`SLEEP_MWAIT`] (in MWAIT on the next slot's line).
    */
   MKV_word sleeping;
   MKV_word _pad[6];

@@ -80,7 +80,8 @@ pub struct ProducerLine {
 #[repr(C, align(64))]
 pub struct ConsumerLine {
     pub received: AtomicU64,
-    /// Non-zero while the consumer is (about to be) blocked waiting for a doorbell.
+    /// Non-zero while the consumer is (about to be) blocked: [`SLEEP_DOORBELL`] (halted until
+    /// a doorbell) or [`SLEEP_MWAIT`] (in MWAIT on the next slot's line).
     pub sleeping: AtomicU64,
     _pad: [AtomicU64; 6],
 }
@@ -91,6 +92,13 @@ const _: () = {
     assert!(core::mem::size_of::<ProducerLine>() == 64);
     assert!(core::mem::size_of::<ConsumerLine>() == 64);
 };
+
+/// `sleeping`: the consumer halts until a doorbell; a sender that sees it rings at once.
+pub const SLEEP_DOORBELL: u64 = 1;
+/// `sleeping`: the consumer sleeps in MWAIT on the line of the next slot. The sender's store
+/// into that line is meant to wake it; a sender that sees the flag still set a bounded time
+/// after its send rings the doorbell all the same (the monitor is not trusted alone).
+pub const SLEEP_MWAIT: u64 = 2;
 
 /// Header bytes of a ring (the two lines).
 pub const HEADER_BYTES: usize = 128;
@@ -272,10 +280,22 @@ impl<'a> Sender<'a> {
 
     /// Whether the consumer said it is going to sleep (then it wants a doorbell).
     pub fn peer_sleeping(&self) -> bool {
-        // Pairs with the consumer's SeqCst store before its final re-check (Dekker): either
-        // we see it sleeping, or it sees our message.
+        self.peer_sleep() != 0
+    }
+
+    /// How the consumer said it sleeps: 0 (awake), [`SLEEP_DOORBELL`] or [`SLEEP_MWAIT`]
+    /// (anything else a peer wrote: treat as a doorbell sleeper).
+    pub fn peer_sleep(&self) -> u64 {
+        // Pairs with the consumer's SeqCst fence after its store, before its final re-check
+        // (Dekker): either we see it sleeping, or it sees our message.
         fence(Ordering::SeqCst);
-        self.ring.consumer.sleeping.load(Ordering::Relaxed) != 0
+        self.peer_sleep_now()
+    }
+
+    /// The consumer's `sleeping` word again, without the fence: for a sender that already
+    /// made its decision with [`Sender::peer_sleep`] and now waits for the word to clear.
+    pub fn peer_sleep_now(&self) -> u64 {
+        self.ring.consumer.sleeping.load(Ordering::Relaxed)
     }
 }
 
@@ -346,7 +366,13 @@ impl<'a> Receiver<'a> {
     /// announcing sleep, call [`Receiver::try_recv`] once more before blocking: a sender
     /// that did not see the flag has published its message by then.
     pub fn set_sleeping(&self, on: bool) {
-        self.ring.consumer.sleeping.store(on as u64, Ordering::Relaxed);
+        self.set_sleep(if on { SLEEP_DOORBELL } else { 0 });
+    }
+
+    /// [`Receiver::set_sleeping`] with the way this side sleeps: 0 (awake),
+    /// [`SLEEP_DOORBELL`] or [`SLEEP_MWAIT`].
+    pub fn set_sleep(&self, how: u64) {
+        self.ring.consumer.sleeping.store(how, Ordering::Relaxed);
         fence(Ordering::SeqCst);
     }
 }
@@ -757,6 +783,12 @@ mod tests {
         // Any non-zero value is asleep: the flag is the consumer's word, not a bool.
         st.consumer().sleeping.store(2, Ordering::Relaxed);
         assert!(tx.peer_sleeping());
+        // How it sleeps: the doorbell or MWAIT; the sender reads the same word.
+        for how in [SLEEP_MWAIT, SLEEP_DOORBELL, 0] {
+            rx.set_sleep(how);
+            assert_eq!((tx.peer_sleep(), tx.peer_sleep_now()), (how, how));
+        }
+        assert!(!tx.peer_sleeping());
     }
 
     /// How long a threaded test waits for one step (a message, a free slot, the other
