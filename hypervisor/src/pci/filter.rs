@@ -314,6 +314,66 @@ mod tests {
         assert_eq!(rd(&mut v, &mut bus, NIC, 0x3c, 2), 0x01ff);
     }
 
+    /// Review: every way of reaching the bus-master bit, another function or a register
+    /// the owner may not write, through lanes, widths, the latch's reserved and low bits,
+    /// bus and function numbers.
+    #[test]
+    fn hostile_lanes_widths_and_latches_reach_nothing() {
+        let (mut bus, mut v) = setup(false);
+        bus.regs.insert((NIC, 4), 0x0000_0003);
+        // Bus mastering without `dma = "unconfined"`: byte at 4, word at 4, dword at 4 with
+        // status bits, and the same through the latch's low bits 1:0 set.
+        wr(&mut v, &mut bus, NIC, 0x04, 1, 0x07);
+        wr(&mut v, &mut bus, NIC, 0x04, 2, 0xffff);
+        wr(&mut v, &mut bus, NIC, 0x04, 4, 0xffff_ffff);
+        v.io(&mut bus, CF8, 4, Some(addr(NIC, 4) | 3)).unwrap();
+        v.io(&mut bus, CFC, 4, Some(0x0000_0007)).unwrap();
+        assert_eq!(bus.regs[&(NIC, 4)] & reg::CMD_BUS_MASTER as u32, 0);
+        // Every write that reached the device was to the command dword, and none set it.
+        assert!(bus.writes.iter().all(|&(b, o, val)| b == NIC && o == 4 && val & 4 == 0));
+        // Lanes of other functions: the same device number on another bus, other function
+        // numbers, the reserved bits 30:24, the enable bit clear.
+        let before = bus.writes.len();
+        for latch in [
+            addr(Bdf::new(1, 2, 0), 4),
+            addr(Bdf::new(0, 2, 1), 4),
+            addr(Bdf::new(0, 2, 7), 4),
+            addr(NIC, 4) | 0x0100_0000,
+            addr(NIC, 4) | 0x4000_0000,
+            addr(NIC, 4) & !0x8000_0000,
+        ] {
+            v.io(&mut bus, CF8, 4, Some(latch)).unwrap();
+            for (port, size) in [(CFC, 4), (CFC, 2), (0xcfd, 1), (0xcfe, 2), (0xcff, 1)] {
+                assert_eq!(
+                    v.io(&mut bus, port, size, None),
+                    Some(if size == 4 { u32::MAX } else { (1 << (8 * size)) - 1 }),
+                    "{latch:#x} {port:#x}"
+                );
+                assert_eq!(v.io(&mut bus, port, size, Some(0xffff_ffff)), Some(0));
+            }
+        }
+        assert_eq!(bus.writes.len(), before, "nothing reached the bus");
+        // Widths that cross the data port's end or the address port: not configuration
+        // accesses (#GP): a dword at 0xCF9..0xCFB, a word at 0xCFA/0xCFB/0xCFF.
+        for (port, size) in [
+            (0xcf9, 4),
+            (0xcfa, 4),
+            (0xcfb, 4),
+            (0xcfa, 2),
+            (0xcfb, 2),
+            (0xcff, 2),
+            (0xcfd, 4),
+            (0xcfb, 1),
+        ] {
+            assert_eq!(v.io(&mut bus, port, size, Some(0)), None, "{port:#x}/{size}");
+        }
+        // Its own interrupt line, header fields, the ROM BAR: dropped.
+        for off in [0x0c, 0x30, 0x3c, 0x40, 0xfc] {
+            wr(&mut v, &mut bus, NIC, off, 4, 0xffff_ffff);
+        }
+        assert_eq!(bus.writes.len(), before);
+    }
+
     #[test]
     fn odd_accesses_are_not_configuration_accesses() {
         let (mut bus, mut v) = setup(true);
