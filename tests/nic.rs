@@ -145,7 +145,7 @@ fn a_card_owner_restarted_in_traffic_finds_its_card_quiesced_and_brings_it_up_ag
     assert!(said(
         &b,
         "phoenix",
-        "nic: incarnation 2: 00:02.0 found with command 0x0003: bus mastering off"
+        "nic: incarnation 2: 00:02.0 found with command 0x0403: bus mastering off"
     ));
     assert!(said(
         &b,

@@ -324,6 +324,15 @@ pub fn plan(
         };
         plan.guests[i] = Some(Planned { name: e.name, core: e.core, slot });
     }
+    // Functions nobody owns keep quiet: INTx disabled, so none can assert a line an owner's
+    // device shares (the owner could never clear its cause). Bridges are left as they are.
+    if let Some(fns) = crate::pci::functions() {
+        let owned =
+            |b| launches.iter().flatten().any(|l| l.devices.iter().any(|o| o.func.bdf == b));
+        for f in fns.iter().filter(|f| f.is_endpoint() && !f.is_bridge() && !owned(f.bdf)) {
+            crate::pci::silence(&mut crate::pci::Cf8, f);
+        }
+    }
     // Control (`[[control]]`): a cap per running target in the controller's space, the
     // controllers' cores in each target's launch.
     let core_of = |g: usize| plan.guests[g].and_then(|p| p.slot.ok());

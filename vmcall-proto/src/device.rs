@@ -19,14 +19,16 @@
 //!   to the owner's core, level-triggered, at vector [`device_vector`]`(i)` for the owner's
 //!   `i`-th device, and taken through the owner's own IDT without a VM exit. The owner
 //!   acknowledges it the usual way: clear the cause in the device, then write the x2APIC EOI
-//!   register (MSR 0x80b). Until that EOI the I/O APIC sends nothing more from that line
-//!   (remote IRR), so an interrupt storm only ever costs the owner's own core.
+//!   register (MSR 0x80b). Until that EOI an I/O APIC sends nothing more from that line
+//!   (remote IRR; Bochs's has none), and the line reaches no other core, so an interrupt
+//!   storm only ever costs the owner's own core.
 //! * DMA: without an IOMMU a bus-mastering device reaches all machine memory. A config must
 //!   say `dma = "unconfined"` for a device it gives a guest that may use bus mastering; the
 //!   owner's partition is contiguous in machine memory, and [`BootInfo::dma_offset`]
 //!   (`machine = guest-physical + dma_offset` for partition addresses) is what a driver adds
 //!   to program descriptors. Without `dma = "unconfined"` the hypervisor never lets the
-//!   bus-master bit of the command register be set.
+//!   bus-master bit of the command register be set, and refuses devices it knows master
+//!   the bus regardless of that bit (Bochs's e1000 does).
 //!
 //! [`BootInfo::dma_offset`]: crate::guest::BootInfo::dma_offset
 

@@ -134,16 +134,20 @@ pub fn send_nmi(apic: u32) {
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | 4 << 8) };
 }
 
+/// Whether this core's local APIC is enabled in x2APIC mode (IA32_APIC_BASE bits 11 and 10).
+pub fn x2apic_mode() -> bool {
+    // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC (all with VMX).
+    let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) };
+    base & (3 << 10) == 3 << 10
+}
+
 /// Acknowledges every interrupt in service on this core (x2APIC ISR, MSRs 0x810..0x817;
 /// one EOI retires the highest, SDM Vol. 3A 11.8.5) and returns how many. The hypervisor
 /// takes no interrupts itself, so whatever is in service was its guest's.
 pub fn eoi_in_service() -> u32 {
-    // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC (all with VMX).
-    let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) };
-    // Bits 11 (enabled) and 10 (x2APIC mode): the ISR MSRs exist only in x2APIC mode. A core
-    // left in xAPIC mode (a one-core machine never switches) has taken no guest interrupt
-    // through it that this could acknowledge.
-    if base & (3 << 10) != 3 << 10 {
+    // The ISR MSRs exist only in x2APIC mode; device owners run only on cores in it (their
+    // setup refuses otherwise), and doorbell guests' cores are all switched at bring-up.
+    if !x2apic_mode() {
         return 0;
     }
     let mut n = 0;

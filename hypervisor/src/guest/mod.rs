@@ -535,11 +535,18 @@ mod run {
     /// masked, nothing in service on this core): before an incarnation starts and when one
     /// ends, before its memory is scrubbed or handed on.
     fn quiesce_devices(l: &Launch) {
+        // The device first (its own registers, then the command register: no DMA, no
+        // INTx), then whatever it raised and the guest never acknowledged (while the line's
+        // entry still carries its vector, so the EOI clears its remote IRR), then the line.
         for o in l.devices.iter() {
-            crate::pci::quiesce(&mut crate::pci::Cf8, o);
-            if let Some(line) = o.line() {
-                crate::pci::ioapic::mask(line);
+            if !crate::pci::quiesce_registers(o) {
+                log::warn!(
+                    "guest {}: {} did not come out of its reset in time",
+                    name(l),
+                    o.func.bdf
+                );
             }
+            crate::pci::quiesce(&mut crate::pci::Cf8, o);
         }
         if l.devices.count > 0 {
             // An interrupt the dead guest took and never acknowledged would block every
@@ -547,6 +554,11 @@ mod run {
             let n = crate::arch::apic::eoi_in_service();
             if n > 0 {
                 log::info!("guest {}: {n} interrupts left in service, acknowledged", name(l));
+            }
+        }
+        for o in l.devices.iter() {
+            if let Some(line) = o.line() {
+                crate::pci::ioapic::mask(line, o.vector);
             }
         }
     }
@@ -631,9 +643,10 @@ mod run {
             }
         }
         if direct {
-            // Writes to the x2APIC EOI register: the doorbell handler acknowledges its own
-            // interrupt. EOI only retires the highest in-service vector, which on this core
-            // can only be the guest's own doorbell: the hypervisor takes no interrupts.
+            // Writes to the x2APIC EOI register: the doorbell and device handlers acknowledge
+            // their own interrupts. EOI only retires the highest in-service vector, which on
+            // this core can only be the guest's own (its doorbell or its devices' vectors):
+            // the hypervisor takes no interrupts, and device lines reach only their owner.
             let bit = exits::MSR_X2APIC_EOI as usize;
             bm[2048 + bit / 8] &= !(1 << (bit % 8));
         }
@@ -1387,6 +1400,8 @@ mod run {
                 return stop(ctx, "kernel ELF rejected");
             }
         };
+        // Its devices stop before the memory they may still write is scrubbed.
+        quiesce_devices(l);
         // Nothing of a previous incarnation (or of whoever had the memory before) survives.
         part.zero(|| {
             ctx.caps.poll(&mut Serving(link));
@@ -1427,7 +1442,9 @@ mod run {
         };
         // The owner's memory BARs in its device window, uncached, never executable; each
         // checked as built.
-        quiesce_devices(l);
+        if l.devices.count > 0 && !crate::arch::apic::x2apic_mode() {
+            return stop(ctx, "its core's local APIC is not in x2APIC mode: device interrupts could not be acknowledged");
+        }
         for o in l.devices.iter() {
             for (b, &gpa) in o.func.bars.iter().zip(&o.gpa) {
                 if b.kind != vmcall_proto::device::bar_kind::MEMORY || b.size == 0 {
@@ -1448,7 +1465,8 @@ mod run {
                 // SAFETY: this core's slot is initialised.
                 let apic = unsafe { crate::percpu::this_core() }.apic_id as u32;
                 if let Err(why) = crate::pci::ioapic::route(line, o.vector, apic) {
-                    log::warn!("guest {}: {}: interrupt not routed: {why}", name(l), o.func.bdf);
+                    log::error!("guest {}: {}: interrupt not routed: {why}", name(l), o.func.bdf);
+                    return stop(ctx, "a device's interrupt could not be routed to its core");
                 }
             }
         }

@@ -108,7 +108,9 @@ mod hw {
     /// Routes ISA/PCI line `line` to `apic` at `vector`, unmasked. Returns the input used.
     pub fn route(line: u8, vector: u8, apic: u32) -> Result<u32, &'static str> {
         let p = platform().ok_or("no I/O APIC in the MADT")?;
-        if apic > 0xff {
+        // 0xff in an 8-bit physical destination is a broadcast (x2APIC mode without
+        // interrupt remapping, SDM Vol. 3A 11.12.10): never a destination for one owner.
+        if apic >= 0xff {
             return Err("the owner's APIC id does not fit a physical destination");
         }
         let (gsi, low, level) = line_mode(p, line);
@@ -116,11 +118,12 @@ mod hw {
         Ok(gsi)
     }
 
-    /// Masks input `gsi` (the owner died).
-    pub fn mask(line: u8) {
+    /// Masks line `line` (its owner died), keeping its vector: an EOI for that vector still
+    /// matches the entry and clears its remote IRR (82093AA 3.2.4) if one is pending.
+    pub fn mask(line: u8, vector: u8) {
         if let Some(p) = platform() {
             let (gsi, low, level) = line_mode(p, line);
-            let _ = set_entry(p, gsi, entry(0, 0, low, level, true));
+            let _ = set_entry(p, gsi, entry(vector, 0, low, level, true));
         }
     }
 }
