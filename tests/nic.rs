@@ -142,11 +142,14 @@ fn a_card_owner_restarted_in_traffic_finds_its_card_quiesced_and_brings_it_up_ag
     assert!(first.exit_status.is_some_and(|s| s != 0), "{first:?}");
     assert!(said(&b, "phoenix", "nic: crash: 8 echo requests sent, replies due"));
     // The second found the card as the hypervisor left it at the death, its memory clean.
-    assert!(said(
-        &b,
-        "phoenix",
-        "nic: incarnation 2: 00:02.0 found with command 0x0403: bus mastering off"
-    ));
+    // (Bochs's e1000 keeps only the low three bits of the command register: the INTx
+    // disable the hypervisor sets does not read back there.)
+    let found = b
+        .serial
+        .lines()
+        .find(|l| l.contains("[phoenix@c0] nic: incarnation 2: 00:02.0 found with command"))
+        .expect("the second incarnation's look at its card");
+    assert!(found.ends_with("bus mastering off (quiesced at the death)"), "{found}");
     assert!(said(
         &b,
         "phoenix",
