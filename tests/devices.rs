@@ -2,8 +2,8 @@
 //! Whole-system tests of device assignment under attack (`configs/hostile/pci*.toml`; the
 //! rules are in `vmcall-proto/src/device.rs`, the working cases in `tests/nic.rs`): a
 //! device owner attacks every other function through configuration space, its own BARs and
-//! the device window; an owner storms its own interrupt line; a device whose line another
-//! guest's device has is not started. Assertions are on the report and on what each guest
+//! the device window; an owner storms its own interrupt line (a line shared across guests is
+//! refused by `cargo xtask check` and by the hypervisor: host tests). Assertions are on the report and on what each guest
 //! printed, never on timing.
 
 use std::sync::OnceLock;
@@ -68,14 +68,14 @@ fn configuration_space_attacks_are_refused_and_the_owner_is_unharmed() {
     assert_eq!(b.guest("bystander").exit_status, 0);
 }
 
-/// An interrupt storm on the stormer's own line, and a device whose line is taken.
+/// An interrupt storm on the stormer's own line.
 fn storm() -> &'static Boot {
     static B: OnceLock<Boot> = OnceLock::new();
     boot(&B, "configs/hostile/pci-stop.toml")
 }
 
 #[test]
-fn an_interrupt_storm_costs_only_its_owner_and_shared_lines_are_refused() {
+fn an_interrupt_storm_costs_only_its_owner() {
     let b = storm();
     let s = b.guest("stormer");
     // The line stayed up after each EOI and the interrupt came back: its own core only.
@@ -90,13 +90,6 @@ fn an_interrupt_storm_costs_only_its_owner_and_shared_lines_are_refused() {
     let v = b.guest("victim");
     assert_eq!((v.state.as_str(), v.exit_status), ("exited", 0), "{v:?}");
     assert!(said(b, "victim", 0, "bench nic-ping e1000: 20 echo replies"));
-    // 00:04.0's line is the victim's (the firmware routed both to 9): not started.
-    let sharer = b.guest("sharer");
-    assert_eq!(sharer.state, "not_started");
-    assert!(
-        sharer.fault.as_deref().unwrap_or("").contains("shares its interrupt line"),
-        "{sharer:?}"
-    );
     assert_eq!(b.guest("bystander").exit_status, 0);
-    assert_eq!(b.report.outcome, "failed", "a guest was not started");
+    assert_eq!(b.report.outcome, "failed", "the stormer was stopped");
 }

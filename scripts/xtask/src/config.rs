@@ -61,6 +61,16 @@ pub const NIC_MODELS: [NicModel; 2] = [
 /// bridge is 00:00.0 and the PIIX3 00:01.x).
 pub const PCI_SLOTS: usize = 5;
 
+/// The interrupt line Bochs's BIOS routes the `i`-th `[[nic]]`'s INTA# to (its PIRQ
+/// routing: slots 1, 3 and 5 share line 9, slots 2 and 4 line 11).
+pub fn nic_line(i: usize) -> u8 {
+    if i % 2 == 0 {
+        9
+    } else {
+        11
+    }
+}
+
 /// The PCI address the `i`-th `[[nic]]` (0-based) gets in Bochs.
 pub fn nic_address(i: usize) -> vmcall_proto::device::Bdf {
     vmcall_proto::device::Bdf::new(0, i as u8 + 2, 0)
@@ -826,6 +836,23 @@ fn check_devices(errs: &mut Errors<'_>, config: &Config, warnings: &mut Vec<Stri
                     ),
                 );
             }
+            if let Some(&(other, owner, first)) = taken.iter().find(|(n, o, _)| {
+                *n != nic && *o != g.name.get_ref() && nic_line(*n) == nic_line(nic)
+            }) {
+                errs.at(
+                    d.span(),
+                    field.clone(),
+                    format!(
+                        "`{text}` ({} {}) interrupts on line {}, as {} does, which `{owner}` \
+                         owns (line {first}): a line belongs to one guest; put the cards in \
+                         slots of different lines (slots 1, 3, 5: line 9; 2, 4: line 11)",
+                        nic_address(nic),
+                        config.nics[nic].model.get_ref(),
+                        nic_line(nic),
+                        nic_address(other)
+                    ),
+                );
+            }
             taken.push((nic, g.name.get_ref(), line));
             let master = config.nic_model(nic).is_some_and(|m| m.bus_master);
             match d.get_ref().dma() {
@@ -1405,6 +1432,28 @@ memory_mib = 4
         let none =
             GOOD.replace("workload = \"hello\"", "workload = \"hello\"\ndevices = [\"00:02.0\"]");
         assert!(one_error(&none).message.contains("none: add a [[nic]]"));
+    }
+
+    #[test]
+    fn two_guests_cards_on_one_line_are_refused() {
+        // Three cards: slots 1 and 3 share line 9.
+        let src = with_devices(
+            "devices = [{ pci = \"00:02.0\", dma = \"unconfined\" }]",
+            "devices = [\"00:04.0\"]",
+        ) + "\n[[nic]]\nmodel = \"ne2k\"\n";
+        let e = one_error(&src);
+        assert_eq!(e.field, "guest[1].devices[0]");
+        assert!(
+            e.message.contains("interrupts on line 9, as 00:02.0 does, which `alpha` owns"),
+            "{e}"
+        );
+        // One guest may own both; different lines are fine.
+        let own_both = with_devices(
+            "devices = [{ pci = \"00:02.0\", dma = \"unconfined\" }, \"00:04.0\"]",
+            "",
+        ) + "\n[[nic]]\nmodel = \"ne2k\"\n";
+        assert!(compile("t.toml", &own_both).is_ok());
+        assert_eq!((nic_line(0), nic_line(1), nic_line(2)), (9, 11, 9));
     }
 
     #[test]
