@@ -266,6 +266,8 @@ pub enum AssignError {
     /// interrupt controllers' pages, on ports the hypervisor or the chipset keep, or sharing
     /// a page with another function's registers.
     BadBar,
+    /// Its interrupt line is one of the platform's own (timer, keyboard, cascade, RTC, FPU).
+    SystemLine,
     /// A device that masters the bus (known by its identity) without `dma = "unconfined"`:
     /// some (Bochs's e1000) ignore the command register's bus-master bit.
     NeedsDma,
@@ -282,6 +284,9 @@ impl AssignError {
                 "an assigned PCI device shares its interrupt line with another guest's device"
             }
             AssignError::Taken => "an assigned PCI device is already another guest's",
+            AssignError::SystemLine => {
+                "an assigned PCI device's interrupt line is one the platform itself uses"
+            }
             AssignError::BadBar => {
                 "an assigned PCI device has a BAR that cannot be given safely (unplaced, odd \
                  size, on reserved ports or pages, or sharing a page with another function)"
@@ -357,6 +362,10 @@ impl Assigned {
 /// Functions known to master the bus whatever their command register says (vendor, device):
 /// they are given only with `dma = "unconfined"`, and quiesced through their own registers.
 pub const KNOWN_BUS_MASTERS: [(u16, u16); 1] = [(0x8086, 0x100e)];
+
+/// ISA interrupt lines the platform keeps: the timer, the keyboard, the PIC cascade, the
+/// RTC, the FPU error line (an override in the MADT may move the timer to 2).
+const SYSTEM_LINES: [u8; 5] = [0, 1, 2, 8, 13];
 
 /// Pages no memory BAR given to a guest may touch: the I/O APIC's and the local APICs'.
 const RESERVED_PAGES: [u64; 2] = [0xfec0_0000, 0xfee0_0000];
@@ -434,6 +443,9 @@ pub fn assign(
             return Err(AssignError::NeedsDma);
         }
 
+        if f.pin != 0 && SYSTEM_LINES.contains(&f.line) {
+            return Err(AssignError::SystemLine);
+        }
         if f.pin != 0 && f.line < 24 {
             let others = all
                 .clone()
@@ -919,6 +931,15 @@ mod tests {
         let e = entries(&[(0, "00:02.0")]);
         let a = assign(&fns, e.iter().copied(), 0).unwrap();
         assert_eq!(a.list[0].unwrap().line(), Some(9));
+    }
+
+    #[test]
+    fn a_device_on_a_system_line_is_refused() {
+        let mut bus = fake::bochs();
+        bus.regs.insert((Bdf::new(0, 3, 0), 0x3c), 0x0100);
+        let fns = enumerate(&mut bus);
+        let e = entries(&[(0, "00:03.0")]);
+        assert_eq!(assign(&fns, e.iter().copied(), 0).unwrap_err(), AssignError::SystemLine);
     }
 
     #[test]
