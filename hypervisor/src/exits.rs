@@ -374,6 +374,8 @@ pub trait Vcpu {
     /// The guest's channel `channel` (config index) went down: mark it so in the guest's
     /// status page (nothing by default: no status page).
     fn link_down(&mut self, _channel: u32) {}
+    /// The inbox is being served now (see `caps::Env::served`).
+    fn served(&mut self) {}
 }
 
 /// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
@@ -403,6 +405,9 @@ impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
     }
     fn link_down(&mut self, channel: u32) {
         self.0.link_down(channel)
+    }
+    fn served(&mut self) {
+        self.0.served()
     }
 }
 

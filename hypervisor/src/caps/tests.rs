@@ -22,6 +22,8 @@ struct Net {
     /// EPT writes fail with this error while set.
     ept_fails: Option<HvError>,
     sends: Vec<(usize, usize)>,
+    /// A core's own polls read its queues while set (otherwise only [`Net::deliver`] does).
+    serve_inbox: bool,
 }
 
 struct NetEnv<'a> {
@@ -32,6 +34,7 @@ struct NetEnv<'a> {
     now: u64,
     ept_fails: Option<HvError>,
     sends: &'a mut Vec<(usize, usize)>,
+    serve_inbox: bool,
 }
 
 impl Env for NetEnv<'_> {
@@ -48,7 +51,11 @@ impl Env for NetEnv<'_> {
         true
     }
     fn recv(&mut self) -> Option<(usize, Payload)> {
-        None
+        if !self.serve_inbox {
+            return None;
+        }
+        let (me, n) = (self.me, self.n);
+        (0..n).find_map(|from| Some((from, self.queues[from * n + me].pop_front()?)))
     }
     fn kick(&mut self, _to: usize) {}
     fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _w: bool) -> Result<(), HvError> {
@@ -81,6 +88,7 @@ impl Net {
             now: 0,
             ept_fails: None,
             sends: vec![],
+            serve_inbox: false,
         };
         net.cores[0].grant(0x100_0000, 0x1_0000).unwrap();
         for c in 0..n {
@@ -104,6 +112,7 @@ impl Net {
             now: self.now,
             ept_fails: self.ept_fails,
             sends: &mut self.sends,
+            serve_inbox: self.serve_inbox,
         };
         f(&mut self.cores[c], &mut env)
     }
@@ -1207,4 +1216,121 @@ fn a_tree_revoke_on_threads_takes_back_every_copy() {
         }
     });
     no_holder_keeps_a_copy(&out);
+}
+
+/// A core over a real EPT (host frames) that counts the leaf entries written between two
+/// looks at the inbox (`Env::served`).
+struct StepEnv {
+    frames: crate::ept::tests::HostFrames,
+    root: u64,
+    since_served: u64,
+    most: u64,
+    calls: u64,
+}
+
+impl StepEnv {
+    fn new() -> Self {
+        let mut frames = crate::ept::tests::host_frames(2048);
+        let root = crate::ept::new_root(&mut frames).unwrap();
+        StepEnv { frames, root, since_served: 0, most: 0, calls: 0 }
+    }
+    /// The leaves mapping `[g, g + len)` to `h` has (the EPT writer's rule: 2 MiB where
+    /// both sides are aligned and 2 MiB remain, else 4 KiB).
+    fn leaves(g: u64, h: u64, len: u64) -> u64 {
+        const M2: u64 = 2 << 20;
+        let (mut n, mut off) = (0, 0);
+        while off < len {
+            let big =
+                (g + off).is_multiple_of(M2) && (h + off).is_multiple_of(M2) && len - off >= M2;
+            off += if big { M2 } else { 4096 };
+            n += 1;
+        }
+        n
+    }
+    fn wrote(&mut self, n: u64) {
+        self.calls += 1;
+        self.since_served += n;
+        self.most = self.most.max(self.since_served);
+    }
+}
+
+impl Env for StepEnv {
+    fn now(&mut self) -> u64 {
+        0
+    }
+    fn send(&mut self, _to: usize, _m: &Payload) -> bool {
+        true
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        None
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, w: bool) -> Result<(), HvError> {
+        let perm = crate::ept::Perm::shared(w);
+        crate::ept::map_with(&mut self.frames, self.root, gpa, hpa, size, perm)?;
+        self.wrote(Self::leaves(gpa, hpa, size));
+        Ok(())
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        // The caps tested here are 2-MiB aligned on the host side: the leaves follow the
+        // guest side's alignment.
+        let hpa = gpa % (2 << 20);
+        crate::ept::unmap(&mut self.frames, self.root, gpa, size)?;
+        self.wrote(Self::leaves(gpa, hpa, size));
+        Ok(())
+    }
+    fn served(&mut self) {
+        self.since_served = 0;
+    }
+}
+
+/// The longest mapping a guest can ask for (a 512 MiB cap at a window offset that forces
+/// 4-KiB pages: 131,072 entries) and its unmapping are written a step of at most
+/// `EPT_STEP_ENTRIES` entries at a time with the inbox served between steps, and end with
+/// exactly the mapping asked for; with 2-MiB pages too (fewer, larger steps).
+#[test]
+fn long_maps_and_unmaps_serve_the_inbox_between_steps() {
+    let policy = Policy::from_tsc_per_ms(1000);
+    let (base, size) = (0x4000_0000, 512 << 20);
+    for (offset, most) in [(4096, EPT_STEP_ENTRIES), (0, EPT_STEP_ENTRIES)] {
+        let mut core = Core::new(0, policy);
+        let mut env = StepEnv::new();
+        core.grant(base, size).unwrap();
+        let gpa = GRANT_WINDOW.0 + offset;
+        assert_eq!(core.hypercall(&mut env, Hypercall::CapMap, 0, gpa, 3), Some(Ok(0)));
+        assert!(env.most <= most, "offset {offset}: {} entries in one stretch", env.most);
+        let f = &mut env.frames;
+        assert_eq!(crate::ept::mapped_bytes(f, env.root), size);
+        assert_eq!(crate::ept::translate(f, env.root, gpa), Some(base));
+        assert_eq!(crate::ept::translate(f, env.root, gpa + size - 1), Some(base + size - 1));
+        assert_eq!(core.space().get(0).unwrap().mapped_at, Some(gpa));
+        let steps = env.calls;
+        assert!(steps > 1 || offset == 0, "offset {offset}: in {steps} steps");
+        env.most = 0;
+        assert_eq!(core.hypercall(&mut env, Hypercall::CapUnmap, 0, 0, 0), Some(Ok(gpa)));
+        assert!(env.most <= most, "unmap, offset {offset}: {} entries in one stretch", env.most);
+        assert_eq!(crate::ept::mapped_bytes(&mut env.frames, env.root), 0);
+        assert_eq!(env.calls, 2 * steps, "unmapped in the steps it was mapped in");
+    }
+}
+
+/// A revoke served between two steps of a mapping takes the cap: the map returns `Revoked`
+/// and nothing of the cap is left mapped (the record was never written, the steps done are
+/// undone before the guest runs again); the revoker gets its answer.
+#[test]
+fn a_revoke_served_between_map_steps_leaves_nothing_mapped() {
+    let mut net = Net::new(2, 1);
+    let big = net.cores[0].grant(0x4000_0000, 8 << 20).unwrap();
+    let copy = net.transfer(0, big, 1, 1 | 3 << 8).unwrap();
+    assert!(net.with(0, |core, env| core.revoke_start(env, big)).unwrap());
+    net.serve_inbox = true;
+    let gpa = GRANT_WINDOW.0 + 4096;
+    assert_eq!(net.call(1, Hypercall::CapMap, copy, gpa, 1), Err(HvError::Revoked));
+    assert!(net.ept[1].is_empty(), "left mapped: {:?}", net.ept[1]);
+    assert!(!net.cores[1].stats.unmap_failed);
+    assert_eq!(net.live_memory(1), 0);
+    net.serve_inbox = false;
+    net.settle(None);
+    let v = net.cores[0].take_verdict().expect("answered");
+    assert_eq!(Core::revoke_finish(v), Ok(1));
 }
