@@ -126,6 +126,9 @@ pub struct GuestReport {
     pub incarnations: u32,
     /// Revokes of its caps some core did not confirm at its (last) death.
     pub unconfirmed: u32,
+    /// The longest stretch its core spent in the hypervisor without serving the inbox, in
+    /// TSC ticks, up to the report (see `percpu::PerCore::served`).
+    pub longest_away: u64,
 }
 
 impl GuestReport {
@@ -146,6 +149,7 @@ impl GuestReport {
         self.foreign_tsc = self.foreign_tsc.saturating_add(later.foreign_tsc);
         self.incarnations += 1;
         self.unconfirmed = later.unconfirmed;
+        self.longest_away = self.longest_away.max(later.longest_away);
     }
 }
 
@@ -225,6 +229,11 @@ mod run {
     use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
     use zerocopy::{FromZeros, IntoBytes};
 
+    /// Bytes zeroed or copied between two looks at the inbox (partition, grants, kernel
+    /// segments): 4,096 `rep stosq` iterations, a few thousand instructions (see README "Core
+    /// membership" for the bound this keeps).
+    const SERVE_EVERY_BYTES: u64 = 32 << 10;
+
     /// This core's private region, reached through the identity map.
     struct Identity;
 
@@ -299,10 +308,9 @@ mod run {
         /// core serves its inbox there: zeroing a large partition takes longer than a
         /// membership probe may go unanswered).
         fn zero(&self, mut between: impl FnMut()) {
-            const CHUNK: u64 = 1 << 20;
             let mut at = 0;
             while at < self.size {
-                let len = CHUNK.min(self.size - at);
+                let len = SERVE_EVERY_BYTES.min(self.size - at);
                 // SAFETY: the whole partition belongs to this core and is not yet in use.
                 unsafe { ((self.base + at) as *mut u8).write_bytes(0, len as usize) };
                 at += len;
@@ -436,6 +444,9 @@ mod run {
             // SAFETY: `status` is that frame; a StatusPage is one page of u64s.
             let sp = unsafe { &mut *(self.status as *mut StatusPage) };
             sp.links[pos].word &= !1;
+        }
+        fn served(&mut self) {
+            served_now();
         }
     }
 
@@ -726,7 +737,14 @@ mod run {
             foreign_tsc: ctx.foreign_tsc,
             incarnations: 1,
             unconfirmed: 0,
+            longest_away: 0,
         }
+    }
+
+    /// This core serves its inbox now (see `percpu::PerCore::served`).
+    fn served_now() {
+        // SAFETY: a core runs guests only after its `init_this_core`.
+        unsafe { crate::percpu::this_core() }.served(arch::rdtsc());
     }
 
     /// The hypervisor side of a core once its guest is over for good: no guest to enter,
@@ -754,6 +772,9 @@ mod run {
         }
         fn relax(&mut self) {
             arch::pause();
+        }
+        fn served(&mut self) {
+            served_now();
         }
     }
 
@@ -826,8 +847,8 @@ mod run {
         }
         for &(base, size) in &owned[..count] {
             // A chunk at a time, serving the inbox between (see `Partition::zero`).
-            for at in (0..size).step_by(1 << 20) {
-                let len = (1u64 << 20).min(size - at);
+            for at in (0..size).step_by(SERVE_EVERY_BYTES as usize) {
+                let len = SERVE_EVERY_BYTES.min(size - at);
                 // Its guest is not running and nothing maps it now.
                 // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
                 unsafe { ((base + at) as *mut u8).write_bytes(0, len as usize) };
@@ -1004,6 +1025,8 @@ mod run {
         if let Some(mut r) = total {
             r.xmsgs = link.sent;
             r.nmis = link.nmis;
+            // SAFETY: this core's slot is initialised (it runs guests).
+            r.longest_away = unsafe { crate::percpu::this_core() }.longest_away();
             // What posting writes (the exit trace) takes a while: the inbox is served
             // between its records.
             let caps_now = &mut *caps;
@@ -1311,8 +1334,12 @@ mod run {
         });
         for s in plan.segments() {
             let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
-            if part.write(s.gpa, data).is_err() {
-                return stop(ctx, "kernel segment outside the partition");
+            // A kernel may be 16 MiB: copied a chunk at a time, serving between.
+            for (k, piece) in data.chunks(SERVE_EVERY_BYTES as usize).enumerate() {
+                if part.write(s.gpa + (k as u64 * SERVE_EVERY_BYTES), piece).is_err() {
+                    return stop(ctx, "kernel segment outside the partition");
+                }
+                ctx.caps.poll(&mut Serving(link));
             }
         }
         let mut bi = BootInfo::new_zeroed();
@@ -1638,11 +1665,13 @@ mod run {
                 first_entry = t_entry;
             }
             let fast_ptr = core::ptr::addr_of_mut!(fast).cast();
+            me.entering_guest(arch::rdtsc());
             // `fast` lives on this frame and is armed for this guest (its telemetry page, this
             // core's mail word and kick flag).
             // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
             let entered = unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) };
             let t_exit = arch::rdtsc();
+            me.left_guest(t_exit);
             // The exits the fast path answered count even if its last VMRESUME failed.
             let (hypercalls, cpuids) = fast.take();
             ctx.fold_fast(hypercalls, cpuids);
