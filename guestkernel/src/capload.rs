@@ -133,3 +133,54 @@ pub fn pool(bi: &BootInfo) -> u64 {
         1
     }
 }
+
+/// `bigmap`: maps its whole grant (slot 0) `rounds` times at `offset_kib` into the grant
+/// window (4 KiB: every page a 4-KiB EPT entry, the longest mapping a cap can have; 0:
+/// 2-MiB pages), touches its first and last page, unmaps it, and prints how long each map
+/// and unmap took (TSC ticks, one per instruction in Bochs). Its core must keep answering
+/// the other cores meanwhile: a test runs it with a small `probe_ms` and checks no core is
+/// suspected. Exit status 0 when every call answered as expected.
+pub fn bigmap(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let Ok(info) = call(Hypercall::CapIdentify, 0, 0) else {
+        log::error!("bigmap: no capability in slot 0");
+        return 1;
+    };
+    let bytes = (info >> 16) * 4096;
+    let at = GRANT_WINDOW.0 + bi.arg_int("offset_kib") * 1024;
+    let rounds = bi.arg_int("rounds").max(1);
+    for round in 0..rounds {
+        let t0 = crate::arch::rdtsc();
+        let mapped = call3(Hypercall::CapMap, 0, at, RW);
+        let t1 = crate::arch::rdtsc();
+        check("bigmap", "map the whole grant", mapped, Ok(0), &mut ok);
+        if mapped.is_ok() {
+            let last = at + bytes - 8;
+            // SAFETY: slot 0 is mapped read-write at `at` for `bytes` bytes (just checked).
+            let back = unsafe {
+                core::ptr::write_volatile(at as *mut u64, round);
+                core::ptr::write_volatile(last as *mut u64, round + 1);
+                (
+                    core::ptr::read_volatile(at as *const u64),
+                    core::ptr::read_volatile(last as *const u64),
+                )
+            };
+            ok &= back == (round, round + 1);
+        }
+        let t2 = crate::arch::rdtsc();
+        let unmapped = call(Hypercall::CapUnmap, 0, 0);
+        let t3 = crate::arch::rdtsc();
+        check("bigmap", "unmap it", unmapped, Ok(at), &mut ok);
+        log::info!(
+            "bigmap: round {round}: {} MiB at {at:#x}: map {} ticks, unmap {} ticks",
+            bytes >> 20,
+            t1 - t0,
+            t3 - t2
+        );
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 34] = [
+const REGISTRY: [(&str, Workload); 35] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -55,6 +55,7 @@ const REGISTRY: [(&str, Workload); 34] = [
     ("forwarder", crate::linkloads::forwarder),
     ("exitbench", crate::exitbench::exitbench),
     ("meter", crate::meter::meter),
+    ("bigmap", crate::capload::bigmap),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -27,6 +27,15 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
+/// The shortest failure-detector period (`probe_ms`), 0 (off) aside. A core is fenced after
+/// 8 silent periods, so the timeout must outlast the longest stretch a live core spends away
+/// from its inbox: a console line (up to about 280 characters at 115200 baud: 24 ms) plus
+/// the wait for the console lock behind another core's line (24 ms more), about 49 ms; every
+/// other stretch is bounded by steps of a few thousand instructions (about 1 ms in Bochs at
+/// 4 million instructions per second). 8 periods of 8 ms are 64 ms (README "Core membership").
+pub const MIN_PROBE_MS: u64 = 8;
+/// The longest failure-detector period.
+pub const MAX_PROBE_MS: u64 = 10_000;
 
 /// The multiboot2 module names of the guest kernels, by [`GuestEntry::kernel`] index: 0 is
 /// the built-in `guestkernel` (the workloads), the others are kernels a config names

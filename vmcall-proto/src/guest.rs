@@ -232,6 +232,7 @@ pub const WORKLOADS: &[&str] = &[
     "forwarder",
     "exitbench",
     "meter",
+    "bigmap",
 ];
 
 /// What values a workload argument takes.
@@ -779,6 +780,22 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("m", 1, 4096, 40, "messages `watched` sends to `watcher`"),
             int("queries", 1, 1000, 20, "control queries `watcher` makes (NMIs at the target)"),
             flag("write", "`watcher`: 1: write its target window at the end (must be stopped)"),
+        ],
+    },
+    WorkloadSpec {
+        name: "bigmap",
+        summary: "maps its whole grant (slot 0) `rounds` times at `offset_kib` into the grant \
+                  window, touches it, unmaps it, and prints how long each map and unmap took",
+        args: &[
+            int(
+                "offset_kib",
+                0,
+                1 << 20,
+                4,
+                "offset in the grant window, KiB: 4 forces \
+                4-KiB pages (the longest mapping), 0 allows 2-MiB pages",
+            ),
+            int("rounds", 1, 100, 3, "maps and unmaps"),
         ],
     },
 ];

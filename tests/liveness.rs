@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Whole-system tests of liveness: no legal operation keeps a core from its inbox long
+//! enough for the failure detector to take it for dead (README "Core membership": the bound
+//! on every stretch away from the inbox, and the detector's timeout above it).
+
+use systests::{boot_config, Boot};
+use xtask::cli::Emulator;
+
+/// The hypervisor's TSC ticks per millisecond, from its log.
+fn ticks_per_ms(b: &Boot) -> u64 {
+    b.serial
+        .lines()
+        .find_map(|l| l.split("TSC: ").nth(1)?.strip_suffix(" ticks/ms")?.parse().ok())
+        .expect("the TSC rate line")
+}
+
+/// `mapper` maps its 1000 MiB grant in 4-KiB pages (256,000 EPT entries) twice with the
+/// failure detector at its shortest period, 8 ms (fenced after 64 ms of silence): its core
+/// serves the inbox between steps of each mapping and unmapping, so no core is suspected,
+/// both guests finish, and the longest stretch any core spent away from its inbox
+/// (`away_tsc`, console lines included) stays below the detector's timeout. On a hypervisor
+/// that maps the whole cap in one stretch (about a million instructions, 250 ms in Bochs)
+/// the mapping core is fenced during the first map.
+#[test]
+fn mapping_a_large_grant_in_small_pages_keeps_its_core_alive() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/bigmap.toml"));
+    let r = &b.report;
+    assert!(r.suspicions.is_empty(), "a live core was suspected: {:?}\n{}", r.suspicions, b.serial);
+    assert!(r.views.is_empty(), "the view changed: {:?}", r.views);
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    for name in ["spin", "mapper"] {
+        let g = b.guest(name);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+    }
+    let rounds = b.serial.lines().filter(|l| l.contains("bigmap: round")).count();
+    assert_eq!(rounds, 2, "{}", b.serial);
+    // The detector's timeout: 8 periods of 8 ms. Every core stayed inside it.
+    let timeout = 8 * 8 * ticks_per_ms(&b);
+    for g in &r.guests {
+        eprintln!("{}: longest stretch away from the inbox {} ticks", g.name, g.away_tsc);
+        assert!(g.away_tsc > 0, "{}: no stretch measured", g.name);
+        assert!(g.away_tsc < timeout, "{}: away {} ticks, timeout {timeout}", g.name, g.away_tsc);
+    }
+}
