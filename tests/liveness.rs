@@ -42,3 +42,27 @@ fn mapping_a_large_grant_in_small_pages_keeps_its_core_alive() {
         assert!(g.away_tsc < timeout, "{}: away {} ticks, timeout {timeout}", g.name, g.away_tsc);
     }
 }
+
+/// No message is lost while a guest is set up: `quick` exits while its channel peer
+/// `late`'s core is still zeroing a 512 MiB partition (serving its inbox between chunks).
+/// That core already knows the channel (it registers its guest's capabilities and channels
+/// before it first serves the inbox), so `quick`'s `LINK_DOWN` is acknowledged at once (no
+/// "did not acknowledge in time" after the 4 s deadline) and `late` starts with its peer
+/// shown gone. On a hypervisor that adds the channels after zeroing, the message is consumed
+/// without an ack and `late` waits for an echo that never comes.
+#[test]
+fn a_peer_that_dies_during_its_partners_setup_is_acknowledged_and_seen_gone() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/setup-race.toml"));
+    let r = &b.report;
+    assert!(!b.serial.contains("did not acknowledge in time"), "{}", b.serial);
+    let quick = b.guest("quick");
+    assert_eq!((quick.state.as_str(), quick.exit_status), ("exited", 0), "{quick:?}");
+    let late = b.guest("late");
+    assert_eq!((late.state.as_str(), late.exit_status), ("exited", 0), "{late:?}\n{}", b.serial);
+    assert!(b.serial.contains("stream: peer gone for good: sent 1 of 10"), "{}", b.serial);
+    // `quick` died before `late` was first entered (the race this test is about).
+    let died = quick.incarnations[0].tsc_end;
+    let entered = late.tsc_first_entry;
+    assert!(died < entered, "quick ended at {died}, late entered at {entered}");
+    assert_eq!(r.outcome, "ok", "{:?}", r.problems);
+}

@@ -1334,3 +1334,57 @@ fn a_revoke_served_between_map_steps_leaves_nothing_mapped() {
     let v = net.cores[0].take_verdict().expect("answered");
     assert_eq!(Core::revoke_finish(v), Ok(1));
 }
+
+/// Every message a core receives has a defined fate in every state of its guest (the
+/// hypervisor registers a guest's channels before its core first serves the inbox, so these
+/// are all the states there are): set up and not accepting yet, running and accepting, dead
+/// (retired), reborn and not accepting yet. An `INSERT` through a real channel is answered
+/// with a verdict that says what to do, never `BadArgument`: `NotAccepted` while the guest
+/// does not accept (retry), `PeerGone` while it is dead (retry once the link is up again); a
+/// `LINK_DOWN` is shown and acknowledged with whether the guest is alive; a `REVOKE` is
+/// answered in every state.
+#[test]
+fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum State {
+        SetUp,
+        Accepting,
+        Dead,
+        Reborn,
+    }
+    for state in [State::SetUp, State::Accepting, State::Dead, State::Reborn] {
+        let mut net = Net::new(2, 0);
+        let ep = net.ep(1, 0);
+        if state != State::SetUp {
+            assert_eq!(net.call(1, Hypercall::CapAccept, ep, 1, 0), Ok(0));
+        }
+        if matches!(state, State::Dead | State::Reborn) {
+            net.with(1, |c, env| c.retire(env));
+        }
+        if state == State::Reborn {
+            net.cores[1].reborn();
+        }
+        let copy = net.transfer(0, 0, 1, 1 | 3 << 8);
+        match state {
+            State::Accepting => assert!(copy.is_ok(), "{state:?}: {copy:?}"),
+            State::Dead => assert_eq!(copy, Err(HvError::PeerGone), "{state:?}"),
+            State::SetUp | State::Reborn => {
+                assert_eq!(copy, Err(HvError::NotAccepted), "{state:?}")
+            }
+        }
+        // The owner's revoke: a REVOKE reaches core 1 only if it holds the copy; answered.
+        let held = u64::from(copy.is_ok());
+        assert_eq!(net.revoke(0, 0, None), Ok(held), "{state:?}");
+        assert_eq!(net.live_memory(1), 0, "{state:?}");
+        // A LINK_DOWN from the peer's core: shown and acknowledged.
+        let index = chan(2, 0, 1);
+        let down = links::message(proto::op::LINK_DOWN, [index].into_iter(), 1, false);
+        net.with(1, |c, env| c.deliver(env, 0, &down));
+        let ack = net.queues[2].pop_back().expect("acknowledged");
+        assert_eq!(ack[0] & 0xff, proto::op::LINK_ACK, "{state:?}");
+        assert!(links::names(&ack, index), "{state:?}");
+        assert_eq!(ack[6] != 0, state != State::Dead, "{state:?}: alive");
+        assert!(!net.cores[1].take_link(0).unwrap().peer_up, "{state:?}");
+        assert!(net.queues.iter().all(|q| q.is_empty()), "{state:?}: nothing else waits");
+    }
+}

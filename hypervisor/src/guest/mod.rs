@@ -1313,6 +1313,27 @@ mod run {
             incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
             (r, ctx.caps, None)
         };
+        // The guest's capabilities and channels first, before anything serves the inbox
+        // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
+        // `INSERT` or a revoke that arrives meanwhile then finds the channel it names and
+        // gets its defined answer (`LINK_ACK`; `NotAccepted` until the guest accepts).
+        if n == 1 {
+            for &(base, size) in &l.grants[..l.grant_count] {
+                if ctx.caps.grant(base, size).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for ch in l.channels() {
+                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for &(core, guest) in &l.targets[..l.target_count] {
+                if ctx.caps.add_control(core, guest as u32).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+        }
         let part = Partition { base: l.partition, size: l.partition_size };
         // The pool ends below the status frame, which stays where it is for the whole run.
         let mut frames = Private::new(Identity, l.private, l.status_frame());
@@ -1436,23 +1457,6 @@ mod run {
             log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
         }
         let mut sink = Console { name: name(l), core };
-        if n == 1 {
-            for &(base, size) in &l.grants[..l.grant_count] {
-                if ctx.caps.grant(base, size).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-            for ch in l.channels() {
-                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-            for &(core, guest) in &l.targets[..l.target_count] {
-                if ctx.caps.add_control(core, guest as u32).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-        }
         let frames_at_start = frames.in_use();
         let caps_at_start = ctx.caps.live_caps();
         let mut vcpu = VmcsVcpu {
