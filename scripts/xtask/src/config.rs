@@ -894,8 +894,8 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
 
 /// Reads and compiles a config file.
 pub fn load(path: &Path) -> anyhow::Result<Compiled> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    // Only a regular file of bounded size (a FIFO or a device would block or fill memory).
+    let src = crate::files::read_config(path).map_err(|e| anyhow::anyhow!("config: {e}"))?;
     Ok(compile(&path.display().to_string(), &src)?)
 }
 

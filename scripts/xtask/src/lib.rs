@@ -13,6 +13,7 @@ pub mod config;
 pub mod diff;
 pub mod exit;
 pub mod exitbench;
+pub mod files;
 pub mod kernel;
 pub mod lifebench;
 pub mod meta;
