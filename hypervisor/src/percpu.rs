@@ -80,9 +80,11 @@ impl PerCore {
     }
 
     fn away_ends(&self, now: u64) {
+        // Only this core writes these (no read-modify-write needed).
         let since = self.away_since.load(Ordering::Relaxed);
-        if since != 0 {
-            self.away_longest.fetch_max(now.saturating_sub(since), Ordering::Relaxed);
+        let stretch = now.saturating_sub(since);
+        if since != 0 && stretch > self.away_longest.load(Ordering::Relaxed) {
+            self.away_longest.store(stretch, Ordering::Relaxed);
         }
     }
 

@@ -961,8 +961,17 @@ mod run {
                 if !restart_wanted(l.entry.restart, ending)
                     || restarts >= u32::from(l.entry.max_restarts)
                     || unconfirmed > 0
-                    || arch::rdtsc() >= l.end_tsc
                 {
+                    break;
+                }
+                if arch::rdtsc() >= l.end_tsc {
+                    // The run's duration ended while it was between incarnations, due to
+                    // start again: it ends with the run (state `ended`), as it would have a
+                    // moment later in its next incarnation's setup.
+                    ending = Ending::Stopped(StopReason::RunEnded);
+                    if let Some(t) = &mut total {
+                        t.ending = ending;
+                    }
                     break;
                 }
                 restarts += 1;
