@@ -65,6 +65,64 @@ pub trait Env {
 /// the inbox (measured: see README "Core membership"), whatever the cap's size.
 pub const EPT_STEP_ENTRIES: u64 = 512;
 
+/// The step of an unmap whose host side is not known here (the rest of one a revoke
+/// started, see [`Deferring`]): up to the next 2-MiB boundary of the guest side, which never
+/// splits a leaf, so at most 512 entries (one for a 2-MiB page).
+fn unmap_step(g: u64, end: u64) -> u64 {
+    const SIZE_2M: u64 = 2 << 20;
+    (SIZE_2M - g % SIZE_2M).min(end - g)
+}
+
+/// The environment the protocol's message handling sees ([`CapCore::deliver`]): the same,
+/// except that the unmap of a revoked piece does its first step at once and leaves the rest
+/// to [`CapCore::poll`], which finishes it a step at a time with the inbox served between,
+/// before it returns (so before the guest runs again: it does not run while its core
+/// handles messages). A small piece is gone before the reply leaves, as always; a large one
+/// no longer keeps the core from its inbox for the whole unmap.
+struct Deferring<'a, E: Env> {
+    env: &'a mut E,
+    rest: &'a mut [Option<(u64, u64)>; vmcall_proto::caps::MAX_SLOTS],
+}
+
+impl<E: Env> Env for Deferring<'_, E> {
+    fn now(&mut self) -> u64 {
+        self.env.now()
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.env.send(to, m)
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        self.env.recv()
+    }
+    fn kick(&mut self, to: usize) {
+        self.env.kick(to)
+    }
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
+        self.env.ept_map(gpa, hpa, size, write)
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        let first = unmap_step(gpa, gpa.saturating_add(size));
+        self.env.ept_unmap(gpa, first)?;
+        if first < size {
+            // At most one per slot of the space (each was a mapped piece): never full.
+            match self.rest.iter_mut().find(|r| r.is_none()) {
+                Some(free) => *free = Some((gpa + first, size - first)),
+                None => self.env.ept_unmap(gpa + first, size - first)?,
+            }
+        }
+        Ok(())
+    }
+    fn relax(&mut self) {
+        self.env.relax()
+    }
+    fn link_down(&mut self, channel: u32) {
+        self.env.link_down(channel)
+    }
+    fn served(&mut self) {
+        self.env.served()
+    }
+}
+
 /// The guest-physical bytes of the step of an EPT change that starts at `g` (mapped to
 /// `h`) and must not pass `end`: up to the next 2-MiB boundary where 4-KiB pages are used,
 /// up to the next 1-GiB boundary where 2-MiB pages are (both sides congruent modulo 2 MiB).
@@ -180,6 +238,9 @@ pub struct CapCore<const E: usize> {
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
+    /// What is left of the unmaps revokes started, `(gpa, size)` (see [`Deferring`]); empty
+    /// whenever [`Self::poll`] returns.
+    unmaps: [Option<(u64, u64)>; vmcall_proto::caps::MAX_SLOTS],
     /// Guest control: this core's own request, and requests for its guest.
     pub ctl: control::Control,
     /// Core membership: this core's copy of the view, and its part in changing it.
@@ -252,6 +313,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).links_dirty).write(false);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
+            addr_of_mut!((*p).unmaps).write([None; vmcall_proto::caps::MAX_SLOTS]);
             addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).members).write(members::Members::new(core as usize, 0, INERT, 0));
             addr_of_mut!((*p).suspected_unlogged).write(0);
@@ -276,6 +338,7 @@ impl<const E: usize> CapCore<E> {
             links_dirty: false,
             deaf: false,
             proto: Proto::new(core),
+            unmaps: [None; vmcall_proto::caps::MAX_SLOTS],
             ctl: control::Control::default(),
             members: members::Members::new(core as usize, 0, INERT, 0),
             suspected_unlogged: 0,
@@ -585,14 +648,33 @@ impl<const E: usize> CapCore<E> {
         self.proto.idle()
     }
 
-    /// Serves the inbox: every message waiting, then deadlines. Returns how many messages
-    /// were handled (the caller charges that time to nobody's guest).
+    /// Serves the inbox: every message waiting, then the rest of the unmaps revokes started
+    /// (a step at a time, the inbox looked at before each), then deadlines. Returns how many
+    /// messages were handled (the caller charges that time to nobody's guest).
     pub fn poll(&mut self, env: &mut impl Env) -> u32 {
-        env.served();
         let mut n = 0;
-        while let Some((from, m)) = env.recv() {
-            n += 1;
-            self.deliver(env, from, &m);
+        loop {
+            env.served();
+            let mut got = false;
+            while let Some((from, m)) = env.recv() {
+                n += 1;
+                got = true;
+                self.deliver(env, from, &m);
+            }
+            if got {
+                // Look again before any unmap step: steps follow a look that found nothing.
+                continue;
+            }
+            // The rest of the unmaps revokes started: a step, then the inbox again.
+            let Some(slot) = self.unmaps.iter_mut().find(|u| u.is_some()) else { break };
+            let Some((g, size)) = slot.take() else { break };
+            let step = unmap_step(g, g + size);
+            if env.ept_unmap(g, step).is_err() {
+                // The guest may still reach what is left: its core stops it.
+                self.stats.unmap_failed = true;
+            } else if step < size {
+                *slot = Some((g + step, size - step));
+            }
         }
         let due = self.members.due();
         if self.proto.busy() || due != u64::MAX {
@@ -658,8 +740,9 @@ impl<const E: usize> CapCore<E> {
         if self.deaf && proto::is_revoke(m) {
             return;
         }
+        let mut d = Deferring { env, rest: &mut self.unmaps };
         let Some(ins) =
-            self.proto.deliver(env, from, m, &mut self.space, &self.policy, &mut self.stats)
+            self.proto.deliver(&mut d, from, m, &mut self.space, &self.policy, &mut self.stats)
         else {
             return;
         };

@@ -1226,13 +1226,18 @@ struct StepEnv {
     since_served: u64,
     most: u64,
     calls: u64,
+    /// Host minus guest address of the last mapping (every test maps one cap at a time).
+    delta: u64,
+    inbox: VecDeque<(usize, Payload)>,
+    outbox: Vec<(usize, Payload)>,
 }
 
 impl StepEnv {
     fn new() -> Self {
         let mut frames = crate::ept::tests::host_frames(2048);
         let root = crate::ept::new_root(&mut frames).unwrap();
-        StepEnv { frames, root, since_served: 0, most: 0, calls: 0 }
+        let (inbox, outbox) = (VecDeque::new(), Vec::new());
+        StepEnv { frames, root, since_served: 0, most: 0, calls: 0, delta: 0, inbox, outbox }
     }
     /// The leaves mapping `[g, g + len)` to `h` has (the EPT writer's rule: 2 MiB where
     /// both sides are aligned and 2 MiB remain, else 4 KiB).
@@ -1258,23 +1263,23 @@ impl Env for StepEnv {
     fn now(&mut self) -> u64 {
         0
     }
-    fn send(&mut self, _to: usize, _m: &Payload) -> bool {
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.outbox.push((to, *m));
         true
     }
     fn recv(&mut self) -> Option<(usize, Payload)> {
-        None
+        self.inbox.pop_front()
     }
     fn kick(&mut self, _to: usize) {}
     fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, w: bool) -> Result<(), HvError> {
         let perm = crate::ept::Perm::shared(w);
         crate::ept::map_with(&mut self.frames, self.root, gpa, hpa, size, perm)?;
+        self.delta = hpa.wrapping_sub(gpa);
         self.wrote(Self::leaves(gpa, hpa, size));
         Ok(())
     }
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        // The caps tested here are 2-MiB aligned on the host side: the leaves follow the
-        // guest side's alignment.
-        let hpa = gpa % (2 << 20);
+        let hpa = gpa.wrapping_add(self.delta);
         crate::ept::unmap(&mut self.frames, self.root, gpa, size)?;
         self.wrote(Self::leaves(gpa, hpa, size));
         Ok(())
@@ -1387,4 +1392,47 @@ fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
         assert!(!net.cores[1].take_link(0).unwrap().peer_up, "{state:?}");
         assert!(net.queues.iter().all(|q| q.is_empty()), "{state:?}: nothing else waits");
     }
+}
+
+/// Moves what `from` sent to `to` into `to`'s inbox.
+fn post(from: (usize, &mut StepEnv), to: (usize, &mut StepEnv)) {
+    for (dest, m) in core::mem::take(&mut from.1.outbox) {
+        assert_eq!(dest, to.0);
+        to.1.inbox.push_back((from.0, m));
+    }
+}
+
+/// A revoke that reaches a holder with a large copy mapped in 4-KiB pages: the holder's core
+/// unmaps it a step at a time with the inbox served between (the first step at once, the
+/// rest before its poll returns), answers, and nothing of it stays mapped.
+#[test]
+fn a_revoke_of_a_large_mapped_copy_unmaps_it_in_steps() {
+    let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
+    let (mut owner, mut holder) = (Core::new(0, policy), Core::new(1, policy));
+    let (mut e0, mut e1) = (StepEnv::new(), StepEnv::new());
+    let grant = owner.grant(0x4000_0000, 512 << 20).unwrap();
+    let ep0 = owner.add_channel(7, Some(1)).unwrap();
+    let ep1 = holder.add_channel(7, Some(0)).unwrap();
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapAccept, ep1, 1, 0), Some(Ok(0)));
+    let t = owner.transfer_start(&mut e0, grant, ep0, 1 | 3 << 8).unwrap();
+    post((0, &mut e0), (1, &mut e1));
+    holder.poll(&mut e1);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    let v = owner.take_verdict().unwrap();
+    let copy = owner.transfer_finish(t, v).unwrap();
+    let gpa = GRANT_WINDOW.0 + 4096;
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapMap, copy, gpa, 1), Some(Ok(0)));
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 512 << 20);
+    assert!(owner.revoke_start(&mut e0, grant).unwrap());
+    post((0, &mut e0), (1, &mut e1));
+    (e1.most, e1.since_served, e1.calls) = (0, 0, 0);
+    holder.poll(&mut e1);
+    assert!(e1.most <= EPT_STEP_ENTRIES, "{} entries in one stretch", e1.most);
+    assert!(e1.calls > 1, "in {} steps", e1.calls);
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 0);
+    assert!(!holder.stats.unmap_failed);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
 }
