@@ -66,3 +66,24 @@ fn a_peer_that_dies_during_its_partners_setup_is_acknowledged_and_seen_gone() {
     assert!(died < entered, "quick ended at {died}, late entered at {entered}");
     assert_eq!(r.outcome, "ok", "{:?}", r.problems);
 }
+
+/// `owner` revokes a 1000 MiB copy that `holder` mapped in 4-KiB pages, with the failure
+/// detector at 8 ms: the holder's core unmaps it on the owner's request a step at a time,
+/// serving its inbox between, so no core is suspected and the revoke takes the copy (`Ok(1)`).
+#[test]
+fn revoking_a_large_copy_mapped_in_small_pages_keeps_the_holders_core_alive() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/bigrevoke.toml"));
+    let r = &b.report;
+    assert!(r.suspicions.is_empty(), "a live core was suspected: {:?}\n{}", r.suspicions, b.serial);
+    assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
+    for name in ["owner", "holder"] {
+        let g = b.guest(name);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}\n{}", b.serial);
+    }
+    assert!(b.serial.contains("bigmap: revoke the mapped copy: Ok(1) as expected"), "{}", b.serial);
+    let timeout = 8 * 8 * ticks_per_ms(&b);
+    for g in &r.guests {
+        eprintln!("{}: longest stretch away from the inbox {} ticks", g.name, g.away_tsc);
+        assert!(g.away_tsc < timeout, "{}: away {} ticks, timeout {timeout}", g.name, g.away_tsc);
+    }
+}
