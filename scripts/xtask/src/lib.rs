@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod chaos;
 pub mod cheader;
 pub mod cli;
 pub mod cmdline;
