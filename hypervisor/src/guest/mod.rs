@@ -1538,6 +1538,8 @@ mod run {
             for (pos, ch) in l.channels().iter().enumerate() {
                 counts[pos].lost = counts[pos].lost.saturating_add(reset_rings(ch));
                 counts[pos].resets += 1;
+                // Up to 16 channels of up to 512 KiB each: the inbox between two.
+                ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             }
         }
         publish_links(status, l, ctx.caps, counts);
