@@ -7,9 +7,9 @@
 
 /// The seeds CI runs, picked to cover every kind of unit and a hung core: 40 (a stream whose
 /// echoer dies after 123 echoes and is restarted, a spinner on core 2, which hangs; probe_ms
-/// 8), 9 (a 66 MiB copy mapped in 4-KiB pages and revoked, a 26 MiB grant mapped twice in
-/// 4-KiB pages; probe_ms 8), 28 (a 116 MiB grant mapped three times in 4-KiB pages next to a
-/// stream with a restart; probe_ms 8).
+/// 12), 9 (a 66 MiB copy mapped in 4-KiB pages and revoked, a 26 MiB grant mapped twice in
+/// 4-KiB pages; probe_ms 12), 28 (a 116 MiB grant mapped three times in 4-KiB pages next to a
+/// stream with a restart; probe_ms 12).
 const SEEDS: [u64; 3] = [40, 9, 28];
 
 #[test]

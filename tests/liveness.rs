@@ -15,7 +15,7 @@ fn ticks_per_ms(b: &Boot) -> u64 {
 }
 
 /// `mapper` maps its 1000 MiB grant in 4-KiB pages (256,000 EPT entries) twice with the
-/// failure detector at its shortest period, 8 ms (fenced after 64 ms of silence): its core
+/// failure detector at its shortest period, 12 ms (fenced after 96 ms of silence): its core
 /// serves the inbox between steps of each mapping and unmapping, so no core is suspected,
 /// both guests finish, and the longest stretch any core spent away from its inbox
 /// (`away_tsc`, console lines included) stays below the detector's timeout. On a hypervisor
@@ -34,8 +34,8 @@ fn mapping_a_large_grant_in_small_pages_keeps_its_core_alive() {
     }
     let rounds = b.serial.lines().filter(|l| l.contains("bigmap: round")).count();
     assert_eq!(rounds, 2, "{}", b.serial);
-    // The detector's timeout: 8 periods of 8 ms. Every core stayed inside it.
-    let timeout = 8 * 8 * ticks_per_ms(&b);
+    // The detector's timeout: 8 periods of 12 ms. Every core stayed inside it.
+    let timeout = 8 * 12 * ticks_per_ms(&b);
     for g in &r.guests {
         eprintln!("{}: longest stretch away from the inbox {} ticks", g.name, g.away_tsc);
         assert!(g.away_tsc > 0, "{}: no stretch measured", g.name);
@@ -68,7 +68,7 @@ fn a_peer_that_dies_during_its_partners_setup_is_acknowledged_and_seen_gone() {
 }
 
 /// `owner` revokes a 1000 MiB copy that `holder` mapped in 4-KiB pages, with the failure
-/// detector at 8 ms: the holder's core unmaps it on the owner's request a step at a time,
+/// detector at 12 ms: the holder's core unmaps it on the owner's request a step at a time,
 /// serving its inbox between, so no core is suspected and the revoke takes the copy (`Ok(1)`).
 #[test]
 fn revoking_a_large_copy_mapped_in_small_pages_keeps_the_holders_core_alive() {
@@ -81,7 +81,7 @@ fn revoking_a_large_copy_mapped_in_small_pages_keeps_the_holders_core_alive() {
         assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}\n{}", b.serial);
     }
     assert!(b.serial.contains("bigmap: revoke the mapped copy: Ok(1) as expected"), "{}", b.serial);
-    let timeout = 8 * 8 * ticks_per_ms(&b);
+    let timeout = 8 * 12 * ticks_per_ms(&b);
     for g in &r.guests {
         eprintln!("{}: longest stretch away from the inbox {} ticks", g.name, g.away_tsc);
         assert!(g.away_tsc < timeout, "{}: away {} ticks, timeout {timeout}", g.name, g.away_tsc);

@@ -127,7 +127,7 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 }
                 _ => bad(BadOption {
                     word,
-                    why: "expected probe_ms=0 (off) or probe_ms=N with 8 <= N <= 10000 (8 \
+                    why: "expected probe_ms=0 (off) or probe_ms=N with 12 <= N <= 10000 (8 \
                           silent periods must outlast a live core's longest stretch away \
                           from its inbox)",
                 }),
@@ -375,9 +375,9 @@ mod tests {
         assert_eq!(opts("inject=everything").1.len(), 1);
         assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
         assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));
-        assert_eq!(opts("probe_ms=8").0.probe_ms, Some(8));
+        assert_eq!(opts("probe_ms=12").0.probe_ms, Some(12));
         assert_eq!(opts("probe_ms=0").0.probe_ms, Some(0));
-        assert_eq!(opts("probe_ms=7").1.len(), 1, "shorter than a live core's longest stretch");
+        assert_eq!(opts("probe_ms=11").1.len(), 1, "shorter than a live core's longest stretch");
         assert_eq!(opts("duration_ms=500").0.duration_ms, Some(500));
         assert_eq!(opts("duration_ms=0").1.len(), 1);
         assert_eq!(opts("probe_ms=10001").1.len(), 1);

@@ -1770,12 +1770,16 @@ mod run {
             vcpu.frames.peak(),
             vcpu.frames.limit()
         );
+        // A console line takes milliseconds at the UART's baud rate: the inbox between two
+        // (nothing is mapped any more, so no EPT is needed to serve it).
+        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
         let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
             lost: a.lost.saturating_add(c.lost),
             resets: a.resets.saturating_add(c.resets),
         });
         let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
         incarnation_record(l, n, &r, start, &retired, links);
+        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
         (r, ctx.caps, asked)
     }
 

@@ -59,7 +59,7 @@ pub struct Scenario {
 pub fn scenario(seed: u64) -> Scenario {
     let mut r = Rng::new(seed);
     let cores = r.range(2, 4) as u32;
-    let probe_ms = r.pick(&[0, 8, 8, 12, 25]);
+    let probe_ms = r.pick(&[0, 12, 12, 16, 25]);
     let mut guests = String::new();
     let mut extra = String::new();
     let mut names = Vec::new();
@@ -342,7 +342,7 @@ mod tests {
         .expect("a minimal report");
         let serial = "[c0] TSC: 4000 ticks/ms\n";
         assert_eq!(check(&s, &r, serial), Vec::<String>::new());
-        r.guests[0].away_tsc = 8 * 8 * 4000;
+        r.guests[0].away_tsc = 8 * 8 * 4000 * 12 / 8;
         r.suspicions.push(crate::report::SuspectReport { core: 1, target: 0, tsc: 5 });
         let broken = check(&s, &r, serial);
         assert!(

@@ -46,9 +46,9 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
                 None
             }
             "probe_ms" => Some(
-                "expected probe_ms=0 (off) or probe_ms=N with 8 <= N <= 10000 (8 silent \
+                "expected probe_ms=0 (off) or probe_ms=N with 12 <= N <= 10000 (8 silent \
                  periods fence a core: they must outlast its longest stretch away from the \
-                 inbox, about 49 ms)",
+                 inbox, about 70 ms)",
             ),
             "revoke" if value == "broadcast" || value == "tree" => None,
             "revoke" => Some("expected revoke=broadcast or revoke=tree"),
@@ -124,10 +124,10 @@ mod tests {
         );
         // The failure detector's period: off, or long enough for a live core's longest
         // stretch away from its inbox (`vmcall_proto::config::MIN_PROBE_MS`).
-        assert_eq!(check("probe_ms=0 probe_ms=8 probe_ms=10000"), []);
+        assert_eq!(check("probe_ms=0 probe_ms=12 probe_ms=10000"), []);
         assert_eq!(
-            words("probe_ms=1 probe_ms=7 probe_ms=10001"),
-            ["probe_ms=1", "probe_ms=7", "probe_ms=10001"]
+            words("probe_ms=1 probe_ms=11 probe_ms=10001"),
+            ["probe_ms=1", "probe_ms=11", "probe_ms=10001"]
         );
         assert!(check("probe_ms=2")[0].why.contains("longest stretch away from the inbox"));
         let b = &check("cpus=2 frob")[0];
