@@ -160,6 +160,71 @@ fn bad_kernels_are_refused_before_boot_with_located_errors() {
     assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
 }
 
+/// Runs `cargo xtask check PATH` and returns its exit code and stderr, failing if it takes
+/// more than 60 s (a check that blocks on a FIFO is killed, and the test fails).
+fn check_promptly(path: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(xtask_binary())
+        .args(["check", path.to_str().unwrap()])
+        .current_dir(xtask::workspace_root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("xtask runs");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed().as_secs() > 60 {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("`cargo xtask check {}` blocked for 60 s", path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+/// Kernel and config paths that are not regular files of bounded size are refused at once
+/// (config errors, exit code 3) without reading them: a FIFO (which would block the read
+/// for ever), a symlink to `/dev/zero` (endless), an oversized (sparse) file, and a config
+/// that is itself a FIFO.
+#[test]
+fn unreadable_kernel_and_config_paths_are_refused_promptly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mkfifo = |p: &Path| assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+    mkfifo(&d.join("fifo.elf"));
+    std::os::unix::fs::symlink("/dev/zero", d.join("zero.elf")).unwrap();
+    std::fs::File::create(d.join("huge.elf")).unwrap().set_len(17 << 20).unwrap();
+    let kernels = ["fifo.elf", "zero.elf", "huge.elf"];
+    let mut config = String::from("[machine]\ncpus = 3\nmemory_mib = 256\n");
+    for (i, k) in kernels.iter().enumerate() {
+        config += &format!(
+            "\n[[guest]]\nname = \"g{i}\"\ncore = {i}\nmemory_mib = 4\nkernel = \"{k}\"\n"
+        );
+    }
+    let path = d.join("files.toml");
+    std::fs::write(&path, &config).unwrap();
+    let (code, err) = check_promptly(&path);
+    assert_eq!(code, Some(xtask::exit::CONFIG as i32), "{err}");
+    for what in [
+        "fifo.elf is a FIFO, not an ELF file",
+        "zero.elf is a character device, not an ELF file",
+        "huge.elf is 17825792 bytes: larger than the 16 MiB for an ELF file",
+    ] {
+        assert!(err.contains(what), "missing `{what}` in:\n{err}");
+    }
+    assert!(err.contains("3 error(s) in the config"), "{err}");
+    let fifo = d.join("config.toml");
+    mkfifo(&fifo);
+    let (code, err) = check_promptly(&fifo);
+    assert_eq!(code, Some(xtask::exit::CONFIG as i32), "{err}");
+    assert!(err.contains("config.toml is a FIFO, not a config file"), "{err}");
+}
+
 #[test]
 fn the_c_example_guest_talks_to_a_rust_guest() {
     let tmp = tempfile::tempdir().unwrap();

@@ -133,3 +133,117 @@ pub fn pool(bi: &BootInfo) -> u64 {
         1
     }
 }
+
+/// `bigmap`: maps its whole grant (slot 0) `rounds` times at `offset_kib` into the grant
+/// window (4 KiB: every page a 4-KiB EPT entry, the longest mapping a cap can have; 0:
+/// 2-MiB pages), touches its first and last page, unmaps it, and prints how long each map
+/// and unmap took (TSC ticks, one per instruction in Bochs). Its core must keep answering
+/// the other cores meanwhile: a test runs it with a small `probe_ms` and checks no core is
+/// suspected. Exit status 0 when every call answered as expected.
+pub fn bigmap(bi: &BootInfo) -> u64 {
+    match bi.arg_word("role") {
+        "owner" => return bigmap_owner(bi),
+        "holder" => return bigmap_holder(bi),
+        _ => {}
+    }
+    let mut ok = true;
+    let Ok(info) = call(Hypercall::CapIdentify, 0, 0) else {
+        log::error!("bigmap: no capability in slot 0");
+        return 1;
+    };
+    let bytes = (info >> 16) * 4096;
+    let at = GRANT_WINDOW.0 + bi.arg_int("offset_kib") * 1024;
+    let rounds = bi.arg_int("rounds").max(1);
+    for round in 0..rounds {
+        let t0 = crate::arch::rdtsc();
+        let mapped = call3(Hypercall::CapMap, 0, at, RW);
+        let t1 = crate::arch::rdtsc();
+        check("bigmap", "map the whole grant", mapped, Ok(0), &mut ok);
+        if mapped.is_ok() {
+            let last = at + bytes - 8;
+            // SAFETY: slot 0 is mapped read-write at `at` for `bytes` bytes (just checked).
+            let back = unsafe {
+                core::ptr::write_volatile(at as *mut u64, round);
+                core::ptr::write_volatile(last as *mut u64, round + 1);
+                (
+                    core::ptr::read_volatile(at as *const u64),
+                    core::ptr::read_volatile(last as *const u64),
+                )
+            };
+            ok &= back == (round, round + 1);
+        }
+        let t2 = crate::arch::rdtsc();
+        let unmapped = call(Hypercall::CapUnmap, 0, 0);
+        let t3 = crate::arch::rdtsc();
+        check("bigmap", "unmap it", unmapped, Ok(at), &mut ok);
+        log::info!(
+            "bigmap: round {round}: {} MiB at {at:#x}: map {} ticks, unmap {} ticks",
+            bytes >> 20,
+            t1 - t0,
+            t3 - t2
+        );
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+/// `bigmap` as `owner`: copies its grant (slot 0) read-write to the peer of its first
+/// channel, waits until the holder says it mapped it, revokes it (the holder's core unmaps
+/// it: as long as the map, for a copy in 4-KiB pages) and checks the revoke took one copy.
+fn bigmap_owner(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let Some(mut c) = crate::channel::open(bi, None) else { return 1 };
+    let Some(ep) = crate::hypercall::first_endpoint() else { return 1 };
+    let copy = crate::hypercall::transfer(0, ep, 1 | RW << 8, 2_000);
+    check("bigmap", "copy the grant to the holder", copy.map(|_| 0), Ok(0), &mut ok);
+    let said = c.recv();
+    ok &= said.is_ok_and(|m| m[0] == 1);
+    let t0 = crate::arch::rdtsc();
+    let revoked = call(Hypercall::CapRevoke, 0, 0);
+    let t1 = crate::arch::rdtsc();
+    check("bigmap", "revoke the mapped copy", revoked, Ok(1), &mut ok);
+    log::info!("bigmap: revoke of the holder's mapped copy: {} ticks", t1 - t0);
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+/// `bigmap` as `holder`: accepts one cap, maps it at `offset_kib` once it arrives, tells
+/// the owner, then waits for the revoke to take it (its handle reads `Revoked`).
+fn bigmap_holder(bi: &BootInfo) -> u64 {
+    let mut ok = true;
+    let Some(mut c) = crate::channel::open(bi, None) else { return 1 };
+    crate::hypercall::accept_all(1);
+    let Some(ep) = crate::hypercall::first_endpoint() else { return 1 };
+    let slot = ep + 1;
+    while call(Hypercall::CapIdentify, slot, 0).is_err() {
+        core::hint::spin_loop();
+    }
+    let at = GRANT_WINDOW.0 + bi.arg_int("offset_kib") * 1024;
+    let t0 = crate::arch::rdtsc();
+    let mapped = call3(Hypercall::CapMap, slot, at, RW);
+    let t1 = crate::arch::rdtsc();
+    check("bigmap", "map the copy", mapped, Ok(0), &mut ok);
+    log::info!("bigmap: map of the copy: {} ticks", t1 - t0);
+    ok &= c.send(&[1, 0, 0, 0, 0, 0, 0]).is_ok();
+    while call(Hypercall::CapIdentify, slot, 0).is_ok() {
+        core::hint::spin_loop();
+    }
+    check(
+        "bigmap",
+        "the copy is revoked",
+        call(Hypercall::CapIdentify, slot, 0),
+        Err(HvError::Revoked),
+        &mut ok,
+    );
+    if ok {
+        0
+    } else {
+        1
+    }
+}

@@ -4,6 +4,7 @@
 //! the hypervisor owns: memory map, command line, ACPI root pointer.
 
 use core::fmt;
+use vmcall_proto::config::{MAX_PROBE_MS, MIN_PROBE_MS};
 
 /// Most memory-map entries kept; the rest are counted and reported.
 pub const MAX_REGIONS: usize = 64;
@@ -124,8 +125,15 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 _ => bad(BadOption { word, why: "expected duration_ms=N with 1 <= N <= 86400000" }),
             },
             "probe_ms" => match value.parse::<u64>() {
-                Ok(n) if n <= 10_000 => o.probe_ms = Some(n),
-                _ => bad(BadOption { word, why: "expected probe_ms=N with 0 (off) <= N <= 10000" }),
+                Ok(n) if n == 0 || (MIN_PROBE_MS..=MAX_PROBE_MS).contains(&n) => {
+                    o.probe_ms = Some(n)
+                }
+                _ => bad(BadOption {
+                    word,
+                    why: "expected probe_ms=0 (off) or probe_ms=N with 12 <= N <= 10000 (8 \
+                          silent periods must outlast a live core's longest stretch away \
+                          from its inbox)",
+                }),
             },
             "stats_ms" => match value.parse::<u64>() {
                 Ok(n) if (1..=60_000).contains(&n) => o.stats_ms = Some(n),
@@ -377,8 +385,9 @@ mod tests {
         assert_eq!(opts("inject=everything").1.len(), 1);
         assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
         assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));
-        assert_eq!(opts("probe_ms=5").0.probe_ms, Some(5));
+        assert_eq!(opts("probe_ms=12").0.probe_ms, Some(12));
         assert_eq!(opts("probe_ms=0").0.probe_ms, Some(0));
+        assert_eq!(opts("probe_ms=11").1.len(), 1, "shorter than a live core's longest stretch");
         assert_eq!(opts("duration_ms=500").0.duration_ms, Some(500));
         assert_eq!(opts("duration_ms=0").1.len(), 1);
         assert_eq!(opts("probe_ms=10001").1.len(), 1);

@@ -383,6 +383,8 @@ pub trait Vcpu {
         u32::MAX
     }
     fn pci_write32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16, _value: u32) {}
+    /// The inbox is being served now (see `caps::Env::served`).
+    fn served(&mut self) {}
 }
 
 /// The vCPU's configuration-space access as `pci` sees it.
@@ -424,6 +426,9 @@ impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
     }
     fn link_down(&mut self, channel: u32) {
         self.0.link_down(channel)
+    }
+    fn served(&mut self) {
+        self.0.served()
     }
 }
 

@@ -506,7 +506,7 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={} away_tsc={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -520,7 +520,8 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                     r.foreign_tsc,
                     Quoted(Fenced(r.caps.fenced)),
                     r.incarnations,
-                    r.caps.revoke_tsc
+                    r.caps.revoke_tsc,
+                    r.longest_away
                 );
             }
             // A core that came up and was fenced later (one that never came up is reported

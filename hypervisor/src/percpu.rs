@@ -38,6 +38,11 @@ pub struct PerCore {
     /// (on this core, NMIs blocked: no other writer can interleave); its guest's telemetry
     /// reports it, reset when an incarnation starts.
     pub nmis: AtomicU64,
+    /// TSC at which this core last served its inbox or left its guest (0: in its guest, or
+    /// not started): the start of the stretch it is now away from the inbox.
+    away_since: AtomicU64,
+    /// The longest such stretch so far, in TSC ticks (reported with its guest).
+    away_longest: AtomicU64,
     /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
     pub vmxon_region: VmxPage,
     pub idt: Idt,
@@ -55,6 +60,39 @@ const _: () = assert!(core::mem::offset_of!(PerCore, kicked) == 24);
 const _: () = assert!(core::mem::offset_of!(PerCore, nmis) == 32);
 
 impl PerCore {
+    /// The core serves its inbox at `now`: the stretch away from it ends (kept if it is
+    /// the longest) and the next begins.
+    pub fn served(&self, now: u64) {
+        self.away_ends(now);
+        self.away_since.store(now, Ordering::Relaxed);
+    }
+
+    /// The core enters its guest at `now`: while the guest runs, a kick exits it (the
+    /// inbox is looked at next), so the core is not away; the stretch ends here.
+    pub fn entering_guest(&self, now: u64) {
+        self.away_ends(now);
+        self.away_since.store(0, Ordering::Relaxed);
+    }
+
+    /// The core left its guest at `now`: a stretch away from the inbox begins.
+    pub fn left_guest(&self, now: u64) {
+        self.away_since.store(now, Ordering::Relaxed);
+    }
+
+    fn away_ends(&self, now: u64) {
+        // Only this core writes these (no read-modify-write needed).
+        let since = self.away_since.load(Ordering::Relaxed);
+        let stretch = now.saturating_sub(since);
+        if since != 0 && stretch > self.away_longest.load(Ordering::Relaxed) {
+            self.away_longest.store(stretch, Ordering::Relaxed);
+        }
+    }
+
+    /// The longest stretch this core spent away from its inbox, in TSC ticks.
+    pub fn longest_away(&self) -> u64 {
+        self.away_longest.load(Ordering::Relaxed)
+    }
+
     /// Whether a kick arrived while this core was in the hypervisor since the last call.
     pub fn take_kick(&self) -> bool {
         self.kicked.swap(0, Ordering::AcqRel) != 0
@@ -120,6 +158,8 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         core::ptr::addr_of_mut!((*p).vmcs_live).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).kicked).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).nmis).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).away_since).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).away_longest).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
         core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
         let mut tss = TaskStateSegment::new();

@@ -507,7 +507,9 @@ enum MKV_HvError
    */
   MKV_HV_ERROR_TOO_DEEP = -21,
   /**
-   * The receiver has not accepted capabilities on that endpoint (see `cap_accept`).
+   * The receiver has not accepted capabilities on that endpoint (see `cap_accept`), or not
+   * yet: also while it is being set up. Retryable (README "Guest ABI" says, per error,
+   * whether to retry).
    */
   MKV_HV_ERROR_NOT_ACCEPTED = -22,
   /**

@@ -278,7 +278,18 @@ impl CSpace {
     /// Records that `h` is mapped at `gpa` with `rights` (the caller has checked the
     /// address is free in the guest's map). Checks type, rights and alignment.
     pub fn map(&mut self, h: u64, gpa: u64, rights: Rights) -> Result<Cap, CapError> {
+        self.check_map(h, gpa, rights)?;
         let c = self.get_mut(h)?;
+        c.mapped_at = Some(gpa);
+        c.mapped_rights = rights;
+        Ok(*c)
+    }
+
+    /// Whether [`Self::map`] of `h` at `gpa` with `rights` would succeed (it changes
+    /// nothing): a caller that builds a long mapping in steps checks first and records the
+    /// mapping only once it is complete.
+    pub fn check_map(&self, h: u64, gpa: u64, rights: Rights) -> Result<Cap, CapError> {
+        let c = self.get(h)?;
         if c.kind != CapType::Memory {
             return Err(CapError::WrongType);
         }
@@ -295,8 +306,6 @@ impl CSpace {
         if c.mapped_at.is_some() {
             return Err(CapError::AlreadyMapped);
         }
-        c.mapped_at = Some(gpa);
-        c.mapped_rights = rights;
         Ok(*c)
     }
 

@@ -29,6 +29,16 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
+/// The shortest failure-detector period (`probe_ms`), 0 (off) aside. A core is fenced after
+/// 8 silent periods, so the timeout must outlast the longest stretch a live core spends away
+/// from its inbox: a console line (a record with a fault text is up to about 400
+/// characters: 35 ms at 115200 baud) plus the wait for the console lock behind another
+/// core's line (35 ms more), about 70 ms; every other stretch is bounded by steps of a few
+/// thousand instructions (about 1 ms in Bochs at 4 million instructions per second).
+/// 8 periods of 12 ms are 96 ms (README "Core membership").
+pub const MIN_PROBE_MS: u64 = 12;
+/// The longest failure-detector period.
+pub const MAX_PROBE_MS: u64 = 10_000;
 
 /// The multiboot2 module names of the guest kernels, by [`GuestEntry::kernel`] index: 0 is
 /// the built-in `guestkernel` (the workloads), the others are kernels a config names

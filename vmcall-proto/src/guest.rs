@@ -235,6 +235,7 @@ pub const WORKLOADS: &[&str] = &[
     "meter",
     "nic",
     "pciattack",
+    "bigmap",
 ];
 
 /// What values a workload argument takes.
@@ -827,6 +828,31 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             default: ArgDefault::Word("all"),
             meaning: "`all` (the attacks it survives, then `window`), `window` or `storm`",
         }],
+    },
+    WorkloadSpec {
+        name: "bigmap",
+        summary: "maps its whole grant (slot 0) `rounds` times at `offset_kib` into the grant \
+                  window, touches it, unmaps it, and prints how long each map and unmap took; \
+                  or, by `role`, revokes a copy its peer mapped so",
+        args: &[
+            int(
+                "offset_kib",
+                0,
+                1 << 20,
+                4,
+                "offset in the grant window, KiB: 4 forces \
+                4-KiB pages (the longest mapping), 0 allows 2-MiB pages",
+            ),
+            int("rounds", 1, 100, 3, "maps and unmaps"),
+            ArgSpec {
+                key: "role",
+                kind: ArgKind::Word(&["mapper", "owner", "holder"]),
+                default: ArgDefault::Word("mapper"),
+                meaning: "`mapper` (maps its grant), `owner` (copies its grant to the peer of \
+                          its first channel and revokes it once the peer mapped it) or \
+                          `holder` (maps the copy at `offset_kib`, tells the owner)",
+            },
+        ],
     },
 ];
 

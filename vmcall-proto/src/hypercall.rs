@@ -193,7 +193,9 @@ pub enum HvError {
     NotOwner = -20,
     /// Copies of copies go at most `caps::MAX_DEPTH` deep.
     TooDeep = -21,
-    /// The receiver has not accepted capabilities on that endpoint (see `cap_accept`).
+    /// The receiver has not accepted capabilities on that endpoint (see `cap_accept`), or not
+    /// yet: also while it is being set up. Retryable (README "Guest ABI" says, per error,
+    /// whether to retry).
     NotAccepted = -22,
     /// The guest is in a state the operation does not apply to (e.g. starting a guest that
     /// runs), or another operation on it is still under way.

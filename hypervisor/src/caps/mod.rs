@@ -53,6 +53,87 @@ pub trait Env {
     /// before it runs again (it is not running while its core handles messages). Nothing
     /// to show by default (no guest, or no status page).
     fn link_down(&mut self, _channel: u32) {}
+    /// The inbox is being served now (every [`CapCore::poll`] says so first): the
+    /// hypervisor measures the stretches between these (see `percpu::PerCore::served`).
+    fn served(&mut self) {}
+}
+
+/// The most EPT leaf entries one step of a long `cap_map` or `cap_unmap` writes before the
+/// inbox is served again: a page table's worth of 4-KiB pages (2 MiB), or a page directory's
+/// worth of 2-MiB pages (1 GiB), plus at most one partial table at either end. With about
+/// five instructions per entry that is a few thousand instructions between two looks at
+/// the inbox (measured: see README "Core membership"), whatever the cap's size.
+pub const EPT_STEP_ENTRIES: u64 = 512;
+
+/// The step of an unmap whose host side is not known here (the rest of one a revoke
+/// started, see [`Deferring`]): up to the next 2-MiB boundary of the guest side, which never
+/// splits a leaf, so at most 512 entries (one for a 2-MiB page).
+fn unmap_step(g: u64, end: u64) -> u64 {
+    const SIZE_2M: u64 = 2 << 20;
+    (SIZE_2M - g % SIZE_2M).min(end - g)
+}
+
+/// The environment the protocol's message handling sees ([`CapCore::deliver`]): the same,
+/// except that the unmap of a revoked piece does its first step at once and leaves the rest
+/// to [`CapCore::poll`], which finishes it a step at a time with the inbox served between,
+/// before it returns (so before the guest runs again: it does not run while its core
+/// handles messages). A small piece is gone before the reply leaves, as always; a large one
+/// no longer keeps the core from its inbox for the whole unmap.
+struct Deferring<'a, E: Env> {
+    env: &'a mut E,
+    rest: &'a mut [Option<(u64, u64)>; vmcall_proto::caps::MAX_SLOTS],
+}
+
+impl<E: Env> Env for Deferring<'_, E> {
+    fn now(&mut self) -> u64 {
+        self.env.now()
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.env.send(to, m)
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        self.env.recv()
+    }
+    fn kick(&mut self, to: usize) {
+        self.env.kick(to)
+    }
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
+        self.env.ept_map(gpa, hpa, size, write)
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        let first = unmap_step(gpa, gpa.saturating_add(size));
+        self.env.ept_unmap(gpa, first)?;
+        if first < size {
+            // At most one per slot of the space (each was a mapped piece): never full.
+            match self.rest.iter_mut().find(|r| r.is_none()) {
+                Some(free) => *free = Some((gpa + first, size - first)),
+                None => self.env.ept_unmap(gpa + first, size - first)?,
+            }
+        }
+        Ok(())
+    }
+    fn relax(&mut self) {
+        self.env.relax()
+    }
+    fn link_down(&mut self, channel: u32) {
+        self.env.link_down(channel)
+    }
+    fn served(&mut self) {
+        self.env.served()
+    }
+}
+
+/// The guest-physical bytes of the step of an EPT change that starts at `g` (mapped to
+/// `h`) and must not pass `end`: up to the next 2-MiB boundary where 4-KiB pages are used,
+/// up to the next 1-GiB boundary where 2-MiB pages are (both sides congruent modulo 2 MiB).
+/// Steps end on 2-MiB boundaries of the guest side, where the EPT writer's leaf runs end
+/// too, so a mapping made in steps has exactly the leaves of one made at once, and can be
+/// unmapped in the same steps.
+pub fn ept_step(g: u64, h: u64, end: u64) -> u64 {
+    const SIZE_2M: u64 = 2 << 20;
+    let large = (g ^ h).is_multiple_of(SIZE_2M) && g.is_multiple_of(SIZE_2M);
+    let step = if large { EPT_STEP_ENTRIES * SIZE_2M } else { SIZE_2M };
+    (step - g % step).min(end - g)
 }
 
 /// Membership timing before the run loop sets it (in no view, nothing is timed).
@@ -157,6 +238,9 @@ pub struct CapCore<const E: usize> {
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
     proto: Proto<E>,
+    /// What is left of the unmaps revokes started, `(gpa, size)` (see [`Deferring`]); empty
+    /// whenever [`Self::poll`] returns.
+    unmaps: [Option<(u64, u64)>; vmcall_proto::caps::MAX_SLOTS],
     /// Guest control: this core's own request, and requests for its guest.
     pub ctl: control::Control,
     /// Core membership: this core's copy of the view, and its part in changing it.
@@ -229,6 +313,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).links_dirty).write(false);
             addr_of_mut!((*p).deaf).write(false);
             Proto::init_at(addr_of_mut!((*p).proto), core);
+            addr_of_mut!((*p).unmaps).write([None; vmcall_proto::caps::MAX_SLOTS]);
             addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).members).write(members::Members::new(core as usize, 0, INERT, 0));
             addr_of_mut!((*p).suspected_unlogged).write(0);
@@ -253,6 +338,7 @@ impl<const E: usize> CapCore<E> {
             links_dirty: false,
             deaf: false,
             proto: Proto::new(core),
+            unmaps: [None; vmcall_proto::caps::MAX_SLOTS],
             ctl: control::Control::default(),
             members: members::Members::new(core as usize, 0, INERT, 0),
             suspected_unlogged: 0,
@@ -342,6 +428,17 @@ impl<const E: usize> CapCore<E> {
                 Ok(n) => out.revoked += n,
                 Err(_) => out.unconfirmed += 1,
             }
+        }
+        // Mappings go a step at a time, serving (see `unmap`); the space's own retire
+        // unmaps only what that could not.
+        let mut mapped = [None; vmcall_proto::caps::MAX_SLOTS];
+        for (m, (h, _)) in
+            mapped.iter_mut().zip(self.space.live().filter(|(_, c)| c.mapped_at.is_some()))
+        {
+            *m = Some(h);
+        }
+        for h in mapped.into_iter().flatten() {
+            let _ = self.unmap(env, h);
         }
         let mut failed = false;
         out.dropped = self.space.retire(|c| {
@@ -551,13 +648,33 @@ impl<const E: usize> CapCore<E> {
         self.proto.idle()
     }
 
-    /// Serves the inbox: every message waiting, then deadlines. Returns how many messages
-    /// were handled (the caller charges that time to nobody's guest).
+    /// Serves the inbox: every message waiting, then the rest of the unmaps revokes started
+    /// (a step at a time, the inbox looked at before each), then deadlines. Returns how many
+    /// messages were handled (the caller charges that time to nobody's guest).
     pub fn poll(&mut self, env: &mut impl Env) -> u32 {
         let mut n = 0;
-        while let Some((from, m)) = env.recv() {
-            n += 1;
-            self.deliver(env, from, &m);
+        loop {
+            env.served();
+            let mut got = false;
+            while let Some((from, m)) = env.recv() {
+                n += 1;
+                got = true;
+                self.deliver(env, from, &m);
+            }
+            if got {
+                // Look again before any unmap step: steps follow a look that found nothing.
+                continue;
+            }
+            // The rest of the unmaps revokes started: a step, then the inbox again.
+            let Some(slot) = self.unmaps.iter_mut().find(|u| u.is_some()) else { break };
+            let Some((g, size)) = slot.take() else { break };
+            let step = unmap_step(g, g + size);
+            if env.ept_unmap(g, step).is_err() {
+                // The guest may still reach what is left: its core stops it.
+                self.stats.unmap_failed = true;
+            } else if step < size {
+                *slot = Some((g + step, size - step));
+            }
         }
         let due = self.members.due();
         if self.proto.busy() || due != u64::MAX {
@@ -623,8 +740,9 @@ impl<const E: usize> CapCore<E> {
         if self.deaf && proto::is_revoke(m) {
             return;
         }
+        let mut d = Deferring { env, rest: &mut self.unmaps };
         let Some(ins) =
-            self.proto.deliver(env, from, m, &mut self.space, &self.policy, &mut self.stats)
+            self.proto.deliver(&mut d, from, m, &mut self.space, &self.policy, &mut self.stats)
         else {
             return;
         };
@@ -714,22 +832,87 @@ impl<const E: usize> CapCore<E> {
         if busy {
             return Err(HvError::AddressInUse);
         }
-        // The record first (it checks rights and alignment), then the EPT, which changes
-        // nothing if it fails: then the record is undone and nothing changed at all.
-        self.space.map(h, gpa, rights)?;
-        if let Err(e) = env.ept_map(gpa, cap.base, cap.size, rights.contains(Rights::WRITE)) {
-            let _ = self.space.unmap(h);
-            return Err(e);
+        // Every check first (the record's: rights and alignment), then the EPT a step at a
+        // time with the inbox served between steps (a large cap in 4-KiB pages is hundreds
+        // of thousands of entries: done at once it would keep this core deaf to the others
+        // for longer than a membership probe may go unanswered). The record is written only
+        // once the mapping is complete: a revoke served meanwhile finds the cap unmapped, and
+        // what was mapped of it is taken out again here before the guest runs.
+        self.space.check_map(h, gpa, rights)?;
+        let write = rights.contains(Rights::WRITE);
+        let mut g = gpa;
+        while g < end {
+            let len = ept_step(g, cap.base + (g - gpa), end);
+            let stepped = env.ept_map(g, cap.base + (g - gpa), len, write);
+            if stepped.is_ok() {
+                g += len;
+                if g < end {
+                    self.poll(env);
+                }
+            }
+            // A revoke served between two steps may have taken the cap.
+            let gone = self.space.get(h).is_err();
+            if let Err(e) = stepped.and(if gone { Err(HvError::Revoked) } else { Ok(()) }) {
+                if g > gpa && self.ept_unmap_serving(env, gpa, cap.base, g - gpa).is_err() {
+                    self.stats.unmap_failed = true;
+                }
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.space.map(h, gpa, rights) {
+            // Checked above and nothing but a revoke changes the cap meanwhile (just
+            // checked): unreachable, but never leave a mapping without its record.
+            if self.ept_unmap_serving(env, gpa, cap.base, cap.size).is_err() {
+                self.stats.unmap_failed = true;
+            }
+            return Err(e.into());
         }
         Ok(0)
     }
 
-    /// `cap_unmap(slot) -> gpa`.
+    /// Unmaps `[gpa, gpa + size)`, mapped to `hpa` (the steps depend on both), a step at a
+    /// time with the inbox served between steps, as [`Self::map`] mapped it. The first
+    /// step's failure changed nothing (the EPT writer is all-or-nothing); a later one would
+    /// leave the rest mapped, which its caller reports as a failed unmap.
+    fn ept_unmap_serving(
+        &mut self,
+        env: &mut impl Env,
+        gpa: u64,
+        hpa: u64,
+        size: u64,
+    ) -> Result<(), HvError> {
+        let end = gpa + size;
+        let mut g = gpa;
+        while g < end {
+            let len = ept_step(g, hpa + (g - gpa), end);
+            env.ept_unmap(g, len)?;
+            g += len;
+            if g < end {
+                self.poll(env);
+            }
+        }
+        Ok(())
+    }
+
+    /// `cap_unmap(slot) -> gpa`. The record goes first (a revoke served between the steps
+    /// finds the cap unmapped and leaves the EPT to this call); the first step's failure puts
+    /// it back (nothing changed), a later one stops the guest (it may still reach part).
     fn unmap(&mut self, env: &mut impl Env, h: u64) -> Result<u64, HvError> {
-        let c = *self.space.get(h)?;
+        let c = self.space.unmap(h)?;
         let gpa = c.mapped_at.ok_or(HvError::NotMapped)?;
-        env.ept_unmap(gpa, c.size)?;
-        self.space.unmap(h)?;
+        let first = ept_step(gpa, c.base, gpa + c.size);
+        if let Err(e) = env.ept_unmap(gpa, first) {
+            let _ = self.space.map(h, gpa, c.mapped_rights);
+            return Err(e);
+        }
+        if first < c.size {
+            self.poll(env);
+            let rest = self.ept_unmap_serving(env, gpa + first, c.base + first, c.size - first);
+            if let Err(e) = rest {
+                self.stats.unmap_failed = true;
+                return Err(e);
+            }
+        }
         Ok(gpa)
     }
 
@@ -799,10 +982,11 @@ impl<const E: usize> CapCore<E> {
             env.relax();
         }
         self.last_transfer[peer as usize] = env.now();
-        if let Some(gpa) = src.mapped_at.filter(|_| !copy) {
-            // The receiver may map it at once: this guest's access goes first.
-            env.ept_unmap(gpa, src.size)?;
-            self.space.unmap(h)?;
+        if src.mapped_at.is_some() && !copy {
+            // The receiver may map it at once: this guest's access goes first (in steps,
+            // serving; a revoke meanwhile makes the move fail here).
+            self.unmap(env, h)?;
+            self.space.movable(h)?;
         }
         if let Some(id) = id {
             #[cfg(test)]

@@ -22,6 +22,8 @@ struct Net {
     /// EPT writes fail with this error while set.
     ept_fails: Option<HvError>,
     sends: Vec<(usize, usize)>,
+    /// A core's own polls read its queues while set (otherwise only [`Net::deliver`] does).
+    serve_inbox: bool,
 }
 
 struct NetEnv<'a> {
@@ -32,6 +34,7 @@ struct NetEnv<'a> {
     now: u64,
     ept_fails: Option<HvError>,
     sends: &'a mut Vec<(usize, usize)>,
+    serve_inbox: bool,
 }
 
 impl Env for NetEnv<'_> {
@@ -48,7 +51,11 @@ impl Env for NetEnv<'_> {
         true
     }
     fn recv(&mut self) -> Option<(usize, Payload)> {
-        None
+        if !self.serve_inbox {
+            return None;
+        }
+        let (me, n) = (self.me, self.n);
+        (0..n).find_map(|from| Some((from, self.queues[from * n + me].pop_front()?)))
     }
     fn kick(&mut self, _to: usize) {}
     fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _w: bool) -> Result<(), HvError> {
@@ -81,6 +88,7 @@ impl Net {
             now: 0,
             ept_fails: None,
             sends: vec![],
+            serve_inbox: false,
         };
         net.cores[0].grant(0x100_0000, 0x1_0000).unwrap();
         for c in 0..n {
@@ -104,6 +112,7 @@ impl Net {
             now: self.now,
             ept_fails: self.ept_fails,
             sends: &mut self.sends,
+            serve_inbox: self.serve_inbox,
         };
         f(&mut self.cores[c], &mut env)
     }
@@ -1207,4 +1216,223 @@ fn a_tree_revoke_on_threads_takes_back_every_copy() {
         }
     });
     no_holder_keeps_a_copy(&out);
+}
+
+/// A core over a real EPT (host frames) that counts the leaf entries written between two
+/// looks at the inbox (`Env::served`).
+struct StepEnv {
+    frames: crate::ept::tests::HostFrames,
+    root: u64,
+    since_served: u64,
+    most: u64,
+    calls: u64,
+    /// Host minus guest address of the last mapping (every test maps one cap at a time).
+    delta: u64,
+    inbox: VecDeque<(usize, Payload)>,
+    outbox: Vec<(usize, Payload)>,
+}
+
+impl StepEnv {
+    fn new() -> Self {
+        let mut frames = crate::ept::tests::host_frames(2048);
+        let root = crate::ept::new_root(&mut frames).unwrap();
+        let (inbox, outbox) = (VecDeque::new(), Vec::new());
+        StepEnv { frames, root, since_served: 0, most: 0, calls: 0, delta: 0, inbox, outbox }
+    }
+    /// The leaves mapping `[g, g + len)` to `h` has (the EPT writer's rule: 2 MiB where
+    /// both sides are aligned and 2 MiB remain, else 4 KiB).
+    fn leaves(g: u64, h: u64, len: u64) -> u64 {
+        const M2: u64 = 2 << 20;
+        let (mut n, mut off) = (0, 0);
+        while off < len {
+            let big =
+                (g + off).is_multiple_of(M2) && (h + off).is_multiple_of(M2) && len - off >= M2;
+            off += if big { M2 } else { 4096 };
+            n += 1;
+        }
+        n
+    }
+    fn wrote(&mut self, n: u64) {
+        self.calls += 1;
+        self.since_served += n;
+        self.most = self.most.max(self.since_served);
+    }
+}
+
+impl Env for StepEnv {
+    fn now(&mut self) -> u64 {
+        0
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        self.outbox.push((to, *m));
+        true
+    }
+    fn recv(&mut self) -> Option<(usize, Payload)> {
+        self.inbox.pop_front()
+    }
+    fn kick(&mut self, _to: usize) {}
+    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, w: bool) -> Result<(), HvError> {
+        let perm = crate::ept::Perm::shared(w);
+        crate::ept::map_with(&mut self.frames, self.root, gpa, hpa, size, perm)?;
+        self.delta = hpa.wrapping_sub(gpa);
+        self.wrote(Self::leaves(gpa, hpa, size));
+        Ok(())
+    }
+    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
+        let hpa = gpa.wrapping_add(self.delta);
+        crate::ept::unmap(&mut self.frames, self.root, gpa, size)?;
+        self.wrote(Self::leaves(gpa, hpa, size));
+        Ok(())
+    }
+    fn served(&mut self) {
+        self.since_served = 0;
+    }
+}
+
+/// The longest mapping a guest can ask for (a 512 MiB cap at a window offset that forces
+/// 4-KiB pages: 131,072 entries) and its unmapping are written a step of at most
+/// `EPT_STEP_ENTRIES` entries at a time with the inbox served between steps, and end with
+/// exactly the mapping asked for; with 2-MiB pages too (fewer, larger steps).
+#[test]
+fn long_maps_and_unmaps_serve_the_inbox_between_steps() {
+    let policy = Policy::from_tsc_per_ms(1000);
+    let (base, size) = (0x4000_0000, 512 << 20);
+    for (offset, most) in [(4096, EPT_STEP_ENTRIES), (0, EPT_STEP_ENTRIES)] {
+        let mut core = Core::new(0, policy);
+        let mut env = StepEnv::new();
+        core.grant(base, size).unwrap();
+        let gpa = GRANT_WINDOW.0 + offset;
+        assert_eq!(core.hypercall(&mut env, Hypercall::CapMap, 0, gpa, 3), Some(Ok(0)));
+        assert!(env.most <= most, "offset {offset}: {} entries in one stretch", env.most);
+        let f = &mut env.frames;
+        assert_eq!(crate::ept::mapped_bytes(f, env.root), size);
+        assert_eq!(crate::ept::translate(f, env.root, gpa), Some(base));
+        assert_eq!(crate::ept::translate(f, env.root, gpa + size - 1), Some(base + size - 1));
+        assert_eq!(core.space().get(0).unwrap().mapped_at, Some(gpa));
+        let steps = env.calls;
+        assert!(steps > 1 || offset == 0, "offset {offset}: in {steps} steps");
+        env.most = 0;
+        assert_eq!(core.hypercall(&mut env, Hypercall::CapUnmap, 0, 0, 0), Some(Ok(gpa)));
+        assert!(env.most <= most, "unmap, offset {offset}: {} entries in one stretch", env.most);
+        assert_eq!(crate::ept::mapped_bytes(&mut env.frames, env.root), 0);
+        assert_eq!(env.calls, 2 * steps, "unmapped in the steps it was mapped in");
+    }
+}
+
+/// A revoke served between two steps of a mapping takes the cap: the map returns `Revoked`
+/// and nothing of the cap is left mapped (the record was never written, the steps done are
+/// undone before the guest runs again); the revoker gets its answer.
+#[test]
+fn a_revoke_served_between_map_steps_leaves_nothing_mapped() {
+    let mut net = Net::new(2, 1);
+    let big = net.cores[0].grant(0x4000_0000, 8 << 20).unwrap();
+    let copy = net.transfer(0, big, 1, 1 | 3 << 8).unwrap();
+    assert!(net.with(0, |core, env| core.revoke_start(env, big)).unwrap());
+    net.serve_inbox = true;
+    let gpa = GRANT_WINDOW.0 + 4096;
+    assert_eq!(net.call(1, Hypercall::CapMap, copy, gpa, 1), Err(HvError::Revoked));
+    assert!(net.ept[1].is_empty(), "left mapped: {:?}", net.ept[1]);
+    assert!(!net.cores[1].stats.unmap_failed);
+    assert_eq!(net.live_memory(1), 0);
+    net.serve_inbox = false;
+    net.settle(None);
+    let v = net.cores[0].take_verdict().expect("answered");
+    assert_eq!(Core::revoke_finish(v), Ok(1));
+}
+
+/// Every message a core receives has a defined fate in every state of its guest (the
+/// hypervisor registers a guest's channels before its core first serves the inbox, so these
+/// are all the states there are): set up and not accepting yet, running and accepting, dead
+/// (retired), reborn and not accepting yet. An `INSERT` through a real channel is answered
+/// with a verdict that says what to do, never `BadArgument`: `NotAccepted` while the guest
+/// does not accept (retry), `PeerGone` while it is dead (retry once the link is up again); a
+/// `LINK_DOWN` is shown and acknowledged with whether the guest is alive; a `REVOKE` is
+/// answered in every state.
+#[test]
+fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum State {
+        SetUp,
+        Accepting,
+        Dead,
+        Reborn,
+    }
+    for state in [State::SetUp, State::Accepting, State::Dead, State::Reborn] {
+        let mut net = Net::new(2, 0);
+        let ep = net.ep(1, 0);
+        if state != State::SetUp {
+            assert_eq!(net.call(1, Hypercall::CapAccept, ep, 1, 0), Ok(0));
+        }
+        if matches!(state, State::Dead | State::Reborn) {
+            net.with(1, |c, env| c.retire(env));
+        }
+        if state == State::Reborn {
+            net.cores[1].reborn();
+        }
+        let copy = net.transfer(0, 0, 1, 1 | 3 << 8);
+        match state {
+            State::Accepting => assert!(copy.is_ok(), "{state:?}: {copy:?}"),
+            State::Dead => assert_eq!(copy, Err(HvError::PeerGone), "{state:?}"),
+            State::SetUp | State::Reborn => {
+                assert_eq!(copy, Err(HvError::NotAccepted), "{state:?}")
+            }
+        }
+        // The owner's revoke: a REVOKE reaches core 1 only if it holds the copy; answered.
+        let held = u64::from(copy.is_ok());
+        assert_eq!(net.revoke(0, 0, None), Ok(held), "{state:?}");
+        assert_eq!(net.live_memory(1), 0, "{state:?}");
+        // A LINK_DOWN from the peer's core: shown and acknowledged.
+        let index = chan(2, 0, 1);
+        let down = links::message(proto::op::LINK_DOWN, [index].into_iter(), 1, false);
+        net.with(1, |c, env| c.deliver(env, 0, &down));
+        let ack = net.queues[2].pop_back().expect("acknowledged");
+        assert_eq!(ack[0] & 0xff, proto::op::LINK_ACK, "{state:?}");
+        assert!(links::names(&ack, index), "{state:?}");
+        assert_eq!(ack[6] != 0, state != State::Dead, "{state:?}: alive");
+        assert!(!net.cores[1].take_link(0).unwrap().peer_up, "{state:?}");
+        assert!(net.queues.iter().all(|q| q.is_empty()), "{state:?}: nothing else waits");
+    }
+}
+
+/// Moves what `from` sent to `to` into `to`'s inbox.
+fn post(from: (usize, &mut StepEnv), to: (usize, &mut StepEnv)) {
+    for (dest, m) in core::mem::take(&mut from.1.outbox) {
+        assert_eq!(dest, to.0);
+        to.1.inbox.push_back((from.0, m));
+    }
+}
+
+/// A revoke that reaches a holder with a large copy mapped in 4-KiB pages: the holder's core
+/// unmaps it a step at a time with the inbox served between (the first step at once, the
+/// rest before its poll returns), answers, and nothing of it stays mapped.
+#[test]
+fn a_revoke_of_a_large_mapped_copy_unmaps_it_in_steps() {
+    let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
+    let (mut owner, mut holder) = (Core::new(0, policy), Core::new(1, policy));
+    let (mut e0, mut e1) = (StepEnv::new(), StepEnv::new());
+    let grant = owner.grant(0x4000_0000, 512 << 20).unwrap();
+    let ep0 = owner.add_channel(7, Some(1)).unwrap();
+    let ep1 = holder.add_channel(7, Some(0)).unwrap();
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapAccept, ep1, 1, 0), Some(Ok(0)));
+    let t = owner.transfer_start(&mut e0, grant, ep0, 1 | 3 << 8).unwrap();
+    post((0, &mut e0), (1, &mut e1));
+    holder.poll(&mut e1);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    let v = owner.take_verdict().unwrap();
+    let copy = owner.transfer_finish(t, v).unwrap();
+    let gpa = GRANT_WINDOW.0 + 4096;
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapMap, copy, gpa, 1), Some(Ok(0)));
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 512 << 20);
+    assert!(owner.revoke_start(&mut e0, grant).unwrap());
+    post((0, &mut e0), (1, &mut e1));
+    (e1.most, e1.since_served, e1.calls) = (0, 0, 0);
+    holder.poll(&mut e1);
+    assert!(e1.most <= EPT_STEP_ENTRIES, "{} entries in one stretch", e1.most);
+    assert!(e1.calls > 1, "in {} steps", e1.calls);
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 0);
+    assert!(!holder.stats.unmap_failed);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
 }

@@ -131,6 +131,9 @@ pub struct GuestReport {
     pub incarnations: u32,
     /// Revokes of its caps some core did not confirm at its (last) death.
     pub unconfirmed: u32,
+    /// The longest stretch its core spent in the hypervisor without serving the inbox, in
+    /// TSC ticks, up to the report (see `percpu::PerCore::served`).
+    pub longest_away: u64,
 }
 
 /// A report's VM exits as `reason:count` words, zeros left out (the records' `exits`).
@@ -169,6 +172,7 @@ impl GuestReport {
         self.foreign_tsc = self.foreign_tsc.saturating_add(later.foreign_tsc);
         self.incarnations += 1;
         self.unconfirmed = later.unconfirmed;
+        self.longest_away = self.longest_away.max(later.longest_away);
     }
 }
 
@@ -248,6 +252,11 @@ mod run {
     use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
     use zerocopy::{FromZeros, IntoBytes};
 
+    /// Bytes zeroed or copied between two looks at the inbox (partition, grants, kernel
+    /// segments): 4,096 `rep stosq` iterations, a few thousand instructions (see README "Core
+    /// membership" for the bound this keeps).
+    const SERVE_EVERY_BYTES: u64 = 32 << 10;
+
     /// This core's private region, reached through the identity map.
     struct Identity;
 
@@ -322,10 +331,9 @@ mod run {
         /// core serves its inbox there: zeroing a large partition takes longer than a
         /// membership probe may go unanswered).
         fn zero(&self, mut between: impl FnMut()) {
-            const CHUNK: u64 = 1 << 20;
             let mut at = 0;
             while at < self.size {
-                let len = CHUNK.min(self.size - at);
+                let len = SERVE_EVERY_BYTES.min(self.size - at);
                 // SAFETY: the whole partition belongs to this core and is not yet in use.
                 unsafe { ((self.base + at) as *mut u8).write_bytes(0, len as usize) };
                 at += len;
@@ -465,6 +473,9 @@ mod run {
             // SAFETY: `status` is that frame; a StatusPage is one page of u64s.
             let sp = unsafe { &mut *(self.status as *mut StatusPage) };
             sp.links[pos].word &= !1;
+        }
+        fn served(&mut self) {
+            served_now();
         }
     }
 
@@ -821,7 +832,14 @@ mod run {
             foreign_tsc: ctx.foreign_tsc,
             incarnations: 1,
             unconfirmed: 0,
+            longest_away: 0,
         }
+    }
+
+    /// This core serves its inbox now (see `percpu::PerCore::served`).
+    fn served_now() {
+        // SAFETY: a core runs guests only after its `init_this_core`.
+        unsafe { crate::percpu::this_core() }.served(arch::rdtsc());
     }
 
     /// The hypervisor side of a core once its guest is over for good: no guest to enter,
@@ -849,6 +867,9 @@ mod run {
         }
         fn relax(&mut self) {
             arch::pause();
+        }
+        fn served(&mut self) {
+            served_now();
         }
     }
 
@@ -921,8 +942,8 @@ mod run {
         }
         for &(base, size) in &owned[..count] {
             // A chunk at a time, serving the inbox between (see `Partition::zero`).
-            for at in (0..size).step_by(1 << 20) {
-                let len = (1u64 << 20).min(size - at);
+            for at in (0..size).step_by(SERVE_EVERY_BYTES as usize) {
+                let len = SERVE_EVERY_BYTES.min(size - at);
                 // Its guest is not running and nothing maps it now.
                 // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
                 unsafe { ((base + at) as *mut u8).write_bytes(0, len as usize) };
@@ -1035,8 +1056,17 @@ mod run {
                 if !restart_wanted(l.entry.restart, ending)
                     || restarts >= u32::from(l.entry.max_restarts)
                     || unconfirmed > 0
-                    || arch::rdtsc() >= l.end_tsc
                 {
+                    break;
+                }
+                if arch::rdtsc() >= l.end_tsc {
+                    // The run's duration ended while it was between incarnations, due to
+                    // start again: it ends with the run (state `ended`), as it would have a
+                    // moment later in its next incarnation's setup.
+                    ending = Ending::Stopped(StopReason::RunEnded);
+                    if let Some(t) = &mut total {
+                        t.ending = ending;
+                    }
                     break;
                 }
                 restarts += 1;
@@ -1099,6 +1129,8 @@ mod run {
         if let Some(mut r) = total {
             r.xmsgs = link.sent;
             r.nmis = link.nmis;
+            // SAFETY: this core's slot is initialised (it runs guests).
+            r.longest_away = unsafe { crate::percpu::this_core() }.longest_away();
             // What posting writes (the exit trace) takes a while: the inbox is served
             // between its records.
             let caps_now = &mut *caps;
@@ -1385,6 +1417,27 @@ mod run {
             incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
             (r, ctx.caps, None)
         };
+        // The guest's capabilities and channels first, before anything serves the inbox
+        // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
+        // `INSERT` or a revoke that arrives meanwhile then finds the channel it names and
+        // gets its defined answer (`LINK_ACK`; `NotAccepted` until the guest accepts).
+        if n == 1 {
+            for &(base, size) in &l.grants[..l.grant_count] {
+                if ctx.caps.grant(base, size).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for ch in l.channels() {
+                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+            for &(core, guest) in &l.targets[..l.target_count] {
+                if ctx.caps.add_control(core, guest as u32).is_err() {
+                    return stop(ctx, "capability space full");
+                }
+            }
+        }
         let part = Partition { base: l.partition, size: l.partition_size };
         // The pool ends below the status frame, which stays where it is for the whole run.
         let mut frames = Private::new(Identity, l.private, l.status_frame());
@@ -1408,8 +1461,12 @@ mod run {
         });
         for s in plan.segments() {
             let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
-            if part.write(s.gpa, data).is_err() {
-                return stop(ctx, "kernel segment outside the partition");
+            // A kernel may be 16 MiB: copied a chunk at a time, serving between.
+            for (k, piece) in data.chunks(SERVE_EVERY_BYTES as usize).enumerate() {
+                if part.write(s.gpa + (k as u64 * SERVE_EVERY_BYTES), piece).is_err() {
+                    return stop(ctx, "kernel segment outside the partition");
+                }
+                ctx.caps.poll(&mut Serving(link));
             }
         }
         let mut bi = BootInfo::new_zeroed();
@@ -1542,23 +1599,6 @@ mod run {
             log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
         }
         let mut sink = Console { name: name(l), core };
-        if n == 1 {
-            for &(base, size) in &l.grants[..l.grant_count] {
-                if ctx.caps.grant(base, size).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-            for ch in l.channels() {
-                if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-            for &(core, guest) in &l.targets[..l.target_count] {
-                if ctx.caps.add_control(core, guest as u32).is_err() {
-                    return unload(ctx, "capability space full");
-                }
-            }
-        }
         let frames_at_start = frames.in_use();
         let caps_at_start = ctx.caps.live_caps();
         let mut vcpu = VmcsVcpu {
@@ -1637,6 +1677,8 @@ mod run {
             for (pos, ch) in l.channels().iter().enumerate() {
                 counts[pos].lost = counts[pos].lost.saturating_add(reset_rings(ch));
                 counts[pos].resets += 1;
+                // Up to 16 channels of up to 512 KiB each: the inbox between two.
+                ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
             }
         }
         publish_links(status, l, ctx.caps, counts);
@@ -1786,11 +1828,13 @@ mod run {
                 first_entry = t_entry;
             }
             let fast_ptr = core::ptr::addr_of_mut!(fast).cast();
+            me.entering_guest(arch::rdtsc());
             // `fast` lives on this frame and is armed for this guest (its telemetry page, this
             // core's mail word and kick flag).
             // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
             let entered = unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) };
             let t_exit = arch::rdtsc();
+            me.left_guest(t_exit);
             // The exits the fast path answered count even if its last VMRESUME failed.
             let (hypercalls, cpuids) = fast.take();
             ctx.fold_fast(hypercalls, cpuids);
@@ -1876,12 +1920,16 @@ mod run {
             vcpu.frames.peak(),
             vcpu.frames.limit()
         );
+        // A console line takes milliseconds at the UART's baud rate: the inbox between two
+        // (nothing is mapped any more, so no EPT is needed to serve it).
+        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
         let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
             lost: a.lost.saturating_add(c.lost),
             resets: a.resets.saturating_add(c.resets),
         });
         let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
         incarnation_record(l, n, &r, start, &retired, links);
+        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
         (r, ctx.caps, asked)
     }
 

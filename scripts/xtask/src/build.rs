@@ -124,7 +124,9 @@ pub fn iso(images: &Images, dir: &Path, cmdline: &str, config: Option<&[u8]>) ->
         bail!("{} kernels; at most {MAX_KERNELS}", images.kernels.len());
     }
     for (i, k) in images.kernels.iter().enumerate() {
-        std::fs::copy(k, boot.join(KERNEL_MODULES[i + 1]))
+        // Read as checked (a regular file, bounded), not copied from whatever the path is now.
+        let image = crate::kernel::read_kernel(k).map_err(anyhow::Error::msg)?;
+        std::fs::write(boot.join(KERNEL_MODULES[i + 1]), image)
             .with_context(|| format!("copying {}", k.display()))?;
     }
     if let Some(blob) = config {

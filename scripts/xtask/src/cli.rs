@@ -57,6 +57,10 @@ pub enum Command {
     /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
     /// the run is over. Exit code 2 when RUN names no run.
     Top(TopArgs),
+    /// A randomized fault campaign in Bochs: machines drawn from a seed (printed) mixing
+    /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
+    /// on each report. Exit code 0 if every run held them all, 1 otherwise.
+    Chaos(ChaosArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -74,6 +78,19 @@ pub struct TopArgs {
     /// Print the view once (of a run in progress or over) and exit.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosArgs {
+    /// The first seed (default: from the clock; printed either way, to replay a run).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How many runs (seeds `seed`, `seed + 1`, ...).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub runs: u64,
+    /// Print each drawn scenario (summary, command line, config) and boot nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -6,6 +6,8 @@
 //! a typo stops the run before a boot of minutes; should the two ever drift apart, the
 //! hypervisor's own "ignored" lines still reach the report's `problems` (`report::Console`).
 
+use vmcall_proto::config::{MAX_PROBE_MS, MIN_PROBE_MS};
+
 /// One word the hypervisor would ignore, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadWord {
@@ -38,8 +40,16 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "caps_deadline_ms" => Some("expected caps_deadline_ms=N with 1 <= N <= 60000"),
             "duration_ms" if n.is_some_and(|n| (1..=86_400_000).contains(&n)) => None,
             "duration_ms" => Some("expected duration_ms=N with 1 <= N <= 86400000"),
-            "probe_ms" if n.is_some_and(|n| n <= 10_000) => None,
-            "probe_ms" => Some("expected probe_ms=N with 0 (off) <= N <= 10000"),
+            "probe_ms"
+                if n.is_some_and(|n| n == 0 || (MIN_PROBE_MS..=MAX_PROBE_MS).contains(&n)) =>
+            {
+                None
+            }
+            "probe_ms" => Some(
+                "expected probe_ms=0 (off) or probe_ms=N with 12 <= N <= 10000 (8 silent \
+                 periods fence a core: they must outlast its longest stretch away from the \
+                 inbox, about 70 ms)",
+            ),
             "stats_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "stats_ms" => Some("expected stats_ms=N with 1 <= N <= 60000"),
             "revoke" if value == "broadcast" || value == "tree" => None,
@@ -114,6 +124,14 @@ mod tests {
             words("revoke=star revoke revoke_fanout=1 revoke_fanout=17"),
             ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17"]
         );
+        // The failure detector's period: off, or long enough for a live core's longest
+        // stretch away from its inbox (`vmcall_proto::config::MIN_PROBE_MS`).
+        assert_eq!(check("probe_ms=0 probe_ms=12 probe_ms=10000"), []);
+        assert_eq!(
+            words("probe_ms=1 probe_ms=11 probe_ms=10001"),
+            ["probe_ms=1", "probe_ms=11", "probe_ms=10001"]
+        );
+        assert!(check("probe_ms=2")[0].why.contains("longest stretch away from the inbox"));
         let b = &check("cpus=2 frob")[0];
         assert_eq!(b.word, "frob");
         assert!(b.to_string().starts_with("`frob`: unknown option"), "{b}");

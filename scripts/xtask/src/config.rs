@@ -455,8 +455,16 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         errs.at(m.cpus.span(), "machine.cpus", "must be between 1 and 64");
     }
     if let Some(p) = &m.probe_ms {
-        if *p.get_ref() > 10_000 {
-            errs.at(p.span(), "machine.probe_ms", "must be between 0 (off) and 10000 ms");
+        let v = u64::from(*p.get_ref());
+        if v != 0 && !(blob::MIN_PROBE_MS..=blob::MAX_PROBE_MS).contains(&v) {
+            let msg = format!(
+                "must be 0 (off) or between {} and {} ms: a core is fenced after 8 silent \
+                 periods, which must outlast the longest stretch a live core spends away from \
+                 its inbox (a console line and the wait for the console lock, about 70 ms)",
+                blob::MIN_PROBE_MS,
+                blob::MAX_PROBE_MS
+            );
+            errs.at(p.span(), "machine.probe_ms", &msg);
         }
     }
     if let Some(r) = &m.revoke {
@@ -1187,8 +1195,8 @@ fn encode(c: &Config) -> Result<Vec<u8>, String> {
 
 /// Reads and compiles a config file.
 pub fn load(path: &Path) -> anyhow::Result<Compiled> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    // Only a regular file of bounded size (a FIFO or a device would block or fill memory).
+    let src = crate::files::read_config(path).map_err(|e| anyhow::anyhow!("config: {e}"))?;
     Ok(compile(&path.display().to_string(), &src)?)
 }
 
@@ -1258,9 +1266,13 @@ memory_mib = 4
         assert!(with("0").contains("probe_ms = 0"), "GOOD has no `memory_mib = 256` line");
         assert!(compile("t.toml", &with("0")).is_ok());
         assert!(compile("t.toml", &with("10000")).is_ok());
-        let e = one_error(&with("10001"));
-        assert_eq!(e.field, "machine.probe_ms", "{e}");
-        assert!(e.message.contains("between 0 (off) and 10000"), "{e}");
+        assert!(compile("t.toml", &with("12")).is_ok());
+        for bad in ["10001", "1", "11"] {
+            let e = one_error(&with(bad));
+            assert_eq!(e.field, "machine.probe_ms", "{e}");
+            assert!(e.message.contains("0 (off) or between 12 and 10000"), "{e}");
+            assert!(e.message.contains("outlast the longest stretch"), "{e}");
+        }
         assert!(!errors(&with("\"fast\"")).is_empty(), "a string is refused");
     }
 

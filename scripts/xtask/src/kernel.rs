@@ -6,7 +6,8 @@
 //! config error located at the guest's `kernel` (file:line:column). The checks are the
 //! hypervisor's own (`hypervisor/src/guest/loader.rs`), which makes them again at launch.
 //!
-//! May call `config` (the config and its located errors), `build` (the target name), cargo.
+//! May call `config` (the config and its located errors), `build` (the target name), `files`
+//! (reading a kernel file), cargo.
 
 use crate::config::{Compiled, ConfigError, ConfigErrors, KernelSpec};
 use anyhow::{bail, Context, Result};
@@ -116,15 +117,16 @@ pub fn check_elf(image: &[u8], partition: u64) -> Result<Layout, String> {
     Ok(Layout { entry, end: seen.iter().map(|s| s.1).max().unwrap_or(0) })
 }
 
-/// Reads and checks a kernel file (see [`check_elf`]), saying what is wrong with the path.
+/// Reads and checks a kernel file (see [`check_elf`]), saying what is wrong with the path:
+/// only a regular file of at most [`MAX_KERNEL_BYTES`] is read (see [`crate::files`]).
 fn check_file(path: &Path, partition: u64) -> Result<Layout, String> {
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if meta.is_dir() {
-        return Err(format!("{shown} is a directory, not an ELF file"));
-    }
-    let image = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    check_elf(&image, partition).map_err(|e| format!("{shown}: {e}"))
+    let image = read_kernel(path)?;
+    check_elf(&image, partition).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The bytes of kernel file `path`, if it is a regular file of at most [`MAX_KERNEL_BYTES`].
+pub fn read_kernel(path: &Path) -> Result<Vec<u8>, String> {
+    crate::files::read(path, MAX_KERNEL_BYTES, "an ELF file")
 }
 
 /// The runtime's build recipe for a guest crate: the guest target, a fixed-address link

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod chaos;
 pub mod cheader;
 pub mod cli;
 pub mod cmdline;
@@ -14,6 +15,7 @@ pub mod devbench;
 pub mod diff;
 pub mod exit;
 pub mod exitbench;
+pub mod files;
 pub mod kernel;
 pub mod lifebench;
 pub mod meta;

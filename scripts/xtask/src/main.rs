@@ -119,6 +119,7 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Test(t) => test(t),
+        Cmd::Chaos(c) => xtask::chaos::campaign(c.seed, c.runs, c.dry_run),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
             xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {

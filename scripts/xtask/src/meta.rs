@@ -18,7 +18,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The config as booted: its path, hash and contents.
 pub fn config(path: &Path) -> Option<ConfigMeta> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = crate::files::read(path, crate::files::MAX_CONFIG_BYTES, "a config file").ok()?;
     Some(ConfigMeta {
         path: path.display().to_string(),
         sha256: sha256_hex(&bytes),

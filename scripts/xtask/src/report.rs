@@ -81,6 +81,11 @@ pub struct GuestReport {
     /// handled; not the time spent waiting for them).
     #[serde(default)]
     pub revoke_tsc: u64,
+    /// The longest stretch its core spent in the hypervisor without serving its inbox
+    /// (other cores' messages, membership probes), in TSC ticks: bounded whatever the
+    /// guest asks (README "Core membership"); the failure detector's timeout must exceed it.
+    #[serde(default)]
+    pub away_tsc: u64,
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
@@ -202,6 +207,7 @@ struct GuestJson {
     cap_refused: u64,
     foreign_tsc: u64,
     revoke_tsc: u64,
+    away_tsc: u64,
     fenced: Vec<u32>,
     incarnations: Vec<IncarnationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,6 +242,7 @@ impl From<GuestReport> for GuestJson {
             cap_refused: g.cap_refused,
             foreign_tsc: g.foreign_tsc,
             revoke_tsc: g.revoke_tsc,
+            away_tsc: g.away_tsc,
             fenced: g.fenced,
             trace: g.trace,
             incarnations: g.incarnations,
@@ -656,6 +663,7 @@ impl Console {
                         cap_refused: num(&r, "cap_refused").unwrap_or(0),
                         foreign_tsc: num(&r, "foreign_tsc").unwrap_or(0),
                         revoke_tsc: num(&r, "revoke_tsc").unwrap_or(0),
+                        away_tsc: num(&r, "away_tsc").unwrap_or(0),
                         fenced: r
                             .get("fenced")
                             .map(unescape)
@@ -923,6 +931,7 @@ impl Console {
                 cap_refused: 0,
                 foreign_tsc: 0,
                 revoke_tsc: 0,
+                away_tsc: 0,
                 fenced: vec![],
                 incarnations,
                 trace: None,

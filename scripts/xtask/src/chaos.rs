@@ -1,0 +1,354 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `cargo xtask chaos`: a randomized fault campaign. From a seed (printed, so any run can
+//! be replayed) it draws a machine: units of self-checking guests placed on cores (a
+//! stream whose echoer faults and is restarted by policy, a guest mapping a large grant in
+//! small pages, an owner revoking a large copy its holder mapped, a spinner), the failure
+//! detector's period, and sometimes a hung core (`inject=hung-core:N` on a spinner's core).
+//! It boots it in Bochs and checks invariants from the report: no live core suspected (only
+//! the hung one), every other guest exited 0 (each checks its own traffic and caps), the
+//! hung core's guest fenced, no private frames or capabilities leaked across incarnations,
+//! no message received that was not sent, every core's longest stretch away from its inbox
+//! under the detector's timeout, no problem in the records.
+//!
+//! May call `run` (to boot), `report` (what it checks), `cli` (the run's arguments).
+
+use crate::report::Report;
+use std::fmt::Write as _;
+
+/// A small deterministic generator (splitmix64): the same seed, the same campaign.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+    /// One of `items`.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.next_u64() as usize % items.len()]
+    }
+}
+
+/// One drawn machine: its config, command line, and what the run must show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scenario {
+    pub seed: u64,
+    pub config: String,
+    pub cmdline: String,
+    /// The failure detector's period (0: off).
+    pub probe_ms: u64,
+    /// The core made to hang, if any (its guest is named `spin<N>`).
+    pub hung: Option<u32>,
+    /// Every guest, by name.
+    pub guests: Vec<String>,
+    /// One line per unit, for the log.
+    pub summary: Vec<String>,
+}
+
+/// Draws the scenario of `seed`.
+pub fn scenario(seed: u64) -> Scenario {
+    let mut r = Rng::new(seed);
+    let cores = r.range(2, 4) as u32;
+    let probe_ms = r.pick(&[0, 12, 12, 16, 25]);
+    let mut guests = String::new();
+    let mut extra = String::new();
+    let mut names = Vec::new();
+    let mut summary = Vec::new();
+    let mut spinners = Vec::new();
+    let mut grant_mib = 0;
+    let mut core = 0;
+    let mut chan = 0;
+    let guest = |out: &mut String,
+                 name: &str,
+                 core: u32,
+                 workload: &str,
+                 args: &str,
+                 more: &str| {
+        let _ = write!(
+            out,
+            "\n[[guest]]\nname = \"{name}\"\ncore = {core}\nmemory_mib = 8\nworkload = \"{workload}\"\nargs = {{ {args} }}\n{more}"
+        );
+    };
+    while core < cores {
+        let room = cores - core;
+        let unit = if room >= 2 { r.range(0, 3) } else { r.pick(&[1, 3]) };
+        match unit {
+            0 => {
+                let n = r.range(200, 2000);
+                let die = r.range(1, n / 2);
+                let (s, e) = (format!("stream{core}"), format!("echo{}", core + 1));
+                let args = format!("n = {n}, gone_ok = 1, rejoin_ms = 2000");
+                guest(&mut guests, &s, core, "streamer", &args, "");
+                let more = "restart = \"on-fault\"\nmax_restarts = 1\n";
+                guest(&mut guests, &e, core + 1, "echoer", &format!("die_after = {die}"), more);
+                let _ = write!(
+                    extra,
+                    "\n[[channel]]\nname = \"c{chan}\"\nbetween = [\"{s}\", \"{e}\"]\nslots = 8\n"
+                );
+                summary.push(format!("{s}/{e}: {n} messages, the echoer dies after {die}"));
+                names.extend([s, e]);
+                chan += 1;
+                core += 2;
+            }
+            1 => {
+                let mib = 2 * r.range(1, 64);
+                let offset = r.pick(&[0, 4, 8, 2052]);
+                let rounds = r.range(1, 3);
+                let m = format!("map{core}");
+                let args = format!("offset_kib = {offset}, rounds = {rounds}");
+                guest(&mut guests, &m, core, "bigmap", &args, "");
+                let _ = write!(
+                    extra,
+                    "\n[[grant]]\nname = \"g{m}\"\nguest = \"{m}\"\nmemory_mib = {mib}\n"
+                );
+                summary.push(format!("{m}: maps {mib} MiB at +{offset} KiB, {rounds} times"));
+                grant_mib += mib;
+                names.push(m);
+                core += 1;
+            }
+            2 => {
+                let mib = 2 * r.range(1, 64);
+                let offset = r.pick(&[0, 4, 2052]);
+                let (o, h) = (format!("owner{core}"), format!("holder{}", core + 1));
+                guest(&mut guests, &o, core, "bigmap", "role = \"owner\"", "");
+                let args = format!("role = \"holder\", offset_kib = {offset}");
+                guest(&mut guests, &h, core + 1, "bigmap", &args, "");
+                let _ = write!(
+                    extra,
+                    "\n[[channel]]\nname = \"c{chan}\"\nbetween = [\"{o}\", \"{h}\"]\nslots = 8\n\n[[grant]]\nname = \"g{o}\"\nguest = \"{o}\"\nmemory_mib = {mib}\n"
+                );
+                summary
+                    .push(format!("{o}/{h}: {mib} MiB copied, mapped at +{offset} KiB, revoked"));
+                grant_mib += mib;
+                names.extend([o, h]);
+                chan += 1;
+                core += 2;
+            }
+            _ => {
+                let ms = r.range(50, 300);
+                let s = format!("spin{core}");
+                guest(&mut guests, &s, core, "spin", &format!("ms = {ms}"), "");
+                summary.push(format!("{s}: spins {ms} ms"));
+                spinners.push(core);
+                names.push(s);
+                core += 1;
+            }
+        }
+    }
+    // A hung core only where nobody depends on it (a spinner; not core 0, which collects
+    // the reports), and only with the detector on.
+    spinners.retain(|&c| c != 0);
+    let hung =
+        (probe_ms > 0 && !spinners.is_empty() && r.range(0, 2) == 0).then(|| r.pick(&spinners));
+    let memory = 256 + grant_mib.div_ceil(64) * 64;
+    let mut config = format!(
+        "# chaos seed {seed}\n[machine]\ncpus = {cores}\nmemory_mib = {memory}\nprobe_ms = {probe_ms}\n"
+    );
+    config += &guests;
+    config += &extra;
+    let cmdline = hung.map(|c| format!("inject=hung-core:{c}")).unwrap_or_default();
+    if let Some(c) = hung {
+        summary.push(format!("core {c} hangs 20 ms into its guest's run"));
+    }
+    Scenario { seed, config, cmdline, probe_ms, hung, guests: names, summary }
+}
+
+/// The hypervisor's TSC ticks per millisecond, from its log.
+fn ticks_per_ms(serial: &str) -> Option<u64> {
+    serial.lines().find_map(|l| l.split("TSC: ").nth(1)?.strip_suffix(" ticks/ms")?.parse().ok())
+}
+
+/// The invariants `s`'s run must keep, checked on its report and serial log: one line per
+/// broken invariant (none: the run passed).
+pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
+    let mut broken = Vec::new();
+    let hung = s.hung.map(|c| format!("spin{c}"));
+    for p in &r.problems {
+        broken.push(format!("the records have a problem: {p}"));
+    }
+    let want = if s.hung.is_some() { "failed" } else { "ok" };
+    if r.outcome != want {
+        broken.push(format!("outcome {} (expected {want})", r.outcome));
+    }
+    for v in &r.suspicions {
+        if Some(v.target) != s.hung {
+            broken.push(format!("core {} suspected core {}, which was alive", v.core, v.target));
+        }
+    }
+    if let Some(c) = s.hung {
+        if !r.suspicions.iter().any(|v| v.target == c) {
+            broken.push(format!("the hung core {c} was never suspected"));
+        }
+    }
+    let timeout = ticks_per_ms(serial).map(|t| 8 * s.probe_ms * t).filter(|&t| t > 0);
+    for name in &s.guests {
+        let Some(g) = r.guests.iter().find(|g| &g.name == name) else {
+            broken.push(format!("{name}: not in the report"));
+            continue;
+        };
+        if hung.as_ref() == Some(name) {
+            if g.state != "fenced" {
+                broken.push(format!("{name} ran on the hung core but is {}", g.state));
+            }
+            continue;
+        }
+        if (g.state.as_str(), g.exit_status) != ("exited", 0) {
+            broken.push(format!("{name}: {} status {} ({:?})", g.state, g.exit_status, g.fault));
+        }
+        let first = g.incarnations.first();
+        for i in &g.incarnations {
+            if Some((i.frames_at_start, i.caps_live))
+                != first.map(|f| (f.frames_at_start, f.caps_live))
+            {
+                broken
+                    .push(format!("{name}: incarnation {} starts with other frames or caps", i.n));
+            }
+        }
+        if let Some(t) = timeout {
+            if g.away_tsc >= t {
+                broken
+                    .push(format!("{name}: away from its inbox {} ticks, timeout {t}", g.away_tsc));
+            }
+        }
+    }
+    for c in &r.channels {
+        if c.b_received > c.a_sent || c.a_received > c.b_sent {
+            broken.push(format!("channel {}: more received than sent ({c:?})", c.name));
+        }
+    }
+    broken
+}
+
+/// What one run of the campaign found.
+pub struct Outcome {
+    pub scenario: Scenario,
+    pub broken: Vec<String>,
+    pub wall_seconds: f64,
+}
+
+/// Boots scenario `s` in Bochs (its config in a temporary file) and checks it.
+pub fn run_one(s: &Scenario) -> anyhow::Result<Outcome> {
+    let dir = tempfile_dir()?;
+    let path = dir.join(format!("chaos-{}.toml", s.seed));
+    std::fs::write(&path, &s.config)?;
+    let args = crate::cli::RunArgs {
+        cmdline: s.cmdline.clone(),
+        timeout: 600,
+        ..crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str())
+    };
+    let report = crate::run::run(&args)?;
+    let serial = std::fs::read_to_string(&report.serial_log).unwrap_or_default();
+    let broken = check(s, &report, &serial);
+    Ok(Outcome { scenario: s.clone(), broken, wall_seconds: report.wall_seconds })
+}
+
+/// Where the drawn configs are written (kept for replay: each names its seed).
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let d = crate::target_dir().join("xtask/chaos");
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// `cargo xtask chaos --seed N --runs K`: seeds N, N+1, ..., N+K-1 (N from the clock if not
+/// given, printed). Prints each scenario and what it broke (with `dry_run`, its config
+/// instead of booting it); `true` if nothing broke.
+pub fn campaign(seed: Option<u64>, runs: u64, dry_run: bool) -> anyhow::Result<bool> {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!("chaos: seeds {seed}..{} ({runs} runs)", seed + runs - 1);
+    let mut failed = 0;
+    for k in 0..runs {
+        let s = scenario(seed + k);
+        println!(
+            "chaos seed {}: {}{}",
+            s.seed,
+            s.summary.join("; "),
+            match s.probe_ms {
+                0 => ", detector off".to_string(),
+                p => format!(", probe_ms {p}"),
+            }
+        );
+        if dry_run {
+            println!("  command line `{}`\n{}", s.cmdline, s.config);
+            continue;
+        }
+        let o = run_one(&s)?;
+        if o.broken.is_empty() {
+            println!("  held: every invariant ({:.1} s)", o.wall_seconds);
+        } else {
+            failed += 1;
+            for b in &o.broken {
+                println!("  BROKEN: {b}");
+            }
+        }
+    }
+    println!("chaos: {} of {runs} runs held every invariant", runs - failed);
+    Ok(failed == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_draws_the_same_scenario_and_every_draw_is_a_valid_config() {
+        for seed in 0..200 {
+            let s = scenario(seed);
+            assert_eq!(s, scenario(seed), "seed {seed}");
+            let c = crate::config::compile("chaos.toml", &s.config)
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", s.config));
+            assert_eq!(c.config.guests.len(), s.guests.len());
+            assert!(crate::cmdline::check(&s.cmdline).is_empty(), "seed {seed}: {}", s.cmdline);
+            if let Some(h) = s.hung {
+                assert!(s.probe_ms > 0 && h != 0 && s.guests.contains(&format!("spin{h}")));
+            }
+        }
+        assert_ne!(scenario(1).config, scenario(2).config);
+    }
+
+    #[test]
+    fn broken_invariants_are_named() {
+        let s = Scenario {
+            seed: 7,
+            config: String::new(),
+            cmdline: String::new(),
+            probe_ms: 8,
+            hung: None,
+            guests: vec!["a".into()],
+            summary: vec![],
+        };
+        let mut r: Report = serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "outcome": "ok", "emulator": "bochs", "cpu_model": "m",
+            "cpus": 1, "cpus_listed": null, "cores_used": null, "cores": [], "config": null,
+            "guests": [{"name": "a", "core": 0, "state": "exited", "exit_status": 0,
+            "exits": {}, "hypercalls": 0, "tsc_first_entry": 1, "tsc_end": 2, "away_tsc": 10}],
+            "channels": [], "tsc": {}, "tsc_unit": "emulated_instructions",
+            "wall_seconds": 1.0, "serial_log": "s", "problems": []
+        }))
+        .expect("a minimal report");
+        let serial = "[c0] TSC: 4000 ticks/ms\n";
+        assert_eq!(check(&s, &r, serial), Vec::<String>::new());
+        r.guests[0].away_tsc = 8 * 8 * 4000 * 12 / 8;
+        r.suspicions.push(crate::report::SuspectReport { core: 1, target: 0, tsc: 5 });
+        let broken = check(&s, &r, serial);
+        assert!(
+            broken.iter().any(|b| b.contains("suspected core 0, which was alive")),
+            "{broken:?}"
+        );
+        assert!(broken.iter().any(|b| b.contains("away from its inbox")), "{broken:?}");
+    }
+}
