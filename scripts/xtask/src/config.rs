@@ -64,7 +64,7 @@ pub const PCI_SLOTS: usize = 5;
 /// The interrupt line Bochs's BIOS routes the `i`-th `[[nic]]`'s INTA# to (its PIRQ
 /// routing: slots 1, 3 and 5 share line 9, slots 2 and 4 line 11).
 pub fn nic_line(i: usize) -> u8 {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         9
     } else {
         11
