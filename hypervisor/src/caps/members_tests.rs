@@ -241,6 +241,12 @@ fn replay(sim: &mut Sim, events: &[(u8, usize, u32, u64)]) {
     }
 }
 
+/// Cases per proptest run: 300, or `PROPTEST_CASES` (which proptest itself applies only to
+/// configs that do not set `cases`), to run many more by hand.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+}
+
 fn settle(sim: &mut Sim, parked: CoreSet) {
     settle_maybe(sim, parked, 0)
 }
@@ -330,8 +336,123 @@ fn a_core_taken_out_comes_back() {
     sim.check_agreement();
 }
 
+/// One case of [`views_agree_under_any_interleaving_and_stops`]: `n` cores, the simulator's
+/// `seed`, and events `(kind, core, k, at)`, played in the order of `at`: core `core % n`
+/// stops (kind 0: at once if `k` is 1, else after `k` more sends), asks out (1) or asks back
+/// in through a member (2), where the machine allows it; then the checks.
+fn play_case(n: usize, seed: u64, events: &[(u8, usize, u32, u64)]) -> Result<(), TestCaseError> {
+    let mut sim = Sim::new(n, seed);
+    let mut parked: CoreSet = 0;
+    let mut ever_parked: CoreSet = 0;
+    let mut joining: Vec<(usize, usize)> = Vec::new();
+    let mut stops = 0;
+    let mut events = events.to_vec();
+    events.sort_by_key(|e| e.3);
+    let mut t = 0;
+    for (kind, core, k, at) in events {
+        let core = core % n;
+        while t < at {
+            sim.step();
+            t += 1;
+        }
+        if sim.dead[core] {
+            continue;
+        }
+        let dying = |c: usize| sim.sends_left[c].is_some();
+        let live_unparked = sim.live().filter(|&c| parked & (1 << c) == 0 && !dying(c)).count();
+        match kind {
+            0 if stops < 2 && live_unparked > 1 && parked & (1 << core) == 0 => {
+                // Stops now, or after k more sends (in the middle of some handler).
+                if k == 1 {
+                    sim.dead[core] = true
+                } else {
+                    sim.sends_left[core] = Some(k)
+                }
+                stops += 1;
+            }
+            1 if live_unparked > 1 && parked & (1 << core) == 0 && sim.cores[core].member() => {
+                sim.with(core, |m, env| m.leave(env));
+                parked |= 1 << core;
+                ever_parked |= 1 << core;
+            }
+            2 if parked & (1 << core) != 0 && !sim.cores[core].member() => {
+                let via = sim.live().find(|&c| c != core && sim.cores[c].member());
+                if let Some(via) = via {
+                    sim.with(core, |m, env| m.join(env, via));
+                    parked &= !(1 << core);
+                    joining.push((core, via));
+                }
+            }
+            _ => {}
+        }
+    }
+    // A core that died mid-handler may have left a round with it unfinished.
+    for c in 0..n {
+        if sim.sends_left[c].is_some() && !sim.dead[c] {
+            sim.dead[c] = true;
+        }
+    }
+    // A core asking to come back through a core that then stopped may stay out (the
+    // wish died with it, as a controller's request does) or come in (it was passed on).
+    let mut maybe: CoreSet = 0;
+    for &(core, via) in &joining {
+        if sim.dead[via] && !sim.dead[core] {
+            maybe |= 1 << core;
+        }
+    }
+    for c in 0..n {
+        if sim.sends_left[c].is_some() && !sim.dead[c] {
+            sim.dead[c] = true;
+        }
+        if sim.dead[c] {
+            parked &= !(1 << c);
+        }
+    }
+    // Every live core asked to leave: the last member stays (nobody could bring the
+    // others back); which one depends on the order, so take the one still in.
+    if sim.live().count() > 0 && sim.live().all(|c| (parked | maybe) & (1 << c) != 0) {
+        for _ in 0..20_000 {
+            sim.step();
+        }
+        let left: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
+        // None when the last member stopped while the others were out.
+        prop_assert!(left.len() <= 1, "one member stays at most: {:?}", left);
+        let Some(&last) = left.first() else { return Ok(()) };
+        parked &= !(1 << last);
+        maybe &= !(1 << last);
+    }
+    // A parked core whose leave is not yet committed: wait for it.
+    settle_maybe(&mut sim, parked, maybe);
+    sim.check_agreement();
+    let stayed: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
+    for &c in &stayed {
+        prop_assert!(!sim.cores[c].evicted(), "live core {} was fenced", c);
+        let dead: CoreSet = (0..n).filter(|&d| sim.dead[d]).map(|d| 1u64 << d).sum();
+        prop_assert_eq!(sim.cores[c].suspects() & !dead, 0, "core {} suspects a live core", c);
+        // Every member fences every core that stopped while in the view, not only the
+        // core that probed it (the view change tells them).
+        let stopped_members = dead & !ever_parked;
+        prop_assert_eq!(
+            sim.cores[c].suspects() & stopped_members,
+            stopped_members,
+            "core {} does not fence every stopped member",
+            c
+        );
+    }
+    // Members that never left log the same sequence of views.
+    let never_left: Vec<&usize> = stayed
+        .iter()
+        .filter(|&&c| sim.logs[c].iter().all(|ch| ch.new.set & (1 << c) != 0))
+        .collect();
+    let seq = |c: usize| sim.logs[c].iter().map(|ch| ch.new).collect::<Vec<View>>();
+    for w in never_left.windows(2) {
+        prop_assert_eq!(seq(*w[0]), seq(*w[1]));
+    }
+    Ok(())
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
     /// Any interleaving, up to two stops (at any point, mid-handler too), cores leaving and
     /// coming back: one set per view number everywhere, the members that stayed log the same
     /// sequence, the live ones end in one view of exactly the live unparked cores, and no
@@ -342,107 +463,7 @@ proptest! {
         seed in any::<u64>(),
         events in proptest::collection::vec((0u8..4, 0usize..6, 1u32..6, 0u64..600), 0..6),
     ) {
-        let mut sim = Sim::new(n, seed);
-        let mut parked: CoreSet = 0;
-        let mut ever_parked: CoreSet = 0;
-        let mut joining: Vec<(usize, usize)> = Vec::new();
-        let mut stops = 0;
-        let mut events = events;
-        events.sort_by_key(|e| e.3);
-        let mut t = 0;
-        for (kind, core, k, at) in events {
-            let core = core % n;
-            while t < at {
-                sim.step();
-                t += 1;
-            }
-            if sim.dead[core] {
-                continue;
-            }
-            let dying = |c: usize| sim.sends_left[c].is_some();
-            let live_unparked =
-                sim.live().filter(|&c| parked & (1 << c) == 0 && !dying(c)).count();
-            match kind {
-                0 if stops < 2 && live_unparked > 1 && parked & (1 << core) == 0 => {
-                    // Stops now, or after k more sends (in the middle of some handler).
-                    if k == 1 { sim.dead[core] = true } else { sim.sends_left[core] = Some(k) }
-                    stops += 1;
-                }
-                1 if live_unparked > 1 && parked & (1 << core) == 0 && sim.cores[core].member() => {
-                    sim.with(core, |m, env| m.leave(env));
-                    parked |= 1 << core;
-                    ever_parked |= 1 << core;
-                }
-                2 if parked & (1 << core) != 0 && !sim.cores[core].member() => {
-                    let via = sim.live().find(|&c| c != core && sim.cores[c].member());
-                    if let Some(via) = via {
-                        sim.with(core, |m, env| m.join(env, via));
-                        parked &= !(1 << core);
-                        joining.push((core, via));
-                    }
-                }
-                _ => {}
-            }
-        }
-        // A core that died mid-handler may have left a round with it unfinished.
-        for c in 0..n {
-            if sim.sends_left[c].is_some() && !sim.dead[c] {
-                sim.dead[c] = true;
-            }
-        }
-        // A core asking to come back through a core that then stopped may stay out (the
-        // wish died with it, as a controller's request does) or come in (it was passed on).
-        let mut maybe: CoreSet = 0;
-        for &(core, via) in &joining {
-            if sim.dead[via] && !sim.dead[core] {
-                maybe |= 1 << core;
-            }
-        }
-        for c in 0..n {
-            if sim.sends_left[c].is_some() && !sim.dead[c] {
-                sim.dead[c] = true;
-            }
-            if sim.dead[c] {
-                parked &= !(1 << c);
-            }
-        }
-        // Every live core asked to leave: the last member stays (nobody could bring the
-        // others back); which one depends on the order, so take the one still in.
-        if sim.live().count() > 0 && sim.live().all(|c| (parked | maybe) & (1 << c) != 0) {
-            for _ in 0..20_000 {
-                sim.step();
-            }
-            let left: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
-            // None when the last member stopped while the others were out.
-            prop_assert!(left.len() <= 1, "one member stays at most: {:?}", left);
-            let Some(&last) = left.first() else { return Ok(()) };
-            parked &= !(1 << last);
-            maybe &= !(1 << last);
-        }
-        // A parked core whose leave is not yet committed: wait for it.
-        settle_maybe(&mut sim, parked, maybe);
-        sim.check_agreement();
-        let stayed: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
-        for &c in &stayed {
-            prop_assert!(!sim.cores[c].evicted(), "live core {} was fenced", c);
-            let dead: CoreSet = (0..n).filter(|&d| sim.dead[d]).map(|d| 1u64 << d).sum();
-            prop_assert_eq!(sim.cores[c].suspects() & !dead, 0, "core {} suspects a live core", c);
-            // Every member fences every core that stopped while in the view, not only the
-            // core that probed it (the view change tells them).
-            let stopped_members = dead & !ever_parked;
-            prop_assert_eq!(
-                sim.cores[c].suspects() & stopped_members,
-                stopped_members,
-                "core {} does not fence every stopped member",
-                c
-            );
-        }
-        // Members that never left log the same sequence of views.
-        let never_left: Vec<&usize> = stayed.iter().filter(|&&c| sim.logs[c].iter().all(|ch| ch.new.set & (1 << c) != 0)).collect();
-        let seq = |c: usize| sim.logs[c].iter().map(|ch| ch.new).collect::<Vec<View>>();
-        for w in never_left.windows(2) {
-            prop_assert_eq!(seq(*w[0]), seq(*w[1]));
-        }
+        play_case(n, seed, &events)?;
     }
 }
 
@@ -473,7 +494,7 @@ fn a_slow_core_that_was_fenced_learns_it_on_two_and_three_cores() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
     /// Review (issue 11): any core slow for a while (up to five timeouts), at any time: one
     /// set per view number everywhere, and the slow core is either still in the others' view
     /// or knows it is out (evicted).
