@@ -340,7 +340,7 @@ fn a_core_taken_out_comes_back() {
 /// `seed`, and events `(kind, core, k, at)`, played in the order of `at`: core `core % n`
 /// stops (kind 0: at once if `k` is 1, else after `k` more sends), asks out (1) or asks back
 /// in through a member (2), where the machine allows it; then the checks.
-fn play_case(n: usize, seed: u64, events: &[(u8, usize, u32, u64)]) -> Result<(), TestCaseError> {
+fn play_case(n: usize, seed: u64, events: &[(u8, usize, u32, u64)]) -> Result<Sim, TestCaseError> {
     let mut sim = Sim::new(n, seed);
     let mut parked: CoreSet = 0;
     let mut ever_parked: CoreSet = 0;
@@ -416,18 +416,28 @@ fn play_case(n: usize, seed: u64, events: &[(u8, usize, u32, u64)]) -> Result<()
             parked &= !(1 << c);
         }
     }
-    // Every live core asked to leave: the last member stays (nobody could bring the
-    // others back); which one depends on the order, so take the one still in.
+    // Every live core asked to leave, or asked in through a core that then stopped: the
+    // last member stays (nobody could bring the others back) unless a core asking in got in
+    // (then its leave goes through); which cores depends on the order, so take those still in.
     if sim.live().count() > 0 && sim.live().all(|c| (parked | maybe) & (1 << c) != 0) {
         for _ in 0..20_000 {
             sim.step();
         }
-        let left: Vec<usize> = sim.live().filter(|&c| sim.cores[c].member()).collect();
+        let left: CoreSet = sim.live().filter(|&c| sim.cores[c].member()).map(|c| 1 << c).sum();
+        // A parked core stays only as the last member, alone.
+        let alone = left.count_ones() == 1;
+        prop_assert!(
+            left & parked == 0 || alone,
+            "a parked core stays only alone: members {:#b}, parked {:#b}",
+            left,
+            parked
+        );
         // None when the last member stopped while the others were out.
-        prop_assert!(left.len() <= 1, "one member stays at most: {:?}", left);
-        let Some(&last) = left.first() else { return Ok(()) };
-        parked &= !(1 << last);
-        maybe &= !(1 << last);
+        if left == 0 {
+            return Ok(sim);
+        }
+        parked &= !left;
+        maybe &= !left;
     }
     // A parked core whose leave is not yet committed: wait for it.
     settle_maybe(&mut sim, parked, maybe);
@@ -456,7 +466,7 @@ fn play_case(n: usize, seed: u64, events: &[(u8, usize, u32, u64)]) -> Result<()
     for w in never_left.windows(2) {
         prop_assert_eq!(seq(*w[0]), seq(*w[1]));
     }
-    Ok(())
+    Ok(sim)
 }
 
 proptest! {
@@ -611,7 +621,12 @@ fn a_leave_taken_back_at_once_leaves_the_core_in() {
 #[test]
 fn a_core_asking_in_through_a_core_on_its_way_out_gets_in() {
     let events = [(1, 4, 1, 435), (1, 3, 1, 0), (0, 2, 1, 482), (2, 0, 1, 479)];
-    play_case(3, 2224259075594352344, &events).unwrap();
+    let sim = play_case(3, 2224259075594352344, &events).unwrap();
+    assert!(sim.dead.iter().all(|&d| !d), "no core stopped");
+    for c in [0, 2] {
+        assert_eq!(sim.cores[c].view().set, 0b101, "core {c}");
+    }
+    assert!(!sim.cores[1].member());
 }
 
 /// The limit the case above ran into: when the last member of the view stops while the other
@@ -649,4 +664,19 @@ fn the_last_member_stopping_while_a_core_asks_in_leaves_it_out() {
         "a view of its own: {:?}",
         sim.logs
     );
+}
+
+/// Found by `views_agree_under_any_interleaving_and_stops` at about 270 000 cases (seed kept):
+/// cores 0 and 2 leave (core 1 stays, the last member), then both ask back in through core 1,
+/// which stops. Both may stay out (their wishes died with core 1) or come in; here both came
+/// in, and the case took them for cores that had asked out, of which one stays at most.
+#[test]
+fn two_cores_asking_in_through_the_last_member_as_it_stops_may_both_get_in() {
+    let events = [(2, 3, 1, 297), (2, 2, 1, 265), (0, 1, 1, 308), (1, 0, 1, 0), (1, 2, 1, 0)];
+    let sim = play_case(3, 8, &events).unwrap();
+    assert!(sim.dead[1]);
+    for c in [0, 2] {
+        assert_eq!(sim.cores[c].view().set, 0b101, "core {c}");
+        assert!(!sim.cores[c].evicted(), "core {c}");
+    }
 }
