@@ -43,6 +43,9 @@
 //! live core's inbox latency, and every long stretch without serving the inbox is bounded
 //! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
 //! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
+//! The last member never leaves an empty machine, but if every member of the view stops, the
+//! machine has ended: a core out of it that asks in is let in by nobody, and it makes no view
+//! of its own (a stopped member may have committed a later one, still in some ring).
 //!
 //! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
 //! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
