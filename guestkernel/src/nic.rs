@@ -133,6 +133,17 @@ impl Nic {
         }
     }
 
+    /// The next frame that fits `buf` if the card holds one, else `None` at once: never
+    /// sleeps waiting for one (a poll loop such as [`crate::tcpip`] sleeps on the card's
+    /// interrupt itself). `deadline` bounds only the card's own work (the NE2000's remote
+    /// reads).
+    pub fn try_recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<Option<usize>, NicError> {
+        match self {
+            Nic::E1000(n) => Ok(n.try_recv(buf)),
+            Nic::Ne2k(n) => n.try_recv(buf, deadline),
+        }
+    }
+
     /// Makes the card raise its interrupt now (an interrupt cause set by software) and
     /// returns the TSC ticks from just before the trigger to the handler's first
     /// instruction, interrupts open meanwhile; `None` if none came by `deadline`.
