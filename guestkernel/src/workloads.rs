@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 36] = [
+const REGISTRY: [(&str, Workload); 37] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -57,6 +57,7 @@ const REGISTRY: [(&str, Workload); 36] = [
     ("meter", crate::meter::meter),
     ("nic", crate::nicload::nic),
     ("pciattack", crate::pciattack::run),
+    ("tcpecho", crate::tcpecho::tcpecho),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

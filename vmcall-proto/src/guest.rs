@@ -235,6 +235,7 @@ pub const WORKLOADS: &[&str] = &[
     "meter",
     "nic",
     "pciattack",
+    "tcpecho",
 ];
 
 /// What values a workload argument takes.
@@ -827,6 +828,21 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             default: ArgDefault::Word("all"),
             meaning: "`all` (the attacks it survives, then `window`), `window` or `storm`",
         }],
+    },
+    WorkloadSpec {
+        name: "tcpecho",
+        summary: "a TCP echo server on the SDK's TCP/IP stack (`guestkernel::tcpip`, \
+                  smoltcp) over its first card, at slirp's 10.0.2.15: listens on `port`, \
+                  accepts connections one after another and echoes every byte, closing \
+                  when the peer does; one line per connection, then a `bench tcpecho` line \
+                  (work instructions per read, frames, sleeps) and `tcpecho: done:`; exits \
+                  0 after `connections` connections, 5 if `ms` came first",
+        args: &[
+            int("port", 1, 65535, 7777, "the TCP port it listens on"),
+            int("connections", 1, 1_000_000, 1, "connections served before it ends"),
+            int("ms", 1, 3_600_000, 600_000, "how long it may wait for them all"),
+            int("buffer", 512, 65536, 8192, "bytes of receive and send buffer"),
+        ],
     },
 ];
 
