@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Workload `tcpecho`: a TCP echo server on the SDK's TCP/IP stack ([`guestkernel::tcpip`],
-//! smoltcp) over the guest's first card, at slirp's 10.0.2.15. It listens on `port`,
-//! accepts connections one after another and sends every byte back on the connection it
+//! smoltcp) over the guest's first card, at slirp's 10.0.2.15. It listens on `port` with
+//! `backlog` sockets, accepts connections as they come (a client's next one may arrive
+//! while the last one is still closing) and sends every byte back on the connection it
 //! came on; when the peer closes its side, it closes its own once everything is echoed.
 //! After `connections` connections, or at `ms`, it stops. A host reaches it through
 //! slirp's host forwarding (`forward = ["tcp:HOST-PORT"]` on the card,
@@ -14,9 +15,11 @@
 //! `tcpecho: done:`. Exit statuses: 0 all connections served, 2 the card did not come up,
 //! 5 fewer connections than asked by `ms`, 6 the port could not be listened on.
 
+use alloc::vec::Vec;
 use guestkernel::arch::rdtsc;
 use guestkernel::pci;
-use guestkernel::tcpip::smoltcp::socket::tcp::State;
+use guestkernel::tcpip::smoltcp::iface::SocketHandle;
+use guestkernel::tcpip::smoltcp::socket::tcp::{self, State};
 use guestkernel::tcpip::{Config, Iface, Stats};
 use vmcall_proto::guest::BootInfo;
 
@@ -31,6 +34,31 @@ struct Conn {
     reads: u64,
     t0: u64,
     idle0: u64,
+}
+
+/// A listening socket and the connection it serves.
+struct Slot {
+    h: SocketHandle,
+    conn: Option<Conn>,
+}
+
+/// Echoes what came, as far as the send buffer takes it (the rest waits in the receive
+/// buffer); closes our side once the peer closed its own and everything is echoed.
+fn echo(s: &mut tcp::Socket<'_>, c: &mut Conn, chunk: &mut [u8]) {
+    while s.can_recv() && s.send_queue() < s.send_capacity() {
+        let room = (s.send_capacity() - s.send_queue()).min(chunk.len());
+        let Ok(got) = s.recv_slice(&mut chunk[..room]) else { break };
+        if got == 0 {
+            break;
+        }
+        let sent = s.send_slice(&chunk[..got]).unwrap_or(0);
+        debug_assert_eq!(sent, got, "the send buffer had room for it");
+        c.bytes += sent as u64;
+        c.reads += 1;
+    }
+    if s.state() == State::CloseWait && s.recv_queue() == 0 {
+        s.close();
+    }
 }
 
 /// Established from our side: the handshake is done and we have not yet seen it end.
@@ -59,6 +87,7 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
             return NOT_UP;
         }
     };
+    net.set_trace(bi.arg_int("trace") == 1);
     let model = net.nic().model();
     log::info!(
         "tcpecho: up: {model}, MAC {}, 10.0.2.15/24 via 10.0.2.2, in {} TSC ticks; listening \
@@ -66,69 +95,70 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
         guestkernel::net::MacFmt(net.nic().mac()),
         rdtsc() - t_open
     );
-    let h = net.add_tcp(buffer, buffer);
-    // An echo answers each write at once: Nagle would hold a short answer back until the
-    // previous one is acknowledged.
-    net.tcp(h).set_nagle_enabled(false);
-    if let Err(e) = net.tcp(h).listen(port) {
-        log::error!("tcpecho: listen on {port}: {e}");
-        return NO_LISTEN;
+    // Several sockets listen on the port: a connection that comes while another one is
+    // still closing (slirp connects the host's next one as soon as it saw our FIN, before
+    // our last ACK came back) finds one listening, not a reset.
+    let mut slots = Vec::new();
+    for _ in 0..bi.arg_int("backlog") {
+        let h = net.add_tcp(buffer, buffer);
+        let s = net.tcp(h);
+        // An echo answers each write at once: Nagle would hold a short answer back until
+        // the previous one is acknowledged.
+        s.set_nagle_enabled(false);
+        if let Err(e) = s.listen(port) {
+            log::error!("tcpecho: listen on {port}: {e}");
+            return NO_LISTEN;
+        }
+        slots.push(Slot { h, conn: None });
     }
     let deadline = pci::deadline_ms(ms);
     let mut chunk = alloc::vec![0u8; buffer];
-    let mut conn: Option<Conn> = None;
-    let (mut done, mut bytes, mut reads, mut work) = (0u64, 0u64, 0u64, 0u64);
+    let (mut accepted, mut done, mut bytes, mut reads) = (0u64, 0u64, 0u64, 0u64);
     let start: Stats = net.stats();
+    // From the first connection on: the TSC and the idle ticks then.
+    let mut span: Option<(u64, u64)> = None;
     while done < want {
         net.poll();
         let idle = net.stats().idle_tsc;
-        let s = net.tcp(h);
-        if conn.is_none() && connected(s.state()) {
-            let n = done + 1;
-            match s.remote_endpoint() {
-                Some(r) => log::info!("tcpecho: connection {n} from {r}"),
-                None => log::info!("tcpecho: connection {n}"),
-            }
-            conn = Some(Conn { n, bytes: 0, reads: 0, t0: rdtsc(), idle0: idle });
-        }
-        if let Some(c) = conn.as_mut() {
-            // Echo what came, as far as the send buffer takes it; the rest waits.
-            while s.can_recv() && s.send_queue() < s.send_capacity() {
-                let room = (s.send_capacity() - s.send_queue()).min(chunk.len());
-                let Ok(got) = s.recv_slice(&mut chunk[..room]) else { break };
-                if got == 0 {
-                    break;
+        for slot in slots.iter_mut() {
+            let s = net.tcp(slot.h);
+            if slot.conn.is_none() && connected(s.state()) {
+                if accepted >= want {
+                    // One more than asked for: refused, not served.
+                    s.abort();
+                    continue;
                 }
-                let sent = s.send_slice(&chunk[..got]).unwrap_or(0);
-                debug_assert_eq!(sent, got, "the send buffer had room for it");
-                c.bytes += sent as u64;
-                c.reads += 1;
+                accepted += 1;
+                match s.remote_endpoint() {
+                    Some(r) => log::info!("tcpecho: connection {accepted} from {r}"),
+                    None => log::info!("tcpecho: connection {accepted}"),
+                }
+                let t0 = rdtsc();
+                span.get_or_insert((t0, idle));
+                slot.conn = Some(Conn { n: accepted, bytes: 0, reads: 0, t0, idle0: idle });
             }
-            // The peer is done sending and everything it sent is echoed: close our side.
-            if s.state() == State::CloseWait && s.recv_queue() == 0 {
-                s.close();
+            if let Some(c) = slot.conn.as_mut() {
+                echo(s, c, &mut chunk);
+                let state = s.state();
+                if ended(state) {
+                    let busy = (rdtsc() - c.t0).saturating_sub(idle - c.idle0);
+                    log::info!(
+                        "tcpecho: connection {} closed ({state}): {} bytes echoed in {} reads, \
+                         {busy} TSC ticks of work",
+                        c.n,
+                        c.bytes,
+                        c.reads,
+                    );
+                    (bytes, reads) = (bytes + c.bytes, reads + c.reads);
+                    done += 1;
+                    slot.conn = None;
+                }
             }
-            let state = s.state();
-            if ended(state) {
-                let busy = (rdtsc() - c.t0).saturating_sub(idle - c.idle0);
-                log::info!(
-                    "tcpecho: connection {} closed ({state}): {} bytes echoed in {} reads, {} \
-                     TSC ticks of work",
-                    c.n,
-                    c.bytes,
-                    c.reads,
-                    busy
-                );
-                (bytes, reads, work) = (bytes + c.bytes, reads + c.reads, work + busy);
-                done += 1;
-                conn = None;
-            }
-        }
-        let s = net.tcp(h);
-        if !s.is_open() && done < want {
-            if let Err(e) = s.listen(port) {
-                log::error!("tcpecho: listen on {port} again: {e}");
-                return NO_LISTEN;
+            if !s.is_open() && accepted < want {
+                if let Err(e) = s.listen(port) {
+                    log::error!("tcpecho: listen on {port} again: {e}");
+                    return NO_LISTEN;
+                }
             }
         }
         if done >= want || rdtsc() >= deadline {
@@ -136,6 +166,9 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
         }
         net.wait(deadline);
     }
+    // The work: from the first connection to the last close, less the time halted.
+    let work =
+        span.map_or(0, |(t0, idle0)| (rdtsc() - t0).saturating_sub(net.stats().idle_tsc - idle0));
     let st = net.stats();
     log::info!(
         "bench tcpecho {model}: {done} connections, {bytes} bytes in {reads} reads; work {} TSC \

@@ -32,7 +32,9 @@ use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, HardwareAddress, IpCidr, Ipv4Address, PrettyPrinter,
+};
 use vmcall_proto::guest::BootInfo;
 
 pub use smoltcp;
@@ -86,11 +88,13 @@ pub struct NicDevice {
     rx: Vec<u8>,
     tx: Vec<u8>,
     stats: Stats,
+    trace: bool,
 }
 
 impl NicDevice {
     pub fn new(nic: Nic) -> NicDevice {
-        NicDevice { nic, rx: vec![0; MAX_FRAME], tx: vec![0; MAX_FRAME], stats: Stats::default() }
+        let (rx, tx) = (vec![0; MAX_FRAME], vec![0; MAX_FRAME]);
+        NicDevice { nic, rx, tx, stats: Stats::default(), trace: false }
     }
 
     pub fn nic(&self) -> &Nic {
@@ -113,6 +117,13 @@ pub struct TxToken<'a> {
     nic: &'a mut Nic,
     buf: &'a mut [u8],
     stats: &'a mut Stats,
+    trace: bool,
+}
+
+/// Logs a frame, decoded (`tcpip: rx` or `tx`, then smoltcp's description of each layer).
+fn trace(way: &str, frame: &[u8]) {
+    let p = PrettyPrinter::<EthernetFrame<&[u8]>>::new("", &frame);
+    log::info!("tcpip: {way} {p}");
 }
 
 impl phy::RxToken for RxToken<'_> {
@@ -126,6 +137,9 @@ impl phy::TxToken for TxToken<'_> {
         // smoltcp never asks for more than the MTU it was given (a whole frame).
         let len = len.min(self.buf.len());
         let r = f(&mut self.buf[..len]);
+        if self.trace {
+            trace("tx", &self.buf[..len]);
+        }
         match self.nic.send(&self.buf[..len], pci::deadline_ms(SEND_MS)) {
             Ok(()) => {
                 self.stats.frames_out += 1;
@@ -146,9 +160,18 @@ impl phy::Device for NicDevice {
             Ok(Some(n)) => {
                 self.stats.frames_in += 1;
                 self.stats.bytes_in += n as u64;
+                if self.trace {
+                    trace("rx", &self.rx[..n]);
+                }
+                let trace = self.trace;
                 Some((
                     RxToken { frame: &self.rx[..n] },
-                    TxToken { nic: &mut self.nic, buf: &mut self.tx, stats: &mut self.stats },
+                    TxToken {
+                        nic: &mut self.nic,
+                        buf: &mut self.tx,
+                        stats: &mut self.stats,
+                        trace,
+                    },
                 ))
             }
             Ok(None) => None,
@@ -160,7 +183,8 @@ impl phy::Device for NicDevice {
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken { nic: &mut self.nic, buf: &mut self.tx, stats: &mut self.stats })
+        let trace = self.trace;
+        Some(TxToken { nic: &mut self.nic, buf: &mut self.tx, stats: &mut self.stats, trace })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -232,6 +256,11 @@ impl Iface {
 
     pub fn stats(&self) -> Stats {
         self.dev.stats
+    }
+
+    /// With `on`, logs every frame either way, decoded by smoltcp (`tcpip: rx ...`).
+    pub fn set_trace(&mut self, on: bool) {
+        self.dev.trace = on;
     }
 
     /// A TCP socket with `rx` and `tx` bytes of buffer (heap).

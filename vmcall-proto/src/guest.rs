@@ -832,8 +832,8 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "tcpecho",
         summary: "a TCP echo server on the SDK's TCP/IP stack (`guestkernel::tcpip`, \
-                  smoltcp) over its first card, at slirp's 10.0.2.15: listens on `port`, \
-                  accepts connections one after another and echoes every byte, closing \
+                  smoltcp) over its first card, at slirp's 10.0.2.15: listens on `port` \
+                  (`backlog` sockets), accepts connections and echoes every byte, closing \
                   when the peer does; one line per connection, then a `bench tcpecho` line \
                   (work instructions per read, frames, sleeps) and `tcpecho: done:`; exits \
                   0 after `connections` connections, 5 if `ms` came first",
@@ -841,7 +841,9 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("port", 1, 65535, 7777, "the TCP port it listens on"),
             int("connections", 1, 1_000_000, 1, "connections served before it ends"),
             int("ms", 1, 3_600_000, 600_000, "how long it may wait for them all"),
-            int("buffer", 512, 65536, 8192, "bytes of receive and send buffer"),
+            int("buffer", 512, 65536, 8192, "bytes of receive and send buffer, per socket"),
+            int("backlog", 1, 8, 2, "sockets listening at once (connections served at once)"),
+            flag("trace", "1: log every frame either way, decoded (`tcpip: rx`, `tcpip: tx`)"),
         ],
     },
 ];
