@@ -192,7 +192,10 @@ impl phy::Device for NicDevice {
         caps.medium = Medium::Ethernet;
         // An Ethernet medium's MTU counts the header: a whole frame without FCS.
         caps.max_transmission_unit = MAX_FRAME;
-        caps.max_burst_size = Some(1);
+        // smoltcp clamps the TCP window it advertises to this many segments: as many as
+        // the card's receive ring holds, so a peer sending a whole window at once loses
+        // nothing (one segment only would cost a round trip per segment).
+        caps.max_burst_size = Some(self.nic.rx_frames());
         caps
     }
 }
