@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Whole-system test of the guest SDK's TCP/IP stack (`guestkernel::tcpip`, smoltcp over
 //! the guest's e1000): workload `tcpecho` in Bochs, reached from the host through slirp's
-//! forwarding of 127.0.0.1:17777 (`configs/tcp-echo.toml`). A host thread connects with
-//! `std::net::TcpStream`, retrying until the guest is up, and makes the three connections
-//! the guest waits for: two of request/reply lines, one bulk stream written and read
-//! concurrently; every byte must come back unchanged and in order. The run ends when the
+//! forwarding of 127.0.0.1:17777 (`configs/tcp-echo.toml`). A host thread sends with
+//! `std::net::UdpSocket` until three datagrams came back (smoltcp's UDP socket, port
+//! 17778), then with `std::net::TcpStream` makes the three connections the guest waits for:
+//! two of request/reply lines, one bulk stream written and read concurrently; every byte
+//! must come back unchanged and in order. The run ends when the
 //! guest exits after the third. Figures (host time, the guest's instructions) are
 //! printed, never asserted.
 
@@ -15,6 +16,7 @@ use systests::boot_config;
 use xtask::cli::Emulator;
 
 const ADDR: &str = "127.0.0.1:17777";
+const UDP_ADDR: &str = "127.0.0.1:17778";
 const LINES: usize = 20;
 const BULK: usize = 256 * 1024;
 
@@ -82,6 +84,33 @@ fn bulk(s: &mut TcpStream) -> std::io::Result<usize> {
     Ok(BULK)
 }
 
+/// Datagrams to 127.0.0.1:17778 (the guest's UDP port 7778) until three echoes came back,
+/// each a datagram we sent, unchanged; sent again every 300 ms until the guest is up (it may
+/// echo copies slirp queued meanwhile). Returns the echoes.
+fn datagrams(deadline: Instant) -> usize {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let (mut echoes, mut next) = (0, 0);
+    let mut buf = [0u8; 2048];
+    while echoes < 3 {
+        assert!(Instant::now() < deadline, "no UDP echo from the guest");
+        let _ = s.send_to(format!("datagram {next} from the host").as_bytes(), UDP_ADDR);
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            assert_eq!(from.port(), 17778);
+            let e = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let k: usize = e
+                .strip_prefix("datagram ")
+                .and_then(|r| r.strip_suffix(" from the host"))
+                .and_then(|k| k.parse().ok())
+                .unwrap_or_else(|| panic!("not a datagram of ours: {e:?}"));
+            assert!(k <= next, "{e:?}");
+            echoes += 1;
+            next += 1;
+        }
+    }
+    echoes
+}
+
 /// One connection: its exchange, then our close and the guest's (end of stream). The
 /// first one is made again if slirp gave up on the guest before it came up (reset or end
 /// of stream before the first echo: the guest never had that connection).
@@ -110,10 +139,11 @@ fn session(c: usize, deadline: Instant) -> (usize, Duration) {
 fn a_guest_echoes_tcp_from_the_host_through_the_sdk_stack() {
     let client = std::thread::spawn(|| {
         let deadline = Instant::now() + Duration::from_secs(280);
-        (1..=3).map(|c| session(c, deadline)).collect::<Vec<_>>()
+        let echoes = datagrams(deadline);
+        (echoes, (1..=3).map(|c| session(c, deadline)).collect::<Vec<_>>())
     });
     let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/tcp-echo.toml"));
-    let sessions = client.join().expect("the host client failed");
+    let (echoes, sessions) = client.join().expect("the host client failed");
     assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
     let g = b.guest("echo");
     assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}\n{}", b.serial);
@@ -132,7 +162,14 @@ fn a_guest_echoes_tcp_from_the_host_through_the_sdk_stack() {
         );
     }
     let total = 2 * line_bytes + BULK;
-    assert!(said(&format!("tcpecho: done: 3 connection(s), {total} bytes echoed;")).is_some());
+    let done = said(&format!("tcpecho: done: 3 connection(s), {total} bytes echoed, "));
+    let udp: usize = done
+        .and_then(|l| l.split_once(" datagram(s)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{done:?}\n{}", b.serial));
+    // The guest echoed at least what came back, maybe more (copies slirp queued).
+    assert!(udp >= echoes && echoes == 3, "{udp} datagrams echoed, {echoes} came back");
+    assert!(said("tcpecho: udp: echoed 24 bytes to 10.0.2.2:").is_some());
     // Interrupt-driven: the guest slept between frames and the card's interrupt woke it.
     let bench = said("bench tcpecho e1000: ").expect("a bench line");
     eprintln!("guest: {bench}");

@@ -4,6 +4,8 @@
 //! `backlog` sockets, accepts connections as they come (a client's next one may arrive
 //! while the last one is still closing) and sends every byte back on the connection it
 //! came on; when the peer closes its side, it closes its own once everything is echoed.
+//! With `udp_port`, it also echoes UDP datagrams to that port back to their sender
+//! (smoltcp's UDP socket) meanwhile.
 //! After `connections` connections, or at `ms`, it stops. A host reaches it through
 //! slirp's host forwarding (`forward = ["tcp:HOST-PORT"]` on the card,
 //! `configs/tcp-echo.toml`).
@@ -111,6 +113,19 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
         }
         slots.push(Slot { h, conn: None });
     }
+    let udp_port = bi.arg_int("udp_port") as u16;
+    let udp = if udp_port != 0 {
+        let u = net.add_udp(8, buffer);
+        if let Err(e) = net.udp(u).bind(udp_port) {
+            log::error!("tcpecho: bind UDP port {udp_port}: {e}");
+            return NO_LISTEN;
+        }
+        log::info!("tcpecho: echoing UDP datagrams to port {udp_port} too");
+        Some(u)
+    } else {
+        None
+    };
+    let mut datagrams = 0u64;
     let deadline = pci::deadline_ms(ms);
     let mut chunk = alloc::vec![0u8; buffer];
     let (mut accepted, mut done, mut bytes, mut reads) = (0u64, 0u64, 0u64, 0u64);
@@ -120,6 +135,15 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
     while done < want {
         net.poll();
         let idle = net.stats().idle_tsc;
+        if let Some(u) = udp {
+            let u = net.udp(u);
+            while let Ok((n, meta)) = u.recv_slice(&mut chunk) {
+                if u.send_slice(&chunk[..n], meta.endpoint).is_ok() {
+                    datagrams += 1;
+                    log::info!("tcpecho: udp: echoed {n} bytes to {}", meta.endpoint);
+                }
+            }
+        }
         for slot in slots.iter_mut() {
             let s = net.tcp(slot.h);
             if slot.conn.is_none() && connected(s.state()) {
@@ -189,7 +213,8 @@ pub fn tcpecho(bi: &BootInfo) -> u64 {
         log::error!("tcpecho: {done} of {want} connections served within {ms} ms");
     }
     log::info!(
-        "tcpecho: done: {done} connection(s), {bytes} bytes echoed; {} interrupts; exit {status}",
+        "tcpecho: done: {done} connection(s), {bytes} bytes echoed, {datagrams} datagram(s); {} \
+         interrupts; exit {status}",
         pci::interrupts(net.nic().index())
     );
     status

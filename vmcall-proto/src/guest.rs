@@ -843,6 +843,13 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             int("ms", 1, 3_600_000, 600_000, "how long it may wait for them all"),
             int("buffer", 512, 65536, 8192, "bytes of receive and send buffer, per socket"),
             int("backlog", 1, 8, 2, "sockets listening at once (connections served at once)"),
+            int(
+                "udp_port",
+                0,
+                65535,
+                0,
+                "0: no UDP; else it also echoes datagrams to this port back to their sender",
+            ),
             flag("trace", "1: log every frame either way, decoded (`tcpip: rx`, `tcpip: tx`)"),
         ],
     },
