@@ -419,6 +419,21 @@ impl E1000 {
 
     /// Receives the next good frame into `buf`; returns its length.
     pub fn recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<usize, NicError> {
+        match self.next_frame(buf, deadline, true) {
+            Some(len) => Ok(len),
+            None => Err(NicError::Timeout("a frame")),
+        }
+    }
+
+    /// The next good frame if the ring holds one, without waiting for one (see
+    /// [`crate::nic::Nic::try_recv`]).
+    pub fn try_recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        self.next_frame(buf, 0, false)
+    }
+
+    /// The next good frame; with `wait`, sleeps on the card's interrupt for it until
+    /// `deadline` (then `None`), else `None` as soon as the ring is empty.
+    fn next_frame(&mut self, buf: &mut [u8], deadline: u64, wait: bool) -> Option<usize> {
         loop {
             let i = self.rx_next;
             // SAFETY: slot `i` of our receive ring, written back by the card by DMA.
@@ -449,7 +464,7 @@ impl E1000 {
                 match got {
                     Some(len) if len <= buf.len() => {
                         self.stats.received += 1;
-                        return Ok(len);
+                        return Some(len);
                     }
                     _ => {
                         self.stats.dropped += 1;
@@ -458,8 +473,8 @@ impl E1000 {
                 }
             }
             self.note_causes();
-            if !pci::wait_irq(self.index, deadline) {
-                return Err(NicError::Timeout("a frame"));
+            if !wait || !pci::wait_irq(self.index, deadline) {
+                return None;
             }
         }
     }

@@ -5,9 +5,9 @@
 //! exit ([`hypercall`]), the virtual timer ([`timer`]), channels ([`channel`]),
 //! capabilities ([`caps`]), the heap behind `alloc` ([`heap`]), its exit-free counters
 //! ([`telemetry`]), the PCI functions it owns and their interrupts ([`pci`]), network
-//! cards ([`nic`], with the drivers [`e1000`] and [`ne2k`]) and their frames ([`net`]), and
-//! the panic handler; it
-//! may call only `vmcall_proto` and the hypervisor (through hypercalls). Its linker script
+//! cards ([`nic`], with the drivers [`e1000`] and [`ne2k`]) and their frames ([`net`]), a
+//! TCP/IP stack on them ([`tcpip`], smoltcp), and the panic handler; it
+//! may call only `vmcall_proto`, smoltcp and the hypervisor (through hypercalls). Its linker script
 //! (`linker.ld`: the image at guest-physical 1 MiB, entry `guest_start`) is what `cargo
 //! xtask` links a guest crate with. A guest is a crate that names
 //! its one entry function with [`entry!`]: the function gets the boot information and
@@ -28,6 +28,7 @@ pub mod ne2k;
 pub mod net;
 pub mod nic;
 pub mod pci;
+pub mod tcpip;
 pub mod telemetry;
 pub mod timer;
 

@@ -5,6 +5,8 @@
 #![cfg_attr(not(test), no_main)]
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
+extern crate alloc;
+
 use guestkernel::{arch, channel, hypercall};
 
 mod capattack;
@@ -19,6 +21,7 @@ mod netloads;
 mod nicload;
 mod pciattack;
 mod supervise;
+mod tcpecho;
 mod workloads;
 
 guestkernel::entry!(workloads::run);

@@ -359,6 +359,26 @@ impl Ne2k {
 
     /// Receives the next frame into `buf`; returns its length.
     pub fn recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<usize, NicError> {
+        match self.next_frame(buf, deadline, true)? {
+            Some(len) => Ok(len),
+            None => Err(NicError::Timeout("a frame")),
+        }
+    }
+
+    /// The next frame if the card holds one, without waiting for one (see
+    /// [`crate::nic::Nic::try_recv`]); `deadline` bounds only the card's remote reads.
+    pub fn try_recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<Option<usize>, NicError> {
+        self.next_frame(buf, deadline, false)
+    }
+
+    /// The next good frame; with `wait`, sleeps on the card's interrupt for it until
+    /// `deadline` (then `None`), else `None` as soon as the ring is empty.
+    fn next_frame(
+        &mut self,
+        buf: &mut [u8],
+        deadline: u64,
+        wait: bool,
+    ) -> Result<Option<usize>, NicError> {
         loop {
             let _ = self.note_causes();
             if self.curr() != self.next {
@@ -383,10 +403,10 @@ impl Ne2k {
                     continue;
                 }
                 self.stats.received += 1;
-                return Ok(hdr.len);
+                return Ok(Some(hdr.len));
             }
-            if !pci::wait_irq(self.index, deadline) {
-                return Err(NicError::Timeout("a frame"));
+            if !wait || !pci::wait_irq(self.index, deadline) {
+                return Ok(None);
             }
         }
     }

@@ -101,6 +101,19 @@ impl Nic {
         }
     }
 
+    /// Full-size frames the card holds before it must drop one: what a peer may send
+    /// back to back (a TCP window larger than that loses frames when they come at once).
+    pub fn rx_frames(&self) -> usize {
+        match self {
+            Nic::E1000(_) => crate::e1000::RX_SLOTS,
+            // 256-byte pages; a full frame and its 4-byte header take six.
+            Nic::Ne2k(_) => {
+                (crate::ne2k::RX_STOP - crate::ne2k::RX_START) as usize
+                    / (crate::net::MAX_FRAME + 4).div_ceil(256)
+            }
+        }
+    }
+
     pub fn mac(&self) -> Mac {
         match self {
             Nic::E1000(n) => n.mac(),
@@ -130,6 +143,17 @@ impl Nic {
         match self {
             Nic::E1000(n) => n.recv(buf, deadline),
             Nic::Ne2k(n) => n.recv(buf, deadline),
+        }
+    }
+
+    /// The next frame that fits `buf` if the card holds one, else `None` at once: never
+    /// sleeps waiting for one (a poll loop such as [`crate::tcpip`] sleeps on the card's
+    /// interrupt itself). `deadline` bounds only the card's own work (the NE2000's remote
+    /// reads).
+    pub fn try_recv(&mut self, buf: &mut [u8], deadline: u64) -> Result<Option<usize>, NicError> {
+        match self {
+            Nic::E1000(n) => Ok(n.try_recv(buf)),
+            Nic::Ne2k(n) => n.try_recv(buf, deadline),
         }
     }
 

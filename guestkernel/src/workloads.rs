@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 37] = [
+const REGISTRY: [(&str, Workload); 38] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -58,6 +58,7 @@ const REGISTRY: [(&str, Workload); 37] = [
     ("nic", crate::nicload::nic),
     ("pciattack", crate::pciattack::run),
     ("bigmap", crate::capload::bigmap),
+    ("tcpecho", crate::tcpecho::tcpecho),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

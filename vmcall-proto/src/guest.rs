@@ -236,6 +236,7 @@ pub const WORKLOADS: &[&str] = &[
     "nic",
     "pciattack",
     "bigmap",
+    "tcpecho",
 ];
 
 /// What values a workload argument takes.
@@ -852,6 +853,30 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                           its first channel and revokes it once the peer mapped it) or \
                           `holder` (maps the copy at `offset_kib`, tells the owner)",
             },
+        ],
+    },
+    WorkloadSpec {
+        name: "tcpecho",
+        summary: "a TCP echo server on the SDK's TCP/IP stack (`guestkernel::tcpip`, \
+                  smoltcp) over its first card, at slirp's 10.0.2.15: listens on `port` \
+                  (`backlog` sockets), accepts connections and echoes every byte, closing \
+                  when the peer does; one line per connection, then a `bench tcpecho` line \
+                  (work instructions per read, frames, sleeps) and `tcpecho: done:`; exits \
+                  0 after `connections` connections, 5 if `ms` came first",
+        args: &[
+            int("port", 1, 65535, 7777, "the TCP port it listens on"),
+            int("connections", 1, 1_000_000, 1, "connections served before it ends"),
+            int("ms", 1, 3_600_000, 600_000, "how long it may wait for them all"),
+            int("buffer", 512, 65536, 8192, "bytes of receive and send buffer, per socket"),
+            int("backlog", 1, 8, 2, "sockets listening at once (connections served at once)"),
+            int(
+                "udp_port",
+                0,
+                65535,
+                0,
+                "0: no UDP; else it also echoes datagrams to this port back to their sender",
+            ),
+            flag("trace", "1: log every frame either way, decoded (`tcpip: rx`, `tcpip: tx`)"),
         ],
     },
 ];
