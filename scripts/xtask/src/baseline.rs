@@ -42,7 +42,11 @@ pub struct Row {
 impl Row {
     /// The change against the baseline as a fraction (+0.05 = 5% more instructions).
     pub fn change(&self) -> Option<f64> {
-        self.baseline.filter(|&b| b > 0).map(|b| self.now as f64 / b as f64 - 1.0)
+        match self.baseline? {
+            0 if self.now == 0 => Some(0.0),
+            0 => Some(f64::INFINITY),
+            b => Some(self.now as f64 / b as f64 - 1.0),
+        }
     }
 
     /// More than `tolerance` above the baseline (exactly at it is within: 1030 against 1000
@@ -211,6 +215,10 @@ mod tests {
         let bad: Vec<&str> =
             rows.iter().filter(|r| r.regressed(TOLERANCE)).map(|r| r.name.as_str()).collect();
         assert_eq!(bad, ["b"], "3.0% is within, 3.1% is not; better and new figures pass");
+        let zero = Row { name: "z".into(), baseline: Some(0), now: 0 };
+        assert!(!zero.regressed(TOLERANCE) && zero.change() == Some(0.0));
+        let one = Row { name: "z".into(), baseline: Some(0), now: 1 };
+        assert!(one.regressed(TOLERANCE), "a count of 0 (e.g. VM exits) guarded exactly");
         let table = render(&rows, TOLERANCE);
         assert!(table.contains("REGRESSION") && table.contains("better: --update"), "{table}");
         assert!(table.contains("new"), "{table}");

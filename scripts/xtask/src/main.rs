@@ -99,8 +99,8 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     if !system.success() {
         return Ok(false);
     }
-    // The exact Bochs counts against the committed baseline (three boots in parallel; about
-    // 40 s on two busy cores).
+    // The exact Bochs counts against the committed baseline (three boots in parallel: 15 s
+    // on a quiet two-core machine, about 40 s on a busy one).
     xtask::baseline::check(false)
 }
 
