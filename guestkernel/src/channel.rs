@@ -15,8 +15,10 @@
 //! a wake-up, even with a monitor that forgets it was armed, is argued at
 //! [`Chan::wait_mwait`].
 //!
-//! Peers that come and go: every operation first reads the channel's link word in the
-//! status page (one load, no exit). A peer that died makes it `PeerGone` (the hypervisor
+//! Peers that come and go: every operation first compares the channel's link word in the
+//! status page with the word this side's epoch began with (one load and one compare, no
+//! exit, no decoding; the word changes only while this guest does not run, so on hardware
+//! its line stays in this core's cache). A peer that died makes it `PeerGone` (the hypervisor
 //! also rings this guest's doorbell, so a sleeper wakes); once the peer's new incarnation
 //! is up, the word carries a new epoch and operations say `Reset` until [`Chan::resync`]
 //! starts over on the reset rings. A message read is always a message of this side's epoch
@@ -49,20 +51,58 @@ pub struct Chan {
     pub rung: u64,
     /// The epoch this side's sender and receiver are in.
     pub epoch: u32,
+    /// The link word this side's epoch began with (up, `epoch`): any other value is news.
+    link: u64,
+    /// Where this channel's link word is in the status page.
+    link_at: u64,
     tx_gpa: u64,
     rx_gpa: u64,
     slots: u32,
 }
 
-/// The link word of the channel at boot-info position `number` (see `guest::StatusPage`).
-fn link_word(number: usize) -> u64 {
+/// How often a receiver publishes its count while it drains a backlog: every `slots / 4`
+/// messages (the ring's `ack_every`, as the host bench's ring), and at once whenever it has
+/// caught up ([`Receiver::ack_if_caught_up`](vmcall_proto::channel::Receiver)).
+pub const fn ack_every(slots: u32) -> u32 {
+    if slots >= 8 {
+        slots / 4
+    } else {
+        1
+    }
+}
+
+/// Where the link word of the channel at boot-info position `number` is (see
+/// `guest::StatusPage`).
+fn link_at(number: usize) -> u64 {
     let page = STATUS_GPA as *const StatusPage;
     let number = number.min(vmcall_proto::guest::MAX_CHANNELS_PER_GUEST - 1);
+    // SAFETY: only an address is computed (`number` is clamped to the table).
+    unsafe { core::ptr::addr_of!((*page).links[number].word) as u64 }
+}
+
+/// The link word at `at` (from [`link_at`]).
+fn read_link(at: u64) -> u64 {
     // The hypervisor maps the status page read-only for the guest's whole life; our page
     // tables identity-map it with the channel windows. The hypervisor changes the word only
     // while we do not run.
-    // SAFETY: an aligned u64 inside that page (`number` is clamped to the table).
-    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*page).links[number].word)) }
+    // SAFETY: `at` is an aligned u64 inside that page (`link_at`).
+    unsafe { core::ptr::read_volatile(at as *const u64) }
+}
+
+/// The link word of the channel at boot-info position `number`.
+fn link_word(number: usize) -> u64 {
+    read_link(link_at(number))
+}
+
+/// What [`Chan::changed`] compares the link word with: the word itself if it says up (then
+/// equal means up, in this epoch), else a value no link word has (`epoch << 1 | up` with a
+/// 32-bit epoch), so that every operation decodes the word until the link is up.
+const fn fast_word(w: u64) -> u64 {
+    if link_up(w) {
+        w
+    } else {
+        u64::MAX
+    }
 }
 
 /// Opens the channel called `name`, or the first one.
@@ -78,17 +118,22 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
     let (tx, rx) = unsafe {
         (Ring::from_raw(d.tx_gpa as *mut u8, d.slots), Ring::from_raw(d.rx_gpa as *mut u8, d.slots))
     };
-    let epoch = link_epoch(link_word(number));
-    // The receiver publishes its count after every message: when a peer dies, the ring
-    // counters say exactly what was in flight (the hypervisor counts it lost).
+    let link = link_word(number);
+    let epoch = link_epoch(link);
+    // The receiver publishes its count every `ack_every` messages and whenever it has
+    // caught up: when a peer dies with the ring empty, the ring counters say exactly what
+    // was in flight (the hypervisor counts it lost); in the middle of a backlog, up to
+    // `ack_every - 1` messages it took count as in flight too.
     Some(Chan {
         tx: Sender::with_epoch(tx, epoch),
-        rx: Receiver::with_epoch(rx, 1, epoch),
+        rx: Receiver::with_epoch(rx, ack_every(d.slots), epoch),
         number,
         doorbells: false,
         mwait: false,
         rung: 0,
         epoch,
+        link: fast_word(link),
+        link_at: link_at(number),
         tx_gpa: d.tx_gpa,
         rx_gpa: d.rx_gpa,
         slots: d.slots,
@@ -109,7 +154,22 @@ impl Chan {
 
     /// The link as it is now: `Ok` if the peer is up in this side's epoch.
     pub fn link(&self) -> Result<(), ChannelError> {
-        self.check(link_word(self.number))
+        self.check(read_link(self.link_at))
+    }
+
+    /// The hot path's look at the link: one load and one compare with the last word seen
+    /// up in this side's epoch; only another word is decoded, by `check` as before (into
+    /// `PeerGone`, `Reset`, or `Ok` for a word that says up in this epoch, which becomes
+    /// the one compared with).
+    #[inline(always)]
+    fn changed(&mut self) -> Result<(), ChannelError> {
+        let w = read_link(self.link_at);
+        if w == self.link {
+            return Ok(());
+        }
+        self.check(w)?;
+        self.link = w;
+        Ok(())
     }
 
     /// Starts over in the channel's current epoch (after `Reset`): a new sender and
@@ -128,20 +188,18 @@ impl Chan {
             )
         };
         self.tx = Sender::with_epoch(tx, epoch);
-        self.rx = Receiver::with_epoch(rx, 1, epoch);
+        self.rx = Receiver::with_epoch(rx, ack_every(self.slots), epoch);
         self.epoch = epoch;
+        self.link = fast_word(w);
         Ok(epoch)
     }
 
+    #[inline]
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
-        let w = link_word(self.number);
-        self.check(w)?;
+        self.changed()?;
         if let Err(e) = self.tx.try_send(m) {
             // An error while the link changed: the change is the news.
-            let now = link_word(self.number);
-            if now != w {
-                self.check(now)?;
-            }
+            self.changed()?;
             return Err(e);
         }
         if self.doorbells || self.mwait {
@@ -187,17 +245,17 @@ impl Chan {
         }
     }
 
+    #[inline]
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
-        let w = link_word(self.number);
-        self.check(w)?;
+        self.changed()?;
         match self.rx.try_recv() {
-            Ok(Some(m)) => Ok(Some(m)),
+            Ok(Some(m)) => {
+                self.rx.ack_if_caught_up();
+                Ok(Some(m))
+            }
             other => {
                 // Nothing, or an error, while the link changed: the change is the news.
-                let now = link_word(self.number);
-                if now != w {
-                    self.check(now)?;
-                }
+                self.changed()?;
                 other
             }
         }

@@ -19,8 +19,9 @@
 use crate::arch::rdtsc;
 use crate::channel::{self, Chan};
 use crate::hypercall::exit_count;
+use core::sync::atomic::{AtomicU64, Ordering};
 pub use vmcall_proto::channel::message;
-use vmcall_proto::channel::{ChannelError, Payload};
+use vmcall_proto::channel::{ChannelError, Payload, HEADER_BYTES};
 use vmcall_proto::guest::BootInfo;
 
 const CORRUPT: u64 = 2;
@@ -88,8 +89,171 @@ fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
     }
 }
 
+/// The baseline `bench channels` measures the library against (`raw=1`): a bare ring over
+/// the channel's own memory, in the ring's layout (seven payload words, then the control
+/// word `n + 1`; the consumer's count in its line every `slots/4` messages), and nothing
+/// else: no link word, no epoch tags, no check of a control word beyond "is it the next
+/// one", no re-read after the copy, no notification. What a guest that trusts its peer and
+/// never sees it restart could get away with.
+struct Raw {
+    tx: u64,
+    rx: u64,
+    slots: u64,
+    sent: u64,
+    acked: u64,
+    received: u64,
+    every: u64,
+}
+
+impl Raw {
+    fn new(c: &Chan, bi: &BootInfo) -> Raw {
+        let d = bi.channels()[c.number];
+        let slots = d.slots.max(1) as u64;
+        Raw {
+            tx: d.tx_gpa,
+            rx: d.rx_gpa,
+            slots,
+            sent: 0,
+            acked: 0,
+            received: 0,
+            every: (slots / 4).max(1),
+        }
+    }
+
+    /// The word at byte `offset` of a ring.
+    fn word(&self, ring: u64, offset: u64) -> &'static AtomicU64 {
+        // The ring lies in the channel window, mapped for the guest's life; every offset
+        // used is inside it (a header line, or a slot below `slots`) and 8-byte aligned, and
+        // both sides use the memory only through atomics.
+        // SAFETY: as above.
+        unsafe { AtomicU64::from_ptr((ring + offset) as *mut u64) }
+    }
+
+    fn slot(&self, n: u64) -> u64 {
+        HEADER_BYTES as u64 + 64 * (n % self.slots)
+    }
+
+    fn send(&mut self, m: &Payload) {
+        while self.sent - self.acked >= self.slots {
+            self.acked = self.word(self.tx, 64).load(Ordering::Acquire);
+            core::hint::spin_loop();
+        }
+        let s = self.slot(self.sent);
+        for (i, v) in m.iter().enumerate() {
+            self.word(self.tx, s + 8 * i as u64).store(*v, Ordering::Relaxed);
+        }
+        self.sent += 1;
+        self.word(self.tx, s + 56).store(self.sent, Ordering::Release);
+    }
+
+    fn try_recv(&mut self) -> Option<Payload> {
+        let s = self.slot(self.received);
+        if self.word(self.rx, s + 56).load(Ordering::Acquire) != self.received + 1 {
+            return None;
+        }
+        let m =
+            core::array::from_fn(|i| self.word(self.rx, s + 8 * i as u64).load(Ordering::Relaxed));
+        self.received += 1;
+        if self.received.is_multiple_of(self.every) {
+            self.word(self.rx, 64).store(self.received, Ordering::Release);
+        }
+        Some(m)
+    }
+
+    fn recv(&mut self) -> Payload {
+        loop {
+            if let Some(m) = self.try_recv() {
+                return m;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The counts in the rings' header lines, for the run report's channel counters: what
+    /// this side sent...
+    fn finish_tx(&self) {
+        self.word(self.tx, 0).store(self.sent, Ordering::Relaxed);
+    }
+
+    /// ...and what it received.
+    fn finish_rx(&self) {
+        self.word(self.rx, 64).store(self.received, Ordering::Release);
+    }
+}
+
+/// Whether the workload runs on the bare ring instead of the library (`raw=1`).
+fn raw(bi: &BootInfo) -> bool {
+    bi.arg_int("raw") == 1
+}
+
+/// `ping` on the bare ring ([`Raw`]): the same exchange, the same figures.
+fn ping_raw(bi: &BootInfo, c: &Chan) -> u64 {
+    let mut r = Raw::new(c, bi);
+    let n = bi.arg_int("n");
+    let (mut rtt, mut send) = (Stats::new(), Stats::new());
+    let e0 = exit_count();
+    for i in 0..n {
+        let t0 = rdtsc();
+        r.send(&message(i, 0));
+        let t1 = rdtsc();
+        let reply = r.recv();
+        let t2 = rdtsc();
+        if reply != message(i, 1) {
+            log::error!("ping: reply {i} wrong: {:?}", &reply[..2]);
+            return 1;
+        }
+        send.add(t1 - t0);
+        rtt.add(t2 - t0);
+    }
+    let e = exit_count() - e0 - 1;
+    r.finish_tx();
+    r.finish_rx();
+    let ((rm, rp), (sm, _)) = (rtt.summary(), send.summary());
+    log::info!(
+        "bench ping mode=poll raw=1 n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} exits={e} \
+         doorbells_rung=0 doorbells_taken=0 mwait=0"
+    );
+    0
+}
+
+/// `pong` on the bare ring ([`Raw`]).
+fn pong_raw(bi: &BootInfo, c: &Chan) -> u64 {
+    let mut r = Raw::new(c, bi);
+    let n = bi.arg_int("n");
+    let mut recv = Stats::new();
+    let e0 = exit_count();
+    for i in 0..n {
+        // Time only the successful receive, as `pong` does.
+        let m = loop {
+            let t0 = rdtsc();
+            if let Some(m) = r.try_recv() {
+                recv.add(rdtsc() - t0);
+                break m;
+            }
+            core::hint::spin_loop();
+        };
+        if m != message(i, 0) {
+            log::error!("pong: message {i} wrong: {:?}", &m[..2]);
+            return 1;
+        }
+        r.send(&message(i, 1));
+    }
+    let e = exit_count() - e0 - 1;
+    r.finish_tx();
+    r.finish_rx();
+    log::info!(
+        "bench pong mode=poll raw=1 n={n} recv_median={} exits={e} doorbells_taken=0 \
+         doorbells_rung=0 mwait=0",
+        recv.summary().0
+    );
+    0
+}
+
 pub fn ping(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
+    if raw(bi) {
+        return ping_raw(bi, &c);
+    }
     let n = bi.arg_int("n");
     let (mut rtt, mut send) = (Stats::new(), Stats::new());
     let e0 = exit_count();
@@ -127,6 +291,9 @@ pub fn ping(bi: &BootInfo) -> u64 {
 
 pub fn pong(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
+    if raw(bi) {
+        return pong_raw(bi, &c);
+    }
     let n = bi.arg_int("n");
     let mut recv = Stats::new();
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
@@ -176,19 +343,28 @@ pub fn pong(bi: &BootInfo) -> u64 {
 pub fn stream(bi: &BootInfo) -> u64 {
     let Some(mut c) = open(bi, "channel") else { return 1 };
     let n = bi.arg_int("n");
+    let mut raw = raw(bi).then(|| Raw::new(&c, bi));
     let e0 = exit_count();
     let t0 = rdtsc();
-    for i in 0..n {
-        if let Err(e) = c.send(&message(i, 0)) {
-            return corrupt("stream", e);
+    if let Some(r) = raw.as_mut() {
+        for i in 0..n {
+            r.send(&message(i, 0));
+        }
+        r.finish_tx();
+    } else {
+        for i in 0..n {
+            if let Err(e) = c.send(&message(i, 0)) {
+                return corrupt("stream", e);
+            }
         }
     }
     let t = rdtsc() - t0;
     let e = exit_count() - e0 - 1;
     log::info!(
-        "bench stream n={n} instr_per_msg={} exits={e} doorbells_rung={}",
+        "bench stream n={n} instr_per_msg={} exits={e} doorbells_rung={} raw={}",
         t / n.max(1),
-        c.rung
+        c.rung,
+        raw.is_some() as u8
     );
     // Stay until the sink says it took everything: exiting takes the channel down, and a
     // receiver is told `PeerGone` rather than handed what is still in the ring.
@@ -209,13 +385,17 @@ pub fn sink(bi: &BootInfo) -> u64 {
     let t0 = rdtsc();
     let (mut lost, mut dup, mut bad) = (0u64, 0u64, 0u64);
     let mut expect = 0u64;
+    let mut raw = raw(bi).then(|| Raw::new(&c, bi));
     while expect < n {
-        let m = match receive(&mut c, polls(bi)) {
-            Ok(m) => m,
-            Err(e) => {
-                c.rx.flush_ack();
-                return corrupt("sink", e);
-            }
+        let m = match raw.as_mut() {
+            Some(r) => r.recv(),
+            None => match receive(&mut c, polls(bi)) {
+                Ok(m) => m,
+                Err(e) => {
+                    c.rx.flush_ack();
+                    return corrupt("sink", e);
+                }
+            },
         };
         match m[0] {
             s if s == expect => {}
@@ -228,13 +408,18 @@ pub fn sink(bi: &BootInfo) -> u64 {
         expect = expect.max(m[0] + 1);
     }
     let t = rdtsc() - t0;
-    c.rx.flush_ack();
+    match &raw {
+        Some(r) => r.finish_rx(),
+        None => c.rx.flush_ack(),
+    }
     let e = exit_count() - e0 - 1;
     // All taken: the stream may go.
     let _ = c.send(&message(n, 1));
     log::info!(
-        "bench sink n={n} instr_per_msg={} exits={e} lost={lost} duplicated={dup} damaged={bad}",
-        t / n.max(1)
+        "bench sink n={n} instr_per_msg={} exits={e} lost={lost} duplicated={dup} damaged={bad} \
+         raw={}",
+        t / n.max(1),
+        raw.is_some() as u8
     );
     if lost + dup + bad == 0 {
         0

@@ -357,6 +357,25 @@ impl<'a> Receiver<'a> {
         &self.ring.slots[(self.next % n) as usize] as *const Slot as *const u8
     }
 
+    /// Publishes the received count if this side has caught up with the sender (the next
+    /// slot does not hold the next message yet) and has not published it already: the
+    /// guest library calls it after each message it takes, so that the count is exact
+    /// whenever the ring is empty and batched (every `ack_every`) while a backlog is drained.
+    /// Publishing more often than `ack_every` is always allowed: the sender takes any count
+    /// between what it knew and what it sent. Returns whether it published.
+    pub fn ack_if_caught_up(&self) -> bool {
+        if self.next.is_multiple_of(self.ack_every) {
+            return false; // just published by `try_recv`
+        }
+        let n = self.ring.slots.len() as u64;
+        let c = self.ring.slots[(self.next % n) as usize].control.load(Ordering::Relaxed);
+        if c == self.tag | (self.next + 1) {
+            return false; // more to come: the batch publishes it
+        }
+        self.flush_ack();
+        true
+    }
+
     /// Publishes the received count now (e.g. at the end, for statistics).
     pub fn flush_ack(&self) {
         self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
@@ -647,6 +666,45 @@ mod tests {
         rx.flush_ack();
         tx.try_send(&msg(6)).unwrap();
         assert_eq!(tx.try_send(&msg(7)), Err(ChannelError::Full));
+    }
+
+    #[test]
+    fn ack_if_caught_up_publishes_only_an_empty_rings_count() {
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) = (Sender::new(st.ring(8)), Receiver::new(st.ring(8), 4));
+        assert!(!rx.ack_if_caught_up(), "nothing taken: 0 is published");
+        for i in 0..6 {
+            tx.try_send(&msg(i)).unwrap();
+        }
+        let mut published = vec![];
+        for _ in 0..6 {
+            rx.try_recv().unwrap().unwrap();
+            let did = rx.ack_if_caught_up();
+            published.push((st.ring(8).received(), did));
+        }
+        // A backlog: batched (4); the last message empties the ring: exact.
+        assert_eq!(
+            published,
+            [(0, false), (0, false), (0, false), (4, false), (4, false), (6, true)]
+        );
+        // Ping-pong: exact after every message.
+        for i in 6..12 {
+            tx.try_send(&msg(i)).unwrap();
+            rx.try_recv().unwrap().unwrap();
+            rx.ack_if_caught_up();
+            assert_eq!(st.ring(8).received(), i + 1);
+        }
+        // In a later epoch, with the tag.
+        let st = Box::new(OwnedRing::new());
+        let (mut tx, mut rx) =
+            (Sender::with_epoch(st.ring(8), 3), Receiver::with_epoch(st.ring(8), 4, 3));
+        tx.try_send(&msg(0)).unwrap();
+        tx.try_send(&msg(1)).unwrap();
+        rx.try_recv().unwrap().unwrap();
+        assert!(!rx.ack_if_caught_up());
+        rx.try_recv().unwrap().unwrap();
+        assert!(rx.ack_if_caught_up());
+        assert_eq!(st.consumer().received.load(Ordering::Relaxed), tag_of(3) | 2);
     }
 
     #[test]
@@ -1101,6 +1159,43 @@ mod loom_tests {
                     Ok(Some(m)) => {
                         assert_eq!(m, [n + 1; WORDS]);
                         n += 1;
+                    }
+                    Ok(None) => loom::thread::yield_now(),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            producer.join().unwrap();
+        });
+    }
+
+    /// The guest library's settings: `received` published every other message of a two-slot
+    /// ring (`ack_every` = slots, the most it allows) and whenever the consumer has caught
+    /// up ([`Receiver::ack_if_caught_up`]): the same guarantees, and the producer is never
+    /// left waiting on a count the consumer holds back.
+    #[test]
+    fn batched_acks_published_when_caught_up() {
+        loom::model(|| {
+            let st = Arc::new(LoomRing::new(2));
+            let p = st.clone();
+            let producer = loom::thread::spawn(move || {
+                let mut tx = Sender::new(p.ring());
+                let mut n = 0;
+                while n < 3 {
+                    match tx.try_send(&[n + 1; WORDS]) {
+                        Ok(()) => n += 1,
+                        Err(ChannelError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            });
+            let mut rx = Receiver::new(st.ring(), 2);
+            let mut n = 0;
+            while n < 3 {
+                match rx.try_recv() {
+                    Ok(Some(m)) => {
+                        assert_eq!(m, [n + 1; WORDS]);
+                        n += 1;
+                        rx.ack_if_caught_up();
                     }
                     Ok(None) => loom::thread::yield_now(),
                     Err(e) => panic!("{e:?}"),

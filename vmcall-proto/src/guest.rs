@@ -317,6 +317,11 @@ const MODE: ArgSpec = ArgSpec {
 const POLLS: ArgSpec =
     int("polls", 0, u32::MAX as u64, 0, "in doorbell and mwait modes, polls before sleeping");
 const CHANNEL: ArgSpec = channel("channel", ArgDefault::FirstChannel, "the channel to use");
+const RAW: ArgSpec = flag(
+    "raw",
+    "1: a bare ring over the same memory instead of the channel library (no link word, no \
+     epochs, no checks; polling only): the baseline `bench channels` compares the library with",
+);
 const DEAF: ArgSpec =
     flag("deaf", "1: the run injects a silent core (the revoke must time out, not hang)");
 /// Channel indexes a config can have.
@@ -546,22 +551,22 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
         name: "ping",
         summary: "sends `n` messages on its channel, waits for each reply, prints round-trip \
                   figures",
-        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS],
+        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
         name: "pong",
         summary: "answers `n` messages of a `ping`",
-        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS],
+        args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
         name: "stream",
         summary: "sends `n` messages as fast as the ring takes them",
-        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE],
+        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE, RAW],
     },
     WorkloadSpec {
         name: "sink",
         summary: "receives `n` messages of a `stream`, counts lost, duplicated and damaged ones",
-        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE, POLLS],
+        args: &[CHANNEL, int("n", 1, 100_000_000, 10_000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
         name: "relay",

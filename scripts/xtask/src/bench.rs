@@ -180,6 +180,59 @@ pub struct Emulated {
     pub mwait: Option<MwaitFigures>,
     #[serde(default)]
     pub mwait_problem: Option<String>,
+    /// The same polling round trip and stream on a bare ring over the same channel memory
+    /// (the workloads' `raw=1`: no link word, no epochs, no checks), in the same run: what
+    /// the library's own code and settings cost on top (absent in older files).
+    #[serde(default)]
+    pub raw: Option<RawFigures>,
+}
+
+/// The bare-ring baseline in Bochs (`raw=1` on `bench-poll.toml` and `bench-stream.toml`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RawFigures {
+    pub round_trip_instructions_median: u64,
+    pub send_instructions: u64,
+    pub receive_instructions: u64,
+    pub stream_instructions_per_message_sender: u64,
+    pub stream_instructions_per_message_receiver: u64,
+}
+
+/// `config` (a file under the workspace) with `raw = 1` added to every guest's `args`.
+pub fn raw_variant(config: &str) -> Result<String> {
+    let text = std::fs::read_to_string(crate::workspace_root().join(config))?;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| match l.strip_prefix("args = {").and_then(|r| r.strip_suffix('}')) {
+            Some(inner) => format!("args = {{{}, raw = 1 }}", inner.trim_end()),
+            None => l.to_string(),
+        })
+        .collect();
+    if !out.iter().any(|l| l.contains("raw = 1")) {
+        bail!("{config}: no `args = {{ ... }}` line to add `raw = 1` to");
+    }
+    Ok(out.join("\n") + "\n")
+}
+
+/// Boots `config` with `raw = 1` (kept as `target/xtask/raw-FILE`); its serial log.
+pub fn boot_raw(config: &str) -> Result<String> {
+    let name = std::path::Path::new(config).file_name().and_then(|f| f.to_str()).unwrap_or("x");
+    let r = boot_variant(&format!("raw-{name}"), &raw_variant(config)?, "")?;
+    if r.outcome != "ok" {
+        bail!("benchmark run {config} (raw) ended {}: {:?}", r.outcome, r.problems);
+    }
+    Ok(std::fs::read_to_string(&r.serial_log)?)
+}
+
+fn raw_figures() -> Result<RawFigures> {
+    let poll = boot_raw("configs/bench-poll.toml")?;
+    let st = boot_raw("configs/bench-stream.toml")?;
+    Ok(RawFigures {
+        round_trip_instructions_median: bench_value(&poll, "ping", "rtt_median")?,
+        send_instructions: bench_value(&poll, "ping", "send_median")?,
+        receive_instructions: bench_value(&poll, "pong", "recv_median")?,
+        stream_instructions_per_message_sender: bench_value(&st, "stream", "instr_per_msg")?,
+        stream_instructions_per_message_receiver: bench_value(&st, "sink", "instr_per_msg")?,
+    })
 }
 
 /// The MWAIT ping-pong's figures.
@@ -730,6 +783,7 @@ pub fn emulated() -> Result<Emulated> {
     // A run that fails (e.g. a wake-up the emulator loses: see README, "Exitless
     // notification") is reported as such, not taken for figures.
     let mwait = mwait_figures();
+    let raw = raw_figures()?;
     Ok(Emulated {
         send_instructions: bench_value(&poll, "ping", "send_median")?,
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
@@ -758,6 +812,7 @@ pub fn emulated() -> Result<Emulated> {
         doorbells_taken: taken,
         mwait: mwait.as_ref().ok().cloned(),
         mwait_problem: mwait.as_ref().err().map(|e| format!("{e:#}")),
+        raw: Some(raw),
     })
 }
 
@@ -890,6 +945,37 @@ pub fn print(r: &Report) {
         (None, None) => {}
     }
     println!("{t}");
+    if let Some(raw) = &e.raw {
+        println!(
+            "The channel library against a bare ring over the same memory, same guests, same run \
+             (`raw=1`: no link word, no epochs, no checks)"
+        );
+        let mut t = table(&["figure", "library", "bare ring", "x bare"]);
+        let x =
+            |a: u64, b: u64| if b > 0 { format!("{:.2}", a as f64 / b as f64) } else { "-".into() };
+        for (k, a, b) in [
+            (
+                "round trip, polling (median)",
+                e.round_trip_instructions_median,
+                raw.round_trip_instructions_median,
+            ),
+            ("send (median)", e.send_instructions, raw.send_instructions),
+            ("receive (median)", e.receive_instructions, raw.receive_instructions),
+            (
+                "stream: sender per message",
+                e.stream_instructions_per_message_sender,
+                raw.stream_instructions_per_message_sender,
+            ),
+            (
+                "stream: receiver per message",
+                e.stream_instructions_per_message_receiver,
+                raw.stream_instructions_per_message_receiver,
+            ),
+        ] {
+            t.add_row([k.to_string(), a.to_string(), b.to_string(), x(a, b)]);
+        }
+        println!("{t}");
+    }
 }
 
 fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
@@ -933,7 +1019,9 @@ pub fn channels(
     let emulated = if host_only {
         None
     } else {
-        eprintln!("bench: Bochs runs (poll, doorbell, mwait, stream)...");
+        eprintln!(
+            "bench: Bochs runs (poll, doorbell, mwait, stream; poll and stream on a bare ring)..."
+        );
         Some(emulated()?)
     };
     let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };

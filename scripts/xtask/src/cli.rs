@@ -263,6 +263,15 @@ pub enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The exact Bochs counts (null hypercall, CPUID, PAT MSR exits; the channel library's
+    /// round trip, send, receive and stream) against `docs/bench/baseline.json`: fails on a
+    /// figure more than 3% above its baseline, printing the table (also run by `cargo xtask
+    /// test`).
+    Check {
+        /// Write this run's figures as the new baseline (then compare against them).
+        #[arg(long)]
+        update: bool,
+    },
     /// VM exit round trips per exit reason and the hypervisor's share, at 2, 8 and 15 CPUs.
     Exits {
         /// Also write the figures as JSON.

@@ -4,6 +4,7 @@
 //! and turns the hypervisor's records into a JSON report. The whole-system tests under
 //! `tests/` use this library directly.
 
+pub mod baseline;
 pub mod bench;
 pub mod build;
 pub mod chaos;

@@ -96,7 +96,12 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     // Build once up front so the parallel system tests do not all wait on cargo's lock.
     xtask::build::images(false)?;
     let system = cargo().args(["test", "-p", "systests", "--", "--test-threads=2"]).status()?;
-    Ok(system.success())
+    if !system.success() {
+        return Ok(false);
+    }
+    // The exact Bochs counts against the committed baseline (three boots in parallel: 15 s
+    // on a quiet two-core machine, about 40 s on a busy one).
+    xtask::baseline::check(false)
 }
 
 fn main() -> ExitCode {
@@ -138,6 +143,7 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Check { update } => xtask::baseline::check(*update),
             xtask::cli::BenchWhat::Exits { json, before, cpus } => {
                 xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)
             }
