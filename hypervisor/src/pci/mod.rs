@@ -359,10 +359,6 @@ impl Assigned {
     }
 }
 
-/// Functions known to master the bus whatever their command register says (vendor, device):
-/// they are given only with `dma = "unconfined"`, and quiesced through their own registers.
-pub const KNOWN_BUS_MASTERS: [(u16, u16); 1] = [(0x8086, 0x100e)];
-
 /// ISA interrupt lines the platform keeps: the timer, the keyboard, the PIC cascade, the
 /// RTC, the FPU error line (an override in the MADT may move the timer to 2).
 const SYSTEM_LINES: [u8; 5] = [0, 1, 2, 8, 13];
@@ -437,7 +433,7 @@ pub fn assign(
         {
             return Err(AssignError::Taken);
         }
-        if KNOWN_BUS_MASTERS.contains(&(f.vendor, f.device))
+        if device::known_bus_master(f.vendor, f.device)
             && e.flags & device::flags::DMA_UNCONFINED == 0
         {
             return Err(AssignError::NeedsDma);

@@ -41,20 +41,26 @@ pub struct Nic {
     pub forward: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
-/// A card model `[[nic]]` may name: the Bochs device, its PCI identity, and whether it
-/// masters the bus (DMA).
+/// A card model `[[nic]]` may name: the Bochs device and its PCI identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NicModel {
     pub name: &'static str,
     pub vendor: u16,
     pub device: u16,
-    pub bus_master: bool,
+}
+
+impl NicModel {
+    /// Whether it masters the bus (DMA) whatever its command register says: the same list
+    /// the hypervisor refuses without `dma = "unconfined"`.
+    pub fn bus_master(&self) -> bool {
+        vmcall_proto::device::known_bus_master(self.vendor, self.device)
+    }
 }
 
 /// The models `[[nic]]` accepts.
 pub const NIC_MODELS: [NicModel; 2] = [
-    NicModel { name: "e1000", vendor: 0x8086, device: 0x100e, bus_master: true },
-    NicModel { name: "ne2k", vendor: 0x10ec, device: 0x8029, bus_master: false },
+    NicModel { name: "e1000", vendor: 0x8086, device: 0x100e },
+    NicModel { name: "ne2k", vendor: 0x10ec, device: 0x8029 },
 ];
 
 /// Bochs has five PCI slots; slot `k` (1-based) is device `k + 1` on bus 0 (the host
@@ -862,7 +868,7 @@ fn check_devices(errs: &mut Errors<'_>, config: &Config, warnings: &mut Vec<Stri
                 );
             }
             taken.push((nic, g.name.get_ref(), line));
-            let master = config.nic_model(nic).is_some_and(|m| m.bus_master);
+            let master = config.nic_model(nic).is_some_and(|m| m.bus_master());
             match d.get_ref().dma() {
                 None if master => errs.at(
                     d.span(),
