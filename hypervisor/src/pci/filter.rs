@@ -137,11 +137,10 @@ impl View {
         match offset {
             reg::COMMAND => cs.read32(b, offset) & !((reg::STATUS_CAP_LIST as u32) << 16),
             0x10..=0x24 => self.bar(i, ((offset - reg::BAR0) / 4) as usize),
-            reg::ROM => 0,
-            reg::CAP_PTR => 0,
             reg::INTERRUPT_LINE => (cs.read32(b, offset) & 0xffff_ff00) | 0xff,
             // Identity, class, header type; the subsystem ids.
             0x00..=0x0c | 0x2c => cs.read32(b, offset),
+            // The expansion ROM BAR, the capability pointer, device-specific registers.
             _ => 0,
         }
     }
@@ -298,6 +297,31 @@ mod tests {
         }
         assert!(bus.writes.is_empty(), "no BAR write reached the device: {:x?}", bus.writes);
         assert_eq!(bus.regs[&(NIC, 0x10)], 0xfebc_0000);
+    }
+
+    #[test]
+    fn a_64_bit_bar_reads_its_window_address_and_sizes_in_both_halves() {
+        let mut bus = fake::Bus::default();
+        let b = Bdf::new(0, 5, 0);
+        bus.add(
+            b,
+            0x1234_1af4,
+            0x01_00_00,
+            0,
+            (1, 5),
+            &[(0x10, 0xe000_000c, 0xffff_c000), (0x14, 0, 0xffff_ffff)],
+        );
+        let fns = enumerate(&mut bus);
+        let e = [device_entry(0, parse_selector("00:05.0").unwrap(), 0)];
+        let mut v = View::new(&assign(&fns, e.iter().copied(), 0).unwrap());
+        assert_eq!(rd(&mut v, &mut bus, b, 0x10, 4), DEVICE_WINDOW.0 as u32 | 0xc);
+        assert_eq!(rd(&mut v, &mut bus, b, 0x14, 4), 0, "the window is below 4 GiB");
+        wr(&mut v, &mut bus, b, 0x10, 4, u32::MAX);
+        wr(&mut v, &mut bus, b, 0x14, 4, u32::MAX);
+        assert_eq!(rd(&mut v, &mut bus, b, 0x10, 4), 0xffff_c00c);
+        assert_eq!(rd(&mut v, &mut bus, b, 0x14, 4), u32::MAX, "upper half of the size mask");
+        wr(&mut v, &mut bus, b, 0x14, 4, 0x1);
+        assert_eq!(rd(&mut v, &mut bus, b, 0x14, 4), 0, "moving the upper half is dropped");
     }
 
     #[test]
