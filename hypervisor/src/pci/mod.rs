@@ -27,8 +27,6 @@ pub mod reg {
     pub const COMMAND: u16 = 0x04;
     pub const CLASS: u16 = 0x08;
     pub const BAR0: u16 = 0x10;
-    pub const ROM: u16 = 0x30;
-    pub const CAP_PTR: u16 = 0x34;
     pub const INTERRUPT_LINE: u16 = 0x3c;
     /// Command register bits.
     pub const CMD_IO: u16 = 1 << 0;
