@@ -240,8 +240,8 @@ pub struct E1000 {
 
 /// The interrupt handler: reading ICR returns the causes and clears them (the line drops).
 fn handle_irq(regs: u64) -> u32 {
-    // SAFETY: `regs` is the card's BAR 0, mapped uncached by `pci::enable`; reading ICR
-    // has the wanted side effect only.
+    // Reading ICR has the wanted side effect only.
+    // SAFETY: `regs` is the card's BAR 0, mapped uncached by `pci::enable`.
     unsafe { core::ptr::read_volatile((regs + reg::ICR as u64) as *const u32) }
 }
 
@@ -391,14 +391,14 @@ impl E1000 {
         }
         let i = self.tx_next;
         let len = frame.len().max(MIN_FRAME);
-        // SAFETY: buffer `i` of our transmit region (BUF bytes, no other reference alive;
-        // the card reads it only after the tail moves past it, below).
+        // The card reads buffer `i` only after the tail moves past it, below.
+        // SAFETY: buffer `i` of our transmit region, BUF bytes, no other reference alive.
         let buf = unsafe { core::slice::from_raw_parts_mut(self.tx_bufs.va.add(i * BUF), BUF) };
         buf[..frame.len()].copy_from_slice(frame);
         buf[frame.len()..len].fill(0);
         let dsc = tx_desc(self.tx_bufs.machine + (i * BUF) as u64, len);
-        // SAFETY: slot `i` of our transmit ring; the card is done with it (every send waits
-        // for its descriptor to be written back).
+        // Every send waits for its descriptor to be written back: the card is done with it.
+        // SAFETY: slot `i` of our transmit ring, which the card no longer reads.
         unsafe { core::ptr::write_volatile(self.tx_desc(i), dsc) };
         fence(Ordering::SeqCst);
         self.tx_next = (i + 1) % TX_SLOTS;
@@ -444,11 +444,11 @@ impl E1000 {
                 let got = match outcome {
                     RxOutcome::Frame(len) => {
                         let n = len.min(buf.len());
-                        // SAFETY: buffer `i` of our receive region, which the card filled
-                        // before it set DD; it does not touch it again until the tail
-                        // passes it.
-                        let src =
-                            unsafe { core::slice::from_raw_parts(self.rx_bufs.va.add(i * BUF), n) };
+                        // The card filled buffer `i` before it set DD and does not touch it
+                        // again until the tail passes it.
+                        let at = self.rx_bufs.va.wrapping_add(i * BUF);
+                        // SAFETY: `n` bytes of buffer `i` of our receive region, filled.
+                        let src = unsafe { core::slice::from_raw_parts(at, n) };
                         buf[..n].copy_from_slice(src);
                         Some(len)
                     }

@@ -146,8 +146,8 @@ pub struct Ne2k {
 /// writing the bits back clears them, and the line drops.
 fn handle_irq(io: u64) -> u32 {
     let io = io as u16;
-    // SAFETY: the card's own ports; ISR reads have no side effect and writing ones clears
-    // exactly those causes.
+    // ISR reads have no side effect, and writing ones clears exactly those causes.
+    // SAFETY: the card's own ports, opened for this guest.
     unsafe {
         let s = inb(io + reg::ISR) & !isr::RST;
         outb(io + reg::ISR, s);
@@ -157,9 +157,9 @@ fn handle_irq(io: u64) -> u32 {
 
 impl Ne2k {
     fn inb(&self, r: u16) -> u8 {
-        // SAFETY: a port of the card's I/O BAR (checked at open); register reads other
-        // than the data port have no side effect, and the data port is read only inside
-        // a remote DMA this driver set up.
+        // Register reads other than the data port have no side effect, and the data port
+        // is read only inside a remote DMA this driver set up.
+        // SAFETY: a port of the card's I/O BAR (checked at open), opened for this guest.
         unsafe { inb(self.io + r) }
     }
 

@@ -54,8 +54,8 @@ pub const fn config_address(bdf: Bdf, off: u8) -> u32 {
 }
 
 fn select(bdf: Bdf, off: u8) {
-    // SAFETY: the configuration-address port: the hypervisor traps and filters it, and
-    // selecting a register has no effect of its own.
+    // The hypervisor traps and filters the configuration-address port.
+    // SAFETY: selecting a register has no effect of its own.
     unsafe { arch::outl(PCI_CONFIG_ADDRESS, config_address(bdf, off)) };
 }
 
@@ -64,8 +64,9 @@ fn select(bdf: Bdf, off: u8) {
 /// accesses raise #GP (vector 13) instead of reading all ones.
 pub fn try_read_id(bdf: Bdf) -> Result<u32, (u8, u64)> {
     let mut v: u32 = config_address(bdf, reg::VENDOR_ID);
-    // SAFETY: the configuration ports (trapped: the hypervisor filters them or raises
-    // #GP, which the probe catches); selecting and reading have no side effects.
+    // The configuration ports are trapped: the hypervisor filters them or raises #GP,
+    // which the probe catches.
+    // SAFETY: selecting and reading have no side effects.
     let fault = unsafe {
         crate::probe!(
             "mov dx, 0xcf8\n out dx, eax\n mov dx, 0xcfc\n in eax, dx",
@@ -82,8 +83,8 @@ pub fn try_read_id(bdf: Bdf) -> Result<u32, (u8, u64)> {
 /// Reads 32 bits of configuration space at `off` (rounded down to a dword). Two VM exits.
 pub fn read32(bdf: Bdf, off: u8) -> u32 {
     select(bdf, off);
-    // SAFETY: configuration reads have no side effects on PCI functions (the type-0
-    // header has no read-to-clear registers).
+    // The type-0 header has no read-to-clear registers.
+    // SAFETY: configuration reads have no side effects on PCI functions.
     unsafe { arch::inl(PCI_CONFIG_DATA) }
 }
 
@@ -176,9 +177,9 @@ pub unsafe fn enable(d: &DeviceDesc, master: bool) -> Result<u16, EnableError> {
     let want = command_bits(d, master);
     let old = read16(bdf, reg::COMMAND);
     let new = (old & !command::INTX_DISABLE) | want;
-    // SAFETY: per the caller's contract for bus mastering; decoding only makes the BARs
-    // answer at addresses the hypervisor placed (memory in the device window, I/O ports
-    // opened for this guest).
+    // Decoding only makes the BARs answer at addresses the hypervisor placed (memory in
+    // the device window, I/O ports opened for this guest).
+    // SAFETY: bus mastering per the caller's contract; decoding is harmless (above).
     unsafe { write16(bdf, reg::COMMAND, new) };
     let got = read16(bdf, reg::COMMAND);
     if got & want != want {

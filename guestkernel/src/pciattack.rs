@@ -152,8 +152,8 @@ fn all(mine: &vmcall_proto::device::DeviceDesc) -> u64 {
 /// (the victim's e1000 BAR is in the victim's window only).
 fn window() -> u64 {
     log::info!("pciattack window: expecting to be stopped reading {:#x}", DEVICE_WINDOW.0);
-    // SAFETY: the device window is identity-mapped by our page tables once mapped; the
-    // read is meant to fault in the EPT.
+    // The read below is meant to fault in the EPT.
+    // SAFETY: after the runtime's init, on the one vCPU, no page-table reference alive.
     unsafe { arch::map_device_window() };
     // SAFETY: as above.
     let v = unsafe { core::ptr::read_volatile(DEVICE_WINDOW.0 as *const u32) };

@@ -69,8 +69,8 @@ mod hw {
     }
 
     fn write_reg(base: u64, index: u32, value: u32) {
-        // SAFETY: the I/O APIC's MMIO page is identity-mapped uncached (the top GiB of the
-        // boot map); IOREGSEL at +0, IOWIN at +0x10; the caller holds LOCK.
+        // IOREGSEL at +0, IOWIN at +0x10; the caller holds LOCK.
+        // SAFETY: the I/O APIC's MMIO page is identity-mapped uncached (the boot map's top GiB).
         unsafe {
             core::ptr::write_volatile(base as *mut u32, index);
             core::ptr::write_volatile((base + 0x10) as *mut u32, value);

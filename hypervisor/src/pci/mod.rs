@@ -504,8 +504,8 @@ static CF8_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 impl ConfigSpace for Cf8 {
     fn read32(&mut self, f: Bdf, offset: u16) -> u32 {
         let _g = CF8_LOCK.lock();
-        // SAFETY: configuration mechanism #1: the address port, then the data port; no
-        // other core uses the pair while the lock is held.
+        // Configuration mechanism #1: the address port, then the data port.
+        // SAFETY: no other core uses the pair while the lock is held.
         unsafe {
             crate::arch::outl(
                 device::PCI_CONFIG_ADDRESS,
@@ -516,9 +516,9 @@ impl ConfigSpace for Cf8 {
     }
     fn write32(&mut self, f: Bdf, offset: u16, value: u32) {
         let _g = CF8_LOCK.lock();
-        // SAFETY: as for `read32`; callers write only registers of functions the
-        // hypervisor decided to touch (sizing at boot, the owner's filtered writes,
-        // quiescing at death).
+        // Callers write only registers of functions the hypervisor decided to touch
+        // (sizing at boot, the owner's filtered writes, quiescing at death).
+        // SAFETY: as for `read32`: the pair is ours while the lock is held.
         unsafe {
             crate::arch::outl(
                 device::PCI_CONFIG_ADDRESS,
@@ -569,8 +569,8 @@ pub fn quiesce_registers(o: &Owned) -> bool {
         return false;
     }
     let reg = |off: u64| (bar.base + off) as *mut u32;
-    // SAFETY: the function's own BAR0 (sized at boot, checked by `assign`), in the
-    // uncached top GiB of the hypervisor's identity map; its owner is not running.
+    // The function's own BAR0 (sized at boot, checked by `assign`); its owner is not running.
+    // SAFETY: in the uncached top GiB of the hypervisor's identity map, below 4 GiB (checked).
     unsafe {
         core::ptr::write_volatile(reg(0xd8), u32::MAX); // IMC
         core::ptr::write_volatile(reg(0x100), 0); // RCTL
