@@ -588,6 +588,8 @@ mod run {
         // that can never wake is caught at once.
         let direct = l.channel_count > 0 || l.devices.count > 0;
         let mwait = exitless_mwait(l);
+        // The guest's own I/O BARs pass without exits: then I/O bitmaps, else every port exits.
+        let io_bitmap = io_ports(l).next().is_some();
         let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
         if !direct {
             pin_want |= PinbasedControls::EXTERNAL_INTERRUPT_EXITING;
@@ -597,7 +599,7 @@ mod run {
         let proc = adjust(
             raw.procbased,
             (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
-                | if io_ports(l).next().is_some() {
+                | if io_bitmap {
                     PrimaryControls::USE_IO_BITMAPS
                 } else {
                     PrimaryControls::UNCOND_IO_EXITING
@@ -685,7 +687,7 @@ mod run {
         w(ctl::EXCEPTION_BITMAP, 0)?;
         w(ctl::CR3_TARGET_COUNT, 0)?;
         w(ctl::MSR_BITMAP, bitmap)?;
-        if io_ports(l).next().is_some() {
+        if io_bitmap {
             // I/O bitmaps (SDM Vol. 3C 25.6.4): every port exits but the owner's I/O BARs.
             let a = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
             let b = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
@@ -1453,8 +1455,12 @@ mod run {
                 return stop(ctx, "kernel ELF rejected");
             }
         };
-        // Its devices stop before the memory they may still write is scrubbed.
-        quiesce_devices(l);
+        // Its devices stop before the memory they may still write is scrubbed: the first
+        // time from whatever state the firmware left them in (later incarnations follow a
+        // death, which already quiesced them).
+        if n == 1 {
+            quiesce_devices(l);
+        }
         // Nothing of a previous incarnation (or of whoever had the memory before) survives.
         part.zero(|| {
             ctx.caps.poll(&mut Serving(link));
