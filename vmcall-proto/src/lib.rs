@@ -12,6 +12,7 @@
 //! * [`channel`]: the shared-memory message ring guests talk through.
 //! * [`caps`]: capabilities and the per-guest capability space.
 //! * [`device`]: PCI functions guests own: config entries, boot-info descriptors, rules.
+//! * [`kv`]: the sharded key-value service: key placement, ports, error lines.
 #![cfg_attr(not(test), no_std)]
 
 pub mod caps;
@@ -21,6 +22,7 @@ pub mod device;
 pub mod fixed;
 pub mod guest;
 pub mod hypercall;
+pub mod kv;
 pub mod platform;
 pub mod record;
 
