@@ -79,6 +79,12 @@ fn qemu_tcg_is_refused_with_the_missing_feature() {
     assert_eq!(r.missing.as_deref(), Some("VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)"));
     assert!(b.serial.contains("mkvisor needs VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)"));
     assert!(r.cores.is_empty(), "no core may be started when refusing");
+    // TCG's `max` CPU offers AMD SVM with nested paging (no nRIP save): the refusal says so.
+    assert!(
+        b.serial.contains("AMD SVM present (revision 1, 16 ASIDs, NPT, nRIP save=false"),
+        "{}",
+        b.serial
+    );
 }
 
 #[test]
