@@ -958,8 +958,10 @@ mod tests {
         let stopper = Stop(stop);
         // No yielding here: a torn read needs both threads on a core at once, and a reader
         // that gives its core up whenever it fails would rarely be running (on a loaded
-        // machine, for seconds). It takes milliseconds; the limit is for a broken ring.
-        let (start, limit) = (Instant::now(), Duration::from_secs(10));
+        // machine, for seconds). It takes milliseconds; the limit is for a broken ring, and
+        // generous because on a loaded two-core machine the two threads can go seconds
+        // without sharing the processors (10 s was once not enough there).
+        let (start, limit) = (Instant::now(), Duration::from_secs(60));
         for tries in 1u64.. {
             // A fresh receiver each time, so it always expects message 0 in slot 0.
             match Receiver::new(st.ring(4), 1).try_recv() {
