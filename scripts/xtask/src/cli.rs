@@ -61,6 +61,16 @@ pub enum Command {
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
     /// on each report. Exit code 0 if every run held them all, 1 otherwise.
     Chaos(ChaosArgs),
+    /// Check every crate's module import graph for cycles (also a step of `test`): each
+    /// cycle printed with the line that makes each step. Exit code 1 when there is one.
+    Imports(ImportsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImportsArgs {
+    /// Also print each crate's whole graph (module -> the modules it imports).
+    #[arg(long)]
+    pub graph: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
