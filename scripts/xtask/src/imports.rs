@@ -3,7 +3,8 @@
 //! `a/mod.rs`; an inline `mod x { .. }` counts as part of its file) imports another when it
 //! names it: a `use`, or a path through `crate::`, `super::`, `self::`, a child module or a
 //! name a `use` brought in (also inside macro arguments that parse as expressions). Declaring
-//! a child (`mod x;`) is not an import. The files are read with syn, every `cfg` included, so
+//! a child (`mod x;`) is not an import, nor is a path through a name the crate root took
+//! from another crate (`use guestkernel::arch;` at the root, `crate::arch::x` below). The files are read with syn, every `cfg` included, so
 //! test modules count. `cargo xtask imports` prints the graph; `cargo xtask test` fails when
 //! any crate has a cycle, printing it with the line that makes each step.
 //! May call: nothing of this crate (a leaf; its tests use the crate root's `workspace_root`).
@@ -212,11 +213,11 @@ impl Resolve<'_> {
         if let (0, Some(m)) = (depth, abs.first().and_then(|n| self.macros.get(n))) {
             to = *m;
         }
-        // `crate::log::info` where the root has `use log;` (or `pub use other_crate::x`):
-        // another crate's item reached through a re-export, not an import of the root.
-        let module = &abs[..depth];
-        if let Some(name) = abs.get(depth) {
-            if matches!(self.aliases.get(module).and_then(|a| a.get(name)), Some(None)) {
+        // `crate::log::info` where the root has `use log;` (or `use other_crate::x`): another
+        // crate reached through the root's shorthand, not an import of the root. (Through any
+        // other module, `m::x` names `m`, whatever `m` re-exports.)
+        if let (0, Some(name)) = (depth, abs.first()) {
+            if matches!(self.aliases.get(&abs[..0]).and_then(|a| a.get(name)), Some(None)) {
                 return;
             }
         }
