@@ -86,7 +86,7 @@ pub struct GuestReport {
     pub revoke_tsc: u64,
     /// The longest stretch its core spent in the hypervisor without serving its inbox
     /// (other cores' messages, membership probes), in TSC ticks: bounded whatever the
-    /// guest asks (README "Core membership"); the failure detector's timeout must exceed it.
+    /// guest asks (docs/membership.md); the failure detector's timeout must exceed it.
     #[serde(default)]
     pub away_tsc: u64,
     /// Cores its core declared failed (fenced) for not answering in time.
