@@ -36,7 +36,8 @@ pub enum Command {
     Mutants(MutantsArgs),
     /// Remove the run folders under target/xtask/ (runs in progress are kept).
     Clean(CleanArgs),
-    /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
+    /// Print the workloads and their arguments (the list in docs/config.md) from
+    /// vmcall-proto's table.
     Workloads(WorkloadsArgs),
     /// Make a guest crate of your own in DIR (hello-world entry, a config that runs it next
     /// to a built-in guest, a README); then `cargo xtask run --config DIR/mkvisor.toml`.
@@ -176,7 +177,7 @@ pub struct SchemaArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkloadsArgs {
-    /// Rewrite the README's generated workload section instead of printing it.
+    /// Rewrite the generated workload section of docs/config.md instead of printing it.
     #[arg(long)]
     pub update_readme: bool,
 }

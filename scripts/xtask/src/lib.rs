@@ -18,6 +18,7 @@ pub mod cmdline;
 pub mod config;
 pub mod devbench;
 pub mod diff;
+pub mod docs;
 pub mod exit;
 pub mod exitbench;
 pub mod files;

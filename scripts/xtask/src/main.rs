@@ -199,8 +199,10 @@ fn main() -> ExitCode {
         Cmd::Imports(i) => xtask::imports::check(&xtask::workspace_root(), i.graph),
         Cmd::Workloads(w) => {
             if w.update_readme {
-                xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))
-                    .map(|()| true)
+                xtask::workloads::update_readme(
+                    &xtask::workspace_root().join(xtask::workloads::PAGE),
+                )
+                .map(|()| true)
             } else {
                 println!("{}", xtask::workloads::markdown());
                 Ok(true)
