@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Whole-system tests of the hostile-guest suite (`guestkernel/src/hostile.rs`, configs in
+//! Whole-system tests of the hostile-guest suite (`guestkernel/src/workloads/hostile.rs`, configs in
 //! `configs/hostile/`): guests attack the hypervisor from CPL 0 and each attack must get the
 //! outcome the policy defines (`hypervisor/src/exits.rs`): an exception delivered to the
 //! attacker, an error code, or the attacker stopped with a specific fault, while bystanders

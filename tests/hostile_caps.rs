@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Hostile guests against the capability system (guestkernel/src/capattack.rs): each
+//! Hostile guests against the capability system (guestkernel/src/workloads/capattack.rs): each
 //! class of break found before gets its attack, its defined outcome, and bystanders that
 //! finish intact.
 

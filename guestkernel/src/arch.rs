@@ -10,6 +10,8 @@
 //! The timer is the hypervisor's virtual one-shot timer (the `timer_oneshot` hypercall),
 //! delivered as interrupt [`TIMER_VECTOR`] through this IDT: the guest gets no local APIC,
 //! so the hypervisor keeps sole control of the physical one and nothing needs intercepting.
+//!
+//! May call: `hypercall` (to exit on a fault), `cpu`; `hypercall` never calls this.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::AtomicU64;
@@ -698,7 +700,5 @@ pub fn interrupt_window() {
     unsafe { core::arch::asm!("sti; pause; cli", options(nomem, nostack)) };
 }
 
-pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC is allowed at CPL 0.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
+/// Below [`crate::hypercall`], which times its waits with it.
+pub use crate::cpu::rdtsc;

@@ -13,8 +13,8 @@
 //!
 //! May call: `arch` (through `pci`), `pci`, `nic` (types), `net` (constants), `alloc`.
 
+use crate::card::{NicError, Stats};
 use crate::net::{Mac, MAX_FRAME, MIN_FRAME};
-use crate::nic::{NicError, Stats};
 use crate::pci;
 use core::sync::atomic::{fence, Ordering};
 use vmcall_proto::guest::BootInfo;

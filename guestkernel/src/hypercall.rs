@@ -71,11 +71,11 @@ pub fn transfer(slot: u64, ep: u64, mode: u64, ms: u64) -> Result<u64, Result<Hv
         return r;
     }
     let tsc_per_ms = call(Hypercall::TscPerMs, 0, 0).unwrap_or(1);
-    let start = crate::arch::rdtsc();
+    let start = crate::cpu::rdtsc();
     loop {
         let r = call3(Hypercall::CapTransfer, slot, ep, mode);
         if r != Err(Ok(HvError::NotAccepted))
-            || crate::arch::rdtsc().wrapping_sub(start) > ms * tsc_per_ms
+            || crate::cpu::rdtsc().wrapping_sub(start) > ms * tsc_per_ms
         {
             return r;
         }

@@ -19,8 +19,10 @@ extern crate alloc;
 
 pub mod arch;
 pub mod caps;
+pub mod card;
 pub mod channel;
 pub mod console;
+pub mod cpu;
 pub mod e1000;
 pub mod heap;
 pub mod hypercall;

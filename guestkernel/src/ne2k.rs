@@ -22,8 +22,8 @@
 //! May call: `arch` (port I/O), `pci`, `nic` (types), `net` (constants).
 
 use crate::arch::{inb, inw, outb, outw};
+use crate::card::{NicError, Stats};
 use crate::net::{Mac, MAX_FRAME, MIN_FRAME};
-use crate::nic::{NicError, Stats};
 use crate::pci;
 use vmcall_proto::guest::BootInfo;
 

@@ -19,8 +19,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const MAGIC: [u8; 8] = *b"MKVCONF\0";
 pub const VERSION: u32 = 4;
-pub const MAX_GUESTS: usize = 64;
-pub const MAX_CHANNELS: usize = 256;
+/// Kept below `config` and `guest`, which both bound by them.
+pub use crate::limits::{MAX_CHANNELS, MAX_GUESTS};
 pub const MAX_GRANTS: usize = 256;
 /// Guest memory bounds, MiB (partitions are whole 2-MiB pages).
 pub const MIN_GUEST_MIB: u32 = (crate::guest::MIN_PARTITION >> 20) as u32;

@@ -40,6 +40,10 @@ pub const MAX_PARTITION: u64 = 1 << 30;
 /// has its window at `CHANNEL_WINDOW_GPA + k * CHANNEL_STRIDE` in both of its guests and is
 /// mapped nowhere else: a guest touching another pair's window hits unmapped EPT.
 pub const CHANNEL_WINDOW_GPA: u64 = 0x8000_0000;
+// The device window (where an owner's memory BARs appear) lies past the largest partition
+// and below the channel windows.
+const _: () = assert!(crate::device::DEVICE_WINDOW.0 >= MAX_PARTITION);
+const _: () = assert!(crate::device::DEVICE_WINDOW.1 <= CHANNEL_WINDOW_GPA);
 /// Distance between channel windows (a channel of 4096 slots needs 2 x 260 KiB).
 pub const CHANNEL_STRIDE: u64 = 1 << 20;
 /// Interrupt vector of a channel doorbell, delivered through the guest's own IDT.
@@ -59,7 +63,7 @@ pub const STATUS_GPA: u64 = 0xbfff_f000;
 /// a guest without control capabilities has nothing here.
 pub const TARGET_STATUS_GPA: u64 = 0xbff0_0000;
 /// Target windows a guest can have (one per guest of a config).
-pub const MAX_TARGET_WINDOWS: usize = crate::config::MAX_GUESTS;
+pub const MAX_TARGET_WINDOWS: usize = crate::limits::MAX_GUESTS;
 
 /// The window of target `i` (see [`TARGET_STATUS_GPA`]).
 pub const fn target_status(i: u32) -> u64 {
@@ -68,7 +72,7 @@ pub const fn target_status(i: u32) -> u64 {
 
 // The target windows lie between the last channel window and the status page.
 const _: () = assert!(
-    CHANNEL_WINDOW_GPA + crate::config::MAX_CHANNELS as u64 * CHANNEL_STRIDE <= TARGET_STATUS_GPA
+    CHANNEL_WINDOW_GPA + crate::limits::MAX_CHANNELS as u64 * CHANNEL_STRIDE <= TARGET_STATUS_GPA
 );
 const _: () = assert!(TARGET_STATUS_GPA + MAX_TARGET_WINDOWS as u64 * 4096 <= STATUS_GPA);
 
@@ -325,7 +329,7 @@ const RAW: ArgSpec = flag(
 const DEAF: ArgSpec =
     flag("deaf", "1: the run injects a silent core (the revoke must time out, not hang)");
 /// Channel indexes a config can have.
-const CHANNEL_INDEX: u64 = crate::config::MAX_CHANNELS as u64 - 1;
+const CHANNEL_INDEX: u64 = crate::limits::MAX_CHANNELS as u64 - 1;
 
 /// The attacks of workload `attack` (`which=`), in the order the guest kernel's table has
 /// them; `all` runs the batch ones, `fence` serves the capability attacks.

@@ -9,6 +9,7 @@
 //! * [`hypercall`]: the VMCALL ABI (numbers, registers, error codes).
 //! * [`guest`]: a guest's memory layout and its boot-info structure.
 //! * [`config`]: the machine description blob handed to the hypervisor.
+//! * [`limits`]: the machine-wide counts `config` and `guest` both depend on.
 //! * [`channel`]: the shared-memory message ring guests talk through.
 //! * [`caps`]: capabilities and the per-guest capability space.
 //! * [`device`]: PCI functions guests own: config entries, boot-info descriptors, rules.
@@ -23,6 +24,7 @@ pub mod fixed;
 pub mod guest;
 pub mod hypercall;
 pub mod kv;
+pub mod limits;
 pub mod platform;
 pub mod record;
 

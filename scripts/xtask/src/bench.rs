@@ -989,27 +989,16 @@ fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta 
     }
 }
 
-/// Writes a bench's figures to `json` if asked (pretty JSON), and with `plot` draws them
-/// next to it (a failed plot is a warning: the figures are written).
-pub fn save(json: Option<&std::path::Path>, figures: &impl Serialize, plot: bool) -> Result<()> {
+/// Writes a bench's figures to `json` if asked (pretty JSON); `plot::after_bench` draws
+/// them (`--plot`).
+pub fn save(json: Option<&std::path::Path>, figures: &impl Serialize) -> Result<()> {
     let Some(p) = json else { return Ok(()) };
     std::fs::write(p, serde_json::to_string_pretty(figures)? + "\n")?;
-    if plot {
-        match crate::plot::files(&[p.to_path_buf()], None) {
-            Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
-            Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
-        }
-    }
     Ok(())
 }
 
 /// `cargo xtask bench channels`.
-pub fn channels(
-    json: Option<&std::path::Path>,
-    repeat: u32,
-    host_only: bool,
-    plot: bool,
-) -> Result<()> {
+pub fn channels(json: Option<&std::path::Path>, repeat: u32, host_only: bool) -> Result<()> {
     let before = crate::meta::host();
     let timer = timer_resolution();
     eprintln!("bench: host transports (a few seconds per repetition)...");
@@ -1026,7 +1015,7 @@ pub fn channels(
     };
     let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };
     print(&r);
-    save(json, &r, plot)
+    save(json, &r)
 }
 
 #[cfg(test)]
@@ -1230,7 +1219,6 @@ pub fn caps_config(k: u64, strategy: &str, fanout: u8) -> String {
 /// (what its core worked on it), all on 15 CPUs.
 pub fn caps_strategies(
     json: Option<&std::path::Path>,
-    plot: bool,
     only: &[u64],
     strategies: &[String],
     fanout: u8,
@@ -1271,12 +1259,12 @@ pub fn caps_strategies(
         t.add_row(cells);
     }
     println!("{t}");
-    save(json, &rows, plot)
+    save(json, &rows)
 }
 
 /// `cargo xtask bench caps`: capability operations in Bochs, for 1 to 14 copies (15 CPUs,
 /// Bochs's limit, for 14).
-pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<()> {
+pub fn caps(json: Option<&std::path::Path>, only: &[u64]) -> Result<()> {
     if let Some(k) = only.iter().find(|k| ![1, 2, 4, 7, 10, 14].contains(*k)) {
         bail!("no configs/bench-caps-k{k}.toml: any k of 1..=14 runs with --revoke");
     }
@@ -1366,5 +1354,5 @@ pub fn caps(json: Option<&std::path::Path>, plot: bool, only: &[u64]) -> Result<
         );
     }
     println!("{t}");
-    save(json, &rows, plot)
+    save(json, &rows)
 }

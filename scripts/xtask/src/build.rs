@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vmcall_proto::config::{KERNEL_MODULES, MAX_KERNELS};
 
-pub const TARGET: &str = "x86_64-unknown-none";
+/// The bare-metal target (kept in the crate root, below every module that names it).
+pub use crate::TARGET;
 
 /// The bare-metal ELF images: the hypervisor, the built-in guest kernel, and the kernels
 /// a config names (`crate::kernel::prepare`), in blob index order from 1.

@@ -36,7 +36,8 @@ pub enum Command {
     Mutants(MutantsArgs),
     /// Remove the run folders under target/xtask/ (runs in progress are kept).
     Clean(CleanArgs),
-    /// Print the workloads and their arguments (the README's list) from vmcall-proto's table.
+    /// Print the workloads and their arguments (the list in docs/config.md) from
+    /// vmcall-proto's table.
     Workloads(WorkloadsArgs),
     /// Make a guest crate of your own in DIR (hello-world entry, a config that runs it next
     /// to a built-in guest, a README); then `cargo xtask run --config DIR/mkvisor.toml`.
@@ -61,6 +62,16 @@ pub enum Command {
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
     /// on each report. Exit code 0 if every run held them all, 1 otherwise.
     Chaos(ChaosArgs),
+    /// Check every crate's module import graph for cycles (also a step of `test`): each
+    /// cycle printed with the line that makes each step. Exit code 1 when there is one.
+    Imports(ImportsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImportsArgs {
+    /// Also print each crate's whole graph (module -> the modules it imports).
+    #[arg(long)]
+    pub graph: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -166,7 +177,7 @@ pub struct SchemaArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkloadsArgs {
-    /// Rewrite the README's generated workload section instead of printing it.
+    /// Rewrite the generated workload section of docs/config.md instead of printing it.
     #[arg(long)]
     pub update_readme: bool,
 }

@@ -156,7 +156,7 @@ pub fn devices(json: Option<&std::path::Path>, pings: u64) -> Result<()> {
          tail-register write: on hardware a round trip costs the wire and the peer, and the \
          interrupt path costs cache misses these counts do not show."
     );
-    crate::bench::save(json, &serde_json::json!({ "devices": rows, "pings": pings }), false)
+    crate::bench::save(json, &serde_json::json!({ "devices": rows, "pings": pings }))
 }
 
 #[cfg(test)]

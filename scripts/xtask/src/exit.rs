@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Exit codes of `cargo xtask`, one per way a command can end (listed in the README), and
+//! Exit codes of `cargo xtask`, one per way a command can end (listed in docs/running.md), and
 //! the error type that carries a code other than the generic one up to `main`.
 
 use std::fmt;

@@ -186,7 +186,7 @@ pub fn exits(
         rows.extend(measure(c)?);
     }
     print!("{}", render(&rows, &before));
-    crate::bench::save(json, &rows, false)
+    crate::bench::save(json, &rows)
 }
 
 #[cfg(test)]

@@ -141,7 +141,7 @@ pub fn guest_build(manifest: &Path, debug: bool) -> Command {
     ];
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(["build", "--quiet", "--message-format=json-render-diagnostics", "--target"])
-        .arg(crate::build::TARGET)
+        .arg(crate::TARGET)
         .arg("--manifest-path")
         .arg(manifest)
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))

@@ -3,6 +3,10 @@
 //! bare-metal images and the GRUB ISO, boots it in an emulator, streams the serial console
 //! and turns the hypervisor's records into a JSON report. The whole-system tests under
 //! `tests/` use this library directly.
+//!
+//! The root holds only what every module may name (the workspace's paths and the target)
+//! and imports none of its modules; `cargo xtask imports` checks that no module imports
+//! another that imports it back.
 
 pub mod baseline;
 pub mod bench;
@@ -14,9 +18,11 @@ pub mod cmdline;
 pub mod config;
 pub mod devbench;
 pub mod diff;
+pub mod docs;
 pub mod exit;
 pub mod exitbench;
 pub mod files;
+pub mod imports;
 pub mod kernel;
 pub mod lifebench;
 pub mod meta;
@@ -39,6 +45,14 @@ pub fn workspace_root() -> PathBuf {
         .and_then(|p| p.parent())
         .expect("xtask sits two levels below the root")
         .to_path_buf()
+}
+
+/// The bare-metal target the hypervisor and the guest kernels are built for.
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// The folder of the run folders (`cargo xtask run`, `ps`, `top`, `clean`).
+pub fn runs_root() -> PathBuf {
+    target_dir().join("xtask")
 }
 
 /// The cargo target directory of the workspace.

@@ -192,7 +192,7 @@ pub fn lifecycle(json: Option<&std::path::Path>) -> Result<()> {
     }
     println!("{t}");
     let all = serde_json::json!({ "lifecycle": rows, "hung_core": hangs });
-    crate::bench::save(json, &all, false)
+    crate::bench::save(json, &all)
 }
 
 #[cfg(test)]

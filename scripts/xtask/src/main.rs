@@ -52,6 +52,11 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
             return Ok(false);
         }
     }
+    // No module imports another that imports it back, in any crate.
+    if !xtask::imports::check(&xtask::workspace_root(), false)? {
+        eprintln!("xtask test: import cycles (above)");
+        return Ok(false);
+    }
     // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
     let host = cargo()
         .args([
@@ -118,7 +123,7 @@ fn main() -> ExitCode {
             println!("{}", iso.display());
             Ok(true)
         })(),
-        Cmd::Run(r) => return xtask::run::command(r),
+        Cmd::Run(r) => return xtask::run::command(r, xtask::plot::files),
         Cmd::Check(c) => xtask::run::check(&c.run_args()).map(|summary| {
             println!("{summary}");
             true
@@ -128,14 +133,28 @@ fn main() -> ExitCode {
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
             xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {
-                xtask::bench::channels(json.as_deref(), *repeat, *host_only, *plot).map(|()| true)
+                xtask::bench::channels(json.as_deref(), *repeat, *host_only).map(|()| {
+                    if *plot {
+                        xtask::plot::after_bench(json.as_deref());
+                    }
+                    true
+                })
             }
             xtask::cli::BenchWhat::Caps { json, plot, k, revoke, fanout } if !revoke.is_empty() => {
-                xtask::bench::caps_strategies(json.as_deref(), *plot, k, revoke, *fanout)
-                    .map(|()| true)
+                xtask::bench::caps_strategies(json.as_deref(), k, revoke, *fanout).map(|()| {
+                    if *plot {
+                        xtask::plot::after_bench(json.as_deref());
+                    }
+                    true
+                })
             }
             xtask::cli::BenchWhat::Caps { json, plot, k, .. } => {
-                xtask::bench::caps(json.as_deref(), *plot, k).map(|()| true)
+                xtask::bench::caps(json.as_deref(), k).map(|()| {
+                    if *plot {
+                        xtask::plot::after_bench(json.as_deref());
+                    }
+                    true
+                })
             }
             xtask::cli::BenchWhat::Devices { json, pings } => {
                 xtask::devbench::devices(json.as_deref(), *pings).map(|()| true)
@@ -177,10 +196,13 @@ fn main() -> ExitCode {
         }
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
+        Cmd::Imports(i) => xtask::imports::check(&xtask::workspace_root(), i.graph),
         Cmd::Workloads(w) => {
             if w.update_readme {
-                xtask::workloads::update_readme(&xtask::workspace_root().join("README.md"))
-                    .map(|()| true)
+                xtask::workloads::update_readme(
+                    &xtask::workspace_root().join(xtask::workloads::PAGE),
+                )
+                .map(|()| true)
             } else {
                 println!("{}", xtask::workloads::markdown());
                 Ok(true)

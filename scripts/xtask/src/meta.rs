@@ -1,15 +1,86 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! A report's metadata (`report::Meta`): the tool and tree that ran, the config and the
-//! guest kernels as booted, the host and its load, the date. Owns nothing but reads: git,
-//! `/proc`, CPUID, uname, the kernel files.
+//! A report's metadata ([`Meta`], also reached as `report::Meta`): the tool and tree that
+//! ran, the config and the guest kernels as booted, the host and its load, the date. Owns
+//! those types; reads git, `/proc`, CPUID, uname, the kernel files. May call `build`,
+//! `config`, `files` (never `report`, which embeds these types).
 //! Called by `run` once per run; never fails a run (what cannot be read is `None` or empty).
 
 use crate::build::Images;
 use crate::config::{Config, KernelSpec};
-use crate::report::{ConfigMeta, Host, KernelMeta, Meta};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
+
+/// Where a report comes from: enough to repeat the run and to tell two runs apart.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    /// `cargo xtask --version`.
+    pub tool_version: String,
+    /// The commit of the tree that was built (`git rev-parse HEAD`), if it is a git tree.
+    pub git_commit: Option<String>,
+    /// Whether the tree had uncommitted changes (`git status --porcelain`).
+    pub git_dirty: Option<bool>,
+    /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
+    pub config: Option<ConfigMeta>,
+    /// Every guest kernel the run booted (the built-in one if a guest runs it, then the
+    /// config's own in module order), with the guests that run it.
+    #[serde(default)]
+    pub kernels: Vec<KernelMeta>,
+    /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
+    /// called the library (a test binary).
+    pub command_line: Vec<String>,
+    /// The emulator's own version line, when it says.
+    pub emulator_version: Option<String>,
+    pub host: Host,
+    /// When the run started, RFC 3339, UTC.
+    pub date_utc: String,
+}
+
+/// The config of a run, as booted.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct ConfigMeta {
+    pub path: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+    pub contents: String,
+}
+
+/// One guest kernel of a run, as booted.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelMeta {
+    /// `builtin` (the `guestkernel` of this tree), `file` (`kernel = "x.elf"`) or `crate`
+    /// (`kernel = { crate = "dir" }`, built by `cargo xtask`).
+    pub source: String,
+    /// As the config names it (a file or a crate directory, relative to the config);
+    /// absent for the built-in kernel.
+    pub spec: Option<String>,
+    /// The ELF file booted.
+    pub path: String,
+    /// SHA-256 of the ELF's bytes, hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its entry point (guest-physical), if the file reads as an ELF.
+    pub entry: Option<u64>,
+    /// The guests that run it, in config order.
+    pub guests: Vec<String>,
+}
+
+/// The machine the emulator ran on, and how busy it was.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
+pub struct Host {
+    pub hostname: String,
+    /// Kernel name and release (`uname -sr`).
+    pub os: String,
+    /// CPUID brand string.
+    pub cpu: String,
+    /// CPUs this process may use.
+    pub cpus: u32,
+    /// `/proc/loadavg` at the start of the run: 1, 5 and 15 minutes.
+    pub load_average: [f64; 3],
+}
 
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

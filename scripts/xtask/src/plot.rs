@@ -7,12 +7,23 @@
 //! * `bench channels --json`: the host round-trip latency histograms (`*.rtt.svg`);
 //! * `bench caps --json`: revoke cost against the number of copies k (`*.revoke.svg`).
 //!
-//! Owns only the drawing; reads the report and bench types of `report` and `bench`.
+//! Owns only the drawing; reads the report and bench types of `report` and `bench` (which
+//! never calls this: `cargo xtask bench --plot` calls [`after_bench`]).
 
 use crate::report::Report;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
+
+/// `bench ... --json F --plot`: draws the figures the bench just wrote to `json` next to it
+/// (a failed plot is a warning: the figures are written).
+pub fn after_bench(json: Option<&Path>) {
+    let Some(p) = json else { return };
+    match files(&[p.to_path_buf()], None) {
+        Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
+        Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+    }
+}
 
 const SIZE: (u32, u32) = (960, 540);
 const COLOURS: [RGBColor; 8] = [

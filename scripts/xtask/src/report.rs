@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use vmcall_proto::record::{self, guest_state, kind, outcome};
 
+/// The metadata types live with the code that fills them in.
+pub use crate::meta::{ConfigMeta, Host, KernelMeta, Meta};
+
 /// Version of the report's JSON layout (`schemas/report.schema.json`), raised on any change a
 /// reader must know about. Reports without the field are from before version 2.
 /// 3: `meta.kernels`; guest states `running` and `unknown` (unfinished runs), and
@@ -83,7 +86,7 @@ pub struct GuestReport {
     pub revoke_tsc: u64,
     /// The longest stretch its core spent in the hypervisor without serving its inbox
     /// (other cores' messages, membership probes), in TSC ticks: bounded whatever the
-    /// guest asks (README "Core membership"); the failure detector's timeout must exceed it.
+    /// guest asks (docs/membership.md); the failure detector's timeout must exceed it.
     #[serde(default)]
     pub away_tsc: u64,
     /// Cores its core declared failed (fenced) for not answering in time.
@@ -309,73 +312,10 @@ pub struct Tsc {
     pub to_all_guests_running: Option<u64>,
 }
 
-/// Where a report comes from: enough to repeat the run and to tell two runs apart.
-#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
-pub struct Meta {
-    /// `cargo xtask --version`.
-    pub tool_version: String,
-    /// The commit of the tree that was built (`git rev-parse HEAD`), if it is a git tree.
-    pub git_commit: Option<String>,
-    /// Whether the tree had uncommitted changes (`git status --porcelain`).
-    pub git_dirty: Option<bool>,
-    /// The config booted: path, SHA-256 and contents (absent for a cores-only run).
-    pub config: Option<ConfigMeta>,
-    /// Every guest kernel the run booted (the built-in one if a guest runs it, then the
-    /// config's own in module order), with the guests that run it.
-    #[serde(default)]
-    pub kernels: Vec<KernelMeta>,
-    /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
-    /// called the library (a test binary).
-    pub command_line: Vec<String>,
-    /// The emulator's own version line, when it says.
-    pub emulator_version: Option<String>,
-    pub host: Host,
-    /// When the run started, RFC 3339, UTC.
-    pub date_utc: String,
-}
-
-/// The config of a run, as booted.
-#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
-pub struct ConfigMeta {
-    pub path: String,
-    /// SHA-256 of the file's bytes, hex.
-    pub sha256: String,
-    pub contents: String,
-}
-
-/// One guest kernel of a run, as booted.
-#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
-pub struct KernelMeta {
-    /// `builtin` (the `guestkernel` of this tree), `file` (`kernel = "x.elf"`) or `crate`
-    /// (`kernel = { crate = "dir" }`, built by `cargo xtask`).
-    pub source: String,
-    /// As the config names it (a file or a crate directory, relative to the config);
-    /// absent for the built-in kernel.
-    pub spec: Option<String>,
-    /// The ELF file booted.
-    pub path: String,
-    /// SHA-256 of the ELF's bytes, hex.
-    pub sha256: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Its entry point (guest-physical), if the file reads as an ELF.
-    pub entry: Option<u64>,
-    /// The guests that run it, in config order.
-    pub guests: Vec<String>,
-}
-
-/// The machine the emulator ran on, and how busy it was.
-#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq)]
-pub struct Host {
-    pub hostname: String,
-    /// Kernel name and release (`uname -sr`).
-    pub os: String,
-    /// CPUID brand string.
-    pub cpu: String,
-    /// CPUs this process may use.
-    pub cpus: u32,
-    /// `/proc/loadavg` at the start of the run: 1, 5 and 15 minutes.
-    pub load_average: [f64; 3],
+/// Removes terminal control sequences (GRUB clears the screen on the serial console) and
+/// carriage returns (`anstream`'s escape-sequence parser).
+pub fn strip_ansi(s: &str) -> String {
+    anstream::adapter::strip_str(s).to_string().replace('\r', "")
 }
 
 /// The unit of every `*tsc*` field of a report: exact emulated instructions in Bochs

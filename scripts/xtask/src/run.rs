@@ -24,10 +24,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(15);
 /// Run folders kept under `target/xtask/` when `MKVISOR_KEEP_RUNS` does not say.
 pub const DEFAULT_KEEP_RUNS: usize = 20;
 
-/// Where the run folders live.
-pub fn runs_root() -> PathBuf {
-    crate::target_dir().join("xtask")
-}
+/// Where the run folders live, and the console's plain text (kept below `run` and `watch`,
+/// which both use them).
+pub use crate::{report::strip_ansi, runs_root};
 
 /// How many run folders to keep: `MKVISOR_KEEP_RUNS`, else [`DEFAULT_KEEP_RUNS`].
 pub fn keep_runs() -> Result<usize> {
@@ -474,12 +473,6 @@ impl Machine {
         }
         Ok(out)
     }
-}
-
-/// Removes terminal control sequences (GRUB clears the screen on the serial console) and
-/// carriage returns (`anstream`'s escape-sequence parser).
-pub fn strip_ansi(s: &str) -> String {
-    anstream::adapter::strip_str(s).to_string().replace('\r', "")
 }
 
 /// The core a console line comes from: `[c2] ...` (hypervisor) or `[name@c2] ...` (guest).
@@ -999,9 +992,14 @@ pub fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Draws figures from files (`plot::files`): the files, an output folder; what it wrote.
+pub type Plotter = fn(&[PathBuf], Option<&Path>) -> Result<Vec<PathBuf>>;
+
 /// `cargo xtask run`: the run, its summary, and the exit code of its outcome (see
-/// `crate::exit`); signals end it as `interrupted` with the report written.
-pub fn command(args: &RunArgs) -> std::process::ExitCode {
+/// `crate::exit`); signals end it as `interrupted` with the report written. With `--plot`,
+/// `plot` draws the report (the caller passes `plot::files`: `plot` reads `bench`'s
+/// types and `bench` boots through this module, so this module does not name `plot`).
+pub fn command(args: &RunArgs, plot: Plotter) -> std::process::ExitCode {
     if let Err(e) = catch_interrupts() {
         return crate::exit::report_error(&e);
     }
@@ -1009,7 +1007,7 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
         Ok(report) => {
             eprint!("{}", summary(&report));
             if let (true, Some(path)) = (args.plot, &args.report) {
-                match crate::plot::files(std::slice::from_ref(path), None) {
+                match plot(std::slice::from_ref(path), None) {
                     Ok(written) => {
                         for w in written {
                             eprintln!("  plot: {}", w.display());

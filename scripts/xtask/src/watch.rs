@@ -5,7 +5,8 @@
 //! `cargo xtask top RUN` (one run's serial log followed as it grows, read by the report's
 //! own record parser, `report::Console`, and shown per guest and per channel).
 //!
-//! May call `report` (the record parser), `run` (where run folders live).
+//! May call `report` (the record parser, the console's plain text) and the crate root (where
+//! run folders live); never `run`, which calls this.
 
 use crate::report::{Console, Phase};
 use anyhow::{bail, Context, Result};
@@ -248,7 +249,7 @@ impl Follower {
         let mut n = 0;
         while let Some(nl) = self.pending.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = self.pending.drain(..=nl).collect();
-            let line = crate::run::strip_ansi(&String::from_utf8_lossy(&raw[..raw.len() - 1]));
+            let line = crate::report::strip_ansi(&String::from_utf8_lossy(&raw[..raw.len() - 1]));
             if !line.trim().is_empty() {
                 self.console.feed(&line);
                 n += 1;
@@ -262,7 +263,7 @@ impl Follower {
     /// record has no line break after it).
     pub fn finish(&mut self) {
         let rest = std::mem::take(&mut self.pending);
-        let line = crate::run::strip_ansi(&String::from_utf8_lossy(&rest));
+        let line = crate::report::strip_ansi(&String::from_utf8_lossy(&rest));
         if !line.trim().is_empty() {
             self.console.feed(&line);
             self.lines += 1;
@@ -453,7 +454,7 @@ pub fn render(dir: &Path, info: Option<&RunInfo>, f: &Follower) -> String {
 /// records arrive (on a terminal, in place; otherwise a new view each time something
 /// changed), until the run is over; `once`: the view of what is there now.
 pub fn top(which: Option<&str>, once: bool) -> Result<()> {
-    let root = crate::run::runs_root();
+    let root = crate::runs_root();
     let dir = find_run(&root, which)?;
     let mut f = Follower::open(&dir.join("serial.txt"))?;
     let tty = std::io::stdout().is_terminal();
@@ -511,7 +512,7 @@ mod tests {
     fn after(n: usize) -> (Console, Vec<GuestRow>) {
         let mut c = Console::default();
         for l in REJOIN.lines().take(n) {
-            c.feed(&crate::run::strip_ansi(l));
+            c.feed(&crate::report::strip_ansi(l));
         }
         let rows = guest_rows(&c);
         (c, rows)
@@ -571,7 +572,8 @@ mod tests {
         assert_eq!(f.console.phase(), Phase::Ended);
         assert_eq!(
             f.lines,
-            REJOIN.lines().filter(|l| !crate::run::strip_ansi(l).trim().is_empty()).count() as u64
+            REJOIN.lines().filter(|l| !crate::report::strip_ansi(l).trim().is_empty()).count()
+                as u64
         );
         let view = render(tmp.path(), None, &f);
         assert!(view.contains("phase: ended: ok"), "{view}");
@@ -589,7 +591,7 @@ mod tests {
         // The recorded run to echo's restart, then the `stats` records of `--stats`.
         let mut c = Console::default();
         for l in REJOIN.lines().take(34) {
-            c.feed(&crate::run::strip_ansi(l));
+            c.feed(&crate::report::strip_ansi(l));
         }
         for l in [
             // Of the incarnation that ended: older than its ending, not counted again.

@@ -652,7 +652,7 @@ fn doorbell_flood(env: &mut Env<'_>) -> Seen {
     log::info!("attack: {n} messages to my peer, each followed by {rings} doorbells");
     let mut rung = 0;
     for i in 0..n {
-        if c.send(&crate::netloads::message(i, 0)).is_err() {
+        if c.send(&super::netloads::message(i, 0)).is_err() {
             return Seen::NoSetup("channel broken");
         }
         for _ in 0..rings {

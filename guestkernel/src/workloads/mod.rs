@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The workload registry: the `workload` of a guest's config picks one of these. Each
-//! returns the exit status the guest reports.
+//! returns the exit status the guest reports. The small ones are below; each family has
+//! its own module in this folder.
+//!
+//! May call: the guest SDK (`guestkernel`), `vmcall_proto`; a workload module may call
+//! another (`hostile` sends `netloads` messages), never the SDK back.
 //!
 //! * `hello`: prints its identity, checks what the hypervisor shows it (boot-info against
 //!   the guest-info hypercall, the CPUID signature, VMX hidden, a bad hypercall refused),
@@ -16,9 +20,21 @@ use crate::hypercall::{self, call};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{HvError, Hypercall};
 
-type Workload = fn(&BootInfo) -> u64;
+mod capattack;
+mod capload;
+mod capxfer;
+mod exitbench;
+mod ghost;
+mod hostile;
+mod linkloads;
+mod meter;
+mod netloads;
+mod nicload;
+mod pciattack;
+mod supervise;
+mod tcpecho;
 
-use crate::netloads;
+type Workload = fn(&BootInfo) -> u64;
 
 const REGISTRY: [(&str, Workload); 38] = [
     ("hello", hello),
@@ -31,34 +47,34 @@ const REGISTRY: [(&str, Workload); 38] = [
     ("relay", netloads::relay),
     ("scribble", netloads::scribble),
     ("trespass", netloads::trespass),
-    ("pool", crate::capload::pool),
-    ("giver", crate::capxfer::giver),
-    ("taker", crate::capxfer::taker),
-    ("racer", crate::capxfer::racer),
-    ("capowner", crate::capxfer::capowner),
-    ("holder", crate::capxfer::holder),
-    ("doomed", crate::capxfer::doomed),
-    ("revoker", crate::capattack::revoker),
-    ("splitter", crate::capattack::splitter),
-    ("passer", crate::capattack::passer),
-    ("far", crate::capattack::far),
-    ("flooder", crate::capattack::flooder),
-    ("quiet", crate::capattack::quiet),
-    ("attack", crate::hostile::attack),
+    ("pool", capload::pool),
+    ("giver", capxfer::giver),
+    ("taker", capxfer::taker),
+    ("racer", capxfer::racer),
+    ("capowner", capxfer::capowner),
+    ("holder", capxfer::holder),
+    ("doomed", capxfer::doomed),
+    ("revoker", capattack::revoker),
+    ("splitter", capattack::splitter),
+    ("passer", capattack::passer),
+    ("far", capattack::far),
+    ("flooder", capattack::flooder),
+    ("quiet", capattack::quiet),
+    ("attack", hostile::attack),
     ("phoenix", phoenix),
-    ("supervisor", crate::supervise::supervisor),
-    ("streamer", crate::linkloads::streamer),
-    ("echoer", crate::linkloads::echoer),
-    ("ghost", crate::ghost::ghost),
-    ("lifebench", crate::linkloads::lifebench),
-    ("looper", crate::linkloads::looper),
-    ("forwarder", crate::linkloads::forwarder),
-    ("exitbench", crate::exitbench::exitbench),
-    ("meter", crate::meter::meter),
-    ("nic", crate::nicload::nic),
-    ("pciattack", crate::pciattack::run),
-    ("bigmap", crate::capload::bigmap),
-    ("tcpecho", crate::tcpecho::tcpecho),
+    ("supervisor", supervise::supervisor),
+    ("streamer", linkloads::streamer),
+    ("echoer", linkloads::echoer),
+    ("ghost", ghost::ghost),
+    ("lifebench", linkloads::lifebench),
+    ("looper", linkloads::looper),
+    ("forwarder", linkloads::forwarder),
+    ("exitbench", exitbench::exitbench),
+    ("meter", meter::meter),
+    ("nic", nicload::nic),
+    ("pciattack", pciattack::run),
+    ("bigmap", capload::bigmap),
+    ("tcpecho", tcpecho::tcpecho),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 
