@@ -96,9 +96,9 @@ static STEPPING: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
 /// Runs `f` single-stepped (RFLAGS.TF) and returns its result and the instructions it
-/// retired, counted one #DB at a time on this CPU: an exact count of the code, whatever the
-/// emulator's clock does (under Bochs with several CPUs the TSC advances by the mean of
-/// every CPU's work, not this CPU's: see `cargo xtask bench channels`). The cost of the
+/// retired, counted one #DB at a time on this CPU: an exact count of the code alone, where
+/// the TSC counts time, waits and spins included (under Bochs with several CPUs, the
+/// rounds of 5 instructions it runs each CPU for). The cost of the
 /// stepping itself (the instructions around `f` that trap) is measured on an empty closure
 /// and taken off. Interrupts must be off (they are, outside waits), and `f` must not wait
 /// for an interrupt or take a VM exit (the hypervisor injects the step after an emulated
