@@ -187,8 +187,8 @@ pub struct Emulated {
     pub raw: Option<RawFigures>,
     /// The instructions a stream's send and receive retire on their own CPU
     /// (`bench-stream.toml`'s single-stepped messages, `arch::count_instructions`): the
-    /// code's cost, which the TSC figures are not under Bochs with two CPUs (its TSC
-    /// advances by the mean of what both CPUs executed: see the README).
+    /// code's cost alone, where the TSC figures are the time of the pair, waits and spins
+    /// included (see the README, "The library against a bare ring").
     #[serde(default)]
     pub send_code: u64,
     #[serde(default)]
@@ -1000,9 +1000,10 @@ pub fn print_emulated(e: &Emulated) {
         }
         println!("{t}");
         println!(
-            "(the TSC rows are the time of the pair: Bochs 2.7 runs its CPUs one trace each in \
-             turn and advances the one TSC by the mean of what they executed; the retired rows \
-             count the code on its own CPU)"
+            "(the TSC rows are the pair's time: Bochs 2.7 as installed, built with its \
+             debugger, runs each CPU 5 instructions in turn and advances the one TSC by the \
+             most any CPU executed, so a CPU's TSC counts its rounds, spins included; the \
+             retired rows count the code alone, single-stepped on its own CPU)"
         );
     }
 }

@@ -16,6 +16,7 @@ pub mod devbench;
 pub mod diff;
 pub mod exit;
 pub mod exitbench;
+pub mod figures;
 pub mod files;
 pub mod kernel;
 pub mod lifebench;
