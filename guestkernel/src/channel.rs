@@ -49,6 +49,10 @@ pub struct Chan {
     /// [`Chan::use_mwait`]).
     mwait: bool,
     pub rung: u64,
+    /// Attempts [`Chan::send`] found the ring full, and polls [`Chan::recv`] found it
+    /// empty (counted in the spin paths only: how long each side waited for the other).
+    pub full_spins: u64,
+    pub empty_polls: u64,
     /// The epoch this side's sender and receiver are in.
     pub epoch: u32,
     /// The link word this side's epoch began with (up, `epoch`): any other value is news.
@@ -131,6 +135,8 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
         doorbells: false,
         mwait: false,
         rung: 0,
+        full_spins: 0,
+        empty_polls: 0,
         epoch,
         link: fast_word(link),
         link_at: link_at(number),
@@ -239,7 +245,10 @@ impl Chan {
     pub fn send(&mut self, m: &Payload) -> Result<(), ChannelError> {
         loop {
             match self.try_send(m) {
-                Err(ChannelError::Full) => core::hint::spin_loop(),
+                Err(ChannelError::Full) => {
+                    self.full_spins += 1;
+                    core::hint::spin_loop()
+                }
                 other => return other,
             }
         }
@@ -267,6 +276,7 @@ impl Chan {
             if let Some(m) = self.try_recv()? {
                 return Ok(m);
             }
+            self.empty_polls += 1;
             core::hint::spin_loop();
         }
     }

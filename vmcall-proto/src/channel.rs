@@ -233,6 +233,7 @@ impl<'a> Sender<'a> {
     }
 
     /// Free slots as far as this side knows (refreshes from the consumer's count).
+    #[inline]
     pub fn try_send(&mut self, msg: &Payload) -> Result<(), ChannelError> {
         let n = self.ring.slots.len() as u64;
         if self.next - self.acked >= n {
@@ -317,6 +318,7 @@ impl<'a> Receiver<'a> {
     }
 
     /// The next message, `Ok(None)` if there is none yet.
+    #[inline]
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
         let n = self.ring.slots.len() as u64;
         let index = (self.next % n) as u32;
@@ -363,6 +365,7 @@ impl<'a> Receiver<'a> {
     /// whenever the ring is empty and batched (every `ack_every`) while a backlog is drained.
     /// Publishing more often than `ack_every` is always allowed: the sender takes any count
     /// between what it knew and what it sent. Returns whether it published.
+    #[inline]
     pub fn ack_if_caught_up(&self) -> bool {
         if self.next.is_multiple_of(self.ack_every) {
             return false; // just published by `try_recv`

@@ -5,11 +5,14 @@
 //! not timings: a figure above its baseline by more than the tolerance is a regression, and
 //! the check fails, printing the table. `--update` writes the baseline from this run.
 //!
-//! Boots three configs, in parallel: `bench-exits.toml` (the `exitbench` guest: null
+//! Boots five configs, in parallel: `bench-exits.toml` (the `exitbench` guest: null
 //! hypercall, CPUID, a PAT MSR exit), `bench-poll.toml` (the channel library's polling round
-//! trip, send and receive) and `bench-stream.toml` (the library's stream, both sides).
+//! trip, send and receive), `bench-stream.toml` (the library's stream, both sides; the
+//! single-stepped instructions of a send and a receive) and `bench-caps-k1.toml` and
+//! `bench-caps-k14.toml` (map and unmap; revoke with one holder and with 14, broadcast, 15
+//! CPUs: the latency and the revoker's own work).
 //!
-//! Calls `bench` (boot, `bench` lines) and `exitbench` (its lines' parser).
+//! Calls `bench` (boot, `bench` lines, the caps rows) and `exitbench` (its lines' parser).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -100,24 +103,29 @@ pub fn measure() -> Result<BTreeMap<String, u64>> {
     // Build once, so that the runs do not wait on each other's cargo.
     crate::build::images(false)?;
     let boot = |config: &'static str| {
-        std::thread::spawn(move || -> Result<String> {
+        std::thread::spawn(move || -> Result<(crate::report::Report, String)> {
             let args = crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, Some(config));
             let r = crate::run::run(&args)?;
             if r.outcome != "ok" {
                 bail!("{config} ended {}: {:?}", r.outcome, r.problems);
             }
-            Ok(std::fs::read_to_string(&r.serial_log)?)
+            let serial = std::fs::read_to_string(&r.serial_log)?;
+            Ok((r, serial))
         })
     };
-    let (exits, poll, stream) = (
+    // The longest run (15 CPUs) first.
+    let (k14, k1, exits, poll, stream) = (
+        boot("configs/bench-caps-k14.toml"),
+        boot("configs/bench-caps-k1.toml"),
         boot("configs/bench-exits.toml"),
         boot("configs/bench-poll.toml"),
         boot("configs/bench-stream.toml"),
     );
-    let join = |h: std::thread::JoinHandle<Result<String>>| {
+    let join = |h: std::thread::JoinHandle<Result<(crate::report::Report, String)>>| {
         h.join().map_err(|_| anyhow::anyhow!("a bench run panicked"))?
     };
-    let (exits, poll, stream) = (join(exits)?, join(poll)?, join(stream)?);
+    let (exits, poll, stream) = (join(exits)?.1, join(poll)?.1, join(stream)?.1);
+    let (k1, k14) = (join(k1)?, join(k14)?);
     let mut f = BTreeMap::new();
     for row in crate::exitbench::parse(&exits, 2)? {
         if ["null_hypercall", "cpuid", "rdmsr_pat", "wrmsr_pat"].contains(&row.kind.as_str()) {
@@ -138,6 +146,20 @@ pub fn measure() -> Result<BTreeMap<String, u64>> {
         "channel_stream_receiver_per_message".into(),
         value(&stream, s, "sink", "instr_per_msg")?,
     );
+    f.insert("channel_stream_send_code".into(), value(&stream, s, "stream", "code_per_send")?);
+    f.insert("channel_stream_recv_code".into(), value(&stream, s, "sink", "code_per_recv")?);
+    for (k, (r, serial)) in [(1, &k1), (14, &k14)] {
+        let row = crate::bench::caps_row(k, r, serial)
+            .with_context(|| format!("in the run of configs/bench-caps-k{k}.toml"))?;
+        if k == 1 {
+            f.insert("caps_map_1m".into(), row.map);
+            f.insert("caps_unmap_1m".into(), row.unmap);
+            f.insert("caps_map_2m".into(), row.map_whole);
+            f.insert("caps_unmap_2m".into(), row.unmap_whole);
+        }
+        f.insert(format!("caps_revoke_k{k}"), row.revoke);
+        f.insert(format!("caps_revoke_k{k}_own"), row.revoke_own);
+    }
     f.insert(
         "channel_exits_polling".into(),
         value(&poll, p, "ping", "exits")? + value(&poll, p, "pong", "exits")?,
@@ -157,7 +179,10 @@ pub fn load(p: &Path) -> Result<Baseline> {
 /// `cargo xtask bench check [--update]`: whether every figure is within the tolerance.
 pub fn check(update: bool) -> Result<bool> {
     let t0 = std::time::Instant::now();
-    eprintln!("bench check: booting bench-exits, bench-poll and bench-stream in Bochs...");
+    eprintln!(
+        "bench check: booting bench-exits, bench-poll, bench-stream, bench-caps-k1 and \
+         bench-caps-k14 in Bochs..."
+    );
     let now = measure()?;
     let p = path();
     if update {
@@ -166,7 +191,8 @@ pub fn check(update: bool) -> Result<bool> {
             tolerance: TOLERANCE,
             note: format!(
                 "cargo xtask bench check --update: configs/bench-exits.toml (2 CPUs), \
-                 bench-poll.toml, bench-stream.toml; commit {}",
+                 bench-poll.toml, bench-stream.toml, bench-caps-k1.toml and \
+                 bench-caps-k14.toml (15 CPUs); commit {}",
                 crate::meta::collect(None).git_commit.unwrap_or_default()
             ),
             figures: now.clone(),
@@ -243,6 +269,12 @@ mod tests {
             "channel_round_trip_median",
             "channel_stream_sender_per_message",
             "channel_stream_receiver_per_message",
+            "channel_stream_send_code",
+            "channel_stream_recv_code",
+            "caps_map_1m",
+            "caps_unmap_1m",
+            "caps_revoke_k1",
+            "caps_revoke_k14",
         ] {
             assert!(b.figures.get(k).is_some_and(|&v| v > 0), "{k} missing in {BASELINE}");
         }

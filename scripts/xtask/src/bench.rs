@@ -185,6 +185,14 @@ pub struct Emulated {
     /// the library's own code and settings cost on top (absent in older files).
     #[serde(default)]
     pub raw: Option<RawFigures>,
+    /// The instructions a stream's send and receive retire on their own CPU
+    /// (`bench-stream.toml`'s single-stepped messages, `arch::count_instructions`): the
+    /// code's cost alone, where the TSC figures are the time of the pair, waits and spins
+    /// included (see the README, "The library against a bare ring").
+    #[serde(default)]
+    pub send_code: u64,
+    #[serde(default)]
+    pub receive_code: u64,
 }
 
 /// The bare-ring baseline in Bochs (`raw=1` on `bench-poll.toml` and `bench-stream.toml`).
@@ -195,6 +203,10 @@ pub struct RawFigures {
     pub receive_instructions: u64,
     pub stream_instructions_per_message_sender: u64,
     pub stream_instructions_per_message_receiver: u64,
+    #[serde(default)]
+    pub send_code: u64,
+    #[serde(default)]
+    pub receive_code: u64,
 }
 
 /// `config` (a file under the workspace) with `raw = 1` added to every guest's `args`.
@@ -232,6 +244,8 @@ fn raw_figures() -> Result<RawFigures> {
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
         stream_instructions_per_message_sender: bench_value(&st, "stream", "instr_per_msg")?,
         stream_instructions_per_message_receiver: bench_value(&st, "sink", "instr_per_msg")?,
+        send_code: bench_value(&st, "stream", "code_per_send")?,
+        receive_code: bench_value(&st, "sink", "code_per_recv")?,
     })
 }
 
@@ -813,6 +827,8 @@ pub fn emulated() -> Result<Emulated> {
         mwait: mwait.as_ref().ok().cloned(),
         mwait_problem: mwait.as_ref().err().map(|e| format!("{e:#}")),
         raw: Some(raw),
+        send_code: bench_value(&st, "stream", "code_per_send")?,
+        receive_code: bench_value(&st, "sink", "code_per_recv")?,
     })
 }
 
@@ -896,8 +912,14 @@ pub fn print(r: &Report) {
             p.raw_mmsg_s_median
         );
     }
-    let Some(e) = &r.emulated else { return };
-    println!();
+    if let Some(e) = &r.emulated {
+        println!();
+        print_emulated(e);
+    }
+}
+
+/// The Bochs tables of `bench channels`.
+pub fn print_emulated(e: &Emulated) {
     println!("In Bochs (TSC = emulated instructions, exact; one pair alone on two CPUs)");
     let rows: [(&str, String); 11] = [
         ("instructions per send (median)", e.send_instructions.to_string()),
@@ -971,10 +993,18 @@ pub fn print(r: &Report) {
                 e.stream_instructions_per_message_receiver,
                 raw.stream_instructions_per_message_receiver,
             ),
+            ("send: instructions retired (single-stepped)", e.send_code, raw.send_code),
+            ("receive: instructions retired (single-stepped)", e.receive_code, raw.receive_code),
         ] {
             t.add_row([k.to_string(), a.to_string(), b.to_string(), x(a, b)]);
         }
         println!("{t}");
+        println!(
+            "(the TSC rows are the pair's time: Bochs 2.7 as installed, built with its \
+             debugger, runs each CPU 5 instructions in turn and advances the one TSC by the \
+             most any CPU executed, so a CPU's TSC counts its rounds, spins included; the \
+             retired rows count the code alone, single-stepped on its own CPU)"
+        );
     }
 }
 
@@ -998,7 +1028,20 @@ pub fn save(json: Option<&std::path::Path>, figures: &impl Serialize) -> Result<
 }
 
 /// `cargo xtask bench channels`.
-pub fn channels(json: Option<&std::path::Path>, repeat: u32, host_only: bool) -> Result<()> {
+pub fn channels(
+    json: Option<&std::path::Path>,
+    repeat: u32,
+    host_only: bool,
+    bochs_only: bool,
+) -> Result<()> {
+    if bochs_only {
+        eprintln!(
+            "bench: Bochs runs (poll, doorbell, mwait, stream; poll and stream on a bare ring)..."
+        );
+        let e = emulated()?;
+        print_emulated(&e);
+        return save(json, &e);
+    }
     let before = crate::meta::host();
     let timer = timer_resolution();
     eprintln!("bench: host transports (a few seconds per repetition)...");
@@ -1149,7 +1192,7 @@ fn run_report(config: &str) -> Result<(crate::report::Report, String)> {
 }
 
 /// One `bench caps` row from a run with `k` holders (its report and serial log).
-fn caps_row(k: u64, r: &crate::report::Report, serial: &str) -> Result<CapsRow> {
+pub fn caps_row(k: u64, r: &crate::report::Report, serial: &str) -> Result<CapsRow> {
     let v = |key: &str| bench_value(serial, "owner", key);
     let owner = r.guests.iter().find(|g| g.name == "owner").context("owner guest")?;
     let holders: u64 = r

@@ -39,6 +39,10 @@ pub enum Command {
     /// Print the workloads and their arguments (the list in docs/config.md) from
     /// vmcall-proto's table.
     Workloads(WorkloadsArgs),
+    /// The documentation's benchmark tables, generated from docs/bench/*.json between
+    /// `<!-- figures:NAME ... -->` markers (in README.md and docs/**/*.md unless --file):
+    /// checks them, or rewrites them with --update.
+    Figures(FiguresArgs),
     /// Make a guest crate of your own in DIR (hello-world entry, a config that runs it next
     /// to a built-in guest, a README); then `cargo xtask run --config DIR/mkvisor.toml`.
     NewGuest(NewGuestArgs),
@@ -183,6 +187,16 @@ pub struct WorkloadsArgs {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+pub struct FiguresArgs {
+    /// Rewrite the generated blocks (else: fail if one differs from its JSON).
+    #[arg(long)]
+    pub update: bool,
+    /// A file to scan for blocks (repeat for several; default: README.md and docs/**/*.md).
+    #[arg(long = "file", value_name = "PATH")]
+    pub files: Vec<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
 pub struct MutantsArgs {
     /// A source file to mutate, relative to the workspace root (repeat for several; default:
     /// caps.rs, channel.rs and config.rs of vmcall-proto, exits.rs and ept.rs of the
@@ -230,8 +244,12 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         repeat: u32,
         /// Only the host transports (no Bochs runs).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bochs_only")]
         host_only: bool,
+        /// Only the Bochs runs (exact counts); `--json` then holds their figures alone
+        /// (`docs/bench/channels-bochs.json`, read by `cargo xtask figures`).
+        #[arg(long)]
+        bochs_only: bool,
         /// Also draw the latency histograms next to the JSON (needs --json).
         #[arg(long, requires = "json")]
         plot: bool,

@@ -21,6 +21,15 @@ pub const FLOOR: u64 = 49;
 /// The CPU counts measured by default.
 pub const CPUS: [u32; 3] = [2, 8, 15];
 
+/// The exits tabulated against the core count, and who answers them: the fast path (the
+/// exit landing, `hypervisor::fastexit`) or the run loop (`hypervisor::exits`).
+pub const SCALING: [(&str, &str); 4] = [
+    ("null_hypercall", "fast path"),
+    ("wrmsr_pat", "run loop"),
+    ("io_out", "run loop"),
+    ("hlt_timer", "run loop"),
+];
+
 /// One exit kind at one CPU count, in emulated instructions.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -140,9 +149,13 @@ pub fn render(rows: &[Row], before: &[Row]) -> String {
     ]);
     out += &format!("{t}\n");
     out += "(the floor is Bochs's own cost of the two transitions, from ../shared/EMULATORS.md, \
-            not measured here)\n\nA VM entry against the core count: the null hypercall's round \
-            trip (emulated instructions)\n";
+            not measured here)\n\nA VM entry against the core count (emulated instructions): \
+            the null hypercall, which the exit landing answers (fast path), and exits that take \
+            the run loop\n(hlt_timer is two exits: `timer_oneshot`, then HLT resumed with the \
+            timer injected; its hypervisor figure is per exit)\n";
     let mut t = crate::bench::table(&[
+        "exit",
+        "path",
         "CPUs",
         "round trip before",
         "round trip",
@@ -150,19 +163,23 @@ pub fn render(rows: &[Row], before: &[Row]) -> String {
         "hypervisor",
     ]);
     let mut cpus: Vec<u32> = rows.iter().map(|r| r.cpus).collect();
+    cpus.sort_unstable();
     cpus.dedup();
-    for c in cpus {
-        let (Some(r), b) = (find(rows, c, "null_hypercall"), find(before, c, "null_hypercall"))
-        else {
-            continue;
-        };
-        t.add_row([
-            c.to_string(),
-            or_dash(b.map(Row::round_trip)),
-            r.round_trip().to_string(),
-            or_dash(b.map(|b| b.hv_per_exit)),
-            r.hv_per_exit.to_string(),
-        ]);
+    for (kind, path) in SCALING {
+        for &c in &cpus {
+            let (Some(r), b) = (find(rows, c, kind), find(before, c, kind)) else {
+                continue;
+            };
+            t.add_row([
+                kind.to_string(),
+                path.to_string(),
+                c.to_string(),
+                or_dash(b.map(Row::round_trip)),
+                r.round_trip().to_string(),
+                or_dash(b.map(|b| b.hv_per_exit)),
+                r.hv_per_exit.to_string(),
+            ]);
+        }
     }
     out += &format!("{t}\n");
     out
@@ -219,6 +236,11 @@ mod tests {
         let t = render(&after, &before);
         assert!(t.contains("755") && t.contains("138"), "{t}");
         assert!(t.contains("floor"), "{t}");
+        assert!(!t.contains("hlt_timer  "), "no run-loop row without its figures: {t}");
+        let mut more = after.clone();
+        more.push(Row { cpus: 15, kind: "hlt_timer".into(), rtt_median: 999, ..after[0].clone() });
+        let t = render(&more, &before);
+        assert!(t.contains("hlt_timer  ") && t.contains("run loop ┆") && t.contains("997"), "{t}");
         let json = serde_json::to_string(&after).unwrap();
         assert_eq!(serde_json::from_str::<Vec<Row>>(&json).unwrap(), after);
     }

@@ -21,6 +21,7 @@ pub mod diff;
 pub mod docs;
 pub mod exit;
 pub mod exitbench;
+pub mod figures;
 pub mod files;
 pub mod imports;
 pub mod kernel;

@@ -132,13 +132,15 @@ fn main() -> ExitCode {
         Cmd::Chaos(c) => xtask::chaos::campaign(c.seed, c.runs, c.dry_run),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
-            xtask::cli::BenchWhat::Channels { json, repeat, host_only, plot } => {
-                xtask::bench::channels(json.as_deref(), *repeat, *host_only).map(|()| {
-                    if *plot {
-                        xtask::plot::after_bench(json.as_deref());
-                    }
-                    true
-                })
+            xtask::cli::BenchWhat::Channels { json, repeat, host_only, bochs_only, plot } => {
+                xtask::bench::channels(json.as_deref(), *repeat, *host_only, *bochs_only).map(
+                    |()| {
+                        if *plot {
+                            xtask::plot::after_bench(json.as_deref());
+                        }
+                        true
+                    },
+                )
             }
             xtask::cli::BenchWhat::Caps { json, plot, k, revoke, fanout } if !revoke.is_empty() => {
                 xtask::bench::caps_strategies(json.as_deref(), k, revoke, *fanout).map(|()| {
@@ -197,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Imports(i) => xtask::imports::check(&xtask::workspace_root(), i.graph),
+        Cmd::Figures(f) => xtask::figures::figures(&f.files, f.update),
         Cmd::Workloads(w) => {
             if w.update_readme {
                 xtask::workloads::update_readme(
