@@ -57,6 +57,16 @@ pub enum Command {
     /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
     /// the run is over. Exit code 2 when RUN names no run.
     Top(TopArgs),
+    /// Act on a running machine from the host: query, stop, start, restart or park a guest
+    /// (as a `[[control]]` controller would, with the same checks; the config must say
+    /// `[machine] host_control = true`), read a guest's counter, or pause and resume the
+    /// whole machine (the emulator's process stopped: guest time stands still).
+    ///
+    /// Exit codes: 0 ok; 2 usage (no such run, unknown operation, a malformed request);
+    /// 4 refused (host control off, unknown guest, a guest that cannot start again);
+    /// 5 no answer in time; 7 the run cannot be reached; 8 busy (already running, a request
+    /// to its core in flight, already paused); 9 gone (its core is out of the machine).
+    Ctl(CtlArgs),
     /// A randomized fault campaign in Bochs: machines drawn from a seed (printed) mixing
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
     /// on each report. Exit code 0 if every run held them all, 1 otherwise.
@@ -78,6 +88,25 @@ pub struct TopArgs {
     /// Print the view once (of a run in progress or over) and exit.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtlArgs {
+    /// The run: its folder (a path, or a name under target/xtask/), or the pid of a run in
+    /// progress (see `cargo xtask ps`).
+    pub run: String,
+    /// query, stop, start, restart, park, counter:exits, counter:hypercalls,
+    /// counter:doorbells (these name a GUEST), or pause, resume (the whole machine).
+    pub op: String,
+    /// The guest's name in the config.
+    pub guest: Option<String>,
+    /// How long to wait for the answer, seconds.
+    #[arg(long, default_value_t = xtask_wait_default(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub wait: u64,
+}
+
+const fn xtask_wait_default() -> u64 {
+    crate::hostctl::DEFAULT_WAIT_S
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -157,6 +157,13 @@ pub struct Machine {
     /// already says.
     #[serde(default)]
     pub probe_ms: Option<Spanned<u32>>,
+    /// Whether the host may stop, start, restart, park and query guests of the running
+    /// machine (`cargo xtask ctl`), as a `[[control]]` controller of every guest would
+    /// (default: false: requests are answered `refused`). Passed on as `host_control=1`.
+    /// Needs at most 63 CPUs and the failure detector on (`probe_ms` > 0: its tick is
+    /// when a core with a running guest looks at the host's channel).
+    #[serde(default)]
+    pub host_control: Option<Spanned<bool>>,
     /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
     /// default) or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
@@ -471,6 +478,23 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 blob::MAX_PROBE_MS
             );
             errs.at(p.span(), "machine.probe_ms", &msg);
+        }
+    }
+    if let Some(h) = m.host_control.as_ref().filter(|h| *h.get_ref()) {
+        if *m.cpus.get_ref() > 63 {
+            errs.at(
+                h.span(),
+                "machine.host_control",
+                "needs at most 63 CPUs (the host's identity is the 64th core's)",
+            );
+        }
+        if m.probe_ms.as_ref().is_some_and(|p| *p.get_ref() == 0) {
+            errs.at(
+                h.span(),
+                "machine.host_control",
+                "needs the failure detector on (probe_ms > 0): its tick is when a core whose \
+                 guest runs looks at the host's channel",
+            );
         }
     }
     if let Some(r) = &m.revoke {

@@ -17,6 +17,7 @@ pub mod diff;
 pub mod exit;
 pub mod exitbench;
 pub mod files;
+pub mod hostctl;
 pub mod kernel;
 pub mod lifebench;
 pub mod meta;

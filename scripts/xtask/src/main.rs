@@ -175,6 +175,13 @@ fn main() -> ExitCode {
             print!("{}", xtask::watch::ps(&xtask::run::runs_root(), p.all));
             Ok(true)
         }
+        Cmd::Ctl(c) => {
+            let wait = std::time::Duration::from_secs(c.wait);
+            match xtask::hostctl::command(&c.run, &c.op, c.guest.as_deref(), wait) {
+                Ok(code) => return ExitCode::from(code),
+                Err(e) => Err(e),
+            }
+        }
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
         Cmd::Workloads(w) => {

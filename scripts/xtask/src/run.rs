@@ -374,12 +374,17 @@ fn spawn(
     iso: &Path,
     dir: &Path,
     model: &str,
+    com2: Option<u16>,
 ) -> Result<EmulatorProcess> {
     let out = std::fs::File::create(dir.join("emulator.out"))?;
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
         Emulator::Bochs => {
-            let rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            let mut rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            if let Some(port) = com2 {
+                // The host's control channel (`crate::hostctl`): Bochs connects at its start.
+                rc += &format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n");
+            }
             for (i, (nic, fwd)) in m.nics.iter().enumerate() {
                 for f in fwd {
                     eprintln!(
@@ -415,9 +420,11 @@ fn spawn(
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-serial")
-            .arg(format!("file:{}", dir.join("serial.txt").display()))
-            .arg("-cdrom")
-            .arg(iso);
+            .arg(format!("file:{}", dir.join("serial.txt").display()));
+            if let Some(port) = com2 {
+                c.arg("-serial").arg(format!("tcp:127.0.0.1:{port}"));
+            }
+            c.arg("-cdrom").arg(iso);
             if args.emulator == Emulator::QemuKvm {
                 c.args(["-enable-kvm", "-cpu", "host"]);
             } else {
@@ -747,6 +754,7 @@ fn machine_cmdline(
         ("probe_ms", m.probe_ms.as_ref().map(|p| p.get_ref().to_string())),
         ("revoke", m.revoke.as_ref().map(|r| r.get_ref().clone())),
         ("revoke_fanout", m.revoke_fanout.as_ref().map(|f| f.get_ref().to_string())),
+        ("host_control", m.host_control.as_ref().filter(|h| *h.get_ref()).map(|_| "1".into())),
     ];
     for (key, value) in words {
         let Some(value) = value else { continue };
@@ -801,9 +809,19 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
     meta.kernels = meta::kernels(&images, compiled.as_ref().map(|(_, c)| &c.config));
     let started = Instant::now();
-    let mut child = spawn(args, &machine, &iso, &dir, &model)?;
+    // The host's control channel: the emulator's COM2 connects to it (a run never fails
+    // for it).
+    let relay = crate::hostctl::Relay::bind()
+        .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+        .ok();
+    let mut child = spawn(args, &machine, &iso, &dir, &model, relay.as_ref().map(|r| r.port))?;
+    let relay = relay.and_then(|r| {
+        r.start(&dir, child.pgid)
+            .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+            .ok()
+    });
     // What `cargo xtask ps` and `top` find in the folder; a run never fails for it.
-    let info = crate::watch::RunInfo::starting(
+    let mut info = crate::watch::RunInfo::starting(
         child.pgid,
         args.emulator.name(),
         machine.cpus,
@@ -811,6 +829,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         &serial_path,
         args.report.as_deref(),
     );
+    if relay.is_some() {
+        info.control_socket = Some(dir.join(crate::hostctl::SOCKET).display().to_string());
+    }
     if let Err(e) = info.write(&dir) {
         eprintln!("xtask: warning: {e:#}");
     }
@@ -863,12 +884,25 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         } else if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
             console.problems.push("the emulator did not exit after the end record; killed".into());
             child.kill();
-        } else if Instant::now() > deadline {
+        } else if relay.as_ref().is_some_and(|r| r.paused()) {
+            // Paused from the host: no grace or timeout runs out meanwhile.
+        } else if Instant::now()
+            > deadline
+                + relay.as_ref().map_or(Duration::ZERO, |r| {
+                    r.pauses.lock().map_or(Duration::ZERO, |p| p.total())
+                })
+        {
             timed_out = true;
             child.kill();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let pauses: Vec<crate::report::PauseReport> = relay
+        .map(|r| r.finish(started))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(at_seconds, seconds)| crate::report::PauseReport { at_seconds, seconds })
+        .collect();
     let status = child.wait();
     drop(child);
     if !pending.is_empty() {
@@ -939,6 +973,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         hangs: console.hangs,
         suspicions: console.suspicions,
         missing: console.missing,
+        host_requests: console.host_requests,
+        pauses,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         serial_log: serial_path.display().to_string(),
