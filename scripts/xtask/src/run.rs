@@ -86,13 +86,29 @@ pub fn prune_runs(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 /// `cargo xtask clean`: removes the run folders but the `keep` newest (and those of runs in
 /// progress).
 pub fn clean(keep: usize) -> Result<()> {
+    let before = tree_bytes(&runs_root());
     let removed = prune_runs(&runs_root(), keep)?;
+    let freed = before.saturating_sub(tree_bytes(&runs_root()));
     eprintln!(
-        "xtask clean: removed {} run folder(s) under {}",
+        "xtask clean: removed {} run folder(s) under {}, {:.1} MiB freed",
         removed.len(),
-        runs_root().display()
+        runs_root().display(),
+        freed as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Bytes of the files under `dir` (what can be read of it; symbolic links not followed).
+pub fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// A fresh directory for one run's files (ISO, emulator config, serial log, emulator log).

@@ -4,7 +4,7 @@
 //! a channel between them, a README, and the workspace's `Cargo.lock`. May call only the
 //! file system.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 const CARGO_TOML: &str = include_str!("../template/Cargo.toml.in");
@@ -30,7 +30,13 @@ pub fn crate_name(dir: &Path) -> String {
 /// files written.
 pub fn new_guest(dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.exists() && std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_some()) {
-        bail!("{} already exists and is not an empty directory", dir.display());
+        return Err(crate::exit::coded(
+            crate::exit::USAGE,
+            anyhow::anyhow!(
+                "{:?} already exists and is not an empty directory",
+                dir.display().to_string()
+            ),
+        ));
     }
     std::fs::create_dir_all(dir.join("src"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
