@@ -450,6 +450,16 @@ fn spawn(
         }
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+    // The emulator dies with the thread that started it, even when xtask is killed without
+    // its process group (SIGKILL of xtask alone): no orphaned emulator keeps running.
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
@@ -707,7 +717,11 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
     if args.emulator == Emulator::QemuKvm {
         if let Some(why) = kvm_vmx_unavailable() {
-            bail!("cannot run under qemu-kvm: {why}");
+            // The host lacks what the run needs: as a machine the hypervisor refuses.
+            return Err(crate::exit::coded(
+                crate::exit::REFUSED,
+                anyhow::anyhow!("cannot run under qemu-kvm: {why}"),
+            ));
         }
     }
     Ok(Prepared { model, compiled, machine })
@@ -1190,6 +1204,13 @@ pub fn summary(r: &Report) -> String {
         s += &format!(
             "  TSC: firmware+GRUB {e}, hypervisor boot (entry to all cores up) {b} ({unit})\n"
         );
+    }
+    for h in &r.host_requests {
+        let id = h.id.map_or("-".to_string(), |i| i.to_string());
+        s += &format!("  from the host: #{id} {} {}: {} {}\n", h.op, h.guest, h.outcome, h.detail);
+    }
+    for p in &r.pauses {
+        s += &format!("  paused from the host at {:.1} s for {:.1} s\n", p.at_seconds, p.seconds);
     }
     for p in &r.problems {
         s += &format!("  problem: {p}\n");
