@@ -498,7 +498,7 @@ impl Channel {
         let mut line = Line { buf: [0; 192], len: 0 };
         let _ = write!(line, "{} {outcome} {detail}", Id(id));
         // One whole line or none: the host never reads half an answer.
-        if self.tx_len + line.len + 1 <= TX_BYTES {
+        if self.tx_len + line.len < TX_BYTES {
             for &b in line.buf[..line.len].iter().chain(b"\n") {
                 self.tx[(self.tx_head + self.tx_len) % TX_BYTES] = b;
                 self.tx_len += 1;
