@@ -145,21 +145,32 @@ fn relay(
     let tick = Duration::from_millis(20);
     // The emulator connects at its start; until then clients are told so.
     let mut machine: Option<BufReader<TcpStream>> = None;
-    while !stop.load(Ordering::SeqCst) {
+    let accept = |machine: &mut Option<BufReader<TcpStream>>| {
         if machine.is_none() {
             if let Ok((s, _)) = listener.accept() {
                 if s.set_nonblocking(false).is_ok() && s.set_read_timeout(Some(tick)).is_ok() {
-                    machine = Some(BufReader::new(s));
+                    *machine = Some(BufReader::new(s));
                 }
             }
         }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        accept(&mut machine);
         // Stale answers (a client that gave up) are read and dropped.
         if let Some(m) = machine.as_mut() {
             let mut junk = String::new();
             let _ = m.read_line(&mut junk);
         }
         match clients.accept() {
-            Ok((c, _)) => serve_client(c, machine.as_mut(), stop, pauses, pgid),
+            Ok((c, _)) => {
+                // A client early in the run: the emulator may be about to connect.
+                let until = Instant::now() + Duration::from_secs(2);
+                while machine.is_none() && Instant::now() < until {
+                    accept(&mut machine);
+                    std::thread::sleep(tick);
+                }
+                serve_client(c, machine.as_mut(), stop, pauses, pgid)
+            }
             Err(_) => std::thread::sleep(tick),
         }
     }
