@@ -373,7 +373,8 @@ pub struct RunArgs {
     /// membership probes); what `stats_ms=N` on the hypervisor command line does.
     #[arg(long, value_parser = parse_duration_ms)]
     pub stats: Option<u64>,
-    /// Write the JSON run report to this file.
+    /// Write the JSON run report to this file (`-`: to stdout once the run is over; the
+    /// console is then not streamed, as with --quiet).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Extra words for the hypervisor command line (e.g. `cpus=2 vmxcaps`).

@@ -1071,9 +1071,24 @@ pub fn command(args: &RunArgs) -> std::process::ExitCode {
     if let Err(e) = catch_interrupts() {
         return crate::exit::report_error(&e);
     }
+    // `--report -`: the report's JSON on stdout, so nothing else goes there (as --quiet).
+    let to_stdout = args.report.as_deref() == Some(Path::new("-"));
+    let quieted;
+    let args = if to_stdout {
+        quieted = RunArgs { report: None, quiet: true, ..args.clone() };
+        &quieted
+    } else {
+        args
+    };
     match run(args) {
         Ok(report) => {
             eprint!("{}", summary(&report));
+            if to_stdout {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => return crate::exit::report_error(&e.into()),
+                }
+            }
             if let (true, Some(path)) = (args.plot, &args.report) {
                 match crate::plot::files(std::slice::from_ref(path), None) {
                     Ok(written) => {
@@ -1115,10 +1130,13 @@ pub fn summary(r: &Report) -> String {
             c.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
         );
     }
+    // Names up to 32 characters: the column is as wide as the longest.
+    let w = r.guests.iter().map(|g| g.name.len()).chain(r.channels.iter().map(|c| c.name.len()));
+    let w = w.max().unwrap_or(0).max(10);
     for g in &r.guests {
         let exits: Vec<String> = g.exits.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         s += &format!(
-            "  guest {:<10} core {:2}  {:11} status {:<6} exits {}\n",
+            "  guest {:<w$} core {:2}  {:11} status {:<6} exits {}\n",
             g.name,
             g.core,
             g.state,
@@ -1167,7 +1185,7 @@ pub fn summary(r: &Report) -> String {
     }
     for c in &r.channels {
         s += &format!(
-            "  channel {:<10} {}->{}: sent {} received {}; {}->{}: sent {} received {}\n",
+            "  channel {:<w$} {}->{}: sent {} received {}; {}->{}: sent {} received {}\n",
             c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
         );
     }
