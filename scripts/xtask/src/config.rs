@@ -579,7 +579,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         let f = |k: &str| format!("guest[{i}].{k}");
         let name = g.name.get_ref();
         if !valid_name(name) || name.len() > 32 {
-            errs.at(g.name.span(), f("name"), &name_rule(name));
+            errs.at(g.name.span(), f("name"), name_rule(name));
         }
         if let Some(prev) = config.guests[..i].iter().find(|o| o.name.get_ref() == name) {
             let (l, _) = line_col(src, prev.name.span().start);
@@ -776,7 +776,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         let f = |k: &str| format!("grant[{i}].{k}");
         let name = g.name.get_ref();
         if !valid_name(name) || name.len() > 32 {
-            errs.at(g.name.span(), f("name"), &name_rule(name));
+            errs.at(g.name.span(), f("name"), name_rule(name));
         }
         if config.grants[..i].iter().any(|o| o.name.get_ref() == name) {
             errs.at(g.name.span(), f("name"), format!("duplicate grant name `{name}`"));
