@@ -14,6 +14,29 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Colour in the output: auto (on a terminal, unless NO_COLOR), always, never; as
+    /// cargo's `--color`.
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+}
+
+/// `--color`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColorWhen {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorWhen {
+    /// Applies it to every `anstream` stream of the process.
+    pub fn apply(self) {
+        anstream::ColorChoice::write_global(match self {
+            ColorWhen::Auto => anstream::ColorChoice::Auto,
+            ColorWhen::Always => anstream::ColorChoice::Always,
+            ColorWhen::Never => anstream::ColorChoice::Never,
+        });
+    }
 }
 
 #[derive(Subcommand, Debug)]

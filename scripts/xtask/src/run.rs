@@ -1140,7 +1140,12 @@ pub fn summary(r: &Report) -> String {
             g.name,
             g.core,
             g.state,
-            if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
+            // Large statuses in hex too, as guests write them (`exit(0xdead)`).
+            match g.exit_status {
+                _ if g.state != "exited" => "-".into(),
+                s @ 0..=255 => s.to_string(),
+                s => format!("{s}={s:#x}"),
+            },
             exits.join(" ")
         );
         if let Some(t) = &g.trace {
