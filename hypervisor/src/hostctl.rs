@@ -101,8 +101,11 @@ pub fn serve(env: &mut impl Env, ctl: &mut Control) {
 pub fn answer(env: &mut impl Env, req: u32, result: Result<u64, HvError>) {
     let Some(cfg) = CONFIG.get() else { return };
     if crate::percpu::current_index() == Some(cfg.core) {
-        let mut ch = CHANNEL.lock();
-        ch.answered(cfg, req, result, &mut Com2, &mut Emit);
+        // Only this core takes the lock, never while holding it: it is free. Should that
+        // ever not hold, the answer is dropped (the request times out) rather than wait.
+        if let Some(mut ch) = CHANNEL.try_lock() {
+            ch.answered(cfg, req, result, &mut Com2, &mut Emit);
+        }
     } else if env.send(cfg.core, &Control::host_reply_message(req, result)) {
         env.kick(cfg.core);
     }
