@@ -411,7 +411,7 @@ pub struct RunArgs {
     #[arg(long, requires = "report")]
     pub plot: bool,
     /// Do not stream the console (the report and the saved log still have everything).
-    #[arg(long)]
+    #[arg(long, short = 'q')]
     pub quiet: bool,
     /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
     /// the streamed console; by default it shows the guests' and the hypervisor's own lines
