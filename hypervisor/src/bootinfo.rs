@@ -65,6 +65,9 @@ pub struct Options {
     /// Live figures (`stats_ms=N`, 1..=60000; default off): each core writes a `stats`
     /// record of its guest at most every N ms, at its membership probes.
     pub stats_ms: Option<u64>,
+    /// Host control (`host_control=1`, from `[machine] host_control = true`): the host's
+    /// requests on COM2 act on guests (see `crate::hostctl`); otherwise they are refused.
+    pub host_control: bool,
 }
 
 /// Faults the hypervisor can inject into its own bring-up (`inject=...`), so that the
@@ -108,6 +111,10 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
             },
             "vmxcaps" if value.is_empty() || value == "1" => o.vmxcaps = true,
             "vmxcaps" => bad(BadOption { word, why: "expected vmxcaps or vmxcaps=1" }),
+            "host_control" if value.is_empty() || value == "1" => o.host_control = true,
+            "host_control" => {
+                bad(BadOption { word, why: "expected host_control or host_control=1" })
+            }
             "trace" if value.is_empty() || value == "1" => o.trace = true,
             "trace" => bad(BadOption { word, why: "expected trace or trace=1" }),
             "budget_ms" => match value.parse::<u64>() {
@@ -373,8 +380,11 @@ mod tests {
                 revoke_tree: None,
                 revoke_fanout: None,
                 stats_ms: None,
+                host_control: false,
             }
         );
+        assert!(opts("host_control").0.host_control && opts("host_control=1").0.host_control);
+        assert_eq!(opts("host_control=yes").1.len(), 1);
         assert_eq!(opts("stats_ms=100").0.stats_ms, Some(100));
         assert_eq!(opts("stats_ms=0").1.len(), 1);
         assert!(opts("trace").0.trace && opts("trace=1").0.trace);

@@ -291,6 +291,9 @@ impl core::fmt::Display for StopReason {
             }
             StopReason::Setup(what) => write!(f, "setup failed: {what}"),
             StopReason::Isolation(what) => write!(f, "stopped to keep isolation: {what}"),
+            StopReason::Requested { by } if by as usize == crate::caps::control::HOST => {
+                f.write_str("stopped from the host")
+            }
             StopReason::Requested { by } => write!(f, "stopped by its controller on core {by}"),
             StopReason::RunEnded => write!(f, "the run's duration ended"),
         }
@@ -429,6 +432,12 @@ impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
     }
     fn served(&mut self) {
         self.0.served()
+    }
+    fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
+        crate::hostctl::serve(self, ctl)
+    }
+    fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
+        crate::hostctl::answer(self, req, result)
     }
 }
 

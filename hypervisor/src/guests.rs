@@ -241,7 +241,11 @@ pub fn plan(
             .max()
             .unwrap_or(0)
             // A controlled guest may be started again until its controller is gone.
-            .saturating_mul(if cfg.guests().any(|e| e.controls != 0) { 2 } else { 1 }),
+            .saturating_mul(if opts.host_control || cfg.guests().any(|e| e.controls != 0) {
+                2
+            } else {
+                1
+            }),
         give_up_tsc: 0,
         channels: [None; config::MAX_CHANNELS],
         channel_count: 0,
@@ -348,6 +352,33 @@ pub fn plan(
             }
             if let Some(tl) = launches[t].as_mut() {
                 tl.controllers |= 1u64 << ctl_core;
+            }
+        }
+    }
+    // Host control: every guest's controllers include the host, whose channel the lowest
+    // core given a guest serves (it always serves its inbox, whatever its guest does).
+    // The host's identity is core index `HOST`: a machine of 64 cores has none.
+    let host_core = launches.iter().flatten().map(|l| l.entry.core as usize).min();
+    let host_on = opts.host_control && cores.len() <= crate::caps::control::HOST;
+    if opts.host_control && !host_on {
+        log::warn!("host control needs at most 63 cores: off");
+    }
+    if let Some(core) = host_core {
+        let mut targets = [None; config::MAX_GUESTS];
+        for (i, (t, g)) in targets.iter_mut().zip(plan.guests[..plan.count].iter()).enumerate() {
+            *t = g.map(|g| crate::hostctl::Target {
+                name: g.name,
+                core: match g.slot {
+                    Ok(s) if launches[i].is_some() => Ok(s as u16),
+                    Ok(_) => Err("the guest was not started (no memory for it)"),
+                    Err(why) => Err(why),
+                },
+            });
+        }
+        crate::hostctl::configure(crate::hostctl::Config { core, enabled: host_on, targets });
+        if host_on {
+            for l in launches.iter_mut().flatten() {
+                l.controllers |= 1u64 << crate::caps::control::HOST;
             }
         }
     }

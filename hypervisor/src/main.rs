@@ -28,6 +28,7 @@ mod fault;
 mod guest;
 #[cfg(target_os = "none")]
 mod guests;
+mod hostctl;
 mod memory;
 mod pci;
 mod percpu;

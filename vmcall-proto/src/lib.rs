@@ -22,6 +22,7 @@ pub mod config;
 pub mod device;
 pub mod fixed;
 pub mod guest;
+pub mod hostctl;
 pub mod hypercall;
 pub mod kv;
 pub mod limits;

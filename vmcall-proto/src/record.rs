@@ -60,6 +60,10 @@ pub mod kind {
     pub const SUSPECT: &str = "suspect";
     /// `inject=hung-core:N` fired: `core tsc` (the moment it stopped answering).
     pub const HANG: &str = "hang";
+    /// A request from the host's control channel answered (`vmcall_proto::hostctl`):
+    /// `id`, `op`, `guest` (quoted), `outcome` (`hostctl::outcome`), `detail` (quoted),
+    /// `tsc`. Written by the core that serves the channel.
+    pub const HOSTCTL: &str = "hostctl";
     /// A channel's counters at the end, as its guests left them: `name`, `a`, `b`, `slots`,
     /// `a_sent`, `b_received`, `b_sent`, `a_received`.
     pub const CHANNEL: &str = "channel";

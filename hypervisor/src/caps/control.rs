@@ -10,12 +10,30 @@
 //! capability protocol's messages this keeps every inter-core ring within its slots (see
 //! `proto::RING_SLOTS`).
 //!
+//! The host (`crate::hostctl`, the host's control channel) is one more controller with an
+//! identity of its own, [`HOST`]: its requests travel as `CONTROL` messages marked
+//! [`HOST_MARK`] from the core serving the channel (or straight into this core's inbox when
+//! the target's core is that one), wait in the inbox under the sender's core like any
+//! request, and are taken as coming from [`HOST`]; their answers go back through
+//! [`Env::host_answer`]. A host request to a core shares the serving core's
+//! one-request-per-core budget with its own guest's (`Busy` for whichever comes second), so
+//! the rings keep their bound. The host holds a guest it stopped or parked (it waits down
+//! for the host's `START`, as for a controller's), and lets go when it starts it again.
+//!
 //! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
 
 use super::proto::op;
 use super::{Env, MAX_PEERS};
 use vmcall_proto::channel::Payload;
 use vmcall_proto::hypercall::{control, HvError};
+
+/// The host's identity as a controller: a pseudo-core index (a bit of `Launch::controllers`
+/// when host control is on, the `by` of a guest it stopped). Host control needs a machine
+/// of at most 63 cores.
+pub const HOST: usize = MAX_PEERS - 1;
+
+/// Word 2 of a host's `CONTROL` request, word 3 of the answer to one.
+pub const HOST_MARK: u64 = 0x686f_7374_6374_6c21;
 
 /// The control state of one core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,8 +48,13 @@ pub struct Control {
     /// The cores with a request in `inbox` (so that the run loop's look on every VM exit
     /// costs one test, not a scan).
     waiting: u64,
-    /// Controller cores that have released this core's guest.
+    /// Controller cores that have released this core's guest ([`HOST`] while the host
+    /// does not hold it).
     pub released: u64,
+    /// The cores whose `inbox` entry is the host's request (taken as from [`HOST`]).
+    host: u64,
+    /// The cores a host request from this core is outstanding to (its answer not back).
+    pub host_out: u64,
 }
 
 impl Default for Control {
@@ -42,7 +65,9 @@ impl Default for Control {
             seq: 0,
             inbox: [None; MAX_PEERS],
             waiting: 0,
-            released: 0,
+            released: 1 << HOST,
+            host: 0,
+            host_out: 0,
         }
     }
 }
@@ -74,6 +99,9 @@ impl Control {
     pub fn deliver(&mut self, from: usize, m: &Payload) {
         let req = (m[0] >> 32) as u32;
         match m[0] & 0xff {
+            op::CONTROL if from < MAX_PEERS && m[2] == HOST_MARK => {
+                self.host_request(from, req, m[1]);
+            }
             op::CONTROL if from < MAX_PEERS => {
                 // One outstanding per controller: a second one before the answer is a
                 // broken peer; the first stays.
@@ -93,6 +121,59 @@ impl Control {
         }
     }
 
+    /// A host request `req` for `operation`, served by core `from` (this one, when the
+    /// channel is served here): it waits in that core's inbox entry (one outstanding per
+    /// core, as for any controller), and the host holds or lets go of the guest as it asks.
+    pub fn host_request(&mut self, from: usize, req: u32, operation: u64) {
+        if from >= MAX_PEERS || self.inbox[from].is_some() {
+            return;
+        }
+        self.inbox[from] = Some((req, operation));
+        self.waiting |= 1 << from;
+        self.host |= 1 << from;
+        match operation {
+            control::STOP | control::PARK => self.released &= !(1 << HOST),
+            control::START | control::RESTART => self.released |= 1 << HOST,
+            _ => {}
+        }
+    }
+
+    /// The answer to a host request, if `m` is one: (request, result).
+    pub fn host_reply(m: &Payload) -> Option<(u32, Result<u64, HvError>)> {
+        (m[0] & 0xff == op::CONTROL_REPLY && m[3] == HOST_MARK)
+            .then(|| ((m[0] >> 32) as u32, decode(m[1], m[2])))
+    }
+
+    /// The answer to host request `req` as a message to the core serving the channel.
+    pub fn host_reply_message(req: u32, result: Result<u64, HvError>) -> Payload {
+        let (status, value) = encode(result);
+        [op::CONTROL_REPLY | (req as u64) << 32, status, value, HOST_MARK, 0, 0, 0]
+    }
+
+    /// Sends host request `req` (`operation`) to core `to`: `Busy` while this core has a
+    /// request there unanswered (its guest's or the host's), `PeerGone` if the ring refuses.
+    pub fn host_send(
+        &mut self,
+        env: &mut impl Env,
+        to: usize,
+        req: u32,
+        operation: u64,
+    ) -> Result<(), HvError> {
+        if !control::valid(operation) || to >= MAX_PEERS {
+            return Err(HvError::BadArgument);
+        }
+        if self.host_out & (1 << to) != 0 || self.out.is_some_and(|(c, _, _)| c as usize == to) {
+            return Err(HvError::Busy);
+        }
+        let m = [op::CONTROL | (req as u64) << 32, operation, HOST_MARK, 0, 0, 0, 0];
+        if !env.send(to, &m) {
+            return Err(HvError::PeerGone);
+        }
+        env.kick(to);
+        self.host_out |= 1 << to;
+        Ok(())
+    }
+
     /// Core `core` was fenced: a request of this core to it is answered `PeerGone` at once,
     /// and it controls this core's guest no more.
     pub fn peer_gone(&mut self, core: usize) {
@@ -106,6 +187,8 @@ impl Control {
             self.released |= 1 << core;
             self.inbox[core] = None;
             self.waiting &= !(1 << core);
+            self.host &= !(1 << core);
+            self.host_out &= !(1 << core);
         }
     }
 
@@ -122,11 +205,19 @@ impl Control {
         let from = self.waiting.trailing_zeros() as usize;
         self.waiting &= !(1 << from);
         let (req, operation) = self.inbox[from].take()?;
+        if self.host & (1 << from) != 0 {
+            self.host &= !(1 << from);
+            return Some((HOST, req, operation));
+        }
         Some((from, req, operation))
     }
 
-    /// Answers request `req` of core `to`.
+    /// Answers request `req` of core `to` (of the host: [`HOST`]).
     pub fn answer(env: &mut impl Env, to: usize, req: u32, result: Result<u64, HvError>) {
+        if to == HOST {
+            env.host_answer(req, result);
+            return;
+        }
         let (status, value) = encode(result);
         let m = [op::CONTROL_REPLY | (req as u64) << 32, status, value, 0, 0, 0, 0];
         if env.send(to, &m) {
@@ -152,7 +243,7 @@ impl Control {
         if !control::valid(operation) {
             return Err(HvError::BadArgument);
         }
-        if self.out.is_some() {
+        if self.out.is_some() || self.host_out & (1 << to) != 0 {
             return Err(HvError::Busy);
         }
         self.seq = self.seq.wrapping_add(1);

@@ -56,6 +56,13 @@ pub trait Env {
     /// The inbox is being served now (every [`CapCore::poll`] says so first): the
     /// hypervisor measures the stretches between these (see `percpu::PerCore::served`).
     fn served(&mut self) {}
+    /// The host's control channel is served now, if this core serves it (every
+    /// [`CapCore::poll`] offers it, after the inbox): `ctl` takes the requests for this
+    /// core's own guest. Nothing by default (no channel).
+    fn host_serve(&mut self, _ctl: &mut control::Control) {}
+    /// The answer to the host's request `req` (see `control::HOST`): to the core that
+    /// serves the channel. Dropped by default (no channel).
+    fn host_answer(&mut self, _req: u32, _result: Result<u64, HvError>) {}
 }
 
 /// The most EPT leaf entries one step of a long `cap_map` or `cap_unmap` writes before the
@@ -676,6 +683,7 @@ impl<const E: usize> CapCore<E> {
                 *slot = Some((g + step, size - step));
             }
         }
+        env.host_serve(&mut self.ctl);
         let due = self.members.due();
         if self.proto.busy() || due != u64::MAX {
             let now = env.now();
@@ -730,7 +738,12 @@ impl<const E: usize> CapCore<E> {
         }
         if control::is_control(m) {
             if from != self.proto.me() && !self.proto.fenced(from) {
-                self.ctl.deliver(from, m);
+                if let Some((req, result)) = control::Control::host_reply(m) {
+                    self.ctl.host_out &= !(1 << from);
+                    env.host_answer(req, result);
+                } else {
+                    self.ctl.deliver(from, m);
+                }
             }
             return;
         }

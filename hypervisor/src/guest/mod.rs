@@ -873,6 +873,12 @@ mod run {
         fn served(&mut self) {
             served_now();
         }
+        fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
+            crate::hostctl::serve(self, ctl)
+        }
+        fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
+            crate::hostctl::answer(self, req, result)
+        }
     }
 
     /// Whether a guest that ended so is started again under `policy` (see

@@ -14,6 +14,29 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Colour in the output: auto (on a terminal, unless NO_COLOR), always, never; as
+    /// cargo's `--color`.
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+}
+
+/// `--color`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColorWhen {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorWhen {
+    /// Applies it to every `anstream` stream of the process.
+    pub fn apply(self) {
+        anstream::ColorChoice::write_global(match self {
+            ColorWhen::Auto => anstream::ColorChoice::Auto,
+            ColorWhen::Always => anstream::ColorChoice::Always,
+            ColorWhen::Never => anstream::ColorChoice::Never,
+        });
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +85,16 @@ pub enum Command {
     /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
     /// the run is over. Exit code 2 when RUN names no run.
     Top(TopArgs),
+    /// Act on a running machine from the host: query, stop, start, restart or park a guest
+    /// (as a `[[control]]` controller would, with the same checks; the config must say
+    /// `[machine] host_control = true`), read a guest's counter, or pause and resume the
+    /// whole machine (the emulator's process stopped: guest time stands still).
+    ///
+    /// Exit codes: 0 ok; 2 usage (no such run, unknown operation, a malformed request);
+    /// 4 refused (host control off, unknown guest, a guest that cannot start again);
+    /// 5 no answer in time; 7 the run cannot be reached; 8 busy (already running, a request
+    /// to its core in flight, already paused); 9 gone (its core is out of the machine).
+    Ctl(CtlArgs),
     /// A randomized fault campaign in Bochs: machines drawn from a seed (printed) mixing
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
     /// on each report. Exit code 0 if every run held them all, 1 otherwise.
@@ -93,6 +126,25 @@ pub struct TopArgs {
     /// Print the view once (of a run in progress or over) and exit.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtlArgs {
+    /// The run: its folder (a path, or a name under target/xtask/), or the pid of a run in
+    /// progress (see `cargo xtask ps`).
+    pub run: String,
+    /// query, stop, start, restart, park, counter:exits, counter:hypercalls,
+    /// counter:doorbells (these name a GUEST), or pause, resume (the whole machine).
+    pub op: String,
+    /// The guest's name in the config.
+    pub guest: Option<String>,
+    /// How long to wait for the answer, seconds.
+    #[arg(long, default_value_t = xtask_wait_default(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub wait: u64,
+}
+
+const fn xtask_wait_default() -> u64 {
+    crate::hostctl::DEFAULT_WAIT_S
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -373,7 +425,8 @@ pub struct RunArgs {
     /// membership probes); what `stats_ms=N` on the hypervisor command line does.
     #[arg(long, value_parser = parse_duration_ms)]
     pub stats: Option<u64>,
-    /// Write the JSON run report to this file.
+    /// Write the JSON run report to this file (`-`: to stdout once the run is over; the
+    /// console is then not streamed, as with --quiet).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Extra words for the hypervisor command line (e.g. `cpus=2 vmxcaps`).
@@ -387,7 +440,7 @@ pub struct RunArgs {
     #[arg(long, requires = "report")]
     pub plot: bool,
     /// Do not stream the console (the report and the saved log still have everything).
-    #[arg(long)]
+    #[arg(long, short = 'q')]
     pub quiet: bool,
     /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
     /// the streamed console; by default it shows the guests' and the hypervisor's own lines

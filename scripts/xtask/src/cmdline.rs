@@ -27,7 +27,14 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
     for word in cmdline.split_ascii_whitespace() {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         let n = value.parse::<u64>().ok();
+        let too_large =
+            n.is_none() && !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
         let why = match key {
+            _ if too_large && key != "inject" && key != "revoke" => {
+                Some("N is too large (at most 18446744073709551615, and each option's range)")
+            }
+            "host_control" if value.is_empty() || value == "1" => None,
+            "host_control" => Some("expected host_control or host_control=1"),
             "cpus" if n.is_some_and(|n| n >= 1) => None,
             "cpus" => Some("expected cpus=N with N >= 1"),
             "vmxcaps" if value.is_empty() || value == "1" => None,
@@ -68,7 +75,7 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             _ => Some(
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
                  caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=broadcast|tree, \
-                 revoke_fanout=N, stats_ms=N, \
+                 revoke_fanout=N, stats_ms=N, host_control, \
                  inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
             ),
         };

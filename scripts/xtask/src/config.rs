@@ -157,6 +157,13 @@ pub struct Machine {
     /// already says.
     #[serde(default)]
     pub probe_ms: Option<Spanned<u32>>,
+    /// Whether the host may stop, start, restart, park and query guests of the running
+    /// machine (`cargo xtask ctl`), as a `[[control]]` controller of every guest would
+    /// (default: false: requests are answered `refused`). Passed on as `host_control=1`.
+    /// Needs at most 63 CPUs and the failure detector on (`probe_ms` > 0: its tick is
+    /// when a core with a running guest looks at the host's channel).
+    #[serde(default)]
+    pub host_control: Option<Spanned<bool>>,
     /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
     /// default) or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
@@ -420,6 +427,52 @@ impl Compiled {
 }
 
 /// Parses and validates `src` (named `file` in errors) and compiles it.
+/// Which rule of names (1 to 32 letters, digits, `-` or `_`) `name` breaks.
+fn name_rule(name: &str) -> String {
+    let rule = "use 1 to 32 letters, digits, '-' or '_'";
+    if name.is_empty() {
+        return format!("empty: {rule}");
+    }
+    if let Some((i, c)) =
+        name.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return format!("{c:?} at position {} is not allowed: {rule}", i + 1);
+    }
+    if name.len() > 32 {
+        return format!("{} characters, more than 32: {rule}", name.len());
+    }
+    rule.to_string()
+}
+
+/// The field a byte offset of the source sits in, as `table.key` (`guest[1].key` in the
+/// `n`-th `[[guest]]`): for errors toml reports without a path (a number too large).
+fn field_at(src: &str, offset: usize) -> Option<String> {
+    let before = src.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = &src[line_start..];
+    let line = line.lines().next().unwrap_or("");
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let header = src[..line_start].lines().rev().map(str::trim).find(|l| l.starts_with('['));
+    Some(match header {
+        None => key.to_string(),
+        Some(h) if h.starts_with("[[") => {
+            let table = h.trim_matches(|c| c == '[' || c == ']').trim();
+            let n = src[..line_start]
+                .lines()
+                .filter(|l| {
+                    l.trim().trim_start_matches("[[").trim_end_matches("]]").trim() == table
+                        && l.trim().starts_with("[[")
+                })
+                .count();
+            format!("{table}[{}].{key}", n.saturating_sub(1))
+        }
+        Some(h) => format!("{}.{key}", h.trim_matches(|c| c == '[' || c == ']').trim()),
+    })
+}
+
 pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
     let mut errs = Errors { file, src, list: Vec::new() };
     // serde_path_to_error keeps the path of the value that failed (`guest[1].core`), which
@@ -448,7 +501,8 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
             let field = match (key, path.as_str()) {
                 (Some(k), "" | ".") => k.to_string(),
                 (Some(k), p) if !p.ends_with(k) => format!("{p}.{k}"),
-                (_, "" | ".") => "(syntax)".to_string(),
+                // A value toml itself refuses (a number too large): the key on its line.
+                (_, "" | ".") => field_at(src, span.start).unwrap_or_else(|| "(syntax)".into()),
                 (_, p) => p.to_string(),
             };
             errs.at(span, field, msg);
@@ -471,6 +525,23 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
                 blob::MAX_PROBE_MS
             );
             errs.at(p.span(), "machine.probe_ms", &msg);
+        }
+    }
+    if let Some(h) = m.host_control.as_ref().filter(|h| *h.get_ref()) {
+        if *m.cpus.get_ref() > 63 {
+            errs.at(
+                h.span(),
+                "machine.host_control",
+                "needs at most 63 CPUs (the host's identity is the 64th core's)",
+            );
+        }
+        if m.probe_ms.as_ref().is_some_and(|p| *p.get_ref() == 0) {
+            errs.at(
+                h.span(),
+                "machine.host_control",
+                "needs the failure detector on (probe_ms > 0): its tick is when a core whose \
+                 guest runs looks at the host's channel",
+            );
         }
     }
     if let Some(r) = &m.revoke {
@@ -497,13 +568,18 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         errs.at(0..0, "guest", "a config needs at least one [[guest]]");
     }
     if config.guests.len() > blob::MAX_GUESTS {
-        errs.at(config.guests[blob::MAX_GUESTS].name.span(), "guest", "too many guests");
+        let msg = format!(
+            "too many guests: at most {} (this config has {})",
+            blob::MAX_GUESTS,
+            config.guests.len()
+        );
+        errs.at(config.guests[blob::MAX_GUESTS].name.span(), "guest", &msg);
     }
     for (i, g) in config.guests.iter().enumerate() {
         let f = |k: &str| format!("guest[{i}].{k}");
         let name = g.name.get_ref();
         if !valid_name(name) || name.len() > 32 {
-            errs.at(g.name.span(), f("name"), "use 1 to 32 letters, digits, '-' or '_'");
+            errs.at(g.name.span(), f("name"), name_rule(name));
         }
         if let Some(prev) = config.guests[..i].iter().find(|o| o.name.get_ref() == name) {
             let (l, _) = line_col(src, prev.name.span().start);
@@ -700,7 +776,7 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         let f = |k: &str| format!("grant[{i}].{k}");
         let name = g.name.get_ref();
         if !valid_name(name) || name.len() > 32 {
-            errs.at(g.name.span(), f("name"), "use 1 to 32 letters, digits, '-' or '_'");
+            errs.at(g.name.span(), f("name"), name_rule(name));
         }
         if config.grants[..i].iter().any(|o| o.name.get_ref() == name) {
             errs.at(g.name.span(), f("name"), format!("duplicate grant name `{name}`"));
@@ -1601,6 +1677,20 @@ memory_mib = 4
     }
 
     #[test]
+    fn a_number_too_large_for_toml_keeps_its_field_and_names_say_which_rule_broke() {
+        let big = GOOD.replacen("memory_mib = 256\n", "memory_mib = 99999999999999999999\n", 1);
+        let Err(errs) = compile("t.toml", &big) else { panic!("accepted") };
+        let errs = errs.0;
+        assert_eq!(errs[0].field, "machine.memory_mib", "{}", errs[0]);
+        let src = "[machine]\ncpus = 1\n\n[[guest]]\nname = \"a\"\n\n[[guest]]\ncore = 9\n";
+        assert_eq!(field_at(src, src.find("= 9").unwrap() + 2).as_deref(), Some("guest[1].core"));
+        assert_eq!(field_at(src, src.find("= 1").unwrap() + 2).as_deref(), Some("machine.cpus"));
+        assert!(name_rule("a b").starts_with("' ' at position 2"));
+        assert!(name_rule(&"x".repeat(33)).starts_with("33 characters"));
+        assert!(name_rule("").starts_with("empty"));
+    }
+
+    #[test]
     fn guests_name_their_own_kernels() {
         let own = GOOD
             .replace("workload = \"hello\"", "kernel = \"a.elf\"\nargs = { anything = 3 }")
@@ -1653,7 +1743,7 @@ memory_mib = 4
         let e = one_error(&GOOD.replace("\"spin\"", "\"spinn\""));
         assert_eq!((e.line, e.field.as_str()), (16, "guest[1].workload"));
         let e = one_error(&GOOD.replace("cpus = 4", "cpus = "));
-        assert_eq!((e.line, e.field.as_str()), (3, "(syntax)"));
+        assert_eq!((e.line, e.field.as_str()), (3, "machine.cpus"));
         let e = one_error(&GOOD.replace("workload = \"hello\"\n", ""));
         assert_eq!((e.line, e.field.as_str()), (7, "guest[0].workload"));
         assert!(e.message.contains("needs a `workload` (built-in) or a `kernel`"), "{e}");

@@ -24,6 +24,11 @@ pub const REPORT_PATH: u8 = 6;
 /// Anything else that kept the command from being attempted: a build, an install, an
 /// emulator that cannot be started, an I/O error.
 pub const ERROR: u8 = 7;
+/// `ctl`: the guest's core (or the relay) answered `busy`: not now (running already, a
+/// request in flight, the machine already paused).
+pub const BUSY: u8 = 8;
+/// `ctl`: the guest's core is out of the machine (fenced), or the emulator is gone.
+pub const GONE: u8 = 9;
 /// Stopped by SIGINT, SIGTERM or SIGHUP (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: u8 = 130;
 
@@ -75,8 +80,19 @@ mod tests {
 
     #[test]
     fn codes_are_distinct() {
-        let mut all =
-            [OK, FAILED, USAGE, CONFIG, REFUSED, TIMEOUT, REPORT_PATH, ERROR, INTERRUPTED];
+        let mut all = [
+            OK,
+            FAILED,
+            USAGE,
+            CONFIG,
+            REFUSED,
+            TIMEOUT,
+            REPORT_PATH,
+            ERROR,
+            BUSY,
+            GONE,
+            INTERRUPTED,
+        ];
         all.sort_unstable();
         let n = all.len();
         let mut d = all.to_vec();

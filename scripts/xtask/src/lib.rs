@@ -23,6 +23,7 @@ pub mod exit;
 pub mod exitbench;
 pub mod figures;
 pub mod files;
+pub mod hostctl;
 pub mod imports;
 pub mod kernel;
 pub mod lifebench;

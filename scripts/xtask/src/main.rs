@@ -111,6 +111,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cli.color.apply();
     let result = match &cli.command {
         Cmd::Setup => xtask::setup::all().map(|_| true),
         Cmd::Build(b) => (|| {
@@ -172,9 +173,13 @@ fn main() -> ExitCode {
         Cmd::Mutants(m) => xtask::mutants::run(&m.files, m.min, m.jobs),
         Cmd::NewGuest(n) => xtask::template::new_guest(&n.dir).map(|files| {
             for f in files {
-                println!("created {}", f.display());
+                println!("created {:?}", f.display().to_string());
             }
-            println!("run it: cargo xtask run --config {}", n.dir.join("mkvisor.toml").display());
+            println!(
+                "run it: cargo xtask run --config {:?} (or, in that directory: cargo xtask run \
+                 --config mkvisor.toml)",
+                n.dir.join("mkvisor.toml").display().to_string()
+            );
             true
         }),
         Cmd::CHeader => xtask::cheader::write().map(|p| {
@@ -195,6 +200,13 @@ fn main() -> ExitCode {
         Cmd::Ps(p) => {
             print!("{}", xtask::watch::ps(&xtask::run::runs_root(), p.all));
             Ok(true)
+        }
+        Cmd::Ctl(c) => {
+            let wait = std::time::Duration::from_secs(c.wait);
+            match xtask::hostctl::command(&c.run, &c.op, c.guest.as_deref(), wait) {
+                Ok(code) => return ExitCode::from(code),
+                Err(e) => Err(e),
+            }
         }
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),

@@ -83,7 +83,8 @@ pub fn files(inputs: &[PathBuf], out: Option<&Path>) -> Result<Vec<PathBuf>> {
     }
     let mut written = vec![];
     for input in inputs {
-        match read(input)? {
+        // Not a report or benchmark output: an input error (exit code 2), as `report diff`.
+        match read(input).map_err(|e| crate::exit::coded(crate::exit::USAGE, e))? {
             Input::Report(r) => {
                 let p = output(input, out, "boot");
                 boot_phases(&r, &p)?;

@@ -139,6 +139,28 @@ pub struct SuspectReport {
     pub tsc: u64,
 }
 
+/// A request from the host's control channel (`cargo xtask ctl`), as the hypervisor answered
+/// it (its `hostctl` record): what, for which guest, the outcome (`ok`, `refused`, `busy`,
+/// `timeout`, `gone`, `error`) and its detail, and when (TSC of the core serving the
+/// channel). `id` is absent for a line the hypervisor could not read one from.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct HostRequest {
+    pub id: Option<u32>,
+    pub op: String,
+    pub guest: String,
+    pub outcome: String,
+    pub detail: String,
+    pub tsc: u64,
+}
+
+/// The whole machine paused from the host (`cargo xtask ctl RUN pause`, the emulator's
+/// process stopped) and resumed: seconds since the run started, wall-clock length.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+pub struct PauseReport {
+    pub at_seconds: f64,
+    pub seconds: f64,
+}
+
 /// `inject=hung-core`: the core that stopped answering, and when.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct HangReport {
@@ -362,6 +384,12 @@ pub struct Report {
     /// What the machine lacks, when the outcome is `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
+    /// Requests from the host's control channel, in the order answered (`hostctl` records).
+    #[serde(default)]
+    pub host_requests: Vec<HostRequest>,
+    /// Pauses of the whole machine from the host.
+    #[serde(default)]
+    pub pauses: Vec<PauseReport>,
     pub tsc: Tsc,
     /// The unit of every TSC figure in this report (`tsc`, guests' `tsc_*`, `foreign_tsc`,
     /// `trace`): `emulated_instructions` (Bochs, exact) or `tsc_ticks` (QEMU: clock ticks,
@@ -401,6 +429,8 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
         hangs: vec![],
         suspicions: vec![],
         missing: None,
+        host_requests: c.host_requests.clone(),
+        pauses: vec![],
         tsc: c.tsc_figures(),
         tsc_unit: tsc_unit("bochs").into(),
         wall_seconds: 2.0,
@@ -485,6 +515,7 @@ pub struct Console {
     pub views: Vec<ViewReport>,
     pub hangs: Vec<HangReport>,
     pub suspicions: Vec<SuspectReport>,
+    pub host_requests: Vec<HostRequest>,
     pub missing: Option<String>,
     pub end_outcome: Option<String>,
     pub tsc: Tsc,
@@ -826,6 +857,19 @@ impl Console {
             kind::HANG => match (num(&r, "core"), num(&r, "tsc")) {
                 (Some(core), Some(tsc)) => self.hangs.push(HangReport { core, tsc }),
                 _ => self.problems.push(format!("hang record without its fields: {line}")),
+            },
+            kind::HOSTCTL => match (
+                r.get("op").map(unescape),
+                r.get("guest").map(unescape),
+                r.get("outcome").map(unescape),
+                r.get("detail").map(unescape),
+                num(&r, "tsc"),
+            ) {
+                (Some(op), Some(guest), Some(outcome), Some(detail), Some(tsc)) => {
+                    let id = num(&r, "id");
+                    self.host_requests.push(HostRequest { id, op, guest, outcome, detail, tsc })
+                }
+                _ => self.problems.push(format!("hostctl record without its fields: {line}")),
             },
             other => self.problems.push(format!("unknown record kind `{other}`")),
         }

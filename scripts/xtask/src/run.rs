@@ -85,13 +85,29 @@ pub fn prune_runs(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 /// `cargo xtask clean`: removes the run folders but the `keep` newest (and those of runs in
 /// progress).
 pub fn clean(keep: usize) -> Result<()> {
+    let before = tree_bytes(&runs_root());
     let removed = prune_runs(&runs_root(), keep)?;
+    let freed = before.saturating_sub(tree_bytes(&runs_root()));
     eprintln!(
-        "xtask clean: removed {} run folder(s) under {}",
+        "xtask clean: removed {} run folder(s) under {}, {:.1} MiB freed",
         removed.len(),
-        runs_root().display()
+        runs_root().display(),
+        freed as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Bytes of the files under `dir` (what can be read of it; symbolic links not followed).
+pub fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// A fresh directory for one run's files (ISO, emulator config, serial log, emulator log).
@@ -373,12 +389,17 @@ fn spawn(
     iso: &Path,
     dir: &Path,
     model: &str,
+    com2: Option<u16>,
 ) -> Result<EmulatorProcess> {
     let out = std::fs::File::create(dir.join("emulator.out"))?;
     let err = out.try_clone()?;
     let mut cmd = match args.emulator {
         Emulator::Bochs => {
-            let rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            let mut rc = bochsrc(iso, dir, m.cpus, model, m.memory_mib) + &m.bochs_nics(dir)?;
+            if let Some(port) = com2 {
+                // The host's control channel (`crate::hostctl`): Bochs connects at its start.
+                rc += &format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n");
+            }
             for (i, (nic, fwd)) in m.nics.iter().enumerate() {
                 for f in fwd {
                     eprintln!(
@@ -414,9 +435,11 @@ fn spawn(
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-serial")
-            .arg(format!("file:{}", dir.join("serial.txt").display()))
-            .arg("-cdrom")
-            .arg(iso);
+            .arg(format!("file:{}", dir.join("serial.txt").display()));
+            if let Some(port) = com2 {
+                c.arg("-serial").arg(format!("tcp:127.0.0.1:{port}"));
+            }
+            c.arg("-cdrom").arg(iso);
             if args.emulator == Emulator::QemuKvm {
                 c.args(["-enable-kvm", "-cpu", "host"]);
             } else {
@@ -426,6 +449,16 @@ fn spawn(
         }
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+    // The emulator dies with the thread that started it, even when xtask is killed without
+    // its process group (SIGKILL of xtask alone): no orphaned emulator keeps running.
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
@@ -677,7 +710,11 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
     if args.emulator == Emulator::QemuKvm {
         if let Some(why) = kvm_vmx_unavailable() {
-            bail!("cannot run under qemu-kvm: {why}");
+            // The host lacks what the run needs: as a machine the hypervisor refuses.
+            return Err(crate::exit::coded(
+                crate::exit::REFUSED,
+                anyhow::anyhow!("cannot run under qemu-kvm: {why}"),
+            ));
         }
     }
     Ok(Prepared { model, compiled, machine })
@@ -740,6 +777,7 @@ fn machine_cmdline(
         ("probe_ms", m.probe_ms.as_ref().map(|p| p.get_ref().to_string())),
         ("revoke", m.revoke.as_ref().map(|r| r.get_ref().clone())),
         ("revoke_fanout", m.revoke_fanout.as_ref().map(|f| f.get_ref().to_string())),
+        ("host_control", m.host_control.as_ref().filter(|h| *h.get_ref()).map(|_| "1".into())),
     ];
     for (key, value) in words {
         let Some(value) = value else { continue };
@@ -794,9 +832,19 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let mut meta = meta::collect(compiled.as_ref().map(|(p, _)| p.as_path()));
     meta.kernels = meta::kernels(&images, compiled.as_ref().map(|(_, c)| &c.config));
     let started = Instant::now();
-    let mut child = spawn(args, &machine, &iso, &dir, &model)?;
+    // The host's control channel: the emulator's COM2 connects to it (a run never fails
+    // for it).
+    let relay = crate::hostctl::Relay::bind()
+        .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+        .ok();
+    let mut child = spawn(args, &machine, &iso, &dir, &model, relay.as_ref().map(|r| r.port))?;
+    let relay = relay.and_then(|r| {
+        r.start(&dir, child.pgid)
+            .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+            .ok()
+    });
     // What `cargo xtask ps` and `top` find in the folder; a run never fails for it.
-    let info = crate::watch::RunInfo::starting(
+    let mut info = crate::watch::RunInfo::starting(
         child.pgid,
         args.emulator.name(),
         machine.cpus,
@@ -804,6 +852,9 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         &serial_path,
         args.report.as_deref(),
     );
+    if relay.is_some() {
+        info.control_socket = Some(dir.join(crate::hostctl::SOCKET).display().to_string());
+    }
     if let Err(e) = info.write(&dir) {
         eprintln!("xtask: warning: {e:#}");
     }
@@ -856,12 +907,25 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         } else if ended_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
             console.problems.push("the emulator did not exit after the end record; killed".into());
             child.kill();
-        } else if Instant::now() > deadline {
+        } else if relay.as_ref().is_some_and(|r| r.paused()) {
+            // Paused from the host: no grace or timeout runs out meanwhile.
+        } else if Instant::now()
+            > deadline
+                + relay.as_ref().map_or(Duration::ZERO, |r| {
+                    r.pauses.lock().map_or(Duration::ZERO, |p| p.total())
+                })
+        {
             timed_out = true;
             child.kill();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let pauses: Vec<crate::report::PauseReport> = relay
+        .map(|r| r.finish(started))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(at_seconds, seconds)| crate::report::PauseReport { at_seconds, seconds })
+        .collect();
     let status = child.wait();
     drop(child);
     if !pending.is_empty() {
@@ -932,6 +996,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         hangs: console.hangs,
         suspicions: console.suspicions,
         missing: console.missing,
+        host_requests: console.host_requests,
+        pauses,
         tsc,
         wall_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         serial_log: serial_path.display().to_string(),
@@ -1003,9 +1069,24 @@ pub fn command(args: &RunArgs, plot: Plotter) -> std::process::ExitCode {
     if let Err(e) = catch_interrupts() {
         return crate::exit::report_error(&e);
     }
+    // `--report -`: the report's JSON on stdout, so nothing else goes there (as --quiet).
+    let to_stdout = args.report.as_deref() == Some(Path::new("-"));
+    let quieted;
+    let args = if to_stdout {
+        quieted = RunArgs { report: None, quiet: true, ..args.clone() };
+        &quieted
+    } else {
+        args
+    };
     match run(args) {
         Ok(report) => {
             eprint!("{}", summary(&report));
+            if to_stdout {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => return crate::exit::report_error(&e.into()),
+                }
+            }
             if let (true, Some(path)) = (args.plot, &args.report) {
                 match plot(std::slice::from_ref(path), None) {
                     Ok(written) => {
@@ -1047,14 +1128,22 @@ pub fn summary(r: &Report) -> String {
             c.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
         );
     }
+    // Names up to 32 characters: the column is as wide as the longest.
+    let w = r.guests.iter().map(|g| g.name.len()).chain(r.channels.iter().map(|c| c.name.len()));
+    let w = w.max().unwrap_or(0).max(10);
     for g in &r.guests {
         let exits: Vec<String> = g.exits.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         s += &format!(
-            "  guest {:<10} core {:2}  {:11} status {:<6} exits {}\n",
+            "  guest {:<w$} core {:2}  {:11} status {:<6} exits {}\n",
             g.name,
             g.core,
             g.state,
-            if g.state == "exited" { g.exit_status.to_string() } else { "-".into() },
+            // Large statuses in hex too, as guests write them (`exit(0xdead)`).
+            match g.exit_status {
+                _ if g.state != "exited" => "-".into(),
+                s @ 0..=255 => s.to_string(),
+                s => format!("{s}={s:#x}"),
+            },
             exits.join(" ")
         );
         if let Some(t) = &g.trace {
@@ -1099,7 +1188,7 @@ pub fn summary(r: &Report) -> String {
     }
     for c in &r.channels {
         s += &format!(
-            "  channel {:<10} {}->{}: sent {} received {}; {}->{}: sent {} received {}\n",
+            "  channel {:<w$} {}->{}: sent {} received {}; {}->{}: sent {} received {}\n",
             c.name, c.a, c.b, c.a_sent, c.b_received, c.b, c.a, c.b_sent, c.a_received
         );
     }
@@ -1136,6 +1225,13 @@ pub fn summary(r: &Report) -> String {
         s += &format!(
             "  TSC: firmware+GRUB {e}, hypervisor boot (entry to all cores up) {b} ({unit})\n"
         );
+    }
+    for h in &r.host_requests {
+        let id = h.id.map_or("-".to_string(), |i| i.to_string());
+        s += &format!("  from the host: #{id} {} {}: {} {}\n", h.op, h.guest, h.outcome, h.detail);
+    }
+    for p in &r.pauses {
+        s += &format!("  paused from the host at {:.1} s for {:.1} s\n", p.at_seconds, p.seconds);
     }
     for p in &r.problems {
         s += &format!("  problem: {p}\n");

@@ -37,6 +37,9 @@ pub struct RunInfo {
     pub started_unix: f64,
     pub serial_log: String,
     pub report: Option<String>,
+    /// The host control socket (`cargo xtask ctl`), while the run is in progress.
+    #[serde(default)]
+    pub control_socket: Option<String>,
     /// Set when the run is over: its outcome, and when.
     pub outcome: Option<String>,
     pub ended_unix: Option<f64>,
@@ -75,6 +78,7 @@ impl RunInfo {
             started_unix: now_unix(),
             serial_log: serial_log.display().to_string(),
             report: report.map(|r| r.display().to_string()),
+            control_socket: None,
             outcome: None,
             ended_unix: None,
         }

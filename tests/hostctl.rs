@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Whole-system test of control from the host (`configs/hostctl.toml`, `cargo xtask ctl`):
+//! a run in Bochs on a thread of this test, and from the host, through the run folder's
+//! control socket and COM2, the same requests a `[[control]]` guest makes: `server` (which
+//! spins for an hour) is queried, read a counter of, stopped (held by the host), started,
+//! found busy when started again, restarted; `brief` (hello) is found exited and refused a
+//! start; an unknown guest is refused and a malformed line answered `error`; then the
+//! `cargo xtask ctl` binary pauses and resumes the whole machine and checks exit codes. The
+//! report lists every request as from the host, and `server`'s incarnations say they were
+//! stopped from the host. A second, short boot without `host_control` refuses requests.
+//! Every wait has a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use xtask::cli::{Emulator, RunArgs};
+use xtask::watch::RunInfo;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The run folder of this process's run of `config` that is in progress.
+fn find_run(config: &str, deadline: Instant) -> PathBuf {
+    loop {
+        let mine = xtask::watch::runs(&xtask::run::runs_root()).into_iter().find(|(_, i)| {
+            i.pid == std::process::id()
+                && i.in_progress()
+                && i.config.as_deref().is_some_and(|c| c.ends_with(config))
+                && i.control_socket.is_some()
+        });
+        if let Some((dir, _)) = mine {
+            return dir;
+        }
+        assert!(Instant::now() < deadline, "no run of {config} in progress");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the serial log of `dir` has a line containing `text`.
+fn wait_for(dir: &Path, text: &str, deadline: Instant) {
+    loop {
+        let log = std::fs::read_to_string(dir.join("serial.txt")).unwrap_or_default();
+        if log.contains(text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "`{text}` never appeared in the serial log");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ask(dir: &Path, line: &str) -> String {
+    let a = xtask::hostctl::request(dir, line, WAIT).expect("an answer");
+    eprintln!("{line:<24} -> {a}");
+    a
+}
+
+fn run_in_background(args: RunArgs) -> std::thread::JoinHandle<xtask::report::Report> {
+    std::thread::spawn(move || xtask::run::run(&args).expect("the run could not be attempted"))
+}
+
+#[test]
+fn the_host_queries_stops_starts_and_restarts_guests_and_pauses_the_machine() {
+    let xtask_bin = systests::xtask_binary();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(900);
+    let args = RunArgs {
+        duration: Some(40_000),
+        timeout: 900,
+        ..RunArgs::quiet(Emulator::Bochs, Some("configs/hostctl.toml"))
+    };
+    let run = run_in_background(args);
+    let dir = find_run("hostctl.toml", deadline);
+    wait_for(&dir, "#mkv start guest=server ", deadline);
+
+    assert!(ask(&dir, "1 query server").starts_with("1 ok state=running n=1"));
+    let c = ask(&dir, "2 counter:exits server");
+    assert!(c.starts_with("2 ok value="), "{c}");
+    assert!(ask(&dir, "3 stop server").starts_with("3 ok state=held n=1"));
+    assert!(ask(&dir, "4 query server").starts_with("4 ok state=held n=1"));
+    assert!(ask(&dir, "5 start server").starts_with("5 ok state=running n=2"));
+    assert!(ask(&dir, "6 start server").starts_with("6 busy"));
+    assert!(ask(&dir, "7 restart server").starts_with("7 ok state=running n=3"));
+    wait_for(&dir, "#mkv incarnation guest=brief ", deadline);
+    assert!(ask(&dir, "8 query brief").starts_with("8 ok state=exited n=1 status=0x0"));
+    assert!(ask(&dir, "9 start brief").starts_with("9 refused not started again"));
+    assert_eq!(ask(&dir, "10 stop nobody"), "10 refused no guest of that name");
+    assert!(ask(&dir, "stop everything now").starts_with("- error expected `<id> <op> <guest>`"));
+    assert!(ask(&dir, "11 kill server").starts_with("11 error unknown operation"));
+
+    // The `cargo xtask ctl` command: answers and exit codes.
+    let ctl = |words: &[&str]| {
+        let out = Command::new(&xtask_bin)
+            .arg("ctl")
+            .arg(&dir)
+            .args(words)
+            .output()
+            .expect("cargo xtask ctl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("ctl {words:?} -> {:?}: {}", out.status.code(), text.trim());
+        (out.status.code(), text)
+    };
+    let (code, text) = ctl(&["query", "server"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("guest server: query: state=running n=3"), "{text}");
+    assert_eq!(ctl(&["start", "server"]).0, Some(8), "busy");
+    assert_eq!(ctl(&["query", "nobody"]).0, Some(4), "refused");
+    assert_eq!(ctl(&["frobnicate", "server"]).0, Some(2), "usage");
+    assert_eq!(ctl(&["stop"]).0, Some(2), "usage: no guest");
+    let emulator = RunInfo::read(&dir).unwrap().emulator_pid;
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{emulator}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next()))
+            .flatten()
+    };
+    assert_eq!(ctl(&["pause"]).0, Some(0));
+    let until = Instant::now() + Duration::from_secs(5);
+    while state() != Some('T') && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(state(), Some('T'), "the emulator is stopped");
+    assert_eq!(ctl(&["pause"]).0, Some(8), "already paused");
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, text) = ctl(&["resume"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(ask(&dir, "12 query server").starts_with("12 ok state=running n=3"), "alive after");
+
+    let report = run.join().expect("the run thread");
+    eprintln!("{}", xtask::run::summary(&report));
+    systests::assert_matches_schema(&report);
+    assert_eq!(report.outcome, "ok", "{:?}", report.problems);
+    let server = report.guests.iter().find(|g| g.name == "server").unwrap();
+    let faults: Vec<Option<&str>> =
+        server.incarnations.iter().map(|i| i.fault.as_deref()).collect();
+    assert_eq!(
+        faults[..2],
+        [Some("stopped from the host"), Some("stopped from the host")],
+        "{faults:?}"
+    );
+    assert_eq!(server.incarnations.len(), 3, "{faults:?}");
+    // Every request the hypervisor answered is in the report, in order, as the host's.
+    let host: Vec<(Option<u32>, &str, &str, &str)> = report
+        .host_requests
+        .iter()
+        .map(|h| (h.id, h.op.as_str(), h.guest.as_str(), h.outcome.as_str()))
+        .collect();
+    for want in [
+        (Some(1), "query", "server", "ok"),
+        (Some(3), "stop", "server", "ok"),
+        (Some(5), "start", "server", "ok"),
+        (Some(6), "start", "server", "busy"),
+        (Some(7), "restart", "server", "ok"),
+        (Some(9), "start", "brief", "refused"),
+        (Some(10), "stop", "nobody", "refused"),
+        (None, "?", "", "error"),
+    ] {
+        assert!(host.contains(&want), "{want:?} not in {host:?}");
+    }
+    assert_eq!(report.pauses.len(), 1, "{:?}", report.pauses);
+    assert!(report.pauses[0].seconds >= 1.0, "{:?}", report.pauses);
+    eprintln!("whole test: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn without_host_control_in_the_config_every_request_is_refused() {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let config = xtask::workspace_root().join("target/hostctl-off.toml");
+    let text = std::fs::read_to_string(xtask::workspace_root().join("configs/hostctl.toml"))
+        .unwrap()
+        .replace("host_control = true\n", "")
+        .replace("name = \"server\"", "name = \"srv\"");
+    std::fs::write(&config, text).unwrap();
+    let args = RunArgs {
+        duration: Some(2_000),
+        ..RunArgs::quiet(Emulator::Bochs, Some(config.to_str().unwrap()))
+    };
+    let run = run_in_background(args);
+    let dir = find_run("hostctl-off.toml", deadline);
+    wait_for(&dir, "#mkv start guest=srv ", deadline);
+    let a = ask(&dir, "1 stop srv");
+    assert!(a.starts_with("1 refused host control is off"), "{a}");
+    let report = run.join().expect("the run thread");
+    assert_eq!(report.outcome, "ok", "{:?}", report.problems);
+    let srv = report.guests.iter().find(|g| g.name == "srv").unwrap();
+    assert_eq!(srv.incarnations.len(), 1, "never stopped");
+    assert_eq!(report.host_requests.len(), 1);
+    assert_eq!(report.host_requests[0].outcome, "refused");
+}
