@@ -7,8 +7,9 @@
 //! through [`Env`] (the EPT of this core's guest and the inter-core transport), so the
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
-//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`]. Nothing else of
-//! the hypervisor: `exits` calls into this module, never the other way.
+//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`],
+//! `console` (a turn at the UART while serving the inbox). Nothing else of the hypervisor:
+//! `exits` calls into this module, never the other way.
 
 pub mod control;
 pub mod links;
@@ -614,6 +615,7 @@ impl<const E: usize> CapCore<E> {
             || self.stats.unmap_failed
             || self.members.has_change()
             || self.members.evicted()
+            || crate::console::pending()
     }
 
     /// Memory caps this space owns (originals): the next incarnation inherits them, so the
@@ -652,6 +654,9 @@ impl<const E: usize> CapCore<E> {
     /// (a step at a time, the inbox looked at before each), then deadlines. Returns how many
     /// messages were handled (the caller charges that time to nobody's guest).
     pub fn poll(&mut self, env: &mut impl Env) -> u32 {
+        // Lines other cores (or this one) queued: one turn at the UART, at most
+        // `console::PUMP_BYTES` bytes, and none if another core is taking one.
+        crate::console::pump();
         let mut n = 0;
         loop {
             env.served();
