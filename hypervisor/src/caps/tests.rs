@@ -1436,3 +1436,52 @@ fn a_revoke_of_a_large_mapped_copy_unmaps_it_in_steps() {
     owner.poll(&mut e0);
     assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
 }
+
+/// A revoke whose node the holder split into many pieces, each mapped in 4-KiB pages: the
+/// `REVOKE` message itself writes no EPT entry (every piece's unmap is left to the poll), and
+/// the poll unmaps them a step at a time with the inbox served between, so no stretch writes
+/// more than `EPT_STEP_ENTRIES` entries, however many pieces the message takes. Before, each
+/// piece's first step was written while the message was handled (16 pieces: 16 steps in one
+/// stretch, 8,192 entries).
+#[test]
+fn a_revoke_of_many_mapped_pieces_writes_one_step_per_stretch() {
+    let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
+    let (mut owner, mut holder) = (Core::new(0, policy), Core::new(1, policy));
+    let (mut e0, mut e1) = (StepEnv::new(), StepEnv::new());
+    const PIECES: u64 = 16;
+    const PIECE: u64 = 4 << 20;
+    let grant = owner.grant(0x4000_0000, PIECES * PIECE).unwrap();
+    let ep0 = owner.add_channel(7, Some(1)).unwrap();
+    let ep1 = holder.add_channel(7, Some(0)).unwrap();
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapAccept, ep1, 1, 0), Some(Ok(0)));
+    let t = owner.transfer_start(&mut e0, grant, ep0, 1 | 3 << 8).unwrap();
+    post((0, &mut e0), (1, &mut e1));
+    holder.poll(&mut e1);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    let v = owner.take_verdict().unwrap();
+    let copy = owner.transfer_finish(t, v).unwrap();
+    let mut pieces = vec![copy];
+    for _ in 1..PIECES {
+        let last = *pieces.last().unwrap();
+        let rest = holder.hypercall(&mut e1, Hypercall::CapSplit, last, PIECE, 0).unwrap();
+        pieces.push(rest.unwrap());
+    }
+    // Each piece 4 KiB past a 2-MiB boundary (4-KiB pages throughout), 8 MiB apart.
+    for (k, &p) in pieces.iter().enumerate() {
+        let gpa = GRANT_WINDOW.0 + 4096 + k as u64 * 2 * PIECE;
+        assert_eq!(holder.hypercall(&mut e1, Hypercall::CapMap, p, gpa, 1), Some(Ok(0)));
+    }
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), PIECES * PIECE);
+    assert!(owner.revoke_start(&mut e0, grant).unwrap());
+    post((0, &mut e0), (1, &mut e1));
+    (e1.most, e1.since_served, e1.calls) = (0, 0, 0);
+    holder.poll(&mut e1);
+    assert!(e1.most <= EPT_STEP_ENTRIES, "{} entries in one stretch", e1.most);
+    assert!(e1.calls >= PIECES * 2, "in {} steps", e1.calls);
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 0);
+    assert!(!holder.stats.unmap_failed);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
+}
