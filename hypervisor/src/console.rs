@@ -32,8 +32,8 @@ pub const QUEUE_BYTES: usize = 8192;
 /// Longest line kept (longer ones are cut there): a line always fits an empty queue.
 pub const MAX_LINE: usize = 1024;
 /// Bytes one turn at the UART sends at most (CR and LF included): the console's share of a
-/// core's longest stretch away from its inbox.
-pub const PUMP_BYTES: usize = 64;
+/// core's longest stretch away from its inbox (`vmcall_proto::config`'s bound).
+pub const PUMP_BYTES: usize = vmcall_proto::config::CONSOLE_TURN_BYTES as usize;
 /// A queued line's header: its sequence number (8 bytes) and length (2 bytes).
 const HEADER: usize = 10;
 const _: () = assert!(QUEUE_BYTES.is_power_of_two() && MAX_LINE + HEADER < QUEUE_BYTES);

@@ -465,10 +465,12 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         if v != 0 && !(blob::MIN_PROBE_MS..=blob::MAX_PROBE_MS).contains(&v) {
             let msg = format!(
                 "must be 0 (off) or between {} and {} ms: a core is fenced after 8 silent \
-                 periods, which must outlast the longest stretch a live core spends away from \
-                 its inbox (a console line and the wait for the console lock, about 70 ms)",
+                 periods, which must outlast {} times the longest stretch a live core spends \
+                 away from its inbox ({} us: a console turn and the longest step)",
                 blob::MIN_PROBE_MS,
-                blob::MAX_PROBE_MS
+                blob::MAX_PROBE_MS,
+                blob::DETECTOR_MARGIN,
+                blob::LONGEST_STRETCH_US
             );
             errs.at(p.span(), "machine.probe_ms", &msg);
         }
