@@ -7,16 +7,30 @@
 //! checks that a second start is refused. With `park = 1` it then takes that target's core
 //! out of the machine (`PARK`: the guest stopped, the core out of the membership view),
 //! checks it is parked, leaves it out for `parked_ms`, and brings it back with `START` (the
-//! core rejoins the view, a new incarnation runs). Bad requests are refused on the way.
+//! core rejoins the view, a new incarnation runs). With `restart = 1` it restarts that target
+//! while it runs (a new incarnation must answer). `after_ms` delays these until the target
+//! has run that long. Bad requests are refused on the way; it counts its requests and those
+//! never answered (`Timeout`), prints both and fails if any was not answered.
 
 use crate::hypercall::{call, check};
+use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{control, HvError, Hypercall};
 
 const CONTROL_CAP: u64 = 3;
 
+/// Requests made, and those that ended `Timeout` (the target's core never answered): the
+/// chaos campaign checks every request was answered.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static UNANSWERED: AtomicU64 = AtomicU64::new(0);
+
 fn ctl(slot: u64, op: u64) -> Result<u64, Result<HvError, i64>> {
-    call(Hypercall::GuestControl, slot, op)
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    let r = call(Hypercall::GuestControl, slot, op);
+    if r == Err(Ok(HvError::Timeout)) {
+        UNANSWERED.fetch_add(1, Ordering::Relaxed);
+    }
+    r
 }
 
 /// (state, incarnation, status) of a state word.
@@ -61,6 +75,7 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
     let tries = bi.arg_int("tries");
     let hold = bi.arg_int("hold") == 1;
     let park = bi.arg_int("park") == 1;
+    let restart = bi.arg_int("restart") == 1;
     let mut ok = true;
     let slots: [Option<u64>; 8] = {
         let mut s = [None; 8];
@@ -100,6 +115,11 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
         );
     }
     let last = slots.iter().flatten().last().copied().unwrap_or(first);
+    let after_ms = bi.arg_int("after_ms");
+    if after_ms > 0 && (hold || restart || park) {
+        wait_running(bi, last);
+        pause_ms(bi, after_ms);
+    }
     if hold {
         // Wait until it runs, then hold it.
         wait_running(bi, last);
@@ -113,6 +133,18 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             Err(HvError::Busy),
             &mut ok,
         );
+    }
+    if restart {
+        wait_running(bi, last);
+        let before = ctl(last, control::QUERY).map(|w| fields(w).1).unwrap_or(0);
+        let r = ctl(last, control::RESTART);
+        log::info!("supervisor: restart slot {last}: {}", Word(r));
+        // A new incarnation (the one that answered), unless the guest ended first.
+        ok &= match r {
+            Ok(w) => fields(w).0 == control::RUNNING && fields(w).1 > before,
+            Err(Ok(HvError::Busy)) => false,
+            Err(_) => false,
+        };
     }
     if park {
         wait_running(bi, last);
@@ -162,7 +194,10 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             }
         }
     }
-    if ok {
+    let (requests, unanswered) =
+        (REQUESTS.load(Ordering::Relaxed), UNANSWERED.load(Ordering::Relaxed));
+    log::info!("supervisor: {requests} requests, {unanswered} unanswered");
+    if ok && unanswered == 0 {
         0
     } else {
         1
