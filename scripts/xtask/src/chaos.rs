@@ -342,11 +342,17 @@ fn stream_accounting(r: &Report, serial: &str, name: &str, n: u64) -> Vec<String
         broken.push(format!("{name}: its channel is not in the report"));
         return broken;
     };
+    // The record counts the rings since their last reset (an echoer's restart): the
+    // streamer counts that epoch too (its sends into the rings, the end marker included,
+    // and the echoes it took).
+    let (Some(e_sent), Some(e_echoed)) = (num("epoch_sent="), num("epoch_echoed=")) else {
+        broken.push(format!("{name}: no count of its last epoch `{last}`"));
+        return broken;
+    };
     let (out, back) = if c.a == name { (c.a_sent, c.a_received) } else { (c.b_sent, c.b_received) };
-    let want_out = sent + u64::from(completed);
-    if out != want_out || back != echoed {
+    if out != e_sent || back != e_echoed {
         broken.push(format!(
-            "{name}: the hypervisor counted {out} sent and {back} received, the streamer {want_out} and {echoed}"
+            "{name}: the hypervisor counted {out} sent and {back} received since the last reset, the streamer {e_sent} and {e_echoed}"
         ));
     }
     broken
@@ -465,7 +471,8 @@ mod tests {
             "wall_seconds": 1.0, "serial_log": "s", "problems": []
         }))
         .expect("a minimal report");
-        let serial = "[st@c0] stream: sent 10, echoed 8, lost 2 in 1 resets, bad 0\n\
+        let serial = "[st@c0] stream: sent 10, echoed 8, lost 2 in 1 resets, bad 0; \
+                      epoch_sent=11 epoch_echoed=8\n\
                       [sup@c1] supervisor: 4 requests, 0 unanswered\n";
         assert_eq!(check(&s, &r, serial), Vec::<String>::new());
         // One echo more than the hypervisor saw, a count that does not add up, a request
