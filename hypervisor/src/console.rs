@@ -10,10 +10,12 @@
 //! lock without waiting for it (`try_lock`), for at most [`PUMP_BYTES`] bytes per turn, one
 //! line after another in the order they were committed (a global sequence number), a line in
 //! progress always finished before the next one starts, so lines from different cores never
-//! interleave. Turns are taken by the writing core right after its line ([`line`]) and by every
-//! core that serves its inbox while lines are queued ([`pump`]). So a core is away from its
-//! inbox for the console at most one turn, about [`PUMP_BYTES`] byte times of the UART
-//! (87 us each at 115200 baud: about 5.8 ms, 23,000 instructions in Bochs at 4 M IPS),
+//! interleave. Turns are taken by the writing core right after its line ([`line`]: only what
+//! the transmitter takes without waiting) and by every core that serves its inbox while lines
+//! are queued ([`pump`]: the run loop adds no test of its own, so exits cost nothing more).
+//! So a core is away from its inbox for the console at most one turn, about [`PUMP_BYTES`]
+//! byte times of the UART (87 us each at 115200 baud: about 5.6 ms, 22,000 instructions in
+//! Bochs at 4 M IPS),
 //! whatever the other cores print. The exceptions, all bounded and named: a core whose queue
 //! is full ([`QUEUE_BYTES`] of unsent output, only a flood such as an exit trace) takes turns
 //! until its line fits; the end of the run and the first lines before the per-core state

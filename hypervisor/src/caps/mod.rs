@@ -618,7 +618,6 @@ impl<const E: usize> CapCore<E> {
             || self.stats.unmap_failed
             || self.members.has_change()
             || self.members.evicted()
-            || crate::console::pending()
     }
 
     /// Memory caps this space owns (originals): the next incarnation inherits them, so the
