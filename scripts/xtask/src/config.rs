@@ -1279,7 +1279,7 @@ memory_mib = 4
             let e = one_error(&with(bad));
             assert_eq!(e.field, "machine.probe_ms", "{e}");
             assert!(e.message.contains("0 (off) or between 12 and 10000"), "{e}");
-            assert!(e.message.contains("outlast the longest stretch"), "{e}");
+            assert!(e.message.contains("times the longest stretch"), "{e}");
         }
         assert!(!errors(&with("\"fast\"")).is_empty(), "a string is refused");
     }
