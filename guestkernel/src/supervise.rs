@@ -56,11 +56,26 @@ fn pause_ms(bi: &BootInfo, ms: u64) {
     }
 }
 
-/// Waits until the guest of control slot `h` runs (or a query fails).
-fn wait_running(bi: &BootInfo, h: u64) {
-    while ctl(h, control::QUERY).is_ok_and(|w| fields(w).0 != control::RUNNING) {
-        pause_ms(bi, 1);
+/// Waits until the guest of control slot `h` runs: true, or false once it is down without
+/// coming back by itself (exited, or stopped by the hypervisor) or a query fails.
+fn wait_running(bi: &BootInfo, h: u64) -> bool {
+    loop {
+        match ctl(h, control::QUERY).map(|w| fields(w).0) {
+            Ok(control::RUNNING) => return true,
+            Ok(control::EXITED | control::STOPPED) | Err(_) => return false,
+            Ok(_) => pause_ms(bi, 1),
+        }
     }
+}
+
+/// Whether slot `h`'s guest runs, for the operation `what`; logged as skipped if it ended
+/// first (a short target may finish before the time the campaign drew).
+fn still_running(bi: &BootInfo, h: u64, what: &str) -> bool {
+    let running = wait_running(bi, h);
+    if !running {
+        log::info!("supervisor: slot {h} ended before the {what}: skipped");
+    }
+    running
 }
 
 /// Sends `op` to slot `h`, logs the answer as `verb slot h: ...`; whether the guest is
@@ -116,13 +131,11 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
     }
     let last = slots.iter().flatten().last().copied().unwrap_or(first);
     let after_ms = bi.arg_int("after_ms");
-    if after_ms > 0 && (hold || restart || park) {
-        wait_running(bi, last);
+    if after_ms > 0 && (hold || restart || park) && wait_running(bi, last) {
         pause_ms(bi, after_ms);
     }
-    if hold {
-        // Wait until it runs, then hold it.
-        wait_running(bi, last);
+    if hold && still_running(bi, last, "stop") {
+        // It runs: hold it.
         ok &= expect(last, control::STOP, "stop", control::HELD);
         ok &= expect(last, control::QUERY, "query", control::HELD);
         ok &= expect(last, control::START, "start", control::RUNNING);
@@ -134,8 +147,7 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             &mut ok,
         );
     }
-    if restart {
-        wait_running(bi, last);
+    if restart && still_running(bi, last, "restart") {
         let before = ctl(last, control::QUERY).map(|w| fields(w).1).unwrap_or(0);
         let r = ctl(last, control::RESTART);
         log::info!("supervisor: restart slot {last}: {}", Word(r));
@@ -146,8 +158,7 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             Err(_) => false,
         };
     }
-    if park {
-        wait_running(bi, last);
+    if park && still_running(bi, last, "park") {
         ok &= expect(last, control::PARK, "park", control::PARKED);
         ok &= expect(last, control::QUERY, "query", control::PARKED);
         pause_ms(bi, bi.arg_int("parked_ms").max(1));
