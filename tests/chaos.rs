@@ -1,16 +1,19 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The randomized fault campaign (`cargo xtask chaos`) with fixed seeds: each draws a
 //! machine (streams with a restarted echoer, large maps in small pages, revokes of large
-//! mapped copies, spinners, sometimes a hung core, the detector at various periods), boots
+//! mapped copies, spinners, controllers stopping, restarting or parking a guest at a random
+//! time, sometimes a hung core, the detector at various periods), boots
 //! it in Bochs and must keep every invariant (`xtask::chaos::check`). Longer campaigns with
 //! random seeds run on demand: `cargo xtask chaos --runs 50`.
 
-/// The seeds CI runs, picked to cover every kind of unit and a hung core: 40 (a stream whose
-/// echoer dies after 123 echoes and is restarted, a spinner on core 2, which hangs; probe_ms
-/// 12), 9 (a 66 MiB copy mapped in 4-KiB pages and revoked, a 26 MiB grant mapped twice in
-/// 4-KiB pages; probe_ms 12), 28 (a 116 MiB grant mapped three times in 4-KiB pages next to a
-/// stream with a restart; probe_ms 12).
-const SEEDS: [u64; 3] = [40, 9, 28];
+/// The seeds CI runs, picked to cover every kind of unit, controllers and a hung core (about
+/// 20-30 s of Bochs each): 5 (a controller parks the core of a stream's echoer 110 ms in and
+/// brings it back while 1,786 messages stream, a spinner; probe_ms 25, four cores), 21 (a
+/// controller restarts a stream's echoer 30 ms in; probe_ms 25), 16 (a controller restarts a
+/// spinner; a stream whose echoer dies after 266 echoes and is restarted by policy; probe_ms
+/// 16), 40 (a 74 MiB copy mapped in 4-KiB pages and revoked, a spinner on core 2, which
+/// hangs; probe_ms 12).
+const SEEDS: [u64; 4] = [5, 21, 16, 40];
 
 #[test]
 fn fixed_seeds_keep_every_invariant() {

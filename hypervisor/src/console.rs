@@ -1,18 +1,49 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The serial console (COM1, 16550 UART) and the `log` backend.
 //!
-//! Every line is written whole under one spin lock, taken with interrupts off (the
-//! hypervisor never enables them), so lines from different cores never interleave. Log
-//! lines carry the core index (`[c2] ...`); records ([`vmcall_proto::record`]) are written
-//! bare, one per line, for the host tools.
+//! Owns the UART and one line queue per core; calls only `arch` (port I/O) and `percpu`
+//! (which core this is). Anything may call it, the capability core's inbox service included
+//! ([`pump`]).
+//!
+//! No core ever waits for another core's line. A line is formatted into its core's own queue
+//! (one producer, that core) and committed whole; the UART is then driven by whoever takes its
+//! lock without waiting for it (`try_lock`), for at most [`PUMP_BYTES`] bytes per turn, one
+//! line after another in the order they were committed (a global sequence number), a line in
+//! progress always finished before the next one starts, so lines from different cores never
+//! interleave. Turns are taken by the writing core right after its line ([`line`]: only what
+//! the transmitter takes without waiting) and by every core that serves its inbox while lines
+//! are queued ([`pump`]: the run loop adds no test of its own, so exits cost nothing more).
+//! So a core is away from its inbox for the console at most one turn, about [`PUMP_BYTES`]
+//! byte times of the UART (87 us each at 115200 baud: about 5.6 ms, 22,000 instructions in
+//! Bochs at 4 M IPS),
+//! whatever the other cores print. The exceptions, all bounded and named: a core whose queue
+//! is full ([`QUEUE_BYTES`] of unsent output, only a flood such as an exit trace) takes turns
+//! until its line fits; the end of the run and the first lines before the per-core state
+//! exists write synchronously ([`flush`]). Log lines carry the core index (`[c2] ...`);
+//! records ([`vmcall_proto::record`]) are written bare, one per line, for the host tools.
 
+use crate::percpu::MAX_CORES;
+use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use spin::Mutex;
 use vmcall_proto::platform::COM1_PORT;
 
+/// Bytes a core's queue holds (committed lines not yet sent, with their headers).
+pub const QUEUE_BYTES: usize = 8192;
+/// Longest line kept (longer ones are cut there): a line always fits an empty queue.
+pub const MAX_LINE: usize = 1024;
+/// Bytes one turn at the UART sends at most (CR and LF included): the console's share of a
+/// core's longest stretch away from its inbox (`vmcall_proto::config`'s bound).
+pub const PUMP_BYTES: usize = vmcall_proto::config::CONSOLE_TURN_BYTES as usize;
+/// A queued line's header: its sequence number (8 bytes) and length (2 bytes).
+const HEADER: usize = 10;
+const _: () = assert!(QUEUE_BYTES.is_power_of_two() && MAX_LINE + HEADER < QUEUE_BYTES);
+
 struct Uart {
     port: u16,
+    /// The line being sent: its core and the bytes of it left (its header already read).
+    current: Option<(usize, usize)>,
 }
 
 impl Uart {
@@ -47,21 +78,175 @@ impl Uart {
             crate::arch::outb(self.port, b);
         }
     }
+
+    /// Whether the transmitter takes a byte now (LSR's THRE).
+    fn ready(&self) -> bool {
+        // SAFETY: reading LSR of the UART we own.
+        unsafe { crate::arch::inb(self.port + 5) & 0x20 != 0 }
+    }
+
+    /// One turn: sends queued lines, the one in progress first, for at most `budget` bytes;
+    /// with `wait` false, only while the transmitter takes bytes without waiting.
+    fn pump(&mut self, mut budget: usize, wait: bool) {
+        while budget > 0 {
+            if !wait && !self.ready() {
+                return;
+            }
+            let (core, left) = match self.current {
+                Some(c) => c,
+                None => match oldest() {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            let q = &QUEUES[core];
+            let mut head = q.head.load(Ordering::Relaxed);
+            // Without waiting: a byte at a time, the transmitter asked before each.
+            let n = left.min(budget).min(if wait { usize::MAX } else { 1 });
+            for _ in 0..n {
+                let b = q.byte(head);
+                head += 1;
+                if b == b'\n' {
+                    self.put(b'\r');
+                }
+                self.put(b);
+            }
+            budget -= n;
+            if n == left && (wait || self.ready()) {
+                self.put(b'\r');
+                self.put(b'\n');
+                budget = budget.saturating_sub(2);
+                self.current = None;
+                PENDING.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                // The CR LF of a finished line is sent on the next turn (zero bytes left).
+                self.current = Some((core, left - n));
+            }
+            // The bytes sent are free for the producer again.
+            q.head.store(head, Ordering::Release);
+        }
+    }
 }
 
-impl Write for Uart {
+/// The queue with the oldest line waiting: its core and that line's length, its header
+/// consumed. Called with the UART lock held (the only consumer).
+fn oldest() -> Option<(usize, usize)> {
+    let mut best: Option<(u64, usize)> = None;
+    for (i, q) in QUEUES.iter().enumerate() {
+        let head = q.head.load(Ordering::Relaxed);
+        if head == q.tail.load(Ordering::Acquire) {
+            continue;
+        }
+        let seq = q.u64_at(head);
+        if best.is_none_or(|(s, _)| seq < s) {
+            best = Some((seq, i));
+        }
+    }
+    let (_, core) = best?;
+    let q = &QUEUES[core];
+    let head = q.head.load(Ordering::Relaxed);
+    let len = usize::from(q.byte(head + 8)) | usize::from(q.byte(head + 9)) << 8;
+    q.head.store(head + HEADER, Ordering::Release);
+    Some((core, len))
+}
+
+/// One core's queue of committed lines: written by that core only, read under the UART lock.
+/// `head` and `tail` count bytes from the start (positions modulo [`QUEUE_BYTES`]).
+struct Queue {
+    buf: UnsafeCell<[u8; QUEUE_BYTES]>,
+    /// First byte not yet sent (advanced by the consumer).
+    head: AtomicUsize,
+    /// End of the committed lines (advanced by the producer, release).
+    tail: AtomicUsize,
+}
+
+// SAFETY: the bytes between `head` and `tail` are read only by the UART lock's holder, and
+// written before the release of `tail` that publishes them; the bytes past `tail` only by the
+// owning core, and only where the consumer has moved `head` past them (acquire).
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    const fn new() -> Self {
+        Queue {
+            buf: UnsafeCell::new([0; QUEUE_BYTES]),
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+        }
+    }
+
+    fn byte(&self, pos: usize) -> u8 {
+        // SAFETY: an in-bounds read of a byte the protocol above gives the caller.
+        unsafe { (*self.buf.get())[pos % QUEUE_BYTES] }
+    }
+
+    fn u64_at(&self, pos: usize) -> u64 {
+        (0..8).fold(0, |v, k| v | u64::from(self.byte(pos + k)) << (8 * k))
+    }
+
+    fn set(&self, pos: usize, b: u8) {
+        // SAFETY: an in-bounds write of a byte past `tail` that the consumer is done with
+        // (the caller checked `head`).
+        unsafe { (*self.buf.get())[pos % QUEUE_BYTES] = b };
+    }
+}
+
+static QUEUES: [Queue; MAX_CORES] = [const { Queue::new() }; MAX_CORES];
+/// Lines committed and not yet completely sent, over all queues.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+/// The next line's sequence number (commit order, over all cores).
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Formats a line into the calling core's queue, past `tail`, not visible until committed.
+struct LineWriter<'a> {
+    q: &'a Queue,
+    start: usize,
+    len: usize,
+}
+
+impl LineWriter<'_> {
+    fn push(&mut self, b: u8) {
+        if self.len >= MAX_LINE {
+            return;
+        }
+        let pos = self.start + HEADER + self.len;
+        self.room(pos);
+        self.q.set(pos, b);
+        self.len += 1;
+    }
+
+    /// Waits until the consumer is done with position `pos`: while the queue is full, turns
+    /// at the UART (the line itself always fits an empty queue).
+    fn room(&self, pos: usize) {
+        while pos - self.q.head.load(Ordering::Acquire) >= QUEUE_BYTES {
+            turn(PUMP_BYTES, true);
+            crate::arch::pause();
+        }
+    }
+
+    fn commit(self) {
+        // The header's bytes come before the body's (free already if the body is not empty).
+        self.room(self.start + HEADER - 1);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        for k in 0..8 {
+            self.q.set(self.start + k, (seq >> (8 * k)) as u8);
+        }
+        self.q.set(self.start + 8, self.len as u8);
+        self.q.set(self.start + 9, (self.len >> 8) as u8);
+        PENDING.fetch_add(1, Ordering::Relaxed);
+        self.q.tail.store(self.start + HEADER + self.len, Ordering::Release);
+    }
+}
+
+impl Write for LineWriter<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
-            if b == b'\n' {
-                self.put(b'\r');
-            }
-            self.put(b);
+            self.push(b);
         }
         Ok(())
     }
 }
 
-static CONSOLE: Mutex<Uart> = Mutex::new(Uart { port: COM1_PORT });
+static CONSOLE: Mutex<Uart> = Mutex::new(Uart { port: COM1_PORT, current: None });
 /// Which core holds [`CONSOLE`] (its index), or `NOBODY`: lets a dying core tell whether it
 /// is the one that must break the lock.
 static OWNER: AtomicUsize = AtomicUsize::new(NOBODY);
@@ -72,11 +257,13 @@ fn me() -> usize {
     crate::percpu::current_index().unwrap_or(UNKNOWN_CORE)
 }
 
-fn with_console(f: impl FnOnce(&mut Uart)) {
-    let mut c = CONSOLE.lock();
-    OWNER.store(me(), Ordering::Relaxed);
-    f(&mut c);
-    OWNER.store(NOBODY, Ordering::Relaxed);
+/// One turn at the UART if nobody else is taking one (never waits for the lock).
+fn turn(budget: usize, wait: bool) {
+    if let Some(mut c) = CONSOLE.try_lock() {
+        OWNER.store(me(), Ordering::Relaxed);
+        c.pump(budget, wait);
+        OWNER.store(NOBODY, Ordering::Relaxed);
+    }
 }
 
 /// Initialises COM1 and installs the logger.
@@ -91,12 +278,64 @@ pub unsafe fn init() {
     log::set_max_level(log::LevelFilter::Info);
 }
 
-/// Writes one whole line (a newline is appended).
+/// Writes one whole line (a newline is appended): queued on this core, then one turn at the
+/// UART if it is free. Before the core's per-core state exists (early boot, one core), the
+/// line is written at once.
 pub fn line(args: fmt::Arguments<'_>) {
-    with_console(|c| {
-        let _ = c.write_fmt(args);
-        let _ = c.write_str("\n");
-    });
+    let Some(core) = crate::percpu::current_index().filter(|&c| c < MAX_CORES) else {
+        let mut c = CONSOLE.lock();
+        OWNER.store(UNKNOWN_CORE, Ordering::Relaxed);
+        c.pump(usize::MAX, true);
+        let mut w = Direct(&mut c);
+        let _ = w.write_fmt(args);
+        let _ = w.write_str("\n");
+        OWNER.store(NOBODY, Ordering::Relaxed);
+        return;
+    };
+    let q = &QUEUES[core];
+    let start = q.tail.load(Ordering::Relaxed);
+    let mut w = LineWriter { q, start, len: 0 };
+    let _ = w.write_fmt(args);
+    w.commit();
+    turn(PUMP_BYTES, false);
+}
+
+/// Writes straight to the UART (its lock held): the early-boot path.
+struct Direct<'a>(&'a mut Uart);
+
+impl Write for Direct<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.0.put(b'\r');
+            }
+            self.0.put(b);
+        }
+        Ok(())
+    }
+}
+
+/// Whether lines are waiting for the UART (one load: the inbox service's test).
+#[inline]
+pub fn pending() -> bool {
+    PENDING.load(Ordering::Relaxed) != 0
+}
+
+/// One turn at the UART for lines waiting, if nobody else is taking one: called by a core
+/// serving its inbox, so queued lines go out while cores work. At most [`PUMP_BYTES`] bytes.
+pub fn pump() {
+    if pending() {
+        turn(PUMP_BYTES, true);
+    }
+}
+
+/// Sends every line queued so far, waiting for the lock: the end of the run (nothing waits
+/// for this core's inbox any more).
+pub fn flush() {
+    let mut c = CONSOLE.lock();
+    OWNER.store(me(), Ordering::Relaxed);
+    c.pump(usize::MAX, true);
+    OWNER.store(NOBODY, Ordering::Relaxed);
 }
 
 /// Writes a record line: `#mkv <kind> <fields>`.
@@ -114,7 +353,7 @@ macro_rules! record {
 
 /// Breaks the console lock if the calling core died holding it (a fault while printing).
 /// Used only on the way to parking or ending the run. A lock held by another core is left
-/// alone: that core releases it when its line is written.
+/// alone: that core releases it at the end of its turn.
 pub fn force_unlock_for_panic() {
     if CONSOLE.is_locked() && OWNER.load(Ordering::Relaxed) == me() {
         OWNER.store(NOBODY, Ordering::Relaxed);

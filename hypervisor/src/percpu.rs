@@ -172,8 +172,22 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         me.gdt.assume_init_ref().load();
         me.idt.load();
         crate::arch::write_gs_base(p as u64);
+        if index < 64 {
+            // Release: the IDT is loaded before another core sees the bit.
+            NMI_READY.fetch_or(1 << index, Ordering::Release);
+        }
         me
     }
+}
+
+/// Cores whose IDT is loaded (bit per slot index): only those may be sent an NMI. An NMI
+/// to a core still in its bring-up (another core's membership probe or link kick) would
+/// find no IDT and reset the machine (a triple fault, found by the chaos campaign at seed 5).
+static NMI_READY: AtomicU64 = AtomicU64::new(0);
+
+/// Whether core `index` can take an NMI (its IDT is loaded).
+pub fn nmi_ready(index: usize) -> bool {
+    index < 64 && NMI_READY.load(Ordering::Acquire) & (1 << index) != 0
 }
 
 /// The calling core's slot index, or `None` before its `init_this_core`.

@@ -35,6 +35,8 @@ impl Outcome {
 pub fn end_run(o: Outcome) -> ! {
     crate::console::force_unlock_for_panic();
     crate::record!(kind::END, "outcome={} tsc={}", o.as_str(), crate::arch::rdtsc());
+    // Every core's queued lines, this one last: nothing waits for an inbox any more.
+    crate::console::flush();
     // Writing them ends the run, which is the intent. Elsewhere they are unclaimed and the writes
     // are ignored.
     // SAFETY: these ports belong to the emulators' exit devices.

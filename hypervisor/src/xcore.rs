@@ -129,7 +129,9 @@ impl Link {
     /// Sends an NMI to core `to`.
     pub fn kick(&mut self, to: usize) {
         if let Some((t, n)) = APIC_OF.get() {
-            if to < *n {
+            // A core still in its bring-up is not kicked: it reads its mail word when it
+            // first serves its inbox.
+            if to < *n && crate::percpu::nmi_ready(to) {
                 crate::arch::apic::send_nmi(t[to]);
                 self.nmis += 1;
             }

@@ -29,14 +29,36 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const MAX_GRANT_MIB: u32 = 1024;
 /// Grants one guest may receive (they become its first capability slots).
 pub const MAX_GRANTS_PER_GUEST: usize = 8;
+/// Bytes a core sends to the UART in one turn of the hypervisor's console (CR LF included):
+/// no core waits for another's line, so this is the console's whole share of a core's
+/// longest stretch away from its inbox.
+pub const CONSOLE_TURN_BYTES: u64 = 64;
+/// One byte on the UART at 115200 baud, 8N1 (10 bits), nanoseconds, rounded up.
+pub const UART_BYTE_NS: u64 = 86_806;
+/// The longest stretch away from the inbox, in instructions, of any step a guest can cause
+/// apart from the console: an EPT map step (at most 2,095 measured), an unmap step (1,490),
+/// 32 KiB of zeroing or copying (4,096 `rep stosq` iterations), a `REVOKE` message's records
+/// (no EPT write). Stated with a margin over what was measured.
+pub const LONGEST_STEP_INSTRUCTIONS: u64 = 24_000;
+/// The slowest machine the bound is stated for, instructions per second: Bochs as the
+/// project runs it (`ips=4000000`); hardware is faster, so only the UART's time stays.
+pub const IPS_FLOOR: u64 = 4_000_000;
+/// The bound on a live core's stretch away from its inbox, microseconds: a console turn
+/// plus the longest step at the slowest machine (5.6 ms + 6 ms).
+pub const LONGEST_STRETCH_US: u64 = (CONSOLE_TURN_BYTES * UART_BYTE_NS).div_ceil(1000)
+    + LONGEST_STEP_INSTRUCTIONS * 1_000_000 / IPS_FLOOR;
+/// How many times the stated bound the detector's timeout (8 periods) must be, at least: the
+/// measured stretches include what the bound leaves out (Bochs interleaving its emulated CPUs
+/// counts other cores' quanta in a core's TSC stretch: up to 89,000 ticks measured in
+/// `tests/liveness.rs` and 2,095 instructions of work), so the timeout keeps a wide margin.
+pub const DETECTOR_MARGIN: u64 = 8;
 /// The shortest failure-detector period (`probe_ms`), 0 (off) aside. A core is fenced after
-/// 8 silent periods, so the timeout must outlast the longest stretch a live core spends away
-/// from its inbox: a console line (a record with a fault text is up to about 400
-/// characters: 35 ms at 115200 baud) plus the wait for the console lock behind another
-/// core's line (35 ms more), about 70 ms; every other stretch is bounded by steps of a few
-/// thousand instructions (about 1 ms in Bochs at 4 million instructions per second).
-/// 8 periods of 12 ms are 96 ms (README "Core membership").
-pub const MIN_PROBE_MS: u64 = 12;
+/// 8 silent periods, which must outlast [`DETECTOR_MARGIN`] times the bound on the longest
+/// stretch a live core spends away from its inbox ([`LONGEST_STRETCH_US`], about 11.6 ms):
+/// 8 periods of 12 ms are 96 ms >= 8 x 11.6 ms = 92 ms (README "Core membership"). Derived,
+/// not chosen: `cargo xtask check` and the hypervisor refuse a shorter period.
+pub const MIN_PROBE_MS: u64 = (DETECTOR_MARGIN * LONGEST_STRETCH_US).div_ceil(8 * 1000);
+const _: () = assert!(MIN_PROBE_MS == 12);
 /// The longest failure-detector period.
 pub const MAX_PROBE_MS: u64 = 10_000;
 

@@ -689,14 +689,18 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
         summary: "runs the guests it controls (`[[control]]`): waits while one runs, restarts \
                   one the hypervisor stopped (at most `tries` times), is done when it exited; \
                   exits 0 if each exited 0. With `hold = 1` it first stops its last guest, \
-                  checks it is held, starts it again; with `park = 1` it takes that guest's \
-                  core out of the machine, checks it is parked, and brings it back after \
-                  `parked_ms`",
+                  checks it is held, starts it again; with `restart = 1` it restarts that \
+                  guest while it runs (a new incarnation); with `park = 1` it takes that \
+                  guest's core out of the machine, checks it is parked, and brings it back \
+                  after `parked_ms`; `after_ms` after the guest first runs (the chaos \
+                  campaign draws it)",
         args: &[
             int("tries", 0, 1000, 10, "restarts it asks for, per guest"),
             flag("hold", "stop and start the last guest first"),
+            flag("restart", "restart the last guest while it runs"),
             flag("park", "take the last guest's core out and bring it back"),
             int("parked_ms", 1, 60_000, 50, "how long the core stays out"),
+            int("after_ms", 0, 60_000, 0, "how long the last guest runs before the first of these"),
         ],
     },
     WorkloadSpec {

@@ -35,11 +35,20 @@ pub fn streamer(bi: &BootInfo) -> u64 {
     let rejoin_ms = bi.arg_int("rejoin_ms").max(1);
     let Some(mut c) = channel::open(bi, None) else { return 1 };
     let (mut echoed, mut lost, mut resets, mut bad) = (0u64, 0u64, 0u64, 0u64);
+    // Since the rings were last reset (what the hypervisor's channel record counts): sent
+    // into them, and echoes taken from them.
+    let (mut epoch_sent, mut epoch_echoed) = (0u64, 0u64);
     let mut seq = 0;
     while seq < n {
-        let r = c.send(&[seq, bi.guest_id as u64, 0, 0, 0, 0, 0]).and_then(|()| c.recv());
+        let r = c.send(&[seq, bi.guest_id as u64, 0, 0, 0, 0, 0]).and_then(|()| {
+            epoch_sent += 1;
+            c.recv()
+        });
         match r {
-            Ok(m) if m[0] == seq => echoed += 1,
+            Ok(m) if m[0] == seq => {
+                echoed += 1;
+                epoch_echoed += 1;
+            }
             Ok(m) => {
                 log::error!("stream: echo {} for message {seq}", m[0]);
                 bad += 1;
@@ -52,13 +61,14 @@ pub fn streamer(bi: &BootInfo) -> u64 {
                     if gone_ok {
                         let sent = seq + 1;
                         log::info!(
-                            "stream: peer gone for good: sent {sent} of {n}, echoed {echoed}, lost {lost}, bad {bad}"
+                            "stream: peer gone for good: sent {sent} of {n}, echoed {echoed}, lost {lost}, bad {bad}; epoch_sent={epoch_sent} epoch_echoed={epoch_echoed}"
                         );
                         return (echoed + lost != sent || bad != 0) as u64;
                     }
                     log::error!("stream: the peer did not come back");
                     return 1;
                 }
+                (epoch_sent, epoch_echoed) = (0, 0);
                 log::info!("stream: rejoined in epoch {} at message {}", c.epoch, seq + 1);
             }
             Err(e) => {
@@ -68,8 +78,12 @@ pub fn streamer(bi: &BootInfo) -> u64 {
         }
         seq += 1;
     }
-    let _ = c.send(&[END; 7]);
-    log::info!("stream: sent {n}, echoed {echoed}, lost {lost} in {resets} resets, bad {bad}");
+    if c.send(&[END; 7]).is_ok() {
+        epoch_sent += 1;
+    }
+    log::info!(
+        "stream: sent {n}, echoed {echoed}, lost {lost} in {resets} resets, bad {bad}; epoch_sent={epoch_sent} epoch_echoed={epoch_echoed}"
+    );
     (echoed + lost != n || bad != 0) as u64
 }
 

@@ -7,16 +7,30 @@
 //! checks that a second start is refused. With `park = 1` it then takes that target's core
 //! out of the machine (`PARK`: the guest stopped, the core out of the membership view),
 //! checks it is parked, leaves it out for `parked_ms`, and brings it back with `START` (the
-//! core rejoins the view, a new incarnation runs). Bad requests are refused on the way.
+//! core rejoins the view, a new incarnation runs). With `restart = 1` it restarts that target
+//! while it runs (a new incarnation must answer). `after_ms` delays these until the target
+//! has run that long. Bad requests are refused on the way; it counts its requests and those
+//! never answered (`Timeout`), prints both and fails if any was not answered.
 
 use crate::hypercall::{call, check};
+use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::guest::BootInfo;
 use vmcall_proto::hypercall::{control, HvError, Hypercall};
 
 const CONTROL_CAP: u64 = 3;
 
+/// Requests made, and those that ended `Timeout` (the target's core never answered): the
+/// chaos campaign checks every request was answered.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static UNANSWERED: AtomicU64 = AtomicU64::new(0);
+
 fn ctl(slot: u64, op: u64) -> Result<u64, Result<HvError, i64>> {
-    call(Hypercall::GuestControl, slot, op)
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    let r = call(Hypercall::GuestControl, slot, op);
+    if r == Err(Ok(HvError::Timeout)) {
+        UNANSWERED.fetch_add(1, Ordering::Relaxed);
+    }
+    r
 }
 
 /// (state, incarnation, status) of a state word.
@@ -42,11 +56,26 @@ fn pause_ms(bi: &BootInfo, ms: u64) {
     }
 }
 
-/// Waits until the guest of control slot `h` runs (or a query fails).
-fn wait_running(bi: &BootInfo, h: u64) {
-    while ctl(h, control::QUERY).is_ok_and(|w| fields(w).0 != control::RUNNING) {
-        pause_ms(bi, 1);
+/// Waits until the guest of control slot `h` runs: true, or false once it is down without
+/// coming back by itself (exited, or stopped by the hypervisor) or a query fails.
+fn wait_running(bi: &BootInfo, h: u64) -> bool {
+    loop {
+        match ctl(h, control::QUERY).map(|w| fields(w).0) {
+            Ok(control::RUNNING) => return true,
+            Ok(control::EXITED | control::STOPPED) | Err(_) => return false,
+            Ok(_) => pause_ms(bi, 1),
+        }
     }
+}
+
+/// Whether slot `h`'s guest runs, for the operation `what`; logged as skipped if it ended
+/// first (a short target may finish before the time the campaign drew).
+fn still_running(bi: &BootInfo, h: u64, what: &str) -> bool {
+    let running = wait_running(bi, h);
+    if !running {
+        log::info!("supervisor: slot {h} ended before the {what}: skipped");
+    }
+    running
 }
 
 /// Sends `op` to slot `h`, logs the answer as `verb slot h: ...`; whether the guest is
@@ -61,6 +90,7 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
     let tries = bi.arg_int("tries");
     let hold = bi.arg_int("hold") == 1;
     let park = bi.arg_int("park") == 1;
+    let restart = bi.arg_int("restart") == 1;
     let mut ok = true;
     let slots: [Option<u64>; 8] = {
         let mut s = [None; 8];
@@ -100,9 +130,12 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
         );
     }
     let last = slots.iter().flatten().last().copied().unwrap_or(first);
-    if hold {
-        // Wait until it runs, then hold it.
-        wait_running(bi, last);
+    let after_ms = bi.arg_int("after_ms");
+    if after_ms > 0 && (hold || restart || park) && wait_running(bi, last) {
+        pause_ms(bi, after_ms);
+    }
+    if hold && still_running(bi, last, "stop") {
+        // It runs: hold it.
         ok &= expect(last, control::STOP, "stop", control::HELD);
         ok &= expect(last, control::QUERY, "query", control::HELD);
         ok &= expect(last, control::START, "start", control::RUNNING);
@@ -114,8 +147,18 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             &mut ok,
         );
     }
-    if park {
-        wait_running(bi, last);
+    if restart && still_running(bi, last, "restart") {
+        let before = ctl(last, control::QUERY).map(|w| fields(w).1).unwrap_or(0);
+        let r = ctl(last, control::RESTART);
+        log::info!("supervisor: restart slot {last}: {}", Word(r));
+        // A new incarnation (the one that answered), unless the guest ended first.
+        ok &= match r {
+            Ok(w) => fields(w).0 == control::RUNNING && fields(w).1 > before,
+            Err(Ok(HvError::Busy)) => false,
+            Err(_) => false,
+        };
+    }
+    if park && still_running(bi, last, "park") {
         ok &= expect(last, control::PARK, "park", control::PARKED);
         ok &= expect(last, control::QUERY, "query", control::PARKED);
         pause_ms(bi, bi.arg_int("parked_ms").max(1));
@@ -162,7 +205,10 @@ pub fn supervisor(bi: &BootInfo) -> u64 {
             }
         }
     }
-    if ok {
+    let (requests, unanswered) =
+        (REQUESTS.load(Ordering::Relaxed), UNANSWERED.load(Ordering::Relaxed));
+    log::info!("supervisor: {requests} requests, {unanswered} unanswered");
+    if ok && unanswered == 0 {
         0
     } else {
         1

@@ -7,8 +7,9 @@
 //! through [`Env`] (the EPT of this core's guest and the inter-core transport), so the
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
-//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`]. Nothing else of
-//! the hypervisor: `exits` calls into this module, never the other way.
+//! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`],
+//! `console` (a turn at the UART while serving the inbox). Nothing else of the hypervisor:
+//! `exits` calls into this module, never the other way.
 
 pub mod control;
 pub mod links;
@@ -81,11 +82,14 @@ fn unmap_step(g: u64, end: u64) -> u64 {
 }
 
 /// The environment the protocol's message handling sees ([`CapCore::deliver`]): the same,
-/// except that the unmap of a revoked piece does its first step at once and leaves the rest
-/// to [`CapCore::poll`], which finishes it a step at a time with the inbox served between,
-/// before it returns (so before the guest runs again: it does not run while its core
-/// handles messages). A small piece is gone before the reply leaves, as always; a large one
-/// no longer keeps the core from its inbox for the whole unmap.
+/// except that the unmap of a revoked piece is only noted, and [`CapCore::poll`] does it a
+/// step at a time with the inbox served between, before it returns (so before the guest runs
+/// again: it does not run while its core handles messages). A `REVOKE` whose node has many
+/// mapped pieces (up to the 64 slots of a space) costs its message only the records (no EPT
+/// write at all), and no piece, small or large, keeps the core from its inbox for more than
+/// one step. The reply may leave before the EPT is written; nothing can reach the memory
+/// meanwhile (the holder's guest does not run, and its core serves no map for that range:
+/// the guest asks for maps).
 struct Deferring<'a, E: Env> {
     env: &'a mut E,
     rest: &'a mut [Option<(u64, u64)>; vmcall_proto::caps::MAX_SLOTS],
@@ -108,14 +112,14 @@ impl<E: Env> Env for Deferring<'_, E> {
         self.env.ept_map(gpa, hpa, size, write)
     }
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        let first = unmap_step(gpa, gpa.saturating_add(size));
-        self.env.ept_unmap(gpa, first)?;
-        if first < size {
-            // At most one per slot of the space (each was a mapped piece): never full.
-            match self.rest.iter_mut().find(|r| r.is_none()) {
-                Some(free) => *free = Some((gpa + first, size - first)),
-                None => self.env.ept_unmap(gpa + first, size - first)?,
-            }
+        if size == 0 {
+            return Ok(());
+        }
+        // At most one per slot of the space (each was a mapped piece, and `poll` empties
+        // the list before anything can map again): never full.
+        match self.rest.iter_mut().find(|r| r.is_none()) {
+            Some(free) => *free = Some((gpa, size)),
+            None => self.env.ept_unmap(gpa, size)?,
         }
         Ok(())
     }
@@ -659,6 +663,9 @@ impl<const E: usize> CapCore<E> {
     /// (a step at a time, the inbox looked at before each), then deadlines. Returns how many
     /// messages were handled (the caller charges that time to nobody's guest).
     pub fn poll(&mut self, env: &mut impl Env) -> u32 {
+        // Lines other cores (or this one) queued: one turn at the UART, at most
+        // `console::PUMP_BYTES` bytes, and none if another core is taking one.
+        crate::console::pump();
         let mut n = 0;
         loop {
             env.served();
@@ -666,7 +673,7 @@ impl<const E: usize> CapCore<E> {
             while let Some((from, m)) = env.recv() {
                 n += 1;
                 got = true;
-                self.deliver(env, from, &m);
+                self.deliver_one(env, from, &m);
             }
             if got {
                 // Look again before any unmap step: steps follow a look that found nothing.
@@ -721,8 +728,24 @@ impl<const E: usize> CapCore<E> {
         }
     }
 
-    /// One inter-core message.
+    /// One inter-core message, the unmaps it started included (all at once): the host
+    /// tests' and the model's way in; the hypervisor's is [`Self::poll`], which serves the
+    /// inbox between their steps.
+    #[cfg(test)]
     pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+        self.deliver_one(env, from, m);
+        for slot in self.unmaps.iter_mut() {
+            if let Some((g, size)) = slot.take() {
+                if env.ept_unmap(g, size).is_err() {
+                    self.stats.unmap_failed = true;
+                }
+            }
+        }
+    }
+
+    /// One inter-core message; the unmaps of the pieces a `REVOKE` took are left in
+    /// `self.unmaps` (see [`Deferring`]).
+    fn deliver_one(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         if members::is_member(m) {
             self.members.deliver(env, from, m);
             self.members_effects(env);

@@ -1343,7 +1343,8 @@ fn a_revoke_served_between_map_steps_leaves_nothing_mapped() {
 /// Every message a core receives has a defined fate in every state of its guest (the
 /// hypervisor registers a guest's channels before its core first serves the inbox, so these
 /// are all the states there are): set up and not accepting yet, running and accepting, dead
-/// (retired), reborn and not accepting yet. An `INSERT` through a real channel is answered
+/// (retired: dying or down), reborn and not accepting yet (restarting), parked (dead, its
+/// core asked out of the view). A controller's request is queued for the run loop in each. An `INSERT` through a real channel is answered
 /// with a verdict that says what to do, never `BadArgument`: `NotAccepted` while the guest
 /// does not accept (retry), `PeerGone` while it is dead (retry once the link is up again); a
 /// `LINK_DOWN` is shown and acknowledged with whether the guest is alive; a `REVOKE` is
@@ -1356,15 +1357,22 @@ fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
         Accepting,
         Dead,
         Reborn,
+        /// Dead, and its core asked out of the membership view (`PARK`).
+        Parked,
     }
-    for state in [State::SetUp, State::Accepting, State::Dead, State::Reborn] {
+    for state in [State::SetUp, State::Accepting, State::Dead, State::Reborn, State::Parked] {
         let mut net = Net::new(2, 0);
         let ep = net.ep(1, 0);
         if state != State::SetUp {
             assert_eq!(net.call(1, Hypercall::CapAccept, ep, 1, 0), Ok(0));
         }
-        if matches!(state, State::Dead | State::Reborn) {
+        if matches!(state, State::Dead | State::Reborn | State::Parked) {
             net.with(1, |c, env| c.retire(env));
+        }
+        if state == State::Parked {
+            net.with(1, |c, env| c.members.leave(env));
+            // Its intent goes to the coordinator; the view change is the membership tests'.
+            net.queues.iter_mut().for_each(|q| q.clear());
         }
         if state == State::Reborn {
             net.cores[1].reborn();
@@ -1372,7 +1380,7 @@ fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
         let copy = net.transfer(0, 0, 1, 1 | 3 << 8);
         match state {
             State::Accepting => assert!(copy.is_ok(), "{state:?}: {copy:?}"),
-            State::Dead => assert_eq!(copy, Err(HvError::PeerGone), "{state:?}"),
+            State::Dead | State::Parked => assert_eq!(copy, Err(HvError::PeerGone), "{state:?}"),
             State::SetUp | State::Reborn => {
                 assert_eq!(copy, Err(HvError::NotAccepted), "{state:?}")
             }
@@ -1388,9 +1396,21 @@ fn every_message_has_a_defined_fate_in_every_state_of_the_receiver() {
         let ack = net.queues[2].pop_back().expect("acknowledged");
         assert_eq!(ack[0] & 0xff, proto::op::LINK_ACK, "{state:?}");
         assert!(links::names(&ack, index), "{state:?}");
-        assert_eq!(ack[6] != 0, state != State::Dead, "{state:?}: alive");
+        let alive = !matches!(state, State::Dead | State::Parked);
+        assert_eq!(ack[6] != 0, alive, "{state:?}: alive");
         assert!(!net.cores[1].take_link(0).unwrap().peer_up, "{state:?}");
         assert!(net.queues.iter().all(|q| q.is_empty()), "{state:?}: nothing else waits");
+        // A controller's request: queued for the run loop, which answers it in every state
+        // of the guest (running, down, parked), never dropped.
+        let req: Payload =
+            [proto::op::CONTROL | 7 << 32, vmcall_proto::hypercall::control::QUERY, 0, 0, 0, 0, 0];
+        net.with(1, |c, env| c.deliver(env, 0, &req));
+        assert!(net.cores[1].ctl.pending(), "{state:?}: the request waits for the run loop");
+        assert_eq!(
+            net.cores[1].ctl.take().map(|(from, r, _)| (from, r)),
+            Some((0, 7)),
+            "{state:?}"
+        );
     }
 }
 
@@ -1430,6 +1450,55 @@ fn a_revoke_of_a_large_mapped_copy_unmaps_it_in_steps() {
     holder.poll(&mut e1);
     assert!(e1.most <= EPT_STEP_ENTRIES, "{} entries in one stretch", e1.most);
     assert!(e1.calls > 1, "in {} steps", e1.calls);
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 0);
+    assert!(!holder.stats.unmap_failed);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
+}
+
+/// A revoke whose node the holder split into many pieces, each mapped in 4-KiB pages: the
+/// `REVOKE` message itself writes no EPT entry (every piece's unmap is left to the poll), and
+/// the poll unmaps them a step at a time with the inbox served between, so no stretch writes
+/// more than `EPT_STEP_ENTRIES` entries, however many pieces the message takes. Before, each
+/// piece's first step was written while the message was handled (16 pieces: 16 steps in one
+/// stretch, 8,192 entries).
+#[test]
+fn a_revoke_of_many_mapped_pieces_writes_one_step_per_stretch() {
+    let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
+    let (mut owner, mut holder) = (Core::new(0, policy), Core::new(1, policy));
+    let (mut e0, mut e1) = (StepEnv::new(), StepEnv::new());
+    const PIECES: u64 = 16;
+    const PIECE: u64 = 4 << 20;
+    let grant = owner.grant(0x4000_0000, PIECES * PIECE).unwrap();
+    let ep0 = owner.add_channel(7, Some(1)).unwrap();
+    let ep1 = holder.add_channel(7, Some(0)).unwrap();
+    assert_eq!(holder.hypercall(&mut e1, Hypercall::CapAccept, ep1, 1, 0), Some(Ok(0)));
+    let t = owner.transfer_start(&mut e0, grant, ep0, 1 | 3 << 8).unwrap();
+    post((0, &mut e0), (1, &mut e1));
+    holder.poll(&mut e1);
+    post((1, &mut e1), (0, &mut e0));
+    owner.poll(&mut e0);
+    let v = owner.take_verdict().unwrap();
+    let copy = owner.transfer_finish(t, v).unwrap();
+    let mut pieces = vec![copy];
+    for _ in 1..PIECES {
+        let last = *pieces.last().unwrap();
+        let rest = holder.hypercall(&mut e1, Hypercall::CapSplit, last, PIECE, 0).unwrap();
+        pieces.push(rest.unwrap());
+    }
+    // Each piece 4 KiB past a 2-MiB boundary (4-KiB pages throughout), 8 MiB apart.
+    for (k, &p) in pieces.iter().enumerate() {
+        let gpa = GRANT_WINDOW.0 + 4096 + k as u64 * 2 * PIECE;
+        assert_eq!(holder.hypercall(&mut e1, Hypercall::CapMap, p, gpa, 1), Some(Ok(0)));
+    }
+    assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), PIECES * PIECE);
+    assert!(owner.revoke_start(&mut e0, grant).unwrap());
+    post((0, &mut e0), (1, &mut e1));
+    (e1.most, e1.since_served, e1.calls) = (0, 0, 0);
+    holder.poll(&mut e1);
+    assert!(e1.most <= EPT_STEP_ENTRIES, "{} entries in one stretch", e1.most);
+    assert!(e1.calls >= PIECES * 2, "in {} steps", e1.calls);
     assert_eq!(crate::ept::mapped_bytes(&mut e1.frames, e1.root), 0);
     assert!(!holder.stats.unmap_failed);
     post((1, &mut e1), (0, &mut e0));

@@ -2,13 +2,18 @@
 //! `cargo xtask chaos`: a randomized fault campaign. From a seed (printed, so any run can
 //! be replayed) it draws a machine: units of self-checking guests placed on cores (a
 //! stream whose echoer faults and is restarted by policy, a guest mapping a large grant in
-//! small pages, an owner revoking a large copy its holder mapped, a spinner), the failure
-//! detector's period, and sometimes a hung core (`inject=hung-core:N` on a spinner's core).
-//! It boots it in Bochs and checks invariants from the report: no live core suspected (only
-//! the hung one), every other guest exited 0 (each checks its own traffic and caps), the
-//! hung core's guest fenced, no private frames or capabilities leaked across incarnations,
-//! no message received that was not sent, every core's longest stretch away from its inbox
-//! under the detector's timeout, no problem in the records.
+//! small pages, an owner revoking a large copy its holder mapped, a spinner, a controller
+//! (`supervisor`) that stops and starts, restarts, or parks and brings back a guest at a
+//! random time: a spinner, or the echoer of a stream), the failure detector's period, and
+//! sometimes a hung core (`inject=hung-core:N` on a spinner's core). It boots it in Bochs
+//! and checks invariants from the report and the guests' own counts: no live core suspected
+//! (only the hung one), every other guest exited 0 (each checks its own traffic and caps),
+//! the hung core's guest fenced, no private frames or capabilities leaked across
+//! incarnations, no message received that was not sent, every stream's messages accounted
+//! exactly (echoed + lost = sent by the streamer's count, and the hypervisor's counts of
+//! its channel equal the streamer's), every controller request answered (the supervisor's
+//! count), every core's longest stretch away from its inbox under the detector's timeout,
+//! no problem in the records.
 //!
 //! May call `run` (to boot), `report` (what it checks), `cli` (the run's arguments).
 
@@ -51,6 +56,10 @@ pub struct Scenario {
     pub hung: Option<u32>,
     /// Every guest, by name.
     pub guests: Vec<String>,
+    /// The streamers and the messages each must account for (its channel is its first).
+    pub streams: Vec<(String, u64)>,
+    /// The controllers, each of which must have every request answered.
+    pub supervisors: Vec<String>,
     /// One line per unit, for the log.
     pub summary: Vec<String>,
 }
@@ -65,6 +74,8 @@ pub fn scenario(seed: u64) -> Scenario {
     let mut names = Vec::new();
     let mut summary = Vec::new();
     let mut spinners = Vec::new();
+    let mut streams = Vec::new();
+    let mut supervisors = Vec::new();
     let mut grant_mib = 0;
     let mut core = 0;
     let mut chan = 0;
@@ -81,7 +92,11 @@ pub fn scenario(seed: u64) -> Scenario {
     };
     while core < cores {
         let room = cores - core;
-        let unit = if room >= 2 { r.range(0, 3) } else { r.pick(&[1, 3]) };
+        let unit = match room {
+            1 => r.pick(&[1, 3]),
+            2 => r.range(0, 4),
+            _ => r.range(0, 5),
+        };
         match unit {
             0 => {
                 let n = r.range(200, 2000);
@@ -96,6 +111,7 @@ pub fn scenario(seed: u64) -> Scenario {
                     "\n[[channel]]\nname = \"c{chan}\"\nbetween = [\"{s}\", \"{e}\"]\nslots = 8\n"
                 );
                 summary.push(format!("{s}/{e}: {n} messages, the echoer dies after {die}"));
+                streams.push((s.clone(), n));
                 names.extend([s, e]);
                 chan += 1;
                 core += 2;
@@ -134,6 +150,47 @@ pub fn scenario(seed: u64) -> Scenario {
                 chan += 1;
                 core += 2;
             }
+            4 | 5 => {
+                // A controller (`supervisor`) acting on a guest at a random time: a stop and
+                // start, a restart, or its core taken out and brought back. Alone (a spinner
+                // as the target) or on the echoer of a stream (three cores).
+                let op = r.pick(&["hold", "restart", "park"]);
+                let after = r.range(5, 120);
+                let parked = r.range(5, 150);
+                let sup = format!("sup{core}");
+                let target = if unit == 4 {
+                    let ms = r.range(200, 400);
+                    let t = format!("spin{}", core + 1);
+                    guest(&mut guests, &t, core + 1, "spin", &format!("ms = {ms}"), "");
+                    summary.push(format!("{sup}: {op} of {t} (spins {ms} ms) after {after} ms"));
+                    names.push(t.clone());
+                    t
+                } else {
+                    let n = r.range(200, 2000);
+                    let (s, e) = (format!("stream{}", core + 1), format!("echo{}", core + 2));
+                    let args = format!("n = {n}, gone_ok = 1, rejoin_ms = 3000");
+                    guest(&mut guests, &s, core + 1, "streamer", &args, "");
+                    let args = format!("die_after = {}", n + 1);
+                    guest(&mut guests, &e, core + 2, "echoer", &args, "");
+                    let _ = write!(
+                        extra,
+                        "\n[[channel]]\nname = \"c{chan}\"\nbetween = [\"{s}\", \"{e}\"]\nslots = 8\n"
+                    );
+                    summary.push(format!(
+                        "{sup}: {op} of {e} after {after} ms while {s} streams {n} messages to it"
+                    ));
+                    streams.push((s.clone(), n));
+                    names.extend([s, e.clone()]);
+                    chan += 1;
+                    e
+                };
+                let args = format!("tries = 0, {op} = 1, after_ms = {after}, parked_ms = {parked}");
+                guest(&mut guests, &sup, core, "supervisor", &args, "");
+                let _ = write!(extra, "\n[[control]]\nguest = \"{sup}\"\nover = [\"{target}\"]\n");
+                supervisors.push(sup.clone());
+                names.push(sup);
+                core += if unit == 4 { 2 } else { 3 };
+            }
             _ => {
                 let ms = r.range(50, 300);
                 let s = format!("spin{core}");
@@ -160,7 +217,7 @@ pub fn scenario(seed: u64) -> Scenario {
     if let Some(c) = hung {
         summary.push(format!("core {c} hangs 20 ms into its guest's run"));
     }
-    Scenario { seed, config, cmdline, probe_ms, hung, guests: names, summary }
+    Scenario { seed, config, cmdline, probe_ms, hung, guests: names, streams, supervisors, summary }
 }
 
 /// The hypervisor's TSC ticks per millisecond, from its log.
@@ -225,6 +282,78 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
         if c.b_received > c.a_sent || c.a_received > c.b_sent {
             broken.push(format!("channel {}: more received than sent ({c:?})", c.name));
         }
+    }
+    for sup in &s.supervisors {
+        let said = said(serial, sup, "supervisor: ");
+        match said.iter().find_map(|l| l.strip_suffix(" unanswered")) {
+            Some(l) if l.ends_with(", 0") => {}
+            Some(l) => broken.push(format!("{sup}: a controller request was not answered ({l})")),
+            None => broken.push(format!("{sup}: no count of its requests")),
+        }
+    }
+    for (name, n) in &s.streams {
+        broken.extend(stream_accounting(r, serial, name, *n));
+    }
+    broken
+}
+
+/// The lines guest `name` printed that start with `prefix` (the prefix removed).
+fn said<'a>(serial: &'a str, name: &str, prefix: &str) -> Vec<&'a str> {
+    let tag = format!("[{name}@c");
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix(tag.as_str()))
+        .filter_map(|l| l.split_once("] ").map(|(_, t)| t))
+        .filter_map(|t| t.strip_prefix(prefix))
+        .collect()
+}
+
+/// Every message of streamer `name` (`n` to send) accounted for, exactly: by its own count
+/// (echoed + lost = sent, nothing bad) and by the hypervisor's counts of its channel, which
+/// must agree with it: the streamer's sends (its messages, and the end marker if it got to
+/// the end) and its receives (the echoes), so sent = received + lost on the channel itself.
+fn stream_accounting(r: &Report, serial: &str, name: &str, n: u64) -> Vec<String> {
+    let mut broken = Vec::new();
+    // `sent N, echoed E, lost L in R resets, bad B` or, the peer gone for good,
+    // `peer gone for good: sent S of N, echoed E, lost L, bad B`.
+    let lines = said(serial, name, "stream: ");
+    let Some(last) =
+        lines.iter().rev().find(|l| l.starts_with("sent ") || l.starts_with("peer gone for good"))
+    else {
+        return vec![format!("{name}: no final count")];
+    };
+    let num = |key: &str| -> Option<u64> {
+        let rest = last.split(key).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let completed = last.starts_with("sent ");
+    let (Some(sent), Some(echoed), Some(lost), Some(bad)) =
+        (num("sent "), num("echoed "), num("lost "), num("bad "))
+    else {
+        return vec![format!("{name}: unreadable count `{last}`")];
+    };
+    if echoed + lost != sent || bad != 0 {
+        broken.push(format!("{name}: sent {sent} != echoed {echoed} + lost {lost} (bad {bad})"));
+    }
+    if completed && sent != n {
+        broken.push(format!("{name}: sent {sent} of {n}"));
+    }
+    let Some(c) = r.channels.iter().find(|c| c.a == name || c.b == name) else {
+        broken.push(format!("{name}: its channel is not in the report"));
+        return broken;
+    };
+    // The record counts the rings since their last reset (an echoer's restart): the
+    // streamer counts that epoch too (its sends into the rings, the end marker included,
+    // and the echoes it took).
+    let (Some(e_sent), Some(e_echoed)) = (num("epoch_sent="), num("epoch_echoed=")) else {
+        broken.push(format!("{name}: no count of its last epoch `{last}`"));
+        return broken;
+    };
+    let (out, back) = if c.a == name { (c.a_sent, c.a_received) } else { (c.b_sent, c.b_received) };
+    if out != e_sent || back != e_echoed {
+        broken.push(format!(
+            "{name}: the hypervisor counted {out} sent and {back} received since the last reset, the streamer {e_sent} and {e_echoed}"
+        ));
     }
     broken
 }
@@ -321,6 +450,43 @@ mod tests {
     }
 
     #[test]
+    fn messages_and_controller_requests_are_accounted_exactly() {
+        let s = Scenario {
+            seed: 7,
+            config: String::new(),
+            cmdline: String::new(),
+            probe_ms: 0,
+            hung: None,
+            guests: vec![],
+            streams: vec![("st".into(), 10)],
+            supervisors: vec!["sup".into()],
+            summary: vec![],
+        };
+        let mut r: Report = serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "outcome": "ok", "emulator": "bochs", "cpu_model": "m",
+            "cpus": 1, "cpus_listed": null, "cores_used": null, "cores": [], "config": null,
+            "guests": [], "tsc": {}, "tsc_unit": "emulated_instructions",
+            "channels": [{"name": "c0", "a": "st", "b": "ec", "slots": 8, "a_sent": 11,
+            "b_received": 10, "b_sent": 8, "a_received": 8}],
+            "wall_seconds": 1.0, "serial_log": "s", "problems": []
+        }))
+        .expect("a minimal report");
+        let serial = "[st@c0] stream: sent 10, echoed 8, lost 2 in 1 resets, bad 0; \
+                      epoch_sent=11 epoch_echoed=8\n\
+                      [sup@c1] supervisor: 4 requests, 0 unanswered\n";
+        assert_eq!(check(&s, &r, serial), Vec::<String>::new());
+        // One echo more than the hypervisor saw, a count that does not add up, a request
+        // never answered: each is named.
+        r.channels[0].a_received = 7;
+        let bad = serial.replace("lost 2", "lost 1").replace(", 0 unanswered", ", 1 unanswered");
+        let broken = check(&s, &r, &bad);
+        assert!(broken.iter().any(|b| b.contains("!= echoed 8 + lost 1")), "{broken:?}");
+        assert!(broken.iter().any(|b| b.contains("counted 11 sent and 7 received")), "{broken:?}");
+        assert!(broken.iter().any(|b| b.contains("not answered")), "{broken:?}");
+        assert!(check(&s, &r, "").iter().any(|b| b.contains("no final count")));
+    }
+
+    #[test]
     fn broken_invariants_are_named() {
         let s = Scenario {
             seed: 7,
@@ -329,6 +495,8 @@ mod tests {
             probe_ms: 8,
             hung: None,
             guests: vec!["a".into()],
+            streams: vec![],
+            supervisors: vec![],
             summary: vec![],
         };
         let mut r: Report = serde_json::from_value(serde_json::json!({

@@ -54,8 +54,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             }
             "probe_ms" => Some(
                 "expected probe_ms=0 (off) or probe_ms=N with 12 <= N <= 10000 (8 silent \
-                 periods fence a core: they must outlast its longest stretch away from the \
-                 inbox, about 70 ms)",
+                 periods fence a core: they must outlast 8 times its longest stretch away \
+                 from the inbox, 11.6 ms: vmcall_proto::config::LONGEST_STRETCH_US)",
             ),
             "stats_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "stats_ms" => Some("expected stats_ms=N with 1 <= N <= 60000"),

@@ -519,10 +519,12 @@ pub fn compile(file: &str, src: &str) -> Result<Compiled, ConfigErrors> {
         if v != 0 && !(blob::MIN_PROBE_MS..=blob::MAX_PROBE_MS).contains(&v) {
             let msg = format!(
                 "must be 0 (off) or between {} and {} ms: a core is fenced after 8 silent \
-                 periods, which must outlast the longest stretch a live core spends away from \
-                 its inbox (a console line and the wait for the console lock, about 70 ms)",
+                 periods, which must outlast {} times the longest stretch a live core spends \
+                 away from its inbox ({} us: a console turn and the longest step)",
                 blob::MIN_PROBE_MS,
-                blob::MAX_PROBE_MS
+                blob::MAX_PROBE_MS,
+                blob::DETECTOR_MARGIN,
+                blob::LONGEST_STRETCH_US
             );
             errs.at(p.span(), "machine.probe_ms", &msg);
         }
@@ -1353,7 +1355,7 @@ memory_mib = 4
             let e = one_error(&with(bad));
             assert_eq!(e.field, "machine.probe_ms", "{e}");
             assert!(e.message.contains("0 (off) or between 12 and 10000"), "{e}");
-            assert!(e.message.contains("outlast the longest stretch"), "{e}");
+            assert!(e.message.contains("times the longest stretch"), "{e}");
         }
         assert!(!errors(&with("\"fast\"")).is_empty(), "a string is refused");
     }
