@@ -164,13 +164,20 @@ fn unavailable(s: u32) -> String {
     String::from_utf8_lossy(&b[..n - 2]).into_owned()
 }
 
-/// The front's `bench kvfront:` line.
+/// The front's `bench kvfront:` lines (figures, then traffic), joined.
 fn bench_line(b: &Boot) -> String {
-    b.serial
-        .lines()
-        .find_map(|l| l.strip_prefix("[front@c0] bench kvfront: "))
-        .unwrap_or_else(|| panic!("no bench line\n{}", b.serial))
-        .to_string()
+    let line = |p: &str| {
+        b.serial
+            .lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p:?} line\n{}", b.serial))
+            .to_string()
+    };
+    format!(
+        "{}; {}",
+        line("[front@c0] bench kvfront: "),
+        line("[front@c0] bench kvfront traffic: ")
+    )
 }
 
 /// The number just before `what` in `line` (`"12 capabilities granted"`).
@@ -181,9 +188,25 @@ fn figure(line: &str, what: &str) -> u64 {
 
 /// Runs `client` against `config` in Bochs; the client must end with `shutdown`.
 fn run<T: Send + 'static>(config: &str, client: impl FnOnce() -> T + Send + 'static) -> (Boot, T) {
-    let t = std::thread::spawn(client);
+    let t = std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(client));
+        if r.is_err() {
+            // End the run now rather than at its timeout: the report still helps.
+            if let Ok(mut s) = TcpStream::connect(ADDR) {
+                let _ = s.write_all(b"shutdown\r\n");
+                let _ = s.read(&mut [0; 8]);
+            }
+        }
+        r
+    });
     let b = boot_config(Emulator::Bochs, None, None, "", Some(config));
-    let r = t.join().expect("the host client failed");
+    let r = match t.join().expect("the client thread") {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", b.serial);
+            std::panic::resume_unwind(e)
+        }
+    };
     assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
     let f = b.guest("front");
     assert_eq!((f.state.as_str(), f.exit_status), ("exited", 0), "{f:?}\n{}", b.serial);
@@ -296,6 +319,9 @@ fn two_workers_serve_hundreds_of_verified_requests() {
         assert_eq!(c.line(), kv::TOO_LARGE.trim_end());
         c.send(b"set chunk 0 0 2\r\nabcd\r\n");
         assert_eq!(c.line(), "CLIENT_ERROR bad data chunk");
+        // As memcached: the declared length and two bytes were the block; what follows
+        // (here the real end of line) is read as the next command.
+        assert_eq!(c.line(), "ERROR");
         assert_eq!(c.set("word", 0, b"abc"), "STORED");
         model.insert("word".into(), (0, b"abc".to_vec()));
         assert_eq!(
@@ -334,7 +360,7 @@ fn two_workers_serve_hundreds_of_verified_requests() {
     let bench = bench_line(&b);
     eprintln!("guest: {bench}");
     let granted = figure(&bench, " capabilities granted");
-    assert!(granted > 0 && figure(&bench, " revoked,") == granted, "{bench}");
+    assert!(granted > 0 && figure(&bench, " revoked;") == granted, "{bench}");
     assert!(figure(&bench, " value bytes by capability") > 0, "{bench}");
     let f = b.guest("front");
     assert!(f.xmsgs > 0, "the front's core sent no capability messages: {f:?}");
@@ -364,7 +390,10 @@ fn a_worker_that_dies_costs_only_its_shard_and_comes_back_empty() {
         // worker of shard 1 dies on its 31st request.
         let mut round = 0u64;
         while !back {
-            assert!(Instant::now() < deadline, "shard 1 never came back");
+            assert!(
+                Instant::now() < deadline,
+                "shard 1 never came back: round {round}, {errors} errors, down since {seen_down:?}"
+            );
             let (a, bk) = (&k0[round as usize % 8], &k1[round as usize % 8]);
             let va = value(a, round, 100 + round as usize * 97 % 3000);
             assert_eq!(c.set(a, 1, &va), "STORED", "shard 0 must serve throughout");
@@ -377,6 +406,7 @@ fn a_worker_that_dies_costs_only_its_shard_and_comes_back_empty() {
                 let got = c.get(&[bk]).unwrap_or_else(|e| panic!("get {bk} just stored: {e}"));
                 assert_eq!(got, vec![(bk.clone(), 2, vb)]);
                 if let Some(t) = seen_down {
+                    eprintln!("host: round {round}: shard 1 back after {:?}", t.elapsed());
                     back = true;
                     // Back, and empty: the keys stored before the death are gone.
                     let old: Vec<&str> =
@@ -387,6 +417,9 @@ fn a_worker_that_dies_costs_only_its_shard_and_comes_back_empty() {
             } else {
                 assert_eq!(r, unavailable(1), "the only error a client may see");
                 errors += 1;
+                if seen_down.is_none() {
+                    eprintln!("host: round {round}: shard 1 down ({r})");
+                }
                 seen_down.get_or_insert_with(Instant::now);
                 // A multi-key get touching the down shard: its error line, whole.
                 match c.get(&[a, bk]) {
@@ -436,8 +469,12 @@ fn hostile_workers_are_fenced_and_the_other_shard_keeps_serving() {
             timings.push((s, t.elapsed()));
             let k0 = &keys[0][0];
             assert_eq!(c.get(&[k0]).unwrap(), vec![(k0.clone(), 0, k0.as_bytes().to_vec())]);
-            // Fenced: the next request fails at once.
-            assert_eq!(c.get(&[&keys[s as usize][0]]), Err(unavailable(s)));
+            // Fenced: the next request fails at once (the hoarder may already be back,
+            // empty: it is stopped at its next look at the revoked buffer).
+            match c.get(&[&keys[s as usize][0]]) {
+                Ok(h) if s == 3 => assert_eq!(h, vec![]),
+                r => assert_eq!(r, Err(unavailable(s))),
+            }
         }
         // The hoarder touched the revoked buffer and was stopped; its restart brings
         // shard 3 back, empty.

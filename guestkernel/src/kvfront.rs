@@ -835,9 +835,7 @@ pub fn kvfront(bi: &BootInfo) -> u64 {
     log::info!(
         "bench kvfront: {} commands ({} get keys, {} sets; {} hits, {} misses; {} unavailable) \
          in {} worker requests; work {} instructions per command; latency p50 {} p90 {} p99 {} \
-         max {} TSC ticks; {} capabilities granted, {} revoked, {} value bytes by capability, \
-         {} by ring; {} ring messages sent, {} received; run {} TSC ticks, {} halted in the \
-         card's wait",
+         max {} TSC ticks",
         n.commands,
         n.gets,
         n.sets,
@@ -850,6 +848,11 @@ pub fn kvfront(bi: &BootInfo) -> u64 {
         pct(90),
         pct(99),
         n.latencies.last().copied().unwrap_or(0),
+    );
+    log::info!(
+        "bench kvfront traffic: {} capabilities granted, {} revoked; {} value bytes by \
+         capability, {} by ring; ring messages {} sent, {} received; run {} TSC ticks, {} \
+         halted",
         n.caps_granted,
         n.caps_revoked,
         n.cap_bytes,
