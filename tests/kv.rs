@@ -6,7 +6,9 @@
 //!
 //! * `configs/kv-2.toml`: a few hundred requests, values below and above the inline size
 //!   (so by ring and by capability), several keys per `get`, pipelined requests, the
-//!   protocol's error lines; the report shows the channel and capability traffic;
+//!   protocol's error lines; the report shows the channel and capability traffic; the
+//!   same with `configs/kv-2-copy.toml` (large values copied through the ring, no
+//!   capability);
 //! * `configs/kv-crash.toml`: worker 1 dies in the middle of the load; its keys get only
 //!   `SERVER_ERROR shard 1 unavailable` while it is down, promptly, the connection stays,
 //!   shard 0 serves throughout; after the restart shard 1 serves again, empty;
