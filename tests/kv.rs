@@ -188,8 +188,13 @@ fn figure(line: &str, what: &str) -> u64 {
     before.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Held by each run: they all forward host port 21211, and `cargo xtask test` runs two
+/// tests of a file at once.
+static PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `client` against `config` in Bochs; the client must end with `shutdown`.
 fn run<T: Send + 'static>(config: &str, client: impl FnOnce() -> T + Send + 'static) -> (Boot, T) {
+    let _port = PORT.lock().unwrap_or_else(|e| e.into_inner());
     let t = std::thread::spawn(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(client));
         if r.is_err() {
