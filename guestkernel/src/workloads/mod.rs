@@ -26,6 +26,8 @@ mod capxfer;
 mod exitbench;
 mod ghost;
 mod hostile;
+mod kvfront;
+mod kvworker;
 mod linkloads;
 mod meter;
 mod netloads;
@@ -36,7 +38,7 @@ mod tcpecho;
 
 type Workload = fn(&BootInfo) -> u64;
 
-const REGISTRY: [(&str, Workload); 38] = [
+const REGISTRY: [(&str, Workload); 40] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -75,6 +77,8 @@ const REGISTRY: [(&str, Workload); 38] = [
     ("pciattack", pciattack::run),
     ("bigmap", capload::bigmap),
     ("tcpecho", tcpecho::tcpecho),
+    ("kvfront", kvfront::kvfront),
+    ("kvworker", kvworker::kvworker),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 
