@@ -124,6 +124,7 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Test(t) => test(t),
+        Cmd::Load(l) => xtask::kvload::command(l),
         Cmd::Chaos(c) => xtask::chaos::campaign(c.seed, c.runs, c.dry_run),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
