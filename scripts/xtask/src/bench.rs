@@ -978,7 +978,8 @@ pub fn print(r: &Report) {
     }
 }
 
-fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
+/// The meta data of a bench that began on `before` with the timer `timer`.
+pub fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
     BenchMeta {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_commit: crate::meta::collect(None).git_commit,

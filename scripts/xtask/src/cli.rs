@@ -323,6 +323,11 @@ pub enum BenchWhat {
         #[arg(long)]
         update: bool,
     },
+    /// The key-value service (configs/kv-{1,2,4,8}.toml) in Bochs under `cargo xtask
+    /// load` through the forwarded port: requests/s and latency (host time), the front's
+    /// instructions per request, against workers; large values by capability against by
+    /// copy; a worker crashing mid-load (requests failed, time to serve again).
+    Kv(KvBenchArgs),
     /// VM exit round trips per exit reason and the hypervisor's share, at 2, 8 and 15 CPUs.
     Exits {
         /// Also write the figures as JSON.
@@ -336,6 +341,39 @@ pub enum BenchWhat {
               value_parser = clap::value_parser!(u32).range(2..=15))]
         cpus: Vec<u32>,
     },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KvBenchArgs {
+    /// Also write the figures as JSON (docs/bench/kv.json is the committed one).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also draw requests/s and instructions per request against workers (needs --json).
+    #[arg(long, requires = "json")]
+    pub plot: bool,
+    /// Rewrite the README's kv table from the --json figures.
+    #[arg(long, requires = "json")]
+    pub update_readme: bool,
+    /// With --update-readme: boot nothing, take the figures from the existing --json file.
+    #[arg(long, requires = "update_readme")]
+    pub only_readme: bool,
+    /// The worker counts of the scaling table (comma-separated; configs/kv-N.toml must
+    /// exist: 1, 2, 4, 8 are shipped).
+    #[arg(long, value_delimiter = ',', default_values_t = crate::kvbench::WORKERS,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub workers: Vec<u32>,
+    /// Requests per boot.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub count: u64,
+    /// Connections at once (the front serves up to its `backlog`, 4 by default).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub connections: u32,
+    /// Large values' sizes: N or MIN-MAX bytes (the service stores up to 64 KiB).
+    #[arg(long, default_value = "8192-32768", value_parser = crate::kvload::parse_range)]
+    pub large_bytes: (usize, usize),
+    /// The load's seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -835,8 +835,8 @@ pub struct LoadReport {
     pub requests_per_second: f64,
     /// Host round-trip latency in microseconds.
     pub latency_us: Latency,
-    /// Emulated instructions per request, when the run's figures allow (see
-    /// [`instructions_per_request`]).
+    /// Emulated instructions per request, when the run's figures tell (`bench kv` fills it
+    /// from the front's `bench kvfront:` line).
     pub instructions_per_request: Option<f64>,
 }
 
@@ -1088,26 +1088,6 @@ pub fn run(opts: &Options, ready: Duration) -> Result<LoadReport> {
     rep.requests_per_second = rep.requests as f64 / seconds.max(1e-9);
     rep.latency_us = latency(&hist);
     Ok(rep)
-}
-
-/// The front's own figure of emulated instructions per request, from the run's serial log:
-/// the last line of guest `front` reading `... R requests ... I instructions ...` (a
-/// `kvfront:` summary), as I / R. `None` when the front printed none.
-pub fn instructions_per_request(serial: &str, front: &str) -> Option<(u64, u64)> {
-    let tag = format!("[{front}@c");
-    serial
-        .lines()
-        .filter(|l| l.starts_with(&tag))
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let before = |word: &str| {
-                w.windows(2).find(|p| p[1].trim_end_matches([',', ';']) == word)?[0]
-                    .parse::<u64>()
-                    .ok()
-            };
-            Some((before("requests")?, before("instructions")?))
-        })
-        .next_back()
 }
 
 fn fmt_ms(us: u64) -> String {

@@ -18,6 +18,7 @@ pub mod exit;
 pub mod exitbench;
 pub mod files;
 pub mod kernel;
+pub mod kvbench;
 pub mod kvload;
 pub mod lifebench;
 pub mod meta;

@@ -144,6 +144,7 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Kv(k) => xtask::kvbench::kv(k).map(|()| true),
             xtask::cli::BenchWhat::Check { update } => xtask::baseline::check(*update),
             xtask::cli::BenchWhat::Exits { json, before, cpus } => {
                 xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)

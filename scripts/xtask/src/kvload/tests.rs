@@ -2,8 +2,8 @@
 //! Tests of the load generator: the reply parser on bytes, the model on replies (the
 //! shard-down rule among them), the mix, and whole loads against a small in-process
 //! memcached text server with injectable faults (a wrong value, a shard down for a while, a
-//! reply never sent, garbage, a shard emptied without a word) and, where installed, against
-//! a real memcached.
+//! reply never sent, garbage, a shard emptied without a word). The load against a real
+//! memcached is a system test (`tests/kv_load.rs`: the package comes with the test set).
 
 use super::*;
 use std::net::TcpListener;
@@ -365,17 +365,6 @@ fn outages_are_runs_of_failures_until_a_success() {
 }
 
 #[test]
-fn the_fronts_instruction_line_is_read() {
-    let serial = "[front@c0] kvfront: up\n\
-                  [front@c0] kvfront: 40 requests, 123456 instructions (TSC), 3086 per request\n\
-                  [w0@c1] kvworker: 5 requests, 9 instructions\n\
-                  [front@c0] kvfront: 100 requests, 400000 instructions, 4000 per request\n";
-    assert_eq!(instructions_per_request(serial, "front"), Some((100, 400_000)));
-    assert_eq!(instructions_per_request(serial, "w0"), Some((5, 9)));
-    assert_eq!(instructions_per_request(serial, "w1"), None);
-}
-
-#[test]
 fn value_ranges_parse() {
     assert_eq!(parse_range("100"), Ok((100, 100)));
     assert_eq!(parse_range("8192-32768"), Ok((8192, 32768)));
@@ -699,30 +688,4 @@ fn nothing_listening_is_an_error_not_a_hang() {
     let e = run(&opts(&format!("127.0.0.1:{port}"), 1, 10, 1), Duration::from_millis(600));
     assert!(e.unwrap_err().to_string().contains("not ready in time"));
     assert!(t.elapsed() < Duration::from_secs(10));
-}
-
-/// A real memcached, where installed (`apt-get install memcached`): the client and the
-/// model agree with the reference server. Skips with a notice where it is absent.
-#[test]
-fn the_load_agrees_with_a_real_memcached() {
-    let Some(bin) = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("memcached")).find(|p| p.is_file()))
-    else {
-        eprintln!("SKIPPED: no memcached on PATH (apt-get install memcached to run this test)");
-        return;
-    };
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = std::process::Command::new(bin)
-        .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-m", "64", "-u", "nobody"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("memcached starts");
-    let r = std::panic::catch_unwind(|| load(opts(&format!("127.0.0.1:{port}"), 1, 3000, 3)));
-    let _ = child.kill();
-    let _ = child.wait();
-    let r = r.expect("the load against memcached");
-    eprintln!("{}", render(&r));
-    assert!(r.server_version.starts_with('1'), "{}", r.server_version);
-    assert_eq!((r.failures(), r.ok), (0, 3000), "{:?}", r.first_mismatches);
 }
