@@ -49,6 +49,9 @@ pub struct Chan {
     /// [`Chan::use_mwait`]).
     mwait: bool,
     pub rung: u64,
+    /// TSC ticks spent halted in [`Chan::recv_until`] (emulated instructions not executed,
+    /// in Bochs): what a caller subtracts to count its work.
+    pub idle_tsc: u64,
     /// The epoch this side's sender and receiver are in.
     pub epoch: u32,
     /// The link word this side's epoch began with (up, `epoch`): any other value is news.
@@ -107,11 +110,16 @@ const fn fast_word(w: u64) -> u64 {
 
 /// Opens the channel called `name`, or the first one.
 pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
-    let (number, d) = bi
+    let number = bi
         .channels()
         .iter()
-        .enumerate()
-        .find(|(_, d)| name.is_none_or(|n| vmcall_proto::fixed::get(&d.name) == Some(n)))?;
+        .position(|d| name.is_none_or(|n| vmcall_proto::fixed::get(&d.name) == Some(n)))?;
+    open_index(bi, number)
+}
+
+/// Opens the channel at position `number` of the boot-info channel table.
+pub fn open_index(bi: &BootInfo, number: usize) -> Option<Chan> {
+    let d = bi.channels().get(number)?;
     // The hypervisor mapped both rings here (EPT) for the guest's life; our page tables
     // identity-map the windows.
     // SAFETY: both rings are mapped memory, accessed only through the ring's atomics.
@@ -131,6 +139,7 @@ pub fn open(bi: &BootInfo, name: Option<&str>) -> Option<Chan> {
         doorbells: false,
         mwait: false,
         rung: 0,
+        idle_tsc: 0,
         epoch,
         link: fast_word(link),
         link_at: link_at(number),
@@ -268,6 +277,76 @@ impl Chan {
                 return Ok(m);
             }
             core::hint::spin_loop();
+        }
+    }
+
+    /// Receives, waiting until the TSC passes `deadline` at the latest (`Ok(None)` then):
+    /// polls `polls` times, then sleeps in HLT until a doorbell (this side says it sleeps,
+    /// so the peer's send rings it: set [`Chan::doorbells`] on the peer), any other
+    /// interrupt, or the deadline (the virtual timer, armed once per call and cancelled at
+    /// the end: at most two hypercalls), and repeats. Errors as [`Chan::try_recv`].
+    pub fn recv_until(
+        &mut self,
+        polls: u32,
+        deadline: u64,
+    ) -> Result<Option<Payload>, ChannelError> {
+        let mut armed = false;
+        let r = loop {
+            match self.poll_until(polls, deadline) {
+                Ok(None) => {}
+                other => break other,
+            }
+            let now = crate::arch::rdtsc();
+            if now >= deadline {
+                break Ok(None);
+            }
+            self.rx.set_sleeping(true);
+            let again = self.try_recv();
+            if let Ok(None) = again {
+                if !armed {
+                    armed = crate::timer::arm(deadline - now).is_ok();
+                }
+                if armed {
+                    crate::arch::wait_for_interrupt();
+                    self.idle_tsc += crate::arch::rdtsc().saturating_sub(now);
+                }
+            }
+            self.rx.set_sleeping(false);
+            match again {
+                Ok(None) => {}
+                other => break other,
+            }
+        };
+        if armed {
+            let _ = crate::timer::arm(0);
+        }
+        r
+    }
+
+    /// Polls up to `polls` times, stopping at `deadline`.
+    fn poll_until(&mut self, polls: u32, deadline: u64) -> Result<Option<Payload>, ChannelError> {
+        for _ in 0..polls {
+            if let Some(m) = self.try_recv()? {
+                return Ok(Some(m));
+            }
+            if crate::arch::rdtsc() >= deadline {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        Ok(None)
+    }
+
+    /// Sends, spinning while the ring is full until the TSC passes `deadline`
+    /// (`Err(Full)` then).
+    pub fn send_until(&mut self, m: &Payload, deadline: u64) -> Result<(), ChannelError> {
+        loop {
+            match self.try_send(m) {
+                Err(ChannelError::Full) if crate::arch::rdtsc() < deadline => {
+                    core::hint::spin_loop()
+                }
+                other => return other,
+            }
         }
     }
 

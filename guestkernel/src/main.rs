@@ -15,6 +15,8 @@ mod capxfer;
 mod exitbench;
 mod ghost;
 mod hostile;
+mod kvfront;
+mod kvworker;
 mod linkloads;
 mod meter;
 mod netloads;

@@ -20,7 +20,7 @@ type Workload = fn(&BootInfo) -> u64;
 
 use crate::netloads;
 
-const REGISTRY: [(&str, Workload); 38] = [
+const REGISTRY: [(&str, Workload); 40] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -59,6 +59,8 @@ const REGISTRY: [(&str, Workload); 38] = [
     ("pciattack", crate::pciattack::run),
     ("bigmap", crate::capload::bigmap),
     ("tcpecho", crate::tcpecho::tcpecho),
+    ("kvfront", crate::kvfront::kvfront),
+    ("kvworker", crate::kvworker::kvworker),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -237,6 +237,8 @@ pub const WORKLOADS: &[&str] = &[
     "pciattack",
     "bigmap",
     "tcpecho",
+    "kvfront",
+    "kvworker",
 ];
 
 /// What values a workload argument takes.
@@ -882,6 +884,59 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                 "0: no UDP; else it also echoes datagrams to this port back to their sender",
             ),
             flag("trace", "1: log every frame either way, decoded (`tcpip: rx`, `tcpip: tx`)"),
+        ],
+    },
+    WorkloadSpec {
+        name: "kvfront",
+        summary: "the front of the sharded key-value service (`vmcall_proto::kv`): owns its \
+                  first card, serves memcached's text protocol on TCP `port` (`set`, `get` \
+                  of several keys, `delete`, `incr`, `decr`, `version`, `stats`, `quit`, \
+                  `shutdown`) and sends each key's request to the worker of its shard (the \
+                  peer of its `i`-th channel); large values by capability (its grant, one \
+                  buffer per worker) or by copy through the ring; a worker down, silent or \
+                  talking garbage makes its shard answer `SERVER_ERROR shard N \
+                  unavailable`; ends with a `bench kvfront:` line; exits 0 after `shutdown`",
+        args: &[
+            int("port", 1, 65535, crate::kv::GUEST_PORT as u64, "the TCP port it listens on"),
+            int("backlog", 1, 8, 4, "sockets listening at once (connections served at once)"),
+            int("buffer", 1024, 65536, 16384, "bytes of receive and send buffer, per socket"),
+            ArgSpec {
+                key: "large",
+                kind: ArgKind::Word(&["cap", "copy"]),
+                default: ArgDefault::Word("cap"),
+                meaning: "how values over the inline size travel: `cap` (the front's buffer \
+                          granted to the worker, revoked after) or `copy` (through the ring)",
+            },
+            int(
+                "timeout_ms",
+                1,
+                60_000,
+                crate::kv::DEADLINE_MS,
+                "how long it waits for a worker's answer before fencing its shard",
+            ),
+            int("polls", 0, 1_000_000, 200, "polls of a worker's ring before sleeping on it"),
+            int("ms", 1, 3_600_000, 3_600_000, "how long it may run before it ends (exit 5)"),
+        ],
+    },
+    WorkloadSpec {
+        name: "kvworker",
+        summary: "one shard of the key-value service: serves the front's requests from its \
+                  channel, values in a B-tree map on its heap, large ones read from or \
+                  written to the buffer the front grants; exits 0 when the front is gone; \
+                  `mode` injects a fault from request `after` of its first incarnation on",
+        args: &[
+            channel("channel", ArgDefault::FirstChannel, "the channel to the front"),
+            ArgSpec {
+                key: "mode",
+                kind: ArgKind::Word(&["serve", "crash", "garbage", "mute", "hoard"]),
+                default: ArgDefault::Word("serve"),
+                meaning: "`serve`, or (first incarnation only) `crash` (faults: give it a \
+                          restart policy), `garbage` (answers without the magic), `mute` \
+                          (never answers) or `hoard` (maps the next granted buffer, never \
+                          answers or unmaps it, keeps reading it: stopped after the revoke)",
+            },
+            int("after", 0, 1_000_000, 0, "requests served normally before `mode` applies"),
+            int("polls", 0, 1_000_000, 100, "polls of the ring before sleeping on it"),
         ],
     },
 ];
