@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// The worker counts of the scaling table (the shipped configs).
 pub const WORKERS: [u32; 4] = [1, 2, 4, 8];
+/// The host port the bench's boots forward to the front.
+pub const PORT: u16 = 21411;
 
 /// The figures of the front's `bench kvfront:` line (TSC ticks: emulated instructions in
 /// Bochs).
@@ -85,10 +87,16 @@ pub fn front_figures(serial: &str, front: &str) -> Option<FrontFigures> {
     })
 }
 
-/// `config` (TOML text) with the front's `large` argument and, when `crash` is given, one
+/// `config` (TOML text) with the front's `large` argument, the card's TCP forwarding from
+/// host port `port` (not the shipped [`vmcall_proto::kv::HOST_PORT`]: a run of the shipped
+/// config elsewhere on the machine would take the load) and, when `crash` is given, one
 /// worker (`w{shard}`) crashing after that many requests (its restart policy kept).
-pub fn variant(config: &str, large: &str, crash: Option<(u32, u32)>) -> Result<String> {
+pub fn variant(config: &str, large: &str, crash: Option<(u32, u32)>, port: u16) -> Result<String> {
     let mut t: toml::Table = config.parse().context("the kv config is not TOML")?;
+    let forward = format!("tcp:{port}-{}", vmcall_proto::kv::GUEST_PORT);
+    let nics = t.get_mut("nic").and_then(|n| n.as_array_mut()).context("no [[nic]]")?;
+    let nic = nics.first_mut().and_then(|n| n.as_table_mut()).context("no [[nic]]")?;
+    nic.insert("forward".into(), toml::Value::Array(vec![forward.into()]));
     let guests = t
         .get_mut("guest")
         .and_then(|g| g.as_array_mut())
@@ -210,8 +218,8 @@ fn measure(
     crash: Option<(u32, u32)>,
     opts: &Options,
 ) -> Result<Row> {
-    let text = variant(config, large, crash)?;
-    let o = Options { workers, ..opts.clone() };
+    let text = variant(config, large, crash, PORT)?;
+    let o = Options { workers, addr: format!("127.0.0.1:{PORT}"), ..opts.clone() };
     let (l, r, boot_seconds) = boot_and_load(name, &text, &o)?;
     let serial = std::fs::read_to_string(&r.serial_log)?;
     let front = front_figures(&serial, "front");
@@ -244,7 +252,8 @@ fn measure(
     })
 }
 
-fn read_config(workers: u32) -> Result<String> {
+/// The shipped `configs/kv-N.toml` of `workers` workers.
+pub fn read_config(workers: u32) -> Result<String> {
     let p = crate::workspace_root().join(format!("configs/kv-{workers}.toml"));
     std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
 }
@@ -441,27 +450,30 @@ mod tests {
         assert!(front_figures("[front@c0] kvfront: up\n", "front").is_none());
     }
 
-    const CONFIG: &str = "[machine]\ncpus = 3\n\n[[guest]]\nname = \"front\"\ncore = 0\n\
+    const CONFIG: &str = "[machine]\ncpus = 3\n\n[[nic]]\nmodel = \"e1000\"\n\n[[guest]]\nname = \"front\"\ncore = 0\n\
         workload = \"kvfront\"\nargs = { large = \"cap\" }\n\n[[guest]]\nname = \"w0\"\ncore = 1\n\
         workload = \"kvworker\"\n\n[[guest]]\nname = \"w1\"\ncore = 2\nworkload = \"kvworker\"\n";
 
     #[test]
     fn variants_set_the_fronts_mode_and_a_crash() {
-        let v: toml::Table = variant(CONFIG, "copy", Some((1, 30))).unwrap().parse().unwrap();
+        let v: toml::Table = variant(CONFIG, "copy", Some((1, 30)), 4000).unwrap().parse().unwrap();
+        assert_eq!(v["nic"][0]["forward"][0].as_str(), Some("tcp:4000-11211"));
         let g = v["guest"].as_array().unwrap();
         assert_eq!(g[0]["args"]["large"].as_str(), Some("copy"));
         assert!(g[1].get("args").is_none_or(|a| a.get("mode").is_none()));
         assert_eq!(g[2]["args"]["mode"].as_str(), Some("crash"));
         assert_eq!(g[2]["args"]["after"].as_integer(), Some(30));
-        assert!(variant("[machine]\ncpus = 1\n", "cap", None).is_err());
+        assert!(variant("[machine]\ncpus = 1\n", "cap", None, 4000).is_err());
+        let no_front = CONFIG.replace("kvfront", "spin");
+        assert!(variant(&no_front, "cap", None, 4000).is_err());
     }
 
     #[test]
     fn shipped_configs_take_the_variants() {
         for w in WORKERS {
-            let Ok(c) = read_config(w) else { continue };
+            let c = read_config(w).unwrap();
             for (large, crash) in [("cap", None), ("copy", None), ("cap", Some((0, 5)))] {
-                let v = variant(&c, large, crash).unwrap();
+                let v = variant(&c, large, crash, PORT).unwrap();
                 let checked = crate::config::compile(&format!("kv-{w}.toml"), &v);
                 assert!(checked.is_ok(), "kv-{w} {large} {crash:?}: {:?}", checked.err());
             }
