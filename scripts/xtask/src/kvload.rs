@@ -828,6 +828,9 @@ pub struct LoadReport {
     pub lost_to_restarts: u64,
     pub outages: Vec<Outage>,
     pub reconnects: u64,
+    /// Connections the server closed before their first reply (through slirp: nothing was
+    /// listening in the guest at that moment), made again with the same request.
+    pub refused: u64,
     pub bytes_sent: u64,
     pub bytes_received_values: u64,
     pub large_sets: u64,
@@ -875,6 +878,7 @@ struct ConnResult {
     mismatches: Vec<String>,
     ok: u64,
     reconnects: u64,
+    refused: u64,
     bytes_sent: u64,
     bytes_values: u64,
     large_sets: u64,
@@ -884,6 +888,8 @@ struct ConnResult {
 }
 
 const KEEP_MISMATCHES: usize = 20;
+/// Connections closed before their first reply, in a row, before that is a failure.
+const MAX_REFUSED: u32 = 50;
 
 fn connection(
     opts: &Options,
@@ -901,6 +907,7 @@ fn connection(
         mismatches: vec![],
         ok: 0,
         reconnects: 0,
+        refused: 0,
         bytes_sent: 0,
         bytes_values: 0,
         large_sets: 0,
@@ -908,6 +915,7 @@ fn connection(
         requests: 0,
     };
     let mut client: Option<Client> = None;
+    let mut fresh = false;
     let fail = |r: &mut ConnResult, kind: &str, what: String| {
         *r.errors.entry(kind.to_string()).or_default() += 1;
         if r.mismatches.len() < KEEP_MISMATCHES {
@@ -927,21 +935,44 @@ fn connection(
                 r.large_sets += 1;
             }
         }
-        let c = match client.as_mut() {
-            Some(c) => c,
-            None => match Client::connect(&opts.addr, opts.timeout) {
-                Ok(c) => client.insert(c),
-                Err(e) => {
-                    fail(&mut r, "connect", format!("connection {conn}: connect: {e}"));
-                    r.model.no_reply(&req);
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            },
+        // A connection slirp accepted but the guest did not (nothing listening on it at that
+        // moment: the front listens on a few sockets at once) is closed before any reply:
+        // made again, the same request resent, a bounded number of times.
+        let mut refused = 0;
+        let attempt = loop {
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match Client::connect(&opts.addr, opts.timeout) {
+                    Ok(c) => {
+                        fresh = true;
+                        client.insert(c)
+                    }
+                    Err(e) => break Err(e),
+                },
+            };
+            let sent = Instant::now();
+            let reply = c.call(&req);
+            let at = Instant::now();
+            if fresh && reply == Err(ReadError::Closed) && refused < MAX_REFUSED && at < end {
+                refused += 1;
+                r.refused += 1;
+                r.model.no_reply(&req);
+                client = None;
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            break Ok((sent, reply, at));
         };
-        let sent = Instant::now();
-        let reply = c.call(&req);
-        let at = Instant::now();
+        let (sent, reply, at) = match attempt {
+            Ok(a) => a,
+            Err(e) => {
+                fail(&mut r, "connect", format!("connection {conn}: connect: {e}"));
+                r.model.no_reply(&req);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        fresh = fresh && reply.is_err();
         r.bytes_sent += req.encode().len() as u64;
         let shards: Vec<u32> = {
             let mut s: Vec<u32> =
@@ -1055,6 +1086,7 @@ pub fn run(opts: &Options, ready: Duration) -> Result<LoadReport> {
         lost_to_restarts: 0,
         outages: vec![],
         reconnects: 0,
+        refused: 0,
         bytes_sent: 0,
         bytes_received_values: 0,
         large_sets: 0,
@@ -1077,6 +1109,7 @@ pub fn run(opts: &Options, ready: Duration) -> Result<LoadReport> {
         rep.first_mismatches.extend(r.mismatches);
         rep.lost_to_restarts += r.model.lost;
         rep.reconnects += r.reconnects;
+        rep.refused += r.refused;
         rep.bytes_sent += r.bytes_sent;
         rep.bytes_received_values += r.bytes_values;
         rep.large_sets += r.large_sets;
@@ -1141,11 +1174,13 @@ pub fn render(r: &LoadReport) -> String {
     s += &format!("{t}\n");
     let ops: Vec<String> = r.by_op.iter().map(|(k, v)| format!("{k} {v}")).collect();
     s += &format!(
-        "requests by kind: {}; large sets {}; {:.1} s; {} reconnects\n",
+        "requests by kind: {}; large sets {}; {:.1} s; {} reconnects, {} connections refused \
+         and made again\n",
         ops.join(", "),
         r.large_sets,
         r.seconds,
-        r.reconnects
+        r.reconnects,
+        r.refused
     );
     if !r.errors.is_empty() {
         let e: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();

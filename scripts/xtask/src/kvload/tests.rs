@@ -387,6 +387,8 @@ struct Faults {
     garbage_at: Option<u64>,
     /// At this index the shard is emptied without any error.
     silent_loss: Option<(u32, u64)>,
+    /// Connections (in accept order, 0 the readiness probe's) closed at once, unanswered.
+    refuse: Vec<usize>,
 }
 
 struct Store {
@@ -430,9 +432,15 @@ fn fake(workers: u32, faults: Faults) -> Fake {
     let (st, sv) = (stop.clone(), served.clone());
     let handle = std::thread::spawn(move || {
         let mut conns = vec![];
+        let mut accepted = 0;
         while !st.load(Ordering::SeqCst) {
             match l.accept() {
+                Ok((s, _)) if faults.refuse.contains(&accepted) => {
+                    accepted += 1;
+                    drop(s);
+                }
                 Ok((s, _)) => {
+                    accepted += 1;
                     let (st, store, f, sv) =
                         (st.clone(), store.clone(), faults.clone(), sv.clone());
                     conns.push(std::thread::spawn(move || serve(s, workers, &f, &store, &st, &sv)));
@@ -679,6 +687,17 @@ fn a_dropped_reply_is_a_timeout_and_the_load_goes_on() {
     let r = load(opts(&f.addr, 2, 300, 1));
     assert_eq!(r.errors.get("protocol"), Some(&1), "{}", render(&r));
     assert_eq!(r.failures(), 1);
+}
+
+#[test]
+fn a_connection_closed_before_its_first_reply_is_made_again() {
+    let f = fake(2, Faults { refuse: vec![1, 3, 4], ..Faults::default() });
+    let r = load(opts(&f.addr, 2, 400, 2));
+    assert_eq!((r.failures(), r.ok, r.refused), (0, 400, 3), "{}", render(&r));
+    // Closed after a reply: a failure, not a refusal.
+    let f = fake(2, Faults { drop_reply_at: Some(50), ..Faults::default() });
+    let r = load(Options { timeout: Duration::from_millis(300), ..opts(&f.addr, 2, 100, 1) });
+    assert_eq!((r.failures(), r.refused), (1, 0));
 }
 
 #[test]
