@@ -30,6 +30,9 @@ use vmcall_proto::kv::{self, op, status, via, Reply, Request};
 const NO_CHANNEL: u64 = 2;
 /// How long a body message or a reply's room in the ring may take (ms).
 const BODY_MS: u64 = 1000;
+/// Polls before sleeping on a body message (it follows its header at once: a sleep, two
+/// hypercalls, costs more than many polls).
+const BODY_POLLS: u32 = 2000;
 /// Where a granted buffer is mapped.
 const BUFFER_AT: u64 = GRANT_WINDOW.0;
 
@@ -79,7 +82,7 @@ enum Mode {
 fn body(c: &mut Chan, n: usize) -> Result<Vec<u8>, ChannelError> {
     let mut out = alloc::vec![0u8; n];
     for chunk in out.chunks_mut(56) {
-        match c.recv_until(64, pci::deadline_ms(BODY_MS))? {
+        match c.recv_until(BODY_POLLS, pci::deadline_ms(BODY_MS))? {
             Some(m) => kv::unpack(&m, chunk),
             None => return Err(ChannelError::Full),
         }
@@ -89,12 +92,11 @@ fn body(c: &mut Chan, n: usize) -> Result<Vec<u8>, ChannelError> {
 
 /// Sends a reply header and `value` (if any) in body messages.
 fn send(c: &mut Chan, r: &Reply, value: &[u8]) -> Result<(), ChannelError> {
-    let deadline = pci::deadline_ms(BODY_MS);
-    c.send_until(&r.to_words(), deadline)?;
+    c.send_until(&r.to_words(), pci::deadline_ms(BODY_MS))?;
     let mut res = Ok(());
     kv::pack(value, |m| {
         if res.is_ok() {
-            res = c.send_until(m, deadline);
+            res = c.send_until(m, pci::deadline_ms(BODY_MS));
         }
     });
     res

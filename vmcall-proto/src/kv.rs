@@ -25,7 +25,8 @@
 //! `SERVER_ERROR shard N unavailable\r\n` ([`unavailable_line`]); a multi-key `get` with
 //! any key on a down shard gets that line (for the first such shard) for the whole
 //! request, and nothing else. The connection stays open. The front waits at most
-//! [`DEADLINE_MS`] (its `timeout_ms`) for a worker's answer to one request; then, or on a
+//! [`DEADLINE_MS`] (its `timeout_ms`) for each step of a worker (its answer, each of its
+//! body messages, room in the ring for the front's next one); then, or on a
 //! reply that is not one (wrong magic, sequence, status, length), the shard is fenced:
 //! the request gets the error line, a granted buffer is revoked, and the shard stays down
 //! until the worker's channel shows a new epoch (the worker was restarted, by policy). A
@@ -93,8 +94,9 @@ pub const MAX_VALUE: usize = 64 * 1024;
 pub const INLINE_MAX: usize = 1024;
 /// Pages of each shard's capability buffer ([`MAX_VALUE`] bytes).
 pub const BUFFER_PAGES: u64 = (MAX_VALUE as u64).div_ceil(4096);
-/// How long the front waits for a worker's answer to one request before it declares the
-/// shard down (machine milliseconds; the front's `timeout_ms` argument, this default).
+/// How long the front waits for each step of a worker (its answer, room in the ring for
+/// the front's next message, its next body message) before it declares the shard down
+/// (machine milliseconds; the front's `timeout_ms` argument, this default).
 pub const DEADLINE_MS: u64 = 200;
 /// The front's answer to the `version` command.
 pub const VERSION: &str = "VERSION mkvisor-kv 1\r\n";
