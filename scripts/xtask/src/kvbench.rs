@@ -59,14 +59,20 @@ fn after(s: &str, phrase: &str) -> Option<u64> {
     s[at..].split_whitespace().next()?.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()
 }
 
-/// The last `bench kvfront:` line of guest `front` in `serial`.
+/// The figures of guest `front`'s last `bench kvfront:` line and the `bench kvfront ...`
+/// lines after it (`bench kvfront traffic:`: the console cuts long lines, the front
+/// spreads its figures), found by the words around each number; those absent are 0.
 pub fn front_figures(serial: &str, front: &str) -> Option<FrontFigures> {
     let tag = format!("[{front}@c");
-    let l = serial
+    let mine: Vec<&str> = serial
         .lines()
         .filter(|l| l.starts_with(&tag))
-        .filter_map(|l| l.split_once("bench kvfront: ").map(|(_, r)| r))
-        .next_back()?;
+        .filter_map(|l| l.split_once("] ").map(|(_, r)| r))
+        .filter(|l| l.starts_with("bench kvfront"))
+        .collect();
+    let first = mine.iter().rposition(|l| l.starts_with("bench kvfront: "))?;
+    let joined = mine[first..].join("; ");
+    let l = joined.as_str();
     Some(FrontFigures {
         commands: before(l, " commands")?,
         unavailable: before(l, " unavailable").unwrap_or(0),
@@ -80,8 +86,10 @@ pub fn front_figures(serial: &str, front: &str) -> Option<FrontFigures> {
         caps_revoked: before(l, " revoked").unwrap_or(0),
         cap_bytes: before(l, " value bytes by capability").unwrap_or(0),
         ring_bytes: before(l, " by ring").unwrap_or(0),
-        messages_sent: before(l, " ring messages sent").unwrap_or(0),
-        messages_received: before(l, " received;").unwrap_or(0),
+        messages_sent: after(l, "ring messages ")
+            .or_else(|| before(l, " ring messages sent"))
+            .unwrap_or(0),
+        messages_received: before(l, " received").unwrap_or(0),
         run_tsc: after(l, "; run ").unwrap_or(0),
         halted_tsc: before(l, " halted").unwrap_or(0),
     })
@@ -426,14 +434,19 @@ mod tests {
 
     const LINE: &str = "[front@c0] bench kvfront: 412 commands (300 get keys, 120 sets; 200 hits, \
         100 misses; 7 unavailable) in 405 worker requests; work 23456 instructions per command; \
-        latency p50 20000 p90 31000 p99 52000 max 90000 TSC ticks; 40 capabilities granted, 40 \
-        revoked, 655360 value bytes by capability, 12000 by ring; 1800 ring messages sent, 1700 \
-        received; run 99999999 TSC ticks, 5555555 halted in the card's wait";
+        latency p50 20000 p90 31000 p99 52000 max 90000 TSC ticks\n\
+        [front@c0] bench kvfront traffic: 40 capabilities granted, 40 revoked; 655360 value bytes \
+        by capability, 12000 by ring; ring messages 1800 sent, 1700 received; run 99999999 TSC \
+        ticks, 5555555 halted";
 
     #[test]
     fn the_fronts_bench_line_parses() {
-        let serial =
-            format!("[w0@c1] bench kvfront: 1 commands\n{LINE}\n[front@c0] kvfront: done\n");
+        let serial = format!(
+            "[w0@c1] bench kvfront: 1 commands\n[front@c0] bench kvfront: 3 commands in 3 \
+             worker requests; work 5 instructions per command; latency p50 1 p90 1 p99 1 max 1\n\
+             [front@c0] bench kvfront traffic: 1 capabilities granted\n\
+             {LINE}\n[front@c0] kvfront: done\n"
+        );
         let f = front_figures(&serial, "front").expect("parsed");
         assert_eq!((f.commands, f.unavailable, f.worker_requests), (412, 7, 405));
         assert_eq!(f.work_instructions_per_command, 23456);
@@ -448,6 +461,12 @@ mod tests {
         assert_eq!((f.messages_sent, f.messages_received), (1800, 1700));
         assert_eq!((f.run_tsc, f.halted_tsc), (99_999_999, 5_555_555));
         assert!(front_figures("[front@c0] kvfront: up\n", "front").is_none());
+        // The older, single line (cut where the console cut it).
+        let cut = "[front@c0] bench kvfront: 3 commands (1 get keys) in 4 worker requests; work 5 \
+                   instructions per command; latency p50 1 p90 2 p99 3 max 4 TSC ticks; 6 \
+                   capabilities granted, 6 revoked, 728337 value ";
+        let f = front_figures(cut, "front").unwrap();
+        assert_eq!((f.commands, f.caps_granted, f.caps_revoked, f.cap_bytes), (3, 6, 6, 0));
     }
 
     const CONFIG: &str = "[machine]\ncpus = 3\n\n[[nic]]\nmodel = \"e1000\"\n\n[[guest]]\nname = \"front\"\ncore = 0\n\
