@@ -95,7 +95,9 @@ fn two_workers_serve_a_verified_load_from_the_host() {
         (l, down)
     });
     let b = boot_args(RunArgs { timeout: 1500, ..RunArgs::quiet(Emulator::Bochs, path.to_str()) });
-    let (l, down) = client.join().expect("the host client failed");
+    let (mut l, down) = client.join().expect("the host client failed");
+    let f = xtask::kvbench::front_figures(&b.serial, "front").expect("a bench kvfront: line");
+    l.instructions_per_request = Some(f.work_instructions_per_command as f64);
     eprintln!("{}", kvload::render(&l));
     down.expect("shutdown answered OK");
     assert_eq!((l.requests, l.failures(), l.mismatches), (count, 0, 0), "{:?}", l.first_mismatches);
@@ -114,11 +116,11 @@ fn two_workers_serve_a_verified_load_from_the_host() {
     }
     // The large values went by capability: granted, revoked, as the front counted and as
     // the workers' cores saw the front's core ask them.
-    let f = xtask::kvbench::front_figures(&b.serial, "front").expect("a bench kvfront: line");
     eprintln!("front: {f:?}");
     assert!(f.caps_granted >= l.large_sets, "{f:?}");
     assert_eq!(f.caps_granted, f.caps_revoked, "{f:?}");
     assert!(f.commands >= count, "{f:?}");
+    assert!(f.cap_bytes > f.ring_bytes && f.messages_sent > 2 * count, "{f:?}");
     let front_core = b.guest("front").core.to_string();
     for w in ["w0", "w1"] {
         let asked = b.guest(w).requests_from.get(&front_core).copied().unwrap_or(0);

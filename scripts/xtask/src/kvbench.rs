@@ -228,9 +228,11 @@ fn measure(
 ) -> Result<Row> {
     let text = variant(config, large, crash, PORT)?;
     let o = Options { workers, addr: format!("127.0.0.1:{PORT}"), ..opts.clone() };
-    let (l, r, boot_seconds) = boot_and_load(name, &text, &o)?;
+    let (mut l, r, boot_seconds) = boot_and_load(name, &text, &o)?;
     let serial = std::fs::read_to_string(&r.serial_log)?;
     let front = front_figures(&serial, "front");
+    l.instructions_per_request = front.as_ref().map(|f| f.work_instructions_per_command as f64);
+    eprint!("{}", kvload::render(&l));
     let outage = crash.and_then(|(s, _)| l.outages.iter().find(|o| o.shard == s));
     let ms = |us: u64| us as f64 / 1000.0;
     if l.failures() > 0 {
