@@ -13,7 +13,9 @@
 //!   `SERVER_ERROR shard 1 unavailable` while it is down, promptly, the connection stays,
 //!   shard 0 serves throughout; after the restart shard 1 serves again, empty;
 //! * `configs/kv-hostile.toml`: workers answering garbage, never answering, or hoarding a
-//!   granted buffer are fenced (timed out, the buffer revoked) while shard 0 keeps serving.
+//!   granted buffer are fenced (timed out, the buffer revoked) while shard 0 keeps serving;
+//! * `configs/kv-mute.toml`: a silent worker is fenced and restarted by the front, which
+//!   controls its workers; its shard comes back empty.
 //!
 //! Each run ends with the client's `shutdown`. Figures (host time, the front's bench line)
 //! are printed, never asserted.
@@ -38,8 +40,9 @@ struct Client {
 type Hits = Vec<(String, u32, Vec<u8>)>;
 
 impl Client {
-    /// Connects once the service answers `version` (Bochs and the guests take a while to
-    /// come up), retrying until `deadline`.
+    /// Connects once the service answers `version` (building the image, Bochs and the
+    /// guests take a while to come up: minutes on a busy machine), retrying until
+    /// `deadline`.
     fn connect(deadline: Instant) -> Client {
         loop {
             let attempt =
@@ -188,8 +191,13 @@ fn figure(line: &str, what: &str) -> u64 {
     before.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Held by each run: they all forward host port 21211, and `cargo xtask test` runs two
+/// tests of a file at once.
+static PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `client` against `config` in Bochs; the client must end with `shutdown`.
 fn run<T: Send + 'static>(config: &str, client: impl FnOnce() -> T + Send + 'static) -> (Boot, T) {
+    let _port = PORT.lock().unwrap_or_else(|e| e.into_inner());
     let t = std::thread::spawn(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(client));
         if r.is_err() {
@@ -234,7 +242,7 @@ fn large_values_by_copy_through_the_ring() {
 /// A few hundred requests on `config` (two workers), every reply checked against a model.
 fn verified_load(config: &'static str, copy: bool) {
     let (b, (requests, secs)) = run(config, move || {
-        let mut c = Client::connect(Instant::now() + Duration::from_secs(240));
+        let mut c = Client::connect(Instant::now() + Duration::from_secs(900));
         let t0 = Instant::now();
         let mut model: HashMap<String, (u32, Vec<u8>)> = HashMap::new();
         let mut requests = 0u64;
@@ -402,7 +410,7 @@ fn verified_load(config: &'static str, copy: bool) {
 #[test]
 fn a_worker_that_dies_costs_only_its_shard_and_comes_back_empty() {
     let (b, (errors, down_for)) = run("configs/kv-crash.toml", || {
-        let mut c = Client::connect(Instant::now() + Duration::from_secs(240));
+        let mut c = Client::connect(Instant::now() + Duration::from_secs(900));
         let k0 = keys_of("a", 0, 2, 8);
         let k1 = keys_of("b", 1, 2, 8);
         let mut errors = 0u64;
@@ -485,7 +493,7 @@ fn a_worker_that_dies_costs_only_its_shard_and_comes_back_empty() {
 #[test]
 fn hostile_workers_are_fenced_and_the_other_shard_keeps_serving() {
     let (b, timings) = run("configs/kv-hostile.toml", || {
-        let mut c = Client::connect(Instant::now() + Duration::from_secs(240));
+        let mut c = Client::connect(Instant::now() + Duration::from_secs(900));
         let keys: Vec<Vec<String>> = (0..4).map(|s| keys_of("h", s, 4, 4)).collect();
         // Four good requests to each worker (its `after`): two sets, two gets.
         for (s, ks) in keys.iter().enumerate() {
@@ -560,4 +568,65 @@ fn hostile_workers_are_fenced_and_the_other_shard_keeps_serving() {
     for (s, t) in timings {
         eprintln!("host: shard {s}'s misbehaviour answered with its error line in {t:?}");
     }
+}
+
+#[test]
+fn a_silent_worker_is_restarted_by_its_controlling_front() {
+    let (b, waited) = run("configs/kv-mute.toml", || {
+        let mut c = Client::connect(Instant::now() + Duration::from_secs(900));
+        let keys: Vec<Vec<String>> = (0..2).map(|s| keys_of("m", s, 2, 4)).collect();
+        // Four good requests to each worker (the silent one's `after`).
+        for ks in &keys {
+            for k in &ks[..2] {
+                assert_eq!(c.set(k, 1, k.as_bytes()), "STORED");
+                assert_eq!(c.get(&[k]).unwrap().len(), 1);
+            }
+        }
+        let t = Instant::now();
+        assert_eq!(c.set(&keys[1][2], 0, b"lost"), unavailable(1));
+        let waited = t.elapsed();
+        // The front restarted it: shard 1 comes back, empty; shard 0 kept its keys.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(Instant::now() < deadline, "shard 1 never came back");
+            match c.get(&[&keys[1][0]]) {
+                Ok(h) => {
+                    assert_eq!(h, vec![], "shard 1 came back with its keys");
+                    break;
+                }
+                Err(l) => assert_eq!(l, unavailable(1)),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(c.set(&keys[1][3], 4, b"again"), "STORED");
+        assert_eq!(
+            c.get(&[&keys[1][3]]).unwrap(),
+            vec![(keys[1][3].clone(), 4, b"again".to_vec())]
+        );
+        let k0 = &keys[0][0];
+        assert_eq!(c.get(&[k0]).unwrap(), vec![(k0.clone(), 1, k0.as_bytes().to_vec())]);
+        let st = c.stats();
+        assert_eq!(
+            (st["controller_restarts"], st["shard_1:timeouts"], st["shard_1:restarts"]),
+            (1, 1, 1),
+            "{st:?}"
+        );
+        assert_eq!((st["shard_0:restarts"], st["shard_1:up"]), (0, 1), "{st:?}");
+        c.shutdown();
+        waited
+    });
+    let w1 = b.guest("w1");
+    assert_eq!(w1.incarnations.len(), 2, "{w1:?}");
+    assert_eq!((w1.state.as_str(), w1.exit_status), ("exited", 0), "{w1:?}");
+    assert!(
+        b.serial.contains("kvfront: shard 1: restarting its worker (control slot"),
+        "{}",
+        b.serial
+    );
+    eprintln!("guest: {}", bench_line(&b));
+    eprintln!(
+        "host: the silent worker's request answered with the error line after {waited:?}; its \
+         first incarnation ended {:?}",
+        w1.incarnations[0].ending
+    );
 }

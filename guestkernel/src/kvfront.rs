@@ -4,7 +4,8 @@
 //! the guest's first card, serves memcached's text protocol on TCP port `port` through the
 //! SDK's TCP/IP stack (`backlog` connections at once, requests pipelined on each), and
 //! sends each key's request to the worker of its shard, one request at a time, waiting at
-//! most `timeout_ms` for the answer. Large values go by capability (`large = "cap"`: one
+//! most `timeout_ms` for each message the worker owes; a worker that times out or answers
+//! garbage is fenced, and restarted if the front holds a guest-control capability over it. Large values go by capability (`large = "cap"`: one
 //! buffer per shard cut from its grant, copied to the worker per request and revoked after
 //! it) or through the ring (`large = "copy"`).
 //!
@@ -55,6 +56,11 @@ struct Shard {
     buf_at: u64,
     /// Down because the front fenced it (timeout, garbage): until a new epoch.
     fenced: bool,
+    /// The guest-control capability over its worker, if the config gives one: a fenced
+    /// worker is then restarted by the front.
+    ctl: Option<u64>,
+    /// Whether the front restarted the worker since it fenced it.
+    restarted: bool,
     /// Whether the last look at the link found the worker gone.
     gone: bool,
     requests: u64,
@@ -87,6 +93,7 @@ struct Counts {
     messages_sent: u64,
     messages_received: u64,
     connections: u64,
+    controller_restarts: u64,
     work: u64,
     latencies: Vec<u32>,
 }
@@ -137,6 +144,7 @@ impl Front {
                 Ok(epoch) => {
                     sh.restarts += 1;
                     sh.fenced = false;
+                    sh.restarted = false;
                     sh.gone = false;
                     sh.items = 0;
                     sh.bytes = 0;
@@ -166,6 +174,23 @@ impl Front {
         log::warn!(
             "kvfront: shard {i} fenced ({why}): its requests fail until its worker restarts"
         );
+    }
+
+    /// Restarts every fenced worker the front controls (once per fencing): its shard comes
+    /// back, empty, when its new incarnation's channel is up. Called between commands, so
+    /// a buffer granted to the worker was revoked first.
+    fn restart_fenced(&mut self) {
+        for (i, sh) in self.shards.iter_mut().enumerate() {
+            let Some(slot) = sh.ctl.filter(|_| sh.fenced && !sh.restarted) else { continue };
+            sh.restarted = true;
+            let r = guestkernel::hypercall::call(
+                vmcall_proto::hypercall::Hypercall::GuestControl,
+                slot,
+                vmcall_proto::hypercall::control::RESTART,
+            );
+            self.n.controller_restarts += 1;
+            log::info!("kvfront: shard {i}: restarting its worker (control slot {slot}): {r:?}");
+        }
     }
 
     /// Sends request `q` with `body` (key, then an inline value) to shard `i` and takes
@@ -403,6 +428,7 @@ impl Front {
                 Some(n) => n,
                 None => return, // a data block still coming
             };
+            self.restart_fenced();
             c.inbuf.drain(..consumed.min(c.inbuf.len()));
             let t = rdtsc() - t0;
             let idle: u64 = self.shards.iter().map(|s| s.chan.idle_tsc).sum::<u64>() - idle0;
@@ -598,6 +624,7 @@ impl Front {
         w("get_misses", n.misses);
         w("worker_requests", n.worker_requests);
         w("unavailable_errors", n.unavailable);
+        w("controller_restarts", n.controller_restarts);
         w("caps_granted", n.caps_granted);
         w("caps_revoked", n.caps_revoked);
         w("cap_value_bytes", n.cap_bytes);
@@ -683,12 +710,18 @@ pub fn kvfront(bi: &BootInfo) -> u64 {
         let Some(mut chan) = channel::open_index(bi, i) else { return NO_CHANNEL };
         chan.doorbells = true;
         let (buf, buf_at) = bufs.get(i).copied().unwrap_or((u64::MAX, 0));
+        // Guest-control capabilities follow the endpoints, in the config's order of guests
+        // (the workers', as their channels).
+        let ctl = first_ep + (workers + i) as u64;
+        let ctl = caps::identify(ctl).is_ok_and(|t| t & 0xff == 3).then_some(ctl);
         shards.push(Shard {
             chan,
             ep: first_ep + i as u64,
             buf,
             buf_at,
             fenced: false,
+            ctl,
+            restarted: false,
             gone: false,
             requests: 0,
             errors: 0,

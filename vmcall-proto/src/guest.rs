@@ -895,7 +895,7 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                   peer of its `i`-th channel); large values by capability (its grant, one \
                   buffer per worker) or by copy through the ring; a worker down, silent or \
                   talking garbage makes its shard answer `SERVER_ERROR shard N \
-                  unavailable`; ends with a `bench kvfront:` line; exits 0 after `shutdown`",
+                  unavailable` (and is restarted if the front controls it); ends with a `bench kvfront:` line; exits 0 after `shutdown`",
         args: &[
             int("port", 1, 65535, crate::kv::GUEST_PORT as u64, "the TCP port it listens on"),
             int("backlog", 1, 8, 4, "sockets listening at once (connections served at once)"),

@@ -29,7 +29,10 @@
 //! body messages, room in the ring for the front's next one); then, or on a
 //! reply that is not one (wrong magic, sequence, status, length), the shard is fenced:
 //! the request gets the error line, a granted buffer is revoked, and the shard stays down
-//! until the worker's channel shows a new epoch (the worker was restarted, by policy). A
+//! until the worker's channel shows a new epoch: the worker was restarted by its policy,
+//! or by the front itself when the config gives it a guest-control capability over every
+//! worker (`[[control]] guest = "front"`: it restarts a fenced worker right after the
+//! command that fenced it). A
 //! restarted worker's shard is empty: a client must treat every key of a shard it got
 //! the error line for as unknown until its next `set`.
 //!
