@@ -1015,36 +1015,45 @@ fn connection(
     r
 }
 
-/// The outages in `events` (shard, sent, received, ok), times from `t0`: in the order the
-/// replies came (the order the server answered; requests sent on other connections may
-/// overtake each other between sending and serving).
+/// The outages in `events` (shard, sent, received, ok), times from `t0`, in the order the
+/// replies came: a run of failures touching a shard, closed by the first success after
+/// it. A failure sent before that success's reply came was in flight while the shard came
+/// back (replies on other connections overtake each other): it counts in the same outage.
 pub fn outages(mut events: Vec<(u32, Instant, Instant, bool)>, t0: Instant) -> Vec<Outage> {
     events.sort_by_key(|e| (e.0, e.2));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut out: Vec<Outage> = vec![];
-    let mut open: Option<(Outage, Instant)> = None;
+    // The outage of the current shard still taking failures: (its first send, and when it
+    // was closed: the success's reply).
+    let mut open: Option<(Instant, Option<Instant>)> = None;
     let mut last_shard = None;
     for (shard, sent, at, ok) in events {
         if last_shard != Some(shard) {
-            out.extend(open.take().map(|o| o.0));
+            open = None;
             last_shard = Some(shard);
         }
-        match (&mut open, ok) {
-            (None, false) => {
-                open = Some((
-                    Outage { shard, failed: 1, start_ms: ms(sent - t0), serve_again_ms: None },
-                    sent,
-                ))
+        match (open, ok) {
+            (Some((_, Some(closed))), false) if sent <= closed => {
+                out.last_mut().expect("an open outage is in the list").failed += 1;
             }
-            (Some((o, _)), false) => o.failed += 1,
-            (Some((o, first)), true) => {
-                o.serve_again_ms = Some(ms(at.saturating_duration_since(*first)));
-                out.extend(open.take().map(|o| o.0));
+            (None | Some((_, Some(_))), false) => {
+                out.push(Outage {
+                    shard,
+                    failed: 1,
+                    start_ms: ms(sent - t0),
+                    serve_again_ms: None,
+                });
+                open = Some((sent, None));
             }
-            (None, true) => {}
+            (Some((_, None)), false) => out.last_mut().expect("open").failed += 1,
+            (Some((first, None)), true) => {
+                out.last_mut().expect("open").serve_again_ms =
+                    Some(ms(at.saturating_duration_since(first)));
+                open = Some((first, Some(at)));
+            }
+            (_, true) => {}
         }
     }
-    out.extend(open.map(|o| o.0));
     out
 }
 

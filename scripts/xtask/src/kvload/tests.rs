@@ -356,10 +356,12 @@ fn outages_are_runs_of_failures_until_a_success() {
         (1, at(30), at(31), false),
         (1, at(50), at(52), true),
         (1, at(60), at(61), false),
+        // Sent before the success above came back: the same outage.
+        (1, at(49), at(55), false),
     ];
     let o = outages(ev, t0);
     assert_eq!(o.len(), 2, "{o:?}");
-    assert_eq!((o[0].shard, o[0].failed, o[0].start_ms), (1, 2, 20.0));
+    assert_eq!((o[0].shard, o[0].failed, o[0].start_ms), (1, 3, 20.0));
     assert_eq!(o[0].serve_again_ms, Some(32.0));
     assert_eq!((o[1].failed, o[1].serve_again_ms), (1, None));
 }
