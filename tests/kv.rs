@@ -198,6 +198,10 @@ static PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Runs `client` against `config` in Bochs; the client must end with `shutdown`.
 fn run<T: Send + 'static>(config: &str, client: impl FnOnce() -> T + Send + 'static) -> (Boot, T) {
     let _port = PORT.lock().unwrap_or_else(|e| e.into_inner());
+    // A service still listening there (a run not yet gone) would take our client's requests.
+    if let Err(e) = std::net::TcpListener::bind(ADDR) {
+        panic!("host port {ADDR} is taken ({e}): is another key-value run still up?");
+    }
     let t = std::thread::spawn(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(client));
         if r.is_err() {
