@@ -1008,7 +1008,8 @@ pub fn print_emulated(e: &Emulated) {
     }
 }
 
-fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
+/// The meta data of a bench that began on `before` with the timer `timer`.
+pub fn bench_meta(timer: TimerResolution, before: crate::report::Host) -> BenchMeta {
     BenchMeta {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_commit: crate::meta::collect(None).git_commit,

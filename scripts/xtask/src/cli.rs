@@ -95,6 +95,14 @@ pub enum Command {
     /// 5 no answer in time; 7 the run cannot be reached; 8 busy (already running, a request
     /// to its core in flight, already paused); 9 gone (its core is out of the machine).
     Ctl(CtlArgs),
+    /// Load the key-value service (configs/kv-*.toml, reached through the forwarded port)
+    /// with a fixed, seeded mix of memcached text-protocol requests, verify every reply
+    /// against a model of the store, print requests/s and latency percentiles. Exit code 0:
+    /// every reply as the model allows (`SERVER_ERROR shard N unavailable` included, for a
+    /// shard that is down); 1: a mismatch, a reply that never came (timeout), a closed
+    /// connection or garbage (the first are printed); 2: bad arguments; 7: the server never
+    /// answered `version` within `--wait`.
+    Load(LoadArgs),
     /// A randomized fault campaign in Bochs: machines drawn from a seed (printed) mixing
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
     /// on each report. Exit code 0 if every run held them all, 1 otherwise.
@@ -109,6 +117,49 @@ pub struct ImportsArgs {
     /// Also print each crate's whole graph (module -> the modules it imports).
     #[arg(long)]
     pub graph: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// The service's address (the host side of slirp's forwarding).
+    #[arg(long, default_value_t = format!("127.0.0.1:{}", vmcall_proto::kv::HOST_PORT))]
+    pub addr: String,
+    /// The service's worker count (the shards keys are placed on: FNV-1a mod N).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+    /// Requests in all, split among the connections.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub count: u64,
+    /// The mix's seed: the same seed and options send the same requests.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Connections, each with its own keys, one request at a time on each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub connections: u32,
+    /// Small values' size in bytes.
+    #[arg(long, default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576))]
+    pub small_bytes: usize,
+    /// Large values' size in bytes: N, or MIN-MAX drawn uniformly.
+    #[arg(long, default_value = "8192-32768", value_parser = crate::kvload::parse_range)]
+    pub large_bytes: (usize, usize),
+    /// Share of sets that write a large value, in percent.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub large_percent: u32,
+    /// Plain keys per connection (plus 8 counters for incr).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub keys: u32,
+    /// A reply later than this (ms) is a failure (timeout), and the connection is made anew.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub timeout_ms: u64,
+    /// Wait up to this many seconds for the service to answer `version` (it may be booting).
+    #[arg(long, default_value_t = 120)]
+    pub wait: u64,
+    /// Stop sending after this many seconds (what was not sent is a failure).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub deadline: u64,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -353,6 +404,11 @@ pub enum BenchWhat {
         #[arg(long)]
         update: bool,
     },
+    /// The key-value service (configs/kv-{1,2,4,8}.toml) in Bochs under `cargo xtask
+    /// load` through the forwarded port: requests/s and latency (host time), the front's
+    /// instructions per request, against workers; large values by capability against by
+    /// copy; a worker crashing mid-load (requests failed, time to serve again).
+    Kv(KvBenchArgs),
     /// VM exit round trips per exit reason and the hypervisor's share, at 2, 8 and 15 CPUs.
     Exits {
         /// Also write the figures as JSON.
@@ -366,6 +422,39 @@ pub enum BenchWhat {
               value_parser = clap::value_parser!(u32).range(2..=15))]
         cpus: Vec<u32>,
     },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KvBenchArgs {
+    /// Also write the figures as JSON (docs/bench/kv.json is the committed one).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also draw requests/s and instructions per request against workers (needs --json).
+    #[arg(long, requires = "json")]
+    pub plot: bool,
+    /// Rewrite the README's kv table from the --json figures.
+    #[arg(long, requires = "json")]
+    pub update_readme: bool,
+    /// With --update-readme: boot nothing, take the figures from the existing --json file.
+    #[arg(long, requires = "update_readme")]
+    pub only_readme: bool,
+    /// The worker counts of the scaling table (comma-separated; configs/kv-N.toml must
+    /// exist: 1, 2, 4, 8 are shipped).
+    #[arg(long, value_delimiter = ',', default_values_t = crate::kvbench::WORKERS,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub workers: Vec<u32>,
+    /// Requests per boot.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub count: u64,
+    /// Connections at once (the front serves up to its `backlog`, 4 by default).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub connections: u32,
+    /// Large values' sizes: N or MIN-MAX bytes (the service stores up to 64 KiB).
+    #[arg(long, default_value = "8192-32768", value_parser = crate::kvload::parse_range)]
+    pub large_bytes: (usize, usize),
+    /// The load's seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -26,6 +26,8 @@ pub mod files;
 pub mod hostctl;
 pub mod imports;
 pub mod kernel;
+pub mod kvbench;
+pub mod kvload;
 pub mod lifebench;
 pub mod meta;
 pub mod mutants;

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Test(t) => test(t),
+        Cmd::Load(l) => xtask::kvload::command(l),
         Cmd::Chaos(c) => xtask::chaos::campaign(c.seed, c.runs, c.dry_run),
         Cmd::Clean(c) => xtask::run::clean(c.keep).map(|()| true),
         Cmd::Bench(b) => match &b.what {
@@ -165,6 +166,12 @@ fn main() -> ExitCode {
             xtask::cli::BenchWhat::Lifecycle { json } => {
                 xtask::lifebench::lifecycle(json.as_deref()).map(|()| true)
             }
+            xtask::cli::BenchWhat::Kv(k) => xtask::kvbench::kv(k).map(|()| {
+                if k.plot {
+                    xtask::plot::after_bench(k.json.as_deref());
+                }
+                true
+            }),
             xtask::cli::BenchWhat::Check { update } => xtask::baseline::check(*update),
             xtask::cli::BenchWhat::Exits { json, before, cpus } => {
                 xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)

@@ -5,7 +5,9 @@
 //!   (`*.boot.svg`); with a trace (`run --trace`), each guest's cumulative VM exits over
 //!   time (`*.exits.svg`);
 //! * `bench channels --json`: the host round-trip latency histograms (`*.rtt.svg`);
-//! * `bench caps --json`: revoke cost against the number of copies k (`*.revoke.svg`).
+//! * `bench caps --json`: revoke cost against the number of copies k (`*.revoke.svg`);
+//! * `bench kv --json`: the key-value service's requests/s and instructions per request
+//!   against workers (`*.scaling.svg`).
 //!
 //! Owns only the drawing; reads the report and bench types of `report` and `bench` (which
 //! never calls this: `cargo xtask bench --plot` calls [`after_bench`]).
@@ -46,6 +48,7 @@ enum Input {
     Report(Box<Report>),
     Channels(Box<crate::bench::Report>),
     Caps(Vec<crate::bench::CapsRow>),
+    Kv(Box<crate::kvbench::KvBench>),
 }
 
 fn read(path: &Path) -> Result<Input> {
@@ -59,11 +62,15 @@ fn read(path: &Path) -> Result<Input> {
     if v.get("host").is_some() && v.get("emulated").is_some() {
         return Ok(Input::Channels(Box::new(serde_json::from_value(v)?)));
     }
+    if v.get("kv_scaling").is_some() {
+        return Ok(Input::Kv(Box::new(serde_json::from_value(v)?)));
+    }
     if v.as_array().is_some_and(|a| a.first().is_some_and(|r| r.get("revoke").is_some())) {
         return Ok(Input::Caps(serde_json::from_value(v)?));
     }
     bail!(
-        "{}: neither a run report, nor `bench channels --json`, nor `bench caps --json` output",
+        "{}: neither a run report, nor `bench channels --json`, `bench caps --json` or `bench \
+         kv --json` output",
         path.display()
     )
 }
@@ -111,6 +118,11 @@ pub fn files(inputs: &[PathBuf], out: Option<&Path>) -> Result<Vec<PathBuf>> {
             Input::Caps(rows) => {
                 let p = output(input, out, "revoke");
                 revoke_against_k(&rows, &p)?;
+                written.push(p);
+            }
+            Input::Kv(b) => {
+                let p = output(input, out, "scaling");
+                kv_scaling(&b.kv_scaling, &p)?;
                 written.push(p);
             }
         }
@@ -432,6 +444,46 @@ pub fn revoke_strategies(rows: &[crate::bench::CapsRow], path: &Path) -> Result<
             series(&mut chart, &p, i, s.to_string(), 4)?;
         }
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// The key-value service against its workers (`bench kv`): host requests/s on the left,
+/// the front's emulated instructions per request on the right.
+pub fn kv_scaling(rows: &[crate::kvbench::Row], path: &Path) -> Result<()> {
+    if rows.is_empty() {
+        bail!("no scaling rows in this bench kv output");
+    }
+    let w_max = rows.iter().map(|r| r.workers).max().unwrap_or(1) as f64;
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(SIZE.0 / 2);
+    type Figure = fn(&crate::kvbench::Row) -> f64;
+    let panels: [(&DrawingArea<SVGBackend, plotters::coord::Shift>, &str, &str, Figure); 2] = [
+        (&left, "Requests per second (host time)", "requests/s", |r| r.requests_per_second),
+        (&right, "Front's instructions per request (Bochs)", "emulated instructions", |r| {
+            r.instructions_per_request.unwrap_or(0) as f64
+        }),
+    ];
+    for (i, (area, caption, y, f)) in panels.into_iter().enumerate() {
+        let y_max = rows.iter().map(f).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 18))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..w_max + 1.0, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("workers")
+            .y_desc(y)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(err)?;
+        let p: Vec<(f64, f64)> = rows.iter().map(|r| (f64::from(r.workers), f(r))).collect();
+        series(&mut chart, &p, i, y.to_string(), 4)?;
     }
     root.present().map_err(err)?;
     Ok(())

@@ -30,6 +30,10 @@ pub const BOCHS: &[Package] = &[
 pub const TEST: &[Package] = &[
     Package { name: "make", why: "builds the C example guest in the tests" },
     Package { name: "gcc", why: "the system C compiler for the C guest and the header check" },
+    Package {
+        name: "memcached",
+        why: "the reference server `cargo xtask load`'s client is tested on",
+    },
 ];
 /// Packages to boot in QEMU.
 pub const QEMU: &[Package] = &[Package { name: "qemu-system-x86", why: "QEMU (the no-VT-x path)" }];
