@@ -434,7 +434,7 @@ pub fn kv(a: &crate::cli::KvBenchArgs) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const LINE: &str = "[front@c0] bench kvfront: 412 commands (300 get keys, 120 sets; 200 hits, \
@@ -528,12 +528,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn figures_make_tables_a_readme_section_and_a_plot() {
+    /// Figures of a made-up bench (also drawn by `plot`'s tests).
+    pub(crate) fn sample() -> KvBench {
         let mut crashed = row(2, 30.0, 0);
         (crashed.crashed, crashed.restart_failed_requests, crashed.restart_serve_again_ms) =
             (Some(1), Some(12), Some(345.6));
-        let b = KvBench {
+        KvBench {
             kv_scaling: vec![row(1, 50.0, 20_000), row(2, 40.5, 21_000), row(8, 12.25, 22_000)],
             kv_large: vec![row(2, 20.0, 30_000)],
             kv_restart: vec![crashed],
@@ -541,7 +541,12 @@ mod tests {
             connections: 4,
             large_bytes: (8192, 32768),
             meta: crate::bench::BenchMeta::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn figures_make_tables_and_a_readme_section() {
+        let b = sample();
         let t = tables(&b);
         assert!(t.contains("| 2 | 40.5 | 10.0 | 30.0 | 21000 |"), "{t}");
         assert!(t.contains("| cap (2 workers) | 20.0 |"), "{t}");
@@ -551,13 +556,6 @@ mod tests {
         assert!(new.starts_with("intro\n") && new.ends_with(&format!("{END}\nrest\n")), "{new}");
         assert!(new.contains(&t) && !new.contains("old"));
         assert_eq!(updated("no markers", &b), None);
-        let dir = tempfile::tempdir().unwrap();
-        let json = dir.path().join("kv.json");
-        std::fs::write(&json, serde_json::to_string(&b).unwrap()).unwrap();
-        let written = crate::plot::files(&[json], None).unwrap();
-        assert_eq!(written, [dir.path().join("kv.scaling.svg")]);
-        let svg = std::fs::read_to_string(&written[0]).unwrap();
-        assert!(svg.contains("workers") && svg.contains("requests/s"));
     }
 
     #[test]

@@ -495,6 +495,18 @@ mod tests {
     use crate::bench::{histogram, CapsRow, HostRow};
 
     #[test]
+    fn a_kv_bench_is_drawn_against_workers() {
+        let b = crate::kvbench::tests::sample();
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("kv.json");
+        std::fs::write(&json, serde_json::to_string(&b).unwrap()).unwrap();
+        let written = files(&[json], None).unwrap();
+        assert_eq!(written, [dir.path().join("kv.scaling.svg")]);
+        let svg = std::fs::read_to_string(&written[0]).unwrap();
+        assert!(svg.contains("workers") && svg.contains("requests/s"));
+    }
+
+    #[test]
     fn each_kind_of_input_gets_its_figure() {
         let dir = tempfile::tempdir().unwrap();
         let tmp = |name: &str| dir.path().join(name);
