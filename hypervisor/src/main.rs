@@ -25,9 +25,10 @@ mod ept;
 mod exits;
 mod fastexit;
 mod fault;
-mod guest;
 #[cfg(target_os = "none")]
 mod guests;
+mod instance;
+mod members;
 mod memory;
 mod pci;
 mod percpu;
@@ -35,12 +36,11 @@ mod power;
 mod smp;
 mod trace;
 mod vmx;
-mod xcore;
 
 #[cfg(target_os = "none")]
 mod boot {
     use crate::power::{end_run, Outcome};
-    use crate::{arch, bootinfo, console, cores, guests, pci, percpu, record, smp, vmx, xcore};
+    use crate::{arch, bootinfo, console, cores, guests, pci, percpu, record, smp, vmx};
     use vmcall_proto::record::{core_state, kind, Quoted};
 
     /// Entered from `arch::boot` in long mode, on the boot stack.
@@ -132,7 +132,7 @@ mod boot {
         for (a, c) in apics.iter_mut().zip(list.cores()) {
             *a = c.apic_id;
         }
-        xcore::publish_cores(&apics[..list.len()]);
+        crate::instance::xcore::publish_cores(&apics[..list.len()]);
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 

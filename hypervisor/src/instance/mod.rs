@@ -10,6 +10,7 @@
 
 pub mod loader;
 pub mod telemetry;
+pub mod xcore;
 
 use crate::ept;
 use crate::exits::{StopReason, REASONS};
@@ -353,7 +354,7 @@ mod run {
         injected: bool,
         frames: &'a mut Private,
         eptp: u64,
-        link: &'a mut crate::xcore::Link,
+        link: &'a mut crate::instance::xcore::Link,
         /// The guest's status page (a private frame) and its channels, in boot-info order.
         status: u64,
         chans: &'a [ChanMap],
@@ -846,7 +847,7 @@ mod run {
 
     /// The hypervisor side of a core once its guest is over for good: no guest to enter,
     /// no EPT to change (the dead guest's space holds nothing mapped and takes nothing in).
-    struct Serving<'a>(&'a mut crate::xcore::Link);
+    struct Serving<'a>(&'a mut crate::instance::xcore::Link);
 
     impl crate::caps::Env for Serving<'_> {
         fn now(&mut self) -> u64 {
@@ -935,7 +936,7 @@ mod run {
 
     /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
     /// capabilities accepted again.
-    fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::xcore::Link) {
+    fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance::xcore::Link) {
         let mut owned = [(0u64, 0u64); vmcall_proto::caps::MAX_SLOTS];
         let mut count = 0;
         for m in caps.owned_memory().take(owned.len()) {
@@ -976,7 +977,7 @@ mod run {
         };
         let mut caps = caps_of_this_core(core as usize, policy);
         let period = l.probe_ms.saturating_mul(tsc_per_ms);
-        let timing = crate::caps::members::Timing {
+        let timing = crate::members::Timing {
             period,
             // Eight periods; with the detector off, what a view change's answers may take.
             timeout: if period == 0 {
@@ -988,13 +989,13 @@ mod run {
             grace: tsc_per_ms.saturating_mul(4_000),
         };
         caps.members =
-            crate::caps::members::Members::new(core as usize, l.members, timing, arch::rdtsc());
+            crate::members::Members::new(core as usize, l.members, timing, arch::rdtsc());
         let keep_serving = |caps: &crate::caps::HvCaps| keep_serving(caps.members.fenced());
         if l.deaf {
             log::warn!("fault injection: this core will not answer capability revokes");
             caps.deafen();
         }
-        let mut link = crate::xcore::Link::new(core as usize);
+        let mut link = crate::instance::xcore::Link::new(core as usize);
         let mut total: Option<GuestReport> = None;
         // The last incarnation's counters (what `COUNTER` reads while it is down).
         let mut last;
@@ -1224,7 +1225,7 @@ mod run {
         l: &Launch,
         core: u32,
         caps: &mut crate::caps::HvCaps,
-        link: &mut crate::xcore::Link,
+        link: &mut crate::instance::xcore::Link,
         (from, req): (usize, u32),
         n: u32,
         startable: bool,
@@ -1400,7 +1401,7 @@ mod run {
         core: u32,
         n: u32,
         caps: &'static mut crate::caps::HvCaps,
-        link: &mut crate::xcore::Link,
+        link: &mut crate::instance::xcore::Link,
         starting: &mut Option<(usize, u32)>,
         counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
     ) -> (GuestReport, &'static mut crate::caps::HvCaps, Option<(usize, u32, u64)>) {
@@ -1664,7 +1665,7 @@ mod run {
         let telemetry = unsafe { core::ptr::addr_of_mut!((*page).telemetry) };
         let mut fast = crate::fastexit::FastExit::new(
             core,
-            crate::xcore::mail_word(core as usize),
+            crate::instance::xcore::mail_word(core as usize),
             &me.kicked,
             telemetry,
         );

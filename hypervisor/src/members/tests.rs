@@ -6,10 +6,10 @@
 //! is fenced within bounded time, a live one never is, and no ring holds more membership
 //! messages than the budget `proto::RING_SLOTS` counts.
 
-use super::members::{Change, CoreSet, Members, Timing, View};
-use super::*;
+use super::{Change, CoreSet, Members, Net, Timing, View};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
+use vmcall_proto::channel::Payload;
 
 const BUDGET: usize = 8;
 
@@ -38,7 +38,7 @@ struct SimEnv<'a> {
     sends_left: &'a mut Option<u32>,
 }
 
-impl Env for SimEnv<'_> {
+impl Net for SimEnv<'_> {
     fn now(&mut self) -> u64 {
         self.now
     }
@@ -54,16 +54,7 @@ impl Env for SimEnv<'_> {
         q.push_back((*m, self.now));
         true
     }
-    fn recv(&mut self) -> Option<(usize, Payload)> {
-        None
-    }
     fn kick(&mut self, _to: usize) {}
-    fn ept_map(&mut self, _: u64, _: u64, _: u64, _: bool) -> Result<(), HvError> {
-        Ok(())
-    }
-    fn ept_unmap(&mut self, _: u64, _: u64) -> Result<(), HvError> {
-        Ok(())
-    }
 }
 
 impl Sim {
@@ -296,7 +287,7 @@ fn the_coordinator_hangs_half_way_through_its_commit() {
     for _ in 0..20_000 {
         sim.step();
         if !armed
-            && sim.rings[3].iter().any(|q| q.iter().any(|(m, _)| m[0] & 0xff == proto::op::ACCEPT))
+            && sim.rings[3].iter().any(|q| q.iter().any(|(m, _)| m[0] & 0xff == super::op::ACCEPT))
         {
             sim.sends_left[3] = Some(1);
             armed = true;
