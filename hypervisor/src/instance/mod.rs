@@ -8,6 +8,7 @@
 //! EPT and VMCS in its private region, and runs the guest until it exits or is stopped. The
 //! result goes back as a [`GuestReport`] message.
 
+pub mod lifecycle;
 pub mod loader;
 pub mod telemetry;
 pub mod xcore;
