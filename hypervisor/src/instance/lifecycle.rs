@@ -224,10 +224,12 @@ impl Effects {
         self.list[..self.len].iter().flatten().copied()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -306,6 +308,7 @@ impl Lifecycle {
     }
 
     /// The incarnation set up or running, or the last one.
+    #[cfg(test)]
     pub fn incarnation(&self) -> u32 {
         self.n
     }
@@ -317,6 +320,7 @@ impl Lifecycle {
     }
 
     /// Restarts by the policy so far.
+    #[cfg(test)]
     pub fn restarts(&self) -> u32 {
         self.restarts
     }

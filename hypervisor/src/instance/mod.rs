@@ -243,6 +243,7 @@ pub use run::run;
 
 #[cfg(target_os = "none")]
 mod run {
+    use super::lifecycle::{self, Cause, Death, Effect, Event as Life, Lifecycle, Phase, Request};
     use super::*;
     use crate::arch::{self, vmx::GuestRegs};
     use crate::exits::{self, Action};
@@ -877,62 +878,10 @@ mod run {
         }
     }
 
-    /// Whether a guest that ended so is started again under `policy` (see
-    /// `vmcall_proto::config::restart`). A guest the hypervisor could not set up, or stopped
-    /// to keep isolation, never is.
-    pub(super) fn restart_wanted(policy: u8, ending: Ending) -> bool {
-        use vmcall_proto::config::restart;
-        match ending {
-            Ending::Stopped(
-                StopReason::Setup(_)
-                | StopReason::Isolation(_)
-                | StopReason::Requested { .. }
-                | StopReason::RunEnded,
-            ) => false,
-            Ending::Exited(0) => policy == restart::ALWAYS,
-            Ending::Exited(_) | Ending::Stopped(_) => policy != restart::NEVER,
-        }
-    }
-
-    /// Whether a controller may start a guest again that is down after `ending`, with
-    /// `unconfirmed` of its capabilities' revokes unconfirmed: not if the hypervisor could
-    /// not set it up or keep it isolated, nor while a fenced core may still hold a copy of its
-    /// memory (never handed to a new incarnation), whatever the way back (`START`,
-    /// `RESTART`, `PARK` then `START`).
-    fn startable(ending: Ending, unconfirmed: u32) -> bool {
-        !matches!(
-            ending,
-            Ending::Stopped(StopReason::Setup(_) | StopReason::Isolation(_) | StopReason::RunEnded)
-        ) && unconfirmed == 0
-    }
-
-    /// A controller's request `operation` about a guest that is down: its state `word`, or
-    /// the counter it asks for (of the last incarnation, `last`).
-    fn down_answer(operation: u64, word: u64, last: &[u64; 3]) -> Result<u64, HvError> {
-        use vmcall_proto::hypercall::control;
-        if operation & 0xff == control::COUNTER {
-            last.get((operation >> 8) as usize).copied().ok_or(HvError::BadArgument)
-        } else {
-            Ok(word)
-        }
-    }
-
     /// The counters `COUNTER` reads, from an incarnation's report.
     fn counters_of(r: &GuestReport) -> [u64; 3] {
         let exits = r.exits.iter().map(|&e| u64::from(e)).sum::<u64>() + u64::from(r.exits_other);
         [exits, u64::from(r.hypercalls), r.doorbells]
-    }
-
-    /// The state word a controller's query gets for a guest that is down after `ending`.
-    fn down_word(ending: Ending, n: u32) -> u64 {
-        use vmcall_proto::hypercall::control;
-        match ending {
-            Ending::Exited(s) => control::state_word(control::EXITED, n, s),
-            Ending::Stopped(StopReason::Requested { .. }) => {
-                control::state_word(control::HELD, n, 0)
-            }
-            Ending::Stopped(_) => control::state_word(control::STOPPED, n, 0),
-        }
     }
 
     /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
@@ -969,7 +918,6 @@ mod run {
         keep_serving: impl Fn(u64) -> bool,
     ) -> u64 {
         use crate::caps::control::Control;
-        use vmcall_proto::hypercall::control;
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let policy = crate::caps::Policy {
             deadline: l.caps_deadline_ms.saturating_mul(tsc_per_ms),
@@ -998,132 +946,104 @@ mod run {
         }
         let mut link = crate::instance::xcore::Link::new(core as usize);
         let mut total: Option<GuestReport> = None;
-        // The last incarnation's counters (what `COUNTER` reads while it is down).
-        let mut last;
-        let mut n = 0u32;
-        let mut restarts = 0u32;
-        let mut ending;
-        let mut unconfirmed;
-        // A controller's START or RESTART, answered once the new incarnation runs.
-        let mut starting: Option<(usize, u32)> = None;
         let mut counts = [LinkCount::default(); MAX_CHANNELS_PER_GUEST];
-        'life: loop {
-            loop {
-                n += 1;
-                let (r, back, asked) =
-                    incarnation(l, f, core, n, caps, &mut link, &mut starting, &mut counts);
-                caps = back;
-                ending = r.ending;
-                unconfirmed = r.unconfirmed;
-                last = counters_of(&r);
-                match &mut total {
-                    Some(t) => t.absorb(&r),
-                    None => total = Some(r),
-                }
-                if let Some((to, req)) = starting.take() {
-                    // It never ran (setup failed): say so.
-                    Control::answer(&mut Serving(&mut link), to, req, Ok(down_word(ending, n)));
-                }
-                match asked {
-                    Some((from, req, control::PARK)) => {
-                        let ok = startable(ending, unconfirmed);
-                        match park(l, core, caps, &mut link, (from, req), n, ok, &last) {
-                            Some(back) => {
-                                starting = Some(back);
-                                rebirth(caps, &mut link);
-                                log::info!("guest {}: its core is back in", name(l));
-                                continue;
+        let mut lc = Lifecycle::new(lifecycle::Policy {
+            restart: lifecycle::Restart::from_config(l.entry.restart),
+            max_restarts: u32::from(l.entry.max_restarts),
+            controllers: l.controllers,
+        });
+        // The lifecycle decides; this loop does what it says and tells it what happened.
+        let mut fx = lc.begin();
+        loop {
+            let mut next = None;
+            let mut gone = false;
+            for e in fx.iter() {
+                match e {
+                    Effect::Answer { to, req, answer } => {
+                        Control::answer(&mut Serving(&mut link), to, req, answer)
+                    }
+                    Effect::Rebirth => rebirth(caps, &mut link),
+                    Effect::Start { n, cause } => {
+                        match cause {
+                            Cause::First => {}
+                            Cause::Policy(k) => log::info!(
+                                "guest {}: restarting ({k} of {})",
+                                name(l),
+                                l.entry.max_restarts
+                            ),
+                            Cause::Controller => {
+                                log::info!(
+                                    "guest {}: starting again (its controller asked)",
+                                    name(l)
+                                )
                             }
-                            None => break,
+                            Cause::Rejoined => log::info!("guest {}: its core is back in", name(l)),
+                        }
+                        let (r, back) =
+                            incarnation(l, f, core, n, caps, &mut link, &mut lc, &mut counts);
+                        caps = back;
+                        next = Some(if lc.phase() == Phase::Setup {
+                            match r.ending {
+                                Ending::Stopped(StopReason::Setup(why)) => Life::SetupFailed(why),
+                                _ => Life::SetupFailed("setup failed"),
+                            }
+                        } else {
+                            Life::Dead {
+                                unconfirmed: r.unconfirmed,
+                                counters: counters_of(&r),
+                                run_over: arch::rdtsc() >= l.end_tsc,
+                            }
+                        });
+                        match &mut total {
+                            Some(t) => t.absorb(&r),
+                            None => total = Some(r),
                         }
                     }
-                    Some((from, req, control::RESTART)) if !startable(ending, unconfirmed) => {
-                        // A fenced core may still hold a copy of its memory: it stays down.
-                        Control::answer(&mut Serving(&mut link), from, req, Err(HvError::Busy));
-                        break;
+                    Effect::Leave => next = Some(Life::Left(leave(l, core, caps, &mut link))),
+                    Effect::Join { via } => {
+                        next = Some(Life::Joined(join(l, core, caps, &mut link, via)))
                     }
-                    Some((from, req, control::RESTART)) => {
-                        starting = Some((from, req));
-                        rebirth(caps, &mut link);
-                        log::info!("guest {}: restarting (its controller asked)", name(l));
-                        continue;
-                    }
-                    Some((from, req, _)) => {
-                        let word = down_word(ending, n);
-                        Control::answer(&mut Serving(&mut link), from, req, Ok(word));
-                        break;
-                    }
-                    None => {}
+                    Effect::Gone => gone = true,
+                    // Only while an incarnation runs or dies (`incarnation` performs them).
+                    Effect::Stop(_) | Effect::Die(_) => {}
                 }
-                // A copy of its memory a fenced core may still hold: never handed to a new
-                // incarnation.
-                if !restart_wanted(l.entry.restart, ending)
-                    || restarts >= u32::from(l.entry.max_restarts)
-                    || unconfirmed > 0
-                {
-                    break;
-                }
-                if arch::rdtsc() >= l.end_tsc {
-                    // The run's duration ended while it was between incarnations, due to
-                    // start again: it ends with the run (state `ended`), as it would have a
-                    // moment later in its next incarnation's setup.
-                    ending = Ending::Stopped(StopReason::RunEnded);
-                    if let Some(t) = &mut total {
-                        t.ending = ending;
-                    }
-                    break;
-                }
-                restarts += 1;
-                rebirth(caps, &mut link);
-                log::info!(
-                    "guest {}: restarting ({restarts} of {})",
-                    name(l),
-                    l.entry.max_restarts
-                );
             }
-            // Down. Its controllers may start it again until each has let go (unless the
-            // hypervisor could not set it up or keep it isolated).
-            let startable = startable(ending, unconfirmed);
-            while l.controllers & !caps.ctl.released != 0
-                && keep_serving(caps)
-                && arch::rdtsc() < l.give_up_tsc
-            {
-                caps.poll(&mut Serving(&mut link));
-                log_views(caps, core);
-                let Some((from, req, operation)) = caps.ctl.take() else {
-                    arch::pause();
-                    continue;
-                };
-                let env = &mut Serving(&mut link);
-                if l.controllers & (1 << from) == 0 {
-                    Control::answer(env, from, req, Err(HvError::NotOwner));
-                } else if matches!(operation, control::START | control::RESTART) && !startable {
-                    // The hypervisor could not set it up, or could not keep it isolated.
-                    Control::answer(env, from, req, Err(HvError::Busy));
-                } else if operation == control::PARK {
-                    match park(l, core, caps, &mut link, (from, req), n, startable, &last) {
-                        Some(back) => {
-                            starting = Some(back);
-                            rebirth(caps, &mut link);
-                            continue 'life;
+            if gone {
+                break;
+            }
+            let event = match (next, lc.phase()) {
+                (Some(e), _) => e,
+                // Down: its controllers may start it again until each has let go (unless the
+                // hypervisor could not set it up or keep it isolated). Parked: no guest, not
+                // probed; it still answers whatever other cores ask (revokes find nothing,
+                // queries say parked) until a controller brings it back, or until none can.
+                (None, phase @ (Phase::Down | Phase::Parked)) => {
+                    let until = if phase == Phase::Parked {
+                        l.give_up_tsc.min(l.end_tsc)
+                    } else {
+                        l.give_up_tsc
+                    };
+                    loop {
+                        if l.controllers & !caps.ctl.released == 0
+                            || (phase == Phase::Down && !keep_serving(caps))
+                            || arch::rdtsc() >= until
+                        {
+                            break Life::Unattended;
                         }
-                        None => break,
+                        caps.poll(&mut Serving(&mut link));
+                        log_views(caps, core);
+                        if let Some((from, req, op)) = caps.ctl.take() {
+                            break Life::Request(Request { from, req, op }, [0; 3]);
+                        }
+                        arch::pause();
                     }
-                } else if matches!(operation, control::START | control::RESTART) {
-                    starting = Some((from, req));
-                    rebirth(caps, &mut link);
-                    log::info!("guest {}: starting again (its controller asked)", name(l));
-                    continue 'life;
-                } else {
-                    Control::answer(
-                        env,
-                        from,
-                        req,
-                        down_answer(operation, down_word(ending, n), &last),
-                    );
                 }
-            }
-            break;
+                (None, phase) => {
+                    log::error!("guest {}: lifecycle stuck in {phase:?}: down for good", name(l));
+                    break;
+                }
+            };
+            fx = lc.step(event);
         }
         // Gone for good: the guests it controlled no longer wait for it (all of them, even
         // if its space never got their caps).
@@ -1131,6 +1051,10 @@ mod run {
             Control::release(&mut Serving(&mut link), t as usize);
         }
         if let Some(mut r) = total {
+            if let Some(ending) = lc.ending() {
+                // The run's end noticed between two incarnations included.
+                r.ending = ending;
+            }
             r.xmsgs = link.sent;
             r.nmis = link.nmis;
             // SAFETY: this core's slot is initialised (it runs guests).
@@ -1148,9 +1072,12 @@ mod run {
         while keep_serving(caps) {
             caps.poll(&mut Serving(&mut link));
             log_views(caps, core);
-            if let Some((from, req, operation)) = caps.ctl.take() {
-                let answer = down_answer(operation, down_word(ending, n), &last);
-                Control::answer(&mut Serving(&mut link), from, req, answer);
+            if let Some((from, req, op)) = caps.ctl.take() {
+                for e in lc.step(Life::Request(Request { from, req, op }, [0; 3])).iter() {
+                    if let Effect::Answer { to, req, answer } = e {
+                        Control::answer(&mut Serving(&mut link), to, req, answer);
+                    }
+                }
             }
             arch::pause();
         }
@@ -1216,24 +1143,15 @@ mod run {
         }
     }
 
-    /// Takes this core out of the membership view after its guest's death (`PARK` from
-    /// controller core `from`, request `req`), answers once it is out, then serves parked
-    /// until a controller asks to bring it back (`START`/`RESTART`): rejoins, and returns
-    /// that request to answer once the new incarnation runs. `None`: it could not leave in
-    /// time (answered `Timeout`, the guest stays down), or the run ended while parked.
-    #[allow(clippy::too_many_arguments)]
-    fn park(
+    /// Takes this core out of the membership view (a controller's `PARK`, its guest down):
+    /// whether it is out in time. If not, it stays in (a later start must not run the guest
+    /// while the old leave commits).
+    fn leave(
         l: &Launch,
         core: u32,
         caps: &mut crate::caps::HvCaps,
         link: &mut crate::instance::xcore::Link,
-        (from, req): (usize, u32),
-        n: u32,
-        startable: bool,
-        last: &[u64; 3],
-    ) -> Option<(usize, u32)> {
-        use crate::caps::control::Control;
-        use vmcall_proto::hypercall::control;
+    ) -> bool {
         let wait = caps.members.timeout().saturating_mul(4);
         caps.members.leave(&mut Serving(link));
         let deadline = arch::rdtsc().saturating_add(wait);
@@ -1244,50 +1162,34 @@ mod run {
         }
         if caps.members.member() {
             log::warn!("guest {}: its core could not leave the view in time", name(l));
-            // It stays: a later start must not run the guest while the old leave commits.
             caps.members.stay(&mut Serving(link));
-            Control::answer(&mut Serving(link), from, req, Err(HvError::Timeout));
-            return None;
+            return false;
         }
         log::info!("guest {}: its core is out of the view, parked", name(l));
-        let parked = control::state_word(control::PARKED, n, 0);
-        Control::answer(&mut Serving(link), from, req, Ok(parked));
-        // Parked: no guest, not probed; it still answers whatever other cores ask (revokes
-        // find nothing, queries say parked) until a controller brings it back, or until none
-        // can (each let go: gone for good or fenced), as a guest that is down waits.
-        while arch::rdtsc() < l.give_up_tsc.min(l.end_tsc)
-            && l.controllers & !caps.ctl.released != 0
-        {
+        true
+    }
+
+    /// Brings this parked core back into the membership view through core `via` (a
+    /// controller's start): whether it is back in time.
+    fn join(
+        l: &Launch,
+        core: u32,
+        caps: &mut crate::caps::HvCaps,
+        link: &mut crate::instance::xcore::Link,
+        via: usize,
+    ) -> bool {
+        let wait = caps.members.timeout().saturating_mul(4);
+        caps.members.join(&mut Serving(link), via);
+        let deadline = arch::rdtsc().saturating_add(wait);
+        while !caps.members.member() && arch::rdtsc() < deadline {
             caps.poll(&mut Serving(link));
             log_views(caps, core);
-            let Some((c, r, operation)) = caps.ctl.take() else {
-                arch::pause();
-                continue;
-            };
-            let env = &mut Serving(link);
-            if l.controllers & (1 << c) == 0 {
-                Control::answer(env, c, r, Err(HvError::NotOwner));
-            } else if matches!(operation, control::START | control::RESTART) && !startable {
-                // Parking does not launder a guest that must stay down (see `startable`).
-                Control::answer(env, c, r, Err(HvError::Busy));
-            } else if matches!(operation, control::START | control::RESTART) {
-                caps.members.join(env, c);
-                let deadline = arch::rdtsc().saturating_add(wait);
-                while !caps.members.member() && arch::rdtsc() < deadline {
-                    caps.poll(&mut Serving(link));
-                    log_views(caps, core);
-                    arch::pause();
-                }
-                if caps.members.member() {
-                    return Some((c, r));
-                }
-                log::warn!("guest {}: its core could not rejoin the view in time", name(l));
-                Control::answer(&mut Serving(link), c, r, Err(HvError::Timeout));
-            } else {
-                Control::answer(env, c, r, down_answer(operation, parked, last));
-            }
+            arch::pause();
         }
-        None
+        if !caps.members.member() {
+            log::warn!("guest {}: its core could not rejoin the view in time", name(l));
+        }
+        caps.members.member()
     }
 
     /// A channel's counters across incarnations: messages lost to resets, resets.
@@ -1392,10 +1294,10 @@ mod run {
     /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
     /// it ends, then its clean death (its capabilities retired, its VMCS cleared; the
     /// private region goes back whole, the partition is zeroed before the next use).
-    /// `starting`: a controller to answer once it runs. Returns its report, the capability
-    /// state for the next incarnation, and the controller's request that ended it, if one
-    /// did: (core, request, operation).
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    /// `lc` hears that it is entered, the controllers' requests while it runs, and its
+    /// ending, and says what to answer and the steps of its death. Returns its report and the
+    /// capability state for the next incarnation.
+    #[allow(clippy::too_many_arguments)]
     fn incarnation(
         l: &Launch,
         f: &Features,
@@ -1403,11 +1305,10 @@ mod run {
         n: u32,
         caps: &'static mut crate::caps::HvCaps,
         link: &mut crate::instance::xcore::Link,
-        starting: &mut Option<(usize, u32)>,
+        lc: &mut Lifecycle,
         counts: &mut [LinkCount; MAX_CHANNELS_PER_GUEST],
-    ) -> (GuestReport, &'static mut crate::caps::HvCaps, Option<(usize, u32, u64)>) {
+    ) -> (GuestReport, &'static mut crate::caps::HvCaps) {
         use crate::caps::control::Control;
-        use vmcall_proto::hypercall::control;
         let tsc_start = arch::rdtsc();
         let tsc_per_ms = arch::tsc::ticks_per_ms();
         let budget_ticks = l.watchdog_ms.saturating_mul(tsc_per_ms);
@@ -1419,7 +1320,7 @@ mod run {
             let r = report(&ctx, Ending::Stopped(StopReason::Setup(why)), 0);
             let start = Start { tsc: tsc_start, frames: 0, caps: 0 };
             incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
-            (r, ctx.caps, None)
+            (r, ctx.caps)
         };
         // The guest's capabilities and channels first, before anything serves the inbox
         // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
@@ -1693,11 +1594,11 @@ mod run {
         if n > 1 {
             ctx.caps.links_up(&mut exits::CapEnv(&mut vcpu));
         }
-        if let Some((to, req)) = starting.take() {
-            let word = control::state_word(control::RUNNING, n, 0);
-            Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, Ok(word));
+        for e in lc.step(Life::Entering).iter() {
+            if let Effect::Answer { to, req, answer } = e {
+                Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, answer);
+            }
         }
-        let mut asked = None;
         // Live figures (`stats_ms`): looked at only when the loop serves its inbox or the
         // membership's probes (nothing on the other entries).
         let stats_period = l.stats_ms.saturating_mul(tsc_per_ms);
@@ -1743,33 +1644,21 @@ mod run {
                     // Wake the guest if it sleeps on a doorbell: its channel changed.
                     ctx.wake = true;
                 }
-                if let Some((from, req, operation)) = ctx.caps.ctl.take() {
-                    let env = &mut exits::CapEnv(&mut vcpu);
-                    let running = control::state_word(control::RUNNING, n, 0);
-                    match operation {
-                        _ if l.controllers & (1 << from) == 0 => {
-                            Control::answer(env, from, req, Err(HvError::NotOwner))
+                if let Some((from, req, op)) = ctx.caps.ctl.take() {
+                    let live =
+                        [ctx.exits_total, u64::from(ctx.hypercalls), u64::from(ctx.doorbells_rung)];
+                    let mut stop = None;
+                    for e in lc.step(Life::Request(Request { from, req, op }, live)).iter() {
+                        match e {
+                            Effect::Answer { to, req, answer } => {
+                                Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, answer)
+                            }
+                            Effect::Stop(why) => stop = Some(why),
+                            _ => {}
                         }
-                        control::QUERY => Control::answer(env, from, req, Ok(running)),
-                        op if op & 0xff == control::COUNTER => {
-                            let counters = [
-                                ctx.exits_total,
-                                u64::from(ctx.hypercalls),
-                                u64::from(ctx.doorbells_rung),
-                            ];
-                            let k = (op >> 8) as usize;
-                            Control::answer(
-                                env,
-                                from,
-                                req,
-                                counters.get(k).copied().ok_or(HvError::BadArgument),
-                            )
-                        }
-                        control::START => Control::answer(env, from, req, Err(HvError::Busy)),
-                        _ => {
-                            asked = Some((from, req, operation));
-                            break Ending::Stopped(StopReason::Requested { by: from as u16 });
-                        }
+                    }
+                    if let Some(why) = stop {
+                        break Ending::Stopped(why);
                     }
                 }
                 if now >= stats_next {
@@ -1888,57 +1777,86 @@ mod run {
             }
         };
         ctx.flush_line(&mut sink);
-        // Its devices stop first: no DMA into memory about to be scrubbed or handed on.
-        quiesce_devices(l);
-        // The page shows the incarnation as it ended (its last exit included) while the
-        // guest is down.
-        let t_end = arch::rdtsc();
-        publish_final(status, &ctx, t_end.saturating_sub(last_exit));
-        refresh_traffic(&mut traffic, status, t_end);
-        let mut r = report(&ctx, ending, first_entry);
-        // The clean death: every copy made from its caps revoked everywhere, every copy it
-        // held dropped, its originals unmapped (while its EPT still exists to unmap them).
-        let retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
-        r.caps = ctx.caps.stats;
-        r.unconfirmed = retired.unconfirmed;
-        // Its channels go down: each peer's core acknowledges once its guest knows (or is
-        // given up on); the rings are reset only if a next incarnation starts.
-        if l.channel_count > 0 {
-            let env = &mut exits::CapEnv(&mut vcpu);
-            ctx.caps.links_down(env);
-            let deadline =
-                arch::rdtsc().saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
-            while !ctx.caps.links_acked() && arch::rdtsc() < deadline {
-                ctx.caps.poll(env);
-                arch::pause();
-            }
-            if !ctx.caps.links_acked() {
-                log::warn!("guest {}: a channel peer's core did not acknowledge in time", name(l));
-                ctx.caps.links_give_up();
+        // The clean death, step by step as the lifecycle lists them.
+        let mut r = None;
+        let mut retired = crate::caps::Retired::default();
+        for e in lc.step(Life::Ended(ending)).iter() {
+            let Effect::Die(step) = e else { continue };
+            match step {
+                // Its devices stop first: no DMA into memory about to be scrubbed or handed on.
+                Death::Quiesce => quiesce_devices(l),
+                Death::Account => {
+                    // The page shows the incarnation as it ended (its last exit included)
+                    // while the guest is down.
+                    let t_end = arch::rdtsc();
+                    publish_final(status, &ctx, t_end.saturating_sub(last_exit));
+                    refresh_traffic(&mut traffic, status, t_end);
+                    r = Some(report(&ctx, ending, first_entry));
+                }
+                Death::Retire => {
+                    // Every copy made from its caps revoked everywhere, every copy it held
+                    // dropped, its originals unmapped (while its EPT still exists to unmap
+                    // them).
+                    retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
+                }
+                Death::LinksDown => {
+                    // Its channels go down: each peer's core acknowledges once its guest
+                    // knows (or is given up on); the rings are reset only if a next
+                    // incarnation starts.
+                    if l.channel_count > 0 {
+                        let env = &mut exits::CapEnv(&mut vcpu);
+                        ctx.caps.links_down(env);
+                        let deadline = arch::rdtsc()
+                            .saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
+                        while !ctx.caps.links_acked() && arch::rdtsc() < deadline {
+                            ctx.caps.poll(env);
+                            arch::pause();
+                        }
+                        if !ctx.caps.links_acked() {
+                            log::warn!(
+                                "guest {}: a channel peer's core did not acknowledge in time",
+                                name(l)
+                            );
+                            ctx.caps.links_give_up();
+                        }
+                    }
+                }
+                Death::ClearVmcs => {
+                    me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
+                    // The frame goes back with the private region.
+                    // SAFETY: the VMCS is this core's; clearing it ends its use.
+                    let _ = unsafe { arch::vmx::vmclear(vmcs) };
+                    log::info!(
+                        "guest {}: private frames in use {}, peak {}, limit {}",
+                        name(l),
+                        vcpu.frames.in_use(),
+                        vcpu.frames.peak(),
+                        vcpu.frames.limit()
+                    );
+                    // A console line takes milliseconds at the UART's baud rate: the inbox
+                    // between two (nothing is mapped any more, so no EPT is needed to serve
+                    // it).
+                    ctx.caps.poll(&mut Serving(&mut *vcpu.link));
+                }
+                Death::Record => {
+                    let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
+                        lost: a.lost.saturating_add(c.lost),
+                        resets: a.resets.saturating_add(c.resets),
+                    });
+                    let start =
+                        Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
+                    let r = r.get_or_insert_with(|| report(&ctx, ending, first_entry));
+                    r.caps = ctx.caps.stats;
+                    r.unconfirmed = retired.unconfirmed;
+                    incarnation_record(l, n, r, start, &retired, links);
+                    ctx.caps.poll(&mut Serving(&mut *vcpu.link));
+                }
             }
         }
-        me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-        // The frame goes back with the private region.
-        // SAFETY: the VMCS is this core's; clearing it ends its use.
-        let _ = unsafe { arch::vmx::vmclear(vmcs) };
-        log::info!(
-            "guest {}: private frames in use {}, peak {}, limit {}",
-            name(l),
-            vcpu.frames.in_use(),
-            vcpu.frames.peak(),
-            vcpu.frames.limit()
-        );
-        // A console line takes milliseconds at the UART's baud rate: the inbox between two
-        // (nothing is mapped any more, so no EPT is needed to serve it).
-        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
-        let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
-            lost: a.lost.saturating_add(c.lost),
-            resets: a.resets.saturating_add(c.resets),
-        });
-        let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
-        incarnation_record(l, n, &r, start, &retired, links);
-        ctx.caps.poll(&mut Serving(&mut *vcpu.link));
-        (r, ctx.caps, asked)
+        let mut r = r.unwrap_or_else(|| report(&ctx, ending, first_entry));
+        r.caps = ctx.caps.stats;
+        r.unconfirmed = retired.unconfirmed;
+        (r, ctx.caps)
     }
 
     /// An incarnation's start: TSC when its setup began, private frames and live caps when
