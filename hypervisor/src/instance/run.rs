@@ -484,9 +484,7 @@ pub(super) fn incarnation(
     );
     fast.timer_shift = f.preemption_timer_shift;
     fast.mwait = ctx.mwait;
-    fast.info = u64::from(l.guest_id & 0xffff)
-        | u64::from(core & 0xffff) << 16
-        | u64::from(l.entry.memory_mib) << 32;
+    fast.info = ctx.info();
     fast.tsc_per_ms = ctx.tsc_per_ms;
     // Nothing the fast path cannot see may need an exit: exit tracing records every one,
     // an injected hang counts entries.
@@ -661,8 +659,9 @@ pub(super) fn incarnation(
         let reason = e.reason();
         last_reason = Some(reason);
         crate::trace::exit(core, reason, t_entry, t_exit);
+        let exception_or_nmi = reason == exits::reason::EXCEPTION_OR_NMI;
         // SAFETY: current VMCS.
-        if reason == 0 && is_nmi(unsafe { exit::INTR_INFO.read() }) {
+        if exception_or_nmi && is_nmi(unsafe { exit::INTR_INFO.read() }) {
             kicked_at = Some(t_exit);
             // The NMI was a kick for this core's hypervisor, not the guest's: do not let
             // the guest inherit NMI blocking (it would hold every later kick until the
