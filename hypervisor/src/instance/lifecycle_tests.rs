@@ -414,16 +414,16 @@ impl Driver {
     /// What the run loop does next in this phase (`pick`, `flag` choose among the options).
     fn natural(&mut self, pick: usize, flag: bool) -> Event {
         match self.l.phase() {
-            Phase::Setup if flag && pick % 4 == 0 => Event::SetupFailed("x"),
+            Phase::Setup if flag && pick.is_multiple_of(4) => Event::SetupFailed("x"),
             Phase::Setup => Event::Entering,
             Phase::Running => match self.stopping.take() {
                 Some(s) => Event::Ended(Ending::Stopped(s)),
                 None => Event::Ended(ENDINGS[pick % ENDINGS.len()]),
             },
             Phase::Dying => Event::Dead {
-                unconfirmed: u32::from(flag && pick % 3 == 0),
+                unconfirmed: u32::from(flag && pick.is_multiple_of(3)),
                 counters: [pick as u64, 1, 2],
-                run_over: pick % 5 == 0,
+                run_over: pick.is_multiple_of(5),
             },
             Phase::Leaving => Event::Left(flag),
             Phase::Joining => Event::Joined(flag),

@@ -235,189 +235,11 @@ pub(super) fn incarnation(
         incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
         (r, ctx.caps)
     };
-    // The guest's capabilities and channels first, before anything serves the inbox
-    // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
-    // `INSERT` or a revoke that arrives meanwhile then finds the channel it names and
-    // gets its defined answer (`LINK_ACK`; `NotAccepted` until the guest accepts).
-    if n == 1 {
-        for &(base, size) in &l.grants[..l.grant_count] {
-            if ctx.caps.grant(base, size).is_err() {
-                return stop(ctx, "capability space full");
-            }
-        }
-        for ch in l.channels() {
-            if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
-                return stop(ctx, "capability space full");
-            }
-        }
-        for &(core, guest) in &l.targets[..l.target_count] {
-            if ctx.caps.add_control(core, guest as u32).is_err() {
-                return stop(ctx, "capability space full");
-            }
-        }
-    }
-    let part = Partition { base: l.partition, size: l.partition_size };
-    // The pool ends below the status frame, which stays where it is for the whole run.
-    let mut frames = Private::new(Identity, l.private, l.status_frame());
-
-    // SAFETY: the kernel module is reserved memory, identity-mapped, never written.
-    let image = unsafe {
-        core::slice::from_raw_parts(l.kernel.0 as *const u8, (l.kernel.1 - l.kernel.0) as usize)
-    };
-    let plan = match loader::plan(image, part.size) {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("guest {}: kernel ELF rejected: {e}", name(l));
-            return stop(ctx, "kernel ELF rejected");
-        }
-    };
-    // Its devices stop before the memory they may still write is scrubbed: the first
-    // time from whatever state the firmware left them in (later incarnations follow a
-    // death, which already quiesced them).
-    if n == 1 {
-        quiesce_devices(l);
-    }
-    // Nothing of a previous incarnation (or of whoever had the memory before) survives.
-    part.zero(|| {
-        ctx.caps.poll(&mut Serving(link));
-    });
-    for s in plan.segments() {
-        let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
-        // A kernel may be 16 MiB: copied a chunk at a time, serving between.
-        for (k, piece) in data.chunks(SERVE_EVERY_BYTES as usize).enumerate() {
-            if part.write(s.gpa + (k as u64 * SERVE_EVERY_BYTES), piece).is_err() {
-                return stop(ctx, "kernel segment outside the partition");
-            }
-            ctx.caps.poll(&mut Serving(link));
-        }
-    }
-    let mut bi = BootInfo::new_zeroed();
-    bi.magic = BOOT_INFO_MAGIC;
-    bi.version = BOOT_INFO_VERSION;
-    bi.guest_id = l.guest_id;
-    bi.core = core;
-    bi.memory_bytes = part.size;
-    bi.tsc_per_ms = tsc_per_ms;
-    bi.name = l.entry.name;
-    bi.workload = l.entry.workload;
-    bi.args = l.entry.args;
-    bi.incarnation = n;
-    bi.dma_offset = part.base;
-    for (d, o) in bi.devices.iter_mut().zip(l.devices.iter()) {
-        *d = o.desc();
-    }
-    bi.device_count = l.devices.count as u32;
-    if boot_page_tables(&part).is_err() {
-        return stop(ctx, "partition too small for the boot structures");
-    }
-
-    let windows = l
-        .channels()
-        .iter()
-        .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
-    let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
-        Ok(root) => ept::eptp(root),
-        Err(why) => return stop(ctx, why),
-    };
-    // The owner's memory BARs in its device window, uncached, never executable; each
-    // checked as built.
-    if l.devices.count > 0 && !crate::arch::apic::x2apic_mode() {
-        return stop(ctx, "its core's local APIC is not in x2APIC mode: device interrupts could not be acknowledged");
-    }
-    for o in l.devices.iter() {
-        for (b, &gpa) in o.func.bars.iter().zip(&o.gpa) {
-            if b.kind != vmcall_proto::device::bar_kind::MEMORY || b.size == 0 {
-                continue;
-            }
-            let len = b.size.max(4096);
-            let root = eptp & !0xfff;
-            let rw = ept::Perm::Device.bits();
-            let ok = ept::map_with(&mut frames, root, gpa, b.base, len, ept::Perm::Device).is_ok()
-                && ept::translate_perm(&mut frames, root, gpa) == Some((b.base, rw))
-                && ept::translate(&mut frames, root, gpa + len - 1) == Some(b.base + len - 1);
-            if !ok {
-                return stop(ctx, "device BAR mapping failed");
-            }
-        }
-        if let Some(line) = o.line() {
-            // SAFETY: this core's slot is initialised.
-            let apic = unsafe { crate::percpu::this_core() }.apic_id as u32;
-            if let Err(why) = crate::pci::ioapic::route(line, o.vector, apic) {
-                log::error!("guest {}: {}: interrupt not routed: {why}", name(l), o.func.bdf);
-                return stop(ctx, "a device's interrupt could not be routed to its core");
-            }
-        }
-    }
-    ctx.pci = crate::pci::filter::View::new(&l.devices);
-    // The status page: the fixed last frame of the private region, read-only to the
-    // guest (and to its controllers, through their target windows), zeroed for each
-    // incarnation.
-    let status = l.status_frame();
-    // The frame is this core's private region's last, identity-mapped, outside the pool;
-    // others only read it.
-    // SAFETY: so this core may write it whole.
-    unsafe {
-        (status as *mut u8).write_bytes(0, 4096);
-        (*(status as *mut StatusPage)).incarnation = u64::from(n);
-    }
-    if ept::map_with(&mut frames, eptp & !0xfff, STATUS_GPA, status, 4096, ept::Perm::Read).is_err()
-    {
-        return stop(ctx, "status page mapping failed");
-    }
-    // The status pages of the guests it controls, read-only, one window each.
-    if let Err(why) = telemetry::map_target_windows(
-        &mut frames,
-        eptp & !0xfff,
-        &l.target_status[..l.target_count],
-    ) {
-        return stop(ctx, why);
-    }
-    let mut traffic =
-        telemetry::Traffic::new(l.channels(), tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS));
-    for (i, ch) in l.channels().iter().enumerate() {
-        bi.channels[i] = ch.desc;
-        ctx.doorbells[i] = ch.peer_apic;
-    }
-    bi.channel_count = l.channel_count as u32;
-    if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
-        return stop(ctx, "partition too small for the boot structures");
-    }
-    let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
-        return stop(ctx, "private region exhausted");
-    };
-    // SAFETY: a fresh page of this core's private region; VMX is on for this core.
-    let loaded = unsafe {
-        (vmcs as *mut u32).write(f.revision);
-        arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
-    };
-    if loaded.is_err() {
-        return stop(ctx, "VMCLEAR/VMPTRLD failed");
-    }
-    // Flush any stale translation (a previous incarnation's included).
-    // SAFETY: VMX on; the VPID and EPTP are this guest's.
-    unsafe {
-        arch::vmx::invvpid_single((l.guest_id + 1) as u16);
-        arch::vmx::invept_single(eptp);
-    }
-    // From here a failure clears the VMCS before it ends the incarnation: its frame goes
-    // back to the pool, and an active VMCS must not be written as memory (SDM Vol. 3C
-    // 25.11.1).
-    let unload = |ctx: GuestCtx, why: &'static str| {
-        // SAFETY: the VMCS is this core's, current; clearing it ends its use.
-        let _ = unsafe { arch::vmx::vmclear(vmcs) };
-        stop(ctx, why)
-    };
-    let procbased = match setup_vmcs(l, f, &mut frames, eptp, plan.entry) {
-        Ok(p) => p,
-        Err(what) => {
-            log::error!("guest {}: VMCS setup: {what}", name(l));
-            return unload(ctx, "VMCS setup failed");
-        }
-    };
-    ctx.mwait = exitless_mwait(l);
-    if ctx.mwait && n == 1 {
-        log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
-    }
+    let Prepared { part, mut frames, eptp, vmcs, status, mut traffic, procbased } =
+        match prepare(l, f, core, n, &mut ctx, link) {
+            Ok(p) => p,
+            Err(why) => return stop(ctx, why),
+        };
     let mut sink = Console { name: name(l), core };
     let frames_at_start = frames.in_use();
     let caps_at_start = ctx.caps.live_caps();
@@ -432,17 +254,6 @@ pub(super) fn incarnation(
         status,
         chans: l.channels(),
     };
-    log::info!(
-        "guest {} (id {}, incarnation {n}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
-        name(l),
-        l.guest_id,
-        part.size >> 20,
-        part.base,
-        vmcall_proto::guest::KERNEL_BASE,
-        plan.end(),
-        plan.entry,
-        bi.workload()
-    );
     crate::record!(
         vmcall_proto::record::kind::START,
         "guest={} n={n} core={core} tsc={}",
@@ -766,4 +577,217 @@ pub(super) fn incarnation(
     r.caps = ctx.caps.stats;
     r.unconfirmed = retired.unconfirmed;
     (r, ctx.caps)
+}
+
+/// What an incarnation's setup leaves ready to enter.
+pub(super) struct Prepared {
+    part: Partition,
+    frames: Private,
+    eptp: u64,
+    vmcs: u64,
+    /// The guest's status page (a private frame).
+    status: u64,
+    traffic: telemetry::Traffic,
+    /// The primary processor-based controls as set.
+    procbased: u32,
+}
+
+/// Sets up incarnation `n` of `l`'s guest: its capabilities (the first time), partition
+/// (zeroed, the kernel loaded, boot info and page tables), EPT, devices, status page and
+/// VMCS (current on return). An error says why it cannot run.
+fn prepare(
+    l: &Launch,
+    f: &Features,
+    core: u32,
+    n: u32,
+    ctx: &mut GuestCtx,
+    link: &mut crate::instance::xcore::Link,
+) -> Result<Prepared, &'static str> {
+    let tsc_per_ms = ctx.tsc_per_ms;
+    // The guest's capabilities and channels first, before anything serves the inbox
+    // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
+    // `INSERT` or a revoke that arrives meanwhile then finds the channel it names and
+    // gets its defined answer (`LINK_ACK`; `NotAccepted` until the guest accepts).
+    if n == 1 {
+        for &(base, size) in &l.grants[..l.grant_count] {
+            if ctx.caps.grant(base, size).is_err() {
+                return Err("capability space full");
+            }
+        }
+        for ch in l.channels() {
+            if ctx.caps.add_channel(ch.desc.index, ch.peer_core).is_err() {
+                return Err("capability space full");
+            }
+        }
+        for &(core, guest) in &l.targets[..l.target_count] {
+            if ctx.caps.add_control(core, guest as u32).is_err() {
+                return Err("capability space full");
+            }
+        }
+    }
+    let part = Partition { base: l.partition, size: l.partition_size };
+    // The pool ends below the status frame, which stays where it is for the whole run.
+    let mut frames = Private::new(Identity, l.private, l.status_frame());
+
+    // SAFETY: the kernel module is reserved memory, identity-mapped, never written.
+    let image = unsafe {
+        core::slice::from_raw_parts(l.kernel.0 as *const u8, (l.kernel.1 - l.kernel.0) as usize)
+    };
+    let plan = match loader::plan(image, part.size) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("guest {}: kernel ELF rejected: {e}", name(l));
+            return Err("kernel ELF rejected");
+        }
+    };
+    // Its devices stop before the memory they may still write is scrubbed: the first
+    // time from whatever state the firmware left them in (later incarnations follow a
+    // death, which already quiesced them).
+    if n == 1 {
+        quiesce_devices(l);
+    }
+    // Nothing of a previous incarnation (or of whoever had the memory before) survives.
+    part.zero(|| {
+        ctx.caps.poll(&mut Serving(link));
+    });
+    for s in plan.segments() {
+        let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
+        // A kernel may be 16 MiB: copied a chunk at a time, serving between.
+        for (k, piece) in data.chunks(SERVE_EVERY_BYTES as usize).enumerate() {
+            if part.write(s.gpa + (k as u64 * SERVE_EVERY_BYTES), piece).is_err() {
+                return Err("kernel segment outside the partition");
+            }
+            ctx.caps.poll(&mut Serving(link));
+        }
+    }
+    let mut bi = BootInfo::new_zeroed();
+    bi.magic = BOOT_INFO_MAGIC;
+    bi.version = BOOT_INFO_VERSION;
+    bi.guest_id = l.guest_id;
+    bi.core = core;
+    bi.memory_bytes = part.size;
+    bi.tsc_per_ms = tsc_per_ms;
+    bi.name = l.entry.name;
+    bi.workload = l.entry.workload;
+    bi.args = l.entry.args;
+    bi.incarnation = n;
+    bi.dma_offset = part.base;
+    for (d, o) in bi.devices.iter_mut().zip(l.devices.iter()) {
+        *d = o.desc();
+    }
+    bi.device_count = l.devices.count as u32;
+    if boot_page_tables(&part).is_err() {
+        return Err("partition too small for the boot structures");
+    }
+
+    let windows = l
+        .channels()
+        .iter()
+        .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
+    let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
+        Ok(root) => ept::eptp(root),
+        Err(why) => return Err(why),
+    };
+    // The owner's memory BARs in its device window, uncached, never executable; each
+    // checked as built.
+    if l.devices.count > 0 && !crate::arch::apic::x2apic_mode() {
+        return Err("its core's local APIC is not in x2APIC mode: device interrupts could not be acknowledged");
+    }
+    for o in l.devices.iter() {
+        for (b, &gpa) in o.func.bars.iter().zip(&o.gpa) {
+            if b.kind != vmcall_proto::device::bar_kind::MEMORY || b.size == 0 {
+                continue;
+            }
+            let len = b.size.max(4096);
+            let root = eptp & !0xfff;
+            let rw = ept::Perm::Device.bits();
+            let ok = ept::map_with(&mut frames, root, gpa, b.base, len, ept::Perm::Device).is_ok()
+                && ept::translate_perm(&mut frames, root, gpa) == Some((b.base, rw))
+                && ept::translate(&mut frames, root, gpa + len - 1) == Some(b.base + len - 1);
+            if !ok {
+                return Err("device BAR mapping failed");
+            }
+        }
+        if let Some(line) = o.line() {
+            // SAFETY: this core's slot is initialised.
+            let apic = unsafe { crate::percpu::this_core() }.apic_id as u32;
+            if let Err(why) = crate::pci::ioapic::route(line, o.vector, apic) {
+                log::error!("guest {}: {}: interrupt not routed: {why}", name(l), o.func.bdf);
+                return Err("a device's interrupt could not be routed to its core");
+            }
+        }
+    }
+    ctx.pci = crate::pci::filter::View::new(&l.devices);
+    // The status page: the fixed last frame of the private region, read-only to the
+    // guest (and to its controllers, through their target windows), zeroed for each
+    // incarnation.
+    let status = l.status_frame();
+    // The frame is this core's private region's last, identity-mapped, outside the pool;
+    // others only read it.
+    // SAFETY: so this core may write it whole.
+    unsafe {
+        (status as *mut u8).write_bytes(0, 4096);
+        (*(status as *mut StatusPage)).incarnation = u64::from(n);
+    }
+    if ept::map_with(&mut frames, eptp & !0xfff, STATUS_GPA, status, 4096, ept::Perm::Read).is_err()
+    {
+        return Err("status page mapping failed");
+    }
+    // The status pages of the guests it controls, read-only, one window each.
+    telemetry::map_target_windows(&mut frames, eptp & !0xfff, &l.target_status[..l.target_count])?;
+    let traffic =
+        telemetry::Traffic::new(l.channels(), tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS));
+    for (i, ch) in l.channels().iter().enumerate() {
+        bi.channels[i] = ch.desc;
+        ctx.doorbells[i] = ch.peer_apic;
+    }
+    bi.channel_count = l.channel_count as u32;
+    if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
+        return Err("partition too small for the boot structures");
+    }
+    let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
+        return Err("private region exhausted");
+    };
+    // SAFETY: a fresh page of this core's private region; VMX is on for this core.
+    let loaded = unsafe {
+        (vmcs as *mut u32).write(f.revision);
+        arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
+    };
+    if loaded.is_err() {
+        return Err("VMCLEAR/VMPTRLD failed");
+    }
+    // Flush any stale translation (a previous incarnation's included).
+    // SAFETY: VMX on; the VPID and EPTP are this guest's.
+    unsafe {
+        arch::vmx::invvpid_single((l.guest_id + 1) as u16);
+        arch::vmx::invept_single(eptp);
+    }
+    let procbased = match setup_vmcs(l, f, &mut frames, eptp, plan.entry) {
+        Ok(p) => p,
+        Err(what) => {
+            log::error!("guest {}: VMCS setup: {what}", name(l));
+            // A failure clears the VMCS before it ends the incarnation: its frame goes back
+            // to the pool, and an active VMCS must not be written as memory (SDM Vol. 3C
+            // 25.11.1).
+            // SAFETY: the VMCS is this core's, current; clearing it ends its use.
+            let _ = unsafe { arch::vmx::vmclear(vmcs) };
+            return Err("VMCS setup failed");
+        }
+    };
+    ctx.mwait = exitless_mwait(l);
+    if ctx.mwait && n == 1 {
+        log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
+    }
+    log::info!(
+        "guest {} (id {}, incarnation {n}): {} MiB at {:#x}, kernel {:#x}..{:#x} entry {:#x}, workload {:?}",
+        name(l),
+        l.guest_id,
+        part.size >> 20,
+        part.base,
+        vmcall_proto::guest::KERNEL_BASE,
+        plan.end(),
+        plan.entry,
+        bi.workload()
+    );
+    Ok(Prepared { part, frames, eptp, vmcs, status, traffic, procbased })
 }
