@@ -27,6 +27,9 @@ struct Sim {
     sends_left: Vec<Option<u32>>,
     last_served: Vec<u64>,
     logs: Vec<Vec<Change>>,
+    /// Whether each call's view changes are taken into `logs` (else they wait in the
+    /// instance's queue).
+    drain: bool,
     rng: u64,
     timing: Timing,
 }
@@ -71,6 +74,7 @@ impl Sim {
             sends_left: vec![None; n],
             last_served: vec![0; n],
             logs: vec![Vec::new(); n],
+            drain: true,
             rng: seed | 1,
             timing,
         }
@@ -94,7 +98,8 @@ impl Sim {
         if self.sends_left[c] == Some(0) {
             self.dead[c] = true;
         }
-        while let Some(ch) = self.cores[c].take_change() {
+        while self.drain {
+            let Some(ch) = self.cores[c].take_change() else { break };
             self.logs[c].push(ch);
         }
     }
@@ -669,5 +674,73 @@ fn two_cores_asking_in_through_the_last_member_as_it_stops_may_both_get_in() {
     for c in [0, 2] {
         assert_eq!(sim.cores[c].view().set, 0b101, "core {c}");
         assert!(!sim.cores[c].evicted(), "core {c}");
+    }
+}
+
+#[test]
+fn membership_messages_are_told_apart_by_their_kind_byte() {
+    let mut m: Payload = [0; 7];
+    for k in super::op::PING..=super::op::CATCHUP {
+        m[0] = k | 0xabcd << 32;
+        assert!(super::is_member(&m), "kind {k}");
+    }
+    for k in [0, super::op::PING - 1, super::op::CATCHUP + 1, 0xff] {
+        m[0] = k | super::op::PING << 8;
+        assert!(!super::is_member(&m), "kind {k}");
+    }
+}
+
+#[test]
+fn a_fresh_instance_has_nothing_to_tell() {
+    let t = Timing { period: 50, timeout: 777, grace: 400 };
+    let mut m = Members::new(1, 0b111, t, 0);
+    assert_eq!(m.timeout(), 777);
+    assert!(!m.has_change());
+    assert_eq!(m.take_change(), None);
+    assert_eq!(m.fenced(), 0);
+    assert_eq!(m.take_suspected(), 0);
+}
+
+#[test]
+fn a_hung_core_is_told_once_and_fenced_by_every_live_core() {
+    let mut sim = Sim::new(4, 11);
+    for _ in 0..500 {
+        sim.step();
+    }
+    for c in 0..4 {
+        assert_eq!(sim.cores[c].take_suspected(), 0, "core {c}: nobody suspected yet");
+        assert_eq!(sim.cores[c].fenced(), 0, "core {c}: nobody fenced yet");
+    }
+    sim.dead[2] = true;
+    settle(&mut sim, 0);
+    let mut told = 0;
+    for c in [0, 1, 3] {
+        assert_eq!(sim.cores[c].fenced(), 0b0100, "core {c}");
+        let s = sim.cores[c].take_suspected();
+        assert_eq!(s & !0b0100, 0, "core {c} suspects a live core");
+        told |= s;
+        assert_eq!(sim.cores[c].take_suspected(), 0, "core {c}: told once");
+    }
+    assert_eq!(told, 0b0100);
+}
+
+#[test]
+fn a_core_that_asked_out_is_not_fenced_and_views_queue_oldest_first() {
+    let mut sim = Sim::new(3, 3);
+    sim.drain = false;
+    sim.with(0, |m, env| m.leave(env));
+    settle(&mut sim, 0b001);
+    for c in 1..3 {
+        assert_eq!(sim.cores[c].fenced(), 0, "core {c}: core 0 asked to go");
+    }
+    sim.with(0, |m, env| m.join(env, 1));
+    settle(&mut sim, 0);
+    for c in 0..3 {
+        let m = &mut sim.cores[c];
+        assert!(m.has_change(), "core {c}");
+        let sets: Vec<(u32, CoreSet)> =
+            core::iter::from_fn(|| m.take_change()).map(|ch| (ch.new.num, ch.new.set)).collect();
+        assert_eq!(sets, vec![(1, 0b110), (2, 0b111)], "core {c}");
+        assert!(!m.has_change(), "core {c}");
     }
 }
