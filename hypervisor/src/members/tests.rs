@@ -712,6 +712,18 @@ fn a_hung_core_is_told_once_and_fenced_by_every_live_core() {
         assert_eq!(sim.cores[c].fenced(), 0, "core {c}: nobody fenced yet");
     }
     sim.dead[2] = true;
+    // The first core to suspect it fences it before any view takes it out.
+    let mut seen = false;
+    for _ in 0..20_000 {
+        sim.step();
+        if let Some(c) = [0, 1, 3].into_iter().find(|&c| sim.cores[c].suspects() != 0) {
+            assert_eq!(sim.cores[c].view().set, 0b1111, "not out of the view yet");
+            assert_eq!(sim.cores[c].fenced(), 0b0100, "core {c} fences what it suspects");
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "core 2 was never suspected");
     settle(&mut sim, 0);
     let mut told = 0;
     for c in [0, 1, 3] {
