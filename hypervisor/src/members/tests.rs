@@ -756,3 +756,52 @@ fn a_core_that_asked_out_is_not_fenced_and_views_queue_oldest_first() {
         assert!(!m.has_change(), "core {c}");
     }
 }
+
+#[test]
+fn at_the_end_of_the_run_every_member_is_told_once_and_nobody_is_probed_any_more() {
+    let mut sim = Sim::new(4, 7);
+    for _ in 0..300 {
+        sim.step();
+    }
+    let ends = |sim: &Sim, to: usize| {
+        sim.rings[0][to].iter().filter(|(m, _)| m[0] & 0xff == super::op::END).count()
+    };
+    sim.with(0, |m, env| m.end(env));
+    sim.with(0, |m, env| m.end(env));
+    assert_eq!(ends(&sim, 0), 0, "not to itself");
+    for c in 1..4 {
+        assert_eq!(ends(&sim, c), 1, "core {c}: told once");
+    }
+    for _ in 0..300 {
+        sim.step();
+    }
+    sim.dead[2] = true;
+    for _ in 0..20_000 {
+        sim.step();
+    }
+    for c in [0, 1, 3] {
+        assert_eq!(sim.cores[c].suspects(), 0, "core {c} probed after the end");
+        assert_eq!(sim.cores[c].view().num, 0, "core {c}");
+    }
+}
+
+#[test]
+fn a_view_change_applies_at_most_two_wishes() {
+    let mut sim = Sim::new(8, 9);
+    for _ in 0..300 {
+        sim.step();
+    }
+    for c in 0..5 {
+        sim.with(c, |m, env| m.leave(env));
+    }
+    settle(&mut sim, 0b1_1111);
+    let mut sizes = Vec::new();
+    let mut set: CoreSet = 0xff;
+    for ch in &sim.logs[7] {
+        sizes.push((set ^ ch.new.set).count_ones());
+        set = ch.new.set;
+    }
+    assert_eq!(set, 0b1110_0000);
+    assert!(sizes.iter().all(|&k| (1..=2).contains(&k)), "changes: {sizes:?}");
+    assert!(sizes.contains(&2), "wishes waiting together go together: {sizes:?}");
+}
