@@ -805,3 +805,13 @@ fn a_view_change_applies_at_most_two_wishes() {
     assert!(sizes.iter().all(|&k| (1..=2).contains(&k)), "changes: {sizes:?}");
     assert!(sizes.contains(&2), "wishes waiting together go together: {sizes:?}");
 }
+
+#[test]
+fn the_coordinator_takes_the_two_lowest_wishes_first() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(7, 0xff, t, 0);
+    m.wants_in = !0b1_1111;
+    assert_eq!(m.desired(), 0b1111_1100, "cores 0 and 1 out first");
+    m.wants_in = !0b10;
+    assert_eq!(m.desired(), 0b1111_1101, "one wish alone");
+}
