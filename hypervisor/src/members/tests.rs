@@ -767,6 +767,9 @@ fn at_the_end_of_the_run_every_member_is_told_once_and_nobody_is_probed_any_more
         sim.rings[0][to].iter().filter(|(m, _)| m[0] & 0xff == super::op::END).count()
     };
     sim.with(0, |m, env| m.end(env));
+    for c in 1..4 {
+        assert_eq!(ends(&sim, c), 1, "core {c}: told at the first call");
+    }
     sim.with(0, |m, env| m.end(env));
     assert_eq!(ends(&sim, 0), 0, "not to itself");
     for c in 1..4 {
