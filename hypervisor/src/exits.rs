@@ -124,6 +124,38 @@ pub const REASON_NAMES: [&str; 70] = [
 ];
 pub const REASONS: usize = REASON_NAMES.len();
 
+/// The basic exit reasons the hypervisor acts on by name (indices into [`REASON_NAMES`]):
+/// the one list the run loop ([`handle`]), the fast path (`fastexit`) and the instance's
+/// loop use.
+pub mod reason {
+    pub const EXCEPTION_OR_NMI: u16 = 0;
+    pub const EXTERNAL_INTERRUPT: u16 = 1;
+    pub const TRIPLE_FAULT: u16 = 2;
+    pub const INIT: u16 = 3;
+    pub const INTERRUPT_WINDOW: u16 = 7;
+    pub const CPUID: u16 = 10;
+    pub const HLT: u16 = 12;
+    pub const INVD: u16 = 13;
+    pub const VMCALL: u16 = 18;
+    /// VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON.
+    pub const VMCLEAR: u16 = 19;
+    pub const VMXON: u16 = 27;
+    pub const CR_ACCESS: u16 = 28;
+    pub const IO: u16 = 30;
+    pub const RDMSR: u16 = 31;
+    pub const WRMSR: u16 = 32;
+    pub const MWAIT: u16 = 36;
+    pub const MONITOR: u16 = 39;
+    pub const EPT_VIOLATION: u16 = 48;
+    pub const EPT_MISCONFIG: u16 = 49;
+    pub const INVEPT: u16 = 50;
+    pub const PREEMPTION_TIMER: u16 = 52;
+    pub const INVVPID: u16 = 53;
+    pub const WBINVD: u16 = 54;
+    pub const XSETBV: u16 = 55;
+    pub const VMFUNC: u16 = 59;
+}
+
 /// What a handler may ask about the exit. Only the reason is read on every exit; each other
 /// field is read when a handler asks for it (a VMREAD each on hardware), so a cheap exit
 /// pays for the fields it uses and no more.
@@ -682,6 +714,16 @@ impl GuestCtx {
 
     /// Takes in the exits the fast path answered since the last entry the run loop made
     /// (`fastexit`): VMCALLs (each a hypercall) and CPUIDs.
+    /// The `guest_info` word.
+    pub fn info(&self) -> u64 {
+        vmcall_proto::hypercall::GuestInfo {
+            id: self.id as u16,
+            core: self.core as u16,
+            memory_mib: self.memory_mib,
+        }
+        .pack()
+    }
+
     pub fn fold_fast(&mut self, hypercalls: u64, cpuids: u64) {
         if hypercalls | cpuids == 0 {
             return;
@@ -689,8 +731,9 @@ impl GuestCtx {
         // The per-reason and hypercall counters are u32 and saturate, as in `count`.
         let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let (h, c) = (sat(hypercalls), sat(cpuids));
-        self.exits[18] = self.exits[18].saturating_add(h);
-        self.exits[10] = self.exits[10].saturating_add(c);
+        let (vmcall, cpuid) = (reason::VMCALL as usize, reason::CPUID as usize);
+        self.exits[vmcall] = self.exits[vmcall].saturating_add(h);
+        self.exits[cpuid] = self.exits[cpuid].saturating_add(c);
         self.exits_total = self.exits_total.saturating_add(hypercalls + cpuids);
         self.hypercalls = self.hypercalls.saturating_add(h);
     }
@@ -723,10 +766,9 @@ fn printable(c: char) -> bool {
 fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     let rip = v.read(Field::Rip);
     v.write(Field::Rip, rip.wrapping_add(e.instruction_len()));
-    // The emulated instruction ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5).
     let blocking = v.read(Field::Interruptibility);
-    if blocking & 3 != 0 {
-        v.write(Field::Interruptibility, blocking & !3);
+    if let Some(b) = unblocked(blocking) {
+        v.write(Field::Interruptibility, b);
     }
     // Executed with RFLAGS.TF set, it would have ended in a single-step trap, which the VM
     // exit suppressed: leave it pending (BS) for the processor to deliver after the entry,
@@ -735,6 +777,45 @@ fn advance(v: &mut impl Vcpu, e: &impl ExitInfo) {
     if v.read(Field::Rflags) & RFLAGS_TF != 0 {
         let pending = v.read(Field::PendingDebug);
         v.write(Field::PendingDebug, pending | PENDING_BS);
+    }
+}
+
+/// The interruptibility state after an emulated instruction, if it changes: the instruction
+/// ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5). Also the fast path's.
+#[inline(always)]
+pub fn unblocked(interruptibility: u64) -> Option<u64> {
+    (interruptibility & 3 != 0).then_some(interruptibility & !3)
+}
+
+/// Whether the guest runs at CPL 0 (SS.DPL in its access rights, SDM Vol. 3C 25.4.1): only
+/// ring 0 makes hypercalls. Also the fast path's.
+#[inline(always)]
+pub fn ring0(ss_access_rights: u64) -> bool {
+    ss_access_rights >> 5 & 3 == 0
+}
+
+/// What the hypercalls that only answer (`guest_info`, `yield`, `tsc_per_ms`,
+/// `exit_count`) answer: the one implementation the run loop and the fast path share.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts {
+    /// The `guest_info` word.
+    pub info: u64,
+    pub tsc_per_ms: u64,
+    /// Exits so far, the one being answered included.
+    pub exits: u64,
+}
+
+impl Facts {
+    /// The answer to `call`, if it is one that only answers.
+    #[inline(always)]
+    pub fn answer(&self, call: Hypercall) -> Option<u64> {
+        match call {
+            Hypercall::Yield => Some(0),
+            Hypercall::GuestInfo => Some(self.info),
+            Hypercall::TscPerMs => Some(self.tsc_per_ms),
+            Hypercall::ExitCount => Some(self.exits),
+            _ => None,
+        }
     }
 }
 
@@ -804,43 +885,45 @@ pub fn handle(
     }
     match reason {
         // Our controls make these exits; there is nothing to do for the guest.
-        0 | 1 => Action::Resume,
-        2 => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
-        3 => Action::Stop(StopReason::Init { rip: e.rip() }),
-        7 => {
+        reason::EXCEPTION_OR_NMI | reason::EXTERNAL_INTERRUPT => Action::Resume,
+        reason::TRIPLE_FAULT => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
+        reason::INIT => Action::Stop(StopReason::Init { rip: e.rip() }),
+        reason::INTERRUPT_WINDOW => {
             // Interrupt window: before_entry delivers the pending timer interrupt.
             v.set_interrupt_window(false);
             Action::Resume
         }
-        10 => cpuid(ctx, v, e),
-        12 => hlt(ctx, v, e),
+        reason::CPUID => cpuid(ctx, v, e),
+        reason::HLT => hlt(ctx, v, e),
         // INVD, WBINVD: no-ops (counted above); see the policy in the module header.
-        13 | 54 => {
+        reason::INVD | reason::WBINVD => {
             advance(v, e);
             Action::Resume
         }
-        18 => vmcall(ctx, v, e, sink),
-        19..=27 | 50 | 53 | 59 => {
+        reason::VMCALL => vmcall(ctx, v, e, sink),
+        reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID | reason::VMFUNC => {
             v.inject(UD);
             Action::Resume
         }
-        28 => cr_access(ctx, v, e),
-        30 => io(ctx, v, e, sink),
-        31 => rdmsr(v, e),
-        32 => wrmsr(v, e),
-        36 | 39 => {
+        reason::CR_ACCESS => cr_access(ctx, v, e),
+        reason::IO => io(ctx, v, e, sink),
+        reason::RDMSR => rdmsr(v, e),
+        reason::WRMSR => wrmsr(v, e),
+        reason::MWAIT | reason::MONITOR => {
             v.inject(UD);
             Action::Resume
         }
-        48 => Action::Stop(StopReason::EptViolation {
+        reason::EPT_VIOLATION => Action::Stop(StopReason::EptViolation {
             gpa: e.guest_physical(),
             rip: e.rip(),
             qualification: e.qualification(),
         }),
-        49 => Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical(), rip: e.rip() }),
+        reason::EPT_MISCONFIG => {
+            Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical(), rip: e.rip() })
+        }
         // Preemption timer: before_entry sees the deadline that passed.
-        52 => Action::Resume,
-        55 => xsetbv(v, e),
+        reason::PREEMPTION_TIMER => Action::Resume,
+        reason::XSETBV => xsetbv(v, e),
         other => Action::Stop(StopReason::Unexpected { reason: other, rip: e.rip() }),
     }
 }
@@ -919,7 +1002,7 @@ fn vmcall(
     e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
-    if v.read(Field::SsAccessRights) >> 5 & 3 != 0 {
+    if !ring0(v.read(Field::SsAccessRights)) {
         v.inject(GP);
         return Action::Resume;
     }
@@ -928,14 +1011,20 @@ fn vmcall(
     let result: Result<u64, HvError> = match Hypercall::try_from(r.rax) {
         Err(err) => Err(err),
         Ok(Hypercall::ConsoleWrite) => console_write(ctx, v, r.rdi, r.rsi, sink),
-        Ok(Hypercall::GuestInfo) => Ok(ctx.id as u64 & 0xffff
-            | (ctx.core as u64 & 0xffff) << 16
-            | (ctx.memory_mib as u64) << 32),
+        Ok(
+            call @ (Hypercall::GuestInfo
+            | Hypercall::Yield
+            | Hypercall::TscPerMs
+            | Hypercall::ExitCount),
+        ) => {
+            let facts =
+                Facts { info: ctx.info(), tsc_per_ms: ctx.tsc_per_ms, exits: ctx.exits_total };
+            facts.answer(call).ok_or(HvError::UnknownCall)
+        }
         Ok(Hypercall::Exit) => {
             ctx.flush_line(sink);
             return Action::Exit(r.rdi);
         }
-        Ok(Hypercall::Yield) => Ok(0),
         Ok(Hypercall::TimerOneshot) => {
             let (delta, vector) = (r.rdi, r.rsi);
             if !(32..=255).contains(&vector) {
@@ -948,7 +1037,6 @@ fn vmcall(
                 Ok(0)
             }
         }
-        Ok(Hypercall::TscPerMs) => Ok(ctx.tsc_per_ms),
         Ok(
             call @ (Hypercall::CapIdentify
             | Hypercall::CapSplit
@@ -959,7 +1047,6 @@ fn vmcall(
             | Hypercall::CapAccept
             | Hypercall::GuestControl),
         ) => cap_hypercall(ctx, v, call, &r),
-        Ok(Hypercall::ExitCount) => Ok(ctx.exits_total),
         Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
             Some(apic) => {
                 v.send_ipi(apic, vmcall_proto::guest::DOORBELL_VECTOR);
@@ -1213,6 +1300,40 @@ pub const MSR_SWITCHED: [u32; 2] = [MSR_FS_BASE, MSR_GS_BASE];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_reasons_are_their_names_in_reports() {
+        use super::reason::*;
+        for (r, name) in [
+            (EXCEPTION_OR_NMI, "exception_nmi"),
+            (EXTERNAL_INTERRUPT, "external_interrupt"),
+            (TRIPLE_FAULT, "triple_fault"),
+            (INIT, "init"),
+            (INTERRUPT_WINDOW, "interrupt_window"),
+            (CPUID, "cpuid"),
+            (HLT, "hlt"),
+            (INVD, "invd"),
+            (VMCALL, "vmcall"),
+            (VMCLEAR, "vmclear"),
+            (VMXON, "vmxon"),
+            (CR_ACCESS, "cr_access"),
+            (IO, "io"),
+            (RDMSR, "rdmsr"),
+            (WRMSR, "wrmsr"),
+            (MWAIT, "mwait"),
+            (MONITOR, "monitor"),
+            (EPT_VIOLATION, "ept_violation"),
+            (EPT_MISCONFIG, "ept_misconfig"),
+            (INVEPT, "invept"),
+            (PREEMPTION_TIMER, "preemption_timer"),
+            (INVVPID, "invvpid"),
+            (WBINVD, "wbinvd"),
+            (XSETBV, "xsetbv"),
+            (VMFUNC, "vmfunc"),
+        ] {
+            assert_eq!(REASON_NAMES[r as usize], name);
+        }
+    }
     use std::collections::HashMap;
 
     /// A vCPU made of plain values; guest memory is a vector.
@@ -2372,9 +2493,7 @@ mod tests {
                         fx.until = u64::MAX;
                         fx.answer_until = u64::MAX;
                         fx.mwait = fast_ctx.mwait;
-                        fx.info = u64::from(fast_ctx.id & 0xffff)
-                            | u64::from(fast_ctx.core & 0xffff) << 16
-                            | u64::from(fast_ctx.memory_mib) << 32;
+                        fx.info = fast_ctx.info();
                         fx.tsc_per_ms = fast_ctx.tsc_per_ms;
                         fx.exits_base = fast_ctx.exits_total;
                         let len = if reason == 10 { 2 } else { 3 };

@@ -121,26 +121,26 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
-    if reason == 18 {
+    if reason == u64::from(crate::exits::reason::VMCALL) {
         // From CPL 0 only (the run loop injects #GP otherwise).
-        if c.read(Field::SsAccessRights) >> 5 & 3 != 0 {
+        if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
         }
-        let value = match regs.rax {
-            x if x == Hypercall::Yield as u64 => 0,
-            x if x == Hypercall::GuestInfo as u64 => fx.info,
-            x if x == Hypercall::TscPerMs as u64 => fx.tsc_per_ms,
-            x if x == Hypercall::ExitCount as u64 => {
-                fx.exits_base.wrapping_add(fx.hypercalls + fx.cpuids + 1)
-            }
-            _ => return false,
+        let facts = crate::exits::Facts {
+            info: fx.info,
+            tsc_per_ms: fx.tsc_per_ms,
+            exits: fx.exits_base.wrapping_add(fx.hypercalls + fx.cpuids + 1),
+        };
+        let Some(value) = Hypercall::try_from(regs.rax).ok().and_then(|call| facts.answer(call))
+        else {
+            return false;
         };
         if !quiet(c, fx, t0) {
             return false;
         }
         regs.rax = value;
         fx.hypercalls += 1;
-    } else if reason == 10 {
+    } else if reason == u64::from(crate::exits::reason::CPUID) {
         if !quiet(c, fx, t0) {
             return false;
         }
@@ -156,17 +156,17 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     }
     let rip = c.read(Field::Rip).wrapping_add(c.read(Field::InstructionLen));
     c.write(Field::Rip, rip);
-    // The emulated instruction ends any STI/MOV-SS blocking (SDM Vol. 3C 26.3.1.5).
     let blocking = c.read(Field::Interruptibility);
-    if blocking & 3 != 0 {
-        c.write(Field::Interruptibility, blocking & !3);
+    if let Some(b) = crate::exits::unblocked(blocking) {
+        c.write(Field::Interruptibility, b);
     }
     // `telemetry` is the guest's status page, a frame of this core's private region that
     // outlives the vCPU.
     // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
     t.exits[reason as usize] = t.exits[reason as usize].wrapping_add(1);
-    t.hypercalls = t.hypercalls.wrapping_add((reason == 18) as u64);
+    t.hypercalls =
+        t.hypercalls.wrapping_add((reason == u64::from(crate::exits::reason::VMCALL)) as u64);
     t.entries = t.entries.wrapping_add(1);
     t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
     true

@@ -7,7 +7,7 @@
 use crate::bootinfo::BootParams;
 use crate::cores::CoreList;
 use crate::exits::StopReason;
-use crate::guest::{ChanMap, Ending, Exits, Launch};
+use crate::instance::{ChanMap, Ending, Exits, Launch};
 use crate::memory::{PhysAlloc, Range};
 use crate::{arch, record, smp};
 use core::fmt;
@@ -303,7 +303,7 @@ pub fn plan(
                         };
                             vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
                         channel_count: 0,
-                        grants: [(0, 0); crate::guest::MAX_GRANTS_PER_GUEST],
+                        grants: [(0, 0); crate::instance::MAX_GRANTS_PER_GUEST],
                         grant_count: 0,
                         targets: [(0, 0); MAX_GUESTS],
                         target_count: 0,
@@ -449,7 +449,7 @@ pub fn plan(
     for (k, gr) in cfg.grants().enumerate() {
         let size = gr.memory_mib as u64 * (1 << 20);
         let Some(l) = launches[gr.guest as usize].as_mut() else { continue };
-        if l.grant_count == crate::guest::MAX_GRANTS_PER_GUEST {
+        if l.grant_count == crate::instance::MAX_GRANTS_PER_GUEST {
             log::warn!(
                 "grant {k}: guest {} already has {} grants; left out",
                 gr.guest,
@@ -501,7 +501,7 @@ pub fn pending(fenced: u64) -> bool {
 /// summary. Returns whether every guest exited with status 0.
 pub fn collect(plan: &Plan, fenced: u64) -> bool {
     // A guest runs at most its budget plus as much again of time its core spent serving
-    // other cores (see guest::run), each incarnation.
+    // other cores (see instance::run), each incarnation.
     let deadline = arch::tsc::deadline_us((plan.life_ms + 2_000) * 1000);
     let guests = || plan.guests[..plan.count].iter().flatten();
     while guests()

@@ -25,10 +25,11 @@ mod ept;
 mod exits;
 mod fastexit;
 mod fault;
-mod guest;
 #[cfg(target_os = "none")]
 mod guests;
 mod hostctl;
+mod instance;
+mod members;
 mod memory;
 mod pci;
 mod percpu;
@@ -37,14 +38,11 @@ mod smp;
 mod svm;
 mod trace;
 mod vmx;
-mod xcore;
 
 #[cfg(target_os = "none")]
 mod boot {
     use crate::power::{end_run, Outcome};
-    use crate::{
-        arch, bootinfo, console, cores, guests, pci, percpu, record, smp, svm, vmx, xcore,
-    };
+    use crate::{arch, bootinfo, console, cores, guests, pci, percpu, record, smp, svm, vmx};
     use vmcall_proto::record::{core_state, kind, Quoted};
 
     /// Entered from `arch::boot` in long mode, on the boot stack.
@@ -149,7 +147,7 @@ mod boot {
         for (a, c) in apics.iter_mut().zip(list.cores()) {
             *a = c.apic_id;
         }
-        xcore::publish_cores(&apics[..list.len()]);
+        crate::instance::xcore::publish_cores(&apics[..list.len()]);
         smp::inject_ap_fault(opts.inject == Some(bootinfo::Inject::ApFault));
         record!(kind::ONLINE, "index=0 apic={bsp_apic}");
 

@@ -153,22 +153,22 @@ static MAILBOXES: [Mailbox; crate::percpu::MAX_CORES] =
 /// The features the BSP probed: written once before any AP starts, then read-only.
 static FEATURES: spin::Once<Features> = spin::Once::new();
 /// The BSP's launch message to each core (written before the core starts, once).
-static LAUNCHES: [spin::Once<crate::guest::Launch>; crate::percpu::MAX_CORES] =
+static LAUNCHES: [spin::Once<crate::instance::Launch>; crate::percpu::MAX_CORES] =
     [const { spin::Once::new() }; crate::percpu::MAX_CORES];
 /// Each core's report when its guest has ended (written once by that core).
-static REPORTS: [spin::Once<crate::guest::GuestReport>; crate::percpu::MAX_CORES] =
+static REPORTS: [spin::Once<crate::instance::GuestReport>; crate::percpu::MAX_CORES] =
     [const { spin::Once::new() }; crate::percpu::MAX_CORES];
 
 /// Tells core `index` which guest to run. Called by the BSP before the core starts.
-pub fn post_launch(index: usize, l: crate::guest::Launch) {
+pub fn post_launch(index: usize, l: crate::instance::Launch) {
     LAUNCHES[index].call_once(|| l);
 }
 
-pub fn launch_of(index: usize) -> Option<&'static crate::guest::Launch> {
+pub fn launch_of(index: usize) -> Option<&'static crate::instance::Launch> {
     LAUNCHES[index].get()
 }
 
-pub fn report_of(index: usize) -> Option<&'static crate::guest::GuestReport> {
+pub fn report_of(index: usize) -> Option<&'static crate::instance::GuestReport> {
     REPORTS[index].get()
 }
 
@@ -181,7 +181,7 @@ pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
         return 0;
     }
     #[cfg(target_os = "none")]
-    let fenced = crate::guest::run(
+    let fenced = crate::instance::run(
         l,
         f,
         index as u32,

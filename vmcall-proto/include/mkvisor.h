@@ -332,7 +332,8 @@ enum MKV_Hypercall
    */
   MKV_HYPERCALL_CONSOLE_WRITE = 0,
   /**
-   * `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32`.
+   * `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32` (see
+   * [`GuestInfo`]).
    */
   MKV_HYPERCALL_GUEST_INFO = 1,
   /**

@@ -17,7 +17,8 @@ pub enum Hypercall {
     /// `console_write(buf: gpa, len: u64) -> len`: one line (or part of one) of console text,
     /// at most [`CONSOLE_MAX`] bytes, valid UTF-8 not required (invalid bytes are replaced).
     ConsoleWrite = 0,
-    /// `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32`.
+    /// `guest_info() -> packed`: `guest id | core << 16 | memory in MiB << 32` (see
+    /// [`GuestInfo`]).
     GuestInfo = 1,
     /// `exit(status: u64) -> !`: the guest is done; the status is reported.
     Exit = 2,
@@ -63,6 +64,25 @@ pub enum Hypercall {
     /// new incarnation of a guest that is down, `RESTART` does both. The operation runs on
     /// the target's core; the caller waits for that core's answer (bounded: `Timeout`).
     GuestControl = 15,
+}
+
+/// The answer of [`Hypercall::GuestInfo`], packed and unpacked here only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestInfo {
+    pub id: u16,
+    pub core: u16,
+    pub memory_mib: u32,
+}
+
+impl GuestInfo {
+    /// The word: `id | core << 16 | memory_mib << 32`.
+    pub const fn pack(self) -> u64 {
+        self.id as u64 | (self.core as u64) << 16 | (self.memory_mib as u64) << 32
+    }
+
+    pub const fn unpack(w: u64) -> Self {
+        GuestInfo { id: w as u16, core: (w >> 16) as u16, memory_mib: (w >> 32) as u32 }
+    }
 }
 
 /// Operations and the state word of [`Hypercall::GuestControl`].
@@ -274,6 +294,14 @@ pub const CPUID_SIGNATURE: [u8; 12] = *b"mkvisor\0\0\0\0\0";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_info_packs_each_field_in_its_place() {
+        let i = GuestInfo { id: 0x1234, core: 0xabcd, memory_mib: 0x8765_4321 };
+        assert_eq!(i.pack(), 0x8765_4321_abcd_1234);
+        assert_eq!(GuestInfo::unpack(i.pack()), i);
+        assert_eq!(GuestInfo::unpack(u64::MAX).pack(), u64::MAX);
+    }
 
     #[test]
     fn numbers_round_trip_and_unknown_is_an_error() {

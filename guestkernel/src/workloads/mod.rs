@@ -115,7 +115,8 @@ fn hello(bi: &BootInfo) -> u64 {
     );
     let mut ok = true;
     let info = call(Hypercall::GuestInfo, 0, 0).unwrap_or(0);
-    let (id, core, mib) = (info & 0xffff, (info >> 16) & 0xffff, info >> 32);
+    let i = vmcall_proto::hypercall::GuestInfo::unpack(info);
+    let (id, core, mib) = (u64::from(i.id), u64::from(i.core), u64::from(i.memory_mib));
     if (id, core, mib) != (bi.guest_id as u64, bi.core as u64, bi.memory_bytes >> 20) {
         log::error!("guest-info hypercall says id {id} core {core} {mib} MiB; boot-info disagrees");
         ok = false;

@@ -8,20 +8,19 @@
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
 //! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`],
-//! `console` (a turn at the UART while serving the inbox). Nothing else of the hypervisor:
-//! `exits` calls into this module, never the other way.
+//! `members` (core membership, whose messages share the rings), `console` (a turn at the
+//! UART while serving the inbox). Nothing else of the hypervisor: `exits` calls into this
+//! module, never the other way.
 
 pub mod control;
 pub mod links;
-pub mod members;
-#[cfg(test)]
-mod members_tests;
 #[cfg(test)]
 mod model;
 pub mod proto;
 #[cfg(test)]
 mod tests;
 
+use crate::members;
 use proto::Proto;
 pub use proto::Verdict;
 use vmcall_proto::caps::{CSpace, Cap, CapType, Child, Rights};
@@ -30,7 +29,7 @@ use vmcall_proto::guest::MAX_CHANNELS_PER_GUEST;
 use vmcall_proto::hypercall::{HvError, Hypercall, GRANT_WINDOW};
 
 /// Cores the protocol can address (the hypervisor's `percpu::MAX_CORES`).
-pub const MAX_PEERS: usize = 64;
+pub const MAX_PEERS: usize = crate::members::MAX_PEERS;
 
 /// What the capability system needs from its core.
 pub trait Env {
@@ -64,6 +63,22 @@ pub trait Env {
     /// The answer to the host's request `req` (see `control::HOST`): to the core that
     /// serves the channel. Dropped by default (no channel).
     fn host_answer(&mut self, _req: u32, _result: Result<u64, HvError>) {}
+}
+
+// The kinds on the rings do not overlap: membership's follow the capability protocol's.
+const _: () = assert!(proto::op::LINK_UP < members::op::PING);
+
+/// Membership reaches the transport through the same environment.
+impl<E: Env> members::Net for E {
+    fn now(&mut self) -> u64 {
+        Env::now(self)
+    }
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
+        Env::send(self, to, m)
+    }
+    fn kick(&mut self, to: usize) {
+        Env::kick(self, to)
+    }
 }
 
 /// The most EPT leaf entries one step of a long `cap_map` or `cap_unmap` writes before the

@@ -77,7 +77,7 @@ pub const CLASSES: usize = MAX_DEPTH as usize + 1 + TREE_HEIGHT as usize;
 /// Inter-core ring slots needed (see the module header): requests and replies of every
 /// class, rounded up to the power of two the ring wants.
 /// Guest control adds at most three per ring (one request, one answer, one release), links
-/// three (a down, an ack, an up), membership ten (see `caps::members`).
+/// three (a down, an ack, an up), membership ten (see `members`).
 pub const RING_SLOTS: u32 = (2 * CREDITS as u32 * CLASSES as u32 + 6 + 10).next_power_of_two();
 
 /// Entries a core needs with `cores` cores: its own operation, and the requests of every
@@ -99,19 +99,7 @@ pub mod op {
     pub const LINK_DOWN: u64 = 8;
     pub const LINK_ACK: u64 = 9;
     pub const LINK_UP: u64 = 10;
-    /// Core membership (see `caps::members`).
-    pub const PING: u64 = 11;
-    pub const PONG: u64 = 12;
-    pub const WISH: u64 = 13;
-    pub const WISH_ACK: u64 = 14;
-    pub const PREPARE: u64 = 15;
-    pub const PROMISE: u64 = 16;
-    pub const ACCEPT: u64 = 17;
-    pub const ACCEPTED: u64 = 18;
-    pub const NACK: u64 = 19;
-    pub const COMMIT: u64 = 20;
-    pub const END: u64 = 21;
-    pub const CATCHUP: u64 = 22;
+    // 11..=22: core membership's (`members::op`).
 }
 
 fn header(op: u64, req: u32) -> u64 {

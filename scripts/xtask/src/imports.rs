@@ -503,9 +503,14 @@ impl Graph {
     }
 }
 
+/// Crates whose cycles `cargo xtask test` prints without failing: the hypervisor still has
+/// three, each between a parent module and its children (`caps` and `caps::control` through
+/// `super::Env`, `instance` and its parts, `exits` and `fastexit`); issue 23 is to remove them.
+pub const TOLERATED: &[&str] = &["hypervisor"];
+
 /// Checks every crate in `CRATES` under `root`; prints each crate's cycles (and its whole
-/// graph when `verbose`). Ok(false) when any crate has a cycle.
-pub fn check(root: &Path, verbose: bool) -> Result<bool> {
+/// graph when `verbose`). Ok(false) when any crate not in `tolerated` has a cycle.
+pub fn check(root: &Path, verbose: bool, tolerated: &[&str]) -> Result<bool> {
     let mut clean = true;
     for (name, file) in CRATES {
         let path = root.join(file);
@@ -518,6 +523,8 @@ pub fn check(root: &Path, verbose: bool) -> Result<bool> {
         }
         if cycles.is_empty() {
             println!("{name}: no import cycle");
+        } else if tolerated.contains(name) {
+            println!("{name}: import cycles (known, not failing this check)\n{cycles}");
         } else {
             clean = false;
             println!("{name}: import cycles\n{cycles}");
@@ -599,7 +606,7 @@ mod tests {
     #[test]
     fn our_crates_have_no_import_cycle() {
         let root = crate::workspace_root();
-        for (name, file) in CRATES.iter().filter(|(n, _)| *n != "hypervisor") {
+        for (name, file) in CRATES.iter().filter(|(n, _)| !TOLERATED.contains(n)) {
             let g = graph(&root.join(file), Path::new(file).parent().unwrap()).unwrap();
             let cycles = g.describe_cycles();
             assert!(cycles.is_empty(), "{name} has import cycles:\n{cycles}");

@@ -4,7 +4,7 @@
 //! guest target with the runtime's recipe ([`guest_build`]), and checking every ELF against
 //! the partition of every guest that runs it before anything boots. Every problem is a
 //! config error located at the guest's `kernel` (file:line:column). The checks are the
-//! hypervisor's own (`hypervisor/src/guest/loader.rs`), which makes them again at launch.
+//! hypervisor's own (`hypervisor/src/instance/loader.rs`), which makes them again at launch.
 //!
 //! May call `config` (the config and its located errors), `build` (the target name), `files`
 //! (reading a kernel file), cargo.

@@ -6,10 +6,10 @@
 //! is fenced within bounded time, a live one never is, and no ring holds more membership
 //! messages than the budget `proto::RING_SLOTS` counts.
 
-use super::members::{Change, CoreSet, Members, Timing, View};
-use super::*;
+use super::{Change, CoreSet, Members, Net, Timing, View};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
+use vmcall_proto::channel::Payload;
 
 const BUDGET: usize = 8;
 
@@ -27,6 +27,9 @@ struct Sim {
     sends_left: Vec<Option<u32>>,
     last_served: Vec<u64>,
     logs: Vec<Vec<Change>>,
+    /// Whether each call's view changes are taken into `logs` (else they wait in the
+    /// instance's queue).
+    drain: bool,
     rng: u64,
     timing: Timing,
 }
@@ -38,7 +41,7 @@ struct SimEnv<'a> {
     sends_left: &'a mut Option<u32>,
 }
 
-impl Env for SimEnv<'_> {
+impl Net for SimEnv<'_> {
     fn now(&mut self) -> u64 {
         self.now
     }
@@ -54,16 +57,7 @@ impl Env for SimEnv<'_> {
         q.push_back((*m, self.now));
         true
     }
-    fn recv(&mut self) -> Option<(usize, Payload)> {
-        None
-    }
     fn kick(&mut self, _to: usize) {}
-    fn ept_map(&mut self, _: u64, _: u64, _: u64, _: bool) -> Result<(), HvError> {
-        Ok(())
-    }
-    fn ept_unmap(&mut self, _: u64, _: u64) -> Result<(), HvError> {
-        Ok(())
-    }
 }
 
 impl Sim {
@@ -80,6 +74,7 @@ impl Sim {
             sends_left: vec![None; n],
             last_served: vec![0; n],
             logs: vec![Vec::new(); n],
+            drain: true,
             rng: seed | 1,
             timing,
         }
@@ -103,7 +98,8 @@ impl Sim {
         if self.sends_left[c] == Some(0) {
             self.dead[c] = true;
         }
-        while let Some(ch) = self.cores[c].take_change() {
+        while self.drain {
+            let Some(ch) = self.cores[c].take_change() else { break };
             self.logs[c].push(ch);
         }
     }
@@ -296,7 +292,7 @@ fn the_coordinator_hangs_half_way_through_its_commit() {
     for _ in 0..20_000 {
         sim.step();
         if !armed
-            && sim.rings[3].iter().any(|q| q.iter().any(|(m, _)| m[0] & 0xff == proto::op::ACCEPT))
+            && sim.rings[3].iter().any(|q| q.iter().any(|(m, _)| m[0] & 0xff == super::op::ACCEPT))
         {
             sim.sends_left[3] = Some(1);
             armed = true;
@@ -679,4 +675,146 @@ fn two_cores_asking_in_through_the_last_member_as_it_stops_may_both_get_in() {
         assert_eq!(sim.cores[c].view().set, 0b101, "core {c}");
         assert!(!sim.cores[c].evicted(), "core {c}");
     }
+}
+
+#[test]
+fn membership_messages_are_told_apart_by_their_kind_byte() {
+    let mut m: Payload = [0; 7];
+    for k in super::op::PING..=super::op::CATCHUP {
+        m[0] = k | 0xabcd << 32;
+        assert!(super::is_member(&m), "kind {k}");
+    }
+    for k in [0, super::op::PING - 1, super::op::CATCHUP + 1, 0xff] {
+        m[0] = k | super::op::PING << 8;
+        assert!(!super::is_member(&m), "kind {k}");
+    }
+}
+
+#[test]
+fn a_fresh_instance_has_nothing_to_tell() {
+    let t = Timing { period: 50, timeout: 777, grace: 400 };
+    let mut m = Members::new(1, 0b111, t, 0);
+    assert_eq!(m.timeout(), 777);
+    assert!(!m.has_change());
+    assert_eq!(m.take_change(), None);
+    assert_eq!(m.fenced(), 0);
+    assert_eq!(m.take_suspected(), 0);
+}
+
+#[test]
+fn a_hung_core_is_told_once_and_fenced_by_every_live_core() {
+    let mut sim = Sim::new(4, 11);
+    for _ in 0..500 {
+        sim.step();
+    }
+    for c in 0..4 {
+        assert_eq!(sim.cores[c].take_suspected(), 0, "core {c}: nobody suspected yet");
+        assert_eq!(sim.cores[c].fenced(), 0, "core {c}: nobody fenced yet");
+    }
+    sim.dead[2] = true;
+    // The first core to suspect it fences it before any view takes it out.
+    let mut seen = false;
+    for _ in 0..20_000 {
+        sim.step();
+        if let Some(c) = [0, 1, 3].into_iter().find(|&c| sim.cores[c].suspects() != 0) {
+            assert_eq!(sim.cores[c].view().set, 0b1111, "not out of the view yet");
+            assert_eq!(sim.cores[c].fenced(), 0b0100, "core {c} fences what it suspects");
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "core 2 was never suspected");
+    settle(&mut sim, 0);
+    let mut told = 0;
+    for c in [0, 1, 3] {
+        assert_eq!(sim.cores[c].fenced(), 0b0100, "core {c}");
+        let s = sim.cores[c].take_suspected();
+        assert_eq!(s & !0b0100, 0, "core {c} suspects a live core");
+        told |= s;
+        assert_eq!(sim.cores[c].take_suspected(), 0, "core {c}: told once");
+    }
+    assert_eq!(told, 0b0100);
+}
+
+#[test]
+fn a_core_that_asked_out_is_not_fenced_and_views_queue_oldest_first() {
+    let mut sim = Sim::new(3, 3);
+    sim.drain = false;
+    sim.with(0, |m, env| m.leave(env));
+    settle(&mut sim, 0b001);
+    for c in 1..3 {
+        assert_eq!(sim.cores[c].fenced(), 0, "core {c}: core 0 asked to go");
+    }
+    sim.with(0, |m, env| m.join(env, 1));
+    settle(&mut sim, 0);
+    for c in 0..3 {
+        let m = &mut sim.cores[c];
+        assert!(m.has_change(), "core {c}");
+        let sets: Vec<(u32, CoreSet)> =
+            core::iter::from_fn(|| m.take_change()).map(|ch| (ch.new.num, ch.new.set)).collect();
+        assert_eq!(sets, vec![(1, 0b110), (2, 0b111)], "core {c}");
+        assert!(!m.has_change(), "core {c}");
+    }
+}
+
+#[test]
+fn at_the_end_of_the_run_every_member_is_told_once_and_nobody_is_probed_any_more() {
+    let mut sim = Sim::new(4, 7);
+    for _ in 0..300 {
+        sim.step();
+    }
+    let ends = |sim: &Sim, to: usize| {
+        sim.rings[0][to].iter().filter(|(m, _)| m[0] & 0xff == super::op::END).count()
+    };
+    sim.with(0, |m, env| m.end(env));
+    for c in 1..4 {
+        assert_eq!(ends(&sim, c), 1, "core {c}: told at the first call");
+    }
+    sim.with(0, |m, env| m.end(env));
+    assert_eq!(ends(&sim, 0), 0, "not to itself");
+    for c in 1..4 {
+        assert_eq!(ends(&sim, c), 1, "core {c}: told once");
+    }
+    for _ in 0..300 {
+        sim.step();
+    }
+    sim.dead[2] = true;
+    for _ in 0..20_000 {
+        sim.step();
+    }
+    for c in [0, 1, 3] {
+        assert_eq!(sim.cores[c].suspects(), 0, "core {c} probed after the end");
+        assert_eq!(sim.cores[c].view().num, 0, "core {c}");
+    }
+}
+
+#[test]
+fn a_view_change_applies_at_most_two_wishes() {
+    let mut sim = Sim::new(8, 9);
+    for _ in 0..300 {
+        sim.step();
+    }
+    for c in 0..5 {
+        sim.with(c, |m, env| m.leave(env));
+    }
+    settle(&mut sim, 0b1_1111);
+    let mut sizes = Vec::new();
+    let mut set: CoreSet = 0xff;
+    for ch in &sim.logs[7] {
+        sizes.push((set ^ ch.new.set).count_ones());
+        set = ch.new.set;
+    }
+    assert_eq!(set, 0b1110_0000);
+    assert!(sizes.iter().all(|&k| (1..=2).contains(&k)), "changes: {sizes:?}");
+    assert!(sizes.contains(&2), "wishes waiting together go together: {sizes:?}");
+}
+
+#[test]
+fn the_coordinator_takes_the_two_lowest_wishes_first() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(7, 0xff, t, 0);
+    m.wants_in = !0b1_1111;
+    assert_eq!(m.desired(), 0b1111_1100, "cores 0 and 1 out first");
+    m.wants_in = !0b10;
+    assert_eq!(m.desired(), 0b1111_1101, "one wish alone");
 }

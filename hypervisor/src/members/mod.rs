@@ -50,13 +50,43 @@
 //! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
 //! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
 //! the next round's first, or a `CATCHUP` and an `ACCEPT`), one answer and an `END`: 10
-//! (counted in `proto::RING_SLOTS`; the simulator checks 8 queued at most).
+//! (counted in `caps::proto::RING_SLOTS`; the simulator checks 8 queued at most).
 //!
-//! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
+//! Owns only this bookkeeping and its message kinds ([`op`]); calls nothing but the [`Net`]
+//! it is handed and `vmcall_proto` (the message type). The capability system carries its
+//! messages on the same rings and calls into it; it never calls the capability system.
 
-use super::proto::op;
-use super::{Env, MAX_PEERS};
 use vmcall_proto::channel::Payload;
+
+/// Cores a view can hold: one bit each in a [`CoreSet`].
+pub const MAX_PEERS: usize = 64;
+
+/// What membership needs from its core: the time and the inter-core transport.
+pub trait Net {
+    /// The time-stamp counter now.
+    fn now(&mut self) -> u64;
+    /// Puts a message on the inter-core ring to core `to`; `false` if it is full.
+    fn send(&mut self, to: usize, m: &Payload) -> bool;
+    /// Makes core `to` look at its inbox soon.
+    fn kick(&mut self, to: usize);
+}
+
+/// The membership messages' kinds (word 0, low byte), numbered among the other kinds
+/// that share the inter-core rings (`caps::proto::op` re-exports them).
+pub mod op {
+    pub const PING: u64 = 11;
+    pub const PONG: u64 = 12;
+    pub const WISH: u64 = 13;
+    pub const WISH_ACK: u64 = 14;
+    pub const PREPARE: u64 = 15;
+    pub const PROMISE: u64 = 16;
+    pub const ACCEPT: u64 = 17;
+    pub const ACCEPTED: u64 = 18;
+    pub const NACK: u64 = 19;
+    pub const COMMIT: u64 = 20;
+    pub const END: u64 = 21;
+    pub const CATCHUP: u64 = 22;
+}
 
 /// A set of cores, one bit per core index.
 pub type CoreSet = u64;
@@ -321,12 +351,12 @@ impl Members {
 
     /// The run is ending: stop probing (a core busy with the final report must not be
     /// taken for a hung one). Rounds in progress still finish.
-    pub fn end(&mut self, env: &mut impl Env) {
+    pub fn end(&mut self, env: &mut impl Net) {
         self.end_inner(env);
         self.due_at = self.compute_due();
     }
 
-    fn end_inner(&mut self, env: &mut impl Env) {
+    fn end_inner(&mut self, env: &mut impl Net) {
         if !self.ended && self.member() {
             self.ended = true;
             for c in 0..MAX_PEERS {
@@ -339,14 +369,14 @@ impl Members {
     }
 
     /// This core asks to be taken out of the view.
-    pub fn leave(&mut self, env: &mut impl Env) {
+    pub fn leave(&mut self, env: &mut impl Net) {
         self.leave_inner(env);
         self.due_at = self.compute_due();
     }
 
     /// This core takes back its wish to leave (it did not happen in time): a newer intent,
     /// in, so that a late commit of the old one cannot take it out under a running guest.
-    pub fn stay(&mut self, env: &mut impl Env) {
+    pub fn stay(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
         self.intent_seq[me] += 1;
         self.wants_in |= bit(me);
@@ -354,7 +384,7 @@ impl Members {
         self.due_at = self.compute_due();
     }
 
-    fn leave_inner(&mut self, env: &mut impl Env) {
+    fn leave_inner(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
         self.intent_seq[me] += 1;
         self.wants_in &= !bit(me);
@@ -363,12 +393,12 @@ impl Members {
 
     /// This core, out of the view, asks to be brought back through `via` (a member: the core
     /// of whoever asked, which forwards the wish to its coordinator).
-    pub fn join(&mut self, env: &mut impl Env, via: usize) {
+    pub fn join(&mut self, env: &mut impl Net, via: usize) {
         self.join_inner(env, via);
         self.due_at = self.compute_due();
     }
 
-    fn join_inner(&mut self, env: &mut impl Env, via: usize) {
+    fn join_inner(&mut self, env: &mut impl Net, via: usize) {
         self.evicted = false;
         let me = self.me as usize;
         self.intent_seq[me] += 1;
@@ -379,7 +409,7 @@ impl Members {
     }
 
     /// Asks core `to` to bring this one in (again after a timeout, until it is in).
-    fn ask_in(&mut self, env: &mut impl Env, to: usize) {
+    fn ask_in(&mut self, env: &mut impl Net, to: usize) {
         let me = self.me as usize;
         let num = self.view.num as u64;
         let m = msg(op::WISH, &[me as u64, self.intent_seq[me] as u64, 1, 0, num]);
@@ -424,12 +454,12 @@ impl Members {
     }
 
     /// The failure detector and the round's deadline.
-    pub fn tick(&mut self, env: &mut impl Env) {
+    pub fn tick(&mut self, env: &mut impl Net) {
         self.tick_inner(env);
         self.due_at = self.compute_due();
     }
 
-    fn tick_inner(&mut self, env: &mut impl Env) {
+    fn tick_inner(&mut self, env: &mut impl Net) {
         let now = env.now();
         if let Some(r) = self.round {
             if now >= r.deadline {
@@ -485,7 +515,7 @@ impl Members {
         self.advance(env);
     }
 
-    fn send(&mut self, env: &mut impl Env, to: usize, m: &Payload, kick: bool) {
+    fn send(&mut self, env: &mut impl Net, to: usize, m: &Payload, kick: bool) {
         if env.send(to, m) {
             if kick {
                 env.kick(to);
@@ -497,7 +527,7 @@ impl Members {
         }
     }
 
-    fn suspect(&mut self, env: &mut impl Env, cores: CoreSet) {
+    fn suspect(&mut self, env: &mut impl Net, cores: CoreSet) {
         let new = cores & !bit(self.me as usize) & !self.suspects;
         if new == 0 {
             return;
@@ -512,7 +542,7 @@ impl Members {
 
     /// Moves things on: the coordinator starts a round if there is a change to make; any
     /// other member tells the coordinator its wishes.
-    fn advance(&mut self, env: &mut impl Env) {
+    fn advance(&mut self, env: &mut impl Net) {
         let Some(c) = self.coordinator() else { return };
         let me = self.me as usize;
         if self.member() && c as usize == me {
@@ -554,7 +584,7 @@ impl Members {
         self.send(env, c as usize, &m, true);
     }
 
-    fn start_round(&mut self, env: &mut impl Env) {
+    fn start_round(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
         let ballot = (((self.seen.max(self.promised) >> 8) + 1) << 8) | me as u64;
         self.promised = ballot;
@@ -581,7 +611,7 @@ impl Members {
         }
     }
 
-    fn phase_two(&mut self, env: &mut impl Env) {
+    fn phase_two(&mut self, env: &mut impl Net) {
         let Some(mut r) = self.round else { return };
         let me = self.me as usize;
         r.value = match r.best {
@@ -602,7 +632,7 @@ impl Members {
         }
     }
 
-    fn commit(&mut self, env: &mut impl Env) {
+    fn commit(&mut self, env: &mut impl Net) {
         let Some(r) = self.round.take() else { return };
         let me = self.me as usize;
         // The old view's cores too, suspected ones included: a core fenced while it was
@@ -661,12 +691,12 @@ impl Members {
     }
 
     /// One membership message from core `from`.
-    pub fn deliver(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+    pub fn deliver(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
         self.deliver_inner(env, from, m);
         self.due_at = self.compute_due();
     }
 
-    fn deliver_inner(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
+    fn deliver_inner(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
         if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
             return;
         }
@@ -828,7 +858,7 @@ impl Members {
 
     /// Sends core `to`, whose view is number `theirs`, the views it missed (the last two at
     /// most: one further behind skips some) and the cores this one suspects.
-    fn catch_up(&mut self, env: &mut impl Env, to: usize, theirs: u64) {
+    fn catch_up(&mut self, env: &mut impl Net, to: usize, theirs: u64) {
         if theirs >= self.view.num as u64 {
             return;
         }
@@ -841,7 +871,7 @@ impl Members {
         self.send(env, to, &msg(op::CATCHUP, &words), true);
     }
 
-    fn nack(&mut self, env: &mut impl Env, to: usize, ballot: u64) {
+    fn nack(&mut self, env: &mut impl Net, to: usize, ballot: u64) {
         let v = self.view;
         let m = msg(op::NACK, &[ballot, self.promised, v.num as u64, v.set, self.suspects]);
         self.send(env, to, &m, true);
@@ -850,7 +880,7 @@ impl Members {
     /// Cores another instance suspects (sent with a view): fenced here too, so that every
     /// member treats a core the view change removed as failed, not only its prober. This
     /// core among them: it was taken for stopped while alive and must stay out.
-    fn merge_suspects(&mut self, env: &mut impl Env, theirs: CoreSet) {
+    fn merge_suspects(&mut self, env: &mut impl Net, theirs: CoreSet) {
         let me = bit(self.me as usize);
         if theirs & me != 0 {
             self.evicted = true;
@@ -868,3 +898,6 @@ fn intent(core: usize, seq: u32, want_in: bool) -> u64 {
 fn cores(set: CoreSet) -> impl Iterator<Item = usize> {
     (0..MAX_PEERS).filter(move |&c| set & bit(c) != 0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,488 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Setting up a guest on this core: its capability state, its partition (bounds-checked
+//! copies), its boot page tables, its VMCS and bitmaps, its devices quiesced, and what a
+//! dead incarnation leaves scrubbed for the next; the core's leave and rejoin of the
+//! membership view for a park.
+//!
+//! Owns this core's capability slot and private frame pool. May call: `vmx`, `arch`, `ept`,
+//! `pci`, `caps`, `members` (through `caps`), `percpu`, `exits` (its policy constants).
+
+use super::*;
+use crate::arch::{self};
+use crate::exits::{self};
+use crate::vmx::vmcs::{ctl, g, h};
+use crate::vmx::Features;
+use vmcall_proto::guest::*;
+use vmcall_proto::hypercall::HvError;
+use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
+
+/// Bytes zeroed or copied between two looks at the inbox (partition, grants, kernel
+/// segments): 4,096 `rep stosq` iterations, a few thousand instructions (see README "Core
+/// membership" for the bound this keeps).
+pub(super) const SERVE_EVERY_BYTES: u64 = 32 << 10;
+
+/// This core's private region, reached through the identity map.
+pub(super) struct Identity;
+
+impl ept::FrameMemory for Identity {
+    fn frame(&mut self, pa: u64) -> &mut [u64; 512] {
+        // Only the frame pool and the EPT code of this core reach it, one table at a time.
+        // The pool hands out and takes back only this core's private frames, and EPT
+        // entries hold only table frames it handed out.
+        // SAFETY: so `pa` is a frame of this core's private region, identity-mapped.
+        unsafe { &mut *(pa as *mut [u64; 512]) }
+    }
+}
+
+/// Each core's capability state, in static storage (tens of KiB: a stack is no place for
+/// it), owned by that core.
+pub(super) struct CapsSlot(
+    pub(super) core::cell::UnsafeCell<core::mem::MaybeUninit<crate::caps::HvCaps>>,
+);
+
+// SAFETY: slot i is touched only by core i, in `caps_of_this_core`, once per run.
+unsafe impl Sync for CapsSlot {}
+pub(super) static CAPS: [CapsSlot; crate::percpu::MAX_CORES] =
+    [const { CapsSlot(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit())) };
+        crate::percpu::MAX_CORES];
+
+/// Initialises and hands out this core's capability state. Called once per core (a
+/// restarted guest goes on with the state its predecessor's death left).
+pub(super) fn caps_of_this_core(
+    core: usize,
+    policy: crate::caps::Policy,
+) -> &'static mut crate::caps::HvCaps {
+    let p = CAPS[core].0.get() as *mut crate::caps::HvCaps;
+    // Slot `core` belongs to this core, which runs its guest once.
+    // SAFETY: so this is the only reference; the slot is static and aligned, set up here.
+    unsafe {
+        crate::caps::HvCaps::init_at(p, core as u16, policy);
+        &mut *p
+    }
+}
+
+/// Frames for page tables and VMX structures: this core's private region, freed table
+/// frames reused first.
+pub(super) type Private = ept::FramePool<Identity>;
+
+/// The partition, seen from the host: bounds-checked copies only, never references.
+pub(super) struct Partition {
+    pub(super) base: u64,
+    pub(super) size: u64,
+}
+
+impl Partition {
+    pub(super) fn check(&self, gpa: u64, len: u64) -> Result<u64, HvError> {
+        let end = gpa.checked_add(len).ok_or(HvError::BadAddress)?;
+        if end > self.size {
+            return Err(HvError::BadAddress);
+        }
+        Ok(self.base + gpa)
+    }
+    pub(super) fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), HvError> {
+        let hpa = self.check(gpa, bytes.len() as u64)?;
+        // The guest is not running while its core is in the hypervisor.
+        // SAFETY: inside this core's partition (checked), identity-mapped host memory.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), hpa as *mut u8, bytes.len()) };
+        Ok(())
+    }
+    pub(super) fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError> {
+        let hpa = self.check(gpa, buf.len() as u64)?;
+        // SAFETY: as for `write`.
+        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+    /// Zeroes the partition a chunk at a time, calling `between` after each (the
+    /// core serves its inbox there: zeroing a large partition takes longer than a
+    /// membership probe may go unanswered).
+    pub(super) fn zero(&self, mut between: impl FnMut()) {
+        let mut at = 0;
+        while at < self.size {
+            let len = SERVE_EVERY_BYTES.min(self.size - at);
+            // SAFETY: the whole partition belongs to this core and is not yet in use.
+            unsafe { ((self.base + at) as *mut u8).write_bytes(0, len as usize) };
+            at += len;
+            between();
+        }
+    }
+    pub(super) fn write_u64(&self, gpa: u64, v: u64) -> Result<(), HvError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+pub(super) fn adjust(caps: u64, wanted: u32, what: &'static str) -> Result<u32, &'static str> {
+    crate::vmx::features::ControlCaps(caps).adjust(wanted).ok_or(what)
+}
+
+/// Writes the guest's boot page tables (see `vmcall_proto::guest`).
+pub(super) fn boot_page_tables(p: &Partition) -> Result<(), HvError> {
+    const PW: u64 = 0x3;
+    p.write_u64(BOOT_PML4_GPA, BOOT_PDPT_GPA | PW)?;
+    p.write_u64(BOOT_PDPT_GPA, BOOT_PD_GPA | PW)?;
+    p.write_u64(BOOT_PD_GPA, BOOT_PT_GPA | PW)?;
+    for i in 1..512u64 {
+        p.write_u64(BOOT_PT_GPA + 8 * i, (i << 12) | PW)?;
+    }
+    for j in 1..(p.size >> 21) {
+        p.write_u64(BOOT_PD_GPA + 8 * j, (j << 21) | PW | 0x80)?;
+    }
+    Ok(())
+}
+
+/// Whether `l`'s guest waits exitless: MONITOR and MWAIT without VM exits (SDM Vol. 3C
+/// 26.1.3: with "MWAIT exiting" and "MONITOR exiting" 0 they execute normally in VMX
+/// non-root operation). Only a guest with channels that asked for it (`mwait = true`),
+/// on a processor with MONITOR/MWAIT (CPUID.01H:ECX[3]).
+///
+/// What a guest can do with them, and why that is safe: MONITOR arms on a line the
+/// guest can read (it is a read for EPT purposes: a line outside its EPT is a violation
+/// and stops it), so it learns when a line it could poll is written, nothing more.
+/// MWAIT sleeps its own core until that line is written or an event comes; NMIs still
+/// exit (NMI exiting), so the inter-core kicks and the capability protocol are served
+/// as before, and the VMX-preemption timer still ends the run budget: a guest that
+/// sleeps forever is stopped as one that spins forever. The hints (EAX) pick the
+/// C-state of the guest's own core; on hardware a deep one costs that core wake-up
+/// latency and cache contents, nothing of another guest's.
+pub(super) fn exitless_mwait(l: &Launch) -> bool {
+    let asked = l.entry.flags & vmcall_proto::config::flags::MWAIT != 0;
+    let has = raw_cpuid::native_cpuid::cpuid_count(1, 0).ecx & (1 << 3) != 0;
+    asked && l.channel_count > 0 && has
+}
+
+/// The ports of the guest's own I/O BARs (opened in its I/O bitmap). The configuration
+/// ports are never among them: a BAR is sized from the device, and 0xCF8..0xCFF are
+/// the chipset's.
+pub(super) fn io_ports(l: &Launch) -> impl Iterator<Item = u16> + '_ {
+    l.devices
+        .iter()
+        .flat_map(|o| o.func.bars.iter())
+        .filter(|b| b.kind == vmcall_proto::device::bar_kind::IO && b.size > 0)
+        .flat_map(|b| b.base..(b.base + b.size).min(0x1_0000))
+        .map(|p| p as u16)
+        .filter(|p| !(0xcf8..=0xcff).contains(p))
+}
+
+/// Puts the guest's devices in their boot state (no bus mastering, interrupt line
+/// masked, nothing in service on this core): before an incarnation starts and when one
+/// ends, before its memory is scrubbed or handed on.
+pub(super) fn quiesce_devices(l: &Launch) {
+    // The device first (its own registers, then the command register: no DMA, no
+    // INTx), then whatever it raised and the guest never acknowledged (while the line's
+    // entry still carries its vector, so the EOI clears its remote IRR), then the line.
+    for o in l.devices.iter() {
+        if !crate::pci::quiesce_registers(o) {
+            log::warn!("guest {}: {} did not come out of its reset in time", name(l), o.func.bdf);
+        }
+        crate::pci::quiesce(&mut crate::pci::Cf8, o);
+    }
+    if l.devices.count > 0 {
+        // An interrupt the dead guest took and never acknowledged would block every
+        // lower vector for the next one, and keep its line's remote IRR set.
+        let n = crate::arch::apic::eoi_in_service();
+        if n > 0 {
+            log::info!("guest {}: {n} interrupts left in service, acknowledged", name(l));
+        }
+    }
+    for o in l.devices.iter() {
+        if let Some(line) = o.line() {
+            crate::pci::ioapic::mask(line, o.vector);
+        }
+    }
+}
+
+pub(super) fn setup_vmcs(
+    l: &Launch,
+    f: &Features,
+    frames: &mut Private,
+    eptp: u64,
+    entry: u64,
+) -> Result<u32, &'static str> {
+    let raw = &f.raw;
+    // A guest with channels takes its doorbells straight through its own IDT: no exit
+    // for external interrupts, and HLT really halts until the doorbell (or the
+    // preemption timer) comes. Guests without channels keep both exits, so that a HLT
+    // that can never wake is caught at once.
+    let direct = l.channel_count > 0 || l.devices.count > 0;
+    let mwait = exitless_mwait(l);
+    // The guest's own I/O BARs pass without exits: then I/O bitmaps, else every port exits.
+    let io_bitmap = io_ports(l).next().is_some();
+    let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
+    if !direct {
+        pin_want |= PinbasedControls::EXTERNAL_INTERRUPT_EXITING;
+    }
+    let pin = adjust(raw.pinbased, pin_want.bits(), "pin-based controls")?;
+    let cr8 = (1 << 19) | (1 << 20); // CR8-load and CR8-store exiting
+    let proc = adjust(
+        raw.procbased,
+        (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
+            | if io_bitmap {
+                PrimaryControls::USE_IO_BITMAPS
+            } else {
+                PrimaryControls::UNCOND_IO_EXITING
+            }
+            | PrimaryControls::USE_MSR_BITMAPS
+            | if mwait {
+                PrimaryControls::empty()
+            } else {
+                PrimaryControls::MWAIT_EXITING | PrimaryControls::MONITOR_EXITING
+            }
+            | PrimaryControls::SECONDARY_CONTROLS)
+            .bits()
+            | cr8,
+        "primary processor-based controls",
+    )?;
+    adjust(
+        raw.procbased,
+        PrimaryControls::INTERRUPT_WINDOW_EXITING.bits(),
+        "interrupt-window exiting",
+    )?;
+    let proc2 = secondary_controls(crate::vmx::features::ControlCaps(raw.procbased2))
+        .ok_or("secondary controls")?;
+    let exitc = adjust(
+        raw.exit,
+        (ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::ACK_INTERRUPT_ON_EXIT
+            | ExitControls::SAVE_IA32_EFER
+            | ExitControls::LOAD_IA32_EFER
+            | ExitControls::SAVE_IA32_PAT
+            | ExitControls::LOAD_IA32_PAT)
+            .bits(),
+        "exit controls",
+    )?;
+    let entryc = adjust(
+        raw.entry,
+        (EntryControls::IA32E_MODE_GUEST
+            | EntryControls::LOAD_IA32_EFER
+            | EntryControls::LOAD_IA32_PAT)
+            .bits(),
+        "entry controls",
+    )?;
+
+    // MSR bitmap: every access exits but the pass-through and switched lists (SDM Vol.
+    // 3C 25.6.9).
+    let bitmap = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+    // SAFETY: a frame of this core's private region, identity-mapped.
+    let bm = unsafe { core::slice::from_raw_parts_mut(bitmap as *mut u8, 4096) };
+    bm.fill(0xff);
+    for msr in exits::MSR_PASSTHROUGH.into_iter().chain(exits::MSR_SWITCHED) {
+        let bit = (msr & 0x1fff) as usize;
+        let high = if msr >= 0xc000_0000 { 1024 } else { 0 };
+        for base in [high, 2048 + high] {
+            bm[base + bit / 8] &= !(1 << (bit % 8));
+        }
+    }
+    if direct {
+        // Writes to the x2APIC EOI register: the doorbell and device handlers acknowledge
+        // their own interrupts. EOI only retires the highest in-service vector, which on
+        // this core can only be the guest's own (its doorbell or its devices' vectors):
+        // the hypervisor takes no interrupts, and device lines reach only their owner.
+        let bit = exits::MSR_X2APIC_EOI as usize;
+        bm[2048 + bit / 8] &= !(1 << (bit % 8));
+    }
+
+    // SAFETY: this core's slot is initialised; reading its own tables' addresses.
+    let me = unsafe { crate::percpu::this_core() };
+    // SAFETY: EFER exists on every processor with long mode.
+    let efer = unsafe { arch::rdmsr(x86::msr::IA32_EFER) };
+    // SAFETY: PAT exists on every processor with VMX (the VMCS has a field for it).
+    let pat = unsafe { arch::rdmsr(x86::msr::IA32_PAT) };
+    let guest_cr0 =
+        crate::vmx::features::fix_cr(0x8001_0033, raw.cr0_fixed0, raw.cr0_fixed1, 0x8000_0001)
+            .ok_or("guest CR0 fixed bits")?;
+    let guest_cr4 = (0x20 | raw.cr4_fixed0) & raw.cr4_fixed1;
+    let w = |fld: crate::vmx::vmcs::Rw, v: u64| -> Result<(), &'static str> {
+        // Values computed above from the capability MSRs and our own tables.
+        // SAFETY: this core's fresh VMCS is current.
+        unsafe { fld.write(v) }.map_err(|_| "VMWRITE failed")
+    };
+    w(ctl::PINBASED, pin as u64)?;
+    w(ctl::PROCBASED, proc as u64)?;
+    w(ctl::PROCBASED2, proc2 as u64)?;
+    w(ctl::EXIT, exitc as u64)?;
+    w(ctl::ENTRY, entryc as u64)?;
+    w(ctl::EXCEPTION_BITMAP, 0)?;
+    w(ctl::CR3_TARGET_COUNT, 0)?;
+    w(ctl::MSR_BITMAP, bitmap)?;
+    if io_bitmap {
+        // I/O bitmaps (SDM Vol. 3C 25.6.4): every port exits but the owner's I/O BARs.
+        let a = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+        let b = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
+        for frame in [a, b] {
+            // SAFETY: fresh frames of this core's private region, identity-mapped.
+            unsafe { (frame as *mut u8).write_bytes(0xff, 4096) };
+        }
+        for port in io_ports(l) {
+            let (frame, bit) = if port < 0x8000 { (a, port) } else { (b, port - 0x8000) };
+            // SAFETY: as above; `bit / 8` < 4096.
+            unsafe { *((frame + bit as u64 / 8) as *mut u8) &= !(1 << (bit % 8)) };
+        }
+        w(ctl::IO_BITMAP_A, a)?;
+        w(ctl::IO_BITMAP_B, b)?;
+    }
+    w(ctl::EPTP, eptp)?;
+    w(ctl::VPID, (l.guest_id + 1) as u64)?;
+    w(ctl::CR0_MASK, exits::CR0_MASK)?;
+    w(ctl::CR0_SHADOW, guest_cr0)?;
+    w(ctl::CR4_MASK, exits::CR4_MASK)?;
+    w(ctl::CR4_SHADOW, guest_cr4 & !(1 << 13))?;
+
+    w(h::CR0, arch::read_cr0())?;
+    w(h::CR3, arch::read_cr3())?;
+    w(h::CR4, arch::read_cr4())?;
+    w(h::CS_SEL, crate::arch::gdt::CODE_SELECTOR as u64)?;
+    for s in [h::SS_SEL, h::DS_SEL, h::ES_SEL] {
+        w(s, crate::arch::gdt::DATA_SELECTOR as u64)?;
+    }
+    w(h::FS_SEL, 0)?;
+    w(h::GS_SEL, 0)?;
+    w(h::TR_SEL, crate::arch::gdt::TSS_SELECTOR as u64)?;
+    w(h::FS_BASE, 0)?;
+    w(h::GS_BASE, arch::read_gs_base())?;
+    w(h::TR_BASE, &me.tss as *const _ as u64)?;
+    w(h::GDTR_BASE, me.gdt.as_ptr() as u64)?;
+    w(h::IDTR_BASE, &me.idt as *const _ as u64)?;
+    w(h::EFER, efer)?;
+    w(h::PAT, pat)?;
+    w(h::SYSENTER_CS, 0)?;
+    w(h::SYSENTER_ESP, 0)?;
+    w(h::SYSENTER_EIP, 0)?;
+    w(h::RIP, arch::vmx::exit_landing())?;
+
+    w(g::CR0, guest_cr0)?;
+    w(g::CR3, BOOT_PML4_GPA)?;
+    w(g::CR4, guest_cr4)?;
+    w(g::DR7, 0x400)?;
+    w(g::RSP, BOOT_STACK_TOP)?;
+    w(g::RIP, entry)?;
+    w(g::RFLAGS, 0x2)?;
+    w(g::CS_SEL, 0x08)?;
+    w(g::CS_BASE, 0)?;
+    w(g::CS_LIMIT, 0xffff_ffff)?;
+    w(g::CS_AR, 0xa09b)?;
+    for (sel, base, limit, ar) in [
+        (g::SS_SEL, g::SS_BASE, g::SS_LIMIT, g::SS_AR),
+        (g::DS_SEL, g::DS_BASE, g::DS_LIMIT, g::DS_AR),
+        (g::ES_SEL, g::ES_BASE, g::ES_LIMIT, g::ES_AR),
+        (g::FS_SEL, g::FS_BASE, g::FS_LIMIT, g::FS_AR),
+        (g::GS_SEL, g::GS_BASE, g::GS_LIMIT, g::GS_AR),
+    ] {
+        w(sel, 0x10)?;
+        w(base, 0)?;
+        w(limit, 0xffff_ffff)?;
+        w(ar, 0xc093)?;
+    }
+    w(g::LDTR_SEL, 0)?;
+    w(g::LDTR_BASE, 0)?;
+    w(g::LDTR_LIMIT, 0)?;
+    w(g::LDTR_AR, 0x1_0000)?; // unusable
+    w(g::TR_SEL, 0)?;
+    w(g::TR_BASE, 0)?;
+    w(g::TR_LIMIT, 0x67)?;
+    w(g::TR_AR, 0x8b)?; // busy 64-bit TSS
+    w(g::GDTR_BASE, 0)?;
+    w(g::GDTR_LIMIT, 0)?;
+    w(g::IDTR_BASE, 0)?;
+    w(g::IDTR_LIMIT, 0)?;
+    w(g::EFER, 0x500)?; // LME | LMA
+    w(g::PAT, pat)?;
+    w(g::INTERRUPTIBILITY, 0)?;
+    w(g::ACTIVITY, 0)?;
+    w(g::PENDING_DBG, 0)?;
+    w(g::LINK_PTR, u64::MAX)?;
+    w(g::SYSENTER_CS, 0)?;
+    w(g::SYSENTER_ESP, 0)?;
+    w(g::SYSENTER_EIP, 0)?;
+    Ok(proc)
+}
+
+/// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
+/// capabilities accepted again.
+pub(super) fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance::xcore::Link) {
+    let mut owned = [(0u64, 0u64); vmcall_proto::caps::MAX_SLOTS];
+    let mut count = 0;
+    for m in caps.owned_memory().take(owned.len()) {
+        owned[count] = m;
+        count += 1;
+    }
+    for &(base, size) in &owned[..count] {
+        // A chunk at a time, serving the inbox between (see `Partition::zero`).
+        for at in (0..size).step_by(SERVE_EVERY_BYTES as usize) {
+            let len = SERVE_EVERY_BYTES.min(size - at);
+            // Its guest is not running and nothing maps it now.
+            // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
+            unsafe { ((base + at) as *mut u8).write_bytes(0, len as usize) };
+            caps.poll(&mut Serving(link));
+        }
+    }
+    caps.reborn();
+}
+
+/// Takes this core out of the membership view (a controller's `PARK`, its guest down):
+/// whether it is out in time. If not, it stays in (a later start must not run the guest
+/// while the old leave commits).
+pub(super) fn leave(
+    l: &Launch,
+    core: u32,
+    caps: &mut crate::caps::HvCaps,
+    link: &mut crate::instance::xcore::Link,
+) -> bool {
+    let wait = caps.members.timeout().saturating_mul(4);
+    caps.members.leave(&mut Serving(link));
+    let deadline = arch::rdtsc().saturating_add(wait);
+    while caps.members.member() && arch::rdtsc() < deadline {
+        caps.poll(&mut Serving(link));
+        log_views(caps, core);
+        arch::pause();
+    }
+    if caps.members.member() {
+        log::warn!("guest {}: its core could not leave the view in time", name(l));
+        caps.members.stay(&mut Serving(link));
+        return false;
+    }
+    log::info!("guest {}: its core is out of the view, parked", name(l));
+    true
+}
+
+/// Brings this parked core back into the membership view through core `via` (a
+/// controller's start): whether it is back in time.
+pub(super) fn join(
+    l: &Launch,
+    core: u32,
+    caps: &mut crate::caps::HvCaps,
+    link: &mut crate::instance::xcore::Link,
+    via: usize,
+) -> bool {
+    let wait = caps.members.timeout().saturating_mul(4);
+    caps.members.join(&mut Serving(link), via);
+    let deadline = arch::rdtsc().saturating_add(wait);
+    while !caps.members.member() && arch::rdtsc() < deadline {
+        caps.poll(&mut Serving(link));
+        log_views(caps, core);
+        arch::pause();
+    }
+    if !caps.members.member() {
+        log::warn!("guest {}: its core could not rejoin the view in time", name(l));
+    }
+    caps.members.member()
+}
+
+/// Resets a channel's rings (zeroes both) and returns how many messages were in flight
+/// (sent and not received, both directions, as the guest-written counters say). Only
+/// before a new incarnation starts, once the peer's core acknowledged the channel down
+/// (or its guest is dead or its core does not answer: the epoch tags keep what it
+/// writes late out of the new epoch).
+pub(super) fn reset_rings(ch: &ChanMap) -> u64 {
+    let slots = ch.desc.slots;
+    let ring = vmcall_proto::channel::ring_pages_bytes(slots);
+    // The channel's rings: allocated by the BSP, identity-mapped, `ch.size` bytes.
+    // SAFETY: reads through the ring's atomics only, then zeroed while nobody uses it.
+    let lost = unsafe {
+        let a = vmcall_proto::channel::Ring::from_raw(ch.hpa as *mut u8, slots);
+        let b = vmcall_proto::channel::Ring::from_raw((ch.hpa + ring) as *mut u8, slots);
+        // Guest-written counters: saturating, never trusted.
+        a.sent().saturating_sub(a.received()).saturating_add(b.sent().saturating_sub(b.received()))
+    };
+    // SAFETY: as above; no end is using the rings (the caller's condition).
+    unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
+    lost
+}
