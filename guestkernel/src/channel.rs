@@ -265,7 +265,20 @@ impl Chan {
 
     #[inline]
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
-        self.changed()?;
+        if let Err(e) = self.changed() {
+            // A peer that sent and then ended: what it sent in this epoch is still in the
+            // ring (the rings are reset only before its next incarnation, and a word of
+            // another epoch never reads as a message), so it is delivered first, like data
+            // before a socket's end of stream; the link stays unseen, so the call after the
+            // last message reports the change.
+            if e == ChannelError::PeerGone {
+                if let Ok(Some(m)) = self.rx.try_recv() {
+                    self.rx.ack_if_caught_up();
+                    return Ok(Some(m));
+                }
+            }
+            return Err(e);
+        }
         match self.rx.try_recv() {
             Ok(Some(m)) => {
                 self.rx.ack_if_caught_up();
