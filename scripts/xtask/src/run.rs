@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_BOCHS_MODEL: &str = "corei7_skylake_x";
 /// Default QEMU CPU model under TCG.
 pub const DEFAULT_QEMU_MODEL: &str = "max";
+
 /// After the end record, how long the emulator gets to exit by itself.
 const EXIT_GRACE: Duration = Duration::from_secs(15);
 
@@ -837,7 +838,11 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     let relay = crate::hostctl::Relay::bind()
         .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
         .ok();
-    let mut child = spawn(args, &machine, &iso, &dir, &model, relay.as_ref().map(|r| r.port))?;
+    // Bochs 2.7 has room for a second serial port's timers only up to COM2_MAX_CPUS CPUs
+    // (`check` refuses host_control beyond that); a larger machine gets no COM2.
+    let com2 =
+        relay.as_ref().map(|r| r.port).filter(|_| machine.cpus <= crate::config::COM2_MAX_CPUS);
+    let mut child = spawn(args, &machine, &iso, &dir, &model, com2)?;
     let relay = relay.and_then(|r| {
         r.start(&dir, child.pgid)
             .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
