@@ -112,8 +112,9 @@ pub fn count_instructions<R>(f: impl FnOnce() -> R) -> (R, u64) {
     fn stepped<R>(f: impl FnOnce() -> R) -> (R, u64) {
         STEPS.store(0, SeqCst);
         STEPPING.store(1, SeqCst);
-        // SAFETY: sets TF; every #DB while STEPPING is set goes to `guest_step_stub`,
-        // which counts it and returns.
+        // Every #DB while STEPPING is set goes to `guest_step_stub`, which counts it and
+        // returns.
+        // SAFETY: only sets TF, whose traps that stub handles.
         unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
         let r = core::hint::black_box(f());
         // SAFETY: clears TF (the POPF traps once more, counted like the rest).

@@ -184,8 +184,8 @@ impl Queue {
     }
 
     fn set(&self, pos: usize, b: u8) {
-        // SAFETY: an in-bounds write of a byte past `tail` that the consumer is done with
-        // (the caller checked `head`).
+        // The byte is past `tail`, and the consumer is done with it (the caller checked `head`).
+        // SAFETY: an in-bounds write of a byte no one else reads or writes now.
         unsafe { (*self.buf.get())[pos % QUEUE_BYTES] = b };
     }
 }

@@ -68,8 +68,9 @@ static CHANNEL: spin::Mutex<Channel> = spin::Mutex::new(Channel::new());
 /// The channel's core and guests. Called once, by the BSP, before any core runs a guest.
 pub fn configure(c: Config) {
     CONFIG.call_once(|| c);
-    // SAFETY: COM2 is the hypervisor's: no guest is given legacy ports (their I/O bitmaps
-    // open only their own PCI functions' BARs), and nothing else in the hypervisor drives it.
+    // No guest is given legacy ports (their I/O bitmaps open only their own PCI functions'
+    // BARs), and nothing else in the hypervisor drives COM2.
+    // SAFETY: COM2's ports are the hypervisor's alone, so programming them disturbs nothing.
     unsafe { Com2.init() };
     log::info!(
         "host control {} on COM2, served by core {}",

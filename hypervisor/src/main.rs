@@ -86,7 +86,8 @@ mod boot {
         );
 
         // The legacy 8259 PICs would interrupt whichever guest runs on the BSP; nothing of
-        // ours uses them. SAFETY: writing the interrupt-mask registers masks every line.
+        // ours uses them.
+        // SAFETY: writing the interrupt-mask registers masks every line.
         unsafe {
             arch::outb(0x21, 0xff);
             arch::outb(0xa1, 0xff);

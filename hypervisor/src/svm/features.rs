@@ -145,8 +145,8 @@ pub fn read() -> RawSvm {
         return RawSvm::default();
     }
     let r = raw_cpuid::native_cpuid::cpuid_count(0x8000_000a, 0);
-    // SAFETY: VM_CR exists on every processor with CPUID.80000001H:ECX.SVM set (APM Vol. 2
-    // 15.30.1); reading it has no side effect.
+    // VM_CR exists on every processor with CPUID.80000001H:ECX.SVM set (APM Vol. 2 15.30.1).
+    // SAFETY: the MSR exists (SVM was checked above) and reading it has no side effect.
     let vm_cr = unsafe { crate::arch::rdmsr(MSR_VM_CR) };
     RawSvm { cpuid_svm, eax: r.eax, ebx: r.ebx, edx: r.edx, vm_cr }
 }

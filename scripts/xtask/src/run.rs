@@ -452,8 +452,9 @@ fn spawn(
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
     // The emulator dies with the thread that started it, even when xtask is killed without
     // its process group (SIGKILL of xtask alone): no orphaned emulator keeps running.
-    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
-    // which is async-signal-safe; it allocates nothing and takes no lock.
+    // The closure runs in the child between fork and exec; it allocates nothing and takes
+    // no lock.
+    // SAFETY: it calls only prctl(2), which is async-signal-safe.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
