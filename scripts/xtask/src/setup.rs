@@ -88,7 +88,11 @@ pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
             c.arg("apt-get");
             c
         };
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        // Another apt (a second checkout's setup, unattended upgrades) may hold dpkg's lock:
+        // wait for it rather than fail.
+        c.args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         c
     };
     run(apt(&["update", "-q"]).stdout(std::process::Stdio::null()))?;
