@@ -480,6 +480,10 @@ impl Members {
                 let members = self.view.set & !self.suspects & !bit(self.me as usize);
                 if let Some(c) = highest(members) {
                     self.ask_in(env, c as usize);
+                } else {
+                    // Nobody known to ask (the last member stopped): look again a timeout
+                    // later (a view may arrive meanwhile) rather than on every VM entry.
+                    self.join_retry = now.saturating_add(self.timing.timeout);
                 }
             }
             return;

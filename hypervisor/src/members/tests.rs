@@ -146,6 +146,7 @@ impl Sim {
                 }
             }
         }
+        self.check_due_is_exact(c);
         // As `CapCore::poll` does: only when something is due.
         if self.now >= self.cores[c].due() {
             self.with(c, |mem, env| mem.tick(env));
@@ -163,6 +164,38 @@ impl Sim {
         });
         let c = late.unwrap_or_else(|| self.rand(self.n as u64) as usize);
         self.serve(c);
+    }
+
+    /// `due()` is exact, on a copy of core `c`: before it, a tick changes nothing and sends
+    /// nothing (the run loop skips the call on every VM entry); from it on, a tick changes
+    /// the state or sends (the deadline it stands for has passed: a later `due()` would
+    /// delay a probe, a suspicion or a retry).
+    fn check_due_is_exact(&self, c: usize) {
+        if self.dead[c] {
+            return;
+        }
+        let before = self.cores[c];
+        let mut copy = before;
+        let mut rings = self.rings.clone();
+        let mut left = self.sends_left[c];
+        let mut env = SimEnv { me: c, now: self.now, rings: &mut rings, sends_left: &mut left };
+        copy.tick(&mut env);
+        let sent = rings != self.rings;
+        if self.now < before.due() {
+            assert!(
+                !sent && copy == before,
+                "core {c} at {}: a tick before due() ({}) did something",
+                self.now,
+                before.due()
+            );
+        } else {
+            assert!(
+                sent || copy != before,
+                "core {c} at {}: due() ({}) has passed but a tick does nothing",
+                self.now,
+                before.due()
+            );
+        }
     }
 
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
