@@ -851,3 +851,57 @@ fn the_coordinator_takes_the_two_lowest_wishes_first() {
     m.wants_in = !0b10;
     assert_eq!(m.desired(), 0b1111_1101, "one wish alone");
 }
+
+/// A net that records sends (to whom) and takes everything.
+#[derive(Default)]
+struct Rec {
+    sent: Vec<usize>,
+}
+
+impl Net for Rec {
+    fn now(&mut self) -> u64 {
+        0
+    }
+    fn send(&mut self, to: usize, _m: &Payload) -> bool {
+        self.sent.push(to);
+        true
+    }
+    fn kick(&mut self, _to: usize) {}
+}
+
+#[test]
+fn a_stay_outranks_the_leave_it_takes_back_wherever_the_two_meet() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(2, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.leave(&mut net);
+    let out = m.intent_word(2);
+    m.stay(&mut net);
+    let back_in = m.intent_word(2);
+    // The two intents may reach a third core by different paths (its own WISH, a
+    // coordinator's proposal): in either order the later one, in, must win.
+    for order in [[out, back_in], [back_in, out]] {
+        let mut peer = Members::new(0, 0b111, t, 0);
+        for i in order {
+            peer.merge_intent(i);
+        }
+        assert!(peer.wants_in & 0b100 != 0, "core 2 taken out by a stale leave ({order:x?})");
+    }
+}
+
+#[test]
+fn a_join_asks_a_real_other_core_only() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    for via in [1, super::MAX_PEERS, usize::MAX] {
+        // Core 1, out of the view {0}, asks in through `via`.
+        let mut m = Members::new(1, 0b1, t, 0);
+        let mut net = Rec::default();
+        m.join(&mut net, via);
+        assert!(net.sent.is_empty(), "join through {via} sent to {:?}", net.sent);
+        assert!(m.wants_in & 0b10 != 0);
+    }
+    let mut m = Members::new(1, 0b1, t, 0);
+    let mut net = Rec::default();
+    m.join(&mut net, 0);
+    assert_eq!(net.sent, [0], "asked through core 0");
+}
