@@ -852,18 +852,21 @@ fn the_coordinator_takes_the_two_lowest_wishes_first() {
     assert_eq!(m.desired(), 0b1111_1101, "one wish alone");
 }
 
-/// A net that records sends (to whom) and takes everything.
+/// A net that records sends (to whom, what) and takes everything, at a set time.
 #[derive(Default)]
 struct Rec {
+    now: u64,
     sent: Vec<usize>,
+    msgs: Vec<(usize, Payload)>,
 }
 
 impl Net for Rec {
     fn now(&mut self) -> u64 {
-        0
+        self.now
     }
-    fn send(&mut self, to: usize, _m: &Payload) -> bool {
+    fn send(&mut self, to: usize, m: &Payload) -> bool {
         self.sent.push(to);
+        self.msgs.push((to, *m));
         true
     }
     fn kick(&mut self, _to: usize) {}
@@ -904,4 +907,37 @@ fn a_join_asks_a_real_other_core_only() {
     let mut net = Rec::default();
     m.join(&mut net, 0);
     assert_eq!(net.sent, [0], "asked through core 0");
+}
+
+#[test]
+fn the_grace_period_covers_a_core_never_heard_from_and_only_it() {
+    let t = Timing { period: 50, timeout: 100, grace: 1_000 };
+    // Core 0 probes core 1, which has not answered anything yet (still booting).
+    let mut m = Members::new(0, 0b11, t, 0);
+    let mut net = Rec::default();
+    m.tick(&mut net);
+    assert_eq!(net.sent, [1], "probe sent");
+    net.now = 500;
+    m.tick(&mut net);
+    assert_eq!(m.suspects(), 0, "a core never heard from has the grace period");
+    net.now = 1_001;
+    m.tick(&mut net);
+    assert_eq!(m.suspects(), 0b10, "fenced once the grace period is over");
+
+    // Core 1 answered once, then went silent: its timeout runs, not the grace period.
+    let mut m = Members::new(0, 0b11, t, 0);
+    let mut peer = Members::new(1, 0b11, t, 0);
+    let mut net = Rec::default();
+    m.tick(&mut net);
+    let (_, ping) = net.msgs[0];
+    let mut back = Rec::default();
+    peer.deliver(&mut back, 0, &ping);
+    let (to, pong) = back.msgs.first().copied().expect("the probe is answered");
+    assert_eq!(to, 0);
+    m.deliver(&mut net, 1, &pong);
+    net.now = 60;
+    m.tick(&mut net); // the next probe
+    net.now = 60 + 101;
+    m.tick(&mut net);
+    assert_eq!(m.suspects(), 0b10, "a core heard from is fenced after its timeout");
 }
