@@ -941,3 +941,28 @@ fn the_grace_period_covers_a_core_never_heard_from_and_only_it() {
     m.tick(&mut net);
     assert_eq!(m.suspects(), 0b10, "a core heard from is fenced after its timeout");
 }
+
+#[test]
+fn a_late_answer_to_an_old_probe_does_not_answer_the_current_one() {
+    let t = Timing { period: 50, timeout: 100, grace: 0 };
+    let mut m = Members::new(0, 0b11, t, 0);
+    let mut peer = Members::new(1, 0b11, t, 0);
+    let mut net = Rec::default();
+    let mut answer = |m: &mut Members, net: &mut Rec| {
+        let (_, ping) = *net.msgs.last().expect("a probe");
+        let mut back = Rec::default();
+        peer.deliver(&mut back, 0, &ping);
+        let pong = back.msgs[0].1;
+        m.deliver(net, 1, &pong);
+        pong
+    };
+    m.tick(&mut net);
+    let old = answer(&mut m, &mut net);
+    net.now = 50;
+    m.tick(&mut net); // the second probe, not answered
+    assert_eq!(net.msgs.len(), 2, "a second probe went out");
+    m.deliver(&mut net, 1, &old); // a copy of the first answer
+    net.now = 50 + 101;
+    m.tick(&mut net);
+    assert_eq!(m.suspects(), 0b10, "the old answer was taken for the new probe's");
+}
