@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The exits answered in the exit landing, before the run loop sees them. Owns [`FastExit`]
 //! (what the fast path may use: armed by the run loop before each entry it makes) and
-//! [`mkv_fast_exit`], which the assembly of `arch::vmx` calls (by symbol) with every guest
-//! register saved; a `true` answer sends the guest straight back with VMRESUME.
-//! May call: `exits` (the CPUID policy), `vmx::vmcs`, `arch` (TSC, CPUID), `vmcall_proto`.
+//! [`answer`], which the backend's exit landing calls (VMX: `vmx::vcpu::mkv_fast_exit`,
+//! called by symbol from the assembly of `arch::vmx`) with every guest register saved; a
+//! `true` answer sends the guest straight back (VMRESUME).
+//! May call: `exits` (the CPUID policy, the checks), `vcpu` (exit kinds), `vmcall_proto`.
+//! Reaches the guest's state only through [`Cpu`].
 //!
 //! What it answers: CPUID, and the hypercalls that only answer (`yield`, `guest_info`,
 //! `tsc_per_ms`, `exit_count`) from CPL 0. Everything else, and these too when the fast path
@@ -26,6 +28,7 @@
 //! it) and in counters the run loop folds into its own after its next exit.
 
 use crate::arch::vmx::GuestRegs;
+use crate::vcpu::ExitKind;
 use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::guest::Telemetry;
 use vmcall_proto::hypercall::Hypercall;
@@ -91,7 +94,8 @@ impl FastExit {
     }
 }
 
-/// The VMCS fields and instructions the fast path uses (a fake in host tests).
+/// The guest state and instructions the fast path uses: the backend's (VMX: the current
+/// VMCS, `vmx::vcpu`), a fake in host tests.
 pub trait Cpu {
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
@@ -103,16 +107,26 @@ pub trait Cpu {
 pub enum Field {
     SsAccessRights,
     Rflags,
+    /// Length of the exiting instruction (see `vcpu`'s header on SVM).
     InstructionLen,
     Rip,
     Interruptibility,
-    PreemptionTimer,
+    /// The timer that bounds the guest's run (VMX: the VMX-preemption timer), in its own
+    /// units: TSC ticks shifted right by [`FastExit::timer_shift`].
+    Timer,
 }
 
-/// Answers the exit if it can (see the module header); `false` leaves everything as it was
-/// for the run loop (the preemption timer aside, which the run loop programs anyway).
+/// Answers the exit of kind `kind` and backend code `code` if it can (see the module
+/// header); `false` leaves everything as it was for the run loop (the timer aside, which
+/// the run loop programs anyway).
 #[inline(always)]
-pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason: u64) -> bool {
+pub fn answer(
+    c: &mut impl Cpu,
+    regs: &mut GuestRegs,
+    fx: &mut FastExit,
+    kind: ExitKind,
+    code: u16,
+) -> bool {
     let t0 = c.rdtsc();
     if t0 >= fx.answer_until {
         return false;
@@ -121,7 +135,7 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
-    if reason == u64::from(crate::exits::reason::VMCALL) {
+    if kind == ExitKind::Hypercall {
         // From CPL 0 only (the run loop injects #GP otherwise).
         if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
@@ -140,7 +154,7 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
         }
         regs.rax = value;
         fx.hypercalls += 1;
-    } else if reason == u64::from(crate::exits::reason::CPUID) {
+    } else if kind == ExitKind::Cpuid {
         if !quiet(c, fx, t0) {
             return false;
         }
@@ -164,9 +178,8 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     // outlives the vCPU.
     // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
-    t.exits[reason as usize] = t.exits[reason as usize].wrapping_add(1);
-    t.hypercalls =
-        t.hypercalls.wrapping_add((reason == u64::from(crate::exits::reason::VMCALL)) as u64);
+    t.exits[code as usize] = t.exits[code as usize].wrapping_add(1);
+    t.hypercalls = t.hypercalls.wrapping_add((kind == ExitKind::Hypercall) as u64);
     t.entries = t.entries.wrapping_add(1);
     t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
     true
@@ -178,75 +191,10 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
 fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
     // A 32-bit field: VMWRITE keeps the low half, so a value past it makes the timer fire
     // early, never late (the run loop then programs it again).
-    c.write(Field::PreemptionTimer, (fx.until - now) >> fx.timer_shift);
+    c.write(Field::Timer, (fx.until - now) >> fx.timer_shift);
     // SAFETY: both point at statics of this core (`FastExit::new` takes 'static refs).
     let (mail, kicked) = unsafe { (&*fx.mail, &*fx.kicked) };
     kicked.load(Ordering::Acquire) == 0 && mail.load(Ordering::Acquire) == 0
-}
-
-/// The processor's side (the current VMCS).
-#[cfg(target_os = "none")]
-struct Hw;
-
-#[cfg(target_os = "none")]
-impl Cpu for Hw {
-    #[inline(always)]
-    fn read(&mut self, f: Field) -> u64 {
-        use crate::vmx::vmcs::{exit, g};
-        // SAFETY: called from the exit landing: this core's guest VMCS is current.
-        unsafe {
-            match f {
-                Field::SsAccessRights => g::SS_AR.get(),
-                Field::Rflags => g::RFLAGS.get(),
-                Field::InstructionLen => exit::INSTRUCTION_LEN.get(),
-                Field::Rip => g::RIP.get(),
-                Field::Interruptibility => g::INTERRUPTIBILITY.get(),
-                Field::PreemptionTimer => g::PREEMPTION_TIMER.get(),
-            }
-        }
-    }
-    #[inline(always)]
-    fn write(&mut self, f: Field, v: u64) {
-        use crate::vmx::vmcs::g;
-        // RIP past the answered instruction, blocking bits cleared, a timer value.
-        // SAFETY: as for `read`; those values keep the guest contained.
-        unsafe {
-            match f {
-                Field::Rip => g::RIP.set(v),
-                Field::Interruptibility => g::INTERRUPTIBILITY.set(v),
-                Field::PreemptionTimer => g::PREEMPTION_TIMER.set(v),
-                Field::SsAccessRights | Field::Rflags | Field::InstructionLen => {}
-            }
-        }
-    }
-    #[inline(always)]
-    fn rdtsc(&mut self) -> u64 {
-        crate::arch::rdtsc()
-    }
-    #[inline(always)]
-    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    }
-}
-
-/// Called by `vmx_exit_landing` (arch::vmx) after a VM exit with basic reason CPUID or
-/// VMCALL (`reason`, the exit reason field as read), the guest's registers saved in
-/// `regs`: non-zero = answered, resume the guest now.
-///
-/// # Safety
-/// Called only by the exit landing, with the pointers the run loop gave `arch::vmx::run`
-/// (both live and this core's for the whole run), its guest's VMCS current.
-#[cfg(target_os = "none")]
-#[no_mangle]
-pub unsafe extern "C" fn mkv_fast_exit(
-    regs: *mut GuestRegs,
-    fx: *mut FastExit,
-    reason: u64,
-) -> u64 {
-    // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
-    let (regs, fx) = unsafe { (&mut *regs, &mut *fx) };
-    answer(&mut Hw, regs, fx, reason) as u64
 }
 
 #[cfg(test)]
@@ -276,7 +224,7 @@ mod tests {
                 Field::InstructionLen => self.len,
                 Field::Rip => self.rip,
                 Field::Interruptibility => self.blocking,
-                Field::PreemptionTimer => self.timer.unwrap_or(0),
+                Field::Timer => self.timer.unwrap_or(0),
             }
         }
         fn write(&mut self, f: Field, v: u64) {
@@ -286,7 +234,7 @@ mod tests {
                     self.blocking = v;
                     self.blocking_writes += 1;
                 }
-                Field::PreemptionTimer => self.timer = Some(v),
+                Field::Timer => self.timer = Some(v),
                 _ => panic!("{f:?} is read-only"),
             }
         }
@@ -304,10 +252,10 @@ mod tests {
         }
     }
 
-    /// As the landing calls it, with the fake's exit reason.
+    /// As the VMX landing calls it, with the fake's exit reason decoded by VMX's decoder.
     fn ans(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit) -> bool {
         let reason = c.reason;
-        answer(c, regs, fx, reason)
+        answer(c, regs, fx, crate::vmx::exit::fast_kind(reason), reason as u16)
     }
 
     fn fake(reason: u64) -> Fake {

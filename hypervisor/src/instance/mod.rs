@@ -26,7 +26,8 @@ pub mod telemetry;
 pub mod xcore;
 
 use crate::ept;
-use crate::exits::{StopReason, REASONS};
+use crate::exits::StopReason;
+use crate::vcpu::EXIT_CODES;
 
 /// What the BSP tells a core: run this guest here.
 #[derive(Clone, Copy, Debug)]
@@ -126,7 +127,7 @@ pub enum Ending {
 #[derive(Clone, Copy, Debug)]
 pub struct GuestReport {
     pub ending: Ending,
-    pub exits: [u32; REASONS],
+    pub exits: [u32; EXIT_CODES],
     pub exits_other: u32,
     pub hypercalls: u32,
     /// Doorbells it rang.
@@ -156,7 +157,7 @@ pub struct Exits<'a>(pub &'a GuestReport);
 impl core::fmt::Display for Exits<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let mut first = true;
-        let names = crate::exits::REASON_NAMES.iter();
+        let names = crate::vcpu::EXIT_NAMES.iter();
         for (n, c) in names.zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
             write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
             first = false;

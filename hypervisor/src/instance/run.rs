@@ -454,7 +454,10 @@ pub(super) fn incarnation(
         me.left_guest(t_exit);
         // The exits the fast path answered count even if its last VMRESUME failed.
         let (hypercalls, cpuids) = fast.take();
-        ctx.fold_fast(hypercalls, cpuids);
+        ctx.fold_fast(
+            (crate::vmx::exit::reason::VMCALL, hypercalls),
+            (crate::vmx::exit::reason::CPUID, cpuids),
+        );
         if entered.is_err() {
             // SAFETY: current VMCS.
             let code = unsafe { exit::INSTRUCTION_ERROR.read() };
@@ -467,10 +470,10 @@ pub(super) fn incarnation(
         launched = true;
         last_exit = t_exit;
         let e = VmcsExit::read();
-        let reason = e.reason();
+        let reason = e.code();
         last_reason = Some(reason);
         crate::trace::exit(core, reason, t_entry, t_exit);
-        let exception_or_nmi = reason == exits::reason::EXCEPTION_OR_NMI;
+        let exception_or_nmi = e.kind() == crate::vcpu::ExitKind::Nmi;
         // SAFETY: current VMCS.
         if exception_or_nmi && is_nmi(unsafe { exit::INTR_INFO.read() }) {
             kicked_at = Some(t_exit);
@@ -493,7 +496,7 @@ pub(super) fn incarnation(
             Action::Exit(status) => break Ending::Exited(status),
             Action::Stop(why) => break Ending::Stopped(why),
         }
-        if !exits::instruction_exit(reason) {
+        if !crate::vmx::exit::instruction_exit(reason) {
             reinject_vectoring(&mut vcpu);
         }
     };

@@ -173,18 +173,17 @@ impl VmcsExit {
 }
 
 impl ExitInfo for VmcsExit {
-    fn reason(&self) -> u16 {
+    fn kind(&self) -> crate::vcpu::ExitKind {
+        crate::vmx::exit::kind(self.raw as u16)
+    }
+    fn code(&self) -> u16 {
         self.raw as u16
     }
     fn entry_failed(&self) -> bool {
         self.raw & (1 << 31) != 0
     }
-    fn qualification(&self) -> u64 {
-        // SAFETY: the guest's VMCS is current until the next VM entry.
-        unsafe { exit::QUALIFICATION.read() }
-    }
     fn instruction_len(&self) -> u64 {
-        // SAFETY: as above.
+        // SAFETY: the guest's VMCS is current until the next VM entry.
         unsafe { exit::INSTRUCTION_LEN.read() }
     }
     fn rip(&self) -> u64 {
@@ -192,9 +191,18 @@ impl ExitInfo for VmcsExit {
         // SAFETY: as above.
         unsafe { g::RIP.read() }
     }
-    fn guest_physical(&self) -> u64 {
+    fn cr_access(&self) -> crate::vcpu::CrAccess {
         // SAFETY: as above.
-        unsafe { exit::GUEST_PHYSICAL.read() }
+        crate::vmx::exit::cr_access(unsafe { exit::QUALIFICATION.read() })
+    }
+    fn io(&self) -> crate::vcpu::IoAccess {
+        // SAFETY: as above.
+        crate::vmx::exit::io(unsafe { exit::QUALIFICATION.read() })
+    }
+    fn nested_fault(&self) -> crate::vcpu::NestedFault {
+        // SAFETY: as above.
+        let (gpa, access) = unsafe { (exit::GUEST_PHYSICAL.read(), exit::QUALIFICATION.read()) };
+        crate::vcpu::NestedFault { gpa, access }
     }
 }
 

@@ -2,7 +2,9 @@
 //! VMX operation on one core: feature control, the CR0/CR4 fixed bits and VMXON
 //! (SDM Vol. 3C 24.7, 24.8). Each core runs this on itself with its own VMXON region.
 
+pub mod exit;
 pub mod features;
+pub mod vcpu;
 pub mod vmcs;
 
 pub use features::Features;
@@ -97,17 +99,15 @@ mod tests {
     /// Files outside `vmx/` that still name VMCS fields, each to move behind the vCPU
     /// interface (issue 23): the list may only shrink. A file not on it that names one fails
     /// the test, and so does a listed file that no longer does (take it off).
-    const NOT_YET_BEHIND_THE_VCPU: [&str; 5] = [
-        "fastexit.rs",
-        "instance/mod.rs",
-        "instance/run.rs",
-        "instance/setup.rs",
-        "instance/vcpu.rs",
-    ];
+    const NOT_YET_BEHIND_THE_VCPU: [&str; 4] =
+        ["instance/mod.rs", "instance/run.rs", "instance/setup.rs", "instance/vcpu.rs"];
 
     /// What names a VMCS field: the field modules of `vmx::vmcs`, the `x86` crate's VMCS
-    /// encodings and controls.
-    const PATTERNS: [&str; 3] = ["vmx::vmcs", "vmcs::{", "x86::vmx::vmcs"];
+    /// encodings and controls; and for the SVM backend (issue 24), its VMCB.
+    const PATTERNS: [&str; 5] = ["vmx::vmcs", "vmcs::{", "x86::vmx::vmcs", "svm::vmcb", "vmcb::{"];
+
+    /// The backends: the only folders whose files may name those.
+    const BACKENDS: [&str; 2] = ["vmx/", "svm/"];
 
     fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).expect("reading the source tree") {
@@ -128,7 +128,7 @@ mod tests {
         let mut naming = Vec::new();
         for f in &files {
             let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
-            if rel.starts_with("vmx/") {
+            if BACKENDS.iter().any(|b| rel.starts_with(b)) {
                 continue;
             }
             let text = std::fs::read_to_string(f).unwrap();
