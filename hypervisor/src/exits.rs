@@ -184,8 +184,11 @@ pub enum Action {
     Stop(StopReason),
 }
 
-/// The vCPU as the handlers see it.
-pub trait Vcpu {
+/// The guest's vCPU as the handlers see it: its processor state (the backend's, through
+/// `vcpu::Vcpu`), its memory and machine, and, as the capability system's environment
+/// ([`caps::Env`](crate::caps::Env), implemented by the vCPU itself), the inter-core
+/// transport and its nested page tables.
+pub trait Vcpu: crate::caps::Env {
     fn regs(&mut self) -> &mut GuestRegs;
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
@@ -195,32 +198,14 @@ pub trait Vcpu {
     fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError>;
     /// The host processor's CPUID, before filtering.
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// The time-stamp counter now.
-    fn now(&mut self) -> u64;
     /// Sends a fixed interrupt `vector` to the core with x2APIC id `apic`.
     fn send_ipi(&mut self, apic: u32, vector: u8);
-    /// Maps host-physical `[hpa, hpa + size)` at guest-physical `gpa` in this guest's EPT,
-    /// read-only or read-write, and flushes the EPT translations.
-    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError>;
-    /// Unmaps `[gpa, gpa + size)` from this guest's EPT and flushes its translations.
-    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
-    /// Puts a message on the inter-core ring to core `to`; `false` if the ring is full.
-    fn x_send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool;
-    /// The next inter-core message for this core, with its sender.
-    fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)>;
-    /// Kicks core `to` (an NMI).
-    fn x_kick(&mut self, to: usize);
-    /// The guest's channel `channel` (config index) went down: mark it so in the guest's
-    /// status page (nothing by default: no status page).
-    fn link_down(&mut self, _channel: u32) {}
     /// Machine configuration space, for the guest's filtered view (`pci::filter`): a
     /// dword of function `f` (all ones by default: no PCI).
     fn pci_read32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16) -> u32 {
         u32::MAX
     }
     fn pci_write32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16, _value: u32) {}
-    /// The inbox is being served now (see `caps::Env::served`).
-    fn served(&mut self) {}
 }
 
 /// The vCPU's configuration-space access as `pci` sees it.
@@ -232,45 +217,6 @@ impl<V: Vcpu> crate::pci::ConfigSpace for PciEnv<'_, V> {
     }
     fn write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
         self.0.pci_write32(f, offset, value)
-    }
-}
-
-/// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
-pub struct CapEnv<'a, V: Vcpu>(pub &'a mut V);
-
-impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
-    fn now(&mut self) -> u64 {
-        self.0.now()
-    }
-    fn send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
-        self.0.x_send(to, m)
-    }
-    fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
-        self.0.x_recv()
-    }
-    fn kick(&mut self, to: usize) {
-        self.0.x_kick(to)
-    }
-    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
-        self.0.ept_map(gpa, hpa, size, write)
-    }
-    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        self.0.ept_unmap(gpa, size)
-    }
-    fn relax(&mut self) {
-        crate::arch::pause();
-    }
-    fn link_down(&mut self, channel: u32) {
-        self.0.link_down(channel)
-    }
-    fn served(&mut self) {
-        self.0.served()
-    }
-    fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
-        crate::hostctl::serve(self, ctl)
-    }
-    fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
-        crate::hostctl::answer(self, req, result)
     }
 }
 
@@ -784,7 +730,7 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
             // it stops the guest), answering other cores meanwhile; a controller's request
             // ends the sleep (the run loop serves it).
             while v.now() < deadline.min(ctx.watchdog) && !ctx.caps.ctl.pending() {
-                ctx.caps.poll(&mut CapEnv(v));
+                ctx.caps.poll(v);
                 crate::arch::pause();
             }
             Action::Resume
@@ -870,9 +816,7 @@ fn cap_hypercall(
     call: Hypercall,
     r: &GuestRegs,
 ) -> Result<u64, HvError> {
-    ctx.caps
-        .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
-        .unwrap_or(Err(HvError::UnknownCall))
+    ctx.caps.hypercall(v, call, r.rdi, r.rsi, r.rdx).unwrap_or(Err(HvError::UnknownCall))
 }
 
 /// The console hypercall: `len` bytes at guest-physical `gpa`.
@@ -1095,7 +1039,7 @@ pub const MSR_PASSTHROUGH: [u32; 5] =
 pub const MSR_SWITCHED: [u32; 2] = [MSR_FS_BASE, MSR_GS_BASE];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// One VM exit as plain values, as VMX reports it (reason and qualification decoded by
@@ -1140,27 +1084,27 @@ mod tests {
     use std::collections::HashMap;
 
     /// A vCPU made of plain values; guest memory is a vector.
-    struct FakeVcpu {
-        regs: GuestRegs,
-        fields: HashMap<&'static str, u64>,
-        injected: Vec<Event>,
-        window: bool,
-        mem: Vec<u8>,
-        tsc: u64,
-        ipis: Vec<(u32, u8)>,
-        maps: Vec<(u64, u64, u64, bool)>,
+    pub(crate) struct FakeVcpu {
+        pub(crate) regs: GuestRegs,
+        pub(crate) fields: HashMap<&'static str, u64>,
+        pub(crate) injected: Vec<Event>,
+        pub(crate) window: bool,
+        pub(crate) mem: Vec<u8>,
+        pub(crate) tsc: u64,
+        pub(crate) ipis: Vec<(u32, u8)>,
+        pub(crate) maps: Vec<(u64, u64, u64, bool)>,
         /// How far the TSC moves at each reading.
-        tick: u64,
+        pub(crate) tick: u64,
         /// How often the inter-core inbox was polled.
-        recv_polls: u32,
+        pub(crate) recv_polls: u32,
         /// What the host's CPUID returns for every leaf.
-        cpuid: [u32; 4],
+        pub(crate) cpuid: [u32; 4],
         /// The machine's configuration space (a Bochs-like bus).
-        pci: crate::pci::fake::Bus,
+        pub(crate) pci: crate::pci::fake::Bus,
     }
 
     impl FakeVcpu {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let mut fields = HashMap::new();
             fields.insert("Rip", 0x10_0000);
             fields.insert("Rflags", 0x2);
@@ -1203,7 +1147,7 @@ mod tests {
                 Field::PendingDebug => "PendingDbg",
             }
         }
-        fn get(&self, f: Field) -> u64 {
+        pub(crate) fn get(&self, f: Field) -> u64 {
             *self.fields.get(Self::key(f)).unwrap_or(&0)
         }
     }
@@ -1241,25 +1185,28 @@ mod tests {
         fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
             crate::pci::ConfigSpace::write32(&mut self.pci, f, offset, value)
         }
+        fn send_ipi(&mut self, apic: u32, vector: u8) {
+            self.ipis.push((apic, vector));
+        }
+    }
+
+    impl crate::caps::Env for FakeVcpu {
         fn now(&mut self) -> u64 {
             self.tsc += self.tick;
             self.tsc
-        }
-        fn send_ipi(&mut self, apic: u32, vector: u8) {
-            self.ipis.push((apic, vector));
         }
         fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
             self.maps.push((gpa, hpa, size, write));
             Ok(())
         }
-        fn x_send(&mut self, _to: usize, _m: &vmcall_proto::channel::Payload) -> bool {
+        fn send(&mut self, _to: usize, _m: &vmcall_proto::channel::Payload) -> bool {
             false
         }
-        fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+        fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
             self.recv_polls += 1;
             None
         }
-        fn x_kick(&mut self, _to: usize) {}
+        fn kick(&mut self, _to: usize) {}
         fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
             let i = self
                 .maps
@@ -1272,19 +1219,19 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Lines(Vec<String>);
+    pub(crate) struct Lines(pub(crate) Vec<String>);
     impl ConsoleSink for Lines {
         fn line(&mut self, t: &str) {
             self.0.push(t.to_string());
         }
     }
 
-    fn ctx() -> GuestCtx {
+    pub(crate) fn ctx() -> GuestCtx {
         let policy = crate::caps::Policy::from_tsc_per_ms(4000);
         let caps = Box::leak(Box::new(HvCaps::new(3, policy)));
         GuestCtx::new(2, 3, 16, 4000, u64::MAX, caps)
     }
-    fn exit(reason: u16, len: u64) -> VmExit {
+    pub(crate) fn exit(reason: u16, len: u64) -> VmExit {
         VmExit { reason, instruction_len: len, rip: 0x10_0000, ..VmExit::default() }
     }
 
@@ -2212,129 +2159,6 @@ mod tests {
         port(&mut c, &mut v, 0xcf9, 1, false, 6);
         assert_eq!(v.injected, [GP]);
         assert_eq!(v.fields["Rip"], 0x10_0000 + 7, "each of the 7 served accesses moved RIP on");
-    }
-
-    /// `fastexit::Cpu` over the fake vCPU: the fast path sees the same VMCS fields, TSC and
-    /// host CPUID as the run loop's handler.
-    struct FastCpu<'a> {
-        v: &'a mut FakeVcpu,
-        len: u64,
-    }
-    impl crate::fastexit::Cpu for FastCpu<'_> {
-        fn read(&mut self, f: crate::fastexit::Field) -> u64 {
-            use crate::fastexit::Field as F;
-            match f {
-                F::SsAccessRights => self.v.get(Field::SsAccessRights),
-                F::Rflags => self.v.get(Field::Rflags),
-                F::InstructionLen => self.len,
-                F::Rip => self.v.get(Field::Rip),
-                F::Interruptibility => self.v.get(Field::Interruptibility),
-                F::Timer => 0,
-            }
-        }
-        fn write(&mut self, f: crate::fastexit::Field, x: u64) {
-            use crate::fastexit::Field as F;
-            match f {
-                F::Rip => self.v.write(Field::Rip, x),
-                F::Interruptibility => self.v.write(Field::Interruptibility, x),
-                _ => {}
-            }
-        }
-        fn rdtsc(&mut self) -> u64 {
-            self.v.tsc += 1;
-            self.v.tsc
-        }
-        fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-            self.v.host_cpuid(leaf, sub)
-        }
-    }
-
-    /// Hostile sweep: every hypercall number (valid, invalid, with high bits), every CPL,
-    /// with and without STI/MOV-SS/NMI blocking, CPUID leaves; whatever the fast path
-    /// answers, the run loop's handler must answer the same way (registers, RIP, blocking,
-    /// no event injected), and after the fold the counters must agree (exit_count included).
-    #[test]
-    fn the_fast_path_answers_exactly_as_the_run_loop_would() {
-        use core::sync::atomic::AtomicU64;
-        static ZERO: AtomicU64 = AtomicU64::new(0);
-        let page: &'static mut vmcall_proto::guest::StatusPage =
-            // SAFETY: plain u64s, all-zero is valid.
-            Box::leak(Box::new(unsafe { core::mem::zeroed() }));
-        let calls = (0..17u64).chain([99, 1 << 32 | 3, 1 << 32 | 7, u64::MAX]);
-        let mut answered = 0;
-        for reason in [10u16, 18] {
-            for rax in calls.clone() {
-                for ss_ar in [0x93u64, 0xb3, 0xd3, 0xf3] {
-                    for blocking in [0u64, 1, 2, 8, 9] {
-                        let (mut slow_ctx, mut slow) = (ctx(), FakeVcpu::new());
-                        let (mut fast_ctx, mut fast) = (ctx(), FakeVcpu::new());
-                        // Some history: exits the run loop counted before this entry.
-                        for c in [&mut slow_ctx, &mut fast_ctx] {
-                            c.exits_total = 41;
-                            c.exits[10] = 7;
-                            c.exits[18] = 30;
-                            c.hypercalls = 29;
-                        }
-                        for v in [&mut slow, &mut fast] {
-                            v.regs =
-                                GuestRegs { rax, rbx: 5, rcx: 1, rdx: 2, ..Default::default() };
-                            v.write(Field::SsAccessRights, ss_ar);
-                            v.write(Field::Interruptibility, blocking);
-                            v.cpuid = [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff];
-                        }
-                        let mut fx = crate::fastexit::FastExit::new(
-                            fast_ctx.core,
-                            &ZERO,
-                            &ZERO,
-                            &mut page.telemetry,
-                        );
-                        fx.until = u64::MAX;
-                        fx.answer_until = u64::MAX;
-                        fx.mwait = fast_ctx.mwait;
-                        fx.info = fast_ctx.info();
-                        fx.tsc_per_ms = fast_ctx.tsc_per_ms;
-                        fx.exits_base = fast_ctx.exits_total;
-                        let len = if reason == 10 { 2 } else { 3 };
-                        let mut regs = fast.regs;
-                        let ok = crate::fastexit::answer(
-                            &mut FastCpu { v: &mut fast, len },
-                            &mut regs,
-                            &mut fx,
-                            crate::vmx::exit::fast_kind(u64::from(reason)),
-                            reason,
-                        );
-                        if !ok {
-                            continue;
-                        }
-                        answered += 1;
-                        let (h, c) = fx.take();
-                        fast_ctx.fold_fast((18, h), (10, c));
-                        assert_eq!(
-                            handle(
-                                &mut slow_ctx,
-                                &mut slow,
-                                &exit(reason, len),
-                                &mut Lines::default()
-                            ),
-                            Action::Resume
-                        );
-                        let case =
-                            format!("reason {reason} rax {rax:#x} ss {ss_ar:#x} blk {blocking}");
-                        assert!(slow.injected.is_empty(), "{case}: the run loop injects");
-                        assert_eq!(regs, slow.regs, "{case}: registers");
-                        for f in [Field::Rip, Field::Interruptibility] {
-                            assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
-                        }
-                        assert_eq!(fast_ctx.exits_total, slow_ctx.exits_total, "{case}");
-                        assert_eq!(fast_ctx.exits, slow_ctx.exits, "{case}");
-                        assert_eq!(fast_ctx.hypercalls, slow_ctx.hypercalls, "{case}");
-                    }
-                }
-            }
-        }
-        // CPUID from any CPL (20 blocking/CPL combinations x 21 "leaves"), the four
-        // answering hypercalls from CPL 0 (5 blocking values).
-        assert_eq!(answered, 21 * 20 + 4 * 5);
     }
 
     /// `fold_fast` takes in u64 counts; the run loop's per-reason and hypercall counters are

@@ -17,7 +17,8 @@
 //! May call: `arch::vmx::GuestRegs` (the register save area the world-switch assembly
 //! fills; an SVM world switch saves the same registers), `ept` (the frame pool a backend
 //! takes its control structures from), `fastexit` (the fast path's state the world switch
-//! hands to the exit landing). Nothing here calls a backend.
+//! hands to the exit landing), `vmcall_proto` (the telemetry numbering of exit codes).
+//! Nothing here calls a backend.
 //!
 //! # Writing a backend (what each part must do)
 //!
@@ -190,8 +191,6 @@ pub struct NestedFault {
     pub access: u64,
 }
 
-// Implemented by `vmx::vcpu::VmxVcpu` in the next commit (the interface first, for SVM).
-#[allow(dead_code)]
 /// What a guest starts with: the state its first entry loads and the policy its controls
 /// carry. The backend turns it into its control structure ([`Vcpu::setup`]).
 #[derive(Clone, Copy, Debug)]
@@ -238,13 +237,11 @@ pub trait ExitInfo {
     fn nested_fault(&self) -> NestedFault;
 }
 
-/// Exit codes counted in reports and the telemetry page, and their names: the VMX basic
-/// reasons today (see the module header).
-pub use crate::vmx::exit::NAMES as EXIT_NAMES;
-pub const EXIT_CODES: usize = EXIT_NAMES.len();
+/// Exit codes counted in reports and the telemetry page, and their names: the telemetry
+/// ABI's numbering, the VMX basic reasons (see the module header).
+pub use vmcall_proto::guest::EXIT_NAMES;
+pub const EXIT_CODES: usize = vmcall_proto::guest::TELEMETRY_REASONS;
 
-// Implemented by `vmx::vcpu::VmxVcpu` in the next commit (the interface first, for SVM).
-#[allow(dead_code)]
 /// Why an entry did not happen (the guest did not run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryError {
@@ -252,8 +249,14 @@ pub struct EntryError {
     pub code: u64,
 }
 
-// Implemented by `vmx::vcpu::VmxVcpu` in the next commit (the interface first, for SVM).
-#[allow(dead_code)]
+/// Why [`Vcpu::setup`] failed: `reason` ends the incarnation (the report's "setup failed:
+/// {reason}"), `detail` goes to the log when there is more to say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetupError {
+    pub reason: &'static str,
+    pub detail: Option<&'static str>,
+}
+
 /// One guest's virtual CPU on this core (see the module header for what an implementation
 /// must do). The instance owns one per incarnation and calls nothing of the backend but
 /// this.
@@ -266,21 +269,22 @@ pub trait Vcpu: Sized {
     const HYPERCALL_CODE: u16;
     const CPUID_CODE: u16;
 
-    /// Builds this guest's control structure in frames of `frames` (this core's private
-    /// region), with every control the hypervisor's policy needs (the exits listed in
+    /// Builds this guest's control structure in frames of `frames` (identity-mapped frames
+    /// of this core's private region), with every control the hypervisor's policy needs (the exits listed in
     /// `exits`' header; the MSRs of `exits::MSR_PASSTHROUGH` and `exits::MSR_SWITCHED`
     /// without exits; the ports `io_ports` without exits, every other port exiting; CR0
     /// and CR4 bits of `exits::CR0_MASK`/`CR4_MASK` owned by the hypervisor, the guest
     /// seeing the rest; the host state to return to), flushes any stale translation of its
-    /// tag and nested root, and makes it current on this core. `Err` says what failed; the
-    /// frames taken stay in the pool's count until the incarnation's private region goes
-    /// back whole.
+    /// tag and nested root, and makes it current on this core. The registers start zeroed.
+    /// `Err` says what failed (the control structure is then no longer in use); the frames
+    /// taken stay in the pool's count until the incarnation's private region goes back
+    /// whole.
     fn setup(
         f: &Self::Features,
         s: &Setup,
         frames: &mut impl crate::ept::Frames,
         io_ports: impl Iterator<Item = u16> + Clone,
-    ) -> Result<Self, &'static str>;
+    ) -> Result<Self, SetupError>;
 
     /// The general registers, saved at the exit and loaded at the entry.
     fn regs(&mut self) -> &mut GuestRegs;

@@ -1,88 +1,16 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! VM exits as VMX reports them: the basic exit reasons (numbers and names), their
+//! VM exits as VMX reports them: the basic exit reasons by number (their names are the
+//! telemetry ABI's, `vmcall_proto::guest::EXIT_NAMES`), their
 //! decoding into the backend-neutral [`ExitKind`](crate::vcpu::ExitKind), and the exit
 //! qualifications of control-register and I/O exits decoded into `vcpu`'s
 //! [`CrAccess`]/[`IoAccess`]. Pure functions (host-tested); the VMCS reads are
 //! `vmx::vcpu`'s. May call: `vcpu` (its types).
 
-use crate::vcpu::{CrAccess, ExitKind, IoAccess};
+use crate::vcpu::{CrAccess, ExitKind, IoAccess, EXIT_CODES};
 
-/// Basic exit reasons (SDM Vol. 3D appendix C) that have names in reports.
-pub const NAMES: [&str; 70] = [
-    "exception_nmi",
-    "external_interrupt",
-    "triple_fault",
-    "init",
-    "sipi",
-    "io_smi",
-    "other_smi",
-    "interrupt_window",
-    "nmi_window",
-    "task_switch",
-    "cpuid",
-    "getsec",
-    "hlt",
-    "invd",
-    "invlpg",
-    "rdpmc",
-    "rdtsc",
-    "rsm",
-    "vmcall",
-    "vmclear",
-    "vmlaunch",
-    "vmptrld",
-    "vmptrst",
-    "vmread",
-    "vmresume",
-    "vmwrite",
-    "vmxoff",
-    "vmxon",
-    "cr_access",
-    "dr_access",
-    "io",
-    "rdmsr",
-    "wrmsr",
-    "entry_fail_guest_state",
-    "entry_fail_msr_load",
-    "reason_35",
-    "mwait",
-    "monitor_trap",
-    "reason_38",
-    "monitor",
-    "pause",
-    "entry_fail_machine_check",
-    "reason_42",
-    "tpr_below",
-    "apic_access",
-    "virtualized_eoi",
-    "gdtr_idtr",
-    "ldtr_tr",
-    "ept_violation",
-    "ept_misconfig",
-    "invept",
-    "rdtscp",
-    "preemption_timer",
-    "invvpid",
-    "wbinvd",
-    "xsetbv",
-    "apic_write",
-    "rdrand",
-    "invpcid",
-    "vmfunc",
-    "encls",
-    "rdseed",
-    "pml_full",
-    "xsaves",
-    "xrstors",
-    "reason_65",
-    "spp",
-    "umwait",
-    "tpause",
-    "loadiwkey",
-];
-
-/// The basic exit reasons the hypervisor acts on by name (indices into [`NAMES`]): the
-/// one list the decoder ([`kind`]) and the fast path's landing (`vmx::vcpu`) use.
+/// The basic exit reasons the hypervisor acts on by name (indices into
+/// `vmcall_proto::guest::EXIT_NAMES`, the telemetry page's numbering): the one list the
+/// decoder ([`kind`]) and the fast path's landing (`vmx::vcpu::fast_kind`) use.
 pub mod reason {
     pub const EXCEPTION_OR_NMI: u16 = 0;
     pub const EXTERNAL_INTERRUPT: u16 = 1;
@@ -121,23 +49,9 @@ pub fn kind(reason: u16) -> ExitKind {
     }
 }
 
-/// The kind of an exit the landing hands the fast path: `reason` is the whole exit-reason
-/// field (bit 31 set: a failed entry, never answered there), and only CPUID and VMCALL are
-/// ever answered there, so everything else is `Other` (two compares, no table load).
-#[inline(always)]
-pub fn fast_kind(reason: u64) -> ExitKind {
-    if reason == u64::from(reason::VMCALL) {
-        ExitKind::Hypercall
-    } else if reason == u64::from(reason::CPUID) {
-        ExitKind::Cpuid
-    } else {
-        ExitKind::Other
-    }
-}
-
 /// [`kind`] as a table (one load on the exit path).
-const KINDS: [ExitKind; NAMES.len()] = {
-    let mut t = [ExitKind::Other; NAMES.len()];
+const KINDS: [ExitKind; EXIT_CODES] = {
+    let mut t = [ExitKind::Other; EXIT_CODES];
     t[reason::EXCEPTION_OR_NMI as usize] = ExitKind::Nmi;
     t[reason::EXTERNAL_INTERRUPT as usize] = ExitKind::ExternalInterrupt;
     t[reason::TRIPLE_FAULT as usize] = ExitKind::TripleFault;
@@ -212,6 +126,7 @@ pub fn io(q: u64) -> IoAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmcall_proto::guest::EXIT_NAMES as NAMES;
 
     #[test]
     fn named_reasons_are_their_names_in_reports() {
