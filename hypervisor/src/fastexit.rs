@@ -94,18 +94,14 @@ impl FastExit {
     }
 }
 
-/// The exits the fast path may answer, as the backend's landing decoded them (VMX:
-/// `vmx::exit::fast_kind`); everything else is `Other`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Hypercall,
-    Cpuid,
-    Other,
-}
-
 /// The guest state and instructions the fast path uses: the backend's (VMX: the current
 /// VMCS, `vmx::vcpu`), a fake in host tests.
 pub trait Cpu {
+    /// Whether the exit of backend code `code` (as the landing read it: VMX, the whole
+    /// exit-reason field) is a hypercall, a CPUID: the only exits answered here. Two
+    /// predicates, not a decoded kind: each folds into its branch (one compare).
+    fn is_hypercall(&self, code: u64) -> bool;
+    fn is_cpuid(&self, code: u64) -> bool;
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
     fn rdtsc(&mut self) -> u64;
@@ -125,17 +121,11 @@ pub enum Field {
     Timer,
 }
 
-/// Answers the exit of kind `kind` and backend code `code` if it can (see the module
+/// Answers the exit of backend code `code` (as the landing read it) if it can (see the module
 /// header); `false` leaves everything as it was for the run loop (the timer aside, which
 /// the run loop programs anyway).
 #[inline(always)]
-pub fn answer(
-    c: &mut impl Cpu,
-    regs: &mut GuestRegs,
-    fx: &mut FastExit,
-    kind: Kind,
-    code: u16,
-) -> bool {
+pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u64) -> bool {
     let t0 = c.rdtsc();
     if t0 >= fx.answer_until {
         return false;
@@ -144,7 +134,7 @@ pub fn answer(
     if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
-    if kind == Kind::Hypercall {
+    if c.is_hypercall(code) {
         // From CPL 0 only (the run loop injects #GP otherwise).
         if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
@@ -163,7 +153,7 @@ pub fn answer(
         }
         regs.rax = value;
         fx.hypercalls += 1;
-    } else if kind == Kind::Cpuid {
+    } else if c.is_cpuid(code) {
         if !quiet(c, fx, t0) {
             return false;
         }
@@ -188,7 +178,7 @@ pub fn answer(
     // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
     t.exits[code as usize] = t.exits[code as usize].wrapping_add(1);
-    t.hypercalls = t.hypercalls.wrapping_add((kind == Kind::Hypercall) as u64);
+    t.hypercalls = t.hypercalls.wrapping_add(c.is_hypercall(code) as u64);
     t.entries = t.entries.wrapping_add(1);
     t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
     true
@@ -226,6 +216,12 @@ mod tests {
         blocking_writes: u32,
     }
     impl Cpu for Fake {
+        fn is_hypercall(&self, code: u64) -> bool {
+            code == 18
+        }
+        fn is_cpuid(&self, code: u64) -> bool {
+            code == 10
+        }
         fn read(&mut self, f: Field) -> u64 {
             match f {
                 Field::SsAccessRights => self.ss_ar,
@@ -261,20 +257,13 @@ mod tests {
         }
     }
 
-    /// The fake's exit reasons are VMX's (the telemetry numbering); the backend's landing
-    /// decodes them (VMX: `vmx::vcpu::fast_kind`, tested there).
-    fn kind_of(reason: u64) -> Kind {
-        match reason {
-            18 => Kind::Hypercall,
-            10 => Kind::Cpuid,
-            _ => Kind::Other,
-        }
-    }
+    // The fakes' exit codes are VMX's (the telemetry numbering): 18 a hypercall, 10 a
+    // CPUID (the real predicates are `vmx::vcpu`'s, tested there).
 
     /// As the landing calls it, with the fake's exit reason.
     fn ans(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit) -> bool {
         let reason = c.reason;
-        answer(c, regs, fx, kind_of(reason), reason as u16)
+        answer(c, regs, fx, reason)
     }
 
     fn fake(reason: u64) -> Fake {
@@ -460,6 +449,12 @@ mod tests {
             len: u64,
         }
         impl crate::fastexit::Cpu for FastCpu<'_> {
+            fn is_hypercall(&self, code: u64) -> bool {
+                code == 18
+            }
+            fn is_cpuid(&self, code: u64) -> bool {
+                code == 10
+            }
             fn read(&mut self, f: crate::fastexit::Field) -> u64 {
                 use crate::fastexit::Field as F;
                 match f {
@@ -539,8 +534,7 @@ mod tests {
                                 &mut FastCpu { v: &mut fast, len },
                                 &mut regs,
                                 &mut fx,
-                                if reason == 10 { Kind::Cpuid } else { Kind::Hypercall },
-                                reason,
+                                u64::from(reason),
                             );
                             if !ok {
                                 continue;

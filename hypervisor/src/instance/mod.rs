@@ -87,6 +87,10 @@ pub struct Launch {
     pub devices: crate::pci::Assigned,
 }
 
+// The inter-core rings hold every message the protocols over them may have in flight at
+// once (their flow control's bound), so a send never finds a ring full.
+const _: () = assert!(crate::caps::proto::RING_SLOTS <= xcore::SLOTS);
+
 /// Grants one guest can receive from the config (checked in the blob).
 pub use vmcall_proto::config::MAX_GRANTS_PER_GUEST;
 
@@ -239,16 +243,11 @@ pub fn build_ept(
 #[cfg(target_os = "none")]
 mod account;
 #[cfg(target_os = "none")]
-mod run;
+pub mod run;
 #[cfg(target_os = "none")]
 mod setup;
 #[cfg(target_os = "none")]
 mod vcpu;
-#[cfg(target_os = "none")]
-use {account::*, setup::*, vcpu::*};
-
-#[cfg(target_os = "none")]
-pub use run::run;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@
 //! `fastexit`, `caps`, `trace`, `arch`, `vmx`.
 
 use super::lifecycle::{self, Cause, Death, Effect, Event as Life, Lifecycle, Phase, Request};
-use super::*;
+use super::{account::*, setup::*, vcpu::*, *};
 use crate::arch::{self, vmx::GuestRegs};
 use crate::exits::GuestCtx;
 use crate::exits::{self, Action};

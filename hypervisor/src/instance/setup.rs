@@ -7,6 +7,7 @@
 //! Owns this core's capability slot and private frame pool. May call: `vmx`, `arch`, `ept`,
 //! `pci`, `caps`, `members` (through `caps`), `percpu`, `exits` (its policy constants).
 
+use super::account::log_views;
 use super::*;
 use crate::arch::{self};
 use vmcall_proto::guest::*;

@@ -10,6 +10,7 @@
 //! `arch`, `ept`, `pci` (config space), `xcore` (the transport), `percpu`, `console`,
 //! `hostctl`.
 
+use super::setup::{Partition, Private};
 use super::*;
 use crate::arch::{self, vmx::GuestRegs};
 use crate::exits::{ConsoleSink, Event, Field, Vcpu};

@@ -13,19 +13,15 @@ use crate::arch::vmx::GuestRegs;
 #[cfg(target_os = "none")]
 use crate::vmx::vmcs::{exit, g};
 
-/// The kind of an exit the landing hands the fast path: `reason` is the whole exit-reason
-/// field (bit 31 set: a failed entry, never answered there), and only CPUID and VMCALL are
-/// ever answered there, so everything else is `Other` (two compares, no table load).
+/// Whether an exit the landing hands the fast path is a VMCALL, a CPUID: `reason` is the
+/// whole exit-reason field (bit 31 set: a failed entry, never answered there).
 #[inline(always)]
-pub fn fast_kind(reason: u64) -> crate::fastexit::Kind {
-    use crate::fastexit::Kind;
-    if reason == u64::from(super::exit::reason::VMCALL) {
-        Kind::Hypercall
-    } else if reason == u64::from(super::exit::reason::CPUID) {
-        Kind::Cpuid
-    } else {
-        Kind::Other
-    }
+pub fn fast_hypercall(reason: u64) -> bool {
+    reason == u64::from(super::exit::reason::VMCALL)
+}
+#[inline(always)]
+pub fn fast_cpuid(reason: u64) -> bool {
+    reason == u64::from(super::exit::reason::CPUID)
 }
 
 /// The processor's side (the current VMCS).
@@ -34,6 +30,14 @@ struct Hw;
 
 #[cfg(target_os = "none")]
 impl crate::fastexit::Cpu for Hw {
+    #[inline(always)]
+    fn is_hypercall(&self, code: u64) -> bool {
+        fast_hypercall(code)
+    }
+    #[inline(always)]
+    fn is_cpuid(&self, code: u64) -> bool {
+        fast_cpuid(code)
+    }
     #[inline(always)]
     fn read(&mut self, f: crate::fastexit::Field) -> u64 {
         use crate::fastexit::Field;
@@ -90,8 +94,7 @@ pub unsafe extern "C" fn mkv_fast_exit(
 ) -> u64 {
     // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
     let (regs, fx) = unsafe { (&mut *regs, &mut *fx) };
-    let kind = fast_kind(reason);
-    crate::fastexit::answer(&mut Hw, regs, fx, kind, reason as u16) as u64
+    crate::fastexit::answer(&mut Hw, regs, fx, reason) as u64
 }
 
 /// One guest's vCPU over its VMCS on this core (`vcpu::Vcpu`).
@@ -389,15 +392,14 @@ impl crate::vcpu::Vcpu for VmxVcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fastexit::Kind;
 
     #[test]
     fn the_landing_hands_the_fast_path_only_cpuid_and_vmcall() {
-        assert_eq!(fast_kind(18), Kind::Hypercall);
-        assert_eq!(fast_kind(10), Kind::Cpuid);
+        assert!(fast_hypercall(18) && !fast_cpuid(18));
+        assert!(fast_cpuid(10) && !fast_hypercall(10));
         // A failed entry (bit 31) is never answered there, nor is any other reason.
         for r in [0, 1, 12, 30, 48, 52, 18 | 1 << 31, 10 | 1 << 31, 1 << 16 | 18] {
-            assert_eq!(fast_kind(r), Kind::Other, "{r:#x}");
+            assert!(!fast_hypercall(r) && !fast_cpuid(r), "{r:#x}");
         }
     }
 }
