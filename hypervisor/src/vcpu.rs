@@ -16,8 +16,8 @@
 //!
 //! May call: `arch::vmx::GuestRegs` (the register save area the world-switch assembly
 //! fills; an SVM world switch saves the same registers), `ept` (the frame pool a backend
-//! takes its control structures from), `fastexit` (the fast path's state the world switch
-//! hands to the exit landing), `vmcall_proto` (the telemetry numbering of exit codes).
+//! takes its control structures from), `vmcall_proto` (the telemetry numbering of exit
+//! codes).
 //! Nothing here calls a backend.
 //!
 //! # Writing a backend (what each part must do)
@@ -301,14 +301,18 @@ pub trait Vcpu: Sized {
     /// `Timer`); VMX: IA32_VMX_MISC[4:0].
     fn timer_shift(&self) -> u32;
 
-    /// The world switch: runs the guest until its next exit that the fast path `fast`
-    /// (the landing calls `fastexit` through the backend) does not answer. `Err`: the
-    /// entry failed and the guest did not run.
+    /// The world switch: runs the guest until its next exit that the fast path does not
+    /// answer. `fast` points at the run loop's `fastexit::FastExit`, armed for this entry:
+    /// the backend's exit landing hands it, with the saved registers and the exit code, to
+    /// `fastexit::answer` (through the backend's `fastexit::Cpu`), and resumes the guest at
+    /// once when that answers. (An opaque pointer here, as the assembly takes it: this
+    /// module does not import `fastexit`, which imports the exit policy.) `Err`: the entry
+    /// failed and the guest did not run.
     ///
     /// # Safety
-    /// The vCPU was set up on this core and is current; `fast` is valid and not otherwise
-    /// used until this returns.
-    unsafe fn enter(&mut self, fast: *mut crate::fastexit::FastExit) -> Result<(), EntryError>;
+    /// The vCPU was set up on this core and is current; `fast` points at a live
+    /// `fastexit::FastExit` not otherwise used until this returns.
+    unsafe fn enter(&mut self, fast: *mut core::ffi::c_void) -> Result<(), EntryError>;
     /// The exit the last `enter` ended with.
     fn exit(&mut self) -> Self::Exit;
     /// Whether `e` was an NMI for the host (another core's kick), not the guest's: if so

@@ -307,10 +307,10 @@ impl crate::vcpu::Vcpu for VmxVcpu {
     #[inline(always)]
     unsafe fn enter(
         &mut self,
-        fast: *mut crate::fastexit::FastExit,
+        fast: *mut core::ffi::c_void,
     ) -> Result<(), crate::vcpu::EntryError> {
         // SAFETY: the caller's guarantee (the VMCS is complete and current; `fast` valid).
-        let entered = unsafe { crate::arch::vmx::run(&mut self.regs, self.launched, fast.cast()) };
+        let entered = unsafe { crate::arch::vmx::run(&mut self.regs, self.launched, fast) };
         self.injected = false;
         match entered {
             Ok(()) => {
