@@ -25,8 +25,11 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::channel::{self, Payload, Receiver, Ring, Sender};
 
-/// Slots per inter-core ring: what the capability protocol's flow control needs.
-pub const SLOTS: u32 = crate::caps::proto::RING_SLOTS;
+/// Slots per inter-core ring (a power of two, as the ring wants). The transport's own
+/// size: the protocols it carries keep their worst case within it (the capability
+/// protocol's flow control, guest control, links and membership: `caps::proto::RING_SLOTS`,
+/// checked against this where the two meet, in `instance`).
+pub const SLOTS: u32 = 32;
 const RING_BYTES: usize = channel::ring_bytes(SLOTS) as usize;
 
 #[repr(C, align(64))]
