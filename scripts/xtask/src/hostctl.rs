@@ -200,15 +200,8 @@ impl Machine {
 fn relay(listener: TcpListener, ends: &Ends) {
     // The emulator connects at its start; the hypervisor says it is ready later.
     let mut machine: Option<Machine> = None;
-    let mut marked = false;
     while !ends.stop.load(Ordering::SeqCst) {
-        pump(&listener, &mut machine);
-        if !marked {
-            if let Some(on) = machine.as_ref().and_then(|m| m.ready) {
-                let _ = std::fs::write(&ends.mark, if on { "on\n" } else { "off\n" });
-                marked = true;
-            }
-        }
+        pump(&listener, &mut machine, &ends.mark);
         match ends.clients.accept() {
             Ok((c, _)) => serve_client(c, &listener, &mut machine, ends),
             Err(_) => {
@@ -221,8 +214,9 @@ fn relay(listener: TcpListener, ends: &Ends) {
 }
 
 /// Takes the emulator's connection if it came, then reads (and drops) what the machine
-/// sent for up to one tick: the ready line, stale answers of clients that gave up.
-fn pump(listener: &TcpListener, machine: &mut Option<Machine>) {
+/// sent for up to one tick: the ready line (then `mark` is written), stale answers of
+/// clients that gave up.
+fn pump(listener: &TcpListener, machine: &mut Option<Machine>, mark: &Path) {
     if machine.is_none() {
         if let Ok((s, _)) = listener.accept() {
             if s.set_nonblocking(false).is_ok() && s.set_read_timeout(Some(TICK)).is_ok() {
@@ -236,7 +230,11 @@ fn pump(listener: &TcpListener, machine: &mut Option<Machine>) {
         }
     }
     if let Some(m) = machine.as_mut() {
+        let was = m.ready;
         let _ = m.line();
+        if let (None, Some(on)) = (was, m.ready) {
+            let _ = std::fs::write(mark, if on { "on\n" } else { "off\n" });
+        }
     }
 }
 
@@ -286,7 +284,7 @@ fn serve_client(
                 && !ends.stop.load(Ordering::SeqCst)
                 && !gone(&c)
             {
-                pump(listener, machine);
+                pump(listener, machine, &ends.mark);
                 if machine.is_none() {
                     std::thread::sleep(TICK);
                 }

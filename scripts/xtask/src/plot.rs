@@ -665,7 +665,7 @@ mod tests {
         boot_phases(&r, &p).unwrap();
         let svg = std::fs::read_to_string(&p).unwrap();
         assert!(svg.contains("guest a (core 0, exited)"), "{svg}");
-        assert!(svg.contains("end of run (ok)"), "{svg}");
+        assert!(svg.contains(&format!("end of run ({})", r.outcome)), "{svg}");
     }
 
     #[test]
