@@ -399,7 +399,7 @@ fn every_subcommand_says_error_the_same_way_with_its_exit_code() {
         (vec!["check", "configs/default.toml", "--duration", "0s"], 2),
         (vec!["check", "configs/default.toml", "--emulator", "vmware"], 2),
         (vec!["check", "configs/default.toml", "--report", "/nonexistent-dir/r.json"], 6),
-        (vec!["check", "configs/hostctl.toml", "--cpus", "15"], 3),
+        (vec!["check", "configs/hostctl.toml", "--cpus", "15"], 2),
         (vec!["plot", &not_json], 2),
         (vec!["plot", &other_json], 2),
         (vec!["plot", "/nonexistent/r.json"], 2),

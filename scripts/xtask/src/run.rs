@@ -710,6 +710,22 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
+    // The config's own cpus are checked with it; a --cpus above the limit would take the
+    // machine's COM2, and with it host control, away without a word.
+    let host_control = compiled
+        .as_ref()
+        .is_some_and(|(_, c)| c.config.machine.host_control.as_ref().is_some_and(|h| *h.get_ref()));
+    if host_control && machine.cpus > crate::config::COM2_MAX_CPUS {
+        return Err(crate::exit::coded(
+            crate::exit::USAGE,
+            anyhow::anyhow!(
+                "the config asks for host_control, which needs COM2, which the machine gets \
+                 up to {} CPUs (Bochs 2.7's timer table); this one would have {}",
+                crate::config::COM2_MAX_CPUS,
+                machine.cpus
+            ),
+        ));
+    }
     if args.emulator == Emulator::QemuKvm {
         if let Some(why) = kvm_vmx_unavailable() {
             // The host lacks what the run needs: as a machine the hypervisor refuses.
