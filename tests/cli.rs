@@ -341,3 +341,114 @@ fn a_run_is_seen_by_ps_and_followed_by_top_and_its_console_has_no_records() {
     let ps = Command::new(&bin).arg("ps").output().unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).contains(&name));
 }
+
+/// The bad-input table: each bad input (malformed configs, bad flags, bad files) with the
+/// exit code and the first line of what the tool says; every one an `error: ` line (one
+/// prefix for every subcommand, clap's and cargo's), and every subcommand's unknown flag
+/// exit 2 the same way. Printed (`--nocapture`) as the table the docs quote.
+#[test]
+fn every_subcommand_says_error_the_same_way_with_its_exit_code() {
+    let target = xtask::target_dir().join("xtask-tests/bad-input-target");
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::create_dir_all(&target).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = target.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let guest = |i: usize| {
+        format!("[[guest]]\nname = \"g{i}\"\ncore = {i}\nmemory_mib = 4\nworkload = \"hello\"\n")
+    };
+    let machine = "[machine]\ncpus = 4\nmemory_mib = 256\n";
+    let many = std::iter::once(machine.replace("cpus = 4", "cpus = 64"))
+        .chain((0..65).map(guest))
+        .collect::<String>();
+    let not_toml = file("not.toml", "[machine\ncpus = 4\n");
+    let string_count =
+        file("string.toml", &format!("{}{}", machine.replace("4", "\"four\""), guest(0)));
+    let unknown_key = file("unknown.toml", &format!("{machine}colour = 1\n{}", guest(0)));
+    let huge = file(
+        "huge.toml",
+        &format!("{}{}", machine.replace("= 4", "= 99999999999999999999"), guest(0)),
+    );
+    let many = file("many.toml", &many);
+    let bad_name = file("name.toml", &format!("{machine}{}", guest(0).replace("g0", "g 0")));
+    let no_guest = file("noguest.toml", machine);
+    let not_json = file("not.json", "{ nope");
+    let other_json = file("other.json", "{\"x\": 1}");
+    let full = target.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("x"), "").unwrap();
+    let full = full.display().to_string();
+    let cases: Vec<(Vec<&str>, u8)> = vec![
+        (vec!["run", "--frobnicate"], 2),
+        (vec!["run", "--cpus", "0"], 2),
+        (vec!["run", "--config", "configs/nonexistent.toml"], 3),
+        (vec!["check", &not_toml], 3),
+        (vec!["check", &string_count], 3),
+        (vec!["check", &unknown_key], 3),
+        (vec!["check", &huge], 3),
+        (vec!["check", &many], 3),
+        (vec!["check", &bad_name], 3),
+        (vec!["check", &no_guest], 3),
+        (vec!["check", "Cargo.toml"], 3),
+        (vec!["check", "configs/bad-two-guests-one-core.toml"], 3),
+        (vec!["check", "configs/default.toml", "--cpus", "2"], 2),
+        (vec!["check", "configs/default.toml", "--cmdline", "budget_ms=99999999999999999999"], 2),
+        (vec!["check", "configs/default.toml", "--cmdline", "frob"], 2),
+        (vec!["check", "configs/default.toml", "--duration", "0s"], 2),
+        (vec!["check", "configs/default.toml", "--emulator", "vmware"], 2),
+        (vec!["check", "configs/default.toml", "--report", "/nonexistent-dir/r.json"], 6),
+        (vec!["check", "configs/hostctl.toml", "--cpus", "15"], 2),
+        (vec!["plot", &not_json], 2),
+        (vec!["plot", &other_json], 2),
+        (vec!["plot", "/nonexistent/r.json"], 2),
+        (vec!["report", "diff", &other_json, &not_json], 2),
+        (vec!["report", "diff", "--fail-on", "frob", &other_json, &other_json], 2),
+        (vec!["new-guest", &full], 2),
+        (vec!["top", "no-such-run"], 2),
+        (vec!["ctl", "no-such-run", "query", "w1"], 2),
+        (vec!["ctl", "no-such-run", "query", "w1", "--wait", "0"], 2),
+        (vec!["schema", "frob"], 2),
+        (vec!["clean", "--keep", "-1"], 2),
+        (vec!["bench", "caps", "--k", "99"], 2),
+        (vec!["mutants", "--min", "101"], 2),
+        (vec!["load", "--addr", "127.0.0.1:1", "--wait", "1"], 7),
+        (vec!["frobnicate"], 2),
+    ];
+    let mut table = String::from("| input | exit | says |\n|---|---|---|\n");
+    let mut wrong = vec![];
+    for (args, want) in &cases {
+        let (code, _, err) = xtask_in(&target, args);
+        let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        let shown = args.join(" ").replace(&target.display().to_string(), "T");
+        table += &format!(
+            "| `{shown}` | {} | `{}` |\n",
+            code.map_or("signal".into(), |c| c.to_string()),
+            first.replace(&target.display().to_string(), "T").replace('|', "\\|")
+        );
+        if code != Some(i32::from(*want)) || !first.starts_with("error: ") {
+            wrong.push(format!("{shown}: exit {code:?} (want {want}): {err}"));
+        }
+    }
+    // Every subcommand's unknown flag: usage, exit 2, the same prefix.
+    let subcommands = xtask::cli::subcommands();
+    for s in &subcommands {
+        let mut args: Vec<&str> = s.split(' ').collect();
+        args.push("--frobnicate");
+        let (code, _, err) = xtask_in(&target, &args);
+        if code != Some(2) || !err.starts_with("error: ") {
+            wrong.push(format!("{s} --frobnicate: exit {code:?}: {err}"));
+        }
+    }
+    println!("{table}");
+    assert!(wrong.is_empty(), "{}\n{table}", wrong.join("\n"));
+    // Nothing was built or booted.
+    let left: Vec<_> = std::fs::read_dir(&target)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".toml") && !n.ends_with(".json") && n != "full")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -69,6 +69,17 @@ fn the_host_queries_stops_starts_and_restarts_guests_and_pauses_the_machine() {
     };
     let run = run_in_background(args);
     let dir = find_run("hostctl.toml", deadline);
+    // A request as soon as the run folder exists (the firmware and GRUB still run): it
+    // waits for the hypervisor's ready line on COM2, then is served; before, such a
+    // request was lost in the UART the hypervisor resets (or half of it read).
+    let early = !dir.join(xtask::hostctl::READY_MARK).exists();
+    let a = ask(&dir, "100 query server");
+    assert!(a.starts_with("100 ok state="), "{a}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join(xtask::hostctl::READY_MARK)).unwrap_or_default(),
+        "on\n"
+    );
+    eprintln!("the first request was sent before the ready line: {early}");
     wait_for(&dir, "#mkv start guest=server ", deadline);
 
     assert!(ask(&dir, "1 query server").starts_with("1 ok state=running n=1"));

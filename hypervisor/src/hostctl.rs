@@ -5,6 +5,10 @@
 //! the host (`caps::control::HOST`), answered on COM2 and as a `#mkv hostctl` record. The
 //! wire format is `vmcall_proto::hostctl`.
 //!
+//! Once COM2 is set up (its FIFOs cleared: bytes the host sent earlier are gone), the
+//! channel's first line is `hostctl::READY_ON` (or `READY_OFF`): the host's relay sends no
+//! request before it.
+//!
 //! Nothing read from COM2 is trusted: a line is at most `hostctl::MAX_LINE` bytes (a longer
 //! one is answered `error` once its end arrives), malformed lines and unknown guests are
 //! answered, never acted on. Each look at the port is bounded: at most [`RX_PER_LOOK`]
@@ -72,6 +76,9 @@ pub fn configure(c: Config) {
     // BARs), and nothing else in the hypervisor drives COM2.
     // SAFETY: COM2's ports are the hypervisor's alone, so programming them disturbs nothing.
     unsafe { Com2.init() };
+    // No core serves the channel yet: the lock is free. The line goes out as the UART
+    // takes it (here, and at each look of the serving core).
+    CHANNEL.lock().ready(c.enabled, &mut Com2);
     log::info!(
         "host control {} on COM2, served by core {}",
         if c.enabled { "on" } else { "off (requests are refused)" },
@@ -316,6 +323,24 @@ impl Channel {
         }
     }
 
+    /// Queues the ready line (the channel's first): the host may send requests now.
+    pub fn ready(&mut self, enabled: bool, port: &mut impl Port) {
+        let line = if enabled { hostctl::READY_ON } else { hostctl::READY_OFF };
+        self.queue(line.as_bytes());
+        self.flush(port);
+    }
+
+    /// Queues one whole line and its `\n`, or nothing if it does not fit: the host never
+    /// reads half a line.
+    fn queue(&mut self, line: &[u8]) {
+        if self.tx_len + line.len() < TX_BYTES {
+            for &b in line.iter().chain(b"\n") {
+                self.tx[(self.tx_head + self.tx_len) % TX_BYTES] = b;
+                self.tx_len += 1;
+            }
+        }
+    }
+
     /// One look: answers written out, deadlines checked, then at most [`RX_PER_LOOK`] bytes
     /// read and [`REQUESTS_PER_LOOK`] requests acted on.
     #[allow(clippy::too_many_arguments)]
@@ -501,13 +526,7 @@ impl Channel {
         rec.record(id, operation, guest, outcome, detail);
         let mut line = Line { buf: [0; 192], len: 0 };
         let _ = write!(line, "{} {outcome} {detail}", Id(id));
-        // One whole line or none: the host never reads half an answer.
-        if self.tx_len + line.len < TX_BYTES {
-            for &b in line.buf[..line.len].iter().chain(b"\n") {
-                self.tx[(self.tx_head + self.tx_len) % TX_BYTES] = b;
-                self.tx_len += 1;
-            }
-        }
+        self.queue(&line.buf[..line.len]);
         self.flush(port);
     }
 
@@ -656,6 +675,23 @@ mod tests {
         r.ch.answered(&r.cfg, id, result, &mut r.uart, &mut r.rec);
         assert_eq!(r.uart.lines(), ["5 ok state=held n=1 status=0x0"]);
         assert_eq!(r.rec.0, [(Some(5), "w1".to_string(), "ok".to_string())]);
+    }
+
+    #[test]
+    fn the_ready_line_goes_first_and_waits_for_the_uart() {
+        let mut r = Rig::new(true);
+        r.uart.room = 3;
+        r.ch.ready(true, &mut r.uart);
+        assert_eq!(r.uart.tx, b"rea", "as much as the UART takes");
+        r.uart.room = usize::MAX;
+        r.send(b"5 query w1\n");
+        r.look();
+        let lines = r.uart.lines();
+        assert_eq!(lines[0], vmcall_proto::hostctl::READY_ON, "{lines:?}");
+        assert_eq!(r.net.sent.len(), 1, "the request after it is served");
+        let mut off = Rig::new(false);
+        off.ch.ready(false, &mut off.uart);
+        assert_eq!(off.uart.lines(), [vmcall_proto::hostctl::READY_OFF]);
     }
 
     #[test]

@@ -26,6 +26,12 @@
 //! (`value=1234`); otherwise a short reason. The same answer goes to the serial log as a
 //! `#mkv hostctl` record (see `record::kind::HOSTCTL`).
 //!
+//! Before any answer, once its UART is set up, the hypervisor writes one line of its own,
+//! [`READY_ON`] or [`READY_OFF`] (host control on or off in the config): the host sends no
+//! request before it, since what reaches the UART before the hypervisor programs it (and
+//! clears its FIFO) is lost, or worse, half of it read as another request. It is not an
+//! answer ([`parse_answer`] refuses it).
+//!
 //! These are the operations and outcomes of `guest_control` (a `[[control]]` guest's
 //! hypercall, `hypercall::control`): the host is one more controller, with its own
 //! identity, under the same checks.
@@ -56,6 +62,20 @@ pub mod outcome {
     pub const ERROR: &str = "error";
     /// Every outcome word.
     pub const ALL: [&str; 6] = [OK, REFUSED, BUSY, TIMEOUT, GONE, ERROR];
+}
+
+/// The hypervisor's first line on the port, host control on: requests may follow.
+pub const READY_ON: &str = "ready host_control=on";
+/// The same, host control off (requests are answered `refused`).
+pub const READY_OFF: &str = "ready host_control=off";
+
+/// Whether `line` (without its `\n`) is the ready line, and with host control on or off.
+pub fn parse_ready(line: &str) -> Option<bool> {
+    match line.trim_end_matches('\r') {
+        READY_ON => Some(true),
+        READY_OFF => Some(false),
+        _ => None,
+    }
 }
 
 /// The operations by name, and the `guest_control` operation each is.
@@ -178,6 +198,17 @@ pub fn parse_answer(line: &str) -> Option<Answer<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ready_line_is_not_an_answer() {
+        assert_eq!(parse_ready(READY_ON), Some(true));
+        assert_eq!(parse_ready("ready host_control=off\r"), Some(false));
+        assert_eq!(parse_ready("7 ok ready"), None);
+        for l in [READY_ON, READY_OFF] {
+            assert_eq!(parse_answer(l), None, "{l}");
+            assert!(parse(l.as_bytes()).is_err(), "{l}");
+        }
+    }
 
     #[test]
     fn requests_are_read_word_by_word() {

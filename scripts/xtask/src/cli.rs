@@ -20,6 +20,49 @@ pub struct Cli {
     pub color: ColorWhen,
 }
 
+/// The command line's definition with every command's `Exit codes:` table
+/// (`crate::exit::BY_COMMAND`) after its `--help`: what `main` parses with.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    fn with_codes(c: clap::Command, path: &str) -> clap::Command {
+        let names: Vec<String> = c.get_subcommands().map(|s| s.get_name().to_string()).collect();
+        let mut c = match crate::exit::help_of(path) {
+            Some(h) => c.after_help(h),
+            None => c,
+        };
+        for n in names {
+            let sub = if path.is_empty() { n.clone() } else { format!("{path} {n}") };
+            c = c.mut_subcommand(&n, |s| with_codes(s, &sub));
+        }
+        c
+    }
+    let mut all = String::from("Exit codes (each command's --help lists its own):\n");
+    for (code, meaning) in crate::exit::TABLE {
+        all += &format!("  {code:>3}  {meaning}\n");
+    }
+    with_codes(Cli::command(), "").after_help(all)
+}
+
+/// Every subcommand, as the words that name it (`run`, `bench check`), parents first.
+pub fn subcommands() -> Vec<String> {
+    fn walk(c: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            let p = format!("{path} {}", s.get_name()).trim_start().to_string();
+            out.push(p.clone());
+            walk(s, &p, out);
+        }
+    }
+    let mut out = vec![];
+    walk(&command(), "", &mut out);
+    out
+}
+
+/// Parses the process's arguments with [`command`] (clap's own errors exit 2).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// `--color`.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColorWhen {
@@ -48,7 +91,7 @@ pub enum Command {
     /// Build if needed, boot in an emulator, stream the console, end on completion or timeout.
     Run(RunArgs),
     /// Check a config and the run options as `run` would, then stop: nothing is built or
-    /// booted. Exit code 0, or the code `run` would have refused with (2, 3, 6).
+    /// booted. It exits with the code `run` would have refused with.
     Check(CheckArgs),
     /// Run the host tests, then the whole-system tests.
     Test(TestArgs),
@@ -71,7 +114,8 @@ pub enum Command {
     NewGuest(NewGuestArgs),
     /// Regenerate the C header of the guest ABI (vmcall-proto/include/mkvisor.h) with cbindgen.
     CHeader,
-    /// Print the run report's JSON Schema (schemas/report.schema.json).
+    /// Print the JSON Schema of the run report (schemas/report.schema.json) or of the config
+    /// file (`schema config`: schemas/config.schema.json), or rewrite both with --update.
     Schema(SchemaArgs),
     /// Draw SVG figures from run reports (boot phases; exits over time with --trace) and
     /// from `bench channels --json` (latency histograms) or `bench caps --json` (revoke
@@ -83,32 +127,23 @@ pub enum Command {
     Ps(PsArgs),
     /// Follow one run: per guest its state, incarnation, restarts, hypercalls and exits by
     /// reason, per channel its messages, refreshed as the hypervisor's records arrive, until
-    /// the run is over. Exit code 2 when RUN names no run.
+    /// the run is over.
     Top(TopArgs),
     /// Act on a running machine from the host: query, stop, start, restart or park a guest
     /// (as a `[[control]]` controller would, with the same checks; the config must say
     /// `[machine] host_control = true`), read a guest's counter, or pause and resume the
     /// whole machine (the emulator's process stopped: guest time stands still).
-    ///
-    /// Exit codes: 0 ok; 2 usage (no such run, unknown operation, a malformed request);
-    /// 4 refused (host control off, unknown guest, a guest that cannot start again);
-    /// 5 no answer in time; 7 the run cannot be reached; 8 busy (already running, a request
-    /// to its core in flight, already paused); 9 gone (its core is out of the machine).
     Ctl(CtlArgs),
     /// Load the key-value service (configs/kv-*.toml, reached through the forwarded port)
     /// with a fixed, seeded mix of memcached text-protocol requests, verify every reply
-    /// against a model of the store, print requests/s and latency percentiles. Exit code 0:
-    /// every reply as the model allows (`SERVER_ERROR shard N unavailable` included, for a
-    /// shard that is down); 1: a mismatch, a reply that never came (timeout), a closed
-    /// connection or garbage (the first are printed); 2: bad arguments; 7: the server never
-    /// answered `version` within `--wait`.
+    /// against a model of the store, print requests/s and latency percentiles.
     Load(LoadArgs),
     /// A randomized fault campaign in Bochs: machines drawn from a seed (printed) mixing
     /// channel traffic with restarts, large maps and revokes, hung cores; invariants checked
-    /// on each report. Exit code 0 if every run held them all, 1 otherwise.
+    /// on each report.
     Chaos(ChaosArgs),
     /// Check every crate's module import graph for cycles (also a step of `test`): each
-    /// cycle printed with the line that makes each step. Exit code 1 when there is one.
+    /// cycle printed with the line that makes each step.
     Imports(ImportsArgs),
 }
 
@@ -248,8 +283,7 @@ pub struct ReportArgs {
 pub enum ReportWhat {
     /// Two reports side by side: run figures, then per guest (state, exits by reason,
     /// life, trace totals, kernel when it differs), with B - A and B / A; warns when the
-    /// configs, the guest kernels or the outcomes differ. Exit code 0: the same (in what
-    /// `--fail-on` counts), 1: they differ, 2: trouble (a file that is not a run report).
+    /// configs, the guest kernels or the outcomes differ.
     Diff {
         a: PathBuf,
         b: PathBuf,
@@ -277,7 +311,11 @@ pub struct PlotArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SchemaArgs {
-    /// Rewrite schemas/report.schema.json instead of printing the schema.
+    /// Which schema to print: the run report's (schemas/report.schema.json) or the config
+    /// file's (schemas/config.schema.json, for editors: see docs/config.md).
+    #[arg(value_enum, default_value_t = crate::schema::Which::Report)]
+    pub which: crate::schema::Which,
+    /// Rewrite both files under schemas/ instead of printing one.
     #[arg(long)]
     pub update: bool,
 }
@@ -740,8 +778,40 @@ mod tests {
     }
 
     #[test]
+    fn every_subcommand_s_help_lists_its_exit_codes() {
+        let all = subcommands();
+        assert!(all.len() >= 25 && all.contains(&"bench check".to_string()), "{all:?}");
+        for name in &all {
+            let mut args = vec!["cargo xtask"];
+            args.extend(name.split(' '));
+            args.push("--help");
+            let e = command().try_get_matches_from(&args).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{name}");
+            let help = e.to_string();
+            let codes = crate::exit::codes_of(name).unwrap_or_else(|| panic!("{name}: no codes"));
+            assert!(help.contains("Exit codes:\n"), "{name}:\n{help}");
+            for (code, meaning) in codes {
+                let line = format!("  {code:>3}  {}", meaning.split_whitespace().next().unwrap());
+                assert!(help.contains(&line), "{name}: no `{line}` in\n{help}");
+            }
+            // `-h` too.
+            args.pop();
+            args.push("-h");
+            let e = command().try_get_matches_from(&args).unwrap_err();
+            assert!(e.to_string().contains("Exit codes:\n"), "{name} -h");
+        }
+        // And no table for a command that is not there.
+        for (name, _) in crate::exit::BY_COMMAND {
+            assert!(all.iter().any(|a| a == name), "exit::BY_COMMAND names `{name}`");
+        }
+        let top = command().try_get_matches_from(["cargo xtask", "--help"]).unwrap_err();
+        assert!(top.to_string().contains("130  interrupted"), "{top}");
+    }
+
+    #[test]
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+        command().debug_assert();
     }
 }

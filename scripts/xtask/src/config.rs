@@ -17,7 +17,7 @@ use vmcall_proto::guest::WorkloadSpec;
 /// work.
 pub const COM2_MAX_CPUS: u32 = 8;
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub machine: Machine,
@@ -36,14 +36,16 @@ pub struct Config {
 
 /// `[[nic]]`: a network card `cargo xtask run` gives the emulated machine, in the next free
 /// PCI slot, with user-mode networking (Bochs `slirp`) and host ports forwarded to it.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     /// One of [`NIC_MODELS`].
+    #[schemars(with = "String", extend("enum" = ["e1000", "ne2k"]))]
     pub model: Spanned<String>,
     /// Host ports forwarded to the card's guest: `"udp:5555"` (the same port on both
     /// sides) or `"tcp:18080-80"` (host 18080 to guest 80).
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     pub forward: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
@@ -126,7 +128,7 @@ impl Config {
 
 /// One entry of a guest's `devices`: a selector (`"00:03.0"`, `"8086:100e"`), or a table
 /// with the selector and its DMA rule.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum DeviceSpec {
     Plain(String),
@@ -151,17 +153,20 @@ impl DeviceSpec {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Machine {
     /// CPUs the machine has (the emulator gets this many unless `--cpus` says otherwise).
+    #[schemars(with = "u32", range(min = 1, max = 64))]
     pub cpus: Spanned<u32>,
     /// Machine memory, MiB.
+    #[schemars(with = "u32", range(min = 64, max = 2048))]
     pub memory_mib: Spanned<u32>,
     /// The membership failure detector's probe period in ms (0: off; absent: the
     /// hypervisor's default). Passed on as the command line's `probe_ms=N` unless that
     /// already says.
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub probe_ms: Option<Spanned<u32>>,
     /// Whether the host may stop, start, restart, park and query guests of the running
     /// machine (`cargo xtask ctl`), as a `[[control]]` controller of every guest would
@@ -169,48 +174,62 @@ pub struct Machine {
     /// Needs at most 63 CPUs and the failure detector on (`probe_ms` > 0: its tick is
     /// when a core with a running guest looks at the host's channel).
     #[serde(default)]
+    #[schemars(with = "Option<bool>")]
     pub host_control: Option<Spanned<bool>>,
     /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
     /// default) or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
+    #[schemars(with = "Option<String>", extend("enum" = ["broadcast", "tree"]))]
     pub revoke: Option<Spanned<String>>,
     /// Heads per level of a revoke tree (2..=16; only with `revoke = "tree"`); passed on as
     /// `revoke_fanout=N`.
     #[serde(default)]
+    #[schemars(with = "Option<u32>", range(min = 2, max = 16))]
     pub revoke_fanout: Option<Spanned<u32>>,
 }
 
 /// The machine's `revoke` strategies.
 pub const REVOKE_STRATEGIES: [&str; 2] = ["broadcast", "tree"];
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Guest {
+    #[schemars(with = "String", regex(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
     pub name: Spanned<String>,
+    #[schemars(with = "u32")]
     pub core: Spanned<u32>,
+    #[schemars(with = "u32")]
     pub memory_mib: Spanned<u32>,
     /// A built-in workload; with a `kernel`, any name, handed to it in the boot info.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub workload: Option<Spanned<String>>,
     #[serde(default)]
+    #[schemars(with = "Option<BTreeMap<String, ArgValue>>")]
     pub args: Option<Spanned<Args>>,
     /// The guest's own kernel instead of the built-in one (checked by `crate::kernel`).
     #[serde(default)]
+    #[schemars(with = "Option<KernelSpec>")]
     pub kernel: Option<Spanned<KernelSpec>>,
     /// `never` (default), `on-fault` or `always`.
     #[serde(default)]
+    #[schemars(with = "Option<String>", extend("enum" = ["never", "on-fault", "always"]))]
     pub restart: Option<Spanned<String>>,
     /// Restarts allowed after the first start (default 3 when `restart` is not `never`).
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub max_restarts: Option<Spanned<u32>>,
     /// Run budget of each incarnation, ms (default: the command line's `budget_ms`).
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub budget_ms: Option<Spanned<u32>>,
     /// Exitless waiting: MONITOR/MWAIT without VM exits (a guest with channels only).
     #[serde(default)]
+    #[schemars(with = "Option<bool>")]
     pub mwait: Option<Spanned<bool>>,
     /// PCI functions this guest owns (see `vmcall_proto::device`).
     #[serde(default)]
+    #[schemars(with = "Option<Vec<DeviceSpec>>")]
     pub devices: Option<Spanned<Vec<Spanned<DeviceSpec>>>>,
 }
 
@@ -233,16 +252,18 @@ impl Guest {
 }
 
 /// `[[control]]`: guest `guest` controls the guests `over` (a guest-control capability each).
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
+    #[schemars(with = "String")]
     pub guest: Spanned<String>,
+    #[schemars(with = "Vec<String>")]
     pub over: Spanned<Vec<Spanned<String>>>,
 }
 
 /// A `kernel = ...` of a guest: an ELF file, or a guest crate `cargo xtask` builds. Paths
 /// are relative to the config file.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum KernelSpec {
     File(String),
@@ -307,7 +328,7 @@ impl Config {
     }
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ArgValue {
     Int(i64),
@@ -325,19 +346,25 @@ impl fmt::Display for ArgValue {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Channel {
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
+    #[schemars(with = "[String; 2]")]
     pub between: Spanned<[Spanned<String>; 2]>,
+    #[schemars(with = "u32")]
     pub slots: Spanned<u32>,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
+    #[schemars(with = "String")]
     pub guest: Spanned<String>,
+    #[schemars(with = "u32")]
     pub memory_mib: Spanned<u32>,
 }
 

@@ -366,7 +366,7 @@ pub fn command(a: &Path, b: &Path, json: bool, fail_on: &[FailOn]) -> Result<boo
         println!("{}", table(&rows));
     }
     for w in &warnings {
-        eprintln!("report diff: warning: {w}");
+        crate::exit::warn(w);
     }
     if !json {
         let kinds: Vec<String> =

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Exit codes of `cargo xtask`, one per way a command can end (listed in docs/running.md), and
-//! the error type that carries a code other than the generic one up to `main`.
+//! Exit codes of `cargo xtask`, one per way a command can end, the codes each subcommand can
+//! end with (the one source of every `--help`'s table and of docs/running.md's), the error
+//! type that carries a code other than the generic one up to `main`, and the one way errors
+//! and warnings are printed (`error: ...`, `warning: ...`, as cargo and clap print them).
+//! Calls nothing of ours.
 
 use std::fmt;
 use std::process::ExitCode;
@@ -31,6 +34,195 @@ pub const BUSY: u8 = 8;
 pub const GONE: u8 = 9;
 /// Stopped by SIGINT, SIGTERM or SIGHUP (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: u8 = 130;
+
+/// Every code and what it means for most commands (a command's own meaning, where it has
+/// one, is in [`BY_COMMAND`]).
+pub const TABLE: [(u8, &str); 11] = [
+    (OK, "done"),
+    (FAILED, "failed"),
+    (USAGE, "usage: bad arguments, or an input that is not what the command takes"),
+    (CONFIG, "the config is missing or invalid"),
+    (REFUSED, "the hypervisor refused to run (the machine lacks something it needs)"),
+    (TIMEOUT, "the run hit --timeout"),
+    (REPORT_PATH, "the --report file cannot be written (checked before anything is built)"),
+    (
+        ERROR,
+        "anything else kept the command from being attempted: a build, an install, the \
+         emulator, I/O",
+    ),
+    (BUSY, "busy: not now (already running, a request in flight, already paused)"),
+    (GONE, "gone: the guest's core is out of the machine, or the emulator is gone"),
+    (INTERRUPTED, "interrupted by SIGINT, SIGTERM or SIGHUP"),
+];
+
+/// The codes each subcommand (by its words: `run`, `bench check`) can end with; a meaning
+/// given here replaces the table's for that command, "" keeps it.
+pub const BY_COMMAND: &[(&str, &[(u8, &str)])] = &[
+    ("setup", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    ("build", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    ("run", RUN),
+    (
+        "check",
+        &[(OK, "`run` would boot this"), (USAGE, ""), (CONFIG, ""), (REPORT_PATH, ""), (ERROR, "")],
+    ),
+    (
+        "test",
+        &[
+            (OK, ""),
+            (FAILED, "a step failed (lints, imports, host or system tests, the bench baseline)"),
+            (USAGE, ""),
+            (ERROR, ""),
+        ],
+    ),
+    ("bench", BENCH),
+    ("bench channels", BENCH),
+    ("bench caps", BENCH),
+    ("bench devices", BENCH),
+    ("bench lifecycle", BENCH),
+    (
+        "bench check",
+        &[
+            (OK, "every figure within 3% of its baseline"),
+            (FAILED, "a figure more than 3% above its baseline"),
+            (USAGE, ""),
+            (ERROR, ""),
+        ],
+    ),
+    ("bench kv", BENCH),
+    ("bench exits", BENCH),
+    (
+        "mutants",
+        &[
+            (OK, ""),
+            (FAILED, "a file has fewer than --min of its mutants caught"),
+            (USAGE, ""),
+            (ERROR, ""),
+        ],
+    ),
+    ("clean", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    ("workloads", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    (
+        "figures",
+        &[
+            (OK, "every block as its JSON says (or rewritten)"),
+            (FAILED, "a block differs from its JSON (without --update)"),
+            (USAGE, ""),
+            (ERROR, ""),
+        ],
+    ),
+    (
+        "new-guest",
+        &[
+            (OK, ""),
+            (USAGE, "bad arguments, or DIR exists and is not an empty directory"),
+            (ERROR, ""),
+        ],
+    ),
+    ("c-header", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    ("schema", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    (
+        "plot",
+        &[
+            (OK, ""),
+            (USAGE, "bad arguments, or a file that is neither a run report nor a bench output"),
+            (ERROR, ""),
+        ],
+    ),
+    ("report", DIFF),
+    ("report diff", DIFF),
+    ("ps", &[(OK, ""), (USAGE, ""), (ERROR, "")]),
+    ("top", &[(OK, ""), (USAGE, "bad arguments, or RUN names no run"), (ERROR, "")]),
+    (
+        "ctl",
+        &[
+            (OK, "the guest's core (or the machine) did it"),
+            (USAGE, "bad arguments, no such run, an unknown operation, a malformed request"),
+            (
+                REFUSED,
+                "refused: host control off, an unknown guest, a guest that cannot start again",
+            ),
+            (TIMEOUT, "no answer within --wait (or the hypervisor never opened its control port)"),
+            (ERROR, "the run cannot be reached"),
+            (BUSY, ""),
+            (GONE, ""),
+        ],
+    ),
+    (
+        "load",
+        &[
+            (OK, "every reply as the model allows"),
+            (FAILED, "a mismatch, a reply that never came, a closed connection or garbage"),
+            (USAGE, ""),
+            (ERROR, "the server never answered `version` within --wait"),
+        ],
+    ),
+    (
+        "chaos",
+        &[
+            (OK, "every run held every invariant"),
+            (FAILED, "a run broke one"),
+            (USAGE, ""),
+            (ERROR, ""),
+        ],
+    ),
+    ("imports", &[(OK, "no cycle"), (FAILED, "a module import cycle"), (USAGE, ""), (ERROR, "")]),
+];
+
+const RUN: &[(u8, &str)] = &[
+    (OK, "the run's outcome is `ok`"),
+    (FAILED, "the run's outcome is `failed`"),
+    (
+        USAGE,
+        "bad arguments, an unknown --cmdline word or --cpu-model, too many CPUs for the \
+         emulator, too few cores for the config without --allow-missing-cores",
+    ),
+    (CONFIG, ""),
+    (REFUSED, ""),
+    (TIMEOUT, ""),
+    (REPORT_PATH, ""),
+    (ERROR, ""),
+    (INTERRUPTED, "interrupted by SIGINT, SIGTERM or SIGHUP (the report says `interrupted`)"),
+];
+const BENCH: &[(u8, &str)] = &[(OK, ""), (USAGE, ""), (ERROR, "a boot or a measurement failed")];
+const DIFF: &[(u8, &str)] = &[
+    (OK, "the same (in what --fail-on counts)"),
+    (FAILED, "they differ"),
+    (USAGE, "trouble: bad arguments, a file that is not a run report"),
+];
+
+/// The codes `command` (its words, `bench check`) can end with and what each means for it.
+pub fn codes_of(command: &str) -> Option<Vec<(u8, &'static str)>> {
+    let (_, codes) = BY_COMMAND.iter().find(|(c, _)| *c == command)?;
+    Some(
+        codes
+            .iter()
+            .map(|&(code, own)| {
+                let general = TABLE.iter().find(|t| t.0 == code).map_or("", |t| t.1);
+                (code, if own.is_empty() { general } else { own })
+            })
+            .collect(),
+    )
+}
+
+/// The `Exit codes:` section of `command`'s `--help`.
+pub fn help_of(command: &str) -> Option<String> {
+    let mut out = String::from("Exit codes:\n");
+    for (code, meaning) in codes_of(command)? {
+        out += &format!("  {code:>3}  {meaning}\n");
+    }
+    Some(out)
+}
+
+/// Prints an error as every subcommand does: `error: ...` on stderr (clap's prefix, and
+/// cargo's).
+pub fn print_error(e: &anyhow::Error) {
+    eprintln!("error: {e:#}");
+}
+
+/// Prints a warning: `warning: ...` on stderr.
+pub fn warn(message: impl fmt::Display) {
+    eprintln!("warning: {message}");
+}
 
 /// The exit code of a finished run with this report outcome.
 pub fn for_outcome(outcome: &str) -> u8 {
@@ -70,7 +262,7 @@ pub fn of_error(e: &anyhow::Error) -> u8 {
 
 /// Prints `e` and turns it into the process exit code.
 pub fn report_error(e: &anyhow::Error) -> ExitCode {
-    eprintln!("xtask: error: {e:#}");
+    print_error(e);
     ExitCode::from(of_error(e))
 }
 
@@ -100,6 +292,22 @@ mod tests {
         assert_eq!(d.len(), n, "{all:?}");
         // clap reports its own usage errors with 2.
         assert_eq!(USAGE, 2);
+    }
+
+    #[test]
+    fn every_command_s_codes_are_known_and_each_command_listed_once() {
+        for (i, (name, codes)) in BY_COMMAND.iter().enumerate() {
+            assert!(!BY_COMMAND[..i].iter().any(|(n, _)| n == name), "{name} twice");
+            for (code, _) in *codes {
+                assert!(TABLE.iter().any(|t| t.0 == *code), "{name}: {code}");
+            }
+            // Every command can be called wrongly; every command can succeed.
+            assert!(codes.iter().any(|c| c.0 == USAGE) && codes[0].0 == OK, "{name}");
+        }
+        let help = help_of("ctl").unwrap();
+        assert!(help.starts_with("Exit codes:\n"), "{help}");
+        assert!(help.contains("    9  gone: "), "{help}");
+        assert!(help_of("frobnicate").is_none());
     }
 
     #[test]

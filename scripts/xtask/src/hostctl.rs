@@ -10,6 +10,11 @@
 //! the emulator's process group (SIGSTOP), `<id> resume` continues it (SIGCONT); the run's
 //! `--timeout` does not count paused time, and the report lists the pauses.
 //!
+//! Nothing is sent to the machine before the hypervisor's ready line
+//! (`vmcall_proto::hostctl::READY_ON`): what reaches COM2 before the hypervisor programs it
+//! is lost. A request that comes earlier waits for it as long as its client does (the
+//! client's `--wait`; [`READY_MARK`] in the run folder tells the client why it waited).
+//!
 //! May call `exit` (codes), `watch` (run folders).
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +31,9 @@ use vmcall_proto::hostctl::{self, outcome};
 pub const SOCKET: &str = "ctl.sock";
 /// How long `ctl` waits for an answer by default, seconds.
 pub const DEFAULT_WAIT_S: u64 = 60;
+/// The file the relay writes in the run folder once the hypervisor said it is ready
+/// (`on` or `off`: host control in its config).
+pub const READY_MARK: &str = "ctl.ready";
 
 /// What the run loop needs to know of pauses.
 #[derive(Default, Debug)]
@@ -68,8 +76,9 @@ impl Relay {
         Ok(Relay { listener, port })
     }
 
-    /// Starts the relay for the emulator of process group `pgid` in run folder `dir`.
-    pub fn start(self, dir: &Path, pgid: u32) -> Result<Running> {
+    /// Starts the relay for the emulator of process group `pgid` in run folder `dir`;
+    /// `com2`: whether the emulator was given COM2 (without it only pause and resume work).
+    pub fn start(self, dir: &Path, pgid: u32, com2: bool) -> Result<Running> {
         let socket = dir.join(SOCKET);
         let _ = std::fs::remove_file(&socket);
         let clients = UnixListener::bind(&socket).with_context(|| {
@@ -83,9 +92,11 @@ impl Relay {
         let pauses = Arc::new(Mutex::new(Pauses::default()));
         let (s, p) = (stop.clone(), pauses.clone());
         let listener = self.listener;
+        let _ = std::fs::remove_file(dir.join(READY_MARK));
+        let ends = Ends { clients, stop: s, pauses: p, pgid, com2, mark: dir.join(READY_MARK) };
         let thread = std::thread::Builder::new()
             .name("hostctl relay".into())
-            .spawn(move || relay(listener, clients, &s, &p, pgid))?;
+            .spawn(move || relay(listener, &ends))?;
         Ok(Running { stop, thread: Some(thread), socket, pauses, pgid })
     }
 }
@@ -135,53 +146,114 @@ const CLIENT_LINE: usize = 256;
 /// How long a connected client has to send its line.
 const CLIENT_SEND: Duration = Duration::from_secs(5);
 
-fn relay(
-    listener: TcpListener,
+/// What the relay thread serves besides the machine.
+struct Ends {
     clients: UnixListener,
-    stop: &AtomicBool,
-    pauses: &Mutex<Pauses>,
+    stop: Arc<AtomicBool>,
+    pauses: Arc<Mutex<Pauses>>,
     pgid: u32,
-) {
-    let tick = Duration::from_millis(20);
-    // The emulator connects at its start; until then clients are told so.
-    let mut machine: Option<BufReader<TcpStream>> = None;
-    let accept = |machine: &mut Option<BufReader<TcpStream>>| {
-        if machine.is_none() {
-            if let Ok((s, _)) = listener.accept() {
-                if s.set_nonblocking(false).is_ok() && s.set_read_timeout(Some(tick)).is_ok() {
-                    *machine = Some(BufReader::new(s));
+    com2: bool,
+    mark: PathBuf,
+}
+
+/// The machine's end: the emulator's COM2 connection, and what the hypervisor said.
+struct Machine {
+    conn: BufReader<TcpStream>,
+    /// A line read in part (a read timed out in its middle).
+    partial: String,
+    /// `Some(host control on)` once the ready line came.
+    ready: Option<bool>,
+    closed: bool,
+}
+
+/// How long one read from the machine waits at most.
+const TICK: Duration = Duration::from_millis(20);
+
+impl Machine {
+    /// The next whole line from the machine within [`TICK`], the ready line taken here
+    /// (it sets `ready`, and is not returned).
+    fn line(&mut self) -> Option<String> {
+        if self.closed {
+            return None;
+        }
+        match self.conn.read_line(&mut self.partial) {
+            Ok(0) => {
+                self.closed = true;
+                None
+            }
+            Ok(_) if self.partial.ends_with('\n') => {
+                let l = self.partial.trim_end().to_string();
+                self.partial.clear();
+                match hostctl::parse_ready(&l) {
+                    Some(on) => {
+                        self.ready = Some(on);
+                        None
+                    }
+                    None => Some(l),
                 }
             }
-        }
-    };
-    while !stop.load(Ordering::SeqCst) {
-        accept(&mut machine);
-        // Stale answers (a client that gave up) are read and dropped.
-        if let Some(m) = machine.as_mut() {
-            let mut junk = String::new();
-            let _ = m.read_line(&mut junk);
-        }
-        match clients.accept() {
-            Ok((c, _)) => {
-                // A client early in the run: the emulator may be about to connect.
-                let until = Instant::now() + Duration::from_secs(2);
-                while machine.is_none() && Instant::now() < until {
-                    accept(&mut machine);
-                    std::thread::sleep(tick);
-                }
-                serve_client(c, machine.as_mut(), stop, pauses, pgid)
-            }
-            Err(_) => std::thread::sleep(tick),
+            _ => None,
         }
     }
 }
 
+fn relay(listener: TcpListener, ends: &Ends) {
+    // The emulator connects at its start; the hypervisor says it is ready later.
+    let mut machine: Option<Machine> = None;
+    while !ends.stop.load(Ordering::SeqCst) {
+        pump(&listener, &mut machine, &ends.mark);
+        match ends.clients.accept() {
+            Ok((c, _)) => serve_client(c, &listener, &mut machine, ends),
+            Err(_) => {
+                if machine.is_none() {
+                    std::thread::sleep(TICK);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the emulator's connection if it came, then reads (and drops) what the machine
+/// sent for up to one tick: the ready line (then `mark` is written), stale answers of
+/// clients that gave up.
+fn pump(listener: &TcpListener, machine: &mut Option<Machine>, mark: &Path) {
+    if machine.is_none() {
+        if let Ok((s, _)) = listener.accept() {
+            if s.set_nonblocking(false).is_ok() && s.set_read_timeout(Some(TICK)).is_ok() {
+                *machine = Some(Machine {
+                    conn: BufReader::new(s),
+                    partial: String::new(),
+                    ready: None,
+                    closed: false,
+                });
+            }
+        }
+    }
+    if let Some(m) = machine.as_mut() {
+        let was = m.ready;
+        let _ = m.line();
+        if let (None, Some(on)) = (was, m.ready) {
+            let _ = std::fs::write(mark, if on { "on\n" } else { "off\n" });
+        }
+    }
+}
+
+/// Whether the client hung up (it sends nothing after its line).
+fn gone(c: &UnixStream) -> bool {
+    if c.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let gone = matches!((&*c).read(&mut b), Ok(0));
+    let _ = c.set_nonblocking(false);
+    gone
+}
+
 fn serve_client(
     mut c: UnixStream,
-    machine: Option<&mut BufReader<TcpStream>>,
-    stop: &AtomicBool,
-    pauses: &Mutex<Pauses>,
-    pgid: u32,
+    listener: &TcpListener,
+    machine: &mut Option<Machine>,
+    ends: &Ends,
 ) {
     let _ = c.set_nonblocking(false);
     let _ = c.set_read_timeout(Some(CLIENT_SEND));
@@ -192,17 +264,42 @@ fn serve_client(
     let text = String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r']).to_string();
     let mut words = text.split_whitespace();
     let id = words.next().and_then(|w| w.parse::<u32>().ok());
+    let id_word = id.map_or("-".to_string(), |i| i.to_string());
     let answer = match (id, words.next(), words.next()) {
-        (Some(id), Some(w @ ("pause" | "resume")), None) => pause(id, w == "pause", pauses, pgid),
+        (Some(id), Some(w @ ("pause" | "resume")), None) => {
+            pause(id, w == "pause", &ends.pauses, ends.pgid)
+        }
         _ if !line.ends_with(b"\n") => format!("- {} the line has no end", outcome::ERROR),
-        _ => match machine {
-            None => format!(
-                "{} {} the machine's COM2 is not connected (not started yet, or not Bochs or QEMU)",
-                id.map_or("-".to_string(), |i| i.to_string()),
-                outcome::ERROR
-            ),
-            Some(m) => forward(m, &line, id, wait, stop),
-        },
+        _ if !ends.com2 => format!(
+            "{id_word} {} this machine has no COM2 (Bochs gives it one up to {} CPUs)",
+            outcome::ERROR,
+            crate::config::COM2_MAX_CPUS
+        ),
+        _ => {
+            // Nothing goes to the machine before the hypervisor is ready for it: wait as
+            // long as the client does (a paused machine never gets there: say so).
+            let until = Instant::now() + wait;
+            while machine.as_ref().is_none_or(|m| m.ready.is_none() && !m.closed)
+                && Instant::now() < until
+                && !ends.stop.load(Ordering::SeqCst)
+                && !gone(&c)
+            {
+                pump(listener, machine, &ends.mark);
+                if machine.is_none() {
+                    std::thread::sleep(TICK);
+                }
+            }
+            match machine.as_mut() {
+                Some(m) if m.ready.is_some() => forward(m, &line, id, wait, &ends.stop),
+                Some(m) if m.closed => {
+                    format!("{id_word} {} the machine's COM2 connection is closed", outcome::GONE)
+                }
+                _ => format!(
+                    "{id_word} {} the hypervisor has not opened host control (COM2) yet",
+                    outcome::TIMEOUT
+                ),
+            }
+        }
     };
     let _ = c.write_all(format!("{answer}\n").as_bytes());
 }
@@ -231,30 +328,25 @@ fn pause(id: u32, on: bool, pauses: &Mutex<Pauses>, pgid: u32) -> String {
 /// Sends `line` to the machine and reads its answers until the one for `id` (a line
 /// without a readable id: the next `-` answer).
 fn forward(
-    m: &mut BufReader<TcpStream>,
+    m: &mut Machine,
     line: &[u8],
     id: Option<u32>,
     wait: Duration,
     stop: &AtomicBool,
 ) -> String {
-    if m.get_mut().write_all(line).is_err() {
+    if m.conn.get_mut().write_all(line).is_err() {
         return format!("- {} the machine's COM2 connection is closed", outcome::GONE);
     }
     let deadline = Instant::now() + wait;
-    let mut got = String::new();
     while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
-        match m.read_line(&mut got) {
-            Ok(0) => return format!("- {} the machine's COM2 connection is closed", outcome::GONE),
-            Ok(_) if got.ends_with('\n') => {
-                let l = got.trim_end().to_string();
-                got.clear();
-                if let Some(a) = hostctl::parse_answer(&l) {
-                    if a.id == id || a.id.is_none() {
-                        return l;
-                    }
+        if let Some(l) = m.line() {
+            if let Some(a) = hostctl::parse_answer(&l) {
+                if a.id == id || a.id.is_none() {
+                    return l;
                 }
             }
-            _ => {}
+        } else if m.closed {
+            return format!("- {} the machine's COM2 connection is closed", outcome::GONE);
         }
     }
     format!(
@@ -286,10 +378,16 @@ pub fn request(dir: &Path, line: &str, wait: Duration) -> Result<String> {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Err(crate::exit::coded(
-                crate::exit::TIMEOUT,
-                anyhow::anyhow!("no answer within {:.0} s", wait.as_secs_f64()),
-            ))
+            let why = if dir.join(READY_MARK).exists() {
+                format!("no answer within {:.0} s", wait.as_secs_f64())
+            } else {
+                format!(
+                    "the hypervisor did not open host control (COM2) within {:.0} s: still \
+                     booting, or it stopped before (--wait gives it longer)",
+                    wait.as_secs_f64()
+                )
+            };
+            Err(crate::exit::coded(crate::exit::TIMEOUT, anyhow::anyhow!(why)))
         }
         Err(e) => Err(e.into()),
     }
@@ -345,7 +443,7 @@ pub fn command(run: &str, op: &str, guest: Option<&str>, wait: Duration) -> Resu
     if a.outcome == outcome::OK {
         println!("{target}: {op}: {}", a.detail);
     } else {
-        eprintln!("xtask: {target}: {op}: {} ({})", a.outcome, a.detail);
+        eprintln!("error: {target}: {op}: {} ({})", a.outcome, a.detail);
     }
     Ok(exit_code(a.outcome))
 }
@@ -354,13 +452,25 @@ pub fn command(run: &str, op: &str, guest: Option<&str>, wait: Duration) -> Resu
 mod tests {
     use super::*;
 
-    /// A machine that answers every request line `ok echo`, after a stale answer.
-    fn fake_machine(port: u16) -> std::thread::JoinHandle<()> {
+    /// A machine that says it is ready after `boot` (never: `None`), then answers every
+    /// request line `ok echo`, after a stale answer. Returns the bytes it got before it
+    /// was ready.
+    fn fake_machine(port: u16, boot: Option<Duration>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            std::thread::sleep(boot.unwrap_or(Duration::from_secs(3)));
+            s.set_nonblocking(true).unwrap();
+            let mut early = vec![0u8; 256];
+            let n = (&s).read(&mut early).unwrap_or(0);
+            early.truncate(n);
+            s.set_nonblocking(false).unwrap();
+            if boot.is_none() {
+                return early;
+            }
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut w = s;
+            w.write_all(format!("{}\n", hostctl::READY_ON).as_bytes()).unwrap();
             let mut line = String::new();
             while r.read_line(&mut line).is_ok_and(|n| n > 0) {
                 let id = line.split_whitespace().next().unwrap_or("-").to_string();
@@ -369,6 +479,7 @@ mod tests {
                 let _ = w.write_all(format!("424242 ok stale\n{id} ok echo {}", line).as_bytes());
                 line.clear();
             }
+            early
         })
     }
 
@@ -376,15 +487,18 @@ mod tests {
     fn the_relay_matches_answers_to_requests_and_pauses_its_emulator() {
         let dir = tempfile::tempdir().unwrap();
         let relay = Relay::bind().unwrap();
-        let machine = fake_machine(relay.port);
+        let machine = fake_machine(relay.port, Some(Duration::from_millis(600)));
         // A process group of its own to pause: a sleeping child.
         let mut child = std::process::Command::new("sleep");
         std::os::unix::process::CommandExt::process_group(&mut child, 0);
         let mut child = child.arg("30").spawn().unwrap();
-        let running = relay.start(dir.path(), child.id()).unwrap();
+        let running = relay.start(dir.path(), child.id(), true).unwrap();
         let wait = Duration::from_secs(10);
+        // Sent before the machine is ready: held until it is, then answered.
+        assert!(!dir.path().join(READY_MARK).exists());
         let a = request(dir.path(), "7 query w1", wait).unwrap();
         assert_eq!(a, "7 ok echo 7 query w1");
+        assert_eq!(std::fs::read_to_string(dir.path().join(READY_MARK)).unwrap(), "on\n");
         let a = request(dir.path(), "garbage", wait).unwrap();
         assert_eq!(a, "- ok echo garbage");
         assert_eq!(request(dir.path(), "8 pause", wait).unwrap(), "8 ok paused");
@@ -406,7 +520,34 @@ mod tests {
         assert!(format!("{e:#}").contains("control socket"), "{e:#}");
         let _ = child.kill();
         let _ = child.wait();
-        drop(machine);
+        assert_eq!(machine.join().unwrap(), b"", "nothing reached the machine before it was ready");
+    }
+
+    #[test]
+    fn a_request_before_the_machine_is_ready_waits_with_a_deadline_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Relay::bind().unwrap();
+        let machine = fake_machine(relay.port, None);
+        let running = relay.start(dir.path(), std::process::id(), true).unwrap();
+        let t0 = Instant::now();
+        let e = request(dir.path(), "7 query w1", Duration::from_secs(1)).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(3), "the client's deadline held");
+        assert_eq!(crate::exit::of_error(&e), crate::exit::TIMEOUT);
+        assert!(format!("{e:#}").contains("did not open host control (COM2) within 1 s"), "{e:#}");
+        // The relay saw the client go and serves the next one (pause needs no machine).
+        assert!(request(dir.path(), "8 resume", Duration::from_secs(5))
+            .unwrap()
+            .starts_with("8 busy"));
+        running.finish(Instant::now());
+        assert_eq!(machine.join().unwrap(), b"", "the abandoned request never reached it");
+
+        // A machine without COM2 answers at once.
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Relay::bind().unwrap();
+        let running = relay.start(dir.path(), std::process::id(), false).unwrap();
+        let a = request(dir.path(), "9 query w1", Duration::from_secs(5)).unwrap();
+        assert!(a.starts_with("9 error this machine has no COM2"), "{a}");
+        running.finish(Instant::now());
     }
 
     #[test]

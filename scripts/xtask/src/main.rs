@@ -2,7 +2,6 @@
 //! `cargo xtask`: see `xtask::cli`.
 
 use anyhow::Result;
-use clap::Parser;
 use std::process::{Command, ExitCode};
 use xtask::cli::{Cli, Command as Cmd};
 
@@ -48,13 +47,13 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     ];
     for l in lints {
         if !cargo().args(l).status()?.success() {
-            eprintln!("xtask test: `cargo {}` failed", l.join(" "));
+            eprintln!("error: test: `cargo {}` failed", l.join(" "));
             return Ok(false);
         }
     }
     // No module imports another that imports it back, in any crate.
     if !xtask::imports::check(&xtask::workspace_root(), false, xtask::imports::TOLERATED)? {
-        eprintln!("xtask test: import cycles (above)");
+        eprintln!("error: test: import cycles (above)");
         return Ok(false);
     }
     // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
@@ -110,7 +109,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = xtask::cli::parse();
     cli.color.apply();
     let result = match &cli.command {
         Cmd::Setup => xtask::setup::all().map(|_| true),
@@ -216,7 +215,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
-        Cmd::Schema(s) => xtask::schema::command(s.update).map(|()| true),
+        Cmd::Schema(s) => xtask::schema::command(s.which, s.update).map(|()| true),
         Cmd::Imports(i) => xtask::imports::check(&xtask::workspace_root(), i.graph, &[]),
         Cmd::Figures(f) => xtask::figures::figures(&f.files, f.update),
         Cmd::Workloads(w) => {

@@ -28,9 +28,16 @@ pub struct Meta {
     /// config's own in module order), with the guests that run it.
     #[serde(default)]
     pub kernels: Vec<KernelMeta>,
-    /// The arguments of the process that ran it: `cargo xtask ...`, or the program that
-    /// called the library (a test binary).
-    pub command_line: Vec<String>,
+    /// The command that ran it, one line a POSIX shell reads back into the same arguments
+    /// (words quoted where needed): `cargo xtask run --config 'my configs/a.toml'`, or the
+    /// program that called the library (a test binary). Paste it in `working_dir`. Older
+    /// reports held a list of words; they read as the line.
+    #[serde(deserialize_with = "command_line_from_either")]
+    #[schemars(with = "String")]
+    pub command_line: String,
+    /// The directory the command ran in (relative paths in it are from there).
+    #[serde(default)]
+    pub working_dir: Option<String>,
     /// The emulator's own version line, when it says.
     pub emulator_version: Option<String>,
     pub host: Host,
@@ -190,16 +197,88 @@ pub fn collect(config_path: Option<&Path>) -> Meta {
         git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
         config: config_path.and_then(config),
         kernels: vec![],
-        command_line: std::env::args().collect(),
+        command_line: command_line(std::env::args()),
+        working_dir: std::env::current_dir().ok().map(|d| d.display().to_string()),
         emulator_version: None,
         host: host(),
         date_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     }
 }
 
+/// `word` as a POSIX shell reads it back: as it is when made only of characters no shell
+/// treats specially, else in single quotes (a `'` inside as `'\''`).
+pub fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// The process's arguments as one shell line; the tool itself (started by cargo's alias
+/// as `target/.../xtask`) as `cargo xtask`.
+pub fn command_line(args: impl IntoIterator<Item = String>) -> String {
+    let mut args = args.into_iter();
+    let program = args.next().unwrap_or_default();
+    let is_tool = Path::new(&program).file_name().is_some_and(|n| n == "xtask");
+    let first = if is_tool { "cargo xtask".to_string() } else { shell_quote(&program) };
+    std::iter::once(first).chain(args.map(|a| shell_quote(&a))).collect::<Vec<_>>().join(" ")
+}
+
+/// `command_line` as written now (a string) or by reports before it was one (a list).
+fn command_line_from_either<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Line(String),
+        Words(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Line(l) => l,
+        Either::Words(w) => command_line(w),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_reads_back_through_a_shell() {
+        let args: Vec<String> = [
+            "/w/target/release/xtask",
+            "run",
+            "--config",
+            "my configs/it's.toml",
+            "--cmdline",
+            "cpus=2 trace",
+            "",
+            "$HOME `id` \"q\" \\ * ? ; & | < > ( ) # ~ !",
+            "new\nline",
+            "plain-1.5_x/y:z=a,b+c@d%e",
+        ]
+        .map(String::from)
+        .to_vec();
+        let line = command_line(args.clone());
+        assert!(line.starts_with("cargo xtask run --config 'my configs/it'\\''s.toml' "), "{line}");
+        assert!(line.ends_with(" plain-1.5_x/y:z=a,b+c@d%e"), "{line}");
+        // Paste it into a shell whose `cargo` prints its arguments, NUL-separated.
+        let script = format!("cargo() {{ printf '%s\\0' \"$@\"; }}\n{line}");
+        let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut got: Vec<String> =
+            String::from_utf8(out.stdout).unwrap().split('\0').map(String::from).collect();
+        assert_eq!(got.pop().as_deref(), Some(""), "a NUL after the last word");
+        assert_eq!(got[0], "xtask");
+        assert_eq!(got[1..], args[1..]);
+        // A program that is not the tool keeps its path, quoted.
+        assert_eq!(command_line(["/t/a b".to_string()]), "'/t/a b'");
+        // Reports from before (a list of words) read as the line.
+        let old = serde_json::json!(["/w/target/release/xtask", "run", "--report", "a b.json"]);
+        let m: String = command_line_from_either(old).unwrap();
+        assert_eq!(m, "cargo xtask run --report 'a b.json'");
+    }
 
     #[test]
     fn sha256_is_the_standard_one() {

@@ -237,7 +237,7 @@ pub fn run(files: &[String], min: f64, jobs: u32) -> Result<bool> {
     print!("{}", table(&stats));
     let low = below(&stats, min);
     for f in &low {
-        eprintln!("mutants: {f}: under {min}% of viable mutants caught");
+        eprintln!("error: mutants: {f}: under {min}% of viable mutants caught");
     }
     Ok(low.is_empty())
 }

@@ -23,7 +23,7 @@ pub fn after_bench(json: Option<&Path>) {
     let Some(p) = json else { return };
     match files(&[p.to_path_buf()], None) {
         Ok(w) => w.iter().for_each(|p| eprintln!("bench: plot {}", p.display())),
-        Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+        Err(e) => crate::exit::warn(format_args!("no plot: {e:#}")),
     }
 }
 
@@ -142,13 +142,38 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e}")
 }
 
-/// One line with a dot per point, colour `i`, and its legend entry.
+/// An axis label for a count: the whole numbers only (`5`, never `5.0`), nothing between
+/// them (a tick at 2.5 exits or 1.5 workers would be a label for what cannot be).
+fn whole(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{:.0}", v)
+    } else {
+        String::new()
+    }
+}
+
+/// The path of a cumulative count through `points` (sorted by x): flat until the next
+/// event, then up, so that the count is never drawn between two values it never had.
+fn staircase(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut path = Vec::with_capacity(points.len() * 2);
+    for &(x, y) in points {
+        if let Some(&(_, prev)) = path.last() {
+            path.push((x, prev));
+        }
+        path.push((x, y));
+    }
+    path
+}
+
+/// One line with a dot per point, colour `i`, and its legend entry; with `steps`, the
+/// line is a staircase (a cumulative count).
 fn series<'a, DB, X, Y>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
     points: &[(f64, f64)],
     i: usize,
     label: String,
     dot: u32,
+    steps: bool,
 ) -> Result<()>
 where
     DB: DrawingBackend + 'a,
@@ -157,7 +182,10 @@ where
 {
     let c = colour(i);
     chart
-        .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            if steps { staircase(points) } else { points.to_vec() },
+            c.stroke_width(2),
+        ))
         .map_err(err)?
         .label(label)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
@@ -221,11 +249,13 @@ pub fn exits_over_time(csv: &str, tsc_unit: &str, path: &Path) -> Result<()> {
         .x_desc(format!("time since hypervisor entry, {}", unit_label(tsc_unit)))
         .y_desc("exits so far")
         .x_label_formatter(&|x| format!("{:.3e}", x))
+        .y_label_formatter(&whole)
         .draw()
         .map_err(err)?;
-    for (i, (g, p)) in lines.iter().enumerate() {
+    for (i, (g, p)) in lines.iter_mut().enumerate() {
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
         let label = format!("{g} ({} exits)", p.last().map_or(0.0, |l| l.1));
-        series(&mut chart, p, i, label, 2)?;
+        series(&mut chart, p, i, label, 2, true)?;
     }
     legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(err)?;
@@ -306,14 +336,21 @@ pub fn boot_phases(r: &Report, path: &Path) -> Result<()> {
             )))
             .map_err(err)?;
     }
-    // The end record.
+    // The end record: a vertical line, labelled where it is drawn (a legend of one entry
+    // would cover the bars).
     chart
         .draw_series(std::iter::once(PathElement::new(
             vec![(end, 0.0), (end, n as f64)],
             BLACK.stroke_width(1),
         )))
-        .map_err(err)?
-        .label("end record");
+        .map_err(err)?;
+    chart
+        .draw_series(std::iter::once(Text::new(
+            format!("end of run ({})", r.outcome),
+            (end + end * 0.01, n as f64 - 0.05),
+            ("sans-serif", 13),
+        )))
+        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -353,7 +390,7 @@ pub fn rtt_histograms(rows: &[crate::bench::HostRow], path: &Path) -> Result<()>
         .map_err(err)?;
     for (i, r) in with.iter().enumerate() {
         let label = format!("{} (median {:.0} ns)", r.name, r.rtt_median_ns);
-        series(&mut chart, &frac(r), i, label, 2)?;
+        series(&mut chart, &frac(r), i, label, 2, false)?;
     }
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)?;
@@ -379,6 +416,7 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
     chart
         .configure_mesh()
         .x_desc("k: copies on k other cores")
+        .x_label_formatter(&whole)
         .y_desc("emulated instructions")
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
@@ -391,7 +429,7 @@ pub fn revoke_against_k(rows: &[crate::bench::CapsRow], path: &Path) -> Result<(
     ];
     for (i, (name, f)) in figures.into_iter().enumerate() {
         let p: Vec<(f64, f64)> = rows.iter().map(|r| (r.k as f64, f(r) as f64)).collect();
-        series(&mut chart, &p, i, name.to_string(), 4)?;
+        series(&mut chart, &p, i, name.to_string(), 4, false)?;
     }
     legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(err)?;
@@ -431,6 +469,7 @@ pub fn revoke_strategies(rows: &[crate::bench::CapsRow], path: &Path) -> Result<
         chart
             .configure_mesh()
             .x_desc("k: copies on k other cores (15 CPUs)")
+            .x_label_formatter(&whole)
             .y_desc("emulated instructions")
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
@@ -441,7 +480,7 @@ pub fn revoke_strategies(rows: &[crate::bench::CapsRow], path: &Path) -> Result<
                 .filter(|r| r.strategy == *s)
                 .map(|r| (r.k as f64, f(r) as f64))
                 .collect();
-            series(&mut chart, &p, i, s.to_string(), 4)?;
+            series(&mut chart, &p, i, s.to_string(), 4, false)?;
         }
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
@@ -478,12 +517,13 @@ pub fn kv_scaling(rows: &[crate::kvbench::Row], path: &Path) -> Result<()> {
         chart
             .configure_mesh()
             .x_desc("workers")
+            .x_label_formatter(&whole)
             .y_desc(y)
             .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(err)?;
         let p: Vec<(f64, f64)> = rows.iter().map(|r| (f64::from(r.workers), f(r))).collect();
-        series(&mut chart, &p, i, y.to_string(), 4)?;
+        series(&mut chart, &p, i, y.to_string(), 4, false)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -604,5 +644,39 @@ mod tests {
         assert!(svg.contains("a (7 exits)") && svg.contains("b (1 exits)"), "{svg}");
         assert!(svg.contains("TSC clock ticks"));
         assert!(exits_over_time("guest\n", "tsc_ticks", &p).is_err());
+        // Counts as whole numbers, never `5.0`, and no label between two of them.
+        assert!(!svg.contains(".0<") && !svg.contains(".5<"), "{svg}");
+    }
+
+    #[test]
+    fn the_boot_plot_labels_its_end_line() {
+        let mut c = crate::report::Console::default();
+        for l in [
+            "#mkv boot abi=1 tsc=100 cmdline=\"\"",
+            "#mkv ready tsc=150",
+            "#mkv guest index=0 name=a core=0 state=exited exit_status=0 exits=\"vmcall:2\" fault=\"\" hypercalls=2 tsc_first_entry=160 tsc_end=200",
+            "#mkv end outcome=ok tsc=250",
+        ] {
+            c.feed(l);
+        }
+        let r = crate::report::for_tests(&mut c);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.boot.svg");
+        boot_phases(&r, &p).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        assert!(svg.contains("guest a (core 0, exited)"), "{svg}");
+        assert!(svg.contains(&format!("end of run ({})", r.outcome)), "{svg}");
+    }
+
+    #[test]
+    fn cumulative_counts_are_steps_and_counts_are_whole() {
+        assert_eq!(
+            staircase(&[(1.0, 1.0), (3.0, 2.0), (4.0, 5.0)]),
+            [(1.0, 1.0), (3.0, 1.0), (3.0, 2.0), (4.0, 2.0), (4.0, 5.0)]
+        );
+        assert!(staircase(&[]).is_empty());
+        assert_eq!(whole(&5.0), "5");
+        assert_eq!(whole(&2.5), "");
+        assert_eq!(whole(&0.0), "0");
     }
 }

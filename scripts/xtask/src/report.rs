@@ -13,7 +13,8 @@ pub use crate::meta::{ConfigMeta, Host, KernelMeta, Meta};
 /// reader must know about. Reports without the field are from before version 2.
 /// 3: `meta.kernels`; guest states `running` and `unknown` (unfinished runs), and
 /// `not_started` for guests the run's duration ended before their first entry.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: `meta.command_line` one shell-quoted line (was a list of words), `meta.working_dir`.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// One core, from its `core` record.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]

@@ -118,7 +118,7 @@ pub fn run_dir(tag: &str) -> Result<PathBuf> {
     let n = N.fetch_add(1, Ordering::Relaxed);
     // One slot for the new folder. Cleaning up is never a reason for a run to fail.
     if let Err(e) = prune_runs(&runs_root(), keep_runs()?.saturating_sub(1)) {
-        eprintln!("xtask: warning: old run folders not cleaned up: {e:#}");
+        crate::exit::warn(format_args!("old run folders not cleaned up: {e:#}"));
     }
     let dir = runs_root().join(format!("{tag}-{}-{n}", std::process::id()));
     if dir.exists() {
@@ -710,6 +710,22 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     }
     check_emulator_args(args.emulator, machine.cpus, &model, &crate::target_dir())
         .map_err(|e| crate::exit::coded(crate::exit::USAGE, anyhow::anyhow!(e)))?;
+    // The config's own cpus are checked with it; a --cpus above the limit would take the
+    // machine's COM2, and with it host control, away without a word.
+    let host_control = compiled
+        .as_ref()
+        .is_some_and(|(_, c)| c.config.machine.host_control.as_ref().is_some_and(|h| *h.get_ref()));
+    if host_control && machine.cpus > crate::config::COM2_MAX_CPUS {
+        return Err(crate::exit::coded(
+            crate::exit::USAGE,
+            anyhow::anyhow!(
+                "the config asks for host_control, which needs COM2, which the machine gets \
+                 up to {} CPUs (Bochs 2.7's timer table); this one would have {}",
+                crate::config::COM2_MAX_CPUS,
+                machine.cpus
+            ),
+        ));
+    }
     if args.emulator == Emulator::QemuKvm {
         if let Some(why) = kvm_vmx_unavailable() {
             // The host lacks what the run needs: as a machine the hypervisor refuses.
@@ -740,7 +756,7 @@ pub fn check(args: &RunArgs) -> Result<String> {
         crate::kernel::check_unbuilt(c)?;
     }
     for w in p.compiled.iter().flat_map(|(_, c)| &c.warnings) {
-        eprintln!("config: warning: {w}");
+        crate::exit::warn(format_args!("config: {w}"));
     }
     let what = match &p.compiled {
         Some((path, c)) => format!(
@@ -798,7 +814,7 @@ fn machine_cmdline(
 pub fn run(args: &RunArgs) -> Result<Report> {
     let Prepared { model, compiled, machine } = prepare(args)?;
     for w in compiled.iter().flat_map(|(_, c)| &c.warnings) {
-        eprintln!("config: warning: {w}");
+        crate::exit::warn(format_args!("config: {w}"));
     }
     match args.emulator {
         Emulator::Bochs => crate::setup::ensure_packages(&[crate::setup::BOCHS])?,
@@ -837,7 +853,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
     // The host's control channel: the emulator's COM2 connects to it (a run never fails
     // for it).
     let relay = crate::hostctl::Relay::bind()
-        .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+        .map_err(|e| crate::exit::warn(format_args!("{e:#}; no host control for this run")))
         .ok();
     // Bochs 2.7 has room for a second serial port's timers only up to COM2_MAX_CPUS CPUs
     // (`check` refuses host_control beyond that); a larger machine gets no COM2.
@@ -845,8 +861,8 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         relay.as_ref().map(|r| r.port).filter(|_| machine.cpus <= crate::config::COM2_MAX_CPUS);
     let mut child = spawn(args, &machine, &iso, &dir, &model, com2)?;
     let relay = relay.and_then(|r| {
-        r.start(&dir, child.pgid)
-            .map_err(|e| eprintln!("xtask: warning: {e:#}; no host control for this run"))
+        r.start(&dir, child.pgid, com2.is_some())
+            .map_err(|e| crate::exit::warn(format_args!("{e:#}; no host control for this run")))
             .ok()
     });
     // What `cargo xtask ps` and `top` find in the folder; a run never fails for it.
@@ -862,7 +878,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         info.control_socket = Some(dir.join(crate::hostctl::SOCKET).display().to_string());
     }
     if let Err(e) = info.write(&dir) {
-        eprintln!("xtask: warning: {e:#}");
+        crate::exit::warn(format_args!("{e:#}"));
     }
     printer.note(&format!(
         "run folder {} (cargo xtask top {})",
@@ -1017,7 +1033,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Err(e) = crate::watch::RunInfo::finish(&dir, &report.outcome) {
-        eprintln!("xtask: warning: {e:#}");
+        crate::exit::warn(format_args!("{e:#}"));
     }
     Ok(report)
 }
@@ -1100,14 +1116,14 @@ pub fn command(args: &RunArgs, plot: Plotter) -> std::process::ExitCode {
                             eprintln!("  plot: {}", w.display());
                         }
                     }
-                    Err(e) => eprintln!("xtask: warning: no plot: {e:#}"),
+                    Err(e) => crate::exit::warn(format_args!("no plot: {e:#}")),
                 }
             }
             std::process::ExitCode::from(crate::exit::for_outcome(&report.outcome))
         }
         // A Ctrl-C during the build also reaches cargo, whose failure is then only an echo.
         Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
-            eprintln!("xtask: interrupted before the emulator started ({e:#})");
+            crate::exit::print_error(&e.context("interrupted before the emulator started"));
             std::process::ExitCode::from(crate::exit::INTERRUPTED)
         }
         Err(e) => crate::exit::report_error(&e),
