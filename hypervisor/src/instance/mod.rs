@@ -49,6 +49,11 @@ pub struct Launch {
     /// Fault injection: this core never answers capability revokes
     /// (`inject=deaf-core:N`).
     pub deaf: bool,
+    /// Fault injection: this core serves no inbox for `deaf_ms` milliseconds from
+    /// `deaf_after_ms` into its guest's first run, its guest running on
+    /// (`inject=deaf-core:N:MS:AFTER`; 0: never).
+    pub deaf_ms: u64,
+    pub deaf_after_ms: u64,
     /// Fault injection: this core's hypervisor hangs 20 ms into its guest's first run
     /// (`inject=hung-core:N`).
     pub hang: bool,
