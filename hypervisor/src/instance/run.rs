@@ -754,7 +754,12 @@ fn prepare(
         .channels()
         .iter()
         .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
-    let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
+    // Thousands of entries written and walked (the self-check): the inbox between the
+    // partition, each window, the grant window's directories and each directory counted.
+    let mut serve = || {
+        ctx.caps.poll(&mut Serving(link));
+    };
+    let eptp = match build_ept(&mut frames, part.base, part.size, windows, &mut serve) {
         Ok(root) => ept::eptp(root),
         Err(why) => return Err(why),
     };
@@ -848,6 +853,9 @@ fn prepare(
         }
     };
     mark(crate::percpu::site::SETUP_VMCS);
+    // The VMCS written (a few thousand instructions), the line below formatted (as many):
+    // the inbox before and after it.
+    ctx.caps.poll(&mut Serving(link));
     ctx.mwait = exitless_mwait(l);
     if ctx.mwait && n == 1 {
         log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
@@ -864,5 +872,6 @@ fn prepare(
         bi.workload()
     );
     mark(crate::percpu::site::SETUP_DONE);
+    ctx.caps.poll(&mut Serving(link));
     Ok(Prepared { part, frames, eptp, vmcs, status, traffic, procbased })
 }
