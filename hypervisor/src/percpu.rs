@@ -62,7 +62,8 @@ pub struct PerCore {
 /// begins and ends.
 pub mod site {
     pub const POLL: u8 = 0;
-    pub const EXIT: u8 = 1;
+    /// The start of a stretch: the inbox served, or the guest left.
+    pub const POLL_OR_EXIT: u8 = 1;
     pub const ENTRY: u8 = 2;
     pub const SETUP_PLAN: u8 = 3;
     pub const SETUP_KERNEL: u8 = 4;
@@ -83,7 +84,7 @@ pub mod site {
     pub const COUNT: usize = 19;
     const NAMES: [&str; COUNT] = [
         "poll",
-        "guest exit",
+        "poll or guest exit",
         "guest entry",
         "setup: ELF plan",
         "setup: kernel copied",
@@ -122,8 +123,6 @@ impl PerCore {
     pub fn served(&self, now: u64) {
         self.away_ends(now, site::POLL);
         self.away_since.store(now, Ordering::Relaxed);
-        self.seg_at.store(now, Ordering::Relaxed);
-        self.seg_site.store(site::POLL as u64, Ordering::Relaxed);
     }
 
     /// The core enters its guest at `now`: while the guest runs, a kick exits it (the
@@ -136,8 +135,6 @@ impl PerCore {
     /// The core left its guest at `now`: a stretch away from the inbox begins.
     pub fn left_guest(&self, now: u64) {
         self.away_since.store(now, Ordering::Relaxed);
-        self.seg_at.store(now, Ordering::Relaxed);
-        self.seg_site.store(site::EXIT as u64, Ordering::Relaxed);
     }
 
     /// A checkpoint at `site` inside a long path away from the inbox (setup, death): the
@@ -156,20 +153,25 @@ impl PerCore {
         if since != 0 && stretch > self.away_longest.load(Ordering::Relaxed) {
             self.away_longest.store(stretch, Ordering::Relaxed);
         }
-        self.segment_ends(now, site);
+        // Segments only where a mark split the stretch (the exit paths pay one compare).
+        if since != 0 && self.seg_at.load(Ordering::Relaxed) > since {
+            self.segment_ends(now, site);
+        }
     }
 
     fn segment_ends(&self, now: u64, site: u8) {
-        let at = self.seg_at.load(Ordering::Relaxed);
+        // The segment begins at the last mark of this stretch, else at its start (the inbox
+        // served or the guest left: not told apart, to keep those paths as they were).
+        let since = self.away_since.load(Ordering::Relaxed);
+        let (at, from) = match self.seg_at.load(Ordering::Relaxed) {
+            at if at > since => (at, self.seg_site.load(Ordering::Relaxed)),
+            _ => (since, site::POLL_OR_EXIT as u64),
+        };
         let gap = now.saturating_sub(at);
         let i = site as usize % site::COUNT;
         if at != 0 && gap > self.seg_longest[i].load(Ordering::Relaxed) {
             self.seg_longest[i].store(gap, Ordering::Relaxed);
-            self.seg_from[i].store(self.seg_site.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-        if site == site::ENTRY {
-            // Time in the guest is no segment.
-            self.seg_at.store(0, Ordering::Relaxed);
+            self.seg_from[i].store(from, Ordering::Relaxed);
         }
     }
 
