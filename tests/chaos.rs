@@ -1,19 +1,25 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The randomized fault campaign (`cargo xtask chaos`) with fixed seeds: each draws a
 //! machine (streams with a restarted echoer, large maps in small pages, revokes of large
-//! mapped copies, spinners, controllers stopping, restarting or parking a guest at a random
-//! time, sometimes a hung core, the detector at various periods), boots
-//! it in Bochs and must keep every invariant (`xtask::chaos::check`). Longer campaigns with
-//! random seeds run on demand: `cargo xtask chaos --runs 50`.
+//! mapped copies whose holders then probe them, spinners, controllers stopping, restarting
+//! or parking a guest at a random time, sometimes a hung core or a deaf one, the detector
+//! at various periods), boots it in Bochs and must keep every invariant
+//! (`xtask::chaos::check`). Longer campaigns with random seeds run on demand:
+//! `cargo xtask chaos --runs 50`.
 
-/// The seeds CI runs, picked to cover every kind of unit, controllers and a hung core (about
-/// 20-30 s of Bochs each): 5 (a controller parks the core of a stream's echoer 110 ms in and
-/// brings it back while 1,786 messages stream, a spinner; probe_ms 25, four cores), 21 (a
-/// controller restarts a stream's echoer 30 ms in; probe_ms 25), 16 (a controller restarts a
-/// spinner; a stream whose echoer dies after 266 echoes and is restarted by policy; probe_ms
-/// 16), 40 (a 74 MiB copy mapped in 4-KiB pages and revoked, a spinner on core 2, which
-/// hangs; probe_ms 12).
-const SEEDS: [u64; 4] = [5, 21, 16, 40];
+/// The seeds CI runs, picked to cover every kind of unit, controllers, a hung core and
+/// both sides of the detector's timeout for a deaf core (about 10-45 s of Bochs each): 5 (a
+/// controller parks the core of a stream's echoer 110 ms in and brings it back while 1,786
+/// messages stream; a spinner whose core is deaf 18 ms, under the 200 ms timeout: not
+/// fenced; probe_ms 25, four cores), 21 (a controller restarts a stream's echoer 30 ms in;
+/// probe_ms 25), 16 (a controller restarts a spinner; a stream whose echoer dies after 266
+/// echoes and is restarted by policy; probe_ms 16), 40 (a 74 MiB copy mapped in 4-KiB pages
+/// and revoked, its holder stopped reading page 18,943 of it afterwards; a spinner on core 2,
+/// which hangs; probe_ms 12), 71 (a 114 MiB copy in 4-KiB pages whose holder's core is deaf
+/// 13 ms, under the 128 ms timeout, while the copy is sent: not fenced, the revoke `Ok(1)`,
+/// the holder stopped at its probe page), 55 (the holder's core deaf 292 ms, over the 96 ms
+/// timeout: fenced, the owner's wait for it ends `PeerGone` and its revoke `Timeout`).
+const SEEDS: [u64; 6] = [5, 21, 16, 40, 71, 55];
 
 #[test]
 fn fixed_seeds_keep_every_invariant() {

@@ -81,6 +81,12 @@ pub enum Inject {
     /// Core N's hypervisor silently drops capability revokes (it still takes transfers;
     /// its guest runs on): the revoking core must fence it and finish.
     DeafCore(usize),
+    /// Core N's hypervisor stops serving its inbox entirely (no message read, no probe
+    /// answered or sent, no deadline looked at) for `ms` milliseconds, from `after_ms` into
+    /// its guest's first run, while its guest keeps running (`inject=deaf-core:N:MS:AFTER`):
+    /// the others' operations must stay bounded, and the failure detector must fence it if
+    /// and only if the stretch outlasts its timeout.
+    DeafFor { core: usize, ms: u64, after_ms: u64 },
     /// Core N's hypervisor stops answering anything (interrupts off, spinning) 20 ms into
     /// its guest's run: the others must detect it, fence it and finish.
     HungCore(usize),
@@ -156,6 +162,13 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 _ => bad(BadOption { word, why: "expected revoke_fanout=N with 2 <= N <= 16" }),
             },
             "inject" => match value.split_once(':') {
+                Some(("deaf-core", rest)) if rest.contains(':') => match deaf_for(rest) {
+                    Some(d) => o.inject = Some(d),
+                    None => bad(BadOption {
+                        word,
+                        why: "expected inject=deaf-core:N:MS:AFTER with N >= 1,                               1 <= MS <= 60000 and AFTER <= 60000",
+                    }),
+                },
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
                 None if value == "ap-fault" => o.inject = Some(Inject::ApFault),
                 Some(("deaf-core", n)) if n.parse::<usize>().is_ok_and(|n| n >= 1) => {
@@ -166,14 +179,26 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 }
                 _ => bad(BadOption {
                     word,
-                    why: "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1) \
-                          or inject=hung-core:N",
+                    why: "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1), \
+                          inject=deaf-core:N:MS:AFTER or inject=hung-core:N",
                 }),
             },
             _ => bad(BadOption { word, why: "unknown option" }),
         }
     }
     o
+}
+
+/// `N:MS:AFTER` of `inject=deaf-core:N:MS:AFTER`.
+fn deaf_for(rest: &str) -> Option<Inject> {
+    let mut it = rest.split(':').map(|w| w.parse::<u64>().ok());
+    let (Some(Some(core)), Some(Some(ms)), Some(Some(after_ms)), None) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
+        return None;
+    };
+    let ok = core >= 1 && (1..=60_000).contains(&ms) && after_ms <= 60_000;
+    ok.then_some(Inject::DeafFor { core: core as usize, ms, after_ms })
 }
 
 /// Most multiboot2 modules kept.
@@ -401,7 +426,20 @@ mod tests {
         assert_eq!(opts("duration_ms=500").0.duration_ms, Some(500));
         assert_eq!(opts("duration_ms=0").1.len(), 1);
         assert_eq!(opts("probe_ms=10001").1.len(), 1);
-        for bad in ["inject=deaf-core:0", "inject=deaf-core:x", "inject=deaf-core"] {
+        assert_eq!(
+            opts("inject=deaf-core:2:150:30").0.inject,
+            Some(Inject::DeafFor { core: 2, ms: 150, after_ms: 30 })
+        );
+        for bad in [
+            "inject=deaf-core:0",
+            "inject=deaf-core:x",
+            "inject=deaf-core",
+            "inject=deaf-core:0:10:0",
+            "inject=deaf-core:1:0:0",
+            "inject=deaf-core:1:10",
+            "inject=deaf-core:1:10:0:5",
+            "inject=deaf-core:1:60001:0",
+        ] {
             assert_eq!(opts(bad).1.len(), 1, "{bad}");
         }
         assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));

@@ -545,20 +545,32 @@ pub fn translate_perm(f: &mut impl Frames, root: u64, gpa: u64) -> Option<(u64, 
 }
 
 /// Counts the bytes mapped under `root` (every leaf's page size).
+#[cfg(test)]
 pub fn mapped_bytes(f: &mut impl Frames, root: u64) -> u64 {
-    fn walk(f: &mut impl Frames, table: u64, level: u32) -> u64 {
+    mapped_bytes_with(f, root, &mut || {})
+}
+
+/// [`mapped_bytes`], calling `between` after each page directory (with its page tables)
+/// is counted: the walk of a whole tree is thousands of entries, and the caller may have
+/// to serve its inbox between (at most 512 entries and their tables at a time).
+pub fn mapped_bytes_with(f: &mut impl Frames, root: u64, between: &mut dyn FnMut()) -> u64 {
+    fn walk(f: &mut impl Frames, table: u64, level: u32, between: &mut dyn FnMut()) -> u64 {
         let entries = *f.table(table);
-        entries
+        let sum = entries
             .iter()
             .filter(|e| *e & RWX != 0)
             .map(|e| match level {
                 0 => SIZE_4K,
                 1 if e & LARGE != 0 => SIZE_2M,
-                _ => walk(f, e & ADDR_MASK, level - 1),
+                _ => walk(f, e & ADDR_MASK, level - 1, between),
             })
-            .sum()
+            .sum();
+        if level == 1 {
+            between();
+        }
+        sum
     }
-    walk(f, root, 3)
+    walk(f, root, 3, between)
 }
 
 #[cfg(test)]

@@ -175,6 +175,10 @@ pub fn plan(
         Some(crate::bootinfo::Inject::DeafCore(n)) => Some(n),
         _ => None,
     };
+    let deaf_for = match opts.inject {
+        Some(crate::bootinfo::Inject::DeafFor { core, ms, after_ms }) => Some((core, ms, after_ms)),
+        _ => None,
+    };
     let hung = match opts.inject {
         Some(crate::bootinfo::Inject::HungCore(n)) => Some(n),
         _ => None,
@@ -290,6 +294,8 @@ pub fn plan(
                             _ => crate::caps::Revoke::default(),
                         },
                         deaf: deaf == Some(e.core as usize),
+                        deaf_ms: deaf_for.filter(|d| d.0 == e.core as usize).map_or(0, |d| d.1),
+                        deaf_after_ms: deaf_for.map_or(0, |d| d.2),
                         hang: hung == Some(e.core as usize),
                         members: 0,
                         probe_ms: opts.probe_ms.unwrap_or(25),

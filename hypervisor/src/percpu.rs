@@ -43,11 +43,69 @@ pub struct PerCore {
     away_since: AtomicU64,
     /// The longest such stretch so far, in TSC ticks (reported with its guest).
     away_longest: AtomicU64,
+    /// Where the time of a stretch goes: the TSC and [`site`] of the last checkpoint in
+    /// the current stretch (the inbox served, the guest left, a [`PerCore::mark`] in a long
+    /// path; 0: none), and by the checkpoint a segment ends at, the longest segment so far
+    /// and the checkpoint it began at. Only this core writes them.
+    seg_at: AtomicU64,
+    seg_site: AtomicU64,
+    seg_longest: [AtomicU64; site::COUNT],
+    seg_from: [AtomicU64; site::COUNT],
     /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
     pub vmxon_region: VmxPage,
     pub idt: Idt,
     pub tss: TaskStateSegment,
     pub gdt: MaybeUninit<Gdt>,
+}
+
+/// The checkpoints of [`PerCore::mark`]: where a segment of a stretch away from the inbox
+/// begins and ends.
+pub mod site {
+    pub const POLL: u8 = 0;
+    /// The start of a stretch: the inbox served, or the guest left.
+    pub const POLL_OR_EXIT: u8 = 1;
+    pub const ENTRY: u8 = 2;
+    pub const SETUP_PLAN: u8 = 3;
+    pub const SETUP_KERNEL: u8 = 4;
+    pub const SETUP_PAGE_TABLES: u8 = 5;
+    pub const SETUP_EPT: u8 = 6;
+    pub const SETUP_DEVICES: u8 = 7;
+    pub const SETUP_STATUS: u8 = 8;
+    pub const SETUP_VMCS: u8 = 9;
+    pub const SETUP_DONE: u8 = 10;
+    pub const ENTERING: u8 = 11;
+    pub const DEATH: u8 = 12;
+    pub const DEATH_QUIESCE: u8 = 13;
+    pub const DEATH_ACCOUNT: u8 = 14;
+    pub const DEATH_RETIRE: u8 = 15;
+    pub const DEATH_LINKS_DOWN: u8 = 16;
+    pub const DEATH_CLEAR_VMCS: u8 = 17;
+    pub const DEATH_RECORD: u8 = 18;
+    pub const COUNT: usize = 19;
+    const NAMES: [&str; COUNT] = [
+        "poll",
+        "poll or guest exit",
+        "guest entry",
+        "setup: ELF plan",
+        "setup: kernel copied",
+        "setup: boot page tables",
+        "setup: EPT built",
+        "setup: devices",
+        "setup: status page",
+        "setup: VMCS",
+        "setup: done",
+        "first entry prepared",
+        "death begins",
+        "death: devices quiesced",
+        "death: accounted",
+        "death: caps retired",
+        "death: links down",
+        "death: VMCS cleared",
+        "death: recorded",
+    ];
+    pub fn name(site: u64) -> &'static str {
+        NAMES.get(site as usize).copied().unwrap_or("?")
+    }
 }
 
 /// A page-aligned 4-KiB page handed to the processor (VMXON region, VMCS). Written by its
@@ -63,14 +121,14 @@ impl PerCore {
     /// The core serves its inbox at `now`: the stretch away from it ends (kept if it is
     /// the longest) and the next begins.
     pub fn served(&self, now: u64) {
-        self.away_ends(now);
+        self.away_ends(now, site::POLL);
         self.away_since.store(now, Ordering::Relaxed);
     }
 
     /// The core enters its guest at `now`: while the guest runs, a kick exits it (the
     /// inbox is looked at next), so the core is not away; the stretch ends here.
     pub fn entering_guest(&self, now: u64) {
-        self.away_ends(now);
+        self.away_ends(now, site::ENTRY);
         self.away_since.store(0, Ordering::Relaxed);
     }
 
@@ -79,13 +137,50 @@ impl PerCore {
         self.away_since.store(now, Ordering::Relaxed);
     }
 
-    fn away_ends(&self, now: u64) {
+    /// A checkpoint at `site` inside a long path away from the inbox (setup, death): the
+    /// segment since the last checkpoint ends here (kept if it is the longest).
+    pub fn mark(&self, site: u8) {
+        let now = crate::arch::rdtsc();
+        self.segment_ends(now, site);
+        self.seg_at.store(now, Ordering::Relaxed);
+        self.seg_site.store(site as u64, Ordering::Relaxed);
+    }
+
+    fn away_ends(&self, now: u64, site: u8) {
         // Only this core writes these (no read-modify-write needed).
         let since = self.away_since.load(Ordering::Relaxed);
         let stretch = now.saturating_sub(since);
         if since != 0 && stretch > self.away_longest.load(Ordering::Relaxed) {
             self.away_longest.store(stretch, Ordering::Relaxed);
         }
+        // Segments only where a mark split the stretch (the exit paths pay one compare).
+        if since != 0 && self.seg_at.load(Ordering::Relaxed) > since {
+            self.segment_ends(now, site);
+        }
+    }
+
+    fn segment_ends(&self, now: u64, site: u8) {
+        // The segment begins at the last mark of this stretch, else at its start (the inbox
+        // served or the guest left: not told apart, to keep those paths as they were).
+        let since = self.away_since.load(Ordering::Relaxed);
+        let (at, from) = match self.seg_at.load(Ordering::Relaxed) {
+            at if at > since => (at, self.seg_site.load(Ordering::Relaxed)),
+            _ => (since, site::POLL_OR_EXIT as u64),
+        };
+        let gap = now.saturating_sub(at);
+        let i = site as usize % site::COUNT;
+        if at != 0 && gap > self.seg_longest[i].load(Ordering::Relaxed) {
+            self.seg_longest[i].store(gap, Ordering::Relaxed);
+            self.seg_from[i].store(from, Ordering::Relaxed);
+        }
+    }
+
+    /// The longest segment that ended at checkpoint `to`, in TSC ticks, and where it
+    /// began.
+    pub fn longest_segment(&self, to: u8) -> (u64, &'static str) {
+        let i = to as usize % site::COUNT;
+        let from = self.seg_from[i].load(Ordering::Relaxed);
+        (self.seg_longest[i].load(Ordering::Relaxed), site::name(from))
     }
 
     /// The longest stretch this core spent away from its inbox, in TSC ticks.
@@ -160,6 +255,10 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         core::ptr::addr_of_mut!((*p).nmis).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).away_since).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).away_longest).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).seg_at).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).seg_site).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).seg_longest).write([const { AtomicU64::new(0) }; site::COUNT]);
+        core::ptr::addr_of_mut!((*p).seg_from).write([const { AtomicU64::new(0) }; site::COUNT]);
         core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
         core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
         let mut tss = TaskStateSegment::new();

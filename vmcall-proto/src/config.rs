@@ -48,9 +48,10 @@ pub const IPS_FLOOR: u64 = 4_000_000;
 pub const LONGEST_STRETCH_US: u64 = (CONSOLE_TURN_BYTES * UART_BYTE_NS).div_ceil(1000)
     + LONGEST_STEP_INSTRUCTIONS * 1_000_000 / IPS_FLOOR;
 /// How many times the stated bound the detector's timeout (8 periods) must be, at least: the
-/// measured stretches include what the bound leaves out (Bochs interleaving its emulated CPUs
-/// counts other cores' quanta in a core's TSC stretch: up to 89,000 ticks measured in
-/// `tests/liveness.rs` and 2,095 instructions of work), so the timeout keeps a wide margin.
+/// measured stretches include what the bound leaves out (a console turn followed by a
+/// record's formatting, up to 45,000 ticks measured in chaos runs; before the EPT build
+/// served the inbox between its parts, guest setup took up to 89,000 in one stretch), so
+/// the timeout keeps a wide margin.
 pub const DETECTOR_MARGIN: u64 = 8;
 /// The shortest failure-detector period (`probe_ms`), 0 (off) aside. A core is fenced after
 /// 8 silent periods, which must outlast [`DETECTOR_MARGIN`] times the bound on the longest

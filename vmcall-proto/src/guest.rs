@@ -944,6 +944,30 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
                           its first channel and revokes it once the peer mapped it) or \
                           `holder` (maps the copy at `offset_kib`, tells the owner)",
             },
+            int(
+                "deaf_ok",
+                0,
+                1,
+                0,
+                "owner: 1 also takes `Timeout` for the revoke (the holder's core may be \
+                made deaf; the run then checks that core was fenced)",
+            ),
+            int(
+                "probe",
+                0,
+                1,
+                0,
+                "holder: 1 reads page `probe_page` of the copy once the revoke took it: \
+                the read must stop the guest (an EPT violation at that address)",
+            ),
+            int(
+                "probe_page",
+                0,
+                1 << 20,
+                0,
+                "holder: the page of the copy `probe` reads (modulo its pages), written and \
+                read back through the mapping before the revoke",
+            ),
         ],
     },
     WorkloadSpec {

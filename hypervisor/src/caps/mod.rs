@@ -263,6 +263,8 @@ pub struct CapCore<const E: usize> {
     links_dirty: bool,
     /// Fault injection: revokes are dropped unanswered (a core that hangs mid-protocol).
     deaf: bool,
+    /// Fault injection: no inbox served before this TSC (0: none).
+    deaf_until: u64,
     proto: Proto<E>,
     /// What is left of the unmaps revokes started, `(gpa, size)` (see [`Deferring`]); empty
     /// whenever [`Self::poll`] returns.
@@ -338,6 +340,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).inc).write(1);
             addr_of_mut!((*p).links_dirty).write(false);
             addr_of_mut!((*p).deaf).write(false);
+            addr_of_mut!((*p).deaf_until).write(0);
             Proto::init_at(addr_of_mut!((*p).proto), core);
             addr_of_mut!((*p).unmaps).write([None; vmcall_proto::caps::MAX_SLOTS]);
             addr_of_mut!((*p).ctl).write(control::Control::default());
@@ -363,6 +366,7 @@ impl<const E: usize> CapCore<E> {
             inc: 1,
             links_dirty: false,
             deaf: false,
+            deaf_until: 0,
             proto: Proto::new(core),
             unmaps: [None; vmcall_proto::caps::MAX_SLOTS],
             ctl: control::Control::default(),
@@ -657,6 +661,22 @@ impl<const E: usize> CapCore<E> {
         self.deaf = true;
     }
 
+    /// Fault injection (`inject=deaf-core:N:MS:AFTER`): [`Self::poll`] serves nothing
+    /// (no message read, no probe sent, no deadline looked at) until TSC `until`.
+    pub fn deafen_until(&mut self, until: u64) {
+        self.deaf_until = until;
+    }
+
+    /// The end of the injected deafness (0: none was injected).
+    pub fn deaf_until(&self) -> u64 {
+        self.deaf_until
+    }
+
+    /// Whether an injected deafness lasts at `now`.
+    pub fn deaf_at(&self, now: u64) -> bool {
+        now < self.deaf_until
+    }
+
     /// The verdict of this core's own operation, once the protocol has one.
     pub fn take_verdict(&mut self) -> Option<Verdict> {
         self.proto.take_local()
@@ -678,6 +698,9 @@ impl<const E: usize> CapCore<E> {
     /// (a step at a time, the inbox looked at before each), then deadlines. Returns how many
     /// messages were handled (the caller charges that time to nobody's guest).
     pub fn poll(&mut self, env: &mut impl Env) -> u32 {
+        if self.deaf_until != 0 && self.deaf_at(env.now()) {
+            return 0;
+        }
         // Lines other cores (or this one) queued: one turn at the UART, at most
         // `console::PUMP_BYTES` bytes, and none if another core is taking one.
         crate::console::pump();

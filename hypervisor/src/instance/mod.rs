@@ -50,6 +50,11 @@ pub struct Launch {
     /// Fault injection: this core never answers capability revokes
     /// (`inject=deaf-core:N`).
     pub deaf: bool,
+    /// Fault injection: this core serves no inbox for `deaf_ms` milliseconds from
+    /// `deaf_after_ms` into its guest's first run, its guest running on
+    /// (`inject=deaf-core:N:MS:AFTER`; 0: never).
+    pub deaf_ms: u64,
+    pub deaf_after_ms: u64,
     /// Fault injection: this core's hypervisor hangs 20 ms into its guest's first run
     /// (`inject=hung-core:N`).
     pub hang: bool,
@@ -211,18 +216,22 @@ pub fn build_ept(
     base: u64,
     size: u64,
     windows: impl Iterator<Item = (u64, u64, u64)> + Clone,
+    between: &mut dyn FnMut(),
 ) -> Result<u64, &'static str> {
     const FAILED: &str = "EPT construction failed";
     let root = ept::new_root(f).map_err(|_| FAILED)?;
     ept::map(f, root, 0, base, size).map_err(|_| FAILED)?;
+    between();
     for (gpa, hpa, len) in windows.clone() {
         ept::map_with(f, root, gpa, hpa, len, ept::Perm::ReadWrite)
             .map_err(|_| "channel window mapping failed")?;
+        between();
     }
     // The grant window's directories, built now and kept: a 2-MiB cap_map there writes one
     // entry, the first time as every time.
     let (wstart, wend) = vmcall_proto::hypercall::GRANT_WINDOW;
     ept::prebuild(f, root, wstart, wend - wstart).map_err(|_| FAILED)?;
+    between();
     let rw = ept::Perm::ReadWrite.bits();
     let rwx = ept::Perm::ReadWriteExecute.bits();
     let mut ok = ept::translate_perm(f, root, 0) == Some((base, rwx))
@@ -234,7 +243,7 @@ pub fn build_ept(
             && ept::translate_perm(f, root, gpa + len - 1) == Some((hpa + len - 1, rw));
         total += len;
     }
-    if !ok || ept::mapped_bytes(f, root) != total {
+    if !ok || ept::mapped_bytes_with(f, root, between) != total {
         return Err("EPT self-check failed");
     }
     Ok(root)
@@ -260,7 +269,13 @@ mod tests {
         let mut f = host_frames(64);
         let windows =
             [(channel_window(0), 0x9000_0000, 0x2000), (channel_window(3), 0x9100_0000, 0x4000)];
-        let root = build_ept(&mut f, 0x4000_0000, 16 << 20, windows.into_iter()).unwrap();
+        let mut steps = 0;
+        let root =
+            build_ept(&mut f, 0x4000_0000, 16 << 20, windows.into_iter(), &mut || steps += 1)
+                .unwrap();
+        // The partition, each window, the grant window's directories, each directory
+        // counted: the caller serves its inbox between.
+        assert!(steps >= 4, "{steps}");
         for (gpa, hpa, len) in windows {
             for g in [gpa, gpa + len - 1] {
                 let t = ept::translate_perm(&mut f, root, g);
@@ -273,7 +288,7 @@ mod tests {
         let bad = [(0x10_0000, 0x9000_0000, 0x1000)];
         let mut f = host_frames(64);
         assert_eq!(
-            build_ept(&mut f, 0x4000_0000, 16 << 20, bad.into_iter()),
+            build_ept(&mut f, 0x4000_0000, 16 << 20, bad.into_iter(), &mut || {}),
             Err("channel window mapping failed")
         );
     }

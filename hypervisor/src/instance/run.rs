@@ -163,6 +163,19 @@ pub fn run<B: crate::vcpu::Vcpu>(
         r.nmis = link.nmis;
         // SAFETY: this core's slot is initialised (it runs guests).
         r.longest_away = unsafe { crate::percpu::this_core() }.longest_away();
+        log::info!("core {core}: longest stretch away from the inbox {} ticks", r.longest_away);
+        // Where it went: the longest segment ending at each checkpoint (those of 1,000
+        // ticks or more).
+        for to in 0..crate::percpu::site::COUNT as u8 {
+            // SAFETY: as above.
+            let (ticks, from) = unsafe { crate::percpu::this_core() }.longest_segment(to);
+            if ticks >= 1_000 {
+                log::info!(
+                    "core {core}: away segment to `{}`: {ticks} ticks at most (from `{from}`)",
+                    crate::percpu::site::name(to as u64)
+                );
+            }
+        }
         // What posting writes (the exit trace) takes a while: the inbox is served
         // between its records.
         let caps_now = &mut *caps;
@@ -200,6 +213,31 @@ pub(super) fn hang(core: u32) -> ! {
     loop {
         arch::pause();
     }
+}
+
+/// A checkpoint in a long path away from the inbox (see `percpu::PerCore::mark`).
+pub(super) fn mark(site: u8) {
+    // SAFETY: a core runs guests only after its `init_this_core`.
+    unsafe { crate::percpu::this_core() }.mark(site);
+}
+
+/// `inject=deaf-core:N:MS:AFTER`: whether this core is deaf at `now` (from `*from` on, for
+/// `l.deaf_ms`; the deafness starts here, logged with its window). While it lasts the
+/// capability state's poll serves nothing, wherever it is called (see
+/// `HvCaps::deafen_until`).
+fn deaf_injection(ctx: &mut GuestCtx, l: &Launch, core: u32, now: u64, from: &mut u64) -> bool {
+    if now < *from {
+        return false;
+    }
+    if ctx.caps.deaf_until() == 0 {
+        let until = now.saturating_add(ctx.tsc_per_ms.saturating_mul(l.deaf_ms));
+        ctx.caps.deafen_until(until);
+        log::warn!(
+            "inject=deaf-core: core {core} serves no inbox for {} ms, tsc={now}..{until}",
+            l.deaf_ms
+        );
+    }
+    ctx.caps.deaf_at(now)
 }
 
 /// One incarnation (the `n`th) of the guest: set up from the kernel and config, run until
@@ -308,12 +346,17 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
             Control::answer(&mut vcpu, to, req, answer);
         }
     }
+    mark(crate::percpu::site::ENTERING);
     // Live figures (`stats_ms`): looked at only when the loop serves its inbox or the
     // membership's probes (nothing on the other entries).
     let stats_period = l.stats_ms.saturating_mul(tsc_per_ms);
     let mut stats_next = if stats_period > 0 { arch::rdtsc() } else { u64::MAX };
     // `inject=hung-core`: 20 ms into the guest's first run.
     let mut hang_at = u64::MAX;
+    // `inject=deaf-core:N:MS:AFTER`: from when (once its first incarnation ran), and
+    // whether the end was logged.
+    let mut deaf_from = u64::MAX;
+    let mut deaf_over = l.deaf_ms == 0 || n > 1;
     let ending = loop {
         // Kicks from here on are seen by the look below, or zero the timer further down
         // (one taken before it is for mail the look sees: no extra exit for it).
@@ -324,8 +367,16 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         // otherwise, whatever the core count).
         let now = arch::rdtsc();
         let mut due = ctx.caps.members.due();
-        let busy =
-            kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention();
+        let deaf = !deaf_over && deaf_injection(&mut ctx, l, core, now, &mut deaf_from);
+        if deaf {
+            // Nothing served: the kicks' time is nobody's to charge.
+            kicked_at = None;
+        } else if !deaf_over && ctx.caps.deaf_until() != 0 {
+            deaf_over = true;
+            log::warn!("inject=deaf-core: core {core} serves its inbox again, tsc={now}");
+        }
+        let busy = !deaf
+            && (kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention());
         if busy {
             let t0 = arch::rdtsc();
             let served = ctx.caps.poll(&mut vcpu);
@@ -392,6 +443,10 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         // (and an injected hang) come even if the guest never exits.
         let also = due.min(l.end_tsc);
         let also = if l.hang { also.min(hang_at) } else { also };
+        // Deaf: the guest runs until the deafness ends (no probe is due meanwhile), and
+        // the deafness starts on time even if the guest never exits.
+        let also = if deaf { l.end_tsc.min(ctx.caps.deaf_until()) } else { also };
+        let also = if deaf_over { also } else { also.min(deaf_from) };
         let timer = match ctx.before_entry(&mut vcpu, also) {
             Ok(t) => t,
             Err(why) => break Ending::Stopped(why),
@@ -444,6 +499,9 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         }
         if !launched {
             hang_at = first_entry.saturating_add(tsc_per_ms.saturating_mul(20));
+            if !deaf_over {
+                deaf_from = first_entry.saturating_add(tsc_per_ms.saturating_mul(l.deaf_after_ms));
+            }
         }
         launched = true;
         last_exit = t_exit;
@@ -466,6 +524,7 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         vcpu.hw.redeliver(&e);
     };
     ctx.flush_line(&mut sink);
+    mark(crate::percpu::site::DEATH);
     // The clean death, step by step as the lifecycle lists them.
     let mut r = None;
     let mut retired = crate::caps::Retired::default();
@@ -473,7 +532,10 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         let Effect::Die(step) = e else { continue };
         match step {
             // Its devices stop first: no DMA into memory about to be scrubbed or handed on.
-            Death::Quiesce => quiesce_devices(l),
+            Death::Quiesce => {
+                quiesce_devices(l);
+                mark(crate::percpu::site::DEATH_QUIESCE);
+            }
             Death::Account => {
                 // The page shows the incarnation as it ended (its last exit included)
                 // while the guest is down.
@@ -481,12 +543,14 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
                 publish_final(status, &ctx, t_end.saturating_sub(last_exit));
                 refresh_traffic(&mut traffic, status, t_end);
                 r = Some(report(&ctx, ending, first_entry));
+                mark(crate::percpu::site::DEATH_ACCOUNT);
             }
             Death::Retire => {
                 // Every copy made from its caps revoked everywhere, every copy it held
                 // dropped, its originals unmapped (while its EPT still exists to unmap
                 // them).
                 retired = ctx.caps.retire(&mut vcpu);
+                mark(crate::percpu::site::DEATH_RETIRE);
             }
             Death::LinksDown => {
                 // Its channels go down: each peer's core acknowledges once its guest
@@ -509,10 +573,12 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
                         ctx.caps.links_give_up();
                     }
                 }
+                mark(crate::percpu::site::DEATH_LINKS_DOWN);
             }
             Death::ClearVmcs => {
                 me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
                 vcpu.hw.clear();
+                mark(crate::percpu::site::DEATH_CLEAR_VMCS);
                 log::info!(
                     "guest {}: private frames in use {}, peak {}, limit {}",
                     name(l),
@@ -535,6 +601,7 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
                 r.caps = ctx.caps.stats;
                 r.unconfirmed = retired.unconfirmed;
                 incarnation_record(l, n, r, start, &retired, links);
+                mark(crate::percpu::site::DEATH_RECORD);
                 ctx.caps.poll(&mut *vcpu.link);
             }
         }
@@ -610,6 +677,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
     if n == 1 {
         quiesce_devices(l);
     }
+    mark(crate::percpu::site::SETUP_PLAN);
     // Nothing of a previous incarnation (or of whoever had the memory before) survives.
     part.zero(|| {
         ctx.caps.poll(&mut *link);
@@ -624,6 +692,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
             ctx.caps.poll(&mut *link);
         }
     }
+    mark(crate::percpu::site::SETUP_KERNEL);
     let mut bi = BootInfo::new_zeroed();
     bi.magic = BOOT_INFO_MAGIC;
     bi.version = BOOT_INFO_VERSION;
@@ -643,15 +712,22 @@ fn prepare<B: crate::vcpu::Vcpu>(
     if boot_page_tables(&part).is_err() {
         return Err("partition too small for the boot structures");
     }
+    mark(crate::percpu::site::SETUP_PAGE_TABLES);
 
     let windows = l
         .channels()
         .iter()
         .map(|ch| (vmcall_proto::guest::channel_window(ch.desc.index), ch.hpa, ch.size));
-    let eptp = match build_ept(&mut frames, part.base, part.size, windows) {
+    // Thousands of entries written and walked (the self-check): the inbox between the
+    // partition, each window, the grant window's directories and each directory counted.
+    let mut serve = || {
+        ctx.caps.poll(&mut *link);
+    };
+    let eptp = match build_ept(&mut frames, part.base, part.size, windows, &mut serve) {
         Ok(root) => ept::eptp(root),
         Err(why) => return Err(why),
     };
+    mark(crate::percpu::site::SETUP_EPT);
     // The owner's memory BARs in its device window, uncached, never executable; each
     // checked as built.
     if l.devices.count > 0 && !crate::arch::apic::x2apic_mode() {
@@ -682,6 +758,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
         }
     }
     ctx.pci = crate::pci::filter::View::new(&l.devices);
+    mark(crate::percpu::site::SETUP_DEVICES);
     // The status page: the fixed last frame of the private region, read-only to the
     // guest (and to its controllers, through their target windows), zeroed for each
     // incarnation.
@@ -699,6 +776,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
     }
     // The status pages of the guests it controls, read-only, one window each.
     telemetry::map_target_windows(&mut frames, eptp & !0xfff, &l.target_status[..l.target_count])?;
+    mark(crate::percpu::site::SETUP_STATUS);
     let traffic =
         telemetry::Traffic::new(l.channels(), tsc_per_ms.saturating_mul(TRAFFIC_REFRESH_MS));
     for (i, ch) in l.channels().iter().enumerate() {
@@ -727,6 +805,10 @@ fn prepare<B: crate::vcpu::Vcpu>(
             return Err(e.reason);
         }
     };
+    mark(crate::percpu::site::SETUP_VMCS);
+    // The VMCS written (a few thousand instructions), the line below formatted (as many):
+    // the inbox before and after it.
+    ctx.caps.poll(&mut *link);
     ctx.mwait = exitless_mwait(l);
     if ctx.mwait && n == 1 {
         log::info!("guest {}: exitless waiting: MONITOR/MWAIT without VM exits", name(l));
@@ -742,5 +824,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
         plan.entry,
         bi.workload()
     );
+    mark(crate::percpu::site::SETUP_DONE);
+    ctx.caps.poll(&mut *link);
     Ok(Prepared { part, frames, hw, status, traffic })
 }

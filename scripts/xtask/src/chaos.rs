@@ -5,15 +5,22 @@
 //! small pages, an owner revoking a large copy its holder mapped, a spinner, a controller
 //! (`supervisor`) that stops and starts, restarts, or parks and brings back a guest at a
 //! random time: a spinner, or the echoer of a stream), the failure detector's period, and
-//! sometimes a hung core (`inject=hung-core:N` on a spinner's core). It boots it in Bochs
-//! and checks invariants from the report and the guests' own counts: no live core suspected
-//! (only the hung one), every other guest exited 0 (each checks its own traffic and caps),
-//! the hung core's guest fenced, no private frames or capabilities leaked across
+//! sometimes a hung core (`inject=hung-core:N` on a spinner's core) or a deaf one
+//! (`inject=deaf-core:N:MS:AFTER` on a spinner's or a holder's core: its hypervisor serves
+//! no inbox for a while, its guest running on; either at least twice the detector's
+//! timeout or at most half of it). It boots it in Bochs and checks invariants from the
+//! report and the guests' own counts: no live core suspected (only the hung one, and the
+//! deaf one exactly when its deafness outlasted the timeout), every other guest exited 0
+//! (each checks its own traffic and caps), the hung core's guest fenced, every revoke
+//! `Ok(1)` (or, only for a holder deaf past the timeout, `Timeout` with that core fenced),
+//! no memory reachable after a successful revoke (each holder wrote and read a page of its
+//! copy before the revoke and reads it after: that read must stop it with an EPT
+//! violation at that page), no private frames or capabilities leaked across
 //! incarnations, no message received that was not sent, every stream's messages accounted
 //! exactly (echoed + lost = sent by the streamer's count, and the hypervisor's counts of
 //! its channel equal the streamer's), every controller request answered (the supervisor's
-//! count), every core's longest stretch away from its inbox under the detector's timeout,
-//! no problem in the records.
+//! count), every core's longest stretch away from its inbox under the detector's timeout
+//! (the deaf core's injected one aside), no problem in the records.
 //!
 //! May call `run` (to boot), `report` (what it checks), `cli` (the run's arguments).
 
@@ -54,6 +61,11 @@ pub struct Scenario {
     pub probe_ms: u64,
     /// The core made to hang, if any (its guest is named `spin<N>`).
     pub hung: Option<u32>,
+    /// The core made deaf for a while, if any (`inject=deaf-core:N:MS:AFTER`).
+    pub deaf: Option<Deaf>,
+    /// The holders of revoked copies, each with its owner: each reads one page of its
+    /// copy after the revoke and must be stopped there (an EPT violation at that page).
+    pub holders: Vec<(String, String)>,
     /// Every guest, by name.
     pub guests: Vec<String>,
     /// The streamers and the messages each must account for (its channel is its first).
@@ -63,6 +75,25 @@ pub struct Scenario {
     /// One line per unit, for the log.
     pub summary: Vec<String>,
 }
+
+/// A deaf core: its hypervisor serves no inbox for `ms` from `after_ms` into its guest's
+/// run (its guest runs on). `long`: `ms` is at least twice the detector's timeout (it must
+/// be fenced); else at most half of it and under the capability protocol's deadline (it
+/// must not be).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deaf {
+    pub core: u32,
+    /// Its guest.
+    pub guest: String,
+    pub ms: u64,
+    pub after_ms: u64,
+    pub long: bool,
+}
+
+/// The capability protocol's deadline per level (the hypervisor's default
+/// `caps_deadline_ms`): a short deafness stays under it, so a revoke waiting on the deaf
+/// core still gets its answer in time.
+const CAPS_DEADLINE_MS: u64 = 50;
 
 /// Draws the scenario of `seed`.
 pub fn scenario(seed: u64) -> Scenario {
@@ -74,6 +105,8 @@ pub fn scenario(seed: u64) -> Scenario {
     let mut names = Vec::new();
     let mut summary = Vec::new();
     let mut spinners = Vec::new();
+    let mut spin_ms = Vec::new();
+    let mut holders = Vec::new();
     let mut streams = Vec::new();
     let mut supervisors = Vec::new();
     let mut grant_mib = 0;
@@ -136,9 +169,14 @@ pub fn scenario(seed: u64) -> Scenario {
                 let mib = 2 * r.range(1, 64);
                 let offset = r.pick(&[0, 4, 2052]);
                 let (o, h) = (format!("owner{core}"), format!("holder{}", core + 1));
-                guest(&mut guests, &o, core, "bigmap", "role = \"owner\"", "");
-                let args = format!("role = \"holder\", offset_kib = {offset}");
+                // The page the holder probes after the revoke: drawn with the rest of the
+                // campaign's later draws (below), so earlier seeds keep their machines.
+                guest(&mut guests, &o, core, "bigmap", "role = \"owner\", deaf_ok = 1", "");
+                let args = format!(
+                    "role = \"holder\", offset_kib = {offset}, probe = 1, probe_page = PROBE_{h}"
+                );
                 guest(&mut guests, &h, core + 1, "bigmap", &args, "");
+                holders.push((h.clone(), o.clone(), mib, core + 1));
                 let _ = write!(
                     extra,
                     "\n[[channel]]\nname = \"c{chan}\"\nbetween = [\"{o}\", \"{h}\"]\nslots = 8\n\n[[grant]]\nname = \"g{o}\"\nguest = \"{o}\"\nmemory_mib = {mib}\n"
@@ -197,6 +235,7 @@ pub fn scenario(seed: u64) -> Scenario {
                 guest(&mut guests, &s, core, "spin", &format!("ms = {ms}"), "");
                 summary.push(format!("{s}: spins {ms} ms"));
                 spinners.push(core);
+                spin_ms.push((core, ms));
                 names.push(s);
                 core += 1;
             }
@@ -213,11 +252,83 @@ pub fn scenario(seed: u64) -> Scenario {
     );
     config += &guests;
     config += &extra;
-    let cmdline = hung.map(|c| format!("inject=hung-core:{c}")).unwrap_or_default();
+    let mut cmdline = hung.map(|c| format!("inject=hung-core:{c}")).unwrap_or_default();
     if let Some(c) = hung {
         summary.push(format!("core {c} hangs 20 ms into its guest's run"));
     }
-    Scenario { seed, config, cmdline, probe_ms, hung, guests: names, streams, supervisors, summary }
+    // Later draws from a generator of their own: the machines above stay as they were
+    // for the seeds drawn before these were added.
+    let mut r = Rng::new(seed ^ 0xdeaf_c0de_5eed_0001);
+    for (h, _, mib, _) in &holders {
+        // The first page, the last, or any.
+        let pages = mib * 256;
+        let page = match r.range(0, 2) {
+            0 => 0,
+            1 => pages - 1,
+            _ => r.range(0, pages - 1),
+        };
+        config = config.replace(&format!("PROBE_{h}"), &page.to_string());
+        summary.push(format!("{h} probes page {page} of its copy after the revoke"));
+    }
+    // A deaf core: a spinner's or a holder's (not core 0, which collects the reports), with
+    // the detector on and no hung core.
+    let mut candidates: Vec<(u32, String)> =
+        spinners.iter().map(|&c| (c, format!("spin{c}"))).collect();
+    candidates.extend(holders.iter().map(|(h, _, _, c)| (*c, h.clone())));
+    candidates.retain(|(c, _)| *c != 0);
+    let deaf = (probe_ms > 0 && hung.is_none() && !candidates.is_empty() && r.range(0, 1) == 0)
+        .then(|| {
+            let (core, guest) =
+                candidates[r.range(0, candidates.len() as u64 - 1) as usize].clone();
+            let timeout = 8 * probe_ms;
+            let long = r.range(0, 1) == 0;
+            let ms = if long {
+                r.range(2 * timeout, 2 * timeout + 150)
+            } else {
+                r.range(5, (timeout / 2).min(CAPS_DEADLINE_MS / 2))
+            };
+            // A holder lives only until its copy is revoked: deaf early, or never.
+            let after_ms = if guest.starts_with("holder") { r.range(0, 8) } else { r.range(0, 60) };
+            Deaf { core, guest, ms, after_ms, long }
+        });
+    if let Some(d) = &deaf {
+        // A deaf spinner spins past its deafness (the others probe it meanwhile).
+        if let Some(&(_, ms)) = spin_ms.iter().find(|(c, _)| *c == d.core) {
+            let want = ms.max(d.after_ms + d.ms + 150);
+            let name = &d.guest;
+            config = config.replace(
+                &format!("name = \"{name}\"\ncore = {}\nmemory_mib = 8\nworkload = \"spin\"\nargs = {{ ms = {ms} }}", d.core),
+                &format!("name = \"{name}\"\ncore = {}\nmemory_mib = 8\nworkload = \"spin\"\nargs = {{ ms = {want} }}", d.core),
+            );
+        }
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline += &format!("inject=deaf-core:{}:{}:{}", d.core, d.ms, d.after_ms);
+        summary.push(format!(
+            "core {} ({}) deaf for {} ms from {} ms in ({}: the detector's timeout is {} ms)",
+            d.core,
+            d.guest,
+            d.ms,
+            d.after_ms,
+            if d.long { "must be fenced" } else { "must not be fenced" },
+            8 * probe_ms
+        ));
+    }
+    let holders = holders.into_iter().map(|(h, o, _, _)| (h, o)).collect();
+    Scenario {
+        seed,
+        config,
+        cmdline,
+        probe_ms,
+        hung,
+        deaf,
+        holders,
+        guests: names,
+        streams,
+        supervisors,
+        summary,
+    }
 }
 
 /// The hypervisor's TSC ticks per millisecond, from its log.
@@ -233,12 +344,24 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
     for p in &r.problems {
         broken.push(format!("the records have a problem: {p}"));
     }
-    let want = if s.hung.is_some() { "failed" } else { "ok" };
-    if r.outcome != want {
-        broken.push(format!("outcome {} (expected {want})", r.outcome));
+    // A long deafness that really happened must be fenced; nothing else may be.
+    let deaf_long = s.deaf.as_ref().filter(|d| d.long && deaf_reached(serial, d.core));
+    let mayfence = |c: u32| Some(c) == s.hung || deaf_long.is_some_and(|d| d.core == c);
+    // Every holder whose owner's revoke succeeded probes its copy and is stopped there.
+    let probed: Vec<&str> = s
+        .holders
+        .iter()
+        .filter(|(_, o)| {
+            said(serial, o, "bigmap: ").contains(&"revoke the mapped copy: Ok(1) as expected")
+        })
+        .map(|(h, _)| h.as_str())
+        .collect();
+    let clean = s.hung.is_none() && deaf_long.is_none() && probed.is_empty();
+    if clean && r.outcome != "ok" {
+        broken.push(format!("outcome {} (expected ok)", r.outcome));
     }
     for v in &r.suspicions {
-        if Some(v.target) != s.hung {
+        if !mayfence(v.target) {
             broken.push(format!("core {} suspected core {}, which was alive", v.core, v.target));
         }
     }
@@ -247,6 +370,17 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
             broken.push(format!("the hung core {c} was never suspected"));
         }
     }
+    if let Some(d) = deaf_long {
+        if !r.suspicions.iter().any(|v| v.target == d.core) {
+            broken.push(format!(
+                "core {} was deaf {} ms, over the detector's timeout ({} ms), and never suspected",
+                d.core,
+                d.ms,
+                8 * s.probe_ms
+            ));
+        }
+    }
+    broken.extend(revoke_checks(s, serial, deaf_long));
     let timeout = ticks_per_ms(serial).map(|t| 8 * s.probe_ms * t).filter(|&t| t > 0);
     for name in &s.guests {
         let Some(g) = r.guests.iter().find(|g| &g.name == name) else {
@@ -259,7 +393,16 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
             }
             continue;
         }
-        if (g.state.as_str(), g.exit_status) != ("exited", 0) {
+        let deaf_guest = deaf_long.is_some_and(|d| &d.guest == name);
+        if probed.contains(&name.as_str()) {
+            broken.extend(probe_check(serial, name, g, deaf_guest));
+        } else if deaf_guest {
+            // Fenced while alive: stopped for good when it heard (isolation), or done
+            // before that.
+            if g.state == "exited" && g.exit_status != 0 {
+                broken.push(format!("{name} (deaf core): exited {}", g.exit_status));
+            }
+        } else if (g.state.as_str(), g.exit_status) != ("exited", 0) {
             broken.push(format!("{name}: {} status {} ({:?})", g.state, g.exit_status, g.fault));
         }
         let first = g.incarnations.first();
@@ -271,7 +414,9 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
                     .push(format!("{name}: incarnation {} starts with other frames or caps", i.n));
             }
         }
-        if let Some(t) = timeout {
+        // The deaf core's stretch is the injection's, not a legal operation's.
+        let injected = s.deaf.as_ref().is_some_and(|d| &d.guest == name);
+        if let (Some(t), false) = (timeout, injected) {
             if g.away_tsc >= t {
                 broken
                     .push(format!("{name}: away from its inbox {} ticks, timeout {t}", g.away_tsc));
@@ -295,6 +440,72 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
         broken.extend(stream_accounting(r, serial, name, *n));
     }
     broken
+}
+
+/// Whether core `core`'s injected deafness started (its hypervisor logs the window).
+pub fn deaf_reached(serial: &str, core: u32) -> bool {
+    serial.contains(&format!("inject=deaf-core: core {core} serves no inbox for"))
+}
+
+/// Every owner's revoke ended: `Ok(1)`, or, only where its holder's core was deaf past the
+/// detector's timeout (and fenced, checked above), a `Timeout` or a transfer that failed;
+/// and no holder read memory after a revoke.
+fn revoke_checks(s: &Scenario, serial: &str, deaf_long: Option<&Deaf>) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (h, o) in &s.holders {
+        let lines = said(serial, o, "bigmap: ");
+        let excused = deaf_long.is_some_and(|d| &d.guest == h);
+        let ok = lines.contains(&"revoke the mapped copy: Ok(1) as expected");
+        let deaf = lines.iter().any(|l| l.ends_with("its holder's core deaf"));
+        if deaf && !excused {
+            broken.push(format!("{o}: its holder {h} was taken for deaf: {lines:?}"));
+        }
+        if !(ok || deaf && excused) {
+            broken.push(format!("{o}: the revoke did not end Ok(1): {lines:?}"));
+        }
+        for l in said(serial, h, "bigmap: ") {
+            if l.contains("still reachable after the revoke") {
+                broken.push(format!("{h}: {l}"));
+            }
+        }
+    }
+    broken
+}
+
+/// Holder `name`, whose owner's revoke returned `Ok(1)`: it wrote and read back its probe
+/// page through the copy before the revoke, read it after, and was stopped by that read (an
+/// EPT violation there, nothing mapped). A deaf holder may instead have been stopped by
+/// its fence before it got to the read.
+fn probe_check(
+    serial: &str,
+    name: &str,
+    g: &crate::report::GuestReport,
+    deaf: bool,
+) -> Vec<String> {
+    let lines = said(serial, name, "bigmap: ");
+    let page = |prefix: &str| {
+        lines.iter().find_map(|l| l.strip_prefix(prefix)?.split(' ').next().map(str::to_string))
+    };
+    let before = page("probe page ");
+    let after = page("probing ");
+    let reachable = lines.iter().any(|l| l.ends_with("reachable before the revoke: true"));
+    if deaf && after.is_none() {
+        return vec![];
+    }
+    let (Some(before), Some(after), true) = (before, after, reachable) else {
+        return vec![format!(
+            "{name}: no probe of its copy before and after the revoke: {lines:?}"
+        )];
+    };
+    let fault = g.fault.as_deref().unwrap_or_default();
+    let want = format!("EPT violation: read at guest-physical {after} (not mapped for this guest)");
+    if before != after || g.state != "stopped" || !fault.starts_with(&want) {
+        return vec![format!(
+            "{name}: the probe of {after} after the revoke did not fault there: {} ({fault})",
+            g.state
+        )];
+    }
+    vec![]
 }
 
 /// The lines guest `name` printed that start with `prefix` (the prefix removed).
@@ -362,6 +573,8 @@ fn stream_accounting(r: &Report, serial: &str, name: &str, n: u64) -> Vec<String
 pub struct Outcome {
     pub scenario: Scenario,
     pub broken: Vec<String>,
+    /// What the run exercised (the deafness and whether it was fenced, the probes).
+    pub notes: Vec<String>,
     pub wall_seconds: f64,
 }
 
@@ -378,7 +591,37 @@ pub fn run_one(s: &Scenario) -> anyhow::Result<Outcome> {
     let report = crate::run::run(&args)?;
     let serial = std::fs::read_to_string(&report.serial_log).unwrap_or_default();
     let broken = check(s, &report, &serial);
-    Ok(Outcome { scenario: s.clone(), broken, wall_seconds: report.wall_seconds })
+    let notes = notes(s, &report, &serial);
+    Ok(Outcome { scenario: s.clone(), broken, notes, wall_seconds: report.wall_seconds })
+}
+
+/// What run `s` exercised: its deafness (reached, fenced or not), its holders' probes.
+pub fn notes(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(d) = &s.deaf {
+        let fenced = r.suspicions.iter().any(|v| v.target == d.core);
+        notes.push(match (deaf_reached(serial, d.core), fenced) {
+            (false, _) => format!("core {} never got deaf (its guest ended first)", d.core),
+            (true, f) => format!(
+                "core {} deaf {} ms (timeout {} ms): {}",
+                d.core,
+                d.ms,
+                8 * s.probe_ms,
+                if f { "fenced" } else { "not fenced" }
+            ),
+        });
+    }
+    for (h, _) in &s.holders {
+        let faulted = said(serial, h, "bigmap: ").iter().any(|l| l.starts_with("probing "));
+        let g = r.guests.iter().find(|g| &g.name == h);
+        let fault = g.and_then(|g| g.fault.clone()).unwrap_or_default();
+        notes.push(if faulted {
+            format!("{h}: probe after the revoke stopped it: {fault}")
+        } else {
+            format!("{h}: no probe (state {})", g.map_or("?", |g| g.state.as_str()))
+        });
+    }
+    notes
 }
 
 /// Where the drawn configs are written (kept for replay: each names its seed).
@@ -416,6 +659,9 @@ pub fn campaign(seed: Option<u64>, runs: u64, dry_run: bool) -> anyhow::Result<b
             continue;
         }
         let o = run_one(&s)?;
+        for n in &o.notes {
+            println!("  {n}");
+        }
         if o.broken.is_empty() {
             println!("  held: every invariant ({:.1} s)", o.wall_seconds);
         } else {
@@ -435,6 +681,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_draws_the_same_scenario_and_every_draw_is_a_valid_config() {
+        let mut deaf = [0; 2];
         for seed in 0..200 {
             let s = scenario(seed);
             assert_eq!(s, scenario(seed), "seed {seed}");
@@ -445,7 +692,30 @@ mod tests {
             if let Some(h) = s.hung {
                 assert!(s.probe_ms > 0 && h != 0 && s.guests.contains(&format!("spin{h}")));
             }
+            assert!(!s.config.contains("PROBE_"), "seed {seed}: a probe page left undrawn");
+            if let Some(d) = &s.deaf {
+                let timeout = 8 * s.probe_ms;
+                assert!(s.hung.is_none() && d.core != 0 && s.guests.contains(&d.guest));
+                if d.long {
+                    assert!(d.ms >= 2 * timeout, "seed {seed}: {d:?}");
+                } else {
+                    assert!(2 * d.ms <= timeout && 2 * d.ms <= CAPS_DEADLINE_MS, "{d:?}");
+                }
+                // A deaf spinner spins past its deafness.
+                if d.guest.starts_with("spin") {
+                    let block = s.config.split(&format!("name = \"{}\"", d.guest)).nth(1);
+                    let ms: u64 = block
+                        .and_then(|b| b.split("ms = ").nth(1))
+                        .and_then(|t| t.split(' ').next())
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or_else(|| panic!("seed {seed}: {}", s.config));
+                    assert!(ms > d.after_ms + d.ms, "seed {seed}: {d:?} spins {ms}");
+                }
+                deaf[usize::from(d.long)] += 1;
+            }
         }
+        // Both sides of the detector's timeout are drawn.
+        assert!(deaf[0] >= 10 && deaf[1] >= 8, "{deaf:?}");
         assert_ne!(scenario(1).config, scenario(2).config);
     }
 
@@ -457,6 +727,8 @@ mod tests {
             cmdline: String::new(),
             probe_ms: 0,
             hung: None,
+            deaf: None,
+            holders: vec![],
             guests: vec![],
             streams: vec![("st".into(), 10)],
             supervisors: vec!["sup".into()],
@@ -494,6 +766,8 @@ mod tests {
             cmdline: String::new(),
             probe_ms: 8,
             hung: None,
+            deaf: None,
+            holders: vec![],
             guests: vec!["a".into()],
             streams: vec![],
             supervisors: vec![],

@@ -66,9 +66,12 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "inject" => match value.split_once(':') {
                 None if value == "silent-ap" || value == "ap-fault" => None,
                 Some(("deaf-core", k)) if k.parse::<usize>().is_ok_and(|k| k >= 1) => None,
+                Some(("deaf-core", k)) if deaf_for(k) => None,
                 Some(("hung-core", k)) if k.parse::<usize>().is_ok() => None,
                 _ => Some(
-                    "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1) \
+                    "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1), \
+                     inject=deaf-core:N:MS:AFTER (N >= 1, 1 <= MS <= 60000, AFTER <= 60000: \
+                     core N serves no inbox for MS ms from AFTER ms into its guest's run) \
                      or inject=hung-core:N",
                 ),
             },
@@ -76,7 +79,7 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
                  caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=broadcast|tree, \
                  revoke_fanout=N, stats_ms=N, host_control, \
-                 inject=silent-ap|ap-fault|deaf-core:N|hung-core:N)",
+                 inject=silent-ap|ap-fault|deaf-core:N|deaf-core:N:MS:AFTER|hung-core:N)",
             ),
         };
         if let Some(why) = why {
@@ -84,6 +87,14 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
         }
     }
     bad
+}
+
+/// Whether `N:MS:AFTER` of `inject=deaf-core:N:MS:AFTER` is valid (the hypervisor's
+/// `bootinfo` takes the same).
+fn deaf_for(rest: &str) -> bool {
+    let n: Vec<Option<u64>> = rest.split(':').map(|w| w.parse().ok()).collect();
+    matches!(n[..], [Some(core), Some(ms), Some(after)]
+        if core >= 1 && (1..=60_000).contains(&ms) && after <= 60_000)
 }
 
 /// A line the hypervisor logged about a command-line word it ignored, as a report problem.
@@ -105,7 +116,7 @@ mod tests {
     fn good_options_pass() {
         assert!(check("").is_empty());
         let all = "cpus=2 vmxcaps vmxcaps=1 trace trace=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
-                   inject=silent-ap inject=ap-fault inject=deaf-core:1 revoke=tree revoke=broadcast \
+                   inject=silent-ap inject=ap-fault inject=deaf-core:1 inject=deaf-core:2:150:0 revoke=tree revoke=broadcast \
                    revoke_fanout=2 revoke_fanout=16";
         assert_eq!(check(all), []);
     }
@@ -118,13 +129,19 @@ mod tests {
             ["cpus=0", "cpus=x", "cpus", "vmxcaps=2", "budget_ms=0", "budget_ms=-1", "trace=2"]
         );
         assert_eq!(
-            words("caps_deadline_ms=0 caps_deadline_ms=60001 inject inject=deaf-core:0 inject=x"),
+            words(
+                "caps_deadline_ms=0 caps_deadline_ms=60001 inject inject=deaf-core:0 inject=x \
+                 inject=deaf-core:0:5:5 inject=deaf-core:1:0:5 inject=deaf-core:1:5"
+            ),
             [
                 "caps_deadline_ms=0",
                 "caps_deadline_ms=60001",
                 "inject",
                 "inject=deaf-core:0",
-                "inject=x"
+                "inject=x",
+                "inject=deaf-core:0:5:5",
+                "inject=deaf-core:1:0:5",
+                "inject=deaf-core:1:5"
             ]
         );
         assert_eq!(
