@@ -442,6 +442,11 @@ impl<const E: usize> Proto<E> {
         self.open > 0
     }
 
+    /// Whether this core's own operation (its guest's transfer or revoke) is in flight.
+    pub fn waiting(&self) -> bool {
+        self.entries.first().is_some_and(|e| e.kind != Kind::Free)
+    }
+
     /// The verdict of this core's own operation, once there is one.
     pub fn take_local(&mut self) -> Option<Verdict> {
         self.local.take()
