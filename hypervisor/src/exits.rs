@@ -471,6 +471,24 @@ impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
     fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
         crate::hostctl::answer(self, req, result)
     }
+    fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
+        crate::instance::xcore::mc_publish(me, req)
+    }
+    fn mc_rung(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_rung(me)
+    }
+    fn mc_read(&mut self, from: usize) -> Option<crate::caps::mcast::Request> {
+        crate::instance::xcore::mc_read(from)
+    }
+    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+        crate::instance::xcore::mc_answer(me, to, word)
+    }
+    fn mc_answered(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_answered(me)
+    }
+    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+        crate::instance::xcore::mc_line(me, from)
+    }
 }
 
 /// Where a guest's console lines go.

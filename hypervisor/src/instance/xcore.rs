@@ -17,12 +17,23 @@
 //! between cores on these paths: no lock, no table another core writes. What travels here
 //! (the capability protocol) is defined in `caps::proto`; this module only carries it.
 //!
-//! Owns the rings, the mail words and the core-to-APIC table. Calls `vmcall_proto::channel`
-//! (the ring) and `arch::apic` (the NMI), nothing else.
+//!
+//! The multicast slots ([`mc_publish`] and the rest): one per core, written by that core
+//! alone (a seqlock: its sequence number odd while it is rewritten), read by every core
+//! it names: the capability protocol's multicast revoke, a request written once for many
+//! holders (the layout is `caps::mcast`'s). Each reader answers in its own reply line of
+//! the slot (one writer per line) and sets its bit in the slot's answered word, a doorbell
+//! like the mail word. A publish rings each named core twice (its mail word, so its run
+//! loop looks, and its multicast bell, which says whose slot to read) and kicks it.
+//!
+//! Owns the rings, the mail words, the multicast slots and bells, and the core-to-APIC
+//! table. Calls `vmcall_proto::channel` (the ring), `arch::apic` (the NMI) and
+//! `caps::mcast` (the request's layout), nothing else.
 
+use crate::caps::mcast;
 use crate::percpu::MAX_CORES;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU64, Ordering};
 use vmcall_proto::channel::{self, Payload, Receiver, Ring, Sender};
 
 /// Slots per inter-core ring: what the capability protocol's flow control needs.
@@ -52,6 +63,151 @@ pub static MAIL: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_COR
 /// Core `core`'s mail word, for a look that takes nothing (the fast exit path's).
 pub fn mail_word(core: usize) -> &'static AtomicU64 {
     &MAIL[core].0
+}
+
+/// One word alone on its cache line (a reply line, an answered word).
+#[repr(C, align(64))]
+struct Line(AtomicU64);
+const _: () = assert!(core::mem::size_of::<Line>() == 64);
+
+/// One core's multicast slot (see the module comment). The request's words are written
+/// only by their core, between an odd and the next even `seq`.
+#[repr(C, align(64))]
+struct McSlot {
+    seq: AtomicU64,
+    node: AtomicU64,
+    n: AtomicU64,
+    /// The copies' cores, four 16-bit cores a word.
+    cores: [AtomicU64; mcast::MAX / 4],
+    _pad: AtomicU64,
+    ids: [AtomicU64; mcast::MAX],
+    /// Bit `c`: core `c` wrote its line since the last publish.
+    answered: Line,
+    lines: [Line; MAX_CORES],
+}
+const _: () = assert!(core::mem::size_of::<McSlot>() == 64 * (4 + MAX_CORES));
+const _: () = assert!(mcast::MAX.is_multiple_of(4));
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+static MC_SLOTS: [McSlot; MAX_CORES] = [const {
+    McSlot {
+        seq: ZERO,
+        node: ZERO,
+        n: ZERO,
+        cores: [ZERO; mcast::MAX / 4],
+        _pad: ZERO,
+        ids: [ZERO; mcast::MAX],
+        answered: Line(ZERO),
+        lines: [const { Line(ZERO) }; MAX_CORES],
+    }
+}; MAX_CORES];
+
+/// Per core: bit `a` set means core `a` published a multicast request naming it since it
+/// last took the word.
+static BELLS: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_CORES];
+
+/// Publishes core `me`'s request `req` in its slot, rings and kicks every core it names.
+pub fn mc_publish(me: usize, req: &mcast::Request) -> bool {
+    if me >= MAX_CORES || req.seq & 1 != 0 {
+        return false;
+    }
+    let s = &MC_SLOTS[me];
+    // Odd: readers that overlap this write see a torn copy and drop it.
+    s.seq.store(req.seq.wrapping_sub(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+    s.node.store(req.node, Ordering::Relaxed);
+    s.n.store(req.n as u64, Ordering::Relaxed);
+    for (w, four) in s.cores.iter().zip(req.cores.chunks(4)) {
+        let v = four.iter().enumerate().fold(0, |v, (i, &c)| v | (c as u64) << (16 * i));
+        w.store(v, Ordering::Relaxed);
+    }
+    for (w, &id) in s.ids.iter().zip(&req.ids).take(req.n as usize) {
+        w.store(id, Ordering::Relaxed);
+    }
+    s.answered.0.store(0, Ordering::Relaxed);
+    s.seq.store(req.seq, Ordering::Release);
+    let targets = req.targets() & !(1 << me);
+    let mut t = targets;
+    while t != 0 {
+        let to = t.trailing_zeros() as usize;
+        t &= t - 1;
+        if to < MAX_CORES {
+            BELLS[to].0.fetch_or(1 << me, Ordering::Release);
+            MAIL[to].0.fetch_or(1 << me, Ordering::Release);
+        }
+    }
+    kick_set(targets);
+    true
+}
+
+/// The cores that rang core `me`'s multicast bell since it last asked.
+pub fn mc_rung(me: usize) -> u64 {
+    match BELLS.get(me) {
+        // Unlikely set: one load, no write, on every look.
+        Some(b) if b.0.load(Ordering::Relaxed) != 0 => b.0.swap(0, Ordering::Acquire),
+        _ => 0,
+    }
+}
+
+/// Core `from`'s published request, or `None` while it is being rewritten.
+pub fn mc_read(from: usize) -> Option<mcast::Request> {
+    let s = MC_SLOTS.get(from)?;
+    let seq = s.seq.load(Ordering::Acquire);
+    if seq == 0 || seq & 1 != 0 {
+        return None;
+    }
+    let mut r = mcast::Request {
+        seq,
+        node: s.node.load(Ordering::Relaxed),
+        n: (s.n.load(Ordering::Relaxed) as usize).min(mcast::MAX) as u8,
+        ..Default::default()
+    };
+    for (i, w) in s.cores.iter().enumerate() {
+        let v = w.load(Ordering::Relaxed);
+        for k in 0..4 {
+            r.cores[4 * i + k] = (v >> (16 * k)) as u16;
+        }
+    }
+    for (d, w) in r.ids.iter_mut().zip(&s.ids).take(r.n as usize) {
+        *d = w.load(Ordering::Relaxed);
+    }
+    fence(Ordering::Acquire);
+    (s.seq.load(Ordering::Relaxed) == seq).then_some(r)
+}
+
+/// Core `me`'s answer `word` in its line of core `to`'s slot, then its answered bit.
+pub fn mc_answer(me: usize, to: usize, word: u64) {
+    if me < MAX_CORES && to < MAX_CORES {
+        MC_SLOTS[to].lines[me].0.store(word, Ordering::Release);
+        MC_SLOTS[to].answered.0.fetch_or(1 << me, Ordering::Release);
+    }
+}
+
+/// The answered word of core `me`'s slot.
+pub fn mc_answered(me: usize) -> u64 {
+    MC_SLOTS.get(me).map_or(0, |s| s.answered.0.load(Ordering::Acquire))
+}
+
+/// Core `from`'s line in core `me`'s slot.
+pub fn mc_line(me: usize, from: usize) -> u64 {
+    match (MC_SLOTS.get(me), from < MAX_CORES) {
+        (Some(s), true) => s.lines[from].0.load(Ordering::Acquire),
+        _ => 0,
+    }
+}
+
+/// An NMI to every ready core in `set`: one ICR write per core (x2APIC physical mode).
+fn kick_set(set: u64) {
+    let Some((t, n)) = APIC_OF.get() else { return };
+    let mut s = set;
+    while s != 0 {
+        let to = s.trailing_zeros() as usize;
+        s &= s - 1;
+        if to < *n && crate::percpu::nmi_ready(to) {
+            crate::arch::apic::send_nmi(t[to]);
+        }
+    }
 }
 
 /// Core index to APIC id, written once by the BSP before any AP starts, read-only after:
@@ -210,6 +366,35 @@ mod tests {
         assert_eq!(got, [(60, 1), (60, 3), (61, 2)]);
         assert!(!c.has_mail(), "drained: the word and the pending set are empty");
         assert_eq!(c.received, 3);
+    }
+
+    #[test]
+    fn a_multicast_is_written_once_read_whole_and_answered_line_by_line() {
+        setup();
+        let mut req = mcast::Request { seq: 2, node: 7, n: 3, ..Default::default() };
+        req.ids[..3].copy_from_slice(&[70, 71, 72]);
+        req.cores[..3].copy_from_slice(&[59, 61, 59]);
+        // Core 58 publishes (no core is NMI-ready in a host test: no kick).
+        assert!(mc_publish(58, &req));
+        assert_eq!(mc_rung(59), 1 << 58);
+        assert_eq!(mc_rung(59), 0, "taken");
+        assert_eq!(mc_rung(61), 1 << 58);
+        assert_ne!(MAIL[61].0.load(Ordering::Relaxed) & 1 << 58, 0, "its run loop looks");
+        assert_eq!(mc_read(58), Some(req));
+        assert_eq!(mc_answered(58), 0);
+        mc_answer(61, 58, mcast::answer(2, 1, false, false));
+        assert_eq!(mc_answered(58), 1 << 61);
+        assert_eq!(mcast::decode(mc_line(58, 61)).total, 1);
+        // The next request clears the answered word; a torn read is refused.
+        req.seq = 4;
+        assert!(mc_publish(58, &req));
+        assert_eq!(mc_answered(58), 0);
+        MC_SLOTS[58].seq.store(5, Ordering::Relaxed);
+        assert_eq!(mc_read(58), None, "odd: being rewritten");
+        MC_SLOTS[58].seq.store(4, Ordering::Relaxed);
+        assert!(!mc_publish(58, &mcast::Request { seq: 3, ..req }), "odd numbers are refused");
+        MAIL[59].0.store(0, Ordering::Relaxed);
+        MAIL[61].0.store(0, Ordering::Relaxed);
     }
 
     #[test]

@@ -170,8 +170,8 @@ pub struct Machine {
     /// when a core with a running guest looks at the host's channel).
     #[serde(default)]
     pub host_control: Option<Spanned<bool>>,
-    /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
-    /// default) or `tree`; passed on as the command line's `revoke=...`.
+    /// How a revoke reaches the holders' cores: `multicast` (absent: the hypervisor's
+    /// default), `broadcast` or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
     pub revoke: Option<Spanned<String>>,
     /// Heads per level of a revoke tree (2..=16; only with `revoke = "tree"`); passed on as
@@ -181,7 +181,7 @@ pub struct Machine {
 }
 
 /// The machine's `revoke` strategies.
-pub const REVOKE_STRATEGIES: [&str; 2] = ["broadcast", "tree"];
+pub const REVOKE_STRATEGIES: [&str; 3] = ["multicast", "broadcast", "tree"];
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
