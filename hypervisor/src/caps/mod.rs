@@ -646,9 +646,10 @@ impl<const E: usize> CapCore<E> {
             if self.mc_ready != 0 {
                 continue;
             }
-            // Answers to this core's own multicast request (no ring message: their lines).
+            // Answers to this core's own multicast request (no ring message: their lines),
+            // once all are in.
             if self.proto.mc_open() {
-                let taken = self.proto.mc_gather(env, &mut self.stats);
+                let taken = self.proto.mc_gather(env, &mut self.stats, false);
                 if taken > 0 {
                     n += taken;
                     continue;
@@ -825,7 +826,7 @@ impl<const E: usize> CapCore<E> {
     /// Takes the answers to this core's multicast request (the model's way in).
     #[cfg(test)]
     pub fn mc_gather(&mut self, env: &mut impl Env) -> u32 {
-        self.proto.mc_gather(env, &mut self.stats)
+        self.proto.mc_gather(env, &mut self.stats, false)
     }
 
     /// Decides an `INSERT`: the channel must join this guest and the sender's core, the

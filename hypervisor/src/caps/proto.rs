@@ -658,14 +658,21 @@ impl<const E: usize> Proto<E> {
     }
 
     /// Takes the answers to this core's multicast request that its holders' cores wrote
-    /// (their reply lines, one load of the answered word when none is new); returns how
-    /// many. A declined answer has that core's copies asked by `REVOKE`s on the ring.
-    pub fn mc_gather(&mut self, env: &mut impl Env, stats: &mut Stats) -> u32 {
+    /// (their reply lines); returns how many. Unless `all`, only once every awaited core
+    /// has answered (one load of the answered word until then): the answers are taken in
+    /// one go, not each in a poll of its own, which would put a poll per holder on the
+    /// revoker's critical path. Deadlines and fences take whatever came first ([`Self::expire`],
+    /// [`Self::fence`]). A declined answer has that core's copies asked by `REVOKE`s.
+    pub fn mc_gather(&mut self, env: &mut impl Env, stats: &mut Stats, all: bool) -> u32 {
         if self.mc_expect == 0 {
             return 0;
         }
         let me = self.me as usize;
-        let mut bits = env.mc_answered(me) & self.mc_expect;
+        let answered = env.mc_answered(me);
+        if !all && answered & self.mc_expect != self.mc_expect {
+            return 0;
+        }
+        let mut bits = answered & self.mc_expect;
         let mut taken = 0;
         let mut unfolded = false;
         while bits != 0 {
@@ -909,6 +916,8 @@ impl<const E: usize> Proto<E> {
         if self.fenced(core) {
             return;
         }
+        // Answers already in count before the fence settles the rest as failed.
+        self.mc_gather(env, stats, true);
         self.fenced |= 1 << core;
         self.mc_expect &= !(1 << core);
         stats.fenced |= 1 << core;
@@ -947,6 +956,10 @@ impl<const E: usize> Proto<E> {
     pub fn expire(&mut self, env: &mut impl Env, now: u64, stats: &mut Stats) {
         if self.open == 0 {
             return;
+        }
+        if self.mc_expect != 0 && now > self.entries[0].deadline {
+            // The multicast's answers that came: taken before the silent are fenced.
+            self.mc_gather(env, stats, true);
         }
         let mut i = 0;
         while i < self.hi {
