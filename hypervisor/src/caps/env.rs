@@ -51,8 +51,9 @@ pub trait Env {
     fn mc_rung(&mut self, _me: usize) -> u64 {
         0
     }
-    /// Core `from`'s published request, a consistent copy; `None` while it is rewritten.
-    fn mc_read(&mut self, _from: usize) -> Option<mcast::Request> {
+    /// Core `from`'s published request as core `me` needs it: a consistent copy of its
+    /// sequence number, node and the copies on `me` only; `None` while it is rewritten.
+    fn mc_read(&mut self, _from: usize, _me: usize) -> Option<mcast::Request> {
         None
     }
     /// This core's answer (an [`mcast::answer`] word) to core `to`'s request: its own reply

@@ -31,6 +31,19 @@ impl Request {
         self.cores[..self.n as usize].iter().fold(0, |m, &c| m | 1u64 << (c % 64))
     }
 
+    /// This request as core `core` reads it: only its copies (what [`super::Env::mc_read`]
+    /// returns; the model and the host tests use it).
+    #[cfg(test)]
+    pub fn only(&self, core: usize) -> Request {
+        let mut r = Request { seq: self.seq, node: self.node, ..Default::default() };
+        for id in self.on(core) {
+            r.ids[r.n as usize] = id;
+            r.cores[r.n as usize] = core as u16;
+            r.n += 1;
+        }
+        r
+    }
+
     /// The ids of the copies on core `core`.
     pub fn on(&self, core: usize) -> impl Iterator<Item = u64> + '_ {
         (0..self.n as usize).filter(move |&j| self.cores[j] as usize == core).map(|j| self.ids[j])

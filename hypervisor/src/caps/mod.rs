@@ -114,8 +114,8 @@ impl<E: Env> Env for Deferring<'_, E> {
     fn mc_rung(&mut self, me: usize) -> u64 {
         self.env.mc_rung(me)
     }
-    fn mc_read(&mut self, from: usize) -> Option<mcast::Request> {
-        self.env.mc_read(from)
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<mcast::Request> {
+        self.env.mc_read(from, me)
     }
     fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
         self.env.mc_answer(me, to, word)
@@ -624,7 +624,8 @@ impl<const E: usize> CapCore<E> {
                 self.mc_ready &= !(1 << from);
                 // Not the request seen (its core fenced this one and went on): dropped; a
                 // newer one naming this core rings again.
-                if let Some(req) = env.mc_read(from).filter(|r| r.seq == self.mc_seen[from]) {
+                let me = self.proto.me();
+                if let Some(req) = env.mc_read(from, me).filter(|r| r.seq == self.mc_seen[from]) {
                     n += 1;
                     self.deliver_multicast(env, from, &req);
                 }
@@ -636,9 +637,8 @@ impl<const E: usize> CapCore<E> {
             while rung != 0 {
                 let from = rung.trailing_zeros() as usize;
                 rung &= rung - 1;
-                let Some(req) = env.mc_read(from) else { continue };
-                if from < MAX_PEERS && req.seq != self.mc_seen[from] && req.on(me).next().is_some()
-                {
+                let Some(req) = env.mc_read(from, me) else { continue };
+                if from < MAX_PEERS && req.seq != self.mc_seen[from] && req.n > 0 {
                     self.mc_seen[from] = req.seq;
                     self.mc_ready |= 1 << from;
                 }
@@ -800,7 +800,7 @@ impl<const E: usize> CapCore<E> {
     /// model's way in (the model itself keeps the order [`Self::poll`] keeps).
     #[cfg(test)]
     pub fn mc_deliver(&mut self, env: &mut impl Env, from: usize) {
-        let Some(req) = env.mc_read(from) else { return };
+        let Some(req) = env.mc_read(from, self.proto.me()) else { return };
         self.deliver_multicast(env, from, &req);
         for slot in self.unmaps.iter_mut() {
             if let Some((g, size)) = slot.take() {

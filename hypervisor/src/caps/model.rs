@@ -147,8 +147,8 @@ impl Env for ModelEnv<'_> {
         }
         true
     }
-    fn mc_read(&mut self, from: usize) -> Option<mcast::Request> {
-        self.mc.slot[from]
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<mcast::Request> {
+        self.mc.slot[from].map(|r| r.only(me))
     }
     fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
         self.mc.lines[to][me] = word;

@@ -613,15 +613,17 @@ impl<const E: usize> Proto<E> {
             node: e.node,
             ..Default::default()
         };
-        let mut k = 0;
+        // The children asked (their slots), one pass; fenced cores are left to `pump`.
+        let skip = self.fenced | 1 << me;
+        let (mut k, mut asked) = (0, 0u16);
         for j in 0..e.n as usize {
-            let core = e.cores[j] as usize;
-            if core == me || self.fenced(core) {
+            let core = e.cores[j];
+            if core as usize >= MAX_PEERS || skip & 1 << core != 0 {
                 continue;
             }
-            req.ids[k] = e.ids[j];
-            req.cores[k] = e.cores[j];
+            (req.ids[k], req.cores[k]) = (e.ids[j], core);
             k += 1;
+            asked |= 1 << j;
         }
         if k == 0 {
             return;
@@ -633,16 +635,16 @@ impl<const E: usize> Proto<E> {
         self.mc_seq = req.seq;
         self.mc_expect = req.targets();
         let e = &mut self.entries[0];
+        e.sent |= asked;
         for j in 0..e.n as usize {
             self.mc_children[e.cores[j] as usize % MAX_PEERS] = 0;
         }
-        for j in 0..e.n as usize {
-            let core = e.cores[j] as usize % MAX_PEERS;
-            if self.mc_expect & (1 << core) != 0 {
-                e.via[j] = MC;
-                e.sent |= 1 << j;
-                self.mc_children[core] |= 1 << j;
-            }
+        let mut m = asked;
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            e.via[j] = MC;
+            self.mc_children[e.cores[j] as usize] |= 1 << j;
         }
     }
 

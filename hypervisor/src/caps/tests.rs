@@ -78,8 +78,8 @@ impl Env for NetEnv<'_> {
         }
         core::mem::take(&mut self.mc.bells[me])
     }
-    fn mc_read(&mut self, from: usize) -> Option<mcast::Request> {
-        self.mc.slot[from]
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<mcast::Request> {
+        self.mc.slot[from].map(|r| r.only(me))
     }
     fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
         self.mc.lines[to][me] = word;

@@ -245,8 +245,8 @@ impl crate::caps::Env for Serving<'_> {
     fn mc_rung(&mut self, me: usize) -> u64 {
         crate::instance::xcore::mc_rung(me)
     }
-    fn mc_read(&mut self, from: usize) -> Option<crate::caps::mcast::Request> {
-        crate::instance::xcore::mc_read(from)
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
+        crate::instance::xcore::mc_read(from, me)
     }
     fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
         crate::instance::xcore::mc_answer(me, to, word)

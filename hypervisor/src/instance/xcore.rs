@@ -117,27 +117,36 @@ pub fn mc_publish(me: usize, req: &mcast::Request) -> bool {
     s.seq.store(req.seq.wrapping_sub(1), Ordering::Relaxed);
     fence(Ordering::Release);
     s.node.store(req.node, Ordering::Relaxed);
-    s.n.store(req.n as u64, Ordering::Relaxed);
-    for (w, four) in s.cores.iter().zip(req.cores.chunks(4)) {
-        let v = four.iter().enumerate().fold(0, |v, (i, &c)| v | (c as u64) << (16 * i));
-        w.store(v, Ordering::Relaxed);
-    }
-    for (w, &id) in s.ids.iter().zip(&req.ids).take(req.n as usize) {
-        w.store(id, Ordering::Relaxed);
+    let n = (req.n as usize).min(mcast::MAX);
+    s.n.store(n as u64, Ordering::Relaxed);
+    let mut word = 0;
+    for j in 0..n {
+        s.ids[j].store(req.ids[j], Ordering::Relaxed);
+        word |= (req.cores[j] as u64) << (16 * (j % 4));
+        if j % 4 == 3 || j + 1 == n {
+            s.cores[j / 4].store(word, Ordering::Relaxed);
+            word = 0;
+        }
     }
     s.answered.0.store(0, Ordering::Relaxed);
     s.seq.store(req.seq, Ordering::Release);
-    let targets = req.targets() & !(1 << me);
-    let mut t = targets;
+    // Each named core: its bell and mail bit (after the slot), then its kick.
+    let apic = APIC_OF.get();
+    let mut t = req.targets() & !(1 << me);
     while t != 0 {
         let to = t.trailing_zeros() as usize;
         t &= t - 1;
-        if to < MAX_CORES {
-            BELLS[to].0.fetch_or(1 << me, Ordering::Release);
-            MAIL[to].0.fetch_or(1 << me, Ordering::Release);
+        if to >= MAX_CORES {
+            continue;
+        }
+        BELLS[to].0.fetch_or(1 << me, Ordering::Release);
+        MAIL[to].0.fetch_or(1 << me, Ordering::Release);
+        if let Some((ids, cores)) = apic {
+            if to < *cores && crate::percpu::nmi_ready(to) {
+                crate::arch::apic::send_nmi(ids[to]);
+            }
         }
     }
-    kick_set(targets);
     true
 }
 
@@ -150,28 +159,29 @@ pub fn mc_rung(me: usize) -> u64 {
     }
 }
 
-/// Core `from`'s published request, or `None` while it is being rewritten.
-pub fn mc_read(from: usize) -> Option<mcast::Request> {
+/// Core `from`'s published request as core `me` reads it (only `me`'s copies), or `None`
+/// while it is being rewritten.
+pub fn mc_read(from: usize, me: usize) -> Option<mcast::Request> {
     let s = MC_SLOTS.get(from)?;
     let seq = s.seq.load(Ordering::Acquire);
     if seq == 0 || seq & 1 != 0 {
         return None;
     }
-    let mut r = mcast::Request {
-        seq,
-        node: s.node.load(Ordering::Relaxed),
-        n: (s.n.load(Ordering::Relaxed) as usize).min(mcast::MAX) as u8,
-        ..Default::default()
-    };
-    for (i, w) in s.cores.iter().enumerate() {
+    let mut r = mcast::Request { seq, node: s.node.load(Ordering::Relaxed), ..Default::default() };
+    let n = (s.n.load(Ordering::Relaxed) as usize).min(mcast::MAX);
+    let mut k = 0;
+    for (i, w) in s.cores.iter().enumerate().take(n.div_ceil(4)) {
         let v = w.load(Ordering::Relaxed);
-        for k in 0..4 {
-            r.cores[4 * i + k] = (v >> (16 * k)) as u16;
+        for q in 0..4 {
+            let j = 4 * i + q;
+            if j < n && (v >> (16 * q)) as u16 as usize == me {
+                r.ids[k] = s.ids[j].load(Ordering::Relaxed);
+                r.cores[k] = me as u16;
+                k += 1;
+            }
         }
     }
-    for (d, w) in r.ids.iter_mut().zip(&s.ids).take(r.n as usize) {
-        *d = w.load(Ordering::Relaxed);
-    }
+    r.n = k as u8;
     fence(Ordering::Acquire);
     (s.seq.load(Ordering::Relaxed) == seq).then_some(r)
 }
@@ -194,19 +204,6 @@ pub fn mc_line(me: usize, from: usize) -> u64 {
     match (MC_SLOTS.get(me), from < MAX_CORES) {
         (Some(s), true) => s.lines[from].0.load(Ordering::Acquire),
         _ => 0,
-    }
-}
-
-/// An NMI to every ready core in `set`: one ICR write per core (x2APIC physical mode).
-fn kick_set(set: u64) {
-    let Some((t, n)) = APIC_OF.get() else { return };
-    let mut s = set;
-    while s != 0 {
-        let to = s.trailing_zeros() as usize;
-        s &= s - 1;
-        if to < *n && crate::percpu::nmi_ready(to) {
-            crate::arch::apic::send_nmi(t[to]);
-        }
     }
 }
 
@@ -380,7 +377,9 @@ mod tests {
         assert_eq!(mc_rung(59), 0, "taken");
         assert_eq!(mc_rung(61), 1 << 58);
         assert_ne!(MAIL[61].0.load(Ordering::Relaxed) & 1 << 58, 0, "its run loop looks");
-        assert_eq!(mc_read(58), Some(req));
+        assert_eq!(mc_read(58, 59), Some(req.only(59)));
+        assert_eq!(mc_read(58, 59).map(|r| r.n), Some(2));
+        assert_eq!(mc_read(58, 60).map(|r| r.n), Some(0), "not named");
         assert_eq!(mc_answered(58), 0);
         mc_answer(61, 58, mcast::answer(2, 1, false, false));
         assert_eq!(mc_answered(58), 1 << 61);
@@ -390,7 +389,7 @@ mod tests {
         assert!(mc_publish(58, &req));
         assert_eq!(mc_answered(58), 0);
         MC_SLOTS[58].seq.store(5, Ordering::Relaxed);
-        assert_eq!(mc_read(58), None, "odd: being rewritten");
+        assert_eq!(mc_read(58, 59), None, "odd: being rewritten");
         MC_SLOTS[58].seq.store(4, Ordering::Relaxed);
         assert!(!mc_publish(58, &mcast::Request { seq: 3, ..req }), "odd numbers are refused");
         MAIL[59].0.store(0, Ordering::Relaxed);
