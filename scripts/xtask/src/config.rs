@@ -1382,13 +1382,16 @@ memory_mib = 4
         let with = |extra: &str| {
             GOOD.replacen("memory_mib = 256\n", &format!("memory_mib = 256\n{extra}"), 1)
         };
+        assert!(compile("t.toml", &with("revoke = \"multicast\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"broadcast\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"tree\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"tree\"\nrevoke_fanout = 16\n")).is_ok());
         let line = GOOD.lines().position(|l| l == "memory_mib = 256").unwrap() + 2;
         let e = one_error(&with("revoke = \"star\"\n"));
         assert_eq!((e.field.as_str(), e.line), ("machine.revoke", line), "{e}");
-        assert!(e.message.contains("unknown revoke strategy `star` (known: broadcast, tree)"));
+        assert!(e
+            .message
+            .contains("unknown revoke strategy `star` (known: multicast, broadcast, tree)"));
         for bad in ["1", "17", "0"] {
             let e = one_error(&with(&format!("revoke = \"tree\"\nrevoke_fanout = {bad}\n")));
             assert_eq!((e.field.as_str(), e.line), ("machine.revoke_fanout", line + 1), "{e}");
