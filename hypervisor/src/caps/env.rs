@@ -5,7 +5,7 @@
 //! implement it; the capability code sees nothing else of the hardware.
 //!
 //! May call: [`control`] (the type its host hook hands over), [`mcast`] (the multicast
-//! request's layout), [`wire`] (the part guest control needs, given to every `Env`),
+//! request's layout), `wire` (the part guest control needs, given to every `Env`),
 //! `members` (membership's transport, also given to every `Env`), `vmcall_proto`.
 
 use super::wire::Wire;

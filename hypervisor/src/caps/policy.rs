@@ -11,12 +11,12 @@ use crate::members::MAX_PEERS;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     /// Per-level protocol deadline, in TSC ticks: a core that does not answer within it
-    /// (scaled by the levels below, see [`proto`]) is declared failed and fenced.
+    /// (scaled by the levels below, see [`super::proto`]) is declared failed and fenced.
     pub deadline: u64,
     /// Least TSC ticks between two transfers from this core to the same core: bounds the
     /// request rate any one guest can aim at another.
     pub transfer_gap: u64,
-    /// How this core's own revokes reach the holders of its copies (see [`proto`]).
+    /// How this core's own revokes reach the holders of its copies (see [`super::proto`]).
     pub revoke: Revoke,
 }
 
@@ -24,14 +24,14 @@ pub struct Policy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Revoke {
     /// The request written once into the revoker's multicast slot, every holder's core
-    /// rung and kicked, each answering in its own reply line of that slot (see [`proto`],
+    /// rung and kicked, each answering in its own reply line of that slot (see [`super::proto`],
     /// "Multicast").
     #[default]
     Multicast,
     /// One `REVOKE` from the revoker to every holder's core, every answer back to it.
     Broadcast,
     /// The revoker asks `fanout` holders' cores, each forwards to its share of the others
-    /// and answers for its whole subtree (see [`proto`], "Trees").
+    /// and answers for its whole subtree (see [`super::proto`], "Trees").
     Tree { fanout: u8 },
 }
 
