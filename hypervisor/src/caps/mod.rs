@@ -8,7 +8,7 @@
 //! same code runs in the hypervisor, in host tests and in the model checker.
 //!
 //! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`],
-//! [`links`], [`env`] (the [`Env`] trait), [`mcast`] (the multicast request's layout),
+//! [`links`], [`env`](mod@env) (the [`Env`] trait), [`mcast`] (the multicast request's layout),
 //! [`op`] (message kinds), `policy` (settings and counters), `members` (core membership,
 //! whose messages share the rings), `console` (a turn at the UART while serving the inbox,
 //! never while this core waits for its own operation). Nothing else of the hypervisor: `exits` calls into this
