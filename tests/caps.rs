@@ -45,6 +45,13 @@ fn move_copy_and_revoke_across_cores_through_a_tree() {
     move_copy_and_revoke("revoke=tree revoke_fanout=2");
 }
 
+/// The same with the revoke as one `REVOKE` per holder on the rings (the multicast is the
+/// default).
+#[test]
+fn move_copy_and_revoke_across_cores_by_broadcast() {
+    move_copy_and_revoke("revoke=broadcast");
+}
+
 fn move_copy_and_revoke(cmdline: &str) {
     let b = boot_config(Emulator::Bochs, None, None, cmdline, Some("configs/transfer.toml"));
     let s = &b.serial;

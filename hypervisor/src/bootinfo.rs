@@ -36,6 +36,14 @@ pub enum AcpiRoot {
     Xsdt(u64),
 }
 
+/// The command line's `revoke=` (see `caps::Revoke`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeMode {
+    Multicast,
+    Broadcast,
+    Tree,
+}
+
 /// Options from the hypervisor command line (`multiboot2 /boot/mkvisor cpus=2`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
@@ -58,9 +66,10 @@ pub struct Options {
     /// The run's length in milliseconds of TSC time from the guests' planning: then every
     /// guest still running is stopped (`ended`), none restarted.
     pub duration_ms: Option<u64>,
-    /// How a revoke reaches the holders' cores: `revoke=broadcast` (the default) or
-    /// `revoke=tree`, with `revoke_fanout=N` (2..=16, default 2) heads per level.
-    pub revoke_tree: Option<bool>,
+    /// How a revoke reaches the holders' cores: `revoke=multicast` (the default),
+    /// `revoke=broadcast` or `revoke=tree`, with `revoke_fanout=N` (2..=16, default 2) heads
+    /// per level.
+    pub revoke: Option<RevokeMode>,
     pub revoke_fanout: Option<u8>,
     /// Live figures (`stats_ms=N`, 1..=60000; default off): each core writes a `stats`
     /// record of its guest at most every N ms, at its membership probes.
@@ -153,9 +162,13 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 _ => bad(BadOption { word, why: "expected stats_ms=N with 1 <= N <= 60000" }),
             },
             "revoke" => match value {
-                "broadcast" => o.revoke_tree = Some(false),
-                "tree" => o.revoke_tree = Some(true),
-                _ => bad(BadOption { word, why: "expected revoke=broadcast or revoke=tree" }),
+                "multicast" => o.revoke = Some(RevokeMode::Multicast),
+                "broadcast" => o.revoke = Some(RevokeMode::Broadcast),
+                "tree" => o.revoke = Some(RevokeMode::Tree),
+                _ => bad(BadOption {
+                    word,
+                    why: "expected revoke=multicast, revoke=broadcast or revoke=tree",
+                }),
             },
             "revoke_fanout" => match value.parse::<u8>() {
                 Ok(n) if (2..=16).contains(&n) => o.revoke_fanout = Some(n),
@@ -402,7 +415,7 @@ mod tests {
                 trace: false,
                 probe_ms: None,
                 duration_ms: None,
-                revoke_tree: None,
+                revoke: None,
                 revoke_fanout: None,
                 stats_ms: None,
                 host_control: false,
@@ -444,8 +457,9 @@ mod tests {
         }
         assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));
         assert_eq!(opts("caps_deadline_ms=0").1.len(), 1);
-        assert_eq!(opts("revoke=tree").0.revoke_tree, Some(true));
-        assert_eq!(opts("revoke=broadcast").0.revoke_tree, Some(false));
+        assert_eq!(opts("revoke=tree").0.revoke, Some(RevokeMode::Tree));
+        assert_eq!(opts("revoke=broadcast").0.revoke, Some(RevokeMode::Broadcast));
+        assert_eq!(opts("revoke=multicast").0.revoke, Some(RevokeMode::Multicast));
         assert_eq!(opts("revoke_fanout=3").0.revoke_fanout, Some(3));
         for bad in
             ["revoke=star", "revoke", "revoke_fanout=1", "revoke_fanout=17", "revoke_fanout=x"]

@@ -4,7 +4,7 @@
 //! message; at the end, collect each core's report and print the records and the summary.
 //! Between the two the BSP is just another core running its own guest.
 
-use crate::bootinfo::BootParams;
+use crate::bootinfo::{BootParams, RevokeMode};
 use crate::cores::CoreList;
 use crate::exits::StopReason;
 use crate::instance::{ChanMap, Ending, Exits, Launch};
@@ -289,9 +289,12 @@ pub fn plan(
                         kernel: kernels[e.kernel as usize],
                         watchdog_ms: if e.budget_ms > 0 { e.budget_ms as u64 } else { budget_ms },
                         caps_deadline_ms: opts.caps_deadline_ms.unwrap_or(50),
-                        revoke: match (opts.revoke_tree, opts.revoke_fanout) {
-                            (Some(true), f) => crate::caps::Revoke::Tree { fanout: f.unwrap_or(2) },
-                            _ => crate::caps::Revoke::default(),
+                        revoke: match opts.revoke {
+                            Some(RevokeMode::Tree) => crate::caps::Revoke::Tree {
+                                fanout: opts.revoke_fanout.unwrap_or(2),
+                            },
+                            Some(RevokeMode::Broadcast) => crate::caps::Revoke::Broadcast,
+                            Some(RevokeMode::Multicast) | None => crate::caps::Revoke::Multicast,
                         },
                         deaf: deaf == Some(e.core as usize),
                         deaf_ms: deaf_for.filter(|d| d.0 == e.core as usize).map_or(0, |d| d.1),

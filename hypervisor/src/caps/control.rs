@@ -15,15 +15,16 @@
 //! [`HOST_MARK`] from the core serving the channel (or straight into this core's inbox when
 //! the target's core is that one), wait in the inbox under the sender's core like any
 //! request, and are taken as coming from [`HOST`]; their answers go back through
-//! [`Env::host_answer`]. A host request to a core shares the serving core's
+//! [`Wire::host_answer`]. A host request to a core shares the serving core's
 //! one-request-per-core budget with its own guest's (`Busy` for whichever comes second), so
 //! the rings keep their bound. The host holds a guest it stopped or parked (it waits down
 //! for the host's `START`, as for a controller's), and lets go when it starts it again.
 //!
-//! Owns only this bookkeeping; calls nothing but the [`Env`] it is handed.
+//! Owns only this bookkeeping; calls nothing but the [`Wire`] it is handed.
 
-use super::proto::op;
-use super::{Env, MAX_PEERS};
+use super::op;
+use super::wire::Wire;
+use crate::members::MAX_PEERS;
 use vmcall_proto::channel::Payload;
 use vmcall_proto::hypercall::{control, HvError};
 
@@ -154,7 +155,7 @@ impl Control {
     /// request there unanswered (its guest's or the host's), `PeerGone` if the ring refuses.
     pub fn host_send(
         &mut self,
-        env: &mut impl Env,
+        env: &mut impl Wire,
         to: usize,
         req: u32,
         operation: u64,
@@ -213,7 +214,7 @@ impl Control {
     }
 
     /// Answers request `req` of core `to` (of the host: [`HOST`]).
-    pub fn answer(env: &mut impl Env, to: usize, req: u32, result: Result<u64, HvError>) {
+    pub fn answer(env: &mut impl Wire, to: usize, req: u32, result: Result<u64, HvError>) {
         if to == HOST {
             env.host_answer(req, result);
             return;
@@ -226,7 +227,7 @@ impl Control {
     }
 
     /// Tells core `to` this core's guest is gone for good: it controls nothing any more.
-    pub fn release(env: &mut impl Env, to: usize) {
+    pub fn release(env: &mut impl Wire, to: usize) {
         if env.send(to, &[op::RELEASE, 0, 0, 0, 0, 0, 0]) {
             env.kick(to);
         }
@@ -235,7 +236,7 @@ impl Control {
     /// Sends `operation` to core `to`; `Busy` while an earlier request there is unanswered.
     pub fn start(
         &mut self,
-        env: &mut impl Env,
+        env: &mut impl Wire,
         to: u16,
         operation: u64,
         deadline: u64,

@@ -25,10 +25,10 @@
 //! pair is in flight at a time at most (a death waits for its acks, bounded, before the
 //! next incarnation sends `LINK_UP`), which `proto::RING_SLOTS` counts.
 //!
-//! Owns the link fields of the guest's channels; calls only the [`Env`] it is handed.
+//! Owns the link fields of the guest's channels; calls only the [`Wire`] it is handed.
 
-use super::proto::op;
-use super::Env;
+use super::op;
+use super::wire::Wire;
 use vmcall_proto::channel::Payload;
 
 /// What a core knows of one channel's peer.
@@ -74,7 +74,7 @@ pub fn names(m: &Payload, index: u32) -> bool {
 }
 
 /// Sends `m` to core `to` and kicks it; `false` if its ring is full.
-pub fn send(env: &mut impl Env, to: usize, m: &Payload) -> bool {
+pub fn send(env: &mut impl Wire, to: usize, m: &Payload) -> bool {
     let ok = env.send(to, m);
     if ok {
         env.kick(to);

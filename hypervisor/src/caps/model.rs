@@ -15,10 +15,18 @@
 //!   hypercall always has a message on its way to unblock it), **every request answered**
 //!   (when nothing is in flight, no core has an entry open).
 //!
-//! Seeded bugs ([`Bug::RecordAfterReply`], [`proto::Bug::NoRecursion`]) must be found.
+//! Multicast revokes (the default): a core's published request is one slot per core, each
+//! core it names is rung, and serves it (an action of its own) only once every message its
+//! publisher queued to it before the publish was delivered, the order `CapCore::poll` keeps
+//! on the hardware (it drains its inbox after seeing a request, before serving it); the
+//! answers are reply lines the publisher gathers (an action too), so every interleaving of
+//! serving, answering and gathering with the ring messages is explored.
+//!
+//! Seeded bugs ([`Bug::RecordAfterReply`], [`proto::Bug::NoRecursion`],
+//! [`proto::Bug::McNoDecline`]) must be found.
 
 use super::proto::{self, entries_for, RING_SLOTS};
-use super::{Bug, CapCore, Env, Policy, Revoke, Transfer};
+use super::{mcast, Bug, CapCore, Env, Policy, Revoke, Transfer};
 use stateright::{Checker, Model, Property};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use vmcall_proto::caps::{CapType, Rights};
@@ -57,6 +65,22 @@ pub struct State {
     /// Ghost: copy id -> (parent node id, the piece copied from, the parent's rights).
     parent: BTreeMap<u64, (u64, (usize, u64), u8)>,
     violation: Option<&'static str>,
+    mc: Mc,
+}
+
+/// The multicast slots, bells and reply lines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+struct Mc {
+    /// Each core's published request.
+    slot: [Option<mcast::Request>; CORES],
+    /// Per core: the publishers that rang it and it has not served yet.
+    rung: [u8; CORES],
+    /// Per queue `from * CORES + to`: messages queued before `from`'s last publish naming
+    /// `to`, not yet delivered (`to` serves that request only after them).
+    before: [u8; CORES * CORES],
+    /// Per core's slot: the answered word and each core's line.
+    answered: [u64; CORES],
+    lines: [[u64; CORES]; CORES],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -68,6 +92,10 @@ pub enum Action {
     Map(usize, u64),
     Unmap(usize, u64),
     Revoke(usize, u64),
+    /// Core `to` serves core `from`'s multicast request.
+    McServe(usize, usize),
+    /// Core `c` takes the answers to its multicast request.
+    McGather(usize),
 }
 
 /// One core's view of the world while it runs.
@@ -76,6 +104,7 @@ struct ModelEnv<'a> {
     net: &'a mut Vec<VecDeque<Payload>>,
     ept: &'a mut BTreeSet<(u64, u64)>,
     overflow: &'a mut bool,
+    mc: &'a mut Mc,
 }
 
 impl Env for ModelEnv<'_> {
@@ -109,6 +138,28 @@ impl Env for ModelEnv<'_> {
             Err(HvError::NotMapped)
         }
     }
+    fn mc_publish(&mut self, me: usize, req: &mcast::Request) -> bool {
+        self.mc.slot[me] = Some(*req);
+        self.mc.answered[me] = 0;
+        for to in (0..CORES).filter(|&t| t != me && req.targets() & 1 << t != 0) {
+            self.mc.rung[to] |= 1 << me;
+            self.mc.before[me * CORES + to] = self.net[me * CORES + to].len() as u8;
+        }
+        true
+    }
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<mcast::Request> {
+        self.mc.slot[from].map(|r| r.only(me))
+    }
+    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+        self.mc.lines[to][me] = word;
+        self.mc.answered[to] |= 1 << me;
+    }
+    fn mc_answered(&mut self, me: usize) -> u64 {
+        self.mc.answered[me]
+    }
+    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+        self.mc.lines[me][from]
+    }
 }
 
 pub struct CapModel {
@@ -123,8 +174,13 @@ impl CapModel {
     fn with_core<R>(s: &mut State, c: usize, f: impl FnOnce(&mut Core, &mut ModelEnv) -> R) -> R {
         let mut overflow = false;
         let r = {
-            let mut env =
-                ModelEnv { me: c, net: &mut s.net, ept: &mut s.ept[c], overflow: &mut overflow };
+            let mut env = ModelEnv {
+                me: c,
+                net: &mut s.net,
+                ept: &mut s.ept[c],
+                overflow: &mut overflow,
+                mc: &mut s.mc,
+            };
             f(&mut s.cores[c], &mut env)
         };
         if overflow {
@@ -188,6 +244,28 @@ impl CapModel {
     }
 }
 
+impl CapModel {
+    /// Whether core `c` has answers to its open multicast request to take.
+    fn gatherable(s: &State, c: usize) -> bool {
+        s.cores[c].mc_open() && s.mc.answered[c] != 0 && {
+            let seq = s.mc.slot[c].map_or(0, |r| r.seq);
+            (0..CORES).any(|h| {
+                s.mc.answered[c] & 1 << h != 0
+                    && mcast::decode(s.mc.lines[c][h]).seq == seq as u32
+                    && s.cores[c].mc_awaits(h)
+            })
+        }
+    }
+
+    /// Whether something is on its way: a ring message, a multicast request not yet served,
+    /// an answer not yet taken.
+    fn in_flight(s: &State) -> bool {
+        s.net.iter().any(|q| !q.is_empty())
+            || s.mc.rung.iter().any(|&r| r != 0)
+            || (0..CORES).any(|c| Self::gatherable(s, c))
+    }
+}
+
 fn core_index(core: &Core) -> usize {
     // Ids are `core << 48 | n`: any live cap tells; every core holds endpoint caps.
     core.space().live().next().map_or(0, |(_, c)| (c.id >> 48) as usize)
@@ -209,8 +287,14 @@ impl Model for CapModel {
             for p in (0..CORES).filter(|&p| p != c) {
                 let ep = core.add_channel(chan(c, p), Some(p as u16)).unwrap();
                 let mut overflow = false;
-                let mut env =
-                    ModelEnv { me: c, net: &mut net, ept: &mut ept[c], overflow: &mut overflow };
+                let mut mc = Mc::default();
+                let mut env = ModelEnv {
+                    me: c,
+                    net: &mut net,
+                    ept: &mut ept[c],
+                    overflow: &mut overflow,
+                    mc: &mut mc,
+                };
                 core.hypercall(&mut env, Hypercall::CapAccept, ep, 2, 0).unwrap().unwrap();
             }
         }
@@ -222,6 +306,7 @@ impl Model for CapModel {
             ept,
             parent: BTreeMap::new(),
             violation: None,
+            mc: Mc::default(),
         }]
     }
 
@@ -229,6 +314,16 @@ impl Model for CapModel {
         for (i, q) in s.net.iter().enumerate() {
             if !q.is_empty() {
                 out.push(Action::Deliver(i / CORES, i % CORES));
+            }
+        }
+        for to in 0..CORES {
+            for from in (0..CORES).filter(|&f| s.mc.rung[to] & 1 << f != 0) {
+                if s.mc.before[from * CORES + to] == 0 {
+                    out.push(Action::McServe(from, to));
+                }
+            }
+            if Self::gatherable(s, to) {
+                out.push(Action::McGather(to));
             }
         }
         for c in 0..CORES {
@@ -258,7 +353,18 @@ impl Model for CapModel {
     fn next_state(&self, last: &State, a: Action) -> Option<State> {
         let mut s = last.clone();
         match a {
+            Action::McServe(from, to) => {
+                s.mc.rung[to] &= !(1 << from);
+                Self::with_core(&mut s, to, |core, env| core.mc_deliver(env, from));
+                self.settle(&mut s, to);
+            }
+            Action::McGather(c) => {
+                Self::with_core(&mut s, c, |core, env| core.mc_gather(env));
+                self.settle(&mut s, c);
+            }
             Action::Deliver(from, to) => {
+                let b = &mut s.mc.before[from * CORES + to];
+                *b = b.saturating_sub(1);
                 let m = s.net[from * CORES + to].pop_front()?;
                 Self::with_core(&mut s, to, |core, env| core.deliver(env, from, &m));
                 self.settle(&mut s, to);
@@ -343,10 +449,10 @@ impl Model for CapModel {
                 })
             }),
             Property::always("no deadlock", |_, s: &State| {
-                s.net.iter().any(|q| !q.is_empty()) || s.busy.iter().all(|b| *b == Busy::Idle)
+                Self::in_flight(s) || s.busy.iter().all(|b| *b == Busy::Idle)
             }),
             Property::always("every request answered", |_, s: &State| {
-                s.net.iter().any(|q| !q.is_empty()) || s.cores.iter().all(|c| c.idle())
+                Self::in_flight(s) || s.cores.iter().all(|c| c.idle())
             }),
         ]
     }
@@ -388,18 +494,36 @@ mod tests {
             budget,
             bug: Bug::None,
             proto_bug: proto::Bug::None,
+            revoke: Revoke::Multicast,
+        });
+        eprintln!("capability model (multicast), budgets {budget:?}: {states} distinct states");
+        assert!(broken.is_empty(), "broken: {broken:?}");
+        assert!(states > 1000, "the model explored too little to mean anything");
+    }
+
+    #[test]
+    fn the_broadcast_protocol_keeps_every_property() {
+        let budget = budget();
+        let (broken, states) = check(CapModel {
+            budget,
+            bug: Bug::None,
+            proto_bug: proto::Bug::None,
             revoke: Revoke::Broadcast,
         });
-        eprintln!("capability model, budgets {budget:?}: {states} distinct states");
+        eprintln!("capability model (broadcast), budgets {budget:?}: {states} distinct states");
         assert!(broken.is_empty(), "broken: {broken:?}");
         assert!(states > 1000, "the model explored too little to mean anything");
     }
 
     /// The checker must find a seeded bug within a small budget (copy, copy on, revoke).
     fn assert_caught(bug: Bug, proto_bug: proto::Bug) {
-        let (broken, _) =
-            check(CapModel { budget: [2, 1, 0], bug, proto_bug, revoke: Revoke::Broadcast });
-        assert!(broken.contains(&"revoke is complete and rings never overflow"), "{broken:?}");
+        for revoke in [Revoke::Broadcast, Revoke::Multicast] {
+            let (broken, _) = check(CapModel { budget: [2, 1, 0], bug, proto_bug, revoke });
+            assert!(
+                broken.contains(&"revoke is complete and rings never overflow"),
+                "{revoke:?}: {broken:?}"
+            );
+        }
     }
 
     /// Revoke trees: the owner makes three copies (with fan-out 2 a head carries the
@@ -437,5 +561,19 @@ mod tests {
     #[test]
     fn a_revoke_that_does_not_recurse_is_caught() {
         assert_caught(Bug::None, proto::Bug::NoRecursion);
+    }
+
+    /// Multicast: a holder's copy that has copies of its own, answered for instead of
+    /// declined (copy, copy on, revoke).
+    #[test]
+    fn a_multicast_answer_for_a_copy_with_copies_is_caught() {
+        let model = CapModel {
+            budget: [2, 1, 0],
+            bug: Bug::None,
+            proto_bug: proto::Bug::McNoDecline,
+            revoke: Revoke::Multicast,
+        };
+        let (broken, _) = check(model);
+        assert!(broken.contains(&"revoke is complete and rings never overflow"), "{broken:?}");
     }
 }

@@ -51,15 +51,38 @@
 //!   up. A silent, dead or slow head costs its members at most that detour, never a false
 //!   confirmation; a head without room for its members (its table full of its own
 //!   copies' children) declines them and the asker sends them directly.
+//! * **Multicast** (`Policy::revoke = Multicast`, the default). The revoker's own revoke
+//!   writes one request naming every copy (ids and cores, see `caps::mcast`) once into its
+//!   core's slot, rings each named core and kicks it: no ring message, no per-holder
+//!   request. Each named core serves it after draining its inbox (everything the revoker
+//!   sent it before the request is handled first; today a transfer's guest waits for its
+//!   `INSERT_REPLY`, so no `INSERT` of the revoker is ever behind it, but the order does not
+//!   rely on that), revokes its copies there and then, and writes its answer [nodes,
+//!   incomplete, declined] into its own reply line of the revoker's slot, setting its bit in
+//!   the slot's answered word; the revoker, spinning in its wait, takes the answers with one
+//!   load when none is new. A copy counts as gone only when its own core's line says so for
+//!   this request's sequence number. A core whose copy has copies of its own (or whose
+//!   revoke is under way there) declines all of its copies without touching them, and the
+//!   revoker asks for each by a `REVOKE` on the ring (an entry with the usual classes,
+//!   credits and deadlines: the multicast itself needs no credit, no entry at the holder,
+//!   and never waits). A named core that does not answer by the entry's deadline is fenced
+//!   as for a `REVOKE`; a late line from it names an old sequence number or a fenced core
+//!   and is ignored. Only the revoker's own revoke is a multicast (one slot per core: its
+//!   guest has one operation at a time); a holder revoking its copies of copies sends
+//!   `REVOKE`s.
 //! * **Incompleteness is sticky.** A local revoke that could not confirm a copy puts that
 //!   copy's record back (a later revoke tries again and again reports `Timeout`, never `Ok`
 //!   over a copy that may live); a core that ever finished a revoke incomplete has lost
 //!   track of what lies below the nodes it removed, so it answers a revoke of a node it does
 //!   not hold as incomplete too, and an ancestor's revoke cannot return `Ok` past it.
 //!
-//! May call: `vmcall_proto`, the [`Env`](super::Env) of its core.
+//! May call: `vmcall_proto`, the [`Env`] of its core, `caps::mcast` (the multicast
+//! request's layout), `caps::policy` (its settings and counters), `caps::op` (the kinds).
 
-use super::{Env, Policy, Stats, MAX_PEERS};
+use super::env::Env;
+use super::mcast;
+use super::policy::{Policy, Revoke, Stats};
+use crate::members::MAX_PEERS;
 use vmcall_proto::caps::{CSpace, Cap, CapType, Child, Rights, MAX_CHILDREN, MAX_DEPTH};
 use vmcall_proto::channel::Payload;
 use vmcall_proto::hypercall::HvError;
@@ -86,21 +109,7 @@ pub const fn entries_for(cores: usize) -> usize {
     1 + CREDITS as usize * (MAX_DEPTH + TREE_HEIGHT) as usize * (cores - 1)
 }
 
-pub mod op {
-    pub const INSERT: u64 = 1;
-    pub const INSERT_REPLY: u64 = 2;
-    pub const REVOKE: u64 = 3;
-    pub const REVOKE_REPLY: u64 = 4;
-    /// Guest control (see `caps::control`), carried on the same rings.
-    pub const CONTROL: u64 = 5;
-    pub const CONTROL_REPLY: u64 = 6;
-    pub const RELEASE: u64 = 7;
-    /// Channel links (see `caps::links`).
-    pub const LINK_DOWN: u64 = 8;
-    pub const LINK_ACK: u64 = 9;
-    pub const LINK_UP: u64 = 10;
-    // 11..=22: core membership's (`members::op`).
-}
+pub use super::op;
 
 fn header(op: u64, req: u32) -> u64 {
     op | (req as u64) << 32
@@ -203,6 +212,8 @@ struct Entry {
 
 /// Not a member of the served request: the node's own copy.
 const NONE: u8 = 0xff;
+/// `via` of a child asked by this core's multicast request (not by a ring message).
+const MC: u8 = 0xfe;
 
 const FREE: Entry = Entry {
     kind: Kind::Free,
@@ -331,6 +342,9 @@ pub enum Bug {
     NoRecursion,
     /// A head answers for its members without asking them.
     HeadVouches,
+    /// A holder's core answers a multicast for a copy that has copies of its own instead
+    /// of declining it (those copies are never chased).
+    McNoDecline,
 }
 
 /// This core's protocol state.
@@ -354,6 +368,12 @@ pub struct Proto<const E: usize> {
     /// One past the highest entry claimed since the table was last empty: scans stop there
     /// (entries are claimed lowest first, so this is the most ever open at once, not `E`).
     hi: usize,
+    /// This core's last multicast request (0: none yet).
+    mc_seq: u64,
+    /// The cores whose answers to it the local revoke still awaits.
+    mc_expect: u64,
+    /// Per core: the local revoke's children (bit = slot) that this request asked there.
+    mc_children: [u16; MAX_PEERS],
     #[cfg(test)]
     pub bug: Bug,
 }
@@ -392,6 +412,9 @@ impl<const E: usize> Proto<E> {
             core::ptr::addr_of_mut!((*p).seq).write(0);
             core::ptr::addr_of_mut!((*p).open).write(0);
             core::ptr::addr_of_mut!((*p).hi).write(0);
+            core::ptr::addr_of_mut!((*p).mc_seq).write(0);
+            core::ptr::addr_of_mut!((*p).mc_expect).write(0);
+            core::ptr::addr_of_mut!((*p).mc_children).write([0; MAX_PEERS]);
             #[cfg(test)]
             core::ptr::addr_of_mut!((*p).bug).write(Bug::None);
         }
@@ -411,6 +434,9 @@ impl<const E: usize> Proto<E> {
             seq: 0,
             open: 0,
             hi: 0,
+            mc_seq: 0,
+            mc_expect: 0,
+            mc_children: [0; MAX_PEERS],
             #[cfg(test)]
             bug: Bug::None,
         }
@@ -440,6 +466,11 @@ impl<const E: usize> Proto<E> {
     /// Whether some entry is open (something to wait for, a deadline to watch).
     pub fn busy(&self) -> bool {
         self.open > 0
+    }
+
+    /// Whether this core's own operation (its guest's transfer or revoke) is in flight.
+    pub fn waiting(&self) -> bool {
+        self.entries.first().is_some_and(|e| e.kind != Kind::Free)
     }
 
     /// The verdict of this core's own operation, once there is one.
@@ -544,8 +575,16 @@ impl<const E: usize> Proto<E> {
         e.node = node;
         e.class = class_of(depth.saturating_add(1));
         e.wait = wait;
-        self.set_children(0, &children);
-        if let super::Revoke::Tree { fanout } = policy.revoke {
+        // One cap's records: distinct by construction (each names a copy minted once).
+        let e = &mut self.entries[0];
+        for ch in children.iter().flatten().take(MAX_CHILDREN) {
+            let j = e.n as usize;
+            (e.ids[j], e.cores[j], e.via[j], e.cls[j]) = (ch.id, ch.core, j as u8, e.class);
+            e.n += 1;
+        }
+        if policy.revoke == Revoke::Multicast {
+            self.multicast(env);
+        } else if let Revoke::Tree { fanout } = policy.revoke {
             // Copies whose ids ride with the first one's go in the tree, the rest direct.
             let e = &mut self.entries[0];
             let (first, mut slots, mut k) = (e.ids[0], [0u8; MAX_CHILDREN], 0);
@@ -560,6 +599,178 @@ impl<const E: usize> Proto<E> {
         }
         self.pump(env, stats);
         self.finish_complete(env, stats);
+    }
+
+    /// Asks every holder of the local revoke's copies at once: one request in this core's
+    /// slot naming them all (see the module header, "Multicast"). Copies on a fenced core
+    /// are left to [`Self::pump`] (which fails them); if the environment has no slots,
+    /// nothing is marked and `pump` sends a `REVOKE` per copy.
+    fn multicast(&mut self, env: &mut impl Env) {
+        let me = self.me as usize;
+        let e = &self.entries[0];
+        let mut req = mcast::Request {
+            seq: self.mc_seq.wrapping_add(2).max(2),
+            node: e.node,
+            ..Default::default()
+        };
+        // The children asked (their slots), one pass; fenced cores are left to `pump`.
+        let skip = self.fenced | 1 << me;
+        let (mut k, mut asked) = (0, 0u16);
+        for j in 0..e.n as usize {
+            let core = e.cores[j];
+            if core as usize >= MAX_PEERS || skip & 1 << core != 0 {
+                continue;
+            }
+            (req.ids[k], req.cores[k]) = (e.ids[j], core);
+            k += 1;
+            asked |= 1 << j;
+        }
+        if k == 0 {
+            return;
+        }
+        req.n = k as u8;
+        if !env.mc_publish(me, &req) {
+            return;
+        }
+        self.mc_seq = req.seq;
+        self.mc_expect = req.targets();
+        let e = &mut self.entries[0];
+        e.sent |= asked;
+        for j in 0..e.n as usize {
+            self.mc_children[e.cores[j] as usize % MAX_PEERS] = 0;
+        }
+        let mut m = asked;
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            e.via[j] = MC;
+            self.mc_children[e.cores[j] as usize] |= 1 << j;
+        }
+    }
+
+    /// Whether this core's multicast request still awaits answers.
+    pub fn mc_open(&self) -> bool {
+        self.mc_expect != 0
+    }
+
+    /// Whether this core's multicast request still awaits core `c`'s answer.
+    #[cfg(test)]
+    pub fn mc_awaits(&self, c: usize) -> bool {
+        c < 64 && self.mc_expect & (1 << c) != 0
+    }
+
+    /// Takes the answers to this core's multicast request that its holders' cores wrote
+    /// (their reply lines); returns how many. Unless `all`, only once every awaited core
+    /// has answered (one load of the answered word until then): the answers are taken in
+    /// one go, not each in a poll of its own, which would put a poll per holder on the
+    /// revoker's critical path. Deadlines and fences take whatever came first ([`Self::expire`],
+    /// [`Self::fence`]). A declined answer has that core's copies asked by `REVOKE`s.
+    pub fn mc_gather(&mut self, env: &mut impl Env, stats: &mut Stats, all: bool) -> u32 {
+        if self.mc_expect == 0 {
+            return 0;
+        }
+        let me = self.me as usize;
+        let answered = env.mc_answered(me);
+        if !all && answered & self.mc_expect != self.mc_expect {
+            return 0;
+        }
+        let mut bits = answered & self.mc_expect;
+        let mut taken = 0;
+        let mut unfolded = false;
+        while bits != 0 {
+            let c = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let a = mcast::decode(env.mc_line(me, c));
+            if a.seq != self.mc_seq as u32 {
+                // An answer to an earlier request (from a core fenced then): not this one's.
+                continue;
+            }
+            self.mc_expect &= !(1 << c);
+            taken += 1;
+            let e = &mut self.entries[0];
+            if e.kind != Kind::LocalRevoke {
+                continue;
+            }
+            // This core's copies, not already settled (a fence settles them as failed).
+            let mine = self.mc_children[c] & !e.done;
+            if a.declined {
+                let mut m = mine;
+                while m != 0 {
+                    let j = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    e.via[j] = j as u8;
+                    e.cls[j] = e.class;
+                    e.sent &= !(1 << j);
+                }
+                unfolded |= mine != 0;
+            } else {
+                e.done |= mine;
+                if a.incomplete {
+                    e.failed |= mine;
+                }
+                e.total = e.total.saturating_add(a.total);
+            }
+        }
+        if unfolded {
+            // The declined copies get a direct request's time from now.
+            let now = env.now();
+            let e = &mut self.entries[0];
+            e.deadline = e.deadline.max(now.saturating_add(e.wait));
+            self.pump(env, stats);
+        }
+        if taken > 0 && self.entries[0].complete() {
+            self.finish_complete(env, stats);
+        }
+        taken
+    }
+
+    /// Serves core `from`'s multicast request `req` (the caller guarantees that everything
+    /// `from` sent this core before it was received first): this core's copies it names go
+    /// at once and the answer is written, unless one of them has copies of its own or a
+    /// revoke of it is under way here, which need an entry: then all are declined, and
+    /// `from` asks for them by `REVOKE`s on the ring. Returns whether `req` named this core.
+    pub fn serve_multicast(
+        &mut self,
+        env: &mut impl Env,
+        from: usize,
+        req: &mcast::Request,
+        space: &mut CSpace,
+        stats: &mut Stats,
+    ) -> bool {
+        let me = self.me as usize;
+        if from == me || self.fenced(from) || req.on(me).next().is_none() {
+            return false;
+        }
+        #[cfg(test)]
+        let decline_ok = self.bug != Bug::McNoDecline;
+        #[cfg(not(test))]
+        let decline_ok = true;
+        let needs = req.on(me).any(|id| {
+            space.live().any(|(_, c)| c.id == id && c.children().next().is_some())
+                || self.in_progress(id).iter().any(Option::is_some)
+        });
+        let word = if needs && decline_ok {
+            mcast::answer(req.seq, 0, false, true)
+        } else {
+            let (mut total, mut unsure) = (0u64, false);
+            for id in req.on(me) {
+                let mut unmap_failed = false;
+                let removed = space.revoke_id(id, |c| {
+                    if let Err(e) = env.ept_unmap(c.mapped_at.unwrap_or(0), c.size) {
+                        log::error!("revoke of {id:#x}: EPT unmap failed: {e:?}");
+                        unmap_failed = true;
+                    }
+                });
+                stats.unmap_failed |= unmap_failed;
+                let found = (removed.pieces > 0) as u64;
+                total += found;
+                unsure |= removed.pieces == 0 && self.lost_track;
+            }
+            stats.revoked_here = stats.revoked_here.saturating_add(total);
+            mcast::answer(req.seq, total, unsure, false)
+        };
+        env.mc_answer(me, from, word);
+        true
     }
 
     /// Sends whatever entries still have to send, as far as credits allow.
@@ -668,6 +879,7 @@ impl<const E: usize> Proto<E> {
                 self.lost_track = true;
             }
             if e.kind == Kind::LocalRevoke {
+                self.mc_expect = 0;
                 self.unconfirmed = [None; MAX_CHILDREN];
                 for j in (0..e.n as usize).filter(|j| e.failed & (1 << j) != 0) {
                     self.unconfirmed[j] = Some(Child { core: e.cores[j], id: e.ids[j] });
@@ -706,7 +918,10 @@ impl<const E: usize> Proto<E> {
         if self.fenced(core) {
             return;
         }
+        // Answers already in count before the fence settles the rest as failed.
+        self.mc_gather(env, stats, true);
         self.fenced |= 1 << core;
+        self.mc_expect &= !(1 << core);
         stats.fenced |= 1 << core;
         self.outstanding[core] = [0; CLASSES];
         let now = env.now();
@@ -744,6 +959,10 @@ impl<const E: usize> Proto<E> {
         if self.open == 0 {
             return;
         }
+        if self.mc_expect != 0 && now > self.entries[0].deadline {
+            // The multicast's answers that came: taken before the silent are fenced.
+            self.mc_gather(env, stats, true);
+        }
         let mut i = 0;
         while i < self.hi {
             let live = &self.entries[i];
@@ -755,7 +974,7 @@ impl<const E: usize> Proto<E> {
             // fenced they are asked directly and get their own time).
             let (n, done, cores, via) = (live.n, live.done, live.cores, live.via);
             for (j, &core) in cores.iter().enumerate().take(n as usize) {
-                if done & (1 << j) == 0 && via[j] as usize == j {
+                if done & (1 << j) == 0 && (via[j] as usize == j || via[j] == MC) {
                     self.fence_silent(env, core as usize, stats);
                 }
             }

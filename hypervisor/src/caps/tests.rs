@@ -24,6 +24,30 @@ struct Net {
     sends: Vec<(usize, usize)>,
     /// A core's own polls read its queues while set (otherwise only [`Net::deliver`] does).
     serve_inbox: bool,
+    mc: McNet,
+}
+
+/// Multicast slots, bells and reply lines of a [`Net`] (as `instance::xcore` keeps them).
+#[derive(Default)]
+struct McNet {
+    slot: Vec<Option<mcast::Request>>,
+    bells: Vec<u64>,
+    answered: Vec<u64>,
+    lines: Vec<Vec<u64>>,
+    /// Requests published (one write each, however many cores they name).
+    published: usize,
+}
+
+impl McNet {
+    fn new(n: usize) -> Self {
+        McNet {
+            slot: vec![None; n],
+            bells: vec![0; n],
+            answered: vec![0; n],
+            lines: vec![vec![0; n]; n],
+            published: 0,
+        }
+    }
 }
 
 struct NetEnv<'a> {
@@ -35,9 +59,38 @@ struct NetEnv<'a> {
     ept_fails: Option<HvError>,
     sends: &'a mut Vec<(usize, usize)>,
     serve_inbox: bool,
+    mc: &'a mut McNet,
 }
 
 impl Env for NetEnv<'_> {
+    fn mc_publish(&mut self, me: usize, req: &mcast::Request) -> bool {
+        self.mc.slot[me] = Some(*req);
+        self.mc.answered[me] = 0;
+        self.mc.published += 1;
+        for t in (0..self.n).filter(|&t| t != me && req.targets() & 1 << t != 0) {
+            self.mc.bells[t] |= 1 << me;
+        }
+        true
+    }
+    fn mc_rung(&mut self, me: usize) -> u64 {
+        if !self.serve_inbox {
+            return 0;
+        }
+        core::mem::take(&mut self.mc.bells[me])
+    }
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<mcast::Request> {
+        self.mc.slot[from].map(|r| r.only(me))
+    }
+    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+        self.mc.lines[to][me] = word;
+        self.mc.answered[to] |= 1 << me;
+    }
+    fn mc_answered(&mut self, me: usize) -> u64 {
+        self.mc.answered[me]
+    }
+    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+        self.mc.lines[me][from]
+    }
     fn now(&mut self) -> u64 {
         self.now
     }
@@ -80,7 +133,12 @@ impl Net {
     /// `n` cores, all joined; core 0 holds a 64 KiB grant in slot 0; endpoints follow in
     /// peer order. Every guest accepts `accept` caps per channel.
     fn new(n: usize, accept: u64) -> Self {
-        let policy = Policy { deadline: 1000, transfer_gap: 0, revoke: Revoke::Broadcast };
+        Self::with_revoke(n, accept, Revoke::Multicast)
+    }
+
+    /// [`Net::new`] with revoke strategy `revoke`.
+    fn with_revoke(n: usize, accept: u64, revoke: Revoke) -> Self {
+        let policy = Policy { deadline: 1000, transfer_gap: 0, revoke };
         let mut net = Net {
             cores: (0..n).map(|c| Core::new(c as u16, policy)).collect(),
             queues: vec![VecDeque::new(); n * n],
@@ -89,6 +147,7 @@ impl Net {
             ept_fails: None,
             sends: vec![],
             serve_inbox: false,
+            mc: McNet::new(n),
         };
         net.cores[0].grant(0x100_0000, 0x1_0000).unwrap();
         for c in 0..n {
@@ -113,6 +172,7 @@ impl Net {
             ept_fails: self.ept_fails,
             sends: &mut self.sends,
             serve_inbox: self.serve_inbox,
+            mc: &mut self.mc,
         };
         f(&mut self.cores[c], &mut env)
     }
@@ -140,13 +200,39 @@ impl Net {
         true
     }
 
-    /// Delivers everything, except what goes to or comes from `deaf`, until quiet.
+    /// Delivers everything, except what goes to or comes from `deaf`, until quiet:
+    /// ring messages, multicast requests (to a core once its ring from the publisher is
+    /// empty, as `poll` serves them) and their answers.
     fn settle(&mut self, deaf: Option<usize>) {
         let n = self.cores.len();
         while (0..n * n).any(|i| {
             let (f, t) = (i / n, i % n);
             Some(f) != deaf && Some(t) != deaf && self.deliver(f, t)
-        }) {}
+        }) || self.mc_step(deaf)
+        {}
+    }
+
+    /// Serves one multicast request or takes one core's answers, if any; not at `deaf`.
+    fn mc_step(&mut self, deaf: Option<usize>) -> bool {
+        let n = self.cores.len();
+        for t in (0..n).filter(|&t| Some(t) != deaf) {
+            for f in (0..n).filter(|&f| self.mc.bells[t] & 1 << f != 0) {
+                if self.queues[f * n + t].is_empty() {
+                    self.mc.bells[t] &= !(1 << f);
+                    self.with(t, |core, env| core.mc_deliver(env, f));
+                    return true;
+                }
+            }
+        }
+        for c in 0..n {
+            if self.mc.answered[c] != 0
+                && self.cores[c].mc_open()
+                && self.with(c, |core, env| core.mc_gather(env)) > 0
+            {
+                return true;
+            }
+        }
+        false
     }
 
     fn transfer(&mut self, c: usize, h: u64, p: usize, mode: u64) -> Result<u64, HvError> {
@@ -395,7 +481,7 @@ fn after_an_incomplete_revoke_an_ancestor_never_gets_ok() {
 #[test]
 fn flow_control_keeps_rings_from_overflowing() {
     // Sixteen copies on one core: the revoke sends at most CREDITS at a time.
-    let mut net = Net::new(2, 64);
+    let mut net = Net::with_revoke(2, 64, Revoke::Broadcast);
     for _ in 0..vmcall_proto::caps::MAX_CHILDREN {
         net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
     }
@@ -417,7 +503,7 @@ fn flow_control_keeps_rings_from_overflowing() {
 fn racing_a_revoke_against_the_holders_own_revoke() {
     // The case the model checker found: the holder revokes its copy's copies while the
     // owner revokes the holder's copy; the owner's revoke must not return first.
-    let mut net = Net::new(3, 4);
+    let mut net = Net::with_revoke(3, 4, Revoke::Broadcast);
     let c1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
     net.transfer(1, c1, 2, 1 | ALL << 8).unwrap();
     assert!(net.with(1, |core, env| core.revoke_start(env, c1)).unwrap());
@@ -430,6 +516,80 @@ fn racing_a_revoke_against_the_holders_own_revoke() {
     net.settle(None);
     assert_eq!(net.live_memory(2), 0);
     assert_eq!(Core::revoke_finish(net.cores[0].take_verdict().unwrap()), Ok(1));
+}
+
+#[test]
+fn a_multicast_revoke_writes_one_request_and_no_ring_message() {
+    // Four holders, and sixteen copies on one core: one request each time, every answer
+    // in a reply line, nothing on the rings.
+    for (n, per_core) in [(5, 1), (2, 16)] {
+        let mut net = Net::new(n, 64);
+        for h in 1..n {
+            for _ in 0..per_core {
+                net.transfer(0, 0, h, 1 | 1 << 8).unwrap();
+            }
+        }
+        net.sends.clear();
+        let k = ((n - 1) * per_core) as u64;
+        assert_eq!(net.revoke(0, 0, None), Ok(k));
+        assert_eq!(net.mc.published, 1);
+        assert!(net.sends.is_empty(), "no ring message: {:?}", net.sends);
+        assert!((1..n).all(|h| net.live_memory(h) == 0));
+        assert!(net.cores.iter().all(|c| c.idle()));
+        assert_eq!(net.cores[1].stats.requests_from[0], 1 + per_core as u32, "inserts + one");
+    }
+}
+
+#[test]
+fn a_multicast_holder_with_copies_of_its_own_declines_and_is_asked_on_the_ring() {
+    let mut net = Net::new(4, 4);
+    let c1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    net.transfer(0, 0, 3, 1 | ALL << 8).unwrap();
+    let c2 = net.transfer(1, c1, 2, 1 | ALL << 8).unwrap();
+    net.call(2, Hypercall::CapMap, c2, 0xc000_0000, 1).unwrap();
+    net.sends.clear();
+    assert_eq!(net.revoke(0, 0, None), Ok(3));
+    assert!((1..4).all(|h| net.live_memory(h) == 0) && net.ept[2].is_empty());
+    // Core 3 answered in its line; core 1 declined: one REVOKE to it, one on to core 2.
+    assert_eq!(net.sends, [(0, 1), (1, 2), (2, 1), (1, 0)]);
+    assert!(net.cores.iter().all(|c| c.idle()));
+}
+
+#[test]
+fn racing_a_multicast_revoke_against_the_holders_own_revoke() {
+    // As the broadcast case above: the holder's own revoke of its copy's copies is under
+    // way when the owner's request arrives; the holder declines, and the REVOKE it is then
+    // sent waits for core 2.
+    let mut net = Net::new(3, 4);
+    let c1 = net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+    net.transfer(1, c1, 2, 1 | ALL << 8).unwrap();
+    assert!(net.with(1, |core, env| core.revoke_start(env, c1)).unwrap());
+    assert!(net.with(0, |core, env| core.revoke_start(env, 0)).unwrap());
+    net.with(1, |core, env| core.mc_deliver(env, 0));
+    assert_eq!(net.with(0, |core, env| core.mc_gather(env)), 1);
+    assert!(net.deliver(0, 1), "declined: asked by REVOKE");
+    assert_eq!(net.cores[0].take_verdict(), None, "the owner waits for core 2");
+    assert_eq!(net.live_memory(2), 1);
+    net.settle(None);
+    assert_eq!(net.live_memory(2), 0);
+    assert!(Core::revoke_finish(net.cores[0].take_verdict().unwrap()).is_ok());
+}
+
+#[test]
+fn a_late_multicast_answer_from_a_fenced_core_is_never_taken() {
+    let mut net = Net::new(3, 4);
+    net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    net.transfer(0, 0, 2, 1 | 1 << 8).unwrap();
+    assert_eq!(net.revoke(0, 0, Some(2)), Err(HvError::Timeout));
+    assert_eq!(net.cores[0].stats.fenced, 1 << 2);
+    // Core 2 answers the old request late: it names that request, and a fenced core.
+    net.with(2, |core, env| core.mc_deliver(env, 0));
+    assert_ne!(net.mc.answered[0] & 1 << 2, 0);
+    // The record of core 2's copy came back: a later revoke reports it again.
+    net.transfer(0, 0, 1, 1 | 1 << 8).unwrap();
+    assert_eq!(net.revoke(0, 0, Some(2)), Err(HvError::Timeout));
+    assert_eq!(net.live_memory(1), 0);
+    assert!(net.cores[0].idle());
 }
 
 // ---- The protocol on real threads ---------------------------------------------------
@@ -624,7 +784,7 @@ fn policy_defaults_follow_the_tsc_rate() {
     let p = Policy::from_tsc_per_ms(4000);
     assert_eq!(
         p,
-        Policy { deadline: 200_000, transfer_gap: 40, revoke: Revoke::Broadcast },
+        Policy { deadline: 200_000, transfer_gap: 40, revoke: Revoke::Multicast },
         "50 ms per level, 100/ms"
     );
 }

@@ -114,6 +114,24 @@ impl<B: crate::vcpu::Vcpu> crate::caps::Env for GuestVcpu<'_, B> {
     fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
         crate::hostctl::answer(self, req, result)
     }
+    fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
+        crate::instance::xcore::mc_publish(me, req)
+    }
+    fn mc_rung(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_rung(me)
+    }
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
+        crate::instance::xcore::mc_read(from, me)
+    }
+    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+        crate::instance::xcore::mc_answer(me, to, word)
+    }
+    fn mc_answered(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_answered(me)
+    }
+    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+        crate::instance::xcore::mc_line(me, from)
+    }
 }
 
 pub(super) struct Console<'a> {
@@ -166,5 +184,23 @@ impl crate::caps::Env for crate::instance::xcore::Link {
     }
     fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
         crate::hostctl::answer(self, req, result)
+    }
+    fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
+        crate::instance::xcore::mc_publish(me, req)
+    }
+    fn mc_rung(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_rung(me)
+    }
+    fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
+        crate::instance::xcore::mc_read(from, me)
+    }
+    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+        crate::instance::xcore::mc_answer(me, to, word)
+    }
+    fn mc_answered(&mut self, me: usize) -> u64 {
+        crate::instance::xcore::mc_answered(me)
+    }
+    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+        crate::instance::xcore::mc_line(me, from)
     }
 }

@@ -17,12 +17,23 @@
 //! between cores on these paths: no lock, no table another core writes. What travels here
 //! (the capability protocol) is defined in `caps::proto`; this module only carries it.
 //!
-//! Owns the rings, the mail words and the core-to-APIC table. Calls `vmcall_proto::channel`
-//! (the ring) and `arch::apic` (the NMI), nothing else.
+//!
+//! The multicast slots ([`mc_publish`] and the rest): one per core, written by that core
+//! alone (a seqlock: its sequence number odd while it is rewritten), read by every core
+//! it names: the capability protocol's multicast revoke, a request written once for many
+//! holders (the layout is `caps::mcast`'s). Each reader answers in its own reply line of
+//! the slot (one writer per line) and sets its bit in the slot's answered word, a doorbell
+//! like the mail word. A publish rings each named core twice (its mail word, so its run
+//! loop looks, and its multicast bell, which says whose slot to read) and kicks it.
+//!
+//! Owns the rings, the mail words, the multicast slots and bells, and the core-to-APIC
+//! table. Calls `vmcall_proto::channel` (the ring), `arch::apic` (the NMI) and
+//! `caps::mcast` (the request's layout), nothing else.
 
+use crate::caps::mcast;
 use crate::percpu::MAX_CORES;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU64, Ordering};
 use vmcall_proto::channel::{self, Payload, Receiver, Ring, Sender};
 
 /// Slots per inter-core ring (a power of two, as the ring wants). The transport's own
@@ -55,6 +66,148 @@ pub static MAIL: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_COR
 /// Core `core`'s mail word, for a look that takes nothing (the fast exit path's).
 pub fn mail_word(core: usize) -> &'static AtomicU64 {
     &MAIL[core].0
+}
+
+/// One word alone on its cache line (a reply line, an answered word).
+#[repr(C, align(64))]
+struct Line(AtomicU64);
+const _: () = assert!(core::mem::size_of::<Line>() == 64);
+
+/// One core's multicast slot (see the module comment). The request's words are written
+/// only by their core, between an odd and the next even `seq`.
+#[repr(C, align(64))]
+struct McSlot {
+    seq: AtomicU64,
+    node: AtomicU64,
+    n: AtomicU64,
+    /// The copies' cores, four 16-bit cores a word.
+    cores: [AtomicU64; mcast::MAX / 4],
+    _pad: AtomicU64,
+    ids: [AtomicU64; mcast::MAX],
+    /// Bit `c`: core `c` wrote its line since the last publish.
+    answered: Line,
+    lines: [Line; MAX_CORES],
+}
+const _: () = assert!(core::mem::size_of::<McSlot>() == 64 * (4 + MAX_CORES));
+const _: () = assert!(mcast::MAX.is_multiple_of(4));
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+static MC_SLOTS: [McSlot; MAX_CORES] = [const {
+    McSlot {
+        seq: ZERO,
+        node: ZERO,
+        n: ZERO,
+        cores: [ZERO; mcast::MAX / 4],
+        _pad: ZERO,
+        ids: [ZERO; mcast::MAX],
+        answered: Line(ZERO),
+        lines: [const { Line(ZERO) }; MAX_CORES],
+    }
+}; MAX_CORES];
+
+/// Per core: bit `a` set means core `a` published a multicast request naming it since it
+/// last took the word.
+static BELLS: [Mail; MAX_CORES] = [const { Mail(AtomicU64::new(0)) }; MAX_CORES];
+
+/// Publishes core `me`'s request `req` in its slot, rings and kicks every core it names.
+pub fn mc_publish(me: usize, req: &mcast::Request) -> bool {
+    if me >= MAX_CORES || req.seq & 1 != 0 {
+        return false;
+    }
+    let s = &MC_SLOTS[me];
+    // Odd: readers that overlap this write see a torn copy and drop it.
+    s.seq.store(req.seq.wrapping_sub(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+    s.node.store(req.node, Ordering::Relaxed);
+    let n = (req.n as usize).min(mcast::MAX);
+    s.n.store(n as u64, Ordering::Relaxed);
+    let mut word = 0;
+    for j in 0..n {
+        s.ids[j].store(req.ids[j], Ordering::Relaxed);
+        word |= (req.cores[j] as u64) << (16 * (j % 4));
+        if j % 4 == 3 || j + 1 == n {
+            s.cores[j / 4].store(word, Ordering::Relaxed);
+            word = 0;
+        }
+    }
+    s.answered.0.store(0, Ordering::Relaxed);
+    s.seq.store(req.seq, Ordering::Release);
+    // Each named core: its bell and mail bit (after the slot), then its kick.
+    let apic = APIC_OF.get();
+    let mut t = req.targets() & !(1 << me);
+    while t != 0 {
+        let to = t.trailing_zeros() as usize;
+        t &= t - 1;
+        if to >= MAX_CORES {
+            continue;
+        }
+        BELLS[to].0.fetch_or(1 << me, Ordering::Release);
+        MAIL[to].0.fetch_or(1 << me, Ordering::Release);
+        if let Some((ids, cores)) = apic {
+            if to < *cores && crate::percpu::nmi_ready(to) {
+                crate::arch::apic::send_nmi(ids[to]);
+            }
+        }
+    }
+    true
+}
+
+/// The cores that rang core `me`'s multicast bell since it last asked.
+pub fn mc_rung(me: usize) -> u64 {
+    match BELLS.get(me) {
+        // Unlikely set: one load, no write, on every look.
+        Some(b) if b.0.load(Ordering::Relaxed) != 0 => b.0.swap(0, Ordering::Acquire),
+        _ => 0,
+    }
+}
+
+/// Core `from`'s published request as core `me` reads it (only `me`'s copies), or `None`
+/// while it is being rewritten.
+pub fn mc_read(from: usize, me: usize) -> Option<mcast::Request> {
+    let s = MC_SLOTS.get(from)?;
+    let seq = s.seq.load(Ordering::Acquire);
+    if seq == 0 || seq & 1 != 0 {
+        return None;
+    }
+    let mut r = mcast::Request { seq, node: s.node.load(Ordering::Relaxed), ..Default::default() };
+    let n = (s.n.load(Ordering::Relaxed) as usize).min(mcast::MAX);
+    let mut k = 0;
+    for (i, w) in s.cores.iter().enumerate().take(n.div_ceil(4)) {
+        let v = w.load(Ordering::Relaxed);
+        for q in 0..4 {
+            let j = 4 * i + q;
+            if j < n && (v >> (16 * q)) as u16 as usize == me {
+                r.ids[k] = s.ids[j].load(Ordering::Relaxed);
+                r.cores[k] = me as u16;
+                k += 1;
+            }
+        }
+    }
+    r.n = k as u8;
+    fence(Ordering::Acquire);
+    (s.seq.load(Ordering::Relaxed) == seq).then_some(r)
+}
+
+/// Core `me`'s answer `word` in its line of core `to`'s slot, then its answered bit.
+pub fn mc_answer(me: usize, to: usize, word: u64) {
+    if me < MAX_CORES && to < MAX_CORES {
+        MC_SLOTS[to].lines[me].0.store(word, Ordering::Release);
+        MC_SLOTS[to].answered.0.fetch_or(1 << me, Ordering::Release);
+    }
+}
+
+/// The answered word of core `me`'s slot.
+pub fn mc_answered(me: usize) -> u64 {
+    MC_SLOTS.get(me).map_or(0, |s| s.answered.0.load(Ordering::Acquire))
+}
+
+/// Core `from`'s line in core `me`'s slot.
+pub fn mc_line(me: usize, from: usize) -> u64 {
+    match (MC_SLOTS.get(me), from < MAX_CORES) {
+        (Some(s), true) => s.lines[from].0.load(Ordering::Acquire),
+        _ => 0,
+    }
 }
 
 /// Core index to APIC id, written once by the BSP before any AP starts, read-only after:
@@ -213,6 +366,37 @@ mod tests {
         assert_eq!(got, [(60, 1), (60, 3), (61, 2)]);
         assert!(!c.has_mail(), "drained: the word and the pending set are empty");
         assert_eq!(c.received, 3);
+    }
+
+    #[test]
+    fn a_multicast_is_written_once_read_whole_and_answered_line_by_line() {
+        setup();
+        let mut req = mcast::Request { seq: 2, node: 7, n: 3, ..Default::default() };
+        req.ids[..3].copy_from_slice(&[70, 71, 72]);
+        req.cores[..3].copy_from_slice(&[59, 61, 59]);
+        // Core 58 publishes (no core is NMI-ready in a host test: no kick).
+        assert!(mc_publish(58, &req));
+        assert_eq!(mc_rung(59), 1 << 58);
+        assert_eq!(mc_rung(59), 0, "taken");
+        assert_eq!(mc_rung(61), 1 << 58);
+        assert_ne!(MAIL[61].0.load(Ordering::Relaxed) & 1 << 58, 0, "its run loop looks");
+        assert_eq!(mc_read(58, 59), Some(req.only(59)));
+        assert_eq!(mc_read(58, 59).map(|r| r.n), Some(2));
+        assert_eq!(mc_read(58, 60).map(|r| r.n), Some(0), "not named");
+        assert_eq!(mc_answered(58), 0);
+        mc_answer(61, 58, mcast::answer(2, 1, false, false));
+        assert_eq!(mc_answered(58), 1 << 61);
+        assert_eq!(mcast::decode(mc_line(58, 61)).total, 1);
+        // The next request clears the answered word; a torn read is refused.
+        req.seq = 4;
+        assert!(mc_publish(58, &req));
+        assert_eq!(mc_answered(58), 0);
+        MC_SLOTS[58].seq.store(5, Ordering::Relaxed);
+        assert_eq!(mc_read(58, 59), None, "odd: being rewritten");
+        MC_SLOTS[58].seq.store(4, Ordering::Relaxed);
+        assert!(!mc_publish(58, &mcast::Request { seq: 3, ..req }), "odd numbers are refused");
+        MAIL[59].0.store(0, Ordering::Relaxed);
+        MAIL[61].0.store(0, Ordering::Relaxed);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! hypercall, CPUID, a PAT MSR exit), `bench-poll.toml` (the channel library's polling round
 //! trip, send and receive), `bench-stream.toml` (the library's stream, both sides; the
 //! single-stepped instructions of a send and a receive) and `bench-caps-k1.toml` and
-//! `bench-caps-k14.toml` (map and unmap; revoke with one holder and with 14, broadcast, 15
+//! `bench-caps-k14.toml` (map and unmap; revoke with one holder and with 14, multicast, 15
 //! CPUs: the latency and the revoker's own work).
 //!
 //! Calls `bench` (boot, `bench` lines, the caps rows) and `exitbench` (its lines' parser).

@@ -407,9 +407,9 @@ pub enum BenchWhat {
         /// unmap figures.
         #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=14))]
         k: Vec<u64>,
-        /// Compare revoke strategies (comma-separated: broadcast, tree) on generated configs
+        /// Compare revoke strategies (comma-separated: multicast, broadcast, tree) on generated configs
         /// of 15 CPUs, k = 1..=14 unless `--k` says otherwise.
-        #[arg(long, value_delimiter = ',', value_parser = ["broadcast", "tree"])]
+        #[arg(long, value_delimiter = ',', value_parser = ["multicast", "broadcast", "tree"])]
         revoke: Vec<String>,
         /// The tree's fan-out (2..=16) with `--revoke tree`.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=16))]

@@ -59,8 +59,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             ),
             "stats_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "stats_ms" => Some("expected stats_ms=N with 1 <= N <= 60000"),
-            "revoke" if value == "broadcast" || value == "tree" => None,
-            "revoke" => Some("expected revoke=broadcast or revoke=tree"),
+            "revoke" if ["multicast", "broadcast", "tree"].contains(&value) => None,
+            "revoke" => Some("expected revoke=multicast, revoke=broadcast or revoke=tree"),
             "revoke_fanout" if n.is_some_and(|n| (2..=16).contains(&n)) => None,
             "revoke_fanout" => Some("expected revoke_fanout=N with 2 <= N <= 16"),
             "inject" => match value.split_once(':') {
@@ -77,7 +77,7 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             },
             _ => Some(
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
-                 caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=broadcast|tree, \
+                 caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=multicast|broadcast|tree, \
                  revoke_fanout=N, stats_ms=N, host_control, \
                  inject=silent-ap|ap-fault|deaf-core:N|deaf-core:N:MS:AFTER|hung-core:N)",
             ),

@@ -176,8 +176,8 @@ pub struct Machine {
     #[serde(default)]
     #[schemars(with = "Option<bool>")]
     pub host_control: Option<Spanned<bool>>,
-    /// How a revoke reaches the holders' cores: `broadcast` (absent: the hypervisor's
-    /// default) or `tree`; passed on as the command line's `revoke=...`.
+    /// How a revoke reaches the holders' cores: `multicast` (absent: the hypervisor's
+    /// default), `broadcast` or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
     #[schemars(with = "Option<String>", extend("enum" = ["broadcast", "tree"]))]
     pub revoke: Option<Spanned<String>>,
@@ -189,7 +189,7 @@ pub struct Machine {
 }
 
 /// The machine's `revoke` strategies.
-pub const REVOKE_STRATEGIES: [&str; 2] = ["broadcast", "tree"];
+pub const REVOKE_STRATEGIES: [&str; 3] = ["multicast", "broadcast", "tree"];
 
 #[derive(Deserialize, Debug, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -1409,13 +1409,16 @@ memory_mib = 4
         let with = |extra: &str| {
             GOOD.replacen("memory_mib = 256\n", &format!("memory_mib = 256\n{extra}"), 1)
         };
+        assert!(compile("t.toml", &with("revoke = \"multicast\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"broadcast\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"tree\"\n")).is_ok());
         assert!(compile("t.toml", &with("revoke = \"tree\"\nrevoke_fanout = 16\n")).is_ok());
         let line = GOOD.lines().position(|l| l == "memory_mib = 256").unwrap() + 2;
         let e = one_error(&with("revoke = \"star\"\n"));
         assert_eq!((e.field.as_str(), e.line), ("machine.revoke", line), "{e}");
-        assert!(e.message.contains("unknown revoke strategy `star` (known: broadcast, tree)"));
+        assert!(e
+            .message
+            .contains("unknown revoke strategy `star` (known: multicast, broadcast, tree)"));
         for bad in ["1", "17", "0"] {
             let e = one_error(&with(&format!("revoke = \"tree\"\nrevoke_fanout = {bad}\n")));
             assert_eq!((e.field.as_str(), e.line), ("machine.revoke_fanout", line + 1), "{e}");

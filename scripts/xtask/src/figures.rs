@@ -31,7 +31,7 @@ pub struct Block {
 }
 
 /// Every generated table.
-pub static BLOCKS: [Block; 6] = [
+pub static BLOCKS: [Block; 7] = [
     Block { name: "bench-check", source: crate::baseline::BASELINE, render: bench_check },
     Block { name: "exits-kinds", source: "docs/bench/exits.json", render: exits_kinds },
     Block { name: "exits-cpus", source: "docs/bench/exits.json", render: exits_cpus },
@@ -39,6 +39,11 @@ pub static BLOCKS: [Block; 6] = [
         name: "revoke-strategies",
         source: "docs/bench/revoke-strategies.json",
         render: revoke_strategies,
+    },
+    Block {
+        name: "revoke-multicast",
+        source: "docs/bench/revoke-multicast.json",
+        render: revoke_multicast,
     },
     Block { name: "channel-library", source: CHANNELS_BOCHS, render: channel_library },
     Block { name: "channel-notification", source: CHANNELS_BOCHS, render: channel_notification },
@@ -173,6 +178,61 @@ fn revoke_strategies(json: &str) -> Result<String> {
             match rows.iter().find(|r| r.k == k && r.strategy == *s) {
                 Some(r) => row.extend([n(r.revoke), n(r.revoke_own)]),
                 None => row.extend(["-".into(), "-".into()]),
+            }
+        }
+        t.push(row);
+    }
+    Ok(markdown(&header.iter().map(String::as_str).collect::<Vec<_>>(), &t))
+}
+
+/// Revoke by strategy against k: latency and the revoker's own work, each with what one
+/// more holder adds on average over k = 1 ((figure(k) - figure(1)) / (k - 1)), and the
+/// latency against one holder's.
+fn revoke_multicast(json: &str) -> Result<String> {
+    let rows: Vec<crate::bench::CapsRow> = serde_json::from_str(json)?;
+    let mut strategies: Vec<&str> = vec![];
+    for r in &rows {
+        if !strategies.contains(&r.strategy.as_str()) {
+            strategies.push(&r.strategy);
+        }
+    }
+    let mut ks: Vec<u64> = rows.iter().map(|r| r.k).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    let mut header = vec!["k".to_string()];
+    for s in &strategies {
+        header.extend([
+            format!("{s}: latency"),
+            format!("{s}: x k=1"),
+            format!("{s}: per extra holder"),
+            format!("{s}: revoker's own"),
+            format!("{s}: own per extra holder"),
+        ]);
+    }
+    let mut t = vec![];
+    for &k in &ks {
+        let mut row = vec![k.to_string()];
+        for s in &strategies {
+            let at = |k: u64| rows.iter().find(|r| r.k == k && r.strategy == *s);
+            let (Some(r), one) = (at(k), at(1)) else {
+                row.extend(["-"; 5].map(String::from));
+                continue;
+            };
+            let extra = |now: u64, base: u64| match k {
+                2.. => format!("{}", (now as i64 - base as i64) / (k as i64 - 1)),
+                _ => "-".into(),
+            };
+            match one {
+                Some(o) => row.extend([
+                    n(r.revoke),
+                    format!("{:.2}", r.revoke as f64 / o.revoke.max(1) as f64),
+                    extra(r.revoke, o.revoke),
+                    n(r.revoke_own),
+                    extra(r.revoke_own, o.revoke_own),
+                ]),
+                None => {
+                    row.extend([n(r.revoke), "-".into(), "-".into(), n(r.revoke_own), "-".into()])
+                }
             }
         }
         t.push(row);

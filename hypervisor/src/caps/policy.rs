@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! What the capability protocol on a core is told ([`Policy`], [`Revoke`]: the command
+//! line's tunables) and what it counts ([`Stats`], reported with its guest). Plain data,
+//! shared by `caps` and `proto` (re-exported as `caps::{Policy, Revoke, Stats}`).
+//!
+//! May call: `members` (the number of cores addressed), nothing else.
+
+use crate::members::MAX_PEERS;
+
+/// Tunables, from the hypervisor command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Policy {
+    /// Per-level protocol deadline, in TSC ticks: a core that does not answer within it
+    /// (scaled by the levels below, see [`super::proto`]) is declared failed and fenced.
+    pub deadline: u64,
+    /// Least TSC ticks between two transfers from this core to the same core: bounds the
+    /// request rate any one guest can aim at another.
+    pub transfer_gap: u64,
+    /// How this core's own revokes reach the holders of its copies (see [`super::proto`]).
+    pub revoke: Revoke,
+}
+
+/// How a revoke reaches the cores holding the copies (the machine's `revoke` setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Revoke {
+    /// The request written once into the revoker's multicast slot, every holder's core
+    /// rung and kicked, each answering in its own reply line of that slot (see [`super::proto`],
+    /// "Multicast").
+    #[default]
+    Multicast,
+    /// One `REVOKE` from the revoker to every holder's core, every answer back to it.
+    Broadcast,
+    /// The revoker asks `fanout` holders' cores, each forwards to its share of the others
+    /// and answers for its whole subtree (see [`super::proto`], "Trees").
+    Tree { fanout: u8 },
+}
+
+impl Policy {
+    /// 50 ms per level and at most 100 transfers per millisecond per peer; multicast.
+    pub fn from_tsc_per_ms(tsc_per_ms: u64) -> Self {
+        Policy {
+            deadline: tsc_per_ms.saturating_mul(50),
+            transfer_gap: tsc_per_ms / 100,
+            revoke: Revoke::Multicast,
+        }
+    }
+}
+
+/// Counters of this core's capability work, reported with its guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Stats {
+    pub transfers: u32,
+    /// Caps revoked in this space on other cores' behalf.
+    pub revoked_here: u64,
+    /// Requests received from each core (INSERT and REVOKE).
+    pub requests_from: [u32; MAX_PEERS],
+    /// INSERTs refused (no accept quota, no room, guest ended).
+    pub refused: u32,
+    /// Cores this one declared failed.
+    pub fenced: u64,
+    /// A revoke could not unmap a piece from this guest's EPT: the guest may still reach
+    /// memory it no longer holds, so its core stops it.
+    pub unmap_failed: bool,
+    /// TSC ticks this core worked on its guest's own `cap_revoke`s: checks, requests and
+    /// kicks sent, replies handled; not the polls that found the inbox empty (waiting).
+    pub revoke_tsc: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            transfers: 0,
+            revoked_here: 0,
+            requests_from: [0; MAX_PEERS],
+            refused: 0,
+            fenced: 0,
+            unmap_failed: false,
+            revoke_tsc: 0,
+        }
+    }
+}
