@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! VM exits: read once into a [`VmExit`], dispatched by one `match` in [`handle`], each
-//! handler returning what happens next ([`Action`]). The handlers talk to the vCPU through
-//! the [`Vcpu`] trait, so they run against a fake vCPU in host tests; the real one is
-//! backed by the VMCS (`guest::VmcsVcpu`).
+//! VM exits: read once by the backend into its [`ExitInfo`] (`vcpu`), dispatched on the
+//! backend-neutral [`ExitKind`] by one `match` in [`handle`], each handler returning what
+//! happens next ([`Action`]). The handlers talk to the guest through the [`Vcpu`] trait,
+//! so they run against a fake vCPU in host tests; the real one is the instance's
+//! (`instance::vcpu`) over a backend's `vcpu::Vcpu` (VMX: `vmx::vcpu`).
 //!
 //! Policy (the guest is never trusted):
 //! * CPUID: passed through with VMX, x2APIC, MONITOR (unless the guest waits exitless,
@@ -45,212 +46,11 @@
 
 use crate::arch::vmx::GuestRegs;
 use crate::caps::HvCaps;
+use crate::vcpu::{CrAccess, ExitKind, IoAccess, EXIT_CODES};
+pub use crate::vcpu::{Event, ExitInfo, Field};
 use vmcall_proto::hypercall::{
     HvError, Hypercall, CONSOLE_MAX, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
 };
-
-/// Basic exit reasons (SDM Vol. 3D appendix C) that have names in reports.
-pub const REASON_NAMES: [&str; 70] = [
-    "exception_nmi",
-    "external_interrupt",
-    "triple_fault",
-    "init",
-    "sipi",
-    "io_smi",
-    "other_smi",
-    "interrupt_window",
-    "nmi_window",
-    "task_switch",
-    "cpuid",
-    "getsec",
-    "hlt",
-    "invd",
-    "invlpg",
-    "rdpmc",
-    "rdtsc",
-    "rsm",
-    "vmcall",
-    "vmclear",
-    "vmlaunch",
-    "vmptrld",
-    "vmptrst",
-    "vmread",
-    "vmresume",
-    "vmwrite",
-    "vmxoff",
-    "vmxon",
-    "cr_access",
-    "dr_access",
-    "io",
-    "rdmsr",
-    "wrmsr",
-    "entry_fail_guest_state",
-    "entry_fail_msr_load",
-    "reason_35",
-    "mwait",
-    "monitor_trap",
-    "reason_38",
-    "monitor",
-    "pause",
-    "entry_fail_machine_check",
-    "reason_42",
-    "tpr_below",
-    "apic_access",
-    "virtualized_eoi",
-    "gdtr_idtr",
-    "ldtr_tr",
-    "ept_violation",
-    "ept_misconfig",
-    "invept",
-    "rdtscp",
-    "preemption_timer",
-    "invvpid",
-    "wbinvd",
-    "xsetbv",
-    "apic_write",
-    "rdrand",
-    "invpcid",
-    "vmfunc",
-    "encls",
-    "rdseed",
-    "pml_full",
-    "xsaves",
-    "xrstors",
-    "reason_65",
-    "spp",
-    "umwait",
-    "tpause",
-    "loadiwkey",
-];
-pub const REASONS: usize = REASON_NAMES.len();
-
-/// The basic exit reasons the hypervisor acts on by name (indices into [`REASON_NAMES`]):
-/// the one list the run loop ([`handle`]), the fast path (`fastexit`) and the instance's
-/// loop use.
-pub mod reason {
-    pub const EXCEPTION_OR_NMI: u16 = 0;
-    pub const EXTERNAL_INTERRUPT: u16 = 1;
-    pub const TRIPLE_FAULT: u16 = 2;
-    pub const INIT: u16 = 3;
-    pub const INTERRUPT_WINDOW: u16 = 7;
-    pub const CPUID: u16 = 10;
-    pub const HLT: u16 = 12;
-    pub const INVD: u16 = 13;
-    pub const VMCALL: u16 = 18;
-    /// VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON.
-    pub const VMCLEAR: u16 = 19;
-    pub const VMXON: u16 = 27;
-    pub const CR_ACCESS: u16 = 28;
-    pub const IO: u16 = 30;
-    pub const RDMSR: u16 = 31;
-    pub const WRMSR: u16 = 32;
-    pub const MWAIT: u16 = 36;
-    pub const MONITOR: u16 = 39;
-    pub const EPT_VIOLATION: u16 = 48;
-    pub const EPT_MISCONFIG: u16 = 49;
-    pub const INVEPT: u16 = 50;
-    pub const PREEMPTION_TIMER: u16 = 52;
-    pub const INVVPID: u16 = 53;
-    pub const WBINVD: u16 = 54;
-    pub const XSETBV: u16 = 55;
-    pub const VMFUNC: u16 = 59;
-}
-
-/// What a handler may ask about the exit. Only the reason is read on every exit; each other
-/// field is read when a handler asks for it (a VMREAD each on hardware), so a cheap exit
-/// pays for the fields it uses and no more.
-pub trait ExitInfo {
-    /// Basic exit reason (bits 15:0 of the exit-reason field).
-    fn reason(&self) -> u16;
-    /// Whether the VM entry failed (bit 31 of the exit-reason field).
-    fn entry_failed(&self) -> bool;
-    fn qualification(&self) -> u64;
-    fn instruction_len(&self) -> u64;
-    /// The guest RIP of the exiting instruction (before any handler moved it).
-    fn rip(&self) -> u64;
-    fn guest_physical(&self) -> u64;
-}
-
-/// One VM exit as plain values (host tests; the hypervisor reads the VMCS on demand).
-#[cfg(test)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VmExit {
-    pub reason: u16,
-    pub entry_failed: bool,
-    pub qualification: u64,
-    pub instruction_len: u64,
-    pub rip: u64,
-    pub guest_physical: u64,
-}
-
-#[cfg(test)]
-impl ExitInfo for VmExit {
-    fn reason(&self) -> u16 {
-        self.reason
-    }
-    fn entry_failed(&self) -> bool {
-        self.entry_failed
-    }
-    fn qualification(&self) -> u64 {
-        self.qualification
-    }
-    fn instruction_len(&self) -> u64 {
-        self.instruction_len
-    }
-    fn rip(&self) -> u64 {
-        self.rip
-    }
-    fn guest_physical(&self) -> u64 {
-        self.guest_physical
-    }
-}
-
-/// Whether an exit of basic reason `reason` is caused by an instruction (SDM Vol. 3C 26.1.2,
-/// 26.1.3): such an exit never happens during event delivery, so its IDT-vectoring
-/// information is never valid (SDM Vol. 3C 28.2.4) and need not be read.
-#[inline(always)]
-pub fn instruction_exit(reason: u16) -> bool {
-    const MASK: u64 = {
-        let mut m = 0u64;
-        let mut r = 0;
-        while r < 64 {
-            if matches!(r, 10..=28 | 30..=32 | 36 | 39 | 50 | 51 | 53..=55 | 57..=59 | 61) {
-                m |= 1 << r;
-            }
-            r += 1;
-        }
-        m
-    };
-    reason < 64 && MASK & (1 << reason) != 0
-}
-
-/// Guest state the handlers read or change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Field {
-    Rip,
-    Rsp,
-    Rflags,
-    Cr0,
-    Cr0Shadow,
-    Cr4,
-    Cr4Shadow,
-    Efer,
-    FsBase,
-    GsBase,
-    Pat,
-    Interruptibility,
-    /// Access rights of SS: bits 6:5 are the CPL.
-    SsAccessRights,
-    /// Pending debug exceptions (bit 14, BS: a single-step trap due after the entry).
-    PendingDebug,
-}
-
-/// An event to inject at the next VM entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    Exception { vector: u8, error_code: Option<u32> },
-    Interrupt(u8),
-}
 
 /// Why the hypervisor stopped a guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,7 +58,8 @@ pub enum StopReason {
     EptViolation {
         gpa: u64,
         rip: u64,
-        qualification: u64,
+        /// What the access was and what the mapping allowed ([`crate::vcpu::NestedFault`]).
+        access: u64,
     },
     EptMisconfig {
         gpa: u64,
@@ -300,8 +101,8 @@ pub enum StopReason {
 impl core::fmt::Display for StopReason {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
-            StopReason::EptViolation { gpa, rip, qualification } => {
-                EptViolation { gpa, rip, qualification }.fmt(f)
+            StopReason::EptViolation { gpa, rip, access } => {
+                EptViolation { gpa, rip, access }.fmt(f)
             }
             StopReason::EptMisconfig { gpa, rip } => {
                 write!(f, "EPT misconfiguration at {gpa:#x}, rip={rip:#x}")
@@ -340,12 +141,12 @@ impl core::fmt::Display for StopReason {
 pub struct EptViolation {
     pub gpa: u64,
     pub rip: u64,
-    pub qualification: u64,
+    pub access: u64,
 }
 
 impl core::fmt::Display for EptViolation {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let q = self.qualification;
+        let q = self.access;
         let access = if q & 4 != 0 {
             "execute"
         } else if q & 2 != 0 {
@@ -383,8 +184,11 @@ pub enum Action {
     Stop(StopReason),
 }
 
-/// The vCPU as the handlers see it.
-pub trait Vcpu {
+/// The guest's vCPU as the handlers see it: its processor state (the backend's, through
+/// `vcpu::Vcpu`), its memory and machine, and, as the capability system's environment
+/// ([`caps::Env`](crate::caps::Env), implemented by the vCPU itself), the inter-core
+/// transport and its nested page tables.
+pub trait Vcpu: crate::caps::Env {
     fn regs(&mut self) -> &mut GuestRegs;
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
@@ -394,32 +198,14 @@ pub trait Vcpu {
     fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HvError>;
     /// The host processor's CPUID, before filtering.
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// The time-stamp counter now.
-    fn now(&mut self) -> u64;
     /// Sends a fixed interrupt `vector` to the core with x2APIC id `apic`.
     fn send_ipi(&mut self, apic: u32, vector: u8);
-    /// Maps host-physical `[hpa, hpa + size)` at guest-physical `gpa` in this guest's EPT,
-    /// read-only or read-write, and flushes the EPT translations.
-    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError>;
-    /// Unmaps `[gpa, gpa + size)` from this guest's EPT and flushes its translations.
-    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError>;
-    /// Puts a message on the inter-core ring to core `to`; `false` if the ring is full.
-    fn x_send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool;
-    /// The next inter-core message for this core, with its sender.
-    fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)>;
-    /// Kicks core `to` (an NMI).
-    fn x_kick(&mut self, to: usize);
-    /// The guest's channel `channel` (config index) went down: mark it so in the guest's
-    /// status page (nothing by default: no status page).
-    fn link_down(&mut self, _channel: u32) {}
     /// Machine configuration space, for the guest's filtered view (`pci::filter`): a
     /// dword of function `f` (all ones by default: no PCI).
     fn pci_read32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16) -> u32 {
         u32::MAX
     }
     fn pci_write32(&mut self, _f: vmcall_proto::device::Bdf, _offset: u16, _value: u32) {}
-    /// The inbox is being served now (see `caps::Env::served`).
-    fn served(&mut self) {}
 }
 
 /// The vCPU's configuration-space access as `pci` sees it.
@@ -434,45 +220,6 @@ impl<V: Vcpu> crate::pci::ConfigSpace for PciEnv<'_, V> {
     }
 }
 
-/// The vCPU as the capability system sees it (`caps` does not know [`Vcpu`]).
-pub struct CapEnv<'a, V: Vcpu>(pub &'a mut V);
-
-impl<V: Vcpu> crate::caps::Env for CapEnv<'_, V> {
-    fn now(&mut self) -> u64 {
-        self.0.now()
-    }
-    fn send(&mut self, to: usize, m: &vmcall_proto::channel::Payload) -> bool {
-        self.0.x_send(to, m)
-    }
-    fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
-        self.0.x_recv()
-    }
-    fn kick(&mut self, to: usize) {
-        self.0.x_kick(to)
-    }
-    fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
-        self.0.ept_map(gpa, hpa, size, write)
-    }
-    fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        self.0.ept_unmap(gpa, size)
-    }
-    fn relax(&mut self) {
-        crate::arch::pause();
-    }
-    fn link_down(&mut self, channel: u32) {
-        self.0.link_down(channel)
-    }
-    fn served(&mut self) {
-        self.0.served()
-    }
-    fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
-        crate::hostctl::serve(self, ctl)
-    }
-    fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
-        crate::hostctl::answer(self, req, result)
-    }
-}
-
 /// Where a guest's console lines go.
 pub trait ConsoleSink {
     fn line(&mut self, text: &str);
@@ -484,7 +231,8 @@ pub struct GuestCtx {
     pub core: u32,
     pub memory_mib: u32,
     pub tsc_per_ms: u64,
-    pub exits: [u32; REASONS],
+    /// Per exit code of the backend ([`ExitInfo::code`]).
+    pub exits: [u32; EXIT_CODES],
     pub exits_other: u32,
     /// Every exit so far: the sum of `exits` and `exits_other`, kept so that `exit_count`
     /// answers without adding up 71 counters.
@@ -555,7 +303,7 @@ impl GuestCtx {
             core,
             memory_mib,
             tsc_per_ms,
-            exits: [0; REASONS],
+            exits: [0; EXIT_CODES],
             exits_other: 0,
             exits_total: 0,
             line: [0; CONSOLE_MAX as usize],
@@ -724,14 +472,16 @@ impl GuestCtx {
         .pack()
     }
 
-    pub fn fold_fast(&mut self, hypercalls: u64, cpuids: u64) {
+    /// `hypercalls` and `cpuids` are (exit code, count) pairs (the backend's codes of a
+    /// hypercall and a CPUID exit, `vcpu::Vcpu::HYPERCALL_CODE`/`CPUID_CODE`).
+    pub fn fold_fast(&mut self, (vmcall, hypercalls): (u16, u64), (cpuid, cpuids): (u16, u64)) {
         if hypercalls | cpuids == 0 {
             return;
         }
         // The per-reason and hypercall counters are u32 and saturate, as in `count`.
         let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let (h, c) = (sat(hypercalls), sat(cpuids));
-        let (vmcall, cpuid) = (reason::VMCALL as usize, reason::CPUID as usize);
+        let (vmcall, cpuid) = (vmcall as usize, cpuid as usize);
         self.exits[vmcall] = self.exits[vmcall].saturating_add(h);
         self.exits[cpuid] = self.exits[cpuid].saturating_add(c);
         self.exits_total = self.exits_total.saturating_add(hypercalls + cpuids);
@@ -878,53 +628,47 @@ pub fn handle(
     e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
-    let reason = e.reason();
-    ctx.count(reason);
+    ctx.count(e.code());
     if e.entry_failed() {
-        return Action::Stop(StopReason::EntryFailed { reason, rip: e.rip() });
+        return Action::Stop(StopReason::EntryFailed { reason: e.code(), rip: e.rip() });
     }
-    match reason {
+    match e.kind() {
         // Our controls make these exits; there is nothing to do for the guest.
-        reason::EXCEPTION_OR_NMI | reason::EXTERNAL_INTERRUPT => Action::Resume,
-        reason::TRIPLE_FAULT => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
-        reason::INIT => Action::Stop(StopReason::Init { rip: e.rip() }),
-        reason::INTERRUPT_WINDOW => {
+        ExitKind::Nmi | ExitKind::ExternalInterrupt => Action::Resume,
+        ExitKind::TripleFault => Action::Stop(StopReason::TripleFault { rip: e.rip() }),
+        ExitKind::Init => Action::Stop(StopReason::Init { rip: e.rip() }),
+        ExitKind::InterruptWindow => {
             // Interrupt window: before_entry delivers the pending timer interrupt.
             v.set_interrupt_window(false);
             Action::Resume
         }
-        reason::CPUID => cpuid(ctx, v, e),
-        reason::HLT => hlt(ctx, v, e),
+        ExitKind::Cpuid => cpuid(ctx, v, e),
+        ExitKind::Hlt => hlt(ctx, v, e),
         // INVD, WBINVD: no-ops (counted above); see the policy in the module header.
-        reason::INVD | reason::WBINVD => {
+        ExitKind::Invd | ExitKind::Wbinvd => {
             advance(v, e);
             Action::Resume
         }
-        reason::VMCALL => vmcall(ctx, v, e, sink),
-        reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID | reason::VMFUNC => {
+        ExitKind::Hypercall => vmcall(ctx, v, e, sink),
+        ExitKind::VirtualizationInstruction | ExitKind::Mwait | ExitKind::Monitor => {
             v.inject(UD);
             Action::Resume
         }
-        reason::CR_ACCESS => cr_access(ctx, v, e),
-        reason::IO => io(ctx, v, e, sink),
-        reason::RDMSR => rdmsr(v, e),
-        reason::WRMSR => wrmsr(v, e),
-        reason::MWAIT | reason::MONITOR => {
-            v.inject(UD);
-            Action::Resume
+        ExitKind::CrAccess => cr_access(ctx, v, e),
+        ExitKind::Io => io(ctx, v, e, sink),
+        ExitKind::Rdmsr => rdmsr(v, e),
+        ExitKind::Wrmsr => wrmsr(v, e),
+        ExitKind::NestedFault => {
+            let f = e.nested_fault();
+            Action::Stop(StopReason::EptViolation { gpa: f.gpa, rip: e.rip(), access: f.access })
         }
-        reason::EPT_VIOLATION => Action::Stop(StopReason::EptViolation {
-            gpa: e.guest_physical(),
-            rip: e.rip(),
-            qualification: e.qualification(),
-        }),
-        reason::EPT_MISCONFIG => {
-            Action::Stop(StopReason::EptMisconfig { gpa: e.guest_physical(), rip: e.rip() })
+        ExitKind::NestedMisconfig => {
+            Action::Stop(StopReason::EptMisconfig { gpa: e.nested_fault().gpa, rip: e.rip() })
         }
-        // Preemption timer: before_entry sees the deadline that passed.
-        reason::PREEMPTION_TIMER => Action::Resume,
-        reason::XSETBV => xsetbv(v, e),
-        other => Action::Stop(StopReason::Unexpected { reason: other, rip: e.rip() }),
+        // The timer: before_entry sees the deadline that passed.
+        ExitKind::Timer => Action::Resume,
+        ExitKind::Xsetbv => xsetbv(v, e),
+        ExitKind::Other => Action::Stop(StopReason::Unexpected { reason: e.code(), rip: e.rip() }),
     }
 }
 
@@ -986,7 +730,7 @@ fn hlt(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
             // it stops the guest), answering other cores meanwhile; a controller's request
             // ends the sleep (the run loop serves it).
             while v.now() < deadline.min(ctx.watchdog) && !ctx.caps.ctl.pending() {
-                ctx.caps.poll(&mut CapEnv(v));
+                ctx.caps.poll(v);
                 crate::arch::pause();
             }
             Action::Resume
@@ -1072,9 +816,7 @@ fn cap_hypercall(
     call: Hypercall,
     r: &GuestRegs,
 ) -> Result<u64, HvError> {
-    ctx.caps
-        .hypercall(&mut CapEnv(v), call, r.rdi, r.rsi, r.rdx)
-        .unwrap_or(Err(HvError::UnknownCall))
+    ctx.caps.hypercall(v, call, r.rdi, r.rsi, r.rdx).unwrap_or(Err(HvError::UnknownCall))
 }
 
 /// The console hypercall: `len` bytes at guest-physical `gpa`.
@@ -1107,19 +849,19 @@ fn set_cr0(v: &mut impl Vcpu, new: u64) {
     v.write(Field::Cr0Shadow, new);
 }
 
-/// Control-register accesses (exit qualification: SDM Vol. 3C 28.2.1, Table 28-3).
+/// Control-register accesses (decoded by the backend: [`CrAccess`]).
 #[inline(never)]
 fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action {
-    let q = e.qualification();
-    let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
+    let access = e.cr_access();
     let shadow0 = v.read(Field::Cr0Shadow);
     // The value CR0 gets, as the guest sees it, for the three kinds that write CR0.
-    let new_cr0 = match (cr, kind) {
-        (0, 0) => Some(gpr(v, reg)),
-        (0, 2) => Some(shadow0 & !CR0_TS), // CLTS
-        // LMSW loads CR0[3:0] from its operand (bits 31:16 of the qualification) but can
-        // set PE, never clear it.
-        (_, 3) => Some((shadow0 & !0xf) | ((q >> 16) & 0xf) | (shadow0 & CR0_PE)),
+    let new_cr0 = match access {
+        CrAccess::MovTo { cr: 0, gpr: reg } => Some(gpr(v, reg.into())),
+        CrAccess::Clts => Some(shadow0 & !CR0_TS),
+        // LMSW loads CR0[3:0] from its operand but can set PE, never clear it.
+        CrAccess::Lmsw { source } => {
+            Some((shadow0 & !0xf) | (u64::from(source) & 0xf) | (shadow0 & CR0_PE))
+        }
         _ => None,
     };
     if let Some(new) = new_cr0 {
@@ -1131,9 +873,9 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action
         advance(v, e);
         return Action::Resume;
     }
-    match (cr, kind) {
-        (4, 0) => {
-            let new = gpr(v, reg);
+    match access {
+        CrAccess::MovTo { cr: 4, gpr: reg } => {
+            let new = gpr(v, reg.into());
             let shadow = v.read(Field::Cr4Shadow);
             if (new ^ shadow) & CR4_OWNED != 0 {
                 v.inject(GP);
@@ -1143,17 +885,17 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action
             v.write(Field::Cr4, (new & !CR4_OWNED) | (real & CR4_OWNED));
             v.write(Field::Cr4Shadow, new);
         }
-        (8, 0) => {
-            let val = gpr(v, reg);
+        CrAccess::MovTo { cr: 8, gpr: reg } => {
+            let val = gpr(v, reg.into());
             if val > 15 {
                 v.inject(GP);
                 return Action::Resume;
             }
             ctx.cr8 = val;
         }
-        (8, 1) => {
+        CrAccess::MovFrom { cr: 8, gpr: reg } => {
             let val = ctx.cr8;
-            set_gpr(v, reg, val);
+            set_gpr(v, reg.into(), val);
         }
         // Nothing else exits with our controls (reads of CR0/CR4 come from the shadows).
         _ => {
@@ -1172,8 +914,7 @@ fn io(
     e: &impl ExitInfo,
     sink: &mut impl ConsoleSink,
 ) -> Action {
-    let q = e.qualification();
-    let (size, input, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
+    let IoAccess { port, size, input, string } = e.io();
     match (port, input, string, size) {
         (0xe9, false, false, 1) => {
             let b = v.regs().rax as u8;
@@ -1182,7 +923,7 @@ fn io(
         (0x80, false, false, _) => {}
         (0xcf8..=0xcff, _, false, _) => {
             let write = (!input).then_some(v.regs().rax as u32);
-            match ctx.pci.io(&mut PciEnv(v), port, size as u8, write) {
+            match ctx.pci.io(&mut PciEnv(v), port, size, write) {
                 None => {
                     v.inject(GP);
                     return Action::Resume;
@@ -1298,66 +1039,72 @@ pub const MSR_PASSTHROUGH: [u32; 5] =
 pub const MSR_SWITCHED: [u32; 2] = [MSR_FS_BASE, MSR_GS_BASE];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn named_reasons_are_their_names_in_reports() {
-        use super::reason::*;
-        for (r, name) in [
-            (EXCEPTION_OR_NMI, "exception_nmi"),
-            (EXTERNAL_INTERRUPT, "external_interrupt"),
-            (TRIPLE_FAULT, "triple_fault"),
-            (INIT, "init"),
-            (INTERRUPT_WINDOW, "interrupt_window"),
-            (CPUID, "cpuid"),
-            (HLT, "hlt"),
-            (INVD, "invd"),
-            (VMCALL, "vmcall"),
-            (VMCLEAR, "vmclear"),
-            (VMXON, "vmxon"),
-            (CR_ACCESS, "cr_access"),
-            (IO, "io"),
-            (RDMSR, "rdmsr"),
-            (WRMSR, "wrmsr"),
-            (MWAIT, "mwait"),
-            (MONITOR, "monitor"),
-            (EPT_VIOLATION, "ept_violation"),
-            (EPT_MISCONFIG, "ept_misconfig"),
-            (INVEPT, "invept"),
-            (PREEMPTION_TIMER, "preemption_timer"),
-            (INVVPID, "invvpid"),
-            (WBINVD, "wbinvd"),
-            (XSETBV, "xsetbv"),
-            (VMFUNC, "vmfunc"),
-        ] {
-            assert_eq!(REASON_NAMES[r as usize], name);
+    /// One VM exit as plain values, as VMX reports it (reason and qualification decoded by
+    /// the VMX backend's own decoders, `vmx::exit`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct VmExit {
+        pub reason: u16,
+        pub entry_failed: bool,
+        pub qualification: u64,
+        pub instruction_len: u64,
+        pub rip: u64,
+        pub guest_physical: u64,
+    }
+
+    impl ExitInfo for VmExit {
+        fn kind(&self) -> ExitKind {
+            crate::vmx::exit::kind(self.reason)
+        }
+        fn code(&self) -> u16 {
+            self.reason
+        }
+        fn entry_failed(&self) -> bool {
+            self.entry_failed
+        }
+        fn instruction_len(&self) -> u64 {
+            self.instruction_len
+        }
+        fn rip(&self) -> u64 {
+            self.rip
+        }
+        fn cr_access(&self) -> CrAccess {
+            crate::vmx::exit::cr_access(self.qualification)
+        }
+        fn io(&self) -> IoAccess {
+            crate::vmx::exit::io(self.qualification)
+        }
+        fn nested_fault(&self) -> crate::vcpu::NestedFault {
+            crate::vcpu::NestedFault { gpa: self.guest_physical, access: self.qualification }
         }
     }
+
     use std::collections::HashMap;
 
     /// A vCPU made of plain values; guest memory is a vector.
-    struct FakeVcpu {
-        regs: GuestRegs,
-        fields: HashMap<&'static str, u64>,
-        injected: Vec<Event>,
-        window: bool,
-        mem: Vec<u8>,
-        tsc: u64,
-        ipis: Vec<(u32, u8)>,
-        maps: Vec<(u64, u64, u64, bool)>,
+    pub(crate) struct FakeVcpu {
+        pub(crate) regs: GuestRegs,
+        pub(crate) fields: HashMap<&'static str, u64>,
+        pub(crate) injected: Vec<Event>,
+        pub(crate) window: bool,
+        pub(crate) mem: Vec<u8>,
+        pub(crate) tsc: u64,
+        pub(crate) ipis: Vec<(u32, u8)>,
+        pub(crate) maps: Vec<(u64, u64, u64, bool)>,
         /// How far the TSC moves at each reading.
-        tick: u64,
+        pub(crate) tick: u64,
         /// How often the inter-core inbox was polled.
-        recv_polls: u32,
+        pub(crate) recv_polls: u32,
         /// What the host's CPUID returns for every leaf.
-        cpuid: [u32; 4],
+        pub(crate) cpuid: [u32; 4],
         /// The machine's configuration space (a Bochs-like bus).
-        pci: crate::pci::fake::Bus,
+        pub(crate) pci: crate::pci::fake::Bus,
     }
 
     impl FakeVcpu {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let mut fields = HashMap::new();
             fields.insert("Rip", 0x10_0000);
             fields.insert("Rflags", 0x2);
@@ -1400,7 +1147,7 @@ mod tests {
                 Field::PendingDebug => "PendingDbg",
             }
         }
-        fn get(&self, f: Field) -> u64 {
+        pub(crate) fn get(&self, f: Field) -> u64 {
             *self.fields.get(Self::key(f)).unwrap_or(&0)
         }
     }
@@ -1438,25 +1185,28 @@ mod tests {
         fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
             crate::pci::ConfigSpace::write32(&mut self.pci, f, offset, value)
         }
+        fn send_ipi(&mut self, apic: u32, vector: u8) {
+            self.ipis.push((apic, vector));
+        }
+    }
+
+    impl crate::caps::Env for FakeVcpu {
         fn now(&mut self) -> u64 {
             self.tsc += self.tick;
             self.tsc
-        }
-        fn send_ipi(&mut self, apic: u32, vector: u8) {
-            self.ipis.push((apic, vector));
         }
         fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
             self.maps.push((gpa, hpa, size, write));
             Ok(())
         }
-        fn x_send(&mut self, _to: usize, _m: &vmcall_proto::channel::Payload) -> bool {
+        fn send(&mut self, _to: usize, _m: &vmcall_proto::channel::Payload) -> bool {
             false
         }
-        fn x_recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
+        fn recv(&mut self) -> Option<(usize, vmcall_proto::channel::Payload)> {
             self.recv_polls += 1;
             None
         }
-        fn x_kick(&mut self, _to: usize) {}
+        fn kick(&mut self, _to: usize) {}
         fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
             let i = self
                 .maps
@@ -1469,19 +1219,19 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Lines(Vec<String>);
+    pub(crate) struct Lines(pub(crate) Vec<String>);
     impl ConsoleSink for Lines {
         fn line(&mut self, t: &str) {
             self.0.push(t.to_string());
         }
     }
 
-    fn ctx() -> GuestCtx {
+    pub(crate) fn ctx() -> GuestCtx {
         let policy = crate::caps::Policy::from_tsc_per_ms(4000);
         let caps = Box::leak(Box::new(HvCaps::new(3, policy)));
         GuestCtx::new(2, 3, 16, 4000, u64::MAX, caps)
     }
-    fn exit(reason: u16, len: u64) -> VmExit {
+    pub(crate) fn exit(reason: u16, len: u64) -> VmExit {
         VmExit { reason, instruction_len: len, rip: 0x10_0000, ..VmExit::default() }
     }
 
@@ -1851,8 +1601,7 @@ mod tests {
 
     #[test]
     fn ept_violation_says_what_the_access_was_and_what_was_allowed() {
-        let t =
-            |gpa, qualification| EptViolation { gpa, rip: 0x10_0717, qualification }.to_string();
+        let t = |gpa, access| EptViolation { gpa, rip: 0x10_0717, access }.to_string();
         assert_eq!(
             t(0xa0_0000, 0b000_001),
             "EPT violation: read at guest-physical 0xa00000 (not mapped for this guest), rip=0x100717"
@@ -2099,11 +1848,7 @@ mod tests {
         (e.guest_physical, e.qualification) = (0x9000, 0x1a);
         assert_eq!(
             handle(&mut c, &mut v, &e, &mut s),
-            Action::Stop(StopReason::EptViolation {
-                gpa: 0x9000,
-                rip: 0x10_0000,
-                qualification: 0x1a
-            })
+            Action::Stop(StopReason::EptViolation { gpa: 0x9000, rip: 0x10_0000, access: 0x1a })
         );
         // A failed entry is reported as such whatever the reason number says.
         let mut e = exit(10, 2);
@@ -2112,7 +1857,7 @@ mod tests {
             handle(&mut c, &mut v, &e, &mut s),
             Action::Stop(StopReason::EntryFailed { reason: 10, rip: 0x10_0000 })
         );
-        assert!(stop(handle(&mut c, &mut v, &exit(REASONS as u16, 0), &mut s)));
+        assert!(stop(handle(&mut c, &mut v, &exit(EXIT_CODES as u16, 0), &mut s)));
         assert_eq!(c.exits_other, 1, "reasons past the table are counted apart");
         c.exits_other = u32::MAX;
         handle(&mut c, &mut v, &exit(500, 0), &mut s);
@@ -2416,135 +2161,13 @@ mod tests {
         assert_eq!(v.fields["Rip"], 0x10_0000 + 7, "each of the 7 served accesses moved RIP on");
     }
 
-    /// `fastexit::Cpu` over the fake vCPU: the fast path sees the same VMCS fields, TSC and
-    /// host CPUID as the run loop's handler.
-    struct FastCpu<'a> {
-        v: &'a mut FakeVcpu,
-        len: u64,
-    }
-    impl crate::fastexit::Cpu for FastCpu<'_> {
-        fn read(&mut self, f: crate::fastexit::Field) -> u64 {
-            use crate::fastexit::Field as F;
-            match f {
-                F::SsAccessRights => self.v.get(Field::SsAccessRights),
-                F::Rflags => self.v.get(Field::Rflags),
-                F::InstructionLen => self.len,
-                F::Rip => self.v.get(Field::Rip),
-                F::Interruptibility => self.v.get(Field::Interruptibility),
-                F::PreemptionTimer => 0,
-            }
-        }
-        fn write(&mut self, f: crate::fastexit::Field, x: u64) {
-            use crate::fastexit::Field as F;
-            match f {
-                F::Rip => self.v.write(Field::Rip, x),
-                F::Interruptibility => self.v.write(Field::Interruptibility, x),
-                _ => {}
-            }
-        }
-        fn rdtsc(&mut self) -> u64 {
-            self.v.tsc += 1;
-            self.v.tsc
-        }
-        fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-            self.v.host_cpuid(leaf, sub)
-        }
-    }
-
-    /// Hostile sweep: every hypercall number (valid, invalid, with high bits), every CPL,
-    /// with and without STI/MOV-SS/NMI blocking, CPUID leaves; whatever the fast path
-    /// answers, the run loop's handler must answer the same way (registers, RIP, blocking,
-    /// no event injected), and after the fold the counters must agree (exit_count included).
-    #[test]
-    fn the_fast_path_answers_exactly_as_the_run_loop_would() {
-        use core::sync::atomic::AtomicU64;
-        static ZERO: AtomicU64 = AtomicU64::new(0);
-        let page: &'static mut vmcall_proto::guest::StatusPage =
-            // SAFETY: plain u64s, all-zero is valid.
-            Box::leak(Box::new(unsafe { core::mem::zeroed() }));
-        let calls = (0..17u64).chain([99, 1 << 32 | 3, 1 << 32 | 7, u64::MAX]);
-        let mut answered = 0;
-        for reason in [10u16, 18] {
-            for rax in calls.clone() {
-                for ss_ar in [0x93u64, 0xb3, 0xd3, 0xf3] {
-                    for blocking in [0u64, 1, 2, 8, 9] {
-                        let (mut slow_ctx, mut slow) = (ctx(), FakeVcpu::new());
-                        let (mut fast_ctx, mut fast) = (ctx(), FakeVcpu::new());
-                        // Some history: exits the run loop counted before this entry.
-                        for c in [&mut slow_ctx, &mut fast_ctx] {
-                            c.exits_total = 41;
-                            c.exits[10] = 7;
-                            c.exits[18] = 30;
-                            c.hypercalls = 29;
-                        }
-                        for v in [&mut slow, &mut fast] {
-                            v.regs =
-                                GuestRegs { rax, rbx: 5, rcx: 1, rdx: 2, ..Default::default() };
-                            v.write(Field::SsAccessRights, ss_ar);
-                            v.write(Field::Interruptibility, blocking);
-                            v.cpuid = [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff];
-                        }
-                        let mut fx = crate::fastexit::FastExit::new(
-                            fast_ctx.core,
-                            &ZERO,
-                            &ZERO,
-                            &mut page.telemetry,
-                        );
-                        fx.until = u64::MAX;
-                        fx.answer_until = u64::MAX;
-                        fx.mwait = fast_ctx.mwait;
-                        fx.info = fast_ctx.info();
-                        fx.tsc_per_ms = fast_ctx.tsc_per_ms;
-                        fx.exits_base = fast_ctx.exits_total;
-                        let len = if reason == 10 { 2 } else { 3 };
-                        let mut regs = fast.regs;
-                        let ok = crate::fastexit::answer(
-                            &mut FastCpu { v: &mut fast, len },
-                            &mut regs,
-                            &mut fx,
-                            u64::from(reason),
-                        );
-                        if !ok {
-                            continue;
-                        }
-                        answered += 1;
-                        let (h, c) = fx.take();
-                        fast_ctx.fold_fast(h, c);
-                        assert_eq!(
-                            handle(
-                                &mut slow_ctx,
-                                &mut slow,
-                                &exit(reason, len),
-                                &mut Lines::default()
-                            ),
-                            Action::Resume
-                        );
-                        let case =
-                            format!("reason {reason} rax {rax:#x} ss {ss_ar:#x} blk {blocking}");
-                        assert!(slow.injected.is_empty(), "{case}: the run loop injects");
-                        assert_eq!(regs, slow.regs, "{case}: registers");
-                        for f in [Field::Rip, Field::Interruptibility] {
-                            assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
-                        }
-                        assert_eq!(fast_ctx.exits_total, slow_ctx.exits_total, "{case}");
-                        assert_eq!(fast_ctx.exits, slow_ctx.exits, "{case}");
-                        assert_eq!(fast_ctx.hypercalls, slow_ctx.hypercalls, "{case}");
-                    }
-                }
-            }
-        }
-        // CPUID from any CPL (20 blocking/CPL combinations x 21 "leaves"), the four
-        // answering hypercalls from CPL 0 (5 blocking values).
-        assert_eq!(answered, 21 * 20 + 4 * 5);
-    }
-
     /// `fold_fast` takes in u64 counts; the run loop's per-reason and hypercall counters are
     /// u32 and saturate (`count`), so a count past u32::MAX must saturate them too, not be
     /// truncated (which would leave them behind `exits_total` by 2^32).
     #[test]
     fn fold_fast_saturates_like_count_does() {
         let mut c = ctx();
-        c.fold_fast((1 << 32) + 5, 1 << 32);
+        c.fold_fast((18, (1 << 32) + 5), (10, 1 << 32));
         assert_eq!(c.exits_total, (1 << 33) + 5);
         assert_eq!(c.exits[18], u32::MAX, "VMCALL exits");
         assert_eq!(c.exits[10], u32::MAX, "CPUID exits");

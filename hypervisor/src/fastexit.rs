@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The exits answered in the exit landing, before the run loop sees them. Owns [`FastExit`]
 //! (what the fast path may use: armed by the run loop before each entry it makes) and
-//! [`mkv_fast_exit`], which the assembly of `arch::vmx` calls (by symbol) with every guest
-//! register saved; a `true` answer sends the guest straight back with VMRESUME.
-//! May call: `exits` (the CPUID policy), `vmx::vmcs`, `arch` (TSC, CPUID), `vmcall_proto`.
+//! [`answer`], which the backend's exit landing calls (VMX: `vmx::vcpu::mkv_fast_exit`,
+//! called by symbol from the assembly of `arch::vmx`) with every guest register saved; a
+//! `true` answer sends the guest straight back (VMRESUME).
+//! May call: `exits` (the CPUID policy, the checks), `vmcall_proto`. Called by the
+//! backends (`vmx::vcpu`) and armed by `instance`.
+//! Reaches the guest's state only through [`Cpu`].
 //!
 //! What it answers: CPUID, and the hypercalls that only answer (`yield`, `guest_info`,
 //! `tsc_per_ms`, `exit_count`) from CPL 0. Everything else, and these too when the fast path
@@ -91,7 +94,17 @@ impl FastExit {
     }
 }
 
-/// The VMCS fields and instructions the fast path uses (a fake in host tests).
+/// The exits the fast path may answer, as the backend's landing decoded them (VMX:
+/// `vmx::exit::fast_kind`); everything else is `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Hypercall,
+    Cpuid,
+    Other,
+}
+
+/// The guest state and instructions the fast path uses: the backend's (VMX: the current
+/// VMCS, `vmx::vcpu`), a fake in host tests.
 pub trait Cpu {
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
@@ -103,16 +116,26 @@ pub trait Cpu {
 pub enum Field {
     SsAccessRights,
     Rflags,
+    /// Length of the exiting instruction (see `vcpu`'s header on SVM).
     InstructionLen,
     Rip,
     Interruptibility,
-    PreemptionTimer,
+    /// The timer that bounds the guest's run (VMX: the VMX-preemption timer), in its own
+    /// units: TSC ticks shifted right by [`FastExit::timer_shift`].
+    Timer,
 }
 
-/// Answers the exit if it can (see the module header); `false` leaves everything as it was
-/// for the run loop (the preemption timer aside, which the run loop programs anyway).
+/// Answers the exit of kind `kind` and backend code `code` if it can (see the module
+/// header); `false` leaves everything as it was for the run loop (the timer aside, which
+/// the run loop programs anyway).
 #[inline(always)]
-pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason: u64) -> bool {
+pub fn answer(
+    c: &mut impl Cpu,
+    regs: &mut GuestRegs,
+    fx: &mut FastExit,
+    kind: Kind,
+    code: u16,
+) -> bool {
     let t0 = c.rdtsc();
     if t0 >= fx.answer_until {
         return false;
@@ -121,7 +144,7 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
-    if reason == u64::from(crate::exits::reason::VMCALL) {
+    if kind == Kind::Hypercall {
         // From CPL 0 only (the run loop injects #GP otherwise).
         if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
@@ -140,7 +163,7 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
         }
         regs.rax = value;
         fx.hypercalls += 1;
-    } else if reason == u64::from(crate::exits::reason::CPUID) {
+    } else if kind == Kind::Cpuid {
         if !quiet(c, fx, t0) {
             return false;
         }
@@ -164,9 +187,8 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
     // outlives the vCPU.
     // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
-    t.exits[reason as usize] = t.exits[reason as usize].wrapping_add(1);
-    t.hypercalls =
-        t.hypercalls.wrapping_add((reason == u64::from(crate::exits::reason::VMCALL)) as u64);
+    t.exits[code as usize] = t.exits[code as usize].wrapping_add(1);
+    t.hypercalls = t.hypercalls.wrapping_add((kind == Kind::Hypercall) as u64);
     t.entries = t.entries.wrapping_add(1);
     t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
     true
@@ -178,75 +200,10 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, reason:
 fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
     // A 32-bit field: VMWRITE keeps the low half, so a value past it makes the timer fire
     // early, never late (the run loop then programs it again).
-    c.write(Field::PreemptionTimer, (fx.until - now) >> fx.timer_shift);
+    c.write(Field::Timer, (fx.until - now) >> fx.timer_shift);
     // SAFETY: both point at statics of this core (`FastExit::new` takes 'static refs).
     let (mail, kicked) = unsafe { (&*fx.mail, &*fx.kicked) };
     kicked.load(Ordering::Acquire) == 0 && mail.load(Ordering::Acquire) == 0
-}
-
-/// The processor's side (the current VMCS).
-#[cfg(target_os = "none")]
-struct Hw;
-
-#[cfg(target_os = "none")]
-impl Cpu for Hw {
-    #[inline(always)]
-    fn read(&mut self, f: Field) -> u64 {
-        use crate::vmx::vmcs::{exit, g};
-        // SAFETY: called from the exit landing: this core's guest VMCS is current.
-        unsafe {
-            match f {
-                Field::SsAccessRights => g::SS_AR.get(),
-                Field::Rflags => g::RFLAGS.get(),
-                Field::InstructionLen => exit::INSTRUCTION_LEN.get(),
-                Field::Rip => g::RIP.get(),
-                Field::Interruptibility => g::INTERRUPTIBILITY.get(),
-                Field::PreemptionTimer => g::PREEMPTION_TIMER.get(),
-            }
-        }
-    }
-    #[inline(always)]
-    fn write(&mut self, f: Field, v: u64) {
-        use crate::vmx::vmcs::g;
-        // RIP past the answered instruction, blocking bits cleared, a timer value.
-        // SAFETY: as for `read`; those values keep the guest contained.
-        unsafe {
-            match f {
-                Field::Rip => g::RIP.set(v),
-                Field::Interruptibility => g::INTERRUPTIBILITY.set(v),
-                Field::PreemptionTimer => g::PREEMPTION_TIMER.set(v),
-                Field::SsAccessRights | Field::Rflags | Field::InstructionLen => {}
-            }
-        }
-    }
-    #[inline(always)]
-    fn rdtsc(&mut self) -> u64 {
-        crate::arch::rdtsc()
-    }
-    #[inline(always)]
-    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    }
-}
-
-/// Called by `vmx_exit_landing` (arch::vmx) after a VM exit with basic reason CPUID or
-/// VMCALL (`reason`, the exit reason field as read), the guest's registers saved in
-/// `regs`: non-zero = answered, resume the guest now.
-///
-/// # Safety
-/// Called only by the exit landing, with the pointers the run loop gave `arch::vmx::run`
-/// (both live and this core's for the whole run), its guest's VMCS current.
-#[cfg(target_os = "none")]
-#[no_mangle]
-pub unsafe extern "C" fn mkv_fast_exit(
-    regs: *mut GuestRegs,
-    fx: *mut FastExit,
-    reason: u64,
-) -> u64 {
-    // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
-    let (regs, fx) = unsafe { (&mut *regs, &mut *fx) };
-    answer(&mut Hw, regs, fx, reason) as u64
 }
 
 #[cfg(test)]
@@ -276,7 +233,7 @@ mod tests {
                 Field::InstructionLen => self.len,
                 Field::Rip => self.rip,
                 Field::Interruptibility => self.blocking,
-                Field::PreemptionTimer => self.timer.unwrap_or(0),
+                Field::Timer => self.timer.unwrap_or(0),
             }
         }
         fn write(&mut self, f: Field, v: u64) {
@@ -286,7 +243,7 @@ mod tests {
                     self.blocking = v;
                     self.blocking_writes += 1;
                 }
-                Field::PreemptionTimer => self.timer = Some(v),
+                Field::Timer => self.timer = Some(v),
                 _ => panic!("{f:?} is read-only"),
             }
         }
@@ -304,10 +261,20 @@ mod tests {
         }
     }
 
+    /// The fake's exit reasons are VMX's (the telemetry numbering); the backend's landing
+    /// decodes them (VMX: `vmx::vcpu::fast_kind`, tested there).
+    fn kind_of(reason: u64) -> Kind {
+        match reason {
+            18 => Kind::Hypercall,
+            10 => Kind::Cpuid,
+            _ => Kind::Other,
+        }
+    }
+
     /// As the landing calls it, with the fake's exit reason.
     fn ans(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit) -> bool {
         let reason = c.reason;
-        answer(c, regs, fx, reason)
+        answer(c, regs, fx, kind_of(reason), reason as u16)
     }
 
     fn fake(reason: u64) -> Fake {
@@ -477,6 +444,137 @@ mod tests {
                 let mut regs = GuestRegs { rax, ..Default::default() };
                 declined(&mut fake(reason), &mut regs, &mut fx, &p);
             }
+        }
+    }
+
+    /// The fast path against the run loop's handlers (`exits`), on `exits`' fake vCPU.
+    mod against_the_run_loop {
+        use super::*;
+        use crate::exits::tests::{ctx, exit, FakeVcpu, Lines};
+        use crate::exits::{handle, Action, Field, Vcpu as _};
+
+        /// `fastexit::Cpu` over the fake vCPU: the fast path sees the same VMCS fields, TSC and
+        /// host CPUID as the run loop's handler.
+        struct FastCpu<'a> {
+            v: &'a mut FakeVcpu,
+            len: u64,
+        }
+        impl crate::fastexit::Cpu for FastCpu<'_> {
+            fn read(&mut self, f: crate::fastexit::Field) -> u64 {
+                use crate::fastexit::Field as F;
+                match f {
+                    F::SsAccessRights => self.v.get(Field::SsAccessRights),
+                    F::Rflags => self.v.get(Field::Rflags),
+                    F::InstructionLen => self.len,
+                    F::Rip => self.v.get(Field::Rip),
+                    F::Interruptibility => self.v.get(Field::Interruptibility),
+                    F::Timer => 0,
+                }
+            }
+            fn write(&mut self, f: crate::fastexit::Field, x: u64) {
+                use crate::fastexit::Field as F;
+                match f {
+                    F::Rip => self.v.write(Field::Rip, x),
+                    F::Interruptibility => self.v.write(Field::Interruptibility, x),
+                    _ => {}
+                }
+            }
+            fn rdtsc(&mut self) -> u64 {
+                self.v.tsc += 1;
+                self.v.tsc
+            }
+            fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+                self.v.host_cpuid(leaf, sub)
+            }
+        }
+
+        /// Hostile sweep: every hypercall number (valid, invalid, with high bits), every CPL,
+        /// with and without STI/MOV-SS/NMI blocking, CPUID leaves; whatever the fast path
+        /// answers, the run loop's handler must answer the same way (registers, RIP, blocking,
+        /// no event injected), and after the fold the counters must agree (exit_count included).
+        #[test]
+        fn the_fast_path_answers_exactly_as_the_run_loop_would() {
+            use core::sync::atomic::AtomicU64;
+            static ZERO: AtomicU64 = AtomicU64::new(0);
+            let page: &'static mut vmcall_proto::guest::StatusPage =
+                // SAFETY: plain u64s, all-zero is valid.
+                Box::leak(Box::new(unsafe { core::mem::zeroed() }));
+            let calls = (0..17u64).chain([99, 1 << 32 | 3, 1 << 32 | 7, u64::MAX]);
+            let mut answered = 0;
+            for reason in [10u16, 18] {
+                for rax in calls.clone() {
+                    for ss_ar in [0x93u64, 0xb3, 0xd3, 0xf3] {
+                        for blocking in [0u64, 1, 2, 8, 9] {
+                            let (mut slow_ctx, mut slow) = (ctx(), FakeVcpu::new());
+                            let (mut fast_ctx, mut fast) = (ctx(), FakeVcpu::new());
+                            // Some history: exits the run loop counted before this entry.
+                            for c in [&mut slow_ctx, &mut fast_ctx] {
+                                c.exits_total = 41;
+                                c.exits[10] = 7;
+                                c.exits[18] = 30;
+                                c.hypercalls = 29;
+                            }
+                            for v in [&mut slow, &mut fast] {
+                                v.regs =
+                                    GuestRegs { rax, rbx: 5, rcx: 1, rdx: 2, ..Default::default() };
+                                v.write(Field::SsAccessRights, ss_ar);
+                                v.write(Field::Interruptibility, blocking);
+                                v.cpuid = [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff];
+                            }
+                            let mut fx = crate::fastexit::FastExit::new(
+                                fast_ctx.core,
+                                &ZERO,
+                                &ZERO,
+                                &mut page.telemetry,
+                            );
+                            fx.until = u64::MAX;
+                            fx.answer_until = u64::MAX;
+                            fx.mwait = fast_ctx.mwait;
+                            fx.info = fast_ctx.info();
+                            fx.tsc_per_ms = fast_ctx.tsc_per_ms;
+                            fx.exits_base = fast_ctx.exits_total;
+                            let len = if reason == 10 { 2 } else { 3 };
+                            let mut regs = fast.regs;
+                            let ok = crate::fastexit::answer(
+                                &mut FastCpu { v: &mut fast, len },
+                                &mut regs,
+                                &mut fx,
+                                if reason == 10 { Kind::Cpuid } else { Kind::Hypercall },
+                                reason,
+                            );
+                            if !ok {
+                                continue;
+                            }
+                            answered += 1;
+                            let (h, c) = fx.take();
+                            fast_ctx.fold_fast((18, h), (10, c));
+                            assert_eq!(
+                                handle(
+                                    &mut slow_ctx,
+                                    &mut slow,
+                                    &exit(reason, len),
+                                    &mut Lines::default()
+                                ),
+                                Action::Resume
+                            );
+                            let case = format!(
+                                "reason {reason} rax {rax:#x} ss {ss_ar:#x} blk {blocking}"
+                            );
+                            assert!(slow.injected.is_empty(), "{case}: the run loop injects");
+                            assert_eq!(regs, slow.regs, "{case}: registers");
+                            for f in [Field::Rip, Field::Interruptibility] {
+                                assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
+                            }
+                            assert_eq!(fast_ctx.exits_total, slow_ctx.exits_total, "{case}");
+                            assert_eq!(fast_ctx.exits, slow_ctx.exits, "{case}");
+                            assert_eq!(fast_ctx.hypercalls, slow_ctx.hypercalls, "{case}");
+                        }
+                    }
+                }
+            }
+            // CPUID from any CPL (20 blocking/CPL combinations x 21 "leaves"), the four
+            // answering hypercalls from CPL 0 (5 blocking values).
+            assert_eq!(answered, 21 * 20 + 4 * 5);
         }
     }
 }

@@ -37,6 +37,7 @@ mod power;
 mod smp;
 mod svm;
 mod trace;
+mod vcpu;
 mod vmx;
 
 #[cfg(target_os = "none")]

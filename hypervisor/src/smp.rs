@@ -187,7 +187,7 @@ pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
         return 0;
     }
     #[cfg(target_os = "none")]
-    let fenced = crate::instance::run(
+    let fenced = crate::instance::run::<crate::vmx::vcpu::VmxVcpu>(
         l,
         f,
         index as u32,

@@ -6,7 +6,7 @@
 //! an exit and the next entry), and the on/off switch. Ring `i` is touched only by core
 //! `i`: the exit path pushes, and the same core writes the ring to the console as `trace`
 //! and `tracesum` records (`vmcall_proto::record`) once its guest has ended, so no lock and
-//! no cross-core access. Calls: the console, `exits::REASON_NAMES`.
+//! no cross-core access. Calls: the console, `vcpu::EXIT_NAMES`.
 //!
 //! Off (the default), an exit pays one load of a flag set once at boot and one branch.
 
@@ -130,7 +130,7 @@ fn push(core: usize, reason: u16, entry: u64, exit: u64) {
 
 /// The name of an exit reason, as in the guest records.
 fn reason_name(reason: u32) -> &'static str {
-    crate::exits::REASON_NAMES.get(reason as usize).copied().unwrap_or("other")
+    crate::vcpu::EXIT_NAMES.get(reason as usize).copied().unwrap_or("other")
 }
 
 /// Up to [`WORDS_PER_RECORD`] exits as `trace` words (the first with gap 0).

@@ -26,7 +26,8 @@ pub mod telemetry;
 pub mod xcore;
 
 use crate::ept;
-use crate::exits::{StopReason, REASONS};
+use crate::exits::StopReason;
+use crate::vcpu::EXIT_CODES;
 
 /// What the BSP tells a core: run this guest here.
 #[derive(Clone, Copy, Debug)]
@@ -126,7 +127,7 @@ pub enum Ending {
 #[derive(Clone, Copy, Debug)]
 pub struct GuestReport {
     pub ending: Ending,
-    pub exits: [u32; REASONS],
+    pub exits: [u32; EXIT_CODES],
     pub exits_other: u32,
     pub hypercalls: u32,
     /// Doorbells it rang.
@@ -156,7 +157,7 @@ pub struct Exits<'a>(pub &'a GuestReport);
 impl core::fmt::Display for Exits<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let mut first = true;
-        let names = crate::exits::REASON_NAMES.iter();
+        let names = crate::vcpu::EXIT_NAMES.iter();
         for (n, c) in names.zip(self.0.exits.iter()).filter(|(_, c)| **c > 0) {
             write!(f, "{}{n}:{c}", if first { "" } else { " " })?;
             first = false;
@@ -235,21 +236,6 @@ pub fn build_ept(
     Ok(root)
 }
 
-/// The secondary processor-based controls (SDM Vol. 3C 25.6.2, Table 25-7) for `caps`
-/// (IA32_VMX_PROCBASED_CTLS2): EPT and VPID, required; RDTSCP where allowed (else it is
-/// #UD in the guest); WBINVD exiting where allowed, so WBINVD is a counted no-op like INVD
-/// instead of a cache flush that hits every core (the exit policy in `exits`).
-pub fn secondary_controls(caps: crate::vmx::features::ControlCaps) -> Option<u32> {
-    use x86::vmx::vmcs::control::SecondaryControls as S;
-    let mut want = S::ENABLE_EPT | S::ENABLE_VPID;
-    for optional in [S::ENABLE_RDTSCP, S::WBINVD_EXITING] {
-        if caps.allows(optional.bits()) {
-            want |= optional;
-        }
-    }
-    caps.adjust(want.bits())
-}
-
 #[cfg(target_os = "none")]
 mod account;
 #[cfg(target_os = "none")]
@@ -291,19 +277,6 @@ mod tests {
             build_ept(&mut f, 0x4000_0000, 16 << 20, bad.into_iter()),
             Err("channel window mapping failed")
         );
-    }
-
-    #[test]
-    fn wbinvd_exits_where_the_processor_allows_it() {
-        use crate::vmx::features::ControlCaps;
-        let (ept, vpid, rdtscp, wbinvd) = (1u64 << 1, 1u64 << 5, 1u64 << 3, 1u64 << 6);
-        let all = ControlCaps((ept | vpid | rdtscp | wbinvd) << 32);
-        assert_eq!(secondary_controls(all), Some((ept | vpid | rdtscp | wbinvd) as u32));
-        let no_wbinvd = ControlCaps((ept | vpid | rdtscp) << 32);
-        assert_eq!(secondary_controls(no_wbinvd), Some((ept | vpid | rdtscp) as u32));
-        let bare = ControlCaps((ept | vpid) << 32);
-        assert_eq!(secondary_controls(bare), Some((ept | vpid) as u32));
-        assert_eq!(secondary_controls(ControlCaps(ept << 32)), None, "VPID is required");
     }
 
     #[test]

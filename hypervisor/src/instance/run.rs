@@ -10,10 +10,9 @@
 use super::lifecycle::{self, Cause, Death, Effect, Event as Life, Lifecycle, Phase, Request};
 use super::*;
 use crate::arch::{self, vmx::GuestRegs};
+use crate::exits::GuestCtx;
 use crate::exits::{self, Action};
-use crate::exits::{ExitInfo, GuestCtx};
-use crate::vmx::vmcs::{exit, g};
-use crate::vmx::Features;
+use crate::vcpu::ExitInfo;
 use vmcall_proto::guest::*;
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -21,9 +20,9 @@ use zerocopy::{FromZeros, IntoBytes};
 /// controllers say (each time a new incarnation from the same kernel and config, after a
 /// clean death of the last one), hands its report to `post` once it is down for good,
 /// then keeps serving inter-core requests while `keep_serving` says so.
-pub fn run(
+pub fn run<B: crate::vcpu::Vcpu>(
     l: &Launch,
-    f: &Features,
+    f: &B::Features,
     core: u32,
     post: impl FnOnce(GuestReport, &mut dyn FnMut()),
     keep_serving: impl Fn(u64) -> bool,
@@ -69,9 +68,7 @@ pub fn run(
         let mut gone = false;
         for e in fx.iter() {
             match e {
-                Effect::Answer { to, req, answer } => {
-                    Control::answer(&mut Serving(&mut link), to, req, answer)
-                }
+                Effect::Answer { to, req, answer } => Control::answer(&mut link, to, req, answer),
                 Effect::Rebirth => rebirth(caps, &mut link),
                 Effect::Start { n, cause } => {
                     match cause {
@@ -87,7 +84,7 @@ pub fn run(
                         Cause::Rejoined => log::info!("guest {}: its core is back in", name(l)),
                     }
                     let (r, back) =
-                        incarnation(l, f, core, n, caps, &mut link, &mut lc, &mut counts);
+                        incarnation::<B>(l, f, core, n, caps, &mut link, &mut lc, &mut counts);
                     caps = back;
                     next = Some(if lc.phase() == Phase::Setup {
                         match r.ending {
@@ -137,7 +134,7 @@ pub fn run(
                     {
                         break Life::Unattended;
                     }
-                    caps.poll(&mut Serving(&mut link));
+                    caps.poll(&mut link);
                     log_views(caps, core);
                     if let Some((from, req, op)) = caps.ctl.take() {
                         break Life::Request(Request { from, req, op }, [0; 3]);
@@ -155,7 +152,7 @@ pub fn run(
     // Gone for good: the guests it controlled no longer wait for it (all of them, even
     // if its space never got their caps).
     for &(t, _) in &l.targets[..l.target_count] {
-        Control::release(&mut Serving(&mut link), t as usize);
+        Control::release(&mut link, t as usize);
     }
     if let Some(mut r) = total {
         if let Some(ending) = lc.ending() {
@@ -170,19 +167,19 @@ pub fn run(
         // between its records.
         let caps_now = &mut *caps;
         post(r, &mut || {
-            caps_now.poll(&mut Serving(&mut link));
+            caps_now.poll(&mut link);
         });
     }
     // The guest is gone but other cores may still revoke copies they made (their
     // requests find nothing here and are answered at once), or ask about it: keep
     // answering until told to stop.
     while keep_serving(caps) {
-        caps.poll(&mut Serving(&mut link));
+        caps.poll(&mut link);
         log_views(caps, core);
         if let Some((from, req, op)) = caps.ctl.take() {
             for e in lc.step(Life::Request(Request { from, req, op }, [0; 3])).iter() {
                 if let Effect::Answer { to, req, answer } = e {
-                    Control::answer(&mut Serving(&mut link), to, req, answer);
+                    Control::answer(&mut link, to, req, answer);
                 }
             }
         }
@@ -190,7 +187,7 @@ pub fn run(
     }
     // The run ends: the other cores stop probing (none is taken for hung while the
     // BSP writes the summary).
-    caps.members.end(&mut Serving(&mut link));
+    caps.members.end(&mut link);
     log_views(caps, core);
     caps.members.fenced()
 }
@@ -212,9 +209,9 @@ pub(super) fn hang(core: u32) -> ! {
 /// ending, and says what to answer and the steps of its death. Returns its report and the
 /// capability state for the next incarnation.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn incarnation(
+pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
     l: &Launch,
-    f: &Features,
+    f: &B::Features,
     core: u32,
     n: u32,
     caps: &'static mut crate::caps::HvCaps,
@@ -235,25 +232,17 @@ pub(super) fn incarnation(
         incarnation_record(l, n, &r, start, &Default::default(), LinkCount::default());
         (r, ctx.caps)
     };
-    let Prepared { part, mut frames, eptp, vmcs, status, mut traffic, procbased } =
-        match prepare(l, f, core, n, &mut ctx, link) {
+    let Prepared { part, mut frames, hw, status, mut traffic } =
+        match prepare::<B>(l, f, core, n, &mut ctx, link) {
             Ok(p) => p,
             Err(why) => return stop(ctx, why),
         };
     let mut sink = Console { name: name(l), core };
     let frames_at_start = frames.in_use();
     let caps_at_start = ctx.caps.live_caps();
-    let mut vcpu = VmcsVcpu {
-        regs: GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() },
-        part: &part,
-        procbased,
-        injected: false,
-        frames: &mut frames,
-        eptp,
-        link,
-        status,
-        chans: l.channels(),
-    };
+    let mut vcpu =
+        GuestVcpu { hw, part: &part, frames: &mut frames, link, status, chans: l.channels() };
+    *vcpu.hw.regs() = GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() };
     crate::record!(
         vmcall_proto::record::kind::START,
         "guest={} n={n} core={core} tsc={}",
@@ -293,7 +282,7 @@ pub(super) fn incarnation(
         &me.kicked,
         telemetry,
     );
-    fast.timer_shift = f.preemption_timer_shift;
+    fast.timer_shift = vcpu.hw.timer_shift();
     fast.mwait = ctx.mwait;
     fast.info = ctx.info();
     fast.tsc_per_ms = ctx.tsc_per_ms;
@@ -307,16 +296,16 @@ pub(super) fn incarnation(
             counts[pos].lost = counts[pos].lost.saturating_add(reset_rings(ch));
             counts[pos].resets += 1;
             // Up to 16 channels of up to 512 KiB each: the inbox between two.
-            ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
+            ctx.caps.poll(&mut vcpu);
         }
     }
     publish_links(status, l, ctx.caps, counts);
     if n > 1 {
-        ctx.caps.links_up(&mut exits::CapEnv(&mut vcpu));
+        ctx.caps.links_up(&mut vcpu);
     }
     for e in lc.step(Life::Entering).iter() {
         if let Effect::Answer { to, req, answer } = e {
-            Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, answer);
+            Control::answer(&mut vcpu, to, req, answer);
         }
     }
     // Live figures (`stats_ms`): looked at only when the loop serves its inbox or the
@@ -339,7 +328,7 @@ pub(super) fn incarnation(
             kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention();
         if busy {
             let t0 = arch::rdtsc();
-            let served = ctx.caps.poll(&mut exits::CapEnv(&mut vcpu));
+            let served = ctx.caps.poll(&mut vcpu);
             let t1 = arch::rdtsc();
             log_views(ctx.caps, core);
             if ctx.caps.members.evicted() {
@@ -371,7 +360,7 @@ pub(super) fn incarnation(
                 for e in lc.step(Life::Request(Request { from, req, op }, live)).iter() {
                     match e {
                         Effect::Answer { to, req, answer } => {
-                            Control::answer(&mut exits::CapEnv(&mut vcpu), to, req, answer)
+                            Control::answer(&mut vcpu, to, req, answer)
                         }
                         Effect::Stop(why) => stop = Some(why),
                         _ => {}
@@ -399,7 +388,6 @@ pub(super) fn incarnation(
         if now >= l.end_tsc {
             break Ending::Stopped(StopReason::RunEnded);
         }
-        vcpu.injected = false;
         // The membership failure detector's next probe or deadline, the end of the run
         // (and an injected hang) come even if the guest never exits.
         let also = due.min(l.end_tsc);
@@ -408,11 +396,7 @@ pub(super) fn incarnation(
             Ok(t) => t,
             Err(why) => break Ending::Stopped(why),
         };
-        // The preemption timer counts at the TSC rate shifted by IA32_VMX_MISC[4:0].
-        // SAFETY: current VMCS.
-        unsafe {
-            g::PREEMPTION_TIMER.set((timer >> f.preemption_timer_shift).min(u32::MAX as u64))
-        };
+        vcpu.hw.set_timer(timer);
         // The fast path answers until the deadline the timer aims at, if nothing waits
         // for the run loop (`now` was read before `before_entry`'s: not later than it).
         fast.until = if fast_allowed
@@ -428,8 +412,7 @@ pub(super) fn incarnation(
             // A kick came after the look at the mail word: its message waits. Enter for no instruction
             // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
             // after this line zeroes the timer itself (arch::idt).
-            // SAFETY: current VMCS.
-            unsafe { g::PREEMPTION_TIMER.set(0) };
+            vcpu.hw.set_timer(0);
             fast.until = 0;
         }
         // Exit-free telemetry: the guest's counters as of this entry.
@@ -448,16 +431,14 @@ pub(super) fn incarnation(
         me.entering_guest(arch::rdtsc());
         // `fast` lives on this frame and is armed for this guest (its telemetry page, this
         // core's mail word and kick flag).
-        // SAFETY: the VMCS is complete for this core and guest; EPT confines the guest.
-        let entered = unsafe { arch::vmx::run(&mut vcpu.regs, launched, fast_ptr) };
+        // SAFETY: the vCPU is set up for this core and guest; EPT confines the guest.
+        let entered = unsafe { vcpu.hw.enter(fast_ptr) };
         let t_exit = arch::rdtsc();
         me.left_guest(t_exit);
         // The exits the fast path answered count even if its last VMRESUME failed.
         let (hypercalls, cpuids) = fast.take();
-        ctx.fold_fast(hypercalls, cpuids);
-        if entered.is_err() {
-            // SAFETY: current VMCS.
-            let code = unsafe { exit::INSTRUCTION_ERROR.read() };
+        ctx.fold_fast((B::HYPERCALL_CODE, hypercalls), (B::CPUID_CODE, cpuids));
+        if let Err(crate::vcpu::EntryError { code }) = entered {
             log::error!("guest {}: VM entry failed, VM-instruction error {code}", name(l));
             break Ending::Stopped(StopReason::Setup("VM entry failed (VM-instruction error)"));
         }
@@ -466,36 +447,23 @@ pub(super) fn incarnation(
         }
         launched = true;
         last_exit = t_exit;
-        let e = VmcsExit::read();
-        let reason = e.reason();
+        let e = vcpu.hw.exit();
+        let reason = e.code();
         last_reason = Some(reason);
         crate::trace::exit(core, reason, t_entry, t_exit);
-        let exception_or_nmi = reason == exits::reason::EXCEPTION_OR_NMI;
-        // SAFETY: current VMCS.
-        if exception_or_nmi && is_nmi(unsafe { exit::INTR_INFO.read() }) {
+        if vcpu.hw.host_nmi(&e) {
+            // A kick for this core's hypervisor, not the guest's (the backend undid the
+            // NMI blocking). That INT 2 ran the kick handler, which marked a kick: this one
+            // is being served (the loop polls next), so it needs no extra exit.
             kicked_at = Some(t_exit);
-            // The NMI was a kick for this core's hypervisor, not the guest's: do not let
-            // the guest inherit NMI blocking (it would hold every later kick until the
-            // guest happens to IRET), and unblock NMIs on the host side.
-            // SAFETY: current VMCS; clearing "blocking by NMI" (bit 3) only.
-            unsafe {
-                let s = g::INTERRUPTIBILITY.read();
-                let _ = g::INTERRUPTIBILITY.write(s & !(1 << 3));
-            }
-            arch::unblock_nmis();
-            // That INT 2 ran the kick handler, which marked a kick: this one is being
-            // served (the loop polls next), so it needs no extra exit.
             me.take_kick();
         }
-        vcpu.injected = false;
         match exits::handle(&mut ctx, &mut vcpu, &e, &mut sink) {
             Action::Resume => {}
             Action::Exit(status) => break Ending::Exited(status),
             Action::Stop(why) => break Ending::Stopped(why),
         }
-        if !exits::instruction_exit(reason) {
-            reinject_vectoring(&mut vcpu);
-        }
+        vcpu.hw.redeliver(&e);
     };
     ctx.flush_line(&mut sink);
     // The clean death, step by step as the lifecycle lists them.
@@ -518,14 +486,14 @@ pub(super) fn incarnation(
                 // Every copy made from its caps revoked everywhere, every copy it held
                 // dropped, its originals unmapped (while its EPT still exists to unmap
                 // them).
-                retired = ctx.caps.retire(&mut exits::CapEnv(&mut vcpu));
+                retired = ctx.caps.retire(&mut vcpu);
             }
             Death::LinksDown => {
                 // Its channels go down: each peer's core acknowledges once its guest
                 // knows (or is given up on); the rings are reset only if a next
                 // incarnation starts.
                 if l.channel_count > 0 {
-                    let env = &mut exits::CapEnv(&mut vcpu);
+                    let env = &mut vcpu;
                     ctx.caps.links_down(env);
                     let deadline =
                         arch::rdtsc().saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
@@ -544,9 +512,7 @@ pub(super) fn incarnation(
             }
             Death::ClearVmcs => {
                 me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-                // The frame goes back with the private region.
-                // SAFETY: the VMCS is this core's; clearing it ends its use.
-                let _ = unsafe { arch::vmx::vmclear(vmcs) };
+                vcpu.hw.clear();
                 log::info!(
                     "guest {}: private frames in use {}, peak {}, limit {}",
                     name(l),
@@ -557,7 +523,7 @@ pub(super) fn incarnation(
                 // A console line takes milliseconds at the UART's baud rate: the inbox
                 // between two (nothing is mapped any more, so no EPT is needed to serve
                 // it).
-                ctx.caps.poll(&mut Serving(&mut *vcpu.link));
+                ctx.caps.poll(&mut *vcpu.link);
             }
             Death::Record => {
                 let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
@@ -569,7 +535,7 @@ pub(super) fn incarnation(
                 r.caps = ctx.caps.stats;
                 r.unconfirmed = retired.unconfirmed;
                 incarnation_record(l, n, r, start, &retired, links);
-                ctx.caps.poll(&mut Serving(&mut *vcpu.link));
+                ctx.caps.poll(&mut *vcpu.link);
             }
         }
     }
@@ -580,29 +546,27 @@ pub(super) fn incarnation(
 }
 
 /// What an incarnation's setup leaves ready to enter.
-pub(super) struct Prepared {
+pub(super) struct Prepared<B> {
     part: Partition,
     frames: Private,
-    eptp: u64,
-    vmcs: u64,
+    /// The backend's vCPU, set up and current.
+    hw: B,
     /// The guest's status page (a private frame).
     status: u64,
     traffic: telemetry::Traffic,
-    /// The primary processor-based controls as set.
-    procbased: u32,
 }
 
 /// Sets up incarnation `n` of `l`'s guest: its capabilities (the first time), partition
 /// (zeroed, the kernel loaded, boot info and page tables), EPT, devices, status page and
-/// VMCS (current on return). An error says why it cannot run.
-fn prepare(
+/// vCPU (current on return). An error says why it cannot run.
+fn prepare<B: crate::vcpu::Vcpu>(
     l: &Launch,
-    f: &Features,
+    f: &B::Features,
     core: u32,
     n: u32,
     ctx: &mut GuestCtx,
     link: &mut crate::instance::xcore::Link,
-) -> Result<Prepared, &'static str> {
+) -> Result<Prepared<B>, &'static str> {
     let tsc_per_ms = ctx.tsc_per_ms;
     // The guest's capabilities and channels first, before anything serves the inbox
     // (zeroing below, or the down state after a failed setup): a peer's `LINK_DOWN`, an
@@ -648,7 +612,7 @@ fn prepare(
     }
     // Nothing of a previous incarnation (or of whoever had the memory before) survives.
     part.zero(|| {
-        ctx.caps.poll(&mut Serving(link));
+        ctx.caps.poll(&mut *link);
     });
     for s in plan.segments() {
         let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
@@ -657,7 +621,7 @@ fn prepare(
             if part.write(s.gpa + (k as u64 * SERVE_EVERY_BYTES), piece).is_err() {
                 return Err("kernel segment outside the partition");
             }
-            ctx.caps.poll(&mut Serving(link));
+            ctx.caps.poll(&mut *link);
         }
     }
     let mut bi = BootInfo::new_zeroed();
@@ -745,33 +709,22 @@ fn prepare(
     if part.write(BOOT_INFO_GPA, bi.as_bytes()).is_err() {
         return Err("partition too small for the boot structures");
     }
-    let Some(vmcs) = ept::Frames::alloc(&mut frames) else {
-        return Err("private region exhausted");
+    let setup = crate::vcpu::Setup {
+        rip: plan.entry,
+        rsp: BOOT_STACK_TOP,
+        cr3: BOOT_PML4_GPA,
+        nested_root: eptp,
+        tag: (l.guest_id + 1) as u16,
+        direct_interrupts: l.channel_count > 0 || l.devices.count > 0,
+        exitless_mwait: exitless_mwait(l),
     };
-    // SAFETY: a fresh page of this core's private region; VMX is on for this core.
-    let loaded = unsafe {
-        (vmcs as *mut u32).write(f.revision);
-        arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
-    };
-    if loaded.is_err() {
-        return Err("VMCLEAR/VMPTRLD failed");
-    }
-    // Flush any stale translation (a previous incarnation's included).
-    // SAFETY: VMX on; the VPID and EPTP are this guest's.
-    unsafe {
-        arch::vmx::invvpid_single((l.guest_id + 1) as u16);
-        arch::vmx::invept_single(eptp);
-    }
-    let procbased = match setup_vmcs(l, f, &mut frames, eptp, plan.entry) {
-        Ok(p) => p,
-        Err(what) => {
-            log::error!("guest {}: VMCS setup: {what}", name(l));
-            // A failure clears the VMCS before it ends the incarnation: its frame goes back
-            // to the pool, and an active VMCS must not be written as memory (SDM Vol. 3C
-            // 25.11.1).
-            // SAFETY: the VMCS is this core's, current; clearing it ends its use.
-            let _ = unsafe { arch::vmx::vmclear(vmcs) };
-            return Err("VMCS setup failed");
+    let hw = match B::setup(f, &setup, &mut frames, io_ports(l)) {
+        Ok(hw) => hw,
+        Err(e) => {
+            if let Some(what) = e.detail {
+                log::error!("guest {}: VMCS setup: {what}", name(l));
+            }
+            return Err(e.reason);
         }
     };
     ctx.mwait = exitless_mwait(l);
@@ -789,5 +742,5 @@ fn prepare(
         plan.entry,
         bi.workload()
     );
-    Ok(Prepared { part, frames, eptp, vmcs, status, traffic, procbased })
+    Ok(Prepared { part, frames, hw, status, traffic })
 }

@@ -9,12 +9,8 @@
 
 use super::*;
 use crate::arch::{self};
-use crate::exits::{self};
-use crate::vmx::vmcs::{ctl, g, h};
-use crate::vmx::Features;
 use vmcall_proto::guest::*;
 use vmcall_proto::hypercall::HvError;
-use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls};
 
 /// Bytes zeroed or copied between two looks at the inbox (partition, grants, kernel
 /// segments): 4,096 `rep stosq` iterations, a few thousand instructions (see README "Core
@@ -110,10 +106,6 @@ impl Partition {
     }
 }
 
-pub(super) fn adjust(caps: u64, wanted: u32, what: &'static str) -> Result<u32, &'static str> {
-    crate::vmx::features::ControlCaps(caps).adjust(wanted).ok_or(what)
-}
-
 /// Writes the guest's boot page tables (see `vmcall_proto::guest`).
 pub(super) fn boot_page_tables(p: &Partition) -> Result<(), HvError> {
     const PW: u64 = 0x3;
@@ -152,7 +144,7 @@ pub(super) fn exitless_mwait(l: &Launch) -> bool {
 /// The ports of the guest's own I/O BARs (opened in its I/O bitmap). The configuration
 /// ports are never among them: a BAR is sized from the device, and 0xCF8..0xCFF are
 /// the chipset's.
-pub(super) fn io_ports(l: &Launch) -> impl Iterator<Item = u16> + '_ {
+pub(super) fn io_ports(l: &Launch) -> impl Iterator<Item = u16> + Clone + '_ {
     l.devices
         .iter()
         .flat_map(|o| o.func.bars.iter())
@@ -190,211 +182,6 @@ pub(super) fn quiesce_devices(l: &Launch) {
     }
 }
 
-pub(super) fn setup_vmcs(
-    l: &Launch,
-    f: &Features,
-    frames: &mut Private,
-    eptp: u64,
-    entry: u64,
-) -> Result<u32, &'static str> {
-    let raw = &f.raw;
-    // A guest with channels takes its doorbells straight through its own IDT: no exit
-    // for external interrupts, and HLT really halts until the doorbell (or the
-    // preemption timer) comes. Guests without channels keep both exits, so that a HLT
-    // that can never wake is caught at once.
-    let direct = l.channel_count > 0 || l.devices.count > 0;
-    let mwait = exitless_mwait(l);
-    // The guest's own I/O BARs pass without exits: then I/O bitmaps, else every port exits.
-    let io_bitmap = io_ports(l).next().is_some();
-    let mut pin_want = PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
-    if !direct {
-        pin_want |= PinbasedControls::EXTERNAL_INTERRUPT_EXITING;
-    }
-    let pin = adjust(raw.pinbased, pin_want.bits(), "pin-based controls")?;
-    let cr8 = (1 << 19) | (1 << 20); // CR8-load and CR8-store exiting
-    let proc = adjust(
-        raw.procbased,
-        (if direct { PrimaryControls::empty() } else { PrimaryControls::HLT_EXITING }
-            | if io_bitmap {
-                PrimaryControls::USE_IO_BITMAPS
-            } else {
-                PrimaryControls::UNCOND_IO_EXITING
-            }
-            | PrimaryControls::USE_MSR_BITMAPS
-            | if mwait {
-                PrimaryControls::empty()
-            } else {
-                PrimaryControls::MWAIT_EXITING | PrimaryControls::MONITOR_EXITING
-            }
-            | PrimaryControls::SECONDARY_CONTROLS)
-            .bits()
-            | cr8,
-        "primary processor-based controls",
-    )?;
-    adjust(
-        raw.procbased,
-        PrimaryControls::INTERRUPT_WINDOW_EXITING.bits(),
-        "interrupt-window exiting",
-    )?;
-    let proc2 = secondary_controls(crate::vmx::features::ControlCaps(raw.procbased2))
-        .ok_or("secondary controls")?;
-    let exitc = adjust(
-        raw.exit,
-        (ExitControls::HOST_ADDRESS_SPACE_SIZE
-            | ExitControls::ACK_INTERRUPT_ON_EXIT
-            | ExitControls::SAVE_IA32_EFER
-            | ExitControls::LOAD_IA32_EFER
-            | ExitControls::SAVE_IA32_PAT
-            | ExitControls::LOAD_IA32_PAT)
-            .bits(),
-        "exit controls",
-    )?;
-    let entryc = adjust(
-        raw.entry,
-        (EntryControls::IA32E_MODE_GUEST
-            | EntryControls::LOAD_IA32_EFER
-            | EntryControls::LOAD_IA32_PAT)
-            .bits(),
-        "entry controls",
-    )?;
-
-    // MSR bitmap: every access exits but the pass-through and switched lists (SDM Vol.
-    // 3C 25.6.9).
-    let bitmap = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
-    // SAFETY: a frame of this core's private region, identity-mapped.
-    let bm = unsafe { core::slice::from_raw_parts_mut(bitmap as *mut u8, 4096) };
-    bm.fill(0xff);
-    for msr in exits::MSR_PASSTHROUGH.into_iter().chain(exits::MSR_SWITCHED) {
-        let bit = (msr & 0x1fff) as usize;
-        let high = if msr >= 0xc000_0000 { 1024 } else { 0 };
-        for base in [high, 2048 + high] {
-            bm[base + bit / 8] &= !(1 << (bit % 8));
-        }
-    }
-    if direct {
-        // Writes to the x2APIC EOI register: the doorbell and device handlers acknowledge
-        // their own interrupts. EOI only retires the highest in-service vector, which on
-        // this core can only be the guest's own (its doorbell or its devices' vectors):
-        // the hypervisor takes no interrupts, and device lines reach only their owner.
-        let bit = exits::MSR_X2APIC_EOI as usize;
-        bm[2048 + bit / 8] &= !(1 << (bit % 8));
-    }
-
-    // SAFETY: this core's slot is initialised; reading its own tables' addresses.
-    let me = unsafe { crate::percpu::this_core() };
-    // SAFETY: EFER exists on every processor with long mode.
-    let efer = unsafe { arch::rdmsr(x86::msr::IA32_EFER) };
-    // SAFETY: PAT exists on every processor with VMX (the VMCS has a field for it).
-    let pat = unsafe { arch::rdmsr(x86::msr::IA32_PAT) };
-    let guest_cr0 =
-        crate::vmx::features::fix_cr(0x8001_0033, raw.cr0_fixed0, raw.cr0_fixed1, 0x8000_0001)
-            .ok_or("guest CR0 fixed bits")?;
-    let guest_cr4 = (0x20 | raw.cr4_fixed0) & raw.cr4_fixed1;
-    let w = |fld: crate::vmx::vmcs::Rw, v: u64| -> Result<(), &'static str> {
-        // Values computed above from the capability MSRs and our own tables.
-        // SAFETY: this core's fresh VMCS is current.
-        unsafe { fld.write(v) }.map_err(|_| "VMWRITE failed")
-    };
-    w(ctl::PINBASED, pin as u64)?;
-    w(ctl::PROCBASED, proc as u64)?;
-    w(ctl::PROCBASED2, proc2 as u64)?;
-    w(ctl::EXIT, exitc as u64)?;
-    w(ctl::ENTRY, entryc as u64)?;
-    w(ctl::EXCEPTION_BITMAP, 0)?;
-    w(ctl::CR3_TARGET_COUNT, 0)?;
-    w(ctl::MSR_BITMAP, bitmap)?;
-    if io_bitmap {
-        // I/O bitmaps (SDM Vol. 3C 25.6.4): every port exits but the owner's I/O BARs.
-        let a = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
-        let b = ept::Frames::alloc(frames).ok_or("private region exhausted")?;
-        for frame in [a, b] {
-            // SAFETY: fresh frames of this core's private region, identity-mapped.
-            unsafe { (frame as *mut u8).write_bytes(0xff, 4096) };
-        }
-        for port in io_ports(l) {
-            let (frame, bit) = if port < 0x8000 { (a, port) } else { (b, port - 0x8000) };
-            // SAFETY: as above; `bit / 8` < 4096.
-            unsafe { *((frame + bit as u64 / 8) as *mut u8) &= !(1 << (bit % 8)) };
-        }
-        w(ctl::IO_BITMAP_A, a)?;
-        w(ctl::IO_BITMAP_B, b)?;
-    }
-    w(ctl::EPTP, eptp)?;
-    w(ctl::VPID, (l.guest_id + 1) as u64)?;
-    w(ctl::CR0_MASK, exits::CR0_MASK)?;
-    w(ctl::CR0_SHADOW, guest_cr0)?;
-    w(ctl::CR4_MASK, exits::CR4_MASK)?;
-    w(ctl::CR4_SHADOW, guest_cr4 & !(1 << 13))?;
-
-    w(h::CR0, arch::read_cr0())?;
-    w(h::CR3, arch::read_cr3())?;
-    w(h::CR4, arch::read_cr4())?;
-    w(h::CS_SEL, crate::arch::gdt::CODE_SELECTOR as u64)?;
-    for s in [h::SS_SEL, h::DS_SEL, h::ES_SEL] {
-        w(s, crate::arch::gdt::DATA_SELECTOR as u64)?;
-    }
-    w(h::FS_SEL, 0)?;
-    w(h::GS_SEL, 0)?;
-    w(h::TR_SEL, crate::arch::gdt::TSS_SELECTOR as u64)?;
-    w(h::FS_BASE, 0)?;
-    w(h::GS_BASE, arch::read_gs_base())?;
-    w(h::TR_BASE, &me.tss as *const _ as u64)?;
-    w(h::GDTR_BASE, me.gdt.as_ptr() as u64)?;
-    w(h::IDTR_BASE, &me.idt as *const _ as u64)?;
-    w(h::EFER, efer)?;
-    w(h::PAT, pat)?;
-    w(h::SYSENTER_CS, 0)?;
-    w(h::SYSENTER_ESP, 0)?;
-    w(h::SYSENTER_EIP, 0)?;
-    w(h::RIP, arch::vmx::exit_landing())?;
-
-    w(g::CR0, guest_cr0)?;
-    w(g::CR3, BOOT_PML4_GPA)?;
-    w(g::CR4, guest_cr4)?;
-    w(g::DR7, 0x400)?;
-    w(g::RSP, BOOT_STACK_TOP)?;
-    w(g::RIP, entry)?;
-    w(g::RFLAGS, 0x2)?;
-    w(g::CS_SEL, 0x08)?;
-    w(g::CS_BASE, 0)?;
-    w(g::CS_LIMIT, 0xffff_ffff)?;
-    w(g::CS_AR, 0xa09b)?;
-    for (sel, base, limit, ar) in [
-        (g::SS_SEL, g::SS_BASE, g::SS_LIMIT, g::SS_AR),
-        (g::DS_SEL, g::DS_BASE, g::DS_LIMIT, g::DS_AR),
-        (g::ES_SEL, g::ES_BASE, g::ES_LIMIT, g::ES_AR),
-        (g::FS_SEL, g::FS_BASE, g::FS_LIMIT, g::FS_AR),
-        (g::GS_SEL, g::GS_BASE, g::GS_LIMIT, g::GS_AR),
-    ] {
-        w(sel, 0x10)?;
-        w(base, 0)?;
-        w(limit, 0xffff_ffff)?;
-        w(ar, 0xc093)?;
-    }
-    w(g::LDTR_SEL, 0)?;
-    w(g::LDTR_BASE, 0)?;
-    w(g::LDTR_LIMIT, 0)?;
-    w(g::LDTR_AR, 0x1_0000)?; // unusable
-    w(g::TR_SEL, 0)?;
-    w(g::TR_BASE, 0)?;
-    w(g::TR_LIMIT, 0x67)?;
-    w(g::TR_AR, 0x8b)?; // busy 64-bit TSS
-    w(g::GDTR_BASE, 0)?;
-    w(g::GDTR_LIMIT, 0)?;
-    w(g::IDTR_BASE, 0)?;
-    w(g::IDTR_LIMIT, 0)?;
-    w(g::EFER, 0x500)?; // LME | LMA
-    w(g::PAT, pat)?;
-    w(g::INTERRUPTIBILITY, 0)?;
-    w(g::ACTIVITY, 0)?;
-    w(g::PENDING_DBG, 0)?;
-    w(g::LINK_PTR, u64::MAX)?;
-    w(g::SYSENTER_CS, 0)?;
-    w(g::SYSENTER_ESP, 0)?;
-    w(g::SYSENTER_EIP, 0)?;
-    Ok(proc)
-}
-
 /// Readies what a dead incarnation leaves for the next: memory the guest owns scrubbed,
 /// capabilities accepted again.
 pub(super) fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance::xcore::Link) {
@@ -411,7 +198,7 @@ pub(super) fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance
             // Its guest is not running and nothing maps it now.
             // SAFETY: memory this core's guest owns (a grant or one moved to it), identity-mapped.
             unsafe { ((base + at) as *mut u8).write_bytes(0, len as usize) };
-            caps.poll(&mut Serving(link));
+            caps.poll(link);
         }
     }
     caps.reborn();
@@ -427,16 +214,16 @@ pub(super) fn leave(
     link: &mut crate::instance::xcore::Link,
 ) -> bool {
     let wait = caps.members.timeout().saturating_mul(4);
-    caps.members.leave(&mut Serving(link));
+    caps.members.leave(link);
     let deadline = arch::rdtsc().saturating_add(wait);
     while caps.members.member() && arch::rdtsc() < deadline {
-        caps.poll(&mut Serving(link));
+        caps.poll(link);
         log_views(caps, core);
         arch::pause();
     }
     if caps.members.member() {
         log::warn!("guest {}: its core could not leave the view in time", name(l));
-        caps.members.stay(&mut Serving(link));
+        caps.members.stay(link);
         return false;
     }
     log::info!("guest {}: its core is out of the view, parked", name(l));
@@ -453,10 +240,10 @@ pub(super) fn join(
     via: usize,
 ) -> bool {
     let wait = caps.members.timeout().saturating_mul(4);
-    caps.members.join(&mut Serving(link), via);
+    caps.members.join(link, via);
     let deadline = arch::rdtsc().saturating_add(wait);
     while !caps.members.member() && arch::rdtsc() < deadline {
-        caps.poll(&mut Serving(link));
+        caps.poll(link);
         log_views(caps, core);
         arch::pause();
     }

@@ -348,7 +348,7 @@ impl Assigned {
     pub const fn none() -> Self {
         Assigned { list: [None; device::MAX_DEVICES_PER_GUEST], count: 0 }
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Owned> {
+    pub fn iter(&self) -> impl Iterator<Item = &Owned> + Clone {
         self.list[..self.count].iter().flatten()
     }
     #[cfg(test)]
