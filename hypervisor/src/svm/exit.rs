@@ -5,6 +5,8 @@
 //! intercepted instruction where the processor does not save it (no nRIP save: QEMU's TCG).
 //! Pure functions, tested on the host. Unknown codes become `Unexpected`, never a panic.
 
+use crate::vcpu::{ExitKind, IoAccess, NestedFault};
+
 /// Exit codes (APM Appendix C, Table C-1).
 pub mod code {
     /// Writes to CR0..CR15: 0x010 + n.
@@ -21,6 +23,15 @@ pub mod code {
     pub const SHUTDOWN: u64 = 0x07f;
     pub const VMRUN: u64 = 0x080;
     pub const VMMCALL: u64 = 0x081;
+    pub const VINTR: u64 = 0x064;
+    pub const INVLPGA: u64 = 0x07a;
+    pub const INVD: u64 = 0x076;
+    pub const SKINIT: u64 = 0x086;
+    pub const WBINVD: u64 = 0x089;
+    pub const MONITOR: u64 = 0x08a;
+    pub const MWAIT: u64 = 0x08b;
+    pub const MWAIT_CONDITIONAL: u64 = 0x08c;
+    pub const XSETBV: u64 = 0x08d;
     pub const NPF: u64 = 0x400;
     /// VMRUN found the VMCB's state invalid (15.5.1 consistency checks).
     pub const INVALID: u64 = u64::MAX;
@@ -117,9 +128,127 @@ pub fn next_rip(exit: SvmExit, rip: u64, nrip: Option<u64>, info2: u64) -> Optio
     Some(nrip.unwrap_or(rip + len))
 }
 
+/// The backend-neutral kind of an exit (`vcpu::ExitKind`) from its SVM exit code and, for
+/// a nested page fault, EXITINFO1 (bit 3, RSV: a reserved bit set in a nested entry is
+/// a misconfiguration, not an access the tables refused).
+#[cfg_attr(not(test), allow(dead_code))] // for the SVM vCPU (docs/svm.md); host-tested
+pub fn kind(exit_code: u64, info1: u64) -> ExitKind {
+    use ExitKind as K;
+    match exit_code {
+        code::NMI => K::Nmi,
+        code::INTR => K::ExternalInterrupt,
+        code::SHUTDOWN => K::TripleFault,
+        code::INIT => K::Init,
+        code::VINTR => K::InterruptWindow,
+        code::CPUID => K::Cpuid,
+        code::HLT => K::Hlt,
+        code::INVD => K::Invd,
+        code::WBINVD => K::Wbinvd,
+        code::VMMCALL => K::Hypercall,
+        code::VMRUN..=code::SKINIT | code::INVLPGA => K::VirtualizationInstruction,
+        0x000..=0x01f => K::CrAccess,
+        code::IOIO => K::Io,
+        code::MSR if info1 & 1 == 0 => K::Rdmsr,
+        code::MSR => K::Wrmsr,
+        code::MWAIT | code::MWAIT_CONDITIONAL => K::Mwait,
+        code::MONITOR => K::Monitor,
+        code::NPF if info1 & (1 << 3) != 0 => K::NestedMisconfig,
+        code::NPF => K::NestedFault,
+        code::XSETBV => K::Xsetbv,
+        _ => K::Other,
+    }
+}
+
+/// The code an exit counts under in reports and the guest's telemetry page: the telemetry
+/// ABI's numbering (the VMX basic reasons, `vmcall_proto::guest::EXIT_NAMES`), so that
+/// VMMCALL counts as `vmcall`, a nested page fault as `ept_violation`; an exit with no
+/// counterpart counts as `reason_35` (35, unused by VMX), so it is seen, not lost.
+#[cfg_attr(not(test), allow(dead_code))] // for the SVM vCPU (docs/svm.md); host-tested
+pub fn telemetry_code(exit_code: u64, info1: u64) -> u16 {
+    use ExitKind as K;
+    match kind(exit_code, info1) {
+        K::Nmi => 0,
+        K::ExternalInterrupt => 1,
+        K::TripleFault => 2,
+        K::Init => 3,
+        K::InterruptWindow => 7,
+        K::Cpuid => 10,
+        K::Hlt => 12,
+        K::Invd => 13,
+        K::Hypercall => 18,
+        // Counted as VMXON, the VMX instruction a guest would most plausibly try.
+        K::VirtualizationInstruction => 27,
+        K::CrAccess => 28,
+        K::Io => 30,
+        K::Rdmsr => 31,
+        K::Wrmsr => 32,
+        K::Mwait => 36,
+        K::Monitor => 39,
+        K::NestedFault => 48,
+        K::NestedMisconfig => 49,
+        K::Timer => 52,
+        K::Wbinvd => 54,
+        K::Xsetbv => 55,
+        K::Other => 35,
+    }
+}
+
+/// An IOIO exit's access, in the neutral form.
+#[cfg_attr(not(test), allow(dead_code))] // for the SVM vCPU (docs/svm.md); host-tested
+pub fn io_access(io: Io) -> IoAccess {
+    IoAccess { port: io.port, size: io.size, input: io.input, string: io.string }
+}
+
+/// A nested page fault in the neutral form: bits 0-2 the access (a write when EXITINFO1
+/// bit 1, an instruction fetch when bit 4, else a read), bits 3-5 what the leaf at `gpa`
+/// allowed (`allowed`: R=1, W=2, X=4, 0 when nothing is mapped; from a walk of the tables).
+#[cfg_attr(not(test), allow(dead_code))] // for the SVM vCPU (docs/svm.md); host-tested
+pub fn nested_fault(gpa: u64, error: u64, allowed: u64) -> NestedFault {
+    let access = if error & (1 << 1) != 0 {
+        2
+    } else if error & (1 << 4) != 0 {
+        4
+    } else {
+        1
+    };
+    NestedFault { gpa, access: access | (allowed & 7) << 3 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_map_to_the_neutral_kinds_and_the_telemetry_numbering() {
+        assert_eq!(kind(0x81, 0), ExitKind::Hypercall);
+        assert_eq!(telemetry_code(0x81, 0), 18); // "vmcall"
+        assert_eq!(kind(0x72, 0), ExitKind::Cpuid);
+        assert_eq!(telemetry_code(0x72, 0), 10);
+        assert_eq!((kind(0x7c, 0), kind(0x7c, 1)), (ExitKind::Rdmsr, ExitKind::Wrmsr));
+        assert_eq!(kind(0x400, 0x6), ExitKind::NestedFault);
+        assert_eq!(telemetry_code(0x400, 0x6), 48); // "ept_violation"
+        assert_eq!(kind(0x400, 0x9), ExitKind::NestedMisconfig);
+        assert_eq!(kind(0x7f, 0), ExitKind::TripleFault);
+        for c in [0x80, 0x82, 0x83, 0x84, 0x85, 0x86, 0x7a] {
+            assert_eq!(kind(c, 0), ExitKind::VirtualizationInstruction, "{c:#x}");
+        }
+        assert_eq!(kind(0x010, 0), ExitKind::CrAccess);
+        assert_eq!(kind(0x61, 0), ExitKind::Nmi);
+        assert_eq!(kind(0x401, 0), ExitKind::Other);
+        assert_eq!(vmcall_proto::guest::EXIT_NAMES[telemetry_code(0x401, 0) as usize], "reason_35");
+        for (c, name) in [(0x81, "vmcall"), (0x7b, "io"), (0x78, "hlt"), (0x89, "wbinvd")] {
+            assert_eq!(vmcall_proto::guest::EXIT_NAMES[telemetry_code(c, 0) as usize], name);
+        }
+    }
+
+    #[test]
+    fn a_nested_fault_says_what_the_access_was_and_what_was_allowed() {
+        // A write to a read-only page: error P|RW|US, allowed R.
+        assert_eq!(nested_fault(0x5000, 0x7, 1), NestedFault { gpa: 0x5000, access: 2 | 1 << 3 });
+        // A fetch from nothing mapped.
+        assert_eq!(nested_fault(0x6000, 0x14, 0).access, 4);
+        assert_eq!(nested_fault(0x6000, 0x4, 0).access, 1);
+    }
 
     #[test]
     fn exit_codes_decode_as_the_apm_lists_them() {

@@ -7,6 +7,7 @@
 //! MSRs, the world switch), `ept` (the frame source and the permission type the partition
 //! description uses) and `exits` (the MSR policy lists), nothing above them.
 
+pub mod decode;
 pub mod exit;
 pub mod features;
 pub mod maps;
@@ -245,6 +246,8 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
     set_real_mode_state(v, CHECK_GPA);
 
     let vmcb_pa = v as *mut vmcb::Vmcb as u64;
+    // SAFETY: this core's code page, 4 KiB, only read from here on.
+    let code_bytes = unsafe { core::slice::from_raw_parts(code as *const u8, 4096) };
     let host_save = pa(p.host_vmsave.0.as_ptr() as *const u8);
     let mut regs = GuestRegs { rbx: CHECK_RBX, ..GuestRegs::default() };
     let mut report = CheckReport::default();
@@ -283,7 +286,13 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
         if let Some(rax) = answer {
             v.save.rax = rax;
         }
-        let nrip = f.nrip_save.then_some(v.control.next_rip);
+        // Without nRIP save the instruction at RIP is decoded (the check guest's page).
+        let nrip = if f.nrip_save {
+            Some(v.control.next_rip)
+        } else {
+            let at = (v.save.rip - CHECK_GPA) as usize;
+            decode::insn_len(code_bytes.get(at..).unwrap_or(&[])).map(|l| v.save.rip + l)
+        };
         v.save.rip = exit::next_rip(e, v.save.rip, nrip, v.control.exit_info2)
             .unwrap_or(v.save.rip + if n == 2 { CHECK_STORE_LEN } else { 0 });
         debug_assert!(n != 2 || v.save.rip == CHECK_GPA + CHECK_STORE_AT + CHECK_STORE_LEN);
