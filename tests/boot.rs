@@ -78,12 +78,12 @@ fn assert_all_cores_svm_checked(b: &systests::Boot, n: usize) {
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "problems: {:?}\n{}", r.problems, b.serial);
     assert_eq!(r.cores.len(), n, "{:?}", r.cores);
-    assert!(b.serial.contains("[c0] INFO backend: svm"), "{}", b.serial);
+    assert!(b.serial.contains("[c0] backend: svm"), "{}", b.serial);
     assert!(!b.serial.contains("backend: vmx"));
     for (i, c) in r.cores.iter().enumerate() {
         assert_eq!((c.state.as_str(), c.vmx.as_str()), ("up", "on"), "core {i}: {c:?}");
         let line = format!(
-            "[c{i}] INFO SVM on; world-switch check: 4 exits (VMMCALL rcx=0x53564d22, CPUID, \
+            "[c{i}] SVM on; world-switch check: 4 exits (VMMCALL rcx=0x53564d22, CPUID, \
              nested page fault at 0x3000 error 0x"
         );
         assert!(b.serial.contains(&line), "no `{line}`\n{}", b.serial);
