@@ -5,26 +5,14 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use vmcall_proto::hypercall::{HvError, Hypercall};
 
 /// Which instruction makes a hypercall: 0 for VMCALL (Intel VT-x, the default), 1 for
-/// VMMCALL (AMD SVM). Written once by [`init`], before any other hypercall.
+/// VMMCALL (AMD SVM). Written once at boot (`arch::pick_hypercall_instruction`), before any
+/// other hypercall.
 static USE_VMMCALL: AtomicU8 = AtomicU8::new(0);
 
-/// Picks the hypercall instruction, once per boot, without an exit on VT-x: VMMCALL is
-/// tried under a probe with an unknown call number. An Intel CPU raises #UD for it inside
-/// the guest (VT-x has no VMMCALL exit; the hypervisor does not intercept #UD), so VMCALL
-/// stays; on AMD it is a hypercall (answered `UnknownCall`), and VMMCALL is used from then
-/// on. Called once the IDT is installed (`arch::init`), before any other hypercall.
-#[cfg(target_os = "none")]
-pub fn init() {
-    let mut rax = u64::MAX;
-    // SAFETY: VMMCALL either raises #UD (Intel), which the probe catches and resumes after,
-    // or traps to the SVM hypervisor, which answers an unknown number with an error in RAX
-    // and changes nothing else.
-    let fault = unsafe {
-        crate::arch::probe!("vmmcall", inout("rax") rax, in("rdi") 0u64, in("rsi") 0u64,
-            in("rdx") 0u64, in("r10") 0u64)
-    };
-    let _ = rax;
-    USE_VMMCALL.store(fault.is_none() as u8, Ordering::Relaxed);
+/// Sets the hypercall instruction: VMMCALL when `vmmcall`, else VMCALL. Called once, by
+/// `arch::pick_hypercall_instruction` at boot, before any other hypercall.
+pub fn set_vmmcall(vmmcall: bool) {
+    USE_VMMCALL.store(vmmcall as u8, Ordering::Relaxed);
 }
 
 /// Whether hypercalls use VMMCALL (AMD) rather than VMCALL.
@@ -37,7 +25,7 @@ pub fn raw(nr: u64, a0: u64, a1: u64) -> u64 {
     raw3(nr, a0, a1, 0)
 }
 
-/// Issues VMCALL (VT-x) or VMMCALL (SVM, see [`init`]) `nr` with three arguments; returns
+/// Issues VMCALL (VT-x) or VMMCALL (SVM, see [`set_vmmcall`]) `nr` with three arguments; returns
 /// RAX.
 #[cfg(target_os = "none")]
 pub fn raw3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
