@@ -20,13 +20,30 @@ __asm__(".section .text.entry, \"ax\"\n"
         "  jmp 1b\n"
         ".text\n");
 
+/* VMCALL on Intel VT-x, VMMCALL on AMD SVM (same ABI): decided once, in c_main, from the
+ * CPUID vendor, before the first hypercall. */
+static int use_vmmcall;
+
+static void pick_hypercall_instruction(void) {
+    uint32_t a = 0, b, c, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d));
+    /* "AuthenticAMD" in EBX, EDX, ECX. */
+    use_vmmcall = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;
+}
+
 static int64_t hypercall(uint64_t nr, uint64_t a0, uint64_t a1) {
     uint64_t ret;
     register uint64_t r10 __asm__("r10") = 0;
-    __asm__ volatile("vmcall"
-                     : "=a"(ret)
-                     : "a"(nr), "D"(a0), "S"(a1), "d"(0ULL), "r"(r10)
-                     : "memory");
+    if (use_vmmcall)
+        __asm__ volatile("vmmcall"
+                         : "=a"(ret)
+                         : "a"(nr), "D"(a0), "S"(a1), "d"(0ULL), "r"(r10)
+                         : "memory");
+    else
+        __asm__ volatile("vmcall"
+                         : "=a"(ret)
+                         : "a"(nr), "D"(a0), "S"(a1), "d"(0ULL), "r"(r10)
+                         : "memory");
     return (int64_t)ret;
 }
 
@@ -166,6 +183,7 @@ static void map_channel_windows(void) {
 }
 
 void c_main(const MKV_BootInfo *bi) {
+    pick_hypercall_instruction();
     if (bi->magic != MKV_BOOT_INFO_MAGIC || bi->version != MKV_BOOT_INFO_VERSION)
         leave(0xb0);
     put("hello from C: ");

@@ -362,6 +362,26 @@ fn gate(handler: u64) -> [u64; 2] {
     [low, handler >> 32]
 }
 
+/// Picks the hypercall instruction, once per boot, without an exit on VT-x: VMMCALL is
+/// tried under a probe with an unknown call number. An Intel CPU raises #UD for it inside
+/// the guest (VT-x has no VMMCALL exit; the hypervisor does not intercept #UD), so VMCALL
+/// stays; on AMD it is a hypercall (answered `UnknownCall`), and VMMCALL is used from then
+/// on ([`crate::hypercall::set_vmmcall`]). Called after [`init`] (the IDT catches the #UD),
+/// before any other hypercall.
+#[cfg(target_os = "none")]
+pub fn pick_hypercall_instruction() {
+    let mut rax = u64::MAX;
+    // SAFETY: VMMCALL either raises #UD (Intel), which the probe catches and resumes after,
+    // or traps to the SVM hypervisor, which answers an unknown number with an error in RAX
+    // and changes nothing else.
+    let fault = unsafe {
+        probe!("vmmcall", inout("rax") rax, in("rdi") 0u64, in("rsi") 0u64, in("rdx") 0u64,
+            in("r10") 0u64)
+    };
+    let _ = rax;
+    crate::hypercall::set_vmmcall(fault.is_none());
+}
+
 /// Installs the GDT, IDT and page tables. Called once, first thing, interrupts off.
 #[cfg(target_os = "none")]
 pub fn init() {

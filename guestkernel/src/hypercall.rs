@@ -1,21 +1,51 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Hypercalls (see `vmcall_proto::hypercall` for the ABI).
 
+use core::sync::atomic::{AtomicU8, Ordering};
 use vmcall_proto::hypercall::{HvError, Hypercall};
+
+/// Which instruction makes a hypercall: 0 for VMCALL (Intel VT-x, the default), 1 for
+/// VMMCALL (AMD SVM). Written once at boot (`arch::pick_hypercall_instruction`), before any
+/// other hypercall.
+static USE_VMMCALL: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the hypercall instruction: VMMCALL when `vmmcall`, else VMCALL. Called once, by
+/// `arch::pick_hypercall_instruction` at boot, before any other hypercall.
+pub fn set_vmmcall(vmmcall: bool) {
+    USE_VMMCALL.store(vmmcall as u8, Ordering::Relaxed);
+}
+
+/// Whether hypercalls use VMMCALL (AMD) rather than VMCALL.
+pub fn uses_vmmcall() -> bool {
+    USE_VMMCALL.load(Ordering::Relaxed) != 0
+}
 
 /// Issues VMCALL `nr` with two arguments; returns RAX.
 pub fn raw(nr: u64, a0: u64, a1: u64) -> u64 {
     raw3(nr, a0, a1, 0)
 }
 
-/// Issues VMCALL `nr` with three arguments; returns RAX.
+/// Issues VMCALL (VT-x) or VMMCALL (SVM, see [`set_vmmcall`]) `nr` with three arguments; returns
+/// RAX.
 #[cfg(target_os = "none")]
 pub fn raw3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let ret: u64;
-    // Memory passed by address is only read.
-    // SAFETY: VMCALL traps to the hypervisor, which validates every argument and changes only RAX.
+    // Memory passed by address is only read. VMCALL inline (VT-x: two instructions more
+    // than VMCALL alone, the test and the branch not taken); VMMCALL out of line.
+    // SAFETY: VMCALL/VMMCALL traps to the hypervisor, which validates every argument and
+    // changes only RAX.
     unsafe {
-        core::arch::asm!("vmcall", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1,
+        core::arch::asm!(
+            "cmp byte ptr [rip + {vmmcall}], 0",
+            "jne 2f",
+            "vmcall",
+            "3:",
+            ".pushsection .text.mkv_vmmcall, \"ax\"",
+            "2: vmmcall",
+            "jmp 3b",
+            ".popsection",
+            vmmcall = sym USE_VMMCALL,
+            inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1,
             in("rdx") a2, in("r10") 0u64, options(nostack));
     }
     ret

@@ -78,6 +78,7 @@ extern "C" fn guest_main(boot_info: u64) -> ! {
     }
     console::init();
     arch::init();
+    arch::pick_hypercall_instruction();
     // The hypervisor wrote a BootInfo at this address; our page tables identity-map it. We
     // read it once, into our own copy.
     // SAFETY: a readable, aligned BootInfo (any bit pattern is valid) lives at `boot_info`.

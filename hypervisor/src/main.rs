@@ -102,40 +102,52 @@ mod boot {
             ),
         }
 
+        // The backend, from CPUID: VT-x where the machine has it, else AMD SVM.
         let raw = vmx::features::read();
         if opts.vmxcaps {
             log::info!("VMX capabilities: {raw:#x?}");
         }
         let features = match vmx::features::decode(&raw) {
-            Ok(f) => f,
+            Ok(f) => Backend::Vmx(f),
             Err(missing) => {
+                let mut svm_ok = None;
                 if missing == vmx::features::Missing::Vmx {
-                    // Say what AMD virtualization the machine offers: the SVM backend
-                    // (issue 24) is not built yet, so it is reported, not used.
                     let raw = svm::features::read();
                     if opts.vmxcaps {
                         log::info!("SVM capabilities: {raw:#x?}");
                     }
                     match svm::features::decode(&raw) {
-                        Ok(f) => log::warn!("AMD SVM present ({f}); this build runs on VT-x only"),
+                        Ok(f) => svm_ok = Some(f),
                         Err(svm::features::Missing::Svm) => {}
                         Err(m) => log::warn!("AMD SVM present but unusable: no {m}"),
                     }
                 }
-                log::error!("mkvisor needs {missing}; this machine lacks it. Nothing started.");
-                record!(kind::REFUSED, "missing={}", Quoted(missing));
-                end_run(Outcome::Refused)
+                let Some(f) = svm_ok else {
+                    log::error!("mkvisor needs {missing}; this machine lacks it. Nothing started.");
+                    record!(kind::REFUSED, "missing={}", Quoted(missing));
+                    end_run(Outcome::Refused)
+                };
+                Backend::Svm(f)
             }
         };
-        log::info!(
-            "VMX: revision {:#x}, EPT 2M={} 1G={} A/D={}, preemption timer={}, feature control {:?}",
-            features.revision,
-            features.ept_2m_pages,
-            features.ept_1g_pages,
-            features.ept_accessed_dirty,
-            features.preemption_timer,
-            features.feature_control
-        );
+        match &features {
+            Backend::Vmx(f) => {
+                log::info!("backend: vmx");
+                log::info!(
+                    "VMX: revision {:#x}, EPT 2M={} 1G={} A/D={}, preemption timer={}, feature control {:?}",
+                    f.revision,
+                    f.ept_2m_pages,
+                    f.ept_1g_pages,
+                    f.ept_accessed_dirty,
+                    f.preemption_timer,
+                    f.feature_control
+                );
+            }
+            Backend::Svm(f) => {
+                log::info!("backend: svm");
+                log::info!("SVM: {f}");
+            }
+        }
         let list = match discover_cores(&boot, bsp_apic, opts.cpus) {
             Ok(l) => l,
             Err(e) => {
@@ -144,7 +156,14 @@ mod boot {
             }
         };
 
-        smp::publish_features(features);
+        match features {
+            Backend::Vmx(f) => smp::publish_features(f),
+            Backend::Svm(f) => {
+                // SAFETY: on the BSP, before any AP starts.
+                unsafe { svm::build_maps() };
+                smp::publish_svm(f);
+            }
+        }
         let mut apics = [0u32; percpu::MAX_CORES];
         for (a, c) in apics.iter_mut().zip(list.cores()) {
             *a = c.apic_id;
@@ -164,15 +183,35 @@ mod boot {
         };
         start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
         smp::enable_vmx_and_report(0);
-        let all_up = collect(&list);
+        let all_up = collect(
+            &list,
+            if matches!(features, Backend::Svm(_)) {
+                "with SVM on"
+            } else {
+                "in VMX root operation"
+            },
+        );
         let tsc_ready = arch::rdtsc();
         log::info!("all cores reported in: {} ticks since hypervisor entry", tsc_ready - tsc_entry);
         record!(kind::READY, "tsc={tsc_ready}");
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
+        if matches!(features, Backend::Svm(_)) {
+            log::error!(
+                "the SVM backend runs its world-switch check only; guests need VT-x until the \
+                 vCPU interface is implemented for SVM (docs/svm.md). Guests not started."
+            );
+            end_run(Outcome::Failed)
+        }
         // The BSP serves until every guest has reported, then ends the run.
         let fenced = smp::run_guest(0, guests::pending);
         let all_exited = guests::collect(plan, fenced);
         end_run(if all_up && all_exited { Outcome::Ok } else { Outcome::Failed })
+    }
+
+    /// The CPU backend picked at boot.
+    enum Backend {
+        Vmx(vmx::Features),
+        Svm(svm::Features),
     }
 
     fn discover_cores(
@@ -285,7 +324,7 @@ mod boot {
 
     /// Waits (bounded) for every started core's final state, prints one record per core.
     /// Returns whether every core is up with VMX on.
-    fn collect(list: &cores::CoreList) -> bool {
+    fn collect(list: &cores::CoreList, on: &str) -> bool {
         let deadline = arch::tsc::deadline_us(2_000_000);
         loop {
             let pending =
@@ -314,7 +353,7 @@ mod boot {
             );
         }
         let up = (0..list.len()).filter(|&i| smp::mailbox(i).read().vmx_on).count();
-        log::info!("{up}/{} cores in VMX root operation", list.len());
+        log::info!("{up}/{} cores {on}", list.len());
         all_up
     }
 

@@ -28,6 +28,8 @@ pub enum Failure {
     Vmxon = 3,
     Exception = 4,
     Panic = 5,
+    /// The SVM world-switch check failed on this core.
+    SvmCheck = 6,
 }
 
 impl Failure {
@@ -38,6 +40,7 @@ impl Failure {
             3 => Failure::Vmxon,
             4 => Failure::Exception,
             5 => Failure::Panic,
+            6 => Failure::SvmCheck,
             _ => Failure::None,
         }
     }
@@ -50,6 +53,7 @@ impl Failure {
             Failure::Vmxon => crate::vmx::VmxError::VmxonFailed.as_str(),
             Failure::Exception => "exception",
             Failure::Panic => "panic (see the core's log line)",
+            Failure::SvmCheck => "the SVM world-switch check failed (see the core's log line)",
         }
     }
 }
@@ -152,6 +156,8 @@ static MAILBOXES: [Mailbox; crate::percpu::MAX_CORES] =
 
 /// The features the BSP probed: written once before any AP starts, then read-only.
 static FEATURES: spin::Once<Features> = spin::Once::new();
+/// Set instead of [`FEATURES`] when the backend is AMD SVM.
+static SVM_FEATURES: spin::Once<crate::svm::Features> = spin::Once::new();
 /// The BSP's launch message to each core (written before the core starts, once).
 static LAUNCHES: [spin::Once<crate::instance::Launch>; crate::percpu::MAX_CORES] =
     [const { spin::Once::new() }; crate::percpu::MAX_CORES];
@@ -217,8 +223,52 @@ pub fn publish_features(f: Features) {
     FEATURES.call_once(|| f);
 }
 
-/// Brings this core into VMX root operation and posts the result.
+/// Records the probed SVM features for the APs (the SVM backend). Called once, before
+/// [`start_ap`].
+pub fn publish_svm(f: crate::svm::Features) {
+    SVM_FEATURES.call_once(|| f);
+}
+
+/// Turns SVM on for this core, runs the world-switch check and posts the result (the
+/// mailbox's `vmx_on` then means "hardware virtualization on").
+fn enable_svm_and_report(index: usize, f: &crate::svm::Features) {
+    #[cfg(target_os = "none")]
+    // SAFETY: once per core, after init_this_core; the BSP built the maps before any AP.
+    let result = unsafe {
+        crate::svm::enable_on_this_core(index);
+        crate::svm::check(index, f)
+    };
+    #[cfg(not(target_os = "none"))]
+    let result: Result<crate::svm::CheckReport, crate::svm::SvmError> = {
+        let _ = f;
+        Ok(Default::default())
+    };
+    match result {
+        Ok(r) => {
+            log::info!(
+                "SVM on; world-switch check: {} exits (VMMCALL rcx={:#x}, CPUID, nested page \
+                 fault at {:#x} error {:#x}, HLT) in {} TSC ticks",
+                r.exits,
+                r.rcx_at_vmmcall,
+                r.npf_gpa,
+                r.npf_error,
+                r.ticks
+            );
+            mailbox(index).post(state::UP, true, Failure::None);
+        }
+        Err(e) => {
+            log::error!("SVM world-switch check failed: {e}");
+            mailbox(index).post(state::FAILED, false, Failure::SvmCheck);
+        }
+    }
+}
+
+/// Brings this core into VMX root operation (or SVM on, with that backend) and posts the
+/// result.
 pub fn enable_vmx_and_report(index: usize) {
+    if let Some(f) = SVM_FEATURES.get() {
+        return enable_svm_and_report(index, f);
+    }
     let Some(f) = FEATURES.get() else {
         mailbox(index).post(state::FAILED, false, Failure::Panic);
         return;

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The hypercall ABI.
 //!
-//! A guest issues `VMCALL` with the call number in RAX and up to four arguments in RDI, RSI,
+//! A guest issues `VMCALL` (Intel VT-x) or `VMMCALL` (AMD SVM: the CPUID vendor says which;
+//! the ABI is the same) with the call number in RAX and up to four arguments in RDI, RSI,
 //! RDX and R10 (the System V argument registers, R10 instead of RCX as Linux syscalls do).
 //! The result comes back in RAX: zero or positive on success, a negative [`HvError`] code on
 //! failure. Other registers are preserved. Unknown numbers return

@@ -10,6 +10,7 @@ pub mod apic;
 mod boot;
 pub mod gdt;
 pub mod idt;
+pub mod svm;
 pub mod trampoline;
 pub mod tsc;
 pub mod vmx;

@@ -427,7 +427,7 @@ fn spawn(
             let mut c = Command::new("qemu-system-x86_64");
             c.args([
                 "-machine",
-                "pc",
+                "q35",
                 "-m",
                 &m.memory_mib.to_string(),
                 "-smp",

@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! SVM instructions and the world switch into a guest and back (AMD APM Vol. 2 15.5
+//! "VMRUN Instruction", 15.6 "#VMEXIT", 15.5.2 VMSAVE/VMLOAD, 15.17 GIF).
+//!
+//! [`run`] clears GIF, saves the host's VMSAVE state (FS, GS, TR, LDTR with their hidden
+//! parts, KernelGsBase, STAR/LSTAR/CSTAR/SFMASK, SYSENTER) to a per-core page, loads the
+//! guest's with VMLOAD, loads the guest's general-purpose registers from [`GuestRegs`]
+//! (all but RAX, which the VMCB holds) and executes VMRUN. At #VMEXIT the processor has
+//! restored the host's RSP, RAX (the VMCB address), segments and control registers from the
+//! host save area (VM_HSAVE_PA); the assembly stores the guest's registers, VMSAVEs the
+//! guest's state, VMLOADs the host's and sets GIF again.
+
+pub use super::vmx::GuestRegs;
+
+/// The MSR that holds the host save area's physical address (APM 15.30.4).
+pub const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
+
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global svm_run_asm
+# void svm_run_asm(GuestRegs *regs /* rdi */, u64 vmcb_pa /* rsi */, u64 host_save_pa /* rdx */)
+# Frame after the pushes: [rsp] vmcb_pa, [rsp + 8] host_save_pa, [rsp + 16] regs, then the
+# callee-saved registers.
+svm_run_asm:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    push rdx
+    push rsi
+    clgi
+    mov rax, rdx
+    vmsave                                  # host's FS/GS/TR/LDTR/... to its page
+    mov rax, [rsp]
+    vmload                                  # the guest's, from its VMCB
+    mov rbx, [rdi + 8]
+    mov rcx, [rdi + 16]
+    mov rdx, [rdi + 24]
+    mov rsi, [rdi + 32]
+    mov rbp, [rdi + 48]
+    mov r8,  [rdi + 56]
+    mov r9,  [rdi + 64]
+    mov r10, [rdi + 72]
+    mov r11, [rdi + 80]
+    mov r12, [rdi + 88]
+    mov r13, [rdi + 96]
+    mov r14, [rdi + 104]
+    mov r15, [rdi + 112]
+    mov rdi, [rdi + 40]
+    vmrun                                   # rax = VMCB; back here at #VMEXIT, rax restored
+    vmsave                                  # the guest's FS/GS/... into its VMCB
+    push rdi
+    mov rdi, [rsp + 24]                     # regs
+    mov [rdi + 8], rbx
+    mov [rdi + 16], rcx
+    mov [rdi + 24], rdx
+    mov [rdi + 32], rsi
+    mov [rdi + 48], rbp
+    mov [rdi + 56], r8
+    mov [rdi + 64], r9
+    mov [rdi + 72], r10
+    mov [rdi + 80], r11
+    mov [rdi + 88], r12
+    mov [rdi + 96], r13
+    mov [rdi + 104], r14
+    mov [rdi + 112], r15
+    pop rax
+    mov [rdi + 40], rax
+    mov rax, [rsp + 8]
+    vmload                                  # the host's segments and MSRs back
+    stgi
+    add rsp, 24
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+"#
+);
+
+/// Runs the guest of the VMCB at `vmcb_pa` until its next #VMEXIT; the exit code and
+/// information are then in the VMCB, the guest's registers (but RAX) in `regs`.
+///
+/// # Safety
+/// SVM is on for this core (EFER.SVME, VM_HSAVE_PA set); `vmcb_pa` is a VMCB this core owns,
+/// fully set up (intercepts including VMRUN, ASID not 0, nested paging isolating the guest);
+/// `host_save_pa` is a 4-KiB page this core owns for VMSAVE; `regs` is valid and unused
+/// elsewhere until this returns.
+#[cfg(target_os = "none")]
+pub unsafe fn run(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64) {
+    extern "C" {
+        fn svm_run_asm(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64);
+    }
+    // The assembly preserves every callee-saved register and returns on this stack.
+    // SAFETY: the caller guarantees the VMCB, the pages and the pointer.
+    unsafe { svm_run_asm(regs, vmcb_pa, host_save_pa) }
+}
