@@ -25,8 +25,8 @@
 //! and read by nobody (the epoch tags keep it out of the next epoch; a window of one send
 //! per death, as before this policy).
 //!
-//! Owns nothing shared; calls only [`crate::channel`] and [`crate::guest`]'s link-word
-//! decoding.
+//! Owns the policy only (no shared state of its own).
+//! May call: [`crate::channel`] (the ring's ends) and [`crate::guest`] (link-word decoding).
 
 use crate::channel::{ChannelError, Payload, Receiver, Sender};
 use crate::guest::{link_epoch, link_up};
