@@ -8,7 +8,7 @@
 //!
 //! | line | written by | content |
 //! |---|---|---|
-//! | 0 | producer | `sent`: messages sent (statistics only; nobody waits on it) |
+//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it) |
 //! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping` |
 //! | 2.. | producer | `slots` slots: seven payload words, then the control word |
 //!
@@ -153,9 +153,10 @@ impl<'a> Ring<'a> {
         self.slots.len() as u32
     }
 
-    /// What the producer says it sent (statistics; not trusted for anything).
+    /// What the producer says it sent (statistics; not trusted for anything), without its
+    /// epoch tag.
     pub fn sent(&self) -> u64 {
-        self.producer.sent.load(Ordering::Relaxed)
+        self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK
     }
 
     /// What the consumer says it received (statistics; not trusted for anything), without
@@ -295,7 +296,8 @@ impl<'a> Sender<'a> {
             w.store(*v, Ordering::Relaxed);
         }
         slot.control.store(self.word, Ordering::Release);
-        self.ring.producer.sent.store(self.word & COUNT_MASK, Ordering::Relaxed);
+        // The count with the epoch tag, as `received` (`Ring::sent` takes the tag off).
+        self.ring.producer.sent.store(self.word, Ordering::Relaxed);
         self.word += 1;
         self.cur = self.ring.after(self.cur, self.end);
         Ok(())
