@@ -15,20 +15,23 @@
 //! a wake-up, even with a monitor that forgets it was armed, is argued at
 //! [`Chan::wait_mwait`].
 //!
-//! Peers that come and go: every operation first compares the channel's link word in the
-//! status page with the word this side's epoch began with (one load and one compare, no
-//! exit, no decoding; the word changes only while this guest does not run, so on hardware
-//! its line stays in this core's cache). A peer that died makes it `PeerGone` (the hypervisor
-//! also rings this guest's doorbell, so a sleeper wakes); once the peer's new incarnation
-//! is up, the word carries a new epoch and operations say `Reset` until [`Chan::resync`]
-//! starts over on the reset rings. A message read is always a message of this side's epoch
-//! (the ring's epoch tags see to it); a receive that finds nothing or an error while the
-//! link changed reports the change instead.
+//! Peers that come and go (the policy is `vmcall_proto::endpoint`'s, shared with the host
+//! bench): a send first compares the channel's link word in the status page with the word
+//! this side's epoch began with (one load and one compare, no exit, no decoding; the word
+//! changes only while this guest does not run, so on hardware its line stays in this core's
+//! cache); a receive looks only when it finds the ring empty or in error: a message of this
+//! side's epoch (the ring's epoch tags see to it) is delivered whatever the link says now,
+//! so a dead peer's last messages come first. A peer that died makes it `PeerGone` (the
+//! hypervisor also rings this guest's doorbell, so a sleeper wakes); once the peer's new
+//! incarnation is up, the word carries a new epoch and operations say `Reset` until
+//! [`Chan::resync`] starts over on the reset rings.
 
 use crate::hypercall::call;
+use core::sync::atomic::AtomicU64;
 pub use vmcall_proto::channel::{message, ChannelError, Payload};
 use vmcall_proto::channel::{Receiver, Ring, Sender, SLEEP_MWAIT};
-use vmcall_proto::guest::{link_epoch, link_up, BootInfo, StatusPage, STATUS_GPA};
+use vmcall_proto::endpoint::LinkWatch;
+use vmcall_proto::guest::{BootInfo, StatusPage, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
 
 /// How long (TSC ticks) a sender waits for a peer sleeping in MWAIT to show it woke
@@ -58,58 +61,31 @@ pub struct Chan {
     pub idle_tsc: u64,
     /// The epoch this side's sender and receiver are in.
     pub epoch: u32,
-    /// The link word this side's epoch began with (up, `epoch`): any other value is news.
-    link: u64,
-    /// Where this channel's link word is in the status page.
-    link_at: u64,
+    /// The channel's link word and what this side last saw of it.
+    link: LinkWatch<'static>,
     tx_gpa: u64,
     rx_gpa: u64,
     slots: u32,
 }
 
-/// How often a receiver publishes its count while it drains a backlog: every `slots / 4`
-/// messages (the ring's `ack_every`, as the host bench's ring), and at once whenever it has
-/// caught up ([`Receiver::ack_if_caught_up`](vmcall_proto::channel::Receiver)).
-pub const fn ack_every(slots: u32) -> u32 {
-    if slots >= 8 {
-        slots / 4
-    } else {
-        1
-    }
+/// How often a receiver publishes its count: after every message it takes (one store of
+/// the control word it just accepted, which is the count with the epoch tag). The count is
+/// then exact at every moment, which the hypervisor's accounting of messages lost at a
+/// reset relies on (a message the dead incarnation took is not lost), at the cost of one
+/// store into a line the sender reads only when its own count says the ring is full.
+pub const fn ack_every(_slots: u32) -> u32 {
+    1
 }
 
-/// Where the link word of the channel at boot-info position `number` is (see
-/// `guest::StatusPage`).
-fn link_at(number: usize) -> u64 {
+/// The link word of the channel at boot-info position `number` (see `guest::StatusPage`).
+fn link_word(number: usize) -> &'static AtomicU64 {
     let page = STATUS_GPA as *const StatusPage;
     let number = number.min(vmcall_proto::guest::MAX_CHANNELS_PER_GUEST - 1);
-    // SAFETY: only an address is computed (`number` is clamped to the table).
-    unsafe { core::ptr::addr_of!((*page).links[number].word) as u64 }
-}
-
-/// The link word at `at` (from [`link_at`]).
-fn read_link(at: u64) -> u64 {
     // The hypervisor maps the status page read-only for the guest's whole life; our page
-    // tables identity-map it with the channel windows. The hypervisor changes the word only
-    // while we do not run.
-    // SAFETY: `at` is an aligned u64 inside that page (`link_at`).
-    unsafe { core::ptr::read_volatile(at as *const u64) }
-}
-
-/// The link word of the channel at boot-info position `number`.
-fn link_word(number: usize) -> u64 {
-    read_link(link_at(number))
-}
-
-/// What [`Chan::changed`] compares the link word with: the word itself if it says up (then
-/// equal means up, in this epoch), else a value no link word has (`epoch << 1 | up` with a
-/// 32-bit epoch), so that every operation decodes the word until the link is up.
-const fn fast_word(w: u64) -> u64 {
-    if link_up(w) {
-        w
-    } else {
-        u64::MAX
-    }
+    // tables identity-map it with the channel windows. It changes the word only while we do
+    // not run; we only load it, relaxed (a plain load: allowed on read-only memory).
+    // SAFETY: an aligned u64 inside that page (`number` is clamped to the table).
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of!((*page).links[number].word) as *mut u64) }
 }
 
 /// Opens the channel called `name`, or the first one.
@@ -130,12 +106,10 @@ pub fn open_index(bi: &BootInfo, number: usize) -> Option<Chan> {
     let (tx, rx) = unsafe {
         (Ring::from_raw(d.tx_gpa as *mut u8, d.slots), Ring::from_raw(d.rx_gpa as *mut u8, d.slots))
     };
-    let link = link_word(number);
-    let epoch = link_epoch(link);
-    // The receiver publishes its count every `ack_every` messages and whenever it has
-    // caught up: when a peer dies with the ring empty, the ring counters say exactly what
-    // was in flight (the hypervisor counts it lost); in the middle of a backlog, up to
-    // `ack_every - 1` messages it took count as in flight too.
+    let link = LinkWatch::new(link_word(number));
+    let epoch = link.epoch();
+    // The receiver publishes its count after every message (`ack_every`): when a peer
+    // dies, the ring counters say exactly what was in flight (the hypervisor counts it lost).
     Some(Chan {
         tx: Sender::with_epoch(tx, epoch),
         rx: Receiver::with_epoch(rx, ack_every(d.slots), epoch),
@@ -147,8 +121,7 @@ pub fn open_index(bi: &BootInfo, number: usize) -> Option<Chan> {
         empty_polls: 0,
         idle_tsc: 0,
         epoch,
-        link: fast_word(link),
-        link_at: link_at(number),
+        link,
         tx_gpa: d.tx_gpa,
         rx_gpa: d.rx_gpa,
         slots: d.slots,
@@ -156,45 +129,15 @@ pub fn open_index(bi: &BootInfo, number: usize) -> Option<Chan> {
 }
 
 impl Chan {
-    /// `PeerGone` or `Reset` if the link says so, for a link word `w`.
-    fn check(&self, w: u64) -> Result<(), ChannelError> {
-        if !link_up(w) {
-            Err(ChannelError::PeerGone)
-        } else if link_epoch(w) != self.epoch {
-            Err(ChannelError::Reset)
-        } else {
-            Ok(())
-        }
-    }
-
     /// The link as it is now: `Ok` if the peer is up in this side's epoch.
     pub fn link(&self) -> Result<(), ChannelError> {
-        self.check(read_link(self.link_at))
-    }
-
-    /// The hot path's look at the link: one load and one compare with the last word seen
-    /// up in this side's epoch; only another word is decoded, by `check` as before (into
-    /// `PeerGone`, `Reset`, or `Ok` for a word that says up in this epoch, which becomes
-    /// the one compared with).
-    #[inline(always)]
-    fn changed(&mut self) -> Result<(), ChannelError> {
-        let w = read_link(self.link_at);
-        if w == self.link {
-            return Ok(());
-        }
-        self.check(w)?;
-        self.link = w;
-        Ok(())
+        self.link.link()
     }
 
     /// Starts over in the channel's current epoch (after `Reset`): a new sender and
     /// receiver on the reset rings. `PeerGone` while the peer is down.
     pub fn resync(&mut self) -> Result<u32, ChannelError> {
-        let w = link_word(self.number);
-        if !link_up(w) {
-            return Err(ChannelError::PeerGone);
-        }
-        let epoch = link_epoch(w);
+        let epoch = self.link.resync()?;
         // SAFETY: the same rings as at `open`, mapped for the guest's life.
         let (tx, rx) = unsafe {
             (
@@ -205,18 +148,12 @@ impl Chan {
         self.tx = Sender::with_epoch(tx, epoch);
         self.rx = Receiver::with_epoch(rx, ack_every(self.slots), epoch);
         self.epoch = epoch;
-        self.link = fast_word(w);
         Ok(epoch)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
-        self.changed()?;
-        if let Err(e) = self.tx.try_send(m) {
-            // An error while the link changed: the change is the news.
-            self.changed()?;
-            return Err(e);
-        }
+        self.link.try_send(&mut self.tx, m)?;
         if self.doorbells || self.mwait {
             self.notify();
         }
@@ -251,6 +188,7 @@ impl Chan {
     }
 
     /// Sends, spinning while the ring is full.
+    #[inline]
     pub fn send(&mut self, m: &Payload) -> Result<(), ChannelError> {
         loop {
             match self.try_send(m) {
@@ -263,36 +201,27 @@ impl Chan {
         }
     }
 
-    #[inline]
+    /// The next message, `Ok(None)` if none yet. A message of this side's epoch is
+    /// delivered without looking at the link (a dead peer's last messages come before
+    /// `PeerGone`); a receive that finds nothing or an error looks, and reports a change.
+    ///
+    /// An empty poll is one load and one compare; every
+    /// [`LOOK_EVERY`](vmcall_proto::endpoint::LOOK_EVERY)-th empty poll in a row also checks
+    /// the slot's word (corruption) and the link, so a caller that polls learns of either
+    /// within that many polls. Before sleeping, use [`Chan::try_recv_now`].
+    #[inline(always)]
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
-        if let Err(e) = self.changed() {
-            // A peer that sent and then ended: what it sent in this epoch is still in the
-            // ring (the rings are reset only before its next incarnation, and a word of
-            // another epoch never reads as a message), so it is delivered first, like data
-            // before a socket's end of stream; the link stays unseen, so the call after the
-            // last message reports the change.
-            if e == ChannelError::PeerGone {
-                if let Ok(Some(m)) = self.rx.try_recv() {
-                    self.rx.ack_if_caught_up();
-                    return Ok(Some(m));
-                }
-            }
-            return Err(e);
-        }
-        match self.rx.try_recv() {
-            Ok(Some(m)) => {
-                self.rx.ack_if_caught_up();
-                Ok(Some(m))
-            }
-            other => {
-                // Nothing, or an error, while the link changed: the change is the news.
-                self.changed()?;
-                other
-            }
-        }
+        self.link.try_recv(&mut self.rx)
+    }
+
+    /// [`Chan::try_recv`] with the full look (slot word and link) whenever the ring is
+    /// empty: the last look before a sleep, so no death goes unnoticed by a sleeper.
+    pub fn try_recv_now(&mut self) -> Result<Option<Payload>, ChannelError> {
+        self.link.try_recv_now(&mut self.rx)
     }
 
     /// Receives, spinning until a message comes.
+    #[inline]
     pub fn recv(&mut self) -> Result<Payload, ChannelError> {
         loop {
             if let Some(m) = self.try_recv()? {
@@ -324,7 +253,7 @@ impl Chan {
                 break Ok(None);
             }
             self.rx.set_sleeping(true);
-            let again = self.try_recv();
+            let again = self.try_recv_now();
             if let Ok(None) = again {
                 if !armed {
                     armed = crate::timer::arm(deadline - now).is_ok();
@@ -405,7 +334,7 @@ impl Chan {
                 core::hint::spin_loop();
             }
             self.rx.set_sleeping(true);
-            let again = self.try_recv();
+            let again = self.try_recv_now();
             if let Ok(None) = again {
                 crate::arch::wait_for_interrupt();
             }
@@ -485,7 +414,7 @@ impl Chan {
             // The line is a slot of our receive ring, mapped for the guest's life.
             // SAFETY: `use_mwait` found MONITOR offered; the line is mapped.
             unsafe { crate::arch::monitor(line) };
-            let first = self.try_recv();
+            let first = self.try_recv_now();
             if let Ok(None) = first {
                 // Woken by the store into the line, by the doorbell (the backstop, or a
                 // peer going down: the hypervisor injects the doorbell vector), or by
@@ -503,7 +432,7 @@ impl Chan {
                 Err(e) => return Err(e),
                 Ok(None) => {}
             }
-            if let Some(m) = self.try_recv()? {
+            if let Some(m) = self.try_recv_now()? {
                 return Ok(m);
             }
         }

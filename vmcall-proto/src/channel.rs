@@ -8,7 +8,7 @@
 //!
 //! | line | written by | content |
 //! |---|---|---|
-//! | 0 | producer | `sent`: messages sent (statistics only; nobody waits on it) |
+//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it) |
 //! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping` |
 //! | 2.. | producer | `slots` slots: seven payload words, then the control word |
 //!
@@ -153,9 +153,10 @@ impl<'a> Ring<'a> {
         self.slots.len() as u32
     }
 
-    /// What the producer says it sent (statistics; not trusted for anything).
+    /// What the producer says it sent (statistics; not trusted for anything), without its
+    /// epoch tag.
     pub fn sent(&self) -> u64 {
-        self.producer.sent.load(Ordering::Relaxed)
+        self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK
     }
 
     /// What the consumer says it received (statistics; not trusted for anything), without
@@ -198,19 +199,66 @@ fn is_old(tag: u64, word: u64) -> bool {
 }
 
 /// The sending end of a ring. Keeps its own count; never trusts the consumer's.
+///
+/// The hot path keeps the next slot (a pointer into the ring, advanced and wrapped), the
+/// next control word and the last control word the consumer's count allows, so that a send
+/// that finds room does no division, no tag arithmetic and no bounds check.
 pub struct Sender<'a> {
     ring: Ring<'a>,
-    next: u64,
+    /// The next slot: always inside `ring.slots`.
+    cur: *const Slot,
+    /// Just past the last slot (where `cur` wraps).
+    end: *const Slot,
+    /// `tag | (sent + 1)`: the control word of the next message.
+    word: u64,
+    /// `tag | (acked + slots)`: the control word of the last message the consumer's last
+    /// count leaves room for.
+    limit: u64,
     acked: u64,
     tag: u64,
 }
 
 /// The receiving end of a ring.
+///
+/// As the sender, it keeps the next slot and the control word it expects there, and counts
+/// down to its next publication of `received` instead of dividing.
 pub struct Receiver<'a> {
     ring: Ring<'a>,
-    next: u64,
+    /// The next slot: always inside `ring.slots`.
+    cur: *const Slot,
+    /// Just past the last slot (where `cur` wraps).
+    end: *const Slot,
+    /// `tag | (received + 1)`: the control word of the next message.
+    expected: u64,
+    /// Messages to take before `received` is published again (`ack_every` when the
+    /// published count is up to date).
+    ack_left: u64,
     ack_every: u64,
     tag: u64,
+}
+
+// SAFETY: the raw slot pointers point into the ring the `Ring<'a>` borrows (shared
+// atomics, `Sync`); an end is used by one thread at a time, like one holding the `Ring`.
+unsafe impl Send for Sender<'_> {}
+// SAFETY: as for `Sender`.
+unsafe impl Send for Receiver<'_> {}
+
+impl<'a> Ring<'a> {
+    /// The slot after `cur`, `end` being just past the last slot (wrapping there).
+    #[inline(always)]
+    fn after(&self, cur: *const Slot, end: *const Slot) -> *const Slot {
+        let next = cur.wrapping_add(1);
+        if next == end {
+            self.slots.as_ptr()
+        } else {
+            next
+        }
+    }
+
+    /// Slot `cur`'s index (for errors and the cold paths).
+    fn index(&self, cur: *const Slot) -> usize {
+        (cur as usize - self.slots.as_ptr() as usize) / core::mem::size_of::<Slot>()
+    }
 }
 
 impl<'a> Sender<'a> {
@@ -220,49 +268,66 @@ impl<'a> Sender<'a> {
 
     /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings.
     pub fn with_epoch(ring: Ring<'a>, epoch: u32) -> Self {
-        Sender { ring, next: 0, acked: 0, tag: tag_of(epoch) }
+        let tag = tag_of(epoch);
+        let n = ring.slots.len() as u64;
+        let (cur, end) = (ring.slots.as_ptr(), ring.slots.as_ptr_range().end);
+        Sender { ring, cur, end, word: tag | 1, limit: tag | n, acked: 0, tag }
     }
 
     /// Messages sent so far.
     pub fn sent(&self) -> u64 {
-        self.next
+        (self.word & COUNT_MASK) - 1
     }
 
     fn is_old(&self, word: u64) -> bool {
         is_old(self.tag, word)
     }
 
-    /// Free slots as far as this side knows (refreshes from the consumer's count).
-    #[inline]
+    /// Sends `msg`, or `Full` (the consumer's count is read only when this side's own count
+    /// says the ring may be full).
+    #[inline(always)]
     pub fn try_send(&mut self, msg: &Payload) -> Result<(), ChannelError> {
-        let n = self.ring.slots.len() as u64;
-        if self.next - self.acked >= n {
-            let word = self.ring.consumer.received.load(Ordering::Acquire);
-            // A reset count (0) or an earlier epoch's (written late) says nothing about
-            // this one.
-            let r = if word == 0 || self.is_old(word) { self.acked } else { word ^ self.tag };
-            if r > self.next || r < self.acked {
-                return Err(ChannelError::BadAck { received: r, sent: self.next });
-            }
-            self.acked = r;
-            if self.next - r >= n {
-                return Err(ChannelError::Full);
-            }
+        if self.word > self.limit {
+            self.refresh_acked()?;
         }
-        let slot = &self.ring.slots[(self.next % n) as usize];
+        // SAFETY: `cur` is always a slot of the ring (set from it, advanced by `after`).
+        let slot = unsafe { &*self.cur };
         for (w, v) in slot.data.iter().zip(msg) {
             w.store(*v, Ordering::Relaxed);
         }
-        slot.control.store(self.tag | (self.next + 1), Ordering::Release);
-        self.next += 1;
-        self.ring.producer.sent.store(self.next, Ordering::Relaxed);
+        slot.control.store(self.word, Ordering::Release);
+        // The count with the epoch tag, as `received` (`Ring::sent` takes the tag off).
+        self.ring.producer.sent.store(self.word, Ordering::Relaxed);
+        self.word += 1;
+        self.cur = self.ring.after(self.cur, self.end);
+        Ok(())
+    }
+
+    /// The ring looked full: reads the consumer's count; `Full` if it still is.
+    #[cold]
+    #[inline(never)]
+    fn refresh_acked(&mut self) -> Result<(), ChannelError> {
+        let n = self.ring.slots.len() as u64;
+        let next = self.sent();
+        let word = self.ring.consumer.received.load(Ordering::Acquire);
+        // A reset count (0) or an earlier epoch's (written late) says nothing about
+        // this one.
+        let r = if word == 0 || self.is_old(word) { self.acked } else { word ^ self.tag };
+        if r > next || r < self.acked {
+            return Err(ChannelError::BadAck { received: r, sent: next });
+        }
+        self.acked = r;
+        self.limit = self.tag | (r + n);
+        if next - r >= n {
+            return Err(ChannelError::Full);
+        }
         Ok(())
     }
 
     /// The cache line of the last message sent (none yet: the first slot's).
     pub fn last_line(&self) -> *const u8 {
         let n = self.ring.slots.len() as u64;
-        let last = (self.next + n - 1) % n;
+        let last = (self.sent() + n - 1) % n;
         &self.ring.slots[last as usize] as *const Slot as *const u8
     }
 
@@ -271,12 +336,13 @@ impl<'a> Sender<'a> {
     /// slot cannot have been reused: only this side writes it, and it has not sent since).
     /// For a waiter's monitor that missed the first store (see the guest's `Chan`).
     pub fn restore_last(&self) {
-        if self.next == 0 {
+        let sent = self.sent();
+        if sent == 0 {
             return;
         }
         let n = self.ring.slots.len() as u64;
-        let slot = &self.ring.slots[((self.next - 1) % n) as usize];
-        slot.control.store(self.tag | self.next, Ordering::Release);
+        let slot = &self.ring.slots[((sent - 1) % n) as usize];
+        slot.control.store(self.word - 1, Ordering::Release);
     }
 
     /// Whether the consumer said it is going to sleep (then it wants a doorbell).
@@ -309,32 +375,45 @@ impl<'a> Receiver<'a> {
     /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]).
     pub fn with_epoch(ring: Ring<'a>, ack_every: u32, epoch: u32) -> Self {
         let ack_every = (ack_every as u64).clamp(1, ring.slots.len().max(1) as u64);
-        Receiver { ring, next: 0, ack_every, tag: tag_of(epoch) }
+        let tag = tag_of(epoch);
+        Receiver {
+            ring,
+            cur: ring.slots.as_ptr(),
+            end: ring.slots.as_ptr_range().end,
+            expected: tag | 1,
+            ack_left: ack_every,
+            ack_every,
+            tag,
+        }
     }
 
     /// Messages received so far.
     pub fn received(&self) -> u64 {
-        self.next
+        (self.expected & COUNT_MASK) - 1
     }
 
-    /// The next message, `Ok(None)` if there is none yet.
-    #[inline]
+    /// The next message, `Ok(None)` if there is none yet. A receive that finds the ring
+    /// empty also publishes the count if messages were taken since the last publication:
+    /// the count is exact whenever the receiver looks and finds nothing (it waits), and
+    /// lags by at most `ack_every - 1` while it drains a backlog.
+    #[inline(always)]
     pub fn try_recv(&mut self) -> Result<Option<Payload>, ChannelError> {
-        let n = self.ring.slots.len() as u64;
-        let index = (self.next % n) as u32;
-        let slot = &self.ring.slots[index as usize];
-        let expected = self.tag | (self.next + 1);
+        match self.take() {
+            Some(r) => r.map(Some),
+            None => self.not_next().map(|()| None),
+        }
+    }
+
+    /// The next message if its control word is in the next slot (`Torn` if that word
+    /// changed during the copy); `None` if the slot holds anything else, which is not
+    /// looked at further ([`Receiver::not_next`] does): the hot path of a receive.
+    #[inline(always)]
+    pub fn take(&mut self) -> Option<Result<Payload, ChannelError>> {
+        // SAFETY: `cur` is always a slot of the ring (set from it, advanced by `after`).
+        let slot = unsafe { &*self.cur };
         let c = slot.control.load(Ordering::Acquire);
-        if c != expected {
-            // Empty: the previous lap's message, a reset slot (0: nothing yet, or the rings
-            // were reset under this side, which its link word will say), or a word an
-            // earlier epoch wrote late.
-            let empty = if self.next >= n { expected - n } else { 0 };
-            return if c == empty || c == 0 || is_old(self.tag, c) {
-                Ok(None)
-            } else {
-                Err(ChannelError::Corrupt { slot: index, expected, found: c })
-            };
+        if c != self.expected {
+            return None;
         }
         let mut msg = [0u64; WORDS];
         for (v, w) in msg.iter_mut().zip(&slot.data) {
@@ -342,37 +421,72 @@ impl<'a> Receiver<'a> {
         }
         fence(Ordering::Acquire);
         if slot.control.load(Ordering::Relaxed) != c {
-            return Err(ChannelError::Torn { slot: index });
+            return Some(Err(self.torn()));
         }
-        self.next += 1;
-        if self.next.is_multiple_of(self.ack_every) {
-            self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
+        self.expected += 1;
+        self.cur = self.ring.after(self.cur, self.end);
+        self.ack_left -= 1;
+        if self.ack_left == 0 {
+            // `c` is `tag | received` now: the count to publish.
+            self.ring.consumer.received.store(c, Ordering::Release);
+            self.ack_left = self.ack_every;
         }
-        Ok(Some(msg))
+        Some(Ok(msg))
+    }
+
+    /// What is in the next slot when [`Receiver::take`] found no message there: empty (the
+    /// previous lap's message; 0: nothing yet, or the rings were reset under this side,
+    /// which its link word will say; a word an earlier epoch wrote late; or the next
+    /// message, arrived since), or corruption. An empty ring publishes a pending count.
+    #[inline]
+    pub fn not_next(&mut self) -> Result<(), ChannelError> {
+        // SAFETY: as in `take`.
+        let c = unsafe { &*self.cur }.control.load(Ordering::Acquire);
+        let n = self.ring.slots.len() as u64;
+        let empty = if self.received() >= n { self.expected - n } else { 0 };
+        if c == empty || c == 0 || c == self.expected || is_old(self.tag, c) {
+            if self.ack_left != self.ack_every {
+                self.flush_ack();
+            }
+            Ok(())
+        } else {
+            Err(self.corrupt(c))
+        }
+    }
+
+    #[cold]
+    fn corrupt(&self, found: u64) -> ChannelError {
+        let slot = self.ring.index(self.cur) as u32;
+        ChannelError::Corrupt { slot, expected: self.expected, found }
+    }
+
+    #[cold]
+    fn torn(&self) -> ChannelError {
+        ChannelError::Torn { slot: self.ring.index(self.cur) as u32 }
     }
 
     /// The cache line the next message will be written to (its slot): what a receiver
     /// waiting with MONITOR/MWAIT arms the monitor on. The sender's first store into it
     /// wakes the waiter.
     pub fn next_line(&self) -> *const u8 {
-        let n = self.ring.slots.len() as u64;
-        &self.ring.slots[(self.next % n) as usize] as *const Slot as *const u8
+        self.cur as *const u8
     }
 
     /// Publishes the received count if this side has caught up with the sender (the next
-    /// slot does not hold the next message yet) and has not published it already: the
-    /// guest library calls it after each message it takes, so that the count is exact
-    /// whenever the ring is empty and batched (every `ack_every`) while a backlog is drained.
-    /// Publishing more often than `ack_every` is always allowed: the sender takes any count
-    /// between what it knew and what it sent. Returns whether it published.
+    /// slot does not hold the next message yet) and has not published it already. Since
+    /// [`Receiver::try_recv`] publishes a pending count when it finds the ring empty, a
+    /// caller needs this only to make the count exact right after taking a message,
+    /// before it looks again. Publishing more often than `ack_every` is always allowed: the
+    /// sender takes any count between what it knew and what it sent. Returns whether it
+    /// published.
     #[inline]
-    pub fn ack_if_caught_up(&self) -> bool {
-        if self.next.is_multiple_of(self.ack_every) {
-            return false; // just published by `try_recv`
+    pub fn ack_if_caught_up(&mut self) -> bool {
+        if self.ack_left == self.ack_every {
+            return false; // published already
         }
-        let n = self.ring.slots.len() as u64;
-        let c = self.ring.slots[(self.next % n) as usize].control.load(Ordering::Relaxed);
-        if c == self.tag | (self.next + 1) {
+        // SAFETY: as in `take`.
+        let c = unsafe { &*self.cur }.control.load(Ordering::Relaxed);
+        if c == self.expected {
             return false; // more to come: the batch publishes it
         }
         self.flush_ack();
@@ -380,8 +494,9 @@ impl<'a> Receiver<'a> {
     }
 
     /// Publishes the received count now (e.g. at the end, for statistics).
-    pub fn flush_ack(&self) {
-        self.ring.consumer.received.store(self.tag | self.next, Ordering::Release);
+    pub fn flush_ack(&mut self) {
+        self.ring.consumer.received.store(self.expected - 1, Ordering::Release);
+        self.ack_left = self.ack_every;
     }
 
     /// Announces that this side is about to block (`true`) or is awake (`false`). After
@@ -1078,10 +1193,12 @@ mod tests {
             let ack_every = (ack_every as u64).clamp(1, slots as u64);
             let mut model: VecDeque<u64> = VecDeque::new();
             let (mut sent, mut received) = (0u64, 0u64);
+            // What the consumer published: every `ack_every` taken, and all it took
+            // whenever a receive finds the ring empty.
+            let (mut published, mut since) = (0u64, 0u64);
             for op in ops {
                 match op {
                     Op::Send(k) => for _ in 0..k {
-                        let published = received - received % ack_every;
                         let r = tx.try_send(&msg(sent));
                         if sent - published >= slots as u64 {
                             prop_assert_eq!(r, Err(ChannelError::Full));
@@ -1094,8 +1211,18 @@ mod tests {
                     Op::Recv(k) => for _ in 0..k {
                         let got = rx.try_recv().unwrap();
                         match model.pop_front() {
-                            Some(m) => { prop_assert_eq!(got, Some(msg(m))); received += 1; }
-                            None => prop_assert_eq!(got, None),
+                            Some(m) => {
+                                prop_assert_eq!(got, Some(msg(m)));
+                                received += 1;
+                                since += 1;
+                                if since == ack_every {
+                                    (published, since) = (received, 0);
+                                }
+                            }
+                            None => {
+                                prop_assert_eq!(got, None);
+                                (published, since) = (received, 0);
+                            }
                         }
                     },
                 }

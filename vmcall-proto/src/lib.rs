@@ -11,6 +11,7 @@
 //! * [`config`]: the machine description blob handed to the hypervisor.
 //! * [`limits`]: the machine-wide counts `config` and `guest` both depend on.
 //! * [`channel`]: the shared-memory message ring guests talk through.
+//! * [`endpoint`]: when a channel end looks at its link word (the guest library's policy).
 //! * [`caps`]: capabilities and the per-guest capability space.
 //! * [`device`]: PCI functions guests own: config entries, boot-info descriptors, rules.
 //! * [`kv`]: the sharded key-value service: key placement, ports, error lines.
@@ -20,6 +21,7 @@ pub mod caps;
 pub mod channel;
 pub mod config;
 pub mod device;
+pub mod endpoint;
 pub mod fixed;
 pub mod guest;
 pub mod hostctl;

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use vmcall_proto::channel::{OwnedRing, Payload, Receiver, Sender};
+use vmcall_proto::channel::{ChannelError, OwnedRing, Payload, Receiver, Sender};
+use vmcall_proto::endpoint::LinkWatch;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HostRow {
@@ -440,6 +441,60 @@ fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
     )
 }
 
+// --- the guest's channel library: the ring with its settings and its link policy ---
+// What `guestkernel::channel::Chan` runs on a polling send and receive
+// (`vmcall_proto::endpoint::LinkWatch` over a sender and a receiver that publishes its count
+// after every message), with the link word in host memory standing for the status page.
+struct LibEnd {
+    tx: Sender<'static>,
+    rx: Receiver<'static>,
+    link: LinkWatch<'static>,
+}
+impl Endpoint for LibEnd {
+    fn send(&mut self, m: &Payload) {
+        let mut spin = Spin::new();
+        loop {
+            match self.link.try_send(&mut self.tx, m) {
+                Ok(()) => return,
+                Err(ChannelError::Full) => spin.wait("a free slot"),
+                Err(e) => panic!("bench: library send: {e:?}"),
+            }
+        }
+    }
+    fn recv(&mut self) -> Payload {
+        let mut spin = Spin::new();
+        loop {
+            match self.link.try_recv(&mut self.rx) {
+                Ok(Some(m)) => return m,
+                Ok(None) => spin.wait("a message"),
+                Err(e) => panic!("bench: library receive: {e:?}"),
+            }
+        }
+    }
+}
+fn library_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let ab: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+    let ba: &'static OwnedRing = Box::leak(Box::new(OwnedRing::new()));
+    // Each end's link word, up in epoch 0, in a line of its own (as in a status page).
+    let word = || -> &'static AtomicU64 {
+        &Box::leak(Box::new(LinkWord(AtomicU64::new(vmcall_proto::guest::link_word(true, 0))))).0
+    };
+    (
+        Box::new(LibEnd {
+            tx: Sender::new(ab.ring(slots)),
+            rx: Receiver::new(ba.ring(slots), 1),
+            link: LinkWatch::new(word()),
+        }),
+        Box::new(LibEnd {
+            tx: Sender::new(ba.ring(slots)),
+            rx: Receiver::new(ab.ring(slots), 1),
+            link: LinkWatch::new(word()),
+        }),
+    )
+}
+#[repr(C, align(64))]
+struct LinkWord(AtomicU64);
+
 // --- the bare cache line: a sequence word and the payload, one line per direction ---
 // Each line sits alone in a 128-byte block: Intel's adjacent-line prefetcher moves lines in
 // pairs, and two directions sharing a pair made this "limit" slower than the ring.
@@ -667,10 +722,11 @@ pub fn host() -> Result<Vec<HostRow>> {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let ns_per_tick = i0.elapsed().as_nanos() as f64 / (rdtsc() - t0) as f64;
     type Make = fn() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)>;
-    let transports: [(&str, Make, usize, usize); 6] = [
+    let transports: [(&str, Make, usize, usize); 7] = [
         ("cache-line ping-pong", || Ok(line_pair()), 200_000, 0),
         (RAW_NAME, || Ok(raw_pair()), 200_000, 2_000_000),
         ("mkvisor ring", || Ok(ring_pair(64)), 200_000, 2_000_000),
+        (LIBRARY_NAME, || Ok(library_pair(64)), 200_000, 2_000_000),
         ("crossbeam-channel", || Ok(crossbeam_pair()), 100_000, 1_000_000),
         ("std mpsc", || Ok(mpsc_pair()), 100_000, 1_000_000),
         ("pipe", pipe_pair, 20_000, 200_000),
@@ -712,6 +768,9 @@ pub fn host() -> Result<Vec<HostRow>> {
     ratios(&mut rows);
     Ok(rows)
 }
+
+/// The row name of the guest library's code (ring, settings and link policy).
+pub const LIBRARY_NAME: &str = "channel library (guest's code)";
 
 /// The row name of the raw line ring.
 const RAW_NAME: &str = "raw line ring (stream limit)";
@@ -1073,15 +1132,21 @@ mod tests {
             line_pair(),
             raw_pair(),
             ring_pair(64),
+            library_pair(64),
             crossbeam_pair(),
             mpsc_pair(),
             pipe_pair().unwrap(),
         ] {
             assert_eq!(ping_pong(a, b, 500).len(), 500);
         }
-        for (a, b) in
-            [raw_pair(), ring_pair(8), crossbeam_pair(), mpsc_pair(), pipe_pair().unwrap()]
-        {
+        for (a, b) in [
+            raw_pair(),
+            ring_pair(8),
+            library_pair(8),
+            crossbeam_pair(),
+            mpsc_pair(),
+            pipe_pair().unwrap(),
+        ] {
             assert!(stream(a, b, 5000) > 0.0);
         }
     }

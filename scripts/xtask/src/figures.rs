@@ -247,7 +247,7 @@ fn channel_library(json: &str) -> Result<String> {
         if bare == 0 {
             "-".to_string()
         } else {
-            format!("{:.1}", lib as f64 / bare as f64)
+            format!("{:.2}", lib as f64 / bare as f64)
         }
     };
     let row =

@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! When a channel end looks at its link: the guest library's policy for the link word
+//! (`guest::StatusPage`, `epoch << 1 | up`), kept off the message path, in one place that
+//! the guest's `channel::Chan` runs and the host bench (`bench channels`) measures.
+//!
+//! * A **send** looks first (one load, one compare with the last word seen up in this
+//!   side's epoch): a send to a peer known gone fails with `PeerGone` (or `Reset` once its
+//!   new incarnation is up) and writes nothing.
+//! * A **receive** looks only when it finds nothing (or an error), and then only every
+//!   [`LOOK_EVERY`]-th time in a row (or at once, [`LinkWatch::try_recv_now`], before the
+//!   caller sleeps): a message whose control
+//!   word carries this side's epoch tag and sequence was written by the peer in this epoch
+//!   (the hypervisor only ever zeroes a ring, a new incarnation writes another tag, and a
+//!   dead one writes nothing), so it is delivered whatever the link says now, like data
+//!   before a socket's end of stream; once the ring is empty the receive reports the death
+//!   (`PeerGone`) or the new epoch (`Reset`: the rings were zeroed before the link word
+//!   said so, so a reset ring reads empty first).
+//!
+//! So no death goes unnoticed: a receiver that polls looks within [`LOOK_EVERY`] empty
+//! polls, one about to sleep looks right before (and the hypervisor rings a sleeper's
+//! doorbell when its link changes), a sender looks at every send. The same cadence bounds
+//! how long a corrupt control word reads as "nothing yet" before it is reported. Every message has one fate: taken by the peer in this epoch, or counted
+//! lost when the rings are reset (the ring counters the hypervisor reads then), or, for a
+//! send that passed its look just before this side's core took the link down, written late
+//! and read by nobody (the epoch tags keep it out of the next epoch; a window of one send
+//! per death, as before this policy).
+//!
+//! Owns the policy only (no shared state of its own).
+//! May call: [`crate::channel`] (the ring's ends) and [`crate::guest`] (link-word decoding).
+
+use crate::channel::{ChannelError, Payload, Receiver, Sender};
+use crate::guest::{link_epoch, link_up};
+#[cfg(not(loom))]
+use core::sync::atomic::{AtomicU64, Ordering};
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
+
+/// A receive that finds nothing looks at the next slot's word again (empty or corrupt?) and
+/// at the link only every this many times in a row: an empty poll is then one load and one
+/// compare, as a bare ring's, and a death or a corrupt word is reported within this many
+/// polls.
+pub const LOOK_EVERY: u32 = 16;
+
+/// What a channel end knows of its link: the word (read-only to the guest, written by the
+/// hypervisor while the guest does not run), and the last value seen up in this epoch.
+pub struct LinkWatch<'a> {
+    word: &'a AtomicU64,
+    /// The word this side's epoch began with (up, `epoch`); any other value is news.
+    seen: u64,
+    /// The epoch this side's sender and receiver are in.
+    epoch: u32,
+    /// Empty polls left before the next full look ([`LOOK_EVERY`]).
+    quiet: u32,
+}
+
+/// What [`LinkWatch::look`] compares the link word with: the word itself if it says up
+/// (then equal means up, in this epoch), else a value no link word has (`epoch << 1 | up`
+/// with a 32-bit epoch), so that every look decodes the word until the link is up.
+const fn fast_word(w: u64) -> u64 {
+    if link_up(w) {
+        w
+    } else {
+        u64::MAX
+    }
+}
+
+impl<'a> LinkWatch<'a> {
+    /// A watch on `word`, starting in the epoch the word says now.
+    pub fn new(word: &'a AtomicU64) -> Self {
+        let w = word.load(Ordering::Relaxed);
+        LinkWatch { word, seen: fast_word(w), epoch: link_epoch(w), quiet: 1 }
+    }
+
+    /// The epoch this side is in.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// The link word now (relaxed: the guest's status page is read-only memory, and a
+    /// relaxed atomic load of a word is a plain load there).
+    #[inline(always)]
+    pub fn word(&self) -> u64 {
+        self.word.load(Ordering::Relaxed)
+    }
+
+    /// `PeerGone` or `Reset` if the link word `w` says so.
+    fn check(&self, w: u64) -> Result<(), ChannelError> {
+        if !link_up(w) {
+            Err(ChannelError::PeerGone)
+        } else if link_epoch(w) != self.epoch {
+            Err(ChannelError::Reset)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The link as it is now: `Ok` if the peer is up in this side's epoch.
+    pub fn link(&self) -> Result<(), ChannelError> {
+        self.check(self.word())
+    }
+
+    /// One load and one compare; another word is decoded apart.
+    #[inline(always)]
+    pub fn look(&mut self) -> Result<(), ChannelError> {
+        let w = self.word();
+        if w == self.seen {
+            return Ok(());
+        }
+        self.news(w)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn news(&mut self, w: u64) -> Result<(), ChannelError> {
+        self.check(w)?;
+        self.seen = w;
+        Ok(())
+    }
+
+    /// Starts over in the epoch the word says now (after `Reset`): `PeerGone` while the
+    /// peer is down; else the epoch, for new sender and receiver ends.
+    pub fn resync(&mut self) -> Result<u32, ChannelError> {
+        let w = self.word();
+        if !link_up(w) {
+            return Err(ChannelError::PeerGone);
+        }
+        self.epoch = link_epoch(w);
+        self.seen = fast_word(w);
+        Ok(self.epoch)
+    }
+
+    /// Sends on `tx` if the link is up in this epoch (see the module's policy).
+    #[inline(always)]
+    pub fn try_send(&mut self, tx: &mut Sender<'_>, m: &Payload) -> Result<(), ChannelError> {
+        self.look()?;
+        match tx.try_send(m) {
+            Ok(()) => Ok(()),
+            Err(e) => self.after(e),
+        }
+    }
+
+    /// Receives from `rx`: a message is delivered without a look; a receive that finds
+    /// nothing classifies the slot and looks at the link every [`LOOK_EVERY`]-th time in a
+    /// row (else `Ok(None)` at once); an error or a change of the link is the news.
+    #[inline(always)]
+    pub fn try_recv(&mut self, rx: &mut Receiver<'_>) -> Result<Option<Payload>, ChannelError> {
+        match rx.take() {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => self.after(e),
+            None => {
+                self.quiet -= 1;
+                if self.quiet != 0 {
+                    return Ok(None);
+                }
+                self.idle(rx)
+            }
+        }
+    }
+
+    /// [`LinkWatch::try_recv`] with the full look whenever it finds nothing: what a
+    /// receiver does right before it sleeps.
+    #[inline]
+    pub fn try_recv_now(&mut self, rx: &mut Receiver<'_>) -> Result<Option<Payload>, ChannelError> {
+        match rx.take() {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => self.after(e),
+            None => self.idle(rx),
+        }
+    }
+
+    /// Nothing in the ring: the slot's word (empty or corrupt) and the link.
+    #[inline(never)]
+    fn idle(&mut self, rx: &mut Receiver<'_>) -> Result<Option<Payload>, ChannelError> {
+        self.quiet = LOOK_EVERY;
+        match rx.not_next() {
+            Ok(()) => {
+                self.look()?;
+                Ok(None)
+            }
+            Err(e) => self.after(e),
+        }
+    }
+
+    /// An error from the ring: the link's change if there is one, else the error.
+    #[cold]
+    #[inline(never)]
+    fn after<T>(&mut self, e: ChannelError) -> Result<T, ChannelError> {
+        self.look()?;
+        Err(e)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::channel::OwnedRing;
+    use crate::guest::link_word;
+
+    fn msg(n: u64) -> Payload {
+        [n; crate::channel::WORDS]
+    }
+
+    #[test]
+    fn a_dead_peers_messages_come_before_peer_gone_and_sends_fail_at_once() {
+        let st = Box::new(OwnedRing::new());
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(st.ring(8)), Receiver::new(st.ring(8), 2));
+        for i in 0..3 {
+            w.try_send(&mut tx, &msg(i)).unwrap();
+        }
+        word.store(link_word(false, 0), Ordering::Relaxed);
+        assert_eq!(w.try_send(&mut tx, &msg(9)), Err(ChannelError::PeerGone), "no write");
+        assert_eq!(tx.sent(), 3);
+        for i in 0..3 {
+            assert_eq!(w.try_recv(&mut rx), Ok(Some(msg(i))), "drained first");
+        }
+        assert_eq!(w.try_recv_now(&mut rx), Err(ChannelError::PeerGone));
+        assert_eq!(st.ring(8).received(), 3, "the empty look published the count");
+        // The new incarnation: the rings are zeroed, then the word says the next epoch.
+        let st2 = Box::new(OwnedRing::new());
+        let mut rx = Receiver::new(st2.ring(8), 2);
+        word.store(link_word(true, 1), Ordering::Relaxed);
+        // A polling receiver notices within LOOK_EVERY polls.
+        let polls = (1..=LOOK_EVERY).find(|_| w.try_recv(&mut rx).is_err());
+        assert!(polls.is_some_and(|p| p <= LOOK_EVERY), "{polls:?}");
+        assert_eq!(w.try_recv_now(&mut rx), Err(ChannelError::Reset));
+        assert_eq!(w.try_send(&mut tx, &msg(9)), Err(ChannelError::Reset));
+        assert_eq!(w.resync(), Ok(1));
+        let (mut tx, mut rx) =
+            (Sender::with_epoch(st2.ring(8), 1), Receiver::with_epoch(st2.ring(8), 2, 1));
+        w.try_send(&mut tx, &msg(5)).unwrap();
+        assert_eq!(w.try_recv(&mut rx), Ok(Some(msg(5))));
+        assert_eq!(w.try_recv_now(&mut rx), Ok(None));
+    }
+
+    #[test]
+    fn an_error_while_the_link_changed_reports_the_change() {
+        let st = Box::new(OwnedRing::new());
+        let word = AtomicU64::new(link_word(true, 2));
+        let mut w = LinkWatch::new(&word);
+        let mut rx = Receiver::with_epoch(st.ring(4), 1, 2);
+        st.slot(0).control.store(2 << 48 | 99, Ordering::Relaxed);
+        assert!(matches!(w.try_recv_now(&mut rx), Err(ChannelError::Corrupt { .. })));
+        word.store(link_word(false, 2), Ordering::Relaxed);
+        assert_eq!(w.try_recv_now(&mut rx), Err(ChannelError::PeerGone));
+        // A word that says down is decoded at every look until it is up again.
+        word.store(link_word(true, 2), Ordering::Relaxed);
+        st.slot(0).control.store(0, Ordering::Relaxed);
+        assert_eq!(w.try_recv_now(&mut rx), Ok(None));
+        // Polling: a corrupt word is reported within LOOK_EVERY polls.
+        st.slot(0).control.store(2 << 48 | 99, Ordering::Relaxed);
+        let polls = (1..=LOOK_EVERY).find(|_| w.try_recv(&mut rx).is_err());
+        assert!(polls.is_some(), "corruption reported within LOOK_EVERY polls");
+    }
+}
