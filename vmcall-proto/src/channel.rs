@@ -164,6 +164,17 @@ impl<'a> Ring<'a> {
     pub fn received(&self) -> u64 {
         self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK
     }
+
+    /// Zeroes every slot's control word, before anything else of the ring is zeroed (a
+    /// reset): a receiver copying a slot while the ring is wiped then sees its control
+    /// word change at the re-read and reports the copy torn, instead of accepting a
+    /// payload already zeroed under an intact control word.
+    pub fn void_controls(&self) {
+        for s in self.slots {
+            s.control.store(0, Ordering::Release);
+        }
+        core::sync::atomic::fence(Ordering::SeqCst);
+    }
 }
 
 /// What went wrong on a channel.
@@ -1042,6 +1053,25 @@ mod tests {
         }
         join_within(echo, "main: waiting for the echo thread to end");
         assert_eq!((tx.sent(), rx.received()), (2 * N, N));
+    }
+
+    /// A reset voids every control word before it wipes the rest: the messages waiting
+    /// are gone (read as empty, not as corruption), and the payload words are untouched by
+    /// this step (the wipe that follows clears them).
+    #[test]
+    fn voided_controls_read_as_empty() {
+        let r = OwnedRing::new();
+        let mut tx = Sender::new(r.ring(8));
+        for i in 0..3 {
+            tx.try_send(&message(i, 1)).unwrap();
+        }
+        r.ring(8).void_controls();
+        assert!((0..8).all(|i| r.slot(i).control.load(Ordering::Relaxed) == 0));
+        let payload =
+            (0..8).flat_map(|i| r.slot(i).data.iter()).any(|w| w.load(Ordering::Relaxed) != 0);
+        assert!(payload, "payload left for the wipe");
+        let mut rx = Receiver::new(r.ring(8), 2);
+        assert_eq!(rx.try_recv(), Ok(None));
     }
 
     /// A control word that changes while the payload is being copied is reported as torn

@@ -268,7 +268,14 @@ pub(super) fn reset_rings(ch: &ChanMap) -> u64 {
         let a = vmcall_proto::channel::Ring::from_raw(ch.hpa as *mut u8, slots);
         let b = vmcall_proto::channel::Ring::from_raw((ch.hpa + ring) as *mut u8, slots);
         // Guest-written counters: saturating, never trusted.
-        a.sent().saturating_sub(a.received()).saturating_add(b.sent().saturating_sub(b.received()))
+        let lost = a
+            .sent()
+            .saturating_sub(a.received())
+            .saturating_add(b.sent().saturating_sub(b.received()));
+        // Control words first: a copy racing the wipe reads as torn, never as a message.
+        a.void_controls();
+        b.void_controls();
+        lost
     };
     // SAFETY: as above; no end is using the rings (the caller's condition).
     unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };

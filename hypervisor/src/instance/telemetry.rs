@@ -196,7 +196,7 @@ mod tests {
         assert_eq!((tr.sent, tr.received, tr.inbound, page.traffic_tsc), (3, 1, 4, 5));
         assert!(!t.due(1004) && t.due(1005));
         // Guest-written words are reported as they are, epoch tags masked.
-        let rx_epoch = vmcall_proto::channel::Receiver::with_epoch(rx, 1, 7);
+        let mut rx_epoch = vmcall_proto::channel::Receiver::with_epoch(rx, 1, 7);
         rx_epoch.flush_ack();
         // SAFETY: as above.
         unsafe { t.refresh(&mut page, 1005) };
