@@ -179,7 +179,7 @@ pub struct Machine {
     /// How a revoke reaches the holders' cores: `multicast` (absent: the hypervisor's
     /// default), `broadcast` or `tree`; passed on as the command line's `revoke=...`.
     #[serde(default)]
-    #[schemars(with = "Option<String>", extend("enum" = ["broadcast", "tree"]))]
+    #[schemars(with = "Option<String>", extend("enum" = ["multicast", "broadcast", "tree"]))]
     pub revoke: Option<Spanned<String>>,
     /// Heads per level of a revoke tree (2..=16; only with `revoke = "tree"`); passed on as
     /// `revoke_fanout=N`.
