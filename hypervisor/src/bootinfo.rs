@@ -179,7 +179,8 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                     Some(d) => o.inject = Some(d),
                     None => bad(BadOption {
                         word,
-                        why: "expected inject=deaf-core:N:MS:AFTER with N >= 1,                               1 <= MS <= 60000 and AFTER <= 60000",
+                        why: "expected inject=deaf-core:N:MS:AFTER with N >= 1, \
+                              1 <= MS <= 60000 and AFTER <= 60000",
                     }),
                 },
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
@@ -192,7 +193,8 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 }
                 _ => bad(BadOption {
                     word,
-                    why: "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1), \
+                    why:
+                        "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1), \
                           inject=deaf-core:N:MS:AFTER or inject=hung-core:N",
                 }),
             },
@@ -453,7 +455,10 @@ mod tests {
             "inject=deaf-core:1:10:0:5",
             "inject=deaf-core:1:60001:0",
         ] {
-            assert_eq!(opts(bad).1.len(), 1, "{bad}");
+            let why = opts(bad).1;
+            assert_eq!(why.len(), 1, "{bad}");
+            // The reason is printed as is: one line, single spaces.
+            assert!(!why[0].contains("  ") && !why[0].contains('\n'), "{bad}: {:?}", why[0]);
         }
         assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));
         assert_eq!(opts("caps_deadline_ms=0").1.len(), 1);

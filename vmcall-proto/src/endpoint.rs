@@ -253,4 +253,130 @@ mod tests {
         let polls = (1..=LOOK_EVERY).find(|_| w.try_recv(&mut rx).is_err());
         assert!(polls.is_some(), "corruption reported within LOOK_EVERY polls");
     }
+
+    /// What a hostile peer does between two steps of the honest side.
+    #[derive(Clone, Debug)]
+    enum Peer {
+        /// Its next message, as an honest sender writes it (within the ring's room).
+        Send,
+        /// Any word into a control word of the ring it sends on, with another epoch's tag
+        /// (or 0): never the honest side's own tag, which only its messages carry.
+        Control { slot: usize, v: u64 },
+        /// Any word into the count it publishes for the ring the honest side sends on.
+        Received(u64),
+        /// Any word into its sleeping flag.
+        Sleeping(u64),
+        /// The honest side takes a message (or finds none).
+        Recv,
+        /// The honest side sends.
+        SendHonest,
+    }
+
+    fn peer_ops() -> impl proptest::strategy::Strategy<Value = Vec<Peer>> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            3 => Just(Peer::Send),
+            3 => Just(Peer::Recv),
+            3 => Just(Peer::SendHonest),
+            // Any word, 0, or a count near the honest side's under any tag.
+            2 => (0usize..8, any::<u64>(), 0u64..4).prop_map(|(slot, v, kind)| {
+                let near = (v & 0xffff << 48) | (v & 0xf);
+                Peer::Control { slot, v: match kind { 0 => 0, 1 => v, 2 => near, _ => v & 0xf } }
+            }),
+            1 => (any::<u64>(), 0u64..4).prop_map(|(v, kind)| {
+                Peer::Received(match kind { 0 => v, 1 => v & 0xffff, 2 => v >> 16, _ => 0 })
+            }),
+            1 => any::<u64>().prop_map(Peer::Sleeping),
+        ];
+        proptest::collection::vec(op, 0..60)
+    }
+
+    proptest::proptest! {
+        /// A hostile peer writing what it likes into everything it can write in both rings
+        /// (the control words of the ring it sends on, the count and sleeping flag of the
+        /// ring it receives on): the honest side never panics or reads outside its rings,
+        /// delivers only the peer's messages of its own epoch, in order, never sends past
+        /// the room the peer's valid counts gave it, and learns of the peer's death within
+        /// a ring and `LOOK_EVERY` polls once the peer is gone.
+        #[test]
+        fn a_hostile_peer_cannot_forge_hide_its_death_or_push_out_of_bounds(
+            slots in 1u32..9,
+            ack in 1u32..4,
+            epoch in 0u32..5,
+            ops in peer_ops(),
+        ) {
+            let (ours, theirs) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut tx = Sender::with_epoch(ours.ring(slots), epoch);
+            let mut rx = Receiver::with_epoch(theirs.ring(slots), ack, epoch);
+            let tag = ((epoch & 0xffff) as u64) << 48;
+            let n = slots as u64;
+            // The peer's honest sends so far; the largest count of ours it ever published
+            // with our tag: all the room we may use.
+            let (mut peer_sent, mut delivered, mut valid_ack) = (0u64, 0u64, 0u64);
+            for op in &ops {
+                match *op {
+                    Peer::Send => {
+                        if peer_sent - rx.received() < n {
+                            let s = theirs.slot((peer_sent % n) as usize);
+                            for (d, v) in s.data.iter().zip(msg(peer_sent)) {
+                                d.store(v, Ordering::Relaxed);
+                            }
+                            s.control.store(tag | (peer_sent + 1), Ordering::Release);
+                            peer_sent += 1;
+                        }
+                    }
+                    Peer::Control { slot, v } => {
+                        let v = if v != 0 && v & !((1 << 48) - 1) == tag { v ^ 1 << 63 } else { v };
+                        theirs.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
+                    }
+                    Peer::Received(v) => {
+                        // (A count past what we sent is refused when read; one that
+                        // lies ahead of the peer's reading costs only the peer.)
+                        if v & !((1 << 48) - 1) == tag {
+                            valid_ack = valid_ack.max(v & ((1 << 48) - 1));
+                        }
+                        ours.consumer().received.store(v, Ordering::Relaxed);
+                    }
+                    Peer::Sleeping(v) => ours.consumer().sleeping.store(v, Ordering::Relaxed),
+                    Peer::Recv => {
+                        if let Ok(Some(m)) = w.try_recv(&mut rx) {
+                            proptest::prop_assert_eq!(m, msg(delivered), "forged or out of order");
+                            delivered += 1;
+                        }
+                    }
+                    Peer::SendHonest => {
+                        let _ = w.try_send(&mut tx, &msg(99));
+                        proptest::prop_assert!(
+                            tx.sent() <= valid_ack + n,
+                            "sent {} with room for {} + {n}", tx.sent(), valid_ack
+                        );
+                        let _ = tx.peer_sleep();
+                    }
+                }
+                proptest::prop_assert!(delivered <= peer_sent);
+            }
+            // The peer dies: it writes nothing more, its core takes the link down.
+            word.store(link_word(false, epoch), Ordering::Relaxed);
+            proptest::prop_assert_eq!(w.try_send(&mut tx, &msg(7)), Err(ChannelError::PeerGone));
+            let mut told = false;
+            for _ in 0..(n + LOOK_EVERY as u64 + 1) {
+                match w.try_recv(&mut rx) {
+                    Ok(Some(m)) => {
+                        proptest::prop_assert_eq!(m, msg(delivered), "forged after death");
+                        delivered += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        proptest::prop_assert_eq!(e, ChannelError::PeerGone);
+                        told = true;
+                        break;
+                    }
+                }
+            }
+            proptest::prop_assert!(told, "the death went unnoticed");
+            proptest::prop_assert_eq!(w.try_recv_now(&mut rx), Err(ChannelError::PeerGone));
+        }
+    }
 }

@@ -28,7 +28,14 @@ pub struct Request {
 impl Request {
     /// The cores this request names, one bit each.
     pub fn targets(&self) -> u64 {
-        self.cores[..self.n as usize].iter().fold(0, |m, &c| m | 1u64 << (c % 64))
+        self.cores[..self.len()].iter().fold(0, |m, &c| m | 1u64 << (c % 64))
+    }
+
+    /// The copies named: `n`, at most [`MAX`] (a request is never built with more; a
+    /// larger `n` is read as `MAX`, as `instance::xcore::mc_publish` writes it, never
+    /// past the arrays).
+    fn len(&self) -> usize {
+        (self.n as usize).min(MAX)
     }
 
     /// This request as core `core` reads it: only its copies (what [`super::Env::mc_read`]
@@ -46,7 +53,7 @@ impl Request {
 
     /// The ids of the copies on core `core`.
     pub fn on(&self, core: usize) -> impl Iterator<Item = u64> + '_ {
-        (0..self.n as usize).filter(move |&j| self.cores[j] as usize == core).map(|j| self.ids[j])
+        (0..self.len()).filter(move |&j| self.cores[j] as usize == core).map(|j| self.ids[j])
     }
 }
 
@@ -90,6 +97,16 @@ mod tests {
         assert_eq!(a, Answer { seq: 4, total: 3, incomplete: true, declined: false });
         let d = decode(answer(6, 0, false, true));
         assert!(d.declined && !d.incomplete && d.seq == 6 && d.total == 0);
+    }
+
+    #[test]
+    fn a_count_past_the_arrays_reads_as_full_never_out_of_bounds() {
+        let mut r = Request { seq: 2, node: 9, n: u8::MAX, ..Default::default() };
+        r.cores = [3; MAX];
+        r.cores[MAX - 1] = 5;
+        assert_eq!(r.targets(), 1 << 3 | 1 << 5);
+        assert_eq!(r.on(3).count(), MAX - 1);
+        assert_eq!(r.on(5).count(), 1);
     }
 
     #[test]

@@ -238,15 +238,16 @@ fn pump(listener: &TcpListener, machine: &mut Option<Machine>, mark: &Path) {
     }
 }
 
-/// Whether the client hung up (it sends nothing after its line).
+/// Whether the client hung up: its socket closed, not only its sending half (a client
+/// that shuts down writing after its line, as `nc -N` and `socat` do, still reads the
+/// answer; a read returning 0 cannot tell the two apart, the socket's `POLLHUP` does).
 fn gone(c: &UnixStream) -> bool {
-    if c.set_nonblocking(true).is_err() {
-        return true;
-    }
-    let mut b = [0u8; 1];
-    let gone = matches!((&*c).read(&mut b), Ok(0));
-    let _ = c.set_nonblocking(false);
-    gone
+    use nix::libc::{poll, pollfd, POLLERR, POLLHUP};
+    use std::os::fd::AsRawFd;
+    let mut p = pollfd { fd: c.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: one pollfd of an open descriptor `c` borrows, and no wait (timeout 0).
+    let n = unsafe { poll(&mut p, 1, 0) };
+    n < 0 || p.revents & (POLLHUP | POLLERR) != 0
 }
 
 fn serve_client(
@@ -548,6 +549,25 @@ mod tests {
         let a = request(dir.path(), "9 query w1", Duration::from_secs(5)).unwrap();
         assert!(a.starts_with("9 error this machine has no COM2"), "{a}");
         running.finish(Instant::now());
+    }
+
+    #[test]
+    fn a_client_that_half_closes_before_ready_still_gets_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Relay::bind().unwrap();
+        let machine = fake_machine(relay.port, Some(Duration::from_millis(800)));
+        let running = relay.start(dir.path(), std::process::id(), true).unwrap();
+        let mut s = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"7 query w1\n").unwrap();
+        // Done sending, still reading the answer (what `nc -N` and `socat` do).
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut a = String::new();
+        BufReader::new(&s).read_line(&mut a).unwrap();
+        assert_eq!(a.trim_end(), "7 ok echo 7 query w1", "answered, not given up on");
+        drop(s);
+        running.finish(Instant::now());
+        assert_eq!(machine.join().unwrap(), b"");
     }
 
     #[test]
