@@ -396,17 +396,16 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
             };
             // At most one budget's worth: a guest's life stays bounded (the BSP's
             // collection waits two budgets).
-            let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
+            let room = budget_ticks.saturating_sub(ctx.counters.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
-            ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            ctx.counters.foreign_tsc = ctx.counters.foreign_tsc.saturating_add(foreign);
             if ctx.caps.links_changed() {
                 publish_links(status, l, ctx.caps, counts);
                 // Wake the guest if it sleeps on a doorbell: its channel changed.
                 ctx.wake = true;
             }
             if let Some((from, req, op)) = ctx.caps.ctl.take() {
-                let live =
-                    [ctx.exits_total, u64::from(ctx.hypercalls), u64::from(ctx.doorbells_rung)];
+                let live = ctx.counters.live();
                 let mut stop = None;
                 for e in lc.step(Life::Request(Request { from, req, op }, live)).iter() {
                     match e {
@@ -462,7 +461,7 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         } else {
             0
         };
-        fast.exits_base = ctx.exits_total;
+        fast.exits_base = ctx.counters.exits_total;
         if me.take_kick() {
             // A kick came after the look at the mail word: its message waits. Enter for no instruction
             // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
