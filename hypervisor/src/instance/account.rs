@@ -132,6 +132,7 @@ pub(super) fn refresh_traffic(traffic: &mut telemetry::Traffic, page: u64, now: 
 
 /// An incarnation's start: TSC when its setup began, private frames and live caps when
 /// it was first entered (equal for every incarnation unless something leaks).
+#[derive(Clone, Copy)]
 pub(super) struct Start {
     pub(super) tsc: u64,
     pub(super) frames: u64,
