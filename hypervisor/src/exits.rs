@@ -225,18 +225,51 @@ pub trait ConsoleSink {
     fn line(&mut self, text: &str);
 }
 
-/// Per-guest software state kept by its core's instance.
-pub struct GuestCtx {
-    pub id: u32,
-    pub core: u32,
-    pub memory_mib: u32,
-    pub tsc_per_ms: u64,
+/// A guest's counters in one place: exits by code, hypercalls, doorbells, time served for
+/// other cores. Kept in [`GuestCtx::counters`] and nowhere else; the incarnation's report and
+/// the telemetry in its status page are projections of it (`instance::account`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
     /// Per exit code of the backend ([`ExitInfo::code`]).
     pub exits: [u32; EXIT_CODES],
     pub exits_other: u32,
     /// Every exit so far: the sum of `exits` and `exits_other`, kept so that `exit_count`
     /// answers without adding up 71 counters.
     pub exits_total: u64,
+    pub hypercalls: u32,
+    /// Doorbells the guest rang.
+    pub doorbells_rung: u32,
+    /// TSC ticks spent on other cores' behalf while this guest ran (not charged to it).
+    pub foreign_tsc: u64,
+}
+
+impl Counters {
+    /// All zero: a new incarnation.
+    pub const ZERO: Counters = Counters {
+        exits: [0; EXIT_CODES],
+        exits_other: 0,
+        exits_total: 0,
+        hypercalls: 0,
+        doorbells_rung: 0,
+        foreign_tsc: 0,
+    };
+
+    /// The live figures a controller's `COUNTER` request reads: exits, hypercalls,
+    /// doorbells.
+    pub fn live(&self) -> [u64; 3] {
+        [self.exits_total, u64::from(self.hypercalls), u64::from(self.doorbells_rung)]
+    }
+}
+
+/// Per-guest software state kept by its core's instance.
+pub struct GuestCtx {
+    pub id: u32,
+    pub core: u32,
+    pub memory_mib: u32,
+    pub tsc_per_ms: u64,
+    /// What the guest did so far: the one copy of its counters (the report and the
+    /// telemetry page are projections of it, `instance::account`).
+    pub counters: Counters,
     line: [u8; CONSOLE_MAX as usize],
     line_len: usize,
     /// A UTF-8 sequence begun by one console byte and not yet complete: its bytes so far
@@ -249,15 +282,11 @@ pub struct GuestCtx {
     /// Past this TSC value the guest is stopped.
     pub watchdog: u64,
     pub cr8: u64,
-    pub hypercalls: u32,
     /// Per channel of this guest (boot-info order): the peer core's APIC id, if the peer runs.
     pub doorbells: [Option<u32>; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
-    pub doorbells_rung: u32,
     /// This guest's capabilities and this core's part of the capability protocol (in the
     /// core's static storage: tens of KiB).
     pub caps: &'static mut HvCaps,
-    /// TSC ticks spent on other cores' behalf while this guest ran (not charged to it).
-    pub foreign_tsc: u64,
     /// A doorbell to deliver from the hypervisor itself (one of the guest's channels went
     /// down or came back): injected like the timer, when the guest takes interrupts.
     pub wake: bool,
@@ -303,9 +332,7 @@ impl GuestCtx {
             core,
             memory_mib,
             tsc_per_ms,
-            exits: [0; EXIT_CODES],
-            exits_other: 0,
-            exits_total: 0,
+            counters: Counters::ZERO,
             line: [0; CONSOLE_MAX as usize],
             line_len: 0,
             utf8: [0; 4],
@@ -314,14 +341,11 @@ impl GuestCtx {
             timer: None,
             watchdog,
             cr8: 0,
-            hypercalls: 0,
             doorbells: [None; vmcall_proto::guest::MAX_CHANNELS_PER_GUEST],
-            doorbells_rung: 0,
             wake: false,
             eventful: false,
             mwait: false,
             caps,
-            foreign_tsc: 0,
             pci: crate::pci::filter::View::new(&crate::pci::Assigned::none()),
         }
     }
@@ -482,17 +506,17 @@ impl GuestCtx {
         let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let (h, c) = (sat(hypercalls), sat(cpuids));
         let (vmcall, cpuid) = (vmcall as usize, cpuid as usize);
-        self.exits[vmcall] = self.exits[vmcall].saturating_add(h);
-        self.exits[cpuid] = self.exits[cpuid].saturating_add(c);
-        self.exits_total = self.exits_total.saturating_add(hypercalls + cpuids);
-        self.hypercalls = self.hypercalls.saturating_add(h);
+        self.counters.exits[vmcall] = self.counters.exits[vmcall].saturating_add(h);
+        self.counters.exits[cpuid] = self.counters.exits[cpuid].saturating_add(c);
+        self.counters.exits_total = self.counters.exits_total.saturating_add(hypercalls + cpuids);
+        self.counters.hypercalls = self.counters.hypercalls.saturating_add(h);
     }
 
     fn count(&mut self, reason: u16) {
-        self.exits_total += 1;
-        match self.exits.get_mut(reason as usize) {
+        self.counters.exits_total += 1;
+        match self.counters.exits.get_mut(reason as usize) {
             Some(c) => *c = c.saturating_add(1),
-            None => self.exits_other = self.exits_other.saturating_add(1),
+            None => self.counters.exits_other = self.counters.exits_other.saturating_add(1),
         }
     }
 }
@@ -750,7 +774,7 @@ fn vmcall(
         v.inject(GP);
         return Action::Resume;
     }
-    ctx.hypercalls = ctx.hypercalls.saturating_add(1);
+    ctx.counters.hypercalls = ctx.counters.hypercalls.saturating_add(1);
     let r = *v.regs();
     let result: Result<u64, HvError> = match Hypercall::try_from(r.rax) {
         Err(err) => Err(err),
@@ -761,8 +785,11 @@ fn vmcall(
             | Hypercall::TscPerMs
             | Hypercall::ExitCount),
         ) => {
-            let facts =
-                Facts { info: ctx.info(), tsc_per_ms: ctx.tsc_per_ms, exits: ctx.exits_total };
+            let facts = Facts {
+                info: ctx.info(),
+                tsc_per_ms: ctx.tsc_per_ms,
+                exits: ctx.counters.exits_total,
+            };
             facts.answer(call).ok_or(HvError::UnknownCall)
         }
         Ok(Hypercall::Exit) => {
@@ -794,7 +821,7 @@ fn vmcall(
         Ok(Hypercall::Doorbell) => match ctx.doorbells.get(r.rdi as usize).copied().flatten() {
             Some(apic) => {
                 v.send_ipi(apic, vmcall_proto::guest::DOORBELL_VECTOR);
-                ctx.doorbells_rung = ctx.doorbells_rung.saturating_add(1);
+                ctx.counters.doorbells_rung = ctx.counters.doorbells_rung.saturating_add(1);
                 Ok(0)
             }
             None => Err(HvError::BadArgument),
@@ -1251,7 +1278,7 @@ pub(crate) mod tests {
             .flat_map(|r| (*r as u32).to_le_bytes())
             .collect();
         assert_eq!(&sig[..7], b"mkvisor");
-        assert_eq!(c.exits[10], 2);
+        assert_eq!(c.counters.exits[10], 2);
     }
 
     #[test]
@@ -1317,7 +1344,7 @@ pub(crate) mod tests {
             assert_eq!(v.regs.rax, want, "channel {ch}");
         }
         assert_eq!(v.ipis, [(7, vmcall_proto::guest::DOORBELL_VECTOR)]);
-        assert_eq!(c.doorbells_rung, 1);
+        assert_eq!(c.counters.doorbells_rung, 1);
     }
 
     fn call(c: &mut GuestCtx, v: &mut FakeVcpu, nr: u64, a: u64, b: u64, d: u64) -> u64 {
@@ -1570,7 +1597,7 @@ pub(crate) mod tests {
         assert_eq!(handle(&mut c, &mut v, &exit(13, 2), &mut s), Action::Resume);
         assert_eq!(handle(&mut c, &mut v, &exit(54, 2), &mut s), Action::Resume);
         assert_eq!(handle(&mut c, &mut v, &exit(54, 3), &mut s), Action::Resume);
-        assert_eq!((c.exits[13], c.exits[54]), (1, 2));
+        assert_eq!((c.counters.exits[13], c.counters.exits[54]), (1, 2));
         assert_eq!(v.get(Field::Rip), 0x10_0007, "each advanced by its own length");
         assert!(v.injected.is_empty());
     }
@@ -1831,7 +1858,7 @@ pub(crate) mod tests {
             assert!(v.injected.is_empty(), "reason {reason}");
             assert_eq!(v.get(Field::Rip), 0x10_0000, "nothing executed: reason {reason}");
             assert_eq!(v.window, reason != 7, "only the interrupt window closes it");
-            assert_eq!(c.exits[reason as usize], 1);
+            assert_eq!(c.counters.exits[reason as usize], 1);
         }
         let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
         let mut e = exit(49, 0);
@@ -1858,14 +1885,14 @@ pub(crate) mod tests {
             Action::Stop(StopReason::EntryFailed { reason: 10, rip: 0x10_0000 })
         );
         assert!(stop(handle(&mut c, &mut v, &exit(EXIT_CODES as u16, 0), &mut s)));
-        assert_eq!(c.exits_other, 1, "reasons past the table are counted apart");
-        c.exits_other = u32::MAX;
+        assert_eq!(c.counters.exits_other, 1, "reasons past the table are counted apart");
+        c.counters.exits_other = u32::MAX;
         handle(&mut c, &mut v, &exit(500, 0), &mut s);
-        assert_eq!(c.exits_other, u32::MAX, "saturating");
-        c.exits[10] = u32::MAX;
+        assert_eq!(c.counters.exits_other, u32::MAX, "saturating");
+        c.counters.exits[10] = u32::MAX;
         v.regs.rax = 0x8000_0000;
         handle(&mut c, &mut v, &exit(10, 2), &mut s);
-        assert_eq!(c.exits[10], u32::MAX);
+        assert_eq!(c.counters.exits[10], u32::MAX);
     }
 
     /// Register `n` of the encoding (SDM Vol. 3C Table 28-3), RSP (4) being in the VMCS.
@@ -1988,9 +2015,9 @@ pub(crate) mod tests {
         handle(&mut c, &mut v, &exit(10, 2), &mut s);
         handle(&mut c, &mut v, &exit(500, 2), &mut s);
         assert_eq!(call(&mut c, &mut v, 7, 0, 0, 0), 6, "exit_count: the five before, this one");
-        let each: u64 = c.exits.iter().map(|&n| u64::from(n)).sum();
-        assert_eq!(each + u64::from(c.exits_other), 6, "the total is the counters' sum");
-        assert_eq!(c.hypercalls, 4);
+        let each: u64 = c.counters.exits.iter().map(|&n| u64::from(n)).sum();
+        assert_eq!(each + u64::from(c.counters.exits_other), 6, "the total is the counters' sum");
+        assert_eq!(c.counters.hypercalls, 4);
         // timer_oneshot: vector bounds, delta 0 disarms.
         assert_eq!(call(&mut c, &mut v, 4, 10, 31, 0), HvError::BadArgument.to_rax());
         assert_eq!(call(&mut c, &mut v, 4, 10, 256, 0), HvError::BadArgument.to_rax());
@@ -2019,7 +2046,7 @@ pub(crate) mod tests {
             v.regs.rax = 3;
             handle(&mut c, &mut v, &exit(18, 3), &mut s);
             assert_eq!(v.injected.is_empty(), ok, "SS AR {ar:#x}");
-            assert_eq!(c.hypercalls, ok as u32);
+            assert_eq!(c.counters.hypercalls, ok as u32);
         }
     }
 
@@ -2115,7 +2142,7 @@ pub(crate) mod tests {
             handle(&mut c, &mut v, &exit(999, 0), &mut s),
             Action::Stop(StopReason::Unexpected { reason: 999, .. })
         ));
-        assert_eq!(c.exits_other, 1);
+        assert_eq!(c.counters.exits_other, 1);
     }
 
     /// An I/O exit: `size` bytes at `port`, in or out, with RAX as given.
@@ -2168,10 +2195,10 @@ pub(crate) mod tests {
     fn fold_fast_saturates_like_count_does() {
         let mut c = ctx();
         c.fold_fast((18, (1 << 32) + 5), (10, 1 << 32));
-        assert_eq!(c.exits_total, (1 << 33) + 5);
-        assert_eq!(c.exits[18], u32::MAX, "VMCALL exits");
-        assert_eq!(c.exits[10], u32::MAX, "CPUID exits");
-        assert_eq!(c.hypercalls, u32::MAX);
+        assert_eq!(c.counters.exits_total, (1 << 33) + 5);
+        assert_eq!(c.counters.exits[18], u32::MAX, "VMCALL exits");
+        assert_eq!(c.counters.exits[10], u32::MAX, "CPUID exits");
+        assert_eq!(c.counters.hypercalls, u32::MAX);
     }
 
     /// Pre-existing, inherited by the fast path: an instruction the hypervisor emulates

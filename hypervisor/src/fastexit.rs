@@ -504,10 +504,10 @@ mod tests {
                             let (mut fast_ctx, mut fast) = (ctx(), FakeVcpu::new());
                             // Some history: exits the run loop counted before this entry.
                             for c in [&mut slow_ctx, &mut fast_ctx] {
-                                c.exits_total = 41;
-                                c.exits[10] = 7;
-                                c.exits[18] = 30;
-                                c.hypercalls = 29;
+                                c.counters.exits_total = 41;
+                                c.counters.exits[10] = 7;
+                                c.counters.exits[18] = 30;
+                                c.counters.hypercalls = 29;
                             }
                             for v in [&mut slow, &mut fast] {
                                 v.regs =
@@ -527,7 +527,7 @@ mod tests {
                             fx.mwait = fast_ctx.mwait;
                             fx.info = fast_ctx.info();
                             fx.tsc_per_ms = fast_ctx.tsc_per_ms;
-                            fx.exits_base = fast_ctx.exits_total;
+                            fx.exits_base = fast_ctx.counters.exits_total;
                             let len = if reason == 10 { 2 } else { 3 };
                             let mut regs = fast.regs;
                             let ok = crate::fastexit::answer(
@@ -559,9 +559,15 @@ mod tests {
                             for f in [Field::Rip, Field::Interruptibility] {
                                 assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
                             }
-                            assert_eq!(fast_ctx.exits_total, slow_ctx.exits_total, "{case}");
-                            assert_eq!(fast_ctx.exits, slow_ctx.exits, "{case}");
-                            assert_eq!(fast_ctx.hypercalls, slow_ctx.hypercalls, "{case}");
+                            assert_eq!(
+                                fast_ctx.counters.exits_total, slow_ctx.counters.exits_total,
+                                "{case}"
+                            );
+                            assert_eq!(fast_ctx.counters.exits, slow_ctx.counters.exits, "{case}");
+                            assert_eq!(
+                                fast_ctx.counters.hypercalls, slow_ctx.counters.hypercalls,
+                                "{case}"
+                            );
                         }
                     }
                 }

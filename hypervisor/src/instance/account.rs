@@ -11,22 +11,7 @@ use crate::exits::GuestCtx;
 use vmcall_proto::guest::*;
 
 pub(super) fn report(ctx: &GuestCtx, ending: Ending, first: u64) -> GuestReport {
-    GuestReport {
-        ending,
-        exits: ctx.exits,
-        exits_other: ctx.exits_other,
-        hypercalls: ctx.hypercalls,
-        doorbells: u64::from(ctx.doorbells_rung),
-        tsc_first_entry: first,
-        tsc_end: arch::rdtsc(),
-        xmsgs: 0,
-        nmis: 0,
-        caps: ctx.caps.stats,
-        foreign_tsc: ctx.foreign_tsc,
-        incarnations: 1,
-        unconfirmed: 0,
-        longest_away: 0,
-    }
+    GuestReport::of(&ctx.counters, ending, ctx.caps.stats, first, arch::rdtsc())
 }
 
 /// The counters `COUNTER` reads, from an incarnation's report.
@@ -117,13 +102,7 @@ pub(super) fn publish_telemetry(page: u64, ctx: &GuestCtx, hv_ticks: u64, reason
     // which is not running now.
     // SAFETY: `page` is that frame; a StatusPage is exactly one page of u64s.
     let t = unsafe { &mut (*(page as *mut StatusPage)).telemetry };
-    match reason.map(usize::from) {
-        Some(r) if r < t.exits.len() && r < ctx.exits.len() => t.exits[r] = ctx.exits[r] as u64,
-        Some(_) => t.exits_other = ctx.exits_other as u64,
-        None => {}
-    }
-    t.hypercalls = ctx.hypercalls as u64;
-    t.doorbells = ctx.doorbells_rung as u64;
+    project_telemetry_after(&ctx.counters, t, reason);
     t.entries += 1;
     t.hypervisor_tsc = t.hypervisor_tsc.saturating_add(hv_ticks);
     t.nmis = arch::nmis_taken();
@@ -135,12 +114,7 @@ pub(super) fn publish_telemetry(page: u64, ctx: &GuestCtx, hv_ticks: u64, reason
 pub(super) fn publish_final(page: u64, ctx: &GuestCtx, hv_ticks: u64) {
     // SAFETY: as in `publish_telemetry`; the guest no longer runs.
     let t = unsafe { &mut (*(page as *mut StatusPage)).telemetry };
-    for (p, &c) in t.exits.iter_mut().zip(&ctx.exits) {
-        *p = u64::from(c);
-    }
-    t.exits_other = u64::from(ctx.exits_other);
-    t.hypercalls = u64::from(ctx.hypercalls);
-    t.doorbells = u64::from(ctx.doorbells_rung);
+    project_telemetry(&ctx.counters, t);
     t.hypervisor_tsc = t.hypervisor_tsc.saturating_add(hv_ticks);
     t.nmis = arch::nmis_taken();
 }
@@ -158,6 +132,7 @@ pub(super) fn refresh_traffic(traffic: &mut telemetry::Traffic, page: u64, now: 
 
 /// An incarnation's start: TSC when its setup began, private frames and live caps when
 /// it was first entered (equal for every incarnation unless something leaks).
+#[derive(Clone, Copy)]
 pub(super) struct Start {
     pub(super) tsc: u64,
     pub(super) frames: u64,

@@ -26,8 +26,9 @@ pub mod telemetry;
 pub mod xcore;
 
 use crate::ept;
-use crate::exits::StopReason;
+use crate::exits::{Counters, StopReason};
 use crate::vcpu::EXIT_CODES;
+use vmcall_proto::guest::Telemetry;
 
 /// What the BSP tells a core: run this guest here.
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +180,35 @@ impl core::fmt::Display for Exits<'_> {
 }
 
 impl GuestReport {
+    /// The report's projection of an incarnation's counters `c` (the one copy, in the
+    /// guest's context): ending, capability stats and times beside them; the figures only
+    /// the BSP's collection adds (messages, NMIs, restarts, unconfirmed revokes, time away)
+    /// start at their one-incarnation values.
+    pub fn of(
+        c: &Counters,
+        ending: Ending,
+        caps: crate::caps::Stats,
+        tsc_first_entry: u64,
+        tsc_end: u64,
+    ) -> GuestReport {
+        GuestReport {
+            ending,
+            exits: c.exits,
+            exits_other: c.exits_other,
+            hypercalls: c.hypercalls,
+            doorbells: u64::from(c.doorbells_rung),
+            tsc_first_entry,
+            tsc_end,
+            xmsgs: 0,
+            nmis: 0,
+            caps,
+            foreign_tsc: c.foreign_tsc,
+            incarnations: 1,
+            unconfirmed: 0,
+            longest_away: 0,
+        }
+    }
+
     /// Adds a later incarnation: its ending and end time, every counter summed.
     pub fn absorb(&mut self, later: &GuestReport) {
         self.ending = later.ending;
@@ -198,6 +228,30 @@ impl GuestReport {
         self.unconfirmed = later.unconfirmed;
         self.longest_away = self.longest_away.max(later.longest_away);
     }
+}
+
+/// The telemetry page's projection of the counters `c`: every guest counter in `t` (its
+/// `entries`, `hypervisor_tsc` and `nmis` are the hypervisor's and stay).
+pub fn project_telemetry(c: &Counters, t: &mut Telemetry) {
+    for (p, &n) in t.exits.iter_mut().zip(&c.exits) {
+        *p = u64::from(n);
+    }
+    t.exits_other = u64::from(c.exits_other);
+    t.hypercalls = u64::from(c.hypercalls);
+    t.doorbells = u64::from(c.doorbells_rung);
+}
+
+/// The same projection brought up to date when only the counter of exit `reason` (if
+/// any) and the hypercall and doorbell counters moved: a few stores per VM entry.
+#[inline(always)]
+pub fn project_telemetry_after(c: &Counters, t: &mut Telemetry, reason: Option<u16>) {
+    match reason.map(usize::from) {
+        Some(r) if r < t.exits.len() && r < c.exits.len() => t.exits[r] = u64::from(c.exits[r]),
+        Some(_) => t.exits_other = u64::from(c.exits_other),
+        None => {}
+    }
+    t.hypercalls = u64::from(c.hypercalls);
+    t.doorbells = u64::from(c.doorbells_rung);
 }
 
 /// The guest's name as text.
@@ -291,6 +345,85 @@ mod tests {
             build_ept(&mut f, 0x4000_0000, 16 << 20, bad.into_iter(), &mut || {}),
             Err("channel window mapping failed")
         );
+    }
+
+    /// Counters with a history: every exit code, the codes past the page's table, each
+    /// other counter, near and at saturation.
+    fn busy_counters() -> Counters {
+        let mut c = Counters::ZERO;
+        for (i, e) in c.exits.iter_mut().enumerate() {
+            *e = (i as u32).wrapping_mul(0x9e37_79b9) >> (i % 7);
+        }
+        c.exits[18] = u32::MAX;
+        c.exits_other = 77;
+        c.exits_total = c.exits.iter().map(|&e| u64::from(e)).sum::<u64>() + 77;
+        c.hypercalls = u32::MAX - 1;
+        c.doorbells_rung = 12345;
+        c.foreign_tsc = 1 << 40;
+        c
+    }
+
+    #[test]
+    fn the_report_and_the_telemetry_page_agree_with_the_counters() {
+        let c = busy_counters();
+        let ending = Ending::Exited(3);
+        let r = GuestReport::of(&c, ending, crate::caps::Stats::default(), 10, 20);
+        // SAFETY: plain u64s, all-zero is valid.
+        let mut t: Telemetry = unsafe { core::mem::zeroed() };
+        t.entries = 5;
+        t.hypervisor_tsc = 6;
+        t.nmis = 7;
+        project_telemetry(&c, &mut t);
+        assert_eq!(r.exits, c.exits);
+        assert_eq!(c.exits.len(), t.exits.len(), "the page shows every exit code");
+        for (i, &e) in c.exits.iter().enumerate() {
+            assert_eq!(t.exits[i], u64::from(e), "exit code {i}");
+        }
+        assert_eq!((r.exits_other, t.exits_other), (c.exits_other, u64::from(c.exits_other)));
+        assert_eq!((r.hypercalls, t.hypercalls), (c.hypercalls, u64::from(c.hypercalls)));
+        assert_eq!((r.doorbells, t.doorbells), (12345, 12345));
+        assert_eq!(r.foreign_tsc, c.foreign_tsc);
+        assert_eq!((r.ending, r.tsc_first_entry, r.tsc_end, r.incarnations), (ending, 10, 20, 1));
+        // The two agree with each other: the report's exit total is the counters' total.
+        let total = r.exits.iter().map(|&e| u64::from(e)).sum::<u64>() + u64::from(r.exits_other);
+        assert_eq!(total, c.exits_total);
+        assert_eq!(
+            t.exits.iter().sum::<u64>() + t.exits_other,
+            c.exits_total,
+            "the page's exits add up to the same total"
+        );
+        // The hypervisor's own words are not the guest's counters.
+        assert_eq!((t.entries, t.hypervisor_tsc, t.nmis), (5, 6, 7));
+    }
+
+    #[test]
+    fn the_per_entry_projection_keeps_the_page_equal_to_the_full_one() {
+        // SAFETY: plain u64s, all-zero is valid.
+        let (mut inc, mut full): (Telemetry, Telemetry) =
+            unsafe { (core::mem::zeroed(), core::mem::zeroed()) };
+        let mut c = Counters::ZERO;
+        let reasons = [Some(18u16), Some(10), None, Some(0), Some(69), Some(70), Some(u16::MAX)];
+        for (k, &reason) in reasons.iter().cycle().take(100).enumerate() {
+            // What an exit of `reason` moves: its counter (or the other exits), and maybe a
+            // hypercall and a doorbell.
+            match reason.map(usize::from) {
+                Some(r) if r < c.exits.len() => c.exits[r] += 1,
+                Some(_) => c.exits_other += 1,
+                None => {}
+            }
+            c.exits_total += u64::from(reason.is_some());
+            c.hypercalls += (k % 3 == 0) as u32;
+            c.doorbells_rung += (k % 5 == 0) as u32;
+            project_telemetry_after(&c, &mut inc, reason);
+            project_telemetry(&c, &mut full);
+            assert_eq!(inc.exits, full.exits, "after exit {reason:?}");
+            assert_eq!(
+                (inc.exits_other, inc.hypercalls, inc.doorbells),
+                (full.exits_other, full.hypercalls, full.doorbells)
+            );
+        }
+        assert_eq!(full.exits[18], 15);
+        assert_eq!(full.exits_other, 28);
     }
 
     #[test]

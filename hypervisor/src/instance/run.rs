@@ -396,17 +396,16 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
             };
             // At most one budget's worth: a guest's life stays bounded (the BSP's
             // collection waits two budgets).
-            let room = budget_ticks.saturating_sub(ctx.foreign_tsc);
+            let room = budget_ticks.saturating_sub(ctx.counters.foreign_tsc);
             ctx.watchdog = ctx.watchdog.saturating_add(foreign.min(room));
-            ctx.foreign_tsc = ctx.foreign_tsc.saturating_add(foreign);
+            ctx.counters.foreign_tsc = ctx.counters.foreign_tsc.saturating_add(foreign);
             if ctx.caps.links_changed() {
                 publish_links(status, l, ctx.caps, counts);
                 // Wake the guest if it sleeps on a doorbell: its channel changed.
                 ctx.wake = true;
             }
             if let Some((from, req, op)) = ctx.caps.ctl.take() {
-                let live =
-                    [ctx.exits_total, u64::from(ctx.hypercalls), u64::from(ctx.doorbells_rung)];
+                let live = ctx.counters.live();
                 let mut stop = None;
                 for e in lc.step(Life::Request(Request { from, req, op }, live)).iter() {
                     match e {
@@ -462,7 +461,7 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         } else {
             0
         };
-        fast.exits_base = ctx.exits_total;
+        fast.exits_base = ctx.counters.exits_total;
         if me.take_kick() {
             // A kick came after the look at the mail word: its message waits. Enter for no instruction
             // (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again. A kick
@@ -525,91 +524,151 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
     };
     ctx.flush_line(&mut sink);
     mark(crate::percpu::site::DEATH);
-    // The clean death, step by step as the lifecycle lists them.
-    let mut r = None;
-    let mut retired = crate::caps::Retired::default();
-    for e in lc.step(Life::Ended(ending)).iter() {
-        let Effect::Die(step) = e else { continue };
-        match step {
-            // Its devices stop first: no DMA into memory about to be scrubbed or handed on.
-            Death::Quiesce => {
-                quiesce_devices(l);
-                mark(crate::percpu::site::DEATH_QUIESCE);
-            }
-            Death::Account => {
-                // The page shows the incarnation as it ended (its last exit included)
-                // while the guest is down.
-                let t_end = arch::rdtsc();
-                publish_final(status, &ctx, t_end.saturating_sub(last_exit));
-                refresh_traffic(&mut traffic, status, t_end);
-                r = Some(report(&ctx, ending, first_entry));
-                mark(crate::percpu::site::DEATH_ACCOUNT);
-            }
-            Death::Retire => {
-                // Every copy made from its caps revoked everywhere, every copy it held
-                // dropped, its originals unmapped (while its EPT still exists to unmap
-                // them).
-                retired = ctx.caps.retire(&mut vcpu);
-                mark(crate::percpu::site::DEATH_RETIRE);
-            }
-            Death::LinksDown => {
-                // Its channels go down: each peer's core acknowledges once its guest
-                // knows (or is given up on); the rings are reset only if a next
-                // incarnation starts.
-                if l.channel_count > 0 {
-                    let env = &mut vcpu;
-                    ctx.caps.links_down(env);
-                    let deadline =
-                        arch::rdtsc().saturating_add(ctx.caps.policy.deadline.saturating_mul(80));
-                    while !ctx.caps.links_acked() && arch::rdtsc() < deadline {
-                        ctx.caps.poll(env);
-                        arch::pause();
-                    }
-                    if !ctx.caps.links_acked() {
-                        log::warn!(
-                            "guest {}: a channel peer's core did not acknowledge in time",
-                            name(l)
-                        );
-                        ctx.caps.links_give_up();
-                    }
-                }
-                mark(crate::percpu::site::DEATH_LINKS_DOWN);
-            }
-            Death::ClearVmcs => {
-                me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
-                vcpu.hw.clear();
-                mark(crate::percpu::site::DEATH_CLEAR_VMCS);
-                log::info!(
-                    "guest {}: private frames in use {}, peak {}, limit {}",
-                    name(l),
-                    vcpu.frames.in_use(),
-                    vcpu.frames.peak(),
-                    vcpu.frames.limit()
-                );
-                // A console line takes milliseconds at the UART's baud rate: the inbox
-                // between two (nothing is mapped any more, so no EPT is needed to serve
-                // it).
-                ctx.caps.poll(&mut *vcpu.link);
-            }
-            Death::Record => {
-                let links = counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
-                    lost: a.lost.saturating_add(c.lost),
-                    resets: a.resets.saturating_add(c.resets),
-                });
-                let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
-                let r = r.get_or_insert_with(|| report(&ctx, ending, first_entry));
-                r.caps = ctx.caps.stats;
-                r.unconfirmed = retired.unconfirmed;
-                incarnation_record(l, n, r, start, &retired, links);
-                mark(crate::percpu::site::DEATH_RECORD);
-                ctx.caps.poll(&mut *vcpu.link);
+    let start = Start { tsc: tsc_start, frames: frames_at_start, caps: caps_at_start };
+    let dying = Dying {
+        l,
+        n,
+        ending,
+        ctx,
+        vcpu,
+        me,
+        status,
+        traffic,
+        counts,
+        start,
+        first_entry,
+        last_exit,
+        report: None,
+        retired: crate::caps::Retired::default(),
+    };
+    dying.die(lc)
+}
+
+/// An incarnation that ended, on its way through the clean death: what the death's steps
+/// use, one method per step ([`Death`]), taken in the order the lifecycle lists them.
+struct Dying<'a, 'v, B: crate::vcpu::Vcpu> {
+    l: &'a Launch,
+    n: u32,
+    ending: Ending,
+    ctx: GuestCtx,
+    vcpu: GuestVcpu<'v, B>,
+    me: &'static crate::percpu::PerCore,
+    status: u64,
+    traffic: telemetry::Traffic,
+    counts: &'a [LinkCount; MAX_CHANNELS_PER_GUEST],
+    start: Start,
+    first_entry: u64,
+    /// TSC of the last VM exit (the hypervisor's time runs from there).
+    last_exit: u64,
+    /// Made by the `Account` step (or at the end, without it).
+    report: Option<GuestReport>,
+    /// What the `Retire` step retired.
+    retired: crate::caps::Retired,
+}
+
+impl<B: crate::vcpu::Vcpu> Dying<'_, '_, B> {
+    /// The clean death, step by step as `lc` lists them. Returns the incarnation's report
+    /// and the capability state for the next incarnation.
+    fn die(mut self, lc: &mut Lifecycle) -> (GuestReport, &'static mut crate::caps::HvCaps) {
+        for e in lc.step(Life::Ended(self.ending)).iter() {
+            let Effect::Die(step) = e else { continue };
+            match step {
+                Death::Quiesce => self.quiesce(),
+                Death::Account => self.account(),
+                Death::Retire => self.retire(),
+                Death::LinksDown => self.links_down(),
+                Death::ClearVmcs => self.clear_vmcs(),
+                Death::Record => self.record(),
             }
         }
+        let mut r = self.final_report();
+        r.caps = self.ctx.caps.stats;
+        r.unconfirmed = self.retired.unconfirmed;
+        (r, self.ctx.caps)
     }
-    let mut r = r.unwrap_or_else(|| report(&ctx, ending, first_entry));
-    r.caps = ctx.caps.stats;
-    r.unconfirmed = retired.unconfirmed;
-    (r, ctx.caps)
+
+    /// The report made by `Account`, or one made now.
+    fn final_report(&mut self) -> GuestReport {
+        let (ctx, ending, first) = (&self.ctx, self.ending, self.first_entry);
+        *self.report.get_or_insert_with(|| report(ctx, ending, first))
+    }
+
+    /// Its devices stop first: no DMA into memory about to be scrubbed or handed on.
+    fn quiesce(&mut self) {
+        quiesce_devices(self.l);
+        mark(crate::percpu::site::DEATH_QUIESCE);
+    }
+
+    /// The page shows the incarnation as it ended (its last exit included) while the
+    /// guest is down; the report is made.
+    fn account(&mut self) {
+        let t_end = arch::rdtsc();
+        publish_final(self.status, &self.ctx, t_end.saturating_sub(self.last_exit));
+        refresh_traffic(&mut self.traffic, self.status, t_end);
+        self.report = Some(report(&self.ctx, self.ending, self.first_entry));
+        mark(crate::percpu::site::DEATH_ACCOUNT);
+    }
+
+    /// Every copy made from its caps revoked everywhere, every copy it held dropped, its
+    /// originals unmapped (while its EPT still exists to unmap them).
+    fn retire(&mut self) {
+        self.retired = self.ctx.caps.retire(&mut self.vcpu);
+        mark(crate::percpu::site::DEATH_RETIRE);
+    }
+
+    /// Its channels go down: each peer's core acknowledges once its guest knows (or is
+    /// given up on); the rings are reset only if a next incarnation starts.
+    fn links_down(&mut self) {
+        if self.l.channel_count > 0 {
+            let (caps, env) = (&mut self.ctx.caps, &mut self.vcpu);
+            caps.links_down(env);
+            let deadline = arch::rdtsc().saturating_add(caps.policy.deadline.saturating_mul(80));
+            while !caps.links_acked() && arch::rdtsc() < deadline {
+                caps.poll(env);
+                arch::pause();
+            }
+            if !caps.links_acked() {
+                log::warn!(
+                    "guest {}: a channel peer's core did not acknowledge in time",
+                    name(self.l)
+                );
+                caps.links_give_up();
+            }
+        }
+        mark(crate::percpu::site::DEATH_LINKS_DOWN);
+    }
+
+    /// Its VMCS cleared: no kick zeroes its timer any more.
+    fn clear_vmcs(&mut self) {
+        self.me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
+        self.vcpu.hw.clear();
+        mark(crate::percpu::site::DEATH_CLEAR_VMCS);
+        log::info!(
+            "guest {}: private frames in use {}, peak {}, limit {}",
+            name(self.l),
+            self.vcpu.frames.in_use(),
+            self.vcpu.frames.peak(),
+            self.vcpu.frames.limit()
+        );
+        // A console line takes milliseconds at the UART's baud rate: the inbox between two
+        // (nothing is mapped any more, so no EPT is needed to serve it).
+        self.ctx.caps.poll(&mut *self.vcpu.link);
+    }
+
+    /// The incarnation's record, with its capability stats and link counts.
+    fn record(&mut self) {
+        let links = self.counts.iter().fold(LinkCount::default(), |a, c| LinkCount {
+            lost: a.lost.saturating_add(c.lost),
+            resets: a.resets.saturating_add(c.resets),
+        });
+        let mut r = self.final_report();
+        r.caps = self.ctx.caps.stats;
+        r.unconfirmed = self.retired.unconfirmed;
+        self.report = Some(r);
+        incarnation_record(self.l, self.n, &r, self.start, &self.retired, links);
+        mark(crate::percpu::site::DEATH_RECORD);
+        self.ctx.caps.poll(&mut *self.vcpu.link);
+    }
 }
 
 /// What an incarnation's setup leaves ready to enter.
