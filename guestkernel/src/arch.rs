@@ -371,9 +371,9 @@ fn gate(handler: u64) -> [u64; 2] {
 #[cfg(target_os = "none")]
 pub fn pick_hypercall_instruction() {
     let mut rax = u64::MAX;
-    // SAFETY: VMMCALL either raises #UD (Intel), which the probe catches and resumes after,
-    // or traps to the SVM hypervisor, which answers an unknown number with an error in RAX
-    // and changes nothing else.
+    // VMMCALL either raises #UD (Intel), which the probe catches and resumes after, or traps
+    // to the SVM hypervisor, which answers an unknown number with an error in RAX.
+    // SAFETY: either way nothing but RAX changes.
     let fault = unsafe {
         probe!("vmmcall", inout("rax") rax, in("rdi") 0u64, in("rsi") 0u64, in("rdx") 0u64,
             in("r10") 0u64)

@@ -32,8 +32,8 @@ pub fn raw3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let ret: u64;
     // Memory passed by address is only read. VMCALL inline (VT-x: two instructions more
     // than VMCALL alone, the test and the branch not taken); VMMCALL out of line.
-    // SAFETY: VMCALL/VMMCALL traps to the hypervisor, which validates every argument and
-    // changes only RAX.
+    // VMCALL/VMMCALL traps to the hypervisor, which validates every argument.
+    // SAFETY: the hypervisor changes only RAX.
     unsafe {
         core::arch::asm!(
             "cmp byte ptr [rip + {vmmcall}], 0",

@@ -398,8 +398,8 @@ mod tests {
 
     #[test]
     fn the_per_entry_projection_keeps_the_page_equal_to_the_full_one() {
-        // SAFETY: plain u64s, all-zero is valid.
         let (mut inc, mut full): (Telemetry, Telemetry) =
+            // SAFETY: plain u64s, all-zero is valid.
             unsafe { (core::mem::zeroed(), core::mem::zeroed()) };
         let mut c = Counters::ZERO;
         let reasons = [Some(18u16), Some(10), None, Some(0), Some(69), Some(70), Some(u16::MAX)];

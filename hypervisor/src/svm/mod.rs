@@ -196,8 +196,9 @@ pub unsafe fn enable_on_this_core(index: usize) {
     use crate::arch::{rdmsr, wrmsr};
     const EFER_NXE: u64 = 1 << 11;
     let pages = core_state::PAGES[index].0.get();
-    // SAFETY: EFER exists in long mode; SVME is allowed (VM_CR.SVMDIS clear, probed) and
-    // NXE only adds the NX bit to page-table formats our own tables do not use.
+    // EFER exists in long mode; SVME is allowed (VM_CR.SVMDIS clear, probed) and NXE only
+    // adds the NX bit to page-table formats our own tables do not use.
+    // SAFETY: as said above, setting SVME and NXE changes no running translation.
     unsafe { wrmsr(x86::msr::IA32_EFER, rdmsr(x86::msr::IA32_EFER) | vmcb::EFER_SVME | EFER_NXE) };
     // SAFETY: this core's own page, 4-KiB aligned, identity-mapped, used by nothing else.
     unsafe { wrmsr(crate::arch::svm::MSR_VM_HSAVE_PA, core::ptr::addr_of!((*pages).hsave) as u64) };
@@ -259,8 +260,9 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
         if report.exits >= 16 {
             return Err(SvmError::CheckFailed);
         }
-        // SAFETY: SVM is on for this core; the VMCB is this core's, its intercepts include
-        // VMRUN, its ASID is not 0 and nested paging maps one page of this core's.
+        // SVM is on for this core; the VMCB is this core's, its intercepts include VMRUN,
+        // its ASID is not 0 and nested paging maps one page of this core's.
+        // SAFETY: a valid VMCB for VMRUN (APM 15.5.1), as said above.
         unsafe { run(&mut regs, vmcb_pa, host_save) };
         let v = &mut p.vmcb;
         report.exits += 1;

@@ -211,8 +211,8 @@ impl crate::vcpu::Vcpu for VmxVcpu {
         let Some(vmcs) = crate::ept::Frames::alloc(frames) else {
             return Err(SetupError { reason: "private region exhausted", detail: None });
         };
-        // SAFETY: a fresh page of this core's private region (identity-mapped); VMX is on
-        // for this core.
+        // A fresh page of this core's private region (identity-mapped); VMX is on here.
+        // SAFETY: the page is this core's alone and VMCLEAR/VMPTRLD take it as a VMCS.
         let loaded = unsafe {
             (vmcs as *mut u32).write(f.revision);
             arch::vmx::vmclear(vmcs).and_then(|()| arch::vmx::vmptrld(vmcs))
