@@ -21,6 +21,23 @@ impl std::fmt::Display for BadWord {
     }
 }
 
+/// The fault injections of `cmdline` aimed at a core (`inject=deaf-core:N...`,
+/// `inject=hung-core:N`) whose N is not a core of a machine of `cpus` cores: the
+/// hypervisor would inject nothing there, and the run would look like a pass of a test that
+/// never happened.
+pub fn injections_past(cmdline: &str, cpus: u32) -> Vec<String> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter(|w| {
+            let Some(rest) = w.strip_prefix("inject=") else { return false };
+            let Some((kind, tail)) = rest.split_once(':') else { return false };
+            let n = tail.split(':').next().and_then(|n| n.parse::<u64>().ok());
+            matches!(kind, "deaf-core" | "hung-core") && n.is_some_and(|n| n >= u64::from(cpus))
+        })
+        .map(String::from)
+        .collect()
+}
+
 /// Every word of `cmdline` the hypervisor would not accept.
 pub fn check(cmdline: &str) -> Vec<BadWord> {
     let mut bad = vec![];
@@ -170,5 +187,13 @@ mod tests {
         );
         assert_eq!(ignored_by_hypervisor("[c0] command line: cpus=2"), None);
         assert_eq!(ignored_by_hypervisor("[alpha@c0] hello"), None);
+    }
+
+    #[test]
+    fn an_injection_past_the_last_core_is_named() {
+        let line = "cpus=4 inject=deaf-core:3:10:0 inject=deaf-core:4 inject=hung-core:9 \
+                    inject=silent-ap inject=hung-core:1";
+        assert_eq!(injections_past(line, 4), ["inject=deaf-core:4", "inject=hung-core:9"]);
+        assert!(injections_past(line, 10).is_empty());
     }
 }

@@ -692,6 +692,16 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
                 .collect()
         }),
     };
+    let past = crate::cmdline::injections_past(&cmdline, machine.cpus);
+    if !past.is_empty() {
+        let e = anyhow::anyhow!(
+            "--cmdline: {} names a core the machine of {} cores does not have: nothing would \
+             be injected",
+            past.join(", "),
+            machine.cpus
+        );
+        return Err(crate::exit::coded(crate::exit::USAGE, e));
+    }
     if let Some((_, c)) = &compiled {
         let (cores, missing) = guests_without_a_core(&c.config, machine.cpus, &cmdline);
         if !missing.is_empty() && !args.allow_missing_cores {
