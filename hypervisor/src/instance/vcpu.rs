@@ -17,6 +17,42 @@ use crate::exits::{ConsoleSink, Event, Field, Vcpu};
 use vmcall_proto::guest::*;
 use vmcall_proto::hypercall::HvError;
 
+/// The `caps::Env` methods that are this core's whatever its guest's state (the inbox
+/// served, host control, the multicast slots of `xcore`): one body for the guest's vCPU and
+/// for the transport of a core whose guest is down, so the two cannot drift apart (a
+/// multicast method left out would fall back silently to `Env`'s ring-message default).
+macro_rules! this_cores_services {
+    () => {
+        fn served(&mut self) {
+            served_now();
+        }
+        fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
+            crate::hostctl::serve(self, ctl)
+        }
+        fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
+            crate::hostctl::answer(self, req, result)
+        }
+        fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
+            crate::instance::xcore::mc_publish(me, req)
+        }
+        fn mc_rung(&mut self, me: usize) -> u64 {
+            crate::instance::xcore::mc_rung(me)
+        }
+        fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
+            crate::instance::xcore::mc_read(from, me)
+        }
+        fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
+            crate::instance::xcore::mc_answer(me, to, word)
+        }
+        fn mc_answered(&mut self, me: usize) -> u64 {
+            crate::instance::xcore::mc_answered(me)
+        }
+        fn mc_line(&mut self, me: usize, from: usize) -> u64 {
+            crate::instance::xcore::mc_line(me, from)
+        }
+    };
+}
+
 /// The guest's vCPU: the backend's `hw` and what the instance gives it.
 pub(super) struct GuestVcpu<'a, B: crate::vcpu::Vcpu> {
     pub(super) hw: B,
@@ -105,33 +141,7 @@ impl<B: crate::vcpu::Vcpu> crate::caps::Env for GuestVcpu<'_, B> {
         let sp = unsafe { &mut *(self.status as *mut StatusPage) };
         sp.links[pos].word &= !1;
     }
-    fn served(&mut self) {
-        served_now();
-    }
-    fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
-        crate::hostctl::serve(self, ctl)
-    }
-    fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
-        crate::hostctl::answer(self, req, result)
-    }
-    fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
-        crate::instance::xcore::mc_publish(me, req)
-    }
-    fn mc_rung(&mut self, me: usize) -> u64 {
-        crate::instance::xcore::mc_rung(me)
-    }
-    fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
-        crate::instance::xcore::mc_read(from, me)
-    }
-    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
-        crate::instance::xcore::mc_answer(me, to, word)
-    }
-    fn mc_answered(&mut self, me: usize) -> u64 {
-        crate::instance::xcore::mc_answered(me)
-    }
-    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
-        crate::instance::xcore::mc_line(me, from)
-    }
+    this_cores_services!();
 }
 
 pub(super) struct Console<'a> {
@@ -176,31 +186,5 @@ impl crate::caps::Env for crate::instance::xcore::Link {
     fn relax(&mut self) {
         arch::pause();
     }
-    fn served(&mut self) {
-        served_now();
-    }
-    fn host_serve(&mut self, ctl: &mut crate::caps::control::Control) {
-        crate::hostctl::serve(self, ctl)
-    }
-    fn host_answer(&mut self, req: u32, result: Result<u64, HvError>) {
-        crate::hostctl::answer(self, req, result)
-    }
-    fn mc_publish(&mut self, me: usize, req: &crate::caps::mcast::Request) -> bool {
-        crate::instance::xcore::mc_publish(me, req)
-    }
-    fn mc_rung(&mut self, me: usize) -> u64 {
-        crate::instance::xcore::mc_rung(me)
-    }
-    fn mc_read(&mut self, from: usize, me: usize) -> Option<crate::caps::mcast::Request> {
-        crate::instance::xcore::mc_read(from, me)
-    }
-    fn mc_answer(&mut self, me: usize, to: usize, word: u64) {
-        crate::instance::xcore::mc_answer(me, to, word)
-    }
-    fn mc_answered(&mut self, me: usize) -> u64 {
-        crate::instance::xcore::mc_answered(me)
-    }
-    fn mc_line(&mut self, me: usize, from: usize) -> u64 {
-        crate::instance::xcore::mc_line(me, from)
-    }
+    this_cores_services!();
 }
