@@ -6,6 +6,8 @@
 //! found busy when started again, restarted; `brief` (hello) is found exited and refused a
 //! start; an unknown guest is refused and a malformed line answered `error`; then the
 //! `cargo xtask ctl` binary pauses and resumes the whole machine and checks exit codes. The
+//! relay drops a client that sends requests and reads no answer while the others are
+//! served (each answer within 30 s, the drop within 60 s). The
 //! report lists every request as from the host, and `server`'s incarnations say they were
 //! stopped from the host. A second, short boot without `host_control` refuses requests.
 //! Every wait has a deadline.
@@ -117,6 +119,34 @@ fn the_host_queries_stops_starts_and_restarts_guests_and_pauses_the_machine() {
     assert_eq!(ctl(&["query", "nobody"]).0, Some(4), "refused");
     assert_eq!(ctl(&["frobnicate", "server"]).0, Some(2), "usage");
     assert_eq!(ctl(&["stop"]).0, Some(2), "usage: no guest");
+    // A client that pipelines requests and reads no answer: dropped, while the others are
+    // answered by the machine as before.
+    let hog = std::os::unix::net::UnixStream::connect(dir.join(xtask::hostctl::SOCKET))
+        .expect("the control socket");
+    hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (done, dropped) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let burst = b"500 query server\n".repeat(1000);
+        for _ in 0..2000 {
+            if let Err(e) = std::io::Write::write_all(&mut &hog, &burst) {
+                let _ = done.send(e.kind());
+                return;
+            }
+        }
+    });
+    for i in 20..23 {
+        let t = Instant::now();
+        let a = ask(&dir, &format!("{i} query server"));
+        assert!(a.starts_with(&format!("{i} ok state=running n=3")), "{a}");
+        assert!(t.elapsed() < Duration::from_secs(30), "answered in {:?}", t.elapsed());
+    }
+    let kind = dropped.recv_timeout(Duration::from_secs(60)).expect("the hog was dropped");
+    assert!(
+        matches!(kind, std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset),
+        "{kind:?}"
+    );
+    writer.join().unwrap();
+
     let emulator = RunInfo::read(&dir).unwrap().emulator_pid;
     let state = || {
         std::fs::read_to_string(format!("/proc/{emulator}/stat"))
