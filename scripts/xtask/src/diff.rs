@@ -163,7 +163,7 @@ pub fn warnings(a: &Report, b: &Report) -> Vec<String> {
         outcomes.push(format!("run {} vs {}", a.outcome, b.outcome));
     }
     let end = |g: &GuestReport| match g.state.as_str() {
-        "exited" => format!("exited {}", g.exit_status),
+        "exited" => format!("exited {}", crate::report::status_text(g.exit_status)),
         s => s.to_string(),
     };
     for ga in &a.guests {
@@ -240,10 +240,12 @@ pub fn rows(a: &Report, b: &Report) -> Vec<Row> {
         }
         let state = |g: Option<&GuestReport>| g.map(|g| g.state.clone());
         out.push(text_row(Kind::Outcome, f("state"), state(ga).as_deref(), state(gb).as_deref()));
+        // A status is a code, not a quantity: shown as the summary shows it, no B - A.
         let status = |g: Option<&GuestReport>| {
-            g.filter(|g| g.state == "exited").map(|g| g.exit_status as f64)
+            g.filter(|g| g.state == "exited").map(|g| crate::report::status_text(g.exit_status))
         };
-        out.push(num_row(Kind::Outcome, f("exit_status"), status(ga), status(gb)));
+        let (sa, sb) = (status(ga), status(gb));
+        out.push(text_row(Kind::Outcome, f("exit_status"), sa.as_deref(), sb.as_deref()));
         out.push(num_row(
             Kind::Figures,
             f("hypercalls"),
@@ -466,7 +468,7 @@ mod tests {
     fn different_kernels_configs_and_outcomes_are_rows_and_warnings() {
         let a = with_kernels(report(A), vec![kernel("builtin", None, "ab", &["alpha"])]);
         let b_text =
-            A.replace("exit_status=0", "exit_status=3").replace("outcome=ok", "outcome=failed");
+            A.replace("exit_status=0", "exit_status=57005").replace("outcome=ok", "outcome=failed");
         let mut b =
             with_kernels(report(&b_text), vec![kernel("file", Some("k.elf"), "cd", &["alpha"])]);
         // (Reports of records without core records say `failed`: set the outcomes.)
@@ -484,6 +486,12 @@ mod tests {
             (row.a.as_deref(), row.b.as_deref(), row.kind),
             (Some("builtin abababababab"), Some("file k.elf cdcdcdcdcdcd"), Kind::Kernels)
         );
+        // A status reads as the summary prints it (hex above 255), with no B - A.
+        let row = rows.iter().find(|r| r.figure == "alpha.exit_status").expect("a status row");
+        assert_eq!(
+            (row.a.as_deref(), row.b.as_deref(), row.delta),
+            (Some("0"), Some("0xdead"), None)
+        );
         let text = warnings.join("\n");
         assert!(
             text.contains("the configs differ: A no config, B b.toml (sha256 efefefefefef)"),
@@ -496,7 +504,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("the outcomes differ: run ok vs failed; alpha exited 0 vs exited 3"),
+            text.contains("the outcomes differ: run ok vs failed; alpha exited 0 vs exited 0xdead"),
             "{text}"
         );
         // Each kind counts on its own; `none` never does.

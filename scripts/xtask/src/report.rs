@@ -337,6 +337,16 @@ pub struct Tsc {
 
 /// Removes terminal control sequences (GRUB clears the screen on the serial console) and
 /// carriage returns (`anstream`'s escape-sequence parser).
+/// A guest's exit status as every view prints it (the summary, its incarnations, `top`,
+/// `report diff`): decimal up to 255, hex above, as guests write large ones (a panic exits
+/// `0xdead`, see docs/guests.md). The JSON keeps the number.
+pub fn status_text(status: u64) -> String {
+    match status {
+        0..=255 => status.to_string(),
+        s => format!("{s:#x}"),
+    }
+}
+
 pub fn strip_ansi(s: &str) -> String {
     anstream::adapter::strip_str(s).to_string().replace('\r', "")
 }
@@ -1096,6 +1106,14 @@ mkvisor: GRUB is loading the hypervisor
             c.feed(l);
         }
         c
+    }
+
+    #[test]
+    fn exit_statuses_print_in_decimal_up_to_255_and_in_hex_above() {
+        assert_eq!(status_text(0), "0");
+        assert_eq!(status_text(255), "255");
+        assert_eq!(status_text(256), "0x100");
+        assert_eq!(status_text(0xdead), "0xdead");
     }
 
     #[test]

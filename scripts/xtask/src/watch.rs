@@ -310,7 +310,7 @@ pub fn guest_rows(c: &Console) -> Vec<GuestRow> {
             let started = c.starts.get(name).map_or(0, |s| s.0);
             let incarnation = started.max(ended.last().map_or(0, |i| i.n));
             let ending = |ending: &str, status: Option<u64>, fault: Option<&str>| match ending {
-                "exited" => format!("exited {}", status.unwrap_or(0)),
+                "exited" => format!("exited {}", crate::report::status_text(status.unwrap_or(0))),
                 "stopped" => format!("stopped: {}", fault.unwrap_or("")),
                 other => other.to_string(),
             };
