@@ -13,11 +13,18 @@ use vmcall_proto::config::{MAX_PROBE_MS, MIN_PROBE_MS};
 pub struct BadWord {
     pub word: String,
     pub why: &'static str,
+    /// Its number has more digits than 64 bits hold (then `why` is still the option's own
+    /// range, which says what would do).
+    pub too_large: bool,
 }
 
 impl std::fmt::Display for BadWord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "`{}`: {}", self.word, self.why)
+        if self.too_large {
+            write!(f, "`{}`: the number is too large (over 64 bits); {}", self.word, self.why)
+        } else {
+            write!(f, "`{}`: {}", self.word, self.why)
+        }
     }
 }
 
@@ -47,9 +54,6 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
         let too_large =
             n.is_none() && !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
         let why = match key {
-            _ if too_large && key != "inject" && key != "revoke" => {
-                Some("N is too large (at most 18446744073709551615, and each option's range)")
-            }
             "host_control" if value.is_empty() || value == "1" => None,
             "host_control" => Some("expected host_control or host_control=1"),
             "cpus" if n.is_some_and(|n| n >= 1) => None,
@@ -100,7 +104,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             ),
         };
         if let Some(why) = why {
-            bad.push(BadWord { word: word.to_string(), why });
+            let too_large = too_large && !why.starts_with("unknown option");
+            bad.push(BadWord { word: word.to_string(), why, too_large });
         }
     }
     bad
@@ -173,6 +178,14 @@ mod tests {
             ["probe_ms=1", "probe_ms=11", "probe_ms=10001"]
         );
         assert!(check("probe_ms=2")[0].why.contains("longest stretch away from the inbox"));
+        // A number past 64 bits: said, with the option's own range.
+        let b = &check("budget_ms=99999999999999999999")[0];
+        assert_eq!(
+            b.to_string(),
+            "`budget_ms=99999999999999999999`: the number is too large (over 64 bits); \
+             expected budget_ms=N with N >= 1"
+        );
+        assert!(!check("frob=99999999999999999999")[0].too_large);
         let b = &check("cpus=2 frob")[0];
         assert_eq!(b.word, "frob");
         assert!(b.to_string().starts_with("`frob`: unknown option"), "{b}");
