@@ -38,7 +38,6 @@ pub fn images_with(debug: bool, progress: bool) -> Result<Images> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::workspace_root()).args([
         "build",
-        "--quiet",
         "-p",
         "hypervisor",
         "-p",
@@ -49,7 +48,18 @@ pub fn images_with(debug: bool, progress: bool) -> Result<Images> {
     if !debug {
         cmd.arg("--release");
     }
-    let status = if progress {
+    // Cargo says what it does under -v (-vv: cargo's own -v), else nothing but errors.
+    match crate::exit::verbosity() {
+        ..=0 => {
+            cmd.arg("--quiet");
+        }
+        1 => {}
+        _ => {
+            cmd.arg("-v");
+        }
+    }
+    crate::exit::running(&cmd);
+    let status = if progress && crate::exit::verbosity() == 0 {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(
             indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
@@ -136,12 +146,10 @@ pub fn iso(images: &Images, dir: &Path, cmdline: &str, config: Option<&[u8]>) ->
     let cfg = grub_cfg(cmdline, config.is_some(), images.kernels.len());
     std::fs::write(boot.join("grub/grub.cfg"), cfg)?;
     let iso = dir.join("mkvisor.iso");
-    let out = Command::new("grub-mkrescue")
-        .arg("-o")
-        .arg(&iso)
-        .arg(&tree)
-        .output()
-        .context("cannot run grub-mkrescue")?;
+    let mut mkrescue = Command::new("grub-mkrescue");
+    mkrescue.arg("-o").arg(&iso).arg(&tree);
+    crate::exit::running(&mkrescue);
+    let out = mkrescue.output().context("cannot run grub-mkrescue")?;
     if !out.status.success() {
         bail!("grub-mkrescue failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }

@@ -18,6 +18,18 @@ pub struct Cli {
     /// cargo's `--color`.
     #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
     pub color: ColorWhen,
+    /// Say more, as cargo's `-v`: each program the command starts (cargo, the emulator,
+    /// grub-mkrescue, apt-get, rustup) as a shell line before it starts it, and cargo's own
+    /// build output instead of a progress line; `-vv` also makes that cargo verbose and
+    /// streams a run's machine records (as `run --records`).
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Say less, as cargo's `-q`: no progress line and no notes of the tool's own (the run
+    /// folder, files written, what `clean` freed); `run` and `check` do not stream the
+    /// console either. Results (a summary, a table, JSON), warnings and errors are printed
+    /// all the same.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
 }
 
 /// The command line's definition with every command's `Exit codes:` table
@@ -566,8 +578,9 @@ pub struct RunArgs {
     /// Also draw the run's figures (see `cargo xtask plot`) next to the report.
     #[arg(long, requires = "report")]
     pub plot: bool,
-    /// Do not stream the console (the report and the saved log still have everything).
-    #[arg(long, short = 'q')]
+    /// Do not stream the console (the report and the saved log still have everything):
+    /// the global `-q`/`--quiet`.
+    #[arg(skip)]
     pub quiet: bool,
     /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
     /// the streamed console; by default it shows the guests' and the hypervisor's own lines
@@ -806,6 +819,47 @@ mod tests {
         }
         let top = command().try_get_matches_from(["cargo xtask", "--help"]).unwrap_err();
         assert!(top.to_string().contains("130  interrupted"), "{top}");
+    }
+
+    #[test]
+    fn verbose_and_quiet_are_cargo_s_on_every_command() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["cargo xtask"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        for name in subcommands() {
+            let mut words: Vec<&str> = name.split(' ').collect();
+            // The arguments a command needs before it parses.
+            let needs: &[&str] = match name.as_str() {
+                "new-guest" => &["d"],
+                "plot" => &["f.json"],
+                "report diff" => &["a.json", "b.json"],
+                "ctl" => &["1", "query", "w1"],
+                "bench" | "report" => continue,
+                _ => &[],
+            };
+            words.extend_from_slice(needs);
+            let cases: [(&[&str], (bool, u8)); 5] = [
+                (&["-q"], (true, 0)),
+                (&["--quiet"], (true, 0)),
+                (&["-v"], (false, 1)),
+                (&["-vv"], (false, 2)),
+                (&["--verbose", "--verbose"], (false, 2)),
+            ];
+            for (flags, want) in cases {
+                let mut args = words.clone();
+                args.extend_from_slice(flags);
+                let cli = parse(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                assert_eq!((cli.quiet, cli.verbose), want, "{args:?}");
+            }
+            let mut args = words.clone();
+            args.extend_from_slice(&["-q", "-v"]);
+            assert!(parse(&args).is_err(), "{args:?}: -q with -v");
+        }
+        // Before the command too.
+        assert!(parse(&["-q", "run"]).unwrap().quiet);
+        assert_eq!(parse(&["-vv", "check"]).unwrap().verbose, 2);
     }
 
     #[test]

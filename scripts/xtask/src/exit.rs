@@ -2,11 +2,13 @@
 //! Exit codes of `cargo xtask`, one per way a command can end, the codes each subcommand can
 //! end with (the one source of every `--help`'s table and of docs/running.md's), the error
 //! type that carries a code other than the generic one up to `main`, and the one way errors
-//! and warnings are printed (`error: ...`, `warning: ...`, as cargo and clap print them).
+//! and warnings are printed (`error: ...`, `warning: ...`, as cargo and clap print them),
+//! and how much else the tool says (`-q`, `-v`: [`verbosity`], [`note`], [`running`]).
 //! Calls nothing of ours.
 
 use std::fmt;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI8, Ordering};
 
 /// The run succeeded (or the command did what it was asked).
 pub const OK: u8 = 0;
@@ -63,7 +65,14 @@ pub const BY_COMMAND: &[(&str, &[(u8, &str)])] = &[
     ("run", RUN),
     (
         "check",
-        &[(OK, "`run` would boot this"), (USAGE, ""), (CONFIG, ""), (REPORT_PATH, ""), (ERROR, "")],
+        &[
+            (OK, "`run` would boot this"),
+            (USAGE, ""),
+            (CONFIG, ""),
+            (REFUSED, "the emulator cannot run this machine (qemu-kvm without nested VMX)"),
+            (REPORT_PATH, ""),
+            (ERROR, ""),
+        ],
     ),
     (
         "test",
@@ -224,6 +233,52 @@ pub fn warn(message: impl fmt::Display) {
     eprintln!("warning: {message}");
 }
 
+/// How much the tool says of its own: -1 under `-q`, 0 by default, 1 under `-v`, 2 under
+/// `-vv` (as cargo's flags). Set once by `main`.
+static VERBOSITY: AtomicI8 = AtomicI8::new(0);
+
+/// Sets [`verbosity`] from `-q` and the count of `-v`.
+pub fn set_verbosity(quiet: bool, verbose: u8) {
+    let v = if quiet { -1 } else { verbose.min(2) as i8 };
+    VERBOSITY.store(v, Ordering::Relaxed);
+}
+
+/// -1 (`-q`), 0, 1 (`-v`) or 2 (`-vv`).
+pub fn verbosity() -> i8 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+/// A line of the tool's own about what it did (a folder, a file written, a phase) on
+/// stderr; not under `-q`. Results, warnings and errors are printed whatever the level.
+pub fn note(message: impl fmt::Display) {
+    if verbosity() >= 0 {
+        eprintln!("{message}");
+    }
+}
+
+/// `word` as a POSIX shell reads it back: as it is when made only of characters no shell
+/// treats specially, else in single quotes (a `'` inside as `'\''`).
+pub fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// Under `-v`: the command about to be run, as a shell line, as cargo prints its own
+/// (`     Running `...``).
+pub fn running(c: &std::process::Command) {
+    if verbosity() >= 1 {
+        let words = std::iter::once(c.get_program())
+            .chain(c.get_args())
+            .map(|w| shell_quote(&w.to_string_lossy()))
+            .collect::<Vec<_>>();
+        eprintln!("     Running `{}`", words.join(" "));
+    }
+}
+
 /// The exit code of a finished run with this report outcome.
 pub fn for_outcome(outcome: &str) -> u8 {
     match outcome {
@@ -269,6 +324,14 @@ pub fn report_error(e: &anyhow::Error) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_quoting_reads_back() {
+        assert_eq!(shell_quote("configs/a.toml"), "configs/a.toml");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
 
     #[test]
     fn codes_are_distinct() {

@@ -140,7 +140,7 @@ pub fn guest_build(manifest: &Path, debug: bool) -> Command {
         "-Clink-arg=--no-dynamic-linker".to_string(),
     ];
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--quiet", "--message-format=json-render-diagnostics", "--target"])
+    cmd.args(["build", "--message-format=json-render-diagnostics", "--target"])
         .arg(crate::TARGET)
         .arg("--manifest-path")
         .arg(manifest)
@@ -150,16 +150,25 @@ pub fn guest_build(manifest: &Path, debug: bool) -> Command {
     if !debug {
         cmd.arg("--release");
     }
+    // Cargo's own lines as for the images (`build::images_with`): none, unless -v.
+    match crate::exit::verbosity() {
+        ..=0 => {
+            cmd.arg("--quiet");
+        }
+        1 => {}
+        _ => {
+            cmd.arg("-v");
+        }
+    }
     cmd
 }
 
 /// Builds the guest crate at `dir`; returns its ELF.
 pub fn build_crate(dir: &Path, debug: bool) -> Result<PathBuf> {
     let manifest = dir.join("Cargo.toml");
-    let out = guest_build(&manifest, debug)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run cargo")?;
+    let mut cmd = guest_build(&manifest, debug);
+    crate::exit::running(&cmd);
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cannot run cargo")?;
     if !out.status.success() {
         bail!("building the guest crate {} failed", dir.display());
     }

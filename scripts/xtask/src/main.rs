@@ -11,6 +11,12 @@ fn cargo() -> Command {
     c
 }
 
+/// Runs a step of `test`, shown first under -v.
+fn step(c: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    xtask::exit::running(c);
+    c.status()
+}
+
 fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     xtask::setup::ensure_rust_target()?;
     xtask::setup::ensure_rust_components()?;
@@ -46,7 +52,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
         ],
     ];
     for l in lints {
-        if !cargo().args(l).status()?.success() {
+        if !step(cargo().args(l))?.success() {
             eprintln!("error: test: `cargo {}` failed", l.join(" "));
             return Ok(false);
         }
@@ -57,37 +63,43 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
         return Ok(false);
     }
     // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
-    let host = cargo()
-        .args([
-            "test",
-            "-p",
-            "vmcall-proto",
-            "-p",
-            "xtask",
-            "-p",
-            "hypervisor",
-            "-p",
-            "guestkernel",
-        ])
-        .status()?;
+    let host = step(cargo().args([
+        "test",
+        "-p",
+        "vmcall-proto",
+        "-p",
+        "xtask",
+        "-p",
+        "hypervisor",
+        "-p",
+        "guestkernel",
+    ]))?;
     if !host.success() {
         return Ok(false);
     }
     // The channel ring's memory ordering, model-checked with loom (own target dir: the
     // cfg changes every dependency's build).
-    let loom = cargo()
-        .args(["test", "-q", "-p", "vmcall-proto", "--release", "--lib", "loom_tests"])
-        .env("RUSTFLAGS", "--cfg loom")
-        .env("CARGO_TARGET_DIR", xtask::target_dir().join("loom"))
-        .status()?;
+    let loom = step(
+        cargo()
+            .args(["test", "-q", "-p", "vmcall-proto", "--release", "--lib", "loom_tests"])
+            .env("RUSTFLAGS", "--cfg loom")
+            .env("CARGO_TARGET_DIR", xtask::target_dir().join("loom")),
+    )?;
     if !loom.success() {
         return Ok(false);
     }
     // The cross-core capability protocol, model-checked with stateright on the
     // hypervisor's own code, in release (about a million states; under a minute).
-    let model = cargo()
-        .args(["test", "-q", "-p", "hypervisor", "--release", "caps::model", "--", "--nocapture"])
-        .status()?;
+    let model = step(cargo().args([
+        "test",
+        "-q",
+        "-p",
+        "hypervisor",
+        "--release",
+        "caps::model",
+        "--",
+        "--nocapture",
+    ]))?;
     if !model.success() || args.host_only {
         return Ok(model.success());
     }
@@ -99,7 +111,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
     ])?;
     // Build once up front so the parallel system tests do not all wait on cargo's lock.
     xtask::build::images(false)?;
-    let system = cargo().args(["test", "-p", "systests", "--", "--test-threads=2"]).status()?;
+    let system = step(cargo().args(["test", "-p", "systests", "--", "--test-threads=2"]))?;
     if !system.success() {
         return Ok(false);
     }
@@ -109,8 +121,15 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = xtask::cli::parse();
+    let mut cli: Cli = xtask::cli::parse();
     cli.color.apply();
+    xtask::exit::set_verbosity(cli.quiet, cli.verbose);
+    // `run` and `check` take them as their own: -q does not stream the console, -vv
+    // streams the machine records too.
+    if let Cmd::Run(r) | Cmd::Check(xtask::cli::CheckArgs { run: r, .. }) = &mut cli.command {
+        r.quiet = cli.quiet;
+        r.records |= cli.verbose >= 2;
+    }
     let result = match &cli.command {
         Cmd::Setup => xtask::setup::all().map(|_| true),
         Cmd::Build(b) => (|| {

@@ -205,16 +205,8 @@ pub fn collect(config_path: Option<&Path>) -> Meta {
     }
 }
 
-/// `word` as a POSIX shell reads it back: as it is when made only of characters no shell
-/// treats specially, else in single quotes (a `'` inside as `'\''`).
-pub fn shell_quote(word: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
-    if !word.is_empty() && word.chars().all(plain) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
-    }
-}
+/// `word` as a POSIX shell reads it back (kept in `exit`, which prints commands too).
+pub use crate::exit::shell_quote;
 
 /// The process's arguments as one shell line; the tool itself (started by cargo's alias
 /// as `target/.../xtask`) as `cargo xtask`.

@@ -89,12 +89,12 @@ pub fn clean(keep: usize) -> Result<()> {
     let before = tree_bytes(&runs_root());
     let removed = prune_runs(&runs_root(), keep)?;
     let freed = before.saturating_sub(tree_bytes(&runs_root()));
-    eprintln!(
+    crate::exit::note(format_args!(
         "xtask clean: removed {} run folder(s) under {}, {:.1} MiB freed",
         removed.len(),
         runs_root().display(),
         freed as f64 / (1 << 20) as f64
-    );
+    ));
     Ok(())
 }
 
@@ -461,6 +461,7 @@ fn spawn(
                 .map_err(std::io::Error::from)
         });
     }
+    crate::exit::running(&cmd);
     EmulatorProcess::start(cmd).with_context(|| format!("cannot start {}", args.emulator.name()))
 }
 
@@ -601,8 +602,11 @@ impl<O: Write, E: Write> Printer<O, E> {
         m
     }
 
-    /// A line of the tool's own on stderr (above the progress line).
+    /// A line of the tool's own on stderr (above the progress line); not under `-q`.
     fn note(&mut self, text: &str) {
+        if crate::exit::verbosity() < 0 {
+            return;
+        }
         match &self.bar {
             Some(b) => b.suspend(|| writeln!(self.err, "{text}")),
             None => writeln!(self.err, "{text}"),
@@ -707,6 +711,9 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         if !missing.is_empty() && !args.allow_missing_cores {
             let list: Vec<String> =
                 missing.iter().map(|(g, core)| format!("`{g}` on core {core}")).collect();
+            // Where the first of them is in the config (file, line, column, field).
+            let first =
+                c.config.guests.iter().enumerate().find(|(_, g)| *g.core.get_ref() >= cores);
             let e = anyhow::anyhow!(
                 "the machine has {cores} cores (--cpus or machine.cpus, capped by any cpus=N) but \
                  the config runs {}; give --cpus {} or more, \
@@ -715,6 +722,13 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
                 list.join(", "),
                 missing.iter().map(|(_, core)| core + 1).max().unwrap_or(cores)
             );
+            let e = match first {
+                Some((i, g)) => {
+                    let at = c.error_at(g.core.span(), format!("guest[{i}].core"), "");
+                    e.context(format!("{}:{}:{}: {}", at.file, at.line, at.column, at.field))
+                }
+                None => e,
+            };
             return Err(crate::exit::coded(crate::exit::USAGE, e));
         }
     }
@@ -839,7 +853,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         kernels,
         ..crate::build::images_with(
             args.build.debug,
-            !args.quiet && std::io::stderr().is_terminal(),
+            !args.quiet && crate::exit::verbosity() == 0 && std::io::stderr().is_terminal(),
         )?
     };
     let dir = run_dir(&format!("{}-{}cpu", args.emulator.name(), machine.cpus))?;
@@ -1123,7 +1137,7 @@ pub fn command(args: &RunArgs, plot: Plotter) -> std::process::ExitCode {
                 match plot(std::slice::from_ref(path), None) {
                     Ok(written) => {
                         for w in written {
-                            eprintln!("  plot: {}", w.display());
+                            crate::exit::note(format_args!("  plot: {}", w.display()));
                         }
                     }
                     Err(e) => crate::exit::warn(format_args!("no plot: {e:#}")),
@@ -1170,11 +1184,10 @@ pub fn summary(r: &Report) -> String {
             g.name,
             g.core,
             g.state,
-            // Large statuses in hex too, as guests write them (`exit(0xdead)`).
-            match g.exit_status {
-                _ if g.state != "exited" => "-".into(),
-                s @ 0..=255 => s.to_string(),
-                s => format!("{s}={s:#x}"),
+            if g.state == "exited" {
+                crate::report::status_text(g.exit_status)
+            } else {
+                "-".into()
             },
             exits.join(" ")
         );
@@ -1206,7 +1219,7 @@ pub fn summary(r: &Report) -> String {
                     continue;
                 }
                 let how = match (&i.exit_status, &i.fault) {
-                    (Some(st), _) => format!("exited {st}"),
+                    (Some(st), _) => format!("exited {}", crate::report::status_text(*st)),
                     (None, Some(f)) => format!("stopped: {f}"),
                     (None, None) => i.ending.clone(),
                 };
@@ -1290,6 +1303,26 @@ mod tests {
         r.emulator = "qemu".into();
         r.tsc_unit = crate::report::tsc_unit("qemu").into();
         assert!(summary(&r).contains("50 (TSC clock ticks, not instructions)"), "{}", summary(&r));
+    }
+
+    #[test]
+    fn the_summary_prints_large_exit_statuses_in_hex_everywhere() {
+        let mut c = Console::default();
+        let inc = |n: u32, status: u64| {
+            format!("#mkv incarnation guest=a n={n} ending=exited exit_status={status} fault=\"\" tsc_start=100 tsc_first_entry=110 tsc_end=300 frames_at_start=9 caps_revoked=0 caps_unconfirmed=0 caps_dropped=0")
+        };
+        for l in [
+            "#mkv boot abi=1 tsc=100 cmdline=\"\"".to_string(),
+            inc(1, 57005),
+            inc(2, 3),
+            "#mkv guest index=0 name=a core=0 state=exited exit_status=57005 exits=\"\" fault=\"\" hypercalls=1 tsc_first_entry=110 tsc_end=300 incarnations=2".into(),
+        ] {
+            c.feed(&l);
+        }
+        let text = summary(&crate::report::for_tests(&mut c));
+        assert!(text.contains("status 0xdead"), "{text}");
+        assert!(text.contains("exited 0xdead") && text.contains("exited 3"), "{text}");
+        assert!(!text.contains("57005"), "{text}");
     }
 
     #[test]

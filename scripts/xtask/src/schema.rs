@@ -65,7 +65,7 @@ pub fn command(which: Which, update: bool) -> Result<()> {
             let path = crate::workspace_root().join(file);
             std::fs::create_dir_all(path.parent().expect("schemas/"))?;
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
+            crate::exit::note(format_args!("wrote {}", path.display()));
         }
     } else {
         print!("{}", if which == Which::Config { config_schema() } else { report_schema() });

@@ -50,6 +50,7 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
+    crate::exit::running(cmd);
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
@@ -77,7 +78,7 @@ pub fn ensure_packages(sets: &[&[Package]]) -> Result<()> {
         return Ok(());
     }
     for p in &missing {
-        eprintln!("setup: installing {} ({})", p.name, p.why);
+        crate::exit::note(format_args!("setup: installing {} ({})", p.name, p.why));
     }
     let root = nix::unistd::geteuid().is_root();
     let apt = |args: &[&str]| {
@@ -131,7 +132,9 @@ pub fn ensure_rust_components() -> Result<()> {
     let have = String::from_utf8_lossy(&out.stdout).into_owned();
     for c in ["rustfmt", "clippy"] {
         if !have.lines().any(|l| l.starts_with(c)) {
-            eprintln!("setup: installing Rust component {c} (cargo xtask test lints with it)");
+            crate::exit::note(format_args!(
+                "setup: installing Rust component {c} (cargo xtask test lints with it)"
+            ));
             run(Command::new("rustup").args(["component", "add", c]).current_dir(&root))?;
         }
     }
@@ -143,6 +146,6 @@ pub fn all() -> Result<()> {
     ensure_rust_target()?;
     ensure_rust_components()?;
     ensure_packages(&[BUILD, BOCHS, QEMU, TEST])?;
-    eprintln!("setup: everything is in place");
+    crate::exit::note("setup: everything is in place");
     Ok(())
 }
