@@ -583,8 +583,8 @@ pub struct RunArgs {
     #[arg(skip)]
     pub quiet: bool,
     /// Also show the machine records (`#mkv ...` lines, `--trace` records among them) on
-    /// the streamed console; by default it shows the guests' and the hypervisor's own lines
-    /// only (the report and the serial log keep everything).
+    /// the streamed console (also `-vv`); by default it shows the guests' and the
+    /// hypervisor's own lines only (the report and the serial log keep everything).
     #[arg(long)]
     pub records: bool,
     /// Boot even when the machine (`--cpus`, `cpus=N`) has fewer cores than the config's

@@ -538,6 +538,8 @@ pub struct Console {
     incarnations: BTreeMap<String, Vec<IncarnationReport>>,
     /// Guests heard from on the console (a `[name@cN]` line).
     heard: std::collections::BTreeSet<String>,
+    /// The hypervisor's first `ERROR` line (`[cN] ERROR ...`), its words only.
+    first_error: Option<String>,
     /// Each guest's latest start (`start` record): incarnation and core, by guest name.
     pub starts: BTreeMap<String, (u32, u32)>,
     /// Each guest's latest live figures (`stats` records, `stats_ms=N`), by guest name.
@@ -590,6 +592,8 @@ impl Console {
                     if !self.heard.contains(g) {
                         self.heard.insert(g.to_string());
                     }
+                } else if line.starts_with("[c") && self.first_error.is_none() {
+                    self.first_error = line.split_once("] ERROR ").map(|(_, e)| e.to_string());
                 }
                 return false;
             }
@@ -905,8 +909,20 @@ impl Console {
     /// `unknown`. (A controller may still have started a guest again: not followed.)
     pub fn account_for(&mut self, planned: &[Planned]) {
         let refused = self.end_outcome.as_deref() == Some(outcome::REFUSED);
-        if !self.guests.is_empty() || (self.end_outcome.is_some() && !refused) {
+        // A run the hypervisor ended without a word of any guest (the SVM backend, which
+        // starts none yet): they are `not_started`, with its reason, not left out.
+        let none_started = self.end_outcome.as_deref() == Some(outcome::FAILED)
+            && self.incarnations.is_empty()
+            && self.starts.is_empty()
+            && self.heard.is_empty();
+        if !self.guests.is_empty() || (self.end_outcome.is_some() && !refused && !none_started) {
             return;
+        }
+        if none_started && !refused && !planned.is_empty() {
+            self.problems.push(format!(
+                "the hypervisor ended the run without starting any guest{}",
+                self.first_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            ));
         }
         for p in planned {
             let incarnations = self.incarnations.remove(&p.name).unwrap_or_default();
@@ -937,6 +953,12 @@ impl Console {
                     "the hypervisor refused to run: this machine lacks {}",
                     self.missing.as_deref().unwrap_or("something it did not name")
                 ));
+            } else if none_started {
+                g.state = guest_state::NOT_STARTED.into();
+                g.fault = Some(match &self.first_error {
+                    Some(e) => format!("the hypervisor started no guest: {e}"),
+                    None => "the hypervisor ended the run without starting it".into(),
+                });
             } else if let Some(last) = g.incarnations.last().cloned() {
                 let failed = last.ending != guest_state::EXITED || last.exit_status != Some(0);
                 let policy = match p.restart.as_str() {
@@ -1399,6 +1421,32 @@ mkvisor: GRUB is loading the hypervisor
                 Some("the hypervisor refused to run: this machine lacks VT-x (CPUID.01H:ECX.VMX[bit 5] is 0)")
             );
         }
+    }
+
+    #[test]
+    fn a_run_ended_before_any_guest_started_lists_them_not_started_with_the_reason() {
+        // What the SVM backend does today (QEMU's `max` CPU): cores up, no guest started.
+        let mut c = feed(
+            "#mkv boot abi=1 tsc=5\n#mkv core index=0 apic=0 state=up vmx=on reason=\"\"\n\
+             [c0] ERROR the SVM backend runs its world-switch check only. Guests not started.\n\
+             #mkv end outcome=failed tsc=9\n",
+        );
+        c.account_for(&[plan("alpha", 0, "never", 0), plan("beta", 1, "always", 3)]);
+        let states: Vec<(&str, &str)> =
+            c.guests.iter().map(|g| (g.name.as_str(), g.state.as_str())).collect();
+        assert_eq!(states, [("alpha", "not_started"), ("beta", "not_started")]);
+        assert_eq!(
+            c.guests[0].fault.as_deref(),
+            Some(
+                "the hypervisor started no guest: the SVM backend runs its world-switch check \
+                 only. Guests not started."
+            )
+        );
+        assert!(c.problems.iter().any(|p| p.starts_with("the hypervisor ended the run without")));
+        // A failed run whose guests did start is the hypervisor's to report.
+        let mut c = feed("#mkv boot abi=1 tsc=5\n#mkv start guest=alpha n=1 core=0\n#mkv end outcome=failed tsc=9\n");
+        c.account_for(&[plan("alpha", 0, "never", 0)]);
+        assert!(c.guests.is_empty());
     }
 
     #[test]
