@@ -312,7 +312,7 @@ impl Client {
                 Err(_) => self.dead = true,
             }
         }
-        if self.eof && !self.line.iter().any(|&b| b == b'\n') && !self.line.is_empty() {
+        if self.eof && !self.line.contains(&b'\n') && !self.line.is_empty() {
             self.answer(&format!("- {} the line has no end", outcome::ERROR));
             self.line.clear();
         } else if self.since.is_some_and(|t| t.elapsed() > CLIENT_SEND) {
