@@ -32,7 +32,8 @@ fn sigint_kills_the_emulator_and_reports_interrupted() {
     let report = dir.join("interrupted.json");
     let _ = std::fs::remove_file(&report);
     let mut child = Command::new(&bin)
-        .args(["run", "--config", "configs/default.toml", "--quiet", "--timeout", "300"])
+        // Not -q: its phase lines say when the emulator runs (the console goes to null).
+        .args(["run", "--config", "configs/default.toml", "--timeout", "300"])
         .arg("--report")
         .arg(&report)
         .current_dir(xtask::workspace_root())

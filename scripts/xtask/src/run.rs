@@ -631,7 +631,7 @@ impl<O: Write, E: Write> Printer<O, E> {
         self.phase = Some(what.clone());
         if self.bar.is_some() {
             self.redraw();
-        } else {
+        } else if crate::exit::verbosity() >= 0 {
             let t = started.elapsed().as_secs_f64();
             let _ = writeln!(self.err, "[{t:6.1}s] {what}");
         }
