@@ -268,6 +268,10 @@ pub trait Vcpu: Sized {
     /// counts the exits it answers under them.
     const HYPERCALL_CODE: u16;
     const CPUID_CODE: u16;
+    /// What the run loop stores in `percpu::PerCore::vmcs_live` while this vCPU is live:
+    /// 1 (VMX) makes the NMI handler zero the current VMCS's preemption timer; 2 (SVM, no
+    /// VMCS) only marks the kick, which the world switch looks at after CLGI (`arch::idt`).
+    const LIVE: u64;
 
     /// Builds this guest's control structure in frames of `frames` (identity-mapped frames
     /// of this core's private region), with every control the hypervisor's policy needs (the exits listed in
