@@ -47,6 +47,11 @@ const _: () = assert!(core::mem::size_of::<Idt>() == 4096);
 /// the SVM backend).
 pub const HOST_TIMER_VECTOR: u8 = 0xee;
 
+/// Doorbells the host took, one bit per core index (set by the doorbell gate's stub on
+/// that core, taken by its SVM vCPU after each exit).
+#[no_mangle]
+pub static HOST_DOORBELLS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Vectors whose handlers run on the IST stack: NMI (2), #DF (8), #PF (14: a stack
 /// overflow faults on the stack itself), #MC (18).
 const fn uses_ist(vector: usize) -> bool {
@@ -68,6 +73,11 @@ impl Idt {
         // acknowledged and nothing else (the exit it caused already returned to the run
         // loop). Never raised under VT-x, which programs no APIC timer.
         gates[HOST_TIMER_VECTOR as usize] = interrupt_gate(stubs::host_timer(), 0);
+        // A channel doorbell taken by the host (SVM: the guest's interrupts are virtualized,
+        // `svm::vcpu`): marked for this core in [`HOST_DOORBELLS`], acknowledged. Under VT-x
+        // a doorbell reaches the guest's IDT directly and never this gate.
+        gates[vmcall_proto::guest::DOORBELL_VECTOR as usize] =
+            interrupt_gate(stubs::host_doorbell(), 0);
         Idt(gates)
     }
 
@@ -162,6 +172,18 @@ mod stubs {
             pushq %rax
             pushq %rcx
             pushq %rdx
+            jmp host_eoi
+
+        // A doorbell for this core's guest taken by the host (SVM): this core's bit in
+        // HOST_DOORBELLS (gs:[0] is the core index), then the EOI.
+        .global host_doorbell_stub
+        host_doorbell_stub:
+            pushq %rax
+            pushq %rcx
+            pushq %rdx
+            movq %gs:0, %rcx
+            lock btsq %rcx, HOST_DOORBELLS(%rip)
+        host_eoi:
             movl $0x1b, %ecx
             rdmsr
             testl $0x400, %eax
@@ -204,6 +226,7 @@ mod stubs {
         static irq_stubs: u8;
         static nmi_kick_stub: u8;
         static host_timer_stub: u8;
+        static host_doorbell_stub: u8;
     }
 
     pub fn nmi() -> u64 {
@@ -212,6 +235,10 @@ mod stubs {
 
     pub fn host_timer() -> u64 {
         core::ptr::addr_of!(host_timer_stub) as u64
+    }
+
+    pub fn host_doorbell() -> u64 {
+        core::ptr::addr_of!(host_doorbell_stub) as u64
     }
 
     pub fn address(vector: usize) -> u64 {
@@ -236,6 +263,9 @@ mod stubs {
     }
     pub fn host_timer() -> u64 {
         0xffff_8000_0000_0000 | (super::HOST_TIMER_VECTOR as u64) << 4
+    }
+    pub fn host_doorbell() -> u64 {
+        0xffff_8000_0000_0000 | (vmcall_proto::guest::DOORBELL_VECTOR as u64) << 4
     }
 }
 

@@ -853,6 +853,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
         nested_root: eptp,
         tag: (l.guest_id + 1) as u16,
         direct_interrupts: l.channel_count > 0 || l.devices.count > 0,
+        devices: l.devices.count > 0,
         exitless_mwait: exitless_mwait(l),
     };
     let hw = match B::setup(f, &setup, &mut frames, io_ports(l)) {

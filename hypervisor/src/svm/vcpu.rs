@@ -31,10 +31,18 @@
 //!   tables and the nested tables (QEMU's TCG). An instruction that cannot be decoded
 //!   turns the exit into [`ExitKind::Other`]: the guest is stopped, never advanced by a
 //!   guess.
-//! * Not yet: guests that take their own interrupts (`Setup::direct_interrupts`: channel
-//!   doorbells, device lines) need those interrupts virtualized under SVM (they exit with
-//!   the timer's INTR intercept); their setup is refused, saying so. No fast path: every
-//!   exit goes through the run loop.
+//! * A guest that takes its own interrupts (`Setup::direct_interrupts`: channel doorbells):
+//!   VT-x lets them reach the guest's IDT; here every physical interrupt exits (the run
+//!   timer needs the INTR intercept), so doorbells are virtualized. The host takes the
+//!   doorbell at STGI (`arch::idt`'s doorbell stub marks this core in `HOST_DOORBELLS`
+//!   and EOIs it), the vCPU raises it as a virtual interrupt (V_IRQ, the doorbell vector),
+//!   which the processor delivers through the guest's IDT once the guest can take it, and
+//!   the guest's EOI (a write of 0 to the x2APIC EOI MSR, intercepted) is completed here
+//!   ([`ExitKind::Completed`]). HLT does not exit for such a guest, as on VT-x: a
+//!   doorbell, the run timer or a kick ends it.
+//! * Not yet: guests owning PCI functions (their device lines would need the same
+//!   virtualization): their setup is refused, saying so. No fast path: every exit goes
+//!   through the run loop.
 //!
 //! Owns this core's guest VMCB and permission maps (static, `svm::core_state`) while a guest
 //! runs. May call: `svm` (its VMCB, maps, decoding), `arch` (the world switch, the APIC
@@ -55,8 +63,11 @@ const TELEMETRY_NMI: u16 = 0;
 /// A failed VMRUN (VMEXIT_INVALID) counts as VMX's "invalid guest state" entry failure.
 const TELEMETRY_INVALID: u16 = 33;
 
-/// RFLAGS.IF, DR6.BS.
+/// DR6.BS.
 const DR6_BS: u64 = 1 << 14;
+/// The x2APIC EOI MSR (`exits::MSR_X2APIC_EOI`) and WRMSR's telemetry code.
+const MSR_EOI: u32 = crate::exits::MSR_X2APIC_EOI;
+const TELEMETRY_WRMSR: u16 = 32;
 /// The guest's EFER as VMX starts it (LME, LMA), with SVME, which VMRUN requires.
 const GUEST_EFER: u64 = 0x500 | vmcb::EFER_SVME;
 /// CR0: PG, WP, NE, ET, MP, PE (as `vmx::setup`); CR4: PAE.
@@ -232,6 +243,14 @@ pub struct SvmVcpu {
     made_up: Option<bool>,
     nrip: bool,
     flush: u8,
+    /// The guest takes its own interrupts (doorbells virtualized, see the module header).
+    direct: bool,
+    /// The interrupt window was asked for (VINTR intercepted, V_IRQ set).
+    window: bool,
+    /// A doorbell taken by the host and not yet delivered to the guest (V_IRQ set).
+    doorbell: bool,
+    /// This core's bit in `arch::idt::HOST_DOORBELLS`.
+    core_bit: u64,
 }
 
 #[cfg(target_os = "none")]
@@ -264,10 +283,10 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         io_ports: impl Iterator<Item = u16> + Clone,
     ) -> Result<Self, crate::vcpu::SetupError> {
         use crate::vcpu::SetupError;
-        if s.direct_interrupts {
+        if s.devices {
             return Err(SetupError {
-                reason: "the SVM backend does not yet virtualize a guest's own interrupts \
-                         (channel doorbells, device lines)",
+                reason: "the SVM backend does not yet virtualize a device's interrupts \
+                         (guests owning PCI functions run on VT-x only)",
                 detail: None,
             });
         }
@@ -294,6 +313,10 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         v.set_policy_intercepts(iopm_pa, msrpm_pa);
         if s.exitless_mwait {
             v.control.intercept_misc2 &= !(misc2::MONITOR | misc2::MWAIT);
+        }
+        if s.direct_interrupts {
+            // HLT halts for real: a doorbell, the run timer or a kick ends it (all exit).
+            v.control.intercept_misc1 &= !misc1::HLT;
         }
         // ASIDs tag this core's TLB only: the guest's tag folded into the range the
         // processor has (one guest per core; every new incarnation flushes below).
@@ -340,6 +363,10 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             made_up: None,
             nrip: f.nrip_save,
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
+            direct: s.direct_interrupts,
+            window: false,
+            doorbell: false,
+            core_bit: 1 << (index % 64),
         })
     }
 
@@ -429,12 +456,12 @@ impl crate::vcpu::Vcpu for SvmVcpu {
     }
 
     fn set_interrupt_window(&mut self, on: bool) {
+        // V_IRQ itself is set at the entry (for the window or a doorbell).
+        self.window = on;
         let c = &mut self.vmcb().control;
         if on {
-            c.v_intr |= v_intr::V_IRQ | v_intr::V_IGN_TPR;
             c.intercept_misc1 |= misc1::VINTR;
         } else {
-            c.v_intr &= !(v_intr::V_IRQ | v_intr::V_IGN_TPR);
             c.intercept_misc1 &= !misc1::VINTR;
         }
     }
@@ -452,8 +479,19 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let rax = self.regs.rax;
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
+        // A virtual interrupt for the window (exits at VINTR before it is taken) or the
+        // doorbell (taken through the guest's IDT when it can be), highest priority.
+        let virq = if self.window || self.doorbell {
+            v_intr::V_IRQ
+                | v_intr::V_IGN_TPR
+                | 0xf << 16
+                | u64::from(vmcall_proto::guest::DOORBELL_VECTOR) << 32
+        } else {
+            0
+        };
         let v = self.vmcb();
         v.save.rax = rax;
+        v.control.v_intr = v_intr::V_INTR_MASKING | virq;
         let event_pending = v.control.event_inj & event::VALID != 0;
         self.made_up = None;
         if timer == 0 && !event_pending {
@@ -483,16 +521,27 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         }
         let v = self.vmcb();
         let rax = v.save.rax;
+        let virq_left = v.control.v_intr & v_intr::V_IRQ != 0;
         v.control.tlb_control = tlb_control::NOTHING;
         // Delivered, or back in EXITINTINFO (re-delivered by `redeliver`).
         v.control.event_inj = 0;
         self.regs.rax = rax;
+        // The doorbell was delivered if the processor took V_IRQ (it clears it then);
+        // one the host took during this entry (at STGI) is raised at the next.
+        if !virq_left {
+            self.doorbell = false;
+        }
+        let bit = self.core_bit;
+        let taken = crate::arch::idt::HOST_DOORBELLS
+            .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
+            & bit;
+        self.doorbell |= taken != 0 && self.direct;
         Ok(())
     }
 
     fn exit(&mut self) -> SvmExitInfo {
-        let (ncr3, nrip_save, deadline, made_up) =
-            (self.ncr3, self.nrip, self.deadline, self.made_up);
+        let (ncr3, nrip_save, deadline, made_up, direct) =
+            (self.ncr3, self.nrip, self.deadline, self.made_up, self.direct);
         let regs = self.regs;
         let v = self.vmcb();
         let rip = v.save.rip;
@@ -565,6 +614,18 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             return e;
         };
         e.len = len;
+        if direct
+            && e.kind == ExitKind::Wrmsr
+            && regs.rcx as u32 == MSR_EOI
+            && regs.rax as u32 == 0
+            && regs.rdx as u32 == 0
+        {
+            // The guest acknowledges a virtualized doorbell: the host did at the real APIC.
+            v.save.rip = rip.wrapping_add(len);
+            v.control.interrupt_shadow = 0;
+            (e.kind, e.code) = (ExitKind::Completed, TELEMETRY_WRMSR);
+            return e;
+        }
         if e.kind == ExitKind::CrAccess {
             use super::decode::CrInsn;
             let write = xc & 0x10 != 0;
