@@ -111,7 +111,13 @@ fn bochs_ryzen_picks_svm_and_passes_the_world_switch_check() {
 /// output and exits as on VT-x.
 #[test]
 fn bochs_ryzen_runs_the_default_config_on_svm() {
-    let b = systests::boot_config(Emulator::Bochs, None, Some("ryzen"), "", Some("configs/default.toml"));
+    let b = systests::boot_config(
+        Emulator::Bochs,
+        None,
+        Some("ryzen"),
+        "",
+        Some("configs/default.toml"),
+    );
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     assert!(b.serial.contains("[c0] backend: svm"), "{}", b.serial);

@@ -47,6 +47,11 @@ const _: () = assert!(core::mem::size_of::<Idt>() == 4096);
 /// the SVM backend).
 pub const HOST_TIMER_VECTOR: u8 = 0xee;
 
+/// Run-timer interrupts the host took, one bit per core index (set by the timer gate's
+/// stub on that core, taken by its SVM vCPU after each exit: the exit was the timer's).
+#[no_mangle]
+pub static HOST_TIMERS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Doorbells the host took, one bit per core index (set by the doorbell gate's stub on
 /// that core, taken by its SVM vCPU after each exit).
 #[no_mangle]
@@ -165,13 +170,16 @@ mod stubs {
             popq %rax
         1:  iretq
 
-        // The host run timer (HOST_TIMER_VECTOR): EOI to this core's local APIC, in x2APIC
+        // The host run timer (HOST_TIMER_VECTOR): this core's bit in HOST_TIMERS, then the
+        // EOI to this core's local APIC, in x2APIC
         // mode (IA32_APIC_BASE.EXTD) through MSR 0x80B, else at the xAPIC page + 0xB0.
         .global host_timer_stub
         host_timer_stub:
             pushq %rax
             pushq %rcx
             pushq %rdx
+            movq %gs:0, %rcx
+            lock btsq %rcx, HOST_TIMERS(%rip)
             jmp host_eoi
 
         // A doorbell for this core's guest taken by the host (SVM): this core's bit in

@@ -84,10 +84,16 @@ pub fn insn_len(bytes: &[u8]) -> Option<u64> {
 pub enum CrInsn {
     /// MOV CRn, reg (`to`) or MOV reg, CRn: the control register (REX.R extends it; a LOCK
     /// prefix selects CR8 on AMD) and the general register (REX.B).
-    Mov { to: bool, cr: u8, gpr: u8 },
+    Mov {
+        to: bool,
+        cr: u8,
+        gpr: u8,
+    },
     Clts,
     /// LMSW from a general register.
-    LmswReg { gpr: u8 },
+    LmswReg {
+        gpr: u8,
+    },
     /// LMSW from memory: not decoded further (the caller stops the guest).
     LmswMem,
 }
@@ -144,7 +150,10 @@ mod tests {
             cr_insn(&[0x44, 0x0f, 0x22, 0xc0]),
             Some(CrInsn::Mov { to: true, cr: 8, gpr: 0 })
         );
-        assert_eq!(cr_insn(&[0xf0, 0x0f, 0x22, 0xc0]), Some(CrInsn::Mov { to: true, cr: 8, gpr: 0 }));
+        assert_eq!(
+            cr_insn(&[0xf0, 0x0f, 0x22, 0xc0]),
+            Some(CrInsn::Mov { to: true, cr: 8, gpr: 0 })
+        );
         assert_eq!(cr_insn(&[0x0f, 0x06]), Some(CrInsn::Clts));
         assert_eq!(cr_insn(&[0x0f, 0x01, 0xf2]), Some(CrInsn::LmswReg { gpr: 2 }));
         assert_eq!(cr_insn(&[0x0f, 0x01, 0x30]), Some(CrInsn::LmswMem));

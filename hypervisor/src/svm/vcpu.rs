@@ -13,8 +13,9 @@
 //!   processor has it, else one-shot at a rate measured at bring-up) is armed for the
 //!   ticks asked, the INTR intercept is on with V_INTR_MASKING and host RFLAGS.IF = 1 at
 //!   VMRUN, so its interrupt exits whatever the guest does (spins, HLT, IF = 0); the host
-//!   takes it at STGI (`arch::idt`'s host timer stub EOIs it). An INTR exit at or after
-//!   the deadline is reported as [`ExitKind::Timer`] (counted as VMX's `preemption_timer`).
+//!   takes it at STGI (`arch::idt`'s host timer stub marks this core in `HOST_TIMERS` and
+//!   EOIs it). An INTR exit whose interrupt was the timer's, or at or after the deadline,
+//!   is reported as [`ExitKind::Timer`] (counted as VMX's `preemption_timer`).
 //!   `0` enters nothing: the exit is made up at once (a `Timer` exit without a VMRUN), as
 //!   VT-x's zero preemption timer exits before the first instruction.
 //! * Kicks: NMIs are intercepted; the NMI stays pending over the exit and the host's
@@ -188,8 +189,7 @@ fn fetch(ncr3: u64, cr0: u64, cr3: u64, rip: u64) -> ([u8; super::decode::MAX_LE
     let mut n = 0;
     while n < buf.len() {
         let va = rip.wrapping_add(n as u64);
-        let Some(hpa) = guest_phys(ncr3, cr0, cr3, va).and_then(|g| partition_hpa(ncr3, g))
-        else {
+        let Some(hpa) = guest_phys(ncr3, cr0, cr3, va).and_then(|g| partition_hpa(ncr3, g)) else {
             break;
         };
         let in_page = (4096 - (va & 0xfff)) as usize;
@@ -241,6 +241,8 @@ pub struct SvmVcpu {
     deadline: u64,
     /// The last entry made up its exit: `Some(true)` a kick, `Some(false)` a zero timer.
     made_up: Option<bool>,
+    /// The host took the run timer's interrupt during the last entry.
+    timer_fired: bool,
     nrip: bool,
     flush: u8,
     /// The guest takes its own interrupts (doorbells virtualized, see the module header).
@@ -264,7 +266,12 @@ impl SvmVcpu {
 /// A flat 64-bit segment of the VMX guest state (access rights 0xa09b / 0xc093) in the
 /// VMCB's packing (APM 15.5.1: type..P in 7:0, AVL/L/D/G in 11:8).
 fn flat(selector: u16, vmx_ar: u16) -> Segment {
-    Segment { selector, attrib: (vmx_ar & 0xff) | (vmx_ar >> 4 & 0xf00), limit: 0xffff_ffff, base: 0 }
+    Segment {
+        selector,
+        attrib: (vmx_ar & 0xff) | (vmx_ar >> 4 & 0xf00),
+        limit: 0xffff_ffff,
+        base: 0,
+    }
 }
 
 #[cfg(target_os = "none")]
@@ -361,6 +368,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             timer_mode,
             deadline: 0,
             made_up: None,
+            timer_fired: false,
             nrip: f.nrip_save,
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
             direct: s.direct_interrupts,
@@ -474,7 +482,10 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         0
     }
 
-    unsafe fn enter(&mut self, _fast: *mut core::ffi::c_void) -> Result<(), crate::vcpu::EntryError> {
+    unsafe fn enter(
+        &mut self,
+        _fast: *mut core::ffi::c_void,
+    ) -> Result<(), crate::vcpu::EntryError> {
         use crate::arch::{apic, rdtsc, svm};
         let rax = self.regs.rax;
         let (mode, timer) = (self.timer_mode, self.timer);
@@ -503,8 +514,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         // With an event to deliver the guest must enter (the event is consumed then, as
         // on VT-x): a zero timer becomes the shortest one, and a kick does not hold the
         // entry back (its mail waits for that timer).
-        let flags =
-            svm::RUN_INTERRUPTS | if event_pending { 0 } else { svm::RUN_KICKS };
+        let flags = svm::RUN_INTERRUPTS | if event_pending { 0 } else { svm::RUN_KICKS };
         self.deadline = rdtsc().saturating_add(timer.max(1));
         // SAFETY: after `timer_init_this_core` on this core (SVM on), with its mode.
         unsafe { apic::timer_arm(mode, timer.max(1)) };
@@ -536,12 +546,17 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
             & bit;
         self.doorbell |= taken != 0 && self.direct;
+        self.timer_fired = crate::arch::idt::HOST_TIMERS
+            .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
+            & bit
+            != 0;
         Ok(())
     }
 
     fn exit(&mut self) -> SvmExitInfo {
         let (ncr3, nrip_save, deadline, made_up, direct) =
             (self.ncr3, self.nrip, self.deadline, self.made_up, self.direct);
+        let timer_fired = self.timer_fired;
         let regs = self.regs;
         let v = self.vmcb();
         let rip = v.save.rip;
@@ -579,7 +594,9 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         e.kind = sx::kind(xc, info1);
         e.code = sx::telemetry_code(xc, info1);
         match e.kind {
-            ExitKind::ExternalInterrupt if crate::arch::rdtsc() >= deadline => {
+            // The run timer's interrupt (its stub ran at STGI), or its deadline passed (a
+            // one-shot APIC timer's rate is measured, not exact).
+            ExitKind::ExternalInterrupt if timer_fired || crate::arch::rdtsc() >= deadline => {
                 (e.kind, e.code) = (ExitKind::Timer, TELEMETRY_TIMER);
             }
             ExitKind::Nmi => e.nmi = true,
@@ -631,9 +648,13 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             let write = xc & 0x10 != 0;
             let cr_of_exit = (xc & 0xf) as u8;
             e.cr = match super::decode::cr_insn(&bytes[..n]) {
-                Some(CrInsn::Mov { to, cr, gpr }) if to == write && cr == cr_of_exit => Some(
-                    if to { CrAccess::MovTo { cr, gpr } } else { CrAccess::MovFrom { cr, gpr } },
-                ),
+                Some(CrInsn::Mov { to, cr, gpr }) if to == write && cr == cr_of_exit => {
+                    Some(if to {
+                        CrAccess::MovTo { cr, gpr }
+                    } else {
+                        CrAccess::MovFrom { cr, gpr }
+                    })
+                }
                 Some(CrInsn::Clts) if write && cr_of_exit == 0 => Some(CrAccess::Clts),
                 Some(CrInsn::LmswReg { gpr }) if write && cr_of_exit == 0 => {
                     let r = [
