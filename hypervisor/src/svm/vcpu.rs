@@ -50,12 +50,16 @@
 //! timer), `ept` (walking the nested tables), `exits` (the MSR policy lists), `percpu`,
 //! `vcpu`.
 
-use super::exit::{self as sx, code};
-use super::vmcb::{self, event, Segment};
 #[cfg(target_os = "none")]
-use super::vmcb::{misc1, misc2, tlb_control, v_intr, Vmcb};
+use super::exit::{self as sx, code};
+use super::vmcb::{self, Segment};
+#[cfg(target_os = "none")]
+use super::vmcb::{event, misc1, misc2, tlb_control, v_intr, Vmcb};
+#[cfg(target_os = "none")]
 use crate::arch::svm::GuestRegs;
-use crate::vcpu::{CrAccess, ExitKind, Field};
+#[cfg(target_os = "none")]
+use crate::vcpu::Field;
+use crate::vcpu::{CrAccess, ExitKind};
 
 /// The telemetry codes of the exits the vCPU makes up or tells apart (VMX numbering, see
 /// `svm::exit::telemetry_code`).
