@@ -121,7 +121,15 @@ fn misbehave(emulator: Emulator) {
     // The victim detects the corruption and exits cleanly with status 2.
     let v = guest(&b, "victim");
     assert_eq!((v.state.as_str(), v.exit_status), ("exited", 2), "{v:?}");
-    assert!(b.serial.contains("[victim@c1] ERROR sink: channel corrupted: Corrupt { slot: 3, expected: 4, found: 16045690984833335023 }"));
+    let corrupt = "[victim@c1] ERROR sink: channel corrupted: Corrupt { slot: 3, expected: 4, found: 16045690984833335023 }";
+    // Under QEMU's TCG the scribbler may be dead (its channel down) before the victim
+    // reaches slot 3: it then stops at the peer's death instead, as cleanly (exit 2).
+    let gone = "[victim@c1] ERROR sink: channel corrupted: PeerGone; stopping cleanly";
+    assert!(
+        b.serial.contains(corrupt) || (emulator == Emulator::Qemu && b.serial.contains(gone)),
+        "{}",
+        b.serial
+    );
     assert_eq!(guest(&b, "scribbler").exit_status, 0);
     // Reading another pair's channel window: stopped at the EPT violation.
     let t = guest(&b, "trespasser");
