@@ -76,8 +76,24 @@ fn ping_pong_on_qemu_svm_polls_without_exits_and_doorbells_are_virtualized() {
     let b = boot_config(Emulator::Qemu, None, None, "", Some("configs/pingpong.toml"));
     assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
     assert!(b.serial.contains("[c0] backend: svm"));
-    assert_eq!(bench(&b, "ping", "exits"), 0);
-    assert_eq!(bench(&b, "pong", "exits"), 0);
+    // Polling: the message path takes no exit. Under TCG the exchange lasts long enough in
+    // host time for the run timer (its one-shot count is bounded: a few seconds) or a kick
+    // to fall in it; those are the only exits it may see.
+    for name in ["ping", "pong"] {
+        let g = guest(&b, name);
+        let timing = ["preemption_timer", "exception_nmi"]
+            .iter()
+            .map(|k| g.exits.get(*k).copied().unwrap_or(0))
+            .sum::<u64>();
+        assert!(bench(&b, name, "exits") <= timing, "{name}: {:?}", g.exits);
+        assert!(
+            g.exits
+                .keys()
+                .all(|k| ["vmcall", "preemption_timer", "exception_nmi"].contains(&k.as_str())),
+            "{name}: {:?}",
+            g.exits
+        );
+    }
     let mut rung_total = 0;
     for name in ["dping", "dpong"] {
         let (rung, taken) = (bench(&b, name, "doorbells_rung"), bench(&b, name, "doorbells_taken"));

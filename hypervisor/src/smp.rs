@@ -329,7 +329,10 @@ extern "C" fn ap_entry(index: u64) -> ! {
     crate::record!(vmcall_proto::record::kind::ONLINE, "index={index} apic={apic_id}");
     // SAFETY: once, during this core's bring-up, before its guest runs.
     if !unsafe { crate::arch::apic::enable_x2apic_this_core() } {
-        log::warn!("no x2APIC: this core's guest cannot take channel doorbells");
+        log::warn!(
+            "no x2APIC: under VT-x this core's guest cannot take channel doorbells (the SVM \
+             backend virtualizes them)"
+        );
     }
     if index == 1 && INJECT_AP_FAULT.get() == Some(&true) {
         log::warn!("inject=ap-fault: executing UD2 during bring-up");
