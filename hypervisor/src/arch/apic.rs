@@ -44,6 +44,7 @@ impl LocalApic {
             unsafe { super::wrmsr(MSR_X2APIC_SIVR, SIVR_ENABLED) };
             LocalApic::X2(apic)
         } else {
+            XAPIC_IPIS.store(true, core::sync::atomic::Ordering::Relaxed);
             // SAFETY: IA32_APIC_BASE exists on every processor with an APIC.
             let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) } & !0xfff;
             // The boot tables map the 4-KiB register page at `base` (uncached MMIO).
@@ -105,6 +106,7 @@ const SIVR_ENABLED: u64 = 0x1ff;
 /// Called once per core during bring-up, before the core's guest runs.
 pub unsafe fn enable_x2apic_this_core() -> bool {
     if !has_x2apic() {
+        XAPIC_IPIS.store(true, core::sync::atomic::Ordering::Relaxed);
         return false;
     }
     // Setting EN and EXTD is the architected switch to x2APIC mode; the SIVR write enables the APIC
@@ -132,22 +134,34 @@ pub fn send_nmi(apic: u32) {
     send_ipi(apic, 4 << 8);
 }
 
+/// Set when the processor has no x2APIC (QEMU's TCG, Bochs's `ryzen`): the cores then run
+/// their APICs in xAPIC mode and IPIs go through the xAPIC registers. Written at bring-up
+/// (every core finds the same CPUID), before any core sends an IPI through [`send_ipi`].
+static XAPIC_IPIS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// Writes the interrupt command `low` (vector, delivery mode) for `apic`: through the x2APIC
-/// ICR where this core runs in x2APIC mode (every core does where the processor has it),
-/// else through the xAPIC's ICR pair (QEMU's TCG has no x2APIC).
+/// ICR (every core runs in x2APIC mode where the processor has it; one load decides, so the
+/// kick and doorbell paths stay as short as before the xAPIC case), else through the
+/// xAPIC's ICR pair.
+#[inline]
 fn send_ipi(apic: u32, low: u32) {
-    if x2apic_mode() {
+    if !XAPIC_IPIS.load(core::sync::atomic::Ordering::Relaxed) {
         // SAFETY: x2APIC mode is on; writing the ICR only sends the interrupt.
         unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | low as u64) };
     } else {
-        // The high half first (the destination), then the low half, which sends. Only this
-        // core writes its ICR, from the hypervisor with interrupts off (the NMI handler
-        // sends nothing), so the pair is not torn.
-        // SAFETY: this core's xAPIC registers (identity-mapped, uncached).
-        unsafe {
-            xapic_write(XAPIC_ICR_HIGH, apic << 24);
-            xapic_write(XAPIC_ICR_LOW, low);
-        }
+        send_ipi_xapic(apic, low);
+    }
+}
+
+#[cold]
+fn send_ipi_xapic(apic: u32, low: u32) {
+    // The high half first (the destination), then the low half, which sends. Only this
+    // core writes its ICR, from the hypervisor with interrupts off (the NMI handler sends
+    // nothing), so the pair is not torn.
+    // SAFETY: this core's xAPIC registers (identity-mapped, uncached).
+    unsafe {
+        xapic_write(XAPIC_ICR_HIGH, apic << 24);
+        xapic_write(XAPIC_ICR_LOW, low);
     }
 }
 
