@@ -21,6 +21,15 @@
 //!   4-KiB pages otherwise: nothing is mapped that the caller did not ask for. Only the
 //!   partition itself is executable ([`map`]); everything else is mapped with a [`Perm`]
 //!   without execute (W^X for shared memory).
+//!
+//! Two leaf formats, one tree ([`Format`], picked once at boot with the backend): EPT's
+//! (VT-x) and AMD's nested page tables (SVM, APM Vol. 2 15.25: the long-mode format). They
+//! agree on everything this module relies on outside the leaves: a table entry is the
+//! next table's address with bits 2:0 set (EPT: R/W/X; NPT: P/RW/US), bit 7 marks a large
+//! leaf, bits 51:12 hold the address, bit 11 and bits 61:52 of a table entry are ignored by
+//! both (the software bits below), and every leaf written here has bit 0 set (EPT: R;
+//! NPT: P), so "present" (any of bits 2:0) and "all present" (bit 0) read both the same.
+//! Only a leaf's permission and memory-type bits differ ([`leaf_bits`], [`leaf_rwx`]).
 
 use vmcall_proto::hypercall::HvError;
 
@@ -195,6 +204,91 @@ pub fn new_root(f: &mut impl Frames) -> Result<u64, EptError> {
 
 fn index(gpa: u64, level: u32) -> usize {
     ((gpa >> (12 + 9 * level)) & 0x1ff) as usize
+}
+
+/// The leaf format of the nested page tables this machine's backend walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// VT-x EPT (SDM Vol. 3C 29.3.2): R/W/X in bits 2:0, memory type in bits 5:3.
+    Ept,
+    /// AMD SVM nested paging (APM Vol. 2 15.25, 5.3): P/RW/US, NX in bit 63, the memory
+    /// type from PCD/PWT (and the host PAT); every guest access counts as a user access
+    /// (15.25.5), so every entry sets US.
+    Npt,
+}
+
+#[cfg(not(test))]
+static NPT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+#[cfg(test)]
+std::thread_local! {
+    // Per test thread: a test of the NPT format does not change its neighbours'.
+    static NPT: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Picks the leaf format for every table built from now on. Once, on the BSP, before any
+/// guest's tables are built (the SVM backend picks [`Format::Npt`]); tests per thread.
+pub fn set_format(f: Format) {
+    #[cfg(not(test))]
+    NPT.store(f == Format::Npt, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    NPT.with(|n| n.set(f == Format::Npt));
+}
+
+/// The leaf format in use.
+#[inline(always)]
+pub fn format() -> Format {
+    #[cfg(not(test))]
+    let npt = NPT.load(core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    let npt = NPT.with(|n| n.get());
+    if npt {
+        Format::Npt
+    } else {
+        Format::Ept
+    }
+}
+
+/// NPT leaf bits (APM Vol. 2 5.4.1: P, RW, US, PWT, PCD; 5.6: NX).
+pub mod npt_bits {
+    pub const P: u64 = 1 << 0;
+    pub const RW: u64 = 1 << 1;
+    pub const US: u64 = 1 << 2;
+    pub const PWT: u64 = 1 << 3;
+    pub const PCD: u64 = 1 << 4;
+    pub const NX: u64 = 1 << 63;
+}
+
+/// An NPT leaf's bits for `perm`: write-back through the host PAT's entry 0 (the reset
+/// value the host keeps), a device's registers uncached (PCD+PWT: PAT entry 3, UC).
+pub const fn npt_leaf(perm: Perm) -> u64 {
+    use npt_bits::*;
+    match perm {
+        Perm::ReadWriteExecute => P | RW | US,
+        Perm::ReadWrite => P | RW | US | NX,
+        Perm::Read => P | US | NX,
+        Perm::Device => P | RW | US | NX | PCD | PWT,
+    }
+}
+
+/// A leaf's permission and memory-type bits for `perm` in the format in use.
+#[inline(always)]
+fn leaf_bits(perm: Perm) -> u64 {
+    match format() {
+        Format::Ept => perm.bits() | perm.memtype(),
+        Format::Npt => npt_leaf(perm),
+    }
+}
+
+/// What a leaf `e` allows, as EPT permission bits (R=1, W=2, X=4), whatever the format.
+#[inline(always)]
+fn leaf_rwx(e: u64) -> u64 {
+    match format() {
+        Format::Ept => e & RWX,
+        Format::Npt => {
+            use npt_bits::*;
+            (e & P) | (e & RW) | if e & NX == 0 { EXEC } else { 0 }
+        }
+    }
 }
 
 fn present(e: u64) -> bool {
@@ -385,7 +479,7 @@ pub fn map_with(
     if tables_needed(f, root, gpa, hpa, len)? > f.available() {
         return Err(EptError::OutOfFrames);
     }
-    let bits = perm.bits() | perm.memtype();
+    let bits = leaf_bits(perm);
     for r in runs(gpa, hpa, len) {
         let pdpt = next_or_new(f, root, index(r.g, 3));
         let pd = next_or_new(f, pdpt, index(r.g, 2));
@@ -537,7 +631,7 @@ pub fn translate_perm(f: &mut impl Frames, root: u64, gpa: u64) -> Option<(u64, 
         }
         if level == 0 || (level == 1 && e & LARGE != 0) {
             let page = if level == 0 { SIZE_4K } else { SIZE_2M };
-            return Some(((e & ADDR_MASK & !(page - 1)) + gpa % page, e & RWX));
+            return Some(((e & ADDR_MASK & !(page - 1)) + gpa % page, leaf_rwx(e)));
         }
         table = e & ADDR_MASK;
     }
@@ -773,6 +867,34 @@ pub(crate) mod tests {
         map_with(&mut f, root, 0x40_0000, 0x8020_0000, 2 << 20, Perm::ReadWrite).unwrap();
         let big = f.table(pd & ADDR_MASK)[2];
         assert_eq!(big, 0x8020_0000 | 3 | 6 << 3 | 1 << 6 | 1 << 7, "a shared 2-MiB leaf");
+    }
+
+    #[test]
+    fn the_npt_format_writes_long_mode_leaves_and_reads_them_back_as_rwx() {
+        use npt_bits::*;
+        set_format(Format::Npt);
+        let mut f = pool();
+        let root = new_root(&mut f).unwrap();
+        map(&mut f, root, 0, 0x4000_0000, 2 << 20).unwrap();
+        map_with(&mut f, root, 0x20_0000, 0x8000_1000, 4096, Perm::Read).unwrap();
+        map_with(&mut f, root, 0x40_0000, 0xfeb0_0000, 4096, Perm::Device).unwrap();
+        let pdpt = f.table(root)[0];
+        assert_eq!(pdpt & 0xfff, P | RW | US, "table entries: P, RW, US");
+        let pd = f.table(pdpt & ADDR_MASK)[0] & ADDR_MASK;
+        assert_eq!(f.table(pd)[0], 0x4000_0000 | P | RW | US | 1 << 7, "a 2-MiB RWX leaf");
+        let pt = f.table(pd)[1] & ADDR_MASK;
+        assert_eq!(f.table(pt)[0], 0x8000_1000 | P | US | NX, "read-only, never executable");
+        let dev = f.table(pd)[2] & ADDR_MASK;
+        assert_eq!(f.table(dev)[0], 0xfeb0_0000 | P | RW | US | NX | PCD | PWT);
+        assert_eq!(translate_perm(&mut f, root, 0x1234), Some((0x4000_1234, 7)));
+        assert_eq!(translate_perm(&mut f, root, 0x20_0008), Some((0x8000_1008, 1)));
+        assert_eq!(translate_perm(&mut f, root, 0x40_0000), Some((0xfeb0_0000, 3)));
+        // Unmap frees the emptied tables in this format too.
+        let used = f.in_use();
+        assert_eq!(unmap(&mut f, root, 0x20_0000, 4096), Ok(4096));
+        assert_eq!(translate(&mut f, root, 0x20_0000), None);
+        assert!(f.in_use() < used);
+        set_format(Format::Ept);
     }
 
     #[test]

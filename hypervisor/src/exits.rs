@@ -692,6 +692,7 @@ pub fn handle(
         // The timer: before_entry sees the deadline that passed.
         ExitKind::Timer => Action::Resume,
         ExitKind::Xsetbv => xsetbv(v, e),
+        ExitKind::Completed => Action::Resume,
         ExitKind::Other => Action::Stop(StopReason::Unexpected { reason: e.code(), rip: e.rip() }),
     }
 }

@@ -161,6 +161,8 @@ mod boot {
             Backend::Svm(f) => {
                 // SAFETY: on the BSP, before any AP starts.
                 unsafe { svm::build_maps() };
+                // Every guest's nested tables in AMD's format (before any core builds one).
+                crate::ept::set_format(crate::ept::Format::Npt);
                 smp::publish_svm(f);
             }
         }
@@ -195,13 +197,6 @@ mod boot {
         log::info!("all cores reported in: {} ticks since hypervisor entry", tsc_ready - tsc_entry);
         record!(kind::READY, "tsc={tsc_ready}");
         let Some(plan) = plan else { end_run(if all_up { Outcome::Ok } else { Outcome::Failed }) };
-        if matches!(features, Backend::Svm(_)) {
-            log::error!(
-                "the SVM backend runs its world-switch check only; guests need VT-x until the \
-                 vCPU interface is implemented for SVM (docs/svm.md). Guests not started."
-            );
-            end_run(Outcome::Failed)
-        }
         // The BSP serves until every guest has reported, then ends the run.
         let fenced = smp::run_guest(0, guests::pending);
         let all_exited = guests::collect(plan, fenced);

@@ -182,25 +182,28 @@ pub fn report_of(index: usize) -> Option<&'static crate::instance::GuestReport> 
 /// the capability protocol while `keep` (handed the cores this one's view fenced) says so.
 /// Returns the cores fenced.
 pub fn run_guest(index: usize, keep: impl Fn(u64) -> bool) -> u64 {
-    let (Some(l), Some(f)) = (launch_of(index), FEATURES.get()) else { return 0 };
+    let Some(l) = launch_of(index) else { return 0 };
     if !mailbox(index).read().vmx_on {
         return 0;
     }
     #[cfg(target_os = "none")]
-    let fenced = crate::instance::run::run::<crate::vmx::vcpu::VmxVcpu>(
-        l,
-        f,
-        index as u32,
-        |r, serve| {
+    let fenced = {
+        let post = |r, serve: &mut dyn FnMut()| {
             // The guest has ended: its core writes its exit trace before reporting.
             crate::trace::drain(index, serve);
             REPORTS[index].call_once(|| r);
-        },
-        keep,
-    );
+        };
+        if let Some(f) = SVM_FEATURES.get() {
+            crate::instance::run::run::<crate::svm::vcpu::SvmVcpu>(l, f, index as u32, post, keep)
+        } else if let Some(f) = FEATURES.get() {
+            crate::instance::run::run::<crate::vmx::vcpu::VmxVcpu>(l, f, index as u32, post, keep)
+        } else {
+            0
+        }
+    };
     #[cfg(not(target_os = "none"))]
     let fenced = {
-        let _ = (l, f, keep);
+        let _ = (l, keep, FEATURES.get(), SVM_FEATURES.get());
         0
     };
     fenced
@@ -326,7 +329,10 @@ extern "C" fn ap_entry(index: u64) -> ! {
     crate::record!(vmcall_proto::record::kind::ONLINE, "index={index} apic={apic_id}");
     // SAFETY: once, during this core's bring-up, before its guest runs.
     if !unsafe { crate::arch::apic::enable_x2apic_this_core() } {
-        log::warn!("no x2APIC: this core's guest cannot take channel doorbells");
+        log::warn!(
+            "no x2APIC: under VT-x this core's guest cannot take channel doorbells (the SVM \
+             backend virtualizes them)"
+        );
     }
     if index == 1 && INJECT_AP_FAULT.get() == Some(&true) {
         log::warn!("inject=ap-fault: executing UD2 during bring-up");

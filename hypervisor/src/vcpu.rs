@@ -107,6 +107,10 @@ pub enum ExitKind {
     /// The timer of [`Vcpu::set_timer`] expired. VMX: preemption timer (52).
     Timer,
     Xsetbv,
+    /// The backend completed the exiting instruction itself (RIP moved past it); the
+    /// handlers only resume. SVM: a write of the x2APIC EOI register by a guest whose
+    /// doorbells the backend virtualizes (the host acknowledged the real one already).
+    Completed,
     /// Anything else: the guest is stopped and the report names [`ExitInfo::code`].
     Other,
 }
@@ -210,6 +214,8 @@ pub struct Setup {
     /// the timer), and writes to the x2APIC EOI register pass. Otherwise both exit, so a
     /// HLT that can never wake is caught at once.
     pub direct_interrupts: bool,
+    /// The guest owns PCI functions: their interrupt lines are routed to this core.
+    pub devices: bool,
     /// MONITOR/MWAIT run without exits (`instance::setup::exitless_mwait`); else they exit
     /// ([`ExitKind::Monitor`], [`ExitKind::Mwait`]).
     pub exitless_mwait: bool,
@@ -268,6 +274,10 @@ pub trait Vcpu: Sized {
     /// counts the exits it answers under them.
     const HYPERCALL_CODE: u16;
     const CPUID_CODE: u16;
+    /// What the run loop stores in `percpu::PerCore::vmcs_live` while this vCPU is live:
+    /// 1 (VMX) makes the NMI handler zero the current VMCS's preemption timer; 2 (SVM, no
+    /// VMCS) only marks the kick, which the world switch looks at after CLGI (`arch::idt`).
+    const LIVE: u64;
 
     /// Builds this guest's control structure in frames of `frames` (identity-mapped frames
     /// of this core's private region), with every control the hypervisor's policy needs (the exits listed in

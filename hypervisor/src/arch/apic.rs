@@ -44,6 +44,7 @@ impl LocalApic {
             unsafe { super::wrmsr(MSR_X2APIC_SIVR, SIVR_ENABLED) };
             LocalApic::X2(apic)
         } else {
+            XAPIC_IPIS.store(true, core::sync::atomic::Ordering::Relaxed);
             // SAFETY: IA32_APIC_BASE exists on every processor with an APIC.
             let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) } & !0xfff;
             // The boot tables map the 4-KiB register page at `base` (uncached MMIO).
@@ -105,6 +106,7 @@ const SIVR_ENABLED: u64 = 0x1ff;
 /// Called once per core during bring-up, before the core's guest runs.
 pub unsafe fn enable_x2apic_this_core() -> bool {
     if !has_x2apic() {
+        XAPIC_IPIS.store(true, core::sync::atomic::Ordering::Relaxed);
         return false;
     }
     // Setting EN and EXTD is the architected switch to x2APIC mode; the SIVR write enables the APIC
@@ -118,20 +120,181 @@ pub unsafe fn enable_x2apic_this_core() -> bool {
     true
 }
 
-/// Sends a fixed, physical-destination interrupt `vector` to x2APIC id `apic`.
+/// Sends a fixed, physical-destination interrupt `vector` to APIC id `apic`.
 pub fn send_fixed_ipi(apic: u32, vector: u8) {
-    // Every core runs its APIC in x2APIC mode (enable_x2apic_this_core, LocalApic::enable); a
-    // fixed IPI only raises `vector` on its target, whose guest handles it through its own IDT.
-    // SAFETY: writing this core's x2APIC ICR only sends that IPI.
-    unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | vector as u64) };
+    // A fixed IPI only raises `vector` on its target, whose guest handles it through its own
+    // IDT.
+    send_ipi(apic, vector as u32);
 }
 
-/// Sends an NMI to x2APIC id `apic` (the inter-core kick).
+/// Sends an NMI to APIC id `apic` (the inter-core kick).
 pub fn send_nmi(apic: u32) {
     // An NMI to a core makes its guest exit or runs the hypervisor's NMI handler, which only
     // returns: the kicked core then reads its inbox.
-    // SAFETY: x2APIC mode on every core; writing the ICR only sends the NMI.
-    unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | 4 << 8) };
+    send_ipi(apic, 4 << 8);
+}
+
+/// Set when the processor has no x2APIC (QEMU's TCG, Bochs's `ryzen`): the cores then run
+/// their APICs in xAPIC mode and IPIs go through the xAPIC registers. Written at bring-up
+/// (every core finds the same CPUID), before any core sends an IPI through [`send_ipi`].
+static XAPIC_IPIS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Writes the interrupt command `low` (vector, delivery mode) for `apic`: through the x2APIC
+/// ICR (every core runs in x2APIC mode where the processor has it; one load decides, so the
+/// kick and doorbell paths stay as short as before the xAPIC case), else through the
+/// xAPIC's ICR pair.
+#[inline]
+fn send_ipi(apic: u32, low: u32) {
+    if !XAPIC_IPIS.load(core::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: x2APIC mode is on; writing the ICR only sends the interrupt.
+        unsafe { super::wrmsr(MSR_X2APIC_ICR, (apic as u64) << 32 | low as u64) };
+    } else {
+        send_ipi_xapic(apic, low);
+    }
+}
+
+#[cold]
+fn send_ipi_xapic(apic: u32, low: u32) {
+    // The high half first (the destination), then the low half, which sends. Only this
+    // core writes its ICR, from the hypervisor with interrupts off (the NMI handler sends
+    // nothing), so the pair is not torn.
+    // SAFETY: this core's xAPIC registers (identity-mapped, uncached).
+    unsafe {
+        xapic_write(XAPIC_ICR_HIGH, apic << 24);
+        xapic_write(XAPIC_ICR_LOW, low);
+    }
+}
+
+const XAPIC_ICR_LOW: u32 = 0x300;
+const XAPIC_ICR_HIGH: u32 = 0x310;
+const XAPIC_SIVR: u32 = 0x0f0;
+const XAPIC_LVT_TIMER: u32 = 0x320;
+const XAPIC_TIMER_INITIAL: u32 = 0x380;
+const XAPIC_TIMER_CURRENT: u32 = 0x390;
+const XAPIC_TIMER_DIVIDE: u32 = 0x3e0;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The address of this core's xAPIC register `offset` (IA32_APIC_BASE; the boot page tables
+/// map the page identity, uncached).
+fn xapic_reg(offset: u32) -> *mut u32 {
+    // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC.
+    let base = unsafe { super::rdmsr(x86::msr::IA32_APIC_BASE) } & 0x000f_ffff_ffff_f000;
+    (base + offset as u64) as *mut u32
+}
+
+/// # Safety
+/// xAPIC mode; `offset` a writable register whose write the caller means.
+unsafe fn xapic_write(offset: u32, v: u32) {
+    // SAFETY: the caller's guarantee; the register page is mapped (see `xapic_reg`).
+    unsafe { xapic_reg(offset).write_volatile(v) }
+}
+
+fn xapic_read(offset: u32) -> u32 {
+    // SAFETY: reading a register of this core's xAPIC page has no side effect.
+    unsafe { xapic_reg(offset).read_volatile() }
+}
+
+/// Writes local-APIC register `offset` (its xAPIC offset; the x2APIC MSR is 0x800 +
+/// offset / 16) in whichever mode this core runs.
+///
+/// # Safety
+/// As for the register's own write.
+unsafe fn reg_write(offset: u32, v: u32) {
+    if x2apic_mode() {
+        // SAFETY: the caller's guarantee.
+        unsafe { super::wrmsr(0x800 + offset / 16, v as u64) };
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { xapic_write(offset, v) };
+    }
+}
+
+fn reg_read(offset: u32) -> u32 {
+    if x2apic_mode() {
+        // SAFETY: reading an x2APIC register has no side effect.
+        unsafe { super::rdmsr(0x800 + offset / 16) as u32 }
+    } else {
+        xapic_read(offset)
+    }
+}
+
+/// How this core's local-APIC timer counts (the run timer of a backend without a
+/// preemption timer: SVM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerMode {
+    /// TSC-deadline mode (CPUID.01H:ECX[24]): the deadline is a TSC value.
+    Deadline,
+    /// One-shot, counting down at `per_1024_tsc` APIC ticks per 1,024 TSC ticks (divide
+    /// by 1), measured at set-up.
+    OneShot { per_1024_tsc: u64 },
+}
+
+/// Software-enables this core's local APIC (in either mode) and points its timer at
+/// `vector`, disarmed, in TSC-deadline mode where the processor has it, else one-shot
+/// (its rate measured against the TSC over about `calibrate_ticks` TSC ticks).
+///
+/// # Safety
+/// Once per core, during bring-up; the IDT has a handler for `vector` that acknowledges it.
+pub unsafe fn timer_init_this_core(vector: u8, calibrate_ticks: u64) -> TimerMode {
+    let deadline = CpuId::new().get_feature_info().is_some_and(|f| f.has_tsc_deadline());
+    // SAFETY: enabling the APIC with the spurious vector 0xff (a reporting stub: never
+    // raised by a correct setup), then programming this core's own timer, masked or disarmed.
+    unsafe {
+        reg_write(XAPIC_SIVR, SIVR_ENABLED as u32);
+        if deadline {
+            reg_write(XAPIC_LVT_TIMER, vector as u32 | 2 << 17);
+            super::wrmsr(MSR_TSC_DEADLINE, 0);
+            return TimerMode::Deadline;
+        }
+        reg_write(XAPIC_TIMER_DIVIDE, 0xb); // divide by 1
+        reg_write(XAPIC_LVT_TIMER, vector as u32 | 1 << 16); // masked while measured
+        reg_write(XAPIC_TIMER_INITIAL, u32::MAX);
+    }
+    let t0 = super::rdtsc();
+    while super::rdtsc().wrapping_sub(t0) < calibrate_ticks {
+        super::pause();
+    }
+    let counted = u32::MAX - reg_read(XAPIC_TIMER_CURRENT);
+    let tsc = super::rdtsc().wrapping_sub(t0).max(1);
+    // SAFETY: stops the count, unmasks the LVT: disarmed until the first arm.
+    unsafe {
+        reg_write(XAPIC_TIMER_INITIAL, 0);
+        reg_write(XAPIC_LVT_TIMER, vector as u32);
+    }
+    TimerMode::OneShot { per_1024_tsc: ((counted as u64) << 10) / tsc }
+}
+
+/// Arms this core's timer to fire `ticks` TSC ticks from now (at least one APIC tick).
+///
+/// # Safety
+/// After [`timer_init_this_core`] on this core, with its `mode`.
+#[inline]
+pub unsafe fn timer_arm(mode: TimerMode, ticks: u64) {
+    match mode {
+        // SAFETY: the caller's guarantee.
+        TimerMode::Deadline => unsafe {
+            super::wrmsr(MSR_TSC_DEADLINE, super::rdtsc().saturating_add(ticks.max(1)))
+        },
+        TimerMode::OneShot { per_1024_tsc } => {
+            let count = (ticks.saturating_mul(per_1024_tsc) >> 10).clamp(1, u32::MAX as u64);
+            // SAFETY: the caller's guarantee.
+            unsafe { reg_write(XAPIC_TIMER_INITIAL, count as u32) };
+        }
+    }
+}
+
+/// Disarms this core's timer (an interrupt it already raised stays pending).
+///
+/// # Safety
+/// As for [`timer_arm`].
+#[inline]
+pub unsafe fn timer_disarm(mode: TimerMode) {
+    match mode {
+        // SAFETY: the caller's guarantee.
+        TimerMode::Deadline => unsafe { super::wrmsr(MSR_TSC_DEADLINE, 0) },
+        // SAFETY: the caller's guarantee.
+        TimerMode::OneShot { .. } => unsafe { reg_write(XAPIC_TIMER_INITIAL, 0) },
+    }
 }
 
 /// Whether this core's local APIC is enabled in x2APIC mode (IA32_APIC_BASE bits 11 and 10).

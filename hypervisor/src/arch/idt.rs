@@ -43,6 +43,20 @@ pub const fn interrupt_gate(handler: u64, ist: u8) -> Gate {
 pub struct Idt([Gate; 256]);
 const _: () = assert!(core::mem::size_of::<Idt>() == 4096);
 
+/// The local-APIC timer's vector when it is the run timer (`arch::apic::timer_init_this_core`,
+/// the SVM backend).
+pub const HOST_TIMER_VECTOR: u8 = 0xee;
+
+/// Run-timer interrupts the host took, one bit per core index (set by the timer gate's
+/// stub on that core, taken by its SVM vCPU after each exit: the exit was the timer's).
+#[no_mangle]
+pub static HOST_TIMERS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Doorbells the host took, one bit per core index (set by the doorbell gate's stub on
+/// that core, taken by its SVM vCPU after each exit).
+#[no_mangle]
+pub static HOST_DOORBELLS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Vectors whose handlers run on the IST stack: NMI (2), #DF (8), #PF (14: a stack
 /// overflow faults on the stack itself), #MC (18).
 const fn uses_ist(vector: usize) -> bool {
@@ -60,6 +74,15 @@ impl Idt {
         // NMIs are inter-core kicks (see xcore): the handler only returns; the kicked core
         // reads its inbox on its own path. A hardware NMI is therefore not reported.
         gates[2] = interrupt_gate(stubs::nmi(), IST_CRITICAL);
+        // The run timer of a backend without a preemption timer (SVM): its interrupt is
+        // acknowledged and nothing else (the exit it caused already returned to the run
+        // loop). Never raised under VT-x, which programs no APIC timer.
+        gates[HOST_TIMER_VECTOR as usize] = interrupt_gate(stubs::host_timer(), 0);
+        // A channel doorbell taken by the host (SVM: the guest's interrupts are virtualized,
+        // `svm::vcpu`): marked for this core in [`HOST_DOORBELLS`], acknowledged. Under VT-x
+        // a doorbell reaches the guest's IDT directly and never this gate.
+        gates[vmcall_proto::guest::DOORBELL_VECTOR as usize] =
+            interrupt_gate(stubs::host_doorbell(), 0);
         Idt(gates)
     }
 
@@ -127,13 +150,17 @@ mod stubs {
         // an instruction (SDM Vol. 3C 26.7.4), and the core reads its inbox. gs:[24]
         // (PerCore::kicked) tells the run loop, which rewrites the timer after this. IRETQ
         // restores RFLAGS, which VMWRITE changes. gs:[32] (PerCore::nmis) counts the
-        // kicks taken while a guest VMCS is live, for the guest's telemetry.
+        // kicks taken while a guest VMCS is live, for the guest's telemetry. gs:[16] = 2 is
+        // an SVM guest's VMCB: no VMWRITE (there is no VMCS); the world switch looks at
+        // gs:[24] after CLGI instead and does not enter (arch::svm).
         .global nmi_kick_stub
         nmi_kick_stub:
             cmpq $0, %gs:16
             je 1f
             incq %gs:32
             movq $1, %gs:24
+            cmpq $2, %gs:16
+            je 1f
             pushq %rax
             pushq %rcx
             movl $0x482e, %eax
@@ -142,6 +169,46 @@ mod stubs {
             popq %rcx
             popq %rax
         1:  iretq
+
+        // The host run timer (HOST_TIMER_VECTOR): this core's bit in HOST_TIMERS, then the
+        // EOI to this core's local APIC, in x2APIC
+        // mode (IA32_APIC_BASE.EXTD) through MSR 0x80B, else at the xAPIC page + 0xB0.
+        .global host_timer_stub
+        host_timer_stub:
+            pushq %rax
+            pushq %rcx
+            pushq %rdx
+            movq %gs:0, %rcx
+            lock btsq %rcx, HOST_TIMERS(%rip)
+            jmp host_eoi
+
+        // A doorbell for this core's guest taken by the host (SVM): this core's bit in
+        // HOST_DOORBELLS (gs:[0] is the core index), then the EOI.
+        .global host_doorbell_stub
+        host_doorbell_stub:
+            pushq %rax
+            pushq %rcx
+            pushq %rdx
+            movq %gs:0, %rcx
+            lock btsq %rcx, HOST_DOORBELLS(%rip)
+        host_eoi:
+            movl $0x1b, %ecx
+            rdmsr
+            testl $0x400, %eax
+            jz 2f
+            movl $0x80b, %ecx
+            xorl %eax, %eax
+            xorl %edx, %edx
+            wrmsr
+            jmp 3f
+        2:  andl $0xfffff000, %eax
+            shlq $32, %rdx
+            orq %rdx, %rax
+            movl $0, 0xb0(%rax)
+        3:  popq %rdx
+            popq %rcx
+            popq %rax
+            iretq
 
         exc_common:
             movq %rsp, %rdi
@@ -166,10 +233,20 @@ mod stubs {
         static exc_stub_table: [u64; 32];
         static irq_stubs: u8;
         static nmi_kick_stub: u8;
+        static host_timer_stub: u8;
+        static host_doorbell_stub: u8;
     }
 
     pub fn nmi() -> u64 {
         core::ptr::addr_of!(nmi_kick_stub) as u64
+    }
+
+    pub fn host_timer() -> u64 {
+        core::ptr::addr_of!(host_timer_stub) as u64
+    }
+
+    pub fn host_doorbell() -> u64 {
+        core::ptr::addr_of!(host_doorbell_stub) as u64
     }
 
     pub fn address(vector: usize) -> u64 {
@@ -191,6 +268,12 @@ mod stubs {
     }
     pub fn nmi() -> u64 {
         0xffff_8000_0000_0000 | 2 << 4
+    }
+    pub fn host_timer() -> u64 {
+        0xffff_8000_0000_0000 | (super::HOST_TIMER_VECTOR as u64) << 4
+    }
+    pub fn host_doorbell() -> u64 {
+        0xffff_8000_0000_0000 | (vmcall_proto::guest::DOORBELL_VECTOR as u64) << 4
     }
 }
 

@@ -20,9 +20,11 @@ core::arch::global_asm!(
     r#"
     .section .text
     .global svm_run_asm
-# void svm_run_asm(GuestRegs *regs /* rdi */, u64 vmcb_pa /* rsi */, u64 host_save_pa /* rdx */)
+# u64 svm_run_asm(GuestRegs *regs /* rdi */, u64 vmcb_pa /* rsi */, u64 host_save_pa /* rdx */,
+#                 u64 flags /* rcx */)
 # Frame after the pushes: [rsp] vmcb_pa, [rsp + 8] host_save_pa, [rsp + 16] regs, then the
-# callee-saved registers.
+# callee-saved registers. Returns 1 when the guest ran, 0 when a kick was pending after
+# CLGI (gs:[24], PerCore::kicked) and it did not.
 svm_run_asm:
     push rbx
     push rbp
@@ -34,7 +36,14 @@ svm_run_asm:
     push rdx
     push rsi
     clgi
-    mov rax, rdx
+    test ecx, 2                             # flags bit 1: look at the kick flag
+    jz 2f
+    cmp qword ptr gs:[24], 0
+    jne 9f
+2:  test ecx, 1                             # flags bit 0: host interrupts on in the guest
+    jz 1f
+    sti                                     # held by GIF = 0 until the guest runs
+1:  mov rax, rdx
     vmsave                                  # host's FS/GS/TR/LDTR/... to its page
     mov rax, [rsp]
     vmload                                  # the guest's, from its VMCB
@@ -73,8 +82,13 @@ svm_run_asm:
     mov [rdi + 40], rax
     mov rax, [rsp + 8]
     vmload                                  # the host's segments and MSRs back
-    stgi
-    add rsp, 24
+    stgi                                    # a held interrupt or NMI is taken here
+    cli
+    mov eax, 1
+    jmp 8f
+9:  stgi
+    xor eax, eax
+8:  add rsp, 24
     pop r15
     pop r14
     pop r13
@@ -85,20 +99,30 @@ svm_run_asm:
 "#
 );
 
+/// [`run`]'s flags: host interrupts are on while the guest runs (so that, with the INTR
+/// intercept and V_INTR_MASKING, any physical interrupt exits, and is taken by the host's
+/// IDT at the STGI after the exit: the run timer's).
+pub const RUN_INTERRUPTS: u64 = 1;
+/// [`run`]'s flags: do not enter if this core took a kick (`PerCore::kicked` set) before
+/// CLGI; one after CLGI is held and exits the guest at once (NMI intercept).
+pub const RUN_KICKS: u64 = 2;
+
 /// Runs the guest of the VMCB at `vmcb_pa` until its next #VMEXIT; the exit code and
-/// information are then in the VMCB, the guest's registers (but RAX) in `regs`.
+/// information are then in the VMCB, the guest's registers (but RAX) in `regs`. Returns
+/// false if it did not enter (a kick pending, with [`RUN_KICKS`]).
 ///
 /// # Safety
 /// SVM is on for this core (EFER.SVME, VM_HSAVE_PA set); `vmcb_pa` is a VMCB this core owns,
 /// fully set up (intercepts including VMRUN, ASID not 0, nested paging isolating the guest);
 /// `host_save_pa` is a 4-KiB page this core owns for VMSAVE; `regs` is valid and unused
-/// elsewhere until this returns.
+/// elsewhere until this returns; with [`RUN_INTERRUPTS`], every vector that can be raised on
+/// this core has a handler in its IDT; GS points at this core's `PerCore`.
 #[cfg(target_os = "none")]
-pub unsafe fn run(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64) {
+pub unsafe fn run(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64, flags: u64) -> bool {
     extern "C" {
-        fn svm_run_asm(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64);
+        fn svm_run_asm(regs: *mut GuestRegs, vmcb_pa: u64, host_save_pa: u64, flags: u64) -> u64;
     }
     // The assembly preserves every callee-saved register and returns on this stack.
     // SAFETY: the caller guarantees the VMCB, the pages and the pointer.
-    unsafe { svm_run_asm(regs, vmcb_pa, host_save_pa) }
+    unsafe { svm_run_asm(regs, vmcb_pa, host_save_pa, flags) != 0 }
 }

@@ -307,7 +307,7 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
     // This incarnation's NMIs, for its telemetry.
     me.nmis.store(0, core::sync::atomic::Ordering::Relaxed);
     // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
-    me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+    me.vmcs_live.store(B::LIVE, core::sync::atomic::Ordering::Release);
     // The exits the landing answers itself while armed (see `fastexit`).
     // The status page is a frame of this core's private region, identity-mapped, alive
     // for the whole incarnation; the guest only reads it.
@@ -853,6 +853,7 @@ fn prepare<B: crate::vcpu::Vcpu>(
         nested_root: eptp,
         tag: (l.guest_id + 1) as u16,
         direct_interrupts: l.channel_count > 0 || l.devices.count > 0,
+        devices: l.devices.count > 0,
         exitless_mwait: exitless_mwait(l),
     };
     let hw = match B::setup(f, &setup, &mut frames, io_ports(l)) {

@@ -77,9 +77,89 @@ pub fn insn_len(bytes: &[u8]) -> Option<u64> {
     (len <= bytes.len()).then_some(len as u64)
 }
 
+/// What a control-register instruction does, decoded from its bytes (for a CR exit
+/// without decode assists: the exit code names the register and direction, not the
+/// general register; APM Vol. 3 "MOV CRn", "CLTS", "LMSW").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrInsn {
+    /// MOV CRn, reg (`to`) or MOV reg, CRn: the control register (REX.R extends it; a LOCK
+    /// prefix selects CR8 on AMD) and the general register (REX.B).
+    Mov {
+        to: bool,
+        cr: u8,
+        gpr: u8,
+    },
+    Clts,
+    /// LMSW from a general register.
+    LmswReg {
+        gpr: u8,
+    },
+    /// LMSW from memory: not decoded further (the caller stops the guest).
+    LmswMem,
+}
+
+/// Decodes the control-register instruction at `bytes[0]` (64-bit mode), or `None`.
+pub fn cr_insn(bytes: &[u8]) -> Option<CrInsn> {
+    let bytes = &bytes[..bytes.len().min(MAX_LEN)];
+    let mut i = 0;
+    let mut lock = false;
+    while i < bytes.len() && is_legacy_prefix(bytes[i]) {
+        lock |= bytes[i] == 0xf0;
+        i += 1;
+    }
+    let mut rex = 0;
+    if bytes.get(i).is_some_and(|b| b & 0xf0 == 0x40) {
+        rex = bytes[i];
+        i += 1;
+    }
+    if *bytes.get(i)? != 0x0f {
+        return None;
+    }
+    let op = *bytes.get(i + 1)?;
+    if op == 0x06 {
+        return Some(CrInsn::Clts);
+    }
+    let modrm = *bytes.get(i + 2)?;
+    let reg = (modrm >> 3) & 7;
+    let rm = (modrm & 7) | (rex & 1) << 3;
+    match op {
+        0x20 | 0x22 => {
+            let cr = reg | (rex & 4) << 1 | if lock { 8 } else { 0 };
+            Some(CrInsn::Mov { to: op == 0x22, cr, gpr: rm })
+        }
+        0x01 if reg == 6 && modrm >> 6 == 3 => Some(CrInsn::LmswReg { gpr: rm }),
+        0x01 if reg == 6 => Some(CrInsn::LmswMem),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_register_instructions_name_their_registers() {
+        // mov cr0, rax; mov cr4, r9; mov rbx, cr0; mov cr8, rax (REX.R and the LOCK form).
+        assert_eq!(cr_insn(&[0x0f, 0x22, 0xc0]), Some(CrInsn::Mov { to: true, cr: 0, gpr: 0 }));
+        assert_eq!(
+            cr_insn(&[0x41, 0x0f, 0x22, 0xe1]),
+            Some(CrInsn::Mov { to: true, cr: 4, gpr: 9 })
+        );
+        assert_eq!(cr_insn(&[0x0f, 0x20, 0xc3]), Some(CrInsn::Mov { to: false, cr: 0, gpr: 3 }));
+        assert_eq!(
+            cr_insn(&[0x44, 0x0f, 0x22, 0xc0]),
+            Some(CrInsn::Mov { to: true, cr: 8, gpr: 0 })
+        );
+        assert_eq!(
+            cr_insn(&[0xf0, 0x0f, 0x22, 0xc0]),
+            Some(CrInsn::Mov { to: true, cr: 8, gpr: 0 })
+        );
+        assert_eq!(cr_insn(&[0x0f, 0x06]), Some(CrInsn::Clts));
+        assert_eq!(cr_insn(&[0x0f, 0x01, 0xf2]), Some(CrInsn::LmswReg { gpr: 2 }));
+        assert_eq!(cr_insn(&[0x0f, 0x01, 0x30]), Some(CrInsn::LmswMem));
+        assert_eq!(cr_insn(&[0x0f, 0xa2]), None);
+        assert_eq!(cr_insn(&[0x0f, 0x22]), None);
+    }
 
     #[test]
     fn plain_instructions() {

@@ -67,10 +67,9 @@ impl Iopm {
         Iopm([0xff; IOPM_BYTES])
     }
 
-    /// Lets the guest access `port` without an exit (for the owner's I/O BARs once guests
-    /// run on SVM; the check guest has none). A multi-byte access checks the bit of every port it touches (APM 15.10.1), so a wide
-    /// access at the end of an allowed range still exits.
-    #[cfg(test)]
+    /// Lets the guest access `port` without an exit (the owner's I/O BARs; the check guest
+    /// has none). A multi-byte access checks the bit of every port it touches (APM
+    /// 15.10.1), so a wide access at the end of an allowed range still exits.
     pub fn allow(&mut self, port: u16) {
         let p = port as usize;
         self.0[p / 8] &= !(1 << (p % 8));

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod features;
 pub mod maps;
 pub mod npt;
+pub mod vcpu;
 pub mod vmcb;
 
 pub use features::Features;
@@ -146,7 +147,8 @@ mod core_state {
     pub struct Page(pub [u64; 512]);
 
     /// One core's pages: the host save area the processor uses (VM_HSAVE_PA), the host's
-    /// VMSAVE page, the check guest's VMCB, code page and nested tables.
+    /// VMSAVE page, the VMCB (the check guest's at bring-up, then the guests'), the check
+    /// guest's code page and nested tables, the guests' permission maps.
     #[repr(C, align(4096))]
     pub struct CorePages {
         pub hsave: Page,
@@ -154,7 +156,13 @@ mod core_state {
         pub vmcb: Vmcb,
         pub guest_code: Page,
         pub npt: [Page; 4],
+        pub msrpm: Msrpm,
+        pub iopm: Iopm,
     }
+
+    /// Each core's run timer (`arch::apic::timer_init_this_core`), set when SVM goes on.
+    pub static TIMER: [spin::Once<crate::arch::apic::TimerMode>; crate::percpu::MAX_CORES] =
+        [const { spin::Once::new() }; crate::percpu::MAX_CORES];
 
     pub struct Slot(pub UnsafeCell<CorePages>);
     // SAFETY: each slot is used only by the core whose index it has.
@@ -202,6 +210,16 @@ pub unsafe fn enable_on_this_core(index: usize) {
     unsafe { wrmsr(x86::msr::IA32_EFER, rdmsr(x86::msr::IA32_EFER) | vmcb::EFER_SVME | EFER_NXE) };
     // SAFETY: this core's own page, 4-KiB aligned, identity-mapped, used by nothing else.
     unsafe { wrmsr(crate::arch::svm::MSR_VM_HSAVE_PA, core::ptr::addr_of!((*pages).hsave) as u64) };
+    // The guests' run timer (no preemption timer on SVM): the local-APIC timer, its
+    // interrupt acknowledged by the host's handler (`arch::idt`); a one-shot timer's rate
+    // measured over half a millisecond.
+    let calibrate = crate::arch::tsc::ticks_per_ms() / 2;
+    // SAFETY: once per core, at bring-up; the IDT has the handler for the vector.
+    let mode = unsafe {
+        crate::arch::apic::timer_init_this_core(crate::arch::idt::HOST_TIMER_VECTOR, calibrate)
+    };
+    log::info!("SVM run timer: local APIC {mode:?}");
+    core_state::TIMER[index].call_once(|| mode);
 }
 
 /// The world-switch check on the calling core: builds the check guest (its own ASID, nested
@@ -263,7 +281,7 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
         // SVM is on for this core; the VMCB is this core's, its intercepts include VMRUN,
         // its ASID is not 0 and nested paging maps one page of this core's.
         // SAFETY: a valid VMCB for VMRUN (APM 15.5.1), as said above.
-        unsafe { run(&mut regs, vmcb_pa, host_save) };
+        unsafe { run(&mut regs, vmcb_pa, host_save, 0) };
         let v = &mut p.vmcb;
         report.exits += 1;
         v.control.tlb_control = vmcb::tlb_control::NOTHING;

@@ -14,9 +14,12 @@ use crate::ept::{EptError, Frames, Perm};
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
+#[cfg(test)]
 const PWT: u64 = 1 << 3;
+#[cfg(test)]
 const PCD: u64 = 1 << 4;
 const PS: u64 = 1 << 7;
+#[cfg(test)]
 const NX: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const SIZE_4K: u64 = 4096;
@@ -30,13 +33,8 @@ const TABLE: u64 = P | RW | US;
 
 /// A leaf's bits for `perm` (APM Vol. 2 5.4.1 for P/RW/US/PWT/PCD, 5.6 for NX).
 pub const fn leaf_bits(perm: Perm) -> u64 {
-    match perm {
-        Perm::ReadWriteExecute => P | RW | US,
-        Perm::ReadWrite => P | RW | US | NX,
-        Perm::Read => P | US | NX,
-        // PCD+PWT selects PAT entry 3, uncacheable in the reset PAT the host keeps.
-        Perm::Device => P | RW | US | NX | PCD | PWT,
-    }
+    // One encoding: the guests' tables use it through `ept`'s NPT format.
+    crate::ept::npt_leaf(perm)
 }
 
 /// Allocates an empty top-level table (the nCR3 value: its physical address).

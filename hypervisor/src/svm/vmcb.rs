@@ -201,6 +201,8 @@ pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const SMI: u32 = 1 << 2;
     pub const INIT: u32 = 1 << 3;
+    /// A virtual interrupt (V_IRQ) could be taken: the interrupt window.
+    pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const RSM: u32 = 1 << 19;
     pub const INVD: u32 = 1 << 22;
@@ -233,11 +235,34 @@ pub mod misc2 {
 pub const CR0_WRITE: u32 = 1 << 16;
 pub const CR4_WRITE: u32 = 1 << 20;
 
-/// TLB_CONTROL values (APM Table B-1, offset 0x05c).
+/// TLB_CONTROL values (APM Table B-1, offset 0x05c; 15.16.2).
 pub mod tlb_control {
     pub const NOTHING: u8 = 0;
     /// Flush the whole TLB (every ASID).
     pub const FLUSH_ALL: u8 = 1;
+    /// Flush this guest's ASID only (with CPUID 8000_000A EDX[6], flush by ASID).
+    pub const FLUSH_ASID: u8 = 3;
+}
+
+/// Bits of V_INTR (offset 0x060, APM Table B-1; 15.21).
+pub mod v_intr {
+    /// A virtual interrupt is pending (with VINTR intercepted: the interrupt-window exit).
+    pub const V_IRQ: u64 = 1 << 8;
+    /// The virtual interrupt ignores the virtual TPR.
+    pub const V_IGN_TPR: u64 = 1 << 20;
+    /// Virtual interrupt masking: the guest's RFLAGS.IF and CR8 act on virtual interrupts
+    /// only; physical interrupts are masked by the host's RFLAGS.IF (so they exit whatever
+    /// the guest's IF, with the INTR intercept), and guest CR8 writes go to V_TPR.
+    pub const V_INTR_MASKING: u64 = 1 << 24;
+}
+
+/// EVENTINJ and EXITINTINFO (offsets 0x0a8, 0x088; APM 15.20): vector 7:0, type 10:8, EV
+/// (an error code in 63:32) bit 11, V (valid) bit 31.
+pub mod event {
+    pub const VALID: u64 = 1 << 31;
+    pub const ERROR_CODE_VALID: u64 = 1 << 11;
+    pub const TYPE_INTR: u64 = 0 << 8;
+    pub const TYPE_EXCEPTION: u64 = 3 << 8;
 }
 
 /// EFER.SVME (APM 15.4): must be set in the host to execute SVM instructions, and in a

@@ -199,6 +199,7 @@ impl crate::vcpu::Vcpu for VmxVcpu {
     type Exit = VmxExit;
     const HYPERCALL_CODE: u16 = super::exit::reason::VMCALL;
     const CPUID_CODE: u16 = super::exit::reason::CPUID;
+    const LIVE: u64 = 1;
 
     fn setup(
         f: &super::Features,
