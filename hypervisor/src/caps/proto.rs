@@ -53,14 +53,16 @@
 //!   copies' children) declines them and the asker sends them directly.
 //! * **Multicast** (`Policy::revoke = Multicast`, the default). The revoker's own revoke
 //!   writes one request naming every copy (ids and cores, see `caps::mcast`) once into its
-//!   core's slot, rings each named core and kicks it: no ring message, no per-holder
-//!   request. Each named core serves it after draining its inbox (everything the revoker
+//!   core's slot, before it sets up its own entry, rings every named core, then kicks them
+//!   (the transport's business: one NMI per x2APIC cluster): no ring message, no
+//!   per-holder request. Each named core serves it after draining its inbox (everything the revoker
 //!   sent it before the request is handled first; today a transfer's guest waits for its
 //!   `INSERT_REPLY`, so no `INSERT` of the revoker is ever behind it, but the order does not
 //!   rely on that), revokes its copies there and then, and writes its answer [nodes,
 //!   incomplete, declined] into its own reply line of the revoker's slot, setting its bit in
 //!   the slot's answered word; the revoker, spinning in its wait, takes the answers with one
-//!   load when none is new. A copy counts as gone only when its own core's line says so for
+//!   load when none is new, and all of them in one pass once all are in (line by line only
+//!   if one declines, doubts or answers an older request). A copy counts as gone only when its own core's line says so for
 //!   this request's sequence number. A core whose copy has copies of its own (or whose
 //!   revoke is under way there) declines all of its copies without touching them, and the
 //!   revoker asks for each by a `REVOKE` on the ring (an entry with the usual classes,
