@@ -184,6 +184,8 @@ mod boot {
             }
         };
         start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
+        // The BSP's APIC is in x2APIC mode now (if it has one): kicks to it may be logical.
+        crate::instance::xcore::publish_logical_id(0);
         smp::enable_vmx_and_report(0);
         let all_up = collect(
             &list,

@@ -149,12 +149,15 @@ impl PerCore {
     fn away_ends(&self, now: u64, site: u8) {
         // Only this core writes these (no read-modify-write needed).
         let since = self.away_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return;
+        }
         let stretch = now.saturating_sub(since);
-        if since != 0 && stretch > self.away_longest.load(Ordering::Relaxed) {
+        if stretch > self.away_longest.load(Ordering::Relaxed) {
             self.away_longest.store(stretch, Ordering::Relaxed);
         }
         // Segments only where a mark split the stretch (the exit paths pay one compare).
-        if since != 0 && self.seg_at.load(Ordering::Relaxed) > since {
+        if self.seg_at.load(Ordering::Relaxed) > since {
             self.segment_ends(now, site);
         }
     }
@@ -287,6 +290,11 @@ static NMI_READY: AtomicU64 = AtomicU64::new(0);
 /// Whether core `index` can take an NMI (its IDT is loaded).
 pub fn nmi_ready(index: usize) -> bool {
     index < 64 && NMI_READY.load(Ordering::Acquire) & (1 << index) != 0
+}
+
+/// The cores that can take an NMI (bit per slot index; see [`nmi_ready`]), in one load.
+pub fn nmi_ready_set() -> u64 {
+    NMI_READY.load(Ordering::Acquire)
 }
 
 /// The calling core's slot index, or `None` before its `init_this_core`.

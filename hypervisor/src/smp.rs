@@ -334,6 +334,8 @@ extern "C" fn ap_entry(index: u64) -> ! {
              backend virtualizes them)"
         );
     }
+    // Kicks to this core may now share an ICR write with the rest of its x2APIC cluster.
+    crate::instance::xcore::publish_logical_id(index);
     if index == 1 && INJECT_AP_FAULT.get() == Some(&true) {
         log::warn!("inject=ap-fault: executing UD2 during bring-up");
         // SAFETY: deliberately raises #UD, which the IDT reports; nothing is corrupted.

@@ -96,6 +96,8 @@ impl LocalApic {
 
 const MSR_X2APIC_SIVR: u32 = 0x80f;
 const MSR_X2APIC_ICR: u32 = 0x830;
+/// The logical x2APIC ID (LDR), read-only in x2APIC mode (SDM Vol. 3A 11.12.10.1).
+const MSR_X2APIC_LDR: u32 = 0x80d;
 /// Spurious-interrupt vector: APIC software-enabled, spurious vector 0xff.
 const SIVR_ENABLED: u64 = 0x1ff;
 
@@ -295,6 +297,47 @@ pub unsafe fn timer_disarm(mode: TimerMode) {
         // SAFETY: the caller's guarantee.
         TimerMode::OneShot { .. } => unsafe { reg_write(XAPIC_TIMER_INITIAL, 0) },
     }
+}
+
+/// This core's logical x2APIC ID as its APIC holds it (the LDR, MSR 80DH: the cluster in
+/// bits 31:16, this core's one bit of the cluster's sixteen in bits 15:0; SDM Vol. 3A
+/// 11.12.10.1-2), or `None` if the APIC is not in x2APIC mode or the register does not
+/// read as one core's ID. Read, not derived from the x2APIC ID: the register is what the
+/// APIC matches a logical destination against.
+pub fn logical_id() -> Option<u32> {
+    if !x2apic_mode() {
+        return None;
+    }
+    // SAFETY: x2APIC mode is on (checked above), so the LDR MSR exists; reading it has no
+    // side effect.
+    let read = || unsafe { super::rdmsr(MSR_X2APIC_LDR) } as u32;
+    let mut ldr = read();
+    if ldr == 0 {
+        // Architecturally never 0 in x2APIC mode (one bit of the bitmask is always set).
+        // Bochs 2.7 derives it only on a write of IA32_APIC_BASE made while the APIC is
+        // already in x2APIC mode: write the same value again, the x2APIC-to-x2APIC "no
+        // change" transition (SDM Vol. 3A 11.12.5), and read once more.
+        // SAFETY: IA32_APIC_BASE exists; writing back the value just read changes no state.
+        unsafe {
+            let base = super::rdmsr(x86::msr::IA32_APIC_BASE);
+            super::wrmsr(x86::msr::IA32_APIC_BASE, base);
+        }
+        ldr = read();
+    }
+    (ldr & 0xffff).is_power_of_two().then_some(ldr)
+}
+
+/// Sends one NMI to every core of x2APIC cluster `ldr >> 16` whose bit is set in
+/// `ldr & 0xffff` (logical destination mode: one ICR write for up to 16 cores, SDM Vol. 3A
+/// 11.6.1 and 11.12.10.1). `ldr` is a union of [`logical_id`]s of one cluster.
+pub fn send_nmi_logical(ldr: u32) {
+    // Delivery mode NMI (100b, the vector ignored), logical destination (bit 11), level
+    // assert (bit 14: 1 for every delivery mode but INIT de-assert), edge trigger, no
+    // shorthand; the destination in bits 63:32 (11.12.9: one 64-bit WRMSR, no delivery
+    // status to poll).
+    // SAFETY: x2APIC mode on every core that kicks (as for `send_nmi`); the ICR write only
+    // sends this NMI.
+    unsafe { super::wrmsr(MSR_X2APIC_ICR, (ldr as u64) << 32 | 1 << 14 | 1 << 11 | 4 << 8) };
 }
 
 /// Whether this core's local APIC is enabled in x2APIC mode (IA32_APIC_BASE bits 11 and 10).

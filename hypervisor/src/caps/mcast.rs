@@ -26,7 +26,9 @@ pub struct Request {
 }
 
 impl Request {
-    /// The cores this request names, one bit each.
+    /// The cores this request names, one bit each (the transports compute it as they
+    /// write the slot; the model and the host tests' transport use this).
+    #[cfg(test)]
     pub fn targets(&self) -> u64 {
         self.cores[..self.len()].iter().fold(0, |m, &c| m | 1u64 << (c % 64))
     }
@@ -68,6 +70,13 @@ pub fn answer(seq: u64, total: u64, incomplete: bool, declined: bool) -> u64 {
         | (declined as u64) << 31
 }
 
+/// The nodes revoked, if `w` answers request `seq` in full (neither declined nor
+/// incomplete): what the revoker's one-pass gather takes; `None` sends it to [`decode`].
+#[inline]
+pub fn full(w: u64, seq: u64) -> Option<u64> {
+    (w >> 30 == (seq & 0xffff_ffff) << 2).then_some(w & 0x3fff_ffff)
+}
+
 /// An answer word, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -97,6 +106,15 @@ mod tests {
         assert_eq!(a, Answer { seq: 4, total: 3, incomplete: true, declined: false });
         let d = decode(answer(6, 0, false, true));
         assert!(d.declined && !d.incomplete && d.seq == 6 && d.total == 0);
+    }
+
+    #[test]
+    fn only_a_full_answer_to_the_same_request_is_taken_in_one_pass() {
+        assert_eq!(full(answer(6, 3, false, false), 6), Some(3));
+        assert_eq!(full(answer(0x1_0000_0006, 3, false, false), 6), Some(3), "low 32 bits");
+        assert_eq!(full(answer(8, 3, false, false), 6), None, "another request");
+        assert_eq!(full(answer(6, 3, true, false), 6), None, "incomplete");
+        assert_eq!(full(answer(6, 0, false, true), 6), None, "declined");
     }
 
     #[test]

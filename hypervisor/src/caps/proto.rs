@@ -53,14 +53,16 @@
 //!   copies' children) declines them and the asker sends them directly.
 //! * **Multicast** (`Policy::revoke = Multicast`, the default). The revoker's own revoke
 //!   writes one request naming every copy (ids and cores, see `caps::mcast`) once into its
-//!   core's slot, rings each named core and kicks it: no ring message, no per-holder
-//!   request. Each named core serves it after draining its inbox (everything the revoker
+//!   core's slot, before it sets up its own entry, rings every named core, then kicks them
+//!   (the transport's business: one NMI per x2APIC cluster): no ring message, no
+//!   per-holder request. Each named core serves it after draining its inbox (everything the revoker
 //!   sent it before the request is handled first; today a transfer's guest waits for its
 //!   `INSERT_REPLY`, so no `INSERT` of the revoker is ever behind it, but the order does not
 //!   rely on that), revokes its copies there and then, and writes its answer [nodes,
 //!   incomplete, declined] into its own reply line of the revoker's slot, setting its bit in
 //!   the slot's answered word; the revoker, spinning in its wait, takes the answers with one
-//!   load when none is new. A copy counts as gone only when its own core's line says so for
+//!   load when none is new, and all of them in one pass once all are in (line by line only
+//!   if one declines, doubts or answers an older request). A copy counts as gone only when its own core's line says so for
 //!   this request's sequence number. A core whose copy has copies of its own (or whose
 //!   revoke is under way there) declines all of its copies without touching them, and the
 //!   revoker asks for each by a `REVOKE` on the ring (an entry with the usual classes,
@@ -569,6 +571,13 @@ impl<const E: usize> Proto<E> {
         stats: &mut Stats,
     ) {
         self.local = None;
+        // A multicast request leaves first: its holders work while the entry is set up
+        // (nothing here reads their answers before this call returns).
+        let asked = if policy.revoke == Revoke::Multicast {
+            self.multicast(env, node, &children)
+        } else {
+            0
+        };
         let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
         self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
         let e = &mut self.entries[0];
@@ -583,7 +592,7 @@ impl<const E: usize> Proto<E> {
             e.n += 1;
         }
         if policy.revoke == Revoke::Multicast {
-            self.multicast(env);
+            self.mc_mark(asked);
         } else if let Revoke::Tree { fanout } = policy.revoke {
             // Copies whose ids ride with the first one's go in the tree, the rest direct.
             let e = &mut self.entries[0];
@@ -601,39 +610,47 @@ impl<const E: usize> Proto<E> {
         self.finish_complete(env, stats);
     }
 
-    /// Asks every holder of the local revoke's copies at once: one request in this core's
-    /// slot naming them all (see the module header, "Multicast"). Copies on a fenced core
-    /// are left to [`Self::pump`] (which fails them); if the environment has no slots,
-    /// nothing is marked and `pump` sends a `REVOKE` per copy.
-    fn multicast(&mut self, env: &mut impl Env) {
+    /// Asks every holder of the local revoke's copies `children` (node `node`) at once: one
+    /// request in this core's slot naming them all (see the module header, "Multicast").
+    /// Returns the copies asked (bit `j`: the `j`th copy, as the entry lists them). Copies
+    /// on a fenced core are left to [`Self::pump`] (which fails them); if the environment
+    /// has no slots, nothing is asked and `pump` sends a `REVOKE` per copy.
+    fn multicast(
+        &mut self,
+        env: &mut impl Env,
+        node: u64,
+        children: &[Option<Child>; MAX_CHILDREN],
+    ) -> u16 {
         let me = self.me as usize;
-        let e = &self.entries[0];
-        let mut req = mcast::Request {
-            seq: self.mc_seq.wrapping_add(2).max(2),
-            node: e.node,
-            ..Default::default()
-        };
-        // The children asked (their slots), one pass; fenced cores are left to `pump`.
+        let mut req =
+            mcast::Request { seq: self.mc_seq.wrapping_add(2).max(2), node, ..Default::default() };
+        // One pass; fenced cores are left to `pump`.
         let skip = self.fenced | 1 << me;
-        let (mut k, mut asked) = (0, 0u16);
-        for j in 0..e.n as usize {
-            let core = e.cores[j];
+        let (mut k, mut asked, mut targets) = (0, 0u16, 0u64);
+        for (j, ch) in children.iter().flatten().take(MAX_CHILDREN).enumerate() {
+            let core = ch.core;
             if core as usize >= MAX_PEERS || skip & 1 << core != 0 {
                 continue;
             }
-            (req.ids[k], req.cores[k]) = (e.ids[j], core);
+            (req.ids[k], req.cores[k]) = (ch.id, core);
             k += 1;
             asked |= 1 << j;
+            targets |= 1 << core;
         }
         if k == 0 {
-            return;
+            return 0;
         }
         req.n = k as u8;
         if !env.mc_publish(me, &req) {
-            return;
+            return 0;
         }
         self.mc_seq = req.seq;
-        self.mc_expect = req.targets();
+        self.mc_expect = targets;
+        asked
+    }
+
+    /// Marks the local revoke's copies `asked` as asked by this core's multicast request.
+    fn mc_mark(&mut self, asked: u16) {
         let e = &mut self.entries[0];
         e.sent |= asked;
         for j in 0..e.n as usize {
@@ -644,7 +661,7 @@ impl<const E: usize> Proto<E> {
             let j = m.trailing_zeros() as usize;
             m &= m - 1;
             e.via[j] = MC;
-            self.mc_children[e.cores[j] as usize] |= 1 << j;
+            self.mc_children[e.cores[j] as usize % MAX_PEERS] |= 1 << j;
         }
     }
 
@@ -673,6 +690,34 @@ impl<const E: usize> Proto<E> {
         let answered = env.mc_answered(me);
         if !all && answered & self.mc_expect != self.mc_expect {
             return 0;
+        }
+        if answered & self.mc_expect == self.mc_expect && self.entries[0].kind == Kind::LocalRevoke
+        {
+            // Every awaited core answered: in the usual case all in full, taken in one pass
+            // and one update of the entry (no per-holder branches on the critical path).
+            let seq = self.mc_seq;
+            let (mut bits, mut ok, mut total, mut mine) = (self.mc_expect, true, 0u64, 0u16);
+            while bits != 0 {
+                let c = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                match mcast::full(env.mc_line(me, c), seq) {
+                    Some(t) => total += t,
+                    None => ok = false,
+                }
+                mine |= self.mc_children[c % MAX_PEERS];
+            }
+            if ok {
+                let taken = self.mc_expect.count_ones();
+                self.mc_expect = 0;
+                let e = &mut self.entries[0];
+                e.done |= mine;
+                e.total = e.total.saturating_add(total);
+                if e.complete() {
+                    self.finish_complete(env, stats);
+                }
+                return taken;
+            }
+            // A decline, a doubt or an older answer: each line on its own, below.
         }
         let mut bits = answered & self.mc_expect;
         let mut taken = 0;
@@ -871,17 +916,25 @@ impl<const E: usize> Proto<E> {
             self.release(i - 1);
             // What of the node's own could not be confirmed; failed members of a served tree
             // request are reported apart (they are not below this node).
-            let own = e.incomplete || e.failed & e.own_mask() != 0;
-            let members = (0..e.n as usize)
-                .filter(|&j| e.up[j] != NONE && e.failed & (1 << j) != 0)
-                .fold(0u64, |m, j| m | 1 << e.up[j]);
+            // (Loops over the children only when some failed: not on a revoke's usual path.)
+            let own = e.incomplete || (e.failed != 0 && e.failed & e.own_mask() != 0);
+            let members = if e.failed == 0 {
+                0
+            } else {
+                (0..e.n as usize)
+                    .filter(|&j| e.up[j] != NONE && e.failed & (1 << j) != 0)
+                    .fold(0u64, |m, j| m | 1 << e.up[j])
+            };
             if own {
                 self.lost_track = true;
             }
             if e.kind == Kind::LocalRevoke {
                 self.mc_expect = 0;
                 self.unconfirmed = [None; MAX_CHILDREN];
-                for j in (0..e.n as usize).filter(|j| e.failed & (1 << j) != 0) {
+                let mut m = e.failed;
+                while m != 0 {
+                    let j = m.trailing_zeros() as usize;
+                    m &= m - 1;
                     self.unconfirmed[j] = Some(Child { core: e.cores[j], id: e.ids[j] });
                 }
             }

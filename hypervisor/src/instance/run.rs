@@ -222,11 +222,26 @@ pub(super) fn mark(site: u8) {
 }
 
 /// `inject=deaf-core:N:MS:AFTER`: whether this core is deaf at `now` (from `*from` on, for
-/// `l.deaf_ms`; the deafness starts here, logged with its window). While it lasts the
-/// capability state's poll serves nothing, wherever it is called (see
-/// `HvCaps::deafen_until`).
-fn deaf_injection(ctx: &mut GuestCtx, l: &Launch, core: u32, now: u64, from: &mut u64) -> bool {
+/// `l.deaf_ms`; the deafness starts here, logged with its window, and `*over` is set once
+/// it has ended). While it lasts the capability state's poll serves nothing, wherever it
+/// is called (see `HvCaps::deafen_until`). Called only while `*over` is clear: the run
+/// loop's every entry pays one flag test for it, not this.
+#[cold]
+#[inline(never)]
+fn deaf_injection(
+    ctx: &mut GuestCtx,
+    l: &Launch,
+    core: u32,
+    now: u64,
+    from: &mut u64,
+    over: &mut bool,
+) -> bool {
     if now < *from {
+        return false;
+    }
+    if !ctx.caps.deaf_at(now) && ctx.caps.deaf_until() != 0 {
+        *over = true;
+        log::warn!("inject=deaf-core: core {core} serves its inbox again, tsc={now}");
         return false;
     }
     if ctx.caps.deaf_until() == 0 {
@@ -367,16 +382,15 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         // otherwise, whatever the core count).
         let now = arch::rdtsc();
         let mut due = ctx.caps.members.due();
-        let deaf = !deaf_over && deaf_injection(&mut ctx, l, core, now, &mut deaf_from);
+        let deaf =
+            !deaf_over && deaf_injection(&mut ctx, l, core, now, &mut deaf_from, &mut deaf_over);
         if deaf {
             // Nothing served: the kicks' time is nobody's to charge.
             kicked_at = None;
-        } else if !deaf_over && ctx.caps.deaf_until() != 0 {
-            deaf_over = true;
-            log::warn!("inject=deaf-core: core {core} serves its inbox again, tsc={now}");
         }
-        let busy = !deaf
-            && (kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention());
+        let busy =
+            (kicked_at.is_some() || vcpu.link.has_mail() || now >= due || ctx.caps.attention())
+                && !deaf;
         if busy {
             let t0 = arch::rdtsc();
             let served = ctx.caps.poll(&mut vcpu);
@@ -432,7 +446,8 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
             }
             due = ctx.caps.members.due();
         }
-        if l.hang && launched && now >= hang_at {
+        // `hang_at` stays u64::MAX unless `inject=hung-core` (set at the first exit).
+        if now >= hang_at {
             hang(core);
         }
         if now >= l.end_tsc {
@@ -440,12 +455,16 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
         }
         // The membership failure detector's next probe or deadline, the end of the run
         // (and an injected hang) come even if the guest never exits.
-        let also = due.min(l.end_tsc);
-        let also = if l.hang { also.min(hang_at) } else { also };
+        let also = due.min(l.end_tsc).min(hang_at);
         // Deaf: the guest runs until the deafness ends (no probe is due meanwhile), and
         // the deafness starts on time even if the guest never exits.
-        let also = if deaf { l.end_tsc.min(ctx.caps.deaf_until()) } else { also };
-        let also = if deaf_over { also } else { also.min(deaf_from) };
+        let also = if deaf_over {
+            also
+        } else if deaf {
+            l.end_tsc.min(ctx.caps.deaf_until())
+        } else {
+            also.min(deaf_from)
+        };
         let timer = match ctx.before_entry(&mut vcpu, also) {
             Ok(t) => t,
             Err(why) => break Ending::Stopped(why),
@@ -497,7 +516,9 @@ pub(super) fn incarnation<B: crate::vcpu::Vcpu>(
             break Ending::Stopped(StopReason::Setup("VM entry failed (VM-instruction error)"));
         }
         if !launched {
-            hang_at = first_entry.saturating_add(tsc_per_ms.saturating_mul(20));
+            if l.hang {
+                hang_at = first_entry.saturating_add(tsc_per_ms.saturating_mul(20));
+            }
             if !deaf_over {
                 deaf_from = first_entry.saturating_add(tsc_per_ms.saturating_mul(l.deaf_after_ms));
             }

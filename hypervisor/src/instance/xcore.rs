@@ -24,10 +24,13 @@
 //! holders (the layout is `caps::mcast`'s). Each reader answers in its own reply line of
 //! the slot (one writer per line) and sets its bit in the slot's answered word, a doorbell
 //! like the mail word. A publish rings each named core twice (its mail word, so its run
-//! loop looks, and its multicast bell, which says whose slot to read) and kicks it.
+//! loop looks, and its multicast bell, which says whose slot to read), then kicks them all
+//! at once: one NMI per x2APIC cluster in logical destination mode (each core publishes the
+//! logical ID its own APIC holds, [`publish_logical_id`]), by physical ID only for a core
+//! without one.
 //!
 //! Owns the rings, the mail words, the multicast slots and bells, and the core-to-APIC
-//! table. Calls `vmcall_proto::channel` (the ring), `arch::apic` (the NMI) and
+//! tables (physical and logical IDs). Calls `vmcall_proto::channel` (the ring), `arch::apic` (the NMI) and
 //! `caps::mcast` (the request's layout), nothing else.
 
 use crate::caps::mcast;
@@ -122,20 +125,26 @@ pub fn mc_publish(me: usize, req: &mcast::Request) -> bool {
     s.node.store(req.node, Ordering::Relaxed);
     let n = (req.n as usize).min(mcast::MAX);
     s.n.store(n as u64, Ordering::Relaxed);
-    let mut word = 0;
+    // The named cores (one bit each) gathered in the same pass.
+    let mut t = 0u64;
     for j in 0..n {
         s.ids[j].store(req.ids[j], Ordering::Relaxed);
-        word |= (req.cores[j] as u64) << (16 * (j % 4));
-        if j % 4 == 3 || j + 1 == n {
-            s.cores[j / 4].store(word, Ordering::Relaxed);
-            word = 0;
-        }
+        t |= 1 << (req.cores[j] % 64);
+    }
+    // Four 16-bit cores a word (past `n`, whatever the request holds: never read).
+    for (w, c) in s.cores.iter().zip(req.cores.chunks_exact(4)).take(n.div_ceil(4)) {
+        w.store(
+            c[0] as u64 | (c[1] as u64) << 16 | (c[2] as u64) << 32 | (c[3] as u64) << 48,
+            Ordering::Relaxed,
+        );
     }
     s.answered.0.store(0, Ordering::Relaxed);
     s.seq.store(req.seq, Ordering::Release);
-    // Each named core: its bell and mail bit (after the slot), then its kick.
-    let apic = APIC_OF.get();
-    let mut t = req.targets() & !(1 << me);
+    // Each named core: its bell and mail bit (after the slot); then all of them kicked,
+    // after every bell (a kicked core finds its bell rung): the cores of one x2APIC cluster
+    // by one ICR write, gathered in the same pass, the rest by `kick_set`.
+    let ready = crate::percpu::nmi_ready_set();
+    let (mut t, mut dest, mut rest) = (t & !(1 << me), 0u32, 0u64);
     while t != 0 {
         let to = t.trailing_zeros() as usize;
         t &= t - 1;
@@ -144,12 +153,17 @@ pub fn mc_publish(me: usize, req: &mcast::Request) -> bool {
         }
         BELLS[to].0.fetch_or(1 << me, Ordering::Release);
         MAIL[to].0.fetch_or(1 << me, Ordering::Release);
-        if let Some((ids, cores)) = apic {
-            if to < *cores && crate::percpu::nmi_ready(to) {
-                crate::arch::apic::send_nmi(ids[to]);
-            }
+        let l = LOGICAL[to].load(Ordering::Acquire);
+        if ready & 1 << to != 0 && joins(dest, l) {
+            dest |= l;
+        } else {
+            rest |= 1 << to;
         }
     }
+    if dest != 0 {
+        crate::arch::apic::send_nmi_logical(dest);
+    }
+    kick_set(rest);
     true
 }
 
@@ -207,6 +221,70 @@ pub fn mc_line(me: usize, from: usize) -> u64 {
     match (MC_SLOTS.get(me), from < MAX_CORES) {
         (Some(s), true) => s.lines[from].0.load(Ordering::Acquire),
         _ => 0,
+    }
+}
+
+/// Kicks every core in `set` (bit per core index) that can take an NMI: one ICR write per
+/// x2APIC cluster for the cores whose logical ID is known ([`publish_logical_id`]), one
+/// per core for the others. A multicast's holders all on one cluster (up to 16 cores, all
+/// of Bochs's 15) cost the sender one write, not one per holder; see
+/// `docs/capabilities.md`, "One kick to many", for why this is sound on hardware.
+fn kick_set(set: u64) {
+    let Some((ids, cores)) = APIC_OF.get() else { return };
+    let all = if *cores >= 64 { u64::MAX } else { (1u64 << *cores) - 1 };
+    let mut rest = set & all & crate::percpu::nmi_ready_set();
+    while rest != 0 {
+        match one_cluster(rest, |c| LOGICAL[c].load(Ordering::Acquire)) {
+            (0, _) => {
+                // The lowest core has no logical ID: its own ICR write.
+                crate::arch::apic::send_nmi(ids[rest.trailing_zeros() as usize]);
+                rest &= rest - 1;
+            }
+            (dest, left) => {
+                crate::arch::apic::send_nmi_logical(dest);
+                rest = left;
+            }
+        }
+    }
+}
+
+/// Whether a core of logical ID `l` (0: none) can share the logical destination `dest`
+/// (0: none yet): the same x2APIC cluster (bits 31:16), whose bitmask then names both.
+fn joins(dest: u32, l: u32) -> bool {
+    l != 0 && (dest == 0 || l >> 16 == dest >> 16)
+}
+
+/// The logical destination naming the lowest core of `set` and every other core of `set`
+/// in its x2APIC cluster (`logical(c)`: core `c`'s logical ID, 0 if none), and the cores of
+/// `set` it leaves; `(0, set)` if the lowest core has no logical ID.
+fn one_cluster(set: u64, logical: impl Fn(usize) -> u32) -> (u32, u64) {
+    let (mut dest, mut left, mut m) = (0u32, set, set);
+    while m != 0 {
+        let c = m.trailing_zeros() as usize;
+        m &= m - 1;
+        let l = if c < MAX_CORES { logical(c) } else { 0 };
+        if dest == 0 && l == 0 {
+            return (0, set);
+        }
+        if joins(dest, l) {
+            dest |= l;
+            left &= !(1 << c);
+        }
+    }
+    (dest, left)
+}
+
+/// Per core: its logical x2APIC ID as its own APIC reads it (cluster in bits 31:16, its bit
+/// in 15:0), written once by that core ([`publish_logical_id`]); 0 until then or if it has
+/// none (then it is kicked by its physical ID).
+static LOGICAL: [core::sync::atomic::AtomicU32; MAX_CORES] =
+    [const { core::sync::atomic::AtomicU32::new(0) }; MAX_CORES];
+
+/// Core `core` (the caller, on its own core, once its APIC is in x2APIC mode) publishes its
+/// logical x2APIC ID, so that kicks to it can share an ICR write with its cluster.
+pub fn publish_logical_id(core: usize) {
+    if let (Some(l), Some(slot)) = (crate::arch::apic::logical_id(), LOGICAL.get(core)) {
+        slot.store(l, Ordering::Release);
     }
 }
 
@@ -397,6 +475,23 @@ mod tests {
         assert!(!mc_publish(58, &mcast::Request { seq: 3, ..req }), "odd numbers are refused");
         MAIL[59].0.store(0, Ordering::Relaxed);
         MAIL[61].0.store(0, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn kicks_share_an_icr_write_per_x2apic_cluster_only() {
+        // Cores 0-3 in cluster 0, 4 and 6 in cluster 1 (x2APIC ids 0x10 and 0x13), core 5
+        // without a logical ID.
+        let ldr = |c: usize| match c {
+            0..=3 => 1 << c,
+            4 => 1 << 16 | 1,
+            6 => 1 << 16 | 1 << 3,
+            _ => 0,
+        };
+        assert_eq!(one_cluster(0b111_1111, ldr), (0b1111, 0b111_0000));
+        assert_eq!(one_cluster(0b111_0000, ldr), (1 << 16 | 0b1001, 0b010_0000));
+        assert_eq!(one_cluster(0b010_0000, ldr), (0, 0b010_0000), "kicked physically");
+        assert_eq!(one_cluster(0b110_0010, ldr), (0b10, 0b110_0000), "lowest core's cluster");
+        assert!(joins(0, 4) && joins(0b11, 4) && !joins(0b11, 1 << 16 | 1) && !joins(0b11, 0));
     }
 
     #[test]
