@@ -306,6 +306,12 @@ pub fn build_ept(
 #[cfg(target_os = "none")]
 mod account;
 #[cfg(target_os = "none")]
+mod death;
+#[cfg(target_os = "none")]
+mod live;
+#[cfg(target_os = "none")]
+mod prepare;
+#[cfg(target_os = "none")]
 pub mod run;
 #[cfg(target_os = "none")]
 mod setup;

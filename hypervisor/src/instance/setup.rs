@@ -281,3 +281,27 @@ pub(super) fn reset_rings(ch: &ChanMap) -> u64 {
     unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
     lost
 }
+
+/// This core's guest across its incarnations: what each one is set up from, and what
+/// carries over from one to the next (its lifecycle, its channels' counts, the sum of
+/// the reports so far).
+pub(super) struct Guest<'a, B: crate::vcpu::Vcpu> {
+    pub(super) l: &'a Launch,
+    /// What the backend probed at boot.
+    pub(super) f: &'a B::Features,
+    pub(super) core: u32,
+    /// What happens to the guest (see `lifecycle`): it hears what happened and says
+    /// what to do.
+    pub(super) lc: super::lifecycle::Lifecycle,
+    /// Each channel's messages lost to ring resets, and its resets, over the incarnations.
+    pub(super) counts: [super::account::LinkCount; MAX_CHANNELS_PER_GUEST],
+    /// The incarnations' reports summed (none before the first).
+    pub(super) total: Option<GuestReport>,
+}
+
+/// Which incarnation of the guest this is (1 for the first) and when its setup began.
+#[derive(Clone, Copy)]
+pub(super) struct Incarnation {
+    pub(super) n: u32,
+    pub(super) tsc_start: u64,
+}

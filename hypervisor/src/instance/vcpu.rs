@@ -56,8 +56,8 @@ macro_rules! this_cores_services {
 /// The guest's vCPU: the backend's `hw` and what the instance gives it.
 pub(super) struct GuestVcpu<'a, B: crate::vcpu::Vcpu> {
     pub(super) hw: B,
-    pub(super) part: &'a Partition,
-    pub(super) frames: &'a mut Private,
+    pub(super) part: Partition,
+    pub(super) frames: Private,
     pub(super) link: &'a mut crate::instance::xcore::Link,
     /// The guest's status page (a private frame) and its channels, in boot-info order.
     pub(super) status: u64,
@@ -118,12 +118,12 @@ impl<B: crate::vcpu::Vcpu> crate::caps::Env for GuestVcpu<'_, B> {
     }
     fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
         let perm = ept::Perm::shared(write);
-        ept::map_with(self.frames, self.hw.nested_root() & !0xfff, gpa, hpa, size, perm)?;
+        ept::map_with(&mut self.frames, self.hw.nested_root() & !0xfff, gpa, hpa, size, perm)?;
         self.hw.flush_nested();
         Ok(())
     }
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        ept::unmap(self.frames, self.hw.nested_root() & !0xfff, gpa, size)?;
+        ept::unmap(&mut self.frames, self.hw.nested_root() & !0xfff, gpa, size)?;
         // No stale translation survives the unmap.
         self.hw.flush_nested();
         Ok(())
