@@ -106,7 +106,7 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Dying<'g, 'a, B> {
     fn clear_vcpu(&mut self) {
         let name = self.live.sink.name;
         let live = &mut self.live;
-        live.me.vmcs_live.store(0, core::sync::atomic::Ordering::Release);
+        live.me.vcpu_gone();
         live.vcpu.hw.clear();
         mark(crate::percpu::site::DEATH_CLEAR_VMCS);
         let frames = &live.vcpu.frames;

@@ -93,7 +93,8 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
         let start =
             Start { tsc: p.at.tsc_start, frames: p.frames.in_use(), caps: ctx.caps.live_caps() };
         let (part, frames, status, chans) = (p.part, p.frames, p.status, l.channels());
-        let mut vcpu = GuestVcpu { hw: p.hw, part, frames, link, status, chans };
+        let mut vcpu =
+            GuestVcpu { hw: p.hw, part, frames, link, status, chans, pci: crate::pci::Cf8 };
         *vcpu.hw.regs() = GuestRegs { rdi: BOOT_INFO_GPA, ..Default::default() };
         crate::record!(
             vmcall_proto::record::kind::START,
@@ -114,8 +115,8 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
         let me = unsafe { crate::percpu::this_core() };
         // This incarnation's NMIs, for its telemetry.
         me.nmis.store(0, core::sync::atomic::Ordering::Relaxed);
-        // From now on a kick taken in the hypervisor zeroes this VMCS's preemption timer.
-        me.vmcs_live.store(1, core::sync::atomic::Ordering::Release);
+        // From now on a kick taken in the hypervisor makes the next entry exit at once.
+        me.vcpu_live(B::KICK_HOOK);
         let fast = fast_path(&ctx, me, status, vcpu.hw.timer_shift());
         let mut live = Live {
             at: p.at,

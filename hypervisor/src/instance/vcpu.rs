@@ -62,6 +62,9 @@ pub(super) struct GuestVcpu<'a, B: crate::vcpu::Vcpu> {
     /// The guest's status page (a private frame) and its channels, in boot-info order.
     pub(super) status: u64,
     pub(super) chans: &'a [ChanMap],
+    /// The machine's configuration space, which the guest reaches through its filtered
+    /// view (`exits::Vcpu::config_space`).
+    pub(super) pci: crate::pci::Cf8,
 }
 
 impl<B: crate::vcpu::Vcpu> Vcpu for GuestVcpu<'_, B> {
@@ -95,11 +98,9 @@ impl<B: crate::vcpu::Vcpu> Vcpu for GuestVcpu<'_, B> {
     fn send_ipi(&mut self, apic: u32, vector: u8) {
         arch::apic::send_fixed_ipi(apic, vector);
     }
-    fn pci_read32(&mut self, f: vmcall_proto::device::Bdf, offset: u16) -> u32 {
-        crate::pci::ConfigSpace::read32(&mut crate::pci::Cf8, f, offset)
-    }
-    fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
-        crate::pci::ConfigSpace::write32(&mut crate::pci::Cf8, f, offset, value)
+    type Pci = crate::pci::Cf8;
+    fn config_space(&mut self) -> &mut crate::pci::Cf8 {
+        &mut self.pci
     }
 }
 
