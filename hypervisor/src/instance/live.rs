@@ -344,7 +344,6 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
         } else {
             0
         };
-        self.fast.exits_base = self.ctx.counters.exits_total;
         if self.me.take_kick() {
             // A kick came after the look at the mail word: its message waits. Enter for no
             // instruction (a zero timer exits at once, SDM Vol. 3C 26.7.4) and poll again.
@@ -380,6 +379,7 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
         let t_entry = arch::rdtsc();
         let (status, hv) = (self.vcpu.status, t_entry.saturating_sub(self.last_exit));
         publish_telemetry(status, &self.ctx, hv, self.last_reason);
+        self.fast.base(self.ctx.counters.exits_total);
         if self.traffic.due(t_entry) {
             refresh_traffic(&mut self.traffic, status, t_entry);
         }
@@ -397,8 +397,10 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
         let entered = unsafe { self.vcpu.hw.enter(fast_ptr) };
         let t_exit = arch::rdtsc();
         self.me.left_guest(t_exit);
-        // The exits the fast path answered count even if its last VMRESUME failed.
-        let (hypercalls, cpuids) = self.fast.take();
+        // The exits the fast path answered (its tally: the telemetry page) count even if
+        // its last VMRESUME failed.
+        let c = &self.ctx.counters;
+        let (hypercalls, cpuids) = self.fast.answered(c.exits_total, c.hypercalls);
         self.ctx.fold_fast((B::HYPERCALL_CODE, hypercalls), (B::CPUID_CODE, cpuids));
         if let Err(crate::vcpu::EntryError { code }) = entered {
             log::error!("guest {}: VM entry failed, VM-instruction error {code}", self.sink.name);
