@@ -143,10 +143,8 @@ impl<B: crate::vcpu::Vcpu> Guest<'_, B> {
                     caps = back;
                     next = Some(event);
                 }
-                Effect::Leave => next = Some(Life::Left(leave(self.l, self.core, caps, link))),
-                Effect::Join { via } => {
-                    next = Some(Life::Joined(join(self.l, self.core, caps, link, via)))
-                }
+                Effect::Leave => next = Some(Life::Left(leave(self, caps, link))),
+                Effect::Join { via } => next = Some(Life::Joined(join(self, caps, link, via))),
                 Effect::Gone => gone = true,
                 // Only while an incarnation runs or dies (`live` and `death` perform them).
                 Effect::Stop(_) | Effect::Die(_) => {}

@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Setting up a guest on this core: its capability state, its partition (bounds-checked
-//! copies), its boot page tables, its VMCS and bitmaps, its devices quiesced, and what a
-//! dead incarnation leaves scrubbed for the next; the core's leave and rejoin of the
-//! membership view for a park.
+//! What a guest is set up from and with, on this core: the guest across its incarnations
+//! ([`Guest`], [`Incarnation`]), its capability state, its partition (bounds-checked
+//! copies), its boot page tables, the policy of its vCPU (exitless waiting, its I/O
+//! ports), its devices quiesced, and what a dead incarnation leaves scrubbed for the next
+//! (owned memory, channel rings); the core's leave and rejoin of the membership view for a
+//! park.
 //!
-//! Owns this core's capability slot and private frame pool. May call: `vmx`, `arch`, `ept`,
-//! `pci`, `caps`, `members` (through `caps`), `percpu`, `exits` (its policy constants).
+//! Owns this core's capability slot and private frame pool. May call: `lifecycle` (the
+//! guest's), `account`, `arch`, `ept`, `pci`, `caps`, `members` (through `caps`),
+//! `percpu`, `xcore`.
 
 use super::account::log_views;
 use super::*;
@@ -208,12 +211,12 @@ pub(super) fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance
 /// Takes this core out of the membership view (a controller's `PARK`, its guest down):
 /// whether it is out in time. If not, it stays in (a later start must not run the guest
 /// while the old leave commits).
-pub(super) fn leave(
-    l: &Launch,
-    core: u32,
+pub(super) fn leave<B: crate::vcpu::Vcpu>(
+    g: &Guest<'_, B>,
     caps: &mut crate::caps::HvCaps,
     link: &mut crate::instance::xcore::Link,
 ) -> bool {
+    let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.leave(link);
     let deadline = arch::rdtsc().saturating_add(wait);
@@ -233,13 +236,13 @@ pub(super) fn leave(
 
 /// Brings this parked core back into the membership view through core `via` (a
 /// controller's start): whether it is back in time.
-pub(super) fn join(
-    l: &Launch,
-    core: u32,
+pub(super) fn join<B: crate::vcpu::Vcpu>(
+    g: &Guest<'_, B>,
     caps: &mut crate::caps::HvCaps,
     link: &mut crate::instance::xcore::Link,
     via: usize,
 ) -> bool {
+    let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.join(link, via);
     let deadline = arch::rdtsc().saturating_add(wait);
