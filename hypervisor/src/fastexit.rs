@@ -25,8 +25,10 @@
 //! and kick flag are both zero (a kick arriving after the timer write zeroes the timer in
 //! the NMI handler, `arch::idt`, so the guest exits at once and the run loop reads the
 //! mail). Then it answers, advances RIP (ending any STI/MOV-SS blocking, as the run loop's
-//! handlers do) and counts itself: in the telemetry page (exact whenever the guest reads
-//! it) and in counters the run loop folds into its own after its next exit.
+//! handlers do) and counts itself, once: in the telemetry page (exact whenever the guest
+//! reads it), its one running tally, which the run loop folds into `exits::Counters` after
+//! its next exit ([`FastExit::answered`]: the page's `entries` and `hypercalls` against
+//! what the run loop published at its entry).
 
 use crate::arch::vmx::GuestRegs;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -45,11 +47,10 @@ pub struct FastExit {
     /// Whether the guest waits exitless (its CPUID shows MONITOR).
     pub mwait: bool,
     pub core: u32,
-    /// The run loop's exit total at its last entry (for `exit_count`).
-    pub exits_base: u64,
-    /// Exits answered here since the run loop's last entry (it folds them in).
-    pub hypercalls: u64,
-    pub cpuids: u64,
+    /// The run loop's exit total at its last entry less the telemetry page's `entries`
+    /// then ([`FastExit::base`]): with the page's `entries` (one more per answer here), the
+    /// exit total so far (for `exit_count`).
+    exits_base: u64,
     /// `guest_info`'s and `tsc_per_ms`'s answers.
     pub info: u64,
     pub tsc_per_ms: u64,
@@ -75,8 +76,6 @@ impl FastExit {
             mwait: false,
             core,
             exits_base: 0,
-            hypercalls: 0,
-            cpuids: 0,
             info: 0,
             tsc_per_ms: 0,
             mail,
@@ -85,12 +84,27 @@ impl FastExit {
         }
     }
 
-    /// The exits answered here since the last call: (hypercalls, CPUIDs).
-    pub fn take(&mut self) -> (u64, u64) {
-        let n = (self.hypercalls, self.cpuids);
-        self.hypercalls = 0;
-        self.cpuids = 0;
-        n
+    /// At the run loop's entry, once the telemetry page shows its counters: `exits_total`
+    /// is its exit total (every exit before this entry).
+    #[inline(always)]
+    pub fn base(&mut self, exits_total: u64) {
+        // SAFETY: `telemetry` is the guest's status page, valid for the incarnation (see
+        // `answer`); the guest is not running.
+        let entries = unsafe { (*self.telemetry).entries };
+        self.exits_base = exits_total.wrapping_sub(entries);
+    }
+
+    /// The exits answered here since the run loop's entry, (hypercalls, CPUIDs), read off
+    /// the telemetry page (the one tally the answers keep): `exits_total` and `hypercalls`
+    /// are the run loop's counters as they were at that entry ([`FastExit::base`]; the
+    /// page's `hypercalls` were published equal to them).
+    #[inline(always)]
+    pub fn answered(&self, exits_total: u64, hypercalls: u32) -> (u64, u64) {
+        // SAFETY: as in `base`.
+        let t = unsafe { &*self.telemetry };
+        let all = t.entries.wrapping_add(self.exits_base).wrapping_sub(exits_total);
+        let h = t.hypercalls.wrapping_sub(u64::from(hypercalls));
+        (h, all.wrapping_sub(h))
     }
 }
 
@@ -139,10 +153,12 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
         if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
         }
+        // SAFETY: the page is valid here (below).
+        let entries = unsafe { (*fx.telemetry).entries };
         let facts = crate::exits::Facts {
             info: fx.info,
             tsc_per_ms: fx.tsc_per_ms,
-            exits: fx.exits_base.wrapping_add(fx.hypercalls + fx.cpuids + 1),
+            exits: fx.exits_base.wrapping_add(entries + 1),
         };
         let Some(value) = Hypercall::try_from(regs.rax).ok().and_then(|call| facts.answer(call))
         else {
@@ -152,7 +168,6 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
             return false;
         }
         regs.rax = value;
-        fx.hypercalls += 1;
     } else if c.is_cpuid(code) {
         if !quiet(c, fx, t0) {
             return false;
@@ -163,7 +178,6 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
         regs.rbx = r[1] as u64;
         regs.rcx = r[2] as u64;
         regs.rdx = r[3] as u64;
-        fx.cpuids += 1;
     } else {
         return false;
     }
@@ -292,7 +306,7 @@ mod tests {
         fx.until = 1_000_000;
         fx.answer_until = 1_000_000;
         fx.timer_shift = 5;
-        fx.exits_base = 40;
+        fx.base(40);
         fx.info = 0x1234;
         fx.tsc_per_ms = 4001;
         fx
@@ -322,8 +336,7 @@ mod tests {
             assert!(ans(&mut c, &mut regs, &mut fx));
             assert_eq!(regs.rax, want, "{call:?}");
         }
-        assert_eq!(fx.take(), (4, 0));
-        assert_eq!(fx.take(), (0, 0), "taken once");
+        assert_eq!(fx.answered(40, 0), (4, 0));
         let t = &p.telemetry;
         assert_eq!((t.exits[18], t.hypercalls, t.entries), (4, 4, 4));
         assert_eq!(t.hypervisor_tsc, 4 * 7, "from its first TSC read to its last");
@@ -341,7 +354,7 @@ mod tests {
         assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], want.map(u64::from));
         assert_eq!(regs.rcx & (1 << 5), 0, "VMX hidden");
         assert_eq!(c.rip, 0x10_0002);
-        assert_eq!(fx.take(), (0, 1));
+        assert_eq!(fx.answered(40, 0), (0, 1));
         assert_eq!((p.telemetry.exits[10], p.telemetry.hypercalls), (1, 0));
     }
 
@@ -383,7 +396,7 @@ mod tests {
         let (before, rip) = (*regs, c.rip);
         assert!(!ans(c, regs, fx));
         assert_eq!((*regs, c.rip), (before, rip));
-        assert_eq!(fx.take(), (0, 0));
+        assert_eq!(fx.answered(40, 0), (0, 0));
         assert_eq!(p.telemetry.entries, 0);
         assert_eq!(c.cpuid, 0, "CPUID not even executed");
     }
@@ -407,7 +420,6 @@ mod tests {
             Some((1_000_000 - 1007) >> 5),
             "answering stops earlier (a telemetry copy), the timer still aims at the deadline"
         );
-        fx.take();
         p.telemetry.entries = 0;
         // Other exits, other hypercalls, CPL 3.
         for reason in [0, 1, 12, 30, 48, 52, 18 | 1 << 31, 10 | 1 << 31] {
@@ -516,6 +528,8 @@ mod tests {
                                 v.write(Field::Interruptibility, blocking);
                                 v.cpuid = [0x806f8, 0x0004_0800, 0xffff_ffff, 0xffff_ffff];
                             }
+                            // The run loop's entry publishes its hypercall count.
+                            page.telemetry.hypercalls = u64::from(fast_ctx.counters.hypercalls);
                             let mut fx = crate::fastexit::FastExit::new(
                                 fast_ctx.core,
                                 &ZERO,
@@ -527,7 +541,7 @@ mod tests {
                             fx.mwait = fast_ctx.mwait;
                             fx.info = fast_ctx.info();
                             fx.tsc_per_ms = fast_ctx.tsc_per_ms;
-                            fx.exits_base = fast_ctx.counters.exits_total;
+                            fx.base(fast_ctx.counters.exits_total);
                             let len = if reason == 10 { 2 } else { 3 };
                             let mut regs = fast.regs;
                             let ok = crate::fastexit::answer(
@@ -540,7 +554,8 @@ mod tests {
                                 continue;
                             }
                             answered += 1;
-                            let (h, c) = fx.take();
+                            let c = &fast_ctx.counters;
+                            let (h, c) = fx.answered(c.exits_total, c.hypercalls);
                             fast_ctx.fold_fast((18, h), (10, c));
                             assert_eq!(
                                 handle(

@@ -20,21 +20,23 @@ pub const STACK_SIZE: usize = 256 * 1024;
 /// Each core's IST stack for #DF, NMI and #MC.
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 
-/// One core's own state. `index` must stay the first field: it is read as `gs:[0]`; the
-/// NMI handler reads `vmcs_live` as `gs:[16]`, writes `kicked` as `gs:[24]` and counts
-/// `nmis` as `gs:[32]`.
+/// One core's own state, whatever the virtualization backend. `index` must stay the first
+/// field: it is read as `gs:[0]`; the NMI handler reads `kick_hook` as `gs:[16]`, writes
+/// `kicked` as `gs:[24]` and counts `nmis` as `gs:[32]`.
 #[repr(C, align(4096))]
 pub struct PerCore {
     pub index: u64,
     pub apic_id: u64,
-    /// Non-zero while this core has a current guest VMCS: then an NMI kick that arrives in
-    /// the hypervisor zeroes the guest's preemption timer (see `arch::idt`), so the next
-    /// VM entry exits at once and the inbox is read.
-    pub vmcs_live: AtomicU64,
-    /// Set by the NMI handler on every kick taken in the hypervisor.
+    /// While this core has a guest vCPU set up ([`PerCore::vcpu_live`] ..
+    /// [`PerCore::vcpu_gone`]): the address of its backend's kick hook
+    /// (`vcpu::Vcpu::KICK_HOOK`), which the NMI handler calls for a kick that arrives in
+    /// the hypervisor, so that the next entry exits at once and the inbox is read (see
+    /// `arch::idt`). 0 otherwise.
+    kick_hook: AtomicU64,
+    /// Set by the NMI handler on every kick taken in the hypervisor while a vCPU is live.
     pub kicked: AtomicU64,
-    /// NMIs taken while `vmcs_live` is set (every kick: one that exits the guest reaches
-    /// the handler too, through `arch::unblock_nmis`). Incremented by the NMI handler only
+    /// NMIs taken while a vCPU is live (every kick: one that exits the guest reaches the
+    /// handler too, through `arch::unblock_nmis`). Incremented by the NMI handler only
     /// (on this core, NMIs blocked: no other writer can interleave); its guest's telemetry
     /// reports it, reset when an incarnation starts.
     pub nmis: AtomicU64,
@@ -51,8 +53,6 @@ pub struct PerCore {
     seg_site: AtomicU64,
     seg_longest: [AtomicU64; site::COUNT],
     seg_from: [AtomicU64; site::COUNT],
-    /// VMXON region (SDM Vol. 3C 25.11.5): 4 KiB, page-aligned.
-    pub vmxon_region: VmxPage,
     pub idt: Idt,
     pub tss: TaskStateSegment,
     pub gdt: MaybeUninit<Gdt>,
@@ -108,16 +108,22 @@ pub mod site {
     }
 }
 
-/// A page-aligned 4-KiB page handed to the processor (VMXON region, VMCS). Written by its
-/// owning core only, hence the cell.
-#[repr(C, align(4096))]
-pub struct VmxPage(UnsafeCell<[u8; 4096]>);
-const _: () = assert!(core::mem::size_of::<VmxPage>() == 4096);
-const _: () = assert!(core::mem::offset_of!(PerCore, vmcs_live) == 16);
+const _: () = assert!(core::mem::offset_of!(PerCore, kick_hook) == 16);
 const _: () = assert!(core::mem::offset_of!(PerCore, kicked) == 24);
 const _: () = assert!(core::mem::offset_of!(PerCore, nmis) == 32);
 
 impl PerCore {
+    /// A guest vCPU is set up on this core: from now on a kick taken in the hypervisor
+    /// runs `hook` (its backend's `vcpu::Vcpu::KICK_HOOK`) and is counted in `nmis`.
+    pub fn vcpu_live(&self, hook: unsafe extern "C" fn()) {
+        self.kick_hook.store(hook as usize as u64, Ordering::Release);
+    }
+
+    /// This core's vCPU is about to be cleared: no kick reaches it any more.
+    pub fn vcpu_gone(&self) {
+        self.kick_hook.store(0, Ordering::Release);
+    }
+
     /// The core serves its inbox at `now`: the stretch away from it ends (kept if it is
     /// the longest) and the next begins.
     pub fn served(&self, now: u64) {
@@ -197,24 +203,6 @@ impl PerCore {
     }
 }
 
-impl VmxPage {
-    /// Zeroes the page and writes the VMCS revision identifier into its first dword
-    /// (SDM Vol. 3C 25.2: bit 31 clear for a VMXON region or ordinary VMCS).
-    ///
-    /// # Safety
-    /// The processor does not use the page yet (before VMXON/VMPTRLD), and only the owning
-    /// core calls this.
-    pub unsafe fn prepare(&self, revision: u32) -> u64 {
-        let p = self.0.get();
-        // SAFETY: owned by the calling core and not yet handed to the processor.
-        unsafe {
-            p.write_bytes(0, 1);
-            (p as *mut u32).write(revision & 0x7fff_ffff);
-        }
-        p as u64
-    }
-}
-
 #[repr(C, align(16))]
 struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
 
@@ -253,7 +241,7 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         let p = (*slot).as_mut_ptr();
         core::ptr::addr_of_mut!((*p).index).write(index as u64);
         core::ptr::addr_of_mut!((*p).apic_id).write(apic_id as u64);
-        core::ptr::addr_of_mut!((*p).vmcs_live).write(AtomicU64::new(0));
+        core::ptr::addr_of_mut!((*p).kick_hook).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).kicked).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).nmis).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).away_since).write(AtomicU64::new(0));
@@ -262,7 +250,6 @@ pub unsafe fn init_this_core(index: usize, apic_id: u32) -> &'static PerCore {
         core::ptr::addr_of_mut!((*p).seg_site).write(AtomicU64::new(0));
         core::ptr::addr_of_mut!((*p).seg_longest).write([const { AtomicU64::new(0) }; site::COUNT]);
         core::ptr::addr_of_mut!((*p).seg_from).write([const { AtomicU64::new(0) }; site::COUNT]);
-        core::ptr::addr_of_mut!((*p).vmxon_region).write_bytes(0, 1);
         core::ptr::addr_of_mut!((*p).idt).write(Idt::new());
         let mut tss = TaskStateSegment::new();
         tss.set_ist(IST_CRITICAL as usize - 1, ist_top);

@@ -48,6 +48,9 @@
 //! * Kicks: other cores send this core an NMI when they post it mail. An NMI taken while
 //!   the guest runs must exit ([`ExitKind::Nmi`]; VMX: "NMI exiting"; SVM: intercept NMI)
 //!   and [`Vcpu::host_nmi`] must then undo whatever NMI blocking the guest would inherit.
+//!   One taken in the hypervisor runs [`Vcpu::KICK_HOOK`], which must make the next entry
+//!   exit at once (VMX: the preemption timer zeroed; SVM, which has no such timer: for
+//!   example a self-IPI, or V_IRQ with the virtual-interrupt intercept, pending at VMRUN).
 //! * Injection ([`Vcpu::inject`]): at most one event per entry, delivered before the
 //!   guest's next instruction; an exit that interrupted the delivery of an event
 //!   (VMX: IDT-vectoring information; SVM: EXITINTINFO) must have it delivered again by
@@ -274,10 +277,15 @@ pub trait Vcpu: Sized {
     /// counts the exits it answers under them.
     const HYPERCALL_CODE: u16;
     const CPUID_CODE: u16;
-    /// What the run loop stores in `percpu::PerCore::vmcs_live` while this vCPU is live:
-    /// 1 (VMX) makes the NMI handler zero the current VMCS's preemption timer; 2 (SVM, no
-    /// VMCS) only marks the kick, which the world switch looks at after CLGI (`arch::idt`).
-    const LIVE: u64;
+    /// The kick hook: what the NMI handler (`arch::idt`) runs for another core's kick that
+    /// arrives while this core is in the hypervisor with this vCPU live (the instance
+    /// arms it with `percpu::PerCore::vcpu_live` once [`Vcpu::setup`] succeeded and
+    /// disarms it before [`Vcpu::clear`]). It must make the vCPU's next [`Vcpu::enter`]
+    /// exit before the guest runs an instruction, so that the run loop reads the mail the
+    /// kick announced (VMX: the preemption timer of the current VMCS zeroed). An assembly
+    /// routine, called with `call` on the NMI's stack with NMIs blocked: it preserves every
+    /// register but RFLAGS and returns with `ret`.
+    const KICK_HOOK: unsafe extern "C" fn();
 
     /// Builds this guest's control structure in frames of `frames` (identity-mapped frames
     /// of this core's private region), with every control the hypervisor's policy needs (the exits listed in

@@ -11,7 +11,8 @@
 //! * `relay`: forwards messages around a ring of `guests` guests (`from`, `to` channels);
 //!   each originates `n` messages with at most `window` in flight, and checks that its own
 //!   come back complete, once, in order.
-//! * `scribble`: sends three messages, then writes garbage over the next control word.
+//! * `scribble`: sends three messages, then writes garbage over the next control word, and
+//!   stays until the peer has met it (a second at most).
 //! * `trespass`: reads the window of channel `window`, which it is not part of.
 //!
 //! Exit statuses: 0 success, 1 a check failed, 2 the channel was corrupted (reported).
@@ -634,6 +635,18 @@ pub fn scribble(bi: &BootInfo) -> u64 {
     // The peer must detect it. Volatile: the write must happen.
     // SAFETY: deliberately corrupting our own outgoing ring (shared memory we may write).
     unsafe { core::ptr::write_volatile(control as *mut u64, 0xdead_beef_dead_beef) };
+    // Alive until the peer has taken the three messages and met the garbage (its error
+    // path publishes its count: 3), a second at most. Dying at once would race the peer's
+    // look: a receiver whose link is already down reports `PeerGone` first (the library's
+    // rule, `vmcall_proto::endpoint`), and whether it is depends on how far the two cores'
+    // setups are apart, not on the corruption this proves.
+    // SAFETY: our own outgoing ring (`tx_gpa`, `slots`: the channel's memory, mapped for
+    // us), read through its atomics only.
+    let ring = unsafe { vmcall_proto::channel::Ring::from_raw(d.tx_gpa as *mut u8, d.slots) };
+    let deadline = rdtsc() + 1_000 * bi.tsc_per_ms;
+    while ring.received() < 3 && rdtsc() < deadline {
+        core::hint::spin_loop();
+    }
     0
 }
 

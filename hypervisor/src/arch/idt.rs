@@ -144,30 +144,21 @@ mod stubs {
         .endr
 
         // An NMI taken in the hypervisor is a kick whose message the core may already have
-        // missed (it read its inbox, then the kick came before the VM entry). If the core has
-        // a current guest VMCS (gs:[16], PerCore::vmcs_live), zero the guest's
-        // VMX-preemption timer (field 0x482E): the next VM entry exits before the guest runs
-        // an instruction (SDM Vol. 3C 26.7.4), and the core reads its inbox. gs:[24]
-        // (PerCore::kicked) tells the run loop, which rewrites the timer after this. IRETQ
-        // restores RFLAGS, which VMWRITE changes. gs:[32] (PerCore::nmis) counts the
-        // kicks taken while a guest VMCS is live, for the guest's telemetry. gs:[16] = 2 is
-        // an SVM guest's VMCB: no VMWRITE (there is no VMCS); the world switch looks at
-        // gs:[24] after CLGI instead and does not enter (arch::svm).
+        // missed (it read its inbox, then the kick came before the entry). If the core has
+        // a guest vCPU live (gs:[16], PerCore::kick_hook, non-zero), call its backend's
+        // kick hook (vcpu::Vcpu::KICK_HOOK; VMX: the preemption timer zeroed), which makes
+        // the next entry exit before the guest runs an instruction, and the core reads its
+        // inbox. gs:[24] (PerCore::kicked) tells the run loop, which rewrites the timer
+        // after this. gs:[32] (PerCore::nmis) counts the kicks taken while a vCPU is live,
+        // for the guest's telemetry. The hook preserves every register but RFLAGS, which
+        // IRETQ restores. Nothing here knows the backend.
         .global nmi_kick_stub
         nmi_kick_stub:
             cmpq $0, %gs:16
             je 1f
             incq %gs:32
             movq $1, %gs:24
-            cmpq $2, %gs:16
-            je 1f
-            pushq %rax
-            pushq %rcx
-            movl $0x482e, %eax
-            xorl %ecx, %ecx
-            vmwrite %rcx, %rax
-            popq %rcx
-            popq %rax
+            callq *%gs:16
         1:  iretq
 
         // The host run timer (HOST_TIMER_VECTOR): this core's bit in HOST_TIMERS, then the

@@ -203,7 +203,7 @@ pub fn unblock_nmis() {
     unsafe { asm!("int 2", options(nomem)) };
 }
 
-/// NMIs this core took while a guest VMCS was live (`PerCore::nmis`, counted by the NMI
+/// NMIs this core took while a guest vCPU was live (`PerCore::nmis`, counted by the NMI
 /// handler): one load through GS, cheap enough for every VM entry.
 #[inline(always)]
 pub fn nmis_taken() -> u64 {

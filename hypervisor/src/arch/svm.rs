@@ -99,6 +99,26 @@ svm_run_asm:
 "#
 );
 
+#[cfg(target_os = "none")]
+extern "C" {
+    /// The SVM backend's kick hook (`vcpu::Vcpu::KICK_HOOK` of `svm::vcpu::SvmVcpu`),
+    /// called by the NMI handler (`arch::idt`) for a kick taken in the hypervisor while a
+    /// guest VMCB is live: nothing to do, it returns at once. There is no VMCS timer to
+    /// zero; the NMI handler's mark (`PerCore::kicked`, gs:[24]) is what [`run`] looks at
+    /// after CLGI, and it does not enter ([`RUN_KICKS`]). Preserves every register.
+    pub fn svm_kick_hook();
+}
+
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global svm_kick_hook
+svm_kick_hook:
+    ret
+"#
+);
+
 /// [`run`]'s flags: host interrupts are on while the guest runs (so that, with the INTR
 /// intercept and V_INTR_MASKING, any physical interrupt exits, and is taken by the host's
 /// IDT at the STGI after the exit: the run timer's).

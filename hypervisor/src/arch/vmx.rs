@@ -149,6 +149,34 @@ pub unsafe fn invvpid_single(vpid: u16) {
     }
 }
 
+#[cfg(target_os = "none")]
+extern "C" {
+    /// The VMX backend's kick hook (`vcpu::Vcpu::KICK_HOOK` of `vmx::vcpu::VmxVcpu`),
+    /// called by the NMI handler (`arch::idt`) for a kick taken in the hypervisor while a
+    /// guest VMCS is current: zeroes that VMCS's VMX-preemption timer (field 0x482E), so
+    /// the next VM entry exits before the guest runs an instruction (SDM Vol. 3C
+    /// 26.7.4) and the run loop reads its inbox. Preserves every register but RFLAGS
+    /// (which VMWRITE changes and the handler's IRETQ restores).
+    pub fn vmx_kick_hook();
+}
+
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global vmx_kick_hook
+vmx_kick_hook:
+    push rax
+    push rcx
+    mov eax, 0x482e
+    xor ecx, ecx
+    vmwrite rax, rcx
+    pop rcx
+    pop rax
+    ret
+"#
+);
+
 /// The host RIP to put in the VMCS: where every VM exit on this design lands.
 pub fn exit_landing() -> u64 {
     #[cfg(target_os = "none")]

@@ -1,24 +1,32 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! The per-core hypervisor instance: one guest on one core, its partition, EPT and VMCS,
-//! the loop that runs it, its lifecycle, and the messages between instances.
+//! The per-core hypervisor instance: one guest on one core, its partition, EPT and vCPU (a
+//! VMCS on VT-x), the loop that runs it, its lifecycle, and the messages between instances.
 //!
 //! The BSP decides at boot which guest goes where and posts each core a [`Launch`] message
 //! (partition and private frames carved from the memory map). From then on everything here
 //! runs on the guest's own core, on memory only that core touches: the core zeroes its
 //! partition, loads the kernel ELF, writes the boot-info and boot page tables, builds the
-//! EPT and VMCS in its private region, and runs the guest until it exits or is stopped. The
+//! EPT and the vCPU's control structure in its private region, and runs the guest until it exits or is stopped. The
 //! result goes back as a [`GuestReport`] message.
 //!
-//! The parts: [`lifecycle`] (what happens to the guest, a pure state machine), `run` (the
-//! loop that does what it says and dispatches exits), `setup` (a guest's partition, VMCS,
-//! devices), `vcpu` (the guest's vCPU over the current VMCS), `account` (reports, telemetry,
-//! records), [`loader`] (the kernel ELF), [`telemetry`] (the status page), [`xcore`] (the
-//! inter-core transport).
+//! The parts, in the order a guest meets them: `run` (the guest across its incarnations:
+//! does what the [`lifecycle`] says, waits while the guest is down, serves the other cores
+//! once it is gone), `prepare` (one incarnation's setup, step by step: capabilities,
+//! partition and kernel ([`loader`]), boot info, EPT, devices, status page, the backend's
+//! vCPU), `live` (the running incarnation: each turn looks at the inbox, arms the entry,
+//! enters, and hands the exit to `exits`, nothing else), `death` (the clean death's steps,
+//! in the lifecycle's order); beside them [`lifecycle`] (what happens to the guest, a pure
+//! state machine, host-tested), `setup` (the guest across incarnations, partition, frames,
+//! devices quiesced, rings reset, leaving and rejoining the view), `vcpu` (the guest's
+//! vCPU: `exits::Vcpu` and `caps::Env` over the backend's `vcpu::Vcpu`), `account`
+//! (reports, telemetry, records), [`telemetry`] (the status page's traffic, controllers'
+//! windows), [`xcore`] (the inter-core transport).
 //!
 //! Owns: each core's guest, its capability state and private frames, the inter-core rings.
 //! May call: `exits` (the exit handlers), `fastexit`, `caps` and `members` (through `caps`),
-//! `ept`, `vmx`, `arch`, `pci`, `percpu`, `trace`, `console`, `vmcall_proto`. Called by `smp`
-//! (a core's launch) and `guests` (the BSP's plan and collection).
+//! `ept`, `vcpu` (the backend, only through its trait), `arch`, `pci`, `percpu`, `trace`,
+//! `console`, `hostctl`, `vmcall_proto`. Called by `smp` (a core's launch, naming the
+//! backend) and `guests` (the BSP's plan and collection).
 
 pub mod lifecycle;
 pub mod loader;
@@ -305,6 +313,12 @@ pub fn build_ept(
 
 #[cfg(target_os = "none")]
 mod account;
+#[cfg(target_os = "none")]
+mod death;
+#[cfg(target_os = "none")]
+mod live;
+#[cfg(target_os = "none")]
+mod prepare;
 #[cfg(target_os = "none")]
 pub mod run;
 #[cfg(target_os = "none")]

@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Setting up a guest on this core: its capability state, its partition (bounds-checked
-//! copies), its boot page tables, its VMCS and bitmaps, its devices quiesced, and what a
-//! dead incarnation leaves scrubbed for the next; the core's leave and rejoin of the
-//! membership view for a park.
+//! What a guest is set up from and with, on this core: the guest across its incarnations
+//! ([`Guest`], [`Incarnation`]), its capability state, its partition (bounds-checked
+//! copies), its boot page tables, the policy of its vCPU (exitless waiting, its I/O
+//! ports), its devices quiesced, and what a dead incarnation leaves scrubbed for the next
+//! (owned memory, channel rings); the core's leave and rejoin of the membership view for a
+//! park.
 //!
-//! Owns this core's capability slot and private frame pool. May call: `vmx`, `arch`, `ept`,
-//! `pci`, `caps`, `members` (through `caps`), `percpu`, `exits` (its policy constants).
+//! Owns this core's capability slot and private frame pool. May call: `lifecycle` (the
+//! guest's), `account`, `arch`, `ept`, `pci`, `caps`, `members` (through `caps`),
+//! `percpu`, `xcore`.
 
 use super::account::log_views;
 use super::*;
@@ -208,12 +211,12 @@ pub(super) fn rebirth(caps: &mut crate::caps::HvCaps, link: &mut crate::instance
 /// Takes this core out of the membership view (a controller's `PARK`, its guest down):
 /// whether it is out in time. If not, it stays in (a later start must not run the guest
 /// while the old leave commits).
-pub(super) fn leave(
-    l: &Launch,
-    core: u32,
+pub(super) fn leave<B: crate::vcpu::Vcpu>(
+    g: &Guest<'_, B>,
     caps: &mut crate::caps::HvCaps,
     link: &mut crate::instance::xcore::Link,
 ) -> bool {
+    let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.leave(link);
     let deadline = arch::rdtsc().saturating_add(wait);
@@ -233,13 +236,13 @@ pub(super) fn leave(
 
 /// Brings this parked core back into the membership view through core `via` (a
 /// controller's start): whether it is back in time.
-pub(super) fn join(
-    l: &Launch,
-    core: u32,
+pub(super) fn join<B: crate::vcpu::Vcpu>(
+    g: &Guest<'_, B>,
     caps: &mut crate::caps::HvCaps,
     link: &mut crate::instance::xcore::Link,
     via: usize,
 ) -> bool {
+    let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.join(link, via);
     let deadline = arch::rdtsc().saturating_add(wait);
@@ -280,4 +283,28 @@ pub(super) fn reset_rings(ch: &ChanMap) -> u64 {
     // SAFETY: as above; no end is using the rings (the caller's condition).
     unsafe { (ch.hpa as *mut u8).write_bytes(0, ch.size as usize) };
     lost
+}
+
+/// This core's guest across its incarnations: what each one is set up from, and what
+/// carries over from one to the next (its lifecycle, its channels' counts, the sum of
+/// the reports so far).
+pub(super) struct Guest<'a, B: crate::vcpu::Vcpu> {
+    pub(super) l: &'a Launch,
+    /// What the backend probed at boot.
+    pub(super) f: &'a B::Features,
+    pub(super) core: u32,
+    /// What happens to the guest (see `lifecycle`): it hears what happened and says
+    /// what to do.
+    pub(super) lc: super::lifecycle::Lifecycle,
+    /// Each channel's messages lost to ring resets, and its resets, over the incarnations.
+    pub(super) counts: [super::account::LinkCount; MAX_CHANNELS_PER_GUEST],
+    /// The incarnations' reports summed (none before the first).
+    pub(super) total: Option<GuestReport>,
+}
+
+/// Which incarnation of the guest this is (1 for the first) and when its setup began.
+#[derive(Clone, Copy)]
+pub(super) struct Incarnation {
+    pub(super) n: u32,
+    pub(super) tsc_start: u64,
 }

@@ -56,12 +56,15 @@ macro_rules! this_cores_services {
 /// The guest's vCPU: the backend's `hw` and what the instance gives it.
 pub(super) struct GuestVcpu<'a, B: crate::vcpu::Vcpu> {
     pub(super) hw: B,
-    pub(super) part: &'a Partition,
-    pub(super) frames: &'a mut Private,
+    pub(super) part: Partition,
+    pub(super) frames: Private,
     pub(super) link: &'a mut crate::instance::xcore::Link,
     /// The guest's status page (a private frame) and its channels, in boot-info order.
     pub(super) status: u64,
     pub(super) chans: &'a [ChanMap],
+    /// The machine's configuration space, which the guest reaches through its filtered
+    /// view (`exits::Vcpu::config_space`).
+    pub(super) pci: crate::pci::Cf8,
 }
 
 impl<B: crate::vcpu::Vcpu> Vcpu for GuestVcpu<'_, B> {
@@ -95,11 +98,9 @@ impl<B: crate::vcpu::Vcpu> Vcpu for GuestVcpu<'_, B> {
     fn send_ipi(&mut self, apic: u32, vector: u8) {
         arch::apic::send_fixed_ipi(apic, vector);
     }
-    fn pci_read32(&mut self, f: vmcall_proto::device::Bdf, offset: u16) -> u32 {
-        crate::pci::ConfigSpace::read32(&mut crate::pci::Cf8, f, offset)
-    }
-    fn pci_write32(&mut self, f: vmcall_proto::device::Bdf, offset: u16, value: u32) {
-        crate::pci::ConfigSpace::write32(&mut crate::pci::Cf8, f, offset, value)
+    type Pci = crate::pci::Cf8;
+    fn config_space(&mut self) -> &mut crate::pci::Cf8 {
+        &mut self.pci
     }
 }
 
@@ -118,12 +119,12 @@ impl<B: crate::vcpu::Vcpu> crate::caps::Env for GuestVcpu<'_, B> {
     }
     fn ept_map(&mut self, gpa: u64, hpa: u64, size: u64, write: bool) -> Result<(), HvError> {
         let perm = ept::Perm::shared(write);
-        ept::map_with(self.frames, self.hw.nested_root() & !0xfff, gpa, hpa, size, perm)?;
+        ept::map_with(&mut self.frames, self.hw.nested_root() & !0xfff, gpa, hpa, size, perm)?;
         self.hw.flush_nested();
         Ok(())
     }
     fn ept_unmap(&mut self, gpa: u64, size: u64) -> Result<(), HvError> {
-        ept::unmap(self.frames, self.hw.nested_root() & !0xfff, gpa, size)?;
+        ept::unmap(&mut self.frames, self.hw.nested_root() & !0xfff, gpa, size)?;
         // No stale translation survives the unmap.
         self.hw.flush_nested();
         Ok(())

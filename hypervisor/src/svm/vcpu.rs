@@ -285,7 +285,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
     // The telemetry codes the exits count under (`svm::exit::telemetry_code`).
     const HYPERCALL_CODE: u16 = 18;
     const CPUID_CODE: u16 = 10;
-    const LIVE: u64 = 2;
+    const KICK_HOOK: unsafe extern "C" fn() = crate::arch::svm::svm_kick_hook;
 
     fn setup(
         f: &super::Features,

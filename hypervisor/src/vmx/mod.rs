@@ -10,7 +10,40 @@ pub mod vmcs;
 
 pub use features::Features;
 
+use core::cell::UnsafeCell;
 use core::fmt;
+
+/// A core's VMXON region (SDM Vol. 3C 25.11.5): a page-aligned 4-KiB page handed to the
+/// processor by its core, written by that core only (hence the cell).
+#[repr(C, align(4096))]
+pub struct VmxonRegion(UnsafeCell<[u8; 4096]>);
+const _: () = assert!(core::mem::size_of::<VmxonRegion>() == 4096);
+
+// SAFETY: region i is touched only by core i (`enable_on_this_core`).
+unsafe impl Sync for VmxonRegion {}
+
+/// Each core's VMXON region, by slot index (`percpu`).
+static VMXON: [VmxonRegion; crate::percpu::MAX_CORES] =
+    [const { VmxonRegion(UnsafeCell::new([0; 4096])) }; crate::percpu::MAX_CORES];
+
+impl VmxonRegion {
+    /// Zeroes the page and writes the VMCS revision identifier into its first dword
+    /// (SDM Vol. 3C 25.2: bit 31 clear for a VMXON region or ordinary VMCS); returns its
+    /// address.
+    ///
+    /// # Safety
+    /// The processor does not use the page yet (before VMXON), and only the owning core
+    /// calls this.
+    pub unsafe fn prepare(&self, revision: u32) -> u64 {
+        let p = self.0.get();
+        // SAFETY: owned by the calling core and not yet handed to the processor.
+        unsafe {
+            p.write_bytes(0, 1);
+            (p as *mut u32).write(revision & 0x7fff_ffff);
+        }
+        p as u64
+    }
+}
 
 /// Why VMXON did not happen on a core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,10 +120,10 @@ pub unsafe fn enable_on_this_core(f: &Features) -> Result<(), VmxError> {
         write_cr0(cr0);
         write_cr4(cr4);
     }
-    // SAFETY: init_this_core ran (caller's guarantee), so this core's slot exists.
-    let me = unsafe { crate::percpu::this_core() };
+    // init_this_core ran (caller's guarantee), so this core has its slot index.
+    let me = crate::percpu::current_index().expect("per-core state not initialised");
     // SAFETY: the region belongs to this core and the processor does not use it yet.
-    let region = unsafe { me.vmxon_region.prepare(f.revision) };
+    let region = unsafe { VMXON[me].prepare(f.revision) };
     // SAFETY: region prepared above; CR0/CR4/feature control satisfy VMXON's requirements.
     unsafe { crate::arch::vmxon(region) }.map_err(|_| VmxError::VmxonFailed)
 }

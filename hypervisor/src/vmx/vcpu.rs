@@ -199,7 +199,7 @@ impl crate::vcpu::Vcpu for VmxVcpu {
     type Exit = VmxExit;
     const HYPERCALL_CODE: u16 = super::exit::reason::VMCALL;
     const CPUID_CODE: u16 = super::exit::reason::CPUID;
-    const LIVE: u64 = 1;
+    const KICK_HOOK: unsafe extern "C" fn() = crate::arch::vmx::vmx_kick_hook;
 
     fn setup(
         f: &super::Features,
