@@ -42,7 +42,7 @@ fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
     }
     c.map(|mut c| {
         match bi.arg_word("mode") {
-            "doorbell" => c.doorbells = true,
+            "doorbell" => c.set_doorbells(true),
             "mwait" if !c.use_mwait() => {
                 log::warn!("mode=mwait: MONITOR/MWAIT not offered (mwait = true?): doorbells")
             }
@@ -89,8 +89,10 @@ fn polls(bi: &BootInfo) -> u32 {
     bi.arg_int("polls") as u32
 }
 
+// Inlined: the library's receive then compiles into the loop as a user's call does.
+#[inline(always)]
 fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
-    if c.doorbells || c.mwait() {
+    if c.doorbells() || c.mwait() {
         c.wait(polls)
     } else {
         c.recv()
@@ -325,7 +327,7 @@ pub fn pong(bi: &BootInfo) -> u64 {
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
     let e0 = exit_count();
     for i in 0..n {
-        let m = if c.doorbells || c.mwait() {
+        let m = if c.doorbells() || c.mwait() {
             match c.wait(polls) {
                 Ok(m) => m,
                 Err(e) => return corrupt("pong", e),
