@@ -305,6 +305,44 @@ mod tests {
     }
 
     #[test]
+    fn the_blocking_receive_takes_what_comes_and_looks_every_look_every_polls() {
+        let st = Box::new(OwnedRing::new());
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(st.ring(4)), Receiver::new(st.ring(4), 1));
+        // A message sent while the receiver waits (here: during its fifth pause) is taken,
+        // and the count published with it.
+        let mut polls = 0;
+        let got = w.recv(&mut rx, || {
+            polls += 1;
+            if polls == 5 {
+                tx.try_send(&msg(7)).unwrap();
+            }
+        });
+        assert_eq!((got, polls), (Ok(msg(7)), 5));
+        assert_eq!(st.ring(4).received(), 1);
+        // Within a bounded wait: nothing, after exactly that many polls and a look.
+        let mut polls = 0;
+        assert_eq!(w.recv_within(&mut rx, 40, || polls += 1), Ok(None));
+        assert_eq!(polls, 39, "a pause between polls, none after the last");
+        // A dead peer's last messages come first, then its death, within LOOK_EVERY polls.
+        tx.try_send(&msg(8)).unwrap();
+        word.store(link_word(false, 0), Ordering::Relaxed);
+        assert_eq!(w.recv(&mut rx, || {}), Ok(msg(8)));
+        let mut polls = 0;
+        assert_eq!(w.recv(&mut rx, || polls += 1), Err(ChannelError::PeerGone));
+        assert!(polls < LOOK_EVERY, "{polls}");
+        // Up again in this epoch: a corrupt control word in the next slot is reported
+        // within LOOK_EVERY polls, never taken for a message.
+        word.store(link_word(true, 0), Ordering::Relaxed);
+        st.slot(2).control.store(0xdead, Ordering::Relaxed);
+        let mut polls = 0;
+        let got = w.recv(&mut rx, || polls += 1);
+        assert!(matches!(got, Err(ChannelError::Corrupt { slot: 2, .. })), "{got:?}");
+        assert!(polls < LOOK_EVERY, "{polls}");
+    }
+
+    #[test]
     fn an_error_while_the_link_changed_reports_the_change() {
         let st = Box::new(OwnedRing::new());
         let word = AtomicU64::new(link_word(true, 2));
