@@ -233,7 +233,7 @@ impl Chan {
 
     /// Receives, waiting until the TSC passes `deadline` at the latest (`Ok(None)` then):
     /// polls `polls` times, then sleeps in HLT until a doorbell (this side says it sleeps,
-    /// so the peer's send rings it: set [`Chan::doorbells`] on the peer), any other
+    /// so the peer's send rings it: [`Chan::set_doorbells`] on the peer), any other
     /// interrupt, or the deadline (the virtual timer, armed once per call and cancelled at
     /// the end: at most two hypercalls), and repeats. Errors as [`Chan::try_recv`].
     pub fn recv_until(
