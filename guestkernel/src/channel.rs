@@ -46,11 +46,15 @@ pub struct Chan {
     pub rx: Receiver<'static>,
     /// This channel's position in the boot-info table (the doorbell argument).
     pub number: usize,
-    /// Ring the peer's doorbell when it sleeps (doorbell mode); polling mode never does.
-    pub doorbells: bool,
+    /// Ring the peer's doorbell when it sleeps (doorbell mode, [`Chan::set_doorbells`]);
+    /// polling mode never does.
+    doorbells: bool,
     /// Wait with MONITOR/MWAIT on the next message's line instead of the doorbell (set with
     /// [`Chan::use_mwait`]).
     mwait: bool,
+    /// `doorbells || mwait`: a send looks at the peer's sleeping word (one test on the hot
+    /// path instead of two).
+    wake: bool,
     pub rung: u64,
     /// Attempts [`Chan::send`] found the ring full, and polls [`Chan::recv`] found it
     /// empty (counted in the spin paths only: how long each side waited for the other).
@@ -68,14 +72,7 @@ pub struct Chan {
     slots: u32,
 }
 
-/// How often a receiver publishes its count: after every message it takes (one store of
-/// the control word it just accepted, which is the count with the epoch tag). The count is
-/// then exact at every moment, which the hypervisor's accounting of messages lost at a
-/// reset relies on (a message the dead incarnation took is not lost), at the cost of one
-/// store into a line the sender reads only when its own count says the ring is full.
-pub const fn ack_every(_slots: u32) -> u32 {
-    1
-}
+pub use vmcall_proto::endpoint::ack_every;
 
 /// The link word of the channel at boot-info position `number` (see `guest::StatusPage`).
 fn link_word(number: usize) -> &'static AtomicU64 {
@@ -116,6 +113,7 @@ pub fn open_index(bi: &BootInfo, number: usize) -> Option<Chan> {
         number,
         doorbells: false,
         mwait: false,
+        wake: false,
         rung: 0,
         full_spins: 0,
         empty_polls: 0,
@@ -154,7 +152,7 @@ impl Chan {
     #[inline(always)]
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
         self.link.try_send(&mut self.tx, m)?;
-        if self.doorbells || self.mwait {
+        if self.wake {
             self.notify();
         }
         Ok(())
@@ -220,21 +218,22 @@ impl Chan {
         self.link.try_recv_now(&mut self.rx)
     }
 
-    /// Receives, spinning until a message comes.
-    #[inline]
+    /// Receives, spinning until a message comes: each poll one load and one compare, the
+    /// full look (the slot's word, the link) every
+    /// [`LOOK_EVERY`](vmcall_proto::endpoint::LOOK_EVERY) empty polls
+    /// (`vmcall_proto::endpoint::LinkWatch::recv`).
+    #[inline(always)]
     pub fn recv(&mut self) -> Result<Payload, ChannelError> {
-        loop {
-            if let Some(m) = self.try_recv()? {
-                return Ok(m);
-            }
-            self.empty_polls += 1;
-            core::hint::spin_loop();
-        }
+        let polls = &mut self.empty_polls;
+        self.link.recv(&mut self.rx, || {
+            *polls += 1;
+            core::hint::spin_loop()
+        })
     }
 
     /// Receives, waiting until the TSC passes `deadline` at the latest (`Ok(None)` then):
     /// polls `polls` times, then sleeps in HLT until a doorbell (this side says it sleeps,
-    /// so the peer's send rings it: set [`Chan::doorbells`] on the peer), any other
+    /// so the peer's send rings it: [`Chan::set_doorbells`] on the peer), any other
     /// interrupt, or the deadline (the virtual timer, armed once per call and cancelled at
     /// the end: at most two hypercalls), and repeats. Errors as [`Chan::try_recv`].
     pub fn recv_until(
@@ -302,6 +301,16 @@ impl Chan {
         }
     }
 
+    /// Polls up to `polls` times (none for 0) as [`Chan::recv`] does: the spin before a
+    /// sleep.
+    #[inline(always)]
+    fn poll(&mut self, polls: u32) -> Result<Option<Payload>, ChannelError> {
+        if polls == 0 {
+            return Ok(None);
+        }
+        self.link.recv_within(&mut self.rx, polls, core::hint::spin_loop)
+    }
+
     /// Makes [`Chan::wait`] sleep in MWAIT where the hypervisor offers it exitless
     /// (`mwait = true` for this guest: CPUID shows MONITOR); returns whether it does. Where
     /// not, waits stay on the doorbell (and this side rings it).
@@ -310,7 +319,20 @@ impl Chan {
         if !self.mwait {
             self.doorbells = true;
         }
+        self.wake = true;
         self.mwait
+    }
+
+    /// Doorbell mode on or off: a send rings a peer that says it sleeps, and
+    /// [`Chan::wait`] sleeps until a doorbell (set it on both sides).
+    pub fn set_doorbells(&mut self, on: bool) {
+        self.doorbells = on;
+        self.wake = on || self.mwait;
+    }
+
+    /// Whether this side is in doorbell mode.
+    pub fn doorbells(&self) -> bool {
+        self.doorbells
     }
 
     /// Whether waits sleep in MWAIT.
@@ -327,11 +349,8 @@ impl Chan {
             return self.wait_mwait(polls);
         }
         loop {
-            for _ in 0..polls {
-                if let Some(m) = self.try_recv()? {
-                    return Ok(m);
-                }
-                core::hint::spin_loop();
+            if let Some(m) = self.poll(polls)? {
+                return Ok(m);
             }
             self.rx.set_sleeping(true);
             let again = self.try_recv_now();
@@ -399,11 +418,8 @@ impl Chan {
     /// without the monitor check ([`Chan::nudge_monitor`]). Bochs fixed (A) and (B) after
     /// 2.7 (upstream commit b8f38eb8d: a TLB invalidation wakes the CPU instead).
     fn wait_mwait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
-        for _ in 0..polls {
-            if let Some(m) = self.try_recv()? {
-                return Ok(m);
-            }
-            core::hint::spin_loop();
+        if let Some(m) = self.poll(polls)? {
+            return Ok(m);
         }
         loop {
             self.rx.set_sleep(SLEEP_MWAIT);

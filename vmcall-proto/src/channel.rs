@@ -178,14 +178,21 @@ impl<'a> Ring<'a> {
 }
 
 /// What went wrong on a channel.
+///
+/// Laid out word by word (a `u64` tag, every field a `u64`), so that in a receive's
+/// `Result<Option<Payload>, ChannelError>` or `Result<Payload, ChannelError>` each word of
+/// the error lies on a word of the payload: the compiler then moves a received message in
+/// whole registers. With the default layout (a byte tag and a `u32` slot index on a
+/// payload word) it split the message's first word in two halves on every receive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
 pub enum ChannelError {
     /// No free slot (only from `try_send`).
     Full,
     /// A slot's control word is neither the expected message nor the previous lap's.
-    Corrupt { slot: u32, expected: u64, found: u64 },
+    Corrupt { slot: u64, expected: u64, found: u64 },
     /// The control word changed while the payload was being read.
-    Torn { slot: u32 },
+    Torn { slot: u64 },
     /// The consumer's `received` count went backwards or past what was sent.
     BadAck { received: u64, sent: u64 },
     /// The peer is down (its guest died; a new incarnation is not up yet).
@@ -445,6 +452,32 @@ impl<'a> Receiver<'a> {
         Some(Ok(msg))
     }
 
+    /// Polls the next slot until its control word is the next message's, at most `polls`
+    /// times (at least once), running `pause` after each poll that finds nothing but the
+    /// last; whether it came. Each poll is one load and one compare (the slot and the word
+    /// it waits for are kept in registers, as a bare ring's receiver keeps them): the wait
+    /// of a blocking receive. It says nothing of any other word in the slot; take the
+    /// message with [`Receiver::take`] (which checks it again, with acquire, and re-reads it
+    /// after the copy), and classify a slot that never gets it with
+    /// [`Receiver::not_next`].
+    #[inline(always)]
+    pub fn poll(&self, polls: u32, mut pause: impl FnMut()) -> bool {
+        // SAFETY: as in `take`.
+        let control = unsafe { &(*self.cur).control };
+        let want = self.expected;
+        let mut left = polls.max(1);
+        loop {
+            if control.load(Ordering::Relaxed) == want {
+                return true;
+            }
+            left -= 1;
+            if left == 0 {
+                return false;
+            }
+            pause();
+        }
+    }
+
     /// What is in the next slot when [`Receiver::take`] found no message there: empty (the
     /// previous lap's message; 0: nothing yet, or the rings were reset under this side,
     /// which its link word will say; a word an earlier epoch wrote late; or the next
@@ -467,13 +500,13 @@ impl<'a> Receiver<'a> {
 
     #[cold]
     fn corrupt(&self, found: u64) -> ChannelError {
-        let slot = self.ring.index(self.cur) as u32;
+        let slot = self.ring.index(self.cur) as u64;
         ChannelError::Corrupt { slot, expected: self.expected, found }
     }
 
     #[cold]
     fn torn(&self) -> ChannelError {
-        ChannelError::Torn { slot: self.ring.index(self.cur) as u32 }
+        ChannelError::Torn { slot: self.ring.index(self.cur) as u64 }
     }
 
     /// The cache line the next message will be written to (its slot): what a receiver

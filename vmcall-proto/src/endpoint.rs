@@ -41,6 +41,16 @@ use loom::sync::atomic::{AtomicU64, Ordering};
 /// polls.
 pub const LOOK_EVERY: u32 = 16;
 
+/// How often the library's receiver publishes its count: after every message it takes (one
+/// store of the control word it just accepted, which is the count with the epoch tag). The
+/// count is then exact at every moment, which the hypervisor's accounting of messages lost
+/// at a reset relies on (a message the dead incarnation took is not lost), at the cost of
+/// one store into a line the sender reads only when its own count says the ring is full.
+/// The guest's `Chan` and the host bench's library row both take it from here.
+pub const fn ack_every(_slots: u32) -> u32 {
+    1
+}
+
 /// What a channel end knows of its link: the word (read-only to the guest, written by the
 /// hypervisor while the guest does not run), and the last value seen up in this epoch.
 pub struct LinkWatch<'a> {
@@ -168,15 +178,75 @@ impl<'a> LinkWatch<'a> {
         }
     }
 
+    /// Receives from `rx`, waiting as long as it takes: the blocking receive of the library
+    /// (`Chan::recv` in the guest, the host bench's library row). The wait is
+    /// [`Receiver::poll`], one load and one compare per poll with `pause` between polls, and
+    /// after every [`LOOK_EVERY`] empty polls in a row the full look (the slot's word, the
+    /// link), as [`LinkWatch::try_recv`] polled that often would do; the message is taken as
+    /// there ([`Receiver::take`]: the acquire load, the copy and the re-read).
+    #[inline(always)]
+    pub fn recv(
+        &mut self,
+        rx: &mut Receiver<'_>,
+        mut pause: impl FnMut(),
+    ) -> Result<Payload, ChannelError> {
+        loop {
+            if rx.poll(LOOK_EVERY, &mut pause) {
+                match rx.take() {
+                    Some(Ok(m)) => return Ok(m),
+                    Some(Err(e)) => return self.after(e),
+                    // Changed between the poll and the take (only a peer writing what it
+                    // should not does that): classified below.
+                    None => {}
+                }
+            }
+            self.idle_look(rx)?;
+            pause();
+        }
+    }
+
+    /// Receives from `rx` if a message comes within `polls` polls (at least one; `pause`
+    /// between them), with the full look after the last empty one: `Ok(None)` then. At
+    /// most [`LOOK_EVERY`] polls pass without a look.
+    #[inline(always)]
+    pub fn recv_within(
+        &mut self,
+        rx: &mut Receiver<'_>,
+        polls: u32,
+        mut pause: impl FnMut(),
+    ) -> Result<Option<Payload>, ChannelError> {
+        let mut left = polls.max(1);
+        loop {
+            let n = left.min(LOOK_EVERY);
+            if rx.poll(n, &mut pause) {
+                match rx.take() {
+                    Some(Ok(m)) => return Ok(Some(m)),
+                    Some(Err(e)) => return self.after(e),
+                    // Changed between the poll and the take (only a peer writing what it
+                    // should not does that): classified below.
+                    None => {}
+                }
+            }
+            self.idle_look(rx)?;
+            left -= n;
+            if left == 0 {
+                return Ok(None);
+            }
+            pause();
+        }
+    }
+
     /// Nothing in the ring: the slot's word (empty or corrupt) and the link.
-    #[inline(never)]
+    #[inline(always)]
     fn idle(&mut self, rx: &mut Receiver<'_>) -> Result<Option<Payload>, ChannelError> {
+        self.idle_look(rx).map(|()| None)
+    }
+
+    #[inline(never)]
+    fn idle_look(&mut self, rx: &mut Receiver<'_>) -> Result<(), ChannelError> {
         self.quiet = LOOK_EVERY;
         match rx.not_next() {
-            Ok(()) => {
-                self.look()?;
-                Ok(None)
-            }
+            Ok(()) => self.look(),
             Err(e) => self.after(e),
         }
     }
@@ -232,6 +302,44 @@ mod tests {
         w.try_send(&mut tx, &msg(5)).unwrap();
         assert_eq!(w.try_recv(&mut rx), Ok(Some(msg(5))));
         assert_eq!(w.try_recv_now(&mut rx), Ok(None));
+    }
+
+    #[test]
+    fn the_blocking_receive_takes_what_comes_and_looks_every_look_every_polls() {
+        let st = Box::new(OwnedRing::new());
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(st.ring(4)), Receiver::new(st.ring(4), 1));
+        // A message sent while the receiver waits (here: during its fifth pause) is taken,
+        // and the count published with it.
+        let mut polls = 0;
+        let got = w.recv(&mut rx, || {
+            polls += 1;
+            if polls == 5 {
+                tx.try_send(&msg(7)).unwrap();
+            }
+        });
+        assert_eq!((got, polls), (Ok(msg(7)), 5));
+        assert_eq!(st.ring(4).received(), 1);
+        // Within a bounded wait: nothing, after exactly that many polls and a look.
+        let mut polls = 0;
+        assert_eq!(w.recv_within(&mut rx, 40, || polls += 1), Ok(None));
+        assert_eq!(polls, 39, "a pause between polls, none after the last");
+        // A dead peer's last messages come first, then its death, within LOOK_EVERY polls.
+        tx.try_send(&msg(8)).unwrap();
+        word.store(link_word(false, 0), Ordering::Relaxed);
+        assert_eq!(w.recv(&mut rx, || {}), Ok(msg(8)));
+        let mut polls = 0;
+        assert_eq!(w.recv(&mut rx, || polls += 1), Err(ChannelError::PeerGone));
+        assert!(polls < LOOK_EVERY, "{polls}");
+        // Up again in this epoch: a corrupt control word in the next slot is reported
+        // within LOOK_EVERY polls, never taken for a message.
+        word.store(link_word(true, 0), Ordering::Relaxed);
+        st.slot(2).control.store(0xdead, Ordering::Relaxed);
+        let mut polls = 0;
+        let got = w.recv(&mut rx, || polls += 1);
+        assert!(matches!(got, Err(ChannelError::Corrupt { slot: 2, .. })), "{got:?}");
+        assert!(polls < LOOK_EVERY, "{polls}");
     }
 
     #[test]

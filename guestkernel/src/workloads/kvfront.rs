@@ -708,7 +708,7 @@ pub fn kvfront(bi: &BootInfo) -> u64 {
     let mut shards = Vec::new();
     for i in 0..workers {
         let Some(mut chan) = channel::open_index(bi, i) else { return NO_CHANNEL };
-        chan.doorbells = true;
+        chan.set_doorbells(true);
         let (buf, buf_at) = bufs.get(i).copied().unwrap_or((u64::MAX, 0));
         // Guest-control capabilities follow the endpoints, in the config's order of guests
         // (the workers', as their channels).

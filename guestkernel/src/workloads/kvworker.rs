@@ -246,7 +246,7 @@ pub fn kvworker(bi: &BootInfo) -> u64 {
         log::error!("kvworker: no channel");
         return NO_CHANNEL;
     };
-    c.doorbells = true;
+    c.set_doorbells(true);
     // Every transfer consumes one acceptance: take (practically) any number.
     caps::accept_all(u32::MAX as u64);
     let first = bi.incarnation == 1;

@@ -43,7 +43,7 @@ fn open(bi: &BootInfo, name_key: &str) -> Option<Chan> {
     }
     c.map(|mut c| {
         match bi.arg_word("mode") {
-            "doorbell" => c.doorbells = true,
+            "doorbell" => c.set_doorbells(true),
             "mwait" if !c.use_mwait() => {
                 log::warn!("mode=mwait: MONITOR/MWAIT not offered (mwait = true?): doorbells")
             }
@@ -90,8 +90,10 @@ fn polls(bi: &BootInfo) -> u32 {
     bi.arg_int("polls") as u32
 }
 
+// Inlined: the library's receive then compiles into the loop as a user's call does.
+#[inline(always)]
 fn receive(c: &mut Chan, polls: u32) -> Result<Payload, ChannelError> {
-    if c.doorbells || c.mwait() {
+    if c.doorbells() || c.mwait() {
         c.wait(polls)
     } else {
         c.recv()
@@ -275,10 +277,26 @@ pub fn ping(bi: &BootInfo) -> u64 {
     if raw(bi) {
         return ping_raw(bi, &c);
     }
-    let n = bi.arg_int("n");
     // Read once: `arg_int` searches the workload table and parses the arguments (about
     // 1,600 instructions), which inside the loop was most of what a message cost.
     let polls = polls(bi);
+    // One loop per mode, each with its one receive call, as a program that uses one mode
+    // is written (a choice inside the loop would make the compiler merge the two receives'
+    // results in memory on every message).
+    if c.doorbells() || c.mwait() {
+        ping_loop(bi, &mut c, |c| c.wait(polls))
+    } else {
+        ping_loop(bi, &mut c, |c| c.recv())
+    }
+}
+
+#[inline(always)]
+fn ping_loop(
+    bi: &BootInfo,
+    c: &mut Chan,
+    mut receive: impl FnMut(&mut Chan) -> Result<Payload, ChannelError>,
+) -> u64 {
+    let n = bi.arg_int("n");
     let (mut rtt, mut send) = (Stats::new(), Stats::new());
     let e0 = exit_count();
     for i in 0..n {
@@ -287,7 +305,7 @@ pub fn ping(bi: &BootInfo) -> u64 {
             return corrupt("ping", e);
         }
         let t1 = rdtsc();
-        let reply = match receive(&mut c, polls) {
+        let reply = match receive(c) {
             Ok(m) => m,
             Err(e) => return corrupt("ping", e),
         };
@@ -318,32 +336,44 @@ pub fn pong(bi: &BootInfo) -> u64 {
     if raw(bi) {
         return pong_raw(bi, &c);
     }
-    let n = bi.arg_int("n");
     // Read once: `arg_int` searches the workload table and parses the arguments (about
     // 1,600 instructions), which inside the loop was most of what a message cost.
     let polls = polls(bi);
-    let mut recv = Stats::new();
-    let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
-    let e0 = exit_count();
-    for i in 0..n {
-        let m = if c.doorbells || c.mwait() {
-            match c.wait(polls) {
-                Ok(m) => m,
-                Err(e) => return corrupt("pong", e),
-            }
-        } else {
+    // One loop per mode, as in `ping`.
+    if c.doorbells() || c.mwait() {
+        pong_loop(bi, &mut c, |c, _| c.wait(polls))
+    } else {
+        pong_loop(bi, &mut c, |c, recv| {
             // Time only the successful receive: polling misses are not a receive's cost.
             loop {
                 let t0 = rdtsc();
                 match c.try_recv() {
                     Ok(Some(m)) => {
                         recv.add(rdtsc() - t0);
-                        break m;
+                        return Ok(m);
                     }
                     Ok(None) => core::hint::spin_loop(),
-                    Err(e) => return corrupt("pong", e),
+                    Err(e) => return Err(e),
                 }
             }
+        })
+    }
+}
+
+#[inline(always)]
+fn pong_loop(
+    bi: &BootInfo,
+    c: &mut Chan,
+    mut receive: impl FnMut(&mut Chan, &mut Stats) -> Result<Payload, ChannelError>,
+) -> u64 {
+    let n = bi.arg_int("n");
+    let mut recv = Stats::new();
+    let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
+    let e0 = exit_count();
+    for i in 0..n {
+        let m = match receive(c, &mut recv) {
+            Ok(m) => m,
+            Err(e) => return corrupt("pong", e),
         };
         if m != message(i, 0) {
             log::error!("pong: message {i} wrong: {:?}", &m[..2]);

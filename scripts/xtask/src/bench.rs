@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vmcall_proto::channel::{ChannelError, OwnedRing, Payload, Receiver, Sender};
-use vmcall_proto::endpoint::LinkWatch;
+use vmcall_proto::endpoint::{ack_every, LinkWatch};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HostRow {
@@ -442,9 +442,10 @@ fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
 }
 
 // --- the guest's channel library: the ring with its settings and its link policy ---
-// What `guestkernel::channel::Chan` runs on a polling send and receive
-// (`vmcall_proto::endpoint::LinkWatch` over a sender and a receiver that publishes its count
-// after every message), with the link word in host memory standing for the status page.
+// What `guestkernel::channel::Chan` runs on a polling send and a blocking receive
+// (`vmcall_proto::endpoint::LinkWatch::try_send` and `LinkWatch::recv` over a sender and a
+// receiver publishing its count as the library does, `endpoint::ack_every`), with the link
+// word in host memory standing for the status page.
 struct LibEnd {
     tx: Sender<'static>,
     rx: Receiver<'static>,
@@ -463,12 +464,9 @@ impl Endpoint for LibEnd {
     }
     fn recv(&mut self) -> Payload {
         let mut spin = Spin::new();
-        loop {
-            match self.link.try_recv(&mut self.rx) {
-                Ok(Some(m)) => return m,
-                Ok(None) => spin.wait("a message"),
-                Err(e) => panic!("bench: library receive: {e:?}"),
-            }
+        match self.link.recv(&mut self.rx, || spin.wait("a message")) {
+            Ok(m) => m,
+            Err(e) => panic!("bench: library receive: {e:?}"),
         }
     }
 }
@@ -482,12 +480,12 @@ fn library_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
     (
         Box::new(LibEnd {
             tx: Sender::new(ab.ring(slots)),
-            rx: Receiver::new(ba.ring(slots), 1),
+            rx: Receiver::new(ba.ring(slots), ack_every(slots)),
             link: LinkWatch::new(word()),
         }),
         Box::new(LibEnd {
             tx: Sender::new(ba.ring(slots)),
-            rx: Receiver::new(ab.ring(slots), 1),
+            rx: Receiver::new(ab.ring(slots), ack_every(slots)),
             link: LinkWatch::new(word()),
         }),
     )
