@@ -623,11 +623,7 @@ impl<B: crate::vcpu::Vcpu> Dying<'_, '_, B> {
             let (caps, env) = (&mut self.ctx.caps, &mut self.vcpu);
             caps.links_down(env);
             let deadline = arch::rdtsc().saturating_add(caps.policy.deadline.saturating_mul(80));
-            while !caps.links_acked() && arch::rdtsc() < deadline {
-                caps.poll(env);
-                arch::pause();
-            }
-            if !caps.links_acked() {
+            if !caps.serve_until(env, deadline, |_| {}, |c| c.links_acked()) {
                 log::warn!(
                     "guest {}: a channel peer's core did not acknowledge in time",
                     name(self.l)
@@ -665,7 +661,13 @@ impl<B: crate::vcpu::Vcpu> Dying<'_, '_, B> {
         r.caps = self.ctx.caps.stats;
         r.unconfirmed = self.retired.unconfirmed;
         self.report = Some(r);
-        incarnation_record(self.l, self.n, &r, self.start, &self.retired, links);
+        let (caps, link) = (&mut self.ctx.caps, &mut *self.vcpu.link);
+        let serve = &mut || {
+            mark(crate::percpu::site::DEATH_RECORD_PART);
+            caps.poll(link);
+            mark(crate::percpu::site::DEATH_RECORD_SERVED);
+        };
+        incarnation_record_in_parts(self.l, self.n, &r, self.start, &self.retired, links, serve);
         mark(crate::percpu::site::DEATH_RECORD);
         self.ctx.caps.poll(&mut *self.vcpu.link);
     }
