@@ -661,6 +661,7 @@ impl<B: crate::vcpu::Vcpu> Dying<'_, '_, B> {
         r.caps = self.ctx.caps.stats;
         r.unconfirmed = self.retired.unconfirmed;
         self.report = Some(r);
+        mark(crate::percpu::site::DEATH_RECORD_SERVED);
         let (caps, link) = (&mut self.ctx.caps, &mut *self.vcpu.link);
         let serve = &mut || {
             mark(crate::percpu::site::DEATH_RECORD_PART);
