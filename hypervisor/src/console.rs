@@ -188,6 +188,18 @@ impl Queue {
         // SAFETY: an in-bounds write of a byte no one else reads or writes now.
         unsafe { (*self.buf.get())[pos % QUEUE_BYTES] = b };
     }
+
+    /// Writes `bytes` from position `pos` on (wrapping around the end): at most two copies.
+    fn set_all(&self, pos: usize, bytes: &[u8]) {
+        let at = pos % QUEUE_BYTES;
+        let first = bytes.len().min(QUEUE_BYTES - at);
+        // As in `set`, for every byte: past `tail`, the consumer done with them (the caller
+        // checked `head` for the last one), `bytes` no longer than the queue.
+        // SAFETY: in-bounds writes of bytes no one else reads or writes now.
+        let buf = unsafe { &mut *self.buf.get() };
+        buf[at..at + first].copy_from_slice(&bytes[..first]);
+        buf[..bytes.len() - first].copy_from_slice(&bytes[first..]);
+    }
 }
 
 static QUEUES: [Queue; MAX_CORES] = [const { Queue::new() }; MAX_CORES];
@@ -204,16 +216,6 @@ struct LineWriter<'a> {
 }
 
 impl LineWriter<'_> {
-    fn push(&mut self, b: u8) {
-        if self.len >= MAX_LINE {
-            return;
-        }
-        let pos = self.start + HEADER + self.len;
-        self.room(pos);
-        self.q.set(pos, b);
-        self.len += 1;
-    }
-
     /// Waits until the consumer is done with position `pos`: while the queue is full, turns
     /// at the UART (the line itself always fits an empty queue).
     fn room(&self, pos: usize) {
@@ -238,9 +240,14 @@ impl LineWriter<'_> {
 }
 
 impl Write for LineWriter<'_> {
+    /// The bytes that fit the line, copied at once (one look at the room they need).
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            self.push(b);
+        let n = s.len().min(MAX_LINE - self.len);
+        if n > 0 {
+            let pos = self.start + HEADER + self.len;
+            self.room(pos + n - 1);
+            self.q.set_all(pos, &s.as_bytes()[..n]);
+            self.len += n;
         }
         Ok(())
     }
@@ -298,6 +305,43 @@ pub fn line(args: fmt::Arguments<'_>) {
     let _ = w.write_fmt(args);
     w.commit();
     turn(PUMP_BYTES, false);
+}
+
+/// A line formatted in parts into a buffer of its own and queued whole by
+/// [`Staged::commit`]: its caller may serve the inbox between two parts (which may write
+/// lines of their own: nothing of this one is queued yet). Cut at [`MAX_LINE`] bytes, as a
+/// queued line is.
+pub struct Staged {
+    buf: [u8; MAX_LINE],
+    len: usize,
+}
+
+impl Staged {
+    /// A record's line (`#mkv <kind> `, its fields to follow).
+    pub fn record(kind: &str) -> Self {
+        let mut s = Staged { buf: [0; MAX_LINE], len: 0 };
+        let _ = write!(s, "{}{} ", vmcall_proto::record::PREFIX, kind);
+        s
+    }
+
+    /// Queues the line (one copy into the queue) and takes a turn at the UART, as [`line`].
+    pub fn commit(self) {
+        // Only whole characters were written (see `write_str`).
+        let text = core::str::from_utf8(&self.buf[..self.len]).unwrap_or("(not UTF-8)");
+        line(format_args!("{text}"));
+    }
+}
+
+impl Write for Staged {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut n = s.len().min(MAX_LINE - self.len);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
 }
 
 /// Writes straight to the UART (its lock held): the early-boot path.

@@ -81,7 +81,12 @@ pub mod site {
     pub const DEATH_LINKS_DOWN: u8 = 16;
     pub const DEATH_CLEAR_VMCS: u8 = 17;
     pub const DEATH_RECORD: u8 = 18;
-    pub const COUNT: usize = 19;
+    /// A part of the incarnation record formatted (the inbox is served next).
+    pub const DEATH_RECORD_PART: u8 = 19;
+    /// The inbox served between two parts of the record (the segment since the part: the
+    /// poll's own work, a console turn included).
+    pub const DEATH_RECORD_SERVED: u8 = 20;
+    pub const COUNT: usize = 21;
     const NAMES: [&str; COUNT] = [
         "poll",
         "poll or guest exit",
@@ -102,6 +107,8 @@ pub mod site {
         "death: links down",
         "death: VMCS cleared",
         "death: recorded",
+        "death: a part of the record",
+        "death: the inbox served for the record",
     ];
     pub fn name(site: u64) -> &'static str {
         NAMES.get(site as usize).copied().unwrap_or("?")

@@ -723,6 +723,33 @@ impl<const E: usize> CapCore<E> {
         n
     }
 
+    /// Serves the inbox until `done` holds or `deadline` (TSC) has passed: whether `done`.
+    /// `between` runs after each poll (the caller's logging). The deadline decides only
+    /// after a poll that read the inbox at or after it: what arrived before it counts, also
+    /// when this core could not look for a while (a stall, `inject=deaf-core`), so a wait
+    /// never gives up on an answer that is in its inbox. The waits of a guest's death and
+    /// of a core's leave and join use it.
+    pub fn serve_until(
+        &mut self,
+        env: &mut impl Env,
+        deadline: u64,
+        mut between: impl FnMut(&mut Self),
+        done: impl Fn(&Self) -> bool,
+    ) -> bool {
+        loop {
+            let now = env.now();
+            self.poll(env);
+            between(self);
+            if done(self) {
+                return true;
+            }
+            if now >= deadline && !self.deaf_at(now) {
+                return false;
+            }
+            env.relax();
+        }
+    }
+
     /// Acts on cores the membership protocol suspects: fenced for the capability protocol
     /// (what waits on them ends incomplete), their guests' channels down here, their
     /// control over this core's guest gone, a request of this core to them answered.

@@ -24,6 +24,8 @@ struct Net {
     sends: Vec<(usize, usize)>,
     /// A core's own polls read its queues while set (otherwise only [`Net::deliver`] does).
     serve_inbox: bool,
+    /// Ticks a core's `relax` lets pass (0: time stands still while it waits).
+    relax_step: u64,
     mc: McNet,
 }
 
@@ -59,6 +61,7 @@ struct NetEnv<'a> {
     ept_fails: Option<HvError>,
     sends: &'a mut Vec<(usize, usize)>,
     serve_inbox: bool,
+    relax_step: u64,
     mc: &'a mut McNet,
 }
 
@@ -111,6 +114,9 @@ impl Env for NetEnv<'_> {
         (0..n).find_map(|from| Some((from, self.queues[from * n + me].pop_front()?)))
     }
     fn kick(&mut self, _to: usize) {}
+    fn relax(&mut self) {
+        self.now += self.relax_step;
+    }
     fn ept_map(&mut self, gpa: u64, _hpa: u64, size: u64, _w: bool) -> Result<(), HvError> {
         if let Some(e) = self.ept_fails {
             return Err(e);
@@ -147,6 +153,7 @@ impl Net {
             ept_fails: None,
             sends: vec![],
             serve_inbox: false,
+            relax_step: 0,
             mc: McNet::new(n),
         };
         net.cores[0].grant(0x100_0000, 0x1_0000).unwrap();
@@ -172,9 +179,13 @@ impl Net {
             ept_fails: self.ept_fails,
             sends: &mut self.sends,
             serve_inbox: self.serve_inbox,
+            relax_step: self.relax_step,
             mc: &mut self.mc,
         };
-        f(&mut self.cores[c], &mut env)
+        let r = f(&mut self.cores[c], &mut env);
+        // The time its waits let pass (none unless `relax_step` is set).
+        self.now = env.now;
+        r
     }
 
     fn call(&mut self, c: usize, h: Hypercall, a: u64, b: u64, d: u64) -> Result<u64, HvError> {
@@ -1664,4 +1675,113 @@ fn a_revoke_of_many_mapped_pieces_writes_one_step_per_stretch() {
     post((1, &mut e1), (0, &mut e0));
     owner.poll(&mut e0);
     assert_eq!(Core::revoke_finish(owner.take_verdict().unwrap()), Ok(1));
+}
+
+// ---- Issue 20: what expired while a core was deaf is decided on its inbox ----
+
+/// A deaf core (`inject=deaf-core:N:MS:AFTER`, a stall) looks at no deadline while deaf.
+/// When it hears again, what expired meanwhile is decided on what its inbox holds, at its
+/// first poll: the answers that came are taken (its revoke `Ok(1)`, the core it probes not
+/// suspected), and only what truly never came fails (the silent core fenced, its revoke
+/// `Timeout`), at once, not a period later. A poll that looked at its deadlines before its
+/// inbox would fence the live core in the first case.
+#[test]
+fn a_deaf_core_decides_what_expired_meanwhile_on_its_inbox_at_its_first_poll() {
+    for silent in [false, true] {
+        let mut net = Net::new(3, 4);
+        net.transfer(0, 0, 1, 1 | ALL << 8).unwrap();
+        let copy = |net: &Net, c: usize| {
+            let mut mem = net.cores[c].space().live().filter(|(_, k)| k.kind == CapType::Memory);
+            mem.next().map(|(h, _)| h).unwrap()
+        };
+        let h1 = copy(&net, 1);
+        net.transfer(1, h1, 2, 1 | 1 << 8).unwrap();
+        assert_eq!(net.live_memory(2), 1);
+        // Only core 1's detector is quick enough to matter here (the others never suspect).
+        let quick = members::Timing { period: 50, timeout: 400, grace: 0 };
+        let patient = members::Timing { period: 50, timeout: 1 << 40, grace: 0 };
+        for c in 0..3 {
+            let t = if c == 1 { quick } else { patient };
+            net.cores[c].members = members::Members::new(c, 0b111, t, 0);
+        }
+        net.serve_inbox = true;
+        let poll = |net: &mut Net, c: usize| net.with(c, |k, env| k.poll(env));
+        for _ in 0..20 {
+            net.now += 10;
+            for c in 0..3 {
+                poll(&mut net, c);
+            }
+        }
+        // Core 1's revoke of core 2's copy goes out, then its probe of core 2; it goes deaf
+        // with both in flight (their deadlines: 4 x 1,000 and 400 ticks).
+        assert_eq!(net.with(1, |k, env| k.revoke_start(env, h1)), Ok(true));
+        while !net.queues[3 + 2].iter().any(|m| m[0] & 0xff == members::op::PING) {
+            net.now += 10;
+            poll(&mut net, 1);
+        }
+        let deaf_end = net.now + 10_000;
+        net.cores[1].deafen_until(deaf_end);
+        let inbox = |net: &Net| [1, 4, 7].map(|q| net.queues[q].len()).iter().sum::<usize>();
+        while net.now + 100 < deaf_end {
+            net.now += 100;
+            let waiting = inbox(&net);
+            assert_eq!(poll(&mut net, 1), 0, "deaf: nothing served");
+            assert_eq!(inbox(&net), waiting, "deaf: nothing read");
+            poll(&mut net, 0);
+            if !silent {
+                poll(&mut net, 2);
+            }
+        }
+        assert!(net.cores[1].take_verdict().is_none(), "nothing decided while deaf");
+        assert_eq!(net.cores[1].members.suspects(), 0, "nothing suspected while deaf");
+        assert!(silent || inbox(&net) > 0, "the answers wait in its inbox");
+        net.now = deaf_end;
+        poll(&mut net, 1);
+        let v = net.cores[1].take_verdict().expect("decided at the first poll after it");
+        net.cores[1].restore_unconfirmed(h1);
+        let revoked = Core::revoke_finish(v);
+        let suspects = net.cores[1].members.suspects();
+        if silent {
+            assert_eq!(revoked, Err(HvError::Timeout));
+            assert_eq!(net.cores[1].stats.fenced, 1 << 2, "the silent core fenced");
+            assert_eq!(suspects, 1 << 2, "its unanswered probe expired: suspected at once");
+        } else {
+            assert_eq!(revoked, Ok(1), "the answer in its inbox counted");
+            assert_eq!(net.cores[1].stats.fenced, 0, "no live core fenced");
+            assert_eq!(suspects, 0, "the PONG in its inbox counted");
+            assert_eq!(net.live_memory(2), 0);
+        }
+    }
+}
+
+/// The waits a core does with a deadline of its own (a dying guest's core waiting for its
+/// peers' `LINK_ACK`s, a core's leave or join: `serve_until`) decide only after a poll that
+/// read the inbox at or after the deadline: an ack that came while the core was deaf, past
+/// the deadline, is taken, not given up on (which counted the peer down and muted its core,
+/// as a wait that looked at the clock first did). With nothing in the inbox it gives up at
+/// the deadline, not before.
+#[test]
+fn a_wait_that_outlives_a_deafness_takes_the_answer_waiting_in_the_inbox() {
+    for (deaf, acked) in [(5_000, true), (500, false)] {
+        let mut net = Net::new(2, 0);
+        net.serve_inbox = true;
+        net.relax_step = 10;
+        net.with(0, |c, env| {
+            c.retire(env);
+            c.links_down(env);
+        });
+        assert!(!net.cores[0].links_acked());
+        if acked {
+            // Core 1 answers at once; core 0 cannot look until well past its deadline.
+            net.with(1, |c, env| c.poll(env));
+        }
+        let start = net.now;
+        net.cores[0].deafen_until(start + deaf);
+        let deadline = start + 1_000;
+        let done = net.with(0, |c, env| c.serve_until(env, deadline, |_| {}, |c| c.links_acked()));
+        assert_eq!(done, acked, "deaf for {deaf}");
+        let decided = net.now;
+        let first_look = deadline.max(start + deaf);
+        assert!((first_look..=first_look + 10).contains(&decided), "decided at {decided}");
+    }
 }

@@ -139,7 +139,8 @@ pub(super) struct Start {
     pub(super) caps: usize,
 }
 
-/// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`).
+/// One incarnation's record (see `vmcall_proto::record::kind::INCARNATION`), written in
+/// one stretch (a setup that failed: nothing was mapped, no inbox to serve yet).
 pub(super) fn incarnation_record(
     l: &Launch,
     n: u32,
@@ -148,27 +149,55 @@ pub(super) fn incarnation_record(
     retired: &crate::caps::Retired,
     links: LinkCount,
 ) {
+    incarnation_record_in_parts(l, n, r, start, retired, links, &mut || {});
+}
+
+/// One incarnation's record, formatted in parts with `serve` called between two (the
+/// inbox served): one line, queued whole at the end. Formatting it at once was the
+/// longest segment of a death (14,000-24,000 instructions in Bochs, most of it the exit
+/// counts and the twenty numbers); each part is a few thousand.
+pub(super) fn incarnation_record_in_parts(
+    l: &Launch,
+    n: u32,
+    r: &GuestReport,
+    start: Start,
+    retired: &crate::caps::Retired,
+    links: LinkCount,
+    serve: &mut dyn FnMut(),
+) {
+    use core::fmt::Write as _;
+    use vmcall_proto::record::Quoted;
     let Start { tsc: tsc_start, frames, caps: caps_live } = start;
     let (ending, status, fault) = match r.ending {
         Ending::Exited(s) => ("exited", s, None),
         Ending::Stopped(why) => ("stopped", 0, Some(why)),
     };
-    crate::record!(
-        vmcall_proto::record::kind::INCARNATION,
-        "guest={} n={n} ending={ending} exit_status={status} fault={} tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames} caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={} link_resets={} link_lost={} exits={} hypercalls={}",
+    // A part that does not fit is cut with the line (`console::MAX_LINE`), as one
+    // `record!` would be: the writes cannot fail otherwise.
+    let mut line = crate::console::Staged::record(vmcall_proto::record::kind::INCARNATION);
+    let _ = write!(
+        line,
+        "guest={} n={n} ending={ending} exit_status={status} fault={}",
         name(l),
-        vmcall_proto::record::Quoted(OptFault(fault)),
-        r.tsc_first_entry,
-        r.tsc_end,
-        retired.revoked,
-        retired.unconfirmed,
-        retired.dropped,
-        caps_live,
-        links.resets,
-        links.lost,
-        vmcall_proto::record::Quoted(Exits(r)),
-        r.hypercalls
+        Quoted(OptFault(fault))
     );
+    serve();
+    let _ = write!(
+        line,
+        " tsc_start={tsc_start} tsc_first_entry={} tsc_end={} frames_at_start={frames}",
+        r.tsc_first_entry, r.tsc_end
+    );
+    serve();
+    let _ = write!(
+        line,
+        " caps_revoked={} caps_unconfirmed={} caps_dropped={} caps_live={caps_live} link_resets={} link_lost={}",
+        retired.revoked, retired.unconfirmed, retired.dropped, links.resets, links.lost
+    );
+    serve();
+    let _ = write!(line, " exits={}", Quoted(Exits(r)));
+    serve();
+    let _ = write!(line, " hypercalls={}", r.hypercalls);
+    line.commit();
 }
 
 /// The live figures of a running incarnation (see `vmcall_proto::record::kind::STATS`):

@@ -87,11 +87,7 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Dying<'g, 'a, B> {
             let (caps, env) = (&mut self.live.ctx.caps, &mut self.live.vcpu);
             caps.links_down(env);
             let deadline = arch::rdtsc().saturating_add(caps.policy.deadline.saturating_mul(80));
-            while !caps.links_acked() && arch::rdtsc() < deadline {
-                caps.poll(env);
-                arch::pause();
-            }
-            if !caps.links_acked() {
+            if !caps.serve_until(env, deadline, |_| {}, |c| c.links_acked()) {
                 log::warn!(
                     "guest {}: a channel peer's core did not acknowledge in time",
                     self.live.sink.name
@@ -132,7 +128,14 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Dying<'g, 'a, B> {
         r.unconfirmed = self.retired.unconfirmed;
         self.report = Some(r);
         let (l, n, start) = (self.live.g.l, self.live.at.n, self.live.start);
-        incarnation_record(l, n, &r, start, &self.retired, links);
+        mark(crate::percpu::site::DEATH_RECORD_SERVED);
+        let (caps, link) = (&mut self.live.ctx.caps, &mut *self.live.vcpu.link);
+        let serve = &mut || {
+            mark(crate::percpu::site::DEATH_RECORD_PART);
+            caps.poll(link);
+            mark(crate::percpu::site::DEATH_RECORD_SERVED);
+        };
+        incarnation_record_in_parts(l, n, &r, start, &self.retired, links, serve);
         mark(crate::percpu::site::DEATH_RECORD);
         self.live.ctx.caps.poll(&mut *self.live.vcpu.link);
     }

@@ -220,12 +220,8 @@ pub(super) fn leave<B: crate::vcpu::Vcpu>(
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.leave(link);
     let deadline = arch::rdtsc().saturating_add(wait);
-    while caps.members.member() && arch::rdtsc() < deadline {
-        caps.poll(link);
-        log_views(caps, core);
-        arch::pause();
-    }
-    if caps.members.member() {
+    let out = |c: &crate::caps::HvCaps| !c.members.member();
+    if !caps.serve_until(link, deadline, |c| log_views(c, core), out) {
         log::warn!("guest {}: its core could not leave the view in time", name(l));
         caps.members.stay(link);
         return false;
@@ -246,12 +242,8 @@ pub(super) fn join<B: crate::vcpu::Vcpu>(
     let wait = caps.members.timeout().saturating_mul(4);
     caps.members.join(link, via);
     let deadline = arch::rdtsc().saturating_add(wait);
-    while !caps.members.member() && arch::rdtsc() < deadline {
-        caps.poll(link);
-        log_views(caps, core);
-        arch::pause();
-    }
-    if !caps.members.member() {
+    let back = |c: &crate::caps::HvCaps| c.members.member();
+    if !caps.serve_until(link, deadline, |c| log_views(c, core), back) {
         log::warn!("guest {}: its core could not rejoin the view in time", name(l));
     }
     caps.members.member()

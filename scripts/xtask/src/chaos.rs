@@ -7,12 +7,15 @@
 //! random time: a spinner, or the echoer of a stream), the failure detector's period, and
 //! sometimes a hung core (`inject=hung-core:N` on a spinner's core) or a deaf one
 //! (`inject=deaf-core:N:MS:AFTER` on a spinner's or a holder's core: its hypervisor serves
-//! no inbox for a while, its guest running on; either at least twice the detector's
-//! timeout or at most half of it). It boots it in Bochs and checks invariants from the
-//! report and the guests' own counts: no live core suspected (only the hung one, and the
-//! deaf one exactly when its deafness outlasted the timeout), every other guest exited 0
+//! no inbox for a while, its guest running on; at least twice the detector's timeout, at
+//! most half of it, or in the band between, where either outcome is allowed: see
+//! [`Band`]). It boots it in Bochs and checks invariants from the
+//! report and the guests' own counts: no live core suspected (only the hung one, the
+//! deaf one when its deafness was long, and maybe when it was in the band), the deaf core
+//! back at its inbox within a probe period of its deafness' end and, if fenced, fenced
+//! cleanly (by every core, its guest stopped for good soon after), every other guest exited 0
 //! (each checks its own traffic and caps), the hung core's guest fenced, every revoke
-//! `Ok(1)` (or, only for a holder deaf past the timeout, `Timeout` with that core fenced),
+//! `Ok(1)` (or, only for a holder whose deaf core was fenced, `Timeout`),
 //! no memory reachable after a successful revoke (each holder wrote and read a page of its
 //! copy before the revoke and reads it after: that read must stop it with an EPT
 //! violation at that page), no private frames or capabilities leaked across
@@ -77,9 +80,7 @@ pub struct Scenario {
 }
 
 /// A deaf core: its hypervisor serves no inbox for `ms` from `after_ms` into its guest's
-/// run (its guest runs on). `long`: `ms` is at least twice the detector's timeout (it must
-/// be fenced); else at most half of it and under the capability protocol's deadline (it
-/// must not be).
+/// run (its guest runs on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deaf {
     pub core: u32,
@@ -87,7 +88,31 @@ pub struct Deaf {
     pub guest: String,
     pub ms: u64,
     pub after_ms: u64,
-    pub long: bool,
+    pub band: Band,
+}
+
+/// How long a deafness is, against the detector's timeout `T` (8 probe periods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Band {
+    /// At most `T/2` and half the capability protocol's deadline: it must not be fenced.
+    Short,
+    /// Strictly between `T/2` and `2T`: whether it is fenced depends on where in a probe
+    /// period it falls. Either outcome is allowed, each with its invariants: not fenced,
+    /// every guest finishes as without it; fenced, cleanly (its guest stopped for good
+    /// soon after it hears, every other core fences it too, the revokes end).
+    Middle,
+    /// At least `2T`: it must be fenced, cleanly.
+    Long,
+}
+
+impl Band {
+    fn word(self) -> &'static str {
+        match self {
+            Band::Short => "must not be fenced",
+            Band::Middle => "may be fenced",
+            Band::Long => "must be fenced",
+        }
+    }
 }
 
 /// The capability protocol's deadline per level (the hypervisor's default
@@ -289,8 +314,20 @@ pub fn scenario(seed: u64) -> Scenario {
             };
             // A holder lives only until its copy is revoked: deaf early, or never.
             let after_ms = if guest.starts_with("holder") { r.range(0, 8) } else { r.range(0, 60) };
-            Deaf { core, guest, ms, after_ms, long }
+            let band = if long { Band::Long } else { Band::Short };
+            Deaf { core, guest, ms, after_ms, band }
         });
+    // A third of the deafnesses fall between half and twice the timeout (a generator of
+    // their own again: the other deafnesses stay as they were drawn).
+    let mut r = Rng::new(seed ^ 0xdeaf_ba4d_5eed_0002);
+    let deaf = deaf.map(|mut d| {
+        if r.range(0, 2) == 0 {
+            let timeout = 8 * probe_ms;
+            d.ms = r.range(timeout / 2 + 1, 2 * timeout - 1);
+            d.band = Band::Middle;
+        }
+        d
+    });
     if let Some(d) = &deaf {
         // A deaf spinner spins past its deafness (the others probe it meanwhile).
         if let Some(&(_, ms)) = spin_ms.iter().find(|(c, _)| *c == d.core) {
@@ -311,7 +348,7 @@ pub fn scenario(seed: u64) -> Scenario {
             d.guest,
             d.ms,
             d.after_ms,
-            if d.long { "must be fenced" } else { "must not be fenced" },
+            d.band.word(),
             8 * probe_ms
         ));
     }
@@ -344,8 +381,12 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
     for p in &r.problems {
         broken.push(format!("the records have a problem: {p}"));
     }
-    // A long deafness that really happened must be fenced; nothing else may be.
-    let deaf_long = s.deaf.as_ref().filter(|d| d.long && deaf_reached(serial, d.core));
+    // A long deafness that really happened must be fenced, one in the middle band may be;
+    // nothing else may be. `deaf_long`: the deaf core when it was fenced (or had to be).
+    let reached = s.deaf.as_ref().filter(|d| deaf_reached(serial, d.core));
+    let suspected = |c: u32| r.suspicions.iter().any(|v| v.target == c);
+    let deaf_long =
+        reached.filter(|d| d.band == Band::Long || d.band == Band::Middle && suspected(d.core));
     let mayfence = |c: u32| Some(c) == s.hung || deaf_long.is_some_and(|d| d.core == c);
     // Every holder whose owner's revoke succeeded probes its copy and is stopped there.
     let probed: Vec<&str> = s
@@ -371,9 +412,9 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
         }
     }
     if let Some(d) = deaf_long {
-        if !r.suspicions.iter().any(|v| v.target == d.core) {
+        if !suspected(d.core) {
             broken.push(format!(
-                "core {} was deaf {} ms, over the detector's timeout ({} ms), and never suspected",
+                "core {} was deaf {} ms, over twice the detector's timeout ({} ms), and never suspected",
                 d.core,
                 d.ms,
                 8 * s.probe_ms
@@ -382,6 +423,9 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
     }
     broken.extend(revoke_checks(s, serial, deaf_long));
     let timeout = ticks_per_ms(serial).map(|t| 8 * s.probe_ms * t).filter(|&t| t > 0);
+    if let (Some(d), Some(t)) = (reached, timeout) {
+        broken.extend(deaf_checks(s, r, serial, d, deaf_long.is_some(), t));
+    }
     for name in &s.guests {
         let Some(g) = r.guests.iter().find(|g| &g.name == name) else {
             broken.push(format!("{name}: not in the report"));
@@ -440,6 +484,103 @@ pub fn check(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
         broken.extend(stream_accounting(r, serial, name, *n));
     }
     broken
+}
+
+/// What a deafness that happened must leave (`fenced`: its core was fenced, `timeout`: the
+/// detector's, in ticks). Its end is handled at once: the core serves its inbox again
+/// within a probe period of it (the run loop's timer aims there), and what expired
+/// meanwhile is decided on what its inbox holds (answers read before deadlines: a core that
+/// looked at its deadlines first would suspect a live one, which `check` names). Fenced,
+/// cleanly: every other core fenced it too (its guests' channels down there: `PeerGone`
+/// for their peers), and its own guest, if still running when it heard, stopped for good
+/// (isolation, one incarnation, no exit after) within a timeout of the deafness' end.
+fn deaf_checks(
+    s: &Scenario,
+    r: &Report,
+    serial: &str,
+    d: &Deaf,
+    fenced: bool,
+    timeout: u64,
+) -> Vec<String> {
+    let mut broken = Vec::new();
+    let Some(until) = deaf_window(serial, d.core).map(|(_, b)| b) else {
+        return vec![format!("core {}: its deafness' window is not in the log", d.core)];
+    };
+    let period = timeout / 8;
+    // The run may end while the core is still deaf (the BSP does not wait for a fenced
+    // core): then neither its return nor its guest's end can be seen.
+    let run_end = r.tsc.end.unwrap_or(u64::MAX);
+    let again = deaf_over_at(serial, d.core);
+    let g = r.guests.iter().find(|g| g.name == d.guest);
+    let ended = g.and_then(|g| g.incarnations.last()).map(|i| i.tsc_end);
+    match again {
+        Some(t) if t > until + period => broken.push(format!(
+            "core {}: served its inbox again {} ticks after its deafness ended (a probe period is {period})",
+            d.core,
+            t - until
+        )),
+        // Its guest ended while it was deaf (the loop that logs the end was left).
+        None if ended.is_none_or(|e| e > until + period) && run_end > until + period => broken.push(format!(
+            "core {}: never served its inbox again after its deafness",
+            d.core
+        )),
+        _ => {}
+    }
+    if !fenced {
+        return broken;
+    }
+    let up = r.cores.iter().filter(|c| c.state == "up" && c.index != d.core);
+    for c in up.map(|c| c.index) {
+        let line = format!("[c{c}] ERROR core {} did not answer membership probes", d.core);
+        if !serial.contains(&line) {
+            broken.push(format!("core {c} never fenced the deaf core {}", d.core));
+        }
+    }
+    let Some(g) = g else { return broken };
+    if g.incarnations.len() > 1 {
+        broken.push(format!("{}: started again on its fenced core", d.guest));
+    }
+    // A holder whose owner's revoke still got its answer is stopped by its probe instead
+    // (`probe_check`).
+    let probed = s.holders.iter().any(|(h, o)| {
+        h == &d.guest
+            && said(serial, o, "bigmap: ").contains(&"revoke the mapped copy: Ok(1) as expected")
+    });
+    // Its end, as its own core recorded it (the BSP, not waiting for a fenced core, may
+    // report it `fenced`): done before it heard, or stopped for good when it did.
+    match g.incarnations.last() {
+        _ if probed => {}
+        None if run_end > until + timeout => {
+            broken.push(format!("{}: no record of its end on the fenced core", d.guest))
+        }
+        None => {}
+        Some(i) => {
+            let isolated = i.ending == "stopped"
+                && i.fault.as_deref().is_some_and(|f| f.contains("fenced out of the membership"));
+            let exited = i.ending == "exited" && i.exit_status == Some(0);
+            if !(isolated || exited) || i.tsc_end > until + timeout {
+                broken.push(format!(
+                    "{}: on the fenced core, {} ({:?}) at {}, the deafness ended at {until}",
+                    d.guest, i.ending, i.fault, i.tsc_end
+                ));
+            }
+        }
+    }
+    broken
+}
+
+/// The TSC window of core `core`'s injected deafness, from its log.
+fn deaf_window(serial: &str, core: u32) -> Option<(u64, u64)> {
+    let tag = format!("inject=deaf-core: core {core} serves no inbox for ");
+    let rest = serial.lines().find_map(|l| l.split(tag.as_str()).nth(1))?;
+    let (a, b) = rest.split("tsc=").nth(1)?.split_once("..")?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// When core `core` served its inbox again after its deafness, from its log.
+fn deaf_over_at(serial: &str, core: u32) -> Option<u64> {
+    let tag = format!("inject=deaf-core: core {core} serves its inbox again, tsc=");
+    serial.lines().find_map(|l| l.split(tag.as_str()).nth(1)?.trim().parse().ok())
 }
 
 /// Whether core `core`'s injected deafness started (its hypervisor logs the window).
@@ -603,9 +744,10 @@ pub fn notes(s: &Scenario, r: &Report, serial: &str) -> Vec<String> {
         notes.push(match (deaf_reached(serial, d.core), fenced) {
             (false, _) => format!("core {} never got deaf (its guest ended first)", d.core),
             (true, f) => format!(
-                "core {} deaf {} ms (timeout {} ms): {}",
+                "core {} deaf {} ms ({:?}, timeout {} ms): {}",
                 d.core,
                 d.ms,
+                d.band,
                 8 * s.probe_ms,
                 if f { "fenced" } else { "not fenced" }
             ),
@@ -681,7 +823,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_draws_the_same_scenario_and_every_draw_is_a_valid_config() {
-        let mut deaf = [0; 2];
+        let mut deaf = [0; 3];
         for seed in 0..200 {
             let s = scenario(seed);
             assert_eq!(s, scenario(seed), "seed {seed}");
@@ -696,10 +838,14 @@ mod tests {
             if let Some(d) = &s.deaf {
                 let timeout = 8 * s.probe_ms;
                 assert!(s.hung.is_none() && d.core != 0 && s.guests.contains(&d.guest));
-                if d.long {
-                    assert!(d.ms >= 2 * timeout, "seed {seed}: {d:?}");
-                } else {
-                    assert!(2 * d.ms <= timeout && 2 * d.ms <= CAPS_DEADLINE_MS, "{d:?}");
+                match d.band {
+                    Band::Long => assert!(d.ms >= 2 * timeout, "seed {seed}: {d:?}"),
+                    Band::Middle => {
+                        assert!(2 * d.ms > timeout && d.ms < 2 * timeout, "seed {seed}: {d:?}")
+                    }
+                    Band::Short => {
+                        assert!(2 * d.ms <= timeout && 2 * d.ms <= CAPS_DEADLINE_MS, "{d:?}")
+                    }
                 }
                 // A deaf spinner spins past its deafness.
                 if d.guest.starts_with("spin") {
@@ -711,11 +857,11 @@ mod tests {
                         .unwrap_or_else(|| panic!("seed {seed}: {}", s.config));
                     assert!(ms > d.after_ms + d.ms, "seed {seed}: {d:?} spins {ms}");
                 }
-                deaf[usize::from(d.long)] += 1;
+                deaf[d.band as usize] += 1;
             }
         }
-        // Both sides of the detector's timeout are drawn.
-        assert!(deaf[0] >= 10 && deaf[1] >= 8, "{deaf:?}");
+        // Both sides of the detector's timeout are drawn, and the band between.
+        assert!(deaf.iter().all(|&n| n >= 5), "{deaf:?}");
         assert_ne!(scenario(1).config, scenario(2).config);
     }
 
@@ -792,5 +938,93 @@ mod tests {
             "{broken:?}"
         );
         assert!(broken.iter().any(|b| b.contains("away from its inbox")), "{broken:?}");
+    }
+
+    /// The deafness' invariants: back at its inbox within a probe period of its end; if
+    /// fenced (allowed in the band), by every other core, its guest stopped for good within
+    /// a timeout of the end. Each break is named.
+    #[test]
+    fn a_deafness_in_the_band_must_end_promptly_and_a_fence_must_be_clean() {
+        let s = Scenario {
+            seed: 7,
+            config: String::new(),
+            cmdline: String::new(),
+            probe_ms: 8,
+            hung: None,
+            deaf: Some(Deaf {
+                core: 1,
+                guest: "a".into(),
+                ms: 50,
+                after_ms: 0,
+                band: Band::Middle,
+            }),
+            holders: vec![],
+            guests: vec!["a".into()],
+            streams: vec![],
+            supervisors: vec![],
+            summary: vec![],
+        };
+        // Timeout 8 x 8 ms x 1,000 ticks = 64,000 ticks; a period 8,000.
+        let report = |state: &str, ending: &str, fault: &str, end: u64| -> Report {
+            let status = (ending == "exited").then_some(0);
+            serde_json::from_value(serde_json::json!({
+                "schema_version": 1, "outcome": "ok", "emulator": "bochs", "cpu_model": "m",
+                "cpus": 2, "cpus_listed": null, "cores_used": null, "config": null,
+                "cores": [{"index": 0, "apic_id": 0, "vmx": "on", "state": "up"},
+                          {"index": 1, "apic_id": 1, "vmx": "on", "state": "up"}],
+                "guests": [{"name": "a", "core": 1, "state": state, "exit_status": 0,
+                "exits": {}, "hypercalls": 0, "tsc_first_entry": 1, "tsc_end": end,
+                "incarnations": [{"n": 1, "ending": ending, "exit_status": status,
+                "fault": fault, "tsc_start": 0, "tsc_first_entry": 1, "tsc_end": end,
+                "frames_at_start": 8, "caps_revoked": 0, "caps_unconfirmed": 0,
+                "caps_dropped": 0}]}],
+                "channels": [], "tsc": {}, "tsc_unit": "emulated_instructions",
+                "wall_seconds": 1.0, "serial_log": "s", "problems": []
+            }))
+            .expect("a minimal report")
+        };
+        let window = "[c0] TSC: 1000 ticks/ms\n\
+                      [c1] WARN inject=deaf-core: core 1 serves no inbox for 50 ms, tsc=1000..51000\n";
+        let back = |t: u64| {
+            format!("{window}[c1] WARN inject=deaf-core: core 1 serves its inbox again, tsc={t}\n")
+        };
+        // Not fenced, back at once: nothing broken.
+        let ok = report("exited", "exited", "", 300_000);
+        assert_eq!(check(&s, &ok, &back(51_010)), Vec::<String>::new());
+        // Back only after more than a period.
+        let late = check(&s, &ok, &back(51_000 + 8_001));
+        assert!(late.iter().any(|b| b.contains("served its inbox again 8001 ticks")), "{late:?}");
+        assert!(check(&s, &ok, window).iter().any(|b| b.contains("never served its inbox")));
+        // Fenced (core 0 suspects it): core 0 must say so, and the guest must have stopped
+        // for good (isolation) within a timeout of the end.
+        let isolation = "stopped to keep isolation: its core was fenced out of the membership view";
+        let mut fenced = report("fenced", "stopped", isolation, 51_000 + 64_000);
+        fenced.suspicions.push(crate::report::SuspectReport { core: 0, target: 1, tsc: 40_000 });
+        let heard = "[c0] ERROR core 1 did not answer membership probes in time: fenced\n";
+        let serial = back(51_010) + heard;
+        assert_eq!(check(&s, &fenced, &serial), Vec::<String>::new());
+        let unheard = check(&s, &fenced, &back(51_010));
+        assert!(unheard.iter().any(|b| b.contains("core 0 never fenced")), "{unheard:?}");
+        fenced.guests[0].incarnations[0].tsc_end += 1;
+        let slow = check(&s, &fenced, &serial);
+        assert!(slow.iter().any(|b| b.contains("on the fenced core, stopped")), "{slow:?}");
+        let ran_on = report("exited", "exited", "", 51_000 + 64_001);
+        let mut ran_on_fenced = ran_on.clone();
+        ran_on_fenced.suspicions = fenced.suspicions.clone();
+        let ran = check(&s, &ran_on_fenced, &serial);
+        assert!(ran.iter().any(|b| b.contains("on the fenced core, exited")), "{ran:?}");
+        // The run ended while the core was still deaf: nothing more to see.
+        let mut cut = fenced.clone();
+        cut.guests[0].incarnations.clear();
+        assert!(check(&s, &cut, &serial).iter().any(|b| b.contains("no record of its end")));
+        cut.tsc.end = Some(50_000);
+        assert_eq!(check(&s, &cut, &(window.to_string() + heard)), Vec::<String>::new());
+        // A short deafness must not be fenced at all.
+        let short =
+            Scenario { deaf: s.deaf.clone().map(|d| Deaf { band: Band::Short, ..d }), ..s.clone() };
+        let mut suspected = ok.clone();
+        suspected.suspicions = fenced.suspicions.clone();
+        let b = check(&short, &suspected, &serial);
+        assert!(b.iter().any(|b| b.contains("suspected core 1, which was alive")), "{b:?}");
     }
 }
