@@ -966,3 +966,98 @@ fn a_late_answer_to_an_old_probe_does_not_answer_the_current_one() {
     m.tick(&mut net);
     assert_eq!(m.suspects(), 0b10, "the old answer was taken for the new probe's");
 }
+
+// ---- From the mutation run over the whole file (each fails on a mutant that survived) ----
+
+/// A net whose every send is refused (the peer's ring is full: it does not serve its inbox).
+struct Full;
+
+impl Net for Full {
+    fn now(&mut self) -> u64 {
+        0
+    }
+    fn send(&mut self, _to: usize, _m: &Payload) -> bool {
+        false
+    }
+    fn kick(&mut self, _to: usize) {}
+}
+
+#[test]
+fn a_send_the_ring_refuses_makes_its_core_suspected() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    // The probe to core 1 finds its ring full; telling the coordinator (core 2) of that
+    // suspicion finds core 2's full too.
+    m.tick(&mut Full);
+    assert_eq!(m.suspects(), 0b110, "each core whose ring refused a send is suspected");
+    assert_eq!(m.take_suspected(), 0b110, "as news, once");
+    assert_eq!(m.take_suspected(), 0);
+}
+
+#[test]
+fn suspecting_another_core_keeps_the_wish_waiting_at_the_coordinator() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    // Core 0 of {0, 1, 2} asks out: its wish goes to the coordinator, core 2.
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.leave(&mut net);
+    assert_eq!((net.sent.as_slice(), m.wish_out), ([2].as_slice(), Some(2)));
+    // Core 1 is suspected: the wish still waits for core 2's answer (no second WISH).
+    m.suspect(&mut net, 0b10);
+    assert_eq!(m.wish_out, Some(2), "the wish is still out");
+    assert_eq!(net.sent, [2], "nothing sent again");
+    // The coordinator itself suspected: the wish is no longer out there.
+    m.suspect(&mut net, 0b100);
+    assert_ne!(m.wish_out, Some(2));
+}
+
+#[test]
+fn a_new_round_outbids_every_ballot_seen_and_the_last_own_one() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    let seen = (5 << 8) | 2;
+    m.seen = seen;
+    m.start_round(&mut net);
+    let first = m.promised;
+    assert!(first > seen, "ballot {first:#x} after seeing {seen:#x}");
+    assert_eq!(first & 0xff, 0, "a coordinator's ballot carries its core");
+    m.round = None;
+    m.start_round(&mut net);
+    assert!(m.promised > first, "a second round reuses no ballot: {:#x}", m.promised);
+}
+
+#[test]
+fn a_core_that_left_is_known_out_everywhere_and_not_brought_back() {
+    let mut sim = Sim::new(3, 5);
+    sim.with(0, |m, env| m.leave(env));
+    settle(&mut sim, 0b001);
+    for c in 1..3 {
+        assert_eq!(sim.cores[c].wants_in & 0b1, 0, "core {c} thinks core 0 wants in");
+    }
+    // The coordinator stops: core 1 takes over and must not bring core 0 back.
+    sim.dead[2] = true;
+    settle(&mut sim, 0b001);
+    assert_eq!(sim.cores[1].view().set, 0b010);
+    sim.check_agreement();
+}
+
+/// A value accepted for the next view (from a coordinator that failed half-way) is what
+/// the next round proposes, before any change of its own; and its `COMMIT` goes to every
+/// core of the value, a suspected one too (a core fenced while only slow learns it is out,
+/// or here, in).
+#[test]
+fn a_round_adopts_the_value_accepted_for_the_next_view_and_tells_all_its_cores() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b11, t, 0);
+    let adopted = View { num: 1, set: 0b11 };
+    m.accepted = Some(((1 << 8) | 1, adopted));
+    let mut net = Rec::default();
+    // Core 1 suspected: core 0 coordinates alone and finishes the earlier round first.
+    m.suspect(&mut net, 0b10);
+    assert_eq!(m.take_change().map(|c| c.new), Some(adopted), "the accepted value first");
+    assert_eq!(m.take_change().map(|c| c.new), Some(View { num: 2, set: 0b01 }));
+    let commits =
+        net.msgs.iter().filter(|(to, m)| *to == 1 && m[0] & 0xff == super::op::COMMIT).count();
+    assert_eq!(commits, 2, "both views are committed to core 1: {:?}", net.msgs);
+}
