@@ -1061,3 +1061,49 @@ fn a_round_adopts_the_value_accepted_for_the_next_view_and_tells_all_its_cores()
         net.msgs.iter().filter(|(to, m)| *to == 1 && m[0] & 0xff == super::op::COMMIT).count();
     assert_eq!(commits, 2, "both views are committed to core 1: {:?}", net.msgs);
 }
+
+#[test]
+fn a_wish_waits_through_views_of_the_same_coordinator_and_goes_again_to_a_new_one() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.leave(&mut net);
+    assert_eq!(m.wish_out, Some(2));
+    m.install(View { num: 1, set: 0b111 }, 2);
+    assert_eq!(m.wish_out, Some(2), "the same coordinator: the wish still waits");
+    m.install(View { num: 2, set: 0b011 }, 2);
+    assert_eq!(m.wish_out, None, "a new coordinator (core 1): the wish goes to it");
+}
+
+#[test]
+fn the_change_queue_keeps_the_newest_in_order_when_it_wraps() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b11, t, 0);
+    let total = super::CHANGES as u32 + 5;
+    for num in 1..=total {
+        m.install(View { num, set: 0b11 }, 1);
+    }
+    let nums: Vec<u32> = core::iter::from_fn(|| m.take_change()).map(|c| c.new.num).collect();
+    assert_eq!(nums, (6..=total).collect::<Vec<_>>(), "the oldest dropped, the rest in order");
+    // Taken one at a time from a queue whose head has moved on.
+    for num in total + 1..=total + 3 {
+        m.install(View { num, set: 0b11 }, 1);
+        assert_eq!(m.take_change().map(|c| c.new.num), Some(num));
+        assert_eq!(m.take_change(), None);
+    }
+}
+
+#[test]
+fn a_suspected_core_and_this_core_itself_are_not_listened_to() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    let ping = super::msg(super::op::PING, &[1, 0]);
+    m.deliver(&mut net, 1, &ping);
+    assert_eq!(net.sent, [1], "a probe from a live core is answered");
+    m.suspect(&mut net, 0b10);
+    let sent = net.sent.len();
+    m.deliver(&mut net, 1, &ping);
+    m.deliver(&mut net, 0, &ping);
+    assert_eq!(net.sent.len(), sent, "answered a suspected core or itself: {:?}", net.sent);
+}
