@@ -1107,3 +1107,22 @@ fn a_suspected_core_and_this_core_itself_are_not_listened_to() {
     m.deliver(&mut net, 0, &ping);
     assert_eq!(net.sent.len(), sent, "answered a suspected core or itself: {:?}", net.sent);
 }
+
+/// A round run by a core this one did not tell its wishes to (a coordinator of a view it
+/// has not seen yet) ends the wait on the old one's answer: the next wish goes at once.
+#[test]
+fn a_prepare_from_a_core_not_told_ends_the_wait_for_the_old_coordinators_answer() {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.leave(&mut net);
+    assert_eq!(m.wish_out, Some(2), "the wish to the coordinator");
+    m.deliver(&mut net, 1, &super::msg(super::op::PREPARE, &[(1 << 8) | 1, 1]));
+    assert_eq!(m.wish_out, None, "core 1 runs a round: no answer awaited from core 2");
+    // The one it told running the round: the wish still waits for its answer.
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.leave(&mut net);
+    m.deliver(&mut net, 2, &super::msg(super::op::PREPARE, &[(1 << 8) | 2, 1]));
+    assert_eq!(m.wish_out, Some(2));
+}
