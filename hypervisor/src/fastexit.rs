@@ -88,8 +88,8 @@ impl FastExit {
     /// is its exit total (every exit before this entry).
     #[inline(always)]
     pub fn base(&mut self, exits_total: u64) {
-        // SAFETY: `telemetry` is the guest's status page, valid for the incarnation (see
-        // `answer`); the guest is not running.
+        // `telemetry` is the guest's status page, valid for the incarnation (see `answer`).
+        // SAFETY: a valid page (above); the guest is not running.
         let entries = unsafe { (*self.telemetry).entries };
         self.exits_base = exits_total.wrapping_sub(entries);
     }

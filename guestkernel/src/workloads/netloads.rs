@@ -670,8 +670,8 @@ pub fn scribble(bi: &BootInfo) -> u64 {
     // look: a receiver whose link is already down reports `PeerGone` first (the library's
     // rule, `vmcall_proto::endpoint`), and whether it is depends on how far the two cores'
     // setups are apart, not on the corruption this proves.
-    // SAFETY: our own outgoing ring (`tx_gpa`, `slots`: the channel's memory, mapped for
-    // us), read through its atomics only.
+    // `tx_gpa`, `slots`: the channel's memory, mapped for us.
+    // SAFETY: our own outgoing ring, read through its atomics only.
     let ring = unsafe { vmcall_proto::channel::Ring::from_raw(d.tx_gpa as *mut u8, d.slots) };
     let deadline = rdtsc() + 1_000 * bi.tsc_per_ms;
     while ring.received() < 3 && rdtsc() < deadline {

@@ -239,8 +239,8 @@ pub enum TimerMode {
 /// Once per core, during bring-up; the IDT has a handler for `vector` that acknowledges it.
 pub unsafe fn timer_init_this_core(vector: u8, calibrate_ticks: u64) -> TimerMode {
     let deadline = CpuId::new().get_feature_info().is_some_and(|f| f.has_tsc_deadline());
-    // SAFETY: enabling the APIC with the spurious vector 0xff (a reporting stub: never
-    // raised by a correct setup), then programming this core's own timer, masked or disarmed.
+    // The spurious vector 0xff is a reporting stub, never raised by a correct setup.
+    // SAFETY: enables this core's APIC, then programs its own timer, masked or disarmed.
     unsafe {
         reg_write(XAPIC_SIVR, SIVR_ENABLED as u32);
         if deadline {
@@ -308,8 +308,7 @@ pub fn logical_id() -> Option<u32> {
     if !x2apic_mode() {
         return None;
     }
-    // SAFETY: x2APIC mode is on (checked above), so the LDR MSR exists; reading it has no
-    // side effect.
+    // SAFETY: x2APIC mode is on (checked above): the LDR MSR exists; reading it is inert.
     let read = || unsafe { super::rdmsr(MSR_X2APIC_LDR) } as u32;
     let mut ldr = read();
     if ldr == 0 {
@@ -335,8 +334,8 @@ pub fn send_nmi_logical(ldr: u32) {
     // assert (bit 14: 1 for every delivery mode but INIT de-assert), edge trigger, no
     // shorthand; the destination in bits 63:32 (11.12.9: one 64-bit WRMSR, no delivery
     // status to poll).
-    // SAFETY: x2APIC mode on every core that kicks (as for `send_nmi`); the ICR write only
-    // sends this NMI.
+    // x2APIC mode is on on every core that kicks (as for `send_nmi`).
+    // SAFETY: x2APIC mode; the ICR write only sends this NMI.
     unsafe { super::wrmsr(MSR_X2APIC_ICR, (ldr as u64) << 32 | 1 << 14 | 1 << 11 | 4 << 8) };
 }
 
