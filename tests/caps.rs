@@ -8,7 +8,17 @@ use xtask::cli::Emulator;
 
 #[test]
 fn granted_memory_is_mapped_only_through_its_capability() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/caps.toml"));
+    granted_memory(Emulator::Bochs);
+}
+
+/// The same on the AMD SVM backend (QEMU TCG, nested page tables in AMD's format).
+#[test]
+fn granted_memory_is_mapped_only_through_its_capability_on_qemu_svm() {
+    granted_memory(Emulator::Qemu);
+}
+
+fn granted_memory(emulator: Emulator) {
+    let b = boot_config(emulator, None, None, "", Some("configs/caps.toml"));
     let keeper = b.report.guests.iter().find(|g| g.name == "keeper").expect("keeper");
     assert_eq!((keeper.state.as_str(), keeper.exit_status), ("exited", 0), "{keeper:?}");
     for check in [
@@ -35,25 +45,25 @@ fn granted_memory_is_mapped_only_through_its_capability() {
 
 #[test]
 fn move_copy_and_revoke_across_cores() {
-    move_copy_and_revoke("");
+    move_copy_and_revoke(Emulator::Bochs, "");
 }
 
 /// The same through a revoke tree: A's revoke asks B and C, and B carries D (3 copies,
 /// fan-out 2), answering for both.
 #[test]
 fn move_copy_and_revoke_across_cores_through_a_tree() {
-    move_copy_and_revoke("revoke=tree revoke_fanout=2");
+    move_copy_and_revoke(Emulator::Bochs, "revoke=tree revoke_fanout=2");
 }
 
 /// The same with the revoke as one `REVOKE` per holder on the rings (the multicast is the
 /// default).
 #[test]
 fn move_copy_and_revoke_across_cores_by_broadcast() {
-    move_copy_and_revoke("revoke=broadcast");
+    move_copy_and_revoke(Emulator::Bochs, "revoke=broadcast");
 }
 
-fn move_copy_and_revoke(cmdline: &str) {
-    let b = boot_config(Emulator::Bochs, None, None, cmdline, Some("configs/transfer.toml"));
+fn move_copy_and_revoke(emulator: Emulator, cmdline: &str) {
+    let b = boot_config(emulator, None, None, cmdline, Some("configs/transfer.toml"));
     let s = &b.serial;
     let said = |who: &str, what: &str| s.contains(&format!("[{who}] xfer: {what}"));
     // A moves a filled region to B; B maps it and finds A's data; A's slot is gone.
