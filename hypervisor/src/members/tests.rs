@@ -1126,3 +1126,56 @@ fn a_prepare_from_a_core_not_told_ends_the_wait_for_the_old_coordinators_answer(
     m.deliver(&mut net, 2, &super::msg(super::op::PREPARE, &[(1 << 8) | 2, 1]));
     assert_eq!(m.wish_out, Some(2));
 }
+
+/// Core 2 coordinating {0, 1, 2}: a round started, its `PREPARE` ballot, a net recording.
+fn round_at_2() -> (Members, Rec, u64) {
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(2, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.start_round(&mut net);
+    let ballot = m.promised;
+    (m, net, ballot)
+}
+
+/// The set the round's `ACCEPT`s carry (every one the same), if it sent any.
+fn accepted_set(net: &Rec) -> Option<u64> {
+    let sets: Vec<u64> = net
+        .msgs
+        .iter()
+        .filter(|(_, m)| m[0] & 0xff == super::op::ACCEPT)
+        .map(|(_, m)| m[3])
+        .collect();
+    assert!(sets.windows(2).all(|w| w[0] == w[1]), "{sets:?}");
+    sets.first().copied()
+}
+
+#[test]
+fn a_round_proposes_the_value_of_the_highest_ballot_promised() {
+    let (mut m, mut net, b) = round_at_2();
+    let promise = |ab: u64, set: u64| super::msg(super::op::PROMISE, &[b, ab, 1, set, 0, 0]);
+    m.deliver(&mut net, 0, &promise(0x201, 0b011));
+    m.deliver(&mut net, 1, &promise(0x301, 0b110));
+    assert_eq!(accepted_set(&net), Some(0b110), "the value accepted under ballot 0x301");
+}
+
+#[test]
+fn a_second_promise_from_the_same_core_is_not_counted_again() {
+    let (mut m, mut net, b) = round_at_2();
+    m.deliver(&mut net, 0, &super::msg(super::op::PROMISE, &[b, 0, 0, 0, 0, 0]));
+    // Again, now with a value: not the promise of core 0 the round counted.
+    m.deliver(&mut net, 0, &super::msg(super::op::PROMISE, &[b, 0x301, 1, 0b101, 0, 0]));
+    assert_eq!(accepted_set(&net), None, "core 1 has not promised yet");
+    m.deliver(&mut net, 1, &super::msg(super::op::PROMISE, &[b, 0, 0, 0, 0, 0]));
+    assert_eq!(accepted_set(&net), Some(0b111), "no value was promised: its own (no change)");
+}
+
+#[test]
+fn an_accepted_before_the_accept_phase_is_not_a_promise() {
+    let (mut m, mut net, b) = round_at_2();
+    for from in [0, 1] {
+        m.deliver(&mut net, from, &super::msg(super::op::ACCEPTED, &[b]));
+    }
+    let r = m.round.expect("the round goes on");
+    assert_eq!((r.phase, r.waiting), (super::Phase::Prepare, 0b011));
+    assert!(net.msgs.iter().all(|(_, m)| m[0] & 0xff == super::op::PREPARE), "{:?}", net.msgs);
+}
