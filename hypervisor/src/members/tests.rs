@@ -1179,3 +1179,14 @@ fn an_accepted_before_the_accept_phase_is_not_a_promise() {
     assert_eq!((r.phase, r.waiting), (super::Phase::Prepare, 0b011));
     assert!(net.msgs.iter().all(|(_, m)| m[0] & 0xff == super::op::PREPARE), "{:?}", net.msgs);
 }
+
+/// A `NACK` from a member that installed a newer view: the coordinator was behind, and the
+/// view it learns there was committed, so it installs it.
+#[test]
+fn a_nack_with_a_newer_view_installs_it_at_the_coordinator() {
+    let (mut m, mut net, b) = round_at_2();
+    let newer = View { num: 3, set: 0b111 };
+    m.deliver(&mut net, 0, &super::msg(super::op::NACK, &[b, 0x500, 3, 0b111, 0]));
+    assert_eq!(m.view(), newer);
+    assert!(m.seen >= 0x500, "its ballots outbid the one that won there");
+}
