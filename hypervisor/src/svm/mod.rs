@@ -11,7 +11,6 @@ pub mod decode;
 pub mod exit;
 pub mod features;
 pub mod maps;
-pub mod npt;
 pub mod vcpu;
 pub mod vmcb;
 
@@ -242,8 +241,10 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
     // SAFETY: this core's own page; CHECK_GUEST fits in it.
     unsafe { code.copy_from_nonoverlapping(CHECK_GUEST.as_ptr(), CHECK_GUEST.len()) };
     let mut frames = StaticFrames { pages: &mut p.npt, used: 0 };
-    let root = npt::new_root(&mut frames).map_err(|_| SvmError::CheckFailed)?;
-    npt::map_with(
+    // `ept` writes AMD's format on this machine (`ept::set_format`, on the BSP before any
+    // core got here).
+    let root = crate::ept::new_root(&mut frames).map_err(|_| SvmError::CheckFailed)?;
+    crate::ept::map_with(
         &mut frames,
         root,
         CHECK_GPA,
