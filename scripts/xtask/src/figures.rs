@@ -156,10 +156,11 @@ fn exits_cpus(json: &str) -> Result<String> {
     Ok(markdown(&header.iter().map(String::as_str).collect::<Vec<_>>(), &t))
 }
 
-fn revoke_strategies(json: &str) -> Result<String> {
-    let rows: Vec<crate::bench::CapsRow> = serde_json::from_str(json)?;
+/// The revoke rows' strategies in the order they first appear, and their holder counts k,
+/// ascending and distinct.
+fn strategies_and_ks(rows: &[crate::bench::CapsRow]) -> (Vec<&str>, Vec<u64>) {
     let mut strategies: Vec<&str> = vec![];
-    for r in &rows {
+    for r in rows {
         if !strategies.contains(&r.strategy.as_str()) {
             strategies.push(&r.strategy);
         }
@@ -167,6 +168,12 @@ fn revoke_strategies(json: &str) -> Result<String> {
     let mut ks: Vec<u64> = rows.iter().map(|r| r.k).collect();
     ks.sort_unstable();
     ks.dedup();
+    (strategies, ks)
+}
+
+fn revoke_strategies(json: &str) -> Result<String> {
+    let rows: Vec<crate::bench::CapsRow> = serde_json::from_str(json)?;
+    let (strategies, ks) = strategies_and_ks(&rows);
     let mut header = vec!["k".to_string()];
     for s in &strategies {
         header.extend([format!("{s}: latency"), format!("{s}: revoker's own")]);
@@ -190,15 +197,7 @@ fn revoke_strategies(json: &str) -> Result<String> {
 /// latency against one holder's.
 fn revoke_multicast(json: &str) -> Result<String> {
     let rows: Vec<crate::bench::CapsRow> = serde_json::from_str(json)?;
-    let mut strategies: Vec<&str> = vec![];
-    for r in &rows {
-        if !strategies.contains(&r.strategy.as_str()) {
-            strategies.push(&r.strategy);
-        }
-    }
-    let mut ks: Vec<u64> = rows.iter().map(|r| r.k).collect();
-    ks.sort_unstable();
-    ks.dedup();
+    let (strategies, ks) = strategies_and_ks(&rows);
     let mut header = vec!["k".to_string()];
     for s in &strategies {
         header.extend([
