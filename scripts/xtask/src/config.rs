@@ -58,6 +58,13 @@ pub struct NicModel {
 }
 
 impl NicModel {
+    /// QEMU's device of the same model (`-device`).
+    pub fn qemu_device(&self) -> &'static str {
+        match self.name {
+            "ne2k" => "ne2k_pci",
+            _ => self.name,
+        }
+    }
     /// Whether it masters the bus (DMA) whatever its command register says: the same list
     /// the hypervisor refuses without `dma = "unconfined"`.
     pub fn bus_master(&self) -> bool {
