@@ -12,6 +12,7 @@ pub mod exit;
 pub mod features;
 pub mod maps;
 pub mod vcpu;
+pub mod virq;
 pub mod vmcb;
 
 pub use features::Features;

@@ -32,18 +32,23 @@
 //!   tables and the nested tables (QEMU's TCG). An instruction that cannot be decoded
 //!   turns the exit into [`ExitKind::Other`]: the guest is stopped, never advanced by a
 //!   guess.
-//! * A guest that takes its own interrupts (`Setup::direct_interrupts`: channel doorbells):
-//!   VT-x lets them reach the guest's IDT; here every physical interrupt exits (the run
-//!   timer needs the INTR intercept), so doorbells are virtualized. The host takes the
-//!   doorbell at STGI (`arch::idt`'s doorbell stub marks this core in `HOST_DOORBELLS`
-//!   and EOIs it), the vCPU raises it as a virtual interrupt (V_IRQ, the doorbell vector),
-//!   which the processor delivers through the guest's IDT once the guest can take it, and
-//!   the guest's EOI (a write of 0 to the x2APIC EOI MSR, intercepted) is completed here
-//!   ([`ExitKind::Completed`]). HLT does not exit for such a guest, as on VT-x: a
-//!   doorbell, the run timer or a kick ends it.
-//! * Not yet: guests owning PCI functions (their device lines would need the same
-//!   virtualization): their setup is refused, saying so. No fast path: every exit goes
-//!   through the run loop.
+//! * A guest that takes its own interrupts (`Setup::direct_interrupts`: channel doorbells,
+//!   its devices' lines): VT-x lets them reach the guest's IDT; here every physical
+//!   interrupt exits (the run timer needs the INTR intercept), so they are virtualized.
+//!   The host takes the interrupt at STGI: a doorbell's stub marks this core in
+//!   `arch::idt::HOST_DOORBELLS` and EOIs it; a device's (vector `0x50 + i`) marks it in
+//!   `HOST_DEVICE_IRQS[i]` and leaves it in service, so the real APIC holds back its
+//!   class and the I/O APIC its level-triggered line (remote IRR), as under VT-x while
+//!   the guest's handler runs. The vCPU keeps the guest's requested and in-service
+//!   interrupts (`svm::virq`, a local APIC's rules) and offers the highest deliverable
+//!   one as a virtual interrupt (V_IRQ, V_INTR_VECTOR, V_IGN_TPR), which the processor
+//!   delivers through the guest's IDT once the guest can take it. The guest's EOI (a
+//!   write of 0 to the x2APIC EOI MSR, intercepted) is completed here
+//!   ([`ExitKind::Completed`]): it retires the highest virtual interrupt in service and,
+//!   for a device's, EOIs the real APIC (in either APIC mode), which lets the I/O APIC
+//!   send the line again. HLT does not exit for such a guest, as on VT-x: an interrupt,
+//!   the run timer or a kick ends it.
+//! * No fast path: every exit goes through the run loop.
 //!
 //! Owns this core's guest VMCB and permission maps (static, `svm::core_state`) while a guest
 //! runs. May call: `svm` (its VMCB, maps, decoding), `arch` (the world switch, the APIC
@@ -253,9 +258,11 @@ pub struct SvmVcpu {
     direct: bool,
     /// The interrupt window was asked for (VINTR intercepted, V_IRQ set).
     window: bool,
-    /// A doorbell taken by the host and not yet delivered to the guest (V_IRQ set).
-    doorbell: bool,
-    /// This core's bit in `arch::idt::HOST_DOORBELLS`.
+    /// The guest's doorbells and device interrupts: requested, in service.
+    virq: super::virq::Virq,
+    /// The guest owns devices (their lines are routed to this core).
+    devices: bool,
+    /// This core's bit in `arch::idt::HOST_DOORBELLS` and `HOST_DEVICE_IRQS`.
     core_bit: u64,
 }
 
@@ -294,19 +301,17 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         io_ports: impl Iterator<Item = u16> + Clone,
     ) -> Result<Self, crate::vcpu::SetupError> {
         use crate::vcpu::SetupError;
-        if s.devices {
-            return Err(SetupError {
-                reason: "the SVM backend does not yet virtualize a device's interrupts \
-                         (guests owning PCI functions run on VT-x only)",
-                detail: None,
-            });
-        }
         let Some(index) = crate::percpu::current_index() else {
             return Err(SetupError { reason: "no per-core state", detail: None });
         };
         let Some(&timer_mode) = super::core_state::TIMER[index].get() else {
             return Err(SetupError { reason: "SVM is not on for this core", detail: None });
         };
+        // Nothing of an earlier incarnation's interrupts carries over (its death
+        // acknowledged whatever was in service at the APIC).
+        for w in &crate::arch::idt::HOST_DEVICE_IRQS {
+            w.fetch_and(!(1 << (index % 64)), core::sync::atomic::Ordering::AcqRel);
+        }
         let pages = super::core_state::PAGES[index].0.get();
         // SAFETY: this core's slot, used by this core alone; its check guest is over.
         let p = unsafe { &mut *pages };
@@ -377,7 +382,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
             direct: s.direct_interrupts,
             window: false,
-            doorbell: false,
+            virq: super::virq::Virq::default(),
+            devices: s.devices,
             core_bit: 1 << (index % 64),
         })
     }
@@ -461,7 +467,13 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             Event::Exception { vector, error_code: None } => {
                 event::VALID | event::TYPE_EXCEPTION | u64::from(vector)
             }
-            Event::Interrupt(vector) => event::VALID | event::TYPE_INTR | u64::from(vector),
+            Event::Interrupt(vector) => {
+                if self.direct && vector == vmcall_proto::guest::DOORBELL_VECTOR {
+                    // A wake-up: the guest's handler EOIs it as any doorbell.
+                    self.virq.injected_doorbell();
+                }
+                event::VALID | event::TYPE_INTR | u64::from(vector)
+            }
         };
         self.vmcb().control.event_inj = word;
         self.injected = true;
@@ -495,12 +507,14 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
         // A virtual interrupt for the window (exits at VINTR before it is taken) or the
-        // doorbell (taken through the guest's IDT when it can be), highest priority.
-        let virq = if self.window || self.doorbell {
+        // guest's highest deliverable doorbell or device interrupt (taken through its IDT
+        // when it can be), highest priority.
+        let offer = self.virq.offer();
+        let virq = if self.window || offer.is_some() {
             v_intr::V_IRQ
                 | v_intr::V_IGN_TPR
                 | 0xf << 16
-                | u64::from(vmcall_proto::guest::DOORBELL_VECTOR) << 32
+                | u64::from(offer.unwrap_or(vmcall_proto::guest::DOORBELL_VECTOR)) << 32
         } else {
             0
         };
@@ -513,6 +527,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             // A zero timer exits before the guest's first instruction: no entry at all.
             self.made_up = Some(false);
             self.injected = false;
+            self.virq.entered(false);
             return Ok(());
         }
         // With an event to deliver the guest must enter (the event is consumed then, as
@@ -531,25 +546,34 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         self.injected = false;
         if !ran {
             self.made_up = Some(true);
+            self.virq.entered(false);
             return Ok(());
         }
         let v = self.vmcb();
         let rax = v.save.rax;
-        let virq_left = v.control.v_intr & v_intr::V_IRQ != 0;
+        // The offered interrupt was taken if the processor cleared V_IRQ (a VINTR exit,
+        // the window's, leaves it set: it comes before the delivery).
+        let taken = v.control.v_intr & v_intr::V_IRQ == 0 && v.control.exit_code != code::VINTR;
         v.control.tlb_control = tlb_control::NOTHING;
         // Delivered, or back in EXITINTINFO (re-delivered by `redeliver`).
         v.control.event_inj = 0;
         self.regs.rax = rax;
-        // The doorbell was delivered if the processor took V_IRQ (it clears it then);
-        // one the host took during this entry (at STGI) is raised at the next.
-        if !virq_left {
-            self.doorbell = false;
-        }
+        self.virq.entered(taken);
+        // What the host took during this entry (at STGI) is offered from the next.
+        use core::sync::atomic::Ordering::AcqRel;
         let bit = self.core_bit;
-        let taken = crate::arch::idt::HOST_DOORBELLS
-            .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
-            & bit;
-        self.doorbell |= taken != 0 && self.direct;
+        let mut got = 0;
+        if crate::arch::idt::HOST_DOORBELLS.fetch_and(!bit, AcqRel) & bit != 0 && self.direct {
+            got |= super::virq::DOORBELL;
+        }
+        if self.devices {
+            for (i, w) in crate::arch::idt::HOST_DEVICE_IRQS.iter().enumerate() {
+                if w.fetch_and(!bit, AcqRel) & bit != 0 {
+                    got |= 1 << i;
+                }
+            }
+        }
+        self.virq.request(got);
         self.timer_fired = crate::arch::idt::HOST_TIMERS
             .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
             & bit
@@ -641,10 +665,19 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             && regs.rax as u32 == 0
             && regs.rdx as u32 == 0
         {
-            // The guest acknowledges a virtualized doorbell: the host did at the real APIC.
+            // The guest acknowledges its highest virtual interrupt in service: a doorbell
+            // the host acknowledged at the real APIC already, or a device's, which the host
+            // left in service there for this EOI.
             v.save.rip = rip.wrapping_add(len);
             v.control.interrupt_shadow = 0;
             (e.kind, e.code) = (ExitKind::Completed, TELEMETRY_WRMSR);
+            if self.virq.eoi().is_some() {
+                // Only the guest's device vectors are ever left in service at this core's
+                // APIC while it runs (the host's own stubs acknowledge theirs at once), so
+                // the highest in service is the one the guest retired.
+                // SAFETY: so this EOI retires that device interrupt.
+                unsafe { crate::arch::apic::eoi() };
+            }
             return e;
         }
         if e.kind == ExitKind::CrAccess {

@@ -401,19 +401,7 @@ fn spawn(
                 // The host's control channel (`crate::hostctl`): Bochs connects at its start.
                 rc += &format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n");
             }
-            for (i, (nic, fwd)) in m.nics.iter().enumerate() {
-                for f in fwd {
-                    eprintln!(
-                        "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
-                         slirp gateway 10.0.2.2)",
-                        f.proto,
-                        f.host,
-                        nic.name,
-                        crate::config::nic_address(i),
-                        f.guest
-                    );
-                }
-            }
+            m.print_forwards();
             std::fs::write(dir.join("bochsrc"), rc)?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
@@ -441,6 +429,8 @@ fn spawn(
                 c.arg("-serial").arg(format!("tcp:127.0.0.1:{port}"));
             }
             c.arg("-cdrom").arg(iso);
+            c.args(m.qemu_nics());
+            m.print_forwards();
             if args.emulator == Emulator::QemuKvm {
                 c.args(["-enable-kvm", "-cpu", "host"]);
             } else {
@@ -475,6 +465,56 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// One line per forwarded port, on stderr, before the emulator starts.
+    fn print_forwards(&self) {
+        for (i, (nic, fwd)) in self.nics.iter().enumerate() {
+            for f in fwd {
+                eprintln!(
+                    "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
+                     user-mode gateway 10.0.2.2)",
+                    f.proto,
+                    f.host,
+                    nic.name,
+                    crate::config::nic_address(i),
+                    f.guest
+                );
+            }
+        }
+    }
+
+    /// QEMU's arguments for the cards, the same machine as [`Machine::bochs_nics`]: the
+    /// `i`-th card at `crate::config::nic_address(i)` (00:02.0, 00:03.0, ...: on q35 an
+    /// integrated function of the root complex, `bus=pcie.0`), the same MAC, each with its
+    /// own user-mode network (QEMU's slirp: 10.0.2.0/24, gateway 10.0.2.2, the guest
+    /// 10.0.2.15) and the config's ports forwarded from the host's 127.0.0.1. Without
+    /// cards, `-nic none`: q35 would otherwise add an e1000e of its own at 00:02.0.
+    pub fn qemu_nics(&self) -> Vec<String> {
+        if self.nics.is_empty() {
+            return vec!["-nic".into(), "none".into()];
+        }
+        let mut out = Vec::new();
+        for (i, (m, fwd)) in self.nics.iter().enumerate() {
+            let mut netdev = format!("user,id=nic{i},net=10.0.2.0/24,host=10.0.2.2");
+            for f in fwd {
+                netdev.push_str(&format!(",hostfwd={}:127.0.0.1:{}-:{}", f.proto, f.host, f.guest));
+            }
+            let a = crate::config::nic_address(i);
+            out.extend([
+                "-netdev".to_string(),
+                netdev,
+                "-device".to_string(),
+                format!(
+                    "{},netdev=nic{i},bus=pcie.0,addr={:#x}.{},mac=52:54:00:12:34:{:02x}",
+                    m.qemu_device(),
+                    a.device,
+                    a.function,
+                    0x56 + i
+                ),
+            ]);
+        }
+        out
+    }
+
     /// The Bochs lines for the cards: the PCI slots, each card with its own user-mode
     /// network (slirp, 10.0.2.0/24, gateway 10.0.2.2) and its config file in `dir`.
     pub fn bochs_nics(&self, dir: &Path) -> Result<String> {
