@@ -155,7 +155,8 @@ pub enum Command {
     /// on each report.
     Chaos(ChaosArgs),
     /// Check every crate's module import graph for cycles (also a step of `test`): each
-    /// cycle printed with the line that makes each step.
+    /// cycle printed with the line that makes each step. Also checks that no hypervisor
+    /// module outside the CPU backends names a VMCS or VMCB field (`backends`).
     Imports(ImportsArgs),
 }
 
