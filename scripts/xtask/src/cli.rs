@@ -521,7 +521,8 @@ pub enum Emulator {
     Bochs,
     /// QEMU with TCG: no VT-x, so the hypervisor must refuse cleanly.
     Qemu,
-    /// QEMU with KVM and `-cpu host`: only where /dev/kvm offers nested VMX.
+    /// QEMU with KVM and `-cpu host,+vmx` or `host,+svm`, whichever the host offers
+    /// nested (kvm_intel or kvm_amd with nested=1); refused where /dev/kvm offers neither.
     QemuKvm,
 }
 
