@@ -2068,6 +2068,41 @@ pub(crate) mod tests {
         }
     }
 
+    /// `sti; hlt` with the guest's tick due and an exit between the two (an INTR or NMI
+    /// exit lands inside the STI shadow): the tick waits for the window, the HLT exits with
+    /// the tick still armed, and it is delivered past the HLT. The decision trusts the
+    /// shadow the backend reports; had the backend let it drop (QEMU TCG's VMRUN does not
+    /// restore the VMCB's shadow bit: the 64-core "HLT with no timer armed" stops, see
+    /// `svm::vcpu`), the tick would go in at the HLT itself and the HLT after the guest's
+    /// handler would stop the guest.
+    #[test]
+    fn a_tick_due_in_the_sti_shadow_of_hlt_is_delivered_after_the_hlt() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        c.timer = Some((900, 40));
+        v.write(Field::Rflags, 0x202);
+        v.write(Field::Interruptibility, 1); // after `sti`, RIP at the `hlt`
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert!(v.window && v.injected.is_empty(), "in the shadow: the window, no injection");
+        // The processor runs the shadowed HLT: it exits (HLT exiting) before the window.
+        assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
+        assert_eq!(v.get(Field::Rip), 0x10_0001, "past the HLT");
+        assert_eq!(v.get(Field::Interruptibility), 0, "the shadow ended with the HLT");
+        assert_eq!(c.timer, Some((900, 40)), "still armed: the HLT did not stop the guest");
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)], "delivered after the HLT");
+        // A shadow dropped by the processor: the window exit comes at the HLT with no
+        // shadow, the tick goes in there, and the HLT the handler returns to has no timer.
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        c.timer = Some((900, 40));
+        v.write(Field::Rflags, 0x202);
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)]);
+        assert!(matches!(
+            handle(&mut c, &mut v, &exit(12, 1), &mut s),
+            Action::Stop(StopReason::HaltedForever { rip: 0x10_0000 })
+        ));
+    }
+
     #[test]
     fn before_entry_programs_the_nearest_deadline() {
         let (mut c, mut v) = (ctx(), FakeVcpu::new());

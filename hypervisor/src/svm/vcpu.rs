@@ -25,6 +25,17 @@
 //!   preemption timer from the NMI handler.
 //! * Injection: EVENTINJ; an event cut short by the exit (EXITINTINFO) is put back there.
 //!   The interrupt window: V_IRQ with the VINTR intercept.
+//! * The STI shadow across an exit: an INTR or NMI exit can land between `sti` and the
+//!   instruction it shadows (physical interrupts follow the host's IF, not the guest's
+//!   shadow); the VMCB's interrupt shadow bit says so and VMRUN must restore it. QEMU's TCG
+//!   (7.2) does not: its VMRUN ignores the bit, so a virtual interrupt pending at that
+//!   entry (the window's V_IRQ, a doorbell) is taken one instruction early. Before `sti;
+//!   hlt` that delivers the guest's tick at the HLT, the guest's handler returns to the HLT
+//!   and it halts with its tick gone ("HLT with no timer armed"). So an entry with the
+//!   shadow set and a virtual interrupt pending does, when the shadowed instruction is HLT,
+//!   what the processor would: the intercepted HLT's exit, made up without a VMRUN; or, for
+//!   a guest whose HLT does not exit, HLT woken at once (RIP past it, the shadow over), then
+//!   the entry ([`shadowed_entry`]).
 //! * Nested paging: the instance's tables (`ept` in its NPT format) at nCR3; a flush is a
 //!   TLB_CONTROL for the next VMRUN (this ASID where the processor can, else everything).
 //! * Instruction length: nRIP where the processor saves it (Bochs), IOIO's EXITINFO2,
@@ -70,6 +81,7 @@ use crate::vcpu::{CrAccess, ExitKind};
 /// `svm::exit::telemetry_code`).
 const TELEMETRY_TIMER: u16 = 52;
 const TELEMETRY_NMI: u16 = 0;
+const TELEMETRY_HLT: u16 = 12;
 /// A failed VMRUN (VMEXIT_INVALID) counts as VMX's "invalid guest state" entry failure.
 const TELEMETRY_INVALID: u16 = 33;
 
@@ -228,6 +240,60 @@ fn advanced(kind: ExitKind) -> bool {
     )
 }
 
+/// HLT's opcode.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+const HLT: u8 = 0xf4;
+
+/// What an entry does about the guest's STI/MOV-SS interrupt shadow (see the module
+/// header): the processor must let the shadowed instruction run before it takes a
+/// virtual interrupt, and QEMU's TCG does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+enum Shadowed {
+    /// Enter as usual: no shadow, nothing pending that it holds back, an event to inject
+    /// (EVENTINJ ignores the shadow on every processor), or an instruction other than HLT
+    /// (the interrupt may come one instruction early under TCG; only HLT makes that a lost
+    /// wake-up).
+    Enter,
+    /// The shadowed instruction is an intercepted HLT: its exit, made up (no VMRUN).
+    HltExit,
+    /// The shadowed instruction is a HLT that does not exit: halted and woken at once by
+    /// the pending interrupt, so RIP moves past it and the shadow ends before the entry.
+    PastHlt,
+}
+
+/// The decision for an entry: `shadow` the VMCB's interrupt shadow bit, `virq` a virtual
+/// interrupt pending (V_IRQ: the window or a doorbell), `event` an EVENTINJ pending,
+/// `insn` the first byte at RIP (`None`: not readable), `hlt_exits` the HLT intercept.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn shadowed_entry(
+    shadow: bool,
+    virq: bool,
+    event: bool,
+    insn: Option<u8>,
+    hlt_exits: bool,
+) -> Shadowed {
+    if !shadow || !virq || event || insn != Some(HLT) {
+        Shadowed::Enter
+    } else if hlt_exits {
+        Shadowed::HltExit
+    } else {
+        Shadowed::PastHlt
+    }
+}
+
+/// An exit the vCPU makes up without entering the guest.
+#[cfg(target_os = "none")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MadeUp {
+    /// A kick was pending: an NMI exit.
+    Kick,
+    /// A zero run timer: a timer exit.
+    Timer,
+    /// An intercepted HLT in an STI shadow with an interrupt pending ([`Shadowed::HltExit`]).
+    Hlt,
+}
+
 /// One guest's vCPU over this core's guest VMCB (`vcpu::Vcpu`).
 #[cfg(target_os = "none")]
 pub struct SvmVcpu {
@@ -248,8 +314,10 @@ pub struct SvmVcpu {
     timer_mode: crate::arch::apic::TimerMode,
     /// TSC at which the last entry's timer was due.
     deadline: u64,
-    /// The last entry made up its exit: `Some(true)` a kick, `Some(false)` a zero timer.
-    made_up: Option<bool>,
+    /// The last entry made up its exit (no VMRUN), and which.
+    made_up: Option<MadeUp>,
+    /// Entries that met an STI shadow over HLT with an interrupt pending ([`shadowed_entry`]).
+    shadowed_hlts: u32,
     /// The host took the run timer's interrupt during the last entry.
     timer_fired: bool,
     nrip: bool,
@@ -377,6 +445,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             timer_mode,
             deadline: 0,
             made_up: None,
+            shadowed_hlts: 0,
             timer_fired: false,
             nrip: f.nrip_save,
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
@@ -522,10 +591,35 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         v.save.rax = rax;
         v.control.v_intr = v_intr::V_INTR_MASKING | virq;
         let event_pending = v.control.event_inj & event::VALID != 0;
+        let shadow = v.control.interrupt_shadow & 1 != 0;
+        let hlt_exits = v.control.intercept_misc1 & misc1::HLT != 0;
+        let (cr0, cr3, rip) = (v.save.cr0, v.save.cr3, v.save.rip);
         self.made_up = None;
+        if shadow && virq != 0 && !event_pending {
+            // Rare (an exit inside the shadow with an interrupt pending): the code byte is
+            // read only then.
+            let (bytes, n) = fetch(self.ncr3, cr0, cr3, rip);
+            let insn = (n > 0).then_some(bytes[0]);
+            match shadowed_entry(shadow, virq != 0, event_pending, insn, hlt_exits) {
+                Shadowed::Enter => {}
+                Shadowed::HltExit => {
+                    self.shadowed_hlts = self.shadowed_hlts.saturating_add(1);
+                    self.made_up = Some(MadeUp::Hlt);
+                    self.injected = false;
+                    self.virq.entered(false);
+                    return Ok(());
+                }
+                Shadowed::PastHlt => {
+                    self.shadowed_hlts = self.shadowed_hlts.saturating_add(1);
+                    let v = self.vmcb();
+                    v.save.rip = rip.wrapping_add(1);
+                    v.control.interrupt_shadow = 0;
+                }
+            }
+        }
         if timer == 0 && !event_pending {
             // A zero timer exits before the guest's first instruction: no entry at all.
-            self.made_up = Some(false);
+            self.made_up = Some(MadeUp::Timer);
             self.injected = false;
             self.virq.entered(false);
             return Ok(());
@@ -545,7 +639,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         unsafe { apic::timer_disarm(mode) };
         self.injected = false;
         if !ran {
-            self.made_up = Some(true);
+            self.made_up = Some(MadeUp::Kick);
             self.virq.entered(false);
             return Ok(());
         }
@@ -602,12 +696,17 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             int_info: 0,
         };
         match made_up {
-            Some(true) => {
+            Some(MadeUp::Kick) => {
                 (e.kind, e.code, e.nmi) = (ExitKind::Nmi, TELEMETRY_NMI, true);
                 return e;
             }
-            Some(false) => {
+            Some(MadeUp::Timer) => {
                 (e.kind, e.code) = (ExitKind::Timer, TELEMETRY_TIMER);
+                return e;
+            }
+            Some(MadeUp::Hlt) => {
+                // The exit the processor makes for the intercepted HLT at RIP (one byte).
+                (e.kind, e.code, e.len) = (ExitKind::Hlt, TELEMETRY_HLT, 1);
                 return e;
             }
             None => {}
@@ -734,6 +833,13 @@ impl crate::vcpu::Vcpu for SvmVcpu {
     fn clear(&mut self) {
         // The VMCB and maps are this core's static pages, not frames of the private
         // region: nothing to hand back. The timer is disarmed after every entry.
+        if self.shadowed_hlts > 0 {
+            log::info!(
+                "svm: {} entries in an STI shadow over HLT with an interrupt pending: \
+                 HLT done by the vCPU (the processor must not drop the shadow)",
+                self.shadowed_hlts
+            );
+        }
     }
 }
 
@@ -746,6 +852,25 @@ mod tests {
         // Code: P, DPL 0, S, type 0xb; L set, D clear, G set.
         assert_eq!(flat(0x08, 0xa09b).attrib, 0xa9b);
         assert_eq!(flat(0x10, 0xc093).attrib, 0xc93);
+    }
+
+    /// The STI shadow over HLT (`sti; hlt`) with a virtual interrupt pending: the HLT
+    /// happens first, as the processor must do it, whether or not VMRUN keeps the shadow.
+    #[test]
+    fn an_sti_shadow_over_hlt_lets_the_hlt_happen_before_the_interrupt() {
+        use Shadowed::*;
+        // The case of the 64-core stops: the tick waits for the window (V_IRQ), an exit
+        // came between STI and HLT, HLT exits.
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), true), HltExit);
+        // HLT does not exit (a guest taking its own interrupts): halted, woken at once.
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), false), PastHlt);
+        // No shadow, no pending virtual interrupt, an event to inject, another
+        // instruction, code not readable: the entry as always.
+        assert_eq!(shadowed_entry(false, true, false, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, false, false, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, true, true, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, Some(0xf3), true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, None, true), Enter);
     }
 
     #[test]
