@@ -15,29 +15,42 @@ use systests::{boot_config, Boot};
 use xtask::cli::Emulator;
 use xtask::report::GuestReport;
 
-fn boot(cell: &'static OnceLock<Boot>, config: &str, cmdline: &str) -> &'static Boot {
-    cell.get_or_init(|| boot_config(Emulator::Bochs, None, None, cmdline, Some(config)))
+/// One boot per config and emulator, shared by the tests that read it.
+type Cells = [OnceLock<Boot>; 2];
+
+/// Boots `config` once per emulator. Under QEMU (AMD SVM, TCG: the TSC is host time and a
+/// loaded host starves vCPUs) the failure detector's period is long enough not to fence a
+/// starved but live core (8 s before a fence, docs/svm.md "Scale under QEMU").
+fn boot(cells: &'static Cells, e: Emulator, config: &str, cmdline: &str) -> &'static Boot {
+    let (cell, cmdline) = match e {
+        Emulator::Qemu => (&cells[1], format!("{cmdline} probe_ms=1000")),
+        _ => (&cells[0], cmdline.to_string()),
+    };
+    cell.get_or_init(|| boot_config(e, None, None, cmdline.trim(), Some(config)))
 }
 
-fn batch() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/batch.toml", "")
+fn batch(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/batch.toml", "")
 }
 
-fn memory() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/memory.toml", "")
+fn memory(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/memory.toml", "")
 }
 
-fn devices() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/devices.toml", "")
+fn devices(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/devices.toml", "")
 }
 
-/// A short run budget: the spinner is stopped by the watchdog after one emulated second.
-fn lifecycle() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/lifecycle.toml", "budget_ms=1000")
+/// A short run budget: the spinner is stopped by the watchdog after one emulated second
+/// (Bochs). Under QEMU the budget is host time, and the bystander's boot and 20 timer
+/// ticks must fit in it on a loaded host: 8 s.
+fn lifecycle(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    let budget = if e == Emulator::Qemu { "budget_ms=8000" } else { "budget_ms=1000" };
+    boot(&B, e, "configs/hostile/lifecycle.toml", budget)
 }
 
 fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
@@ -253,13 +266,43 @@ const BATCH: &[(&str, &str)] = &[
     ("hc-storm", "completed"),
 ];
 
+/// The one batch attack whose outcome differs on an emulator, and why: QEMU 7.2's TCG
+/// does not implement SVM's XSETBV intercept, so the guest's XSETBV runs natively and an
+/// XCR0 the processor supports (x87|SSE|AVX) is accepted; the hypervisor never sees it
+/// (docs/svm.md, "QEMU's gaps"). On real AMD processors and Bochs the intercept exists.
+/// Each entry: attack, what the attacker reports instead.
+const QEMU_TCG_GAPS: &[(&str, &str)] = &[("xsetbv-xcr0-avx", "got completed (0x0), expected #GP")];
+
+fn gaps(e: Emulator) -> &'static [(&'static str, &'static str)] {
+    if e == Emulator::Qemu {
+        QEMU_TCG_GAPS
+    } else {
+        &[]
+    }
+}
+
 #[test]
 fn every_batch_attack_gets_its_defined_outcome() {
-    let b = batch();
+    every_batch_attack(Emulator::Bochs);
+}
+
+/// On AMD SVM (QEMU TCG): the same table, the same outcomes, but for the emulator's one
+/// gap ([`QEMU_TCG_GAPS`]), which must show exactly as described.
+#[test]
+fn every_batch_attack_gets_its_defined_outcome_on_qemu_svm() {
+    let b = every_batch_attack(Emulator::Qemu);
+    assert!(b.serial.contains("[c0] backend: svm"));
+}
+
+fn every_batch_attack(e: Emulator) -> &'static Boot {
+    let b = batch(e);
     let tag = "[mallory@c1] ";
     let mut wrong = vec![];
     for (name, outcome) in BATCH {
-        let want = format!("{tag}attack {name}: {outcome} as expected");
+        let want = match gaps(e).iter().find(|(n, _)| n == name) {
+            Some((_, instead)) => format!("{tag}ERROR attack {name}: UNEXPECTED: {instead}"),
+            None => format!("{tag}attack {name}: {outcome} as expected"),
+        };
         if !has_exact_line(b, &want) {
             let got = b
                 .serial
@@ -276,23 +319,39 @@ fn every_batch_attack_gets_its_defined_outcome() {
         wrong.join("\n")
     );
     let n = BATCH.len();
-    let done = format!("{tag}attacks done: {n} run, {n} as expected");
+    let ok = n - gaps(e).len();
+    let done = format!("{tag}attacks done: {n} run, {ok} as expected");
     assert!(has_exact_line(b, &done), "missing `{done}`");
-    assert!(!b.serial.contains("UNEXPECTED"));
+    let unexpected = b.serial.lines().filter(|l| l.contains("UNEXPECTED")).count();
+    assert_eq!(unexpected, gaps(e).len(), "UNEXPECTED lines");
     let storm = "attack hc-storm: 2000 calls:";
     assert!(has_line(b, &format!("{tag}{storm}")), "the storm did not finish");
+    // The attacker exits 0 when every attack met its outcome, 1 otherwise (the gap).
     let m = guest(b, "mallory");
-    assert_eq!((m.state.as_str(), m.exit_status), ("exited", 0), "{m:?}");
-    // Every refusal was an exit the hypervisor handled: none reached the hardware.
-    for (reason, at_least) in [("rdmsr", 14), ("wrmsr", 25), ("io", 19), ("xsetbv", 4)] {
+    let status = if gaps(e).is_empty() { 0 } else { 1 };
+    assert_eq!((m.state.as_str(), m.exit_status), ("exited", status), "{m:?}");
+    // Every refusal was an exit the hypervisor handled: none reached the hardware. (Under
+    // QEMU no XSETBV exits: its gap.)
+    let xsetbv = if e == Emulator::Qemu { 0 } else { 4 };
+    for (reason, at_least) in [("rdmsr", 14), ("wrmsr", 25), ("io", 19), ("xsetbv", xsetbv)] {
         let got = m.exits.get(reason).copied().unwrap_or(0);
         assert!(got >= at_least, "{reason} exits: {got} < {at_least}: {:?}", m.exits);
     }
+    b
 }
 
 #[test]
 fn bystander_and_accomplice_of_the_batch_attacker_finish_intact() {
-    let b = batch();
+    bystander_and_accomplice_of_the_batch_attacker_finish_intact_(Emulator::Bochs);
+}
+
+#[test]
+fn bystander_and_accomplice_of_the_batch_attacker_finish_intact_on_qemu_svm() {
+    bystander_and_accomplice_of_the_batch_attacker_finish_intact_(Emulator::Qemu);
+}
+
+fn bystander_and_accomplice_of_the_batch_attacker_finish_intact_(e: Emulator) {
+    let b = batch(e);
     finished_intact(b, "bystander", &["result: sum(1..=1000) = 500500 (closed form 500500)"]);
     finished_intact(
         b,
@@ -317,7 +376,16 @@ fn collapse(s: &str) -> String {
 
 #[test]
 fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
-    let b = batch();
+    console_control_text_reaches_the_serial_log_only_as_question_marks_(Emulator::Bochs);
+}
+
+#[test]
+fn console_control_text_reaches_the_serial_log_only_as_question_marks_on_qemu_svm() {
+    console_control_text_reaches_the_serial_log_only_as_question_marks_(Emulator::Qemu);
+}
+
+fn console_control_text_reaches_the_serial_log_only_as_question_marks_(e: Emulator) {
+    let b = batch(e);
     let raw = std::fs::read(&b.report.serial_log).expect("serial log");
     let mut wrong = vec![];
     // What each payload must look like in the log (runs of `?` collapsed).
@@ -365,7 +433,16 @@ fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
 
 #[test]
 fn cache_flushes_are_emulated_as_counted_no_ops() {
-    let b = batch();
+    cache_flushes_are_emulated_as_counted_no_ops_(Emulator::Bochs);
+}
+
+#[test]
+fn cache_flushes_are_emulated_as_counted_no_ops_on_qemu_svm() {
+    cache_flushes_are_emulated_as_counted_no_ops_(Emulator::Qemu);
+}
+
+fn cache_flushes_are_emulated_as_counted_no_ops_(e: Emulator) {
+    let b = batch(e);
     assert!(has_exact_line(b, "[mallory@c1] attack wbinvd: completed as expected"));
     let mut wrong = vec![];
     let m = guest(b, "mallory");
@@ -386,7 +463,16 @@ fn cache_flushes_are_emulated_as_counted_no_ops() {
 
 #[test]
 fn touching_memory_outside_the_partition_stops_only_the_attacker() {
-    let b = memory();
+    touching_memory_outside_the_partition_stops_only_the_attacker_(Emulator::Bochs);
+}
+
+#[test]
+fn touching_memory_outside_the_partition_stops_only_the_attacker_on_qemu_svm() {
+    touching_memory_outside_the_partition_stops_only_the_attacker_(Emulator::Qemu);
+}
+
+fn touching_memory_outside_the_partition_stops_only_the_attacker_(e: Emulator) {
+    let b = memory(e);
     let not_mapped = "(not mapped for this guest), rip=";
     for (name, attack, fault) in [
         (
@@ -435,12 +521,29 @@ fn touching_memory_outside_the_partition_stops_only_the_attacker() {
     assert_eq!(b.report.cores.len(), 8);
 }
 
-/// The top page below the emulated CPU's physical-address width (Bochs corei7_skylake_x).
+/// The top page below the emulated CPU's physical-address width (40 bits: Bochs corei7_skylake_x
+/// and QEMU's `max` alike).
 const TOP_OF_PHYSICAL: &str = "0xfffffff000";
 
 #[test]
 fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody() {
-    let b = devices();
+    device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+        Emulator::Bochs,
+    );
+}
+
+#[test]
+fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_on_qemu_svm()
+{
+    device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+        Emulator::Qemu,
+    );
+}
+
+fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+    e: Emulator,
+) {
+    let b = devices(e);
     let not_mapped = "(not mapped for this guest), rip=";
     stopped(
         b,
@@ -471,8 +574,18 @@ fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_
 
 #[test]
 fn ept_enforces_a_read_only_capability_mapping() {
+    ept_enforces_a_read_only_capability_mapping_(Emulator::Bochs);
+}
+
+/// On SVM the nested page tables enforce it (reported as the EPT violation is).
+#[test]
+fn ept_enforces_a_read_only_capability_mapping_on_qemu_svm() {
+    ept_enforces_a_read_only_capability_mapping_(Emulator::Qemu);
+}
+
+fn ept_enforces_a_read_only_capability_mapping_(e: Emulator) {
     stopped(
-        devices(),
+        devices(e),
         "forger",
         "write-readonly-cap",
         "EPT violation: write at guest-physical 0xc0000000 (mapped read-only), rip=",
@@ -481,7 +594,16 @@ fn ept_enforces_a_read_only_capability_mapping() {
 
 #[test]
 fn channel_windows_are_not_executable() {
-    let b = devices();
+    channel_windows_are_not_executable_(Emulator::Bochs);
+}
+
+#[test]
+fn channel_windows_are_not_executable_on_qemu_svm() {
+    channel_windows_are_not_executable_(Emulator::Qemu);
+}
+
+fn channel_windows_are_not_executable_(e: Emulator) {
+    let b = devices(e);
     assert!(has_exact_line(b, &format!("[runner@c4] attack: calling guest-physical {RUNNER_RET}")));
     stopped(
         b,
@@ -496,7 +618,16 @@ const RUNNER_RET: &str = "0x80100088";
 
 #[test]
 fn guests_that_never_end_are_stopped_and_the_others_finish() {
-    let b = lifecycle();
+    guests_that_never_end_are_stopped_and_the_others_finish_(Emulator::Bochs);
+}
+
+#[test]
+fn guests_that_never_end_are_stopped_and_the_others_finish_on_qemu_svm() {
+    guests_that_never_end_are_stopped_and_the_others_finish_(Emulator::Qemu);
+}
+
+fn guests_that_never_end_are_stopped_and_the_others_finish_(e: Emulator) {
+    let b = lifecycle(e);
     let never = "HLT with no timer armed or interrupts off: would never wake, rip=";
     stopped(b, "sleeper", "halt-forever", never);
     stopped(b, "dozer", "halt-timer-masked", never);

@@ -327,6 +327,10 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let Some(&timer_mode) = super::core_state::TIMER[index].get() else {
             return Err(SetupError { reason: "SVM is not on for this core", detail: None });
         };
+        // XCR0 as every incarnation starts it (`arch::reset_xcr0`: not every SVM
+        // implementation intercepts XSETBV).
+        // SAFETY: on this core, between guests, interrupts off (the run loop's setup).
+        unsafe { crate::arch::reset_xcr0() };
         let pages = super::core_state::PAGES[index].0.get();
         // SAFETY: this core's slot, used by this core alone; its check guest is over.
         let p = unsafe { &mut *pages };
@@ -654,6 +658,11 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             return e;
         };
         e.len = len;
+        if e.kind == ExitKind::Wbinvd && super::decode::is_invd(&bytes[..n]) {
+            // QEMU's TCG gives INVD WBINVD's exit code (`decode::is_invd`): count it as
+            // what the guest ran (both are emulated as no-ops).
+            (e.kind, e.code) = (ExitKind::Invd, sx::telemetry_code(code::INVD, 0));
+        }
         if direct
             && e.kind == ExitKind::Wrmsr
             && regs.rcx as u32 == MSR_EOI
