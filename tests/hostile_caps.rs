@@ -11,6 +11,16 @@ fn guest<'a>(b: &'a systests::Boot, name: &str) -> &'a GuestReport {
     b.guest(name)
 }
 
+/// Under QEMU the run budget is host time too: a minute, unless `cmdline` sets one (on a
+/// loaded 2-core host a TCG guest may run many times slower than alone).
+fn qemu_budget(cmdline: &str) -> &'static str {
+    if cmdline.contains("budget_ms") {
+        ""
+    } else {
+        " budget_ms=60000"
+    }
+}
+
 /// Boots `config` with `cmdline`. Under QEMU (AMD SVM, TCG: the TSC is host time and a
 /// loaded host starves vCPUs) the deadlines are host time too: the capability protocol's
 /// is 5 s (a starved but live core must not be fenced; `cmdline` may set its own), and
@@ -18,9 +28,11 @@ fn guest<'a>(b: &'a systests::Boot, name: &str) -> &'a GuestReport {
 fn boot(e: Emulator, cmdline: &str, config: &str) -> systests::Boot {
     let cmdline = match e {
         Emulator::Qemu if cmdline.contains("caps_deadline_ms") => {
-            format!("{cmdline} probe_ms=1000")
+            format!("{cmdline} probe_ms=1000{}", qemu_budget(cmdline))
         }
-        Emulator::Qemu => format!("{cmdline} caps_deadline_ms=5000 probe_ms=1000"),
+        Emulator::Qemu => {
+            format!("{cmdline} caps_deadline_ms=5000 probe_ms=1000{}", qemu_budget(cmdline))
+        }
         _ => cmdline.to_string(),
     };
     boot_config(e, None, None, cmdline.trim(), Some(config))
