@@ -304,12 +304,32 @@ fn every_batch_attack_gets_its_defined_outcome_on_qemu_svm() {
     assert!(b.serial.contains("[c0] backend: svm"));
 }
 
+/// On SVM as Bochs's `ryzen` model emulates it: every outcome as on VT-x (its SVM has the
+/// XSETBV intercept). It also pins that a single-step trap Bochs raises in the host after
+/// the #VMEXIT of a single-stepped VMMCALL is dropped, not fatal (`arch::idt`'s #DB stub).
+#[test]
+fn every_batch_attack_gets_its_defined_outcome_on_bochs_svm() {
+    let b =
+        boot_config(Emulator::Bochs, None, Some("ryzen"), "", Some("configs/hostile/batch.toml"));
+    assert!(b.serial.contains("[c0] backend: svm"));
+    check_batch(&b, &[], 4);
+    assert!(!b.serial.contains("hypervisor exception"), "{}", b.serial);
+}
+
 fn every_batch_attack(e: Emulator) -> &'static Boot {
     let b = batch(e);
+    // Under QEMU no XSETBV exits: its gap.
+    check_batch(b, gaps(e), if e == Emulator::Qemu { 0 } else { 4 });
+    b
+}
+
+/// The batch's checks, `gaps` the attacks whose outcome differs ([`QEMU_TCG_GAPS`]), at
+/// least `xsetbv` XSETBV exits.
+fn check_batch(b: &Boot, gaps: &[(&str, &str)], xsetbv: u64) {
     let tag = "[mallory@c1] ";
     let mut wrong = vec![];
     for (name, outcome) in BATCH {
-        let want = match gaps(e).iter().find(|(n, _)| n == name) {
+        let want = match gaps.iter().find(|(n, _)| n == name) {
             Some((_, instead)) => format!("{tag}ERROR attack {name}: UNEXPECTED: {instead}"),
             None => format!("{tag}attack {name}: {outcome} as expected"),
         };
@@ -329,25 +349,22 @@ fn every_batch_attack(e: Emulator) -> &'static Boot {
         wrong.join("\n")
     );
     let n = BATCH.len();
-    let ok = n - gaps(e).len();
+    let ok = n - gaps.len();
     let done = format!("{tag}attacks done: {n} run, {ok} as expected");
     assert!(has_exact_line(b, &done), "missing `{done}`");
     let unexpected = b.serial.lines().filter(|l| l.contains("UNEXPECTED")).count();
-    assert_eq!(unexpected, gaps(e).len(), "UNEXPECTED lines");
+    assert_eq!(unexpected, gaps.len(), "UNEXPECTED lines");
     let storm = "attack hc-storm: 2000 calls:";
     assert!(has_line(b, &format!("{tag}{storm}")), "the storm did not finish");
     // The attacker exits 0 when every attack met its outcome, 1 otherwise (the gap).
     let m = guest(b, "mallory");
-    let status = if gaps(e).is_empty() { 0 } else { 1 };
+    let status = if gaps.is_empty() { 0 } else { 1 };
     assert_eq!((m.state.as_str(), m.exit_status), ("exited", status), "{m:?}");
-    // Every refusal was an exit the hypervisor handled: none reached the hardware. (Under
-    // QEMU no XSETBV exits: its gap.)
-    let xsetbv = if e == Emulator::Qemu { 0 } else { 4 };
+    // Every refusal was an exit the hypervisor handled: none reached the hardware.
     for (reason, at_least) in [("rdmsr", 14), ("wrmsr", 25), ("io", 19), ("xsetbv", xsetbv)] {
         let got = m.exits.get(reason).copied().unwrap_or(0);
         assert!(got >= at_least, "{reason} exits: {got} < {at_least}: {:?}", m.exits);
     }
-    b
 }
 
 #[test]
