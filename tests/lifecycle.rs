@@ -371,12 +371,13 @@ fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
     a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_(Emulator::Bochs);
 }
 
-/// Not on QEMU/SVM: there `forever` (a HLT per timer tick for the whole run) meets, under
-/// heavy vCPU starvation, the backend's one known defect that is not understood (stopped
-/// at "HLT with no timer armed" after an interrupt-window exit, docs/svm.md); the QEMU
-/// variant failed so in one run of two. The checks for QEMU stay in the body.
+/// Ignored on QEMU/SVM: there the run's second is host time, and on a loaded host the
+/// guests' setup may take longer than it (one run of three with three QEMUs at once:
+/// `cycler` never started, the run `failed`). It also met, before the fix of
+/// `svm::vcpu`'s interrupt window in a shadow, the "HLT with no timer armed" stop
+/// (docs/svm.md). Run it with `--ignored` on a quiet host.
 #[test]
-#[ignore = "QEMU/SVM: the HLT-without-timer defect under starvation, docs/svm.md"]
+#[ignore = "QEMU/SVM: a host-time second is shorter than the setup on a loaded host"]
 fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_on_qemu_svm() {
     a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_(Emulator::Qemu);
 }
