@@ -68,11 +68,6 @@ const TELEMETRY_NMI: u16 = 0;
 /// A failed VMRUN (VMEXIT_INVALID) counts as VMX's "invalid guest state" entry failure.
 const TELEMETRY_INVALID: u16 = 33;
 
-/// The run timer of an entry made in an interrupt shadow with the window wanted (see
-/// `enter`): TSC ticks, long enough for the guest to run its shadowed instruction.
-#[cfg(target_os = "none")]
-const SHADOW_RETRY_TICKS: u64 = 200_000;
-
 /// DR6.BS.
 const DR6_BS: u64 = 1 << 14;
 /// The x2APIC EOI MSR (`exits::MSR_X2APIC_EOI`) and WRMSR's telemetry code.
@@ -521,21 +516,9 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let rax = self.regs.rax;
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
-        // The window is not opened while the guest is in an interrupt shadow (after STI or
-        // MOV SS): QEMU's TCG does not restore INTERRUPT_SHADOW at VMRUN (its
-        // `helper_vmrun` never reads it), so V_IRQ would be taken between `sti` and `hlt`,
-        // the event injected at that VINTR exit would return to the HLT, and the guest
-        // would halt with its tick consumed (stopped as "HLT with no timer armed"; the
-        // defect docs/svm.md described under starvation: an INTR or NMI exit must land in
-        // the shadow). The shadowed instruction runs first (a HLT exits and is advanced,
-        // then the event is injected as usual); the run timer is capped so that the window
-        // opens soon after anything else. A processor that honours the shadow loses one
-        // instruction of latency.
-        let shadowed_window = self.window && self.vmcb().control.interrupt_shadow & 1 != 0;
-        let timer = if shadowed_window { timer.min(SHADOW_RETRY_TICKS) } else { timer };
         // A virtual interrupt for the window (exits at VINTR before it is taken) or the
         // doorbell (taken through the guest's IDT when it can be), highest priority.
-        let virq = if (self.window && !shadowed_window) || self.doorbell {
+        let virq = if self.window || self.doorbell {
             v_intr::V_IRQ
                 | v_intr::V_IGN_TPR
                 | 0xf << 16
