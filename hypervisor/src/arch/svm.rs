@@ -62,6 +62,8 @@ svm_run_asm:
     mov r15, [rdi + 112]
     mov rdi, [rdi + 40]
     vmrun                                   # rax = VMCB; back here at #VMEXIT, rax restored
+    .global svm_vmexit_landing              # (arch::idt's #DB stub knows this address)
+svm_vmexit_landing:
     vmsave                                  # the guest's FS/GS/... into its VMCB
     push rdi
     mov rdi, [rsp + 24]                     # regs

@@ -223,6 +223,26 @@ fn fetch(ncr3: u64, cr0: u64, cr3: u64, rip: u64) -> ([u8; super::decode::MAX_LE
     (buf, n)
 }
 
+/// #GP(0) in EVENTINJ's format.
+const GP_EVENT: u64 =
+    vmcb::event::VALID | vmcb::event::TYPE_EXCEPTION | vmcb::event::ERROR_CODE_VALID | 13;
+
+/// Whether `a` is a canonical 48-bit address (bits 63:47 all equal).
+fn canonical(a: u64) -> bool {
+    let top = (a as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// The VMCB's copy of LSTAR, CSTAR or KERNEL_GS_BASE, if `msr` is one of them.
+fn syscall_msr(s: &mut vmcb::StateSave, msr: u32) -> Option<&mut u64> {
+    match msr {
+        0xc000_0082 => Some(&mut s.lstar),
+        0xc000_0083 => Some(&mut s.cstar),
+        0xc000_0102 => Some(&mut s.kernel_gs_base),
+        _ => None,
+    }
+}
+
 /// Whether an exit of `kind` completes an instruction a handler may advance past.
 fn advanced(kind: ExitKind) -> bool {
     matches!(
@@ -380,13 +400,15 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         for w in &crate::arch::idt::HOST_DEVICE_IRQS {
             w.fetch_and(!(1 << (index % 64)), core::sync::atomic::Ordering::AcqRel);
         }
+        // XCR0 as every incarnation starts it (`arch::reset_xcr0`: not every SVM
+        // implementation intercepts XSETBV).
+        // SAFETY: on this core, between guests, interrupts off (the run loop's setup).
+        unsafe { crate::arch::reset_xcr0() };
         let pages = super::core_state::PAGES[index].0.get();
         // SAFETY: this core's slot, used by this core alone; its check guest is over.
         let p = unsafe { &mut *pages };
         p.msrpm = super::maps::Msrpm::intercept_all();
-        for msr in crate::exits::MSR_PASSTHROUGH.into_iter().chain(crate::exits::MSR_SWITCHED) {
-            p.msrpm.allow(msr);
-        }
+        p.msrpm.allow_policy();
         p.iopm = super::maps::Iopm::intercept_all();
         for port in io_ports {
             p.iopm.allow(port);
@@ -712,7 +734,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             None => {}
         }
         let c = &v.control;
-        let (xc, info1, info2, next_rip) = (c.exit_code, c.exit_info1, c.exit_info2, c.next_rip);
+        let xc = sx::normalize(c.exit_code);
+        let (info1, info2, next_rip) = (c.exit_info1, c.exit_info2, c.next_rip);
         e.int_info = c.exit_int_info;
         if xc == code::INVALID {
             (e.failed, e.code) = (true, TELEMETRY_INVALID);
@@ -758,6 +781,11 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             return e;
         };
         e.len = len;
+        if e.kind == ExitKind::Wbinvd && super::decode::is_invd(&bytes[..n]) {
+            // QEMU's TCG gives INVD WBINVD's exit code (`decode::is_invd`): count it as
+            // what the guest ran (both are emulated as no-ops).
+            (e.kind, e.code) = (ExitKind::Invd, sx::telemetry_code(code::INVD, 0));
+        }
         if direct
             && e.kind == ExitKind::Wrmsr
             && regs.rcx as u32 == MSR_EOI
@@ -778,6 +806,25 @@ impl crate::vcpu::Vcpu for SvmVcpu {
                 unsafe { crate::arch::apic::eoi() };
             }
             return e;
+        }
+        if e.kind == ExitKind::Wrmsr {
+            let val = regs.rdx << 32 | (regs.rax & 0xffff_ffff);
+            if let Some(slot) = syscall_msr(&mut v.save, regs.rcx as u32) {
+                // LSTAR, CSTAR, KERNEL_GS_BASE: VT-x passes them through and the
+                // processor checks the address; here the write exited (`maps::CANONICAL_MSRS`)
+                // and no neutral field holds them, so it completes here. FS and GS base go
+                // to the policy's handler, which checks them the same way.
+                if canonical(val) {
+                    *slot = val;
+                    v.save.rip = rip.wrapping_add(len);
+                    v.control.interrupt_shadow = 0;
+                } else {
+                    v.control.event_inj = GP_EVENT;
+                    self.injected = true;
+                }
+                (e.kind, e.code) = (ExitKind::Completed, TELEMETRY_WRMSR);
+                return e;
+            }
         }
         if e.kind == ExitKind::CrAccess {
             use super::decode::CrInsn;
@@ -871,6 +918,27 @@ mod tests {
         assert_eq!(shadowed_entry(true, true, true, Some(HLT), true), Enter);
         assert_eq!(shadowed_entry(true, true, false, Some(0xf3), true), Enter);
         assert_eq!(shadowed_entry(true, true, false, None, true), Enter);
+    }
+
+    #[test]
+    fn the_syscall_msrs_are_the_vmcb_fields_and_must_be_canonical() {
+        let mut s = zeroed_save();
+        *syscall_msr(&mut s, 0xc000_0082).unwrap() = 1;
+        *syscall_msr(&mut s, 0xc000_0083).unwrap() = 2;
+        *syscall_msr(&mut s, 0xc000_0102).unwrap() = 3;
+        assert_eq!((s.lstar, s.cstar, s.kernel_gs_base), (1, 2, 3));
+        assert!(syscall_msr(&mut s, 0xc000_0081).is_none()); // STAR: any value
+        assert!(syscall_msr(&mut s, 0xc000_0100).is_none()); // FS base: the policy's
+        for msr in [0xc000_0082u32, 0xc000_0083, 0xc000_0102] {
+            assert!(super::super::maps::CANONICAL_MSRS.contains(&msr));
+        }
+        assert!(canonical(0x0000_7fff_ffff_f000) && canonical(0xffff_8000_0000_0000));
+        assert!(!canonical(0x0000_8000_0000_0000) && !canonical(0xffff_0000_0000_0000));
+        assert_eq!(GP_EVENT, 0x8000_0b0d);
+    }
+
+    fn zeroed_save() -> vmcb::StateSave {
+        vmcb::Vmcb::zeroed().save
     }
 
     #[test]
