@@ -38,9 +38,10 @@ fn guests_and_their_controller_read_telemetry_without_exits() {
 }
 
 /// Issue 24: the same on QEMU/SVM (VMMCALL counted as `vmcall`, the NPF as the EPT
-/// violation). The counts are the same; under TCG the run timer's one-shot count is bounded
-/// (a few seconds of host time), so an exit of it may fall among the 100 hypercalls: counted
-/// as an exit and an entry, never as a hypercall.
+/// violation). The counts are the same but two that depend on timing: under TCG the run
+/// timer's one-shot count is bounded (a few seconds of host time), so an exit of it may fall
+/// among the 100 hypercalls (counted as an exit and an entry, never as a hypercall), and a
+/// kick may land while its core is in the hypervisor (seen: 20 NMIs, 19 NMI exits).
 #[test]
 fn guests_and_their_controller_read_telemetry_without_exits_on_qemu_svm() {
     let b = telemetry(Emulator::Qemu);
@@ -72,7 +73,15 @@ fn telemetry(emulator: Emulator) -> systests::Boot {
     // NMIs: each of the controller's 20 queries kicked the target's core once, and each
     // answer the controller's.
     let nmis = line(s, "[watched@c1] meter: 20 queries by its controller");
-    assert!(nmis.ends_with("nmis +20, nmi exits +20"), "{nmis}");
+    assert!(nmis.contains(": nmis +20, "), "{nmis}");
+    // A kick that lands while its core is already in the hypervisor (a run-timer exit, or
+    // the previous kick's exit: the queries come as fast as the answers) costs no exit of
+    // its own. Bochs's timing keeps the count at 20 every run; under QEMU it is a timing.
+    let nmi_exits = plus(nmis, "nmi exits");
+    match emulator {
+        Emulator::Qemu => assert!((1..=20).contains(&nmi_exits), "{nmis}"),
+        _ => assert_eq!(nmi_exits, 20, "{nmis}"),
+    }
     assert!(s.contains("[watcher@c0] meter: 20 queries made: its own nmis +20"));
     assert!(s.contains("[watched@c1] meter: watched checks passed"));
 
