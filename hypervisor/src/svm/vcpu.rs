@@ -267,17 +267,11 @@ pub struct SvmVcpu {
 /// VMRUN loads it; QEMU's `helper_vmrun` never reads `int_state`, while its #VMEXIT writes
 /// it): a guest entered right after its `sti` of `sti; hlt` could take a virtual interrupt
 /// before its HLT, handle it and then halt for good (the symptom: "HLT with no timer armed",
-/// mostly after an `interrupt_window` exit). So an entry under a shadow raises no V_IRQ and runs
+/// after an `interrupt_window` exit). So an entry under a shadow raises no V_IRQ and runs
 /// for [`shadow_step`] at most, and an exit at the same instruction keeps the shadow, as
 /// hardware does. Bounded, so that a guest whose shadowed instruction jumps to itself
-/// (`sti; jmp .`) still gets its interrupt; a shadowed HLT keeps it until it runs (under a
-/// loaded host QEMU can take the short entry's timer before the HLT several times over).
-#[cfg(target_os = "none")]
+/// (`sti; jmp .`) still gets its interrupt.
 const SHADOW_KEEPS: u8 = 3;
-
-/// HLT's opcode.
-#[cfg(target_os = "none")]
-const HLT_OPCODE: u8 = 0xf4;
 
 /// The longest run of an entry under an interrupt shadow with an interrupt waiting
 /// ([`SHADOW_KEEPS`]): 20 µs of TSC, enough for one instruction under any emulator.
@@ -529,7 +523,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             (v.control.interrupt_shadow & 1 != 0, v.save.rip)
         };
         let wants_virq = self.window || self.doorbell;
-        let (kept, ncr3) = (self.shadow_kept, self.ncr3);
+        let kept = self.shadow_kept;
         let timer = if shadow && wants_virq { timer.min(shadow_step()) } else { timer };
         // A virtual interrupt for the window (exits at VINTR before it is taken) or the
         // doorbell (taken through the guest's IDT when it can be), highest priority.
@@ -575,14 +569,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let virq_left = v.control.v_intr & v_intr::V_IRQ != 0;
         // Out before the shadowed instruction ran: the shadow still holds (QEMU reports it
         // lost).
-        // Without end if that instruction is a HLT: it exits (intercepted) or halts (a
-        // guest taking its own interrupts) as soon as it runs.
         let stuck = shadow && v.save.rip == rip0;
-        let keep = stuck
-            && (kept < SHADOW_KEEPS || {
-                let (bytes, n) = fetch(ncr3, v.save.cr0, v.save.cr3, rip0);
-                n > 0 && bytes[0] == HLT_OPCODE
-            });
+        let keep = stuck && kept < SHADOW_KEEPS;
         if keep {
             v.control.interrupt_shadow |= 1;
         }
