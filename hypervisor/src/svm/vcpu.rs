@@ -257,27 +257,6 @@ pub struct SvmVcpu {
     doorbell: bool,
     /// This core's bit in `arch::idt::HOST_DOORBELLS`.
     core_bit: u64,
-    /// Exits in a row at the instruction an entry's interrupt shadow covered, the shadow put
-    /// back each time (see [`SHADOW_KEEPS`]).
-    shadow_kept: u8,
-}
-
-/// How many exits in a row at the instruction under an interrupt shadow get the shadow
-/// put back. QEMU's VMRUN (TCG) does not load the VMCB's interrupt shadow (APM 15.21.5:
-/// VMRUN loads it; QEMU's `helper_vmrun` never reads `int_state`, while its #VMEXIT writes
-/// it): a guest entered right after its `sti` of `sti; hlt` could take a virtual interrupt
-/// before its HLT, handle it and then halt for good (the symptom: "HLT with no timer armed",
-/// after an `interrupt_window` exit). So an entry under a shadow raises no V_IRQ and runs
-/// for [`shadow_step`] at most, and an exit at the same instruction keeps the shadow, as
-/// hardware does. Bounded, so that a guest whose shadowed instruction jumps to itself
-/// (`sti; jmp .`) still gets its interrupt.
-const SHADOW_KEEPS: u8 = 3;
-
-/// The longest run of an entry under an interrupt shadow with an interrupt waiting
-/// ([`SHADOW_KEEPS`]): 20 µs of TSC, enough for one instruction under any emulator.
-#[cfg(target_os = "none")]
-fn shadow_step() -> u64 {
-    (crate::arch::tsc::ticks_per_ms() / 50).max(1)
 }
 
 #[cfg(target_os = "none")]
@@ -400,7 +379,6 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             window: false,
             doorbell: false,
             core_bit: 1 << (index % 64),
-            shadow_kept: 0,
         })
     }
 
@@ -516,18 +494,9 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let rax = self.regs.rax;
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
-        // Under an interrupt shadow the virtual interrupt waits for the next entry, and this
-        // one is short (see SHADOW_KEEPS).
-        let (shadow, rip0) = {
-            let v = self.vmcb();
-            (v.control.interrupt_shadow & 1 != 0, v.save.rip)
-        };
-        let wants_virq = self.window || self.doorbell;
-        let kept = self.shadow_kept;
-        let timer = if shadow && wants_virq { timer.min(shadow_step()) } else { timer };
         // A virtual interrupt for the window (exits at VINTR before it is taken) or the
         // doorbell (taken through the guest's IDT when it can be), highest priority.
-        let virq = if wants_virq && !shadow {
+        let virq = if self.window || self.doorbell {
             v_intr::V_IRQ
                 | v_intr::V_IGN_TPR
                 | 0xf << 16
@@ -567,27 +536,15 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let v = self.vmcb();
         let rax = v.save.rax;
         let virq_left = v.control.v_intr & v_intr::V_IRQ != 0;
-        // Out before the shadowed instruction ran: the shadow still holds (QEMU reports it
-        // lost).
-        let stuck = shadow && v.save.rip == rip0;
-        let keep = stuck && kept < SHADOW_KEEPS;
-        if keep {
-            v.control.interrupt_shadow |= 1;
-        }
         v.control.tlb_control = tlb_control::NOTHING;
         // Delivered, or back in EXITINTINFO (re-delivered by `redeliver`).
         v.control.event_inj = 0;
         self.regs.rax = rax;
         // The doorbell was delivered if the processor took V_IRQ (it clears it then);
         // one the host took during this entry (at STGI) is raised at the next.
-        if virq != 0 && !virq_left {
+        if !virq_left {
             self.doorbell = false;
         }
-        self.shadow_kept = match (stuck, keep) {
-            (true, true) => kept + 1,
-            (true, false) => kept,
-            (false, _) => 0,
-        };
         let bit = self.core_bit;
         let taken = crate::arch::idt::HOST_DOORBELLS
             .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
