@@ -1253,3 +1253,33 @@ fn a_promise_for_another_ballot_is_not_counted() {
     }
     assert_eq!(accepted_set(&net), Some(0b111), "the round's own promises count");
 }
+
+#[test]
+fn a_core_a_commit_takes_out_without_its_asking_is_fenced_even_if_nobody_says_it_failed() {
+    // The coordinator may complete a value a failed coordinator got accepted (taking out a
+    // core it suspected) without suspecting that core itself: its COMMIT names no suspect.
+    // The core, which never asked out, is fenced here all the same; one that asked is not.
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b1111, t, 0);
+    let mut net = Rec::default();
+    m.deliver(&mut net, 2, &super::msg(super::op::COMMIT, &[0x302, 1, 0b1101, 0, 0, 0]));
+    assert_eq!(m.view(), View { num: 1, set: 0b1101 });
+    assert_eq!(m.suspects(), 0);
+    assert_eq!(m.fenced(), 0b0010, "core 1 was taken out without asking");
+    // Core 3 asks out (its intent travels with the next COMMIT): out, and not fenced.
+    let leave3 = super::intent(3, 1, false);
+    m.deliver(&mut net, 2, &super::msg(super::op::COMMIT, &[0x402, 2, 0b0101, 0, leave3, 0]));
+    assert_eq!(m.view(), View { num: 2, set: 0b0101 });
+    assert_eq!(m.fenced(), 0b0010, "core 3 left as it asked");
+}
+
+#[test]
+fn an_intent_naming_a_core_past_the_last_is_ignored() {
+    // Intent words come from other instances; one naming core 64 (out of range) changes
+    // nothing rather than indexing past the table.
+    let (mut m, mut net, b) = round_at_2();
+    let bogus = 1 << 63 | 1 << 16 | 64;
+    m.deliver(&mut net, 0, &super::msg(super::op::PROMISE, &[b, 0, 0, 0, 0, bogus]));
+    assert_eq!(m.intent_seq, [0; super::MAX_PEERS]);
+    assert_eq!(m.wants_in, u64::MAX);
+}
