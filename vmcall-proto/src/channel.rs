@@ -427,7 +427,7 @@ impl<'a> Receiver<'a> {
     /// looked at further ([`Receiver::not_next`] does): the hot path of a receive.
     #[inline(always)]
     pub fn take(&mut self) -> Option<Result<Payload, ChannelError>> {
-        // The slot in a local (as in `take_polled`); the word found is the expected one
+        // The slot in a local (as in `poll_take`); the word found is the expected one
         // from the compare on, so `c` stands for it (an empty poll stays one load of the
         // slot pointer, one of the word and one compare with the expected word in place).
         let cur = self.cur;
@@ -472,9 +472,9 @@ impl<'a> Receiver<'a> {
     /// last; whether it came. Each poll is one load and one compare (the slot and the word
     /// it waits for are kept in registers, as a bare ring's receiver keeps them): the wait
     /// of a blocking receive. The load that finds the word is an acquire load (a plain
-    /// load on x86-64), so the message may be taken with [`Receiver::take_polled`] without
-    /// loading the word again (or with [`Receiver::take`], which does). It says nothing of
-    /// any other word in the slot; classify a slot that never gets it with
+    /// load on x86-64); take the message with [`Receiver::take`] (which loads the word
+    /// again), or poll and take in one with [`Receiver::poll_take`] (which does not). It
+    /// says nothing of any other word in the slot; classify a slot that never gets it with
     /// [`Receiver::not_next`].
     #[inline(always)]
     pub fn poll(&self, polls: u32, mut pause: impl FnMut()) -> bool {
@@ -502,20 +502,26 @@ impl<'a> Receiver<'a> {
     /// that; `out` then holds whatever was read, and nothing is taken). The message moves
     /// once, from the slot to where the caller wants it.
     ///
-    /// Call it only right after a `poll` of this receiver that returned `true`: otherwise
-    /// the slot's word is not known to be the next message's, and a message that is not
-    /// there yet would be reported `Torn` (never taken: the re-read still guards it).
-    #[inline(always)]
-    pub fn take_polled(&mut self, out: &mut Payload) -> Result<(), ChannelError> {
+    /// Only right after a `poll` of this receiver that returned `true`: the seqlock needs
+    /// that acquire load to have seen the word *before* the copy (without it, a message
+    /// written during the copy would pass the re-read half copied). Hence for the tests
+    /// only (they change the word between the poll and the take); a receiver polls and
+    /// takes with [`Receiver::poll_take`], which makes both.
+    #[cfg(test)]
+    pub(crate) fn take_polled(&mut self, out: &mut Payload) -> Result<(), ChannelError> {
         // The slot and the word in locals, read before the copy: the compiler cannot tell
         // that the stores into `out` leave `self` alone, and would load them again.
         let (cur, c) = (self.cur, self.expected);
         self.take_at(cur, c, out)
     }
 
-    /// [`Receiver::poll`] and [`Receiver::take_polled`] in one: polls up to `polls` times
-    /// (`pause` between polls) and takes the message into `out` when its word comes (`None`
-    /// if it did not). The slot and the word it waits for stay in registers from the first
+    /// Polls as [`Receiver::poll`] and takes the message it finds, in one: polls up to
+    /// `polls` times (`pause` between polls) and, when the word comes, copies the payload
+    /// straight into `out`, re-reads the word after an acquire fence (`Torn` if it changed:
+    /// only a peer writing what it should not does that; `out` then holds whatever was
+    /// read, and nothing is taken), advances and publishes the count (`None` if the word
+    /// did not come). The poll's acquire load is the take's first: no second load and
+    /// compare, and the message moves once, from the slot to where the caller wants it. The slot and the word it waits for stay in registers from the first
     /// poll to the count's publication.
     #[inline(always)]
     pub fn poll_take(

@@ -196,8 +196,8 @@ impl<'a> LinkWatch<'a> {
     }
 
     /// [`LinkWatch::recv`] into the caller's buffer: the message is copied once, from its
-    /// slot into `out` ([`Receiver::take_polled`] right after the poll that found it: the
-    /// poll's acquire load is the take's first, the copy is re-checked as always). On an
+    /// slot into `out` ([`Receiver::poll_take`]: the poll's acquire load is the take's first,
+    /// the copy is re-checked as always). On an
     /// error `out` holds whatever was read and nothing was taken.
     #[inline(always)]
     pub fn recv_into(
