@@ -639,12 +639,13 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "ping",
         summary: "sends `n` messages on its channel, waits for each reply, prints round-trip \
-                  figures",
+                  figures (polling: `n` with `Chan::call`, then `n` more with send and receive)",
         args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
         name: "pong",
-        summary: "answers `n` messages of a `ping`",
+        summary: "answers `n` messages of a `ping` (polling: its `2n`, the first `n` with \
+                  `Chan::serve`)",
         args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
