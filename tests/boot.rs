@@ -74,6 +74,8 @@ fn a_late_core_does_not_take_the_next_cores_start_up_block() {
         assert_eq!((r.cores[c].state.as_str(), r.cores[c].vmx.as_str()), ("up", "on"), "core {c}");
     }
     assert!(!b.serial.contains("exception"), "{}", b.serial);
+    // Sent back to waiting for a SIPI once every AP is started (it parked in the trampoline).
+    assert!(b.serial.contains("core 1 (APIC id 1): INIT again, it stays out"), "{}", b.serial);
 }
 
 #[test]

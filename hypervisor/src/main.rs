@@ -335,6 +335,16 @@ mod boot {
                 );
             }
         }
+        // Every withdrawn AP back to waiting for a SIPI (one that started late parks in the
+        // trampoline with no IDT); none gets another.
+        let withdrawn = smp::withdrawn();
+        for (index, core) in
+            list.cores().iter().enumerate().filter(|(i, _)| withdrawn >> i & 1 != 0)
+        {
+            log::warn!("core {index} (APIC id {}): INIT again, it stays out", core.apic_id);
+            // SAFETY: it never took its start-up block, so nothing of ours runs there.
+            unsafe { apic.send_init(core.apic_id) };
+        }
     }
 
     /// Waits (bounded) for every started core's final state, prints one record per core.

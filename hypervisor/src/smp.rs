@@ -419,6 +419,10 @@ pub unsafe fn start_ap(
             // SAFETY: the AP runs nothing of ours (it never took its block).
             unsafe { apic.send_init(apic_id) };
         }
+        // INIT again once every AP is started ([`withdrawn`]): an emulator may keep a SIPI
+        // pending across this INIT (QEMU's TCG does), and the AP then parks in the
+        // trampoline, where an NMI would find no IDT.
+        WITHDRAWN.fetch_or(1 << index, AcqRel);
         return answered();
     }
     // The AP took its block: it is a few instructions from giving it back and answering.
@@ -443,6 +447,17 @@ pub enum Start {
     Normal,
     Withhold,
     AlsoStray(u32),
+}
+
+/// The cores whose start-up block [`start_ap`] withdrew, one bit each.
+#[cfg(target_os = "none")]
+static WITHDRAWN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The cores whose start-up block was withdrawn (they never answered): the BSP sends each
+/// an INIT once every AP is started, so that none is left parked in the trampoline.
+#[cfg(target_os = "none")]
+pub fn withdrawn() -> u64 {
+    WITHDRAWN.load(core::sync::atomic::Ordering::Acquire)
 }
 
 /// An AP took the trampoline's block and did not give it back in time: no further AP is

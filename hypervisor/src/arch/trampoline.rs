@@ -17,8 +17,9 @@
 //! gave up on it and wrote the next AP's block (a starved vCPU under an emulator; on
 //! hardware, an AP slow out of INIT): it would run as that AP, on its stack. So the block
 //! carries a claim word, [`open`] for one APIC ID: before it touches the block's stack the
-//! AP reads its own initial APIC ID (CPUID 0xB's x2APIC ID where the leaf exists, else
-//! leaf 1's 8 bits) and swaps the word from `open(its id)` to [`TAKEN`] with `lock
+//! AP reads its own APIC ID from its local APIC (the x2APIC ID MSR in x2APIC mode, else
+//! the xAPIC ID register; not CPUID's initial ID, which firmware may have made differ) and
+//! swaps the word from `open(its id)` to [`TAKEN`] with `lock
 //! cmpxchg`; it reads the block, then stores [`FREE`]. An AP whose swap fails (the block
 //! is another's, or the BSP withdrew it) parks at once without a stack (`cli; hlt`). The
 //! BSP withdraws a block by swapping `open(id)` to `FREE` itself; if the AP won the swap,
@@ -85,23 +86,24 @@ ap_lm64:
     xorw %ax, %ax
     movw %ax, %fs
     movw %ax, %gs
-    # This AP's initial APIC ID, in %edi (no stack yet): leaf 1's EBX[31:24], or leaf
-    # 0xB's EDX (the 32-bit x2APIC ID) where the processor has that leaf.
-    xorl %eax, %eax
-    cpuid
-    movl %eax, %esi                                    # highest basic leaf
-    movl $1, %eax
-    cpuid
-    shrl $24, %ebx
-    movl %ebx, %edi
-    cmpl $0xb, %esi
-    jb 2f
-    movl $0xb, %eax
-    xorl %ecx, %ecx
-    cpuid
-    testl %ebx, %ebx                                   # EBX = 0: leaf 0xB not there
-    jz 2f
-    movl %edx, %edi
+    # This AP's APIC ID in %edi (no stack yet), as its local APIC has it: the ID the
+    # MADT lists and the SIPI was matched against (CPUID's initial ID may differ where
+    # firmware rewrote the register). IA32_APIC_BASE.EXTD set: the x2APIC ID (MSR 0x802);
+    # else bits 31:24 of the xAPIC ID register (MMIO base + 0x20, mapped uncached in the
+    # boot tables' last GiB). A base above 4 GiB is not mapped there: park.
+    movl $0x1b, %ecx                                   # IA32_APIC_BASE
+    rdmsr
+    btl $10, %eax                                      # EXTD
+    jnc 3f
+    movl $0x802, %ecx                                  # x2APIC ID
+    rdmsr
+    movl %eax, %edi
+    jmp 2f
+3:  testl %edx, %edx
+    jnz 1f
+    andl $0xfffff000, %eax
+    movl 0x20(%rax), %edi
+    shrl $24, %edi
 2:
     # Claim the block: open(id) = id | 1 << 32 -> TAKEN (3 << 32), else park.
     movl %edi, %eax
@@ -189,24 +191,40 @@ mod install {
         )
     }
 
-    /// Copies the trampoline to [`BASE`] and fills its parameter block.
+    /// The trampoline's code and CR3 are in the page: later blocks change only the rest.
+    static COPIED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+    /// Fills the parameter block, the first time after copying the trampoline to [`BASE`].
+    /// Afterwards only the stack, entry and argument are written: a late AP may still be
+    /// running the code or about to load CR3 from the block (its claim then fails), so
+    /// neither ever changes under it. The claim word is left [`super::FREE`].
     ///
     /// # Safety
     /// The page at [`BASE`] is usable RAM that nothing else uses, identity-mapped, and no AP
-    /// is executing from it (the BSP starts APs one at a time and waits for each to leave).
+    /// holds the block (its claim word is free); `params.cr3` is the same at every call.
     pub unsafe fn install(params: Params) {
+        use core::sync::atomic::Ordering::{Acquire, Release};
         let (start, end, params_at) = bounds();
-        let len = end - start;
-        assert!(len <= 4096, "AP trampoline larger than a page");
-        let dst = BASE as *mut u8;
-        // SAFETY: the caller guarantees the page is ours; `len` fits in it (checked above).
-        unsafe { core::ptr::copy_nonoverlapping(start as *const u8, dst, len) };
         let slot = (BASE as usize + (params_at - start)) as *mut Params;
-        // The block closed first; the caller opens it once it is complete.
-        let params = Params { claim: super::FREE, ..params };
-        // Volatile because the only reader is another processor running the copied code.
-        // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`.
-        unsafe { core::ptr::write_volatile(slot, params) };
+        if !COPIED.load(Acquire) {
+            let len = end - start;
+            assert!(len <= 4096, "AP trampoline larger than a page");
+            let dst = BASE as *mut u8;
+            // SAFETY: the caller guarantees the page is ours; `len` fits in it (checked above).
+            unsafe { core::ptr::copy_nonoverlapping(start as *const u8, dst, len) };
+            let params = Params { claim: super::FREE, ..params };
+            // Volatile because the only reader is another processor running the copied code.
+            // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`.
+            unsafe { core::ptr::write_volatile(slot, params) };
+            COPIED.store(true, Release);
+            return;
+        }
+        // SAFETY: as above; each field 8-byte aligned, the claim word (not written) free.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*slot).stack_top, params.stack_top);
+            core::ptr::write_volatile(&raw mut (*slot).entry, params.entry);
+            core::ptr::write_volatile(&raw mut (*slot).arg, params.arg);
+        }
     }
 
     /// The block's claim word, shared with the AP running the copied code (`lock cmpxchg`).
