@@ -1016,16 +1016,18 @@ fn connection(
 }
 
 /// The outages in `events` (shard, sent, received, ok), times from `t0`, in the order the
-/// replies came: a run of failures touching a shard, closed by the first success after
-/// it. A failure sent before that success's reply came was in flight while the shard came
-/// back (replies on other connections overtake each other): it counts in the same outage.
+/// replies came: a run of failures touching a shard, closed by the first success sent after
+/// the run's first failure came back (a success sent earlier was served before the shard
+/// went down: replies on other connections overtake each other). A failure sent before the
+/// closing success's reply came was in flight while the shard came back: it counts in the
+/// same outage.
 pub fn outages(mut events: Vec<(u32, Instant, Instant, bool)>, t0: Instant) -> Vec<Outage> {
     events.sort_by_key(|e| (e.0, e.2));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut out: Vec<Outage> = vec![];
-    // The outage of the current shard still taking failures: (its first send, and when it
-    // was closed: the success's reply).
-    let mut open: Option<(Instant, Option<Instant>)> = None;
+    // The outage of the current shard still taking failures: its first send, when that
+    // failure came back, and when it was closed (the success's reply).
+    let mut open: Option<(Instant, Instant, Option<Instant>)> = None;
     let mut last_shard = None;
     for (shard, sent, at, ok) in events {
         if last_shard != Some(shard) {
@@ -1033,23 +1035,23 @@ pub fn outages(mut events: Vec<(u32, Instant, Instant, bool)>, t0: Instant) -> V
             last_shard = Some(shard);
         }
         match (open, ok) {
-            (Some((_, Some(closed))), false) if sent <= closed => {
+            (Some((_, _, Some(closed))), false) if sent <= closed => {
                 out.last_mut().expect("an open outage is in the list").failed += 1;
             }
-            (None | Some((_, Some(_))), false) => {
+            (None | Some((_, _, Some(_))), false) => {
                 out.push(Outage {
                     shard,
                     failed: 1,
                     start_ms: ms(sent - t0),
                     serve_again_ms: None,
                 });
-                open = Some((sent, None));
+                open = Some((sent, at, None));
             }
-            (Some((_, None)), false) => out.last_mut().expect("open").failed += 1,
-            (Some((first, None)), true) => {
+            (Some((_, _, None)), false) => out.last_mut().expect("open").failed += 1,
+            (Some((first, first_back, None)), true) if sent >= first_back => {
                 out.last_mut().expect("open").serve_again_ms =
                     Some(ms(at.saturating_duration_since(first)));
-                open = Some((first, Some(at)));
+                open = Some((first, first_back, Some(at)));
             }
             (_, true) => {}
         }

@@ -358,12 +358,20 @@ fn outages_are_runs_of_failures_until_a_success() {
         (1, at(60), at(61), false),
         // Sent before the success above came back: the same outage.
         (1, at(49), at(55), false),
+        // A success sent before the first failure came back (served before the shard went
+        // down, its reply overtaken) does not end an outage.
+        (2, at(100), at(101), false),
+        (2, at(99), at(102), true),
+        (2, at(103), at(104), false),
+        (2, at(105), at(107), true),
     ];
     let o = outages(ev, t0);
-    assert_eq!(o.len(), 2, "{o:?}");
+    assert_eq!(o.len(), 3, "{o:?}");
     assert_eq!((o[0].shard, o[0].failed, o[0].start_ms), (1, 3, 20.0));
     assert_eq!(o[0].serve_again_ms, Some(32.0));
     assert_eq!((o[1].failed, o[1].serve_again_ms), (1, None));
+    assert_eq!((o[2].shard, o[2].failed, o[2].start_ms), (2, 2, 100.0));
+    assert_eq!(o[2].serve_again_ms, Some(7.0));
 }
 
 #[test]
