@@ -52,7 +52,17 @@ fn mapping_a_large_grant_in_small_pages_keeps_its_core_alive() {
 /// without an ack and `late` waits for an echo that never comes.
 #[test]
 fn a_peer_that_dies_during_its_partners_setup_is_acknowledged_and_seen_gone() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/setup-race.toml"));
+    a_peer_that_dies_during_its_partners_setup_(Emulator::Bochs, "");
+}
+
+/// The same on QEMU/SVM (the failure detector at 500 ms: host time under TCG).
+#[test]
+fn a_peer_that_dies_during_its_partners_setup_is_acknowledged_and_seen_gone_on_qemu_svm() {
+    a_peer_that_dies_during_its_partners_setup_(Emulator::Qemu, "probe_ms=500");
+}
+
+fn a_peer_that_dies_during_its_partners_setup_(e: Emulator, cmdline: &str) {
+    let b = boot_config(e, None, None, cmdline, Some("configs/setup-race.toml"));
     let r = &b.report;
     assert!(!b.serial.contains("did not acknowledge in time"), "{}", b.serial);
     let quick = b.guest("quick");
