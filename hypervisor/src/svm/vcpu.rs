@@ -879,6 +879,28 @@ mod tests {
     }
 
     #[test]
+    fn the_vmcb_state_reads_as_the_vmx_encodings_the_handlers_use() {
+        // STI or MOV SS: both "blocking by STI"; clearing STI/MOV-SS blocking clears it.
+        assert_eq!((shadow_as_blocking(0), shadow_as_blocking(1)), (0, 1));
+        assert_eq!(
+            (blocking_as_shadow(1), blocking_as_shadow(2), blocking_as_shadow(8)),
+            (1, 1, 0)
+        );
+        assert_eq!(crate::exits::unblocked(shadow_as_blocking(1)).map(blocking_as_shadow), Some(0));
+        // The CPL where the handlers read SS.DPL: only CPL 0 passes the hypercall check.
+        assert!(crate::exits::ring0(cpl_as_ss_access_rights(0)));
+        assert!((1..=3).all(|cpl| !crate::exits::ring0(cpl_as_ss_access_rights(cpl))));
+    }
+
+    #[test]
+    fn nrip_gives_a_length_only_an_instruction_can_have() {
+        assert_eq!(nrip_len(0x1003, 0x1000), Some(3));
+        assert_eq!(nrip_len(0x1000, 0x1000), None, "not saved (0) or no progress");
+        assert_eq!(nrip_len(0x1010, 0x1000), None, "16 bytes");
+        assert_eq!(nrip_len(0, 0x1000), None);
+    }
+
+    #[test]
     fn only_instruction_exits_are_advanced() {
         assert!(advanced(ExitKind::Hypercall) && advanced(ExitKind::Io));
         assert!(!advanced(ExitKind::NestedFault) && !advanced(ExitKind::Timer));
