@@ -17,8 +17,8 @@
 //! what the JSON gives.
 //!
 //! Owns the block registry and the markdown renderers; reads the JSON types of `bench`,
-//! `baseline`, `exitbench` and `backends` (whose renderers it calls, with the backends'
-//! code size, which `backends` reads from the tree).
+//! `baseline`, `exitbench` and `testbeds` (whose renderers it calls, with the backends'
+//! code size, which `testbeds` reads from the tree).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -48,17 +48,17 @@ pub static BLOCKS: [Block; 9] = [
     },
     Block { name: "channel-library", source: CHANNELS_BOCHS, render: channel_library },
     Block { name: "channel-notification", source: CHANNELS_BOCHS, render: channel_notification },
-    Block { name: "backends", source: crate::backends::JSON, render: backends },
+    Block { name: "backends", source: crate::testbeds::JSON, render: backends },
     // Read from the tree, not from its source (the interface both backends implement).
     Block { name: "backend-code-size", source: "hypervisor/src/vcpu.rs", render: code_size },
 ];
 
 fn backends(json: &str) -> Result<String> {
-    crate::backends::render(&serde_json::from_str::<Vec<crate::backends::Figure>>(json)?)
+    crate::testbeds::render(&serde_json::from_str::<Vec<crate::testbeds::Figure>>(json)?)
 }
 
 fn code_size(_interface: &str) -> Result<String> {
-    crate::backends::render_code_size(&crate::workspace_root())
+    crate::testbeds::render_code_size(&crate::workspace_root())
 }
 
 /// The Bochs part of `cargo xtask bench channels` (`--bochs-only --json` writes it).

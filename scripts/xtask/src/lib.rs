@@ -8,7 +8,6 @@
 //! and imports none of its modules; `cargo xtask imports` checks that no module imports
 //! another that imports it back.
 
-pub mod backends;
 pub mod baseline;
 pub mod bench;
 pub mod build;
@@ -38,6 +37,7 @@ pub mod run;
 pub mod schema;
 pub mod setup;
 pub mod template;
+pub mod testbeds;
 pub mod watch;
 pub mod workloads;
 

@@ -192,7 +192,7 @@ fn main() -> ExitCode {
             }),
             xtask::cli::BenchWhat::Check { update } => xtask::baseline::check(*update),
             xtask::cli::BenchWhat::Backends { json, testbeds } => {
-                xtask::backends::backends(json.as_deref(), testbeds).map(|()| true)
+                xtask::testbeds::backends(json.as_deref(), testbeds).map(|()| true)
             }
             xtask::cli::BenchWhat::Exits { json, before, cpus } => {
                 xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)
