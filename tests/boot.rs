@@ -58,6 +58,24 @@ fn a_silent_core_is_reported_not_waited_for() {
     assert_eq!(r.cores[1].reason.as_deref(), Some("no answer to INIT-SIPI-SIPI"));
 }
 
+/// An AP that starts after the BSP gave up on it (`inject=late-ap`: core 1 gets its SIPI
+/// only once core 2's trampoline block is open) parks without taking that block: it is
+/// reported silent, and core 2 comes up as itself on its own stack. Without the block's
+/// claim word core 1 ran as core 2, two cores on one stack.
+#[test]
+fn a_late_core_does_not_take_the_next_cores_start_up_block() {
+    let b = boot(Emulator::Bochs, 3, None, "inject=late-ap");
+    let r = &b.report;
+    assert_eq!(r.outcome, "failed", "{:?}\n{}", r.problems, b.serial);
+    assert_eq!(r.cores.len(), 3);
+    assert!(b.serial.contains("inject=late-ap: core 1 gets its STARTUP IPI late"), "{}", b.serial);
+    assert_eq!((r.cores[1].state.as_str(), r.cores[1].vmx.as_str()), ("silent", "off"));
+    for c in [0, 2] {
+        assert_eq!((r.cores[c].state.as_str(), r.cores[c].vmx.as_str()), ("up", "on"), "core {c}");
+    }
+    assert!(!b.serial.contains("exception"), "{}", b.serial);
+}
+
 #[test]
 fn an_exception_on_an_ap_is_reported_and_contained() {
     let b = boot(Emulator::Bochs, 2, None, "inject=ap-fault");

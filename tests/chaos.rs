@@ -37,3 +37,23 @@ fn fixed_seeds_keep_every_invariant() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Issue 24: one seed on QEMU/SVM. Most invariants here are about the failure detector's
+/// timing (no live core suspected with a 96-200 ms timeout, a deafness over or under it,
+/// every stretch away from the inbox under it); under TCG the TSC is host time and a loaded
+/// host starves vCPUs for longer than that, so those invariants would measure QEMU's
+/// scheduling, not the hypervisor. This seed draws the detector off and neither a hung nor
+/// a deaf core: a stream whose echoer dies after 291 echoes and is restarted by policy,
+/// while a controller holds a spinner 47 ms in; what is checked is what does not depend
+/// on time (every guest's end, every message accounted for, each incarnation starts with
+/// the same frames and capabilities, no problem in the records).
+#[test]
+fn a_seed_without_detector_keeps_every_invariant_on_qemu_svm() {
+    let s = xtask::chaos::scenario(QEMU_SEED);
+    assert_eq!((s.probe_ms, s.hung.is_none(), s.deaf.is_none()), (0, true, true), "{s:?}");
+    eprintln!("chaos seed {QEMU_SEED} on QEMU: {}", s.summary.join("; "));
+    let o = xtask::chaos::run_one_on(&s, xtask::cli::Emulator::Qemu).expect("the run");
+    assert!(o.broken.is_empty(), "{:#?}", o.broken);
+}
+
+const QEMU_SEED: u64 = 39;

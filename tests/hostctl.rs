@@ -61,13 +61,28 @@ fn run_in_background(args: RunArgs) -> std::thread::JoinHandle<xtask::report::Re
 
 #[test]
 fn the_host_queries_stops_starts_and_restarts_guests_and_pauses_the_machine() {
+    host_control(Emulator::Bochs, 40_000, "");
+}
+
+/// Issue 24: the same on QEMU/SVM (COM2 a TCP serial port of QEMU's, the pause a SIGSTOP of
+/// its process group as for Bochs; QEMU's TSC, host time, counts through it). The run lasts
+/// 25 s of host time there (the requests take a few). The detector at 500 ms, as in the
+/// membership tests on QEMU: its default timeout (200 ms) is shorter than a loaded host
+/// leaves a vCPU unscheduled (docs/svm.md).
+#[test]
+fn the_host_queries_stops_starts_and_restarts_guests_and_pauses_the_machine_on_qemu_svm() {
+    host_control(Emulator::Qemu, 25_000, "probe_ms=500");
+}
+
+fn host_control(emulator: Emulator, duration_ms: u64, cmdline: &str) {
     let xtask_bin = systests::xtask_binary();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(900);
     let args = RunArgs {
-        duration: Some(40_000),
+        duration: Some(duration_ms),
         timeout: 900,
-        ..RunArgs::quiet(Emulator::Bochs, Some("configs/hostctl.toml"))
+        cmdline: cmdline.to_string(),
+        ..RunArgs::quiet(emulator, Some("configs/hostctl.toml"))
     };
     let run = run_in_background(args);
     let dir = find_run("hostctl.toml", deadline);

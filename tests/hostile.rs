@@ -15,29 +15,52 @@ use systests::{boot_config, Boot};
 use xtask::cli::Emulator;
 use xtask::report::GuestReport;
 
-fn boot(cell: &'static OnceLock<Boot>, config: &str, cmdline: &str) -> &'static Boot {
-    cell.get_or_init(|| boot_config(Emulator::Bochs, None, None, cmdline, Some(config)))
+/// One boot per config and emulator, shared by the tests that read it.
+type Cells = [OnceLock<Boot>; 2];
+
+/// Under QEMU the run budget is host time too: a minute, unless `cmdline` sets one (on a
+/// loaded 2-core host a TCG guest may run many times slower than alone).
+fn qemu_budget(cmdline: &str) -> &'static str {
+    if cmdline.contains("budget_ms") {
+        ""
+    } else {
+        " budget_ms=60000"
+    }
 }
 
-fn batch() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/batch.toml", "")
+/// Boots `config` once per emulator. Under QEMU (AMD SVM, TCG: the TSC is host time and a
+/// loaded host starves vCPUs) the failure detector's period is long enough not to fence a
+/// starved but live core (8 s before a fence, docs/svm.md "Scale under QEMU").
+fn boot(cells: &'static Cells, e: Emulator, config: &str, cmdline: &str) -> &'static Boot {
+    let (cell, cmdline) = match e {
+        Emulator::Qemu => (&cells[1], format!("{cmdline} probe_ms=1000{}", qemu_budget(cmdline))),
+        _ => (&cells[0], cmdline.to_string()),
+    };
+    cell.get_or_init(|| boot_config(e, None, None, cmdline.trim(), Some(config)))
 }
 
-fn memory() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/memory.toml", "")
+fn batch(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/batch.toml", "")
 }
 
-fn devices() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/devices.toml", "")
+fn memory(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/memory.toml", "")
 }
 
-/// A short run budget: the spinner is stopped by the watchdog after one emulated second.
-fn lifecycle() -> &'static Boot {
-    static B: OnceLock<Boot> = OnceLock::new();
-    boot(&B, "configs/hostile/lifecycle.toml", "budget_ms=1000")
+fn devices(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    boot(&B, e, "configs/hostile/devices.toml", "")
+}
+
+/// A short run budget: the spinner is stopped by the watchdog after one emulated second
+/// (Bochs). Under QEMU the budget is host time, and the bystander's boot and 20 timer
+/// ticks must fit in it on a loaded host: 15 s.
+fn lifecycle(e: Emulator) -> &'static Boot {
+    static B: Cells = [OnceLock::new(), OnceLock::new()];
+    let budget = if e == Emulator::Qemu { "budget_ms=15000" } else { "budget_ms=1000" };
+    boot(&B, e, "configs/hostile/lifecycle.toml", budget)
 }
 
 fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
@@ -170,6 +193,13 @@ const BATCH: &[(&str, &str)] = &[
     ("monitor", "#UD"),
     ("mwait", "#UD"),
     ("getsec", "#UD"),
+    ("svm-vmrun", "#UD"),
+    ("svm-vmload", "#UD"),
+    ("svm-vmsave", "#UD"),
+    ("svm-stgi", "#UD"),
+    ("svm-clgi", "#UD"),
+    ("svm-skinit", "#UD"),
+    ("svm-invlpga", "#UD"),
     ("vmcall-from-ring3", "#GP"),
     ("vmcall-single-stepped", "#DB"),
     ("xsetbv-xcr1", "#GP"),
@@ -246,13 +276,63 @@ const BATCH: &[(&str, &str)] = &[
     ("hc-storm", "completed"),
 ];
 
+/// The one batch attack whose outcome differs on an emulator, and why: QEMU 7.2's TCG
+/// does not implement SVM's XSETBV intercept, so the guest's XSETBV runs natively and an
+/// XCR0 the processor supports (x87|SSE|AVX) is accepted; the hypervisor never sees it
+/// (docs/svm.md, "QEMU's gaps"). On real AMD processors and Bochs the intercept exists.
+/// Each entry: attack, what the attacker reports instead.
+const QEMU_TCG_GAPS: &[(&str, &str)] = &[("xsetbv-xcr0-avx", "got completed (0x0), expected #GP")];
+
+fn gaps(e: Emulator) -> &'static [(&'static str, &'static str)] {
+    if e == Emulator::Qemu {
+        QEMU_TCG_GAPS
+    } else {
+        &[]
+    }
+}
+
 #[test]
 fn every_batch_attack_gets_its_defined_outcome() {
-    let b = batch();
+    every_batch_attack(Emulator::Bochs);
+}
+
+/// On AMD SVM (QEMU TCG): the same table, the same outcomes, but for the emulator's one
+/// gap ([`QEMU_TCG_GAPS`]), which must show exactly as described.
+#[test]
+fn every_batch_attack_gets_its_defined_outcome_on_qemu_svm() {
+    let b = every_batch_attack(Emulator::Qemu);
+    assert!(b.serial.contains("[c0] backend: svm"));
+}
+
+/// On SVM as Bochs's `ryzen` model emulates it: every outcome as on VT-x (its SVM has the
+/// XSETBV intercept). It also pins that a single-step trap Bochs raises in the host after
+/// the #VMEXIT of a single-stepped VMMCALL is dropped, not fatal (`arch::idt`'s #DB stub).
+#[test]
+fn every_batch_attack_gets_its_defined_outcome_on_bochs_svm() {
+    let b =
+        boot_config(Emulator::Bochs, None, Some("ryzen"), "", Some("configs/hostile/batch.toml"));
+    assert!(b.serial.contains("[c0] backend: svm"));
+    check_batch(&b, &[], 4);
+    assert!(!b.serial.contains("hypervisor exception"), "{}", b.serial);
+}
+
+fn every_batch_attack(e: Emulator) -> &'static Boot {
+    let b = batch(e);
+    // Under QEMU no XSETBV exits: its gap.
+    check_batch(b, gaps(e), if e == Emulator::Qemu { 0 } else { 4 });
+    b
+}
+
+/// The batch's checks, `gaps` the attacks whose outcome differs ([`QEMU_TCG_GAPS`]), at
+/// least `xsetbv` XSETBV exits.
+fn check_batch(b: &Boot, gaps: &[(&str, &str)], xsetbv: u64) {
     let tag = "[mallory@c1] ";
     let mut wrong = vec![];
     for (name, outcome) in BATCH {
-        let want = format!("{tag}attack {name}: {outcome} as expected");
+        let want = match gaps.iter().find(|(n, _)| n == name) {
+            Some((_, instead)) => format!("{tag}ERROR attack {name}: UNEXPECTED: {instead}"),
+            None => format!("{tag}attack {name}: {outcome} as expected"),
+        };
         if !has_exact_line(b, &want) {
             let got = b
                 .serial
@@ -269,15 +349,19 @@ fn every_batch_attack_gets_its_defined_outcome() {
         wrong.join("\n")
     );
     let n = BATCH.len();
-    let done = format!("{tag}attacks done: {n} run, {n} as expected");
+    let ok = n - gaps.len();
+    let done = format!("{tag}attacks done: {n} run, {ok} as expected");
     assert!(has_exact_line(b, &done), "missing `{done}`");
-    assert!(!b.serial.contains("UNEXPECTED"));
+    let unexpected = b.serial.lines().filter(|l| l.contains("UNEXPECTED")).count();
+    assert_eq!(unexpected, gaps.len(), "UNEXPECTED lines");
     let storm = "attack hc-storm: 2000 calls:";
     assert!(has_line(b, &format!("{tag}{storm}")), "the storm did not finish");
+    // The attacker exits 0 when every attack met its outcome, 1 otherwise (the gap).
     let m = guest(b, "mallory");
-    assert_eq!((m.state.as_str(), m.exit_status), ("exited", 0), "{m:?}");
+    let status = if gaps.is_empty() { 0 } else { 1 };
+    assert_eq!((m.state.as_str(), m.exit_status), ("exited", status), "{m:?}");
     // Every refusal was an exit the hypervisor handled: none reached the hardware.
-    for (reason, at_least) in [("rdmsr", 14), ("wrmsr", 25), ("io", 19), ("xsetbv", 4)] {
+    for (reason, at_least) in [("rdmsr", 14), ("wrmsr", 25), ("io", 19), ("xsetbv", xsetbv)] {
         let got = m.exits.get(reason).copied().unwrap_or(0);
         assert!(got >= at_least, "{reason} exits: {got} < {at_least}: {:?}", m.exits);
     }
@@ -285,7 +369,16 @@ fn every_batch_attack_gets_its_defined_outcome() {
 
 #[test]
 fn bystander_and_accomplice_of_the_batch_attacker_finish_intact() {
-    let b = batch();
+    bystander_and_accomplice_of_the_batch_attacker_finish_intact_(Emulator::Bochs);
+}
+
+#[test]
+fn bystander_and_accomplice_of_the_batch_attacker_finish_intact_on_qemu_svm() {
+    bystander_and_accomplice_of_the_batch_attacker_finish_intact_(Emulator::Qemu);
+}
+
+fn bystander_and_accomplice_of_the_batch_attacker_finish_intact_(e: Emulator) {
+    let b = batch(e);
     finished_intact(b, "bystander", &["result: sum(1..=1000) = 500500 (closed form 500500)"]);
     finished_intact(
         b,
@@ -310,7 +403,16 @@ fn collapse(s: &str) -> String {
 
 #[test]
 fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
-    let b = batch();
+    console_control_text_reaches_the_serial_log_only_as_question_marks_(Emulator::Bochs);
+}
+
+#[test]
+fn console_control_text_reaches_the_serial_log_only_as_question_marks_on_qemu_svm() {
+    console_control_text_reaches_the_serial_log_only_as_question_marks_(Emulator::Qemu);
+}
+
+fn console_control_text_reaches_the_serial_log_only_as_question_marks_(e: Emulator) {
+    let b = batch(e);
     let raw = std::fs::read(&b.report.serial_log).expect("serial log");
     let mut wrong = vec![];
     // What each payload must look like in the log (runs of `?` collapsed).
@@ -358,7 +460,16 @@ fn console_control_text_reaches_the_serial_log_only_as_question_marks() {
 
 #[test]
 fn cache_flushes_are_emulated_as_counted_no_ops() {
-    let b = batch();
+    cache_flushes_are_emulated_as_counted_no_ops_(Emulator::Bochs);
+}
+
+#[test]
+fn cache_flushes_are_emulated_as_counted_no_ops_on_qemu_svm() {
+    cache_flushes_are_emulated_as_counted_no_ops_(Emulator::Qemu);
+}
+
+fn cache_flushes_are_emulated_as_counted_no_ops_(e: Emulator) {
+    let b = batch(e);
     assert!(has_exact_line(b, "[mallory@c1] attack wbinvd: completed as expected"));
     let mut wrong = vec![];
     let m = guest(b, "mallory");
@@ -379,7 +490,16 @@ fn cache_flushes_are_emulated_as_counted_no_ops() {
 
 #[test]
 fn touching_memory_outside_the_partition_stops_only_the_attacker() {
-    let b = memory();
+    touching_memory_outside_the_partition_stops_only_the_attacker_(Emulator::Bochs);
+}
+
+#[test]
+fn touching_memory_outside_the_partition_stops_only_the_attacker_on_qemu_svm() {
+    touching_memory_outside_the_partition_stops_only_the_attacker_(Emulator::Qemu);
+}
+
+fn touching_memory_outside_the_partition_stops_only_the_attacker_(e: Emulator) {
+    let b = memory(e);
     let not_mapped = "(not mapped for this guest), rip=";
     for (name, attack, fault) in [
         (
@@ -428,12 +548,29 @@ fn touching_memory_outside_the_partition_stops_only_the_attacker() {
     assert_eq!(b.report.cores.len(), 8);
 }
 
-/// The top page below the emulated CPU's physical-address width (Bochs corei7_skylake_x).
+/// The top page below the emulated CPU's physical-address width (40 bits: Bochs corei7_skylake_x
+/// and QEMU's `max` alike).
 const TOP_OF_PHYSICAL: &str = "0xfffffff000";
 
 #[test]
 fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody() {
-    let b = devices();
+    device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+        Emulator::Bochs,
+    );
+}
+
+#[test]
+fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_on_qemu_svm()
+{
+    device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+        Emulator::Qemu,
+    );
+}
+
+fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_nobody_(
+    e: Emulator,
+) {
+    let b = devices(e);
     let not_mapped = "(not mapped for this guest), rip=";
     stopped(
         b,
@@ -464,8 +601,18 @@ fn device_and_channel_attacks_stop_only_the_attacker_and_a_doorbell_flood_harms_
 
 #[test]
 fn ept_enforces_a_read_only_capability_mapping() {
+    ept_enforces_a_read_only_capability_mapping_(Emulator::Bochs);
+}
+
+/// On SVM the nested page tables enforce it (reported as the EPT violation is).
+#[test]
+fn ept_enforces_a_read_only_capability_mapping_on_qemu_svm() {
+    ept_enforces_a_read_only_capability_mapping_(Emulator::Qemu);
+}
+
+fn ept_enforces_a_read_only_capability_mapping_(e: Emulator) {
     stopped(
-        devices(),
+        devices(e),
         "forger",
         "write-readonly-cap",
         "EPT violation: write at guest-physical 0xc0000000 (mapped read-only), rip=",
@@ -474,7 +621,16 @@ fn ept_enforces_a_read_only_capability_mapping() {
 
 #[test]
 fn channel_windows_are_not_executable() {
-    let b = devices();
+    channel_windows_are_not_executable_(Emulator::Bochs);
+}
+
+#[test]
+fn channel_windows_are_not_executable_on_qemu_svm() {
+    channel_windows_are_not_executable_(Emulator::Qemu);
+}
+
+fn channel_windows_are_not_executable_(e: Emulator) {
+    let b = devices(e);
     assert!(has_exact_line(b, &format!("[runner@c4] attack: calling guest-physical {RUNNER_RET}")));
     stopped(
         b,
@@ -489,7 +645,16 @@ const RUNNER_RET: &str = "0x80100088";
 
 #[test]
 fn guests_that_never_end_are_stopped_and_the_others_finish() {
-    let b = lifecycle();
+    guests_that_never_end_are_stopped_and_the_others_finish_(Emulator::Bochs);
+}
+
+#[test]
+fn guests_that_never_end_are_stopped_and_the_others_finish_on_qemu_svm() {
+    guests_that_never_end_are_stopped_and_the_others_finish_(Emulator::Qemu);
+}
+
+fn guests_that_never_end_are_stopped_and_the_others_finish_(e: Emulator) {
+    let b = lifecycle(e);
     let never = "HLT with no timer armed or interrupts off: would never wake, rip=";
     stopped(b, "sleeper", "halt-forever", never);
     stopped(b, "dozer", "halt-timer-masked", never);
@@ -502,8 +667,20 @@ fn guests_that_never_end_are_stopped_and_the_others_finish() {
     ));
     stopped(b, "dreamer", "mwait-forever", "exceeded its run budget, rip=");
     // With a channel, HLT does not exit (the guest halts natively until a doorbell): the
-    // run budget still ends it.
-    stopped(b, "napper", "halt-forever", "exceeded its run budget, rip=");
+    // run budget still ends it. On SVM (a per-backend outcome, docs/svm.md "What does not
+    // run on SVM yet"): the VMCB keeps no activity state, so the first exit while it is
+    // halted (the run timer, a kick) resumes it after its HLT; it finds itself awake and
+    // says so, and ends by itself (status 1) before its budget.
+    if e == Emulator::Qemu {
+        let n = guest(b, "napper");
+        assert!(has_exact_line(
+            b,
+            "[napper@c4] ERROR attack halt-forever: UNEXPECTED: survived (completed (0x0))"
+        ));
+        assert_eq!((n.state.as_str(), n.exit_status), ("exited", 1), "{n:?}");
+    } else {
+        stopped(b, "napper", "halt-forever", "exceeded its run budget, rip=");
+    }
     // The status page is read-only: a write stops the writer.
     let ro = "EPT violation: write at guest-physical 0xbffff000 (mapped read-only), rip=";
     stopped(b, "scrawler", "status-page-write", ro);

@@ -10,13 +10,43 @@ fn guest<'a>(b: &'a Boot, name: &str) -> &'a GuestReport {
     b.guest(name)
 }
 
+/// Under QEMU the run budget is host time too: a minute, unless `cmdline` sets one (on a
+/// loaded 2-core host a TCG guest may run many times slower than alone).
+fn qemu_budget(cmdline: &str) -> &'static str {
+    if cmdline.contains("budget_ms") {
+        ""
+    } else {
+        " budget_ms=60000"
+    }
+}
+
+/// Boots `config` with `cmdline`. Under QEMU (AMD SVM, TCG: the TSC is host time and a
+/// loaded host starves vCPUs) the failure detector's period is 1 s, so that a starved but
+/// live core is not fenced (8 s without an answer; docs/svm.md "Scale under QEMU").
+fn boot(e: Emulator, cmdline: &str, config: &str) -> Boot {
+    let cmdline = match e {
+        Emulator::Qemu => format!("{cmdline} probe_ms=1000{}", qemu_budget(cmdline)),
+        _ => cmdline.to_string(),
+    };
+    boot_config(e, None, None, cmdline.trim(), Some(config))
+}
+
 /// `phoenix` faults in incarnations 1-3 and lives in the 4th; `ashes` never lives and is
 /// stopped for good after its 2 restarts; `steady` is not disturbed. No incarnation finds a
 /// mark of the one before (memory and grant scrubbed), and every incarnation starts with the
 /// same hypervisor frames in use (nothing leaked).
 #[test]
 fn restarts_follow_the_policy_and_leave_nothing_behind() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/lifecycle.toml"));
+    restarts_follow_the_policy_and_leave_nothing_behind_(Emulator::Bochs);
+}
+
+#[test]
+fn restarts_follow_the_policy_and_leave_nothing_behind_on_qemu_svm() {
+    restarts_follow_the_policy_and_leave_nothing_behind_(Emulator::Qemu);
+}
+
+fn restarts_follow_the_policy_and_leave_nothing_behind_(e: Emulator) {
+    let b = boot(e, "", "configs/lifecycle.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "failed", "ashes never lives: {:?}", r.problems);
     assert!(r.problems.is_empty(), "{:?}", r.problems);
@@ -79,7 +109,16 @@ fn restarts_follow_the_policy_and_leave_nothing_behind() {
 /// sleeper while it runs, finds it held, starts it again (a second start is refused).
 #[test]
 fn a_supervisor_restarts_stops_and_starts_guests_by_capability() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/supervise.toml"));
+    a_supervisor_restarts_stops_and_starts_guests_by_capability_(Emulator::Bochs);
+}
+
+#[test]
+fn a_supervisor_restarts_stops_and_starts_guests_by_capability_on_qemu_svm() {
+    a_supervisor_restarts_stops_and_starts_guests_by_capability_(Emulator::Qemu);
+}
+
+fn a_supervisor_restarts_stops_and_starts_guests_by_capability_(e: Emulator) {
+    let b = boot(e, "", "configs/supervise.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     let said = |s: &str| b.serial.contains(&format!("[mgr@c0] supervisor: {s}"));
@@ -132,7 +171,16 @@ fn a_supervisor_restarts_stops_and_starts_guests_by_capability() {
 /// new epoch's.
 #[test]
 fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/rejoin.toml"));
+    a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts_(Emulator::Bochs);
+}
+
+#[test]
+fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts_on_qemu_svm() {
+    a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts_(Emulator::Qemu);
+}
+
+fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts_(e: Emulator) {
+    let b = boot(e, "", "configs/rejoin.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     for s in [
@@ -157,13 +205,16 @@ fn a_channel_comes_back_in_a_new_epoch_when_its_peer_restarts() {
 /// the BSP) stops waiting at the collection's deadline, every record is written.
 #[test]
 fn a_controller_that_never_runs_does_not_hold_up_the_run() {
-    let b = boot_config(
-        Emulator::Bochs,
-        None,
-        None,
-        "inject=silent-ap",
-        Some("configs/hostile/control-silent.toml"),
-    );
+    a_controller_that_never_runs_does_not_hold_up_the_run_(Emulator::Bochs);
+}
+
+#[test]
+fn a_controller_that_never_runs_does_not_hold_up_the_run_on_qemu_svm() {
+    a_controller_that_never_runs_does_not_hold_up_the_run_(Emulator::Qemu);
+}
+
+fn a_controller_that_never_runs_does_not_hold_up_the_run_(e: Emulator) {
+    let b = boot(e, "inject=silent-ap", "configs/hostile/control-silent.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "failed", "the boss never started: {:?}", r.problems);
     let t = guest(&b, "target");
@@ -177,7 +228,16 @@ fn a_controller_that_never_runs_does_not_hold_up_the_run() {
 /// the new incarnation entered, and the channel comes back in the next epoch.
 #[test]
 fn a_controller_stops_and_starts_the_peer_of_its_channel() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/bench-lifecycle.toml"));
+    a_controller_stops_and_starts_the_peer_of_its_channel_(Emulator::Bochs);
+}
+
+#[test]
+fn a_controller_stops_and_starts_the_peer_of_its_channel_on_qemu_svm() {
+    a_controller_stops_and_starts_the_peer_of_its_channel_(Emulator::Qemu);
+}
+
+fn a_controller_stops_and_starts_the_peer_of_its_channel_(e: Emulator) {
+    let b = boot(e, "", "configs/bench-lifecycle.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     for k in 0..5 {
@@ -210,7 +270,16 @@ fn views_of(b: &Boot, core: u32) -> Vec<(u32, Vec<u32>, u32)> {
 /// same two views; the sleeper's second incarnation runs to its end.
 #[test]
 fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/membership.toml"));
+    a_core_taken_out_comes_back_and_every_core_logs_the_same_views_(Emulator::Bochs);
+}
+
+#[test]
+fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views_on_qemu_svm() {
+    a_core_taken_out_comes_back_and_every_core_logs_the_same_views_(Emulator::Qemu);
+}
+
+fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views_(e: Emulator) {
+    let b = boot(e, "", "configs/membership.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     assert!(r.problems.is_empty(), "{:?}", r.problems);
@@ -242,8 +311,16 @@ fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views() {
 /// other guest done and without waiting for the hung core.
 #[test]
 fn a_hung_core_is_detected_fenced_and_the_others_finish() {
-    let b =
-        boot_config(Emulator::Bochs, None, None, "inject=hung-core:2", Some("configs/hung.toml"));
+    a_hung_core_is_detected_fenced_and_the_others_finish_(Emulator::Bochs);
+}
+
+#[test]
+fn a_hung_core_is_detected_fenced_and_the_others_finish_on_qemu_svm() {
+    a_hung_core_is_detected_fenced_and_the_others_finish_(Emulator::Qemu);
+}
+
+fn a_hung_core_is_detected_fenced_and_the_others_finish_(e: Emulator) {
+    let b = boot(e, "inject=hung-core:2", "configs/hung.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "failed", "a guest was fenced");
     assert!(r.problems.is_empty(), "{:?}", r.problems);
@@ -258,8 +335,9 @@ fn a_hung_core_is_detected_fenced_and_the_others_finish() {
         assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
     }
     assert!(b.serial.contains("stream: peer gone for good"), "{}", b.serial);
-    // Detection within the probe period plus the timeout (8 periods of 25 ms) plus the view
-    // change, in TSC ticks (the hypervisor's ticks per ms from its log).
+    // Detection within the probe period plus the timeout (8 periods of 25 ms; under QEMU
+    // of 1 s, `boot`) plus the view change, in TSC ticks (the hypervisor's ticks per ms
+    // from its log).
     let per_ms: u64 = b
         .serial
         .lines()
@@ -269,7 +347,12 @@ fn a_hung_core_is_detected_fenced_and_the_others_finish() {
     assert_eq!(hang.core, 2);
     let fenced = r.views.iter().map(|v| v.tsc).max().unwrap();
     assert!(fenced > hang.tsc, "fenced after the hang");
-    assert!(fenced - hang.tsc < 12 * 25 * per_ms, "took {} ticks", fenced - hang.tsc);
+    let period = if e == Emulator::Qemu { 1_000 } else { 25 };
+    assert!(fenced - hang.tsc < 12 * period * per_ms, "took {} ticks", fenced - hang.tsc);
+    if e == Emulator::Qemu {
+        // Host time on a loaded host: how soon the run ended is QEMU's scheduling.
+        return;
+    }
     // The run did not wait for the hung core's report (its collection deadline is seconds).
     let end = r.tsc.end.expect("end record");
     assert!(
@@ -285,15 +368,31 @@ fn a_hung_core_is_detected_fenced_and_the_others_finish() {
 /// none is restarted after it, and the run ends `ok`.
 #[test]
 fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
-    let b =
-        boot_config(Emulator::Bochs, None, None, "duration_ms=1000", Some("configs/duration.toml"));
+    a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_(Emulator::Bochs);
+}
+
+/// Ignored on QEMU/SVM: there the run's second is host time, and on a loaded host the
+/// guests' setup may take longer than it (one run of three with three QEMUs at once:
+/// `cycler` never started, the run `failed`). It also met, before the fix of
+/// `svm::vcpu`'s interrupt window in a shadow, the "HLT with no timer armed" stop
+/// (docs/svm.md). Run it with `--ignored` on a quiet host.
+#[test]
+#[ignore = "QEMU/SVM: a host-time second is shorter than the setup on a loaded host"]
+fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_on_qemu_svm() {
+    a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_(Emulator::Qemu);
+}
+
+fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was_(e: Emulator) {
+    let b = boot(e, "duration_ms=1000", "configs/duration.toml");
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     let forever = guest(&b, "forever");
     assert_eq!(forever.state, "ended", "{forever:?}");
     let cycler = guest(&b, "cycler");
     let n = cycler.incarnations.len();
-    assert!(n >= 3, "restarted while the run lasted: {n}");
+    // Under QEMU a cycle is host time (a TCG setup is slow): at least one restart.
+    let at_least = if e == Emulator::Qemu { 2 } else { 3 };
+    assert!(n >= at_least, "restarted while the run lasted: {n}");
     let (last, before) = (&cycler.incarnations[n - 1], &cycler.incarnations[..n - 1]);
     assert!(before.iter().all(|i| i.exit_status == Some(0)), "{before:?}");
     // Where the end of the run finds `cycler` depends on where its cycle (setup, 20 ms of
@@ -311,11 +410,16 @@ fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
         .find_map(|l| l.split("TSC: ").nth(1)?.strip_suffix(" ticks/ms")?.parse().ok())
         .expect("the TSC rate line");
     let (a, c) = (forever.tsc_end, last.tsc_end);
-    assert!(a.abs_diff(c) < 250 * per_ms, "ends {a} and {c} differ by {}", a.abs_diff(c));
-    // The second counts from the guests' planning, early in the hypervisor's boot.
+    // The second counts from the guests' planning, early in the hypervisor's boot: nothing
+    // ends before it. Under QEMU (host time, starved vCPUs) that is all that is exact.
     let entry = r.tsc.hypervisor_entry.expect("boot record");
     let after = a - entry;
-    assert!(after >= 1_000 * per_ms && after < 1_200 * per_ms, "ended {after} after entry");
+    assert!(after >= 1_000 * per_ms, "ended {after} after entry");
+    if e == Emulator::Qemu {
+        return;
+    }
+    assert!(a.abs_diff(c) < 250 * per_ms, "ends {a} and {c} differ by {}", a.abs_diff(c));
+    assert!(after < 1_200 * per_ms, "ended {after} after entry");
 }
 
 /// A run's length shorter than the guests' setup: the hypervisor stops them before their
@@ -323,7 +427,16 @@ fn a_run_ends_at_its_duration_with_every_guest_stopped_where_it_was() {
 /// they never entered (`not_started`) and the run is not `ok`.
 #[test]
 fn a_duration_shorter_than_guest_setup_is_not_an_ok_run() {
-    let b = boot_config(Emulator::Bochs, None, None, "duration_ms=1", Some("configs/pair.toml"));
+    a_duration_shorter_than_guest_setup_is_not_an_ok_run_(Emulator::Bochs);
+}
+
+#[test]
+fn a_duration_shorter_than_guest_setup_is_not_an_ok_run_on_qemu_svm() {
+    a_duration_shorter_than_guest_setup_is_not_an_ok_run_(Emulator::Qemu);
+}
+
+fn a_duration_shorter_than_guest_setup_is_not_an_ok_run_(e: Emulator) {
+    let b = boot(e, "duration_ms=1", "configs/pair.toml");
     let r = &b.report;
     assert!(b.serial.contains("#mkv end outcome=ok"), "the hypervisor's view: {}", b.serial);
     assert_eq!(r.outcome, "failed", "{:?}", r.problems);
@@ -344,7 +457,24 @@ fn a_duration_shorter_than_guest_setup_is_not_an_ok_run() {
 /// back once, in order.
 #[test]
 fn a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/ring-restart.toml"));
+    a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for_(None);
+}
+
+/// On SVM, as Bochs's `ryzen` model emulates it. Not under QEMU's TCG: there the
+/// restarted relay's neighbours never see their channels go down (docs/svm.md, "What does
+/// not run on SVM yet"), which Bochs's SVM does not show.
+#[test]
+fn a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for_on_bochs_svm() {
+    a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for_(Some("ryzen"));
+}
+
+fn a_ring_keeps_going_when_a_relay_restarts_and_every_message_is_accounted_for_(
+    model: Option<&str>,
+) {
+    let b = boot_config(Emulator::Bochs, None, model, "", Some("configs/ring-restart.toml"));
+    if model.is_some() {
+        assert!(b.serial.contains("[c0] backend: svm"), "{}", b.serial);
+    }
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "{:?}\n{}", r.problems, b.serial);
     assert!(b.serial.contains("[f2@c2] forward: message 100 taken, dying with it"));

@@ -16,6 +16,14 @@ fn num(line: &str, key: &str) -> u64 {
     rest[..end].parse().unwrap_or_else(|_| panic!("`{key}` in {line}"))
 }
 
+/// The number after `key +` in `line` (`exits +100`).
+fn plus(line: &str, key: &str) -> u64 {
+    let at = line.find(&format!("{key} +")).unwrap_or_else(|| panic!("no `{key} +` in {line}"));
+    let rest = &line[at + key.len() + 2..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().unwrap_or_else(|_| panic!("`{key}` in {line}"))
+}
+
 /// The one serial line that contains `what`.
 fn line<'a>(serial: &'a str, what: &str) -> &'a str {
     let mut found = serial.lines().filter(|l| l.contains(what));
@@ -26,15 +34,37 @@ fn line<'a>(serial: &'a str, what: &str) -> &'a str {
 
 #[test]
 fn guests_and_their_controller_read_telemetry_without_exits() {
-    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/telemetry.toml"));
+    telemetry(Emulator::Bochs);
+}
+
+/// Issue 24: the same on QEMU/SVM (VMMCALL counted as `vmcall`, the NPF as the EPT
+/// violation). The counts are the same but two that depend on timing: under TCG the run
+/// timer's one-shot count is bounded (a few seconds of host time), so an exit of it may fall
+/// among the 100 hypercalls (counted as an exit and an entry, never as a hypercall), and a
+/// kick may land while its core is in the hypervisor (seen: 20 NMIs, 19 NMI exits).
+#[test]
+fn guests_and_their_controller_read_telemetry_without_exits_on_qemu_svm() {
+    let b = telemetry(Emulator::Qemu);
+    assert!(b.serial.contains("[c0] backend: svm"));
+}
+
+fn telemetry(emulator: Emulator) -> systests::Boot {
+    let b = boot_config(emulator, None, None, "", Some("configs/telemetry.toml"));
     let s = &b.serial;
     assert!(b.report.problems.is_empty(), "{:?}", b.report.problems);
+    // Exits of the run timer (bounded one-shot count under QEMU) the watched guest took: on
+    // Bochs the count is exact.
+    let timer = match emulator {
+        Emulator::Qemu => b.guest("watched").exits.get("preemption_timer").copied().unwrap_or(0),
+        _ => 0,
+    };
 
     // Its own page: 100 hypercalls are 100 more hypercalls and VMCALL exits, one entry per
     // exit.
-    assert!(s.contains(
-        "[watched@c1] meter: 100 hypercalls: hypercalls +100, vmcall exits +100, exits +100, entries +100"
-    ));
+    let own = line(s, "[watched@c1] meter: 100 hypercalls: ");
+    assert!(own.contains("hypercalls +100, vmcall exits +100, "), "{own}");
+    let extra = plus(own, ", exits") - 100;
+    assert!(extra <= timer && plus(own, ", entries") == 100 + extra, "{own}");
     // Messages per channel: the 40 it sent, the one answer it received, once a refresh
     // period (1 ms) and an exit have passed.
     let traffic = line(s, "[watched@c1] meter: channel 0 after 40 messages");
@@ -43,7 +73,15 @@ fn guests_and_their_controller_read_telemetry_without_exits() {
     // NMIs: each of the controller's 20 queries kicked the target's core once, and each
     // answer the controller's.
     let nmis = line(s, "[watched@c1] meter: 20 queries by its controller");
-    assert!(nmis.ends_with("nmis +20, nmi exits +20"), "{nmis}");
+    assert!(nmis.contains(": nmis +20, "), "{nmis}");
+    // A kick that lands while its core is already in the hypervisor (a run-timer exit, or
+    // the previous kick's exit: the queries come as fast as the answers) costs no exit of
+    // its own. Bochs's timing keeps the count at 20 every run; under QEMU it is a timing.
+    let nmi_exits = plus(nmis, "nmi exits");
+    match emulator {
+        Emulator::Qemu => assert!((1..=20).contains(&nmi_exits), "{nmis}"),
+        _ => assert_eq!(nmi_exits, 20, "{nmis}"),
+    }
     assert!(s.contains("[watcher@c0] meter: 20 queries made: its own nmis +20"));
     assert!(s.contains("[watched@c1] meter: watched checks passed"));
 
@@ -54,8 +92,9 @@ fn guests_and_their_controller_read_telemetry_without_exits() {
     // The target read its page again after logging `told` (that log line was a hypercall
     // and an exit): one more of each, nothing else changed.
     assert_eq!(num(seen, "hypercalls"), num(told, "hypercalls") + 1, "{told}\n{seen}");
-    assert_eq!(num(seen, "entries"), num(told, "entries") + 1);
-    assert_eq!(num(seen, "exits"), num(told, "exits") + 1);
+    let extra = num(seen, "exits") - num(told, "exits") - 1;
+    assert!(extra <= timer, "{told}\n{seen}");
+    assert_eq!(num(seen, "entries"), num(told, "entries") + 1 + extra);
     assert_eq!((num(seen, "nmis"), num(seen, "sent")), (num(told, "nmis"), num(told, "sent")));
     assert!(seen.contains("its own exits while reading it 1000x: +0 (entries +0)"), "{seen}");
     eprintln!("figures: {seen}");
@@ -90,4 +129,5 @@ fn guests_and_their_controller_read_telemetry_without_exits() {
         "{fault}"
     );
     assert!(!s.contains("UNEXPECTED"), "{s}");
+    b
 }

@@ -153,36 +153,68 @@ impl Chan {
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
         self.link.try_send(&mut self.tx, m)?;
         if self.wake {
-            self.notify();
+            notify(&self.tx, self.number, &mut self.rung);
         }
         Ok(())
     }
 
-    /// After publishing a message: wake the peer if it said it sleeps. A doorbell sleeper is
-    /// rung at once. An MWAIT sleeper was armed on the line just written (its flag came
-    /// first, see [`Chan::wait_mwait`]), so the store normally woke it: wait until it shows
-    /// it is up (its flag changes) and ring only if it has not within [`WAKE_TICKS`].
-    fn notify(&mut self) {
-        match self.tx.peer_sleep() {
-            0 => {}
-            SLEEP_MWAIT => {
-                self.nudge_monitor();
-                let t0 = crate::arch::rdtsc();
-                while self.tx.peer_sleep_now() == SLEEP_MWAIT {
-                    if crate::arch::rdtsc().wrapping_sub(t0) > WAKE_TICKS {
-                        self.ring();
-                        return;
-                    }
-                    core::hint::spin_loop();
+    /// Sends `req` and waits for the reply, copied into `reply`: the request/reply turn of
+    /// a client, what a program that asks its peer something and waits for the answer
+    /// should call (rather than [`Chan::send`] then [`Chan::recv`]). It does what those two
+    /// do, check for check (the link look before the send, a sleeping peer notified in
+    /// doorbell or MWAIT mode, the reply's tag, sequence and re-read, a full look every
+    /// [`LOOK_EVERY`](vmcall_proto::endpoint::LOOK_EVERY) empty polls), as one function
+    /// (`vmcall_proto::endpoint::LinkWatch::call`): the ring ends' state stays in
+    /// registers across the turn, and the reply moves once, from its slot into `reply`.
+    /// It polls for the reply (as `recv`); a program that wants to sleep while it waits
+    /// sends and then calls [`Chan::wait`]. The reply is the next message on the channel
+    /// (a message left unread before the call comes first). On an error `reply` holds
+    /// nothing meaningful.
+    #[inline(always)]
+    pub fn call(&mut self, req: &Payload, reply: &mut Payload) -> Result<(), ChannelError> {
+        // The mode is read after the send (by reference), off the way to the message.
+        let (wake, number, rung) = (&self.wake, &self.number, &mut self.rung);
+        self.link.call(
+            &mut self.tx,
+            &mut self.rx,
+            req,
+            reply,
+            |tx| {
+                if *wake {
+                    notify(tx, *number, rung)
                 }
-            }
-            _ => self.ring(),
-        }
+            },
+            core::hint::spin_loop,
+        )
     }
 
-    fn ring(&mut self) {
-        let _ = call(Hypercall::Doorbell, self.number as u64, 0);
-        self.rung += 1;
+    /// Answers requests until `handle` stops: the server's side of [`Chan::call`], what a
+    /// program that answers its peer's requests should run (rather than a loop of
+    /// [`Chan::recv`] and [`Chan::send`]). Waits for a request (polling, as `recv`, with
+    /// every check of a receive), copies it once into a buffer of its own, and passes it to
+    /// `handle`: `ControlFlow::Continue(reply)` sends `reply` (as `send`: the link look, a
+    /// sleeping peer notified) and waits for the next request; `Break(b)` returns `Ok(b)`
+    /// and sends nothing for that request (a server that answers its last request before
+    /// it stops sends that answer with `send`). One function for the whole loop
+    /// (`vmcall_proto::endpoint::LinkWatch::serve`): the ring ends' state stays in
+    /// registers from one request to the next.
+    #[inline(always)]
+    pub fn serve<B>(
+        &mut self,
+        handle: impl FnMut(&Payload) -> core::ops::ControlFlow<B, Payload>,
+    ) -> Result<B, ChannelError> {
+        let (wake, number, rung) = (&self.wake, &self.number, &mut self.rung);
+        self.link.serve(
+            &mut self.tx,
+            &mut self.rx,
+            handle,
+            |tx| {
+                if *wake {
+                    notify(tx, *number, rung)
+                }
+            },
+            core::hint::spin_loop,
+        )
     }
 
     /// Sends, spinning while the ring is full.
@@ -364,27 +396,13 @@ impl Chan {
         }
     }
 
-    /// After a send, when the peer sleeps in MWAIT: drop our TLB entry for the message's
-    /// page and store its control word once more. Needed in Bochs 2.7 only (defect C in
-    /// [`Chan::wait_mwait`]): its MONITOR invalidates the other CPUs' TLB entries at the
-    /// monitored *physical* address taken as a linear one (`invlpg(paddr)` in its
-    /// cpu/mwait.cc), so a peer whose TLB still holds a direct pointer to the page (any
-    /// linear address under EPT) stores without the monitor check. After INVLPG our next
-    /// store refills the entry, Bochs refuses a direct pointer to a monitored page, and the
-    /// store goes through the monitor check. On hardware the monitor sees every store
-    /// through cache coherence and this is a wasted TLB refill and store.
-    fn nudge_monitor(&self) {
-        crate::arch::invlpg(self.tx.last_line());
-        self.tx.restore_last();
-    }
-
     /// The MWAIT wait: after `polls` polls, repeat: say `SLEEP_MWAIT` in the ring's
     /// `sleeping` word (store, full fence), arm (MONITOR on the next slot's line), check
     /// (the ring once more), sleep (MWAIT, interrupts on), clear the word, look again;
     /// until a message or an error.
     ///
     /// Why no interleaving loses a wake-up. The sender publishes (control store), then
-    /// fences and reads `sleeping` ([`Chan::notify`]); the receiver stores `sleeping`, fences,
+    /// fences and reads `sleeping` ([`notify`]); the receiver stores `sleeping`, fences,
     /// then arms and checks. The two full fences (Dekker; SDM Vol. 3A 8.2.3.4 forbids
     /// reordering a load before an earlier store once MFENCE separates them) leave two
     /// cases. (1) The sender reads 0: the receiver's next flag store comes after the
@@ -415,7 +433,7 @@ impl Chan {
     /// first two wake-ups; one MWAIT pair beside two polling pairs lost none). No order of
     /// the receiver's own steps can prevent that, so the doorbell backstop is what keeps
     /// the wake-up. (C) A sender whose TLB holds a direct pointer to the page stores
-    /// without the monitor check ([`Chan::nudge_monitor`]). Bochs fixed (A) and (B) after
+    /// without the monitor check ([`nudge_monitor`]). Bochs fixed (A) and (B) after
     /// 2.7 (upstream commit b8f38eb8d: a TLB invalidation wakes the CPU instead).
     fn wait_mwait(&mut self, polls: u32) -> Result<Payload, ChannelError> {
         if let Some(m) = self.poll(polls)? {
@@ -455,7 +473,52 @@ impl Chan {
     }
 }
 
-/// The MWAIT wait ([`Chan::wait_mwait`]) and the sender's [`Chan::notify`] as a state
+/// After publishing a message on `tx` (channel `number`): wake the peer if it said it
+/// sleeps. A doorbell sleeper is rung at once. An MWAIT sleeper was armed on the line just
+/// written (its flag came first, see [`Chan::wait_mwait`]), so the store normally woke it:
+/// wait until it shows it is up (its flag changes) and ring only if it has not within
+/// [`WAKE_TICKS`]. Counts the doorbells rung in `rung`. (A function of the sender alone,
+/// not of the whole `Chan`: a send calls it with the state it needs, and the rest of the
+/// `Chan` need not be in memory for it.)
+#[inline(never)]
+fn notify(tx: &Sender<'_>, number: usize, rung: &mut u64) {
+    match tx.peer_sleep() {
+        0 => {}
+        SLEEP_MWAIT => {
+            nudge_monitor(tx);
+            let t0 = crate::arch::rdtsc();
+            while tx.peer_sleep_now() == SLEEP_MWAIT {
+                if crate::arch::rdtsc().wrapping_sub(t0) > WAKE_TICKS {
+                    ring(number, rung);
+                    return;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        _ => ring(number, rung),
+    }
+}
+
+fn ring(number: usize, rung: &mut u64) {
+    let _ = call(Hypercall::Doorbell, number as u64, 0);
+    *rung += 1;
+}
+
+/// After a send, when the peer sleeps in MWAIT: drop our TLB entry for the message's
+/// page and store its control word once more. Needed in Bochs 2.7 only (defect C in
+/// [`Chan::wait_mwait`]): its MONITOR invalidates the other CPUs' TLB entries at the
+/// monitored *physical* address taken as a linear one (`invlpg(paddr)` in its
+/// cpu/mwait.cc), so a peer whose TLB still holds a direct pointer to the page (any
+/// linear address under EPT) stores without the monitor check. After INVLPG our next
+/// store refills the entry, Bochs refuses a direct pointer to a monitored page, and the
+/// store goes through the monitor check. On hardware the monitor sees every store
+/// through cache coherence and this is a wasted TLB refill and store.
+fn nudge_monitor(tx: &Sender<'_>) {
+    crate::arch::invlpg(tx.last_line());
+    tx.restore_last();
+}
+
+/// The MWAIT wait ([`Chan::wait_mwait`]) and the sender's [`notify`] as a state
 /// machine, explored exhaustively: every interleaving of the receiver's steps (flag, arm,
 /// check, sleep) with the sender's (publish, read the flag, wait or ring), under sequential
 /// consistency (the full fence on each side gives it for the flag and the control word),

@@ -87,6 +87,10 @@ pub enum Inject {
     SilentAp,
     /// Core 1 executes UD2 once online: its exception must be reported, the run failed.
     ApFault,
+    /// Core 1 starts late: the BSP gives up on it (no STARTUP IPI in its window), opens
+    /// core 2's trampoline block, and only then sends core 1 its SIPI. Core 1 must park
+    /// without taking core 2's block (reported silent), and core 2 come up as itself.
+    LateAp,
     /// Core N's hypervisor silently drops capability revokes (it still takes transfers;
     /// its guest runs on): the revoking core must fence it and finish.
     DeafCore(usize),
@@ -185,6 +189,7 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 },
                 None if value == "silent-ap" => o.inject = Some(Inject::SilentAp),
                 None if value == "ap-fault" => o.inject = Some(Inject::ApFault),
+                None if value == "late-ap" => o.inject = Some(Inject::LateAp),
                 Some(("deaf-core", n)) if n.parse::<usize>().is_ok_and(|n| n >= 1) => {
                     o.inject = n.parse().ok().map(Inject::DeafCore)
                 }
@@ -432,6 +437,7 @@ mod tests {
         assert_eq!(opts("trace=yes").1.len(), 1);
         assert_eq!(opts("inject=ap-fault").0.inject, Some(Inject::ApFault));
         assert_eq!(opts("inject=silent-ap").0.inject, Some(Inject::SilentAp));
+        assert_eq!(opts("inject=late-ap").0.inject, Some(Inject::LateAp));
         assert_eq!(opts("inject=everything").1.len(), 1);
         assert_eq!(opts("inject=deaf-core:2").0.inject, Some(Inject::DeafCore(2)));
         assert_eq!(opts("inject=hung-core:0").0.inject, Some(Inject::HungCore(0)));

@@ -892,7 +892,11 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action
         CrAccess::MovTo { cr: 4, gpr: reg } => {
             let new = gpr(v, reg.into());
             let shadow = v.read(Field::Cr4Shadow);
-            if (new ^ shadow) & CR4_OWNED != 0 {
+            // A bit the processor does not define is #GP, as the MOV itself would raise
+            // it: on VT-x only a change of an owned bit exits (refused anyway); on SVM
+            // every CR4 write exits, and the value written here must pass VMRUN's checks.
+            let reserved = cr4_reserved(v.host_cpuid(1, 0), v.host_cpuid(7, 0));
+            if (new ^ shadow) & CR4_OWNED != 0 || new & reserved != 0 {
                 v.inject(GP);
                 return Action::Resume;
             }
@@ -920,6 +924,44 @@ fn cr_access(ctx: &mut GuestCtx, v: &mut impl Vcpu, e: &impl ExitInfo) -> Action
     }
     advance(v, e);
     Action::Resume
+}
+
+/// The CR4 bits this processor does not define (a MOV to CR4 setting one is #GP), from
+/// CPUID leaves 1 and 7.0 (`[eax, ebx, ecx, edx]`): bits 63:26 and 15 always; each other
+/// bit when its feature is absent (SDM Vol. 3A 2.5, AMD APM Vol. 2 3.1.3).
+pub fn cr4_reserved(leaf1: [u32; 4], leaf7: [u32; 4]) -> u64 {
+    let (c1, d1) = (leaf1[2], leaf1[3]);
+    let (b7, c7) = (leaf7[1], leaf7[2]);
+    let has = |word: u32, bit: u32| word >> bit & 1 != 0;
+    // (CR4 bit, whether the processor has its feature)
+    let defined = [
+        (0, has(d1, 1)),   // VME
+        (1, has(d1, 1)),   // PVI
+        (2, has(d1, 4)),   // TSD (TSC)
+        (3, has(d1, 2)),   // DE
+        (4, has(d1, 3)),   // PSE
+        (5, has(d1, 6)),   // PAE
+        (6, has(d1, 7)),   // MCE
+        (7, has(d1, 13)),  // PGE
+        (8, true),         // PCE
+        (9, has(d1, 24)),  // OSFXSR (FXSR)
+        (10, has(d1, 25)), // OSXMMEXCPT (SSE)
+        (11, has(c7, 2)),  // UMIP
+        (12, has(c7, 16)), // LA57
+        (13, has(c1, 5)),  // VMXE
+        (14, has(c1, 6)),  // SMXE
+        (16, has(b7, 0)),  // FSGSBASE
+        (17, has(c1, 17)), // PCIDE
+        (18, has(c1, 26)), // OSXSAVE
+        (19, has(c7, 23)), // KL
+        (20, has(b7, 7)),  // SMEP
+        (21, has(b7, 20)), // SMAP
+        (22, has(c7, 3)),  // PKE
+        (23, has(c7, 7)),  // CET
+        (24, has(c7, 31)), // PKS
+        (25, false),       // UINTR: never the guest's
+    ];
+    defined.iter().filter(|(_, ok)| !ok).fold(!0u64 << 26 | 1 << 15, |r, (bit, _)| r | 1 << bit)
 }
 
 #[inline(always)]
@@ -1535,6 +1577,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_cr4_bit_the_processor_does_not_define_is_refused() {
+        // Every feature present: only bits 63:26, 25 (UINTR) and 15 are reserved.
+        let all = [u32::MAX; 4];
+        assert_eq!(cr4_reserved(all, all), !0u64 << 25 | 1 << 15);
+        // No feature at all: PCE (8) is the one bit every processor defines.
+        assert_eq!(!cr4_reserved([0; 4], [0; 4]), 1 << 8);
+        // An SVM processor without VMX, SMX, LA57 or PKS (QEMU's `max` under TCG, say).
+        let leaf1 = [0, 0, 1 << 17 | 1 << 26, 0x0781_abff | 1 << 24 | 1 << 25];
+        let leaf7 = [0, 1 | 1 << 7 | 1 << 20, 1 << 2 | 1 << 3, 0];
+        let r = cr4_reserved(leaf1, leaf7);
+        for bit in [12, 13, 14, 15, 19, 23, 24, 25, 26, 63] {
+            assert_ne!(r & 1 << bit, 0, "bit {bit}");
+        }
+        for bit in [0, 5, 7, 9, 10, 11, 16, 17, 18, 20, 21, 22] {
+            assert_eq!(r & 1 << bit, 0, "bit {bit}");
+        }
+        // The handler: a reserved bit alone (no owned bit changed) gets #GP, nothing
+        // written (SVM intercepts every CR4 write; VT-x exits only for owned bits).
+        for bad in [1u64 << 63, 1 << 26, 1 << 15] {
+            let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+            v.regs.rax = 0x20 | bad;
+            handle(&mut c, &mut v, &cr_exit(4, 0, 0, 0), &mut s);
+            assert_eq!(v.injected, [GP], "CR4 | {bad:#x}");
+            assert_eq!((v.get(Field::Cr4), v.get(Field::Cr4Shadow)), (0x2020, 0x20));
+            assert_eq!(v.get(Field::Rip), 0x10_0000, "not advanced");
+        }
+    }
+
+    #[test]
     fn clts_and_lmsw_are_emulated() {
         let (mp, em, ts) = (1u64 << 1, 1u64 << 2, 1u64 << 3);
         let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
@@ -2066,6 +2137,41 @@ pub(crate) mod tests {
             let printed: &[&str] = if ok && port == 0xe9 { &["Z"] } else { &[] };
             assert_eq!(s.0, printed);
         }
+    }
+
+    /// `sti; hlt` with the guest's tick due and an exit between the two (an INTR or NMI
+    /// exit lands inside the STI shadow): the tick waits for the window, the HLT exits with
+    /// the tick still armed, and it is delivered past the HLT. The decision trusts the
+    /// shadow the backend reports; had the backend let it drop (QEMU TCG's VMRUN does not
+    /// restore the VMCB's shadow bit: the 64-core "HLT with no timer armed" stops, see
+    /// `svm::vcpu`), the tick would go in at the HLT itself and the HLT after the guest's
+    /// handler would stop the guest.
+    #[test]
+    fn a_tick_due_in_the_sti_shadow_of_hlt_is_delivered_after_the_hlt() {
+        let (mut c, mut v, mut s) = (ctx(), FakeVcpu::new(), Lines::default());
+        c.timer = Some((900, 40));
+        v.write(Field::Rflags, 0x202);
+        v.write(Field::Interruptibility, 1); // after `sti`, RIP at the `hlt`
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert!(v.window && v.injected.is_empty(), "in the shadow: the window, no injection");
+        // The processor runs the shadowed HLT: it exits (HLT exiting) before the window.
+        assert_eq!(handle(&mut c, &mut v, &exit(12, 1), &mut s), Action::Resume);
+        assert_eq!(v.get(Field::Rip), 0x10_0001, "past the HLT");
+        assert_eq!(v.get(Field::Interruptibility), 0, "the shadow ended with the HLT");
+        assert_eq!(c.timer, Some((900, 40)), "still armed: the HLT did not stop the guest");
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)], "delivered after the HLT");
+        // A shadow dropped by the processor: the window exit comes at the HLT with no
+        // shadow, the tick goes in there, and the HLT the handler returns to has no timer.
+        let (mut c, mut v) = (ctx(), FakeVcpu::new());
+        c.timer = Some((900, 40));
+        v.write(Field::Rflags, 0x202);
+        c.before_entry(&mut v, u64::MAX).unwrap();
+        assert_eq!(v.injected, [Event::Interrupt(40)]);
+        assert!(matches!(
+            handle(&mut c, &mut v, &exit(12, 1), &mut s),
+            Action::Stop(StopReason::HaltedForever { rip: 0x10_0000 })
+        ));
     }
 
     #[test]

@@ -183,7 +183,7 @@ mod boot {
                 end_run(Outcome::Failed)
             }
         };
-        start_aps(&boot, &list, opts.inject == Some(bootinfo::Inject::SilentAp));
+        start_aps(&boot, &list, opts.inject);
         // The BSP's APIC is in x2APIC mode now (if it has one): kicks to it may be logical.
         crate::instance::xcore::publish_logical_id(0);
         smp::enable_vmx_and_report(0);
@@ -285,7 +285,16 @@ mod boot {
         Ok(list)
     }
 
-    fn start_aps(boot: &bootinfo::BootParams, list: &cores::CoreList, silence_last: bool) {
+    fn start_aps(
+        boot: &bootinfo::BootParams,
+        list: &cores::CoreList,
+        inject: Option<bootinfo::Inject>,
+    ) {
+        let silence_last = inject == Some(bootinfo::Inject::SilentAp);
+        let late_ap = inject == Some(bootinfo::Inject::LateAp) && list.len() >= 3;
+        // The late AP's APIC ID once the BSP gave up on it: it gets its SIPI during the
+        // next AP's window.
+        let mut stray = None;
         use arch::trampoline::BASE;
         if list.len() == 1 {
             // No AP to wake, but the BSP's guest may still take interrupts through its own
@@ -308,8 +317,17 @@ mod boot {
                 log::warn!("inject=silent-ap: core {index} gets no STARTUP IPI");
                 continue;
             }
+            let start = if late_ap && index == 1 {
+                log::warn!("inject=late-ap: core {index} gets its STARTUP IPI late");
+                smp::Start::Withhold
+            } else {
+                stray.take().map_or(smp::Start::Normal, smp::Start::AlsoStray)
+            };
             // SAFETY: BSP only, each AP once, one at a time, trampoline page checked above.
-            let answered = unsafe { smp::start_ap(&mut apic, index, core.apic_id) };
+            let answered = unsafe { smp::start_ap(&mut apic, index, core.apic_id, start) };
+            if late_ap && index == 1 {
+                stray = Some(core.apic_id);
+            }
             if !answered {
                 log::error!(
                     "core {index} (APIC id {}) did not answer its STARTUP IPI",

@@ -360,27 +360,47 @@ pub unsafe fn start_ap(
     apic: &mut crate::arch::apic::LocalApic,
     index: usize,
     apic_id: u32,
+    start: Start,
 ) -> bool {
     use crate::arch::{trampoline, tsc};
-    // The previous AP has left the trampoline page (it answered, or it never started).
-    // SAFETY: only this BSP uses the page now.
+    use core::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+    if TRAMPOLINE_HELD.load(Acquire) {
+        // An earlier AP took its block and never gave it back: writing another would
+        // change what it may still be reading.
+        return false;
+    }
+    // The previous AP has left the block (it read it, or its block was withdrawn).
+    // SAFETY: only this BSP writes the page now.
     unsafe {
         trampoline::install(trampoline::Params {
             cr3: crate::arch::read_cr3(),
             stack_top: crate::percpu::stack_top(index),
             entry: ap_entry as *const () as u64,
             arg: index as u64,
+            claim: trampoline::FREE,
         })
     };
+    // SAFETY: installed just above.
+    let claim = unsafe { trampoline::claim_word() };
+    let open = trampoline::open(apic_id);
+    claim.store(open, Release);
     let answered = || mailbox(index).read().state != state::EMPTY;
+    if let Start::AlsoStray(stray) = start {
+        // The injected late AP reaches the trampoline now, this AP's block open.
+        // SAFETY: the stray AP had its INIT and runs nothing of ours.
+        unsafe { apic.send_sipi(stray, trampoline::SIPI_VECTOR) };
+        tsc::delay_us(20_000);
+    }
     // SAFETY: the target is an AP nothing of ours runs on; the trampoline is installed.
     unsafe {
         apic.send_init(apic_id);
         tsc::delay_us(10_000);
-        apic.send_sipi(apic_id, trampoline::SIPI_VECTOR);
-        tsc::delay_us(200);
-        if !answered() {
+        if start != Start::Withhold {
             apic.send_sipi(apic_id, trampoline::SIPI_VECTOR);
+            tsc::delay_us(200);
+            if !answered() {
+                apic.send_sipi(apic_id, trampoline::SIPI_VECTOR);
+            }
         }
     }
     let deadline = tsc::deadline_us(AP_ANSWER_US);
@@ -390,5 +410,42 @@ pub unsafe fn start_ap(
         }
         crate::arch::pause();
     }
-    answered()
+    if claim.compare_exchange(open, trampoline::FREE, AcqRel, Acquire).is_ok() {
+        // Withdrawn before the AP took it: if it starts late it parks in the trampoline.
+        // INIT puts it back to waiting for a SIPI that never comes (a parked AP has no
+        // IDT, so it must not meet an NMI). Not for the injected late AP, whose SIPI is
+        // still to come.
+        if start != Start::Withhold {
+            // SAFETY: the AP runs nothing of ours (it never took its block).
+            unsafe { apic.send_init(apic_id) };
+        }
+        return answered();
+    }
+    // The AP took its block: it is a few instructions from giving it back and answering.
+    let deadline = tsc::deadline_us(AP_ANSWER_US);
+    while claim.load(Acquire) != trampoline::FREE || !answered() {
+        if crate::arch::rdtsc() >= deadline {
+            if claim.load(Acquire) != trampoline::FREE {
+                TRAMPOLINE_HELD.store(true, Release);
+            }
+            return answered();
+        }
+        crate::arch::pause();
+    }
+    true
 }
+
+/// How [`start_ap`] starts its AP: as usual, or for `inject=late-ap` without a STARTUP IPI
+/// (the AP to be late), or as usual after sending the late AP (this APIC ID) its SIPI.
+#[cfg(target_os = "none")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Normal,
+    Withhold,
+    AlsoStray(u32),
+}
+
+/// An AP took the trampoline's block and did not give it back in time: no further AP is
+/// started (the block cannot be rewritten under it).
+#[cfg(target_os = "none")]
+static TRAMPOLINE_HELD: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);

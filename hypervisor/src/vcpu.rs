@@ -4,7 +4,8 @@
 //! (issue 24) implements it in `svm/` over a VMCB. Everything above a backend (the exit
 //! handlers in `exits`, the fast path in `fastexit`, the per-core instance in `instance`)
 //! reaches the guest's processor state only through what is defined here, so no module
-//! outside a backend names a VMCS field (`vmx`'s host test checks it) or a VMCB one.
+//! outside a backend names a VMCS field or a VMCB one (`cargo xtask imports` checks it, token
+//! by token: `xtask::backends`; `vmx`'s host test looks for the module paths).
 //!
 //! Owns the backend-neutral vocabulary: [`ExitKind`] (what an exit was, decoded by the
 //! backend from its own exit codes: VMX basic reasons stay inside `vmx/`, SVM exit codes

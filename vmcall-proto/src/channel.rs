@@ -427,8 +427,12 @@ impl<'a> Receiver<'a> {
     /// looked at further ([`Receiver::not_next`] does): the hot path of a receive.
     #[inline(always)]
     pub fn take(&mut self) -> Option<Result<Payload, ChannelError>> {
+        // The slot in a local (as in `poll_take`); the word found is the expected one
+        // from the compare on, so `c` stands for it (an empty poll stays one load of the
+        // slot pointer, one of the word and one compare with the expected word in place).
+        let cur = self.cur;
         // SAFETY: `cur` is always a slot of the ring (set from it, advanced by `after`).
-        let slot = unsafe { &*self.cur };
+        let slot = unsafe { &*cur };
         let c = slot.control.load(Ordering::Acquire);
         if c != self.expected {
             return None;
@@ -441,24 +445,36 @@ impl<'a> Receiver<'a> {
         if slot.control.load(Ordering::Relaxed) != c {
             return Some(Err(self.torn()));
         }
-        self.expected += 1;
-        self.cur = self.ring.after(self.cur, self.end);
+        self.expected = c + 1;
+        self.cur = self.ring.after(cur, self.end);
+        self.taken(c);
+        Some(Ok(msg))
+    }
+
+    /// After taking the message with control word `c` (`tag | received` now): publishes
+    /// the count when `ack_every` messages were taken since it last did. Every message
+    /// (the channel library's setting, and the hypervisor's): one store, no countdown.
+    #[inline(always)]
+    fn taken(&mut self, c: u64) {
+        if self.ack_every == 1 {
+            self.ring.consumer.received.store(c, Ordering::Release);
+            return;
+        }
         self.ack_left -= 1;
         if self.ack_left == 0 {
-            // `c` is `tag | received` now: the count to publish.
             self.ring.consumer.received.store(c, Ordering::Release);
             self.ack_left = self.ack_every;
         }
-        Some(Ok(msg))
     }
 
     /// Polls the next slot until its control word is the next message's, at most `polls`
     /// times (at least once), running `pause` after each poll that finds nothing but the
     /// last; whether it came. Each poll is one load and one compare (the slot and the word
     /// it waits for are kept in registers, as a bare ring's receiver keeps them): the wait
-    /// of a blocking receive. It says nothing of any other word in the slot; take the
-    /// message with [`Receiver::take`] (which checks it again, with acquire, and re-reads it
-    /// after the copy), and classify a slot that never gets it with
+    /// of a blocking receive. The load that finds the word is an acquire load (a plain
+    /// load on x86-64); take the message with [`Receiver::take`] (which loads the word
+    /// again), or poll and take in one with [`Receiver::poll_take`] (which does not). It
+    /// says nothing of any other word in the slot; classify a slot that never gets it with
     /// [`Receiver::not_next`].
     #[inline(always)]
     pub fn poll(&self, polls: u32, mut pause: impl FnMut()) -> bool {
@@ -467,7 +483,7 @@ impl<'a> Receiver<'a> {
         let want = self.expected;
         let mut left = polls.max(1);
         loop {
-            if control.load(Ordering::Relaxed) == want {
+            if control.load(Ordering::Acquire) == want {
                 return true;
             }
             left -= 1;
@@ -476,6 +492,75 @@ impl<'a> Receiver<'a> {
             }
             pause();
         }
+    }
+
+    /// Takes the message [`Receiver::poll`] just found (it returned `true`), copying its
+    /// payload straight into `out`: the second half of [`Receiver::take`], whose first
+    /// acquire load of the control word the poll made. The copy is checked as there: the
+    /// control word is re-read after it (acquire fence), and a word that changed since the
+    /// poll saw it makes the receive `Torn` (only a peer writing what it should not does
+    /// that; `out` then holds whatever was read, and nothing is taken). The message moves
+    /// once, from the slot to where the caller wants it.
+    ///
+    /// Only right after a `poll` of this receiver that returned `true`: the seqlock needs
+    /// that acquire load to have seen the word *before* the copy (without it, a message
+    /// written during the copy would pass the re-read half copied). Hence for the tests
+    /// only (they change the word between the poll and the take); a receiver polls and
+    /// takes with [`Receiver::poll_take`], which makes both.
+    #[cfg(test)]
+    pub(crate) fn take_polled(&mut self, out: &mut Payload) -> Result<(), ChannelError> {
+        // The slot and the word in locals, read before the copy: the compiler cannot tell
+        // that the stores into `out` leave `self` alone, and would load them again.
+        let (cur, c) = (self.cur, self.expected);
+        self.take_at(cur, c, out)
+    }
+
+    /// Polls as [`Receiver::poll`] and takes the message it finds, in one: polls up to
+    /// `polls` times (`pause` between polls) and, when the word comes, copies the payload
+    /// straight into `out`, re-reads the word after an acquire fence (`Torn` if it changed:
+    /// only a peer writing what it should not does that; `out` then holds whatever was
+    /// read, and nothing is taken), advances and publishes the count (`None` if the word
+    /// did not come). The poll's acquire load is the take's first: no second load and
+    /// compare, and the message moves once, from the slot to where the caller wants it. The slot and the word it waits for stay in registers from the first
+    /// poll to the count's publication.
+    #[inline(always)]
+    pub fn poll_take(
+        &mut self,
+        polls: u32,
+        out: &mut Payload,
+        mut pause: impl FnMut(),
+    ) -> Option<Result<(), ChannelError>> {
+        let (cur, want) = (self.cur, self.expected);
+        // SAFETY: as in `take`.
+        let control = unsafe { &(*cur).control };
+        let mut left = polls.max(1);
+        while control.load(Ordering::Acquire) != want {
+            left -= 1;
+            if left == 0 {
+                return None;
+            }
+            pause();
+        }
+        Some(self.take_at(cur, want, out))
+    }
+
+    /// Takes the message whose word `c` an acquire load just found in slot `cur` (the next
+    /// slot), into `out`: the copy, the re-read, the advance, the count.
+    #[inline(always)]
+    fn take_at(&mut self, cur: *const Slot, c: u64, out: &mut Payload) -> Result<(), ChannelError> {
+        // SAFETY: `cur` is the next slot (the caller read it from `self.cur`).
+        let slot = unsafe { &*cur };
+        for (v, w) in out.iter_mut().zip(&slot.data) {
+            *v = w.load(Ordering::Relaxed);
+        }
+        fence(Ordering::Acquire);
+        if slot.control.load(Ordering::Relaxed) != c {
+            return Err(self.torn());
+        }
+        self.expected = c + 1;
+        self.cur = self.ring.after(cur, self.end);
+        self.taken(c);
+        Ok(())
     }
 
     /// What is in the next slot when [`Receiver::take`] found no message there: empty (the
@@ -1360,6 +1445,43 @@ mod loom_tests {
                     Ok(None) => loom::thread::yield_now(),
                     Err(e) => panic!("{e:?}"),
                 }
+            }
+            producer.join().unwrap();
+        });
+    }
+
+    /// The blocking receive's path ([`Receiver::poll_take`]: the poll's acquire load is the
+    /// take's first, the payload copied straight into the caller's buffer, then re-read):
+    /// the same guarantees as [`Receiver::try_recv`] under every interleaving.
+    #[test]
+    fn polled_takes_are_never_torn_or_reordered() {
+        loom::model(|| {
+            let st = Arc::new(LoomRing::new(2));
+            let p = st.clone();
+            let producer = loom::thread::spawn(move || {
+                let mut tx = Sender::new(p.ring());
+                let mut n = 0;
+                while n < 3 {
+                    match tx.try_send(&[n + 1; WORDS]) {
+                        Ok(()) => n += 1,
+                        Err(ChannelError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            });
+            let mut rx = Receiver::new(st.ring(), 1);
+            let mut out = [0; WORDS];
+            for n in 0..3 {
+                loop {
+                    match rx.poll_take(1, &mut out, || {}) {
+                        Some(r) => {
+                            r.unwrap();
+                            break;
+                        }
+                        None => loom::thread::yield_now(),
+                    }
+                }
+                assert_eq!(out, [n + 1; WORDS]);
             }
             producer.join().unwrap();
         });

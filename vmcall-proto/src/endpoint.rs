@@ -188,20 +188,107 @@ impl<'a> LinkWatch<'a> {
     pub fn recv(
         &mut self,
         rx: &mut Receiver<'_>,
-        mut pause: impl FnMut(),
+        pause: impl FnMut(),
     ) -> Result<Payload, ChannelError> {
+        let mut m = [0; crate::channel::WORDS];
+        self.recv_into(rx, &mut m, pause)?;
+        Ok(m)
+    }
+
+    /// [`LinkWatch::recv`] into the caller's buffer: the message is copied once, from its
+    /// slot into `out` ([`Receiver::poll_take`]: the poll's acquire load is the take's first,
+    /// the copy is re-checked as always). On an
+    /// error `out` holds whatever was read and nothing was taken.
+    #[inline(always)]
+    pub fn recv_into(
+        &mut self,
+        rx: &mut Receiver<'_>,
+        out: &mut Payload,
+        mut pause: impl FnMut(),
+    ) -> Result<(), ChannelError> {
         loop {
-            if rx.poll(LOOK_EVERY, &mut pause) {
-                match rx.take() {
-                    Some(Ok(m)) => return Ok(m),
-                    Some(Err(e)) => return self.after(e),
-                    // Changed between the poll and the take (only a peer writing what it
-                    // should not does that): classified below.
-                    None => {}
-                }
+            if let Some(r) = rx.poll_take(LOOK_EVERY, out, &mut pause) {
+                return match r {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.after(e),
+                };
             }
             self.idle_look(rx)?;
             pause();
+        }
+    }
+
+    /// One request/reply turn (the client's side of a remote call): sends `req` on `tx`
+    /// (spinning with `pause` while the ring is full, as a blocking send does), runs `sent`
+    /// (the guest's notification of a sleeping peer), then waits for the next message on
+    /// `rx` as [`LinkWatch::recv_into`] does and copies it into `reply`. Nothing is
+    /// checked or skipped that a send and a receive do not check: the link look before the
+    /// send, the control word's tag and sequence, the re-read after the copy, a look every
+    /// [`LOOK_EVERY`] empty polls. The reply is simply the next message: a caller that left
+    /// a message unread gets that one.
+    ///
+    /// One function for the whole turn, so the compiler keeps both ends' hot state (the
+    /// slot pointers, the control words) in registers from the send through the wait to
+    /// the copy, instead of storing it and loading it again between two calls.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn call(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+        req: &Payload,
+        reply: &mut Payload,
+        sent: impl FnOnce(&Sender<'_>),
+        mut pause: impl FnMut(),
+    ) -> Result<(), ChannelError> {
+        self.send_spin(tx, req, &mut pause)?;
+        sent(tx);
+        self.recv_into(rx, reply, pause)
+    }
+
+    /// The server's side of [`LinkWatch::call`]: waits for a request on `rx` (as
+    /// [`LinkWatch::recv_into`], into a buffer of its own), hands it to `handle`, and sends
+    /// the reply `handle` returns (`ControlFlow::Continue`) on `tx` (spinning while the
+    /// ring is full, then `sent`, the guest's notification), and waits for the next; until
+    /// `handle` says `Break(b)` (then nothing is sent for that request, and `Ok(b)`; a
+    /// server that answers its last request sends that answer itself) or an error. Every
+    /// check of a receive and a send is made, as in `call`; the loop keeps both ends' state
+    /// in registers from one request to the next.
+    #[inline(always)]
+    pub fn serve<B>(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+        mut handle: impl FnMut(&Payload) -> core::ops::ControlFlow<B, Payload>,
+        mut sent: impl FnMut(&Sender<'_>),
+        mut pause: impl FnMut(),
+    ) -> Result<B, ChannelError> {
+        let mut req = [0; crate::channel::WORDS];
+        loop {
+            self.recv_into(rx, &mut req, &mut pause)?;
+            let reply = match handle(&req) {
+                core::ops::ControlFlow::Continue(reply) => reply,
+                core::ops::ControlFlow::Break(b) => return Ok(b),
+            };
+            self.send_spin(tx, &reply, &mut pause)?;
+            sent(tx);
+        }
+    }
+
+    /// Sends on `tx` as [`LinkWatch::try_send`], running `pause` while the ring is full.
+    #[inline(always)]
+    fn send_spin(
+        &mut self,
+        tx: &mut Sender<'_>,
+        m: &Payload,
+        mut pause: impl FnMut(),
+    ) -> Result<(), ChannelError> {
+        loop {
+            match self.try_send(tx, m) {
+                Ok(()) => return Ok(()),
+                Err(ChannelError::Full) => pause(),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -360,6 +447,246 @@ mod tests {
         st.slot(0).control.store(2 << 48 | 99, Ordering::Relaxed);
         let polls = (1..=LOOK_EVERY).find(|_| w.try_recv(&mut rx).is_err());
         assert!(polls.is_some(), "corruption reported within LOOK_EVERY polls");
+    }
+
+    #[test]
+    fn a_call_sends_notifies_and_takes_the_reply_into_the_callers_buffer() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(ab.ring(2)), Receiver::new(ba.ring(2), 1));
+        // The peer: its own ends, run from the caller's pauses.
+        let (mut ptx, mut prx) = (Sender::new(ba.ring(2)), Receiver::new(ab.ring(2), 1));
+        for i in 0..5u64 {
+            let (mut reply, mut notified, mut pauses) = ([0; crate::channel::WORDS], 0, 0);
+            let got = w.call(
+                &mut tx,
+                &mut rx,
+                &msg(i),
+                &mut reply,
+                |t| notified = t.sent(),
+                || {
+                    pauses += 1;
+                    // The peer answers on the third pause: the caller waits until then.
+                    if pauses == 3 {
+                        let m = prx.try_recv().unwrap().expect("the request was sent");
+                        ptx.try_send(&[m[0] + 100; crate::channel::WORDS]).unwrap();
+                    }
+                },
+            );
+            assert_eq!(got, Ok(()));
+            assert_eq!((reply, notified, pauses), (msg(i + 100), i + 1, 3));
+            assert_eq!(ba.ring(2).received(), i + 1, "the count published with the reply");
+        }
+        // A full ring: the call spins (pauses) until the peer makes room, then sends.
+        tx.try_send(&msg(7)).unwrap();
+        tx.try_send(&msg(8)).unwrap();
+        assert_eq!(tx.try_send(&msg(9)), Err(ChannelError::Full));
+        let mut pauses = 0;
+        let mut reply = [0; crate::channel::WORDS];
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(9),
+            &mut reply,
+            |_| {},
+            || {
+                pauses += 1;
+                if pauses == 1 {
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(7))));
+                    // Publishes the count the sender will find (ack_every 1).
+                }
+                if pauses == 2 {
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(8))));
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(9))));
+                    ptx.try_send(&msg(42)).unwrap();
+                }
+            },
+        );
+        assert_eq!((got, reply), (Ok(()), msg(42)));
+        assert!(pauses >= 2, "{pauses}");
+    }
+
+    #[test]
+    fn a_call_reports_a_corrupt_reply_a_torn_copy_and_a_death() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(ab.ring(4)), Receiver::new(ba.ring(4), 1));
+        let mut reply = [0; crate::channel::WORDS];
+        // A reply slot whose word is neither the reply nor empty: within LOOK_EVERY polls.
+        ba.slot(0).control.store(0xdead, Ordering::Relaxed);
+        let mut polls = 0;
+        let got = w.call(&mut tx, &mut rx, &msg(1), &mut reply, |_| {}, || polls += 1);
+        assert!(matches!(got, Err(ChannelError::Corrupt { slot: 0, .. })), "{got:?}");
+        assert!(polls < LOOK_EVERY, "{polls}");
+        assert_eq!(rx.received(), 0, "nothing taken");
+        // The word the poll found changes before the copy is re-checked: torn, nothing
+        // taken, and the message taken once it is whole.
+        let mut ptx = Sender::new(ba.ring(4));
+        ba.slot(0).control.store(0, Ordering::Relaxed);
+        ptx.try_send(&msg(2)).unwrap();
+        assert!(rx.poll(1, || {}));
+        ba.slot(0).control.store(0xbad, Ordering::Relaxed);
+        let mut out = [0; crate::channel::WORDS];
+        assert_eq!(rx.take_polled(&mut out), Err(ChannelError::Torn { slot: 0 }));
+        assert_eq!(rx.received(), 0, "nothing taken");
+        ba.slot(0).control.store(1, Ordering::Relaxed);
+        assert!(rx.poll(1, || {}));
+        assert_eq!(rx.take_polled(&mut out), Ok(()));
+        assert_eq!((out, rx.received(), ba.ring(4).received()), (msg(2), 1, 1));
+        // The peer dies while the caller waits: PeerGone within LOOK_EVERY polls...
+        let mut polls = 0;
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(3),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                word.store(link_word(false, 0), Ordering::Relaxed);
+            },
+        );
+        assert_eq!(got, Err(ChannelError::PeerGone));
+        assert!(polls <= LOOK_EVERY, "{polls}");
+        // ...and a call to a peer known gone sends nothing.
+        let sent = tx.sent();
+        let got = w.call(&mut tx, &mut rx, &msg(4), &mut reply, |_| panic!("sent"), || {});
+        assert_eq!((got, tx.sent()), (Err(ChannelError::PeerGone), sent));
+    }
+
+    #[test]
+    fn a_server_answers_each_request_until_its_handler_stops() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        // The server receives on `ab` and answers on `ba`; the client runs in its pauses.
+        let (mut tx, mut rx) = (Sender::new(ba.ring(2)), Receiver::new(ab.ring(2), 1));
+        let (mut ctx, mut crx) = (Sender::new(ab.ring(2)), Receiver::new(ba.ring(2), 1));
+        let (mut asked, mut answers, mut rung) = (0u64, vec![], 0);
+        let got = w.serve(
+            &mut tx,
+            &mut rx,
+            |req| {
+                if req[0] == 4 {
+                    core::ops::ControlFlow::Break(req[0])
+                } else {
+                    core::ops::ControlFlow::Continue(msg(req[0] + 100))
+                }
+            },
+            |_| rung += 1,
+            || {
+                if let Ok(Some(m)) = crx.try_recv() {
+                    answers.push(m[0]);
+                }
+                if asked == answers.len() as u64 {
+                    ctx.try_send(&msg(asked)).unwrap();
+                    asked += 1;
+                }
+            },
+        );
+        assert_eq!(got, Ok(4), "stopped at the request its handler refused");
+        assert_eq!((answers, rung), (vec![100, 101, 102, 103], 4));
+        assert_eq!(ab.ring(2).received(), 5, "every request taken, counts published");
+        // A corrupt request: reported within LOOK_EVERY polls, the handler never runs.
+        ab.slot(rx.received() as usize % 2).control.store(0xdead, Ordering::Relaxed);
+        let mut polls = 0;
+        let got = w.serve(
+            &mut tx,
+            &mut rx,
+            |_| -> core::ops::ControlFlow<(), Payload> { panic!("handled") },
+            |_| {},
+            || polls += 1,
+        );
+        assert!(matches!(got, Err(ChannelError::Corrupt { .. })), "{got:?}");
+        assert!(polls < LOOK_EVERY, "{polls}");
+        // The client dies while the server waits: PeerGone within LOOK_EVERY polls.
+        ab.slot(rx.received() as usize % 2).control.store(0, Ordering::Relaxed);
+        let mut polls = 0;
+        let got = w.serve(
+            &mut tx,
+            &mut rx,
+            |_| -> core::ops::ControlFlow<(), Payload> { panic!("handled") },
+            |_| {},
+            || {
+                polls += 1;
+                word.store(link_word(false, 0), Ordering::Relaxed);
+            },
+        );
+        assert_eq!(got, Err(ChannelError::PeerGone));
+        assert!(polls <= LOOK_EVERY, "{polls}");
+    }
+
+    /// A replying peer's steps: `None` an honest reply, `Some((slot, word))` a word into a
+    /// control word.
+    fn reply_ops() -> impl proptest::strategy::Strategy<Value = Vec<Option<(usize, u64)>>> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            3 => Just(None),
+            2 => (0usize..8, any::<u64>()).prop_map(Some),
+        ];
+        proptest::collection::vec(op, 0..40)
+    }
+
+    proptest::proptest! {
+        /// A hostile peer answering calls: between the caller's polls it writes what it
+        /// likes into the ring the replies come on (any control word of another epoch or
+        /// none, its honest reply, its sleeping flag), and after its last step it dies. A
+        /// call never panics, always ends, and returns only the peer's honest replies, in
+        /// order, each copied whole; otherwise an error.
+        #[test]
+        fn a_call_takes_only_honest_replies_from_a_hostile_peer(
+            slots in 1u32..9,
+            epoch in 0u32..5,
+            ops in reply_ops(),
+            calls in 1usize..6,
+        ) {
+            let (ours, theirs) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut tx = Sender::with_epoch(ours.ring(slots), epoch);
+            let mut rx = Receiver::with_epoch(theirs.ring(slots), 1, epoch);
+            let mut prx = Receiver::with_epoch(ours.ring(slots), 1, epoch);
+            let tag = ((epoch & 0xffff) as u64) << 48;
+            let (mut replied, mut taken) = (0u64, 0u64);
+            let mut ops = ops.into_iter();
+            for _ in 0..calls {
+                let mut reply = [0; crate::channel::WORDS];
+                let got = w.call(&mut tx, &mut rx, &msg(0), &mut reply, |_| {}, || {
+                    // Drain our requests so the ring never stays full.
+                    while let Ok(Some(_)) = prx.try_recv() {}
+                    match ops.next() {
+                        // An honest reply, if the ring has room for it.
+                        Some(None) => {
+                            if replied - theirs.ring(slots).received() < slots as u64 {
+                                let s = theirs.slot((replied % slots as u64) as usize);
+                                for (d, v) in s.data.iter().zip(msg(replied)) {
+                                    d.store(v, Ordering::Relaxed);
+                                }
+                                s.control.store(tag | (replied + 1), Ordering::Release);
+                                replied += 1;
+                            }
+                        }
+                        // Any word with another tag (or 0) into any control word.
+                        Some(Some((slot, v))) => {
+                            let v = if v != 0 && v & !((1 << 48) - 1) == tag { v ^ 1 << 63 } else { v };
+                            theirs.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
+                        }
+                        // Out of steps: the peer dies.
+                        None => word.store(link_word(false, epoch), Ordering::Relaxed),
+                    }
+                });
+                match got {
+                    Ok(()) => {
+                        proptest::prop_assert_eq!(reply, msg(taken), "forged or out of order");
+                        taken += 1;
+                    }
+                    Err(_) => break,
+                }
+                proptest::prop_assert!(taken <= replied);
+            }
+        }
     }
 
     /// What a hostile peer does between two steps of the honest side.

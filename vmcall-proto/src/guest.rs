@@ -501,6 +501,13 @@ pub const ATTACK_NAMES: &[&str] = &[
     "monitor",
     "mwait",
     "getsec",
+    "svm-vmrun",
+    "svm-vmload",
+    "svm-vmsave",
+    "svm-stgi",
+    "svm-clgi",
+    "svm-skinit",
+    "svm-invlpga",
     "vmcall-from-ring3",
     "vmcall-single-stepped",
     "xsetbv-xcr1",
@@ -632,12 +639,13 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "ping",
         summary: "sends `n` messages on its channel, waits for each reply, prints round-trip \
-                  figures",
+                  figures (polling: `n` with `Chan::call`, then `n` more with send and receive)",
         args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {
         name: "pong",
-        summary: "answers `n` messages of a `ping`",
+        summary: "answers `n` messages of a `ping` (polling: its `2n`, the first `n` with \
+                  `Chan::serve`)",
         args: &[CHANNEL, int("n", 1, 100_000_000, 1000, "messages"), MODE, POLLS, RAW],
     },
     WorkloadSpec {

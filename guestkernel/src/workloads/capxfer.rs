@@ -117,13 +117,19 @@ pub fn giver(bi: &BootInfo) -> u64 {
         let Ok(s) = r else { return 1 };
         let _ = to_d.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
         ok &= recv(&mut to_d)[0] == VERIFIED;
-        // D stops itself right after confirming; give its core time to stop it. Its death
-        // takes its copy with it (a clean death drops what it held), so the revoke below
-        // finds two copies, not three.
+        // D stops itself right after confirming. Its death takes its copy with it (a clean
+        // death drops what it held), so the revoke below finds two copies, not three, once
+        // D's core has handled it: it retires D's capabilities, then takes D's links down,
+        // and the link to D shows the peer gone. Waited for as that event, not as a time
+        // (a fixed 200 ms was too short where a vCPU can be starved longer: QEMU's TCG on a
+        // loaded host, whose TSC is host time); bounded at 10 s.
         let t = crate::arch::rdtsc();
-        while crate::arch::rdtsc() - t < 200 * bi.tsc_per_ms {
+        while to_d.link().is_ok() && crate::arch::rdtsc() - t < 10_000 * bi.tsc_per_ms {
             core::hint::spin_loop();
         }
+        let gone = to_d.link() == Err(channel::ChannelError::PeerGone);
+        log::info!("xfer: D's link shows it gone before the revoke: {gone}");
+        ok &= gone;
     }
     // 3. Revoke: every copy gone everywhere before the call returns.
     let n = call(Hypercall::CapRevoke, second, 0);

@@ -255,10 +255,15 @@ fn seen(f: Option<(u8, u64)>, value: u64) -> Seen {
 
 fn hc(nr: u64, a: u64, b: u64, c: u64) -> Seen {
     let ret: u64;
-    // VMCALL traps to the hypervisor, which validates every argument and changes only RAX.
+    // VMCALL (VMMCALL on AMD, as the runtime picked it) traps to the hypervisor, which
+    // validates every argument and changes only RAX.
     // SAFETY: as above; an exception it injects instead is caught by the probe.
     let f = unsafe {
-        probe!("vmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, in("r10") 0u64)
+        if crate::hypercall::uses_vmmcall() {
+            probe!("vmmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, in("r10") 0u64)
+        } else {
+            probe!("vmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, in("r10") 0u64)
+        }
     };
     if let Some((v, _)) = f {
         return Seen::Fault(v);
@@ -389,6 +394,25 @@ macro_rules! vmx_insn {
     }};
 }
 
+/// A page-aligned page for the SVM instructions' rAX operand (a VMCB or SLB address, were
+/// they to run): nothing else uses it.
+#[repr(C, align(4096))]
+struct SvmOperand([u8; 4096]);
+static SVM_OPERAND: SvmOperand = SvmOperand([0; 4096]);
+
+/// Runs one SVM instruction (its bytes) with rAX at [`SVM_OPERAND`] and ECX 0 (INVLPGA's
+/// ASID); it must raise #UD.
+macro_rules! svm_insn {
+    ($bytes:literal) => {{
+        // SAFETY: #UD on VT-x (no such instruction) and on SVM (intercepted, #UD injected),
+        // which the probe catches; never executed for real.
+        let f = unsafe {
+            probe!($bytes, inout("rax") SVM_OPERAND.0.as_ptr() as u64 => _, inout("ecx") 0u32 => _)
+        };
+        seen(f, 0)
+    }};
+}
+
 fn console(bytes: &[u8]) -> Seen {
     hc(Hypercall::ConsoleWrite as u64, bytes.as_ptr() as u64, bytes.len() as u64, 0)
 }
@@ -471,20 +495,34 @@ fn vmcall_from_ring3() -> Seen {
     let Some(user_stack) = (unsafe { crate::arch::user_mode_setup() }) else {
         return Seen::NoSetup("the kernel image is not in the first 2 MiB");
     };
-    // IRETQ to ring 3 at the VMCALL below (user-accessible, as is the stack).
+    // IRETQ to ring 3 at the VMCALL (VMMCALL on AMD) below (user-accessible, as is the
+    // stack).
     // SAFETY: the #GP it raises returns to ring 0 through the TSS and the probe's landing.
     let f = unsafe {
-        probe!(
-            // One template string: `probe!` takes a single one when operands follow.
-            "push {ss}\n push {usp}\n push 0x2\n push {cs}\n lea {t}, [rip + 3f]\n push {t}
-             iretq
-             3: mov eax, 1\n vmcall\n ud2",
-            ss = in(reg) crate::arch::USER_SS,
-            usp = in(reg) user_stack,
-            cs = in(reg) crate::arch::USER_CS,
-            t = out(reg) _,
-            out("rax") _,
-        )
+        if crate::hypercall::uses_vmmcall() {
+            probe!(
+                // One template string: `probe!` takes a single one when operands follow.
+                "push {ss}\n push {usp}\n push 0x2\n push {cs}\n lea {t}, [rip + 3f]\n push {t}
+                 iretq
+                 3: mov eax, 1\n vmmcall\n ud2",
+                ss = in(reg) crate::arch::USER_SS,
+                usp = in(reg) user_stack,
+                cs = in(reg) crate::arch::USER_CS,
+                t = out(reg) _,
+                out("rax") _,
+            )
+        } else {
+            probe!(
+                "push {ss}\n push {usp}\n push 0x2\n push {cs}\n lea {t}, [rip + 3f]\n push {t}
+                 iretq
+                 3: mov eax, 1\n vmcall\n ud2",
+                ss = in(reg) crate::arch::USER_SS,
+                usp = in(reg) user_stack,
+                cs = in(reg) crate::arch::USER_CS,
+                t = out(reg) _,
+                out("rax") _,
+            )
+        }
     };
     seen(f, 0)
 }
@@ -499,10 +537,17 @@ fn vmcall_from_ring3() -> Seen {
 fn single_step_vmcall() -> Seen {
     // SAFETY: our own RFLAGS and a `yield`; the #DB returns through the probe's landing.
     let f = unsafe {
-        probe!(
-            "pushfq\n or qword ptr [rsp], 0x100\n popfq\n vmcall\n ud2",
-            inout("rax") Hypercall::Yield as u64 => _,
-        )
+        if crate::hypercall::uses_vmmcall() {
+            probe!(
+                "pushfq\n or qword ptr [rsp], 0x100\n popfq\n vmmcall\n ud2",
+                inout("rax") Hypercall::Yield as u64 => _,
+            )
+        } else {
+            probe!(
+                "pushfq\n or qword ptr [rsp], 0x100\n popfq\n vmcall\n ud2",
+                inout("rax") Hypercall::Yield as u64 => _,
+            )
+        }
     };
     seen(f, 0)
 }
@@ -839,6 +884,16 @@ pub static ATTACKS: &[Attack] = &[
     batch("mwait", UD, |_| vmx_insn!("mwait", in("eax") 0u32, in("ecx") 0u32)),
     // GETSEC would write EBX, which LLVM reserves; it never completes here (CR4.SMXE is 0).
     batch("getsec", UD, |_| vmx_insn!("getsec", inout("eax") 0u32 => _)),
+    // The SVM instructions (0F 01 D8, DA-DF; D9 is VMMCALL, the hypercall): #UD on VT-x,
+    // where they do not exist, and on SVM, where the hypervisor intercepts every one (the
+    // guest sees EFER.SVME clear). rAX points at a page of our own, never touched.
+    batch("svm-vmrun", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xd8")),
+    batch("svm-vmload", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xda")),
+    batch("svm-vmsave", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xdb")),
+    batch("svm-stgi", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xdc")),
+    batch("svm-clgi", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xdd")),
+    batch("svm-skinit", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xde")),
+    batch("svm-invlpga", UD, |_| svm_insn!(".byte 0x0f, 0x01, 0xdf")),
     // Hypercalls from ring 3: #GP.
     batch("vmcall-from-ring3", GP, |_| vmcall_from_ring3()),
     batch("vmcall-single-stepped", Expect::Fault(1), |_| single_step_vmcall()),

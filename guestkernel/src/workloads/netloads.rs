@@ -20,6 +20,7 @@
 use crate::arch::rdtsc;
 use crate::channel::{self, Chan};
 use crate::hypercall::exit_count;
+use core::ops::ControlFlow;
 use core::sync::atomic::{AtomicU64, Ordering};
 pub use vmcall_proto::channel::message;
 use vmcall_proto::channel::{ChannelError, Payload, HEADER_BYTES};
@@ -210,12 +211,19 @@ fn raw(bi: &BootInfo) -> bool {
 }
 
 /// `ping` on the bare ring ([`Raw`]): the same exchange, the same figures.
+/// The same `2n` round trips as the library's `ping` makes (see `pong_raw`); the figures
+/// are the first `n`'s, which `pong_raw` answers without timing anything (as the library's
+/// `pong` answers with `Chan::serve`).
 fn ping_raw(bi: &BootInfo, c: &Chan) -> u64 {
     let mut r = Raw::new(c, bi);
     let n = bi.arg_int("n");
-    let (mut rtt, mut send) = (Stats::new(), Stats::new());
+    let (mut rtt, mut send, mut rtt_sr) = (Stats::new(), Stats::new(), Stats::new());
+    let mut e = 0;
     let e0 = exit_count();
-    for i in 0..n {
+    for i in 0..2 * n {
+        if i == n {
+            e = exit_count() - e0 - 1;
+        }
         let t0 = rdtsc();
         r.send(&message(i, 0));
         let t1 = rdtsc();
@@ -225,15 +233,19 @@ fn ping_raw(bi: &BootInfo, c: &Chan) -> u64 {
             log::error!("ping: reply {i} wrong: {:?}", &reply[..2]);
             return 1;
         }
-        send.add(t1 - t0);
-        rtt.add(t2 - t0);
+        if i < n {
+            send.add(t1 - t0);
+            rtt.add(t2 - t0);
+        } else {
+            rtt_sr.add(t2 - t0);
+        }
     }
-    let e = exit_count() - e0 - 1;
     r.finish_tx();
     r.finish_rx();
-    let ((rm, rp), (sm, _)) = (rtt.summary(), send.summary());
+    let ((rm, rp), (sm, _), (srm, _)) = (rtt.summary(), send.summary(), rtt_sr.summary());
     log::info!(
-        "bench ping mode=poll raw=1 n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} exits={e} \
+        "bench ping mode=poll raw=1 n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} \
+         sendrecv_rtt_median={srm} exits={e} \
          doorbells_rung=0 doorbells_taken=0 mwait=0"
     );
     0
@@ -245,7 +257,17 @@ fn pong_raw(bi: &BootInfo, c: &Chan) -> u64 {
     let n = bi.arg_int("n");
     let mut recv = Stats::new();
     let e0 = exit_count();
+    // The round trips: answered untimed (as the library's `pong` does with `Chan::serve`).
     for i in 0..n {
+        let m = r.recv();
+        if m != message(i, 0) {
+            log::error!("pong: message {i} wrong: {:?}", &m[..2]);
+            return 1;
+        }
+        r.send(&message(i, 1));
+    }
+    let e = exit_count() - e0 - 1;
+    for i in n..2 * n {
         // Time only the successful receive, as `pong` does.
         let m = loop {
             let t0 = rdtsc();
@@ -261,7 +283,6 @@ fn pong_raw(bi: &BootInfo, c: &Chan) -> u64 {
         }
         r.send(&message(i, 1));
     }
-    let e = exit_count() - e0 - 1;
     r.finish_tx();
     r.finish_rx();
     log::info!(
@@ -286,8 +307,59 @@ pub fn ping(bi: &BootInfo) -> u64 {
     if c.doorbells() || c.mwait() {
         ping_loop(bi, &mut c, |c| c.wait(polls))
     } else {
-        ping_loop(bi, &mut c, |c| c.recv())
+        ping_calls(bi, &mut c)
     }
+}
+
+/// `ping` polling: `n` round trips with [`Chan::call`], the request/reply call the library
+/// offers for it (the round trip figures), then `n` more with [`Chan::send`] and
+/// [`Chan::recv`] (the cost of a send alone, and the round trip those two make:
+/// `sendrecv_rtt_median`). `pong` answers all `2n` the same way.
+fn ping_calls(bi: &BootInfo, c: &mut Chan) -> u64 {
+    let n = bi.arg_int("n");
+    let (mut rtt, mut send, mut rtt_sr) = (Stats::new(), Stats::new(), Stats::new());
+    let e0 = exit_count();
+    let mut reply = [0u64; vmcall_proto::channel::WORDS];
+    for i in 0..n {
+        let t0 = rdtsc();
+        if let Err(e) = c.call(&message(i, 0), &mut reply) {
+            return corrupt("ping", e);
+        }
+        let t1 = rdtsc();
+        if reply != message(i, 1) {
+            log::error!("ping: reply {i} wrong: {:?}", &reply[..2]);
+            return 1;
+        }
+        rtt.add(t1 - t0);
+    }
+    // The exits of the round trips (the figure is per round trip).
+    let e = exit_count() - e0 - 1;
+    for i in n..2 * n {
+        let t0 = rdtsc();
+        if let Err(e) = c.send(&message(i, 0)) {
+            return corrupt("ping", e);
+        }
+        let t1 = rdtsc();
+        let reply = match c.recv() {
+            Ok(m) => m,
+            Err(e) => return corrupt("ping", e),
+        };
+        let t2 = rdtsc();
+        if reply != message(i, 1) {
+            log::error!("ping: reply {i} wrong: {:?}", &reply[..2]);
+            return 1;
+        }
+        send.add(t1 - t0);
+        rtt_sr.add(t2 - t0);
+    }
+    c.rx.flush_ack();
+    let ((rm, rp), (sm, _), (srm, _)) = (rtt.summary(), send.summary(), rtt_sr.summary());
+    log::info!(
+        "bench ping mode=poll n={n} rtt_median={rm} rtt_p99={rp} send_median={sm} \
+         sendrecv_rtt_median={srm} exits={e} doorbells_rung={} doorbells_taken=0 mwait=0",
+        c.rung,
+    );
+    0
 }
 
 #[inline(always)]
@@ -340,37 +412,75 @@ pub fn pong(bi: &BootInfo) -> u64 {
     // 1,600 instructions), which inside the loop was most of what a message cost.
     let polls = polls(bi);
     // One loop per mode, as in `ping`.
+    let n = bi.arg_int("n");
     if c.doorbells() || c.mwait() {
-        pong_loop(bi, &mut c, |c, _| c.wait(polls))
-    } else {
-        pong_loop(bi, &mut c, |c, recv| {
-            // Time only the successful receive: polling misses are not a receive's cost.
-            loop {
-                let t0 = rdtsc();
-                match c.try_recv() {
-                    Ok(Some(m)) => {
-                        recv.add(rdtsc() - t0);
-                        return Ok(m);
-                    }
-                    Ok(None) => core::hint::spin_loop(),
-                    Err(e) => return Err(e),
+        let e0 = exit_count();
+        return pong_loop(bi, 0..n, e0, &mut c, |c, _| c.wait(polls));
+    }
+    // Polling: `ping`'s `n` calls answered with `Chan::serve` (the round trip: nothing
+    // timed here), then its `n` sends and receives with `try_recv` and `send`, each
+    // successful receive timed.
+    let e0 = exit_count();
+    if n > 0 {
+        let mut i = 0;
+        let served = c.serve(|req| {
+            if *req != message(i, 0) {
+                return ControlFlow::Break(Err(i));
+            }
+            if i + 1 == n {
+                return ControlFlow::Break(Ok(()));
+            }
+            i += 1;
+            ControlFlow::Continue(message(i - 1, 1))
+        });
+        match served {
+            Err(e) => return corrupt("pong", e),
+            Ok(Err(i)) => {
+                log::error!("pong: request {i} wrong");
+                return 1;
+            }
+            // The last request: answered as a server that stops answers it.
+            Ok(Ok(())) => {
+                if let Err(e) = c.send(&message(n - 1, 1)) {
+                    return corrupt("pong", e);
                 }
             }
-        })
+        }
     }
+    let e = exit_count() - e0 - 1;
+    pong_loop(bi, n..2 * n, e, &mut c, |c, recv| {
+        // Time only the successful receive: polling misses are not a receive's cost.
+        loop {
+            let t0 = rdtsc();
+            match c.try_recv() {
+                Ok(Some(m)) => {
+                    recv.add(rdtsc() - t0);
+                    return Ok(m);
+                }
+                Ok(None) => core::hint::spin_loop(),
+                Err(e) => return Err(e),
+            }
+        }
+    })
 }
 
+/// Answers the messages `seq` (`message(i, 0)` with `message(i, 1)`) with `receive`, and
+/// prints pong's line. `exits`: an exit count taken before the exchange (the loop's exits
+/// are counted from it), or, in polling mode, the exits of the round trips already
+/// counted (printed as they are).
 #[inline(always)]
 fn pong_loop(
     bi: &BootInfo,
+    seq: core::ops::Range<u64>,
+    exits: u64,
     c: &mut Chan,
     mut receive: impl FnMut(&mut Chan, &mut Stats) -> Result<Payload, ChannelError>,
 ) -> u64 {
-    let n = bi.arg_int("n");
+    let polling = !(c.doorbells() || c.mwait());
+    let n = seq.end - seq.start;
     let mut recv = Stats::new();
     let d0 = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed);
-    let e0 = exit_count();
-    for i in 0..n {
+    for i in seq {
         let m = match receive(c, &mut recv) {
             Ok(m) => m,
             Err(e) => return corrupt("pong", e),
@@ -383,7 +493,7 @@ fn pong_loop(
             return corrupt("pong", e);
         }
     }
-    let e = exit_count() - e0 - 1;
+    let e = if polling { exits } else { exit_count() - exits - 1 };
     c.rx.flush_ack();
     let d = crate::arch::DOORBELLS.load(core::sync::atomic::Ordering::Relaxed) - d0;
     log::info!(

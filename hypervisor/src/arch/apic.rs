@@ -174,6 +174,9 @@ const XAPIC_LVT_TIMER: u32 = 0x320;
 const XAPIC_TIMER_INITIAL: u32 = 0x380;
 const XAPIC_TIMER_CURRENT: u32 = 0x390;
 const XAPIC_TIMER_DIVIDE: u32 = 0x3e0;
+const XAPIC_EOI: u32 = 0x0b0;
+/// The first of the eight in-service registers (x2APIC MSRs 0x810..0x817).
+const XAPIC_ISR: u32 = 0x100;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 /// The address of this core's xAPIC register `offset` (IA32_APIC_BASE; the boot page tables
@@ -346,26 +349,34 @@ pub fn x2apic_mode() -> bool {
     base & (3 << 10) == 3 << 10
 }
 
-/// Acknowledges every interrupt in service on this core (x2APIC ISR, MSRs 0x810..0x817;
-/// one EOI retires the highest, SDM Vol. 3A 11.8.5) and returns how many. The hypervisor
-/// takes no interrupts itself, so whatever is in service was its guest's.
+/// Acknowledges the highest-priority interrupt in service on this core (SDM Vol. 3A
+/// 11.8.5), in whichever mode its local APIC runs. For a level-triggered vector the APIC
+/// also tells the I/O APIC, which clears that line's remote IRR.
+///
+/// # Safety
+/// The interrupt in service is one the caller means to retire (the SVM vCPU: its guest's
+/// device interrupt, which the guest acknowledged).
+pub unsafe fn eoi() {
+    // SAFETY: the caller's guarantee; an EOI write of 0 has no other effect.
+    unsafe { reg_write(XAPIC_EOI, 0) };
+}
+
+/// Acknowledges every interrupt in service on this core (the in-service registers, xAPIC
+/// offsets 0x100..0x170 or x2APIC MSRs 0x810..0x817; one EOI retires the highest, SDM
+/// Vol. 3A 11.8.5) and returns how many. The hypervisor takes no interrupts itself (its
+/// timer and doorbell stubs acknowledge theirs at once), so whatever is in service was its
+/// guest's: a device interrupt the guest never acknowledged (VT-x: taken by the guest's
+/// IDT; SVM: held by the host for the guest, `arch::idt::HOST_DEVICE_IRQS`).
 pub fn eoi_in_service() -> u32 {
-    // The ISR MSRs exist only in x2APIC mode; device owners run only on cores in it (their
-    // setup refuses otherwise), and doorbell guests' cores are all switched at bring-up.
-    if !x2apic_mode() {
-        return 0;
-    }
     let mut n = 0;
     // At most 256 vectors can be in service.
     while n < 256 {
-        // x2APIC mode is on (checked above), so the ISR registers exist.
-        // SAFETY: the ISR registers are read-only and side-effect free.
-        let any = (0..8).any(|i| unsafe { super::rdmsr(0x810 + i) } != 0);
+        let any = (0..8).any(|i| reg_read(XAPIC_ISR + 0x10 * i) != 0);
         if !any {
             break;
         }
-        // SAFETY: writing 0 to the EOI register retires the highest in-service vector.
-        unsafe { super::wrmsr(0x80b, 0) };
+        // SAFETY: retires the highest in-service vector, a guest's (above).
+        unsafe { eoi() };
         n += 1;
     }
     n

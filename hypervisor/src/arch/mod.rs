@@ -243,13 +243,39 @@ pub unsafe fn vmxon(region: u64) -> Result<(), x86::vmx::VmFail> {
     unsafe { x86::bits64::vmx::vmxon(region) }
 }
 
+/// Puts XCR0 back to its reset value (x87 only), where the processor has XSAVE. For the SVM
+/// backend, at every incarnation's setup: XSETBV exits by the SVM intercept, but not on
+/// every implementation (QEMU 7.2's TCG has none), and XCR0 is not in the VMCB, so a
+/// guest's XCR0 would otherwise stay on its core for the next incarnation. (VT-x: XSETBV
+/// always exits, so XCR0 never leaves the reset value.)
+///
+/// # Safety
+/// On this core, between guests, with interrupts off.
+#[cfg(target_os = "none")]
+pub unsafe fn reset_xcr0() {
+    let r = raw_cpuid::native_cpuid::cpuid_count(1, 0);
+    if r.ecx & 1 << 26 == 0 {
+        return;
+    }
+    let cr4 = read_cr4();
+    // CR4.OSXSAVE enables XSETBV for the write, then goes back as it was; XCR0 = 1 is
+    // valid on every processor with XSAVE.
+    // SAFETY: the caller's conditions and the above (the hypervisor uses no XSAVE state).
+    unsafe {
+        write_cr4(cr4 | 1 << 18);
+        asm!("xsetbv", in("ecx") 0u32, in("eax") 1u32, in("edx") 0u32, options(nostack));
+        write_cr4(cr4);
+    }
+}
+
 /// Puts back to their reset values the registers a guest can change without a VM exit and
 /// the VMCS does not hold, so that what one incarnation leaves on this core is not there
 /// for the next (nor what the firmware left for the first): the MSRs guests reach directly
 /// (STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE: `exits::MSR_PASSTHROUGH`), CR2, DR0-DR3,
 /// DR6 and DR7, and the x87 and SSE registers (FNINIT, XMM0-15 zeroed, MXCSR 0x1F80).
 /// SSE needs CR4.OSFXSR, set around the clearing and restored. AVX state cannot be dirty:
-/// this hypervisor never enables XSAVE (XCR0 stays x87 only), so guests cannot use it.
+/// this hypervisor never enables XSAVE (XCR0 stays x87 only), so guests cannot use it
+/// (on SVM, where an XSETBV might not exit, the backend resets XCR0: [`reset_xcr0`]).
 ///
 /// # Safety
 /// On this core, between guests (no guest state in these registers is wanted), with

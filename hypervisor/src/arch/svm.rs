@@ -75,6 +75,8 @@ svm_run_asm:
     mov rdi, [rsp + 16]
     mkv_svm_load_guest
     vmrun                                   # rax = VMCB; back here at #VMEXIT, rax restored
+    .global svm_vmexit_landing              # (arch::idt's #DB stub knows this address)
+svm_vmexit_landing:
     vmsave                                  # the guest's FS/GS/... into its VMCB
     push rdi
     mov rdi, [rsp + 24]                     # regs

@@ -12,6 +12,17 @@
 //! The bootstrap processor starts one AP at a time, so one copy with one parameter block
 //! suffices: before each SIPI it writes the CR3 (the boot page tables, below 4 GiB), the
 //! AP's stack top, the 64-bit entry point and its argument into the block at the end.
+//!
+//! **A late AP never takes another's block.** An AP may reach the trampoline after the BSP
+//! gave up on it and wrote the next AP's block (a starved vCPU under an emulator; on
+//! hardware, an AP slow out of INIT): it would run as that AP, on its stack. So the block
+//! carries a claim word, [`open`] for one APIC ID: before it touches the block's stack the
+//! AP reads its own initial APIC ID (CPUID 0xB's x2APIC ID where the leaf exists, else
+//! leaf 1's 8 bits) and swaps the word from `open(its id)` to [`TAKEN`] with `lock
+//! cmpxchg`; it reads the block, then stores [`FREE`]. An AP whose swap fails (the block
+//! is another's, or the BSP withdrew it) parks at once without a stack (`cli; hlt`). The
+//! BSP withdraws a block by swapping `open(id)` to `FREE` itself; if the AP won the swap,
+//! the BSP waits for `FREE` before writing the next block ([`claim_word`]).
 
 /// Physical address of the trampoline page; SIPI vector [`SIPI_VECTOR`].
 pub const BASE: u64 = 0x8000;
@@ -74,9 +85,35 @@ ap_lm64:
     xorw %ax, %ax
     movw %ax, %fs
     movw %ax, %gs
+    # This AP's initial APIC ID, in %edi (no stack yet): leaf 1's EBX[31:24], or leaf
+    # 0xB's EDX (the 32-bit x2APIC ID) where the processor has that leaf.
+    xorl %eax, %eax
+    cpuid
+    movl %eax, %esi                                    # highest basic leaf
+    movl $1, %eax
+    cpuid
+    shrl $24, %ebx
+    movl %ebx, %edi
+    cmpl $0xb, %esi
+    jb 2f
+    movl $0xb, %eax
+    xorl %ecx, %ecx
+    cpuid
+    testl %ebx, %ebx                                   # EBX = 0: leaf 0xB not there
+    jz 2f
+    movl %edx, %edi
+2:
+    # Claim the block: open(id) = id | 1 << 32 -> TAKEN (3 << 32), else park.
+    movl %edi, %eax
+    btsq $32, %rax
+    movabsq ${taken}, %rcx
+    lock cmpxchgq %rcx, 0x8000 + ap_tramp_params - ap_trampoline_start + 32
+    jne 1f
     movq 0x8000 + ap_tramp_params - ap_trampoline_start + 8, %rsp
     movq 0x8000 + ap_tramp_params - ap_trampoline_start + 24, %rdi
     movq 0x8000 + ap_tramp_params - ap_trampoline_start + 16, %rax
+    # Read: the block is the BSP's again (FREE = 0; a store after the loads, TSO).
+    movq $0, 0x8000 + ap_tramp_params - ap_trampoline_start + 32
     xorl %ebp, %ebp
     callq *%rax
 1:  cli
@@ -96,9 +133,10 @@ ap_gdt_ptr:
     .long 0x8000 + ap_gdt - ap_trampoline_start
     .balign 8
 ap_tramp_params:                                       # struct Params, written by the BSP
-    .quad 0, 0, 0, 0
+    .quad 0, 0, 0, 0, 0
 ap_trampoline_end:
 "#,
+    taken = const TAKEN,
     options(att_syntax)
 );
 
@@ -114,8 +152,23 @@ pub struct Params {
     pub entry: u64,
     /// Argument passed in RDI.
     pub arg: u64,
+    /// The claim word: [`FREE`] when written; opened for one AP by [`claim_word`].
+    pub claim: u64,
 }
-const _: () = assert!(core::mem::size_of::<Params>() == 32);
+const _: () = assert!(core::mem::size_of::<Params>() == 40);
+// The assembly reads the claim word at offset 32.
+const _: () = assert!(core::mem::offset_of!(Params, claim) == 32);
+
+/// The claim word of a block nobody may take (written so, or read, or withdrawn).
+pub const FREE: u64 = 0;
+/// The claim word while an AP reads the block.
+pub const TAKEN: u64 = 3 << 32;
+
+/// The claim word that lets the AP with initial APIC ID `apic_id` (and no other) take the
+/// block.
+pub const fn open(apic_id: u32) -> u64 {
+    1 << 32 | apic_id as u64
+}
 
 #[cfg(target_os = "none")]
 mod install {
@@ -149,10 +202,40 @@ mod install {
         // SAFETY: the caller guarantees the page is ours; `len` fits in it (checked above).
         unsafe { core::ptr::copy_nonoverlapping(start as *const u8, dst, len) };
         let slot = (BASE as usize + (params_at - start)) as *mut Params;
+        // The block closed first; the caller opens it once it is complete.
+        let params = Params { claim: super::FREE, ..params };
         // Volatile because the only reader is another processor running the copied code.
         // SAFETY: the block lies in the copied page, 8-byte aligned by `.balign 8`.
         unsafe { core::ptr::write_volatile(slot, params) };
     }
+
+    /// The block's claim word, shared with the AP running the copied code (`lock cmpxchg`).
+    ///
+    /// # Safety
+    /// [`install`] has run (the page is the trampoline's, identity-mapped).
+    pub unsafe fn claim_word() -> &'static core::sync::atomic::AtomicU64 {
+        let (start, _, params_at) = bounds();
+        let at = BASE as usize + (params_at - start) + core::mem::offset_of!(Params, claim);
+        // SAFETY: 8-byte aligned inside the installed page, which stays the trampoline's
+        // for the whole boot; the AP writes it only with atomic instructions or plain
+        // aligned stores (atomic on x86).
+        unsafe { &*(at as *const core::sync::atomic::AtomicU64) }
+    }
 }
 #[cfg(target_os = "none")]
-pub use install::install;
+pub use install::{claim_word, install};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_block_is_never_free_or_taken_and_names_one_apic_id() {
+        for id in [0, 1, 2, 63, 255, 256, 0xffff_fffe, u32::MAX] {
+            assert_ne!(open(id), FREE);
+            assert_ne!(open(id), TAKEN);
+            assert_eq!(open(id) as u32, id);
+        }
+        assert_ne!(open(0), open(1));
+    }
+}

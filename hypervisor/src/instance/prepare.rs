@@ -188,10 +188,9 @@ fn boot_info(l: &Launch, core: u32, n: u32, part: &Partition) -> BootInfo {
 
 /// The owner's memory BARs in its device window (EPT root `root`), uncached, never
 /// executable, each checked as built; its devices' interrupt lines routed to this core.
+/// (How the guest acknowledges them is the backend's: VMX needs this core's APIC in x2APIC
+/// mode and refuses the guest otherwise; SVM virtualizes the EOI in either mode.)
 fn map_devices(l: &Launch, frames: &mut Private, root: u64) -> Result<(), &'static str> {
-    if l.devices.count > 0 && !crate::arch::apic::x2apic_mode() {
-        return Err("its core's local APIC is not in x2APIC mode: device interrupts could not be acknowledged");
-    }
     for o in l.devices.iter() {
         for (b, &gpa) in o.func.bars.iter().zip(&o.gpa) {
             if b.kind != vmcall_proto::device::bar_kind::MEMORY || b.size == 0 {

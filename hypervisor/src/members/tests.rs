@@ -570,6 +570,11 @@ proptest! {
             prop_assert_eq!(s.view(), v);
         } else {
             prop_assert!(s.evicted() && !s.member(), "slow core {} {:?}, others {:?}", slow, s.view(), v);
+            // Taken out without asking: fenced on every other core, whether it suspected
+            // the slow core itself or only installed a view without it.
+            for c in (0..n).filter(|&c| c != slow && !sim.dead[c]) {
+                prop_assert!(sim.cores[c].fenced() & (1 << slow) != 0, "core {} does not fence {}", c, slow);
+            }
         }
     }
 }
@@ -1189,4 +1194,92 @@ fn a_nack_with_a_newer_view_installs_it_at_the_coordinator() {
     m.deliver(&mut net, 0, &super::msg(super::op::NACK, &[b, 0x500, 3, 0b111, 0]));
     assert_eq!(m.view(), newer);
     assert!(m.seen >= 0x500, "its ballots outbid the one that won there");
+}
+
+/// The kinds a member sent, in order.
+fn kinds(net: &Rec) -> Vec<u64> {
+    net.msgs.iter().map(|(_, m)| m[0] & 0xff).collect()
+}
+
+#[test]
+fn an_accept_below_the_ballot_promised_is_refused() {
+    // Core 0 promised ballot 0x502 to core 2; an older coordinator's ACCEPT (ballot 0x301,
+    // view 1) arrives after: accepting it would let two values win view 1.
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.deliver(&mut net, 2, &super::msg(super::op::PREPARE, &[0x502, 1]));
+    assert_eq!(kinds(&net), [super::op::PROMISE]);
+    m.deliver(&mut net, 1, &super::msg(super::op::ACCEPT, &[0x301, 1, 0b011]));
+    assert_eq!(kinds(&net)[1..], [super::op::NACK], "refused, with what it promised");
+    assert_eq!(net.msgs[1].1[2], 0x502);
+    assert_eq!(m.accepted, None);
+    // At the promised ballot it is taken.
+    m.deliver(&mut net, 2, &super::msg(super::op::ACCEPT, &[0x502, 1, 0b101]));
+    assert_eq!(kinds(&net)[2..], [super::op::ACCEPTED]);
+    assert_eq!(m.accepted, Some((0x502, View { num: 1, set: 0b101 })));
+}
+
+#[test]
+fn an_accept_for_a_view_already_installed_is_refused_at_any_ballot() {
+    // Core 0 installed view 1; an ACCEPT for view 1 (or 0) with a ballot above anything it
+    // promised is a stale round: accepting it would offer a second value for that number.
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b111, t, 0);
+    let mut net = Rec::default();
+    m.install(View { num: 1, set: 0b111 }, 2);
+    for num in [0, 1] {
+        m.deliver(&mut net, 2, &super::msg(super::op::ACCEPT, &[0x900, num, 0b011]));
+    }
+    assert_eq!(kinds(&net), [super::op::NACK, super::op::NACK]);
+    assert_eq!(m.accepted, None);
+    assert_eq!(m.promised, 0, "nothing promised by a refusal");
+}
+
+#[test]
+fn a_promise_for_another_ballot_is_not_counted() {
+    let (mut m, mut net, b) = round_at_2();
+    // Answers to an older round of this coordinator (ballot b - 1) and a later one (b + 1).
+    for stale in [b - 1, b + 1] {
+        for from in [0, 1] {
+            m.deliver(&mut net, from, &super::msg(super::op::PROMISE, &[stale, 0, 0, 0, 0, 0]));
+        }
+    }
+    let r = m.round.expect("the round goes on");
+    assert_eq!((r.phase, r.waiting), (super::Phase::Prepare, 0b011), "still waiting for both");
+    assert_eq!(accepted_set(&net), None);
+    for from in [0, 1] {
+        m.deliver(&mut net, from, &super::msg(super::op::PROMISE, &[b, 0, 0, 0, 0, 0]));
+    }
+    assert_eq!(accepted_set(&net), Some(0b111), "the round's own promises count");
+}
+
+#[test]
+fn a_core_a_commit_takes_out_without_its_asking_is_fenced_even_if_nobody_says_it_failed() {
+    // The coordinator may complete a value a failed coordinator got accepted (taking out a
+    // core it suspected) without suspecting that core itself: its COMMIT names no suspect.
+    // The core, which never asked out, is fenced here all the same; one that asked is not.
+    let t = Timing { period: 50, timeout: 400, grace: 400 };
+    let mut m = Members::new(0, 0b1111, t, 0);
+    let mut net = Rec::default();
+    m.deliver(&mut net, 2, &super::msg(super::op::COMMIT, &[0x302, 1, 0b1101, 0, 0, 0]));
+    assert_eq!(m.view(), View { num: 1, set: 0b1101 });
+    assert_eq!(m.suspects(), 0);
+    assert_eq!(m.fenced(), 0b0010, "core 1 was taken out without asking");
+    // Core 3 asks out (its intent travels with the next COMMIT): out, and not fenced.
+    let leave3 = super::intent(3, 1, false);
+    m.deliver(&mut net, 2, &super::msg(super::op::COMMIT, &[0x402, 2, 0b0101, 0, leave3, 0]));
+    assert_eq!(m.view(), View { num: 2, set: 0b0101 });
+    assert_eq!(m.fenced(), 0b0010, "core 3 left as it asked");
+}
+
+#[test]
+fn an_intent_naming_a_core_past_the_last_is_ignored() {
+    // Intent words come from other instances; one naming core 64 (out of range) changes
+    // nothing rather than indexing past the table.
+    let (mut m, mut net, b) = round_at_2();
+    let bogus = 1 << 63 | 1 << 16 | 64;
+    m.deliver(&mut net, 0, &super::msg(super::op::PROMISE, &[b, 0, 0, 0, 0, bogus]));
+    assert_eq!(m.intent_seq, [0; super::MAX_PEERS]);
+    assert_eq!(m.wants_in, u64::MAX);
 }

@@ -244,7 +244,38 @@ pub fn enumerate(cs: &mut impl ConfigSpace) -> Functions {
             }
         }
     }
+    q35_inputs(&mut out);
     out
+}
+
+/// QEMU's q35 board (host bridge 8086:29c0, the Q35 MCH, with the ICH9 LPC 8086:2918 at
+/// 00:1f.0): PCI interrupts reach the I/O APIC on inputs 16-23, one per PIRQ A-H, besides
+/// the ISA line the firmware routed each PIRQ to (SeaBIOS: A, B to 10; C, D to 11), which
+/// is what the interrupt-line register says. Functions on bus 0 are wired as QEMU's ACPI
+/// `_PRT` describes (slots 0-24: INTx of slot `s` on PIRQ `(s + x) mod 4`, x = 0 for
+/// INTA; slots 25-31: INTA on PIRQ A, and so on), so their own input is taken instead:
+/// cards in neighbouring slots (00:02.0 on PIRQ C, 00:03.0 on PIRQ D) then do not share
+/// a line, as they do at 11. Functions behind a bridge keep the firmware's ISA line. Any
+/// other machine keeps the interrupt-line register as the input (i440FX/PIIX: Bochs, QEMU
+/// `pc`).
+fn q35_inputs(fns: &mut Functions) {
+    let id = |fns: &Functions, b: Bdf| fns.get(b).map(|f| (f.vendor, f.device));
+    if id(fns, Bdf::new(0, 0, 0)) != Some((0x8086, 0x29c0))
+        || id(fns, Bdf::new(0, 0x1f, 0)) != Some((0x8086, 0x2918))
+    {
+        return;
+    }
+    for f in fns.list[..fns.count].iter_mut().flatten() {
+        if f.bdf.bus != 0 || !(1..=4).contains(&f.pin) {
+            continue;
+        }
+        let (slot, pin) = (f.bdf.device, f.pin - 1);
+        f.line = match slot {
+            0..=23 => 20 + (slot + pin) % 4,
+            25..=31 => 16 + pin,
+            _ => continue,
+        };
+    }
 }
 
 /// Why a config entry cannot be given to its guest on this machine.
@@ -912,6 +943,28 @@ mod tests {
         quiesce(&mut bus, &o);
         let last = bus.regs[&(o.func.bdf, 4)];
         assert_ne!(last & reg::CMD_INTX_DISABLE as u32, 0, "command {last:#x}: INTx enabled");
+    }
+
+    #[test]
+    fn on_qemus_q35_bus_zero_functions_take_their_own_pirq_input() {
+        let mut bus = fake::Bus::default();
+        bus.add(Bdf::new(0, 0, 0), 0x29c0_8086, 0x06_00_00, 0, (0, 0), &[]);
+        bus.add(Bdf::new(0, 2, 0), 0x100e_8086, 0x02_00_00, 0, (1, 11), &[]);
+        bus.add(Bdf::new(0, 3, 0), 0x8029_10ec, 0x02_00_00, 0, (1, 11), &[]);
+        bus.add(Bdf::new(0, 4, 0), 0x8029_10ec, 0x02_00_00, 0, (1, 10), &[]);
+        bus.add(Bdf::new(0, 0x1f, 0), 0x2918_8086, 0x06_01_00, 0x80, (0, 0), &[]);
+        bus.add(Bdf::new(0, 0x1f, 2), 0x2922_8086, 0x01_06_01, 0, (1, 10), &[]);
+        let fns = enumerate(&mut bus);
+        let line = |d, f| fns.get(Bdf::new(0, d, f)).unwrap().line;
+        // PIRQ G, H, E: inputs 22, 23, 20 (SeaBIOS routed G and H both to 11).
+        assert_eq!((line(2, 0), line(3, 0), line(4, 0)), (22, 23, 20));
+        assert_eq!(line(0x1f, 2), 16);
+        assert_eq!(line(0, 0), 0, "no pin, no input");
+        // Not a q35 (no ICH9 LPC): the firmware's lines stay.
+        let mut bus = fake::Bus::default();
+        bus.add(Bdf::new(0, 0, 0), 0x29c0_8086, 0x06_00_00, 0, (0, 0), &[]);
+        bus.add(Bdf::new(0, 2, 0), 0x100e_8086, 0x02_00_00, 0, (1, 11), &[]);
+        assert_eq!(enumerate(&mut bus).get(Bdf::new(0, 2, 0)).unwrap().line, 11);
     }
 
     #[test]

@@ -77,6 +77,21 @@ pub fn insn_len(bytes: &[u8]) -> Option<u64> {
     (len <= bytes.len()).then_some(len as u64)
 }
 
+/// Whether the instruction at `bytes[0]` is INVD (0F 08, after any legacy or REX
+/// prefixes). QEMU 7.2's TCG reports an intercepted INVD with WBINVD's exit code (its
+/// translator tests the wrong opcode bit); the bytes tell them apart.
+pub fn is_invd(bytes: &[u8]) -> bool {
+    let bytes = &bytes[..bytes.len().min(MAX_LEN)];
+    let mut i = 0;
+    while i < bytes.len() && is_legacy_prefix(bytes[i]) {
+        i += 1;
+    }
+    if bytes.get(i).is_some_and(|b| b & 0xf0 == 0x40) {
+        i += 1;
+    }
+    bytes.get(i..i + 2) == Some(&[0x0f, 0x08][..])
+}
+
 /// What a control-register instruction does, decoded from its bytes (for a CR exit
 /// without decode assists: the exit code names the register and direction, not the
 /// general register; APM Vol. 3 "MOV CRn", "CLTS", "LMSW").
@@ -136,6 +151,15 @@ pub fn cr_insn(bytes: &[u8]) -> Option<CrInsn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invd_is_told_from_wbinvd_by_its_bytes() {
+        assert!(is_invd(&[0x0f, 0x08]));
+        assert!(is_invd(&[0xf3, 0x48, 0x0f, 0x08, 0x90]));
+        assert!(!is_invd(&[0x0f, 0x09]));
+        assert!(!is_invd(&[0x0f]));
+        assert!(!is_invd(&[]));
+    }
 
     #[test]
     fn control_register_instructions_name_their_registers() {

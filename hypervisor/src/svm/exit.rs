@@ -17,6 +17,7 @@ pub mod code {
     pub const SMI: u64 = 0x062;
     pub const INIT: u64 = 0x063;
     pub const CPUID: u64 = 0x072;
+    pub const RSM: u64 = 0x073;
     pub const HLT: u64 = 0x078;
     pub const IOIO: u64 = 0x07b;
     pub const MSR: u64 = 0x07c;
@@ -35,6 +36,19 @@ pub mod code {
     pub const NPF: u64 = 0x400;
     /// VMRUN found the VMCB's state invalid (15.5.1 consistency checks).
     pub const INVALID: u64 = u64::MAX;
+}
+
+/// EXITCODE as the APM defines it (a 64-bit field; the negative codes -1..-4 sign-extend),
+/// from the VMCB's `raw` value. QEMU 7.2's TCG stores the code as 32 bits
+/// (`cpu_vmexit` takes a `uint32_t`), so VMEXIT_INVALID reads 0xffff_ffff there: every
+/// architectural code is either below 0x1_0000 or negative, so a raw value with bit 31 set
+/// and bits 63:32 clear is that negative code.
+pub fn normalize(raw: u64) -> u64 {
+    if raw >> 32 == 0 && raw & (1 << 31) != 0 {
+        raw as u32 as i32 as i64 as u64
+    } else {
+        raw
+    }
 }
 
 /// An I/O instruction's intercept (EXITINFO1, APM Figure 15-2).
@@ -136,7 +150,9 @@ pub fn kind(exit_code: u64, info1: u64) -> ExitKind {
     use ExitKind as K;
     match exit_code {
         code::NMI => K::Nmi,
-        code::INTR => K::ExternalInterrupt,
+        // An SMI is the platform's (firmware's), taken by the host once the exit is over,
+        // as on VT-x where an SMI never exits: the guest just resumes.
+        code::INTR | code::SMI => K::ExternalInterrupt,
         code::SHUTDOWN => K::TripleFault,
         code::INIT => K::Init,
         code::VINTR => K::InterruptWindow,
@@ -145,7 +161,9 @@ pub fn kind(exit_code: u64, info1: u64) -> ExitKind {
         code::INVD => K::Invd,
         code::WBINVD => K::Wbinvd,
         code::VMMCALL => K::Hypercall,
-        code::VMRUN..=code::SKINIT | code::INVLPGA => K::VirtualizationInstruction,
+        // The SVM instructions (the guest sees EFER.SVME clear: #UD, as on a processor
+        // without SVM) and RSM (outside SMM it is #UD, as VT-x gives it).
+        code::VMRUN..=code::SKINIT | code::INVLPGA | code::RSM => K::VirtualizationInstruction,
         0x000..=0x01f => K::CrAccess,
         code::IOIO => K::Io,
         code::MSR if info1 & 1 == 0 => K::Rdmsr,
@@ -237,6 +255,8 @@ mod tests {
         assert_eq!(kind(0x010, 0), ExitKind::CrAccess);
         assert_eq!(kind(0x61, 0), ExitKind::Nmi);
         assert_eq!(kind(0x401, 0), ExitKind::Other);
+        assert_eq!(kind(0x62, 0), ExitKind::ExternalInterrupt); // SMI: resumed
+        assert_eq!(kind(0x73, 0), ExitKind::VirtualizationInstruction); // RSM: #UD
         assert_eq!(vmcall_proto::guest::EXIT_NAMES[telemetry_code(0x401, 0) as usize], "reason_35");
         for (c, name) in [(0x81, "vmcall"), (0x7b, "io"), (0x78, "hlt"), (0x89, "wbinvd")] {
             assert_eq!(vmcall_proto::guest::EXIT_NAMES[telemetry_code(c, 0) as usize], name);
@@ -263,6 +283,12 @@ mod tests {
         assert_eq!(decode(0x10, 0, 0), SvmExit::CrWrite(0));
         assert_eq!(decode(0x7f, 0, 0), SvmExit::Shutdown);
         assert_eq!(decode(u64::MAX, 0, 0), SvmExit::Invalid);
+        // QEMU's TCG writes VMEXIT_INVALID as 32 bits.
+        assert_eq!(normalize(0xffff_ffff), code::INVALID);
+        assert_eq!(normalize(0xffff_fffe), u64::MAX - 1);
+        for c in [0x72, 0x400, 0x403, u64::MAX] {
+            assert_eq!(normalize(c), c);
+        }
         assert_eq!(decode(0x401, 0, 0), SvmExit::Unexpected(0x401));
         assert_eq!(
             decode(0x400, 0b1_0110, 0x1234_5000),

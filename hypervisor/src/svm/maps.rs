@@ -21,6 +21,15 @@ const _: () = assert!(core::mem::size_of::<Msrpm>() == MSRPM_BYTES);
 pub struct Iopm(pub [u8; IOPM_BYTES]);
 const _: () = assert!(core::mem::size_of::<Iopm>() == IOPM_BYTES);
 
+/// The pass-through MSRs whose value is an address that must be canonical: LSTAR, CSTAR,
+/// FS base, GS base, KERNEL_GS_BASE (a WRMSR of a non-canonical address is #GP, AMD APM
+/// Vol. 2 6.1.1 and 4.5.3; SDM Vol. 4 Table 2-2). Their writes exit on SVM: the VMCB holds
+/// them (VMLOAD/VMSAVE, VMRUN), and not every SVM implementation checks the address
+/// (QEMU 7.2's TCG stores it as written), so the backend checks it and gives the #GP
+/// itself, the outcome VT-x gets from the processor. Reads pass.
+pub const CANONICAL_MSRS: [u32; 5] =
+    [0xc000_0082, 0xc000_0083, 0xc000_0100, 0xc000_0101, 0xc000_0102];
+
 /// The bit of `msr`'s read permission in the map (its write permission is the next bit),
 /// or `None` for an MSR outside the three mapped ranges, which always intercepts
 /// (APM Table 15-5: 0000_0000-0000_1FFF at byte 0, C000_0000-C000_1FFF at 0x800,
@@ -48,6 +57,26 @@ impl Msrpm {
         for b in [bit, bit + 1] {
             self.0[b / 8] &= !(1 << (b % 8));
         }
+        true
+    }
+
+    /// Opens what the guest policy lets a guest access without an exit: the VT-x bitmap's
+    /// lists (`exits::MSR_PASSTHROUGH`, `MSR_SWITCHED`), except that writes of the MSRs
+    /// that must hold a canonical address ([`CANONICAL_MSRS`]) exit.
+    pub fn allow_policy(&mut self) {
+        for msr in crate::exits::MSR_PASSTHROUGH.into_iter().chain(crate::exits::MSR_SWITCHED) {
+            if CANONICAL_MSRS.contains(&msr) {
+                self.allow_read(msr);
+            } else {
+                self.allow(msr);
+            }
+        }
+    }
+
+    /// Lets the guest read `msr` without an exit; its writes still exit.
+    pub fn allow_read(&mut self, msr: u32) -> bool {
+        let Some(bit) = msr_bit(msr) else { return false };
+        self.0[bit / 8] &= !(1 << (bit % 8));
         true
     }
 
@@ -100,12 +129,20 @@ mod tests {
     #[test]
     fn only_the_listed_msrs_pass_through() {
         let mut m = Box::new(Msrpm::intercept_all());
-        for msr in crate::exits::MSR_PASSTHROUGH.into_iter().chain(crate::exits::MSR_SWITCHED) {
-            assert!(m.allow(msr));
+        m.allow_policy();
+        // STAR and SFMASK pass both ways; LSTAR and GS base (VMLOAD/VMSAVE switch it) are
+        // read without an exit, their writes are checked.
+        for msr in [0xc000_0081, 0xc000_0084] {
+            assert!(!m.intercepts(msr, false) && !m.intercepts(msr, true), "{msr:#x}");
         }
-        assert!(!m.intercepts(0xc000_0082, false) && !m.intercepts(0xc000_0082, true));
-        assert!(!m.intercepts(0xc000_0101, true)); // GS base: VMLOAD/VMSAVE switch it
-                                                   // EFER, the APIC base, TSC, VM_CR, VM_HSAVE_PA: all exit.
+        for msr in CANONICAL_MSRS {
+            assert!(!m.intercepts(msr, false) && m.intercepts(msr, true), "{msr:#x}");
+            assert!(crate::exits::MSR_PASSTHROUGH
+                .into_iter()
+                .chain(crate::exits::MSR_SWITCHED)
+                .any(|p| p == msr));
+        }
+        // EFER, the APIC base, TSC, VM_CR, VM_HSAVE_PA: all exit.
         for msr in [0xc000_0080, 0x1b, 0x10, 0xc001_0114, 0xc001_0117] {
             assert!(m.intercepts(msr, false) && m.intercepts(msr, true), "{msr:#x}");
         }

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod features;
 pub mod maps;
 pub mod vcpu;
+pub mod virq;
 pub mod vmcb;
 
 pub use features::Features;
@@ -179,8 +180,8 @@ mod core_state {
 }
 
 /// Builds the MSR permission map shared by every core's check guest (read-only once APs
-/// start): every MSR intercepted but those the VT-x policy passes through, which VMLOAD
-/// and VMSAVE switch here. The I/O map intercepts every port.
+/// start): every MSR intercepted but those the guest policy passes through
+/// (`Msrpm::allow_policy`). The I/O map intercepts every port.
 ///
 /// # Safety
 /// Once, on the BSP, before any AP starts.
@@ -188,9 +189,7 @@ mod core_state {
 pub unsafe fn build_maps() {
     // SAFETY: no other core runs yet (the caller's promise).
     let (msrpm, _) = unsafe { &mut *core_state::MAPS.0.get() };
-    for msr in crate::exits::MSR_PASSTHROUGH.into_iter().chain(crate::exits::MSR_SWITCHED) {
-        msrpm.allow(msr);
-    }
+    msrpm.allow_policy();
 }
 
 /// Turns SVM on for the calling core: EFER.SVME (and EFER.NXE, so that nested page tables
@@ -288,7 +287,7 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
         report.exits += 1;
         v.control.tlb_control = vmcb::tlb_control::NOTHING;
         let c = &v.control;
-        let e = exit::decode(c.exit_code, c.exit_info1, c.exit_info2);
+        let e = exit::decode(exit::normalize(c.exit_code), c.exit_info1, c.exit_info2);
         match e {
             exit::SvmExit::Invalid => return Err(SvmError::VmrunInvalid),
             exit::SvmExit::Intr | exit::SvmExit::Nmi => continue,

@@ -25,6 +25,17 @@
 //!   preemption timer from the NMI handler.
 //! * Injection: EVENTINJ; an event cut short by the exit (EXITINTINFO) is put back there.
 //!   The interrupt window: V_IRQ with the VINTR intercept.
+//! * The STI shadow across an exit: an INTR or NMI exit can land between `sti` and the
+//!   instruction it shadows (physical interrupts follow the host's IF, not the guest's
+//!   shadow); the VMCB's interrupt shadow bit says so and VMRUN must restore it. QEMU's TCG
+//!   (7.2) does not: its VMRUN ignores the bit, so a virtual interrupt pending at that
+//!   entry (the window's V_IRQ, a doorbell) is taken one instruction early. Before `sti;
+//!   hlt` that delivers the guest's tick at the HLT, the guest's handler returns to the HLT
+//!   and it halts with its tick gone ("HLT with no timer armed"). So an entry with the
+//!   shadow set and a virtual interrupt pending does, when the shadowed instruction is HLT,
+//!   what the processor would: the intercepted HLT's exit, made up without a VMRUN; or, for
+//!   a guest whose HLT does not exit, HLT woken at once (RIP past it, the shadow over), then
+//!   the entry ([`shadowed_entry`]).
 //! * Nested paging: the instance's tables (`ept` in its NPT format) at nCR3; a flush is a
 //!   TLB_CONTROL for the next VMRUN (this ASID where the processor can, else everything).
 //! * Instruction length: nRIP where the processor saves it (Bochs), IOIO's EXITINFO2,
@@ -32,17 +43,22 @@
 //!   tables and the nested tables (QEMU's TCG). An instruction that cannot be decoded
 //!   turns the exit into [`ExitKind::Other`]: the guest is stopped, never advanced by a
 //!   guess.
-//! * A guest that takes its own interrupts (`Setup::direct_interrupts`: channel doorbells):
-//!   VT-x lets them reach the guest's IDT; here every physical interrupt exits (the run
-//!   timer needs the INTR intercept), so doorbells are virtualized. The host takes the
-//!   doorbell at STGI (`arch::idt`'s doorbell stub marks this core in `HOST_DOORBELLS`
-//!   and EOIs it), the vCPU raises it as a virtual interrupt (V_IRQ, the doorbell vector),
-//!   which the processor delivers through the guest's IDT once the guest can take it, and
-//!   the guest's EOI (a write of 0 to the x2APIC EOI MSR, intercepted) is completed here
-//!   ([`ExitKind::Completed`]). HLT does not exit for such a guest, as on VT-x: a
-//!   doorbell, the run timer or a kick ends it.
-//! * Not yet: guests owning PCI functions (their device lines would need the same
-//!   virtualization): their setup is refused, saying so.
+//! * A guest that takes its own interrupts (`Setup::direct_interrupts`: channel doorbells,
+//!   its devices' lines): VT-x lets them reach the guest's IDT; here every physical
+//!   interrupt exits (the run timer needs the INTR intercept), so they are virtualized.
+//!   The host takes the interrupt at STGI: a doorbell's stub marks this core in
+//!   `arch::idt::HOST_DOORBELLS` and EOIs it; a device's (vector `0x50 + i`) marks it in
+//!   `HOST_DEVICE_IRQS[i]` and leaves it in service, so the real APIC holds back its
+//!   class and the I/O APIC its level-triggered line (remote IRR), as under VT-x while
+//!   the guest's handler runs. The vCPU keeps the guest's requested and in-service
+//!   interrupts (`svm::virq`, a local APIC's rules) and offers the highest deliverable
+//!   one as a virtual interrupt (V_IRQ, V_INTR_VECTOR, V_IGN_TPR), which the processor
+//!   delivers through the guest's IDT once the guest can take it. The guest's EOI (a
+//!   write of 0 to the x2APIC EOI MSR, intercepted) is completed here
+//!   ([`ExitKind::Completed`]): it retires the highest virtual interrupt in service and,
+//!   for a device's, EOIs the real APIC (in either APIC mode), which lets the I/O APIC
+//!   send the line again. HLT does not exit for such a guest, as on VT-x: an interrupt,
+//!   the run timer or a kick ends it.
 //! * The fast path (`fastexit`): the world switch's landing (`arch::svm`) hands a CPUID or
 //!   VMMCALL exit to [`mkv_svm_fast_exit`] with the host's state loaded and GIF still
 //!   clear; it answers through [`Hw`] (RAX in the VMCB, the other registers as the
@@ -72,6 +88,7 @@ const TELEMETRY_TIMER: u16 = 52;
 const TELEMETRY_HYPERCALL: u16 = 18;
 const TELEMETRY_CPUID: u16 = 10;
 const TELEMETRY_NMI: u16 = 0;
+const TELEMETRY_HLT: u16 = 12;
 /// A failed VMRUN (VMEXIT_INVALID) counts as VMX's "invalid guest state" entry failure.
 const TELEMETRY_INVALID: u16 = 33;
 
@@ -213,6 +230,26 @@ fn fetch(ncr3: u64, cr0: u64, cr3: u64, rip: u64) -> ([u8; super::decode::MAX_LE
     (buf, n)
 }
 
+/// #GP(0) in EVENTINJ's format.
+const GP_EVENT: u64 =
+    vmcb::event::VALID | vmcb::event::TYPE_EXCEPTION | vmcb::event::ERROR_CODE_VALID | 13;
+
+/// Whether `a` is a canonical 48-bit address (bits 63:47 all equal).
+fn canonical(a: u64) -> bool {
+    let top = (a as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// The VMCB's copy of LSTAR, CSTAR or KERNEL_GS_BASE, if `msr` is one of them.
+fn syscall_msr(s: &mut vmcb::StateSave, msr: u32) -> Option<&mut u64> {
+    match msr {
+        0xc000_0082 => Some(&mut s.lstar),
+        0xc000_0083 => Some(&mut s.cstar),
+        0xc000_0102 => Some(&mut s.kernel_gs_base),
+        _ => None,
+    }
+}
+
 /// Whether an exit of `kind` completes an instruction a handler may advance past.
 fn advanced(kind: ExitKind) -> bool {
     matches!(
@@ -228,6 +265,60 @@ fn advanced(kind: ExitKind) -> bool {
             | ExitKind::Wrmsr
             | ExitKind::Xsetbv
     )
+}
+
+/// HLT's opcode.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+const HLT: u8 = 0xf4;
+
+/// What an entry does about the guest's STI/MOV-SS interrupt shadow (see the module
+/// header): the processor must let the shadowed instruction run before it takes a
+/// virtual interrupt, and QEMU's TCG does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+enum Shadowed {
+    /// Enter as usual: no shadow, nothing pending that it holds back, an event to inject
+    /// (EVENTINJ ignores the shadow on every processor), or an instruction other than HLT
+    /// (the interrupt may come one instruction early under TCG; only HLT makes that a lost
+    /// wake-up).
+    Enter,
+    /// The shadowed instruction is an intercepted HLT: its exit, made up (no VMRUN).
+    HltExit,
+    /// The shadowed instruction is a HLT that does not exit: halted and woken at once by
+    /// the pending interrupt, so RIP moves past it and the shadow ends before the entry.
+    PastHlt,
+}
+
+/// The decision for an entry: `shadow` the VMCB's interrupt shadow bit, `virq` a virtual
+/// interrupt pending (V_IRQ: the window or a doorbell), `event` an EVENTINJ pending,
+/// `insn` the first byte at RIP (`None`: not readable), `hlt_exits` the HLT intercept.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn shadowed_entry(
+    shadow: bool,
+    virq: bool,
+    event: bool,
+    insn: Option<u8>,
+    hlt_exits: bool,
+) -> Shadowed {
+    if !shadow || !virq || event || insn != Some(HLT) {
+        Shadowed::Enter
+    } else if hlt_exits {
+        Shadowed::HltExit
+    } else {
+        Shadowed::PastHlt
+    }
+}
+
+/// An exit the vCPU makes up without entering the guest.
+#[cfg(target_os = "none")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MadeUp {
+    /// A kick was pending: an NMI exit.
+    Kick,
+    /// A zero run timer: a timer exit.
+    Timer,
+    /// An intercepted HLT in an STI shadow with an interrupt pending ([`Shadowed::HltExit`]).
+    Hlt,
 }
 
 /// The length of the exiting instruction from nRIP (`next_rip`), if it is one an
@@ -391,8 +482,10 @@ pub struct SvmVcpu {
     timer_mode: crate::arch::apic::TimerMode,
     /// TSC at which the last entry's timer was due.
     deadline: u64,
-    /// The last entry made up its exit: `Some(true)` a kick, `Some(false)` a zero timer.
-    made_up: Option<bool>,
+    /// The last entry made up its exit (no VMRUN), and which.
+    made_up: Option<MadeUp>,
+    /// Entries that met an STI shadow over HLT with an interrupt pending ([`shadowed_entry`]).
+    shadowed_hlts: u32,
     /// The host took the run timer's interrupt during the last entry.
     timer_fired: bool,
     nrip: bool,
@@ -401,9 +494,11 @@ pub struct SvmVcpu {
     direct: bool,
     /// The interrupt window was asked for (VINTR intercepted, V_IRQ set).
     window: bool,
-    /// A doorbell taken by the host and not yet delivered to the guest (V_IRQ set).
-    doorbell: bool,
-    /// This core's bit in `arch::idt::HOST_DOORBELLS`.
+    /// The guest's doorbells and device interrupts: requested, in service.
+    virq: super::virq::Virq,
+    /// The guest owns devices (their lines are routed to this core).
+    devices: bool,
+    /// This core's bit in `arch::idt::HOST_DOORBELLS` and `HOST_DEVICE_IRQS`.
     core_bit: u64,
 }
 
@@ -442,26 +537,26 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         io_ports: impl Iterator<Item = u16> + Clone,
     ) -> Result<Self, crate::vcpu::SetupError> {
         use crate::vcpu::SetupError;
-        if s.devices {
-            return Err(SetupError {
-                reason: "the SVM backend does not yet virtualize a device's interrupts \
-                         (guests owning PCI functions run on VT-x only)",
-                detail: None,
-            });
-        }
         let Some(index) = crate::percpu::current_index() else {
             return Err(SetupError { reason: "no per-core state", detail: None });
         };
         let Some(&timer_mode) = super::core_state::TIMER[index].get() else {
             return Err(SetupError { reason: "SVM is not on for this core", detail: None });
         };
+        // Nothing of an earlier incarnation's interrupts carries over (its death
+        // acknowledged whatever was in service at the APIC).
+        for w in &crate::arch::idt::HOST_DEVICE_IRQS {
+            w.fetch_and(!(1 << (index % 64)), core::sync::atomic::Ordering::AcqRel);
+        }
+        // XCR0 as every incarnation starts it (`arch::reset_xcr0`: not every SVM
+        // implementation intercepts XSETBV).
+        // SAFETY: on this core, between guests, interrupts off (the run loop's setup).
+        unsafe { crate::arch::reset_xcr0() };
         let pages = super::core_state::PAGES[index].0.get();
         // SAFETY: this core's slot, used by this core alone; its check guest is over.
         let p = unsafe { &mut *pages };
         p.msrpm = super::maps::Msrpm::intercept_all();
-        for msr in crate::exits::MSR_PASSTHROUGH.into_iter().chain(crate::exits::MSR_SWITCHED) {
-            p.msrpm.allow(msr);
-        }
+        p.msrpm.allow_policy();
         p.iopm = super::maps::Iopm::intercept_all();
         for port in io_ports {
             p.iopm.allow(port);
@@ -520,12 +615,14 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             timer_mode,
             deadline: 0,
             made_up: None,
+            shadowed_hlts: 0,
             timer_fired: false,
             nrip: f.nrip_save,
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
             direct: s.direct_interrupts,
             window: false,
-            doorbell: false,
+            virq: super::virq::Virq::default(),
+            devices: s.devices,
             core_bit: 1 << (index % 64),
         })
     }
@@ -608,7 +705,13 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             Event::Exception { vector, error_code: None } => {
                 event::VALID | event::TYPE_EXCEPTION | u64::from(vector)
             }
-            Event::Interrupt(vector) => event::VALID | event::TYPE_INTR | u64::from(vector),
+            Event::Interrupt(vector) => {
+                if self.direct && vector == vmcall_proto::guest::DOORBELL_VECTOR {
+                    // A wake-up: the guest's handler EOIs it as any doorbell.
+                    self.virq.injected_doorbell();
+                }
+                event::VALID | event::TYPE_INTR | u64::from(vector)
+            }
         };
         self.vmcb().control.event_inj = word;
         self.injected = true;
@@ -642,12 +745,14 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
         // A virtual interrupt for the window (exits at VINTR before it is taken) or the
-        // doorbell (taken through the guest's IDT when it can be), highest priority.
-        let virq = if self.window || self.doorbell {
+        // guest's highest deliverable doorbell or device interrupt (taken through its IDT
+        // when it can be), highest priority.
+        let offer = self.virq.offer();
+        let virq = if self.window || offer.is_some() {
             v_intr::V_IRQ
                 | v_intr::V_IGN_TPR
                 | 0xf << 16
-                | u64::from(vmcall_proto::guest::DOORBELL_VECTOR) << 32
+                | u64::from(offer.unwrap_or(vmcall_proto::guest::DOORBELL_VECTOR)) << 32
         } else {
             0
         };
@@ -655,11 +760,37 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         v.save.rax = rax;
         v.control.v_intr = v_intr::V_INTR_MASKING | virq;
         let event_pending = v.control.event_inj & event::VALID != 0;
+        let shadow = v.control.interrupt_shadow & 1 != 0;
+        let hlt_exits = v.control.intercept_misc1 & misc1::HLT != 0;
+        let (cr0, cr3, rip) = (v.save.cr0, v.save.cr3, v.save.rip);
         self.made_up = None;
+        if shadow && virq != 0 && !event_pending {
+            // Rare (an exit inside the shadow with an interrupt pending): the code byte is
+            // read only then.
+            let (bytes, n) = fetch(self.ncr3, cr0, cr3, rip);
+            let insn = (n > 0).then_some(bytes[0]);
+            match shadowed_entry(shadow, virq != 0, event_pending, insn, hlt_exits) {
+                Shadowed::Enter => {}
+                Shadowed::HltExit => {
+                    self.shadowed_hlts = self.shadowed_hlts.saturating_add(1);
+                    self.made_up = Some(MadeUp::Hlt);
+                    self.injected = false;
+                    self.virq.entered(false);
+                    return Ok(());
+                }
+                Shadowed::PastHlt => {
+                    self.shadowed_hlts = self.shadowed_hlts.saturating_add(1);
+                    let v = self.vmcb();
+                    v.save.rip = rip.wrapping_add(1);
+                    v.control.interrupt_shadow = 0;
+                }
+            }
+        }
         if timer == 0 && !event_pending {
             // A zero timer exits before the guest's first instruction: no entry at all.
-            self.made_up = Some(false);
+            self.made_up = Some(MadeUp::Timer);
             self.injected = false;
+            self.virq.entered(false);
             return Ok(());
         }
         // With an event to deliver the guest must enter (the event is consumed then, as
@@ -693,26 +824,35 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         unsafe { apic::timer_disarm(mode) };
         self.injected = false;
         if !ran {
-            self.made_up = Some(true);
+            self.made_up = Some(MadeUp::Kick);
+            self.virq.entered(false);
             return Ok(());
         }
         let v = self.vmcb();
         let rax = v.save.rax;
-        let virq_left = v.control.v_intr & v_intr::V_IRQ != 0;
+        // The offered interrupt was taken if the processor cleared V_IRQ (a VINTR exit,
+        // the window's, leaves it set: it comes before the delivery).
+        let taken = v.control.v_intr & v_intr::V_IRQ == 0 && v.control.exit_code != code::VINTR;
         v.control.tlb_control = tlb_control::NOTHING;
         // Delivered, or back in EXITINTINFO (re-delivered by `redeliver`).
         v.control.event_inj = 0;
         self.regs.rax = rax;
-        // The doorbell was delivered if the processor took V_IRQ (it clears it then);
-        // one the host took during this entry (at STGI) is raised at the next.
-        if !virq_left {
-            self.doorbell = false;
-        }
+        self.virq.entered(taken);
+        // What the host took during this entry (at STGI) is offered from the next.
+        use core::sync::atomic::Ordering::AcqRel;
         let bit = self.core_bit;
-        let taken = crate::arch::idt::HOST_DOORBELLS
-            .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
-            & bit;
-        self.doorbell |= taken != 0 && self.direct;
+        let mut got = 0;
+        if crate::arch::idt::HOST_DOORBELLS.fetch_and(!bit, AcqRel) & bit != 0 && self.direct {
+            got |= super::virq::DOORBELL;
+        }
+        if self.devices {
+            for (i, w) in crate::arch::idt::HOST_DEVICE_IRQS.iter().enumerate() {
+                if w.fetch_and(!bit, AcqRel) & bit != 0 {
+                    got |= 1 << i;
+                }
+            }
+        }
+        self.virq.request(got);
         self.timer_fired = crate::arch::idt::HOST_TIMERS
             .fetch_and(!bit, core::sync::atomic::Ordering::AcqRel)
             & bit
@@ -741,18 +881,24 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             int_info: 0,
         };
         match made_up {
-            Some(true) => {
+            Some(MadeUp::Kick) => {
                 (e.kind, e.code, e.nmi) = (ExitKind::Nmi, TELEMETRY_NMI, true);
                 return e;
             }
-            Some(false) => {
+            Some(MadeUp::Timer) => {
                 (e.kind, e.code) = (ExitKind::Timer, TELEMETRY_TIMER);
+                return e;
+            }
+            Some(MadeUp::Hlt) => {
+                // The exit the processor makes for the intercepted HLT at RIP (one byte).
+                (e.kind, e.code, e.len) = (ExitKind::Hlt, TELEMETRY_HLT, 1);
                 return e;
             }
             None => {}
         }
         let c = &v.control;
-        let (xc, info1, info2, next_rip) = (c.exit_code, c.exit_info1, c.exit_info2, c.next_rip);
+        let xc = sx::normalize(c.exit_code);
+        let (info1, info2, next_rip) = (c.exit_info1, c.exit_info2, c.next_rip);
         e.int_info = c.exit_int_info;
         if xc == code::INVALID {
             (e.failed, e.code) = (true, TELEMETRY_INVALID);
@@ -798,17 +944,50 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             return e;
         };
         e.len = len;
+        if e.kind == ExitKind::Wbinvd && super::decode::is_invd(&bytes[..n]) {
+            // QEMU's TCG gives INVD WBINVD's exit code (`decode::is_invd`): count it as
+            // what the guest ran (both are emulated as no-ops).
+            (e.kind, e.code) = (ExitKind::Invd, sx::telemetry_code(code::INVD, 0));
+        }
         if direct
             && e.kind == ExitKind::Wrmsr
             && regs.rcx as u32 == MSR_EOI
             && regs.rax as u32 == 0
             && regs.rdx as u32 == 0
         {
-            // The guest acknowledges a virtualized doorbell: the host did at the real APIC.
+            // The guest acknowledges its highest virtual interrupt in service: a doorbell
+            // the host acknowledged at the real APIC already, or a device's, which the host
+            // left in service there for this EOI.
             v.save.rip = rip.wrapping_add(len);
             v.control.interrupt_shadow = 0;
             (e.kind, e.code) = (ExitKind::Completed, TELEMETRY_WRMSR);
+            if self.virq.eoi().is_some() {
+                // Only the guest's device vectors are ever left in service at this core's
+                // APIC while it runs (the host's own stubs acknowledge theirs at once), so
+                // the highest in service is the one the guest retired.
+                // SAFETY: so this EOI retires that device interrupt.
+                unsafe { crate::arch::apic::eoi() };
+            }
             return e;
+        }
+        if e.kind == ExitKind::Wrmsr {
+            let val = regs.rdx << 32 | (regs.rax & 0xffff_ffff);
+            if let Some(slot) = syscall_msr(&mut v.save, regs.rcx as u32) {
+                // LSTAR, CSTAR, KERNEL_GS_BASE: VT-x passes them through and the
+                // processor checks the address; here the write exited (`maps::CANONICAL_MSRS`)
+                // and no neutral field holds them, so it completes here. FS and GS base go
+                // to the policy's handler, which checks them the same way.
+                if canonical(val) {
+                    *slot = val;
+                    v.save.rip = rip.wrapping_add(len);
+                    v.control.interrupt_shadow = 0;
+                } else {
+                    v.control.event_inj = GP_EVENT;
+                    self.injected = true;
+                }
+                (e.kind, e.code) = (ExitKind::Completed, TELEMETRY_WRMSR);
+                return e;
+            }
         }
         if e.kind == ExitKind::CrAccess {
             use super::decode::CrInsn;
@@ -864,6 +1043,13 @@ impl crate::vcpu::Vcpu for SvmVcpu {
     fn clear(&mut self) {
         // The VMCB and maps are this core's static pages, not frames of the private
         // region: nothing to hand back. The timer is disarmed after every entry.
+        if self.shadowed_hlts > 0 {
+            log::info!(
+                "svm: {} entries in an STI shadow over HLT with an interrupt pending: \
+                 HLT done by the vCPU (the processor must not drop the shadow)",
+                self.shadowed_hlts
+            );
+        }
     }
 }
 
@@ -876,6 +1062,46 @@ mod tests {
         // Code: P, DPL 0, S, type 0xb; L set, D clear, G set.
         assert_eq!(flat(0x08, 0xa09b).attrib, 0xa9b);
         assert_eq!(flat(0x10, 0xc093).attrib, 0xc93);
+    }
+
+    /// The STI shadow over HLT (`sti; hlt`) with a virtual interrupt pending: the HLT
+    /// happens first, as the processor must do it, whether or not VMRUN keeps the shadow.
+    #[test]
+    fn an_sti_shadow_over_hlt_lets_the_hlt_happen_before_the_interrupt() {
+        use Shadowed::*;
+        // The case of the 64-core stops: the tick waits for the window (V_IRQ), an exit
+        // came between STI and HLT, HLT exits.
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), true), HltExit);
+        // HLT does not exit (a guest taking its own interrupts): halted, woken at once.
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), false), PastHlt);
+        // No shadow, no pending virtual interrupt, an event to inject, another
+        // instruction, code not readable: the entry as always.
+        assert_eq!(shadowed_entry(false, true, false, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, false, false, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, true, true, Some(HLT), true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, Some(0xf3), true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, None, true), Enter);
+    }
+
+    #[test]
+    fn the_syscall_msrs_are_the_vmcb_fields_and_must_be_canonical() {
+        let mut s = zeroed_save();
+        *syscall_msr(&mut s, 0xc000_0082).unwrap() = 1;
+        *syscall_msr(&mut s, 0xc000_0083).unwrap() = 2;
+        *syscall_msr(&mut s, 0xc000_0102).unwrap() = 3;
+        assert_eq!((s.lstar, s.cstar, s.kernel_gs_base), (1, 2, 3));
+        assert!(syscall_msr(&mut s, 0xc000_0081).is_none()); // STAR: any value
+        assert!(syscall_msr(&mut s, 0xc000_0100).is_none()); // FS base: the policy's
+        for msr in [0xc000_0082u32, 0xc000_0083, 0xc000_0102] {
+            assert!(super::super::maps::CANONICAL_MSRS.contains(&msr));
+        }
+        assert!(canonical(0x0000_7fff_ffff_f000) && canonical(0xffff_8000_0000_0000));
+        assert!(!canonical(0x0000_8000_0000_0000) && !canonical(0xffff_0000_0000_0000));
+        assert_eq!(GP_EVENT, 0x8000_0b0d);
+    }
+
+    fn zeroed_save() -> vmcb::StateSave {
+        vmcb::Vmcb::zeroed().save
     }
 
     #[test]

@@ -224,7 +224,6 @@ pub mod misc2 {
     pub const STGI: u32 = 1 << 4;
     pub const CLGI: u32 = 1 << 5;
     pub const SKINIT: u32 = 1 << 6;
-    pub const ICEBP: u32 = 1 << 8;
     pub const WBINVD: u32 = 1 << 9;
     pub const MONITOR: u32 = 1 << 10;
     pub const MWAIT: u32 = 1 << 11;
@@ -234,6 +233,9 @@ pub mod misc2 {
 /// Intercept-word bits for writes to CR0 and CR4 (offset 0x000, bits 16 + n).
 pub const CR0_WRITE: u32 = 1 << 16;
 pub const CR4_WRITE: u32 = 1 << 20;
+/// Reads and writes of CR8 (bits 8 and 24).
+pub const CR8_READ: u32 = 1 << 8;
+pub const CR8_WRITE: u32 = 1 << 24;
 
 /// TLB_CONTROL values (APM Table B-1, offset 0x05c; 15.16.2).
 pub mod tlb_control {
@@ -279,8 +281,10 @@ impl Vmcb {
     /// The intercepts every mkvisor guest runs with, whatever its mode: the instructions
     /// the guest policy answers (CPUID, HLT, VMMCALL, I/O and MSRs through their maps),
     /// what would let a guest reach the machine or the other guests (INIT, SHUTDOWN, the
-    /// SVM instructions, INVD, task switches, writes to CR3/CR4/CR8 are left to nested
-    /// paging), and VMRUN, which the architecture requires.
+    /// SVM instructions, INVD, task switches; CR3 is left to nested paging), the control
+    /// registers the policy owns or emulates (below), and VMRUN, which the architecture
+    /// requires. Not ICEBP (INT1): it raises
+    /// #DB in the guest, as on VT-x, where it never exits.
     pub fn set_policy_intercepts(&mut self, iopm_pa: u64, msrpm_pa: u64) {
         use misc1 as m1;
         use misc2 as m2;
@@ -305,14 +309,16 @@ impl Vmcb {
             | m2::STGI
             | m2::CLGI
             | m2::SKINIT
-            | m2::ICEBP
             | m2::WBINVD
             | m2::MONITOR
             | m2::MWAIT
             | m2::XSETBV;
         // Writes to CR0 and CR4 (bits 16 + n): the guest's own paging stays its own
-        // (nested paging isolates it), but the cache and feature bits are policy.
-        c.intercept_cr = CR0_WRITE | CR4_WRITE;
+        // (nested paging isolates it), but the cache and feature bits are policy. CR8 both
+        // ways: the policy emulates it (a stored value, #GP above 15), as VT-x's CR8-load
+        // and CR8-store exiting do; not every SVM implementation checks the reserved bits
+        // of its V_TPR write (QEMU 7.2's TCG stores them).
+        c.intercept_cr = CR0_WRITE | CR4_WRITE | CR8_READ | CR8_WRITE;
         // #MC would otherwise reach the guest; it is the machine's, not the guest's.
         c.intercept_exceptions = 1 << 18;
         c.iopm_base_pa = iopm_pa;

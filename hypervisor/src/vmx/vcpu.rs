@@ -225,6 +225,15 @@ impl crate::vcpu::Vcpu for VmxVcpu {
     ) -> Result<Self, crate::vcpu::SetupError> {
         use crate::arch;
         use crate::vcpu::SetupError;
+        // A device's interrupt reaches the guest's IDT directly and the guest acknowledges
+        // it at the real APIC through the x2APIC EOI MSR (passed through): x2APIC mode only.
+        if s.devices && !arch::apic::x2apic_mode() {
+            return Err(SetupError {
+                reason: "its core's local APIC is not in x2APIC mode: device interrupts \
+                         could not be acknowledged",
+                detail: None,
+            });
+        }
         let Some(vmcs) = crate::ept::Frames::alloc(frames) else {
             return Err(SetupError { reason: "private region exhausted", detail: None });
         };

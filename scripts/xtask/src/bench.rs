@@ -194,11 +194,19 @@ pub struct Emulated {
     pub send_code: u64,
     #[serde(default)]
     pub receive_code: u64,
+    /// The polling round trip made of a send and a receive, `pong` timing each receive (the
+    /// second half of `bench-poll.toml`'s exchange: how the round trip was measured before
+    /// `Chan::call` and `Chan::serve`; absent in older files).
+    #[serde(default)]
+    pub sendrecv_round_trip_instructions_median: u64,
 }
 
 /// The bare-ring baseline in Bochs (`raw=1` on `bench-poll.toml` and `bench-stream.toml`).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct RawFigures {
+    /// The second half of the exchange, as for the library (`Emulated`).
+    #[serde(default)]
+    pub sendrecv_round_trip_instructions_median: u64,
     pub round_trip_instructions_median: u64,
     pub send_instructions: u64,
     pub receive_instructions: u64,
@@ -241,6 +249,7 @@ fn raw_figures() -> Result<RawFigures> {
     let st = boot_raw("configs/bench-stream.toml")?;
     Ok(RawFigures {
         round_trip_instructions_median: bench_value(&poll, "ping", "rtt_median")?,
+        sendrecv_round_trip_instructions_median: bench_value(&poll, "ping", "sendrecv_rtt_median")?,
         send_instructions: bench_value(&poll, "ping", "send_median")?,
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
         stream_instructions_per_message_sender: bench_value(&st, "stream", "instr_per_msg")?,
@@ -357,16 +366,26 @@ fn pin(i: usize) {
 trait Endpoint: Send {
     fn send(&mut self, m: &Payload);
     fn recv(&mut self) -> Payload;
+    /// One round trip, the client's side: a send, then the reply (a transport with a
+    /// request/reply call of its own uses it: the guest library's `call`).
+    fn call(&mut self, m: &Payload) -> Payload {
+        self.send(m);
+        self.recv()
+    }
+    /// Echoes `rounds` messages back, the server's side (the guest library: `serve`).
+    fn echo(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            let m = self.recv();
+            self.send(&m);
+        }
+    }
 }
 
 /// Runs `rounds` round trips; returns per-trip TSC ticks.
 fn ping_pong(mut a: Box<dyn Endpoint>, mut b: Box<dyn Endpoint>, rounds: usize) -> Vec<u64> {
     let echo = std::thread::spawn(move || {
         pin(1);
-        for _ in 0..rounds {
-            let m = b.recv();
-            b.send(&m);
-        }
+        b.echo(rounds);
     });
     pin(0);
     let mut samples = Vec::with_capacity(rounds);
@@ -374,8 +393,7 @@ fn ping_pong(mut a: Box<dyn Endpoint>, mut b: Box<dyn Endpoint>, rounds: usize) 
     for i in 0..rounds {
         msg[0] = i as u64;
         let t = rdtsc();
-        a.send(&msg);
-        let r = a.recv();
+        let r = a.call(&msg);
         samples.push(rdtsc() - t);
         assert_eq!(r[0], i as u64, "echo out of order");
     }
@@ -444,8 +462,9 @@ fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
 // --- the guest's channel library: the ring with its settings and its link policy ---
 // What `guestkernel::channel::Chan` runs on a polling send and a blocking receive
 // (`vmcall_proto::endpoint::LinkWatch::try_send` and `LinkWatch::recv` over a sender and a
-// receiver publishing its count as the library does, `endpoint::ack_every`), with the link
-// word in host memory standing for the status page.
+// receiver publishing its count as the library does, `endpoint::ack_every`), and for a
+// round trip what `Chan::call` and `Chan::serve` run (`LinkWatch::call` and `serve`), with
+// the link word in host memory standing for the status page.
 struct LibEnd {
     tx: Sender<'static>,
     rx: Receiver<'static>,
@@ -467,6 +486,48 @@ impl Endpoint for LibEnd {
         match self.link.recv(&mut self.rx, || spin.wait("a message")) {
             Ok(m) => m,
             Err(e) => panic!("bench: library receive: {e:?}"),
+        }
+    }
+    /// `Chan::call`'s code: `LinkWatch::call`.
+    fn call(&mut self, m: &Payload) -> Payload {
+        let mut spin = Spin::new();
+        let mut reply = [0; 7];
+        let r = self.link.call(
+            &mut self.tx,
+            &mut self.rx,
+            m,
+            &mut reply,
+            |_| {},
+            || spin.wait("a reply"),
+        );
+        match r {
+            Ok(()) => reply,
+            Err(e) => panic!("bench: library call: {e:?}"),
+        }
+    }
+    /// `Chan::serve`'s code: `LinkWatch::serve`, the last message echoed with a send.
+    fn echo(&mut self, rounds: usize) {
+        if rounds == 0 {
+            return;
+        }
+        let (mut spin, mut left) = (Spin::new(), rounds);
+        let r = self.link.serve(
+            &mut self.tx,
+            &mut self.rx,
+            |m| {
+                left -= 1;
+                if left == 0 {
+                    std::ops::ControlFlow::Break(*m)
+                } else {
+                    std::ops::ControlFlow::Continue(*m)
+                }
+            },
+            |_| {},
+            || spin.wait("a request"),
+        );
+        match r {
+            Ok(last) => self.send(&last),
+            Err(e) => panic!("bench: library serve: {e:?}"),
         }
     }
 }
@@ -860,6 +921,7 @@ pub fn emulated() -> Result<Emulated> {
         receive_instructions: bench_value(&poll, "pong", "recv_median")?,
         round_trip_instructions_median: bench_value(&poll, "ping", "rtt_median")?,
         round_trip_instructions_p99: bench_value(&poll, "ping", "rtt_p99")?,
+        sendrecv_round_trip_instructions_median: bench_value(&poll, "ping", "sendrecv_rtt_median")?,
         stream_instructions_per_message_sender: bench_value(&st, "stream", "instr_per_msg")?,
         stream_instructions_per_message_receiver: bench_value(&st, "sink", "instr_per_msg")?,
         exits_per_message_polling: (bench_value(&poll, "ping", "exits")?

@@ -721,13 +721,19 @@ pub struct Outcome {
 
 /// Boots scenario `s` in Bochs (its config in a temporary file) and checks it.
 pub fn run_one(s: &Scenario) -> anyhow::Result<Outcome> {
+    run_one_on(s, crate::cli::Emulator::Bochs)
+}
+
+/// [`run_one`] in `emulator`. The invariants are the same; those about the detector's
+/// timeout compare TSC stretches, which under QEMU are host time (a starved vCPU counts).
+pub fn run_one_on(s: &Scenario, emulator: crate::cli::Emulator) -> anyhow::Result<Outcome> {
     let dir = tempfile_dir()?;
     let path = dir.join(format!("chaos-{}.toml", s.seed));
     std::fs::write(&path, &s.config)?;
     let args = crate::cli::RunArgs {
         cmdline: s.cmdline.clone(),
         timeout: 600,
-        ..crate::cli::RunArgs::quiet(crate::cli::Emulator::Bochs, path.to_str())
+        ..crate::cli::RunArgs::quiet(emulator, path.to_str())
     };
     let report = crate::run::run(&args)?;
     let serial = std::fs::read_to_string(&report.serial_log).unwrap_or_default();

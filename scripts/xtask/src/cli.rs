@@ -155,7 +155,8 @@ pub enum Command {
     /// on each report.
     Chaos(ChaosArgs),
     /// Check every crate's module import graph for cycles (also a step of `test`): each
-    /// cycle printed with the line that makes each step.
+    /// cycle printed with the line that makes each step. Also checks that no hypervisor
+    /// module outside the CPU backends names a VMCS or VMCB field (`backends`).
     Imports(ImportsArgs),
 }
 
@@ -531,7 +532,8 @@ pub enum Emulator {
     Bochs,
     /// QEMU with TCG: no VT-x, so the hypervisor must refuse cleanly.
     Qemu,
-    /// QEMU with KVM and `-cpu host`: only where /dev/kvm offers nested VMX.
+    /// QEMU with KVM and `-cpu host,+vmx` or `host,+svm`, whichever the host offers
+    /// nested (kvm_intel or kvm_amd with nested=1); refused where /dev/kvm offers neither.
     QemuKvm,
 }
 

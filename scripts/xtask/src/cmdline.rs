@@ -85,12 +85,13 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "revoke_fanout" if n.is_some_and(|n| (2..=16).contains(&n)) => None,
             "revoke_fanout" => Some("expected revoke_fanout=N with 2 <= N <= 16"),
             "inject" => match value.split_once(':') {
-                None if value == "silent-ap" || value == "ap-fault" => None,
+                None if ["silent-ap", "ap-fault", "late-ap"].contains(&value) => None,
                 Some(("deaf-core", k)) if k.parse::<usize>().is_ok_and(|k| k >= 1) => None,
                 Some(("deaf-core", k)) if deaf_for(k) => None,
                 Some(("hung-core", k)) if k.parse::<usize>().is_ok() => None,
                 _ => Some(
-                    "expected inject=silent-ap, inject=ap-fault, inject=deaf-core:N (N >= 1), \
+                    "expected inject=silent-ap, inject=ap-fault, inject=late-ap, \
+                     inject=deaf-core:N (N >= 1), \
                      inject=deaf-core:N:MS:AFTER (N >= 1, 1 <= MS <= 60000, AFTER <= 60000: \
                      core N serves no inbox for MS ms from AFTER ms into its guest's run) \
                      or inject=hung-core:N",
@@ -100,7 +101,7 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
                 "unknown option (known: cpus=N, vmxcaps, trace, budget_ms=N, \
                  caps_deadline_ms=N, probe_ms=N, duration_ms=N, revoke=multicast|broadcast|tree, \
                  revoke_fanout=N, stats_ms=N, host_control, \
-                 inject=silent-ap|ap-fault|deaf-core:N|deaf-core:N:MS:AFTER|hung-core:N)",
+                 inject=silent-ap|ap-fault|late-ap|deaf-core:N|deaf-core:N:MS:AFTER|hung-core:N)",
             ),
         };
         if let Some(why) = why {
@@ -138,7 +139,7 @@ mod tests {
     fn good_options_pass() {
         assert!(check("").is_empty());
         let all = "cpus=2 vmxcaps vmxcaps=1 trace trace=1 budget_ms=5 caps_deadline_ms=1 caps_deadline_ms=60000 \
-                   inject=silent-ap inject=ap-fault inject=deaf-core:1 inject=deaf-core:2:150:0 revoke=tree revoke=broadcast \
+                   inject=silent-ap inject=ap-fault inject=late-ap inject=deaf-core:1 inject=deaf-core:2:150:0 revoke=tree revoke=broadcast \
                    revoke_fanout=2 revoke_fanout=16";
         assert_eq!(check(all), []);
     }

@@ -58,6 +58,13 @@ pub struct NicModel {
 }
 
 impl NicModel {
+    /// QEMU's device of the same model (`-device`).
+    pub fn qemu_device(&self) -> &'static str {
+        match self.name {
+            "ne2k" => "ne2k_pci",
+            _ => self.name,
+        }
+    }
     /// Whether it masters the bus (DMA) whatever its command register says: the same list
     /// the hypervisor refuses without `dma = "unconfined"`.
     pub fn bus_master(&self) -> bool {
@@ -85,7 +92,16 @@ pub fn nic_line(i: usize) -> u8 {
     }
 }
 
-/// The PCI address the `i`-th `[[nic]]` (0-based) gets in Bochs.
+/// The I/O APIC input the `i`-th `[[nic]]`'s INTA# reaches on QEMU's q35 (`--emulator
+/// qemu`, the card at the same address, `crate::run::Machine::qemu_nics`): the hypervisor
+/// takes a bus-0 function's own PIRQ input there (`pci::q35_inputs`: slot `s` on PIRQ E + `s`
+/// mod 4, inputs 20-23). Every two cards that share an input here share a line on Bochs
+/// too (a host test checks it), so the config check's rule ([`nic_line`]) covers both.
+pub fn qemu_nic_line(i: usize) -> u8 {
+    20 + (nic_address(i).device % 4)
+}
+
+/// The PCI address the `i`-th `[[nic]]` (0-based) gets in Bochs (and in QEMU).
 pub fn nic_address(i: usize) -> vmcall_proto::device::Bdf {
     vmcall_proto::device::Bdf::new(0, i as u8 + 2, 0)
 }
@@ -1597,6 +1613,15 @@ memory_mib = 4
         ) + "\n[[nic]]\nmodel = \"ne2k\"\n";
         assert!(compile("t.toml", &own_both).is_ok());
         assert_eq!((nic_line(0), nic_line(1), nic_line(2)), (9, 11, 9));
+        // q35: 00:02.0 and 00:03.0 on PIRQ G and H; only slots 1 and 5 share, as on Bochs.
+        assert_eq!((qemu_nic_line(0), qemu_nic_line(1), qemu_nic_line(4)), (22, 23, 22));
+        for i in 0..PCI_SLOTS {
+            for j in 0..PCI_SLOTS {
+                if qemu_nic_line(i) == qemu_nic_line(j) {
+                    assert_eq!(nic_line(i), nic_line(j), "slots {} and {}", i + 1, j + 1);
+                }
+            }
+        }
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub const BY_COMMAND: &[(&str, &[(u8, &str)])] = &[
             (OK, "`run` would boot this"),
             (USAGE, ""),
             (CONFIG, ""),
-            (REFUSED, "the emulator cannot run this machine (qemu-kvm without nested VMX)"),
+            (REFUSED, "the emulator cannot run this machine (qemu-kvm without /dev/kvm or nested VMX/SVM)"),
             (REPORT_PATH, ""),
             (ERROR, ""),
         ],

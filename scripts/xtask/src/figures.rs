@@ -269,6 +269,11 @@ fn channel_library(json: &str) -> Result<String> {
             raw.round_trip_instructions_median,
             e.round_trip_instructions_median,
         ),
+        row(
+            "round trip, send + recv, receives timed (median, TSC)",
+            raw.sendrecv_round_trip_instructions_median,
+            e.sendrecv_round_trip_instructions_median,
+        ),
         row("send (median, TSC)", raw.send_instructions, e.send_instructions),
         row("receive (median, TSC)", raw.receive_instructions, e.receive_instructions),
         row(

@@ -8,6 +8,7 @@
 //! and imports none of its modules; `cargo xtask imports` checks that no module imports
 //! another that imports it back.
 
+pub mod backends;
 pub mod baseline;
 pub mod bench;
 pub mod build;

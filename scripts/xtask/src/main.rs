@@ -62,6 +62,11 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
         eprintln!("error: test: import cycles (above)");
         return Ok(false);
     }
+    // Only the CPU backends name VMCS or VMCB fields (issue 24).
+    if !xtask::backends::check(&xtask::workspace_root())? {
+        eprintln!("error: test: a module outside the backends names a VMCS or VMCB field (above)");
+        return Ok(false);
+    }
     // Host tests: the ABI, the tool, and the bare-metal crates' logic built for the host.
     let host = step(cargo().args([
         "test",
@@ -238,7 +243,12 @@ fn main() -> ExitCode {
         }
         Cmd::Top(t) => xtask::watch::top(t.run.as_deref(), t.once).map(|()| true),
         Cmd::Schema(s) => xtask::schema::command(s.which, s.update).map(|()| true),
-        Cmd::Imports(i) => xtask::imports::check(&xtask::workspace_root(), i.graph, &[]),
+        Cmd::Imports(i) => {
+            let root = xtask::workspace_root();
+            // And only the CPU backends name VMCS or VMCB fields (issue 24).
+            xtask::imports::check(&root, i.graph, &[])
+                .and_then(|acyclic| xtask::backends::check(&root).map(|neutral| acyclic && neutral))
+        }
         Cmd::Figures(f) => xtask::figures::figures(&f.files, f.update),
         Cmd::Workloads(w) => {
             if w.update_readme {

@@ -299,7 +299,9 @@ pub struct DeviceReport {
     pub id: String,
     /// Class, subclass, programming interface, hex.
     pub class: String,
-    /// INTx pin (0 none, 1..4 INTA..INTD) and the line the firmware routed it to.
+    /// INTx pin (0 none, 1..4 INTA..INTD) and the I/O APIC input it reaches: the line the
+    /// firmware routed it to (its interrupt-line register), or on QEMU's q35 a bus-0
+    /// function's own PIRQ input (16-23).
     pub pin: u32,
     pub line: u32,
     /// `index:kind:base+size` words (hex) as found at boot.

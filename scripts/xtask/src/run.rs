@@ -128,25 +128,84 @@ pub fn run_dir(tag: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Why QEMU with KVM cannot run mkvisor here, if it cannot.
-pub fn kvm_vmx_unavailable() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm does not exist".into());
+/// The CPU interface KVM can hand the guest (`--emulator qemu-kvm`): the hypervisor picks
+/// its backend from CPUID at boot (`backend: vmx` or `backend: svm`), so QEMU only has to
+/// pass the host's on, nested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmBackend {
+    /// Intel VT-x: `kvm_intel` with `nested=1`.
+    Vmx,
+    /// AMD SVM: `kvm_amd` with `nested=1`.
+    Svm,
+}
+
+impl KvmBackend {
+    /// QEMU's `-cpu` for it: the host's CPU with the virtualization extension forced on.
+    pub fn qemu_cpu(self) -> &'static str {
+        match self {
+            KvmBackend::Vmx => "host,+vmx",
+            KvmBackend::Svm => "host,+svm",
+        }
     }
-    let vmx = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_vmx());
-    if !vmx {
-        return Some(
-            "the host CPU has no VMX (CPUID.01H:ECX.VMX is 0), so KVM cannot give a guest VT-x \
-             (this /dev/kvm is not a VMX-capable KVM); use --emulator bochs"
-                .into(),
-        );
+}
+
+/// What decides whether QEMU with KVM can run mkvisor: read from the host by
+/// [`KvmHost::probe`], made up in tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvmHost {
+    /// `/dev/kvm` exists.
+    pub dev_kvm: bool,
+    /// CPUID.01H:ECX.VMX and CPUID.8000_0001H:ECX.SVM of the host.
+    pub vmx: bool,
+    pub svm: bool,
+    /// `/sys/module/kvm_intel/parameters/nested`, `/sys/module/kvm_amd/parameters/nested`
+    /// (`None`: the module is not loaded).
+    pub nested_intel: Option<String>,
+    pub nested_amd: Option<String>,
+}
+
+impl KvmHost {
+    pub fn probe() -> KvmHost {
+        let cpuid = raw_cpuid::CpuId::new();
+        let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+        KvmHost {
+            dev_kvm: Path::new("/dev/kvm").exists(),
+            vmx: cpuid.get_feature_info().is_some_and(|f| f.has_vmx()),
+            svm: cpuid
+                .get_extended_processor_and_feature_identifiers()
+                .is_some_and(|f| f.has_svm()),
+            nested_intel: read("/sys/module/kvm_intel/parameters/nested"),
+            nested_amd: read("/sys/module/kvm_amd/parameters/nested"),
+        }
     }
-    let nested =
-        std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested").unwrap_or_default();
-    if !matches!(nested.trim(), "Y" | "1") {
-        return Some("kvm_intel is not loaded with nested=1, so guests get no VT-x".into());
+
+    /// The backend KVM offers a guest here, or why none (to print as it is).
+    pub fn backend(&self) -> Result<KvmBackend, String> {
+        let on = |n: &Option<String>| matches!(n.as_deref(), Some("Y" | "y" | "1"));
+        if !self.dev_kvm {
+            return Err("/dev/kvm does not exist (no KVM on this host, or not for this user): \
+                        nested runs need a Linux host with kvm_intel or kvm_amd loaded and \
+                        nested=1; use --emulator qemu (TCG, SVM) or bochs (VT-x)"
+                .into());
+        }
+        match (self.vmx, self.svm) {
+            (true, _) if on(&self.nested_intel) => Ok(KvmBackend::Vmx),
+            (true, _) => Err(format!(
+                "the host has VT-x but kvm_intel is {}: load it with nested=1 \
+                 (`modprobe kvm_intel nested=1`) so that guests get VMX",
+                self.nested_intel.as_ref().map_or("not loaded".into(), |n| format!("nested={n}"))
+            )),
+            (false, true) if on(&self.nested_amd) => Ok(KvmBackend::Svm),
+            (false, true) => Err(format!(
+                "the host has AMD SVM but kvm_amd is {}: load it with nested=1 \
+                 (`modprobe kvm_amd nested=1`) so that guests get SVM",
+                self.nested_amd.as_ref().map_or("not loaded".into(), |n| format!("nested={n}"))
+            )),
+            (false, false) => Err("the host CPU has neither VMX nor SVM (CPUID), so KVM cannot \
+                                   give a guest either; use --emulator qemu or bochs"
+                .into()),
+        }
     }
-    None
 }
 
 /// The CPU models Bochs 2.7 knows (`bochs -help cpu`); any other name stops it at once.
@@ -401,19 +460,7 @@ fn spawn(
                 // The host's control channel (`crate::hostctl`): Bochs connects at its start.
                 rc += &format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n");
             }
-            for (i, (nic, fwd)) in m.nics.iter().enumerate() {
-                for f in fwd {
-                    eprintln!(
-                        "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
-                         slirp gateway 10.0.2.2)",
-                        f.proto,
-                        f.host,
-                        nic.name,
-                        crate::config::nic_address(i),
-                        f.guest
-                    );
-                }
-            }
+            m.print_forwards();
             std::fs::write(dir.join("bochsrc"), rc)?;
             std::fs::write(dir.join("cont.rc"), "c\n")?;
             let mut c = Command::new("bochs");
@@ -441,8 +488,12 @@ fn spawn(
                 c.arg("-serial").arg(format!("tcp:127.0.0.1:{port}"));
             }
             c.arg("-cdrom").arg(iso);
+            c.args(m.qemu_nics());
+            m.print_forwards();
             if args.emulator == Emulator::QemuKvm {
-                c.args(["-enable-kvm", "-cpu", "host"]);
+                // `prepare` found the backend (a run that gets here has one).
+                let cpu = KvmHost::probe().backend().map_or("host", KvmBackend::qemu_cpu);
+                c.args(["-enable-kvm", "-cpu", cpu]);
             } else {
                 c.args(["-cpu", model]);
             }
@@ -475,6 +526,56 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// One line per forwarded port, on stderr, before the emulator starts.
+    fn print_forwards(&self) {
+        for (i, (nic, fwd)) in self.nics.iter().enumerate() {
+            for f in fwd {
+                eprintln!(
+                    "network: host {}:127.0.0.1:{} -> {} at {} (guest 10.0.2.15 port {}, \
+                     user-mode gateway 10.0.2.2)",
+                    f.proto,
+                    f.host,
+                    nic.name,
+                    crate::config::nic_address(i),
+                    f.guest
+                );
+            }
+        }
+    }
+
+    /// QEMU's arguments for the cards, the same machine as [`Machine::bochs_nics`]: the
+    /// `i`-th card at `crate::config::nic_address(i)` (00:02.0, 00:03.0, ...: on q35 an
+    /// integrated function of the root complex, `bus=pcie.0`), the same MAC, each with its
+    /// own user-mode network (QEMU's slirp: 10.0.2.0/24, gateway 10.0.2.2, the guest
+    /// 10.0.2.15) and the config's ports forwarded from the host's 127.0.0.1. Without
+    /// cards, `-nic none`: q35 would otherwise add an e1000e of its own at 00:02.0.
+    pub fn qemu_nics(&self) -> Vec<String> {
+        if self.nics.is_empty() {
+            return vec!["-nic".into(), "none".into()];
+        }
+        let mut out = Vec::new();
+        for (i, (m, fwd)) in self.nics.iter().enumerate() {
+            let mut netdev = format!("user,id=nic{i},net=10.0.2.0/24,host=10.0.2.2");
+            for f in fwd {
+                netdev.push_str(&format!(",hostfwd={}:127.0.0.1:{}-:{}", f.proto, f.host, f.guest));
+            }
+            let a = crate::config::nic_address(i);
+            out.extend([
+                "-netdev".to_string(),
+                netdev,
+                "-device".to_string(),
+                format!(
+                    "{},netdev=nic{i},bus=pcie.0,addr={:#x}.{},mac=52:54:00:12:34:{:02x}",
+                    m.qemu_device(),
+                    a.device,
+                    a.function,
+                    0x56 + i
+                ),
+            ]);
+        }
+        out
+    }
+
     /// The Bochs lines for the cards: the PCI slots, each card with its own user-mode
     /// network (slirp, 10.0.2.0/24, gateway 10.0.2.2) and its config file in `dir`.
     pub fn bochs_nics(&self, dir: &Path) -> Result<String> {
@@ -751,7 +852,7 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         ));
     }
     if args.emulator == Emulator::QemuKvm {
-        if let Some(why) = kvm_vmx_unavailable() {
+        if let Err(why) = KvmHost::probe().backend() {
             // The host lacks what the run needs: as a machine the hypervisor refuses.
             return Err(crate::exit::coded(
                 crate::exit::REFUSED,
@@ -1291,6 +1392,62 @@ pub fn summary(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_kvm_picks_the_backend_the_host_offers_nested() {
+        let yes = Some("Y".to_string());
+        let intel =
+            KvmHost { dev_kvm: true, vmx: true, nested_intel: yes.clone(), ..Default::default() };
+        assert_eq!(intel.backend(), Ok(KvmBackend::Vmx));
+        assert_eq!(KvmBackend::Vmx.qemu_cpu(), "host,+vmx");
+        let amd = KvmHost {
+            dev_kvm: true,
+            svm: true,
+            nested_amd: Some("1".into()),
+            ..Default::default()
+        };
+        assert_eq!(amd.backend(), Ok(KvmBackend::Svm));
+        assert_eq!(KvmBackend::Svm.qemu_cpu(), "host,+svm");
+        // What is missing, named.
+        let no_kvm = KvmHost { dev_kvm: false, ..intel.clone() };
+        assert!(no_kvm.backend().unwrap_err().contains("/dev/kvm does not exist"));
+        let off = KvmHost { nested_intel: Some("N".into()), ..intel.clone() };
+        assert!(
+            off.backend().unwrap_err().contains("kvm_intel is nested=N"),
+            "{:?}",
+            off.backend()
+        );
+        let unloaded = KvmHost { nested_amd: None, ..amd.clone() };
+        assert!(unloaded.backend().unwrap_err().contains("kvm_amd is not loaded"));
+        let amd_off = KvmHost { nested_amd: Some("0".into()), ..amd };
+        assert!(amd_off.backend().unwrap_err().contains("modprobe kvm_amd nested=1"));
+        let neither = KvmHost { vmx: false, ..intel };
+        assert!(neither.backend().unwrap_err().contains("neither VMX nor SVM"));
+    }
+
+    /// On a host without /dev/kvm (this test bed: containers, CI), `--emulator qemu-kvm`
+    /// stops before it builds or boots, saying so, with the "refused" exit code.
+    #[test]
+    fn qemu_kvm_without_dev_kvm_is_refused_naming_it() {
+        if Path::new("/dev/kvm").exists() {
+            eprintln!("/dev/kvm exists here: the refusal is covered by the case above only");
+            return;
+        }
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "xtask",
+            "run",
+            "--emulator",
+            "qemu-kvm",
+            "--no-config",
+        ])
+        .unwrap();
+        let crate::cli::Command::Run(args) = cli.command else { panic!("a run") };
+        let err = prepare(&args).err().expect("refused");
+        assert_eq!(crate::exit::of_error(&err), crate::exit::REFUSED, "{err:#}");
+        let text = format!("{err:#}");
+        assert!(text.contains("cannot run under qemu-kvm: /dev/kvm does not exist"), "{text}");
+    }
 
     #[test]
     fn the_summary_names_the_tsc_unit() {
