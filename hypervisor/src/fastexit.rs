@@ -31,7 +31,7 @@
 //! flag are both zero (VMX: a kick arriving after the timer write zeroes the timer in the
 //! NMI handler, `arch::idt`, so the guest exits at once and the run loop reads the mail;
 //! SVM: the landing runs with GIF clear, so a kick's NMI stays pending and exits the guest
-//! at the VMRUN); then the backend knows where the instruction ends ([`Cpu::next_rip`]:
+//! at the VMRUN); then the backend knows where the instruction ends ([`Cpu::rip_after`]:
 //! VMX's exit instruction length, SVM's nRIP or its decoder; an instruction it cannot
 //! decode is left to the run loop). Then it answers, advances RIP (ending any STI/MOV-SS
 //! blocking, as the run loop's handlers do) and counts itself, once: in the telemetry page
@@ -131,7 +131,7 @@ pub trait Cpu {
     /// Where the exiting instruction ends (its RIP plus its length), or `None` when the
     /// backend cannot tell (SVM without nRIP: bytes it cannot decode): then the run loop
     /// takes the exit. Asked once, after the answer is decided and before anything changes.
-    fn next_rip(&mut self) -> Option<u64>;
+    fn rip_after(&mut self) -> Option<u64>;
     fn rdtsc(&mut self) -> u64;
     fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4];
 }
@@ -140,7 +140,7 @@ pub trait Cpu {
 pub enum Field {
     SsAccessRights,
     Rflags,
-    /// Written only (the new RIP, [`Cpu::next_rip`]).
+    /// Written only (the new RIP, [`Cpu::rip_after`]).
     Rip,
     Interruptibility,
     /// The timer that bounds the guest's run (VMX: the VMX-preemption timer), in its own
@@ -188,7 +188,7 @@ pub fn answer(c: &mut impl Cpu, fx: &mut FastExit, code: u64) -> bool {
         if !quiet(c, fx, t0) {
             return false;
         }
-        let Some(rip) = c.next_rip() else {
+        let Some(rip) = c.rip_after() else {
             return false;
         };
         c.write(Field::Rax, value);
@@ -200,7 +200,7 @@ pub fn answer(c: &mut impl Cpu, fx: &mut FastExit, code: u64) -> bool {
         let (leaf, sub) = (c.read(Field::Rax) as u32, c.read(Field::Rcx) as u32);
         let r = crate::exits::cpuid_seen(leaf, sub, c.cpuid(leaf, sub), fx.core, fx.mwait);
         // (After the host's CPUID, which changes nothing: fewer registers live across it.)
-        let Some(rip) = c.next_rip() else {
+        let Some(rip) = c.rip_after() else {
             return false;
         };
         c.write(Field::Rax, r[0] as u64);
@@ -291,7 +291,7 @@ mod tests {
                 _ => panic!("{f:?} is read-only"),
             }
         }
-        fn next_rip(&mut self) -> Option<u64> {
+        fn rip_after(&mut self) -> Option<u64> {
             // A length of 0: an instruction the backend cannot decode.
             (self.len != 0).then(|| self.rip + self.len)
         }
@@ -547,7 +547,7 @@ mod tests {
                     _ => {}
                 }
             }
-            fn next_rip(&mut self) -> Option<u64> {
+            fn rip_after(&mut self) -> Option<u64> {
                 Some(self.v.get(Field::Rip) + self.len)
             }
             fn rdtsc(&mut self) -> u64 {

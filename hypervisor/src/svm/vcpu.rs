@@ -409,7 +409,7 @@ impl crate::fastexit::Cpu for Hw<'_> {
         }
     }
     #[inline(always)]
-    fn next_rip(&mut self) -> Option<u64> {
+    fn rip_after(&mut self) -> Option<u64> {
         let v = &*self.vmcb;
         let rip = v.save.rip;
         let len = if self.nrip {

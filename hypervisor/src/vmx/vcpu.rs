@@ -78,7 +78,7 @@ impl crate::fastexit::Cpu for Hw<'_> {
         }
     }
     #[inline(always)]
-    fn next_rip(&mut self) -> Option<u64> {
+    fn rip_after(&mut self) -> Option<u64> {
         // The VM-exit instruction length, valid for CPUID and VMCALL exits.
         // SAFETY: as for `read`.
         Some(unsafe { g::RIP.get().wrapping_add(exit::INSTRUCTION_LEN.get()) })
