@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The exits answered in the exit landing, before the run loop sees them. Owns [`FastExit`]
 //! (what the fast path may use: armed by the run loop before each entry it makes) and
-//! [`answer`], which the backend's exit landing calls (VMX: `vmx::vcpu::mkv_fast_exit`,
-//! called by symbol from the assembly of `arch::vmx`) with every guest register saved; a
-//! `true` answer sends the guest straight back (VMRESUME).
-//! May call: `exits` (the CPUID policy, the checks), `vmcall_proto`. Called by the
-//! backends (`vmx::vcpu`) and armed by `instance`.
-//! Reaches the guest's state only through [`Cpu`].
+//! [`answer`], which the backend's exit landing calls with every guest register saved (VMX:
+//! `vmx::vcpu::mkv_fast_exit`, SVM: `svm::vcpu::mkv_svm_fast_exit`, each called by symbol
+//! from the world-switch assembly of `arch::vmx`, `arch::svm`); a `true` answer sends the
+//! guest straight back (VMRESUME, VMRUN).
+//! May call: `exits` (the CPUID policy, the checks, the answering hypercalls: one
+//! implementation with the run loop's handlers), `vmcall_proto`. Called by the backends
+//! (`vmx::vcpu`, `svm::vcpu`) and armed by `instance`.
+//! Reaches the guest's state only through [`Cpu`], which each backend implements over its
+//! own control structure (VMX: the current VMCS and the saved registers; SVM: the VMCB,
+//! which holds RAX, and the saved registers): which exits are answered, the privilege
+//! check and the answers are here, once, for both.
 //!
 //! What it answers: CPUID, and the hypercalls that only answer (`yield`, `guest_info`,
 //! `tsc_per_ms`, `exit_count`) from CPL 0. Everything else, and these too when the fast path
@@ -14,23 +19,26 @@
 //! pending for the guest or the core (no event to inject, no capability work, no exit
 //! tracing, no injected fault) and only until the next deadline of anything it watches (the
 //! watchdog, the guest's timer, the membership's next tick, the end of the run): the target
-//! it programs the VMX-preemption timer for; and it stops answering (without a timer for
+//! it programs the backend's run timer for; and it stops answering (without a timer for
 //! it) when the next per-channel traffic copy for the telemetry page is due. So an exit
 //! answered here is one the run loop would have answered the same way, with nothing else
 //! to do.
 //!
-//! Each answer, before it changes anything: the TSC is before the deadline; the
-//! preemption timer is programmed again for the deadline (VM entry reloads it from the
-//! VMCS: without this a guest exiting often would push it out); then the core's mail word
-//! and kick flag are both zero (a kick arriving after the timer write zeroes the timer in
-//! the NMI handler, `arch::idt`, so the guest exits at once and the run loop reads the
-//! mail). Then it answers, advances RIP (ending any STI/MOV-SS blocking, as the run loop's
-//! handlers do) and counts itself, once: in the telemetry page (exact whenever the guest
-//! reads it), its one running tally, which the run loop folds into `exits::Counters` after
-//! its next exit ([`FastExit::answered`]: the page's `entries` and `hypercalls` against
-//! what the run loop published at its entry).
+//! Each answer, before it changes anything: the TSC is before the deadline; the run timer
+//! is programmed again for the deadline (VMX: VM entry reloads the preemption timer from
+//! the VMCS, so without this a guest exiting often would push it out; SVM's APIC timer
+//! keeps counting to its deadline and needs nothing); then the core's mail word and kick
+//! flag are both zero (VMX: a kick arriving after the timer write zeroes the timer in the
+//! NMI handler, `arch::idt`, so the guest exits at once and the run loop reads the mail;
+//! SVM: the landing runs with GIF clear, so a kick's NMI stays pending and exits the guest
+//! at the VMRUN); then the backend knows where the instruction ends ([`Cpu::rip_after`]:
+//! VMX's exit instruction length, SVM's nRIP or its decoder; an instruction it cannot
+//! decode is left to the run loop). Then it answers, advances RIP (ending any STI/MOV-SS
+//! blocking, as the run loop's handlers do) and counts itself, once: in the telemetry page
+//! (exact whenever the guest reads it), its one running tally, which the run loop folds
+//! into `exits::Counters` after its next exit ([`FastExit::answered`]: the page's `entries`
+//! and `hypercalls` against what the run loop published at its entry).
 
-use crate::arch::vmx::GuestRegs;
 use core::sync::atomic::{AtomicU64, Ordering};
 use vmcall_proto::guest::Telemetry;
 use vmcall_proto::hypercall::Hypercall;
@@ -109,15 +117,21 @@ impl FastExit {
 }
 
 /// The guest state and instructions the fast path uses: the backend's (VMX: the current
-/// VMCS, `vmx::vcpu`), a fake in host tests.
+/// VMCS and the saved registers, `vmx::vcpu`; SVM: the VMCB and the saved registers,
+/// `svm::vcpu`), a fake in host tests.
 pub trait Cpu {
-    /// Whether the exit of backend code `code` (as the landing read it: VMX, the whole
-    /// exit-reason field) is a hypercall, a CPUID: the only exits answered here. Two
-    /// predicates, not a decoded kind: each folds into its branch (one compare).
+    /// Whether the exit of code `code` (as the landing hands it: VMX, the whole exit-reason
+    /// field; SVM, the telemetry code of a VMMCALL or CPUID exit) is a hypercall, a CPUID:
+    /// the only exits answered here. Two predicates, not a decoded kind: each folds into
+    /// its branch (one compare). `code` also indexes the telemetry page's exit counters.
     fn is_hypercall(&self, code: u64) -> bool;
     fn is_cpuid(&self, code: u64) -> bool;
     fn read(&mut self, f: Field) -> u64;
     fn write(&mut self, f: Field, v: u64);
+    /// Where the exiting instruction ends (its RIP plus its length), or `None` when the
+    /// backend cannot tell (SVM without nRIP: bytes it cannot decode): then the run loop
+    /// takes the exit. Asked once, after the answer is decided and before anything changes.
+    fn rip_after(&mut self) -> Option<u64>;
     fn rdtsc(&mut self) -> u64;
     fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4];
 }
@@ -126,20 +140,26 @@ pub trait Cpu {
 pub enum Field {
     SsAccessRights,
     Rflags,
-    /// Length of the exiting instruction (see `vcpu`'s header on SVM).
-    InstructionLen,
+    /// Written only (the new RIP, [`Cpu::rip_after`]).
     Rip,
     Interruptibility,
     /// The timer that bounds the guest's run (VMX: the VMX-preemption timer), in its own
-    /// units: TSC ticks shifted right by [`FastExit::timer_shift`].
+    /// units: TSC ticks shifted right by [`FastExit::timer_shift`]. Written only; a
+    /// backend whose timer counts to its deadline on its own (SVM) ignores the write.
     Timer,
+    /// The general registers a CPUID and the answering hypercalls read and write (SVM
+    /// keeps RAX in the VMCB, the others in the saved registers).
+    Rax,
+    Rbx,
+    Rcx,
+    Rdx,
 }
 
-/// Answers the exit of backend code `code` (as the landing read it) if it can (see the module
+/// Answers the exit of code `code` (as the landing hands it) if it can (see the module
 /// header); `false` leaves everything as it was for the run loop (the timer aside, which
 /// the run loop programs anyway).
 #[inline(always)]
-pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u64) -> bool {
+pub fn answer(c: &mut impl Cpu, fx: &mut FastExit, code: u64) -> bool {
     let t0 = c.rdtsc();
     if t0 >= fx.answer_until {
         return false;
@@ -148,7 +168,8 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
     if c.read(Field::Rflags) & crate::exits::RFLAGS_TF != 0 {
         return false;
     }
-    if c.is_hypercall(code) {
+    let hypercall = c.is_hypercall(code);
+    if hypercall {
         // From CPL 0 only (the run loop injects #GP otherwise).
         if !crate::exits::ring0(c.read(Field::SsAccessRights)) {
             return false;
@@ -160,29 +181,36 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
             tsc_per_ms: fx.tsc_per_ms,
             exits: fx.exits_base.wrapping_add(entries + 1),
         };
-        let Some(value) = Hypercall::try_from(regs.rax).ok().and_then(|call| facts.answer(call))
-        else {
+        let call = Hypercall::try_from(c.read(Field::Rax));
+        let Some(value) = call.ok().and_then(|call| facts.answer(call)) else {
             return false;
         };
         if !quiet(c, fx, t0) {
             return false;
         }
-        regs.rax = value;
+        let Some(rip) = c.rip_after() else {
+            return false;
+        };
+        c.write(Field::Rax, value);
+        c.write(Field::Rip, rip);
     } else if c.is_cpuid(code) {
         if !quiet(c, fx, t0) {
             return false;
         }
-        let (leaf, sub) = (regs.rax as u32, regs.rcx as u32);
+        let (leaf, sub) = (c.read(Field::Rax) as u32, c.read(Field::Rcx) as u32);
         let r = crate::exits::cpuid_seen(leaf, sub, c.cpuid(leaf, sub), fx.core, fx.mwait);
-        regs.rax = r[0] as u64;
-        regs.rbx = r[1] as u64;
-        regs.rcx = r[2] as u64;
-        regs.rdx = r[3] as u64;
+        // (After the host's CPUID, which changes nothing: fewer registers live across it.)
+        let Some(rip) = c.rip_after() else {
+            return false;
+        };
+        c.write(Field::Rax, r[0] as u64);
+        c.write(Field::Rbx, r[1] as u64);
+        c.write(Field::Rcx, r[2] as u64);
+        c.write(Field::Rdx, r[3] as u64);
+        c.write(Field::Rip, rip);
     } else {
         return false;
     }
-    let rip = c.read(Field::Rip).wrapping_add(c.read(Field::InstructionLen));
-    c.write(Field::Rip, rip);
     let blocking = c.read(Field::Interruptibility);
     if let Some(b) = crate::exits::unblocked(blocking) {
         c.write(Field::Interruptibility, b);
@@ -192,13 +220,13 @@ pub fn answer(c: &mut impl Cpu, regs: &mut GuestRegs, fx: &mut FastExit, code: u
     // SAFETY: that page is valid and writable here; the guest is not running.
     let t = unsafe { &mut *fx.telemetry };
     t.exits[code as usize] = t.exits[code as usize].wrapping_add(1);
-    t.hypercalls = t.hypercalls.wrapping_add(c.is_hypercall(code) as u64);
+    t.hypercalls = t.hypercalls.wrapping_add(hypercall as u64);
     t.entries = t.entries.wrapping_add(1);
     t.hypervisor_tsc = t.hypervisor_tsc.wrapping_add(c.rdtsc().wrapping_sub(t0));
     true
 }
 
-/// Programs the preemption timer for the deadline, then looks at the mail word and the
+/// Programs the run timer for the deadline, then looks at the mail word and the
 /// kick flag: whether the core has nothing to read.
 #[inline(always)]
 fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
@@ -213,11 +241,13 @@ fn quiet(c: &mut impl Cpu, fx: &FastExit, now: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::vmx::GuestRegs;
     use vmcall_proto::guest::StatusPage;
 
     struct Fake {
         tsc: u64,
         reason: u64,
+        regs: GuestRegs,
         ss_ar: u64,
         rflags: u64,
         len: u64,
@@ -240,10 +270,10 @@ mod tests {
             match f {
                 Field::SsAccessRights => self.ss_ar,
                 Field::Rflags => self.rflags,
-                Field::InstructionLen => self.len,
-                Field::Rip => self.rip,
                 Field::Interruptibility => self.blocking,
-                Field::Timer => self.timer.unwrap_or(0),
+                Field::Rax => self.regs.rax,
+                Field::Rcx => self.regs.rcx,
+                _ => panic!("{f:?} is not read"),
             }
         }
         fn write(&mut self, f: Field, v: u64) {
@@ -254,8 +284,16 @@ mod tests {
                     self.blocking_writes += 1;
                 }
                 Field::Timer => self.timer = Some(v),
+                Field::Rax => self.regs.rax = v,
+                Field::Rbx => self.regs.rbx = v,
+                Field::Rcx => self.regs.rcx = v,
+                Field::Rdx => self.regs.rdx = v,
                 _ => panic!("{f:?} is read-only"),
             }
+        }
+        fn rip_after(&mut self) -> Option<u64> {
+            // A length of 0: an instruction the backend cannot decode.
+            (self.len != 0).then(|| self.rip + self.len)
         }
         fn rdtsc(&mut self) -> u64 {
             self.tsc += 7;
@@ -274,16 +312,20 @@ mod tests {
     // The fakes' exit codes are VMX's (the telemetry numbering): 18 a hypercall, 10 a
     // CPUID (the real predicates are `vmx::vcpu`'s, tested there).
 
-    /// As the landing calls it, with the fake's exit reason.
+    /// As the landing calls it, with the fake's exit reason and `regs` as the guest's.
     fn ans(c: &mut Fake, regs: &mut GuestRegs, fx: &mut FastExit) -> bool {
         let reason = c.reason;
-        answer(c, regs, fx, reason)
+        c.regs = *regs;
+        let answered = answer(c, fx, reason);
+        *regs = c.regs;
+        answered
     }
 
     fn fake(reason: u64) -> Fake {
         Fake {
             tsc: 1000,
             reason,
+            regs: GuestRegs::default(),
             ss_ar: 0x93,
             rflags: 0x202,
             len: 3,
@@ -438,6 +480,18 @@ mod tests {
         let mut c = fake(10);
         c.rflags = 0x302;
         declined(&mut c, &mut GuestRegs::default(), &mut fx, &p);
+        // An instruction the backend cannot find the end of (SVM's decoder), for both (the
+        // host's CPUID may have run: it changes nothing).
+        for (reason, rax) in [(10, 0), (18, Hypercall::Yield as u64)] {
+            let mut c = fake(reason);
+            c.len = 0;
+            c.cpuid = u32::MAX / 2;
+            let mut regs = GuestRegs { rax, rcx: 7, ..Default::default() };
+            let before = regs;
+            assert!(!ans(&mut c, &mut regs, &mut fx));
+            assert_eq!((regs, c.rip, c.blocking_writes), (before, 0x10_0000, 0));
+            assert_eq!((fx.answered(40, 0), p.telemetry.entries), ((0, 0), 0));
+        }
         // Mail or a kick waiting, for a CPUID and a `yield`.
         for (mail, kicked) in [(&MAIL, &QUIET), (&QUIET, &KICKED)] {
             let mut fx = armed(&mut p, mail, kicked);
@@ -472,10 +526,13 @@ mod tests {
                 match f {
                     F::SsAccessRights => self.v.get(Field::SsAccessRights),
                     F::Rflags => self.v.get(Field::Rflags),
-                    F::InstructionLen => self.len,
                     F::Rip => self.v.get(Field::Rip),
                     F::Interruptibility => self.v.get(Field::Interruptibility),
                     F::Timer => 0,
+                    F::Rax => self.v.regs.rax,
+                    F::Rbx => self.v.regs.rbx,
+                    F::Rcx => self.v.regs.rcx,
+                    F::Rdx => self.v.regs.rdx,
                 }
             }
             fn write(&mut self, f: crate::fastexit::Field, x: u64) {
@@ -483,8 +540,15 @@ mod tests {
                 match f {
                     F::Rip => self.v.write(Field::Rip, x),
                     F::Interruptibility => self.v.write(Field::Interruptibility, x),
+                    F::Rax => self.v.regs.rax = x,
+                    F::Rbx => self.v.regs.rbx = x,
+                    F::Rcx => self.v.regs.rcx = x,
+                    F::Rdx => self.v.regs.rdx = x,
                     _ => {}
                 }
+            }
+            fn rip_after(&mut self) -> Option<u64> {
+                Some(self.v.get(Field::Rip) + self.len)
             }
             fn rdtsc(&mut self) -> u64 {
                 self.v.tsc += 1;
@@ -543,10 +607,8 @@ mod tests {
                             fx.tsc_per_ms = fast_ctx.tsc_per_ms;
                             fx.base(fast_ctx.counters.exits_total);
                             let len = if reason == 10 { 2 } else { 3 };
-                            let mut regs = fast.regs;
                             let ok = crate::fastexit::answer(
                                 &mut FastCpu { v: &mut fast, len },
-                                &mut regs,
                                 &mut fx,
                                 u64::from(reason),
                             );
@@ -570,7 +632,7 @@ mod tests {
                                 "reason {reason} rax {rax:#x} ss {ss_ar:#x} blk {blocking}"
                             );
                             assert!(slow.injected.is_empty(), "{case}: the run loop injects");
-                            assert_eq!(regs, slow.regs, "{case}: registers");
+                            assert_eq!(fast.regs, slow.regs, "{case}: registers");
                             for f in [Field::Rip, Field::Interruptibility] {
                                 assert_eq!(fast.get(f), slow.get(f), "{case}: {f:?}");
                             }

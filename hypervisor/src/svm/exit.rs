@@ -182,6 +182,7 @@ pub fn kind(exit_code: u64, info1: u64) -> ExitKind {
 /// VMMCALL counts as `vmcall`, a nested page fault as `ept_violation`; an exit with no
 /// counterpart counts as `reason_35` (35, unused by VMX), so it is seen, not lost.
 #[cfg_attr(not(test), allow(dead_code))] // for the SVM vCPU (docs/svm.md); host-tested
+#[inline] // with `kind` (the exit path computes both from the same code)
 pub fn telemetry_code(exit_code: u64, info1: u64) -> u16 {
     use ExitKind as K;
     match kind(exit_code, info1) {

@@ -280,8 +280,9 @@ pub unsafe fn check(index: usize, f: &Features) -> Result<CheckReport, SvmError>
         }
         // SVM is on for this core; the VMCB is this core's, its intercepts include VMRUN,
         // its ASID is not 0 and nested paging maps one page of this core's.
+        // No fast path: the check looks at every exit.
         // SAFETY: a valid VMCB for VMRUN (APM 15.5.1), as said above.
-        unsafe { run(&mut regs, vmcb_pa, host_save, 0) };
+        unsafe { run(&mut regs, vmcb_pa, host_save, 0, core::ptr::null_mut()) };
         let v = &mut p.vmcb;
         report.exits += 1;
         v.control.tlb_control = vmcb::tlb_control::NOTHING;

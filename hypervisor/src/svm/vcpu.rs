@@ -59,12 +59,17 @@
 //!   for a device's, EOIs the real APIC (in either APIC mode), which lets the I/O APIC
 //!   send the line again. HLT does not exit for such a guest, as on VT-x: an interrupt,
 //!   the run timer or a kick ends it.
-//! * No fast path: every exit goes through the run loop.
+//! * The fast path (`fastexit`): the world switch's landing (`arch::svm`) hands a CPUID or
+//!   VMMCALL exit to [`mkv_svm_fast_exit`] with the host's state loaded and GIF still
+//!   clear; it answers through [`Hw`] (RAX in the VMCB, the other registers as the
+//!   landing saved them, the next RIP from nRIP or the decoder, as for the run loop) and
+//!   the landing enters the guest again. An event injected at that entry, or an
+//!   instruction whose end it cannot find, is left to the run loop.
 //!
 //! Owns this core's guest VMCB and permission maps (static, `svm::core_state`) while a guest
 //! runs. May call: `svm` (its VMCB, maps, decoding), `arch` (the world switch, the APIC
-//! timer), `ept` (walking the nested tables), `exits` (the MSR policy lists), `percpu`,
-//! `vcpu`.
+//! timer), `ept` (walking the nested tables), `exits` (the MSR policy lists), `fastexit`
+//! (the fast path it calls), `percpu`, `vcpu`.
 
 #[cfg(target_os = "none")]
 use super::exit::{self as sx, code};
@@ -77,9 +82,11 @@ use crate::arch::svm::GuestRegs;
 use crate::vcpu::Field;
 use crate::vcpu::{CrAccess, ExitKind};
 
-/// The telemetry codes of the exits the vCPU makes up or tells apart (VMX numbering, see
-/// `svm::exit::telemetry_code`).
+/// The telemetry codes of the exits the vCPU makes up or tells apart, and of those the fast
+/// path answers (VMX numbering, see `svm::exit::telemetry_code`).
 const TELEMETRY_TIMER: u16 = 52;
+const TELEMETRY_HYPERCALL: u16 = 18;
+const TELEMETRY_CPUID: u16 = 10;
 const TELEMETRY_NMI: u16 = 0;
 const TELEMETRY_HLT: u16 = 12;
 /// A failed VMRUN (VMEXIT_INVALID) counts as VMX's "invalid guest state" entry failure.
@@ -314,6 +321,147 @@ enum MadeUp {
     Hlt,
 }
 
+/// The length of the exiting instruction from nRIP (`next_rip`), if it is one an
+/// instruction can have.
+fn nrip_len(next_rip: u64, rip: u64) -> Option<u64> {
+    next_rip.checked_sub(rip).filter(|l| (1..=15).contains(l))
+}
+
+/// VMX's interruptibility encoding of the VMCB's interrupt shadow (bit 0, "blocking by
+/// STI", for STI or MOV SS alike), and back: for the run loop's `Field` and the fast path's.
+fn shadow_as_blocking(interrupt_shadow: u64) -> u64 {
+    interrupt_shadow & 1
+}
+fn blocking_as_shadow(blocking: u64) -> u64 {
+    u64::from(blocking & 3 != 0)
+}
+
+/// VMX's SS access rights as far as the handlers read them: the CPL in bits 6:5.
+fn cpl_as_ss_access_rights(cpl: u8) -> u64 {
+    u64::from(cpl & 3) << 5
+}
+
+/// What the landing hands the fast path (`arch::svm::run`'s `fast`), built by
+/// [`SvmVcpu`]'s `enter` for one run: the saved registers, this core's guest VMCB, the run
+/// loop's `fastexit::FastExit`, and what finding the next RIP needs.
+#[cfg(target_os = "none")]
+#[repr(C)]
+pub struct FastSide {
+    regs: *mut GuestRegs,
+    vmcb: *mut Vmcb,
+    fx: *mut crate::fastexit::FastExit,
+    ncr3: u64,
+    nrip: bool,
+}
+
+/// The fast path's view of the guest (`fastexit::Cpu`): the VMCB (RIP, RFLAGS, CPL, the
+/// interrupt shadow, RAX, nRIP) and the registers the landing saved.
+#[cfg(target_os = "none")]
+struct Hw<'a> {
+    regs: &'a mut GuestRegs,
+    vmcb: &'a mut Vmcb,
+    ncr3: u64,
+    nrip: bool,
+}
+
+#[cfg(target_os = "none")]
+impl crate::fastexit::Cpu for Hw<'_> {
+    #[inline(always)]
+    fn is_hypercall(&self, code: u64) -> bool {
+        code == u64::from(TELEMETRY_HYPERCALL)
+    }
+    #[inline(always)]
+    fn is_cpuid(&self, code: u64) -> bool {
+        code == u64::from(TELEMETRY_CPUID)
+    }
+    #[inline(always)]
+    fn read(&mut self, f: crate::fastexit::Field) -> u64 {
+        use crate::fastexit::Field as F;
+        let v = &*self.vmcb;
+        match f {
+            F::SsAccessRights => cpl_as_ss_access_rights(v.save.cpl),
+            F::Rflags => v.save.rflags,
+            F::Rip => v.save.rip,
+            F::Interruptibility => shadow_as_blocking(v.control.interrupt_shadow),
+            // The APIC timer counts to its deadline by itself.
+            F::Timer => 0,
+            F::Rax => v.save.rax,
+            F::Rbx => self.regs.rbx,
+            F::Rcx => self.regs.rcx,
+            F::Rdx => self.regs.rdx,
+        }
+    }
+    #[inline(always)]
+    fn write(&mut self, f: crate::fastexit::Field, val: u64) {
+        use crate::fastexit::Field as F;
+        let v = &mut *self.vmcb;
+        match f {
+            F::Rip => v.save.rip = val,
+            F::Interruptibility => v.control.interrupt_shadow = blocking_as_shadow(val),
+            // The run timer (the local APIC's, armed by `enter`) keeps its deadline over
+            // the fast path's entries: nothing to program again.
+            F::Timer => {}
+            F::Rax => v.save.rax = val,
+            F::Rbx => self.regs.rbx = val,
+            F::Rcx => self.regs.rcx = val,
+            F::Rdx => self.regs.rdx = val,
+            F::SsAccessRights | F::Rflags => {}
+        }
+    }
+    #[inline(always)]
+    fn rip_after(&mut self) -> Option<u64> {
+        let v = &*self.vmcb;
+        let rip = v.save.rip;
+        let len = if self.nrip {
+            nrip_len(v.control.next_rip, rip)
+        } else {
+            let (bytes, n) = fetch(self.ncr3, v.save.cr0, v.save.cr3, rip);
+            super::decode::insn_len(&bytes[..n])
+        };
+        len.map(|l| rip.wrapping_add(l))
+    }
+    #[inline(always)]
+    fn rdtsc(&mut self) -> u64 {
+        crate::arch::rdtsc()
+    }
+    #[inline(always)]
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+}
+
+/// Called by `svm_run_asm` (arch::svm) after a CPUID or VMMCALL #VMEXIT, the guest's
+/// registers (but RAX) saved, the host's VMLOAD state back, GIF clear: non-zero =
+/// answered, enter the guest again now.
+///
+/// # Safety
+/// Called only by the landing, with the `fast` [`SvmVcpu`]'s `enter` gave `arch::svm::run`
+/// (its pointers live and this core's for the whole run).
+#[cfg(target_os = "none")]
+#[no_mangle]
+pub unsafe extern "C" fn mkv_svm_fast_exit(side: *mut FastSide) -> u64 {
+    // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
+    let (side, vmcb, regs, fx) =
+        unsafe { (&*side, &mut *(*side).vmcb, &mut *(*side).regs, &mut *(*side).fx) };
+    let code = match vmcb.control.exit_code {
+        code::VMMCALL => TELEMETRY_HYPERCALL,
+        code::CPUID => TELEMETRY_CPUID,
+        _ => return 0,
+    };
+    // An event injected at this entry: the run loop clears EVENTINJ (`enter`).
+    if vmcb.control.event_inj & event::VALID != 0 {
+        return 0;
+    }
+    let mut hw = Hw { regs, vmcb, ncr3: side.ncr3, nrip: side.nrip };
+    if !crate::fastexit::answer(&mut hw, fx, u64::from(code)) {
+        return 0;
+    }
+    // A flush asked for was done by the VMRUN that just ended.
+    hw.vmcb.control.tlb_control = tlb_control::NOTHING;
+    1
+}
+
 /// One guest's vCPU over this core's guest VMCB (`vcpu::Vcpu`).
 #[cfg(target_os = "none")]
 pub struct SvmVcpu {
@@ -378,8 +526,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
     type Features = super::Features;
     type Exit = SvmExitInfo;
     // The telemetry codes the exits count under (`svm::exit::telemetry_code`).
-    const HYPERCALL_CODE: u16 = 18;
-    const CPUID_CODE: u16 = 10;
+    const HYPERCALL_CODE: u16 = TELEMETRY_HYPERCALL;
+    const CPUID_CODE: u16 = TELEMETRY_CPUID;
     const KICK_HOOK: unsafe extern "C" fn() = crate::arch::svm::svm_kick_hook;
 
     fn setup(
@@ -500,9 +648,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             Field::FsBase => s.fs.base,
             Field::GsBase => s.gs.base,
             Field::Pat => s.g_pat,
-            // VMX's "blocking by STI" for SVM's interrupt shadow (STI or MOV SS alike).
-            Field::Interruptibility => v.control.interrupt_shadow & 1,
-            Field::SsAccessRights => u64::from(s.cpl & 3) << 5,
+            Field::Interruptibility => shadow_as_blocking(v.control.interrupt_shadow),
+            Field::SsAccessRights => cpl_as_ss_access_rights(s.cpl),
             Field::PendingDebug => s.dr6 & DR6_BS,
         }
     }
@@ -536,7 +683,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
                     Field::FsBase => s.fs.base = val,
                     Field::GsBase => s.gs.base = val,
                     Field::Pat => s.g_pat = val,
-                    Field::Interruptibility => v.control.interrupt_shadow = u64::from(val & 3 != 0),
+                    Field::Interruptibility => v.control.interrupt_shadow = blocking_as_shadow(val),
                     // The CPL follows the guest's own segment loads; nothing writes it.
                     Field::SsAccessRights => {}
                     Field::Cr0Shadow | Field::Cr4Shadow | Field::PendingDebug => {}
@@ -591,7 +738,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
 
     unsafe fn enter(
         &mut self,
-        _fast: *mut core::ffi::c_void,
+        fast: *mut core::ffi::c_void,
     ) -> Result<(), crate::vcpu::EntryError> {
         use crate::arch::{apic, rdtsc, svm};
         let rax = self.regs.rax;
@@ -655,8 +802,24 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         unsafe { apic::timer_arm(mode, timer.max(1)) };
         // The VMCB is this core's, complete (APM 15.5.1 checks), nested paging confining
         // the guest; the timer's vector and the NMI have host handlers.
+        let regs = core::ptr::addr_of_mut!(self.regs);
+        let mut side = FastSide {
+            regs,
+            // SAFETY: this core's pages (a place, no reference made).
+            vmcb: unsafe { core::ptr::addr_of_mut!((*self.pages).vmcb) },
+            fx: fast.cast(),
+            ncr3: self.ncr3,
+            nrip: self.nrip,
+        };
+        let side = if fast.is_null() {
+            core::ptr::null_mut()
+        } else {
+            core::ptr::addr_of_mut!(side).cast()
+        };
+        // `side` lives on this stack until `run` returns, its pointers (this vCPU's
+        // registers and VMCB, the caller's `fast`) valid and used by nothing else meanwhile.
         // SAFETY: the caller's guarantee (set up on this core) and the above.
-        let ran = unsafe { svm::run(&mut self.regs, vmcb_pa, host_save_pa, flags) };
+        let ran = unsafe { svm::run(regs, vmcb_pa, host_save_pa, flags, side) };
         // SAFETY: as for the arm.
         unsafe { apic::timer_disarm(mode) };
         self.injected = false;
@@ -769,7 +932,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let needs_bytes = e.kind == ExitKind::CrAccess || (!nrip_save && e.kind != ExitKind::Io);
         let (bytes, n) = if needs_bytes { fetch(ncr3, cr0, cr3, rip) } else { ([0; 15], 0) };
         let len = if nrip_save {
-            next_rip.checked_sub(rip).filter(|l| (1..=15).contains(l))
+            nrip_len(next_rip, rip)
         } else if e.kind == ExitKind::Io {
             info2.checked_sub(rip).filter(|l| (1..=15).contains(l))
         } else {
@@ -939,6 +1102,28 @@ mod tests {
 
     fn zeroed_save() -> vmcb::StateSave {
         vmcb::Vmcb::zeroed().save
+    }
+
+    #[test]
+    fn the_vmcb_state_reads_as_the_vmx_encodings_the_handlers_use() {
+        // STI or MOV SS: both "blocking by STI"; clearing STI/MOV-SS blocking clears it.
+        assert_eq!((shadow_as_blocking(0), shadow_as_blocking(1)), (0, 1));
+        assert_eq!(
+            (blocking_as_shadow(1), blocking_as_shadow(2), blocking_as_shadow(8)),
+            (1, 1, 0)
+        );
+        assert_eq!(crate::exits::unblocked(shadow_as_blocking(1)).map(blocking_as_shadow), Some(0));
+        // The CPL where the handlers read SS.DPL: only CPL 0 passes the hypercall check.
+        assert!(crate::exits::ring0(cpl_as_ss_access_rights(0)));
+        assert!((1..=3).all(|cpl| !crate::exits::ring0(cpl_as_ss_access_rights(cpl))));
+    }
+
+    #[test]
+    fn nrip_gives_a_length_only_an_instruction_can_have() {
+        assert_eq!(nrip_len(0x1003, 0x1000), Some(3));
+        assert_eq!(nrip_len(0x1000, 0x1000), None, "not saved (0) or no progress");
+        assert_eq!(nrip_len(0x1010, 0x1000), None, "16 bytes");
+        assert_eq!(nrip_len(0, 0x1000), None);
     }
 
     #[test]

@@ -24,12 +24,15 @@ pub fn fast_cpuid(reason: u64) -> bool {
     reason == u64::from(super::exit::reason::CPUID)
 }
 
-/// The processor's side (the current VMCS).
+/// The processor's side: the current VMCS, and the guest's registers as the landing saved
+/// them.
 #[cfg(target_os = "none")]
-struct Hw;
+struct Hw<'a> {
+    regs: &'a mut GuestRegs,
+}
 
 #[cfg(target_os = "none")]
-impl crate::fastexit::Cpu for Hw {
+impl crate::fastexit::Cpu for Hw<'_> {
     #[inline(always)]
     fn is_hypercall(&self, code: u64) -> bool {
         fast_hypercall(code)
@@ -46,10 +49,13 @@ impl crate::fastexit::Cpu for Hw {
             match f {
                 Field::SsAccessRights => g::SS_AR.get(),
                 Field::Rflags => g::RFLAGS.get(),
-                Field::InstructionLen => exit::INSTRUCTION_LEN.get(),
                 Field::Rip => g::RIP.get(),
                 Field::Interruptibility => g::INTERRUPTIBILITY.get(),
                 Field::Timer => g::PREEMPTION_TIMER.get(),
+                Field::Rax => self.regs.rax,
+                Field::Rbx => self.regs.rbx,
+                Field::Rcx => self.regs.rcx,
+                Field::Rdx => self.regs.rdx,
             }
         }
     }
@@ -63,9 +69,19 @@ impl crate::fastexit::Cpu for Hw {
                 Field::Rip => g::RIP.set(v),
                 Field::Interruptibility => g::INTERRUPTIBILITY.set(v),
                 Field::Timer => g::PREEMPTION_TIMER.set(v),
-                Field::SsAccessRights | Field::Rflags | Field::InstructionLen => {}
+                Field::Rax => self.regs.rax = v,
+                Field::Rbx => self.regs.rbx = v,
+                Field::Rcx => self.regs.rcx = v,
+                Field::Rdx => self.regs.rdx = v,
+                Field::SsAccessRights | Field::Rflags => {}
             }
         }
+    }
+    #[inline(always)]
+    fn rip_after(&mut self) -> Option<u64> {
+        // The VM-exit instruction length, valid for CPUID and VMCALL exits.
+        // SAFETY: as for `read`.
+        Some(unsafe { g::RIP.get().wrapping_add(exit::INSTRUCTION_LEN.get()) })
     }
     #[inline(always)]
     fn rdtsc(&mut self) -> u64 {
@@ -94,7 +110,7 @@ pub unsafe extern "C" fn mkv_fast_exit(
 ) -> u64 {
     // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
     let (regs, fx) = unsafe { (&mut *regs, &mut *fx) };
-    crate::fastexit::answer(&mut Hw, regs, fx, reason) as u64
+    crate::fastexit::answer(&mut Hw { regs }, fx, reason) as u64
 }
 
 /// One guest's vCPU over its VMCS on this core (`vcpu::Vcpu`).

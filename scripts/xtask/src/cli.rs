@@ -460,6 +460,17 @@ pub enum BenchWhat {
     /// instructions per request, against workers; large values by capability against by
     /// copy; a worker crashing mid-load (requests failed, time to serve again).
     Kv(KvBenchArgs),
+    /// The bench configs (exits, polling, doorbell, caps k = 1 and 14) on each test bed side
+    /// by side: VT-x on Bochs, SVM on QEMU's TCG, SVM on Bochs's `ryzen` model; exits and
+    /// messages per operation, instructions on Bochs (`docs/bench/backends.json`).
+    Backends {
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Only these test beds (comma-separated: vmx-bochs, svm-qemu, svm-bochs-ryzen).
+        #[arg(long, value_delimiter = ',')]
+        testbeds: Vec<String>,
+    },
     /// VM exit round trips per exit reason and the hypervisor's share, at 2, 8 and 15 CPUs.
     Exits {
         /// Also write the figures as JSON.

@@ -17,7 +17,8 @@
 //! what the JSON gives.
 //!
 //! Owns the block registry and the markdown renderers; reads the JSON types of `bench`,
-//! `baseline` and `exitbench`.
+//! `baseline`, `exitbench` and `testbeds` (whose renderers it calls, with the backends'
+//! code size, which `testbeds` reads from the tree).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ pub struct Block {
 }
 
 /// Every generated table.
-pub static BLOCKS: [Block; 7] = [
+pub static BLOCKS: [Block; 9] = [
     Block { name: "bench-check", source: crate::baseline::BASELINE, render: bench_check },
     Block { name: "exits-kinds", source: "docs/bench/exits.json", render: exits_kinds },
     Block { name: "exits-cpus", source: "docs/bench/exits.json", render: exits_cpus },
@@ -47,7 +48,18 @@ pub static BLOCKS: [Block; 7] = [
     },
     Block { name: "channel-library", source: CHANNELS_BOCHS, render: channel_library },
     Block { name: "channel-notification", source: CHANNELS_BOCHS, render: channel_notification },
+    Block { name: "backends", source: crate::testbeds::JSON, render: backends },
+    // Read from the tree, not from its source (the interface both backends implement).
+    Block { name: "backend-code-size", source: "hypervisor/src/vcpu.rs", render: code_size },
 ];
+
+fn backends(json: &str) -> Result<String> {
+    crate::testbeds::render(&serde_json::from_str::<Vec<crate::testbeds::Figure>>(json)?)
+}
+
+fn code_size(_interface: &str) -> Result<String> {
+    crate::testbeds::render_code_size(&crate::workspace_root())
+}
 
 /// The Bochs part of `cargo xtask bench channels` (`--bochs-only --json` writes it).
 pub const CHANNELS_BOCHS: &str = "docs/bench/channels-bochs.json";

@@ -38,6 +38,7 @@ pub mod run;
 pub mod schema;
 pub mod setup;
 pub mod template;
+pub mod testbeds;
 pub mod watch;
 pub mod workloads;
 

@@ -196,6 +196,9 @@ fn main() -> ExitCode {
                 true
             }),
             xtask::cli::BenchWhat::Check { update } => xtask::baseline::check(*update),
+            xtask::cli::BenchWhat::Backends { json, testbeds } => {
+                xtask::testbeds::backends(json.as_deref(), testbeds).map(|()| true)
+            }
             xtask::cli::BenchWhat::Exits { json, before, cpus } => {
                 xtask::exitbench::exits(json.as_deref(), before.as_deref(), cpus).map(|()| true)
             }
