@@ -99,6 +99,7 @@ pub const BY_COMMAND: &[(&str, &[(u8, &str)])] = &[
     ),
     ("bench kv", BENCH),
     ("bench exits", BENCH),
+    ("bench backends", BENCH),
     (
         "mutants",
         &[
