@@ -255,8 +255,9 @@ pub struct Receiver<'a> {
     tag: u64,
 }
 
-// SAFETY: the raw slot pointers point into the ring the `Ring<'a>` borrows (shared
-// atomics, `Sync`); an end is used by one thread at a time, like one holding the `Ring`.
+// The raw slot pointers point into the ring the `Ring<'a>` borrows (shared atomics,
+// `Sync`); an end is used by one thread at a time, like one holding the `Ring`.
+// SAFETY: as just said, moving an end to another thread is moving its only user.
 unsafe impl Send for Sender<'_> {}
 // SAFETY: as for `Sender`.
 unsafe impl Send for Receiver<'_> {}

@@ -404,8 +404,9 @@ static SVM_OPERAND: SvmOperand = SvmOperand([0; 4096]);
 /// ASID); it must raise #UD.
 macro_rules! svm_insn {
     ($bytes:literal) => {{
-        // SAFETY: #UD on VT-x (no such instruction) and on SVM (intercepted, #UD injected),
-        // which the probe catches; never executed for real.
+        // #UD on VT-x (no such instruction) and on SVM (intercepted, #UD injected), which
+        // the probe catches.
+        // SAFETY: never executed for real (the probe catches its #UD).
         let f = unsafe {
             probe!($bytes, inout("rax") SVM_OPERAND.0.as_ptr() as u64 => _, inout("ecx") 0u32 => _)
         };

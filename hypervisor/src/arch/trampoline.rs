@@ -234,9 +234,8 @@ mod install {
     pub unsafe fn claim_word() -> &'static core::sync::atomic::AtomicU64 {
         let (start, _, params_at) = bounds();
         let at = BASE as usize + (params_at - start) + core::mem::offset_of!(Params, claim);
-        // SAFETY: 8-byte aligned inside the installed page, which stays the trampoline's
-        // for the whole boot; the AP writes it only with atomic instructions or plain
-        // aligned stores (atomic on x86).
+        // The AP writes it only with `lock cmpxchg` or a plain aligned store (atomic on x86).
+        // SAFETY: 8-byte aligned inside the installed page, the trampoline's for the boot.
         unsafe { &*(at as *const core::sync::atomic::AtomicU64) }
     }
 }

@@ -441,8 +441,8 @@ impl crate::fastexit::Cpu for Hw<'_> {
 #[cfg(target_os = "none")]
 #[no_mangle]
 pub unsafe extern "C" fn mkv_svm_fast_exit(side: *mut FastSide) -> u64 {
-    // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
     let (side, vmcb, regs, fx) =
+        // SAFETY: the caller's guarantee; nothing else touches them while the guest is out.
         unsafe { (&*side, &mut *(*side).vmcb, &mut *(*side).regs, &mut *(*side).fx) };
     let code = match vmcb.control.exit_code {
         code::VMMCALL => TELEMETRY_HYPERCALL,
