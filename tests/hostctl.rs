@@ -20,11 +20,13 @@ use xtask::watch::RunInfo;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// The run folder of this process's run of `config` that is in progress.
-fn find_run(config: &str, deadline: Instant) -> PathBuf {
+/// The run folder of this process's run of `config` on `emulator` that is in progress (the
+/// Bochs and QEMU tests of this file run at once, in one process).
+fn find_run(emulator: Emulator, config: &str, deadline: Instant) -> PathBuf {
     loop {
         let mine = xtask::watch::runs(&xtask::run::runs_root()).into_iter().find(|(_, i)| {
             i.pid == std::process::id()
+                && i.emulator == emulator.name()
                 && i.in_progress()
                 && i.config.as_deref().is_some_and(|c| c.ends_with(config))
                 && i.control_socket.is_some()
@@ -85,7 +87,7 @@ fn host_control(emulator: Emulator, duration_ms: u64, cmdline: &str) {
         ..RunArgs::quiet(emulator, Some("configs/hostctl.toml"))
     };
     let run = run_in_background(args);
-    let dir = find_run("hostctl.toml", deadline);
+    let dir = find_run(emulator, "hostctl.toml", deadline);
     // A request as soon as the run folder exists (the firmware and GRUB still run): it
     // waits for the hypervisor's ready line on COM2, then is served; before, such a
     // request was lost in the UART the hypervisor resets (or half of it read).
@@ -231,7 +233,7 @@ fn without_host_control_in_the_config_every_request_is_refused() {
         ..RunArgs::quiet(Emulator::Bochs, Some(config.to_str().unwrap()))
     };
     let run = run_in_background(args);
-    let dir = find_run("hostctl-off.toml", deadline);
+    let dir = find_run(Emulator::Bochs, "hostctl-off.toml", deadline);
     wait_for(&dir, "#mkv start guest=srv ", deadline);
     let a = ask(&dir, "1 stop srv");
     assert!(a.starts_with("1 refused host control is off"), "{a}");
