@@ -143,7 +143,12 @@ fn a_guest_echoes_udp_from_the_host_through_its_card_on_qemu_svm() {
     udp_echo(Emulator::Qemu);
 }
 
+/// The Bochs and QEMU runs forward the same host port: one at a time (the tests of a file
+/// run at once).
+static PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn udp_echo(emulator: Emulator) {
+    let _port = PORT.lock().unwrap_or_else(|e| e.into_inner());
     // The host side: datagram 0 until an echo comes back (the guest is up only seconds
     // into the run; slirp queues or drops what comes before, and the guest may echo queued
     // copies), then one new datagram after each echo, until the run ends.

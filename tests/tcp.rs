@@ -146,7 +146,12 @@ fn a_guest_echoes_tcp_from_the_host_through_the_sdk_stack_on_qemu_svm() {
     tcp_echo(Emulator::Qemu);
 }
 
+/// The Bochs and QEMU runs forward the same host ports: one at a time (the tests of a file
+/// run at once).
+static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tcp_echo(emulator: Emulator) {
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let client = std::thread::spawn(|| {
         let deadline = Instant::now() + Duration::from_secs(280);
         let echoes = datagrams(deadline);
