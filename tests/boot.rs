@@ -93,8 +93,10 @@ fn an_exception_on_an_ap_is_reported_and_contained() {
 
 /// Asserts an SVM boot: every core up, SVM on, and its world-switch check passed with the
 /// four exits it must take (VMMCALL, CPUID, a nested page fault on its write to 0x3000,
-/// HLT), read from the core's own log line.
-fn assert_all_cores_svm_checked(b: &systests::Boot, n: usize) {
+/// HLT), read from the core's own log line. `extra_ok`: an exit more is allowed (under
+/// QEMU's TCG a host timer interrupt or a kick may land during the check on a loaded host;
+/// Bochs counts exactly).
+fn assert_all_cores_svm_checked(b: &systests::Boot, n: usize, extra_ok: bool) {
     let r = &b.report;
     assert_eq!(r.outcome, "ok", "problems: {:?}\n{}", r.problems, b.serial);
     assert_eq!(r.cores.len(), n, "{:?}", r.cores);
@@ -102,18 +104,24 @@ fn assert_all_cores_svm_checked(b: &systests::Boot, n: usize) {
     assert!(!b.serial.contains("backend: vmx"));
     for (i, c) in r.cores.iter().enumerate() {
         assert_eq!((c.state.as_str(), c.vmx.as_str()), ("up", "on"), "core {i}: {c:?}");
-        let line = format!(
-            "[c{i}] SVM on; world-switch check: 4 exits (VMMCALL rcx=0x53564d22, CPUID, \
-             nested page fault at 0x3000 error 0x"
+        let head = format!("[c{i}] SVM on; world-switch check: ");
+        let line = b.serial.lines().find_map(|l| l.strip_prefix(head.as_str()));
+        let line = line.unwrap_or_else(|| panic!("no `{head}`\n{}", b.serial));
+        let (count, rest) = line.split_once(" exits (").expect("N exits (...)");
+        let count: u32 = count.parse().expect("a count of exits");
+        assert!(count == 4 || (extra_ok && count > 4), "core {i}: {line}");
+        assert!(
+            rest.starts_with("VMMCALL rcx=0x53564d22, CPUID, nested page fault at 0x3000 error 0x")
+                && rest.contains(", HLT)"),
+            "core {i}: {line}"
         );
-        assert!(b.serial.contains(&line), "no `{line}`\n{}", b.serial);
     }
 }
 
 #[test]
 fn qemu_tcg_picks_svm_and_every_core_passes_the_world_switch_check() {
     let b = boot(Emulator::Qemu, 4, None, "");
-    assert_all_cores_svm_checked(&b, 4);
+    assert_all_cores_svm_checked(&b, 4, true);
     // TCG's `max` CPU: SVM with nested paging, no nRIP save (next RIPs computed).
     assert!(b.serial.contains("SVM: revision 1, 16 ASIDs, NPT, nRIP save=false"), "{}", b.serial);
     assert_eq!(b.report.tsc_unit, "tsc_ticks");
@@ -125,7 +133,7 @@ fn qemu_tcg_picks_svm_and_every_core_passes_the_world_switch_check() {
 #[test]
 fn qemu_tcg_sixteen_cores_run_the_default_config_on_svm() {
     let b = systests::boot_config(Emulator::Qemu, Some(16), None, "", Some("configs/default.toml"));
-    assert_all_cores_svm_checked(&b, 16);
+    assert_all_cores_svm_checked(&b, 16, true);
     assert!(b.serial.contains("[c0] MADT: 16 enabled processors"), "{}", b.serial);
     for (name, core, n) in [("alpha", 0, 1000u64), ("beta", 1, 2000), ("gamma", 2, 3000)] {
         let g = b.guest(name);
@@ -139,7 +147,7 @@ fn qemu_tcg_sixteen_cores_run_the_default_config_on_svm() {
 #[test]
 fn bochs_ryzen_picks_svm_and_passes_the_world_switch_check() {
     let b = boot(Emulator::Bochs, 2, Some("ryzen"), "");
-    assert_all_cores_svm_checked(&b, 2);
+    assert_all_cores_svm_checked(&b, 2, false);
     // Bochs's Ryzen saves nRIP: the processor's next RIP is used there.
     assert!(b.serial.contains("32768 ASIDs, NPT, nRIP save=true"), "{}", b.serial);
 }
