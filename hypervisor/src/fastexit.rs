@@ -132,8 +132,16 @@ pub trait Cpu {
     /// backend cannot tell (SVM without nRIP: bytes it cannot decode): then the run loop
     /// takes the exit. Asked once, after the answer is decided and before anything changes.
     fn rip_after(&mut self) -> Option<u64>;
-    fn rdtsc(&mut self) -> u64;
-    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4];
+    /// The processor's own, the same on both backends (host tests give fakes).
+    #[inline(always)]
+    fn rdtsc(&mut self) -> u64 {
+        crate::arch::rdtsc()
+    }
+    #[inline(always)]
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

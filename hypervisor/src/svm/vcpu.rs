@@ -420,15 +420,6 @@ impl crate::fastexit::Cpu for Hw<'_> {
         };
         len.map(|l| rip.wrapping_add(l))
     }
-    #[inline(always)]
-    fn rdtsc(&mut self) -> u64 {
-        crate::arch::rdtsc()
-    }
-    #[inline(always)]
-    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    }
 }
 
 /// Called by `svm_run_asm` (arch::svm) after a CPUID or VMMCALL #VMEXIT, the guest's

@@ -83,15 +83,6 @@ impl crate::fastexit::Cpu for Hw<'_> {
         // SAFETY: as for `read`.
         Some(unsafe { g::RIP.get().wrapping_add(exit::INSTRUCTION_LEN.get()) })
     }
-    #[inline(always)]
-    fn rdtsc(&mut self) -> u64 {
-        crate::arch::rdtsc()
-    }
-    #[inline(always)]
-    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
-        let r = raw_cpuid::native_cpuid::cpuid_count(leaf, sub);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    }
 }
 
 /// Called by `vmx_exit_landing` (arch::vmx) after a VM exit with basic reason CPUID or
