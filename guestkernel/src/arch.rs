@@ -772,11 +772,17 @@ pub fn wait_for_interrupt() {
     unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
 }
 
-/// Lets pending interrupts in for one instruction: STI; PAUSE; CLI (STI's shadow covers
-/// the PAUSE, so an interrupt is taken between PAUSE and CLI).
+/// Lets pending interrupts in for one instruction: STI; NOP; CLI (STI's shadow covers
+/// the NOP, so an interrupt is taken between NOP and CLI).
+///
+/// Not PAUSE in the shadow: QEMU's TCG (7.2) leaves its execution loop at a PAUSE with
+/// the shadow still marked, then runs the CLI, so the window never opens there and a
+/// pending interrupt waits for whatever exit happens to land between STI and CLI (an
+/// e1000 interrupt under SVM missed its 100 ms deadline in most runs on a loaded host;
+/// with NOP, none in the same runs). A processor takes it after either instruction.
 pub fn interrupt_window() {
     // SAFETY: enables interrupts for one instruction boundary; the IDT handles every vector.
-    unsafe { core::arch::asm!("sti; pause; cli", options(nomem, nostack)) };
+    unsafe { core::arch::asm!("sti; nop; cli", options(nomem, nostack)) };
 }
 
 /// Below [`crate::hypercall`], which times its waits with it.
