@@ -104,6 +104,7 @@ fn assert_all_cores_svm_checked(b: &systests::Boot, n: usize, extra_ok: bool) {
     assert!(!b.serial.contains("backend: vmx"));
     for (i, c) in r.cores.iter().enumerate() {
         assert_eq!((c.state.as_str(), c.vmx.as_str()), ("up", "on"), "core {i}: {c:?}");
+        assert_eq!(c.backend.as_deref(), Some("svm"), "core {i}: {c:?}");
         let head = format!("[c{i}] SVM on; world-switch check: ");
         let line = b.serial.lines().find_map(|l| l.strip_prefix(head.as_str()));
         let line = line.unwrap_or_else(|| panic!("no `{head}`\n{}", b.serial));

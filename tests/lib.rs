@@ -93,6 +93,7 @@ impl Boot {
         for (i, c) in r.cores.iter().enumerate() {
             assert_eq!(c.index as usize, i);
             assert_eq!((c.state.as_str(), c.vmx.as_str()), ("up", "on"), "core {i}: {c:?}");
+            assert_eq!(c.backend.as_deref(), Some("vmx"), "core {i}: {c:?}");
             // Each core says so itself, on its own log prefix.
             let own_line = format!("[c{i}] VMX root operation on");
             assert!(self.serial.contains(&own_line), "no `{own_line}` in the serial log");

@@ -187,13 +187,11 @@ mod boot {
         // The BSP's APIC is in x2APIC mode now (if it has one): kicks to it may be logical.
         crate::instance::xcore::publish_logical_id(0);
         smp::enable_vmx_and_report(0);
+        let svm = matches!(features, Backend::Svm(_));
         let all_up = collect(
             &list,
-            if matches!(features, Backend::Svm(_)) {
-                "with SVM on"
-            } else {
-                "in VMX root operation"
-            },
+            if svm { "with SVM on" } else { "in VMX root operation" },
+            if svm { "svm" } else { "vmx" },
         );
         let tsc_ready = arch::rdtsc();
         log::info!("all cores reported in: {} ticks since hypervisor entry", tsc_ready - tsc_entry);
@@ -348,8 +346,9 @@ mod boot {
     }
 
     /// Waits (bounded) for every started core's final state, prints one record per core.
-    /// Returns whether every core is up with VMX on.
-    fn collect(list: &cores::CoreList, on: &str) -> bool {
+    /// Returns whether every core is up with its virtualization on (`vmx=on`, whichever
+    /// `backend`, `vmx` or `svm`).
+    fn collect(list: &cores::CoreList, on: &str, backend: &str) -> bool {
         let deadline = arch::tsc::deadline_us(2_000_000);
         loop {
             let pending =
@@ -371,7 +370,7 @@ mod boot {
             all_up &= s.state == smp::state::UP && s.vmx_on;
             record!(
                 kind::CORE,
-                "index={i} apic={} state={state} vmx={} reason={}",
+                "index={i} apic={} state={state} vmx={} backend={backend} reason={}",
                 core.apic_id,
                 if s.vmx_on { "on" } else { "off" },
                 Quoted(reason)

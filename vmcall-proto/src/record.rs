@@ -31,7 +31,8 @@ pub mod kind {
     /// already run on cores that came up earlier, but no guest time is added after it.
     pub const READY: &str = "ready";
     /// One core's final state: `index`, `apic`, `state` (see [`super::core_state`]),
-    /// `vmx` (`on`, `off`, `failed`), optionally `reason`.
+    /// `vmx` (`on`, `off`, `failed`: the core's virtualization, whichever backend),
+    /// `backend` (`vmx` or `svm`), optionally `reason`.
     pub const CORE: &str = "core";
     /// One guest's end: `index`, `name`, `core`, `state` (see [`super::guest_state`]),
     /// `exit_status`, `exits` (quoted `reason:count` words), `fault` (quoted, when stopped),

@@ -21,8 +21,13 @@ pub const SCHEMA_VERSION: u32 = 4;
 pub struct CoreReport {
     pub index: u32,
     pub apic_id: u32,
-    /// `on` once VMXON succeeded on that core, else `off`.
+    /// `on` once the core's virtualization is on (VMXON succeeded, or EFER.SVME set and
+    /// the world-switch check passed), else `off`; the name is the ABI's first backend's.
     pub vmx: String,
+    /// `vmx` (Intel VT-x) or `svm` (AMD SVM): the backend the hypervisor picked from
+    /// CPUID. Absent in runs of hypervisors older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// `up`, `silent`, `failed` (see `vmcall_proto::record::core_state`).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -620,6 +625,7 @@ impl Console {
                         index: num(&r, "index")?,
                         apic_id: num(&r, "apic")?,
                         vmx: r.get("vmx")?.raw().to_string(),
+                        backend: r.get("backend").map(|b| b.raw().to_string()),
                         state: r.get("state")?.raw().to_string(),
                         reason: r.get("reason").map(unescape).filter(|s| !s.is_empty()),
                     })
@@ -1172,6 +1178,18 @@ mkvisor: GRUB is loading the hypervisor
         assert_eq!(c.cores.len(), 2);
         assert_eq!(c.cores[1].apic_id, 1);
         assert_eq!(c.cores[1].reason, None);
+        assert_eq!(c.cores[1].backend, None, "a record without the field (older hypervisors)");
+        let mut svm = feed(&RUN_OK.replace(
+            "index=1 apic=1 state=up vmx=on",
+            "index=1 apic=1 state=up vmx=on backend=svm",
+        ));
+        assert_eq!(svm.cores[1].backend.as_deref(), Some("svm"));
+        let summary = crate::run::summary(&for_tests(&mut svm));
+        assert!(summary.contains("  up      SVM on"), "{summary}");
+        assert!(
+            summary.contains("  up      VMX on"),
+            "no field: VMX, the first backend: {summary}"
+        );
         assert_eq!(c.tsc.hypervisor_entry, Some(100));
         assert_eq!(c.tsc.end, Some(250));
         assert!(c.problems.is_empty(), "{:?}", c.problems);

@@ -1267,10 +1267,11 @@ pub fn summary(r: &Report) -> String {
     );
     for c in &r.cores {
         s += &format!(
-            "  core {:2}  APIC id {:3}  {:7} VMX {}{}\n",
+            "  core {:2}  APIC id {:3}  {:7} {} {}{}\n",
             c.index,
             c.apic_id,
             c.state,
+            c.backend.as_deref().unwrap_or("vmx").to_uppercase(),
             c.vmx,
             c.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
         );
