@@ -164,23 +164,38 @@ fn host_control(emulator: Emulator, duration_ms: u64, cmdline: &str) {
     );
     writer.join().unwrap();
 
-    let emulator = RunInfo::read(&dir).unwrap().emulator_pid;
+    let pid = RunInfo::read(&dir).unwrap().emulator_pid;
     let state = || {
-        std::fs::read_to_string(format!("/proc/{emulator}/stat"))
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next()))
             .flatten()
     };
-    assert_eq!(ctl(&["pause"]).0, Some(0));
-    let until = Instant::now() + Duration::from_secs(5);
-    while state() != Some('T') && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
+    // QEMU's virtual machine is stopped through QMP (its clocks stop with it; the
+    // process runs on), Bochs's process by SIGSTOP.
+    let qmp = dir.join(xtask::hostctl::QMP_SOCKET);
+    let status = || xtask::hostctl::qmp(&qmp, "query-status").expect("QMP answers");
+    if emulator == Emulator::Qemu {
+        assert!(status().contains("\"running\""), "{}", status());
     }
-    assert_eq!(state(), Some('T'), "the emulator is stopped");
+    assert_eq!(ctl(&["pause"]).0, Some(0));
+    if emulator == Emulator::Qemu {
+        assert!(status().contains("\"paused\""), "{}", status());
+        assert_ne!(state(), Some('T'), "no SIGSTOP under QEMU");
+    } else {
+        let until = Instant::now() + Duration::from_secs(5);
+        while state() != Some('T') && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(state(), Some('T'), "the emulator is stopped");
+    }
     assert_eq!(ctl(&["pause"]).0, Some(8), "already paused");
     std::thread::sleep(Duration::from_secs(1));
     let (code, text) = ctl(&["resume"]);
     assert_eq!(code, Some(0), "{text}");
+    if emulator == Emulator::Qemu {
+        assert!(status().contains("\"running\""), "{}", status());
+    }
     assert!(ask(&dir, "12 query server").starts_with("12 ok state=running n=3"), "alive after");
 
     let report = run.join().expect("the run thread");

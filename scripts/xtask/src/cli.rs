@@ -144,7 +144,8 @@ pub enum Command {
     /// Act on a running machine from the host: query, stop, start, restart or park a guest
     /// (as a `[[control]]` controller would, with the same checks; the config must say
     /// `[machine] host_control = true`), read a guest's counter, or pause and resume the
-    /// whole machine (the emulator's process stopped: guest time stands still).
+    /// whole machine (Bochs's process stopped, QEMU's virtual machine stopped through QMP:
+    /// guest time stands still in both).
     Ctl(CtlArgs),
     /// Load the key-value service (configs/kv-*.toml, reached through the forwarded port)
     /// with a fixed, seeded mix of memcached text-protocol requests, verify every reply

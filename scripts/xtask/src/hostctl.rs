@@ -13,8 +13,10 @@
 //! `held_by_group`): a local process that connects to the port first cannot pose as the
 //! machine.
 //! Two requests the relay answers itself, the emulator being its child: `<id> pause` stops
-//! the emulator's process group (SIGSTOP), `<id> resume` continues it (SIGCONT); the run's
-//! `--timeout` does not count paused time, and the report lists the pauses.
+//! the machine, `<id> resume` continues it ([`Stopper`]: Bochs's process group by SIGSTOP
+//! and SIGCONT, QEMU's virtual machine by `stop` and `cont` on its QMP socket, so that its
+//! TSC, host time, stands still too); the run's `--timeout` does not count paused time,
+//! and the report lists the pauses.
 //!
 //! Nothing is sent to the machine before the hypervisor's ready line
 //! (`vmcall_proto::hostctl::READY_ON`): what reaches COM2 before the hypervisor programs it
@@ -35,6 +37,8 @@ use vmcall_proto::hostctl::{self, outcome};
 
 /// The client socket in a run folder.
 pub const SOCKET: &str = "ctl.sock";
+/// QEMU's QMP socket in the run folder (the relay's pause and resume under QEMU).
+pub const QMP_SOCKET: &str = "qmp.sock";
 /// How long `ctl` waits for an answer by default, seconds.
 pub const DEFAULT_WAIT_S: u64 = 60;
 /// The file the relay writes in the run folder once the hypervisor said it is ready
@@ -72,6 +76,60 @@ pub struct Running {
     socket: PathBuf,
     pub pauses: Arc<Mutex<Pauses>>,
     pgid: u32,
+    stopper: Stopper,
+}
+
+/// How the relay stops and continues the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopper {
+    /// SIGSTOP and SIGCONT to the emulator's process group (Bochs: its TSC counts emulated
+    /// instructions, so the machine sees no time pass).
+    Signals,
+    /// `stop` and `cont` on QEMU's QMP socket at this path: the virtual machine stops and
+    /// its clocks with it (QEMU's TSC under TCG is host time, which a SIGSTOP lets run on,
+    /// so a paused machine would see every deadline and probe period pass at once).
+    Qmp(PathBuf),
+}
+
+/// How long a QMP exchange may take (QEMU answers at once unless its main loop is starved).
+const QMP_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs QMP command `command` (`stop`, `cont`, `query-status`) on the socket at `path`:
+/// the greeting, the capabilities handshake, then the command, each answered within
+/// [`QMP_WAIT`]; returns the command's answer line (`{"return": ...}`). Events QEMU sends
+/// meanwhile (`STOP`, `RESUME`) are skipped.
+pub fn qmp(path: &Path, command: &str) -> Result<String> {
+    let s = UnixStream::connect(path)
+        .with_context(|| format!("QMP: cannot connect to {}", path.display()))?;
+    s.set_read_timeout(Some(QMP_WAIT))?;
+    s.set_write_timeout(Some(QMP_WAIT))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut next = |r: &mut BufReader<UnixStream>| -> Result<String> {
+        loop {
+            line.clear();
+            if r.read_line(&mut line).context("QMP: no answer")? == 0 {
+                bail!("QMP: QEMU closed the socket");
+            }
+            if !line.contains("\"event\"") {
+                return Ok(line.trim().to_string());
+            }
+        }
+    };
+    let hello = next(&mut r)?;
+    if !hello.contains("\"QMP\"") {
+        bail!("QMP: not a QMP greeting: {hello}");
+    }
+    let mut answer = String::new();
+    for cmd in ["qmp_capabilities", command] {
+        writeln!(w, "{{\"execute\": \"{cmd}\"}}")?;
+        answer = next(&mut r)?;
+        if !answer.starts_with("{\"return\"") {
+            bail!("QMP: {cmd}: {answer}");
+        }
+    }
+    Ok(answer)
 }
 
 impl Relay {
@@ -83,8 +141,9 @@ impl Relay {
     }
 
     /// Starts the relay for the emulator of process group `pgid` in run folder `dir`;
-    /// `com2`: whether the emulator was given COM2 (without it only pause and resume work).
-    pub fn start(self, dir: &Path, pgid: u32, com2: bool) -> Result<Running> {
+    /// `com2`: whether the emulator was given COM2 (without it only pause and resume work);
+    /// `stopper`: how a pause stops the machine.
+    pub fn start(self, dir: &Path, pgid: u32, com2: bool, stopper: Stopper) -> Result<Running> {
         let socket = dir.join(SOCKET);
         let _ = std::fs::remove_file(&socket);
         let clients = UnixListener::bind(&socket).with_context(|| {
@@ -99,11 +158,19 @@ impl Relay {
         let (s, p) = (stop.clone(), pauses.clone());
         let listener = self.listener;
         let _ = std::fs::remove_file(dir.join(READY_MARK));
-        let ends = Ends { clients, stop: s, pauses: p, pgid, com2, mark: dir.join(READY_MARK) };
+        let ends = Ends {
+            clients,
+            stop: s,
+            pauses: p,
+            pgid,
+            com2,
+            mark: dir.join(READY_MARK),
+            stopper: stopper.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("hostctl relay".into())
             .spawn(move || relay(listener, &ends))?;
-        Ok(Running { stop, thread: Some(thread), socket, pauses, pgid })
+        Ok(Running { stop, thread: Some(thread), socket, pauses, pgid, stopper })
     }
 }
 
@@ -123,7 +190,7 @@ impl Running {
         let _ = std::fs::remove_file(&self.socket);
         let mut p = self.pauses.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(since) = p.since.take() {
-            signal(self.pgid, nix::sys::signal::Signal::SIGCONT);
+            let _ = halt(&self.stopper, self.pgid, false);
             p.done.push((since, since.elapsed()));
         }
         p.done
@@ -145,6 +212,21 @@ impl Drop for Running {
 
 fn signal(pgid: u32, sig: nix::sys::signal::Signal) -> bool {
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), sig).is_ok()
+}
+
+/// Stops (`on`) or continues the machine as `stopper` says; the error says why not.
+fn halt(stopper: &Stopper, pgid: u32, on: bool) -> Result<()> {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    match stopper {
+        Stopper::Signals => {
+            if signal(pgid, if on { SIGSTOP } else { SIGCONT }) {
+                Ok(())
+            } else {
+                bail!("the emulator is gone")
+            }
+        }
+        Stopper::Qmp(path) => qmp(path, if on { "stop" } else { "cont" }).map(drop),
+    }
 }
 
 /// The longest line a client may send (a request is far shorter).
@@ -173,6 +255,7 @@ struct Ends {
     pgid: u32,
     com2: bool,
     mark: PathBuf,
+    stopper: Stopper,
 }
 
 /// The machine's end: the emulator's COM2 connection (non-blocking), and what the
@@ -498,7 +581,7 @@ fn round(listener: &TcpListener, ends: &Ends, st: &mut State) -> bool {
             let id_word = id.map_or("-".to_string(), |i| i.to_string());
             match (id, words.next(), words.next()) {
                 (Some(id), Some(w @ ("pause" | "resume")), None) => {
-                    c.answer(&pause(id, w == "pause", &ends.pauses, ends.pgid))
+                    c.answer(&pause(id, w == "pause", &ends.pauses, &ends.stopper, ends.pgid))
                 }
                 _ if !ends.com2 => c.answer(&format!(
                     "{id_word} {} this machine has no COM2 (Bochs gives it one up to {} CPUs)",
@@ -612,20 +695,23 @@ fn gone(c: &UnixStream) -> bool {
     n < 0 || p.revents & (POLLHUP | POLLERR) != 0
 }
 
-fn pause(id: u32, on: bool, pauses: &Mutex<Pauses>, pgid: u32) -> String {
+fn pause(id: u32, on: bool, pauses: &Mutex<Pauses>, stopper: &Stopper, pgid: u32) -> String {
     let mut p = pauses.lock().unwrap_or_else(|e| e.into_inner());
     match (on, p.since) {
         (true, Some(_)) => format!("{id} {} already paused", outcome::BUSY),
         (false, None) => format!("{id} {} not paused", outcome::BUSY),
         (true, None) => {
-            if !signal(pgid, nix::sys::signal::Signal::SIGSTOP) {
-                return format!("{id} {} the emulator is gone", outcome::GONE);
+            if let Err(e) = halt(stopper, pgid, true) {
+                return format!("{id} {} {e:#}", outcome::GONE);
             }
             p.since = Some(Instant::now());
             format!("{id} {} paused", outcome::OK)
         }
         (false, Some(since)) => {
-            signal(pgid, nix::sys::signal::Signal::SIGCONT);
+            if let Err(e) = halt(stopper, pgid, false) {
+                // Still paused as far as anyone can tell: say so, keep the pause open.
+                return format!("{id} {} {e:#}", outcome::GONE);
+            }
             p.since = None;
             p.done.push((since, since.elapsed()));
             format!("{id} {} resumed after {:.1} s", outcome::OK, since.elapsed().as_secs_f64())
@@ -770,13 +856,69 @@ done"#,
         let _ = c.wait();
     }
 
+    /// A QMP server of one connection: the greeting, then per command line the answer
+    /// `answers` gives (events first where it says so); returns the commands it got.
+    fn fake_qmp(
+        path: &Path,
+        answers: fn(&str) -> Vec<&'static str>,
+    ) -> std::thread::JoinHandle<Vec<String>> {
+        let l = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = vec![];
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { break };
+                for a in answers(&line) {
+                    writeln!(w, "{a}").unwrap();
+                }
+                got.push(line);
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn qmp_stops_through_the_handshake_skipping_events_and_names_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(QMP_SOCKET);
+        let server = fake_qmp(&path, |l| {
+            if l.contains("stop") {
+                vec![r#"{"event": "STOP", "data": {}}"#, r#"{"return": {}}"#]
+            } else {
+                vec![r#"{"return": {}}"#]
+            }
+        });
+        assert_eq!(qmp(&path, "stop").unwrap(), r#"{"return": {}}"#);
+        assert_eq!(
+            server.join().unwrap(),
+            [r#"{"execute": "qmp_capabilities"}"#, r#"{"execute": "stop"}"#]
+        );
+        std::fs::remove_file(&path).unwrap();
+        let server = fake_qmp(&path, |l| {
+            if l.contains("cont") {
+                vec![r#"{"error": {"class": "GenericError", "desc": "no"}}"#]
+            } else {
+                vec![r#"{"return": {}}"#]
+            }
+        });
+        let e = qmp(&path, "cont").unwrap_err().to_string();
+        assert!(e.contains("QMP: cont: {\"error\""), "{e}");
+        drop(server);
+        // No QEMU there: the error names the socket.
+        let e = qmp(&dir.path().join("none"), "stop").unwrap_err().to_string();
+        assert!(e.contains("cannot connect to") && e.contains("none"), "{e}");
+    }
+
     #[test]
     fn the_relay_matches_answers_to_requests_and_pauses_its_emulator() {
         let dir = tempfile::tempdir().unwrap();
         let early = dir.path().join("early");
         let relay = Relay::bind().unwrap();
         let child = fake_emulator(relay.port, Some(Duration::from_millis(600)), &early);
-        let running = relay.start(dir.path(), child.id(), true).unwrap();
+        let running = relay.start(dir.path(), child.id(), true, Stopper::Signals).unwrap();
         let wait = Duration::from_secs(10);
         // Sent before the machine is ready: held until it is, then answered.
         assert!(!dir.path().join(READY_MARK).exists());
@@ -812,7 +954,7 @@ done"#,
         let early = dir.path().join("early");
         let relay = Relay::bind().unwrap();
         let child = fake_emulator(relay.port, None, &early);
-        let running = relay.start(dir.path(), child.id(), true).unwrap();
+        let running = relay.start(dir.path(), child.id(), true, Stopper::Signals).unwrap();
         let t0 = Instant::now();
         let e = request(dir.path(), "7 query w1", Duration::from_secs(1)).unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(3), "the client's deadline held");
@@ -837,7 +979,7 @@ done"#,
         // A machine without COM2 answers at once.
         let dir = tempfile::tempdir().unwrap();
         let relay = Relay::bind().unwrap();
-        let running = relay.start(dir.path(), std::process::id(), false).unwrap();
+        let running = relay.start(dir.path(), std::process::id(), false, Stopper::Signals).unwrap();
         let a = request(dir.path(), "9 query w1", Duration::from_secs(5)).unwrap();
         assert!(a.starts_with("9 error this machine has no COM2"), "{a}");
         running.finish(Instant::now());
@@ -849,7 +991,7 @@ done"#,
         let early = dir.path().join("early");
         let relay = Relay::bind().unwrap();
         let child = fake_emulator(relay.port, Some(Duration::from_millis(800)), &early);
-        let running = relay.start(dir.path(), child.id(), true).unwrap();
+        let running = relay.start(dir.path(), child.id(), true, Stopper::Signals).unwrap();
         let mut s = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(b"7 query w1\n").unwrap();
@@ -880,7 +1022,7 @@ done"#,
         let forged = format!("{}\n7 ok forged\n", hostctl::READY_ON);
         impostor.write_all(forged.as_bytes()).unwrap();
         let child = fake_emulator(relay.port, Some(Duration::from_millis(500)), &early);
-        let running = relay.start(dir.path(), child.id(), true).unwrap();
+        let running = relay.start(dir.path(), child.id(), true, Stopper::Signals).unwrap();
         let a = request(dir.path(), "7 query w1", Duration::from_secs(10)).unwrap();
         assert_eq!(a, "7 ok echo 7 query w1", "the emulator answered, not the impostor");
         // The impostor was hung up on, and got no request.
@@ -915,7 +1057,7 @@ done"#,
         let early = dir.path().join("early");
         let relay = Relay::bind().unwrap();
         let child = fake_emulator(relay.port, Some(Duration::from_millis(200)), &early);
-        let running = relay.start(dir.path(), child.id(), true).unwrap();
+        let running = relay.start(dir.path(), child.id(), true, Stopper::Signals).unwrap();
         let wait = Duration::from_secs(10);
         assert_eq!(request(dir.path(), "1 query w1", wait).unwrap(), "1 ok echo 1 query w1");
         // The hog pipelines requests (each answered, most `busy`) and reads none.

@@ -1179,17 +1179,11 @@ mkvisor: GRUB is loading the hypervisor
         assert_eq!(c.cores[1].apic_id, 1);
         assert_eq!(c.cores[1].reason, None);
         assert_eq!(c.cores[1].backend, None, "a record without the field (older hypervisors)");
-        let mut svm = feed(&RUN_OK.replace(
+        let svm = feed(&RUN_OK.replace(
             "index=1 apic=1 state=up vmx=on",
             "index=1 apic=1 state=up vmx=on backend=svm",
         ));
         assert_eq!(svm.cores[1].backend.as_deref(), Some("svm"));
-        let summary = crate::run::summary(&for_tests(&mut svm));
-        assert!(summary.contains("  up      SVM on"), "{summary}");
-        assert!(
-            summary.contains("  up      VMX on"),
-            "no field: VMX, the first backend: {summary}"
-        );
         assert_eq!(c.tsc.hypervisor_entry, Some(100));
         assert_eq!(c.tsc.end, Some(250));
         assert!(c.problems.is_empty(), "{:?}", c.problems);

@@ -481,6 +481,12 @@ fn spawn(
                 &m.cpus.to_string(),
             ])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            // The host's pause (`ctl pause`: `hostctl::Stopper::Qmp`).
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(crate::hostctl::QMP_SOCKET).display()
+            ))
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-serial")
             .arg(format!("file:{}", dir.join("serial.txt").display()));
@@ -986,7 +992,13 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         relay.as_ref().map(|r| r.port).filter(|_| machine.cpus <= crate::config::COM2_MAX_CPUS);
     let mut child = spawn(args, &machine, &iso, &dir, &model, com2)?;
     let relay = relay.and_then(|r| {
-        r.start(&dir, child.pgid, com2.is_some())
+        let stopper = match args.emulator {
+            Emulator::Bochs => crate::hostctl::Stopper::Signals,
+            Emulator::Qemu | Emulator::QemuKvm => {
+                crate::hostctl::Stopper::Qmp(dir.join(crate::hostctl::QMP_SOCKET))
+            }
+        };
+        r.start(&dir, child.pgid, com2.is_some(), stopper)
             .map_err(|e| crate::exit::warn(format_args!("{e:#}; no host control for this run")))
             .ok()
     });
@@ -1393,6 +1405,25 @@ pub fn summary(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_names_each_cores_backend() {
+        let mut c = crate::report::Console::default();
+        let abi = vmcall_proto::ABI_VERSION;
+        for l in [
+            format!("#mkv boot abi={abi} tsc=5"),
+            "#mkv core index=0 apic=0 state=up vmx=on backend=svm reason=\"\"".into(),
+            "#mkv core index=1 apic=1 state=up vmx=on reason=\"\"".into(),
+        ] {
+            c.feed(&l);
+        }
+        let s = summary(&crate::report::for_tests(&mut c));
+        assert!(s.contains("core  0  APIC id   0  up      SVM on"), "{s}");
+        assert!(
+            s.contains("core  1  APIC id   1  up      VMX on"),
+            "no field: the first backend: {s}"
+        );
+    }
 
     #[test]
     fn qemu_kvm_picks_the_backend_the_host_offers_nested() {
