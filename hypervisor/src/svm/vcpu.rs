@@ -348,10 +348,11 @@ enum HaltedEntry {
 /// Whether a halted guest wakes at this entry: `event` an event to inject (EVENTINJ: the
 /// run loop's timer tick or wake-up, an exception), `virq` a virtual interrupt to offer or
 /// the interrupt window asked for, `if_set` the guest's RFLAGS.IF. What ends the HLT state
-/// of a processor (SDM Vol. 3C 25.4.2 and 27.6.2, where any injected event ends it; AMD APM
-/// Vol. 3 HLT): an unmasked maskable interrupt (IF = 1; the HLT ended any STI shadow), an
-/// NMI, SMI or INIT (never given to these guests: their kicks, SMIs and INITs are the
-/// host's). With IF = 0 a pending interrupt leaves it halted, as VT-x does.
+/// of a processor (SDM Vol. 3C on VM entry: an injected event takes the guest out of the
+/// HLT activity state; AMD APM Vol. 3, HLT): an unmasked maskable interrupt (IF = 1; the
+/// HLT ended any STI shadow), an NMI, SMI or INIT (never given to these guests: their
+/// kicks, SMIs and INITs are the host's). With IF = 0 a pending interrupt leaves it halted,
+/// as VT-x does.
 #[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
 fn halted_entry(event: bool, virq: bool, if_set: bool) -> HaltedEntry {
     if event || (virq && if_set) {
