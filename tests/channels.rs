@@ -99,11 +99,12 @@ fn ping_pong_on_qemu_svm_polls_without_exits_and_doorbells_are_virtualized() {
         let (rung, taken) = (bench(&b, name, "doorbells_rung"), bench(&b, name, "doorbells_taken"));
         let exits = bench(&b, name, "exits");
         assert!(taken > 0, "{name} took no doorbell");
-        // Each rung: its hypercall; each taken: its EOI, and at most one interrupt exit
-        // (none when it arrived while the core was in the hypervisor anyway); a kick's or
-        // the run timer's exit may fall in the exchange too.
+        // Each rung: its hypercall; each taken: its EOI, at most one interrupt exit (none
+        // when it arrived while the core was in the hypervisor anyway) and at most one HLT
+        // exit (the sleep it ended: the backend keeps the halted state, docs/svm.md); a
+        // kick's or the run timer's exit may fall in the exchange too.
         assert!(
-            rung + taken <= exits && exits <= rung + 2 * taken + 2,
+            rung + taken <= exits && exits <= rung + 3 * taken + 2,
             "{name}: exits {exits}, rung {rung}, taken {taken}"
         );
         let g = guest(&b, name);
@@ -117,6 +118,25 @@ fn ping_pong_on_qemu_svm_polls_without_exits_and_doorbells_are_virtualized() {
             (c.a_sent, c.a_sent, c.a_sent, c.a_sent),
             "{c:?}"
         );
+    }
+}
+
+/// Doorbells on SVM as Bochs's `ryzen` model emulates it: every doorbell reaches the
+/// receiver's handler (its EOI exits once per doorbell). Bochs 2.7 leaves a V_IRQ masked
+/// after VMRUN until the guest changes its IF itself and never ends a HLT for one, so the
+/// handlers took none while the virtual interrupt was offered as V_IRQ only; the backend
+/// injects it when the guest can take it at once (docs/svm.md).
+#[test]
+fn doorbells_reach_the_receivers_handlers_on_bochs_svm() {
+    let config = Some("configs/bench-doorbell.toml");
+    let b = boot_config(Emulator::Bochs, None, Some("ryzen"), "", config);
+    assert_eq!(b.report.outcome, "ok", "{:?}\n{}", b.report.problems, b.serial);
+    assert!(b.serial.contains("[c0] backend: svm"));
+    for name in ["ping", "pong"] {
+        let (rung, taken) = (bench(&b, name, "doorbells_rung"), bench(&b, name, "doorbells_taken"));
+        assert_eq!((rung, taken), (500, 500), "{name}");
+        let g = guest(&b, name);
+        assert_eq!(g.exits.get("wrmsr"), Some(&500), "one EOI per doorbell: {:?}", g.exits);
     }
 }
 

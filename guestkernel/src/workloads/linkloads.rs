@@ -231,8 +231,12 @@ const NOTICE: u64 = u64::MAX - 1;
 /// `NOTICE` from a forwarder further round), the message in flight may be lost with it: the
 /// looper waits for its own channels to settle in the new epoch, then gives what was in
 /// flight `grace_ms` to come back (a relay downstream may have had it) and counts it lost
-/// otherwise. Exits 0 if every message came back once, in order, or was
-/// counted lost, and any late one is told apart (never counted twice).
+/// otherwise; one that comes back after all (its grace is TSC time, which under an
+/// emulator whose TSC is host time can be shorter than a starved relay's hop) is told
+/// apart: counted back, no longer lost, never twice. After the last message it sends the
+/// end marker and waits (bounded) for it to come back round, so that it leaves only after
+/// every relay passed it on (leaving earlier would take its channels down under a relay
+/// still sending the marker). Exits 0 if every message came back once or was counted lost.
 pub fn looper(bi: &BootInfo) -> u64 {
     let n = bi.arg_int("n");
     let grace = bi.arg_int("grace_ms").max(1);
@@ -240,6 +244,9 @@ pub fn looper(bi: &BootInfo) -> u64 {
         return 1;
     };
     let (mut back, mut lost, mut bad, mut outages) = (0u64, 0u64, 0u64, 0u64);
+    // The messages counted lost so far (a few: one a restart), so that a late one is told
+    // apart from a duplicate or a stray.
+    let mut gone = [u64::MAX; 16];
     let mut seq = 0;
     while seq < n {
         if !settle(&mut to, bi, 5_000) || !settle(&mut from, bi, 5_000) {
@@ -256,6 +263,11 @@ pub fn looper(bi: &BootInfo) -> u64 {
             match from.try_recv() {
                 Ok(Some(m)) if m[0] == seq => break true,
                 Ok(Some(m)) if m[0] == NOTICE => outage = true,
+                Ok(Some(m)) if late(&mut gone, m[0]) => {
+                    // Counted lost too early: back after all.
+                    (back, lost) = (back + 1, lost - 1);
+                    log::info!("loop: message {} came back late", m[0]);
+                }
                 Ok(Some(m)) => {
                     log::error!("loop: message {} while waiting for {seq}", m[0]);
                     bad += 1;
@@ -283,13 +295,49 @@ pub fn looper(bi: &BootInfo) -> u64 {
             back += 1;
         } else {
             lost += 1;
+            if let Some(g) = gone.iter_mut().find(|g| **g == u64::MAX) {
+                *g = seq;
+            }
             log::info!("loop: message {seq} lost in a relay's restart (epoch {})", to.epoch);
         }
         seq += 1;
     }
     let _ = to.send(&[END; 7]);
+    // The marker back round (a late message first, if any), within 10 s.
+    let t = crate::arch::rdtsc();
+    let mut ended = false;
+    while !ended && crate::arch::rdtsc() - t < 10_000 * bi.tsc_per_ms {
+        match from.try_recv() {
+            Ok(Some(m)) if m[0] == END => ended = true,
+            Ok(Some(m)) if late(&mut gone, m[0]) => {
+                (back, lost) = (back + 1, lost - 1);
+                log::info!("loop: message {} came back late", m[0]);
+            }
+            Ok(Some(m)) if m[0] == NOTICE => {}
+            Ok(Some(m)) => {
+                log::error!("loop: message {} while waiting for the end marker", m[0]);
+                bad += 1;
+            }
+            Ok(None) => core::hint::spin_loop(),
+            Err(_) => break,
+        }
+    }
+    if !ended {
+        log::error!("loop: the end marker did not come back");
+    }
     log::info!("loop: sent {n}, back {back}, lost {lost}, bad {bad}, outages {outages}");
-    (back + lost != n || bad != 0) as u64
+    (back + lost != n || bad != 0 || !ended) as u64
+}
+
+/// Whether `seq` was counted lost (`gone`, free entries `u64::MAX`): then it is no longer.
+fn late(gone: &mut [u64; 16], seq: u64) -> bool {
+    match gone.iter_mut().find(|g| **g == seq && seq != u64::MAX) {
+        Some(g) => {
+            *g = u64::MAX;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Sends `m` on `to`, waiting out an outage (bounded); after a reset of `to` (what was in

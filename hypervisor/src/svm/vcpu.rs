@@ -57,8 +57,20 @@
 //!   write of 0 to the x2APIC EOI MSR, intercepted) is completed here
 //!   ([`ExitKind::Completed`]): it retires the highest virtual interrupt in service and,
 //!   for a device's, EOIs the real APIC (in either APIC mode), which lets the I/O APIC
-//!   send the line again. HLT does not exit for such a guest, as on VT-x: an interrupt,
-//!   the run timer or a kick ends it.
+//!   send the line again. An offered interrupt the guest can take at once (RFLAGS.IF set,
+//!   no shadow) goes in by EVENTINJ instead (Bochs 2.7 leaves V_IRQ masked after VMRUN
+//!   until the guest itself changes IF, and never ends a HLT for it).
+//! * The HLT state of such a guest: on VT-x its HLT does not exit and the VMCS keeps the
+//!   activity state over exits; a VMCB keeps none, so VMRUN after any exit during the halt
+//!   (the run timer, a kick) would resume it past its HLT as if woken. So its HLT exits
+//!   too, and the backend keeps the state ([`Halted`]: RIP past the HLT, as VMX saves it):
+//!   every entry either wakes it ([`halted_entry`]: an injected event, or an offered
+//!   interrupt or the window with IF = 1) or halts it again, at its HLT with the intercept
+//!   off, offered nothing and with RFLAGS.IF = 1 for that entry only (IF masks only
+//!   virtual interrupts under V_INTR_MASKING; Bochs 2.7 does not end a HLT for an
+//!   intercepted interrupt with the guest's IF clear), until an exit ends the entry
+//!   ([`still_halted`]). The HLT exit itself is counted as `hlt`, the one exit per halt
+//!   VT-x does not have.
 //! * The fast path (`fastexit`): the world switch's landing (`arch::svm`) hands a CPUID or
 //!   VMMCALL exit to [`mkv_svm_fast_exit`] with the host's state loaded and GIF still
 //!   clear; it answers through [`Hw`] (RAX in the VMCB, the other registers as the
@@ -290,17 +302,20 @@ enum Shadowed {
 }
 
 /// The decision for an entry: `shadow` the VMCB's interrupt shadow bit, `virq` a virtual
-/// interrupt pending (V_IRQ: the window or a doorbell), `event` an EVENTINJ pending,
-/// `insn` the first byte at RIP (`None`: not readable), `hlt_exits` the HLT intercept.
+/// interrupt pending (the window's or a doorbell or device interrupt), `event` an EVENTINJ
+/// pending, `insn` the first byte at RIP (`None`: not readable), `if_set` the guest's
+/// RFLAGS.IF (with it clear nothing is taken early, shadow or not: a MOV SS shadow), and
+/// `hlt_exits` whether the guest's HLT exits (else it halts, see [`halted_entry`]).
 #[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
 fn shadowed_entry(
     shadow: bool,
     virq: bool,
     event: bool,
     insn: Option<u8>,
+    if_set: bool,
     hlt_exits: bool,
 ) -> Shadowed {
-    if !shadow || !virq || event || insn != Some(HLT) {
+    if !shadow || !virq || event || !if_set || insn != Some(HLT) {
         Shadowed::Enter
     } else if hlt_exits {
         Shadowed::HltExit
@@ -308,6 +323,84 @@ fn shadowed_entry(
         Shadowed::PastHlt
     }
 }
+
+/// The HLT a guest that takes its own interrupts halted at: the activity state a VMCB does
+/// not keep (the backend keeps it; see the module header). Its address and length: while
+/// halted the VMCB's RIP is past it, as VMX saves a guest in the HLT state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+struct Halted {
+    rip: u64,
+    len: u64,
+}
+
+/// What the entry of a halted guest does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+enum HaltedEntry {
+    /// It wakes: enters past its HLT, with the event or interrupt delivered there.
+    Wake,
+    /// It halts again: entered at its HLT with the HLT intercept off, offered nothing, so
+    /// that only an exit (the run timer, a kick, a host interrupt) ends that entry.
+    Stay,
+}
+
+/// Whether a halted guest wakes at this entry: `event` an event to inject (EVENTINJ: the
+/// run loop's timer tick or wake-up, an exception), `virq` a virtual interrupt to offer or
+/// the interrupt window asked for, `if_set` the guest's RFLAGS.IF. What ends the HLT state
+/// of a processor (SDM Vol. 3C on VM entry: an injected event takes the guest out of the
+/// HLT activity state; AMD APM Vol. 3, HLT): an unmasked maskable interrupt (IF = 1; the
+/// HLT ended any STI shadow), an NMI, SMI or INIT (never given to these guests: their
+/// kicks, SMIs and INITs are the host's). With IF = 0 a pending interrupt leaves it halted,
+/// as VT-x does.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn halted_entry(event: bool, virq: bool, if_set: bool) -> HaltedEntry {
+    if event || (virq && if_set) {
+        HaltedEntry::Wake
+    } else {
+        HaltedEntry::Stay
+    }
+}
+
+/// After an entry that halted the guest again ([`HaltedEntry::Stay`]): whether it is still
+/// halted. So if the exit was asynchronous (a host interrupt or an NMI, or no entry at all:
+/// a kick), no event delivery was cut short, and RIP is at the HLT (the exit came before
+/// it) or just past it (during the halt); anything else means the guest ran on, and it is
+/// then awake wherever it is.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn still_halted(asynchronous: bool, cut_short: bool, rip: u64, h: Halted) -> bool {
+    asynchronous && !cut_short && (rip == h.rip || rip == h.rip.wrapping_add(h.len))
+}
+
+/// How an entry offers the guest's next doorbell or device interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+enum Offer {
+    /// None to offer, or the guest halts again (offered when it wakes).
+    Nothing,
+    /// As an injected external interrupt (EVENTINJ): the guest can take it now.
+    Inject,
+    /// As V_IRQ: delivered by the processor once the guest can take it.
+    Virq,
+}
+
+/// The offer's way in: `offer` an interrupt to offer, `stays_halted` the guest halts
+/// again, `event` an EVENTINJ already pending (one event per entry: the offer then waits
+/// in V_IRQ), `interruptible` RFLAGS.IF set and no interrupt shadow.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn offer_by(offer: bool, stays_halted: bool, event: bool, interruptible: bool) -> Offer {
+    if !offer || stays_halted {
+        Offer::Nothing
+    } else if interruptible && !event {
+        Offer::Inject
+    } else {
+        Offer::Virq
+    }
+}
+
+/// RFLAGS.IF.
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// An exit the vCPU makes up without entering the guest.
 #[cfg(target_os = "none")]
@@ -477,6 +570,10 @@ pub struct SvmVcpu {
     made_up: Option<MadeUp>,
     /// Entries that met an STI shadow over HLT with an interrupt pending ([`shadowed_entry`]).
     shadowed_hlts: u32,
+    /// The guest is halted at this HLT (a guest taking its own interrupts: [`Halted`]).
+    halted: Option<Halted>,
+    /// Its HLTs (for the log at its end).
+    halts: u32,
     /// The host took the run timer's interrupt during the last entry.
     timer_fired: bool,
     nrip: bool,
@@ -559,10 +656,9 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         if s.exitless_mwait {
             v.control.intercept_misc2 &= !(misc2::MONITOR | misc2::MWAIT);
         }
-        if s.direct_interrupts {
-            // HLT halts for real: a doorbell, the run timer or a kick ends it (all exit).
-            v.control.intercept_misc1 &= !misc1::HLT;
-        }
+        // HLT exits for every guest, those that take their own interrupts included: the
+        // backend keeps their halted state (`Halted`, the module header), which VMRUN would
+        // otherwise lose at the first exit during the halt.
         // ASIDs tag this core's TLB only: the guest's tag folded into the range the
         // processor has (one guest per core; every new incarnation flushes below).
         let tag = u32::from(s.tag.max(1));
@@ -607,6 +703,8 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             deadline: 0,
             made_up: None,
             shadowed_hlts: 0,
+            halted: None,
+            halts: 0,
             timer_fired: false,
             nrip: f.nrip_save,
             flush: if f.flush_by_asid { tlb_control::FLUSH_ASID } else { tlb_control::FLUSH_ALL },
@@ -735,32 +833,33 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         let rax = self.regs.rax;
         let (mode, timer) = (self.timer_mode, self.timer);
         let (vmcb_pa, host_save_pa) = (self.vmcb_pa, self.host_save_pa);
-        // A virtual interrupt for the window (exits at VINTR before it is taken) or the
-        // guest's highest deliverable doorbell or device interrupt (taken through its IDT
-        // when it can be), highest priority.
+        // The guest's highest deliverable doorbell or device interrupt, if any.
         let offer = self.virq.offer();
-        let virq = if self.window || offer.is_some() {
-            v_intr::V_IRQ
-                | v_intr::V_IGN_TPR
-                | 0xf << 16
-                | u64::from(offer.unwrap_or(vmcall_proto::guest::DOORBELL_VECTOR)) << 32
-        } else {
-            0
-        };
+        let (window, direct, halted) = (self.window, self.direct, self.halted);
         let v = self.vmcb();
         v.save.rax = rax;
-        v.control.v_intr = v_intr::V_INTR_MASKING | virq;
-        let event_pending = v.control.event_inj & event::VALID != 0;
-        let shadow = v.control.interrupt_shadow & 1 != 0;
-        let hlt_exits = v.control.intercept_misc1 & misc1::HLT != 0;
+        let mut event_pending = v.control.event_inj & event::VALID != 0;
+        let mut shadow = v.control.interrupt_shadow & 1 != 0;
+        let if_set = v.save.rflags & RFLAGS_IF != 0;
         let (cr0, cr3, rip) = (v.save.cr0, v.save.cr3, v.save.rip);
         self.made_up = None;
-        if shadow && virq != 0 && !event_pending {
+        // A halted guest (an HLT of a guest taking its own interrupts, see the module
+        // header): woken by what wakes a halted processor, else it halts again.
+        let mut stay = None;
+        if let Some(h) = halted {
+            match halted_entry(event_pending, offer.is_some() || window, if_set) {
+                // RIP is past the HLT already: the event or interrupt is delivered there.
+                HaltedEntry::Wake => self.halted = None,
+                HaltedEntry::Stay => stay = Some(h),
+            }
+        }
+        if stay.is_none() && shadow && (offer.is_some() || window) && !event_pending {
             // Rare (an exit inside the shadow with an interrupt pending): the code byte is
-            // read only then.
+            // read only then. A guest that takes its own interrupts halts in the backend,
+            // so its HLT is done here as one that does not exit.
             let (bytes, n) = fetch(self.ncr3, cr0, cr3, rip);
             let insn = (n > 0).then_some(bytes[0]);
-            match shadowed_entry(shadow, virq != 0, event_pending, insn, hlt_exits) {
+            match shadowed_entry(shadow, true, event_pending, insn, if_set, !direct) {
                 Shadowed::Enter => {}
                 Shadowed::HltExit => {
                     self.shadowed_hlts = self.shadowed_hlts.saturating_add(1);
@@ -774,6 +873,7 @@ impl crate::vcpu::Vcpu for SvmVcpu {
                     let v = self.vmcb();
                     v.save.rip = rip.wrapping_add(1);
                     v.control.interrupt_shadow = 0;
+                    shadow = false;
                 }
             }
         }
@@ -784,10 +884,41 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             self.virq.entered(false);
             return Ok(());
         }
+        // How the offered interrupt goes in: by EVENTINJ when the guest can take it now
+        // (what VMRUN delivers before the first instruction on every implementation;
+        // Bochs 2.7 leaves a V_IRQ masked after VMRUN until the guest changes its IF, and
+        // does not wake from HLT for it), else as V_IRQ, delivered once the guest can
+        // take it. A halted guest that stays halted is offered nothing.
+        let how = offer_by(offer.is_some(), stay.is_some(), event_pending, if_set && !shadow);
+        let vector = u64::from(offer.unwrap_or(vmcall_proto::guest::DOORBELL_VECTOR));
+        // The interrupt window (exits at VINTR before its V_IRQ is taken) or the offer.
+        let virq = if stay.is_none() && (window || how == Offer::Virq) {
+            v_intr::V_IRQ | v_intr::V_IGN_TPR | 0xf << 16 | vector << 32
+        } else {
+            0
+        };
+        let v = self.vmcb();
+        v.control.v_intr = v_intr::V_INTR_MASKING | virq;
+        if how == Offer::Inject {
+            v.control.event_inj = event::VALID | event::TYPE_INTR | vector;
+            event_pending = true;
+        }
+        if let Some(h) = stay {
+            // Halts again: at its HLT with the intercept off, so that the processor halts
+            // until an interrupt or NMI exits. RFLAGS.IF = 1 for that entry: with
+            // V_INTR_MASKING it masks only virtual interrupts, and none is offered; Bochs
+            // 2.7 does not end a HLT for an intercepted interrupt while the guest's IF is
+            // clear. Both are put back after the entry.
+            v.save.rip = h.rip;
+            v.save.rflags |= RFLAGS_IF;
+            v.control.intercept_misc1 &= !misc1::HLT;
+        }
         // With an event to deliver the guest must enter (the event is consumed then, as
         // on VT-x): a zero timer becomes the shortest one, and a kick does not hold the
-        // entry back (its mail waits for that timer).
-        let flags = svm::RUN_INTERRUPTS | if event_pending { 0 } else { svm::RUN_KICKS };
+        // entry back (its mail waits for that timer). An interrupt offered by EVENTINJ is
+        // not such an event: a kick holds it back (below).
+        let kicks = if event_pending && how != Offer::Inject { 0 } else { svm::RUN_KICKS };
+        let flags = svm::RUN_INTERRUPTS | kicks;
         self.deadline = rdtsc().saturating_add(timer.max(1));
         // SAFETY: after `timer_init_this_core` on this core (SVM on), with its mode.
         unsafe { apic::timer_arm(mode, timer.max(1)) };
@@ -814,16 +945,44 @@ impl crate::vcpu::Vcpu for SvmVcpu {
         // SAFETY: as for the arm.
         unsafe { apic::timer_disarm(mode) };
         self.injected = false;
+        if let Some(h) = stay {
+            let v = self.vmcb();
+            v.control.intercept_misc1 |= misc1::HLT;
+            if !if_set {
+                v.save.rflags &= !RFLAGS_IF;
+            }
+            let xc = sx::normalize(v.control.exit_code);
+            let asynchronous = !ran || xc == code::INTR || xc == code::NMI;
+            let cut_short = ran && v.control.exit_int_info & event::VALID != 0;
+            if still_halted(asynchronous, cut_short, v.save.rip, h) {
+                v.save.rip = h.rip.wrapping_add(h.len);
+                v.control.interrupt_shadow = 0;
+            } else {
+                self.halted = None;
+            }
+        }
         if !ran {
             self.made_up = Some(MadeUp::Kick);
+            if how == Offer::Inject {
+                // Not delivered: offered again at the next entry.
+                self.vmcb().control.event_inj = 0;
+            }
             self.virq.entered(false);
             return Ok(());
         }
         let v = self.vmcb();
         let rax = v.save.rax;
-        // The offered interrupt was taken if the processor cleared V_IRQ (a VINTR exit,
-        // the window's, leaves it set: it comes before the delivery).
-        let taken = v.control.v_intr & v_intr::V_IRQ == 0 && v.control.exit_code != code::VINTR;
+        // The offered interrupt was taken if EVENTINJ delivered it (an exit cutting the
+        // delivery short gives it back in EXITINTINFO: `redeliver`), or if the processor
+        // cleared V_IRQ (a VINTR exit, the window's, leaves it set: it comes before the
+        // delivery).
+        let taken = match how {
+            Offer::Inject => true,
+            Offer::Virq => {
+                v.control.v_intr & v_intr::V_IRQ == 0 && v.control.exit_code != code::VINTR
+            }
+            Offer::Nothing => false,
+        };
         v.control.tlb_control = tlb_control::NOTHING;
         // Delivered, or back in EXITINTINFO (re-delivered by `redeliver`).
         v.control.event_inj = 0;
@@ -935,6 +1094,18 @@ impl crate::vcpu::Vcpu for SvmVcpu {
             return e;
         };
         e.len = len;
+        if direct && e.kind == ExitKind::Hlt {
+            // The guest takes its own interrupts: its HLT halts it, as on VT-x where it
+            // does not exit. The backend keeps the activity state a VMCB does not (the
+            // module header): RIP past the HLT as VMX saves it, the STI shadow ended by
+            // the HLT; the next entry wakes it or halts it again ([`halted_entry`]).
+            v.save.rip = rip.wrapping_add(len);
+            v.control.interrupt_shadow = 0;
+            e.kind = ExitKind::Completed;
+            self.halted = Some(Halted { rip, len });
+            self.halts = self.halts.saturating_add(1);
+            return e;
+        }
         if e.kind == ExitKind::Wbinvd && super::decode::is_invd(&bytes[..n]) {
             // QEMU's TCG gives INVD WBINVD's exit code (`decode::is_invd`): count it as
             // what the guest ran (both are emulated as no-ops).
@@ -1041,6 +1212,9 @@ impl crate::vcpu::Vcpu for SvmVcpu {
                 self.shadowed_hlts
             );
         }
+        if self.halts > 0 {
+            log::debug!("svm: {} HLTs halted in the backend", self.halts);
+        }
     }
 }
 
@@ -1062,16 +1236,65 @@ mod tests {
         use Shadowed::*;
         // The case of the 64-core stops: the tick waits for the window (V_IRQ), an exit
         // came between STI and HLT, HLT exits.
-        assert_eq!(shadowed_entry(true, true, false, Some(HLT), true), HltExit);
-        // HLT does not exit (a guest taking its own interrupts): halted, woken at once.
-        assert_eq!(shadowed_entry(true, true, false, Some(HLT), false), PastHlt);
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), true, true), HltExit);
+        // A guest taking its own interrupts: halted, woken at once.
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), true, false), PastHlt);
         // No shadow, no pending virtual interrupt, an event to inject, another
-        // instruction, code not readable: the entry as always.
-        assert_eq!(shadowed_entry(false, true, false, Some(HLT), true), Enter);
-        assert_eq!(shadowed_entry(true, false, false, Some(HLT), true), Enter);
-        assert_eq!(shadowed_entry(true, true, true, Some(HLT), true), Enter);
-        assert_eq!(shadowed_entry(true, true, false, Some(0xf3), true), Enter);
-        assert_eq!(shadowed_entry(true, true, false, None, true), Enter);
+        // instruction, code not readable, IF clear (a MOV SS shadow: nothing is taken
+        // early, and a halt with IF = 0 is not woken by an interrupt): the entry as always.
+        assert_eq!(shadowed_entry(false, true, false, Some(HLT), true, true), Enter);
+        assert_eq!(shadowed_entry(true, false, false, Some(HLT), true, true), Enter);
+        assert_eq!(shadowed_entry(true, true, true, Some(HLT), true, true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, Some(0xf3), true, true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, None, true, true), Enter);
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), false, false), Enter);
+        assert_eq!(shadowed_entry(true, true, false, Some(HLT), false, true), Enter);
+    }
+
+    /// A halted guest (HLT of a guest taking its own interrupts) wakes for what wakes a
+    /// processor in the HLT state, and for nothing else: `napper` (CLI; HLT, no timer)
+    /// stays halted over every run-timer expiry and kick until its budget, as on VT-x.
+    #[test]
+    fn a_halted_guest_wakes_only_for_an_event_or_an_interrupt_it_can_take() {
+        use HaltedEntry::*;
+        // Interrupts off, nothing pending, or pending and masked: halted again.
+        assert_eq!(halted_entry(false, false, false), Stay);
+        assert_eq!(halted_entry(false, true, false), Stay, "a doorbell with IF = 0");
+        // Interrupts on and nothing pending (`sti; hlt` waiting for a doorbell).
+        assert_eq!(halted_entry(false, false, true), Stay);
+        // The doorbell (or the window) with IF = 1; an injected event whatever IF says
+        // (VT-x: any injection ends the HLT state).
+        assert_eq!(halted_entry(false, true, true), Wake);
+        assert_eq!(halted_entry(true, false, false), Wake);
+        assert_eq!(halted_entry(true, false, true), Wake);
+    }
+
+    /// The exit after an entry that halted the guest again: still halted after an
+    /// interrupt or NMI exit at the HLT or past it; awake after anything that shows the
+    /// guest ran on.
+    #[test]
+    fn a_halted_guest_stays_halted_over_interrupt_and_nmi_exits() {
+        let h = Halted { rip: 0x10_0000, len: 1 };
+        assert!(still_halted(true, false, 0x10_0001, h), "the timer during the halt");
+        assert!(still_halted(true, false, 0x10_0000, h), "an exit before the HLT ran");
+        // A prefixed HLT (`f3 f4`): its whole length.
+        assert!(still_halted(true, false, 0x10_0002, Halted { rip: 0x10_0000, len: 2 }));
+        assert!(!still_halted(false, false, 0x10_0001, h), "an instruction exit");
+        assert!(!still_halted(true, true, 0x10_0001, h), "a delivery cut short");
+        assert!(!still_halted(true, false, 0x20_0000, h), "RIP elsewhere: it ran");
+    }
+
+    /// The offered doorbell or device interrupt goes in by EVENTINJ when the guest can take
+    /// it at once (Bochs 2.7 delivers no V_IRQ before the guest changes IF itself: the
+    /// doorbell handlers that never ran on Bochs `ryzen`), else as V_IRQ.
+    #[test]
+    fn an_interrupt_the_guest_can_take_now_is_injected_else_offered_as_v_irq() {
+        use Offer::*;
+        assert_eq!(offer_by(true, false, false, true), Inject);
+        assert_eq!(offer_by(true, false, false, false), Virq, "IF = 0 or a shadow");
+        assert_eq!(offer_by(true, false, true, true), Virq, "one event per entry");
+        assert_eq!(offer_by(true, true, false, true), Nothing, "halts again");
+        assert_eq!(offer_by(false, false, false, true), Nothing);
     }
 
     #[test]
