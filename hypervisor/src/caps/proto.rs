@@ -7,9 +7,13 @@
 //!   a cap into the receiver's guest space (a copy under the id its sender minted and has
 //!   already recorded as a child; a move under a fresh id). Answered by `INSERT_REPLY`
 //!   [handle or error].
-//! * `REVOKE` [id]: revoke node `id` in the receiver's space (every piece: unmapped and
-//!   flushed), then the node's own children, and answer `REVOKE_REPLY` [nodes revoked,
-//!   incomplete] only when all of them answered.
+//! * `REVOKE` [id, depth class | tree height << 8 | fan-out << 16 | hop << 24, members]:
+//!   revoke node `id` in the receiver's space (every piece: unmapped and flushed), then the
+//!   node's own children, and answer `REVOKE_REPLY` [nodes revoked, incomplete, members
+//!   failed, members declined, rounds] only when all of them answered. The hop (1 for the
+//!   revoker's own requests, one more per level below) and the rounds (the longest chain of
+//!   requests below, answers included) only count: the revoke's `rounds` in
+//!   `Stats::revoke`, measured; nothing decides by them.
 //!
 //! Invariants, and why the protocol cannot hang or overflow:
 //! * **Records before copies.** A copy's child record exists before its `INSERT` leaves,
