@@ -353,8 +353,7 @@ pub const AP_ANSWER_US: u64 = 200_000;
 
 /// The wait in force: set once on the BSP before it starts any AP, read only by it.
 #[cfg(target_os = "none")]
-static AP_ANSWER: core::sync::atomic::AtomicU64 =
-    core::sync::atomic::AtomicU64::new(AP_ANSWER_US);
+static AP_ANSWER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(AP_ANSWER_US);
 
 /// Sets how long each AP may take to answer (`ap_answer_ms`); before any AP is started.
 #[cfg(target_os = "none")]
