@@ -119,6 +119,8 @@ pub fn giver(bi: &BootInfo) -> u64 {
         let Ok(s) = r else { return 1 };
         let _ = to_d.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
         ok &= recv(&mut to_d)[0] == VERIFIED;
+        // Read: D may stop now (before this, its death could race this receive).
+        let _ = to_d.send(&[DONE, 0, 0, 0, 0, 0, 0]);
         // D stops itself right after confirming. Its death takes its copy with it (a clean
         // death drops what it held), so the revoke below finds two copies, not three, once
         // D's core has handled it: it retires D's capabilities, then takes D's links down,
@@ -469,6 +471,15 @@ pub fn doomed(bi: &BootInfo) -> u64 {
         "xfer: got my copy, mapped {mapped:?}, holds A's data: {good}; now faulting on purpose"
     );
     let _ = c.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+    // Stopped only once the giver has read the confirmation (it says so), at most 10 s
+    // later: a death right after the send could race the giver's receive (seen on Bochs,
+    // the giver's `recv` finding the link gone and the confirmation not taken).
+    let deadline = crate::arch::rdtsc().saturating_add(10_000 * bi.tsc_per_ms);
+    let read = c.recv_until(1000, deadline);
+    log::info!(
+        "xfer: the giver read my confirmation: {}",
+        matches!(read, Ok(Some(m)) if m[0] == DONE)
+    );
     // SAFETY: deliberately out of bounds: the hypervisor stops this guest here.
     let v = unsafe { core::ptr::read_volatile((bi.memory_bytes + (2 << 20)) as *const u64) };
     log::error!("xfer: read {v:#x} outside my memory");
