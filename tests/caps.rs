@@ -145,3 +145,62 @@ fn racing_revokes(emulator: Emulator, cmdline: &str) {
         }
     }
 }
+
+/// Issue 24: copies of copies and a revoke's own counts (configs/caps-relay-k6.toml, the
+/// small version of configs/scale-caps-k63.toml). The owner copies its region to two
+/// holders, each copies its copy on to two of its own; the owner's revoke must take back
+/// all six, and every core's revoke counts (the `rv_*` fields of the guest records, only
+/// the revoke protocol's messages) must be exactly what the strategy implies: broadcast
+/// asks the two relays (2 requests, 2 answers at the owner), each relay asks its two
+/// (3 in, 3 out), each leaf answers one request; 12 ring messages in all, 2 rounds.
+/// Multicast names both relays in one request; both decline (their copies have copies),
+/// so the owner asks them on the ring as broadcast does: one round more. A tree of fan-out
+/// 2 over two holders asks both directly (a broadcast plus its planning).
+#[test]
+fn a_revoke_reaches_copies_of_copies_and_counts_its_own_messages() {
+    for (cmdline, rounds, named) in [
+        ("revoke=broadcast", 2, 0),
+        ("revoke=multicast", 3, 2),
+        ("revoke=tree revoke_fanout=2", 2, 0),
+    ] {
+        let b =
+            boot_config(Emulator::Bochs, None, None, cmdline, Some("configs/caps-relay-k6.toml"));
+        assert_eq!(b.report.outcome, "ok", "{cmdline}: {:?}", b.report.problems);
+        assert!(
+            b.serial
+                .contains("[owner@c0] bench caps-exits map_unmap_exits=4 revoke_exits=1 holders=6"),
+            "{cmdline}: the owner's revoke took back all six in one exit"
+        );
+        systests::assert_matches_schema(&b.report);
+        let rv = |name: &str| b.guest(name).revoke;
+        for g in &b.report.guests {
+            assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{cmdline}: {g:?}");
+        }
+        let owner = rv("owner");
+        assert_eq!(
+            (owner.sent, owner.received, owner.mc_named, owner.mc_taken, owner.own, owner.rounds),
+            (2, 2, named, named, 1, rounds),
+            "{cmdline}: owner {owner:?}"
+        );
+        // The owner waits inside its `cap_revoke`: no exit of its guest serves the revoke.
+        assert_eq!(owner.exits, 0, "{cmdline}");
+        for relay in ["h1", "h2"] {
+            let r = rv(relay);
+            assert_eq!((r.sent, r.received, r.mc_served), (3, 3, named / 2), "{cmdline}: {r:?}");
+            // The request's exit, then at most one per answer from below.
+            assert!((1..=3).contains(&r.exits), "{cmdline}: {relay} {r:?}");
+            assert_eq!((r.own, r.rounds), (0, 0));
+        }
+        for leaf in ["h3", "h4", "h5", "h6"] {
+            let r = rv(leaf);
+            assert_eq!(
+                (r.sent, r.received, r.exits, r.mc_served),
+                (1, 1, 1, 0),
+                "{cmdline}: {leaf}"
+            );
+        }
+        let total: u64 = b.report.guests.iter().map(|g| g.revoke.sent).sum();
+        let got: u64 = b.report.guests.iter().map(|g| g.revoke.received).sum();
+        assert_eq!((total, got), (12, 12), "{cmdline}");
+    }
+}

@@ -58,6 +58,10 @@ pub struct Options {
     /// The capability protocol's deadline per level, in milliseconds (default 50): a core
     /// that does not answer within it is fenced.
     pub caps_deadline_ms: Option<u64>,
+    /// How long the BSP waits for each AP to answer its STARTUP IPI, in milliseconds
+    /// (default 200, `smp::AP_ANSWER_US`): longer where vCPUs are starved (QEMU's TCG with
+    /// 64 vCPUs on a loaded host); an AP that misses it is withdrawn and its core left out.
+    pub ap_answer_ms: Option<u64>,
     /// Trace every VM exit (`trace`): see `crate::trace`.
     pub trace: bool,
     /// The membership failure detector's probe period, in milliseconds (default 25; a core
@@ -145,6 +149,10 @@ pub fn parse_options<'a>(cmdline: &'a str, mut bad: impl FnMut(BadOption<'a>)) -
                 _ => {
                     bad(BadOption { word, why: "expected caps_deadline_ms=N with 1 <= N <= 60000" })
                 }
+            },
+            "ap_answer_ms" => match value.parse::<u64>() {
+                Ok(n) if (1..=60_000).contains(&n) => o.ap_answer_ms = Some(n),
+                _ => bad(BadOption { word, why: "expected ap_answer_ms=N with 1 <= N <= 60000" }),
             },
             "duration_ms" => match value.parse::<u64>() {
                 Ok(n) if (1..=86_400_000).contains(&n) => o.duration_ms = Some(n),
@@ -419,6 +427,7 @@ mod tests {
                 inject: None,
                 budget_ms: None,
                 caps_deadline_ms: None,
+                ap_answer_ms: None,
                 trace: false,
                 probe_ms: None,
                 duration_ms: None,
@@ -468,6 +477,8 @@ mod tests {
         }
         assert_eq!(opts("caps_deadline_ms=5").0.caps_deadline_ms, Some(5));
         assert_eq!(opts("caps_deadline_ms=0").1.len(), 1);
+        assert_eq!(opts("ap_answer_ms=2000").0.ap_answer_ms, Some(2000));
+        assert_eq!(opts("ap_answer_ms=0").1.len(), 1);
         assert_eq!(opts("revoke=tree").0.revoke, Some(RevokeMode::Tree));
         assert_eq!(opts("revoke=broadcast").0.revoke, Some(RevokeMode::Broadcast));
         assert_eq!(opts("revoke=multicast").0.revoke, Some(RevokeMode::Multicast));

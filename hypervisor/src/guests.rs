@@ -546,7 +546,7 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={} away_tsc={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={} away_tsc={} rv_sent={} rv_received={} rv_mc_named={} rv_mc_served={} rv_mc_taken={} rv_exits={} rv_own={} rv_rounds={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -561,7 +561,15 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                     Quoted(Fenced(r.caps.fenced)),
                     r.incarnations,
                     r.caps.revoke_tsc,
-                    r.longest_away
+                    r.longest_away,
+                    r.caps.revoke.sent,
+                    r.caps.revoke.received,
+                    r.caps.revoke.mc_named,
+                    r.caps.revoke.mc_served,
+                    r.caps.revoke.mc_taken,
+                    r.caps.revoke.exits,
+                    r.caps.revoke.own,
+                    r.caps.revoke.rounds
                 );
             }
             // A core that came up and was fenced later (one that never came up is reported

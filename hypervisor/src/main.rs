@@ -183,6 +183,9 @@ mod boot {
                 end_run(Outcome::Failed)
             }
         };
+        if let Some(ms) = opts.ap_answer_ms {
+            smp::set_ap_answer_us(ms.saturating_mul(1000));
+        }
         start_aps(&boot, &list, opts.inject);
         // The BSP's APIC is in x2APIC mode now (if it has one): kicks to it may be logical.
         crate::instance::xcore::publish_logical_id(0);

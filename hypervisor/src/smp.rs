@@ -347,8 +347,19 @@ extern "C" fn ap_entry(index: u64) -> ! {
     crate::arch::park()
 }
 
-/// How long an AP may take to enter Rust code after its SIPI, in microseconds of TSC time.
+/// How long an AP may take to enter Rust code after its SIPI, in microseconds of TSC time
+/// (the default; the command line's `ap_answer_ms` replaces it).
 pub const AP_ANSWER_US: u64 = 200_000;
+
+/// The wait in force: set once on the BSP before it starts any AP, read only by it.
+#[cfg(target_os = "none")]
+static AP_ANSWER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(AP_ANSWER_US);
+
+/// Sets how long each AP may take to answer (`ap_answer_ms`); before any AP is started.
+#[cfg(target_os = "none")]
+pub fn set_ap_answer_us(us: u64) {
+    AP_ANSWER.store(us.max(1), core::sync::atomic::Ordering::Relaxed);
+}
 
 /// Wakes the AP with `apic_id` as slot `index` and waits (bounded) until it answers.
 /// Returns whether it did.
@@ -403,7 +414,7 @@ pub unsafe fn start_ap(
             }
         }
     }
-    let deadline = tsc::deadline_us(AP_ANSWER_US);
+    let deadline = tsc::deadline_us(AP_ANSWER.load(core::sync::atomic::Ordering::Relaxed));
     while crate::arch::rdtsc() < deadline {
         if answered() {
             return true;
@@ -426,7 +437,7 @@ pub unsafe fn start_ap(
         return answered();
     }
     // The AP took its block: it is a few instructions from giving it back and answering.
-    let deadline = tsc::deadline_us(AP_ANSWER_US);
+    let deadline = tsc::deadline_us(AP_ANSWER.load(core::sync::atomic::Ordering::Relaxed));
     while claim.load(Acquire) != trampoline::FREE || !answered() {
         if crate::arch::rdtsc() >= deadline {
             if claim.load(Acquire) != trampoline::FREE {

@@ -711,7 +711,7 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
     },
     WorkloadSpec {
         name: "holder",
-        summary: "benchmark: maps the copy it is given and keeps running until told to stop",
+        summary: "benchmark: maps the copy it is given (copies it on over its other channels, if any) and keeps running until told to stop",
         args: &[],
     },
     WorkloadSpec {

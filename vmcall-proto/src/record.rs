@@ -36,7 +36,11 @@ pub mod kind {
     pub const CORE: &str = "core";
     /// One guest's end: `index`, `name`, `core`, `state` (see [`super::guest_state`]),
     /// `exit_status`, `exits` (quoted `reason:count` words), `fault` (quoted, when stopped),
-    /// `hypercalls`, `tsc_first_entry`, `tsc_end`.
+    /// `hypercalls`, `tsc_first_entry`, `tsc_end`; then its core's counters (`xmsgs`, `nmis`,
+    /// ...), among them the revoke protocol's own traffic through its core (`rv_sent`,
+    /// `rv_received`: `REVOKE`/`REVOKE_REPLY` ring messages; `rv_mc_named`, `rv_mc_served`,
+    /// `rv_mc_taken`: multicast requests and answers; `rv_exits`: guest exits that served
+    /// revoke work; `rv_own`, `rv_rounds`: its own revokes and the last one's rounds).
     pub const GUEST: &str = "guest";
     /// One incarnation of a guest ended (printed by its core when it does): `guest`, `n`
     /// (1 for the first start), `ending` (`exited`/`stopped`), `exit_status`, `fault`

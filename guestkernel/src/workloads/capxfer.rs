@@ -26,6 +26,8 @@ const VERIFIED: u64 = 3;
 const REVOKED: u64 = 4;
 const R: u64 = 1;
 const RW: u64 = 3;
+/// Read and grant: a copy its holder may copy on (copies of copies).
+const RG: u64 = 5;
 
 /// The endpoint-cap slot of the channel called `name` (endpoint caps follow the grants, in
 /// boot-info channel order).
@@ -117,6 +119,8 @@ pub fn giver(bi: &BootInfo) -> u64 {
         let Ok(s) = r else { return 1 };
         let _ = to_d.send(&[COPIED, s, 0xb0b, pages, 0, 0, 0]);
         ok &= recv(&mut to_d)[0] == VERIFIED;
+        // Read: D may stop now (before this, its death could race this receive).
+        let _ = to_d.send(&[DONE, 0, 0, 0, 0, 0, 0]);
         // D stops itself right after confirming. Its death takes its copy with it (a clean
         // death drops what it held), so the revoke below finds two copies, not three, once
         // D's core has handled it: it retires D's capabilities, then takes D's links down,
@@ -294,6 +298,9 @@ fn ticks<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 /// `capowner` (benchmark): costs of map, unmap, copy to each of its `k` holders (every
 /// channel it has), revoke of all copies, and a move; printed as one `bench caps` line.
+/// The copies carry GRANT: a `holder` with channels of its own copies its copy on (copies
+/// of copies), and says how many holders its copy reached; the revoke must take back all
+/// of them (`holders=` on the `caps-exits` line).
 pub fn capowner(bi: &BootInfo) -> u64 {
     accept_all(16);
     let k = bi.channels().len();
@@ -341,7 +348,7 @@ pub fn capowner(bi: &BootInfo) -> u64 {
         whole;
     let mut copy_total = 0;
     for (i, chan) in chans.iter_mut().enumerate().take(k) {
-        let (s, t) = ticks(|| transfer(0, first_ep + i as u64, 1 | R << 8, 2000));
+        let (s, t) = ticks(|| transfer(0, first_ep + i as u64, 1 | RG << 8, 2000));
         copy_total += t;
         let Ok(s) = s else {
             log::error!("bench caps: copy to holder {i}: {s:?}");
@@ -351,16 +358,20 @@ pub fn capowner(bi: &BootInfo) -> u64 {
             let _ = c.send(&[COPIED, s, 0, half / 4096, 0, 0, 0]);
         }
     }
+    // Every holder reached: the direct ones and those they copied on to.
+    let mut holders = 0u64;
     for c in chans.iter_mut().take(k).flatten() {
-        if recv(c)[0] != VERIFIED {
+        let m = recv(c);
+        if m[0] != VERIFIED {
             return 1;
         }
+        holders += m[1].max(1);
     }
     let e0 = exit_count();
     let (n, revoke) = ticks(|| call(Hypercall::CapRevoke, 0, 0));
     let revoke_exits = exit_count() - e0 - 1;
-    if n != Ok(k as u64) {
-        log::error!("bench caps: revoke returned {n:?} for {k} copies");
+    if n != Ok(holders) {
+        log::error!("bench caps: revoke returned {n:?} for {holders} copies");
         return 1;
     }
     let (m, mv) = ticks(|| transfer(spare, first_ep, 0, 2000));
@@ -381,15 +392,29 @@ pub fn capowner(bi: &BootInfo) -> u64 {
     );
     // A line of its own (the one above reaches the console's 256 characters, and passes
     // them where the TSC is host time).
-    log::info!("bench caps-exits map_unmap_exits={map_unmap_exits} revoke_exits={revoke_exits}");
+    // The revoke's latency again: under QEMU (TSC = host time) the line above passes the
+    // console's 256 characters and loses its end.
+    log::info!(
+        "bench caps-exits map_unmap_exits={map_unmap_exits} revoke_exits={revoke_exits} \
+         holders={holders} revoke={revoke}"
+    );
     0
 }
 
 /// `holder` (benchmark): maps the copy it is given, reads it, confirms, and keeps running
 /// (polling its channel) until told it is done, so the revoke reaches a running guest.
+/// Its first channel leads to whoever gives it the copy; if it has more (a relay), it
+/// copies its copy on, read-only, over each of the others to a holder of its own, waits
+/// for theirs to confirm, and confirms with the number of holders below and including it
+/// (copies of copies: the owner's revoke must reach them all); it passes `DONE` on.
 pub fn holder(bi: &BootInfo) -> u64 {
     accept_all(16);
     let Some(mut c) = channel::open(bi, None) else { return 1 };
+    let n = bi.channels().len().min(16);
+    let mut below: [Option<Chan>; 16] = Default::default();
+    for (i, b) in below.iter_mut().enumerate().take(n).skip(1) {
+        *b = channel::open_index(bi, i);
+    }
     loop {
         let m = recv(&mut c);
         match m[0] {
@@ -399,9 +424,35 @@ pub fn holder(bi: &BootInfo) -> u64 {
                 }
                 // SAFETY: just mapped read-only.
                 let _ = unsafe { core::ptr::read_volatile(GRANT_WINDOW.0 as *const u64) };
-                let _ = c.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+                let mut reached = 1u64;
+                if n > 1 {
+                    let Some(first_ep) = first_endpoint() else { return 1 };
+                    for (i, b) in below.iter_mut().enumerate().take(n).skip(1) {
+                        let s = transfer(m[1], first_ep + i as u64, 1 | R << 8, 2000);
+                        let Ok(s) = s else {
+                            log::error!("holder: copy on to channel {i}: {s:?}");
+                            return 1;
+                        };
+                        if let Some(b) = b.as_mut() {
+                            let _ = b.send(&[COPIED, s, 0, m[3], 0, 0, 0]);
+                        }
+                    }
+                    for b in below.iter_mut().take(n).flatten() {
+                        let a = recv(b);
+                        if a[0] != VERIFIED {
+                            return 1;
+                        }
+                        reached += a[1].max(1);
+                    }
+                }
+                let _ = c.send(&[VERIFIED, reached, 0, 0, 0, 0, 0]);
             }
-            DONE => return 0,
+            DONE => {
+                for b in below.iter_mut().take(n).flatten() {
+                    let _ = b.send(&[DONE, 0, 0, 0, 0, 0, 0]);
+                }
+                return 0;
+            }
             _ => {}
         }
     }
@@ -420,6 +471,15 @@ pub fn doomed(bi: &BootInfo) -> u64 {
         "xfer: got my copy, mapped {mapped:?}, holds A's data: {good}; now faulting on purpose"
     );
     let _ = c.send(&[VERIFIED, 0, 0, 0, 0, 0, 0]);
+    // Stopped only once the giver has read the confirmation (it says so), at most 10 s
+    // later: a death right after the send could race the giver's receive (seen on Bochs,
+    // the giver's `recv` finding the link gone and the confirmation not taken).
+    let deadline = crate::arch::rdtsc().saturating_add(10_000 * bi.tsc_per_ms);
+    let read = c.recv_until(1000, deadline);
+    log::info!(
+        "xfer: the giver read my confirmation: {}",
+        matches!(read, Ok(Some(m)) if m[0] == DONE)
+    );
     // SAFETY: deliberately out of bounds: the hypervisor stops this guest here.
     let v = unsafe { core::ptr::read_volatile((bi.memory_bytes + (2 << 20)) as *const u64) };
     log::error!("xfer: read {v:#x} outside my memory");

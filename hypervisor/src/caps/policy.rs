@@ -64,6 +64,43 @@ pub struct Stats {
     /// TSC ticks this core worked on its guest's own `cap_revoke`s: checks, requests and
     /// kicks sent, replies handled; not the polls that found the inbox empty (waiting).
     pub revoke_tsc: u64,
+    /// The revoke protocol's own traffic through this core (see [`RevokeCounts`]).
+    pub revoke: RevokeCounts,
+}
+
+/// What this core did for revokes, its own and other cores' (counted by `proto`, and by
+/// the run loop for `exits`): only the revoke protocol's messages (`REVOKE`,
+/// `REVOKE_REPLY`, multicast requests and answers), never inserts, guest control, links or
+/// membership, so a run whose only revoke is one operation reads that operation's exact
+/// cost on every core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevokeCounts {
+    /// Ring messages sent (`REVOKE` and `REVOKE_REPLY`; each is followed by a kick).
+    pub sent: u32,
+    /// Ring messages received and handled (`REVOKE` and `REVOKE_REPLY`).
+    pub received: u32,
+    /// Cores named by this core's multicast requests (each rung, kicked at most once).
+    pub mc_named: u32,
+    /// Multicast requests of other cores this core served (an answer written in its line).
+    pub mc_served: u32,
+    /// Answers taken from the reply lines of this core's own multicast requests.
+    pub mc_taken: u32,
+    /// VM exits of this core's guest after which the run loop's serve did revoke work
+    /// (a kick that brought a request or a reply): what the revoke cost the guest here.
+    pub exits: u32,
+    /// This core's own revokes that finished.
+    pub own: u32,
+    /// Rounds of this core's last own revoke: the longest chain of requests it caused,
+    /// measured (each request carries its hop; each answer the longest below it): 1 when
+    /// every holder was asked directly, a tree's depth, 1 more for a multicast's decline.
+    pub rounds: u8,
+}
+
+impl RevokeCounts {
+    /// Whether `self` shows revoke work done since `before`.
+    pub fn worked_since(&self, before: &RevokeCounts) -> bool {
+        self.received != before.received || self.mc_served != before.mc_served
+    }
 }
 
 impl Default for Stats {
@@ -76,6 +113,7 @@ impl Default for Stats {
             fenced: 0,
             unmap_failed: false,
             revoke_tsc: 0,
+            revoke: RevokeCounts::default(),
         }
     }
 }

@@ -7,9 +7,13 @@
 //!   a cap into the receiver's guest space (a copy under the id its sender minted and has
 //!   already recorded as a child; a move under a fresh id). Answered by `INSERT_REPLY`
 //!   [handle or error].
-//! * `REVOKE` [id]: revoke node `id` in the receiver's space (every piece: unmapped and
-//!   flushed), then the node's own children, and answer `REVOKE_REPLY` [nodes revoked,
-//!   incomplete] only when all of them answered.
+//! * `REVOKE` [id, depth class | tree height << 8 | fan-out << 16 | hop << 24, members]:
+//!   revoke node `id` in the receiver's space (every piece: unmapped and flushed), then the
+//!   node's own children, and answer `REVOKE_REPLY` [nodes revoked, incomplete, members
+//!   failed, members declined, rounds] only when all of them answered. The hop (1 for the
+//!   revoker's own requests, one more per level below) and the rounds (the longest chain of
+//!   requests below, answers included) only count: the revoke's `rounds` in
+//!   `Stats::revoke`, measured; nothing decides by them.
 //!
 //! Invariants, and why the protocol cannot hang or overflow:
 //! * **Records before copies.** A copy's child record exists before its `INSERT` leaves,
@@ -210,6 +214,11 @@ struct Entry {
     deadline: u64,
     /// What a direct request of this entry may take (`L`): the detour past a silent head.
     wait: u64,
+    /// The hop of the request this entry serves (its requests carry one more): 0 for the
+    /// local revoke, 1 once a multicast's decline has it ask by `REVOKE`s.
+    hop: u8,
+    /// The longest chain of requests below it so far (its answers' rounds, and its hop).
+    rounds: u8,
 }
 
 /// Not a member of the served request: the node's own copy.
@@ -239,6 +248,8 @@ const FREE: Entry = Entry {
     incomplete: false,
     deadline: 0,
     wait: 0,
+    hop: 0,
+    rounds: 0,
 };
 
 impl Entry {
@@ -578,6 +589,10 @@ impl<const E: usize> Proto<E> {
         } else {
             0
         };
+        if asked != 0 {
+            let named = self.mc_expect.count_ones();
+            stats.revoke.mc_named = stats.revoke.mc_named.saturating_add(named);
+        }
         let wait = policy.deadline.saturating_mul(levels(depth.saturating_add(1)));
         self.claim(0, Kind::LocalRevoke, now.saturating_add(wait));
         let e = &mut self.entries[0];
@@ -708,9 +723,11 @@ impl<const E: usize> Proto<E> {
             }
             if ok {
                 let taken = self.mc_expect.count_ones();
+                stats.revoke.mc_taken = stats.revoke.mc_taken.saturating_add(taken);
                 self.mc_expect = 0;
                 let e = &mut self.entries[0];
                 e.done |= mine;
+                e.rounds = e.rounds.max(1);
                 e.total = e.total.saturating_add(total);
                 if e.complete() {
                     self.finish_complete(env, stats);
@@ -732,13 +749,17 @@ impl<const E: usize> Proto<E> {
             }
             self.mc_expect &= !(1 << c);
             taken += 1;
+            stats.revoke.mc_taken = stats.revoke.mc_taken.saturating_add(1);
             let e = &mut self.entries[0];
             if e.kind != Kind::LocalRevoke {
                 continue;
             }
+            e.rounds = e.rounds.max(1);
             // This core's copies, not already settled (a fence settles them as failed).
             let mine = self.mc_children[c] & !e.done;
             if a.declined {
+                // Asked again by `REVOKE`s: a round after the multicast's.
+                e.hop = e.hop.max(1);
                 let mut m = mine;
                 while m != 0 {
                     let j = m.trailing_zeros() as usize;
@@ -814,6 +835,7 @@ impl<const E: usize> Proto<E> {
             stats.revoked_here = stats.revoked_here.saturating_add(total);
             mcast::answer(req.seq, total, unsure, false)
         };
+        stats.revoke.mc_served = stats.revoke.mc_served.saturating_add(1);
         env.mc_answer(me, from, word);
         true
     }
@@ -870,11 +892,18 @@ impl<const E: usize> Proto<E> {
                     }
                     // Word 2: the target node's depth class; for a head, its subtree's
                     // height and the fan-out to plan it with, its members in words 3-6.
+                    // Bits 24-31: the request's hop (rounds, see `RevokeCounts`).
                     _ if class > MAX_DEPTH => self.tree_request(i, j, r),
-                    _ => [header(op::REVOKE, r), id, class as u64, 0, 0, 0, 0],
+                    _ => {
+                        let hop = (e.hop as u64 + 1) << 24;
+                        [header(op::REVOKE, r), id, class as u64 | hop, 0, 0, 0, 0]
+                    }
                 };
                 self.entries[i].sent |= bit;
                 if env.send(to, &m) {
+                    if kind != Kind::LocalInsert {
+                        stats.revoke.sent = stats.revoke.sent.saturating_add(1);
+                    }
                     self.outstanding[to][class as usize] += 1;
                     env.kick(to);
                 } else {
@@ -891,7 +920,8 @@ impl<const E: usize> Proto<E> {
     fn tree_request(&self, i: usize, j: usize, r: u32) -> Payload {
         let e = &self.entries[i];
         let height = (e.cls[j] - MAX_DEPTH) as u64;
-        let word2 = e.mclass as u64 | height << 8 | (e.fanout as u64) << 16;
+        let hop = e.hop as u64 + 1;
+        let word2 = e.mclass as u64 | height << 8 | (e.fanout as u64) << 16 | hop << 24;
         let mut m = [header(op::REVOKE, r), e.ids[j], word2, 0, 0, 0, 0];
         for x in (0..e.n as usize).filter(|&x| x != j && e.via[x] as usize == j) {
             let p = e.pos[x] as usize;
@@ -929,6 +959,8 @@ impl<const E: usize> Proto<E> {
                 self.lost_track = true;
             }
             if e.kind == Kind::LocalRevoke {
+                stats.revoke.own = stats.revoke.own.saturating_add(1);
+                stats.revoke.rounds = e.rounds;
                 self.mc_expect = 0;
                 self.unconfirmed = [None; MAX_CHILDREN];
                 let mut m = e.failed;
@@ -941,8 +973,16 @@ impl<const E: usize> Proto<E> {
             match e.kind {
                 Kind::Forward { to, req } => {
                     let (total, declined) = (e.total, e.declined as u64);
-                    let m =
-                        [header(op::REVOKE_REPLY, req), total, own as u64, members, declined, 0, 0];
+                    let rounds = e.rounds as u64;
+                    let m = [
+                        header(op::REVOKE_REPLY, req),
+                        total,
+                        own as u64,
+                        members,
+                        declined,
+                        rounds,
+                        0,
+                    ];
                     self.answer(env, to as usize, &m, stats);
                 }
                 Kind::LocalRevoke => self.local = Some(Verdict::Revoked((e.total, own))),
@@ -959,6 +999,9 @@ impl<const E: usize> Proto<E> {
             return;
         }
         if env.send(to, m) {
+            if op_of(m) == op::REVOKE_REPLY {
+                stats.revoke.sent = stats.revoke.sent.saturating_add(1);
+            }
             env.kick(to);
         } else {
             self.fence(env, to, stats);
@@ -1067,8 +1110,15 @@ impl<const E: usize> Proto<E> {
         let r = req_of(m);
         match op_of(m) {
             op::INSERT => return Some(decode_insert(from, r, m)),
-            op::REVOKE => self.serve_revoke(env, from, r, m, space, policy, stats),
-            op::INSERT_REPLY | op::REVOKE_REPLY => self.take_reply(env, from, r, m, stats),
+            op::REVOKE => {
+                stats.revoke.received = stats.revoke.received.saturating_add(1);
+                self.serve_revoke(env, from, r, m, space, policy, stats)
+            }
+            op::REVOKE_REPLY => {
+                stats.revoke.received = stats.revoke.received.saturating_add(1);
+                self.take_reply(env, from, r, m, stats)
+            }
+            op::INSERT_REPLY => self.take_reply(env, from, r, m, stats),
             other => log::error!("unknown inter-core message {other} from core {from}"),
         }
         None
@@ -1085,7 +1135,7 @@ impl<const E: usize> Proto<E> {
         policy: &Policy,
         stats: &mut Stats,
     ) {
-        let (id, depth) = (m[1], m[2] & 0xff);
+        let (id, depth, hop) = (m[1], m[2] & 0xff, (m[2] >> 24 & 0xff) as u8);
         // A tree request: the subtree's height, the fan-out, the members (see the header).
         let (height, fanout) = ((m[2] >> 8 & 0xff) as u8, (m[2] >> 16 & 0xff) as u8);
         let mut members = [None; MAX_MEMBERS];
@@ -1127,7 +1177,7 @@ impl<const E: usize> Proto<E> {
         let found = (removed.pieces > 0) as u64;
         stats.revoked_here = stats.revoked_here.saturating_add(found);
         let reply = |total, incomplete: bool| {
-            [header(op::REVOKE_REPLY, r), total, incomplete as u64, 0, 0, 0, 0]
+            [header(op::REVOKE_REPLY, r), total, incomplete as u64, 0, 0, hop as u64, 0]
         };
         // Not here (any more): complete, unless this core lost track of what it removed.
         let unsure = removed.pieces == 0 && self.lost_track;
@@ -1169,6 +1219,7 @@ impl<const E: usize> Proto<E> {
         let e = &mut self.entries[i];
         e.total = found;
         e.incomplete = unsure;
+        (e.hop, e.rounds) = (hop, hop);
         if height > 0 {
             // Members are of the node's own depth: `L` is what a direct request to them
             // may take; this entry waits `(2s + 1) L` for subtrees of height s < height.
@@ -1235,6 +1286,7 @@ impl<const E: usize> Proto<E> {
             });
         } else {
             e.total = e.total.saturating_add(m[1]);
+            e.rounds = e.rounds.max(m[5].min(0xff) as u8);
             if m[2] != 0 {
                 e.failed |= bit;
             }

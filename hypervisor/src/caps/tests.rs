@@ -1785,3 +1785,84 @@ fn a_wait_that_outlives_a_deafness_takes_the_answer_waiting_in_the_inbox() {
         assert!((first_look..=first_look + 10).contains(&decided), "decided at {decided}");
     }
 }
+
+/// Core 0's grant copied to `direct` holders (cores 1..=direct), each of which copies its
+/// copy on to `per` holders of its own (the cores after them): copies of copies, as the
+/// `holder` workload relays them. Returns the leaves' cores by relay.
+fn relay_net(direct: usize, per: usize, revoke: Revoke) -> (Net, Vec<Vec<usize>>) {
+    let n = 1 + direct * (1 + per);
+    let mut net = Net::with_revoke(n, 4, revoke);
+    let mut leaves = vec![];
+    for d in 1..=direct {
+        let c = net.transfer(0, 0, d, 1 | ALL << 8).unwrap();
+        let mine: Vec<usize> = (0..per).map(|i| 1 + direct + (d - 1) * per + i).collect();
+        for &l in &mine {
+            net.transfer(d, c, l, 1 | 1 << 8).unwrap();
+        }
+        leaves.push(mine);
+    }
+    net.sends.clear();
+    (net, leaves)
+}
+
+#[test]
+fn a_revoke_counts_its_own_messages_and_rounds_on_every_core() {
+    use super::policy::RevokeCounts;
+    // (strategy, direct holders, holders each relays to).
+    for (revoke, direct, per) in [
+        (Revoke::Broadcast, 2, 2),
+        (Revoke::Broadcast, 3, 1),
+        (Revoke::Multicast, 2, 2),
+        (Revoke::Tree { fanout: 2 }, 4, 1),
+    ] {
+        let (mut net, leaves) = relay_net(direct, per, revoke);
+        let before: Vec<RevokeCounts> = net.cores.iter().map(|c| c.stats.revoke).collect();
+        assert!(before.iter().all(|b| *b == RevokeCounts::default()), "copies are not revokes");
+        let k = (direct * (1 + per)) as u64;
+        assert_eq!(net.revoke(0, 0, None), Ok(k), "{revoke:?}");
+        assert!((1..net.cores.len()).all(|h| net.live_memory(h) == 0), "{revoke:?}");
+        let r: Vec<RevokeCounts> = net.cores.iter().map(|c| c.stats.revoke).collect();
+        // Every ring message the revoke caused was counted once where it left and once
+        // where it arrived, and nothing else was (the copies' inserts came before).
+        let sent: u32 = r.iter().map(|c| c.sent).sum();
+        let received: u32 = r.iter().map(|c| c.received).sum();
+        assert_eq!((sent as usize, received as usize), (net.sends.len(), net.sends.len()));
+        for (d, mine) in leaves.iter().enumerate() {
+            for &l in mine {
+                // A leaf: one request in, one answer out, from and to its relay.
+                assert_eq!((r[l].sent, r[l].received), (1, 1), "{revoke:?} leaf {l}");
+            }
+            let d = d + 1;
+            let p = per as u32;
+            if revoke == Revoke::Multicast {
+                // It declined the multicast (its copy has copies), was asked on the ring.
+                assert_eq!((r[d].mc_served, r[d].sent, r[d].received), (1, p + 1, p + 1));
+            } else if revoke == Revoke::Broadcast {
+                assert_eq!((r[d].sent, r[d].received), (p + 1, p + 1), "{revoke:?} {d}");
+            }
+        }
+        let owner = &r[0];
+        assert_eq!(owner.own, 1);
+        match revoke {
+            Revoke::Broadcast => {
+                assert_eq!((owner.sent, owner.received), (direct as u32, direct as u32));
+                assert_eq!(owner.rounds, 2, "the holders, then theirs");
+                assert_eq!(sent, 2 * k as u32);
+            }
+            Revoke::Multicast => {
+                // One request naming both relays; both declined, so both were asked again.
+                assert_eq!((owner.mc_named, owner.mc_taken), (direct as u32, direct as u32));
+                assert_eq!((owner.sent, owner.received), (direct as u32, direct as u32));
+                assert_eq!(owner.rounds, 3, "the multicast, the ring, the relays' holders");
+                assert_eq!(sent, 2 * k as u32);
+            }
+            Revoke::Tree { .. } => {
+                // Two heads carrying one member each; every relay asks its one holder.
+                assert_eq!((owner.sent, owner.received), (2, 2));
+                assert_eq!(owner.rounds, 3, "heads, members, the members' holders");
+                assert_eq!(sent, 2 * k as u32);
+            }
+        }
+        assert!(net.cores.iter().all(|c| c.idle()));
+    }
+}

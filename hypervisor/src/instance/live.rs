@@ -271,8 +271,14 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
     /// other cores', not the guest's. `Err`: the incarnation must end.
     fn serve(&mut self, now: u64) -> Result<(), Ending> {
         let t0 = arch::rdtsc();
+        let before = self.ctx.caps.stats.revoke;
         let served = self.ctx.caps.poll(&mut self.vcpu);
         let t1 = arch::rdtsc();
+        let after = &mut self.ctx.caps.stats.revoke;
+        if after.worked_since(&before) {
+            // The exit this serve follows brought revoke work (a kick, or work met there).
+            after.exits = after.exits.saturating_add(1);
+        }
         log_views(self.ctx.caps, self.g.core);
         if self.ctx.caps.members.evicted() {
             // Taken for stopped while alive: the others fenced this core and go on

@@ -66,6 +66,8 @@ pub fn check(cmdline: &str) -> Vec<BadWord> {
             "budget_ms" => Some("expected budget_ms=N with N >= 1"),
             "caps_deadline_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
             "caps_deadline_ms" => Some("expected caps_deadline_ms=N with 1 <= N <= 60000"),
+            "ap_answer_ms" if n.is_some_and(|n| (1..=60_000).contains(&n)) => None,
+            "ap_answer_ms" => Some("expected ap_answer_ms=N with 1 <= N <= 60000"),
             "duration_ms" if n.is_some_and(|n| (1..=86_400_000).contains(&n)) => None,
             "duration_ms" => Some("expected duration_ms=N with 1 <= N <= 86400000"),
             "probe_ms"

@@ -95,6 +95,10 @@ pub struct GuestReport {
     /// guest asks (docs/membership.md); the failure detector's timeout must exceed it.
     #[serde(default)]
     pub away_tsc: u64,
+    /// The revoke protocol's traffic through its core (its own revokes and other cores'):
+    /// exact per operation in a run whose only revoke is that one.
+    #[serde(default)]
+    pub revoke: RevokeTraffic,
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
@@ -104,6 +108,29 @@ pub struct GuestReport {
     /// Its exit trace's totals, when the run was traced (`--trace`).
     #[serde(default)]
     pub trace: Option<GuestTrace>,
+}
+
+/// What a guest's core did for revokes (the `rv_*` fields of its `guest` record; the
+/// hypervisor's `caps::RevokeCounts`): only the revoke protocol's messages, never inserts,
+/// guest control, links or membership.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RevokeTraffic {
+    /// `REVOKE` and `REVOKE_REPLY` ring messages sent (each followed by a kick).
+    pub sent: u64,
+    /// `REVOKE` and `REVOKE_REPLY` ring messages received.
+    pub received: u64,
+    /// Cores named by its multicast requests (rung and kicked, no ring message).
+    pub mc_named: u64,
+    /// Other cores' multicast requests it served (an answer in its reply line).
+    pub mc_served: u64,
+    /// Answers it took from its own multicast requests' reply lines.
+    pub mc_taken: u64,
+    /// Its guest's VM exits after which its core did revoke work.
+    pub exits: u64,
+    /// Its guest's own revokes that finished.
+    pub own: u64,
+    /// Rounds of its last own revoke, measured: the longest chain of requests.
+    pub rounds: u64,
 }
 
 /// A traced guest's totals (from its `tracesum` record), in `tsc_unit`. Exact whatever the
@@ -239,6 +266,8 @@ struct GuestJson {
     foreign_tsc: u64,
     revoke_tsc: u64,
     away_tsc: u64,
+    #[serde(default)]
+    revoke: RevokeTraffic,
     fenced: Vec<u32>,
     incarnations: Vec<IncarnationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -274,6 +303,7 @@ impl From<GuestReport> for GuestJson {
             foreign_tsc: g.foreign_tsc,
             revoke_tsc: g.revoke_tsc,
             away_tsc: g.away_tsc,
+            revoke: g.revoke,
             fenced: g.fenced,
             trace: g.trace,
             incarnations: g.incarnations,
@@ -658,6 +688,16 @@ impl Console {
                         foreign_tsc: num(&r, "foreign_tsc").unwrap_or(0),
                         revoke_tsc: num(&r, "revoke_tsc").unwrap_or(0),
                         away_tsc: num(&r, "away_tsc").unwrap_or(0),
+                        revoke: RevokeTraffic {
+                            sent: num(&r, "rv_sent").unwrap_or(0),
+                            received: num(&r, "rv_received").unwrap_or(0),
+                            mc_named: num(&r, "rv_mc_named").unwrap_or(0),
+                            mc_served: num(&r, "rv_mc_served").unwrap_or(0),
+                            mc_taken: num(&r, "rv_mc_taken").unwrap_or(0),
+                            exits: num(&r, "rv_exits").unwrap_or(0),
+                            own: num(&r, "rv_own").unwrap_or(0),
+                            rounds: num(&r, "rv_rounds").unwrap_or(0),
+                        },
                         fenced: r
                             .get("fenced")
                             .map(unescape)
@@ -951,6 +991,7 @@ impl Console {
                 foreign_tsc: 0,
                 revoke_tsc: 0,
                 away_tsc: 0,
+                revoke: RevokeTraffic::default(),
                 fenced: vec![],
                 incarnations,
                 trace: None,
