@@ -8,8 +8,8 @@
 //!
 //! | line | written by | content |
 //! |---|---|---|
-//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it) |
-//! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping` |
+//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it); `replied`: replies it wrote into the other ring's slots (statistics) |
+//! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping`; `replies_taken`: replies it took from its own request slots (statistics) |
 //! | 2.. | producer | `slots` slots: seven payload words, then the control word |
 //!
 //! Message `n` (counting from 0) goes in slot `n % slots` with control word `n + 1`. The
@@ -19,6 +19,11 @@
 //! changes while the payload is being copied (a torn slot), and a `received` count that goes
 //! backwards or past what was sent. Nothing here trusts the other side: every error is
 //! returned, nothing panics, nothing waits.
+//!
+//! Calls ([`CALL`], [`REPLY`]): a request whose control word also has `CALL` is answered in
+//! its own slot: the receiver writes the reply there with the word `n + 1 | REPLY`, and the
+//! caller, who polls that slot, accepts exactly that word. A round trip then moves one
+//! cache line (the request's slot) twice instead of two lines twice each.
 //!
 //! Epochs: a channel whose guest was restarted starts over in a new epoch (the hypervisor
 //! resets its rings and tells both sides, see `guest::StatusPage`). Each side then makes a
@@ -282,9 +287,8 @@ pub struct Receiver<'a> {
     ack_left: u64,
     ack_every: u64,
     tag: u64,
-    /// The slot of the last message taken and its control word: with [`CALL`] set, the
-    /// reply is owed ([`Receiver::reply`] clears the flag).
-    last: *const Slot,
+    /// The control word of the last message taken (its slot is the one before `cur`): with
+    /// [`CALL`] set, the reply is owed ([`Receiver::reply`] clears the flag).
     last_word: u64,
     /// Replies taken from this side's own request slots ([`Sender::poll_reply`] counts
     /// them here, in this ring's consumer line).
@@ -527,7 +531,6 @@ impl<'a> Receiver<'a> {
             ack_left: ack_every,
             ack_every,
             tag,
-            last: ring.slots.as_ptr(),
             last_word: 0,
             replies_taken: 0,
         }
@@ -683,7 +686,6 @@ impl<'a> Receiver<'a> {
         }
         let seq = c & !CALL;
         self.expected = seq + 1;
-        self.last = cur;
         self.last_word = c;
         self.cur = self.ring.after(cur, self.end);
         self.taken(seq);
@@ -709,8 +711,17 @@ impl<'a> Receiver<'a> {
         if !self.owes() {
             return false;
         }
-        // SAFETY: `last` is always a slot of the ring (set from `cur`).
-        let slot = unsafe { &*self.last };
+        // The call's slot: the one before `cur` (a take since would have replaced the word
+        // that says the reply is owed).
+        let cur = self.cur;
+        let last = if cur == self.ring.slots.as_ptr() {
+            self.end.wrapping_sub(1)
+        } else {
+            cur.wrapping_sub(1)
+        };
+        // SAFETY: `last` is a slot of the ring: `cur` is, and so is the one before it
+        // (wrapping to the last slot).
+        let slot = unsafe { &*last };
         for (w, v) in slot.data.iter().zip(m) {
             w.store(*v, Ordering::Relaxed);
         }
@@ -920,7 +931,12 @@ mod tests {
         ba: &'static OwnedRing,
         n: u32,
     ) -> (Sender<'static>, Receiver<'static>, Sender<'static>, Receiver<'static>) {
-        (Sender::new(ab.ring(n)), Receiver::new(ba.ring(n), 1), Sender::new(ba.ring(n)), Receiver::new(ab.ring(n), 1))
+        (
+            Sender::new(ab.ring(n)),
+            Receiver::new(ba.ring(n), 1),
+            Sender::new(ba.ring(n)),
+            Receiver::new(ab.ring(n), 1),
+        )
     }
 
     #[test]
@@ -941,7 +957,11 @@ mod tests {
             assert!(srx.reply(&mut stx, &msg(100 + i)));
             assert!(!srx.owes() && !srx.reply(&mut stx, &msg(7)), "one reply per call");
             ctx.restore_last();
-            assert_eq!(ab.slot(i as usize % 2).control.load(Ordering::Relaxed), (i + 1) | REPLY, "restore_last leaves a reply alone");
+            assert_eq!(
+                ab.slot(i as usize % 2).control.load(Ordering::Relaxed),
+                (i + 1) | REPLY,
+                "restore_last leaves a reply alone"
+            );
             assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
             assert_eq!(out, msg(100 + i));
             assert!(ctx.poll_reply(&mut crx, 1, &mut out, || {}).is_none(), "no reply twice");
@@ -983,7 +1003,13 @@ mod tests {
         assert_eq!(srx.try_recv(), Ok(Some(msg(0))));
         ctx.try_send(&msg(1)).unwrap();
         assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
-        for (word, ok) in [(1 | CALL, true), (1 | REPLY, true), (1, true), (1 | CALL | REPLY, false), (2 | REPLY, false)] {
+        for (word, ok) in [
+            (1 | CALL, true),
+            (1 | REPLY, true),
+            (1, true),
+            (1 | CALL | REPLY, false),
+            (2 | REPLY, false),
+        ] {
             ab.slot(0).control.store(word, Ordering::Relaxed);
             assert_eq!(srx.try_recv().is_ok(), ok, "{word:#x}");
         }

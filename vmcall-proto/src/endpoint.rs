@@ -578,25 +578,39 @@ mod tests {
         // The call's slot gets a word that is neither the request nor its reply (here the
         // reply to another request): reported within LOOK_EVERY polls, nothing taken.
         let mut polls = 0;
-        let got = w.call(&mut tx, &mut rx, &msg(1), &mut reply, |_| {}, || {
-            polls += 1;
-            ab.slot(0).control.store(2 | crate::channel::REPLY, Ordering::Relaxed);
-        });
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(1),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                ab.slot(0).control.store(2 | crate::channel::REPLY, Ordering::Relaxed);
+            },
+        );
         assert!(matches!(got, Err(ChannelError::Corrupt { slot: 0, .. })), "{got:?}");
         assert!(polls < LOOK_EVERY, "{polls}");
         assert_eq!(ba.ring(4).received(), 0, "nothing taken");
         // A reply on the ring instead of the slot is no reply to a call.
         let mut polls = 0;
         let mut otx = Sender::new(ba.ring(4));
-        let got = w.call(&mut tx, &mut rx, &msg(1), &mut reply, |_| {}, || {
-            polls += 1;
-            if polls == 1 {
-                otx.try_send(&msg(5)).unwrap();
-            }
-            if polls == 2 * LOOK_EVERY {
-                ab.slot(1).control.store(0xdead, Ordering::Relaxed);
-            }
-        });
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(1),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                if polls == 1 {
+                    otx.try_send(&msg(5)).unwrap();
+                }
+                if polls == 2 * LOOK_EVERY {
+                    ab.slot(1).control.store(0xdead, Ordering::Relaxed);
+                }
+            },
+        );
         assert!(matches!(got, Err(ChannelError::Corrupt { slot: 1, .. })), "{got:?}");
         assert!(polls > LOOK_EVERY, "waited for the slot, not the ring: {polls}");
         ba.slot(0).control.store(0, Ordering::Relaxed);

@@ -2,14 +2,17 @@
 //! `cargo xtask bench channels`: the channel ring measured against its neighbours.
 //!
 //! * Host, real cores: two threads pinned to two cores exchange 64-byte messages through
-//!   the mkvisor ring (`vmcall_proto::channel`), a bare cache-line ping-pong (two lines, one
-//!   per direction: the physical limit of a cross-core round trip), a raw line ring (lines
-//!   and a sequence word, nothing else: the streaming baseline), crossbeam-channel, std
-//!   mpsc and a pair of Linux pipes. Round trips give median and p99 latency (TSC, converted
-//!   with a clock calibrated in the same run); a one-way burst gives throughput. Ratios are
-//!   to the cache-line ping-pong and the raw line ring of the same run, and the ring's
-//!   streaming is also measured against the raw line ring in alternating pairs: the machine
-//!   is noisy, ratios are less so. Every wait spins with a deadline.
+//!   the mkvisor ring (`vmcall_proto::channel`), the channel library's own code, a bare
+//!   cache-line ping-pong (two lines, one per direction: the reference of the ratios), one
+//!   line shared by both directions (the fewest lines a round trip can move), a bare ring
+//!   whose replies go into the request's slot (the library's call, unchecked), a raw line
+//!   ring (lines and a sequence word, nothing else: the streaming baseline),
+//!   crossbeam-channel, std mpsc and a pair of Linux pipes. Round trips give median and p99
+//!   latency (TSC, converted with a clock calibrated in the same run); a one-way burst
+//!   gives throughput. Ratios are to the cache-line ping-pong and the raw line ring of the
+//!   same run; the round trips are also measured against the ping-pong, and the ring's
+//!   streaming against the raw line ring, in alternating pairs: the machine is noisy,
+//!   ratios are less so. Every wait spins with a deadline.
 //! * In Bochs: guest-measured instruction counts (the TSC counts emulated instructions)
 //!   and VM exits from dedicated two-CPU configs, one pair alone per run: polling,
 //!   doorbells, MWAIT (exitless notification), streaming.
@@ -464,10 +467,11 @@ fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
 
 // --- the guest's channel library: the ring with its settings and its link policy ---
 // What `guestkernel::channel::Chan` runs on a polling send and a blocking receive
-// (`vmcall_proto::endpoint::LinkWatch::try_send` and `LinkWatch::recv` over a sender and a
-// receiver publishing its count as the library does, `endpoint::ack_every`), and for a
-// round trip what `Chan::call` and `Chan::serve` run (`LinkWatch::call` and `serve`), with
-// the link word in host memory standing for the status page.
+// (`vmcall_proto::endpoint::LinkWatch::try_send_or_reply` and `LinkWatch::recv` over a
+// sender and a receiver publishing its count as the library does, `endpoint::ack_every`),
+// and for a round trip what `Chan::call` and `Chan::serve` run (`LinkWatch::call` and
+// `serve`: the request sent as a call, the reply written into its slot), with the link
+// word in host memory standing for the status page.
 struct LibEnd {
     tx: Sender<'static>,
     rx: Receiver<'static>,
@@ -648,16 +652,17 @@ fn shared_line_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
     )
 }
 
-// --- a ring whose reply goes into the request's slot: a design sketch, not the library ---
+// --- a bare ring whose reply goes into the request's slot: the library's call, unchecked ---
 // One ring of 64-byte slots (seven payload words, then the control word), used by both
 // sides: request `n` goes in slot `n % SLOT_REPLY_SLOTS` with control word `2n + 1`, and
 // the server writes its reply into that same slot with control word `2n + 2`; each reader
 // loads the word (acquire), copies, and re-reads it (the library's seqlock check). A round
 // trip then moves one line twice, as the shared line does, where a ring per direction
-// moves two lines twice each. The request slots still rotate, so a client may have several
-// requests out; the slot is the client's again once it has read the reply. What the
-// library would need for it (a reply flag in the control word, the counts of replies, the
-// C header) is in docs/channels.md, "Which lines a round trip moves".
+// moves two lines twice each. The request slots still rotate; the slot is the client's again
+// once it has read the reply. The library's `call` and `serve` do the same with their
+// checks (the `CALL` and `REPLY` flags, tags, the link look, counts; see docs/channels.md,
+// "Which lines a round trip moves"); this is that design with nothing else, as the raw
+// line ring is for the ring.
 const SLOT_REPLY_SLOTS: usize = 64;
 struct SlotRing {
     slots: [RawLine; SLOT_REPLY_SLOTS],
@@ -925,7 +930,7 @@ pub fn host() -> Result<Vec<HostRow>> {
         let (a, b) = make()?;
         let mut s = ping_pong(a, b, rounds);
         let (med, p99) = (percentile(&mut s, 0.5), percentile(&mut s, 0.99));
-        // The bare lines and the slot-reply sketch have no flow control for a one-way
+        // The bare lines and the bare slot-reply ring have no flow control for a one-way
         // stream: their one-way figure is the round trip halved, the best a channel that
         // waits for each answer can do.
         let tput = if count == 0 {
@@ -959,11 +964,11 @@ pub const LIBRARY_NAME: &str = "channel library (guest's code)";
 
 /// The row name of the raw line ring.
 const RAW_NAME: &str = "raw line ring (stream limit)";
-/// The row names of the two bare lines, the plain ring and the slot-reply sketch.
+/// The row names of the two bare lines, the plain ring and the bare slot-reply ring.
 const LINE_NAME: &str = "cache-line ping-pong";
 const SHARED_NAME: &str = "one line, both directions";
 const RING_NAME: &str = "mkvisor ring";
-const SLOT_REPLY_NAME: &str = "reply in request's slot (sketch)";
+const SLOT_REPLY_NAME: &str = "reply in request's slot (bare)";
 
 /// Round trips measured against the cache-line ping-pong in pairs (the line, then the
 /// transport, close in time: a busy host slows both of a pair alike), one ratio of medians
