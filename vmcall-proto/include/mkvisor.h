@@ -255,12 +255,12 @@ typedef uint64_t MKV_word;
  * twice each (the reader of a line does not write it, so each write takes the line back).
  * Counts stay below 2^46: the flags sit under the epoch tag.
  */
-#define MKV_CALL (1 << 47)
+#define MKV_CALL 140737488355328
 
 /**
  * Control-word flag of a reply written by the receiver into the request's slot.
  */
-#define MKV_REPLY (1 << 46)
+#define MKV_REPLY 70368744177664
 
 /**
  * Header bytes of a ring (the two lines).

@@ -120,9 +120,9 @@ pub const SLEEP_MWAIT: u64 = 2;
 /// with the request, back with the reply), where a reply on the other ring moves two lines
 /// twice each (the reader of a line does not write it, so each write takes the line back).
 /// Counts stay below 2^46: the flags sit under the epoch tag.
-pub const CALL: u64 = 1 << 47;
+pub const CALL: u64 = 0x8000_0000_0000; // bit 47
 /// Control-word flag of a reply written by the receiver into the request's slot.
-pub const REPLY: u64 = 1 << 46;
+pub const REPLY: u64 = 0x4000_0000_0000; // bit 46
 
 /// Header bytes of a ring (the two lines).
 pub const HEADER_BYTES: usize = 128;
