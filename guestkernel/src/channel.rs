@@ -149,9 +149,15 @@ impl Chan {
         Ok(epoch)
     }
 
+    /// Sends `m`, or `Full`. If the last message taken was a [`Chan::call`]'s request
+    /// whose reply is not written yet, `m` is that reply: it goes into the request's slot,
+    /// where the caller waits for it polling (nothing to notify), not on this side's ring
+    /// (`vmcall_proto::endpoint::LinkWatch::try_send_or_reply`).
     #[inline(always)]
     pub fn try_send(&mut self, m: &Payload) -> Result<(), ChannelError> {
-        self.link.try_send(&mut self.tx, m)?;
+        if self.link.try_send_or_reply(&mut self.tx, &mut self.rx, m)? {
+            return Ok(());
+        }
         if self.wake {
             notify(&self.tx, self.number, &mut self.rung);
         }
@@ -166,10 +172,13 @@ impl Chan {
     /// [`LOOK_EVERY`](vmcall_proto::endpoint::LOOK_EVERY) empty polls), as one function
     /// (`vmcall_proto::endpoint::LinkWatch::call`): the ring ends' state stays in
     /// registers across the turn, and the reply moves once, from its slot into `reply`.
-    /// It polls for the reply (as `recv`); a program that wants to sleep while it waits
-    /// sends and then calls [`Chan::wait`]. The reply is the next message on the channel
-    /// (a message left unread before the call comes first). On an error `reply` holds
-    /// nothing meaningful.
+    /// The request goes as a call (its control word says so) and the peer writes the reply
+    /// into the request's own slot, whether it answers with [`Chan::serve`] or with a
+    /// receive and a send (its next message after taking the request is the reply): one
+    /// cache line moves per round trip, twice, instead of two. It polls for the reply (as
+    /// `recv`); a program that wants to sleep while it waits sends and then calls
+    /// [`Chan::wait`]. Messages the peer sent before answering stay on the channel for the
+    /// next receive. On an error `reply` holds nothing meaningful.
     #[inline(always)]
     pub fn call(&mut self, req: &Payload, reply: &mut Payload) -> Result<(), ChannelError> {
         // The mode is read after the send (by reference), off the way to the message.
@@ -193,7 +202,8 @@ impl Chan {
     /// [`Chan::recv`] and [`Chan::send`]). Waits for a request (polling, as `recv`, with
     /// every check of a receive), copies it once into a buffer of its own, and passes it to
     /// `handle`: `ControlFlow::Continue(reply)` sends `reply` (as `send`: the link look, a
-    /// sleeping peer notified) and waits for the next request; `Break(b)` returns `Ok(b)`
+    /// sleeping peer notified; the reply to a [`Chan::call`] goes into the request's slot)
+    /// and waits for the next request; `Break(b)` returns `Ok(b)`
     /// and sends nothing for that request (a server that answers its last request before
     /// it stops sends that answer with `send`). One function for the whole loop
     /// (`vmcall_proto::endpoint::LinkWatch::serve`): the ring ends' state stays in

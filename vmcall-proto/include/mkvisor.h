@@ -13,8 +13,12 @@
  * MKV_BootInfo) and RSP below MKV_BOOT_STACK_TOP, interrupts off, on identity-mapping boot
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
- * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots. The status page at MKV_STATUS_GPA (read-only) starts with an array of
+ * `received`. A request whose control word also has MKV_CALL set is a call: the consumer
+ * answers it (its next message on the channel) by writing the reply into that same slot,
+ * payload first, then the word with MKV_REPLY instead of MKV_CALL (counted in its own
+ * ring's `replied`; the caller counts it in `replies_taken`). Each ring is
+ * MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then the slots. The status
+ * page at MKV_STATUS_GPA (read-only) starts with an array of
  * MKV_LinkStatus, one per channel in boot-info order; a guest that follows restarting peers
  * reads its epoch from there (epoch 0 until a peer restarts: control words and `received`
  * carry the epoch in their top 16 bits, see vmcall-proto channel.rs). At
@@ -240,6 +244,23 @@ typedef uint64_t MKV_word;
  * after its send rings the doorbell all the same (the monitor is not trusted alone).
  */
 #define MKV_SLEEP_MWAIT 2
+
+/**
+ * Control-word flag of a request whose reply comes back in its own slot (a call: see
+ * [`Sender::try_call`]). The receiver takes it as the message it is (the word with the
+ * flag cleared is the sequence it expects) and owes the reply: its side's next message on
+ * the channel, written into that slot ([`Receiver::reply`]) instead of its own ring, with
+ * the word `seq | REPLY`. A round trip then moves one cache line, twice (to the server
+ * with the request, back with the reply), where a reply on the other ring moves two lines
+ * twice each (the reader of a line does not write it, so each write takes the line back).
+ * Counts stay below 2^46: the flags sit under the epoch tag.
+ */
+#define MKV_CALL 140737488355328
+
+/**
+ * Control-word flag of a reply written by the receiver into the request's slot.
+ */
+#define MKV_REPLY 70368744177664
 
 /**
  * Header bytes of a ring (the two lines).
@@ -739,7 +760,12 @@ typedef struct MKV_ALIGNED(64) MKV_Slot {
  */
 typedef struct MKV_ALIGNED(64) MKV_ProducerLine {
   MKV_word sent;
-  MKV_word _pad[7];
+  /**
+   * Replies this side wrote into its peer's request slots (in the other ring: see
+   * [`CALL`]), epoch-tagged; statistics only, counted with `sent` by [`Ring::sent`].
+   */
+  MKV_word replied;
+  MKV_word _pad[6];
 } MKV_ProducerLine;
 
 /**
@@ -752,7 +778,13 @@ typedef struct MKV_ALIGNED(64) MKV_ConsumerLine {
    * a doorbell) or [`SLEEP_MWAIT`] (in MWAIT on the next slot's line).
    */
   MKV_word sleeping;
-  MKV_word _pad[6];
+  /**
+   * Replies this side took from its own request slots (the peer's [`ProducerLine::replied`]
+   * on this ring), epoch-tagged; statistics only, counted with `received` by
+   * [`Ring::received`]. The producer's flow control reads `received` alone.
+   */
+  MKV_word replies_taken;
+  MKV_word _pad[5];
 } MKV_ConsumerLine;
 
 #endif  /* MKVISOR_H */

@@ -8,8 +8,8 @@
 //!
 //! | line | written by | content |
 //! |---|---|---|
-//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it) |
-//! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping` |
+//! | 0 | producer | `sent`: messages sent, epoch-tagged (statistics only; nobody waits on it); `replied`: replies it wrote into the other ring's slots (statistics) |
+//! | 1 | consumer | `received`: messages consumed (published every `ack_every`), `sleeping`; `replies_taken`: replies it took from its own request slots (statistics) |
 //! | 2.. | producer | `slots` slots: seven payload words, then the control word |
 //!
 //! Message `n` (counting from 0) goes in slot `n % slots` with control word `n + 1`. The
@@ -19,6 +19,11 @@
 //! changes while the payload is being copied (a torn slot), and a `received` count that goes
 //! backwards or past what was sent. Nothing here trusts the other side: every error is
 //! returned, nothing panics, nothing waits.
+//!
+//! Calls ([`CALL`], [`REPLY`]): a request whose control word also has `CALL` is answered in
+//! its own slot: the receiver writes the reply there with the word `n + 1 | REPLY`, and the
+//! caller, who polls that slot, accepts exactly that word. A round trip then moves one
+//! cache line (the request's slot) twice instead of two lines twice each.
 //!
 //! Epochs: a channel whose guest was restarted starts over in a new epoch (the hypervisor
 //! resets its rings and tells both sides, see `guest::StatusPage`). Each side then makes a
@@ -73,7 +78,10 @@ pub struct Slot {
 #[repr(C, align(64))]
 pub struct ProducerLine {
     pub sent: AtomicU64,
-    _pad: [AtomicU64; 7],
+    /// Replies this side wrote into its peer's request slots (in the other ring: see
+    /// [`CALL`]), epoch-tagged; statistics only, counted with `sent` by [`Ring::sent`].
+    pub replied: AtomicU64,
+    _pad: [AtomicU64; 6],
 }
 
 /// The consumer's line.
@@ -83,7 +91,11 @@ pub struct ConsumerLine {
     /// Non-zero while the consumer is (about to be) blocked: [`SLEEP_DOORBELL`] (halted until
     /// a doorbell) or [`SLEEP_MWAIT`] (in MWAIT on the next slot's line).
     pub sleeping: AtomicU64,
-    _pad: [AtomicU64; 6],
+    /// Replies this side took from its own request slots (the peer's [`ProducerLine::replied`]
+    /// on this ring), epoch-tagged; statistics only, counted with `received` by
+    /// [`Ring::received`]. The producer's flow control reads `received` alone.
+    pub replies_taken: AtomicU64,
+    _pad: [AtomicU64; 5],
 }
 
 #[cfg(not(loom))]
@@ -99,6 +111,18 @@ pub const SLEEP_DOORBELL: u64 = 1;
 /// into that line is meant to wake it; a sender that sees the flag still set a bounded time
 /// after its send rings the doorbell all the same (the monitor is not trusted alone).
 pub const SLEEP_MWAIT: u64 = 2;
+
+/// Control-word flag of a request whose reply comes back in its own slot (a call: see
+/// [`Sender::try_call`]). The receiver takes it as the message it is (the word with the
+/// flag cleared is the sequence it expects) and owes the reply: its side's next message on
+/// the channel, written into that slot ([`Receiver::reply`]) instead of its own ring, with
+/// the word `seq | REPLY`. A round trip then moves one cache line, twice (to the server
+/// with the request, back with the reply), where a reply on the other ring moves two lines
+/// twice each (the reader of a line does not write it, so each write takes the line back).
+/// Counts stay below 2^46: the flags sit under the epoch tag.
+pub const CALL: u64 = 0x8000_0000_0000; // bit 47
+/// Control-word flag of a reply written by the receiver into the request's slot.
+pub const REPLY: u64 = 0x4000_0000_0000; // bit 46
 
 /// Header bytes of a ring (the two lines).
 pub const HEADER_BYTES: usize = 128;
@@ -154,15 +178,19 @@ impl<'a> Ring<'a> {
     }
 
     /// What the producer says it sent (statistics; not trusted for anything), without its
-    /// epoch tag.
+    /// epoch tag: its messages on this ring and its replies in the other ring's slots.
     pub fn sent(&self) -> u64 {
-        self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK
+        (self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK)
+            .saturating_add(self.producer.replied.load(Ordering::Relaxed) & COUNT_MASK)
     }
 
     /// What the consumer says it received (statistics; not trusted for anything), without
-    /// its epoch tag.
+    /// its epoch tag: messages from this ring and replies the producer wrote into the
+    /// consumer's own request slots (so `sent() - received()` is what is in flight on this
+    /// direction, replies included).
     pub fn received(&self) -> u64 {
-        self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK
+        (self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK)
+            .saturating_add(self.consumer.replies_taken.load(Ordering::Relaxed) & COUNT_MASK)
     }
 
     /// Zeroes every slot's control word, before anything else of the ring is zeroed (a
@@ -234,6 +262,12 @@ pub struct Sender<'a> {
     limit: u64,
     acked: u64,
     tag: u64,
+    /// Replies this side wrote into the peer's request slots ([`Receiver::reply`] counts
+    /// them here, in this ring's producer line).
+    replied: u64,
+    /// The slot of the last call ([`Sender::try_call`]) and its word without the flag.
+    call: *const Slot,
+    call_word: u64,
 }
 
 /// The receiving end of a ring.
@@ -253,6 +287,12 @@ pub struct Receiver<'a> {
     ack_left: u64,
     ack_every: u64,
     tag: u64,
+    /// The control word of the last message taken (its slot is the one before `cur`): with
+    /// [`CALL`] set, the reply is owed ([`Receiver::reply`] clears the flag).
+    last_word: u64,
+    /// Replies taken from this side's own request slots ([`Sender::poll_reply`] counts
+    /// them here, in this ring's consumer line).
+    replies_taken: u64,
 }
 
 // The raw slot pointers point into the ring the `Ring<'a>` borrows (shared atomics,
@@ -290,7 +330,18 @@ impl<'a> Sender<'a> {
         let tag = tag_of(epoch);
         let n = ring.slots.len() as u64;
         let (cur, end) = (ring.slots.as_ptr(), ring.slots.as_ptr_range().end);
-        Sender { ring, cur, end, word: tag | 1, limit: tag | n, acked: 0, tag }
+        Sender {
+            ring,
+            cur,
+            end,
+            word: tag | 1,
+            limit: tag | n,
+            acked: 0,
+            tag,
+            replied: 0,
+            call: cur,
+            call_word: 0,
+        }
     }
 
     /// Messages sent so far.
@@ -306,6 +357,21 @@ impl<'a> Sender<'a> {
     /// says the ring may be full).
     #[inline(always)]
     pub fn try_send(&mut self, msg: &Payload) -> Result<(), ChannelError> {
+        self.put(msg, 0)
+    }
+
+    /// Sends `msg` as a call ([`CALL`]): the receiver writes its reply into the same slot,
+    /// which [`Sender::poll_reply`] waits for. `Full` as [`Sender::try_send`].
+    #[inline(always)]
+    pub fn try_call(&mut self, msg: &Payload) -> Result<(), ChannelError> {
+        self.call = self.cur;
+        self.call_word = self.word;
+        self.put(msg, CALL)
+    }
+
+    /// The send: the payload, then the control word (`flags` on it) with release.
+    #[inline(always)]
+    fn put(&mut self, msg: &Payload, flags: u64) -> Result<(), ChannelError> {
         if self.word > self.limit {
             self.refresh_acked()?;
         }
@@ -314,7 +380,7 @@ impl<'a> Sender<'a> {
         for (w, v) in slot.data.iter().zip(msg) {
             w.store(*v, Ordering::Relaxed);
         }
-        slot.control.store(self.word, Ordering::Release);
+        slot.control.store(self.word | flags, Ordering::Release);
         // The count with the epoch tag, as `received` (`Ring::sent` takes the tag off).
         self.ring.producer.sent.store(self.word, Ordering::Relaxed);
         self.word += 1;
@@ -352,8 +418,11 @@ impl<'a> Sender<'a> {
 
     /// Stores the last message's control word again, the same value (nothing if none was
     /// sent): a second store into its line that changes nothing a receiver can see (the
-    /// slot cannot have been reused: only this side writes it, and it has not sent since).
-    /// For a waiter's monitor that missed the first store (see the guest's `Chan`).
+    /// slot cannot have been reused: only this side writes it, and it has not sent since;
+    /// the store is a compare-exchange of the word with itself, so the reply to a call,
+    /// which the receiver writes into the slot, is never overwritten: the exchange then
+    /// fails and stores nothing new). For a waiter's monitor that missed the first store
+    /// (see the guest's `Chan`).
     pub fn restore_last(&self) {
         let sent = self.sent();
         if sent == 0 {
@@ -361,7 +430,66 @@ impl<'a> Sender<'a> {
         }
         let n = self.ring.slots.len() as u64;
         let slot = &self.ring.slots[((sent - 1) % n) as usize];
-        slot.control.store(self.word - 1, Ordering::Release);
+        let last = self.word - 1;
+        let word = if self.call_word == last { last | CALL } else { last };
+        let _ = slot.control.compare_exchange(word, word, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// Polls the last call's slot ([`Sender::try_call`]) until the reply's word is there,
+    /// at most `polls` times (at least once; `pause` between polls), and takes the reply as
+    /// [`Receiver::poll_take`] takes a message: the payload copied straight into `out`, the
+    /// word re-read after an acquire fence (`Torn` if it changed: only a peer writing what
+    /// it should not does that), the reply counted in `rx`'s consumer line (the ring the
+    /// peer's ordinary messages come on; statistics). `None` if it did not come.
+    #[inline(always)]
+    pub fn poll_reply(
+        &mut self,
+        rx: &mut Receiver<'_>,
+        polls: u32,
+        out: &mut Payload,
+        mut pause: impl FnMut(),
+    ) -> Option<Result<(), ChannelError>> {
+        let want = self.call_word | REPLY;
+        // SAFETY: `call` is always a slot of the ring (set from `cur`).
+        let slot = unsafe { &*self.call };
+        let mut left = polls.max(1);
+        while slot.control.load(Ordering::Acquire) != want {
+            left -= 1;
+            if left == 0 {
+                return None;
+            }
+            pause();
+        }
+        for (v, w) in out.iter_mut().zip(&slot.data) {
+            *v = w.load(Ordering::Relaxed);
+        }
+        fence(Ordering::Acquire);
+        if slot.control.load(Ordering::Relaxed) != want {
+            return Some(Err(ChannelError::Torn { slot: self.ring.index(self.call) as u64 }));
+        }
+        // The call is answered: a second reply would be corruption.
+        self.call_word = 0;
+        rx.replies_taken += 1;
+        rx.ring.consumer.replies_taken.store(rx.tag | rx.replies_taken, Ordering::Relaxed);
+        Some(Ok(()))
+    }
+
+    /// What is in the last call's slot when [`Sender::poll_reply`] found no reply: the
+    /// request still unanswered (or a zeroed or earlier epoch's word: a reset, which the
+    /// link word will say; or the reply, arrived since), or corruption.
+    pub fn not_replied(&self) -> Result<(), ChannelError> {
+        // SAFETY: as in `poll_reply`.
+        let c = unsafe { &*self.call }.control.load(Ordering::Acquire);
+        let w = self.call_word;
+        if w != 0 && (c == w | CALL || c == w | REPLY) || c == 0 || self.is_old(c) {
+            Ok(())
+        } else {
+            Err(ChannelError::Corrupt {
+                slot: self.ring.index(self.call) as u64,
+                expected: w | REPLY,
+                found: c,
+            })
+        }
     }
 
     /// Whether the consumer said it is going to sleep (then it wants a doorbell).
@@ -403,6 +531,8 @@ impl<'a> Receiver<'a> {
             ack_left: ack_every,
             ack_every,
             tag,
+            last_word: 0,
+            replies_taken: 0,
         }
     }
 
@@ -435,21 +565,11 @@ impl<'a> Receiver<'a> {
         // SAFETY: `cur` is always a slot of the ring (set from it, advanced by `after`).
         let slot = unsafe { &*cur };
         let c = slot.control.load(Ordering::Acquire);
-        if c != self.expected {
+        if c | CALL != self.expected | CALL {
             return None;
         }
         let mut msg = [0u64; WORDS];
-        for (v, w) in msg.iter_mut().zip(&slot.data) {
-            *v = w.load(Ordering::Relaxed);
-        }
-        fence(Ordering::Acquire);
-        if slot.control.load(Ordering::Relaxed) != c {
-            return Some(Err(self.torn()));
-        }
-        self.expected = c + 1;
-        self.cur = self.ring.after(cur, self.end);
-        self.taken(c);
-        Some(Ok(msg))
+        Some(self.take_at(cur, c, &mut msg).map(|()| msg))
     }
 
     /// After taking the message with control word `c` (`tag | received` now): publishes
@@ -481,10 +601,10 @@ impl<'a> Receiver<'a> {
     pub fn poll(&self, polls: u32, mut pause: impl FnMut()) -> bool {
         // SAFETY: as in `take`.
         let control = unsafe { &(*self.cur).control };
-        let want = self.expected;
+        let want = self.expected | CALL;
         let mut left = polls.max(1);
         loop {
-            if control.load(Ordering::Acquire) == want {
+            if control.load(Ordering::Acquire) | CALL == want {
                 return true;
             }
             left -= 1;
@@ -512,6 +632,7 @@ impl<'a> Receiver<'a> {
     pub(crate) fn take_polled(&mut self, out: &mut Payload) -> Result<(), ChannelError> {
         // The slot and the word in locals, read before the copy: the compiler cannot tell
         // that the stores into `out` leave `self` alone, and would load them again.
+        // (The tests' messages are plain: the word the poll found is the expected one.)
         let (cur, c) = (self.cur, self.expected);
         self.take_at(cur, c, out)
     }
@@ -531,22 +652,27 @@ impl<'a> Receiver<'a> {
         out: &mut Payload,
         mut pause: impl FnMut(),
     ) -> Option<Result<(), ChannelError>> {
-        let (cur, want) = (self.cur, self.expected);
+        let (cur, want) = (self.cur, self.expected | CALL);
         // SAFETY: as in `take`.
         let control = unsafe { &(*cur).control };
         let mut left = polls.max(1);
-        while control.load(Ordering::Acquire) != want {
+        let c = loop {
+            let c = control.load(Ordering::Acquire);
+            if c | CALL == want {
+                break c;
+            }
             left -= 1;
             if left == 0 {
                 return None;
             }
             pause();
-        }
-        Some(self.take_at(cur, want, out))
+        };
+        Some(self.take_at(cur, c, out))
     }
 
-    /// Takes the message whose word `c` an acquire load just found in slot `cur` (the next
-    /// slot), into `out`: the copy, the re-read, the advance, the count.
+    /// Takes the message whose word `c` (the expected one, perhaps with [`CALL`]) an
+    /// acquire load just found in slot `cur` (the next slot), into `out`: the copy, the
+    /// re-read, the advance, the count; a call's slot and word are kept for the reply.
     #[inline(always)]
     fn take_at(&mut self, cur: *const Slot, c: u64, out: &mut Payload) -> Result<(), ChannelError> {
         // SAFETY: `cur` is the next slot (the caller read it from `self.cur`).
@@ -558,10 +684,53 @@ impl<'a> Receiver<'a> {
         if slot.control.load(Ordering::Relaxed) != c {
             return Err(self.torn());
         }
-        self.expected = c + 1;
+        let seq = c & !CALL;
+        self.expected = seq + 1;
+        self.last_word = c;
         self.cur = self.ring.after(cur, self.end);
-        self.taken(c);
+        self.taken(seq);
         Ok(())
+    }
+
+    /// Whether the last message taken was a call whose reply is not written yet: then this
+    /// side's next message on the channel is that reply ([`Receiver::reply`]).
+    #[inline(always)]
+    pub fn owes(&self) -> bool {
+        self.last_word & CALL != 0
+    }
+
+    /// Writes `m` as the reply to the call taken last ([`Receiver::owes`]) into its slot:
+    /// the payload, then the word `seq | REPLY` with release (the slot is the caller's
+    /// again: it reads the reply and sends its next message into another slot, and into
+    /// this one only after the ring has come round, which the count this side published
+    /// when it took the request allows); the reply counted in `tx`'s producer line (the
+    /// ring this side's ordinary messages go on; statistics). Returns whether a reply was
+    /// owed (if not, nothing is written).
+    #[inline(always)]
+    pub fn reply(&mut self, tx: &mut Sender<'_>, m: &Payload) -> bool {
+        if !self.owes() {
+            return false;
+        }
+        // The call's slot: the one before `cur` (a take since would have replaced the word
+        // that says the reply is owed).
+        let cur = self.cur;
+        let last = if cur == self.ring.slots.as_ptr() {
+            self.end.wrapping_sub(1)
+        } else {
+            cur.wrapping_sub(1)
+        };
+        // SAFETY: `last` is a slot of the ring: `cur` is, and so is the one before it
+        // (wrapping to the last slot).
+        let slot = unsafe { &*last };
+        for (w, v) in slot.data.iter().zip(m) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        let word = self.last_word & !CALL;
+        slot.control.store(word | REPLY, Ordering::Release);
+        self.last_word = word;
+        tx.replied += 1;
+        tx.ring.producer.replied.store(tx.tag | tx.replied, Ordering::Relaxed);
+        true
     }
 
     /// What is in the next slot when [`Receiver::take`] found no message there: empty (the
@@ -574,7 +743,10 @@ impl<'a> Receiver<'a> {
         let c = unsafe { &*self.cur }.control.load(Ordering::Acquire);
         let n = self.ring.slots.len() as u64;
         let empty = if self.received() >= n { self.expected - n } else { 0 };
-        if c == empty || c == 0 || c == self.expected || is_old(self.tag, c) {
+        // The previous lap's word (none on the first lap) may carry a call's flag (a call
+        // this side never answered) or be the reply to it.
+        let lap = c == empty || empty != 0 && (c == empty | CALL || c == empty | REPLY);
+        if lap || c == 0 || c | CALL == self.expected | CALL || is_old(self.tag, c) {
             if self.ack_left != self.ack_every {
                 self.flush_ack();
             }
@@ -671,11 +843,13 @@ impl OwnedRing {
         OwnedRing {
             producer: ProducerLine {
                 sent: AtomicU64::new(0),
+                replied: AtomicU64::new(0),
                 _pad: core::array::from_fn(|_| AtomicU64::new(0)),
             },
             consumer: ConsumerLine {
                 received: AtomicU64::new(0),
                 sleeping: AtomicU64::new(0),
+                replies_taken: AtomicU64::new(0),
                 _pad: core::array::from_fn(|_| AtomicU64::new(0)),
             },
             slots: alloc_free::Slots(core::array::from_fn(|_| alloc_free::zeroed_slot())),
@@ -748,6 +922,100 @@ mod tests {
             tx.restore_last();
             assert_eq!(rx.try_recv(), Ok(None), "no message twice");
         }
+    }
+
+    /// Two ends of a channel over two rings: (client's sender, client's receiver,
+    /// server's sender, server's receiver).
+    fn channel(
+        ab: &'static OwnedRing,
+        ba: &'static OwnedRing,
+        n: u32,
+    ) -> (Sender<'static>, Receiver<'static>, Sender<'static>, Receiver<'static>) {
+        (
+            Sender::new(ab.ring(n)),
+            Receiver::new(ba.ring(n), 1),
+            Sender::new(ba.ring(n)),
+            Receiver::new(ab.ring(n), 1),
+        )
+    }
+
+    #[test]
+    fn a_calls_reply_comes_back_in_its_slot_and_is_counted() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, mut stx, mut srx) = channel(ab, ba, 2);
+        let mut out = [0; WORDS];
+        for i in 0..5u64 {
+            ctx.try_call(&msg(i)).unwrap();
+            assert!(ctx.poll_reply(&mut crx, 3, &mut out, || {}).is_none(), "no reply yet");
+            assert_eq!(ctx.not_replied(), Ok(()), "the request, unanswered");
+            ctx.restore_last();
+            assert_eq!(srx.try_recv(), Ok(Some(msg(i))), "a call is a message");
+            assert!(srx.owes());
+            assert_eq!(ctx.not_replied(), Ok(()));
+            // A plain message between: the client's own ring, untouched by the reply.
+            assert!(srx.reply(&mut stx, &msg(100 + i)));
+            assert!(!srx.owes() && !srx.reply(&mut stx, &msg(7)), "one reply per call");
+            ctx.restore_last();
+            assert_eq!(
+                ab.slot(i as usize % 2).control.load(Ordering::Relaxed),
+                (i + 1) | REPLY,
+                "restore_last leaves a reply alone"
+            );
+            assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
+            assert_eq!(out, msg(100 + i));
+            assert!(ctx.poll_reply(&mut crx, 1, &mut out, || {}).is_none(), "no reply twice");
+            // The server's ring and the client's receiver saw nothing.
+            assert_eq!(crx.try_recv(), Ok(None));
+            assert_eq!(srx.try_recv(), Ok(None), "a replied slot of the last lap is empty");
+        }
+        // Counts: requests on ab, replies counted on ba, both exact.
+        assert_eq!((ab.ring(2).sent(), ab.ring(2).received()), (5, 5));
+        assert_eq!((ba.ring(2).sent(), ba.ring(2).received()), (5, 5));
+        // Ordinary messages still flow both ways, and the counts add up.
+        stx.try_send(&msg(9)).unwrap();
+        assert_eq!(crx.try_recv(), Ok(Some(msg(9))));
+        assert_eq!((ba.ring(2).sent(), ba.ring(2).received()), (6, 6));
+    }
+
+    #[test]
+    fn a_call_refuses_a_forged_or_torn_reply_and_its_slot_reads_empty_next_lap() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, _stx, mut srx) = channel(ab, ba, 2);
+        let mut out = [0; WORDS];
+        ctx.try_call(&msg(0)).unwrap();
+        // A reply with another sequence, or flags both set, or a plain word: corruption.
+        for bad in [2 | REPLY, 1 | REPLY | CALL, 2, 0xdead] {
+            ab.slot(0).control.store(bad, Ordering::Relaxed);
+            assert!(ctx.poll_reply(&mut crx, 1, &mut out, || {}).is_none());
+            assert_eq!(
+                ctx.not_replied(),
+                Err(ChannelError::Corrupt { slot: 0, expected: 1 | REPLY, found: bad })
+            );
+        }
+        // A reset (zeroed) slot is not corruption: the link word tells.
+        ab.slot(0).control.store(0, Ordering::Relaxed);
+        assert_eq!(ctx.not_replied(), Ok(()));
+        // A plain receiver takes a call as a message; next lap, the slot's old word, with
+        // the call's flag (never answered) or the reply's, is empty; other flags are not.
+        ab.slot(0).control.store(1 | CALL, Ordering::Relaxed);
+        assert_eq!(srx.try_recv(), Ok(Some(msg(0))));
+        ctx.try_send(&msg(1)).unwrap();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        for (word, ok) in [
+            (1 | CALL, true),
+            (1 | REPLY, true),
+            (1, true),
+            (1 | CALL | REPLY, false),
+            (2 | REPLY, false),
+        ] {
+            ab.slot(0).control.store(word, Ordering::Relaxed);
+            assert_eq!(srx.try_recv().is_ok(), ok, "{word:#x}");
+        }
+        // A call before the first lap is over: only the right word is the next message.
+        ab.slot(0).control.store(3 | REPLY, Ordering::Relaxed);
+        assert!(matches!(srx.try_recv(), Err(ChannelError::Corrupt { .. })));
     }
 
     #[test]
@@ -1525,6 +1793,67 @@ mod loom_tests {
         });
     }
 
+    /// Calls answered in the request's slot ([`Sender::try_call`], [`Receiver::reply`],
+    /// [`Sender::poll_reply`]), three through a two-slot ring so that a slot is reused
+    /// after its reply: each side reads the other's payload whole (request and reply), the
+    /// reply never overwrites a request not yet taken and a new request never a reply not
+    /// yet read, and the counts come out exact.
+    #[test]
+    fn calls_answered_in_the_slot_are_never_torn() {
+        loom::model(|| {
+            let (ab, ba) = (Arc::new(LoomRing::new(2)), Arc::new(LoomRing::new(2)));
+            let (sab, sba) = (ab.clone(), ba.clone());
+            let server = loom::thread::spawn(move || {
+                let mut rx = Receiver::new(sab.ring(), 1);
+                let mut tx = Sender::new(sba.ring());
+                let mut req = [0; WORDS];
+                for n in 0..3 {
+                    loop {
+                        match rx.poll_take(1, &mut req, || {}) {
+                            Some(r) => {
+                                r.unwrap();
+                                break;
+                            }
+                            None => loom::thread::yield_now(),
+                        }
+                    }
+                    assert_eq!(req, [n + 1; WORDS]);
+                    assert!(rx.owes());
+                    assert!(rx.reply(&mut tx, &[n + 10; WORDS]));
+                    assert!(!rx.owes());
+                }
+            });
+            let mut tx = Sender::new(ab.ring());
+            let mut rx = Receiver::new(ba.ring(), 1);
+            let mut reply = [0; WORDS];
+            for n in 0..3 {
+                loop {
+                    match tx.try_call(&[n + 1; WORDS]) {
+                        Ok(()) => break,
+                        Err(ChannelError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                loop {
+                    match tx.poll_reply(&mut rx, 1, &mut reply, || {}) {
+                        Some(r) => {
+                            r.unwrap();
+                            break;
+                        }
+                        None => {
+                            tx.not_replied().unwrap();
+                            loom::thread::yield_now()
+                        }
+                    }
+                }
+                assert_eq!(reply, [n + 10; WORDS]);
+            }
+            server.join().unwrap();
+            assert_eq!((ab.ring().sent(), ab.ring().received()), (3, 3));
+            assert_eq!((ba.ring().sent(), ba.ring().received()), (3, 3));
+        });
+    }
+
     /// Small ring storage for loom (its atomics are not const-constructible).
     struct LoomRing {
         producer: ProducerLine,
@@ -1536,10 +1865,15 @@ mod loom_tests {
         fn new(n: usize) -> Self {
             let z = || AtomicU64::new(0);
             LoomRing {
-                producer: ProducerLine { sent: z(), _pad: core::array::from_fn(|_| z()) },
+                producer: ProducerLine {
+                    sent: z(),
+                    replied: z(),
+                    _pad: core::array::from_fn(|_| z()),
+                },
                 consumer: ConsumerLine {
                     received: z(),
                     sleeping: z(),
+                    replies_taken: z(),
                     _pad: core::array::from_fn(|_| z()),
                 },
                 slots: (0..n)

@@ -218,18 +218,24 @@ impl<'a> LinkWatch<'a> {
         }
     }
 
-    /// One request/reply turn (the client's side of a remote call): sends `req` on `tx`
-    /// (spinning with `pause` while the ring is full, as a blocking send does), runs `sent`
-    /// (the guest's notification of a sleeping peer), then waits for the next message on
-    /// `rx` as [`LinkWatch::recv_into`] does and copies it into `reply`. Nothing is
-    /// checked or skipped that a send and a receive do not check: the link look before the
-    /// send, the control word's tag and sequence, the re-read after the copy, a look every
-    /// [`LOOK_EVERY`] empty polls. The reply is simply the next message: a caller that left
-    /// a message unread gets that one.
+    /// One request/reply turn (the client's side of a remote call): sends `req` on `tx` as
+    /// a call ([`Sender::try_call`]: the control word says [`crate::channel::CALL`];
+    /// spinning with `pause` while the ring is full, as a blocking send does), runs `sent`
+    /// (the guest's notification of a sleeping peer), then waits for the reply in the
+    /// request's own slot ([`Sender::poll_reply`], the reply counted in `rx`'s consumer
+    /// line) and copies it into `reply`. The peer's side writes it there: its next message
+    /// after taking the request, however it takes and answers it ([`LinkWatch::serve`], or a
+    /// receive and a send). Nothing is checked or skipped that a send and a receive do not
+    /// check: the link look before the send, the reply's word (this request's tag and
+    /// sequence with the reply flag, nothing else), the re-read after the copy, a look
+    /// every [`LOOK_EVERY`] empty polls (the slot's word classified: the request still
+    /// unanswered, or corruption; and the link). Messages the peer sent on `rx` before
+    /// answering stay there for the next receive.
     ///
-    /// One function for the whole turn, so the compiler keeps both ends' hot state (the
-    /// slot pointers, the control words) in registers from the send through the wait to
-    /// the copy, instead of storing it and loading it again between two calls.
+    /// One function for the whole turn, so the compiler keeps the hot state (the slot
+    /// pointer, the control words) in registers from the send through the wait to the
+    /// copy. One cache line moves per round trip, twice: the request's slot, to the peer
+    /// and back (see docs/channels.md, "Which lines a round trip moves").
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn call(
@@ -241,19 +247,60 @@ impl<'a> LinkWatch<'a> {
         sent: impl FnOnce(&Sender<'_>),
         mut pause: impl FnMut(),
     ) -> Result<(), ChannelError> {
-        self.send_spin(tx, req, &mut pause)?;
+        loop {
+            self.look()?;
+            match tx.try_call(req) {
+                Ok(()) => break,
+                Err(ChannelError::Full) => pause(),
+                Err(e) => return self.after(e),
+            }
+        }
         sent(tx);
-        self.recv_into(rx, reply, pause)
+        loop {
+            if let Some(r) = tx.poll_reply(rx, LOOK_EVERY, reply, &mut pause) {
+                return match r {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.after(e),
+                };
+            }
+            self.quiet = LOOK_EVERY;
+            match tx.not_replied() {
+                Ok(()) => self.look()?,
+                Err(e) => return self.after(e),
+            }
+            pause();
+        }
+    }
+
+    /// This side's next message on the channel: the reply to the call it took last, if it
+    /// owes one ([`Receiver::owes`]: written into the call's slot, [`Receiver::reply`]),
+    /// else a send on `tx` ([`LinkWatch::try_send`]). Either after the link look. Returns
+    /// whether it was a reply (then there is nothing to notify: the caller polls).
+    #[inline(always)]
+    pub fn try_send_or_reply(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+        m: &Payload,
+    ) -> Result<bool, ChannelError> {
+        if rx.owes() {
+            self.look()?;
+            rx.reply(tx, m);
+            return Ok(true);
+        }
+        self.try_send(tx, m).map(|()| false)
     }
 
     /// The server's side of [`LinkWatch::call`]: waits for a request on `rx` (as
-    /// [`LinkWatch::recv_into`], into a buffer of its own), hands it to `handle`, and sends
-    /// the reply `handle` returns (`ControlFlow::Continue`) on `tx` (spinning while the
-    /// ring is full, then `sent`, the guest's notification), and waits for the next; until
-    /// `handle` says `Break(b)` (then nothing is sent for that request, and `Ok(b)`; a
-    /// server that answers its last request sends that answer itself) or an error. Every
-    /// check of a receive and a send is made, as in `call`; the loop keeps both ends' state
-    /// in registers from one request to the next.
+    /// [`LinkWatch::recv_into`], into a buffer of its own), hands it to `handle`, and
+    /// answers with the reply `handle` returns (`ControlFlow::Continue`): into the
+    /// request's slot if it was a call ([`LinkWatch::try_send_or_reply`]), else sent on
+    /// `tx` (spinning while the ring is full, then `sent`, the guest's notification); and
+    /// waits for the next; until `handle` says `Break(b)` (then nothing is sent for that
+    /// request, and `Ok(b)`; a server that answers its last request sends that answer
+    /// itself, with a send, which replies into the slot as here) or an error. Every check
+    /// of a receive and a send is made, as in `call`; the loop keeps both ends' state in
+    /// registers from one request to the next.
     #[inline(always)]
     pub fn serve<B>(
         &mut self,
@@ -270,8 +317,13 @@ impl<'a> LinkWatch<'a> {
                 core::ops::ControlFlow::Continue(reply) => reply,
                 core::ops::ControlFlow::Break(b) => return Ok(b),
             };
-            self.send_spin(tx, &reply, &mut pause)?;
-            sent(tx);
+            if rx.owes() {
+                self.look()?;
+                rx.reply(tx, &reply);
+            } else {
+                self.send_spin(tx, &reply, &mut pause)?;
+                sent(tx);
+            }
         }
     }
 
@@ -467,17 +519,24 @@ mod tests {
                 |t| notified = t.sent(),
                 || {
                     pauses += 1;
-                    // The peer answers on the third pause: the caller waits until then.
+                    // The peer answers on the third pause: the caller waits until then. It
+                    // takes the request as any message; its reply goes into the call's slot.
                     if pauses == 3 {
                         let m = prx.try_recv().unwrap().expect("the request was sent");
-                        ptx.try_send(&[m[0] + 100; crate::channel::WORDS]).unwrap();
+                        assert!(prx.owes());
+                        let r = m.map(|x| x + 100);
+                        assert!(prx.reply(&mut ptx, &r));
                     }
                 },
             );
             assert_eq!(got, Ok(()));
-            assert_eq!((reply, notified, pauses), (msg(i + 100), i + 1, 3));
-            assert_eq!(ba.ring(2).received(), i + 1, "the count published with the reply");
+            assert_eq!((reply, notified, pauses), (msg(i).map(|x| x + 100), i + 1, 3));
+            assert_eq!(ba.ring(2).received(), i + 1, "the reply counted as received");
+            assert_eq!(ba.ring(2).sent(), i + 1, "and as sent");
+            assert_eq!(rx.received(), 0, "the ring the peer's messages come on: untouched");
         }
+        // A message the peer sent before answering stays for the next receive.
+        ptx.try_send(&msg(50)).unwrap();
         // A full ring: the call spins (pauses) until the peer makes room, then sends.
         tx.try_send(&msg(7)).unwrap();
         tx.try_send(&msg(8)).unwrap();
@@ -498,13 +557,15 @@ mod tests {
                 }
                 if pauses == 2 {
                     assert_eq!(prx.try_recv(), Ok(Some(msg(8))));
+                    assert!(!prx.owes(), "a plain message");
                     assert_eq!(prx.try_recv(), Ok(Some(msg(9))));
-                    ptx.try_send(&msg(42)).unwrap();
+                    assert!(prx.reply(&mut ptx, &msg(42)));
                 }
             },
         );
         assert_eq!((got, reply), (Ok(()), msg(42)));
         assert!(pauses >= 2, "{pauses}");
+        assert_eq!(w.recv(&mut rx, || {}), Ok(msg(50)));
     }
 
     #[test]
@@ -514,13 +575,45 @@ mod tests {
         let mut w = LinkWatch::new(&word);
         let (mut tx, mut rx) = (Sender::new(ab.ring(4)), Receiver::new(ba.ring(4), 1));
         let mut reply = [0; crate::channel::WORDS];
-        // A reply slot whose word is neither the reply nor empty: within LOOK_EVERY polls.
-        ba.slot(0).control.store(0xdead, Ordering::Relaxed);
+        // The call's slot gets a word that is neither the request nor its reply (here the
+        // reply to another request): reported within LOOK_EVERY polls, nothing taken.
         let mut polls = 0;
-        let got = w.call(&mut tx, &mut rx, &msg(1), &mut reply, |_| {}, || polls += 1);
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(1),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                ab.slot(0).control.store(2 | crate::channel::REPLY, Ordering::Relaxed);
+            },
+        );
         assert!(matches!(got, Err(ChannelError::Corrupt { slot: 0, .. })), "{got:?}");
         assert!(polls < LOOK_EVERY, "{polls}");
-        assert_eq!(rx.received(), 0, "nothing taken");
+        assert_eq!(ba.ring(4).received(), 0, "nothing taken");
+        // A reply on the ring instead of the slot is no reply to a call.
+        let mut polls = 0;
+        let mut otx = Sender::new(ba.ring(4));
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(1),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                if polls == 1 {
+                    otx.try_send(&msg(5)).unwrap();
+                }
+                if polls == 2 * LOOK_EVERY {
+                    ab.slot(1).control.store(0xdead, Ordering::Relaxed);
+                }
+            },
+        );
+        assert!(matches!(got, Err(ChannelError::Corrupt { slot: 1, .. })), "{got:?}");
+        assert!(polls > LOOK_EVERY, "waited for the slot, not the ring: {polls}");
+        ba.slot(0).control.store(0, Ordering::Relaxed);
         // The word the poll found changes before the copy is re-checked: torn, nothing
         // taken, and the message taken once it is whole.
         let mut ptx = Sender::new(ba.ring(4));
@@ -618,6 +711,61 @@ mod tests {
         assert!(polls <= LOOK_EVERY, "{polls}");
     }
 
+    #[test]
+    fn a_server_answers_calls_in_their_slots_and_plain_requests_on_its_ring() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(ba.ring(2)), Receiver::new(ab.ring(2), 1));
+        let (mut ctx, mut crx) = (Sender::new(ab.ring(2)), Receiver::new(ba.ring(2), 1));
+        // The client alternates: a call (reply in the slot), a plain request (reply on the
+        // server's ring), from the server's pauses.
+        let (mut asked, mut answers, mut rung) = (0u64, vec![], 0);
+        let mut out = [0; crate::channel::WORDS];
+        let got = w.serve(
+            &mut tx,
+            &mut rx,
+            |req| {
+                if req[0] == 6 {
+                    core::ops::ControlFlow::Break(())
+                } else {
+                    core::ops::ControlFlow::Continue([req[0] + 100; crate::channel::WORDS])
+                }
+            },
+            |_| rung += 1,
+            || {
+                if asked % 2 == 1 {
+                    if let Some(r) = ctx.poll_reply(&mut crx, 1, &mut out, || {}) {
+                        r.unwrap();
+                        answers.push(out[0]);
+                    }
+                } else if let Ok(Some(m)) = crx.try_recv() {
+                    answers.push(m[0]);
+                }
+                if asked == answers.len() as u64 {
+                    let m = [asked; crate::channel::WORDS];
+                    if asked % 2 == 0 {
+                        ctx.try_call(&m).unwrap();
+                    } else {
+                        ctx.try_send(&m).unwrap();
+                    }
+                    asked += 1;
+                }
+            },
+        );
+        assert_eq!(got, Ok(()));
+        assert_eq!(answers, vec![100, 101, 102, 103, 104, 105]);
+        assert_eq!(rung, 3, "only the replies on the ring notify");
+        assert_eq!((ba.ring(2).sent(), ba.ring(2).received()), (6, 6));
+        // The call the handler stopped at is still owed: the server's next send answers it.
+        assert!(rx.owes());
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &[7; crate::channel::WORDS]), Ok(true));
+        assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
+        assert_eq!(out, [7; crate::channel::WORDS]);
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &[8; crate::channel::WORDS]), Ok(false));
+        assert_eq!(crx.try_recv(), Ok(Some([8; crate::channel::WORDS])));
+    }
+
     /// A replying peer's steps: `None` an honest reply, `Some((slot, word))` a word into a
     /// control word.
     fn reply_ops() -> impl proptest::strategy::Strategy<Value = Vec<Option<(usize, u64)>>> {
@@ -648,30 +796,26 @@ mod tests {
             let mut tx = Sender::with_epoch(ours.ring(slots), epoch);
             let mut rx = Receiver::with_epoch(theirs.ring(slots), 1, epoch);
             let mut prx = Receiver::with_epoch(ours.ring(slots), 1, epoch);
+            let mut ptx = Sender::with_epoch(theirs.ring(slots), epoch);
             let tag = ((epoch & 0xffff) as u64) << 48;
             let (mut replied, mut taken) = (0u64, 0u64);
             let mut ops = ops.into_iter();
             for _ in 0..calls {
                 let mut reply = [0; crate::channel::WORDS];
                 let got = w.call(&mut tx, &mut rx, &msg(0), &mut reply, |_| {}, || {
-                    // Drain our requests so the ring never stays full.
-                    while let Ok(Some(_)) = prx.try_recv() {}
                     match ops.next() {
-                        // An honest reply, if the ring has room for it.
+                        // An honest reply: the request taken, the reply into its slot.
                         Some(None) => {
-                            if replied - theirs.ring(slots).received() < slots as u64 {
-                                let s = theirs.slot((replied % slots as u64) as usize);
-                                for (d, v) in s.data.iter().zip(msg(replied)) {
-                                    d.store(v, Ordering::Relaxed);
-                                }
-                                s.control.store(tag | (replied + 1), Ordering::Release);
+                            let _ = prx.try_recv();
+                            if prx.reply(&mut ptx, &msg(replied)) {
                                 replied += 1;
                             }
                         }
-                        // Any word with another tag (or 0) into any control word.
+                        // Any word with another tag (or 0) into any control word of the
+                        // ring the requests go on, where the replies come.
                         Some(Some((slot, v))) => {
                             let v = if v != 0 && v & !((1 << 48) - 1) == tag { v ^ 1 << 63 } else { v };
-                            theirs.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
+                            ours.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
                         }
                         // Out of steps: the peer dies.
                         None => word.store(link_word(false, epoch), Ordering::Relaxed),

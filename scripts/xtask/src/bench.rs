@@ -2,14 +2,17 @@
 //! `cargo xtask bench channels`: the channel ring measured against its neighbours.
 //!
 //! * Host, real cores: two threads pinned to two cores exchange 64-byte messages through
-//!   the mkvisor ring (`vmcall_proto::channel`), a bare cache-line ping-pong (two lines, one
-//!   per direction: the physical limit of a cross-core round trip), a raw line ring (lines
-//!   and a sequence word, nothing else: the streaming baseline), crossbeam-channel, std
-//!   mpsc and a pair of Linux pipes. Round trips give median and p99 latency (TSC, converted
-//!   with a clock calibrated in the same run); a one-way burst gives throughput. Ratios are
-//!   to the cache-line ping-pong and the raw line ring of the same run, and the ring's
-//!   streaming is also measured against the raw line ring in alternating pairs: the machine
-//!   is noisy, ratios are less so. Every wait spins with a deadline.
+//!   the mkvisor ring (`vmcall_proto::channel`), the channel library's own code, a bare
+//!   cache-line ping-pong (two lines, one per direction: the reference of the ratios), one
+//!   line shared by both directions (the fewest lines a round trip can move), a bare ring
+//!   whose replies go into the request's slot (the library's call, unchecked), a raw line
+//!   ring (lines and a sequence word, nothing else: the streaming baseline),
+//!   crossbeam-channel, std mpsc and a pair of Linux pipes. Round trips give median and p99
+//!   latency (TSC, converted with a clock calibrated in the same run); a one-way burst
+//!   gives throughput. Ratios are to the cache-line ping-pong and the raw line ring of the
+//!   same run; the round trips are also measured against the ping-pong, and the ring's
+//!   streaming against the raw line ring, in alternating pairs: the machine is noisy,
+//!   ratios are less so. Every wait spins with a deadline.
 //! * In Bochs: guest-measured instruction counts (the TSC counts emulated instructions)
 //!   and VM exits from dedicated two-CPU configs, one pair alone per run: polling,
 //!   doorbells, MWAIT (exitless notification), streaming.
@@ -335,6 +338,9 @@ pub struct Report {
     /// The ring's streaming against the raw line ring, paired (absent in older files).
     #[serde(default)]
     pub stream_pairs: Option<StreamPairs>,
+    /// Round trips against the cache-line ping-pong, paired (absent in older files).
+    #[serde(default)]
+    pub rtt_pairs: Option<RttPairs>,
     /// Absent with `--host-only`.
     pub emulated: Option<Emulated>,
     #[serde(default)]
@@ -461,10 +467,11 @@ fn ring_pair(slots: u32) -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
 
 // --- the guest's channel library: the ring with its settings and its link policy ---
 // What `guestkernel::channel::Chan` runs on a polling send and a blocking receive
-// (`vmcall_proto::endpoint::LinkWatch::try_send` and `LinkWatch::recv` over a sender and a
-// receiver publishing its count as the library does, `endpoint::ack_every`), and for a
-// round trip what `Chan::call` and `Chan::serve` run (`LinkWatch::call` and `serve`), with
-// the link word in host memory standing for the status page.
+// (`vmcall_proto::endpoint::LinkWatch::try_send_or_reply` and `LinkWatch::recv` over a
+// sender and a receiver publishing its count as the library does, `endpoint::ack_every`),
+// and for a round trip what `Chan::call` and `Chan::serve` run (`LinkWatch::call` and
+// `serve`: the request sent as a call, the reply written into its slot), with the link
+// word in host memory standing for the status page.
 struct LibEnd {
     tx: Sender<'static>,
     rx: Receiver<'static>,
@@ -474,8 +481,9 @@ impl Endpoint for LibEnd {
     fn send(&mut self, m: &Payload) {
         let mut spin = Spin::new();
         loop {
-            match self.link.try_send(&mut self.tx, m) {
-                Ok(()) => return,
+            // `Chan::try_send`'s code: the reply to a call goes into the call's slot.
+            match self.link.try_send_or_reply(&mut self.tx, &mut self.rx, m) {
+                Ok(_) => return,
                 Err(ChannelError::Full) => spin.wait("a free slot"),
                 Err(e) => panic!("bench: library send: {e:?}"),
             }
@@ -599,6 +607,126 @@ fn line_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
         Box::new(LineEnd { out: ab.clone(), inp: ba.clone(), sent: 0, got: 0 }),
         Box::new(LineEnd { out: ba, inp: ab, sent: 0, got: 0 }),
     )
+}
+
+// --- one line shared by both directions: the fewest lines a round trip can move ---
+// The request and the reply in the same line, each side writing it in turn (a sequence word
+// and the payload; odd words are one side's, even the other's). A round trip moves that one
+// line twice: to the server when it reads the request, back when the client reads the
+// reply; a reader that goes on to write the line it just read needs no second transfer
+// (the line comes over for the read with ownership, or the write's upgrade finds no other
+// copy). Two lines, one per direction (the ping-pong above), move each line twice per
+// round trip: four transfers.
+struct SharedEnd {
+    line: Arc<Line>,
+    /// The sequence word of this side's next message, and of the peer's next one.
+    next_out: u64,
+    next_in: u64,
+}
+impl Endpoint for SharedEnd {
+    fn send(&mut self, m: &Payload) {
+        // Only after the peer's message was taken (the ping-pong alternation): one slot.
+        for (w, v) in self.line.words.iter().zip(m) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        self.line.seq.store(self.next_out, Ordering::Release);
+        self.next_out += 2;
+    }
+    fn recv(&mut self) -> Payload {
+        let mut spin = Spin::new();
+        while self.line.seq.load(Ordering::Acquire) != self.next_in {
+            spin.wait("the shared line");
+        }
+        self.next_in += 2;
+        core::array::from_fn(|i| self.line.words[i].load(Ordering::Relaxed))
+    }
+}
+fn shared_line_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let line = Arc::new(Line {
+        words: core::array::from_fn(|_| AtomicU64::new(0)),
+        seq: AtomicU64::new(0),
+    });
+    (
+        Box::new(SharedEnd { line: line.clone(), next_out: 1, next_in: 2 }),
+        Box::new(SharedEnd { line, next_out: 2, next_in: 1 }),
+    )
+}
+
+// --- a bare ring whose reply goes into the request's slot: the library's call, unchecked ---
+// One ring of 64-byte slots (seven payload words, then the control word), used by both
+// sides: request `n` goes in slot `n % SLOT_REPLY_SLOTS` with control word `2n + 1`, and
+// the server writes its reply into that same slot with control word `2n + 2`; each reader
+// loads the word (acquire), copies, and re-reads it (the library's seqlock check). A round
+// trip then moves one line twice, as the shared line does, where a ring per direction
+// moves two lines twice each. The request slots still rotate; the slot is the client's again
+// once it has read the reply. The library's `call` and `serve` do the same with their
+// checks (the `CALL` and `REPLY` flags, tags, the link look, counts; see docs/channels.md,
+// "Which lines a round trip moves"); this is that design with nothing else, as the raw
+// line ring is for the ring.
+const SLOT_REPLY_SLOTS: usize = 64;
+struct SlotRing {
+    slots: [RawLine; SLOT_REPLY_SLOTS],
+}
+struct SlotReplyEnd {
+    ring: Arc<SlotRing>,
+    /// Requests this side sent (client) or took (server).
+    n: u64,
+}
+impl SlotReplyEnd {
+    fn slot(&self) -> &RawLine {
+        &self.ring.slots[self.n as usize % SLOT_REPLY_SLOTS]
+    }
+    /// Waits for `word` in the current slot and copies the payload out, re-reading the word
+    /// after the copy.
+    fn take(&self, word: u64, what: &str) -> Payload {
+        let line = self.slot();
+        let mut spin = Spin::new();
+        while line.seq.load(Ordering::Acquire) != word {
+            spin.wait(what);
+        }
+        let m = core::array::from_fn(|i| line.words[i].load(Ordering::Relaxed));
+        std::sync::atomic::fence(Ordering::Acquire);
+        assert_eq!(line.seq.load(Ordering::Relaxed), word, "bench: slot changed under the copy");
+        m
+    }
+    fn put(&self, m: &Payload, word: u64) {
+        let line = self.slot();
+        for (w, v) in line.words.iter().zip(m) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        line.seq.store(word, Ordering::Release);
+    }
+}
+impl Endpoint for SlotReplyEnd {
+    /// The client's request (`call`) or the server's reply (`echo`).
+    fn send(&mut self, m: &Payload) {
+        self.put(m, 2 * self.n + 1);
+    }
+    fn recv(&mut self) -> Payload {
+        let m = self.take(2 * self.n + 2, "a reply");
+        self.n += 1;
+        m
+    }
+    fn call(&mut self, m: &Payload) -> Payload {
+        self.send(m);
+        self.recv()
+    }
+    fn echo(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            let m = self.take(2 * self.n + 1, "a request");
+            self.put(&m, 2 * self.n + 2);
+            self.n += 1;
+        }
+    }
+}
+fn slot_reply_pair() -> (Box<dyn Endpoint>, Box<dyn Endpoint>) {
+    let ring = Arc::new(SlotRing {
+        slots: core::array::from_fn(|_| RawLine {
+            words: core::array::from_fn(|_| AtomicU64::new(0)),
+            seq: AtomicU64::new(0),
+        }),
+    });
+    (Box::new(SlotReplyEnd { ring: ring.clone(), n: 0 }), Box::new(SlotReplyEnd { ring, n: 0 }))
 }
 
 // --- the raw line ring: the streaming limit ---
@@ -781,11 +909,13 @@ pub fn host() -> Result<Vec<HostRow>> {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let ns_per_tick = i0.elapsed().as_nanos() as f64 / (rdtsc() - t0) as f64;
     type Make = fn() -> Result<(Box<dyn Endpoint>, Box<dyn Endpoint>)>;
-    let transports: [(&str, Make, usize, usize); 7] = [
-        ("cache-line ping-pong", || Ok(line_pair()), 200_000, 0),
+    let transports: [(&str, Make, usize, usize); 9] = [
+        (LINE_NAME, || Ok(line_pair()), 200_000, 0),
+        (SHARED_NAME, || Ok(shared_line_pair()), 200_000, 0),
         (RAW_NAME, || Ok(raw_pair()), 200_000, 2_000_000),
-        ("mkvisor ring", || Ok(ring_pair(64)), 200_000, 2_000_000),
+        (RING_NAME, || Ok(ring_pair(64)), 200_000, 2_000_000),
         (LIBRARY_NAME, || Ok(library_pair(64)), 200_000, 2_000_000),
+        (SLOT_REPLY_NAME, || Ok(slot_reply_pair()), 200_000, 0),
         ("crossbeam-channel", || Ok(crossbeam_pair()), 100_000, 1_000_000),
         ("std mpsc", || Ok(mpsc_pair()), 100_000, 1_000_000),
         ("pipe", pipe_pair, 20_000, 200_000),
@@ -800,8 +930,9 @@ pub fn host() -> Result<Vec<HostRow>> {
         let (a, b) = make()?;
         let mut s = ping_pong(a, b, rounds);
         let (med, p99) = (percentile(&mut s, 0.5), percentile(&mut s, 0.99));
-        // The bare line has one slot and no flow control: it cannot stream; its one-way
-        // figure is its round trip halved, the best a one-slot channel can do.
+        // The bare lines and the bare slot-reply ring have no flow control for a one-way
+        // stream: their one-way figure is the round trip halved, the best a channel that
+        // waits for each answer can do.
         let tput = if count == 0 {
             1e3 / (med as f64 * ns_per_tick)
         } else {
@@ -833,6 +964,79 @@ pub const LIBRARY_NAME: &str = "channel library (guest's code)";
 
 /// The row name of the raw line ring.
 const RAW_NAME: &str = "raw line ring (stream limit)";
+/// The row names of the two bare lines, the plain ring and the bare slot-reply ring.
+const LINE_NAME: &str = "cache-line ping-pong";
+const SHARED_NAME: &str = "one line, both directions";
+const RING_NAME: &str = "mkvisor ring";
+const SLOT_REPLY_NAME: &str = "reply in request's slot (bare)";
+
+/// Round trips measured against the cache-line ping-pong in pairs (the line, then the
+/// transport, close in time: a busy host slows both of a pair alike), one ratio of medians
+/// per pair: the side-by-side comparison the table's medians of separate runs are too
+/// noisy for on a shared VM.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RttPairs {
+    pub pairs: u32,
+    pub round_trips_per_run: u64,
+    pub rows: Vec<RttPairRow>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RttPairRow {
+    pub name: String,
+    /// The median over the pairs of (this transport's median / the line's median).
+    pub ratio_median: f64,
+    pub ratio_ci: [f64; 2],
+    pub ci_confidence: f64,
+    /// Medians over the pairs of the two sides' median round trips.
+    pub rtt_median_ns: f64,
+    pub line_rtt_median_ns: f64,
+}
+
+/// [`RttPairs`]: `pairs` rounds; in each, every transport's `rounds` round trips right
+/// after a run of the cache-line ping-pong's.
+pub fn rtt_pairs(pairs: u32, rounds: usize) -> RttPairs {
+    let ns_per_tick = 1.0 / timer_resolution().tsc_ghz;
+    type Make = fn() -> (Box<dyn Endpoint>, Box<dyn Endpoint>);
+    let others: [(&str, Make); 5] = [
+        (SHARED_NAME, shared_line_pair),
+        (RAW_NAME, raw_pair),
+        (RING_NAME, || ring_pair(64)),
+        (LIBRARY_NAME, || library_pair(64)),
+        (SLOT_REPLY_NAME, slot_reply_pair),
+    ];
+    let median = |make: Make| -> f64 {
+        let (a, b) = make();
+        let mut s = ping_pong(a, b, rounds);
+        percentile(&mut s, 0.5) as f64 * ns_per_tick
+    };
+    let mut got: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); others.len()];
+    for _ in 0..pairs {
+        for (i, (_, make)) in others.iter().enumerate() {
+            let line = median(line_pair);
+            let it = median(*make);
+            got[i].0.push(it / line);
+            got[i].1.push(it);
+            got[i].2.push(line);
+        }
+    }
+    let rows = others
+        .iter()
+        .zip(got)
+        .map(|((name, _), (ratios, it, line))| {
+            let (ratio_median, lo, hi, ci_confidence) = median_ci(&ratios);
+            RttPairRow {
+                name: name.to_string(),
+                ratio_median,
+                ratio_ci: [lo, hi],
+                ci_confidence,
+                rtt_median_ns: median_ci(&it).0,
+                line_rtt_median_ns: median_ci(&line).0,
+            }
+        })
+        .collect();
+    RttPairs { pairs, round_trips_per_run: rounds as u64, rows }
+}
 
 /// Fills the ratio columns: to the cache-line ping-pong (the first row) and to the raw line
 /// ring's one-way throughput.
@@ -1016,6 +1220,24 @@ pub fn print(r: &Report) {
         ]);
     }
     println!("{t}");
+    if let Some(p) = &r.rtt_pairs {
+        println!(
+            "Round trips, paired (the cache-line ping-pong, then the transport; {} pairs of {} round trips each; ratio of the two medians, median over the pairs):",
+            p.pairs, p.round_trips_per_run
+        );
+        for row in &p.rows {
+            println!(
+                "  {:<34} {:.2} [{:.2}, {:.2}] at {:.0}% confidence ({:.0} ns against the line's {:.0})",
+                format!("{} / line", row.name),
+                row.ratio_median,
+                row.ratio_ci[0],
+                row.ratio_ci[1],
+                100.0 * row.ci_confidence,
+                row.rtt_median_ns,
+                row.line_rtt_median_ns
+            );
+        }
+    }
     if let Some(p) = &r.stream_pairs {
         println!(
             "Streaming, paired (raw line ring then mkvisor ring, {} pairs of {} messages, 64 lines, ack every 16):",
@@ -1166,6 +1388,8 @@ pub fn channels(
     let timer = timer_resolution();
     eprintln!("bench: host transports (a few seconds per repetition)...");
     let host = host_repeated(repeat)?;
+    eprintln!("bench: round trips against the cache-line ping-pong, in 20 pairs...");
+    let rtt = rtt_pairs(20, 50_000);
     eprintln!("bench: raw line ring and mkvisor ring streaming, in 20 pairs...");
     let pairs = stream_pairs(20, 1_000_000);
     let emulated = if host_only {
@@ -1176,7 +1400,13 @@ pub fn channels(
         );
         Some(emulated()?)
     };
-    let r = Report { host, stream_pairs: Some(pairs), emulated, meta: bench_meta(timer, before) };
+    let r = Report {
+        host,
+        stream_pairs: Some(pairs),
+        rtt_pairs: Some(rtt),
+        emulated,
+        meta: bench_meta(timer, before),
+    };
     print(&r);
     save(json, &r)
 }
@@ -1190,6 +1420,8 @@ mod tests {
         let _ = cores();
         for (a, b) in [
             line_pair(),
+            shared_line_pair(),
+            slot_reply_pair(),
             raw_pair(),
             ring_pair(64),
             library_pair(64),

@@ -52,8 +52,12 @@ const PREAMBLE: &str = "/* SPDX-License-Identifier: MIT OR Apache-2.0 */
  * MKV_BootInfo) and RSP below MKV_BOOT_STACK_TOP, interrupts off, on identity-mapping boot
  * page tables. Channel rings: see MKV_Slot; message n goes in slot n % slots with control
  * word n + 1, stored last with release ordering (payload first); the consumer publishes
- * `received`. Each ring is MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then
- * the slots. The status page at MKV_STATUS_GPA (read-only) starts with an array of
+ * `received`. A request whose control word also has MKV_CALL set is a call: the consumer
+ * answers it (its next message on the channel) by writing the reply into that same slot,
+ * payload first, then the word with MKV_REPLY instead of MKV_CALL (counted in its own
+ * ring's `replied`; the caller counts it in `replies_taken`). Each ring is
+ * MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then the slots. The status
+ * page at MKV_STATUS_GPA (read-only) starts with an array of
  * MKV_LinkStatus, one per channel in boot-info order; a guest that follows restarting peers
  * reads its epoch from there (epoch 0 until a peer restarts: control words and `received`
  * carry the epoch in their top 16 bits, see vmcall-proto channel.rs). At
@@ -172,8 +176,8 @@ pub fn layout_check() -> String {
     layout!(g::ChannelTraffic, "MKV_ChannelTraffic", sent, received, inbound);
     layout!(ChannelDesc, "MKV_ChannelDesc", name, peer, slots, tx_gpa, rx_gpa, index);
     layout!(Slot, "MKV_Slot", data, control);
-    layout!(ProducerLine, "MKV_ProducerLine", sent);
-    layout!(ConsumerLine, "MKV_ConsumerLine", received, sleeping);
+    layout!(ProducerLine, "MKV_ProducerLine", sent, replied);
+    layout!(ConsumerLine, "MKV_ConsumerLine", received, sleeping, replies_taken);
     for n in 0..256u64 {
         if let Ok(h) = Hypercall::try_from(n) {
             check(format!("MKV_HYPERCALL_{}", screaming(&format!("{h:?}"))), n);
@@ -208,6 +212,8 @@ pub fn layout_check() -> String {
         ("MKV_MAX_CHANNELS_PER_GUEST", g::MAX_CHANNELS_PER_GUEST as u64),
         ("MKV_WORDS", WORDS as u64),
         ("MKV_HEADER_BYTES", HEADER_BYTES as u64),
+        ("MKV_CALL", vmcall_proto::channel::CALL),
+        ("MKV_REPLY", vmcall_proto::channel::REPLY),
     ] {
         check(name.to_string(), v);
     }

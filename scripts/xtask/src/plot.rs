@@ -590,6 +590,7 @@ mod tests {
         let bench = crate::bench::Report {
             host,
             stream_pairs: None,
+            rtt_pairs: None,
             emulated: None,
             meta: Default::default(),
         };
