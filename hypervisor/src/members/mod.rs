@@ -135,9 +135,11 @@ enum Phase {
 struct Round {
     ballot: u64,
     phase: Phase,
-    /// Members whose answer counts (every unsuspected member of the view at the start).
-    quorum: CoreSet,
+    /// Members asked and not answered yet (every unsuspected member of the view at the
+    /// start; those that promised, not suspected since, for the accepts).
     waiting: CoreSet,
+    /// Members whose answer to this phase came (the coordinator's own included).
+    got: CoreSet,
     /// The highest-ballot proposal for this view number a member reported.
     best: Option<(u64, View)>,
     value: View,
@@ -204,6 +206,10 @@ pub struct Members {
     newly_suspected: CoreSet,
     /// [`Members::due`], kept up to date.
     due_at: u64,
+    /// Tests only: the old rule (any unsuspected members are a quorum), which the model
+    /// must find splitting the views.
+    #[cfg(test)]
+    old_rule: bool,
 }
 
 /// Whether `m` is a membership message.
@@ -221,6 +227,16 @@ fn msg(kind: u64, words: &[u64]) -> Payload {
 /// The highest core of `set`.
 fn highest(set: CoreSet) -> Option<u8> {
     (set != 0).then(|| 63 - set.leading_zeros() as u8)
+}
+
+/// Whether the members of `got` are a quorum of a view made of `set`: more than half of its
+/// members (suspected ones count in the half), or exactly half with the view's highest core
+/// (the tie-breaker). Any two quorums of one view share a core: two majorities overlap, a
+/// majority and a half too, and two disjoint halves cannot both hold the highest core. So
+/// two coordinators that suspect each other's side cannot both get view n+1 accepted.
+pub fn is_quorum(set: CoreSet, got: CoreSet) -> bool {
+    let (n, k) = (set.count_ones(), (got & set).count_ones());
+    2 * k > n || 2 * k == n && highest(set).is_some_and(|h| got & bit(h as usize) != 0)
 }
 
 impl Members {
@@ -255,6 +271,8 @@ impl Members {
             change_len: 0,
             newly_suspected: 0,
             due_at: u64::MAX,
+            #[cfg(test)]
+            old_rule: false,
         };
         m.due_at = m.compute_due();
         m
@@ -488,9 +506,16 @@ impl Members {
             }
             return;
         }
-        if self.wish_out.is_some() && now >= self.wish_sent.saturating_add(self.timing.timeout) {
-            self.wish_out = None;
-            self.told = (u8::MAX, [0; MAX_PEERS], 0);
+        if let Some(c) = self.wish_out {
+            if now >= self.wish_sent.saturating_add(self.timing.timeout) {
+                // A coordinator that serves its inbox acknowledges at once, unless it fenced
+                // this core: it has stopped, or it is on the other side. Fenced here too (its
+                // prober may have stopped, and with no quorum no view says it), and the wish
+                // goes to the next coordinator: told again, not piled up in its ring.
+                self.wish_out = None;
+                self.told = (u8::MAX, [0; MAX_PEERS], 0);
+                self.suspect(env, bit(c as usize));
+            }
         }
         if self.ended {
             return;
@@ -588,20 +613,34 @@ impl Members {
         self.send(env, c as usize, &m, true);
     }
 
+    /// Whether the answers of `got` let a round of this view go on.
+    fn quorum(&self, got: CoreSet) -> bool {
+        #[cfg(test)]
+        if self.old_rule {
+            return true;
+        }
+        is_quorum(self.view.set, got)
+    }
+
     fn start_round(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
+        let asked = self.view.set & !self.suspects;
+        if !self.quorum(asked) {
+            // Too few members left unsuspected to make a quorum: no round (it could not
+            // commit). The view comes from the other side's `COMMIT`, if it has a quorum.
+            return;
+        }
         let ballot = (((self.seen.max(self.promised) >> 8) + 1) << 8) | me as u64;
         self.promised = ballot;
         self.seen = ballot;
-        let quorum = self.view.set & !self.suspects;
         let best = self.accepted.filter(|(_, v)| v.num == self.view.num + 1);
         let deadline = env.now().saturating_add(self.timing.timeout);
-        let waiting = quorum & !bit(me);
+        let waiting = asked & !bit(me);
         self.round = Some(Round {
             ballot,
             phase: Phase::Prepare,
-            quorum,
             waiting,
+            got: bit(me),
             best,
             value: View::default(),
             deadline,
@@ -610,8 +649,24 @@ impl Members {
         for c in cores(waiting) {
             self.send(env, c, &msg(op::PREPARE, &[ballot, num]), true);
         }
-        if waiting == 0 {
+        self.phase_done(env);
+    }
+
+    /// Every member asked has answered this phase: on to the next one. The promises are
+    /// a quorum (every member asked, a quorum when the round began); the accepts may not
+    /// be (a member suspected after its promise is not asked to accept): then the round
+    /// cannot commit and ends.
+    fn phase_done(&mut self, env: &mut impl Net) {
+        let Some(r) = self.round else { return };
+        if r.waiting != 0 {
+            return;
+        }
+        if r.phase == Phase::Prepare {
             self.phase_two(env);
+        } else if self.quorum(r.got) {
+            self.commit(env);
+        } else {
+            self.round = None;
         }
     }
 
@@ -623,7 +678,9 @@ impl Members {
             None => View { num: self.view.num + 1, set: self.desired() },
         };
         r.phase = Phase::Accept;
-        r.waiting = r.quorum & !bit(me) & !self.suspects;
+        // Those that promised and are not suspected since.
+        r.waiting = r.got & !bit(me) & !self.suspects;
+        r.got = bit(me);
         r.deadline = env.now().saturating_add(self.timing.timeout);
         self.accepted = Some((r.ballot, r.value));
         self.round = Some(r);
@@ -631,9 +688,7 @@ impl Members {
             let m = msg(op::ACCEPT, &[r.ballot, r.value.num as u64, r.value.set]);
             self.send(env, c, &m, true);
         }
-        if r.waiting == 0 {
-            self.commit(env);
-        }
+        self.phase_done(env);
     }
 
     fn commit(&mut self, env: &mut impl Net) {
@@ -643,7 +698,7 @@ impl Members {
         // only slow learns from this `COMMIT` that it is out (and stops for good) before it
         // could take the others for stopped and make a view of its own. A core that has
         // really stopped never reads it.
-        let to = (r.quorum | r.value.set | self.view.set) & !bit(me);
+        let to = (r.value.set | self.view.set) & !bit(me);
         // With the cores it suspects: every member fences them too.
         let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set, self.suspects]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
@@ -701,7 +756,14 @@ impl Members {
     }
 
     fn deliver_inner(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
-        if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
+        if from >= MAX_PEERS || from == self.me as usize {
+            return;
+        }
+        let kind = m[0] & 0xff;
+        if self.suspects & bit(from) != 0 && kind != op::COMMIT && kind != op::CATCHUP {
+            // Fenced: nothing it says is read, but a committed view (it had a quorum)
+            // is a fact whoever sends it: a core fenced by the other side while alive
+            // learns from it that it is out.
             return;
         }
         self.heard |= bit(from);
@@ -787,6 +849,7 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 // A member that missed views gets them before the ACCEPT.
                 self.catch_up(env, from, w(5));
                 self.merge_intent(w(6));
@@ -794,9 +857,7 @@ impl Members {
                     r.best = Some((w(2), View { num: w(3) as u32, set: w(4) }));
                 }
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.phase_two(env);
-                }
+                self.phase_done(env);
             }
             op::ACCEPTED => {
                 let Some(mut r) = self.round else { return };
@@ -804,10 +865,9 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.commit(env);
-                }
+                self.phase_done(env);
             }
             op::NACK => {
                 let Some(r) = self.round else { return };
@@ -903,5 +963,7 @@ fn cores(set: CoreSet) -> impl Iterator<Item = usize> {
     (0..MAX_PEERS).filter(move |&c| set & bit(c) != 0)
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;
