@@ -447,7 +447,7 @@ impl Members {
             let joining = self.wants_in & bit(self.me as usize) != 0;
             return if joining { self.join_retry } else { u64::MAX };
         }
-        if self.ended {
+        if self.ended || self.evicted {
             return u64::MAX;
         }
         let succ = if self.timing.period == 0 { None } else { self.successor() };
@@ -504,6 +504,10 @@ impl Members {
                     self.join_retry = now.saturating_add(self.timing.timeout);
                 }
             }
+            return;
+        }
+        if self.evicted {
+            // Fenced while alive: it takes no further part (no probe, wish or round).
             return;
         }
         if let Some(c) = self.wish_out {
@@ -572,6 +576,9 @@ impl Members {
     /// Moves things on: the coordinator starts a round if there is a change to make; any
     /// other member tells the coordinator its wishes.
     fn advance(&mut self, env: &mut impl Net) {
+        if self.evicted {
+            return;
+        }
         let Some(c) = self.coordinator() else { return };
         let me = self.me as usize;
         if self.member() && c as usize == me {
@@ -763,7 +770,12 @@ impl Members {
         if self.suspects & bit(from) != 0 && kind != op::COMMIT && kind != op::CATCHUP {
             // Fenced: nothing it says is read, but a committed view (it had a quorum)
             // is a fact whoever sends it: a core fenced by the other side while alive
-            // learns from it that it is out.
+            // learns from it that it is out. And a fenced core that probes this one is
+            // told it is fenced (the views and the suspects, itself among them): with no
+            // quorum without it, no view may ever say so (the lower core of two).
+            if kind == op::PING {
+                self.send_views(env, from);
+            }
             return;
         }
         self.heard |= bit(from);
@@ -923,9 +935,13 @@ impl Members {
     /// Sends core `to`, whose view is number `theirs`, the views it missed (the last two at
     /// most: one further behind skips some) and the cores this one suspects.
     fn catch_up(&mut self, env: &mut impl Net, to: usize, theirs: u64) {
-        if theirs >= self.view.num as u64 {
-            return;
+        if theirs < self.view.num as u64 {
+            self.send_views(env, to);
         }
+    }
+
+    /// Sends core `to` the last two views installed here and the cores this one suspects.
+    fn send_views(&mut self, env: &mut impl Net, to: usize) {
         let mut words = [0u64; 5];
         for (k, v) in self.history[1..].iter().enumerate() {
             words[2 * k] = v.num as u64;
@@ -947,7 +963,9 @@ impl Members {
     fn merge_suspects(&mut self, env: &mut impl Net, theirs: CoreSet) {
         let me = bit(self.me as usize);
         if theirs & me != 0 {
+            // It takes no further part: a round of its own ends here.
             self.evicted = true;
+            self.round = None;
         }
         self.suspect(env, theirs & !me);
     }
