@@ -22,8 +22,14 @@
 //! 2. `ACCEPT(ballot, view)`: the view is the highest-ballot proposal a member reported
 //!    (a failed coordinator's change is completed, never contradicted), else its own
 //!    change; members accept it unless they promised a higher ballot (`ACCEPTED`);
-//! 3. once every member accepted, `COMMIT(view)` to the members of the old and the new view:
-//!    they install it (a core that joins learns the view it joins in).
+//! 3. once every member asked accepted, `COMMIT(view)` to the members of the old and the new
+//!    view: they install it (a core that joins learns the view it joins in).
+//!
+//! **Quorums.** The promises and the accepts (the coordinator's own counted) must come from
+//! a quorum of view n ([`is_quorum`]): more than half of its members, suspected ones counted
+//! in the whole, or exactly half holding the view's highest core. A coordinator whose
+//! unsuspected members are no quorum starts no round; a round whose accepts fall short (a
+//! member suspected after its promise is not asked to accept) ends without a commit.
 //!
 //! A member that answers `NACK` has promised a higher ballot (the coordinator retries above
 //! it) or has already installed view `n` or later (the coordinator installs that view: it
@@ -38,17 +44,22 @@
 //! the newer one is known; a coordinator that knows neither may act on it once, and the
 //! core's own intent, told again, undoes it in the next view (agreement is not at stake).
 //!
-//! Model and its limit: quorums are *every* unsuspected member, so the protocol agrees as
-//! long as a suspected core has really stopped (fail-stop; the timeout is far longer than a
-//! live core's inbox latency, and every long stretch without serving the inbox is bounded
-//! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
-//! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
-//! The last member never leaves an empty machine, but if every member of the view stops, the
-//! machine has ended: a core out of it that asks in is let in by nobody, and it makes no view
-//! of its own (a stopped member may have committed a later one, still in some ring).
+//! Model and its limit: any two quorums of a view share a core, so the views agree even when
+//! live cores are suspected (two sides that fence each other cannot both commit view n+1;
+//! `model` checks it on this code). A core suspected while alive (a false suspicion)
+//! learns it from the `COMMIT` that removes it (sent to old members too, and read even from
+//! a core it suspects: a committed view had a quorum), or, when no view can be made
+//! without it, from the answer to its probe (a suspected core's `PING` is answered with the
+//! views and the suspects); from then on it stays out and takes no part:
+//! [`Members::evicted`]. The price is liveness: with half of a view stopped (without its
+//! highest core), no view follows; in a view of two, the lower core cannot take the higher
+//! one out. The last member never leaves an empty machine, but if every member of the view
+//! stops, the machine has ended: a core out of it that asks in is let in by nobody, and it
+//! makes no view of its own (a stopped member may have committed a later one, still in some
+//! ring).
 //!
 //! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
-//! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
+//! bring (a suspected prober gets the `CATCHUP` alone), a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
 //! the next round's first, or a `CATCHUP` and an `ACCEPT`), one answer and an `END`: 10
 //! (counted in `caps::proto::RING_SLOTS`; the simulator checks 8 queued at most).
 //!
