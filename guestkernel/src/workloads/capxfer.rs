@@ -474,8 +474,16 @@ pub fn doomed(bi: &BootInfo) -> u64 {
     // Stopped only once the giver has read the confirmation (it says so), at most 10 s
     // later: a death right after the send could race the giver's receive (seen on Bochs,
     // the giver's `recv` finding the link gone and the confirmation not taken).
+    // Polled, not `recv_until`: the giver's channel is in polling mode and never rings a
+    // doorbell, so a sleep would last to the deadline (it did on SVM once the backend kept
+    // a halted guest halted: before, any exit woke it).
     let deadline = crate::arch::rdtsc().saturating_add(10_000 * bi.tsc_per_ms);
-    let read = c.recv_until(1000, deadline);
+    let read = loop {
+        match c.try_recv() {
+            Ok(None) if crate::arch::rdtsc() < deadline => core::hint::spin_loop(),
+            other => break other,
+        }
+    };
     log::info!(
         "xfer: the giver read my confirmation: {}",
         matches!(read, Ok(Some(m)) if m[0] == DONE)
