@@ -34,6 +34,10 @@
 //! are a zeroed slot and a zeroed ack (the reset state), in every epoch. Tags are 16 bits:
 //! epochs 65,536 apart share one, which is harmless because the rings are zeroed at every
 //! reset and only the epoch just before can still write late.
+//! After epoch 0 a new receiver publishes the count 0 with its tag at once, and a new
+//! sender writes nothing until it has read a count of its epoch: a survivor's late reply
+//! ([`CALL`]) goes into the ring its *peer* produces, and is over before the survivor
+//! makes its new receiver.
 //!
 //! Memory ordering: the producer stores the payload (relaxed), then the control word
 //! (release). The consumer loads the control word (acquire), copies the payload (relaxed),
@@ -258,10 +262,16 @@ pub struct Sender<'a> {
     /// `tag | (sent + 1)`: the control word of the next message.
     word: u64,
     /// `tag | (acked + slots)`: the control word of the last message the consumer's last
-    /// count leaves room for.
+    /// count leaves room for (`tag` alone until `heard`).
     limit: u64,
     acked: u64,
     tag: u64,
+    /// Whether the consumer has published a count of this epoch (its receiver exists:
+    /// [`Receiver::with_epoch`]). Until then a sender of an epoch after the first sends
+    /// nothing (`Full`): the consumer may be a survivor of the last epoch still about to
+    /// write a late reply into this ring's slots ([`CALL`]), which it does before it
+    /// makes its receiver of this epoch. Always true in epoch 0 (no earlier epoch).
+    heard: bool,
     /// Replies this side wrote into the peer's request slots ([`Receiver::reply`] counts
     /// them here, in this ring's producer line).
     replied: u64,
@@ -325,7 +335,10 @@ impl<'a> Sender<'a> {
         Self::with_epoch(ring, 0)
     }
 
-    /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings.
+    /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings. After
+    /// epoch 0 it writes its first message only once the consumer's receiver of this epoch
+    /// has published its count (`Full` until then): a survivor's late reply of the last
+    /// epoch, which goes into this ring's slots, is over by then.
     pub fn with_epoch(ring: Ring<'a>, epoch: u32) -> Self {
         let tag = tag_of(epoch);
         let n = ring.slots.len() as u64;
@@ -335,9 +348,11 @@ impl<'a> Sender<'a> {
             cur,
             end,
             word: tag | 1,
-            limit: tag | n,
+            // Epoch 0 has no earlier epoch: no late writer to wait out.
+            limit: if tag == 0 { n } else { tag },
             acked: 0,
             tag,
+            heard: tag == 0,
             replied: 0,
             call: cur,
             call_word: 0,
@@ -397,9 +412,17 @@ impl<'a> Sender<'a> {
         let word = self.ring.consumer.received.load(Ordering::Acquire);
         // A reset count (0) or an earlier epoch's (written late) says nothing about
         // this one.
-        let r = if word == 0 || self.is_old(word) { self.acked } else { word ^ self.tag };
+        let fresh = word != 0 && !self.is_old(word);
+        let r = if fresh { word ^ self.tag } else { self.acked };
         if r > next || r < self.acked {
             return Err(ChannelError::BadAck { received: r, sent: next });
+        }
+        if !self.heard {
+            // No receiver of this epoch yet: the last epoch's may still write late.
+            if !fresh {
+                return Err(ChannelError::Full);
+            }
+            self.heard = true;
         }
         self.acked = r;
         self.limit = self.tag | (r + n);
@@ -519,10 +542,18 @@ impl<'a> Receiver<'a> {
         Self::with_epoch(ring, ack_every, 0)
     }
 
-    /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]).
+    /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]). After
+    /// epoch 0 it publishes the count 0 of its epoch at once: the peer's sender of this
+    /// epoch waits for it.
     pub fn with_epoch(ring: Ring<'a>, ack_every: u32, epoch: u32) -> Self {
         let ack_every = (ack_every as u64).clamp(1, ring.slots.len().max(1) as u64);
         let tag = tag_of(epoch);
+        if tag != 0 {
+            // The count 0 of this epoch, with release: what this side wrote in the last
+            // epoch (a late reply into a request's slot of this very ring) is done before
+            // the peer's sender of this epoch, which waits for this word, writes a slot.
+            ring.consumer.received.store(tag, Ordering::Release);
+        }
         Receiver {
             ring,
             cur: ring.slots.as_ptr(),
@@ -1052,13 +1083,16 @@ mod tests {
         st.consumer().received.store(0, Ordering::Relaxed);
         let (mut tx, mut rx) =
             (Sender::with_epoch(st.ring(4), 1), Receiver::with_epoch(st.ring(4), 1, 1));
+        assert_eq!(rx.try_recv(), Ok(None));
+        // The new sender's first message, once it has read the new receiver's count 0
+        // (after epoch 0 it waits for it: see `Sender::with_epoch`).
+        tx.try_send(&msg(10)).unwrap();
         // ...and the old sides, not yet told, write once more: a message in slot 3 and an
         // ack of 3. Neither is read as the new epoch's.
         old_tx.try_send(&msg(99)).unwrap();
         st.consumer().received.store(3, Ordering::Relaxed);
         assert_eq!(old_rx.received(), 1);
-        assert_eq!(rx.try_recv(), Ok(None));
-        for i in 0..4 {
+        for i in 1..4 {
             tx.try_send(&msg(10 + i)).unwrap();
         }
         assert_eq!(tx.try_send(&msg(14)), Err(ChannelError::Full), "the old ack freed nothing");
@@ -1581,10 +1615,17 @@ mod tests {
     #[test]
     fn a_late_write_two_epochs_back_reads_empty() {
         let st = Box::new(OwnedRing::new());
-        let mut old = Sender::with_epoch(st.ring(4), 4);
+        // Epoch 4 runs: one message (its sender has heard its receiver's count).
+        let (mut old, mut old_rx) =
+            (Sender::with_epoch(st.ring(4), 4), Receiver::with_epoch(st.ring(4), 1, 4));
+        old.try_send(&msg(0)).unwrap();
+        assert_eq!(old_rx.try_recv(), Ok(Some(msg(0))));
         reset(&st, 4);
         let mut rx = Receiver::with_epoch(st.ring(4), 1, 6);
-        old.try_send(&msg(0)).unwrap(); // the late store of epoch 4
+        let mut tx = Sender::with_epoch(st.ring(4), 6);
+        tx.try_send(&msg(60)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(Some(msg(60))));
+        old.try_send(&msg(1)).unwrap(); // the late store of epoch 4, in slot 1
         let r = rx.try_recv();
         assert_eq!(r, Ok(None), "a late write two epochs back gives {r:?}");
     }
@@ -1756,17 +1797,16 @@ mod tests {
         }
     }
 
-    /// BUG (not fixed, see docs/channels.md "Peers that come and go"): a reply is the first
-    /// write of one side into the ring its *peer* produces. A survivor that took a call,
-    /// passed its link look and is held (its vCPU descheduled, a long exit) until the
-    /// restarting peer's new incarnation has written its first messages, writes its late
-    /// reply over one of them: the old epoch's word replaces the new message's (which
-    /// then reads as empty: lost, not counted, the survivor's receiver waits there for
-    /// ever and the new peer's ring fills), or its payload words land under the new word
-    /// (a torn message accepted whole). A late *send* of the old protocol went into the
-    /// survivor's own ring, which only the survivor writes, so the tags alone sufficed.
+    /// A reply is the first write of one side into the ring its *peer* produces. A
+    /// survivor that took a call, passed its link look and is held (its vCPU descheduled,
+    /// a long exit) until the restarting peer's new incarnation writes, must not write its
+    /// late reply over the new epoch's messages: the old epoch's word would replace the
+    /// new message's (which then reads as empty: lost, not counted, the survivor's
+    /// receiver waiting there for ever), or its payload words land under the new word (a
+    /// torn message accepted whole). (A late *send* goes into the survivor's own ring,
+    /// which only it writes: the tags alone suffice there.) Failed before its fix: the
+    /// new epoch's first message read as `Ok(None)`, for ever.
     #[test]
-    #[ignore = "bug: a survivor's late reply can overwrite a new epoch's message in the peer's ring"]
     fn a_late_reply_from_the_old_epoch_never_destroys_a_new_epochs_message() {
         let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
             (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
@@ -1776,21 +1816,34 @@ mod tests {
         assert_eq!(survivor_rx.try_recv(), Ok(Some(msg(0))));
         assert!(survivor_rx.owes(), "the survivor passes its link look here, then is held");
         // The peer dies; its core resets both rings; its next incarnation (epoch 1)
-        // sends its first message, into the slot the call used.
+        // opens the channel and wants to send into the slot the call used.
         wipe(ab, 4);
         wipe(ba, 4);
         let mut new_peer = Sender::with_epoch(ab.ring(4), 1);
-        new_peer.try_send(&msg(7)).unwrap();
+        let new_peer_rx = Receiver::with_epoch(ba.ring(4), 1, 1);
+        assert_eq!(
+            new_peer.try_send(&msg(7)),
+            Err(ChannelError::Full),
+            "nothing written before the survivor has a receiver of the new epoch"
+        );
         // The survivor runs again: its reply, owed since before the reset, lands late.
         survivor_rx.reply(&mut survivor_tx, &msg(666));
-        // Then it looks, sees the reset and resynchronises: the new peer's message must
-        // come out whole, or be reported; never vanish or come out as the late reply.
+        // Then it looks, sees the reset and resynchronises; the new peer sends.
         let mut rx = Receiver::with_epoch(ab.ring(4), 1, 1);
-        let got = rx.try_recv();
-        assert!(
-            matches!(got, Ok(Some(m)) if m == msg(7)) || got.is_err(),
-            "the new epoch's first message became {got:?}"
-        );
+        assert_eq!(rx.try_recv(), Ok(None), "the late reply is no message of the new epoch");
+        for i in 0..4 {
+            new_peer.try_send(&msg(7 + i)).unwrap();
+        }
+        for i in 0..4 {
+            assert_eq!(rx.try_recv(), Ok(Some(msg(7 + i))), "the new epoch's message {i}");
+        }
+        // The survivor's own new sender waited for the new peer's receiver, made above.
+        let mut tx = Sender::with_epoch(ba.ring(4), 1);
+        tx.try_send(&msg(1)).unwrap();
+        drop(new_peer_rx);
+        // In epoch 0 nobody waits: there is no earlier epoch to write late.
+        let fresh = Box::new(OwnedRing::new());
+        Sender::new(fresh.ring(4)).try_send(&msg(0)).unwrap();
     }
 
     #[derive(Debug, Clone)]
