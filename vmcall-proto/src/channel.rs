@@ -2111,6 +2111,49 @@ mod loom_tests {
         });
     }
 
+    /// A survivor's late reply against the restarted peer's first message (the epoch
+    /// gate of [`Sender::with_epoch`]): the survivor took a call in epoch 0; the rings are
+    /// reset; the peer's new incarnation sends one message in epoch 1 while the survivor,
+    /// not yet told, writes its reply into the call's slot, then resynchronises. Under
+    /// every interleaving the new message comes out whole, never overwritten or torn.
+    #[test]
+    fn a_late_reply_never_lands_on_the_next_epochs_message() {
+        loom::model(|| {
+            let (ab, ba) = (Arc::new(LoomRing::new(1)), Arc::new(LoomRing::new(1)));
+            let mut survivor_rx = Receiver::new(ab.ring(), 1);
+            let mut survivor_tx = Sender::new(ba.ring());
+            Sender::new(ab.ring()).try_call(&[1; WORDS]).unwrap();
+            assert_eq!(survivor_rx.try_recv(), Ok(Some([1; WORDS])));
+            // The reset: control words first, then the rest (only what matters here).
+            ab.ring().void_controls();
+            ab.consumer.received.store(0, Ordering::Relaxed);
+            let peer_ring = ab.clone();
+            let peer = loom::thread::spawn(move || {
+                let mut tx = Sender::with_epoch(peer_ring.ring(), 1);
+                loop {
+                    match tx.try_send(&[7; WORDS]) {
+                        Ok(()) => break,
+                        Err(ChannelError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            });
+            survivor_rx.reply(&mut survivor_tx, &[666; WORDS]);
+            let mut rx = Receiver::with_epoch(ab.ring(), 1, 1);
+            loop {
+                match rx.try_recv() {
+                    Ok(Some(m)) => {
+                        assert_eq!(m, [7; WORDS]);
+                        break;
+                    }
+                    Ok(None) => loom::thread::yield_now(),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            peer.join().unwrap();
+        });
+    }
+
     /// Small ring storage for loom (its atomics are not const-constructible).
     struct LoomRing {
         producer: ProducerLine,
