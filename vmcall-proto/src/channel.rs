@@ -1690,6 +1690,27 @@ mod tests {
         assert_eq!(ctx.not_replied(), Ok(()), "a zeroed slot: the link word tells");
     }
 
+    /// The counters a peer writes (its `sent`, `replied`, `received`, `replies_taken`),
+    /// read by the hypervisor for telemetry, the report and the loss count at a reset:
+    /// any values, the largest included, give bounded sums (below 2^49) and no overflow.
+    #[test]
+    fn any_counter_values_sum_without_overflow() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        for v in [0, 1, u64::MAX, COUNT_MASK, 1 << 63 | 5, REPLY | CALL] {
+            for st in [&ab, &ba] {
+                for w in [&st.producer.sent, &st.producer.replied] {
+                    w.store(v, Ordering::Relaxed);
+                }
+                for w in [&st.consumer.received, &st.consumer.replies_taken] {
+                    w.store(v, Ordering::Relaxed);
+                }
+                let (sent, received) = (st.ring(4).sent(), st.ring(4).received());
+                assert!(sent < 1 << 49 && received < 1 << 49, "{v:#x}: {sent} {received}");
+            }
+            assert!(in_flight(&ab, &ba, 4) < 1 << 50);
+        }
+    }
+
     /// What a hostile caller does between two steps of an honest server.
     #[derive(Debug, Clone)]
     enum Caller {
