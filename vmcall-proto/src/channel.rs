@@ -464,6 +464,11 @@ impl<'a> Sender<'a> {
     /// word re-read after an acquire fence (`Torn` if it changed: only a peer writing what
     /// it should not does that), the reply counted in `rx`'s consumer line (the ring the
     /// peer's ordinary messages come on; statistics). `None` if it did not come.
+    ///
+    /// Only for a call outstanding (after [`Sender::try_call`], until a reply is taken, as
+    /// [`crate::endpoint::LinkWatch::call`] uses it): with none, it polls for the word
+    /// `REPLY` alone (count 0, which no honest reply carries) and would take it from a
+    /// peer that writes it.
     #[inline(always)]
     pub fn poll_reply(
         &mut self,
@@ -1841,7 +1846,7 @@ mod tests {
         wipe(ab, 4);
         wipe(ba, 4);
         let mut new_peer = Sender::with_epoch(ab.ring(4), 1);
-        let new_peer_rx = Receiver::with_epoch(ba.ring(4), 1, 1);
+        let _new_peer_rx = Receiver::with_epoch(ba.ring(4), 1, 1);
         assert_eq!(
             new_peer.try_send(&msg(7)),
             Err(ChannelError::Full),
@@ -1861,7 +1866,6 @@ mod tests {
         // The survivor's own new sender waited for the new peer's receiver, made above.
         let mut tx = Sender::with_epoch(ba.ring(4), 1);
         tx.try_send(&msg(1)).unwrap();
-        drop(new_peer_rx);
         // In epoch 0 nobody waits: there is no earlier epoch to write late.
         let fresh = Box::new(OwnedRing::new());
         Sender::new(fresh.ring(4)).try_send(&msg(0)).unwrap();
