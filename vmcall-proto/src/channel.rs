@@ -34,6 +34,10 @@
 //! are a zeroed slot and a zeroed ack (the reset state), in every epoch. Tags are 16 bits:
 //! epochs 65,536 apart share one, which is harmless because the rings are zeroed at every
 //! reset and only the epoch just before can still write late.
+//! After epoch 0 a new receiver publishes the count 0 with its tag at once, and a new
+//! sender writes nothing until it has read a count of its epoch: a survivor's late reply
+//! ([`CALL`]) goes into the ring its *peer* produces, and is over before the survivor
+//! makes its new receiver.
 //!
 //! Memory ordering: the producer stores the payload (relaxed), then the control word
 //! (release). The consumer loads the control word (acquire), copies the payload (relaxed),
@@ -258,10 +262,16 @@ pub struct Sender<'a> {
     /// `tag | (sent + 1)`: the control word of the next message.
     word: u64,
     /// `tag | (acked + slots)`: the control word of the last message the consumer's last
-    /// count leaves room for.
+    /// count leaves room for (`tag` alone until `heard`).
     limit: u64,
     acked: u64,
     tag: u64,
+    /// Whether the consumer has published a count of this epoch (its receiver exists:
+    /// [`Receiver::with_epoch`]). Until then a sender of an epoch after the first sends
+    /// nothing (`Full`): the consumer may be a survivor of the last epoch still about to
+    /// write a late reply into this ring's slots ([`CALL`]), which it does before it
+    /// makes its receiver of this epoch. Always true in epoch 0 (no earlier epoch).
+    heard: bool,
     /// Replies this side wrote into the peer's request slots ([`Receiver::reply`] counts
     /// them here, in this ring's producer line).
     replied: u64,
@@ -325,7 +335,10 @@ impl<'a> Sender<'a> {
         Self::with_epoch(ring, 0)
     }
 
-    /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings.
+    /// A sender for epoch `epoch` of the channel (counting from 0), on reset rings. After
+    /// epoch 0 it writes its first message only once the consumer's receiver of this epoch
+    /// has published its count (`Full` until then): a survivor's late reply of the last
+    /// epoch, which goes into this ring's slots, is over by then.
     pub fn with_epoch(ring: Ring<'a>, epoch: u32) -> Self {
         let tag = tag_of(epoch);
         let n = ring.slots.len() as u64;
@@ -335,9 +348,11 @@ impl<'a> Sender<'a> {
             cur,
             end,
             word: tag | 1,
-            limit: tag | n,
+            // Epoch 0 has no earlier epoch: no late writer to wait out.
+            limit: if tag == 0 { n } else { tag },
             acked: 0,
             tag,
+            heard: tag == 0,
             replied: 0,
             call: cur,
             call_word: 0,
@@ -397,9 +412,17 @@ impl<'a> Sender<'a> {
         let word = self.ring.consumer.received.load(Ordering::Acquire);
         // A reset count (0) or an earlier epoch's (written late) says nothing about
         // this one.
-        let r = if word == 0 || self.is_old(word) { self.acked } else { word ^ self.tag };
+        let fresh = word != 0 && !self.is_old(word);
+        let r = if fresh { word ^ self.tag } else { self.acked };
         if r > next || r < self.acked {
             return Err(ChannelError::BadAck { received: r, sent: next });
+        }
+        if !self.heard {
+            // No receiver of this epoch yet: the last epoch's may still write late.
+            if !fresh {
+                return Err(ChannelError::Full);
+            }
+            self.heard = true;
         }
         self.acked = r;
         self.limit = self.tag | (r + n);
@@ -441,6 +464,11 @@ impl<'a> Sender<'a> {
     /// word re-read after an acquire fence (`Torn` if it changed: only a peer writing what
     /// it should not does that), the reply counted in `rx`'s consumer line (the ring the
     /// peer's ordinary messages come on; statistics). `None` if it did not come.
+    ///
+    /// Only for a call outstanding (after [`Sender::try_call`], until a reply is taken, as
+    /// [`crate::endpoint::LinkWatch::call`] uses it): with none, it polls for the word
+    /// `REPLY` alone (count 0, which no honest reply carries) and would take it from a
+    /// peer that writes it.
     #[inline(always)]
     pub fn poll_reply(
         &mut self,
@@ -519,10 +547,18 @@ impl<'a> Receiver<'a> {
         Self::with_epoch(ring, ack_every, 0)
     }
 
-    /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]).
+    /// A receiver for epoch `epoch` of the channel (see [`Sender::with_epoch`]). After
+    /// epoch 0 it publishes the count 0 of its epoch at once: the peer's sender of this
+    /// epoch waits for it.
     pub fn with_epoch(ring: Ring<'a>, ack_every: u32, epoch: u32) -> Self {
         let ack_every = (ack_every as u64).clamp(1, ring.slots.len().max(1) as u64);
         let tag = tag_of(epoch);
+        if tag != 0 {
+            // The count 0 of this epoch, with release: what this side wrote in the last
+            // epoch (a late reply into a request's slot of this very ring) is done before
+            // the peer's sender of this epoch, which waits for this word, writes a slot.
+            ring.consumer.received.store(tag, Ordering::Release);
+        }
         Receiver {
             ring,
             cur: ring.slots.as_ptr(),
@@ -1052,13 +1088,16 @@ mod tests {
         st.consumer().received.store(0, Ordering::Relaxed);
         let (mut tx, mut rx) =
             (Sender::with_epoch(st.ring(4), 1), Receiver::with_epoch(st.ring(4), 1, 1));
+        assert_eq!(rx.try_recv(), Ok(None));
+        // The new sender's first message, once it has read the new receiver's count 0
+        // (after epoch 0 it waits for it: see `Sender::with_epoch`).
+        tx.try_send(&msg(10)).unwrap();
         // ...and the old sides, not yet told, write once more: a message in slot 3 and an
         // ack of 3. Neither is read as the new epoch's.
         old_tx.try_send(&msg(99)).unwrap();
         st.consumer().received.store(3, Ordering::Relaxed);
         assert_eq!(old_rx.received(), 1);
-        assert_eq!(rx.try_recv(), Ok(None));
-        for i in 0..4 {
+        for i in 1..4 {
             tx.try_send(&msg(10 + i)).unwrap();
         }
         assert_eq!(tx.try_send(&msg(14)), Err(ChannelError::Full), "the old ack freed nothing");
@@ -1581,12 +1620,255 @@ mod tests {
     #[test]
     fn a_late_write_two_epochs_back_reads_empty() {
         let st = Box::new(OwnedRing::new());
-        let mut old = Sender::with_epoch(st.ring(4), 4);
+        // Epoch 4 runs: one message (its sender has heard its receiver's count).
+        let (mut old, mut old_rx) =
+            (Sender::with_epoch(st.ring(4), 4), Receiver::with_epoch(st.ring(4), 1, 4));
+        old.try_send(&msg(0)).unwrap();
+        assert_eq!(old_rx.try_recv(), Ok(Some(msg(0))));
         reset(&st, 4);
         let mut rx = Receiver::with_epoch(st.ring(4), 1, 6);
-        old.try_send(&msg(0)).unwrap(); // the late store of epoch 4
+        let mut tx = Sender::with_epoch(st.ring(4), 6);
+        tx.try_send(&msg(60)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(Some(msg(60))));
+        old.try_send(&msg(1)).unwrap(); // the late store of epoch 4, in slot 1
         let r = rx.try_recv();
         assert_eq!(r, Ok(None), "a late write two epochs back gives {r:?}");
+    }
+
+    // ---- Hostile review of calls answered in the request's slot (CALL / REPLY) ----
+
+    /// Zeroes a ring as `reset_rings` does: control words first, then everything,
+    /// the reply counters included.
+    fn wipe(st: &OwnedRing, slots: u32) {
+        st.ring(slots).void_controls();
+        for w in [&st.producer.sent, &st.producer.replied] {
+            w.store(0, Ordering::Relaxed);
+        }
+        for w in [&st.consumer.received, &st.consumer.sleeping, &st.consumer.replies_taken] {
+            w.store(0, Ordering::Relaxed);
+        }
+        for i in 0..slots as usize {
+            for w in &st.slot(i).data {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// What `reset_rings` counts lost on a channel of rings `ab` and `ba`.
+    fn in_flight(ab: &OwnedRing, ba: &OwnedRing, slots: u32) -> u64 {
+        let (a, b) = (ab.ring(slots), ba.ring(slots));
+        a.sent().saturating_sub(a.received()).saturating_add(b.sent().saturating_sub(b.received()))
+    }
+
+    /// A reset finds a call in one of three states, and each message gets a defined fate
+    /// in the hypervisor's count: a request not yet taken is counted lost; a request taken
+    /// whose reply is still owed was delivered (nothing lost; the caller's look says the
+    /// link changed); a reply written and not yet taken is counted lost.
+    #[test]
+    fn a_reset_counts_an_untaken_call_and_an_untaken_reply_lost_and_an_owed_reply_not() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, mut stx, mut srx) = channel(ab, ba, 4);
+        let mut out = [0; WORDS];
+        // One honest round trip first: nothing in flight.
+        ctx.try_call(&msg(0)).unwrap();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(0))));
+        assert!(srx.reply(&mut stx, &msg(100)));
+        assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
+        assert_eq!(in_flight(ab, ba, 4), 0);
+        // 1. The request sent, not taken: one lost.
+        ctx.try_call(&msg(1)).unwrap();
+        assert_eq!(in_flight(ab, ba, 4), 1, "an untaken call");
+        // 2. Taken, the reply owed: the request was delivered; nothing is in flight.
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        assert!(srx.owes());
+        assert_eq!(in_flight(ab, ba, 4), 0, "an owed reply is not a message yet");
+        // 3. The reply written, not taken: one lost.
+        assert!(srx.reply(&mut stx, &msg(101)));
+        assert_eq!(in_flight(ab, ba, 4), 1, "an untaken reply");
+        // The reset voids the reply's word before the copy's re-read: a caller copying
+        // it then reports the copy torn (never a zeroed reply under an intact word).
+        wipe(ab, 4);
+        wipe(ba, 4);
+        assert_eq!(in_flight(ab, ba, 4), 0);
+        assert!(ctx.poll_reply(&mut crx, 1, &mut out, || {}).is_none(), "no reply after a reset");
+        assert_eq!(ctx.not_replied(), Ok(()), "a zeroed slot: the link word tells");
+    }
+
+    /// The counters a peer writes (its `sent`, `replied`, `received`, `replies_taken`),
+    /// read by the hypervisor for telemetry, the report and the loss count at a reset:
+    /// any values, the largest included, give bounded sums (below 2^49) and no overflow.
+    #[test]
+    fn any_counter_values_sum_without_overflow() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        for v in [0, 1, u64::MAX, COUNT_MASK, 1 << 63 | 5, REPLY | CALL] {
+            for st in [&ab, &ba] {
+                for w in [&st.producer.sent, &st.producer.replied] {
+                    w.store(v, Ordering::Relaxed);
+                }
+                for w in [&st.consumer.received, &st.consumer.replies_taken] {
+                    w.store(v, Ordering::Relaxed);
+                }
+                let (sent, received) = (st.ring(4).sent(), st.ring(4).received());
+                assert!(sent < 1 << 49 && received < 1 << 49, "{v:#x}: {sent} {received}");
+            }
+            assert!(in_flight(&ab, &ba, 4) < 1 << 50);
+        }
+    }
+
+    /// What a hostile caller does between two steps of an honest server.
+    #[derive(Debug, Clone)]
+    enum Caller {
+        /// An honest send (`false`) or call (`true`), if the ring has room.
+        Send(bool),
+        /// A word near the server's next sequence, with any flags, into any control word.
+        Near { slot: usize, ahead: u64, flags: u64 },
+        /// Any word into any control word.
+        Any { slot: usize, v: u64 },
+        /// The server's step: a receive, then a reply if it owes one, else (sometimes) a
+        /// message of its own on its ring.
+        Serve(bool),
+    }
+
+    fn caller_ops() -> impl Strategy<Value = Vec<Caller>> {
+        let flags = prop_oneof![Just(0), Just(CALL), Just(REPLY), Just(CALL | REPLY)];
+        let op = prop_oneof![
+            3 => any::<bool>().prop_map(Caller::Send),
+            3 => (0usize..8, 0u64..10, flags).prop_map(|(slot, ahead, flags)| Caller::Near { slot, ahead, flags }),
+            1 => (0usize..8, any::<u64>()).prop_map(|(slot, v)| Caller::Any { slot, v }),
+            4 => any::<bool>().prop_map(Caller::Serve),
+        ];
+        prop::collection::vec(op, 1..80)
+    }
+
+    proptest! {
+        /// An honest server against a caller that writes any control word, with or without
+        /// the flags, into the ring it sends on, between honest sends and calls. The server
+        /// takes a slot only when its word is exactly the next sequence (with CALL or
+        /// without): never a reply's word (REPLY) as a new request, never with both flags;
+        /// a reply goes only into the slot of the call it took last, once; its own ring
+        /// carries exactly its plain messages; nothing panics or reads out of bounds.
+        #[test]
+        fn an_honest_server_never_takes_a_reply_for_a_request_nor_writes_outside_the_call_slot(
+            slots in 1u32..6,
+            epoch in 0u32..3,
+            ops in caller_ops(),
+        ) {
+            let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let tag = tag_of(epoch);
+            let mut ctx = Sender::with_epoch(ab.ring(slots), epoch);
+            let mut srx = Receiver::with_epoch(ab.ring(slots), 1, epoch);
+            let mut stx = Sender::with_epoch(ba.ring(slots), epoch);
+            let n = slots as usize;
+            let (mut replies, mut plain) = (0u64, 0u64);
+            for op in ops {
+                match op {
+                    Caller::Send(call) => {
+                        let m = msg(ctx.sent());
+                        let _ = if call { ctx.try_call(&m) } else { ctx.try_send(&m) };
+                    }
+                    Caller::Near { slot, ahead, flags } => {
+                        let v = tag | (srx.received() + ahead) | flags;
+                        ab.slot(slot % n).control.store(v, Ordering::Relaxed);
+                    }
+                    Caller::Any { slot, v } => ab.slot(slot % n).control.store(v, Ordering::Relaxed),
+                    Caller::Serve(speak) => {
+                        let before = srx.received();
+                        let next = (before % slots as u64) as usize;
+                        let word = ab.slot(next).control.load(Ordering::Relaxed);
+                        match srx.try_recv() {
+                            Ok(Some(_)) => {
+                                prop_assert!(
+                                    word == tag | (before + 1) || word == tag | (before + 1) | CALL,
+                                    "took slot {} with word {:#x}, expecting {:#x}", next, word, tag | (before + 1)
+                                );
+                                prop_assert_eq!(srx.received(), before + 1);
+                                prop_assert_eq!(srx.owes(), word & CALL != 0);
+                            }
+                            Ok(None) | Err(_) => prop_assert_eq!(srx.received(), before),
+                        }
+                        let owed = srx.owes();
+                        let snapshot: Vec<u64> =
+                            (0..n).map(|i| ab.slot(i).control.load(Ordering::Relaxed)).collect();
+                        let r = msg(1000 + replies);
+                        if owed {
+                            prop_assert!(srx.reply(&mut stx, &r));
+                            replies += 1;
+                            prop_assert!(!srx.owes() && !srx.reply(&mut stx, &r), "one reply per call");
+                            // Only the call's slot (the one taken last) changed: the reply.
+                            let call = (srx.received() as usize + n - 1) % n;
+                            for (i, &was) in snapshot.iter().enumerate() {
+                                let now = ab.slot(i).control.load(Ordering::Relaxed);
+                                if i == call {
+                                    prop_assert_eq!(now, tag | srx.received() | REPLY);
+                                    let data: Vec<u64> =
+                                        ab.slot(i).data.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+                                    prop_assert_eq!(&data[..], &r[..]);
+                                } else {
+                                    prop_assert_eq!(now, was, "a reply wrote slot {}", i);
+                                }
+                            }
+                        } else if speak {
+                            prop_assert!(!srx.reply(&mut stx, &r), "no reply without a call");
+                            if stx.try_send(&r).is_ok() {
+                                plain += 1;
+                            }
+                        }
+                        // The server's own ring: its plain messages, its replies counted beside.
+                        prop_assert_eq!(stx.sent(), plain);
+                        prop_assert_eq!(ba.ring(slots).sent(), plain + replies);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A reply is the first write of one side into the ring its *peer* produces. A
+    /// survivor that took a call, passed its link look and is held (its vCPU descheduled,
+    /// a long exit) until the restarting peer's new incarnation writes, must not write its
+    /// late reply over the new epoch's messages: the old epoch's word would replace the
+    /// new message's (which then reads as empty: lost, not counted, the survivor's
+    /// receiver waiting there for ever), or its payload words land under the new word (a
+    /// torn message accepted whole). (A late *send* goes into the survivor's own ring,
+    /// which only it writes: the tags alone suffice there.) Failed before its fix: the
+    /// new epoch's first message read as `Ok(None)`, for ever.
+    #[test]
+    fn a_late_reply_from_the_old_epoch_never_destroys_a_new_epochs_message() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        // Epoch 0: the peer (about to die) calls on ab; the survivor takes the call.
+        let (mut old_caller, _, mut survivor_tx, mut survivor_rx) = channel(ab, ba, 4);
+        old_caller.try_call(&msg(0)).unwrap();
+        assert_eq!(survivor_rx.try_recv(), Ok(Some(msg(0))));
+        assert!(survivor_rx.owes(), "the survivor passes its link look here, then is held");
+        // The peer dies; its core resets both rings; its next incarnation (epoch 1)
+        // opens the channel and wants to send into the slot the call used.
+        wipe(ab, 4);
+        wipe(ba, 4);
+        let mut new_peer = Sender::with_epoch(ab.ring(4), 1);
+        let _new_peer_rx = Receiver::with_epoch(ba.ring(4), 1, 1);
+        assert_eq!(
+            new_peer.try_send(&msg(7)),
+            Err(ChannelError::Full),
+            "nothing written before the survivor has a receiver of the new epoch"
+        );
+        // The survivor runs again: its reply, owed since before the reset, lands late.
+        survivor_rx.reply(&mut survivor_tx, &msg(666));
+        // Then it looks, sees the reset and resynchronises; the new peer sends.
+        let mut rx = Receiver::with_epoch(ab.ring(4), 1, 1);
+        assert_eq!(rx.try_recv(), Ok(None), "the late reply is no message of the new epoch");
+        for i in 0..4 {
+            new_peer.try_send(&msg(7 + i)).unwrap();
+        }
+        for i in 0..4 {
+            assert_eq!(rx.try_recv(), Ok(Some(msg(7 + i))), "the new epoch's message {i}");
+        }
+        // The survivor's own new sender waited for the new peer's receiver, made above.
+        let mut tx = Sender::with_epoch(ba.ring(4), 1);
+        tx.try_send(&msg(1)).unwrap();
+        // In epoch 0 nobody waits: there is no earlier epoch to write late.
+        let fresh = Box::new(OwnedRing::new());
+        Sender::new(fresh.ring(4)).try_send(&msg(0)).unwrap();
     }
 
     #[derive(Debug, Clone)]
@@ -1851,6 +2133,49 @@ mod loom_tests {
             server.join().unwrap();
             assert_eq!((ab.ring().sent(), ab.ring().received()), (3, 3));
             assert_eq!((ba.ring().sent(), ba.ring().received()), (3, 3));
+        });
+    }
+
+    /// A survivor's late reply against the restarted peer's first message (the epoch
+    /// gate of [`Sender::with_epoch`]): the survivor took a call in epoch 0; the rings are
+    /// reset; the peer's new incarnation sends one message in epoch 1 while the survivor,
+    /// not yet told, writes its reply into the call's slot, then resynchronises. Under
+    /// every interleaving the new message comes out whole, never overwritten or torn.
+    #[test]
+    fn a_late_reply_never_lands_on_the_next_epochs_message() {
+        loom::model(|| {
+            let (ab, ba) = (Arc::new(LoomRing::new(1)), Arc::new(LoomRing::new(1)));
+            let mut survivor_rx = Receiver::new(ab.ring(), 1);
+            let mut survivor_tx = Sender::new(ba.ring());
+            Sender::new(ab.ring()).try_call(&[1; WORDS]).unwrap();
+            assert_eq!(survivor_rx.try_recv(), Ok(Some([1; WORDS])));
+            // The reset: control words first, then the rest (only what matters here).
+            ab.ring().void_controls();
+            ab.consumer.received.store(0, Ordering::Relaxed);
+            let peer_ring = ab.clone();
+            let peer = loom::thread::spawn(move || {
+                let mut tx = Sender::with_epoch(peer_ring.ring(), 1);
+                loop {
+                    match tx.try_send(&[7; WORDS]) {
+                        Ok(()) => break,
+                        Err(ChannelError::Full) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            });
+            survivor_rx.reply(&mut survivor_tx, &[666; WORDS]);
+            let mut rx = Receiver::with_epoch(ab.ring(), 1, 1);
+            loop {
+                match rx.try_recv() {
+                    Ok(Some(m)) => {
+                        assert_eq!(m, [7; WORDS]);
+                        break;
+                    }
+                    Ok(None) => loom::thread::yield_now(),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            peer.join().unwrap();
         });
     }
 

@@ -766,6 +766,85 @@ mod tests {
         assert_eq!(crx.try_recv(), Ok(Some([8; crate::channel::WORDS])));
     }
 
+    /// A peer that replies twice, replies with the last call's word again (a stale reply),
+    /// or writes a reply word of count 0 (what a caller with no call outstanding would
+    /// poll for): the next call never takes any of them; a stale reply in the new call's
+    /// slot is reported as corruption, and the honest reply is taken once.
+    #[test]
+    fn a_call_takes_no_second_stale_or_empty_reply() {
+        use crate::channel::{CALL, REPLY};
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(ab.ring(4)), Receiver::new(ba.ring(4), 1));
+        let (mut ptx, mut prx) = (Sender::new(ba.ring(4)), Receiver::new(ab.ring(4), 1));
+        let mut reply = [0; crate::channel::WORDS];
+        // An honest first round trip.
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(1),
+            &mut reply,
+            |_| {},
+            || {
+                if prx.try_recv().unwrap().is_some() {
+                    assert!(prx.reply(&mut ptx, &msg(101)));
+                }
+            },
+        );
+        assert_eq!((got, reply), (Ok(()), msg(101)));
+        // The peer answers the same call again, and writes the empty reply word, into the
+        // answered slot: the caller is not waiting there any more.
+        ab.slot(0).control.store(1 | REPLY, Ordering::Relaxed);
+        ab.slot(0).control.store(REPLY, Ordering::Relaxed);
+        // The second call: the honest reply comes after the peer's forgeries in other
+        // slots; none of them is taken.
+        let mut polls = 0;
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(2),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                ab.slot(0).control.store(1 | REPLY, Ordering::Relaxed);
+                ab.slot(2).control.store(2 | REPLY, Ordering::Relaxed);
+                ab.slot(3).control.store(REPLY, Ordering::Relaxed);
+                if polls == 40 {
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(2))));
+                    assert!(prx.reply(&mut ptx, &msg(102)));
+                }
+            },
+        );
+        assert_eq!((got, reply), (Ok(()), msg(102)));
+        assert!(polls >= 40, "no forged reply taken before the honest one: {polls}");
+        assert_eq!((ba.ring(4).sent(), ba.ring(4).received()), (2, 2), "each reply once");
+        // A stale reply (the first call's word) in the third call's slot: corruption,
+        // reported within a look, never taken.
+        let mut polls = 0;
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(3),
+            &mut reply,
+            |_| {},
+            || {
+                polls += 1;
+                ab.slot(2).control.store(1 | REPLY, Ordering::Relaxed);
+            },
+        );
+        assert_eq!(
+            got,
+            Err(ChannelError::Corrupt { slot: 2, expected: 3 | REPLY, found: 1 | REPLY })
+        );
+        assert!(polls <= LOOK_EVERY, "{polls}");
+        // Both flags at once in the slot: corruption too.
+        ab.slot(2).control.store(3 | CALL | REPLY, Ordering::Relaxed);
+        assert!(matches!(tx.not_replied(), Err(ChannelError::Corrupt { .. })));
+        assert_eq!(ba.ring(4).received(), 2, "nothing more taken");
+    }
+
     /// A replying peer's steps: `None` an honest reply, `Some((slot, word))` a word into a
     /// control word.
     fn reply_ops() -> impl proptest::strategy::Strategy<Value = Vec<Option<(usize, u64)>>> {

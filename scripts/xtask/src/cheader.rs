@@ -55,12 +55,18 @@ const PREAMBLE: &str = "/* SPDX-License-Identifier: MIT OR Apache-2.0 */
  * `received`. A request whose control word also has MKV_CALL set is a call: the consumer
  * answers it (its next message on the channel) by writing the reply into that same slot,
  * payload first, then the word with MKV_REPLY instead of MKV_CALL (counted in its own
- * ring's `replied`; the caller counts it in `replies_taken`). Each ring is
+ * ring's `replied`; the caller counts it in `replies_taken`); the caller accepts exactly
+ * that word. A consumer takes the word n + 1 | MKV_CALL as message n (a consumer that
+ * cannot answer calls cannot serve a Rust `Chan::call`), and reads a slot's previous-lap
+ * word with MKV_CALL or MKV_REPLY on it as empty. Each ring is
  * MKV_HEADER_BYTES of MKV_ProducerLine and MKV_ConsumerLine, then the slots. The status
  * page at MKV_STATUS_GPA (read-only) starts with an array of
  * MKV_LinkStatus, one per channel in boot-info order; a guest that follows restarting peers
  * reads its epoch from there (epoch 0 until a peer restarts: control words and `received`
- * carry the epoch in their top 16 bits, see vmcall-proto channel.rs). At
+ * carry the epoch in their top 16 bits, see vmcall-proto channel.rs; after epoch 0 a
+ * consumer publishes `received` = the tag alone (count 0) as it starts, and a producer
+ * writes no slot before it has read a `received` with its tag: a survivor's late reply
+ * into the ring is over by then). At
  * MKV_STATUS_TELEMETRY_OFFSET it holds the guest's MKV_Telemetry, at
  * MKV_STATUS_INCARNATION_OFFSET and MKV_STATUS_TRAFFIC_TSC_OFFSET two uint64_t, at
  * MKV_STATUS_TRAFFIC_OFFSET an MKV_ChannelTraffic per channel. A guest holding guest-control
