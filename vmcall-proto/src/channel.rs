@@ -755,8 +755,8 @@ impl<'a> Receiver<'a> {
         } else {
             cur.wrapping_sub(1)
         };
-        // SAFETY: `last` is a slot of the ring: `cur` is, and so is the one before it
-        // (wrapping to the last slot).
+        // `cur` is a slot of the ring, and so is the one before it (wrapping to the last).
+        // SAFETY: `last` is a slot of the ring (above).
         let slot = unsafe { &*last };
         for (w, v) in slot.data.iter().zip(m) {
             w.store(*v, Ordering::Relaxed);
