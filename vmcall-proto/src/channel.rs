@@ -635,7 +635,8 @@ impl<'a> Receiver<'a> {
     /// [`Receiver::not_next`].
     #[inline(always)]
     pub fn poll(&self, polls: u32, mut pause: impl FnMut()) -> bool {
-        // SAFETY: as in `take`.
+        // `cur` always points at a slot of this receiver's ring (moved only by `Ring::after`).
+        // SAFETY: `cur` is a valid slot of the ring, which outlives `self`.
         let control = unsafe { &(*self.cur).control };
         let want = self.expected | CALL;
         let mut left = polls.max(1);

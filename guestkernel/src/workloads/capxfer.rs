@@ -422,7 +422,8 @@ pub fn holder(bi: &BootInfo) -> u64 {
                 if call3(Hypercall::CapMap, m[1], GRANT_WINDOW.0, R).is_err() {
                     return 1;
                 }
-                // SAFETY: just mapped read-only.
+                // The cap was just mapped read-only at the grant window's first page.
+                // SAFETY: an aligned read of a page this guest has mapped readable.
                 let _ = unsafe { core::ptr::read_volatile(GRANT_WINDOW.0 as *const u64) };
                 let mut reached = 1u64;
                 if n > 1 {
