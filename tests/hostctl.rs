@@ -177,6 +177,9 @@ fn host_control(emulator: Emulator, duration_ms: u64, cmdline: &str) {
     let status = || xtask::hostctl::qmp(&qmp, "query-status").expect("QMP answers");
     if emulator == Emulator::Qemu {
         assert!(status().contains("\"running\""), "{}", status());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&qmp).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "QMP for the owner only: {mode:o}");
     }
     assert_eq!(ctl(&["pause"]).0, Some(0));
     if emulator == Emulator::Qemu {

@@ -509,11 +509,14 @@ fn spawn(
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
     // The emulator dies with the thread that started it, even when xtask is killed without
     // its process group (SIGKILL of xtask alone): no orphaned emulator keeps running.
+    // What the emulator creates is its owner's only (umask 077): QEMU's QMP socket, through
+    // which a client could stop or quit the machine, as the relay's own socket (0600).
     // The closure runs in the child between fork and exec; it allocates nothing and takes
     // no lock.
-    // SAFETY: it calls only prctl(2), which is async-signal-safe.
+    // SAFETY: it calls only prctl(2) and umask(2), which are async-signal-safe.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)
         });
