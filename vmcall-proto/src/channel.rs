@@ -183,6 +183,7 @@ impl<'a> Ring<'a> {
 
     /// What the producer says it sent (statistics; not trusted for anything), without its
     /// epoch tag: its messages on this ring and its replies in the other ring's slots.
+    #[inline]
     pub fn sent(&self) -> u64 {
         (self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK)
             .saturating_add(self.producer.replied.load(Ordering::Relaxed) & COUNT_MASK)
@@ -192,6 +193,7 @@ impl<'a> Ring<'a> {
     /// its epoch tag: messages from this ring and replies the producer wrote into the
     /// consumer's own request slots (so `sent() - received()` is what is in flight on this
     /// direction, replies included).
+    #[inline]
     pub fn received(&self) -> u64 {
         (self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK)
             .saturating_add(self.consumer.replies_taken.load(Ordering::Relaxed) & COUNT_MASK)
