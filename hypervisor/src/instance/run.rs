@@ -78,8 +78,9 @@ pub fn run<B: crate::vcpu::Vcpu>(
     g.serve_while(caps, &mut link, &keep_serving);
     // The run ends: the other cores stop probing (none is taken for hung while the
     // BSP writes the summary).
-    caps.members.end(&mut link);
+    caps.with_members(&mut link, |m, net| m.end(net));
     log_views(caps, core);
+    log_open_changes(caps, core);
     caps.members.fenced()
 }
 
