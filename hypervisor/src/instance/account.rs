@@ -53,7 +53,9 @@ pub(super) fn log_views(caps: &mut crate::caps::HvCaps, core: u32) {
     }
 }
 
-/// Logs the view changes this core counted messages of but never installed (at its end).
+/// Logs the view changes this core counted messages of and has not installed (when its
+/// guest is down for good, and at its end); a later record of the same change (its core
+/// counted more, then installed it) adds to this one.
 pub(super) fn log_open_changes(caps: &mut crate::caps::HvCaps, core: u32) {
     while let Some(v) = caps.views.take_any() {
         log_change(&v, core, false);

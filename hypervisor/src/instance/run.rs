@@ -67,6 +67,10 @@ pub fn run<B: crate::vcpu::Vcpu>(
     for &(t, _) in &l.targets[..l.target_count] {
         Control::release(&mut link, t as usize);
     }
+    // The view changes it counted messages of and has not installed: printed now, before
+    // the BSP can end the run (it waits for this core's report, not for what follows);
+    // what this core counts later is printed when it installs a view, or at its end.
+    log_open_changes(caps, core);
     if let Some(r) = g.final_report(&link) {
         // What posting writes (the exit trace) takes a while: the inbox is served
         // between its records.

@@ -216,8 +216,9 @@ impl MemberMessages {
     }
 }
 
-/// One membership view change as one core took part in it (`vchange` record): a message
-/// counts for the change after the view its core had installed when it sent or handled it.
+/// One membership view change as one core took part in it (its `vchange` records, added
+/// up): a message counts for the change after the view its core had installed when it sent
+/// or handled it.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct ViewChangeReport {
     /// The core.
@@ -1049,7 +1050,25 @@ impl Console {
                     })
                 })();
                 match v {
-                    Some(v) => self.view_changes.push(v),
+                    // A core prints the changes it has not installed when its guest is
+                    // down for good; a later record of the same change adds to it.
+                    Some(v) => match self
+                        .view_changes
+                        .iter_mut()
+                        .find(|o| (o.core, o.num) == (v.core, v.num))
+                    {
+                        Some(o) => {
+                            o.installed |= v.installed;
+                            o.sent.add(&v.sent);
+                            o.received.add(&v.received);
+                            o.rounds += v.rounds;
+                            o.exits += v.exits;
+                            let firsts = [o.tsc_first, v.tsc_first].into_iter().filter(|&t| t != 0);
+                            o.tsc_first = firsts.min().unwrap_or(0);
+                            o.tsc_last = o.tsc_last.max(v.tsc_last);
+                        }
+                        None => self.view_changes.push(v),
+                    },
                     None => {
                         self.problems.push(format!("vchange record without its fields: {line}"))
                     }
