@@ -1258,6 +1258,11 @@ pub fn view_changes_summary(r: &crate::report::Report) -> String {
                 "; {} TSC from its first message to its last install",
                 b.saturating_sub(a)
             );
+            // The coordinator's first message of the change: its round's start (or the
+            // intent it was told), after whatever the others re-told it before.
+            if let Some(c) = coord.filter(|c| c.tsc_first != 0) {
+                s += &format!(" ({} from the coordinator's first)", b.saturating_sub(c.tsc_first));
+            }
         }
         s += "\n";
     }
