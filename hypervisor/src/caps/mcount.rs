@@ -69,8 +69,6 @@ pub struct ViewCounts {
     pub last: u64,
     /// The ballot of the last `PREPARE`, `ACCEPT` or `COMMIT` sent.
     ballot: u64,
-    /// A message counted since the run loop last looked ([`ViewLog::exit_served`]).
-    touched: bool,
 }
 
 impl ViewCounts {
@@ -120,7 +118,12 @@ pub struct ProbeCounts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ViewLog {
     open: [ViewCounts; VIEW_RECORDS],
+    /// Bit `i`: `open[i]` counted a message since the run loop last looked
+    /// ([`ViewLog::exit_served`]); one store to clear on every serve.
+    touched: u8,
 }
+
+const _: () = assert!(VIEW_RECORDS <= 8, "one bit each in `touched`");
 
 impl ViewLog {
     /// Counts message `m`, sent or received at `now` while view `view` was installed.
@@ -139,10 +142,12 @@ impl ViewLog {
         }
         let Some(k) = kind_index(kind) else { return };
         let key = view.saturating_add(1);
-        let Some(r) = self.record(key) else {
+        let Some(at) = self.record(key) else {
             probes.unattributed = probes.unattributed.saturating_add(1);
             return;
         };
+        self.touched |= 1 << at;
+        let r = &mut self.open[at];
         if sent {
             r.sent[k] = r.sent[k].saturating_add(1);
             if matches!(kind, op::PREPARE | op::ACCEPT | op::COMMIT) && m[1] != r.ballot {
@@ -156,38 +161,39 @@ impl ViewLog {
             r.first = now;
         }
         r.last = now;
-        r.touched = true;
     }
 
-    /// The open record of the change to view `num`, opened if there is room.
-    fn record(&mut self, num: u32) -> Option<&mut ViewCounts> {
-        let at = match self.open.iter().position(|r| r.num == num) {
-            Some(i) => i,
+    /// Where the open record of the change to view `num` is, opened if there is room.
+    fn record(&mut self, num: u32) -> Option<usize> {
+        match self.open.iter().position(|r| r.num == num) {
+            Some(i) => Some(i),
             None => {
                 let i = self.open.iter().position(|r| r.num == 0)?;
                 self.open[i] = ViewCounts { num, ..ViewCounts::default() };
-                i
+                Some(i)
             }
-        };
-        Some(&mut self.open[at])
-    }
-
-    /// Forgets which records were counted into (before a serve of the run loop).
-    pub fn untouch(&mut self, probes: &mut ProbeCounts) {
-        probes.touched = false;
-        for r in self.open.iter_mut() {
-            r.touched = false;
         }
     }
 
+    /// Forgets which records were counted into (before a serve of the run loop): two
+    /// stores.
+    #[inline]
+    pub fn untouch(&mut self, probes: &mut ProbeCounts) {
+        probes.touched = false;
+        self.touched = 0;
+    }
+
     /// After a serve that followed a guest exit: every change (and the detector) that
-    /// counted a message in it counts the exit.
+    /// counted a message in it counts the exit. Two loads when none did.
+    #[inline]
     pub fn exit_served(&mut self, probes: &mut ProbeCounts) {
         if core::mem::take(&mut probes.touched) {
             probes.exits = probes.exits.saturating_add(1);
         }
-        for r in self.open.iter_mut().filter(|r| r.touched) {
-            r.touched = false;
+        let mut t = core::mem::take(&mut self.touched);
+        while t != 0 {
+            let r = &mut self.open[t.trailing_zeros() as usize];
+            t &= t - 1;
             r.exits = r.exits.saturating_add(1);
         }
     }
@@ -195,9 +201,11 @@ impl ViewLog {
     /// The oldest open record of a change to view `num` or earlier, taken (the record is
     /// free again): after view `num` was installed here, called until `None`.
     pub fn take_upto(&mut self, num: u32) -> Option<ViewCounts> {
-        let r =
-            self.open.iter_mut().filter(|r| r.num != 0 && r.num <= num).min_by_key(|r| r.num)?;
-        Some(core::mem::take(r))
+        let at = (0..VIEW_RECORDS)
+            .filter(|&i| self.open[i].num != 0 && self.open[i].num <= num)
+            .min_by_key(|&i| self.open[i].num)?;
+        self.touched &= !(1 << at);
+        Some(core::mem::take(&mut self.open[at]))
     }
 
     /// The oldest open record, taken (at the run's end: changes not installed here).
