@@ -1910,7 +1910,8 @@ fn membership_counts_each_view_changes_messages_rounds_and_exits_on_every_core()
         panic!("the rings never emptied");
     };
     // (sent, received) by kind name, and rounds and exits, of a record.
-    let kinds = |v: &ViewCounts| -> (Vec<(&str, u32)>, Vec<(&str, u32)>) {
+    type Kinds = Vec<(&'static str, u32)>;
+    let kinds = |v: &ViewCounts| -> (Kinds, Kinds) {
         let pick = |a: &[u32]| {
             KIND_NAMES.iter().zip(a).filter(|(_, n)| **n > 0).map(|(k, n)| (*k, *n)).collect()
         };
