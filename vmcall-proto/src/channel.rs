@@ -468,14 +468,14 @@ impl<'a> Sender<'a> {
     /// peer has taken a later message (an honest peer then owes nothing: its reply goes
     /// into the slot of the last message it took, `Receiver::reply`). Nothing with no call
     /// outstanding.
+    ///
+    /// The limit the hot path compares with needs no change here: it was computed from a
+    /// count read before the call was sent (at most the call's sequence less one), so it
+    /// stops the sends at the call's slot or before, and every later computation of it
+    /// (`refresh_acked`) holds it below the slot while the call is held.
     #[cold]
     pub fn give_up_call(&mut self) {
-        if self.call_word == 0 {
-            return;
-        }
-        self.held = true;
-        let n = self.ring.slots.len() as u64;
-        self.limit = self.limit.min(self.call_word + n - 1);
+        self.held = self.call_word != 0;
     }
 
     /// Settles a call given up ([`Sender::give_up_call`]), if it can be: its reply, if it
@@ -504,12 +504,10 @@ impl<'a> Sender<'a> {
             }
         };
         if settled {
+            // The limit stays where the hold left it: the next send past it reads the
+            // count again (`refresh_acked`), without the hold.
             self.held = false;
             self.call_word = 0;
-            // The next send past the old limit reads the count again (`refresh_acked`).
-            if self.heard {
-                self.limit = self.tag | (self.acked + self.ring.slots.len() as u64);
-            }
         }
         Ok(settled)
     }
@@ -1102,6 +1100,37 @@ mod tests {
             let (sent_b, taken_b) = (ba.ring(4).sent(), ba.ring(4).received());
             assert_eq!((sent_b, taken_b), if late_reply { (1, 1) } else { (0, 0) });
             assert_eq!((ab.ring(4).sent(), ab.ring(4).received()), (5, 5));
+        }
+    }
+
+    /// The hold stops exactly at the call's slot: the message before it (a lap less one)
+    /// goes, found by a count read while the call is held.
+    #[test]
+    fn a_call_given_up_holds_its_slot_and_not_the_one_before() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, _stx, mut srx) = channel(ab, ba, 4);
+        ctx.try_send(&msg(1)).unwrap();
+        ctx.try_send(&msg(2)).unwrap();
+        ctx.try_call(&msg(3)).unwrap();
+        ctx.give_up_call();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        ctx.try_send(&msg(4)).unwrap();
+        // Read with the call held: the peer's count 1 allows message 5.
+        ctx.try_send(&msg(5)).unwrap();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(2))));
+        assert_eq!(srx.try_recv(), Ok(Some(msg(3))));
+        assert!(srx.owes());
+        // The peer's count 3 allows up to 7 but the call's slot is 7's: 6 goes, 7 waits.
+        ctx.try_send(&msg(6)).unwrap();
+        assert_eq!(ctx.try_send(&msg(7)), Err(ChannelError::Full));
+        assert_eq!(ctx.settle_call(&mut crx), Ok(false));
+        // The peer takes 4 (it owes nothing now): the slot is free.
+        assert_eq!(srx.try_recv(), Ok(Some(msg(4))));
+        assert_eq!(ctx.settle_call(&mut crx), Ok(true));
+        ctx.try_send(&msg(7)).unwrap();
+        for i in 5..=7 {
+            assert_eq!(srx.try_recv(), Ok(Some(msg(i))));
         }
     }
 
