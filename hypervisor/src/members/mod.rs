@@ -22,8 +22,14 @@
 //! 2. `ACCEPT(ballot, view)`: the view is the highest-ballot proposal a member reported
 //!    (a failed coordinator's change is completed, never contradicted), else its own
 //!    change; members accept it unless they promised a higher ballot (`ACCEPTED`);
-//! 3. once every member accepted, `COMMIT(view)` to the members of the old and the new view:
-//!    they install it (a core that joins learns the view it joins in).
+//! 3. once every member asked accepted, `COMMIT(view)` to the members of the old and the new
+//!    view: they install it (a core that joins learns the view it joins in).
+//!
+//! **Quorums.** The promises and the accepts (the coordinator's own counted) must come from
+//! a quorum of view n ([`is_quorum`]): more than half of its members, suspected ones counted
+//! in the whole, or exactly half holding the view's highest core. A coordinator whose
+//! unsuspected members are no quorum starts no round; a round whose accepts fall short (a
+//! member suspected after its promise is not asked to accept) ends without a commit.
 //!
 //! A member that answers `NACK` has promised a higher ballot (the coordinator retries above
 //! it) or has already installed view `n` or later (the coordinator installs that view: it
@@ -38,17 +44,22 @@
 //! the newer one is known; a coordinator that knows neither may act on it once, and the
 //! core's own intent, told again, undoes it in the next view (agreement is not at stake).
 //!
-//! Model and its limit: quorums are *every* unsuspected member, so the protocol agrees as
-//! long as a suspected core has really stopped (fail-stop; the timeout is far longer than a
-//! live core's inbox latency, and every long stretch without serving the inbox is bounded
-//! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
-//! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
-//! The last member never leaves an empty machine, but if every member of the view stops, the
-//! machine has ended: a core out of it that asks in is let in by nobody, and it makes no view
-//! of its own (a stopped member may have committed a later one, still in some ring).
+//! Model and its limit: any two quorums of a view share a core, so the views agree even when
+//! live cores are suspected (two sides that fence each other cannot both commit view n+1;
+//! `model` checks it on this code). A core suspected while alive (a false suspicion)
+//! learns it from the `COMMIT` that removes it (sent to old members too, and read even from
+//! a core it suspects: a committed view had a quorum), or, when no view can be made
+//! without it, from the answer to its probe (a suspected core's `PING` is answered with the
+//! views and the suspects); from then on it stays out and takes no part:
+//! [`Members::evicted`]. The price is liveness: with half of a view stopped (without its
+//! highest core), no view follows; in a view of two, the lower core cannot take the higher
+//! one out. The last member never leaves an empty machine, but if every member of the view
+//! stops, the machine has ended: a core out of it that asks in is let in by nobody, and it
+//! makes no view of its own (a stopped member may have committed a later one, still in some
+//! ring).
 //!
 //! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
-//! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
+//! bring (a suspected prober gets the `CATCHUP` alone), a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
 //! the next round's first, or a `CATCHUP` and an `ACCEPT`), one answer and an `END`: 10
 //! (counted in `caps::proto::RING_SLOTS`; the simulator checks 8 queued at most).
 //!
@@ -135,9 +146,11 @@ enum Phase {
 struct Round {
     ballot: u64,
     phase: Phase,
-    /// Members whose answer counts (every unsuspected member of the view at the start).
-    quorum: CoreSet,
+    /// Members asked and not answered yet (every unsuspected member of the view at the
+    /// start; those that promised, not suspected since, for the accepts).
     waiting: CoreSet,
+    /// Members whose answer to this phase came (the coordinator's own included).
+    got: CoreSet,
     /// The highest-ballot proposal for this view number a member reported.
     best: Option<(u64, View)>,
     value: View,
@@ -204,6 +217,10 @@ pub struct Members {
     newly_suspected: CoreSet,
     /// [`Members::due`], kept up to date.
     due_at: u64,
+    /// Tests only: the old rule (any unsuspected members are a quorum), which the model
+    /// must find splitting the views.
+    #[cfg(test)]
+    old_rule: bool,
 }
 
 /// Whether `m` is a membership message.
@@ -221,6 +238,16 @@ fn msg(kind: u64, words: &[u64]) -> Payload {
 /// The highest core of `set`.
 fn highest(set: CoreSet) -> Option<u8> {
     (set != 0).then(|| 63 - set.leading_zeros() as u8)
+}
+
+/// Whether the members of `got` are a quorum of a view made of `set`: more than half of its
+/// members (suspected ones count in the half), or exactly half with the view's highest core
+/// (the tie-breaker). Any two quorums of one view share a core: two majorities overlap, a
+/// majority and a half too, and two disjoint halves cannot both hold the highest core. So
+/// two coordinators that suspect each other's side cannot both get view n+1 accepted.
+pub fn is_quorum(set: CoreSet, got: CoreSet) -> bool {
+    let (n, k) = (set.count_ones(), (got & set).count_ones());
+    2 * k > n || 2 * k == n && highest(set).is_some_and(|h| got & bit(h as usize) != 0)
 }
 
 impl Members {
@@ -255,6 +282,8 @@ impl Members {
             change_len: 0,
             newly_suspected: 0,
             due_at: u64::MAX,
+            #[cfg(test)]
+            old_rule: false,
         };
         m.due_at = m.compute_due();
         m
@@ -429,7 +458,7 @@ impl Members {
             let joining = self.wants_in & bit(self.me as usize) != 0;
             return if joining { self.join_retry } else { u64::MAX };
         }
-        if self.ended {
+        if self.ended || self.evicted {
             return u64::MAX;
         }
         let succ = if self.timing.period == 0 { None } else { self.successor() };
@@ -488,9 +517,20 @@ impl Members {
             }
             return;
         }
-        if self.wish_out.is_some() && now >= self.wish_sent.saturating_add(self.timing.timeout) {
-            self.wish_out = None;
-            self.told = (u8::MAX, [0; MAX_PEERS], 0);
+        if self.evicted {
+            // Fenced while alive: it takes no further part (no probe, wish or round).
+            return;
+        }
+        if let Some(c) = self.wish_out {
+            if now >= self.wish_sent.saturating_add(self.timing.timeout) {
+                // A coordinator that serves its inbox acknowledges at once, unless it fenced
+                // this core: it has stopped, or it is on the other side. Fenced here too (its
+                // prober may have stopped, and with no quorum no view says it), and the wish
+                // goes to the next coordinator: told again, not piled up in its ring.
+                self.wish_out = None;
+                self.told = (u8::MAX, [0; MAX_PEERS], 0);
+                self.suspect(env, bit(c as usize));
+            }
         }
         if self.ended {
             return;
@@ -547,6 +587,9 @@ impl Members {
     /// Moves things on: the coordinator starts a round if there is a change to make; any
     /// other member tells the coordinator its wishes.
     fn advance(&mut self, env: &mut impl Net) {
+        if self.evicted {
+            return;
+        }
         let Some(c) = self.coordinator() else { return };
         let me = self.me as usize;
         if self.member() && c as usize == me {
@@ -588,20 +631,34 @@ impl Members {
         self.send(env, c as usize, &m, true);
     }
 
+    /// Whether the answers of `got` let a round of this view go on.
+    fn quorum(&self, got: CoreSet) -> bool {
+        #[cfg(test)]
+        if self.old_rule {
+            return true;
+        }
+        is_quorum(self.view.set, got)
+    }
+
     fn start_round(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
+        let asked = self.view.set & !self.suspects;
+        if !self.quorum(asked) {
+            // Too few members left unsuspected to make a quorum: no round (it could not
+            // commit). The view comes from the other side's `COMMIT`, if it has a quorum.
+            return;
+        }
         let ballot = (((self.seen.max(self.promised) >> 8) + 1) << 8) | me as u64;
         self.promised = ballot;
         self.seen = ballot;
-        let quorum = self.view.set & !self.suspects;
         let best = self.accepted.filter(|(_, v)| v.num == self.view.num + 1);
         let deadline = env.now().saturating_add(self.timing.timeout);
-        let waiting = quorum & !bit(me);
+        let waiting = asked & !bit(me);
         self.round = Some(Round {
             ballot,
             phase: Phase::Prepare,
-            quorum,
             waiting,
+            got: bit(me),
             best,
             value: View::default(),
             deadline,
@@ -610,8 +667,24 @@ impl Members {
         for c in cores(waiting) {
             self.send(env, c, &msg(op::PREPARE, &[ballot, num]), true);
         }
-        if waiting == 0 {
+        self.phase_done(env);
+    }
+
+    /// Every member asked has answered this phase: on to the next one. The promises are
+    /// a quorum (every member asked, a quorum when the round began); the accepts may not
+    /// be (a member suspected after its promise is not asked to accept): then the round
+    /// cannot commit and ends.
+    fn phase_done(&mut self, env: &mut impl Net) {
+        let Some(r) = self.round else { return };
+        if r.waiting != 0 {
+            return;
+        }
+        if r.phase == Phase::Prepare {
             self.phase_two(env);
+        } else if self.quorum(r.got) {
+            self.commit(env);
+        } else {
+            self.round = None;
         }
     }
 
@@ -623,7 +696,9 @@ impl Members {
             None => View { num: self.view.num + 1, set: self.desired() },
         };
         r.phase = Phase::Accept;
-        r.waiting = r.quorum & !bit(me) & !self.suspects;
+        // Those that promised and are not suspected since.
+        r.waiting = r.got & !bit(me) & !self.suspects;
+        r.got = bit(me);
         r.deadline = env.now().saturating_add(self.timing.timeout);
         self.accepted = Some((r.ballot, r.value));
         self.round = Some(r);
@@ -631,9 +706,7 @@ impl Members {
             let m = msg(op::ACCEPT, &[r.ballot, r.value.num as u64, r.value.set]);
             self.send(env, c, &m, true);
         }
-        if r.waiting == 0 {
-            self.commit(env);
-        }
+        self.phase_done(env);
     }
 
     fn commit(&mut self, env: &mut impl Net) {
@@ -643,7 +716,7 @@ impl Members {
         // only slow learns from this `COMMIT` that it is out (and stops for good) before it
         // could take the others for stopped and make a view of its own. A core that has
         // really stopped never reads it.
-        let to = (r.quorum | r.value.set | self.view.set) & !bit(me);
+        let to = (r.value.set | self.view.set) & !bit(me);
         // With the cores it suspects: every member fences them too.
         let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set, self.suspects]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
@@ -701,7 +774,19 @@ impl Members {
     }
 
     fn deliver_inner(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
-        if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
+        if from >= MAX_PEERS || from == self.me as usize {
+            return;
+        }
+        let kind = m[0] & 0xff;
+        if self.suspects & bit(from) != 0 && kind != op::COMMIT && kind != op::CATCHUP {
+            // Fenced: nothing it says is read, but a committed view (it had a quorum)
+            // is a fact whoever sends it: a core fenced by the other side while alive
+            // learns from it that it is out. And a fenced core that probes this one is
+            // told it is fenced (the views and the suspects, itself among them): with no
+            // quorum without it, no view may ever say so (the lower core of two).
+            if kind == op::PING {
+                self.send_views(env, from);
+            }
             return;
         }
         self.heard |= bit(from);
@@ -787,6 +872,7 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 // A member that missed views gets them before the ACCEPT.
                 self.catch_up(env, from, w(5));
                 self.merge_intent(w(6));
@@ -794,9 +880,7 @@ impl Members {
                     r.best = Some((w(2), View { num: w(3) as u32, set: w(4) }));
                 }
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.phase_two(env);
-                }
+                self.phase_done(env);
             }
             op::ACCEPTED => {
                 let Some(mut r) = self.round else { return };
@@ -804,10 +888,9 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.commit(env);
-                }
+                self.phase_done(env);
             }
             op::NACK => {
                 let Some(r) = self.round else { return };
@@ -863,9 +946,13 @@ impl Members {
     /// Sends core `to`, whose view is number `theirs`, the views it missed (the last two at
     /// most: one further behind skips some) and the cores this one suspects.
     fn catch_up(&mut self, env: &mut impl Net, to: usize, theirs: u64) {
-        if theirs >= self.view.num as u64 {
-            return;
+        if theirs < self.view.num as u64 {
+            self.send_views(env, to);
         }
+    }
+
+    /// Sends core `to` the last two views installed here and the cores this one suspects.
+    fn send_views(&mut self, env: &mut impl Net, to: usize) {
         let mut words = [0u64; 5];
         for (k, v) in self.history[1..].iter().enumerate() {
             words[2 * k] = v.num as u64;
@@ -887,7 +974,9 @@ impl Members {
     fn merge_suspects(&mut self, env: &mut impl Net, theirs: CoreSet) {
         let me = bit(self.me as usize);
         if theirs & me != 0 {
+            // It takes no further part: a round of its own ends here.
             self.evicted = true;
+            self.round = None;
         }
         self.suspect(env, theirs & !me);
     }
@@ -903,5 +992,7 @@ fn cores(set: CoreSet) -> impl Iterator<Item = usize> {
     (0..MAX_PEERS).filter(move |&c| set & bit(c) != 0)
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;
