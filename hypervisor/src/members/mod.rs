@@ -205,8 +205,17 @@ pub struct Members {
     timing: Timing,
     start: u64,
     ended: bool,
-    /// Removed from the view without asking to leave.
+    /// Removed from the view without asking to leave (or, back from an absence, it took
+    /// itself for fenced: [`Members::evicted`]).
     evicted: bool,
+    /// When this instance last looked at its membership (a tick that was due, a message,
+    /// a call): a member with something due looks at least every period (the heartbeat in
+    /// [`Members::due`]), so a longer gap is an absence of its own (a stall, a deafness).
+    looked: u64,
+    /// Back from an absence and not yet answered by the core it probes since: it may have
+    /// been fenced meanwhile, so a silence it meets is taken as its own fencing, not the
+    /// other core's failure.
+    returned: bool,
     /// The last views installed, oldest first (the current one last): the last two are
     /// what a core that is behind is sent (`CATCHUP`).
     history: [View; 3],
@@ -221,6 +230,11 @@ pub struct Members {
     /// must find splitting the views.
     #[cfg(test)]
     old_rule: bool,
+    /// Tests only: the detector without the absence rule (a core back from an absence
+    /// suspects on what it finds, as before), which the model must find fencing a live
+    /// core's fencer.
+    #[cfg(test)]
+    old_detector: bool,
 }
 
 /// Whether `m` is a membership message.
@@ -276,6 +290,8 @@ impl Members {
             start: now,
             ended: false,
             evicted: false,
+            looked: now,
+            returned: false,
             history: [View { num: 0, set: initial }; 3],
             changes: [None; CHANGES],
             change_head: 0,
@@ -284,6 +300,8 @@ impl Members {
             due_at: u64::MAX,
             #[cfg(test)]
             old_rule: false,
+            #[cfg(test)]
+            old_detector: false,
         };
         m.due_at = m.compute_due();
         m
@@ -381,6 +399,7 @@ impl Members {
     /// The run is ending: stop probing (a core busy with the final report must not be
     /// taken for a hung one). Rounds in progress still finish.
     pub fn end(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         self.end_inner(env);
         self.due_at = self.compute_due();
     }
@@ -399,6 +418,7 @@ impl Members {
 
     /// This core asks to be taken out of the view.
     pub fn leave(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         self.leave_inner(env);
         self.due_at = self.compute_due();
     }
@@ -406,6 +426,7 @@ impl Members {
     /// This core takes back its wish to leave (it did not happen in time): a newer intent,
     /// in, so that a late commit of the old one cannot take it out under a running guest.
     pub fn stay(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         let me = self.me as usize;
         self.intent_seq[me] += 1;
         self.wants_in |= bit(me);
@@ -423,6 +444,7 @@ impl Members {
     /// This core, out of the view, asks to be brought back through `via` (a member: the core
     /// of whoever asked, which forwards the wish to its coordinator).
     pub fn join(&mut self, env: &mut impl Net, via: usize) {
+        self.saw(env.now());
         self.join_inner(env, via);
         self.due_at = self.compute_due();
     }
@@ -470,11 +492,22 @@ impl Members {
             (Some(t), Some(sent)) => self.probe_limit(t, sent),
         };
         let wish = self.wish_out.map_or(u64::MAX, |_| self.wish_sent + self.timing.timeout);
-        probe.min(self.round.map_or(u64::MAX, |r| r.deadline)).min(wish)
+        let due = probe.min(self.round.map_or(u64::MAX, |r| r.deadline)).min(wish);
+        if due != u64::MAX && self.timing.period != 0 {
+            // The heartbeat: with something due, a look at least every period, so that an
+            // absence of its own shows ([`Members::saw`]).
+            due.min(self.looked.saturating_add(self.timing.period))
+        } else {
+            due
+        }
     }
 
     fn probe_limit(&self, target: u8, sent: u64) -> u64 {
-        let limit = sent.saturating_add(self.timing.timeout);
+        // Back from an absence, the answer of a live core comes within a stretch: half the
+        // timeout is ample, and the core's own fencing then shows within a timeout of its
+        // return.
+        let wait = if self.returned { self.timing.timeout / 2 } else { self.timing.timeout };
+        let limit = sent.saturating_add(wait);
         if self.heard & bit(target as usize) != 0 {
             limit
         } else {
@@ -484,8 +517,66 @@ impl Members {
 
     /// The failure detector and the round's deadline.
     pub fn tick(&mut self, env: &mut impl Net) {
+        let now = env.now();
+        if now < self.due_at {
+            return;
+        }
+        self.saw(now);
         self.tick_inner(env);
         self.due_at = self.compute_due();
+    }
+
+    /// This instance looks at its membership at `now`. A member with something due looks
+    /// at least every period (the heartbeat in [`Members::due`]; a live core's stretch away
+    /// from its inbox is under a period), so a gap of more than half the timeout (and of
+    /// two periods) is an absence of its own (a stall, a starved vCPU, a deafness), during which its prober
+    /// may have fenced it. Back from one, its verdicts rest on what it sees from now on:
+    /// the probe in flight is void (an answer to it is still read, but a new probe goes out
+    /// at once and only its answer counts), the round's and the wish's deadlines start
+    /// again, and until the core it probes answers, a silence is taken as its own fencing
+    /// ([`Members::silence`]).
+    fn saw(&mut self, now: u64) {
+        let away = now.saturating_sub(self.looked);
+        self.looked = now;
+        #[cfg(test)]
+        if self.old_detector {
+            return;
+        }
+        let owed = self.due_at != u64::MAX && self.member();
+        let limit = (self.timing.timeout / 2).max(2 * self.timing.period);
+        if self.timing.period == 0 || !owed || away <= limit {
+            return;
+        }
+        self.returned = true;
+        self.probe.seq += 1;
+        self.probe.sent = None;
+        self.probe.next = now;
+        let restart = now.saturating_add(self.timing.timeout);
+        if let Some(r) = self.round.as_mut() {
+            r.deadline = r.deadline.max(restart);
+        }
+        if self.wish_out.is_some() {
+            self.wish_sent = self.wish_sent.max(now);
+        }
+    }
+
+    /// The cores of `cores` did not answer in time (a probe, a round's phase, a wish):
+    /// suspected. Unless this core is back from an absence and not answered since: then the
+    /// silent core may be the one that fenced it meanwhile (and has stopped since, or is
+    /// slow now), and taking it out on that would let a fenced core take out its fencer
+    /// (of two cores, the higher is the tie-breaker: chaos seed 55). So it takes itself for
+    /// fenced ([`Members::evicted`]: its guest stops for good) and takes no further part.
+    fn silence(&mut self, env: &mut impl Net, cores: CoreSet) {
+        if cores & !bit(self.me as usize) == 0 {
+            return;
+        }
+        if self.returned {
+            self.evicted = true;
+            self.round = None;
+            self.wish_out = None;
+            return;
+        }
+        self.suspect(env, cores);
     }
 
     fn tick_inner(&mut self, env: &mut impl Net) {
@@ -493,7 +584,7 @@ impl Members {
         if let Some(r) = self.round {
             if now >= r.deadline {
                 self.round = None;
-                self.suspect(env, r.waiting);
+                self.silence(env, r.waiting);
             }
         }
         if !self.member() {
@@ -529,10 +620,10 @@ impl Members {
                 // goes to the next coordinator: told again, not piled up in its ring.
                 self.wish_out = None;
                 self.told = (u8::MAX, [0; MAX_PEERS], 0);
-                self.suspect(env, bit(c as usize));
+                self.silence(env, bit(c as usize));
             }
         }
-        if self.ended {
+        if self.evicted || self.ended {
             return;
         }
         let succ = if self.timing.period == 0 { None } else { self.successor() };
@@ -543,7 +634,7 @@ impl Members {
             match self.probe.sent {
                 Some(sent) if now >= self.probe_limit(t, sent) => {
                     self.probe.sent = None;
-                    self.suspect(env, bit(t as usize));
+                    self.silence(env, bit(t as usize));
                 }
                 Some(_) => {}
                 None if now >= self.probe.next => {
@@ -769,6 +860,7 @@ impl Members {
 
     /// One membership message from core `from`.
     pub fn deliver(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
+        self.saw(env.now());
         self.deliver_inner(env, from, m);
         self.due_at = self.compute_due();
     }
@@ -799,6 +891,8 @@ impl Members {
             op::PONG if self.probe.target == Some(from as u8) && w(1) == self.probe.seq => {
                 self.probe.sent = None;
                 self.probe.next = env.now().saturating_add(self.timing.period);
+                // Answered since its return: not fenced by this core, a member again.
+                self.returned = false;
             }
             op::WISH => {
                 self.send(env, from, &msg(op::WISH_ACK, &[]), true);
