@@ -14,6 +14,17 @@
 //! install different member sets under the same number). With the old rule (a round's
 //! quorum is every unsuspected member) the checker finds the split brain; with the
 //! majority rule ([`super::is_quorum`]) it must find none.
+//!
+//! [`DetectorModel`] adds what that one abstracts away: the failure detector's own probes
+//! and time, and a core that stops receiving for a while and comes back (a deafness, a
+//! starved vCPU). Time moves in probe periods, and only once every live core that hears has
+//! read its inbox and done what was due (the detector's assumption: a running core answers
+//! within a period); the period is 1 and the timeout a few periods. No suspicion comes from
+//! anywhere but the detector's own deadlines. Properties: one set per view number; a core
+//! fenced by another's verdict never takes that core for stopped afterwards (chaos seed 55:
+//! the deaf higher core of two, fenced by the lower one, which then ended its run, took it
+//! out as the tie-breaker); and a core is suspected only if it was deaf or stopped. With
+//! the old detector (no absence rule) the checker finds seed 55's schedule.
 
 use super::{bit, CoreSet, Members, Net, Timing};
 use stateright::{Checker, Model, Property};
@@ -78,11 +89,12 @@ struct ModelNet<'a> {
     n: usize,
     net: &'a mut [VecDeque<Payload>],
     dead: CoreSet,
+    now: u64,
 }
 
 impl Net for ModelNet<'_> {
     fn now(&mut self) -> u64 {
-        0
+        self.now
     }
     fn send(&mut self, to: usize, m: &Payload) -> bool {
         // Nobody reads what goes to a stopped core: not kept (fewer states).
@@ -97,21 +109,31 @@ impl Net for ModelNet<'_> {
 impl ViewModel {
     /// Runs `f` on core `c`, then records the views it installed.
     fn on(s: &mut State, n: usize, c: usize, f: impl FnOnce(&mut Members, &mut ModelNet)) {
-        let mut env = ModelNet { me: c, n, net: &mut s.net, dead: s.dead };
+        let mut env = ModelNet { me: c, n, net: &mut s.net, dead: s.dead, now: 0 };
         f(&mut s.cores[c], &mut env);
         s.cores[c].take_suspected();
-        while let Some(ch) = s.cores[c].take_change() {
-            let num = ch.new.num as usize;
-            if s.views.len() <= num {
-                s.views.resize(num + 1, None);
+        record_views(&mut s.cores[c], &mut s.views, &mut s.split);
+    }
+}
+
+/// Takes core `m`'s new views into the ghost record: the set each number was first
+/// installed with, and the first number installed with two sets.
+fn record_views(
+    m: &mut Members,
+    views: &mut Vec<Option<CoreSet>>,
+    split: &mut Option<(u32, CoreSet, CoreSet)>,
+) {
+    while let Some(ch) = m.take_change() {
+        let num = ch.new.num as usize;
+        if views.len() <= num {
+            views.resize(num + 1, None);
+        }
+        match views[num] {
+            None => views[num] = Some(ch.new.set),
+            Some(set) if set != ch.new.set && split.is_none() => {
+                *split = Some((ch.new.num, set, ch.new.set));
             }
-            match s.views[num] {
-                None => s.views[num] = Some(ch.new.set),
-                Some(set) if set != ch.new.set && s.split.is_none() => {
-                    s.split = Some((ch.new.num, set, ch.new.set));
-                }
-                Some(_) => {}
-            }
+            Some(_) => {}
         }
     }
 }
@@ -232,6 +254,240 @@ impl Model for ViewModel {
     }
 }
 
+/// The failure detector's model: `n` cores probing each other, one of them deaf for a
+/// while, some stopping; see the module's comment.
+#[derive(Clone, Copy, Debug)]
+pub struct DetectorModel {
+    pub n: usize,
+    /// The cores run the detector without the absence rule.
+    pub old_detector: bool,
+    /// The detector's timeout, in probe periods.
+    pub timeout: u64,
+    /// The last period the search explores.
+    pub horizon: u64,
+    /// Deafnesses and stops the search may make.
+    pub deafs: u8,
+    pub stops: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DetState {
+    cores: Vec<Members>,
+    /// Queue `from * n + to`.
+    net: Vec<VecDeque<Payload>>,
+    /// The time, in probe periods.
+    clock: u64,
+    dead: CoreSet,
+    /// Cores that read nothing and look at no deadline now (their rings fill).
+    deaf: CoreSet,
+    deafs: u8,
+    stops: u8,
+    /// Ghost: cores that were ever deaf or stopped (the only ones a suspicion may name).
+    failed: CoreSet,
+    /// Ghost: for each core, the cores whose own verdict (a deadline passed) fenced it.
+    fencers: Vec<CoreSet>,
+    /// Ghost: the set each view number was first installed with; a number with two sets.
+    views: Vec<Option<CoreSet>>,
+    split: Option<(u32, CoreSet, CoreSet)>,
+    /// Ghost: a core fenced by another took that one for stopped (the fenced, the fencer).
+    fencer_fenced: Option<(usize, usize)>,
+    /// Ghost: a core took for stopped one that was never deaf nor stopped.
+    false_suspicion: Option<(usize, usize)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DetAction {
+    /// The first message of queue (from, to) is read by `to`.
+    Deliver(usize, usize),
+    /// Core `.0` looks at what is due (its inbox read first, as `HvCaps::poll` does).
+    Tick(usize),
+    /// A probe period passes.
+    Time,
+    /// Core `.0` stops reading its inbox and looking at its deadlines.
+    Deaf(usize),
+    /// Core `.0` hears again.
+    Hear(usize),
+    /// Core `.0` stops for good (or ends its run: it answers nothing any more).
+    Stop(usize),
+}
+
+impl DetectorModel {
+    fn inbox_empty(&self, s: &DetState, c: usize) -> bool {
+        (0..self.n).all(|f| s.net[f * self.n + c].is_empty())
+    }
+
+    /// Whether core `c` reads and looks now.
+    fn running(s: &DetState, c: usize) -> bool {
+        (s.dead | s.deaf) & bit(c) == 0
+    }
+}
+
+impl Model for DetectorModel {
+    type State = DetState;
+    type Action = DetAction;
+
+    fn init_states(&self) -> Vec<DetState> {
+        let n = self.n;
+        let all: CoreSet = (1 << n) - 1;
+        let timing = Timing { period: 1, timeout: self.timeout, grace: 0 };
+        let cores = (0..n)
+            .map(|c| {
+                let mut m = Members::new(c, all, timing, 0);
+                m.old_detector = self.old_detector;
+                m
+            })
+            .collect();
+        vec![DetState {
+            cores,
+            net: vec![VecDeque::new(); n * n],
+            clock: 0,
+            dead: 0,
+            deaf: 0,
+            deafs: self.deafs,
+            stops: self.stops,
+            failed: 0,
+            fencers: vec![0; n],
+            views: vec![Some(all)],
+            split: None,
+            fencer_fenced: None,
+            false_suspicion: None,
+        }]
+    }
+
+    fn actions(&self, s: &DetState, out: &mut Vec<DetAction>) {
+        let n = self.n;
+        let mut quiet = true;
+        for c in (0..n).filter(|&c| Self::running(s, c)) {
+            for from in 0..n {
+                if !s.net[from * n + c].is_empty() {
+                    out.push(DetAction::Deliver(from, c));
+                }
+            }
+            let empty = self.inbox_empty(s, c);
+            let due = s.cores[c].due() <= s.clock;
+            if empty && due {
+                out.push(DetAction::Tick(c));
+            }
+            quiet &= empty && !due;
+        }
+        if quiet && s.clock < self.horizon {
+            out.push(DetAction::Time);
+        }
+        for c in (0..n).filter(|&c| s.dead & bit(c) == 0) {
+            if s.deaf & bit(c) != 0 {
+                out.push(DetAction::Hear(c));
+            } else if s.deafs > 0 {
+                out.push(DetAction::Deaf(c));
+            }
+            if s.stops > 0 && s.dead.count_ones() + 1 < n as u32 {
+                out.push(DetAction::Stop(c));
+            }
+        }
+    }
+
+    fn next_state(&self, last: &DetState, a: DetAction) -> Option<DetState> {
+        let n = self.n;
+        let mut s = last.clone();
+        let run = |s: &mut DetState, c: usize, f: &dyn Fn(&mut Members, &mut ModelNet)| {
+            let before = s.cores[c].suspects;
+            let mut env = ModelNet { me: c, n, net: &mut s.net, dead: s.dead, now: s.clock };
+            f(&mut s.cores[c], &mut env);
+            s.cores[c].take_suspected();
+            record_views(&mut s.cores[c], &mut s.views, &mut s.split);
+            before
+        };
+        match a {
+            DetAction::Deliver(from, to) => {
+                let m = s.net[from * n + to].pop_front()?;
+                run(&mut s, to, &|core, env| core.deliver(env, from, &m));
+            }
+            DetAction::Tick(c) => {
+                let before = run(&mut s, c, &|core, env| core.tick(env));
+                // The cores this tick's own verdicts fenced (a deadline passed here).
+                let new = s.cores[c].suspects & !before;
+                for d in (0..n).filter(|&d| new & bit(d) != 0) {
+                    if s.fencers[c] & bit(d) != 0 && s.fencer_fenced.is_none() {
+                        s.fencer_fenced = Some((c, d));
+                    }
+                    if s.failed & bit(d) == 0 && s.false_suspicion.is_none() {
+                        s.false_suspicion = Some((c, d));
+                    }
+                    s.fencers[d] |= bit(c);
+                }
+            }
+            DetAction::Time => s.clock += 1,
+            DetAction::Deaf(c) => {
+                s.deafs -= 1;
+                s.deaf |= bit(c);
+                s.failed |= bit(c);
+            }
+            DetAction::Hear(c) => s.deaf &= !bit(c),
+            DetAction::Stop(c) => {
+                s.stops -= 1;
+                s.dead |= bit(c);
+                s.deaf &= !bit(c);
+                s.failed |= bit(c);
+                for from in 0..n {
+                    s.net[from * n + c].clear();
+                }
+            }
+        }
+        Some(s)
+    }
+
+    fn within_boundary(&self, s: &DetState) -> bool {
+        s.net.iter().all(|q| q.len() <= RING_BOUND)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("one set per view number", |_, s: &DetState| s.split.is_none()),
+            Property::always("a fenced core never fences its fencer", |_, s: &DetState| {
+                s.fencer_fenced.is_none()
+            }),
+            Property::always("only a deaf or stopped core is suspected", |_, s: &DetState| {
+                s.false_suspicion.is_none()
+            }),
+            // The search reaches what the properties are about.
+            Property::sometimes("a deaf core is fenced", |_, s: &DetState| {
+                s.fencers.iter().enumerate().any(|(c, &f)| f != 0 && s.failed & bit(c) != 0)
+            }),
+            Property::sometimes("a view without a deaf core is committed", |_, s: &DetState| {
+                s.views.len() > 1
+            }),
+            Property::sometimes(
+                "a core back from deafness hears it was fenced",
+                |_, s: &DetState| {
+                    s.cores.iter().enumerate().any(|(c, m)| {
+                        m.evicted
+                            && s.dead & bit(c) == 0
+                            && s.deaf & bit(c) == 0
+                            && s.failed & bit(c) != 0
+                    })
+                },
+            ),
+        ]
+    }
+}
+
+/// Checks the detector's `model` to the end: the properties broken (a counterexample
+/// printed for each), the examples found, and the distinct states explored.
+pub fn check_detector(model: DetectorModel) -> (Vec<&'static str>, Vec<&'static str>, usize) {
+    let checker = model.checker().threads(1).spawn_bfs().join();
+    let mut broken = Vec::new();
+    let mut found = Vec::new();
+    for (name, path) in checker.discoveries() {
+        if name.starts_with("a ") && name != "a fenced core never fences its fencer" {
+            found.push(name);
+        } else {
+            eprintln!("{name}: counterexample {:?}", path.clone().into_actions());
+            broken.push(name);
+        }
+    }
+    found.sort_unstable();
+    (broken, found, checker.unique_state_count())
+}
+
 /// Checks `model` to the end: the properties broken (with a counterexample printed), the
 /// examples found, and the distinct states explored.
 pub fn check(model: ViewModel) -> (Vec<&'static str>, Vec<&'static str>, usize) {
@@ -299,6 +555,70 @@ mod tests {
             assert_eq!(found, ["a live core is voted out", "a view is committed"], "{b:?}");
             assert!(states > 500, "the model explored too little to mean anything");
         }
+    }
+
+    /// The detector's models: (cores, timeout in periods, horizon in periods, deafnesses,
+    /// stops). `MKVISOR_DETECTOR_MODEL=3,4,12,1,1` checks that one instead.
+    fn detector_budgets() -> Vec<(usize, u64, u64, u8, u8)> {
+        let custom = std::env::var("MKVISOR_DETECTOR_MODEL").ok().and_then(|v| {
+            let b: Vec<u64> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            (b.len() == 5).then(|| (b[0] as usize, b[1], b[2], b[3] as u8, b[4] as u8))
+        });
+        let mut all = vec![(2, 4, 10, 1, 1)];
+        if !cfg!(debug_assertions) {
+            all.push((3, 3, 9, 1, 1));
+        }
+        custom.map_or(all, |b| vec![b])
+    }
+
+    fn old_budget() -> (usize, u64, u64, u8, u8) {
+        let v = std::env::var("MKVISOR_DETECTOR_OLD").ok();
+        let b: Vec<u64> =
+            v.iter().flat_map(|v| v.split(',')).filter_map(|x| x.trim().parse().ok()).collect();
+        if b.len() == 5 {
+            (b[0] as usize, b[1], b[2], b[3] as u8, b[4] as u8)
+        } else {
+            OLD
+        }
+    }
+
+    fn detector(b: (usize, u64, u64, u8, u8), old_detector: bool) -> DetectorModel {
+        let (n, timeout, horizon, deafs, stops) = b;
+        DetectorModel { n, old_detector, timeout, horizon, deafs, stops }
+    }
+
+    fn run_detector(m: DetectorModel) -> (Vec<&'static str>, Vec<&'static str>, usize) {
+        let t = std::time::Instant::now();
+        let r = check_detector(m);
+        eprintln!("detector model {m:?}: {} states, {:.1?}", r.2, t.elapsed());
+        r
+    }
+
+    #[test]
+    fn a_core_back_from_deafness_never_fences_its_fencer() {
+        for b in detector_budgets() {
+            let (broken, found, states) = run_detector(detector(b, false));
+            assert!(broken.is_empty(), "{b:?}: broken {broken:?}");
+            let all = [
+                "a core back from deafness hears it was fenced",
+                "a deaf core is fenced",
+                "a view without a deaf core is committed",
+            ];
+            assert_eq!(found, all, "{b:?}");
+            assert!(states > 500, "the model explored too little to mean anything");
+        }
+    }
+
+    /// Chaos seed 55's schedule: core 1 (the higher of two) deaf, fenced by core 0, which
+    /// then stops (it ended its run); core 1, back, probes core 0, gets no answer and takes
+    /// it for stopped, and as the tie-breaker takes it out of the view.
+    /// The old detector's model: `MKVISOR_DETECTOR_OLD` overrides it.
+    const OLD: (usize, u64, u64, u8, u8) = (2, 4, 9, 1, 1);
+
+    #[test]
+    fn the_old_detector_lets_a_deaf_core_fence_its_fencer() {
+        let (broken, _, _) = run_detector(detector(old_budget(), true));
+        assert_eq!(broken, ["a fenced core never fences its fencer"]);
     }
 
     /// Two cores each suspecting the other, or core 2 suspecting 0 and 1 while 1 suspects

@@ -1529,3 +1529,76 @@ fn a_wish_unacknowledged_for_a_timeout_fences_its_coordinator() {
     assert_eq!(m.wish_out, Some(1), "told to core 1, the coordinator now");
     assert_eq!(net.sent, [2, 1]);
 }
+
+/// Chaos seed 55 at the `Members` level: of two cores, the higher (core 1, the tie-breaker)
+/// is deaf for three timeouts; core 0 fences it (it cannot take it out alone) and then stops
+/// answering (in the run it ended the machine's run; a starved vCPU does the same). Core 1,
+/// back, must not take core 0 out on a silence met before anyone answered it since its
+/// return: it takes itself for fenced (evicted: its guest stops for good), suspects
+/// nobody, and the view stays. With the old detector it suspects core 0 and, as the
+/// tie-breaker, commits view 1 without it.
+fn a_deaf_higher_core_whose_fencer_stops(old_detector: bool, seed: u64) -> Sim {
+    let mut sim = Sim::new(2, seed);
+    for m in sim.cores.iter_mut() {
+        m.old_detector = old_detector;
+    }
+    for _ in 0..500 {
+        sim.step();
+    }
+    sim.paused_until[1] = sim.now + 3 * sim.timing.timeout;
+    for _ in 0..20_000 {
+        if sim.cores[0].suspects() != 0 {
+            break;
+        }
+        sim.step();
+    }
+    assert_eq!(sim.cores[0].suspects(), 0b10, "seed {seed}: core 0 fenced the deaf core");
+    assert!(sim.now < sim.paused_until[1], "seed {seed}: before core 1 is back");
+    sim.dead[0] = true;
+    for _ in 0..20_000 {
+        sim.step();
+    }
+    sim.check_agreement();
+    sim
+}
+
+#[test]
+fn a_deaf_core_back_takes_a_silence_as_its_own_fencing_not_its_fencers_failure() {
+    for seed in [55, 3, 1234] {
+        let sim = a_deaf_higher_core_whose_fencer_stops(false, seed);
+        let c1 = &sim.cores[1];
+        assert_eq!(c1.suspects(), 0, "seed {seed}: core 1 took its fencer for stopped");
+        assert!(c1.evicted(), "seed {seed}: core 1 does not know it is out");
+        assert_eq!(c1.view(), View { num: 0, set: 0b11 }, "seed {seed}");
+        assert_eq!(c1.due(), u64::MAX, "seed {seed}: it probes no more");
+        assert!(sim.logs[1].is_empty(), "seed {seed}: {:?}", sim.logs[1]);
+    }
+    // Without the rule: the seed-55 failure.
+    let sim = a_deaf_higher_core_whose_fencer_stops(true, 55);
+    assert_eq!(sim.cores[1].suspects(), 0b01, "the old detector suspects the fencer");
+    assert_eq!(sim.cores[1].view(), View { num: 1, set: 0b10 }, "and takes it out alone");
+}
+
+/// The other side of the rule: back from an absence, a core whose probe is answered is a
+/// member as before (a deafness the others did not fence costs nothing), and a core that
+/// did not return from anything still suspects a silent one (a hung core is fenced).
+#[test]
+fn a_core_back_from_an_absence_that_is_answered_goes_on_as_before() {
+    for (n, slow, seed) in [(2, 1, 7), (3, 2, 8), (3, 0, 9)] {
+        let mut sim = Sim::new(n, seed);
+        for _ in 0..500 {
+            sim.step();
+        }
+        // Over half the timeout (an absence), under what gets it fenced.
+        sim.paused_until[slow] = sim.now + sim.timing.timeout * 5 / 8;
+        for _ in 0..5_000 {
+            sim.step();
+        }
+        sim.check_agreement();
+        for c in 0..n {
+            let m = &sim.cores[c];
+            assert!(!m.evicted() && m.suspects() == 0, "{n} cores, slow {slow}: core {c} {m:?}");
+            assert!(!m.returned, "{n} cores: core {c} still waits to be answered");
+        }
+    }
+}
