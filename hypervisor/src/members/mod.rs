@@ -216,6 +216,8 @@ pub struct Members {
     /// been fenced meanwhile, so a silence it meets is taken as its own fencing, not the
     /// other core's failure.
     returned: bool,
+    /// It took itself for fenced ([`Members::silence`]), not yet taken by the caller.
+    self_fenced: bool,
     /// The last views installed, oldest first (the current one last): the last two are
     /// what a core that is behind is sent (`CATCHUP`).
     history: [View; 3],
@@ -292,6 +294,7 @@ impl Members {
             evicted: false,
             looked: now,
             returned: false,
+            self_fenced: false,
             history: [View { num: 0, set: initial }; 3],
             changes: [None; CHANGES],
             change_head: 0,
@@ -337,6 +340,12 @@ impl Members {
     /// Whether this core was removed without asking (a false suspicion): it must stay out.
     pub fn evicted(&self) -> bool {
         self.evicted
+    }
+
+    /// Whether this core took itself for fenced since the last call: back from an absence,
+    /// it met a silence before anyone answered it ([`Members::silence`]).
+    pub fn take_self_fenced(&mut self) -> bool {
+        core::mem::take(&mut self.self_fenced)
     }
 
     /// Whether a view change waits for [`Members::take_change`].
@@ -571,6 +580,7 @@ impl Members {
             return;
         }
         if self.returned {
+            self.self_fenced = true;
             self.evicted = true;
             self.round = None;
             self.wish_out = None;
