@@ -51,9 +51,14 @@
 //! a core it suspects: a committed view had a quorum), or, when no view can be made
 //! without it, from the answer to its probe (a suspected core's `PING` is answered with the
 //! views and the suspects); from then on it stays out and takes no part:
-//! [`Members::evicted`]. The price is liveness: with half of a view stopped (without its
-//! highest core), no view follows; in a view of two, the lower core cannot take the higher
-//! one out. The last member never leaves an empty machine, but if every member of the view
+//! [`Members::evicted`]. A core back from an absence of its own (a stall, a deafness:
+//! [`Members::saw`]) suspects nobody on what it saw before: it probes afresh, and until
+//! answered takes a silence as its own fencing ([`Members::silence`]), so a fenced core
+//! never takes out the core that fenced it (of two, the higher is the tie-breaker). The
+//! price is liveness: with half of a view stopped (without its highest core), no view
+//! follows; in a view of two, the lower core cannot take the higher one out; a core back
+//! from an absence that meets a silence before any answer gives up its guest even when
+//! the silent core is the one that failed. The last member never leaves an empty machine, but if every member of the view
 //! stops, the machine has ended: a core out of it that asks in is let in by nobody, and it
 //! makes no view of its own (a stopped member may have committed a later one, still in some
 //! ring).
