@@ -221,7 +221,9 @@ pub struct Members {
     /// been fenced meanwhile, so a silence it meets is taken as its own fencing, not the
     /// other core's failure.
     returned: bool,
-    /// It took itself for fenced ([`Members::silence`]), not yet taken by the caller.
+    /// It took itself for fenced ([`Members::silence`]): it answers no probe any more.
+    gave_up: bool,
+    /// The same, not yet taken by the caller (to log it).
     self_fenced: bool,
     /// The last views installed, oldest first (the current one last): the last two are
     /// what a core that is behind is sent (`CATCHUP`).
@@ -299,6 +301,7 @@ impl Members {
             evicted: false,
             looked: now,
             returned: false,
+            gave_up: false,
             self_fenced: false,
             history: [View { num: 0, set: initial }; 3],
             changes: [None; CHANGES],
@@ -579,12 +582,14 @@ impl Members {
     /// silent core may be the one that fenced it meanwhile (and has stopped since, or is
     /// slow now), and taking it out on that would let a fenced core take out its fencer
     /// (of two cores, the higher is the tie-breaker: chaos seed 55). So it takes itself for
-    /// fenced ([`Members::evicted`]: its guest stops for good) and takes no further part.
+    /// fenced ([`Members::evicted`]: its guest stops for good), takes no further part, and
+    /// answers no probe (so that its prober fences it and probes past it).
     fn silence(&mut self, env: &mut impl Net, cores: CoreSet) {
         if cores & !bit(self.me as usize) == 0 {
             return;
         }
         if self.returned {
+            self.gave_up = true;
             self.self_fenced = true;
             self.evicted = true;
             self.round = None;
@@ -899,6 +904,10 @@ impl Members {
         self.heard |= bit(from);
         let w = |i: usize| m[i];
         match m[0] & 0xff {
+            // Out by its own verdict, it answers no probe: its prober fences it as it would a
+            // stopped core, and the probes go round the others (a core it was the only
+            // prober of, hung, is not left unfenced).
+            op::PING if self.gave_up => {}
             op::PING => {
                 self.send(env, from, &msg(op::PONG, &[w(1)]), false);
                 self.catch_up(env, from, w(2));

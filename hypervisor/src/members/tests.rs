@@ -1602,3 +1602,29 @@ fn a_core_back_from_an_absence_that_is_answered_goes_on_as_before() {
         }
     }
 }
+
+/// The rule's price, and why a core that takes itself for fenced answers no probe: of
+/// three cores, core 1 is away (over half the timeout) while core 2, which it probes, hangs.
+/// Back, core 1 meets a silence before any answer and takes itself for fenced; it then
+/// answers core 0's probes no more, so core 0 fences it and probes on to core 2, which it
+/// fences too (were core 1 still answering, nobody would probe the hung core). Two of
+/// three gone: no quorum, the view stays, but both are fenced.
+#[test]
+fn a_core_back_from_an_absence_while_its_target_hangs_gives_up_and_the_hung_core_is_still_fenced() {
+    for seed in [21, 4, 99] {
+        let mut sim = Sim::new(3, seed);
+        for _ in 0..500 {
+            sim.step();
+        }
+        sim.paused_until[1] = sim.now + sim.timing.timeout * 5 / 8;
+        sim.dead[2] = true;
+        for _ in 0..20_000 {
+            sim.step();
+        }
+        sim.check_agreement();
+        let (c0, c1) = (&sim.cores[0], &sim.cores[1]);
+        assert!(c1.evicted() && c1.suspects() == 0, "seed {seed}: core 1 {c1:?}");
+        assert_eq!(c0.fenced() & 0b110, 0b110, "seed {seed}: core 0 fences 1 and 2");
+        assert!(!c0.evicted() && c0.view().num == 0, "seed {seed}: {:?}", c0.view());
+    }
+}
