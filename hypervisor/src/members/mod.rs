@@ -560,7 +560,7 @@ impl Members {
             return;
         }
         let owed = self.due_at != u64::MAX && self.member();
-        let limit = (self.timing.timeout / 2).max(2 * self.timing.period);
+        let limit = (self.timing.timeout / 2).max(self.timing.period.saturating_mul(2));
         if self.timing.period == 0 || !owed || away <= limit {
             return;
         }
