@@ -563,8 +563,8 @@ mod tests {
     /// The detector's models: (cores, timeout in periods, horizon in periods, deafnesses,
     /// stops); a deafness begins in the first three periods. Debug builds (`cargo test`):
     /// two cores (45,333 states, under a second). Release builds (`cargo xtask test`) add
-    /// three cores with a timeout of 3 periods over 7 (799,485 states, 26 s in a debug
-    /// build on a loaded host). `MKVISOR_DETECTOR_MODEL=3,4,10,1,1` checks that one instead
+    /// three cores with a timeout of 3 periods over 7 (799,485 states, 17 s in release, 26 s
+    /// in a debug build, on a loaded host; the model step grows by that). `MKVISOR_DETECTOR_MODEL=3,4,10,1,1` checks that one instead
     /// (1.44 million states, 37 s; `3,3,8,1,1`: 1.03 million, 36 s; both held).
     fn detector_budgets() -> Vec<(usize, u64, u64, u8, u8)> {
         let custom = std::env::var("MKVISOR_DETECTOR_MODEL").ok().and_then(|v| {
