@@ -895,8 +895,12 @@ impl Members {
             // is a fact whoever sends it: a core fenced by the other side while alive
             // learns from it that it is out. And a fenced core that probes this one is
             // told it is fenced (the views and the suspects, itself among them): with no
-            // quorum without it, no view may ever say so (the lower core of two).
-            if kind == op::PING {
+            // quorum without it, no view may ever say so (the lower core of two). So is one
+            // that asks anything else that waits for an answer (a wish, a round's phase): a
+            // fenced core answered by a third core since its return (not fenced there) must
+            // not take this silence for this core's failure (in place of the answer: the
+            // ring budget is unchanged).
+            if matches!(kind, op::PING | op::WISH | op::PREPARE | op::ACCEPT) {
                 self.send_views(env, from);
             }
             return;

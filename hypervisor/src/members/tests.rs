@@ -1171,15 +1171,20 @@ fn a_suspected_core_and_this_core_itself_are_not_listened_to() {
     m.deliver(&mut net, 0, &ping);
     assert_eq!(net.sent.len(), sent, "answered itself: {:?}", net.sent);
     // A suspected core's probe gets no `PONG`: it is told it is fenced (`CATCHUP` with
-    // this core's suspects, itself among them); its other messages are not read.
+    // this core's suspects, itself among them); its other messages are not read, and one
+    // that waits for an answer (a wish) gets that `CATCHUP` in its place.
     m.deliver(&mut net, 1, &ping);
     let told = net.msgs[sent..].to_vec();
     assert_eq!(told.len(), 1);
     assert_eq!((told[0].0, told[0].1[0], told[0].1[5]), (1, super::op::CATCHUP, 0b10));
     let wish = super::msg(super::op::WISH, &[1, 1, 0, 0, 0]);
     m.deliver(&mut net, 1, &wish);
-    assert_eq!(net.msgs.len(), sent + 1, "a suspected core's wish is not read");
-    assert_eq!(m.intent_seq[1], 0);
+    assert_eq!(net.msgs.len(), sent + 2, "a suspected core's wish is told it is fenced");
+    assert_eq!((net.msgs[sent + 1].1[0], net.msgs[sent + 1].1[5]), (super::op::CATCHUP, 0b10));
+    assert_eq!(m.intent_seq[1], 0, "and not read");
+    let pong = super::msg(super::op::PONG, &[1]);
+    m.deliver(&mut net, 1, &pong);
+    assert_eq!(net.msgs.len(), sent + 2, "an answer from it is neither read nor answered");
 }
 
 /// A round run by a core this one did not tell its wishes to (a coordinator of a view it
@@ -1498,7 +1503,8 @@ fn a_committed_view_from_a_fenced_core_is_installed_and_tells_it_is_out() {
     m.suspect(&mut net, 0b110);
     let prepare = super::msg(super::op::PREPARE, &[(5 << 8) | 2, 1]);
     m.deliver(&mut net, 2, &prepare);
-    assert_eq!(kinds(&net), Vec::<u64>::new(), "a fenced core's PREPARE is not answered");
+    let told = [super::op::CATCHUP];
+    assert_eq!(kinds(&net), told, "a fenced core's PREPARE gets no promise: it is told");
     let commit = super::msg(super::op::COMMIT, &[(5 << 8) | 2, 1, 0b110, 0b001]);
     m.deliver(&mut net, 2, &commit);
     assert_eq!(m.view(), View { num: 1, set: 0b110 });
