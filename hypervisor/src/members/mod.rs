@@ -49,8 +49,8 @@
 //! `model` checks it on this code). A core suspected while alive (a false suspicion)
 //! learns it from the `COMMIT` that removes it (sent to old members too, and read even from
 //! a core it suspects: a committed view had a quorum), or, when no view can be made
-//! without it, from the answer to its probe (a suspected core's `PING` is answered with the
-//! views and the suspects); from then on it stays out and takes no part:
+//! without it, from the answer to its probe (a suspected core's `PING`, or request, is
+//! answered with the views and the suspects); from then on it stays out and takes no part:
 //! [`Members::evicted`]. A core back from an absence of its own (a stall, a deafness:
 //! [`Members::saw`]) suspects nobody on what it saw before: it probes afresh, and until
 //! answered takes a silence as its own fencing ([`Members::silence`]), so a fenced core
