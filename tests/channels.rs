@@ -229,3 +229,29 @@ fn six_guests_waiting_in_mwait_lose_no_wake_up_with_probes_off() {
 fn six_guests_waiting_in_mwait_lose_no_wake_up_with_probes_on() {
     six_mwait_guests(25);
 }
+
+/// A client that gives up (`Chan::call_until`, 5 ms) against a server that answers every
+/// fourth of 30 calls 8 ms late: those 7 are given up, the 23 others answered in time,
+/// each reply checked to be its own call's (a late reply is discarded by the library,
+/// never taken for the next call's), every request whole and in order at the server, and
+/// the discarded replies still counted as taken (the channel's counts balance).
+#[test]
+fn a_call_with_a_deadline_gives_up_and_its_late_reply_never_answers_the_next_call() {
+    let b = boot_config(Emulator::Bochs, None, None, "", Some("configs/impatient.toml"));
+    assert_eq!(b.report.outcome, "ok", "{:?}", b.report.problems);
+    for (name, core, line) in [
+        ("server", 1, "laggard: 30 requests whole and in order, 7 answered 8 ms late"),
+        (
+            "client",
+            0,
+            "impatient: 30 calls, 23 replied in time, 7 given up, 0 not sent; every reply its own call's; still held at the end: 0",
+        ),
+    ] {
+        let g = guest(&b, name);
+        assert_eq!((g.state.as_str(), g.exit_status), ("exited", 0), "{g:?}");
+        let want = format!("[{name}@c{core}] {line}");
+        assert!(b.serial.contains(&want), "missing: {want}");
+    }
+    let c = &b.report.channels[0];
+    assert_eq!((c.a_sent, c.b_received, c.b_sent, c.a_received), (30, 30, 30, 30), "{c:?}");
+}

@@ -303,6 +303,74 @@ fn a_core_taken_out_comes_back_and_every_core_logs_the_same_views_(e: Emulator) 
     let back = &r.views.iter().find(|v| v.core == 2 && v.num == 2).unwrap();
     assert!(s.incarnations[0].tsc_end <= out.tsc && back.tsc <= s.incarnations[1].tsc_start);
     assert_eq!(guest(&b, "worker").exit_status, 0);
+    view_changes_are_counted(&b);
+}
+
+/// Each view change's own messages, as every core counted them (`vchange` records,
+/// `view_changes` in the report), against the protocol (docs/membership.md):
+/// * change 1 takes core 2 out, and core 2, the highest, coordinates it: one round with
+///   the 2 others, a `PREPARE`, `PROMISE`, `ACCEPT` and `ACCEPTED` with each, and a `COMMIT`
+///   to each: 2 of each kind, 10;
+/// * change 2 brings core 2 back, and core 1, now the highest, coordinates it with the only
+///   other member, core 0: one of each of the four, and a `COMMIT` to cores 0 and 2: 6.
+///
+/// A round's messages are sent and handled before either side installs the view, so each
+/// counts on both sides in the same change. The `WISH`es (core 2 asks core 0 to come back,
+/// core 0 passes it on; after a `COMMIT` the members re-tell the new coordinator the
+/// intent it applied) depend on how the messages interleave (a `WISH` sent after one
+/// side's install and handled before the other's counts in two changes): checked as
+/// totals, every message counted once where it left and once where it was handled.
+fn view_changes_are_counted(b: &Boot) {
+    use xtask::report::MemberMessages;
+    let r = &b.report;
+    let round = |n: u64, commits: u64| MemberMessages {
+        prepare: n,
+        promise: n,
+        accept: n,
+        accepted: n,
+        commit: commits,
+        ..MemberMessages::default()
+    };
+    let only_rounds =
+        |m: &MemberMessages| MemberMessages { wish: 0, wish_ack: 0, catchup: 0, ..*m };
+    for (num, coordinator, want) in [(1, 2, round(2, 2)), (2, 1, round(1, 2))] {
+        let vs: Vec<_> = r.view_changes.iter().filter(|v| v.num == num).collect();
+        let cores: Vec<u32> = vs.iter().filter(|v| v.installed).map(|v| v.core).collect();
+        assert_eq!(cores.len(), 3, "change {num}: every core installed it: {vs:?}");
+        let (mut sent, mut received) = (MemberMessages::default(), MemberMessages::default());
+        for v in &vs {
+            sent.add(&only_rounds(&v.sent));
+            received.add(&only_rounds(&v.received));
+            let rounds = if v.core == coordinator { 1 } else { 0 };
+            assert_eq!(v.rounds, rounds, "change {num}, core {}", v.core);
+        }
+        assert_eq!((sent, received), (want, want), "change {num}: {vs:?}");
+        let c = vs.iter().find(|v| v.core == coordinator).unwrap();
+        let (n, commit) = (want.prepare, want.commit);
+        let asks = MemberMessages { prepare: n, accept: n, commit, ..MemberMessages::default() };
+        assert_eq!(only_rounds(&c.sent), asks, "the coordinator asks, then commits: {c:?}");
+    }
+    // Core 2 asked to come back (counted for change 2: it had view 1 then).
+    let back = r.view_changes.iter().find(|v| v.core == 2 && v.num == 2).unwrap();
+    assert!(back.sent.wish >= 1, "{back:?}");
+    // The worker's core took part while its guest ran: exits, at most one per message.
+    for num in [1, 2] {
+        let w = r.view_changes.iter().find(|v| v.core == 1 && v.num == num).unwrap();
+        assert!((1..=w.received.total() + w.sent.total()).contains(&w.exits), "{w:?}");
+    }
+    let (mut sent, mut received) = (MemberMessages::default(), MemberMessages::default());
+    for v in &r.view_changes {
+        sent.add(&v.sent);
+        received.add(&v.received);
+    }
+    assert_eq!(sent, received, "every message counted on both sides");
+    assert_eq!(sent.nack, 0);
+    // The failure detector's traffic is apart: probes answered on every member.
+    for g in ["mgr", "worker", "sleeper"] {
+        let p = guest(b, g).probes;
+        assert!(p.pings_sent > 0 && p.pongs_received <= p.pings_sent, "{g}: {p:?}");
+        assert_eq!(p.unattributed, 0, "{g}");
+    }
 }
 
 /// A core that hangs (`inject=hung-core:2`, 20 ms into its guest's run) is detected by the

@@ -30,6 +30,7 @@ use crate::hypercall::call;
 use core::sync::atomic::AtomicU64;
 pub use vmcall_proto::channel::{message, ChannelError, Payload};
 use vmcall_proto::channel::{Receiver, Ring, Sender, SLEEP_MWAIT};
+pub use vmcall_proto::endpoint::CallEnd;
 use vmcall_proto::endpoint::LinkWatch;
 use vmcall_proto::guest::{BootInfo, StatusPage, STATUS_GPA};
 use vmcall_proto::hypercall::Hypercall;
@@ -149,7 +150,9 @@ impl Chan {
         Ok(epoch)
     }
 
-    /// Sends `m`, or `Full`. If the last message taken was a [`Chan::call`]'s request
+    /// Sends `m`, or `Full` (after a call given up, a ring full up to its slot stays `Full`
+    /// until [`Chan::send`], [`Chan::send_until`] or the next call frees the slot, or
+    /// [`Chan::after_full`] is called). If the last message taken was a [`Chan::call`]'s request
     /// whose reply is not written yet, `m` is that reply: it goes into the request's slot,
     /// where the caller waits for it polling (nothing to notify), not on this side's ring
     /// (`vmcall_proto::endpoint::LinkWatch::try_send_or_reply`).
@@ -197,6 +200,52 @@ impl Chan {
         )
     }
 
+    /// [`Chan::call`] with a deadline: `CallEnd::Replied` with the reply in `reply`; if
+    /// the TSC passed `deadline` first (checked between tries of a full ring and every
+    /// [`LOOK_EVERY`](vmcall_proto::endpoint::LOOK_EVERY) empty polls for the reply),
+    /// `NotSent` (the request never left: the ring stayed full, or a call given up before
+    /// did not settle in time) or `GivenUp`: its reply, if the peer still writes it, is
+    /// discarded, and the request's slot is not written again until it comes or the peer
+    /// has taken a later message (a send that would reuse it finds the ring `Full`
+    /// meanwhile). One call at a time: a call after one given up first waits, within its
+    /// own deadline, for that one to settle.
+    /// `vmcall_proto::endpoint::LinkWatch::call_until`.
+    #[inline(always)]
+    pub fn call_until(
+        &mut self,
+        req: &Payload,
+        reply: &mut Payload,
+        deadline: u64,
+    ) -> Result<CallEnd, ChannelError> {
+        let (wake, number, rung) = (&self.wake, &self.number, &mut self.rung);
+        self.link.call_until(
+            &mut self.tx,
+            &mut self.rx,
+            req,
+            reply,
+            |tx| {
+                if *wake {
+                    notify(tx, *number, rung)
+                }
+            },
+            core::hint::spin_loop,
+            || crate::arch::rdtsc() >= deadline,
+        )
+    }
+
+    /// Whether a call given up by [`Chan::call_until`] still holds its slot (its reply may
+    /// still come).
+    pub fn call_held(&self) -> bool {
+        self.tx.call_held()
+    }
+
+    /// For a program that sends with [`Chan::try_send`] alone: after a `Full`, frees the
+    /// slot a call given up holds if that call has settled (its late reply came, or the peer
+    /// took a later message), so the next `try_send` can use it. Nothing otherwise.
+    pub fn after_full(&mut self) -> Result<(), ChannelError> {
+        self.link.after_full(&mut self.tx, &mut self.rx)
+    }
+
     /// Answers requests until `handle` stops: the server's side of [`Chan::call`], what a
     /// program that answers its peer's requests should run (rather than a loop of
     /// [`Chan::recv`] and [`Chan::send`]). Waits for a request (polling, as `recv`, with
@@ -227,18 +276,33 @@ impl Chan {
         )
     }
 
-    /// Sends, spinning while the ring is full.
-    #[inline]
+    /// Sends, spinning while the ring is full (and, while it is, freeing the slot a call
+    /// given up holds as soon as that call settles: [`Chan::call_until`]).
+    #[inline(always)]
     pub fn send(&mut self, m: &Payload) -> Result<(), ChannelError> {
         loop {
             match self.try_send(m) {
                 Err(ChannelError::Full) => {
                     self.full_spins += 1;
+                    if self.tx.call_held() {
+                        self.free_held();
+                    }
                     core::hint::spin_loop()
                 }
                 other => return other,
             }
         }
+    }
+
+    /// A blocking send's wait on a ring full up to the slot of a call given up: frees the
+    /// slot if that call has settled ([`LinkWatch::after_full`]). An error there (a forged
+    /// word in the call's slot) leaves the slot held: the send keeps finding `Full` (and
+    /// [`Chan::send_until`] returns it at its deadline); the next call or
+    /// [`Chan::after_full`] reports it. Out of line: sends that find room never come here.
+    #[cold]
+    #[inline(never)]
+    fn free_held(&mut self) {
+        let _ = self.link.after_full(&mut self.tx, &mut self.rx);
     }
 
     /// The next message, `Ok(None)` if none yet. A message of this side's epoch is
@@ -336,6 +400,7 @@ impl Chan {
         loop {
             match self.try_send(m) {
                 Err(ChannelError::Full) if crate::arch::rdtsc() < deadline => {
+                    self.link.after_full(&mut self.tx, &mut self.rx)?;
                     core::hint::spin_loop()
                 }
                 other => return other,

@@ -546,7 +546,7 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                 );
                 record!(
                     kind::GUEST,
-                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={} away_tsc={} rv_sent={} rv_received={} rv_mc_named={} rv_mc_served={} rv_mc_taken={} rv_exits={} rv_own={} rv_rounds={}",
+                    "index={i} name={name} core={} state={state} exit_status={status} exits={} fault={} hypercalls={} tsc_first_entry={} tsc_end={} xmsgs={} nmis={} requests_from={} cap_refused={} foreign_tsc={} fenced={} incarnations={} revoke_tsc={} away_tsc={} rv_sent={} rv_received={} rv_mc_named={} rv_mc_served={} rv_mc_taken={} rv_exits={} rv_own={} rv_rounds={} mb_pings_sent={} mb_pings_received={} mb_pongs_sent={} mb_pongs_received={} mb_probe_exits={} mb_unattributed={}",
                     g.core,
                     Quoted(Exits(r)),
                     Quoted(OptWhy(fault.as_ref())),
@@ -569,7 +569,13 @@ pub fn collect(plan: &Plan, fenced: u64) -> bool {
                     r.caps.revoke.mc_taken,
                     r.caps.revoke.exits,
                     r.caps.revoke.own,
-                    r.caps.revoke.rounds
+                    r.caps.revoke.rounds,
+                    r.caps.probes.pings_sent,
+                    r.caps.probes.pings_received,
+                    r.caps.probes.pongs_sent,
+                    r.caps.probes.pongs_received,
+                    r.caps.probes.exits,
+                    r.caps.probes.unattributed
                 );
             }
             // A core that came up and was fenced later (one that never came up is reported

@@ -183,6 +183,7 @@ impl<'a> Ring<'a> {
 
     /// What the producer says it sent (statistics; not trusted for anything), without its
     /// epoch tag: its messages on this ring and its replies in the other ring's slots.
+    #[inline]
     pub fn sent(&self) -> u64 {
         (self.producer.sent.load(Ordering::Relaxed) & COUNT_MASK)
             .saturating_add(self.producer.replied.load(Ordering::Relaxed) & COUNT_MASK)
@@ -192,6 +193,7 @@ impl<'a> Ring<'a> {
     /// its epoch tag: messages from this ring and replies the producer wrote into the
     /// consumer's own request slots (so `sent() - received()` is what is in flight on this
     /// direction, replies included).
+    #[inline]
     pub fn received(&self) -> u64 {
         (self.consumer.received.load(Ordering::Relaxed) & COUNT_MASK)
             .saturating_add(self.consumer.replies_taken.load(Ordering::Relaxed) & COUNT_MASK)
@@ -278,6 +280,10 @@ pub struct Sender<'a> {
     /// The slot of the last call ([`Sender::try_call`]) and its word without the flag.
     call: *const Slot,
     call_word: u64,
+    /// Whether the caller gave up waiting for that call's reply ([`Sender::give_up_call`]):
+    /// its slot is not written again until [`Sender::settle_call`] says the reply can no
+    /// longer land there.
+    held: bool,
 }
 
 /// The receiving end of a ring.
@@ -356,6 +362,7 @@ impl<'a> Sender<'a> {
             replied: 0,
             call: cur,
             call_word: 0,
+            held: false,
         }
     }
 
@@ -381,7 +388,12 @@ impl<'a> Sender<'a> {
     pub fn try_call(&mut self, msg: &Payload) -> Result<(), ChannelError> {
         self.call = self.cur;
         self.call_word = self.word;
-        self.put(msg, CALL)
+        let r = self.put(msg, CALL);
+        if r.is_err() {
+            // Only a call sent is outstanding (`call_pending`).
+            self.call_word = 0;
+        }
+        r
     }
 
     /// The send: the payload, then the control word (`flags` on it) with release.
@@ -429,7 +441,77 @@ impl<'a> Sender<'a> {
         if next - r >= n {
             return Err(ChannelError::Full);
         }
+        if self.held {
+            // A call given up: its slot stays the reply's until `settle_call` frees it.
+            self.limit = self.limit.min(self.call_word + n - 1);
+            if self.word > self.limit {
+                return Err(ChannelError::Full);
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a call ([`Sender::try_call`]) is outstanding: sent, its reply not taken.
+    pub fn call_pending(&self) -> bool {
+        self.call_word != 0
+    }
+
+    /// Whether a call was given up ([`Sender::give_up_call`]) and is not settled yet.
+    pub fn call_held(&self) -> bool {
+        self.held
+    }
+
+    /// The caller stops waiting for the outstanding call's reply (a deadline passed). The
+    /// peer may still write the reply into the call's slot, at any time, so that slot is
+    /// not written again (sends that would reuse it get `Full`) until
+    /// [`Sender::settle_call`] finds the reply there (and discards it) or finds that the
+    /// peer has taken a later message (an honest peer then owes nothing: its reply goes
+    /// into the slot of the last message it took, `Receiver::reply`). Nothing with no call
+    /// outstanding.
+    #[cold]
+    pub fn give_up_call(&mut self) {
+        if self.call_word == 0 {
+            return;
+        }
+        self.held = true;
+        let n = self.ring.slots.len() as u64;
+        self.limit = self.limit.min(self.call_word + n - 1);
+    }
+
+    /// Settles a call given up ([`Sender::give_up_call`]), if it can be: its reply, if it
+    /// is in the slot, is taken as [`Sender::poll_reply`] takes one (checked and counted
+    /// in `rx`) and discarded; or the peer's count says it took a later message (no reply
+    /// can come). Then the slot is free again and `true`; `false` while the reply may
+    /// still come (or with no call given up: `true`). An error is the reply's
+    /// (`Torn`) or a slot word that is neither the call, its reply nor a reset (`Corrupt`).
+    #[cold]
+    #[inline(never)]
+    pub fn settle_call(&mut self, rx: &mut Receiver<'_>) -> Result<bool, ChannelError> {
+        if !self.held {
+            return Ok(true);
+        }
+        let mut discard = [0u64; WORDS];
+        let settled = match self.poll_reply(rx, 1, &mut discard, || {}) {
+            Some(r) => {
+                r?;
+                true
+            }
+            None => {
+                self.not_replied()?;
+                let word = self.ring.consumer.received.load(Ordering::Acquire);
+                // The peer's count (this epoch's) past the call: it took a later message.
+                word != 0 && !self.is_old(word) && word > self.call_word
+            }
+        };
+        if settled {
+            self.held = false;
+            self.call_word = 0;
+            // The next send past the old limit reads the count again (`refresh_acked`).
+            if self.heard {
+                self.limit = self.tag | (self.acked + self.ring.slots.len() as u64);
+            }
+        }
+        Ok(settled)
     }
 
     /// The cache line of the last message sent (none yet: the first slot's).
@@ -974,6 +1056,71 @@ mod tests {
             Sender::new(ba.ring(n)),
             Receiver::new(ab.ring(n), 1),
         )
+    }
+
+    /// A call given up (`give_up_call`): its slot is not reused while the reply may come;
+    /// the late reply is taken, counted and discarded, and the slot is free again; or the
+    /// receiver's count past the request frees it (an honest receiver owes nothing then).
+    #[test]
+    fn a_call_given_up_keeps_its_slot_until_the_reply_can_no_longer_land() {
+        for late_reply in [true, false] {
+            let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+                (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+            let (mut ctx, mut crx, mut stx, mut srx) = channel(ab, ba, 4);
+            ctx.try_call(&msg(1)).unwrap();
+            ctx.give_up_call();
+            assert!(ctx.call_held() && ctx.call_pending());
+            // The server takes the call (publishing its count: the slot would be free for
+            // flow control) but has not answered yet.
+            assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+            assert!(srx.owes());
+            for i in 2..=4 {
+                ctx.try_send(&msg(i)).unwrap();
+            }
+            // The fifth message would go into the call's slot: held.
+            assert_eq!(ctx.try_send(&msg(5)), Err(ChannelError::Full));
+            assert_eq!(ctx.settle_call(&mut crx), Ok(false), "the reply may still come");
+            assert_eq!(ctx.try_send(&msg(5)), Err(ChannelError::Full));
+            if late_reply {
+                // The late reply lands in the slot, untouched by any message.
+                assert!(srx.reply(&mut stx, &msg(100)));
+                assert_eq!(ab.slot(0).control.load(Ordering::Relaxed), 1 | REPLY);
+            } else {
+                // No reply: the server took a later message (it owes nothing now).
+                assert_eq!(srx.try_recv(), Ok(Some(msg(2))));
+                assert!(!srx.owes());
+            }
+            assert_eq!(ctx.settle_call(&mut crx), Ok(true));
+            assert!(!ctx.call_held() && !ctx.call_pending());
+            ctx.try_send(&msg(5)).unwrap();
+            // Every message comes out whole and in order; the reply was counted taken.
+            let first = if late_reply { 2 } else { 3 };
+            for i in first..=5 {
+                assert_eq!(srx.try_recv(), Ok(Some(msg(i))));
+            }
+            assert_eq!(crx.try_recv(), Ok(None), "the discarded reply is not a message");
+            let (sent_b, taken_b) = (ba.ring(4).sent(), ba.ring(4).received());
+            assert_eq!((sent_b, taken_b), if late_reply { (1, 1) } else { (0, 0) });
+            assert_eq!((ab.ring(4).sent(), ab.ring(4).received()), (5, 5));
+        }
+    }
+
+    /// A call whose ring stays full is never sent, so there is nothing to give up; a
+    /// forged slot word met while settling is corruption, not a free slot.
+    #[test]
+    fn settling_a_call_refuses_a_forged_word() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, _stx, mut srx) = channel(ab, ba, 2);
+        assert_eq!(ctx.settle_call(&mut crx), Ok(true), "nothing given up");
+        ctx.give_up_call();
+        assert!(!ctx.call_held(), "no call outstanding: nothing to hold");
+        ctx.try_call(&msg(1)).unwrap();
+        ctx.give_up_call();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        ab.slot(0).control.store(7 | REPLY, Ordering::Relaxed);
+        assert!(matches!(ctx.settle_call(&mut crx), Err(ChannelError::Corrupt { .. })));
+        assert!(ctx.call_held(), "still held after a forged word");
     }
 
     #[test]
@@ -2178,6 +2325,73 @@ mod loom_tests {
             }
             peer.join().unwrap();
         });
+    }
+
+    /// A call given up while the server is about to answer it: the client, past its
+    /// deadline after one look, sends its next message, which on a one-slot ring goes into
+    /// the call's slot; the server takes the call, writes its (late) reply, then takes the
+    /// next message. Under every interleaving the message comes out whole and the reply
+    /// never lands on it (without `give_up_call`'s hold the client overwrote the slot and
+    /// the reply destroyed the message).
+    #[test]
+    fn a_late_reply_to_a_call_given_up_never_lands_on_a_message() {
+        loom::model(|| {
+            let (ab, ba) = (Arc::new(LoomRing::new(1)), Arc::new(LoomRing::new(1)));
+            let (ab2, ba2) = (ab.clone(), ba.clone());
+            // Set by the client once its second message is written: a receive that then
+            // finds nothing means the message was destroyed (not a wait).
+            let done = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+            let done2 = done.clone();
+            let server = loom::thread::spawn(move || {
+                let mut rx = Receiver::new(ab2.ring(), 1);
+                let mut tx = Sender::new(ba2.ring());
+                assert_eq!(rx_wait(&mut rx), [1; WORDS]);
+                assert!(rx.reply(&mut tx, &[10; WORDS]));
+                loop {
+                    let sent = done2.load(Ordering::Acquire);
+                    match rx.try_recv() {
+                        Ok(Some(m)) => {
+                            assert_eq!(m, [2; WORDS]);
+                            break;
+                        }
+                        Ok(None) if sent => panic!("the message was overwritten by the reply"),
+                        Ok(None) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            });
+            let mut tx = Sender::new(ab.ring());
+            let mut rx = Receiver::new(ba.ring(), 1);
+            tx.try_call(&[1; WORDS]).unwrap();
+            let mut reply = [0; WORDS];
+            if tx.poll_reply(&mut rx, 1, &mut reply, || {}).is_none() {
+                tx.give_up_call();
+            }
+            loop {
+                match tx.try_send(&[2; WORDS]) {
+                    Ok(()) => break,
+                    Err(ChannelError::Full) => {
+                        tx.settle_call(&mut rx).unwrap();
+                        loom::thread::yield_now()
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            done.store(true, Ordering::Release);
+            server.join().unwrap();
+            assert_eq!((ab.ring().sent(), ab.ring().received()), (2, 2));
+        });
+    }
+
+    /// Receives, yielding while the ring is empty.
+    fn rx_wait(rx: &mut Receiver<'_>) -> Payload {
+        loop {
+            match rx.try_recv() {
+                Ok(Some(m)) => return m,
+                Ok(None) => loom::thread::yield_now(),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
     }
 
     /// Small ring storage for loom (its atomics are not const-constructible).

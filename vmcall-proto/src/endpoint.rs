@@ -63,6 +63,19 @@ pub struct LinkWatch<'a> {
     quiet: u32,
 }
 
+/// How a call with a deadline ended ([`LinkWatch::call_until`]), when not with an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEnd {
+    /// The reply came and is in the caller's buffer.
+    Replied,
+    /// The deadline passed before the request could go (the ring stayed full, or an
+    /// earlier call given up did not settle): nothing was sent.
+    NotSent,
+    /// The request went, the reply did not come in time: the call is given up (its reply,
+    /// if it comes, is discarded).
+    GivenUp,
+}
+
 /// What [`LinkWatch::look`] compares the link word with: the word itself if it says up
 /// (then equal means up, in this epoch), else a value no link word has (`epoch << 1 | up`
 /// with a 32-bit epoch), so that every look decodes the word until the link is up.
@@ -251,12 +264,45 @@ impl<'a> LinkWatch<'a> {
         req: &Payload,
         reply: &mut Payload,
         sent: impl FnOnce(&Sender<'_>),
-        mut pause: impl FnMut(),
+        pause: impl FnMut(),
     ) -> Result<(), ChannelError> {
+        match self.call_until(tx, rx, req, reply, sent, pause, || false) {
+            Ok(CallEnd::Replied) => Ok(()),
+            // `expired` never says so: the turn ends only with the reply or an error.
+            Ok(CallEnd::NotSent | CallEnd::GivenUp) => unreachable!(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`LinkWatch::call`] with a way out: `expired` is asked before every retry of a full
+    /// ring and every [`LOOK_EVERY`] empty polls for the reply; once it says so the turn
+    /// ends: [`CallEnd::NotSent`] (the ring stayed full, or a call given up earlier did not
+    /// settle in time) or [`CallEnd::GivenUp`] (sent, and given up:
+    /// [`Sender::give_up_call`]: its reply, if it comes, is discarded, and its slot is not
+    /// written again until then, or until the peer has taken a later message).
+    /// [`CallEnd::Replied`]: the reply is in `reply`. A call given up earlier is settled
+    /// first (waiting for that, as long as `expired` allows: its slot may be needed, and
+    /// there is one call at a time).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn call_until(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+        req: &Payload,
+        reply: &mut Payload,
+        sent: impl FnOnce(&Sender<'_>),
+        mut pause: impl FnMut(),
+        mut expired: impl FnMut() -> bool,
+    ) -> Result<CallEnd, ChannelError> {
+        if tx.call_held() && !self.settle(tx, rx, &mut pause, &mut expired)? {
+            return Ok(CallEnd::NotSent);
+        }
         loop {
             self.look()?;
             match tx.try_call(req) {
                 Ok(()) => break,
+                Err(ChannelError::Full) if expired() => return Ok(CallEnd::NotSent),
                 Err(ChannelError::Full) => pause(),
                 Err(e) => return self.after(e),
             }
@@ -265,7 +311,7 @@ impl<'a> LinkWatch<'a> {
         loop {
             if let Some(r) = tx.poll_reply(rx, LOOK_EVERY, reply, &mut pause) {
                 return match r {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(CallEnd::Replied),
                     Err(e) => self.after(e),
                 };
             }
@@ -273,6 +319,34 @@ impl<'a> LinkWatch<'a> {
             match tx.not_replied() {
                 Ok(()) => self.look()?,
                 Err(e) => return self.after(e),
+            }
+            if expired() {
+                tx.give_up_call();
+                return Ok(CallEnd::GivenUp);
+            }
+            pause();
+        }
+    }
+
+    /// Waits until the call given up on `tx` is settled ([`Sender::settle_call`]) or
+    /// `expired` says so (`Ok(false)`), looking at the link between tries.
+    #[cold]
+    #[inline(never)]
+    fn settle(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+        pause: &mut impl FnMut(),
+        expired: &mut impl FnMut() -> bool,
+    ) -> Result<bool, ChannelError> {
+        loop {
+            match tx.settle_call(rx) {
+                Ok(true) => return Ok(true),
+                Ok(false) => self.look()?,
+                Err(e) => return self.after(e),
+            }
+            if expired() {
+                return Ok(false);
             }
             pause();
         }
@@ -295,6 +369,26 @@ impl<'a> LinkWatch<'a> {
             return Ok(true);
         }
         self.try_send(tx, m).map(|()| false)
+    }
+
+    /// A send that found the ring full: if a call given up holds a slot
+    /// ([`Sender::call_held`]), settles that call if it can, without waiting
+    /// ([`Sender::settle_call`]), so the send can go next time; errors as the settle's. The
+    /// cold path of a blocking send (the hot path does not look: a call given up holds its
+    /// slot only through the `Full` it causes).
+    #[cold]
+    #[inline(never)]
+    pub fn after_full(
+        &mut self,
+        tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
+    ) -> Result<(), ChannelError> {
+        if tx.call_held() {
+            if let Err(e) = tx.settle_call(rx) {
+                return self.after(e);
+            }
+        }
+        Ok(())
     }
 
     /// The server's side of [`LinkWatch::call`]: waits for a request on `rx` (as
@@ -327,24 +421,29 @@ impl<'a> LinkWatch<'a> {
                 self.look()?;
                 rx.reply(tx, &reply);
             } else {
-                self.send_spin(tx, &reply, &mut pause)?;
+                self.send_spin(tx, rx, &reply, &mut pause)?;
                 sent(tx);
             }
         }
     }
 
-    /// Sends on `tx` as [`LinkWatch::try_send`], running `pause` while the ring is full.
+    /// Sends on `tx` as [`LinkWatch::try_send`], running `pause` while the ring is full
+    /// (and trying to settle a call given up that holds a slot: [`Sender::settle_call`]).
     #[inline(always)]
     fn send_spin(
         &mut self,
         tx: &mut Sender<'_>,
+        rx: &mut Receiver<'_>,
         m: &Payload,
         mut pause: impl FnMut(),
     ) -> Result<(), ChannelError> {
         loop {
             match self.try_send(tx, m) {
                 Ok(()) => return Ok(()),
-                Err(ChannelError::Full) => pause(),
+                Err(ChannelError::Full) => {
+                    self.after_full(tx, rx)?;
+                    pause()
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -598,6 +697,108 @@ mod tests {
         assert_eq!((got, reply), (Ok(()), msg(42)));
         assert!(pauses >= 2, "{pauses}");
         assert_eq!(w.recv(&mut rx, || {}), Ok(msg(50)));
+    }
+
+    /// `call_until`: a ring that stays full ends the turn with nothing sent; a reply that
+    /// does not come ends it with the call given up, whose late reply is then discarded
+    /// (by a send that needs its slot, or by the next call) and never taken for the next
+    /// call's reply; and the next call's reply is its own.
+    #[test]
+    fn a_call_with_a_deadline_gives_up_and_its_late_reply_is_discarded() {
+        let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+        let word = AtomicU64::new(link_word(true, 0));
+        let mut w = LinkWatch::new(&word);
+        let (mut tx, mut rx) = (Sender::new(ab.ring(2)), Receiver::new(ba.ring(2), 1));
+        let (mut ptx, mut prx) = (Sender::new(ba.ring(2)), Receiver::new(ab.ring(2), 1));
+        let mut reply = [0; crate::channel::WORDS];
+        // Full ring, deadline at the third look: nothing sent.
+        tx.try_send(&msg(1)).unwrap();
+        tx.try_send(&msg(2)).unwrap();
+        let mut looks = 0;
+        let got = w.call_until(
+            &mut tx,
+            &mut rx,
+            &msg(3),
+            &mut reply,
+            |_| {},
+            || {},
+            || {
+                looks += 1;
+                looks == 3
+            },
+        );
+        assert_eq!((got, looks), (Ok(CallEnd::NotSent), 3));
+        assert!(!tx.call_pending(), "the request never left");
+        assert_eq!(w.recv(&mut prx, || {}), Ok(msg(1)));
+        assert_eq!(w.recv(&mut prx, || {}), Ok(msg(2)));
+        // The peer takes the request and sits on it: the call is given up.
+        let got = w.call_until(
+            &mut tx,
+            &mut rx,
+            &msg(4),
+            &mut reply,
+            |_| {},
+            || {},
+            || {
+                if prx.owes() {
+                    return true;
+                }
+                assert_eq!(prx.try_recv(), Ok(Some(msg(4))));
+                false
+            },
+        );
+        assert_eq!(got, Ok(CallEnd::GivenUp));
+        assert!(tx.call_held() && prx.owes());
+        // A send into the other slot goes; the next would reuse the call's: Full.
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &msg(5)), Ok(false));
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &msg(6)), Err(ChannelError::Full));
+        assert_eq!(w.after_full(&mut tx, &mut rx), Ok(()));
+        assert!(tx.call_held(), "no reply yet: still held");
+        // The late reply comes: a blocking send's full path discards it, freeing the slot.
+        assert!(prx.reply(&mut ptx, &msg(400)));
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &msg(6)), Err(ChannelError::Full));
+        assert_eq!(w.after_full(&mut tx, &mut rx), Ok(()));
+        assert_eq!(w.try_send_or_reply(&mut tx, &mut rx, &msg(6)), Ok(false));
+        assert!(!tx.call_held());
+        assert_eq!(ba.ring(2).received(), 1, "the discarded reply was taken (counted)");
+        assert_eq!(w.recv(&mut prx, || {}), Ok(msg(5)));
+        assert_eq!(w.recv(&mut prx, || {}), Ok(msg(6)));
+        // Given up again; the next call waits for it to settle, then gets its own reply.
+        let got = w.call_until(
+            &mut tx,
+            &mut rx,
+            &msg(7),
+            &mut reply,
+            |_| {},
+            || {},
+            || {
+                if !prx.owes() {
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(7))));
+                }
+                true
+            },
+        );
+        assert_eq!(got, Ok(CallEnd::GivenUp));
+        let mut pauses = 0;
+        let got = w.call(
+            &mut tx,
+            &mut rx,
+            &msg(8),
+            &mut reply,
+            |_| {},
+            || {
+                pauses += 1;
+                if pauses == 2 {
+                    assert!(prx.reply(&mut ptx, &msg(700)), "the late reply to 7");
+                }
+                if pauses == 4 {
+                    assert_eq!(prx.try_recv(), Ok(Some(msg(8))));
+                    assert!(prx.reply(&mut ptx, &msg(800)));
+                }
+            },
+        );
+        assert_eq!((got, reply), (Ok(()), msg(800)), "the reply to 8, not the late one to 7");
+        assert_eq!(ba.ring(2).received(), 3);
     }
 
     #[test]

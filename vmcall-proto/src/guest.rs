@@ -319,6 +319,8 @@ pub const WORKLOADS: &[&str] = &[
     "tcpecho",
     "kvfront",
     "kvworker",
+    "impatient",
+    "laggard",
 ];
 
 /// What values a workload argument takes.
@@ -1053,6 +1055,29 @@ pub const WORKLOAD_SPECS: &[WorkloadSpec] = &[
             },
             int("after", 0, 1_000_000, 0, "requests served normally before `mode` applies"),
             int("polls", 0, 1_000_000, 100, "polls of the ring before sleeping on it"),
+        ],
+    },
+    WorkloadSpec {
+        name: "impatient",
+        summary: "a client that gives up: `n` calls with `Chan::call_until`, each with a \
+                  deadline of `ms`; checks that every reply it gets is its own request's \
+                  and counts the calls it gave up (a `laggard` answers some late)",
+        args: &[
+            CHANNEL,
+            int("n", 1, 1_000_000, 100, "calls"),
+            int("ms", 1, 60_000, 5, "each call's deadline"),
+        ],
+    },
+    WorkloadSpec {
+        name: "laggard",
+        summary: "a server that answers late: takes `n` calls and answers each, every \
+                  `every`-th one only after `lag_ms` (an `impatient` client gives those up); \
+                  checks every request is whole and in order",
+        args: &[
+            CHANNEL,
+            int("n", 1, 1_000_000, 100, "requests"),
+            int("every", 1, 1_000_000, 4, "which requests are answered late (every `every`-th)"),
+            int("lag_ms", 0, 60_000, 8, "how late"),
         ],
     },
 ];

@@ -40,7 +40,10 @@ pub mod kind {
     /// ...), among them the revoke protocol's own traffic through its core (`rv_sent`,
     /// `rv_received`: `REVOKE`/`REVOKE_REPLY` ring messages; `rv_mc_named`, `rv_mc_served`,
     /// `rv_mc_taken`: multicast requests and answers; `rv_exits`: guest exits that served
-    /// revoke work; `rv_own`, `rv_rounds`: its own revokes and the last one's rounds).
+    /// revoke work; `rv_own`, `rv_rounds`: its own revokes and the last one's rounds), and
+    /// its membership failure detector's (`mb_pings_sent`, `mb_pings_received`,
+    /// `mb_pongs_sent`, `mb_pongs_received`, `mb_probe_exits`: guest exits after which it
+    /// counted one; `mb_unattributed`: view-change messages no `vchange` record had room for).
     pub const GUEST: &str = "guest";
     /// One incarnation of a guest ended (printed by its core when it does): `guest`, `n`
     /// (1 for the first start), `ending` (`exited`/`stopped`), `exit_status`, `fault`
@@ -61,6 +64,14 @@ pub mod kind {
     /// A membership view installed on a core: `core num members by tsc` (`members`: the
     /// core indices, space-separated; `by`: the core that coordinated it).
     pub const VIEW: &str = "view";
+    /// What one core sent and handled for one membership view change (printed when it
+    /// installs the view; at its end for a change it never installed, `installed=0`):
+    /// `core num installed sent received rounds exits tsc_first tsc_last` (`sent`,
+    /// `received`: quoted `kind:count` words of the view-change messages, zeros left out;
+    /// `rounds`: ballots it tried as the coordinator; `exits`: its guest's exits after which
+    /// it counted one; `tsc_first`, `tsc_last`: its first and last such message). A message
+    /// counts for the change after the view its core had installed then.
+    pub const VCHANGE: &str = "vchange";
     /// A core's failure detector (or a round's deadline) fenced another: `core target tsc`.
     pub const SUSPECT: &str = "suspect";
     /// `inject=hung-core:N` fired: `core tsc` (the moment it stopped answering).

@@ -38,7 +38,7 @@ mod tcpecho;
 
 type Workload = fn(&BootInfo) -> u64;
 
-const REGISTRY: [(&str, Workload); 40] = [
+const REGISTRY: [(&str, Workload); 42] = [
     ("hello", hello),
     ("spin", spin),
     ("fault", fault),
@@ -79,6 +79,8 @@ const REGISTRY: [(&str, Workload); 40] = [
     ("tcpecho", tcpecho::tcpecho),
     ("kvfront", kvfront::kvfront),
     ("kvworker", kvworker::kvworker),
+    ("impatient", netloads::impatient),
+    ("laggard", netloads::laggard),
 ];
 const _: () = assert!(REGISTRY.len() == vmcall_proto::guest::WORKLOADS.len());
 

@@ -811,3 +811,81 @@ pub fn trespass(bi: &BootInfo) -> u64 {
     log::error!("trespass: read {v:#x}: another pair's channel is reachable");
     1
 }
+
+/// `impatient`: `n` calls with [`Chan::call_until`], each with a deadline of `ms`. Every
+/// reply it gets must be its own request's (a late reply to a call it gave up is the
+/// library's to discard, never this call's reply); it counts the calls it gave up. Exits 0
+/// when every reply it got was right.
+pub fn impatient(bi: &BootInfo) -> u64 {
+    use crate::channel::CallEnd;
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let (n, ms) = (bi.arg_int("n"), bi.arg_int("ms"));
+    let (mut replied, mut gave_up, mut not_sent) = (0u64, 0u64, 0u64);
+    let mut reply = [0u64; vmcall_proto::channel::WORDS];
+    for i in 0..n {
+        // The first call waits up to 10 s: the server may still be starting.
+        let wait = if i == 0 { 10_000 } else { ms };
+        let deadline = rdtsc().saturating_add(wait.saturating_mul(bi.tsc_per_ms));
+        match c.call_until(&message(i, 0), &mut reply, deadline) {
+            Ok(CallEnd::Replied) if reply == message(i, 1) => replied += 1,
+            Ok(CallEnd::Replied) => {
+                log::error!("impatient: the reply to call {i} is not its own: {:?}", &reply[..2]);
+                return 1;
+            }
+            Ok(CallEnd::GivenUp) => gave_up += 1,
+            Ok(CallEnd::NotSent) => {
+                // The server expects every request in order: one not sent ends the run.
+                not_sent += 1;
+                log::error!("impatient: call {i} could not be sent in time");
+                break;
+            }
+            Err(e) => return corrupt("impatient", e),
+        }
+    }
+    log::info!(
+        "impatient: {n} calls, {replied} replied in time, {gave_up} given up, {not_sent} not \
+         sent; every reply its own call's; still held at the end: {}",
+        c.call_held() as u8
+    );
+    (not_sent != 0) as u64
+}
+
+/// `laggard`: takes `n` requests (polling, each within 10 s) and answers each with its reply,
+/// every `every`-th only after spinning `lag_ms`. Exits 0 when every request came whole
+/// and in order.
+pub fn laggard(bi: &BootInfo) -> u64 {
+    let Some(mut c) = open(bi, "channel") else { return 1 };
+    let (n, every, lag) = (bi.arg_int("n"), bi.arg_int("every"), bi.arg_int("lag_ms"));
+    let mut late = 0u64;
+    for i in 0..n {
+        // Polling (the client does not ring), each request within 10 s.
+        let deadline = rdtsc().saturating_add(10_000 * bi.tsc_per_ms);
+        let req = loop {
+            match c.try_recv() {
+                Ok(Some(m)) => break m,
+                Ok(None) if rdtsc() >= deadline => {
+                    log::error!("laggard: request {i} did not come within 10 s");
+                    return 1;
+                }
+                Ok(None) => core::hint::spin_loop(),
+                Err(e) => return corrupt("laggard", e),
+            }
+        };
+        if req != message(i, 0) {
+            log::error!("laggard: request {i} wrong: {:?}", &req[..2]);
+            return 1;
+        }
+        if (i + 1) % every == 0 {
+            let t = rdtsc();
+            while rdtsc() - t < lag * bi.tsc_per_ms {
+                core::hint::spin_loop();
+            }
+            late += 1;
+        }
+        if let Err(e) = c.send(&message(i, 1)) {
+            return corrupt("laggard", e);
+        }
+    }
+    log::info!("laggard: {n} requests whole and in order, {late} answered {lag} ms late");
+    0
+}

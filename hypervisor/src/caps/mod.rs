@@ -10,7 +10,7 @@
 //! May call: `vmcall_proto` (the capability space and ABI), [`proto`], [`control`],
 //! [`links`], [`env`](mod@env) (the [`Env`] trait), [`mcast`] (the multicast request's layout),
 //! [`op`] (message kinds), `policy` (settings and counters), `members` (core membership,
-//! whose messages share the rings), `console` (a turn at the UART while serving the inbox,
+//! whose messages share the rings), [`mcount`] (membership's transport, counting), `console` (a turn at the UART while serving the inbox,
 //! never while this core waits for its own operation). Nothing else of the hypervisor: `exits` calls into this
 //! module, never the other way.
 
@@ -18,6 +18,7 @@ pub mod control;
 pub mod env;
 pub mod links;
 pub mod mcast;
+pub mod mcount;
 #[cfg(test)]
 mod model;
 pub mod op;
@@ -193,6 +194,8 @@ pub struct CapCore<const E: usize> {
     pub ctl: control::Control,
     /// Core membership: this core's copy of the view, and its part in changing it.
     pub members: members::Members,
+    /// Membership's view changes this core takes part in, counted (see [`mcount`]).
+    pub views: mcount::ViewLog,
     /// Cores fenced since the run loop last logged it.
     pub suspected_unlogged: u64,
     last_transfer: [u64; MAX_PEERS],
@@ -268,6 +271,7 @@ impl<const E: usize> CapCore<E> {
             addr_of_mut!((*p).mc_ready).write(0);
             addr_of_mut!((*p).ctl).write(control::Control::default());
             addr_of_mut!((*p).members).write(members::Members::new(core as usize, 0, INERT, 0));
+            addr_of_mut!((*p).views).write(mcount::ViewLog::default());
             addr_of_mut!((*p).suspected_unlogged).write(0);
             addr_of_mut!((*p).last_transfer).write([0; MAX_PEERS]);
             addr_of_mut!((*p).stats).write(Stats::default());
@@ -297,6 +301,7 @@ impl<const E: usize> CapCore<E> {
             mc_ready: 0,
             ctl: control::Control::default(),
             members: members::Members::new(core as usize, 0, INERT, 0),
+            views: mcount::ViewLog::default(),
             suspected_unlogged: 0,
             last_transfer: [0; MAX_PEERS],
             stats: Stats::default(),
@@ -716,11 +721,23 @@ impl<const E: usize> CapCore<E> {
                 self.proto.expire(env, now, &mut self.stats);
             }
             if now >= due {
-                self.members.tick(env);
+                self.with_members(env, |m, net| m.tick(net));
                 self.members_effects(env);
             }
         }
         n
+    }
+
+    /// Calls membership `f` with this core's transport, which counts its messages
+    /// ([`mcount`]): every call into `members` that may send or handle a message goes
+    /// through here.
+    pub fn with_members<N: Env, R>(
+        &mut self,
+        env: &mut N,
+        f: impl FnOnce(&mut members::Members, &mut mcount::Counted<'_, N>) -> R,
+    ) -> R {
+        let mut net = mcount::Counted { env, log: &mut self.views, probes: &mut self.stats.probes };
+        f(&mut self.members, &mut net)
     }
 
     /// Serves the inbox until `done` holds or `deadline` (TSC) has passed: whether `done`.
@@ -792,7 +809,7 @@ impl<const E: usize> CapCore<E> {
     /// `self.unmaps` (see [`Deferring`]).
     fn deliver_one(&mut self, env: &mut impl Env, from: usize, m: &Payload) {
         if members::is_member(m) {
-            self.members.deliver(env, from, m);
+            self.with_members(env, |me, net| me.deliver(net, from, m));
             self.members_effects(env);
             return;
         }

@@ -3,7 +3,8 @@
 //! line's tunables) and what it counts ([`Stats`], reported with its guest). Plain data,
 //! shared by `caps` and `proto` (re-exported as `caps::{Policy, Revoke, Stats}`).
 //!
-//! May call: `members` (the number of cores addressed), nothing else.
+//! May call: `members` (the number of cores addressed), `mcount` (the detector's counters),
+//! nothing else.
 
 use crate::members::MAX_PEERS;
 
@@ -66,6 +67,9 @@ pub struct Stats {
     pub revoke_tsc: u64,
     /// The revoke protocol's own traffic through this core (see [`RevokeCounts`]).
     pub revoke: RevokeCounts,
+    /// The membership failure detector's traffic through this core, and view-change
+    /// messages no record had room for (see `caps::mcount`).
+    pub probes: super::mcount::ProbeCounts,
 }
 
 /// What this core did for revokes, its own and other cores' (counted by `proto`, and by
@@ -114,6 +118,7 @@ impl Default for Stats {
             unmap_failed: false,
             revoke_tsc: 0,
             revoke: RevokeCounts::default(),
+            probes: super::mcount::ProbeCounts::default(),
         }
     }
 }

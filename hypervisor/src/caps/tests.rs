@@ -1881,3 +1881,156 @@ fn a_revoke_counts_its_own_messages_and_rounds_on_every_core() {
         assert!(net.cores.iter().all(|c| c.idle()));
     }
 }
+
+/// Membership view changes counted per change on every core (`caps::mcount`): 4 cores in
+/// view 0, no failure detector (only the change's own messages). Core 1 asks out, then
+/// back in through core 0; the cores are polled round robin (what each poll counts is one
+/// exit of the run loop). Expected figures from the protocol (members/mod.rs):
+/// * change 1 (core 1 out; coordinator 3, the highest): core 1's `WISH` and its
+///   `WISH_ACK`, then one round: `PREPARE`, `PROMISE`, `ACCEPT`, `ACCEPTED` with each of
+///   the 3 others, and a `COMMIT` to each (old view's cores): 2 + 5 x 3 = 17 messages.
+/// * change 2 (core 1 back, through core 0): after the first `COMMIT` cores 0 and 2 tell
+///   the coordinator the intent that `COMMIT` applied (a `WISH` each, acknowledged: the
+///   protocol re-tells an applied intent, 4 messages); core 1 asks core 0 (`WISH`, ack),
+///   core 0 passes it on (`WISH`, ack); the round asks the 2 others of view 1 (4 x 2) and
+///   commits to cores 0, 1 and 2 (3): 4 + 4 + 8 + 3 = 19.
+/// * change 3 (never made): cores 1 and 2 re-tell core 1's intent after the second
+///   `COMMIT` (2 `WISH`, 2 acks): open records when the run ends.
+///
+/// A message counts for the change after the view its core had installed then, on each
+/// side: here every message is sent and handled in the same change.
+#[test]
+fn membership_counts_each_view_changes_messages_rounds_and_exits_on_every_core() {
+    use super::mcount::{ViewCounts, KIND_NAMES};
+    let mut net = Net::new(4, 0);
+    let timing = members::Timing { period: 0, timeout: 1 << 40, grace: 0 };
+    for c in 0..4 {
+        net.cores[c].members = members::Members::new(c, 0b1111, timing, 0);
+    }
+    net.serve_inbox = true;
+    // Polls round robin until every ring is empty, as the run loop's serve after an exit.
+    let quiesce = |net: &mut Net| {
+        for _ in 0..100 {
+            for c in 0..4 {
+                net.with(c, |k, env| {
+                    k.views.untouch(&mut k.stats.probes);
+                    k.poll(env);
+                    k.views.exit_served(&mut k.stats.probes);
+                });
+            }
+            if net.queues.iter().all(|q| q.is_empty()) {
+                return;
+            }
+        }
+        panic!("the rings never emptied");
+    };
+    // (sent, received) by kind name, and rounds and exits, of a record.
+    type Kinds = Vec<(&'static str, u32)>;
+    let kinds = |v: &ViewCounts| -> (Kinds, Kinds) {
+        let pick = |a: &[u32]| {
+            KIND_NAMES.iter().zip(a).filter(|(_, n)| **n > 0).map(|(k, n)| (*k, *n)).collect()
+        };
+        (pick(&v.sent), pick(&v.received))
+    };
+    let take = |net: &mut Net, c: usize, num: u32| -> ViewCounts {
+        let v = net.cores[c].views.take_upto(num).expect("a record");
+        assert_eq!(v.num, num, "core {c}: the oldest open record");
+        v
+    };
+    net.with(1, |k, env| k.with_members(env, |m, n| m.leave(n)));
+    quiesce(&mut net);
+    assert!(net.cores.iter().all(|k| k.members.view().num == 1));
+    let one: Vec<ViewCounts> = (0..4).map(|c| take(&mut net, c, 1)).collect();
+    for c in [0, 2] {
+        let want = (
+            vec![("promise", 1), ("accepted", 1)],
+            vec![("prepare", 1), ("accept", 1), ("commit", 1)],
+        );
+        assert_eq!(kinds(&one[c]), want, "core {c}");
+    }
+    let want = (
+        vec![("wish", 1), ("promise", 1), ("accepted", 1)],
+        vec![("wish_ack", 1), ("prepare", 1), ("accept", 1), ("commit", 1)],
+    );
+    assert_eq!(kinds(&one[1]), want, "core 1");
+    let want = (
+        vec![("wish_ack", 1), ("prepare", 3), ("accept", 3), ("commit", 3)],
+        vec![("wish", 1), ("promise", 3), ("accepted", 3)],
+    );
+    assert_eq!(kinds(&one[3]), want, "core 3, the coordinator");
+    assert_eq!(one.iter().map(|v| v.rounds).collect::<Vec<_>>(), [0, 0, 0, 1]);
+    assert_eq!(one.iter().map(ViewCounts::sent_total).sum::<u32>(), 2 + 5 * 3);
+    assert_eq!(one.iter().map(ViewCounts::received_total).sum::<u32>(), 2 + 5 * 3);
+    // Polls that counted one: the PREPARE (with the WISH_ACK on core 1), the ACCEPT, the
+    // COMMIT; the coordinator's: the WISH, the 3 PROMISEs (one poll), the 3 ACCEPTEDs.
+    assert_eq!(one.iter().map(|v| v.exits).collect::<Vec<_>>(), [3, 3, 3, 3]);
+
+    net.with(1, |k, env| k.with_members(env, |m, n| m.join(n, 0)));
+    quiesce(&mut net);
+    assert!(net.cores.iter().all(|k| k.members.view() == members::View { num: 2, set: 0b1111 }));
+    let two: Vec<ViewCounts> = (0..4).map(|c| take(&mut net, c, 2)).collect();
+    let want = (
+        vec![("wish", 2), ("wish_ack", 1), ("promise", 1), ("accepted", 1)],
+        vec![("wish", 1), ("wish_ack", 2), ("prepare", 1), ("accept", 1), ("commit", 1)],
+    );
+    assert_eq!(kinds(&two[0]), want, "core 0: re-tells, then passes core 1's wish on");
+    assert_eq!(kinds(&two[1]), (vec![("wish", 1)], vec![("wish_ack", 1), ("commit", 1)]));
+    let want = (
+        vec![("wish", 1), ("promise", 1), ("accepted", 1)],
+        vec![("wish_ack", 1), ("prepare", 1), ("accept", 1), ("commit", 1)],
+    );
+    assert_eq!(kinds(&two[2]), want, "core 2");
+    let want = (
+        vec![("wish_ack", 3), ("prepare", 2), ("accept", 2), ("commit", 3)],
+        vec![("wish", 3), ("promise", 2), ("accepted", 2)],
+    );
+    assert_eq!(kinds(&two[3]), want, "core 3");
+    assert_eq!(two.iter().map(|v| v.rounds).collect::<Vec<_>>(), [0, 0, 0, 1]);
+    assert_eq!(two.iter().map(ViewCounts::sent_total).sum::<u32>(), 4 + 4 + 8 + 3);
+    assert_eq!(two.iter().map(ViewCounts::received_total).sum::<u32>(), 19);
+    // Core 0: the first COMMIT (its WISH left), that WISH's ack, core 1's WISH, the ack
+    // with the PREPARE, the ACCEPT, the COMMIT; core 1: the ack, the COMMIT; core 2 as
+    // core 0 without core 1's wish; core 3: two WISHes, then one, the PROMISEs, the
+    // ACCEPTEDs.
+    assert_eq!(two.iter().map(|v| v.exits).collect::<Vec<_>>(), [6, 2, 5, 4]);
+
+    // Change 3 was never made: its records stay open (the run loop prints them at its end).
+    assert!(net.cores[0].views.take_any().is_none(), "core 0 told nothing more");
+    let three: Vec<ViewCounts> = [1, 2, 3].map(|c| take(&mut net, c, 3)).to_vec();
+    assert_eq!(kinds(&three[0]), (vec![("wish", 1)], vec![("wish_ack", 1)]));
+    assert_eq!(kinds(&three[1]), (vec![("wish", 1)], vec![("wish_ack", 1)]));
+    assert_eq!(kinds(&three[2]), (vec![("wish_ack", 2)], vec![("wish", 2)]));
+    assert!(net.cores.iter_mut().all(|k| k.views.take_any().is_none()));
+    // No detector: no probe; nothing went unattributed.
+    assert!(net.cores.iter().all(|k| k.stats.probes == Default::default()));
+}
+
+/// With every record open, a message of one more change is counted as unattributed (no
+/// allocation, nothing overwritten); a record taken makes room again.
+#[test]
+fn membership_counts_beyond_the_open_records_are_unattributed() {
+    use super::mcount::{Counted, ProbeCounts, ViewLog, VIEW_RECORDS};
+    use members::Net as _;
+    let mut net = Net::new(2, 0);
+    let (mut log, mut probes) = (ViewLog::default(), ProbeCounts::default());
+    let wish: Payload = [members::op::WISH, 0, 0, 0, 0, 0, 0];
+    let ping: Payload = [members::op::PING, 0, 0, 0, 0, 0, 0];
+    net.with(0, |_, env| {
+        let mut n = Counted { env, log: &mut log, probes: &mut probes };
+        for view in 0..=VIEW_RECORDS as u32 {
+            n.count(view, true, &wish);
+        }
+        n.count(0, true, &ping);
+        n.count(0, false, &ping);
+    });
+    assert_eq!(probes.unattributed, 1);
+    assert_eq!((probes.pings_sent, probes.pings_received), (1, 1));
+    let first = log.take_upto(1).unwrap();
+    assert_eq!((first.num, first.sent[0]), (1, 1));
+    net.with(0, |_, env| {
+        Counted { env, log: &mut log, probes: &mut probes }.count(VIEW_RECORDS as u32, true, &wish)
+    });
+    assert_eq!(probes.unattributed, 1, "room again");
+    let nums: Vec<u32> = std::iter::from_fn(|| log.take_any()).map(|v| v.num).collect();
+    assert_eq!(nums, (2..=VIEW_RECORDS as u32 + 1).collect::<Vec<_>>());
+}

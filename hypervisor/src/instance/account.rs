@@ -51,7 +51,39 @@ pub(super) fn log_views(caps: &mut crate::caps::HvCaps, core: u32) {
             ch.by,
             arch::rdtsc()
         );
+        // What this core did for the changes up to this view: complete now (see
+        // `caps::mcount`); a change skipped here (installed with a later one) has its own.
+        while let Some(v) = caps.views.take_upto(ch.new.num) {
+            log_change(&v, core, v.num == ch.new.num);
+        }
     }
+}
+
+/// Logs the view changes this core counted messages of and has not installed (when its
+/// guest is down for good, and at its end); a later record of the same change (its core
+/// counted more, then installed it) adds to this one.
+pub(super) fn log_open_changes(caps: &mut crate::caps::HvCaps, core: u32) {
+    while let Some(v) = caps.views.take_any() {
+        log_change(&v, core, false);
+    }
+}
+
+/// One view change's record (`vchange`): what this core sent and handled for it.
+fn log_change(v: &crate::caps::mcount::ViewCounts, core: u32, installed: bool) {
+    use crate::caps::mcount::Kinds;
+    use vmcall_proto::record::{kind, Quoted};
+    crate::record!(
+        kind::VCHANGE,
+        "core={core} num={} installed={} sent={} received={} rounds={} exits={} tsc_first={} tsc_last={}",
+        v.num,
+        installed as u8,
+        Quoted(Kinds(&v.sent)),
+        Quoted(Kinds(&v.received)),
+        v.rounds,
+        v.exits,
+        v.first,
+        v.last
+    );
 }
 
 /// Core indices of a set, space-separated.

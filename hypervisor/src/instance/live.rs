@@ -272,13 +272,18 @@ impl<'g, 'a, B: crate::vcpu::Vcpu> Live<'g, 'a, B> {
     fn serve(&mut self, now: u64) -> Result<(), Ending> {
         let t0 = arch::rdtsc();
         let before = self.ctx.caps.stats.revoke;
-        let served = self.ctx.caps.poll(&mut self.vcpu);
+        let caps = &mut *self.ctx.caps;
+        caps.views.untouch(&mut caps.stats.probes);
+        let served = caps.poll(&mut self.vcpu);
         let t1 = arch::rdtsc();
         let after = &mut self.ctx.caps.stats.revoke;
         if after.worked_since(&before) {
             // The exit this serve follows brought revoke work (a kick, or work met there).
             after.exits = after.exits.saturating_add(1);
         }
+        // And membership work: each view change (and the detector) it counted a message of.
+        let caps = &mut *self.ctx.caps;
+        caps.views.exit_served(&mut caps.stats.probes);
         log_views(self.ctx.caps, self.g.core);
         if self.ctx.caps.members.evicted() {
             // Taken for stopped while alive: the others fenced this core and go on

@@ -67,6 +67,10 @@ pub fn run<B: crate::vcpu::Vcpu>(
     for &(t, _) in &l.targets[..l.target_count] {
         Control::release(&mut link, t as usize);
     }
+    // The view changes it counted messages of and has not installed: printed now, before
+    // the BSP can end the run (it waits for this core's report, not for what follows);
+    // what this core counts later is printed when it installs a view, or at its end.
+    log_open_changes(caps, core);
     if let Some(r) = g.final_report(&link) {
         // What posting writes (the exit trace) takes a while: the inbox is served
         // between its records.
@@ -78,8 +82,9 @@ pub fn run<B: crate::vcpu::Vcpu>(
     g.serve_while(caps, &mut link, &keep_serving);
     // The run ends: the other cores stop probing (none is taken for hung while the
     // BSP writes the summary).
-    caps.members.end(&mut link);
+    caps.with_members(&mut link, |m, net| m.end(net));
     log_views(caps, core);
+    log_open_changes(caps, core);
     caps.members.fenced()
 }
 

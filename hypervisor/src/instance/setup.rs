@@ -218,12 +218,12 @@ pub(super) fn leave<B: crate::vcpu::Vcpu>(
 ) -> bool {
     let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
-    caps.members.leave(link);
+    caps.with_members(link, |m, net| m.leave(net));
     let deadline = arch::rdtsc().saturating_add(wait);
     let out = |c: &crate::caps::HvCaps| !c.members.member();
     if !caps.serve_until(link, deadline, |c| log_views(c, core), out) {
         log::warn!("guest {}: its core could not leave the view in time", name(l));
-        caps.members.stay(link);
+        caps.with_members(link, |m, net| m.stay(net));
         return false;
     }
     log::info!("guest {}: its core is out of the view, parked", name(l));
@@ -240,7 +240,7 @@ pub(super) fn join<B: crate::vcpu::Vcpu>(
 ) -> bool {
     let (l, core) = (g.l, g.core);
     let wait = caps.members.timeout().saturating_mul(4);
-    caps.members.join(link, via);
+    caps.with_members(link, |m, net| m.join(net, via));
     let deadline = arch::rdtsc().saturating_add(wait);
     let back = |c: &crate::caps::HvCaps| c.members.member();
     if !caps.serve_until(link, deadline, |c| log_views(c, core), back) {

@@ -85,6 +85,8 @@ pub trait Net {
     fn send(&mut self, to: usize, m: &Payload) -> bool;
     /// Makes core `to` look at its inbox soon.
     fn kick(&mut self, to: usize);
+    /// Message `m` was sent (`sent`) or is handled here, view `view` installed: for counting.
+    fn count(&mut self, _view: u32, _sent: bool, _m: &Payload) {}
 }
 
 /// The membership messages' kinds (word 0, low byte), numbered among the other kinds
@@ -672,6 +674,7 @@ impl Members {
 
     fn send(&mut self, env: &mut impl Net, to: usize, m: &Payload, kick: bool) {
         if env.send(to, m) {
+            env.count(self.view.num, true, m);
             if kick {
                 env.kick(to);
             }
@@ -906,6 +909,7 @@ impl Members {
             return;
         }
         self.heard |= bit(from);
+        env.count(self.view.num, false, m);
         let w = |i: usize| m[i];
         match m[0] & 0xff {
             // Out by its own verdict, it answers no probe: its prober fences it as it would a

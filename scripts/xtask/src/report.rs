@@ -99,6 +99,9 @@ pub struct GuestReport {
     /// exact per operation in a run whose only revoke is that one.
     #[serde(default)]
     pub revoke: RevokeTraffic,
+    /// Its core's membership failure detector's traffic over the run.
+    #[serde(default)]
+    pub probes: ProbeTraffic,
     /// Cores its core declared failed (fenced) for not answering in time.
     #[serde(default)]
     pub fenced: Vec<u32>,
@@ -131,6 +134,110 @@ pub struct RevokeTraffic {
     pub own: u64,
     /// Rounds of its last own revoke, measured: the longest chain of requests.
     pub rounds: u64,
+}
+
+/// What a guest's core's membership failure detector did over the run (the `mb_*` fields
+/// of its `guest` record; the hypervisor's `caps::mcount::ProbeCounts`).
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProbeTraffic {
+    /// `PING`s sent (to the member it probes) and received (from the member probing it).
+    pub pings_sent: u64,
+    pub pings_received: u64,
+    /// `PONG`s sent and received.
+    pub pongs_sent: u64,
+    pub pongs_received: u64,
+    /// Its guest's VM exits after which its core counted a probe or an answer.
+    pub exits: u64,
+    /// View-change messages that found no free per-view record (none in a run that stays
+    /// within the hypervisor's bound: counted here instead of in `view_changes`).
+    pub unattributed: u64,
+}
+
+/// View-change messages by kind (a `vchange` record's `sent` or `received`).
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberMessages {
+    pub wish: u64,
+    pub wish_ack: u64,
+    pub prepare: u64,
+    pub promise: u64,
+    pub accept: u64,
+    pub accepted: u64,
+    pub nack: u64,
+    pub commit: u64,
+    pub catchup: u64,
+}
+
+impl MemberMessages {
+    /// From `kind:count` words; `None` for an unknown kind or a malformed word.
+    fn parse(text: &str) -> Option<Self> {
+        let mut m = MemberMessages::default();
+        for (k, v) in counts(text)? {
+            *match k.as_str() {
+                "wish" => &mut m.wish,
+                "wish_ack" => &mut m.wish_ack,
+                "prepare" => &mut m.prepare,
+                "promise" => &mut m.promise,
+                "accept" => &mut m.accept,
+                "accepted" => &mut m.accepted,
+                "nack" => &mut m.nack,
+                "commit" => &mut m.commit,
+                "catchup" => &mut m.catchup,
+                _ => return None,
+            } += v;
+        }
+        Some(m)
+    }
+
+    /// All kinds.
+    pub fn total(&self) -> u64 {
+        let m = self;
+        m.wish
+            + m.wish_ack
+            + m.prepare
+            + m.promise
+            + m.accept
+            + m.accepted
+            + m.nack
+            + m.commit
+            + m.catchup
+    }
+
+    /// Adds `o`, kind by kind.
+    pub fn add(&mut self, o: &MemberMessages) {
+        self.wish += o.wish;
+        self.wish_ack += o.wish_ack;
+        self.prepare += o.prepare;
+        self.promise += o.promise;
+        self.accept += o.accept;
+        self.accepted += o.accepted;
+        self.nack += o.nack;
+        self.commit += o.commit;
+        self.catchup += o.catchup;
+    }
+}
+
+/// One membership view change as one core took part in it (its `vchange` records, added
+/// up): a message counts for the change after the view its core had installed when it sent
+/// or handled it.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct ViewChangeReport {
+    /// The core.
+    pub core: u32,
+    /// The view the change installs.
+    pub num: u32,
+    /// Whether the core installed that view (false: the run ended first, or it installed
+    /// a later one directly).
+    pub installed: bool,
+    /// View-change messages it sent and handled, by kind.
+    pub sent: MemberMessages,
+    pub received: MemberMessages,
+    /// Ballots it tried as the change's coordinator (0 on the other cores).
+    pub rounds: u32,
+    /// Its guest's VM exits after which its core counted a message of the change.
+    pub exits: u64,
+    /// Its first and last message of the change (0: none).
+    pub tsc_first: u64,
+    pub tsc_last: u64,
 }
 
 /// A traced guest's totals (from its `tracesum` record), in `tsc_unit`. Exact whatever the
@@ -268,6 +375,8 @@ struct GuestJson {
     away_tsc: u64,
     #[serde(default)]
     revoke: RevokeTraffic,
+    #[serde(default)]
+    probes: ProbeTraffic,
     fenced: Vec<u32>,
     incarnations: Vec<IncarnationReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,6 +413,7 @@ impl From<GuestReport> for GuestJson {
             revoke_tsc: g.revoke_tsc,
             away_tsc: g.away_tsc,
             revoke: g.revoke,
+            probes: g.probes,
             fenced: g.fenced,
             trace: g.trace,
             incarnations: g.incarnations,
@@ -423,6 +533,10 @@ pub struct Report {
     /// Core membership: every view each core installed, in the order logged.
     #[serde(default)]
     pub views: Vec<ViewReport>,
+    /// Core membership: what each core sent and handled for each view change, in the
+    /// order logged (`vchange` records).
+    #[serde(default)]
+    pub view_changes: Vec<ViewChangeReport>,
     /// Cores hung on purpose (`inject=hung-core`).
     #[serde(default)]
     pub hangs: Vec<HangReport>,
@@ -474,6 +588,7 @@ pub(crate) fn for_tests(c: &mut Console) -> Report {
         channels: vec![],
         devices: c.devices.clone(),
         views: vec![],
+        view_changes: c.view_changes.clone(),
         hangs: vec![],
         suspicions: vec![],
         missing: None,
@@ -561,6 +676,7 @@ pub struct Console {
     pub channels: Vec<ChannelReport>,
     pub devices: Vec<DeviceReport>,
     pub views: Vec<ViewReport>,
+    pub view_changes: Vec<ViewChangeReport>,
     pub hangs: Vec<HangReport>,
     pub suspicions: Vec<SuspectReport>,
     pub host_requests: Vec<HostRequest>,
@@ -697,6 +813,14 @@ impl Console {
                             exits: num(&r, "rv_exits").unwrap_or(0),
                             own: num(&r, "rv_own").unwrap_or(0),
                             rounds: num(&r, "rv_rounds").unwrap_or(0),
+                        },
+                        probes: ProbeTraffic {
+                            pings_sent: num(&r, "mb_pings_sent").unwrap_or(0),
+                            pings_received: num(&r, "mb_pings_received").unwrap_or(0),
+                            pongs_sent: num(&r, "mb_pongs_sent").unwrap_or(0),
+                            pongs_received: num(&r, "mb_pongs_received").unwrap_or(0),
+                            exits: num(&r, "mb_probe_exits").unwrap_or(0),
+                            unattributed: num(&r, "mb_unattributed").unwrap_or(0),
                         },
                         fenced: r
                             .get("fenced")
@@ -911,6 +1035,45 @@ impl Console {
                     None => self.problems.push(format!("view record without its fields: {line}")),
                 }
             }
+            kind::VCHANGE => {
+                let v = (|| {
+                    Some(ViewChangeReport {
+                        core: num(&r, "core")?,
+                        num: num(&r, "num")?,
+                        installed: num::<u32>(&r, "installed")? != 0,
+                        sent: MemberMessages::parse(&unescape(r.get("sent")?))?,
+                        received: MemberMessages::parse(&unescape(r.get("received")?))?,
+                        rounds: num(&r, "rounds")?,
+                        exits: num(&r, "exits")?,
+                        tsc_first: num(&r, "tsc_first")?,
+                        tsc_last: num(&r, "tsc_last")?,
+                    })
+                })();
+                match v {
+                    // A core prints the changes it has not installed when its guest is
+                    // down for good; a later record of the same change adds to it.
+                    Some(v) => match self
+                        .view_changes
+                        .iter_mut()
+                        .find(|o| (o.core, o.num) == (v.core, v.num))
+                    {
+                        Some(o) => {
+                            o.installed |= v.installed;
+                            o.sent.add(&v.sent);
+                            o.received.add(&v.received);
+                            o.rounds += v.rounds;
+                            o.exits += v.exits;
+                            let firsts = [o.tsc_first, v.tsc_first].into_iter().filter(|&t| t != 0);
+                            o.tsc_first = firsts.min().unwrap_or(0);
+                            o.tsc_last = o.tsc_last.max(v.tsc_last);
+                        }
+                        None => self.view_changes.push(v),
+                    },
+                    None => {
+                        self.problems.push(format!("vchange record without its fields: {line}"))
+                    }
+                }
+            }
             kind::SUSPECT => match (num(&r, "core"), num(&r, "target"), num(&r, "tsc")) {
                 (Some(core), Some(target), Some(tsc)) => {
                     self.suspicions.push(SuspectReport { core, target, tsc })
@@ -992,6 +1155,7 @@ impl Console {
                 revoke_tsc: 0,
                 away_tsc: 0,
                 revoke: RevokeTraffic::default(),
+                probes: ProbeTraffic::default(),
                 fenced: vec![],
                 incarnations,
                 trace: None,

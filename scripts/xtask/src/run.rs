@@ -1155,6 +1155,7 @@ pub fn run(args: &RunArgs) -> Result<Report> {
         channels: console.channels,
         devices: console.devices,
         views: console.views,
+        view_changes: console.view_changes,
         hangs: console.hangs,
         suspicions: console.suspicions,
         missing: console.missing,
@@ -1199,6 +1200,71 @@ pub fn views_summary(views: &[crate::report::ViewReport]) -> String {
         if vs.iter().any(|v| v.members != vs[0].members) {
             s += &format!("  problem: cores disagree on view {num}\n");
         }
+    }
+    s
+}
+
+/// One line per view change of a run (its `vchange` records): messages sent by kind summed
+/// over the cores, the coordinator's share and rounds, the cores' exits, and the time from
+/// the change's first message anywhere to the last core's install of its view (its last
+/// message of the change; one TSC across cores).
+pub fn view_changes_summary(r: &crate::report::Report) -> String {
+    use crate::report::MemberMessages;
+    let mut by_num: std::collections::BTreeMap<u32, Vec<&crate::report::ViewChangeReport>> =
+        Default::default();
+    for v in &r.view_changes {
+        by_num.entry(v.num).or_default().push(v);
+    }
+    let mut s = String::new();
+    for (num, vs) in by_num {
+        let mut sent = MemberMessages::default();
+        vs.iter().for_each(|v| sent.add(&v.sent));
+        let by = r.views.iter().find(|v| v.num == num).map(|v| v.by);
+        let coord = vs.iter().find(|v| Some(v.core) == by);
+        let installed = vs.iter().filter(|v| v.installed).count();
+        let exits: u64 = vs.iter().map(|v| v.exits).sum();
+        let first = vs.iter().map(|v| v.tsc_first).filter(|&t| t != 0).min();
+        // A record's last message is the install for a core that installed the view (what
+        // comes after counts for the next change).
+        let last = vs.iter().filter(|v| v.installed).map(|v| v.tsc_last).max();
+        let kinds = serde_json::to_value(sent).unwrap_or_default();
+        let words: Vec<String> = kinds
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        s += &format!(
+            "  view change {num}: {} messages ({}) on {} cores, {installed} installed; ",
+            sent.total(),
+            words.join(", "),
+            vs.len()
+        );
+        match coord {
+            Some(c) => {
+                s += &format!(
+                    "coordinator core {} sent {} in {} round(s); ",
+                    c.core,
+                    c.sent.total(),
+                    c.rounds
+                )
+            }
+            None => s += "coordinator not among them; ",
+        }
+        s += &format!("{exits} exits");
+        if let (Some(a), Some(b)) = (first, last) {
+            s += &format!(
+                "; {} TSC from its first message to its last install",
+                b.saturating_sub(a)
+            );
+            // The coordinator's first message of the change: its round's start (or the
+            // intent it was told), after whatever the others re-told it before.
+            if let Some(c) = coord.filter(|c| c.tsc_first != 0) {
+                s += &format!(" ({} from the coordinator's first)", b.saturating_sub(c.tsc_first));
+            }
+        }
+        s += "\n";
     }
     s
 }
@@ -1361,6 +1427,7 @@ pub fn summary(r: &Report) -> String {
         s += &format!("  core {} fenced core {} at TSC {}\n", p.core, p.target, p.tsc);
     }
     s += &views_summary(&r.views);
+    s += &view_changes_summary(r);
     for d in r.devices.iter().filter(|d| d.owner.is_some()) {
         s += &format!(
             "  device {} {} -> {} (vector {}, line {}, dma {}; BARs {})\n",
