@@ -27,6 +27,12 @@ pub(super) fn log_views(caps: &mut crate::caps::HvCaps, core: u32) {
     for target in (0..64).filter(|c| suspected & (1 << c) != 0) {
         crate::record!(kind::SUSPECT, "core={core} target={target} tsc={}", arch::rdtsc());
     }
+    if caps.members.take_self_fenced() {
+        log::warn!(
+            "core {core}: back from an absence of its own, no answer since: takes itself for \
+             fenced (it may have been, and must not take out the core that did)"
+        );
+    }
     while let Some(ch) = caps.members.take_change() {
         let (gone, new) = (ch.old.set & !ch.new.set, ch.new.set & !ch.old.set);
         log::info!(

@@ -22,8 +22,14 @@
 //! 2. `ACCEPT(ballot, view)`: the view is the highest-ballot proposal a member reported
 //!    (a failed coordinator's change is completed, never contradicted), else its own
 //!    change; members accept it unless they promised a higher ballot (`ACCEPTED`);
-//! 3. once every member accepted, `COMMIT(view)` to the members of the old and the new view:
-//!    they install it (a core that joins learns the view it joins in).
+//! 3. once every member asked accepted, `COMMIT(view)` to the members of the old and the new
+//!    view: they install it (a core that joins learns the view it joins in).
+//!
+//! **Quorums.** The promises and the accepts (the coordinator's own counted) must come from
+//! a quorum of view n ([`is_quorum`]): more than half of its members, suspected ones counted
+//! in the whole, or exactly half holding the view's highest core. A coordinator whose
+//! unsuspected members are no quorum starts no round; a round whose accepts fall short (a
+//! member suspected after its promise is not asked to accept) ends without a commit.
 //!
 //! A member that answers `NACK` has promised a higher ballot (the coordinator retries above
 //! it) or has already installed view `n` or later (the coordinator installs that view: it
@@ -38,17 +44,27 @@
 //! the newer one is known; a coordinator that knows neither may act on it once, and the
 //! core's own intent, told again, undoes it in the next view (agreement is not at stake).
 //!
-//! Model and its limit: quorums are *every* unsuspected member, so the protocol agrees as
-//! long as a suspected core has really stopped (fail-stop; the timeout is far longer than a
-//! live core's inbox latency, and every long stretch without serving the inbox is bounded
-//! below it). A core suspected while alive (a false suspicion) learns it from the `COMMIT`
-//! that removes it (sent to old members too) and from then on stays out: [`Members::evicted`].
-//! The last member never leaves an empty machine, but if every member of the view stops, the
-//! machine has ended: a core out of it that asks in is let in by nobody, and it makes no view
-//! of its own (a stopped member may have committed a later one, still in some ring).
+//! Model and its limit: any two quorums of a view share a core, so the views agree even when
+//! live cores are suspected (two sides that fence each other cannot both commit view n+1;
+//! `model` checks it on this code). A core suspected while alive (a false suspicion)
+//! learns it from the `COMMIT` that removes it (sent to old members too, and read even from
+//! a core it suspects: a committed view had a quorum), or, when no view can be made
+//! without it, from the answer to its probe (a suspected core's `PING`, or request, is
+//! answered with the views and the suspects); from then on it stays out and takes no part:
+//! [`Members::evicted`]. A core back from an absence of its own (a stall, a deafness:
+//! [`Members::saw`]) suspects nobody on what it saw before: it probes afresh, and until
+//! answered takes a silence as its own fencing ([`Members::silence`]), so a fenced core
+//! never takes out the core that fenced it (of two, the higher is the tie-breaker). The
+//! price is liveness: with half of a view stopped (without its highest core), no view
+//! follows; in a view of two, the lower core cannot take the higher one out; a core back
+//! from an absence that meets a silence before any answer gives up its guest even when
+//! the silent core is the one that failed. The last member never leaves an empty machine, but if every member of the view
+//! stops, the machine has ended: a core out of it that asks in is let in by nobody, and it
+//! makes no view of its own (a stopped member may have committed a later one, still in some
+//! ring).
 //!
 //! Ring budget: per ordered core pair at most a `PING`, a `PONG` and the `CATCHUP` it may
-//! bring, a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
+//! bring (a suspected prober gets the `CATCHUP` alone), a `WISH`, a `WISH_ACK` and its `CATCHUP`, two coordinator messages (a `COMMIT` and
 //! the next round's first, or a `CATCHUP` and an `ACCEPT`), one answer and an `END`: 10
 //! (counted in `caps::proto::RING_SLOTS`; the simulator checks 8 queued at most).
 //!
@@ -137,9 +153,11 @@ enum Phase {
 struct Round {
     ballot: u64,
     phase: Phase,
-    /// Members whose answer counts (every unsuspected member of the view at the start).
-    quorum: CoreSet,
+    /// Members asked and not answered yet (every unsuspected member of the view at the
+    /// start; those that promised, not suspected since, for the accepts).
     waiting: CoreSet,
+    /// Members whose answer to this phase came (the coordinator's own included).
+    got: CoreSet,
     /// The highest-ballot proposal for this view number a member reported.
     best: Option<(u64, View)>,
     value: View,
@@ -194,8 +212,21 @@ pub struct Members {
     timing: Timing,
     start: u64,
     ended: bool,
-    /// Removed from the view without asking to leave.
+    /// Removed from the view without asking to leave (or, back from an absence, it took
+    /// itself for fenced: [`Members::evicted`]).
     evicted: bool,
+    /// When this instance last looked at its membership (a tick that was due, a message,
+    /// a call): a member with something due looks at least every period (the heartbeat in
+    /// [`Members::due`]), so a longer gap is an absence of its own (a stall, a deafness).
+    looked: u64,
+    /// Back from an absence and not yet answered by the core it probes since: it may have
+    /// been fenced meanwhile, so a silence it meets is taken as its own fencing, not the
+    /// other core's failure.
+    returned: bool,
+    /// It took itself for fenced ([`Members::silence`]): it answers no probe any more.
+    gave_up: bool,
+    /// The same, not yet taken by the caller (to log it).
+    self_fenced: bool,
     /// The last views installed, oldest first (the current one last): the last two are
     /// what a core that is behind is sent (`CATCHUP`).
     history: [View; 3],
@@ -206,6 +237,15 @@ pub struct Members {
     newly_suspected: CoreSet,
     /// [`Members::due`], kept up to date.
     due_at: u64,
+    /// Tests only: the old rule (any unsuspected members are a quorum), which the model
+    /// must find splitting the views.
+    #[cfg(test)]
+    old_rule: bool,
+    /// Tests only: the detector without the absence rule (a core back from an absence
+    /// suspects on what it finds, as before), which the model must find fencing a live
+    /// core's fencer.
+    #[cfg(test)]
+    old_detector: bool,
 }
 
 /// Whether `m` is a membership message.
@@ -223,6 +263,16 @@ fn msg(kind: u64, words: &[u64]) -> Payload {
 /// The highest core of `set`.
 fn highest(set: CoreSet) -> Option<u8> {
     (set != 0).then(|| 63 - set.leading_zeros() as u8)
+}
+
+/// Whether the members of `got` are a quorum of a view made of `set`: more than half of its
+/// members (suspected ones count in the half), or exactly half with the view's highest core
+/// (the tie-breaker). Any two quorums of one view share a core: two majorities overlap, a
+/// majority and a half too, and two disjoint halves cannot both hold the highest core. So
+/// two coordinators that suspect each other's side cannot both get view n+1 accepted.
+pub fn is_quorum(set: CoreSet, got: CoreSet) -> bool {
+    let (n, k) = (set.count_ones(), (got & set).count_ones());
+    2 * k > n || 2 * k == n && highest(set).is_some_and(|h| got & bit(h as usize) != 0)
 }
 
 impl Members {
@@ -251,12 +301,20 @@ impl Members {
             start: now,
             ended: false,
             evicted: false,
+            looked: now,
+            returned: false,
+            gave_up: false,
+            self_fenced: false,
             history: [View { num: 0, set: initial }; 3],
             changes: [None; CHANGES],
             change_head: 0,
             change_len: 0,
             newly_suspected: 0,
             due_at: u64::MAX,
+            #[cfg(test)]
+            old_rule: false,
+            #[cfg(test)]
+            old_detector: false,
         };
         m.due_at = m.compute_due();
         m
@@ -292,6 +350,12 @@ impl Members {
     /// Whether this core was removed without asking (a false suspicion): it must stay out.
     pub fn evicted(&self) -> bool {
         self.evicted
+    }
+
+    /// Whether this core took itself for fenced since the last call: back from an absence,
+    /// it met a silence before anyone answered it ([`Members::silence`]).
+    pub fn take_self_fenced(&mut self) -> bool {
+        core::mem::take(&mut self.self_fenced)
     }
 
     /// Whether a view change waits for [`Members::take_change`].
@@ -354,6 +418,7 @@ impl Members {
     /// The run is ending: stop probing (a core busy with the final report must not be
     /// taken for a hung one). Rounds in progress still finish.
     pub fn end(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         self.end_inner(env);
         self.due_at = self.compute_due();
     }
@@ -372,6 +437,7 @@ impl Members {
 
     /// This core asks to be taken out of the view.
     pub fn leave(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         self.leave_inner(env);
         self.due_at = self.compute_due();
     }
@@ -379,6 +445,7 @@ impl Members {
     /// This core takes back its wish to leave (it did not happen in time): a newer intent,
     /// in, so that a late commit of the old one cannot take it out under a running guest.
     pub fn stay(&mut self, env: &mut impl Net) {
+        self.saw(env.now());
         let me = self.me as usize;
         self.intent_seq[me] += 1;
         self.wants_in |= bit(me);
@@ -396,6 +463,7 @@ impl Members {
     /// This core, out of the view, asks to be brought back through `via` (a member: the core
     /// of whoever asked, which forwards the wish to its coordinator).
     pub fn join(&mut self, env: &mut impl Net, via: usize) {
+        self.saw(env.now());
         self.join_inner(env, via);
         self.due_at = self.compute_due();
     }
@@ -431,7 +499,7 @@ impl Members {
             let joining = self.wants_in & bit(self.me as usize) != 0;
             return if joining { self.join_retry } else { u64::MAX };
         }
-        if self.ended {
+        if self.ended || self.evicted {
             return u64::MAX;
         }
         let succ = if self.timing.period == 0 { None } else { self.successor() };
@@ -443,11 +511,22 @@ impl Members {
             (Some(t), Some(sent)) => self.probe_limit(t, sent),
         };
         let wish = self.wish_out.map_or(u64::MAX, |_| self.wish_sent + self.timing.timeout);
-        probe.min(self.round.map_or(u64::MAX, |r| r.deadline)).min(wish)
+        let due = probe.min(self.round.map_or(u64::MAX, |r| r.deadline)).min(wish);
+        if due != u64::MAX && self.timing.period != 0 {
+            // The heartbeat: with something due, a look at least every period, so that an
+            // absence of its own shows ([`Members::saw`]).
+            due.min(self.looked.saturating_add(self.timing.period))
+        } else {
+            due
+        }
     }
 
     fn probe_limit(&self, target: u8, sent: u64) -> u64 {
-        let limit = sent.saturating_add(self.timing.timeout);
+        // Back from an absence, the answer of a live core comes within a stretch: half the
+        // timeout is ample, and the core's own fencing then shows within a timeout of its
+        // return.
+        let wait = if self.returned { self.timing.timeout / 2 } else { self.timing.timeout };
+        let limit = sent.saturating_add(wait);
         if self.heard & bit(target as usize) != 0 {
             limit
         } else {
@@ -457,8 +536,69 @@ impl Members {
 
     /// The failure detector and the round's deadline.
     pub fn tick(&mut self, env: &mut impl Net) {
+        let now = env.now();
+        if now < self.due_at {
+            return;
+        }
+        self.saw(now);
         self.tick_inner(env);
         self.due_at = self.compute_due();
+    }
+
+    /// This instance looks at its membership at `now`. A member with something due looks
+    /// at least every period (the heartbeat in [`Members::due`]; a live core's stretch away
+    /// from its inbox is under a period), so a gap of more than half the timeout (and of
+    /// two periods) is an absence of its own (a stall, a starved vCPU, a deafness), during which its prober
+    /// may have fenced it. Back from one, its verdicts rest on what it sees from now on:
+    /// the probe in flight is void (an answer to it is still read, but a new probe goes out
+    /// at once and only its answer counts), the round's and the wish's deadlines start
+    /// again, and until the core it probes answers, a silence is taken as its own fencing
+    /// ([`Members::silence`]).
+    fn saw(&mut self, now: u64) {
+        let away = now.saturating_sub(self.looked);
+        self.looked = now;
+        #[cfg(test)]
+        if self.old_detector {
+            return;
+        }
+        let owed = self.due_at != u64::MAX && self.member();
+        let limit = (self.timing.timeout / 2).max(self.timing.period.saturating_mul(2));
+        if self.timing.period == 0 || !owed || away <= limit {
+            return;
+        }
+        self.returned = true;
+        self.probe.seq += 1;
+        self.probe.sent = None;
+        self.probe.next = now;
+        let restart = now.saturating_add(self.timing.timeout);
+        if let Some(r) = self.round.as_mut() {
+            r.deadline = r.deadline.max(restart);
+        }
+        if self.wish_out.is_some() {
+            self.wish_sent = self.wish_sent.max(now);
+        }
+    }
+
+    /// The cores of `cores` did not answer in time (a probe, a round's phase, a wish):
+    /// suspected. Unless this core is back from an absence and not answered since: then the
+    /// silent core may be the one that fenced it meanwhile (and has stopped since, or is
+    /// slow now), and taking it out on that would let a fenced core take out its fencer
+    /// (of two cores, the higher is the tie-breaker: chaos seed 55). So it takes itself for
+    /// fenced ([`Members::evicted`]: its guest stops for good), takes no further part, and
+    /// answers no probe (so that its prober fences it and probes past it).
+    fn silence(&mut self, env: &mut impl Net, cores: CoreSet) {
+        if cores & !bit(self.me as usize) == 0 {
+            return;
+        }
+        if self.returned {
+            self.gave_up = true;
+            self.self_fenced = true;
+            self.evicted = true;
+            self.round = None;
+            self.wish_out = None;
+            return;
+        }
+        self.suspect(env, cores);
     }
 
     fn tick_inner(&mut self, env: &mut impl Net) {
@@ -466,7 +606,7 @@ impl Members {
         if let Some(r) = self.round {
             if now >= r.deadline {
                 self.round = None;
-                self.suspect(env, r.waiting);
+                self.silence(env, r.waiting);
             }
         }
         if !self.member() {
@@ -490,11 +630,22 @@ impl Members {
             }
             return;
         }
-        if self.wish_out.is_some() && now >= self.wish_sent.saturating_add(self.timing.timeout) {
-            self.wish_out = None;
-            self.told = (u8::MAX, [0; MAX_PEERS], 0);
+        if self.evicted {
+            // Fenced while alive: it takes no further part (no probe, wish or round).
+            return;
         }
-        if self.ended {
+        if let Some(c) = self.wish_out {
+            if now >= self.wish_sent.saturating_add(self.timing.timeout) {
+                // A coordinator that serves its inbox acknowledges at once, unless it fenced
+                // this core: it has stopped, or it is on the other side. Fenced here too (its
+                // prober may have stopped, and with no quorum no view says it), and the wish
+                // goes to the next coordinator: told again, not piled up in its ring.
+                self.wish_out = None;
+                self.told = (u8::MAX, [0; MAX_PEERS], 0);
+                self.silence(env, bit(c as usize));
+            }
+        }
+        if self.evicted || self.ended {
             return;
         }
         let succ = if self.timing.period == 0 { None } else { self.successor() };
@@ -505,7 +656,7 @@ impl Members {
             match self.probe.sent {
                 Some(sent) if now >= self.probe_limit(t, sent) => {
                     self.probe.sent = None;
-                    self.suspect(env, bit(t as usize));
+                    self.silence(env, bit(t as usize));
                 }
                 Some(_) => {}
                 None if now >= self.probe.next => {
@@ -550,6 +701,9 @@ impl Members {
     /// Moves things on: the coordinator starts a round if there is a change to make; any
     /// other member tells the coordinator its wishes.
     fn advance(&mut self, env: &mut impl Net) {
+        if self.evicted {
+            return;
+        }
         let Some(c) = self.coordinator() else { return };
         let me = self.me as usize;
         if self.member() && c as usize == me {
@@ -591,20 +745,34 @@ impl Members {
         self.send(env, c as usize, &m, true);
     }
 
+    /// Whether the answers of `got` let a round of this view go on.
+    fn quorum(&self, got: CoreSet) -> bool {
+        #[cfg(test)]
+        if self.old_rule {
+            return true;
+        }
+        is_quorum(self.view.set, got)
+    }
+
     fn start_round(&mut self, env: &mut impl Net) {
         let me = self.me as usize;
+        let asked = self.view.set & !self.suspects;
+        if !self.quorum(asked) {
+            // Too few members left unsuspected to make a quorum: no round (it could not
+            // commit). The view comes from the other side's `COMMIT`, if it has a quorum.
+            return;
+        }
         let ballot = (((self.seen.max(self.promised) >> 8) + 1) << 8) | me as u64;
         self.promised = ballot;
         self.seen = ballot;
-        let quorum = self.view.set & !self.suspects;
         let best = self.accepted.filter(|(_, v)| v.num == self.view.num + 1);
         let deadline = env.now().saturating_add(self.timing.timeout);
-        let waiting = quorum & !bit(me);
+        let waiting = asked & !bit(me);
         self.round = Some(Round {
             ballot,
             phase: Phase::Prepare,
-            quorum,
             waiting,
+            got: bit(me),
             best,
             value: View::default(),
             deadline,
@@ -613,8 +781,24 @@ impl Members {
         for c in cores(waiting) {
             self.send(env, c, &msg(op::PREPARE, &[ballot, num]), true);
         }
-        if waiting == 0 {
+        self.phase_done(env);
+    }
+
+    /// Every member asked has answered this phase: on to the next one. The promises are
+    /// a quorum (every member asked, a quorum when the round began); the accepts may not
+    /// be (a member suspected after its promise is not asked to accept): then the round
+    /// cannot commit and ends.
+    fn phase_done(&mut self, env: &mut impl Net) {
+        let Some(r) = self.round else { return };
+        if r.waiting != 0 {
+            return;
+        }
+        if r.phase == Phase::Prepare {
             self.phase_two(env);
+        } else if self.quorum(r.got) {
+            self.commit(env);
+        } else {
+            self.round = None;
         }
     }
 
@@ -626,7 +810,9 @@ impl Members {
             None => View { num: self.view.num + 1, set: self.desired() },
         };
         r.phase = Phase::Accept;
-        r.waiting = r.quorum & !bit(me) & !self.suspects;
+        // Those that promised and are not suspected since.
+        r.waiting = r.got & !bit(me) & !self.suspects;
+        r.got = bit(me);
         r.deadline = env.now().saturating_add(self.timing.timeout);
         self.accepted = Some((r.ballot, r.value));
         self.round = Some(r);
@@ -634,9 +820,7 @@ impl Members {
             let m = msg(op::ACCEPT, &[r.ballot, r.value.num as u64, r.value.set]);
             self.send(env, c, &m, true);
         }
-        if r.waiting == 0 {
-            self.commit(env);
-        }
+        self.phase_done(env);
     }
 
     fn commit(&mut self, env: &mut impl Net) {
@@ -646,7 +830,7 @@ impl Members {
         // only slow learns from this `COMMIT` that it is out (and stops for good) before it
         // could take the others for stopped and make a view of its own. A core that has
         // really stopped never reads it.
-        let to = (r.quorum | r.value.set | self.view.set) & !bit(me);
+        let to = (r.value.set | self.view.set) & !bit(me);
         // With the cores it suspects: every member fences them too.
         let mut m = msg(op::COMMIT, &[r.ballot, r.value.num as u64, r.value.set, self.suspects]);
         // The intents it applied (cores in or out not by suspicion), with their numbers:
@@ -699,18 +883,39 @@ impl Members {
 
     /// One membership message from core `from`.
     pub fn deliver(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
+        self.saw(env.now());
         self.deliver_inner(env, from, m);
         self.due_at = self.compute_due();
     }
 
     fn deliver_inner(&mut self, env: &mut impl Net, from: usize, m: &Payload) {
-        if from >= MAX_PEERS || from == self.me as usize || self.suspects & bit(from) != 0 {
+        if from >= MAX_PEERS || from == self.me as usize {
+            return;
+        }
+        let kind = m[0] & 0xff;
+        if self.suspects & bit(from) != 0 && kind != op::COMMIT && kind != op::CATCHUP {
+            // Fenced: nothing it says is read, but a committed view (it had a quorum)
+            // is a fact whoever sends it: a core fenced by the other side while alive
+            // learns from it that it is out. And a fenced core that probes this one is
+            // told it is fenced (the views and the suspects, itself among them): with no
+            // quorum without it, no view may ever say so (the lower core of two). So is one
+            // that asks anything else that waits for an answer (a wish, a round's phase): a
+            // fenced core answered by a third core since its return (not fenced there) must
+            // not take this silence for this core's failure (in place of the answer: the
+            // ring budget is unchanged).
+            if matches!(kind, op::PING | op::WISH | op::PREPARE | op::ACCEPT) {
+                self.send_views(env, from);
+            }
             return;
         }
         self.heard |= bit(from);
         env.count(self.view.num, false, m);
         let w = |i: usize| m[i];
         match m[0] & 0xff {
+            // Out by its own verdict, it answers no probe: its prober fences it as it would a
+            // stopped core, and the probes go round the others (a core it was the only
+            // prober of, hung, is not left unfenced).
+            op::PING if self.gave_up => {}
             op::PING => {
                 self.send(env, from, &msg(op::PONG, &[w(1)]), false);
                 self.catch_up(env, from, w(2));
@@ -718,6 +923,8 @@ impl Members {
             op::PONG if self.probe.target == Some(from as u8) && w(1) == self.probe.seq => {
                 self.probe.sent = None;
                 self.probe.next = env.now().saturating_add(self.timing.period);
+                // Answered since its return: not fenced by this core, a member again.
+                self.returned = false;
             }
             op::WISH => {
                 self.send(env, from, &msg(op::WISH_ACK, &[]), true);
@@ -791,6 +998,7 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 // A member that missed views gets them before the ACCEPT.
                 self.catch_up(env, from, w(5));
                 self.merge_intent(w(6));
@@ -798,9 +1006,7 @@ impl Members {
                     r.best = Some((w(2), View { num: w(3) as u32, set: w(4) }));
                 }
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.phase_two(env);
-                }
+                self.phase_done(env);
             }
             op::ACCEPTED => {
                 let Some(mut r) = self.round else { return };
@@ -808,10 +1014,9 @@ impl Members {
                     return;
                 }
                 r.waiting &= !bit(from);
+                r.got |= bit(from);
                 self.round = Some(r);
-                if r.waiting == 0 {
-                    self.commit(env);
-                }
+                self.phase_done(env);
             }
             op::NACK => {
                 let Some(r) = self.round else { return };
@@ -867,9 +1072,13 @@ impl Members {
     /// Sends core `to`, whose view is number `theirs`, the views it missed (the last two at
     /// most: one further behind skips some) and the cores this one suspects.
     fn catch_up(&mut self, env: &mut impl Net, to: usize, theirs: u64) {
-        if theirs >= self.view.num as u64 {
-            return;
+        if theirs < self.view.num as u64 {
+            self.send_views(env, to);
         }
+    }
+
+    /// Sends core `to` the last two views installed here and the cores this one suspects.
+    fn send_views(&mut self, env: &mut impl Net, to: usize) {
         let mut words = [0u64; 5];
         for (k, v) in self.history[1..].iter().enumerate() {
             words[2 * k] = v.num as u64;
@@ -891,7 +1100,9 @@ impl Members {
     fn merge_suspects(&mut self, env: &mut impl Net, theirs: CoreSet) {
         let me = bit(self.me as usize);
         if theirs & me != 0 {
+            // It takes no further part: a round of its own ends here.
             self.evicted = true;
+            self.round = None;
         }
         self.suspect(env, theirs & !me);
     }
@@ -907,5 +1118,7 @@ fn cores(set: CoreSet) -> impl Iterator<Item = usize> {
     (0..MAX_PEERS).filter(move |&c| set & bit(c) != 0)
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

@@ -103,6 +103,7 @@ fn test(args: &xtask::cli::TestArgs) -> Result<bool> {
         "--release",
         "caps::model",
         "--",
+        "members::model",
         "--nocapture",
     ]))?;
     if !model.success() || args.host_only {
