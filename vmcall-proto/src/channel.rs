@@ -383,9 +383,14 @@ impl<'a> Sender<'a> {
     }
 
     /// Sends `msg` as a call ([`CALL`]): the receiver writes its reply into the same slot,
-    /// which [`Sender::poll_reply`] waits for. `Full` as [`Sender::try_send`].
+    /// which [`Sender::poll_reply`] waits for. `Full` as [`Sender::try_send`], and while a
+    /// call given up is held ([`Sender::call_held`]: one call at a time, the held call's
+    /// slot and word are kept until [`Sender::settle_call`] frees them).
     #[inline(always)]
     pub fn try_call(&mut self, msg: &Payload) -> Result<(), ChannelError> {
+        if self.held {
+            return Err(ChannelError::Full);
+        }
         self.call = self.cur;
         self.call_word = self.word;
         let r = self.put(msg, CALL);
@@ -1171,6 +1176,35 @@ mod tests {
             );
             assert_eq!(ab.slot(0).control.load(Ordering::Relaxed), 1 | CALL);
         }
+    }
+
+    /// A call on the bare sender while one given up is held (`Chan::tx` is public; the
+    /// library's `call_until` settles first): `Full`, the held call untouched. Failed before
+    /// its fix: the second call went and took over `call` and `call_word`, the hold moved
+    /// to its slot, message 3 went into the first call's slot (server still owing its
+    /// reply) and the late reply destroyed it.
+    #[test]
+    fn a_call_while_one_given_up_is_held_is_full() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, mut stx, mut srx) = channel(ab, ba, 2);
+        ctx.try_call(&msg(1)).unwrap();
+        ctx.give_up_call();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        assert_eq!(ctx.try_call(&msg(2)), Err(ChannelError::Full), "one call at a time");
+        assert!(ctx.call_held() && ctx.call_pending());
+        ctx.try_send(&msg(2)).unwrap();
+        assert_eq!(ctx.try_send(&msg(3)), Err(ChannelError::Full), "the call's slot is held");
+        assert!(srx.reply(&mut stx, &msg(100)));
+        assert_eq!(ctx.settle_call(&mut crx), Ok(true));
+        ctx.try_call(&msg(3)).unwrap();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(2))));
+        assert_eq!(srx.try_recv(), Ok(Some(msg(3))));
+        assert!(srx.owes() && srx.reply(&mut stx, &msg(300)));
+        let mut out = [0; WORDS];
+        assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
+        assert_eq!(out, msg(300), "the second call's own reply");
+        assert_eq!((ba.ring(2).sent(), ba.ring(2).received()), (2, 2));
     }
 
     /// What an honest caller that gives up calls and an honest, slow server do, in any

@@ -282,7 +282,7 @@ impl<'a> LinkWatch<'a> {
     /// written again until then, or until the peer has taken a later message).
     /// [`CallEnd::Replied`]: the reply is in `reply`. A call given up earlier is settled
     /// first (waiting for that, as long as `expired` allows: its slot may be needed, and
-    /// there is one call at a time).
+    /// there is one call at a time: [`Sender::try_call`] is `Full` until then).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn call_until(
@@ -295,15 +295,21 @@ impl<'a> LinkWatch<'a> {
         mut pause: impl FnMut(),
         mut expired: impl FnMut() -> bool,
     ) -> Result<CallEnd, ChannelError> {
-        if tx.call_held() && !self.settle(tx, rx, &mut pause, &mut expired)? {
-            return Ok(CallEnd::NotSent);
-        }
         loop {
             self.look()?;
             match tx.try_call(req) {
                 Ok(()) => break,
-                Err(ChannelError::Full) if expired() => return Ok(CallEnd::NotSent),
-                Err(ChannelError::Full) => pause(),
+                Err(ChannelError::Full) => {
+                    // A call given up and not settled holds the sender (`try_call` is
+                    // `Full`): settled now, the call goes at once.
+                    if tx.call_held() && self.settled(tx, rx)? {
+                        continue;
+                    }
+                    if expired() {
+                        return Ok(CallEnd::NotSent);
+                    }
+                    pause()
+                }
                 Err(e) => return self.after(e),
             }
         }
@@ -328,27 +334,18 @@ impl<'a> LinkWatch<'a> {
         }
     }
 
-    /// Waits until the call given up on `tx` is settled ([`Sender::settle_call`]) or
-    /// `expired` says so (`Ok(false)`), looking at the link between tries.
+    /// Settles the call given up on `tx` if it can be ([`Sender::settle_call`]): whether
+    /// it was; errors as the settle's.
     #[cold]
     #[inline(never)]
-    fn settle(
+    fn settled(
         &mut self,
         tx: &mut Sender<'_>,
         rx: &mut Receiver<'_>,
-        pause: &mut impl FnMut(),
-        expired: &mut impl FnMut() -> bool,
     ) -> Result<bool, ChannelError> {
-        loop {
-            match tx.settle_call(rx) {
-                Ok(true) => return Ok(true),
-                Ok(false) => self.look()?,
-                Err(e) => return self.after(e),
-            }
-            if expired() {
-                return Ok(false);
-            }
-            pause();
+        match tx.settle_call(rx) {
+            Ok(settled) => Ok(settled),
+            Err(e) => self.after(e),
         }
     }
 
