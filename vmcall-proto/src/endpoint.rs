@@ -1142,6 +1142,116 @@ mod tests {
         }
     }
 
+    /// What a peer answering calls late, and lying at times, does while a caller with a
+    /// deadline waits.
+    #[derive(Clone, Debug)]
+    enum Late {
+        /// Takes the next request (an honest receive; a reply still owed is forgotten).
+        Take,
+        /// Answers the request taken last, if it owes the answer (an honest reply).
+        Answer,
+        /// Any word of another epoch (or 0) into any control word of the requests' ring.
+        Control { slot: usize, v: u64 },
+        /// A word into its published count of requests: `k` with this epoch's tag (`how`
+        /// 0 or 1), with the next epoch's (2), or any word `v` (3).
+        Count { k: u64, how: u64, v: u64 },
+        /// The caller's deadline passes.
+        Expire,
+    }
+
+    fn late_ops() -> impl proptest::strategy::Strategy<Value = Vec<Late>> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            3 => Just(Late::Take),
+            3 => Just(Late::Answer),
+            1 => (0usize..8, any::<u64>()).prop_map(|(slot, v)| Late::Control { slot, v }),
+            1 => (0u64..12, 0u64..4, any::<u64>()).prop_map(|(k, how, v)| Late::Count { k, how, v }),
+            2 => Just(Late::Expire),
+        ];
+        proptest::collection::vec(op, 0..120)
+    }
+
+    proptest::proptest! {
+        /// `call_until` against a peer that answers late, forgets answers, scribbles over
+        /// control words and publishes any count: every turn ends (the deadline is asked
+        /// in every wait); `Replied` only with the caller's own call's answer (never a
+        /// late answer to a call given up, never a forged one); `NotSent` with nothing
+        /// sent, `GivenUp` with the call sent and held; the peer's honest receiver takes
+        /// only the caller's requests, whole and in order, whatever its lying count let
+        /// the caller overwrite (a late answer over a new request reads as empty or
+        /// corrupt, never as a message); errors are reported and the next turn keeps
+        /// every promise; no arithmetic overflows (debug build).
+        #[test]
+        fn a_call_with_a_deadline_keeps_its_promises_against_a_lying_late_peer(
+            slots in 1u32..5,
+            epoch in 0u32..3,
+            ops in late_ops(),
+            calls in 1usize..12,
+        ) {
+            let (ours, theirs) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut prx = Receiver::with_epoch(ours.ring(slots), 1, epoch);
+            let mut ptx = Sender::with_epoch(theirs.ring(slots), epoch);
+            let mut tx = Sender::with_epoch(ours.ring(slots), epoch);
+            let mut rx = Receiver::with_epoch(theirs.ring(slots), 1, epoch);
+            let tag = ((epoch & 0xffff) as u64) << 48;
+            let answer = |seq: u64| msg(1_000_000 + seq);
+            let mut ops = ops.into_iter();
+            let mut bad: Option<String> = None;
+            for _ in 0..calls {
+                let seq = tx.sent();
+                let mut reply = [0; crate::channel::WORDS];
+                let got = w.call_until(&mut tx, &mut rx, &msg(seq), &mut reply, |_| {}, || {}, || {
+                    match ops.next() {
+                        Some(Late::Take) => {
+                            if let Ok(Some(m)) = prx.try_recv() {
+                                if m != msg(prx.received() - 1) && bad.is_none() {
+                                    bad = Some(format!("took {:?} as request {}", &m[..2], prx.received() - 1));
+                                }
+                            }
+                            false
+                        }
+                        Some(Late::Answer) => {
+                            if prx.owes() {
+                                prx.reply(&mut ptx, &answer(prx.received() - 1));
+                            }
+                            false
+                        }
+                        Some(Late::Control { slot, v }) => {
+                            let v = if v != 0 && v & !((1 << 48) - 1) == tag { v ^ 1 << 63 } else { v };
+                            ours.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
+                            false
+                        }
+                        Some(Late::Count { k, how, v }) => {
+                            let v = match how {
+                                3 => v,
+                                2 => ((epoch as u64 + 1) & 0xffff) << 48 | k,
+                                _ => tag | k,
+                            };
+                            ours.consumer().received.store(v, Ordering::Relaxed);
+                            false
+                        }
+                        Some(Late::Expire) | None => true,
+                    }
+                });
+                proptest::prop_assert!(bad.is_none(), "{:?}", bad);
+                match got {
+                    Ok(CallEnd::Replied) => {
+                        proptest::prop_assert_eq!(reply, answer(seq), "another call's reply");
+                        proptest::prop_assert!(!tx.call_pending());
+                    }
+                    Ok(CallEnd::NotSent) => proptest::prop_assert_eq!(tx.sent(), seq, "NotSent sent"),
+                    Ok(CallEnd::GivenUp) => {
+                        proptest::prop_assert_eq!(tx.sent(), seq + 1, "GivenUp not sent");
+                        proptest::prop_assert!(tx.call_held());
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
     /// What a hostile peer does between two steps of the honest side.
     #[derive(Clone, Debug)]
     enum Peer {
