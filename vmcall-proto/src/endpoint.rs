@@ -798,6 +798,87 @@ mod tests {
         assert_eq!(ba.ring(2).received(), 3);
     }
 
+    /// Rings reset while a call given up is held (the peer restarted): before this side's
+    /// link word says so, the new incarnation's count (its epoch's 0) frees nothing (in
+    /// epoch 0 it reads as `BadAck`, as the flow control reads it; later, as an other
+    /// epoch's count, it says nothing: the call stays held, `NotSent`); once the word says
+    /// so, the next call ends with `Reset`; nothing is written into the reset ring; after
+    /// the resync the new epoch's ends call as usual.
+    #[test]
+    fn a_reset_while_a_call_is_held_frees_nothing_and_ends_with_reset() {
+        for epoch in [0u32, 1] {
+            let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut tx = Sender::with_epoch(ab.ring(2), epoch);
+            let mut rx = Receiver::with_epoch(ba.ring(2), 1, epoch);
+            let mut prx = Receiver::with_epoch(ab.ring(2), 1, epoch);
+            let mut reply = [0; crate::channel::WORDS];
+            let took = |prx: &mut Receiver<'_>| {
+                let _ = prx.try_recv();
+                true
+            };
+            let got = w.call_until(
+                &mut tx,
+                &mut rx,
+                &msg(1),
+                &mut reply,
+                |_| {},
+                || {},
+                || took(&mut prx),
+            );
+            assert_eq!(got, Ok(CallEnd::GivenUp));
+            assert!(prx.owes());
+            // The peer dies and comes back: both rings zeroed (control words first), its
+            // new receiver publishes the next epoch's count 0.
+            for st in [&ab, &ba] {
+                st.ring(2).void_controls();
+                st.consumer().received.store(0, Ordering::Relaxed);
+            }
+            let next = epoch + 1;
+            let _ = Receiver::with_epoch(ab.ring(2), 1, next);
+            let got = w.call_until(&mut tx, &mut rx, &msg(2), &mut reply, |_| {}, || {}, || true);
+            if epoch == 0 {
+                assert!(matches!(got, Err(ChannelError::BadAck { .. })), "{got:?}");
+            } else {
+                assert_eq!(got, Ok(CallEnd::NotSent));
+            }
+            assert!(tx.call_held(), "a reset's count frees nothing");
+            word.store(link_word(true, next), Ordering::Relaxed);
+            let got = w.call_until(&mut tx, &mut rx, &msg(2), &mut reply, |_| {}, || {}, || true);
+            assert_eq!(got, Err(ChannelError::Reset));
+            for i in 0..2 {
+                assert_eq!(
+                    ab.slot(i).control.load(Ordering::Relaxed),
+                    0,
+                    "written after the reset"
+                );
+            }
+            // The resync: new ends in the new epoch; a call goes and is answered.
+            assert_eq!(w.resync(), Ok(next));
+            let (mut tx, mut rx) =
+                (Sender::with_epoch(ab.ring(2), next), Receiver::with_epoch(ba.ring(2), 1, next));
+            let (mut prx, mut ptx) =
+                (Receiver::with_epoch(ab.ring(2), 1, next), Sender::with_epoch(ba.ring(2), next));
+            let got = w.call_until(
+                &mut tx,
+                &mut rx,
+                &msg(3),
+                &mut reply,
+                |_| {},
+                || {},
+                || {
+                    if let Ok(Some(m)) = prx.try_recv() {
+                        assert_eq!(m, msg(3));
+                        assert!(prx.reply(&mut ptx, &msg(30)));
+                    }
+                    false
+                },
+            );
+            assert_eq!((got, reply), (Ok(CallEnd::Replied), msg(30)));
+        }
+    }
+
     #[test]
     fn a_call_reports_a_corrupt_reply_a_torn_copy_and_a_death() {
         let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
