@@ -383,9 +383,14 @@ impl<'a> Sender<'a> {
     }
 
     /// Sends `msg` as a call ([`CALL`]): the receiver writes its reply into the same slot,
-    /// which [`Sender::poll_reply`] waits for. `Full` as [`Sender::try_send`].
+    /// which [`Sender::poll_reply`] waits for. `Full` as [`Sender::try_send`], and while a
+    /// call given up is held ([`Sender::call_held`]: one call at a time, the held call's
+    /// slot and word are kept until [`Sender::settle_call`] frees them).
     #[inline(always)]
     pub fn try_call(&mut self, msg: &Payload) -> Result<(), ChannelError> {
+        if self.held {
+            return Err(ChannelError::Full);
+        }
         self.call = self.cur;
         self.call_word = self.word;
         let r = self.put(msg, CALL);
@@ -483,7 +488,9 @@ impl<'a> Sender<'a> {
     /// in `rx`) and discarded; or the peer's count says it took a later message (no reply
     /// can come). Then the slot is free again and `true`; `false` while the reply may
     /// still come (or with no call given up: `true`). An error is the reply's
-    /// (`Torn`) or a slot word that is neither the call, its reply nor a reset (`Corrupt`).
+    /// (`Torn`), a slot word that is neither the call, its reply nor a reset (`Corrupt`),
+    /// or a count past what was sent or gone backwards (`BadAck`, as the flow control
+    /// reads it); the call stays held then.
     #[cold]
     #[inline(never)]
     pub fn settle_call(&mut self, rx: &mut Receiver<'_>) -> Result<bool, ChannelError> {
@@ -491,6 +498,10 @@ impl<'a> Sender<'a> {
             return Ok(true);
         }
         let mut discard = [0u64; WORDS];
+        // The peer's count before the slot (acquire): a reply it wrote before it took a
+        // later message is then seen in the slot below and taken (counted), not left there
+        // uncounted under a count that frees the slot.
+        let word = self.ring.consumer.received.load(Ordering::Acquire);
         let settled = match self.poll_reply(rx, 1, &mut discard, || {}) {
             Some(r) => {
                 r?;
@@ -498,9 +509,18 @@ impl<'a> Sender<'a> {
             }
             None => {
                 self.not_replied()?;
-                let word = self.ring.consumer.received.load(Ordering::Acquire);
-                // The peer's count (this epoch's) past the call: it took a later message.
-                word != 0 && !self.is_old(word) && word > self.call_word
+                // A reset count (0) or an earlier epoch's says nothing; one the flow
+                // control refuses (`refresh_acked`) frees nothing either.
+                if word == 0 || self.is_old(word) {
+                    false
+                } else {
+                    let (r, sent) = (word ^ self.tag, self.sent());
+                    if r > sent || r < self.acked {
+                        return Err(ChannelError::BadAck { received: r, sent });
+                    }
+                    // The peer's count past the call: it took a later message.
+                    r > self.call_word & COUNT_MASK
+                }
             }
         };
         if settled {
@@ -1150,6 +1170,191 @@ mod tests {
         ab.slot(0).control.store(7 | REPLY, Ordering::Relaxed);
         assert!(matches!(ctx.settle_call(&mut crx), Err(ChannelError::Corrupt { .. })));
         assert!(ctx.call_held(), "still held after a forged word");
+    }
+
+    /// A count the flow control refuses (`BadAck`: past what was sent, or backwards) does
+    /// not free a held slot either: with the request already counted taken (`acked` at the
+    /// call), freeing it would let the next send into the call's slot without reading the
+    /// count again, where a late reply can still land. Failed before its fix: a count of
+    /// 1000 (two messages sent) settled the call and message 3 went into its slot.
+    #[test]
+    fn settling_a_call_refuses_a_count_the_flow_control_refuses() {
+        for (bad, fresh) in [(1000, 1000), (0, 0), (2 | tag_of(5), 2 | tag_of(5))] {
+            let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+                (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+            let (mut ctx, mut crx, _stx, mut srx) = channel(ab, ba, 2);
+            ctx.try_call(&msg(1)).unwrap();
+            ctx.give_up_call();
+            assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+            ctx.try_send(&msg(2)).unwrap();
+            // The sender reads the count (1: the call taken) and keeps the call's slot.
+            assert_eq!(ctx.try_send(&msg(3)), Err(ChannelError::Full));
+            ab.consumer().received.store(bad, Ordering::Release);
+            let got = ctx.settle_call(&mut crx);
+            if fresh == 0 {
+                // A zeroed count (a reset) says nothing: still held, no error.
+                assert_eq!(got, Ok(false));
+            } else {
+                assert_eq!(got, Err(ChannelError::BadAck { received: fresh, sent: 2 }));
+            }
+            assert!(ctx.call_held(), "{bad:#x}: still held");
+            assert_ne!(
+                ctx.try_send(&msg(3)),
+                Ok(()),
+                "{bad:#x}: the call's slot stays the reply's"
+            );
+            assert_eq!(ab.slot(0).control.load(Ordering::Relaxed), 1 | CALL);
+        }
+    }
+
+    /// A call on the bare sender while one given up is held (`Chan::tx` is public; the
+    /// library's `call_until` settles first): `Full`, the held call untouched. Failed before
+    /// its fix: the second call went and took over `call` and `call_word`, the hold moved
+    /// to its slot, message 3 went into the first call's slot (server still owing its
+    /// reply) and the late reply destroyed it.
+    #[test]
+    fn a_call_while_one_given_up_is_held_is_full() {
+        let (ab, ba): (&'static OwnedRing, &'static OwnedRing) =
+            (Box::leak(Box::new(OwnedRing::new())), Box::leak(Box::new(OwnedRing::new())));
+        let (mut ctx, mut crx, mut stx, mut srx) = channel(ab, ba, 2);
+        ctx.try_call(&msg(1)).unwrap();
+        ctx.give_up_call();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(1))));
+        assert_eq!(ctx.try_call(&msg(2)), Err(ChannelError::Full), "one call at a time");
+        assert!(ctx.call_held() && ctx.call_pending());
+        ctx.try_send(&msg(2)).unwrap();
+        assert_eq!(ctx.try_send(&msg(3)), Err(ChannelError::Full), "the call's slot is held");
+        assert!(srx.reply(&mut stx, &msg(100)));
+        assert_eq!(ctx.settle_call(&mut crx), Ok(true));
+        ctx.try_call(&msg(3)).unwrap();
+        assert_eq!(srx.try_recv(), Ok(Some(msg(2))));
+        assert_eq!(srx.try_recv(), Ok(Some(msg(3))));
+        assert!(srx.owes() && srx.reply(&mut stx, &msg(300)));
+        let mut out = [0; WORDS];
+        assert_eq!(ctx.poll_reply(&mut crx, 1, &mut out, || {}), Some(Ok(())));
+        assert_eq!(out, msg(300), "the second call's own reply");
+        assert_eq!((ba.ring(2).sent(), ba.ring(2).received()), (2, 2));
+    }
+
+    /// What an honest caller that gives up calls and an honest, slow server do, in any
+    /// order.
+    #[derive(Debug, Clone)]
+    enum Impatient {
+        /// A plain send (`false`) or a call (`true`; only with no call waited for, after
+        /// settling one given up, as `LinkWatch::call_until` does); after `Full`, a settle
+        /// (as the library's blocking sends do).
+        Send(bool),
+        /// One look for the reply to the call waited for.
+        Poll,
+        /// The caller gives up the call it waits for.
+        GiveUp,
+        /// The server takes the next message (forgetting a reply it still owes).
+        Take,
+        /// The server answers the call it took last, if it owes the answer.
+        Answer,
+    }
+
+    proptest! {
+        /// An honest caller that gives up calls (`give_up_call`, `settle_call`) against an
+        /// honest server that answers late or never (a later take forgets the answer):
+        /// every message the server takes is the one sent, whole and in order (a late
+        /// reply never lands on a message); every reply the caller takes is its own call's;
+        /// nothing reports an error; once both are done (the server answers what it owes,
+        /// the caller settles), every reply written was counted taken, once.
+        #[test]
+        fn a_late_reply_never_lands_on_a_message_nor_answers_another_call(
+            slots in 1u32..5,
+            epoch in 0u32..3,
+            ops in prop::collection::vec(prop_oneof![
+                3 => any::<bool>().prop_map(Impatient::Send),
+                2 => Just(Impatient::Poll),
+                1 => Just(Impatient::GiveUp),
+                3 => Just(Impatient::Take),
+                2 => Just(Impatient::Answer),
+            ], 1..100),
+        ) {
+            let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let mut srx = Receiver::with_epoch(ab.ring(slots), 1, epoch);
+            let mut crx = Receiver::with_epoch(ba.ring(slots), 1, epoch);
+            let mut ctx = Sender::with_epoch(ab.ring(slots), epoch);
+            let mut stx = Sender::with_epoch(ba.ring(slots), epoch);
+            let answer = |seq: u64| msg(1_000_000 + seq);
+            let mut queue: VecDeque<u64> = VecDeque::new();
+            // The call the caller waits for (its message number), and the server's last take.
+            let mut waiting: Option<u64> = None;
+            let mut taken_last = 0u64;
+            let mut out = [0u64; WORDS];
+            for op in ops {
+                match op {
+                    Impatient::Send(call) => {
+                        if waiting.is_some() {
+                            continue;
+                        }
+                        if call && ctx.call_held() && !ctx.settle_call(&mut crx).unwrap() {
+                            continue;
+                        }
+                        let seq = ctx.sent();
+                        let r = if call { ctx.try_call(&msg(seq)) } else { ctx.try_send(&msg(seq)) };
+                        match r {
+                            Ok(()) => {
+                                queue.push_back(seq);
+                                if call {
+                                    waiting = Some(seq);
+                                }
+                            }
+                            Err(ChannelError::Full) => {
+                                prop_assert!(!(call && ctx.call_pending()), "a call not sent is not pending");
+                                ctx.settle_call(&mut crx).unwrap();
+                            }
+                            Err(e) => prop_assert!(false, "{:?}", e),
+                        }
+                    }
+                    Impatient::Poll => {
+                        if let Some(seq) = waiting {
+                            if let Some(r) = ctx.poll_reply(&mut crx, 1, &mut out, || {}) {
+                                r.unwrap();
+                                prop_assert_eq!(out, answer(seq), "the reply to another call");
+                                waiting = None;
+                            } else {
+                                ctx.not_replied().unwrap();
+                            }
+                        }
+                    }
+                    Impatient::GiveUp => {
+                        if waiting.take().is_some() {
+                            ctx.give_up_call();
+                            prop_assert!(ctx.call_held());
+                        }
+                    }
+                    Impatient::Take => match srx.try_recv().unwrap() {
+                        Some(m) => {
+                            let seq = queue.pop_front();
+                            prop_assert_eq!(Some(m), seq.map(msg), "a message overwritten");
+                            taken_last = seq.unwrap();
+                        }
+                        None => prop_assert!(queue.is_empty(), "a message lost: {:?}", queue),
+                    },
+                    Impatient::Answer => {
+                        if srx.owes() {
+                            prop_assert!(srx.reply(&mut stx, &answer(taken_last)));
+                        }
+                    }
+                }
+            }
+            // The end: the server answers what it owes, the caller takes or settles.
+            if srx.owes() {
+                prop_assert!(srx.reply(&mut stx, &answer(taken_last)));
+            }
+            if let Some(seq) = waiting {
+                if let Some(r) = ctx.poll_reply(&mut crx, 1, &mut out, || {}) {
+                    r.unwrap();
+                    prop_assert_eq!(out, answer(seq));
+                }
+            }
+            ctx.settle_call(&mut crx).unwrap();
+            let b = ba.ring(slots);
+            prop_assert_eq!(b.sent(), b.received(), "every reply written counted taken, once");
+        }
     }
 
     #[test]
@@ -2409,6 +2614,41 @@ mod loom_tests {
             done.store(true, Ordering::Release);
             server.join().unwrap();
             assert_eq!((ab.ring().sent(), ab.ring().received()), (2, 2));
+        });
+    }
+
+    /// A call given up, settled while the server answers it late and then takes the
+    /// client's next message: whichever way `settle_call` frees the slot (the reply found
+    /// in it, or the server's count past the call), a reply the server wrote is counted
+    /// taken, once (`Ring::sent` and `Ring::received` of the server's ring agree: nothing
+    /// reads as in flight for ever). Failed before its fix: the settle looked at the slot
+    /// (the request still there), the server then replied and took the next message, and
+    /// the settle read the count past the call and freed the slot with the reply in it,
+    /// never counted.
+    #[test]
+    fn a_late_reply_freed_by_the_count_is_still_counted_taken() {
+        loom::model(|| {
+            let (ab, ba) = (Arc::new(LoomRing::new(2)), Arc::new(LoomRing::new(2)));
+            let (ab2, ba2) = (ab.clone(), ba.clone());
+            let server = loom::thread::spawn(move || {
+                let mut rx = Receiver::new(ab2.ring(), 1);
+                let mut tx = Sender::new(ba2.ring());
+                assert_eq!(rx_wait(&mut rx), [1; WORDS]);
+                assert!(rx.reply(&mut tx, &[10; WORDS]));
+                assert_eq!(rx_wait(&mut rx), [2; WORDS]);
+            });
+            let mut tx = Sender::new(ab.ring());
+            let mut rx = Receiver::new(ba.ring(), 1);
+            tx.try_call(&[1; WORDS]).unwrap();
+            tx.give_up_call();
+            tx.try_send(&[2; WORDS]).unwrap();
+            while !tx.settle_call(&mut rx).unwrap() {
+                loom::thread::yield_now();
+            }
+            server.join().unwrap();
+            // The reply was written before the server took message 2, and the slot was
+            // freed only after that or after the reply was found: it is counted.
+            assert_eq!((ba.ring().sent(), ba.ring().received()), (1, 1), "the reply counted taken");
         });
     }
 

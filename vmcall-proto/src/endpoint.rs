@@ -282,7 +282,7 @@ impl<'a> LinkWatch<'a> {
     /// written again until then, or until the peer has taken a later message).
     /// [`CallEnd::Replied`]: the reply is in `reply`. A call given up earlier is settled
     /// first (waiting for that, as long as `expired` allows: its slot may be needed, and
-    /// there is one call at a time).
+    /// there is one call at a time: [`Sender::try_call`] is `Full` until then).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn call_until(
@@ -295,15 +295,21 @@ impl<'a> LinkWatch<'a> {
         mut pause: impl FnMut(),
         mut expired: impl FnMut() -> bool,
     ) -> Result<CallEnd, ChannelError> {
-        if tx.call_held() && !self.settle(tx, rx, &mut pause, &mut expired)? {
-            return Ok(CallEnd::NotSent);
-        }
         loop {
             self.look()?;
             match tx.try_call(req) {
                 Ok(()) => break,
-                Err(ChannelError::Full) if expired() => return Ok(CallEnd::NotSent),
-                Err(ChannelError::Full) => pause(),
+                Err(ChannelError::Full) => {
+                    // A call given up and not settled holds the sender (`try_call` is
+                    // `Full`): settled now, the call goes at once.
+                    if tx.call_held() && self.settled(tx, rx)? {
+                        continue;
+                    }
+                    if expired() {
+                        return Ok(CallEnd::NotSent);
+                    }
+                    pause()
+                }
                 Err(e) => return self.after(e),
             }
         }
@@ -328,27 +334,18 @@ impl<'a> LinkWatch<'a> {
         }
     }
 
-    /// Waits until the call given up on `tx` is settled ([`Sender::settle_call`]) or
-    /// `expired` says so (`Ok(false)`), looking at the link between tries.
+    /// Settles the call given up on `tx` if it can be ([`Sender::settle_call`]): whether
+    /// it was; errors as the settle's.
     #[cold]
     #[inline(never)]
-    fn settle(
+    fn settled(
         &mut self,
         tx: &mut Sender<'_>,
         rx: &mut Receiver<'_>,
-        pause: &mut impl FnMut(),
-        expired: &mut impl FnMut() -> bool,
     ) -> Result<bool, ChannelError> {
-        loop {
-            match tx.settle_call(rx) {
-                Ok(true) => return Ok(true),
-                Ok(false) => self.look()?,
-                Err(e) => return self.after(e),
-            }
-            if expired() {
-                return Ok(false);
-            }
-            pause();
+        match tx.settle_call(rx) {
+            Ok(settled) => Ok(settled),
+            Err(e) => self.after(e),
         }
     }
 
@@ -801,6 +798,87 @@ mod tests {
         assert_eq!(ba.ring(2).received(), 3);
     }
 
+    /// Rings reset while a call given up is held (the peer restarted): before this side's
+    /// link word says so, the new incarnation's count (its epoch's 0) frees nothing (in
+    /// epoch 0 it reads as `BadAck`, as the flow control reads it; later, as an other
+    /// epoch's count, it says nothing: the call stays held, `NotSent`); once the word says
+    /// so, the next call ends with `Reset`; nothing is written into the reset ring; after
+    /// the resync the new epoch's ends call as usual.
+    #[test]
+    fn a_reset_while_a_call_is_held_frees_nothing_and_ends_with_reset() {
+        for epoch in [0u32, 1] {
+            let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut tx = Sender::with_epoch(ab.ring(2), epoch);
+            let mut rx = Receiver::with_epoch(ba.ring(2), 1, epoch);
+            let mut prx = Receiver::with_epoch(ab.ring(2), 1, epoch);
+            let mut reply = [0; crate::channel::WORDS];
+            let took = |prx: &mut Receiver<'_>| {
+                let _ = prx.try_recv();
+                true
+            };
+            let got = w.call_until(
+                &mut tx,
+                &mut rx,
+                &msg(1),
+                &mut reply,
+                |_| {},
+                || {},
+                || took(&mut prx),
+            );
+            assert_eq!(got, Ok(CallEnd::GivenUp));
+            assert!(prx.owes());
+            // The peer dies and comes back: both rings zeroed (control words first), its
+            // new receiver publishes the next epoch's count 0.
+            for st in [&ab, &ba] {
+                st.ring(2).void_controls();
+                st.consumer().received.store(0, Ordering::Relaxed);
+            }
+            let next = epoch + 1;
+            let _ = Receiver::with_epoch(ab.ring(2), 1, next);
+            let got = w.call_until(&mut tx, &mut rx, &msg(2), &mut reply, |_| {}, || {}, || true);
+            if epoch == 0 {
+                assert!(matches!(got, Err(ChannelError::BadAck { .. })), "{got:?}");
+            } else {
+                assert_eq!(got, Ok(CallEnd::NotSent));
+            }
+            assert!(tx.call_held(), "a reset's count frees nothing");
+            word.store(link_word(true, next), Ordering::Relaxed);
+            let got = w.call_until(&mut tx, &mut rx, &msg(2), &mut reply, |_| {}, || {}, || true);
+            assert_eq!(got, Err(ChannelError::Reset));
+            for i in 0..2 {
+                assert_eq!(
+                    ab.slot(i).control.load(Ordering::Relaxed),
+                    0,
+                    "written after the reset"
+                );
+            }
+            // The resync: new ends in the new epoch; a call goes and is answered.
+            assert_eq!(w.resync(), Ok(next));
+            let (mut tx, mut rx) =
+                (Sender::with_epoch(ab.ring(2), next), Receiver::with_epoch(ba.ring(2), 1, next));
+            let (mut prx, mut ptx) =
+                (Receiver::with_epoch(ab.ring(2), 1, next), Sender::with_epoch(ba.ring(2), next));
+            let got = w.call_until(
+                &mut tx,
+                &mut rx,
+                &msg(3),
+                &mut reply,
+                |_| {},
+                || {},
+                || {
+                    if let Ok(Some(m)) = prx.try_recv() {
+                        assert_eq!(m, msg(3));
+                        assert!(prx.reply(&mut ptx, &msg(30)));
+                    }
+                    false
+                },
+            );
+            assert_eq!((got, reply), (Ok(CallEnd::Replied), msg(30)));
+        }
+    }
+
     #[test]
     fn a_call_reports_a_corrupt_reply_a_torn_copy_and_a_death() {
         let (ab, ba) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
@@ -1141,6 +1219,116 @@ mod tests {
                     Err(_) => break,
                 }
                 proptest::prop_assert!(taken <= replied);
+            }
+        }
+    }
+
+    /// What a peer answering calls late, and lying at times, does while a caller with a
+    /// deadline waits.
+    #[derive(Clone, Debug)]
+    enum Late {
+        /// Takes the next request (an honest receive; a reply still owed is forgotten).
+        Take,
+        /// Answers the request taken last, if it owes the answer (an honest reply).
+        Answer,
+        /// Any word of another epoch (or 0) into any control word of the requests' ring.
+        Control { slot: usize, v: u64 },
+        /// A word into its published count of requests: `k` with this epoch's tag (`how`
+        /// 0 or 1), with the next epoch's (2), or any word `v` (3).
+        Count { k: u64, how: u64, v: u64 },
+        /// The caller's deadline passes.
+        Expire,
+    }
+
+    fn late_ops() -> impl proptest::strategy::Strategy<Value = Vec<Late>> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            3 => Just(Late::Take),
+            3 => Just(Late::Answer),
+            1 => (0usize..8, any::<u64>()).prop_map(|(slot, v)| Late::Control { slot, v }),
+            1 => (0u64..12, 0u64..4, any::<u64>()).prop_map(|(k, how, v)| Late::Count { k, how, v }),
+            2 => Just(Late::Expire),
+        ];
+        proptest::collection::vec(op, 0..120)
+    }
+
+    proptest::proptest! {
+        /// `call_until` against a peer that answers late, forgets answers, scribbles over
+        /// control words and publishes any count: every turn ends (the deadline is asked
+        /// in every wait); `Replied` only with the caller's own call's answer (never a
+        /// late answer to a call given up, never a forged one); `NotSent` with nothing
+        /// sent, `GivenUp` with the call sent and held; the peer's honest receiver takes
+        /// only the caller's requests, whole and in order, whatever its lying count let
+        /// the caller overwrite (a late answer over a new request reads as empty or
+        /// corrupt, never as a message); errors are reported and the next turn keeps
+        /// every promise; no arithmetic overflows (debug build).
+        #[test]
+        fn a_call_with_a_deadline_keeps_its_promises_against_a_lying_late_peer(
+            slots in 1u32..5,
+            epoch in 0u32..3,
+            ops in late_ops(),
+            calls in 1usize..12,
+        ) {
+            let (ours, theirs) = (Box::new(OwnedRing::new()), Box::new(OwnedRing::new()));
+            let word = AtomicU64::new(link_word(true, epoch));
+            let mut w = LinkWatch::new(&word);
+            let mut prx = Receiver::with_epoch(ours.ring(slots), 1, epoch);
+            let mut ptx = Sender::with_epoch(theirs.ring(slots), epoch);
+            let mut tx = Sender::with_epoch(ours.ring(slots), epoch);
+            let mut rx = Receiver::with_epoch(theirs.ring(slots), 1, epoch);
+            let tag = ((epoch & 0xffff) as u64) << 48;
+            let answer = |seq: u64| msg(1_000_000 + seq);
+            let mut ops = ops.into_iter();
+            let mut bad: Option<String> = None;
+            for _ in 0..calls {
+                let seq = tx.sent();
+                let mut reply = [0; crate::channel::WORDS];
+                let got = w.call_until(&mut tx, &mut rx, &msg(seq), &mut reply, |_| {}, || {}, || {
+                    match ops.next() {
+                        Some(Late::Take) => {
+                            if let Ok(Some(m)) = prx.try_recv() {
+                                if m != msg(prx.received() - 1) && bad.is_none() {
+                                    bad = Some(format!("took {:?} as request {}", &m[..2], prx.received() - 1));
+                                }
+                            }
+                            false
+                        }
+                        Some(Late::Answer) => {
+                            if prx.owes() {
+                                prx.reply(&mut ptx, &answer(prx.received() - 1));
+                            }
+                            false
+                        }
+                        Some(Late::Control { slot, v }) => {
+                            let v = if v != 0 && v & !((1 << 48) - 1) == tag { v ^ 1 << 63 } else { v };
+                            ours.slot(slot % slots as usize).control.store(v, Ordering::Relaxed);
+                            false
+                        }
+                        Some(Late::Count { k, how, v }) => {
+                            let v = match how {
+                                3 => v,
+                                2 => ((epoch as u64 + 1) & 0xffff) << 48 | k,
+                                _ => tag | k,
+                            };
+                            ours.consumer().received.store(v, Ordering::Relaxed);
+                            false
+                        }
+                        Some(Late::Expire) | None => true,
+                    }
+                });
+                proptest::prop_assert!(bad.is_none(), "{:?}", bad);
+                match got {
+                    Ok(CallEnd::Replied) => {
+                        proptest::prop_assert_eq!(reply, answer(seq), "another call's reply");
+                        proptest::prop_assert!(!tx.call_pending());
+                    }
+                    Ok(CallEnd::NotSent) => proptest::prop_assert_eq!(tx.sent(), seq, "NotSent sent"),
+                    Ok(CallEnd::GivenUp) => {
+                        proptest::prop_assert_eq!(tx.sent(), seq + 1, "GivenUp not sent");
+                        proptest::prop_assert!(tx.call_held());
+                    }
+                    Err(_) => {}
+                }
             }
         }
     }
