@@ -520,6 +520,15 @@ mod tests {
         [n; crate::channel::WORDS]
     }
 
+    /// `pause` with a bound: a wait that never ends fails the test instead of hanging it.
+    fn bounded(mut pause: impl FnMut()) -> impl FnMut() {
+        let mut left = 1_000_000u32;
+        move || {
+            left = left.checked_sub(1).expect("the wait never ended");
+            pause()
+        }
+    }
+
     #[test]
     fn a_dead_peers_messages_come_before_peer_gone_and_sends_fail_at_once() {
         let st = Box::new(OwnedRing::new());
@@ -1044,7 +1053,7 @@ mod tests {
                 }
             },
             |_| rung += 1,
-            || {
+            bounded(|| {
                 if asked % 2 == 1 {
                     if let Some(r) = ctx.poll_reply(&mut crx, 1, &mut out, || {}) {
                         r.unwrap();
@@ -1062,7 +1071,7 @@ mod tests {
                     }
                     asked += 1;
                 }
-            },
+            }),
         );
         assert_eq!(got, Ok(()));
         assert_eq!(answers, vec![100, 101, 102, 103, 104, 105]);
@@ -1097,11 +1106,11 @@ mod tests {
             &msg(1),
             &mut reply,
             |_| {},
-            || {
+            bounded(|| {
                 if prx.try_recv().unwrap().is_some() {
                     assert!(prx.reply(&mut ptx, &msg(101)));
                 }
-            },
+            }),
         );
         assert_eq!((got, reply), (Ok(()), msg(101)));
         // The peer answers the same call again, and writes the empty reply word, into the
@@ -1117,7 +1126,7 @@ mod tests {
             &msg(2),
             &mut reply,
             |_| {},
-            || {
+            bounded(|| {
                 polls += 1;
                 ab.slot(0).control.store(1 | REPLY, Ordering::Relaxed);
                 ab.slot(2).control.store(2 | REPLY, Ordering::Relaxed);
@@ -1126,7 +1135,7 @@ mod tests {
                     assert_eq!(prx.try_recv(), Ok(Some(msg(2))));
                     assert!(prx.reply(&mut ptx, &msg(102)));
                 }
-            },
+            }),
         );
         assert_eq!((got, reply), (Ok(()), msg(102)));
         assert!(polls >= 40, "no forged reply taken before the honest one: {polls}");
@@ -1140,10 +1149,10 @@ mod tests {
             &msg(3),
             &mut reply,
             |_| {},
-            || {
+            bounded(|| {
                 polls += 1;
                 ab.slot(2).control.store(1 | REPLY, Ordering::Relaxed);
-            },
+            }),
         );
         assert_eq!(
             got,
