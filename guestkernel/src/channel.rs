@@ -285,7 +285,7 @@ impl Chan {
                 Err(ChannelError::Full) => {
                     self.full_spins += 1;
                     if self.tx.call_held() {
-                        self.free_held();
+                        self.free_held()?;
                     }
                     core::hint::spin_loop()
                 }
@@ -295,14 +295,13 @@ impl Chan {
     }
 
     /// A blocking send's wait on a ring full up to the slot of a call given up: frees the
-    /// slot if that call has settled ([`LinkWatch::after_full`]). An error there (a forged
-    /// word in the call's slot) leaves the slot held: the send keeps finding `Full` (and
-    /// [`Chan::send_until`] returns it at its deadline); the next call or
-    /// [`Chan::after_full`] reports it. Out of line: sends that find room never come here.
+    /// slot if that call has settled ([`LinkWatch::after_full`]); an error there (a forged
+    /// word in the call's slot, a count the flow control refuses) ends the send with it.
+    /// Out of line: sends that find room never come here.
     #[cold]
     #[inline(never)]
-    fn free_held(&mut self) {
-        let _ = self.link.after_full(&mut self.tx, &mut self.rx);
+    fn free_held(&mut self) -> Result<(), ChannelError> {
+        self.link.after_full(&mut self.tx, &mut self.rx)
     }
 
     /// The next message, `Ok(None)` if none yet. A message of this side's epoch is
